@@ -1,0 +1,90 @@
+"""One place that turns the ``cuda/*.cu`` sources into CuPy kernels.
+
+Why this file exists (see shared/reference/toolkit-conventions.md):
+
+* CuPy's kernel cache hashes the source string but not headers pulled in with ``#include``, so local
+  ``#include "x.cuh"`` lines are inlined textually here before compiling: editing a header then always
+  recompiles.
+* ``wgmma``/``setmaxnreg`` need ``-arch=sm_90a``; NVRTC keeps it even though CuPy appends ``-arch=sm_90``.
+* Shared memory above 48 KB must be opted into per kernel object, before its first launch.
+* CuPy is imported lazily: ``import mobalab`` must work with no GPU and no CuPy.
+
+The same source files compile under plain ``nvcc`` in CI (tests/kernels/test_compile.py), so every
+device helper in them is annotated ``__device__``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+__all__ = ["source", "get_kernel", "cupy", "torch_stream", "as_cupy", "CUDA_DIR"]
+
+CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+# Options shared by NVRTC (run time) and the nvcc compile check (CI).
+NVRTC_OPTIONS = ("-std=c++17", "-arch=sm_90a", "--use_fast_math", "-lineinfo")
+
+
+def source(name: str, _seen: frozenset = frozenset()) -> str:
+    """Text of ``cuda/<name>`` with local ``#include "..."`` files inlined (once each)."""
+    if name in _seen:
+        return ""
+    text = (CUDA_DIR / name).read_text()
+    seen = _seen | {name}
+
+    def inline(match: re.Match) -> str:
+        inc = match.group(1)
+        return f"// ---- begin {inc} ----\n{source(inc, seen)}\n// ---- end {inc} ----"
+
+    return _INCLUDE.sub(inline, text)
+
+
+def cupy():
+    """Import CuPy on first use, with a clear error when it is missing."""
+    try:
+        import cupy as cp
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "mobalab's GPU kernels need CuPy: pip install 'mobalab[gpu]' (cupy-cuda13x>=14.2)"
+        ) from exc
+    return cp
+
+
+@functools.lru_cache(maxsize=None)
+def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
+    cp = cupy()
+    opts = NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
+    mod = cp.RawModule(code=source(filename), options=opts, name_expressions=name_expressions or None)
+    mod.compile()
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(filename: str, kernel: str, *, defines: tuple[str, ...] = (),
+               name_expressions: tuple[str, ...] = (), max_dynamic_smem: int = 0):
+    """Compiled kernel ``kernel`` from ``cuda/<filename>`` (memoised per process).
+
+    ``kernel`` is an ``extern "C"`` name or one of ``name_expressions`` (a template instantiation).
+    ``max_dynamic_smem`` > 0 raises the kernel's dynamic shared-memory limit (needed above 48 KB).
+    """
+    mod = _module(filename, tuple(defines), tuple(name_expressions))
+    fn = mod.get_function(kernel)
+    if max_dynamic_smem > 0:
+        fn.max_dynamic_shared_size_bytes = int(max_dynamic_smem)
+    return fn
+
+
+def torch_stream():
+    """The CuPy view of torch's current CUDA stream, so kernels are ordered with torch work."""
+    import torch
+
+    cp = cupy()
+    return cp.cuda.Stream.from_external(torch.cuda.current_stream())
+
+
+def as_cupy(t):
+    """Zero-copy CuPy view of a CUDA tensor (DLPack keeps bf16 as bf16; __cuda_array_interface__ does not)."""
+    return cupy().from_dlpack(t.detach())

@@ -1,0 +1,55 @@
+"""Small statistics shared by the simulators and the experiments."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtri
+
+__all__ = ["wilson_interval", "interval_units"]
+
+
+def wilson_interval(hits, trials, confidence: float = 0.95):
+    r"""Wilson score interval for a binomial proportion.
+
+    With :math:`\hat p = h/n` and :math:`z = \Phi^{-1}(1 - \alpha/2)`:
+
+    .. math::
+        \frac{\hat p + z^2/2n \pm z\sqrt{\hat p(1-\hat p)/n + z^2/4n^2}}{1 + z^2/n}
+
+    Vectorised over ``hits`` and ``trials``. Returns ``(low, high)`` as float arrays (scalars in, 0-d
+    arrays out). ``trials`` must be positive and ``0 <= hits <= trials``.
+    """
+    h = np.asarray(hits, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if np.any(n <= 0):
+        raise ValueError(f"trials must be positive, got {trials}")
+    if np.any((h < 0) | (h > n)):
+        raise ValueError(f"hits must lie in [0, trials], got hits={hits}, trials={trials}")
+    z = ndtri(0.5 + confidence / 2.0)
+    p = h / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denom
+    half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def interval_units(prediction, hits, trials, confidence: float = 0.95):
+    """Signed distance of ``prediction`` from the Monte Carlo estimate, in units of the Wilson interval.
+
+    0 means the prediction equals the estimate; +-1 means it sits exactly on the upper / lower edge of
+    the ``confidence`` interval; ``|u| > 1`` means it lies outside. The half-width on the side where the
+    prediction lies is used, so the measure stays meaningful for skewed intervals near 0 and 1.
+    """
+    pred = np.asarray(prediction, dtype=np.float64)
+    h = np.asarray(hits, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    lo, hi = wilson_interval(h, n, confidence)
+    est = h / n
+    above = pred >= est
+    half = np.where(above, hi - est, est - lo)
+    diff = pred - est
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(half > 0, diff / np.where(half > 0, half, 1.0), np.where(diff == 0, 0.0, np.inf * np.sign(diff)))
+    return u
