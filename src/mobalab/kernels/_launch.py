@@ -1,0 +1,127 @@
+"""Launching CuPy kernels with arguments checked against the CUDA signature.
+
+CuPy does no type checking: a Python float passed to a ``float`` parameter arrives as the low half of
+a double (silently 0.0), a Python int passed to ``int`` works only by little-endian luck, and a strided
+view is read as if contiguous (shared/reference/toolkit-conventions.md §1.3). So every launch goes
+through :func:`check_args`, which parses the kernel's parameter list from its ``.cu`` source and requires
+
+* pointer parameters: a contiguous torch tensor (passed as its ``data_ptr()``), or an ``int`` address;
+* scalar parameters: a numpy scalar of exactly the C type (``int`` -> ``np.int32``, ``float`` ->
+  ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...).
+
+:func:`check_args` is pure Python, so CI (no GPU) tests every wrapper's argument list against the source.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._build import CUDA_DIR, get_kernel, source, torch_stream
+
+__all__ = ["Param", "signatures", "check_args", "launch"]
+
+_SCALAR_TYPES = {
+    "int": np.int32,
+    "int32_t": np.int32,
+    "unsigned": np.uint32,
+    "unsigned int": np.uint32,
+    "uint32_t": np.uint32,
+    "long long": np.int64,
+    "long long int": np.int64,
+    "int64_t": np.int64,
+    "unsigned long long": np.uint64,
+    "uint64_t": np.uint64,
+    "float": np.float32,
+    "double": np.float64,
+    "bool": np.bool_,
+}
+
+_KERNEL = re.compile(
+    r"(?:extern\s+\"C\"\s+)?(?:template\s*<[^>]*>\s*)?__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+    r"void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)",
+    re.S,
+)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ctype: str  # normalised C type without const/__restrict__/name
+    pointer: bool
+
+
+def _parse_param(text: str) -> Param:
+    t = re.sub(r"\b(const|__restrict__|volatile|__grid_constant__)\b", " ", text)
+    t = " ".join(t.replace("*", " * ").split())
+    pointer = "*" in t
+    words = t.replace("*", " ").split()
+    if len(words) < 2:
+        raise ValueError(f"cannot parse kernel parameter {text!r}")
+    return Param(name=words[-1], ctype=" ".join(words[:-1]), pointer=pointer)
+
+
+@functools.lru_cache(maxsize=None)
+def signatures(filename: str) -> dict[str, tuple[Param, ...]]:
+    """``{kernel name: parameters}`` for every ``__global__`` function in ``cuda/<filename>``."""
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", source(filename), flags=re.S)
+    out = {}
+    for name, params in _KERNEL.findall(text):
+        params = params.strip()
+        out[name] = tuple(_parse_param(p) for p in params.split(",")) if params and params != "void" else ()
+    return out
+
+
+def _base_name(kernel: str) -> str:
+    return kernel.split("<", 1)[0].strip()
+
+
+def check_args(filename: str, kernel: str, args) -> tuple:
+    """Validate ``args`` against the signature of ``kernel`` and return what CuPy should receive.
+
+    Raises TypeError naming the parameter, the C type and what was given.
+    """
+    sig = signatures(filename).get(_base_name(kernel))
+    if sig is None:
+        raise KeyError(f"no __global__ function {kernel!r} in cuda/{filename}")
+    if len(args) != len(sig):
+        raise TypeError(f"{kernel}: expected {len(sig)} arguments {[p.name for p in sig]}, got {len(args)}")
+    out = []
+    for p, a in zip(sig, args, strict=True):
+        if p.pointer:
+            if hasattr(a, "data_ptr") and hasattr(a, "is_contiguous"):
+                if not a.is_contiguous():
+                    raise TypeError(f"{kernel}: pointer argument {p.name} must be contiguous")
+                out.append(a.data_ptr())
+            elif isinstance(a, int) and not isinstance(a, bool):
+                out.append(a)
+            else:
+                raise TypeError(f"{kernel}: pointer argument {p.name} ({p.ctype}*) got {type(a).__name__}")
+        else:
+            want = _SCALAR_TYPES.get(p.ctype)
+            if want is None:
+                raise TypeError(f"{kernel}: parameter {p.name} has C type {p.ctype!r} that check_args does not know")
+            if type(a) is not want:
+                raise TypeError(
+                    f"{kernel}: scalar {p.name} is C {p.ctype!r} and needs {want.__name__}, "
+                    f"got {type(a).__name__} ({a!r})"
+                )
+            out.append(a)
+    return tuple(out)
+
+
+def launch(filename: str, kernel: str, grid, block, args, *, shared_mem: int = 0, defines: tuple = (),
+           name_expressions: tuple = ()):
+    """Check ``args`` and launch ``kernel`` from ``cuda/<filename>`` on torch's current stream."""
+    cargs = check_args(filename, kernel, args)
+    fn = get_kernel(filename, kernel, defines=tuple(defines), name_expressions=tuple(name_expressions),
+                    max_dynamic_smem=int(shared_mem) if shared_mem > 48 * 1024 else 0)
+    fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), cargs, shared_mem=int(shared_mem),
+       stream=torch_stream())
+
+
+# The folder is part of the public contract of this module (tests compile every file in it).
+CUDA_SOURCES = CUDA_DIR
