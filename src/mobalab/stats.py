@@ -32,7 +32,10 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2.0 * n)) / denom
     half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    # the closed form loses the exact end points to rounding; the interval must contain the estimate
+    low = np.where(h == 0, 0.0, np.clip(centre - half, 0.0, p))
+    high = np.where(h == n, 1.0, np.clip(centre + half, p, 1.0))
+    return low, high
 
 
 def interval_units(prediction, hits, trials, confidence: float = 0.95):

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from mobalab.stats import interval_units, wilson_interval
+
+
+def test_wilson_matches_closed_form_and_contains_estimate():
+    h = np.array([0, 1, 17, 50, 99, 100, 300])
+    n = np.array([100, 100, 100, 100, 100, 100, 300])
+    lo, hi = wilson_interval(h, n)
+    p = h / n
+    assert np.all(lo <= p) and np.all(p <= hi)
+    assert lo[0] == 0.0 and hi[-1] == 1.0 and hi[5] == 1.0
+    # textbook value for 17/100 at 95%
+    assert lo[2] == pytest.approx(0.1090, abs=1e-4) and hi[2] == pytest.approx(0.2554, abs=1e-4)
+
+
+def test_wilson_coverage_is_close_to_nominal():
+    rng = np.random.default_rng(0)
+    p, n = 0.3, 400
+    hits = rng.binomial(n, p, size=20000)
+    lo, hi = wilson_interval(hits, n)
+    cover = np.mean((lo <= p) & (p <= hi))
+    assert abs(cover - 0.95) < 0.01
+
+
+def test_wilson_validation():
+    with pytest.raises(ValueError, match="trials must be positive"):
+        wilson_interval(1, 0)
+    with pytest.raises(ValueError, match="hits must lie"):
+        wilson_interval(5, 4)
+    with pytest.raises(ValueError, match="confidence"):
+        wilson_interval(1, 4, confidence=1.5)
+
+
+def test_interval_units():
+    lo, hi = wilson_interval(50, 100)
+    assert interval_units(0.5, 50, 100) == 0.0
+    assert interval_units(hi, 50, 100) == pytest.approx(1.0)
+    assert interval_units(lo, 50, 100) == pytest.approx(-1.0)
+    assert interval_units(0.9, 50, 100) > 1
+    # a prediction of exactly 1 at a perfect score sits on the estimate
+    assert interval_units(1.0, 100, 100) == 0.0
