@@ -54,5 +54,5 @@ def interval_units(prediction, hits, trials, confidence: float = 0.95):
     half = np.where(above, hi - est, est - lo)
     diff = pred - est
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.where(half > 0, diff / np.where(half > 0, half, 1.0), np.where(diff == 0, 0.0, np.inf * np.sign(diff)))
-    return u
+        outside_zero_width = np.where(diff == 0, 0.0, np.inf * np.sign(diff))
+        return np.where(half > 0, diff / np.where(half > 0, half, 1.0), outside_zero_width)
