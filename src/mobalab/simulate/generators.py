@@ -1,0 +1,380 @@
+r"""Planted-needle generators: unit vectors, keys with a planted cosine to the query, and a needle layout.
+
+The generative model behind :mod:`mobalab.snr`'s ``generator_block_model``:
+
+* the query ``q`` and every noise key are uniform on the unit sphere :math:`S^{d-1}`, so for a noise key
+  :math:`q\cdot k` has mean 0 and variance :math:`1/d`;
+* a planted key with cosine ``mu`` is :math:`k = \mu q + \sqrt{1-\mu^2}\,\xi`, where
+
+  - ``planted="isotropic"``: :math:`\xi` is uniform on :math:`S^{d-1}`, independent of ``q``; then
+    :math:`q\cdot k` has mean :math:`\mu` and variance :math:`(1-\mu^2)/d` (``k`` is not exactly unit norm);
+  - ``planted="exact"``: :math:`\xi` is uniform on the unit sphere orthogonal to ``q``; then
+    :math:`q\cdot k = \mu` and :math:`\|k\| = 1` exactly (up to rounding);
+
+* the needle (cosine ``mu_signal``) sits at one position; ``m - 1`` clustered keys (cosine ``mu_cluster``) sit
+  at other positions, by default distinct random positions inside the needle's block.
+
+Every function takes an explicit random stream: a ``numpy.random.Generator`` (numpy arrays out) or a
+``torch.Generator`` (torch tensors out, on the generator's device). That device-generic path is the one
+the vector-level router uses on GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .validation import check_choice, check_float, check_int
+
+__all__ = [
+    "PLANTED_KINDS",
+    "PlantedNeedle",
+    "random_unit_vectors",
+    "planted_keys",
+    "plant_into",
+    "random_cluster_positions",
+    "planted_needle",
+]
+
+PLANTED_KINDS = ("isotropic", "exact")
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy / torch dispatch
+
+
+def is_torch_generator(rng) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(rng, torch.Generator)
+
+
+def is_torch_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check_rng(rng) -> None:
+    if not (isinstance(rng, np.random.Generator) or is_torch_generator(rng)):
+        raise ValueError(
+            f"rng must be a numpy.random.Generator or a torch.Generator, got {type(rng).__name__}"
+        )
+
+
+def _default_dtype(rng):
+    if is_torch_generator(rng):
+        import torch
+
+        return torch.float32
+    return np.float32
+
+
+def _normal(rng, shape, dtype):
+    if is_torch_generator(rng):
+        import torch
+
+        return torch.randn(shape, generator=rng, device=rng.device, dtype=dtype)
+    return rng.standard_normal(shape, dtype=dtype)
+
+
+def _uniform01(rng, shape) -> np.ndarray:
+    """Uniform [0, 1) numbers as a numpy array, whatever the stream (used for positions only)."""
+    if is_torch_generator(rng):
+        import torch
+
+        return torch.rand(shape, generator=rng, device=rng.device, dtype=torch.float64).cpu().numpy()
+    return rng.random(shape)
+
+
+def _integer(rng, low: int, high: int) -> int:
+    """One integer uniform on ``{low, ..., high - 1}``."""
+    if is_torch_generator(rng):
+        import torch
+
+        return int(torch.randint(low, high, (1,), generator=rng, device=rng.device).item())
+    return int(rng.integers(low, high))
+
+
+def _unit_inplace(x):
+    """Normalise freshly drawn vectors in place (saves a full-size temporary in the inner loop)."""
+    if is_torch_tensor(x):
+        import torch
+
+        return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True))
+    x /= np.sqrt(np.einsum("...i,...i->...", x, x))[..., None]
+    return x
+
+
+def _dot_last(a, b):
+    return (a * b).sum(-1)
+
+
+def _as_like(value, ref):
+    """``value`` (scalar or array) as an array of ``ref``'s kind, dtype and device."""
+    if is_torch_tensor(ref):
+        import torch
+
+        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    return np.asarray(value, dtype=ref.dtype)
+
+
+def _shape_tuple(shape) -> tuple:
+    if isinstance(shape, int | np.integer):
+        return (check_int("shape", shape, 0),)
+    try:
+        return tuple(check_int("shape entry", s, 0) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# vectors
+
+
+def random_unit_vectors(rng, shape, d: int, dtype=None):
+    r"""Vectors uniform on :math:`S^{d-1}`: :math:`g/\|g\|` with :math:`g \sim \mathcal N(0, I_d)`.
+
+    Returns an array of shape ``(*shape, d)`` (float32 unless ``dtype`` says otherwise): numpy for a numpy
+    Generator, torch on the generator's device for a torch.Generator.
+    """
+    _check_rng(rng)
+    d = check_int("d", d, 1)
+    shape = _shape_tuple(shape)
+    return _unit_inplace(_normal(rng, (*shape, d), dtype or _default_dtype(rng)))
+
+
+def _planted(rng, q, mu, planted: str):
+    """The planted-key equation without argument checks (used in the vector router's inner loop)."""
+    mu = _as_like(mu, q)[..., None]
+    if planted == "isotropic":
+        xi = _unit_inplace(_normal(rng, tuple(q.shape), q.dtype))
+    else:
+        g = _normal(rng, tuple(q.shape), q.dtype)
+        # Two Gram-Schmidt passes: one leaves |q.xi| at the rounding level times |g|, the second at rounding.
+        for _ in range(2):
+            g = g - _dot_last(g, q)[..., None] * q
+        xi = _unit_inplace(g)
+    return mu * q + (1.0 - mu * mu) ** 0.5 * xi
+
+
+def planted_keys(rng, q, mu, planted: str = "isotropic"):
+    r"""Keys with a planted cosine to unit queries ``q``: :math:`k = \mu q + \sqrt{1-\mu^2}\,\xi`.
+
+    ``q``: (..., d) unit vectors (numpy for a numpy Generator, torch on the generator's device for a
+    torch.Generator). ``mu``: a scalar or an array broadcastable to ``q.shape[:-1]``, each in [-1, 1].
+    ``planted="isotropic"``: :math:`\xi` uniform on :math:`S^{d-1}` independent of q, so
+    :math:`q\cdot k` has mean :math:`\mu` and variance :math:`(1-\mu^2)/d`. ``planted="exact"``:
+    :math:`\xi` uniform on the unit sphere orthogonal to q, so :math:`q\cdot k=\mu` and :math:`\|k\|=1`.
+    Returns keys of ``q``'s shape and dtype.
+    """
+    _check_rng(rng)
+    check_choice("planted", planted, PLANTED_KINDS)
+    if is_torch_generator(rng) != is_torch_tensor(q):
+        raise ValueError(
+            f"q must be a torch tensor for a torch.Generator and a numpy array for a numpy Generator, "
+            f"got q of type {type(q).__name__} with rng of type {type(rng).__name__}"
+        )
+    if not is_torch_tensor(q):
+        q = np.asarray(q)
+        if not np.issubdtype(q.dtype, np.floating):
+            q = q.astype(np.float64)
+    elif q.device != rng.device:
+        raise ValueError(f"q is on {q.device} but the torch.Generator is on {rng.device}")
+    if q.ndim < 1 or q.shape[-1] < 1:
+        raise ValueError(f"q must have shape (..., d) with d >= 1, got shape {tuple(q.shape)}")
+    if planted == "exact" and q.shape[-1] < 2:
+        raise ValueError("planted='exact' needs d >= 2 (a direction orthogonal to q), got d = 1")
+    norms = np.asarray(_dot_last(q, q).cpu() if is_torch_tensor(q) else _dot_last(q, q), dtype=np.float64)
+    if norms.size and not np.all(np.abs(np.sqrt(norms) - 1.0) <= 1e-3):
+        raise ValueError(
+            f"q must hold unit vectors, got norms from {np.sqrt(norms).min()} to {np.sqrt(norms).max()}"
+        )
+    mu_np = np.asarray(mu.cpu() if is_torch_tensor(mu) else mu, dtype=np.float64)
+    if not np.all(np.isfinite(mu_np)) or np.any(np.abs(mu_np) > 1.0):
+        raise ValueError(f"mu must lie in [-1, 1], got {mu!r}")
+    try:
+        np.broadcast_shapes(mu_np.shape, tuple(q.shape[:-1]))
+    except ValueError:
+        raise ValueError(
+            f"mu of shape {mu_np.shape} does not broadcast to q.shape[:-1] = {tuple(q.shape[:-1])}"
+        ) from None
+    return _planted(rng, q, mu, planted)
+
+
+def plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
+    """Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
+
+    ``q``: (b, d); ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1) ints (m-1 may
+    be 0), all of the array kind and device of ``keys``. The needle key is ``planted_keys(q, mu_signal)``
+    and each clustered key an independent ``planted_keys(q, mu_cluster)``. No argument checks: this is the
+    device-generic inner step of the vector-level router.
+    """
+    b = q.shape[0]
+    if is_torch_tensor(keys):
+        import torch
+
+        rows = torch.arange(b, device=keys.device)
+    else:
+        rows = np.arange(b)
+    keys[rows, needle_pos] = _planted(rng, q, mu_signal, planted)
+    n_cluster = cluster_pos.shape[1]
+    if n_cluster:
+        q_rep = (
+            q[:, None, :].expand(b, n_cluster, q.shape[1])
+            if is_torch_tensor(q)
+            else np.broadcast_to(q[:, None, :], (b, n_cluster, q.shape[1]))
+        )
+        keys[rows[:, None], cluster_pos] = _planted(rng, q_rep, mu_cluster, planted)
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------
+# positions
+
+
+def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, count: int) -> np.ndarray:
+    """``count`` distinct random positions in each needle's block, other than the needle (numpy int64).
+
+    ``needle_pos``: (b,) positions in ``[0, seq_len)``. Block ``j = p // block_size`` holds positions
+    ``[j*B, min((j+1)*B, seq_len))``; the positions are a uniformly random ``count``-subset of it minus the
+    needle. Raises ValueError when some needle's block has fewer than ``count + 1`` positions.
+    """
+    needle_pos = np.asarray(needle_pos, dtype=np.int64)
+    start = (needle_pos // block_size) * block_size
+    length = np.minimum(block_size, seq_len - start)
+    if count == 0:
+        return np.zeros((needle_pos.shape[0], 0), dtype=np.int64)
+    if needle_pos.size and np.min(length) - 1 < count:
+        raise ValueError(
+            f"m - 1 = {count} clustered keys do not fit in a block of {int(np.min(length))} positions beside "
+            f"the needle (block_size={block_size}, seq_len={seq_len})"
+        )
+    # A uniformly random permutation of the free slots (argsort of i.i.d. uniforms); slots past the
+    # block's real length are pushed to the end so a partial last block draws only from its own slots.
+    u = _uniform01(rng, (needle_pos.shape[0], block_size - 1))
+    u[np.arange(block_size - 1)[None, :] >= (length - 1)[:, None]] = np.inf
+    slot = np.argsort(u, axis=1, kind="stable")[:, :count]
+    offset = (needle_pos - start)[:, None]
+    return start[:, None] + slot + (slot >= offset)
+
+
+@dataclass(frozen=True)
+class PlantedNeedle:
+    """One query and one key sequence with a planted needle (see :func:`planted_needle`)."""
+
+    q: object  # (d,) unit query (numpy array or torch tensor)
+    keys: object  # (N, d) keys
+    needle_pos: int
+    cluster_pos: np.ndarray  # (m-1,) int64 positions of the clustered keys
+    block_size: int
+    mu_signal: float
+    mu_cluster: float
+    planted: str
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.q.shape[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def m(self) -> int:
+        return 1 + len(self.cluster_pos)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+    @property
+    def needle_block(self) -> int:
+        return self.needle_pos // self.block_size
+
+
+def planted_needle(
+    rng,
+    head_dim: int,
+    seq_len: int,
+    block_size: int,
+    mu_signal: float,
+    m: int = 1,
+    mu_cluster: float = 0.0,
+    needle_pos: int | None = None,
+    cluster_positions=None,
+    planted: str = "isotropic",
+    dtype=None,
+) -> PlantedNeedle:
+    r"""A query and ``seq_len`` keys with a needle at ``needle_pos`` and ``m - 1`` clustered keys.
+
+    * ``q`` uniform on :math:`S^{d-1}`; noise keys i.i.d. uniform on :math:`S^{d-1}`;
+    * the needle key (at ``needle_pos``, uniform on ``{0..N-1}`` when None) is
+      ``planted_keys(q, mu_signal, planted)``;
+    * ``m - 1`` clustered keys ``planted_keys(q, mu_cluster, planted)``, each with its own :math:`\xi`, at
+      ``cluster_positions``: None or ``"block"`` for distinct random positions inside the needle's block
+      (other than the needle), or an explicit sequence of ``m - 1`` distinct positions (not the needle's;
+      they may lie in other blocks, e.g. a span that crosses a block boundary).
+
+    Random draws, in order: positions, q, keys, needle, clustered keys. float32 unless ``dtype`` is given.
+    """
+    _check_rng(rng)
+    head_dim = check_int("head_dim", head_dim, 1)
+    seq_len = check_int("seq_len", seq_len, 1)
+    block_size = check_int("block_size", block_size, 1)
+    mu_signal = check_float("mu_signal", mu_signal, -1.0, 1.0)
+    mu_cluster = check_float("mu_cluster", mu_cluster, -1.0, 1.0)
+    m = check_int("m", m, 1)
+    check_choice("planted", planted, PLANTED_KINDS)
+    if planted == "exact" and head_dim < 2:
+        raise ValueError("planted='exact' needs head_dim >= 2 (a direction orthogonal to q), got 1")
+    if m > seq_len:
+        raise ValueError(f"m = {m} planted keys do not fit in seq_len = {seq_len}")
+    if needle_pos is None:
+        needle_pos = _integer(rng, 0, seq_len)
+    else:
+        needle_pos = check_int("needle_pos", needle_pos, 0)
+        if needle_pos >= seq_len:
+            raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
+    if cluster_positions is None or (isinstance(cluster_positions, str) and cluster_positions == "block"):
+        cluster_pos = random_cluster_positions(rng, np.array([needle_pos]), block_size, seq_len, m - 1)[0]
+    elif isinstance(cluster_positions, str):
+        raise ValueError(
+            f"cluster_positions must be None, 'block' or a sequence of positions, got {cluster_positions!r}"
+        )
+    else:
+        cluster_pos = np.array(
+            [check_int("cluster position", c, 0) for c in cluster_positions], dtype=np.int64
+        )
+        if len(cluster_pos) != m - 1:
+            raise ValueError(f"cluster_positions must hold m - 1 = {m - 1} positions, got {len(cluster_pos)}")
+        if np.any(cluster_pos >= seq_len):
+            raise ValueError(
+                f"cluster_positions must lie in [0, seq_len = {seq_len}), got {cluster_pos.tolist()}"
+            )
+        if len(set(cluster_pos.tolist()) | {needle_pos}) != m:
+            raise ValueError(
+                f"cluster_positions must be distinct and differ from needle_pos = {needle_pos}, "
+                f"got {cluster_pos.tolist()}"
+            )
+    dtype = dtype or _default_dtype(rng)
+    q = random_unit_vectors(rng, (1,), head_dim, dtype)
+    keys = random_unit_vectors(rng, (1, seq_len), head_dim, dtype)
+    if is_torch_generator(rng):
+        import torch
+
+        p_arr = torch.tensor([needle_pos], device=rng.device)
+        c_arr = torch.as_tensor(cluster_pos[None, :], device=rng.device)
+    else:
+        p_arr, c_arr = np.array([needle_pos]), cluster_pos[None, :]
+    plant_into(rng, q, keys, p_arr, c_arr, mu_signal, mu_cluster, planted)
+    return PlantedNeedle(
+        q=q[0],
+        keys=keys[0],
+        needle_pos=needle_pos,
+        cluster_pos=cluster_pos,
+        block_size=block_size,
+        mu_signal=mu_signal,
+        mu_cluster=mu_cluster,
+        planted=planted,
+    )

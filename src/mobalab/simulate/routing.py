@@ -1,0 +1,181 @@
+r"""Exact MoBA block routing on given queries and keys (numpy arrays or torch tensors).
+
+Per query, with block size B and n = ceil(N/B) blocks (DESIGN.md, "MoBA semantics"):
+
+* centroid of block j = mean of the keys that exist in it (a partial last block averages its real length),
+  accumulated in at least fp32; score :math:`s_j = \langle q, \bar k_j\rangle` (no :math:`1/\sqrt d`);
+* non-causal: plain top-k over all n blocks;
+* causal, query in block c = floor(t/B): block c is forced and counts toward k; the candidates are the
+  complete past blocks j < c, and the top k-1 of them are added (all of them if fewer);
+* ties break toward the higher block index.
+
+:func:`block_hit` answers "is block ``target`` selected?" in O(n) per query by counting the eligible blocks
+that outrank it (score higher, or equal with a higher index); :func:`select_blocks` returns the whole
+selection. Both take ``query_block`` = c for causal routing, or None for non-causal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .generators import is_torch_tensor
+from .validation import check_int
+
+__all__ = ["block_centroids", "block_scores", "select_blocks", "block_hit"]
+
+
+def _accum_dtype_keys(keys):
+    if is_torch_tensor(keys):
+        import torch
+
+        return keys if keys.dtype in (torch.float32, torch.float64) else keys.to(torch.float32)
+    keys = np.asarray(keys)
+    return keys if keys.dtype in (np.float32, np.float64) else keys.astype(np.float32)
+
+
+def block_centroids(keys, block_size: int):
+    r"""Block means :math:`\bar k_j = \frac{1}{|K_j|}\sum_{i\in K_j} k_i` of (..., N, d) keys -> (..., n, d).
+
+    Accumulated in fp32 (fp64 inputs stay fp64); the partial last block is averaged over its real length.
+    """
+    block_size = check_int("block_size", block_size, 1)
+    keys = _accum_dtype_keys(keys)
+    if keys.ndim < 2 or keys.shape[-2] < 1:
+        raise ValueError(f"keys must have shape (..., N, d) with N >= 1, got shape {tuple(keys.shape)}")
+    *lead, n_tok, d = keys.shape
+    n_full = n_tok // block_size
+    parts = []
+    if n_full:
+        full = keys[..., : n_full * block_size, :].reshape(*lead, n_full, block_size, d)
+        parts.append(full.sum(-2) / block_size)
+    rem = n_tok - n_full * block_size
+    if rem:
+        parts.append(keys[..., n_full * block_size :, :].sum(-2, **_keepdim(keys)) / rem)
+    if len(parts) == 1:
+        return parts[0]
+    if is_torch_tensor(keys):
+        import torch
+
+        return torch.cat(parts, dim=-2)
+    return np.concatenate(parts, axis=-2)
+
+
+def _keepdim(x) -> dict:
+    return {"keepdim": True} if is_torch_tensor(x) else {"keepdims": True}
+
+
+def block_scores(q, keys, block_size: int):
+    r"""Router scores :math:`s_j = \langle q, \bar k_j\rangle`: q (..., d), keys (..., N, d) -> (..., n)."""
+    cent = block_centroids(keys, block_size)
+    if q.shape[-1] != cent.shape[-1]:
+        raise ValueError(f"q has head dim {q.shape[-1]} but keys have {cent.shape[-1]}")
+    q = q.to(cent.dtype) if is_torch_tensor(q) else np.asarray(q, dtype=cent.dtype)
+    return (cent @ q[..., :, None])[..., 0]
+
+
+def _int_array_like(x, ref):
+    if is_torch_tensor(ref):
+        import torch
+
+        return torch.as_tensor(x, device=ref.device, dtype=torch.int64)
+    return np.asarray(x, dtype=np.int64)
+
+
+def _arange_like(n, ref):
+    if is_torch_tensor(ref):
+        import torch
+
+        return torch.arange(n, device=ref.device)
+    return np.arange(n)
+
+
+def _eligibility(scores, top_k: int, query_block):
+    """(eligible mask broadcastable to scores, forced mask or None, slots, query_block array or None)."""
+    top_k = check_int("top_k", top_k, 1)
+    j = _arange_like(scores.shape[-1], scores)
+    if query_block is None:
+        return None, None, top_k, None
+    c = _int_array_like(query_block, scores)
+    if (c < 0).any():
+        raise ValueError("query_block must be >= 0")
+    c = c[..., None]
+    return j < c, j == c, top_k - 1, c
+
+
+def select_blocks(scores, top_k: int, query_block=None):
+    """Boolean mask (same shape as ``scores`` (..., n)) of the blocks MoBA routes each query to.
+
+    ``query_block``: None for non-causal routing, else the query's block c (an int or an array
+    broadcastable to ``scores.shape[:-1]``); blocks j > c are never selected, and block c is selected only
+    when it lies within ``scores`` (a caller may pass just the past blocks' scores).
+    """
+    eligible, forced, slots, _ = _eligibility(scores, top_k, query_block)
+    n = scores.shape[-1]
+    if is_torch_tensor(scores):
+        import torch
+
+        elig = (
+            torch.ones_like(scores, dtype=torch.bool) if eligible is None else eligible.expand(scores.shape)
+        )
+        # Stable sorts applied from the least to the most significant key: index descending (ties toward
+        # the higher index), then score descending, then eligible first.
+        perm = torch.arange(n - 1, -1, -1, device=scores.device).expand(scores.shape).contiguous()
+        order = torch.sort(scores.gather(-1, perm), dim=-1, descending=True, stable=True).indices
+        perm = perm.gather(-1, order)
+        order = torch.sort(elig.gather(-1, perm).to(torch.int8), dim=-1, descending=True, stable=True).indices
+        perm = perm.gather(-1, order)
+        rank = torch.empty_like(perm).scatter_(
+            -1, perm, _arange_like(n, scores).expand(scores.shape).contiguous()
+        )
+        chosen = elig & (rank < slots)
+    else:
+        scores = np.asarray(scores)
+        elig = (
+            np.ones(scores.shape, dtype=bool) if eligible is None else np.broadcast_to(eligible, scores.shape)
+        )
+        idx = np.broadcast_to(np.arange(n), scores.shape)
+        # np.lexsort: the last key is the primary one.
+        perm = np.lexsort((-idx, -scores, ~elig), axis=-1)
+        rank = np.empty_like(perm)
+        np.put_along_axis(rank, perm, np.broadcast_to(np.arange(n), scores.shape), axis=-1)
+        chosen = elig & (rank < slots)
+    if forced is not None:
+        chosen = chosen | forced
+    return chosen
+
+
+def block_hit(scores, target_block, top_k: int, query_block=None):
+    """Whether MoBA routes each query to ``target_block``: bool array of shape ``scores.shape[:-1]``.
+
+    Non-causal: hit iff fewer than k blocks outrank the target (higher score, or an equal score and a
+    higher index). Causal (``query_block`` = c given): hit if target == c; miss if target > c; otherwise hit
+    iff fewer than k-1 past blocks j < c outrank it. ``scores`` must cover every block j < c (the own and
+    future blocks' scores are not needed).
+    """
+    eligible, _, slots, c = _eligibility(scores, top_k, query_block)
+    n = scores.shape[-1]
+    target = _int_array_like(target_block, scores)
+    if (target < 0).any():
+        raise ValueError("target_block must be >= 0")
+    if c is None and (target >= n).any():
+        raise ValueError(f"target_block must be < n = {n} blocks")
+    if c is not None and (c[..., 0] > n).any():
+        raise ValueError(f"scores cover {n} blocks, fewer than the past blocks of query_block")
+    lead = scores.shape[:-1]
+    if is_torch_tensor(scores):
+        target = target.expand(lead)
+        safe = target.clamp(max=n - 1)[..., None]
+        s_t = scores.gather(-1, safe)
+    else:
+        target = np.broadcast_to(target, lead)
+        safe = np.minimum(target, n - 1)[..., None]
+        s_t = np.take_along_axis(scores, safe, axis=-1)
+    j = _arange_like(n, scores)
+    beats = (scores > s_t) | ((scores == s_t) & (j > safe))
+    if eligible is not None:
+        beats = beats & eligible
+    hit = beats.sum(-1) < slots
+    if c is not None:
+        c0 = c[..., 0]
+        hit = (hit & (target < c0)) | (target == c0)
+    return hit

@@ -1,0 +1,51 @@
+"""Random streams for the simulators: one explicit seed (or numpy Generator) in, independent streams out.
+
+Every simulator takes ``seed`` as either a non-negative ``int`` or a ``numpy.random.Generator``. An int
+seeds a :class:`numpy.random.SeedSequence` whose spawned children feed the independent streams a
+simulator needs (one per configuration row, or one for positions and one for vectors), so the same int
+always reproduces the same numbers bit for bit. A Generator is spawned the same way (``Generator.spawn``)
+and is advanced by doing so; its seed cannot be recorded, so the ``seed`` column then holds ``None``.
+Torch streams are seeded from a numpy stream: reproducible per backend, never bitwise across backends.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["spawn_generators", "seed_record", "torch_generator"]
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, np.random.Generator):
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(
+            f"seed must be a non-negative int or a numpy.random.Generator, got {type(seed).__name__} {seed!r}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int or a numpy.random.Generator, got {seed}")
+
+
+def spawn_generators(seed, count: int) -> list[np.random.Generator]:
+    """``count`` independent numpy Generators derived from ``seed`` (int or Generator)."""
+    _check_seed(seed)
+    if isinstance(seed, np.random.Generator):
+        return list(seed.spawn(count))
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(int(seed)).spawn(count)]
+
+
+def seed_record(seed):
+    """What goes into the ``seed`` column: the int seed, or ``None`` when a Generator was given."""
+    _check_seed(seed)
+    return None if isinstance(seed, np.random.Generator) else int(seed)
+
+
+def torch_generator(rng: np.random.Generator, device):
+    """A ``torch.Generator`` on ``device`` seeded with a 63-bit integer drawn from ``rng``."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
+    return gen
