@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything mobalab needs a GPU for, in one call on the device machine (see RESULTS.md for the records):
+#   1. environment line (GPU, driver, torch, cupy),
+#   2. the GPU tests (pytest -m gpu),
+#   3. the kernel benchmark and the Monte Carlo throughput benchmark,
+# logs and CSVs under $OUT (default ./out), a short table printed last.
+# Usage on the device machine:  bash scripts/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
+QUICK="${1:-}"
+
+{
+  echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/env.txt"
+
+python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib tests 2>&1 | tee "$OUT/pytest_gpu.log"
+gpu_status=${PIPESTATUS[0]}
+
+python3 -m mobalab.kernels.bench $QUICK --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+python3 benchmarks/mc_throughput.py --csv "$OUT/mc_throughput.csv" 2>&1 | tee "$OUT/mc_throughput.log"
+
+echo "================ summary ================"
+tail -n 3 "$OUT/pytest_gpu.log"
+[ -f "$OUT/bench_table.md" ] && cat "$OUT/bench_table.md"
+tail -n 12 "$OUT/mc_throughput.log"
+exit "$gpu_status"

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from mobalab import snr
+from mobalab.experiments import snr_vs_accuracy as exp
+
+TINY = exp.Config(panels=((64, 8), (16, 2)), mc_snr=(0.0, 1.5, 3.0), score_trials=5000, vector_trials=300,
+                  curve_points=21, device="cpu", seed=3)
+
+
+@pytest.fixture(scope="module")
+def df():
+    return exp.run(TINY)
+
+
+def test_schema_and_methods(df):
+    need = {"experiment", "panel", "method", "backend", "snr", "sd_ratio", "estimate", "prediction", "n_blocks",
+            "top_k", "paper_threshold"}
+    assert need <= set(df.columns)
+    assert set(df["method"]) == {"analytic", "score-level", "vector-level"}
+    assert set(df["panel"]) == {"n=64, k=8", "n=16, k=2"}
+    # one analytic row per curve point, one MC row per SNR point and leg, per panel
+    counts = df.groupby(["panel", "method"]).size()
+    assert (counts.xs("analytic", level="method") == TINY.curve_points).all()
+    assert (counts.xs("score-level", level="method") == len(TINY.mc_snr)).all()
+    assert (counts.xs("vector-level", level="method") == len(TINY.mc_snr)).all()
+    assert df["estimate"].notna().all() and df["prediction"].between(0, 1).all()
+
+
+def test_analytic_rows_are_the_model(df):
+    a = df[(df["method"] == "analytic") & (df["panel"] == "n=64, k=8")]
+    np.testing.assert_allclose(a["estimate"], snr.hit_probability(a["snr"].to_numpy(), 64, 8), atol=1e-12)
+    assert a["paper_threshold"].iloc[0] == pytest.approx(snr.paper_threshold(64, 8))
+
+
+def test_monte_carlo_rows_carry_intervals_and_agree(df):
+    mc = df[df["method"] != "analytic"]
+    assert (mc["ci_low"] <= mc["estimate"]).all() and (mc["estimate"] <= mc["ci_high"]).all()
+    assert np.isfinite(mc["interval_units"]).all()
+    # fixed seeds: deterministic; theory and simulation of the same model must not be far apart
+    assert mc["interval_units"].abs().max() < 2.5, mc[["panel", "method", "snr", "estimate", "prediction"]]
+
+
+def test_vector_points_sit_at_their_exact_snr(df):
+    v = df[df["method"] == "vector-level"]
+    np.testing.assert_allclose(v["snr"], v["target_snr"], atol=1e-9)
+
+
+@pytest.mark.parametrize("target", [0.5, 2.0, 4.0])
+def test_vector_point_solves_for_target(target):
+    m, mu, model = exp.vector_point(target, 64, 16)
+    assert 0 < mu <= 0.8 and 1 <= m <= 16
+    assert model.snr == pytest.approx(target, rel=1e-12)
+    if m > 1:  # fewest clustered tokens: one fewer would need a cosine above the cap
+        fewer = m - 1
+        mu_fewer = target * np.sqrt(2 * 16 / (fewer * fewer * 64 + fewer * target**2))
+        assert mu_fewer > 0.8
+
+
+def test_summary_and_plot(df):
+    s = exp.summary(df)
+    assert set(s["method"]) == {"score-level", "vector-level"}
+    assert (s["points"] == len(TINY.mc_snr)).all()
+    fig = exp.plot(df)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 2
+    for ax in visible:
+        assert "SNR" in ax.get_xlabel() and "P(hit)" in ax.get_ylabel()
+        assert len(ax.lines) >= 2  # analytic curve + threshold line (+ error bars)
+
+
+def test_reproducible():
+    cfg = exp.Config(panels=((32, 4),), mc_snr=(1.0,), score_trials=2000, vector_trials=50, curve_points=5,
+                     device="cpu", seed=11)
+    a, b = exp.run(cfg), exp.run(cfg)
+    assert a.equals(b)
