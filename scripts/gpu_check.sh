@@ -8,7 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
+W="$OUT/logs"          # everything lands here and is packed into $OUT/gpu_check.tgz (8 files come back)
+mkdir -p "$W"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 QUICK="${1:-}"
@@ -17,16 +18,24 @@ QUICK="${1:-}"
   echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$W/env.txt"
 
-python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib tests 2>&1 | tee "$OUT/pytest_gpu.log"
+python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib tests 2>&1 | tee "$W/pytest_gpu.log"
 gpu_status=${PIPESTATUS[0]}
 
-python3 -m mobalab.kernels.bench $QUICK --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-python3 benchmarks/mc_throughput.py --csv "$OUT/mc_throughput.csv" 2>&1 | tee "$OUT/mc_throughput.log"
+python3 -m mobalab.kernels.bench $QUICK --out "$W" 2>&1 | tee "$W/bench.log"
+python3 benchmarks/mc_throughput.py --csv "$W/mc_throughput.csv" 2>&1 | tee "$W/mc_throughput.log"
+# the main experiment's full configuration: its vector leg runs on the GPU here
+python3 -m mobalab.cli run snr-vs-accuracy ${QUICK:+--quick} --no-progress --out "$W/snr-vs-accuracy" 2>&1 \
+  | tee "$W/snr-vs-accuracy.log"
 
+tar czf "$OUT/gpu_check.tgz" -C "$W" .
+cp "$W/snr-vs-accuracy/snr-vs-accuracy.png" "$OUT/" 2>/dev/null
 echo "================ summary ================"
-tail -n 3 "$OUT/pytest_gpu.log"
-[ -f "$OUT/bench_table.md" ] && cat "$OUT/bench_table.md"
-tail -n 12 "$OUT/mc_throughput.log"
+cat "$W/env.txt"
+tail -n 3 "$W/pytest_gpu.log"
+[ -f "$W/bench_table.md" ] && cat "$W/bench_table.md"
+tail -n 14 "$W/mc_throughput.log"
+tail -n 12 "$W/snr-vs-accuracy.log"
+rm -rf "$W"
 exit "$gpu_status"
