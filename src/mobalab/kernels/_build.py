@@ -53,7 +53,7 @@ def cupy():
     return cp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
     cp = cupy()
     opts = NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
@@ -62,18 +62,30 @@ def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str
     return mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _kernel(filename: str, kernel: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
+    return _module(filename, defines, name_expressions).get_function(kernel)
+
+
 def get_kernel(filename: str, kernel: str, *, defines: tuple[str, ...] = (),
                name_expressions: tuple[str, ...] = (), max_dynamic_smem: int = 0):
     """Compiled kernel ``kernel`` from ``cuda/<filename>`` (memoised per process).
 
     ``kernel`` is an ``extern "C"`` name or one of ``name_expressions`` (a template instantiation).
-    ``max_dynamic_smem`` > 0 raises the kernel's dynamic shared-memory limit (needed above 48 KB).
+    ``max_dynamic_smem`` > 0 opts the kernel into large dynamic shared memory. The limit is an attribute
+    of the CUDA function, shared by every Python object that wraps it, so it is always raised to the
+    device's opt-in maximum (never to the request): a smaller request can then not lower the limit under
+    a larger launch of the same function.
     """
-    mod = _module(filename, tuple(defines), tuple(name_expressions))
-    fn = mod.get_function(kernel)
+    fn = _kernel(filename, kernel, tuple(defines), tuple(name_expressions))
     if max_dynamic_smem > 0:
-        fn.max_dynamic_shared_size_bytes = int(max_dynamic_smem)
+        cp = cupy()
+        optin = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+        limit = optin - fn.attributes["shared_size_bytes"]
+        if max_dynamic_smem > limit:
+            raise ValueError(f"{kernel} needs {max_dynamic_smem} B of dynamic shared memory; this GPU allows {limit} B")
+        if fn.max_dynamic_shared_size_bytes < limit:
+            fn.max_dynamic_shared_size_bytes = limit
     return fn
 
 

@@ -1,0 +1,120 @@
+// MoBA routing stage 1: block centroids (mean-pool of the keys per block), fp32 accumulation.
+//
+//   centroid[b, j, g, :] = (1 / |j|) * sum_{i = jB}^{min((j+1)B, N) - 1} k[b, i, g, :]
+//
+// |j| is the real length of block j, so a partial last block averages only the keys it holds.
+// Optionally the fp32 centroid is also split into two values of the input type, hi = T(c) and
+// lo = T(c - hi), written to (b, kv_heads, n, d) buffers: the top-k kernel multiplies q by both on tensor
+// cores, which recovers ~16 mantissa bits of the fp32 centroid (a single bf16 centroid would flip many
+// near-ties against the fp32 reference).
+//
+// Layouts: k (b, N, kv_heads, D) contiguous; centroids (b, n, kv_heads, D) fp32; hi/lo (b, kv_heads, n, D).
+// Grid (n, kv_heads, b), 128 threads: D/8 threads share a key row (16-byte loads), the other threads take
+// other rows of the block; partial sums are reduced through shared memory.
+#include "routing_mma.cuh"
+
+#define CENTROID_THREADS 128
+
+template <typename T>
+__device__ __forceinline__ void centroid_write_split(float c, T* hi, T* lo, long long idx) {
+    const T h = RoutingType<T>::from_float(c);
+    hi[idx] = h;
+    lo[idx] = RoutingType<T>::from_float(c - RoutingType<T>::to_float(h));
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void centroid_body(const T* __restrict__ k, float* __restrict__ cent,
+                                              T* __restrict__ hi, T* __restrict__ lo, int seqlen,
+                                              int n_blocks, int kv_heads, int block_size) {
+    constexpr int LANES_PER_ROW = D / 8;
+    constexpr int ROW_GROUPS = CENTROID_THREADS / LANES_PER_ROW;
+    __shared__ float partial[ROW_GROUPS][D];
+
+    const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x;
+    const int rg = tid / LANES_PER_ROW, lane = tid % LANES_PER_ROW;
+    const int start = j * block_size;
+    const int len = min(block_size, seqlen - start);
+
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+
+    const long long row_stride = (long long)kv_heads * D;
+    const T* base = k + (((long long)b * seqlen + start) * kv_heads + g) * D + lane * 8;
+#pragma unroll 4
+    for (int r = rg; r < len; r += ROW_GROUPS) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(base + r * row_stride);
+        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += RoutingType<T>::to_float(v[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) partial[rg][lane * 8 + e] = acc[e];
+    __syncthreads();
+
+    for (int c = tid; c < D; c += CENTROID_THREADS) {
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < ROW_GROUPS; ++q) s += partial[q][c];
+        // IEEE division: --use_fast_math would otherwise turn '/' into an approximate reciprocal.
+        const float mean = __fdiv_rn(s, (float)len);
+        cent[(((long long)b * n_blocks + j) * kv_heads + g) * D + c] = mean;
+        if (hi != nullptr) {
+            centroid_write_split<T>(mean, hi, lo, (((long long)b * kv_heads + g) * n_blocks + j) * D + c);
+        }
+    }
+}
+
+// Split given fp32 centroids (b, n, kv_heads, dim) into hi/lo (b, kv_heads, n, dim).
+// Grid (n, kv_heads, b), any block size.
+template <typename T>
+__device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __restrict__ hi,
+                                           T* __restrict__ lo, int n_blocks, int kv_heads, int dim) {
+    const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float x = cent[(((long long)b * n_blocks + j) * kv_heads + g) * dim + c];
+        centroid_write_split<T>(x, hi, lo, (((long long)b * kv_heads + g) * n_blocks + j) * dim + c);
+    }
+}
+
+// ---- entry points (one per dtype x head dim; signatures are parsed by _launch.check_args) ----
+
+extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
+moba_centroids_bf16_d64(const __nv_bfloat16* __restrict__ k, float* __restrict__ cent,
+                        __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo, int seqlen,
+                        int n_blocks, int kv_heads, int block_size) {
+    centroid_body<__nv_bfloat16, 64>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
+}
+
+extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
+moba_centroids_bf16_d128(const __nv_bfloat16* __restrict__ k, float* __restrict__ cent,
+                         __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo, int seqlen,
+                         int n_blocks, int kv_heads, int block_size) {
+    centroid_body<__nv_bfloat16, 128>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
+}
+
+extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
+moba_centroids_fp16_d64(const __half* __restrict__ k, float* __restrict__ cent, __half* __restrict__ hi,
+                        __half* __restrict__ lo, int seqlen, int n_blocks, int kv_heads, int block_size) {
+    centroid_body<__half, 64>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
+}
+
+extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
+moba_centroids_fp16_d128(const __half* __restrict__ k, float* __restrict__ cent, __half* __restrict__ hi,
+                         __half* __restrict__ lo, int seqlen, int n_blocks, int kv_heads, int block_size) {
+    centroid_body<__half, 128>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
+}
+
+extern "C" __global__ void moba_split_centroids_bf16(const float* __restrict__ cent,
+                                                     __nv_bfloat16* __restrict__ hi,
+                                                     __nv_bfloat16* __restrict__ lo, int n_blocks,
+                                                     int kv_heads, int dim) {
+    split_body<__nv_bfloat16>(cent, hi, lo, n_blocks, kv_heads, dim);
+}
+
+extern "C" __global__ void moba_split_centroids_fp16(const float* __restrict__ cent, __half* __restrict__ hi,
+                                                     __half* __restrict__ lo, int n_blocks, int kv_heads,
+                                                     int dim) {
+    split_body<__half>(cent, hi, lo, n_blocks, kv_heads, dim);
+}

@@ -1,0 +1,180 @@
+"""CPU checks of the GPU routing wrappers: validation, launch arithmetic and the kernel ABI.
+
+The argument tuples are built by the same pure functions the CUDA path uses and checked against the
+parameter lists parsed from cuda/centroids.cu and cuda/topk.cu, so a Python int or float given to an
+``int``/``float`` parameter (silently wrong under CuPy) fails here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import routing
+from mobalab.kernels._launch import check_args, signatures
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def _topk_ok(**over):
+    args = dict(q_shape=(2, 1000, 8, 128), q_dtype=torch.bfloat16, q_device=CUDA0, k_shape=(2, 1000, 2, 128),
+                k_dtype=torch.bfloat16, k_device=CUDA0, block_size=64, top_k=8, causal=True, centroids=None)
+    args.update(over)
+    return routing.check_topk_inputs(**args)
+
+
+def test_valid_inputs_pass():
+    assert _topk_ok() == (64, 8)
+    assert _topk_ok(block_size=np.int64(16), top_k=64, causal=False) == (16, 64)
+    assert routing.check_centroid_inputs((1, 5, 1, 64), torch.float16, CUDA0, 512) == 512
+    assert _topk_ok(centroids=((2, 16, 2, 128), torch.float32, CUDA0)) == (64, 8)
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(q_dtype=torch.float32, k_dtype=torch.float32), "dtype torch.float32"),
+        (dict(k_dtype=torch.float16), "must match"),
+        (dict(q_shape=(2, 1000, 8, 96), k_shape=(2, 1000, 2, 96)), "head_dim 96"),
+        (dict(q_shape=(2, 1000, 8), k_shape=(2, 1000, 2)), "4-D"),
+        (dict(q_shape=(2, 0, 8, 128), k_shape=(2, 0, 2, 128)), "empty dimension"),
+        (dict(k_shape=(2, 999, 2, 128)), "seqlen"),
+        (dict(k_shape=(2, 1000, 3, 128)), "multiple of kv heads"),
+        (dict(block_size=48), "block_size=48"),
+        (dict(block_size=1024), "block_size=1024"),
+        (dict(block_size=64.0), "block_size=64.0"),
+        (dict(top_k=0), "top_k=0"),
+        (dict(top_k=65), "top_k=65"),
+        (dict(top_k=True), "top_k=True"),
+        (dict(causal=1), "causal"),
+        (dict(q_device=torch.device("cpu"), k_device=torch.device("cpu")), "need CUDA tensors"),
+        (dict(k_device=torch.device("cuda", 1)), "one CUDA device"),
+        (dict(q_shape=(70000, 4, 8, 128), k_shape=(70000, 4, 2, 128)), "<= 65535"),
+        (dict(centroids=((2, 15, 2, 128), torch.float32, CUDA0)), "expected \\(2, 16, 2, 128\\)"),
+        (dict(centroids=((2, 16, 2, 128), torch.bfloat16, CUDA0)), "float32"),
+        (dict(centroids=((2, 16, 2, 128), torch.float32, torch.device("cuda", 1))), "centroids are on"),
+    ],
+)
+def test_invalid_topk_inputs_raise(over, match):
+    with pytest.raises(ValueError, match=match):
+        _topk_ok(**over)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, device, block, match",
+    [
+        ((1, 5, 1, 64), torch.float64, CUDA0, 16, "supported on the GPU"),
+        ((1, 5, 1, 32), torch.bfloat16, CUDA0, 16, "head_dim 32"),
+        ((1, 5, 1, 64), torch.bfloat16, CUDA0, 8, "block_size=8"),
+        ((1, 5, 1, 64), torch.bfloat16, torch.device("cpu"), 16, "need CUDA tensors"),
+    ],
+)
+def test_invalid_centroid_inputs_raise(shape, dtype, device, block, match):
+    with pytest.raises(ValueError, match=match):
+        routing.check_centroid_inputs(shape, dtype, device, block)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ABI: every variant's argument tuple against the parsed CUDA signature
+
+
+def _variant_plans(dtype, dim, causal, top_k=8, block_size=64, seqlen=300, heads=4, kv_heads=2, batch=2):
+    """Launch plans of one variant; the top-k kernel once per list tier (top_k 8, 16, 64)."""
+    n = math.ceil(seqlen / block_size)
+    q = torch.empty((batch, seqlen, heads, dim), dtype=dtype)
+    k = torch.empty((batch, seqlen, kv_heads, dim), dtype=dtype)
+    cent = torch.empty((batch, n, kv_heads, dim), dtype=torch.float32)
+    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype)
+    lo = torch.empty_like(hi)
+    plans = [
+        routing.centroid_launch(k, cent, hi, lo, block_size),
+        routing.centroid_launch(k, cent, None, None, block_size),
+        routing.split_launch(cent, hi, lo),
+    ]
+    for kk in (top_k, 16, 64):
+        out = torch.empty((batch, seqlen, heads, kk), dtype=torch.int32)
+        plans.append(routing.topk_launch(q, hi, lo, out, block_size, kk, causal))
+    return plans
+
+
+VARIANTS = list(itertools.product(routing.SUPPORTED_DTYPES, routing.SUPPORTED_HEAD_DIMS, (True, False)))
+
+
+@pytest.mark.parametrize("dtype, dim, causal", VARIANTS)
+def test_launch_args_match_cuda_signatures(dtype, dim, causal):
+    for plan in _variant_plans(dtype, dim, causal):
+        cargs = check_args(plan.filename, plan.kernel, plan.args)
+        assert len(cargs) == len(signatures(plan.filename)[plan.kernel])
+
+
+def test_every_routing_kernel_is_launched_by_some_plan():
+    launched = {(p.filename, p.kernel) for v in VARIANTS for p in _variant_plans(*v)}
+    defined = {(f, name) for f in ("centroids.cu", "topk.cu") for name in signatures(f)}
+    assert defined == launched
+
+
+@pytest.mark.parametrize(
+    "top_k, causal, tier",
+    [(1, True, 8), (9, True, 8), (8, False, 8), (9, False, 16), (17, True, 16), (17, False, 64),
+     (64, True, 64)],
+)
+def test_list_tier(top_k, causal, tier):
+    assert routing.topk_list_tier(top_k, causal) == tier
+    plan = _variant_plans(torch.bfloat16, 64, causal, top_k=top_k)[3]
+    assert plan.kernel.endswith(f"_k{tier}")
+
+
+def test_python_scalars_are_rejected_by_the_abi_check():
+    plan = _variant_plans(torch.bfloat16, 128, True)[3]
+    bad = list(plan.args)
+    bad[4] = int(bad[4])  # seqlen as a Python int: CuPy would pass 8 bytes to an `int`
+    with pytest.raises(TypeError, match="seqlen"):
+        check_args(plan.filename, plan.kernel, tuple(bad))
+
+
+@pytest.mark.parametrize("seqlen", [1, 127, 128, 129, 65536])
+def test_topk_grid_covers_every_query_once(seqlen):
+    plan = _variant_plans(torch.float16, 64, True, seqlen=seqlen, block_size=16)[3]
+    gx, gy, gz = plan.grid
+    assert (gy, gz) == (4, 2)
+    assert (gx - 1) * routing.TOPK_BM < seqlen <= gx * routing.TOPK_BM
+    assert plan.block == (routing.TOPK_THREADS, 1, 1)
+
+
+def test_shared_memory_fits_the_opt_in_limit():
+    limit = 232448  # H100 / H200 opt-in maximum per block
+    for dim, top_k, causal in itertools.product(routing.SUPPORTED_HEAD_DIMS, range(1, 65), (True, False)):
+        smem = routing.topk_shared_bytes(dim, top_k, causal)
+        assert 48 * 1024 < smem <= routing.topk_shared_bytes(dim, routing.MAX_TOP_K, False) <= limit
+        # Two CTAs per SM with register lists (228 KB per SM, 1 KB reserved per CTA).
+        if routing.topk_list_tier(top_k, causal) < 64:
+            assert 2 * (smem + 1024) <= 228 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# the hi/lo centroid split that the kernels rely on for fp32-grade scores
+
+
+@pytest.mark.parametrize("dtype", list(routing.SUPPORTED_DTYPES))
+@pytest.mark.parametrize("block_size", [16, 512])
+def test_hi_lo_split_recovers_fp32_centroids(dtype, block_size):
+    """Scores are sums of q_i * c_i, so what matters is the error of each c_i against the scale of c.
+
+    bf16: hi and lo carry 8 bits each (relative error ~2^-17). fp16: lo underflows into fp16 subnormals
+    for |c| < 2^-3, where the absolute error is at most 2^-25; both stay far below 2^-15 of rms(c) for
+    centroids of unit-variance keys.
+    """
+    gen = torch.Generator().manual_seed(7)
+    c = torch.randn(1 << 14, generator=gen) / math.sqrt(block_size)
+    hi = c.to(dtype)
+    lo = (c - hi.float()).to(dtype)
+    rms = c.double().pow(2).mean().sqrt()
+    split_err = ((hi.double() + lo.double()) - c.double()).abs().max() / rms
+    assert split_err.item() < 2.0**-15
+    # A single low-precision centroid would be far worse: the reason for the second MMA.
+    single_err = (hi.double() - c.double()).abs().max() / rms
+    assert single_err.item() > 2.0**-12
