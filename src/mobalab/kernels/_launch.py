@@ -64,7 +64,7 @@ def _parse_param(text: str) -> Param:
     return Param(name=words[-1], ctype=" ".join(words[:-1]), pointer=pointer)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def signatures(filename: str) -> dict[str, tuple[Param, ...]]:
     """``{kernel name: parameters}`` for every ``__global__`` function in ``cuda/<filename>``."""
     text = re.sub(r"//[^\n]*|/\*.*?\*/", "", source(filename), flags=re.S)
@@ -117,8 +117,9 @@ def launch(filename: str, kernel: str, grid, block, args, *, shared_mem: int = 0
            name_expressions: tuple = ()):
     """Check ``args`` and launch ``kernel`` from ``cuda/<filename>`` on torch's current stream."""
     cargs = check_args(filename, kernel, args)
+    # any dynamic request opts in: static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB
     fn = get_kernel(filename, kernel, defines=tuple(defines), name_expressions=tuple(name_expressions),
-                    max_dynamic_smem=int(shared_mem) if shared_mem > 48 * 1024 else 0)
+                    max_dynamic_smem=int(shared_mem))
     fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), cargs, shared_mem=int(shared_mem),
        stream=torch_stream())
 

@@ -1,0 +1,376 @@
+r"""MoBA forward vs dense attention on one GPU: ``python -m mobalab.kernels.bench [--quick] [--out DIR]``.
+
+Side by side in one process, on the same inputs: mobalab's forward (CUDA routing + key-block-major
+attention), its routing alone and its attention alone (given the routing), and torch SDPA with the
+FLASH_ATTENTION backend (FlashAttention-2) and the CUDNN_ATTENTION backend. Configuration of the published
+FlashMoBA benchmark: batch 2, 16 heads, head dim 128, block 128, top-k 8, causal, bf16, seqlen 8K..512K;
+also head dim 64, and block sizes 32..256 at 64K. Workloads: random Gaussian q/k/v (near-random routing,
+the published benchmark's data) and a clustered / planted one (query groups share a direction that a few
+key blocks are aligned with, so routing concentrates).
+
+Reported: median ms over CUDA-event-timed repetitions (warm-up first; repetitions sized to ~1.5 s, a
+single one for the dense baselines beyond 128K), speedups, routing share of the forward, useful TFLOP/s
+
+.. math::
+    F = \underbrace{2\,b\,h\,\textstyle\sum_t n_{\mathrm{scored}}(t)\, d}_{\text{routing}}
+      + \underbrace{4\,b\,h\,\textstyle\sum_t |S_t|\, d}_{\text{attention}},
+
+(:math:`n_{\mathrm{scored}}(t)` = complete past blocks when causal, all blocks otherwise; :math:`|S_t|` =
+attended keys) and peak memory: the ``torch.cuda.max_memory_allocated`` rise during the call, plus the
+inputs the method reads (q, k, v; for SDPA its (b, h, N, d) copies), so totals compare like for like.
+Writes ``bench.csv``, ``bench_table.md`` and ``bench_env.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+
+import torch
+
+from . import attention as A
+
+_DEFAULT_VARIANT = A.FWD_VARIANT
+ROUTING_AVAILABLE = True
+try:  # the CUDA router (mobalab.kernels.routing); without it routing is synthetic and not timed
+    from .routing import moba_topk_cuda
+except ImportError:  # pragma: no cover - depends on the tree
+    ROUTING_AVAILABLE = False
+
+
+# --------------------------------------------------------------------------------------------------
+# counting
+
+
+def routing_flops(batch, seqlen, heads, dim, block, causal):
+    n_blocks = math.ceil(seqlen / block)
+    if causal:  # sum_t floor(t / B): complete past blocks scored by query t
+        full, rest = divmod(seqlen, block)
+        scored = block * full * (full - 1) // 2 + rest * full
+    else:
+        scored = seqlen * n_blocks
+    return 2 * batch * heads * scored * dim
+
+
+def attended_keys(seqlen, block, top_k, causal):
+    """sum_t |S_t| for routing that fills every slot it can (own block token-causal, past blocks full)."""
+    if not causal:  # full blocks (a partial last block counts as full: an upper bound)
+        return seqlen * min(top_k, math.ceil(seqlen / block)) * block
+    t = torch.arange(seqlen, dtype=torch.float64)
+    own = t // block
+    return int(((t - own * block + 1) + torch.clamp(own, max=top_k - 1) * block).sum().item())
+
+
+def attention_flops(batch, seqlen, heads, dim, block, top_k, causal):
+    return 4 * batch * heads * attended_keys(seqlen, block, top_k, causal) * dim
+
+
+def dense_flops(batch, seqlen, heads, dim, causal):
+    return 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, seqlen, heads, dim)
+    q = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    if workload == "clustered":
+        # Query groups of 2048 positions share a direction u_g; 4 key blocks in each group's past (own
+        # block for the first group) hold keys aligned with u_g. Routing then concentrates on those blocks.
+        group = 2048
+        n_groups = math.ceil(seqlen / group)
+        n_blocks = math.ceil(seqlen / block)
+        u = torch.randn(n_groups, heads, dim, device="cuda", generator=g)
+        u = u / u.norm(dim=-1, keepdim=True) * math.sqrt(dim)
+        gid = torch.arange(seqlen, device="cuda") // group
+        q.add_((2.0 * u[gid]).unsqueeze(0).to(dtype))
+        starts = torch.arange(n_groups, device="cuda") * group // block  # first block of each group
+        picks = torch.rand(n_groups, 4, device="cuda", generator=g) * torch.clamp(starts, min=1).unsqueeze(1)
+        picks = picks.long().clamp(max=n_blocks - 1)
+        for c in range(4):
+            blk = picks[:, c]
+            idx = (blk.view(-1, 1) * block + torch.arange(block, device="cuda")).clamp(max=seqlen - 1)
+            k[:, idx.flatten()] += (1.5 * u.repeat_interleave(block, 0)).to(dtype)
+    return q, k, v
+
+
+def synthetic_topk(batch, seqlen, heads, block, top_k, causal, seed):
+    """Routing with random distinct blocks (own block + k-1 past ones, stratified), used without a router."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t = torch.arange(seqlen, device="cuda")
+    n_blocks = math.ceil(seqlen / block)
+    own = (t // block) if causal else torch.full_like(t, n_blocks)
+    free = top_k - 1 if causal else top_k
+    s = torch.arange(free, device="cuda")
+    lo = own.view(-1, 1) * s // max(free, 1)
+    hi = own.view(-1, 1) * (s + 1) // max(free, 1)
+    u = torch.rand(batch, seqlen, heads, free, device="cuda", generator=g)
+    picked = lo + (u * (hi - lo)).long()
+    picked = torch.where((hi > lo).unsqueeze(0).unsqueeze(2).expand_as(picked), picked, -1)
+    parts = ([own.view(1, -1, 1, 1).expand(batch, seqlen, heads, 1)] if causal else []) + [picked]
+    return torch.cat(parts, dim=-1).to(torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def time_ms(fn, *, budget_s=1.5, max_reps=50, min_reps=3, warmup=1, single=False):
+    """Median of CUDA-event-timed calls; repetitions sized from a first timed call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+
+    def once():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    first = once()
+    if single:
+        return first, 1
+    reps = int(max(min_reps, min(max_reps, budget_s * 1e3 / max(first, 1e-3))))
+    times = [once() for _ in range(reps)]
+    return statistics.median(times), reps
+
+
+def peak_gb(fn):
+    """Rise of max_memory_allocated over the call (GB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# one configuration
+
+
+def _dense(backend, qt, kt, vt):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    return run
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time (ms) per kernel name over one call, from the torch profiler (CuPy kernels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            totals[ev.key[:48]] = round(t / 1e3, 3)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+
+
+def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0, dense_cache=None,
+               profile=False, variant="auto"):
+    A.FWD_VARIANT = _DEFAULT_VARIANT if variant == "auto" else variant
+    causal = True
+    dtype = torch.bfloat16
+    q, k, v = make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block)
+    in_gb = 3 * q.numel() * q.element_size() / 1e9
+    row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
+               top_k=top_k, causal=causal, dtype="bf16", routing="cuda" if ROUTING_AVAILABLE else "synthetic",
+               variant="resident" if A.resident(dim, block) else "streaming")
+
+    if ROUTING_AVAILABLE:
+        route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
+        row["routing_ms"], _ = time_ms(route)
+        topk = route()
+    else:
+        row["routing_ms"] = float("nan")
+        topk = synthetic_topk(batch, seqlen, heads, block, top_k, causal, seed)
+    attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk)  # noqa: E731
+    row["attention_ms"], row["reps"] = time_ms(attn)
+    if ROUTING_AVAILABLE:
+        full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal)  # noqa: E731
+        row["mobalab_ms"], _ = time_ms(full)
+        row["mobalab_peak_gb"] = peak_gb(full) + in_gb
+    else:
+        row["mobalab_ms"] = row["attention_ms"]
+        row["mobalab_peak_gb"] = peak_gb(attn) + in_gb + topk.numel() * 4 / 1e9
+    if profile:
+        row["phases"] = kernel_breakdown(attn)
+        print(f"  kernel time by name (attention only, N={seqlen}, B={block}): {row['phases']}")
+    row["routing_share"] = row["routing_ms"] / row["mobalab_ms"]
+    f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
+    f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
+    row["useful_tflops"] = (f_route + f_attn) / (row["mobalab_ms"] * 1e9)
+    row["attention_tflops"] = f_attn / (row["attention_ms"] * 1e9)
+    row["routing_tflops"] = f_route / (row["routing_ms"] * 1e9) if ROUTING_AVAILABLE else float("nan")
+
+    key = (seqlen, dim, batch, heads, workload)
+    if dense and dense_cache is not None and key in dense_cache:
+        row.update(dense_cache[key])
+    elif dense:
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        del q, k, v
+        res = {}
+        for name in ("fa2", "cudnn"):
+            fn = _dense(name, qt, kt, vt)
+            long = seqlen > 131072
+            try:
+                res[f"{name}_ms"], _ = time_ms(fn, warmup=1 if (name == "cudnn" or not long) else 0,
+                                               single=long)
+                res[f"{name}_peak_gb"] = peak_gb(fn) + in_gb if seqlen <= 131072 else float("nan")
+                dense_f = dense_flops(batch, seqlen, heads, dim, True)
+                res[f"{name}_tflops"] = dense_f / (res[f"{name}_ms"] * 1e9)
+            except RuntimeError as exc:  # e.g. a backend that does not take this shape
+                print(f"  {name} failed at N={seqlen}: {exc}")
+                res[f"{name}_ms"] = res[f"{name}_peak_gb"] = res[f"{name}_tflops"] = float("nan")
+        if seqlen > 131072:  # one memory measurement for the long ones (FA2 only: it is the target)
+            res["fa2_peak_gb"] = peak_gb(_dense("fa2", qt, kt, vt)) + in_gb
+        del qt, kt, vt
+        if dense_cache is not None:
+            dense_cache[key] = res
+        row.update(res)
+    for name in ("fa2", "cudnn"):
+        if f"{name}_ms" in row:
+            row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["mobalab_ms"]
+    torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "variant", "routing", "mobalab_ms",
+           "routing_ms", "attention_ms", "routing_share", "fa2_ms", "cudnn_ms", "speedup_vs_fa2",
+           "speedup_vs_cudnn",
+           "useful_tflops", "attention_tflops", "routing_tflops", "mobalab_peak_gb", "fa2_peak_gb",
+           "cudnn_peak_gb", "fa2_tflops", "cudnn_tflops", "batch", "heads", "causal", "dtype", "reps"]
+
+
+def configs(quick: bool):
+    K = 1024
+    if quick:
+        return [("random", 2, n, 16, 128, 128, 8, "auto") for n in (8 * K, 64 * K)] + [
+            ("random", 2, 64 * K, 16, 128, 32, 8, "auto"), ("clustered", 2, 64 * K, 16, 128, 128, 8, "auto")]
+    seqlens = [8 * K * 2**i for i in range(7)]  # 8K .. 512K
+    out = [("random", 2, n, 16, 128, 128, 8, "auto") for n in seqlens]
+    out += [("random", 2, 64 * K, 16, 128, b, 8, "auto") for b in (32, 64, 256)]
+    out += [("random", 2, 64 * K, 16, 128, b, 8, "streaming") for b in (32, 128)]
+    out += [("clustered", 2, n, 16, 128, 128, 8, "auto") for n in (64 * K, 512 * K)]
+    out += [("random", 2, n, 16, 64, 128, 8, "auto") for n in seqlens]
+    return out
+
+
+def _fmt(x, nd=2):
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def markdown(rows, env) -> str:
+    head = ["workload", "N", "d", "B", "kernel", "mobalab ms", "routing ms (share)", "attn ms", "FA2 ms",
+            "cuDNN ms", "x FA2", "x cuDNN", "useful TFLOP/s", "attn TFLOP/s", "peak GB (mobalab / FA2)"]
+    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['device']}, {env['date']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r["seqlen"]
+        ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        cells = [r["workload"], ns, r["head_dim"], r["block"], r["variant"], _fmt(r["mobalab_ms"]),
+                 f"{_fmt(r['routing_ms'])} ({_fmt(100 * r['routing_share'], 0)}%)", _fmt(r["attention_ms"]),
+                 _fmt(r.get("fa2_ms", float("nan")), 1), _fmt(r.get("cudnn_ms", float("nan")), 1),
+                 _fmt(r.get("speedup_vs_fa2", float("nan")), 1),
+                 _fmt(r.get("speedup_vs_cudnn", float("nan")), 1),
+                 _fmt(r["useful_tflops"], 0), _fmt(r["attention_tflops"], 0),
+                 f"{_fmt(r['mobalab_peak_gb'])} / {_fmt(r.get('fa2_peak_gb', float('nan')))}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment():
+    import cupy
+
+    props = torch.cuda.get_device_properties(0)
+    return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                cuda=torch.version.cuda, cupy=cupy.__version__, python=platform.python_version(),
+                routing="cuda" if ROUTING_AVAILABLE else "synthetic (no CUDA router)",
+                scratch_budget=A.SCRATCH_BUDGET_BYTES)
+
+
+def _diagnose(dim, block):
+    from ._build import get_kernel
+
+    name = A.kernel_names(torch.bfloat16, dim, block)[0]
+    smem = A.launch_smem(A.fwd_smem_bytes(dim, block))
+    fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem if smem > 48 * 1024 else 0)
+    attrs = {k: fn.attributes.get(k) for k in ("num_regs", "shared_size_bytes", "max_dynamic_shared_size_bytes",
+                                                "max_threads_per_block")}
+    print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.FWD_VARIANT}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few configurations (smoke run)")
+    p.add_argument("--out", default="bench_out", help="output folder")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    env = environment()
+    print(json.dumps(env))
+    rows, cache = [], {}
+    for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick):
+        prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \
+            and variant == "auto"
+        try:
+            row = run_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
+                             dense_cache=cache, profile=prof, variant=variant)
+        except Exception as exc:  # keep the sweep going; say what failed and with which kernel settings
+            print(f"FAILED {workload} N={n} d={dim} B={block} variant={variant}: {exc!r}", flush=True)
+            _diagnose(dim, block)
+            torch.cuda.synchronize()
+            continue
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_outputs(args.out, rows, env)  # after every row: a run cut short still leaves its numbers
+    print(markdown(rows, env))
+
+
+def write_outputs(out_dir, rows, env):
+    with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    with open(os.path.join(out_dir, "bench_env.json"), "w") as f:
+        json.dump(env, f, indent=1)
+    with open(os.path.join(out_dir, "bench_table.md"), "w") as f:
+        f.write(markdown(rows, env))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,681 @@
+// MoBA attention forward, key-block-major ("full tiles"): device helpers and the templated tile body.
+//
+// Work unit: one key block j of one kv head, and up to ROWS (query, head, slot) rows that selected it,
+// gathered into a dense Q tile from anywhere in the chunk's query range. Per row the CTA computes the
+// flash-style partial softmax over the block's keys (token-causal mask key <= t, which only bites in the
+// query's own block because selected past blocks end before t):
+//     m = max_i x_i,  l = sum_i 2^(x_i - m),  o = sum_i 2^(x_i - m) v_i / l,   x_i = scale*log2(e) * q.k_i
+// and writes (o, m, l) to the partial slot of that (query, head, slot). A merge kernel combines a
+// query's slots in slot order (deterministic, no float atomics):
+//     M = max_s m_s,  w_s = l_s 2^(m_s - M),  out = sum_s w_s o_s / sum_s w_s,  lse = ln2 (M + log2 sum_s w_s).
+//
+// Tensor cores: mma.sync m16n8k16 (fp32 accumulate) fed by ldmatrix from 16-byte-swizzled shared memory
+// (16-byte chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define MOBA_ROWS 64      // rows (query, slot pairs) per tile = 4 warps x 16
+#define MOBA_THREADS 128
+#define MOBA_TPC 4        // tiles per CTA in the resident kernel
+#define MOBA_NEG_INF (-__int_as_float(0x7f800000))
+
+namespace moba {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+  __device__ __forceinline__ static __nv_bfloat16 cvt(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+  __device__ __forceinline__ static __half cvt(float x) { return __float2half_rn(x); }
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile with D elements (2 bytes) per row.
+template <int D>
+__device__ __forceinline__ unsigned swz(int row, int chunk) {
+  return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Copy keys [key0, key0 + KT) of one kv head into a swizzled KT x D tile; keys >= seqlen are zero-filled.
+template <int D, int KT>
+__device__ __forceinline__ void load_kv_tile(unsigned dst, const char* base, long long row_stride_bytes,
+                                             int key0, int seqlen, int tid) {
+  constexpr int CH = D / 8;
+  static_assert((KT * CH) % MOBA_THREADS == 0, "tile copy");
+#pragma unroll
+  for (int i = 0; i < KT * CH / MOBA_THREADS; ++i) {
+    const int c = tid + i * MOBA_THREADS;
+    const int row = c / CH, ch = c % CH;
+    const int key = key0 + row;
+    const bool ok = key < seqlen;
+    const char* src = base + (ok ? static_cast<long long>(key) * row_stride_bytes + ch * 16 : 0);
+    cp_async16(dst + swz<D>(row, ch), src, ok ? 16 : 0);
+  }
+}
+
+// One KT-key step of the flash loop for this warp's 16 rows: S = Q K^T, scale, mask, online softmax,
+// O += P V. K and V sub-tiles are swizzled KT x D tiles at kt_base / vt_base (shared addresses).
+template <typename T, int D, int KT>
+__device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], unsigned kt_base, unsigned vt_base,
+                                             int key0, int seqlen, int causal, int t_min, int row_t0, int row_t1,
+                                             float scale_log2, float (&o)[D / 8][4], float (&m_r)[2],
+                                             float (&l_r)[2], int lane) {
+  constexpr int NT = KT / 8;
+  constexpr int DT = D / 8;
+  const int tq = lane & 3;
+  // S = Q K^T for this warp's 16 rows and KT keys.
+  float s[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  #pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int kp = 0; kp < D / 32; ++kp) {
+      const int row = nt * 8 + (lane & 7), ch = kp * 4 + (lane >> 3);
+      unsigned b0, b1, b2, b3;
+      ldsm_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
+      Mma<T>::run(s[nt], qf[2 * kp], b0, b1);
+      Mma<T>::run(s[nt], qf[2 * kp + 1], b2, b3);
+    }
+  }
+
+  // Scale to log2 units, then mask (after scaling, so a negative scale cannot turn -inf into +inf).
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+  const bool need_mask = (key0 + KT > seqlen) || (causal && key0 + KT - 1 > t_min);
+  if (need_mask) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nt * 8 + 2 * tq + (e & 1);
+        const int rt = (e < 2) ? row_t0 : row_t1;
+        const bool ok = key < seqlen && (!causal || key <= rt);
+        if (!ok) s[nt][e] = MOBA_NEG_INF;
+      }
+  }
+
+  // Online softmax; l stays a per-thread partial sum (reduced over the quad at the end).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = MOBA_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_r[r], mx);
+    const float m_use = (m_new == MOBA_NEG_INF) ? 0.f : m_new;
+    const float alpha = exp2f(m_r[r] - m_use);
+    m_r[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float p0 = exp2f(s[nt][2 * r] - m_use), p1 = exp2f(s[nt][2 * r + 1] - m_use);
+      s[nt][2 * r] = p0;
+      s[nt][2 * r + 1] = p1;
+      sum += p0 + p1;
+    }
+    l_r[r] = l_r[r] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+  }
+
+  // O += P V (P from the S accumulators, rounded to the input type as FlashAttention does).
+#pragma unroll
+  for (int kk = 0; kk < KT / 16; ++kk) {
+    unsigned a[4];
+    a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
+      unsigned b0, b1, b2, b3;
+      ldsm_x4_t(vt_base + swz<D>(row, ch), b0, b1, b2, b3);
+      Mma<T>::run(o[2 * dp], a, b0, b1);
+      Mma<T>::run(o[2 * dp + 1], a, b2, b3);
+    }
+  }
+}
+
+// Partials of this thread's rows r0 and r1 (rows >= count are padding): normalised o, m (log2 units), l.
+template <int D>
+__device__ __forceinline__ void write_partials(float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2],
+                                               const long long* s_pair, int r0, int r1, int count, float* part_o,
+                                               float* part_ml, int lane) {
+  constexpr int DT = D / 8;
+  const int tq = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r ? r1 : r0;
+    if (row < count) {
+      const long long p = s_pair[row];
+      const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+      float* dst = part_o + p * D + 2 * tq;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+      if (tq == 0) *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
+    }
+  }
+}
+
+
+// One CTA = one tile (blockIdx.x); tile_cum[seg] .. tile_cum[seg+1] are the tiles of segment seg =
+// (chunk kv head kvc, key block j), whose rows are pairs[seg_off[seg] .. seg_off[seg+1]).
+template <typename T, int D, int KT>
+__device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const void* v_, const long long* pairs,
+                                          const long long* seg_off, const long long* tile_cum, float* part_o,
+                                          float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
+                                          int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
+                                          int n_seg, int causal, float scale_log2) {
+  static_assert(D == 64 || D == 128, "head dim");
+  static_assert(KT == 16 || KT == 32 || KT == 64, "key tile");
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int DT = D / 8;  // n-tiles of O per warp
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* sQ = smem;                    // ROWS x D
+  unsigned char* sK = sQ + MOBA_ROWS * D * 2;  // 2 x KT x D
+  unsigned char* sV = sK + 2 * KT * D * 2;     // 2 x KT x D
+  __shared__ long long s_qoff[MOBA_ROWS];      // element offset of the query row, -1 = padding row
+  __shared__ long long s_pair[MOBA_ROWS];
+  __shared__ int s_t[MOBA_ROWS];
+  __shared__ int s_seg;
+  __shared__ int s_mm[4];  // per-warp (min t, max t) of warps 0 and 1
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long tile = blockIdx.x;
+  if (tid == 0) {
+    const long long total = tile_cum[n_seg];
+    int seg = -1;
+    if (tile < total) {
+      int lo = 0, hi = n_seg;  // largest seg with tile_cum[seg] <= tile (it owns >= 1 tile)
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_cum[mid] <= tile) lo = mid; else hi = mid - 1;
+      }
+      seg = lo;
+    }
+    s_seg = seg;
+  }
+  __syncthreads();
+  const int seg = s_seg;
+  if (seg < 0) return;  // uniform: the grid is sized from an upper bound on the tile count
+
+  const long long first = seg_off[seg] + (tile - tile_cum[seg]) * MOBA_ROWS;
+  const int count = static_cast<int>(min(static_cast<long long>(MOBA_ROWS), seg_off[seg + 1] - first));
+  const int kvc = seg / n_blocks, j = seg % n_blocks;
+  const int group = heads / kv_heads;
+  const int kvh = h0 / group + kvc;
+
+  // Row bookkeeping: pair p = (hc * n_q + tt) * top_k + slot (its partial slot), query t = t0 + tt.
+  if (tid < MOBA_ROWS) {
+    long long qoff = -1, p = -1;
+    int t = 0x7fffffff;
+    if (tid < count) {
+      p = pairs[first + tid];
+      const long long rest = p / top_k;
+      const int tt = static_cast<int>(rest % n_q);
+      const int hc = static_cast<int>(rest / n_q);
+      t = t0 + tt;
+      qoff = ((static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc)) * D;
+    }
+    s_qoff[tid] = qoff;
+    s_pair[tid] = p;
+    s_t[tid] = t;
+    int tmin = (tid < count) ? t : 0x7fffffff, tmax = (tid < count) ? t : -1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      tmin = min(tmin, __shfl_xor_sync(0xffffffffu, tmin, o));
+      tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    }
+    if (lane == 0) {
+      s_mm[warp * 2] = tmin;
+      s_mm[warp * 2 + 1] = tmax;
+    }
+  }
+  __syncthreads();
+  const int t_min = min(s_mm[0], s_mm[2]), t_max = max(s_mm[1], s_mm[3]);
+
+  // Gather the Q tile (padding rows zero-filled).
+  const char* qb = static_cast<const char*>(q_);
+  const unsigned sq = smem_u32(sQ);
+#pragma unroll
+  for (int i = 0; i < MOBA_ROWS * CH / MOBA_THREADS; ++i) {
+    const int c = tid + i * MOBA_THREADS;
+    const int row = c / CH, ch = c % CH;
+    const long long off = s_qoff[row];
+    cp_async16(sq + swz<D>(row, ch), qb + (off >= 0 ? off * 2 + ch * 16 : 0), off >= 0 ? 16 : 0);
+  }
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+  const unsigned sk = smem_u32(sK), sv = smem_u32(sV);
+  constexpr unsigned KV_BYTES = KT * D * 2;
+
+  // Keys this tile needs: the block's real keys, and under the causal mask none beyond the last row's t.
+  const int key_begin = j * block_size;
+  int key_end = min(key_begin + block_size, seqlen);
+  if (causal) key_end = min(key_end, t_max + 1);
+  const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
+
+  if (n_sub > 0) {
+    load_kv_tile<D, KT>(sk, kb, kv_row_bytes, key_begin, seqlen, tid);
+    load_kv_tile<D, KT>(sv, vb, kv_row_bytes, key_begin, seqlen, tid);
+  }
+  cp_async_commit();
+
+  // This thread's two rows (g and g + 8 of the warp's 16).
+  const int g = lane >> 2;
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int row_t0 = s_t[r0], row_t1 = s_t[r1];
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {MOBA_NEG_INF, MOBA_NEG_INF};
+  float l_r[2] = {0.f, 0.f};
+  unsigned qf[D / 16][4];
+
+  for (int it = 0; it < n_sub; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < n_sub) {
+      const int nb = buf ^ 1;
+      load_kv_tile<D, KT>(sk + nb * KV_BYTES, kb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      load_kv_tile<D, KT>(sv + nb * KV_BYTES, vb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (it == 0) {
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const int row = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
+        ldsm_x4(sq + swz<D>(row, ch), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
+      }
+    }
+
+    subtile_step<T, D, KT>(qf, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
+                           t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane);
+    __syncthreads();  // everyone is done with buffer `buf` before it is refilled
+  }
+  cp_async_wait<0>();
+
+  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane);
+}
+
+// Row bookkeeping shared by both tile kernels: rows [0, n_rows) of this CTA's list start at pairs[first].
+// Pair p = (hc * n_q + tt) * top_k + slot is its partial slot; its query is t = t0 + tt, head h0 + hc.
+// s_mm[2 * g], s_mm[2 * g + 1] get (min t, max t) of 32-row group g (padding rows ignored).
+template <int D, int NROWS>
+__device__ __forceinline__ void setup_rows(const long long* pairs, long long first, int n_rows, int top_k, int n_q,
+                                           int t0, int h0, int seqlen, int heads, int batch_index,
+                                           long long* s_qoff, long long* s_pair, int* s_t, int* s_mm) {
+  const int tid = threadIdx.x, lane = tid & 31;
+#pragma unroll
+  for (int pass = 0; pass < (NROWS + MOBA_THREADS - 1) / MOBA_THREADS; ++pass) {
+    const int r = tid + pass * MOBA_THREADS;
+    if (r < NROWS) {  // warp-uniform: NROWS is a multiple of 32
+      long long qoff = -1, p = -1;
+      int t = 0x7fffffff;
+      if (r < n_rows) {
+        p = pairs[first + r];
+        const long long rest = p / top_k;
+        const int tt = static_cast<int>(rest % n_q);
+        const int hc = static_cast<int>(rest / n_q);
+        t = t0 + tt;
+        qoff = ((static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc)) * D;
+      }
+      s_qoff[r] = qoff;
+      s_pair[r] = p;
+      s_t[r] = t;
+      int tmin = (r < n_rows) ? t : 0x7fffffff, tmax = (r < n_rows) ? t : -1;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        tmin = min(tmin, __shfl_xor_sync(0xffffffffu, tmin, o));
+        tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+      }
+      if (lane == 0) {
+        s_mm[2 * (r >> 5)] = tmin;
+        s_mm[2 * (r >> 5) + 1] = tmax;
+      }
+    }
+  }
+}
+
+// Gather MOBA_ROWS query rows (element offsets s_qoff, -1 = zero row) into a swizzled tile.
+template <int D>
+__device__ __forceinline__ void gather_q(unsigned dst, const char* qb, const long long* s_qoff, int tid) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int i = 0; i < MOBA_ROWS * CH / MOBA_THREADS; ++i) {
+    const int c = tid + i * MOBA_THREADS;
+    const int row = c / CH, ch = c % CH;
+    const long long off = s_qoff[row];
+    cp_async16(dst + swz<D>(row, ch), qb + (off >= 0 ? off * 2 + ch * 16 : 0), off >= 0 ? 16 : 0);
+  }
+}
+
+// Resident variant: one CTA = one unit of up to MOBA_TPC tiles of one segment. The whole key block (K and
+// V, block_size x D each) is loaded into shared memory once and reused by every tile of the unit; the next
+// tile's queries are gathered (cp.async) while the current tile computes. tile_cum counts units here.
+template <typename T, int D, int KT>
+__device__ __forceinline__ void attn_resident(const void* q_, const void* k_, const void* v_, const long long* pairs,
+                                              const long long* seg_off, const long long* tile_cum, float* part_o,
+                                              float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
+                                              int block_size, int n_blocks, int batch_index, int h0, int n_q,
+                                              int t0, int n_seg, int causal, float scale_log2) {
+  constexpr int CH = D / 8;
+  constexpr int DT = D / 8;
+  constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
+  constexpr unsigned Q_BYTES = MOBA_ROWS * D * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ long long s_qoff[UNIT];
+  __shared__ long long s_pair[UNIT];
+  __shared__ int s_t[UNIT];
+  __shared__ int s_mm[2 * UNIT / 32];
+  __shared__ int s_seg;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long unit = blockIdx.x;
+  if (tid == 0) {
+    const long long total = tile_cum[n_seg];
+    int seg = -1;
+    if (unit < total) {
+      int lo = 0, hi = n_seg;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_cum[mid] <= unit) lo = mid; else hi = mid - 1;
+      }
+      seg = lo;
+    }
+    s_seg = seg;
+  }
+  __syncthreads();
+  const int seg = s_seg;
+  if (seg < 0) return;
+
+  const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
+  const int n_rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+  const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
+  const int kvc = seg / n_blocks, j = seg % n_blocks;
+  const int kvh = h0 / (heads / kv_heads) + kvc;
+  setup_rows<D, UNIT>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff, s_pair, s_t,
+                      s_mm);
+  __syncthreads();
+
+  // The key block, resident: rows beyond seqlen zero-filled (and masked).
+  const unsigned sk = smem_u32(smem);
+  const unsigned sv = sk + static_cast<unsigned>(block_size) * D * 2;
+  const unsigned sq = sv + static_cast<unsigned>(block_size) * D * 2;
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+  const int key_begin = j * block_size;
+  for (int c = tid; c < block_size * CH; c += MOBA_THREADS) {
+    const int row = c / CH, ch = c % CH;
+    const int key = key_begin + row;
+    const bool ok = key < seqlen;
+    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
+    cp_async16(sk + swz<D>(row, ch), kb + off, ok ? 16 : 0);
+    cp_async16(sv + swz<D>(row, ch), vb + off, ok ? 16 : 0);
+  }
+  const char* qb = static_cast<const char*>(q_);
+  gather_q<D>(sq, qb, s_qoff, tid);
+  cp_async_commit();
+
+  const int g = lane >> 2;
+  const int block_end = min(key_begin + block_size, seqlen);
+  for (int ti = 0; ti < n_tiles; ++ti) {
+    if (ti + 1 < n_tiles) {
+      gather_q<D>(sq + ((ti + 1) & 1) * Q_BYTES, qb, s_qoff + (ti + 1) * MOBA_ROWS, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    unsigned qf[D / 16][4];
+    const unsigned sq_t = sq + (ti & 1) * Q_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int row = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
+      ldsm_x4(sq_t + swz<D>(row, ch), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
+    }
+    const int t_min = min(s_mm[4 * ti], s_mm[4 * ti + 2]);
+    const int t_max = max(s_mm[4 * ti + 1], s_mm[4 * ti + 3]);
+    const int count = min(MOBA_ROWS, n_rows - ti * MOBA_ROWS);
+    const int key_end = causal ? min(block_end, t_max + 1) : block_end;
+    const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
+    const int base = ti * MOBA_ROWS;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    const int row_t0 = s_t[base + r0], row_t1 = s_t[base + r1];
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_r[2] = {MOBA_NEG_INF, MOBA_NEG_INF};
+    float l_r[2] = {0.f, 0.f};
+    for (int it = 0; it < n_sub; ++it) {
+      const unsigned off = static_cast<unsigned>(it) * KT * D * 2;
+      subtile_step<T, D, KT>(qf, sk + off, sv + off, key_begin + it * KT, seqlen, causal, t_min, row_t0, row_t1,
+                             scale_log2, o, m_r, l_r, lane);
+    }
+    write_partials<D>(o, m_r, l_r, s_pair + base, r0, r1, count, part_o, part_ml, lane);
+    __syncthreads();  // every warp has its Q fragments before this Q buffer is refilled
+  }
+}
+
+// Merge: one warp per (query, head) of the chunk; slots combined in slot order.
+template <typename T, int D>
+__device__ __forceinline__ void merge_rows(const float* part_o, const float* part_ml, const int* topk, void* out_,
+                                           float* lse, int seqlen, int heads, int top_k, int n_blocks,
+                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {
+  constexpr int V = D / 32;  // elements per lane
+  const int lane = threadIdx.x & 31;
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= static_cast<long long>(n_heads_c) * n_q) return;
+  const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
+  const long long row = (static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc);
+  const long long pbase = w * top_k;
+
+  float mv[2], lv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = lane + 32 * i;
+    mv[i] = MOBA_NEG_INF;
+    lv[i] = 0.f;
+    if (s < top_k) {
+      const int jb = topk[row * top_k + s];
+      if (jb >= 0 && jb < n_blocks) {
+        const float2 ml = *reinterpret_cast<const float2*>(part_ml + 2 * (pbase + s));
+        mv[i] = ml.x;
+        lv[i] = ml.y;
+      }
+    }
+  }
+  float M = fmaxf(mv[0], mv[1]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  const float m_use = (M == MOBA_NEG_INF) ? 0.f : M;
+  float wv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) wv[i] = lv[i] > 0.f ? lv[i] * exp2f(mv[i] - m_use) : 0.f;
+  // Fixed-shape tree sum: deterministic.
+  float L = wv[0] + wv[1];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  const float* src = part_o + pbase * D + lane * V;
+  for (int s0 = 0; s0 < top_k; s0 += 4) {
+    float ws[4];
+    float x[4][V];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = s0 + u;
+      const float wsel = (s < 32) ? wv[0] : wv[1];
+      ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
+      if (s >= top_k) ws[u] = 0.f;
+      if (ws[u] > 0.f) {
+        if constexpr (V == 4) {
+          const float4 t4 = *reinterpret_cast<const float4*>(src + static_cast<long long>(s) * D);
+          x[u][0] = t4.x; x[u][1] = t4.y; x[u][2] = t4.z; x[u][3] = t4.w;
+        } else {
+          const float2 t2 = *reinterpret_cast<const float2*>(src + static_cast<long long>(s) * D);
+          x[u][0] = t2.x; x[u][1] = t2.y;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[u][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = fmaf(ws[u], x[u][e], acc[e]);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  T* out = static_cast<T*>(out_) + row * D + lane * V;
+#pragma unroll
+  for (int e = 0; e < V; e += 2) {
+    const unsigned packed = Mma<T>::pack(acc[e] * inv, acc[e + 1] * inv);
+    *reinterpret_cast<unsigned*>(out + e) = packed;
+  }
+  if (write_lse && lane == 0) lse[row] = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : MOBA_NEG_INF;
+}
+
+// Segment keys of a chunk: pair (hc, tt, slot) -> kvc * n_blocks + j, or n_seg for empty / invalid slots.
+__device__ __forceinline__ void chunk_keys(const int* topk, int* keys, int seqlen, int heads, int top_k, int n_blocks,
+                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int group) {
+  const long long total = static_cast<long long>(n_heads_c) * n_q * top_k;
+  const int n_seg = (n_heads_c / group) * n_blocks;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int s = static_cast<int>(i % top_k);
+    const long long rest = i / top_k;
+    const int tt = static_cast<int>(rest % n_q), hc = static_cast<int>(rest / n_q);
+    const int jb = topk[((static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc)) * top_k + s];
+    keys[i] = (jb >= 0 && jb < n_blocks) ? (hc / group) * n_blocks + jb : n_seg;
+  }
+}
+
+// Segment starts from the sorted keys, in parallel and without atomics: seg_off[s] = first position whose
+// key >= s, for s = 0 .. n_seg (each entry is written by exactly one position i in [0, n_pairs]).
+__device__ __forceinline__ void chunk_bounds(const int* sorted_keys, long long n_pairs, int n_seg,
+                                             long long* seg_off) {
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i <= n_pairs;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int prev = i == 0 ? -1 : min(sorted_keys[i - 1], n_seg);
+    const int cur = i == n_pairs ? n_seg : min(sorted_keys[i], n_seg);
+    for (int s = prev + 1; s <= cur; ++s) seg_off[s] = i;
+  }
+}
+
+// tile_cum = exclusive prefix sum over segments of ceil(count / rows_per_unit), count = seg_off[s+1] -
+// seg_off[s] (n_seg + 1 entries). One CTA (512 threads), a contiguous range of segments per thread.
+__device__ __forceinline__ void chunk_segments(const long long* seg_off, int n_seg, int rows_per_unit,
+                                               long long* tile_cum) {
+  __shared__ long long warp_tot[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthr = blockDim.x;
+  const int per = (n_seg + nthr - 1) / nthr;
+  const int s_begin = min(tid * per, n_seg), s_end = min(s_begin + per, n_seg);
+  long long local = 0;
+  for (int s = s_begin; s < s_end; ++s) local += (seg_off[s + 1] - seg_off[s] + rows_per_unit - 1) / rows_per_unit;
+  long long incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const long long y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = nthr >> 5;
+    long long v = lane < nw ? warp_tot[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const long long y = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += y;
+    }
+    if (lane < nw) warp_tot[lane] = v;
+  }
+  __syncthreads();
+  long long run = incl - local + (warp > 0 ? warp_tot[warp - 1] : 0);
+  for (int s = s_begin; s < s_end; ++s) {
+    tile_cum[s] = run;
+    run += (seg_off[s + 1] - seg_off[s] + rows_per_unit - 1) / rows_per_unit;
+  }
+  if (tid == nthr - 1) tile_cum[n_seg] = run;
+}
+
+}  // namespace moba

@@ -1,0 +1,235 @@
+"""CPU checks of the CUDA attention wrapper: validation, launch ABI, chunk planning, the indexed oracle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import attention as A
+from mobalab.kernels._launch import check_args, signatures
+from mobalab.kernels.reference import moba_attention, moba_topk
+
+
+def _qkv(batch=1, seqlen=40, heads=2, kv_heads=1, dim=64, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, seqlen, heads, dim, generator=g).to(dtype).to(device)
+    k = torch.randn(batch, seqlen, kv_heads, dim, generator=g).to(dtype).to(device)
+    v = torch.randn(batch, seqlen, kv_heads, dim, generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation (every check runs before the device check, so CPU tensors reach each message)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(dtype=torch.float32), "dtype torch.float32"),
+        (dict(dim=96), "head_dim 96 is not supported"),
+        (dict(block_size=48), "block_size 48 is not supported"),
+        (dict(block_size=1024), "block_size 1024 is not supported"),
+        (dict(block_size=True), "block_size True"),
+        (dict(top_k=0), "top_k 0 is not supported"),
+        (dict(top_k=65), "top_k 65 is not supported"),
+        (dict(top_k=2.0), "top_k 2.0"),
+        (dict(causal=1), "causal must be True or False"),
+        (dict(return_lse=None), "return_lse must be True or False"),
+        (dict(softmax_scale=float("nan")), "softmax_scale must be a finite"),
+        (dict(softmax_scale="1"), "softmax_scale must be a finite"),
+        (dict(kv_heads=3, heads=4), "multiple of kv heads"),
+        (dict(), "needs CUDA tensors"),
+    ],
+)
+def test_validation_messages(change, match):
+    shape = {k: change.pop(k) for k in ("dtype", "dim", "kv_heads", "heads") if k in change}
+    q, k, v = _qkv(**shape)
+    kwargs = dict(block_size=16, top_k=2, causal=True, softmax_scale=None, return_lse=False)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=match):
+        A.moba_attention_cuda(q, k, v, **kwargs)
+
+
+def test_validation_shapes_and_indices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="4-D"):
+        A.moba_attention_cuda(q[0], k, v, 16, 2)
+    with pytest.raises(ValueError, match="same shape"):
+        A.moba_attention_cuda(q, k, v[:, :-1], 16, 2)
+    with pytest.raises(ValueError, match="seqlen differs"):
+        A.moba_attention_cuda(q[:, :-1], k, v, 16, 2)
+    with pytest.raises(ValueError, match="share one dtype"):
+        A.moba_attention_cuda(q, k.half(), v, 16, 2)
+    with pytest.raises(ValueError, match="empty dimension"):
+        A.moba_attention_cuda(q[:, :0], k[:, :0], v[:, :0], 16, 2)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        A.moba_attention_cuda(q.numpy() if q.dtype != torch.bfloat16 else [1], k, v, 16, 2)
+    idx = torch.zeros(1, 40, 2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="topk_indices has shape"):
+        A.moba_attention_cuda(q, k, v, 16, 2, topk_indices=idx)
+    with pytest.raises(ValueError, match="topk_indices has dtype"):
+        A.moba_attention_cuda(q, k, v, 16, 3, topk_indices=idx.float())
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch ABI: every variant's argument tuple matches its CUDA signature
+
+
+def test_every_variant_is_in_the_source():
+    sigs = signatures(A.SOURCE)
+    for dtype in A.SUPPORTED_DTYPES:
+        for dim in A.SUPPORTED_HEAD_DIMS:
+            for block in A.SUPPORTED_BLOCK_SIZES:
+                for variant in ("auto", "resident", "streaming"):
+                    fwd, merge = A.kernel_names(dtype, dim, block, variant)
+                    assert fwd in sigs and merge in sigs
+    assert {"moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"} <= set(sigs)
+
+
+def test_variant_choice():
+    assert A.resident(128, 128, "auto") and not A.resident(128, 256, "auto")
+    assert A.resident(64, 256, "auto") and not A.resident(64, 512, "auto")
+    assert not A.resident(128, 64, "streaming") and not A.resident(128, 512, "resident")
+    assert A.rows_per_unit(128, 128, "auto") == A.ROWS * A.TILES_PER_UNIT
+    assert A.rows_per_unit(128, 512, "auto") == A.ROWS
+    assert A.kernel_names(torch.bfloat16, 128, 128, "auto")[0] == "moba_attn_res_bf16_d128_kt64"
+    assert A.kernel_names(torch.float16, 64, 32, "streaming")[0] == "moba_attn_fwd_f16_d64_kt32"
+    with pytest.raises(ValueError, match="FWD_VARIANT"):
+        A.resident(64, 64, "fast")
+    # a dynamic request at exactly 48 KB must still opt in (static shared memory comes on top)
+    assert A.launch_smem(48 * 1024) > 48 * 1024 and A.launch_smem(8192) == 8192
+    assert A.launch_smem(96 * 1024) == 96 * 1024
+
+
+@pytest.mark.parametrize("dtype", A.SUPPORTED_DTYPES)
+@pytest.mark.parametrize("dim", A.SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("block", A.SUPPORTED_BLOCK_SIZES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", ["auto", "streaming"])
+def test_launch_args_match_signatures(dtype, dim, block, causal, variant):
+    batch, seqlen, heads, kv_heads, top_k = 2, 100, 4, 2, 3
+    q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
+    topk = torch.zeros(batch, seqlen, heads, top_k, dtype=torch.int32)
+    n_blocks = math.ceil(seqlen / block)
+    chunk = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, 1 << 20)[0]
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = chunk.n_heads // (heads // kv_heads) * n_blocks
+    keys = torch.zeros(n_pairs, dtype=torch.int32)
+    pairs = torch.zeros(n_pairs, dtype=torch.int64)
+    seg = torch.zeros(n_seg + 1, dtype=torch.int64)
+    part_o = torch.zeros(n_pairs * dim)
+    part_ml = torch.zeros(n_pairs * 2)
+    out, lse = torch.empty_like(q), torch.empty(batch, seqlen, heads)
+    fwd, merge = A.kernel_names(dtype, dim, block, variant)
+    check_args(A.SOURCE, "moba_attn_keys", A.keys_args(topk, keys, seqlen, heads, top_k, n_blocks, chunk, 2))
+    check_args(A.SOURCE, "moba_attn_bounds", A.bounds_args(keys, n_pairs, n_seg, seg))
+    check_args(A.SOURCE, "moba_attn_segments",
+               A.segments_args(seg, n_seg, A.rows_per_unit(dim, block, variant), seg))
+    check_args(A.SOURCE, fwd, A.fwd_args(q, k, v, pairs, seg, seg, part_o, part_ml, seqlen=seqlen,
+                                         heads=heads, kv_heads=kv_heads, top_k=top_k, block_size=block,
+                                         n_blocks=n_blocks, chunk=chunk, n_seg=n_seg, causal=causal,
+                                         scale_log2=0.18))
+    check_args(A.SOURCE, merge, A.merge_args(part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads,
+                                             top_k=top_k, n_blocks=n_blocks, chunk=chunk, write_lse=True))
+
+
+def test_check_args_catches_a_python_float():
+    q, k, v = _qkv()
+    args = list(A.fwd_args(q, k, v, *(torch.zeros(4),) * 5, seqlen=40, heads=2, kv_heads=1, top_k=2,
+                           block_size=16, n_blocks=3, chunk=A.Chunk(0, 0, 2, 0, 40), n_seg=3, causal=True,
+                           scale_log2=0.1))
+    fwd = A.kernel_names(torch.bfloat16, 64, 16)[0]
+    args[-1] = 0.1  # a Python float would arrive as the low half of a double
+    with pytest.raises(TypeError, match="scale_log2"):
+        check_args(A.SOURCE, fwd, tuple(args))
+    assert isinstance(args[-2], np.int32)
+
+
+def test_smem_and_key_tile():
+    assert A.key_tile(16) == 16 and A.key_tile(32) == 32 and A.key_tile(512) == 64
+    for b in A.SUPPORTED_BLOCK_SIZES:
+        assert b % A.key_tile(b) == 0
+    assert A.fwd_smem_bytes(128, 512) == 64 * 128 * 2 + 4 * 64 * 128 * 2
+    assert A.fwd_smem_bytes(128, 128, "resident") == 2 * 128 * 128 * 2 + 2 * 64 * 128 * 2
+    sizes = [A.fwd_smem_bytes(d, b, v) for d in A.SUPPORTED_HEAD_DIMS for b in A.SUPPORTED_BLOCK_SIZES
+             for v in ("auto", "streaming")]
+    assert max(sizes) <= 100 * 1024  # two CTAs per SM with room for static shared memory
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunk planning
+
+
+@pytest.mark.parametrize(
+    "batch, seqlen, heads, kv_heads, dim, top_k, budget",
+    [
+        (2, 1000, 4, 4, 64, 8, 1 << 30),  # everything in one chunk per batch row
+        (2, 1000, 8, 2, 128, 8, 6 << 20),  # several kv groups per chunk
+        (1, 4097, 8, 1, 128, 8, 1 << 20),  # query ranges split
+        (2, 1, 16, 16, 64, 1, 1),  # tiny budget still makes progress
+        (2, 524288, 16, 16, 128, 8, None),  # the 512K benchmark shape
+    ],
+)
+def test_plan_chunks_cover_everything_once(batch, seqlen, heads, kv_heads, dim, top_k, budget):
+    if budget is None:
+        budget = A.scratch_budget_bytes(batch, seqlen, heads, kv_heads, dim)
+    chunks = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget)
+    group = heads // kv_heads
+    covered = {}
+    for c in chunks:
+        assert c.h0 % group == 0 and c.n_heads % group == 0  # whole kv groups
+        assert 0 <= c.t0 and c.t0 + c.n_q <= seqlen and c.n_q >= 1
+        key = (c.batch_index, c.h0, c.n_heads)
+        covered.setdefault(key, []).append((c.t0, c.n_q))
+        pairs = c.n_heads * c.n_q * top_k
+        assert pairs * A.bytes_per_pair(dim) <= max(budget, group * top_k * A.bytes_per_pair(dim))
+    heads_seen = sorted({(b, h) for (b, h0, nh) in covered for h in range(h0, h0 + nh)})
+    assert heads_seen == [(b, h) for b in range(batch) for h in range(heads)]
+    for ranges in covered.values():
+        ranges.sort()
+        assert ranges[0][0] == 0 and sum(n for _, n in ranges) == seqlen
+        assert all(a[0] + a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_plan_keeps_tiles_full_at_512k():
+    # Each chunk's query range must be long enough that a key block's list fills tiles:
+    # >= 64 * n_blocks / top_k queries per head (FlashMoBA's gap at long context).
+    seqlen, block, top_k = 524288, 128, 8
+    budget = A.scratch_budget_bytes(2, seqlen, 16, 16, 128)
+    chunks = A.plan_chunks(2, seqlen, 16, 16, 128, top_k, budget)
+    assert min(c.n_q for c in chunks) >= A.ROWS * (seqlen // block) / top_k
+    # and the scratch stays a small fraction of FlashAttention-2's footprint (q, k, v, out)
+    fa2_bytes = 4 * 2 * seqlen * 16 * 128 * 2
+    assert budget <= 0.05 * fa2_bytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# the indexed oracle agrees with the reference when given the reference's routing
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seqlen, block, top_k, heads, kv_heads", [(37, 8, 2, 4, 2), (64, 16, 8, 2, 2),
+                                                                    (5, 16, 3, 2, 1)])
+def test_indexed_oracle_matches_reference(causal, seqlen, block, top_k, heads, kv_heads):
+    q, k, v = _qkv(2, seqlen, heads, kv_heads, 16, torch.float64)
+    topk = moba_topk(q, k, block, top_k, causal=causal)
+    ref, ref_lse = moba_attention(q, k, v, block, top_k, causal=causal, return_lse=True)
+    out, lse = A.indexed_attention_torch(q.float(), k.float(), v.float(), topk, block, causal)
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([0, seqlen - 1])
+    out_rows, _ = A.indexed_attention_torch(q.float(), k.float(), v.float(), topk, block, causal,
+                                            query_positions=rows, max_bytes=1)
+    torch.testing.assert_close(out_rows, out[:, rows])
+
+
+def test_low_precision_oracle_is_less_accurate_but_close():
+    q, k, v = _qkv(1, 64, 2, 1, 64, torch.bfloat16)
+    topk = moba_topk(q, k, 16, 2, causal=True)
+    ref, _ = A.indexed_attention_torch(q, k, v, topk, 16, True)
+    low, _ = A.indexed_attention_torch(q, k, v, topk, 16, True, low_precision=True)
+    err = (low - ref).abs().max().item()
+    assert 0 < err < 0.05
