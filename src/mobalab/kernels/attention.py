@@ -54,7 +54,6 @@ __all__ = [
     "fwd_smem_bytes",
     "resident",
     "rows_per_unit",
-    "launch_smem",
     "keys_args",
     "bounds_args",
     "segments_args",
@@ -178,15 +177,6 @@ def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -
     if resident(head_dim, block_size, variant):
         return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
     return ROWS * head_dim * 2 + 4 * key_tile(block_size) * head_dim * 2
-
-
-def launch_smem(dynamic: int) -> int:
-    """Dynamic shared memory to request: above 40 KB, request more than 48 KB so that _launch opts in.
-
-    (Static shared memory adds up to ~5 KB; a request of exactly 48 KB would exceed the default limit
-    without triggering _launch's opt-in, which looks at the dynamic size only.)
-    """
-    return dynamic if dynamic <= 40 * 1024 else max(dynamic, 48 * 1024 + 16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +322,6 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
 
 
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices):
-    from ._build import get_kernel
     from ._launch import launch
 
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
@@ -361,10 +350,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
 
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size)
-    smem = launch_smem(fwd_smem_bytes(dim, block_size))
+    smem = fwd_smem_bytes(dim, block_size)  # launch() opts the kernel into large shared memory
     unit_rows = rows_per_unit(dim, block_size)
-    if smem > 48 * 1024:  # re-assert the opt-in on the object launch() will use (cheap, and robust)
-        get_kernel(SOURCE, fwd_name, max_dynamic_smem=smem).max_dynamic_shared_size_bytes = smem
     scale_log2 = scale * LOG2E
     for c in chunks:
         n_pairs = c.n_heads * c.n_q * top_k

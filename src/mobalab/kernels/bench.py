@@ -327,8 +327,8 @@ def _diagnose(dim, block):
     from ._build import get_kernel
 
     name = A.kernel_names(torch.bfloat16, dim, block)[0]
-    smem = A.launch_smem(A.fwd_smem_bytes(dim, block))
-    fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem if smem > 48 * 1024 else 0)
+    smem = A.fwd_smem_bytes(dim, block)
+    fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem)
     attrs = {k: fn.attributes.get(k) for k in ("num_regs", "shared_size_bytes", "max_dynamic_shared_size_bytes",
                                                 "max_threads_per_block")}
     print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.FWD_VARIANT}", flush=True)
