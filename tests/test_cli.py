@@ -27,3 +27,11 @@ def test_run_quick_writes_csv_json_png(tmp_path, capsys):
 def test_unknown_experiment(capsys):
     assert cli.main(["run", "no-such-thing", "--quick"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_bench_without_gpu_says_what_it_needs(capsys, monkeypatch):
+    import mobalab.kernels as K
+
+    monkeypatch.setattr(K, "gpu_available", lambda: False)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from mobalab import snr
 from mobalab.experiments import snr_vs_accuracy as exp
 
 TINY = exp.Config(panels=((64, 8), (16, 2)), mc_snr=(0.0, 1.5, 3.0), score_trials=5000, vector_trials=300,
-                  curve_points=21, device="cpu", seed=3)
+                  curve_points=21, device="cpu", kernel_device="cpu", kernel_cpu_trials=64, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,14 @@ def test_schema_and_methods(df):
     need = {"experiment", "panel", "method", "backend", "snr", "sd_ratio", "estimate", "prediction", "n_blocks",
             "top_k", "paper_threshold"}
     assert need <= set(df.columns)
-    assert set(df["method"]) == {"analytic", "score-level", "vector-level"}
+    assert set(df["method"]) == {"analytic", "score-level", "vector-level", "kernel"}
     assert set(df["panel"]) == {"n=64, k=8", "n=16, k=2"}
     # one analytic row per curve point, one MC row per SNR point and leg, per panel
     counts = df.groupby(["panel", "method"]).size()
     assert (counts.xs("analytic", level="method") == TINY.curve_points).all()
     assert (counts.xs("score-level", level="method") == len(TINY.mc_snr)).all()
     assert (counts.xs("vector-level", level="method") == len(TINY.mc_snr)).all()
+    assert (counts.xs("kernel", level="method") == len(TINY.mc_snr)).all()  # n·B <= 2048: CPU reference
     assert df["estimate"].notna().all() and df["prediction"].between(0, 1).all()
 
 
@@ -59,7 +60,7 @@ def test_vector_point_solves_for_target(target):
 
 def test_summary_and_plot(df):
     s = exp.summary(df)
-    assert set(s["method"]) == {"score-level", "vector-level"}
+    assert set(s["method"]) == {"score-level", "vector-level", "kernel"}
     assert (s["points"] == len(TINY.mc_snr)).all()
     fig = exp.plot(df)
     visible = [ax for ax in fig.axes if ax.get_visible()]
@@ -71,6 +72,38 @@ def test_summary_and_plot(df):
 
 def test_reproducible():
     cfg = exp.Config(panels=((32, 4),), mc_snr=(1.0,), score_trials=2000, vector_trials=50, curve_points=5,
-                     device="cpu", seed=11)
+                     device="cpu", kernel_device="cpu", kernel_cpu_trials=32, seed=11)
     a, b = exp.run(cfg), exp.run(cfg)
     assert a.equals(b)
+
+
+def test_kernel_leg_rows(df):
+    ker = df[df["method"] == "kernel"]
+    assert (ker["backend"] == "torch-reference").all() and ker["device"].str.startswith("cpu").all()
+    assert (ker["trials"] >= TINY.kernel_cpu_trials).all()
+    # the kernel sees the same generator as the vector leg: same exact SNR at each target
+    vec = df[df["method"] == "vector-level"].set_index(["panel", "target_snr"])["snr"]
+    np.testing.assert_allclose(ker.set_index(["panel", "target_snr"])["snr"], vec.loc[ker.set_index(
+        ["panel", "target_snr"]).index], rtol=1e-12)
+    # recall rises with SNR: chance level (k/n) at SNR 0, near 1 at SNR 3
+    for panel, g in ker.groupby("panel"):
+        g = g.sort_values("snr")
+        assert g["estimate"].iloc[-1] > g["estimate"].iloc[0] + 0.4, panel
+        assert g["estimate"].iloc[-1] >= 0.9
+
+
+def test_kernel_leg_can_be_left_out_and_respects_the_cpu_limit():
+    cfg = exp.Config(panels=((64, 8),), mc_snr=(1.0,), score_trials=1000, vector_trials=20, curve_points=3,
+                     device="cpu", kernel_device="cpu", kernel_cpu_max_seq_len=512, seed=1)
+    assert "kernel" not in set(exp.run(cfg)["method"])  # n·B = 1024 > 512
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, kernel_cpu_max_seq_len=4096, kernel=False)
+    assert "kernel" not in set(exp.run(cfg)["method"])
+
+
+def test_kernel_point_k_at_least_n_always_hits():
+    import torch
+
+    hits, trials = exp.kernel_point(4, 4, 64, 16, 0.0, 1, 10, 0, torch.device("cpu"), torch.float32, heads=4)
+    assert hits == trials == 12  # 10 trials rounded up to whole (batch, heads) calls

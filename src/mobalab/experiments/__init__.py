@@ -14,6 +14,10 @@ __all__ = ["REGISTRY", "get", "names"]
 #: experiment name (as typed on the command line) -> module path
 REGISTRY: dict[str, str] = {
     "snr-vs-accuracy": "mobalab.experiments.snr_vs_accuracy",
+    "needle-retrieval": "mobalab.experiments.needle_retrieval",
+    "kernel-speed": "mobalab.experiments.kernel_speed",
+    "block-size": "mobalab.experiments.block_size",
+    "key-conv": "mobalab.experiments.key_conv",
 }
 
 

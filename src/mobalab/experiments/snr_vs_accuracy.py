@@ -9,7 +9,13 @@ For each (n blocks, top-k) panel the figure shows
 * vector-level Monte Carlo (unit vectors, centroids and the exact MoBA routing rules) with 95% Wilson
   intervals. Each vector-level point sits at the *exact* SNR of its generator
   (:func:`mobalab.snr.generator_block_model`); its prediction uses that SNR and the generator's
-  signal/noise standard-deviation ratio.
+  signal/noise standard-deviation ratio;
+* the kernel's routing (method ``kernel``): :func:`mobalab.kernels.moba_topk`, non-causal, on the same
+  planted-needle generator and SNR points as the vector leg, laid out as (batch, N, heads, d) with every
+  (batch row, head) an independent trial (the query occupies every row of its sequence; row 0 is read).
+  With a usable GPU it runs the CUDA kernel in fp16 on panels with n·B <= ``kernel_max_seq_len``
+  (``backend`` "cuda-kernel"); otherwise the torch reference in fp32 on panels with
+  n·B <= ``kernel_cpu_max_seq_len`` (``backend`` "torch-reference"). ``device`` names the hardware.
 
 Every Monte Carlo row carries ``interval_units``: how far the exact prediction lies from the estimate in
 units of the 95% interval's half-width (|u| <= 1: inside). ``summary`` reports the largest per panel.
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
-__all__ = ["Config", "run", "plot", "summary", "vector_point"]
+__all__ = ["Config", "run", "plot", "summary", "vector_point", "kernel_point"]
 
 NAME = "snr-vs-accuracy"
 
@@ -48,12 +54,20 @@ class Config:
     vector_max_mu: float = 0.8
     planted: str = "isotropic"
     device: str = "auto"  # vector leg: "auto" (CUDA when present), "cpu" or a torch device string
+    kernel: bool = True  # the kernel leg (moba_topk on planted-needle inputs)
+    kernel_device: str = "auto"  # "auto" (CUDA kernel when a GPU is usable), "cpu" (torch reference), "cuda"
+    kernel_trials: int = 2048  # per SNR point on the GPU
+    kernel_max_seq_len: int = 1 << 20  # GPU: panels with n·B above this skip the kernel leg
+    kernel_cpu_trials: int = 256  # per SNR point on the CPU reference
+    kernel_cpu_max_seq_len: int = 2048  # CPU: panels with n·B above this skip the kernel leg
+    kernel_heads: int = 16
     seed: int = 0
 
     @classmethod
     def quick(cls, **overrides) -> Config:
         """A CPU run that finishes in well under a minute."""
-        base = dict(score_trials=20_000, vector_trials=200, vector_max_seq_len=8192, curve_points=81)
+        base = dict(score_trials=20_000, vector_trials=200, vector_max_seq_len=8192, curve_points=81,
+                    kernel_cpu_trials=64, kernel_cpu_max_seq_len=1024)
         base.update(overrides)
         return cls(**base)
 
@@ -92,6 +106,89 @@ def _resolve_device(device: str) -> str:
         return "cpu"
 
 
+def _kernel_backend(kernel_device: str):
+    """(torch device, backend name, device name, torch dtype) for the kernel leg."""
+    import platform
+
+    import torch
+
+    from mobalab.kernels import gpu_available
+
+    dev = ("cuda" if gpu_available() else "cpu") if kernel_device == "auto" else kernel_device
+    device = torch.device(dev)
+    if device.type == "cuda":
+        if not gpu_available():
+            raise ValueError(f"kernel_device {kernel_device!r} asks for the CUDA kernel, but no usable GPU/CuPy here")
+        return device, "cuda-kernel", torch.cuda.get_device_name(device), torch.float16
+    if device.type != "cpu":
+        raise ValueError(f"kernel_device must be 'auto', 'cpu' or a CUDA device, got {kernel_device!r}")
+    return device, "torch-reference", f"cpu ({platform.processor() or platform.machine()})", torch.float32
+
+
+def kernel_point(n_blocks: int, top_k: int, head_dim: int, block_size: int, mu: float, m: int, trials: int,
+                 seed, device, dtype, planted: str = "isotropic", heads: int = 16, max_tokens: int = 1 << 24):
+    """Hits of ``moba_topk`` (non-causal) over ``trials`` planted-needle sequences; returns (hits, trials).
+
+    Each trial is one (batch row, head) of a (batch, N = n·B, heads, d) call: q uniform on the sphere (in
+    every row of the sequence), N keys uniform on the sphere, the needle (cosine ``mu``) at a uniform
+    position and ``m - 1`` clustered keys (cosine ``mu``) at random positions of the needle's block, as
+    :func:`mobalab.simulate.vector_level_router` draws them. A hit: the needle's block among row 0's
+    selected blocks. Calls hold at most ``max_tokens`` tokens; the trial count is rounded up to whole calls.
+    """
+    import torch
+
+    from mobalab.kernels import moba_topk
+    from mobalab.simulate import plant_into, random_cluster_positions, random_unit_vectors
+
+    seq_len = n_blocks * block_size
+    h = max(1, min(heads, trials, max_tokens // seq_len))
+    b = max(1, min(math.ceil(trials / h), max_tokens // (seq_len * h)))
+    calls = math.ceil(trials / (b * h))
+    rng = np.random.default_rng(seed)
+    hits = done = 0
+    for _ in range(calls):
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        count = b * h
+        needle = rng.integers(0, seq_len, size=count)
+        cluster = random_cluster_positions(rng, needle, block_size, seq_len, m - 1)
+        q = random_unit_vectors(gen, (count,), head_dim)
+        keys = random_unit_vectors(gen, (count, seq_len), head_dim)
+        plant_into(gen, q, keys, torch.as_tensor(needle, device=device), torch.as_tensor(cluster, device=device),
+                   mu, mu, planted)
+        k4 = keys.view(b, h, seq_len, head_dim).permute(0, 2, 1, 3).to(dtype)
+        q4 = q.view(b, h, 1, head_dim).permute(0, 2, 1, 3).expand(b, seq_len, h, head_dim).to(dtype)
+        if device.type == "cuda":
+            k4, q4 = k4.contiguous(), q4.contiguous()
+        with torch.no_grad():
+            sel = moba_topk(q4, k4, block_size, top_k, causal=False)[:, 0]  # (b, h, top_k)
+        target = torch.as_tensor(needle // block_size, device=device).view(b, h, 1)
+        hits += int((sel == target).any(-1).sum())
+        done += count
+    return hits, done
+
+
+def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, backend) -> list[pd.DataFrame]:
+    from mobalab.stats import wilson_interval
+
+    device, name, device_name, dtype = backend
+    limit, trials = ((config.kernel_max_seq_len, config.kernel_trials) if name == "cuda-kernel"
+                     else (config.kernel_cpu_max_seq_len, config.kernel_cpu_trials))
+    if n * config.vector_block_size > limit:
+        return []
+    rows = []
+    for s, seed in zip(mc_snr, seeds, strict=True):
+        m, mu, model = vector_point(float(s), config.vector_head_dim, config.vector_block_size,
+                                    config.vector_max_mu, config.planted)
+        hits, done = kernel_point(n, k, config.vector_head_dim, config.vector_block_size, mu, m, trials, seed,
+                                  device, dtype, config.planted, config.kernel_heads)
+        lo, hi = wilson_interval(hits, done)
+        rows.append(dict(common, method="kernel", backend=name, device=device_name, snr=float(model.snr),
+                         sd_ratio=float(model.sd_ratio), target_snr=float(s), m=m, mu_signal=mu, hits=hits,
+                         trials=done, estimate=hits / done, ci_low=float(lo), ci_high=float(hi),
+                         prediction=float(snr.hit_probability(model.snr, n, k, sd_ratio=model.sd_ratio))))
+    return [pd.DataFrame(rows)] if rows else []
+
+
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """Analytic curves plus score- and vector-level Monte Carlo points; one tidy row per point."""
     seeds = iter(np.random.SeedSequence(config.seed).generate_state(4 * len(config.panels) * (len(config.mc_snr) + 1)))
@@ -101,7 +198,10 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     rows = []
     jobs = [(n, k) for n, k in config.panels]
     bar = tqdm(total=len(jobs) * (1 + len(mc_snr)), desc=NAME, disable=not progress)
-    for n, k in jobs:
+    # The kernel leg has its own streams, so that adding it leaves the other legs' numbers unchanged.
+    kernel_seeds = np.random.SeedSequence([config.seed, 1]).spawn(len(jobs) * len(mc_snr))
+    backend = _kernel_backend(config.kernel_device) if config.kernel else None
+    for j, (n, k) in enumerate(jobs):
         panel = f"n={n}, k={k}"
         common = dict(panel=panel, n_blocks=n, top_k=k, paper_threshold=float(snr.paper_threshold(n, k)))
         p = snr.hit_probability(curve, n, k)
@@ -129,6 +229,9 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                              prediction=snr.hit_probability(model.snr, n, k, sd_ratio=model.sd_ratio))
             rows.append(vec)
             bar.update(1)
+        if backend is not None:
+            rows += _kernel_rows(config, common, n, k, mc_snr,
+                                 kernel_seeds[j * len(mc_snr):(j + 1) * len(mc_snr)], backend)
     bar.close()
     df = pd.concat(rows, ignore_index=True)
     mc = df["method"] != "analytic"
@@ -173,8 +276,9 @@ def plot(df: pd.DataFrame):
             if pts.empty:
                 continue
             err = np.vstack([pts["estimate"] - pts["ci_low"], pts["ci_high"] - pts["estimate"]])
-            ax.errorbar(pts["snr"], pts["estimate"], yerr=err, ls="none", capsize=3, label=f"{method} MC (95% CI)",
-                        **st)
+            label = (f"kernel moba_topk, {pts['backend'].iloc[0]} (95% CI)" if method == "kernel"
+                     else f"{method} MC (95% CI)")
+            ax.errorbar(pts["snr"], pts["estimate"], yerr=err, ls="none", capsize=3, label=label, **st)
         n, k = int(d["n_blocks"].iloc[0]), int(d["top_k"].iloc[0])
         ax.set_title(f"n = {n} blocks, top-k = {k}  (chance k/n = {k / n:.3g})")
         ax.set_xlabel(r"SNR $= \Delta\mu_{eff}\,\sqrt{d/2B}$ (dimensionless)")
@@ -183,8 +287,13 @@ def plot(df: pd.DataFrame):
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("MoBA routing accuracy: exact theory vs Monte Carlo (non-causal top-k)", y=1.0)
+    legend = {}  # every panel's entries, first occurrence kept (the kernel leg may skip the first panel)
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("MoBA routing accuracy: exact theory vs Monte Carlo and the kernel (non-causal top-k)", y=1.0)
     fig.tight_layout(rect=(0, 0.05, 1, 0.98))
     return fig

@@ -9,7 +9,8 @@
 * :mod:`.generator` -- exact block-score moments of the vector generator the simulators use;
 * :mod:`.clustering` -- the clustering multiplier 1 + (m-1)ρ;
 * :mod:`.design` -- required SNR, design tables and the largest B / smallest k / smallest d that reach
-  a target.
+  a target;
+* :mod:`.key_conv` -- exact block-score moments under a linear key convolution (coverage, m, μ_cluster).
 
 Everything is numpy/scipy in float64 and broadcasts over array arguments where noted.
 """
@@ -25,6 +26,13 @@ from .design import (
     smallest_top_k,
 )
 from .generator import BlockScoreModel, generator_block_model, planted_token_variance
+from .key_conv import (
+    LinearConvBlockModel,
+    cluster_stats,
+    conv_coverage,
+    linear_conv_block_model,
+    linear_conv_hit_probability,
+)
 from .model import delta_mu_eff, pairwise_failure, paper_threshold, snr
 from .topk import hit_probability
 
@@ -46,4 +54,10 @@ __all__ = [
     "largest_block_size",
     "smallest_top_k",
     "smallest_head_dim",
+    "conv_coverage",
+    "cluster_stats",
+    "LinearConvBlockModel",
+    "linear_conv_block_model",
+    "linear_conv_hit_probability",
 ]
+

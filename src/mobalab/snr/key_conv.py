@@ -1,0 +1,205 @@
+r"""How a key convolution changes the router's signal: clustering statistics and the exact linear model.
+
+Setting. Unit query q; noise keys uniform on :math:`S^{d-1}` (q·k: mean 0, variance 1/d); relevant keys
+planted isotropically with cosine μ (q·k: mean μ, variance (1-μ²)/d), at ``offsets`` relative to the
+start of the needle's block (block 0; offsets >= B fall into block 1, the next one). A *linear*
+depthwise causal convolution with weights shared by all channels,
+
+.. math:: k'_t = \sum_{\ell=0}^{W-1} w_\ell\, k_{t-\ell},
+
+is linear in the keys, so the block score of block j (centroid = mean of its B convolved keys) is
+
+.. math::
+    s_j = \frac1B\sum_{t\in j} q\cdot k'_t = \frac1B\sum_s a_j(s)\, q\cdot k_s,\qquad
+    a_j(s) = \sum_{\ell} w_\ell\,[\,s+\ell \in j\,],
+
+where a_j(s) is the *coverage* of source token s by block j (for the averaging filter w = 1/W it is 1
+for sources well inside the block, and tapers over the last W - 1 tokens, whose convolved copies spill
+into the next block). The q·k_s are independent given q, hence exactly
+
+.. math::
+    \mathbb E\,s_j = \frac1B\sum_{r\in R} a_j(r)\,\mu,\qquad
+    \mathrm{Var}\,s_j = \frac1{dB^2}\Big[\sum_s a_j(s)^2 - \mu^2\sum_{r\in R} a_j(r)^2\Big].
+
+A far noise block has mean 0 and variance :math:`\frac1{dB^2}\sum_s a(s)^2`. The convolution leaves the
+sum of a block's keys almost unchanged (Σ_s a_j(s) = B·Σw except at the edges): it does not add signal, it
+moves it, and correlates neighbouring keys.
+
+Clustering statistics (the paper's language). The expected cosine of a convolved key with q is, to first
+order in 1/d (ratio of means; isotropic planting gives E[k_a·k_b] = μ_a μ_b, E|k|² = 1),
+
+.. math::
+    e_t = \frac{\sum_\ell w_\ell \mu_{t-\ell}}
+               {\sqrt{\sum_\ell w_\ell^2 (1-\mu_{t-\ell}^2) + (\sum_\ell w_\ell \mu_{t-\ell})^2}},
+
+with μ_s = μ for relevant sources and 0 otherwise. From the excess cosines e_t of the B positions of
+the needle's block (:func:`cluster_stats`): Δμ_eff = Σ_t e_t, m = (Σ e_t)² / Σ e_t² (the participation
+ratio: L equal excesses give m = L), and μ_cluster - μ_noise = (Δμ_eff - e_needle)/(m - 1), so that
+Δμ_eff = Δμ + (m-1)(μ_cluster - μ_noise) with Δμ = e_needle. The paper's formula then predicts
+SNR = Δμ_eff·sqrt(d/2B), treating the convolved keys as independent with variance 1/d; for the averaging
+filter a single needle gives W keys of cosine ≈ μ/sqrt(W), i.e. Δμ_eff ≈ μ·sqrt(W), a gain the router
+never sees (the exact model above: the block sum, and so the SNR, is unchanged).
+
+Hit probability (:func:`linear_conv_hit_probability`): the needle's block against the next block (which
+holds the spilled and any cut-off relevant tokens) and n - 2 far noise blocks, all Gaussian:
+
+.. math::
+    P_{\rm hit} = \int\phi(z)\Big[(1-\pi(z))\,F_{k-1}(z) + \pi(z)\,F_{k-2}(z)\Big]dz,\quad
+    F_i(z) = \mathrm{BinomCDF}\big(i;\, n-2,\ \bar\Phi(s(z)/\sigma_n)\big),\ \
+    \pi(z) = \bar\Phi\Big(\frac{s(z)-m_1}{\sigma_1}\Big),
+
+s(z) = m_0 + σ_0 z. The covariance between adjacent blocks through the W - 1 boundary sources they share
+is neglected (it is exactly 0 without convolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr
+from scipy.stats import binom
+
+from ._validate import as_float, as_int
+
+__all__ = ["conv_coverage", "cluster_stats", "LinearConvBlockModel", "linear_conv_block_model",
+           "linear_conv_hit_probability"]
+
+
+def _weights(weights) -> np.ndarray:
+    w = as_float("weights", weights)
+    if w.ndim != 1 or w.size < 1:
+        raise ValueError(f"weights must be a 1-d sequence (W,) shared by all channels, got shape {w.shape}")
+    return w
+
+
+def conv_coverage(weights, block_size: int, block: int = 0):
+    r"""Coverage :math:`a_j(s) = \sum_\ell w_\ell [s + \ell \in j]` of every source feeding block ``block``.
+
+    Offsets are relative to the start of block 0; block j covers [jB, jB + B). Returns ``(sources,
+    coverage)``: the source offsets jB - W + 1 .. jB + B - 1 and their coverage (W = len(weights)).
+    """
+    w = _weights(weights)
+    bsz = as_int("block_size", block_size, 1)
+    j = int(as_float("block", block))
+    start, W = j * bsz, w.size
+    sources = np.arange(start - W + 1, start + bsz)
+    lags = np.arange(W)
+    inside = (sources[:, None] + lags[None, :] >= start) & (sources[:, None] + lags[None, :] < start + bsz)
+    return sources, (inside * w[None, :]).sum(axis=1)
+
+
+def cluster_stats(excess, needle_index: int):
+    r"""(Δμ_eff, m, μ_cluster - μ_noise) from per-position excess cosines of the needle's block.
+
+    Δμ_eff = Σ e_t; m = (Σ e⁺)² / Σ (e⁺)² with e⁺ = max(e, 0) (participation ratio; 1 when no position
+    is elevated); μ_cluster - μ_noise = (Δμ_eff - e[needle_index]) / (m - 1), NaN when m = 1.
+    """
+    e = as_float("excess", excess)
+    if e.ndim != 1 or e.size == 0:
+        raise ValueError(f"excess must be a non-empty 1-d array of per-position cosines, got shape {e.shape}")
+    i = as_int("needle_index", needle_index, 0)
+    if i >= e.size:
+        raise ValueError(f"needle_index {i} is outside the block of {e.size} positions")
+    total = float(e.sum())
+    pos = np.clip(e, 0.0, None)
+    sq = float((pos**2).sum())
+    m = float(pos.sum() ** 2 / sq) if sq > 0 else 1.0
+    m = max(m, 1.0)
+    cluster = (total - float(e[i])) / (m - 1.0) if m > 1.0 + 1e-12 else float("nan")
+    return total, m, cluster
+
+
+@dataclass(frozen=True)
+class LinearConvBlockModel:
+    """Exact block-score moments under a linear key convolution (module docstring), scores per token.
+
+    mean_signal / var_signal: the needle's block; mean_next / var_next: the block after it; var_noise: a
+    far noise block. snr = mean_signal / sqrt(var_signal + var_noise) and sd_ratio = sqrt(var_signal /
+    var_noise) are against a far noise block. excess_cosines: e_t for the B positions of the needle's block;
+    delta_mu_eff, m, mu_cluster: :func:`cluster_stats` of them; paper_snr = delta_mu_eff·sqrt(d / 2B).
+    """
+
+    mean_signal: float
+    var_signal: float
+    mean_next: float
+    var_next: float
+    var_noise: float
+    snr: float
+    sd_ratio: float
+    excess_cosines: np.ndarray
+    delta_mu_eff: float
+    m: float
+    mu_cluster: float
+    paper_snr: float
+
+
+def _block_moments(w, bsz, d, rel: set, mu, block):
+    sources, a = conv_coverage(w, bsz, block)
+    is_rel = np.array([s in rel for s in sources])
+    mean = float((a * is_rel).sum() * mu) / bsz
+    var = float((a**2).sum() - mu * mu * (a[is_rel] ** 2).sum()) / (d * bsz * bsz)
+    return mean, var
+
+
+def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu: float, needle_offset=None):
+    r"""Moments and clustering statistics of a span / scatter of relevant tokens under a linear convolution.
+
+    ``weights``: (W,) shared by all channels (W = 1, w = [1] is no convolution); ``offsets``: distinct
+    integer positions of the relevant tokens relative to the needle block's start, each in [0, 2B) (the
+    needle's block and the next); ``mu``: their cosine with q (|μ| <= 1); ``needle_offset``: the needle
+    (default: the smallest offset), which must lie in [0, B). Equations: module docstring.
+    """
+    d = as_int("head_dim", head_dim, 1)
+    bsz = as_int("block_size", block_size, 1)
+    w = _weights(weights)
+    mu = float(as_float("mu", mu))
+    if abs(mu) > 1.0:
+        raise ValueError(f"mu is a cosine and must lie in [-1, 1], got {mu}")
+    offs = np.asarray(offsets)
+    if offs.ndim != 1 or offs.size == 0 or not np.issubdtype(offs.dtype, np.integer):
+        raise ValueError(f"offsets must be a non-empty 1-d sequence of integers, got {offsets!r}")
+    if len(set(offs.tolist())) != offs.size or offs.min() < 0 or offs.max() >= 2 * bsz:
+        raise ValueError(f"offsets must be distinct integers in [0, 2B = {2 * bsz}), got {offs.tolist()}")
+    needle = int(offs.min()) if needle_offset is None else as_int("needle_offset", needle_offset, 0)
+    if needle >= bsz or needle not in set(offs.tolist()):
+        raise ValueError(f"needle_offset must be one of the offsets inside block 0 [0, {bsz}), got {needle}")
+    rel = set(offs.tolist())
+    m0, v0 = _block_moments(w, bsz, d, rel, mu, 0)
+    m1, v1 = _block_moments(w, bsz, d, rel, mu, 1)
+    _, a_far = conv_coverage(w, bsz, 0)
+    vn = float((a_far**2).sum()) / (d * bsz * bsz)
+
+    mu_src = np.array([mu if s in rel else 0.0 for s in range(-w.size + 1, bsz)])
+    num = np.array([sum(w[l] * mu_src[t - l + w.size - 1] for l in range(w.size)) for t in range(bsz)])
+    sq = np.array([sum(w[l] ** 2 * (1.0 - mu_src[t - l + w.size - 1] ** 2) for l in range(w.size))
+                   for t in range(bsz)])
+    excess = num / np.sqrt(sq + num**2)
+    dmu, m, cluster = cluster_stats(excess, needle)
+    return LinearConvBlockModel(
+        mean_signal=m0, var_signal=v0, mean_next=m1, var_next=v1, var_noise=vn,
+        snr=m0 / np.sqrt(v0 + vn), sd_ratio=float(np.sqrt(v0 / vn)), excess_cosines=excess,
+        delta_mu_eff=dmu, m=m, mu_cluster=cluster, paper_snr=dmu * float(np.sqrt(d / (2.0 * bsz))),
+    )
+
+
+_Z = np.linspace(-9.0, 9.0, 3601)
+_PHI = np.exp(-0.5 * _Z**2) / np.sqrt(2.0 * np.pi)
+
+
+def linear_conv_hit_probability(model: LinearConvBlockModel, n_blocks: int, top_k: int) -> float:
+    """P(needle block in the top k of n): needle block vs the next block and n - 2 far noise blocks.
+
+    Gaussian scores with the moments of ``model``; integral of the module docstring (trapezoid rule on
+    z in [-9, 9], 3601 points). ``n_blocks >= 2``; ``top_k >= n_blocks`` gives 1.
+    """
+    n = as_int("n_blocks", n_blocks, 2)
+    k = as_int("top_k", top_k, 1)
+    if k >= n:
+        return 1.0
+    s = model.mean_signal + np.sqrt(model.var_signal) * _Z
+    qbar = ndtr(-s / np.sqrt(model.var_noise))
+    pi = ndtr(-(s - model.mean_next) / np.sqrt(model.var_next))
+    f1 = binom.cdf(k - 1, n - 2, qbar)
+    f2 = binom.cdf(k - 2, n - 2, qbar) if k >= 2 else np.zeros_like(qbar)
+    return float(np.clip(np.trapezoid(_PHI * ((1.0 - pi) * f1 + pi * f2), _Z), 0.0, 1.0))
