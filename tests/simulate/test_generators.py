@@ -205,3 +205,17 @@ def test_planted_needle_validation(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         planted_needle(np.random.default_rng(0), **args)
+
+
+def test_same_device_treats_implicit_index_as_current():
+    import torch
+
+    from mobalab.simulate.generators import _same_device
+
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cpu"), torch.device("meta"))
+    if torch.cuda.is_available():
+        assert _same_device(torch.device("cuda"), torch.device("cuda", torch.cuda.current_device()))
+    else:
+        with pytest.raises((AssertionError, RuntimeError)):  # CPU-only torch: no current CUDA device
+            _same_device(torch.device("cuda"), torch.device("cuda:0"))

@@ -179,7 +179,7 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
         q = np.asarray(q)
         if not np.issubdtype(q.dtype, np.floating):
             q = q.astype(np.float64)
-    elif q.device != rng.device:
+    elif not _same_device(q.device, rng.device):
         raise ValueError(f"q is on {q.device} but the torch.Generator is on {rng.device}")
     if q.ndim < 1 or q.shape[-1] < 1:
         raise ValueError(f"q must have shape (..., d) with d >= 1, got shape {tuple(q.shape)}")
@@ -378,3 +378,16 @@ def planted_needle(
         mu_cluster=mu_cluster,
         planted=planted,
     )
+
+
+def _same_device(a, b) -> bool:
+    """torch devices equal up to an implicit index: 'cuda' names the current CUDA device, 'cuda:0' too."""
+    import torch
+
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else None
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
