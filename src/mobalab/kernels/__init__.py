@@ -56,12 +56,21 @@ def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True):
 
 
 def moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
-                   return_lse: bool = False):
-    """MoBA attention, (batch, seqlen, heads, d) in and out; see :func:`reference.moba_attention`."""
-    if q.is_cuda:
-        from .attention import moba_attention_cuda
+                   return_lse: bool = False, *, deterministic: bool = False):
+    """MoBA attention, (batch, seqlen, heads, d) in and out; see :func:`reference.moba_attention`.
 
-        return moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
-                                   return_lse=return_lse)
+    CUDA tensors run the CUDA forward and, under autograd, the CUDA backward (custom op
+    ``mobalab::moba_attention_fwd``, :mod:`mobalab.kernels.autograd`): gradients w.r.t. q, k, v, none
+    through the routing. ``deterministic=False`` accumulates dQ with float atomics (last bits may differ
+    run to run); ``deterministic=True`` gives bit-identical gradients at some extra time and scratch.
+    CPU tensors run the torch reference (always deterministic; the flag is accepted and ignored).
+    """
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"moba_attention: deterministic must be True or False, got {deterministic!r}")
+    if q.is_cuda:
+        from .autograd import moba_attention_autograd
+
+        return moba_attention_autograd(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
+                                       return_lse=return_lse, deterministic=deterministic)
     return moba_attention_reference(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
                                     return_lse=return_lse)

@@ -19,6 +19,13 @@ single one for the dense baselines beyond 128K), speedups, routing share of the 
 attended keys) and peak memory: the ``torch.cuda.max_memory_allocated`` rise during the call, plus the
 inputs the method reads (q, k, v; for SDPA its (b, h, N, d) copies), so totals compare like for like.
 Writes ``bench.csv``, ``bench_table.md`` and ``bench_env.json`` under ``--out``.
+
+``--backward`` times forward + backward instead (``bench_bwd.csv``, ``bench_bwd_table.md``): mobalab
+(routing, forward, CUDA backward through the autograd op, default atomic dQ and ``deterministic=True``),
+SDPA FLASH_ATTENTION and CUDNN_ATTENTION, each as ``torch.autograd.grad(out, (q, k, v), dout)`` on the same
+inputs and upstream gradient. Backward useful FLOPs are 2.5x the forward attention FLOPs (five matmuls of
+the selected tokens: S, dP, dV, dK, dQ, against two); backward time = fwd+bwd time - forward time; peak
+memory = the ``max_memory_allocated`` rise over one fwd+bwd call plus the inputs it reads (q, k, v, dout).
 """
 
 from __future__ import annotations
@@ -334,14 +341,167 @@ def _diagnose(dim, block):
     print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.FWD_VARIANT}", flush=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# forward + backward
+
+
+def _grad_fn(forward, leaves, dout):
+    def run():
+        out = forward(*leaves)
+        return torch.autograd.grad(out, leaves, dout)
+
+    return run
+
+
+def _time_and_peak(fn, long):
+    """(median ms, peak GB rise): one timed call for the long dense runs (peak from that call)."""
+    if not long:
+        ms, _ = time_ms(fn)
+        return ms, peak_gb(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms, _ = time_ms(fn, warmup=0, single=True)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
+                        deterministic=True):
+    from .autograd import moba_attention_autograd
+
+    causal = True
+    q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+    in_gb = 4 * q.numel() * q.element_size() / 1e9
+    row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
+               top_k=top_k, causal=causal, dtype="bf16")
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal)  # noqa: E731
+    row["fwd_ms"], _ = time_ms(fwd)
+    for name, det in (("fwdbwd", False), ("fwdbwd_det", True)):
+        if det and not deterministic:
+            continue
+        f = lambda q, k, v, det=det: moba_attention_autograd(q, k, v, block, top_k, causal=causal,  # noqa: E731
+                                                             deterministic=det)
+        fn = _grad_fn(f, leaves, dout)
+        row[f"{name}_ms"], _ = time_ms(fn)
+        row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
+    row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+    f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
+    f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
+    row["fwd_useful_tflops"] = (f_route + f_attn) / (row["fwd_ms"] * 1e9)
+    row["bwd_useful_tflops"] = 2.5 * f_attn / (row["bwd_ms"] * 1e9)
+    row["fwdbwd_useful_tflops"] = (f_route + 3.5 * f_attn) / (row["fwdbwd_ms"] * 1e9)
+    row["bwd_over_fwd_rate"] = row["bwd_useful_tflops"] / row["fwd_useful_tflops"]
+    if dense:
+        qt, kt, vt, dt = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
+        del q, k, v, leaves
+        torch.cuda.empty_cache()
+        tleaves = [x.requires_grad_() for x in (qt, kt, vt)]
+        long = seqlen > 131072
+        for name in ("fa2", "cudnn"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+            def f(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            try:
+                ms, pk = _time_and_peak(_grad_fn(f, tleaves, dt), long)
+                row[f"{name}_fwdbwd_ms"], row[f"{name}_fwdbwd_peak_gb"] = ms, pk + in_gb
+            except RuntimeError as exc:
+                print(f"  {name} fwd+bwd failed at N={seqlen}: {exc}")
+                row[f"{name}_fwdbwd_ms"] = row[f"{name}_fwdbwd_peak_gb"] = float("nan")
+            row[f"speedup_vs_{name}"] = row[f"{name}_fwdbwd_ms"] / row["fwdbwd_ms"]
+        del qt, kt, vt, dt, tleaves
+    torch.cuda.empty_cache()
+    return row
+
+
+BWD_COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "fwd_ms", "fwdbwd_ms", "bwd_ms",
+               "fwdbwd_det_ms", "fa2_fwdbwd_ms", "cudnn_fwdbwd_ms", "speedup_vs_fa2", "speedup_vs_cudnn",
+               "fwd_useful_tflops", "bwd_useful_tflops", "bwd_over_fwd_rate", "fwdbwd_useful_tflops",
+               "fwdbwd_peak_gb", "fwdbwd_det_peak_gb", "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb", "batch",
+               "heads", "causal", "dtype"]
+
+
+def backward_configs(quick: bool):
+    K = 1024
+    if quick:
+        return [("random", 2, n, 16, 128, 128, 8) for n in (8 * K, 64 * K)] + [("random", 2, 64 * K, 16, 128, 32, 8)]
+    # the target sizes first (a run cut short keeps its rows): 64K, 512K, 256K, then the rest
+    out = [("random", 2, n * K, 16, 128, 128, 8) for n in (64, 512, 256, 128, 32, 16, 8)]
+    out += [("random", 2, 64 * K, 16, 128, b, 8) for b in (32, 64, 256)]
+    out += [("random", 2, 64 * K, 16, 64, 128, 8), ("clustered", 2, 64 * K, 16, 128, 128, 8)]
+    return out
+
+
+def markdown_backward(rows, env) -> str:
+    head = ["workload", "N", "d", "B", "fwd ms", "fwd+bwd ms", "bwd ms", "det fwd+bwd ms", "FA2 fwd+bwd ms",
+            "cuDNN fwd+bwd ms", "x FA2", "x cuDNN", "fwd / bwd useful TFLOP/s", "bwd/fwd rate",
+            "peak GB (mobalab / det / FA2 / cuDNN)"]
+    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['device']}, {env['date']}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r["seqlen"]
+        ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        nan = float("nan")
+        cells = [r["workload"], ns, r["head_dim"], r["block"], _fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"]),
+                 _fmt(r["bwd_ms"]), _fmt(r.get("fwdbwd_det_ms", nan)), _fmt(r.get("fa2_fwdbwd_ms", nan), 1),
+                 _fmt(r.get("cudnn_fwdbwd_ms", nan), 1), _fmt(r.get("speedup_vs_fa2", nan), 1),
+                 _fmt(r.get("speedup_vs_cudnn", nan), 1),
+                 f"{_fmt(r['fwd_useful_tflops'], 0)} / {_fmt(r['bwd_useful_tflops'], 0)}",
+                 _fmt(r["bwd_over_fwd_rate"]),
+                 " / ".join(_fmt(r.get(c, nan)) for c in ("fwdbwd_peak_gb", "fwdbwd_det_peak_gb",
+                                                          "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb"))]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main_backward(args, env):
+    rows = []
+    cfgs = backward_configs(args.quick)
+    if args.select:
+        cfgs = [cfgs[int(i)] for i in args.select.split(",")]
+    for workload, batch, n, heads, dim, block, top_k in cfgs:
+        try:
+            row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
+                                      deterministic=n <= 128 * 1024 or args.select is not None)
+        except Exception as exc:  # keep the sweep going
+            print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        with open(os.path.join(args.out, "bench_bwd.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=BWD_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c, "") for c in BWD_COLUMNS})
+        with open(os.path.join(args.out, "bench_bwd_table.md"), "w") as f:
+            f.write(markdown_backward(rows, env))
+    print(markdown_backward(rows, env))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke run)")
     p.add_argument("--out", default="bench_out", help="output folder")
+    p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
+    p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print(json.dumps(env))
+    if args.backward:
+        with open(os.path.join(args.out, "bench_env.json"), "w") as f:
+            json.dump(env, f, indent=1)
+        main_backward(args, env)
+        return
     rows, cache = [], {}
     for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick):
         prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \

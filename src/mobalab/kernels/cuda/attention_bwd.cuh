@@ -1,0 +1,443 @@
+// MoBA attention backward, key-block-major with recomputation: device helpers and the templated bodies.
+//
+// Work unit (one CTA): 64 keys of one key block j of one kv head (a "key sub-tile"; blocks of 128..512 keys
+// have several, blocks of 16/32 keys fill the first 16/32 rows and mask the rest), and every (query, head,
+// slot) row of the chunk that selected j, in the forward's stable (head, query, slot) order, in tiles of 64
+// gathered rows. Per tile, with x = scale*log2(e) * q.k and lse2 = log2(e) * lse from the forward:
+//     P = 2^(x - lse2) (0 where masked),  dV += P^T dO,  dP = dO V^T,  dS = P o (dP - D),
+//     dK += scale * dS^T Q,  dQ(rows) += scale * dS K,            D = rowsum(dO o O)
+// dK and dV stay in registers (each warp owns 16 keys) over all rows and are written once; GQA is free:
+// the rows of one kv head's segment come from all of its query heads. dQ of a tile is reduced over the
+// CTA's 64 keys through shared memory (dS^T in bf16/fp16) and then either atomically added to an fp32
+// (batch, seqlen, heads, d) accumulator (fast, run-to-run order of float additions varies) or written to
+// a per-(query, head, slot) partial (deterministic; a merge kernel sums slots in slot order, and key
+// sub-tiles of one block are separate launches in a fixed order).
+//
+// Tensor cores: mma.sync m16n8k16 with fp32 accumulation; operands via ldmatrix from 16-byte-swizzled
+// shared memory (helpers shared with the forward, attention.cuh).
+
+#include "attention.cuh"
+
+#define MOBA_BWD_ROWS 64   // gathered rows per tile
+#define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16)
+#define MOBA_BWD_THREADS 128
+#define MOBA_POS_INF (__int_as_float(0x7f800000))
+
+namespace moba_bwd {
+
+using moba::cp_async16;
+using moba::cp_async_commit;
+using moba::cp_async_wait;
+using moba::ldsm_x4;
+using moba::ldsm_x4_t;
+using moba::Mma;
+using moba::smem_u32;
+using moba::swz;
+
+// Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// Per gathered row: log2-scaled lse, D, query position t, head within the chunk (16 bytes, one cp.async).
+struct RowInfo {
+  float lse2;
+  float delta;
+  int t;
+  int hc;
+};
+
+// D = rowsum(dO o O) in fp32: one warp per (batch, query, head) row.
+template <typename T, int D>
+__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, long long n_rows) {
+  constexpr int V = D / 32;
+  const int lane = threadIdx.x & 31;
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= n_rows) return;
+  const T* o = static_cast<const T*>(out_) + w * D + lane * V;
+  const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
+  float acc = 0.f;
+  if constexpr (V == 4) {
+    const uint2 a = *reinterpret_cast<const uint2*>(o);
+    const uint2 b = *reinterpret_cast<const uint2*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else {
+    const unsigned a = *reinterpret_cast<const unsigned*>(o);
+    const unsigned b = *reinterpret_cast<const unsigned*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  }
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) delta[w] = acc;
+}
+
+// Row records of a chunk's sorted list: position i holds pair p = pairs[i] = (hc * n_q + tt) * top_k + slot.
+// Positions whose key is the "invalid slot" segment (>= n_seg) are never read by the main kernel.
+__device__ __forceinline__ void build_rows(const long long* pairs, const int* sorted_keys, const float* lse,
+                                           const float* delta, RowInfo* rows, long long n_pairs, int n_seg,
+                                           int seqlen, int heads, int top_k, int batch_index, int h0, int n_q,
+                                           int t0) {
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_pairs;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    if (sorted_keys[i] >= n_seg) continue;
+    // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
+    const int p = static_cast<int>(pairs[i]);
+    const int rest = p / top_k;
+    const int tt = rest % n_q;
+    const int hc = rest / n_q;
+    const int t = t0 + tt;
+    const long long row = (static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc);
+    *reinterpret_cast<float4*>(rows + i) =
+        make_float4(lse[row] * 1.4426950408889634f, delta[row], __int_as_float(t), __int_as_float(hc));
+  }
+}
+
+// Gather the Q and dO rows of one tile (rows >= count zero-filled) into swizzled 64 x D tiles.
+template <int D>
+__device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const char* qb, const char* gb,
+                                            const RowInfo* info, int count, long long row_base, int heads, int h0,
+                                            int tid) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int i = 0; i < MOBA_BWD_ROWS * CH / MOBA_BWD_THREADS; ++i) {
+    const int c = tid + i * MOBA_BWD_THREADS;
+    const int row = c / CH, ch = c % CH;
+    const bool ok = row < count;
+    long long off = 0;
+    if (ok) off = ((row_base + info[row].t) * heads + (h0 + info[row].hc)) * (D * 2) + ch * 16;
+    cp_async16(sq + swz<D>(row, ch), qb + off, ok ? 16 : 0);
+    cp_async16(sdo + swz<D>(row, ch), gb + off, ok ? 16 : 0);
+  }
+}
+
+__device__ __forceinline__ void load_info(unsigned dst, const RowInfo* rows, long long first, int count, int tid) {
+  if (tid < MOBA_BWD_ROWS) {
+    const bool ok = tid < count;
+    cp_async16(dst + tid * 16, rows + (ok ? first + tid : 0), ok ? 16 : 0);
+  }
+}
+
+// The main backward body. dq_mode: 0 atomic add into dq_acc (batch, seqlen, heads, D) fp32;
+// 1 store / 2 add into part_dq[pair * D] (deterministic). dkv_mode: 0 write dk/dv in the input type;
+// 1 store / 2 add into fp32 dk_acc/dv_acc (a chunk plan that splits the query range).
+template <typename T, int D>
+__device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const void* v_, const void* dout_,
+                                         const RowInfo* rows, const long long* pairs, const long long* seg_off,
+                                         float* dq_acc, float* part_dq, void* dk_, void* dv_, float* dk_acc,
+                                         float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
+                                         int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
+                                         float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
+  static_assert(D == 64 || D == 128, "head dim");
+  constexpr int DT = D / 8;
+  constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const unsigned sK = smem_u32(smem);
+  const unsigned sV = sK + TILE_BYTES;
+  const unsigned sQ = sV + TILE_BYTES;             // 2 buffers
+  const unsigned sdO = sQ + 2 * TILE_BYTES;        // 2 buffers
+  const unsigned sdS = sdO + 2 * TILE_BYTES;       // 64 keys x 64 rows, swizzled as D = 64
+  unsigned char* info_base = smem + 6 * TILE_BYTES + MOBA_BWD_KEYS * MOBA_BWD_ROWS * 2;  // 3 x 64 RowInfo
+  const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
+  const unsigned sInfoU = smem_u32(info_base);
+  __shared__ long long s_pair[MOBA_BWD_ROWS];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const long long cta = blockIdx.x;
+  const int seg = static_cast<int>(cta / n_sub_launch);
+  const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
+  if (seg >= n_seg) return;
+  const int kvc = seg / n_blocks, j = seg % n_blocks;
+  const int group = heads / kv_heads;
+  const int kvh = h0 / group + kvc;
+  const int key0 = j * block_size + sub * MOBA_BWD_KEYS;
+  const int key_end = min(min(j * block_size + block_size, seqlen), key0 + MOBA_BWD_KEYS);
+  if (key0 >= key_end) return;  // a sub-tile beyond the block's real keys: nothing to compute or write
+
+  const long long first = seg_off[seg];
+  const long long n_rows = seg_off[seg + 1] - first;
+  const int n_tiles = static_cast<int>((n_rows + MOBA_BWD_ROWS - 1) / MOBA_BWD_ROWS);
+  const long long row_base = static_cast<long long>(batch_index) * seqlen;
+
+  // K and V of the sub-tile (keys >= key_end zero-filled: they then contribute exactly 0 everywhere).
+  constexpr int CH = D / 8;
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = (row_base * kv_heads + kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+#pragma unroll
+  for (int i = 0; i < MOBA_BWD_KEYS * CH / MOBA_BWD_THREADS; ++i) {
+    const int c = tid + i * MOBA_BWD_THREADS;
+    const int row = c / CH, ch = c % CH;
+    const int key = key0 + row;
+    const bool ok = key < key_end;
+    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
+    cp_async16(sK + swz<D>(row, ch), kb + off, ok ? 16 : 0);
+    cp_async16(sV + swz<D>(row, ch), vb + off, ok ? 16 : 0);
+  }
+  const char* qb = static_cast<const char*>(q_);
+  const char* gb = static_cast<const char*>(dout_);
+  if (n_tiles > 0) load_info(sInfoU, rows, first, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)), tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  if (n_tiles > 0) {
+    gather_tile<D>(sQ, sdO, qb, gb, sInfo, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)), row_base,
+                   heads, h0, tid);
+    if (n_tiles > 1)
+      load_info(sInfoU + MOBA_BWD_ROWS * 16, rows, first + MOBA_BWD_ROWS,
+                static_cast<int>(min(n_rows - MOBA_BWD_ROWS, (long long)MOBA_BWD_ROWS)), tid);
+  }
+  cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  const int kr0 = warp * 16 + g;  // this thread's key rows kr0 and kr0 + 8 (within the sub-tile)
+  const int key_a = key0 + kr0, key_b = key_a + 8;
+  const bool ok_a = key_a < key_end, ok_b = key_b < key_end;
+
+  for (int ti = 0; ti < n_tiles; ++ti) {
+    cp_async_wait<0>();
+    __syncthreads();
+    const long long tfirst = first + static_cast<long long>(ti) * MOBA_BWD_ROWS;
+    const int count = static_cast<int>(min(n_rows - static_cast<long long>(ti) * MOBA_BWD_ROWS,
+                                           (long long)MOBA_BWD_ROWS));
+    const RowInfo* info = sInfo + (ti % 3) * MOBA_BWD_ROWS;
+    if (ti + 1 < n_tiles) {
+      const int c1 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 1) * MOBA_BWD_ROWS,
+                                          (long long)MOBA_BWD_ROWS));
+      gather_tile<D>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
+                     sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, c1, row_base, heads, h0, tid);
+    }
+    if (ti + 2 < n_tiles) {
+      const int c2 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 2) * MOBA_BWD_ROWS,
+                                          (long long)MOBA_BWD_ROWS));
+      load_info(sInfoU + ((ti + 2) % 3) * MOBA_BWD_ROWS * 16, rows, tfirst + 2 * MOBA_BWD_ROWS, c2, tid);
+    }
+    cp_async_commit();
+    if (dq_mode != 0 && tid < MOBA_BWD_ROWS) s_pair[tid] = tid < count ? pairs[tfirst + tid] : -1;
+
+    const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
+    const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;
+    // 16 gathered rows at a time: S^T and dP^T (16 keys x 16 rows per warp), then dV, dK, dS^T.
+#pragma unroll 1
+    for (int c = 0; c < MOBA_BWD_ROWS / 16; ++c) {
+      float s[2][4], dp[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        unsigned ka[4], va[4];
+        const int arow = warp * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
+        ldsm_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
+        ldsm_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
+        // B operands: rows c*16 .. c*16+15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
+        const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
+        unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
+        ldsm_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
+        ldsm_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
+        Mma<T>::run(s[0], ka, qb0, qb1);
+        Mma<T>::run(s[1], ka, qb2, qb3);
+        Mma<T>::run(dp[0], va, gb0, gb1);
+        Mma<T>::run(dp[1], va, gb2, gb3);
+      }
+      // P and dS, element (key row kr0 (+8), gathered row c*16 + nt*8 + 2tq + (e&1)).
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = c * 16 + nt * 8 + 2 * tq + (e & 1);
+          const RowInfo ri = info[r];
+          const int key = (e < 2) ? key_a : key_b;
+          const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
+          const float p = ok ? exp2f(s[nt][e] * scale_log2 - ri.lse2) : 0.f;
+          s[nt][e] = p;
+          dp[nt][e] = p * (dp[nt][e] - ri.delta);
+        }
+      unsigned pa[4], da[4];
+      pa[0] = Mma<T>::pack(s[0][0], s[0][1]);
+      pa[1] = Mma<T>::pack(s[0][2], s[0][3]);
+      pa[2] = Mma<T>::pack(s[1][0], s[1][1]);
+      pa[3] = Mma<T>::pack(s[1][2], s[1][3]);
+      da[0] = Mma<T>::pack(dp[0][0], dp[0][1]);
+      da[1] = Mma<T>::pack(dp[0][2], dp[0][3]);
+      da[2] = Mma<T>::pack(dp[1][0], dp[1][1]);
+      da[3] = Mma<T>::pack(dp[1][2], dp[1][3]);
+      // dS^T to shared memory (4-byte stores; rows = keys, 64 gathered rows of 2 bytes per key row).
+      {
+        const unsigned base = sdS + 4 * tq;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int chunk = c * 2 + nt;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + swz<64>(kr0, chunk)), "r"(da[2 * nt]) : "memory");
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + swz<64>(kr0 + 8, chunk)), "r"(da[2 * nt + 1])
+                       : "memory");
+        }
+      }
+      // dV += P^T dO, dK += dS^T Q  (B = rows c*16.. as [k = row][n = d] via ldmatrix.trans)
+#pragma unroll
+      for (int dpair = 0; dpair < D / 16; ++dpair) {
+        const int row = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dpair * 2 + (lane >> 4);
+        unsigned b0, b1, b2, b3;
+        ldsm_x4_t(sdo + swz<D>(row, ch), b0, b1, b2, b3);
+        Mma<T>::run(dv[2 * dpair], pa, b0, b1);
+        Mma<T>::run(dv[2 * dpair + 1], pa, b2, b3);
+        ldsm_x4_t(sq + swz<D>(row, ch), b0, b1, b2, b3);
+        Mma<T>::run(dk[2 * dpair], da, b0, b1);
+        Mma<T>::run(dk[2 * dpair + 1], da, b2, b3);
+      }
+    }
+    __syncthreads();  // dS^T complete
+
+    // dQ for this warp's 16 gathered rows: dS (16 x 64 keys) K (64 keys x D), 32 columns of D per pass.
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    long long dst0 = -1, dst1 = -1;
+    if (dq_mode == 0) {
+      if (r0 < count) dst0 = ((row_base + info[r0].t) * heads + (h0 + info[r0].hc)) * D;
+      if (r1 < count) dst1 = ((row_base + info[r1].t) * heads + (h0 + info[r1].hc)) * D;
+    } else {
+      if (r0 < count) dst0 = s_pair[r0] * D;
+      if (r1 < count) dst1 = s_pair[r1] * D;
+    }
+    float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
+#pragma unroll 1
+    for (int half = 0; half < DT / 4; ++half) {
+      constexpr int HT = 4;  // n-tiles (of 8 columns) per pass: 32 columns of D
+      float acc[HT][4];
+#pragma unroll
+      for (int i = 0; i < HT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < MOBA_BWD_KEYS / 16; ++kk) {
+        unsigned a[4];
+        // A = dS (m = gathered row, k = key) from dS^T storage: matrix j = (m half j&1, k half j>>1)
+        const int mj = lane >> 3;
+        const int arow = kk * 16 + (mj >> 1) * 8 + (lane & 7), ach = warp * 2 + (mj & 1);
+        ldsm_x4_t(sdS + swz<64>(arow, ach), a[0], a[1], a[2], a[3]);
+#pragma unroll
+        for (int dpair = 0; dpair < HT / 2; ++dpair) {
+          const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int ch = (half * HT / 2 + dpair) * 2 + (lane >> 4);
+          unsigned b0, b1, b2, b3;
+          ldsm_x4_t(sK + swz<D>(row, ch), b0, b1, b2, b3);
+          Mma<T>::run(acc[2 * dpair], a, b0, b1);
+          Mma<T>::run(acc[2 * dpair + 1], a, b2, b3);
+        }
+      }
+      // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
+      // (with stores in between, possible aliasing would serialise eight load-store round trips).
+      float2 old0[HT], old1[HT];
+#pragma unroll
+      for (int nt = 0; nt < HT; ++nt) {
+        const int col = (half * HT + nt) * 8 + 2 * tq;
+        old0[nt] = old1[nt] = make_float2(0.f, 0.f);
+        if (dq_mode == 2 && dst0 >= 0) old0[nt] = *reinterpret_cast<const float2*>(dq_base + dst0 + col);
+        if (dq_mode == 2 && dst1 >= 0) old1[nt] = *reinterpret_cast<const float2*>(dq_base + dst1 + col);
+      }
+#pragma unroll
+      for (int nt = 0; nt < HT; ++nt) {
+        const int col = (half * HT + nt) * 8 + 2 * tq;
+        if (dst0 >= 0) {
+          float* p = dq_base + dst0 + col;
+          const float a = acc[nt][0] * scale, b = acc[nt][1] * scale;
+          if (dq_mode == 0) red_add2(p, a, b);
+          else *reinterpret_cast<float2*>(p) = make_float2(old0[nt].x + a, old0[nt].y + b);
+        }
+        if (dst1 >= 0) {
+          float* p = dq_base + dst1 + col;
+          const float a = acc[nt][2] * scale, b = acc[nt][3] * scale;
+          if (dq_mode == 0) red_add2(p, a, b);
+          else *reinterpret_cast<float2*>(p) = make_float2(old1[nt].x + a, old1[nt].y + b);
+        }
+      }
+    }
+    // the next iteration's wait + barrier orders these reads before dS^T / buffers are rewritten
+  }
+  cp_async_wait<0>();
+
+  // dK (scaled) and dV of this thread's key rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = r ? key_b : key_a;
+    if (!(r ? ok_b : ok_a)) continue;
+    const long long off = ((row_base + key) * kv_heads + kvh) * D + 2 * tq;
+#pragma unroll
+    for (int nt = 0; nt < DT; ++nt) {
+      const float k0 = dk[nt][2 * r] * scale, k1 = dk[nt][2 * r + 1] * scale;
+      const float v0 = dv[nt][2 * r], v1 = dv[nt][2 * r + 1];
+      if (dkv_mode == 0) {
+        *reinterpret_cast<unsigned*>(static_cast<T*>(dk_) + off + nt * 8) = Mma<T>::pack(k0, k1);
+        *reinterpret_cast<unsigned*>(static_cast<T*>(dv_) + off + nt * 8) = Mma<T>::pack(v0, v1);
+      } else {
+        float2* pk = reinterpret_cast<float2*>(dk_acc + off + nt * 8);
+        float2* pv = reinterpret_cast<float2*>(dv_acc + off + nt * 8);
+        if (dkv_mode == 1) {
+          *pk = make_float2(k0, k1);
+          *pv = make_float2(v0, v1);
+        } else {
+          const float2 ok_ = *pk, ov = *pv;
+          *pk = make_float2(ok_.x + k0, ok_.y + k1);
+          *pv = make_float2(ov.x + v0, ov.y + v1);
+        }
+      }
+    }
+  }
+}
+
+// Deterministic dQ: one warp per (query, head) of the chunk sums its slots' partials in slot order.
+template <typename T, int D>
+__device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, void* dq_, int seqlen, int heads,
+                                         int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0,
+                                         int n_q) {
+  constexpr int V = D / 32;
+  const int lane = threadIdx.x & 31;
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= static_cast<long long>(n_heads_c) * n_q) return;
+  const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
+  const long long row = (static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc);
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  // four slots in flight at a time, summed in slot order (fixed order: deterministic)
+  for (int s0 = 0; s0 < top_k; s0 += 4) {
+    float x[4][V];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = s0 + u;
+      const int jb = s < top_k ? topk[row * top_k + s] : -1;
+      const float* src = part_dq + (w * top_k + s) * D + lane * V;
+      if (jb >= 0 && jb < n_blocks) {
+        if constexpr (V == 4) {
+          const float4 t4 = *reinterpret_cast<const float4*>(src);
+          x[u][0] = t4.x; x[u][1] = t4.y; x[u][2] = t4.z; x[u][3] = t4.w;
+        } else {
+          const float2 t2 = *reinterpret_cast<const float2*>(src);
+          x[u][0] = t2.x; x[u][1] = t2.y;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[u][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += x[u][e];
+  }
+  T* dq = static_cast<T*>(dq_) + row * D + lane * V;
+#pragma unroll
+  for (int e = 0; e < V; e += 2) *reinterpret_cast<unsigned*>(dq + e) = Mma<T>::pack(acc[e], acc[e + 1]);
+}
+
+}  // namespace moba_bwd

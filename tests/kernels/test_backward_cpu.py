@@ -1,0 +1,185 @@
+"""CPU checks of the differentiable MoBA op: the launch ABI of every backward kernel, plans, validation, the
+custom op's autograd wiring (CPU implementation = the reference), gradcheck of the op, torch.compile.
+
+gradcheck of the reference itself lives in tests/kernels/test_reference.py (not repeated here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import attention as A
+from mobalab.kernels import autograd as G
+from mobalab.kernels import reference as R
+from mobalab.kernels._launch import check_args, signatures
+
+
+def _qkv(batch=1, seqlen=21, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h: torch.randn(batch, seqlen, h, dim, generator=g).to(dtype)  # noqa: E731
+    return mk(heads), mk(kv_heads), mk(kv_heads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch ABI
+
+
+def test_every_backward_kernel_is_in_the_source():
+    sigs = signatures(G.SOURCE)
+    for dtype in A.SUPPORTED_DTYPES:
+        for dim in A.SUPPORTED_HEAD_DIMS:
+            assert set(G.bwd_kernel_names(dtype, dim)) <= set(sigs)
+    assert "moba_bwd_rows" in sigs
+    assert len(sigs) == 4 * 3 + 1
+
+
+@pytest.mark.parametrize("dtype", A.SUPPORTED_DTYPES)
+@pytest.mark.parametrize("dim", A.SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("block", A.SUPPORTED_BLOCK_SIZES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic):
+    batch, seqlen, heads, kv_heads, top_k = 2, 100, 4, 2, 3
+    q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
+    n_blocks = math.ceil(seqlen / block)
+    chunk = G.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, 1 << 20)[0]
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = chunk.n_heads // (heads // kv_heads) * n_blocks
+    f32 = torch.zeros(8)
+    i64 = torch.zeros(8, dtype=torch.int64)
+    i32 = torch.zeros(8, dtype=torch.int32)
+    delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim)
+    check_args(G.SOURCE, delta_name, G.delta_args(q, q, f32, batch * seqlen * heads))
+    check_args(G.SOURCE, "moba_bwd_rows", G.rows_args(i64, i32, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen,
+                                                       heads=heads, top_k=top_k, chunk=chunk))
+    for sub in range(G.n_key_subtiles(block)):
+        check_args(G.SOURCE, main_name,
+                   G.bwd_args(q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, seqlen=seqlen, heads=heads,
+                              kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk, n_seg=n_seg,
+                              causal=True, scale=0.125, sub0=sub, n_sub_launch=1, dq_mode=1 if sub else 0,
+                              dkv_mode=G.dkv_mode(chunk, seqlen)))
+    check_args(G.SOURCE, merge_name, G.dq_merge_args(f32, i32, q, seqlen=seqlen, heads=heads, top_k=top_k,
+                                                     n_blocks=n_blocks, chunk=chunk))
+    # the forward's index kernels, reused by the backward, with the backward's chunk
+    check_args(A.SOURCE, "moba_attn_keys", A.keys_args(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2))
+    check_args(A.SOURCE, "moba_attn_bounds", A.bounds_args(i32, n_pairs, n_seg, i64))
+
+
+def test_check_args_catches_python_scalars():
+    q, k, v = _qkv(dtype=torch.bfloat16, dim=64)
+    f32 = torch.zeros(8)
+    chunk = A.Chunk(0, 0, 4, 0, 21)
+    args = list(G.bwd_args(q, k, v, q, f32, f32, f32, f32, f32, k, v, f32, f32, seqlen=21, heads=4, kv_heads=2,
+                           block_size=16, n_blocks=2, chunk=chunk, n_seg=2, causal=False, scale=0.125, sub0=0,
+                           n_sub_launch=1, dq_mode=0, dkv_mode=0))
+    name = G.bwd_kernel_names(torch.bfloat16, 64)[1]
+    assert isinstance(args[22], np.float32) and isinstance(args[23], np.float32)
+    assert abs(float(args[23]) - 0.125 * G.LOG2E) < 1e-6
+    for i, bad in ((22, 0.125), (13, 21)):
+        wrong = list(args)
+        wrong[i] = bad
+        with pytest.raises(TypeError, match="scalar"):
+            check_args(G.SOURCE, name, tuple(wrong))
+    with pytest.raises(TypeError, match="n_rows"):
+        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, f32, np.int32(3)))
+
+
+def test_sizes_and_plans():
+    assert G.n_key_subtiles(16) == 1 and G.n_key_subtiles(64) == 1 and G.n_key_subtiles(512) == 8
+    assert G.bwd_smem_bytes(128) == 6 * 64 * 128 * 2 + 64 * 64 * 2 + 3 * 64 * 16
+    assert 2 * (G.bwd_smem_bytes(128) + 1024) <= 228 * 1024  # two CTAs per SM
+    assert G.bwd_bytes_per_pair(128, True) - G.bwd_bytes_per_pair(128, False) == 512
+    # the benchmark shape fits whole sequences per chunk (dK/dV written once, no fp32 accumulators)
+    for det in (False, True):
+        chunks = G.bwd_plan(2, 65536, 16, 16, 128, 8, det)
+        assert all(G.dkv_mode(c, 65536) == 0 for c in chunks)
+    # a small budget splits query ranges: first range stores, later ranges add
+    chunks = G.bwd_plan(1, 5000, 8, 2, 64, 8, True, 1 << 20)
+    modes = [G.dkv_mode(c, 5000) for c in chunks]
+    assert modes[0] == 1 and 2 in modes and 0 not in modes
+    covered = sorted((c.h0, c.t0, c.n_q) for c in chunks)
+    for h0 in (0, 4):
+        ranges = [(t0, n) for h, t0, n in covered if h == h0]
+        assert ranges[0][0] == 0 and sum(n for _, n in ranges) == 5000
+
+
+# ---------------------------------------------------------------------------------------------------
+# the op on CPU (reference inside), autograd wiring, compile
+
+
+def test_validation():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        G.moba_attention_autograd(q, k, v, 4, 2, deterministic=1)
+    with pytest.raises(ValueError, match="block_size"):
+        G.moba_attention_autograd(q, k, v, 0, 2)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        G.moba_attention_autograd(q, k, v, 4, 2, softmax_scale=float("inf"))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        G.moba_attention_autograd(q[:, :, :3], k, v, 4, 2)
+    import mobalab.kernels as K
+
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        K.moba_attention(q, k, v, 4, 2, deterministic="yes")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_op_matches_reference_autograd(causal):
+    q, k, v = _qkv(batch=2, seed=1)
+    a = [x.clone().requires_grad_() for x in (q, k, v)]
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = G.moba_attention_autograd(*a, 4, 2, causal=causal, return_lse=True, softmax_scale=0.7)
+    ro, rl = R.moba_attention(*b, 4, 2, causal=causal, return_lse=True, softmax_scale=0.7)
+    torch.testing.assert_close(out, ro, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, rl, rtol=0, atol=1e-12)
+    w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    w2 = torch.randn(lse.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(3))
+    ((out * w).sum() + (lse * w2).sum()).backward()
+    ((ro * w).sum() + (rl * w2).sum()).backward()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_of_the_op():
+    q, k, v = _qkv(batch=1, seqlen=10, heads=2, kv_heads=1, dim=4, seed=4)
+    leaves = tuple(x.requires_grad_() for x in (q, k, v))
+    fn = lambda q, k, v: G.moba_attention_autograd(q, k, v, 3, 2, causal=True, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_reference_backward_equations_match_autograd():
+    # the dense backward formulas (what the CUDA kernel implements) vs autograd through the reference
+    q, k, v = _qkv(batch=2, seqlen=30, heads=4, kv_heads=1, dim=8, seed=5)
+    topk = R.moba_topk(q, k, 8, 2, causal=True)
+    dout = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(6))
+    dlse = torch.randn(q.shape[:3], dtype=q.dtype, generator=torch.Generator().manual_seed(7))
+    got = G._reference_backward(dout, dlse, q, k, v, topk, 8, True, 0.3)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = R.moba_attention(*leaves, 8, 2, causal=True, return_lse=True, softmax_scale=0.3)
+    want = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_forward_op():
+    q, k, v = _qkv(seed=8)
+    torch.library.opcheck(G._fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True,
+                                      0.3, False))
+
+
+def test_torch_compile_fullgraph_cpu():
+    q, k, v = _qkv(seed=9)
+
+    def f(q, k, v):
+        return torch.tanh(G.moba_attention_autograd(q, k, v, 4, 2, causal=True)).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break would raise
+    a = [x.clone().requires_grad_() for x in (q, k, v)]
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled(*a).backward()
+    f(*b).backward()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
