@@ -1,44 +1,59 @@
 #!/usr/bin/env bash
-# Everything mobalab needs a GPU for, in one call on the device machine (see RESULTS.md for the records):
-#   1. environment line (GPU, driver, torch, cupy),
-#   2. the GPU tests (pytest -m gpu),
-#   3. the kernel benchmark and the Monte Carlo throughput benchmark,
-# logs and CSVs under $OUT (default ./out), a short table printed last.
-# Usage on the device machine:  bash scripts/gpu_check.sh [--quick]
+# Everything mobalab needs a GPU for, in one call on the device machine (records go to RESULTS.md).
+#   bash scripts/gpu_check.sh [STEP ...]      default: tests fwd bwd-targets mc snr
+# Steps:
+#   tests        pytest -m gpu over every test file that holds GPU tests
+#   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
+#   bwd-targets | bwd-quick  forward+backward benchmark at the issue's target sizes (64K, 512K) | smoke sizes
+#   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
+# (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
+# Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
-W="$OUT/logs"          # everything lands here and is packed into $OUT/gpu_check.tgz (8 files come back)
+W="$OUT/logs"
 mkdir -p "$W"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
-QUICK="${1:-}"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests fwd bwd-targets mc snr)
+status=0
 
 {
-  echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'see the calling record')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$W/env.txt"
 
-# only the files that hold GPU tests: the others import test-only packages (hypothesis) the image may lack
-gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
-timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib $gpu_tests 2>&1 \
-  | tee "$W/pytest_gpu.log"
-gpu_status=${PIPESTATUS[0]}
-
-timeout 300 python3 -m mobalab.kernels.bench $QUICK --out "$W" 2>&1 | tee "$W/bench.log"
-timeout 120 python3 benchmarks/mc_throughput.py --min-seconds 1 --csv "$W/mc_throughput.csv" 2>&1 | tee "$W/mc_throughput.log"
-# the main experiment's full configuration: its vector leg runs on the GPU here
-timeout 180 python3 -m mobalab.cli run snr-vs-accuracy ${QUICK:+--quick} --no-progress --out "$W/snr-vs-accuracy" 2>&1 \
-  | tee "$W/snr-vs-accuracy.log"
+for step in "${STEPS[@]}"; do
+  start=$(date +%s)
+  case "$step" in
+    tests)
+      # only the files that hold GPU tests: the others import test-only packages (hypothesis) the image may lack
+      gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
+      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+        $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    fwd)       timeout 300 python3 -m mobalab.kernels.bench --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    fwd-quick) timeout 200 python3 -m mobalab.kernels.bench --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    bwd-targets) timeout 360 python3 -m mobalab.kernels.bench --backward --select 0,1 --out "$W/bwd" \
+                   > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    bwd-quick) timeout 200 python3 -m mobalab.kernels.bench --backward --quick --out "$W/bwd" \
+                 > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    mc)  timeout 120 python3 benchmarks/mc_throughput.py --min-seconds 1 --csv "$W/mc_throughput.csv" \
+           > "$W/mc_throughput.log" 2>&1 || status=1 ;;
+    snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
+           > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
+    *) echo "unknown step $step" >&2; status=2 ;;
+  esac
+  echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
+done
 
 tar czf "$OUT/gpu_check.tgz" -C "$W" .
-cp "$W/snr-vs-accuracy/snr-vs-accuracy.png" "$OUT/" 2>/dev/null
 echo "================ summary ================"
-cat "$W/env.txt"
-tail -n 3 "$W/pytest_gpu.log"
-[ -f "$W/bench_table.md" ] && cat "$W/bench_table.md"
-tail -n 14 "$W/mc_throughput.log"
-tail -n 12 "$W/snr-vs-accuracy.log"
+cat "$W/env.txt" "$W/steps.txt"
+[ -f "$W/pytest_gpu.log" ] && grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 3
+for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
+[ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 rm -rf "$W"
-exit "$gpu_status"
+exit "$status"
