@@ -54,8 +54,8 @@ _HOW = ("produce one on a GPU with `python -m mobalab.kernels.bench --out runs/b
 
 def default_bench_csv() -> str | None:
     """``$MOBALAB_BENCH_CSV`` if set, else the newest ``runs/bench/*.csv`` / ``runs/bench/*/bench.csv``, else
-    (in a checkout) the newest recorded ``benchmarks/results/*moba-forward*.csv`` (file names start with
-    the date)."""
+    (in a checkout: here or up to two folders up) the newest recorded
+    ``benchmarks/results/*moba-forward*.csv`` (file names start with the date)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return env
@@ -63,8 +63,11 @@ def default_bench_csv() -> str | None:
         os.path.join("runs", "bench", "*", "bench.csv"))
     if found:
         return max(found, key=os.path.getmtime)
-    recorded = sorted(glob.glob(os.path.join("benchmarks", "results", "*moba-forward*.csv")))
-    return recorded[-1] if recorded else None
+    for base in [Path.cwd(), *Path.cwd().parents][:3]:  # a notebook runs from notebooks/, one level down
+        recorded = sorted((base / "benchmarks" / "results").glob("*moba-forward*.csv"))
+        if recorded:
+            return str(recorded[-1])
+    return None
 
 
 @dataclass(frozen=True)
