@@ -17,13 +17,13 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pandas as pd
 
+from mobalab.experiments._output import git_commit
 from mobalab.simulate import score_level_router, score_level_router_causal, vector_level_router
 
 D, B, N, K = 64, 128, 65536, 8
@@ -42,20 +42,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def timed(run, start_trials: int, min_seconds: float, max_trials: int):
@@ -180,7 +166,7 @@ def main(argv=None) -> pd.DataFrame:
     print(f"- machine: {machine}; GPU: {gpu}")
     print(
         f"- numpy {np.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"commit {git_commit()}"
+        f"commit {git_commit() or 'unknown'}"
     )
     print(
         f"- d={D}, B={B}, N={N} (n={N // B}), k={K}; vector level: mu_signal={MU_SIGNAL}, m={M}, "

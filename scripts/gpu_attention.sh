@@ -4,11 +4,8 @@
 # table printed last.
 # Usage:  bash scripts/gpu_attention.sh [--quick|--full|--bench-only|--tests-only] [pytest -k expression]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
+source "$(dirname "$0")/_gpu_env.sh"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 MODE="${1:---quick}"
 KEXPR="${2:-}"
 

@@ -5,12 +5,9 @@
 # Usage:  bash scripts/gpu_backward.sh [all|tests|bench] [quick|full|<config indices, e.g. 9,10,11>]
 #                                      [pytest -k expression]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
+source "$(dirname "$0")/_gpu_env.sh"
 mkdir -p "$OUT/logs"
 LOG="$OUT/logs"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 MODE="${1:-all}"
 BENCH="${2:-full}"
 KEXPR="${3:-}"

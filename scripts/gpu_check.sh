@@ -9,12 +9,9 @@
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
+source "$(dirname "$0")/_gpu_env.sh"
 W="$OUT/logs"
 mkdir -p "$W"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests fwd bwd-targets mc snr)
 status=0

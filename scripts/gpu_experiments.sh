@@ -4,12 +4,9 @@
 # Each writes CSV + JSON + PNG; everything is packed into $OUT/experiments.tgz, the PNGs are copied to $OUT.
 # Usage on the device machine:  bash scripts/gpu_experiments.sh [experiment ...]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
+source "$(dirname "$0")/_gpu_env.sh"
 W="$OUT/exp"
 mkdir -p "$W"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 EXPS=("$@")
 [ ${#EXPS[@]} -eq 0 ] && EXPS=(snr-vs-accuracy needle-retrieval block-size)
 declare -A LIMIT=([snr-vs-accuracy]=150 [needle-retrieval]=300 [block-size]=150 [key-conv]=300)

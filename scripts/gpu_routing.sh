@@ -10,11 +10,8 @@
 # scores), one q.c product per score; "mma" = what the tensor cores issue: hi and lo halves (x2), whole
 # 128 x 64 tiles.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/out}"
+source "$(dirname "$0")/_gpu_env.sh"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/mobalab-cupy-cache}"
 export ROUTING_STATS_FILE="$OUT/routing_stats.txt"
 MODE="${1:-all}"
 rm -f "$ROUTING_STATS_FILE"

@@ -8,7 +8,6 @@ differences cannot pollute attention errors. Outputs and scratch are poisoned (N
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 
 import pytest
@@ -18,27 +17,6 @@ from mobalab.kernels import attention as A
 
 FLOOR = 1e-4
 SAMPLE_ABOVE = 20000  # longer sequences are checked on a sample of query positions (all heads, all batches)
-
-
-def _poisoned(monkeypatch):
-    """Make torch.empty / empty_like return NaN (floats) or huge values (ints) for the kernel call."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            return t.fill_(float("nan"))
-        if t.dtype in (torch.int32, torch.int64):
-            return t.fill_(2**30)
-        return t
-
-    @contextlib.contextmanager
-    def ctx():
-        with monkeypatch.context() as m:
-            m.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
-            m.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
-            yield
-
-    return ctx()
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
@@ -115,7 +93,7 @@ def _case_id(c):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["auto", "streaming"])
 @pytest.mark.parametrize("case", _CASES, ids=[_case_id(c) for c in _CASES])
-def test_attention_matches_oracle(case, variant, monkeypatch):
+def test_attention_matches_oracle(case, variant, monkeypatch, poisoned_empty):
     if variant == "streaming" and not A.resident(case["dim"], case["block"], "auto"):
         pytest.skip("auto already runs the streaming kernel here")
     monkeypatch.setattr(A, "FWD_VARIANT", variant)
@@ -123,7 +101,7 @@ def test_attention_matches_oracle(case, variant, monkeypatch):
     q, k, v = _inputs(case["batch"], case["seqlen"], heads, kv_heads, case["dim"], case["dtype"],
                       seed=zlib.crc32(_case_id(case).encode()))
     topk = _routing(q, k, case["block"], case["top_k"], case["causal"])
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, case["block"], case["top_k"], causal=case["causal"],
                                          return_lse=True, topk_indices=topk)
     _check(q, k, v, topk, case["block"], case["top_k"], case["causal"], out, lse, label=_case_id(case))
@@ -151,7 +129,7 @@ def test_case_grid_covers_the_contract():
     (2 << 20, 4097, 8, 2, 128, True),  # query ranges split into many chunks
     (7 << 20, 1000, 8, 8, 64, False),  # kv groups split across chunks
 ])
-def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, variant, monkeypatch):
+def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, variant, monkeypatch, poisoned_empty):
     monkeypatch.setattr(A, "FWD_VARIANT", variant)
     q, k, v = _inputs(2, seqlen, heads, kv_heads, dim, torch.bfloat16, seed=7)
     topk = _routing(q, k, 64, 8, causal)
@@ -159,7 +137,7 @@ def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, var
     assert len(chunks) > 2 * 2
     whole = A.moba_attention_cuda(q, k, v, 64, 8, causal=causal, topk_indices=topk)
     monkeypatch.setattr(A, "SCRATCH_BUDGET_BYTES", budget)
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, 64, 8, causal=causal, return_lse=True, topk_indices=topk)
     _check(q, k, v, topk, 64, 8, causal, out, lse, label="chunked")
     # partials of one (query, slot) do not depend on which other rows share their tiles: same bits
@@ -179,13 +157,13 @@ def test_two_runs_are_bit_identical(causal, variant, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_non_contiguous_inputs_and_custom_scale(monkeypatch):
+def test_non_contiguous_inputs_and_custom_scale(poisoned_empty):
     q, k, v = _inputs(2, 777, 4, 2, 64, torch.float16, seed=3)
     # (b, h, N, d) storage viewed as (b, N, h, d): strided, must be read correctly
     qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     assert not qt.is_contiguous()
     topk = _routing(q, k, 32, 4, True)
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         out, lse = A.moba_attention_cuda(qt, kt, vt, 32, 4, causal=True, softmax_scale=0.3, return_lse=True,
                                          topk_indices=topk.long())
     _check(q, k, v, topk, 32, 4, True, out, lse, scale=0.3, label="strided")
@@ -209,7 +187,7 @@ def test_end_to_end_through_the_public_api():
 
     q, k, v = _inputs(2, 3000, 8, 2, 128, torch.bfloat16, seed=13)
     out, lse = K.moba_attention(q, k, v, 128, 4, causal=True, return_lse=True)
-    topk = A._route(q, k, 128, 4, True)  # what the public API routes with (CUDA router or its fallback)
+    topk = A._route(q, k, 128, 4, True)  # what the public API routes with
     again = A.moba_attention_cuda(q, k, v, 128, 4, causal=True, topk_indices=topk)
     assert torch.equal(out, again)  # routing + attention == attention with the router's indices
     _check(q, k, v, topk, 128, 4, True, out, lse, label="end to end")
@@ -221,7 +199,7 @@ def test_end_to_end_through_the_public_api():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["auto", "streaming"])
-def test_concentrated_routing(variant, monkeypatch):
+def test_concentrated_routing(variant, monkeypatch, poisoned_empty):
     # Every query picks block 0 (and its own block): one very long list, many tiles/units of one segment.
     monkeypatch.setattr(A, "FWD_VARIANT", variant)
     q, k, v = _inputs(1, 20000, 4, 2, 128, torch.bfloat16, seed=17)
@@ -229,6 +207,6 @@ def test_concentrated_routing(variant, monkeypatch):
     own = (t // 128).view(1, -1, 1).expand(1, 20000, 4)
     first = torch.where(own > 0, 0, -1)
     topk = torch.stack([own, first, torch.full_like(own, -1)], dim=-1).to(torch.int32)
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, 128, 3, causal=True, return_lse=True, topk_indices=topk)
     _check(q, k, v, topk, 128, 3, True, out, lse, label="concentrated")

@@ -9,7 +9,6 @@ them. Outputs and scratch are poisoned (NaN) before the backward launches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 
@@ -20,26 +19,6 @@ from mobalab.kernels import attention as A
 from mobalab.kernels import autograd as G
 
 _GQA = {1: (2, 2), 4: (4, 1), 8: (8, 1)}  # ratio -> (heads, kv_heads)
-
-
-def _poisoned(monkeypatch):
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            return t.fill_(float("nan"))
-        if t.dtype in (torch.int32, torch.int64):
-            return t.fill_(2**30)
-        return t
-
-    @contextlib.contextmanager
-    def ctx():
-        with monkeypatch.context() as m:
-            m.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
-            m.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
-            yield
-
-    return ctx()
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
@@ -138,7 +117,7 @@ def _case_id(c):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _CASES, ids=[_case_id(c) for c in _CASES])
-def test_gradients_match_oracle(case, monkeypatch):
+def test_gradients_match_oracle(case, poisoned_empty):
     heads, kv_heads = _GQA[case["ratio"]]
     q, k, v, dout = _inputs(case["batch"], case["seqlen"], heads, kv_heads, case["dim"], case["dtype"],
                             seed=zlib.crc32(_case_id(case).encode()))
@@ -146,7 +125,7 @@ def test_gradients_match_oracle(case, monkeypatch):
     topk = _routing(q, k, block, top_k, causal)
     out, lse = A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk)
     scale = 1.0 / math.sqrt(case["dim"])
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         grads = G.moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block, top_k, causal, scale,
                                                deterministic=case["deterministic"])
     report = _check(grads, q, k, v, dout, topk, block, causal, label=_case_id(case))
@@ -190,7 +169,7 @@ def test_deterministic_is_bit_identical(causal, block):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_chunked_backward(deterministic, monkeypatch):
+def test_chunked_backward(deterministic, monkeypatch, poisoned_empty):
     # A tiny scratch budget splits query ranges: dK/dV go through the fp32 store/add path.
     q, k, v, dout = _inputs(2, 3000, 8, 2, 64, torch.bfloat16, seed=5)
     topk = _routing(q, k, 64, 8, True)
@@ -198,7 +177,7 @@ def test_chunked_backward(deterministic, monkeypatch):
     monkeypatch.setattr(A, "SCRATCH_BUDGET_BYTES", 1 << 20)
     chunks = G.bwd_plan(2, 3000, 8, 2, 64, 8, deterministic)
     assert any(G.dkv_mode(c, 3000) == 2 for c in chunks)
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         grads = G.moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 64, 8, True, 0.125,
                                                deterministic=deterministic)
     _check(grads, q, k, v, dout, topk, 64, True, label="chunked")
@@ -225,13 +204,13 @@ def test_public_api_autograd_and_lse_gradient():
 
 
 @pytest.mark.gpu
-def test_custom_scale_and_strided_inputs(monkeypatch):
+def test_custom_scale_and_strided_inputs(poisoned_empty):
     q, k, v, dout = _inputs(2, 777, 4, 2, 64, torch.float16, seed=3)
     qt, kt, vt, dt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, dout))
     topk = _routing(q, k, 32, 4, True)
     out, lse = A.moba_attention_cuda(q, k, v, 32, 4, causal=True, softmax_scale=0.3, return_lse=True,
                                      topk_indices=topk)
-    with _poisoned(monkeypatch):
+    with poisoned_empty():
         grads = G.moba_attention_backward_cuda(dt, qt, kt, vt, out, lse, topk, 32, 4, True, 0.3)
     _check(grads, q, k, v, dout, topk, 32, True, scale=0.3, label="strided, scale 0.3")
 

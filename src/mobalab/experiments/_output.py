@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["environment", "write_run"]
+__all__ = ["environment", "git_commit", "write_run"]
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """Short hash of the checkout mobalab is imported from, or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -33,7 +34,7 @@ def environment() -> dict:
 
     env = {
         "mobalab": mobalab.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,

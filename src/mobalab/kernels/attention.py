@@ -293,12 +293,8 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
 
 
 def _route(q, k, block_size, top_k, causal):
-    try:
-        from .routing import moba_topk_cuda
-    except ImportError:  # the CUDA router is optional: fall back to the torch reference on the GPU
-        from .reference import moba_topk
+    from .routing import moba_topk_cuda
 
-        return moba_topk(q, k, block_size, top_k, causal=causal)
     return moba_topk_cuda(q, k, block_size, top_k, causal=causal)
 
 

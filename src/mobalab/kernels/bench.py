@@ -42,13 +42,9 @@ import statistics
 import torch
 
 from . import attention as A
+from .routing import moba_topk_cuda
 
 _DEFAULT_VARIANT = A.FWD_VARIANT
-ROUTING_AVAILABLE = True
-try:  # the CUDA router (mobalab.kernels.routing); without it routing is synthetic and not timed
-    from .routing import moba_topk_cuda
-except ImportError:  # pragma: no cover - depends on the tree
-    ROUTING_AVAILABLE = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,23 +106,6 @@ def make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block):
             idx = (blk.view(-1, 1) * block + torch.arange(block, device="cuda")).clamp(max=seqlen - 1)
             k[:, idx.flatten()] += (1.5 * u.repeat_interleave(block, 0)).to(dtype)
     return q, k, v
-
-
-def synthetic_topk(batch, seqlen, heads, block, top_k, causal, seed):
-    """Routing with random distinct blocks (own block + k-1 past ones, stratified), used without a router."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = torch.arange(seqlen, device="cuda")
-    n_blocks = math.ceil(seqlen / block)
-    own = (t // block) if causal else torch.full_like(t, n_blocks)
-    free = top_k - 1 if causal else top_k
-    s = torch.arange(free, device="cuda")
-    lo = own.view(-1, 1) * s // max(free, 1)
-    hi = own.view(-1, 1) * (s + 1) // max(free, 1)
-    u = torch.rand(batch, seqlen, heads, free, device="cuda", generator=g)
-    picked = lo + (u * (hi - lo)).long()
-    picked = torch.where((hi > lo).unsqueeze(0).unsqueeze(2).expand_as(picked), picked, -1)
-    parts = ([own.view(1, -1, 1, 1).expand(batch, seqlen, heads, 1)] if causal else []) + [picked]
-    return torch.cat(parts, dim=-1).to(torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,25 +187,17 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block)
     in_gb = 3 * q.numel() * q.element_size() / 1e9
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
-               top_k=top_k, causal=causal, dtype="bf16", routing="cuda" if ROUTING_AVAILABLE else "synthetic",
+               top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
                variant="resident" if A.resident(dim, block) else "streaming")
 
-    if ROUTING_AVAILABLE:
-        route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
-        row["routing_ms"], _ = time_ms(route)
-        topk = route()
-    else:
-        row["routing_ms"] = float("nan")
-        topk = synthetic_topk(batch, seqlen, heads, block, top_k, causal, seed)
+    route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
+    row["routing_ms"], _ = time_ms(route)
+    topk = route()
     attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk)  # noqa: E731
     row["attention_ms"], row["reps"] = time_ms(attn)
-    if ROUTING_AVAILABLE:
-        full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal)  # noqa: E731
-        row["mobalab_ms"], _ = time_ms(full)
-        row["mobalab_peak_gb"] = peak_gb(full) + in_gb
-    else:
-        row["mobalab_ms"] = row["attention_ms"]
-        row["mobalab_peak_gb"] = peak_gb(attn) + in_gb + topk.numel() * 4 / 1e9
+    full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal)  # noqa: E731
+    row["mobalab_ms"], _ = time_ms(full)
+    row["mobalab_peak_gb"] = peak_gb(full) + in_gb
     if profile:
         row["phases"] = kernel_breakdown(attn)
         print(f"  kernel time by name (attention only, N={seqlen}, B={block}): {row['phases']}")
@@ -235,7 +206,7 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
     row["useful_tflops"] = (f_route + f_attn) / (row["mobalab_ms"] * 1e9)
     row["attention_tflops"] = f_attn / (row["attention_ms"] * 1e9)
-    row["routing_tflops"] = f_route / (row["routing_ms"] * 1e9) if ROUTING_AVAILABLE else float("nan")
+    row["routing_tflops"] = f_route / (row["routing_ms"] * 1e9)
 
     key = (seqlen, dim, batch, heads, workload)
     if dense and dense_cache is not None and key in dense_cache:
@@ -326,7 +297,7 @@ def environment():
     return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 cuda=torch.version.cuda, cupy=cupy.__version__, python=platform.python_version(),
-                routing="cuda" if ROUTING_AVAILABLE else "synthetic (no CUDA router)",
+                routing="cuda",
                 scratch_budget=A.SCRATCH_BUDGET_BYTES)
 
 
