@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from mobalab.experiments._output import git_commit
+from mobalab.bench.environment import git_commit
 from mobalab.simulate import score_level_router, score_level_router_causal, vector_level_router
 
 D, B, N, K = 64, 128, 65536, 8

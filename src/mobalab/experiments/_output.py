@@ -3,49 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 
+from mobalab.bench.environment import environment, git_commit
+
 __all__ = ["environment", "git_commit", "write_run"]
-
-
-def git_commit() -> str | None:
-    """Short hash of the checkout mobalab is imported from, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment() -> dict:
-    """What a reader needs to trust a number: versions, commit, device, time."""
-    import numpy
-    import scipy
-    import torch
-
-    import mobalab
-
-    env = {
-        "mobalab": mobalab.__version__,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "pandas": pd.__version__,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return env
 
 
 def write_run(out_dir, name: str, config, data: pd.DataFrame, figures: dict) -> dict[str, Path]:

@@ -1,0 +1,68 @@
+"""The environment record every measured number carries: versions, device, git commit, time."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["environment", "git_commit"]
+
+
+def git_commit() -> str | None:
+    """Short hash of the checkout mobalab is imported from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    """What a reader needs to trust a number: versions, commit, device, time.
+
+    On a machine with CUDA the record also names the GPU, its multiprocessor count, the CUDA version torch
+    was built with and, where installed, CuPy's version; elsewhere those fields are None.
+
+    Examples
+    --------
+    >>> from mobalab.bench import environment
+    >>> env = environment()
+    >>> sorted(k for k in ("git_commit", "torch", "utc", "cuda_device") if k in env)
+    ['cuda_device', 'git_commit', 'torch', 'utc']
+    """
+    import numpy
+    import pandas
+    import scipy
+    import torch
+
+    import mobalab
+
+    env = {
+        "mobalab": mobalab.__version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "pandas": pandas.__version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "cuda_device": None,
+        "cuda_sms": None,
+        "cuda": None,
+        "cupy": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(cuda_device=props.name, cuda_sms=props.multi_processor_count, cuda=torch.version.cuda)
+        try:
+            import cupy
+
+            env["cupy"] = cupy.__version__
+        except ImportError:
+            pass
+    return env
