@@ -1,15 +1,22 @@
-"""Every kernel source compiles under plain nvcc for sm_90a, with no register spills and no stack frame.
+"""Every kernel source compiles under plain nvcc for sm_90a, with no register spills and no stack frame, and
+exports exactly the kernels whose signatures ``_launch.signatures`` reads (the ones the wrappers launch).
 
 Each ``cuda/*.cu`` file is taken as NVRTC sees it (``_build.source``: local headers inlined) and compiled to
-a cubin with the flags of shared/reference/toolkit-conventions.md §2.2 (``-gencode`` rather than
-``-arch=sm_90a -c``, which runs a plain compute_90 pass that rejects sm_90a instructions). ptxas' ``-v``
+a cubin with ``-gencode=arch=compute_90a,code=sm_90a`` (see docs/design.md, "Building and launching
+kernels": ``-arch=sm_90a -c`` runs a plain compute_90 pass that rejects sm_90a instructions). ptxas' ``-v``
 report gives registers, shared memory, stack frame and spills per function; spills or a stack frame mean
 a register array went to local memory, a silent slowdown that these tests turn into a failure.
 Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table.
+
+The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
+the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
+entry point is launched by some wrapper, and the macro expansion that reads instantiated signatures works.
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
 import os
 import re
 import shutil
@@ -20,11 +27,14 @@ from pathlib import Path
 
 import pytest
 
+import mobalab.kernels
 from mobalab.kernels._build import CUDA_DIR, source
+from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
 NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "--use_fast_math",
               "-Xptxas", "-v"]
 CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
+PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
 
 _FUNC = re.compile(r"Function properties for (\S+)")
 _ENTRY = re.compile(r"Compiling entry function '(\S+)'")
@@ -92,6 +102,8 @@ def test_compiles_without_spills(name, compiled):
     funcs = parse_ptxas(log)
     entries = _ENTRY.findall(log)
     assert entries, f"{name}: no kernel entry points in the ptxas report:\n{log}"
+    # the parsed signatures are exactly the compiled entry points: none missed, none invented
+    assert sorted(entries) == sorted(signatures(name)), f"{name}: ptxas entries differ from _launch.signatures"
     print(f"\n{name}: {'kernel':<40} {'regs':>5} {'smem':>6} {'stack':>6} {'spill':>6}")
     for fn in entries:
         r = funcs[fn]
@@ -100,3 +112,109 @@ def test_compiles_without_spills(name, compiled):
     bad = {fn: r for fn, r in funcs.items()
            if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0)}
     assert not bad, f"{name}: stack frame or register spills: {bad}"
+
+
+# ---- signatures: macro-instantiated entry points, checked without a compiler ----
+
+def test_parse_signatures_expands_kernel_macros():
+    text = r'''
+    #define N_THREADS 128
+    // a kernel-defining macro: parameter types and the name come from the call
+    #define K(NAME, T, D)                                                           \
+      extern "C" __global__ void __launch_bounds__(N_THREADS) NAME(const T* __restrict__ x, \
+          long long n, float s) { body<T, D>(x, n, s); }
+    #define PASTE(TAG, T) extern "C" __global__ void k_##TAG(T* y, int c) { }
+    K(k_bf16_d64, __nv_bfloat16, 64)
+    K(k_f16_d128, __half, (128))
+    PASTE(fp16, __half)
+    /* K(k_commented_out, float, 1) */
+    extern "C" __global__ void plain(const int* a, int b) { }
+    '''
+    sigs = _parse_signatures(text)
+    assert sorted(sigs) == ["k_bf16_d64", "k_f16_d128", "k_fp16", "plain"]
+    assert [(p.name, p.ctype, p.pointer) for p in sigs["k_f16_d128"]] == [
+        ("x", "__half", True), ("n", "long long", False), ("s", "float", False)]
+    assert sigs["k_bf16_d64"][0].ctype == "__nv_bfloat16"
+    assert [(p.name, p.ctype) for p in sigs["k_fp16"]] == [("y", "__half"), ("c", "int")]
+    assert [(p.name, p.ctype) for p in sigs["plain"]] == [("a", "int"), ("b", "int")]
+
+
+def test_parse_signatures_rejects_bad_tables():
+    define = '#define K(NAME, T) extern "C" __global__ void NAME(T* x) { }\n'
+    with pytest.raises(ValueError, match="defined twice"):
+        _parse_signatures(define + "K(k_a, float)\nK(k_a, float)\n")
+    with pytest.raises(ValueError, match="takes 2 arguments"):
+        _parse_signatures(define + "K(k_a)\n")
+
+
+@pytest.mark.parametrize("name", CU_FILES)
+def test_signatures_are_literal(name):
+    """After expansion, every entry point has a C identifier for a name and only parameters that
+    check_args can check: pointers, or scalars of a known C type (no macro parameter left over)."""
+    sigs = signatures(name)
+    assert sigs, f"{name} exports no kernels"
+    for kernel, params in sigs.items():
+        assert re.fullmatch(r"[A-Za-z_]\w*", kernel), kernel
+        for p in params:
+            assert re.fullmatch(r"[A-Za-z_]\w*", p.name), (kernel, p)
+            assert p.pointer or p.ctype in _SCALAR_TYPES, f"{kernel}: parameter {p.name} has C type {p.ctype!r}"
+
+
+def _python_bound_names() -> set[str]:
+    """Names that the Python sources of mobalab.kernels bind (functions, classes, imports, assignments)."""
+    names: set[str] = set()
+    for path in PY_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.alias):
+                names.add(node.asname or node.name.split(".")[-1])
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return names
+
+
+def wrapper_name_templates() -> dict[str, re.Pattern]:
+    """Kernel names as the Python wrappers write them: every string literal or f-string in mobalab.kernels
+    that reads as an identifier starting ``moba_`` (f-string fields stand for one word without ``_``), less
+    the names of Python objects (``"moba_topk"`` in an error message is the Python function)."""
+    bound = _python_bound_names()
+    out = {}
+    for path in PY_SOURCES:
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        in_fstring = {id(v) for n in nodes if isinstance(n, ast.JoinedStr) for v in n.values}
+        for node in nodes:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in in_fstring:
+                if re.fullmatch(r"moba_\w+", node.value) and node.value not in bound:
+                    out[node.value] = re.compile(re.escape(node.value))
+            elif isinstance(node, ast.JoinedStr) and node.values:
+                parts = []
+                for v in node.values:
+                    if isinstance(v, ast.Constant):
+                        parts.append(v.value if re.fullmatch(r"\w*", v.value) else None)
+                    else:
+                        parts.append(None if v.format_spec else "{}")
+                if None in parts or not "".join(parts).startswith("moba_"):
+                    continue
+                template = "".join(parts)
+                out[template] = re.compile("".join("([A-Za-z0-9]+)" if p == "{}" else re.escape(p) for p in parts))
+    return out
+
+
+def test_wrapper_kernel_names_have_signatures():
+    """Each kernel name the wrappers build matches an exported kernel, and where the name has fields, the
+    kernels it matches are every combination of the field values (no missing instantiation); and every
+    exported kernel is launched by some wrapper."""
+    exported = {k for f in CU_FILES for k in signatures(f)}
+    templates = wrapper_name_templates()
+    assert len(templates) >= 10, f"found too few kernel names in the Python sources: {sorted(templates)}"
+    covered = set()
+    for template, pattern in templates.items():
+        matches = {k: m.groups() for k in exported if (m := pattern.fullmatch(k))}
+        assert matches, f"the wrappers launch {template!r}, which no cuda/*.cu file exports"
+        fields = list(zip(*matches.values(), strict=True))
+        want = set(itertools.product(*(sorted(set(f)) for f in fields)))
+        missing = sorted("/".join(v) for v in want - set(matches.values()))
+        assert not missing, f"{template!r}: no kernel for the field values {missing}"
+        covered |= set(matches)
+    assert exported - covered == set(), f"kernels that no wrapper launches: {sorted(exported - covered)}"

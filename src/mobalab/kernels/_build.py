@@ -1,10 +1,10 @@
 """One place that turns the ``cuda/*.cu`` sources into CuPy kernels.
 
-Why this file exists (see shared/reference/toolkit-conventions.md):
+Why this file exists (see docs/design.md, "Building and launching kernels"):
 
 * CuPy's kernel cache hashes the source string but not headers pulled in with ``#include``, so local
-  ``#include "x.cuh"`` lines are inlined textually here before compiling: editing a header then always
-  recompiles.
+  ``#include "x.cuh"`` lines are inlined textually here before compiling (each header once per source, at
+  its first include): editing a header then always recompiles.
 * ``wgmma``/``setmaxnreg`` need ``-arch=sm_90a``; NVRTC keeps it even though CuPy appends ``-arch=sm_90``.
 * Shared memory above 48 KB must be opted into per kernel object, before its first launch.
 * CuPy is imported lazily: ``import mobalab`` must work with no GPU and no CuPy.
@@ -28,18 +28,22 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 NVRTC_OPTIONS = ("-std=c++17", "-arch=sm_90a", "--use_fast_math", "-lineinfo")
 
 
-def source(name: str, _seen: frozenset = frozenset()) -> str:
-    """Text of ``cuda/<name>`` with local ``#include "..."`` files inlined (once each)."""
-    if name in _seen:
-        return ""
-    text = (CUDA_DIR / name).read_text()
-    seen = _seen | {name}
+def source(name: str) -> str:
+    """Text of ``cuda/<name>`` with local ``#include "..."`` files inlined, each at its first include only
+    (a header included from two places, such as ptx.cuh, then appears once)."""
+    return _inline(name, set())
+
+
+def _inline(name: str, seen: set[str]) -> str:
+    seen.add(name)
 
     def inline(match: re.Match) -> str:
         inc = match.group(1)
-        return f"// ---- begin {inc} ----\n{source(inc, seen)}\n// ---- end {inc} ----"
+        if inc in seen:
+            return f"// ---- {inc} already included ----"
+        return f"// ---- begin {inc} ----\n{_inline(inc, seen)}\n// ---- end {inc} ----"
 
-    return _INCLUDE.sub(inline, text)
+    return _INCLUDE.sub(inline, (CUDA_DIR / name).read_text())
 
 
 def cupy():

@@ -2,7 +2,7 @@
 
 CuPy does no type checking: a Python float passed to a ``float`` parameter arrives as the low half of
 a double (silently 0.0), a Python int passed to ``int`` works only by little-endian luck, and a strided
-view is read as if contiguous (shared/reference/toolkit-conventions.md §1.3). So every launch goes
+view is read as if contiguous (see docs/design.md, "Building and launching kernels"). So every launch goes
 through :func:`check_args`, which parses the kernel's parameter list from its ``.cu`` source and requires
 
 * pointer parameters: a contiguous torch tensor (passed as its ``data_ptr()``), or an ``int`` address;
@@ -10,6 +10,11 @@ through :func:`check_args`, which parses the kernel's parameter list from its ``
   ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...).
 
 :func:`check_args` is pure Python, so CI (no GPU) tests every wrapper's argument list against the source.
+Entry points are either literal ``__global__`` functions or instantiations of a function-like macro whose
+body is one (``#define K(NAME, T, D) extern "C" __global__ void NAME(const T* q, int n) {...}`` followed by
+lines ``K(moba_x_bf16_d64, __nv_bfloat16, 64)``): :func:`signatures` expands those macros the way the C
+preprocessor does (argument substitution, ``##`` pasting), so the parameter list is still read from text
+written once.
 """
 
 from __future__ import annotations
@@ -64,15 +69,65 @@ def _parse_param(text: str) -> Param:
     return Param(name=words[-1], ctype=" ".join(words[:-1]), pointer=pointer)
 
 
-@functools.cache
-def signatures(filename: str) -> dict[str, tuple[Param, ...]]:
-    """``{kernel name: parameters}`` for every ``__global__`` function in ``cuda/<filename>``."""
-    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", source(filename), flags=re.S)
+_FUNC_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)\(([^)]*)\)(.*)$", re.M)
+_DIRECTIVE = re.compile(r"^[ \t]*#.*$", re.M)
+
+
+def _macro_args(text: str, open_paren: int) -> list[str]:
+    """Arguments of the macro call whose ``(`` is at ``open_paren``, split at top-level commas."""
+    depth, start, args = 0, open_paren + 1, []
+    for i in range(open_paren, len(text)):
+        c = text[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(text[start:i].strip())
+                return args
+        elif c == "," and depth == 1:
+            args.append(text[start:i].strip())
+            start = i + 1
+    raise ValueError(f"unbalanced macro call: {text[open_paren - 40:open_paren + 40]!r}")
+
+
+def _expand(params: list[str], args: list[str], body: str) -> str:
+    """``body`` with each macro parameter replaced by its argument (not inside string literals), then ``##``
+    pasted."""
+    values = dict(zip(params, args, strict=True))
+    text = re.sub(r'"[^"]*"|\b\w+\b', lambda m: values.get(m.group(0), m.group(0)), body)
+    return re.sub(r"\s*##\s*", "", text)
+
+
+def _parse_signatures(text: str) -> dict[str, tuple[Param, ...]]:
+    """``{kernel name: parameters}`` of the ``__global__`` functions in CUDA source ``text``: literal ones and
+    those that function-like macros define (one per call of such a macro outside preprocessor lines)."""
+    text = text.replace("\\\n", " ")  # line splicing comes before comments (C translation phases 2, 3)
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+    macros = {m.group(1): ([p.strip() for p in m.group(2).split(",")], m.group(3))
+              for m in _FUNC_MACRO.finditer(text) if "__global__" in m.group(3)}
+    code = _DIRECTIVE.sub("", text)
+    found = list(_KERNEL.findall(code))
+    for macro, (params, body) in macros.items():
+        for call in re.finditer(rf"\b{macro}\s*\(", code):
+            args = _macro_args(code, call.end() - 1)
+            if len(args) != len(params):
+                raise ValueError(f"{macro} takes {len(params)} arguments {params}, got {args}")
+            found += _KERNEL.findall(_expand(params, args, body))
     out = {}
-    for name, params in _KERNEL.findall(text):
+    for name, params in found:
+        if name in out:
+            raise ValueError(f"kernel {name} is defined twice")
         params = params.strip()
         out[name] = tuple(_parse_param(p) for p in params.split(",")) if params and params != "void" else ()
     return out
+
+
+@functools.cache
+def signatures(filename: str) -> dict[str, tuple[Param, ...]]:
+    """``{kernel name: parameters}`` for every ``__global__`` function in ``cuda/<filename>`` (headers
+    inlined), including those instantiated through a kernel-defining macro."""
+    return _parse_signatures(source(filename))
 
 
 def _base_name(kernel: str) -> str:

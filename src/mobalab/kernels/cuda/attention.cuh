@@ -12,77 +12,19 @@
 // Tensor cores: mma.sync m16n8k16 (fp32 accumulate) fed by ldmatrix from 16-byte-swizzled shared memory
 // (16-byte chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#ifndef MOBALAB_ATTENTION_CUH
+#define MOBALAB_ATTENTION_CUH
+
+#include "ptx.cuh"
 
 #define MOBA_ROWS 64      // rows (query, slot pairs) per tile = 4 warps x 16
 #define MOBA_THREADS 128
 #define MOBA_TPC 4        // tiles per CTA in the resident kernel
-#define MOBA_NEG_INF (-__int_as_float(0x7f800000))
 
 namespace moba {
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-  __device__ __forceinline__ static __nv_bfloat16 cvt(float x) { return __float2bfloat16_rn(x); }
-};
-
-template <>
-struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-  __device__ __forceinline__ static __half cvt(float x) { return __float2half_rn(x); }
-};
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile with D elements (2 bytes) per row.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of D 2-byte elements per row, swizzled so
+// that chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async.
 template <int D>
 __device__ __forceinline__ unsigned swz(int row, int chunk) {
   return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
@@ -125,9 +67,9 @@ __device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], un
     for (int kp = 0; kp < D / 32; ++kp) {
       const int row = nt * 8 + (lane & 7), ch = kp * 4 + (lane >> 3);
       unsigned b0, b1, b2, b3;
-      ldsm_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
-      Mma<T>::run(s[nt], qf[2 * kp], b0, b1);
-      Mma<T>::run(s[nt], qf[2 * kp + 1], b2, b3);
+      ldmatrix_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
+      Elem<T>::mma(s[nt], qf[2 * kp], b0, b1);
+      Elem<T>::mma(s[nt], qf[2 * kp + 1], b2, b3);
     }
   }
 
@@ -145,20 +87,20 @@ __device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], un
         const int key = key0 + nt * 8 + 2 * tq + (e & 1);
         const int rt = (e < 2) ? row_t0 : row_t1;
         const bool ok = key < seqlen && (!causal || key <= rt);
-        if (!ok) s[nt][e] = MOBA_NEG_INF;
+        if (!ok) s[nt][e] = neg_inf();
       }
   }
 
   // Online softmax; l stays a per-thread partial sum (reduced over the quad at the end).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = MOBA_NEG_INF;
+    float mx = neg_inf();
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m_r[r], mx);
-    const float m_use = (m_new == MOBA_NEG_INF) ? 0.f : m_new;
+    const float m_use = (m_new == neg_inf()) ? 0.f : m_new;
     const float alpha = exp2f(m_r[r] - m_use);
     m_r[r] = m_new;
     float sum = 0.f;
@@ -181,17 +123,17 @@ __device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], un
 #pragma unroll
   for (int kk = 0; kk < KT / 16; ++kk) {
     unsigned a[4];
-    a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    a[0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
       unsigned b0, b1, b2, b3;
-      ldsm_x4_t(vt_base + swz<D>(row, ch), b0, b1, b2, b3);
-      Mma<T>::run(o[2 * dp], a, b0, b1);
-      Mma<T>::run(o[2 * dp + 1], a, b2, b3);
+      ldmatrix_x4_trans(vt_base + swz<D>(row, ch), b0, b1, b2, b3);
+      Elem<T>::mma(o[2 * dp], a, b0, b1);
+      Elem<T>::mma(o[2 * dp + 1], a, b2, b3);
     }
   }
 }
@@ -223,151 +165,21 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8][4], const float
   }
 }
 
-
-// One CTA = one tile (blockIdx.x); tile_cum[seg] .. tile_cum[seg+1] are the tiles of segment seg =
-// (chunk kv head kvc, key block j), whose rows are pairs[seg_off[seg] .. seg_off[seg+1]).
-template <typename T, int D, int KT>
-__device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const void* v_, const long long* pairs,
-                                          const long long* seg_off, const long long* tile_cum, float* part_o,
-                                          float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
-                                          int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
-                                          int n_seg, int causal, float scale_log2) {
-  static_assert(D == 64 || D == 128, "head dim");
-  static_assert(KT == 16 || KT == 32 || KT == 64, "key tile");
-  constexpr int CH = D / 8;  // 16-byte chunks per row
-  constexpr int DT = D / 8;  // n-tiles of O per warp
-  extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* sQ = smem;                    // ROWS x D
-  unsigned char* sK = sQ + MOBA_ROWS * D * 2;  // 2 x KT x D
-  unsigned char* sV = sK + 2 * KT * D * 2;     // 2 x KT x D
-  __shared__ long long s_qoff[MOBA_ROWS];      // element offset of the query row, -1 = padding row
-  __shared__ long long s_pair[MOBA_ROWS];
-  __shared__ int s_t[MOBA_ROWS];
-  __shared__ int s_seg;
-  __shared__ int s_mm[4];  // per-warp (min t, max t) of warps 0 and 1
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const long long tile = blockIdx.x;
-  if (tid == 0) {
-    const long long total = tile_cum[n_seg];
-    int seg = -1;
-    if (tile < total) {
-      int lo = 0, hi = n_seg;  // largest seg with tile_cum[seg] <= tile (it owns >= 1 tile)
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (tile_cum[mid] <= tile) lo = mid; else hi = mid - 1;
-      }
-      seg = lo;
+// Segment of work unit `unit` (a tile, or a resident unit of tiles): the largest seg with
+// tile_cum[seg] <= unit (it owns >= 1 unit), or -1 past the last unit (tile_cum[n_seg] units in all; the
+// grid is sized from an upper bound).
+__device__ __forceinline__ int unit_segment(const long long* tile_cum, int n_seg, long long unit) {
+  const long long total = tile_cum[n_seg];
+  int seg = -1;
+  if (unit < total) {
+    int lo = 0, hi = n_seg;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (tile_cum[mid] <= unit) lo = mid; else hi = mid - 1;
     }
-    s_seg = seg;
+    seg = lo;
   }
-  __syncthreads();
-  const int seg = s_seg;
-  if (seg < 0) return;  // uniform: the grid is sized from an upper bound on the tile count
-
-  const long long first = seg_off[seg] + (tile - tile_cum[seg]) * MOBA_ROWS;
-  const int count = static_cast<int>(min(static_cast<long long>(MOBA_ROWS), seg_off[seg + 1] - first));
-  const int kvc = seg / n_blocks, j = seg % n_blocks;
-  const int group = heads / kv_heads;
-  const int kvh = h0 / group + kvc;
-
-  // Row bookkeeping: pair p = (hc * n_q + tt) * top_k + slot (its partial slot), query t = t0 + tt.
-  if (tid < MOBA_ROWS) {
-    long long qoff = -1, p = -1;
-    int t = 0x7fffffff;
-    if (tid < count) {
-      p = pairs[first + tid];
-      const long long rest = p / top_k;
-      const int tt = static_cast<int>(rest % n_q);
-      const int hc = static_cast<int>(rest / n_q);
-      t = t0 + tt;
-      qoff = ((static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc)) * D;
-    }
-    s_qoff[tid] = qoff;
-    s_pair[tid] = p;
-    s_t[tid] = t;
-    int tmin = (tid < count) ? t : 0x7fffffff, tmax = (tid < count) ? t : -1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      tmin = min(tmin, __shfl_xor_sync(0xffffffffu, tmin, o));
-      tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-    }
-    if (lane == 0) {
-      s_mm[warp * 2] = tmin;
-      s_mm[warp * 2 + 1] = tmax;
-    }
-  }
-  __syncthreads();
-  const int t_min = min(s_mm[0], s_mm[2]), t_max = max(s_mm[1], s_mm[3]);
-
-  // Gather the Q tile (padding rows zero-filled).
-  const char* qb = static_cast<const char*>(q_);
-  const unsigned sq = smem_u32(sQ);
-#pragma unroll
-  for (int i = 0; i < MOBA_ROWS * CH / MOBA_THREADS; ++i) {
-    const int c = tid + i * MOBA_THREADS;
-    const int row = c / CH, ch = c % CH;
-    const long long off = s_qoff[row];
-    cp_async16(sq + swz<D>(row, ch), qb + (off >= 0 ? off * 2 + ch * 16 : 0), off >= 0 ? 16 : 0);
-  }
-  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
-  const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
-  const char* kb = static_cast<const char*>(k_) + kv_base;
-  const char* vb = static_cast<const char*>(v_) + kv_base;
-  const unsigned sk = smem_u32(sK), sv = smem_u32(sV);
-  constexpr unsigned KV_BYTES = KT * D * 2;
-
-  // Keys this tile needs: the block's real keys, and under the causal mask none beyond the last row's t.
-  const int key_begin = j * block_size;
-  int key_end = min(key_begin + block_size, seqlen);
-  if (causal) key_end = min(key_end, t_max + 1);
-  const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
-
-  if (n_sub > 0) {
-    load_kv_tile<D, KT>(sk, kb, kv_row_bytes, key_begin, seqlen, tid);
-    load_kv_tile<D, KT>(sv, vb, kv_row_bytes, key_begin, seqlen, tid);
-  }
-  cp_async_commit();
-
-  // This thread's two rows (g and g + 8 of the warp's 16).
-  const int g = lane >> 2;
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
-  const int row_t0 = s_t[r0], row_t1 = s_t[r1];
-
-  float o[DT][4];
-#pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_r[2] = {MOBA_NEG_INF, MOBA_NEG_INF};
-  float l_r[2] = {0.f, 0.f};
-  unsigned qf[D / 16][4];
-
-  for (int it = 0; it < n_sub; ++it) {
-    const int buf = it & 1;
-    if (it + 1 < n_sub) {
-      const int nb = buf ^ 1;
-      load_kv_tile<D, KT>(sk + nb * KV_BYTES, kb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
-      load_kv_tile<D, KT>(sv + nb * KV_BYTES, vb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    if (it == 0) {
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const int row = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
-        ldsm_x4(sq + swz<D>(row, ch), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
-      }
-    }
-
-    subtile_step<T, D, KT>(qf, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
-                           t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane);
-    __syncthreads();  // everyone is done with buffer `buf` before it is refilled
-  }
-  cp_async_wait<0>();
-
-  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane);
+  return seg;
 }
 
 // Row bookkeeping shared by both tile kernels: rows [0, n_rows) of this CTA's list start at pairs[first].
@@ -422,6 +234,111 @@ __device__ __forceinline__ void gather_q(unsigned dst, const char* qb, const lon
   }
 }
 
+// A fragments of this warp's 16 rows of a swizzled MOBA_ROWS x D Q tile at shared address sq.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], unsigned sq, int warp, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int row = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
+    ldmatrix_x4(sq + swz<D>(row, ch), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
+  }
+}
+
+// One CTA = one tile (blockIdx.x); tile_cum[seg] .. tile_cum[seg+1] are the tiles of segment seg =
+// (chunk kv head kvc, key block j), whose rows are pairs[seg_off[seg] .. seg_off[seg+1]).
+template <typename T, int D, int KT>
+__device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const void* v_, const long long* pairs,
+                                          const long long* seg_off, const long long* tile_cum, float* part_o,
+                                          float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
+                                          int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
+                                          int n_seg, int causal, float scale_log2) {
+  static_assert(D == 64 || D == 128, "head dim");
+  static_assert(KT == 16 || KT == 32 || KT == 64, "key tile");
+  constexpr int DT = D / 8;  // n-tiles of O per warp
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* sQ = smem;                    // ROWS x D
+  unsigned char* sK = sQ + MOBA_ROWS * D * 2;  // 2 x KT x D
+  unsigned char* sV = sK + 2 * KT * D * 2;     // 2 x KT x D
+  __shared__ long long s_qoff[MOBA_ROWS];      // element offset of the query row, -1 = padding row
+  __shared__ long long s_pair[MOBA_ROWS];
+  __shared__ int s_t[MOBA_ROWS];
+  __shared__ int s_seg;
+  __shared__ int s_mm[4];  // (min t, max t) of rows 0..31 and 32..63
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long tile = blockIdx.x;
+  if (tid == 0) s_seg = unit_segment(tile_cum, n_seg, tile);
+  __syncthreads();
+  const int seg = s_seg;
+  if (seg < 0) return;  // uniform
+
+  const long long first = seg_off[seg] + (tile - tile_cum[seg]) * MOBA_ROWS;
+  const int count = static_cast<int>(min(static_cast<long long>(MOBA_ROWS), seg_off[seg + 1] - first));
+  const int kvc = seg / n_blocks, j = seg % n_blocks;
+  const int group = heads / kv_heads;
+  const int kvh = h0 / group + kvc;
+  setup_rows<D, MOBA_ROWS>(pairs, first, count, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff, s_pair,
+                           s_t, s_mm);
+  __syncthreads();
+  const int t_min = min(s_mm[0], s_mm[2]), t_max = max(s_mm[1], s_mm[3]);
+
+  const char* qb = static_cast<const char*>(q_);
+  const unsigned sq = smem_u32(sQ);
+  gather_q<D>(sq, qb, s_qoff, tid);
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+  const unsigned sk = smem_u32(sK), sv = smem_u32(sV);
+  constexpr unsigned KV_BYTES = KT * D * 2;
+
+  // Keys this tile needs: the block's real keys, and under the causal mask none beyond the last row's t.
+  const int key_begin = j * block_size;
+  int key_end = min(key_begin + block_size, seqlen);
+  if (causal) key_end = min(key_end, t_max + 1);
+  const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
+
+  if (n_sub > 0) {
+    load_kv_tile<D, KT>(sk, kb, kv_row_bytes, key_begin, seqlen, tid);
+    load_kv_tile<D, KT>(sv, vb, kv_row_bytes, key_begin, seqlen, tid);
+  }
+  cp_async_commit();
+
+  // This thread's two rows (g and g + 8 of the warp's 16).
+  const int g = lane >> 2;
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int row_t0 = s_t[r0], row_t1 = s_t[r1];
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {neg_inf(), neg_inf()};
+  float l_r[2] = {0.f, 0.f};
+  unsigned qf[D / 16][4];
+
+  for (int it = 0; it < n_sub; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < n_sub) {
+      const int nb = buf ^ 1;
+      load_kv_tile<D, KT>(sk + nb * KV_BYTES, kb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      load_kv_tile<D, KT>(sv + nb * KV_BYTES, vb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (it == 0) load_q_fragments<D>(qf, sq, warp, lane);
+
+    subtile_step<T, D, KT>(qf, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
+                           t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane);
+    __syncthreads();  // everyone is done with buffer `buf` before it is refilled
+  }
+  cp_async_wait<0>();
+
+  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane);
+}
+
 // Resident variant: one CTA = one unit of up to MOBA_TPC tiles of one segment. The whole key block (K and
 // V, block_size x D each) is loaded into shared memory once and reused by every tile of the unit; the next
 // tile's queries are gathered (cp.async) while the current tile computes. tile_cum counts units here.
@@ -444,22 +361,10 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long long unit = blockIdx.x;
-  if (tid == 0) {
-    const long long total = tile_cum[n_seg];
-    int seg = -1;
-    if (unit < total) {
-      int lo = 0, hi = n_seg;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (tile_cum[mid] <= unit) lo = mid; else hi = mid - 1;
-      }
-      seg = lo;
-    }
-    s_seg = seg;
-  }
+  if (tid == 0) s_seg = unit_segment(tile_cum, n_seg, unit);
   __syncthreads();
   const int seg = s_seg;
-  if (seg < 0) return;
+  if (seg < 0) return;  // uniform
 
   const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
   const int n_rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
@@ -503,12 +408,7 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
     }
     __syncthreads();
     unsigned qf[D / 16][4];
-    const unsigned sq_t = sq + (ti & 1) * Q_BYTES;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int row = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
-      ldsm_x4(sq_t + swz<D>(row, ch), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
-    }
+    load_q_fragments<D>(qf, sq + (ti & 1) * Q_BYTES, warp, lane);
     const int t_min = min(s_mm[4 * ti], s_mm[4 * ti + 2]);
     const int t_max = max(s_mm[4 * ti + 1], s_mm[4 * ti + 3]);
     const int count = min(MOBA_ROWS, n_rows - ti * MOBA_ROWS);
@@ -521,7 +421,7 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_r[2] = {MOBA_NEG_INF, MOBA_NEG_INF};
+    float m_r[2] = {neg_inf(), neg_inf()};
     float l_r[2] = {0.f, 0.f};
     for (int it = 0; it < n_sub; ++it) {
       const unsigned off = static_cast<unsigned>(it) * KT * D * 2;
@@ -530,6 +430,25 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
     }
     write_partials<D>(o, m_r, l_r, s_pair + base, r0, r1, count, part_o, part_ml, lane);
     __syncthreads();  // every warp has its Q fragments before this Q buffer is refilled
+  }
+}
+
+// This lane's V fp32 values of one slot's partial row (one 8- or 16-byte load), or zeros for a slot that
+// does not count (the merges of the forward and of the deterministic dQ).
+template <int V>
+__device__ __forceinline__ void load_slot_slice(float (&x)[V], const float* src, bool used) {
+  static_assert(V == 2 || V == 4, "head dim 64 or 128");
+  if (used) {
+    if constexpr (V == 4) {
+      const float4 t4 = *reinterpret_cast<const float4*>(src);
+      x[0] = t4.x; x[1] = t4.y; x[2] = t4.z; x[3] = t4.w;
+    } else {
+      const float2 t2 = *reinterpret_cast<const float2*>(src);
+      x[0] = t2.x; x[1] = t2.y;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = 0.f;
   }
 }
 
@@ -550,7 +469,7 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int s = lane + 32 * i;
-    mv[i] = MOBA_NEG_INF;
+    mv[i] = neg_inf();
     lv[i] = 0.f;
     if (s < top_k) {
       const int jb = topk[row * top_k + s];
@@ -564,7 +483,7 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
   float M = fmaxf(mv[0], mv[1]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-  const float m_use = (M == MOBA_NEG_INF) ? 0.f : M;
+  const float m_use = (M == neg_inf()) ? 0.f : M;
   float wv[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) wv[i] = lv[i] > 0.f ? lv[i] * exp2f(mv[i] - m_use) : 0.f;
@@ -586,18 +505,7 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
       const float wsel = (s < 32) ? wv[0] : wv[1];
       ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
       if (s >= top_k) ws[u] = 0.f;
-      if (ws[u] > 0.f) {
-        if constexpr (V == 4) {
-          const float4 t4 = *reinterpret_cast<const float4*>(src + static_cast<long long>(s) * D);
-          x[u][0] = t4.x; x[u][1] = t4.y; x[u][2] = t4.z; x[u][3] = t4.w;
-        } else {
-          const float2 t2 = *reinterpret_cast<const float2*>(src + static_cast<long long>(s) * D);
-          x[u][0] = t2.x; x[u][1] = t2.y;
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) x[u][e] = 0.f;
-      }
+      load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, ws[u] > 0.f);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u)
@@ -608,10 +516,10 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
   T* out = static_cast<T*>(out_) + row * D + lane * V;
 #pragma unroll
   for (int e = 0; e < V; e += 2) {
-    const unsigned packed = Mma<T>::pack(acc[e] * inv, acc[e + 1] * inv);
+    const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
     *reinterpret_cast<unsigned*>(out + e) = packed;
   }
-  if (write_lse && lane == 0) lse[row] = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : MOBA_NEG_INF;
+  if (write_lse && lane == 0) lse[row] = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : neg_inf();
 }
 
 // Segment keys of a chunk: pair (hc, tt, slot) -> kvc * n_blocks + j, or n_seg for empty / invalid slots.
@@ -679,3 +587,5 @@ __device__ __forceinline__ void chunk_segments(const long long* seg_off, int n_s
 }
 
 }  // namespace moba
+
+#endif  // MOBALAB_ATTENTION_CUH

@@ -14,30 +14,29 @@
 // sub-tiles of one block are separate launches in a fixed order).
 //
 // Tensor cores: mma.sync m16n8k16 with fp32 accumulation; operands via ldmatrix from 16-byte-swizzled
-// shared memory (helpers shared with the forward, attention.cuh).
+// shared memory (PTX wrappers in ptx.cuh; tile and slot helpers shared with the forward, attention.cuh).
+
+#ifndef MOBALAB_ATTENTION_BWD_CUH
+#define MOBALAB_ATTENTION_BWD_CUH
 
 #include "attention.cuh"
 
 #define MOBA_BWD_ROWS 64   // gathered rows per tile
 #define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16)
 #define MOBA_BWD_THREADS 128
-#define MOBA_POS_INF (__int_as_float(0x7f800000))
 
 namespace moba_bwd {
 
 using moba::cp_async16;
 using moba::cp_async_commit;
 using moba::cp_async_wait;
-using moba::ldsm_x4;
-using moba::ldsm_x4_t;
-using moba::Mma;
+using moba::Elem;
+using moba::ldmatrix_x4;
+using moba::ldmatrix_x4_trans;
+using moba::red_add2;
 using moba::smem_u32;
+using moba::st_shared_b32;
 using moba::swz;
-
-// Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
-__device__ __forceinline__ void red_add2(float* p, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
-}
 
 // Per gathered row: log2-scaled lse, D, query position t, head within the chunk (16 bytes, one cp.async).
 struct RowInfo {
@@ -241,17 +240,17 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       for (int ks = 0; ks < D / 16; ++ks) {
         unsigned ka[4], va[4];
         const int arow = warp * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
-        ldsm_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
-        ldsm_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
+        ldmatrix_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
+        ldmatrix_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
         // B operands: rows c*16 .. c*16+15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
         const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
         unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
-        ldsm_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
-        ldsm_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
-        Mma<T>::run(s[0], ka, qb0, qb1);
-        Mma<T>::run(s[1], ka, qb2, qb3);
-        Mma<T>::run(dp[0], va, gb0, gb1);
-        Mma<T>::run(dp[1], va, gb2, gb3);
+        ldmatrix_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
+        ldmatrix_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
+        Elem<T>::mma(s[0], ka, qb0, qb1);
+        Elem<T>::mma(s[1], ka, qb2, qb3);
+        Elem<T>::mma(dp[0], va, gb0, gb1);
+        Elem<T>::mma(dp[1], va, gb2, gb3);
       }
       // P and dS, element (key row kr0 (+8), gathered row c*16 + nt*8 + 2tq + (e&1)).
 #pragma unroll
@@ -267,23 +266,22 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           dp[nt][e] = p * (dp[nt][e] - ri.delta);
         }
       unsigned pa[4], da[4];
-      pa[0] = Mma<T>::pack(s[0][0], s[0][1]);
-      pa[1] = Mma<T>::pack(s[0][2], s[0][3]);
-      pa[2] = Mma<T>::pack(s[1][0], s[1][1]);
-      pa[3] = Mma<T>::pack(s[1][2], s[1][3]);
-      da[0] = Mma<T>::pack(dp[0][0], dp[0][1]);
-      da[1] = Mma<T>::pack(dp[0][2], dp[0][3]);
-      da[2] = Mma<T>::pack(dp[1][0], dp[1][1]);
-      da[3] = Mma<T>::pack(dp[1][2], dp[1][3]);
+      pa[0] = Elem<T>::pack(s[0][0], s[0][1]);
+      pa[1] = Elem<T>::pack(s[0][2], s[0][3]);
+      pa[2] = Elem<T>::pack(s[1][0], s[1][1]);
+      pa[3] = Elem<T>::pack(s[1][2], s[1][3]);
+      da[0] = Elem<T>::pack(dp[0][0], dp[0][1]);
+      da[1] = Elem<T>::pack(dp[0][2], dp[0][3]);
+      da[2] = Elem<T>::pack(dp[1][0], dp[1][1]);
+      da[3] = Elem<T>::pack(dp[1][2], dp[1][3]);
       // dS^T to shared memory (4-byte stores; rows = keys, 64 gathered rows of 2 bytes per key row).
       {
         const unsigned base = sdS + 4 * tq;
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int chunk = c * 2 + nt;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + swz<64>(kr0, chunk)), "r"(da[2 * nt]) : "memory");
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + swz<64>(kr0 + 8, chunk)), "r"(da[2 * nt + 1])
-                       : "memory");
+          st_shared_b32(base + swz<64>(kr0, chunk), da[2 * nt]);
+          st_shared_b32(base + swz<64>(kr0 + 8, chunk), da[2 * nt + 1]);
         }
       }
       // dV += P^T dO, dK += dS^T Q  (B = rows c*16.. as [k = row][n = d] via ldmatrix.trans)
@@ -291,12 +289,12 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       for (int dpair = 0; dpair < D / 16; ++dpair) {
         const int row = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dpair * 2 + (lane >> 4);
         unsigned b0, b1, b2, b3;
-        ldsm_x4_t(sdo + swz<D>(row, ch), b0, b1, b2, b3);
-        Mma<T>::run(dv[2 * dpair], pa, b0, b1);
-        Mma<T>::run(dv[2 * dpair + 1], pa, b2, b3);
-        ldsm_x4_t(sq + swz<D>(row, ch), b0, b1, b2, b3);
-        Mma<T>::run(dk[2 * dpair], da, b0, b1);
-        Mma<T>::run(dk[2 * dpair + 1], da, b2, b3);
+        ldmatrix_x4_trans(sdo + swz<D>(row, ch), b0, b1, b2, b3);
+        Elem<T>::mma(dv[2 * dpair], pa, b0, b1);
+        Elem<T>::mma(dv[2 * dpair + 1], pa, b2, b3);
+        ldmatrix_x4_trans(sq + swz<D>(row, ch), b0, b1, b2, b3);
+        Elem<T>::mma(dk[2 * dpair], da, b0, b1);
+        Elem<T>::mma(dk[2 * dpair + 1], da, b2, b3);
       }
     }
     __syncthreads();  // dS^T complete
@@ -324,15 +322,15 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
         // A = dS (m = gathered row, k = key) from dS^T storage: matrix j = (m half j&1, k half j>>1)
         const int mj = lane >> 3;
         const int arow = kk * 16 + (mj >> 1) * 8 + (lane & 7), ach = warp * 2 + (mj & 1);
-        ldsm_x4_t(sdS + swz<64>(arow, ach), a[0], a[1], a[2], a[3]);
+        ldmatrix_x4_trans(sdS + swz<64>(arow, ach), a[0], a[1], a[2], a[3]);
 #pragma unroll
         for (int dpair = 0; dpair < HT / 2; ++dpair) {
           const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
           const int ch = (half * HT / 2 + dpair) * 2 + (lane >> 4);
           unsigned b0, b1, b2, b3;
-          ldsm_x4_t(sK + swz<D>(row, ch), b0, b1, b2, b3);
-          Mma<T>::run(acc[2 * dpair], a, b0, b1);
-          Mma<T>::run(acc[2 * dpair + 1], a, b2, b3);
+          ldmatrix_x4_trans(sK + swz<D>(row, ch), b0, b1, b2, b3);
+          Elem<T>::mma(acc[2 * dpair], a, b0, b1);
+          Elem<T>::mma(acc[2 * dpair + 1], a, b2, b3);
         }
       }
       // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
@@ -377,8 +375,8 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       const float k0 = dk[nt][2 * r] * scale, k1 = dk[nt][2 * r + 1] * scale;
       const float v0 = dv[nt][2 * r], v1 = dv[nt][2 * r + 1];
       if (dkv_mode == 0) {
-        *reinterpret_cast<unsigned*>(static_cast<T*>(dk_) + off + nt * 8) = Mma<T>::pack(k0, k1);
-        *reinterpret_cast<unsigned*>(static_cast<T*>(dv_) + off + nt * 8) = Mma<T>::pack(v0, v1);
+        *reinterpret_cast<unsigned*>(static_cast<T*>(dk_) + off + nt * 8) = Elem<T>::pack(k0, k1);
+        *reinterpret_cast<unsigned*>(static_cast<T*>(dv_) + off + nt * 8) = Elem<T>::pack(v0, v1);
       } else {
         float2* pk = reinterpret_cast<float2*>(dk_acc + off + nt * 8);
         float2* pv = reinterpret_cast<float2*>(dv_acc + off + nt * 8);
@@ -416,19 +414,7 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
     for (int u = 0; u < 4; ++u) {
       const int s = s0 + u;
       const int jb = s < top_k ? topk[row * top_k + s] : -1;
-      const float* src = part_dq + (w * top_k + s) * D + lane * V;
-      if (jb >= 0 && jb < n_blocks) {
-        if constexpr (V == 4) {
-          const float4 t4 = *reinterpret_cast<const float4*>(src);
-          x[u][0] = t4.x; x[u][1] = t4.y; x[u][2] = t4.z; x[u][3] = t4.w;
-        } else {
-          const float2 t2 = *reinterpret_cast<const float2*>(src);
-          x[u][0] = t2.x; x[u][1] = t2.y;
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) x[u][e] = 0.f;
-      }
+      moba::load_slot_slice<V>(x[u], part_dq + (w * top_k + s) * D + lane * V, !(jb < 0 || jb >= n_blocks));
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u)
@@ -437,7 +423,9 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
   }
   T* dq = static_cast<T*>(dq_) + row * D + lane * V;
 #pragma unroll
-  for (int e = 0; e < V; e += 2) *reinterpret_cast<unsigned*>(dq + e) = Mma<T>::pack(acc[e], acc[e + 1]);
+  for (int e = 0; e < V; e += 2) *reinterpret_cast<unsigned*>(dq + e) = Elem<T>::pack(acc[e], acc[e + 1]);
 }
 
 }  // namespace moba_bwd
+
+#endif  // MOBALAB_ATTENTION_BWD_CUH

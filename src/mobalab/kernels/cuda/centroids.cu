@@ -11,15 +11,17 @@
 // Layouts: k (b, N, kv_heads, D) contiguous; centroids (b, n, kv_heads, D) fp32; hi/lo (b, kv_heads, n, D).
 // Grid (n, kv_heads, b), 128 threads: D/8 threads share a key row (16-byte loads), the other threads take
 // other rows of the block; partial sums are reduced through shared memory.
-#include "routing_mma.cuh"
+#include "ptx.cuh"
+
+using moba::Elem;
 
 #define CENTROID_THREADS 128
 
 template <typename T>
 __device__ __forceinline__ void centroid_write_split(float c, T* hi, T* lo, long long idx) {
-    const T h = RoutingType<T>::from_float(c);
+    const T h = Elem<T>::from_float(c);
     hi[idx] = h;
-    lo[idx] = RoutingType<T>::from_float(c - RoutingType<T>::to_float(h));
+    lo[idx] = Elem<T>::from_float(c - Elem<T>::to_float(h));
 }
 
 template <typename T, int D>
@@ -47,7 +49,7 @@ __device__ __forceinline__ void centroid_body(const T* __restrict__ k, float* __
         const uint4 raw = *reinterpret_cast<const uint4*>(base + r * row_stride);
         const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += RoutingType<T>::to_float(v[e]);
+        for (int e = 0; e < 8; ++e) acc[e] += Elem<T>::to_float(v[e]);
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) partial[rg][lane * 8 + e] = acc[e];
@@ -78,43 +80,26 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
     }
 }
 
-// ---- entry points (one per dtype x head dim; signatures are parsed by _launch.check_args) ----
+// ---- entry points: one definition per kind with a literal parameter list, exported under the names of the
+// instantiation lines (mobalab.kernels._launch reads both to check launch arguments) ----
 
-extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
-moba_centroids_bf16_d64(const __nv_bfloat16* __restrict__ k, float* __restrict__ cent,
-                        __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo, int seqlen,
-                        int n_blocks, int kv_heads, int block_size) {
-    centroid_body<__nv_bfloat16, 64>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
-}
+#define MOBA_CENTROIDS_KERNEL(NAME, T, D)                                                                             \
+    extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)                                                    \
+    NAME(const T* __restrict__ k, float* __restrict__ cent, T* __restrict__ hi, T* __restrict__ lo, int seqlen,       \
+         int n_blocks, int kv_heads, int block_size) {                                                                \
+        centroid_body<T, D>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);                                 \
+    }
 
-extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
-moba_centroids_bf16_d128(const __nv_bfloat16* __restrict__ k, float* __restrict__ cent,
-                         __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo, int seqlen,
-                         int n_blocks, int kv_heads, int block_size) {
-    centroid_body<__nv_bfloat16, 128>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
-}
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d64,  __nv_bfloat16, 64)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d128, __nv_bfloat16, 128)
+MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d64,  __half,        64)
+MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d128, __half,        128)
 
-extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
-moba_centroids_fp16_d64(const __half* __restrict__ k, float* __restrict__ cent, __half* __restrict__ hi,
-                        __half* __restrict__ lo, int seqlen, int n_blocks, int kv_heads, int block_size) {
-    centroid_body<__half, 64>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
-}
+#define MOBA_SPLIT_CENTROIDS_KERNEL(NAME, T)                                                                          \
+    extern "C" __global__ void NAME(const float* __restrict__ cent, T* __restrict__ hi, T* __restrict__ lo,           \
+                                    int n_blocks, int kv_heads, int dim) {                                            \
+        split_body<T>(cent, hi, lo, n_blocks, kv_heads, dim);                                                         \
+    }
 
-extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)
-moba_centroids_fp16_d128(const __half* __restrict__ k, float* __restrict__ cent, __half* __restrict__ hi,
-                         __half* __restrict__ lo, int seqlen, int n_blocks, int kv_heads, int block_size) {
-    centroid_body<__half, 128>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);
-}
-
-extern "C" __global__ void moba_split_centroids_bf16(const float* __restrict__ cent,
-                                                     __nv_bfloat16* __restrict__ hi,
-                                                     __nv_bfloat16* __restrict__ lo, int n_blocks,
-                                                     int kv_heads, int dim) {
-    split_body<__nv_bfloat16>(cent, hi, lo, n_blocks, kv_heads, dim);
-}
-
-extern "C" __global__ void moba_split_centroids_fp16(const float* __restrict__ cent, __half* __restrict__ hi,
-                                                     __half* __restrict__ lo, int n_blocks, int kv_heads,
-                                                     int dim) {
-    split_body<__half>(cent, hi, lo, n_blocks, kv_heads, dim);
-}
+MOBA_SPLIT_CENTROIDS_KERNEL(moba_split_centroids_bf16,  __nv_bfloat16)
+MOBA_SPLIT_CENTROIDS_KERNEL(moba_split_centroids_fp16,  __half)

@@ -31,7 +31,14 @@
 // by row (conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled so that both the
 // fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM] (values fp32,
 // blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
-#include "routing_mma.cuh"
+#include "ptx.cuh"
+
+using moba::cp_async16;
+using moba::cp_async_commit;
+using moba::cp_async_wait;
+using moba::Elem;
+using moba::ldmatrix_x4;
+using moba::smem_u32;
 
 #define TK_BM 128
 #define TK_BN 64
@@ -52,10 +59,10 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
         const int r = i / CH, c = i % CH;
         const int j = min(tile * BN + r, n_blocks - 1);
         const int off = r * D + ((c ^ (r & 7)) << 3);
-        routing_cp_async16(sH + off, hi + (long long)j * D + c * 8);
-        routing_cp_async16(sL + off, lo + (long long)j * D + c * 8);
+        cp_async16(sH + off, hi + (long long)j * D + c * 8);
+        cp_async16(sL + off, lo + (long long)j * D + c * 8);
     }
-    routing_cp_async_commit();
+    cp_async_commit();
 }
 
 // One warp's (16 MT) x (8 NT) block of the score tile: rows row0.., centroid columns col0.. of the tiles
@@ -79,7 +86,7 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
         for (int mt = 0; mt < MT; ++mt) {
             const int r = row0 + mt * 16 + (lane & 15);
             const int c = ks * 2 + (lane >> 4);
-            routing_ldmatrix_x4(a[mt], sQ + r * D + ((c ^ (r & 7)) << 3));
+            ldmatrix_x4(smem_u32(sQ + r * D + ((c ^ (r & 7)) << 3)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
         }
         unsigned bh[NT][2], bl[NT][2];
 #pragma unroll
@@ -87,24 +94,15 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
             const int r = col0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
             const int c = ks * 2 + ((lane >> 3) & 1);
             const int off = r * D + ((c ^ (r & 7)) << 3);
-            unsigned t4[4];
-            routing_ldmatrix_x4(t4, sH + off);
-            bh[2 * np][0] = t4[0];
-            bh[2 * np][1] = t4[1];
-            bh[2 * np + 1][0] = t4[2];
-            bh[2 * np + 1][1] = t4[3];
-            routing_ldmatrix_x4(t4, sL + off);
-            bl[2 * np][0] = t4[0];
-            bl[2 * np][1] = t4[1];
-            bl[2 * np + 1][0] = t4[2];
-            bl[2 * np + 1][1] = t4[3];
+            ldmatrix_x4(smem_u32(sH + off), bh[2 * np][0], bh[2 * np][1], bh[2 * np + 1][0], bh[2 * np + 1][1]);
+            ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                RoutingType<T>::mma(acc[mt][nt], a[mt], bh[nt]);
-                RoutingType<T>::mma(acc[mt][nt], a[mt], bl[nt]);
+                Elem<T>::mma(acc[mt][nt], a[mt], bh[nt][0], bh[nt][1]);
+                Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
             }
     }
 }
@@ -126,8 +124,8 @@ __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4],
             for (int nt = 0; nt < NT; ++nt) {
                 const int c = col0 + nt * 8 + (lane & 3) * 2;
                 float2 v;
-                v.x = (j0 + c < lim) ? acc[mt][nt][half * 2] : routing_nan();
-                v.y = (j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : routing_nan();
+                v.x = (j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
+                v.y = (j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
                 *reinterpret_cast<float2*>(sS + r * BN + (((c >> 2) ^ key) << 2) + (c & 3)) = v;
             }
         }
@@ -159,7 +157,7 @@ struct TopkRegList {
 #pragma unroll
         for (int i = 0; i < LCAP; ++i) {
             const bool used = i >= LCAP - cap;
-            v[i] = used ? routing_neg_inf() : __int_as_float(0x7f800000);
+            v[i] = used ? moba::neg_inf() : moba::pos_inf();
             j[i] = -1;
         }
     }
@@ -206,7 +204,7 @@ struct TopkHeap {
         hj = sLj + row;
         cap = list_cap;
         count = 0;
-        thr_v = routing_neg_inf();
+        thr_v = moba::neg_inf();
         thr_j = -1;
     }
     __device__ __forceinline__ float threshold() const { return thr_v; }
@@ -363,10 +361,9 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         for (int i = tid; i < TK_BM * CH; i += TK_THREADS) {
             const int r = i / CH, c = i % CH;
             const int t = min(t0 + r, seqlen - 1);
-            routing_cp_async16(sQ + r * D + ((c ^ (r & 7)) << 3),
-                               q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+            cp_async16(sQ + r * D + ((c ^ (r & 7)) << 3), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
         }
-        routing_cp_async_commit();
+        cp_async_commit();
         topk_load_centroids<T, D, TK_BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
     }
 
@@ -375,7 +372,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     const float* srow = sS + row * TK_BN;
 
     for (int tile = n_tiles - 1; tile >= 0; --tile) {
-        routing_cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
 
         float acc[4][4][4];
@@ -401,196 +398,37 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 }
 
 // ---- entry points: dtype x head dim x causal x list tier (k8 / k16: register lists for up to 8 / 16
-// listed blocks, k64: heap in shared memory). Signatures are parsed by _launch.check_args. ----
+// listed blocks, k64: heap in shared memory). One definition with a literal parameter list, exported under
+// the names of the instantiation lines (mobalab.kernels._launch reads both to check launch arguments). ----
 
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_causal_k8(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, true, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
+#define MOBA_TOPK_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                    \
+    extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                          \
+    NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k) {                              \
+        topk_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k);        \
+    }
 
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_causal_k16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, true, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_causal_k64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, true, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_full_k8(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, false, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_full_k16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, false, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d64_full_k64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 64, false, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_causal_k8(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, true, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_causal_k16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, true, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_causal_k64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, true, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_full_k8(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, false, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_full_k16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, false, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_bf16_d128_full_k64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ chi,
-    const __nv_bfloat16* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__nv_bfloat16, 128, false, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_causal_k8(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, true, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_causal_k16(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, true, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_causal_k64(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, true, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_full_k8(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, false, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_full_k16(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, false, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d64_full_k64(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 64, false, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_causal_k8(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, true, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_causal_k16(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, true, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_causal_k64(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, true, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_full_k8(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, false, 8>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_full_k16(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, false, 16>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
-
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-moba_topk_fp16_d128_full_k64(const __half* __restrict__ q, const __half* __restrict__ chi,
-    const __half* __restrict__ clo, int* __restrict__ out, int seqlen, int heads, int kv_heads,
-    int block_size, int n_blocks, int top_k) {
-    topk_body<__half, 128, false, 0>(q, chi, clo, out, seqlen, heads, kv_heads,
-                                                      block_size, n_blocks, top_k);
-}
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k8,    __nv_bfloat16, 64,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k16,   __nv_bfloat16, 64,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k64,   __nv_bfloat16, 64,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k8,      __nv_bfloat16, 64,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k16,     __nv_bfloat16, 64,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k64,     __nv_bfloat16, 64,  false,  0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k8,   __nv_bfloat16, 128, true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k16,  __nv_bfloat16, 128, true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k64,  __nv_bfloat16, 128, true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k8,     __nv_bfloat16, 128, false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k16,    __nv_bfloat16, 128, false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k64,    __nv_bfloat16, 128, false,  0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k8,    __half,        64,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k16,   __half,        64,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k64,   __half,        64,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k8,      __half,        64,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k16,     __half,        64,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k64,     __half,        64,  false,  0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k8,   __half,        128, true,   8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k16,  __half,        128, true,  16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k64,  __half,        128, true,   0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k8,     __half,        128, false,  8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k16,    __half,        128, false, 16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k64,    __half,        128, false,  0)
