@@ -12,6 +12,9 @@
   a target;
 * :mod:`.key_conv` -- exact block-score moments under a linear key convolution (coverage, m, μ_cluster).
 
+RoPE: :mod:`.rope` -- the Dirichlet factor of a span, Δμ_eff and the block-score moments with rotary
+position encoding.
+
 Everything is numpy/scipy in float64 and broadcasts over array arguments where noted.
 """
 
@@ -34,6 +37,15 @@ from .key_conv import (
     linear_conv_hit_probability,
 )
 from .model import delta_mu_eff, pairwise_failure, paper_threshold, snr
+from .rope import (
+    RopeBlockModel,
+    dirichlet_factor,
+    rope_block_model,
+    rope_clustering_multiplier,
+    rope_delta_mu_eff,
+    rope_frequencies,
+    rope_pair_factors,
+)
 from .topk import hit_probability
 
 __all__ = [
@@ -59,5 +71,12 @@ __all__ = [
     "LinearConvBlockModel",
     "linear_conv_block_model",
     "linear_conv_hit_probability",
+    "rope_frequencies",
+    "dirichlet_factor",
+    "rope_pair_factors",
+    "rope_clustering_multiplier",
+    "rope_delta_mu_eff",
+    "RopeBlockModel",
+    "rope_block_model",
 ]
 
