@@ -46,7 +46,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mobalab import simulate, snr
-from mobalab.simulate.seeding import spawn_generators
+from mobalab.simulate import spawn_generators
 from mobalab.stats import interval_units, wilson_interval
 
 __all__ = ["Config", "run", "plot", "summary", "relevant_offsets", "conv_variants"]

@@ -210,7 +210,7 @@ def test_planted_needle_validation(kwargs, match):
 def test_same_device_treats_implicit_index_as_current():
     import torch
 
-    from mobalab.simulate.generators import _same_device
+    from mobalab.simulate._array_backend import same_device as _same_device
 
     assert _same_device(torch.device("cpu"), torch.device("cpu"))
     assert not _same_device(torch.device("cpu"), torch.device("meta"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .generators import is_torch_tensor
+from ._array_backend import is_torch_tensor
 from .validation import check_int
 
 __all__ = ["block_centroids", "block_scores", "select_blocks", "block_hit"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mobalab.snr import causal_hit_probability, hit_probability
-from mobalab.snr.causal import _harmonic_diff
+from mobalab.snr._causal_hit import _harmonic_diff
 
 
 def brute_force_average(snr, seq_len, block_size, top_k, sd_ratio=1.0):

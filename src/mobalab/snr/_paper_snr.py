@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from ._validate import as_float, as_integer, scalar_or_array
+from .._validate import as_float, as_integer, scalar_or_array
 
 __all__ = ["delta_mu_eff", "snr", "pairwise_failure", "paper_threshold"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mobalab.simulate import KeyConv, averaging_weights, key_conv
-from mobalab.simulate.key_conv import as_key_conv
+from mobalab.simulate._key_convolution import as_key_conv
 
 
 def naive_key_conv(keys, weights, form):

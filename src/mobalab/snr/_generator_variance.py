@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import as_float, as_integer, scalar_or_array
+from .._validate import as_float, as_integer, scalar_or_array
 
 __all__ = ["BlockScoreModel", "planted_token_variance", "generator_block_model"]
 

@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .generators import PLANTED_KINDS, plant_into, random_cluster_positions, random_unit_vectors
-from .key_conv import as_key_conv
-from .routing import block_hit, block_scores
-from .score_router import check_causal_positions, draw_causal_positions
-from .seeding import seed_record, spawn_generators, torch_generator
-from .tidy import outcome_columns
+from ._block_routing import block_hit, block_scores
+from ._key_convolution import as_key_conv
+from ._outcome_columns import outcome_columns
+from ._planted_needle import PLANTED_KINDS, plant_into, random_cluster_positions, random_unit_vectors
+from ._score_router import check_causal_positions, draw_causal_positions
+from ._seeding import seed_record, spawn_generators, torch_generator
 from .validation import check_choice, check_float, check_int, check_progress
 
 __all__ = ["vector_level_router", "resolve_backend"]

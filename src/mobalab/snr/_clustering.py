@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import as_float, scalar_or_array
+from .._validate import as_float, scalar_or_array
 
 __all__ = ["cluster_rho", "clustering_multiplier"]
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import brentq
 
-from ._validate import as_float, as_int, as_integer, as_probability_open, as_sd_ratio, scalar_or_array
-from .causal import _EXACT_MAX, _average_parts, _weighted_past_sum, causal_hit_probability
-from .model import paper_threshold, snr
-from .topk import _hit_core, hit_probability
+from .._validate import as_float, as_int, as_integer, as_probability_open, as_sd_ratio, scalar_or_array
+from ._causal_hit import _EXACT_MAX, _average_parts, _weighted_past_sum, causal_hit_probability
+from ._paper_snr import paper_threshold, snr
+from ._topk_hit import _hit_core, hit_probability
 
 __all__ = [
     "required_snr",

@@ -27,8 +27,8 @@ import pandas as pd
 from scipy.special import ndtr
 from tqdm.auto import tqdm
 
-from .seeding import seed_record, spawn_generators
-from .tidy import outcome_columns
+from ._outcome_columns import outcome_columns
+from ._seeding import seed_record, spawn_generators
 from .validation import check_choice, check_int, check_progress
 
 __all__ = ["SCORE_METHODS", "score_level_router", "score_level_router_causal"]

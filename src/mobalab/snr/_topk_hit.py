@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import betaincc, betaincinv, ndtr, ndtri
 
-from ._validate import as_float, as_integer, as_sd_ratio, scalar_or_array
+from .._validate import as_float, as_integer, as_sd_ratio, scalar_or_array
 
 __all__ = ["hit_probability"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from .generators import is_torch_tensor
+from ._array_backend import is_torch_tensor
 from .validation import check_choice, check_int
 
 __all__ = ["KEY_CONV_FORMS", "KeyConv", "key_conv", "averaging_weights", "as_key_conv"]

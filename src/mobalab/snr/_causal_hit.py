@@ -36,8 +36,8 @@ import math
 import numpy as np
 from scipy.special import digamma
 
-from ._validate import as_float, as_int, as_integer, as_sd_ratio, scalar_or_array
-from .topk import _hit_core
+from .._validate import as_float, as_int, as_integer, as_sd_ratio, scalar_or_array
+from ._topk_hit import _hit_core
 
 __all__ = ["causal_hit_probability"]
 

@@ -21,11 +21,11 @@ the vector-level router uses on GPU.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._array_backend import is_torch_generator, is_torch_tensor, same_device
 from .validation import check_choice, check_float, check_int
 
 __all__ = [
@@ -43,16 +43,6 @@ PLANTED_KINDS = ("isotropic", "exact")
 
 # ---------------------------------------------------------------------------------------------------
 # numpy / torch dispatch
-
-
-def is_torch_generator(rng) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(rng, torch.Generator)
-
-
-def is_torch_tensor(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _check_rng(rng) -> None:
@@ -179,7 +169,7 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
         q = np.asarray(q)
         if not np.issubdtype(q.dtype, np.floating):
             q = q.astype(np.float64)
-    elif not _same_device(q.device, rng.device):
+    elif not same_device(q.device, rng.device):
         raise ValueError(f"q is on {q.device} but the torch.Generator is on {rng.device}")
     if q.ndim < 1 or q.shape[-1] < 1:
         raise ValueError(f"q must have shape (..., d) with d >= 1, got shape {tuple(q.shape)}")
@@ -379,15 +369,3 @@ def planted_needle(
         planted=planted,
     )
 
-
-def _same_device(a, b) -> bool:
-    """torch devices equal up to an implicit index: 'cuda' names the current CUDA device, 'cuda:0' too."""
-    import torch
-
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        current = torch.cuda.current_device() if a.type == "cuda" else None
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index

@@ -60,7 +60,7 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import binom
 
-from ._validate import as_float, as_int
+from .._validate import as_float, as_int
 
 __all__ = ["conv_coverage", "cluster_stats", "LinearConvBlockModel", "linear_conv_block_model",
            "linear_conv_hit_probability"]
