@@ -25,7 +25,7 @@ def test_wilson_coverage_is_close_to_nominal():
 
 
 def test_wilson_validation():
-    with pytest.raises(ValueError, match="trials must be positive"):
+    with pytest.raises(ValueError, match="trials must be an integer >= 1, got 0"):
         wilson_interval(1, 0)
     with pytest.raises(ValueError, match="hits must lie"):
         wilson_interval(5, 4)
@@ -41,3 +41,25 @@ def test_interval_units():
     assert interval_units(0.9, 50, 100) > 1
     # a prediction of exactly 1 at a perfect score sits on the estimate
     assert interval_units(1.0, 100, 100) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: wilson_interval(True, 10), TypeError, "hits must be an integer >= 0"),
+        (lambda: wilson_interval(3, "10"), TypeError, "trials must be an integer >= 1"),
+        (lambda: wilson_interval(2.5, 10), ValueError, "hits must be an integer >= 0, got 2.5"),
+        (lambda: wilson_interval([1, 2], [10, 10, 10]), ValueError, r"hits \(2,\), trials \(3,\)"),
+        (lambda: wilson_interval(1, 4, confidence=True), TypeError, "confidence must be a real number"),
+        (lambda: interval_units(1.5, 5, 10), ValueError, r"prediction must be in \[0, 1\], got 1.5"),
+        (lambda: interval_units([0.5, 0.6], [5, 6, 7], 10), ValueError, r"prediction \(2,\), hits \(3,\)"),
+    ],
+)
+def test_inputs_follow_the_library_rules(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_counts_may_be_integer_valued_floats_and_predictions_nan():
+    np.testing.assert_array_equal(wilson_interval(17.0, 100.0), wilson_interval(np.int64(17), 100))
+    assert np.isnan(interval_units(np.nan, 5, 10))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtri
 
+from ._validate import broadcast, count, real, scalar_real
+
 __all__ = ["wilson_interval", "interval_units"]
 
 
@@ -19,13 +21,9 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
     Vectorised over ``hits`` and ``trials``. Returns ``(low, high)`` as float arrays (scalars in, 0-d
     arrays out). ``trials`` must be positive and ``0 <= hits <= trials``.
     """
-    h = np.asarray(hits, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if np.any(n <= 0):
-        raise ValueError(f"trials must be positive, got {trials}")
-    if np.any((h < 0) | (h > n)):
+    confidence = scalar_real("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True)
+    h, n = (a.astype(np.float64) for a in broadcast(hits=count("hits", hits, 0), trials=count("trials", trials)))
+    if np.any(h > n):
         raise ValueError(f"hits must lie in [0, trials], got hits={hits}, trials={trials}")
     z = ndtri(0.5 + confidence / 2.0)
     p = h / n
@@ -45,10 +43,11 @@ def interval_units(prediction, hits, trials, confidence: float = 0.95):
     the ``confidence`` interval; ``|u| > 1`` means it lies outside. The half-width on the side where the
     prediction lies is used, so the measure stays meaningful for skewed intervals near 0 and 1.
     """
-    pred = np.asarray(prediction, dtype=np.float64)
-    h = np.asarray(hits, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
-    lo, hi = wilson_interval(h, n, confidence)
+    pred = real("prediction", prediction, low=0.0, high=1.0, allow_nan=True)
+    lo, hi = wilson_interval(hits, trials, confidence)
+    pred, h, n, lo, hi = broadcast(
+        prediction=pred, hits=count("hits", hits, 0).astype(np.float64), trials=count("trials", trials), lo=lo, hi=hi
+    )
     est = h / n
     above = pred >= est
     half = np.where(above, hi - est, est - lo)

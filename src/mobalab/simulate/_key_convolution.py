@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from .._validate import choice, real, scalar_count
 from ._array_backend import is_torch_tensor
-from .validation import check_choice, check_int
 
 __all__ = ["KEY_CONV_FORMS", "KeyConv", "key_conv", "averaging_weights", "as_key_conv"]
 
@@ -48,9 +48,7 @@ def _check_weights(weights, d: int):
         raise ValueError(f"weights must have shape (W,) or (W, d) with W >= 1, got shape {shape}")
     if len(shape) == 2 and shape[1] != d:
         raise ValueError(f"weights of shape {shape} do not match the keys' head dim d = {d}")
-    w_np = np.asarray(weights.detach().cpu().numpy() if is_torch_tensor(weights) else weights)
-    if not np.issubdtype(w_np.dtype, np.number) or not np.all(np.isfinite(w_np)):
-        raise ValueError("weights must be finite real numbers")
+    real("weights", weights.detach().cpu().numpy() if is_torch_tensor(weights) else weights)
 
 
 def key_conv(keys, weights, form: str = "residual_silu"):
@@ -59,13 +57,15 @@ def key_conv(keys, weights, form: str = "residual_silu"):
     ``weights``: (W,) shared by all channels or (W, d) per channel, W >= 1. Works on numpy arrays and torch
     tensors (autograd flows through the torch path); returns the keys' type, dtype and device.
     """
-    check_choice("form", form, KEY_CONV_FORMS)
+    choice("form", form, KEY_CONV_FORMS)
     if not is_torch_tensor(keys):
         keys = np.asarray(keys)
-        if not np.issubdtype(keys.dtype, np.floating):
+        if keys.dtype.kind not in "iuf":
+            raise TypeError(f"keys must be a real array, got dtype {keys.dtype}")
+        if keys.dtype.kind != "f":
             keys = keys.astype(np.float64)
     elif not keys.is_floating_point():
-        raise ValueError(f"keys must be floating point, got {keys.dtype}")
+        raise TypeError(f"keys must be a floating-point tensor, got {keys.dtype}")
     if keys.ndim < 2:
         raise ValueError(f"keys must have shape (..., N, d), got shape {tuple(keys.shape)}")
     _check_weights(weights, keys.shape[-1])
@@ -93,10 +93,10 @@ def key_conv(keys, weights, form: str = "residual_silu"):
 
 def averaging_weights(W: int, d: int | None = None) -> np.ndarray:
     """Weights ``w_l = 1/W`` for ``l < W``: shape (W,), or (W, d) when ``d`` is given (float64)."""
-    W = check_int("W", W, 1)
+    W = scalar_count("W", W, 1)
     if d is None:
         return np.full(W, 1.0 / W)
-    return np.full((W, check_int("d", d, 1)), 1.0 / W)
+    return np.full((W, scalar_count("d", d)), 1.0 / W)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,12 +107,10 @@ class KeyConv:
     form: str = "residual_silu"
 
     def __post_init__(self):
-        check_choice("form", self.form, KEY_CONV_FORMS)
-        w = np.asarray(self.weights.detach().cpu().numpy() if is_torch_tensor(self.weights) else self.weights)
+        choice("form", self.form, KEY_CONV_FORMS)
+        w = real("weights", self.weights.detach().cpu().numpy() if is_torch_tensor(self.weights) else self.weights)
         if w.ndim not in (1, 2) or w.shape[0] < 1:
             raise ValueError(f"weights must have shape (W,) or (W, d) with W >= 1, got shape {w.shape}")
-        if not np.issubdtype(w.dtype, np.number) or not np.all(np.isfinite(w)):
-            raise ValueError("weights must be finite real numbers")
 
     @property
     def width(self) -> int:
@@ -151,6 +149,6 @@ def as_key_conv(spec) -> KeyConv | None:
         return KeyConv(spec["weights"], spec.get("form", "residual_silu"))
     if hasattr(spec, "weights"):
         return KeyConv(spec.weights, getattr(spec, "form", "residual_silu"))
-    raise ValueError(
+    raise TypeError(
         f"key_conv must be None, a KeyConv, a dict or an object with .weights, got {type(spec).__name__}"
     )

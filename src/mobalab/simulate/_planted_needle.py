@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._validate import check_memory, choice, cosine, scalar_cosine, scalar_count
+from .._validate import count as counts
 from ._array_backend import is_torch_generator, is_torch_tensor, same_device
-from .validation import check_choice, check_float, check_int
 
 __all__ = [
     "PLANTED_KINDS",
@@ -47,9 +48,28 @@ PLANTED_KINDS = ("isotropic", "exact")
 
 def _check_rng(rng) -> None:
     if not (isinstance(rng, np.random.Generator) or is_torch_generator(rng)):
-        raise ValueError(
-            f"rng must be a numpy.random.Generator or a torch.Generator, got {type(rng).__name__}"
+        raise TypeError(f"rng must be a numpy.random.Generator or a torch.Generator, got {type(rng).__name__}")
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if is_torch_tensor(x) else np.asarray(x)
+
+
+def _check_kind(rng, name: str, x) -> None:
+    """``x`` must be a torch tensor on the generator's device for a torch.Generator, else a numpy array."""
+    if is_torch_generator(rng) != is_torch_tensor(x):
+        raise TypeError(
+            f"{name} must be a torch tensor for a torch.Generator and a numpy array for a numpy Generator, "
+            f"got {name} of type {type(x).__name__} with rng of type {type(rng).__name__}"
         )
+    if is_torch_tensor(x) and not same_device(x.device, rng.device):
+        raise ValueError(f"{name} is on {x.device} but the torch.Generator is on {rng.device}")
+
+
+def _check_unit(name: str, x) -> None:
+    norms = np.sqrt(np.asarray(_to_numpy(_dot_last(x, x)), dtype=np.float64))
+    if norms.size and not np.all(np.abs(norms - 1.0) <= 1e-3):
+        raise ValueError(f"{name} must hold unit vectors, got norms from {norms.min()} to {norms.max()}")
 
 
 def _default_dtype(rng):
@@ -110,12 +130,11 @@ def _as_like(value, ref):
 
 
 def _shape_tuple(shape) -> tuple:
-    if isinstance(shape, int | np.integer):
-        return (check_int("shape", shape, 0),)
-    try:
-        return tuple(check_int("shape entry", s, 0) for s in shape)
-    except TypeError:
-        raise ValueError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+    if isinstance(shape, int | np.integer) and not isinstance(shape, bool | np.bool_):
+        return (scalar_count("shape", shape, 0),)
+    if not isinstance(shape, tuple | list):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__} {shape!r}")
+    return tuple(scalar_count("shape entry", s, 0) for s in shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,9 +148,17 @@ def random_unit_vectors(rng, shape, d: int, dtype=None):
     Generator, torch on the generator's device for a torch.Generator.
     """
     _check_rng(rng)
-    d = check_int("d", d, 1)
+    d = scalar_count("d", d)
     shape = _shape_tuple(shape)
-    return _unit_inplace(_normal(rng, (*shape, d), dtype or _default_dtype(rng)))
+    dtype = dtype or _default_dtype(rng)
+    itemsize = dtype.itemsize if is_torch_generator(rng) else np.dtype(dtype).itemsize
+    check_memory(
+        f"random_unit_vectors of shape {(*shape, d)}",
+        2 * itemsize * d * float(np.prod(shape, dtype=np.float64)),
+        "draw them in smaller batches",
+        device=getattr(rng, "device", None),
+    )
+    return _unit_inplace(_normal(rng, (*shape, d), dtype))
 
 
 def _planted(rng, q, mu, planted: str):
@@ -159,30 +186,18 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
     Returns keys of ``q``'s shape and dtype.
     """
     _check_rng(rng)
-    check_choice("planted", planted, PLANTED_KINDS)
-    if is_torch_generator(rng) != is_torch_tensor(q):
-        raise ValueError(
-            f"q must be a torch tensor for a torch.Generator and a numpy array for a numpy Generator, "
-            f"got q of type {type(q).__name__} with rng of type {type(rng).__name__}"
-        )
+    choice("planted", planted, PLANTED_KINDS)
+    _check_kind(rng, "q", q)
     if not is_torch_tensor(q):
         q = np.asarray(q)
         if not np.issubdtype(q.dtype, np.floating):
             q = q.astype(np.float64)
-    elif not same_device(q.device, rng.device):
-        raise ValueError(f"q is on {q.device} but the torch.Generator is on {rng.device}")
     if q.ndim < 1 or q.shape[-1] < 1:
         raise ValueError(f"q must have shape (..., d) with d >= 1, got shape {tuple(q.shape)}")
     if planted == "exact" and q.shape[-1] < 2:
         raise ValueError("planted='exact' needs d >= 2 (a direction orthogonal to q), got d = 1")
-    norms = np.asarray(_dot_last(q, q).cpu() if is_torch_tensor(q) else _dot_last(q, q), dtype=np.float64)
-    if norms.size and not np.all(np.abs(np.sqrt(norms) - 1.0) <= 1e-3):
-        raise ValueError(
-            f"q must hold unit vectors, got norms from {np.sqrt(norms).min()} to {np.sqrt(norms).max()}"
-        )
-    mu_np = np.asarray(mu.cpu() if is_torch_tensor(mu) else mu, dtype=np.float64)
-    if not np.all(np.isfinite(mu_np)) or np.any(np.abs(mu_np) > 1.0):
-        raise ValueError(f"mu must lie in [-1, 1], got {mu!r}")
+    _check_unit("q", q)
+    mu_np = cosine("mu", _to_numpy(mu) if is_torch_tensor(mu) else mu)
     try:
         np.broadcast_shapes(mu_np.shape, tuple(q.shape[:-1]))
     except ValueError:
@@ -195,11 +210,40 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
 def plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
     """Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
 
-    ``q``: (b, d); ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1) ints (m-1 may
-    be 0), all of the array kind and device of ``keys``. The needle key is ``planted_keys(q, mu_signal)``
-    and each clustered key an independent ``planted_keys(q, mu_cluster)``. No argument checks: this is the
-    device-generic inner step of the vector-level router.
+    ``q``: (b, d) unit vectors; ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1)
+    ints (m-1 may be 0), positions in [0, L), all of the array kind and device of the generator. The needle
+    key is ``planted_keys(q, mu_signal)`` and each clustered key an independent ``planted_keys(q,
+    mu_cluster)``.
     """
+    _check_rng(rng)
+    choice("planted", planted, PLANTED_KINDS)
+    mu_signal = scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
+    for name, x in (("q", q), ("keys", keys), ("needle_pos", needle_pos), ("cluster_pos", cluster_pos)):
+        _check_kind(rng, name, x)
+    if q.ndim != 2 or keys.ndim != 3 or keys.shape[0] != q.shape[0] or keys.shape[2] != q.shape[1]:
+        raise ValueError(
+            f"q must be (b, d) and keys (b, L, d) of the same b and d, got q {tuple(q.shape)} and keys "
+            f"{tuple(keys.shape)}"
+        )
+    b, n_tok = q.shape[0], keys.shape[1]
+    if tuple(needle_pos.shape) != (b,) or cluster_pos.ndim != 2 or cluster_pos.shape[0] != b:
+        raise ValueError(
+            f"needle_pos must be ({b},) and cluster_pos ({b}, m - 1), got {tuple(needle_pos.shape)} and "
+            f"{tuple(cluster_pos.shape)}"
+        )
+    for name, x in (("needle_pos", needle_pos), ("cluster_pos", cluster_pos)):
+        pos = counts(name, _to_numpy(x), 0)
+        if pos.size and pos.max() >= n_tok:
+            raise ValueError(f"{name} must lie in [0, L = {n_tok}) (keys.shape[1]), got {pos.max()}")
+    if planted == "exact" and q.shape[1] < 2:
+        raise ValueError("planted='exact' needs d >= 2 (a direction orthogonal to q), got d = 1")
+    _check_unit("q", q)
+    return _plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal, mu_cluster, planted)
+
+
+def _plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
+    """:func:`plant_into` without argument checks: the device-generic inner step of the vector router."""
     b = q.shape[0]
     if is_torch_tensor(keys):
         import torch
@@ -230,7 +274,15 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
     ``[j*B, min((j+1)*B, seq_len))``; the positions are a uniformly random ``count``-subset of it minus the
     needle. Raises ValueError when some needle's block has fewer than ``count + 1`` positions.
     """
-    needle_pos = np.asarray(needle_pos, dtype=np.int64)
+    _check_rng(rng)
+    block_size = scalar_count("block_size", block_size)
+    seq_len = scalar_count("seq_len", seq_len)
+    count = scalar_count("count", count, 0)
+    needle_pos = counts("needle_pos", needle_pos, 0)
+    if needle_pos.ndim != 1:
+        raise ValueError(f"needle_pos must be a 1-d array (b,), got shape {needle_pos.shape}")
+    if needle_pos.size and needle_pos.max() >= seq_len:
+        raise ValueError(f"needle_pos must lie in [0, seq_len = {seq_len}), got {needle_pos.max()}")
     start = (needle_pos // block_size) * block_size
     length = np.minimum(block_size, seq_len - start)
     if count == 0:
@@ -242,8 +294,10 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
         )
     # A uniformly random permutation of the free slots (argsort of i.i.d. uniforms); slots past the
     # block's real length are pushed to the end so a partial last block draws only from its own slots.
-    u = _uniform01(rng, (needle_pos.shape[0], block_size - 1))
-    u[np.arange(block_size - 1)[None, :] >= (length - 1)[:, None]] = np.inf
+    # Width: the longest block that holds a needle (never more than seq_len, whatever block_size is).
+    width = int(length.max()) - 1
+    u = _uniform01(rng, (needle_pos.shape[0], width))
+    u[np.arange(width)[None, :] >= (length - 1)[:, None]] = np.inf
     slot = np.argsort(u, axis=1, kind="stable")[:, :count]
     offset = (needle_pos - start)[:, None]
     return start[:, None] + slot + (slot >= offset)
@@ -309,13 +363,13 @@ def planted_needle(
     Random draws, in order: positions, q, keys, needle, clustered keys. float32 unless ``dtype`` is given.
     """
     _check_rng(rng)
-    head_dim = check_int("head_dim", head_dim, 1)
-    seq_len = check_int("seq_len", seq_len, 1)
-    block_size = check_int("block_size", block_size, 1)
-    mu_signal = check_float("mu_signal", mu_signal, -1.0, 1.0)
-    mu_cluster = check_float("mu_cluster", mu_cluster, -1.0, 1.0)
-    m = check_int("m", m, 1)
-    check_choice("planted", planted, PLANTED_KINDS)
+    head_dim = scalar_count("head_dim", head_dim)
+    seq_len = scalar_count("seq_len", seq_len)
+    block_size = scalar_count("block_size", block_size)
+    mu_signal = scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
+    m = scalar_count("m", m)
+    choice("planted", planted, PLANTED_KINDS)
     if planted == "exact" and head_dim < 2:
         raise ValueError("planted='exact' needs head_dim >= 2 (a direction orthogonal to q), got 1")
     if m > seq_len:
@@ -323,7 +377,7 @@ def planted_needle(
     if needle_pos is None:
         needle_pos = _integer(rng, 0, seq_len)
     else:
-        needle_pos = check_int("needle_pos", needle_pos, 0)
+        needle_pos = scalar_count("needle_pos", needle_pos, 0)
         if needle_pos >= seq_len:
             raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
     if cluster_positions is None or (isinstance(cluster_positions, str) and cluster_positions == "block"):
@@ -333,9 +387,7 @@ def planted_needle(
             f"cluster_positions must be None, 'block' or a sequence of positions, got {cluster_positions!r}"
         )
     else:
-        cluster_pos = np.array(
-            [check_int("cluster position", c, 0) for c in cluster_positions], dtype=np.int64
-        )
+        cluster_pos = counts("cluster_positions", cluster_positions, 0).reshape(-1)
         if len(cluster_pos) != m - 1:
             raise ValueError(f"cluster_positions must hold m - 1 = {m - 1} positions, got {len(cluster_pos)}")
         if np.any(cluster_pos >= seq_len):
@@ -357,7 +409,7 @@ def planted_needle(
         c_arr = torch.as_tensor(cluster_pos[None, :], device=rng.device)
     else:
         p_arr, c_arr = np.array([needle_pos]), cluster_pos[None, :]
-    plant_into(rng, q, keys, p_arr, c_arr, mu_signal, mu_cluster, planted)
+    _plant_into(rng, q, keys, p_arr, c_arr, mu_signal, mu_cluster, planted)
     return PlantedNeedle(
         q=q[0],
         keys=keys[0],

@@ -27,9 +27,9 @@ import pandas as pd
 from scipy.special import ndtr
 from tqdm.auto import tqdm
 
+from .._validate import broadcast, check_memory, choice, count, flag, real, scalar_count
 from ._outcome_columns import outcome_columns
 from ._seeding import seed_record, spawn_generators
-from .validation import check_choice, check_int, check_progress
 
 __all__ = ["SCORE_METHODS", "score_level_router", "score_level_router_causal"]
 
@@ -39,40 +39,29 @@ SCORE_METHODS = ("binomial", "explicit")
 # fixed numbers (not memory-dependent) so that a seed reproduces the same draws on every machine.
 _BINOMIAL_CHUNK = 1 << 18
 _EXPLICIT_ELEMENTS = 1 << 22
+_EXPLICIT_BYTES_PER_SCORE = 24  # float64 score, comparison masks and the per-trial length mask
 
 
-def _broadcast_configs(**columns):
-    """Broadcast the configuration arguments to a common 1-d shape; validate each."""
-    arrays = {}
-    for name, value in columns.items():
-        arr = np.asarray(value)
-        if arr.dtype == object or arr.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must be a number or an array of numbers, got {value!r}")
-        if arr.dtype.kind == "b":
-            raise ValueError(f"{name} must be numeric, got booleans {value!r}")
-        arrays[name] = arr
-    try:
-        shape = np.broadcast_shapes(*(a.shape for a in arrays.values()))
-    except ValueError:
-        shapes = {k: a.shape for k, a in arrays.items()}
-        raise ValueError(f"configuration arguments do not broadcast together: shapes {shapes}") from None
-    return {k: np.broadcast_to(a, shape).ravel() for k, a in arrays.items()}
+def _configs(**columns: np.ndarray) -> dict[str, np.ndarray]:
+    """Validated configuration arguments broadcast to one flat shape: one entry per output row."""
+    flat = [a.ravel() for a in broadcast(**columns)]
+    if flat[0].size == 0:
+        names = ", ".join(columns)
+        raise ValueError(
+            f"{names} broadcast to an empty shape {np.broadcast_shapes(*(c.shape for c in columns.values()))}: "
+            f"there is no configuration to simulate; give at least one value for each"
+        )
+    return dict(zip(columns, flat, strict=True))
 
 
-def _check_snr_ratio(cfg) -> None:
-    if not np.all(np.isfinite(cfg["snr"])):
-        raise ValueError(f"snr must be finite, got {cfg['snr']}")
-    r = cfg["sd_ratio"]
-    if not np.all(np.isfinite(r)) or np.any(r < 0):
-        raise ValueError(f"sd_ratio must be finite and >= 0, got {r}")
-
-
-def _check_int_column(name, arr, minimum):
-    if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
-        raise ValueError(f"{name} must be integers, got {arr}")
-    if np.any(arr < minimum):
-        raise ValueError(f"{name} must be >= {minimum}, got {arr}")
-    return arr.astype(np.int64)
+def _check_explicit_memory(method: str, n_noise_max: int) -> None:
+    """The explicit sampler holds one trial's noise scores at once: refuse what cannot fit."""
+    if method == "explicit":
+        check_memory(
+            f"method='explicit' with up to {n_noise_max} noise-block scores per trial (all drawn at once)",
+            n_noise_max * _EXPLICIT_BYTES_PER_SCORE,
+            "use method='binomial', which samples the same law exactly with O(1) memory per trial",
+        )
 
 
 def _signal_scores(rng, snr: float, r: float, size: int) -> np.ndarray:
@@ -140,13 +129,17 @@ def score_level_router(
     Returns a tidy DataFrame: method="score-level", backend="numpy", causal=False, snr, sd_ratio,
     n_blocks, top_k, sampler, hits, trials, estimate, ci_low, ci_high (95% Wilson), seed.
     """
-    trials = check_int("trials", trials, 1)
-    check_choice("method", method, SCORE_METHODS)
-    progress = check_progress(progress)
-    cfg = _broadcast_configs(snr=snr, n_blocks=n_blocks, top_k=top_k, sd_ratio=sd_ratio)
-    _check_snr_ratio(cfg)
-    n_arr = _check_int_column("n_blocks", cfg["n_blocks"], 1)
-    k_arr = _check_int_column("top_k", cfg["top_k"], 1)
+    trials = scalar_count("trials", trials)
+    choice("method", method, SCORE_METHODS)
+    progress = flag("progress", progress)
+    cfg = _configs(
+        snr=real("snr", snr),
+        n_blocks=count("n_blocks", n_blocks),
+        top_k=count("top_k", top_k),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
+    n_arr, k_arr = cfg["n_blocks"], cfg["top_k"]
+    _check_explicit_memory(method, int(np.max(np.where(k_arr < n_arr, n_arr - 1, 0))))
     rngs = spawn_generators(seed, len(n_arr))
     rows = []
     with tqdm(total=trials * len(n_arr), disable=not progress, desc="score-level", unit="trial") as bar:
@@ -199,11 +192,11 @@ def draw_causal_positions(rng, seq_len: int, size: int, query_pos=None, needle_p
 def check_causal_positions(seq_len: int, query_pos, needle_pos):
     """Validate optional fixed query / needle positions: 0 <= needle_pos <= query_pos < seq_len."""
     if query_pos is not None:
-        query_pos = check_int("query_pos", query_pos, 0)
+        query_pos = scalar_count("query_pos", query_pos, 0)
         if query_pos >= seq_len:
             raise ValueError(f"query_pos must be in [0, seq_len = {seq_len}), got {query_pos}")
     if needle_pos is not None:
-        needle_pos = check_int("needle_pos", needle_pos, 0)
+        needle_pos = scalar_count("needle_pos", needle_pos, 0)
         if needle_pos >= seq_len:
             raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
     if query_pos is not None and needle_pos is not None and needle_pos > query_pos:
@@ -257,14 +250,18 @@ def score_level_router_causal(
     Columns: as :func:`score_level_router` with causal=True, n_blocks = ceil(N/B), plus seq_len,
     block_size, query_pos, needle_pos.
     """
-    trials = check_int("trials", trials, 1)
-    check_choice("method", method, SCORE_METHODS)
-    progress = check_progress(progress)
-    cfg = _broadcast_configs(snr=snr, seq_len=seq_len, block_size=block_size, top_k=top_k, sd_ratio=sd_ratio)
-    _check_snr_ratio(cfg)
-    n_tok = _check_int_column("seq_len", cfg["seq_len"], 1)
-    bs = _check_int_column("block_size", cfg["block_size"], 1)
-    k_arr = _check_int_column("top_k", cfg["top_k"], 1)
+    trials = scalar_count("trials", trials)
+    choice("method", method, SCORE_METHODS)
+    progress = flag("progress", progress)
+    cfg = _configs(
+        snr=real("snr", snr),
+        seq_len=count("seq_len", seq_len),
+        block_size=count("block_size", block_size),
+        top_k=count("top_k", top_k),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
+    n_tok, bs, k_arr = cfg["seq_len"], cfg["block_size"], cfg["top_k"]
+    _check_explicit_memory(method, int(np.max(np.maximum(n_tok // bs - 1, 0))))
     rows_pos = [check_causal_positions(int(n), query_pos, needle_pos) for n in n_tok]
     rngs = spawn_generators(seed, len(n_tok))
     rows = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_float, scalar_or_array
+from .._validate import broadcast, cosine, real, scalar_or_array
 
 __all__ = ["cluster_rho", "clustering_multiplier"]
 
@@ -26,10 +26,13 @@ def cluster_rho(delta_mu, mu_cluster, mu_noise=0.0):
     ρ = 1 when clustered keys are as similar to the query as the needle, 0 when they are plain noise.
     ``delta_mu`` must be non-zero. Broadcasts.
     """
-    dmu = as_float("delta_mu", delta_mu)
+    dmu, mu_c, mu_n = broadcast(
+        delta_mu=real("delta_mu", delta_mu), mu_cluster=cosine("mu_cluster", mu_cluster),
+        mu_noise=cosine("mu_noise", mu_noise),
+    )
     if np.any(dmu == 0.0):
         raise ValueError(f"delta_mu must be non-zero (rho divides by it), got {delta_mu!r}")
-    return scalar_or_array((as_float("mu_cluster", mu_cluster) - as_float("mu_noise", mu_noise)) / dmu)
+    return scalar_or_array((mu_c - mu_n) / dmu)
 
 
 def clustering_multiplier(m, rho):
@@ -39,7 +42,5 @@ def clustering_multiplier(m, rho):
     only if B shrinks by multiplier² (SNR ∝ 1/sqrt(B)). ``m >= 1`` counts the needle (may be an
     effective, fractional count). Broadcasts.
     """
-    m_arr = as_float("m", m)
-    if np.any(m_arr < 1):
-        raise ValueError(f"m counts the needle itself and must be >= 1, got {m!r}")
-    return scalar_or_array(1.0 + (m_arr - 1.0) * as_float("rho", rho))
+    m_arr, rho_arr = broadcast(m=real("m", m, low=1.0), rho=real("rho", rho))
+    return scalar_or_array(1.0 + (m_arr - 1.0) * rho_arr)

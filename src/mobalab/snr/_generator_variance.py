@@ -40,23 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import as_float, as_integer, scalar_or_array
+from .._validate import broadcast, choice, cosine, count, scalar_or_array
 
 __all__ = ["BlockScoreModel", "planted_token_variance", "generator_block_model"]
 
 _PLANTED = ("isotropic", "exact")
-
-
-def _check_planted(planted: str) -> None:
-    if planted not in _PLANTED:
-        raise ValueError(f"planted must be one of {_PLANTED}, got {planted!r}")
-
-
-def _check_cosine(name: str, mu) -> np.ndarray:
-    arr = as_float(name, mu)
-    if np.any(np.abs(arr) > 1.0):
-        raise ValueError(f"{name} is a cosine and must lie in [-1, 1], got {mu!r}")
-    return arr
 
 
 def planted_token_variance(mu, d, planted="isotropic"):
@@ -67,11 +55,10 @@ def planted_token_variance(mu, d, planted="isotropic"):
     ``mu = 0`` (isotropic) is a plain noise key, variance 1/d. Broadcasts over ``mu`` and ``d``
     (``d >= 1`` integer-valued, |mu| <= 1).
     """
-    _check_planted(planted)
-    mu_arr = _check_cosine("mu", mu)
-    d_arr = as_integer("d", d, 1)
+    choice("planted", planted, _PLANTED)
+    mu_arr, d_arr = broadcast(mu=cosine("mu", mu), d=count("d", d))
     if planted == "exact":
-        return scalar_or_array(np.zeros(np.broadcast_shapes(mu_arr.shape, d_arr.shape)))
+        return scalar_or_array(np.zeros(mu_arr.shape))
     return scalar_or_array((1.0 - mu_arr**2) / d_arr)
 
 
@@ -109,10 +96,14 @@ def generator_block_model(head_dim, block_size, mu_signal, m=1, mu_cluster=0.0, 
     needle), |mu_signal|, |mu_cluster| <= 1, ``planted`` in {"isotropic", "exact"} ("exact" needs
     head_dim >= 2 so that a unit vector orthogonal to q exists). Broadcasts over array arguments.
     """
-    _check_planted(planted)
-    d = as_integer("head_dim", head_dim, 1)
-    bsz = as_integer("block_size", block_size, 1)
-    m_arr = as_integer("m", m, 1)
+    choice("planted", planted, _PLANTED)
+    d, bsz, m_arr, mu_s, mu_c = broadcast(
+        head_dim=count("head_dim", head_dim),
+        block_size=count("block_size", block_size),
+        m=count("m", m),
+        mu_signal=cosine("mu_signal", mu_signal),
+        mu_cluster=cosine("mu_cluster", mu_cluster),
+    )
     if np.any(m_arr > bsz):
         raise ValueError(
             f"m (keys in the signal block, needle included) must be <= block_size, got m={m!r}, "
@@ -120,8 +111,7 @@ def generator_block_model(head_dim, block_size, mu_signal, m=1, mu_cluster=0.0, 
         )
     if planted == "exact" and np.any(d < 2):
         raise ValueError(f"planted='exact' needs head_dim >= 2, got {head_dim!r}")
-    mu_s = _check_cosine("mu_signal", mu_signal)
-    mu_c = _check_cosine("mu_cluster", mu_cluster)
+    d, bsz, m_arr = (v.astype(np.float64) for v in (d, bsz, m_arr))
     dmu_eff = mu_s + (m_arr - 1.0) * mu_c
     mean_diff = dmu_eff / bsz
     var_signal = (

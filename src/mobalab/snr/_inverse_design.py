@@ -15,7 +15,16 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import brentq
 
-from .._validate import as_float, as_int, as_integer, as_probability_open, as_sd_ratio, scalar_or_array
+from .._validate import (
+    broadcast,
+    count,
+    flag,
+    probability,
+    real,
+    scalar_count,
+    scalar_or_array,
+    scalar_real,
+)
 from ._causal_hit import _EXACT_MAX, _average_parts, _weighted_past_sum, causal_hit_probability
 from ._paper_snr import paper_threshold, snr
 from ._topk_hit import _hit_core, hit_probability
@@ -60,11 +69,12 @@ def required_snr(target, n_blocks, top_k, sd_ratio=1.0):
     |error| in P below 1e-9). ``target`` must lie strictly inside (0, 1). Where ``top_k >= n_blocks``
     every block is selected and any SNR works: the result is ``-inf``. Broadcasts over all arguments.
     """
-    t = as_probability_open("target", target)
-    n = as_integer("n_blocks", n_blocks, 1)
-    k = as_integer("top_k", top_k, 1)
-    r = as_sd_ratio(sd_ratio)
-    t, n, k, r = np.broadcast_arrays(t, n, k, r)
+    t, n, k, r = broadcast(
+        target=probability("target", target),
+        n_blocks=count("n_blocks", n_blocks).astype(np.float64),
+        top_k=count("top_k", top_k).astype(np.float64),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
     out = np.full(t.shape, -np.inf)
     for idx in np.ndindex(t.shape):
         if k[idx] >= n[idx]:
@@ -86,13 +96,11 @@ def causal_required_snr(target, seq_len, block_size, top_k, sd_ratio=1.0):
     N <= k·B, any SNR works and the result is ``-inf``. With ``top_k = 1`` the average does not depend
     on the SNR, and a target above it raises ValueError. Scalar arguments; ``target`` in (0, 1).
     """
-    t = float(as_probability_open("target", target))
-    n_tok = as_int("seq_len", seq_len, 1)
-    bsz = as_int("block_size", block_size, 1)
-    k = as_int("top_k", top_k, 1)
-    r = as_sd_ratio(sd_ratio)
-    if r.ndim != 0:
-        raise ValueError(f"sd_ratio must be a scalar here, got an array of shape {r.shape}")
+    t = _require_target(target)
+    n_tok = scalar_count("seq_len", seq_len)
+    bsz = scalar_count("block_size", block_size)
+    k = scalar_count("top_k", top_k)
+    r = scalar_real("sd_ratio", sd_ratio, low=0.0)
     if (n_tok - 1) // bsz <= k - 1:  # N <= k·B: dense causal attention, everything is found
         return -math.inf
     base, weights = _average_parts(n_tok, bsz, k)
@@ -103,7 +111,7 @@ def causal_required_snr(target, seq_len, block_size, top_k, sd_ratio=1.0):
             f"with top_k = 1 only own-block needles are found: the causal average is "
             f"{base / n_tok:.6g} at every SNR, below target {t!r}"
         )
-    rr = np.array([float(r)])
+    rr = np.array([r])
 
     def average(s: float) -> float:
         return float((base + _weighted_past_sum(np.array([s]), rr, k - 1, weights, _EXACT_MAX)[0]) / n_tok)
@@ -113,7 +121,7 @@ def causal_required_snr(target, seq_len, block_size, top_k, sd_ratio=1.0):
 
 
 def _check_target(target):
-    return None if target is None else float(as_probability_open("target", target))
+    return None if target is None else _require_target(target)
 
 
 def design_table(
@@ -127,16 +135,17 @@ def design_table(
     (hit_probability >= target; nullable boolean, NA when ``target`` is None), then the inputs
     ``head_dim``, ``seq_len``, ``top_k``, ``delta_mu_eff``, ``causal``, ``target`` so tables concatenate.
     """
-    d = as_int("head_dim", head_dim, 1)
-    n_tok = as_int("seq_len", seq_len, 1)
-    k = as_int("top_k", top_k, 1)
-    dmu = float(as_float("delta_mu_eff", delta_mu_eff))
+    d = scalar_count("head_dim", head_dim)
+    n_tok = scalar_count("seq_len", seq_len)
+    k = scalar_count("top_k", top_k)
+    dmu = scalar_real("delta_mu_eff", delta_mu_eff)
+    causal = flag("causal", causal)
     tgt = _check_target(target)
-    sizes = as_integer("block_sizes", block_sizes, 1)
+    sizes = count("block_sizes", block_sizes)
     if sizes.ndim != 1 or sizes.size == 0:
         raise ValueError(f"block_sizes must be a non-empty 1-d sequence of integers, got {block_sizes!r}")
     rows = []
-    for bsz in sizes.astype(np.int64).tolist():
+    for bsz in sizes.tolist():
         n_blocks = -(-n_tok // bsz)
         s = float(snr(d, bsz, dmu))
         if causal:
@@ -178,9 +187,7 @@ def largest_block_size(
 
 
 def _require_target(target) -> float:
-    if target is None:
-        raise ValueError("target must be a probability in (0, 1), got None")
-    return _check_target(target)
+    return scalar_real("target", target, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def smallest_top_k(target, head_dim, seq_len, block_size, delta_mu_eff, causal=True, max_top_k=1024):
@@ -190,11 +197,12 @@ def smallest_top_k(target, head_dim, seq_len, block_size, delta_mu_eff, causal=T
     SNR = Δμ_eff·sqrt(d / 2B); causal average or non-causal probability as in :func:`design_table`.
     """
     tgt = _require_target(target)
-    d = as_int("head_dim", head_dim, 1)
-    n_tok = as_int("seq_len", seq_len, 1)
-    bsz = as_int("block_size", block_size, 1)
-    k_max = as_int("max_top_k", max_top_k, 1)
-    s = float(snr(d, bsz, float(as_float("delta_mu_eff", delta_mu_eff))))
+    d = scalar_count("head_dim", head_dim)
+    n_tok = scalar_count("seq_len", seq_len)
+    bsz = scalar_count("block_size", block_size)
+    k_max = scalar_count("max_top_k", max_top_k)
+    causal = flag("causal", causal)
+    s = float(snr(d, bsz, scalar_real("delta_mu_eff", delta_mu_eff)))
     n_blocks = -(-n_tok // bsz)
 
     def prob(k: int) -> float:
@@ -223,14 +231,15 @@ def smallest_head_dim(
     :func:`design_table`.
     """
     tgt = _require_target(target)
-    dims = as_integer("head_dims", head_dims, 1)
+    dims = count("head_dims", head_dims)
     if dims.ndim != 1 or dims.size == 0:
         raise ValueError(f"head_dims must be a non-empty 1-d sequence of integers, got {head_dims!r}")
-    n_tok = as_int("seq_len", seq_len, 1)
-    bsz = as_int("block_size", block_size, 1)
-    k = as_int("top_k", top_k, 1)
+    n_tok = scalar_count("seq_len", seq_len)
+    bsz = scalar_count("block_size", block_size)
+    k = scalar_count("top_k", top_k)
+    causal = flag("causal", causal)
     dims = np.sort(dims)
-    s = np.asarray(snr(dims, bsz, float(as_float("delta_mu_eff", delta_mu_eff))), dtype=np.float64)
+    s = np.asarray(snr(dims, bsz, scalar_real("delta_mu_eff", delta_mu_eff)), dtype=np.float64)
     if causal:
         p = np.asarray(causal_hit_probability(s, n_tok, bsz, k))
     else:

@@ -60,17 +60,25 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import binom
 
-from .._validate import as_float, as_int
+from .._validate import check_memory, count, real, scalar_cosine, scalar_count
 
 __all__ = ["conv_coverage", "cluster_stats", "LinearConvBlockModel", "linear_conv_block_model",
            "linear_conv_hit_probability"]
 
 
 def _weights(weights) -> np.ndarray:
-    w = as_float("weights", weights)
+    w = real("weights", weights)
     if w.ndim != 1 or w.size < 1:
         raise ValueError(f"weights must be a 1-d sequence (W,) shared by all channels, got shape {w.shape}")
     return w
+
+
+def _check_size(block_size: int, width: int) -> None:
+    check_memory(
+        f"the key-convolution model of a block of {block_size} tokens and a filter of width {width}",
+        16 * 8 * (block_size + width),
+        "use a smaller block_size",
+    )
 
 
 def conv_coverage(weights, block_size: int, block: int = 0):
@@ -80,13 +88,17 @@ def conv_coverage(weights, block_size: int, block: int = 0):
     coverage)``: the source offsets jB - W + 1 .. jB + B - 1 and their coverage (W = len(weights)).
     """
     w = _weights(weights)
-    bsz = as_int("block_size", block_size, 1)
-    j = int(as_float("block", block))
+    bsz = scalar_count("block_size", block_size)
+    j = scalar_count("block", block, 0)
+    _check_size(bsz, w.size)
     start, W = j * bsz, w.size
     sources = np.arange(start - W + 1, start + bsz)
-    lags = np.arange(W)
-    inside = (sources[:, None] + lags[None, :] >= start) & (sources[:, None] + lags[None, :] < start + bsz)
-    return sources, (inside * w[None, :]).sum(axis=1)
+    # Source s lands in the block through lags l in [start - s, start + B - 1 - s] ∩ [0, W - 1]:
+    # a partial sum of w, read off its cumulative sums.
+    cum = np.concatenate([[0.0], np.cumsum(w)])
+    lo = np.clip(start - sources, 0, W)
+    hi = np.clip(start + bsz - sources, 0, W)
+    return sources, cum[hi] - cum[lo]
 
 
 def cluster_stats(excess, needle_index: int):
@@ -95,10 +107,10 @@ def cluster_stats(excess, needle_index: int):
     Δμ_eff = Σ e_t; m = (Σ e⁺)² / Σ (e⁺)² with e⁺ = max(e, 0) (participation ratio; 1 when no position
     is elevated); μ_cluster - μ_noise = (Δμ_eff - e[needle_index]) / (m - 1), NaN when m = 1.
     """
-    e = as_float("excess", excess)
+    e = real("excess", excess)
     if e.ndim != 1 or e.size == 0:
         raise ValueError(f"excess must be a non-empty 1-d array of per-position cosines, got shape {e.shape}")
-    i = as_int("needle_index", needle_index, 0)
+    i = scalar_count("needle_index", needle_index, 0)
     if i >= e.size:
         raise ValueError(f"needle_index {i} is outside the block of {e.size} positions")
     total = float(e.sum())
@@ -134,9 +146,9 @@ class LinearConvBlockModel:
     paper_snr: float
 
 
-def _block_moments(w, bsz, d, rel: set, mu, block):
+def _block_moments(w, bsz, d, rel: np.ndarray, mu, block):
     sources, a = conv_coverage(w, bsz, block)
-    is_rel = np.array([s in rel for s in sources])
+    is_rel = np.isin(sources, rel)
     mean = float((a * is_rel).sum() * mu) / bsz
     var = float((a**2).sum() - mu * mu * (a[is_rel] ** 2).sum()) / (d * bsz * bsz)
     return mean, var
@@ -150,30 +162,29 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
     needle's block and the next); ``mu``: their cosine with q (|μ| <= 1); ``needle_offset``: the needle
     (default: the smallest offset), which must lie in [0, B). Equations: module docstring.
     """
-    d = as_int("head_dim", head_dim, 1)
-    bsz = as_int("block_size", block_size, 1)
+    d = scalar_count("head_dim", head_dim)
+    bsz = scalar_count("block_size", block_size)
     w = _weights(weights)
-    mu = float(as_float("mu", mu))
-    if abs(mu) > 1.0:
-        raise ValueError(f"mu is a cosine and must lie in [-1, 1], got {mu}")
-    offs = np.asarray(offsets)
-    if offs.ndim != 1 or offs.size == 0 or not np.issubdtype(offs.dtype, np.integer):
+    mu = scalar_cosine("mu", mu)
+    offs = count("offsets", offsets, 0)
+    if offs.ndim != 1 or offs.size == 0:
         raise ValueError(f"offsets must be a non-empty 1-d sequence of integers, got {offsets!r}")
-    if len(set(offs.tolist())) != offs.size or offs.min() < 0 or offs.max() >= 2 * bsz:
+    if np.unique(offs).size != offs.size or offs.max() >= 2 * bsz:
         raise ValueError(f"offsets must be distinct integers in [0, 2B = {2 * bsz}), got {offs.tolist()}")
-    needle = int(offs.min()) if needle_offset is None else as_int("needle_offset", needle_offset, 0)
-    if needle >= bsz or needle not in set(offs.tolist()):
+    needle = int(offs.min()) if needle_offset is None else scalar_count("needle_offset", needle_offset, 0)
+    if needle >= bsz or needle not in offs:
         raise ValueError(f"needle_offset must be one of the offsets inside block 0 [0, {bsz}), got {needle}")
-    rel = set(offs.tolist())
-    m0, v0 = _block_moments(w, bsz, d, rel, mu, 0)
-    m1, v1 = _block_moments(w, bsz, d, rel, mu, 1)
+    _check_size(bsz, w.size)
+    m0, v0 = _block_moments(w, bsz, d, offs, mu, 0)
+    m1, v1 = _block_moments(w, bsz, d, offs, mu, 1)
     _, a_far = conv_coverage(w, bsz, 0)
     vn = float((a_far**2).sum()) / (d * bsz * bsz)
 
-    mu_src = np.array([mu if s in rel else 0.0 for s in range(-w.size + 1, bsz)])
-    num = np.array([sum(w[l] * mu_src[t - l + w.size - 1] for l in range(w.size)) for t in range(bsz)])
-    sq = np.array([sum(w[l] ** 2 * (1.0 - mu_src[t - l + w.size - 1] ** 2) for l in range(w.size))
-                   for t in range(bsz)])
+    # Cosines of the sources feeding the needle's block (offsets -W+1 .. B-1), then the numerator and the
+    # squared norm of e_t as 'valid' convolutions: Σ_l w_l μ_{t-l} and Σ_l w_l² (1 - μ_{t-l}²).
+    mu_src = np.where(np.isin(np.arange(-w.size + 1, bsz), offs), mu, 0.0)
+    num = np.convolve(mu_src, w, mode="valid")
+    sq = np.convolve(1.0 - mu_src**2, w**2, mode="valid")
     excess = num / np.sqrt(sq + num**2)
     dmu, m, cluster = cluster_stats(excess, needle)
     return LinearConvBlockModel(
@@ -193,8 +204,10 @@ def linear_conv_hit_probability(model: LinearConvBlockModel, n_blocks: int, top_
     Gaussian scores with the moments of ``model``; integral of the module docstring (trapezoid rule on
     z in [-9, 9], 3601 points). ``n_blocks >= 2``; ``top_k >= n_blocks`` gives 1.
     """
-    n = as_int("n_blocks", n_blocks, 2)
-    k = as_int("top_k", top_k, 1)
+    if not isinstance(model, LinearConvBlockModel):
+        raise TypeError(f"model must be a LinearConvBlockModel, got {type(model).__name__}")
+    n = scalar_count("n_blocks", n_blocks, 2)
+    k = scalar_count("top_k", top_k)
     if k >= n:
         return 1.0
     s = model.mean_signal + np.sqrt(model.var_signal) * _Z

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from .._validate import as_float, as_integer, scalar_or_array
+from .._validate import broadcast, cosine, count, real, scalar_or_array
 
 __all__ = ["delta_mu_eff", "snr", "pairwise_failure", "paper_threshold"]
 
@@ -32,12 +32,13 @@ def delta_mu_eff(delta_mu, m=1, mu_cluster=0.0, mu_noise=0.0):
     (``m = 1``: no clustering), so ``m >= 1``; it may be fractional (an effective count). Broadcasts
     over array arguments.
     """
-    dmu = as_float("delta_mu", delta_mu)
-    m_arr = as_float("m", m)
-    if np.any(m_arr < 1):
-        raise ValueError(f"m counts the needle itself and must be >= 1, got {m!r}")
-    out = dmu + (m_arr - 1.0) * (as_float("mu_cluster", mu_cluster) - as_float("mu_noise", mu_noise))
-    return scalar_or_array(out)
+    dmu, m_arr, mu_c, mu_n = broadcast(
+        delta_mu=real("delta_mu", delta_mu),
+        m=real("m", m, low=1.0),
+        mu_cluster=cosine("mu_cluster", mu_cluster),
+        mu_noise=cosine("mu_noise", mu_noise),
+    )
+    return scalar_or_array(dmu + (m_arr - 1.0) * (mu_c - mu_n))
 
 
 def snr(d, block_size, delta_mu_eff, sigma=None):
@@ -50,20 +51,13 @@ def snr(d, block_size, delta_mu_eff, sigma=None):
     deviation), when given, must be positive and replaces 1/sqrt(d) (``d`` is then only validated).
     Halving B multiplies the SNR by sqrt(2). Broadcasts over array arguments.
     """
-    d_arr = as_float("d", d)
-    if np.any(d_arr <= 0):
-        raise ValueError(f"d (head dim) must be positive, got {d!r}")
-    b_arr = as_float("block_size", block_size)
-    if np.any(b_arr <= 0):
-        raise ValueError(f"block_size must be positive, got {block_size!r}")
-    if sigma is None:
-        sig = 1.0 / np.sqrt(d_arr)
-    else:
-        sig = as_float("sigma", sigma)
-        if np.any(sig <= 0):
-            raise ValueError(f"sigma must be positive, got {sigma!r}")
-    out = as_float("delta_mu_eff", delta_mu_eff) / (sig * np.sqrt(2.0 * b_arr))
-    return scalar_or_array(out)
+    d_arr = count("d", d)
+    sig = 1.0 / np.sqrt(d_arr) if sigma is None else real("sigma", sigma, low=0.0, low_open=True)
+    d_arr, b_arr, dmu, sig = broadcast(
+        d=d_arr, block_size=count("block_size", block_size), delta_mu_eff=real("delta_mu_eff", delta_mu_eff),
+        sigma=sig,
+    )
+    return scalar_or_array(dmu / (sig * np.sqrt(2.0 * b_arr)))
 
 
 def pairwise_failure(snr):
@@ -72,7 +66,7 @@ def pairwise_failure(snr):
     Exact in the Gaussian model for D ~ N(E D, Var D) with SNR = E D / sqrt(Var D), whatever the split of
     Var D between the two blocks.
     """
-    return scalar_or_array(ndtr(-as_float("snr", snr)))
+    return scalar_or_array(ndtr(-real("snr", snr)))
 
 
 def paper_threshold(n_blocks, top_k):
@@ -84,7 +78,6 @@ def paper_threshold(n_blocks, top_k):
     selected and any SNR suffices: the threshold is ``-inf``. ``n_blocks >= 1`` and ``top_k >= 1``,
     integer-valued; broadcasts.
     """
-    n = as_integer("n_blocks", n_blocks, 1)
-    k = as_integer("top_k", top_k, 1)
+    n, k = broadcast(n_blocks=count("n_blocks", n_blocks), top_k=count("top_k", top_k))
     ratio = np.minimum(k / n, 1.0)
     return scalar_or_array(-ndtri(ratio))

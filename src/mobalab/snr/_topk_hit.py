@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import betaincc, betaincinv, ndtr, ndtri
 
-from .._validate import as_float, as_integer, as_sd_ratio, scalar_or_array
+from .._validate import broadcast, count, real, scalar_or_array
 
 __all__ = ["hit_probability"]
 
@@ -109,11 +109,13 @@ def hit_probability(snr, n_blocks, top_k, sd_ratio=1.0):
     ``top_k >= 1`` integer-valued; ``sd_ratio >= 0``. Where ``top_k >= n_blocks`` every block is
     selected and the result is exactly 1. Returns a float for scalar input, else an array.
     """
-    s = as_float("snr", snr)
-    n = as_integer("n_blocks", n_blocks, 1)
-    k = as_integer("top_k", top_k, 1)
-    r = as_sd_ratio(sd_ratio)
-    s, n, k, r = (np.array(v, dtype=np.float64) for v in np.broadcast_arrays(s, n, k, r))
+    s, n, k, r = broadcast(
+        snr=real("snr", snr),
+        n_blocks=count("n_blocks", n_blocks),
+        top_k=count("top_k", top_k),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
+    s, n, k, r = (np.array(v, dtype=np.float64) for v in (s, n, k, r))
     out = np.ones(s.shape, dtype=np.float64)
     open_ = k < n
     if np.any(open_):
