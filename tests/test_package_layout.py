@@ -1,6 +1,7 @@
 """Layout of the theory and Monte Carlo packages: one public face per package, unambiguous module names."""
 
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,47 @@ def test_private_module_names_say_what_they_hold():
         if len(places) > 1 and any(p.split(".")[0] in OWN and p.split(".")[-1].startswith("_") for p in places)
     }
     assert clashes == {}, f"module names used twice: {clashes}"
+
+
+# The sections of docs/design.md that code may point at ('docs/design.md, "<section>"').
+DESIGN_SECTIONS = {
+    "MoBA semantics",
+    "The routing model",
+    "SNR",
+    "Exact top-k hit probability",
+    "Causal routing",
+    "Generator variance",
+    "Clustering and key convolution",
+    "Inverse design",
+    "Kernel organisation",
+    "Routing",
+    "Forward",
+    "Backward",
+    "FLOP and byte budget",
+    "Building and launching kernels",
+    "Measuring",
+    "Layout",
+}
+ROOT = SRC.parents[1]
+THEORY_FILES = sorted(
+    [*(SRC / "snr").glob("*.py"), *(SRC / "simulate").glob("*.py"), SRC / "stats.py", SRC / "_validate.py"]
+    + [*(ROOT / "tests" / "snr").glob("*.py"), *(ROOT / "tests" / "simulate").glob("*.py")]
+    + [ROOT / "tests" / "test_stats.py", ROOT / "tests" / "test_validate.py"]
+)
+POINTER = re.compile(r'docs/design\.md, "([^"]+)"')
+
+
+@pytest.mark.parametrize("path", THEORY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pointers_stay_inside_the_repository(path):
+    text = path.read_text(encoding="utf-8")
+    for outside in ("DESIGN.md", "shared/", "/work/", "reference/", "paper-model"):
+        assert outside not in text, f"{path.name} points outside the repository: {outside!r}"
+    assert not re.search(r"\bissues?\b|#\d{2,}", text, re.IGNORECASE), f"{path.name} names an issue"
+    for name in re.findall(r"[\w.-]+\.md\b", text):
+        assert name in ("design.md", "README.md", "RESULTS.md"), f"{path.name} names {name}"
+    sections = set(POINTER.findall(text))
+    assert sections <= DESIGN_SECTIONS, f"{path.name} points at unknown sections {sections - DESIGN_SECTIONS}"
+    design = ROOT / "docs" / "design.md"
+    if design.is_file():
+        headings = {line.lstrip("#").strip() for line in design.read_text().splitlines() if line.startswith("#")}
+        assert sections <= headings, f"{path.name}: {sections - headings} are not headings of docs/design.md"

@@ -1,6 +1,6 @@
 r"""Exact MoBA block routing on given queries and keys (numpy arrays or torch tensors).
 
-Per query, with block size B and n = ceil(N/B) blocks (DESIGN.md, "MoBA semantics"):
+Per query, with block size B and n = ceil(N/B) blocks (docs/design.md, "MoBA semantics"):
 
 * centroid of block j = mean of the keys that exist in it (a partial last block averages its real length),
   accumulated in at least fp32; score :math:`s_j = \langle q, \bar k_j\rangle` (no :math:`1/\sqrt d`);

@@ -1,5 +1,7 @@
 r"""Depthwise causal key convolution (the paper's kconv), on numpy arrays or torch tensors.
 
+See docs/design.md, "MoBA semantics" (key convolution) and "Clustering and key convolution".
+
 With weights :math:`w_\ell \in \mathbb R^d` (:math:`\ell = 0..W-1`) and left zero padding
 (:math:`k_{t-\ell} = 0` for :math:`t - \ell < 0`), per channel:
 

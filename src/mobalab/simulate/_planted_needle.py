@@ -1,5 +1,7 @@
 r"""Planted-needle generators: unit vectors, keys with a planted cosine to the query, and a needle layout.
 
+See docs/design.md, "Generator variance".
+
 The generative model behind :mod:`mobalab.snr`'s ``generator_block_model``:
 
 * the query ``q`` and every noise key are uniform on the unit sphere :math:`S^{d-1}`, so for a noise key

@@ -1,5 +1,7 @@
 r"""Score-level Monte Carlo router: samples the Gaussian block-score model exactly.
 
+See docs/design.md, "Exact top-k hit probability".
+
 Model (the one :func:`mobalab.snr.hit_probability` integrates): n - 1 noise blocks with scores i.i.d.
 :math:`\mathcal N(0, \sigma_n^2)` and one signal block with score :math:`\mathcal N(\Delta, \sigma_s^2)`,
 :math:`r = \sigma_s/\sigma_n` (``sd_ratio``), :math:`\mathrm{SNR} = \Delta/\sqrt{\sigma_s^2+\sigma_n^2}`.

@@ -1,15 +1,15 @@
 r"""Vector-level Monte Carlo router: real planted-needle vectors through exact MoBA routing.
 
-Each trial draws (see :mod:`mobalab.simulate.generators`) a unit query q, noise keys uniform on
+Each trial draws (see :func:`mobalab.simulate.planted_needle`) a unit query q, noise keys uniform on
 :math:`S^{d-1}`, the needle key with cosine ``mu_signal`` and ``m - 1`` clustered keys with cosine
 ``mu_cluster`` at distinct random positions of the needle's block; optionally applies a key convolution;
 forms block centroids (mean of the keys that exist in each block), scores :math:`s_j = q\cdot\bar k_j`
-and applies the MoBA rules of :mod:`mobalab.simulate.routing`. A trial is a hit iff the needle's block is
-selected.
+and applies the MoBA rules of :func:`mobalab.simulate.block_hit` (docs/design.md, "MoBA semantics"). A
+trial is a hit iff the needle's block is selected.
 
 * non-causal: needle uniform on {0..N-1} (or ``needle_pos``); plain top-k over n = ceil(N/B) blocks;
 * causal: query t uniform on {0..N-1} and needle p uniform on {0..t} (or given, see
-  :func:`mobalab.simulate.score_router.draw_causal_positions`); the own block c = t // B is forced and
+  :func:`mobalab.simulate.score_level_router_causal`); the own block c = t // B is forced and
   counts toward k; the top k-1 complete past blocks are added; ties go to the higher block index.
 
 Trials whose outcome the rules fix without any score (causal: needle in the own block, or c <= k - 1 past
@@ -171,7 +171,7 @@ def vector_level_router(
 ) -> pd.DataFrame:
     """Monte Carlo hit rate of MoBA routing on planted-needle vectors (see the module doc); one row.
 
-    ``key_conv``: None, a :class:`~mobalab.simulate.key_conv.KeyConv`, or a dict / object with ``weights``
+    ``key_conv``: None, a :class:`~mobalab.simulate.KeyConv`, or a dict / object with ``weights``
     ((W,) or (W, d)) and ``form``; applied to the keys before routing. ``query_pos`` (causal only) and
     ``needle_pos`` fix the positions. ``batch_size``: most trials per batch (default: a fixed memory
     budget per backend). ``seed``: an int or a numpy Generator.

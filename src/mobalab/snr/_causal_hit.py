@@ -1,9 +1,10 @@
 r"""Causal MoBA: the forced own block, complete past blocks only, and averages over positions.
 
-Conventions (the MoBA contract in DESIGN.md): sequence length N, block size B, top-k k. A query at
-position t has its own block c = floor(t/B), which is always selected and counts toward k; the
-candidates are the c complete past blocks j < c, of which the top k - 1 are added. A needle at position
-p <= t is
+See docs/design.md, "Causal routing"; the routing rules are those of docs/design.md, "MoBA semantics".
+
+Conventions: sequence length N, block size B, top-k k. A query at position t has its own block
+c = floor(t/B), which is always selected and counts toward k; the candidates are the c complete past
+blocks j < c, of which the top k - 1 are added. A needle at position p <= t is
 
 * always found if it lies in the own block (p // B == c): probability 1;
 * otherwise in a complete past block competing with the other c - 1 past blocks for k - 1 slots:

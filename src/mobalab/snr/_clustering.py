@@ -1,5 +1,7 @@
 r"""Within-block clustering as a multiplier on the signal.
 
+See docs/design.md, "Clustering and key convolution".
+
 With ρ = (mu_cluster - mu_noise) / Δμ the effective signal is
 
 .. math::

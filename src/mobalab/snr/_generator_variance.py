@@ -1,5 +1,7 @@
 r"""Exact block-score moments of the vector generator that the simulators and kernel experiments use.
 
+See docs/design.md, "Generator variance".
+
 Generator (the contract with :mod:`mobalab.simulate`):
 
 * the query q is uniform on the unit sphere S^{d-1}; noise keys are i.i.d. uniform on S^{d-1};

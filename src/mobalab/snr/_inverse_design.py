@@ -1,5 +1,7 @@
 r"""Inverse design: which SNR, block size, top-k or head dim reaches a target hit probability.
 
+See docs/design.md, "Inverse design".
+
 The forward model is the paper's equal-variance Gaussian model (sd_ratio = 1 unless stated):
 SNR = Δμ_eff·sqrt(d / 2B) (:func:`snr`), and the hit probability is either the exact non-causal top-k
 probability over n = ceil(N / B) blocks (:func:`hit_probability`) or, with ``causal=True``, the causal

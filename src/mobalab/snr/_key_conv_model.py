@@ -1,5 +1,7 @@
 r"""How a key convolution changes the router's signal: clustering statistics and the exact linear model.
 
+See docs/design.md, "Clustering and key convolution".
+
 Setting. Unit query q; noise keys uniform on :math:`S^{d-1}` (q·k: mean 0, variance 1/d); relevant keys
 planted isotropically with cosine μ (q·k: mean μ, variance (1-μ²)/d), at ``offsets`` relative to the
 start of the needle's block (block 0; offsets >= B fall into block 1, the next one). A *linear*

@@ -1,5 +1,7 @@
 r"""The paper's block-score model: effective signal, SNR, pairwise failure and the top-k rule.
 
+See docs/design.md, "SNR".
+
 A query looks for one signal key among N keys; E[q·k*] = mu_signal, E[q·k] = mu_noise otherwise, and m
 keys of the signal block (k* included) carry mu_cluster. With per-dot-product variance sigma^2 the
 difference D = s_signal_block - s_noise_block of two block scores (centroid = mean of B keys) has

@@ -1,5 +1,7 @@
 r"""Exact probability that the signal block is among the top k of n blocks (Gaussian block-score model).
 
+See docs/design.md, "Exact top-k hit probability".
+
 Model: n - 1 noise blocks with scores i.i.d. N(0, sigma_n^2) and one signal block with score
 N(Delta, sigma_s^2), all independent. With r = sigma_s / sigma_n (``sd_ratio``) and
 
