@@ -9,6 +9,7 @@ import pytest
 import mobalab
 import mobalab.simulate
 import mobalab.snr
+import mobalab.stats
 
 SRC = Path(mobalab.__file__).resolve().parent
 OWN = {"snr": mobalab.snr, "simulate": mobalab.simulate}
@@ -83,3 +84,13 @@ def test_pointers_stay_inside_the_repository(path):
     if design.is_file():
         headings = {line.lstrip("#").strip() for line in design.read_text().splitlines() if line.startswith("#")}
         assert sections <= headings, f"{path.name}: {sections - headings} are not headings of docs/design.md"
+
+
+PUBLIC = [(pkg, name) for pkg in (mobalab.snr, mobalab.simulate, mobalab.stats) for name in pkg.__all__]
+
+
+@pytest.mark.parametrize("package, name", PUBLIC, ids=[f"{p.__name__}.{n}" for p, n in PUBLIC])
+def test_public_docstrings_state_their_equation_and_an_example(package, name):
+    doc = getattr(package, name).__doc__ or ""
+    assert ":math:" in doc or ".. math::" in doc, f"{package.__name__}.{name}: no equation in the docstring"
+    assert "Examples\n    --------\n" in doc and "    >>> " in doc, f"{package.__name__}.{name}: no Examples section"

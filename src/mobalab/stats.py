@@ -19,7 +19,15 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
         \frac{\hat p + z^2/2n \pm z\sqrt{\hat p(1-\hat p)/n + z^2/4n^2}}{1 + z^2/n}
 
     Vectorised over ``hits`` and ``trials``. Returns ``(low, high)`` as float arrays (scalars in, 0-d
-    arrays out). ``trials`` must be positive and ``0 <= hits <= trials``.
+    arrays out). ``hits`` and ``trials`` are counts (integers, ``trials >= 1``, ``0 <= hits <= trials``)
+    that broadcast together; ``confidence`` lies in (0, 1).
+
+    Examples
+    --------
+    >>> from mobalab.stats import wilson_interval
+    >>> low, high = wilson_interval(17, 100)
+    >>> print(f"{low:.4f} {high:.4f}")
+    0.1089 0.2555
     """
     confidence = scalar_real("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True)
     h, n = (a.astype(np.float64) for a in broadcast(hits=count("hits", hits, 0), trials=count("trials", trials)))
@@ -37,11 +45,24 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
 
 
 def interval_units(prediction, hits, trials, confidence: float = 0.95):
-    """Signed distance of ``prediction`` from the Monte Carlo estimate, in units of the Wilson interval.
+    r"""Signed distance of ``prediction`` from the Monte Carlo estimate, in units of the Wilson interval.
+
+    .. math:: u = \frac{p_{\rm pred} - \hat p}{h},\qquad
+              h = \begin{cases} \text{high} - \hat p & p_{\rm pred} \ge \hat p \\
+                                \hat p - \text{low} & \text{otherwise} \end{cases}
 
     0 means the prediction equals the estimate; +-1 means it sits exactly on the upper / lower edge of
     the ``confidence`` interval; ``|u| > 1`` means it lies outside. The half-width on the side where the
     prediction lies is used, so the measure stays meaningful for skewed intervals near 0 and 1.
+
+    Examples
+    --------
+    17 hits in 100 trials (estimate 0.17, 95 % interval 0.109 to 0.255): a prediction of 0.1 lies below the
+    interval, 0.17 on the estimate, 0.25 inside, close to the upper edge:
+
+    >>> from mobalab.stats import interval_units
+    >>> print(interval_units([0.1, 0.17, 0.25], 17, 100).round(2))
+    [-1.15  0.    0.94]
     """
     pred = real("prediction", prediction, low=0.0, high=1.0, allow_nan=True)
     lo, hi = wilson_interval(hits, trials, confidence)

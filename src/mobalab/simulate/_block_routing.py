@@ -53,6 +53,15 @@ def block_centroids(keys, block_size: int):
     r"""Block means :math:`\bar k_j = \frac{1}{|K_j|}\sum_{i\in K_j} k_i` of (..., N, d) keys -> (..., n, d).
 
     Accumulated in fp32 (fp64 inputs stay fp64); the partial last block is averaged over its real length.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> print(simulate.block_centroids(np.arange(10.0).reshape(5, 2), block_size=2))
+    [[1. 2.]
+     [5. 6.]
+     [8. 9.]]
     """
     block_size = scalar_count("block_size", block_size)
     keys = _accum_dtype_keys(keys)
@@ -81,7 +90,16 @@ def _keepdim(x) -> dict:
 
 
 def block_scores(q, keys, block_size: int):
-    r"""Router scores :math:`s_j = \langle q, \bar k_j\rangle`: q (..., d), keys (..., N, d) -> (..., n)."""
+    r"""Router scores :math:`s_j = \langle q, \bar k_j\rangle`: q (..., d), keys (..., N, d) -> (..., n).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> keys = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])
+    >>> print(simulate.block_scores(np.array([1.0, 0.0]), keys, block_size=2))
+    [0.5 0.5 2. ]
+    """
     q = _real_array("q", q)
     if is_torch_tensor(q) != is_torch_tensor(keys):
         raise TypeError(f"q and keys must both be numpy arrays or both torch tensors, got {type(q).__name__} "
@@ -139,11 +157,27 @@ def _eligibility(scores, top_k: int, query_block):
 
 
 def select_blocks(scores, top_k: int, query_block=None):
-    """Boolean mask (same shape as ``scores`` (..., n)) of the blocks MoBA routes each query to.
+    r"""Boolean mask (same shape as ``scores`` (..., n)) of the blocks MoBA routes each query to.
+
+    .. math:: S = \operatorname{top}_k\{0..n-1\}\ \text{(non-causal)},\qquad
+              S = \{c\} \cup \operatorname{top}_{k-1}\{j < c\}\ \text{(causal)},
+
+    ranking by score, ties to the higher block index (docs/design.md, "MoBA semantics").
 
     ``query_block``: None for non-causal routing, else the query's block c (an int or an array
     broadcastable to ``scores.shape[:-1]``); blocks j > c are never selected, and block c is selected only
     when it lies within ``scores`` (a caller may pass just the past blocks' scores).
+
+    Examples
+    --------
+    Scores tie between blocks 1 and 3: the higher index wins the last slot. Causally, a query in block 3
+    always takes its own block and the best k - 1 = 1 of the past blocks 0..2:
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> scores = np.array([0.3, 0.9, 0.1, 0.9])
+    >>> print(simulate.select_blocks(scores, top_k=1), simulate.select_blocks(scores, top_k=2, query_block=3))
+    [False False False  True] [False  True False  True]
     """
     scores = _real_array("scores", scores)
     eligible, forced, slots, _ = _eligibility(scores, top_k, query_block)
@@ -182,12 +216,26 @@ def select_blocks(scores, top_k: int, query_block=None):
 
 
 def block_hit(scores, target_block, top_k: int, query_block=None):
-    """Whether MoBA routes each query to ``target_block``: bool array of shape ``scores.shape[:-1]``.
+    r"""Whether MoBA routes each query to ``target_block``: bool array of shape ``scores.shape[:-1]``.
+
+    .. math:: \text{hit} \iff \#\{j \text{ eligible} : s_j > s_{\rm target}\ \text{or}\
+              (s_j = s_{\rm target},\ j > \text{target})\} < \text{slots},
+
+    with all n blocks eligible and k slots (non-causal), or the past blocks j < c and k - 1 slots
+    (causal, where target = c is always a hit and target > c never).
 
     Non-causal: hit iff fewer than k blocks outrank the target (higher score, or an equal score and a
     higher index). Causal (``query_block`` = c given): hit if target == c; miss if target > c; otherwise hit
     iff fewer than k-1 past blocks j < c outrank it. ``scores`` must cover every block j < c (the own and
     future blocks' scores are not needed).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> scores = np.array([0.3, 0.9, 0.1, 0.9])
+    >>> print(simulate.block_hit(scores, 1, top_k=1), simulate.block_hit(scores, 1, top_k=2, query_block=3))
+    False True
     """
     scores = _real_array("scores", scores)
     eligible, _, slots, c = _eligibility(scores, top_k, query_block)

@@ -56,8 +56,24 @@ def _check_weights(weights, d: int):
 def key_conv(keys, weights, form: str = "residual_silu"):
     r"""Depthwise causal convolution of ``keys`` (..., N, d) over the sequence axis; see the module doc.
 
+    .. math::
+        k'_t = k_t + \mathrm{SiLU}\Big(\sum_{\ell<W} w_\ell \odot k_{t-\ell}\Big)\ \ (\text{residual\_silu}),
+        \qquad k'_t = \sum_{\ell<W} w_\ell \odot k_{t-\ell}\ \ (\text{linear}),\qquad k_{t<0} = 0
+
     ``weights``: (W,) shared by all channels or (W, d) per channel, W >= 1. Works on numpy arrays and torch
     tensors (autograd flows through the torch path); returns the keys' type, dtype and device.
+
+    Examples
+    --------
+    A linear averaging filter over 2 keys, on 4 one-hot keys (left zero padding makes the first key half):
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> print(simulate.key_conv(np.eye(4), simulate.averaging_weights(2), form="linear"))
+    [[0.5 0.  0.  0. ]
+     [0.5 0.5 0.  0. ]
+     [0.  0.5 0.5 0. ]
+     [0.  0.  0.5 0.5]]
     """
     choice("form", form, KEY_CONV_FORMS)
     if not is_torch_tensor(keys):
@@ -94,7 +110,14 @@ def key_conv(keys, weights, form: str = "residual_silu"):
 
 
 def averaging_weights(W: int, d: int | None = None) -> np.ndarray:
-    """Weights ``w_l = 1/W`` for ``l < W``: shape (W,), or (W, d) when ``d`` is given (float64)."""
+    r"""Weights :math:`w_\ell = 1/W` for :math:`\ell < W`: shape (W,), or (W, d) when ``d`` is given (float64).
+
+    Examples
+    --------
+    >>> from mobalab import simulate
+    >>> print(simulate.averaging_weights(4), simulate.averaging_weights(3, d=8).shape)
+    [0.25 0.25 0.25 0.25] (3, 8)
+    """
     W = scalar_count("W", W, 1)
     if d is None:
         return np.full(W, 1.0 / W)
@@ -103,7 +126,20 @@ def averaging_weights(W: int, d: int | None = None) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class KeyConv:
-    """A key convolution to apply before routing: ``weights`` (W,) or (W, d) and ``form``."""
+    r"""A key convolution to apply before routing: ``weights`` (W,) or (W, d) and ``form``.
+
+    ``apply(keys)`` is :func:`key_conv`: :math:`k'_t = [k_t +]\, f\big(\sum_{\ell<W} w_\ell \odot k_{t-\ell}\big)`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> kc = simulate.KeyConv(simulate.averaging_weights(3), form="linear")
+    >>> print(kc.label, kc.width)
+    linear(W=3,w=[0.3333,0.3333,0.3333]) 3
+    >>> print(kc.apply(np.ones((4, 2)))[:, 0].round(3))
+    [0.333 0.667 1.    1.   ]
+    """
 
     weights: object
     form: str = "residual_silu"

@@ -148,6 +148,14 @@ def random_unit_vectors(rng, shape, d: int, dtype=None):
 
     Returns an array of shape ``(*shape, d)`` (float32 unless ``dtype`` says otherwise): numpy for a numpy
     Generator, torch on the generator's device for a torch.Generator.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> x = simulate.random_unit_vectors(np.random.default_rng(0), (2, 3), 64)
+    >>> print(x.shape, x.dtype, np.allclose(np.linalg.norm(x, axis=-1), 1.0, atol=1e-6))
+    (2, 3, 64) float32 True
     """
     _check_rng(rng)
     d = scalar_count("d", d)
@@ -180,12 +188,30 @@ def _planted(rng, q, mu, planted: str):
 def planted_keys(rng, q, mu, planted: str = "isotropic"):
     r"""Keys with a planted cosine to unit queries ``q``: :math:`k = \mu q + \sqrt{1-\mu^2}\,\xi`.
 
+    .. math:: k = \mu q + \sqrt{1-\mu^2}\,\xi,\qquad q\cdot k = \mu + \sqrt{1-\mu^2}\,q\cdot\xi
+
     ``q``: (..., d) unit vectors (numpy for a numpy Generator, torch on the generator's device for a
     torch.Generator). ``mu``: a scalar or an array broadcastable to ``q.shape[:-1]``, each in [-1, 1].
     ``planted="isotropic"``: :math:`\xi` uniform on :math:`S^{d-1}` independent of q, so
     :math:`q\cdot k` has mean :math:`\mu` and variance :math:`(1-\mu^2)/d`. ``planted="exact"``:
     :math:`\xi` uniform on the unit sphere orthogonal to q, so :math:`q\cdot k=\mu` and :math:`\|k\|=1`.
     Returns keys of ``q``'s shape and dtype.
+
+    Examples
+    --------
+    Exact planting puts every key at cosine 0.5 with its query; isotropic planting only on average, with
+    variance (1 - 0.5²)/64 ≈ 0.0117:
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> q = simulate.random_unit_vectors(rng, 20_000, 64, dtype=np.float64)
+    >>> exact = simulate.planted_keys(rng, q, 0.5, planted="exact")
+    >>> print(np.allclose((q * exact).sum(-1), 0.5), np.allclose(np.linalg.norm(exact, axis=-1), 1.0))
+    True True
+    >>> cosines = (q * simulate.planted_keys(rng, q, 0.5)).sum(-1)
+    >>> print(round(cosines.mean(), 2), round(cosines.var(), 3))
+    0.5 0.012
     """
     _check_rng(rng)
     choice("planted", planted, PLANTED_KINDS)
@@ -210,12 +236,27 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
 
 
 def plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
-    """Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
+    r"""Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
+
+    .. math:: k_{b,p_b} = \mu_s q_b + \sqrt{1-\mu_s^2}\,\xi,\qquad
+              k_{b,c} = \mu_c q_b + \sqrt{1-\mu_c^2}\,\xi_c\quad (c \in \text{cluster\_pos}_b)
 
     ``q``: (b, d) unit vectors; ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1)
     ints (m-1 may be 0), positions in [0, L), all of the array kind and device of the generator. The needle
     key is ``planted_keys(q, mu_signal)`` and each clustered key an independent ``planted_keys(q,
     mu_cluster)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> q = simulate.random_unit_vectors(rng, (2,), 16)
+    >>> keys = simulate.random_unit_vectors(rng, (2, 32), 16)
+    >>> needle, cluster = np.array([5, 30]), np.array([[6, 7], [28, 29]])
+    >>> _ = simulate.plant_into(rng, q, keys, needle, cluster, 0.8, 0.5, "exact")
+    >>> print(np.einsum("bd,bd->b", q, keys[[0, 1], needle]).round(4))
+    [0.8 0.8]
     """
     _check_rng(rng)
     choice("planted", planted, PLANTED_KINDS)
@@ -270,11 +311,24 @@ def _plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_clus
 
 
 def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, count: int) -> np.ndarray:
-    """``count`` distinct random positions in each needle's block, other than the needle (numpy int64).
+    r"""``count`` distinct random positions in each needle's block, other than the needle (numpy int64).
+
+    .. math:: C_b \sim \mathrm{Uniform}\{S \subset [jB, \min((j+1)B, N)) \setminus \{p_b\} : |S| = \text{count}\},
+              \quad j = \lfloor p_b / B \rfloor
 
     ``needle_pos``: (b,) positions in ``[0, seq_len)``. Block ``j = p // block_size`` holds positions
     ``[j*B, min((j+1)*B, seq_len))``; the positions are a uniformly random ``count``-subset of it minus the
     needle. Raises ValueError when some needle's block has fewer than ``count + 1`` positions.
+
+    Examples
+    --------
+    Two companions for a needle at 3 (block 0 of 8) and one at 20 (the partial last block 16..21):
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> pos = simulate.random_cluster_positions(np.random.default_rng(0), [3, 20], 8, 22, 2)
+    >>> print(pos.shape, bool(np.all(pos // 8 == np.array([[0], [2]]))), bool(np.all(pos != [[3], [20]])))
+    (2, 2) True True
     """
     _check_rng(rng)
     block_size = scalar_count("block_size", block_size)
@@ -307,7 +361,20 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
 
 @dataclass(frozen=True)
 class PlantedNeedle:
-    """One query and one key sequence with a planted needle (see :func:`planted_needle`)."""
+    r"""One query and one key sequence with a planted needle (see :func:`planted_needle`).
+
+    n_blocks = :math:`\lceil N/B \rceil`, needle_block = :math:`\lfloor p/B \rfloor`, m = 1 + len(cluster_pos).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> needle = simulate.planted_needle(np.random.default_rng(0), 64, 1000, 32, 0.5)
+    >>> print(needle.head_dim, needle.seq_len, needle.n_blocks, needle.m)
+    64 1000 32 1
+    >>> print(needle.needle_block == needle.needle_pos // 32)
+    True
+    """
 
     q: object  # (d,) unit query (numpy array or torch tensor)
     keys: object  # (N, d) keys
@@ -363,6 +430,19 @@ def planted_needle(
       they may lie in other blocks, e.g. a span that crosses a block boundary).
 
     Random draws, in order: positions, q, keys, needle, clustered keys. float32 unless ``dtype`` is given.
+
+    Examples
+    --------
+    A needle and two companions of cosine 0.5 in blocks of 32, planted exactly:
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> nd = simulate.planted_needle(rng, 64, 1024, 32, 0.5, m=3, mu_cluster=0.5, planted="exact")
+    >>> print(nd.keys.shape, nd.m, bool(np.all(nd.cluster_pos // 32 == nd.needle_block)))
+    (1024, 64) 3 True
+    >>> print((nd.keys[[nd.needle_pos, *nd.cluster_pos]] @ nd.q).round(4))
+    [0.5 0.5 0.5]
     """
     _check_rng(rng)
     head_dim = scalar_count("head_dim", head_dim)

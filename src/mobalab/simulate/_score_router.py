@@ -121,7 +121,12 @@ def score_level_router(
     method: str = "binomial",
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Monte Carlo top-k hit rate of the signal block under the Gaussian block-score model (non-causal).
+    r"""Monte Carlo top-k hit rate of the signal block under the Gaussian block-score model (non-causal).
+
+    .. math::
+        S = \mathrm{SNR}\sqrt{1+r^2} + rZ,\quad \text{hit} \iff \#\{i < n-1 : N_i > S\} < k,\quad
+        N_i, Z \sim \mathcal N(0, 1)\ \text{i.i.d.};\qquad
+        \#\{\cdot\} \mid S \sim \mathrm{Binomial}(n - 1, \bar\Phi(S))\ (\text{binomial sampler})
 
     ``snr``, ``n_blocks``, ``top_k`` and ``sd_ratio`` broadcast together (e.g. an array of SNRs); each
     element is one configuration and one output row, sampled with its own stream spawned from ``seed``
@@ -130,6 +135,18 @@ def score_level_router(
 
     Returns a tidy DataFrame: method="score-level", backend="numpy", causal=False, snr, sd_ratio,
     n_blocks, top_k, sampler, hits, trials, estimate, ci_low, ci_high (95% Wilson), seed.
+
+    Examples
+    --------
+    >>> from mobalab import simulate, snr
+    >>> df = simulate.score_level_router([1.0, 2.0], n_blocks=512, top_k=8, trials=100_000, seed=0)
+    >>> print(df[["snr", "n_blocks", "top_k", "trials"]].to_string(index=False))
+     snr  n_blocks  top_k  trials
+     1.0       512      8  100000
+     2.0       512      8  100000
+    >>> theory = snr.hit_probability(df["snr"].to_numpy(), 512, 8)
+    >>> print(theory.round(3), bool(abs(df["estimate"] - theory).max() < 0.01))
+    [0.226 0.741] True
     """
     trials = scalar_count("trials", trials)
     choice("method", method, SCORE_METHODS)
@@ -240,9 +257,15 @@ def score_level_router_causal(
     needle_pos: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Monte Carlo hit rate of causal MoBA routing under the Gaussian block-score model.
+    r"""Monte Carlo hit rate of causal MoBA routing under the Gaussian block-score model.
 
-    Per trial: query t and needle p (see :func:`draw_causal_positions`); own block c = t // B forced;
+    .. math::
+        \text{hit} \iff \lfloor p/B\rfloor = c\ \ \text{or}\ \
+        \#\{i < c - 1 : N_i > S\} < k - 1,\qquad c = \lfloor t/B\rfloor,\ S\ \text{as in}\
+        :func:`score\_level\_router`
+
+    Per trial: query t uniform on {0..N-1} and needle p uniform on {0..t} (fixed by ``query_pos`` /
+    ``needle_pos`` when given; with only ``needle_pos``, t is uniform on {p..N-1}); own block c = t // B forced;
     a needle in block c is a hit; otherwise hit iff fewer than k - 1 of the c - 1 other complete past
     blocks score above the needle's block (binomial or explicit sampler, as in
     :func:`score_level_router`). ``snr``, ``seq_len``, ``block_size``, ``top_k``, ``sd_ratio`` broadcast
@@ -251,6 +274,14 @@ def score_level_router_causal(
 
     Columns: as :func:`score_level_router` with causal=True, n_blocks = ceil(N/B), plus seq_len,
     block_size, query_pos, needle_pos.
+
+    Examples
+    --------
+    >>> from mobalab import simulate, snr
+    >>> df = simulate.score_level_router_causal(2.0, seq_len=8192, block_size=32, top_k=8, trials=100_000, seed=0)
+    >>> theory = snr.causal_hit_probability(2.0, 8192, 32, 8)
+    >>> print(df["n_blocks"][0], round(theory, 3), bool(abs(df["estimate"][0] - theory) < 0.01))
+    256 0.892 True
     """
     trials = scalar_count("trials", trials)
     choice("method", method, SCORE_METHODS)

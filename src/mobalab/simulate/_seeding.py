@@ -32,7 +32,22 @@ def _check_seed(seed) -> int | None:
 
 
 def spawn_generators(seed, count: int) -> list[np.random.Generator]:
-    """``count`` independent numpy Generators derived from ``seed`` (int or Generator)."""
+    r"""``count`` independent numpy Generators derived from ``seed`` (int or Generator).
+
+    .. math:: \text{rng}_i = \mathrm{default\_rng}(c_i),\qquad
+              (c_0, \dots, c_{\text{count}-1}) = \mathrm{SeedSequence}(\text{seed}).\mathrm{spawn}(\text{count})
+
+    (a Generator ``seed`` is spawned the same way, ``seed.spawn(count)``, and advanced by it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> a, b = simulate.spawn_generators(0, 2)
+    >>> again, _ = simulate.spawn_generators(0, 2)
+    >>> print(a.integers(1000, size=3).tolist() == again.integers(1000, size=3).tolist(), a is not b)
+    True True
+    """
     int_seed = _check_seed(seed)
     count = scalar_count("count", count)
     if int_seed is None:

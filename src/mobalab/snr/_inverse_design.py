@@ -66,10 +66,21 @@ def _solve_increasing(func, target: float, guess: float) -> float:
 def required_snr(target, n_blocks, top_k, sd_ratio=1.0):
     r"""Smallest SNR with :math:`P_{\rm hit}(\mathrm{SNR}; n, k, r) \ge` ``target``.
 
+    .. math:: \mathrm{SNR}^* = \min\{\mathrm{SNR} : P_{\rm hit}(\mathrm{SNR}; n, k, r) \ge \text{target}\}
+
     P_hit is continuous and strictly increasing in SNR from 0 to 1, so this is the root of
     P_hit = target (Brent's method on a bracket grown around the paper's threshold Φ^{-1}(1 - k/n);
     |error| in P below 1e-9). ``target`` must lie strictly inside (0, 1). Where ``top_k >= n_blocks``
     every block is selected and any SNR works: the result is ``-inf``. Broadcasts over all arguments.
+
+    Examples
+    --------
+    The paper's threshold for the top 8 of 2048 blocks is 2.66; reaching the needle's block 99 % of the
+    time takes SNR 3.55:
+
+    >>> from mobalab import snr
+    >>> print(snr.required_snr([0.5, 0.9, 0.99], n_blocks=2048, top_k=8).round(3))
+    [1.894 2.807 3.552]
     """
     t, n, k, r = broadcast(
         target=probability("target", target),
@@ -93,10 +104,18 @@ def required_snr(target, n_blocks, top_k, sd_ratio=1.0):
 def causal_required_snr(target, seq_len, block_size, top_k, sd_ratio=1.0):
     r"""Smallest SNR at which the causal average (:func:`causal_hit_probability`) reaches ``target``.
 
+    .. math:: \mathrm{SNR}^* = \min\{\mathrm{SNR} : \bar P(\mathrm{SNR}; N, B, k, r) \ge \text{target}\}
+
     The average never falls below the share of needles that sit in the query's own block (or in past
     blocks that all fit into the k - 1 free slots); for targets at or below that floor, and when
     N <= k·B, any SNR works and the result is ``-inf``. With ``top_k = 1`` the average does not depend
     on the SNR, and a target above it raises ValueError. Scalar arguments; ``target`` in (0, 1).
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> print(f"{snr.causal_required_snr(0.9, seq_len=8192, block_size=32, top_k=8):.3f}")
+    2.034
     """
     t = _require_target(target)
     n_tok = scalar_count("seq_len", seq_len)
@@ -131,11 +150,31 @@ def design_table(
 ) -> pd.DataFrame:
     r"""Tidy table of the design space over block sizes, one row per block size.
 
+    .. math:: \mathrm{SNR}(B) = \Delta\mu_{\rm eff}\sqrt{d/2B},\quad n(B) = \lceil N/B\rceil,\quad
+              P(B) = \bar P_{\rm causal}(\mathrm{SNR}(B); N, B, k)\ \text{or}\ P_{\rm hit}(\mathrm{SNR}(B); n(B), k)
+
     Columns: ``block_size``, ``n_blocks`` = ceil(N / B), ``snr`` = Δμ_eff·sqrt(d / 2B),
     ``paper_threshold`` = Φ^{-1}(1 - k/n), ``hit_probability`` (the causal average over query and
     needle positions when ``causal``, else the exact non-causal top-k probability), ``meets_target``
     (hit_probability >= target; nullable boolean, NA when ``target`` is None), then the inputs
     ``head_dim``, ``seq_len``, ``top_k``, ``delta_mu_eff``, ``causal``, ``target`` so tables concatenate.
+
+    Examples
+    --------
+    Head dim 64, 128K tokens, top 8, Δμ_eff = 4, causal: blocks of 32 still reach 99 %, blocks of 64 do not
+    (compare the paper's threshold with the SNR: it calls B = 64 fine):
+
+    >>> from mobalab import snr
+    >>> df = snr.design_table(64, 131072, 8, 4.0, target=0.99)
+    >>> columns = ["block_size", "snr", "paper_threshold", "hit_probability", "meets_target"]
+    >>> print(df[columns].round(3).to_string(index=False))
+     block_size   snr  paper_threshold  hit_probability  meets_target
+             16 5.657            3.097            1.000          True
+             32 4.000            2.886            0.998          True
+             64 2.828            2.660            0.938         False
+            128 2.000            2.418            0.750         False
+            256 1.414            2.154            0.572         False
+            512 1.000            1.863            0.487         False
     """
     d = scalar_count("head_dim", head_dim)
     n_tok = scalar_count("seq_len", seq_len)
@@ -178,10 +217,20 @@ def design_table(
 def largest_block_size(
     target, head_dim, seq_len, top_k, delta_mu_eff, causal=True, block_sizes=_DEFAULT_BLOCK_SIZES
 ):
-    """Largest block size in ``block_sizes`` whose hit probability reaches ``target`` (None if none does).
+    r"""Largest block size in ``block_sizes`` whose hit probability reaches ``target`` (None if none does).
+
+    .. math:: B^* = \max\{B \in \text{block\_sizes} : P(B) \ge \text{target}\}
+
+    with P(B) as in :func:`design_table`.
 
     Every candidate is evaluated (the hit probability need not be monotone in B, since n = ceil(N/B)
     changes with it). Same model and arguments as :func:`design_table`.
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> print(snr.largest_block_size(0.99, head_dim=64, seq_len=131072, top_k=8, delta_mu_eff=4.0))
+    32
     """
     df = design_table(head_dim, seq_len, top_k, delta_mu_eff, block_sizes, causal, _require_target(target))
     ok = df.loc[df["meets_target"].astype(bool), "block_size"]
@@ -193,10 +242,19 @@ def _require_target(target) -> float:
 
 
 def smallest_top_k(target, head_dim, seq_len, block_size, delta_mu_eff, causal=True, max_top_k=1024):
-    """Smallest top-k in [1, ``max_top_k``] whose hit probability reaches ``target`` (None if none does).
+    r"""Smallest top-k in [1, ``max_top_k``] whose hit probability reaches ``target`` (None if none does).
+
+    .. math:: k^* = \min\{k \in [1, k_{\max}] : P(k) \ge \text{target}\},\quad
+              \mathrm{SNR} = \Delta\mu_{\rm eff}\sqrt{d/2B}
 
     The hit probability increases with k (causal: more free slots), so this is a bisection over k.
     SNR = Δμ_eff·sqrt(d / 2B); causal average or non-causal probability as in :func:`design_table`.
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> print(snr.smallest_top_k(0.99, head_dim=64, seq_len=8192, block_size=64, delta_mu_eff=4.0))
+    5
     """
     tgt = _require_target(target)
     d = scalar_count("head_dim", head_dim)
@@ -227,10 +285,18 @@ def smallest_top_k(target, head_dim, seq_len, block_size, delta_mu_eff, causal=T
 def smallest_head_dim(
     target, seq_len, block_size, top_k, delta_mu_eff, causal=True, head_dims=_DEFAULT_HEAD_DIMS
 ):
-    """Smallest head dim in ``head_dims`` whose hit probability reaches ``target`` (None if none does).
+    r"""Smallest head dim in ``head_dims`` whose hit probability reaches ``target`` (None if none does).
+
+    .. math:: d^* = \min\{d \in \text{head\_dims} : P(\mathrm{SNR} = \Delta\mu_{\rm eff}\sqrt{d/2B}) \ge \text{target}\}
 
     Δμ_eff is held fixed in cosine units, so SNR = Δμ_eff·sqrt(d / 2B) grows with d. Same model as
     :func:`design_table`.
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> print(snr.smallest_head_dim(0.99, seq_len=131072, block_size=64, top_k=8, delta_mu_eff=4.0))
+    128
     """
     tgt = _require_target(target)
     dims = count("head_dims", head_dims)
