@@ -19,8 +19,9 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
         \frac{\hat p + z^2/2n \pm z\sqrt{\hat p(1-\hat p)/n + z^2/4n^2}}{1 + z^2/n}
 
     Vectorised over ``hits`` and ``trials``. Returns ``(low, high)`` as float arrays (scalars in, 0-d
-    arrays out). ``hits`` and ``trials`` are counts (integers, ``trials >= 1``, ``0 <= hits <= trials``)
-    that broadcast together; ``confidence`` lies in (0, 1).
+    arrays out). ``trials`` is a count (an integer >= 1); ``hits`` lies in [0, trials] and may be
+    fractional (a sum of per-trial outcomes in [0, 1], such as attention mass kept); they broadcast
+    together. ``confidence`` lies in (0, 1).
 
     Examples
     --------
@@ -30,7 +31,7 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
     0.1089 0.2555
     """
     confidence = scalar_real("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True)
-    h, n = (a.astype(np.float64) for a in broadcast(hits=count("hits", hits, 0), trials=count("trials", trials)))
+    h, n = (a.astype(np.float64) for a in broadcast(hits=real("hits", hits, low=0.0), trials=count("trials", trials)))
     if np.any(h > n):
         raise ValueError(f"hits must lie in [0, trials], got hits={hits}, trials={trials}")
     z = ndtri(0.5 + confidence / 2.0)
@@ -67,7 +68,7 @@ def interval_units(prediction, hits, trials, confidence: float = 0.95):
     pred = real("prediction", prediction, low=0.0, high=1.0, allow_nan=True)
     lo, hi = wilson_interval(hits, trials, confidence)
     pred, h, n, lo, hi = broadcast(
-        prediction=pred, hits=count("hits", hits, 0).astype(np.float64), trials=count("trials", trials), lo=lo, hi=hi
+        prediction=pred, hits=real("hits", hits, low=0.0), trials=count("trials", trials), lo=lo, hi=hi
     )
     est = h / n
     above = pred >= est
