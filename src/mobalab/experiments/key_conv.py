@@ -1,6 +1,6 @@
 r"""key-conv: does a key convolution raise Δμ_eff, as the paper's clustering multiplier says?
 
-Synthetic sequences (unit vectors, :mod:`mobalab.simulate.generators`): a query q, noise keys uniform on
+Synthetic sequences (unit vectors, :func:`mobalab.simulate.planted_needle`): a query q, noise keys uniform on
 the sphere, and L relevant keys of cosine μ with q, laid out relative to the needle's block j (uniform on
 1..n-2, so that both neighbours exist) in one of three patterns:
 
@@ -46,7 +46,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mobalab import simulate, snr
-from mobalab.simulate.seeding import spawn_generators
+from mobalab.simulate import spawn_generators
 from mobalab.stats import interval_units, wilson_interval
 
 __all__ = ["Config", "run", "plot", "summary", "relevant_offsets", "conv_variants"]

@@ -316,7 +316,20 @@ class RopeBlockModel:
     delta_mu_eff, multiplier (= delta_mu_eff / mu_signal): with RoPE; blind_delta_mu_eff =
     μ_s + (m-1)μ_c, blind_multiplier = 1 + (m-1)μ_c/μ_s, blind_snr, blind_sd_ratio: the same generator
     without RoPE (:func:`mobalab.snr.generator_block_model`). pair_factors: the F_i of the span (equal
-    cosines). The multipliers are NaN when mu_signal = 0.
+    cosines). The multipliers are NaN when mu_signal = 0. The SNR that the exact top-k formula takes:
+
+    .. math:: \mathrm{SNR} = \frac{\Delta\mu_{\rm eff}^{\rm RoPE}/B}{\sqrt{\sigma_{\rm signal}^2
+              + \sigma_{\rm noise}^2}}, \qquad r = \sigma_{\rm signal}/\sigma_{\rm noise}.
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> lone = snr.rope_block_model(64, 64, 0.5, m=1, mu_cluster=0.0)   # a lone needle: RoPE changes nothing
+    >>> round(lone.snr, 3), round(lone.blind_snr, 3)
+    (0.354, 0.354)
+    >>> span = snr.rope_block_model(64, 64, 0.3, m=16, mu_cluster=0.3, needle_index=8)
+    >>> round(span.delta_mu_eff, 2), round(span.blind_delta_mu_eff, 2)   # a 16-token span loses signal
+    (3.87, 4.8)
     """
 
     mean_diff: float

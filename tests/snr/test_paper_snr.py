@@ -53,19 +53,21 @@ def test_paper_threshold_values_and_saturation():
 
 
 @pytest.mark.parametrize(
-    "call, match",
+    "call, error, match",
     [
-        (lambda: delta_mu_eff(0.2, m=0.5), "m counts the needle"),
-        (lambda: delta_mu_eff(float("nan")), "delta_mu must be finite"),
-        (lambda: snr(0, 16, 1.0), "d \\(head dim\\) must be positive"),
-        (lambda: snr(64, -1, 1.0), "block_size must be positive"),
-        (lambda: snr(64, 16, 1.0, sigma=0.0), "sigma must be positive"),
-        (lambda: pairwise_failure(float("inf")), "snr must be finite"),
-        (lambda: paper_threshold(0, 1), "n_blocks must be >= 1, got 0"),
-        (lambda: paper_threshold(10, 2.5), "top_k must be integer-valued"),
-        (lambda: snr(64, 16, "abc"), "delta_mu_eff must be a real number"),
+        (lambda: delta_mu_eff(0.2, m=0.5), ValueError, "m must be >= 1, got 0.5"),
+        (lambda: delta_mu_eff(float("nan")), ValueError, "delta_mu must be finite"),
+        (lambda: delta_mu_eff(0.2, m=2, mu_cluster=1.5), ValueError, r"mu_cluster is a cosine and must lie in"),
+        (lambda: delta_mu_eff(0.2, m=2, mu_noise=-2.0), ValueError, "mu_noise is a cosine"),
+        (lambda: snr(0, 16, 1.0), ValueError, "d must be an integer >= 1, got 0"),
+        (lambda: snr(64, -1, 1.0), ValueError, "block_size must be an integer >= 1, got -1"),
+        (lambda: snr(64, 16, 1.0, sigma=0.0), ValueError, "sigma must be > 0, got 0.0"),
+        (lambda: pairwise_failure(float("inf")), ValueError, "snr must be finite"),
+        (lambda: paper_threshold(0, 1), ValueError, "n_blocks must be an integer >= 1, got 0"),
+        (lambda: paper_threshold(10, 2.5), ValueError, "top_k must be an integer >= 1, got 2.5"),
+        (lambda: snr(64, 16, "abc"), TypeError, "delta_mu_eff must be a real number"),
     ],
 )
-def test_validation_messages(call, match):
-    with pytest.raises(ValueError, match=match):
+def test_validation_messages(call, error, match):
+    with pytest.raises(error, match=match):
         call()

@@ -1,15 +1,15 @@
 r"""Vector-level Monte Carlo router: real planted-needle vectors through exact MoBA routing.
 
-Each trial draws (see :mod:`mobalab.simulate.generators`) a unit query q, noise keys uniform on
+Each trial draws (see :func:`mobalab.simulate.planted_needle`) a unit query q, noise keys uniform on
 :math:`S^{d-1}`, the needle key with cosine ``mu_signal`` and ``m - 1`` clustered keys with cosine
 ``mu_cluster`` at distinct random positions of the needle's block; optionally applies a key convolution;
 forms block centroids (mean of the keys that exist in each block), scores :math:`s_j = q\cdot\bar k_j`
-and applies the MoBA rules of :mod:`mobalab.simulate.routing`. A trial is a hit iff the needle's block is
-selected.
+and applies the MoBA rules of :func:`mobalab.simulate.block_hit` (docs/design.md, "MoBA semantics"). A
+trial is a hit iff the needle's block is selected.
 
 * non-causal: needle uniform on {0..N-1} (or ``needle_pos``); plain top-k over n = ceil(N/B) blocks;
 * causal: query t uniform on {0..N-1} and needle p uniform on {0..t} (or given, see
-  :func:`mobalab.simulate.score_router.draw_causal_positions`); the own block c = t // B is forced and
+  :func:`mobalab.simulate.score_level_router_causal`); the own block c = t // B is forced and
   counts toward k; the top k-1 complete past blocks are added; ties go to the higher block index.
 
 Trials whose outcome the rules fix without any score (causal: needle in the own block, or c <= k - 1 past
@@ -31,19 +31,22 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .generators import PLANTED_KINDS, plant_into, random_cluster_positions, random_unit_vectors
-from .key_conv import as_key_conv
-from .routing import block_hit, block_scores
-from .score_router import check_causal_positions, draw_causal_positions
-from .seeding import seed_record, spawn_generators, torch_generator
-from .tidy import outcome_columns
-from .validation import check_choice, check_float, check_int, check_progress
+from .._validate import check_memory, choice, flag, scalar_cosine, scalar_count
+from ._block_routing import block_hit, block_scores
+from ._key_convolution import as_key_conv
+from ._outcome_columns import outcome_columns
+from ._planted_needle import PLANTED_KINDS, _plant_into, random_cluster_positions, random_unit_vectors
+from ._score_router import check_causal_positions, draw_causal_positions
+from ._seeding import seed_record, spawn_generators, torch_generator
 
 __all__ = ["vector_level_router", "resolve_backend"]
 
 # Key elements (trials x tokens x head_dim) per batch when batch_size is None: bounded memory, fixed
 # numbers (not memory-dependent) so that a seed reproduces on every machine of a backend.
 _BATCH_ELEMENTS = {"numpy": 1 << 22, "torch-cpu": 1 << 22, "torch-cuda": 1 << 27}
+# Key-sized arrays alive at once while a batch is drawn and routed, without / with a key convolution
+# (which adds its accumulator, the shifted copy and the SiLU temporaries).
+_KEY_COPIES, _KEY_COPIES_CONV = 2, 6
 
 
 def resolve_backend(device):
@@ -96,6 +99,23 @@ def _batches(lengths: np.ndarray, per_trial: int, budget: int, batch_size: int |
     return out
 
 
+def _check_trial_memory(d, n_tok, block_size, top_k, causal, kconv, dev) -> None:
+    """A batch holds at least one whole trial's keys: refuse a trial that cannot fit in memory."""
+    if causal:  # only the complete past blocks of the last query's block are drawn
+        longest = (n_tok - 1) // block_size * block_size if (n_tok - 1) // block_size > top_k - 1 else 0
+    else:
+        longest = n_tok if top_k < -(-n_tok // block_size) else 0
+    copies = _KEY_COPIES if kconv is None else _KEY_COPIES_CONV
+    check_memory(
+        f"vector_level_router with {longest} keys of head_dim {d} per trial (float32"
+        f"{', key convolution' if kconv is not None else ''})",
+        longest * d * 4 * copies,
+        "use a shorter seq_len, or score_level_router(_causal) at the snr and sd_ratio of "
+        "mobalab.snr.generator_block_model, which samples the block scores without drawing vectors",
+        device=dev,
+    )
+
+
 def _batch_hits(
     vec_rng, backend, dev, *, d, n_tok, block_size, top_k, mu_signal, mu_cluster, planted, p, cpos, c, kconv
 ) -> int:
@@ -111,7 +131,7 @@ def _batch_hits(
         c_a = None if c is None else torch.as_tensor(c, device=dev)
     q = random_unit_vectors(vec_rng, (b,), d)
     keys = random_unit_vectors(vec_rng, (b, n_tok), d)
-    plant_into(vec_rng, q, keys, p_a, cpos_a, mu_signal, mu_cluster, planted)
+    _plant_into(vec_rng, q, keys, p_a, cpos_a, mu_signal, mu_cluster, planted)
     if kconv is not None:
         keys = kconv.apply(keys)
     scores = block_scores(q, keys, block_size)
@@ -149,9 +169,16 @@ def vector_level_router(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Monte Carlo hit rate of MoBA routing on planted-needle vectors (see the module doc); one row.
+    r"""Monte Carlo hit rate of MoBA routing on planted-needle vectors (see the module doc); one row.
 
-    ``key_conv``: None, a :class:`~mobalab.simulate.key_conv.KeyConv`, or a dict / object with ``weights``
+    .. math::
+        s_j = \Big\langle q, \frac{1}{|K_j|}\sum_{i \in K_j} k'_i \Big\rangle,\qquad
+        \hat P = \frac{\#\{\text{trials whose needle block is selected}\}}{\text{trials}}
+
+    with the keys k' of :func:`planted_needle` (after the key convolution, if any) and the selection of
+    :func:`block_hit`.
+
+    ``key_conv``: None, a :class:`~mobalab.simulate.KeyConv`, or a dict / object with ``weights``
     ((W,) or (W, d)) and ``form``; applied to the keys before routing. ``query_pos`` (causal only) and
     ``needle_pos`` fix the positions. ``batch_size``: most trials per batch (default: a fixed memory
     budget per backend). ``seed``: an int or a numpy Generator.
@@ -160,22 +187,35 @@ def vector_level_router(
     sd_ratio (of ``mobalab.snr.generator_block_model``; NaN with a key convolution), n_blocks, top_k,
     head_dim, seq_len, block_size, mu_signal, m, mu_cluster, planted, key_conv ("none" or its label),
     query_pos, needle_pos, batch_size, hits, trials, estimate, ci_low, ci_high (95% Wilson), seed.
+
+    Examples
+    --------
+    A needle and one companion of cosine 0.5 in blocks of 16 at head dim 64, top 8 of 64 blocks: the
+    estimate agrees with the exact theory at the generator's SNR and sd_ratio:
+
+    >>> from mobalab import simulate, snr
+    >>> from mobalab.stats import interval_units
+    >>> df = simulate.vector_level_router(64, 1024, 16, 8, mu_signal=0.5, m=2, mu_cluster=0.5, trials=300, seed=0)
+    >>> row = df.iloc[0]
+    >>> theory = snr.hit_probability(row["snr"], row["n_blocks"], 8, sd_ratio=row["sd_ratio"])
+    >>> print(f"snr {row['snr']:.3f}, theory {theory:.3f}")
+    snr 1.425, theory 0.794
+    >>> print(bool(abs(interval_units(theory, row["hits"], row["trials"], confidence=0.999)) <= 1))
+    True
     """
-    d = check_int("head_dim", head_dim, 1)
-    n_tok = check_int("seq_len", seq_len, 1)
-    bs = check_int("block_size", block_size, 1)
-    top_k = check_int("top_k", top_k, 1)
-    mu_signal = check_float("mu_signal", mu_signal, -1.0, 1.0)
-    mu_cluster = check_float("mu_cluster", mu_cluster, -1.0, 1.0)
-    m = check_int("m", m, 1)
-    trials = check_int("trials", trials, 1)
-    check_choice("planted", planted, PLANTED_KINDS)
-    progress = check_progress(progress)
-    if not isinstance(causal, bool | np.bool_):
-        raise ValueError(f"causal must be True or False, got {causal!r}")
-    causal = bool(causal)
+    d = scalar_count("head_dim", head_dim)
+    n_tok = scalar_count("seq_len", seq_len)
+    bs = scalar_count("block_size", block_size)
+    top_k = scalar_count("top_k", top_k)
+    mu_signal = scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
+    m = scalar_count("m", m)
+    trials = scalar_count("trials", trials)
+    choice("planted", planted, PLANTED_KINDS)
+    progress = flag("progress", progress)
+    causal = flag("causal", causal)
     if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size, 1)
+        batch_size = scalar_count("batch_size", batch_size)
     if planted == "exact" and d < 2:
         raise ValueError("planted='exact' needs head_dim >= 2 (a direction orthogonal to q), got 1")
     if m > bs:
@@ -189,7 +229,7 @@ def vector_level_router(
         if query_pos is not None:
             raise ValueError("query_pos only applies to causal routing (causal=True)")
         if needle_pos is not None:
-            needle_pos = check_int("needle_pos", needle_pos, 0)
+            needle_pos = scalar_count("needle_pos", needle_pos, 0)
             if needle_pos >= n_tok:
                 raise ValueError(f"needle_pos must be in [0, seq_len = {n_tok}), got {needle_pos}")
         # A needle may land in the partial last block; its cluster must fit there.
@@ -202,6 +242,7 @@ def vector_level_router(
             )
     backend, dev = resolve_backend(device)
     n_blocks = -(-n_tok // bs)
+    _check_trial_memory(d, n_tok, bs, top_k, causal, kconv, dev)
     model_cols = _model_columns(d, bs, mu_signal, m, mu_cluster, planted, kconv)
 
     pos_rng, vec_np_rng = spawn_generators(seed, 2)

@@ -98,9 +98,9 @@ def test_planted_keys_validation():
         planted_keys(rng, q, 0.5, "gaussian")
     with pytest.raises(ValueError, match="unit vectors"):
         planted_keys(rng, 2 * q, 0.5)
-    with pytest.raises(ValueError, match="rng"):
+    with pytest.raises(TypeError, match="rng"):
         planted_keys(42, q, 0.5)
-    with pytest.raises(ValueError, match="torch tensor"):
+    with pytest.raises(TypeError, match="torch tensor"):
         planted_keys(torch.Generator(), q, 0.5)
     with pytest.raises(ValueError, match="d >= 2"):
         planted_keys(rng, np.ones((3, 1)), 0.5, "exact")
@@ -108,7 +108,7 @@ def test_planted_keys_validation():
         planted_keys(rng, q, np.zeros(3))
     with pytest.raises(ValueError, match="shape"):
         random_unit_vectors(rng, (2, -1), 8)
-    with pytest.raises(ValueError, match="d must be >= 1"):
+    with pytest.raises(ValueError, match="d must be an integer >= 1, got 0"):
         random_unit_vectors(rng, 2, 0)
 
 
@@ -197,7 +197,7 @@ def test_planted_needle_torch_and_reproducible():
         (dict(planted="exact", head_dim=1), "head_dim"),
         (dict(mu_signal=-1.5), "mu_signal"),
         (dict(block_size=0), "block_size"),
-        (dict(m=1.5), "m must be an integer"),
+        (dict(m=1.5), "m must be an integer >= 1, got 1.5"),
     ],
 )
 def test_planted_needle_validation(kwargs, match):
@@ -210,7 +210,7 @@ def test_planted_needle_validation(kwargs, match):
 def test_same_device_treats_implicit_index_as_current():
     import torch
 
-    from mobalab.simulate.generators import _same_device
+    from mobalab.simulate._array_backend import same_device as _same_device
 
     assert _same_device(torch.device("cpu"), torch.device("cpu"))
     assert not _same_device(torch.device("cpu"), torch.device("meta"))

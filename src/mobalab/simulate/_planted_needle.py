@@ -1,5 +1,7 @@
 r"""Planted-needle generators: unit vectors, keys with a planted cosine to the query, and a needle layout.
 
+See docs/design.md, "Generator variance".
+
 The generative model behind :mod:`mobalab.snr`'s ``generator_block_model``:
 
 * the query ``q`` and every noise key are uniform on the unit sphere :math:`S^{d-1}`, so for a noise key
@@ -21,12 +23,13 @@ the vector-level router uses on GPU.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import check_choice, check_float, check_int
+from .._validate import check_memory, choice, cosine, scalar_cosine, scalar_count
+from .._validate import count as counts
+from ._array_backend import is_torch_generator, is_torch_tensor, same_device
 
 __all__ = [
     "PLANTED_KINDS",
@@ -45,21 +48,30 @@ PLANTED_KINDS = ("isotropic", "exact")
 # numpy / torch dispatch
 
 
-def is_torch_generator(rng) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(rng, torch.Generator)
-
-
-def is_torch_tensor(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
-
-
 def _check_rng(rng) -> None:
     if not (isinstance(rng, np.random.Generator) or is_torch_generator(rng)):
-        raise ValueError(
-            f"rng must be a numpy.random.Generator or a torch.Generator, got {type(rng).__name__}"
+        raise TypeError(f"rng must be a numpy.random.Generator or a torch.Generator, got {type(rng).__name__}")
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if is_torch_tensor(x) else np.asarray(x)
+
+
+def _check_kind(rng, name: str, x) -> None:
+    """``x`` must be a torch tensor on the generator's device for a torch.Generator, else a numpy array."""
+    if is_torch_generator(rng) != is_torch_tensor(x):
+        raise TypeError(
+            f"{name} must be a torch tensor for a torch.Generator and a numpy array for a numpy Generator, "
+            f"got {name} of type {type(x).__name__} with rng of type {type(rng).__name__}"
         )
+    if is_torch_tensor(x) and not same_device(x.device, rng.device):
+        raise ValueError(f"{name} is on {x.device} but the torch.Generator is on {rng.device}")
+
+
+def _check_unit(name: str, x) -> None:
+    norms = np.sqrt(np.asarray(_to_numpy(_dot_last(x, x)), dtype=np.float64))
+    if norms.size and not np.all(np.abs(norms - 1.0) <= 1e-3):
+        raise ValueError(f"{name} must hold unit vectors, got norms from {norms.min()} to {norms.max()}")
 
 
 def _default_dtype(rng):
@@ -120,12 +132,11 @@ def _as_like(value, ref):
 
 
 def _shape_tuple(shape) -> tuple:
-    if isinstance(shape, int | np.integer):
-        return (check_int("shape", shape, 0),)
-    try:
-        return tuple(check_int("shape entry", s, 0) for s in shape)
-    except TypeError:
-        raise ValueError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+    if isinstance(shape, int | np.integer) and not isinstance(shape, bool | np.bool_):
+        return (scalar_count("shape", shape, 0),)
+    if not isinstance(shape, tuple | list):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__} {shape!r}")
+    return tuple(scalar_count("shape entry", s, 0) for s in shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,11 +148,27 @@ def random_unit_vectors(rng, shape, d: int, dtype=None):
 
     Returns an array of shape ``(*shape, d)`` (float32 unless ``dtype`` says otherwise): numpy for a numpy
     Generator, torch on the generator's device for a torch.Generator.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> x = simulate.random_unit_vectors(np.random.default_rng(0), (2, 3), 64)
+    >>> print(x.shape, x.dtype, np.allclose(np.linalg.norm(x, axis=-1), 1.0, atol=1e-6))
+    (2, 3, 64) float32 True
     """
     _check_rng(rng)
-    d = check_int("d", d, 1)
+    d = scalar_count("d", d)
     shape = _shape_tuple(shape)
-    return _unit_inplace(_normal(rng, (*shape, d), dtype or _default_dtype(rng)))
+    dtype = dtype or _default_dtype(rng)
+    itemsize = dtype.itemsize if is_torch_generator(rng) else np.dtype(dtype).itemsize
+    check_memory(
+        f"random_unit_vectors of shape {(*shape, d)}",
+        2 * itemsize * d * float(np.prod(shape, dtype=np.float64)),
+        "draw them in smaller batches",
+        device=getattr(rng, "device", None),
+    )
+    return _unit_inplace(_normal(rng, (*shape, d), dtype))
 
 
 def _planted(rng, q, mu, planted: str):
@@ -161,38 +188,44 @@ def _planted(rng, q, mu, planted: str):
 def planted_keys(rng, q, mu, planted: str = "isotropic"):
     r"""Keys with a planted cosine to unit queries ``q``: :math:`k = \mu q + \sqrt{1-\mu^2}\,\xi`.
 
+    .. math:: k = \mu q + \sqrt{1-\mu^2}\,\xi,\qquad q\cdot k = \mu + \sqrt{1-\mu^2}\,q\cdot\xi
+
     ``q``: (..., d) unit vectors (numpy for a numpy Generator, torch on the generator's device for a
     torch.Generator). ``mu``: a scalar or an array broadcastable to ``q.shape[:-1]``, each in [-1, 1].
     ``planted="isotropic"``: :math:`\xi` uniform on :math:`S^{d-1}` independent of q, so
     :math:`q\cdot k` has mean :math:`\mu` and variance :math:`(1-\mu^2)/d`. ``planted="exact"``:
     :math:`\xi` uniform on the unit sphere orthogonal to q, so :math:`q\cdot k=\mu` and :math:`\|k\|=1`.
     Returns keys of ``q``'s shape and dtype.
+
+    Examples
+    --------
+    Exact planting puts every key at cosine 0.5 with its query; isotropic planting only on average, with
+    variance (1 - 0.5²)/64 ≈ 0.0117:
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> q = simulate.random_unit_vectors(rng, 20_000, 64, dtype=np.float64)
+    >>> exact = simulate.planted_keys(rng, q, 0.5, planted="exact")
+    >>> print(np.allclose((q * exact).sum(-1), 0.5), np.allclose(np.linalg.norm(exact, axis=-1), 1.0))
+    True True
+    >>> cosines = (q * simulate.planted_keys(rng, q, 0.5)).sum(-1)
+    >>> print(round(cosines.mean(), 2), round(cosines.var(), 3))
+    0.5 0.012
     """
     _check_rng(rng)
-    check_choice("planted", planted, PLANTED_KINDS)
-    if is_torch_generator(rng) != is_torch_tensor(q):
-        raise ValueError(
-            f"q must be a torch tensor for a torch.Generator and a numpy array for a numpy Generator, "
-            f"got q of type {type(q).__name__} with rng of type {type(rng).__name__}"
-        )
+    choice("planted", planted, PLANTED_KINDS)
+    _check_kind(rng, "q", q)
     if not is_torch_tensor(q):
         q = np.asarray(q)
         if not np.issubdtype(q.dtype, np.floating):
             q = q.astype(np.float64)
-    elif not _same_device(q.device, rng.device):
-        raise ValueError(f"q is on {q.device} but the torch.Generator is on {rng.device}")
     if q.ndim < 1 or q.shape[-1] < 1:
         raise ValueError(f"q must have shape (..., d) with d >= 1, got shape {tuple(q.shape)}")
     if planted == "exact" and q.shape[-1] < 2:
         raise ValueError("planted='exact' needs d >= 2 (a direction orthogonal to q), got d = 1")
-    norms = np.asarray(_dot_last(q, q).cpu() if is_torch_tensor(q) else _dot_last(q, q), dtype=np.float64)
-    if norms.size and not np.all(np.abs(np.sqrt(norms) - 1.0) <= 1e-3):
-        raise ValueError(
-            f"q must hold unit vectors, got norms from {np.sqrt(norms).min()} to {np.sqrt(norms).max()}"
-        )
-    mu_np = np.asarray(mu.cpu() if is_torch_tensor(mu) else mu, dtype=np.float64)
-    if not np.all(np.isfinite(mu_np)) or np.any(np.abs(mu_np) > 1.0):
-        raise ValueError(f"mu must lie in [-1, 1], got {mu!r}")
+    _check_unit("q", q)
+    mu_np = cosine("mu", _to_numpy(mu) if is_torch_tensor(mu) else mu)
     try:
         np.broadcast_shapes(mu_np.shape, tuple(q.shape[:-1]))
     except ValueError:
@@ -203,13 +236,57 @@ def planted_keys(rng, q, mu, planted: str = "isotropic"):
 
 
 def plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
-    """Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
+    r"""Overwrite, in place, the needle and the clustered keys of a batch of sequences; returns ``keys``.
 
-    ``q``: (b, d); ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1) ints (m-1 may
-    be 0), all of the array kind and device of ``keys``. The needle key is ``planted_keys(q, mu_signal)``
-    and each clustered key an independent ``planted_keys(q, mu_cluster)``. No argument checks: this is the
-    device-generic inner step of the vector-level router.
+    .. math:: k_{b,p_b} = \mu_s q_b + \sqrt{1-\mu_s^2}\,\xi,\qquad
+              k_{b,c} = \mu_c q_b + \sqrt{1-\mu_c^2}\,\xi_c\quad (c \in \text{cluster\_pos}_b)
+
+    ``q``: (b, d) unit vectors; ``keys``: (b, L, d); ``needle_pos``: (b,) ints; ``cluster_pos``: (b, m-1)
+    ints (m-1 may be 0), positions in [0, L), all of the array kind and device of the generator. The needle
+    key is ``planted_keys(q, mu_signal)`` and each clustered key an independent ``planted_keys(q,
+    mu_cluster)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> q = simulate.random_unit_vectors(rng, (2,), 16)
+    >>> keys = simulate.random_unit_vectors(rng, (2, 32), 16)
+    >>> needle, cluster = np.array([5, 30]), np.array([[6, 7], [28, 29]])
+    >>> _ = simulate.plant_into(rng, q, keys, needle, cluster, 0.8, 0.5, "exact")
+    >>> print(np.einsum("bd,bd->b", q, keys[[0, 1], needle]).round(4))
+    [0.8 0.8]
     """
+    _check_rng(rng)
+    choice("planted", planted, PLANTED_KINDS)
+    mu_signal = scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
+    for name, x in (("q", q), ("keys", keys), ("needle_pos", needle_pos), ("cluster_pos", cluster_pos)):
+        _check_kind(rng, name, x)
+    if q.ndim != 2 or keys.ndim != 3 or keys.shape[0] != q.shape[0] or keys.shape[2] != q.shape[1]:
+        raise ValueError(
+            f"q must be (b, d) and keys (b, L, d) of the same b and d, got q {tuple(q.shape)} and keys "
+            f"{tuple(keys.shape)}"
+        )
+    b, n_tok = q.shape[0], keys.shape[1]
+    if tuple(needle_pos.shape) != (b,) or cluster_pos.ndim != 2 or cluster_pos.shape[0] != b:
+        raise ValueError(
+            f"needle_pos must be ({b},) and cluster_pos ({b}, m - 1), got {tuple(needle_pos.shape)} and "
+            f"{tuple(cluster_pos.shape)}"
+        )
+    for name, x in (("needle_pos", needle_pos), ("cluster_pos", cluster_pos)):
+        pos = counts(name, _to_numpy(x), 0)
+        if pos.size and pos.max() >= n_tok:
+            raise ValueError(f"{name} must lie in [0, L = {n_tok}) (keys.shape[1]), got {pos.max()}")
+    if planted == "exact" and q.shape[1] < 2:
+        raise ValueError("planted='exact' needs d >= 2 (a direction orthogonal to q), got d = 1")
+    _check_unit("q", q)
+    return _plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal, mu_cluster, planted)
+
+
+def _plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_cluster: float, planted: str):
+    """:func:`plant_into` without argument checks: the device-generic inner step of the vector router."""
     b = q.shape[0]
     if is_torch_tensor(keys):
         import torch
@@ -234,13 +311,34 @@ def plant_into(rng, q, keys, needle_pos, cluster_pos, mu_signal: float, mu_clust
 
 
 def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, count: int) -> np.ndarray:
-    """``count`` distinct random positions in each needle's block, other than the needle (numpy int64).
+    r"""``count`` distinct random positions in each needle's block, other than the needle (numpy int64).
+
+    .. math:: C_b \sim \mathrm{Uniform}\{S \subset [jB, \min((j+1)B, N)) \setminus \{p_b\} : |S| = \text{count}\},
+              \quad j = \lfloor p_b / B \rfloor
 
     ``needle_pos``: (b,) positions in ``[0, seq_len)``. Block ``j = p // block_size`` holds positions
     ``[j*B, min((j+1)*B, seq_len))``; the positions are a uniformly random ``count``-subset of it minus the
     needle. Raises ValueError when some needle's block has fewer than ``count + 1`` positions.
+
+    Examples
+    --------
+    Two companions for a needle at 3 (block 0 of 8) and one at 20 (the partial last block 16..21):
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> pos = simulate.random_cluster_positions(np.random.default_rng(0), [3, 20], 8, 22, 2)
+    >>> print(pos.shape, bool(np.all(pos // 8 == np.array([[0], [2]]))), bool(np.all(pos != [[3], [20]])))
+    (2, 2) True True
     """
-    needle_pos = np.asarray(needle_pos, dtype=np.int64)
+    _check_rng(rng)
+    block_size = scalar_count("block_size", block_size)
+    seq_len = scalar_count("seq_len", seq_len)
+    count = scalar_count("count", count, 0)
+    needle_pos = counts("needle_pos", needle_pos, 0)
+    if needle_pos.ndim != 1:
+        raise ValueError(f"needle_pos must be a 1-d array (b,), got shape {needle_pos.shape}")
+    if needle_pos.size and needle_pos.max() >= seq_len:
+        raise ValueError(f"needle_pos must lie in [0, seq_len = {seq_len}), got {needle_pos.max()}")
     start = (needle_pos // block_size) * block_size
     length = np.minimum(block_size, seq_len - start)
     if count == 0:
@@ -252,8 +350,10 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
         )
     # A uniformly random permutation of the free slots (argsort of i.i.d. uniforms); slots past the
     # block's real length are pushed to the end so a partial last block draws only from its own slots.
-    u = _uniform01(rng, (needle_pos.shape[0], block_size - 1))
-    u[np.arange(block_size - 1)[None, :] >= (length - 1)[:, None]] = np.inf
+    # Width: the longest block that holds a needle (never more than seq_len, whatever block_size is).
+    width = int(length.max()) - 1
+    u = _uniform01(rng, (needle_pos.shape[0], width))
+    u[np.arange(width)[None, :] >= (length - 1)[:, None]] = np.inf
     slot = np.argsort(u, axis=1, kind="stable")[:, :count]
     offset = (needle_pos - start)[:, None]
     return start[:, None] + slot + (slot >= offset)
@@ -261,7 +361,20 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
 
 @dataclass(frozen=True)
 class PlantedNeedle:
-    """One query and one key sequence with a planted needle (see :func:`planted_needle`)."""
+    r"""One query and one key sequence with a planted needle (see :func:`planted_needle`).
+
+    n_blocks = :math:`\lceil N/B \rceil`, needle_block = :math:`\lfloor p/B \rfloor`, m = 1 + len(cluster_pos).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> needle = simulate.planted_needle(np.random.default_rng(0), 64, 1000, 32, 0.5)
+    >>> print(needle.head_dim, needle.seq_len, needle.n_blocks, needle.m)
+    64 1000 32 1
+    >>> print(needle.needle_block == needle.needle_pos // 32)
+    True
+    """
 
     q: object  # (d,) unit query (numpy array or torch tensor)
     keys: object  # (N, d) keys
@@ -317,15 +430,28 @@ def planted_needle(
       they may lie in other blocks, e.g. a span that crosses a block boundary).
 
     Random draws, in order: positions, q, keys, needle, clustered keys. float32 unless ``dtype`` is given.
+
+    Examples
+    --------
+    A needle and two companions of cosine 0.5 in blocks of 32, planted exactly:
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> rng = np.random.default_rng(0)
+    >>> nd = simulate.planted_needle(rng, 64, 1024, 32, 0.5, m=3, mu_cluster=0.5, planted="exact")
+    >>> print(nd.keys.shape, nd.m, bool(np.all(nd.cluster_pos // 32 == nd.needle_block)))
+    (1024, 64) 3 True
+    >>> print((nd.keys[[nd.needle_pos, *nd.cluster_pos]] @ nd.q).round(4))
+    [0.5 0.5 0.5]
     """
     _check_rng(rng)
-    head_dim = check_int("head_dim", head_dim, 1)
-    seq_len = check_int("seq_len", seq_len, 1)
-    block_size = check_int("block_size", block_size, 1)
-    mu_signal = check_float("mu_signal", mu_signal, -1.0, 1.0)
-    mu_cluster = check_float("mu_cluster", mu_cluster, -1.0, 1.0)
-    m = check_int("m", m, 1)
-    check_choice("planted", planted, PLANTED_KINDS)
+    head_dim = scalar_count("head_dim", head_dim)
+    seq_len = scalar_count("seq_len", seq_len)
+    block_size = scalar_count("block_size", block_size)
+    mu_signal = scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
+    m = scalar_count("m", m)
+    choice("planted", planted, PLANTED_KINDS)
     if planted == "exact" and head_dim < 2:
         raise ValueError("planted='exact' needs head_dim >= 2 (a direction orthogonal to q), got 1")
     if m > seq_len:
@@ -333,7 +459,7 @@ def planted_needle(
     if needle_pos is None:
         needle_pos = _integer(rng, 0, seq_len)
     else:
-        needle_pos = check_int("needle_pos", needle_pos, 0)
+        needle_pos = scalar_count("needle_pos", needle_pos, 0)
         if needle_pos >= seq_len:
             raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
     if cluster_positions is None or (isinstance(cluster_positions, str) and cluster_positions == "block"):
@@ -343,9 +469,7 @@ def planted_needle(
             f"cluster_positions must be None, 'block' or a sequence of positions, got {cluster_positions!r}"
         )
     else:
-        cluster_pos = np.array(
-            [check_int("cluster position", c, 0) for c in cluster_positions], dtype=np.int64
-        )
+        cluster_pos = counts("cluster_positions", cluster_positions, 0).reshape(-1)
         if len(cluster_pos) != m - 1:
             raise ValueError(f"cluster_positions must hold m - 1 = {m - 1} positions, got {len(cluster_pos)}")
         if np.any(cluster_pos >= seq_len):
@@ -367,7 +491,7 @@ def planted_needle(
         c_arr = torch.as_tensor(cluster_pos[None, :], device=rng.device)
     else:
         p_arr, c_arr = np.array([needle_pos]), cluster_pos[None, :]
-    plant_into(rng, q, keys, p_arr, c_arr, mu_signal, mu_cluster, planted)
+    _plant_into(rng, q, keys, p_arr, c_arr, mu_signal, mu_cluster, planted)
     return PlantedNeedle(
         q=q[0],
         keys=keys[0],
@@ -379,15 +503,3 @@ def planted_needle(
         planted=planted,
     )
 
-
-def _same_device(a, b) -> bool:
-    """torch devices equal up to an implicit index: 'cuda' names the current CUDA device, 'cuda:0' too."""
-    import torch
-
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        current = torch.cuda.current_device() if a.type == "cuda" else None
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index

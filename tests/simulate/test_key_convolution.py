@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mobalab.simulate import KeyConv, averaging_weights, key_conv
-from mobalab.simulate.key_conv import as_key_conv
+from mobalab.simulate._key_convolution import as_key_conv
 
 
 def naive_key_conv(keys, weights, form):
@@ -83,7 +83,7 @@ def test_torch_autograd_gradcheck():
 def test_averaging_weights():
     np.testing.assert_allclose(averaging_weights(4), np.full(4, 0.25))
     assert averaging_weights(3, 8).shape == (3, 8)
-    with pytest.raises(ValueError, match="W must be >= 1"):
+    with pytest.raises(ValueError, match="W must be an integer >= 1, got 0"):
         averaging_weights(0)
 
 
@@ -118,7 +118,7 @@ def test_key_conv_spec_forms():
     assert as_key_conv(None) is None
     with pytest.raises(ValueError, match="key_conv dict"):
         as_key_conv({"w": 1})
-    with pytest.raises(ValueError, match="key_conv must be"):
+    with pytest.raises(TypeError, match="key_conv must be"):
         as_key_conv(3)
     with pytest.raises(ValueError, match="form"):
         KeyConv(np.ones(3), "relu")

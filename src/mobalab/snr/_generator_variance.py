@@ -1,5 +1,7 @@
 r"""Exact block-score moments of the vector generator that the simulators and kernel experiments use.
 
+See docs/design.md, "Generator variance".
+
 Generator (the contract with :mod:`mobalab.simulate`):
 
 * the query q is uniform on the unit sphere S^{d-1}; noise keys are i.i.d. uniform on S^{d-1};
@@ -40,23 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import as_float, as_integer, scalar_or_array
+from .._validate import broadcast, choice, cosine, count, scalar_or_array
 
 __all__ = ["BlockScoreModel", "planted_token_variance", "generator_block_model"]
 
 _PLANTED = ("isotropic", "exact")
-
-
-def _check_planted(planted: str) -> None:
-    if planted not in _PLANTED:
-        raise ValueError(f"planted must be one of {_PLANTED}, got {planted!r}")
-
-
-def _check_cosine(name: str, mu) -> np.ndarray:
-    arr = as_float(name, mu)
-    if np.any(np.abs(arr) > 1.0):
-        raise ValueError(f"{name} is a cosine and must lie in [-1, 1], got {mu!r}")
-    return arr
 
 
 def planted_token_variance(mu, d, planted="isotropic"):
@@ -66,23 +56,41 @@ def planted_token_variance(mu, d, planted="isotropic"):
 
     ``mu = 0`` (isotropic) is a plain noise key, variance 1/d. Broadcasts over ``mu`` and ``d``
     (``d >= 1`` integer-valued, |mu| <= 1).
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> print(snr.planted_token_variance(0.5, 64), snr.planted_token_variance(0.5, 64, planted="exact"))
+    0.01171875 0.0
     """
-    _check_planted(planted)
-    mu_arr = _check_cosine("mu", mu)
-    d_arr = as_integer("d", d, 1)
+    choice("planted", planted, _PLANTED)
+    mu_arr, d_arr = broadcast(mu=cosine("mu", mu), d=count("d", d))
     if planted == "exact":
-        return scalar_or_array(np.zeros(np.broadcast_shapes(mu_arr.shape, d_arr.shape)))
+        return scalar_or_array(np.zeros(mu_arr.shape))
     return scalar_or_array((1.0 - mu_arr**2) / d_arr)
 
 
 @dataclass(frozen=True)
 class BlockScoreModel:
-    """Gaussian block-score model of the generator (fields are floats, or arrays for array input).
+    r"""Gaussian block-score model of the generator (fields are floats, or arrays for array input).
+
+    .. math::
+        \mathrm{snr} = \frac{\text{mean\_diff}}{\sqrt{\text{var\_signal} + \text{var\_noise}}},\qquad
+        \text{sd\_ratio} = \sqrt{\text{var\_signal} / \text{var\_noise}}
 
     mean_diff: E s_signal - E s_noise = Δμ_eff / B. var_signal, var_noise: variances of the two block
     scores. snr = mean_diff / sqrt(var_signal + var_noise) and sd_ratio = sqrt(var_signal / var_noise):
     pass both to :func:`hit_probability`. paper_snr = Δμ_eff·sqrt(d / 2B), the paper's value, which
     assumes var_signal = var_noise = 1/(dB).
+
+    Examples
+    --------
+    >>> from mobalab import snr
+    >>> model = snr.generator_block_model(64, 32, 0.5, m=3, mu_cluster=0.5)
+    >>> print(f"{model.snr:.3f} {model.sd_ratio:.3f} {model.paper_snr:.3f}")
+    1.509 0.988 1.500
+    >>> print(f"{snr.hit_probability(model.snr, 2048, 8, sd_ratio=model.sd_ratio):.3f}")
+    0.288
     """
 
     mean_diff: float
@@ -108,11 +116,25 @@ def generator_block_model(head_dim, block_size, mu_signal, m=1, mu_cluster=0.0, 
     ``head_dim >= 1`` and ``block_size >= 1`` integers, ``1 <= m <= block_size`` integer (m counts the
     needle), |mu_signal|, |mu_cluster| <= 1, ``planted`` in {"isotropic", "exact"} ("exact" needs
     head_dim >= 2 so that a unit vector orthogonal to q exists). Broadcasts over array arguments.
+
+    Examples
+    --------
+    A needle and two companions of cosine 0.5 in a block of 32 keys at head dim 64: the planted keys vary
+    less than noise keys, so the exact SNR is a little above the paper's 1.5:
+
+    >>> from mobalab import snr
+    >>> model = snr.generator_block_model(64, 32, 0.5, m=3, mu_cluster=0.5)
+    >>> print(f"snr {model.snr:.4f}, paper {model.paper_snr:.4f}, sd_ratio {model.sd_ratio:.4f}")
+    snr 1.5089, paper 1.5000, sd_ratio 0.9882
     """
-    _check_planted(planted)
-    d = as_integer("head_dim", head_dim, 1)
-    bsz = as_integer("block_size", block_size, 1)
-    m_arr = as_integer("m", m, 1)
+    choice("planted", planted, _PLANTED)
+    d, bsz, m_arr, mu_s, mu_c = broadcast(
+        head_dim=count("head_dim", head_dim),
+        block_size=count("block_size", block_size),
+        m=count("m", m),
+        mu_signal=cosine("mu_signal", mu_signal),
+        mu_cluster=cosine("mu_cluster", mu_cluster),
+    )
     if np.any(m_arr > bsz):
         raise ValueError(
             f"m (keys in the signal block, needle included) must be <= block_size, got m={m!r}, "
@@ -120,8 +142,7 @@ def generator_block_model(head_dim, block_size, mu_signal, m=1, mu_cluster=0.0, 
         )
     if planted == "exact" and np.any(d < 2):
         raise ValueError(f"planted='exact' needs head_dim >= 2, got {head_dim!r}")
-    mu_s = _check_cosine("mu_signal", mu_signal)
-    mu_c = _check_cosine("mu_cluster", mu_cluster)
+    d, bsz, m_arr = (v.astype(np.float64) for v in (d, bsz, m_arr))
     dmu_eff = mu_s + (m_arr - 1.0) * mu_c
     mean_diff = dmu_eff / bsz
     var_signal = (

@@ -104,14 +104,14 @@ def test_broadcasts_over_block_sizes():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"m": 0}, "m must be >= 1"),
+        ({"m": 0}, "m must be an integer >= 1, got 0"),
         ({"m": 17}, "m \\(keys in the signal block, needle included\\) must be <= block_size"),
         ({"mu_signal": 1.2}, "mu_signal is a cosine and must lie in \\[-1, 1\\]"),
         ({"mu_cluster": -1.5}, "mu_cluster is a cosine"),
         ({"planted": "orthogonal"}, "planted must be one of"),
         ({"head_dim": 1, "planted": "exact"}, "planted='exact' needs head_dim >= 2"),
-        ({"head_dim": 0}, "head_dim must be >= 1"),
-        ({"block_size": 2.5}, "block_size must be integer-valued"),
+        ({"head_dim": 0}, "head_dim must be an integer >= 1, got 0"),
+        ({"block_size": 2.5}, "block_size must be an integer >= 1, got 2.5"),
     ],
 )
 def test_validation_messages(kwargs, match):

@@ -1,5 +1,7 @@
 r"""Depthwise causal key convolution (the paper's kconv), on numpy arrays or torch tensors.
 
+See docs/design.md, "MoBA semantics" (key convolution) and "Clustering and key convolution".
+
 With weights :math:`w_\ell \in \mathbb R^d` (:math:`\ell = 0..W-1`) and left zero padding
 (:math:`k_{t-\ell} = 0` for :math:`t - \ell < 0`), per channel:
 
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from .generators import is_torch_tensor
-from .validation import check_choice, check_int
+from .._validate import choice, real, scalar_count
+from ._array_backend import is_torch_tensor
 
 __all__ = ["KEY_CONV_FORMS", "KeyConv", "key_conv", "averaging_weights", "as_key_conv"]
 
@@ -48,24 +50,40 @@ def _check_weights(weights, d: int):
         raise ValueError(f"weights must have shape (W,) or (W, d) with W >= 1, got shape {shape}")
     if len(shape) == 2 and shape[1] != d:
         raise ValueError(f"weights of shape {shape} do not match the keys' head dim d = {d}")
-    w_np = np.asarray(weights.detach().cpu().numpy() if is_torch_tensor(weights) else weights)
-    if not np.issubdtype(w_np.dtype, np.number) or not np.all(np.isfinite(w_np)):
-        raise ValueError("weights must be finite real numbers")
+    real("weights", weights.detach().cpu().numpy() if is_torch_tensor(weights) else weights)
 
 
 def key_conv(keys, weights, form: str = "residual_silu"):
     r"""Depthwise causal convolution of ``keys`` (..., N, d) over the sequence axis; see the module doc.
 
+    .. math::
+        k'_t = k_t + \mathrm{SiLU}\Big(\sum_{\ell<W} w_\ell \odot k_{t-\ell}\Big)\ \ (\text{residual\_silu}),
+        \qquad k'_t = \sum_{\ell<W} w_\ell \odot k_{t-\ell}\ \ (\text{linear}),\qquad k_{t<0} = 0
+
     ``weights``: (W,) shared by all channels or (W, d) per channel, W >= 1. Works on numpy arrays and torch
     tensors (autograd flows through the torch path); returns the keys' type, dtype and device.
+
+    Examples
+    --------
+    A linear averaging filter over 2 keys, on 4 one-hot keys (left zero padding makes the first key half):
+
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> print(simulate.key_conv(np.eye(4), simulate.averaging_weights(2), form="linear"))
+    [[0.5 0.  0.  0. ]
+     [0.5 0.5 0.  0. ]
+     [0.  0.5 0.5 0. ]
+     [0.  0.  0.5 0.5]]
     """
-    check_choice("form", form, KEY_CONV_FORMS)
+    choice("form", form, KEY_CONV_FORMS)
     if not is_torch_tensor(keys):
         keys = np.asarray(keys)
-        if not np.issubdtype(keys.dtype, np.floating):
+        if keys.dtype.kind not in "iuf":
+            raise TypeError(f"keys must be a real array, got dtype {keys.dtype}")
+        if keys.dtype.kind != "f":
             keys = keys.astype(np.float64)
     elif not keys.is_floating_point():
-        raise ValueError(f"keys must be floating point, got {keys.dtype}")
+        raise TypeError(f"keys must be a floating-point tensor, got {keys.dtype}")
     if keys.ndim < 2:
         raise ValueError(f"keys must have shape (..., N, d), got shape {tuple(keys.shape)}")
     _check_weights(weights, keys.shape[-1])
@@ -92,27 +110,45 @@ def key_conv(keys, weights, form: str = "residual_silu"):
 
 
 def averaging_weights(W: int, d: int | None = None) -> np.ndarray:
-    """Weights ``w_l = 1/W`` for ``l < W``: shape (W,), or (W, d) when ``d`` is given (float64)."""
-    W = check_int("W", W, 1)
+    r"""Weights :math:`w_\ell = 1/W` for :math:`\ell < W`: shape (W,), or (W, d) when ``d`` is given (float64).
+
+    Examples
+    --------
+    >>> from mobalab import simulate
+    >>> print(simulate.averaging_weights(4), simulate.averaging_weights(3, d=8).shape)
+    [0.25 0.25 0.25 0.25] (3, 8)
+    """
+    W = scalar_count("W", W, 1)
     if d is None:
         return np.full(W, 1.0 / W)
-    return np.full((W, check_int("d", d, 1)), 1.0 / W)
+    return np.full((W, scalar_count("d", d)), 1.0 / W)
 
 
 @dataclass(frozen=True, eq=False)
 class KeyConv:
-    """A key convolution to apply before routing: ``weights`` (W,) or (W, d) and ``form``."""
+    r"""A key convolution to apply before routing: ``weights`` (W,) or (W, d) and ``form``.
+
+    ``apply(keys)`` is :func:`key_conv`: :math:`k'_t = [k_t +]\, f\big(\sum_{\ell<W} w_\ell \odot k_{t-\ell}\big)`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab import simulate
+    >>> kc = simulate.KeyConv(simulate.averaging_weights(3), form="linear")
+    >>> print(kc.label, kc.width)
+    linear(W=3,w=[0.3333,0.3333,0.3333]) 3
+    >>> print(kc.apply(np.ones((4, 2)))[:, 0].round(3))
+    [0.333 0.667 1.    1.   ]
+    """
 
     weights: object
     form: str = "residual_silu"
 
     def __post_init__(self):
-        check_choice("form", self.form, KEY_CONV_FORMS)
-        w = np.asarray(self.weights.detach().cpu().numpy() if is_torch_tensor(self.weights) else self.weights)
+        choice("form", self.form, KEY_CONV_FORMS)
+        w = real("weights", self.weights.detach().cpu().numpy() if is_torch_tensor(self.weights) else self.weights)
         if w.ndim not in (1, 2) or w.shape[0] < 1:
             raise ValueError(f"weights must have shape (W,) or (W, d) with W >= 1, got shape {w.shape}")
-        if not np.issubdtype(w.dtype, np.number) or not np.all(np.isfinite(w)):
-            raise ValueError("weights must be finite real numbers")
 
     @property
     def width(self) -> int:
@@ -151,6 +187,6 @@ def as_key_conv(spec) -> KeyConv | None:
         return KeyConv(spec["weights"], spec.get("form", "residual_silu"))
     if hasattr(spec, "weights"):
         return KeyConv(spec.weights, getattr(spec, "form", "residual_silu"))
-    raise ValueError(
+    raise TypeError(
         f"key_conv must be None, a KeyConv, a dict or an object with .weights, got {type(spec).__name__}"
     )

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mobalab.snr import causal_hit_probability, hit_probability
-from mobalab.snr.causal import _harmonic_diff
+from mobalab.snr._causal_hit import _harmonic_diff
 
 
 def brute_force_average(snr, seq_len, block_size, top_k, sd_ratio=1.0):
@@ -132,10 +132,10 @@ def test_harmonic_differences_are_accurate():
         ({"needle_pos": 3}, "needle_pos given without query_pos"),
         ({"query_pos": 10, "needle_pos": 11}, "needle_pos must be <= query_pos"),
         ({"query_pos": 1000}, "query_pos must be < seq_len = 1000"),
-        ({"query_pos": -1}, "query_pos must be >= 0"),
-        ({"seq_len": 0}, "seq_len must be >= 1"),
-        ({"block_size": 0}, "block_size must be >= 1"),
-        ({"top_k": [1, 2]}, "top_k must be a scalar integer"),
+        ({"query_pos": -1}, "query_pos must be an integer >= 0, got -1"),
+        ({"seq_len": 0}, "seq_len must be an integer >= 1, got 0"),
+        ({"block_size": 0}, "block_size must be an integer >= 1, got 0"),
+        ({"top_k": [1, 2]}, "top_k must be a single integer"),
         ({"snr": math.nan}, "snr must be finite"),
         ({"sd_ratio": -1.0}, "sd_ratio must be >= 0"),
     ],

@@ -1,5 +1,7 @@
 r"""Score-level Monte Carlo router: samples the Gaussian block-score model exactly.
 
+See docs/design.md, "Exact top-k hit probability".
+
 Model (the one :func:`mobalab.snr.hit_probability` integrates): n - 1 noise blocks with scores i.i.d.
 :math:`\mathcal N(0, \sigma_n^2)` and one signal block with score :math:`\mathcal N(\Delta, \sigma_s^2)`,
 :math:`r = \sigma_s/\sigma_n` (``sd_ratio``), :math:`\mathrm{SNR} = \Delta/\sqrt{\sigma_s^2+\sigma_n^2}`.
@@ -27,9 +29,9 @@ import pandas as pd
 from scipy.special import ndtr
 from tqdm.auto import tqdm
 
-from .seeding import seed_record, spawn_generators
-from .tidy import outcome_columns
-from .validation import check_choice, check_int, check_progress
+from .._validate import broadcast, check_memory, choice, count, flag, real, scalar_count
+from ._outcome_columns import outcome_columns
+from ._seeding import seed_record, spawn_generators
 
 __all__ = ["SCORE_METHODS", "score_level_router", "score_level_router_causal"]
 
@@ -39,40 +41,29 @@ SCORE_METHODS = ("binomial", "explicit")
 # fixed numbers (not memory-dependent) so that a seed reproduces the same draws on every machine.
 _BINOMIAL_CHUNK = 1 << 18
 _EXPLICIT_ELEMENTS = 1 << 22
+_EXPLICIT_BYTES_PER_SCORE = 24  # float64 score, comparison masks and the per-trial length mask
 
 
-def _broadcast_configs(**columns):
-    """Broadcast the configuration arguments to a common 1-d shape; validate each."""
-    arrays = {}
-    for name, value in columns.items():
-        arr = np.asarray(value)
-        if arr.dtype == object or arr.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must be a number or an array of numbers, got {value!r}")
-        if arr.dtype.kind == "b":
-            raise ValueError(f"{name} must be numeric, got booleans {value!r}")
-        arrays[name] = arr
-    try:
-        shape = np.broadcast_shapes(*(a.shape for a in arrays.values()))
-    except ValueError:
-        shapes = {k: a.shape for k, a in arrays.items()}
-        raise ValueError(f"configuration arguments do not broadcast together: shapes {shapes}") from None
-    return {k: np.broadcast_to(a, shape).ravel() for k, a in arrays.items()}
+def _configs(**columns: np.ndarray) -> dict[str, np.ndarray]:
+    """Validated configuration arguments broadcast to one flat shape: one entry per output row."""
+    flat = [a.ravel() for a in broadcast(**columns)]
+    if flat[0].size == 0:
+        names = ", ".join(columns)
+        raise ValueError(
+            f"{names} broadcast to an empty shape {np.broadcast_shapes(*(c.shape for c in columns.values()))}: "
+            f"there is no configuration to simulate; give at least one value for each"
+        )
+    return dict(zip(columns, flat, strict=True))
 
 
-def _check_snr_ratio(cfg) -> None:
-    if not np.all(np.isfinite(cfg["snr"])):
-        raise ValueError(f"snr must be finite, got {cfg['snr']}")
-    r = cfg["sd_ratio"]
-    if not np.all(np.isfinite(r)) or np.any(r < 0):
-        raise ValueError(f"sd_ratio must be finite and >= 0, got {r}")
-
-
-def _check_int_column(name, arr, minimum):
-    if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
-        raise ValueError(f"{name} must be integers, got {arr}")
-    if np.any(arr < minimum):
-        raise ValueError(f"{name} must be >= {minimum}, got {arr}")
-    return arr.astype(np.int64)
+def _check_explicit_memory(method: str, n_noise_max: int) -> None:
+    """The explicit sampler holds one trial's noise scores at once: refuse what cannot fit."""
+    if method == "explicit":
+        check_memory(
+            f"method='explicit' with up to {n_noise_max} noise-block scores per trial (all drawn at once)",
+            n_noise_max * _EXPLICIT_BYTES_PER_SCORE,
+            "use method='binomial', which samples the same law exactly with O(1) memory per trial",
+        )
 
 
 def _signal_scores(rng, snr: float, r: float, size: int) -> np.ndarray:
@@ -130,7 +121,12 @@ def score_level_router(
     method: str = "binomial",
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Monte Carlo top-k hit rate of the signal block under the Gaussian block-score model (non-causal).
+    r"""Monte Carlo top-k hit rate of the signal block under the Gaussian block-score model (non-causal).
+
+    .. math::
+        S = \mathrm{SNR}\sqrt{1+r^2} + rZ,\quad \text{hit} \iff \#\{i < n-1 : N_i > S\} < k,\quad
+        N_i, Z \sim \mathcal N(0, 1)\ \text{i.i.d.};\qquad
+        \#\{\cdot\} \mid S \sim \mathrm{Binomial}(n - 1, \bar\Phi(S))\ (\text{binomial sampler})
 
     ``snr``, ``n_blocks``, ``top_k`` and ``sd_ratio`` broadcast together (e.g. an array of SNRs); each
     element is one configuration and one output row, sampled with its own stream spawned from ``seed``
@@ -139,14 +135,30 @@ def score_level_router(
 
     Returns a tidy DataFrame: method="score-level", backend="numpy", causal=False, snr, sd_ratio,
     n_blocks, top_k, sampler, hits, trials, estimate, ci_low, ci_high (95% Wilson), seed.
+
+    Examples
+    --------
+    >>> from mobalab import simulate, snr
+    >>> df = simulate.score_level_router([1.0, 2.0], n_blocks=512, top_k=8, trials=100_000, seed=0)
+    >>> print(df[["snr", "n_blocks", "top_k", "trials"]].to_string(index=False))
+     snr  n_blocks  top_k  trials
+     1.0       512      8  100000
+     2.0       512      8  100000
+    >>> theory = snr.hit_probability(df["snr"].to_numpy(), 512, 8)
+    >>> print(theory.round(3), bool(abs(df["estimate"] - theory).max() < 0.01))
+    [0.226 0.741] True
     """
-    trials = check_int("trials", trials, 1)
-    check_choice("method", method, SCORE_METHODS)
-    progress = check_progress(progress)
-    cfg = _broadcast_configs(snr=snr, n_blocks=n_blocks, top_k=top_k, sd_ratio=sd_ratio)
-    _check_snr_ratio(cfg)
-    n_arr = _check_int_column("n_blocks", cfg["n_blocks"], 1)
-    k_arr = _check_int_column("top_k", cfg["top_k"], 1)
+    trials = scalar_count("trials", trials)
+    choice("method", method, SCORE_METHODS)
+    progress = flag("progress", progress)
+    cfg = _configs(
+        snr=real("snr", snr),
+        n_blocks=count("n_blocks", n_blocks),
+        top_k=count("top_k", top_k),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
+    n_arr, k_arr = cfg["n_blocks"], cfg["top_k"]
+    _check_explicit_memory(method, int(np.max(np.where(k_arr < n_arr, n_arr - 1, 0))))
     rngs = spawn_generators(seed, len(n_arr))
     rows = []
     with tqdm(total=trials * len(n_arr), disable=not progress, desc="score-level", unit="trial") as bar:
@@ -199,11 +211,11 @@ def draw_causal_positions(rng, seq_len: int, size: int, query_pos=None, needle_p
 def check_causal_positions(seq_len: int, query_pos, needle_pos):
     """Validate optional fixed query / needle positions: 0 <= needle_pos <= query_pos < seq_len."""
     if query_pos is not None:
-        query_pos = check_int("query_pos", query_pos, 0)
+        query_pos = scalar_count("query_pos", query_pos, 0)
         if query_pos >= seq_len:
             raise ValueError(f"query_pos must be in [0, seq_len = {seq_len}), got {query_pos}")
     if needle_pos is not None:
-        needle_pos = check_int("needle_pos", needle_pos, 0)
+        needle_pos = scalar_count("needle_pos", needle_pos, 0)
         if needle_pos >= seq_len:
             raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
     if query_pos is not None and needle_pos is not None and needle_pos > query_pos:
@@ -245,9 +257,15 @@ def score_level_router_causal(
     needle_pos: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Monte Carlo hit rate of causal MoBA routing under the Gaussian block-score model.
+    r"""Monte Carlo hit rate of causal MoBA routing under the Gaussian block-score model.
 
-    Per trial: query t and needle p (see :func:`draw_causal_positions`); own block c = t // B forced;
+    .. math::
+        \text{hit} \iff \lfloor p/B\rfloor = c\ \ \text{or}\ \
+        \#\{i < c - 1 : N_i > S\} < k - 1,\qquad c = \lfloor t/B\rfloor,\ S\ \text{as in}\
+        :func:`score\_level\_router`
+
+    Per trial: query t uniform on {0..N-1} and needle p uniform on {0..t} (fixed by ``query_pos`` /
+    ``needle_pos`` when given; with only ``needle_pos``, t is uniform on {p..N-1}); own block c = t // B forced;
     a needle in block c is a hit; otherwise hit iff fewer than k - 1 of the c - 1 other complete past
     blocks score above the needle's block (binomial or explicit sampler, as in
     :func:`score_level_router`). ``snr``, ``seq_len``, ``block_size``, ``top_k``, ``sd_ratio`` broadcast
@@ -256,15 +274,27 @@ def score_level_router_causal(
 
     Columns: as :func:`score_level_router` with causal=True, n_blocks = ceil(N/B), plus seq_len,
     block_size, query_pos, needle_pos.
+
+    Examples
+    --------
+    >>> from mobalab import simulate, snr
+    >>> df = simulate.score_level_router_causal(2.0, seq_len=8192, block_size=32, top_k=8, trials=100_000, seed=0)
+    >>> theory = snr.causal_hit_probability(2.0, 8192, 32, 8)
+    >>> print(df["n_blocks"][0], round(theory, 3), bool(abs(df["estimate"][0] - theory) < 0.01))
+    256 0.892 True
     """
-    trials = check_int("trials", trials, 1)
-    check_choice("method", method, SCORE_METHODS)
-    progress = check_progress(progress)
-    cfg = _broadcast_configs(snr=snr, seq_len=seq_len, block_size=block_size, top_k=top_k, sd_ratio=sd_ratio)
-    _check_snr_ratio(cfg)
-    n_tok = _check_int_column("seq_len", cfg["seq_len"], 1)
-    bs = _check_int_column("block_size", cfg["block_size"], 1)
-    k_arr = _check_int_column("top_k", cfg["top_k"], 1)
+    trials = scalar_count("trials", trials)
+    choice("method", method, SCORE_METHODS)
+    progress = flag("progress", progress)
+    cfg = _configs(
+        snr=real("snr", snr),
+        seq_len=count("seq_len", seq_len),
+        block_size=count("block_size", block_size),
+        top_k=count("top_k", top_k),
+        sd_ratio=real("sd_ratio", sd_ratio, low=0.0),
+    )
+    n_tok, bs, k_arr = cfg["seq_len"], cfg["block_size"], cfg["top_k"]
+    _check_explicit_memory(method, int(np.max(np.maximum(n_tok // bs - 1, 0))))
     rows_pos = [check_causal_positions(int(n), query_pos, needle_pos) for n in n_tok]
     rngs = spawn_generators(seed, len(n_tok))
     rows = []

@@ -12,7 +12,7 @@ pairs :math:`(x_{2i}, x_{2i+1})`, angle :math:`s\,\theta_i` at position s with
 fixed permutation of the coordinates, which changes no dot product.) Each pair turns rigidly, so norms
 are preserved and :math:`\langle R_t q, R_s k\rangle` depends on t - s only.
 
-Generator (the model of :mod:`mobalab.snr.rope`, module docstring there): pre-RoPE query q and noise keys
+Generator (the model of :func:`mobalab.snr.rope_block_model`, module docstring there): pre-RoPE query q and noise keys
 uniform on the sphere; a span of m consecutive tokens, the needle its token ``needle_index`` = a, all in
 the needle's block, sharing one content direction u and planted isotropically,
 :math:`k_s = \mu_s u + \sqrt{1-\mu_s^2}\,\xi_s`; u = :math:`R_{t-r}\,q` where r, the position at which
@@ -203,7 +203,17 @@ def random_span_positions(rng, count: int, seq_len: int, block_size: int, m: int
 
     The block j is uniform on the n = seq_len // block_size blocks, the span's first token uniform on
     {jB, ..., jB + B - m} (so the whole span lies in block j), and the needle is its token
-    ``needle_index``. ``seq_len`` must be a multiple of ``block_size`` and ``1 <= m <= block_size``.
+    ``needle_index``. ``seq_len`` must be a multiple of ``block_size`` and ``1 <= m <= block_size``:
+
+    .. math:: p = jB + s + a, \qquad j \sim U\{0, \dots, n-1\},\quad s \sim U\{0, \dots, B-m\}.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab.simulate import random_span_positions
+    >>> p = random_span_positions(np.random.default_rng(0), 4, 1024, 64, 16, needle_index=8)
+    >>> bool(((p - 8) % 64 <= 64 - 16).all())   # every span lies inside one block
+    True
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -231,7 +241,20 @@ def plant_rope_span(rng, q, keys, query_pos, needle_pos, m: int, mu_signal: floa
     ``"content"``); the needle is planted with cosine ``mu_signal`` to u and the other m - 1 tokens with
     ``mu_cluster``, isotropically (:func:`mobalab.simulate.plant_into`). ``rng``: the stream of ``q``
     and ``keys`` (numpy Generator, or torch.Generator on their device). Rotating the keys by position and
-    the query by query_pos afterwards gives the model of :mod:`mobalab.snr.rope`.
+    the query by query_pos afterwards gives the model of :func:`mobalab.snr.rope_block_model`:
+
+    .. math:: k_{s_j} = \mu_j\, u + \sqrt{1 - \mu_j^2}\,\xi_j, \qquad u = R_{t-r}\, q.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mobalab.simulate import plant_rope_span
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 64)); q /= np.linalg.norm(q, axis=1, keepdims=True)
+    >>> keys = rng.standard_normal((2, 256, 64)); before = keys.copy()
+    >>> _ = plant_rope_span(rng, q, keys, np.array([255, 255]), np.array([100, 40]), 4, 0.9, 0.5)
+    >>> [np.nonzero((keys[b] != before[b]).any(-1))[0].tolist() for b in range(2)]
+    [[100, 101, 102, 103], [40, 41, 42, 43]]
     """
     from mobalab.simulate import plant_into
 

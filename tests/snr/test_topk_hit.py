@@ -61,7 +61,8 @@ def test_matches_independent_high_precision(snr, n, k, r):
     assert hit_probability(snr, n, k, r) == pytest.approx(reference_hit(snr, n, k, r), abs=1e-9)
 
 
-# paper-model-and-results.md §2.5 (3 decimals); the 1.15 row is SNR = Φ^{-1}(1 - 8/64) = 1.1503.
+# A tabulation of P(hit) at k = 8 made independently of this code, to 3 decimals (the model:
+# docs/design.md, "Exact top-k hit probability"); the 1.15 row is SNR = Φ^{-1}(1 - 8/64) = 1.1503.
 TABLE_SNR = [1.0, float(paper_threshold(64, 8)), 1.5, 2.0, 2.5]
 TABLE_N64 = [0.593, 0.671, 0.823, 0.948, 0.990]
 TABLE_N512 = [0.226, 0.294, 0.479, 0.741, 0.911]
@@ -166,10 +167,10 @@ def test_two_hundred_snrs_at_a_million_blocks_is_fast(k):
     [
         ({"snr": math.nan}, "snr must be finite"),
         ({"snr": np.array([0.0, math.inf])}, "snr must be finite"),
-        ({"n_blocks": 0}, "n_blocks must be >= 1, got 0"),
-        ({"n_blocks": 64.5}, "n_blocks must be integer-valued, got 64.5"),
-        ({"top_k": 0}, "top_k must be >= 1, got 0"),
-        ({"top_k": 2.5}, "top_k must be integer-valued"),
+        ({"n_blocks": 0}, "n_blocks must be an integer >= 1, got 0"),
+        ({"n_blocks": 64.5}, "n_blocks must be an integer >= 1, got 64.5"),
+        ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
+        ({"top_k": 2.5}, "top_k must be an integer >= 1, got 2.5"),
         ({"sd_ratio": -0.5}, "sd_ratio must be >= 0"),
         ({"sd_ratio": math.inf}, "sd_ratio must be finite"),
     ],
