@@ -91,13 +91,18 @@ def _poison(bufs: dict) -> None:
         t.fill_(float("nan") if t.is_floating_point() else -7)
 
 
-def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps):
-    """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries."""
+def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps, ties=False):
+    """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
+
+    ``ties``: every third block repeats block 1, so their sums and scores tie exactly."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
     cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype)
     k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
+    if ties:
+        for j in range(4, max(prompt_lengths) // block, 3):
+            k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
     v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
     cache.prefill(k, v, lengths=prompt_lengths)
     for _ in range(steps):
@@ -108,21 +113,24 @@ def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps
 
 
 CASES = [
-    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, appends, top_k, sm_count
-    pytest.param(torch.bfloat16, 64, 16, 2, 8, 1, [700, 333], 1, 8, 132, id="bf16-d64-B16-gqa4-ragged-split"),
-    pytest.param(torch.bfloat16, 128, 16, 1, 2, 2, [2100, 1500], 1, 16, 1, id="bf16-d128-B16-tiles"),
-    pytest.param(torch.float16, 128, 128, 1, 2, 3, [520, 390], 2, 3, 132, id="fp16-d128-B128-qlen3-chunks"),
-    pytest.param(torch.bfloat16, 64, 32, 1, 16, 5, [300], 1, 4, 8, id="bf16-d64-B32-two-row-groups"),
-    pytest.param(torch.bfloat16, 128, 16, 2, 2, 2, [40, 17], 1, 1, 132, id="bf16-top1-own-only"),
-    pytest.param(torch.float16, 64, 64, 1, 1, 16, [150], 1, 32, 132, id="fp16-qlen16-topk32-fewer-blocks"),
+    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, appends, top_k, sm_count, ties (see _case)
+    pytest.param(torch.bfloat16, 64, 16, 2, 8, 1, [700, 333], 1, 8, 132, False, id="bf16-d64-B16-gqa4-ragged-split"),
+    pytest.param(torch.bfloat16, 128, 16, 1, 2, 2, [2100, 1500], 1, 16, 1, False, id="bf16-d128-B16-tiles"),
+    pytest.param(torch.float16, 128, 128, 1, 2, 3, [520, 390], 2, 3, 132, False, id="fp16-d128-B128-qlen3-chunks"),
+    pytest.param(torch.bfloat16, 64, 32, 1, 16, 5, [300], 1, 4, 8, False, id="bf16-d64-B32-two-row-groups"),
+    pytest.param(torch.bfloat16, 128, 16, 2, 2, 2, [40, 17], 1, 1, 132, False, id="bf16-top1-own-only"),
+    pytest.param(torch.float16, 64, 64, 1, 1, 16, [150], 1, 32, 132, False, id="fp16-qlen16-topk32-fewer-blocks"),
+    pytest.param(torch.bfloat16, 64, 16, 1, 2, 1, [1400], 1, 16, 4, True, id="bf16-exact-ties"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms"),
-                         CASES)
+@pytest.mark.parametrize(("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms",
+                          "ties"), CASES)
 def test_emulated_kernels_match_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, steps,
-                                          top_k, sms):
-    cache, q = _case(hash((dim, block, heads, q_len)) % 1000, dtype, dim, block, kv_heads, heads, q_len, lengths, steps)
+                                          top_k, sms, ties):
+    cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, steps, ties)
+    if ties:  # make the repeated blocks the best: their exact ties decide the selection
+        q[:, :, :] = cache.block_sums[:, :1, 1].to(q.dtype).unsqueeze(1)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms)
     _poison(bufs)
@@ -130,6 +138,9 @@ def test_emulated_kernels_match_reference(harness, tmp_path, dtype, dim, block, 
 
     ref_sel = D._route(q, cache, top_k)
     assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
+    if ties:  # the tied copies outscore the rest; of the 29 copies the highest-index 15 win
+        copies = [1] + list(range(4, lengths[0] // block, 3))
+        assert ref_sel[0, 0, 0, 1:].tolist() == sorted(copies, reverse=True)[:top_k - 1]
     ref_out, ref_lse = D._attend(q, cache, ref_sel, scale)
     assert not torch.isnan(bufs["out"].float()).any() and not torch.isnan(bufs["lse"]).any()
     # out: one rounding to the 16-bit type apart at most
@@ -144,7 +155,7 @@ def test_plans_of_the_cases_cover_the_kernel_paths():
     """The emulated cases reach splits, several tiles, row groups, chunks and top_k = 1."""
     seen = set()
     for p in CASES:
-        dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms = p.values
+        dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, _ = p.values
         cache, q = _case(0, dtype, dim, block, kv_heads, heads, q_len, lengths, steps)
         plan = C.plan_decode(len(lengths), q_len, heads, kv_heads, dim, block, top_k, int(cache._len.max()),
                              cache.n_blocks, cache.capacity, sms)

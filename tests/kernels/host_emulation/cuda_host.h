@@ -343,6 +343,36 @@ inline int __shfl_xor_sync(unsigned mask, int v, int off) {
     emu_full_mask(mask);
     return (int)emu::exchange((unsigned)v, emu::lane() ^ off);
 }
+inline int __shfl_sync(unsigned mask, int v, int src) {
+    emu_full_mask(mask);
+    return (int)emu::exchange((unsigned)v, src & 31);
+}
+inline float __shfl_sync(unsigned mask, float v, int src) {
+    emu_full_mask(mask);
+    return __uint_as_float(emu::exchange(__float_as_uint(v), src & 31));
+}
+inline int __shfl_up_sync(unsigned mask, int v, unsigned delta) {
+    emu_full_mask(mask);
+    const int src = emu::lane() - (int)delta;
+    return (int)emu::exchange((unsigned)v, src < 0 ? emu::lane() : src);
+}
+inline float __shfl_up_sync(unsigned mask, float v, unsigned delta) {
+    emu_full_mask(mask);
+    const int src = emu::lane() - (int)delta;
+    return __uint_as_float(emu::exchange(__float_as_uint(v), src < 0 ? emu::lane() : src));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    emu_full_mask(mask);
+    emu::Cta& c = emu::cta();
+    unsigned* slots = emu::bank();
+    slots[c.current] = pred ? 1u : 0u;
+    emu::yield(emu::WARP_WAIT);
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= slots[emu::warp_base() + l] << l;
+    return bits;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __any_sync(unsigned mask, int pred) {
     emu_full_mask(mask);
     emu::Cta& c = emu::cta();

@@ -17,10 +17,10 @@
 // once per kv head for all heads of the group and all q_len positions (once per row group beyond 64 rows).
 // Candidates are complete blocks (j < own block), |j| = B is a power of two, so ranking by q . S_j equals
 // ranking by q . (S_j / B) exactly: the score is the fp32 dot product with the running sum. 8 lanes share a
-// block (16-byte loads, 3 shuffles); scores of a tile of 128 blocks go to shared memory and are merged into
-// the row's sorted list of the best k-1 (score desc, block desc) by repeated warp arg-max, skipped when no
-// score of the tile beats the list's last entry. The last CTA of a (b, kv head, row group) merges the
-// n_split lists per row and writes sel.
+// block (16-byte loads, 3 shuffles); scores of a tile of 128 blocks go to shared memory, and every score that
+// beats the last entry of the row's sorted list of the best k-1 (score desc, block desc) is inserted at its
+// rank (past the first tiles few do). The last CTA of a (b, kv head, row group) merges the n_split lists
+// per row by repeated warp arg-max and writes sel.
 //
 // Attention (moba_decode_attn_*): grid (R * top_k * n_chunks, kv_heads, b), 128 threads. Unit (e = r * top_k
 // + s, chunk c) handles block j = sel[r][s] only when e is the first entry that selected j (the union of
@@ -158,23 +158,20 @@ __device__ __forceinline__ void dec_warp_best(float& v, int& j, int& p) {
     }
 }
 
-// One warp: the best `lcap` of the candidates {(av[e], a_base + e) : e < na} U {(bv[e], bj[e]) : e < nb}, in
-// rank order; lane s < lcap receives entry s in (my_v, my_j) (-inf, -1 when the candidates run out). Taken
-// candidates are overwritten with NaN. lcap <= 31.
-__device__ __forceinline__ void dec_warp_select(float* av, int a_base, int na, float* bv, const int* bj, int nb,
-                                                int lcap, int lane, float& my_v, int& my_j) {
+// One warp: the best `lcap` of the n candidates (cv[e], cj[e]) in rank order; lane s < lcap receives entry s
+// in (my_v, my_j) ((-inf, -1) when the candidates run out). Taken candidates are overwritten with NaN.
+// lcap <= 31.
+__device__ __forceinline__ void dec_warp_select(float* cv, const int* cj, int n, int lcap, int lane, float& my_v,
+                                                int& my_j) {
     my_v = dec_neg_inf();
     my_j = -1;
-    const int n = na + nb;
     for (int s = 0; s < lcap; ++s) {
         float best_v = dec_nan();
         int best_j = -1, best_p = 0x7fffffff;
         for (int e = lane; e < n; e += 32) {
-            const float v = e < na ? av[e] : bv[e - na];
-            const int j = e < na ? a_base + e : bj[e - na];
-            if (dec_before(v, j, e, best_v, best_j, best_p)) {
-                best_v = v;
-                best_j = j;
+            if (dec_before(cv[e], cj[e], e, best_v, best_j, best_p)) {
+                best_v = cv[e];
+                best_j = cj[e];
                 best_p = e;
             }
         }
@@ -184,13 +181,48 @@ __device__ __forceinline__ void dec_warp_select(float* av, int a_base, int na, f
             my_v = best_v;
             my_j = best_j;
         }
-        if (lane == 0 && found) {
-            if (best_p < na)
-                av[best_p] = dec_nan();
-            else
-                bv[best_p - na] = dec_nan();
-        }
+        if (lane == 0 && found) cv[best_p] = dec_nan();
         __syncwarp();
+    }
+}
+
+// One warp merges a tile of scores of one row (srow[e] for block t0 + e, NaN where no candidate) into the
+// row's sorted list (lrow / jrow, lcap entries, best first): lane s < lcap holds entry s; every score that
+// ranks before the current last entry is inserted at its rank, the entries behind it move down one lane.
+// Past the first tiles few scores qualify, so a tile costs little more than one compare per score.
+__device__ __forceinline__ void dec_merge_tile(const float* srow, int t0, float* lrow, int* jrow, int lcap,
+                                               int lane) {
+    float lv = lane < lcap ? lrow[lane] : dec_neg_inf();
+    int lj = lane < lcap ? jrow[lane] : -1;
+    float tv = __shfl_sync(DEC_FULL, lv, lcap - 1);
+    int tj = __shfl_sync(DEC_FULL, lj, lcap - 1);
+    for (int e0 = 0; e0 < DEC_ROUTE_TILE; e0 += 32) {
+        const float v = srow[e0 + lane];
+        const int j = t0 + e0 + lane;
+        unsigned pending = __ballot_sync(DEC_FULL, dec_before(v, j, 0, tv, tj, 1));
+        while (pending) {  // warp-uniform
+            const int src = __ffs(pending) - 1;
+            pending &= pending - 1;
+            const float cv = __shfl_sync(DEC_FULL, v, src);
+            const int cj = __shfl_sync(DEC_FULL, j, src);
+            if (!dec_before(cv, cj, 0, tv, tj, 1)) continue;  // the list has improved since the ballot
+            const int pos = __popc(__ballot_sync(DEC_FULL, lane < lcap && dec_before(lv, lj, 0, cv, cj, 1)));
+            const float uv = __shfl_up_sync(DEC_FULL, lv, 1);
+            const int uj = __shfl_up_sync(DEC_FULL, lj, 1);
+            if (lane == pos) {
+                lv = cv;
+                lj = cj;
+            } else if (lane > pos) {
+                lv = uv;
+                lj = uj;
+            }
+            tv = __shfl_sync(DEC_FULL, lv, lcap - 1);
+            tj = __shfl_sync(DEC_FULL, lj, lcap - 1);
+        }
+    }
+    if (lane < lcap) {
+        lrow[lane] = lv;
+        jrow[lane] = lj;
     }
 }
 
@@ -281,26 +313,8 @@ __device__ __forceinline__ void dec_route_body(const T* __restrict__ q, const fl
                 for (int m = 0; m < NV; ++m) cur[m] = nxt[m];
             }
             __syncthreads();
-            for (int rr = warp; rr < nr; rr += DEC_ROUTE_WARPS) {
-                float* srow = S + rr * DEC_ROUTE_TILE;
-                float* lrow = lv + rr * lcap;
-                int* jrow = lj + rr * lcap;
-                // Only a score that ranks before the list's last entry can change the list.
-                const float tv = lrow[lcap - 1];
-                const int tj = jrow[lcap - 1];
-                bool any = false;
-                for (int e = lane; e < DEC_ROUTE_TILE; e += 32) any |= dec_before(srow[e], t0 + e, 0, tv, tj, 1);
-                if (__any_sync(DEC_FULL, any)) {
-                    float my_v;
-                    int my_j;
-                    dec_warp_select(srow, t0, DEC_ROUTE_TILE, lrow, jrow, lcap, lcap, lane, my_v, my_j);
-                    if (lane < lcap) {
-                        lrow[lane] = my_v;
-                        jrow[lane] = my_j;
-                    }
-                    __syncwarp();
-                }
-            }
+            for (int rr = warp; rr < nr; rr += DEC_ROUTE_WARPS)
+                dec_merge_tile(S + rr * DEC_ROUTE_TILE, t0, lv + rr * lcap, lj + rr * lcap, lcap, lane);
             __syncthreads();
         }
     }
@@ -336,7 +350,7 @@ __device__ __forceinline__ void dec_route_body(const T* __restrict__ q, const fl
         __syncwarp();
         float my_v;
         int my_j;
-        dec_warp_select(mv, 0, 0, mv, mj, n, lcap, lane, my_v, my_j);
+        dec_warp_select(mv, mj, n, lcap, lane, my_v, my_j);
         const int r = r0 + rr, i = r / group, g = r % group;
         int* srow = sel + ((long long)(b * q_len + i) * heads + kvh * group + g) * top_k;
         if (lane == 0) srow[0] = (len - q_len + i) / block_size;
