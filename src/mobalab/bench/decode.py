@@ -3,8 +3,9 @@ r"""MoBA decode step against dense decode on the same KV cache: ``python -m moba
 One step = every sequence of the batch attends its newest token (q_len 1) over a cache of N tokens:
 mobalab's :func:`~mobalab.kernels.moba_decode` (routing over the cached block sums + split-KV attention
 over the selected blocks) side by side with torch SDPA on the whole cache (FLASH_ATTENTION,
-CUDNN_ATTENTION and EFFICIENT_ATTENTION backends, whichever run with GQA) and FlexAttention with a block
-mask built from mobalab's selection (attention only; skipped when it does not compile or run). 32 query
+CUDNN_ATTENTION and EFFICIENT_ATTENTION backends, whichever run; the query heads of each kv head packed as
+query rows, so K and V are read once) and FlexAttention with a block mask built from mobalab's selection
+(attention only, GQA; skipped when it does not compile or run). 32 query
 heads / 8 kv heads, head dim 128, bf16, random Gaussian q / k / v (never zeros).
 
 Timing: each method is captured in a CUDA graph (so the numbers are device time, not Python launch
@@ -170,16 +171,19 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
 
 
 def _dense_fns(q, k, v):
+    """Dense decode on the cache k, v (b, kv_heads, N, d): the G query heads of a kv head are packed as G query
+    rows of that head (q_len 1 needs no mask), so every backend reads K and V once, without GQA support."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    qt = q.transpose(1, 2)  # (b, heads, 1, d)
+    batch, _, heads, dim = q.shape
+    packed = q.reshape(batch, k.shape[1], heads // k.shape[1], dim)  # (b, kv_heads, G, d)
 
     def make(backend):
         def run():
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
+                return torch.nn.functional.scaled_dot_product_attention(packed, k, v)
         return run
 
     return {name: make(be) for name, be in names.items()}
