@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -85,3 +86,25 @@ def test_targets_and_table():
     table = bench.markdown(rows, {"cuda_device": "GPU", "utc": "now", "git_commit": "abc"})
     assert table.count("\n| ") == 4 and "NOT met" in table and "n/a" in table
     assert "| 512K | 8 | 128 | 8 | 0.100 (0.050)" in table
+
+
+def test_flex_block_mask_attends_the_selection(monkeypatch):
+    """The FlexAttention baseline's BlockMask (selected blocks as full blocks + the matching mask_mod) gives the
+    reference decode output; checked with flex_attention's unfused path on the CPU."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from mobalab.kernels import MobaKVCache
+    from mobalab.kernels import _decode as D
+
+    g = torch.Generator().manual_seed(0)
+    b, kvh, group, d, block, n = 2, 2, 4, 16, 16, 256
+    k, v = torch.randn(b, n, kvh, d, generator=g), torch.randn(b, n, kvh, d, generator=g)
+    q = torch.randn(b, 1, kvh * group, d, generator=g)
+    cache = MobaKVCache(b, kvh, d, block, n)
+    cache.prefill(k, v)
+    sel = D._route(q, cache, 4)
+    ref, _ = D._attend(q, cache, sel, 1 / math.sqrt(d))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    with warnings.catch_warnings():  # flex_attention without torch.compile warns that it is unfused
+        warnings.simplefilter("ignore", UserWarning)
+        out = bench._flex_fn(q, cache.k, cache.v, sel, block, n)().transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

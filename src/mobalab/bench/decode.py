@@ -190,18 +190,26 @@ def _dense_fns(q, k, v):
 
 
 def _flex_fn(q, k, v, sel, block_size, seq_len):
+    """FlexAttention over mobalab's selection: the selected blocks as full blocks of a BlockMask (no mask_mod
+    evaluated inside them, unselected blocks skipped), with the matching mask_mod for every other path."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     batch, _, heads, top_k = sel.shape
     n_blocks = math.ceil(seq_len / block_size)
-    blocks = sel[:, 0].to(torch.int32)  # (b, heads, top_k)
-    count = (blocks >= 0).sum(-1, dtype=torch.int32).unsqueeze(-1)  # (b, heads, 1 query block)
-    big = torch.iinfo(torch.int32).max
-    picked = torch.sort(torch.where(blocks >= 0, blocks, big), dim=-1).values
-    # BlockMask wants one row of kv block indices as wide as the number of kv blocks, selected ones first
-    indices = torch.zeros((batch, heads, 1, n_blocks), dtype=torch.int32, device=sel.device)
-    indices[:, :, 0, :top_k] = torch.where(picked == big, 0, picked)
-    mask = BlockMask.from_kv_blocks(count, indices, BLOCK_SIZE=(128, block_size), seq_lengths=(1, seq_len))
+    blocks = sel[:, 0].long()  # (b, heads, top_k)
+    chosen = torch.zeros((batch, heads, n_blocks + 1), dtype=torch.bool, device=sel.device)
+    chosen.scatter_(2, torch.where(blocks >= 0, blocks, n_blocks), True)
+    chosen = chosen[..., :n_blocks].contiguous()
+    count = chosen.sum(-1, dtype=torch.int32).unsqueeze(-1)  # (b, heads, 1 query block)
+    # one row of kv block indices as wide as the number of kv blocks, the selected ones first (ascending)
+    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32).unsqueeze(2)
+    none = torch.zeros_like(count)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return chosen[b, h, kv_idx // block_size]
+
+    mask = BlockMask.from_kv_blocks(none, order, count, order, BLOCK_SIZE=(128, block_size), mask_mod=mask_mod,
+                                    seq_lengths=(1, seq_len))
     flex = torch.compile(flex_attention, dynamic=False)
     qt = q.transpose(1, 2)
     return lambda: flex(qt, k, v, block_mask=mask, enable_gqa=True)
