@@ -6,6 +6,8 @@
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
+#   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
+#   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
@@ -40,6 +42,12 @@ for step in "${STEPS[@]}"; do
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
     snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
+    decode-tests) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                   tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    decode)      timeout 240 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+                   || status=1 ;;
+    decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+                   || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
   esac
   echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
@@ -49,7 +57,7 @@ tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 3
-for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 rm -rf "$W"

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "block-size": "mobalab.experiments.block_size",
     "key-conv": "mobalab.experiments.key_conv",
     "rope": "mobalab.experiments.rope",
+    "decode-cost": "mobalab.experiments.decode_cost",
 }
 
 

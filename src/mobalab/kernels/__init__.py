@@ -8,6 +8,9 @@ Nothing here imports CuPy until a CUDA tensor arrives.
 from __future__ import annotations
 
 from . import reference
+from ._decode import moba_decode, moba_decode_reference
+from ._decode_cost import decode_bytes, decode_flops, expected_unique_blocks
+from ._kv_cache import MobaKVCache
 from .reference import moba_attention as moba_attention_reference
 from .reference import moba_centroids as moba_centroids_reference
 from .reference import moba_topk as moba_topk_reference
@@ -21,6 +24,12 @@ __all__ = [
     "moba_centroids_reference",
     "reference",
     "gpu_available",
+    "MobaKVCache",
+    "moba_decode",
+    "moba_decode_reference",
+    "decode_bytes",
+    "decode_flops",
+    "expected_unique_blocks",
 ]
 
 
