@@ -56,7 +56,7 @@ done
 tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
-[ -f "$W/pytest_gpu.log" ] && grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 3
+[ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
