@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything mobalab needs a GPU for, in one call on the device machine (records go to RESULTS.md).
-#   bash scripts/gpu_check.sh [STEP ...]      default: tests fwd bwd-targets mc snr
+#   MOBALAB_COMMIT=<commit> bash scripts/gpu_check.sh [STEP ...]      default: tests fwd bwd-targets mc snr
+# (MOBALAB_COMMIT names the commit of the copied working tree, whose git metadata may be stale)
 # Steps:
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
@@ -19,7 +20,7 @@ STEPS=("$@")
 status=0
 
 {
-  echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'see the calling record')"
+  echo "date: $(date -u +%F' '%T) UTC   commit: ${MOBALAB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'see the calling record')}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$W/env.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,7 +12,13 @@ __all__ = ["environment", "git_commit"]
 
 
 def git_commit() -> str | None:
-    """Short hash of the checkout mobalab is imported from, or None outside a git checkout."""
+    """Short hash of the checkout mobalab is imported from, or None outside a git checkout.
+
+    ``MOBALAB_COMMIT`` in the environment wins: a copy of a working tree on another machine may carry stale
+    git metadata, so the GPU scripts are told the commit by the caller.
+    """
+    if os.environ.get("MOBALAB_COMMIT"):
+        return os.environ["MOBALAB_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
