@@ -8,6 +8,7 @@ Nothing here imports CuPy until a CUDA tensor arrives.
 from __future__ import annotations
 
 from . import reference
+from ._varlen import moba_attention_varlen, moba_topk_varlen
 from .reference import moba_attention as moba_attention_reference
 from .reference import moba_centroids as moba_centroids_reference
 from .reference import moba_topk as moba_topk_reference
@@ -16,6 +17,8 @@ __all__ = [
     "moba_attention",
     "moba_topk",
     "moba_centroids",
+    "moba_attention_varlen",
+    "moba_topk_varlen",
     "moba_attention_reference",
     "moba_topk_reference",
     "moba_centroids_reference",
