@@ -107,17 +107,15 @@ def test_low_precision_dtypes_and_no_sequences():
     assert out.shape == (0, *q.shape[1:])
 
 
-def test_topk_op_opcheck():
-    q, k, _, cu = _packed((5, 9), seed=19)
-    from mobalab.kernels import _varlen
-
-    torch.library.opcheck(_varlen._topk_op, (q, k, cu, 9, 4, 2, True))
-    torch.library.opcheck(_varlen._fwd_op, (q.requires_grad_(), k.requires_grad_(), v_like(k), cu, 9, 4, 2, True,
-                                            0.3, False))
-
-
-def v_like(k):
-    return torch.randn(k.shape, dtype=k.dtype, generator=torch.Generator().manual_seed(23)).requires_grad_()
+def test_opcheck_of_the_ops():
+    # schema, fake implementation, autograd registration (compilation: test_torch_compile_fullgraph_cpu);
+    # through torch.ops, the live registration
+    q, k, v, cu = _packed((5, 9), seed=19)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mobalab.moba_topk_varlen.default, (q, k, cu, 9, 4, 2, True), test_utils=utils)
+    torch.library.opcheck(torch.ops.mobalab.moba_attention_varlen_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, 9, 4, 2, True, 0.3, False),
+                          test_utils=utils)
 
 
 def test_torch_compile_fullgraph_cpu():

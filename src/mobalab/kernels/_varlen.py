@@ -25,6 +25,9 @@ import numbers
 
 import torch
 
+# Registers the single-sequence ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per sequence.
+from . import autograd as _single_sequence_ops  # noqa: F401
+
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -129,10 +132,15 @@ def _short(values: list[int]) -> str:
 # the single-sequence ops, called per sequence (registered by mobalab.kernels.autograd)
 
 
-def _sequence_ops():
-    from . import autograd  # noqa: F401  (registers mobalab::moba_attention_fwd / _bwd)
+def _op(name: str):
+    """The op's current registration. Looked up at every call rather than holding the CustomOpDef: a second
+    execution of a module that defines ops (pytest's doctest import does that) replaces the registration,
+    and the first definition's objects then point at freed dispatcher entries."""
+    return getattr(torch.ops.mobalab, name).default
 
-    return torch.ops.mobalab.moba_attention_fwd.default, torch.ops.mobalab.moba_attention_bwd.default
+
+def _sequence_ops():
+    return _op("moba_attention_fwd"), _op("moba_attention_bwd")
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -207,8 +215,8 @@ def _backward(ctx, dout, dlse, dtopk):
     block_size, top_k, causal, scale, deterministic = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size, top_k, causal, scale,
-                         deterministic)
+    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size,
+                                                 top_k, causal, scale, deterministic)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -287,7 +295,8 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     scale = _check_scale(softmax_scale, q.shape[-1], fn)
     _check_bool("return_lse", return_lse, fn)
     _check_bool("deterministic", deterministic, fn)
-    out, lse, _ = _fwd_op(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic)
+    out, lse, _ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal,
+                                                   scale, deterministic)
     if return_lse:
         return out, lse
     return out
@@ -312,4 +321,4 @@ def moba_topk_varlen(q, k, cu_seqlens, max_seqlen: int, block_size: int, top_k: 
     """
     fn = "moba_topk_varlen"
     max_seqlen, block_size, top_k = _check_inputs(q, k, None, cu_seqlens, max_seqlen, block_size, top_k, causal, fn)
-    return _topk_op(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal)
+    return _op("moba_topk_varlen")(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal)
