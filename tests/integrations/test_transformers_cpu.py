@@ -159,8 +159,10 @@ def test_left_padded_cached_decoding_equals_recomputing():
 def test_missing_settings_and_unsupported_options_are_refused():
     model = _model(top_k=2)
     del model.config.moba_top_k
-    with pytest.raises(ValueError, match="the model config has no moba_top_k.*moba_block_size=128"):
+    with pytest.raises(ValueError, match="the model config has no moba_top_k.*model.config.moba_top_k = 8"):
         model(_ids(1, 8))
+    model.config.moba_top_k = 2  # settings are read at every call, e.g. after from_pretrained
+    model(_ids(1, 8))
     model = _model(top_k=2, attention_dropout=0.1).train()
     with pytest.raises(ValueError, match="attention dropout 0.1 is not supported"):
         model(_ids(1, 8))
@@ -173,3 +175,12 @@ def test_missing_settings_and_unsupported_options_are_refused():
         hf.moba_attention_forward(layer, q, kv, kv, None, softcap=30.0)
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         hf.register("")
+
+
+def test_settings_survive_save_and_load(tmp_path):
+    model = _model(top_k=2)
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="moba").to(torch.float64).eval()
+    assert (loaded.config.moba_block_size, loaded.config.moba_top_k) == (B, 2)
+    ids = _ids(1, 20, seed=40)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -12,9 +12,11 @@ over the key blocks :math:`S_t` that MoBA routes query :math:`t` to (see docs/de
 :func:`mobalab.kernels.moba_attention` on CUDA tensors runs the CUDA kernels (forward and backward), on CPU
 tensors the torch reference.
 
-Settings come from the model config: ``moba_block_size`` (B) and ``moba_top_k`` (k) are required (there is
-no block size that suits every head dimension and context, so a missing one is an error that says how to
-set it); ``moba_deterministic`` (default False) selects the bit-reproducible CUDA backward. Causality is the
+Settings come from the model config, read at every call: ``moba_block_size`` (B) and ``moba_top_k`` (k) are
+required (there is no block size that suits every head dimension and context, so a missing one is an error
+that says how to set it); ``moba_deterministic`` (default False) selects the bit-reproducible CUDA backward.
+Set them on the loaded model (``model.config.moba_block_size = 128``): ``from_pretrained`` ignores keyword
+arguments that are not config fields. Causality is the
 layer's (``is_causal``); ``scaling`` is the layer's softmax scale. MoBA has no attention dropout (a non-zero
 ``attention_dropout`` while training is refused), no sliding window, soft-capping or attention sinks.
 
@@ -97,9 +99,9 @@ def _settings(module) -> tuple[int, int, bool]:
         value = getattr(config, key, None)
         if value is None:
             raise ValueError(
-                f"moba attention: the model config has no {key}. Set moba_block_size and moba_top_k on the "
-                "config, e.g. LlamaConfig(..., attn_implementation='moba', moba_block_size=128, moba_top_k=8), "
-                "or AutoConfig.from_pretrained(name, moba_block_size=128, moba_top_k=8)")
+                f"moba attention: the model config has no {key}. Set both on the config, e.g. "
+                "model.config.moba_block_size = 128; model.config.moba_top_k = 8 (from_pretrained drops unknown "
+                "keyword arguments), or LlamaConfig(..., moba_block_size=128, moba_top_k=8)")
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"moba attention: config.{key} must be an integer >= 1, got {value!r}")
         values[key] = int(value)
