@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import statistics
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
 
     if not gpu_available():
         print("mobalab.bench.varlen: needs a CUDA GPU with CuPy (pip install 'mobalab[gpu]')", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("transformers") is None:
+        print("mobalab.bench.varlen: needs transformers (pip install 'mobalab[hf]')", file=sys.stderr)
         return 2
     from .environment import environment
 
