@@ -45,6 +45,7 @@ MIXED_LENGTHS = (5000, 65536, 1024, 12288, 43368, 2048, 20480, 7000, 32768, 3000
 HEADS, HEAD_DIM, BLOCK, TOP_K = 16, 128, 128, 8
 MODEL = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, head_dim=128, hidden_size=1024,
              intermediate_size=2816, vocab_size=4096)
+MODEL_LENGTHS = (32768, 131072)  # training-step context lengths (--quick: the first)
 BWD_FACTOR = 2.5  # backward attention FLOPs per forward attention FLOP (five matmuls against two)
 
 
@@ -152,10 +153,11 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
         rows.append(dict(run=name, sequences=n, tokens=total, shortest=min(lengths), longest=longest, heads=HEADS,
                          head_dim=HEAD_DIM, block=BLOCK, top_k=TOP_K, fwd_ms=round(fwd_ms, 3),
                          fwd_bwd_ms=round(ms, 3), useful_tflop=round(useful / 1e12, 4),
-                         useful_tflops=round(useful / ms / 1e9, 2)))
+                         useful_tflops=useful / ms / 1e9))
     base = rows[-1]["useful_tflops"]
     for row in rows:
         row["vs_equal_batch"] = round(row["useful_tflops"] / base, 3)
+        row["useful_tflops"] = round(row["useful_tflops"], 2)
     return rows
 
 
@@ -166,7 +168,7 @@ def model_rows(quick: bool, seed: int = 0) -> list[dict]:
     from mobalab.integrations.transformers import register
 
     register()
-    lengths = (32768,) if quick else (32768, 131072)
+    lengths = MODEL_LENGTHS[:1] if quick else MODEL_LENGTHS
     warmup, reps = (1, 3) if quick else (2, 5)
     rows = []
     for seqlen in lengths:
