@@ -11,6 +11,7 @@ from . import reference
 from ._decode import moba_decode, moba_decode_reference
 from ._decode_cost import decode_bytes, decode_flops, expected_unique_blocks
 from ._kv_cache import MobaKVCache
+from ._varlen import moba_attention_varlen, moba_topk_varlen
 from .reference import moba_attention as moba_attention_reference
 from .reference import moba_centroids as moba_centroids_reference
 from .reference import moba_topk as moba_topk_reference
@@ -19,6 +20,8 @@ __all__ = [
     "moba_attention",
     "moba_topk",
     "moba_centroids",
+    "moba_attention_varlen",
+    "moba_topk_varlen",
     "moba_attention_reference",
     "moba_topk_reference",
     "moba_centroids_reference",
