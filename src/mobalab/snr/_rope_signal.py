@@ -307,7 +307,7 @@ def rope_delta_mu_eff(delta_mu, head_dim, m=1, mu_cluster=0.0, mu_noise=0.0, *, 
 
 @dataclass(frozen=True)
 class RopeBlockModel:
-    """Gaussian block-score model of a RoPE'd span (module docstring); scalars except ``pair_factors``.
+    r"""Gaussian block-score model of a RoPE'd span (module docstring); scalars except ``pair_factors``.
 
     mean_diff = Δμ_eff^RoPE / B; var_signal, var_noise: variances of the signal and a noise block score
     (var_signal includes var_phase / B²); snr = mean_diff / sqrt(var_signal + var_noise) and sd_ratio =
