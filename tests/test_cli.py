@@ -373,3 +373,12 @@ def test_kernel_speed_bench_csv_flag(tmp_path, capsys):
     assert cli.main(["run", "key-conv", "--bench-csv", "recorded", "--out", str(tmp_path / "kc")]) == 2
     assert "--bench-csv applies to kernel-speed only" in capsys.readouterr().err
     assert not (tmp_path / "kc").exists()
+
+
+def test_bench_says_when_the_benchmark_cannot_be_imported(capsys, monkeypatch):
+    import mobalab.kernels as K
+
+    monkeypatch.setattr(K, "gpu_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "mobalab.bench.attention", None)  # import fails
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "the attention benchmark cannot be imported here" in capsys.readouterr().err

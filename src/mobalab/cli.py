@@ -177,20 +177,23 @@ def _cmd_run(args) -> int:
         print(f"\nmobalab run: interrupted while computing; nothing was written ({out} is as it was)",
               file=sys.stderr)
         return 130
-    figures = {"": mod.plot(df)}
     try:
         try:
-            paths = _output.write_run(out, name, config, df, figures)
+            paths = _output.write_run(out, name, config, df, {"": mod.plot(df)})
         except OSError as exc:  # e.g. the disk filled up: keep the computed result somewhere else
             fallback = _fallback_dir(name)
             print(f"mobalab run: could not write to {out} ({exc}); writing to {fallback} instead", file=sys.stderr)
-            figures = {"": mod.plot(df)}
-            paths = _output.write_run(fallback, name, config, df, figures)
+            try:
+                paths = _output.write_run(fallback, name, config, df, {"": mod.plot(df)})
+            except OSError as again:
+                print(f"mobalab run: could not write to {fallback} either ({again})", file=sys.stderr)
+                return 1
     except _output.InterruptedAfterWrite as exc:
         print(f"\nmobalab run: interrupted; the new result was already complete in {exc.paths['json'].parent}",
               file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        _output.remove_if_empty(out, created)
         print(f"\nmobalab run: interrupted while writing; {out} still holds what it held before (temporary "
               "files removed)", file=sys.stderr)
         return 130
@@ -238,7 +241,11 @@ def _cmd_bench(rest: list[str]) -> int:
               "usable here. Recorded H200 results: `mobalab run kernel-speed` (forward; "
               f"--bench-csv NAME for another), files in {recorded_dir()}", file=sys.stderr)
         return 2
-    attention = importlib.import_module("mobalab.bench.attention")
+    try:
+        attention = importlib.import_module("mobalab.bench.attention")
+    except ImportError as exc:
+        print(f"mobalab bench: the attention benchmark cannot be imported here: {exc}", file=sys.stderr)
+        return 2
     with _program_name("mobalab bench"):
         try:
             rc = attention.main(rest)

@@ -1,6 +1,4 @@
-import subprocess
-import sys
-
+import pandas as pd
 import pytest
 
 from mobalab.bench import monte_carlo
@@ -21,14 +19,21 @@ def test_measure_checks_its_input():
         monte_carlo.measure(backends=[], max_trials=0)
 
 
-def test_runs_as_a_module_with_the_environment_record(tmp_path):
+def test_main_prints_the_environment_record_and_writes_the_csv(tmp_path, capsys):
     csv = tmp_path / "mc.csv"
-    out = subprocess.run([sys.executable, "-m", "mobalab.bench.monte_carlo", "--backends", "--min-seconds", "0",
-                          "--max-trials", "2000", "--csv", str(csv)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("# Monte Carlo throughput (") and "logical cores" in out.stdout
-    assert "| score-level | binomial | False |" in out.stdout
-    import pandas as pd
-
+    assert monte_carlo.main(["--backends", "--min-seconds", "0", "--max-trials", "2000", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Monte Carlo throughput (") and "logical cores" in out
+    assert "| score-level | binomial | False |" in out
     df = pd.read_csv(csv)
     assert len(df) == 4 and {"date", "machine", "gpu", "git_commit"} <= set(df.columns)
+
+
+def test_runs_as_a_module():
+    # `python -m mobalab.bench.monte_carlo` (scripts/gpu_check.sh, step mc) finds the module and its main
+    import importlib.util
+
+    spec = importlib.util.find_spec("mobalab.bench.monte_carlo")
+    assert spec is not None and 'if __name__ == "__main__":' in open(spec.origin).read()
+    script = open(__import__("pathlib").Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh").read()
+    assert "python3 -m mobalab.bench.monte_carlo" in script and "benchmarks/" not in script

@@ -146,7 +146,17 @@ def _points(config: Config):
 
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """Analytic predictions, score- and vector-level Monte Carlo for every sweep point; one row per leg."""
+    """Analytic predictions, score- and vector-level Monte Carlo for every sweep point; one row per leg.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import block_size
+    >>> cfg = block_size.Config(seq_len=512, block_sizes=(64, 32), head_dims=(32,), clt_block_sizes=(4,),
+    ...                         clt_head_dims=(16,), clt_blocks=32, clt_trials=50, score_trials=500,
+    ...                         vector_trials=30, device="cpu", seed=0)
+    >>> block_size.run(cfg).groupby("sweep").size().to_dict()
+    {'clt': 4, 'fixed k': 8, 'fixed k/n': 8, 'head dim': 4}
+    """
     check_seed(config.seed)
     if config.m > min(config.block_sizes + (config.head_dim_block_size,)):
         raise ValueError(f"m = {config.m} clustered keys do not fit in the smallest block of the sweep")

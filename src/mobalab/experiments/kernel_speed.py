@@ -383,7 +383,17 @@ def _tokens(x, _pos=None) -> str:
 def plot(df: pd.DataFrame):
     """Six panels: latency, speedup, TFLOP/s, peak memory and the routing share of the forward (or the
     backward share of forward+backward) over N; latency over B. The title names the pass, the device and,
-    for recorded numbers, that they are recorded (date, commit)."""
+    for recorded numbers, that they are recorded (date, commit).
+
+    Examples
+    --------
+    >>> from mobalab.experiments import kernel_speed
+    >>> fig = kernel_speed.plot(kernel_speed.run(kernel_speed.Config(bench_csv="recorded")))
+    >>> len([ax for ax in fig.axes if ax.get_visible()]), fig._suptitle.get_text().splitlines()[0]
+    (6, 'MoBA forward vs dense attention on NVIDIA H200 (recorded 2026-11-22 00:02 UTC, commit 43ade7f)')
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(fig)
+    """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 

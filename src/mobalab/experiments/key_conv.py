@@ -171,7 +171,16 @@ def _cosines(q, keys):
 
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """One row per (pattern, span length L, convolution): P(hit), clustering statistics, predictions."""
+    """One row per (pattern, span length L, convolution): P(hit), clustering statistics, predictions.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import key_conv
+    >>> cfg = key_conv.Config(seq_len=256, block_size=32, top_k=2, span_lengths=(2,), patterns=("inside",),
+    ...                       widths=(1, 3), trials=32, seed=0)
+    >>> list(key_conv.run(cfg)["conv"])
+    ['none (W=1)', 'averaging W=3', 'residual SiLU W=3']
+    """
     _check(config)
     c = config
     B, N, d, k = c.block_size, c.seq_len, c.head_dim, c.top_k

@@ -266,7 +266,19 @@ def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, ba
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """Analytic curves plus score- and vector-level Monte Carlo points (and the kernel leg); one tidy row per
-    point. See the module docstring for the legs and :func:`plan` for what a configuration will draw."""
+    point. See the module docstring for the legs and :func:`plan` for what a configuration will draw.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import snr_vs_accuracy as exp
+    >>> cfg = exp.Config(panels=((16, 2),), mc_snr=(1.0,), score_trials=2000, vector_trials=100, curve_points=3,
+    ...                  device="cpu", kernel=False, seed=1)
+    >>> df = exp.run(cfg)
+    >>> df.groupby("method").size().to_dict(), int(df["run_seed"].iloc[0])
+    ({'analytic': 3, 'score-level': 1, 'vector-level': 1}, 1)
+    >>> exp.summary(df)[["method", "points", "trials"]].values.tolist()
+    [['score-level', 1, 2000], ['vector-level', 1, 100]]
+    """
     check_seed(config.seed)
     for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
         v = getattr(config, name)
