@@ -39,7 +39,7 @@ for step in "${STEPS[@]}"; do
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
     bwd-quick) timeout 200 python3 -m mobalab.kernels.bench --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    mc)  timeout 120 python3 benchmarks/mc_throughput.py --min-seconds 1 --csv "$W/mc_throughput.csv" \
+    mc)  timeout 120 python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
     snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;

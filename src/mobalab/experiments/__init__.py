@@ -1,15 +1,20 @@
 """Experiments: each sweeps a design space, runs the legs it needs and returns a tidy DataFrame.
 
 Every experiment module provides a frozen ``Config`` dataclass (with ``Config.quick()``),
-``run(config, progress=False) -> DataFrame``, ``plot(df) -> Figure`` and ``summary(df) -> DataFrame``.
-``mobalab run <name>`` runs one from the command line.
+``run(config, progress=False) -> DataFrame``, ``plot(df) -> Figure`` and ``summary(df) -> DataFrame``,
+and may provide ``plan(config) -> str`` (what a run will do and on which device, said before it starts)
+and ``caption(df) -> str`` (where the numbers come from, printed above the summary).
+``mobalab run <name>`` runs one from the command line and writes its result folder; :func:`read_run` reads
+such a folder back, checked against the manifest in its JSON.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["REGISTRY", "get", "names"]
+from ._output import read_run
+
+__all__ = ["get", "names", "read_run"]
 
 #: experiment name (as typed on the command line) -> module path
 REGISTRY: dict[str, str] = {
@@ -24,11 +29,26 @@ REGISTRY: dict[str, str] = {
 
 
 def names() -> list[str]:
+    """The registered experiment names, sorted.
+
+    Examples
+    --------
+    >>> from mobalab import experiments
+    >>> experiments.names()
+    ['block-size', 'kernel-speed', 'key-conv', 'needle-retrieval', 'snr-vs-accuracy']
+    """
     return sorted(REGISTRY)
 
 
 def get(name: str):
-    """The experiment module registered as ``name``."""
+    """The experiment module registered as ``name``; ValueError listing the names for an unknown one.
+
+    Examples
+    --------
+    >>> from mobalab import experiments
+    >>> experiments.get("key-conv").NAME
+    'key-conv'
+    """
     try:
         return import_module(REGISTRY[name])
     except KeyError:

@@ -59,7 +59,9 @@ from tqdm.auto import tqdm
 from mobalab import snr
 from mobalab.stats import interval_units, wilson_interval
 
-__all__ = ["Config", "run", "plot", "summary", "TASKS", "METRICS", "needle_batch", "dense_rows"]
+from ._checks import check_seed
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch", "dense_rows"]
 
 NAME = "needle-retrieval"
 TASKS = ("single", "multi-key", "multi-query")
@@ -112,6 +114,7 @@ class Config:
 
 def _check(config: Config) -> None:
     c = config
+    check_seed(c.seed)
     bad = [t for t in c.tasks if t not in TASKS]
     if not c.tasks or bad:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {c.tasks!r}")
@@ -146,6 +149,24 @@ def _check(config: Config) -> None:
             if (n - _n_queries(task, c)) // window < _needles(task, c):
                 raise ValueError(f"seqlen {n} has too few {window}-token windows for the {_needles(task, c)} "
                                  f"needles of task {task!r}")
+
+
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): backend, device, trials.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import needle_retrieval
+    >>> print(needle_retrieval.plan(needle_retrieval.Config.quick()))  # doctest: +ELLIPSIS
+    torch-reference on cpu (...), float32: 3 tasks x N in (256, 1024) x 4 (B, k) pairs, 16 sequences each
+    """
+    _check(config)
+    _, _, backend, device_name, dtype_name = _resolve(config)
+    grid = len(config.block_sizes) * len(config.top_ks)
+    trials = sorted({_trial_sequences(n, config)[0] * _trial_sequences(n, config)[3] for n in config.seqlens})
+    each = f"{trials[0]}" if len(trials) == 1 else f"{trials[0]}-{trials[-1]}"
+    return (f"{backend} on {device_name}, {dtype_name}: {len(config.tasks)} tasks x N in {tuple(config.seqlens)} "
+            f"x {grid} (B, k) pairs, {each} sequences each")
 
 
 def _n_queries(task: str, config: Config) -> int:
@@ -355,6 +376,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     df.loc[rec, "interval_units"] = interval_units(df.loc[rec, "prediction"], df.loc[rec, "hits"],
                                                    df.loc[rec, "trials"])
     df.insert(0, "experiment", NAME)
+    df.insert(1, "run_seed", c.seed)
     return df
 
 
