@@ -199,7 +199,7 @@ def apply_rope(x, positions, base=10000.0):
 
 
 def random_span_positions(rng, count: int, seq_len: int, block_size: int, m: int, needle_index: int = 0):
-    """Needle positions (int64, ``count``) of spans of m tokens placed uniformly inside a uniform block.
+    r"""Needle positions (int64, ``count``) of spans of m tokens placed uniformly inside a uniform block.
 
     The block j is uniform on the n = seq_len // block_size blocks, the span's first token uniform on
     {jB, ..., jB + B - m} (so the whole span lies in block j), and the needle is its token
