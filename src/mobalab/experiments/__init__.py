@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "kernel-speed": "mobalab.experiments.kernel_speed",
     "block-size": "mobalab.experiments.block_size",
     "key-conv": "mobalab.experiments.key_conv",
+    "trained-routing": "mobalab.experiments.trained_routing",
 }
 
 
