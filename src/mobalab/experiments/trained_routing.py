@@ -201,6 +201,8 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     seeds = _model_seeds(config)
     eval_seed, model_seeds = seeds[0], seeds[1:]
     routes = _routes(config)
+    if device.type == "cuda":
+        _compile_kernels(config, device)
     frames = []
     bar = tqdm(total=len(config.variants) * config.n_seeds, desc=NAME, disable=not progress, unit="model")
     for replicate, mseed in enumerate(model_seeds):
@@ -247,6 +249,22 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
             bar.update(1)
     bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def _compile_kernels(config: Config, device) -> None:
+    """One MoBA forward + backward per (B, k) before any timing, so that ``train_seconds`` does not include
+    the one-off NVRTC compilation of the kernels."""
+    import torch
+
+    from mobalab.kernels import moba_attention
+
+    g = torch.Generator(device=device).manual_seed(0)
+    for bsz, top_k in _routes(config):
+        shape = (1, 4 * bsz * top_k, config.n_heads, config.head_dim)
+        q, k, v = (torch.randn(shape, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        moba_attention(q, k, v, bsz, top_k, causal=True).float().sum().backward()
+    torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------------
