@@ -168,7 +168,14 @@ def _train_config(config: Config, seed: int):
 def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     """Estimated H200 seconds per variant (all seeds) from a CPU-side FLOP count
     (:func:`mobalab.training.training_cost`), plus evaluation (10% of training) and one-off costs (process and
-    CUDA start, kernel compilation: 60 s) in a final ``total`` row."""
+    CUDA start, kernel compilation: 60 s) in a final ``total`` row.
+
+    Examples
+    --------
+    >>> est = gpu_estimate(Config())
+    >>> int(est["models"].iloc[-1]), round(float(est["seconds"].iloc[-1]) / 60, 1)
+    (15, 3.8)
+    """
     from mobalab.training import training_cost
 
     _check(config)

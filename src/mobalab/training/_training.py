@@ -229,7 +229,18 @@ def train(model_config: ModelConfig, task: RecallTask, train_config: TrainConfig
 
 
 def save_checkpoint(trained: TrainedModel, path) -> Path:
-    """Write the weights and the three configs to ``path`` (a ``.pt`` file, a few MB for the default sizes)."""
+    """Write the weights and the three configs to ``path`` (a ``.pt`` file, a few MB for the default sizes).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> task = RecallTask(seq_len=32, n_pairs=2, n_queries=2, n_keys=4, n_values=2, n_filler=4)
+    >>> run = train(ModelConfig(d_model=16, n_layers=1, n_heads=1, head_dim=16), task,
+    ...             TrainConfig(steps=1, batch_size=1, device="cpu"))
+    >>> path = save_checkpoint(run, os.path.join(tempfile.mkdtemp(), "dense.pt"))
+    >>> load_checkpoint(path).model_config == run.model_config
+    True
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in trained.model.state_dict().items()},
