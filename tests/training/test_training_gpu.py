@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from mobalab.training import ModelConfig, RecallTask, RecallTransformer, TrainConfig, make_batch, train
+from mobalab.training import ModelConfig, RecallTask, RecallTransformer, make_batch
 
 
 @pytest.mark.gpu
@@ -18,8 +18,11 @@ def test_moba_model_on_cuda_matches_the_cpu_reference():
     task = RecallTask(seq_len=2048, n_pairs=16, n_queries=8, n_keys=64, n_values=16, n_filler=64)
     cfg = ModelConfig(d_model=256, n_layers=2, n_heads=4, head_dim=64, attention="moba", block_size=32, top_k=8,
                       key_conv=3)
-    run = train(cfg, task, TrainConfig(steps=30, batch_size=4, device="cpu"))
-    cpu_model = run.model
+    torch.manual_seed(0)
+    cpu_model = RecallTransformer(cfg, task).eval()
+    with torch.no_grad():  # a non-trivial filter, not the zero start
+        for layer in cpu_model.layers:
+            layer.key_conv.weight.normal_(0.0, 0.3)
     gpu_model = RecallTransformer(cfg, task)
     gpu_model.load_state_dict(cpu_model.state_dict())
     gpu_model.cuda().eval()
@@ -35,8 +38,9 @@ def test_moba_model_on_cuda_matches_the_cpu_reference():
         torch.testing.assert_close(q1.float().cpu(), q0, atol=0.1, rtol=0.05)
         sel0 = moba_topk(q0, k0, 32, 8)
         sel1 = moba_topk(q1, k1, 32, 8).cpu()
-        # bf16 may flip near-ties between block scores, nothing more
-        assert float((sel0 == sel1).float().mean()) > 0.95
+        # bf16 may flip near-ties between block scores (the last slot of a set, or the order inside it)
+        shared = (sel1.unsqueeze(-1) == sel0.unsqueeze(-2)).any(-1).float().mean()
+        assert float(shared) > 0.9, float(shared)
     err = (out.float().cpu() - ref).abs().max()
     assert float(err) < 0.1 * float(ref.abs().max()) + 0.05, float(err)
 
