@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -78,7 +80,7 @@ print(f"expected H200 time of the full run: {estimate['seconds'].iloc[-1] / 60:.
 # %%
 df = tr.run(config)
 models = df.drop_duplicates(["variant", "replicate"])
-display(models.groupby("variant", sort=False)[["accuracy", "curriculum_train_accuracy", "final_train_loss",
+display(models.groupby("variant", sort=False)[["accuracy", "first_stage_train_accuracy", "final_train_loss",
                                                "train_seconds", "est_h200_seconds"]].mean())
 
 

@@ -64,11 +64,32 @@ def test_evaluate_dense_needs_routes():
     assert not df["routed"].any()
 
 
+def test_curriculum_stages_keep_tokens_per_step():
+    task = RecallTask(seq_len=128, n_pairs=4, n_queries=4, n_keys=8, n_values=4, n_filler=8)
+    tc = dataclasses.replace(TC, steps=6, curriculum=[(32, 2), (64, 2)])
+    assert tc.curriculum == ((32, 2), (64, 2))
+    run = train(CFG, task, tc)
+    assert run.history["seq_len"].tolist() == [32, 32, 64, 64, 128, 128]
+    # the batches behind the stages: 4x and 2x as many sequences as at the full length
+    cost = training_cost(CFG, task, tc)
+    full = training_cost(CFG, task, dataclasses.replace(tc, curriculum=()))
+    assert cost["flops_linear"] == full["flops_linear"]  # per step, same tokens
+    assert cost["flops_total"] < full["flops_total"]  # shorter sequences: less attention
+    with pytest.raises(ValueError, match="<= the task's seq_len"):
+        train(CFG, task, dataclasses.replace(tc, curriculum=[(256, 2)]))
+    with pytest.raises(ValueError, match="too short"):
+        train(CFG, task, dataclasses.replace(tc, curriculum=[(6, 2)]))
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="fewer than"):
+        TrainConfig(steps=10, curriculum=[(64, 10)])
+    with pytest.raises(ValueError, match="pairs"):
+        TrainConfig(curriculum=[64])
     with pytest.raises(ValueError, match="device"):
         train(CFG, TASK, dataclasses.replace(TC, device="tpu"))
 

@@ -8,9 +8,9 @@ holds the gain must come from *training* the filter. This experiment tests both 
 Task (:class:`mobalab.training.RecallTask`): key-value needles scattered over filler, queries at the end
 asking for a needle's value; one attention hop from query to needle. Models
 (:class:`mobalab.training.RecallTransformer`, RoPE, pre-norm, ``n_layers`` layers of ``n_heads`` heads of
-``head_dim``) are trained from scratch with identical initial weights and batches per seed (the first
-``curriculum_steps`` steps on ``curriculum_seq_len``-token sequences, where every variant is still dense,
-then ``seq_len``; :class:`mobalab.training.TrainConfig`), one per ``variants`` entry and seed:
+``head_dim``) are trained from scratch with identical initial weights and batches per seed (a length
+curriculum, :class:`mobalab.training.TrainConfig`: ``curriculum`` stages at 512, 1024 and 2048 tokens first,
+the first of them dense for every variant, then ``seq_len``), one per ``variants`` entry and seed:
 
 * ``dense``: causal softmax attention (torch SDPA);
 * ``moba-<B>``: MoBA with block size B and top-k = ``budget``/B (equal sparsity: every query attends
@@ -56,8 +56,10 @@ _VARIANT = re.compile(r"^(dense|moba-(\d+))(?:-kconv(\d+))?$")
 @dataclass(frozen=True)
 class Config:
     """Task, architecture, variants, seeds and optimisation. ``budget`` = k·B keys per query for every MoBA
-    variant; ``device``: 'auto' (CUDA when usable), 'cpu' or 'cuda[:N]'; ``checkpoint_dir``: when set, every
-    trained model's weights are saved there (a few MB each; nothing is written by default)."""
+    variant; ``device``: 'auto' (CUDA when usable), 'cpu' or 'cuda[:N]'; ``cpu_threads``: torch's intra-op
+    threads during the run (None: unchanged; tiny CPU models run several times faster on one thread, where
+    thread hand-offs cost more than they save); ``checkpoint_dir``: when set, every trained model's weights
+    are saved there (a few MB each; nothing is written by default)."""
 
     seq_len: int = 4096
     n_pairs: int = 32
@@ -72,15 +74,15 @@ class Config:
     budget: int = 512
     variants: tuple[str, ...] = ("dense", "moba-32", "moba-128", "moba-128-kconv3", "moba-128-kconv5")
     n_seeds: int = 3
-    steps: int = 600
-    curriculum_seq_len: int = 512
-    curriculum_steps: int = 150
+    steps: int = 800
+    curriculum: tuple[tuple[int, int], ...] = ((512, 150), (1024, 100), (2048, 100))
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 25
     eval_sequences: int = 64
     eval_batch_size: int = 16
     device: str = "auto"
+    cpu_threads: int | None = None
     checkpoint_dir: str | None = None
     seed: int = 0
 
@@ -90,8 +92,8 @@ class Config:
         base = dict(seq_len=128, n_pairs=6, n_queries=6, n_keys=16, n_values=8, n_filler=16, d_model=32,
                     n_layers=2, n_heads=2, head_dim=16, budget=32,
                     variants=("dense", "moba-8", "moba-16", "moba-16-kconv3", "moba-16-kconv5"), n_seeds=2,
-                    steps=20, curriculum_seq_len=64, curriculum_steps=8, batch_size=4, lr=3e-3, warmup=5,
-                    eval_sequences=8, eval_batch_size=8, device="cpu")
+                    steps=20, curriculum=((64, 8),), batch_size=4, lr=3e-3, warmup=5,
+                    eval_sequences=8, eval_batch_size=8, device="cpu", cpu_threads=1)
         base.update(overrides)
         return cls(**base)
 
@@ -147,6 +149,8 @@ def _check(config: Config) -> None:
         raise ValueError(f"variants must be distinct, got {config.variants}")
     if config.n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {config.n_seeds}")
+    if config.cpu_threads is not None and (isinstance(config.cpu_threads, bool) or config.cpu_threads < 1):
+        raise ValueError(f"cpu_threads must be None or an integer >= 1, got {config.cpu_threads!r}")
     if not _routes(config):
         raise ValueError("variants need at least one MoBA model: the routing statistics are taken at its (B, k)")
     task(config)
@@ -162,7 +166,7 @@ def _train_config(config: Config, seed: int):
 
     return TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
                        seed=seed, device=config.device, log_every=max(1, config.steps // 50),
-                       curriculum_seq_len=config.curriculum_seq_len, curriculum_steps=config.curriculum_steps)
+                       curriculum=config.curriculum)
 
 
 def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
@@ -174,7 +178,7 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     --------
     >>> est = gpu_estimate(Config())
     >>> int(est["models"].iloc[-1]), round(float(est["seconds"].iloc[-1]) / 60, 1)
-    (15, 3.8)
+    (15, 4.7)
     """
     from mobalab.training import training_cost
 
@@ -196,11 +200,24 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """Train every variant × seed, evaluate each, and return one row per (model, layer, head, route)."""
     import torch
+
+    _check(config)
+    if config.cpu_threads is None:
+        return _run(config, progress)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.cpu_threads)
+    try:
+        return _run(config, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(config: Config, progress: bool) -> pd.DataFrame:
+    import torch
     from tqdm.auto import tqdm
 
     from mobalab.training import evaluate, resolve_device, save_checkpoint, train, training_cost
 
-    _check(config)
     t = task(config)
     any_moba = any(model_config(config, v).attention == "moba" for v in config.variants)
     device = resolve_device(config.device, "moba" if any_moba else "dense")
@@ -231,10 +248,10 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
             ev.insert(7, "model_seed", mseed)
             ev["final_train_loss"] = float(tail["loss"].mean())
             ev["final_train_accuracy"] = float(tail["accuracy"].mean())
-            short = hist[hist["seq_len"] < config.seq_len]
-            # did attention learn the task during the short-sequence start? (NaN without a curriculum)
-            ev["curriculum_train_accuracy"] = (float(short["accuracy"].iloc[-max(1, len(short) // 5):].mean())
-                                               if len(short) else math.nan)
+            first = hist[hist["seq_len"] == config.curriculum[0][0]] if config.curriculum else hist.iloc[:0]
+            # did attention learn the lookup in the first, short stage? (NaN without a curriculum)
+            ev["first_stage_train_accuracy"] = (float(first["accuracy"].iloc[-max(1, len(first) // 5):].mean())
+                                                if len(first) else math.nan)
             ev["train_seconds"] = trained.seconds
             ev["est_h200_seconds"] = training_cost(mc, t, tc)["seconds"]
             ev["params"] = sum(p.numel() for p in trained.model.parameters())

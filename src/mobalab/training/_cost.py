@@ -12,7 +12,7 @@ work), where :math:`a_t` is the number of keys query t attends: t + 1 for dense 
 MoBA's routing, :math:`3\cdot 2\,H D L\cdot\mathrm{batch}\cdot N\,n/2` (scores against the centroids of
 the past blocks; counted with the forward only, it has no backward, so the factor 3 is generous).
 
-A length curriculum (:class:`TrainConfig`) is costed phase by phase. Time = FLOPs / rate + a fixed cost per
+A length curriculum (:class:`TrainConfig`) is costed stage by stage. Time = FLOPs / rate + a fixed cost per
 step. The rates and fixed costs are assumptions read off this project's recorded H200 runs (RESULTS.md: MoBA
 forward+backward reaches 60-85 useful TFLOP/s at 8K, bf16 dense SDPA several hundred; small matmuls of width
 256 run far below the GPU's peak) and are meant to size a run, not to replace a measurement:
@@ -70,10 +70,8 @@ def training_cost(model_config: ModelConfig, task: RecallTask, train_config: Tra
     """
     a = dict(H200_ASSUMPTIONS if assumptions is None else assumptions)
     tc = train_config
-    phases = [(task.seq_len, tc.batch_size, tc.steps - tc.curriculum_steps)]
-    if tc.curriculum_steps:
-        phases.append((tc.curriculum_seq_len, tc.batch_size * (task.seq_len // tc.curriculum_seq_len),
-                       tc.curriculum_steps))
+    phases = [(task.seq_len, tc.batch_size, tc.steps - sum(k for _, k in tc.curriculum))]
+    phases += [(n, tc.batch_size * (task.seq_len // n), k) for n, k in tc.curriculum]
     out = {"flops_total": 0.0, "seconds": 0.0}
     for i, (n, bsz, steps) in enumerate(phases):
         step = _step_cost(model_config, n, bsz, a)

@@ -6,13 +6,13 @@ decay on matrices only), linear warm-up over ``warmup`` steps then cosine decay 
 gradient clipping at ``grad_clip``. On CUDA the matmuls run under bf16 autocast and MoBA layers call the
 CUDA kernels (bf16 q, k, v); on the CPU everything is fp32 and MoBA runs the torch reference.
 
-Length curriculum (optional): the first ``curriculum_steps`` steps train on sequences of
-``curriculum_seq_len`` tokens (the same task otherwise) with the batch enlarged by
-``seq_len // curriculum_seq_len``, so a step holds as many tokens and far more queries. Attention learns to
-match a query to its needle there, where the weight on one needle is not yet diluted over thousands of
-positions (from scratch, the first correct answers otherwise take hundreds of steps longer at 4K than at
-512); the remaining steps train at the full length, where MoBA routes. With ``curriculum_seq_len <= k·B``
-a MoBA layer attends every past block, i.e. it is dense during the curriculum.
+Length curriculum (optional): ``curriculum`` lists stages ``(seq_len_i, steps_i)`` run first, in order, on
+the same task at a shorter length, with the batch enlarged by ``seq_len // seq_len_i`` so that a step holds
+as many tokens and far more queries; the remaining steps train at the full length. Attention learns to
+match a query to its needle in the first, short stage, where the weight on one needle is not yet diluted over
+thousands of positions (from scratch, the first correct answers otherwise take hundreds of steps longer at 1K
+than at 256, and do not come at all within a few hundred steps at 4K); the longer stages then let MoBA's
+routing adapt step by step (a MoBA layer with ``seq_len_i <= k·B`` attends every past block, i.e. it is dense).
 
 Seeds: ``seed`` fixes the initial weights and the training batches (two independent streams derived
 from it), so a run is reproducible on one device; every batch is drawn on the CPU, so CPU and GPU runs
@@ -41,8 +41,8 @@ __all__ = ["TrainConfig", "TrainedModel", "train", "resolve_device", "save_check
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings; ``device`` is 'auto' (CUDA when usable for the model's attention), 'cpu',
-    'cuda' or 'cuda:N'; the loss is recorded every ``log_every`` steps; ``curriculum_*``: the optional
-    short-sequence start (module docstring)."""
+    'cuda' or 'cuda:N'; the loss is recorded every ``log_every`` steps; ``curriculum``: optional
+    ``(seq_len, steps)`` stages at shorter lengths run first (module docstring)."""
 
     steps: int = 400
     batch_size: int = 16
@@ -53,19 +53,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
-    curriculum_seq_len: int = 0
-    curriculum_steps: int = 0
+    curriculum: tuple = ()
 
     def __post_init__(self):
-        for name in ("curriculum_seq_len", "curriculum_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-                raise ValueError(f"TrainConfig: {name} must be an integer >= 0 (0: no curriculum), got {v!r}")
-        if (self.curriculum_steps > 0) != (self.curriculum_seq_len > 0):
-            raise ValueError("TrainConfig: curriculum_seq_len and curriculum_steps are given together (both > 0) "
-                             f"or not at all, got {self.curriculum_seq_len} and {self.curriculum_steps}")
-        if self.curriculum_steps >= self.steps:
-            raise ValueError(f"TrainConfig: curriculum_steps ({self.curriculum_steps}) must be < steps ({self.steps})")
+        try:
+            stages = tuple((int(n), int(k)) for n, k in self.curriculum)
+        except (TypeError, ValueError):
+            raise ValueError(f"TrainConfig: curriculum must be a sequence of (seq_len, steps) pairs, got "
+                             f"{self.curriculum!r}") from None
+        if any(n < 1 or k < 1 for n, k in stages):
+            raise ValueError(f"TrainConfig: curriculum stages need seq_len >= 1 and steps >= 1, got {stages}")
+        object.__setattr__(self, "curriculum", stages)
+        if isinstance(self.steps, numbers.Integral) and sum(k for _, k in stages) >= self.steps:
+            raise ValueError(f"TrainConfig: the curriculum's {sum(k for _, k in stages)} steps must be fewer than "
+                             f"steps = {self.steps}")
         for name in ("steps", "batch_size", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -163,18 +164,16 @@ def train(model_config: ModelConfig, task: RecallTask, train_config: TrainConfig
         if not isinstance(value, cls):
             raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
     cfg = train_config
-    phases = [(task, cfg.batch_size, cfg.steps)]
-    if cfg.curriculum_steps:
-        if cfg.curriculum_seq_len > task.seq_len:
-            raise ValueError(f"curriculum_seq_len ({cfg.curriculum_seq_len}) must be <= the task's seq_len "
-                             f"({task.seq_len})")
+    phases = []
+    for seq_len, n_steps in cfg.curriculum:
+        if seq_len > task.seq_len:
+            raise ValueError(f"curriculum stage seq_len {seq_len} must be <= the task's seq_len ({task.seq_len})")
         try:
-            short = dataclasses.replace(task, seq_len=cfg.curriculum_seq_len)
+            short = dataclasses.replace(task, seq_len=seq_len)
         except ValueError as exc:
-            raise ValueError(f"curriculum_seq_len = {cfg.curriculum_seq_len} is too short for the task: "
-                             f"{exc}") from None
-        phases = [(short, cfg.batch_size * (task.seq_len // cfg.curriculum_seq_len), cfg.curriculum_steps),
-                  (task, cfg.batch_size, cfg.steps - cfg.curriculum_steps)]
+            raise ValueError(f"curriculum stage seq_len {seq_len} is too short for the task: {exc}") from None
+        phases.append((short, cfg.batch_size * (task.seq_len // seq_len), n_steps))
+    phases.append((task, cfg.batch_size, cfg.steps - sum(k for _, k in cfg.curriculum)))
     device = resolve_device(cfg.device, model_config.attention)
     model = build_model(model_config, task, cfg.seed).to(device)
     _, data_seed = _streams(cfg.seed)
