@@ -80,6 +80,8 @@ def test_variants_parse_and_validate():
     mc = exp.model_config(exp.Config(), "moba-128-kconv5")
     assert (mc.attention, mc.block_size, mc.top_k, mc.key_conv) == ("moba", 128, 4, 5)
     assert exp.model_config(exp.Config(), "dense").attention == "dense"
+    nope = exp.model_config(exp.Config(), "moba-32-kconv3-nope")
+    assert (nope.rope, nope.key_conv, nope.label) == (False, 3, "moba-32-kconv3-nope")
     with pytest.raises(ValueError, match="variant"):
         exp.model_config(exp.Config(), "moba128")
     with pytest.raises(ValueError, match="divide"):

@@ -84,6 +84,19 @@ def test_rotary_is_relative():
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1).expand(1, n, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_without_rope_the_keys_do_not_depend_on_position():
+    model = _model(dataclasses.replace(SMALL, rope=False, n_layers=1))
+    tokens = torch.full((1, TASK.seq_len), 3)  # one filler token everywhere: only RoPE could tell them apart
+    with torch.no_grad():
+        _, qk = model(tokens, torch.tensor([[TASK.seq_len - 1]]), capture=True)
+    q, k = qk[0]
+    torch.testing.assert_close(k[0, 0].expand_as(k[0]), k[0], atol=0, rtol=0)
+    model_rope = _model(dataclasses.replace(SMALL, n_layers=1))
+    with torch.no_grad():
+        _, qk = model_rope(tokens, torch.tensor([[TASK.seq_len - 1]]), capture=True)
+    assert not torch.allclose(qk[0][1][0, 0], qk[0][1][0, 5])
+
+
 def test_config_validation_and_labels():
     assert ModelConfig().label == "dense"
     assert ModelConfig(attention="moba", block_size=128, key_conv=5).label == "moba-128-kconv5"

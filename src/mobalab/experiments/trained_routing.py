@@ -17,7 +17,9 @@ the first of them dense for every variant, then ``seq_len``), one per ``variants
   ``budget`` keys), through :func:`mobalab.kernels.moba_attention` (CUDA kernels on a GPU, the reference on
   the CPU);
 * ``moba-<B>-kconv<W>``: the same with the paper's trainable key convolution of width W
-  (:class:`mobalab.training.KeyConv`, zero-initialised: it starts as the identity).
+  (:class:`mobalab.training.KeyConv`, zero-initialised: it starts as the identity);
+* any of these with ``-nope``: no RoPE (the paper's MoBA layers have no position encoding); not in the
+  default list.
 
 Per model, layer and head (:func:`mobalab.training.evaluate`, same evaluation sequences for every model): the
 statistics the theory takes, measured on the post-RoPE q / k the router saw (μ_signal, μ_noise, σ, Δμ,
@@ -50,7 +52,7 @@ from mobalab.stats import wilson_interval
 __all__ = ["Config", "run", "plot", "summary", "claims", "retrieval_heads", "model_config", "gpu_estimate"]
 
 NAME = "trained-routing"
-_VARIANT = re.compile(r"^(dense|moba-(\d+))(?:-kconv(\d+))?$")
+_VARIANT = re.compile(r"^(dense|moba-(\d+))(?:-kconv(\d+))?(-nope)?$")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def task(config: Config):
 
 
 def model_config(config: Config, variant: str):
-    """:class:`mobalab.training.ModelConfig` of a variant label ('dense', 'moba-<B>', '...-kconv<W>').
+    """:class:`mobalab.training.ModelConfig` of a variant label ('dense', 'moba-<B>', '...-kconv<W>', '...-nope').
 
     Examples
     --------
@@ -119,10 +121,11 @@ def model_config(config: Config, variant: str):
 
     match = _VARIANT.match(variant) if isinstance(variant, str) else None
     if match is None:
-        raise ValueError(f"variant must look like 'dense', 'moba-<B>' or either with '-kconv<W>', got {variant!r}")
+        raise ValueError(f"variant must look like 'dense' or 'moba-<B>', optionally followed by '-kconv<W>' and "
+                         f"'-nope', got {variant!r}")
     width = int(match.group(3) or 0)
     common = dict(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                  head_dim=config.head_dim, key_conv=width)
+                  head_dim=config.head_dim, key_conv=width, rope=match.group(4) is None)
     if match.group(1) == "dense":
         return ModelConfig(attention="dense", **common)
     bsz = int(match.group(2))

@@ -6,7 +6,8 @@ Per layer (pre-norm):
     h = x + W_o\,\mathrm{Attn}\big(R(W_q\,\mathrm{LN}(x)),\ R(\kappa(W_k\,\mathrm{LN}(x))),\ W_v\,\mathrm{LN}(x)\big),
     \qquad x' = h + \mathrm{MLP}(\mathrm{LN}(h)),
 
-with R the rotary position embedding (RoPE, rotate-half form, base ``rope_base``), κ the optional trainable
+with R the rotary position embedding (RoPE, rotate-half form, base ``rope_base``; the identity with
+``rope=False``), κ the optional trainable
 key convolution (:class:`KeyConv`; applied before RoPE, so it mixes key *content* and the rotation still
 encodes each key's own position) and Attn either dense causal softmax attention (torch SDPA) or MoBA
 (:func:`mobalab.kernels.moba_attention`: the CUDA kernels for CUDA tensors, the torch reference on the
@@ -41,8 +42,9 @@ ATTENTION_KINDS = ("dense", "moba")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: width, depth, heads, attention kind, MoBA routing (``block_size``, ``top_k``) and
-    key-convolution width ``key_conv`` (0: none; the paper's kconv3 / kconv5 are 3 / 5).
+    """Architecture: width, depth, heads, attention kind, MoBA routing (``block_size``, ``top_k``),
+    key-convolution width ``key_conv`` (0: none; the paper's kconv3 / kconv5 are 3 / 5) and ``rope`` (False:
+    no position encoding at all, as the paper's MoBA layers; causal masking still orders the tokens).
 
     Examples
     --------
@@ -60,6 +62,7 @@ class ModelConfig:
     top_k: int = 4
     key_conv: int = 0
     rope_base: float = 10000.0
+    rope: bool = True
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio", "block_size", "top_k"):
@@ -72,14 +75,16 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if isinstance(self.key_conv, bool) or not isinstance(self.key_conv, numbers.Integral) or self.key_conv < 0:
             raise ValueError(f"ModelConfig: key_conv must be an integer >= 0 (0: none), got {self.key_conv!r}")
+        if not isinstance(self.rope, bool):
+            raise ValueError(f"ModelConfig: rope must be True or False, got {self.rope!r}")
         if not (isinstance(self.rope_base, numbers.Real) and self.rope_base > 1):
             raise ValueError(f"ModelConfig: rope_base must be a number > 1, got {self.rope_base!r}")
 
     @property
     def label(self) -> str:
-        """'dense', 'moba-<B>' or either with '-kconv<W>'."""
+        """'dense' or 'moba-<B>', then '-kconv<W>' with a key convolution and '-nope' without RoPE."""
         base = "dense" if self.attention == "dense" else f"moba-{self.block_size}"
-        return base + (f"-kconv{self.key_conv}" if self.key_conv else "")
+        return base + (f"-kconv{self.key_conv}" if self.key_conv else "") + ("" if self.rope else "-nope")
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -134,7 +139,8 @@ class _Layer(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, cfg.n_heads, cfg.head_dim).unbind(2)
         if self.key_conv is not None:
             k = self.key_conv(k)
-        q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
+        if cfg.rope:
+            q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
         if capture is not None:
             capture.append((q.detach(), k.detach()))
         y = self.attend(q, k, v).reshape(b, n, cfg.n_heads * cfg.head_dim)
