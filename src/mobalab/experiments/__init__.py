@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "key-conv": "mobalab.experiments.key_conv",
     "rope": "mobalab.experiments.rope",
     "decode-cost": "mobalab.experiments.decode_cost",
+    "trained-routing": "mobalab.experiments.trained_routing",
 }
 
 
