@@ -32,11 +32,11 @@ custom ops (fake implementations give the shapes), so there is no graph break.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 
+from . import _contract as C
 from . import attention as A
 from . import reference as R
 
@@ -229,51 +229,6 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
 
 
 # --------------------------------------------------------------------------------------------------
-# CPU implementation of the ops: the torch reference with the routing given (plumbing tests, no GPU)
-
-
-def _reference_given_routing(q, k, v, topk, block_size, causal, scale):
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    n_blocks = math.ceil(q.shape[1] / block_size)
-    kc, vc = (x.to(compute).transpose(1, 2).contiguous() for x in (k, v))
-    out, lse = R._attend_chunk(q.to(compute), kc, vc, topk, 0, block_size, n_blocks, causal, scale)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
-
-
-def _reference_backward(dout, dlse, q, k, v, topk, block_size, causal, scale):
-    r"""The backward's equations in dense torch (masked N x N; small CPU shapes only).
-
-    :math:`P = e^{\sigma QK^\top - \mathrm{lse}}` on the selected keys, :math:`dV = P^\top dO`,
-    :math:`dS = P\circ(dO V^\top - D)`, :math:`D = \mathrm{rowsum}(dO\circ O) - d\mathrm{lse}`,
-    :math:`dQ = \sigma\, dS K`, :math:`dK = \sigma\, dS^\top Q`, dK/dV summed over each kv head's query heads.
-    """
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, seqlen, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    n_blocks = math.ceil(seqlen / block_size)
-    allowed = R._allowed_keys(topk, 0, seqlen, block_size, n_blocks, causal)  # (b, N, h, N)
-    qf, kf, vf, gf = (x.to(compute) for x in (q, k, v, dout))
-    kx, vx = (x.repeat_interleave(group, dim=2) for x in (kf, vf))  # kv head of each query head
-    s = torch.einsum("bthd,bshd->bhts", qf, kx) * scale
-    s = s.masked_fill(~allowed.permute(0, 2, 1, 3), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse)
-    o = torch.einsum("bhts,bshd->bthd", p, vx)
-    delta = (gf * o).sum(-1)  # (b, N, h)
-    if dlse is not None:
-        delta = delta - dlse.to(compute)
-    dvx = torch.einsum("bhts,bthd->bshd", p, gf)
-    dp = torch.einsum("bthd,bshd->bhts", gf, vx)
-    ds = p * (dp - delta.permute(0, 2, 1).unsqueeze(-1))
-    dq = torch.einsum("bhts,bshd->bthd", ds, kx) * scale
-    dkx = torch.einsum("bhts,bthd->bshd", ds, qf) * scale
-    dk = dkx.reshape(batch, seqlen, kv_heads, group, dim).sum(3)
-    dv = dvx.reshape(batch, seqlen, kv_heads, group, dim).sum(3)
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
-
-
-# --------------------------------------------------------------------------------------------------
 # the custom ops
 
 
@@ -287,14 +242,14 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, 
         return out, lse, topk
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
-        out, lse = _reference_given_routing(q, k, v, topk, block_size, causal, scale)
-    return out, lse, topk
+        out, lse = R.moba_attention_given_routing(q, k, v, topk, block_size, causal=causal, softmax_scale=scale)
+    return out.contiguous(), lse.contiguous(), topk
 
 
 @_fwd_op.register_fake
 def _(q, k, v, block_size, top_k, causal, scale, deterministic):
     batch, seqlen, heads, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = C.compute_dtype(q.dtype)
     return (q.new_empty(q.shape), q.new_empty((batch, seqlen, heads), dtype=lse_dtype),
             q.new_empty((batch, seqlen, heads, top_k), dtype=torch.int32))
 
@@ -306,7 +261,8 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     if q.is_cuda:
         return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale,
                                             deterministic=deterministic, dlse=dlse)
-    return _reference_backward(dout, dlse, q, k, v, topk, block_size, causal, scale)
+    dq, dk, dv = R.moba_attention_backward(dout, q, k, v, out, lse, topk, block_size, causal, scale, dlse=dlse)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
@@ -337,23 +293,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # the API
 
 
-def _validate_cpu(q, k, v, block_size, top_k, causal, softmax_scale, return_lse):
-    fn = "moba_attention_autograd"
-    R._check_qk(q, k, fn, v=v)
-    block_size = R._check_size("block_size", block_size, fn)
-    top_k = R._check_size("top_k", top_k, fn)
-    R._check_flag("causal", causal, fn)
-    R._check_flag("return_lse", return_lse, fn)
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or \
-            not math.isfinite(float(softmax_scale)):
-        raise ValueError(f"{fn}: softmax_scale must be a finite real number or None, got {softmax_scale!r}")
-    else:
-        scale = float(softmax_scale)
-    return block_size, top_k, scale
-
-
 def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
                             return_lse: bool = False, *, deterministic: bool = False):
     """Differentiable MoBA attention through the ``mobalab::moba_attention_fwd`` custom op.
@@ -368,7 +307,13 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     if isinstance(q, torch.Tensor) and q.is_cuda:
         block_size, top_k, scale = A._validate(q, k, v, block_size, top_k, causal, softmax_scale, return_lse, None)
     else:
-        block_size, top_k, scale = _validate_cpu(q, k, v, block_size, top_k, causal, softmax_scale, return_lse)
+        fn = "moba_attention_autograd"
+        C.check_inputs(fn, q, k, v, path="reference")
+        block_size = C.check_block_size(fn, block_size, "reference")
+        top_k = C.check_top_k(fn, top_k, "reference")
+        C.check_flag(fn, "causal", causal)
+        C.check_flag(fn, "return_lse", return_lse)
+        scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
     out, lse, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic)
     if return_lse:
         return out, lse
