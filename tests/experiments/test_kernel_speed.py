@@ -107,7 +107,7 @@ def test_default_csv_is_env_var_then_newest_under_runs_bench(tmp_path, monkeypat
 
 
 def test_required_columns_match_the_benchmark():
-    bench = pytest.importorskip("mobalab.kernels.bench")
+    bench = pytest.importorskip("mobalab.bench.attention")
     assert set(exp.REQUIRED_COLUMNS) <= set(bench.COLUMNS)
 
 

@@ -40,7 +40,7 @@ def gpu_available() -> bool:
 def moba_centroids(k, block_size: int):
     """Per-block mean of the keys, fp32: (batch, n_blocks, kv_heads, d). See the reference for the maths."""
     if k.is_cuda:
-        from .routing import moba_centroids_cuda
+        from ._cuda_routing import moba_centroids_cuda
 
         return moba_centroids_cuda(k, block_size)
     return moba_centroids_reference(k, block_size)
@@ -49,7 +49,7 @@ def moba_centroids(k, block_size: int):
 def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True):
     """Selected key blocks per query, int32 (batch, seqlen, heads, top_k); same contract as the reference."""
     if q.is_cuda:
-        from .routing import moba_topk_cuda
+        from ._cuda_routing import moba_topk_cuda
 
         return moba_topk_cuda(q, k, block_size, top_k, causal=causal)
     return moba_topk_reference(q, k, block_size, top_k, causal=causal)

@@ -1,6 +1,6 @@
 """One place that turns the ``cuda/*.cu`` sources into CuPy kernels.
 
-Why this file exists (see shared/reference/toolkit-conventions.md):
+Why this file exists (see docs/design.md, "Building and launching kernels"):
 
 * CuPy's kernel cache hashes the source string but not headers pulled in with ``#include``, so local
   ``#include "x.cuh"`` lines are inlined textually here before compiling: editing a header then always
