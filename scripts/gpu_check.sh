@@ -33,11 +33,11 @@ for step in "${STEPS[@]}"; do
       gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
       timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    fwd)       timeout 300 python3 -m mobalab.kernels.bench --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    fwd-quick) timeout 200 python3 -m mobalab.kernels.bench --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    bwd-targets) timeout 360 python3 -m mobalab.kernels.bench --backward --select 0,1 --out "$W/bwd" \
+    fwd)       timeout 300 python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    fwd-quick) timeout 200 python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    bwd-targets) timeout 360 python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    bwd-quick) timeout 200 python3 -m mobalab.kernels.bench --backward --quick --out "$W/bwd" \
+    bwd-quick) timeout 200 python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
     mc)  timeout 120 python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;

@@ -177,16 +177,7 @@ def test_default_csv_is_env_var_then_newest_under_runs_bench(tmp_path, monkeypat
 
 
 def test_required_columns_match_the_benchmark():
-    import importlib
-
-    for name in ("mobalab.bench.attention", "mobalab.kernels.bench"):  # its home after and before the move
-        try:
-            bench = importlib.import_module(name)
-            break
-        except ImportError:
-            continue
-    else:
-        pytest.fail("neither mobalab.bench.attention nor mobalab.kernels.bench can be imported")
+    import mobalab.bench.attention as bench
     assert set(exp.REQUIRED_COLUMNS) <= set(bench.COLUMNS)
     assert set(exp.BACKWARD_COLUMNS) <= set(bench.BWD_COLUMNS)
 

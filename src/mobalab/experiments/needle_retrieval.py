@@ -61,7 +61,7 @@ from mobalab.stats import interval_units, wilson_interval
 
 from ._checks import check_seed
 
-__all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch", "dense_rows"]
+__all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch"]
 
 NAME = "needle-retrieval"
 TASKS = ("single", "multi-key", "multi-query")
@@ -266,31 +266,6 @@ def needle_batch(task: str, config: Config, batch: int, heads: int, seqlen: int,
                 codes=codes, codebook=codebook, own=own)
 
 
-def dense_rows(q, k, v, query_pos, scale: float, key_chunk: int = 1 << 16):
-    r"""Dense causal attention for the query rows only, fp32: (out (b, h, Q, d), lse (b, h, Q)).
-
-    :math:`\mathrm{lse}_t = \log\sum_{i\le t} e^{\sigma q_t\cdot k_i}`, :math:`o_t = \sum_{i \le t}
-    e^{\sigma q_t\cdot k_i - \mathrm{lse}_t} v_i`; keys are read in chunks, so memory is O(b·h·Q·N).
-    """
-    import torch
-
-    b, n, h, _ = k.shape
-    qp = torch.as_tensor(query_pos, device=q.device)
-    rows = q[:, qp].float()  # (b, Q, h, d)
-    scores = torch.empty((b, h, len(query_pos), n), dtype=torch.float32, device=q.device)
-    for s in range(0, n, key_chunk):
-        scores[..., s:s + key_chunk] = torch.einsum("bqhd,bnhd->bhqn", rows, k[:, s:s + key_chunk].float())
-    scores.mul_(scale)
-    keys = torch.arange(n, device=q.device)
-    scores.masked_fill_(keys.view(1, 1, 1, n) > qp.view(1, 1, -1, 1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    scores.sub_(lse[..., None]).exp_()
-    out = torch.zeros((b, h, len(query_pos), q.shape[-1]), dtype=torch.float32, device=q.device)
-    for s in range(0, n, key_chunk):
-        out += torch.einsum("bhqn,bnhd->bhqd", scores[..., s:s + key_chunk], v[:, s:s + key_chunk].float())
-    return out, lse
-
-
 def _decode(out, codebook):
     """Nearest code by cosine: out (..., d) -> (...) code indices (numpy)."""
     return (out.float() @ codebook.T).argmax(dim=-1).cpu().numpy()
@@ -305,6 +280,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     import torch
 
     from mobalab.kernels import moba_attention, moba_topk
+    from mobalab.kernels.reference import dense_attention
 
     _check(config)
     c = config
@@ -327,7 +303,9 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                 qpos, own = x["query_pos"], x["own"]
                 want = x["codes"][:, :, own]  # (b, h, Q) code each query row should decode to
                 first = x["needle_pos"][:, :, own, 0]  # (b, h, Q) a position of each query's needle
-                d_out, d_lse = dense_rows(x["q"], x["k"], x["v"], qpos, c.logit_scale)
+                d_out, d_lse = dense_attention(x["q"], x["k"], x["v"], causal=True, softmax_scale=c.logit_scale,
+                                               query_positions=qpos)
+                d_out, d_lse = d_out.permute(0, 2, 1, 3), d_lse.permute(0, 2, 1)  # (b, h, Q, ...) like `want`
                 dense_correct += int((_decode(d_out, x["codebook"]) == want).sum())
                 trials += want.size
                 t_pos = np.broadcast_to(qpos, want.shape)

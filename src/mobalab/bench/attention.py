@@ -1,4 +1,4 @@
-r"""MoBA forward vs dense attention on one GPU: ``python -m mobalab.kernels.bench [--quick] [--out DIR]``.
+r"""MoBA forward vs dense attention on one GPU: ``python -m mobalab.bench.attention [--quick] [--out DIR]``.
 
 Side by side in one process, on the same inputs: mobalab's forward (CUDA routing + key-block-major
 attention), its routing alone and its attention alone (given the routing), and torch SDPA with the
@@ -18,7 +18,8 @@ single one for the dense baselines beyond 128K), speedups, routing share of the 
 (:math:`n_{\mathrm{scored}}(t)` = complete past blocks when causal, all blocks otherwise; :math:`|S_t|` =
 attended keys) and peak memory: the ``torch.cuda.max_memory_allocated`` rise during the call, plus the
 inputs the method reads (q, k, v; for SDPA its (b, h, N, d) copies), so totals compare like for like.
-Writes ``bench.csv``, ``bench_table.md`` and ``bench_env.json`` under ``--out``.
+Writes ``bench.csv``, ``bench_table.md`` and ``bench_env.json`` (:func:`mobalab.bench.environment` plus the
+kernel settings: routing, tile-kernel variant, scratch budget) under ``--out``. Also ``mobalab bench``.
 
 ``--backward`` times forward + backward instead (``bench_bwd.csv``, ``bench_bwd_table.md``): mobalab
 (routing, forward, CUDA backward through the autograd op, default atomic dQ and ``deterministic=True``),
@@ -32,19 +33,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 
 import torch
 
-from . import attention as A
-from .routing import moba_topk_cuda
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels._cuda_routing import moba_topk_cuda
+from mobalab.kernels.autograd import moba_attention_autograd
 
-_DEFAULT_VARIANT = A.FWD_VARIANT
+from .environment import environment
+
+__all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,6 +54,14 @@ _DEFAULT_VARIANT = A.FWD_VARIANT
 
 
 def routing_flops(batch, seqlen, heads, dim, block, causal):
+    r"""Useful routing FLOPs, :math:`2\,b\,h\,d\sum_t n_{\mathrm{scored}}(t)`: one :math:`q\cdot\bar k` per scored
+    block (causal: the complete past blocks, :math:`\lfloor t/B \rfloor`; otherwise all :math:`\lceil N/B \rceil`).
+
+    Examples
+    --------
+    >>> routing_flops(1, 8, 1, 4, 2, causal=True)  # queries score 0, 0, 1, 1, 2, 2, 3, 3 blocks
+    96
+    """
     n_blocks = math.ceil(seqlen / block)
     if causal:  # sum_t floor(t / B): complete past blocks scored by query t
         full, rest = divmod(seqlen, block)
@@ -62,7 +72,13 @@ def routing_flops(batch, seqlen, heads, dim, block, causal):
 
 
 def attended_keys(seqlen, block, top_k, causal):
-    """sum_t |S_t| for routing that fills every slot it can (own block token-causal, past blocks full)."""
+    r""":math:`\sum_t |S_t|` for routing that fills every slot it can (own block token-causal, past blocks full).
+
+    Examples
+    --------
+    >>> attended_keys(8, 2, 2, causal=True)  # 1, 2, then 3, 4 (one past block + own) for every later block
+    24
+    """
     if not causal:  # full blocks (a partial last block counts as full: an upper bound)
         return seqlen * min(top_k, math.ceil(seqlen / block)) * block
     t = torch.arange(seqlen, dtype=torch.float64)
@@ -71,10 +87,24 @@ def attended_keys(seqlen, block, top_k, causal):
 
 
 def attention_flops(batch, seqlen, heads, dim, block, top_k, causal):
+    r"""Useful attention FLOPs, :math:`4\,b\,h\,d\sum_t |S_t|` (:math:`QK^\top` and :math:`PV`).
+
+    Examples
+    --------
+    >>> attention_flops(1, 8, 1, 4, 2, 2, causal=True)
+    384
+    """
     return 4 * batch * heads * attended_keys(seqlen, block, top_k, causal) * dim
 
 
 def dense_flops(batch, seqlen, heads, dim, causal):
+    r"""FLOPs of dense attention, :math:`4\,b\,h\,N^2 d` (halved when causal), the FA2 / cuDNN reference.
+
+    Examples
+    --------
+    >>> dense_flops(1, 8, 1, 4, causal=True)
+    512
+    """
     return 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
 
 
@@ -181,21 +211,24 @@ def kernel_breakdown(fn) -> dict:
 
 def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0, dense_cache=None,
                profile=False, variant="auto"):
-    A.FWD_VARIANT = _DEFAULT_VARIANT if variant == "auto" else variant
+    # "auto": the tile-kernel default ($MOBALAB_ATTN_VARIANT, else auto)
+    variant = None if variant == "auto" else variant
     causal = True
     dtype = torch.bfloat16
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block)
     in_gb = 3 * q.numel() * q.element_size() / 1e9
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
                top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
-               variant="resident" if A.resident(dim, block) else "streaming")
+               variant="resident" if A.resident(dim, block, variant) else "streaming",
+               scratch_budget_bytes=A.default_scratch_budget(batch, seqlen, heads, heads, dim))
 
     route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
     row["routing_ms"], _ = time_ms(route)
     topk = route()
-    attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk)  # noqa: E731
+    attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk,  # noqa: E731
+                                         variant=variant)
     row["attention_ms"], row["reps"] = time_ms(attn)
-    full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal)  # noqa: E731
+    full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, variant=variant)  # noqa: E731
     row["mobalab_ms"], _ = time_ms(full)
     row["mobalab_peak_gb"] = peak_gb(full) + in_gb
     if profile:
@@ -248,7 +281,8 @@ COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "variant", "routi
            "routing_ms", "attention_ms", "routing_share", "fa2_ms", "cudnn_ms", "speedup_vs_fa2",
            "speedup_vs_cudnn",
            "useful_tflops", "attention_tflops", "routing_tflops", "mobalab_peak_gb", "fa2_peak_gb",
-           "cudnn_peak_gb", "fa2_tflops", "cudnn_tflops", "batch", "heads", "causal", "dtype", "reps"]
+           "cudnn_peak_gb", "fa2_tflops", "cudnn_tflops", "batch", "heads", "causal", "dtype", "reps",
+           "scratch_budget_bytes"]
 
 
 def configs(quick: bool):
@@ -274,7 +308,7 @@ def _fmt(x, nd=2):
 def markdown(rows, env) -> str:
     head = ["workload", "N", "d", "B", "kernel", "mobalab ms", "routing ms (share)", "attn ms", "FA2 ms",
             "cuDNN ms", "x FA2", "x cuDNN", "useful TFLOP/s", "attn TFLOP/s", "peak GB (mobalab / FA2)"]
-    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['device']}, {env['date']}", "",
+    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, {env['utc']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = r["seqlen"]
@@ -290,26 +324,26 @@ def markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment():
-    import cupy
-
-    props = torch.cuda.get_device_properties(0)
-    return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                cuda=torch.version.cuda, cupy=cupy.__version__, python=platform.python_version(),
-                routing="cuda",
-                scratch_budget=A.SCRATCH_BUDGET_BYTES)
+def run_record() -> dict:
+    """:func:`mobalab.bench.environment` plus the kernel settings every row ran with."""
+    env = environment()
+    env.update(routing="cuda", attn_variant=A.resolve_variant(None),
+               scratch_budget="default: 4% of the q, k, v, out bytes within [512 MiB, 768 MiB] (per row: "
+                              "scratch_budget_bytes)")
+    return env
 
 
-def _diagnose(dim, block):
-    from ._build import get_kernel
+def _diagnose(dim, block, variant):
+    from mobalab.kernels._build import get_kernel
 
-    name = A.kernel_names(torch.bfloat16, dim, block)[0]
-    smem = A.fwd_smem_bytes(dim, block)
+    variant = None if variant == "auto" else variant
+    name = A.kernel_names(torch.bfloat16, dim, block, variant)[0]
+    smem = A.fwd_smem_bytes(dim, block, variant)
     fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem)
     attrs = {k: fn.attributes.get(k) for k in ("num_regs", "shared_size_bytes", "max_dynamic_shared_size_bytes",
                                                 "max_threads_per_block")}
-    print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.FWD_VARIANT}", flush=True)
+    print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.resolve_variant(variant)}",
+          flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,8 +372,6 @@ def _time_and_peak(fn, long):
 
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
                         deterministic=True):
-    from .autograd import moba_attention_autograd
-
     causal = True
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -414,7 +446,8 @@ def markdown_backward(rows, env) -> str:
     head = ["workload", "N", "d", "B", "fwd ms", "fwd+bwd ms", "bwd ms", "det fwd+bwd ms", "FA2 fwd+bwd ms",
             "cuDNN fwd+bwd ms", "x FA2", "x cuDNN", "fwd / bwd useful TFLOP/s", "bwd/fwd rate",
             "peak GB (mobalab / det / FA2 / cuDNN)"]
-    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['device']}, {env['date']}",
+    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, "
+             f"{env['utc']}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = r["seqlen"]
@@ -432,8 +465,8 @@ def markdown_backward(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_backward(args, env):
-    rows = []
+def main_backward(args, env) -> int:
+    rows, failed = [], 0
     cfgs = backward_configs(args.quick)
     if args.select:
         cfgs = [cfgs[int(i)] for i in args.select.split(",")]
@@ -443,6 +476,7 @@ def main_backward(args, env):
                                       deterministic=n <= 128 * 1024 or args.select is not None)
         except Exception as exc:  # keep the sweep going
             print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
+            failed += 1
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             continue
@@ -456,24 +490,31 @@ def main_backward(args, env):
         with open(os.path.join(args.out, "bench_bwd_table.md"), "w") as f:
             f.write(markdown_backward(rows, env))
     print(markdown_backward(rows, env))
+    return 1 if failed or not rows else 0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    """Run the benchmark (``mobalab bench`` / ``python -m mobalab.bench.attention``); 0 when every
+    configuration ran, 1 otherwise (failures are printed and the sweep goes on)."""
+    p = argparse.ArgumentParser(prog="mobalab bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke run)")
     p.add_argument("--out", default="bench_out", help="output folder")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     args = p.parse_args(argv)
+    from mobalab.kernels import gpu_available
+
+    if not gpu_available():
+        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]')")
+        return 1
     os.makedirs(args.out, exist_ok=True)
-    env = environment()
+    env = run_record()
     print(json.dumps(env))
     if args.backward:
         with open(os.path.join(args.out, "bench_env.json"), "w") as f:
             json.dump(env, f, indent=1)
-        main_backward(args, env)
-        return
-    rows, cache = [], {}
+        return main_backward(args, env)
+    rows, cache, failed = [], {}, 0
     for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick):
         prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \
             and variant == "auto"
@@ -482,13 +523,15 @@ def main(argv=None):
                              dense_cache=cache, profile=prof, variant=variant)
         except Exception as exc:  # keep the sweep going; say what failed and with which kernel settings
             print(f"FAILED {workload} N={n} d={dim} B={block} variant={variant}: {exc!r}", flush=True)
-            _diagnose(dim, block)
+            failed += 1
+            _diagnose(dim, block, variant)
             torch.cuda.synchronize()
             continue
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         write_outputs(args.out, rows, env)  # after every row: a run cut short still leaves its numbers
     print(markdown(rows, env))
+    return 1 if failed or not rows else 0
 
 
 def write_outputs(out_dir, rows, env):
@@ -504,4 +547,4 @@ def write_outputs(out_dir, rows, env):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
