@@ -17,7 +17,9 @@ def _qkv(dtype=torch.float32, device="cpu"):
 
 def test_public_names():
     assert K.__all__ == ["moba_attention", "moba_topk", "moba_centroids", "moba_attention_reference",
-                         "moba_topk_reference", "moba_centroids_reference", "gpu_available"]
+                         "moba_topk_reference", "moba_centroids_reference", "moba_attention_varlen",
+                         "moba_topk_varlen", "MobaKVCache", "moba_decode", "moba_decode_reference", "decode_bytes",
+                         "decode_flops", "expected_unique_blocks", "gpu_available"]
     assert all(callable(getattr(K, name)) for name in K.__all__)
 
 

@@ -36,7 +36,7 @@ def names() -> list[str]:
     --------
     >>> from mobalab import experiments
     >>> experiments.names()
-    ['block-size', 'kernel-speed', 'key-conv', 'needle-retrieval', 'snr-vs-accuracy']
+    ['block-size', 'decode-cost', 'kernel-speed', 'key-conv', 'needle-retrieval', 'rope', 'snr-vs-accuracy', 'trained-routing']
     """
     return sorted(REGISTRY)
 

@@ -27,18 +27,18 @@ __all__ = [
     "moba_attention",
     "moba_topk",
     "moba_centroids",
-    "moba_attention_varlen",
-    "moba_topk_varlen",
     "moba_attention_reference",
     "moba_topk_reference",
     "moba_centroids_reference",
-    "gpu_available",
+    "moba_attention_varlen",
+    "moba_topk_varlen",
     "MobaKVCache",
     "moba_decode",
     "moba_decode_reference",
     "decode_bytes",
     "decode_flops",
     "expected_unique_blocks",
+    "gpu_available",
 ]
 
 
