@@ -8,6 +8,7 @@
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
+#   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
@@ -31,7 +32,7 @@ for step in "${STEPS[@]}"; do
     tests)
       # only the files that hold GPU tests: the others import test-only packages (hypothesis) the image may lack
       gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
-      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+      timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     fwd)       timeout 300 python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
     fwd-quick) timeout 200 python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
@@ -47,6 +48,8 @@ for step in "${STEPS[@]}"; do
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     decode)      timeout 240 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
+    varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
+                   || status=1 ;;
     decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
@@ -58,7 +61,7 @@ tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 rm -rf "$W"
