@@ -23,13 +23,6 @@
 
 namespace moba {
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of D 2-byte elements per row, swizzled so
-// that chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async.
-template <int D>
-__device__ __forceinline__ unsigned swz(int row, int chunk) {
-  return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
-
 // Copy keys [key0, key0 + KT) of one kv head into a swizzled KT x D tile; keys >= seqlen are zero-filled.
 template <int D, int KT>
 __device__ __forceinline__ void load_kv_tile(unsigned dst, const char* base, long long row_stride_bytes,

@@ -60,9 +60,54 @@ __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) over `nthreads` threads (whole warps): two warps that trade
+// fragments through shared memory wait for each other only, not for the whole CTA.
+__device__ __forceinline__ void bar_sync(int id, int nthreads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+
 // Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// Tiles of D 2-byte elements per row, stored as 16-byte chunks, XOR-swizzled so that the 8 rows of any
+// ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) and of any cp.async row group hit 8 different
+// 16-byte bank groups. Rows of 128*m bytes (D = 64, 128, 256): chunk c of row r lives at c ^ (r & 7).
+// Rows of 64 bytes (D = 32) or 192 bytes (D = 96) start alternately at bank group 0 and 4, so row r adds
+// 4 * (r & 1) to the bank group and the XOR takes the other rows apart: whole groups of 8 chunks use
+// c ^ (r & 7) (bank group (c ^ r ^ 4 (r & 1)) mod 8, distinct over 8 rows), the trailing 4 chunks of a row
+// (all of D = 32, chunks 8..11 of D = 96) use c ^ ((r >> 1) & 3) (the four rows of one parity get four
+// different chunks, the parity the other half of the banks).
+template <int D>
+__device__ __forceinline__ int swz_chunk(int row, int chunk) {
+  static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim 32, 64, 96, 128 or 256");
+  if constexpr (D % 64 == 0) {
+    return chunk ^ (row & 7);
+  } else {
+    constexpr int FULL = (D / 64) * 8;  // chunks in whole groups of 8: 0 (D = 32) or 8 (D = 96)
+    return chunk < FULL ? (chunk ^ (row & 7)) : (chunk ^ ((row >> 1) & 3));
+  }
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of D 2-byte elements per row.
+template <int D>
+__device__ __forceinline__ unsigned swz(int row, int chunk) {
+  if constexpr (D % 64 == 0) {
+    return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+  } else {
+    return static_cast<unsigned>(row * (D * 2) + (swz_chunk<D>(row, chunk) << 4));
+  }
+}
+
+// Element offset of the first element of chunk `chunk` of row `row` (the same layout, indexed in elements).
+template <int D>
+__device__ __forceinline__ int swz_elem(int row, int chunk) {
+  if constexpr (D % 64 == 0) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+  } else {
+    return row * D + (swz_chunk<D>(row, chunk) << 3);
+  }
 }
 
 // 16-bit element types: conversions, packing two floats into one b32 register (rounded to nearest), and
