@@ -86,7 +86,8 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
 }
 
 // ---- entry points: one definition per kind with a literal parameter list, exported under the names of the
-// instantiation lines (mobalab.kernels._launch reads both to check launch arguments) ----
+// instantiation lines (mobalab.kernels._launch reads both to check launch arguments), grouped by head dim
+// under MOBA_HAS_HEAD_DIM (ptx.cuh: -DMOBA_HEAD_DIM=d builds head dim d only) ----
 
 #define MOBA_CENTROIDS_KERNEL(NAME, T, D)                                                                             \
     extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)                                                    \
@@ -95,16 +96,26 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
         centroid_body<T, D>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);                                 \
     }
 
+#if MOBA_HAS_HEAD_DIM(32)
 MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d32,  __nv_bfloat16, 32)
-MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d64,  __nv_bfloat16, 64)
-MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d96,  __nv_bfloat16, 96)
-MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d128, __nv_bfloat16, 128)
-MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d256, __nv_bfloat16, 256)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d32,  __half,        32)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d64,  __nv_bfloat16, 64)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d64,  __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d96,  __nv_bfloat16, 96)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d96,  __half,        96)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d128, __nv_bfloat16, 128)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d128, __half,        128)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d256, __nv_bfloat16, 256)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d256, __half,        256)
+#endif
 
 #define MOBA_SPLIT_CENTROIDS_KERNEL(NAME, T)                                                                          \
     extern "C" __global__ void NAME(const float* __restrict__ cent, T* __restrict__ hi, T* __restrict__ lo,           \
