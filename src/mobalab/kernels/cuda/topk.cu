@@ -332,16 +332,16 @@ constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
 // and named barriers, measured the same on an H200 (1.61 vs 1.64 ms at 64K): the row scans, not the
 // MMAs, set the pace, so the simpler body stays.)
 //
-// Tile shape by head dim (FLOP and shared-memory bytes per warp and k-step of 16, both halves hi and lo;
-// a warp tile of MW rows x 32 centroids costs MW/16 A + 4 B ldmatrix.x4 of 512 bytes for 2 (MW/16) 4 MMAs
-// of 4096 FLOP):
-//   BN = 64 (D <= 128): 2 x 2 warps of 64 x 32, 4 KB for 128 KFLOP = 32 FLOP/B; smem 2 (128 + 128) D +
-//                       32 KB = 48 / 64 / 80 / 96 KB at D = 32 / 64 / 96 / 128: two or more CTAs per SM.
-//   BN = 32 (D = 256):  4 x 1 warps of 32 x 32, 3 KB for 64 KFLOP = 21 FLOP/B (ldmatrix at 128 B/clk then
-//                       feeds ~2700 FLOP/clk, about the mma.sync rate of an SM); 112 KB, two CTAs per SM.
-// The score work per tile is 2 D FLOP per (row, centroid) against a scan cost that does not depend on D,
-// so at D = 256 the MMAs (not the scans) set the pace and per-SM tensor-core occupancy decides.
-// The heap tier (LCAP = 0) adds 64 x 128 x 8 B = 64 KB (one CTA per SM; 224 KB at D = 256).
+// Tile shape by head dim (per warp and k-step of 16, hi and lo: a warp tile of MW rows x 32 centroids costs
+// MW/16 A + 4 B ldmatrix.x4 of 512 bytes for (MW/16) x 4 x 2 MMAs of 4096 FLOP):
+//   BN = 64 (D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory 512 D + 32 KB
+//                       = 48 / 64 / 80 / 96 KB at D = 32 / 64 / 96 / 128: two or more CTAs per SM.
+//   BN = 32 (D = 256):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
+//                       what mma.sync sustains per SM); 112 KB: two CTAs per SM (BN = 64 would take 160 KB).
+// The MMA work per (row, centroid) is 4 D FLOP against a scan cost that does not depend on D: at D = 256 the
+// MMA phase is twice that of D = 128 (where the scans set the pace), so two CTAs per SM, one scanning while
+// the other multiplies, matter more there than the lower FLOP/B of the narrower tile.
+// The heap tier (LCAP = 0) adds up to 64 x 128 x 8 B = 64 KB (one CTA per SM; at most 176 KB, at D = 256).
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __restrict__ chi,
                                           const T* __restrict__ clo, int* __restrict__ out, int seqlen,
