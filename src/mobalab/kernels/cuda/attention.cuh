@@ -223,7 +223,8 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
         *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-      if (tq == 0 && (SPLIT == 1 || dh == 0)) *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
+      if (tq == 0 && (SPLIT == 1 || dh == 0))
+        *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
     }
   }
 }

@@ -109,15 +109,12 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
   }
 }
 
-// Element offset of the first element of chunk `chunk` of row `row` (the same layout, indexed in elements).
-template <int D>
-__device__ __forceinline__ int swz_elem(int row, int chunk) {
-  if constexpr (D % 64 == 0) {
-    return row * D + ((chunk ^ (row & 7)) << 3);
-  } else {
-    return row * D + (swz_chunk<D>(row, chunk) << 3);
-  }
-}
+// The same layout indexed in elements: chunk c of row r starts at element r * D + MOBA_SWZ_COL(D, r, c). A
+// macro, not a function, written at the call site as that sum: NVRTC 13.2 compiles a force-inlined helper,
+// or even a differently associated sum (p + (r * D + x) for p + r * D + x), to other (equivalent) SASS, and
+// the top-k kernels of head dims 64 and 128 keep the code they were measured with.
+#define MOBA_SWZ_COL(D, r, c) \
+  (((((D) % 64) == 0 || (c) < ((D) / 64) * 8) ? ((c) ^ ((r) & 7)) : ((c) ^ (((r) >> 1) & 3))) << 3)
 
 // 16-bit element types: conversions, packing two floats into one b32 register (rounded to nearest), and
 // mma(c, a, b0, b1): c += A (16x16, row-major, 4 regs) * B (16x8, column-major, 2 regs), fp32 accumulators.

@@ -2,8 +2,9 @@
 //
 // One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of BN centroids (TK_BN = 64,
 // or 32 at head dim 256) of kv head h / (heads / kv_heads), computes the TK_BM x BN score tile on tensor
-// cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the best
-// (score, block) pairs in registers or shared memory. The N x n score matrix never reaches global memory; the output is O(N * top_k) indices.
+// cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the best (score,
+// block) pairs in registers or shared memory. The N x n score matrix never reaches global memory; the output
+// is O(N * top_k) indices.
 //
 // Precision: each fp32 centroid c arrives split as hi = T(c), lo = T(c - hi) (centroids.cu), and the score
 // is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
@@ -16,21 +17,22 @@
 // never loaded (that halves the work). Non-causal: all n blocks are candidates, the list holds top_k.
 // Unused slots stay -1.
 //
-// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles,
-// 64 fp32 accumulators; at BN = 32 a 4 x 1 layout of 32 x 32 warp tiles); the score tile then goes to shared memory and thread r scans row r. The list's
-// last entry is the threshold: 32 scores at a time are filtered into a bit mask against it, and only those
-// candidates are inserted, so the per-warp cost is the largest candidate count of its lanes, not their
-// union. Lists of up to 8 or 16 entries (LCAP) live in registers and take a candidate with a branch-free
-// compare-and-shift network; longer lists (LCAP = 0) are binary heaps in shared memory.
+// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles, 64
+// fp32 accumulators; at BN = 32 a 4 x 1 layout of 32 x 32 warp tiles); the score tile then goes to shared
+// memory and thread r scans row r. The list's last entry is the threshold: 32 scores at a time are filtered
+// into a bit mask against it, and only those candidates are inserted, so the per-warp cost is the largest
+// candidate count of its lanes, not their union. Lists of up to 8 or 16 entries (LCAP) live in registers and
+// take a candidate with a branch-free compare-and-shift network; longer lists (LCAP = 0) are binary heaps in
+// shared memory.
 //
 // Tie order without index compares (register lists): tiles, 32-column words and bits are all visited in
 // descending block order, so a new candidate always has a lower index than every listed block and must
 // beat them strictly; the heaps compare (score, index) pairs explicitly.
 //
 // Shared memory (dynamic): Q tile [BM][D] and centroid tiles hi/lo [BN][D] in T, 16-byte chunks XOR-swizzled
-// by row (moba::swz, conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled so that both the
-// fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM] (values fp32,
-// blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
+// by row (MOBA_SWZ_COL, ptx.cuh: conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled
+// so that both the fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM]
+// (values fp32, blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
 #include "ptx.cuh"
 
 using moba::cp_async16;
@@ -58,7 +60,7 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
     for (int i = ptid; i < BN * CH; i += NTHREADS) {
         const int r = i / CH, c = i % CH;
         const int j = min(tile * BN + r, n_blocks - 1);
-        const int off = moba::swz_elem<D>(r, c);
+        const int off = r * D + MOBA_SWZ_COL(D, r, c);
         cp_async16(sH + off, hi + (long long)j * D + c * 8);
         cp_async16(sL + off, lo + (long long)j * D + c * 8);
     }
@@ -86,14 +88,14 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
         for (int mt = 0; mt < MT; ++mt) {
             const int r = row0 + mt * 16 + (lane & 15);
             const int c = ks * 2 + (lane >> 4);
-            ldmatrix_x4(smem_u32(sQ + moba::swz_elem<D>(r, c)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+            ldmatrix_x4(smem_u32(sQ + r * D + MOBA_SWZ_COL(D, r, c)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
         }
         unsigned bh[NT][2], bl[NT][2];
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             const int r = col0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
             const int c = ks * 2 + ((lane >> 3) & 1);
-            const int off = moba::swz_elem<D>(r, c);
+            const int off = r * D + MOBA_SWZ_COL(D, r, c);
             ldmatrix_x4(smem_u32(sH + off), bh[2 * np][0], bh[2 * np][1], bh[2 * np + 1][0], bh[2 * np + 1][1]);
             ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
         }
@@ -381,7 +383,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         for (int i = tid; i < TK_BM * CH; i += TK_THREADS) {
             const int r = i / CH, c = i % CH;
             const int t = min(t0 + r, seqlen - 1);
-            cp_async16(sQ + moba::swz_elem<D>(r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
         }
         cp_async_commit();
         topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
