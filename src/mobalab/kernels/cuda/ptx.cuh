@@ -12,8 +12,8 @@
 
 // Instantiation filter: built with -DMOBA_HEAD_DIM=d, a source exports the kernels of head dim d and the
 // head-dim-free ones only; without it (or with 0), every head dim, as the nvcc compile check builds it.
-// NVRTC's compile time grows with the instantiations (one core: attention.cu 26 s with head dims 64 and 128,
-// 54 s with all five; topk.cu 37 s and 94 s), so a wrapper compiles one module per head dim.
+// NVRTC's compile time grows with the instantiations (five head dims take two to three times as long as the
+// two of before for a whole source, one head dim a fifth of that), so a wrapper compiles one module per head dim.
 #ifndef MOBA_HEAD_DIM
 #define MOBA_HEAD_DIM 0
 #endif
@@ -81,8 +81,8 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 }
 
 // Tiles of D 2-byte elements per row, stored as 16-byte chunks, XOR-swizzled so that the 8 rows of any
-// ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) and of any cp.async row group hit 8 different
-// 16-byte bank groups. Rows of 128*m bytes (D = 64, 128, 256): chunk c of row r lives at c ^ (r & 7).
+// ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) hit 8 different 16-byte bank groups.
+// Rows of 128*m bytes (D = 64, 128, 256): chunk c of row r lives at c ^ (r & 7).
 // Rows of 64 bytes (D = 32) or 192 bytes (D = 96) start alternately at bank group 0 and 4, so row r adds
 // 4 * (r & 1) to the bank group and the XOR takes the other rows apart: whole groups of 8 chunks use
 // c ^ (r & 7) (bank group (c ^ r ^ 4 (r & 1)) mod 8, distinct over 8 rows), the trailing 4 chunks of a row
