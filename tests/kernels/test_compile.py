@@ -11,6 +11,10 @@ Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
 entry point is launched by some wrapper, and the macro expansion that reads instantiated signatures works.
+Head dims: every kernel family is instantiated for the same head dims (the ``_d<D>`` field of its names),
+and every head dim a wrapper declares supported (``SUPPORTED_HEAD_DIMS`` in ``mobalab.kernels``) is among
+them; ``-DMOBA_HEAD_DIM=d`` (one NVRTC module per head dim) keeps exactly head dim d and the head-dim-free
+kernels.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
 PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
 
 _FUNC = re.compile(r"Function properties for (\S+)")
+_HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
 _ENTRY = re.compile(r"Compiling entry function '(\S+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
@@ -74,8 +79,10 @@ def _compile(name: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, tuple[int, str]]:
     workers = max(1, min(len(CU_FILES), os.cpu_count() or 1))
+    # the sources with the most kernels first, so that the longest compiles do not start last
+    order = sorted(CU_FILES, key=lambda name: -len(signatures(name)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(CU_FILES, pool.map(_compile, CU_FILES), strict=True))
+        return dict(zip(order, pool.map(_compile, order), strict=True))
 
 
 def test_there_are_kernel_sources():
@@ -220,3 +227,71 @@ def test_wrapper_kernel_names_have_signatures():
         assert not missing, f"{template!r}: no kernel for the field values {missing}"
         covered |= set(matches)
     assert exported - covered == set(), f"kernels that no wrapper launches: {sorted(exported - covered)}"
+
+
+# ---- head dims ----
+
+def head_dim(kernel: str) -> int | None:
+    """The head dim of a kernel name (``..._d<D>`` or ``..._d<D>_...``), None for head-dim-free kernels."""
+    m = _HEAD_DIM.search(kernel)
+    return int(m.group(1)) if m else None
+
+
+def kernel_head_dims() -> set[int]:
+    """Head dims the CUDA sources are instantiated for."""
+    return {d for f in CU_FILES for k in signatures(f) if (d := head_dim(k)) is not None}
+
+
+def wrapper_supported_head_dims() -> dict[str, tuple[int, ...]]:
+    """Every literal ``SUPPORTED_HEAD_DIMS = (...)`` assignment in the Python sources of mobalab.kernels."""
+    out = {}
+    for path in PY_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "SUPPORTED_HEAD_DIMS" for t in node.targets):
+                out[path.name] = tuple(ast.literal_eval(node.value))
+    return out
+
+
+def test_every_kernel_family_has_every_head_dim():
+    """Kernels whose names carry a head dim come in families (the name with ``_d<D>`` as a field); each family
+    is instantiated for every head dim of the sources, so no wrapper can reach a missing (family, D)."""
+    dims = kernel_head_dims()
+    assert dims == {32, 64, 96, 128, 256}
+    families: dict[str, set[int]] = {}
+    for f in CU_FILES:
+        for k in signatures(f):
+            if (d := head_dim(k)) is not None:
+                families.setdefault(_HEAD_DIM.sub("_d{}", k, count=1), set()).add(d)
+    incomplete = {fam: sorted(dims - got) for fam, got in families.items() if got != dims}
+    assert not incomplete, f"kernel families missing head dims: {incomplete}"
+
+
+def test_wrappers_support_only_compiled_head_dims():
+    """Every head dim a wrapper accepts has kernels (the wrappers may still accept fewer than the sources
+    provide)."""
+    supported = wrapper_supported_head_dims()
+    assert supported, "no SUPPORTED_HEAD_DIMS in mobalab.kernels"
+    dims = kernel_head_dims()
+    bad = {mod: sorted(set(v) - dims) for mod, v in supported.items() if not set(v) <= dims}
+    assert not bad, f"head dims without kernels: {bad}"
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("name", CU_FILES)
+def test_head_dim_filter_keeps_one_head_dim(name):
+    """The source preprocessed with -DMOBA_HEAD_DIM=d exports exactly the head-dim-d and head-dim-free
+    kernels, with the same signatures (system headers left out: the filter is plain preprocessor logic)."""
+    nvcc = shutil.which("nvcc")
+    text = re.sub(r"^[ \t]*#[ \t]*include[ \t]*<[^>\n]*>[ \t]*$", "", source(name), flags=re.M)
+    every = signatures(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / name
+        src.write_text(text)
+        for d in sorted(kernel_head_dims()):
+            proc = subprocess.run([nvcc, "-E", "-x", "c++", f"-DMOBA_HEAD_DIM={d}", str(src)],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            kept = _parse_signatures(proc.stdout)
+            assert set(kept) == {k for k in every if head_dim(k) in (None, d)}, (name, d)
+            assert all(kept[k] == every[k] for k in kept), (name, d)

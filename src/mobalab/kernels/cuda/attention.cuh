@@ -10,7 +10,29 @@
 //     M = max_s m_s,  w_s = l_s 2^(m_s - M),  out = sum_s w_s o_s / sum_s w_s,  lse = ln2 (M + log2 sum_s w_s).
 //
 // Tensor cores: mma.sync m16n8k16 (fp32 accumulate) fed by ldmatrix from 16-byte-swizzled shared memory
-// (16-byte chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async).
+// (moba::swz in ptx.cuh: conflict-free ldmatrix for rows of 64 to 512 bytes).
+//
+// Head dims D = 32, 64, 96, 128, 256 (multiples of 16, the MMA k-step); key sub-tile KT = 16, 32 or 64.
+// Tile shapes from a FLOP / byte count (per warp and KT-key step; ldmatrix feeds the MMAs at 128 B/clk/SM):
+//   D <= 128, 4 warps x 16 rows: S = Q K^T and O += P V are 2 * 16 KT D FLOP each; K and V cost 4 KT D bytes
+//     of ldmatrix, Q stays in registers: 16 FLOP/B. Registers: O D / 2, Q D / 4, S KT / 2 (D = 128, KT = 64:
+//     64 + 32 + 32, 248 in all with addressing and operand prefetch).
+//   D = 256: one warp would need 128 registers of O alone, which leaves no room for Q, S and the operands
+//     (tried: spills at every KT). So 8 warps: warps w and w + 4 take the same 16 rows, both compute S over
+//     all of D (S is the small half of a step's registers) and each accumulates O for 128 columns
+//     (kFwdSplit): 64 O registers, Q re-read from shared memory at each k-step (kQInRegs). Per pair:
+//     96 KT D FLOP executed for 64 KT D useful (S twice), ldmatrix 2 (KT D 2 + KT D + 16 D 2) bytes:
+//     9.1 useful FLOP/B at KT = 64, no inter-warp traffic. Registers 136 / 167 / 228 (KT 16 / 32 / 64):
+//     one CTA of 8 warps per SM, the same warps per SM as two 4-warp CTAs at D = 128.
+//   Shared memory: streaming Q 64 D 2 + double-buffered K, V 4 KT D 2 (KT = min(B, 64); 160 KB at D = 256);
+//     resident the block's K, V 2 B D 2 + two Q tiles 2 * 64 D 2. The wrappers take the resident kernel
+//     when that is at most 96 KB per 4 warps (two 4-warp CTAs, or one 8-warp CTA at D = 256, per SM):
+//     B <= 512 / 256 / 128 / 128 / 128 at D = 32 / 64 / 96 / 128 / 256.
+//   Global bytes per (query, head, slot) row: Q gather 2 D, partial write and merge read 2 (4 D + 8), the
+//     block's K and V 4 B D shared by the 64 (streaming) or up to 256 (resident) rows of a CTA; against
+//     4 B D FLOP that is ~4 B / (10 + B / 16) FLOP/B whatever D: the forward is bound by the fp32 partial
+//     round trip at every head dim, so its useful FLOP rate should carry over from D = 128, except for the
+//     per-row costs that do not scale with D (sort, (m, l), index building), which weigh more at D = 32.
 
 #ifndef MOBALAB_ATTENTION_CUH
 #define MOBALAB_ATTENTION_CUH
@@ -23,53 +45,91 @@
 
 namespace moba {
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of D 2-byte elements per row, swizzled so
-// that chunk c of row r lives at chunk c ^ (r & 7): conflict-free ldmatrix and cp.async.
-template <int D>
-__device__ __forceinline__ unsigned swz(int row, int chunk) {
-  return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
-
 // Copy keys [key0, key0 + KT) of one kv head into a swizzled KT x D tile; keys >= seqlen are zero-filled.
-template <int D, int KT>
+template <int D, int KT, int NTHREADS = MOBA_THREADS>
 __device__ __forceinline__ void load_kv_tile(unsigned dst, const char* base, long long row_stride_bytes,
                                              int key0, int seqlen, int tid) {
   constexpr int CH = D / 8;
-  static_assert((KT * CH) % MOBA_THREADS == 0, "tile copy");
+  constexpr int N = KT * CH;  // 16-byte chunks; not a multiple of the thread count at D = 32, 96 and KT = 16
 #pragma unroll
-  for (int i = 0; i < KT * CH / MOBA_THREADS; ++i) {
-    const int c = tid + i * MOBA_THREADS;
-    const int row = c / CH, ch = c % CH;
-    const int key = key0 + row;
-    const bool ok = key < seqlen;
-    const char* src = base + (ok ? static_cast<long long>(key) * row_stride_bytes + ch * 16 : 0);
-    cp_async16(dst + swz<D>(row, ch), src, ok ? 16 : 0);
+  for (int i = 0; i < (N + NTHREADS - 1) / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
+    if (N % NTHREADS == 0 || c < N) {
+      const int row = c / CH, ch = c % CH;
+      const int key = key0 + row;
+      const bool ok = key < seqlen;
+      const char* src = base + (ok ? static_cast<long long>(key) * row_stride_bytes + ch * 16 : 0);
+      cp_async16(dst + swz<D>(row, ch), src, ok ? 16 : 0);
+    }
   }
 }
 
+// Warps per 16 rows: 1, or 2 at D = 256, where warps w and w + 4 both compute S for rows 16 (w & 3) ..
+// and each accumulates O for one half of the columns (64 registers instead of 128). Threads per CTA follow.
+template <int D>
+constexpr int kFwdSplit = D >= 256 ? 2 : 1;
+template <int D>
+constexpr int kFwdThreads = MOBA_THREADS * kFwdSplit<D>;
+
+// Whether a warp keeps its Q A-fragments in registers (D / 4 of them) for a whole tile, or re-reads them
+// from the swizzled Q tile at every k-step (D = 256: 64 registers beside 64 of O and KT / 2 of S).
+template <int D>
+constexpr bool kQInRegs = D <= 128;
+template <int D>
+constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held (1: an unused placeholder)
+
+// Minimum CTAs per SM for __launch_bounds__. 0: none, ptxas' own choice, which the D = 64 and 128 kernels
+// were tuned and measured with (left to itself ptxas caps the D = 96 kernels at 168 registers and spills).
+// D = 32: 4 (<= 128 registers); D = 96: 2 (<= 255 registers, 8 warps per SM); D = 256: 1 CTA of 8 warps.
+template <int D>
+constexpr int kFwdMinBlocks = D == 64 || D == 128 ? 0 : D == 32 ? 4 : D == 96 ? 2 : 1;
+
 // One KT-key step of the flash loop for this warp's 16 rows: S = Q K^T, scale, mask, online softmax,
-// O += P V. K and V sub-tiles are swizzled KT x D tiles at kt_base / vt_base (shared addresses).
-template <typename T, int D, int KT>
-__device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], unsigned kt_base, unsigned vt_base,
-                                             int key0, int seqlen, int causal, int t_min, int row_t0, int row_t1,
-                                             float scale_log2, float (&o)[D / 8][4], float (&m_r)[2],
-                                             float (&l_r)[2], int lane) {
+// O += P V. K and V sub-tiles are swizzled KT x D tiles at kt_base / vt_base (shared addresses). Q: the
+// A-fragments (unsigned[D / 16][4]) when kQInRegs<D>, else the shared address of the swizzled 64 x D Q tile,
+// re-read at every k-step. o: this warp's columns, part dh of kFwdSplit<D>.
+template <typename T, int D, int KT, typename QOp>
+__device__ __forceinline__ void subtile_step(const QOp& qf, unsigned kt_base, unsigned vt_base, int key0,
+                                             int seqlen, int causal, int t_min, int row_t0, int row_t1,
+                                             float scale_log2, float (&o)[D / 8 / kFwdSplit<D>][4],
+                                             float (&m_r)[2], float (&l_r)[2], int lane, int dh = 0) {
+  constexpr int SPLIT = kFwdSplit<D>;
   constexpr int NT = KT / 8;
-  constexpr int DT = D / 8;
+  constexpr int DT = D / 8 / SPLIT;
   const int tq = lane & 3;
   // S = Q K^T for this warp's 16 rows and KT keys.
   float s[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  if constexpr (kQInRegs<D>) {
   #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int kp = 0; kp < D / 32; ++kp) {
+        const int row = nt * 8 + (lane & 7), ch = kp * 4 + (lane >> 3);
+        unsigned b0, b1, b2, b3;
+        ldmatrix_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
+        Elem<T>::mma(s[nt], qf[2 * kp], b0, b1);
+        Elem<T>::mma(s[nt], qf[2 * kp + 1], b2, b3);
+      }
+    }
+  } else {
+    // k-steps outermost: each Q fragment pair is read once per sub-tile and used for all KT keys.
+    const int qrow = ((threadIdx.x >> 5) & 3) * 16 + (lane & 15);
 #pragma unroll
     for (int kp = 0; kp < D / 32; ++kp) {
-      const int row = nt * 8 + (lane & 7), ch = kp * 4 + (lane >> 3);
-      unsigned b0, b1, b2, b3;
-      ldmatrix_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
-      Elem<T>::mma(s[nt], qf[2 * kp], b0, b1);
-      Elem<T>::mma(s[nt], qf[2 * kp + 1], b2, b3);
+      unsigned qa[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        ldmatrix_x4(qf + swz<D>(qrow, (2 * kp + h) * 2 + (lane >> 4)), qa[h][0], qa[h][1], qa[h][2], qa[h][3]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int row = nt * 8 + (lane & 7), ch = kp * 4 + (lane >> 3);
+        unsigned b0, b1, b2, b3;
+        ldmatrix_x4(kt_base + swz<D>(row, ch), b0, b1, b2, b3);
+        Elem<T>::mma(s[nt], qa[0], b0, b1);
+        Elem<T>::mma(s[nt], qa[1], b2, b3);
+      }
     }
   }
 
@@ -128,8 +188,9 @@ __device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], un
     a[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     a[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
+    for (int dp = 0; dp < D / 16 / SPLIT; ++dp) {
+      const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int ch = (SPLIT == 1 ? dp : dh * (D / 16 / SPLIT) + dp) * 2 + (lane >> 4);
       unsigned b0, b1, b2, b3;
       ldmatrix_x4_trans(vt_base + swz<D>(row, ch), b0, b1, b2, b3);
       Elem<T>::mma(o[2 * dp], a, b0, b1);
@@ -138,12 +199,14 @@ __device__ __forceinline__ void subtile_step(const unsigned (&qf)[D / 16][4], un
   }
 }
 
-// Partials of this thread's rows r0 and r1 (rows >= count are padding): normalised o, m (log2 units), l.
+// Partials of this thread's rows r0 and r1 (rows >= count are padding): normalised o (this warp's columns,
+// part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l).
 template <int D>
-__device__ __forceinline__ void write_partials(float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2],
-                                               const long long* s_pair, int r0, int r1, int count, float* part_o,
-                                               float* part_ml, int lane) {
-  constexpr int DT = D / 8;
+__device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][4], const float (&m_r)[2],
+                                               float (&l_r)[2], const long long* s_pair, int r0, int r1, int count,
+                                               float* part_o, float* part_ml, int lane, int dh = 0) {
+  constexpr int SPLIT = kFwdSplit<D>;
+  constexpr int DT = D / 8 / SPLIT;
   const int tq = lane & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -156,11 +219,12 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8][4], const float
     if (row < count) {
       const long long p = s_pair[row];
       const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
-      float* dst = part_o + p * D + 2 * tq;
+      float* dst = part_o + p * D + (SPLIT == 1 ? 0 : dh * (D / SPLIT)) + 2 * tq;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
         *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-      if (tq == 0) *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
+      if (tq == 0 && (SPLIT == 1 || dh == 0))
+        *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
     }
   }
 }
@@ -185,14 +249,14 @@ __device__ __forceinline__ int unit_segment(const long long* tile_cum, int n_seg
 // Row bookkeeping shared by both tile kernels: rows [0, n_rows) of this CTA's list start at pairs[first].
 // Pair p = (hc * n_q + tt) * top_k + slot is its partial slot; its query is t = t0 + tt, head h0 + hc.
 // s_mm[2 * g], s_mm[2 * g + 1] get (min t, max t) of 32-row group g (padding rows ignored).
-template <int D, int NROWS>
+template <int D, int NROWS, int NTHREADS = MOBA_THREADS>
 __device__ __forceinline__ void setup_rows(const long long* pairs, long long first, int n_rows, int top_k, int n_q,
                                            int t0, int h0, int seqlen, int heads, int batch_index,
                                            long long* s_qoff, long long* s_pair, int* s_t, int* s_mm) {
   const int tid = threadIdx.x, lane = tid & 31;
 #pragma unroll
-  for (int pass = 0; pass < (NROWS + MOBA_THREADS - 1) / MOBA_THREADS; ++pass) {
-    const int r = tid + pass * MOBA_THREADS;
+  for (int pass = 0; pass < (NROWS + NTHREADS - 1) / NTHREADS; ++pass) {
+    const int r = tid + pass * NTHREADS;
     if (r < NROWS) {  // warp-uniform: NROWS is a multiple of 32
       long long qoff = -1, p = -1;
       int t = 0x7fffffff;
@@ -222,12 +286,12 @@ __device__ __forceinline__ void setup_rows(const long long* pairs, long long fir
 }
 
 // Gather MOBA_ROWS query rows (element offsets s_qoff, -1 = zero row) into a swizzled tile.
-template <int D>
+template <int D, int NTHREADS = MOBA_THREADS>
 __device__ __forceinline__ void gather_q(unsigned dst, const char* qb, const long long* s_qoff, int tid) {
   constexpr int CH = D / 8;
 #pragma unroll
-  for (int i = 0; i < MOBA_ROWS * CH / MOBA_THREADS; ++i) {
-    const int c = tid + i * MOBA_THREADS;
+  for (int i = 0; i < MOBA_ROWS * CH / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
     const int row = c / CH, ch = c % CH;
     const long long off = s_qoff[row];
     cp_async16(dst + swz<D>(row, ch), qb + (off >= 0 ? off * 2 + ch * 16 : 0), off >= 0 ? 16 : 0);
@@ -252,9 +316,11 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
                                           float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
                                           int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
                                           int n_seg, int causal, float scale_log2) {
-  static_assert(D == 64 || D == 128, "head dim");
+  static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim");
   static_assert(KT == 16 || KT == 32 || KT == 64, "key tile");
-  constexpr int DT = D / 8;  // n-tiles of O per warp
+  constexpr int SPLIT = kFwdSplit<D>;
+  constexpr int NTHREADS = kFwdThreads<D>;
+  constexpr int DT = D / 8 / SPLIT;  // n-tiles of O per warp
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* sQ = smem;                    // ROWS x D
   unsigned char* sK = sQ + MOBA_ROWS * D * 2;  // 2 x KT x D
@@ -277,14 +343,14 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int group = heads / kv_heads;
   const int kvh = h0 / group + kvc;
-  setup_rows<D, MOBA_ROWS>(pairs, first, count, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff, s_pair,
-                           s_t, s_mm);
+  setup_rows<D, MOBA_ROWS, NTHREADS>(pairs, first, count, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
+                                     s_pair, s_t, s_mm);
   __syncthreads();
   const int t_min = min(s_mm[0], s_mm[2]), t_max = max(s_mm[1], s_mm[3]);
 
   const char* qb = static_cast<const char*>(q_);
   const unsigned sq = smem_u32(sQ);
-  gather_q<D>(sq, qb, s_qoff, tid);
+  gather_q<D, NTHREADS>(sq, qb, s_qoff, tid);
   const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
   const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
   const char* kb = static_cast<const char*>(k_) + kv_base;
@@ -299,14 +365,15 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
 
   if (n_sub > 0) {
-    load_kv_tile<D, KT>(sk, kb, kv_row_bytes, key_begin, seqlen, tid);
-    load_kv_tile<D, KT>(sv, vb, kv_row_bytes, key_begin, seqlen, tid);
+    load_kv_tile<D, KT, NTHREADS>(sk, kb, kv_row_bytes, key_begin, seqlen, tid);
+    load_kv_tile<D, KT, NTHREADS>(sv, vb, kv_row_bytes, key_begin, seqlen, tid);
   }
   cp_async_commit();
 
-  // This thread's two rows (g and g + 8 of the warp's 16).
+  // This thread's two rows (g and g + 8 of the warp's 16) and, at D = 256, its half of the O columns.
   const int g = lane >> 2;
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int rw = SPLIT == 1 ? warp : (warp & 3), dh = SPLIT == 1 ? 0 : (warp >> 2);
+  const int r0 = rw * 16 + g, r1 = r0 + 8;
   const int row_t0 = s_t[r0], row_t1 = s_t[r1];
 
   float o[DT][4];
@@ -314,29 +381,34 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m_r[2] = {neg_inf(), neg_inf()};
   float l_r[2] = {0.f, 0.f};
-  unsigned qf[D / 16][4];
+  unsigned qf[kQFrags<D>][4];
 
   for (int it = 0; it < n_sub; ++it) {
     const int buf = it & 1;
     if (it + 1 < n_sub) {
       const int nb = buf ^ 1;
-      load_kv_tile<D, KT>(sk + nb * KV_BYTES, kb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
-      load_kv_tile<D, KT>(sv + nb * KV_BYTES, vb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      load_kv_tile<D, KT, NTHREADS>(sk + nb * KV_BYTES, kb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
+      load_kv_tile<D, KT, NTHREADS>(sv + nb * KV_BYTES, vb, kv_row_bytes, key_begin + (it + 1) * KT, seqlen, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (it == 0) load_q_fragments<D>(qf, sq, warp, lane);
+    if constexpr (kQInRegs<D>) {
+      if (it == 0) load_q_fragments<D>(qf, sq, warp, lane);
 
-    subtile_step<T, D, KT>(qf, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
-                           t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane);
+      subtile_step<T, D, KT>(qf, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
+                             t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane);
+    } else {
+      subtile_step<T, D, KT>(sq, sk + buf * KV_BYTES, sv + buf * KV_BYTES, key_begin + it * KT, seqlen, causal,
+                             t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane, dh);
+    }
     __syncthreads();  // everyone is done with buffer `buf` before it is refilled
   }
   cp_async_wait<0>();
 
-  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane);
+  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane, dh);
 }
 
 // Resident variant: one CTA = one unit of up to MOBA_TPC tiles of one segment. The whole key block (K and
@@ -348,8 +420,10 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
                                               float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
                                               int block_size, int n_blocks, int batch_index, int h0, int n_q,
                                               int t0, int n_seg, int causal, float scale_log2) {
+  constexpr int SPLIT = kFwdSplit<D>;
+  constexpr int NTHREADS = kFwdThreads<D>;
   constexpr int CH = D / 8;
-  constexpr int DT = D / 8;
+  constexpr int DT = D / 8 / SPLIT;
   constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
   constexpr unsigned Q_BYTES = MOBA_ROWS * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -371,8 +445,8 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;
-  setup_rows<D, UNIT>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff, s_pair, s_t,
-                      s_mm);
+  setup_rows<D, UNIT, NTHREADS>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
+                                s_pair, s_t, s_mm);
   __syncthreads();
 
   // The key block, resident: rows beyond seqlen zero-filled (and masked).
@@ -384,7 +458,7 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   const char* kb = static_cast<const char*>(k_) + kv_base;
   const char* vb = static_cast<const char*>(v_) + kv_base;
   const int key_begin = j * block_size;
-  for (int c = tid; c < block_size * CH; c += MOBA_THREADS) {
+  for (int c = tid; c < block_size * CH; c += NTHREADS) {
     const int row = c / CH, ch = c % CH;
     const int key = key_begin + row;
     const bool ok = key < seqlen;
@@ -393,29 +467,30 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
     cp_async16(sv + swz<D>(row, ch), vb + off, ok ? 16 : 0);
   }
   const char* qb = static_cast<const char*>(q_);
-  gather_q<D>(sq, qb, s_qoff, tid);
+  gather_q<D, NTHREADS>(sq, qb, s_qoff, tid);
   cp_async_commit();
 
   const int g = lane >> 2;
+  const int rw = SPLIT == 1 ? warp : (warp & 3), dh = SPLIT == 1 ? 0 : (warp >> 2);
   const int block_end = min(key_begin + block_size, seqlen);
   for (int ti = 0; ti < n_tiles; ++ti) {
     if (ti + 1 < n_tiles) {
-      gather_q<D>(sq + ((ti + 1) & 1) * Q_BYTES, qb, s_qoff + (ti + 1) * MOBA_ROWS, tid);
+      gather_q<D, NTHREADS>(sq + ((ti + 1) & 1) * Q_BYTES, qb, s_qoff + (ti + 1) * MOBA_ROWS, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    unsigned qf[D / 16][4];
-    load_q_fragments<D>(qf, sq + (ti & 1) * Q_BYTES, warp, lane);
+    unsigned qf[kQFrags<D>][4];
+    if constexpr (kQInRegs<D>) load_q_fragments<D>(qf, sq + (ti & 1) * Q_BYTES, warp, lane);
     const int t_min = min(s_mm[4 * ti], s_mm[4 * ti + 2]);
     const int t_max = max(s_mm[4 * ti + 1], s_mm[4 * ti + 3]);
     const int count = min(MOBA_ROWS, n_rows - ti * MOBA_ROWS);
     const int key_end = causal ? min(block_end, t_max + 1) : block_end;
     const int n_sub = key_end > key_begin ? (key_end - key_begin + KT - 1) / KT : 0;
     const int base = ti * MOBA_ROWS;
-    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    const int r0 = rw * 16 + g, r1 = r0 + 8;
     const int row_t0 = s_t[base + r0], row_t1 = s_t[base + r1];
 
     float o[DT][4];
@@ -423,23 +498,44 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
     for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_r[2] = {neg_inf(), neg_inf()};
     float l_r[2] = {0.f, 0.f};
-    for (int it = 0; it < n_sub; ++it) {
-      const unsigned off = static_cast<unsigned>(it) * KT * D * 2;
-      subtile_step<T, D, KT>(qf, sk + off, sv + off, key_begin + it * KT, seqlen, causal, t_min, row_t0, row_t1,
-                             scale_log2, o, m_r, l_r, lane);
+    if constexpr (kQInRegs<D>) {
+      for (int it = 0; it < n_sub; ++it) {
+        const unsigned off = static_cast<unsigned>(it) * KT * D * 2;
+        subtile_step<T, D, KT>(qf, sk + off, sv + off, key_begin + it * KT, seqlen, causal, t_min, row_t0, row_t1,
+                               scale_log2, o, m_r, l_r, lane);
+      }
+    } else {
+      for (int it = 0; it < n_sub; ++it) {
+        const unsigned off = static_cast<unsigned>(it) * KT * D * 2;
+        subtile_step<T, D, KT>(sq + (ti & 1) * Q_BYTES, sk + off, sv + off, key_begin + it * KT, seqlen, causal,
+                               t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane, dh);
+      }
     }
-    write_partials<D>(o, m_r, l_r, s_pair + base, r0, r1, count, part_o, part_ml, lane);
-    __syncthreads();  // every warp has its Q fragments before this Q buffer is refilled
+    write_partials<D>(o, m_r, l_r, s_pair + base, r0, r1, count, part_o, part_ml, lane, dh);
+    __syncthreads();  // every warp has its Q fragments (or is done re-reading them) before this Q buffer is refilled
   }
 }
 
-// This lane's V fp32 values of one slot's partial row (one 8- or 16-byte load), or zeros for a slot that
-// does not count (the merges of the forward and of the deterministic dQ).
+// Lanes of a warp that hold a D-element row, V consecutive elements each (8-, 16- or 2 x 16-byte fp32
+// loads): all 32 at D = 64, 128 and 256; 16 of 2 at D = 32 and 24 of 4 at D = 96 (one row per warp in the
+// merges and the backward's row kernels; the idle lanes still take part in the shuffles).
+template <int D>
+constexpr int kRowLaneElems = D == 32 ? 2 : D == 96 ? 4 : D / 32;
+template <int D>
+constexpr int kRowLanes = D / kRowLaneElems<D>;
+
+// This lane's V fp32 values of one slot's partial row (one 8- or 16-byte load, two at V = 8), or zeros for
+// a slot that does not count (the merges of the forward and of the deterministic dQ).
 template <int V>
 __device__ __forceinline__ void load_slot_slice(float (&x)[V], const float* src, bool used) {
-  static_assert(V == 2 || V == 4, "head dim 64 or 128");
+  static_assert(V == 2 || V == 4 || V == 8, "2, 4 or 8 elements per lane");
   if (used) {
-    if constexpr (V == 4) {
+    if constexpr (V == 8) {
+      const float4 a = *reinterpret_cast<const float4*>(src);
+      const float4 b = *reinterpret_cast<const float4*>(src + 4);
+      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+      x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    } else if constexpr (V == 4) {
       const float4 t4 = *reinterpret_cast<const float4*>(src);
       x[0] = t4.x; x[1] = t4.y; x[2] = t4.z; x[3] = t4.w;
     } else {
@@ -457,8 +553,9 @@ template <typename T, int D>
 __device__ __forceinline__ void merge_rows(const float* part_o, const float* part_ml, const int* topk, void* out_,
                                            float* lse, int seqlen, int heads, int top_k, int n_blocks,
                                            int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {
-  constexpr int V = D / 32;  // elements per lane
+  constexpr int V = kRowLaneElems<D>;  // elements per lane
   const int lane = threadIdx.x & 31;
+  const bool holds = kRowLanes<D> == 32 || lane < kRowLanes<D>;  // this lane holds V elements of the row
   const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= static_cast<long long>(n_heads_c) * n_q) return;
   const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
@@ -505,7 +602,7 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
       const float wsel = (s < 32) ? wv[0] : wv[1];
       ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
       if (s >= top_k) ws[u] = 0.f;
-      load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, ws[u] > 0.f);
+      load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, holds && ws[u] > 0.f);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u)
@@ -514,10 +611,12 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
   }
   const float inv = L > 0.f ? 1.f / L : 0.f;
   T* out = static_cast<T*>(out_) + row * D + lane * V;
+  if (holds) {
 #pragma unroll
-  for (int e = 0; e < V; e += 2) {
-    const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
-    *reinterpret_cast<unsigned*>(out + e) = packed;
+    for (int e = 0; e < V; e += 2) {
+      const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
+      *reinterpret_cast<unsigned*>(out + e) = packed;
+    }
   }
   if (write_lse && lane == 0) lse[row] = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : neg_inf();
 }

@@ -2,12 +2,14 @@
 //
 // Each kind of kernel is defined once, by a MOBA_BWD_*_KERNEL macro with a literal parameter list, and
 // exported under the names of the instantiation lines below it (mobalab.kernels._launch reads both to check
-// launch arguments). Variants, dtype in {bf16, f16}, D in {64, 128}:
+// launch arguments). Variants, dtype in {bf16, f16}, D in {32, 64, 96, 128, 256}:
 //   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O), fp32
-//   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block
+//   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block;
+//                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
 //   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list
-// The index building (keys, sort, segment bounds) is the forward's.
+// The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
+// dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
 #include "attention_bwd.cuh"
 
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
@@ -16,13 +18,29 @@
     moba_bwd::delta_rows<T, D>(out, dout, delta, n_rows);                                                             \
   }
 
+#if MOBA_HAS_HEAD_DIM(32)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d32,  __nv_bfloat16, 32)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d32,   __half,        32)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d64,  __nv_bfloat16, 64)
-MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d64,   __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d96,  __nv_bfloat16, 96)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d96,   __half,        96)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d128,  __half,        128)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d256, __nv_bfloat16, 256)
+MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d256,  __half,        256)
+#endif
 
 #define MOBA_BWD_KERNEL(NAME, T, D)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(MOBA_BWD_THREADS) NAME(                                                \
+  extern "C" __global__ void __launch_bounds__(moba_bwd::kBwdThreads<D>) NAME(                                        \
       const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
       const long long* seg_off, float* dq_acc, float* part_dq, void* dk, void* dv, float* dk_acc, float* dv_acc,      \
       int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int batch_index, int h0, int n_seg,          \
@@ -33,10 +51,26 @@ MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d128,  __half,        128)
                              dkv_mode);                                                                               \
   }
 
+#if MOBA_HAS_HEAD_DIM(32)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  __nv_bfloat16, 32)
+MOBA_BWD_KERNEL(moba_bwd_f16_d32,   __half,        32)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
 MOBA_BWD_KERNEL(moba_bwd_bf16_d64,  __nv_bfloat16, 64)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_KERNEL(moba_bwd_f16_d64,   __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d96,  __nv_bfloat16, 96)
+MOBA_BWD_KERNEL(moba_bwd_f16_d96,   __half,        96)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_KERNEL(moba_bwd_f16_d128,  __half,        128)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d256, __nv_bfloat16, 256)
+MOBA_BWD_KERNEL(moba_bwd_f16_d256,  __half,        256)
+#endif
 
 #define MOBA_BWD_DQ_MERGE_KERNEL(NAME, T, D)                                                                          \
   extern "C" __global__ void __launch_bounds__(256) NAME(                                                             \
@@ -46,10 +80,26 @@ MOBA_BWD_KERNEL(moba_bwd_f16_d128,  __half,        128)
                              n_q);                                                                                    \
   }
 
+#if MOBA_HAS_HEAD_DIM(32)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d32,  __nv_bfloat16, 32)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d32,   __half,        32)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
 MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d64,  __nv_bfloat16, 64)
-MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d64,   __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d96,  __nv_bfloat16, 96)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d96,   __half,        96)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d128, __nv_bfloat16, 128)
 MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d128,  __half,        128)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d256, __nv_bfloat16, 256)
+MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d256,  __half,        256)
+#endif
 
 extern "C" __global__ void __launch_bounds__(256) moba_bwd_rows(
     const long long* pairs, const int* sorted_keys, const float* lse, const float* delta, void* rows,

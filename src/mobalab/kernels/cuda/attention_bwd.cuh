@@ -15,6 +15,18 @@
 //
 // Tensor cores: mma.sync m16n8k16 with fp32 accumulation; operands via ldmatrix from 16-byte-swizzled
 // shared memory (PTX wrappers in ptx.cuh; tile and slot helpers shared with the forward, attention.cuh).
+//
+// Head dims D = 32, 64, 96, 128: 4 warps, each owning 16 keys x all D columns of dK and dV (D accumulator
+// registers per lane: 128 at D = 128, 255 in all with operands). D = 256 would need 256 of them, so
+// 8 warps in pairs (kBwdSplit): warps w and w + 4 share keys 16 (w & 3) .. and own columns 0 .. 127 and
+// 128 .. 255 of their dK, dV and of the dQ rows; one of the pair computes S^T = K Q^T, the other
+// dP^T = V dO^T (each over all of D), they trade the fp32 fragments (1 KB per warp) through shared memory
+// behind a 64-thread named barrier, and both form P and dS. Per warp and 16-row step the pair layout does
+// exactly what a D = 128 warp does: 2048 * 128 FLOP (S^T, dP^T, dV, dK) against 192 * 128 bytes of ldmatrix
+// (10.7 FLOP/B, as at every D), with 128 accumulator registers (254 in all).
+// Shared memory: K, V, 2 x Q, 2 x dO tiles of 64 x D (768 D bytes), dS^T 8 KB, 3 x 64 row records 3 KB:
+// 35 / 59 / 83 / 107 / 203 KB at D = 32 / 64 / 96 / 128 / 256, plus 16 KB of static exchange buffer at
+// D = 256: two 4-warp CTAs per SM up to D = 128, one 8-warp CTA at D = 256 (the same 8 warps per SM).
 
 #ifndef MOBALAB_ATTENTION_BWD_CUH
 #define MOBALAB_ATTENTION_BWD_CUH
@@ -22,7 +34,7 @@
 #include "attention.cuh"
 
 #define MOBA_BWD_ROWS 64   // gathered rows per tile
-#define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16)
+#define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16, or 4 pairs of warps x 16 at D = 256)
 #define MOBA_BWD_THREADS 128
 
 namespace moba_bwd {
@@ -38,6 +50,12 @@ using moba::smem_u32;
 using moba::st_shared_b32;
 using moba::swz;
 
+// Warps per 16 keys (column parts of dK and dV) and threads of the main kernel, by head dim.
+template <int D>
+constexpr int kBwdSplit = D >= 256 ? 2 : 1;
+template <int D>
+constexpr int kBwdThreads = MOBA_BWD_THREADS * kBwdSplit<D>;
+
 // Per gathered row: log2-scaled lse, D, query position t, head within the chunk (16 bytes, one cp.async).
 struct RowInfo {
   float lse2;
@@ -49,14 +67,23 @@ struct RowInfo {
 // D = rowsum(dO o O) in fp32: one warp per (batch, query, head) row.
 template <typename T, int D>
 __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, long long n_rows) {
-  constexpr int V = D / 32;
+  constexpr int V = moba::kRowLaneElems<D>;
   const int lane = threadIdx.x & 31;
   const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= n_rows) return;
   const T* o = static_cast<const T*>(out_) + w * D + lane * V;
   const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
   float acc = 0.f;
-  if constexpr (V == 4) {
+  if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
+    // idle lane (D = 32, 96): adds 0 to the warp sum
+  } else if constexpr (V == 8) {
+    const uint4 a = *reinterpret_cast<const uint4*>(o);
+    const uint4 b = *reinterpret_cast<const uint4*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else if constexpr (V == 4) {
     const uint2 a = *reinterpret_cast<const uint2*>(o);
     const uint2 b = *reinterpret_cast<const uint2*>(g);
     const T* ae = reinterpret_cast<const T*>(&a);
@@ -98,14 +125,14 @@ __device__ __forceinline__ void build_rows(const long long* pairs, const int* so
 }
 
 // Gather the Q and dO rows of one tile (rows >= count zero-filled) into swizzled 64 x D tiles.
-template <int D>
+template <int D, int NTHREADS>
 __device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const char* qb, const char* gb,
                                             const RowInfo* info, int count, long long row_base, int heads, int h0,
                                             int tid) {
   constexpr int CH = D / 8;
 #pragma unroll
-  for (int i = 0; i < MOBA_BWD_ROWS * CH / MOBA_BWD_THREADS; ++i) {
-    const int c = tid + i * MOBA_BWD_THREADS;
+  for (int i = 0; i < MOBA_BWD_ROWS * CH / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
     const int row = c / CH, ch = c % CH;
     const bool ok = row < count;
     long long off = 0;
@@ -132,8 +159,11 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
                                          float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                          int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
-  static_assert(D == 64 || D == 128, "head dim");
+  static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim");
+  constexpr int SPLIT = kBwdSplit<D>;      // warps per 16 keys
+  constexpr int NTHREADS = kBwdThreads<D>;
   constexpr int DT = D / 8;
+  constexpr int DTW = DT / SPLIT;          // n-tiles (8 columns) of dK / dV per warp
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const unsigned sK = smem_u32(smem);
@@ -148,6 +178,8 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
+  const int kw = SPLIT == 1 ? warp : (warp & 3);  // this warp's 16 keys: kw * 16 ..
+  const int dh = SPLIT == 1 ? 0 : (warp >> 2);    // its part of the dK / dV / dQ columns: dh * D / SPLIT ..
   const long long cta = blockIdx.x;
   const int seg = static_cast<int>(cta / n_sub_launch);
   const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
@@ -171,8 +203,8 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   const char* kb = static_cast<const char*>(k_) + kv_base;
   const char* vb = static_cast<const char*>(v_) + kv_base;
 #pragma unroll
-  for (int i = 0; i < MOBA_BWD_KEYS * CH / MOBA_BWD_THREADS; ++i) {
-    const int c = tid + i * MOBA_BWD_THREADS;
+  for (int i = 0; i < MOBA_BWD_KEYS * CH / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
     const int row = c / CH, ch = c % CH;
     const int key = key0 + row;
     const bool ok = key < key_end;
@@ -187,21 +219,21 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   cp_async_wait<0>();
   __syncthreads();
   if (n_tiles > 0) {
-    gather_tile<D>(sQ, sdO, qb, gb, sInfo, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)), row_base,
-                   heads, h0, tid);
+    gather_tile<D, NTHREADS>(sQ, sdO, qb, gb, sInfo, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)),
+                             row_base, heads, h0, tid);
     if (n_tiles > 1)
       load_info(sInfoU + MOBA_BWD_ROWS * 16, rows, first + MOBA_BWD_ROWS,
                 static_cast<int>(min(n_rows - MOBA_BWD_ROWS, (long long)MOBA_BWD_ROWS)), tid);
   }
   cp_async_commit();
 
-  float dk[DT][4], dv[DT][4];
+  float dk[DTW][4], dv[DTW][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i)
+  for (int i = 0; i < DTW; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  const int kr0 = warp * 16 + g;  // this thread's key rows kr0 and kr0 + 8 (within the sub-tile)
+  const int kr0 = kw * 16 + g;  // this thread's key rows kr0 and kr0 + 8 (within the sub-tile)
   const int key_a = key0 + kr0, key_b = key_a + 8;
   const bool ok_a = key_a < key_end, ok_b = key_b < key_end;
 
@@ -215,8 +247,8 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     if (ti + 1 < n_tiles) {
       const int c1 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 1) * MOBA_BWD_ROWS,
                                           (long long)MOBA_BWD_ROWS));
-      gather_tile<D>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
-                     sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, c1, row_base, heads, h0, tid);
+      gather_tile<D, NTHREADS>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
+                               sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, c1, row_base, heads, h0, tid);
     }
     if (ti + 2 < n_tiles) {
       const int c2 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 2) * MOBA_BWD_ROWS,
@@ -236,21 +268,60 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+      if constexpr (SPLIT == 1) {
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        unsigned ka[4], va[4];
-        const int arow = warp * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
-        ldmatrix_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
-        ldmatrix_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
-        // B operands: rows c*16 .. c*16+15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
-        const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
-        unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
-        ldmatrix_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
-        ldmatrix_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
-        Elem<T>::mma(s[0], ka, qb0, qb1);
-        Elem<T>::mma(s[1], ka, qb2, qb3);
-        Elem<T>::mma(dp[0], va, gb0, gb1);
-        Elem<T>::mma(dp[1], va, gb2, gb3);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          unsigned ka[4], va[4];
+          const int arow = warp * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
+          ldmatrix_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
+          ldmatrix_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
+          // B operands: rows c*16 .. c*16+15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
+          const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
+          unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
+          ldmatrix_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
+          ldmatrix_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
+          Elem<T>::mma(s[0], ka, qb0, qb1);
+          Elem<T>::mma(s[1], ka, qb2, qb3);
+          Elem<T>::mma(dp[0], va, gb0, gb1);
+          Elem<T>::mma(dp[1], va, gb2, gb3);
+        }
+      } else {
+        // Pairs: warp dh = 0 computes S^T = K Q^T, warp dh = 1 dP^T = V dO^T (16 keys x 16 rows, all of D);
+        // the two trade their raw fp32 fragments, so that both hold S and dP in the same fragment layout.
+        // Buffers alternate with c: a warp rewrites one only after the pair's next barrier, which its
+        // partner reaches after reading it.
+        __shared__ float4 s_xchg[4][2][2][2][32];  // [key group][c & 1][S, dP][n-tile][lane]
+        float x[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[nt][e] = 0.f;
+        const unsigned sa = dh ? sV : sK, sb = dh ? sdo : sq;
+#pragma unroll 4
+        for (int ks = 0; ks < D / 16; ++ks) {
+          unsigned a[4];
+          const int arow = kw * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
+          ldmatrix_x4(sa + swz<D>(arow, ach), a[0], a[1], a[2], a[3]);
+          const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
+          unsigned b0, b1, b2, b3;
+          ldmatrix_x4(sb + swz<D>(brow, bch), b0, b1, b2, b3);
+          Elem<T>::mma(x[0], a, b0, b1);
+          Elem<T>::mma(x[1], a, b2, b3);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+          s_xchg[kw][c & 1][dh][nt][lane] = make_float4(x[nt][0], x[nt][1], x[nt][2], x[nt][3]);
+        moba::bar_sync(1 + kw, 64);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const float4 y = s_xchg[kw][c & 1][dh ^ 1][nt][lane];
+          const float yv[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[nt][e] = dh ? yv[e] : x[nt][e];
+            dp[nt][e] = dh ? x[nt][e] : yv[e];
+          }
+        }
       }
       // P and dS, element (key row kr0 (+8), gathered row c*16 + nt*8 + 2tq + (e&1)).
 #pragma unroll
@@ -275,7 +346,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       da[2] = Elem<T>::pack(dp[1][0], dp[1][1]);
       da[3] = Elem<T>::pack(dp[1][2], dp[1][3]);
       // dS^T to shared memory (4-byte stores; rows = keys, 64 gathered rows of 2 bytes per key row).
-      {
+      if (SPLIT == 1 || dh == 0) {
         const unsigned base = sdS + 4 * tq;
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -284,10 +355,12 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           st_shared_b32(base + swz<64>(kr0 + 8, chunk), da[2 * nt + 1]);
         }
       }
-      // dV += P^T dO, dK += dS^T Q  (B = rows c*16.. as [k = row][n = d] via ldmatrix.trans)
+      // dV += P^T dO, dK += dS^T Q  (B = rows c*16.. as [k = row][n = d] via ldmatrix.trans), this warp's
+      // columns
 #pragma unroll
-      for (int dpair = 0; dpair < D / 16; ++dpair) {
-        const int row = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dpair * 2 + (lane >> 4);
+      for (int dpair = 0; dpair < DTW / 2; ++dpair) {
+        const int row = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int ch = (dh * (DTW / 2) + dpair) * 2 + (lane >> 4);
         unsigned b0, b1, b2, b3;
         ldmatrix_x4_trans(sdo + swz<D>(row, ch), b0, b1, b2, b3);
         Elem<T>::mma(dv[2 * dpair], pa, b0, b1);
@@ -299,8 +372,9 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     }
     __syncthreads();  // dS^T complete
 
-    // dQ for this warp's 16 gathered rows: dS (16 x 64 keys) K (64 keys x D), 32 columns of D per pass.
-    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    // dQ for this warp's 16 gathered rows: dS (16 x 64 keys) K (64 keys x D), 32 columns of D per pass
+    // (pairs: each warp of the pair its part of the columns).
+    const int r0 = kw * 16 + g, r1 = r0 + 8;
     long long dst0 = -1, dst1 = -1;
     if (dq_mode == 0) {
       if (r0 < count) dst0 = ((row_base + info[r0].t) * heads + (h0 + info[r0].hc)) * D;
@@ -311,7 +385,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     }
     float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
 #pragma unroll 1
-    for (int half = 0; half < DT / 4; ++half) {
+    for (int half = dh * (DTW / 4); half < (dh + 1) * (DTW / 4); ++half) {
       constexpr int HT = 4;  // n-tiles (of 8 columns) per pass: 32 columns of D
       float acc[HT][4];
 #pragma unroll
@@ -321,7 +395,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
         unsigned a[4];
         // A = dS (m = gathered row, k = key) from dS^T storage: matrix j = (m half j&1, k half j>>1)
         const int mj = lane >> 3;
-        const int arow = kk * 16 + (mj >> 1) * 8 + (lane & 7), ach = warp * 2 + (mj & 1);
+        const int arow = kk * 16 + (mj >> 1) * 8 + (lane & 7), ach = kw * 2 + (mj & 1);
         ldmatrix_x4_trans(sdS + swz<64>(arow, ach), a[0], a[1], a[2], a[3]);
 #pragma unroll
         for (int dpair = 0; dpair < HT / 2; ++dpair) {
@@ -369,9 +443,9 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   for (int r = 0; r < 2; ++r) {
     const int key = r ? key_b : key_a;
     if (!(r ? ok_b : ok_a)) continue;
-    const long long off = ((row_base + key) * kv_heads + kvh) * D + 2 * tq;
+    const long long off = ((row_base + key) * kv_heads + kvh) * D + dh * (D / SPLIT) + 2 * tq;
 #pragma unroll
-    for (int nt = 0; nt < DT; ++nt) {
+    for (int nt = 0; nt < DTW; ++nt) {
       const float k0 = dk[nt][2 * r] * scale, k1 = dk[nt][2 * r + 1] * scale;
       const float v0 = dv[nt][2 * r], v1 = dv[nt][2 * r + 1];
       if (dkv_mode == 0) {
@@ -398,8 +472,9 @@ template <typename T, int D>
 __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, void* dq_, int seqlen, int heads,
                                          int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0,
                                          int n_q) {
-  constexpr int V = D / 32;
+  constexpr int V = moba::kRowLaneElems<D>;
   const int lane = threadIdx.x & 31;
+  const bool holds = moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>;  // this lane holds V elements
   const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= static_cast<long long>(n_heads_c) * n_q) return;
   const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
@@ -414,7 +489,7 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
     for (int u = 0; u < 4; ++u) {
       const int s = s0 + u;
       const int jb = s < top_k ? topk[row * top_k + s] : -1;
-      moba::load_slot_slice<V>(x[u], part_dq + (w * top_k + s) * D + lane * V, !(jb < 0 || jb >= n_blocks));
+      moba::load_slot_slice<V>(x[u], part_dq + (w * top_k + s) * D + lane * V, holds && !(jb < 0 || jb >= n_blocks));
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u)
@@ -422,8 +497,10 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
       for (int e = 0; e < V; ++e) acc[e] += x[u][e];
   }
   T* dq = static_cast<T*>(dq_) + row * D + lane * V;
+  if (holds) {
 #pragma unroll
-  for (int e = 0; e < V; e += 2) *reinterpret_cast<unsigned*>(dq + e) = Elem<T>::pack(acc[e], acc[e + 1]);
+    for (int e = 0; e < V; e += 2) *reinterpret_cast<unsigned*>(dq + e) = Elem<T>::pack(acc[e], acc[e + 1]);
+  }
 }
 
 }  // namespace moba_bwd

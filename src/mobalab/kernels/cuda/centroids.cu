@@ -10,7 +10,8 @@
 //
 // Layouts: k (b, N, kv_heads, D) contiguous; centroids (b, n, kv_heads, D) fp32; hi/lo (b, kv_heads, n, D).
 // Grid (n, kv_heads, b), 128 threads: D/8 threads share a key row (16-byte loads), the other threads take
-// other rows of the block; partial sums are reduced through shared memory.
+// other rows of the block; partial sums are reduced through shared memory. At D = 96 a row takes 12 threads:
+// 10 row groups use 120 threads and the last 8 idle (a bandwidth-bound kernel with many CTAs per SM).
 #include "ptx.cuh"
 
 using moba::Elem;
@@ -35,6 +36,8 @@ __device__ __forceinline__ void centroid_body(const T* __restrict__ k, float* __
     const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x;
     const int rg = tid / LANES_PER_ROW, lane = tid % LANES_PER_ROW;
+    // Threads past the last whole row group (D = 96 only) add nothing.
+    const bool in_group = CENTROID_THREADS % LANES_PER_ROW == 0 || rg < ROW_GROUPS;
     const int start = j * block_size;
     const int len = min(block_size, seqlen - start);
 
@@ -45,14 +48,16 @@ __device__ __forceinline__ void centroid_body(const T* __restrict__ k, float* __
     const long long row_stride = (long long)kv_heads * D;
     const T* base = k + (((long long)b * seqlen + start) * kv_heads + g) * D + lane * 8;
 #pragma unroll 4
-    for (int r = rg; r < len; r += ROW_GROUPS) {
+    for (int r = in_group ? rg : len; r < len; r += ROW_GROUPS) {
         const uint4 raw = *reinterpret_cast<const uint4*>(base + r * row_stride);
         const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] += Elem<T>::to_float(v[e]);
     }
+    if (in_group) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) partial[rg][lane * 8 + e] = acc[e];
+        for (int e = 0; e < 8; ++e) partial[rg][lane * 8 + e] = acc[e];
+    }
     __syncthreads();
 
     for (int c = tid; c < D; c += CENTROID_THREADS) {
@@ -81,7 +86,8 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
 }
 
 // ---- entry points: one definition per kind with a literal parameter list, exported under the names of the
-// instantiation lines (mobalab.kernels._launch reads both to check launch arguments) ----
+// instantiation lines (mobalab.kernels._launch reads both to check launch arguments), grouped by head dim
+// under MOBA_HAS_HEAD_DIM (ptx.cuh: -DMOBA_HEAD_DIM=d builds head dim d only) ----
 
 #define MOBA_CENTROIDS_KERNEL(NAME, T, D)                                                                             \
     extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)                                                    \
@@ -90,10 +96,26 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
         centroid_body<T, D>(k, cent, hi, lo, seqlen, n_blocks, kv_heads, block_size);                                 \
     }
 
+#if MOBA_HAS_HEAD_DIM(32)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d32,  __nv_bfloat16, 32)
+MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d32,  __half,        32)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
 MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d64,  __nv_bfloat16, 64)
-MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d128, __nv_bfloat16, 128)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d64,  __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d96,  __nv_bfloat16, 96)
+MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d96,  __half,        96)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d128, __nv_bfloat16, 128)
 MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d128, __half,        128)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_CENTROIDS_KERNEL(moba_centroids_bf16_d256, __nv_bfloat16, 256)
+MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d256, __half,        256)
+#endif
 
 #define MOBA_SPLIT_CENTROIDS_KERNEL(NAME, T)                                                                          \
     extern "C" __global__ void NAME(const float* __restrict__ cent, T* __restrict__ hi, T* __restrict__ lo,           \

@@ -10,6 +10,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// Instantiation filter: built with -DMOBA_HEAD_DIM=d, a source exports the kernels of head dim d and the
+// head-dim-free ones only; without it (or with 0), every head dim, as the nvcc compile check builds it.
+// NVRTC's compile time grows with the instantiations (five head dims take two to three times as long as the
+// two of before for a whole source, one head dim a fifth of that), so a wrapper compiles one module per head dim.
+#ifndef MOBA_HEAD_DIM
+#define MOBA_HEAD_DIM 0
+#endif
+#define MOBA_HAS_HEAD_DIM(d) (MOBA_HEAD_DIM == 0 || MOBA_HEAD_DIM == (d))
+
 namespace moba {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -60,10 +69,52 @@ __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) over `nthreads` threads (whole warps): two warps that trade
+// fragments through shared memory wait for each other only, not for the whole CTA.
+__device__ __forceinline__ void bar_sync(int id, int nthreads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+
 // Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
+
+// Tiles of D 2-byte elements per row, stored as 16-byte chunks, XOR-swizzled so that the 8 rows of any
+// ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) hit 8 different 16-byte bank groups.
+// Rows of 128*m bytes (D = 64, 128, 256): chunk c of row r lives at c ^ (r & 7).
+// Rows of 64 bytes (D = 32) or 192 bytes (D = 96) start alternately at bank group 0 and 4, so row r adds
+// 4 * (r & 1) to the bank group and the XOR takes the other rows apart: whole groups of 8 chunks use
+// c ^ (r & 7) (bank group (c ^ r ^ 4 (r & 1)) mod 8, distinct over 8 rows), the trailing 4 chunks of a row
+// (all of D = 32, chunks 8..11 of D = 96) use c ^ ((r >> 1) & 3) (the four rows of one parity get four
+// different chunks, the parity the other half of the banks).
+template <int D>
+__device__ __forceinline__ int swz_chunk(int row, int chunk) {
+  static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim 32, 64, 96, 128 or 256");
+  if constexpr (D % 64 == 0) {
+    return chunk ^ (row & 7);
+  } else {
+    constexpr int FULL = (D / 64) * 8;  // chunks in whole groups of 8: 0 (D = 32) or 8 (D = 96)
+    return chunk < FULL ? (chunk ^ (row & 7)) : (chunk ^ ((row >> 1) & 3));
+  }
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of D 2-byte elements per row.
+template <int D>
+__device__ __forceinline__ unsigned swz(int row, int chunk) {
+  if constexpr (D % 64 == 0) {
+    return static_cast<unsigned>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+  } else {
+    return static_cast<unsigned>(row * (D * 2) + (swz_chunk<D>(row, chunk) << 4));
+  }
+}
+
+// The same layout indexed in elements: chunk c of row r starts at element r * D + MOBA_SWZ_COL(D, r, c). A
+// macro, not a function, written at the call site as that sum: NVRTC 13.2 compiles a force-inlined helper,
+// or even a differently associated sum (p + (r * D + x) for p + r * D + x), to other (equivalent) SASS, and
+// the top-k kernels of head dims 64 and 128 keep the code they were measured with.
+#define MOBA_SWZ_COL(D, r, c) \
+  (((((D) % 64) == 0 || (c) < ((D) / 64) * 8) ? ((c) ^ ((r) & 7)) : ((c) ^ (((r) >> 1) & 3))) << 3)
 
 // 16-bit element types: conversions, packing two floats into one b32 register (rounded to nearest), and
 // mma(c, a, b0, b1): c += A (16x16, row-major, 4 regs) * B (16x8, column-major, 2 regs), fp32 accumulators.

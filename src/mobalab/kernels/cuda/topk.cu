@@ -1,9 +1,10 @@
 // MoBA routing stage 2: fused tiled top-k of the block scores s[t, j] = <q_t, centroid_j>.
 //
-// One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of TK_BN centroids of kv
-// head h / (heads / kv_heads), computes the TK_BM x TK_BN score tile on tensor cores (mma.sync m16n8k16,
-// fp32 accumulators) and keeps, per query row, a sorted list of the best (score, block) pairs in registers
-// or shared memory. The N x n score matrix never reaches global memory; the output is O(N * top_k) indices.
+// One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of BN centroids (TK_BN = 64,
+// or 32 at head dim 256) of kv head h / (heads / kv_heads), computes the TK_BM x BN score tile on tensor
+// cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the best (score,
+// block) pairs in registers or shared memory. The N x n score matrix never reaches global memory; the output
+// is O(N * top_k) indices.
 //
 // Precision: each fp32 centroid c arrives split as hi = T(c), lo = T(c - hi) (centroids.cu), and the score
 // is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
@@ -16,21 +17,22 @@
 // never loaded (that halves the work). Non-causal: all n blocks are candidates, the list holds top_k.
 // Unused slots stay -1.
 //
-// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles,
-// 64 fp32 accumulators); the score tile then goes to shared memory and thread r scans row r. The list's
-// last entry is the threshold: 32 scores at a time are filtered into a bit mask against it, and only those
-// candidates are inserted, so the per-warp cost is the largest candidate count of its lanes, not their
-// union. Lists of up to 8 or 16 entries (LCAP) live in registers and take a candidate with a branch-free
-// compare-and-shift network; longer lists (LCAP = 0) are binary heaps in shared memory.
+// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles, 64
+// fp32 accumulators; at BN = 32 a 4 x 1 layout of 32 x 32 warp tiles); the score tile then goes to shared
+// memory and thread r scans row r. The list's last entry is the threshold: 32 scores at a time are filtered
+// into a bit mask against it, and only those candidates are inserted, so the per-warp cost is the largest
+// candidate count of its lanes, not their union. Lists of up to 8 or 16 entries (LCAP) live in registers and
+// take a candidate with a branch-free compare-and-shift network; longer lists (LCAP = 0) are binary heaps in
+// shared memory.
 //
 // Tie order without index compares (register lists): tiles, 32-column words and bits are all visited in
 // descending block order, so a new candidate always has a lower index than every listed block and must
 // beat them strictly; the heaps compare (score, index) pairs explicitly.
 //
 // Shared memory (dynamic): Q tile [BM][D] and centroid tiles hi/lo [BN][D] in T, 16-byte chunks XOR-swizzled
-// by row (conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled so that both the
-// fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM] (values fp32,
-// blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
+// by row (MOBA_SWZ_COL, ptx.cuh: conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled
+// so that both the fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM]
+// (values fp32, blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
 #include "ptx.cuh"
 
 using moba::cp_async16;
@@ -58,7 +60,7 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
     for (int i = ptid; i < BN * CH; i += NTHREADS) {
         const int r = i / CH, c = i % CH;
         const int j = min(tile * BN + r, n_blocks - 1);
-        const int off = r * D + ((c ^ (r & 7)) << 3);
+        const int off = r * D + MOBA_SWZ_COL(D, r, c);
         cp_async16(sH + off, hi + (long long)j * D + c * 8);
         cp_async16(sL + off, lo + (long long)j * D + c * 8);
     }
@@ -86,14 +88,14 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
         for (int mt = 0; mt < MT; ++mt) {
             const int r = row0 + mt * 16 + (lane & 15);
             const int c = ks * 2 + (lane >> 4);
-            ldmatrix_x4(smem_u32(sQ + r * D + ((c ^ (r & 7)) << 3)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+            ldmatrix_x4(smem_u32(sQ + r * D + MOBA_SWZ_COL(D, r, c)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
         }
         unsigned bh[NT][2], bl[NT][2];
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             const int r = col0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
             const int c = ks * 2 + ((lane >> 3) & 1);
-            const int off = r * D + ((c ^ (r & 7)) << 3);
+            const int off = r * D + MOBA_SWZ_COL(D, r, c);
             ldmatrix_x4(smem_u32(sH + off), bh[2 * np][0], bh[2 * np][1], bh[2 * np + 1][0], bh[2 * np + 1][1]);
             ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
         }
@@ -320,20 +322,40 @@ __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type&
     list.write(o + (causal ? 1 : 0));
 }
 
+// Centroids per streamed tile: TK_BN, or 32 at D = 256, where 128 x 256 Q + 2 x 64 x 256 hi/lo + the
+// 128 x 64 fp32 score tile would take 160 KB (one CTA per SM); with 32 centroids it is 112 KB, and two
+// CTAs per SM keep the tensor cores busy while the other CTA scans (see the FLOP/byte note below).
+template <int D>
+constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
+
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
 // (A warp-specialised variant, 4 MMA warps feeding 4 scanning warps through double-buffered score tiles
 // and named barriers, measured the same on an H200 (1.61 vs 1.64 ms at 64K): the row scans, not the
 // MMAs, set the pace, so the simpler body stays.)
+//
+// Tile shape by head dim (per warp and k-step of 16, hi and lo: a warp tile of MW rows x 32 centroids costs
+// MW/16 A + 4 B ldmatrix.x4 of 512 bytes for (MW/16) x 4 x 2 MMAs of 4096 FLOP):
+//   BN = 64 (D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory 512 D + 32 KB
+//                       = 48 / 64 / 80 / 96 KB at D = 32 / 64 / 96 / 128: two or more CTAs per SM.
+//   BN = 32 (D = 256):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
+//                       what mma.sync sustains per SM); 112 KB: two CTAs per SM (BN = 64 would take 160 KB).
+// The MMA work per (row, centroid) is 4 D FLOP against a scan cost that does not depend on D: at D = 256 the
+// MMA phase is twice that of D = 128 (where the scans set the pace), so two CTAs per SM, one scanning while
+// the other multiplies, matter more there than the lower FLOP/B of the narrower tile.
+// The heap tier (LCAP = 0) adds up to 64 x 128 x 8 B = 64 KB (one CTA per SM; at most 176 KB, at D = 256).
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __restrict__ chi,
                                           const T* __restrict__ clo, int* __restrict__ out, int seqlen,
                                           int heads, int kv_heads, int block_size, int n_blocks, int top_k) {
+    constexpr int BN = kTopkBN<D>;
+    constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
+    constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
     extern __shared__ __align__(128) unsigned char topk_smem[];
     T* sQ = reinterpret_cast<T*>(topk_smem);
     T* sH = sQ + TK_BM * D;
-    T* sL = sH + TK_BN * D;
-    float* sS = reinterpret_cast<float*>(sL + TK_BN * D);
+    T* sL = sH + BN * D;
+    float* sS = reinterpret_cast<float*>(sL + BN * D);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // Heaviest (latest) causal tiles first: they start while the light ones fill the tail.
@@ -346,7 +368,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
     const int t_last = min(t0 + TK_BM, seqlen) - 1;
     const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? t_last / block_size : n_blocks);
-    const int n_tiles = (n_cand + TK_BN - 1) / TK_BN;
+    const int n_tiles = (n_cand + BN - 1) / BN;
 
     const int row = tid;  // the row this thread scans and owns the list of
     const int t_row = t0 + row;
@@ -354,41 +376,42 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
 
     typename TopkListFor<LCAP>::type list;
-    topk_list_init<LCAP>(list, sS + TK_BM * TK_BN, row, list_cap);
+    topk_list_init<LCAP>(list, sS + TK_BM * BN, row, list_cap);
 
     if (n_tiles > 0) {
         constexpr int CH = D / 8;
         for (int i = tid; i < TK_BM * CH; i += TK_THREADS) {
             const int r = i / CH, c = i % CH;
             const int t = min(t0 + r, seqlen - 1);
-            cp_async16(sQ + r * D + ((c ^ (r & 7)) << 3), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
         }
         cp_async_commit();
-        topk_load_centroids<T, D, TK_BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+        topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
     }
 
-    const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm*64.., columns wn*32..
+    // warp tile: rows wm * MT * 16 .., columns wn * 32 ..
+    const int wm = WARPS_N == 2 ? warp >> 1 : warp, wn = WARPS_N == 2 ? warp & 1 : 0;
     const int srow_key = topk_score_swizzle(row & 7);
-    const float* srow = sS + row * TK_BN;
+    const float* srow = sS + row * BN;
 
     for (int tile = n_tiles - 1; tile >= 0; --tile) {
         cp_async_wait<0>();
         __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
 
-        float acc[4][4][4];
-        topk_score_tile<T, D, 4, 4, D / 16>(acc, sQ, sH, sL, wm * 64, wn * 32, lane);
+        float acc[MT][4][4];
+        topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         __syncthreads();  // every warp is done reading sH / sL
         if (tile > 0) {  // overlaps the scan
-            topk_load_centroids<T, D, TK_BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+            topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
-        const int j0 = tile * TK_BN;
-        topk_store_scores<CAUSAL, 4, 4, TK_BN>(acc, sS, wm * 64, wn * 32, lane, t0, j0, block_size,
-                                               n_blocks);
+        const int j0 = tile * BN;
+        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, t0, j0, block_size,
+                                             n_blocks);
         __syncthreads();
 
         if (t_row < seqlen) {
 #pragma unroll
-            for (int w = TK_BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
+            for (int w = BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
         }
     }
 
@@ -399,7 +422,8 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 
 // ---- entry points: dtype x head dim x causal x list tier (k8 / k16: register lists for up to 8 / 16
 // listed blocks, k64: heap in shared memory). One definition with a literal parameter list, exported under
-// the names of the instantiation lines (mobalab.kernels._launch reads both to check launch arguments). ----
+// the names of the instantiation lines (mobalab.kernels._launch reads both to check launch arguments),
+// grouped by head dim under MOBA_HAS_HEAD_DIM (ptx.cuh: -DMOBA_HEAD_DIM=d builds head dim d only). ----
 
 #define MOBA_TOPK_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                    \
     extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                          \
@@ -408,27 +432,73 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         topk_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k);        \
     }
 
+#if MOBA_HAS_HEAD_DIM(32)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_causal_k8,    __nv_bfloat16, 32,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_causal_k16,   __nv_bfloat16, 32,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_causal_k64,   __nv_bfloat16, 32,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_full_k8,      __nv_bfloat16, 32,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_full_k16,     __nv_bfloat16, 32,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d32_full_k64,     __nv_bfloat16, 32,  false,  0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_causal_k8,    __half,        32,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_causal_k16,   __half,        32,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_causal_k64,   __half,        32,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k8,      __half,        32,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k16,     __half,        32,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k64,     __half,        32,  false,  0)
+#endif
+#if MOBA_HAS_HEAD_DIM(64)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k8,    __nv_bfloat16, 64,  true,   8)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k16,   __nv_bfloat16, 64,  true,  16)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k64,   __nv_bfloat16, 64,  true,   0)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k8,      __nv_bfloat16, 64,  false,  8)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k16,     __nv_bfloat16, 64,  false, 16)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_full_k64,     __nv_bfloat16, 64,  false,  0)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k8,   __nv_bfloat16, 128, true,   8)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k16,  __nv_bfloat16, 128, true,  16)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k64,  __nv_bfloat16, 128, true,   0)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k8,     __nv_bfloat16, 128, false,  8)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k16,    __nv_bfloat16, 128, false, 16)
-MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k64,    __nv_bfloat16, 128, false,  0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k8,    __half,        64,  true,   8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k16,   __half,        64,  true,  16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k64,   __half,        64,  true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k8,      __half,        64,  false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k16,     __half,        64,  false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k64,     __half,        64,  false,  0)
+#endif
+#if MOBA_HAS_HEAD_DIM(96)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_causal_k8,    __nv_bfloat16, 96,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_causal_k16,   __nv_bfloat16, 96,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_causal_k64,   __nv_bfloat16, 96,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_full_k8,      __nv_bfloat16, 96,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_full_k16,     __nv_bfloat16, 96,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d96_full_k64,     __nv_bfloat16, 96,  false,  0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_causal_k8,    __half,        96,  true,   8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_causal_k16,   __half,        96,  true,  16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_causal_k64,   __half,        96,  true,   0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k8,      __half,        96,  false,  8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k16,     __half,        96,  false, 16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k64,     __half,        96,  false,  0)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k8,   __nv_bfloat16, 128, true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k16,  __nv_bfloat16, 128, true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k64,  __nv_bfloat16, 128, true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k8,     __nv_bfloat16, 128, false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k16,    __nv_bfloat16, 128, false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d128_full_k64,    __nv_bfloat16, 128, false,  0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k8,   __half,        128, true,   8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k16,  __half,        128, true,  16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k64,  __half,        128, true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k8,     __half,        128, false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k16,    __half,        128, false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k64,    __half,        128, false,  0)
+#endif
+#if MOBA_HAS_HEAD_DIM(256)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_causal_k8,   __nv_bfloat16, 256, true,   8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_causal_k16,  __nv_bfloat16, 256, true,  16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_causal_k64,  __nv_bfloat16, 256, true,   0)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_full_k8,     __nv_bfloat16, 256, false,  8)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_full_k16,    __nv_bfloat16, 256, false, 16)
+MOBA_TOPK_KERNEL(moba_topk_bf16_d256_full_k64,    __nv_bfloat16, 256, false,  0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_causal_k8,   __half,        256, true,   8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_causal_k16,  __half,        256, true,  16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_causal_k64,  __half,        256, true,   0)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k8,     __half,        256, false,  8)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k16,    __half,        256, false, 16)
+MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k64,    __half,        256, false,  0)
+#endif
