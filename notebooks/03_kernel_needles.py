@@ -138,7 +138,7 @@ else:
 # %% [markdown]
 # ## Kernel speed
 #
-# When a benchmark CSV is present (`python -m mobalab.kernels.bench --out runs/bench`, or `$MOBALAB_BENCH_CSV`),
+# When a benchmark CSV is present (`python -m mobalab.bench.attention --out runs/bench`, or `$MOBALAB_BENCH_CSV`),
 # the `kernel-speed` experiment draws latency, speedup over FlashAttention-2 and cuDNN, useful TFLOP/s and memory.
 
 # %%
@@ -148,4 +148,4 @@ if bench_csv:
     display(kernel_speed.summary(speed))
     fig_speed = kernel_speed.plot(speed)
 else:
-    print("no benchmark CSV found: run `python -m mobalab.kernels.bench --out runs/bench` on a GPU")
+    print("no benchmark CSV found: run `python -m mobalab.bench.attention --out runs/bench` on a GPU")

@@ -21,12 +21,12 @@ __all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", 
 
 DEFAULT_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
 MAX_TOP_K = 1024  # the search for the smallest top-k stops here (FlashMoBA itself allows <= 64)
-RESIDENT_MAX_KV_BYTES = 64 << 10  # the forward's automatic choice, see docs/design.md, "Forward"
 
 
 def automatic_variant(head_dim: int, block_size: int) -> str:
     """The forward tile kernel ``moba_attention`` picks on its own: ``"resident"`` when the K and V of one
-    block (16-bit) fit in 64 KiB of shared memory, else ``"streaming"``.
+    block and two query tiles (16-bit) fit in the resident kernel's shared memory, else ``"streaming"``
+    (docs/design.md, "Forward").
 
     Examples
     --------
@@ -34,7 +34,9 @@ def automatic_variant(head_dim: int, block_size: int) -> str:
     >>> automatic_variant(128, 128), automatic_variant(128, 256), automatic_variant(64, 256)
     ('resident', 'streaming', 'resident')
     """
-    return "resident" if 2 * block_size * head_dim * 2 <= RESIDENT_MAX_KV_BYTES else "streaming"
+    from mobalab.kernels._cuda_attention import resident
+
+    return "resident" if resident(head_dim, block_size, "auto") else "streaming"
 
 
 def kernel_cost(bench: pd.DataFrame, block_size: int, seq_len: int, head_dim: int, top_k: int | None = None

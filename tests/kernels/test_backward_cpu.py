@@ -37,7 +37,7 @@ def test_every_backward_kernel_is_in_the_source():
         for dim in C.CUDA_HEAD_DIMS:
             assert set(G.bwd_kernel_names(dtype, dim)) <= set(sigs)
     assert "moba_bwd_rows" in sigs
-    assert len(sigs) == 4 * 3 + 1
+    assert len(sigs) == 3 * len(C.CUDA_DTYPES) * len(C.CUDA_HEAD_DIMS) + 1
 
 
 def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3):
@@ -82,7 +82,7 @@ def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic)
     mains = [p for p in plans if p.kernel == G.bwd_kernel_names(dtype, dim)[1]]
     # one launch covering every sub-tile, or one launch per sub-tile in order
     assert sum(p.grid[0] for p in mains) == n_seg * G.n_key_subtiles(block)
-    assert all(p.shared_mem == G.bwd_smem_bytes(dim) and p.block == (G.BWD_THREADS,) for p in mains)
+    assert all(p.shared_mem == G.bwd_smem_bytes(dim) and p.block == (G.bwd_threads(dim),) for p in mains)
 
 
 def test_check_args_catches_python_scalars():

@@ -50,7 +50,7 @@ def test_valid_inputs_pass_validation():
     [
         (dict(q_dtype=torch.float32, k_dtype=torch.float32), "dtype torch.float32"),
         (dict(k_dtype=torch.float16), "must share one dtype"),
-        (dict(q_shape=(2, 1000, 8, 96), k_shape=(2, 1000, 2, 96)), "head_dim 96"),
+        (dict(q_shape=(2, 1000, 8, 48), k_shape=(2, 1000, 2, 48)), "head_dim 48"),
         (dict(q_shape=(2, 1000, 8), k_shape=(2, 1000, 2)), "4-D"),
         (dict(q_shape=(2, 0, 8, 128), k_shape=(2, 0, 2, 128)), "empty dimension"),
         (dict(k_shape=(2, 999, 2, 128)), "seqlen"),
@@ -83,7 +83,7 @@ def test_invalid_topk_inputs_raise(over, match):
     "shape, dtype, device, block, match",
     [
         ((1, 5, 1, 64), torch.float64, "cuda:0", 16, "supported on the cuda path"),
-        ((1, 5, 1, 32), torch.bfloat16, "cuda:0", 16, "head_dim 32"),
+        ((1, 5, 1, 48), torch.bfloat16, "cuda:0", 16, "head_dim 48"),
         ((1, 5, 1, 64), torch.bfloat16, "cuda:0", 8, "block_size=8"),
         ((1, 5, 1, 64), torch.bfloat16, "cpu", 16, "needs CUDA tensors"),
     ],
@@ -173,7 +173,7 @@ def test_shared_memory_fits_the_opt_in_limit():
     limit = 232448  # H100 / H200 opt-in maximum per block
     for dim, top_k, causal in itertools.product(C.CUDA_HEAD_DIMS, range(1, C.MAX_TOP_K + 1), (True, False)):
         smem = routing.topk_shared_bytes(dim, top_k, causal)
-        assert 48 * 1024 < smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
+        assert 48 * 1024 <= smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
         # Two CTAs per SM with register lists (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
             assert 2 * (smem + 1024) <= 228 * 1024

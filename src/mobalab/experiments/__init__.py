@@ -36,7 +36,8 @@ def names() -> list[str]:
     --------
     >>> from mobalab import experiments
     >>> experiments.names()
-    ['block-size', 'decode-cost', 'kernel-speed', 'key-conv', 'needle-retrieval', 'rope', 'snr-vs-accuracy', 'trained-routing']
+    ['block-size', 'decode-cost', 'kernel-speed', 'key-conv', 'needle-retrieval', 'rope', 'snr-vs-accuracy',
+     'trained-routing']
     """
     return sorted(REGISTRY)
 

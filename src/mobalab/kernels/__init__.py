@@ -14,7 +14,7 @@ Nothing here imports CuPy until a CUDA tensor arrives. Modules:
 from __future__ import annotations
 
 from . import _contract as _C
-from . import reference
+from . import reference  # noqa: F401  (mobalab.kernels.reference, the ground truth, is a public module)
 from ._decode import moba_decode, moba_decode_reference
 from ._decode_cost import decode_bytes, decode_flops, expected_unique_blocks
 from ._kv_cache import MobaKVCache

@@ -43,7 +43,7 @@ __all__ = [
 PATHS = ("reference", "cuda")
 REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
-CUDA_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 CUDA_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
 MAX_TOP_K = 64
 # grid.y / grid.z carry heads and batch; seqlen is a 32-bit int in every kernel signature

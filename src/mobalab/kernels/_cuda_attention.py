@@ -55,8 +55,7 @@ __all__ = ["moba_attention_cuda"]
 SOURCE = "attention.cu"
 ROWS = 64  # rows per tile (MOBA_ROWS in attention.cuh)
 TILES_PER_UNIT = 4  # tiles per CTA of the resident kernel (MOBA_TPC in attention.cuh)
-RESIDENT_MAX_KV_BYTES = 64 << 10  # K + V of one block at most this large: the resident kernel is used
-FWD_THREADS = 128
+RESIDENT_SMEM_BYTES = 96 << 10  # per 128 threads: a resident CTA holds K + V of its block and two Q tiles
 MERGE_THREADS = 256
 INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
 SEGMENT_THREADS = 512  # moba_attn_segments
@@ -139,10 +138,17 @@ def key_tile(block_size: int) -> int:
     return min(block_size, 64)
 
 
+def fwd_threads(head_dim: int) -> int:
+    """Threads of the tile kernels: head dim 256 splits the output columns over warp pairs (8 warps)."""
+    return 256 if head_dim == 256 else 128
+
+
 def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool:
-    """Whether the resident tile kernel runs: the block's K and V fit in shared memory (or it is forced)."""
+    """Whether the resident tile kernel runs: the block's K and V and two Q tiles fit in the shared memory
+    budget of its CTA, 96 KiB per 128 threads (or it is forced)."""
     variant = resolve_variant(variant)
-    fits = 2 * block_size * head_dim * 2 <= RESIDENT_MAX_KV_BYTES
+    need = 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
+    fits = need <= RESIDENT_SMEM_BYTES * fwd_threads(head_dim) // 128
     return fits if variant == "auto" else (variant == "resident" and fits)
 
 
@@ -210,7 +216,7 @@ def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seql
             np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
             np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
-    return Launch(SOURCE, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (FWD_THREADS,), args,
+    return Launch(SOURCE, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (fwd_threads(q.shape[-1]),), args,
                   shared_mem=smem)
 
 

@@ -40,7 +40,6 @@ __all__ = ["moba_attention_backward_cuda"]
 SOURCE = "attention_bwd.cu"
 ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
-BWD_THREADS = 128
 ROW_THREADS = 256
 ROW_INFO_BYTES = 16
 
@@ -52,6 +51,11 @@ ROW_INFO_BYTES = 16
 def n_key_subtiles(block_size: int) -> int:
     """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one)."""
     return max(1, math.ceil(block_size / KEYS))
+
+
+def bwd_threads(head_dim: int) -> int:
+    """Threads of the main kernel: head dim 256 pairs warps over the dK / dV / dQ columns (8 warps)."""
+    return 256 if head_dim == 256 else 128
 
 
 def bwd_smem_bytes(head_dim: int) -> int:
@@ -116,7 +120,7 @@ def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, d
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(n_seg), np.int32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), np.int32(sub0), np.int32(n_sub_launch),
             np.int32(dq_mode), np.int32(dkv_mode))
-    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (BWD_THREADS,), args, shared_mem=smem)
+    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1]),), args, shared_mem=smem)
 
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:

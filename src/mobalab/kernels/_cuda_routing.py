@@ -73,11 +73,16 @@ def topk_list_tier(top_k: int, causal: bool) -> int:
     return 8 if list_cap <= 8 else 16 if list_cap <= 16 else 64
 
 
+def topk_bn(dim: int) -> int:
+    """Centroids per streamed tile: 32 at head dim 256, so that two CTAs still share a multiprocessor."""
+    return 32 if dim == 256 else TOPK_BN
+
+
 def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> int:
     """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps."""
     list_cap = top_k - 1 if causal else top_k
     lists = list_cap * TOPK_BM * 8 if topk_list_tier(top_k, causal) == 64 else 0
-    return (TOPK_BM * dim + 2 * TOPK_BN * dim) * itemsize + TOPK_BM * TOPK_BN * 4 + lists
+    return (TOPK_BM * dim + 2 * topk_bn(dim) * dim) * itemsize + TOPK_BM * topk_bn(dim) * 4 + lists
 
 
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,

@@ -196,6 +196,10 @@ def launch(plan: Launch) -> None:
     """Check ``plan.args`` and launch the kernel on torch's current stream."""
     cargs = check_args(plan.source, plan.kernel, plan.args)
     # any dynamic request opts in: static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB
-    fn = get_kernel(plan.source, plan.kernel, max_dynamic_smem=int(plan.shared_mem))
+    # one head dim per module (-DMOBA_HEAD_DIM, cuda/ptx.cuh): compiling every head dim of a source at once
+    # takes several times as long; kernels without a head dim get a module of their own (no head dim is 1)
+    dim = re.search(r"_d(\d+)(?:_|$)", plan.kernel)
+    defines = (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}",)
+    fn = get_kernel(plan.source, plan.kernel, defines=defines, max_dynamic_smem=int(plan.shared_mem))
     fn(tuple(int(g) for g in plan.grid), tuple(int(b) for b in plan.block), cargs, shared_mem=int(plan.shared_mem),
        stream=torch_stream())
