@@ -245,8 +245,8 @@ def test_runs_on_torch_current_stream():
 
 def test_invalid_cuda_inputs_raise_before_launch():
     routing = _routing()
-    q = torch.zeros((1, 64, 2, 96), dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="head_dim 96"):
+    q = torch.zeros((1, 64, 2, 48), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="head_dim 48"):
         routing.moba_topk_cuda(q, q, 16, 4)
     q = torch.zeros((1, 64, 2, 64), dtype=torch.float32, device="cuda")
     with pytest.raises(ValueError, match="float32"):
