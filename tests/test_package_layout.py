@@ -11,7 +11,9 @@ import mobalab.simulate
 import mobalab.snr
 import mobalab.stats
 
-SRC = Path(mobalab.__file__).resolve().parent
+# the checkout, not the installed package (CI installs mobalab into a fresh environment)
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "mobalab"
 OWN = {"snr": mobalab.snr, "simulate": mobalab.simulate}
 
 
@@ -42,7 +44,6 @@ def test_private_module_names_say_what_they_hold():
     assert clashes == {}, f"module names used twice: {clashes}"
 
 
-ROOT = SRC.parents[1]
 DESIGN = ROOT / "docs" / "design.md"
 # The sections of docs/design.md that code may point at (docs/design.md, then the quoted section): its headings.
 DESIGN_SECTIONS = {line.lstrip("#").strip() for line in DESIGN.read_text().splitlines() if line.startswith("#")}
