@@ -78,8 +78,8 @@ def route_smem_bytes(head_dim: int, rows_per_group: int, top_k: int) -> int:
 
 
 def attn_smem_bytes(head_dim: int, rows: int, nb_max: int) -> int:
-    """Shared memory of an attention unit: q rows, scores, (m, l), limits, block and row lists, K/V stages."""
-    head = FLAGS + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 12) + nb_max * (8 + rows * 4)
+    """Shared memory of an attention unit: q rows, scores, row limits, block and row lists, K/V stages."""
+    head = FLAGS + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + nb_max * (8 + rows * 4)
     return _align16(head) + ATTN_STAGE_BYTES
 
 

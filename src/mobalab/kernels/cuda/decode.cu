@@ -45,26 +45,32 @@
 //   |S_t| <= k * B; at 512K, b 8, 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP, ~1.6 FLOP per byte:
 //   memory-bound, so CUDA cores (exact fp32 scores) rather than tensor cores.
 //
-// Bytes in flight: 2 CTAs of 256 threads per SM (<= 113 KB shared memory each). Routing keeps 4 stages of
-// 16 KB in flight per CTA (128 KB per SM), attention 2 stages of 32 KB (d 128; 5 of 16 KB at d 64), i.e.
-// 128 KB per SM: at ~1 us loaded latency that covers 132 * 128 KB / 1 us = 17 TB/s, well above HBM.
-// Serial phases of a step: launch, routing stream, routing merge (n_split * (k-1) entries per row, one
-// warp per row) -> attention prologue (wait, union, row lists) -> attention stream -> attention merge.
+// Work per step and SM (132 SMs, 2 CTA slots each): ~2 routing items and ~2 attention units per slot, so
+// the routing items run in two waves; the row groups of the first wave are merged while the second streams,
+// and when the second wave ends the first attention tickets belong to kv heads that are ready (the hand-
+// over bubble is the unit prologue, not the merge). Bytes in flight per CTA: routing 4 stages of 16 KB,
+// attention 2 stages of 32 KB at d 128 (chunks of 64 tokens; more stages of shorter chunks for B 16 / 32),
+// so 128 KB per SM: at ~1.5 us loaded latency that covers 132 * 128 KB / 1.5 us = 11 TB/s, and one CTA
+// alone (64 KB) still covers its SM's share of HBM (~30 GB/s) while the other is between items.
+// Serial phases of a step: launch; routing stream (two waves); merge of the last wave's row groups (one
+// warp per row, n_split * (k-1) entries) overlapped with the first attention units; attention stream; the
+// last units' merge of the partials (k * n_chunks per row).
 //
-// Time model at 4.0 TB/s streaming plus ~6 us of fixed phases (launch ~2, merge + prologue between the
-// phases ~2.5, final merge ~1.5), 32 / 8 heads, d 128, bf16, q_len 1, batch 8 unless said (MB from the
-// measured selections; dense = fastest SDPA measured on an H200):
-//   N     b  B   k   MB (sums + K/V)        stream us  predicted us  x dense (dense ms)
-//   512K  8  128 8   255.5 (134.2 + 121.2)  63.9       70            58 (4.079)
-//   32K   8  128 8   125.5 (8.4 + 117.0)    31.4       37            7.9 (0.292)
-//   128K  8  32  8   164.6 (134.2 + 30.3)   41.2       47            23 (1.102)
-//   128K  8  64  4   94.4 (67.1 + 27.2)     23.6       30            37 (1.102)
-//   128K  8  128 8   154.6 (33.5 + 120.9)   38.7       45            25 (1.102)
-//   128K  8  128 16  283.6 (33.5 + 250.0)   70.9       77            14 (1.102)
-//   1M    8  128 8   389.9 (268.4 + 121.4)  97.5       104           80 (8.275)
-//   128K  1  128 8   19.3 (4.2 + 15.1)      4.8        11            15 (0.164)
-//   32K   64 128 8   999.0 (66.8 + 931.1)   249.8      256           7.5 (1.916)
-// i.e. 70-94 % of a 4.28 TB/s copy roofline at batch 8 and N >= 128K (worst: 128K B 64 k 4).
+// Time model: bytes at 4.0 TB/s plus ~7.5 us of fixed phases (launch and first stages ~3, the wave change
+// ~1, hand-over to attention ~1.5, final merge ~2; estimates, not measured). 32 / 8 heads, d 128, bf16,
+// q_len 1; MB from the selections measured on an H200, dense = the fastest SDPA measured there; roofline =
+// MB / time against its 4.28 TB/s copy bandwidth:
+//   N     b  B   k    MB (sums + K/V)          stream us  predicted us  x dense (dense ms)  roofline %
+//   512K  8  128 8    255.5 (134.2 + 121.2)      63.9      71.4      57.1 (4.079)    84
+//   32K   8  128 8    125.5 (8.4 + 117.0)        31.4      38.9       7.5 (0.292)    75
+//   128K  8  32  8    164.6 (134.2 + 30.3)       41.1      48.6      22.7 (1.102)    79
+//   128K  8  64  4     94.4 (67.1 + 27.2)        23.6      31.1      35.4 (1.102)    71
+//   128K  8  128 8    154.6 (33.5 + 120.9)       38.6      46.1      23.9 (1.102)    78
+//   128K  8  128 16   283.6 (33.5 + 250.0)       70.9      78.4      14.1 (1.102)    85
+//   1M    8  128 8    389.9 (268.4 + 121.4)      97.5     105.0      78.8 (8.275)    87
+//   128K  1  128 8     19.3 (4.2 + 15.1)          4.8      12.3      13.3 (0.164)    37
+//   32K   64 128 8    999.0 (66.8 + 931.1)      249.8     257.2       7.4 (1.916)    91
+// The 94 MB row has the least slack: every us of fixed cost is ~2.3 % of roofline there.
 //
 // Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
 // deferred completion, ld.cg, acquire, the ticket, the wait) and the dynamic shared-memory declaration, so
@@ -505,7 +511,7 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 
 // ---- attention unit ----
 
-// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | ml [ROWS][2] | tl [ROWS] | cnt [nb_max] |
+// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | cnt [nb_max] |
 // ul [nb_max] | rl [nb_max][R] | (16-byte aligned) stages [AS] x (K [chunk][D], V [chunk][D]) T, AS = the
 // stages of `chunk` tokens that fit in DEC_ATTN_STAGE_BYTES (at most DEC_ATTN_MAX_STAGES). Before the first
 // K/V copy the stages hold the union bitmap (win_words words) and a copy of the kv head's selection (R * k
@@ -528,13 +534,12 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     int* wsum = flags + 8;
     float* qs = reinterpret_cast<float*>(smem + DEC_FLAGS);
     float* S = qs + DEC_ATTN_ROWS * D;
-    float* ml = S + DEC_ATTN_ROWS * CH;
-    int* tl = reinterpret_cast<int*>(ml + 2 * DEC_ATTN_ROWS);
+    int* tl = reinterpret_cast<int*>(S + DEC_ATTN_ROWS * CH);
     int* cnt = tl + DEC_ATTN_ROWS;
     int* ul = cnt + nb_max;
     int* rl = ul + nb_max;
     unsigned char* stage_bytes =
-        smem + dec_align16(DEC_FLAGS + DEC_ATTN_ROWS * (D * 4 + CH * 4 + 12) + nb_max * (8 + rows * 4));
+        smem + dec_align16(DEC_FLAGS + DEC_ATTN_ROWS * (D * 4 + CH * 4 + 4) + nb_max * (8 + rows * 4));
     T* stg = reinterpret_cast<T*>(stage_bytes);
     unsigned* bitmap = reinterpret_cast<unsigned*>(stage_bytes);
     int* sel_s = reinterpret_cast<int*>(bitmap + p.win_words);  // sel_s[e]: block of entry e
