@@ -3,8 +3,8 @@
 The source is taken as NVRTC sees it (``_build.source``) and compiled with the project's NVRTC options
 (``_build.NVRTC_OPTIONS``: C++17, fast math) for ``-gencode=arch=compute_90a,code=sm_90a``. ptxas' ``-v``
 report gives registers, shared memory, stack frame and spills per kernel; run with ``-s`` to see them.
-Registers must stay within what the kernels' ``__launch_bounds__`` promise (2 routing CTAs of 256 threads,
-4 attention CTAs of 128 threads per SM: at most 128 registers each).
+Registers must stay within what the kernel's ``__launch_bounds__`` promises (2 CTAs of 256 threads per SM:
+at most 128 registers).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from mobalab.kernels import _cuda_decode as C
 from mobalab.kernels._build import NVRTC_OPTIONS, source
 from mobalab.kernels._launch import signatures
 
-ENTRY_POINTS = [f"moba_decode_{kind}_{t}_d{d}" for kind in ("route", "attn") for t in ("bf16", "fp16")
-                for d in (64, 128)]
+ENTRY_POINTS = [f"moba_decode_step_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 _ENTRY = re.compile(r"Compiling entry function '(\S+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
@@ -60,12 +59,13 @@ def report(tmp_path_factory) -> dict[str, dict[str, int]]:
 
 def test_entry_points_match_the_wrapper():
     assert sorted(signatures("decode.cu")) == sorted(ENTRY_POINTS)
-    assert C.ROUTE_THREADS == 256 and C.ATTN_THREADS == 128  # the #defines the plans mirror
-    text = source("decode.cu")
-    for name, value in (("DEC_ROUTE_THREADS", C.ROUTE_THREADS), ("DEC_ROUTE_TILE", C.ROUTE_TILE),
-                        ("DEC_ATTN_THREADS", C.ATTN_THREADS), ("DEC_ATTN_CHUNK", C.ATTN_CHUNK),
-                        ("DEC_ATTN_ROWS", C.ATTN_ROWS), ("DEC_ATTN_MAX_ROWS", C.ATTN_MAX_ROWS)):
+    text = source("decode.cu")  # the #defines the plans mirror
+    for name, value in (("DEC_THREADS", C.THREADS), ("DEC_FLAGS", C.FLAGS), ("DEC_ROUTE_STAGES", C.ROUTE_STAGES),
+                        ("DEC_ROUTE_STAGE_BYTES", C.ROUTE_STAGE_BYTES), ("DEC_ROUTE_MAX_ROWS", C.ROUTE_MAX_ROWS),
+                        ("DEC_ATTN_CHUNK", C.ATTN_CHUNK), ("DEC_ATTN_ROWS", C.ATTN_ROWS),
+                        ("DEC_ATTN_STAGE_BYTES", C.ATTN_STAGE_BYTES), ("DEC_ATTN_MAX_STAGES", C.ATTN_MAX_STAGES)):
         assert re.search(rf"#define {name} {value}\b", text), name
+    assert re.search(rf"__launch_bounds__\(DEC_THREADS, {C.CTAS_PER_SM}\)", text)
 
 
 @pytest.mark.nvcc

@@ -279,10 +279,11 @@ def test_kernel_limits_name_what_the_gpu_supports():
 
 
 @pytest.mark.parametrize(("batch", "q_len", "heads", "kv_heads", "dim", "block", "top_k", "length"), [
-    (8, 1, 32, 8, 128, 128, 8, 512 * 1024), (1, 1, 32, 8, 128, 32, 16, 1 << 20), (64, 1, 32, 8, 128, 64, 4, 8192),
-    (2, 16, 32, 8, 64, 16, 32, 100_000), (1, 16, 32, 1, 128, 512, 2, 700), (3, 2, 4, 4, 64, 16, 1, 5),
+    (8, 1, 32, 8, 128, 128, 8, 512 * 1024), (8, 1, 32, 8, 128, 64, 4, 128 * 1024), (8, 1, 32, 8, 128, 32, 16, 1 << 20),
+    (1, 1, 32, 8, 128, 32, 16, 1 << 20), (64, 1, 32, 8, 128, 128, 8, 32 * 1024), (2, 16, 32, 8, 64, 16, 32, 100_000),
+    (1, 16, 32, 1, 128, 512, 2, 700), (3, 2, 4, 4, 64, 16, 1, 5), (1, 16, 32, 1, 128, 16, 32, 1 << 20),
 ])
-def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k, length):
+def test_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, length):
     n_blocks = math.ceil((length + 10) / block)
     plan = C.plan_decode(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block)
     rows = heads // kv_heads * q_len
@@ -290,17 +291,40 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     n_cand = (length - 1) // block
     assert plan.n_split * plan.blocks_per_split >= n_cand
     assert (plan.n_split - 1) * plan.blocks_per_split < max(n_cand, 1)  # no empty split
+    assert plan.n_split == 1 or plan.blocks_per_split % C.route_tile(dim) == 0  # whole stages
     assert plan.n_split <= C.ROUTE_MAX_SPLIT and plan.n_split * max(plan.lcap, 0) <= C.ROUTE_MERGE_ENTRIES
+    assert plan.lcap > 0 or plan.n_split == 1
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= C.ATTN_CHUNK
-    assert max(plan.route_smem, plan.attn_smem) <= 227 * 1024
-    assert all(g <= 65535 for g in plan.route_grid[1:] + plan.attn_grid[1:]) and plan.attn_grid[0] < 2**31
-    # the launches' arguments have exactly the kernels' C types
+    # an attention unit's share of the largest possible union spans at most nb_max blocks, and its lists fit
+    items = min(rows * top_k, n_cand + 1) * plan.n_chunks
+    per_unit = math.ceil(items / plan.n_x)
+    assert math.ceil(per_unit / plan.n_chunks) + 1 <= plan.nb_max and plan.nb_max * (8 + 4 * rows) <= C.ROWLIST_BYTES
+    assert plan.smem == max(C.route_smem_bytes(dim, plan.rows_per_group, top_k),
+                            C.attn_smem_bytes(dim, rows, plan.nb_max)) <= C.max_smem_bytes() <= C.SMEM_MAX
+    assert 1 <= plan.ctas <= C.CTAS_PER_SM * 132 and plan.ctas <= plan.n_route_items + plan.n_attn_units
+    # the merge staging and the union bitmap fit in the stages they reuse
+    assert 8 * plan.n_split * max(plan.lcap, 1) * 8 <= C.ROUTE_STAGES * C.ROUTE_STAGE_BYTES
+    assert (plan.win_words + rows * top_k) * 4 <= C.ATTN_STAGE_BYTES  # union bitmap and selection copy
+    # the launch's arguments have exactly the kernel's C types
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
     bufs = {name: torch.zeros(1) for name in ("sel", "part_v", "part_j", "part_o", "part_ml", "out", "lse")}
-    for launch in (C.route_launch(plan, q, torch.zeros(1), torch.zeros(1, dtype=torch.int32), bufs, torch.zeros(1)),
-                   C.attention_launch(plan, q, q, q, torch.zeros(1), bufs, torch.zeros(1), 0.1)):
+    for route_only in (False, True):
+        launch = C.decode_launch(plan, q, q, q, torch.zeros(1), torch.zeros(1, dtype=torch.int32), bufs,
+                                 torch.zeros(1), 0.1, route_only)
         check_args(launch.filename, launch.kernel, launch.args)
-        assert launch.block[0] in (C.ROUTE_THREADS, C.ATTN_THREADS)
+        assert launch.block == (C.THREADS, 1, 1) and launch.grid[1:] == (1, 1) and launch.shared_mem == plan.smem
+        assert launch.args[25] == (0 if route_only else plan.n_x)  # n_x: no attention units when routing only
+
+
+def test_target_plans_keep_every_sm_busy():
+    """The benchmark's batch-8 configurations: two CTAs per SM, two waves of routing items (splits of whole
+    stages) and about two attention units per CTA slot."""
+    for length, block, top_k in ((512 * 1024, 128, 8), (32 * 1024, 128, 8), (128 * 1024, 64, 4), (1 << 20, 128, 8)):
+        n_blocks = length // block
+        plan = C.plan_decode(8, 1, 32, 8, 128, block, top_k, length, n_blocks, length)
+        assert plan.ctas == 264 and plan.smem <= C.SMEM_PER_SM // 2 - C.SMEM_RESERVED_PER_CTA
+        assert plan.n_split == 8 and plan.n_route_items == 512 and plan.n_attn_units == 512
+        assert plan.blocks_per_split % C.route_tile(128) == 0 and plan.nb_max * (8 + 16) <= C.ROWLIST_BYTES
 
 
 def test_step_buffers_have_the_planned_sizes():
@@ -308,12 +332,12 @@ def test_step_buffers_have_the_planned_sizes():
     cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
     cache.prefill(k, v, lengths=[70, 40])
     plan, bufs, launches = C.step_launches(q[:, :1], cache, 4, 0.125)
+    assert len(launches) == 1
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
-    assert launches[0].args[6].numel() == plan.n_route_counters and launches[1].args[7].numel() == plan.n_attn_counters
-    # counters of the two kernels do not overlap
-    assert launches[1].args[7].data_ptr() >= launches[0].args[6].data_ptr() + 4 * plan.n_route_counters
-    assert launches[1].args[-1] == np.float32(0.125 * math.log2(math.e))
+    assert launches[0].args[10].numel() == plan.n_counters == 2 + 2 * 2 * (plan.n_rg + 2)
+    assert not cache._counters.any()
+    assert launches[0].args[-1] == np.float32(0.125 * math.log2(math.e))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""The CUDA decode kernels (cuda/decode.cu) run on the host: their logic against the torch reference, no GPU.
+"""The CUDA decode kernel (cuda/decode.cu) run on the host: its logic against the torch reference, no GPU.
 
 ``host_emulation/cuda_host.h`` runs every CUDA thread as a coroutine (switching at __syncthreads and at
-the warp operations, in shuffled orders, CTAs in shuffled order) and the harness executes exactly the
-launches that ``_cuda_decode.step_launches`` plans for a cache on the CPU: grids, shared-memory sizes and
-argument tuples as the GPU would get them (checked against the kernel signatures). It is compiled with
-AddressSanitizer, so any access beyond a buffer or beyond the planned shared memory fails the run; every
-output and scratch buffer is poisoned first. What this cannot show (PTX, the memory model between CTAs,
-speed) is left to the GPU tests.
+the warp operations, in shuffled orders), completes every cp.async only when its thread waits for it (the
+destination reads as NaN until then), and hands out the step's work tickets in a random order within the
+routing and within the attention items, so any item can be the last of its group. The harness executes
+exactly the launch that ``_cuda_decode.step_launches`` plans for a cache on the CPU: grid, shared-memory
+size and argument tuple as the GPU would get them (checked against the kernel signature). It is compiled
+with AddressSanitizer, so any access beyond a buffer or beyond the planned shared memory fails the run;
+every output and scratch buffer is poisoned first. What this cannot show (PTX, the memory model between
+concurrent CTAs, speed) is left to the GPU tests.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def _poison(bufs: dict) -> None:
         t.fill_(float("nan") if t.is_floating_point() else -7)
 
 
-def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps, ties=False):
+def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps, ties=False, shared=False):
     """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
 
-    ``ties``: every third block repeats block 1, so their sums and scores tie exactly."""
+    ``ties``: every third block repeats block 1, so their sums and scores tie exactly; ``shared``: the query
+    heads of a kv head are equal, so they select the same blocks (a small union)."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
@@ -109,36 +112,56 @@ def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps
         cache.append(torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype),
                      torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype))
     q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
+    if shared:
+        group = heads // kv_heads
+        q = q.view(batch, q_len, kv_heads, group, dim)[:, :, :, :1].expand(-1, -1, -1, group, -1)
+        q = q.reshape(batch, q_len, heads, dim).contiguous()
     return cache, q
 
 
+BF, FP = torch.bfloat16, torch.float16
 CASES = [
-    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, appends, top_k, sm_count, ties (see _case)
-    pytest.param(torch.bfloat16, 64, 16, 2, 8, 1, [700, 333], 1, 8, 132, False, id="bf16-d64-B16-gqa4-ragged-split"),
-    pytest.param(torch.bfloat16, 128, 16, 1, 2, 2, [2100, 1500], 1, 16, 1, False, id="bf16-d128-B16-tiles"),
-    pytest.param(torch.float16, 128, 128, 1, 2, 3, [520, 390], 2, 3, 132, False, id="fp16-d128-B128-qlen3-chunks"),
-    pytest.param(torch.bfloat16, 64, 32, 1, 16, 5, [300], 1, 4, 8, False, id="bf16-d64-B32-two-row-groups"),
-    pytest.param(torch.bfloat16, 128, 16, 2, 2, 2, [40, 17], 1, 1, 132, False, id="bf16-top1-own-only"),
-    pytest.param(torch.float16, 64, 64, 1, 1, 16, [150], 1, 32, 132, False, id="fp16-qlen16-topk32-fewer-blocks"),
-    pytest.param(torch.bfloat16, 64, 16, 1, 2, 1, [1400], 1, 16, 4, True, id="bf16-exact-ties"),
+    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, appends, top_k, sm_count, window words, options
+    pytest.param(BF, 64, 16, 2, 8, 1, [700, 333], 1, 8, 132, 1024, {}, id="bf16-d64-B16-gqa4-ragged-units"),
+    pytest.param(BF, 128, 16, 1, 2, 2, [2100, 1500], 1, 16, 1, 1024, {}, id="bf16-d128-B16-one-split-tiles"),
+    pytest.param(FP, 128, 128, 1, 2, 3, [520, 390], 2, 3, 132, 1024, {}, id="fp16-d128-B128-qlen3-chunks"),
+    pytest.param(BF, 64, 32, 1, 16, 5, [300], 1, 4, 8, 1024, {}, id="bf16-d64-B32-two-row-groups"),
+    pytest.param(BF, 128, 16, 2, 2, 2, [40, 17], 1, 1, 132, 1024, {}, id="bf16-top1-own-only"),
+    pytest.param(FP, 64, 64, 1, 1, 16, [150], 1, 32, 132, 1024, {}, id="fp16-qlen16-topk32-fewer-blocks"),
+    pytest.param(BF, 64, 16, 1, 2, 1, [1400], 1, 16, 4, 1024, dict(ties=True), id="bf16-exact-ties"),
+    pytest.param(BF, 128, 32, 2, 8, 1, [5000, 3000], 1, 16, 4, 2, {}, id="bf16-B32-k16-splits-tiles-windows"),
+    pytest.param(FP, 128, 128, 2, 8, 1, [6000], 1, 8, 132, 1024, {}, id="fp16-B128-k8-batch1-many-units"),
+    pytest.param(BF, 64, 64, 1, 2, 1, [20 + 7 * i for i in range(64)], 1, 4, 32, 1024, {},
+                 id="bf16-B64-k4-batch64"),
+    pytest.param(BF, 128, 128, 1, 8, 1, [3000], 1, 4, 16, 1024, dict(shared=True),
+                 id="bf16-B128-k4-shared-selection-empty-units"),
 ]
+# splits, two attention units per kv head, union windows of 64 blocks: small enough to run three times
+ORDER_CASE = (BF, 64, 32, 1, 4, 1, [2300, 1200], 1, 8, 4, 2, {})
+_ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms", "win", "opts")
 
 
-@pytest.mark.parametrize(("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms",
-                          "ties"), CASES)
-def test_emulated_kernels_match_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, steps,
-                                          top_k, sms, ties):
-    cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, steps, ties)
-    if ties:  # make the repeated blocks the best: their exact ties decide the selection
+def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, win, opts,
+              seed=7, route_only=False):
+    cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, steps, **opts)
+    if opts.get("ties"):  # make the repeated blocks the best: their exact ties decide the selection
         q[:, :, :] = cache.block_sums[:, :1, 1].to(q.dtype).unsqueeze(1)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms)
+    plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms, win_words=win,
+                                           route_only=route_only)
     _poison(bufs)
-    run_emulated(harness, tmp_path, launches, seed=7)
+    run_emulated(harness, tmp_path, launches, seed=seed)
+    return cache, q, top_k, scale, plan, bufs
 
+
+@pytest.mark.parametrize(_ARGS, CASES)
+def test_emulated_kernel_matches_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths,
+                                           steps, top_k, sms, win, opts):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
+                                                   lengths, steps, top_k, sms, win, opts)
     ref_sel = D._route(q, cache, top_k)
     assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
-    if ties:  # the tied copies outscore the rest; of the 29 copies the highest-index 15 win
+    if opts.get("ties"):  # the tied copies outscore the rest; of the 29 copies the highest-index 15 win
         copies = [1] + list(range(4, lengths[0] // block, 3))
         assert ref_sel[0, 0, 0, 1:].tolist() == sorted(copies, reverse=True)[:top_k - 1]
     ref_out, ref_lse = D._attend(q, cache, ref_sel, scale)
@@ -147,25 +170,54 @@ def test_emulated_kernels_match_reference(harness, tmp_path, dtype, dim, block, 
     eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2 * eps, rtol=2 * eps)
     torch.testing.assert_close(bufs["lse"], ref_lse, atol=1e-5, rtol=1e-5)
-    # the counters are back to zero for the next step
+    # every counter is back to zero for the next step
+    assert int(cache._counters.abs().sum()) == 0
+
+
+def test_any_ticket_order_gives_the_same_step(harness, tmp_path):
+    """Other random orders of the work items (and of the threads): bit-identical outputs, the reference's."""
+    runs = [_run_case(harness, tmp_path, *ORDER_CASE, seed=s) for s in (1, 2, 3)]
+    cache, q, top_k, scale, plan, bufs = runs[0]
+    assert plan.n_split > 1 and plan.n_x > 1
+    assert torch.equal(bufs["sel"], D._route(q, cache, top_k))
+    torch.testing.assert_close(bufs["out"].float(), D._attend(q, cache, bufs["sel"], scale)[0].float(),
+                               atol=2**-7, rtol=2**-7)
+    for other in runs[1:]:
+        for name in ("sel", "out", "lse"):
+            assert torch.equal(other[-1][name], bufs[name]), name
+
+
+def test_route_only_launch_writes_the_selection_alone(harness, tmp_path):
+    cache, q, top_k, _, plan, bufs = _run_case(harness, tmp_path, *CASES[7].values, route_only=True)
+    assert plan.n_split > 1
+    assert torch.equal(bufs["sel"], D._route(q, cache, top_k))
+    assert torch.isnan(bufs["lse"]).all()  # no attention ran
     assert int(cache._counters.abs().sum()) == 0
 
 
 def test_plans_of_the_cases_cover_the_kernel_paths():
-    """The emulated cases reach splits, several tiles, row groups, chunks and top_k = 1."""
+    """The emulated cases reach splits with several stages, row groups, chunks, union windows, units that
+    span many blocks or get no item, top_k = 1 and fewer candidates than top_k - 1."""
     seen = set()
     for p in CASES:
-        dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, _ = p.values
+        dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, win, opts = p.values
         cache, q = _case(0, dtype, dim, block, kv_heads, heads, q_len, lengths, steps)
         plan = C.plan_decode(len(lengths), q_len, heads, kv_heads, dim, block, top_k, int(cache._len.max()),
-                             cache.n_blocks, cache.capacity, sms)
+                             cache.n_blocks, cache.capacity, sms, win)
         seen |= {"split"} if plan.n_split > 1 else set()
-        seen |= {"tiles"} if plan.blocks_per_split > C.ROUTE_TILE else set()
+        seen |= {"tiles"} if plan.blocks_per_split > C.route_tile(dim) else set()
+        seen |= {"split and tiles"} if plan.n_split > 1 and plan.blocks_per_split > C.route_tile(dim) else set()
         seen |= {"row groups"} if plan.n_rg > 1 else set()
         seen |= {"chunks"} if plan.n_chunks > 1 else set()
+        seen |= {"windows"} if int(cache._len.max()) > block * 32 * win else set()
+        seen |= {"wide units"} if plan.nb_max > C.attn_stages(dim) else set()
+        seen |= {"empty units"} if opts.get("shared") and plan.n_x > (top_k + 1) * plan.n_chunks else set()
         seen |= {"own only"} if top_k == 1 else set()
         seen |= {"short"} if top_k - 1 > (int(cache._len.min()) - 1) // block else set()
-    assert seen == {"split", "tiles", "row groups", "chunks", "own only", "short"}
+        seen |= {"batch 1"} if len(lengths) == 1 and plan.n_x > 1 else set()
+        seen |= {"batch 64"} if len(lengths) == 64 else set()
+    assert seen == {"split", "tiles", "split and tiles", "row groups", "chunks", "windows", "wide units",
+                    "empty units", "own only", "short", "batch 1", "batch 64"}
 
 
 def test_second_step_reuses_counters(harness, tmp_path):

@@ -222,3 +222,84 @@ def test_cuda_rejects_what_the_kernels_do_not_support():
         moba_decode(torch.zeros(1, 1, 1, 64, device=DEVICE), cache, 2)
     # the reference runs anything on any device
     assert D.moba_decode_reference(torch.zeros(1, 1, 1, 64, device=DEVICE), cache, 2).is_cuda
+
+
+def _check_routing_on_sums(q, cache, sel, top_k):
+    """Selections of the last query (q_len 1) vs fp64 scores on the cache's block sums: every slot equal,
+    or both blocks within a near-tie of each other. Returns the number of mismatched slots."""
+    batch, _, heads, _ = q.shape
+    group, block = heads // cache.kv_heads, cache.block_size
+    kv_of_head = torch.arange(heads, device=q.device) // group
+    bad = 0
+    for b, length in enumerate(cache.lengths.tolist()):
+        own = (length - 1) // block
+        assert torch.equal(sel[b, 0, :, 0], torch.full_like(sel[b, 0, :, 0], own)), "own block"
+        take = min(top_k - 1, own)
+        assert (sel[b, 0, :, 1 + take:] == -1).all() and (sel[b, 0, :, 1:1 + take] >= 0).all()
+        if take == 0:
+            continue
+        sums = cache.block_sums[b, :, :own].double() / block  # (kv_heads, own, d)
+        qv = q[b, 0].double()  # (heads, d)
+        scores = torch.einsum("hd,hjd->hj", qv, sums[kv_of_head])
+        # fp64 ranking, ties to the higher block index (stable sort of the reversed block axis)
+        want = (own - 1) - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[:, :take]
+        mine = sel[b, 0, :, 1:1 + take].long()
+        diff = mine != want
+        bad += int(diff.sum())
+        if diff.any():
+            h, s = diff.nonzero(as_tuple=True)
+            gap = (scores[h, mine[h, s]] - scores[h, want[h, s]]).abs()
+            norms = sums[kv_of_head[h]].norm(dim=-1).max(dim=-1).values
+            bound = TIE_RTOL * qv[h].norm(dim=-1) * norms
+            assert (gap <= bound).all(), f"mismatched slots that are not near-ties: {gap.max().item():.3g}"
+    return bad
+
+
+def _check_last_token_attention(q, cache, sel, out, dtype):
+    """q_len 1: the kernel's output vs fp64 on its own selection, within 2x the error of the same in dtype."""
+    heads = q.shape[2]
+    group, block = heads // cache.kv_heads, cache.block_size
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for b, length in enumerate(cache.lengths.tolist()):
+        args = (q[b, 0], cache.k[b], cache.v[b], sel[b, 0], length - 1, block, group, scale)
+        exact = _attend_on(*args, torch.float64)
+        err_low = (_attend_on(*args, dtype).double() - exact).abs().max().item()
+        err_kernel = (out[b, 0].double() - exact).abs().max().item()
+        assert err_kernel <= 2 * err_low + 1e-6, (b, err_kernel, err_low)
+
+
+@pytest.mark.parametrize(("block", "top_k"), [(32, 16), (64, 4), (128, 8)])
+def test_benchmark_shaped_step(poisoned_empty, block, top_k):
+    """Batch 8, 32 / 8 heads, d 128, 64K tokens (ragged): the plan has the benchmark's structure (two waves of
+    routing items of several stages, eight attention units per kv head, all SMs busy)."""
+    from mobalab.kernels._cuda_decode import plan_decode
+
+    gen = torch.Generator(device=DEVICE).manual_seed(block + top_k)
+    batch, kv_heads, heads, dim, n = 8, 8, 32, 128, 1 << 16
+    lengths = [n - 1 - 977 * i for i in range(batch)]
+    cache = MobaKVCache(batch, kv_heads, dim, block, n, dtype=torch.bfloat16, device=DEVICE)
+    cache.prefill(_rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen),
+                  _rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen), lengths=lengths)
+    cache.append(_rand((batch, 1, kv_heads, dim), torch.bfloat16, gen), _rand((batch, 1, kv_heads, dim),
+                                                                               torch.bfloat16, gen))
+    plan = plan_decode(batch, 1, heads, kv_heads, dim, block, top_k, n, cache.n_blocks, cache.capacity,
+                       torch.cuda.get_device_properties(0).multi_processor_count)
+    assert plan.n_split > 1 and plan.blocks_per_split > 16384 // (4 * dim) and plan.n_x > 1
+    q = _rand((batch, 1, heads, dim), torch.bfloat16, gen)
+    with poisoned_empty():
+        out, lse, sel = _kernel_decode(q, cache, top_k)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out.float()).any() and not torch.isnan(lse).any()
+    slots = batch * heads * (top_k - 1)
+    assert _check_routing_on_sums(q, cache, sel, top_k) <= 1e-3 * slots
+    _check_last_token_attention(q, cache, sel, out, torch.bfloat16)
+    assert int(cache._counters.abs().sum()) == 0
+    # the routing-only launch (what the benchmark times as routing) writes the same selection
+    from mobalab.kernels._cuda_decode import run, step_launches
+
+    _, bufs, launches = step_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True,
+                                      sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+    bufs["sel"].fill_(2**30)
+    run(launches[0], 0)
+    torch.cuda.synchronize()
+    assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0

@@ -1,8 +1,8 @@
 r"""MoBA decode step against dense decode on the same KV cache: ``python -m mobalab.bench.decode [--quick]``.
 
 One step = every sequence of the batch attends its newest token (q_len 1) over a cache of N tokens:
-mobalab's :func:`~mobalab.kernels.moba_decode` (routing over the cached block sums + split-KV attention
-over the selected blocks) side by side with torch SDPA on the whole cache (FLASH_ATTENTION,
+mobalab's :func:`~mobalab.kernels.moba_decode` (one launch: routing over the cached block sums, then
+split-KV attention over the selected blocks) side by side with torch SDPA on the whole cache (FLASH_ATTENTION,
 CUDNN_ATTENTION and EFFICIENT_ATTENTION backends, whichever run; the query heads of each kv head packed as
 query rows, so K and V are read once) and FlexAttention with a block mask built from mobalab's selection
 (attention only, GQA; skipped when it does not compile or run). 32 query
@@ -10,10 +10,14 @@ heads / 8 kv heads, head dim 128, bf16, random Gaussian q / k / v (never zeros).
 
 Timing: each method is captured in a CUDA graph (so the numbers are device time, not Python launch
 overhead; ``mobalab_eager_ms`` is the plain call for comparison), replayed many times after warm-up with
-L2 flushed (a 256 MB write) before every replay, each replay timed by CUDA events; the median is
-reported. Bytes needed per step are counted from the actual selection: the fp32 block sums of the
-complete past blocks, the K and V of the union of the blocks the query heads of each kv head selected
-(the own block with its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
+L2 flushed before every replay, each replay timed by CUDA events; the median is reported. The flush reads
+a 256 MB buffer: a write would leave L2 full of dirty lines whose write-back (~50 MB) lands inside the
+timed step, a sizeable extra on a step that reads ~100 MB and nearly nothing on dense decode.
+``routing_ms`` times the same kernel launched with the routing items only; ``attention_ms`` is the rest of
+the step (attention, the hand-over from routing, the final merge). Bytes needed per step are counted
+from the actual selection: the fp32 block sums of the complete past blocks, the K and V of the union of
+the blocks the query heads of each kv head selected (the own block with its real tokens), q and out.
+Achieved bandwidth = bytes / time, shown as a fraction
 of the measured device-to-device copy bandwidth of the same run (H200 datasheet: 4.8 TB/s); dense
 decode's bytes are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
 under ``--out``.
@@ -116,11 +120,17 @@ def dense_bytes(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: i
 # timing
 
 
+def _flush_l2(buf: torch.Tensor) -> None:
+    """Evict L2 by reading ``buf`` (larger than L2); reading leaves no dirty lines to write back later."""
+    if buf.numel():
+        torch.sum(buf)
+
+
 def _events(reps, fn, flush):
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for a, b in zip(starts, ends, strict=True):
-        flush.zero_()  # evict L2 (outside the timed region)
+        _flush_l2(flush)  # evict L2 (outside the timed region)
         a.record()
         fn()
         b.record()
@@ -262,7 +272,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
-    _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev))
+    _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
 
     def route():
         run(launches[0], dev)
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     env = environment()
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")  # 256 MB, read to flush L2
     env["copy_tbps"] = copy_tbps = copy_bandwidth()
     env["datasheet_tbps"] = DATASHEET_TBPS
     print(json.dumps(env, default=str), flush=True)

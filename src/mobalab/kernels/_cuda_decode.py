@@ -1,18 +1,20 @@
-r"""MoBA decode on the GPU (cuda/decode.cu): launch plans and the runner behind :func:`moba_decode`.
+r"""MoBA decode on the GPU (cuda/decode.cu): the launch plan and the runner behind :func:`moba_decode`.
 
-Two launches per step (the kernel file's header has the design and the byte / FLOP budget):
+One launch per step (the kernel file's header has the design, the byte budget and the time model):
+persistent CTAs (two of 256 threads per SM) take work items from one ticket counter,
 
-1. routing, grid (n_split, kv_heads * n_rg, batch): every CTA scores up to 64 query rows of one kv head
-   against a contiguous range of cached block sums and keeps the rows' best k - 1 past blocks; the last
-   CTA of each (sequence, kv head, row group) merges the ranges' lists into ``sel``;
-2. attention, grid (rows * top_k * n_chunks, kv_heads, batch): one unit per (selection entry, chunk of
-   <= 64 tokens), working only for the first entry that names a block, so the union of the group's blocks
-   is read once; the last CTA of each (sequence, kv head) merges the partial softmax results.
+1. routing items (sequence, kv head, row group of <= 64 query rows, split of the candidate blocks): stream
+   the cached block sums through a cp.async pipeline and keep each row's best k - 1 past blocks; the last
+   split of a row group merges the lists into ``sel`` and marks the row group done;
+2. attention units (sequence, kv head, x < n_x): once every row group of the kv head is done, build the
+   union of its selected blocks, take an even share of its (block, chunk of <= 64 tokens) items, stream
+   their K and V through a pipeline and write partial softmax results for every row that selected the
+   block; the last unit of the kv head merges the partials into ``out`` and ``lse``.
 
-Everything that decides what a kernel receives (:func:`plan_decode`, :func:`route_launch`,
-:func:`attention_launch`) is plain Python, so CI checks it against the CUDA signatures and runs it through
-the host emulation of the kernels without a GPU. Memory comes from torch's caching allocator, kernels run
-on torch's current stream, nothing synchronises with the host (a step can be captured in a CUDA graph).
+Everything that decides what the kernel receives (:func:`plan_decode`, :func:`decode_launch`) is plain
+Python, so CI checks it against the CUDA signature and runs it through the host emulation of the kernel
+without a GPU. Memory comes from torch's caching allocator, the kernel runs on torch's current stream, and
+nothing synchronises with the host (a step can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -24,31 +26,66 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DecodePlan", "Launch", "plan_decode", "route_launch", "attention_launch", "decode_buffers",
-           "decode_cuda", "SOURCE"]
+__all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffers", "step_launches", "decode_cuda",
+           "SOURCE"]
 
 SOURCE = "decode.cu"
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Must match the #defines in cuda/decode.cu.
-ROUTE_THREADS = 256
-ROUTE_WARPS = ROUTE_THREADS // 32
-ROUTE_TILE = 128
-ATTN_THREADS = 128
+THREADS = 256
+WARPS = THREADS // 32
+FLAGS = 64  # bytes of flags at the start of shared memory
+ROUTE_STAGES = 5
+ROUTE_STAGE_BYTES = 16384
+ROUTE_MAX_ROWS = 64  # query rows of one routing item (a row group)
 ATTN_CHUNK = 64
-ATTN_ROWS = 16
-ATTN_MAX_ROWS = 512
+ATTN_ROWS = 8
+ATTN_STAGE_BYTES = 98304
+ATTN_MAX_STAGES = 8
 
-ROUTE_MAX_ROWS = 64  # query rows of one routing CTA (a row group)
-ROUTE_MAX_SPLIT = 32  # routing CTAs per (sequence, kv head, row group)
-ROUTE_MERGE_ENTRIES = 512  # n_split * (top_k - 1) entries per row that the last CTA merges
-ROUTE_MIN_BLOCKS = 32  # fewest candidate blocks per routing CTA worth a split
-_FLAGS = 16  # bytes of flags at the start of each kernel's shared memory
+CTAS_PER_SM = 2  # the kernel's __launch_bounds__ minimum
+ITEMS_PER_SLOT = 2  # routing items and attention units per CTA slot (see plan_decode)
+SMEM_PER_SM = 233472  # H100 / H200: 228 KB per SM, of which 1 KB is reserved per CTA
+SMEM_RESERVED_PER_CTA = 1024
+SMEM_MAX = 232448  # opt-in maximum of one CTA
+ROUTE_MAX_SPLIT = 32  # routing items per row group
+ROUTE_MERGE_ENTRIES = 512  # n_split * (top_k - 1) entries per row that the last split merges
+ROUTE_MIN_BLOCKS = 32  # fewest candidate blocks per routing item worth a split
+UNION_WINDOW_WORDS = 1024  # bitmap words of one window of the union (32768 blocks)
+ROWLIST_BYTES = 16384  # most shared memory of an attention unit's block and row lists
+
+
+def route_tile(head_dim: int) -> int:
+    """Block sums per routing stage (16 KB of fp32)."""
+    return ROUTE_STAGE_BYTES // (4 * head_dim)
+
+
+def attn_stages(head_dim: int, chunk: int = ATTN_CHUNK, itemsize: int = 2) -> int:
+    """K/V stages of an attention unit (chunks of K and V in 96 KB, at most 8)."""
+    return min(ATTN_MAX_STAGES, ATTN_STAGE_BYTES // (2 * chunk * head_dim * itemsize))
+
+
+def _align16(x: int) -> int:
+    return (x + 15) & ~15
+
+
+def route_smem_bytes(head_dim: int, rows_per_group: int, top_k: int) -> int:
+    """Shared memory of a routing item: q rows, own blocks, lists, score tile, then the sum stages."""
+    lcap = top_k - 1
+    head = FLAGS + rows_per_group * (head_dim * 4 + 4 + lcap * 8 + route_tile(head_dim) * 4)
+    return _align16(head) + ROUTE_STAGES * ROUTE_STAGE_BYTES
+
+
+def attn_smem_bytes(head_dim: int, rows: int, nb_max: int) -> int:
+    """Shared memory of an attention unit: q rows, scores, row limits, block and row lists, K/V stages."""
+    head = FLAGS + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + nb_max * (8 + rows * 4)
+    return _align16(head) + ATTN_STAGE_BYTES
 
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """Sizes of one decode step: the grids, the split of the candidate blocks, shared memory, scratch."""
+    """Sizes of one decode step: work items, the split of the candidate blocks and of the union, memory."""
 
     batch: int
     q_len: int
@@ -60,79 +97,82 @@ class DecodePlan:
     n_blocks_cap: int
     capacity: int
     rows: int  # query rows per kv head: (heads // kv_heads) * q_len
-    n_rg: int  # routing row groups
+    n_rg: int  # routing row groups per kv head
     rows_per_group: int
-    n_split: int  # routing CTAs per row group
+    n_split: int  # routing items per row group
     blocks_per_split: int
-    chunk: int  # tokens per attention unit
-    n_chunks: int  # attention units per block
-    route_smem: int
-    attn_smem: int
+    n_x: int  # attention units per kv head
+    nb_max: int  # most union blocks one attention unit spans
+    chunk: int  # tokens per attention item
+    n_chunks: int  # attention items per block
+    win_words: int  # bitmap words per window of the union
+    smem: int
+    ctas: int  # persistent CTAs of a full step
 
     @property
     def lcap(self) -> int:
         return self.top_k - 1
 
     @property
-    def route_grid(self) -> tuple[int, int, int]:
-        return (self.n_split, self.kv_heads * self.n_rg, self.batch)
+    def n_route_items(self) -> int:
+        return self.batch * self.kv_heads * self.n_rg * self.n_split
 
     @property
-    def attn_grid(self) -> tuple[int, int, int]:
-        return (self.rows * self.top_k * self.n_chunks, self.kv_heads, self.batch)
+    def n_attn_units(self) -> int:
+        return self.batch * self.kv_heads * self.n_x
 
     @property
-    def n_route_counters(self) -> int:
-        return self.batch * self.kv_heads * self.n_rg
-
-    @property
-    def n_attn_counters(self) -> int:
-        return self.batch * self.kv_heads
-
-
-def route_smem_bytes(head_dim: int, rows_per_group: int, top_k: int, n_split: int) -> int:
-    """Dynamic shared memory of a routing CTA: q rows, score tile, lists, own blocks; or the merge staging."""
-    lcap = top_k - 1
-    tiles = rows_per_group * (head_dim * 4 + ROUTE_TILE * 4 + lcap * 8 + 4)
-    merge = ROUTE_WARPS * n_split * lcap * 8
-    return _FLAGS + max(tiles, merge)
-
-
-def attn_smem_bytes(head_dim: int, itemsize: int = 2) -> int:
-    """Dynamic shared memory of an attention CTA: K and V chunks, q rows, scores, (m, l), limits, row list."""
-    return (_FLAGS + 2 * ATTN_CHUNK * head_dim * itemsize + ATTN_ROWS * head_dim * 4 + ATTN_ROWS * ATTN_CHUNK * 4
-            + ATTN_ROWS * 8 + ATTN_ROWS * 4 + ATTN_MAX_ROWS * 4)
+    def n_counters(self) -> int:
+        """Ticket, leavers, one per (sequence, kv head, row group), two per (sequence, kv head)."""
+        return 2 + self.batch * self.kv_heads * (self.n_rg + 2)
 
 
 def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
-                max_length: int, n_blocks_cap: int, capacity: int, sm_count: int = 132) -> DecodePlan:
+                max_length: int, n_blocks_cap: int, capacity: int, sm_count: int = 132,
+                win_words: int = UNION_WINDOW_WORDS) -> DecodePlan:
     """The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
-    Routing splits the candidate blocks of the longest sequence, :math:`n_c = \\lfloor(L-1)/B\\rfloor`,
-    over ``n_split`` CTAs per row group: up to two per SM in one wave, at least 32 blocks each, at most 32
-    splits and 512 list entries per row to merge.
+    Routing splits the candidate blocks of the longest sequence, :math:`n_c = \\lfloor(L-1)/B\\rfloor`, over
+    ``n_split`` items per row group: about two items per CTA slot (two slots per SM), at least 32 blocks
+    each, at most 32 splits and 512 list entries per row to merge, whole stages per split. Attention gives
+    each kv head ``n_x`` units, about two per CTA slot, more when the union of a kv head (at most
+    :math:`\\min(R k, n_c + 1)` blocks) would need larger block and row lists than fit. Two waves of
+    routing items let the first wave's row groups be merged while the second streams, and the attention
+    units of those row groups cover the merge of the second wave's.
     """
     group = heads // kv_heads
     rows = group * q_len
     n_rg = math.ceil(rows / ROUTE_MAX_ROWS)
     rows_per_group = math.ceil(rows / n_rg)
     lcap = top_k - 1
+    slots = CTAS_PER_SM * sm_count
     n_cand = (max_length - 1) // block_size
+    tile = route_tile(head_dim)
     if lcap == 0 or n_cand == 0:
         n_split, per_split = 1, max(1, n_cand)
     else:
         most = max(1, min(ROUTE_MAX_SPLIT, ROUTE_MERGE_ENTRIES // lcap, math.ceil(n_cand / ROUTE_MIN_BLOCKS)))
-        want = (2 * sm_count) // (batch * kv_heads * n_rg)  # one wave of two CTAs per SM
-        n_split = max(1, min(most, want))
-        per_split = math.ceil(n_cand / n_split)
+        n_split = max(1, min(most, ITEMS_PER_SLOT * slots // (batch * kv_heads * n_rg)))
+        per_split = math.ceil(math.ceil(n_cand / n_split) / tile) * tile  # whole stages
         n_split = math.ceil(n_cand / per_split)  # no empty trailing split
     chunk = min(block_size, ATTN_CHUNK)
+    n_chunks = block_size // chunk
+    items = min(rows * top_k, n_cand + 1) * n_chunks  # most (block, chunk) items of one kv head
+    nb_cap = max(2, ROWLIST_BYTES // (8 + 4 * rows))
+    n_x = max(1, min(items, ITEMS_PER_SLOT * slots // (batch * kv_heads)),
+              math.ceil(items / ((nb_cap - 1) * n_chunks)))
+    if 4 * (win_words + rows * top_k) > ATTN_STAGE_BYTES:
+        raise ValueError(f"plan_decode: a union window of {win_words} words and {rows} x {top_k} selection "
+                         f"entries do not fit in {ATTN_STAGE_BYTES} bytes")
+    nb_max = math.ceil(math.ceil(items / n_x) / n_chunks) + 1
+    smem = max(route_smem_bytes(head_dim, rows_per_group, top_k), attn_smem_bytes(head_dim, rows, nb_max))
+    per_sm = max(1, min(CTAS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)))
+    n_items = batch * kv_heads * (n_rg * n_split + n_x)
     return DecodePlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                       block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                       n_rg=n_rg, rows_per_group=rows_per_group, n_split=n_split, blocks_per_split=per_split,
-                      chunk=chunk, n_chunks=block_size // chunk,
-                      route_smem=route_smem_bytes(head_dim, rows_per_group, top_k, n_split),
-                      attn_smem=attn_smem_bytes(head_dim))
+                      n_x=n_x, nb_max=nb_max, chunk=chunk, n_chunks=n_chunks, win_words=win_words, smem=smem,
+                      ctas=min(n_items, per_sm * sm_count))
 
 
 @dataclass(frozen=True)
@@ -148,7 +188,7 @@ class Launch:
 
 
 def decode_buffers(plan: DecodePlan, device, dtype) -> dict[str, torch.Tensor]:
-    """Outputs and scratch of one step (``torch.empty``: every element a kernel reads it has written)."""
+    """Outputs and scratch of one step (``torch.empty``: every element the kernel reads it has written)."""
     p = plan
     lists = p.batch * p.kv_heads * p.n_rg * p.n_split * p.rows_per_group * max(p.lcap, 1)
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
@@ -163,47 +203,47 @@ def decode_buffers(plan: DecodePlan, device, dtype) -> dict[str, torch.Tensor]:
     )
 
 
-def route_launch(plan: DecodePlan, q: torch.Tensor, sums: torch.Tensor, lengths: torch.Tensor, bufs: dict,
-                 counters: torch.Tensor) -> Launch:
-    """Routing kernel: q (b, q_len, h, d), sums (b, kv_heads, n_blocks_cap, d) fp32, lengths int32 -> sel."""
+def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sums: torch.Tensor,
+                  lengths: torch.Tensor, bufs: dict, counters: torch.Tensor, scale: float,
+                  route_only: bool = False) -> Launch:
+    """The step kernel: q (b, q_len, h, d), the cache's k / v (b, kv_heads, capacity, d) and fp32 block sums
+    (b, kv_heads, n_blocks_cap, d), lengths int32 -> sel, out, lse. ``route_only`` launches the routing
+    items alone (``sel`` only; for measuring them)."""
     p = plan
-    name = f"moba_decode_route_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    args = (q, sums, lengths, bufs["sel"], bufs["part_v"], bufs["part_j"], counters, np.int32(p.q_len),
-            np.int32(p.heads), np.int32(p.kv_heads), np.int32(p.n_blocks_cap), np.int32(p.block_size),
-            np.int32(p.top_k), np.int32(p.n_rg), np.int32(p.rows_per_group), np.int32(p.n_split),
-            np.int32(p.blocks_per_split))
-    return Launch(SOURCE, name, p.route_grid, (ROUTE_THREADS, 1, 1), args, p.route_smem)
+    name = f"moba_decode_step_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+    n_x = 0 if route_only else p.n_x
+    ctas = min(p.ctas, p.n_route_items) if route_only else p.ctas
+    i32 = np.int32
+    args = (q, k, v, sums, lengths, bufs["sel"], bufs["part_v"], bufs["part_j"], bufs["part_o"], bufs["part_ml"],
+            counters, bufs["out"], bufs["lse"], i32(p.batch), i32(p.q_len), i32(p.heads), i32(p.kv_heads),
+            i32(p.n_blocks_cap), i32(p.capacity), i32(p.block_size), i32(p.top_k), i32(p.n_rg),
+            i32(p.rows_per_group), i32(p.n_split), i32(p.blocks_per_split), i32(n_x), i32(p.n_chunks),
+            i32(p.chunk), i32(p.win_words), i32(p.nb_max), np.float32(scale * math.log2(math.e)))
+    return Launch(SOURCE, name, (ctas, 1, 1), (THREADS, 1, 1), args, p.smem)
 
 
-def attention_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     bufs: dict, counters: torch.Tensor, scale: float) -> Launch:
-    """Attention kernel: q, the cache's k / v (b, kv_heads, capacity, d), sel -> out, lse."""
-    p = plan
-    name = f"moba_decode_attn_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    args = (q, k, v, lengths, bufs["sel"], bufs["part_o"], bufs["part_ml"], counters, bufs["out"], bufs["lse"],
-            np.int32(p.q_len), np.int32(p.heads), np.int32(p.kv_heads), np.int32(p.capacity),
-            np.int32(p.block_size), np.int32(p.top_k), np.int32(p.n_chunks), np.int32(p.chunk),
-            np.float32(scale * math.log2(math.e)))
-    return Launch(SOURCE, name, p.attn_grid, (ATTN_THREADS, 1, 1), args, p.attn_smem)
-
-
-def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132):
-    """(plan, buffers, [routing launch, attention launch]) for one step on ``cache`` (no kernel runs)."""
+def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,
+                  route_only: bool = False, win_words: int = UNION_WINDOW_WORDS):
+    """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs)."""
     batch, q_len, heads, dim = q.shape
     plan = plan_decode(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                       cache.n_blocks, cache.capacity, sm_count)
+                       cache.n_blocks, cache.capacity, sm_count, win_words)
     if bufs is None:
         bufs = decode_buffers(plan, q.device, q.dtype)
-    counters = cache._workspace_counters(plan.n_route_counters + plan.n_attn_counters)
-    route_counters = counters[:plan.n_route_counters]
-    attn_counters = counters[plan.n_route_counters:plan.n_route_counters + plan.n_attn_counters]
-    launches = [route_launch(plan, q, cache.block_sums, cache._len_dev, bufs, route_counters),
-                attention_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, attn_counters, scale)]
-    return plan, bufs, launches
+    counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]
+    launch = decode_launch(plan, q, cache.k, cache.v, cache.block_sums, cache._len_dev, bufs, counters, scale,
+                           route_only)
+    return plan, bufs, [launch]
 
 
 # ---------------------------------------------------------------------------------------------------
 # running
+
+
+def max_smem_bytes() -> int:
+    """The most dynamic shared memory any plan asks for (d 128, 64-row groups, top_k 32; full row lists)."""
+    return max(route_smem_bytes(128, ROUTE_MAX_ROWS, 32),
+               max(attn_smem_bytes(128, rows, max(2, ROWLIST_BYTES // (8 + 4 * rows))) for rows in (1, 512)))
 
 
 @functools.cache
@@ -211,9 +251,7 @@ def _function(kernel: str, device_index: int):
     """The compiled kernel with its dynamic shared-memory limit raised once (per process and device)."""
     from ._build import get_kernel
 
-    most = max(route_smem_bytes(128, ROUTE_MAX_ROWS, 32, ROUTE_MAX_SPLIT),
-               route_smem_bytes(128, ROUTE_MAX_ROWS, 2, ROUTE_MAX_SPLIT), attn_smem_bytes(128))
-    return get_kernel(SOURCE, kernel, max_dynamic_smem=most)
+    return get_kernel(SOURCE, kernel, max_dynamic_smem=max_smem_bytes())
 
 
 @functools.cache

@@ -14,7 +14,7 @@ their queries ``q`` (batch, q_len, heads, d). Query i of sequence b sits at posi
 
 So the output equals :func:`mobalab.kernels.moba_attention` over the whole sequence at those positions.
 CPU tensors run :func:`moba_decode_reference` (gathers only the selected blocks); CUDA tensors run the
-kernels of ``cuda/decode.cu``. :func:`check_decode` is the one place that validates the arguments.
+kernel of ``cuda/decode.cu``. :func:`check_decode` is the one place that validates the arguments.
 """
 
 from __future__ import annotations
@@ -213,9 +213,9 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
     :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal).
 
-    CUDA tensors run two kernels (cuda/decode.cu): routing over the cached block sums, reading each sum once
-    per kv head for all query rows of the group, and split-KV attention over the union of the selected
-    blocks with a merge of the partial softmax results (no gradient). CPU tensors run
+    CUDA tensors run one kernel launch (cuda/decode.cu): routing over the cached block sums, reading each
+    sum once per kv head for all query rows of the group, then split-KV attention over the union of the
+    selected blocks with a merge of the partial softmax results (no gradient). CPU tensors run
     :func:`moba_decode_reference`.
 
     Examples

@@ -6,12 +6,22 @@
 // the threads run in a shuffled order, so code that reads what another thread writes without a barrier
 // gives order-dependent results. A barrier that not every thread reaches (divergent __syncthreads or a
 // shuffle inside divergent code) stops the run with an error instead of hanging. CTAs run one after another
-// in a shuffled order, which exercises "the last CTA to finish merges" logic with any CTA being the last.
-// Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN as float), so
-// AddressSanitizer catches accesses beyond it and unwritten reads show up as NaN.
+// in a shuffled order. Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN
+// as float), so AddressSanitizer catches accesses beyond it and unwritten reads show up as NaN.
+//
+// cp.async: a copy poisons its 16 destination bytes when issued and lands only when the issuing thread
+// waits for its commit group (cp.async.wait_group N completes all but the newest N groups), the latest
+// moment the hardware allows; a CTA that ends with copies not waited for is an error. So reading a stage
+// before its wait, or refilling a stage another thread still reads, shows up as NaN.
+// Work tickets (the decode step's persistent CTAs): the ticket counter hands out a random order of the
+// routing tickets, then a random order of the attention tickets (any order the GPU could produce), so every
+// item can be the last of its group; the first CTA to run takes every item in that order, and its shared
+// memory is poisoned again at the start of each item. A wait for a counter that no earlier item raised is an
+// error (on the GPU it would spin).
 //
 // Not modelled: warp-synchronous execution without explicit sync, memory ordering between CTAs (they do
-// not overlap), timing, and PTX (the kernel file swaps its cp.async / ld.cg helpers for plain accesses).
+// not overlap), timing, and PTX (the kernel file swaps its cp.async / ld.cg / acquire helpers for the
+// models here).
 #pragma once
 
 #include <setjmp.h>
@@ -37,6 +47,7 @@
 
 #define DEC_HOST_EMULATION 1
 #define __device__
+#define __host__
 #define __global__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
@@ -112,8 +123,15 @@ enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, DONE };
 
 // A thread starts on its own stack through setcontext (once per CTA); after that every switch is a
 // _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
+struct Copy {
+    void* dst;
+    const void* src;
+};
+
 struct Thread {
     ucontext_t ctx;
+    std::vector<Copy> open;                // cp.async issued since the last commit
+    std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
     jmp_buf jb;
     bool started = false;
     std::vector<char> stack;
@@ -128,6 +146,8 @@ struct Cta {
     std::vector<Thread> threads;
     std::vector<unsigned> slots;  // two banks of one 32-bit exchange slot per thread (warp operations)
     unsigned char* smem = nullptr;
+    size_t smem_bytes = 0;
+    std::vector<unsigned> tickets;  // the order of the work tickets of this launch (empty: not drawn yet)
     int current = -1;
     jmp_buf sched;
     std::function<void()> body;
@@ -201,10 +221,13 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     }
     c.slots.assign(2 * nthreads, 0u);
     c.smem = static_cast<unsigned char*>(std::malloc(smem_bytes ? smem_bytes : 1));
+    c.smem_bytes = smem_bytes;
     std::memset(c.smem, 0xff, smem_bytes);
     for (unsigned i = 0; i < nthreads; ++i) {
         Thread& t = c.threads[i];
         t.idx = {i % block_dim().x, (i / block_dim().x) % block_dim().y, i / (block_dim().x * block_dim().y)};
+        t.open.clear();
+        t.groups.clear();
         t.state = RUNNABLE;
         t.started = false;
         t.phase = 0;
@@ -278,6 +301,8 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         }
         fail("deadlock: __syncthreads not reached by every thread of the block");
     }
+    for (auto& t : c.threads)
+        if (!t.open.empty() || !t.groups.empty()) fail("a thread ended with cp.async copies it never waited for");
     std::free(c.smem);
     c.smem = nullptr;
 }
@@ -288,6 +313,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem, unsigned seed, std::funct
     block_dim() = block;
     cta().body = std::move(kernel);
     cta().rng.seed(seed);
+    cta().tickets.clear();
     std::vector<dim3> blocks;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
@@ -316,6 +342,27 @@ inline unsigned exchange(unsigned v, int src_lane) {
     yield(WARP_WAIT);
     return slots[warp_base() + src_lane];
 }
+
+// The ticket that raw counter value `raw` stands for: tickets [0, n_route) in a random order, then
+// [n_route, n_total) in a random order; values beyond n_total stand for themselves.
+inline unsigned ticket(unsigned raw, int n_route, int n_total) {
+    Cta& c = cta();
+    if (c.tickets.size() != (size_t)n_total) {
+        c.tickets.resize(n_total);
+        for (int i = 0; i < n_total; ++i) c.tickets[i] = (unsigned)i;
+        std::shuffle(c.tickets.begin(), c.tickets.begin() + n_route, c.rng);
+        std::shuffle(c.tickets.begin() + n_route, c.tickets.end(), c.rng);
+    }
+    return raw < (unsigned)n_total ? c.tickets[raw] : raw;
+}
+
+// Shared memory from byte `from` on back to 0xff (call from one thread between two barriers).
+inline void poison_smem(size_t from) {
+    Cta& c = cta();
+    if (from < c.smem_bytes) std::memset(c.smem + from, 0xff, c.smem_bytes - from);
+}
+
+inline Thread& me() { return cta().threads[cta().current]; }
 
 }  // namespace emu
 
@@ -372,6 +419,11 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return bits;
 }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old | v;
+    return old;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __any_sync(unsigned mask, int pred) {
     emu_full_mask(mask);
@@ -400,5 +452,35 @@ inline T dec_ldcg(const T* p) {
     return *p;
 }
 
-inline void dec_cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
-inline void dec_cp_async_wait_all() {}
+inline void dec_cp_async16(void* smem, const void* gmem) {
+    std::memset(smem, 0xff, 16);  // NaN until the copy lands
+    emu::me().open.push_back({smem, gmem});
+}
+inline void dec_cp_async_commit() {
+    emu::Thread& t = emu::me();
+    t.groups.push_back(std::move(t.open));
+    t.open.clear();
+}
+inline void dec_cp_async_wait_n(int n) {
+    emu::Thread& t = emu::me();
+    while (t.groups.size() > (size_t)n) {
+        for (const emu::Copy& c : t.groups.front()) std::memcpy(c.dst, c.src, 16);
+        t.groups.erase(t.groups.begin());
+    }
+}
+template <int N>
+inline void dec_cp_async_wait() {
+    dec_cp_async_wait_n(N);
+}
+inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
+inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
+    return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);
+}
+inline void dec_wait_at_least(const unsigned* p, unsigned target) {
+    if (*p < target) emu::fail("an attention unit waits for a routing counter that no earlier item raised");
+}
+#define DEC_EMU_ITEM_START()                                   \
+    do {                                                       \
+        if (threadIdx.x == 0) emu::poison_smem(DEC_FLAGS);     \
+        __syncthreads();                                       \
+    } while (0)

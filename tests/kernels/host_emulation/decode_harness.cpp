@@ -31,28 +31,20 @@ int I(const Arg& a) { return (int)a.i; }
 
 using Kernel = void (*)(const std::vector<Arg>&);
 
-#define ROUTE(NAME, T)                                                                                         \
-    {#NAME, {17, [](const std::vector<Arg>& a) {                                                               \
-         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<int>(a[3]), P<float>(a[4]),        \
-              P<int>(a[5]), P<unsigned>(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), \
-              I(a[14]), I(a[15]), I(a[16]));                                                                    \
-     }}}
-#define ATTN(NAME, T)                                                                                           \
-    {#NAME, {19, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),     \
-              P<float>(a[5]), P<float>(a[6]), P<unsigned>(a[7]), P<T>(a[8]), P<float>(a[9]), I(a[10]), I(a[11]), \
-              I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), a[18].f);                             \
+#define STEP(NAME, T)                                                                                          \
+    {#NAME, {31, [](const std::vector<Arg>& a) {                                                                \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const float>(a[3]), P<const int>(a[4]),    \
+              P<int>(a[5]), P<float>(a[6]), P<int>(a[7]), P<float>(a[8]), P<float>(a[9]), P<unsigned>(a[10]),     \
+              P<T>(a[11]), P<float>(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), \
+              I(a[20]), I(a[21]), I(a[22]), I(a[23]), I(a[24]), I(a[25]), I(a[26]), I(a[27]), I(a[28]), I(a[29]), \
+              a[30].f);                                                                                          \
      }}}
 
 const std::map<std::string, std::pair<size_t, Kernel>> kKernels = {
-    ROUTE(moba_decode_route_bf16_d64, __nv_bfloat16),
-    ROUTE(moba_decode_route_bf16_d128, __nv_bfloat16),
-    ROUTE(moba_decode_route_fp16_d64, __half),
-    ROUTE(moba_decode_route_fp16_d128, __half),
-    ATTN(moba_decode_attn_bf16_d64, __nv_bfloat16),
-    ATTN(moba_decode_attn_bf16_d128, __nv_bfloat16),
-    ATTN(moba_decode_attn_fp16_d64, __half),
-    ATTN(moba_decode_attn_fp16_d128, __half),
+    STEP(moba_decode_step_bf16_d64, __nv_bfloat16),
+    STEP(moba_decode_step_bf16_d128, __nv_bfloat16),
+    STEP(moba_decode_step_fp16_d64, __half),
+    STEP(moba_decode_step_fp16_d128, __half),
 };
 
 [[noreturn]] void die(const std::string& msg) {

@@ -1,6 +1,6 @@
-// MoBA decode over a KV cache: routing over the cached block key sums, then split-KV attention over the
-// selected blocks. Two kernels per step; each finishes with a merge done by the last CTA of its group
-// (a per-group completion counter), so a step is two launches.
+// MoBA decode over a KV cache in one launch: routing over the cached block key sums, then split-KV attention
+// over the union of the selected blocks, both streamed through cp.async pipelines by persistent CTAs that
+// take work items from one ticket counter.
 //
 // Layouts (all contiguous):
 //   q        (b, q_len, heads, D) T           queries of the newest q_len tokens of every sequence
@@ -10,39 +10,71 @@
 //   sel      (b, q_len, heads, top_k) int32   slot 0 own block, then k-1 past blocks, -1 unused
 //   out      (b, q_len, heads, D) T, lse (b, q_len, heads) fp32 (natural log)
 // Query i of sequence b sits at t = L_b - q_len + i. Rows of one kv head kh: r = i * G + g (G = heads /
-// kv_heads, query head kh * G + g), R = G * q_len rows.
+// kv_heads, query head kh * G + g), R = G * q_len rows; entry e = r * top_k + s names sel slot s of row r.
 //
-// Routing (moba_decode_route_*): grid (n_split, kv_heads * n_rg, b), 256 threads. A CTA scores the rows of
-// one row group (<= 64 rows) against a contiguous range of candidate blocks, so every block sum is read
-// once per kv head for all heads of the group and all q_len positions (once per row group beyond 64 rows).
-// Candidates are complete blocks (j < own block), |j| = B is a power of two, so ranking by q . S_j equals
-// ranking by q . (S_j / B) exactly: the score is the fp32 dot product with the running sum. 8 lanes share a
-// block (16-byte loads, 3 shuffles); scores of a tile of 128 blocks go to shared memory, and every score that
-// beats the last entry of the row's sorted list of the best k-1 (score desc, block desc) is inserted at its
-// rank (past the first tiles few do). The last CTA of a (b, kv head, row group) merges the n_split lists
-// per row by repeated warp arg-max and writes sel.
-//
-// Attention (moba_decode_attn_*): grid (R * top_k * n_chunks, kv_heads, b), 128 threads. Unit (e = r * top_k
-// + s, chunk c) handles block j = sel[r][s] only when e is the first entry that selected j (the union of
-// the group's selections, each block loaded once); it loads the chunk's <= 64 tokens of K and V with
-// 16-byte cp.async (zero-filled beyond L_b), and for every row that selected j computes the partial
-// softmax (m, l) and the unnormalised o over the chunk (keys > t masked), written to slot (r, s, c). The
-// last CTA of a (b, kv head) merges each row's k * n_chunks partials: M = max m, L = sum l 2^(m - M),
-// out = sum o 2^(m - M) / L, lse = (M + log2 L) ln 2. Scores are in base 2 (scale * log2 e folded in).
+// Work items, in ticket order (ticket = atomicAdd on one counter; a CTA takes the next ticket when it starts
+// an item, so it is known when the item ends):
+// 1. routing items (b, kv head, row group of <= 64 rows, split): score the rows of the group against a
+//    contiguous range of candidate blocks, so every block sum is read once per kv head for all heads and
+//    q_len positions of the group. Candidates are complete blocks (j < own block), |j| = B is a power of
+//    two, so ranking by q . S_j equals ranking by q . (S_j / B) exactly: the score is the fp32 dot product
+//    with the running sum. The sums stream through DEC_ROUTE_STAGES stages of 16 KB (cp.async.cg, 16-byte
+//    copies): 8 lanes share a block (3 shuffles), each stage's scores go to shared memory and every score
+//    that beats the last entry of its row's sorted list of the best k-1 (score desc, block desc) is
+//    inserted at its rank. The last item of a (b, kv head, row group) merges the split lists by repeated
+//    warp arg-max and writes sel (one split: the list is the selection, no merge); then it counts the row
+//    group into ready[b, kv head].
+// 2. attention units (b, kv head, x < n_x): wait until ready[b, kv head] = n_rg (thread 0 spins on an
+//    acquire load), build the union U of the kv head's selections (a bitmap over the blocks 0 .. own, in
+//    windows of win_words words; ascending block order), split its U * n_chunks items (block, chunk of
+//    <= 64 tokens) evenly over the n_x units, and stream each item's K and V through the stages (zero-filled
+//    beyond L_b). Every row that selected the block gets the partial softmax (m, l) and the unnormalised o
+//    over the chunk (keys > t masked), written to slot (r, s, chunk). The last unit of a (b, kv head)
+//    merges each row's k * n_chunks partials: M = max m, L = sum l 2^(m - M), out = sum o 2^(m - M) / L,
+//    lse = (M + log2 L) ln 2. Scores are in base 2 (scale * log2 e folded in).
+// Why this cannot deadlock: an attention unit waits only for routing items, and every routing ticket is
+// smaller than every attention ticket, so when a CTA holds an attention ticket every routing ticket has been
+// taken by a running CTA, which finishes it without waiting. With n_x = 0 the launch routes only (sel).
+// Every counter is back to zero when the launch ends (the last CTA to leave resets the ticket).
 //
 // Bytes one step needs (HBM), per sequence and kv head, n_p = floor((L - 1) / B) past blocks of the last
 // query, U = blocks in the union of the group's selections:
 //   sums 4 * n_p * D * ceil(R / 64)  +  K, V 2 * 2 * U * B * D (own block: its real tokens)  +  q, out
-//   2 * 2 * R * D. Scratch (sel, lists, partials) is small and stays in L2.
-//   Example, L = 512K, b 8, 32 / 8 heads, D 128, B 128, k 8, bf16: sums 134 MB, K/V 33.5 MB (U = 8 when
-//   the 4 heads of a group agree) to 121 MB (U ~ 29, independent choices as on random data), q/out 0.13
-//   MB: 168-255 MB against 17.2 GB that dense decode reads (the whole cache), 67-102x fewer bytes.
+//   2 * 2 * R * D. Scratch (sel, lists, partials: 32 KB per (b, kv head) at R 4, k 8, B 128) stays in L2.
 // FLOPs: routing 2 * b * heads * q_len * n_p * D, attention 4 * b * heads * q_len * |S_t| * D with
-//   |S_t| <= k * B; the example: 268 + 134 MFLOP, ~1.6 FLOP per byte: memory-bound, so CUDA cores
-//   (exact fp32 scores) rather than tensor cores.
+//   |S_t| <= k * B; at 512K, b 8, 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP, ~1.6 FLOP per byte:
+//   memory-bound, so CUDA cores (exact fp32 scores) rather than tensor cores.
 //
-// Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async, ld.cg)
-// and the dynamic shared-memory declaration, so that the same kernel bodies run on host threads.
+// Work per step and SM (132 SMs, 2 CTA slots each): ~2 routing items and ~2 attention units per slot, so
+// the routing items run in two waves; the row groups of the first wave are merged while the second streams,
+// and when the second wave ends the first attention tickets belong to kv heads that are ready (the hand-
+// over bubble is the unit prologue, not the merge). Bytes in flight per CTA: routing 4 stages of 16 KB,
+// attention 2 stages of 32 KB at d 128 (chunks of 64 tokens; more stages of shorter chunks for B 16 / 32),
+// so 128 KB per SM: at ~1.5 us loaded latency that covers 132 * 128 KB / 1.5 us = 11 TB/s, and one CTA
+// alone (64 KB) still covers its SM's share of HBM (~30 GB/s) while the other is between items.
+// Serial phases of a step: launch; routing stream (two waves); merge of the last wave's row groups (one
+// warp per row, n_split * (k-1) entries) overlapped with the first attention units; attention stream; the
+// last units' merge of the partials (k * n_chunks per row).
+//
+// Time model: bytes at 4.0 TB/s plus ~7.5 us of fixed phases (launch and first stages ~3, the wave change
+// ~1, hand-over to attention ~1.5, final merge ~2; estimates, not measured). 32 / 8 heads, d 128, bf16,
+// q_len 1; MB from the selections measured on an H200, dense = the fastest SDPA measured there; roofline =
+// MB / time against its 4.28 TB/s copy bandwidth:
+//   N     b  B   k    MB (sums + K/V)          stream us  predicted us  x dense (dense ms)  roofline %
+//   512K  8  128 8    255.5 (134.2 + 121.2)      63.9      71.4      57.1 (4.079)    84
+//   32K   8  128 8    125.5 (8.4 + 117.0)        31.4      38.9       7.5 (0.292)    75
+//   128K  8  32  8    164.6 (134.2 + 30.3)       41.1      48.6      22.7 (1.102)    79
+//   128K  8  64  4     94.4 (67.1 + 27.2)        23.6      31.1      35.4 (1.102)    71
+//   128K  8  128 8    154.6 (33.5 + 120.9)       38.6      46.1      23.9 (1.102)    78
+//   128K  8  128 16   283.6 (33.5 + 250.0)       70.9      78.4      14.1 (1.102)    85
+//   1M    8  128 8    389.9 (268.4 + 121.4)      97.5     105.0      78.8 (8.275)    87
+//   128K  1  128 8     19.3 (4.2 + 15.1)          4.8      12.3      13.3 (0.164)    37
+//   32K   64 128 8    999.0 (66.8 + 931.1)      249.8     257.2       7.4 (1.916)    91
+// The 94 MB row has the least slack: every us of fixed cost is ~2.3 % of roofline there.
+//
+// Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
+// deferred completion, ld.cg, acquire, the ticket, the wait) and the dynamic shared-memory declaration, so
+// that the same kernel bodies run on host threads.
 
 #ifndef DEC_HOST_EMULATION
 #include <cuda_bf16.h>
@@ -50,15 +82,17 @@
 #endif
 
 #define DEC_FULL 0xffffffffu
-#define DEC_ROUTE_THREADS 256
-#define DEC_ROUTE_WARPS (DEC_ROUTE_THREADS / 32)
-#define DEC_ROUTE_TILE 128  // blocks scored per tile (4 per warp and iteration: 4 iterations)
-#define DEC_ATTN_THREADS 128
-#define DEC_ATTN_WARPS (DEC_ATTN_THREADS / 32)
-#define DEC_ATTN_CHUNK 64  // most tokens of one attention unit
-#define DEC_ATTN_ROWS 16   // rows per pass of an attention unit
-#define DEC_ATTN_RB 4      // rows accumulated together in P.V
-#define DEC_ATTN_MAX_ROWS 512
+#define DEC_THREADS 256
+#define DEC_WARPS (DEC_THREADS / 32)
+#define DEC_FLAGS 64                 // bytes of flags at the start of shared memory (ticket, last, warp sums)
+#define DEC_ROUTE_STAGES 5           // cp.async stages of block sums
+#define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
+#define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
+#define DEC_ATTN_CHUNK 64            // most tokens of one attention item
+#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in softmax and P.V)
+#define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
+#define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
+#define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
 
 #ifndef DEC_DYNAMIC_SMEM
 #define DEC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -69,21 +103,35 @@
 __device__ __forceinline__ float dec_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float dec_to_float(__half x) { return __half2float(x); }
 
-// One 16-byte vector of 8 elements -> 8 floats (bf16 is the top half of an fp32: exact shifts).
-__device__ __forceinline__ void dec_unpack8(const uint4& u, float (&f)[8], __nv_bfloat16) {
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        f[2 * e] = __uint_as_float(w[e] << 16);
-        f[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
-    }
+// Two packed elements (low half first) -> two floats (bf16 is the top half of an fp32: exact shifts).
+__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __nv_bfloat16) {
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xffff0000u);
 }
-__device__ __forceinline__ void dec_unpack8(const uint4& u, float (&f)[8], __half) {
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        f[2 * e] = __half2float(__ushort_as_half((unsigned short)(w[e] & 0xffffu)));
-        f[2 * e + 1] = __half2float(__ushort_as_half((unsigned short)(w[e] >> 16)));
+__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __half) {
+    a = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    b = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
+
+// One 16-byte vector of 8 elements -> 8 floats.
+template <typename T>
+__device__ __forceinline__ void dec_unpack8(const uint4& u, float (&f)[8]) {
+    dec_unpack2(u.x, f[0], f[1], T());
+    dec_unpack2(u.y, f[2], f[3], T());
+    dec_unpack2(u.z, f[4], f[5], T());
+    dec_unpack2(u.w, f[6], f[7], T());
+}
+
+// CPL consecutive elements at p (CPL = 4: 8 bytes, CPL = 2: 4 bytes) -> floats.
+template <typename T, int CPL>
+__device__ __forceinline__ void dec_load_cols(const T* p, float (&f)[CPL]) {
+    static_assert(CPL == 2 || CPL == 4, "d / 32 columns per lane");
+    if constexpr (CPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        dec_unpack2(u.x, f[0], f[1], T());
+        dec_unpack2(u.y, f[CPL - 2], f[CPL - 1], T());
+    } else {
+        dec_unpack2(*reinterpret_cast<const unsigned*>(p), f[0], f[CPL - 1], T());
     }
 }
 
@@ -101,11 +149,27 @@ __device__ __forceinline__ void dec_cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
-// Wait for every cp.async this thread issued (a __syncthreads must follow before others read).
-__device__ __forceinline__ void dec_cp_async_wait_all() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void dec_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are in flight (a __syncthreads must follow before
+// other threads read the data).
+template <int N>
+__device__ __forceinline__ void dec_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// Loads of what other CTAs of this grid wrote (after the completion counter): from L2, never a stale L1 line.
+// The same for a run-time n in 0 .. DEC_ATTN_MAX_STAGES - 2 (the instruction takes an immediate).
+__device__ __forceinline__ void dec_cp_async_wait_n(int n) {
+    switch (n) {
+        case 0: dec_cp_async_wait<0>(); break;
+        case 1: dec_cp_async_wait<1>(); break;
+        case 2: dec_cp_async_wait<2>(); break;
+        case 3: dec_cp_async_wait<3>(); break;
+        case 4: dec_cp_async_wait<4>(); break;
+        case 5: dec_cp_async_wait<5>(); break;
+        default: dec_cp_async_wait<6>(); break;
+    }
+}
+// Loads of what other CTAs of this grid wrote (after a completion counter or a wait): from L2, never a stale
+// L1 line.
 __device__ __forceinline__ float dec_ldcg(const float* p) {
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
@@ -124,11 +188,29 @@ __device__ __forceinline__ float4 dec_ldcg(const float4* p) {
                  : "memory");
     return v;
 }
+__device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// The next work item: routing tickets [0, n_route), attention tickets [n_route, n_total) (the emulation
+// shuffles the order within each range).
+__device__ __forceinline__ unsigned dec_fetch_ticket(unsigned* ticket, int, int) { return atomicAdd(ticket, 1u); }
+// Thread 0 of a CTA: wait until *p >= target (p is raised by atomics of other CTAs after a fence).
+__device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned target) {
+    unsigned polls = 0;
+    while (dec_ld_acquire(p) < target) {
+        if (++polls == DEC_SPIN_LIMIT) __trap();  // a broken dependency fails loudly instead of hanging
+        __nanosleep(100);
+    }
+}
+#define DEC_EMU_ITEM_START()
 #endif
 
 __device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ bool dec_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+__host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~15; }
 
 // ---- ranking ----
 
@@ -186,17 +268,18 @@ __device__ __forceinline__ void dec_warp_select(float* cv, const int* cj, int n,
     }
 }
 
-// One warp merges a tile of scores of one row (srow[e] for block t0 + e, NaN where no candidate) into the
-// row's sorted list (lrow / jrow, lcap entries, best first): lane s < lcap holds entry s; every score that
-// ranks before the current last entry is inserted at its rank, the entries behind it move down one lane.
-// Past the first tiles few scores qualify, so a tile costs little more than one compare per score.
-__device__ __forceinline__ void dec_merge_tile(const float* srow, int t0, float* lrow, int* jrow, int lcap,
+// One warp merges a tile of n (a multiple of 32) scores of one row (srow[e] for block t0 + e, NaN where no
+// candidate) into the row's sorted list (lrow / jrow, lcap entries, best first): lane s < lcap holds entry
+// s; every score that ranks before the current last entry is inserted at its rank, the entries behind it
+// move down one lane. Past the first tiles few scores qualify, so a tile costs little more than one compare
+// per score.
+__device__ __forceinline__ void dec_merge_tile(const float* srow, int n, int t0, float* lrow, int* jrow, int lcap,
                                                int lane) {
     float lv = lane < lcap ? lrow[lane] : dec_neg_inf();
     int lj = lane < lcap ? jrow[lane] : -1;
     float tv = __shfl_sync(DEC_FULL, lv, lcap - 1);
     int tj = __shfl_sync(DEC_FULL, lj, lcap - 1);
-    for (int e0 = 0; e0 < DEC_ROUTE_TILE; e0 += 32) {
+    for (int e0 = 0; e0 < n; e0 += 32) {
         const float v = srow[e0 + lane];
         const int j = t0 + e0 + lane;
         unsigned pending = __ballot_sync(DEC_FULL, dec_before(v, j, 0, tv, tj, 1));
@@ -226,239 +309,385 @@ __device__ __forceinline__ void dec_merge_tile(const float* srow, int t0, float*
     }
 }
 
-// ---- routing ----
-
-// Shared memory (dynamic): [16 B flags] then qs [rpg][D] fp32 | S [rpg][TILE] | lv [rpg][lcap] fp32 |
-// lj [rpg][lcap] int | own [rpg] int; the last CTA reuses everything after the flags as per-warp staging
-// of n_split * lcap (value, block) pairs.
-template <typename T, int D>
-__device__ __forceinline__ void dec_route_body(const T* __restrict__ q, const float* __restrict__ sums,
-                                               const int* __restrict__ lengths, int* __restrict__ sel,
-                                               float* __restrict__ part_v, int* __restrict__ part_j,
-                                               unsigned* __restrict__ counters, int q_len, int heads,
-                                               int kv_heads, int n_blocks_cap, int block_size, int top_k,
-                                               int n_rg, int rows_per_group, int n_split, int blocks_per_split) {
-    DEC_DYNAMIC_SMEM(dec_smem);
-    constexpr int NV = D / 32;  // float4 vectors of one lane's slice of a block sum (8 lanes per block)
-    constexpr int ITERS = DEC_ROUTE_TILE / (4 * DEC_ROUTE_WARPS);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int split = blockIdx.x, kvh = blockIdx.y / n_rg, rg = blockIdx.y % n_rg, b = blockIdx.z;
-    const int group = heads / kv_heads;
-    const int rows = group * q_len;
-    const int r0 = rg * rows_per_group;
-    const int nr = min(rows_per_group, rows - r0);
-    const int lcap = top_k - 1;
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_lo = split * blocks_per_split;
-    const int j_hi = min(j_lo + blocks_per_split, c_last);
-
-    int* flags = reinterpret_cast<int*>(dec_smem);
-    float* qs = reinterpret_cast<float*>(dec_smem + 16);
-    float* S = qs + rows_per_group * D;
-    float* lv = S + rows_per_group * DEC_ROUTE_TILE;
-    int* lj = reinterpret_cast<int*>(lv + rows_per_group * lcap);
-    int* own = lj + rows_per_group * lcap;
-
-    for (int x = tid; x < nr * D; x += DEC_ROUTE_THREADS) {
-        const int rr = x / D, e = x % D, r = r0 + rr, i = r / group, g = r % group;
-        qs[x] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+// Exclusive prefix sum of v over the CTA (every thread calls it); `total` receives the sum. wsum: DEC_WARPS
+// ints of shared memory.
+__device__ __forceinline__ int dec_block_scan(int v, int* wsum, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int inc = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(DEC_FULL, inc, off);
+        if (lane >= off) inc += y;
     }
-    for (int rr = tid; rr < nr; rr += DEC_ROUTE_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-    for (int x = tid; x < nr * lcap; x += DEC_ROUTE_THREADS) {
+    if (lane == 31) wsum[warp] = inc;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+#pragma unroll
+    for (int w = 0; w < DEC_WARPS; ++w) {
+        const int s = wsum[w];
+        if (w < warp) before += s;
+        total += s;
+    }
+    __syncthreads();
+    return before + inc - v;
+}
+
+// ---- parameters ----
+
+template <typename T>
+struct DecParams {
+    const T* q;
+    const T* k;
+    const T* v;
+    const float* sums;
+    const int* lengths;
+    int* sel;
+    float* part_v;
+    int* part_j;
+    float* part_o;
+    float* part_ml;
+    unsigned* counters;  // [ticket, exited, route counters (b, kv, rg), ready (b, kv), attention counters (b, kv)]
+    T* out;
+    float* lse;
+    int batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max;
+    float scale_log2;
+
+    __device__ __forceinline__ unsigned* route_counters() const { return counters + 2; }
+    __device__ __forceinline__ unsigned* ready() const { return counters + 2 + batch * kv_heads * n_rg; }
+    __device__ __forceinline__ unsigned* attn_counters() const { return ready() + batch * kv_heads; }
+    // Selection entry e = r * top_k + s of kv head kvh of sequence b, written in this launch: from L2.
+    __device__ __forceinline__ int sel_entry(int b, int kvh, int e) const {
+        const int group = heads / kv_heads, r = e / top_k, s = e - r * top_k, i = r / group, g = r - i * group;
+        return dec_ldcg(sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k + s);
+    }
+};
+
+// ---- routing item ----
+
+// Shared memory: [flags] qs [rpg][D] fp32 | own [rpg] | lv [rpg][lcap] fp32 | lj [rpg][lcap] | st [rpg][RT]
+// fp32 | (16-byte aligned) stages [DEC_ROUTE_STAGES][RT][D] fp32; the merge reuses the stages as per-warp
+// staging of n_split * lcap (value, block) pairs.
+template <typename T, int D>
+__device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, unsigned char* smem) {
+    constexpr int NV = D / 32;                           // float4 vectors of one lane's slice of a block sum
+    constexpr int V4 = D / 4;                            // float4 vectors of a block sum
+    constexpr int RT = DEC_ROUTE_STAGE_BYTES / (4 * D);  // blocks per stage
+    constexpr int RS = DEC_ROUTE_STAGES;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int grp = item / p.n_split, split = item - grp * p.n_split;  // grp = (b * kv_heads + kvh) * n_rg + rg
+    const int rg = grp % p.n_rg, kvh = (grp / p.n_rg) % p.kv_heads, b = grp / (p.n_rg * p.kv_heads);
+    const int group = p.heads / p.kv_heads, rows = group * p.q_len;
+    const int rpg = p.rows_per_group, r0 = rg * rpg, nr = min(rpg, rows - r0);
+    const int lcap = p.top_k - 1;
+    const int len = p.lengths[b];
+    const int c_last = (len - 1) / p.block_size;  // own block of the last query: candidates lie below it
+    const int j_lo = split * p.blocks_per_split;
+    const int j_hi = min(j_lo + p.blocks_per_split, c_last);
+
+    int* flags = reinterpret_cast<int*>(smem);
+    float* qs = reinterpret_cast<float*>(smem + DEC_FLAGS);
+    int* own = reinterpret_cast<int*>(qs + rpg * D);
+    float* lv = reinterpret_cast<float*>(own + rpg);
+    int* lj = reinterpret_cast<int*>(lv + rpg * lcap);
+    float* st = reinterpret_cast<float*>(lj + rpg * lcap);
+    float* stages = reinterpret_cast<float*>(smem + dec_align16(DEC_FLAGS + rpg * (D * 4 + 4 + lcap * 8 + RT * 4)));
+
+    const float* bsum = p.sums + (long long)(b * p.kv_heads + kvh) * p.n_blocks_cap * D;
+    const int n_tiles = (lcap > 0 && j_hi > j_lo) ? (j_hi - j_lo + RT - 1) / RT : 0;
+    // Tile t: blocks j_lo + t * RT .. (contiguous in memory) into stage t % RS.
+    auto issue = [&](int t) {
+        const int t0 = j_lo + t * RT, nblk = min(RT, j_hi - t0);
+        float* dst = stages + (t % RS) * RT * D;
+        const float* src = bsum + (long long)t0 * D;
+        for (int x = tid; x < nblk * V4; x += DEC_THREADS) dec_cp_async16(dst + x * 4, src + (long long)x * 4);
+    };
+#pragma unroll 1
+    for (int s = 0; s < RS - 1; ++s) {
+        if (s < n_tiles) issue(s);
+        dec_cp_async_commit();
+    }
+    // The first stages are in flight while the query rows load.
+    for (int x = tid; x < nr * D; x += DEC_THREADS) {
+        const int rr = x / D, e = x - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+        qs[x] = dec_to_float(p.q[((long long)(b * p.q_len + i) * p.heads + kvh * group + g) * D + e]);
+    }
+    for (int rr = tid; rr < nr; rr += DEC_THREADS) own[rr] = (len - p.q_len + (r0 + rr) / group) / p.block_size;
+    for (int x = tid; x < nr * lcap; x += DEC_THREADS) {
         lv[x] = dec_neg_inf();
         lj[x] = -1;
     }
     __syncthreads();
 
-    const float* bsum = sums + (long long)(b * kv_heads + kvh) * n_blocks_cap * D;
+    // Lane (sub, part) of warp w scores block step * 32 + w * 4 + sub of a tile, holding the float4 vectors
+    // m * 8 + part of its sum (each 8-lane read is 128 contiguous bytes of shared memory).
     const int sub = lane >> 3, part = lane & 7;
-    if (lcap > 0) {
-        // Lane (sub, part) of warp w scores block t0 + (it * WARPS + w) * 4 + sub of each tile, holding the
-        // float4 vectors m * 8 + part of its sum (each 8-lane load is 128 contiguous bytes). The next block's
-        // vectors are loaded while the current one is scored, also across tiles, so loads stay in flight
-        // while the lists are merged.
-        float4 cur[NV], nxt[NV];
-        {
-            const int j = j_lo + warp * 4 + sub;
+    for (int it = 0; it < n_tiles; ++it) {
+        dec_cp_async_wait<RS - 2>();
+        __syncthreads();  // tile it has landed for every thread; the last merge is done with st
+        if (it + RS - 1 < n_tiles) issue(it + RS - 1);  // into the stage scored in iteration it - 1
+        dec_cp_async_commit();
+        const float* stage = stages + (it % RS) * RT * D;
+        const int t0 = j_lo + it * RT, nblk = min(RT, j_hi - t0);
 #pragma unroll
-            for (int m = 0; m < NV; ++m)
-                cur[m] = j < j_hi ? *reinterpret_cast<const float4*>(bsum + (long long)j * D + (m * 8 + part) * 4)
-                                  : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        for (int t0 = j_lo; t0 < j_hi; t0 += DEC_ROUTE_TILE) {
+        for (int step = 0; step < RT / 32; ++step) {
+            const int col = step * 32 + warp * 4 + sub, j = t0 + col;
+            float4 sv[NV];
 #pragma unroll
-            for (int it = 0; it < ITERS; ++it) {
-                const int col = (it * DEC_ROUTE_WARPS + warp) * 4 + sub;
-                const int j = t0 + col;
-                const int jn = j + 4 * DEC_ROUTE_WARPS;  // next iteration's block (the next tile's after the last)
+            for (int m = 0; m < NV; ++m) sv[m] = *reinterpret_cast<const float4*>(stage + col * D + (m * 8 + part) * 4);
+            for (int rr = 0; rr < nr; ++rr) {
+                const float* qrow = qs + rr * D;
+                float acc = 0.f;
 #pragma unroll
-                for (int m = 0; m < NV; ++m)
-                    nxt[m] = jn < j_hi ? *reinterpret_cast<const float4*>(bsum + (long long)jn * D + (m * 8 + part) * 4)
-                                       : make_float4(0.f, 0.f, 0.f, 0.f);
-                for (int rr = 0; rr < nr; ++rr) {
-                    const float* qrow = qs + rr * D;
-                    float acc = 0.f;
-#pragma unroll
-                    for (int m = 0; m < NV; ++m) {
-                        const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
-                        acc += qv.x * cur[m].x + qv.y * cur[m].y + qv.z * cur[m].z + qv.w * cur[m].w;
-                    }
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 1);
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 2);
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0) S[rr * DEC_ROUTE_TILE + col] = (j < j_hi && j < own[rr]) ? acc : dec_nan();
+                for (int m = 0; m < NV; ++m) {
+                    const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
+                    acc += qv.x * sv[m].x + qv.y * sv[m].y + qv.z * sv[m].z + qv.w * sv[m].w;
                 }
-#pragma unroll
-                for (int m = 0; m < NV; ++m) cur[m] = nxt[m];
+                acc += __shfl_xor_sync(DEC_FULL, acc, 1);
+                acc += __shfl_xor_sync(DEC_FULL, acc, 2);
+                acc += __shfl_xor_sync(DEC_FULL, acc, 4);
+                if (part == 0) st[rr * RT + col] = (col < nblk && j < own[rr]) ? acc : dec_nan();
             }
-            __syncthreads();
-            for (int rr = warp; rr < nr; rr += DEC_ROUTE_WARPS)
-                dec_merge_tile(S + rr * DEC_ROUTE_TILE, t0, lv + rr * lcap, lj + rr * lcap, lcap, lane);
-            __syncthreads();
         }
+        __syncthreads();
+        for (int rr = warp; rr < nr; rr += DEC_WARPS)
+            dec_merge_tile(st + rr * RT, RT, t0, lv + rr * lcap, lj + rr * lcap, lcap, lane);
     }
+    dec_cp_async_wait<0>();
+    __syncthreads();  // lists complete; the stages are free
 
-    // This split's lists: part[b][kvh][rg][split][row][lcap].
-    const long long grp = (long long)(b * kv_heads + kvh) * n_rg + rg;
-    const long long mine = (grp * n_split + split) * rows_per_group * lcap;
-    for (int x = tid; x < nr * lcap; x += DEC_ROUTE_THREADS) {
-        part_v[mine + x] = lv[x];
-        part_j[mine + x] = lj[x];
-    }
-
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        const unsigned done = atomicAdd(counters + grp, 1u);
-        flags[0] = done == (unsigned)(n_split - 1);
-    }
-    __syncthreads();
-    if (!flags[0]) return;
-    __threadfence();
-
-    // Last CTA of the group: merge the n_split lists of every row, write sel, reset the counter.
-    const int n = n_split * lcap;
-    float* mv = reinterpret_cast<float*>(dec_smem + 16) + warp * 2 * n;
-    int* mj = reinterpret_cast<int*>(mv + n);
-    for (int rr = warp; rr < nr; rr += DEC_ROUTE_WARPS) {
-        for (int e = lane; e < n; e += 32) {
-            const long long off = (grp * n_split + e / lcap) * rows_per_group * lcap + (long long)rr * lcap + e % lcap;
-            mv[e] = dec_ldcg(part_v + off);
-            mj[e] = dec_ldcg(part_j + off);
+    const long long sel_b = (long long)b * p.q_len * p.heads;
+    unsigned* counter = p.route_counters() + grp;
+    if (p.n_split == 1) {  // the list is the row's selection, in rank order
+        for (int x = tid; x < nr * p.top_k; x += DEC_THREADS) {
+            const int rr = x / p.top_k, s = x - rr * p.top_k, r = r0 + rr, i = r / group, g = r - i * group;
+            p.sel[(sel_b + (long long)i * p.heads + kvh * group + g) * p.top_k + s] = s == 0 ? own[rr]
+                                                                                            : lj[rr * lcap + s - 1];
         }
-        __syncwarp();
-        float my_v;
-        int my_j;
-        dec_warp_select(mv, mj, n, lcap, lane, my_v, my_j);
-        const int r = r0 + rr, i = r / group, g = r % group;
-        int* srow = sel + ((long long)(b * q_len + i) * heads + kvh * group + g) * top_k;
-        if (lane == 0) srow[0] = (len - q_len + i) / block_size;
-        if (lane < lcap) srow[1 + lane] = my_j;
-        __syncwarp();
+    } else {
+        // This split's lists: part[b][kvh][rg][split][row][lcap].
+        const long long mine = ((long long)grp * p.n_split + split) * rpg * lcap;
+        for (int x = tid; x < nr * lcap; x += DEC_THREADS) {
+            p.part_v[mine + x] = lv[x];
+            p.part_j[mine + x] = lj[x];
+        }
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(p.n_split - 1);
+        __syncthreads();
+        if (!flags[1]) return;
+        __threadfence();
+
+        // Last item of the row group: merge the n_split lists of every row, write sel, reset the counter.
+        const int n = p.n_split * lcap;
+        float* mv = stages + warp * 2 * n;
+        int* mj = reinterpret_cast<int*>(mv + n);
+        for (int rr = warp; rr < nr; rr += DEC_WARPS) {
+            for (int e = lane; e < n; e += 32) {
+                const long long off =
+                    ((long long)grp * p.n_split + e / lcap) * rpg * lcap + (long long)rr * lcap + e % lcap;
+                mv[e] = dec_ldcg(p.part_v + off);
+                mj[e] = dec_ldcg(p.part_j + off);
+            }
+            __syncwarp();
+            float my_v;
+            int my_j;
+            dec_warp_select(mv, mj, n, lcap, lane, my_v, my_j);
+            const int r = r0 + rr, i = r / group, g = r - i * group;
+            int* srow = p.sel + (sel_b + (long long)i * p.heads + kvh * group + g) * p.top_k;
+            if (lane == 0) srow[0] = own[rr];
+            if (lane < lcap) srow[1 + lane] = my_j;
+            __syncwarp();
+        }
+        if (tid == 0) *counter = 0u;
     }
-    if (tid == 0) counters[grp] = 0u;
+    if (p.n_x > 0) {  // publish the row group to the attention units of its kv head
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) atomicAdd(p.ready() + b * p.kv_heads + kvh, 1u);
+    }
 }
 
-// ---- attention ----
+// ---- attention unit ----
 
-// Selection entry e = r * top_k + s of kv head kvh (sel_b: this sequence's (q_len, heads, top_k) slab).
-__device__ __forceinline__ int dec_sel_entry(const int* sel_b, int e, int top_k, int group, int heads, int kvh) {
-    const int r = e / top_k, s = e - r * top_k, i = r / group, g = r - i * group;
-    return sel_b[((long long)i * heads + kvh * group + g) * top_k + s];
-}
-
-// Shared memory (dynamic): [16 B flags: 0 duplicate, 1 row count, 2 last] Ks [CHUNK][D] T | Vs [CHUNK][D] T |
-// qs [ROWS][D] fp32 (reused as the P.V reduction buffer [WARPS][RB][D]) | S [ROWS][CHUNK] fp32 |
-// ml [ROWS][2] | tl [ROWS] int | rowlist [MAX_ROWS] int.
+// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | cnt [nb_max] |
+// ul [nb_max] | rl [nb_max][R] | (16-byte aligned) stages [AS] x (K [chunk][D], V [chunk][D]) T, AS = the
+// stages of `chunk` tokens that fit in DEC_ATTN_STAGE_BYTES (at most DEC_ATTN_MAX_STAGES). Before the first
+// K/V copy the stages hold the union bitmap (win_words words) and a copy of the kv head's selection (R * k
+// ints); the merge's weights [rmb][k * n_chunks] x 2 reuse them at the end.
 template <typename T, int D>
-__device__ __forceinline__ void dec_attn_body(const T* __restrict__ q, const T* __restrict__ kc,
-                                              const T* __restrict__ vc, const int* __restrict__ lengths,
-                                              const int* __restrict__ sel, float* __restrict__ part_o,
-                                              float* __restrict__ part_ml, unsigned* __restrict__ counters,
-                                              T* __restrict__ out, float* __restrict__ lse, int q_len, int heads,
-                                              int kv_heads, int capacity, int block_size, int top_k, int n_chunks,
-                                              int chunk, float scale_log2) {
-    DEC_DYNAMIC_SMEM(dec_smem);
-    constexpr int VEC = D / 8;                     // 16-byte vectors per K/V row
-    constexpr int TG = DEC_ATTN_THREADS / VEC;     // token groups in P.V
-    static_assert(DEC_ATTN_WARPS * DEC_ATTN_RB == DEC_ATTN_ROWS, "the P.V buffer reuses the q tile");
+__device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, unsigned char* smem) {
+    constexpr int VEC = D / 8;   // 16-byte vectors per K/V row
+    constexpr int CPL = D / 32;  // columns per lane in P.V
+    constexpr int CH = DEC_ATTN_CHUNK;
+    static_assert(DEC_ATTN_STAGE_BYTES / (2 * CH * D * (int)sizeof(T)) >= 3, "at least three K/V stages");
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int kvh = blockIdx.y, b = blockIdx.z;
-    const int unit = blockIdx.x / n_chunks, c = blockIdx.x % n_chunks;
-    const int group = heads / kv_heads, rows = group * q_len, entries = rows * top_k;
-    const int len = lengths[b];
-    const int* sel_b = sel + (long long)b * q_len * heads * top_k;
+    const int x = unit % p.n_x, g = unit / p.n_x, b = g / p.kv_heads, kvh = g - b * p.kv_heads;
+    const int group = p.heads / p.kv_heads, rows = group * p.q_len, top_k = p.top_k, E = rows * top_k;
+    const int nc = p.n_chunks, chunk = p.chunk, nb_max = p.nb_max;
+    const int AS = min(DEC_ATTN_MAX_STAGES, DEC_ATTN_STAGE_BYTES / (2 * chunk * D * (int)sizeof(T)));
+    const int len = p.lengths[b];
+    const int n_c = (len - 1) / p.block_size + 1;  // blocks 0 .. own block of the last query
 
-    int* flags = reinterpret_cast<int*>(dec_smem);
-    T* Ks = reinterpret_cast<T*>(dec_smem + 16);
-    T* Vs = Ks + DEC_ATTN_CHUNK * D;
-    float* qs = reinterpret_cast<float*>(Vs + DEC_ATTN_CHUNK * D);
+    int* flags = reinterpret_cast<int*>(smem);
+    int* wsum = flags + 8;
+    float* qs = reinterpret_cast<float*>(smem + DEC_FLAGS);
     float* S = qs + DEC_ATTN_ROWS * D;
-    float* ml = S + DEC_ATTN_ROWS * DEC_ATTN_CHUNK;
-    int* tl = reinterpret_cast<int*>(ml + 2 * DEC_ATTN_ROWS);
-    int* rowlist = tl + DEC_ATTN_ROWS;
+    int* tl = reinterpret_cast<int*>(S + DEC_ATTN_ROWS * CH);
+    int* cnt = tl + DEC_ATTN_ROWS;
+    int* ul = cnt + nb_max;
+    int* rl = ul + nb_max;
+    unsigned char* stage_bytes =
+        smem + dec_align16(DEC_FLAGS + DEC_ATTN_ROWS * (D * 4 + CH * 4 + 4) + nb_max * (8 + rows * 4));
+    T* stg = reinterpret_cast<T*>(stage_bytes);
+    unsigned* bitmap = reinterpret_cast<unsigned*>(stage_bytes);
+    int* sel_s = reinterpret_cast<int*>(bitmap + p.win_words);  // sel_s[e]: block of entry e
 
-    const int j = dec_sel_entry(sel_b, unit, top_k, group, heads, kvh);
     if (tid == 0) {
-        flags[0] = 0;
-        flags[1] = 0;
+        dec_wait_at_least(p.ready() + g, (unsigned)p.n_rg);
+        __threadfence();
     }
     __syncthreads();
-    if (j >= 0) {
-        // The rows that attend block j; an earlier entry with the same block makes another unit its owner.
-        for (int e = tid; e < entries; e += DEC_ATTN_THREADS) {
-            if (dec_sel_entry(sel_b, e, top_k, group, heads, kvh) == j) {
-                if (e < unit)
-                    flags[0] = 1;
+    for (int e = tid; e < E; e += DEC_THREADS) sel_s[e] = p.sel_entry(b, kvh, e);
+    __syncthreads();
+
+    // The union of the selections: a bitmap per window of wbits blocks, counted, then the blocks of this
+    // unit's share extracted in ascending order.
+    const int wbits = p.win_words * 32;
+    const int n_win = (n_c + wbits - 1) / wbits;
+    const int wpt = (p.win_words + DEC_THREADS - 1) / DEC_THREADS;
+    const int w0 = min(tid * wpt, p.win_words), w1 = min(w0 + wpt, p.win_words);
+    auto build = [&](int w) {
+        for (int i = tid; i < p.win_words; i += DEC_THREADS) bitmap[i] = 0u;
+        __syncthreads();
+        for (int e = tid; e < E; e += DEC_THREADS) {
+            const int j = sel_s[e] - w * wbits;  // unused slots (-1) fall below the window
+            if (j >= 0 && j < wbits) atomicOr(bitmap + (j >> 5), 1u << (j & 31));
+        }
+        __syncthreads();
+    };
+    auto count_mine = [&]() {
+        int c = 0;
+        for (int i = w0; i < w1; ++i) c += __popc(bitmap[i]);
+        return c;
+    };
+    int U = 0;
+    for (int w = 0; w < n_win; ++w) {
+        build(w);
+        int total;
+        dec_block_scan(count_mine(), wsum, total);
+        U += total;
+    }
+    const long long n_all = (long long)U * nc;
+    const long long i_lo = x * n_all / p.n_x, i_hi = (x + 1) * n_all / p.n_x;
+    const int u_lo = (int)(i_lo / nc);
+    const int nbk = i_hi > i_lo ? min((int)((i_hi - 1) / nc) - u_lo + 1, nb_max) : 0;  // nb_max bounds it (plan)
+    if (nbk > 0) {
+        int base = 0;
+        for (int w = 0; w < n_win; ++w) {
+            if (n_win > 1) build(w);  // one window: still in place from the count
+            int total;
+            int u = base + dec_block_scan(count_mine(), wsum, total);
+            for (int i = w0; i < w1; ++i) {
+                unsigned bits = bitmap[i];
+                while (bits) {
+                    const int bit = __ffs(bits) - 1;
+                    bits &= bits - 1;
+                    if (u >= u_lo && u < u_lo + nbk) ul[u - u_lo] = w * wbits + i * 32 + bit;
+                    ++u;
+                }
+            }
+            base += total;
+            __syncthreads();  // the bitmap is rebuilt for the next window
+        }
+    }
+    // Row lists: the entries that selected each of the unit's blocks (a row selects a block at most once).
+    for (int k = tid; k < nbk; k += DEC_THREADS) cnt[k] = 0;
+    __syncthreads();
+    if (nbk > 0) {
+        const int jlo = ul[0], jhi = ul[nbk - 1];
+        for (int e = tid; e < E; e += DEC_THREADS) {
+            const int j = sel_s[e];
+            if (j < jlo || j > jhi) continue;
+            int lo = 0, hi = nbk - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi) >> 1;
+                if (ul[mid] < j)
+                    lo = mid + 1;
                 else
-                    rowlist[atomicAdd(flags + 1, 1)] = e;
+                    hi = mid;
             }
+            if (ul[lo] != j) continue;
+            const int pos = atomicAdd(cnt + lo, 1);
+            if (pos < rows) rl[lo * rows + pos] = e;
         }
     }
     __syncthreads();
-    const bool work = j >= 0 && flags[0] == 0;
-    const int nrows = flags[1];
-    const int tok0 = j * block_size + c * chunk;
 
-    if (work) {
+    // The unit's items i_lo .. i_hi - 1 (item i: union block i / nc, chunk i % nc) through AS stages (the
+    // selection copy and the bitmap are dead from here).
+    const int n_items = (int)(i_hi - i_lo);
+    const long long kv_base = (long long)(b * p.kv_heads + kvh) * p.capacity;
+    auto issue = [&](int it) {
+        const long long i = i_lo + it;
+        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc);
+        const int tok0 = ul[u - u_lo] * p.block_size + c * chunk;
         const int nvalid = max(0, min(chunk, len - tok0));
-        const long long base = ((long long)(b * kv_heads + kvh) * capacity + tok0) * D;
-        for (int x = tid; x < chunk * VEC; x += DEC_ATTN_THREADS) {
-            const int tk = x / VEC, col = x % VEC;
-            T* dk = Ks + tk * D + col * 8;
-            T* dv = Vs + tk * D + col * 8;
+        const long long src = (kv_base + tok0) * D;
+        T* ks = stg + (it % AS) * 2 * chunk * D;
+        T* vs = ks + chunk * D;
+        for (int y = tid; y < chunk * VEC; y += DEC_THREADS) {
+            const int tk = y / VEC, off = tk * D + (y - tk * VEC) * 8;
             if (tk < nvalid) {
-                dec_cp_async16(dk, kc + base + (long long)tk * D + col * 8);
-                dec_cp_async16(dv, vc + base + (long long)tk * D + col * 8);
+                dec_cp_async16(ks + off, p.k + src + off);
+                dec_cp_async16(vs + off, p.v + src + off);
             } else {  // beyond the sequence: zeros, so that P = 0 times V stays 0
-                *reinterpret_cast<uint4*>(dk) = make_uint4(0u, 0u, 0u, 0u);
-                *reinterpret_cast<uint4*>(dv) = make_uint4(0u, 0u, 0u, 0u);
+                *reinterpret_cast<uint4*>(ks + off) = make_uint4(0u, 0u, 0u, 0u);
+                *reinterpret_cast<uint4*>(vs + off) = make_uint4(0u, 0u, 0u, 0u);
             }
         }
-        dec_cp_async_wait_all();
+    };
+#pragma unroll 1
+    for (int s = 0; s < AS - 1; ++s) {
+        if (s < n_items) issue(s);
+        dec_cp_async_commit();
+    }
+    for (int it = 0; it < n_items; ++it) {
+        dec_cp_async_wait_n(AS - 2);
+        __syncthreads();  // item it has landed for every thread; item it - 1 is done with its stage
+        if (it + AS - 1 < n_items) issue(it + AS - 1);
+        dec_cp_async_commit();
 
-        for (int rb0 = 0; rb0 < nrows; rb0 += DEC_ATTN_ROWS) {
-            const int nb = min(DEC_ATTN_ROWS, nrows - rb0);
-            for (int x = tid; x < nb * D; x += DEC_ATTN_THREADS) {
-                const int rr = x / D, e = x % D, r = rowlist[rb0 + rr] / top_k, i = r / group, g = r % group;
-                qs[x] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+        const long long i = i_lo + it;
+        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc), kb = u - u_lo;
+        const int n = min(cnt[kb], rows);
+        const int* list = rl + kb * rows;
+        const int tok0 = ul[kb] * p.block_size + c * chunk;
+        const T* ks = stg + (it % AS) * 2 * chunk * D;
+        const T* vs = ks + chunk * D;
+        for (int rb0 = 0; rb0 < n; rb0 += DEC_ATTN_ROWS) {
+            const int nb = min(DEC_ATTN_ROWS, n - rb0);
+            if (rb0 > 0) __syncthreads();  // the last pass is done with qs and S
+            for (int y = tid; y < nb * D; y += DEC_THREADS) {
+                const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group, gg = r - qi * group;
+                qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
             }
-            for (int rr = tid; rr < nb; rr += DEC_ATTN_THREADS)
-                tl[rr] = len - q_len + (rowlist[rb0 + rr] / top_k) / group;
+            for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
             __syncthreads();
 
-            // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token).
+            // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token);
+            // nb * chunk is a multiple of 16, so the 4 groups of a warp run the same iterations.
             {
                 const int grp8 = tid >> 3, part = tid & 7;
-                for (int p = grp8; p < nb * chunk; p += DEC_ATTN_THREADS / 8) {
-                    const int rr = p / chunk, tk = p % chunk;
+                for (int pp = grp8; pp < nb * chunk; pp += DEC_THREADS / 8) {
+                    const int rr = pp / chunk, tk = pp - rr * chunk;
                     float acc = 0.f;
 #pragma unroll
                     for (int m = 0; m < D / 64; ++m) {
                         const int e0 = (m * 8 + part) * 8;
                         float kf[8];
-                        dec_unpack8(*reinterpret_cast<const uint4*>(Ks + tk * D + e0), kf, T());
+                        dec_unpack8<T>(*reinterpret_cast<const uint4*>(ks + tk * D + e0), kf);
                         const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
                         const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
                         acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
@@ -467,15 +696,15 @@ __device__ __forceinline__ void dec_attn_body(const T* __restrict__ q, const T* 
                     acc += __shfl_xor_sync(DEC_FULL, acc, 1);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 2);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0)
-                        S[rr * DEC_ATTN_CHUNK + tk] = tok0 + tk <= tl[rr] ? acc * scale_log2 : dec_neg_inf();
+                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * p.scale_log2 : dec_neg_inf();
                 }
             }
             __syncthreads();
 
-            // Base-2 softmax pieces per row: m = max, P = 2^(S - m), l = sum P (all -inf: m = -inf, l = 0).
-            for (int rr = warp; rr < nb; rr += DEC_ATTN_WARPS) {
-                float* srow = S + rr * DEC_ATTN_CHUNK;
+            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m), l = sum P; all -inf: m = -inf,
+            // l = 0), then o = P . V over the chunk, lane holding columns lane * CPL ..; written as a partial.
+            if (warp < nb) {
+                float* srow = S + warp * CH;
                 float mx = dec_neg_inf();
                 for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
 #pragma unroll
@@ -488,188 +717,198 @@ __device__ __forceinline__ void dec_attn_body(const T* __restrict__ q, const T* 
                 }
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+                __syncwarp();
+                float o[CPL];
+#pragma unroll
+                for (int e = 0; e < CPL; ++e) o[e] = 0.f;
+#pragma unroll 4
+                for (int tk = 0; tk < chunk; ++tk) {
+                    const float pr = srow[tk];
+                    float vf[CPL];
+                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
+#pragma unroll
+                    for (int e = 0; e < CPL; ++e) o[e] += pr * vf[e];
+                }
+                const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
+                const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
+                float* po = p.part_o + pi * D + lane * CPL;
+                if constexpr (CPL == 4) {
+                    *reinterpret_cast<float4*>(po) = make_float4(o[0], o[1], o[CPL - 2], o[CPL - 1]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < CPL; ++e) po[e] = o[e];
+                }
                 if (lane == 0) {
-                    ml[2 * rr] = mx;
-                    ml[2 * rr + 1] = l;
-                }
-            }
-            __syncthreads();
-
-            // P.V: thread (tg, ds) sums tokens tg, tg + TG, .. of columns ds * 8 .. + 8, RB rows at a time;
-            // lanes of a warp with the same ds are reduced by shuffles, the warps through shared memory.
-            {
-                const int ds = tid % VEC, tg = tid / VEC;
-                float* red = qs;
-                for (int rq = 0; rq < nb; rq += DEC_ATTN_RB) {
-                    float acc[DEC_ATTN_RB][8];
-#pragma unroll
-                    for (int x = 0; x < DEC_ATTN_RB; ++x)
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[x][e] = 0.f;
-                    for (int tk = tg; tk < chunk; tk += TG) {
-                        float vf[8];
-                        dec_unpack8(*reinterpret_cast<const uint4*>(Vs + tk * D + ds * 8), vf, T());
-#pragma unroll
-                        for (int x = 0; x < DEC_ATTN_RB; ++x) {
-                            const float pr = rq + x < nb ? S[(rq + x) * DEC_ATTN_CHUNK + tk] : 0.f;
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) acc[x][e] += pr * vf[e];
-                        }
-                    }
-#pragma unroll
-                    for (int off = VEC; off < 32; off <<= 1)
-#pragma unroll
-                        for (int x = 0; x < DEC_ATTN_RB; ++x)
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) acc[x][e] += __shfl_xor_sync(DEC_FULL, acc[x][e], off);
-                    if (lane < VEC) {
-#pragma unroll
-                        for (int x = 0; x < DEC_ATTN_RB; ++x)
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) red[(warp * DEC_ATTN_RB + x) * D + ds * 8 + e] = acc[x][e];
-                    }
-                    __syncthreads();
-                    for (int x2 = tid; x2 < DEC_ATTN_RB * D; x2 += DEC_ATTN_THREADS) {
-                        const int x = x2 / D, e = x2 % D;
-                        if (rq + x < nb) {
-                            float o = 0.f;
-#pragma unroll
-                            for (int w = 0; w < DEC_ATTN_WARPS; ++w) o += red[(w * DEC_ATTN_RB + x) * D + e];
-                            const int ent = rowlist[rb0 + rq + x], r = ent / top_k, s = ent % top_k;
-                            const long long pi = (((long long)(b * kv_heads + kvh) * rows + r) * top_k + s) * n_chunks + c;
-                            part_o[pi * D + e] = o;
-                            if (e == 0) {
-                                part_ml[2 * pi] = ml[2 * (rq + x)];
-                                part_ml[2 * pi + 1] = ml[2 * (rq + x) + 1];
-                            }
-                        }
-                    }
-                    __syncthreads();
+                    p.part_ml[2 * pi] = mx;
+                    p.part_ml[2 * pi + 1] = l;
                 }
             }
         }
     }
+    dec_cp_async_wait<0>();
 
     __threadfence();
     __syncthreads();
-    if (tid == 0) {
-        const unsigned done = atomicAdd(counters + b * kv_heads + kvh, 1u);
-        flags[2] = done == gridDim.x - 1;
-    }
+    unsigned* counter = p.attn_counters() + g;
+    if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(p.n_x - 1);
     __syncthreads();
-    if (!flags[2]) return;
+    if (!flags[1]) return;
     __threadfence();
 
-    // Last CTA of (b, kv head): merge every row's top_k * n_chunks partials.
+    // Last unit of (b, kv head): merge every row's top_k * n_chunks partials, rmb rows at a time. Weights
+    // w = 2^(m - M) / L per partial (0 for unused slots), then out = sum w o.
+    const int per_row = top_k * nc;
+    const int rmb = max(1, min(rows, DEC_ATTN_STAGE_BYTES / (8 * per_row)));
+    float* wm = reinterpret_cast<float*>(stage_bytes);
+    float* wl = wm + rmb * per_row;
     constexpr int Q4 = D / 4;
-    for (int x = tid; x < rows * Q4; x += DEC_ATTN_THREADS) {
-        const int r = x / Q4, d4 = x % Q4, i = r / group, h = kvh * group + r % group;
-        const int* srow = sel + ((long long)(b * q_len + i) * heads + h) * top_k;
-        const long long p0 = ((long long)(b * kv_heads + kvh) * rows + r) * top_k * n_chunks;
-        float mx = dec_neg_inf();
-        for (int s = 0; s < top_k; ++s) {
-            if (srow[s] < 0) continue;
-            for (int c2 = 0; c2 < n_chunks; ++c2) mx = fmaxf(mx, dec_ldcg(part_ml + 2 * (p0 + s * n_chunks + c2)));
+    for (int m0 = 0; m0 < rows; m0 += rmb) {
+        const int nr = min(rmb, rows - m0);
+        for (int y = tid; y < nr * per_row; y += DEC_THREADS) {
+            const int rr = y / per_row, sc = y - rr * per_row, r = m0 + rr;
+            const bool used = p.sel_entry(b, kvh, r * top_k + sc / nc) >= 0;
+            const long long pi = ((long long)g * rows + r) * per_row + sc;
+            wm[y] = used ? dec_ldcg(p.part_ml + 2 * pi) : dec_neg_inf();
+            wl[y] = used ? dec_ldcg(p.part_ml + 2 * pi + 1) : 0.f;
         }
-        float l = 0.f;
-        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < top_k; ++s) {
-            if (srow[s] < 0) continue;
-            for (int c2 = 0; c2 < n_chunks; ++c2) {
-                const long long pi = p0 + s * n_chunks + c2;
-                const float m = dec_ldcg(part_ml + 2 * pi);
+        __syncthreads();
+        for (int rr = warp; rr < nr; rr += DEC_WARPS) {
+            float* wrow = wm + rr * per_row;
+            const float* lrow = wl + rr * per_row;
+            float mx = dec_neg_inf();
+            for (int sc = lane; sc < per_row; sc += 32) mx = fmaxf(mx, wrow[sc]);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+            float l = 0.f;
+            for (int sc = lane; sc < per_row; sc += 32) {
+                const float m = wrow[sc];
                 const float w = m == dec_neg_inf() ? 0.f : exp2f(m - mx);
-                l += w * dec_ldcg(part_ml + 2 * pi + 1);
-                const float4 po = dec_ldcg(reinterpret_cast<const float4*>(part_o + pi * D) + d4);
+                wrow[sc] = w;
+                l += w * lrow[sc];
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+            const float inv = 1.f / l;
+            for (int sc = lane; sc < per_row; sc += 32) wrow[sc] *= inv;
+            if (lane == 0) {
+                const int r = m0 + rr, qi = r / group, gg = r - qi * group;
+                p.lse[(long long)(b * p.q_len + qi) * p.heads + kvh * group + gg] =
+                    (mx + log2f(l)) * 0.69314718055994531f;
+            }
+        }
+        __syncthreads();
+        for (int y = tid; y < nr * Q4; y += DEC_THREADS) {
+            const int rr = y / Q4, d4 = y - rr * Q4, r = m0 + rr, qi = r / group, gg = r - qi * group;
+            const long long p0 = ((long long)g * rows + r) * per_row;
+            const float* wrow = wm + rr * per_row;
+            float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+            for (int sc = 0; sc < per_row; ++sc) {
+                const float w = wrow[sc];
+                if (w == 0.f) continue;  // unused slot, or no key of the chunk attended
+                const float4 po = dec_ldcg(reinterpret_cast<const float4*>(p.part_o + (p0 + sc) * D) + d4);
                 o.x += w * po.x;
                 o.y += w * po.y;
                 o.z += w * po.z;
                 o.w += w * po.w;
             }
+            const long long oi = ((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + d4 * 4;
+            *reinterpret_cast<uint2*>(p.out + oi) = make_uint2(dec_pack2(o.x, o.y, T()), dec_pack2(o.z, o.w, T()));
         }
-        const float inv = 1.f / l;
-        const long long oi = ((long long)(b * q_len + i) * heads + h) * D + d4 * 4;
-        *reinterpret_cast<uint2*>(out + oi) = make_uint2(dec_pack2(o.x * inv, o.y * inv, T()),
-                                                         dec_pack2(o.z * inv, o.w * inv, T()));
-        if (d4 == 0) lse[(long long)(b * q_len + i) * heads + h] = (mx + log2f(l)) * 0.69314718055994531f;
+        __syncthreads();
     }
-    if (tid == 0) counters[b * kv_heads + kvh] = 0u;
+    if (tid == 0) {
+        *counter = 0u;
+        p.ready()[g] = 0u;  // every unit of this kv head has passed its wait
+    }
+}
+
+// ---- the step: persistent CTAs over the tickets ----
+
+template <typename T, int D>
+__device__ __forceinline__ void dec_step_body(const DecParams<T>& p) {
+    DEC_DYNAMIC_SMEM(dec_smem);
+    int* flags = reinterpret_cast<int*>(dec_smem);
+    const int tid = threadIdx.x;
+    const int n_route = p.batch * p.kv_heads * p.n_rg * p.n_split;
+    const int n_total = n_route + p.batch * p.kv_heads * p.n_x;
+    if (tid == 0) flags[0] = (int)dec_fetch_ticket(p.counters, n_route, n_total);
+    __syncthreads();
+    for (;;) {
+        const int t = flags[0];
+        __syncthreads();
+        if (t >= n_total) break;
+        unsigned next = 0u;  // taken now, so that its latency hides behind this item
+        if (tid == 0) next = dec_fetch_ticket(p.counters, n_route, n_total);
+        DEC_EMU_ITEM_START();
+        if (t < n_route)
+            dec_route_item<T, D>(p, t, dec_smem);
+        else
+            dec_attn_unit<T, D>(p, t - n_route, dec_smem);
+        __syncthreads();  // every thread is done with this item's shared memory
+        if (tid == 0) flags[0] = (int)next;
+        __syncthreads();
+    }
+    if (tid == 0 && atomicAdd(p.counters + 1, 1u) == gridDim.x - 1) {  // the last CTA to leave
+        p.counters[0] = 0u;
+        p.counters[1] = 0u;
+    }
 }
 
 // ---- entry points (one per dtype x head dim; signatures are parsed by _launch.check_args) ----
 
-extern "C" __global__ void __launch_bounds__(DEC_ROUTE_THREADS, 2)
-moba_decode_route_bf16_d64(const __nv_bfloat16* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, unsigned* __restrict__ counters,
-    int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int top_k, int n_rg, int rows_per_group,
-    int n_split, int blocks_per_split) {
-    dec_route_body<__nv_bfloat16, 64>(q, sums, lengths, sel, part_v, part_j, counters, q_len, heads, kv_heads, n_blocks_cap,
-                             block_size, top_k, n_rg, rows_per_group, n_split, blocks_per_split);
+extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
+moba_decode_step_bf16_d64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
+    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
+    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
+    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
+    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
+    const DecParams<__nv_bfloat16> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
+        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
+    dec_step_body<__nv_bfloat16, 64>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_ROUTE_THREADS, 2)
-moba_decode_route_bf16_d128(const __nv_bfloat16* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, unsigned* __restrict__ counters,
-    int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int top_k, int n_rg, int rows_per_group,
-    int n_split, int blocks_per_split) {
-    dec_route_body<__nv_bfloat16, 128>(q, sums, lengths, sel, part_v, part_j, counters, q_len, heads, kv_heads, n_blocks_cap,
-                             block_size, top_k, n_rg, rows_per_group, n_split, blocks_per_split);
+extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
+moba_decode_step_bf16_d128(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
+    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
+    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
+    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
+    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
+    const DecParams<__nv_bfloat16> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
+        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
+    dec_step_body<__nv_bfloat16, 128>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_ROUTE_THREADS, 2)
-moba_decode_route_fp16_d64(const __half* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, unsigned* __restrict__ counters,
-    int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int top_k, int n_rg, int rows_per_group,
-    int n_split, int blocks_per_split) {
-    dec_route_body<__half, 64>(q, sums, lengths, sel, part_v, part_j, counters, q_len, heads, kv_heads, n_blocks_cap,
-                             block_size, top_k, n_rg, rows_per_group, n_split, blocks_per_split);
+extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
+moba_decode_step_fp16_d64(const __half* __restrict__ q, const __half* __restrict__ k,
+    const __half* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
+    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
+    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out,
+    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
+    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
+    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
+    const DecParams<__half> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
+        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
+    dec_step_body<__half, 64>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_ROUTE_THREADS, 2)
-moba_decode_route_fp16_d128(const __half* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, unsigned* __restrict__ counters,
-    int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int top_k, int n_rg, int rows_per_group,
-    int n_split, int blocks_per_split) {
-    dec_route_body<__half, 128>(q, sums, lengths, sel, part_v, part_j, counters, q_len, heads, kv_heads, n_blocks_cap,
-                             block_size, top_k, n_rg, rows_per_group, n_split, blocks_per_split);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_ATTN_THREADS, 4)
-moba_decode_attn_bf16_d64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
-    const int* __restrict__ lengths, const int* __restrict__ sel, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-    int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,
-    float scale_log2) {
-    dec_attn_body<__nv_bfloat16, 64>(q, k, v, lengths, sel, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,
-                            capacity, block_size, top_k, n_chunks, chunk, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_ATTN_THREADS, 4)
-moba_decode_attn_bf16_d128(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
-    const int* __restrict__ lengths, const int* __restrict__ sel, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-    int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,
-    float scale_log2) {
-    dec_attn_body<__nv_bfloat16, 128>(q, k, v, lengths, sel, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,
-                            capacity, block_size, top_k, n_chunks, chunk, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_ATTN_THREADS, 4)
-moba_decode_attn_fp16_d64(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-    const int* __restrict__ lengths, const int* __restrict__ sel, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out, float* __restrict__ lse,
-    int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,
-    float scale_log2) {
-    dec_attn_body<__half, 64>(q, k, v, lengths, sel, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,
-                            capacity, block_size, top_k, n_chunks, chunk, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_ATTN_THREADS, 4)
-moba_decode_attn_fp16_d128(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-    const int* __restrict__ lengths, const int* __restrict__ sel, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out, float* __restrict__ lse,
-    int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,
-    float scale_log2) {
-    dec_attn_body<__half, 128>(q, k, v, lengths, sel, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,
-                            capacity, block_size, top_k, n_chunks, chunk, scale_log2);
+extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
+moba_decode_step_fp16_d128(const __half* __restrict__ q, const __half* __restrict__ k,
+    const __half* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
+    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
+    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out,
+    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
+    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
+    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
+    const DecParams<__half> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
+        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
+    dec_step_body<__half, 128>(p);
 }
