@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mobalab import simulate, snr
-from mobalab.experiments.design import design, format_design
+from mobalab._design_command import design, format_design
 
 pd.set_option("display.width", 140)
 

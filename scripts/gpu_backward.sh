@@ -20,8 +20,8 @@ KEXPR="${3:-}"
 
 SMOKE_PY=$(cat <<'PY'
 import math, time, torch
-from mobalab.kernels import attention as A, autograd as G
-from mobalab.kernels.reference import moba_topk
+from mobalab.kernels import _cuda_attention as A, _cuda_backward as G
+from mobalab.kernels.reference import moba_attention_given_routing, moba_topk
 torch.manual_seed(0)
 for (n, h, hk, d, B, k, causal, dt, det) in [(1000, 4, 2, 128, 64, 4, True, torch.bfloat16, False),
                                              (1000, 4, 4, 64, 16, 8, False, torch.float16, True),
@@ -36,7 +36,7 @@ for (n, h, hk, d, B, k, causal, dt, det) in [(1000, 4, 2, 128, 64, 4, True, torc
     g = G.moba_attention_backward_cuda(do, q, kk, v, out, lse, idx, B, k, causal, d ** -0.5, deterministic=det)
     torch.cuda.synchronize()
     leaves = [x.float().requires_grad_() for x in (q, kk, v)]
-    o, _ = A.indexed_attention_torch(*leaves, idx, B, causal)
+    o, _ = moba_attention_given_routing(*leaves, idx, B, causal)
     ref = torch.autograd.grad((o * do.float()).sum(), leaves)
     errs = " ".join(f"d{nm} {(a.float() - r).abs().max().item():.2e} (|ref| {r.abs().max().item():.2e})"
                     for nm, a, r in zip("qkv", g, ref))
@@ -67,7 +67,7 @@ if [ "$MODE" != "tests" ]; then
   bench_mode=""
   [ "$BENCH" = "quick" ] && bench_mode="--quick"
   [[ "$BENCH" =~ ^[0-9,]+$ ]] && bench_mode="--select $BENCH"
-  timeout "${BENCH_TIMEOUT:-130}" python3 -m mobalab.kernels.bench --backward $bench_mode --out "$LOG" 2>&1 \
+  timeout "${BENCH_TIMEOUT:-130}" python3 -m mobalab.bench.attention --backward $bench_mode --out "$LOG" 2>&1 \
     | tee "$LOG/bench_bwd.log"
 fi
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Everything mobalab needs a GPU for, in one call on the device machine (records go to RESULTS.md).
-#   bash scripts/gpu_check.sh [STEP ...]      default: tests fwd bwd-targets mc snr
+#   MOBALAB_COMMIT=<commit> bash scripts/gpu_check.sh [STEP ...]      default: tests fwd bwd-targets mc snr
+# (MOBALAB_COMMIT names the commit of the copied working tree, whose git metadata may be stale)
 # Steps:
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
+#   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
+#   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
+#   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
@@ -17,7 +21,7 @@ STEPS=("$@")
 status=0
 
 {
-  echo "date: $(date -u +%F' '%T) UTC   commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'see the calling record')"
+  echo "date: $(date -u +%F' '%T) UTC   commit: ${MOBALAB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'see the calling record')}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$W/env.txt"
@@ -28,18 +32,26 @@ for step in "${STEPS[@]}"; do
     tests)
       # only the files that hold GPU tests: the others import test-only packages (hypothesis) the image may lack
       gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
-      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+      timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    fwd)       timeout 300 python3 -m mobalab.kernels.bench --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    fwd-quick) timeout 200 python3 -m mobalab.kernels.bench --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    bwd-targets) timeout 360 python3 -m mobalab.kernels.bench --backward --select 0,1 --out "$W/bwd" \
+    fwd)       timeout 300 python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    fwd-quick) timeout 200 python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    bwd-targets) timeout 360 python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    bwd-quick) timeout 200 python3 -m mobalab.kernels.bench --backward --quick --out "$W/bwd" \
+    bwd-quick) timeout 200 python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    mc)  timeout 120 python3 benchmarks/mc_throughput.py --min-seconds 1 --csv "$W/mc_throughput.csv" \
+    mc)  timeout 120 python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
     snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
+    decode-tests) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                   tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    decode)      timeout 240 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+                   || status=1 ;;
+    varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
+                   || status=1 ;;
+    decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+                   || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
   esac
   echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
@@ -48,8 +60,8 @@ done
 tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
-[ -f "$W/pytest_gpu.log" ] && grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 3
-for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
+for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 rm -rf "$W"

@@ -38,7 +38,8 @@ import statistics
 
 import torch
 
-from mobalab.kernels import routing
+from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels._launch import launch
 
 torch.backends.cuda.matmul.allow_tf32 = False
 dev = torch.cuda.get_device_name()
@@ -83,8 +84,8 @@ for seqlen, bs, causal, top_k in configs:
     out = torch.empty((b, seqlen, h, top_k), dtype=torch.int32, device="cuda")
     cplan = routing.centroid_launch(k, cent, hi, lo, bs)
     tplan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal)
-    t_cent = timed(lambda: routing._run(cplan))
-    t_topk = timed(lambda: routing._run(tplan))
+    t_cent = timed(lambda: launch(cplan))
+    t_topk = timed(lambda: launch(tplan))
     t_api = timed(lambda: routing.moba_topk_cuda(q, k, bs, top_k, causal=causal))
     if causal:
         scores = sum(t // bs for t in range(seqlen))

@@ -25,7 +25,7 @@ def test_wilson_coverage_is_close_to_nominal():
 
 
 def test_wilson_validation():
-    with pytest.raises(ValueError, match="trials must be positive"):
+    with pytest.raises(ValueError, match="trials must be an integer >= 1, got 0"):
         wilson_interval(1, 0)
     with pytest.raises(ValueError, match="hits must lie"):
         wilson_interval(5, 4)
@@ -41,3 +41,33 @@ def test_interval_units():
     assert interval_units(0.9, 50, 100) > 1
     # a prediction of exactly 1 at a perfect score sits on the estimate
     assert interval_units(1.0, 100, 100) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: wilson_interval(True, 10), TypeError, "hits must be a real number >= 0"),
+        (lambda: wilson_interval(3, "10"), TypeError, "trials must be an integer >= 1"),
+        (lambda: wilson_interval(-0.5, 10), ValueError, "hits must be >= 0, got -0.5"),
+        (lambda: wilson_interval(3, 2.5), ValueError, "trials must be an integer >= 1, got 2.5"),
+        (lambda: wilson_interval([1, 2], [10, 10, 10]), ValueError, r"hits \(2,\), trials \(3,\)"),
+        (lambda: wilson_interval(1, 4, confidence=True), TypeError, "confidence must be a real number"),
+        (lambda: interval_units(1.5, 5, 10), ValueError, r"prediction must be in \[0, 1\], got 1.5"),
+        (lambda: interval_units([0.5, 0.6], [5, 6, 7], 10), ValueError, r"prediction \(2,\), hits \(3,\)"),
+    ],
+)
+def test_inputs_follow_the_library_rules(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_counts_may_be_integer_valued_floats_and_predictions_nan():
+    np.testing.assert_array_equal(wilson_interval(17.0, 100.0), wilson_interval(np.int64(17), 100))
+    assert np.isnan(interval_units(np.nan, 5, 10))
+
+
+def test_fractional_hits_are_a_sum_of_soft_outcomes():
+    # e.g. attention mass kept, summed over trials: the interval of its mean, as for integer hits
+    lo, hi = wilson_interval(7.5, 10)
+    assert lo < 0.75 < hi
+    np.testing.assert_allclose(wilson_interval(np.array([7.0, 8.0]), 10), wilson_interval([7, 8], 10))

@@ -1,21 +1,38 @@
 """The ``mobalab`` command line.
 
     mobalab list                                   experiments you can run
-    mobalab run <experiment> [--out DIR] [--quick] [--seed N] [--no-progress]
+    mobalab run <experiment> [--out DIR] [--overwrite] [--quick] [--seed N] [--bench-csv CSV] [--no-progress]
     mobalab bench [...]                            kernel benchmark (GPU), see ``mobalab bench --help``
     mobalab design --head-dim D --seq-len N --top-k K --target P [...]
                                                    feasible block sizes, predicted accuracy, kernel cost
+
+``run`` checks the output folder before it computes anything (it must be creatable and writable, and hold
+no earlier result of the experiment unless ``--overwrite``), says what it will run and on which device,
+and writes the result so that an interrupt never leaves a mixed set of files
+(:mod:`mobalab.experiments._output`). Exit status: 0 done, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 __all__ = ["main"]
+
+_SEED_MAX = 2**63 - 1  # the seed is written to the CSV as a 64-bit integer column
+
+
+def _plain(text: str) -> str:
+    """reStructuredText roles and literals as plain text: ``x`` -> x, :func:`x` -> x."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", text)
 
 
 def _cmd_list(args) -> int:
@@ -24,53 +41,63 @@ def _cmd_list(args) -> int:
     for name in experiments.names():
         mod = experiments.get(name)
         first = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
-        print(f"{name:20s} {first.split(':', 1)[-1].strip()}")
+        print(f"{name:20s} {_plain(first.split(':', 1)[-1].strip())}")
     return 0
 
 
-def _cmd_run(args) -> int:
-    import pandas as pd
+# --------------------------------------------------------------------------------------------------
+# argument types: argparse turns their ArgumentTypeError into "argument --x: <message>" and exit status 2
 
-    from mobalab import experiments
-    from mobalab.experiments._output import write_run
 
+def _seed(text: str) -> int:
     try:
-        mod = experiments.get(args.experiment)
-    except ValueError as exc:
-        print(f"mobalab: {exc}", file=sys.stderr)
-        return 2
-    overrides = {}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    config = mod.Config.quick(**overrides) if args.quick else dataclasses.replace(mod.Config(), **overrides)
-    out = Path(args.out) if args.out else Path("runs") / args.experiment
-    t0 = time.perf_counter()
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= _SEED_MAX:
+        raise argparse.ArgumentTypeError(f"the seed must be an integer from 0 to 2**63 - 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
     try:
-        df = mod.run(config, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as exc:  # missing inputs / unsupported setting: say it, no traceback
-        print(f"mobalab: {exc}", file=sys.stderr)
-        return 2
-    figures = {"": mod.plot(df)}
-    paths = write_run(out, args.experiment, config, df, figures)
-    elapsed = time.perf_counter() - t0
-    with pd.option_context("display.width", 140, "display.max_columns", 20, "display.precision", 3):
-        print(mod.summary(df).to_string(index=False))
-    print(f"\n{args.experiment}: {len(df)} rows in {elapsed:.1f} s" + (" (quick)" if args.quick else ""))
-    for key, p in paths.items():
-        print(f"  {key:5s} {p}")
-    return 0
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
-def _cmd_bench(args, rest) -> int:
-    from mobalab.kernels import gpu_available
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
-    if not ({"-h", "--help"} & set(rest)) and not gpu_available():
-        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); "
-              "none is usable here. Recorded results: RESULTS.md", file=sys.stderr)
-        return 2
-    from mobalab.kernels import bench
 
-    return int(bench.main(rest) or 0)
+def _cosine(text: str) -> float:
+    value = _number(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a cosine lies in [-1, 1], got {text!r}")
+    return value
+
+
+def _cosine_difference(text: str) -> float:
+    value = _number(text)
+    if not -2.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"a difference of two cosines lies in [-2, 2], got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _number(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"a target probability lies strictly between 0 and 1, got {text!r}")
+    return value
 
 
 def _block_sizes(text: str) -> tuple[int, ...]:
@@ -83,9 +110,157 @@ def _block_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _cmd_design(args) -> int:
-    from mobalab.experiments.design import design, format_design
+def _bench_csv(text: str) -> str:
+    from mobalab.experiments.kernel_speed import find_bench_csv
 
+    try:
+        return str(find_bench_csv(text))
+    except (FileNotFoundError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("kernel-speed: ")) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+
+
+def _config(mod, args):
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    overrides = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.bench_csv is not None:
+        if "bench_csv" not in fields:
+            raise ValueError(f"--bench-csv applies to kernel-speed only, not to {args.experiment}")
+        overrides["bench_csv"] = args.bench_csv
+    return mod.Config.quick(**overrides) if args.quick else dataclasses.replace(mod.Config(), **overrides)
+
+
+def _fallback_dir(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"mobalab-{name}-"))
+
+
+def _cmd_run(args) -> int:
+    import pandas as pd
+
+    from mobalab import experiments
+    from mobalab.experiments import _output
+
+    name = args.experiment
+    try:
+        mod = experiments.get(name)
+        config = _config(mod, args)
+    except (ValueError, TypeError) as exc:
+        print(f"mobalab run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out, created = _output.prepare_out_dir(args.out or Path("runs") / name, name, overwrite=args.overwrite)
+    except ValueError as exc:  # before any work: nothing computed, nothing lost
+        print(f"mobalab run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        plan = mod.plan(config) if hasattr(mod, "plan") else ""
+    except (FileNotFoundError, ValueError) as exc:
+        _output.remove_if_empty(out, created)
+        print(f"mobalab run: {exc}", file=sys.stderr)
+        return 2
+    print(f"{name}{' (quick)' if args.quick else ''}: {plan + '; ' if plan else ''}results go to {out}/", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        df = mod.run(config, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:  # missing inputs / unsupported setting: say it, no traceback
+        _output.remove_if_empty(out, created)
+        print(f"mobalab run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _output.remove_if_empty(out, created)
+        print(f"\nmobalab run: interrupted while computing; nothing was written ({out} is as it was)",
+              file=sys.stderr)
+        return 130
+    try:
+        try:
+            paths = _output.write_run(out, name, config, df, {"": mod.plot(df)})
+        except OSError as exc:  # e.g. the disk filled up: keep the computed result somewhere else
+            fallback = _fallback_dir(name)
+            print(f"mobalab run: could not write to {out} ({exc}); writing to {fallback} instead", file=sys.stderr)
+            try:
+                paths = _output.write_run(fallback, name, config, df, {"": mod.plot(df)})
+            except OSError as again:
+                print(f"mobalab run: could not write to {fallback} either ({again})", file=sys.stderr)
+                return 1
+    except _output.InterruptedAfterWrite as exc:
+        print(f"\nmobalab run: interrupted; the new result was already complete in {exc.paths['json'].parent}",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        _output.remove_if_empty(out, created)
+        print(f"\nmobalab run: interrupted while writing; {out} still holds what it held before (temporary "
+              "files removed)", file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - t0
+    if hasattr(mod, "caption"):
+        print(mod.caption(df))
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
+        print(mod.summary(df).to_string(index=False))
+    print(f"\n{name}: {len(df)} rows in {elapsed:.1f} s" + (" (quick)" if args.quick else ""))
+    for key, p in paths.items():
+        print(f"  {key:5s} {p}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# bench and design
+
+
+@contextlib.contextmanager
+def _program_name(name: str):
+    """argparse names a program after sys.argv[0]: make usage lines read ``usage: mobalab bench``."""
+    old = sys.argv[0] if sys.argv else None
+    if sys.argv:
+        sys.argv[0] = name
+    else:
+        sys.argv.append(name)
+    try:
+        yield
+    finally:
+        if old is None:
+            sys.argv.pop(0)
+        else:
+            sys.argv[0] = old
+
+
+def _cmd_bench(rest: list[str]) -> int:
+    import importlib
+
+    from mobalab.kernels import gpu_available
+
+    if not ({"-h", "--help"} & set(rest)) and not gpu_available():
+        from mobalab.bench import recorded_dir
+
+        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is "
+              "usable here. Recorded H200 results: `mobalab run kernel-speed` (forward; "
+              f"--bench-csv NAME for another), files in {recorded_dir()}", file=sys.stderr)
+        return 2
+    try:
+        attention = importlib.import_module("mobalab.bench.attention")
+    except ImportError as exc:
+        print(f"mobalab bench: the attention benchmark cannot be imported here: {exc}", file=sys.stderr)
+        return 2
+    with _program_name("mobalab bench"):
+        try:
+            rc = attention.main(rest)
+        except SystemExit as exc:  # argparse: --help, bad arguments
+            rc = exc.code
+    return rc if isinstance(rc, int) else (0 if rc is None else 1)
+
+
+def _cmd_design(args) -> int:
+    from mobalab._design_command import design, format_design
+
+    if not -1.0 <= args.mu_noise + args.delta_mu <= 1.0:
+        print(f"mobalab design: the needle's cosine --mu-noise + --delta-mu = {args.mu_noise + args.delta_mu:g} "
+              "lies outside [-1, 1]", file=sys.stderr)
+        return 2
     try:
         df = design(args.head_dim, args.seq_len, args.top_k, args.target, delta_mu=args.delta_mu, m=args.m,
                     mu_cluster=args.mu_cluster, mu_noise=args.mu_noise, causal=args.causal,
@@ -101,43 +276,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobalab", description="Predict, simulate and measure MoBA routing.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments")
-    r = sub.add_parser("run", help="run an experiment: writes CSV, JSON config and PNG figure(s)")
+    r = sub.add_parser("run", help="run an experiment: writes CSV, PNG figure(s) and a JSON record",
+                       description="Run an experiment. Before computing, checks that --out can be created and "
+                                   "written and holds no earlier result (unless --overwrite), and says which "
+                                   "device it uses. Writes <experiment>.csv, .png and .json (config, "
+                                   "environment, and each file's size and SHA-256) all or nothing: Ctrl-C "
+                                   "leaves the folder as it was.")
     r.add_argument("experiment", help="experiment name (see `mobalab list`)")
-    r.add_argument("--out", help="output folder (default: runs/<experiment>)")
+    r.add_argument("--out", help="output folder (default: runs/<experiment> under the working directory)")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     r.add_argument("--quick", action="store_true", help="small, fast configuration (CPU, well under a minute)")
-    r.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
+    r.add_argument("--seed", type=_seed, default=None, help="random seed, 0 .. 2**63-1 (default: the config's, 0)")
+    r.add_argument("--bench-csv", type=_bench_csv, default=None, metavar="CSV",
+                   help="kernel-speed: a `mobalab bench` CSV (bench.csv or bench_bwd.csv), `recorded` (the "
+                        "recorded H200 forward CSV) or a recorded CSV's name (see mobalab.bench.recorded_files); "
+                        "default: $MOBALAB_BENCH_CSV, the newest runs/bench/ CSV, a quick benchmark on a GPU, "
+                        "else `recorded`")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from mobalab.experiments.design import DEFAULT_BLOCK_SIZES
+    from mobalab._design_command import DEFAULT_BLOCK_SIZES
 
     ds = sub.add_parser("design", help="feasible block sizes for a target routing accuracy, and their kernel cost")
-    ds.add_argument("--head-dim", type=int, required=True, help="head dim d")
-    ds.add_argument("--seq-len", type=int, required=True, help="context length N (tokens)")
-    ds.add_argument("--top-k", type=int, required=True, help="blocks selected per query (the own block included)")
-    ds.add_argument("--target", type=float, required=True, help="target P(hit), e.g. 0.99")
-    ds.add_argument("--delta-mu", type=float, default=0.3, help="needle cosine minus noise cosine (default 0.3)")
-    ds.add_argument("--m", type=float, default=1, help="keys of the needle's block with elevated cosine, needle "
-                                                      "included (default 1)")
-    ds.add_argument("--mu-cluster", type=float, default=None,
-                    help="cosine of the clustered keys (default: mu_noise + delta_mu)")
-    ds.add_argument("--mu-noise", type=float, default=0.0, help="cosine of noise keys (default 0)")
+    ds.add_argument("--head-dim", type=_count, required=True, help="head dim d")
+    ds.add_argument("--seq-len", type=_count, required=True, help="context length N (tokens)")
+    ds.add_argument("--top-k", type=_count, required=True, help="blocks selected per query (the own block included)")
+    ds.add_argument("--target", type=_probability, required=True, help="target P(hit), e.g. 0.99")
+    ds.add_argument("--delta-mu", type=_cosine_difference, default=0.3,
+                    help="needle cosine minus noise cosine (default 0.3)")
+    ds.add_argument("--m", type=_count, default=1, help="keys of the needle's block with elevated cosine, needle "
+                                                       "included, an integer >= 1 (default 1)")
+    ds.add_argument("--mu-cluster", type=_cosine, default=None,
+                    help="cosine of the clustered keys, in [-1, 1] (default: mu_noise + delta_mu)")
+    ds.add_argument("--mu-noise", type=_cosine, default=0.0, help="cosine of noise keys, in [-1, 1] (default 0)")
     mode = ds.add_mutually_exclusive_group()
     mode.add_argument("--causal", dest="causal", action="store_true", default=True,
                       help="causal MoBA: own block forced, averaged over positions (default)")
     mode.add_argument("--non-causal", dest="causal", action="store_false", help="plain top-k over all blocks")
     ds.add_argument("--block-sizes", type=_block_sizes, default=DEFAULT_BLOCK_SIZES,
                     help="candidate block sizes, comma separated (default 16,32,64,128,256,512)")
-    ds.add_argument("--bench-csv", default=None,
-                    help="kernel benchmark CSV (impl, block_size, seq_len, head_dim, ms) for the expected cost")
-    sub.add_parser("bench", help="GPU kernel benchmark against FlashAttention-2 and cuDNN (arguments passed on)",
-                   add_help=False)
+    ds.add_argument("--bench-csv", type=_bench_csv, default=None, metavar="CSV",
+                    help="kernel cost from a `mobalab bench` CSV: bench.csv (forward; columns seqlen, head_dim, "
+                         "block, top_k, workload, variant, mobalab_ms) or bench_bwd.csv (fwdbwd_ms); `recorded` "
+                         "for the recorded H200 forward CSV. Takes the random workload and the tile kernel "
+                         "the automatic choice runs, and says which")
+    sub.add_parser("bench", help="GPU kernel benchmark against FlashAttention-2 and cuDNN (arguments passed on; "
+                                 "see `mobalab bench --help`)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mobalab`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Examples
+    --------
+    >>> from mobalab.cli import main
+    >>> main(["design", "--head-dim", "64", "--seq-len", "8192", "--top-k", "8", "--target", "0.9", "--m", "2.5"])
+    2
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        return _cmd_bench(None, argv[1:])
-    args = build_parser().parse_args(argv)
+        return _cmd_bench(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage and the error (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command == "list":
         return _cmd_list(args)
     if args.command == "design":

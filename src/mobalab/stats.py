@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtri
 
+from ._validate import broadcast, count, real, scalar_real
+
 __all__ = ["wilson_interval", "interval_units"]
 
 
@@ -17,15 +19,20 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
         \frac{\hat p + z^2/2n \pm z\sqrt{\hat p(1-\hat p)/n + z^2/4n^2}}{1 + z^2/n}
 
     Vectorised over ``hits`` and ``trials``. Returns ``(low, high)`` as float arrays (scalars in, 0-d
-    arrays out). ``trials`` must be positive and ``0 <= hits <= trials``.
+    arrays out). ``trials`` is a count (an integer >= 1); ``hits`` lies in [0, trials] and may be
+    fractional (a sum of per-trial outcomes in [0, 1], such as attention mass kept); they broadcast
+    together. ``confidence`` lies in (0, 1).
+
+    Examples
+    --------
+    >>> from mobalab.stats import wilson_interval
+    >>> low, high = wilson_interval(17, 100)
+    >>> print(f"{low:.4f} {high:.4f}")
+    0.1089 0.2555
     """
-    h = np.asarray(hits, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if np.any(n <= 0):
-        raise ValueError(f"trials must be positive, got {trials}")
-    if np.any((h < 0) | (h > n)):
+    confidence = scalar_real("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True)
+    h, n = (a.astype(np.float64) for a in broadcast(hits=real("hits", hits, low=0.0), trials=count("trials", trials)))
+    if np.any(h > n):
         raise ValueError(f"hits must lie in [0, trials], got hits={hits}, trials={trials}")
     z = ndtri(0.5 + confidence / 2.0)
     p = h / n
@@ -39,16 +46,30 @@ def wilson_interval(hits, trials, confidence: float = 0.95):
 
 
 def interval_units(prediction, hits, trials, confidence: float = 0.95):
-    """Signed distance of ``prediction`` from the Monte Carlo estimate, in units of the Wilson interval.
+    r"""Signed distance of ``prediction`` from the Monte Carlo estimate, in units of the Wilson interval.
+
+    .. math:: u = \frac{p_{\rm pred} - \hat p}{h},\qquad
+              h = \begin{cases} \text{high} - \hat p & p_{\rm pred} \ge \hat p \\
+                                \hat p - \text{low} & \text{otherwise} \end{cases}
 
     0 means the prediction equals the estimate; +-1 means it sits exactly on the upper / lower edge of
     the ``confidence`` interval; ``|u| > 1`` means it lies outside. The half-width on the side where the
     prediction lies is used, so the measure stays meaningful for skewed intervals near 0 and 1.
+
+    Examples
+    --------
+    17 hits in 100 trials (estimate 0.17, 95 % interval 0.109 to 0.255): a prediction of 0.1 lies below the
+    interval, 0.17 on the estimate, 0.25 inside, close to the upper edge:
+
+    >>> from mobalab.stats import interval_units
+    >>> print(interval_units([0.1, 0.17, 0.25], 17, 100).round(2))
+    [-1.15  0.    0.94]
     """
-    pred = np.asarray(prediction, dtype=np.float64)
-    h = np.asarray(hits, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
-    lo, hi = wilson_interval(h, n, confidence)
+    pred = real("prediction", prediction, low=0.0, high=1.0, allow_nan=True)
+    lo, hi = wilson_interval(hits, trials, confidence)
+    pred, h, n, lo, hi = broadcast(
+        prediction=pred, hits=real("hits", hits, low=0.0), trials=count("trials", trials), lo=lo, hi=hi
+    )
     est = h / n
     above = pred >= est
     half = np.where(above, hi - est, est - lo)

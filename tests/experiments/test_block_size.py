@@ -93,5 +93,10 @@ def test_cli_quick_writes_outputs(tmp_path, capsys):
     assert "measured_snr_slope" in capsys.readouterr().out
     df = pd.read_csv(out / "block-size.csv")
     assert set(df["sweep"]) == set(exp.SWEEPS)
+    assert (df["run_seed"] == 0).all() and df["run_seed"].dtype.kind == "i"
+    text = pd.read_csv(out / "block-size.csv", dtype=str, keep_default_na=False)
+    assert text["trials"].str.fullmatch(r"\d*").all() and text["hits"].str.fullmatch(r"\d*").all()  # no "20000.0"
+    mc = df[df["method"].isin(["score-level", "vector-level"])]
+    assert mc["hits"].notna().all() and df.loc[df["method"] == "paper", "hits"].isna().all()
     assert json.loads((out / "block-size.json").read_text())["rows"] == len(df)
     assert (out / "block-size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

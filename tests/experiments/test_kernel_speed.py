@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ K = 1024
 
 
 def _write_bench(folder, device="NVIDIA H200 (synthetic fixture)"):
-    """A small CSV shaped like `python -m mobalab.kernels.bench` output, numbers made up but consistent."""
+    """A small CSV shaped like `mobalab bench` output, numbers made up but consistent."""
     rows = []
     for d in (64, 128):
         for n in (8 * K, 32 * K, 128 * K):
@@ -81,14 +82,83 @@ def test_missing_columns_and_missing_csv(tmp_path, monkeypatch):
     pd.DataFrame({"seqlen": [1], "mobalab_ms": [1.0]}).to_csv(bad, index=False)
     with pytest.raises(ValueError, match="lacks the columns"):
         exp.run(exp.Config(bench_csv=str(bad)))
-    with pytest.raises(FileNotFoundError, match="mobalab.kernels.bench"):
+    with pytest.raises(FileNotFoundError, match="mobalab bench --out runs/bench"):
         exp.run(exp.Config(bench_csv=str(tmp_path / "nope.csv")))
-    monkeypatch.chdir(tmp_path)
+
+
+def test_without_a_csv_or_gpu_the_recorded_csv_is_read_and_labelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the recorded CSV comes from the installed package
     monkeypatch.delenv(exp.ENV_VAR, raising=False)
     monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
     assert exp.Config().bench_csv is None
-    with pytest.raises(FileNotFoundError, match="python -m mobalab.kernels.bench --out runs/bench"):
-        exp.run(exp.Config())
+    assert exp.plan(exp.Config()).startswith("reads the recorded benchmark 2026-11-22-h200-moba-forward-43ade7f.csv")
+    df = exp.run(exp.Config())
+    assert df["recorded"].all() and set(df["commit"]) == {"43ade7f"} and set(df["device"]) == {"NVIDIA H200"}
+    assert exp.caption(df).startswith("RECORDED forward benchmark, not measured on this machine")
+    assert "recorded 2026-11-22" in exp.plot(df)._suptitle.get_text()
+
+
+def test_a_measured_csv_is_not_labelled_recorded(bench):
+    df = exp.run(exp.Config(bench_csv=str(bench[0])))
+    assert not df["recorded"].any()
+    assert exp.caption(df) == f"forward benchmark: NVIDIA H200 (synthetic fixture), 2026-01-01 00:00 UTC, " \
+                              f"commit unknown ({bench[0]})"
+
+
+@pytest.mark.parametrize("name", ["2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv", "2026-11-22-h200-moba-fwdbwd-sweep"])
+def test_forward_backward_csv(name):
+    path = exp.find_bench_csv(name)
+    raw = pd.read_csv(path)
+    df = exp.run(exp.Config(bench_csv=name))
+    assert set(df["pass"]) == {"forward+backward"} and len(df) == 3 * len(raw)
+    mob = df[df["method"] == "mobalab"].reset_index(drop=True)
+    np.testing.assert_allclose(mob["latency_ms"], raw["fwdbwd_ms"])
+    np.testing.assert_allclose(mob["speedup_vs_fa2"], raw["fa2_fwdbwd_ms"] / raw["fwdbwd_ms"])
+    np.testing.assert_allclose(mob["backward_share"], raw["bwd_ms"] / raw["fwdbwd_ms"])
+    fa2 = df[df["method"] == "fa2"].reset_index(drop=True)
+    # dense causal forward + backward FLOPs by the benchmark's convention: 3.5 x 4·b·h·N²·d / 2
+    flops = 3.5 * 2 * raw["batch"] * raw["heads"] * raw["seqlen"] ** 2 * raw["head_dim"]
+    np.testing.assert_allclose(fa2["tflops"], flops / (raw["fa2_fwdbwd_ms"] * 1e9))
+    assert df["recorded"].all() and df["commit"].notna().all()
+    if "sweep" in name:  # one figure is enough
+        fig = exp.plot(df)
+        assert "forward+backward" in fig._suptitle.get_text()
+        assert any("backward share" in ax.get_title() for ax in fig.axes)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_find_bench_csv():
+    assert exp.find_bench_csv("recorded").name.endswith("moba-forward-43ade7f.csv")
+    with pytest.raises(FileNotFoundError, match="recorded CSVs: .*fwdbwd-sweep.csv"):
+        exp.find_bench_csv("no-such.csv")
+
+
+def test_quick_benchmark_runs_in_process(tmp_path, monkeypatch, bench):
+    """With no CSV and a GPU, run() calls mobalab.bench.attention.main in this process (no subprocess)."""
+    import subprocess
+    import sys
+    import types
+
+    calls = []
+
+    def main(argv=None):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        _write_bench(out)
+        return 0
+
+    monkeypatch.setitem(sys.modules, "mobalab.bench.attention", types.SimpleNamespace(main=main))
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: True)
+    monkeypatch.setattr(subprocess, "run", None)
+    monkeypatch.setattr(subprocess, "Popen", None)
+    cfg = exp.Config(bench_csv=None, bench_out=str(tmp_path / "runs"))
+    assert exp.plan(cfg).startswith("no benchmark CSV given: runs the quick benchmark on this GPU first")
+    df = exp.run(cfg)
+    assert calls and calls[0][0] == "--quick" and not df["recorded"].any()
+    assert "quick-" in df["source"].iloc[0]
 
 
 def test_default_csv_is_env_var_then_newest_under_runs_bench(tmp_path, monkeypatch):
@@ -107,8 +177,9 @@ def test_default_csv_is_env_var_then_newest_under_runs_bench(tmp_path, monkeypat
 
 
 def test_required_columns_match_the_benchmark():
-    bench = pytest.importorskip("mobalab.kernels.bench")
+    import mobalab.bench.attention as bench
     assert set(exp.REQUIRED_COLUMNS) <= set(bench.COLUMNS)
+    assert set(exp.BACKWARD_COLUMNS) <= set(bench.BWD_COLUMNS)
 
 
 def test_cli_reads_env_csv(bench, tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def test_cli_quick_writes_outputs(tmp_path, capsys):
     assert cli.main(["run", "key-conv", "--quick", "--out", str(out), "--no-progress", "--seed", "2"]) == 0
     assert "hurts" in capsys.readouterr().out
     df = pd.read_csv(out / "key-conv.csv")
-    assert len(df) == 3 * 4 * 5
+    assert len(df) == 3 * 4 * 5 and (df["run_seed"] == 2).all() and df["run_seed"].dtype.kind == "i"
     meta = json.loads((out / "key-conv.json").read_text())
     assert meta["config"]["seed"] == 2
     assert (out / "key-conv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -107,3 +107,41 @@ def test_kernel_point_k_at_least_n_always_hits():
 
     hits, trials = exp.kernel_point(4, 4, 64, 16, 0.0, 1, 10, 0, torch.device("cpu"), torch.float32, heads=4)
     assert hits == trials == 12  # 10 trials rounded up to whole (batch, heads) calls
+
+
+def test_cpu_vector_trials_follow_the_key_budget():
+    # on the CPU a point draws at most ~vector_cpu_tokens keys: long panels get fewer trials, never < the floor
+    cfg = exp.Config(panels=((16, 2), (64, 8)), mc_snr=(1.0,), score_trials=1000, vector_trials=400,
+                     vector_cpu_tokens=102_400, vector_cpu_min_trials=50, curve_points=3, device="cpu", kernel=False,
+                     seed=4)
+    assert exp.vector_trials(cfg, 16 * 16) == 400 and exp.vector_trials(cfg, 64 * 16) == 100
+    import dataclasses
+
+    assert exp.vector_trials(dataclasses.replace(cfg, vector_cpu_min_trials=150), 64 * 16) == 150
+    assert exp.vector_trials(cfg, 64 * 16, "cuda") == 400  # a GPU draws them all
+    df = exp.run(cfg)
+    vec = df[df["method"] == "vector-level"].set_index("n_blocks")
+    assert vec.loc[16, "trials"] == 400 and vec.loc[64, "trials"] == 100
+    s = exp.summary(df).set_index(["panel", "method"])
+    assert s["trials"].dtype.kind == "i" and s.loc[("n=64, k=8", "vector-level"), "trials"] == 100
+    # the interval width that fewer trials cost is reported
+    wide = (vec.loc[64, "ci_high"] - vec.loc[64, "ci_low"]) / 2
+    assert s.loc[("n=64, k=8", "vector-level"), "max_half_width"] == pytest.approx(wide)
+    assert "cpu: 400, 100 trials per point" in exp.plan(cfg)
+
+
+def test_full_configuration_on_a_cpu_is_bounded():
+    # what the full run draws on a 2-core CPU (measured: minutes, see the README): the vector leg's keys
+    cfg = exp.Config(device="cpu", kernel=False)
+    keys = sum(exp.vector_trials(cfg, n * cfg.vector_block_size) * n * cfg.vector_block_size
+               for n, _ in cfg.panels) * len(cfg.mc_snr)
+    assert keys <= 2.2e8  # was 1.4e9 with 2000 trials everywhere: 49 s and more per point on 2 cores
+    assert "vector level on cpu" in exp.plan(cfg) and f"{keys:.2g} keys" in exp.plan(cfg)
+
+
+def test_run_seed_and_integer_columns(df):
+    assert (df["run_seed"] == TINY.seed).all()
+    for c in ("run_seed", "seed", "hits", "trials"):
+        assert str(df[c].dtype) == "Int64", c
+    mc = df[df["method"].isin(["score-level", "vector-level"])]
+    assert mc["seed"].notna().all() and df.loc[df["method"] == "analytic", "seed"].isna().all()

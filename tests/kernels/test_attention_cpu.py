@@ -1,4 +1,5 @@
-"""CPU checks of the CUDA attention wrapper: validation, launch ABI, chunk planning, the indexed oracle."""
+"""CPU checks of the CUDA attention wrapper: validation, launch ABI (the plans against the CUDA signatures),
+chunk planning, variant choice."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mobalab.kernels import attention as A
+from mobalab.kernels import _contract as C
+from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels._launch import check_args, signatures
-from mobalab.kernels.reference import moba_attention, moba_topk
 
 
 def _qkv(batch=1, seqlen=40, heads=2, kv_heads=1, dim=64, dtype=torch.bfloat16, device="cpu"):
@@ -30,17 +31,19 @@ def _qkv(batch=1, seqlen=40, heads=2, kv_heads=1, dim=64, dtype=torch.bfloat16, 
     [
         (dict(dtype=torch.float32), "dtype torch.float32"),
         (dict(dim=96), "head_dim 96 is not supported"),
-        (dict(block_size=48), "block_size 48 is not supported"),
-        (dict(block_size=1024), "block_size 1024 is not supported"),
-        (dict(block_size=True), "block_size True"),
-        (dict(top_k=0), "top_k 0 is not supported"),
-        (dict(top_k=65), "top_k 65 is not supported"),
-        (dict(top_k=2.0), "top_k 2.0"),
+        (dict(block_size=48), "block_size=48 is not supported"),
+        (dict(block_size=1024), "block_size=1024 is not supported"),
+        (dict(block_size=True), "block_size=True"),
+        (dict(top_k=0), "top_k=0 is not supported"),
+        (dict(top_k=65), "top_k=65 is not supported"),
+        (dict(top_k=2.0), "top_k=2.0"),
         (dict(causal=1), "causal must be True or False"),
         (dict(return_lse=None), "return_lse must be True or False"),
         (dict(softmax_scale=float("nan")), "softmax_scale must be a finite"),
         (dict(softmax_scale="1"), "softmax_scale must be a finite"),
         (dict(kv_heads=3, heads=4), "multiple of kv heads"),
+        (dict(variant="fast"), "variant must be one of"),
+        (dict(scratch_budget_bytes=0), "scratch_budget_bytes must be an integer >= 1"),
         (dict(), "needs CUDA tensors"),
     ],
 )
@@ -65,8 +68,8 @@ def test_validation_shapes_and_indices():
         A.moba_attention_cuda(q, k.half(), v, 16, 2)
     with pytest.raises(ValueError, match="empty dimension"):
         A.moba_attention_cuda(q[:, :0], k[:, :0], v[:, :0], 16, 2)
-    with pytest.raises(ValueError, match="torch.Tensor"):
-        A.moba_attention_cuda(q.numpy() if q.dtype != torch.bfloat16 else [1], k, v, 16, 2)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got numpy.ndarray"):
+        A.moba_attention_cuda(q.float().numpy(), k, v, 16, 2)
     idx = torch.zeros(1, 40, 2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="topk_indices has shape"):
         A.moba_attention_cuda(q, k, v, 16, 2, topk_indices=idx)
@@ -75,21 +78,21 @@ def test_validation_shapes_and_indices():
 
 
 # ---------------------------------------------------------------------------------------------------
-# launch ABI: every variant's argument tuple matches its CUDA signature
+# launch ABI: every variant's plans match their CUDA signatures
 
 
 def test_every_variant_is_in_the_source():
     sigs = signatures(A.SOURCE)
-    for dtype in A.SUPPORTED_DTYPES:
-        for dim in A.SUPPORTED_HEAD_DIMS:
-            for block in A.SUPPORTED_BLOCK_SIZES:
-                for variant in ("auto", "resident", "streaming"):
+    for dtype in C.CUDA_DTYPES:
+        for dim in C.CUDA_HEAD_DIMS:
+            for block in C.CUDA_BLOCK_SIZES:
+                for variant in A.VARIANTS:
                     fwd, merge = A.kernel_names(dtype, dim, block, variant)
                     assert fwd in sigs and merge in sigs
     assert {"moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"} <= set(sigs)
 
 
-def test_variant_choice():
+def test_variant_choice(monkeypatch):
     assert A.resident(128, 128, "auto") and not A.resident(128, 256, "auto")
     assert A.resident(64, 256, "auto") and not A.resident(64, 512, "auto")
     assert not A.resident(128, 64, "streaming") and not A.resident(128, 512, "resident")
@@ -97,17 +100,16 @@ def test_variant_choice():
     assert A.rows_per_unit(128, 512, "auto") == A.ROWS
     assert A.kernel_names(torch.bfloat16, 128, 128, "auto")[0] == "moba_attn_res_bf16_d128_kt64"
     assert A.kernel_names(torch.float16, 64, 32, "streaming")[0] == "moba_attn_fwd_f16_d64_kt32"
-    with pytest.raises(ValueError, match="FWD_VARIANT"):
+    with pytest.raises(ValueError, match="variant must be one of"):
         A.resident(64, 64, "fast")
+    # None: the environment variable, read at call time
+    monkeypatch.setenv(A.VARIANT_ENV, "streaming")
+    assert not A.resident(128, 128) and A.resolve_variant(None) == "streaming"
+    monkeypatch.delenv(A.VARIANT_ENV)
+    assert A.resident(128, 128) and A.resolve_variant(None) == "auto"
 
 
-@pytest.mark.parametrize("dtype", A.SUPPORTED_DTYPES)
-@pytest.mark.parametrize("dim", A.SUPPORTED_HEAD_DIMS)
-@pytest.mark.parametrize("block", A.SUPPORTED_BLOCK_SIZES)
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("variant", ["auto", "streaming"])
-def test_launch_args_match_signatures(dtype, dim, block, causal, variant):
-    batch, seqlen, heads, kv_heads, top_k = 2, 100, 4, 2, 3
+def _plans(dtype, dim, block, causal, variant, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3):
     q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
     topk = torch.zeros(batch, seqlen, heads, top_k, dtype=torch.int32)
     n_blocks = math.ceil(seqlen / block)
@@ -121,37 +123,58 @@ def test_launch_args_match_signatures(dtype, dim, block, causal, variant):
     part_ml = torch.zeros(n_pairs * 2)
     out, lse = torch.empty_like(q), torch.empty(batch, seqlen, heads)
     fwd, merge = A.kernel_names(dtype, dim, block, variant)
-    check_args(A.SOURCE, "moba_attn_keys", A.keys_args(topk, keys, seqlen, heads, top_k, n_blocks, chunk, 2))
-    check_args(A.SOURCE, "moba_attn_bounds", A.bounds_args(keys, n_pairs, n_seg, seg))
-    check_args(A.SOURCE, "moba_attn_segments",
-               A.segments_args(seg, n_seg, A.rows_per_unit(dim, block, variant), seg))
-    check_args(A.SOURCE, fwd, A.fwd_args(q, k, v, pairs, seg, seg, part_o, part_ml, seqlen=seqlen,
-                                         heads=heads, kv_heads=kv_heads, top_k=top_k, block_size=block,
-                                         n_blocks=n_blocks, chunk=chunk, n_seg=n_seg, causal=causal,
-                                         scale_log2=0.18))
-    check_args(A.SOURCE, merge, A.merge_args(part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads,
-                                             top_k=top_k, n_blocks=n_blocks, chunk=chunk, write_lse=True))
+    unit = A.rows_per_unit(dim, block, variant)
+    return [
+        A.keys_launch(topk, keys, seqlen, heads, top_k, n_blocks, chunk, 2),
+        A.bounds_launch(keys, n_pairs, n_seg, seg),
+        A.segments_launch(seg, n_seg, unit, seg),
+        A.fwd_launch(fwd, q, k, v, pairs, seg, seg, part_o, part_ml, seqlen=seqlen, heads=heads, kv_heads=kv_heads,
+                     top_k=top_k, block_size=block, n_blocks=n_blocks, chunk=chunk, n_pairs=n_pairs, n_seg=n_seg,
+                     causal=causal, scale_log2=0.18, rows_per_unit=unit, smem=A.fwd_smem_bytes(dim, block, variant)),
+        A.merge_launch(merge, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
+                       n_blocks=n_blocks, chunk=chunk, write_lse=True),
+    ]
+
+
+@pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
+@pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("block", C.CUDA_BLOCK_SIZES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", ["auto", "streaming"])
+def test_launch_args_match_signatures(dtype, dim, block, causal, variant):
+    for plan in _plans(dtype, dim, block, causal, variant):
+        assert plan.source == A.SOURCE
+        assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(A.SOURCE)[plan.kernel])
+
+
+def test_launch_geometry():
+    keys, bounds, segments, fwd, merge = _plans(torch.bfloat16, 128, 128, True, "auto")
+    chunk = A.plan_chunks(2, 100, 4, 2, 128, 3, 1 << 20)[0]
+    n_pairs = chunk.n_heads * chunk.n_q * 3
+    assert keys.grid == (math.ceil(n_pairs / 256),) and keys.block == (256,)
+    assert bounds.grid == (math.ceil((n_pairs + 1) / 256),) and segments.grid == (1,) and segments.block == (512,)
+    assert fwd.block == (A.FWD_THREADS,) and fwd.shared_mem == A.fwd_smem_bytes(128, 128, "auto")
+    assert fwd.grid == (A.fwd_grid(n_pairs, chunk.n_heads // 2, A.ROWS * A.TILES_PER_UNIT),)
+    assert merge.grid == (math.ceil(chunk.n_heads * chunk.n_q / 8),) and merge.block == (A.MERGE_THREADS,)
+    assert keys.shared_mem == bounds.shared_mem == merge.shared_mem == 0
 
 
 def test_check_args_catches_a_python_float():
-    q, k, v = _qkv()
-    args = list(A.fwd_args(q, k, v, *(torch.zeros(4),) * 5, seqlen=40, heads=2, kv_heads=1, top_k=2,
-                           block_size=16, n_blocks=3, chunk=A.Chunk(0, 0, 2, 0, 40), n_seg=3, causal=True,
-                           scale_log2=0.1))
-    fwd = A.kernel_names(torch.bfloat16, 64, 16)[0]
+    fwd = _plans(torch.bfloat16, 64, 16, True, "auto")[3]
+    args = list(fwd.args)
     args[-1] = 0.1  # a Python float would arrive as the low half of a double
     with pytest.raises(TypeError, match="scale_log2"):
-        check_args(A.SOURCE, fwd, tuple(args))
+        check_args(A.SOURCE, fwd.kernel, tuple(args))
     assert isinstance(args[-2], np.int32)
 
 
 def test_smem_and_key_tile():
     assert A.key_tile(16) == 16 and A.key_tile(32) == 32 and A.key_tile(512) == 64
-    for b in A.SUPPORTED_BLOCK_SIZES:
+    for b in C.CUDA_BLOCK_SIZES:
         assert b % A.key_tile(b) == 0
     assert A.fwd_smem_bytes(128, 512) == 64 * 128 * 2 + 4 * 64 * 128 * 2
     assert A.fwd_smem_bytes(128, 128, "resident") == 2 * 128 * 128 * 2 + 2 * 64 * 128 * 2
-    sizes = [A.fwd_smem_bytes(d, b, v) for d in A.SUPPORTED_HEAD_DIMS for b in A.SUPPORTED_BLOCK_SIZES
+    sizes = [A.fwd_smem_bytes(d, b, v) for d in C.CUDA_HEAD_DIMS for b in C.CUDA_BLOCK_SIZES
              for v in ("auto", "streaming")]
     assert max(sizes) <= 100 * 1024  # two CTAs per SM with room for static shared memory
 
@@ -172,7 +195,7 @@ def test_smem_and_key_tile():
 )
 def test_plan_chunks_cover_everything_once(batch, seqlen, heads, kv_heads, dim, top_k, budget):
     if budget is None:
-        budget = A.scratch_budget_bytes(batch, seqlen, heads, kv_heads, dim)
+        budget = A.default_scratch_budget(batch, seqlen, heads, kv_heads, dim)
     chunks = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget)
     group = heads // kv_heads
     covered = {}
@@ -195,38 +218,9 @@ def test_plan_keeps_tiles_full_at_512k():
     # Each chunk's query range must be long enough that a key block's list fills tiles:
     # >= 64 * n_blocks / top_k queries per head (FlashMoBA's gap at long context).
     seqlen, block, top_k = 524288, 128, 8
-    budget = A.scratch_budget_bytes(2, seqlen, 16, 16, 128)
+    budget = A.default_scratch_budget(2, seqlen, 16, 16, 128)
     chunks = A.plan_chunks(2, seqlen, 16, 16, 128, top_k, budget)
     assert min(c.n_q for c in chunks) >= A.ROWS * (seqlen // block) / top_k
     # and the scratch stays a small fraction of FlashAttention-2's footprint (q, k, v, out)
     fa2_bytes = 4 * 2 * seqlen * 16 * 128 * 2
     assert budget <= 0.05 * fa2_bytes
-
-
-# ---------------------------------------------------------------------------------------------------
-# the indexed oracle agrees with the reference when given the reference's routing
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("seqlen, block, top_k, heads, kv_heads", [(37, 8, 2, 4, 2), (64, 16, 8, 2, 2),
-                                                                    (5, 16, 3, 2, 1)])
-def test_indexed_oracle_matches_reference(causal, seqlen, block, top_k, heads, kv_heads):
-    q, k, v = _qkv(2, seqlen, heads, kv_heads, 16, torch.float64)
-    topk = moba_topk(q, k, block, top_k, causal=causal)
-    ref, ref_lse = moba_attention(q, k, v, block, top_k, causal=causal, return_lse=True)
-    out, lse = A.indexed_attention_torch(q.float(), k.float(), v.float(), topk, block, causal)
-    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
-    rows = torch.tensor([0, seqlen - 1])
-    out_rows, _ = A.indexed_attention_torch(q.float(), k.float(), v.float(), topk, block, causal,
-                                            query_positions=rows, max_bytes=1)
-    torch.testing.assert_close(out_rows, out[:, rows])
-
-
-def test_low_precision_oracle_is_less_accurate_but_close():
-    q, k, v = _qkv(1, 64, 2, 1, 64, torch.bfloat16)
-    topk = moba_topk(q, k, 16, 2, causal=True)
-    ref, _ = A.indexed_attention_torch(q, k, v, topk, 16, True)
-    low, _ = A.indexed_attention_torch(q, k, v, topk, 16, True, low_precision=True)
-    err = (low - ref).abs().max().item()
-    assert 0 < err < 0.05

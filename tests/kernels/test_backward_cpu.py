@@ -1,7 +1,7 @@
 """CPU checks of the differentiable MoBA op: the launch ABI of every backward kernel, plans, validation, the
 custom op's autograd wiring (CPU implementation = the reference), gradcheck of the op, torch.compile.
 
-gradcheck of the reference itself lives in tests/kernels/test_reference.py (not repeated here).
+gradcheck of the reference itself, and its backward equations, live in tests/kernels/test_reference.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mobalab.kernels import attention as A
-from mobalab.kernels import autograd as G
+import mobalab.kernels as K
+from mobalab.kernels import _contract as C
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import _cuda_backward as G
 from mobalab.kernels import reference as R
 from mobalab.kernels._launch import check_args, signatures
+from mobalab.kernels.autograd import moba_attention_autograd
 
 
 def _qkv(batch=1, seqlen=21, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
@@ -30,19 +33,14 @@ def _qkv(batch=1, seqlen=21, heads=4, kv_heads=2, dim=8, dtype=torch.float64, se
 
 def test_every_backward_kernel_is_in_the_source():
     sigs = signatures(G.SOURCE)
-    for dtype in A.SUPPORTED_DTYPES:
-        for dim in A.SUPPORTED_HEAD_DIMS:
+    for dtype in C.CUDA_DTYPES:
+        for dim in C.CUDA_HEAD_DIMS:
             assert set(G.bwd_kernel_names(dtype, dim)) <= set(sigs)
     assert "moba_bwd_rows" in sigs
     assert len(sigs) == 4 * 3 + 1
 
 
-@pytest.mark.parametrize("dtype", A.SUPPORTED_DTYPES)
-@pytest.mark.parametrize("dim", A.SUPPORTED_HEAD_DIMS)
-@pytest.mark.parametrize("block", A.SUPPORTED_BLOCK_SIZES)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic):
-    batch, seqlen, heads, kv_heads, top_k = 2, 100, 4, 2, 3
+def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3):
     q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
     n_blocks = math.ceil(seqlen / block)
     chunk = G.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, 1 << 20)[0]
@@ -52,39 +50,55 @@ def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic)
     i64 = torch.zeros(8, dtype=torch.int64)
     i32 = torch.zeros(8, dtype=torch.int32)
     delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim)
-    check_args(G.SOURCE, delta_name, G.delta_args(q, q, f32, batch * seqlen * heads))
-    check_args(G.SOURCE, "moba_bwd_rows", G.rows_args(i64, i32, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen,
-                                                       heads=heads, top_k=top_k, chunk=chunk))
-    for sub in range(G.n_key_subtiles(block)):
-        check_args(G.SOURCE, main_name,
-                   G.bwd_args(q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, seqlen=seqlen, heads=heads,
-                              kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk, n_seg=n_seg,
-                              causal=True, scale=0.125, sub0=sub, n_sub_launch=1, dq_mode=1 if sub else 0,
-                              dkv_mode=G.dkv_mode(chunk, seqlen)))
-    check_args(G.SOURCE, merge_name, G.dq_merge_args(f32, i32, q, seqlen=seqlen, heads=heads, top_k=top_k,
-                                                     n_blocks=n_blocks, chunk=chunk))
+    plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
+             G.rows_launch(i64, i32, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
+                           chunk=chunk)]
+    common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
+                  n_seg=n_seg, causal=True, scale=0.125, dkv_mode=G.dkv_mode(chunk, seqlen),
+                  smem=G.bwd_smem_bytes(dim))
+    if deterministic:
+        for sub in range(G.n_key_subtiles(block)):
+            plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=sub,
+                                      n_sub_launch=1, dq_mode=1 if sub == 0 else 2, **common))
+        plans.append(G.dq_merge_launch(merge_name, f32, i32, q, seqlen=seqlen, heads=heads, top_k=top_k,
+                                       n_blocks=n_blocks, chunk=chunk))
+    else:
+        plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=0,
+                                  n_sub_launch=G.n_key_subtiles(block), dq_mode=0, **common))
     # the forward's index kernels, reused by the backward, with the backward's chunk
-    check_args(A.SOURCE, "moba_attn_keys", A.keys_args(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2))
-    check_args(A.SOURCE, "moba_attn_bounds", A.bounds_args(i32, n_pairs, n_seg, i64))
+    plans += [A.keys_launch(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2),
+              A.bounds_launch(i32, n_pairs, n_seg, i64)]
+    return plans, n_seg
+
+
+@pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
+@pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("block", C.CUDA_BLOCK_SIZES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic):
+    plans, n_seg = _plans(dtype, dim, block, deterministic)
+    for plan in plans:
+        assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(plan.source)[plan.kernel])
+    mains = [p for p in plans if p.kernel == G.bwd_kernel_names(dtype, dim)[1]]
+    # one launch covering every sub-tile, or one launch per sub-tile in order
+    assert sum(p.grid[0] for p in mains) == n_seg * G.n_key_subtiles(block)
+    assert all(p.shared_mem == G.bwd_smem_bytes(dim) and p.block == (G.BWD_THREADS,) for p in mains)
 
 
 def test_check_args_catches_python_scalars():
-    q, k, v = _qkv(dtype=torch.bfloat16, dim=64)
-    f32 = torch.zeros(8)
-    chunk = A.Chunk(0, 0, 4, 0, 21)
-    args = list(G.bwd_args(q, k, v, q, f32, f32, f32, f32, f32, k, v, f32, f32, seqlen=21, heads=4, kv_heads=2,
-                           block_size=16, n_blocks=2, chunk=chunk, n_seg=2, causal=False, scale=0.125, sub0=0,
-                           n_sub_launch=1, dq_mode=0, dkv_mode=0))
-    name = G.bwd_kernel_names(torch.bfloat16, 64)[1]
+    plans, _ = _plans(torch.bfloat16, 64, 16, False)
+    main = plans[2]
+    args = list(main.args)
     assert isinstance(args[22], np.float32) and isinstance(args[23], np.float32)
-    assert abs(float(args[23]) - 0.125 * G.LOG2E) < 1e-6
+    assert abs(float(args[23]) - 0.125 * A.LOG2E) < 1e-6
     for i, bad in ((22, 0.125), (13, 21)):
         wrong = list(args)
         wrong[i] = bad
         with pytest.raises(TypeError, match="scalar"):
-            check_args(G.SOURCE, name, tuple(wrong))
+            check_args(G.SOURCE, main.kernel, tuple(wrong))
+    q = torch.zeros(1, 2, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="n_rows"):
-        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, f32, np.int32(3)))
+        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, torch.zeros(8), np.int32(3)))
 
 
 def test_sizes_and_plans():
@@ -106,6 +120,19 @@ def test_sizes_and_plans():
         assert ranges[0][0] == 0 and sum(n for _, n in ranges) == 5000
 
 
+def test_backward_wrapper_validates_before_the_device():
+    q, k, v = _qkv(1, 40, 2, 1, 64, torch.bfloat16)
+    topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)
+    lse = torch.zeros(1, 40, 2)
+    args = dict(dout=q, q=q, k=k, v=v, out=q, lse=lse, topk=topk, block_size=16, top_k=2, causal=True, scale=0.125)
+    for change, match in [(dict(dout=q[:, :-1]), "dout has shape"), (dict(out=q.half()), "out has dtype"),
+                          (dict(lse=lse[..., :1]), "lse has shape"), (dict(topk=topk[..., :1]), "topk has shape"),
+                          (dict(block_size=24), "block_size=24"), (dict(scale=float("inf")), "softmax_scale"),
+                          (dict(), "needs CUDA tensors")]:
+        with pytest.raises(ValueError, match=match):
+            G.moba_attention_backward_cuda(**(args | change))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the op on CPU (reference inside), autograd wiring, compile
 
@@ -113,15 +140,15 @@ def test_sizes_and_plans():
 def test_validation():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="deterministic must be True or False"):
-        G.moba_attention_autograd(q, k, v, 4, 2, deterministic=1)
+        moba_attention_autograd(q, k, v, 4, 2, deterministic=1)
     with pytest.raises(ValueError, match="block_size"):
-        G.moba_attention_autograd(q, k, v, 0, 2)
+        moba_attention_autograd(q, k, v, 0, 2)
     with pytest.raises(ValueError, match="softmax_scale"):
-        G.moba_attention_autograd(q, k, v, 4, 2, softmax_scale=float("inf"))
+        moba_attention_autograd(q, k, v, 4, 2, softmax_scale=float("inf"))
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        G.moba_attention_autograd(q[:, :, :3], k, v, 4, 2)
-    import mobalab.kernels as K
-
+        moba_attention_autograd(q[:, :, :3], k, v, 4, 2)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        moba_attention_autograd(q.numpy(), k, v, 4, 2)
     with pytest.raises(ValueError, match="deterministic must be True or False"):
         K.moba_attention(q, k, v, 4, 2, deterministic="yes")
 
@@ -131,7 +158,7 @@ def test_op_matches_reference_autograd(causal):
     q, k, v = _qkv(batch=2, seed=1)
     a = [x.clone().requires_grad_() for x in (q, k, v)]
     b = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = G.moba_attention_autograd(*a, 4, 2, causal=causal, return_lse=True, softmax_scale=0.7)
+    out, lse = moba_attention_autograd(*a, 4, 2, causal=causal, return_lse=True, softmax_scale=0.7)
     ro, rl = R.moba_attention(*b, 4, 2, causal=causal, return_lse=True, softmax_scale=0.7)
     torch.testing.assert_close(out, ro, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, rl, rtol=0, atol=1e-12)
@@ -146,35 +173,21 @@ def test_op_matches_reference_autograd(causal):
 def test_gradcheck_of_the_op():
     q, k, v = _qkv(batch=1, seqlen=10, heads=2, kv_heads=1, dim=4, seed=4)
     leaves = tuple(x.requires_grad_() for x in (q, k, v))
-    fn = lambda q, k, v: G.moba_attention_autograd(q, k, v, 3, 2, causal=True, return_lse=True)  # noqa: E731
+    fn = lambda q, k, v: moba_attention_autograd(q, k, v, 3, 2, causal=True, return_lse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
-
-
-def test_reference_backward_equations_match_autograd():
-    # the dense backward formulas (what the CUDA kernel implements) vs autograd through the reference
-    q, k, v = _qkv(batch=2, seqlen=30, heads=4, kv_heads=1, dim=8, seed=5)
-    topk = R.moba_topk(q, k, 8, 2, causal=True)
-    dout = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(6))
-    dlse = torch.randn(q.shape[:3], dtype=q.dtype, generator=torch.Generator().manual_seed(7))
-    got = G._reference_backward(dout, dlse, q, k, v, topk, 8, True, 0.3)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = R.moba_attention(*leaves, 8, 2, causal=True, return_lse=True, softmax_scale=0.3)
-    want = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_opcheck_forward_op():
     q, k, v = _qkv(seed=8)
-    torch.library.opcheck(G._fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True,
-                                      0.3, False))
+    torch.library.opcheck(torch.ops.mobalab.moba_attention_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True, 0.3, False))
 
 
 def test_torch_compile_fullgraph_cpu():
     q, k, v = _qkv(seed=9)
 
     def f(q, k, v):
-        return torch.tanh(G.moba_attention_autograd(q, k, v, 4, 2, causal=True)).sum()
+        return torch.tanh(moba_attention_autograd(q, k, v, 4, 2, causal=True)).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break would raise
     a = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -183,3 +196,4 @@ def test_torch_compile_fullgraph_cpu():
     f(*b).backward()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+

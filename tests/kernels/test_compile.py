@@ -179,6 +179,8 @@ def wrapper_name_templates() -> dict[str, re.Pattern]:
     that reads as an identifier starting ``moba_`` (f-string fields stand for one word without ``_``), less
     the names of Python objects (``"moba_topk"`` in an error message is the Python function)."""
     bound = _python_bound_names()
+    # torch custom ops ("mobalab::moba_attention_fwd") are looked up by name too; they are no kernels
+    bound |= {m.group(1) for path in PY_SOURCES for m in re.finditer(r'"mobalab::(\w+)"', path.read_text())}
     out = {}
     for path in PY_SOURCES:
         nodes = list(ast.walk(ast.parse(path.read_text())))

@@ -1,17 +1,28 @@
-"""The torch MoBA reference against deliberately naive, loop-based re-implementations of the contract."""
+"""The torch MoBA reference against deliberately naive, loop-based re-implementations of the contract
+(docs/design.md, "MoBA semantics"), plus its cost (no N x N work), non-finite inputs and validation."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from mobalab.kernels.reference import moba_attention, moba_centroids, moba_topk
+from mobalab.kernels.reference import (
+    dense_attention,
+    moba_attention,
+    moba_attention_backward,
+    moba_attention_given_routing,
+    moba_centroids,
+    moba_topk,
+)
 
 # ---------------------------------------------------------------------------------------------------
-# naive implementations (one query at a time, straight from DESIGN.md "MoBA semantics")
+# naive implementations (one query at a time, straight from docs/design.md, "MoBA semantics")
 
 
 def naive_centroids(k, block_size):
@@ -353,19 +364,6 @@ def test_results_do_not_depend_on_query_chunk(causal):
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
-def test_default_chunk_follows_memory_budget(monkeypatch):
-    from mobalab.kernels import reference
-
-    q, k, v = randn(1, 30, 2, 2, 4, seed=13)
-    full = moba_attention(q, k, v, 4, 2)
-    monkeypatch.setattr(reference, "DEFAULT_MEMORY_BUDGET_BYTES", 1)  # one query per chunk
-    calls = []
-    real = reference._attend_chunk
-    monkeypatch.setattr(reference, "_attend_chunk", lambda *a: calls.append(a[0].shape[1]) or real(*a))
-    torch.testing.assert_close(moba_attention(q, k, v, 4, 2), full, rtol=1e-13, atol=1e-13)
-    assert calls == [1] * 30
-
-
 # ---------------------------------------------------------------------------------------------------
 # validation
 
@@ -383,28 +381,48 @@ def _qkv(**kw):
         (lambda q, k, v: (q[0], k, v), r"q must be 4-D .* got shape \(8, 4, 4\)", True),
         (lambda q, k, v: (q, k[..., None], v), r"k must be 4-D", True),
         (lambda q, k, v: (q, k, v[0]), r"v must be 4-D", False),
-        (lambda q, k, v: (q.numpy(), k, v), r"q must be a torch.Tensor, got ndarray", True),
         (lambda q, k, v: (q.expand(2, -1, -1, -1), k, v), r"batch differs, q has 2 and k has 1", True),
         (lambda q, k, v: (q[:, :6], k, v), r"seqlen differs, q has 6 and k has 8.*self-attention", True),
         (lambda q, k, v: (q[..., :3], k, v), r"head_dim differs, q has 3 and k has 4", True),
         (lambda q, k, v: (q, k, v[:, :, :1]), r"k and v must have the same shape", False),
         (lambda q, k, v: (q, k, v[:, :5]), r"k and v must have the same shape", False),
         (lambda q, k, v: (q[:, :, :3], k, v), r"q heads \(3\) must be a multiple of kv heads \(2\)", True),
-        (lambda q, k, v: (q.int(), k.int(), v.int()), r"dtype torch.int32; supported: float16, bfloat16",
-         True),
+        (lambda q, k, v: (q.int(), k.int(), v.int()),
+         r"q has dtype torch.int32; supported on the reference path: torch.float16, torch.bfloat16", True),
         (lambda q, k, v: (q, k.double(), v), r"must share one dtype", True),
         (lambda q, k, v: (q, k, v.half()), r"must share one dtype", False),
-        (lambda q, k, v: (q.to("meta"), k, v), r"must be on one device", True),
+        (lambda q, k, v: (q, _fake_cuda(k), v), r"q, k(, v)? must be on one device", True),
+        (lambda q, k, v: (q.to("meta"), k, v), r"q is a meta tensor", True),
         (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), r"empty dimension", True),
     ],
 )
 def test_input_validation(make, match, also_for_topk):
+    """Every reference entry point validates through the one contract, with the same message."""
     q, k, v = make(*_qkv())
     with pytest.raises(ValueError, match=match):
         moba_attention(q, k, v, 4, 2)
+    with pytest.raises(ValueError, match=match):
+        dense_attention(q, k, v)
     if also_for_topk:
         with pytest.raises(ValueError, match=match):
             moba_topk(q, k, 4, 2)
+
+
+def _fake_cuda(x):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(x.shape, dtype=x.dtype, device="cuda")
+
+
+def test_non_tensor_inputs_raise_type_error():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"moba_attention: q must be a torch.Tensor, got numpy.ndarray"):
+        moba_attention(q.numpy(), k, v, 4, 2)
+    with pytest.raises(TypeError, match=r"moba_topk: k must be a torch.Tensor, got list"):
+        moba_topk(q, k.tolist(), 4, 2)
+    with pytest.raises(TypeError, match=r"moba_centroids: k must be a torch.Tensor, got numpy.ndarray"):
+        moba_centroids(k.numpy(), 4)
 
 
 @pytest.mark.parametrize(
@@ -443,3 +461,187 @@ def test_centroid_validation():
         moba_centroids(k[0], 4)
     with pytest.raises(ValueError, match=r"moba_centroids: k has dtype torch.int64"):
         moba_centroids(k.long(), 4)
+
+
+def test_given_routing_and_dense_validation():
+    q, k, v = _qkv()
+    topk = moba_topk(q, k, 4, 2)
+    with pytest.raises(ValueError, match=r"topk holds block indices -1..1; supported: -1 \(unused\) and 0..0"):
+        moba_attention_given_routing(q, k, v, topk, 8)
+    with pytest.raises(ValueError, match=r"topk has shape \(1, 8, 4\)"):
+        moba_attention_given_routing(q, k, v, topk[..., 0], 4)
+    with pytest.raises(ValueError, match="topk has dtype torch.float32"):
+        moba_attention_given_routing(q, k, v, topk.float(), 4)
+    with pytest.raises(ValueError, match=r"query_positions span 0..8; supported: 0..7"):
+        dense_attention(q, k, v, query_positions=[0, 8])
+    with pytest.raises(ValueError, match="non-empty 1-D sequence of integers"):
+        dense_attention(q, k, v, query_positions=[0.5])
+    out, lse = moba_attention_given_routing(q, k, v, topk, 4)
+    with pytest.raises(ValueError, match=r"dout has shape \(1, 7, 4, 4\); expected \(1, 8, 4, 4\)"):
+        moba_attention_backward(out[:, :-1], q, k, v, out, lse, topk, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention with the routing given, dense attention, the backward equations
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_given_routing_matches_naive(causal):
+    # arbitrary selections: random distinct blocks per (query, head), some slots unused; causal rows keep
+    # their own block in slot 0 and may list future blocks (they add nothing)
+    q, k, v = randn(2, 29, 4, 2, 5, seed=14)
+    block, n_blocks, slots = 4, 8, 4
+    g = torch.Generator().manual_seed(15)
+    topk = torch.argsort(torch.rand(2, 29, 4, n_blocks, generator=g), dim=-1)[..., :slots].int()
+    topk[torch.rand(topk.shape, generator=g) < 0.25] = -1
+    if causal:
+        topk[..., 0] = (torch.arange(29) // block).view(1, 29, 1).int()
+    else:
+        topk[..., 0] = torch.where(topk[..., 0] < 0, 0, topk[..., 0])
+    out, lse = moba_attention_given_routing(q, k, v, topk, block, causal=causal, softmax_scale=0.8)
+    ref_out, ref_lse = naive_attention(q, k, v, topk, block, causal, 0.8)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("seqlen, heads, kv_heads", [(1, 2, 1), (37, 4, 2), (300, 2, 2)])
+def test_dense_attention_matches_sdpa(causal, seqlen, heads, kv_heads):
+    q, k, v = randn(2, seqlen, heads, kv_heads, 8, seed=16)
+    group = heads // kv_heads
+    kr, vr = (x.repeat_interleave(group, dim=2).transpose(1, 2) for x in (k, v))
+    qt = q.transpose(1, 2)
+    ref = F.scaled_dot_product_attention(qt, kr, vr, is_causal=causal, scale=0.4).transpose(1, 2)
+    logits = (qt @ kr.transpose(-1, -2)) * 0.4
+    if causal:
+        logits = logits.masked_fill(~torch.ones(seqlen, seqlen, dtype=torch.bool).tril(), float("-inf"))
+    ref_lse = torch.logsumexp(logits, dim=-1).transpose(1, 2)
+    out, lse = dense_attention(q, k, v, causal=causal, softmax_scale=0.4)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    rows = [seqlen - 1, 0, seqlen // 2]
+    out_rows, lse_rows = dense_attention(q, k, v, causal=causal, softmax_scale=0.4, query_positions=rows)
+    torch.testing.assert_close(out_rows, ref[:, rows], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse_rows, ref_lse[:, rows], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_attention_rows_equal_moba_when_everything_fits():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 128, 3, 64, generator=g) for _ in range(3))
+    rows = np.array([120, 127])
+    out, lse = dense_attention(q, k, v, softmax_scale=0.7, query_positions=rows)
+    ref, ref_lse = moba_attention(q, k, v, 32, 4, causal=True, softmax_scale=0.7, return_lse=True)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref[:, rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse[:, rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal, heads, kv_heads", [(True, 4, 1), (False, 4, 2), (True, 2, 2)])
+def test_backward_equations_match_autograd(causal, heads, kv_heads):
+    # the backward formulas (what the CUDA kernel implements) vs autograd through the reference
+    q, k, v = randn(2, 30, heads, kv_heads, 8, seed=5)
+    topk = moba_topk(q, k, 8, 2, causal=causal)
+    dout = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(6))
+    dlse = torch.randn(q.shape[:3], dtype=q.dtype, generator=torch.Generator().manual_seed(7))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = moba_attention_given_routing(*leaves, topk, 8, causal=causal, softmax_scale=0.3)
+    want = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves, retain_graph=True)
+    got = moba_attention_backward(dout, q, k, v, out.detach(), lse.detach(), topk, 8, causal, 0.3, dlse=dlse)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    got = moba_attention_backward(dout, q, k, v, out.detach(), lse.detach(), topk, 8, causal, 0.3)
+    want = torch.autograd.grad((out * dout).sum(), leaves)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# non-finite inputs: a query reads only its selected blocks
+
+
+def _attends(topk, key, block_size, causal):
+    """(batch, seqlen, heads) bool: the query attends token ``key`` under the routing ``topk``."""
+    t = torch.arange(topk.shape[1]).view(1, -1, 1)
+    chosen = (topk == key // block_size).any(-1)
+    return chosen & (key <= t) if causal else chosen
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_nan_value_reaches_only_the_queries_that_attend_it(causal):
+    q, k, v = randn(1, 256, 2, 1, 8, dtype=torch.float32, seed=17)
+    topk = moba_topk(q, k, 32, 2, causal=causal)
+    v[0, 100] = float("nan")
+    out, lse = moba_attention(q, k, v, 32, 2, causal=causal, return_lse=True)
+    expect = _attends(topk, 100, 32, causal)
+    assert 0 < int(expect.sum()) < expect.numel() // 2  # most queries never read token 100
+    assert torch.equal(torch.isnan(out).any(-1), expect)
+    assert torch.isfinite(lse).all()  # v does not enter lse
+    clean = moba_attention(q, k, torch.nan_to_num(v), 32, 2, causal=causal)
+    torch.testing.assert_close(out[~expect], clean[~expect], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_key_drops_its_block_from_routing(value):
+    # the block's centroid is not finite, so it scores NaN and is never selected by score: only its own
+    # queries at or after the key (causal) read it, and a non-causal query never does
+    q, k, v = randn(1, 256, 2, 1, 8, dtype=torch.float32, seed=18)
+    k[0, 100] = value
+    causal_topk = moba_topk(q, k, 32, 3, causal=True)
+    assert not (causal_topk[..., 1:] == 3).any() and (causal_topk[0, 96:128, :, 0] == 3).all()
+    assert not (moba_topk(q, k, 32, 3, causal=False) == 3).any()
+    out = moba_attention(q, k, v, 32, 3, causal=True)
+    bad = ~torch.isfinite(out).all(-1)
+    assert torch.equal(bad[0, :, 0], (torch.arange(256) >= 100) & (torch.arange(256) < 128))
+    assert torch.isfinite(moba_attention(q, k, v, 32, 3, causal=False)).all()
+
+
+def test_non_finite_query_stays_in_its_row():
+    q, k, v = randn(1, 64, 2, 2, 8, dtype=torch.float32, seed=19)
+    q[0, 40, 1] = float("inf")
+    out, lse = moba_attention(q, k, v, 8, 3, return_lse=True)
+    bad = ~torch.isfinite(out).all(-1) | ~torch.isfinite(lse)
+    assert bad[0, 40, 1] and int(bad.sum()) == 1
+
+
+def test_every_block_unselectable_gives_zero_output():
+    # non-causal, every centroid NaN: no block can be selected; the query reads nothing (CUDA merge: same)
+    q, k, v = randn(1, 16, 1, 1, 4, dtype=torch.float32, seed=20)
+    k[0, ::4] = float("nan")
+    assert (moba_topk(q, k, 4, 2, causal=False) == -1).all()
+    out, lse = moba_attention(q, k, v, 4, 2, causal=False, return_lse=True)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# cost: only the selected blocks are read (no N x N work or memory)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_work_and_memory_follow_the_selected_blocks(causal):
+    seqlen, heads, dim, block, top_k = 8192, 2, 16, 32, 2
+    q, k, v = randn(1, seqlen, heads, heads, dim, dtype=torch.float32, seed=21)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    with FlopCounterMode(display=False) as flops, _LargestTensor() as size:
+        moba_attention(*leaves, block, top_k, causal=causal).square().sum().backward()
+    n_blocks = seqlen // block
+    routing = 2 * seqlen * heads * n_blocks * dim
+    attention = 2 * 2 * seqlen * heads * top_k * block * dim  # S = QK^T and PV
+    dense = 2 * 2 * seqlen * seqlen * heads * dim
+    # forward, recomputed forward and backward (2x), segments padded to < 2x their length
+    assert flops.get_total_flops() <= 2 * routing + 4 * 2 * attention
+    assert flops.get_total_flops() < dense / 8
+    assert size.largest <= max(heads * seqlen * n_blocks, 2 * heads * seqlen * top_k * block)
+    assert size.largest < seqlen * seqlen / 8

@@ -1,8 +1,9 @@
 """CPU checks of the GPU routing wrappers: validation, launch arithmetic and the kernel ABI.
 
-The argument tuples are built by the same pure functions the CUDA path uses and checked against the
+The argument tuples are built by the same pure plan functions the CUDA path uses and checked against the
 parameter lists parsed from cuda/centroids.cu and cuda/topk.cu, so a Python int or float given to an
-``int``/``float`` parameter (silently wrong under CuPy) fails here.
+``int``/``float`` parameter (silently wrong under CuPy) fails here. Validation runs on fake CUDA tensors
+(shapes and devices without memory), which reach every check without a GPU.
 """
 
 from __future__ import annotations
@@ -13,32 +14,42 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mobalab.kernels import routing
+from mobalab.kernels import _contract as C
+from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels._launch import check_args, signatures
 
-CUDA0 = torch.device("cuda", 0)
+
+def _fake(shape, dtype=torch.bfloat16, device="cuda:0"):
+    with FakeTensorMode():
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _topk_ok(**over):
-    args = dict(q_shape=(2, 1000, 8, 128), q_dtype=torch.bfloat16, q_device=CUDA0, k_shape=(2, 1000, 2, 128),
-                k_dtype=torch.bfloat16, k_device=CUDA0, block_size=64, top_k=8, causal=True, centroids=None)
+def _topk_args(**over):
+    args = dict(q_shape=(2, 1000, 8, 128), q_dtype=torch.bfloat16, q_device="cuda:0", k_shape=(2, 1000, 2, 128),
+                k_dtype=torch.bfloat16, k_device="cuda:0", block_size=64, top_k=8, causal=True, centroids=None)
     args.update(over)
-    return routing.check_topk_inputs(**args)
+    q = _fake(args["q_shape"], args["q_dtype"], args["q_device"])
+    k = _fake(args["k_shape"], args["k_dtype"], args["k_device"])
+    return q, k, args
 
 
-def test_valid_inputs_pass():
-    assert _topk_ok() == (64, 8)
-    assert _topk_ok(block_size=np.int64(16), top_k=64, causal=False) == (16, 64)
-    assert routing.check_centroid_inputs((1, 5, 1, 64), torch.float16, CUDA0, 512) == 512
-    assert _topk_ok(centroids=((2, 16, 2, 128), torch.float32, CUDA0)) == (64, 8)
+def test_valid_inputs_pass_validation():
+    q, k, _ = _topk_args()
+    C.check_inputs("f", q, k, path="cuda")
+    C.check_cuda_device("f", q)
+    assert C.check_block_size("f", 64, "cuda") == 64 and C.check_top_k("f", 8, "cuda") == 8
+    assert C.check_block_size("f", np.int64(16), "cuda") == 16 and C.check_top_k("f", np.int32(64), "cuda") == 64
+    C.check_centroids("f", _fake((2, 16, 2, 128), torch.float32), k, 64)
+    C.check_keys("f", _fake((1, 5, 1, 64), torch.float16), path="cuda")
 
 
 @pytest.mark.parametrize(
     "over, match",
     [
         (dict(q_dtype=torch.float32, k_dtype=torch.float32), "dtype torch.float32"),
-        (dict(k_dtype=torch.float16), "must match"),
+        (dict(k_dtype=torch.float16), "must share one dtype"),
         (dict(q_shape=(2, 1000, 8, 96), k_shape=(2, 1000, 2, 96)), "head_dim 96"),
         (dict(q_shape=(2, 1000, 8), k_shape=(2, 1000, 2)), "4-D"),
         (dict(q_shape=(2, 0, 8, 128), k_shape=(2, 0, 2, 128)), "empty dimension"),
@@ -51,31 +62,44 @@ def test_valid_inputs_pass():
         (dict(top_k=65), "top_k=65"),
         (dict(top_k=True), "top_k=True"),
         (dict(causal=1), "causal"),
-        (dict(q_device=torch.device("cpu"), k_device=torch.device("cpu")), "need CUDA tensors"),
-        (dict(k_device=torch.device("cuda", 1)), "one CUDA device"),
+        (dict(q_device="cpu", k_device="cpu"), "needs CUDA tensors"),
+        (dict(k_device="cuda:1"), "one device"),
         (dict(q_shape=(70000, 4, 8, 128), k_shape=(70000, 4, 2, 128)), "<= 65535"),
-        (dict(centroids=((2, 15, 2, 128), torch.float32, CUDA0)), "expected \\(2, 16, 2, 128\\)"),
-        (dict(centroids=((2, 16, 2, 128), torch.bfloat16, CUDA0)), "float32"),
-        (dict(centroids=((2, 16, 2, 128), torch.float32, torch.device("cuda", 1))), "centroids are on"),
+        (dict(centroids=((2, 15, 2, 128), torch.float32, "cuda:0")), "expected \\(2, 16, 2, 128\\)"),
+        (dict(centroids=((2, 16, 2, 128), torch.bfloat16, "cuda:0")), "float32"),
+        (dict(centroids=((2, 16, 2, 128), torch.float32, "cuda:1")), "centroids are on"),
     ],
 )
 def test_invalid_topk_inputs_raise(over, match):
+    q, k, args = _topk_args(**over)
+    if args["q_device"] == "cpu":
+        q, k = torch.zeros(args["q_shape"], dtype=args["q_dtype"]), torch.zeros(args["k_shape"], dtype=args["k_dtype"])
+    cent = None if args["centroids"] is None else _fake(*args["centroids"])
     with pytest.raises(ValueError, match=match):
-        _topk_ok(**over)
+        routing.moba_topk_cuda(q, k, args["block_size"], args["top_k"], causal=args["causal"], centroids=cent)
 
 
 @pytest.mark.parametrize(
     "shape, dtype, device, block, match",
     [
-        ((1, 5, 1, 64), torch.float64, CUDA0, 16, "supported on the GPU"),
-        ((1, 5, 1, 32), torch.bfloat16, CUDA0, 16, "head_dim 32"),
-        ((1, 5, 1, 64), torch.bfloat16, CUDA0, 8, "block_size=8"),
-        ((1, 5, 1, 64), torch.bfloat16, torch.device("cpu"), 16, "need CUDA tensors"),
+        ((1, 5, 1, 64), torch.float64, "cuda:0", 16, "supported on the cuda path"),
+        ((1, 5, 1, 32), torch.bfloat16, "cuda:0", 16, "head_dim 32"),
+        ((1, 5, 1, 64), torch.bfloat16, "cuda:0", 8, "block_size=8"),
+        ((1, 5, 1, 64), torch.bfloat16, "cpu", 16, "needs CUDA tensors"),
     ],
 )
 def test_invalid_centroid_inputs_raise(shape, dtype, device, block, match):
+    k = torch.zeros(shape, dtype=dtype) if device == "cpu" else _fake(shape, dtype, device)
     with pytest.raises(ValueError, match=match):
-        routing.check_centroid_inputs(shape, dtype, device, block)
+        routing.moba_centroids_cuda(k, block)
+
+
+def test_non_tensors_and_meta_tensors_raise_clearly():
+    q, k, _ = _topk_args()
+    with pytest.raises(TypeError, match="moba_topk_cuda: q must be a torch.Tensor, got numpy.ndarray"):
+        routing.moba_topk_cuda(torch.zeros(2, 8, 2, 64).numpy(), k, 64, 8)
+    with pytest.raises(ValueError, match="k is a meta tensor"):
+        routing.moba_centroids_cuda(torch.empty(1, 8, 1, 64, dtype=torch.bfloat16, device="meta"), 16)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,18 +125,18 @@ def _variant_plans(dtype, dim, causal, top_k=8, block_size=64, seqlen=300, heads
     return plans
 
 
-VARIANTS = list(itertools.product(routing.SUPPORTED_DTYPES, routing.SUPPORTED_HEAD_DIMS, (True, False)))
+VARIANTS = list(itertools.product(C.CUDA_DTYPES, C.CUDA_HEAD_DIMS, (True, False)))
 
 
 @pytest.mark.parametrize("dtype, dim, causal", VARIANTS)
 def test_launch_args_match_cuda_signatures(dtype, dim, causal):
     for plan in _variant_plans(dtype, dim, causal):
-        cargs = check_args(plan.filename, plan.kernel, plan.args)
-        assert len(cargs) == len(signatures(plan.filename)[plan.kernel])
+        cargs = check_args(plan.source, plan.kernel, plan.args)
+        assert len(cargs) == len(signatures(plan.source)[plan.kernel])
 
 
 def test_every_routing_kernel_is_launched_by_some_plan():
-    launched = {(p.filename, p.kernel) for v in VARIANTS for p in _variant_plans(*v)}
+    launched = {(p.source, p.kernel) for v in VARIANTS for p in _variant_plans(*v)}
     defined = {(f, name) for f in ("centroids.cu", "topk.cu") for name in signatures(f)}
     assert defined == launched
 
@@ -133,7 +157,7 @@ def test_python_scalars_are_rejected_by_the_abi_check():
     bad = list(plan.args)
     bad[4] = int(bad[4])  # seqlen as a Python int: CuPy would pass 8 bytes to an `int`
     with pytest.raises(TypeError, match="seqlen"):
-        check_args(plan.filename, plan.kernel, tuple(bad))
+        check_args(plan.source, plan.kernel, tuple(bad))
 
 
 @pytest.mark.parametrize("seqlen", [1, 127, 128, 129, 65536])
@@ -147,9 +171,9 @@ def test_topk_grid_covers_every_query_once(seqlen):
 
 def test_shared_memory_fits_the_opt_in_limit():
     limit = 232448  # H100 / H200 opt-in maximum per block
-    for dim, top_k, causal in itertools.product(routing.SUPPORTED_HEAD_DIMS, range(1, 65), (True, False)):
+    for dim, top_k, causal in itertools.product(C.CUDA_HEAD_DIMS, range(1, C.MAX_TOP_K + 1), (True, False)):
         smem = routing.topk_shared_bytes(dim, top_k, causal)
-        assert 48 * 1024 < smem <= routing.topk_shared_bytes(dim, routing.MAX_TOP_K, False) <= limit
+        assert 48 * 1024 < smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
         # Two CTAs per SM with register lists (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
             assert 2 * (smem + 1024) <= 228 * 1024
@@ -159,7 +183,7 @@ def test_shared_memory_fits_the_opt_in_limit():
 # the hi/lo centroid split that the kernels rely on for fp32-grade scores
 
 
-@pytest.mark.parametrize("dtype", list(routing.SUPPORTED_DTYPES))
+@pytest.mark.parametrize("dtype", list(C.CUDA_DTYPES))
 @pytest.mark.parametrize("block_size", [16, 512])
 def test_hi_lo_split_recovers_fp32_centroids(dtype, block_size):
     """Scores are sums of q_i * c_i, so what matters is the error of each c_i against the scale of c.

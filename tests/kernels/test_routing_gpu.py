@@ -29,9 +29,9 @@ STATS = {"slots": 0, "mismatches": 0, "cases": 0}
 
 
 def _routing():
-    from mobalab.kernels import routing
+    from mobalab.kernels import _cuda_routing
 
-    return routing
+    return _cuda_routing
 
 
 def _rand(shape, dtype, gen):
@@ -51,7 +51,7 @@ def _poisoned_topk(q, k, block_size, top_k, causal, centroids=None):
         cent = torch.full((batch, n, kv_heads, dim), float("nan"), device="cuda")
     else:
         cent = centroids
-    routing._topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out)
+    routing.topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out)
     return out, cent
 
 

@@ -1,6 +1,6 @@
 """Theory vs simulation: Monte Carlo hit rates agree with mobalab.snr within their Wilson intervals.
 
-This is the issue's acceptance test. Each configuration gives a Monte Carlo estimate (hits / trials)
+The acceptance test of the two legs against each other. Each configuration gives a Monte Carlo estimate (hits / trials)
 and an analytic prediction (``hit_probability`` or ``causal_hit_probability``; for vector-level runs at
 ``generator_block_model``'s snr and sd_ratio). The distance is measured with
 ``mobalab.stats.interval_units``: |u| <= 1 means the prediction lies inside the interval.
@@ -19,8 +19,8 @@ hit rates by far more than these intervals' widths at the trial counts used (sco
 trials, half-width about 0.003; vector level: 3k-4k trials, half-width about 0.02).
 
 Vector-level configurations also carry the Gaussian (central-limit) approximation of the block score;
-they use blocks of 16-32 keys and n <= 64, where that approximation's error (mobalab.snr.generator's
-docstring) is far below the interval widths.
+they use blocks of 16-32 keys and n <= 64, where that approximation's error is far below the interval
+widths (docs/design.md, "Generator variance").
 """
 
 import numpy as np

@@ -28,19 +28,25 @@ def test_multiplier_reproduces_delta_mu_eff(dmu, mu_noise, mu_cluster, m):
     )
 
 
-@given(m=st.integers(1, 16), rho=st.floats(0.05, 1), b=st.integers(1, 512), d=st.integers(8, 256))
+@given(gain=st.integers(1, 8), rho=st.sampled_from([0.25, 0.5, 1.0]), b=st.integers(1, 64), d=st.integers(8, 256))
 @settings(max_examples=60, deadline=None)
-def test_snr_gain_equals_block_shrink_by_the_square(m, rho, b, d):
+def test_snr_gain_equals_block_shrink_by_the_square(gain, rho, b, d):
+    # m - 1 = (gain - 1) / rho clustered keys multiply the signal by an integer factor `gain` ...
+    m = 1 + round((gain - 1) / rho)
     mult = clustering_multiplier(m, rho)
+    assert mult == pytest.approx(gain, rel=1e-12)
     base = snr(d, b, 0.3)
     assert snr(d, b, 0.3 * mult) == pytest.approx(mult * base, rel=1e-12)
-    assert snr(d, b / mult**2, 0.3) == pytest.approx(mult * base, rel=1e-12)
+    # ... which is what a block gain^2 times smaller gives: b * gain^2 with clustering equals b without.
+    assert snr(d, b * gain**2, 0.3 * mult) == pytest.approx(base, rel=1e-12)
 
 
 def test_validation_messages():
     with pytest.raises(ValueError, match="delta_mu must be non-zero"):
         cluster_rho(0.0, 0.2)
-    with pytest.raises(ValueError, match="m counts the needle itself and must be >= 1"):
+    with pytest.raises(ValueError, match="m must be >= 1, got 0"):
         clustering_multiplier(0, 0.5)
+    with pytest.raises(ValueError, match=r"mu_cluster is a cosine and must lie in \[-1, 1\], got 1.5"):
+        cluster_rho(0.4, 1.5)
     with pytest.raises(ValueError, match="rho must be finite"):
         clustering_multiplier(2, float("nan"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,7 +12,13 @@ __all__ = ["environment", "git_commit"]
 
 
 def git_commit() -> str | None:
-    """Short hash of the checkout mobalab is imported from, or None outside a git checkout."""
+    """Short hash of the checkout mobalab is imported from, or None outside a git checkout.
+
+    ``MOBALAB_COMMIT`` in the environment wins: a copy of a working tree on another machine may carry stale
+    git metadata, so the GPU scripts are told the commit by the caller.
+    """
+    if os.environ.get("MOBALAB_COMMIT"):
+        return os.environ["MOBALAB_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -20,8 +27,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """What a reader needs to trust a number: versions, commit, device, time.
+    """What a reader needs to trust a number: versions, commit, CPU and device, time.
 
     On a machine with CUDA the record also names the GPU, its multiprocessor count, the CUDA version torch
     was built with and, where installed, CuPy's version; elsewhere those fields are None.
@@ -30,8 +49,8 @@ def environment() -> dict:
     --------
     >>> from mobalab.bench import environment
     >>> env = environment()
-    >>> sorted(k for k in ("git_commit", "torch", "utc", "cuda_device") if k in env)
-    ['cuda_device', 'git_commit', 'torch', 'utc']
+    >>> sorted(k for k in ("git_commit", "torch", "utc", "cuda_device", "cpu") if k in env)
+    ['cpu', 'cuda_device', 'git_commit', 'torch', 'utc']
     """
     import numpy
     import pandas
@@ -50,6 +69,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "cuda_device": None,
         "cuda_sms": None,

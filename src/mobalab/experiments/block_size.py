@@ -43,9 +43,11 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
+from ._checks import check_seed
+from ._columns import integer_columns
 from .snr_vs_accuracy import vector_point
 
-__all__ = ["Config", "run", "plot", "summary", "measured_snr"]
+__all__ = ["Config", "run", "plot", "summary", "plan", "measured_snr"]
 
 NAME = "block-size"
 SWEEPS = ("fixed k/n", "fixed k", "head dim", "clt")
@@ -98,6 +100,20 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): points, trials, device.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import block_size
+    >>> print(block_size.plan(block_size.Config.quick(device="cpu")))
+    16 sweep points; score level: numpy, 20000 trials each; vector level on cpu: 300 trials (clt: 2000)
+    """
+    return (f"{len(_points(config))} sweep points; score level: numpy, {config.score_trials} trials each; "
+            f"vector level on {_resolve_device(config.device)}: {config.vector_trials} trials "
+            f"(clt: {config.clt_trials})")
+
+
 def measured_snr(p: float, n_blocks: int, top_k: int, sd_ratio: float = 1.0) -> float:
     """SNR at which P_hit(SNR; n, k, sd_ratio) = p; -inf for p = 0 and +inf for p = 1 (and k >= n: NaN)."""
     if top_k >= n_blocks:
@@ -130,7 +146,18 @@ def _points(config: Config):
 
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """Analytic predictions, score- and vector-level Monte Carlo for every sweep point; one row per leg."""
+    """Analytic predictions, score- and vector-level Monte Carlo for every sweep point; one row per leg.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import block_size
+    >>> cfg = block_size.Config(seq_len=512, block_sizes=(64, 32), head_dims=(32,), clt_block_sizes=(4,),
+    ...                         clt_head_dims=(16,), clt_blocks=32, clt_trials=50, score_trials=500,
+    ...                         vector_trials=30, device="cpu", seed=0)
+    >>> block_size.run(cfg).groupby("sweep").size().to_dict()
+    {'clt': 4, 'fixed k': 8, 'fixed k/n': 8, 'head dim': 4}
+    """
+    check_seed(config.seed)
     if config.m > min(config.block_sizes + (config.head_dim_block_size,)):
         raise ValueError(f"m = {config.m} clustered keys do not fit in the smallest block of the sweep")
     if not 0.0 < config.sparsity <= 1.0:
@@ -171,7 +198,9 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
         df.loc[vec, col] = [measured_snr(p, n, k, r) for p, n, k, r in
                             df.loc[vec, [src, "n_blocks", "top_k", "sd_ratio"]].itertuples(index=False)]
     df.insert(0, "experiment", NAME)
-    return df
+    df.insert(1, "run_seed", config.seed)
+    return integer_columns(df, ("run_seed", "hits", "trials", "m", "n_blocks", "top_k", "head_dim", "block_size",
+                                "seq_len"))
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:

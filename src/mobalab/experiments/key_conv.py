@@ -1,6 +1,6 @@
 r"""key-conv: does a key convolution raise Δμ_eff, as the paper's clustering multiplier says?
 
-Synthetic sequences (unit vectors, :mod:`mobalab.simulate.generators`): a query q, noise keys uniform on
+Synthetic sequences (unit vectors, :func:`mobalab.simulate.random_unit_vectors`): a query q, noise keys uniform on
 the sphere, and L relevant keys of cosine μ with q, laid out relative to the needle's block j (uniform on
 1..n-2, so that both neighbours exist) in one of three patterns:
 
@@ -46,10 +46,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mobalab import simulate, snr
-from mobalab.simulate.seeding import spawn_generators
 from mobalab.stats import interval_units, wilson_interval
 
-__all__ = ["Config", "run", "plot", "summary", "relevant_offsets", "conv_variants"]
+from ._checks import check_seed
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "relevant_offsets", "conv_variants"]
 
 NAME = "key-conv"
 PATTERNS = ("inside", "cut", "scattered")
@@ -115,7 +116,22 @@ def conv_variants(config: Config) -> list[tuple[str, str, int, object]]:
     return out
 
 
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it).
+
+    Examples
+    --------
+    >>> from mobalab.experiments import key_conv
+    >>> print(key_conv.plan(key_conv.Config.quick()))
+    numpy on the CPU: 12 (pattern, L) groups x 192 trials, 5 convolutions each, N = 1024, B = 32
+    """
+    groups = len(config.patterns) * len(config.span_lengths)
+    return (f"numpy on the CPU: {groups} (pattern, L) groups x {config.trials} trials, "
+            f"{len(conv_variants(config))} convolutions each, N = {config.seq_len}, B = {config.block_size}")
+
+
 def _check(config: Config) -> None:
+    check_seed(config.seed)
     if config.seq_len % config.block_size:
         raise ValueError(f"seq_len {config.seq_len} must be a multiple of block_size {config.block_size}")
     if config.seq_len // config.block_size < 4:
@@ -155,7 +171,16 @@ def _cosines(q, keys):
 
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """One row per (pattern, span length L, convolution): P(hit), clustering statistics, predictions."""
+    """One row per (pattern, span length L, convolution): P(hit), clustering statistics, predictions.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import key_conv
+    >>> cfg = key_conv.Config(seq_len=256, block_size=32, top_k=2, span_lengths=(2,), patterns=("inside",),
+    ...                       widths=(1, 3), trials=32, seed=0)
+    >>> list(key_conv.run(cfg)["conv"])
+    ['none (W=1)', 'averaging W=3', 'residual SiLU W=3']
+    """
     _check(config)
     c = config
     B, N, d, k = c.block_size, c.seq_len, c.head_dim, c.top_k
@@ -163,7 +188,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     variants = conv_variants(c)
     max_w = max(c.widths)
     groups = [(p, L) for p in c.patterns for L in c.span_lengths]
-    rngs = spawn_generators(c.seed, len(groups))
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(c.seed).spawn(len(groups))]
     rows = []
     bar = tqdm(total=len(groups) * c.trials, desc=NAME, disable=not progress, unit="trial")
     for (pattern, L), rng in zip(groups, rngs, strict=True):
@@ -241,6 +266,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     base = df[df["form"] == "none"].set_index(["pattern", "span"])["estimate"]
     df["change_vs_none"] = df["estimate"] - [base[(p, L)] for p, L in zip(df["pattern"], df["span"], strict=True)]
     df.insert(0, "experiment", NAME)
+    df.insert(1, "run_seed", c.seed)
     return df
 
 

@@ -59,7 +59,9 @@ from tqdm.auto import tqdm
 from mobalab import snr
 from mobalab.stats import interval_units, wilson_interval
 
-__all__ = ["Config", "run", "plot", "summary", "TASKS", "METRICS", "needle_batch", "dense_rows"]
+from ._checks import check_seed
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch"]
 
 NAME = "needle-retrieval"
 TASKS = ("single", "multi-key", "multi-query")
@@ -112,6 +114,7 @@ class Config:
 
 def _check(config: Config) -> None:
     c = config
+    check_seed(c.seed)
     bad = [t for t in c.tasks if t not in TASKS]
     if not c.tasks or bad:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {c.tasks!r}")
@@ -146,6 +149,24 @@ def _check(config: Config) -> None:
             if (n - _n_queries(task, c)) // window < _needles(task, c):
                 raise ValueError(f"seqlen {n} has too few {window}-token windows for the {_needles(task, c)} "
                                  f"needles of task {task!r}")
+
+
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): backend, device, trials.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import needle_retrieval
+    >>> print(needle_retrieval.plan(needle_retrieval.Config.quick()))  # doctest: +ELLIPSIS
+    torch-reference on cpu (...), float32: 3 tasks x N in (256, 1024) x 4 (B, k) pairs, 16 sequences each
+    """
+    _check(config)
+    _, _, backend, device_name, dtype_name = _resolve(config)
+    grid = len(config.block_sizes) * len(config.top_ks)
+    trials = sorted({_trial_sequences(n, config)[0] * _trial_sequences(n, config)[3] for n in config.seqlens})
+    each = f"{trials[0]}" if len(trials) == 1 else f"{trials[0]}-{trials[-1]}"
+    return (f"{backend} on {device_name}, {dtype_name}: {len(config.tasks)} tasks x N in {tuple(config.seqlens)} "
+            f"x {grid} (B, k) pairs, {each} sequences each")
 
 
 def _n_queries(task: str, config: Config) -> int:
@@ -245,31 +266,6 @@ def needle_batch(task: str, config: Config, batch: int, heads: int, seqlen: int,
                 codes=codes, codebook=codebook, own=own)
 
 
-def dense_rows(q, k, v, query_pos, scale: float, key_chunk: int = 1 << 16):
-    r"""Dense causal attention for the query rows only, fp32: (out (b, h, Q, d), lse (b, h, Q)).
-
-    :math:`\mathrm{lse}_t = \log\sum_{i\le t} e^{\sigma q_t\cdot k_i}`, :math:`o_t = \sum_{i \le t}
-    e^{\sigma q_t\cdot k_i - \mathrm{lse}_t} v_i`; keys are read in chunks, so memory is O(b·h·Q·N).
-    """
-    import torch
-
-    b, n, h, _ = k.shape
-    qp = torch.as_tensor(query_pos, device=q.device)
-    rows = q[:, qp].float()  # (b, Q, h, d)
-    scores = torch.empty((b, h, len(query_pos), n), dtype=torch.float32, device=q.device)
-    for s in range(0, n, key_chunk):
-        scores[..., s:s + key_chunk] = torch.einsum("bqhd,bnhd->bhqn", rows, k[:, s:s + key_chunk].float())
-    scores.mul_(scale)
-    keys = torch.arange(n, device=q.device)
-    scores.masked_fill_(keys.view(1, 1, 1, n) > qp.view(1, 1, -1, 1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    scores.sub_(lse[..., None]).exp_()
-    out = torch.zeros((b, h, len(query_pos), q.shape[-1]), dtype=torch.float32, device=q.device)
-    for s in range(0, n, key_chunk):
-        out += torch.einsum("bhqn,bnhd->bhqd", scores[..., s:s + key_chunk], v[:, s:s + key_chunk].float())
-    return out, lse
-
-
 def _decode(out, codebook):
     """Nearest code by cosine: out (..., d) -> (...) code indices (numpy)."""
     return (out.float() @ codebook.T).argmax(dim=-1).cpu().numpy()
@@ -284,6 +280,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     import torch
 
     from mobalab.kernels import moba_attention, moba_topk
+    from mobalab.kernels.reference import dense_attention
 
     _check(config)
     c = config
@@ -306,7 +303,9 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                 qpos, own = x["query_pos"], x["own"]
                 want = x["codes"][:, :, own]  # (b, h, Q) code each query row should decode to
                 first = x["needle_pos"][:, :, own, 0]  # (b, h, Q) a position of each query's needle
-                d_out, d_lse = dense_rows(x["q"], x["k"], x["v"], qpos, c.logit_scale)
+                d_out, d_lse = dense_attention(x["q"], x["k"], x["v"], causal=True, softmax_scale=c.logit_scale,
+                                               query_positions=qpos)
+                d_out, d_lse = d_out.permute(0, 2, 1, 3), d_lse.permute(0, 2, 1)  # (b, h, Q, ...) like `want`
                 dense_correct += int((_decode(d_out, x["codebook"]) == want).sum())
                 trials += want.size
                 t_pos = np.broadcast_to(qpos, want.shape)
@@ -355,6 +354,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     df.loc[rec, "interval_units"] = interval_units(df.loc[rec, "prediction"], df.loc[rec, "hits"],
                                                    df.loc[rec, "trials"])
     df.insert(0, "experiment", NAME)
+    df.insert(1, "run_seed", c.seed)
     return df
 
 

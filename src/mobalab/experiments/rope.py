@@ -2,7 +2,7 @@ r"""rope: does ignoring RoPE mislead the routing design? The Dirichlet low-pass 
 
 MoBA routes on post-RoPE queries and keys. A block centroid sums a span of m relevant tokens at m
 different rotations: per frequency pair i only the fraction F_i, |F_i| <= D_m(θ_i) =
-|sin(mθ_i/2)| / (m |sin(θ_i/2)|), of their signal survives (:mod:`mobalab.snr.rope`), so the paper's
+|sin(mθ_i/2)| / (m |sin(θ_i/2)|), of their signal survives (:func:`mobalab.snr.rope_block_model`), so the paper's
 clustering multiplier 1 + (m-1)ρ overstates Δμ_eff wherever m·θ_i is not small.
 
 Model (needle-anchored, :func:`mobalab.snr.rope_block_model` with needle_lag = 0): the query is planted to

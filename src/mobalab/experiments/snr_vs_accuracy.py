@@ -9,7 +9,10 @@ For each (n blocks, top-k) panel the figure shows
 * vector-level Monte Carlo (unit vectors, centroids and the exact MoBA routing rules) with 95% Wilson
   intervals. Each vector-level point sits at the *exact* SNR of its generator
   (:func:`mobalab.snr.generator_block_model`); its prediction uses that SNR and the generator's
-  signal/noise standard-deviation ratio;
+  signal/noise standard-deviation ratio. On a GPU every point has ``vector_trials`` trials; on the CPU a
+  point draws at most ``vector_cpu_tokens`` keys (trials × n·B), so long panels get fewer trials (never
+  fewer than ``vector_cpu_min_trials``) and wider intervals, and the full run finishes in minutes on a
+  2-core CPU. Every row holds its ``trials`` and interval; ``summary`` reports the widest interval;
 * the kernel's routing (method ``kernel``): :func:`mobalab.kernels.moba_topk`, non-causal, on the same
   planted-needle generator and SNR points as the vector leg, laid out as (batch, N, heads, d) with every
   (batch row, head) an independent trial (the query occupies every row of its sequence; row 0 is read).
@@ -19,6 +22,8 @@ For each (n blocks, top-k) panel the figure shows
 
 Every Monte Carlo row carries ``interval_units``: how far the exact prediction lies from the estimate in
 units of the 95% interval's half-width (|u| <= 1: inside). ``summary`` reports the largest per panel.
+``run_seed`` is the run's seed (``Config.seed``); ``seed`` the stream each Monte Carlo row was drawn from.
+:func:`plan` says before a run which device each leg uses and how many trials it draws.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
-__all__ = ["Config", "run", "plot", "summary", "vector_point", "kernel_point"]
+from ._checks import check_seed
+from ._columns import integer_columns
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "vector_point", "kernel_point", "vector_trials"]
 
 NAME = "snr-vs-accuracy"
 
@@ -54,11 +62,13 @@ class Config:
     vector_max_mu: float = 0.8
     planted: str = "isotropic"
     device: str = "auto"  # vector leg: "auto" (CUDA when present), "cpu" or a torch device string
+    vector_cpu_tokens: int = 1 << 23  # CPU: keys per SNR point at most (trials x n·B); see the module docstring
+    vector_cpu_min_trials: int = 100  # CPU: but never fewer trials than this
     kernel: bool = True  # the kernel leg (moba_topk on planted-needle inputs)
     kernel_device: str = "auto"  # "auto" (CUDA kernel when a GPU is usable), "cpu" (torch reference), "cuda"
     kernel_trials: int = 2048  # per SNR point on the GPU
     kernel_max_seq_len: int = 1 << 20  # GPU: panels with n·B above this skip the kernel leg
-    kernel_cpu_trials: int = 256  # per SNR point on the CPU reference
+    kernel_cpu_trials: int = 128  # per SNR point on the CPU reference (it routes all n·B rows of each trial)
     kernel_cpu_max_seq_len: int = 2048  # CPU: panels with n·B above this skip the kernel leg
     kernel_heads: int = 16
     seed: int = 0
@@ -104,6 +114,63 @@ def _resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover
         return "cpu"
+
+
+def vector_trials(config: Config, seq_len: int, device: str | None = None) -> int:
+    """Vector-level trials per SNR point for a panel of ``seq_len`` = n·B tokens on ``device``.
+
+    On a GPU (a device string starting with "cuda") ``config.vector_trials``; on the CPU
+    ``min(vector_trials, max(vector_cpu_min_trials, vector_cpu_tokens // seq_len))``, so that no point
+    draws more than about ``vector_cpu_tokens`` keys. ``device`` defaults to the config's, resolved
+    ("auto": CUDA when torch sees a GPU).
+
+    Examples
+    --------
+    >>> from mobalab.experiments.snr_vs_accuracy import Config, vector_trials
+    >>> [vector_trials(Config(), n * 16, "cpu") for n in (64, 512, 4096)]
+    [2000, 1024, 128]
+    >>> vector_trials(Config(), 4096 * 16, "cuda")
+    2000
+    """
+    device = _resolve_device(config.device) if device is None else str(device)
+    if device.startswith("cuda"):
+        return config.vector_trials
+    budget = max(config.vector_cpu_min_trials, config.vector_cpu_tokens // max(1, seq_len))
+    return max(1, min(config.vector_trials, budget))
+
+
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): the device and trials of each leg.
+
+    Examples
+    --------
+    >>> from mobalab.experiments.snr_vs_accuracy import Config, plan
+    >>> print(plan(Config(device="cpu", kernel=False)))  # doctest: +NORMALIZE_WHITESPACE
+    score level: numpy, 100000 trials per point; vector level on cpu: 2000, 1024, 128, 2000 trials per point
+    for n = 64, 512, 4096, 128 (CPU: fewer trials for long panels, wider intervals; 2.1e+08 keys to draw);
+    kernel leg off
+    """
+    device = _resolve_device(config.device)
+    panels = [(n, n * config.vector_block_size) for n, _ in config.panels]
+    vec = [(n, vector_trials(config, seq, device)) for n, seq in panels if seq <= config.vector_max_seq_len]
+    text = f"score level: numpy, {config.score_trials} trials per point; "
+    if vec:
+        keys = sum(t * n * config.vector_block_size for n, t in vec) * len(config.mc_snr)
+        text += (f"vector level on {device}: {', '.join(str(t) for _, t in vec)} trials per point for "
+                 f"n = {', '.join(str(n) for n, _ in vec)}")
+        if not device.startswith("cuda"):
+            text += f" (CPU: fewer trials for long panels, wider intervals; {keys:.2g} keys to draw)"
+    else:
+        text += "vector level: no panel within vector_max_seq_len"
+    if not config.kernel:
+        return text + "; kernel leg off"
+    _, name, device_name, _ = _kernel_backend(config.kernel_device)
+    limit, trials = _kernel_limits(config, name)
+    ker = [n for n, seq in panels if seq <= limit]
+    if not ker:
+        return text + f"; kernel leg ({name}): no panel with n·B <= {limit}"
+    return text + (f"; kernel leg: {name} on {device_name}, {trials} trials per point for "
+                   f"n = {', '.join(str(n) for n in ker)}")
 
 
 def _kernel_backend(kernel_device: str):
@@ -167,12 +234,18 @@ def kernel_point(n_blocks: int, top_k: int, head_dim: int, block_size: int, mu: 
     return hits, done
 
 
-def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, backend) -> list[pd.DataFrame]:
+def _kernel_limits(config: Config, backend_name: str) -> tuple[int, int]:
+    """(largest n·B, trials per point) of the kernel leg on this backend."""
+    return ((config.kernel_max_seq_len, config.kernel_trials) if backend_name == "cuda-kernel"
+            else (config.kernel_cpu_max_seq_len, config.kernel_cpu_trials))
+
+
+def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, backend, bar=None
+                 ) -> list[pd.DataFrame]:
     from mobalab.stats import wilson_interval
 
     device, name, device_name, dtype = backend
-    limit, trials = ((config.kernel_max_seq_len, config.kernel_trials) if name == "cuda-kernel"
-                     else (config.kernel_cpu_max_seq_len, config.kernel_cpu_trials))
+    limit, trials = _kernel_limits(config, name)
     if n * config.vector_block_size > limit:
         return []
     rows = []
@@ -186,21 +259,44 @@ def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, ba
                          sd_ratio=float(model.sd_ratio), target_snr=float(s), m=m, mu_signal=mu, hits=hits,
                          trials=done, estimate=hits / done, ci_low=float(lo), ci_high=float(hi),
                          prediction=float(snr.hit_probability(model.snr, n, k, sd_ratio=model.sd_ratio))))
+        if bar is not None:
+            bar.update(1)
     return [pd.DataFrame(rows)] if rows else []
 
 
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """Analytic curves plus score- and vector-level Monte Carlo points; one tidy row per point."""
+    """Analytic curves plus score- and vector-level Monte Carlo points (and the kernel leg); one tidy row per
+    point. See the module docstring for the legs and :func:`plan` for what a configuration will draw.
+
+    Examples
+    --------
+    >>> from mobalab.experiments import snr_vs_accuracy as exp
+    >>> cfg = exp.Config(panels=((16, 2),), mc_snr=(1.0,), score_trials=2000, vector_trials=100, curve_points=3,
+    ...                  device="cpu", kernel=False, seed=1)
+    >>> df = exp.run(cfg)
+    >>> df.groupby("method").size().to_dict(), int(df["run_seed"].iloc[0])
+    ({'analytic': 3, 'score-level': 1, 'vector-level': 1}, 1)
+    >>> exp.summary(df)[["method", "points", "trials"]].values.tolist()
+    [['score-level', 1, 2000], ['vector-level', 1, 100]]
+    """
+    check_seed(config.seed)
+    for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     seeds = iter(np.random.SeedSequence(config.seed).generate_state(4 * len(config.panels) * (len(config.mc_snr) + 1)))
     device = _resolve_device(config.device)
     curve = np.linspace(0.0, config.snr_max, config.curve_points)
     mc_snr = np.asarray(config.mc_snr, dtype=float)
     rows = []
     jobs = [(n, k) for n, k in config.panels]
-    bar = tqdm(total=len(jobs) * (1 + len(mc_snr)), desc=NAME, disable=not progress)
     # The kernel leg has its own streams, so that adding it leaves the other legs' numbers unchanged.
     kernel_seeds = np.random.SeedSequence([config.seed, 1]).spawn(len(jobs) * len(mc_snr))
     backend = _kernel_backend(config.kernel_device) if config.kernel else None
+    kernel_panels = 0 if backend is None else sum(
+        n * config.vector_block_size <= _kernel_limits(config, backend[1])[0] for n, _ in jobs)
+    bar = tqdm(total=(len(jobs) + len(jobs) * len(mc_snr) + kernel_panels * len(mc_snr)), desc=NAME,
+               disable=not progress)
     for j, (n, k) in enumerate(jobs):
         panel = f"n={n}, k={k}"
         common = dict(panel=panel, n_blocks=n, top_k=k, paper_threshold=float(snr.paper_threshold(n, k)))
@@ -224,31 +320,37 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                                         config.vector_max_mu, config.planted)
             vec = simulate.vector_level_router(
                 config.vector_head_dim, seq_len, config.vector_block_size, k, mu, m=m, mu_cluster=mu,
-                causal=False, trials=config.vector_trials, seed=seed, planted=config.planted, device=device)
+                causal=False, trials=vector_trials(config, seq_len, device), seed=seed, planted=config.planted,
+                device=device)
             vec = vec.assign(**common, snr=model.snr, sd_ratio=model.sd_ratio, target_snr=float(s),
                              prediction=snr.hit_probability(model.snr, n, k, sd_ratio=model.sd_ratio))
             rows.append(vec)
             bar.update(1)
         if backend is not None:
             rows += _kernel_rows(config, common, n, k, mc_snr,
-                                 kernel_seeds[j * len(mc_snr):(j + 1) * len(mc_snr)], backend)
+                                 kernel_seeds[j * len(mc_snr):(j + 1) * len(mc_snr)], backend, bar)
     bar.close()
     df = pd.concat(rows, ignore_index=True)
     mc = df["method"] != "analytic"
     df.loc[mc, "interval_units"] = interval_units(df.loc[mc, "prediction"], df.loc[mc, "hits"],
                                                   df.loc[mc, "trials"])
     df.insert(0, "experiment", NAME)
-    return df
+    df.insert(1, "run_seed", config.seed)
+    return integer_columns(df, ("run_seed", "seed", "hits", "trials", "n_blocks", "top_k", "head_dim", "seq_len",
+                                "block_size", "m", "batch_size"))
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per panel and Monte Carlo method: points, trials per point, largest |disagreement| in interval units."""
+    """Per panel and Monte Carlo method: points, trials per point (the fewest), the widest 95% interval's
+    half-width, the largest |disagreement| in interval units and how many points lie inside their interval."""
     mc = df[df["method"] != "analytic"].copy()
     mc["abs_units"] = mc["interval_units"].abs()
+    mc["half_width"] = (mc["ci_high"] - mc["ci_low"]) / 2
     out = (mc.groupby(["panel", "method"], sort=False)
-             .agg(points=("estimate", "size"), trials=("trials", "median"),
+             .agg(points=("estimate", "size"), trials=("trials", "min"), max_half_width=("half_width", "max"),
                   max_abs_units=("abs_units", "max"), inside_95=("abs_units", lambda u: int((u <= 1).sum())))
              .reset_index())
+    out["trials"] = out["trials"].astype(int)
     out["paper_threshold"] = out["panel"].map(df.groupby("panel")["paper_threshold"].first())
     return out
 

@@ -9,6 +9,9 @@ through :func:`check_args`, which parses the kernel's parameter list from its ``
 * scalar parameters: a numpy scalar of exactly the C type (``int`` -> ``np.int32``, ``float`` ->
   ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...).
 
+A launch is a :class:`Launch` record built by plain Python (the ``_cuda_*`` wrappers' plan functions) and
+run by :func:`launch`, the one launch path. :func:`check_args` is pure Python, so CI (no GPU) tests every
+wrapper's plans against the source.
 :func:`check_args` is pure Python, so CI (no GPU) tests every wrapper's argument list against the source.
 Entry points are either literal ``__global__`` functions or instantiations of a function-like macro whose
 body is one (``#define K(NAME, T, D) extern "C" __global__ void NAME(const T* q, int n) {...}`` followed by
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._build import CUDA_DIR, get_kernel, source, torch_stream
+from ._build import get_kernel, source, torch_stream
 
 __all__ = ["Param", "signatures", "check_args", "launch"]
 
@@ -168,16 +171,31 @@ def check_args(filename: str, kernel: str, args) -> tuple:
     return tuple(out)
 
 
-def launch(filename: str, kernel: str, grid, block, args, *, shared_mem: int = 0, defines: tuple = (),
-           name_expressions: tuple = ()):
-    """Check ``args`` and launch ``kernel`` from ``cuda/<filename>`` on torch's current stream."""
-    cargs = check_args(filename, kernel, args)
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: kernel ``kernel`` of ``cuda/<source>``, its grid and block, its arguments (as
+    :func:`check_args` takes them) and its dynamic shared memory in bytes."""
+
+    source: str
+    kernel: str
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    args: tuple
+    shared_mem: int = 0
+
+
+def kernel_ready(x):
+    """``x`` contiguous and 16-byte aligned (the kernels read 16-byte vectors), copying only when needed."""
+    x = x.contiguous()
+    if x.data_ptr() % 16 != 0:
+        x = x.clone()
+    return x
+
+
+def launch(plan: Launch) -> None:
+    """Check ``plan.args`` and launch the kernel on torch's current stream."""
+    cargs = check_args(plan.source, plan.kernel, plan.args)
     # any dynamic request opts in: static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB
-    fn = get_kernel(filename, kernel, defines=tuple(defines), name_expressions=tuple(name_expressions),
-                    max_dynamic_smem=int(shared_mem))
-    fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), cargs, shared_mem=int(shared_mem),
+    fn = get_kernel(plan.source, plan.kernel, max_dynamic_smem=int(plan.shared_mem))
+    fn(tuple(int(g) for g in plan.grid), tuple(int(b) for b in plan.block), cargs, shared_mem=int(plan.shared_mem),
        stream=torch_stream())
-
-
-# The folder is part of the public contract of this module (tests compile every file in it).
-CUDA_SOURCES = CUDA_DIR

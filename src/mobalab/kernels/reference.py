@@ -4,7 +4,7 @@ Layout is FlashAttention's: ``q`` is (batch, seqlen, heads, head_dim), ``k`` and
 (batch, seqlen, kv_heads, head_dim), ``heads % kv_heads == 0``, and query head ``h`` reads kv head
 ``h // (heads // kv_heads)`` (GQA / MQA). Queries and keys share one sequence (self-attention, seqlen_q ==
 seqlen_k). With block size :math:`B`, a sequence of :math:`N` tokens has :math:`n = \lceil N/B \rceil`
-key blocks; block :math:`j` holds keys :math:`[jB, \min((j+1)B, N))`.
+key blocks; block :math:`j` holds keys :math:`[jB, \min((j+1)B, N))`. See docs/design.md, "MoBA semantics".
 
 Routing (hard, computed without gradient):
 
@@ -27,114 +27,63 @@ with :math:`\sigma = 1/\sqrt d` by default; in causal mode :math:`S_t` holds onl
 of the own block and every key of the selected past blocks. When :math:`N \le kB` (causal) every past
 block fits into the slots and MoBA is dense causal attention.
 
-Memory: nothing of size N x N is ever built. Queries are processed in chunks; a chunk materialises
-(batch, chunk, heads, keys) scores, with the chunk sized from :data:`DEFAULT_MEMORY_BUDGET_BYTES` unless
-``query_chunk`` is given. Under autograd each chunk is checkpointed (recomputed in backward), so the
-backward pass is bounded the same way. This makes the reference usable as the GPU oracle at long
-context (e.g. 65536 tokens); keep ``torch.backends.cuda.matmul.allow_tf32`` off (torch's default) there,
-or the fp32 matmuls lose precision.
+How it is computed: only the selected blocks are read. Each (query, head, slot) *row* is softmax attention
+over one block's keys, giving a partial :math:`(o_{t,s}, \mathrm{lse}_{t,s})`; a query's partials merge as
+
+.. math::
+    \mathrm{lse}_t = \log \sum_s e^{\mathrm{lse}_{t,s}}, \qquad
+    o_t = \sum_s e^{\mathrm{lse}_{t,s} - \mathrm{lse}_t}\, o_{t,s}.
+
+Rows that read the same (batch, kv head, block) share its keys and form one matrix product; segments of
+similar length are padded to a common length and batched. Work is :math:`O(N k B d)` per head (plus routing,
+:math:`O(N n d)`), and memory is bounded: queries are processed in chunks sized from a byte budget (or
+``query_chunk``), and under autograd each chunk is checkpointed (recomputed in backward). This makes the
+reference usable as the GPU oracle at long context; keep ``torch.backends.cuda.matmul.allow_tf32`` off
+(torch's default) there, or the fp32 matmuls lose precision.
+
+Non-finite inputs. A query reads only its selected blocks, so a NaN or Inf in ``q``, ``k`` or ``v`` of token
+:math:`i` changes only the outputs of queries that attend :math:`i` (those become non-finite: an output
+element whose attended values include a non-finite one is NaN). A non-finite key also makes its block's
+centroid non-finite, and a block whose centroid is not finite scores NaN for every query (the CUDA router,
+which scores :math:`q\cdot c_{hi} + q\cdot c_{lo}` with :math:`c_{lo} = c - c_{hi}`, gets NaN there too). A
+score of NaN or :math:`-\infty` is never selected: such a block cannot take a slot (the slot stays -1), so
+a non-causal query reads nothing of it and a causal query reads it only as its own block. A query with no
+selected block (possible only when every block scores NaN, non-causal) has ``out = 0`` and ``lse = -inf``.
+Gradients are defined for finite inputs only. (The CUDA router's heap tier, used for lists longer than 16,
+does select a :math:`-\infty` score; such scores need infinite inputs or a product overflowing float32.)
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["moba_centroids", "moba_topk", "moba_attention", "DEFAULT_MEMORY_BUDGET_BYTES"]
+from . import _contract as C
 
-#: Scratch memory one query chunk may use when ``query_chunk`` is not given (scores, mask, probabilities).
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+__all__ = [
+    "moba_centroids",
+    "moba_topk",
+    "moba_attention",
+    "moba_attention_given_routing",
+    "moba_attention_backward",
+    "dense_attention",
+]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Rough bytes per (query, head, key) element alive at once in a chunk: fp32 scores, the masked copy,
-# exp, probabilities, bool masks. Per (query, head, block) element of routing: scores and two sorts.
-_ATTENTION_BYTES_PER_ELEMENT = 32
-_ROUTING_BYTES_PER_ELEMENT = 48
-
-
-# ---------------------------------------------------------------------------------------------------
-# validation
-
-
-def _check_size(name: str, value, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value}")
-    return int(value)
-
-
-def _check_tensor(name: str, x, fn: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(
-            f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}"
-        )
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{fn}: {name} has dtype {x.dtype}; supported: float16, bfloat16, float32, float64"
-        )
-    if any(s == 0 for s in x.shape):
-        raise ValueError(
-            f"{fn}: {name} has an empty dimension, shape {tuple(x.shape)}; "
-            "batch, seqlen, heads and head_dim must all be >= 1"
-        )
-
-
-def _check_qk(q, k, fn: str, v=None) -> None:
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
-    for name, x in named:
-        _check_tensor(name, x, fn)
-    dtypes = {name: x.dtype for name, x in named}
-    if len(set(dtypes.values())) != 1:
-        raise ValueError(f"{fn}: q, k, v must share one dtype, got {dtypes}")
-    devices = {name: str(x.device) for name, x in named}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"{fn}: q, k, v must be on one device, got {devices}")
-    if v is not None and k.shape != v.shape:
-        raise ValueError(
-            f"{fn}: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    (bq, nq, hq, dq), (bk, nk, hk, dk) = q.shape, k.shape
-    if bq != bk:
-        raise ValueError(f"{fn}: batch differs, q has {bq} and k has {bk}; they must match")
-    if nq != nk:
-        raise ValueError(
-            f"{fn}: seqlen differs, q has {nq} and k has {nk}; "
-            "only self-attention (equal seqlen) is supported"
-        )
-    if dq != dk:
-        raise ValueError(f"{fn}: head_dim differs, q has {dq} and k has {dk}; they must match")
-    if hq % hk != 0:
-        raise ValueError(
-            f"{fn}: q heads ({hq}) must be a multiple of kv heads ({hk}) (MHA, GQA or MQA)"
-        )
-
-
-def _check_flag(name: str, value, fn: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_chunk(query_chunk, fn: str) -> int | None:
-    if query_chunk is None:
-        return None
-    return _check_size("query_chunk", query_chunk, fn)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp64 stays fp64 so that gradcheck and fp64 oracles work; everything else is done in fp32.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# Scratch one query chunk may use when ``query_chunk`` is not given.
+_MEMORY_BUDGET_BYTES = 1 << 30
+# Rough bytes alive at once per (row, key) element of a chunk's attention (scores and mask, with padding),
+# per (row, feature) element (gathered queries, outputs) and per (query, head, block) score of routing.
+_BYTES_PER_ROW_KEY = 12
+_BYTES_PER_ROW_FEATURE = 20
+_BYTES_PER_SCORE = 8
+# Key block that dense attention is cut into (any size gives the same result).
+_DENSE_BLOCK = 128
 
 
 # ---------------------------------------------------------------------------------------------------
-# centroids and routing
+# centroids
 
 
 def moba_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -143,11 +92,18 @@ def moba_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
     ``k`` is (batch, seqlen, kv_heads, head_dim). Returns (batch, n_blocks, kv_heads, head_dim) with
     ``n_blocks = ceil(seqlen / block_size)``, accumulated and returned in float32 (float64 when ``k`` is
     float64). A partial last block is the mean of the keys it really holds (no zero padding in the mean).
+
+    Examples
+    --------
+    >>> import torch
+    >>> k = torch.arange(6.0).view(1, 6, 1, 1)
+    >>> moba_centroids(k, 4).flatten().tolist()
+    [1.5, 4.5]
     """
     fn = "moba_centroids"
-    _check_tensor("k", k, fn)
-    block_size = _check_size("block_size", block_size, fn)
-    return _centroids(k.to(_compute_dtype(k)), block_size)
+    C.check_keys(fn, k, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    return _centroids(k.to(C.compute_dtype(k.dtype)), block_size)
 
 
 def _centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -155,71 +111,106 @@ def _centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
     n_blocks = math.ceil(seqlen / block_size)
     pad = n_blocks * block_size - seqlen
     # Zero rows added to the last block change its sum but not its count, which comes from the real length.
-    padded = F.pad(k, (0, 0, 0, 0, 0, pad))
+    padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
     sums = padded.view(batch, n_blocks, block_size, kv_heads, dim).sum(dim=2)
     starts = torch.arange(n_blocks, device=k.device) * block_size
     counts = torch.clamp(seqlen - starts, max=block_size).to(k.dtype)
     return sums / counts.view(1, n_blocks, 1, 1)
 
 
-def _default_chunk(per_query_bytes: int, seqlen: int) -> int:
-    return max(1, min(seqlen, DEFAULT_MEMORY_BUDGET_BYTES // max(1, per_query_bytes)))
+# ---------------------------------------------------------------------------------------------------
+# routing
 
 
-def _rank_blocks(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Block indices ordered by (candidate first, score descending, block index descending).
+def _best_blocks(scores: torch.Tensor, take: int) -> torch.Tensor:
+    """Indices (..., take) of the highest scores, ranked by (score desc, index desc); -1 where a row has fewer
+    than ``take`` scores above -inf. ``scores`` holds no NaN (-inf marks a block that cannot be selected).
 
-    ``scores`` is (..., n); ``candidate`` is a bool tensor broadcastable to it. Two stable sorts give the
-    lexicographic order; the first runs on the reversed block axis so that equal scores keep the higher
-    block index in front.
+    ``topk`` orders equal scores arbitrarily, so a row whose cut (its take-th best score) has more copies than
+    ``topk`` kept is resolved again: every score above the cut, then the highest-index blocks at it; rows with
+    equal scores are then ranked by index.
     """
     n = scores.shape[-1]
-    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
-    blocks = (n - 1) - order
-    is_candidate = candidate.expand_as(scores).gather(-1, blocks).to(torch.int32)
-    by_candidate = torch.sort(is_candidate, dim=-1, descending=True, stable=True).indices
-    return blocks.gather(-1, by_candidate)
+    width = min(take, n)
+    if width == 0:
+        return torch.full((*scores.shape[:-1], take), -1, dtype=torch.long, device=scores.device)
+    # one more than needed: ties straddle the cut exactly when the next score equals it
+    vals, idx = scores.topk(min(width + 1, n), dim=-1)
+    if width < n:
+        ambiguous = (vals[..., width - 1] > -math.inf) & (vals[..., width - 1] == vals[..., width])
+        vals, idx = vals[..., :width].contiguous(), idx[..., :width].contiguous()
+    else:
+        ambiguous = torch.zeros(vals.shape[:-1], dtype=torch.bool, device=vals.device)
+    cut = vals[..., -1:]
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero(as_tuple=True)
+        s, c = scores[rows], cut[rows]
+        j = torch.arange(n, device=scores.device)
+        key = torch.where(s > c, j + n, torch.where(s == c, j, -1))
+        picked = key.topk(width, dim=-1).values
+        idx[rows] = torch.where(picked >= n, picked - n, picked)
+        vals[rows] = s.gather(-1, idx[rows])
+    # topk's order is by score; rows with equal scores (or resolved above) are ranked again: by index
+    # descending, then stably by score descending
+    tied = ambiguous | ((vals[..., 1:] == vals[..., :-1]) & (vals[..., 1:] > -math.inf)).any(-1)
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)
+        i, v = idx[rows], vals[rows]
+        by_index = i.sort(dim=-1, descending=True).indices
+        i, v = i.gather(-1, by_index), v.gather(-1, by_index)
+        by_score = v.sort(dim=-1, descending=True, stable=True).indices
+        idx[rows], vals[rows] = i.gather(-1, by_score), v.gather(-1, by_score)
+    idx = idx.masked_fill(vals == -math.inf, -1)
+    if width < take:
+        idx = torch.nn.functional.pad(idx, (0, take - width), value=-1)
+    return idx
 
 
 def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, top_k: int,
            causal: bool) -> torch.Tensor:
     """Selected blocks, int32 (batch, chunk, heads, top_k), for queries at positions t0, t0+1, ...
 
-    ``q`` is the query chunk in the compute dtype; ``centroids`` (batch, n, kv_heads, d) likewise.
+    ``q`` is the query chunk in the compute dtype; ``centroids`` (batch, n, kv_heads, d) likewise, with
+    non-finite centroids already replaced by NaN.
     """
     batch, chunk, heads, dim = q.shape
     n_blocks, kv_heads = centroids.shape[1], centroids.shape[2]
     group = heads // kv_heads
     device = q.device
-
-    grouped = q.reshape(batch, chunk, kv_heads, group, dim)
-    scores = torch.einsum("btkgd,bjkd->btkgj", grouped, centroids).reshape(batch, chunk, heads, n_blocks)
-
     positions = torch.arange(t0, t0 + chunk, device=device)
     own = positions // block_size
-    blocks = torch.arange(n_blocks, device=device)
+    # causal queries of this chunk score only blocks before the last query's own block
+    n_scored = min(n_blocks, int(own[-1])) if causal else n_blocks
+
+    # scores (batch, kv_heads, group, chunk, n_scored): one matrix product per kv head, no output copy
+    grouped = q.view(batch, chunk, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, group * chunk, dim)
+    scores = (grouped @ centroids[:, :n_scored].permute(0, 2, 3, 1)).view(batch, kv_heads, group, chunk, n_scored)
+    if bool(torch.isnan(scores.sum())):  # a NaN makes the sum NaN (so may opposite infinities: harmless)
+        scores = torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if causal:
-        candidate = blocks.view(1, n_blocks) < own.view(chunk, 1)  # complete past blocks only
-        n_free = top_k - 1  # the own block takes slot 0
+        past = torch.arange(n_scored, device=device).view(1, n_scored) < own.view(chunk, 1)
+        scores.masked_fill_(~past, -math.inf)
+        picked = _best_blocks(scores, top_k - 1)
     else:
-        candidate = torch.ones(chunk, n_blocks, dtype=torch.bool, device=device)
-        n_free = top_k
-    candidate = candidate.view(1, chunk, 1, n_blocks)
-
-    ranked = _rank_blocks(scores, candidate)
-    take = min(n_free, n_blocks)
-    picked = ranked[..., :take]
-    n_candidates = candidate.sum(dim=-1, keepdim=True)  # (1, chunk, 1, 1)
-    slot = torch.arange(take, device=device)
-    picked = torch.where(slot < n_candidates, picked, torch.full_like(picked, -1))
-
-    parts = []
+        picked = _best_blocks(scores, top_k)
+    picked = picked.permute(0, 3, 1, 2, 4).reshape(batch, chunk, heads, -1)
     if causal:
-        parts.append(own.view(1, chunk, 1, 1).expand(batch, chunk, heads, 1))
-    parts.append(picked)
-    filled = sum(p.shape[-1] for p in parts)
-    parts.append(torch.full((batch, chunk, heads, top_k - filled), -1, dtype=picked.dtype, device=device))
-    return torch.cat(parts, dim=-1).to(torch.int32)
+        picked = torch.cat([own.view(1, chunk, 1, 1).expand(batch, chunk, heads, 1), picked], dim=-1)
+    return picked.to(torch.int32)
+
+
+def _prepared_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Centroids in the compute dtype, NaN wherever a centroid is not finite (it then scores NaN)."""
+    cent = _centroids(k.detach().to(C.compute_dtype(k.dtype)), block_size)
+    finite = torch.isfinite(cent).all(dim=-1, keepdim=True)
+    return cent.masked_fill(~finite, math.nan)
+
+
+def _chunk_size(query_chunk: int | None, per_query_bytes: int, seqlen: int) -> int:
+    if query_chunk is not None:
+        return query_chunk
+    return max(1, min(seqlen, _MEMORY_BUDGET_BYTES // max(1, per_query_bytes)))
 
 
 def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True, *,
@@ -228,8 +219,8 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
 
     Scores :math:`s_{t,j} = \langle q_t, \bar k_j \rangle` in float32 (float64 for float64 inputs), no
     :math:`1/\sqrt d`, with :math:`\bar k_j` from :func:`moba_centroids` on kv head
-    ``h // (heads // kv_heads)``. Exact ties rank the higher block index first. The ranking is defined
-    for non-NaN scores (infinite ones included); NaN inputs give an unspecified selection.
+    ``h // (heads // kv_heads)``. Exact ties rank the higher block index first. Scores of NaN or -inf
+    (a non-finite centroid scores NaN) are never selected; see the module docstring.
 
     Slot order:
 
@@ -239,83 +230,207 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     * ``causal=False``: slots ``0 .. top_k-1`` hold the best of all ``n`` blocks (partial last block
       included) by descending score; slots ``n .. top_k-1`` are ``-1`` when ``top_k > n``.
 
-    ``query_chunk`` sets how many queries are scored at once (default: sized from
-    :data:`DEFAULT_MEMORY_BUDGET_BYTES`); the result does not depend on it.
+    ``query_chunk`` sets how many queries are scored at once (default: sized from a 1 GiB budget); the
+    result does not depend on it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = torch.randn(1, 8, 1, 4, generator=g), torch.randn(1, 8, 1, 4, generator=g)
+    >>> moba_topk(q, k, block_size=2, top_k=2)[0, :, 0].tolist()
+    [[0, -1], [0, -1], [1, 0], [1, 0], [2, 0], [2, 0], [3, 0], [3, 1]]
     """
     fn = "moba_topk"
-    _check_qk(q, k, fn)
-    block_size = _check_size("block_size", block_size, fn)
-    top_k = _check_size("top_k", top_k, fn)
-    causal = _check_flag("causal", causal, fn)
-    query_chunk = _check_chunk(query_chunk, fn)
+    C.check_inputs(fn, q, k, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    top_k = C.check_top_k(fn, top_k, "reference")
+    causal = C.check_flag(fn, "causal", causal)
+    if query_chunk is not None:
+        query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
 
     batch, seqlen, heads, _ = q.shape
     n_blocks = math.ceil(seqlen / block_size)
-    if query_chunk is None:
-        query_chunk = _default_chunk(batch * heads * n_blocks * _ROUTING_BYTES_PER_ELEMENT, seqlen)
-    compute = _compute_dtype(q)
+    chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
+    compute = C.compute_dtype(q.dtype)
     with torch.no_grad():
-        centroids = _centroids(k.detach().to(compute), block_size)
-        chunks = [
-            _route(q[:, t0:t0 + query_chunk].detach().to(compute), centroids, t0, block_size, top_k, causal)
-            for t0 in range(0, seqlen, query_chunk)
-        ]
-    return torch.cat(chunks, dim=1)
+        centroids = _prepared_centroids(k, block_size)
+        parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), centroids, t0, block_size, top_k, causal)
+                 for t0 in range(0, seqlen, chunk)]
+    return torch.cat(parts, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# attention
+# attention over the selected blocks
 
 
-def _allowed_keys(selected: torch.Tensor, t0: int, n_keys: int, block_size: int, n_blocks: int,
-                  causal: bool) -> torch.Tensor:
-    """Token mask (batch, chunk, heads, n_keys): key i is attended by the query at t0 + row."""
-    batch, chunk, heads, _ = selected.shape
-    device = selected.device
-    # Column n_blocks is a sink for the -1 slots, dropped afterwards.
-    in_selection = torch.zeros(batch, chunk, heads, n_blocks + 1, dtype=torch.bool, device=device)
-    slots = torch.where(selected >= 0, selected, n_blocks).long()
-    in_selection.scatter_(-1, slots, True)
-    key_positions = torch.arange(n_keys, device=device)
-    allowed = in_selection[..., :n_blocks][..., key_positions // block_size]
+def _segments(seg: torch.Tensor):
+    """Group rows by segment id: yields (segment ids (S,), rows (S, cap), real (L,)) per size class.
+
+    ``rows[s]`` lists the rows of segment ``s``, padded to ``cap`` by repeating its last row; ``real`` holds
+    the flat positions (in ``rows.flatten()``) of the real ones. A class holds the segments with
+    ``cap / 2 < count <= cap``, so padding wastes less than half of a class and segments of any length stay
+    within the same bounded memory.
+    """
+    seg_sorted, order = torch.sort(seg.int() if seg.numel() and int(seg.max()) < 2**31 else seg)
+    ids, counts = torch.unique_consecutive(seg_sorted, return_counts=True)
+    starts = counts.cumsum(0) - counts
+    size_class = torch.ceil(torch.log2(counts.double())).long()
+    for c in torch.unique(size_class).tolist():
+        which = (size_class == c).nonzero().squeeze(1)
+        count = counts[which].unsqueeze(1)
+        cap = int(count.max())
+        offsets = torch.arange(cap, device=seg.device)
+        rows = order[starts[which].unsqueeze(1) + torch.minimum(offsets, count - 1)]
+        yield ids[which].long(), rows, (offsets < count).flatten().nonzero().squeeze(1)
+
+
+def _block_rows(ids: torch.Tensor, block_size: int, seqlen: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of segments ``ids`` = ``(batch * kv_heads + kv head) * n_blocks + block``: their positions (S, B) and
+    their rows (S, B) in (batch, seqlen, kv_heads, d) flattened to rows; positions past the end read the last
+    key (they are masked)."""
+    n_blocks = math.ceil(seqlen / block_size)
+    positions = ((ids % n_blocks) * block_size).unsqueeze(1) + torch.arange(block_size, device=ids.device)
+    batch_kv = (ids // n_blocks).unsqueeze(1)
+    rows = ((batch_kv // kv_heads) * seqlen + positions.clamp(max=seqlen - 1)) * kv_heads + batch_kv % kv_heads
+    return positions, rows
+
+
+def _weighted_values(p: torch.Tensor, v: torch.Tensor, hidden, v_finite: bool) -> torch.Tensor:
+    """``p @ v`` in which a key that is not attended contributes nothing, even when its value is not finite.
+
+    A plain product would turn 0 * NaN of a masked key (a future key of the own block) into NaN for every
+    query of the block; instead the product runs on finite values and exactly the output elements whose
+    attended values include a non-finite one are set to NaN. ``hidden`` (None: every key is attended) marks
+    the keys that are not.
+    """
+    if v_finite or hidden is None:
+        return p @ v
+    finite = torch.isfinite(v)
+    out = p @ torch.where(finite, v, 0.0)
+    reaches = (~hidden).to(v.dtype) @ (~finite).to(v.dtype)
+    return out.masked_fill(reaches > 0, math.nan)
+
+
+def _row_layout(topk: torch.Tensor, positions: torch.Tensor, block_size: int, kv_heads: int, n_blocks: int,
+                causal: bool):
+    """The (query, head, slot) rows of a chunk that select a block.
+
+    Returns per row: the flat (batch, query, head, slot) index, the query's position, the segment id
+    ``(batch * kv_heads + kv head) * n_blocks + block`` (see :func:`_block_rows`) and whether the block is the
+    query's own (causal: the one block whose keys are cut at the query). A causal query never attends keys
+    after it, so a selected block that starts after the query adds nothing and is dropped here (routing never
+    selects one; given routing may).
+    """
+    batch, chunk, heads, slots = topk.shape
+    selected = topk >= 0
     if causal:
-        # Past blocks lie entirely before t, so "key <= t" only trims the own block.
-        query_positions = torch.arange(t0, t0 + chunk, device=device)
-        allowed = allowed & (key_positions.view(1, n_keys) <= query_positions.view(chunk, 1)).view(
-            1, chunk, 1, n_keys)
-    return allowed
+        selected &= topk * block_size <= positions.view(1, chunk, 1, 1)
+    slot_index = selected.reshape(-1).nonzero().squeeze(1)
+    blocks = topk.reshape(-1)[slot_index].long()
+    query = slot_index // slots
+    pos = positions[(query // heads) % chunk]
+    head = query % heads
+    seg = ((query // (heads * chunk)) * kv_heads + head // (heads // kv_heads)) * n_blocks + blocks
+    own = (blocks == pos // block_size) if causal else None
+    return slot_index, pos, seg, own
 
 
-def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, t0: int,
-                  block_size: int, n_blocks: int, causal: bool, scale: float):
-    """Masked softmax attention for one query chunk.
+def _attend(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
+            seqlen: int, kv_heads: int, block_size: int, causal: bool, scale: float, v_finite: bool):
+    """Attention of a chunk of queries over their selected blocks.
 
-    ``q`` is (batch, chunk, heads, d); ``k`` and ``v`` are head-major (batch, kv_heads, n_keys, d).
-    Returns (out (batch, chunk, heads, d), lse (batch, chunk, heads)).
+    ``q`` (batch, T, heads, d) in the compute dtype at sequence ``positions`` (T,); ``k``, ``v``: the keys and
+    values (batch, seqlen, kv_heads, d) flattened to rows (read block by block and converted to q's dtype);
+    ``topk`` (batch, T, heads, slots), -1 = unused slot. Returns (out (batch, T, heads, d), lse (batch, T, heads)).
     """
     batch, chunk, heads, dim = q.shape
-    kv_heads, n_keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    slots = topk.shape[-1]
+    n_blocks = math.ceil(seqlen / block_size)
+    slot_index, pos, seg, own = _row_layout(topk, positions, block_size, kv_heads, n_blocks, causal)
+    q_rows = (q * scale).reshape(-1, dim)
 
-    def kv_major(x: torch.Tensor) -> torch.Tensor:
-        # (batch, chunk, heads, m) -> (batch, kv_heads, group * chunk, m): the rows that share a kv head
-        x = x.reshape(batch, chunk, kv_heads, group, x.shape[-1]).permute(0, 2, 3, 1, 4)
-        return x.reshape(batch, kv_heads, group * chunk, x.shape[-1])
+    def gather(x, index):  # rows of x at index (any shape), as (*index.shape, d)
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, dim)
 
-    # Built here rather than passed in so that checkpointing keeps only the small selection alive.
-    allowed = kv_major(_allowed_keys(selected, t0, n_keys, block_size, n_blocks, causal))
+    # per (query, head, slot): the partial softmax over the slot's block, lse -inf for an unused slot
+    slot_out = q.new_empty(topk.numel(), dim)
+    slot_lse = q.new_full((topk.numel(),), -math.inf)
+    # causal rows of their own block need the token mask; rows of past blocks read every key of the block
+    groups = [own.nonzero().squeeze(1), (~own).nonzero().squeeze(1)] if causal else [None]
+    for group in groups:
+        for ids, rows, real in _segments(seg if group is None else seg[group]):
+            if group is not None:
+                rows = group[rows]
+            keys, key_rows = _block_rows(ids, block_size, seqlen, kv_heads)  # (S, B)
+            row_slots = slot_index.index_select(0, rows.view(-1))
+            if group is groups[0] and causal:
+                hidden = keys.unsqueeze(1) > pos.index_select(0, rows.view(-1)).view(*rows.shape, 1)
+            else:
+                hidden = (keys >= seqlen).unsqueeze(1)  # the partial last block
+                hidden = hidden if bool(hidden.any()) else None
+            scores = gather(q_rows, (row_slots // slots).view(rows.shape)) @ gather(k, key_rows).to(
+                q.dtype).transpose(-1, -2)  # (S, cap, B)
+            if hidden is not None:
+                scores.masked_fill_(hidden, -math.inf)
+            peak = scores.detach().amax(dim=-1, keepdim=True)
+            p = scores.sub_(peak).exp_()
+            total = p.sum(dim=-1, keepdim=True)
+            out = _weighted_values(p, gather(v, key_rows).to(q.dtype), hidden, v_finite).div_(total)
+            lse = (peak + torch.log(total)).view(-1)
+            real_slots = row_slots.index_select(0, real)
+            slot_out.index_copy_(0, real_slots, out.view(-1, dim).index_select(0, real))
+            slot_lse.index_copy_(0, real_slots, lse.index_select(0, real))
 
-    logits = (kv_major(q) @ k.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    # Every query attends at least one key (its own position, or a non-empty selected block), so the
-    # log-sum-exp is finite and no row is all -inf.
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    out = probs @ v  # (batch, kv_heads, group * chunk, d)
+    slot_out.index_fill_(0, (slot_lse == -math.inf).nonzero().squeeze(1), 0.0)  # unused slots
 
-    out = out.view(batch, kv_heads, group, chunk, dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(batch, chunk, heads, dim)
-    lse = lse.view(batch, kv_heads, group, chunk).permute(0, 3, 1, 2).reshape(batch, chunk, heads)
+    # merge the slots of each query: lse = log sum exp(lse_s), out = sum exp(lse_s - lse) out_s
+    slot_lse = slot_lse.view(-1, slots)
+    lse = torch.logsumexp(slot_lse, dim=-1)
+    # a query that selected nothing keeps out = 0 and lse = -inf (weights exp(-inf) = 0, not NaN)
+    weight = torch.exp(slot_lse - torch.where(lse == -math.inf, 0.0, lse).unsqueeze(1))
+    out = weight.unsqueeze(1) @ slot_out.view(-1, slots, dim)
+    return out.view(batch, chunk, heads, dim), lse.view(batch, chunk, heads)
+
+
+def _attention_chunk_bytes(batch: int, heads: int, slots: int, block_size: int, dim: int) -> int:
+    rows = batch * heads * slots
+    return rows * (block_size * _BYTES_PER_ROW_KEY + dim * _BYTES_PER_ROW_FEATURE)
+
+
+def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk):
+    """Run :func:`_attend` over query chunks; ``routing(lo, hi, q_chunk)`` gives the chunk's selection.
+
+    ``positions``: the query positions, None for all of them in order. Returns (out in q's dtype, lse in the
+    compute dtype); each chunk is checkpointed under autograd.
+    """
+    compute = C.compute_dtype(q.dtype)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    seqlen, kv_heads, dim = k.shape[1], k.shape[2], k.shape[3]
+    if needs_grad:  # one conversion, so that gradients accumulate in the compute dtype
+        k, v = k.to(compute), v.to(compute)
+    k_rows, v_rows = k.reshape(-1, dim), v.reshape(-1, dim)
+    v_finite = bool(torch.isfinite(v).all())
+    n_q = q.shape[1] if positions is None else positions.numel()
+    out = q.new_empty((q.shape[0], n_q, q.shape[2], q.shape[3]))
+    lse = q.new_empty((q.shape[0], n_q, q.shape[2]), dtype=compute)
+    for lo in range(0, n_q, chunk):
+        hi = min(n_q, lo + chunk)
+        if positions is None:  # a slice: no copy, and its gradient is no full-size tensor per chunk
+            pos = torch.arange(lo, hi, device=q.device)
+            q_chunk = q[:, lo:hi].to(compute)
+        else:
+            pos = positions[lo:hi]
+            q_chunk = q[:, pos].to(compute)
+        with torch.no_grad():
+            selected = routing(lo, hi, q_chunk)
+        args = (q_chunk, pos, k_rows, v_rows, selected, seqlen, kv_heads, block_size, causal, scale, v_finite)
+        if needs_grad:
+            o, l_ = checkpoint(_attend, *args, use_reentrant=False)
+        else:
+            o, l_ = _attend(*args)
+        out[:, lo:hi] = o
+        lse[:, lo:hi] = l_
     return out, lse
 
 
@@ -339,56 +454,240 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     Routing is hard: it runs under ``no_grad``, so no gradient flows through centroids or scores; the
     attention is differentiable w.r.t. q, k and v by autograd (each query chunk is checkpointed so the
     backward pass stays within the same memory bound). ``query_chunk`` sets the number of queries per
-    chunk (default: sized from :data:`DEFAULT_MEMORY_BUDGET_BYTES`); the result does not depend on it.
+    chunk (default: sized from a 1 GiB budget); the result does not depend on it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(1, 8, 2, 4, generator=g) for _ in range(3))
+    >>> out, lse = moba_attention(q, k, v, block_size=2, top_k=2, return_lse=True)
+    >>> out.shape, lse.shape
+    (torch.Size([1, 8, 2, 4]), torch.Size([1, 8, 2]))
+    >>> round(out[0, 0, 0, 0].item(), 4) == round(v[0, 0, 0, 0].item(), 4)  # query 0 sees key 0 only
+    True
     """
     fn = "moba_attention"
-    _check_qk(q, k, fn, v=v)
-    block_size = _check_size("block_size", block_size, fn)
-    top_k = _check_size("top_k", top_k, fn)
-    causal = _check_flag("causal", causal, fn)
-    return_lse = _check_flag("return_lse", return_lse, fn)
-    query_chunk = _check_chunk(query_chunk, fn)
+    C.check_inputs(fn, q, k, v, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    top_k = C.check_top_k(fn, top_k, "reference")
+    causal = C.check_flag(fn, "causal", causal)
+    return_lse = C.check_flag(fn, "return_lse", return_lse)
+    if query_chunk is not None:
+        query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
     batch, seqlen, heads, dim = q.shape
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(dim)
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(
-            softmax_scale):
-        raise ValueError(f"{fn}: softmax_scale must be a finite real number or None, got {softmax_scale!r}")
-    else:
-        scale = float(softmax_scale)
+    scale = C.check_softmax_scale(fn, softmax_scale, dim)
 
     n_blocks = math.ceil(seqlen / block_size)
-    if query_chunk is None:
-        per_key = seqlen * _ATTENTION_BYTES_PER_ELEMENT + n_blocks * _ROUTING_BYTES_PER_ELEMENT
-        per_query = batch * heads * per_key
-        query_chunk = _default_chunk(per_query, seqlen)
-
-    compute = _compute_dtype(q)
-    qc = q.to(compute)
-    # Head-major keys and values, made once, so that every chunk's matmuls read slices without copying.
-    kc, vc = (x.to(compute).transpose(1, 2).contiguous() for x in (k, v))
+    chunk = _chunk_size(query_chunk, _attention_chunk_bytes(batch, heads, top_k, block_size, dim), seqlen)
+    route_chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
     with torch.no_grad():
-        centroids = _centroids(k.detach().to(compute), block_size)
-    use_checkpoint = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        centroids = _prepared_centroids(k, block_size)
 
-    # Filled chunk by chunk (autograd records each slice copy), so no second full-size copy is made.
-    out = q.new_empty(q.shape)
-    lse = q.new_empty(q.shape[:3], dtype=compute)
-    for t0 in range(0, seqlen, query_chunk):
-        t1 = min(seqlen, t0 + query_chunk)
-        with torch.no_grad():
-            selected = _route(qc[:, t0:t1].detach(), centroids, t0, block_size, top_k, causal)
-        # Causal queries below t1 never see keys at or beyond t1.
-        n_keys = t1 if causal else seqlen
-        args = (qc[:, t0:t1], kc[:, :, :n_keys], vc[:, :, :n_keys], selected, t0,
-                block_size, n_blocks, causal, scale)
-        if use_checkpoint:
-            out_chunk, lse_chunk = checkpoint(_attend_chunk, *args, use_reentrant=False)
-        else:
-            out_chunk, lse_chunk = _attend_chunk(*args)
-        out[:, t0:t1] = out_chunk
-        lse[:, t0:t1] = lse_chunk
+    def routing(lo, hi, q_chunk):
+        q_chunk = q_chunk.detach()
+        return torch.cat([_route(q_chunk[:, a:a + route_chunk], centroids, lo + a, block_size, top_k, causal)
+                          for a in range(0, hi - lo, route_chunk)], dim=1)
 
-    if return_lse:
-        return out, lse
-    return out
+    out, lse = _attend_chunks(q, k, v, None, routing, block_size, causal, scale, chunk)
+    return (out, lse) if return_lse else out
+
+
+def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
+                                 block_size: int, causal: bool = True, softmax_scale: float | None = None):
+    r"""MoBA attention with the routing given: each query attends the blocks ``topk`` lists for it.
+
+    The attention equations of :func:`moba_attention` with :math:`S_t` the keys of the blocks in
+    ``topk[b, t, h]`` (int (batch, seqlen, heads, slots), -1 = unused slot; each listed block counts once per
+    slot it appears in), keys :math:`\le t` only when ``causal``. Returns (``out`` in q's dtype, ``lse`` in
+    float32, float64 for float64 inputs); differentiable w.r.t. q, k and v. This is the oracle the CUDA
+    attention kernels are tested against (same routing on both sides).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(1, 6, 1, 4, generator=g) for _ in range(3))
+    >>> topk = moba_topk(q, k, 2, 2)
+    >>> out, lse = moba_attention_given_routing(q, k, v, topk, 2)
+    >>> torch.allclose(out, moba_attention(q, k, v, 2, 2))
+    True
+    """
+    fn = "moba_attention_given_routing"
+    C.check_inputs(fn, q, k, v, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    causal = C.check_flag(fn, "causal", causal)
+    batch, seqlen, heads, dim = q.shape
+    scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    slots = _check_routing(fn, topk, q, block_size)
+    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
+
+    def routing(lo, hi, q_chunk):
+        return topk[:, lo:hi]
+
+    return _attend_chunks(q, k, v, None, routing, block_size, causal, scale, chunk)
+
+
+def _check_routing(fn: str, topk, q, block_size: int) -> int:
+    C.check_tensor(fn, "topk", topk)
+    if topk.dim() != 4 or tuple(topk.shape[:3]) != tuple(q.shape[:3]) or topk.shape[3] < 1:
+        raise ValueError(f"{fn}: topk has shape {tuple(topk.shape)}; expected (batch, seqlen, heads, slots) = "
+                         f"{tuple(q.shape[:3])} + (slots >= 1,)")
+    C.check_topk_indices(fn, topk, q, topk.shape[3], name="topk")
+    n_blocks = math.ceil(q.shape[1] / block_size)
+    lo, hi = int(topk.min()), int(topk.max())
+    if lo < -1 or hi >= n_blocks:
+        raise ValueError(f"{fn}: topk holds block indices {lo}..{hi}; supported: -1 (unused) and 0..{n_blocks - 1}")
+    return int(topk.shape[3])
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, query_positions=None):
+    r"""Dense softmax attention, :math:`o_t = \sum_{i \in S_t} \mathrm{softmax}_i(\sigma q_t\cdot k_i)\, v_i` with
+    :math:`S_t = \{i \le t\}` (causal) or every key, for all queries or only ``query_positions``.
+
+    Dense attention is MoBA whose routing selects every block (docs/design.md, "MoBA semantics"), and it is
+    computed that way, in query chunks of bounded memory: nothing of size N x N is built, so a few query rows
+    of a very long sequence are cheap. Shapes as in :func:`moba_attention`; ``query_positions`` is a 1-D
+    sequence of positions in ``0 .. seqlen-1`` (default: all). Returns (``out`` (batch, Q, heads, d) in q's
+    dtype, ``lse`` (batch, Q, heads) in float32, float64 for float64 inputs).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(1, 5, 2, 4, generator=g) for _ in range(3))
+    >>> out, lse = dense_attention(q, k, v, query_positions=[4])
+    >>> sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+    ...                                                         v.transpose(1, 2), is_causal=True)
+    >>> torch.allclose(out[:, 0], sdpa.transpose(1, 2)[:, 4], atol=1e-6)
+    True
+    """
+    fn = "dense_attention"
+    C.check_inputs(fn, q, k, v, path="reference")
+    causal = C.check_flag(fn, "causal", causal)
+    batch, seqlen, heads, dim = q.shape
+    scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    positions = _check_positions(fn, query_positions, seqlen, q.device)
+    block_size = min(_DENSE_BLOCK, seqlen)
+    n_blocks = math.ceil(seqlen / block_size)
+    blocks = torch.arange(n_blocks, device=q.device)
+    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, n_blocks, block_size, dim), positions.numel())
+
+    def routing(lo, hi, q_chunk):
+        pos = positions[lo:hi]
+        every = blocks.expand(pos.numel(), n_blocks)
+        if causal:
+            every = torch.where(every <= (pos // block_size).unsqueeze(1), every, -1)
+        return every.view(1, -1, 1, n_blocks).expand(batch, -1, heads, -1)
+
+    given = None if query_positions is None else positions
+    return _attend_chunks(q, k, v, given, routing, block_size, causal, scale, chunk)
+
+
+def _check_positions(fn: str, query_positions, seqlen: int, device) -> torch.Tensor:
+    if query_positions is None:
+        return torch.arange(seqlen, device=device)
+    try:
+        pos = torch.as_tensor(query_positions, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{fn}: query_positions must be a 1-D sequence of integers, got "
+                        f"{type(query_positions).__name__}") from exc
+    if pos.dim() != 1 or pos.numel() == 0 or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+        raise ValueError(f"{fn}: query_positions must be a non-empty 1-D sequence of integers, got "
+                         f"{pos.dtype} of shape {tuple(pos.shape)}")
+    lo, hi = int(pos.min()), int(pos.max())
+    if lo < 0 or hi >= seqlen:
+        raise ValueError(f"{fn}: query_positions span {lo}..{hi}; supported: 0..{seqlen - 1}")
+    return pos.long()
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward
+
+
+def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, block_size: int,
+                            causal: bool = True, softmax_scale: float | None = None, dlse=None):
+    r"""Gradients (dq, dk, dv) of MoBA attention with given routing: the equations the CUDA backward implements.
+
+    With :math:`P_{ti} = e^{\sigma q_t\cdot k_i - \mathrm{lse}_t}` on the attended keys (0 elsewhere):
+
+    .. math::
+        D_t = \textstyle\sum_c dO_{t,c}\, O_{t,c} - d\mathrm{lse}_t, \qquad
+        dS_{ti} = P_{ti}\,(dO_t\cdot v_i - D_t),
+
+        dV_i = \textstyle\sum_t P_{ti}\, dO_t, \qquad
+        dQ_t = \sigma \textstyle\sum_i dS_{ti}\, k_i, \qquad
+        dK_i = \sigma \textstyle\sum_t dS_{ti}\, q_t,
+
+    summed over the query heads of each kv head (GQA). ``out`` and ``lse`` are the forward's
+    (:func:`moba_attention_given_routing` with the same ``topk``), ``dout`` the gradient w.r.t. ``out`` and
+    ``dlse`` (batch, seqlen, heads) the one w.r.t. ``lse`` (None: zero). Computed block by block like the
+    forward, with bounded memory; gradients come back in the input dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v, dout = (torch.randn(1, 6, 1, 4, dtype=torch.float64, generator=g) for _ in range(4))
+    >>> topk = moba_topk(q, k, 2, 2)
+    >>> out, lse = moba_attention_given_routing(q, k, v, topk, 2)
+    >>> dq, dk, dv = moba_attention_backward(dout, q, k, v, out, lse, topk, 2)
+    >>> leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    >>> ref = torch.autograd.grad((moba_attention_given_routing(*leaves, topk, 2)[0] * dout).sum(), leaves)
+    >>> all(torch.allclose(a, b) for a, b in zip((dq, dk, dv), ref))
+    True
+    """
+    fn = "moba_attention_backward"
+    C.check_inputs(fn, q, k, v, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    causal = C.check_flag(fn, "causal", causal)
+    batch, seqlen, heads, dim = q.shape
+    scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    slots = _check_routing(fn, topk, q, block_size)
+    C.check_like(fn, "dout", dout, q.shape, device=q.device)
+    C.check_like(fn, "out", out, q.shape, device=q.device)
+    C.check_like(fn, "lse", lse, q.shape[:3], device=q.device)
+    if dlse is not None:
+        C.check_like(fn, "dlse", dlse, q.shape[:3], device=q.device)
+
+    compute = C.compute_dtype(q.dtype)
+    kv_heads = k.shape[2]
+    n_blocks = math.ceil(seqlen / block_size)
+    with torch.no_grad():
+        q_rows, g_rows = (x.to(compute).reshape(-1, dim) for x in (q, dout))
+        k_rows, v_rows = (x.to(compute).reshape(-1, dim) for x in (k, v))
+        lse_rows = lse.to(compute).reshape(-1)
+        delta = (dout.to(compute) * out.to(compute)).sum(-1).reshape(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(compute).reshape(-1)
+        dq = torch.zeros_like(q_rows)
+        dk, dv = torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        positions = torch.arange(seqlen, device=q.device)
+        chunk = _chunk_size(None, 2 * _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
+        for t0 in range(0, seqlen, chunk):
+            t1 = min(seqlen, t0 + chunk)
+            slot_index, pos, seg, _ = _row_layout(topk[:, t0:t1], positions[t0:t1], block_size, kv_heads,
+                                                  n_blocks, causal)
+            # (batch, chunk query, head) -> (batch, query, head) of the whole sequence
+            query = slot_index // slots
+            query = query + (query // (heads * (t1 - t0))) * heads * (seqlen - (t1 - t0)) + t0 * heads
+            for ids, rows, real in _segments(seg):
+                keys, key_rows = _block_rows(ids, block_size, seqlen, kv_heads)  # (S, B)
+                valid = torch.zeros(rows.numel(), dtype=torch.bool, device=q.device)
+                valid[real] = True
+                attended = (keys < seqlen).unsqueeze(1) & valid.view(rows.shape).unsqueeze(-1)  # padding adds 0
+                if causal:
+                    attended = attended & (keys.unsqueeze(1) <= pos[rows].unsqueeze(-1))
+                r = query[rows]  # (S, cap)
+                qr, gr, k_blk, v_blk = q_rows[r], g_rows[r], k_rows[key_rows], v_rows[key_rows]
+                p = torch.exp((qr @ k_blk.transpose(-1, -2)) * scale - lse_rows[r].unsqueeze(-1))
+                p = torch.where(attended, p, 0.0)
+                ds = p * ((gr @ v_blk.transpose(-1, -2)) - delta[r].unsqueeze(-1))
+                dq.index_add_(0, r.reshape(-1)[real], (ds @ k_blk).reshape(-1, dim)[real], alpha=scale)
+                in_seq = (keys < seqlen).reshape(-1)  # past the end: the last key read again, adds nothing
+                dk.index_add_(0, key_rows.reshape(-1)[in_seq], (ds.transpose(-1, -2) @ qr).reshape(-1, dim)[in_seq],
+                              alpha=scale)
+                dv.index_add_(0, key_rows.reshape(-1)[in_seq], (p.transpose(-1, -2) @ gr).reshape(-1, dim)[in_seq])
+    return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)

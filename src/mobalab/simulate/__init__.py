@@ -1,18 +1,28 @@
-"""Monte Carlo of MoBA routing: planted-needle generators, key convolution and two routers.
+"""Monte Carlo of MoBA routing: planted-needle generators, key convolution, routing rules and two routers.
 
+* generators: :func:`random_unit_vectors`, :func:`planted_keys`, :func:`plant_into`,
+  :func:`random_cluster_positions`, :func:`planted_needle` (:class:`PlantedNeedle`);
+* key convolution: :func:`key_conv`, :func:`averaging_weights`, :class:`KeyConv`;
+* MoBA routing rules on given vectors: :func:`block_centroids`, :func:`block_scores`, :func:`select_blocks`,
+  :func:`block_hit`;
 * :func:`score_level_router` / :func:`score_level_router_causal` sample the Gaussian block-score model that
   :mod:`mobalab.snr` integrates (exactly, with a binomial or an explicit sampler);
-* :func:`vector_level_router` samples real unit vectors (optionally key-convolved) and applies the exact
-  MoBA routing rules of :mod:`mobalab.simulate.routing`, in numpy or torch (CPU or CUDA).
+* :func:`vector_level_router` samples real unit vectors (optionally key-convolved) and applies the routing
+  rules above, in numpy or torch (CPU or CUDA);
+* :func:`spawn_generators`: the independent random streams that one ``seed`` stands for.
 
 RoPE: :func:`rope_vector_router` routes RoPE'd vectors, a span of relevant tokens rotated by position
-(:func:`apply_rope`, :mod:`mobalab.simulate.rope`).
+(:func:`apply_rope`).
 
 Every simulator takes an explicit ``seed`` (int or numpy Generator) and returns a tidy DataFrame, one row
-per configuration, with hits, trials, estimate and a 95% Wilson interval.
+per configuration, with hits, trials, estimate and a 95% Wilson interval. The routing rules are those of
+docs/design.md, "MoBA semantics"; the implementation lives in private modules (``_name.py``), this package
+is the public face.
 """
 
-from .generators import (
+from ._block_routing import block_centroids, block_hit, block_scores, select_blocks
+from ._key_convolution import KeyConv, averaging_weights, key_conv
+from ._planted_needle import (
     PlantedNeedle,
     plant_into,
     planted_keys,
@@ -20,11 +30,10 @@ from .generators import (
     random_cluster_positions,
     random_unit_vectors,
 )
-from .key_conv import KeyConv, averaging_weights, key_conv
-from .rope import apply_rope, plant_rope_span, random_span_positions, rope_vector_router
-from .routing import block_centroids, block_hit, block_scores, select_blocks
-from .score_router import score_level_router, score_level_router_causal
-from .vector_router import vector_level_router
+from ._rope_router import apply_rope, plant_rope_span, random_span_positions, rope_vector_router
+from ._score_router import score_level_router, score_level_router_causal
+from ._seeding import spawn_generators
+from ._vector_router import vector_level_router
 
 __all__ = [
     "PlantedNeedle",
@@ -47,4 +56,5 @@ __all__ = [
     "random_span_positions",
     "plant_rope_span",
     "rope_vector_router",
+    "spawn_generators",
 ]

@@ -1,0 +1,231 @@
+r"""The logic of ``mobalab design``: which block sizes reach a target routing accuracy at (d, N, k), and
+what the kernel costs there.
+
+For each candidate block size B the table holds the paper's SNR = Δμ_eff·sqrt(d / 2B) with
+Δμ_eff = Δμ + (m - 1)(μ_cluster - μ_noise) (cosine units), the predicted hit probability (the causal
+MoBA average over query and needle positions, or the exact non-causal top-k probability;
+:func:`mobalab.snr.design_table`), whether it meets the target, the smallest top-k that would
+(:func:`mobalab.snr.smallest_top_k`), and, given a ``mobalab bench`` CSV, the measured time of the mobalab
+kernel at that (N, d, B, k) (:func:`kernel_cost`). See docs/design.md, "Inverse design".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from mobalab import snr
+
+__all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", "format_design"]
+
+DEFAULT_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
+MAX_TOP_K = 1024  # the search for the smallest top-k stops here (FlashMoBA itself allows <= 64)
+RESIDENT_MAX_KV_BYTES = 64 << 10  # the forward's automatic choice, see docs/design.md, "Forward"
+
+
+def automatic_variant(head_dim: int, block_size: int) -> str:
+    """The forward tile kernel ``moba_attention`` picks on its own: ``"resident"`` when the K and V of one
+    block (16-bit) fit in 64 KiB of shared memory, else ``"streaming"``.
+
+    Examples
+    --------
+    >>> from mobalab._design_command import automatic_variant
+    >>> automatic_variant(128, 128), automatic_variant(128, 256), automatic_variant(64, 256)
+    ('resident', 'streaming', 'resident')
+    """
+    return "resident" if 2 * block_size * head_dim * 2 <= RESIDENT_MAX_KV_BYTES else "streaming"
+
+
+def kernel_cost(bench: pd.DataFrame, block_size: int, seq_len: int, head_dim: int, top_k: int | None = None
+                ) -> dict:
+    """Measured time of the mobalab kernel at (B, N, d[, k]) in a ``mobalab bench`` CSV's rows.
+
+    Reads the forward CSV (``bench.csv``: ``seqlen``, ``head_dim``, ``block``, ``top_k``, ``workload``,
+    ``variant``, ``mobalab_ms``) and the forward + backward CSV (``bench_bwd.csv``: ``fwdbwd_ms``). Among
+    the matching rows it takes the ``random`` workload when measured (the published benchmark's data) and,
+    in a forward CSV, the tile kernel the automatic choice runs (:func:`automatic_variant`) when that was
+    measured, else the one that was. It never mixes kernels or workloads: the median is over repetitions of
+    one configuration.
+
+    Returns
+    -------
+    dict
+        ``ms`` (NaN when nothing matches), ``kernel`` ("resident", "streaming" or "forward+backward"; None
+        when nothing matches), ``workload`` and ``rows`` (how many rows the median is over).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from mobalab._design_command import kernel_cost
+    >>> rows = pd.DataFrame({"workload": ["random", "random", "clustered"], "seqlen": [65536] * 3,
+    ...                      "head_dim": [128] * 3, "block": [128] * 3, "top_k": [8] * 3,
+    ...                      "variant": ["resident", "streaming", "resident"], "mobalab_ms": [13.6, 15.7, 13.4]})
+    >>> kernel_cost(rows, 128, 65536, 128, top_k=8)
+    {'ms': 13.6, 'kernel': 'resident', 'workload': 'random', 'rows': 1}
+    """
+    backward = "fwdbwd_ms" in bench.columns
+    need = {"seqlen", "head_dim", "block", "fwdbwd_ms" if backward else "mobalab_ms"}
+    missing = need - set(bench.columns)
+    if missing:
+        raise ValueError(f"benchmark CSV lacks column(s) {sorted(missing)} of a `mobalab bench` CSV; it has "
+                         f"{list(bench.columns)}")
+    sel = bench[(bench["block"] == block_size) & (bench["seqlen"] == seq_len) & (bench["head_dim"] == head_dim)]
+    if top_k is not None and "top_k" in bench.columns:
+        sel = sel[sel["top_k"] == top_k]
+    none = {"ms": math.nan, "kernel": None, "workload": None, "rows": 0}
+    if sel.empty:
+        return none
+    workload = None
+    if "workload" in sel.columns:
+        workload = "random" if (sel["workload"] == "random").any() else str(sel["workload"].iloc[0])
+        sel = sel[sel["workload"] == workload]
+    if backward:
+        kernel, col = "forward+backward", "fwdbwd_ms"
+    else:
+        col = "mobalab_ms"
+        kernel = automatic_variant(head_dim, block_size)
+        if "variant" in sel.columns:
+            measured = list(dict.fromkeys(sel["variant"].astype(str)))
+            kernel = kernel if kernel in measured else measured[0]
+            sel = sel[sel["variant"].astype(str) == kernel]
+    ms = pd.to_numeric(sel[col], errors="coerce").dropna()
+    if ms.empty:
+        return none
+    return {"ms": float(ms.median()), "kernel": kernel, "workload": workload, "rows": int(len(ms))}
+
+
+def design(head_dim: int, seq_len: int, top_k: int, target: float, delta_mu: float = 0.3, m: int = 1,
+           mu_cluster: float | None = None, mu_noise: float = 0.0, causal: bool = True,
+           block_sizes=DEFAULT_BLOCK_SIZES, bench_csv=None) -> pd.DataFrame:
+    """Design table over ``block_sizes`` (one row each, largest B first).
+
+    Parameters
+    ----------
+    head_dim, seq_len, top_k : int
+        d, the context N in tokens and the blocks selected per query (the own block included).
+    target : float
+        Target P(hit) in (0, 1).
+    delta_mu, m, mu_cluster, mu_noise : float, int, float, float
+        The signal: needle cosine minus noise cosine, keys of the needle's block with elevated cosine (the
+        needle included), their cosine (default ``mu_noise + delta_mu``: as similar as the needle) and the
+        noise keys' cosine.
+    causal : bool
+        Causal MoBA (own block forced, averaged over positions) or plain top-k.
+    block_sizes : sequence of int
+        Candidate block sizes.
+    bench_csv : str or path, optional
+        A ``mobalab bench`` CSV, ``"recorded"`` or a recorded CSV's name
+        (:func:`mobalab.experiments.kernel_speed.find_bench_csv`), for the kernel cost.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The columns of :func:`mobalab.snr.design_table` plus delta_mu, m, mu_cluster, mu_noise,
+        smallest_top_k (<= ``MAX_TOP_K``, NA when none reaches the target), kernel_ms, kernel, workload and
+        bench_rows (NaN / None / 0 without benchmark data); ``attrs["bench"]`` describes the CSV.
+
+    Examples
+    --------
+    >>> from mobalab._design_command import design
+    >>> df = design(64, 8192, 8, 0.8, delta_mu=0.5, m=4, causal=False, block_sizes=(32, 128))
+    >>> df[["block_size", "snr", "hit_probability", "meets_target"]].round(3).values.tolist()
+    [[128, 1.0, 0.593, False], [32, 2.0, 0.824, True]]
+    """
+    if mu_cluster is None:
+        mu_cluster = mu_noise + delta_mu
+    dmu_eff = float(snr.delta_mu_eff(delta_mu, m, mu_cluster, mu_noise))
+    if not block_sizes:
+        raise ValueError("block_sizes must name at least one block size")
+    df = snr.design_table(head_dim, seq_len, top_k, dmu_eff, tuple(sorted(set(block_sizes), reverse=True)),
+                          causal=causal, target=target)
+    df["delta_mu"] = float(delta_mu)
+    df["m"] = m
+    df["mu_cluster"] = float(mu_cluster)
+    df["mu_noise"] = float(mu_noise)
+    df["smallest_top_k"] = pd.array(
+        [snr.smallest_top_k(target, head_dim, seq_len, int(b), dmu_eff, causal=causal, max_top_k=MAX_TOP_K)
+         for b in df["block_size"]], dtype="Int64")
+    costs = [{"ms": math.nan, "kernel": None, "workload": None, "rows": 0}] * len(df)
+    df.attrs["bench"] = None
+    if bench_csv is not None:
+        from mobalab.experiments.kernel_speed import find_bench_csv, read_bench_csv
+
+        try:
+            raw, info = read_bench_csv(find_bench_csv(bench_csv), check=False)
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
+        costs = [kernel_cost(raw, int(b), seq_len, head_dim, top_k) for b in df["block_size"]]
+        df.attrs["bench"] = info
+    df["kernel_ms"] = [c["ms"] for c in costs]
+    df["kernel"] = [c["kernel"] for c in costs]
+    df["workload"] = [c["workload"] for c in costs]
+    df["bench_rows"] = [c["rows"] for c in costs]
+    return df
+
+
+def format_design(df: pd.DataFrame) -> str:
+    """Human-readable report of a :func:`design` table: inputs, the table, the verdict, the cost.
+
+    Examples
+    --------
+    >>> from mobalab._design_command import design, format_design
+    >>> text = format_design(design(64, 8192, 8, 0.8, delta_mu=0.5, m=4, block_sizes=(32, 128)))
+    >>> text.splitlines()[-2]
+    'feasible block sizes: 32; largest: B = 32'
+    """
+    r = df.iloc[0]
+    mode = "causal (own block forced, average over query and needle positions)" if r["causal"] else "non-causal top-k"
+    lines = [
+        f"MoBA design: d = {r['head_dim']}, N = {r['seq_len']}, top-k = {r['top_k']}, target P(hit) >= {r['target']:g}",
+        f"signal: Δμ = {r['delta_mu']:g}, m = {r['m']:g}, μ_cluster = {r['mu_cluster']:g}, μ_noise = {r['mu_noise']:g}"
+        f"  ->  Δμ_eff = {r['delta_mu_eff']:g} (cosine units); model: {mode}",
+        "",
+    ]
+    info = df.attrs.get("bench")
+    has_cost = bool((df["bench_rows"] > 0).any())
+    table = pd.DataFrame({
+        "B": df["block_size"],
+        "n blocks": df["n_blocks"],
+        "SNR": df["snr"].map(lambda x: f"{x:.3f}"),
+        "paper rule Φ⁻¹(1-k/n)": df["paper_threshold"].map(lambda x: f"{x:.3f}"),
+        "P(hit)": df["hit_probability"].map(lambda x: f"{x:.4f}"),
+        "feasible": df["meets_target"].map(lambda x: "yes" if x else "no"),
+        f"min top-k (<= {MAX_TOP_K})": df["smallest_top_k"].map(lambda x: "-" if pd.isna(x) else str(int(x))),
+    })
+    if has_cost:
+        table["kernel ms"] = [("-" if math.isnan(ms) else f"{ms:.3f}") for ms in df["kernel_ms"]]
+        table["kernel"] = ["-" if pd.isna(k) else k for k in df["kernel"]]
+    lines.append(table.to_string(index=False))
+    lines.append("")
+    ok = df[df["meets_target"].astype(bool)]
+    if ok.empty:
+        best = df.loc[df["hit_probability"].idxmax()]
+        lines.append(f"no block size reaches P(hit) >= {r['target']:g}; best is B = {best['block_size']} "
+                     f"with P(hit) = {best['hit_probability']:.4f}")
+    else:
+        lines.append(f"feasible block sizes: {', '.join(str(b) for b in sorted(ok['block_size'], reverse=True))}; "
+                     f"largest: B = {int(ok['block_size'].max())}")
+    if info is None:
+        lines.append("kernel cost: no benchmark data (pass --bench-csv PATH, or --bench-csv recorded)")
+        return "\n".join(lines)
+    from pathlib import Path
+
+    where = (f"{'RECORDED ' if info['recorded'] else ''}{info['pass']} benchmark {Path(info['source']).name} "
+             f"({info['device']}, {info.get('date') or 'date unknown'}, commit {info.get('commit') or 'unknown'})")
+    if not has_cost:
+        lines.append(f"kernel cost: no rows for d = {r['head_dim']}, N = {r['seq_len']}, top-k = {r['top_k']} "
+                     f"in {where}")
+        return "\n".join(lines)
+    lines.append(f"kernel cost from the {where}; kernel: the forward tile kernel the automatic choice runs "
+                 "(resident when a block's K and V fit in 64 KiB) where measured"
+                 if info["pass"] == "forward" else f"kernel cost from the {where}: forward + backward")
+    feas = ok[ok["bench_rows"] > 0]
+    if not feas.empty:
+        cheapest = feas.loc[feas["kernel_ms"].idxmin()]
+        workload = cheapest["workload"] if pd.notna(cheapest["workload"]) else "unnamed"
+        lines.append(f"cheapest feasible: B = {cheapest['block_size']} at {cheapest['kernel_ms']:.3f} ms "
+                     f"({cheapest['kernel']} kernel, {workload} workload)")
+    else:
+        lines.append("kernel cost: no benchmark data for the feasible block sizes")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Results recorded on reference machines, shipped with mobalab as package data in ``mobalab/bench/recorded/``.
+
+File names start with the date, then the device and what was measured (``2026-11-22-h200-moba-forward-43ade7f.csv``);
+a benchmark CSV has a JSON beside it (same stem) that names the device, the date and the git commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["recorded_dir", "recorded_files", "recorded_file"]
+
+
+def recorded_dir() -> Path:
+    """The folder of the recorded results inside the installed package.
+
+    Examples
+    --------
+    >>> from mobalab.bench import recorded_dir
+    >>> recorded_dir().name, recorded_dir().is_dir()
+    ('recorded', True)
+    """
+    return Path(__file__).resolve().parent / "recorded"
+
+
+def recorded_files(pattern: str = "*.csv") -> list[Path]:
+    """Recorded files whose name matches the glob ``pattern``, oldest first (names start with the date).
+
+    Parameters
+    ----------
+    pattern : str
+        A glob pattern for the file name, e.g. ``"*moba-forward*.csv"``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Sorted by name; empty when nothing matches.
+
+    Examples
+    --------
+    >>> from mobalab.bench import recorded_files
+    >>> [p.name for p in recorded_files("*moba-forward*.csv")]
+    ['2026-11-22-h200-moba-forward-43ade7f.csv']
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise TypeError(f"pattern must be a non-empty glob string, got {pattern!r}")
+    return sorted(recorded_dir().glob(pattern))
+
+
+def recorded_file(name: str) -> Path:
+    """The recorded file called ``name`` (the file name, with or without ``.csv``).
+
+    Raises
+    ------
+    ValueError
+        When no recorded file has that name; the message lists the recorded CSVs.
+
+    Examples
+    --------
+    >>> from mobalab.bench import recorded_file
+    >>> recorded_file("2026-11-22-h200-moba-fwdbwd-e4ca8e1").name
+    '2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv'
+    """
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise ValueError(f"name must be a recorded file's name (no folder), got {name!r}")
+    base = recorded_dir()
+    for candidate in (base / name, base / f"{name}.csv"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(p.name for p in recorded_files())
+    raise ValueError(f"no recorded file {name!r} in {base}; recorded CSVs: {names}")

@@ -1,0 +1,550 @@
+r"""MoBA forward vs dense attention on one GPU: ``python -m mobalab.bench.attention [--quick] [--out DIR]``.
+
+Side by side in one process, on the same inputs: mobalab's forward (CUDA routing + key-block-major
+attention), its routing alone and its attention alone (given the routing), and torch SDPA with the
+FLASH_ATTENTION backend (FlashAttention-2) and the CUDNN_ATTENTION backend. Configuration of the published
+FlashMoBA benchmark: batch 2, 16 heads, head dim 128, block 128, top-k 8, causal, bf16, seqlen 8K..512K;
+also head dim 64, and block sizes 32..256 at 64K. Workloads: random Gaussian q/k/v (near-random routing,
+the published benchmark's data) and a clustered / planted one (query groups share a direction that a few
+key blocks are aligned with, so routing concentrates).
+
+Reported: median ms over CUDA-event-timed repetitions (warm-up first; repetitions sized to ~1.5 s, a
+single one for the dense baselines beyond 128K), speedups, routing share of the forward, useful TFLOP/s
+
+.. math::
+    F = \underbrace{2\,b\,h\,\textstyle\sum_t n_{\mathrm{scored}}(t)\, d}_{\text{routing}}
+      + \underbrace{4\,b\,h\,\textstyle\sum_t |S_t|\, d}_{\text{attention}},
+
+(:math:`n_{\mathrm{scored}}(t)` = complete past blocks when causal, all blocks otherwise; :math:`|S_t|` =
+attended keys) and peak memory: the ``torch.cuda.max_memory_allocated`` rise during the call, plus the
+inputs the method reads (q, k, v; for SDPA its (b, h, N, d) copies), so totals compare like for like.
+Writes ``bench.csv``, ``bench_table.md`` and ``bench_env.json`` (:func:`mobalab.bench.environment` plus the
+kernel settings: routing, tile-kernel variant, scratch budget) under ``--out``. Also ``mobalab bench``.
+
+``--backward`` times forward + backward instead (``bench_bwd.csv``, ``bench_bwd_table.md``): mobalab
+(routing, forward, CUDA backward through the autograd op, default atomic dQ and ``deterministic=True``),
+SDPA FLASH_ATTENTION and CUDNN_ATTENTION, each as ``torch.autograd.grad(out, (q, k, v), dout)`` on the same
+inputs and upstream gradient. Backward useful FLOPs are 2.5x the forward attention FLOPs (five matmuls of
+the selected tokens: S, dP, dV, dK, dQ, against two); backward time = fwd+bwd time - forward time; peak
+memory = the ``max_memory_allocated`` rise over one fwd+bwd call plus the inputs it reads (q, k, v, dout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels._cuda_routing import moba_topk_cuda
+from mobalab.kernels.autograd import moba_attention_autograd
+
+from .environment import environment
+
+__all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops"]
+
+
+# --------------------------------------------------------------------------------------------------
+# counting
+
+
+def routing_flops(batch, seqlen, heads, dim, block, causal):
+    r"""Useful routing FLOPs, :math:`2\,b\,h\,d\sum_t n_{\mathrm{scored}}(t)`: one :math:`q\cdot\bar k` per scored
+    block (causal: the complete past blocks, :math:`\lfloor t/B \rfloor`; otherwise all :math:`\lceil N/B \rceil`).
+
+    Examples
+    --------
+    >>> routing_flops(1, 8, 1, 4, 2, causal=True)  # queries score 0, 0, 1, 1, 2, 2, 3, 3 blocks
+    96
+    """
+    n_blocks = math.ceil(seqlen / block)
+    if causal:  # sum_t floor(t / B): complete past blocks scored by query t
+        full, rest = divmod(seqlen, block)
+        scored = block * full * (full - 1) // 2 + rest * full
+    else:
+        scored = seqlen * n_blocks
+    return 2 * batch * heads * scored * dim
+
+
+def attended_keys(seqlen, block, top_k, causal):
+    r""":math:`\sum_t |S_t|` for routing that fills every slot it can (own block token-causal, past blocks full).
+
+    Examples
+    --------
+    >>> attended_keys(8, 2, 2, causal=True)  # 1, 2, then 3, 4 (one past block + own) for every later block
+    24
+    """
+    if not causal:  # full blocks (a partial last block counts as full: an upper bound)
+        return seqlen * min(top_k, math.ceil(seqlen / block)) * block
+    t = torch.arange(seqlen, dtype=torch.float64)
+    own = t // block
+    return int(((t - own * block + 1) + torch.clamp(own, max=top_k - 1) * block).sum().item())
+
+
+def attention_flops(batch, seqlen, heads, dim, block, top_k, causal):
+    r"""Useful attention FLOPs, :math:`4\,b\,h\,d\sum_t |S_t|` (:math:`QK^\top` and :math:`PV`).
+
+    Examples
+    --------
+    >>> attention_flops(1, 8, 1, 4, 2, 2, causal=True)
+    384
+    """
+    return 4 * batch * heads * attended_keys(seqlen, block, top_k, causal) * dim
+
+
+def dense_flops(batch, seqlen, heads, dim, causal):
+    r"""FLOPs of dense attention, :math:`4\,b\,h\,N^2 d` (halved when causal), the FA2 / cuDNN reference.
+
+    Examples
+    --------
+    >>> dense_flops(1, 8, 1, 4, causal=True)
+    512
+    """
+    return 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, seqlen, heads, dim)
+    q = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    if workload == "clustered":
+        # Query groups of 2048 positions share a direction u_g; 4 key blocks in each group's past (own
+        # block for the first group) hold keys aligned with u_g. Routing then concentrates on those blocks.
+        group = 2048
+        n_groups = math.ceil(seqlen / group)
+        n_blocks = math.ceil(seqlen / block)
+        u = torch.randn(n_groups, heads, dim, device="cuda", generator=g)
+        u = u / u.norm(dim=-1, keepdim=True) * math.sqrt(dim)
+        gid = torch.arange(seqlen, device="cuda") // group
+        q.add_((2.0 * u[gid]).unsqueeze(0).to(dtype))
+        starts = torch.arange(n_groups, device="cuda") * group // block  # first block of each group
+        picks = torch.rand(n_groups, 4, device="cuda", generator=g) * torch.clamp(starts, min=1).unsqueeze(1)
+        picks = picks.long().clamp(max=n_blocks - 1)
+        for c in range(4):
+            blk = picks[:, c]
+            idx = (blk.view(-1, 1) * block + torch.arange(block, device="cuda")).clamp(max=seqlen - 1)
+            k[:, idx.flatten()] += (1.5 * u.repeat_interleave(block, 0)).to(dtype)
+    return q, k, v
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def time_ms(fn, *, budget_s=1.5, max_reps=50, min_reps=3, warmup=1, single=False):
+    """Median of CUDA-event-timed calls; repetitions sized from a first timed call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+
+    def once():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    first = once()
+    if single:
+        return first, 1
+    reps = int(max(min_reps, min(max_reps, budget_s * 1e3 / max(first, 1e-3))))
+    times = [once() for _ in range(reps)]
+    return statistics.median(times), reps
+
+
+def peak_gb(fn):
+    """Rise of max_memory_allocated over the call (GB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# one configuration
+
+
+def _dense(backend, qt, kt, vt):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    return run
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time (ms) per kernel name over one call, from the torch profiler (CuPy kernels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            totals[ev.key[:48]] = round(t / 1e3, 3)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+
+
+def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0, dense_cache=None,
+               profile=False, variant="auto"):
+    # "auto": the tile-kernel default ($MOBALAB_ATTN_VARIANT, else auto)
+    variant = None if variant == "auto" else variant
+    causal = True
+    dtype = torch.bfloat16
+    q, k, v = make_inputs(workload, batch, seqlen, heads, dim, dtype, seed, block)
+    in_gb = 3 * q.numel() * q.element_size() / 1e9
+    row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
+               top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
+               variant="resident" if A.resident(dim, block, variant) else "streaming",
+               scratch_budget_bytes=A.default_scratch_budget(batch, seqlen, heads, heads, dim))
+
+    route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
+    row["routing_ms"], _ = time_ms(route)
+    topk = route()
+    attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk,  # noqa: E731
+                                         variant=variant)
+    row["attention_ms"], row["reps"] = time_ms(attn)
+    full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, variant=variant)  # noqa: E731
+    row["mobalab_ms"], _ = time_ms(full)
+    row["mobalab_peak_gb"] = peak_gb(full) + in_gb
+    if profile:
+        row["phases"] = kernel_breakdown(attn)
+        print(f"  kernel time by name (attention only, N={seqlen}, B={block}): {row['phases']}")
+    row["routing_share"] = row["routing_ms"] / row["mobalab_ms"]
+    f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
+    f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
+    row["useful_tflops"] = (f_route + f_attn) / (row["mobalab_ms"] * 1e9)
+    row["attention_tflops"] = f_attn / (row["attention_ms"] * 1e9)
+    row["routing_tflops"] = f_route / (row["routing_ms"] * 1e9)
+
+    key = (seqlen, dim, batch, heads, workload)
+    if dense and dense_cache is not None and key in dense_cache:
+        row.update(dense_cache[key])
+    elif dense:
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        del q, k, v
+        res = {}
+        for name in ("fa2", "cudnn"):
+            fn = _dense(name, qt, kt, vt)
+            long = seqlen > 131072
+            try:
+                res[f"{name}_ms"], _ = time_ms(fn, warmup=1 if (name == "cudnn" or not long) else 0,
+                                               single=long)
+                res[f"{name}_peak_gb"] = peak_gb(fn) + in_gb if seqlen <= 131072 else float("nan")
+                dense_f = dense_flops(batch, seqlen, heads, dim, True)
+                res[f"{name}_tflops"] = dense_f / (res[f"{name}_ms"] * 1e9)
+            except RuntimeError as exc:  # e.g. a backend that does not take this shape
+                print(f"  {name} failed at N={seqlen}: {exc}")
+                res[f"{name}_ms"] = res[f"{name}_peak_gb"] = res[f"{name}_tflops"] = float("nan")
+        if seqlen > 131072:  # one memory measurement for the long ones (FA2 only: it is the target)
+            res["fa2_peak_gb"] = peak_gb(_dense("fa2", qt, kt, vt)) + in_gb
+        del qt, kt, vt
+        if dense_cache is not None:
+            dense_cache[key] = res
+        row.update(res)
+    for name in ("fa2", "cudnn"):
+        if f"{name}_ms" in row:
+            row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["mobalab_ms"]
+    torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "variant", "routing", "mobalab_ms",
+           "routing_ms", "attention_ms", "routing_share", "fa2_ms", "cudnn_ms", "speedup_vs_fa2",
+           "speedup_vs_cudnn",
+           "useful_tflops", "attention_tflops", "routing_tflops", "mobalab_peak_gb", "fa2_peak_gb",
+           "cudnn_peak_gb", "fa2_tflops", "cudnn_tflops", "batch", "heads", "causal", "dtype", "reps",
+           "scratch_budget_bytes"]
+
+
+def configs(quick: bool):
+    K = 1024
+    if quick:
+        return [("random", 2, n, 16, 128, 128, 8, "auto") for n in (8 * K, 64 * K)] + [
+            ("random", 2, 64 * K, 16, 128, 32, 8, "auto"), ("clustered", 2, 64 * K, 16, 128, 128, 8, "auto")]
+    seqlens = [8 * K * 2**i for i in range(7)]  # 8K .. 512K
+    out = [("random", 2, n, 16, 128, 128, 8, "auto") for n in seqlens]
+    out += [("random", 2, 64 * K, 16, 128, b, 8, "auto") for b in (32, 64, 256)]
+    out += [("random", 2, 64 * K, 16, 128, b, 8, "streaming") for b in (32, 128)]
+    out += [("clustered", 2, n, 16, 128, 128, 8, "auto") for n in (64 * K, 512 * K)]
+    out += [("random", 2, n, 16, 64, 128, 8, "auto") for n in seqlens]
+    return out
+
+
+def _fmt(x, nd=2):
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def markdown(rows, env) -> str:
+    head = ["workload", "N", "d", "B", "kernel", "mobalab ms", "routing ms (share)", "attn ms", "FA2 ms",
+            "cuDNN ms", "x FA2", "x cuDNN", "useful TFLOP/s", "attn TFLOP/s", "peak GB (mobalab / FA2)"]
+    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, {env['utc']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r["seqlen"]
+        ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        cells = [r["workload"], ns, r["head_dim"], r["block"], r["variant"], _fmt(r["mobalab_ms"]),
+                 f"{_fmt(r['routing_ms'])} ({_fmt(100 * r['routing_share'], 0)}%)", _fmt(r["attention_ms"]),
+                 _fmt(r.get("fa2_ms", float("nan")), 1), _fmt(r.get("cudnn_ms", float("nan")), 1),
+                 _fmt(r.get("speedup_vs_fa2", float("nan")), 1),
+                 _fmt(r.get("speedup_vs_cudnn", float("nan")), 1),
+                 _fmt(r["useful_tflops"], 0), _fmt(r["attention_tflops"], 0),
+                 f"{_fmt(r['mobalab_peak_gb'])} / {_fmt(r.get('fa2_peak_gb', float('nan')))}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_record() -> dict:
+    """:func:`mobalab.bench.environment` plus the kernel settings every row ran with."""
+    env = environment()
+    env.update(routing="cuda", attn_variant=A.resolve_variant(None),
+               scratch_budget="default: 4% of the q, k, v, out bytes within [512 MiB, 768 MiB] (per row: "
+                              "scratch_budget_bytes)")
+    return env
+
+
+def _diagnose(dim, block, variant):
+    from mobalab.kernels._build import get_kernel
+
+    variant = None if variant == "auto" else variant
+    name = A.kernel_names(torch.bfloat16, dim, block, variant)[0]
+    smem = A.fwd_smem_bytes(dim, block, variant)
+    fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem)
+    attrs = {k: fn.attributes.get(k) for k in ("num_regs", "shared_size_bytes", "max_dynamic_shared_size_bytes",
+                                                "max_threads_per_block")}
+    print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.resolve_variant(variant)}",
+          flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward + backward
+
+
+def _grad_fn(forward, leaves, dout):
+    def run():
+        out = forward(*leaves)
+        return torch.autograd.grad(out, leaves, dout)
+
+    return run
+
+
+def _time_and_peak(fn, long):
+    """(median ms, peak GB rise): one timed call for the long dense runs (peak from that call)."""
+    if not long:
+        ms, _ = time_ms(fn)
+        return ms, peak_gb(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms, _ = time_ms(fn, warmup=0, single=True)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
+                        deterministic=True):
+    causal = True
+    q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+    in_gb = 4 * q.numel() * q.element_size() / 1e9
+    row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
+               top_k=top_k, causal=causal, dtype="bf16")
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal)  # noqa: E731
+    row["fwd_ms"], _ = time_ms(fwd)
+    for name, det in (("fwdbwd", False), ("fwdbwd_det", True)):
+        if det and not deterministic:
+            continue
+        f = lambda q, k, v, det=det: moba_attention_autograd(q, k, v, block, top_k, causal=causal,  # noqa: E731
+                                                             deterministic=det)
+        fn = _grad_fn(f, leaves, dout)
+        row[f"{name}_ms"], _ = time_ms(fn)
+        row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
+    row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+    f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
+    f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
+    row["fwd_useful_tflops"] = (f_route + f_attn) / (row["fwd_ms"] * 1e9)
+    row["bwd_useful_tflops"] = 2.5 * f_attn / (row["bwd_ms"] * 1e9)
+    row["fwdbwd_useful_tflops"] = (f_route + 3.5 * f_attn) / (row["fwdbwd_ms"] * 1e9)
+    row["bwd_over_fwd_rate"] = row["bwd_useful_tflops"] / row["fwd_useful_tflops"]
+    if dense:
+        qt, kt, vt, dt = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
+        del q, k, v, leaves
+        torch.cuda.empty_cache()
+        tleaves = [x.requires_grad_() for x in (qt, kt, vt)]
+        long = seqlen > 131072
+        for name in ("fa2", "cudnn"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+            def f(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            try:
+                ms, pk = _time_and_peak(_grad_fn(f, tleaves, dt), long)
+                row[f"{name}_fwdbwd_ms"], row[f"{name}_fwdbwd_peak_gb"] = ms, pk + in_gb
+            except RuntimeError as exc:
+                print(f"  {name} fwd+bwd failed at N={seqlen}: {exc}")
+                row[f"{name}_fwdbwd_ms"] = row[f"{name}_fwdbwd_peak_gb"] = float("nan")
+            row[f"speedup_vs_{name}"] = row[f"{name}_fwdbwd_ms"] / row["fwdbwd_ms"]
+        del qt, kt, vt, dt, tleaves
+    torch.cuda.empty_cache()
+    return row
+
+
+BWD_COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "fwd_ms", "fwdbwd_ms", "bwd_ms",
+               "fwdbwd_det_ms", "fa2_fwdbwd_ms", "cudnn_fwdbwd_ms", "speedup_vs_fa2", "speedup_vs_cudnn",
+               "fwd_useful_tflops", "bwd_useful_tflops", "bwd_over_fwd_rate", "fwdbwd_useful_tflops",
+               "fwdbwd_peak_gb", "fwdbwd_det_peak_gb", "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb", "batch",
+               "heads", "causal", "dtype"]
+
+
+def backward_configs(quick: bool):
+    K = 1024
+    if quick:
+        return [("random", 2, n, 16, 128, 128, 8) for n in (8 * K, 64 * K)] + [("random", 2, 64 * K, 16, 128, 32, 8)]
+    # the target sizes first (a run cut short keeps its rows): 64K, 512K, 256K, then the rest
+    out = [("random", 2, n * K, 16, 128, 128, 8) for n in (64, 512, 256, 128, 32, 16, 8)]
+    out += [("random", 2, 64 * K, 16, 128, b, 8) for b in (32, 64, 256)]
+    out += [("random", 2, 64 * K, 16, 64, 128, 8), ("clustered", 2, 64 * K, 16, 128, 128, 8)]
+    return out
+
+
+def markdown_backward(rows, env) -> str:
+    head = ["workload", "N", "d", "B", "fwd ms", "fwd+bwd ms", "bwd ms", "det fwd+bwd ms", "FA2 fwd+bwd ms",
+            "cuDNN fwd+bwd ms", "x FA2", "x cuDNN", "fwd / bwd useful TFLOP/s", "bwd/fwd rate",
+            "peak GB (mobalab / det / FA2 / cuDNN)"]
+    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, "
+             f"{env['utc']}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r["seqlen"]
+        ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        nan = float("nan")
+        cells = [r["workload"], ns, r["head_dim"], r["block"], _fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"]),
+                 _fmt(r["bwd_ms"]), _fmt(r.get("fwdbwd_det_ms", nan)), _fmt(r.get("fa2_fwdbwd_ms", nan), 1),
+                 _fmt(r.get("cudnn_fwdbwd_ms", nan), 1), _fmt(r.get("speedup_vs_fa2", nan), 1),
+                 _fmt(r.get("speedup_vs_cudnn", nan), 1),
+                 f"{_fmt(r['fwd_useful_tflops'], 0)} / {_fmt(r['bwd_useful_tflops'], 0)}",
+                 _fmt(r["bwd_over_fwd_rate"]),
+                 " / ".join(_fmt(r.get(c, nan)) for c in ("fwdbwd_peak_gb", "fwdbwd_det_peak_gb",
+                                                          "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb"))]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main_backward(args, env) -> int:
+    rows, failed = [], 0
+    cfgs = backward_configs(args.quick)
+    if args.select:
+        cfgs = [cfgs[int(i)] for i in args.select.split(",")]
+    for workload, batch, n, heads, dim, block, top_k in cfgs:
+        try:
+            row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
+                                      deterministic=n <= 128 * 1024 or args.select is not None)
+        except Exception as exc:  # keep the sweep going
+            print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
+            failed += 1
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        with open(os.path.join(args.out, "bench_bwd.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=BWD_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c, "") for c in BWD_COLUMNS})
+        with open(os.path.join(args.out, "bench_bwd_table.md"), "w") as f:
+            f.write(markdown_backward(rows, env))
+    print(markdown_backward(rows, env))
+    return 1 if failed or not rows else 0
+
+
+def main(argv=None) -> int:
+    """Run the benchmark (``mobalab bench`` / ``python -m mobalab.bench.attention``); 0 when every
+    configuration ran, 1 otherwise (failures are printed and the sweep goes on)."""
+    p = argparse.ArgumentParser(prog="mobalab bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few configurations (smoke run)")
+    p.add_argument("--out", default="bench_out", help="output folder")
+    p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
+    p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
+    args = p.parse_args(argv)
+    from mobalab.kernels import gpu_available
+
+    if not gpu_available():
+        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]')")
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    env = run_record()
+    print(json.dumps(env))
+    if args.backward:
+        with open(os.path.join(args.out, "bench_env.json"), "w") as f:
+            json.dump(env, f, indent=1)
+        return main_backward(args, env)
+    rows, cache, failed = [], {}, 0
+    for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick):
+        prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \
+            and variant == "auto"
+        try:
+            row = run_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
+                             dense_cache=cache, profile=prof, variant=variant)
+        except Exception as exc:  # keep the sweep going; say what failed and with which kernel settings
+            print(f"FAILED {workload} N={n} d={dim} B={block} variant={variant}: {exc!r}", flush=True)
+            failed += 1
+            _diagnose(dim, block, variant)
+            torch.cuda.synchronize()
+            continue
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_outputs(args.out, rows, env)  # after every row: a run cut short still leaves its numbers
+    print(markdown(rows, env))
+    return 1 if failed or not rows else 0
+
+
+def write_outputs(out_dir, rows, env):
+    with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    with open(os.path.join(out_dir, "bench_env.json"), "w") as f:
+        json.dump(env, f, indent=1)
+    with open(os.path.join(out_dir, "bench_table.md"), "w") as f:
+        f.write(markdown(rows, env))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

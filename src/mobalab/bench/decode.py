@@ -1,0 +1,428 @@
+r"""MoBA decode step against dense decode on the same KV cache: ``python -m mobalab.bench.decode [--quick]``.
+
+One step = every sequence of the batch attends its newest token (q_len 1) over a cache of N tokens:
+mobalab's :func:`~mobalab.kernels.moba_decode` (routing over the cached block sums + split-KV attention
+over the selected blocks) side by side with torch SDPA on the whole cache (FLASH_ATTENTION,
+CUDNN_ATTENTION and EFFICIENT_ATTENTION backends, whichever run; the query heads of each kv head packed as
+query rows, so K and V are read once) and FlexAttention with a block mask built from mobalab's selection
+(attention only, GQA; skipped when it does not compile or run). 32 query
+heads / 8 kv heads, head dim 128, bf16, random Gaussian q / k / v (never zeros).
+
+Timing: each method is captured in a CUDA graph (so the numbers are device time, not Python launch
+overhead; ``mobalab_eager_ms`` is the plain call for comparison), replayed many times after warm-up with
+L2 flushed (a 256 MB write) before every replay, each replay timed by CUDA events; the median is
+reported. Bytes needed per step are counted from the actual selection: the fp32 block sums of the
+complete past blocks, the K and V of the union of the blocks the query heads of each kv head selected
+(the own block with its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
+of the measured device-to-device copy bandwidth of the same run (H200 datasheet: 4.8 TB/s); dense
+decode's bytes are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
+under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "COLUMNS"]
+
+K = 1024
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DATASHEET_TBPS = 4.8
+#: tokens x batch of one cache (K + V are 4 KB per token at 8 kv heads, d 128, bf16): 32 GB
+MAX_TOKENS = 8 * 1024 * K
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    seq_len: int
+    batch: int
+    block_size: int
+    top_k: int
+    flex: bool = False
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    head_dim: int = HEAD_DIM
+
+
+def configs(quick: bool) -> list[DecodeConfig]:
+    """The sweep: context 8K..1M, batch 1 / 8 / 64 (caches up to 8M tokens), B 32 / 64 / 128, k 4 / 8 / 16.
+
+    ``quick`` (about two minutes): the targets (512K and 32K at batch 8, B 128, k 8), the roofline points
+    (batch 8 at 128K and 1M), the other block sizes and top-k at 128K, and batch 1 and 64.
+    """
+    if quick:
+        return [DecodeConfig(512 * K, 8, 128, 8, flex=True), DecodeConfig(32 * K, 8, 128, 8),
+                DecodeConfig(128 * K, 8, 128, 8), DecodeConfig(128 * K, 8, 32, 8), DecodeConfig(128 * K, 8, 64, 4),
+                DecodeConfig(128 * K, 8, 128, 16), DecodeConfig(1024 * K, 8, 128, 8), DecodeConfig(128 * K, 1, 128, 8),
+                DecodeConfig(32 * K, 64, 128, 8)]
+    out = []
+    for n in (8 * K, 32 * K, 128 * K, 512 * K, 1024 * K):
+        for batch in (1, 8, 64):
+            if n * batch > MAX_TOKENS:
+                continue
+            for block in (32, 64, 128):
+                for top_k in (4, 8, 16):
+                    flex = batch == 8 and top_k == 8 and n in (32 * K, 512 * K)
+                    out.append(DecodeConfig(n, batch, block, top_k, flex=flex))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# counting
+
+
+def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: int, head_dim: int,
+                    itemsize: int = 2) -> dict:
+    """Bytes a step needs given the selection ``sel`` (batch, q_len, heads, top_k), all sequences of length N.
+
+    Block sums: :math:`\\lceil R/64\\rceil n_p d\\cdot 4` per (sequence, kv head), :math:`n_p = \\lfloor(N-1)/B
+    \\rfloor`; K and V: the union of the blocks the heads of a kv head selected (the own block with its real
+    tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
+    """
+    batch, q_len, heads, top_k = sel.shape
+    group = heads // kv_heads
+    rows = group * q_len
+    n_blocks = math.ceil(seq_len / block_size)
+    n_past = (seq_len - 1) // block_size
+    flat = sel.permute(0, 2, 1, 3).reshape(batch, kv_heads, rows * top_k).long()
+    hit = torch.zeros(batch, kv_heads, n_blocks + 1, dtype=torch.bool, device=sel.device)
+    hit.scatter_(2, torch.where(flat >= 0, flat, n_blocks), True)
+    hit = hit[..., :n_blocks]
+    tokens = torch.full((n_blocks,), block_size, dtype=torch.int64, device=sel.device)
+    tokens[-1] = seq_len - (n_blocks - 1) * block_size
+    kv_tokens = int((hit.to(torch.int64) * tokens).sum())
+    centroid = batch * kv_heads * math.ceil(rows / 64) * n_past * head_dim * 4
+    kv = 2 * kv_tokens * head_dim * itemsize
+    q_out = 2 * batch * q_len * heads * head_dim * itemsize + batch * q_len * heads * 4
+    return dict(centroid_bytes=centroid, kv_bytes=kv, q_out_bytes=q_out, bytes_needed=centroid + kv + q_out,
+                unique_blocks=float(hit.sum()) / (batch * kv_heads))
+
+
+def dense_bytes(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2) -> int:
+    return 2 * batch * kv_heads * seq_len * head_dim * itemsize + 2 * batch * heads * head_dim * itemsize
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def _events(reps, fn, flush):
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for a, b in zip(starts, ends, strict=True):
+        flush.zero_()  # evict L2 (outside the timed region)
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+
+
+def time_step(fn, reps: int, flush: torch.Tensor) -> tuple[float, str]:
+    """(median ms, "graph" | "eager"): ``fn`` captured in a CUDA graph and replayed, else called directly."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return _events(reps, graph.replay, flush), "graph"
+    except Exception as exc:  # a method that cannot be captured is timed as called
+        print(f"    (no CUDA graph: {type(exc).__name__}: {str(exc)[:100]}); timing eager calls", flush=True)
+        torch.cuda.synchronize()
+        return _events(reps, fn, flush), "eager"
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Measured device-to-device copy bandwidth, TB/s (read + write bytes over time)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+
+    for _ in range(3):
+        copy()
+    torch.cuda.synchronize()
+    ms = _events(reps, copy, torch.empty(0, device="cuda"))
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------------
+# one (context, batch) group
+
+
+def _dense_fns(q, k, v):
+    """Dense decode on the cache k, v (b, kv_heads, N, d): the G query heads of a kv head are packed as G query
+    rows of that head (q_len 1 needs no mask), so every backend reads K and V once, without GQA support."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    batch, _, heads, dim = q.shape
+    packed = q.reshape(batch, k.shape[1], heads // k.shape[1], dim)  # (b, kv_heads, G, d)
+
+    def make(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(packed, k, v)
+        return run
+
+    return {name: make(be) for name, be in names.items()}
+
+
+def _flex_fn(q, k, v, sel, block_size, seq_len):
+    """FlexAttention over mobalab's selection: the selected blocks as full blocks of a BlockMask (no mask_mod
+    evaluated inside them, unselected blocks skipped), with the matching mask_mod for every other path."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    batch, _, heads, top_k = sel.shape
+    n_blocks = math.ceil(seq_len / block_size)
+    blocks = sel[:, 0].long()  # (b, heads, top_k)
+    chosen = torch.zeros((batch, heads, n_blocks + 1), dtype=torch.bool, device=sel.device)
+    chosen.scatter_(2, torch.where(blocks >= 0, blocks, n_blocks), True)
+    chosen = chosen[..., :n_blocks].contiguous()
+    count = chosen.sum(-1, dtype=torch.int32).unsqueeze(-1)  # (b, heads, 1 query block)
+    # one row of kv block indices as wide as the number of kv blocks, the selected ones first (ascending)
+    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32).unsqueeze(2)
+    none = torch.zeros_like(count)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return chosen[b, h, kv_idx // block_size]
+
+    mask = BlockMask.from_kv_blocks(none, order, count, order, BLOCK_SIZE=(128, block_size), mask_mod=mask_mod,
+                                    seq_lengths=(1, seq_len))
+    flex = torch.compile(flex_attention, dynamic=False)
+    qt = q.transpose(1, 2)
+    return lambda: flex(qt, k, v, block_mask=mask, enable_gqa=True)
+
+
+def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbps: float, use_flex: bool) -> list:
+    """All configurations of one (context, batch): one prompt, one cache per block size, dense timed once."""
+    from mobalab.kernels import MobaKVCache
+
+    c0 = cfgs[0]
+    n, batch, heads, kvh, d = c0.seq_len, c0.batch, c0.heads, c0.kv_heads, c0.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(n + batch)
+    k = torch.randn((batch, n, kvh, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn((batch, n, kvh, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn((batch, 1, heads, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+    rows, dense = [], {}
+    for block in sorted({c.block_size for c in cfgs}):
+        cache = MobaKVCache(batch, kvh, d, block, n, dtype=torch.bfloat16, device="cuda")
+        cache.prefill(k, v)
+        if not dense:  # the whole cache, (b, kv_heads, N, d), same memory as mobalab reads
+            kc, vc = cache.k[:, :, :n], cache.v[:, :, :n]
+            for name, fn in _dense_fns(q, kc, vc).items():
+                try:
+                    dense[name], _ = time_step(fn, max(10, reps // 4), flush)
+                except Exception as exc:  # a backend that does not take this shape / GQA
+                    dense[name] = math.nan
+                    print(f"    sdpa {name}: not run ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
+        for cfg in (c for c in cfgs if c.block_size == block):
+            row = _measure(cfg, q, cache, dense, reps, flush, use_flex)
+            _derive(row, copy_tbps)
+            rows.append(row)
+            print({key: (round(x, 4) if isinstance(x, float) else x) for key, x in row.items()}, flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_flex: bool) -> dict:
+    """One configuration: mobalab's step (graph and eager), its routing alone, bytes from its selection, flex."""
+    from mobalab.kernels import decode_flops, moba_decode
+    from mobalab.kernels._cuda_decode import _sm_count, decode_cuda, run, step_launches
+
+    n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
+    scale = 1.0 / math.sqrt(d)
+    row = asdict(cfg)
+
+    def step():
+        return moba_decode(q, cache, cfg.top_k)
+
+    row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
+    row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
+    dev = torch.cuda.current_device()
+    _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev))
+
+    def route():
+        run(launches[0], dev)
+
+    row["routing_ms"], _ = time_step(route, reps, flush)
+    _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True)
+    row.update(selection_bytes(sel, n, block, kvh, d))
+    row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
+    row["useful_gflop"] = decode_flops(n, block, cfg.top_k, batch=batch, heads=heads, kv_heads=kvh,
+                                       head_dim=d)["total_flops"] / 1e9
+    for name in SDPA_BACKENDS:
+        row[f"sdpa_{name}_ms"] = dense.get(name, math.nan)
+    ok = {name: ms for name, ms in dense.items() if not math.isnan(ms)}
+    row["dense_best"] = min(ok, key=ok.get) if ok else ""
+    row["dense_best_ms"] = ok[row["dense_best"]] if ok else math.nan
+    row["flex_ms"] = math.nan
+    if cfg.flex and use_flex:
+        try:
+            flex = _flex_fn(q, cache.k[:, :, :n], cache.v[:, :, :n], sel, block, n)
+            row["flex_ms"], _ = time_step(flex, reps, flush)
+        except Exception as exc:  # FlexAttention is optional: say why it did not run
+            print(f"    flex attention: not run ({type(exc).__name__}: {str(exc)[:100]})", flush=True)
+    return row
+
+
+def _derive(row: dict, copy_tbps: float) -> None:
+    ms = row["mobalab_ms"]
+    row["speedup_vs_dense"] = row["dense_best_ms"] / ms
+    row["mobalab_tbps"] = row["bytes_needed"] / (ms * 1e-3) / 1e12
+    row["dense_tbps"] = row["dense_bytes"] / (row["dense_best_ms"] * 1e-3) / 1e12
+    row["copy_tbps"] = copy_tbps
+    row["roofline_fraction"] = row["mobalab_tbps"] / copy_tbps
+    row["dense_roofline_fraction"] = row["dense_tbps"] / copy_tbps
+    row["byte_ratio"] = row["dense_bytes"] / row["bytes_needed"]
+    row["attention_ms"] = ms - row["routing_ms"]
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "mobalab_ms", "routing_ms",
+           "attention_ms", "mobalab_eager_ms", "timing", "sdpa_flash_ms", "sdpa_cudnn_ms", "sdpa_efficient_ms",
+           "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense", "bytes_needed", "centroid_bytes", "kv_bytes",
+           "q_out_bytes", "unique_blocks", "dense_bytes", "byte_ratio", "mobalab_tbps", "dense_tbps", "copy_tbps",
+           "roofline_fraction", "dense_roofline_fraction", "useful_gflop"]
+
+
+def _fmt(x, nd=3) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // (1024 * K)}M" if n % (1024 * K) == 0 else f"{n // K}K" if n % K == 0 else str(n)
+
+
+def targets(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, goal, met) for the headline targets present in ``rows``."""
+    out = []
+    for n, goal in ((512 * K, 30.0), (32 * K, 3.0)):
+        for r in rows:
+            if (r["seq_len"], r["batch"], r["block_size"], r["top_k"]) == (n, 8, 128, 8):
+                x = r["speedup_vs_dense"]
+                out.append((f"{_tokens(n)} batch 8 B 128 k 8: speedup vs fastest dense SDPA ({r['dense_best']})", x,
+                            f">= {goal:g}x", not math.isnan(x) and x >= goal))
+    big = [r for r in rows if r["batch"] >= 8 and r["seq_len"] >= 128 * K]
+    if big:
+        worst = min(big, key=lambda r: r["roofline_fraction"])
+        out.append((f"HBM roofline at batch >= 8, N >= 128K (worst: {_tokens(worst['seq_len'])} b{worst['batch']} "
+                    f"B{worst['block_size']} k{worst['top_k']})", worst["roofline_fraction"], ">= 0.70",
+                    worst["roofline_fraction"] >= 0.70))
+    return out
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    head = ["N", "batch", "B", "k", "mobalab ms (routing)", "eager ms", "SDPA flash / cuDNN / efficient ms",
+            "flex ms", "x dense", "MB needed (sums + K/V)", "blocks/kv head", "TB/s", "roofline", "dense TB/s"]
+    copy = rows[0]["copy_tbps"] if rows else math.nan
+    lines = [f"MoBA decode step vs dense decode, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16, q_len 1 -- "
+             f"{env.get('cuda_device')}, {env.get('utc')}, commit {env.get('git_commit')}; measured copy bandwidth "
+             f"{_fmt(copy, 2)} TB/s (datasheet {DATASHEET_TBPS})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_tokens(r["seq_len"]), r["batch"], r["block_size"], r["top_k"],
+                 f"{_fmt(r['mobalab_ms'])} ({_fmt(r['routing_ms'])})", _fmt(r["mobalab_eager_ms"]),
+                 " / ".join(_fmt(r[f"sdpa_{n}_ms"]) for n in SDPA_BACKENDS), _fmt(r["flex_ms"]),
+                 _fmt(r["speedup_vs_dense"], 1),
+                 f"{r['bytes_needed'] / 1e6:.1f} ({r['centroid_bytes'] / 1e6:.1f} + {r['kv_bytes'] / 1e6:.1f})",
+                 _fmt(r["unique_blocks"], 1), _fmt(r["mobalab_tbps"], 2), f"{100 * r['roofline_fraction']:.0f}%",
+                 _fmt(r["dense_tbps"], 2)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "Targets:"]
+    for what, value, goal, met in targets(rows):
+        lines.append(f"- {what}: {_fmt(value, 2)} (goal {goal}) -> {'met' if met else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: str, rows: list[dict], env: dict) -> None:
+    with open(os.path.join(out_dir, "decode.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    with open(os.path.join(out_dir, "decode_env.json"), "w") as f:
+        json.dump(env, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "decode_table.md"), "w") as f:
+        f.write(markdown(rows, env))
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mobalab bench --decode", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the targets and a few more points (about two minutes)")
+    p.add_argument("--out", default=os.path.join("runs", "bench-decode"), help="output folder")
+    p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mobalab.kernels import gpu_available
+
+    if not gpu_available():
+        print("mobalab bench --decode: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); "
+              "none is usable here", file=sys.stderr)
+        return 2
+    if args.reps < 3:
+        print(f"mobalab bench --decode: --reps must be >= 3, got {args.reps}", file=sys.stderr)
+        return 2
+    from mobalab.bench.environment import environment
+
+    os.makedirs(args.out, exist_ok=True)
+    env = environment()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    env["copy_tbps"] = copy_tbps = copy_bandwidth()
+    env["datasheet_tbps"] = DATASHEET_TBPS
+    print(json.dumps(env, default=str), flush=True)
+    groups: dict[tuple[int, int], list[DecodeConfig]] = {}
+    for cfg in configs(args.quick):
+        groups.setdefault((cfg.seq_len, cfg.batch), []).append(cfg)
+    rows, failed = [], 0
+    for (n, batch), cfgs in groups.items():
+        print(f"N = {_tokens(n)}, batch {batch}: {len(cfgs)} configuration(s)", flush=True)
+        try:
+            rows += run_group(cfgs, args.reps, flush, copy_tbps, not args.no_flex)
+        except Exception as exc:  # keep the sweep going; say what failed
+            failed += 1
+            print(f"FAILED N={n} batch={batch}: {type(exc).__name__}: {exc}", flush=True)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        write_outputs(args.out, rows, env)  # after every group: a run cut short keeps its numbers
+    print(markdown(rows, env))
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

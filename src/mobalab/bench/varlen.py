@@ -1,0 +1,267 @@
+r"""Packed variable-length MoBA and MoBA inside a transformers model, timed on one GPU.
+
+``python -m mobalab.bench.varlen [--quick] [--out DIR]``. Two measurements, CUDA-event timed, median after
+warm-up, side by side in one process:
+
+1. **Varlen efficiency.** 16 sequences of mixed lengths (1K to 64K, 262144 tokens in all, :data:`MIXED_LENGTHS`)
+   through :func:`mobalab.kernels.moba_attention_varlen`, against the same token count as an equal-length
+   batch (16 x 16K) through :func:`mobalab.kernels.moba_attention`, and that equal-length batch packed
+   through the varlen path (separates the cost of packing from the cost of the length mix). 16 heads,
+   d 128, B 128, k 8, causal, bf16; forward + backward (``torch.autograd.grad``). Useful work counts the
+   routing and the selected tokens only, from the routing actually taken:
+
+   .. math::
+       F = 2 d h \sum_t n_{\mathrm{scored}}(t) + 3.5 \cdot 4 d h \sum_t |S_t| ,
+
+   (forward attention :math:`4 d |S_t|` per query and head, backward 2.5 times that; :math:`n_{\mathrm{scored}}`
+   = complete past blocks of the query's own sequence). The figure of merit is the varlen run's useful
+   TFLOP/s over the equal-length batch's (target: at least 0.9).
+2. **Model step.** A tiny Llama-style model (4 layers, 8 heads of d 128, MLP 2816, vocabulary 4096, bf16
+   weights, AdamW) built from a config in code: one training step (forward with loss, backward, optimizer
+   step) at 32K and 128K tokens (batch 1) with ``attn_implementation="moba"`` (B 128, k 8) against
+   ``"sdpa"``.
+
+Writes ``varlen_kernels.csv``, ``varlen_model.csv``, ``varlen.md`` and ``varlen_env.json`` under ``--out``.
+``--quick`` (a smoke run, under 2 minutes on an H200): fewer repetitions and the model at 32K only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+__all__ = ["main", "useful_flops", "MIXED_LENGTHS"]
+
+#: The mixed-length batch: 16 sequences, 1024 .. 65536 tokens, 262144 in all (some not multiples of 128).
+MIXED_LENGTHS = (5000, 65536, 1024, 12288, 43368, 2048, 20480, 7000, 32768, 3000, 16384, 8192, 24576, 4096, 10240,
+                 6144)
+HEADS, HEAD_DIM, BLOCK, TOP_K = 16, 128, 128, 8
+MODEL = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, head_dim=128, hidden_size=1024,
+             intermediate_size=2816, vocab_size=4096)
+MODEL_LENGTHS = (32768, 131072)  # training-step context lengths (--quick: the first)
+BWD_FACTOR = 2.5  # backward attention FLOPs per forward attention FLOP (five matmuls against two)
+
+
+# --------------------------------------------------------------------------------------------------
+# counting
+
+
+def useful_flops(topk, cu_seqlens, block_size: int, head_dim: int, causal: bool = True) -> dict:
+    r"""Useful FLOPs of MoBA over packed sequences, from the routing ``topk`` (total, heads, k; -1 = unused).
+
+    Routing :math:`2 d \sum_{t,h} n_{\mathrm{scored}}(t)` (complete past blocks of the sequence when causal,
+    all its blocks otherwise) and forward attention :math:`4 d \sum_{t,h} |S_{t,h}|`, :math:`|S_{t,h}|` the
+    keys query t of head h attends: its own block up to t plus every selected past block (causal), or the
+    selected blocks at their real length (non-causal). Returns ``{"routing": ..., "attention_fwd": ...}``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mobalab.kernels import moba_topk_varlen
+    >>> from mobalab.bench.varlen import useful_flops
+    >>> q = k = torch.ones(6, 1, 2)
+    >>> cu = torch.tensor([0, 6], dtype=torch.int32)
+    >>> useful_flops(moba_topk_varlen(q, k, cu, 6, 2, 8), cu, 2, 2)  # dense: 21 attended keys, 6 scored blocks
+    {'routing': 24, 'attention_fwd': 168}
+    """
+    topk = topk.long()
+    total, heads, _ = topk.shape
+    device = topk.device
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu.diff()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    t = torch.arange(total, device=device) - cu[seq]  # position inside the sequence
+    n_seq = lengths[seq]
+    valid = topk >= 0
+    if causal:
+        own = t % block_size + 1
+        attended = own.unsqueeze(1) + block_size * (valid.sum(-1) - 1)
+        scored = (t // block_size) * heads
+    else:
+        size = torch.clamp(n_seq.unsqueeze(1).unsqueeze(2) - topk * block_size, max=block_size)
+        attended = torch.where(valid, size, 0).sum(-1)
+        scored = ((n_seq + block_size - 1) // block_size) * heads
+    return {"routing": int(2 * head_dim * scored.sum()), "attention_fwd": int(4 * head_dim * attended.sum())}
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def _time_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
+    """Forward + backward of the mixed-length batch, the equal-length batch, and the equal one packed."""
+    from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk_varlen
+
+    total = sum(MIXED_LENGTHS)
+    n = len(MIXED_LENGTHS)
+    equal = total // n
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, dout = (torch.randn(total, HEADS, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+                     for _ in range(4))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    warmup, reps = (1, 3) if quick else (2, 10)
+    runs = {
+        "varlen, mixed lengths": (MIXED_LENGTHS, lambda q, k, v, cu, m: moba_attention_varlen(
+            q, k, v, cu, m, BLOCK, TOP_K)),
+        "varlen, equal lengths": ((equal,) * n, lambda q, k, v, cu, m: moba_attention_varlen(
+            q, k, v, cu, m, BLOCK, TOP_K)),
+        "batch, equal lengths": ((equal,) * n, lambda q, k, v, cu, m: moba_attention(
+            *(x.view(n, equal, HEADS, HEAD_DIM) for x in (q, k, v)), BLOCK, TOP_K).view(total, HEADS, HEAD_DIM)),
+    }
+    rows = []
+    for name, (lengths, attend) in runs.items():
+        cu, longest = _cu(lengths, "cuda"), max(lengths)
+        with torch.no_grad():
+            flops = useful_flops(moba_topk_varlen(q, k, cu, longest, BLOCK, TOP_K), cu, BLOCK, HEAD_DIM)
+
+        def step(attend=attend, cu=cu, longest=longest):
+            return torch.autograd.grad(attend(*leaves, cu, longest), leaves, dout)
+
+        def forward(attend=attend, cu=cu, longest=longest):
+            with torch.no_grad():
+                return attend(*leaves, cu, longest)
+
+        ms = _time_ms(step, warmup, reps)
+        fwd_ms = _time_ms(forward, warmup, reps)
+        useful = flops["routing"] + (1 + BWD_FACTOR) * flops["attention_fwd"]
+        rows.append(dict(run=name, sequences=n, tokens=total, shortest=min(lengths), longest=longest, heads=HEADS,
+                         head_dim=HEAD_DIM, block=BLOCK, top_k=TOP_K, fwd_ms=round(fwd_ms, 3),
+                         fwd_bwd_ms=round(ms, 3), useful_tflop=round(useful / 1e12, 4),
+                         useful_tflops=useful / ms / 1e9))
+    base = rows[-1]["useful_tflops"]
+    for row in rows:
+        row["vs_equal_batch"] = round(row["useful_tflops"] / base, 3)
+        row["useful_tflops"] = round(row["useful_tflops"], 2)
+    return rows
+
+
+def model_rows(quick: bool, seed: int = 0) -> list[dict]:
+    """Training-step time of the tiny Llama with MoBA and with SDPA at each context length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mobalab.integrations.transformers import register
+
+    register()
+    lengths = MODEL_LENGTHS[:1] if quick else MODEL_LENGTHS
+    warmup, reps = (1, 3) if quick else (2, 5)
+    rows = []
+    for seqlen in lengths:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        ids = torch.randint(0, MODEL["vocab_size"], (1, seqlen), device="cuda", generator=g)
+        for attn in ("moba", "sdpa"):
+            config = LlamaConfig(**MODEL, max_position_embeddings=seqlen, attn_implementation=attn,
+                                 moba_block_size=BLOCK, moba_top_k=TOP_K)
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, opt=opt, ids=ids):
+                model(ids, labels=ids, use_cache=False).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            ms = _time_ms(step, warmup, reps)
+            rows.append(dict(attention=attn, seqlen=seqlen, layers=MODEL["num_hidden_layers"],
+                             heads=MODEL["num_attention_heads"], head_dim=MODEL["head_dim"], step_ms=round(ms, 2),
+                             tokens_per_s=round(seqlen / ms * 1e3), peak_gb=round(torch.cuda.max_memory_allocated()
+                                                                                   / 1e9, 2)))
+            del model, opt
+            torch.cuda.empty_cache()
+        moba, sdpa = rows[-2], rows[-1]
+        moba["speedup_vs_sdpa"] = round(sdpa["step_ms"] / moba["step_ms"], 2)
+        sdpa["speedup_vs_sdpa"] = 1.0
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(kernels: list[dict], model: list[dict], env: dict) -> str:
+    """The report: environment line, the kernel table, the model table."""
+    head = (f"# Packed variable-length MoBA\n\n{env.get('cuda_device')} ({env.get('cuda_sms')} SMs), torch "
+            f"{env.get('torch')}, CUDA {env.get('cuda')}, commit {env.get('git_commit')}, {env.get('utc')}\n")
+    return (f"{head}\n## Forward + backward, {sum(MIXED_LENGTHS)} tokens, {HEADS} heads, d {HEAD_DIM}, B {BLOCK}, "
+            f"k {TOP_K}, causal, bf16\n\n{_table(kernels)}\n\n## Training step, tiny Llama "
+            f"({MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads, d {MODEL['head_dim']})"
+            f"\n\n{_table(model)}\n")
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark (needs a CUDA GPU, CuPy and transformers); returns the process exit status."""
+    p = argparse.ArgumentParser(prog="python -m mobalab.bench.varlen", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, the model at 32K only")
+    p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
+    args = p.parse_args(argv)
+    from mobalab.kernels import gpu_available
+
+    if not gpu_available():
+        print("mobalab.bench.varlen: needs a CUDA GPU with CuPy (pip install 'mobalab[gpu]')", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("transformers") is None:
+        print("mobalab.bench.varlen: needs transformers (pip install 'mobalab[hf]')", file=sys.stderr)
+        return 2
+    from .environment import environment
+
+    env = environment()
+    kernels = kernel_rows(args.quick)
+    print(_table(kernels), flush=True)
+    model = model_rows(args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    _write_csv(os.path.join(args.out, "varlen_kernels.csv"), kernels)
+    _write_csv(os.path.join(args.out, "varlen_model.csv"), model)
+    report = markdown(kernels, model, env)
+    with open(os.path.join(args.out, "varlen.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(args.out, "varlen_env.json"), "w") as f:
+        json.dump(env, f, indent=2)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The one input contract of every MoBA entry point: what q, k, v, routing indices and sizes may be.
+
+Layout is FlashAttention's (see docs/design.md, "MoBA semantics"): ``q`` is (batch, seqlen, heads, head_dim),
+``k`` and ``v`` are (batch, seqlen, kv_heads, head_dim) with ``heads % kv_heads == 0``, one sequence for
+queries and keys (self-attention). Two paths accept different sizes:
+
+* ``"reference"`` (torch, CPU or CUDA tensors): float16, bfloat16, float32, float64; any head_dim, any
+  block_size >= 1, any top_k >= 1;
+* ``"cuda"`` (the CuPy kernels): bfloat16 and float16, head_dim in :data:`CUDA_HEAD_DIMS`, block_size in
+  :data:`CUDA_BLOCK_SIZES`, top_k up to :data:`MAX_TOP_K`, CUDA tensors.
+
+Every entry point (the public dispatch, the reference, the CUDA wrappers, the custom ops) validates here,
+so one input gets one message wherever it enters: the function name, the argument, what was given and what
+is supported. Non-tensors raise TypeError; everything else ValueError. The CUDA wrappers call
+:func:`check_cuda_device` after every other check, so CPU tensors reach each message in tests without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_same_device",
+    "check_inputs",
+    "check_keys",
+    "check_cuda_device",
+    "check_block_size",
+    "check_top_k",
+    "check_positive_int",
+    "check_flag",
+    "check_softmax_scale",
+    "check_topk_indices",
+    "check_centroids",
+    "check_like",
+    "dtype_tag",
+    "compute_dtype",
+]
+
+PATHS = ("reference", "cuda")
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
+MAX_TOP_K = 64
+# grid.y / grid.z carry heads and batch; seqlen is a 32-bit int in every kernel signature
+CUDA_MAX_GRID_YZ = 65535
+CUDA_MAX_SEQLEN = 2**31 - 1
+
+# Kernel names spell fp16 differently per source file (the names are fixed by the .cu files); this table is
+# the one place that knows it.
+_DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_SHORT_FP16_SOURCES = ("attention.cu", "attention_bwd.cu")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d) for d in dtypes)
+
+
+def _type_name(x) -> str:
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def dtype_tag(dtype: torch.dtype, source: str) -> str:
+    """The dtype's tag in the kernel names of ``cuda/<source>``: "bf16"; "fp16" ("f16" in the attention files)."""
+    tag = _DTYPE_TAGS[dtype]
+    return "f16" if tag == "fp16" and source in _SHORT_FP16_SOURCES else tag
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference computes in float64 for float64 inputs and in float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensors
+
+
+def check_tensor(fn: str, name: str, x) -> None:
+    """``x`` is a torch.Tensor with data (not a numpy array, a list, or a meta tensor)."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (convert with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}{hint}")
+    if x.device.type == "meta":
+        raise ValueError(f"{fn}: {name} is a meta tensor (a shape without data); supported: CPU or CUDA tensors")
+
+
+def check_same_device(fn: str, named) -> None:
+    """All tensors of ``named`` (pairs of name and tensor) live on one device."""
+    devices = {name: str(x.device) for name, x in named}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{fn}: {', '.join(devices)} must be on one device, got {devices}")
+
+
+def _check_4d(fn: str, name: str, x, path: str) -> None:
+    check_tensor(fn, name, x)
+    shape = tuple(x.shape)
+    if len(shape) != 4:
+        raise ValueError(f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {shape}")
+    if any(s == 0 for s in shape):
+        raise ValueError(f"{fn}: {name} has an empty dimension, shape {shape}; "
+                         "batch, seqlen, heads and head_dim must all be >= 1")
+    supported = REFERENCE_DTYPES if path == "reference" else CUDA_DTYPES
+    if x.dtype not in supported:
+        raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported on the {path} path: {_names(supported)}")
+
+
+def _check_cuda_sizes(fn: str, x, path: str) -> None:
+    if path != "cuda":
+        return
+    batch, seqlen, heads, dim = x.shape
+    if dim not in CUDA_HEAD_DIMS:
+        raise ValueError(f"{fn}: head_dim {dim} is not supported; supported on the cuda path: {CUDA_HEAD_DIMS}")
+    if seqlen > CUDA_MAX_SEQLEN:
+        raise ValueError(f"{fn}: seqlen {seqlen} is not supported; supported on the cuda path: up to {CUDA_MAX_SEQLEN}")
+    if batch > CUDA_MAX_GRID_YZ or heads > CUDA_MAX_GRID_YZ:
+        raise ValueError(f"{fn}: batch {batch} and heads {heads} are not supported; supported on the cuda path: "
+                         f"each <= {CUDA_MAX_GRID_YZ}")
+
+
+def check_cuda_device(fn: str, x) -> None:
+    """The cuda path's last check: ``x`` (q, or k for the centroids) is a CUDA tensor."""
+    if x.device.type != "cuda":
+        raise ValueError(f"{fn}: inputs are on {x.device}; the cuda path needs CUDA tensors "
+                         "(CPU tensors run the reference)")
+
+
+def check_keys(fn: str, k, *, path: str) -> None:
+    """``k`` alone (for the centroids): a 4-D tensor of a supported dtype (and, on the cuda path, head dim)."""
+    _check_path(path)
+    _check_4d(fn, "k", k, path)
+    _check_cuda_sizes(fn, k, path)
+
+
+def check_inputs(fn: str, q, k, v=None, *, path: str) -> None:
+    """q, k (and v): tensors of one dtype on one device, shapes that agree, heads a multiple of kv heads.
+
+    ``path`` is "reference" or "cuda" and selects the supported dtypes, head dims and devices.
+    """
+    _check_path(path)
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, x in named:
+        _check_4d(fn, name, x, path)
+    dtypes = {name: x.dtype for name, x in named}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"{fn}: {', '.join(dtypes)} must share one dtype, got {dtypes}")
+    check_same_device(fn, named)
+    if v is not None and k.shape != v.shape:
+        raise ValueError(f"{fn}: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (bq, nq, hq, dq), (bk, nk, hk, dk) = q.shape, k.shape
+    if bq != bk:
+        raise ValueError(f"{fn}: batch differs, q has {bq} and k has {bk}; they must match")
+    if nq != nk:
+        raise ValueError(f"{fn}: seqlen differs, q has {nq} and k has {nk}; "
+                         "only self-attention (equal seqlen) is supported")
+    if dq != dk:
+        raise ValueError(f"{fn}: head_dim differs, q has {dq} and k has {dk}; they must match")
+    if hq % hk != 0:
+        raise ValueError(f"{fn}: q heads ({hq}) must be a multiple of kv heads ({hk}) (MHA, GQA or MQA)")
+    _check_cuda_sizes(fn, q, path)
+
+
+def check_like(fn: str, name: str, x, shape, dtypes=None, device=None) -> None:
+    """``x`` is a tensor of exactly ``shape`` (and, when given, one of ``dtypes`` on ``device``)."""
+    check_tensor(fn, name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {tuple(shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported: {_names(dtypes)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{fn}: {name} is on {x.device}; expected {device} like q")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sizes, flags, scale
+
+
+def check_positive_int(fn: str, name: str, value) -> int:
+    """An integer >= 1 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r} ({_type_name(value)})")
+    if value < 1:
+        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def check_block_size(fn: str, block_size, path: str) -> int:
+    """Any integer >= 1 on the reference path; one of :data:`CUDA_BLOCK_SIZES` on the cuda path."""
+    _check_path(path)
+    if path == "reference":
+        return check_positive_int(fn, "block_size", block_size)
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or (
+            int(block_size) not in CUDA_BLOCK_SIZES):
+        raise ValueError(f"{fn}: block_size={block_size!r} is not supported; supported on the cuda path: "
+                         f"{CUDA_BLOCK_SIZES}")
+    return int(block_size)
+
+
+def check_top_k(fn: str, top_k, path: str) -> int:
+    """Any integer >= 1 on the reference path; 1 .. :data:`MAX_TOP_K` on the cuda path."""
+    _check_path(path)
+    if path == "reference":
+        return check_positive_int(fn, "top_k", top_k)
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= int(top_k) <= MAX_TOP_K:
+        raise ValueError(f"{fn}: top_k={top_k!r} is not supported; supported on the cuda path: "
+                         f"integers 1..{MAX_TOP_K}")
+    return int(top_k)
+
+
+def check_flag(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_softmax_scale(fn: str, softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` as a float: :math:`1/\\sqrt{d}` for None, else a finite real number."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(
+            float(softmax_scale)):
+        raise ValueError(f"{fn}: softmax_scale must be a finite real number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing indices and centroids
+
+
+def check_topk_indices(fn: str, topk, q, top_k: int, name: str = "topk_indices") -> None:
+    """Routing indices: integer (batch, seqlen, heads, top_k) on q's device, -1 for an unused slot."""
+    want = tuple(q.shape[:3]) + (int(top_k),)
+    check_like(fn, name, topk, want, dtypes=(torch.int32, torch.int64))
+    if topk.device != q.device:
+        raise ValueError(f"{fn}: {name} is on {topk.device}, q on {q.device}; they must match")
+
+
+def check_centroids(fn: str, centroids, k, block_size: int) -> None:
+    """Given centroids: float32 (batch, n_blocks, kv_heads, head_dim) on k's device."""
+    batch, seqlen, kv_heads, dim = k.shape
+    want = (batch, math.ceil(seqlen / block_size), kv_heads, dim)
+    check_tensor(fn, "centroids", centroids)
+    if tuple(centroids.shape) != want:
+        raise ValueError(f"{fn}: centroids have shape {tuple(centroids.shape)}; expected {want} "
+                         "(batch, n_blocks, kv_heads, head_dim)")
+    if centroids.dtype != torch.float32:
+        raise ValueError(f"{fn}: centroids have dtype {centroids.dtype}; supported: torch.float32")
+    if centroids.device != k.device:
+        raise ValueError(f"{fn}: centroids are on {centroids.device} and k on {k.device}; they must match")

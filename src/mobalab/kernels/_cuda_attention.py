@@ -1,0 +1,309 @@
+r"""MoBA attention forward on the GPU (cuda/attention.cu), organised key-block-major so that tensor-core tiles
+are full (see docs/design.md, "Forward").
+
+For every (batch, query head, query t) the router picked ``top_k`` key blocks (slot ``s`` holds block
+:math:`j_{t,s}`, -1 when unused). FlashMoBA walks query blocks and gathers, per (query block, key block),
+the few queries that chose that key block: at long context with near-random routing those tiles are mostly
+empty. Here the selection is inverted instead: for each (kv head, key block j) the list of every
+(query, head, slot) row that selected j, in ascending (head, query) order, is cut into tiles of 64 rows;
+a CTA gathers a tile's query vectors into a dense Q tile and runs flash-style online softmax over the
+block's keys on tensor cores (mma.sync m16n8k16, fp32 accumulation), emitting per row the partial
+
+.. math::
+    m = \max_i x_i,\quad l = \sum_i 2^{x_i - m},\quad o = \frac{1}{l}\sum_i 2^{x_i - m} v_i,
+    \qquad x_i = \sigma \log_2(e)\, q_t\cdot k_i ,
+
+over the block's keys :math:`i` (token-causal, :math:`i \le t`, in causal mode; the mask only bites in
+the own block). A merge kernel then combines each query's slots in slot order:
+
+.. math::
+    M = \max_s m_s,\quad w_s = l_s 2^{m_s - M},\quad
+    o_t = \frac{\sum_s w_s o_s}{\sum_s w_s},\quad
+    \mathrm{lse}_t = \ln 2\,\big(M + \log_2 \textstyle\sum_s w_s\big).
+
+Two tile kernels (``variant``): *resident* (a CTA takes up to 4 tiles of one key block, loads the block's K
+and V into shared memory once and gathers the next tile's queries while computing the current one; used when
+K and V of a block fit in 64 KB, i.e. B <= 128 at d = 128 and B <= 256 at d = 64) and *streaming* (one
+tile per CTA, K/V streamed in double-buffered 64-key sub-tiles; large blocks). ``"auto"`` picks resident when
+it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call.
+
+Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order), every
+partial is written by exactly one CTA, and the merge order is fixed, so two runs are bit-identical.
+
+Memory: partials cost ``head_dim * 4 + 8`` bytes per (query, head, slot). The work is cut into chunks
+(one batch row, a group of kv heads with their query heads, a query range) whose scratch fits a byte
+budget, and each chunk's query range stays long enough that lists fill tiles. Everything runs on torch's
+current stream with torch-allocated memory and no host synchronisation. What each kernel receives is decided
+by the plan functions (``*_launch``), plain Python that CI checks against the CUDA signatures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _contract as C
+from ._cuda_routing import moba_topk_cuda
+from ._launch import Launch, kernel_ready, launch
+
+__all__ = ["moba_attention_cuda"]
+
+SOURCE = "attention.cu"
+ROWS = 64  # rows per tile (MOBA_ROWS in attention.cuh)
+TILES_PER_UNIT = 4  # tiles per CTA of the resident kernel (MOBA_TPC in attention.cuh)
+RESIDENT_MAX_KV_BYTES = 64 << 10  # K + V of one block at most this large: the resident kernel is used
+FWD_THREADS = 128
+MERGE_THREADS = 256
+INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
+SEGMENT_THREADS = 512  # moba_attn_segments
+MAX_INDEX_CTAS = 4096
+LOG2E = 1.4426950408889634
+VARIANTS = ("auto", "resident", "streaming")
+VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
+_MIN_BUDGET = 512 << 20
+_MAX_BUDGET = 768 << 20
+_BUDGET_FRACTION = 0.04  # of the bytes of q, k, v and out
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Work unit: batch row ``batch_index``, query heads ``h0 .. h0+n_heads``, queries ``t0 .. t0+n_q``."""
+
+    batch_index: int
+    h0: int
+    n_heads: int
+    t0: int
+    n_q: int
+
+
+# --------------------------------------------------------------------------------------------------
+# sizes and plans (pure)
+
+
+def bytes_per_pair(head_dim: int) -> int:
+    """Scratch per (query, head, slot): fp32 partial o, (m, l), segment key, sorted key, sort index, temp."""
+    return head_dim * 4 + 8 + 4 + 4 + 8 + 16
+
+
+def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
+                           elem_bytes: int = 2) -> int:
+    """Scratch budget: 4% of the q, k, v and out bytes, clamped to [512 MiB, 768 MiB]."""
+    io = batch * seqlen * (2 * heads + 2 * kv_heads) * head_dim * elem_bytes
+    return int(min(_MAX_BUDGET, max(_MIN_BUDGET, _BUDGET_FRACTION * io)))
+
+
+def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, top_k: int,
+                budget_bytes: int) -> list[Chunk]:
+    """Split (batch, heads, queries) into chunks whose scratch fits ``budget_bytes``.
+
+    A chunk holds whole kv groups (so every tile shares one kv head) and, when a full sequence does not
+    fit, one kv group and an even share of the queries (long ranges keep tiles full).
+    """
+    group = heads // kv_heads
+    per_query = group * top_k * bytes_per_pair(head_dim)  # one query position of one kv group
+    max_q = max(1, budget_bytes // per_query)
+    chunks = []
+    if max_q >= seqlen:
+        kv_per_chunk = max(1, min(kv_heads, max_q // seqlen))
+        for b in range(batch):
+            for g0 in range(0, kv_heads, kv_per_chunk):
+                n_kv = min(kv_per_chunk, kv_heads - g0)
+                chunks.append(Chunk(b, g0 * group, n_kv * group, 0, seqlen))
+    else:
+        n_t = math.ceil(seqlen / max_q)
+        n_q = math.ceil(seqlen / n_t)
+        for b in range(batch):
+            for g0 in range(kv_heads):
+                for t0 in range(0, seqlen, n_q):
+                    chunks.append(Chunk(b, g0 * group, group, t0, min(n_q, seqlen - t0)))
+    return chunks
+
+
+def resolve_variant(variant: str | None) -> str:
+    """The tile-kernel choice: ``variant``, or the ``MOBALAB_ATTN_VARIANT`` environment variable (default
+    "auto") when None."""
+    if variant is None:
+        variant = os.environ.get(VARIANT_ENV, "auto")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS} (or None: ${VARIANT_ENV}, default 'auto'), "
+                         f"got {variant!r}")
+    return variant
+
+
+def key_tile(block_size: int) -> int:
+    """Keys per inner step: the whole block when it is small, else 64 (every supported B is a multiple)."""
+    return min(block_size, 64)
+
+
+def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool:
+    """Whether the resident tile kernel runs: the block's K and V fit in shared memory (or it is forced)."""
+    variant = resolve_variant(variant)
+    fits = 2 * block_size * head_dim * 2 <= RESIDENT_MAX_KV_BYTES
+    return fits if variant == "auto" else (variant == "resident" and fits)
+
+
+def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) -> int:
+    """Rows one CTA of the tile kernel handles: a tile, or a resident unit of TILES_PER_UNIT tiles."""
+    return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
+
+
+def kernel_names(dtype: torch.dtype, head_dim: int, block_size: int,
+                 variant: str | None = None) -> tuple[str, str]:
+    """(forward tile kernel, merge kernel) names of the variant for these inputs."""
+    tag = C.dtype_tag(dtype, SOURCE)
+    kind = "res" if resident(head_dim, block_size, variant) else "fwd"
+    fwd = f"moba_attn_{kind}_{tag}_d{head_dim}_kt{key_tile(block_size)}"
+    return fwd, f"moba_attn_merge_{tag}_d{head_dim}"
+
+
+def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -> int:
+    """Dynamic shared memory of the tile kernel.
+
+    Streaming: a Q tile + double-buffered K and V sub-tiles. Resident: the block's K and V + two Q tiles.
+    """
+    if resident(head_dim, block_size, variant):
+        return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
+    return ROWS * head_dim * 2 + 4 * key_tile(block_size) * head_dim * 2
+
+
+def fwd_grid(n_pairs: int, n_seg: int, rows: int = ROWS) -> int:
+    """Upper bound on the CTAs (units of ``rows`` rows) of a chunk: each non-empty segment wastes < 1 unit."""
+    return max(1, math.ceil(n_pairs / rows) + min(n_seg, n_pairs))
+
+
+# --------------------------------------------------------------------------------------------------
+# launch plans (pure: the CPU tests pass them through _launch.check_args)
+
+
+def keys_launch(topk, keys, seqlen, heads, top_k, n_blocks, chunk: Chunk, group) -> Launch:
+    """Segment key of every (head, query, slot) pair of the chunk: (kv head in chunk) * n_blocks + block."""
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    args = (topk, keys, np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks),
+            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0),
+            np.int32(chunk.n_q), np.int32(group))
+    return Launch(SOURCE, "moba_attn_keys", (min(MAX_INDEX_CTAS, math.ceil(n_pairs / INDEX_THREADS)),),
+                  (INDEX_THREADS,), args)
+
+
+def bounds_launch(sorted_keys, n_pairs, n_seg, seg_off) -> Launch:
+    """Segment offsets from the sorted keys."""
+    args = (sorted_keys, np.int64(n_pairs), np.int32(n_seg), seg_off)
+    return Launch(SOURCE, "moba_attn_bounds", (min(MAX_INDEX_CTAS, math.ceil((n_pairs + 1) / INDEX_THREADS)),),
+                  (INDEX_THREADS,), args)
+
+
+def segments_launch(seg_off, n_seg, rows_per_unit, tile_cum) -> Launch:
+    """Cumulative work units per segment (one CTA)."""
+    args = (seg_off, np.int32(n_seg), np.int32(rows_per_unit), tile_cum)
+    return Launch(SOURCE, "moba_attn_segments", (1,), (SEGMENT_THREADS,), args)
+
+
+def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seqlen, heads, kv_heads, top_k,
+               block_size, n_blocks, chunk: Chunk, n_pairs, n_seg, causal, scale_log2, rows_per_unit,
+               smem) -> Launch:
+    """The tile kernel ``name`` over the chunk's segments: partial (o, m, l) per (query, head, slot)."""
+    args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, np.int32(seqlen), np.int32(heads),
+            np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
+            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
+            np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
+    return Launch(SOURCE, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (FWD_THREADS,), args,
+                  shared_mem=smem)
+
+
+def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k, n_blocks, chunk: Chunk,
+                 write_lse) -> Launch:
+    """Merge of each (query, head)'s slot partials into out (and lse), one warp per row."""
+    args = (part_o, part_ml, topk, out, lse, np.int32(seqlen), np.int32(heads), np.int32(top_k),
+            np.int32(n_blocks), np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads),
+            np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(1 if write_lse else 0))
+    warps = chunk.n_heads * chunk.n_q
+    return Launch(SOURCE, name, (math.ceil(warps / (MERGE_THREADS // 32)),), (MERGE_THREADS,), args)
+
+
+# --------------------------------------------------------------------------------------------------
+# the wrapper
+
+
+def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
+                        return_lse: bool = False, topk_indices=None, *, variant: str | None = None,
+                        scratch_budget_bytes: int | None = None):
+    """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
+
+    ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in {64, 128};
+    ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
+    (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
+    ("auto", "resident", "streaming"; None: ``$MOBALAB_ATTN_VARIANT``, default "auto");
+    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`default_scratch_budget`). Returns
+    ``out`` in q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
+    """
+    fn = "moba_attention_cuda"
+    C.check_inputs(fn, q, k, v, path="cuda")
+    block_size = C.check_block_size(fn, block_size, "cuda")
+    top_k = C.check_top_k(fn, top_k, "cuda")
+    causal = C.check_flag(fn, "causal", causal)
+    return_lse = C.check_flag(fn, "return_lse", return_lse)
+    scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
+    if topk_indices is not None:
+        C.check_topk_indices(fn, topk_indices, q, top_k)
+    variant = resolve_variant(variant)
+    if scratch_budget_bytes is not None:
+        scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
+    C.check_cuda_device(fn, q)
+    with torch.cuda.device(q.device):
+        return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
+                        scratch_budget_bytes)
+
+
+def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget):
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
+    batch, seqlen, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    n_blocks = math.ceil(seqlen / block_size)
+    if topk_indices is None:
+        topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal)
+    else:
+        topk = topk_indices
+    topk = topk.to(torch.int32).contiguous()
+
+    device = q.device
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, seqlen, heads) if return_lse else (1,), dtype=torch.float32, device=device)
+
+    if budget is None:
+        budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
+    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget)
+    max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
+    max_seg = max(c.n_heads // group for c in chunks) * n_blocks
+    part_o = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
+    part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
+    keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
+    seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+    tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+
+    fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
+    smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
+    unit_rows = rows_per_unit(dim, block_size, variant)
+    scale_log2 = scale * LOG2E
+    for c in chunks:
+        n_pairs = c.n_heads * c.n_q * top_k
+        n_seg = (c.n_heads // group) * n_blocks
+        keys_c = keys[:n_pairs]
+        launch(keys_launch(topk, keys_c, seqlen, heads, top_k, n_blocks, c, group))
+        # Stable: equal segment keys keep their (head, query, slot) order, so the lists are deterministic.
+        sorted_keys, pairs = torch.sort(keys_c, stable=True)
+        launch(bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
+        launch(segments_launch(seg_off, n_seg, unit_rows, tile_cum))
+        launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
+                          kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
+                          n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
+                          rows_per_unit=unit_rows, smem=smem))
+        launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
+                            n_blocks=n_blocks, chunk=c, write_lse=return_lse))
+    if return_lse:
+        return out, lse
+    return out

@@ -1,0 +1,230 @@
+r"""MoBA attention backward on the GPU (cuda/attention_bwd.cu), with recomputation and no N x N or N x n buffer.
+
+The equations of :func:`mobalab.kernels.reference.moba_attention_backward` (see docs/design.md, "Backward"):
+
+.. math::
+    D_t = \textstyle\sum_c dO_{t,c}\, O_{t,c} - d\mathrm{lse}_t, \qquad
+    P = e^{\sigma q k^\top - \mathrm{lse}}, \qquad dV_j \mathrel{+}= P^\top dO, \qquad
+    dS = P \circ (dO\, V_j^\top - D), \qquad dK_j \mathrel{+}= \sigma\, dS^\top Q, \qquad
+    dQ \mathrel{+}= \sigma\, dS\, K_j ,
+
+per (kv head, 64-key sub-tile of key block j) over the (query, head) rows that selected j, gathered in
+tiles of 64 (so tensor-core tiles are full), with the forward's key-block lists (cuda/attention.cu's index
+kernels); GQA sums dK/dV over the query heads of a kv head because one kv head's rows come from all of its
+query heads. Routing is hard: no gradient reaches centroids or scores.
+
+Determinism. ``deterministic=False`` (default) adds each tile's dQ contribution to an fp32
+(batch, seqlen, heads, d) accumulator with float atomics: the order of additions, hence the last bits of
+dQ, can change from run to run (dK and dV are always bit-reproducible: each element has one writer).
+``deterministic=True`` writes per-(query, head, slot) fp32 partials instead (key sub-tiles of one block in
+separate launches, in order) and a merge sums the slots in slot order: bit-identical gradients run to run,
+at the cost of ``4 d`` bytes of scratch per (query, head, slot) (bounded by chunking), extra traffic and
+less overlap (the sub-tile launches of a block run one after another, so a very long key-block list is
+waited for once per sub-tile): on the benchmark the deterministic fwd+bwd took 1.5x (d = 64) to 5x
+(clustered routing, B = 128) the default's time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _contract as C
+from . import _cuda_attention as A
+from ._launch import Launch, kernel_ready, launch
+
+__all__ = ["moba_attention_backward_cuda"]
+
+SOURCE = "attention_bwd.cu"
+ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
+KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
+BWD_THREADS = 128
+ROW_THREADS = 256
+ROW_INFO_BYTES = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# sizes and plans (pure)
+
+
+def n_key_subtiles(block_size: int) -> int:
+    """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one)."""
+    return max(1, math.ceil(block_size / KEYS))
+
+
+def bwd_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records."""
+    return 6 * ROWS * head_dim * 2 + KEYS * ROWS * 2 + 3 * ROWS * ROW_INFO_BYTES
+
+
+def bwd_bytes_per_pair(head_dim: int, deterministic: bool) -> int:
+    """Scratch per (query, head, slot): segment key, sort output and temp, row record (+ fp32 dQ partial)."""
+    return 64 + (4 * head_dim if deterministic else 0)
+
+
+def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, budget_bytes=None):
+    """Chunks for the backward: the forward's planner with the backward's scratch per pair."""
+    if budget_bytes is None:
+        budget_bytes = A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim)
+    # plan_chunks sizes with the forward's bytes per pair; rescale the budget to the backward's.
+    scaled = int(budget_bytes * A.bytes_per_pair(head_dim) / bwd_bytes_per_pair(head_dim, deterministic))
+    return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled))
+
+
+def bwd_kernel_names(dtype: torch.dtype, head_dim: int) -> tuple[str, str, str]:
+    """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs."""
+    tag = C.dtype_tag(dtype, SOURCE)
+    return (f"moba_bwd_delta_{tag}_d{head_dim}", f"moba_bwd_{tag}_d{head_dim}",
+            f"moba_bwd_dq_merge_{tag}_d{head_dim}")
+
+
+def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
+    """0: the chunk covers whole sequences (dK/dV written once, in the input dtype); else fp32 store/add."""
+    if chunk.t0 == 0 and chunk.n_q == seqlen:
+        return 0
+    return 1 if chunk.t0 == 0 else 2
+
+
+# --------------------------------------------------------------------------------------------------
+# launch plans (pure: the CPU tests pass them through _launch.check_args)
+
+
+def delta_launch(name, out, dout, delta, n_rows) -> Launch:
+    """D = rowsum(dO * O) per (query, head), one warp per row."""
+    return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
+                  (out, dout, delta, np.int64(n_rows)))
+
+
+def rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
+                chunk: A.Chunk) -> Launch:
+    """Row records (query offset, lse, D) of every listed pair."""
+    args = (pairs, sorted_keys, lse, delta, rows, np.int64(n_pairs), np.int32(n_seg), np.int32(seqlen),
+            np.int32(heads), np.int32(top_k), np.int32(chunk.batch_index), np.int32(chunk.h0),
+            np.int32(chunk.n_q), np.int32(chunk.t0))
+    return Launch(SOURCE, "moba_bwd_rows", (min(A.MAX_INDEX_CTAS, math.ceil(n_pairs / ROW_THREADS)),),
+                  (ROW_THREADS,), args)
+
+
+def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, *, seqlen,
+               heads, kv_heads, block_size, n_blocks, chunk: A.Chunk, n_seg, causal, scale, sub0, n_sub_launch,
+               dq_mode, dkv_mode, smem) -> Launch:
+    """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch."""
+    args = (q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, np.int32(seqlen),
+            np.int32(heads), np.int32(kv_heads), np.int32(block_size), np.int32(n_blocks),
+            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(n_seg), np.int32(1 if causal else 0),
+            np.float32(scale), np.float32(scale * A.LOG2E), np.int32(sub0), np.int32(n_sub_launch),
+            np.int32(dq_mode), np.int32(dkv_mode))
+    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (BWD_THREADS,), args, shared_mem=smem)
+
+
+def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
+    """Deterministic dQ: sum of each (query, head)'s slot partials in slot order, one warp per row."""
+    args = (part_dq, topk, dq, np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks),
+            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0),
+            np.int32(chunk.n_q))
+    warps = chunk.n_heads * chunk.n_q
+    return Launch(SOURCE, name, (math.ceil(warps / (ROW_THREADS // 32)),), (ROW_THREADS,), args)
+
+
+# --------------------------------------------------------------------------------------------------
+# the wrapper
+
+
+def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool,
+                                 scale: float, deterministic: bool = False, dlse=None, *,
+                                 scratch_budget_bytes: int | None = None):
+    """dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
+
+    Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
+    is the gradient w.r.t. the returned LSE, or None. ``scratch_budget_bytes`` bounds the per-chunk scratch
+    (None: the forward's default budget). Gradients come back in the input dtype.
+    """
+    fn = "moba_attention_backward_cuda"
+    C.check_inputs(fn, q, k, v, path="cuda")
+    block_size = C.check_block_size(fn, block_size, "cuda")
+    top_k = C.check_top_k(fn, top_k, "cuda")
+    causal = C.check_flag(fn, "causal", causal)
+    deterministic = C.check_flag(fn, "deterministic", deterministic)
+    scale = C.check_softmax_scale(fn, scale, q.shape[-1])
+    C.check_like(fn, "dout", dout, q.shape, device=q.device)
+    C.check_like(fn, "out", out, q.shape, dtypes=(q.dtype,), device=q.device)
+    C.check_like(fn, "lse", lse, q.shape[:3], device=q.device)
+    if dlse is not None:
+        C.check_like(fn, "dlse", dlse, q.shape[:3], device=q.device)
+    C.check_topk_indices(fn, topk, q, top_k, name="topk")
+    if scratch_budget_bytes is not None:
+        scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
+    C.check_cuda_device(fn, q)
+    with torch.cuda.device(q.device):
+        return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
+                         scratch_budget_bytes)
+
+
+def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget):
+    q, k, v, out, dout = (kernel_ready(x) for x in (q, k, v, out, dout.to(q.dtype)))
+    lse = lse.float().contiguous()
+    topk = topk.to(torch.int32).contiguous()
+    batch, seqlen, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    n_blocks = math.ceil(seqlen / block_size)
+    device = q.device
+    delta_name, main_name, merge_name = bwd_kernel_names(q.dtype, dim)
+
+    n_rows = batch * seqlen * heads
+    delta = torch.empty(n_rows, dtype=torch.float32, device=device)
+    launch(delta_launch(delta_name, out, dout, delta, n_rows))
+    if dlse is not None:
+        delta.sub_(dlse.float().reshape(-1))
+
+    chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
+    max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
+    max_seg = max(c.n_heads // group for c in chunks) * n_blocks
+    keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
+    rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
+    seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    split = any(dkv_mode(c, seqlen) != 0 for c in chunks)
+    if split:
+        dk_acc = torch.empty(k.shape, dtype=torch.float32, device=device)
+        dv_acc = torch.empty(v.shape, dtype=torch.float32, device=device)
+    else:
+        dk_acc, dv_acc = dk, dv  # unused by the kernel (dkv_mode 0)
+    if deterministic:
+        dq = torch.empty_like(q)
+        part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
+        dq_acc = part_dq  # unused (dq_mode 1/2)
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+        part_dq = dq_acc  # unused (dq_mode 0)
+
+    smem = bwd_smem_bytes(dim)
+    n_sub = n_key_subtiles(block_size)
+    for c in chunks:
+        n_pairs = c.n_heads * c.n_q * top_k
+        n_seg = (c.n_heads // group) * n_blocks
+        keys_c = keys[:n_pairs]
+        launch(A.keys_launch(topk, keys_c, seqlen, heads, top_k, n_blocks, c, group))
+        sorted_keys, pairs = torch.sort(keys_c, stable=True)  # the forward's (deterministic) lists
+        launch(A.bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
+        launch(rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
+                           top_k=top_k, chunk=c))
+        common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
+                      chunk=c, n_seg=n_seg, causal=causal, scale=scale, dkv_mode=dkv_mode(c, seqlen), smem=smem)
+        if deterministic:
+            for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add
+                launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,
+                                  dv_acc, sub0=sub, n_sub_launch=1, dq_mode=1 if sub == 0 else 2, **common))
+            launch(dq_merge_launch(merge_name, part_dq, topk, dq, seqlen=seqlen, heads=heads, top_k=top_k,
+                                   n_blocks=n_blocks, chunk=c))
+        else:
+            launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,
+                              dv_acc, sub0=0, n_sub_launch=n_sub, dq_mode=0, **common))
+    if not deterministic:
+        dq = dq_acc.to(q.dtype)
+    if split:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
+    return dq, dk, dv

@@ -1,0 +1,157 @@
+r"""MoBA routing on the GPU: block centroids and the fused per-query top-k (cuda/centroids.cu, cuda/topk.cu).
+
+Same contract as :func:`mobalab.kernels.reference.moba_centroids` / :func:`~mobalab.kernels.reference.moba_topk`:
+
+.. math::
+    \bar k_j = \frac{1}{|j|}\sum_{i \in j} k_i \ (\text{fp32}), \qquad s_{t,j} = \langle q_t, \bar k_j\rangle,
+
+causal: slot 0 = own block :math:`\lfloor t/B \rfloor`, then the best :math:`k-1` complete past blocks;
+non-causal: the best :math:`k` of all :math:`n = \lceil N/B \rceil` blocks; ranked by (score, block index)
+descending, ``-1`` in unused slots (see docs/design.md, "Routing").
+
+The score is computed on tensor cores as :math:`q\cdot c_{hi} + q\cdot c_{lo}` with the fp32 centroid split
+into two values of the input dtype (:math:`c_{hi} = T(c)`, :math:`c_{lo} = T(c - c_{hi})`), which is the fp32
+score to about :math:`2^{-16}` relative error: indices can differ from the reference only at near-ties.
+
+What a kernel receives (grid, block, arguments, shared memory) is decided by the plan functions
+(:func:`centroid_launch`, :func:`split_launch`, :func:`topk_launch`), plain Python that CI checks against the
+CUDA signatures without a GPU; :func:`mobalab.kernels._launch.launch` runs them. Memory comes from torch's
+caching allocator; kernels run on torch's current stream; nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _contract as C
+from ._launch import Launch, kernel_ready, launch
+
+__all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
+
+# Must match the #defines in cuda/centroids.cu and cuda/topk.cu.
+CENTROID_THREADS = 128
+TOPK_BM = 128  # query rows per CTA
+TOPK_BN = 64  # centroids per streamed tile
+TOPK_THREADS = 128
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch plans (pure: argument tuples with the exact C scalar types)
+
+
+def _ptr(t):
+    """A tensor passes as itself (check_args takes its data_ptr); a missing optional buffer as NULL."""
+    return 0 if t is None else t
+
+
+def centroid_launch(k: torch.Tensor, cent: torch.Tensor, hi: torch.Tensor | None, lo: torch.Tensor | None,
+                    block_size: int) -> Launch:
+    """Centroid kernel over k (b, N, g, d) into cent (b, n, g, d) fp32 and, when given, hi/lo (b, g, n, d)."""
+    batch, seqlen, kv_heads, dim = k.shape
+    n_blocks = math.ceil(seqlen / block_size)
+    name = f"moba_centroids_{C.dtype_tag(k.dtype, 'centroids.cu')}_d{dim}"
+    args = (k, cent, _ptr(hi), _ptr(lo), np.int32(seqlen), np.int32(n_blocks), np.int32(kv_heads),
+            np.int32(block_size))
+    return Launch("centroids.cu", name, (n_blocks, kv_heads, batch), (CENTROID_THREADS, 1, 1), args)
+
+
+def split_launch(cent: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> Launch:
+    """Split given fp32 centroids (b, n, g, d) into hi/lo (b, g, n, d) of hi's dtype."""
+    batch, n_blocks, kv_heads, dim = cent.shape
+    name = f"moba_split_centroids_{C.dtype_tag(hi.dtype, 'centroids.cu')}"
+    args = (cent, hi, lo, np.int32(n_blocks), np.int32(kv_heads), np.int32(dim))
+    return Launch("centroids.cu", name, (n_blocks, kv_heads, batch), (dim, 1, 1), args)
+
+
+def topk_list_tier(top_k: int, causal: bool) -> int:
+    """Kernel tier by list length (top_k - 1 causal, top_k otherwise): 8 and 16 keep the per-row lists in
+    registers, 64 in a shared-memory heap."""
+    list_cap = top_k - 1 if causal else top_k
+    return 8 if list_cap <= 8 else 16 if list_cap <= 16 else 64
+
+
+def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> int:
+    """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps."""
+    list_cap = top_k - 1 if causal else top_k
+    lists = list_cap * TOPK_BM * 8 if topk_list_tier(top_k, causal) == 64 else 0
+    return (TOPK_BM * dim + 2 * TOPK_BN * dim) * itemsize + TOPK_BM * TOPK_BN * 4 + lists
+
+
+def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
+                top_k: int, causal: bool) -> Launch:
+    """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k)."""
+    batch, seqlen, heads, dim = q.shape
+    kv_heads, n_blocks = hi.shape[1], hi.shape[2]
+    tier = topk_list_tier(top_k, causal)
+    name = (f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{'causal' if causal else 'full'}"
+            f"_k{tier}")
+    args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
+            np.int32(n_blocks), np.int32(top_k))
+    grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
+    return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
+                  shared_mem=topk_shared_bytes(dim, top_k, causal))
+
+
+# ---------------------------------------------------------------------------------------------------
+# running
+
+
+def moba_centroids_cuda(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-block mean of the keys in fp32: (batch, n_blocks, kv_heads, head_dim), n_blocks = ceil(N / B)."""
+    fn = "moba_centroids_cuda"
+    C.check_keys(fn, k, path="cuda")
+    block_size = C.check_block_size(fn, block_size, "cuda")
+    C.check_cuda_device(fn, k)
+    k = kernel_ready(k)
+    batch, seqlen, kv_heads, dim = k.shape
+    n_blocks = math.ceil(seqlen / block_size)
+    with torch.cuda.device(k.device):
+        cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=k.device)
+        launch(centroid_launch(k, cent, None, None, block_size))
+    return cent
+
+
+def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True,
+                   centroids: torch.Tensor | None = None) -> torch.Tensor:
+    """Selected key blocks per query, int32 (batch, seqlen, heads, top_k); the reference's contract.
+
+    ``centroids`` (fp32, (batch, n_blocks, kv_heads, head_dim), e.g. from :func:`moba_centroids_cuda`)
+    skips the centroid pass; they are then split into hi/lo halves of q's dtype.
+    """
+    fn = "moba_topk_cuda"
+    C.check_inputs(fn, q, k, path="cuda")
+    block_size = C.check_block_size(fn, block_size, "cuda")
+    top_k = C.check_top_k(fn, top_k, "cuda")
+    causal = C.check_flag(fn, "causal", causal)
+    if centroids is not None:
+        C.check_centroids(fn, centroids, k, block_size)
+    C.check_cuda_device(fn, q)
+    q = kernel_ready(q)
+    batch, seqlen, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    n_blocks = math.ceil(seqlen / block_size)
+    with torch.cuda.device(q.device):
+        hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
+        lo = torch.empty_like(hi)
+        out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
+        if centroids is None:
+            cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
+        else:
+            cent = centroids.contiguous()
+        topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out)
+    return out
+
+
+def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: bool, cent, hi, lo, out):
+    """The launches of :func:`moba_topk_cuda` into given buffers (validated inputs; tests poison them).
+
+    With ``have_centroids`` the fp32 ``cent`` is read and split; otherwise it is written from ``k``.
+    """
+    if have_centroids:
+        launch(split_launch(cent, hi, lo))
+    else:
+        launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
+    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal))

@@ -1,0 +1,238 @@
+r"""KV cache for MoBA decoding: keys, values and the running per-block key sums.
+
+Routing needs the centroid of every block, :math:`\bar k_j = S_j / |j|` with :math:`S_j = \sum_{i \in j} k_i`.
+The cache keeps :math:`S_j` in fp32 beside K and V, so appending token t costs :math:`O(d)` per kv head,
+:math:`S_{\lfloor t/B \rfloor} \mathrel{+}= k_t`, and no centroid is ever recomputed from the keys.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MobaKVCache"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Prefill sums its keys this many tokens at a time (rounded to whole blocks), which bounds the fp32 copy.
+_PREFILL_CHUNK_TOKENS = 1 << 16
+
+
+def _size(name: str, value, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class MobaKVCache:
+    r"""Per-sequence KV cache with running block key sums, for :func:`mobalab.kernels.moba_decode`.
+
+    Storage (contiguous, head-major so that one block of one kv head is one contiguous slab):
+
+    * ``k``, ``v``: (batch, kv_heads, capacity, head_dim) in ``dtype``, capacity = ceil(max_seqlen / B)·B;
+    * ``block_sums``: (batch, kv_heads, n_blocks, head_dim), fp32 (fp64 for an fp64 cache), with
+      :math:`S_{b,h,j} = \sum_{i \in j,\, i < L_b} k_{b,i,h}`, so the centroid is :math:`S_j / |j|`,
+      :math:`|j| = \min(B, L_b - jB)`;
+    * ``lengths``: tokens held per sequence :math:`L_b` (a CPU int64 tensor, also kept on the device for
+      the kernels; reading it never synchronises).
+
+    :meth:`prefill` starts new sequences from a prompt (ragged lengths allowed); :meth:`append` adds tokens
+    at each sequence's end and updates :math:`S` token by token in order. Positions beyond a sequence's
+    length are never read by :func:`~mobalab.kernels.moba_decode`.
+
+    Not supported: a paged layout (each sequence owns one contiguous slab of ``max_seqlen`` tokens),
+    evicting or rewinding tokens, and concurrent decodes on one cache from several CUDA streams (the CUDA
+    kernels keep completion counters in the cache).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mobalab.kernels import MobaKVCache
+    >>> cache = MobaKVCache(2, 1, 4, block_size=2, max_seqlen=8, dtype=torch.float32)
+    >>> k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 1, 4)
+    >>> cache.prefill(k, k, lengths=[3, 2])
+    >>> cache.lengths.tolist()
+    [3, 2]
+    >>> cache.append(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
+    >>> cache.lengths.tolist(), cache.centroids()[1, :, 0, 0].tolist()
+    ([4, 3], [14.0, 1.0])
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, block_size: int, max_seqlen: int,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        fn = "MobaKVCache"
+        self.batch = _size("batch", batch, fn)
+        self.kv_heads = _size("kv_heads", kv_heads, fn)
+        self.head_dim = _size("head_dim", head_dim, fn)
+        self.block_size = _size("block_size", block_size, fn)
+        self.max_seqlen = _size("max_seqlen", max_seqlen, fn)
+        if dtype not in _DTYPES:
+            raise ValueError(f"{fn}: dtype {dtype!r} is not supported; supported: float16, bfloat16, float32, float64")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.n_blocks = math.ceil(self.max_seqlen / self.block_size)
+        self.capacity = self.n_blocks * self.block_size
+        shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
+        # zeros, not empty: rows past a sequence's length are masked, but must never hold NaN bit patterns
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.block_sums = torch.zeros((self.batch, self.kv_heads, self.n_blocks, self.head_dim),
+                                      dtype=self.sum_dtype, device=self.device)
+        self._len = torch.zeros(self.batch, dtype=torch.int64)
+        self._appended = torch.zeros(self.batch, dtype=torch.int64)
+        self._len_dev = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        self._counters = None
+
+    # -----------------------------------------------------------------------------------------------
+    # state
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens held per sequence, (batch,) int64 on the CPU (a copy)."""
+        return self._len.clone()
+
+    @property
+    def appended(self) -> torch.Tensor:
+        """Tokens the last :meth:`prefill` / :meth:`append` added per sequence, (batch,) int64 on the CPU."""
+        return self._appended.clone()
+
+    def __repr__(self) -> str:
+        return (f"MobaKVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"block_size={self.block_size}, max_seqlen={self.max_seqlen}, dtype={self.dtype}, "
+                f"device={self.device}, lengths={self._len.tolist()})")
+
+    def centroids(self) -> torch.Tensor:
+        r"""Block centroids :math:`S_j / |j|`, (batch, n, kv_heads, head_dim) with n = ceil(max length / B).
+
+        Blocks a sequence does not reach are zero. Same layout and precision as
+        :func:`mobalab.kernels.moba_centroids`.
+        """
+        n = max(1, math.ceil(int(self._len.max()) / self.block_size))
+        starts = torch.arange(n, dtype=torch.int64) * self.block_size
+        counts = torch.clamp(self._len.view(-1, 1) - starts.view(1, -1), 0, self.block_size)
+        counts = counts.clamp(min=1).to(device=self.device, dtype=self.sum_dtype)
+        return (self.block_sums[:, :, :n] / counts.view(self.batch, 1, n, 1)).transpose(1, 2)
+
+    # -----------------------------------------------------------------------------------------------
+    # writing
+
+    def _check_kv(self, fn: str, k, v, lengths=None):
+        """Validate new keys / values (batch, n, kv_heads, head_dim) for this cache; returns per-sequence counts."""
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4:
+                raise ValueError(f"{fn}: {name} must be 4-D (batch, seqlen, kv_heads, head_dim), "
+                                 f"got shape {tuple(x.shape)}")
+            if x.dtype != self.dtype:
+                raise ValueError(f"{fn}: {name} has dtype {x.dtype}; this cache holds {self.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{fn}: {name} is on {x.device}; this cache is on {self.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"{fn}: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        batch, n, kv_heads, dim = k.shape
+        want = (self.batch, kv_heads, self.kv_heads, self.head_dim)
+        if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim) or n < 1:
+            raise ValueError(f"{fn}: k has shape {tuple(k.shape)}; this cache takes (batch={want[0]}, seqlen >= 1, "
+                             f"kv_heads={self.kv_heads}, head_dim={self.head_dim})")
+        if lengths is None:
+            return torch.full((self.batch,), n, dtype=torch.int64)
+        if isinstance(lengths, torch.Tensor):
+            lens = lengths.detach().to("cpu")
+            if lens.dtype.is_floating_point or lens.dtype == torch.bool:
+                raise ValueError(f"{fn}: lengths must hold integers, got dtype {lengths.dtype}")
+            lens = lens.to(torch.int64).reshape(-1)
+        else:
+            try:
+                items = list(lengths)
+            except TypeError:
+                raise ValueError(f"{fn}: lengths must be a sequence of {self.batch} integers, "
+                                 f"got {lengths!r}") from None
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
+                raise ValueError(f"{fn}: lengths must hold integers, got {items!r}")
+            lens = torch.tensor([int(x) for x in items], dtype=torch.int64)
+        if lens.numel() != self.batch:
+            raise ValueError(f"{fn}: lengths has {lens.numel()} entries; the cache has batch {self.batch}")
+        if int(lens.min()) < 1 or int(lens.max()) > n:
+            raise ValueError(f"{fn}: lengths must lie in [1, {n}] (the prompt's seqlen), got {lens.tolist()}")
+        return lens
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
+        r"""Start new sequences from a prompt: ``k``, ``v`` (batch, seqlen, kv_heads, head_dim).
+
+        ``lengths`` (optional, ``batch`` integers in [1, seqlen]) gives each sequence's real length in a
+        right-padded ragged batch; the padding is neither stored nor summed. Replaces whatever the cache
+        held. Block sums :math:`S_j` are computed here once, in fp32, from the prompt's keys.
+        """
+        fn = "MobaKVCache.prefill"
+        lens = self._check_kv(fn, k, v, lengths)
+        seqlen = k.shape[1]
+        if seqlen > self.max_seqlen:
+            raise ValueError(f"{fn}: the prompt has {seqlen} tokens; this cache holds at most max_seqlen="
+                             f"{self.max_seqlen}")
+        bsz = self.block_size
+        chunk = max(bsz, (_PREFILL_CHUNK_TOKENS // bsz) * bsz)
+        lens_dev = lens.to(self.device)
+        self.block_sums.zero_()
+        for t0 in range(0, seqlen, chunk):
+            t1 = min(seqlen, t0 + chunk)
+            valid = (torch.arange(t0, t1, device=self.device).view(1, -1) < lens_dev.view(-1, 1)).view(
+                self.batch, t1 - t0, 1, 1)
+            kc = torch.where(valid, k[:, t0:t1], 0)
+            vc = torch.where(valid, v[:, t0:t1], 0)
+            self.k[:, :, t0:t1] = kc.transpose(1, 2)
+            self.v[:, :, t0:t1] = vc.transpose(1, 2)
+            nb = math.ceil((t1 - t0) / bsz)
+            # padded rows are zero: they change no sum (same reduction as moba_centroids)
+            padded = F.pad(kc.to(self.sum_dtype), (0, 0, 0, 0, 0, nb * bsz - (t1 - t0)))
+            sums = padded.view(self.batch, nb, bsz, self.kv_heads, self.head_dim).sum(dim=2)
+            self.block_sums[:, :, t0 // bsz:t0 // bsz + nb] = sums.transpose(1, 2)
+        self._len = lens.clone()
+        self._appended = lens.clone()
+        self._len_dev.copy_(lens.to(torch.int32))
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        r"""Add ``q_len`` tokens at the end of every sequence: ``k_new``, ``v_new`` (batch, q_len, kv_heads, d).
+
+        Token i of sequence b lands at position :math:`L_b + i`; its key is added to the fp32 sum of block
+        :math:`\lfloor (L_b + i)/B \rfloor`, tokens in order (an :math:`O(d)` update per token and kv head).
+        Meant for decode steps (a few tokens); start sequences with :meth:`prefill`. Runs on the cache's
+        device without synchronising with the host.
+        """
+        fn = "MobaKVCache.append"
+        self._check_kv(fn, k_new, v_new)
+        n = k_new.shape[1]
+        if int(self._len.max()) + n > self.max_seqlen:
+            raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} exceeds "
+                             f"max_seqlen={self.max_seqlen}; the cache is full")
+        dev = self.device
+        rows = torch.arange(self.batch, device=dev)
+        pos = self._len_dev.to(torch.int64).view(-1, 1) + torch.arange(n, device=dev).view(1, n)  # (batch, n)
+        # index dims 0 and 2 with a slice between: the indexed view is (batch, n, kv_heads, d), as k_new
+        self.k[rows.view(-1, 1), :, pos] = k_new
+        self.v[rows.view(-1, 1), :, pos] = v_new
+        keys = k_new.to(self.sum_dtype)
+        blocks = torch.div(pos, self.block_size, rounding_mode="floor")
+        for i in range(n):  # in token order: the same fp32 rounding as adding tokens one step at a time
+            self.block_sums[rows, :, blocks[:, i]] += keys[:, i]
+        self._len_dev += n
+        self._len += n
+        self._appended = torch.full((self.batch,), n, dtype=torch.int64)
+
+    # -----------------------------------------------------------------------------------------------
+    # kernel workspace
+
+    def _workspace_counters(self, count: int) -> torch.Tensor:
+        """Zeroed int32 completion counters (at least ``count``) for the CUDA decode kernels.
+
+        Every kernel resets the counters it used before it exits, so one zero-filled allocation serves
+        every later call; it grows (a fresh zeroed tensor) when a call needs more.
+        """
+        if self._counters is None or self._counters.numel() < count:
+            self._counters = torch.zeros(max(count, 256), dtype=torch.int32, device=self.device)
+        return self._counters

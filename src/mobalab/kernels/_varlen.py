@@ -1,0 +1,324 @@
+r"""MoBA over packed variable-length batches, in the flash-attn ``cu_seqlens`` convention.
+
+``q`` is (total_tokens, heads, d), ``k`` and ``v`` are (total_tokens, kv_heads, d); sequence :math:`i` holds the
+rows :math:`[c_i, c_{i+1})` of ``cu_seqlens`` :math:`= (c_0 = 0, c_1, \dots, c_b = \text{total})`. Each sequence is
+its own MoBA problem: its blocks start at its first token, and nothing is routed or attended across sequences,
+
+.. math::
+    o_{[c_i, c_{i+1})} = \mathrm{MoBA}\big(q_{[c_i, c_{i+1})},\, k_{[c_i, c_{i+1})},\, v_{[c_i, c_{i+1})}\big),
+
+with the routing, the attention and the LSE exactly those of :func:`mobalab.kernels.moba_attention` on that
+sequence alone (see docs/design.md, "MoBA semantics"). Zero-length sequences are allowed and produce nothing.
+
+The work runs in the custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and
+``mobalab::moba_topk_varlen``: each reads ``cu_seqlens`` to the host once and calls the single-sequence ops
+``mobalab::moba_attention_fwd`` / ``mobalab::moba_attention_bwd`` per sequence (the CUDA kernels for CUDA
+tensors, the torch reference for CPU tensors). The forward saves the routing it used, so the backward neither
+routes again nor recomputes the forward. ``torch.compile`` sees one opaque op whose fake implementation gives
+the shapes, so the data-dependent sequence loop causes no graph break.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+# Registers the single-sequence ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per sequence.
+from . import autograd as _single_sequence_ops  # noqa: F401
+
+__all__ = ["moba_attention_varlen", "moba_topk_varlen"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: everything that needs no tensor values here (traceable); the values of cu_seqlens in the ops
+
+
+def _check_int(name: str, value, fn: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{fn}: {name} must be a Python int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(name: str, value, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn):
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, x in named:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    if len({x.dtype for _, x in named}) != 1:
+        raise ValueError(f"{fn}: q, k, v must share one dtype, got {', '.join(f'{n} {x.dtype}' for n, x in named)}")
+    if len({x.device for _, x in named}) != 1:
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {', '.join(f'{n} {x.device}' for n, x in named)}")
+    if v is not None and k.shape != v.shape:
+        raise ValueError(f"{fn}: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (tq, hq, dq), (tk, hk, dk) = q.shape, k.shape
+    if tq != tk:
+        raise ValueError(f"{fn}: total_tokens differs, q has {tq} and k has {tk}; "
+                         "only self-attention over the same packed tokens is supported")
+    if dq != dk:
+        raise ValueError(f"{fn}: head_dim differs, q has {dq} and k has {dk}; they must match")
+    if hq < 1 or hk < 1 or dq < 1:
+        raise ValueError(f"{fn}: heads and head_dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if hq % hk != 0:
+        raise ValueError(f"{fn}: q heads ({hq}) must be a multiple of kv heads ({hk}) (MHA, GQA or MQA)")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"{fn}: cu_seqlens must be a torch.Tensor (int32, shape (batch + 1,)), "
+                        f"got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{fn}: cu_seqlens must be int32 (the flash-attn convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{fn}: cu_seqlens must be 1-D of shape (batch + 1,) starting at 0, "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
+                         "they must be on the same device")
+    max_seqlen = _check_int("max_seqlen", max_seqlen, fn, 0)
+    block_size = _check_int("block_size", block_size, fn, 1)
+    top_k = _check_int("top_k", top_k, fn, 1)
+    _check_bool("causal", causal, fn)
+    return max_seqlen, block_size, top_k
+
+
+def _check_scale(softmax_scale, head_dim: int, fn: str) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or \
+            not math.isfinite(float(softmax_scale)):
+        raise ValueError(f"{fn}: softmax_scale must be a finite real number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _bounds(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None, fn: str) -> list[tuple[int, int]]:
+    """(start, end) per sequence from one host read of ``cu_seqlens``; checks the values."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"{fn}: cu_seqlens must start at 0, got {cu[0]} (cu_seqlens = {_short(cu)})")
+    steps = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    bad = [i for i, s in enumerate(steps) if s < 0]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{fn}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
+                         f"cu_seqlens[{i + 1}] = {cu[i + 1]} (cu_seqlens = {_short(cu)})")
+    if cu[-1] != total:
+        raise ValueError(f"{fn}: cu_seqlens must end at the number of packed tokens, q.shape[0] = {total}, "
+                         f"got cu_seqlens[-1] = {cu[-1]}")
+    longest = max(steps, default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"{fn}: max_seqlen = {max_seqlen} is smaller than the longest sequence in cu_seqlens "
+                         f"({longest} tokens)")
+    return list(zip(cu[:-1], cu[1:], strict=True))
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:10]))}, ...] ({len(values)} values)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the single-sequence ops, called per sequence (registered by mobalab.kernels.autograd)
+
+
+def _op(name: str):
+    """The op's current registration. Looked up at every call rather than holding the CustomOpDef: a second
+    execution of a module that defines ops (pytest's doctest import does that) replaces the registration,
+    and the first definition's objects then point at freed dispatcher entries."""
+    return getattr(torch.ops.mobalab, name).default
+
+
+def _sequence_ops():
+    return _op("moba_attention_fwd"), _op("moba_attention_bwd")
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# the custom ops
+
+
+@torch.library.custom_op("mobalab::moba_attention_varlen_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            block_size: int, top_k: int, causal: bool, scale: float,
+            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total, heads, _ = q.shape
+    bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_attention_varlen")
+    fwd, _ = _sequence_ops()
+    # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
+    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
+    for s, e in bounds:
+        if e == s:
+            continue
+        o, l, t = fwd(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), v[s:e].unsqueeze(0), block_size, top_k, causal,
+                      scale, deterministic)
+        out[s:e] = o[0]
+        lse[s:e] = l[0]
+        topk[s:e] = t[0]
+    return out, lse, topk
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
+    total, heads, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((total, heads), dtype=_lse_dtype(q)),
+            q.new_empty((total, heads, top_k), dtype=torch.int32))
+
+
+@torch.library.custom_op("mobalab::moba_attention_varlen_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
+            top_k: int, causal: bool, scale: float,
+            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bounds = _bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)")
+    _, bwd = _sequence_ops()
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    for s, e in bounds:
+        if e == s:
+            continue
+        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else x[s:e].unsqueeze(0)
+                                           for x in (dout, dlse, q, k, v, out, lse, topk))
+        g = bwd(do, dl, qs, ks, vs, os_, ls, ts, block_size, top_k, causal, scale, deterministic)
+        dq[s:e], dk[s:e], dv[s:e] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size, top_k, causal, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, _, block_size, top_k, causal, scale, deterministic = inputs
+    out, lse, topk = output
+    ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, topk)
+    ctx.params = (block_size, top_k, causal, scale, deterministic)
+
+
+def _backward(ctx, dout, dlse, dtopk):
+    q, k, v, cu_seqlens, out, lse, topk = ctx.saved_tensors
+    block_size, top_k, causal, scale, deterministic = ctx.params
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size,
+                                                 top_k, causal, scale, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mobalab::moba_topk_varlen", mutates_args=())
+def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int,
+             top_k: int, causal: bool) -> torch.Tensor:
+    from . import moba_topk
+
+    total, heads, _ = q.shape
+    bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_topk_varlen")
+    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
+    for s, e in bounds:
+        if e > s:
+            topk[s:e] = moba_topk(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), block_size, top_k, causal=causal)[0]
+    return topk
+
+
+@_topk_op.register_fake
+def _(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal):
+    return q.new_empty((q.shape[0], q.shape[1], top_k), dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# the API
+
+
+def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, causal: bool = True,
+                          softmax_scale=None, return_lse: bool = False, *, deterministic: bool = False):
+    r"""MoBA attention over packed variable-length sequences (flash-attn ``cu_seqlens`` layout).
+
+    .. math::
+        o_{[c_i, c_{i+1})} = \mathrm{MoBA}\big(q_{[c_i, c_{i+1})}, k_{[c_i, c_{i+1})}, v_{[c_i, c_{i+1})}\big)
+        \quad\text{for each sequence } i,
+
+    the output of :func:`mobalab.kernels.moba_attention` on each sequence alone: blocks of ``block_size``
+    start at the sequence's first token, and nothing is routed or attended across sequences.
+
+    Parameters
+    ----------
+    q : Tensor (total_tokens, heads, head_dim)
+    k, v : Tensor (total_tokens, kv_heads, head_dim), ``heads % kv_heads == 0``
+    cu_seqlens : int32 Tensor (batch + 1,) on q's device
+        Cumulative sequence lengths: 0, then non-decreasing, ending at ``total_tokens``. Zero-length
+        sequences are allowed.
+    max_seqlen : int
+        At least the longest sequence (checked).
+    block_size, top_k, causal, softmax_scale, return_lse, deterministic
+        As in :func:`mobalab.kernels.moba_attention`. CUDA tensors need what the CUDA kernels support
+        (bf16/fp16, head_dim 64/128, ...); CPU tensors run the torch reference (any float dtype).
+
+    Returns
+    -------
+    out : Tensor (total_tokens, heads, head_dim) in q's dtype, and with ``return_lse`` the natural-log
+    ``lse`` (total_tokens, heads) in float32 (float64 for float64 inputs). Differentiable w.r.t. q, k, v
+    (CUDA backward on CUDA tensors); works under ``torch.compile(fullgraph=True)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mobalab.kernels import moba_attention, moba_attention_varlen
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(11, 2, 8, generator=g) for _ in range(3))
+    >>> cu_seqlens = torch.tensor([0, 4, 4, 11], dtype=torch.int32)  # lengths 4, 0 and 7
+    >>> out = moba_attention_varlen(q, k, v, cu_seqlens, 7, block_size=2, top_k=2)
+    >>> tuple(out.shape)
+    (11, 2, 8)
+    >>> alone = moba_attention(q[4:][None], k[4:][None], v[4:][None], block_size=2, top_k=2)
+    >>> bool(torch.allclose(out[4:], alone[0]))
+    True
+    """
+    fn = "moba_attention_varlen"
+    max_seqlen, block_size, top_k = _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn)
+    scale = _check_scale(softmax_scale, q.shape[-1], fn)
+    _check_bool("return_lse", return_lse, fn)
+    _check_bool("deterministic", deterministic, fn)
+    out, lse, _ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal,
+                                                   scale, deterministic)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def moba_topk_varlen(q, k, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, causal: bool = True):
+    """MoBA routing of packed variable-length sequences: int32 (total_tokens, heads, top_k).
+
+    Row ``c_i + t`` holds :func:`mobalab.kernels.moba_topk` of sequence ``i`` alone at its query ``t``:
+    block indices local to the sequence (block ``j`` = its tokens ``[jB, (j+1)B)``), ``-1`` for unused slots.
+    Shapes and ``cu_seqlens`` as in :func:`moba_attention_varlen`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mobalab.kernels import moba_topk_varlen
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = (torch.randn(7, 1, 4, generator=g) for _ in range(2))
+    >>> sel = moba_topk_varlen(q, k, torch.tensor([0, 3, 7], dtype=torch.int32), 4, block_size=2, top_k=2)
+    >>> sel[:, 0].tolist()  # sequence 2 starts again at block 0
+    [[0, -1], [0, -1], [1, 0], [0, -1], [0, -1], [1, 0], [1, 0]]
+    """
+    fn = "moba_topk_varlen"
+    max_seqlen, block_size, top_k = _check_inputs(q, k, None, cu_seqlens, max_seqlen, block_size, top_k, causal, fn)
+    return _op("moba_topk_varlen")(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal)

@@ -1,0 +1,45 @@
+import json
+
+import pandas as pd
+import pytest
+
+from mobalab.bench import recorded_dir, recorded_file, recorded_files
+from mobalab.experiments import kernel_speed
+
+
+def test_recorded_results_ship_inside_the_package():
+    import mobalab
+
+    assert recorded_dir().parent.parent == __import__("pathlib").Path(mobalab.__file__).resolve().parent
+    names = [p.name for p in recorded_files()]
+    assert names == sorted(names) and len(names) == 7
+    assert {"2026-11-22-h200-moba-forward-43ade7f.csv", "2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv",
+            "2026-11-22-h200-moba-fwdbwd-sweep.csv", "2026-11-22-h200-snr-vs-accuracy-full.csv"} <= set(names)
+
+
+def test_pyproject_ships_the_recorded_files():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["mobalab.bench"]
+    shipped = {p.name for pattern in data for p in recorded_dir().parent.glob(pattern)}
+    assert shipped == {p.name for p in recorded_dir().iterdir()}  # every recorded file is package data
+
+
+@pytest.mark.parametrize("path", recorded_files("*moba-*.csv"), ids=lambda p: p.stem)
+def test_every_recorded_benchmark_names_device_date_commit(path):
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["device"] == "NVIDIA H200" and meta["date"].startswith("2026-11-22") and meta["git_commit"]
+    raw, info = kernel_speed.read_bench_csv(path)
+    assert info["recorded"] and info["commit"] == meta["git_commit"] and len(raw) >= 2
+    assert info["pass"] == ("forward+backward" if "fwdbwd" in path.name else "forward")
+
+
+def test_recorded_file_by_name():
+    assert recorded_file("2026-11-22-h200-moba-fwdbwd-sweep").suffix == ".csv"
+    with pytest.raises(ValueError, match="no recorded file 'nope'.*recorded CSVs: 2026-11-22"):
+        recorded_file("nope")
+    with pytest.raises(ValueError, match="no folder"):
+        recorded_file("../pyproject.toml")
+    assert pd.read_csv(recorded_file("2026-11-22-cpu-key-conv-full.csv"))["experiment"].eq("key-conv").all()

@@ -1,0 +1,102 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from mobalab import cli, snr
+from mobalab.experiments import decode_cost as exp
+from mobalab.kernels import decode_bytes
+
+K = 1024
+
+
+@pytest.fixture(scope="module")
+def df():
+    return exp.run(exp.Config.quick(bench_csv=None))
+
+
+def test_schema_and_grid(df):
+    need = {"experiment", "seq_len", "block_size", "top_k", "n_blocks", "snr", "hit_probability", "target",
+            "meets_target", "centroid_bytes", "kv_bytes", "q_out_bytes", "bytes_per_step", "dense_bytes",
+            "byte_ratio", "unique_blocks", "useful_flops", "measured_ms", "dense_ms", "cheapest",
+            "cheapest_measured", "head_dim", "heads", "kv_heads", "batch", "delta_mu_eff"}
+    assert need <= set(df.columns)
+    cfg = exp.Config.quick()
+    assert len(df) == len(cfg.seq_lens) * len(cfg.block_sizes) * len(cfg.top_ks)
+    assert df["hit_probability"].between(0, 1).all() and df["measured_ms"].isna().all()
+    assert not df["cheapest_measured"].any()
+
+
+def test_rows_are_the_models(df):
+    r = df[(df["seq_len"] == 512 * K) & (df["block_size"] == 64) & (df["top_k"] == 8)].iloc[0]
+    s = snr.snr(128, 64, 3.0)  # Δμ_eff = 0.5 + 5 * 0.5
+    assert r["snr"] == pytest.approx(s)
+    assert r["hit_probability"] == pytest.approx(snr.causal_hit_probability(s, 512 * K, 64, 8, query_pos=512 * K - 1))
+    model = decode_bytes(512 * K, 64, 8, batch=8, heads=32, kv_heads=8, head_dim=128)
+    assert r["bytes_per_step"] == model["total_bytes"] and r["dense_bytes"] == model["dense_bytes"]
+
+
+def test_cheapest_is_the_feasible_minimum(df):
+    for _, g in df.groupby("seq_len"):
+        feasible = g[g["meets_target"]]
+        best = g[g["cheapest"]]
+        assert len(best) == (1 if len(feasible) else 0)
+        if len(feasible):
+            assert best["bytes_per_step"].iloc[0] == feasible["bytes_per_step"].min()
+            assert best["hit_probability"].iloc[0] >= best["target"].iloc[0]
+    # smaller blocks route better at equal k (SNR ~ 1/sqrt(B)) but read more block sums
+    g = df[(df["seq_len"] == 512 * K) & (df["top_k"] == 8)].sort_values("block_size")
+    assert g["hit_probability"].is_monotonic_decreasing and g["centroid_bytes"].is_monotonic_decreasing
+
+
+def test_measured_times_from_a_benchmark_csv(tmp_path):
+    rows = []
+    for n in (32 * K, 128 * K):
+        for block in (32, 64):
+            for top_k in (4, 8):
+                rows.append(dict(seq_len=n, batch=8, heads=32, kv_heads=8, head_dim=128, block_size=block,
+                                 top_k=top_k, mobalab_ms=0.01 * block / 32 + 0.001 * top_k, dense_best_ms=0.5))
+    rows.append(dict(rows[0], batch=1, mobalab_ms=1e-6))  # another batch size: ignored
+    path = tmp_path / "decode.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    df = exp.run(exp.Config.quick(seq_lens=(32 * K, 128 * K), block_sizes=(32, 64), top_ks=(4, 8), target=0.5,
+                                  bench_csv=str(path)))
+    assert df["measured_ms"].notna().all()
+    r = df[(df["seq_len"] == 32 * K) & (df["block_size"] == 32) & (df["top_k"] == 4)].iloc[0]
+    assert r["measured_ms"] == pytest.approx(0.014) and r["measured_speedup"] == pytest.approx(0.5 / 0.014)
+    for _, g in df.groupby("seq_len"):
+        timed = g[g["cheapest_measured"]]
+        assert len(timed) == 1
+        assert timed["measured_ms"].iloc[0] == g[g["meets_target"]]["measured_ms"].min()
+    s = exp.summary(df)
+    assert {"measured_block_size", "measured_ms", "measured_speedup"} <= set(s.columns)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="target must be a probability"):
+        exp.decode_cost_table(1024, 1.5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        exp.run(exp.Config.quick(bench_csv="/nonexistent/decode.csv"))
+
+
+def test_summary_and_plot(df):
+    s = exp.summary(df)
+    assert list(s["seq_len"]) == sorted(exp.Config.quick().seq_lens)
+    assert (s["x_fewer_bytes"].dropna() > 1).all()
+    unreachable = exp.run(exp.Config.quick(delta_mu=0.01, m=1, seq_lens=(512 * K,), target=0.99))
+    assert math.isnan(exp.summary(unreachable)["block_size"].iloc[0])
+    fig = exp.plot(df)
+    labelled = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(labelled) == len(exp.Config.quick().seq_lens) + 1
+    assert all(ax.get_ylabel() for ax in labelled)
+
+
+def test_cli_quick_writes_outputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(exp.ENV_VAR, raising=False)
+    out = tmp_path / "dc"
+    assert cli.main(["run", "decode-cost", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert "x_fewer_bytes" in capsys.readouterr().out
+    df = pd.read_csv(out / "decode-cost.csv")
+    assert len(df) == 36 and json.loads((out / "decode-cost.json").read_text())["rows"] == len(df)
+    assert (out / "decode-cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mobalab import cli
+from mobalab.experiments import trained_routing as exp
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    assert cli.main(["run", "trained-routing", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out, pd.read_csv(out / "trained-routing.csv")
+
+
+def test_quick_writes_csv_json_png(quick_run):
+    out, df = quick_run
+    meta = json.loads((out / "trained-routing.json").read_text())
+    assert meta["config"]["variants"] == list(exp.Config.quick().variants) and meta["rows"] == len(df)
+    png = (out / "trained-routing.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert not list(out.glob("*.pt"))  # no checkpoints unless asked for
+
+
+def test_schema_and_counts(quick_run):
+    _, df = quick_run
+    cfg = exp.Config.quick()
+    # MoBA models: one row per (seed, layer, head); the dense model: one per route (B = 8 and 16) as well
+    per_model = cfg.n_layers * cfg.n_heads
+    assert len(df) == cfg.n_seeds * per_model * (len(cfg.variants) - 1 + 2)
+    assert set(df["variant"]) == set(cfg.variants)
+    moba = df[df["attention"] == "moba"]
+    assert moba["routed"].all() and not df.loc[df["attention"] == "dense", "routed"].any()
+    assert (moba["block_size"] == moba["model_block_size"]).all()
+    assert (moba["top_k"] * moba["block_size"] == cfg.budget).all()
+    assert ((df["recall_low"] <= df["recall"]) & (df["recall"] <= df["recall_high"])).all()
+    for col in ("accuracy", "recall", "pred_paper", "pred_block", "pred_cosine", "sigma", "delta_mu_eff", "m",
+                "z_eff", "block_var_ratio", "needle_mass", "train_seconds", "est_h200_seconds"):
+        assert df[col].notna().all(), col
+    for col in ("accuracy", "recall", "pred_paper", "pred_block", "needle_mass"):
+        assert df[col].between(0, 1).all(), col
+    assert (df["answers"] == cfg.eval_sequences * cfg.n_queries).all()
+    # the paper's identity holds for every row with clustering
+    c = df[df["m"] > 1.01]
+    np.testing.assert_allclose(c["delta_mu"] + (c["m"] - 1) * (c["mu_cluster"] - c["mu_noise"]),
+                               c["delta_mu_eff"], rtol=1e-6, atol=1e-9)
+    kc = df[df["key_conv"] > 0]
+    assert (kc["kconv_mean_abs_weight"] > 0).all() and df.loc[df["key_conv"] == 0, "kconv_mean_abs_weight"].isna().all()
+
+
+def test_summary_and_claims(quick_run):
+    _, df = quick_run
+    s = exp.summary(df)
+    assert len(s) == len(exp.Config.quick().variants) + 1  # the dense model at both block sizes
+    assert (s["seeds"] == exp.Config.quick().n_seeds).all()
+    c = exp.claims(df)
+    assert set(c["claim"]) == {"1: smaller B routes better (equal k·B)", "2: trained kconv raises Δμ_eff"}
+    assert set(c["comparison"]) >= {"moba-8 vs moba-16", "moba-16-kconv3 vs moba-16", "moba-16-kconv5 vs moba-16"}
+    assert ((c["low"] <= c["difference"]) & (c["difference"] <= c["high"])).all()
+
+
+def test_claims_verdicts_follow_the_numbers(quick_run):
+    _, df = quick_run
+    df = df.copy()
+    rt = df["recall_trials"]
+    # make B = 8 route far better than B = 16 everywhere: claim 1 must hold on recall
+    df.loc[df["variant"] == "moba-8", "recall_hits"] = rt * 9 // 10
+    df.loc[df["variant"] == "moba-16", "recall_hits"] = rt * 2 // 10
+    c = exp.claims(df).set_index(["comparison", "metric"])
+    assert c.loc[("moba-8 vs moba-16", "recall"), "verdict"] == "holds"
+    # and the reverse
+    df.loc[df["variant"] == "moba-8", "recall_hits"] = 0
+    c = exp.claims(df).set_index(["comparison", "metric"])
+    assert c.loc[("moba-8 vs moba-16", "recall"), "verdict"] == "opposite"
+
+
+def test_variants_parse_and_validate():
+    mc = exp.model_config(exp.Config(), "moba-128-kconv5")
+    assert (mc.attention, mc.block_size, mc.top_k, mc.key_conv) == ("moba", 128, 4, 5)
+    assert exp.model_config(exp.Config(), "dense").attention == "dense"
+    nope = exp.model_config(exp.Config(), "moba-32-kconv3-nope")
+    assert (nope.rope, nope.key_conv, nope.label) == (False, 3, "moba-32-kconv3-nope")
+    with pytest.raises(ValueError, match="variant"):
+        exp.model_config(exp.Config(), "moba128")
+    with pytest.raises(ValueError, match="divide"):
+        exp.model_config(exp.Config(), "moba-96")
+    with pytest.raises(ValueError, match="MoBA"):
+        exp.run(exp.Config.quick(variants=("dense",)))
+
+
+def test_full_run_fits_the_gpu_budget():
+    est = exp.gpu_estimate(exp.Config())
+    total = est.iloc[-1]
+    assert total["models"] == 15
+    # every configuration x 3 seeds within about 8 minutes of H200 time (FLOP-based estimate)
+    assert 60 < total["seconds"] < 480
+    assert (est["seconds"].iloc[:-1] > 0).all()

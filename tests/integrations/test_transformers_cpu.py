@@ -1,0 +1,186 @@
+"""MoBA inside a Hugging Face model on CPU: a tiny randomly initialised Llama built from a config in code.
+
+With top_k >= the number of blocks MoBA is dense causal attention, so the logits and gradients equal the same
+weights under ``attn_implementation="sdpa"``; with a small top_k, packed sequences (restarting position ids or
+``cu_seq_lens``) and padded batches equal each sequence run alone, and cached decoding equals recomputing
+the whole sequence.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from mobalab.integrations import transformers as hf  # noqa: E402
+
+VOCAB = 97
+B = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    assert hf.register() == "moba"
+
+
+def _model(attn="moba", top_k=2, dtype=torch.float64, seed=0, **extra):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn, moba_block_size=B, moba_top_k=top_k, **extra)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _ids(*shape, seed=1):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _alone(model, ids):
+    return model(ids[None]).logits[0]
+
+
+def test_import_mobalab_does_not_import_transformers():
+    code = ("import sys, mobalab, mobalab.kernels, mobalab.integrations; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_layer_runs_moba(monkeypatch):
+    model = _model(top_k=2)
+    calls = []
+    real = hf.moba_attention_forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].layer_idx)
+        return real(*args, **kwargs)
+
+    transformers.AttentionInterface.register("moba_counting", counting)
+    model.config._attn_implementation_internal = "moba_counting"
+    model(_ids(2, 18))
+    assert calls == [0, 1]
+
+
+def test_dense_when_top_k_covers_every_block_forward_and_backward():
+    moba, sdpa = _model("moba", top_k=64), _model("sdpa")
+    ids = _ids(2, 23)  # 23 tokens: 6 blocks of 4, the last partial
+    out_m, out_s = moba(ids, labels=ids), sdpa(ids, labels=ids)
+    torch.testing.assert_close(out_m.logits, out_s.logits, rtol=1e-10, atol=1e-10)
+    out_m.loss.backward()
+    out_s.loss.backward()
+    for (name, p), q in zip(moba.named_parameters(), sdpa.parameters(), strict=True):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_sparse_routing_changes_the_output_and_trains():
+    moba, sdpa = _model("moba", top_k=2), _model("sdpa")
+    ids = _ids(2, 30, seed=2)
+    out = moba(ids, labels=ids)
+    assert (out.logits - sdpa(ids).logits).abs().max() > 1e-3  # 8 blocks, 2 attended: not dense
+    out.loss.backward()
+    grads = [p.grad for p in moba.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_equal_each_sequence_alone(how):
+    model = _model(top_k=2)
+    lengths = (9, 3, 14)  # 9 and 14 not multiples of B, 3 shorter than B
+    seqs = [_ids(n, seed=10 + n) for n in lengths]
+    ids = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    kwargs = {}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 9, 12, 26], dtype=torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    packed = model(ids, position_ids=position_ids, **kwargs).logits[0]
+    start = 0
+    for seq in seqs:
+        torch.testing.assert_close(packed[start:start + len(seq)], _alone(model, seq), rtol=1e-10, atol=1e-10)
+        start += len(seq)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_each_sequence_alone(side):
+    model = _model(top_k=2)
+    lengths, width = (17, 6, 11), 17
+    seqs = [_ids(n, seed=20 + n) for n in lengths]
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, cols], mask[row, cols] = seq, 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # each sequence's own positions (RoPE)
+    logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for row, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[row][mask[row].bool()], _alone(model, seq), rtol=1e-10, atol=1e-10)
+
+
+def test_mask_with_holes_is_refused():
+    model = _model(top_k=2)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 5] = 0
+    with pytest.raises(ValueError, match="row 1 of the attention mask has padding between tokens"):
+        model(_ids(2, 12), attention_mask=mask)
+
+
+def test_cached_decoding_equals_recomputing():
+    model = _model(top_k=2)
+    ids = _ids(1, 13, seed=30)
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, return_dict_in_generate=True,
+                            output_logits=True)
+    full = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, return_dict_in_generate=True,
+                          output_logits=True)
+    assert torch.equal(cached.sequences, full.sequences)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_left_padded_cached_decoding_equals_recomputing():
+    model = _model(top_k=2)
+    ids = _ids(2, 10, seed=31)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0)
+    cached, full = model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_missing_settings_and_unsupported_options_are_refused():
+    model = _model(top_k=2)
+    del model.config.moba_top_k
+    with pytest.raises(ValueError, match="the model config has no moba_top_k.*model.config.moba_top_k = 8"):
+        model(_ids(1, 8))
+    model.config.moba_top_k = 2  # settings are read at every call, e.g. after from_pretrained
+    model(_ids(1, 8))
+    model = _model(top_k=2, attention_dropout=0.1).train()
+    with pytest.raises(ValueError, match="attention dropout 0.1 is not supported"):
+        model(_ids(1, 8))
+    layer = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 8, 16, dtype=torch.float64)
+    kv = torch.zeros(1, 2, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"attention mask of shape \(1, 1, 8, 8\).*2-D padding mask"):
+        hf.moba_attention_forward(layer, q, kv, kv, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="softcap = 30.0 is not supported"):
+        hf.moba_attention_forward(layer, q, kv, kv, None, softcap=30.0)
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        hf.register("")
+
+
+def test_settings_survive_save_and_load(tmp_path):
+    model = _model(top_k=2)
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="moba").to(torch.float64).eval()
+    assert (loaded.config.moba_block_size, loaded.config.moba_top_k) == (B, 2)
+    ids = _ids(1, 20, seed=40)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

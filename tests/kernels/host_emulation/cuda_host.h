@@ -1,0 +1,404 @@
+// Run CUDA kernel bodies on the host, for tests without a GPU.
+//
+// Every CUDA thread of a CTA is a coroutine with its own stack; the CTA's threads run one at a
+// time and switch only at synchronisation points: __syncthreads (all live threads of the CTA), and the warp
+// operations (__syncwarp, __shfl_xor_sync, __any_sync: the 32 lanes of the warp). Between two such points
+// the threads run in a shuffled order, so code that reads what another thread writes without a barrier
+// gives order-dependent results. A barrier that not every thread reaches (divergent __syncthreads or a
+// shuffle inside divergent code) stops the run with an error instead of hanging. CTAs run one after another
+// in a shuffled order, which exercises "the last CTA to finish merges" logic with any CTA being the last.
+// Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN as float), so
+// AddressSanitizer catches accesses beyond it and unwritten reads show up as NaN.
+//
+// Not modelled: warp-synchronous execution without explicit sync, memory ordering between CTAs (they do
+// not overlap), timing, and PTX (the kernel file swaps its cp.async / ld.cg helpers for plain accesses).
+#pragma once
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
+#define DEC_HOST_EMULATION 1
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+using std::max;
+using std::min;
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct uint2 {
+    unsigned x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __int_as_float(int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// 16-bit float types: storage only, converted exactly as the CUDA intrinsics do (round to nearest even).
+struct __nv_bfloat16 {
+    unsigned short x;
+};
+struct __half {
+    unsigned short x;
+};
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.x << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(unsigned short)0x7fc0};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(unsigned short)(u >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+inline float __half2float(__half h) {
+    _Float16 v;
+    std::memcpy(&v, &h.x, 2);
+    return (float)v;
+}
+inline __half __float2half_rn(float f) {
+    const _Float16 v = (_Float16)f;
+    __half h;
+    std::memcpy(&h.x, &v, 2);
+    return h;
+}
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+
+namespace emu {
+
+enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, DONE };
+
+// A thread starts on its own stack through setcontext (once per CTA); after that every switch is a
+// _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
+struct Thread {
+    ucontext_t ctx;
+    jmp_buf jb;
+    bool started = false;
+    std::vector<char> stack;
+    dim3 idx;
+    State state = RUNNABLE;
+    unsigned phase = 0;  // warp operations done (selects the exchange bank)
+};
+
+inline constexpr size_t kStack = 256 * 1024;
+
+struct Cta {
+    std::vector<Thread> threads;
+    std::vector<unsigned> slots;  // two banks of one 32-bit exchange slot per thread (warp operations)
+    unsigned char* smem = nullptr;
+    int current = -1;
+    jmp_buf sched;
+    std::function<void()> body;
+    std::mt19937 rng;
+#ifdef EMU_ASAN
+    void* fake_stack = nullptr;
+    const void* main_bottom = nullptr;  // the scheduler's stack, learnt at the first switch into a thread
+    size_t main_size = 0;
+#endif
+};
+
+inline Cta& cta() {
+    static Cta c;
+    return c;
+}
+inline dim3& block_idx() {
+    static dim3 d;
+    return d;
+}
+inline dim3& grid_dim() {
+    static dim3 d;
+    return d;
+}
+inline dim3& block_dim() {
+    static dim3 d;
+    return d;
+}
+inline unsigned char* dynamic_smem() { return cta().smem; }
+
+// Switch from the running thread back to the scheduler, with `s` as the thread's new state.
+inline void yield(State s) {
+    Cta& c = cta();
+    Thread& t = c.threads[c.current];
+    t.state = s;
+#ifdef EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, c.main_bottom, c.main_size);
+#endif
+    if (!_setjmp(t.jb)) _longjmp(c.sched, 1);
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, &c.main_bottom, &c.main_size);
+#endif
+}
+
+inline void entry() {
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &cta().main_bottom, &cta().main_size);
+#endif
+    cta().body();
+    Cta& c = cta();
+    c.threads[c.current].state = DONE;
+#ifdef EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, c.main_bottom, c.main_size);  // this thread's stack is done
+#endif
+    _longjmp(c.sched, 1);
+}
+
+inline void fail(const std::string& msg) {
+    std::fprintf(stderr, "emulation error: %s (block %u %u %u)\n", msg.c_str(), block_idx().x, block_idx().y,
+                 block_idx().z);
+    std::exit(3);
+}
+
+// Run one CTA to completion.
+inline void run_cta(unsigned nthreads, size_t smem_bytes) {
+    Cta& c = cta();
+    if (nthreads % 32) fail("block size must be a multiple of 32");
+    if (c.threads.size() != nthreads) {
+        c.threads = std::vector<Thread>(nthreads);
+        for (auto& t : c.threads) t.stack.resize(kStack);
+    }
+    c.slots.assign(2 * nthreads, 0u);
+    c.smem = static_cast<unsigned char*>(std::malloc(smem_bytes ? smem_bytes : 1));
+    std::memset(c.smem, 0xff, smem_bytes);
+    for (unsigned i = 0; i < nthreads; ++i) {
+        Thread& t = c.threads[i];
+        t.idx = {i % block_dim().x, (i / block_dim().x) % block_dim().y, i / (block_dim().x * block_dim().y)};
+        t.state = RUNNABLE;
+        t.started = false;
+        t.phase = 0;
+#ifdef EMU_ASAN
+        __asan_unpoison_memory_region(t.stack.data(), t.stack.size());  // frames left by the last CTA
+#endif
+        getcontext(&t.ctx);
+        t.ctx.uc_stack.ss_sp = t.stack.data();
+        t.ctx.uc_stack.ss_size = t.stack.size();
+        t.ctx.uc_link = nullptr;
+        makecontext(&t.ctx, entry, 0);
+    }
+    std::vector<int> order(nthreads);
+    for (unsigned i = 0; i < nthreads; ++i) order[i] = (int)i;
+    const unsigned warps = nthreads / 32;
+    for (;;) {
+        std::shuffle(order.begin(), order.end(), c.rng);
+        bool ran = false;
+        for (int i : order) {
+            if (c.threads[i].state != RUNNABLE) continue;
+            ran = true;
+            c.current = i;
+#ifdef EMU_ASAN
+            Thread& t = c.threads[i];
+            __sanitizer_start_switch_fiber(&c.fake_stack, t.stack.data(), t.stack.size());
+#endif
+            if (!_setjmp(c.sched)) {
+                Thread& th = c.threads[i];
+                if (!th.started) {
+                    th.started = true;
+                    setcontext(&th.ctx);
+                }
+                _longjmp(th.jb, 1);
+            }
+#ifdef EMU_ASAN
+            __sanitizer_finish_switch_fiber(c.fake_stack, nullptr, nullptr);
+#endif
+        }
+        if (ran) continue;
+        // Nobody can run: release a completed barrier, or finish, or report a deadlock.
+        bool all_done = true, released = false;
+        unsigned live = 0, at_cta = 0;
+        for (auto& t : c.threads) {
+            if (t.state != DONE) {
+                all_done = false;
+                ++live;
+            }
+            if (t.state == CTA_WAIT) ++at_cta;
+        }
+        if (all_done) break;
+        for (unsigned w = 0; w < warps; ++w) {
+            unsigned waiting = 0, alive = 0;
+            for (unsigned l = 0; l < 32; ++l) {
+                const State s = c.threads[w * 32 + l].state;
+                if (s != DONE) ++alive;
+                if (s == WARP_WAIT) ++waiting;
+            }
+            if (waiting && waiting == alive) {
+                for (unsigned l = 0; l < 32; ++l)
+                    if (c.threads[w * 32 + l].state == WARP_WAIT) c.threads[w * 32 + l].state = RUNNABLE;
+                released = true;
+            } else if (waiting) {
+                fail("warp operation reached by only part of a warp (divergent shuffle / __syncwarp)");
+            }
+        }
+        if (released) continue;
+        if (at_cta == live) {
+            for (auto& t : c.threads)
+                if (t.state == CTA_WAIT) t.state = RUNNABLE;
+            continue;
+        }
+        fail("deadlock: __syncthreads not reached by every thread of the block");
+    }
+    std::free(c.smem);
+    c.smem = nullptr;
+}
+
+// Launch: every CTA of the grid in a shuffled order; `kernel` is called by every thread.
+inline void launch(dim3 grid, dim3 block, size_t smem, unsigned seed, std::function<void()> kernel) {
+    grid_dim() = grid;
+    block_dim() = block;
+    cta().body = std::move(kernel);
+    cta().rng.seed(seed);
+    std::vector<dim3> blocks;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+    std::shuffle(blocks.begin(), blocks.end(), cta().rng);
+    for (const dim3& b : blocks) {
+        block_idx() = b;
+        run_cta(block.x * block.y * block.z, smem);
+    }
+}
+
+inline int lane() { return (int)(cta().current % 32); }
+inline int warp_base() { return cta().current - lane(); }
+
+// Lanes write a bank, wait for the warp, read; alternating banks means the next operation's writes cannot
+// overwrite what a slower lane has still to read, so one switch per operation suffices.
+inline unsigned* bank() {
+    Cta& c = cta();
+    return c.slots.data() + (c.threads[c.current].phase++ & 1u) * c.threads.size();
+}
+
+inline unsigned exchange(unsigned v, int src_lane) {
+    Cta& c = cta();
+    unsigned* slots = bank();
+    slots[c.current] = v;
+    yield(WARP_WAIT);
+    return slots[warp_base() + src_lane];
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::cta().threads[emu::cta().current].idx)
+#define blockIdx (emu::block_idx())
+#define gridDim (emu::grid_dim())
+#define blockDim (emu::block_dim())
+#define DEC_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+
+inline void __syncthreads() { emu::yield(emu::CTA_WAIT); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    emu::bank();  // keep every lane's bank phase in step
+    emu::yield(emu::WARP_WAIT);
+}
+inline void __threadfence() {}
+
+inline void emu_full_mask(unsigned mask) {
+    if (mask != 0xffffffffu) emu::fail("only full-warp masks are emulated");
+}
+inline float __shfl_xor_sync(unsigned mask, float v, int off) {
+    emu_full_mask(mask);
+    return __uint_as_float(emu::exchange(__float_as_uint(v), emu::lane() ^ off));
+}
+inline int __shfl_xor_sync(unsigned mask, int v, int off) {
+    emu_full_mask(mask);
+    return (int)emu::exchange((unsigned)v, emu::lane() ^ off);
+}
+inline int __shfl_sync(unsigned mask, int v, int src) {
+    emu_full_mask(mask);
+    return (int)emu::exchange((unsigned)v, src & 31);
+}
+inline float __shfl_sync(unsigned mask, float v, int src) {
+    emu_full_mask(mask);
+    return __uint_as_float(emu::exchange(__float_as_uint(v), src & 31));
+}
+inline int __shfl_up_sync(unsigned mask, int v, unsigned delta) {
+    emu_full_mask(mask);
+    const int src = emu::lane() - (int)delta;
+    return (int)emu::exchange((unsigned)v, src < 0 ? emu::lane() : src);
+}
+inline float __shfl_up_sync(unsigned mask, float v, unsigned delta) {
+    emu_full_mask(mask);
+    const int src = emu::lane() - (int)delta;
+    return __uint_as_float(emu::exchange(__float_as_uint(v), src < 0 ? emu::lane() : src));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    emu_full_mask(mask);
+    emu::Cta& c = emu::cta();
+    unsigned* slots = emu::bank();
+    slots[c.current] = pred ? 1u : 0u;
+    emu::yield(emu::WARP_WAIT);
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= slots[emu::warp_base() + l] << l;
+    return bits;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __any_sync(unsigned mask, int pred) {
+    emu_full_mask(mask);
+    emu::Cta& c = emu::cta();
+    unsigned* slots = emu::bank();
+    slots[c.current] = pred ? 1u : 0u;
+    emu::yield(emu::WARP_WAIT);
+    int any = 0;
+    for (int l = 0; l < 32; ++l) any |= (int)slots[emu::warp_base() + l];
+    return any;
+}
+
+// Coroutines of one CTA never run at the same time: a plain read-modify-write is atomic.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
+template <typename T>
+inline T dec_ldcg(const T* p) {
+    return *p;
+}
+
+inline void dec_cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void dec_cp_async_wait_all() {}

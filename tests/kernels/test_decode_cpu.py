@@ -1,0 +1,345 @@
+"""MoBA decode on the CPU: the KV cache, the reference decode, argument checks and the CUDA launch plans.
+
+The ground truth is ``moba_attention`` over the whole sequence: decoding token by token from a prompt
+(append the token's key and value, then attend its query) must reproduce it at every position, with the
+same block selections as ``moba_topk``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import (
+    MobaKVCache,
+    decode_bytes,
+    decode_flops,
+    expected_unique_blocks,
+    moba_attention,
+    moba_centroids,
+    moba_decode,
+    moba_decode_reference,
+    moba_topk,
+)
+from mobalab.kernels import _cuda_decode as C
+from mobalab.kernels import _decode as D
+from mobalab.kernels._launch import check_args
+
+# one rounding of the output to the 16-bit type (both sides compute in fp32 from the same inputs)
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 1e-12}
+
+
+def _stream(seed, batch, total, heads, kv_heads, dim, dtype):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, total, heads, dim, generator=g).to(dtype)
+    k = torch.randn(batch, total, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(batch, total, kv_heads, dim, generator=g).to(dtype)
+    return q, k, v
+
+
+def _full_reference(q, k, v, b, end, block, top_k, q_len=1, scale=None):
+    """moba_attention of sequence b over its first ``end`` tokens, at the last ``q_len`` positions."""
+    out, lse = moba_attention(q[b:b + 1, :end], k[b:b + 1, :end], v[b:b + 1, :end], block, top_k,
+                              softmax_scale=scale, return_lse=True)
+    sel = moba_topk(q[b:b + 1, :end], k[b:b + 1, :end], block, top_k)
+    return out[0, end - q_len:], lse[0, end - q_len:], sel[0, end - q_len:]
+
+
+DECODE_CASES = [
+    # dtype, batch, kv_heads, heads, d, B, top_k, prompt lengths, decode steps
+    pytest.param(torch.float32, 1, 1, 1, 16, 4, 3, [9], 12, id="fp32-mha-crosses-blocks"),
+    pytest.param(torch.float32, 2, 2, 8, 8, 8, 2, [13, 20], 14, id="fp32-gqa4-ragged"),
+    pytest.param(torch.bfloat16, 2, 1, 3, 16, 8, 3, [30, 7], 10, id="bf16-mqa-ragged"),
+    pytest.param(torch.float16, 1, 2, 4, 8, 16, 4, [33], 18, id="fp16-gqa2"),
+    pytest.param(torch.float32, 3, 1, 2, 8, 5, 4, [1, 6, 11], 9, id="fp32-odd-block-from-one-token"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "batch", "kv_heads", "heads", "dim", "block", "top_k", "lengths", "steps"),
+                         DECODE_CASES)
+def test_token_by_token_decode_equals_moba_attention(dtype, batch, kv_heads, heads, dim, block, top_k, lengths,
+                                                     steps):
+    total = max(lengths) + steps
+    q, k, v = _stream(len(lengths) + dim, batch, total, heads, kv_heads, dim, dtype)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype)
+    cache.prefill(k, v, lengths=lengths)  # positions >= lengths[b] are padding, replaced by the appends
+    rows = torch.arange(batch)
+    for step in range(steps):
+        pos = torch.tensor(lengths) + step
+        cache.append(k[rows, pos].unsqueeze(1), v[rows, pos].unsqueeze(1))
+        qt = q[rows, pos].unsqueeze(1)
+        out, lse = moba_decode(qt, cache, top_k, return_lse=True)
+        sel = D._route(qt, cache, top_k)
+        assert out.dtype == dtype and out.shape == (batch, 1, heads, dim) and lse.dtype == torch.float32
+        for b in range(batch):
+            ref_out, ref_lse, ref_sel = _full_reference(q, k, v, b, int(pos[b]) + 1, block, top_k)
+            assert torch.equal(sel[b], ref_sel), (step, b)
+            torch.testing.assert_close(out[b].float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+            torch.testing.assert_close(lse[b], ref_lse, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [n + steps for n in lengths]
+
+
+@pytest.mark.parametrize(("q_len", "prompt", "block"), [(4, 21, 8), (5, 30, 8), (16, 40, 16), (3, 3, 4)])
+def test_multi_token_step_equals_moba_attention(q_len, prompt, block):
+    """q_len > 1 (e.g. verifying draft tokens): the queries sit at the last q_len positions, each with its own
+    own block and causal limit, also when they straddle a block boundary."""
+    q, k, v = _stream(q_len, 2, prompt + q_len, 4, 2, 8, torch.float32)
+    cache = MobaKVCache(2, 2, 8, block, prompt + q_len + 5)
+    cache.prefill(k[:, :prompt], v[:, :prompt])
+    cache.append(k[:, prompt:], v[:, prompt:])
+    out = moba_decode(q[:, prompt:], cache, 3)
+    for b in range(2):
+        ref_out, _, _ = _full_reference(q, k, v, b, prompt + q_len, block, 3, q_len=q_len)
+        torch.testing.assert_close(out[b], ref_out, atol=2e-6, rtol=2e-6)
+
+
+def test_float64_is_exact_and_scale_is_honoured():
+    q, k, v = _stream(5, 1, 40, 2, 1, 8, torch.float64)
+    cache = MobaKVCache(1, 1, 8, 4, 40, dtype=torch.float64)
+    cache.prefill(k[:, :39], v[:, :39])
+    cache.append(k[:, 39:], v[:, 39:])
+    out, lse = moba_decode(q[:, 39:], cache, 3, softmax_scale=0.7, return_lse=True)
+    ref_out, ref_lse = moba_attention(q, k, v, 4, 3, softmax_scale=0.7, return_lse=True)
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(out[0, 0], ref_out[0, 39], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse[0, 0], ref_lse[0, 39], atol=1e-12, rtol=1e-12)
+
+
+def test_short_context_is_dense_causal_attention():
+    """N <= k·B: every past block fits, MoBA decode is dense causal attention at the last position."""
+    q, k, v = _stream(2, 1, 23, 2, 2, 8, torch.float32)
+    cache = MobaKVCache(1, 2, 8, 8, 32)
+    cache.prefill(k[:, :22], v[:, :22])
+    cache.append(k[:, 22:], v[:, 22:])
+    out = moba_decode(q[:, 22:], cache, 3)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out[0, 0], dense[0, 22], atol=2e-6, rtol=2e-6)
+
+
+def test_reference_function_matches_dispatch():
+    q, k, v = _stream(9, 2, 30, 4, 2, 8, torch.bfloat16)
+    cache = MobaKVCache(2, 2, 8, 4, 30, dtype=torch.bfloat16)
+    cache.prefill(k[:, :29], v[:, :29])
+    cache.append(k[:, 29:], v[:, 29:])
+    a, la = moba_decode(q[:, 29:], cache, 4, return_lse=True)
+    b, lb = moba_decode_reference(q[:, 29:], cache, 4, return_lse=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cache_sums_match_recomputed_centroids(dtype):
+    """Prefill (ragged) then appends of 1 and 3 tokens: the running sums give moba_centroids of the keys."""
+    lengths, block = [17, 5, 24], 4
+    q, k, v = _stream(1, 3, 40, 2, 2, 8, dtype)
+    cache = MobaKVCache(3, 2, 8, block, 40, dtype=dtype)
+    cache.prefill(k[:, :24], v[:, :24], lengths=torch.tensor(lengths))
+    ends = list(lengths)
+    rows = torch.arange(3)
+    for n_new in (1, 3, 1, 2):
+        pos = torch.tensor(ends).view(3, 1) + torch.arange(n_new)
+        cache.append(k[rows.view(3, 1), pos], v[rows.view(3, 1), pos])
+        ends = [e + n_new for e in ends]
+        cent = cache.centroids()
+        assert cent.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        for b, end in enumerate(ends):
+            ref = moba_centroids(k[b:b + 1, :end], block)[0]
+            torch.testing.assert_close(cent[b, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+            assert not cent[b, ref.shape[0]:].any()  # blocks it does not reach are zero
+            # K and V land head-major at their positions
+            assert torch.equal(cache.k[b, :, :end].transpose(0, 1), k[b, :end])
+            assert torch.equal(cache.v[b, :, :end].transpose(0, 1), v[b, :end])
+    assert cache.lengths.tolist() == ends and cache.appended.tolist() == [2, 2, 2]
+
+
+def test_prefill_replaces_and_chunks(monkeypatch):
+    """A second prefill starts over (old sums gone); sums computed in chunks equal one pass."""
+    from mobalab.kernels import _kv_cache
+
+    _, k, v = _stream(4, 2, 64, 1, 1, 8, torch.float32)
+    cache = MobaKVCache(2, 1, 8, 4, 64)
+    cache.prefill(k, v)
+    monkeypatch.setattr(_kv_cache, "_PREFILL_CHUNK_TOKENS", 8)
+    cache.prefill(k[:, :30], v[:, :30], lengths=[30, 9])
+    assert cache.lengths.tolist() == [30, 9]
+    for b, end in enumerate([30, 9]):
+        ref = moba_centroids(k[b:b + 1, :end], 4)[0]
+        torch.testing.assert_close(cache.centroids()[b, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+    assert not cache.block_sums[:, :, 8:].any() and not cache.block_sums[1, :, 3:].any()
+
+
+def test_cache_layout_and_repr():
+    cache = MobaKVCache(2, 3, 8, 16, 40, dtype=torch.bfloat16)
+    assert cache.capacity == 48 and cache.n_blocks == 3
+    assert cache.k.shape == (2, 3, 48, 8) and cache.block_sums.shape == (2, 3, 3, 8)
+    assert cache.block_sums.dtype == torch.float32 and cache.k.is_contiguous()
+    assert "lengths=[0, 0]" in repr(cache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.fixture
+def filled():
+    q, k, v = _stream(0, 2, 12, 4, 2, 8, torch.float32)
+    cache = MobaKVCache(2, 2, 8, 4, 12)
+    cache.prefill(k[:, :10], v[:, :10])
+    cache.append(k[:, 10:11], v[:, 10:11])
+    return q[:, 10:11], cache
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda q, c: (torch.zeros(2, 17, 4, 8), c), r"q_len = 17 is not supported; supported: 1\.\.16"),
+    (lambda q, c: (torch.zeros(2, 2, 4, 8), c), r"q_len = 2 but the last prefill/append added only 1"),
+    (lambda q, c: (q.double(), c), r"q has dtype torch.float64; the cache holds torch.float32"),
+    (lambda q, c: (q.to("meta"), c), r"q is on meta"),
+    (lambda q, c: (torch.zeros(2, 1, 3, 8), c), r"3 heads; it must be a positive multiple of the cache's kv_heads"),
+    (lambda q, c: (torch.zeros(2, 1, 4, 16), c), r"head_dim 16; the cache has head_dim 8"),
+    (lambda q, c: (torch.zeros(3, 1, 4, 8), c), r"batch 3; the cache has batch 2"),
+    (lambda q, c: (torch.zeros(2, 4, 8), c), r"q must be 4-D"),
+])
+def test_bad_queries_are_named(filled, make, match):
+    q, cache = make(*filled)
+    with pytest.raises(ValueError, match=match):
+        moba_decode(q, cache, 2)
+
+
+def test_bad_arguments_are_named(filled):
+    q, cache = filled
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1, got 0"):
+        moba_decode(q, cache, 0)
+    with pytest.raises(ValueError, match="softmax_scale must be a finite real number"):
+        moba_decode(q, cache, 2, softmax_scale=float("inf"))
+    with pytest.raises(ValueError, match="return_lse must be True or False"):
+        moba_decode(q, cache, 2, return_lse=1)
+    with pytest.raises(TypeError, match="cache must be a MobaKVCache, got dict"):
+        moba_decode(q, {}, 2)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        moba_decode([1.0], cache, 2)
+
+
+def test_cache_errors_are_named(filled):
+    _, cache = filled
+    kv = torch.zeros(2, 1, 2, 8)
+    with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache is full"):
+        cache.append(torch.zeros(2, 2, 2, 8), torch.zeros(2, 2, 2, 8))
+    with pytest.raises(ValueError, match="k has dtype torch.bfloat16; this cache holds torch.float32"):
+        cache.append(kv.bfloat16(), kv.bfloat16())
+    with pytest.raises(ValueError, match="k is on meta; this cache is on cpu"):
+        cache.append(kv.to("meta"), kv.to("meta"))
+    with pytest.raises(ValueError, match=r"k has shape \(2, 1, 3, 8\); this cache takes \(batch=2, seqlen >= 1, "
+                                         r"kv_heads=2, head_dim=8\)"):
+        cache.append(torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 3, 8))
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        cache.append(kv, torch.zeros(2, 2, 2, 8))
+    with pytest.raises(ValueError, match=r"the prompt has 13 tokens; this cache holds at most max_seqlen=12"):
+        cache.prefill(torch.zeros(2, 13, 2, 8), torch.zeros(2, 13, 2, 8))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
+        cache.prefill(torch.zeros(2, 5, 2, 8), torch.zeros(2, 5, 2, 8), lengths=[0, 5])
+    with pytest.raises(ValueError, match="lengths has 3 entries; the cache has batch 2"):
+        cache.prefill(torch.zeros(2, 5, 2, 8), torch.zeros(2, 5, 2, 8), lengths=[1, 2, 3])
+    with pytest.raises(ValueError, match="lengths must hold integers"):
+        cache.prefill(torch.zeros(2, 5, 2, 8), torch.zeros(2, 5, 2, 8), lengths=[1.5, 2])
+    with pytest.raises(ValueError, match="dtype torch.int8 is not supported"):
+        MobaKVCache(1, 1, 8, 4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
+        MobaKVCache(1, 1, 8, 0, 8)
+    assert cache.lengths.tolist() == [11, 11]  # failed calls change nothing
+
+
+def test_kernel_limits_name_what_the_gpu_supports():
+    def check(dtype=torch.bfloat16, dim=64, block=64, heads=4, q_len=1, top_k=8):
+        cache = MobaKVCache(1, 1, dim, block, 64, dtype=dtype)
+        cache.prefill(torch.zeros(1, 16, 1, dim, dtype=dtype), torch.zeros(1, 16, 1, dim, dtype=dtype))
+        D.check_decode(torch.zeros(1, q_len, heads, dim, dtype=dtype), cache, top_k, kernel_limits=True)
+
+    check()
+    with pytest.raises(ValueError, match="dtype torch.float32 on cpu: the CUDA kernels support bfloat16, float16"):
+        check(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"head_dim 96: the CUDA kernels support \(64, 128\)"):
+        check(dim=96)
+    with pytest.raises(ValueError, match=r"block_size 48: the CUDA kernels support \(16, 32, 64, 128, 256, 512\)"):
+        check(block=48)
+    with pytest.raises(ValueError, match=r"top_k = 33: the CUDA kernels support 1\.\.32"):
+        check(top_k=33)
+    with pytest.raises(ValueError, match=r"= 528 query rows per kv head: the CUDA kernels support up to 512"):
+        check(heads=33, q_len=16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA launch plans (pure Python)
+
+
+@pytest.mark.parametrize(("batch", "q_len", "heads", "kv_heads", "dim", "block", "top_k", "length"), [
+    (8, 1, 32, 8, 128, 128, 8, 512 * 1024), (1, 1, 32, 8, 128, 32, 16, 1 << 20), (64, 1, 32, 8, 128, 64, 4, 8192),
+    (2, 16, 32, 8, 64, 16, 32, 100_000), (1, 16, 32, 1, 128, 512, 2, 700), (3, 2, 4, 4, 64, 16, 1, 5),
+])
+def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k, length):
+    n_blocks = math.ceil((length + 10) / block)
+    plan = C.plan_decode(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block)
+    rows = heads // kv_heads * q_len
+    assert plan.rows == rows and plan.n_rg * plan.rows_per_group >= rows and plan.rows_per_group <= C.ROUTE_MAX_ROWS
+    n_cand = (length - 1) // block
+    assert plan.n_split * plan.blocks_per_split >= n_cand
+    assert (plan.n_split - 1) * plan.blocks_per_split < max(n_cand, 1)  # no empty split
+    assert plan.n_split <= C.ROUTE_MAX_SPLIT and plan.n_split * max(plan.lcap, 0) <= C.ROUTE_MERGE_ENTRIES
+    assert plan.chunk * plan.n_chunks == block and plan.chunk <= C.ATTN_CHUNK
+    assert max(plan.route_smem, plan.attn_smem) <= 227 * 1024
+    assert all(g <= 65535 for g in plan.route_grid[1:] + plan.attn_grid[1:]) and plan.attn_grid[0] < 2**31
+    # the launches' arguments have exactly the kernels' C types
+    q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
+    bufs = {name: torch.zeros(1) for name in ("sel", "part_v", "part_j", "part_o", "part_ml", "out", "lse")}
+    for launch in (C.route_launch(plan, q, torch.zeros(1), torch.zeros(1, dtype=torch.int32), bufs, torch.zeros(1)),
+                   C.attention_launch(plan, q, q, q, torch.zeros(1), bufs, torch.zeros(1), 0.1)):
+        check_args(launch.filename, launch.kernel, launch.args)
+        assert launch.block[0] in (C.ROUTE_THREADS, C.ATTN_THREADS)
+
+
+def test_step_buffers_have_the_planned_sizes():
+    q, k, v = _stream(0, 2, 70, 8, 2, 64, torch.bfloat16)
+    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
+    cache.prefill(k, v, lengths=[70, 40])
+    plan, bufs, launches = C.step_launches(q[:, :1], cache, 4, 0.125)
+    assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
+    assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
+    assert launches[0].args[6].numel() == plan.n_route_counters and launches[1].args[7].numel() == plan.n_attn_counters
+    # counters of the two kernels do not overlap
+    assert launches[1].args[7].data_ptr() >= launches[0].args[6].data_ptr() + 4 * plan.n_route_counters
+    assert launches[1].args[-1] == np.float32(0.125 * math.log2(math.e))
+
+
+# ---------------------------------------------------------------------------------------------------
+# cost model
+
+
+def test_decode_bytes_model():
+    c = decode_bytes(1 << 19, 128, 8, batch=8, heads=32, kv_heads=8, head_dim=128, overlap="shared")
+    assert c["centroid_bytes"] == 8 * 8 * 4095 * 128 * 4
+    assert c["kv_bytes"] == 2 * 8 * 8 * (128 + 7 * 128) * 128 * 2  # own block is full at N = 512K
+    assert c["dense_bytes"] == 2 * 8 * 8 * (1 << 19) * 128 * 2 + c["q_out_bytes"]
+    ind = decode_bytes(1 << 19, 128, 8, batch=8)
+    assert ind["unique_blocks"] > 27 and ind["total_bytes"] > c["total_bytes"]
+    # more rows than one routing pass takes: the sums are read once per 64 rows
+    assert decode_bytes(4096, 16, 4, heads=64, kv_heads=1, q_len=2)["centroid_bytes"] == 2 * 255 * 128 * 4
+    assert expected_unique_blocks(3, 8, 4) == 3 and expected_unique_blocks(0, 8, 4) == 0
+    assert expected_unique_blocks(100, 11, 1) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="overlap must be one of"):
+        decode_bytes(100, 16, 4, overlap="random")
+    with pytest.raises(ValueError, match=r"heads \(6\) must be a multiple of kv_heads \(4\)"):
+        decode_bytes(100, 16, 4, heads=6, kv_heads=4)
+
+
+def test_decode_flops_counts_the_attended_tokens():
+    f = decode_flops(100, 16, 3, batch=1, heads=1, kv_heads=1, head_dim=1, q_len=2)
+    # t = 98, 99: own block 6 (tokens 96..t), 2 past blocks of 16; routing scores 6 past blocks each
+    assert f["attention_flops"] == 4 * ((3 + 32) + (4 + 32))
+    assert f["routing_flops"] == 2 * (6 + 6)
+    assert f["dense_flops"] == 4 * (99 + 100)

@@ -1,0 +1,224 @@
+"""GPU MoBA decode (cuda/decode.cu) against the torch reference, on the device machine.
+
+Every case decodes from a prompt through a CUDA MobaKVCache with every ``torch.empty`` poisoned (NaN, int
+2**30), so any output or scratch element the kernels fail to write shows up. Checks:
+
+* routing: the kernel's selection equals the fp64 selection (``moba_topk`` on fp64 inputs) except at
+  near-ties: at a mismatched slot both blocks are valid and their fp64 scores lie within
+  ``TIE_RTOL * |q| * |centroid|``; overall mismatches < 0.1% of the slots chosen by score;
+* attention: on the kernel's own selection, the kernel's error against fp64 is at most twice the error of
+  the same computation done in torch in the input dtype (bf16 / fp16 matmuls and softmax);
+* the token-by-token outputs equal ``moba_attention`` (reference, fp32) over the whole sequences at every
+  decoded position wherever the selections agree;
+* repeat calls are bit-identical (the completion counters reset themselves) and a step replays from a CUDA
+  graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mobalab.kernels import MobaKVCache, moba_decode, reference
+from mobalab.kernels import _decode as D
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+TIE_RTOL = 2.0**-12
+STATS = {"slots": 0, "mismatches": 0}
+
+
+def _kernel_decode(q, cache, top_k, scale=None):
+    """(out, lse, sel) of one step through the CUDA path."""
+    from mobalab.kernels._cuda_decode import decode_cuda
+
+    top_k, scale = D.check_decode(q, cache, top_k, scale)
+    return decode_cuda(q, cache, top_k, scale, True, return_selection=True)
+
+
+def _rand(shape, dtype, gen):
+    return torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+def _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len, poisoned_empty, seed):
+    """Prefill a ragged prompt, then `steps` steps of q_len tokens (append, decode). Returns the token streams,
+    the final lengths and per-step (positions, out, lse, sel)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    batch = len(lengths)
+    total = max(lengths) + steps * q_len
+    q = _rand((batch, total, heads, dim), dtype, gen)
+    k = _rand((batch, total, kv_heads, dim), dtype, gen)
+    v = _rand((batch, total, kv_heads, dim), dtype, gen)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, device=DEVICE)
+    cache.prefill(k, v, lengths=lengths)
+    rows = torch.arange(batch, device=DEVICE).view(batch, 1)
+    records = []
+    for step in range(steps):
+        pos = (torch.tensor(lengths, device=DEVICE) + step * q_len).view(batch, 1) + torch.arange(q_len, device=DEVICE)
+        cache.append(k[rows, pos], v[rows, pos])
+        with poisoned_empty():
+            out, lse, sel = _kernel_decode(q[rows, pos], cache, top_k)
+        records.append((pos, out, lse, sel))
+    return (q, k, v), cache, records
+
+
+def _scores64(qv, k, b, blocks, block, group, heads_idx):
+    """fp64 scores <q, centroid> of `blocks` for query rows qv (n, d) of sequence b, heads heads_idx."""
+    cent = reference.moba_centroids(k[b:b + 1].double(), block)[0]  # (n_blocks, kv_heads, d)
+    c = cent[blocks.long().clamp(min=0), (heads_idx // group).view(-1, 1)]
+    return (qv.double().unsqueeze(1) * c).sum(-1), c.norm(dim=-1)
+
+
+def _check_routing(qkv, lengths_end, block, top_k, records, group):
+    """Kernel selection vs the fp64 selection at every decoded position (near-ties allowed)."""
+    q, k, _ = qkv
+    for b, end in enumerate(lengths_end):
+        ref = reference.moba_topk(q[b:b + 1, :end].double(), k[b:b + 1, :end].double(), block, top_k)[0]
+        for pos, _, _, sel in records:
+            mine = sel[b]  # (q_len, heads, top_k)
+            want = ref[pos[b]]
+            assert not (mine == 2**30).any(), "unwritten selection slots"
+            assert torch.equal(mine < 0, want < 0), "valid-slot pattern differs from the fp64 reference"
+            assert torch.equal(mine[..., 0], want[..., 0]), "own block"
+            bad = mine != want
+            STATS["slots"] += int((want[..., 1:] >= 0).sum())
+            n_bad = int(bad.sum())
+            STATS["mismatches"] += n_bad
+            if n_bad:
+                i, h, s = bad.nonzero(as_tuple=True)
+                qv = q[b, pos[b][i], h]
+                s_mine, n_mine = _scores64(qv, k[:, :end], b, mine[i, h, s].view(-1, 1), block, group, h)
+                s_want, n_want = _scores64(qv, k[:, :end], b, want[i, h, s].view(-1, 1), block, group, h)
+                bound = TIE_RTOL * qv.double().norm(dim=-1) * torch.maximum(n_mine, n_want)[:, 0]
+                gap = ((s_mine - s_want).abs()[:, 0] / bound).max().item()
+                assert gap <= 1.0, f"{n_bad} mismatched slots, not all near-ties (worst {gap:.3g} x bound)"
+
+
+def _attend_on(q_rows, cache_k, cache_v, sel, t, block, group, scale, dtype):
+    """Attention of q_rows (heads, d) at position t over the tokens of `sel` (heads, top_k), in `dtype`."""
+    heads, top_k = sel.shape
+    tokens = sel.long().unsqueeze(-1) * block + torch.arange(block, device=sel.device)
+    valid = ((sel.unsqueeze(-1) >= 0) & (tokens <= t)).view(heads, -1)
+    tokens = torch.where(valid, tokens.view(heads, -1), 0)
+    kv = (torch.arange(heads, device=sel.device) // group).view(heads, 1)
+    keys, values = cache_k[kv, tokens].to(dtype), cache_v[kv, tokens].to(dtype)
+    logits = (torch.einsum("hd,hnd->hn", q_rows.to(dtype), keys) * scale).masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("hn,hnd->hd", probs, values)
+
+
+def _check_attention(cache, qkv, records, block, group, dtype):
+    """Kernel error vs fp64 on its own selection <= 2x the error of the same computation in `dtype`."""
+    q = qkv[0]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    worst = 0.0
+    for pos, out, lse, sel in records:
+        assert not torch.isnan(out.float()).any() and not torch.isnan(lse).any(), "unwritten outputs"
+        for b in range(out.shape[0]):
+            for i in range(out.shape[1]):
+                t = int(pos[b, i])
+                args = (q[b, t], cache.k[b], cache.v[b], sel[b, i], t, block, group, scale)
+                exact = _attend_on(*args, torch.float64)
+                low = _attend_on(*args, dtype).double()
+                err_kernel = (out[b, i].double() - exact).abs().max().item()
+                err_low = (low - exact).abs().max().item()
+                assert err_kernel <= 2 * err_low + 1e-6, (t, err_kernel, err_low)
+                worst = max(worst, err_kernel / max(err_low, 1e-9))
+    return worst
+
+
+def _check_against_moba_attention(qkv, lengths_end, block, top_k, records, dtype):
+    """Token-by-token outputs vs moba_attention (reference, fp32) over the whole sequences."""
+    q, k, v = qkv
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    compared = total = 0
+    for b, end in enumerate(lengths_end):
+        f32 = [x[b:b + 1, :end].float() for x in (q, k, v)]
+        ref_out, ref_lse = reference.moba_attention(*f32, block, top_k, return_lse=True)
+        ref_sel = reference.moba_topk(f32[0], f32[1], block, top_k)
+        for pos, out, lse, sel in records:
+            same = (sel[b] == ref_sel[0, pos[b]]).all(dim=-1)  # (q_len, heads): rows routed alike
+            total += same.numel()
+            compared += int(same.sum())
+            got, want = out[b].float()[same], ref_out[0, pos[b]][same]
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            torch.testing.assert_close(lse[b][same], ref_lse[0, pos[b]][same], atol=1e-3, rtol=1e-3)
+    assert compared >= 0.99 * total, f"only {compared} of {total} rows route like the fp32 reference"
+
+
+CASES = [
+    # dtype, d, B, kv_heads, heads, top_k, prompt lengths, steps, q_len
+    pytest.param(torch.bfloat16, 128, 128, 2, 8, 8, [3000, 1100], 20, 1, id="bf16-d128-B128-gqa4-ragged"),
+    pytest.param(torch.float16, 64, 16, 1, 4, 16, [2000], 40, 1, id="fp16-d64-B16-k16"),
+    pytest.param(torch.bfloat16, 64, 32, 2, 2, 4, [700, 1500, 33], 12, 1, id="bf16-d64-B32-mha-short-seq"),
+    pytest.param(torch.bfloat16, 128, 512, 1, 4, 3, [2600], 6, 1, id="bf16-d128-B512"),
+    pytest.param(torch.float16, 128, 64, 2, 8, 8, [1500, 900], 6, 4, id="fp16-d128-B64-qlen4"),
+    pytest.param(torch.bfloat16, 64, 16, 1, 32, 8, [600], 3, 3, id="bf16-mqa32-qlen3-two-row-groups"),
+    pytest.param(torch.bfloat16, 128, 256, 2, 4, 1, [800, 300], 4, 1, id="bf16-top1"),
+    pytest.param(torch.bfloat16, 64, 16, 2, 8, 32, [5000, 4000], 3, 16, id="bf16-qlen16-top32"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "dim", "block", "kv_heads", "heads", "top_k", "lengths", "steps", "q_len"), CASES)
+def test_decode_matches_reference(poisoned_empty, dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len):
+    seed = dim + block + heads + top_k + q_len
+    qkv, cache, records = _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len,
+                                      poisoned_empty, seed)
+    ends = cache.lengths.tolist()
+    group = heads // kv_heads
+    _check_routing(qkv, ends, block, top_k, records, group)
+    _check_attention(cache, qkv, records, block, group, dtype)
+    _check_against_moba_attention(qkv, ends, block, top_k, records, dtype)
+
+
+@pytest.mark.parametrize(("block", "top_k"), [(16, 32), (64, 8), (128, 8), (512, 4)])
+def test_routing_at_long_context(poisoned_empty, block, top_k):
+    """32K tokens, 32 / 8 heads: many routing splits and tiles; selections vs fp64 with near-ties only."""
+    qkv, cache, records = _decode_run(torch.bfloat16, 128, block, 8, 32, top_k, [32768, 20000], 2, 1,
+                                      poisoned_empty, seed=block)
+    _check_routing(qkv, cache.lengths.tolist(), block, top_k, records, 4)
+    _check_attention(cache, qkv, records, block, 4, torch.bfloat16)
+
+
+def test_mismatch_rate_is_small():
+    """Run after the cases above: near-tie flips are rare (< 0.1% of the slots chosen by score)."""
+    if STATS["slots"] == 0:
+        pytest.skip("no routing statistics collected (run the whole file)")
+    assert STATS["mismatches"] <= 1e-3 * STATS["slots"], STATS
+
+
+def test_repeat_calls_are_identical_and_graph_replay_works():
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    cache = MobaKVCache(4, 8, 128, 128, 9000, dtype=torch.bfloat16, device=DEVICE)
+    k, v = _rand((4, 8192, 8, 128), torch.bfloat16, gen), _rand((4, 8192, 8, 128), torch.bfloat16, gen)
+    cache.prefill(k, v, lengths=[8192, 5000, 7777, 129])
+    cache.append(_rand((4, 1, 8, 128), torch.bfloat16, gen), _rand((4, 1, 8, 128), torch.bfloat16, gen))
+    q = _rand((4, 1, 32, 128), torch.bfloat16, gen)
+    first, lse = moba_decode(q, cache, 8, return_lse=True)
+    second, lse2 = moba_decode(q, cache, 8, return_lse=True)
+    assert torch.equal(first, second) and torch.equal(lse, lse2)
+    assert int(cache._counters.abs().sum()) == 0
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moba_decode(q, cache, 8)  # warm-up on the capture stream (compiles nothing new)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = moba_decode(q, cache, 8)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, first)
+
+
+def test_cuda_rejects_what_the_kernels_do_not_support():
+    cache = MobaKVCache(1, 1, 64, 16, 64, dtype=torch.float32, device=DEVICE)
+    cache.prefill(torch.zeros(1, 8, 1, 64, device=DEVICE), torch.zeros(1, 8, 1, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="the CUDA kernels support bfloat16, float16"):
+        moba_decode(torch.zeros(1, 1, 1, 64, device=DEVICE), cache, 2)
+    # the reference runs anything on any device
+    assert D.moba_decode_reference(torch.zeros(1, 1, 1, 64, device=DEVICE), cache, 2).is_cuda

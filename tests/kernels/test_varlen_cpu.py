@@ -1,0 +1,194 @@
+"""Packed variable-length MoBA on CPU: each sequence equals ``moba_attention`` of that sequence alone.
+
+Fresh random inputs per test; awkward lengths (not a multiple of B, shorter than B, k >= n, empty); outputs,
+LSE, routing and gradients against the per-sequence reference; GQA; causal and non-causal; the errors a bad
+``cu_seqlens`` gets; the op under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk, moba_topk_varlen
+
+# B = 4: 13 is not a multiple, 3 is shorter than B, 0 is empty, 9 with top_k 3 has k >= n = 3
+LENGTHS = (13, 3, 0, 9, 22)
+
+
+def _packed(lengths, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(total, heads, dim, generator=g, dtype=dtype)
+    k = torch.randn(total, kv_heads, dim, generator=g, dtype=dtype)
+    v = torch.randn(total, kv_heads, dim, generator=g, dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+def _pieces(cu):
+    c = cu.tolist()
+    return [(s, e) for s, e in zip(c[:-1], c[1:], strict=True)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads):
+    q, k, v, cu = _packed(LENGTHS, heads, kv_heads, seed=heads * 10 + kv_heads + causal)
+    out, lse = moba_attention_varlen(q, k, v, cu, max(LENGTHS), 4, 3, causal=causal, softmax_scale=0.4,
+                                     return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2]
+    for s, e in _pieces(cu):
+        if e == s:
+            continue
+        o, lo = moba_attention(q[s:e][None], k[s:e][None], v[s:e][None], 4, 3, causal=causal, softmax_scale=0.4,
+                               return_lse=True)
+        torch.testing.assert_close(out[s:e], o[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse[s:e], lo[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_routing_is_local_to_each_sequence(causal):
+    q, k, _, cu = _packed(LENGTHS, seed=3 + causal)
+    sel = moba_topk_varlen(q, k, cu, max(LENGTHS), 4, 3, causal=causal)
+    assert sel.dtype == torch.int32 and sel.shape == (q.shape[0], q.shape[1], 3)
+    for s, e in _pieces(cu):
+        if e > s:
+            want = moba_topk(q[s:e][None], k[s:e][None], 4, 3, causal=causal)[0]
+            assert torch.equal(sel[s:e], want)
+            assert int(sel[s:e].max()) < -(-(e - s) // 4)  # local block indices
+
+
+def test_routing_differs_from_packing_into_one_sequence():
+    # the packed sequences must not see each other: one long sequence routes to other sequences' blocks
+    q, k, _, cu = _packed((16, 16), heads=2, kv_heads=2, seed=5)
+    sel = moba_topk_varlen(q, k, cu, 16, 4, 2, causal=True)
+    joint = moba_topk(q[None], k[None], 4, 2, causal=True)[0]
+    assert not torch.equal(sel[16:], joint[16:])
+    assert int(sel[16:].max()) <= 3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_equal_each_sequence_alone(causal):
+    q, k, v, cu = _packed(LENGTHS, 4, 2, seed=7 + causal)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(q.shape, generator=g, dtype=q.dtype)
+    w_lse = torch.randn(q.shape[:2], generator=g, dtype=q.dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = moba_attention_varlen(*leaves, cu, max(LENGTHS), 4, 3, causal=causal, return_lse=True)
+    got = torch.autograd.grad((out * w).sum() + (lse * w_lse).sum(), leaves)
+    want = [torch.zeros_like(x) for x in (q, k, v)]
+    for s, e in _pieces(cu):
+        if e == s:
+            continue
+        one = [x[s:e][None].clone().requires_grad_() for x in (q, k, v)]
+        o, lo = moba_attention(*one, 4, 3, causal=causal, return_lse=True)
+        grads = torch.autograd.grad((o[0] * w[s:e]).sum() + (lo[0] * w_lse[s:e]).sum(), one)
+        for acc, gr in zip(want, grads, strict=True):
+            acc[s:e] = gr[0]
+    for name, a, b in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+
+
+def test_gradcheck():
+    q, k, v, cu = _packed((5, 0, 7), heads=2, kv_heads=1, dim=4, seed=13)
+    leaves = tuple(x.requires_grad_() for x in (q, k, v))
+    fn = lambda q, k, v: moba_attention_varlen(q, k, v, cu, 7, 3, 2, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_low_precision_dtypes_and_no_sequences():
+    q, k, v, cu = _packed((6, 10), dtype=torch.bfloat16, seed=17)
+    out = moba_attention_varlen(q, k, v, cu, 10, 4, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[6:], moba_attention(q[6:][None], k[6:][None], v[6:][None], 4, 2)[0])
+    empty = q[:0]
+    out = moba_attention_varlen(empty, k[:0], v[:0], torch.zeros(1, dtype=torch.int32), 0, 4, 2)
+    assert out.shape == (0, *q.shape[1:])
+
+
+def test_opcheck_of_the_ops():
+    # schema, fake implementation, autograd registration (compilation: test_torch_compile_fullgraph_cpu);
+    # through torch.ops, the live registration
+    q, k, v, cu = _packed((5, 9), seed=19)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mobalab.moba_topk_varlen.default, (q, k, cu, 9, 4, 2, True), test_utils=utils)
+    torch.library.opcheck(torch.ops.mobalab.moba_attention_varlen_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, 9, 4, 2, True, 0.3, False),
+                          test_utils=utils)
+
+
+def test_torch_compile_fullgraph_cpu():
+    q, k, v, cu = _packed(LENGTHS, seed=29)
+
+    def f(q, k, v, cu):
+        return torch.tanh(moba_attention_varlen(q, k, v, cu, 30, 4, 3, causal=True)).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break would raise
+    a = [x.clone().requires_grad_() for x in (q, k, v)]
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    loss = compiled(*a, cu)
+    loss.backward()
+    want = f(*b, cu)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=0, atol=1e-12)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+    # other lengths, same shapes: the compiled graph reads the new cu_seqlens values
+    cu2 = torch.tensor([0, 30, 47], dtype=torch.int32)
+    torch.testing.assert_close(compiled(q, k, v, cu2), f(q, k, v, cu2), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+
+
+def _call(cu, max_seqlen=22, q=None, **kw):
+    qq, k, v, _ = _packed(LENGTHS, seed=31)
+    return moba_attention_varlen(qq if q is None else q, k, v, cu, max_seqlen, 4, 3, **kw)
+
+
+@pytest.mark.parametrize("cu,match", [
+    (torch.tensor([0, 13, 16, 16, 25, 47], dtype=torch.int64), "cu_seqlens must be int32.*torch.int64"),
+    (torch.tensor([[0, 47]], dtype=torch.int32), r"cu_seqlens must be 1-D.*\(1, 2\)"),
+    (torch.zeros(0, dtype=torch.int32), r"cu_seqlens must be 1-D.*\(0,\)"),
+    ([0, 47], "cu_seqlens must be a torch.Tensor.*list"),
+    (torch.tensor([1, 13, 47], dtype=torch.int32), "cu_seqlens must start at 0, got 1"),
+    (torch.tensor([0, 13, 10, 47], dtype=torch.int32), r"non-decreasing.*cu_seqlens\[1\] = 13 > cu_seqlens\[2\] = 10"),
+    (torch.tensor([0, 13, 40], dtype=torch.int32), r"q.shape\[0\] = 47, got cu_seqlens\[-1\] = 40"),
+    (torch.tensor([0, 13, 50], dtype=torch.int32), r"q.shape\[0\] = 47, got cu_seqlens\[-1\] = 50"),
+])
+def test_bad_cu_seqlens(cu, match):
+    with pytest.raises(ValueError, match=match):
+        _call(cu)
+
+
+def test_bad_max_seqlen_and_arguments():
+    cu = torch.tensor([0, 13, 16, 16, 25, 47], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen = 21 is smaller than the longest sequence.*22 tokens"):
+        _call(cu, max_seqlen=21)
+    with pytest.raises(ValueError, match="max_seqlen must be a Python int"):
+        _call(cu, max_seqlen=22.0)
+    with pytest.raises(ValueError, match=r"q must be 3-D.*\(1, 47, 4, 8\)"):
+        _call(cu, q=torch.zeros(1, 47, 4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="total_tokens differs, q has 40 and k has 47"):
+        _call(cu, q=torch.zeros(40, 4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"q heads \(3\) must be a multiple of kv heads \(2\)"):
+        _call(cu, q=torch.zeros(47, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="q, k, v must share one dtype"):
+        _call(cu, q=torch.zeros(47, 4, 8))
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        _call(cu, deterministic=1)
+    with pytest.raises(ValueError, match="softmax_scale must be a finite"):
+        _call(cu, softmax_scale=float("nan"))
+    q, k, _, _ = _packed(LENGTHS, seed=37)
+    with pytest.raises(ValueError, match="moba_topk_varlen: cu_seqlens must start at 0"):
+        moba_topk_varlen(q, k, torch.tensor([2, 47], dtype=torch.int32), 47, 4, 2)
+    with pytest.raises(ValueError, match="moba_topk_varlen: top_k must be an integer >= 1, got 0"):
+        moba_topk_varlen(q, k, cu, 22, 4, 0)
+
+
+def test_cu_seqlens_on_another_device():
+    meta = torch.tensor([0, 47], dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but q is on cpu"):
+        _call(meta)

@@ -1,0 +1,114 @@
+"""routing_statistics on hand-built queries and keys whose statistics are known exactly.
+
+Keys are N(0, I/d) noise; query j is a unit vector q_j; its needle key is mu·q_j + noise and the m - 1 keys
+right after the needle are mu_c·q_j + noise. So for every query: q·k_noise ~ N(0, 1/d), q·k_needle ~
+N(mu, 1/d), the companions N(mu_c, 1/d): exactly the paper's Gaussian model with sigma = 1/sqrt(d),
+independent tokens, and a companion at offset delta lands in the needle's block with probability
+(B - delta)/B (the needle is uniform in its block).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab import snr
+from mobalab.training import STAT_COLUMNS, routing_statistics
+
+D, N, B, TOP_K, MU, MU_C, M = 64, 2048, 32, 4, 0.55, 0.45, 3
+
+
+def _planted(batch=64, n_q=8, seed=0, mu=MU, mu_c=MU_C, m=M):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, N, 1, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    q = torch.randn(batch, N, 1, D, generator=g, dtype=torch.float64)
+    q = q / q.norm(dim=-1, keepdim=True)
+    qpos = torch.arange(N - n_q, N).expand(batch, n_q).contiguous()
+    # distinct needle blocks per row (so companions never overlap), needles uniform in their block,
+    # all before the query block
+    blocks = torch.rand(batch, N // B - 1, generator=g).argsort(dim=1)[:, :n_q]
+    npos = blocks * B + torch.randint(0, B, (batch, n_q), generator=g)
+    rows = torch.arange(batch)[:, None]
+    qv = q[rows, qpos, 0]  # (batch, n_q, D)
+    k[rows, npos, 0] += mu * qv
+    for delta in range(1, m):
+        pos = (npos + delta).clamp(max=N - n_q - 1)
+        k[rows, pos, 0] += mu_c * qv
+    return q, k, qpos, npos
+
+
+@pytest.fixture(scope="module")
+def row():
+    q, k, qpos, npos = _planted()
+    df = routing_statistics(q, k, qpos, npos, B, TOP_K)
+    assert list(df.columns) == list(STAT_COLUMNS) and len(df) == 1
+    return df.iloc[0]
+
+
+def test_token_statistics(row):
+    se = 1 / math.sqrt(D) / math.sqrt(row["valid_queries"])
+    assert row["mu_signal"] == pytest.approx(MU, abs=4 * se)
+    assert row["mu_noise"] == pytest.approx(0.0, abs=0.01)
+    assert row["delta_mu"] == pytest.approx(MU, abs=4 * se)
+    assert row["sigma"] == pytest.approx(1 / math.sqrt(D), rel=0.02)
+
+
+def test_cluster_statistics(row):
+    inside = sum((B - d) / B for d in range(1, M))  # expected companions inside the needle's block
+    want = MU + MU_C * inside
+    # a block's excess sums B noise terms of variance 1/d: standard error sqrt(B/d/queries)
+    se = math.sqrt(B / D / row["valid_queries"])
+    assert row["delta_mu_eff"] == pytest.approx(want, abs=4 * se)
+    # the identity the paper writes holds by construction of mu_cluster
+    assert row["delta_mu"] + (row["m"] - 1) * (row["mu_cluster"] - row["mu_noise"]) == pytest.approx(
+        row["delta_mu_eff"], rel=1e-9)
+    # participation ratio of (MU, MU_C·31/32, MU_C·30/32): close to M = 3 tokens
+    a = np.array([MU] + [MU_C * (B - d) / B for d in range(1, M)])
+    assert row["m"] == pytest.approx(a.sum() ** 2 / (a**2).sum(), abs=0.15)
+    assert row["mu_cluster"] == pytest.approx(MU_C * inside / (M - 1), abs=4 * se / (M - 1) + 0.02)
+    # independent tokens: block-score variance is sigma^2 / B
+    assert row["block_var_ratio"] == pytest.approx(1.0, abs=0.06)
+
+
+def test_predictions_match_observed_recall(row):
+    want_snr = row["delta_mu_eff"] / (row["sigma"] * math.sqrt(2 * B))
+    assert row["snr_paper"] == pytest.approx(want_snr, rel=1e-9)
+    # cosines of N(0, I/d) keys with a unit query also have standard deviation ~1/sqrt(d)
+    assert row["cos_sigma_sqrt_d"] == pytest.approx(1.0, abs=0.05)
+    assert 0.15 < row["recall"] < 0.95  # a regime where the test has power
+    # the data follow the paper's Gaussian model exactly, so both predictions sit inside the Wilson interval
+    assert abs(row["paper_units"]) < 1.5
+    assert abs(row["block_units"]) < 1.5
+    # the causal prediction at the true parameters, averaged over the same positions
+    assert row["pred_paper"] == pytest.approx(
+        float(snr.causal_hit_probability(want_snr, N, B, TOP_K, query_pos=N - 1, needle_pos=0)), abs=0.03)
+    assert row["recall_low"] <= row["recall"] <= row["recall_high"]
+
+
+def test_strong_needle_is_always_routed_and_attended():
+    q, k, qpos, npos = _planted(batch=8, mu=4.0, mu_c=0.0, m=1, seed=2)
+    r = routing_statistics(q, k, qpos, npos, B, TOP_K, softmax_scale=8.0).iloc[0]
+    assert r["recall"] == 1.0 and r["pred_paper"] > 0.999
+    assert r["m"] == pytest.approx(1.0) and math.isnan(r["mu_cluster"])
+    assert r["needle_mass"] > 0.5
+
+
+def test_needle_in_own_block_counts_as_hit_and_is_excluded_from_statistics():
+    q, k, qpos, npos = _planted(batch=4, n_q=2, seed=3)
+    npos = npos.clone()
+    npos[:, 0] = N - 2 * B + 3  # not in the query's block: a past block
+    npos[:, 1] = N - 5  # the queries' own (last) block
+    df = routing_statistics(q, k, qpos, npos, B, TOP_K)
+    assert int(df["valid_queries"].iloc[0]) == 4
+    assert int(df["recall_trials"].iloc[0]) == 8
+
+
+def test_matches_kernels_topk_and_validates():
+    q, k, qpos, npos = _planted(batch=2, n_q=2, seed=4)
+    with pytest.raises(ValueError, match="needle_pos <= query_pos"):
+        routing_statistics(q, k, npos, qpos, B, TOP_K)
+    with pytest.raises(ValueError, match="block_size"):
+        routing_statistics(q, k, qpos, npos, 0, TOP_K)
+    with pytest.raises(ValueError, match="4-D"):
+        routing_statistics(q[0], k, qpos, npos, B, TOP_K)
