@@ -141,10 +141,11 @@ def check_keys(fn: str, k, *, path: str) -> None:
     _check_cuda_sizes(fn, k, path)
 
 
-def check_inputs(fn: str, q, k, v=None, *, path: str) -> None:
+def check_inputs(fn: str, q, k, v=None, *, path: str, same_seqlen: bool = True) -> None:
     """q, k (and v): tensors of one dtype on one device, shapes that agree, heads a multiple of kv heads.
 
-    ``path`` is "reference" or "cuda" and selects the supported dtypes, head dims and devices.
+    ``path`` is "reference" or "cuda" and selects the supported dtypes, head dims and devices;
+    ``same_seqlen=False`` lets q and k differ in length (queries and keys of two parts of one sequence).
     """
     _check_path(path)
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
@@ -159,7 +160,7 @@ def check_inputs(fn: str, q, k, v=None, *, path: str) -> None:
     (bq, nq, hq, dq), (bk, nk, hk, dk) = q.shape, k.shape
     if bq != bk:
         raise ValueError(f"{fn}: batch differs, q has {bq} and k has {bk}; they must match")
-    if nq != nk:
+    if same_seqlen and nq != nk:
         raise ValueError(f"{fn}: seqlen differs, q has {nq} and k has {nk}; "
                          "only self-attention (equal seqlen) is supported")
     if dq != dk:

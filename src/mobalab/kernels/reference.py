@@ -56,6 +56,7 @@ does select a :math:`-\infty` score; such scores need infinite inputs or a produ
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -65,6 +66,8 @@ from . import _contract as C
 __all__ = [
     "moba_centroids",
     "moba_topk",
+    "moba_block_sums",
+    "moba_topk_from_centroids",
     "moba_attention",
     "moba_attention_given_routing",
     "moba_attention_backward",
@@ -260,6 +263,98 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     return torch.cat(parts, dim=1)
 
 
+def moba_block_sums(k: torch.Tensor, block_size: int, *, key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-block sums and counts of the keys of one part of a sequence: the pieces of :func:`moba_centroids`.
+
+    ``k`` (batch, L, kv_heads, d) holds the keys at positions ``key_offset .. key_offset + L - 1`` of a longer
+    sequence. For the blocks ``j = key_offset // B, ..., (key_offset + L - 1) // B`` it touches, returns
+    ``sums`` (batch, n_touched, kv_heads, d), :math:`s_j = \sum_{i \in j,\ i \text{ held}} k_i` in float32
+    (float64 for float64 keys), and ``counts`` (n_touched,) int64, the number of keys held. A block cut by the
+    part's ends gets a partial sum; adding the parts' sums and counts per block and dividing gives the
+    centroids, :math:`\bar k_j = \sum_p s_{p,j} / \sum_p c_{p,j}` (context parallelism: docs/design.md,
+    "Context parallelism").
+
+    Examples
+    --------
+    >>> import torch
+    >>> k = torch.arange(6.0).view(1, 6, 1, 1)
+    >>> s1, c1 = moba_block_sums(k[:, :3], 4)
+    >>> s2, c2 = moba_block_sums(k[:, 3:], 4, key_offset=3)  # block 0 is cut after key 2
+    >>> c1.tolist(), c2.tolist()
+    ([3], [1, 2])
+    >>> ((s1[0, 0] + s2[0, 0]) / 4).item(), (s2[0, 1] / 2).item()
+    (1.5, 4.5)
+    """
+    fn = "moba_block_sums"
+    C.check_keys(fn, k, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    _, key_offset, _ = _check_offsets(fn, None, key_offset)
+    batch, n_keys, kv_heads, dim = k.shape
+    front = key_offset % block_size
+    n_touched = math.ceil((front + n_keys) / block_size)
+    with torch.no_grad():
+        # zero rows stand for the keys of the touched blocks that this part does not hold
+        padded = torch.nn.functional.pad(k.detach().to(C.compute_dtype(k.dtype)),
+                                         (0, 0, 0, 0, front, n_touched * block_size - front - n_keys))
+        sums = padded.view(batch, n_touched, block_size, kv_heads, dim).sum(dim=2)
+    starts = torch.arange(n_touched, device=k.device) * block_size - front
+    counts = (starts + block_size).clamp(max=n_keys) - starts.clamp(min=0)
+    return sums, counts
+
+
+def moba_topk_from_centroids(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_k: int,
+                             causal: bool = True, *, query_offset: int = 0,
+                             query_chunk: int | None = None) -> torch.Tensor:
+    r"""MoBA routing of queries at positions ``query_offset + t`` against given block centroids.
+
+    The rule of :func:`moba_topk` (scores :math:`s_{t,j} = \langle q_t, \bar k_j \rangle`, ties, slot order,
+    -1 slots) with the centroids given: ``centroids`` (batch, n_blocks, kv_heads, d) of a sequence whose block
+    ``j`` is positions ``[jB, (j+1)B)``, e.g. from :func:`moba_centroids` or the parts' :func:`moba_block_sums`;
+    ``q`` (batch, T, heads, d) the queries at positions ``query_offset .. query_offset + T - 1`` of that
+    sequence (with ``causal``, their own blocks must be among the centroids). Scored in q's compute dtype.
+    Returns int32 (batch, T, heads, top_k) block indices of the whole sequence: for ``query_offset = 0`` and
+    the centroids of ``k``, ``moba_topk(q, k, ...)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = torch.randn(1, 8, 1, 4, generator=g), torch.randn(1, 8, 1, 4, generator=g)
+    >>> late = moba_topk_from_centroids(q[:, 5:], moba_centroids(k, 2), 2, 2, query_offset=5)
+    >>> torch.equal(late, moba_topk(q, k, 2, 2)[:, 5:])
+    True
+    """
+    fn = "moba_topk_from_centroids"
+    C.check_keys(fn, q, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    top_k = C.check_top_k(fn, top_k, "reference")
+    causal = C.check_flag(fn, "causal", causal)
+    query_offset, _, _ = _check_offsets(fn, query_offset, None)
+    if query_chunk is not None:
+        query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
+    C.check_tensor(fn, "centroids", centroids)
+    batch, n_q, heads, dim = q.shape
+    if centroids.dim() != 4 or centroids.shape[0] != batch or centroids.shape[3] != dim or (
+            heads % centroids.shape[2] != 0) or not centroids.is_floating_point():
+        raise ValueError(f"{fn}: centroids have shape {tuple(centroids.shape)} and dtype {centroids.dtype}; "
+                         f"expected float (batch, n_blocks, kv_heads, head_dim) with batch {batch}, head_dim "
+                         f"{dim} and heads {heads} a multiple of kv_heads")
+    C.check_same_device(fn, [("q", q), ("centroids", centroids)])
+    n_blocks = centroids.shape[1]
+    last = query_offset + n_q - 1
+    if causal and last // block_size >= n_blocks:
+        raise ValueError(f"{fn}: the last query (position {last}) lies in block {last // block_size}, beyond the "
+                         f"{n_blocks} centroids given; causal routing needs every query's own block")
+    compute = C.compute_dtype(q.dtype)
+    chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, n_q)
+    with torch.no_grad():
+        cent = centroids.detach().to(compute)
+        cent = cent.masked_fill(~torch.isfinite(cent).all(dim=-1, keepdim=True), math.nan)  # as moba_topk's
+        parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), cent, query_offset + t0, block_size, top_k,
+                        causal) for t0 in range(0, n_q, chunk)]
+    return torch.cat(parts, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # attention over the selected blocks
 
@@ -285,15 +380,23 @@ def _segments(seg: torch.Tensor):
         yield ids[which].long(), rows, (offsets < count).flatten().nonzero().squeeze(1)
 
 
-def _block_rows(ids: torch.Tensor, block_size: int, seqlen: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_rows(ids: torch.Tensor, block_size: int, seqlen: int, kv_heads: int,
+                key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of segments ``ids`` = ``(batch * kv_heads + kv head) * n_blocks + block``: their positions (S, B) and
-    their rows (S, B) in (batch, seqlen, kv_heads, d) flattened to rows; positions past the end read the last
-    key (they are masked)."""
-    n_blocks = math.ceil(seqlen / block_size)
+    their rows (S, B) in (batch, seqlen, kv_heads, d) flattened to rows, the keys being those of positions
+    ``key_offset ..`` (n_blocks = ceil((key_offset + seqlen) / B)); positions not held read the nearest held
+    key (they are masked, :func:`_not_held`)."""
+    n_blocks = math.ceil((key_offset + seqlen) / block_size)
     positions = ((ids % n_blocks) * block_size).unsqueeze(1) + torch.arange(block_size, device=ids.device)
     batch_kv = (ids // n_blocks).unsqueeze(1)
-    rows = ((batch_kv // kv_heads) * seqlen + positions.clamp(max=seqlen - 1)) * kv_heads + batch_kv % kv_heads
+    held = (positions - key_offset).clamp(min=0, max=seqlen - 1)
+    rows = ((batch_kv // kv_heads) * seqlen + held) * kv_heads + batch_kv % kv_heads
     return positions, rows
+
+
+def _not_held(keys: torch.Tensor, key_offset: int, seqlen: int) -> torch.Tensor:
+    """Key positions the keys given do not hold: before ``key_offset`` or past the last one."""
+    return (keys < key_offset) | (keys >= key_offset + seqlen)
 
 
 def _weighted_values(p: torch.Tensor, v: torch.Tensor, hidden, v_finite: bool) -> torch.Tensor:
@@ -313,19 +416,24 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor, hidden, v_finite: bool) -
 
 
 def _row_layout(topk: torch.Tensor, positions: torch.Tensor, block_size: int, kv_heads: int, n_blocks: int,
-                causal: bool):
+                causal: bool, key_range: tuple[int, int] | None = None):
     """The (query, head, slot) rows of a chunk that select a block.
 
     Returns per row: the flat (batch, query, head, slot) index, the query's position, the segment id
     ``(batch * kv_heads + kv head) * n_blocks + block`` (see :func:`_block_rows`) and whether the block is the
     query's own (causal: the one block whose keys are cut at the query). A causal query never attends keys
     after it, so a selected block that starts after the query adds nothing and is dropped here (routing never
-    selects one; given routing may).
+    selects one; given routing may). With ``key_range`` = (first, end) the keys given are those of positions
+    first .. end - 1: blocks holding none of them (or, causal, none before the query) are dropped too.
     """
     batch, chunk, heads, slots = topk.shape
     selected = topk >= 0
+    first_key = topk * block_size
+    if key_range is not None:
+        selected &= (first_key + block_size > key_range[0]) & (first_key < key_range[1])
+        first_key = first_key.clamp(min=key_range[0])  # the block's first key held
     if causal:
-        selected &= topk * block_size <= positions.view(1, chunk, 1, 1)
+        selected &= first_key <= positions.view(1, chunk, 1, 1)
     slot_index = selected.reshape(-1).nonzero().squeeze(1)
     blocks = topk.reshape(-1)[slot_index].long()
     query = slot_index // slots
@@ -337,17 +445,21 @@ def _row_layout(topk: torch.Tensor, positions: torch.Tensor, block_size: int, kv
 
 
 def _attend(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
-            seqlen: int, kv_heads: int, block_size: int, causal: bool, scale: float, v_finite: bool):
+            seqlen: int, kv_heads: int, block_size: int, causal: bool, scale: float, v_finite: bool,
+            key_offset: int | None = None):
     """Attention of a chunk of queries over their selected blocks.
 
     ``q`` (batch, T, heads, d) in the compute dtype at sequence ``positions`` (T,); ``k``, ``v``: the keys and
-    values (batch, seqlen, kv_heads, d) flattened to rows (read block by block and converted to q's dtype);
-    ``topk`` (batch, T, heads, slots), -1 = unused slot. Returns (out (batch, T, heads, d), lse (batch, T, heads)).
+    values (batch, seqlen, kv_heads, d) flattened to rows (read block by block and converted to q's dtype), of
+    positions ``key_offset ..`` when given (a part of the sequence: what is not held is masked); ``topk``
+    (batch, T, heads, slots), -1 = unused slot. Returns (out (batch, T, heads, d), lse (batch, T, heads)).
     """
     batch, chunk, heads, dim = q.shape
     slots = topk.shape[-1]
-    n_blocks = math.ceil(seqlen / block_size)
-    slot_index, pos, seg, own = _row_layout(topk, positions, block_size, kv_heads, n_blocks, causal)
+    offset = key_offset or 0
+    n_blocks = math.ceil((offset + seqlen) / block_size)
+    key_range = None if key_offset is None else (offset, offset + seqlen)
+    slot_index, pos, seg, own = _row_layout(topk, positions, block_size, kv_heads, n_blocks, causal, key_range)
     q_rows = (q * scale).reshape(-1, dim)
 
     def gather(x, index):  # rows of x at index (any shape), as (*index.shape, d)
@@ -362,13 +474,14 @@ def _attend(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.
         for ids, rows, real in _segments(seg if group is None else seg[group]):
             if group is not None:
                 rows = group[rows]
-            keys, key_rows = _block_rows(ids, block_size, seqlen, kv_heads)  # (S, B)
+            keys, key_rows = _block_rows(ids, block_size, seqlen, kv_heads, offset)  # (S, B)
             row_slots = slot_index.index_select(0, rows.view(-1))
+            not_held = _not_held(keys, offset, seqlen).unsqueeze(1)  # the partial last block, or a part's ends
             if group is groups[0] and causal:
                 hidden = keys.unsqueeze(1) > pos.index_select(0, rows.view(-1)).view(*rows.shape, 1)
+                hidden = hidden | not_held if key_range is not None else hidden
             else:
-                hidden = (keys >= seqlen).unsqueeze(1)  # the partial last block
-                hidden = hidden if bool(hidden.any()) else None
+                hidden = not_held if bool(not_held.any()) else None
             scores = gather(q_rows, (row_slots // slots).view(rows.shape)) @ gather(k, key_rows).to(
                 q.dtype).transpose(-1, -2)  # (S, cap, B)
             if hidden is not None:
@@ -398,11 +511,12 @@ def _attention_chunk_bytes(batch: int, heads: int, slots: int, block_size: int, 
     return rows * (block_size * _BYTES_PER_ROW_KEY + dim * _BYTES_PER_ROW_FEATURE)
 
 
-def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk):
+def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk, query_offset=0, key_offset=None):
     """Run :func:`_attend` over query chunks; ``routing(lo, hi, q_chunk)`` gives the chunk's selection.
 
-    ``positions``: the query positions, None for all of them in order. Returns (out in q's dtype, lse in the
-    compute dtype); each chunk is checkpointed under autograd.
+    ``positions``: the query positions, None for all of them in order from ``query_offset``; ``key_offset``:
+    the position of the first key when k and v are a part of the sequence (None: the whole). Returns (out in
+    q's dtype, lse in the compute dtype); each chunk is checkpointed under autograd.
     """
     compute = C.compute_dtype(q.dtype)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -417,14 +531,15 @@ def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk
     for lo in range(0, n_q, chunk):
         hi = min(n_q, lo + chunk)
         if positions is None:  # a slice: no copy, and its gradient is no full-size tensor per chunk
-            pos = torch.arange(lo, hi, device=q.device)
+            pos = torch.arange(query_offset + lo, query_offset + hi, device=q.device)
             q_chunk = q[:, lo:hi].to(compute)
         else:
             pos = positions[lo:hi]
             q_chunk = q[:, pos].to(compute)
         with torch.no_grad():
             selected = routing(lo, hi, q_chunk)
-        args = (q_chunk, pos, k_rows, v_rows, selected, seqlen, kv_heads, block_size, causal, scale, v_finite)
+        args = (q_chunk, pos, k_rows, v_rows, selected, seqlen, kv_heads, block_size, causal, scale, v_finite,
+                key_offset)
         if needs_grad:
             o, l_ = checkpoint(_attend, *args, use_reentrant=False)
         else:
@@ -494,7 +609,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
 
 
 def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
-                                 block_size: int, causal: bool = True, softmax_scale: float | None = None):
+                                 block_size: int, causal: bool = True, softmax_scale: float | None = None, *,
+                                 query_offset: int | None = None, key_offset: int | None = None):
     r"""MoBA attention with the routing given: each query attends the blocks ``topk`` lists for it.
 
     The attention equations of :func:`moba_attention` with :math:`S_t` the keys of the blocks in
@@ -502,6 +618,14 @@ def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     slot it appears in), keys :math:`\le t` only when ``causal``. Returns (``out`` in q's dtype, ``lse`` in
     float32, float64 for float64 inputs); differentiable w.r.t. q, k and v. This is the oracle the CUDA
     attention kernels are tested against (same routing on both sides).
+
+    Parts of one sequence: given ``query_offset`` or ``key_offset`` (None = 0), ``q`` holds the queries at
+    positions ``query_offset + i`` and ``k``, ``v`` the keys at positions ``key_offset + j`` (any lengths;
+    ``topk`` lists blocks of the whole sequence, block ``b`` being positions ``[bB, (b+1)B)``, so a part may cut
+    blocks). :math:`S_t` is then restricted to the keys held; a query that selects none of them gets ``out`` 0
+    and ``lse`` :math:`-\infty`. The parts' results combine into the whole by
+    :math:`\mathrm{lse} = \log\sum_p e^{\mathrm{lse}_p}`, :math:`o = \sum_p e^{\mathrm{lse}_p - \mathrm{lse}} o_p`
+    (docs/design.md, "Context parallelism").
 
     Examples
     --------
@@ -512,33 +636,59 @@ def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     >>> out, lse = moba_attention_given_routing(q, k, v, topk, 2)
     >>> torch.allclose(out, moba_attention(q, k, v, 2, 2))
     True
+
+    The same from two parts of the keys, positions 0..2 and 3..5 (which cut block 1):
+
+    >>> o1, l1 = moba_attention_given_routing(q, k[:, :3], v[:, :3], topk, 2, key_offset=0)
+    >>> o2, l2 = moba_attention_given_routing(q, k[:, 3:], v[:, 3:], topk, 2, key_offset=3)
+    >>> both = torch.logaddexp(l1, l2)
+    >>> merged = o1 * (l1 - both).exp().unsqueeze(-1) + o2 * (l2 - both).exp().unsqueeze(-1)
+    >>> torch.allclose(merged, out), torch.allclose(both, lse)
+    (True, True)
     """
     fn = "moba_attention_given_routing"
-    C.check_inputs(fn, q, k, v, path="reference")
+    query_offset, key_offset, parts = _check_offsets(fn, query_offset, key_offset)
+    C.check_inputs(fn, q, k, v, path="reference", same_seqlen=not parts)
     block_size = C.check_block_size(fn, block_size, "reference")
     causal = C.check_flag(fn, "causal", causal)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
-    slots = _check_routing(fn, topk, q, block_size)
+    slots = _check_routing(fn, topk, q, block_size, whole=not parts)
     chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
 
     def routing(lo, hi, q_chunk):
         return topk[:, lo:hi]
 
-    return _attend_chunks(q, k, v, None, routing, block_size, causal, scale, chunk)
+    return _attend_chunks(q, k, v, None, routing, block_size, causal, scale, chunk, query_offset,
+                          key_offset if parts else None)
 
 
-def _check_routing(fn: str, topk, q, block_size: int) -> int:
+def _check_routing(fn: str, topk, q, block_size: int, whole: bool = True) -> int:
+    """``topk`` of q's (batch, seqlen, heads) and some slots; block indices -1 .. n_blocks - 1 when q and k are
+    the whole sequence (``whole``), else -1 and up (a part's queries select blocks its keys may not hold)."""
     C.check_tensor(fn, "topk", topk)
     if topk.dim() != 4 or tuple(topk.shape[:3]) != tuple(q.shape[:3]) or topk.shape[3] < 1:
         raise ValueError(f"{fn}: topk has shape {tuple(topk.shape)}; expected (batch, seqlen, heads, slots) = "
                          f"{tuple(q.shape[:3])} + (slots >= 1,)")
     C.check_topk_indices(fn, topk, q, topk.shape[3], name="topk")
-    n_blocks = math.ceil(q.shape[1] / block_size)
     lo, hi = int(topk.min()), int(topk.max())
-    if lo < -1 or hi >= n_blocks:
-        raise ValueError(f"{fn}: topk holds block indices {lo}..{hi}; supported: -1 (unused) and 0..{n_blocks - 1}")
+    if whole:
+        n_blocks = math.ceil(q.shape[1] / block_size)
+        if lo < -1 or hi >= n_blocks:
+            raise ValueError(f"{fn}: topk holds block indices {lo}..{hi}; supported: -1 (unused) and "
+                             f"0..{n_blocks - 1}")
+    elif lo < -1:
+        raise ValueError(f"{fn}: topk holds block indices {lo}..{hi}; supported: -1 (unused) and 0 and up")
     return int(topk.shape[3])
+
+
+def _check_offsets(fn: str, query_offset, key_offset) -> tuple[int, int, bool]:
+    """Positions of the first query and the first key in the whole sequence (integers >= 0, None = 0), and
+    whether q and k are parts of a longer sequence (an offset given) rather than the whole one."""
+    for name, value in (("query_offset", query_offset), ("key_offset", key_offset)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            raise ValueError(f"{fn}: {name} must be an integer >= 0 or None, got {value!r}")
+    return int(query_offset or 0), int(key_offset or 0), query_offset is not None or key_offset is not None
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -608,7 +758,8 @@ def _check_positions(fn: str, query_positions, seqlen: int, device) -> torch.Ten
 
 def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, block_size: int,
-                            causal: bool = True, softmax_scale: float | None = None, dlse=None):
+                            causal: bool = True, softmax_scale: float | None = None, dlse=None, *,
+                            query_offset: int | None = None, key_offset: int | None = None):
     r"""Gradients (dq, dk, dv) of MoBA attention with given routing: the equations the CUDA backward implements.
 
     With :math:`P_{ti} = e^{\sigma q_t\cdot k_i - \mathrm{lse}_t}` on the attended keys (0 elsewhere):
@@ -626,6 +777,11 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ``dlse`` (batch, seqlen, heads) the one w.r.t. ``lse`` (None: zero). Computed block by block like the
     forward, with bounded memory; gradients come back in the input dtype.
 
+    ``query_offset`` and ``key_offset`` place q and k in a longer sequence as in
+    :func:`moba_attention_given_routing`. With ``out`` and ``lse`` of the whole attention (all parts of the
+    keys combined) the results are the whole gradient's terms of the keys held: dq sums over the parts, dk and
+    dv are exact for the keys held.
+
     Examples
     --------
     >>> import torch
@@ -640,12 +796,14 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     True
     """
     fn = "moba_attention_backward"
-    C.check_inputs(fn, q, k, v, path="reference")
+    query_offset, key_offset, parts = _check_offsets(fn, query_offset, key_offset)
+    C.check_inputs(fn, q, k, v, path="reference", same_seqlen=not parts)
     block_size = C.check_block_size(fn, block_size, "reference")
     causal = C.check_flag(fn, "causal", causal)
     batch, seqlen, heads, dim = q.shape
+    n_keys = k.shape[1]
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
-    slots = _check_routing(fn, topk, q, block_size)
+    slots = _check_routing(fn, topk, q, block_size, whole=not parts)
     C.check_like(fn, "dout", dout, q.shape, device=q.device)
     C.check_like(fn, "out", out, q.shape, device=q.device)
     C.check_like(fn, "lse", lse, q.shape[:3], device=q.device)
@@ -654,7 +812,8 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
     compute = C.compute_dtype(q.dtype)
     kv_heads = k.shape[2]
-    n_blocks = math.ceil(seqlen / block_size)
+    n_blocks = math.ceil((key_offset + n_keys) / block_size)
+    key_range = (key_offset, key_offset + n_keys) if parts else None
     with torch.no_grad():
         q_rows, g_rows = (x.to(compute).reshape(-1, dim) for x in (q, dout))
         k_rows, v_rows = (x.to(compute).reshape(-1, dim) for x in (k, v))
@@ -664,20 +823,21 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             delta = delta - dlse.to(compute).reshape(-1)
         dq = torch.zeros_like(q_rows)
         dk, dv = torch.zeros_like(k_rows), torch.zeros_like(v_rows)
-        positions = torch.arange(seqlen, device=q.device)
+        positions = torch.arange(query_offset, query_offset + seqlen, device=q.device)
         chunk = _chunk_size(None, 2 * _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
         for t0 in range(0, seqlen, chunk):
             t1 = min(seqlen, t0 + chunk)
             slot_index, pos, seg, _ = _row_layout(topk[:, t0:t1], positions[t0:t1], block_size, kv_heads,
-                                                  n_blocks, causal)
+                                                  n_blocks, causal, key_range)
             # (batch, chunk query, head) -> (batch, query, head) of the whole sequence
             query = slot_index // slots
             query = query + (query // (heads * (t1 - t0))) * heads * (seqlen - (t1 - t0)) + t0 * heads
             for ids, rows, real in _segments(seg):
-                keys, key_rows = _block_rows(ids, block_size, seqlen, kv_heads)  # (S, B)
+                keys, key_rows = _block_rows(ids, block_size, n_keys, kv_heads, key_offset)  # (S, B)
                 valid = torch.zeros(rows.numel(), dtype=torch.bool, device=q.device)
                 valid[real] = True
-                attended = (keys < seqlen).unsqueeze(1) & valid.view(rows.shape).unsqueeze(-1)  # padding adds 0
+                held = ~_not_held(keys, key_offset, n_keys)
+                attended = held.unsqueeze(1) & valid.view(rows.shape).unsqueeze(-1)  # padding adds 0
                 if causal:
                     attended = attended & (keys.unsqueeze(1) <= pos[rows].unsqueeze(-1))
                 r = query[rows]  # (S, cap)
@@ -686,7 +846,7 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 p = torch.where(attended, p, 0.0)
                 ds = p * ((gr @ v_blk.transpose(-1, -2)) - delta[r].unsqueeze(-1))
                 dq.index_add_(0, r.reshape(-1)[real], (ds @ k_blk).reshape(-1, dim)[real], alpha=scale)
-                in_seq = (keys < seqlen).reshape(-1)  # past the end: the last key read again, adds nothing
+                in_seq = held.reshape(-1)  # keys not held: the nearest held key read again, adds nothing
                 dk.index_add_(0, key_rows.reshape(-1)[in_seq], (ds.transpose(-1, -2) @ qr).reshape(-1, dim)[in_seq],
                               alpha=scale)
                 dv.index_add_(0, key_rows.reshape(-1)[in_seq], (p.transpose(-1, -2) @ gr).reshape(-1, dim)[in_seq])

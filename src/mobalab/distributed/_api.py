@@ -1,0 +1,138 @@
+"""The public entry of context parallelism: argument checks, the cross-rank agreement check, the ring."""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import _contract as C
+from ._group import all_gather_rows, ring_of
+from ._layout import LAYOUTS, Layout
+from ._local import Params
+from ._ring import Plan, RingMoBA
+
+__all__ = ["context_parallel_moba_attention"]
+
+KERNEL_MODES = ("auto", "reference")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# what every rank must agree on, in the order of the agreement row
+_AGREED = ("batch", "heads", "kv_heads", "head_dim", "dtype", "block_size", "top_k", "causal", "softmax_scale",
+           "layout", "kernels")
+
+
+def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse, layout, kernels):
+    """Checks that need no communication; returns (block_size, top_k, scale)."""
+    C.check_inputs(fn, q, k, v, path="reference")
+    block_size = C.check_block_size(fn, block_size, "reference")
+    top_k = C.check_top_k(fn, top_k, "reference")
+    C.check_flag(fn, "causal", causal)
+    C.check_flag(fn, "return_lse", return_lse)
+    scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
+    if layout not in LAYOUTS:
+        raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"{fn}: kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    return block_size, top_k, scale
+
+
+def _check_group(fn, q, group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{fn}: torch.distributed is not initialized; call torch.distributed.init_process_group "
+                         "first (torchrun sets up the environment)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{fn}: this process is not a member of the group it was given")
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl" and not q.is_cuda:
+        raise ValueError(f"{fn}: the group's backend is NCCL, which needs CUDA tensors; q is on {q.device}")
+    if backend == "gloo" and q.device.type != "cpu":
+        raise ValueError(f"{fn}: the group's backend is gloo, which moves CPU tensors here; q is on {q.device} "
+                         "(use NCCL for CUDA tensors)")
+
+
+def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels) -> list[int]:
+    batch, length, heads, dim = q.shape
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    return [batch, heads, k.shape[2], dim, _DTYPES.index(q.dtype), block_size, top_k, int(causal), scale_bits,
+            LAYOUTS.index(layout), KERNEL_MODES.index(kernels), length]
+
+
+def _readable(name: str, value: int):
+    """An agreement-row entry as the caller wrote it."""
+    if name == "dtype":
+        return str(_DTYPES[value])
+    if name == "softmax_scale":
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    if name == "causal":
+        return bool(value)
+    if name == "layout":
+        return LAYOUTS[value]
+    if name == "kernels":
+        return KERNEL_MODES[value]
+    return value
+
+
+def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, group=None,
+                                    softmax_scale: float | None = None, return_lse: bool = False, *,
+                                    layout: str = "contiguous", kernels: str = "auto"):
+    r"""MoBA attention of one long sequence sharded over the ranks of ``group``: each rank passes its shard.
+
+    Rank r holds the tokens of its shard: ``q`` (batch, L_r, heads, d), ``k`` and ``v`` (batch, L_r, kv_heads,
+    d), the same tokens for all three. With ``layout="contiguous"`` (default) the shards are consecutive
+    pieces of the sequence in rank order; ``"zigzag"`` gives rank r the pieces r and 2R-1-r of a cut into
+    2R (:func:`shard_positions` says which positions a rank holds; zigzag balances causal routing, whose
+    cost grows with position). Shard lengths may differ and cut blocks anywhere. The result equals
+    single-device :func:`mobalab.kernels.moba_attention` on the whole sequence (same selections, up to
+    rounding):
+
+    .. math::
+        o_t = \sum_{i \in S_t} \mathrm{softmax}_i(\sigma\, q_t\cdot k_i)\, v_i ,
+
+    with :math:`S_t` the keys of the blocks routed for (t, head) at t's global position (docs/design.md,
+    "MoBA semantics"). Routing: all-gather of per-block key sums, then the top-k rule on every rank for its
+    queries. Attention: K/V shards travel around the ring (``torch.distributed`` P2P, overlapped with the
+    computation), partial results combine by log-sum-exp. Differentiable w.r.t. q, k and v (routing is
+    hard); in backward the gradients of K/V travel the ring back to their owners. Every rank must make the
+    same calls, forward and backward.
+
+    Returns ``out`` (batch, L_r, heads, d) in q's dtype and, with ``return_lse``, ``lse`` (batch, L_r, heads) in
+    float32 (float64 for float64 inputs; its gradient is honoured). ``group``: the process group (None: the
+    default group), NCCL with CUDA tensors or gloo with CPU tensors. ``kernels``: "auto" runs the CUDA kernels
+    where they can do a step's work (CUDA tensors of a dtype, head dim, block size and top-k the CUDA path
+    supports) and the torch reference elsewhere; "reference" always runs the reference.
+
+    Examples
+    --------
+    In a single process (a group of one) the result is plain MoBA:
+
+    >>> import os, tempfile, torch, torch.distributed as dist
+    >>> from mobalab.kernels import moba_attention
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")  # the file store removes the file when done
+    >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(1, 12, 2, 8, generator=g) for _ in range(3))
+    >>> out = context_parallel_moba_attention(q, k, v, block_size=4, top_k=2)
+    >>> torch.allclose(out, moba_attention(q, k, v, 4, 2), atol=1e-6)
+    True
+    >>> dist.destroy_process_group()
+    """
+    fn = "context_parallel_moba_attention"
+    block_size, top_k, scale = _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse,
+                                            layout, kernels)
+    _check_group(fn, q, group)
+    ring = ring_of(group)
+    row = torch.tensor(_agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels), dtype=torch.int64,
+                       device=q.device)
+    rows = all_gather_rows(row, ring).tolist()
+    differing = {name: [_readable(name, r[i]) for r in rows] for i, name in enumerate(_AGREED)
+                 if len({r[i] for r in rows}) > 1}
+    if differing:  # every rank sees the same rows, so every rank raises: nobody is left waiting
+        raise ValueError(f"{fn}: the ranks disagree on {', '.join(differing)}; every rank must pass the same "
+                         f"settings and shapes except the shard length (per rank: {differing})")
+    lengths = tuple(r[-1] for r in rows)
+    plan = Plan(Layout(lengths, layout), ring, Params(block_size, top_k, causal, scale), kernels)
+    out, lse = RingMoBA.apply(q, k, v, plan)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,171 @@
+r"""Ring attention for MoBA: K/V shards pass around the ring, gradients of K/V travel with them in backward.
+
+Forward, on rank r of R, after routing (:mod:`._routing`): K and V of the shard make R - 1 hops around the
+ring. At step s the rank holds the shard of rank (r - s) mod R; it posts the sends of K and V to r + 1 and
+the receives of the next shard's from r - 1 (two shards in flight: the one in hand, the one arriving),
+computes the partial attention of its queries over the shard in hand (:mod:`._local`) and folds it into its
+running (out, lse) by log-sum-exp (:mod:`._merge`), then waits. Communication of step s overlaps the computation of
+step s; on CUDA the wait only orders the compute stream after NCCL's.
+
+Backward: K and V make the same R - 1 hops, and the gradient of a shard (dK, dV, sent in the input dtype)
+follows one step behind: at step s rank r adds its terms for shard c = (r - s) mod R to the
+accumulated gradient of c that arrives from r - 1 during the step, and sends the sum on at step s + 1. After
+the last step one more hop brings each shard's complete dK, dV home. So every step moves K/V one hop and
+dK/dV one hop, both overlapped with the step's compute, and dQ never leaves its rank. (Moving queries instead
+of keys would move q, dO, lse, D and dQ: more bytes whenever heads > kv_heads; see docs/design.md, "Context
+parallelism".)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import _contract as C
+from ._group import Ring, exchange
+from ._layout import Layout
+from ._local import Params, backward_pair, cuda_kernels, forward_pair
+from ._merge import Accumulator
+from ._routing import route
+
+__all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a rank needs to take part: the layout, its place in the ring, the MoBA parameters."""
+
+    layout: Layout
+    ring: Ring
+    params: Params
+    kernels: str  # "auto" or "reference"
+
+
+def _empty_shard(like: torch.Tensor, length: int) -> torch.Tensor:
+    return like.new_empty((like.shape[0], length, *like.shape[2:]))
+
+
+def _attend_shard(q, k_held, v_held, topk, source: int, plan: Plan, kernels, acc: Accumulator) -> None:
+    """Fold the partial attention of this rank's queries over the shard of rank ``source`` into ``acc``."""
+    for qseg in plan.layout.segments(plan.ring.rank):
+        rows = slice(qseg.local, qseg.local + qseg.length)
+        for kseg in plan.layout.segments(source):
+            keys = slice(kseg.local, kseg.local + kseg.length)
+            for lo, hi, out, lse in forward_pair(q[:, rows], k_held[:, keys], v_held[:, keys], topk[:, rows],
+                                                 qseg.start, kseg.start, plan.params, kernels):
+                acc.add(qseg.local + lo, qseg.local + hi, out, lse)
+
+
+def ring_forward(q, k, v, topk, plan: Plan):
+    """(out in q's dtype, lse in the compute dtype) of this rank's queries over the whole sequence."""
+    ring, layout = plan.ring, plan.layout
+    kernels = cuda_kernels(q, plan.params, plan.kernels)
+    acc = Accumulator(q.shape, C.compute_dtype(q.dtype), q.device)
+    held = (k.contiguous(), v.contiguous())  # P2P sends whole, dense buffers
+    for step in range(ring.world):
+        source = (ring.rank - step) % ring.world
+        requests, incoming = [], None
+        if step < ring.world - 1:
+            length = layout.lengths[(source - 1) % ring.world]
+            incoming = (_empty_shard(k, length), _empty_shard(v, length))
+            requests = exchange(ring, list(held), list(incoming))
+        _attend_shard(q, *held, topk, source, plan, kernels, acc)
+        for request in requests:
+            request.wait()
+        if incoming is not None:
+            held = incoming
+    return acc.out.to(q.dtype), acc.lse
+
+
+def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
+    """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
+    it); its dQ terms are added to ``dq``."""
+    grad_k = grad_v = None
+    for qseg in plan.layout.segments(plan.ring.rank):
+        rows = slice(qseg.local, qseg.local + qseg.length)
+        for kseg in plan.layout.segments(source):
+            keys = slice(kseg.local, kseg.local + kseg.length)
+            dq_pieces, dkv_pieces = backward_pair(
+                dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
+                topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start, plan.params, kernels)
+            for lo, hi, piece in dq_pieces:
+                dq[:, qseg.local + lo:qseg.local + hi] += piece
+            for lo, hi, dk, dv in dkv_pieces:
+                if grad_k is None:
+                    grad_k = torch.zeros(k_held.shape, dtype=dq.dtype, device=dq.device)
+                    grad_v = torch.zeros(v_held.shape, dtype=dq.dtype, device=dq.device)
+                grad_k[:, kseg.local + lo:kseg.local + hi] += dk
+                grad_v[:, kseg.local + lo:kseg.local + hi] += dv
+    return grad_k, grad_v
+
+
+def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
+    """(dq, dk, dv) of this rank's shard, in the input dtypes.
+
+    The travelling dK, dV are sums of the terms of the ranks they have visited, added to in the compute dtype
+    and sent in the input dtype: half the bytes of fp32 for bf16, at the price of rounding the partial sum at
+    each of the R - 1 hops where single-device MoBA rounds once.
+    """
+    ring, layout = plan.ring, plan.layout
+    kernels = cuda_kernels(q, plan.params, plan.kernels)
+    dq = torch.zeros(q.shape, dtype=C.compute_dtype(q.dtype), device=q.device)
+    # finished: the gradient of the shard handled at the last step, summed over the ranks it has visited
+    held, finished = (k.contiguous(), v.contiguous()), None
+    for step in range(ring.world):
+        source = (ring.rank - step) % ring.world
+        sends, recvs, incoming, arriving = [], [], None, None
+        if step < ring.world - 1:
+            length = layout.lengths[(source - 1) % ring.world]
+            incoming = (_empty_shard(k, length), _empty_shard(v, length))
+            sends += held
+            recvs += incoming
+        if step > 0:
+            length = layout.lengths[source]
+            arriving = (_empty_shard(k, length), _empty_shard(v, length))
+            sends += finished
+            recvs += arriving
+        requests = exchange(ring, sends, recvs)
+        grad_k, grad_v = _shard_gradients(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq)
+        for request in requests:
+            request.wait()
+        if grad_k is None:
+            finished = arriving if arriving is not None else (torch.zeros_like(held[0]), torch.zeros_like(held[1]))
+        else:
+            if arriving is not None:
+                grad_k += arriving[0]
+                grad_v += arriving[1]
+            finished = (grad_k.to(k.dtype), grad_v.to(v.dtype))
+        del grad_k, grad_v, arriving
+        if incoming is not None:
+            held = incoming
+    if ring.world > 1:  # the last hop: each shard's complete gradient goes home
+        home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
+        for request in exchange(ring, list(finished), list(home)):
+            request.wait()
+        finished = home
+    return dq.to(q.dtype), finished[0], finished[1]
+
+
+class RingMoBA(torch.autograd.Function):
+    """Routing, then ring attention; backward by :func:`ring_backward` (gradients w.r.t. q, k, v only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan):
+        p = plan.params
+        kernels = cuda_kernels(q, p, plan.kernels)
+        topk = route(q, k, plan.layout, plan.ring, p.block_size, p.top_k, p.causal,
+                     lists=None if kernels is None else kernels.lists)
+        out, lse = ring_forward(q, k, v, topk, plan)
+        ctx.save_for_backward(q, k, v, out, lse, topk)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, topk = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ring_backward(dout, dlse, q, k, v, out, lse, topk, ctx.plan)
+        return dq, dk, dv, None

@@ -1,0 +1,204 @@
+"""What each rank of a test world runs: context-parallel MoBA against single-process MoBA on the whole sequence.
+
+Every rank draws the whole sequence from the case's seed (so all ranks and the single-process result see the
+same numbers), runs :func:`mobalab.distributed.context_parallel_moba_attention` on its shard, and reports the
+largest differences from single-process :func:`mobalab.kernels.reference.moba_attention` on its rows (output,
+lse, dq, dk, dv) and whether its routing equals single-process routing. float64 throughout, so any difference
+above rounding is a bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mobalab.distributed import context_parallel_moba_attention, shard_positions
+from mobalab.distributed._group import ring_of
+from mobalab.distributed._layout import Layout
+from mobalab.distributed._routing import reference_lists, route
+from mobalab.kernels import reference as R
+
+
+@dataclass(frozen=True)
+class Case:
+    lengths: tuple
+    block_size: int
+    top_k: int
+    causal: bool = True
+    layout: str = "contiguous"
+    batch: int = 1
+    heads: int = 2
+    kv_heads: int = 2
+    head_dim: int = 8
+    softmax_scale: float | None = None
+    with_lse: bool = False  # also return lse and backpropagate a gradient through it
+    emulated_kernels: bool = False  # run the CUDA-kernel decomposition, the kernels' work done by the reference
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+CASES = {
+    # two ranks
+    "cut-block-causal": Case((20, 20), 8, 3),
+    "unequal-gqa-noncausal": Case((13, 29), 8, 2, causal=False, heads=4, kv_heads=2),
+    "topk-covers-all-blocks": Case((10, 7), 4, 8),
+    "topk-covers-all-noncausal": Case((6, 9), 4, 5, causal=False),
+    "zigzag-causal-gqa": Case((17, 23), 8, 3, layout="zigzag", heads=4, kv_heads=1),
+    "zigzag-noncausal-lse": Case((15, 16), 4, 3, causal=False, layout="zigzag", with_lse=True),
+    "batch-scale-lse": Case((19, 26), 4, 4, batch=2, softmax_scale=0.3, with_lse=True),
+    "kernels-aligned-causal": Case((24, 40), 8, 3, emulated_kernels=True),
+    "kernels-cut-causal": Case((21, 43), 8, 3, emulated_kernels=True, heads=4, kv_heads=2),
+    "kernels-padding-noncausal": Case((9, 40), 8, 3, causal=False, emulated_kernels=True),
+    "kernels-zigzag-causal-lse": Case((23, 18), 4, 3, layout="zigzag", emulated_kernels=True, with_lse=True),
+    # three ranks
+    "tiny-shards-causal": Case((3, 2, 30), 8, 3),
+    "three-noncausal-gqa": Case((11, 16, 9), 4, 6, causal=False, heads=4, kv_heads=2),
+    "three-zigzag-causal": Case((10, 14, 12), 4, 3, layout="zigzag"),
+    "three-kernels-causal": Case((16, 17, 15), 4, 3, emulated_kernels=True, batch=2),
+    "three-kernels-tiny-noncausal": Case((2, 13, 5), 4, 2, causal=False, emulated_kernels=True),
+}
+
+
+class ReferenceAsKernels:
+    """The CUDA kernels' contract (one sequence: q and k of equal length, routing local to it), run by the
+    reference in whole-sequence mode, which rejects any call that breaks the contract."""
+
+    def __init__(self, params):
+        self.params = params
+        self.calls = 0
+
+    def lists(self, q, centroids, block_size, top_k, causal):
+        return reference_lists(q, centroids, block_size, top_k, causal)
+
+    def forward(self, q, k, v, topk, causal):
+        p = self.params
+        self.calls += 1
+        assert q.shape[1] == k.shape[1], "the kernels take q and k of one length"
+        return R.moba_attention_given_routing(q, k, v, topk, p.block_size, causal, p.scale)
+
+    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse):
+        p = self.params
+        assert q.shape[1] == k.shape[1], "the kernels take q and k of one length"
+        return R.moba_attention_backward(dout, q, k, v, out, lse, topk, p.block_size, causal, p.scale, dlse)
+
+
+def _whole(case: Case):
+    g = torch.Generator().manual_seed(case.seed)
+    n = sum(case.lengths)
+    shape_q = (case.batch, n, case.heads, case.head_dim)
+    shape_kv = (case.batch, n, case.kv_heads, case.head_dim)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in (shape_q, shape_kv, shape_kv))
+    dout = torch.randn(shape_q, generator=g, dtype=torch.float64)
+    dlse = torch.randn(shape_q[:3], generator=g, dtype=torch.float64)
+    return q, k, v, dout, dlse
+
+
+def _run_case(rank: int, world: int, case: Case) -> dict:
+    from mobalab.distributed import _ring
+
+    q, k, v, dout, dlse = _whole(case)
+    # single process, whole sequence
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = R.moba_attention(*leaves, case.block_size, case.top_k, case.causal, case.softmax_scale,
+                                return_lse=True)
+    loss = (out * dout).sum() + ((lse * dlse).sum() if case.with_lse else 0.0)
+    grads = torch.autograd.grad(loss, leaves)
+    topk = R.moba_topk(q, k, case.block_size, case.top_k, case.causal)
+
+    # this rank's shard
+    pos = shard_positions(case.lengths, rank, case.layout)
+    shard = [x[:, pos].clone().requires_grad_() for x in (q, k, v)]
+    original = _ring.cuda_kernels
+    if case.emulated_kernels:
+        _ring.cuda_kernels = lambda q_, params, mode: ReferenceAsKernels(params)
+    try:
+        got = context_parallel_moba_attention(*shard, case.block_size, case.top_k, case.causal,
+                                              softmax_scale=case.softmax_scale, return_lse=True, layout=case.layout)
+        got_out, got_lse = got
+        got_loss = (got_out * dout[:, pos]).sum() + ((got_lse * dlse[:, pos]).sum() if case.with_lse else 0.0)
+        got_grads = torch.autograd.grad(got_loss, shard)
+        got_topk = route(shard[0].detach(), shard[1].detach(), Layout(tuple(case.lengths), case.layout),
+                         ring_of(None), case.block_size, case.top_k, case.causal)
+    finally:
+        _ring.cuda_kernels = original
+
+    def err(a, b):
+        return float((a.detach() - b.detach()).abs().max())
+
+    return {
+        "routing_equal": bool(torch.equal(got_topk, topk[:, pos])),
+        "out": err(got_out, out.detach()[:, pos]),
+        "lse": err(got_lse, lse.detach()[:, pos]),
+        "dq": err(got_grads[0], grads[0][:, pos]),
+        "dk": err(got_grads[1], grads[1][:, pos]),
+        "dv": err(got_grads[2], grads[2][:, pos]),
+        "scale": max(float(x.detach().abs().max()) for x in (out, *grads)),
+    }
+
+
+def _disagreeing_settings(rank: int) -> str:
+    """Rank 1 passes another top_k: every rank must raise the same ValueError (and none may hang)."""
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    try:
+        context_parallel_moba_attention(q, q, q, 4, 2 + (rank == 1))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def run_world_tests(rank: int, world: int, payload: dict) -> dict:
+    """The cases named in ``payload["names"]``; with ``payload["bench_out"]`` also the benchmark's main (quick,
+    tiny sizes) in this world; with ``payload["disagree"]`` also ranks passing different settings."""
+    from mobalab.distributed import bench
+
+    result = {"cases": {name: _run_case(rank, world, CASES[name]) for name in payload["names"]}}
+    if payload.get("bench_out"):
+        result["bench_status"] = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths",
+                                             "256,512", "--reps", "1", "--out", payload["bench_out"]])
+    if payload.get("disagree"):
+        result["disagree"] = _disagreeing_settings(rank)
+    return result
+
+
+def gpu_case(rank: int, world: int, payload: dict) -> dict:
+    """On GPU ``rank`` (NCCL): bf16 context-parallel MoBA (CUDA kernels and kernel router where they apply).
+
+    Attention and gradients are compared with float64 single-process MoBA of the same bf16 inputs *given the
+    same selections* (every rank's routing gathered); the routing with the fp32 reference router (the kernel
+    router scores to ~2^-16 relative, so near-ties may go the other way).
+    """
+    case = Case(**payload)
+    device = torch.device("cuda", rank)
+    q, k, v, dout, _ = _whole(case)
+    q, k, v, dout = (x.to(torch.bfloat16) for x in (q, k, v, dout))
+    pos = shard_positions(case.lengths, rank, case.layout)
+    shard = [x[:, pos].to(device).requires_grad_() for x in (q, k, v)]
+    got = context_parallel_moba_attention(*shard, case.block_size, case.top_k, case.causal, layout=case.layout)
+    got_grads = torch.autograd.grad(got, shard, dout[:, pos].to(device))
+
+    from mobalab.distributed._routing import kernel_lists
+
+    topk = route(shard[0].detach(), shard[1].detach(), Layout(tuple(case.lengths), case.layout), ring_of(None),
+                 case.block_size, case.top_k, case.causal, lists=kernel_lists)
+    longest = max(case.lengths)
+    padded = torch.full((case.batch, longest, case.heads, case.top_k), -1, dtype=torch.int32, device=device)
+    padded[:, :topk.shape[1]] = topk
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    whole = torch.empty((case.batch, sum(case.lengths), case.heads, case.top_k), dtype=torch.int32)
+    for r, part in enumerate(parts):
+        whole[:, shard_positions(case.lengths, r, case.layout)] = part[:, :case.lengths[r]].cpu()
+
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out, _ = R.moba_attention_given_routing(*leaves, whole, case.block_size, case.causal)
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    reference_topk = R.moba_topk(q.to(device), k.to(device), case.block_size, case.top_k, case.causal)[:, pos]
+    agreement = (topk.sort(-1).values == reference_topk.sort(-1).values).all(-1).double().mean()
+
+    def rel(a, b):
+        a, b = a.detach().double().cpu(), b.detach().double()
+        return float((a - b).norm() / b.norm())
+
+    return {"routing_agreement": float(agreement), "out": rel(got, out[:, pos]),
+            **{name: rel(g, w[:, pos]) for name, g, w in zip(("dq", "dk", "dv"), got_grads, grads, strict=True)}}

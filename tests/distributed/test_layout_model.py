@@ -1,0 +1,95 @@
+"""Shard layouts (which positions a rank holds) and the ring communication model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.distributed import ring_step_model, shard_positions
+from mobalab.distributed._layout import Layout
+from mobalab.distributed._model import _attended_keys, _routing_pairs, _scored_before
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("lengths", [(5,), (3, 3), (1, 7, 2), (4, 1, 6, 9), (2, 2, 2, 2, 2)])
+def test_shards_cover_the_sequence_once(lengths, layout):
+    positions = [shard_positions(lengths, r, layout) for r in range(len(lengths))]
+    assert [len(p) for p in positions] == list(lengths)
+    assert torch.equal(torch.cat(positions).sort().values, torch.arange(sum(lengths)))
+    for r, p in enumerate(positions):
+        segments = Layout(tuple(lengths), layout).segments(r)
+        assert torch.equal(p, torch.cat([torch.arange(s.start, s.end) for s in segments]))
+        assert [s.local for s in segments] == [sum(s.length for s in segments[:i]) for i in range(len(segments))]
+
+
+def test_zigzag_pairs_early_and_late_pieces():
+    # 4 ranks, 4 tokens each: pieces of 2, rank r holds pieces r and 7 - r
+    assert [shard_positions([4] * 4, r, "zigzag").tolist() for r in range(4)] == [
+        [0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard_positions([2, 2], 0, "striped")
+    with pytest.raises(ValueError, match="rank must be an integer in 0..1"):
+        shard_positions([2, 2], 2)
+    with pytest.raises(ValueError, match="at least one token"):
+        shard_positions([2, 0], 0)
+    with pytest.raises(TypeError, match="lengths must be a sequence of integers"):
+        shard_positions(None, 0)
+
+
+def test_counting_helpers_against_brute_force():
+    for n, block, top_k in [(37, 8, 3), (64, 16, 8), (5, 8, 2), (100, 7, 1)]:
+        t = np.arange(n)
+        own = t // block
+        keys = (t - own * block + 1) + np.minimum(own, top_k - 1) * block
+        assert _attended_keys(n, block, top_k, True) == keys.sum()
+        assert _scored_before(n, block) == own.sum()
+        for layout in ("contiguous", "zigzag"):
+            lay = Layout((n // 3, n // 3, n - 2 * (n // 3)), layout)
+            assert sum(_routing_pairs(lay, r, block, True) for r in range(3)) == own.sum()
+            assert sum(_routing_pairs(lay, r, block, False) for r in range(3)) == n * math.ceil(n / block)
+
+
+def test_model_bytes_and_ratios():
+    df = ring_step_model([1 << 20, 1 << 22], [1, 2, 8], heads=16, head_dim=128, links={"nv": 450.0})
+    two = df[(df.gpus == 2) & (df.seq_len == 1 << 20)].iloc[0]
+    shard = 1 << 19
+    assert two.fwd_bytes_step == 2 * shard * 16 * 128 * 2  # K and V, bf16
+    assert two.bwd_bytes_step == 2 * shard * 16 * 128 * (2 + 2)  # plus dK, dV in bf16
+    # compute / comm per step does not depend on N and falls as 1/R
+    for col in ("fwd_ratio", "bwd_ratio"):
+        by = df.set_index(["seq_len", "gpus"])[col]
+        assert by[(1 << 22, 2)] == pytest.approx(by[(1 << 20, 2)], rel=1e-3)
+        assert by[(1 << 20, 2)] == pytest.approx(4 * by[(1 << 20, 8)], rel=1e-3)
+    # the forward ratio in closed form: h S W / (g F R) * 2 / e, S the mean attended keys
+    mean_keys = _attended_keys(1 << 20, 128, 8, True) / (1 << 20)
+    assert two.fwd_ratio == pytest.approx(mean_keys * 450e9 / (111e12 * 2), rel=1e-9)
+    one = df[(df.gpus == 1) & (df.seq_len == 1 << 20)].iloc[0]
+    assert one.speedup == pytest.approx(1.0) and math.isinf(one.fwd_ratio) and not one.comm_bound
+    assert bool(df[(df.gpus == 8)].comm_bound.all()) and not two.comm_bound
+
+
+def test_model_gqa_zigzag_and_links():
+    gqa = ring_step_model([1 << 20], [8], heads=16, kv_heads=4, links={"nv": 450.0}).iloc[0]
+    mha = ring_step_model([1 << 20], [8], heads=16, links={"nv": 450.0}).iloc[0]
+    assert gqa.fwd_ratio == pytest.approx(4 * mha.fwd_ratio)  # 4x fewer K/V bytes per step
+    zig = ring_step_model([1 << 20], [8], layout="zigzag", links={"nv": 450.0}).iloc[0]
+    assert zig.routing_ms < 0.6 * mha.routing_ms  # the last contiguous shard routes (2R - 1) / R x the mean
+    slow = ring_step_model([1 << 20], [2], links={"ib": 50.0, "nv": 450.0})
+    assert list(slow.link) == ["ib", "nv"] and slow.total_ms.iloc[0] > slow.total_ms.iloc[1]
+
+
+def test_model_validation():
+    with pytest.raises(ValueError, match="heads \\(16\\) must be a multiple of kv_heads \\(3\\)"):
+        ring_step_model([1024], [2], kv_heads=3)
+    with pytest.raises(ValueError, match="each GPU count must be an integer > 0"):
+        ring_step_model([1024], [0])
+    with pytest.raises(ValueError, match="forward_tflops must be a number > 0"):
+        ring_step_model([1024], [2], forward_tflops=-1)
+    with pytest.raises(ValueError, match="4 GPUs need at least 4 tokens"):
+        ring_step_model([3], [4])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_step_model([1024], [2], layout="x")
