@@ -265,7 +265,8 @@ def test_the_contract_supports_exactly_the_compiled_head_dims():
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("name", CU_FILES)
+# decode.cu serves head dims 64 and 128 in one module and has no filter
+@pytest.mark.parametrize("name", [f for f in CU_FILES if f != "decode.cu"])
 def test_head_dim_filter_keeps_one_head_dim(name):
     """The source preprocessed with -DMOBA_HEAD_DIM=d exports exactly the head-dim-d and head-dim-free
     kernels, with the same signatures (system headers left out: the filter is plain preprocessor logic)."""
