@@ -631,7 +631,7 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_work_and_memory_follow_the_selected_blocks(causal):
-    seqlen, heads, dim, block, top_k = 8192, 2, 16, 32, 2
+    seqlen, heads, dim, block, top_k = 4096, 1, 8, 16, 2
     q, k, v = randn(1, seqlen, heads, heads, dim, dtype=torch.float32, seed=21)
     leaves = [x.requires_grad_() for x in (q, k, v)]
     with FlopCounterMode(display=False) as flops, _LargestTensor() as size:
@@ -642,6 +642,6 @@ def test_work_and_memory_follow_the_selected_blocks(causal):
     dense = 2 * 2 * seqlen * seqlen * heads * dim
     # forward, recomputed forward and backward (2x), segments padded to < 2x their length
     assert flops.get_total_flops() <= 2 * routing + 4 * 2 * attention
-    assert flops.get_total_flops() < dense / 8
+    assert flops.get_total_flops() < dense / 4  # the masked dense computation did > 2x dense
     assert size.largest <= max(heads * seqlen * n_blocks, 2 * heads * seqlen * top_k * block)
     assert size.largest < seqlen * seqlen / 8

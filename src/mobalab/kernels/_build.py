@@ -19,7 +19,7 @@ import functools
 import re
 from importlib import resources
 
-__all__ = ["source", "get_kernel", "cupy", "torch_stream", "as_cupy", "CUDA_DIR"]
+__all__ = ["source", "get_kernel", "cupy", "torch_stream"]
 
 CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -100,7 +100,3 @@ def torch_stream():
     cp = cupy()
     return cp.cuda.Stream.from_external(torch.cuda.current_stream())
 
-
-def as_cupy(t):
-    """Zero-copy CuPy view of a CUDA tensor (DLPack keeps bf16 as bf16; __cuda_array_interface__ does not)."""
-    return cupy().from_dlpack(t.detach())
