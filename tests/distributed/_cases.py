@@ -94,7 +94,7 @@ def _whole(case: Case):
     return q, k, v, dout, dlse
 
 
-def _run_case(rank: int, world: int, case: Case) -> dict:
+def _run_case(rank: int, world: int, case: Case, group=None) -> dict:
     from mobalab.distributed import _ring
 
     q, k, v, dout, dlse = _whole(case)
@@ -113,13 +113,13 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
     if case.emulated_kernels:
         _ring.cuda_kernels = lambda q_, params, mode: ReferenceAsKernels(params)
     try:
-        got = context_parallel_moba_attention(*shard, case.block_size, case.top_k, case.causal,
+        got = context_parallel_moba_attention(*shard, case.block_size, case.top_k, case.causal, group=group,
                                               softmax_scale=case.softmax_scale, return_lse=True, layout=case.layout)
         got_out, got_lse = got
         got_loss = (got_out * dout[:, pos]).sum() + ((got_lse * dlse[:, pos]).sum() if case.with_lse else 0.0)
         got_grads = torch.autograd.grad(got_loss, shard)
         got_topk = route(shard[0].detach(), shard[1].detach(), Layout(tuple(case.lengths), case.layout),
-                         ring_of(None), case.block_size, case.top_k, case.causal)
+                         ring_of(group), case.block_size, case.top_k, case.causal)
     finally:
         _ring.cuda_kernels = original
 
@@ -148,17 +148,21 @@ def _disagreeing_settings(rank: int) -> str:
 
 
 def run_world_tests(rank: int, world: int, payload: dict) -> dict:
-    """The cases named in ``payload["names"]``; with ``payload["bench_out"]`` also the benchmark's main (quick,
-    tiny sizes) in this world; with ``payload["disagree"]`` also ranks passing different settings."""
+    """In a world of three: the two-rank cases on the group of ranks 0 and 1 (a group other than the default,
+    so P2P addresses global ranks), the three-rank cases on the default group, the benchmark's main (quick,
+    tiny sizes), and ranks passing different settings. Per rank: {"cases": {name: differences}, ...}."""
+    import torch.distributed as dist
+
     from mobalab.distributed import bench
 
-    result = {"cases": {name: _run_case(rank, world, CASES[name]) for name in payload["names"]}}
-    if payload.get("bench_out"):
-        result["bench_status"] = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths",
-                                             "256,512", "--reps", "1", "--out", payload["bench_out"]])
-    if payload.get("disagree"):
-        result["disagree"] = _disagreeing_settings(rank)
-    return result
+    pair = dist.new_group([0, 1])  # every rank takes part in creating it
+    cases = {}
+    if rank < 2:
+        cases.update({name: _run_case(rank, 2, CASES[name], group=pair) for name in payload["pair"]})
+    cases.update({name: _run_case(rank, world, CASES[name]) for name in payload["all"]})
+    status = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths", "256,512", "--reps",
+                         "1", "--out", payload["bench_out"]])
+    return {"cases": cases, "bench_status": status, "disagree": _disagreeing_settings(rank)}
 
 
 def gpu_case(rank: int, world: int, payload: dict) -> dict:

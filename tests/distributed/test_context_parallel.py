@@ -1,10 +1,11 @@
-"""Context-parallel MoBA on gloo worlds of 2 and 3 CPU processes equals single-process MoBA (forward and grads).
+"""Context-parallel MoBA on gloo groups of 2 and 3 CPU processes equals single-process MoBA (forward and grads).
 
-One world per size runs every case of that size (spawning processes is the expensive part); each case is then
-its own test. Cases: shard boundaries that cut a block, unequal and tiny shards (a block spread over three
-ranks), GQA, causal and non-causal, top_k >= number of blocks, the zigzag layout, batch > 1, softmax_scale,
-a gradient through the returned lse, and the CUDA-kernel decomposition (head / whole-block body / tail,
-padding) with the kernels' work done by the reference.
+One world of three processes runs every case (spawning processes is the expensive part): the two-rank cases
+on the group of ranks 0 and 1, the three-rank cases on the default group; each case is then its own test.
+Cases: shard boundaries that cut a block, unequal and tiny shards (a block spread over three ranks), GQA,
+causal and non-causal, top_k >= number of blocks, the zigzag layout, batch > 1, softmax_scale, a gradient
+through the returned lse, and the CUDA-kernel decomposition (head / whole-block body / tail, padding, the
+kernel router's cut and merge) with the kernels' work done by the reference.
 """
 
 import csv
@@ -29,15 +30,14 @@ def bench_out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(bench_out):
-    # one world per size; the two-rank world also runs the benchmark and the disagreement check
-    payloads = {2: dict(names=NAMES[2], bench_out=str(bench_out), disagree=True), 3: dict(names=NAMES[3])}
-    return {w: _world.run_world(w, "_cases", "run_world_tests", payloads[w], timeout=180) for w in (2, 3)}
+    payload = dict(pair=NAMES[2], all=NAMES[3], bench_out=str(bench_out))
+    return _world.run_world(3, "_cases", "run_world_tests", payload, timeout=240)
 
 
 @pytest.mark.parametrize("name", [n for w in (2, 3) for n in NAMES[w]])
 def test_equals_single_process(results, name):
     world = len(_cases.CASES[name].lengths)
-    for rank, per_rank in enumerate(results[world]):
+    for rank, per_rank in enumerate(results[:world]):
         got = per_rank["cases"][name]
         assert got["routing_equal"], f"rank {rank}: routing differs from single-process routing"
         for what in ("out", "lse", "dq", "dk", "dv"):
@@ -45,23 +45,24 @@ def test_equals_single_process(results, name):
 
 
 def test_ranks_that_disagree_all_raise(results):
-    for per_rank in results[2]:
+    for per_rank in results:
         message = per_rank["disagree"]
-        assert "ranks disagree on top_k" in message and "[2, 3]" in message, message
+        assert "ranks disagree on top_k" in message and "[2, 3, 2]" in message, message
 
 
 def test_benchmark_checks_times_and_writes(results, bench_out):
-    assert [r["bench_status"] for r in results[2]] == [0, 0]
+    assert [r["bench_status"] for r in results] == [0, 0, 0]
     with open(bench_out / "cp_check.csv") as f:
         check = list(csv.DictReader(f))
-    assert [row["passed"] for row in check] == ["True", "True"]
-    assert float(check[1]["routing_agreement"]) == 1.0
+    assert [row["passed"] for row in check] == ["True"] * 3
+    assert all(float(row["routing_agreement"]) == 1.0 for row in check)
     with open(bench_out / "cp_bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["seq_len"]), int(r["rank"]), r["mode"]) for r in rows] == [
-        (256, 0, "fwd+bwd"), (256, 1, "fwd+bwd"), (512, 0, "fwd+bwd"), (512, 1, "fwd+bwd")]
-    assert all(float(r["fwdbwd_ms"]) > 0 and float(r["useful_tflops"]) > 0 for r in rows)
+        (n, rank, "fwd+bwd") for n in (256, 512) for rank in range(3)]
+    assert all(float(r["fwdbwd_ms"]) > 0 and float(r["useful_tflops"]) > 0 and float(r["hop_GBps"]) > 0
+               for r in rows)
     table = (bench_out / "cp_bench_table.md").read_text()
-    assert "| 512 | 2 | 1 | fwd+bwd |" in table
+    assert "| 512 | 3 | 2 | fwd+bwd |" in table
     env = json.loads((bench_out / "cp_bench_env.json").read_text())
-    assert env["world"] == 2 and env["backend"] == "gloo" and "git_commit" in env
+    assert env["world"] == 3 and env["backend"] == "gloo" and "git_commit" in env

@@ -25,6 +25,20 @@ def _combined(pieces, shape):
     return acc.out, acc.lse
 
 
+def _summed(result, q_shape, n_keys):
+    """dq, dk, dv of a ring step from its pieces (rows of the query segment, keys of the key segment)."""
+    dq_pieces, dkv_pieces = result
+    dq = torch.zeros(q_shape, dtype=torch.float64)
+    dk = torch.zeros(q_shape[0], n_keys, *dkv_pieces[0][2].shape[2:], dtype=torch.float64) if dkv_pieces else None
+    dv = None if dk is None else torch.zeros_like(dk)
+    for lo, hi, piece in dq_pieces:
+        dq[:, lo:hi] += piece
+    for lo, hi, a, b in dkv_pieces:
+        dk[:, lo:hi] += a
+        dv[:, lo:hi] += b
+    return dq, dk, dv
+
+
 def _segment_pairs():
     """(N, B, qs, n_q, ks, n_k): same segments, keys before / after, aligned or not, shorter than a block."""
     yield 40, 8, 8, 16, 8, 16  # same aligned segment
@@ -66,17 +80,8 @@ def test_kernel_decomposition_equals_reference(pair, causal):
         rows = slice(qs, qs + n_q)
         bargs = (dout, args[0], args[1], args[2], out[:, rows], lse[:, rows], args[3], dlse, qs, ks, params)
 
-        def summed(result):
-            dq, dk, dv = torch.zeros(shape, dtype=torch.float64), torch.zeros_like(args[1]), torch.zeros_like(args[1])
-            for lo, hi, piece in result[0]:
-                dq[:, lo:hi] += piece
-            for lo, hi, a, b in result[1]:
-                dk[:, lo:hi] += a
-                dv[:, lo:hi] += b
-            return dq, dk, dv
-
-        torch.testing.assert_close(summed(backward_pair(*bargs, kernels=ReferenceAsKernels(params))),
-                                   summed(backward_pair(*bargs)), rtol=0, atol=1e-12)
+        torch.testing.assert_close(_summed(backward_pair(*bargs, kernels=ReferenceAsKernels(params)), shape, n_k),
+                                   _summed(backward_pair(*bargs), shape, n_k), rtol=0, atol=1e-12)
 
 
 def test_plan_sends_whole_blocks_to_the_kernels():
@@ -151,3 +156,88 @@ def test_routing_by_frame_bound_lists_equals_reference(start, top_k, causal):
     want = R.moba_topk(q, k, block, top_k, causal)
     got = route_segment(q[:, start:], start, centroids, block, top_k, causal, reference_lists)
     assert torch.equal(got, want[:, start:])
+
+
+def test_cuda_adapters_call_the_wrappers_as_they_take_arguments(monkeypatch):
+    """CudaKernels hands the CUDA wrappers what their signatures and checks take (bound here against the real
+    signatures, the work done by the reference), so a ring step through it equals the reference step."""
+    import inspect
+
+    from mobalab.distributed._local import CudaKernels
+    from mobalab.kernels import _contract as C
+    from mobalab.kernels import _cuda_attention, _cuda_backward
+
+    real_forward, real_backward = _cuda_attention.moba_attention_cuda, _cuda_backward.moba_attention_backward_cuda
+
+    def bound(real, args, kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs)
+        call.apply_defaults()
+        return call.arguments
+
+    def forward(*args, **kwargs):
+        a = bound(real_forward, args, kwargs)
+        C.check_inputs("forward", a["q"], a["k"], a["v"], path="reference")
+        C.check_topk_indices("forward", a["topk_indices"], a["q"], a["top_k"])
+        assert a["return_lse"] is True
+        return R.moba_attention_given_routing(a["q"], a["k"], a["v"], a["topk_indices"], a["block_size"],
+                                              a["causal"], a["softmax_scale"])
+
+    def backward(*args, **kwargs):
+        a = bound(real_backward, args, kwargs)
+        C.check_inputs("backward", a["q"], a["k"], a["v"], path="reference")
+        C.check_like("backward", "out", a["out"], a["q"].shape, dtypes=(a["q"].dtype,))
+        C.check_topk_indices("backward", a["topk"], a["q"], a["top_k"], name="topk")
+        return R.moba_attention_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], a["topk"],
+                                         a["block_size"], a["causal"], a["scale"], a["dlse"])
+
+    monkeypatch.setattr(_cuda_attention, "moba_attention_cuda", forward)
+    monkeypatch.setattr(_cuda_backward, "moba_attention_backward_cuda", backward)
+    g = torch.Generator().manual_seed(5)
+    n, block, (qs, n_q, ks, n_k) = 300, 16, (200, 100, 5, 180)
+    q = torch.randn(1, n, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, n, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for causal in (True, False):
+        topk = R.moba_topk(q, k, block, 3, causal)
+        params = Params(block, 3, causal, 0.3)
+        args = (q[:, qs:qs + n_q], k[:, ks:ks + n_k], v[:, ks:ks + n_k], topk[:, qs:qs + n_q], qs, ks, params)
+        shape = (1, n_q, 4, 8)
+        torch.testing.assert_close(_combined(forward_pair(*args, kernels=CudaKernels(params)), shape),
+                                   _combined(forward_pair(*args), shape))
+        out, lse = R.moba_attention_given_routing(q, k, v, topk, block, causal, 0.3)
+        dout = torch.randn(shape, generator=g, dtype=torch.float64)
+        bargs = (dout, *args[:3], out[:, qs:qs + n_q], lse[:, qs:qs + n_q], args[3], None, qs, ks, params)
+        torch.testing.assert_close(_summed(backward_pair(*bargs, kernels=CudaKernels(params)), shape, n_k),
+                                   _summed(backward_pair(*bargs), shape, n_k))
+
+
+def test_kernel_router_launch_plans_match_the_cuda_sources(monkeypatch):
+    """kernel_lists' launches pass check_args against the .cu signatures; emulating the two kernels (split of
+    the fp32 centroids, top-k in the centroids' frame) by the reference then routes as the reference does."""
+    from mobalab.distributed._routing import kernel_lists, route_segment
+    from mobalab.kernels import _launch
+
+    launched = []
+
+    def launch(plan):
+        _launch.check_args(plan.source, plan.kernel, plan.args)
+        launched.append(plan.kernel)
+        if plan.kernel.startswith("moba_split_centroids"):
+            cent, hi, lo = plan.args[:3]
+            hi.copy_(cent.permute(0, 2, 1, 3))
+            lo.copy_(cent.permute(0, 2, 1, 3) - hi.float())
+        else:
+            q, hi, lo, out = plan.args[:4]
+            cent = (hi.double() + lo.double()).permute(0, 2, 1, 3)
+            out.copy_(R.moba_topk_from_centroids(q, cent, int(plan.args[7]), int(plan.args[9]),
+                                                 "_causal_" in plan.kernel))
+
+    monkeypatch.setattr(_launch, "launch", launch)
+    g = torch.Generator().manual_seed(7)
+    # multiples of 1/8, exact in bf16: the split loses nothing and the emulation scores like the reference
+    q = (torch.randint(-8, 9, (1, 700, 4, 64), generator=g) / 8).to(torch.bfloat16)
+    k = (torch.randint(-8, 9, (1, 700, 2, 64), generator=g) / 8).to(torch.bfloat16)
+    centroids = R.moba_centroids(k, 64)
+    for causal in (True, False):
+        got = route_segment(q[:, 300:], 300, centroids, 64, 4, causal, kernel_lists)
+        assert torch.equal(got, R.moba_topk(q, k, 64, 4, causal)[:, 300:])
+    assert any("_causal_" in name for name in launched) and any("_full_" in name for name in launched)

@@ -26,6 +26,7 @@ reference's at near-ties, exactly as the single-device CUDA router's do.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -78,7 +79,7 @@ def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_
 
     batch, n_q, heads, dim = q.shape
     kv_heads, n_blocks = centroids.shape[2], centroids.shape[1]
-    with torch.cuda.device(q.device):
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # (CPU: the launch plans' tests)
         hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
         lo = torch.empty_like(hi)
         out = torch.empty((batch, n_q, heads, top_k), dtype=torch.int32, device=q.device)

@@ -54,7 +54,7 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, tor
 # share of (query, head) rows routed as the single-device reference routes them: all but exact near-ties with
 # the reference router; the CUDA kernel router scores to ~2^-16 relative, like the single-device CUDA router
 MIN_ROUTING_AGREEMENT = {"reference": 0.9999, "cuda": 0.99}
-MEMORY_FRACTION = 0.9  # of the GPU's memory that a length may be predicted to need
+MEMORY_FRACTION = 0.93  # of the GPU's memory that a length may be predicted to need (allocated, not reserved)
 
 CHECK_COLUMNS = ["rank", "seq_len", "shard_len", "router", "routing_agreement", "out_rel_err", "lse_max_err",
                  "dq_rel_err", "dk_rel_err", "dv_rel_err", "cuda_router_agreement", "cuda_out_rel_err", "passed"]
