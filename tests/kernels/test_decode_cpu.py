@@ -283,9 +283,11 @@ def test_kernel_limits_name_what_the_gpu_supports():
     (1, 1, 32, 8, 128, 32, 16, 1 << 20), (64, 1, 32, 8, 128, 128, 8, 32 * 1024), (2, 16, 32, 8, 64, 16, 32, 100_000),
     (1, 16, 32, 1, 128, 512, 2, 700), (3, 2, 4, 4, 64, 16, 1, 5), (1, 16, 32, 1, 128, 16, 32, 1 << 20),
 ])
-def test_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, length):
+@pytest.mark.parametrize("items_per_slot", [1, 2, 3])
+def test_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, length, items_per_slot):
     n_blocks = math.ceil((length + 10) / block)
-    plan = C.plan_decode(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block)
+    plan = C.plan_decode(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block,
+                         items_per_slot=items_per_slot)
     rows = heads // kv_heads * q_len
     assert plan.rows == rows and plan.n_rg * plan.rows_per_group >= rows and plan.rows_per_group <= C.ROUTE_MAX_ROWS
     n_cand = (length - 1) // block

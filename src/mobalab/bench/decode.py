@@ -14,10 +14,11 @@ L2 flushed before every replay, each replay timed by CUDA events; the median is 
 a 256 MB buffer: a write would leave L2 full of dirty lines whose write-back (~50 MB) lands inside the
 timed step, a sizeable extra on a step that reads ~100 MB and nearly nothing on dense decode.
 ``routing_ms`` times the same kernel launched with the routing items only; ``attention_ms`` is the rest of
-the step (attention, the hand-over from routing, the final merge). Bytes needed per step are counted
-from the actual selection: the fp32 block sums of the complete past blocks, the K and V of the union of
-the blocks the query heads of each kv head selected (the own block with its real tokens), q and out.
-Achieved bandwidth = bytes / time, shown as a fraction
+the step (attention, the hand-over from routing, the final merge). ``mobalab_ms_items1`` / ``_items3`` time
+the step with one or three routing items and attention units per CTA slot instead of two (CSV only).
+Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
+blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
+its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
 of the measured device-to-device copy bandwidth of the same run (H200 datasheet: 4.8 TB/s); dense
 decode's bytes are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
 under ``--out``.
@@ -278,6 +279,9 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         run(launches[0], dev)
 
     row["routing_ms"], _ = time_step(route, reps, flush)
+    for items in (1, 3):  # other work decompositions of the same kernel
+        _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), items_per_slot=items)
+        row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
     _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True)
     row.update(selection_bytes(sel, n, block, kvh, d))
     row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
@@ -315,10 +319,10 @@ def _derive(row: dict, copy_tbps: float) -> None:
 
 
 COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "mobalab_ms", "routing_ms",
-           "attention_ms", "mobalab_eager_ms", "timing", "sdpa_flash_ms", "sdpa_cudnn_ms", "sdpa_efficient_ms",
-           "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense", "bytes_needed", "centroid_bytes", "kv_bytes",
-           "q_out_bytes", "unique_blocks", "dense_bytes", "byte_ratio", "mobalab_tbps", "dense_tbps", "copy_tbps",
-           "roofline_fraction", "dense_roofline_fraction", "useful_gflop"]
+           "attention_ms", "mobalab_ms_items1", "mobalab_ms_items3", "mobalab_eager_ms", "timing", "sdpa_flash_ms",
+           "sdpa_cudnn_ms", "sdpa_efficient_ms", "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense",
+           "bytes_needed", "centroid_bytes", "kv_bytes", "q_out_bytes", "unique_blocks", "dense_bytes", "byte_ratio",
+           "mobalab_tbps", "dense_tbps", "copy_tbps", "roofline_fraction", "dense_roofline_fraction", "useful_gflop"]
 
 
 def _fmt(x, nd=3) -> str:

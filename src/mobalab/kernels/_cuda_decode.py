@@ -129,7 +129,7 @@ class DecodePlan:
 
 def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                 max_length: int, n_blocks_cap: int, capacity: int, sm_count: int = 132,
-                win_words: int = UNION_WINDOW_WORDS) -> DecodePlan:
+                win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT) -> DecodePlan:
     """The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Routing splits the candidate blocks of the longest sequence, :math:`n_c = \\lfloor(L-1)/B\\rfloor`, over
@@ -138,7 +138,8 @@ def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int
     each kv head ``n_x`` units, about two per CTA slot, more when the union of a kv head (at most
     :math:`\\min(R k, n_c + 1)` blocks) would need larger block and row lists than fit. Two waves of
     routing items let the first wave's row groups be merged while the second streams, and the attention
-    units of those row groups cover the merge of the second wave's.
+    units of those row groups cover the merge of the second wave's. ``items_per_slot`` changes the two
+    (benchmarks time other decompositions with it).
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -152,14 +153,14 @@ def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int
         n_split, per_split = 1, max(1, n_cand)
     else:
         most = max(1, min(ROUTE_MAX_SPLIT, ROUTE_MERGE_ENTRIES // lcap, math.ceil(n_cand / ROUTE_MIN_BLOCKS)))
-        n_split = max(1, min(most, ITEMS_PER_SLOT * slots // (batch * kv_heads * n_rg)))
+        n_split = max(1, min(most, items_per_slot * slots // (batch * kv_heads * n_rg)))
         per_split = math.ceil(math.ceil(n_cand / n_split) / tile) * tile  # whole stages
         n_split = math.ceil(n_cand / per_split)  # no empty trailing split
     chunk = min(block_size, ATTN_CHUNK)
     n_chunks = block_size // chunk
     items = min(rows * top_k, n_cand + 1) * n_chunks  # most (block, chunk) items of one kv head
     nb_cap = max(2, ROWLIST_BYTES // (8 + 4 * rows))
-    n_x = max(1, min(items, ITEMS_PER_SLOT * slots // (batch * kv_heads)),
+    n_x = max(1, min(items, items_per_slot * slots // (batch * kv_heads)),
               math.ceil(items / ((nb_cap - 1) * n_chunks)))
     if 4 * (win_words + rows * top_k) > ATTN_STAGE_BYTES:
         raise ValueError(f"plan_decode: a union window of {win_words} words and {rows} x {top_k} selection "
@@ -223,11 +224,11 @@ def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,
-                  route_only: bool = False, win_words: int = UNION_WINDOW_WORDS):
+                  route_only: bool = False, win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT):
     """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs)."""
     batch, q_len, heads, dim = q.shape
     plan = plan_decode(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                       cache.n_blocks, cache.capacity, sm_count, win_words)
+                       cache.n_blocks, cache.capacity, sm_count, win_words, items_per_slot)
     if bufs is None:
         bufs = decode_buffers(plan, q.device, q.dtype)
     counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]
