@@ -21,13 +21,14 @@
 # in the needle's block, higher μ_cluster). The key-conv experiment showed that a *fixed* filter never raises
 # the router's signal, so if the second claim holds, the gain must come from *training* the filter.
 #
-# Here small decoder-only transformers (RoPE, MoBA or dense attention) are trained from scratch on key-value
+# Here small decoder-only transformers (MoBA or dense attention) are trained from scratch on key-value
 # recall with distractors (`mobalab.training.RecallTask`): dense, MoBA with B = 32 and 128 at k·B = 512, and
-# MoBA-128 with the paper's trainable kconv of width 3 and 5, three seeds each, identical initial weights and
-# batches per seed. From each model, per layer and head, `mobalab.training.evaluate` measures on the post-RoPE
-# q/k the router saw: μ_signal, μ_noise, σ, m, μ_cluster, Δμ_eff; the causal P(hit) these predict
-# (`mobalab.snr.causal_hit_probability`); the observed recall of the needle's block (`mobalab.kernels.moba_topk`
-# on the same q/k); and the model's retrieval accuracy.
+# MoBA-128 with the paper's trainable kconv of width 3 and 5, all with RoPE; and MoBA-32, MoBA-128 and
+# MoBA-128-kconv5 without position encoding (`-nope`), as the paper's MoBA layers are. Three seeds each,
+# identical initial weights and batches per seed. From each model, per layer and head,
+# `mobalab.training.evaluate` measures on the post-RoPE q/k the router saw: μ_signal, μ_noise, σ, m,
+# μ_cluster, Δμ_eff; the causal P(hit) these predict (`mobalab.snr.causal_hit_probability`); the observed
+# recall of the needle's block (`mobalab.kernels.moba_topk` on the same q/k); and the retrieval accuracy.
 #
 # `MOBALAB_QUICK=1` (the default, what CI runs) trains tiny models for 20 steps on the CPU: the pipeline runs,
 # but the models learn little and the verdicts below mean nothing. `MOBALAB_QUICK=0` on a GPU runs the full
@@ -91,6 +92,8 @@ display(models.groupby("variant", sort=False)[["accuracy", "first_stage_train_ac
 # most attention on the needle) against three predictions: the token model with the measured σ, the block-score
 # moments, and the paper's formula taken literally on cosines (σ = 1/√d); (c) every layer and head; (d) the
 # signal in noise standard deviations, needle alone (Δμ/σ) and whole block (Δμ_eff/σ): the gap is clustering.
+# `block_var_ratio` is the noise blocks' score variance over σ²/B: 1 when keys act as independent tokens, as
+# the paper's model assumes; RoPE makes part of the noise coherent within a block and the ratio large.
 
 # %%
 def show(frame):

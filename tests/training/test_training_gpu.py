@@ -49,14 +49,14 @@ def test_moba_model_on_cuda_matches_the_cpu_reference():
 def test_full_recipe_learns_at_4k_and_matches_the_time_estimate():
     from mobalab.experiments import trained_routing as exp
 
-    cfg = exp.Config(variants=("dense", "moba-32", "moba-128-kconv3"), n_seeds=1, device="cuda")
+    cfg = exp.Config(variants=("dense", "moba-32", "moba-128-kconv3", "moba-32-nope"), n_seeds=1, device="cuda")
     t0 = time.perf_counter()
     df = exp.run(cfg)
     wall = time.perf_counter() - t0
     models = df.drop_duplicates("variant").set_index("variant")
     print(models[["accuracy", "first_stage_train_accuracy", "final_train_loss", "train_seconds",
                   "est_h200_seconds"]].to_string())
-    print(f"wall {wall:.1f} s for 3 models, estimate {models['est_h200_seconds'].sum():.1f} s training")
+    print(f"wall {wall:.1f} s for {len(models)} models, estimate {models['est_h200_seconds'].sum():.1f} s training")
     chance = 1.0 / cfg.n_values
     # the short-sequence start teaches the lookup; the 4K phase keeps it under MoBA routing
     assert (models["first_stage_train_accuracy"] > 0.5).all()

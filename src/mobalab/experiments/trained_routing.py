@@ -9,8 +9,8 @@ Task (:class:`mobalab.training.RecallTask`): key-value needles scattered over fi
 asking for a needle's value; one attention hop from query to needle. Models
 (:class:`mobalab.training.RecallTransformer`, RoPE, pre-norm, ``n_layers`` layers of ``n_heads`` heads of
 ``head_dim``) are trained from scratch with identical initial weights and batches per seed (a length
-curriculum, :class:`mobalab.training.TrainConfig`: ``curriculum`` stages at 512, 1024 and 2048 tokens first,
-the first of them dense for every variant, then ``seq_len``), one per ``variants`` entry and seed:
+curriculum, :class:`mobalab.training.TrainConfig`: ``curriculum`` stages at 512 and 1024 tokens first, the
+first of them dense for every variant, then ``seq_len``), one per ``variants`` entry and seed:
 
 * ``dense``: causal softmax attention (torch SDPA);
 * ``moba-<B>``: MoBA with block size B and top-k = ``budget``/B (equal sparsity: every query attends
@@ -18,8 +18,11 @@ the first of them dense for every variant, then ``seq_len``), one per ``variants
   the CPU);
 * ``moba-<B>-kconv<W>``: the same with the paper's trainable key convolution of width W
   (:class:`mobalab.training.KeyConv`, zero-initialised: it starts as the identity);
-* any of these with ``-nope``: no RoPE (the paper's MoBA layers have no position encoding); not in the
-  default list.
+* any of these with ``-nope``: no position encoding, as the paper's MoBA layers (its RoPE lives in separate
+  sliding-window layers). With RoPE in the routed layer the scores of noise blocks carry a component that is
+  coherent within a block (the keys' shared directions rotate with position), so a block score's variance is
+  several times σ²/B and routing is worse than the token model says; without it the keys behave as
+  independent tokens. The default list measures both, the paper's claims in each setting.
 
 Per model, layer and head (:func:`mobalab.training.evaluate`, same evaluation sequences for every model): the
 statistics the theory takes, measured on the post-RoPE q / k the router saw (μ_signal, μ_noise, σ, Δμ,
@@ -74,10 +77,11 @@ class Config:
     n_heads: int = 4
     head_dim: int = 64
     budget: int = 512
-    variants: tuple[str, ...] = ("dense", "moba-32", "moba-128", "moba-128-kconv3", "moba-128-kconv5")
+    variants: tuple[str, ...] = ("dense", "moba-32", "moba-128", "moba-128-kconv3", "moba-128-kconv5",
+                                 "moba-32-nope", "moba-128-nope", "moba-128-kconv5-nope")
     n_seeds: int = 3
-    steps: int = 800
-    curriculum: tuple[tuple[int, int], ...] = ((512, 150), (1024, 100), (2048, 100))
+    steps: int = 600
+    curriculum: tuple[tuple[int, int], ...] = ((512, 150), (1024, 100))
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 25
@@ -93,7 +97,8 @@ class Config:
         """A tiny CPU run (seconds): N = 128, blocks 8 and 16 at budget 32, 2 seeds, 20 steps (8 at N = 64)."""
         base = dict(seq_len=128, n_pairs=6, n_queries=6, n_keys=16, n_values=8, n_filler=16, d_model=32,
                     n_layers=2, n_heads=2, head_dim=16, budget=32,
-                    variants=("dense", "moba-8", "moba-16", "moba-16-kconv3", "moba-16-kconv5"), n_seeds=2,
+                    variants=("dense", "moba-8", "moba-16", "moba-16-kconv3", "moba-16-kconv5", "moba-16-nope"),
+                    n_seeds=2,
                     steps=20, curriculum=((64, 8),), batch_size=4, lr=3e-3, warmup=5,
                     eval_sequences=8, eval_batch_size=8, device="cpu", cpu_threads=1)
         base.update(overrides)
@@ -181,7 +186,7 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     --------
     >>> est = gpu_estimate(Config())
     >>> int(est["models"].iloc[-1]), round(float(est["seconds"].iloc[-1]) / 60, 1)
-    (15, 4.7)
+    (24, 5.5)
     """
     from mobalab.training import training_cost
 
@@ -247,8 +252,9 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
             ev.insert(3, "model_block_size", mc.block_size if mc.attention == "moba" else 0)
             ev.insert(4, "model_top_k", mc.top_k if mc.attention == "moba" else 0)
             ev.insert(5, "key_conv", mc.key_conv)
-            ev.insert(6, "replicate", replicate)
-            ev.insert(7, "model_seed", mseed)
+            ev.insert(6, "rope", mc.rope)
+            ev.insert(7, "replicate", replicate)
+            ev.insert(8, "model_seed", mseed)
             ev["final_train_loss"] = float(tail["loss"].mean())
             ev["final_train_accuracy"] = float(tail["accuracy"].mean())
             first = hist[hist["seq_len"] == config.curriculum[0][0]] if config.curriculum else hist.iloc[:0]
@@ -397,10 +403,11 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
     """The paper's two claims as differences with 95% intervals and a verdict computed from them.
 
     1. smaller blocks route better at equal sparsity: the smallest-B MoBA model minus the largest-B one
-       (no kconv): recall at the retrieval head and accuracy (Newcombe), Δμ_eff/σ·sqrt(1/2B) = SNR (Welch);
-       and the dense model's own vectors routed at both block sizes (paired, same q / k).
-    2. a trained key convolution raises Δμ_eff: each ``moba-<B>-kconv<W>`` minus ``moba-<B>``: Δμ_eff/σ and
-       m (Welch), recall and accuracy (Newcombe).
+       (no kconv; with RoPE, and again without): recall at the retrieval head and accuracy (Newcombe),
+       Δμ_eff/(σ sqrt(2B)) = SNR (Welch); and the dense model's own vectors routed at both block sizes
+       (paired, same q / k).
+    2. a trained key convolution raises Δμ_eff: each ``moba-<B>-kconv<W>[-nope]`` minus ``moba-<B>[-nope]``:
+       Δμ_eff/σ and m (Welch), recall and accuracy (Newcombe).
     """
     rh = retrieval_heads(df)
     models = _models(df)
@@ -418,11 +425,13 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
                 "low": lo, "high": hi}
 
     routed = rh[rh["routed"]]
-    plain = sorted({int(b) for v, b, kc in zip(routed["variant"], routed["model_block_size"], routed["key_conv"],
-                                                 strict=True) if kc == 0})
-    if len(plain) >= 2:
+    for rope, suffix in ((True, ""), (False, "-nope")):
+        group = routed[(routed["rope"] == rope) & (routed["key_conv"] == 0)]
+        plain = sorted({int(b) for b in group["model_block_size"]})
+        if len(plain) < 2:
+            continue
         small, large = plain[0], plain[-1]
-        va, vb = f"moba-{small}", f"moba-{large}"
+        va, vb = f"moba-{small}{suffix}", f"moba-{large}{suffix}"
         a, b = routed[routed["variant"] == va], routed[routed["variant"] == vb]
         comp = f"{va} vs {vb}"
         for r in (prop("recall", a, b, "recall_hits", "recall_trials"),
@@ -430,16 +439,16 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
                        "answers"),
                   cont("SNR (token model)", a["snr_paper"], b["snr_paper"])):
             out.append({"claim": "1: smaller B routes better (equal k·B)", "comparison": comp, **r})
-        dense = rh[(rh["attention"] == "dense")]
+        dense = rh[(rh["attention"] == "dense") & (rh["rope"] == rope) & (rh["key_conv"] == 0)]
         da, db = dense[dense["block_size"] == small], dense[dense["block_size"] == large]
         if len(da) and len(db):
-            comp = f"dense model's q/k routed at B={small} vs B={large}"
+            comp = f"dense{suffix} model's q/k routed at B={small} vs B={large}"
             for r in (prop("recall", da, db, "recall_hits", "recall_trials"),
                       cont("SNR (token model)", da["snr_paper"], db["snr_paper"])):
                 out.append({"claim": "1: smaller B routes better (equal k·B)", "comparison": comp, **r})
     for v in dict.fromkeys(routed.loc[routed["key_conv"] > 0, "variant"]):
         g = routed[routed["variant"] == v]
-        base = f"moba-{int(g['model_block_size'].iloc[0])}"
+        base = f"moba-{int(g['model_block_size'].iloc[0])}" + ("" if bool(g["rope"].iloc[0]) else "-nope")
         b = routed[routed["variant"] == base]
         if b.empty:
             continue
@@ -464,7 +473,7 @@ def plot(df: pd.DataFrame):
     models = _models(df)
     variants = list(dict.fromkeys(df["variant"]))
     colors = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    fig, axes = plt.subplots(2, 2, figsize=(17, 10))
 
     ax = axes[0, 0]
     for i, v in enumerate(variants):
