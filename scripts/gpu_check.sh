@@ -10,6 +10,8 @@
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
+#   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
+#   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
@@ -52,6 +54,13 @@ for step in "${STEPS[@]}"; do
                    || status=1 ;;
     decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
+    tiles-ncu) timeout 240 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+                 --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+                 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__bytes.sum.per_second \
+                 -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
+               && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
+               || status=1 ;;
+    rope) timeout 150 python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
   esac
   echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
@@ -61,8 +70,9 @@ tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
+[ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"
 rm -rf "$W"
 exit "$status"

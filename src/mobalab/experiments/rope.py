@@ -24,8 +24,8 @@ Sweeps (``sweep`` column), one parameter at a time around the centre (``head_dim
 * ``kernel`` rows: :func:`mobalab.kernels.moba_topk`, non-causal, on RoPE'd inputs laid out as (batch, N,
   heads, d): the pre-RoPE query in every row of its sequence, every row and key rotated by its position
   (:func:`mobalab.simulate.apply_rope`) before routing, as models do; row N-1 is read. With a usable GPU
-  the CUDA kernel in fp16 (``backend`` "cuda-kernel"; it supports head dims 64 and 128, other points get
-  no kernel row), otherwise the torch reference in fp32 (``backend`` "torch-reference") for N <=
+  the CUDA kernel in fp16 (``backend`` "cuda-kernel"; it supports head dims 32 to 256, so the d = 16 point
+  gets no kernel row), otherwise the torch reference in fp32 (``backend`` "torch-reference") for N <=
   ``kernel_cpu_max_seq_len``.
 
 Every Monte Carlo row carries a 95% Wilson interval and ``rope_units`` / ``blind_units``: the distance of
