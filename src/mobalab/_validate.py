@@ -115,20 +115,21 @@ def cosine(name: str, value, *, _single: bool = False) -> np.ndarray:
     return arr
 
 
-def count(name: str, value, minimum: int = 1, *, _single: bool = False) -> np.ndarray:
-    """An integer count ``>= minimum`` (or an array of them) as an int64 array."""
-    kind = f"an integer >= {minimum}"
+def count(name: str, value, minimum: int | None = 1, *, _single: bool = False) -> np.ndarray:
+    """An integer count ``>= minimum`` (or an array of them) as an int64 array; ``minimum=None``: any integer."""
+    kind = "an integer" if minimum is None else f"an integer >= {minimum}"
     arr = _numeric(name, value, kind + ("" if _single else " or an array of them"))
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if np.any(bad):
             raise ValueError(f"{name} must be {kind}, got {_first(arr, bad)!r}{_where(arr)}")
-    too_big = arr > _COUNT_MAX
+    too_big = np.abs(arr) > _COUNT_MAX
     if np.any(too_big):
-        raise ValueError(f"{name} must be at most 2**53, got {_first(arr, too_big)!r}{_where(arr)}")
-    bad = arr < minimum
-    if np.any(bad):
-        raise ValueError(f"{name} must be {kind}, got {_first(arr, bad)!r}{_where(arr)}")
+        raise ValueError(f"{name} must be at most 2**53 in magnitude, got {_first(arr, too_big)!r}{_where(arr)}")
+    if minimum is not None:
+        bad = arr < minimum
+        if np.any(bad):
+            raise ValueError(f"{name} must be {kind}, got {_first(arr, bad)!r}{_where(arr)}")
     return arr.astype(np.int64)
 
 
@@ -137,10 +138,10 @@ def _scalar(name: str, arr: np.ndarray, value, kind: str) -> None:
         raise ValueError(f"{name} must be a single {kind}, got {_given(value)}")
 
 
-def scalar_count(name: str, value, minimum: int = 1) -> int:
-    """One integer count ``>= minimum`` (arrays refused) as a Python int."""
+def scalar_count(name: str, value, minimum: int | None = 1) -> int:
+    """One integer ``>= minimum`` (arrays refused) as a Python int; ``minimum=None``: any integer."""
     arr = count(name, value, minimum, _single=True)
-    _scalar(name, arr, value, f"integer >= {minimum}")
+    _scalar(name, arr, value, "integer" if minimum is None else f"integer >= {minimum}")
     return int(arr)
 
 
@@ -149,6 +150,11 @@ def scalar_real(name: str, value, **bounds) -> float:
     arr = real(name, value, _single=True, **bounds)
     _scalar(name, arr, value, "real number")
     return float(arr)
+
+
+def rope_base(value) -> float:
+    """A RoPE wavelength base: one finite real > 1 (θ_i = base^(-2i/d) must decrease with i)."""
+    return scalar_real("base", value, low=1.0, low_open=True)
 
 
 def scalar_cosine(name: str, value) -> float:

@@ -24,7 +24,6 @@ rotated vectors. See docs/design.md, "RoPE".
 
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mobalab import _validate as V
 from mobalab.snr import rope_block_model, rope_frequencies
 
 __all__ = ["MATCH_KINDS", "apply_rope", "random_span_positions", "plant_rope_span", "rope_vector_router"]
@@ -44,31 +44,6 @@ _BATCH_ELEMENTS = {"numpy": 1 << 22, "torch-cpu": 1 << 22, "torch-cuda": 1 << 27
 
 # ---------------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
-    return value
-
-
-def _base(base) -> float:
-    b = _real("base", base)
-    if b <= 1.0:
-        raise ValueError(f"base (RoPE wavelength base) must be > 1, got {b}")
-    return b
 
 
 def _is_torch(x) -> bool:
@@ -190,7 +165,7 @@ def apply_rope(x, positions, base=10000.0):
         raise ValueError(
             f"positions of shape {pos.shape} do not broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}"
         ) from None
-    theta = rope_frequencies(int(x.shape[-1]), _base(base))
+    theta = rope_frequencies(int(x.shape[-1]), V.rope_base(base))
     return _rotate(x, positions, theta)
 
 
@@ -217,9 +192,9 @@ def random_span_positions(rng, count: int, seq_len: int, block_size: int, m: int
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    count = _int("count", count, 0)
-    seq_len, bsz = _int("seq_len", seq_len, 1), _int("block_size", block_size, 1)
-    m, a = _int("m", m, 1), _int("needle_index", needle_index, 0)
+    count = V.scalar_count("count", count, 0)
+    seq_len, bsz = V.scalar_count("seq_len", seq_len, 1), V.scalar_count("block_size", block_size, 1)
+    m, a = V.scalar_count("m", m, 1), V.scalar_count("needle_index", needle_index, 0)
     if seq_len % bsz:
         raise ValueError(f"seq_len = {seq_len} must be a multiple of block_size = {bsz} (whole blocks only)")
     if m > bsz or a >= m:
@@ -260,7 +235,7 @@ def plant_rope_span(rng, q, keys, query_pos, needle_pos, m: int, mu_signal: floa
 
     if match not in MATCH_KINDS:
         raise ValueError(f"match must be one of {MATCH_KINDS}, got {match!r}")
-    m, a = _int("m", m, 1), _int("needle_index", needle_index, 0)
+    m, a = V.scalar_count("m", m, 1), V.scalar_count("needle_index", needle_index, 0)
     if a >= m:
         raise ValueError(f"needle_index must lie in [0, m = {m}), got {a}")
     t = np.asarray(query_pos, dtype=np.int64)
@@ -268,7 +243,7 @@ def plant_rope_span(rng, q, keys, query_pos, needle_pos, m: int, mu_signal: floa
     span = p[:, None] - a + np.arange(m)[None, :]
     if span.size and (span.min() < 0 or span.max() >= keys.shape[-2]):
         raise ValueError(f"the span {span.min()}..{span.max()} does not fit in the {keys.shape[-2]} keys")
-    theta = rope_frequencies(int(q.shape[-1]), _base(base))
+    theta = rope_frequencies(int(q.shape[-1]), V.rope_base(base))
     u = _rotate(q, t - p, theta) if match == "needle" else q
     cluster = np.delete(span, a, axis=1)
     if _is_torch(keys):
@@ -287,11 +262,11 @@ def plant_rope_span(rng, q, keys, query_pos, needle_pos, m: int, mu_signal: floa
 def _check_positions(n_tok, bs, m, a, causal, match, query_pos, needle_pos):
     """Validated (query_pos, needle_pos) (None where drawn)."""
     if query_pos is not None:
-        query_pos = _int("query_pos", query_pos, 0)
+        query_pos = V.scalar_count("query_pos", query_pos, 0)
         if query_pos >= n_tok:
             raise ValueError(f"query_pos must be in [0, seq_len = {n_tok}), got {query_pos}")
     if needle_pos is not None:
-        needle_pos = _int("needle_pos", needle_pos, 0)
+        needle_pos = V.scalar_count("needle_pos", needle_pos, 0)
         start = needle_pos - a
         if start < 0 or needle_pos >= n_tok or start // bs != (start + m - 1) // bs:
             raise ValueError(
@@ -348,15 +323,15 @@ def rope_vector_router(head_dim: int, seq_len: int, block_size: int, top_k: int,
     from mobalab import simulate
     from mobalab.stats import wilson_interval
 
-    d = _int("head_dim", head_dim, 2)
+    d = V.scalar_count("head_dim", head_dim, 2)
     if d % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of coordinates), got {d}")
-    n_tok, bs = _int("seq_len", seq_len, 1), _int("block_size", block_size, 1)
-    top_k, trials = _int("top_k", top_k, 1), _int("trials", trials, 1)
-    m, a = _int("m", m, 1), _int("needle_index", needle_index, 0)
-    mu_signal = _real("mu_signal", mu_signal, -1.0, 1.0)
-    mu_cluster = _real("mu_cluster", mu_cluster, -1.0, 1.0)
-    base = _base(base)
+    n_tok, bs = V.scalar_count("seq_len", seq_len, 1), V.scalar_count("block_size", block_size, 1)
+    top_k, trials = V.scalar_count("top_k", top_k, 1), V.scalar_count("trials", trials, 1)
+    m, a = V.scalar_count("m", m, 1), V.scalar_count("needle_index", needle_index, 0)
+    mu_signal = V.scalar_cosine("mu_signal", mu_signal)
+    mu_cluster = V.scalar_cosine("mu_cluster", mu_cluster)
+    base = V.rope_base(base)
     if match not in MATCH_KINDS:
         raise ValueError(f"match must be one of {MATCH_KINDS}, got {match!r}")
     for name, flag in (("causal", causal), ("progress", progress)):
@@ -364,7 +339,7 @@ def rope_vector_router(head_dim: int, seq_len: int, block_size: int, top_k: int,
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     causal = bool(causal)
     if batch_size is not None:
-        batch_size = _int("batch_size", batch_size, 1)
+        batch_size = V.scalar_count("batch_size", batch_size, 1)
     if n_tok % bs:
         raise ValueError(f"seq_len = {n_tok} must be a multiple of block_size = {bs} (whole blocks only)")
     if m > bs or a >= m:

@@ -75,10 +75,11 @@ See docs/design.md, "RoPE".
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import _validate as V
 
 __all__ = [
     "rope_frequencies",
@@ -95,48 +96,19 @@ __all__ = [
 # argument checks (scalars; each error names the argument, the value and what is allowed)
 
 
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
 def _head_dim(head_dim) -> int:
-    d = _int("head_dim", head_dim, 2)
+    d = V.scalar_count("head_dim", head_dim, 2)
     if d % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of coordinates), got {d}")
     return d
 
 
-def _base(base) -> float:
-    b = _real("base", base)
-    if b <= 1.0:
-        raise ValueError(f"base (RoPE wavelength base) must be > 1, got {b}")
-    return b
-
-
 def _span(m, needle_index, needle_lag) -> tuple[int, int, int]:
-    m = _int("m", m, 1)
-    a = _int("needle_index", needle_index, 0)
+    m = V.scalar_count("m", m, 1)
+    a = V.scalar_count("needle_index", needle_index, 0)
     if a >= m:
         raise ValueError(f"needle_index must lie in [0, m = {m}) (the needle is a token of the span), got {a}")
-    return m, a, _int("needle_lag", needle_lag)
+    return m, a, V.scalar_count("needle_lag", needle_lag, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +128,7 @@ def rope_frequencies(head_dim, base=10000.0) -> np.ndarray:
     [1.0, 0.1, 0.01, 0.001]
     """
     d = _head_dim(head_dim)
-    b = _base(base)
+    b = V.rope_base(base)
     return b ** (-2.0 * np.arange(d // 2) / d)
 
 
@@ -375,12 +347,12 @@ def rope_block_model(head_dim, block_size, mu_signal, m=1, mu_cluster=0.0, *, ba
     0.887
     """
     d = _head_dim(head_dim)
-    bsz = _int("block_size", block_size, 1)
+    bsz = V.scalar_count("block_size", block_size, 1)
     m, a, lag = _span(m, needle_index, needle_lag)
     if m > bsz:
         raise ValueError(f"m = {m} span tokens do not fit in a block of block_size = {bsz}")
-    mu_s = _real("mu_signal", mu_signal, -1.0, 1.0)
-    mu_c = _real("mu_cluster", mu_cluster, -1.0, 1.0)
+    mu_s = V.scalar_cosine("mu_signal", mu_signal)
+    mu_c = V.scalar_cosine("mu_cluster", mu_cluster)
     theta = rope_frequencies(d, base)
     n_pairs = d // 2
     weights = np.full(m, mu_c)
