@@ -85,7 +85,8 @@
 #define DEC_THREADS 256
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_FLAGS 64                 // bytes of flags at the start of shared memory (ticket, last, warp sums)
-#define DEC_ROUTE_STAGES 5           // cp.async stages of block sums
+#define DEC_ROUTE_STAGES 6           // cp.async stages of block sums (5 in flight: 80 KB per CTA)
+#define DEC_ROUTE_ILP 4              // query rows scored together (independent dependency chains)
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
@@ -206,6 +207,11 @@ __device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned ta
 }
 #define DEC_EMU_ITEM_START()
 #endif
+
+template <int N>
+struct dec_int {
+    static constexpr int value = N;
+};
 
 __device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
@@ -436,19 +442,35 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
             float4 sv[NV];
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[m] = *reinterpret_cast<const float4*>(stage + col * D + (m * 8 + part) * 4);
-            for (int rr = 0; rr < nr; ++rr) {
-                const float* qrow = qs + rr * D;
-                float acc = 0.f;
+            // DEC_ROUTE_ILP rows at a time: independent FMA and shuffle chains, so a tile's scoring costs one
+            // chain's latency per DEC_ROUTE_ILP rows instead of one per row.
+            auto score_rows = [&](int rr0, auto n_const) {
+                constexpr int NR = decltype(n_const)::value;
+                float acc[NR];
 #pragma unroll
-                for (int m = 0; m < NV; ++m) {
-                    const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
-                    acc += qv.x * sv[m].x + qv.y * sv[m].y + qv.z * sv[m].z + qv.w * sv[m].w;
+                for (int a = 0; a < NR; ++a) {
+                    const float* qrow = qs + (rr0 + a) * D;
+                    acc[a] = 0.f;
+#pragma unroll
+                    for (int m = 0; m < NV; ++m) {
+                        const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
+                        acc[a] += qv.x * sv[m].x + qv.y * sv[m].y + qv.z * sv[m].z + qv.w * sv[m].w;
+                    }
                 }
-                acc += __shfl_xor_sync(DEC_FULL, acc, 1);
-                acc += __shfl_xor_sync(DEC_FULL, acc, 2);
-                acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                if (part == 0) st[rr * RT + col] = (col < nblk && j < own[rr]) ? acc : dec_nan();
-            }
+#pragma unroll
+                for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                    for (int a = 0; a < NR; ++a) acc[a] += __shfl_xor_sync(DEC_FULL, acc[a], off);
+                }
+                if (part == 0) {
+#pragma unroll
+                    for (int a = 0; a < NR; ++a)
+                        st[(rr0 + a) * RT + col] = (col < nblk && j < own[rr0 + a]) ? acc[a] : dec_nan();
+                }
+            };
+            int rr = 0;
+            for (; rr + DEC_ROUTE_ILP <= nr; rr += DEC_ROUTE_ILP) score_rows(rr, dec_int<DEC_ROUTE_ILP>());
+            for (; rr < nr; ++rr) score_rows(rr, dec_int<1>());
         }
         __syncthreads();
         for (int rr = warp; rr < nr; rr += DEC_WARPS)
