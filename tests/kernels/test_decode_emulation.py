@@ -140,7 +140,7 @@ CASES = [
     pytest.param(FP, 128, 16, 2, 6, 7, [5, 3300, 260], 1, 12, 1, 1024, {}, id="fp16-gqa3-qlen7-rows-ilp-tiny-seq"),
 ]
 # splits, two attention units per kv head, union windows of 64 blocks: small enough to run three times
-ORDER_CASE = (BF, 64, 32, 1, 4, 1, [2300, 1200], 1, 8, 4, 2, {})
+ORDER_CASE = (BF, 128, 16, 1, 4, 1, [2300, 1200], 1, 8, 4, 2, {})
 _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms", "win", "opts")
 
 
