@@ -12,6 +12,8 @@
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
+#   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
+#                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
@@ -48,8 +50,9 @@ for step in "${STEPS[@]}"; do
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
     decode-tests) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    decode)      timeout 240 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+    decode)      timeout 150 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
+    decode-ncu)  timeout 150 python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
     varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
     decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
@@ -70,7 +73,7 @@ tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/decode-ncu/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"

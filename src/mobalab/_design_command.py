@@ -17,7 +17,8 @@ import pandas as pd
 
 from mobalab import snr
 
-__all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", "format_design"]
+__all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", "format_design", "decode_cost",
+           "format_decode_cost"]
 
 DEFAULT_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
 MAX_TOP_K = 1024  # the search for the smallest top-k stops here (FlashMoBA itself allows <= 64)
@@ -230,4 +231,67 @@ def format_design(df: pd.DataFrame) -> str:
                      f"({cheapest['kernel']} kernel, {workload} workload)")
     else:
         lines.append("kernel cost: no benchmark data for the feasible block sizes")
+    return "\n".join(lines)
+
+
+def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32, kv_heads: int = 8,
+                bench_csv=None) -> pd.DataFrame | None:
+    """Cost of one decode step at ``context`` tokens for the design's recommended (B, k): the largest feasible
+    block size of ``df`` (a :func:`design` table) and its top-k; None when no block size is feasible.
+
+    One row of :func:`mobalab.experiments.decode_cost.decode_cost_table` (HBM bytes of a step from the byte
+    model: fp32 block sums + K/V of the union of the selected blocks + q/out, against dense decode's whole
+    cache; P(hit) of the newest token; ``measured_ms`` from a decode benchmark CSV when given).
+
+    Examples
+    --------
+    >>> from mobalab._design_command import design, decode_cost
+    >>> df = design(128, 32768, 8, 0.5, delta_mu=0.5, m=4, block_sizes=(64, 128))
+    >>> c = decode_cost(df, 512 * 1024).iloc[0]
+    >>> mb, ratio = float(c["bytes_per_step"]) / 1e6, float(c["byte_ratio"])
+    >>> int(c["block_size"]), int(c["top_k"]), round(mb, 1), round(ratio, 1)
+    (128, 8, 255.7, 67.2)
+    """
+    from mobalab.experiments.decode_cost import decode_cost_table, read_decode_bench
+
+    if not isinstance(context, int) or context < 2:
+        raise ValueError(f"decode context must be an integer >= 2 tokens, got {context!r}")
+    bench = read_decode_bench(bench_csv) if bench_csv is not None else None
+    ok = df[df["meets_target"].astype(bool)]
+    if ok.empty:
+        return None
+    r = df.iloc[0]
+    block = int(ok["block_size"].max())
+    table = decode_cost_table(context, float(r["target"]), head_dim=int(r["head_dim"]), heads=heads,
+                              kv_heads=kv_heads, batch=batch, block_sizes=(block,), top_ks=(int(r["top_k"]),),
+                              delta_mu=float(r["delta_mu"]), m=float(r["m"]), mu_cluster=float(r["mu_cluster"]),
+                              mu_noise=float(r["mu_noise"]), bench=bench)
+    return table.drop(columns=["cheapest", "cheapest_measured"])
+
+
+def format_decode_cost(cost: pd.DataFrame | None) -> str:
+    """One paragraph for :func:`decode_cost`'s row (or why there is none).
+
+    Examples
+    --------
+    >>> from mobalab._design_command import design, decode_cost, format_decode_cost
+    >>> df = design(128, 32768, 8, 0.5, delta_mu=0.5, m=4, block_sizes=(64, 128))
+    >>> print(format_decode_cost(decode_cost(df, 512 * 1024)).splitlines()[0])
+    decode cost of B = 128, k = 8 at N = 524288 (batch 8, 32 / 8 heads, d 128, bf16, one token per step):
+    """
+    if cost is None:
+        return "decode cost: no feasible block size to cost"
+    c = cost.iloc[0]
+    lines = [f"decode cost of B = {c['block_size']}, k = {c['top_k']} at N = {c['seq_len']} (batch {c['batch']}, "
+             f"{c['heads']} / {c['kv_heads']} heads, d {c['head_dim']}, bf16, one token per step):",
+             f"  {c['bytes_per_step'] / 1e6:.1f} MB of HBM per step ({c['centroid_bytes'] / 1e6:.1f} MB fp32 block "
+             f"sums + {c['kv_bytes'] / 1e6:.1f} MB K/V of {c['unique_blocks']:.1f} blocks per kv head); dense "
+             f"decode reads {c['dense_bytes'] / 1e6:.1f} MB ({c['byte_ratio']:.1f}x more)",
+             f"  P(hit) of the newest token at N = {c['seq_len']}: {c['hit_probability']:.4f}"]
+    if math.isnan(c["measured_ms"]):
+        lines.append("  measured step time: no decode benchmark row (pass --decode-bench-csv DIR/decode.csv from "
+                     "`mobalab bench --decode`)")
+    else:
+        lines.append(f"  measured step time: {c['measured_ms']:.3f} ms, dense decode {c['dense_ms']:.3f} ms "
+                     f"({c['measured_speedup']:.1f}x)")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     mobalab list                                   experiments you can run
     mobalab run <experiment> [--out DIR] [--overwrite] [--quick] [--seed N] [--bench-csv CSV] [--no-progress]
     mobalab bench [...]                            kernel benchmark (GPU), see ``mobalab bench --help``
+    mobalab bench --decode [...]                   decode-step benchmark (GPU), see ``mobalab bench --decode --help``
     mobalab design --head-dim D --seq-len N --top-k K --target P [...]
                                                    feasible block sizes, predicted accuracy, kernel cost
 
@@ -229,11 +230,36 @@ def _program_name(name: str):
             sys.argv[0] = old
 
 
+def _cmd_bench_decode(rest: list[str]) -> int:
+    """``mobalab bench --decode [...]``: the decode benchmark (``python -m mobalab.bench.decode``) in-process."""
+    import importlib
+
+    from mobalab.kernels import gpu_available
+
+    if not ({"-h", "--help"} & set(rest)) and not gpu_available():
+        print("mobalab bench --decode: the decode benchmark times a MoBA decode step on a GPU and needs an NVIDIA "
+              "GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is usable here. Without a GPU, "
+              "`mobalab run decode-cost` gives the byte model of a decode step", file=sys.stderr)
+        return 2
+    try:
+        decode = importlib.import_module("mobalab.bench.decode")
+    except ImportError as exc:
+        print(f"mobalab bench --decode: the decode benchmark cannot be imported here: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rc = decode.main(rest)
+    except SystemExit as exc:  # argparse: --help, bad arguments
+        rc = exc.code
+    return rc if isinstance(rc, int) else (0 if rc is None else 1)
+
+
 def _cmd_bench(rest: list[str]) -> int:
     import importlib
 
     from mobalab.kernels import gpu_available
 
+    if "--decode" in rest:
+        return _cmd_bench_decode([a for a in rest if a != "--decode"])
     if not ({"-h", "--help"} & set(rest)) and not gpu_available():
         from mobalab.bench import recorded_dir
 
@@ -255,7 +281,7 @@ def _cmd_bench(rest: list[str]) -> int:
 
 
 def _cmd_design(args) -> int:
-    from mobalab._design_command import design, format_design
+    from mobalab._design_command import decode_cost, design, format_decode_cost, format_design
 
     if not -1.0 <= args.mu_noise + args.delta_mu <= 1.0:
         print(f"mobalab design: the needle's cosine --mu-noise + --delta-mu = {args.mu_noise + args.delta_mu:g} "
@@ -269,6 +295,14 @@ def _cmd_design(args) -> int:
         print(f"mobalab design: {exc}", file=sys.stderr)
         return 2
     print(format_design(df))
+    try:
+        cost = decode_cost(df, args.decode_context or args.seq_len, batch=args.decode_batch,
+                           bench_csv=args.decode_bench_csv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mobalab design: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_decode_cost(cost))
     return 0
 
 
@@ -318,8 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "block, top_k, workload, variant, mobalab_ms) or bench_bwd.csv (fwdbwd_ms); `recorded` "
                          "for the recorded H200 forward CSV. Takes the random workload and the tile kernel "
                          "the automatic choice runs, and says which")
+    ds.add_argument("--decode-context", type=_count, default=None, metavar="N",
+                    help="context (tokens) at which to cost one decode step of the recommended (B, top-k): the "
+                         "largest feasible B (default: --seq-len)")
+    ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
+    ds.add_argument("--decode-bench-csv", default=None, metavar="CSV",
+                    help="measured decode step times: decode.csv of `mobalab bench --decode`")
     sub.add_parser("bench", help="GPU kernel benchmark against FlashAttention-2 and cuDNN (arguments passed on; "
-                                 "see `mobalab bench --help`)", add_help=False)
+                                 "see `mobalab bench --help`); `mobalab bench --decode` times decode steps "
+                                 "against dense decode (see `mobalab bench --decode --help`)", add_help=False)
     return p
 
 

@@ -135,9 +135,12 @@ CASES = [
                  id="bf16-B64-k4-batch64"),
     pytest.param(BF, 128, 128, 1, 8, 1, [3000], 1, 4, 16, 1024, dict(shared=True),
                  id="bf16-B128-k4-shared-selection-empty-units"),
+    # rows scored DEC_ROUTE_ILP at a time: 21 rows (five groups of four and one left over), group 3, a
+    # sequence shorter than one block next to ones with more tiles than routing stages, top_k above the blocks
+    pytest.param(FP, 128, 16, 2, 6, 7, [5, 3300, 260], 1, 12, 1, 1024, {}, id="fp16-gqa3-qlen7-rows-ilp-tiny-seq"),
 ]
 # splits, two attention units per kv head, union windows of 64 blocks: small enough to run three times
-ORDER_CASE = (BF, 64, 32, 1, 4, 1, [2300, 1200], 1, 8, 4, 2, {})
+ORDER_CASE = (BF, 128, 16, 1, 4, 1, [2300, 1200], 1, 8, 4, 2, {})
 _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "steps", "top_k", "sms", "win", "opts")
 
 
@@ -216,8 +219,10 @@ def test_plans_of_the_cases_cover_the_kernel_paths():
         seen |= {"short"} if top_k - 1 > (int(cache._len.min()) - 1) // block else set()
         seen |= {"batch 1"} if len(lengths) == 1 and plan.n_x > 1 else set()
         seen |= {"batch 64"} if len(lengths) == 64 else set()
+        seen |= {"rows left over"} if plan.rows_per_group % 4 and plan.rows_per_group > 4 else set()
+        seen |= {"stages wrap"} if plan.blocks_per_split > C.ROUTE_STAGES * C.route_tile(dim) else set()
     assert seen == {"split", "tiles", "split and tiles", "row groups", "chunks", "windows", "wide units",
-                    "empty units", "own only", "short", "batch 1", "batch 64"}
+                    "empty units", "own only", "short", "batch 1", "batch 64", "rows left over", "stages wrap"}
 
 
 def test_second_step_reuses_counters(harness, tmp_path):

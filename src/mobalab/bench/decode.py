@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "COLUMNS"]
+__all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "ncu_command", "ncu_summary",
+           "profile_steps", "COLUMNS"]
 
 K = 1024
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -62,11 +65,12 @@ class DecodeConfig:
 def configs(quick: bool) -> list[DecodeConfig]:
     """The sweep: context 8K..1M, batch 1 / 8 / 64 (caches up to 8M tokens), B 32 / 64 / 128, k 4 / 8 / 16.
 
-    ``quick`` (about two minutes): the targets (512K and 32K at batch 8, B 128, k 8), the roofline points
-    (batch 8 at 128K and 1M), the other block sizes and top-k at 128K, and batch 1 and 64.
+    ``quick`` (under a minute): the targets (512K and 32K at batch 8, B 128, k 8), the roofline points
+    (batch 8 at 128K and 1M), the other block sizes and top-k at 128K, and batch 1 and 64; no FlexAttention
+    (its compilation alone takes longer than the rest), which the full sweep times at 32K and 512K.
     """
     if quick:
-        return [DecodeConfig(512 * K, 8, 128, 8, flex=True), DecodeConfig(32 * K, 8, 128, 8),
+        return [DecodeConfig(512 * K, 8, 128, 8), DecodeConfig(32 * K, 8, 128, 8),
                 DecodeConfig(128 * K, 8, 128, 8), DecodeConfig(128 * K, 8, 32, 8), DecodeConfig(128 * K, 8, 64, 4),
                 DecodeConfig(128 * K, 8, 128, 16), DecodeConfig(1024 * K, 8, 128, 8), DecodeConfig(128 * K, 1, 128, 8),
                 DecodeConfig(32 * K, 64, 128, 8)]
@@ -392,12 +396,155 @@ def write_outputs(out_dir: str, rows: list[dict], env: dict) -> None:
 # driver
 
 
+# --------------------------------------------------------------------------------------------------
+# profiling: one small program per configuration, run under Nsight Compute
+
+#: (N, batch) of the profiled steps (B 128, k 8): the two speed targets
+PROFILE_POINTS = ((512 * K, 8), (32 * K, 8))
+PROFILE_STEPS = 3  # launches of the step kernel; Nsight Compute profiles the last
+NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "WarpStateStats", "LaunchStats",
+                "SchedulerStats")
+#: extra metrics for the summary (DRAM bytes and time give GB/s without relying on a section's layout)
+NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+               "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
+               "launch__grid_size", "launch__occupancy_limit_registers")
+_STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)(?:_per_issue_active)?\.ratio$")
+
+
+def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS) -> None:
+    """Build one cache (random bf16 K/V, 32 / 8 heads, d 128) and run ``steps`` decode steps (q_len 1), L2
+    flushed before each: the program Nsight Compute profiles (it takes the last launch of the step kernel)."""
+    from mobalab.kernels import MobaKVCache, moba_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(seq_len + batch)
+    cache = MobaKVCache(batch, KV_HEADS, HEAD_DIM, block_size, seq_len, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn((batch, seq_len, KV_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cache.prefill(k, v)
+    del k, v
+    q = torch.randn((batch, 1, HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
+    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    for _ in range(steps):
+        _flush_l2(flush)
+        out = moba_decode(q, cache, top_k)
+    torch.cuda.synchronize()
+    print(f"profiled program: N {seq_len}, batch {batch}, B {block_size}, k {top_k}: {steps} steps, "
+          f"out finite: {bool(torch.isfinite(out.float()).all())}", flush=True)
+
+
+def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu") -> list[str]:
+    """The Nsight Compute command line for one profiled point: the step kernel only, its last launch of
+    :data:`PROFILE_STEPS`, clocks left alone, the sections and metrics of the summary."""
+    cmd = [ncu, "--clock-control", "none", "--kernel-name", "regex:moba_decode_step",
+           "--launch-skip", str(PROFILE_STEPS - 1), "--launch-count", "1", "--force-overwrite", "-o", report]
+    for sec in NCU_SECTIONS:
+        cmd += ["--section", sec]
+    cmd += ["--metrics", ",".join(NCU_METRICS)]
+    return cmd + [sys.executable, "-m", "mobalab.bench.decode", "--profile", "--seq-len", str(seq_len),
+                  "--batch", str(batch)]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(str(text).replace(",", ""))
+    except ValueError:
+        return math.nan
+
+
+def ncu_summary(raw_csv: str) -> dict:
+    """Duration, DRAM throughput (% of peak and GB/s), achieved occupancy, registers and the three largest warp
+    stall reasons from ``ncu --import REPORT --page raw --csv`` text (one kernel: header, units, values)."""
+    rows = list(csv.reader(io.StringIO(raw_csv)))
+    rows = [r for r in rows if r]
+    if len(rows) < 3:
+        raise ValueError(f"no profiled kernel in the Nsight Compute report ({len(rows)} CSV rows)")
+    head, units, vals = rows[0], rows[1], rows[-1]
+    m = {h: (_number(v), u) for h, u, v in zip(head, units, vals, strict=False)}
+
+    def val(name, scale=1.0):
+        x, unit = m.get(name, (math.nan, ""))
+        factor = {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "nsecond": 1e-3,
+                  "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
+        return x * factor * scale
+
+    us = val("gpu__time_duration.sum")
+    dram = val("dram__bytes_read.sum") + val("dram__bytes_write.sum")
+    stalls = sorted(((name, x) for h, (x, _) in m.items() if (name := (_STALL.match(h) or [None, None])[1])
+                     and not name.endswith("not_issued") and not math.isnan(x)), key=lambda t: -t[1])
+    return dict(duration_us=us, dram_pct=val("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+                dram_gbps=dram / (us * 1e-6) / 1e9 if us > 0 else math.nan, dram_mb=dram / 1e6,
+                occupancy_pct=val("sm__warps_active.avg.pct_of_peak_sustained_active"),
+                registers=val("launch__registers_per_thread"), grid=val("launch__grid_size"),
+                stalls=stalls[:3])
+
+
+def run_ncu(out_dir: str, ncu: str = "ncu") -> int:
+    """Profile :data:`PROFILE_POINTS` under Nsight Compute: full reports (``.ncu-rep`` and text) under
+    ``out_dir``, the summary printed and written to ``decode_ncu_table.md``."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which(ncu)
+    if exe is None:
+        print(f"mobalab bench --decode --ncu: Nsight Compute ({ncu}) is not on PATH", file=sys.stderr)
+        return 2
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["Nsight Compute, one decode step kernel after warm-up (L2 flushed, clocks not locked), B 128, k 8, "
+             f"{HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16", "",
+             "| N | batch | duration us | DRAM % of peak | DRAM GB/s (MB moved) | achieved occupancy % | registers "
+             "| grid | top warp stalls (cycles per issued instruction) |", "|" + "---|" * 9]
+    status = 0
+    for n, batch in PROFILE_POINTS:
+        report = os.path.join(out_dir, f"decode_{_tokens(n)}_b{batch}")
+        proc = subprocess.run(ncu_command(report, n, batch, exe), capture_output=True, text=True, timeout=300)
+        with open(report + ".log", "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
+            print(f"ncu failed at N {_tokens(n)} batch {batch} (exit {proc.returncode}); see {report}.log\n"
+                  f"{(proc.stdout + proc.stderr)[-1500:]}", flush=True)
+            status = 1
+            continue
+        details = subprocess.run([exe, "--import", report + ".ncu-rep", "--page", "details", "--print-details", "all"],
+                                 capture_output=True, text=True, timeout=120)
+        with open(report + ".txt", "w") as f:
+            f.write(details.stdout + details.stderr)
+        raw = subprocess.run([exe, "--import", report + ".ncu-rep", "--page", "raw", "--csv", "--print-units", "base"],
+                             capture_output=True, text=True, timeout=120)
+        try:
+            s = ncu_summary(raw.stdout)
+        except ValueError as exc:
+            print(f"N {_tokens(n)} batch {batch}: {exc}", flush=True)
+            status = 1
+            continue
+        stalls = ", ".join(f"{name} {x:.1f}" for name, x in s["stalls"]) or "n/a"
+        lines.append(f"| {_tokens(n)} | {batch} | {s['duration_us']:.1f} | {s['dram_pct']:.1f} | {s['dram_gbps']:.0f} "
+                     f"({s['dram_mb']:.1f}) | {s['occupancy_pct']:.1f} | {s['registers']:.0f} | {s['grid']:.0f} | "
+                     f"{stalls} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "decode_ncu_table.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobalab bench --decode", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the targets and a few more points (about two minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="the targets and a few more points, no FlexAttention (under a minute)")
     p.add_argument("--out", default=os.path.join("runs", "bench-decode"), help="output folder")
     p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"no benchmark: build one cache (--seq-len, --batch, --block-size, --top-k) and run "
+                        f"{PROFILE_STEPS} steps, for a profiler")
+    p.add_argument("--ncu", metavar="DIR", default=None,
+                   help="profile the step kernel under Nsight Compute at 512K and 32K, batch 8, B 128, k 8; reports "
+                        "and a summary table under DIR")
+    p.add_argument("--seq-len", type=int, default=512 * K, help="--profile: tokens per sequence (default 512K)")
+    p.add_argument("--batch", type=int, default=8, help="--profile: sequences (default 8)")
+    p.add_argument("--block-size", type=int, default=128, help="--profile: block size (default 128)")
+    p.add_argument("--top-k", type=int, default=8, help="--profile: top-k (default 8)")
     return p
 
 
@@ -409,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         print("mobalab bench --decode: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); "
               "none is usable here", file=sys.stderr)
         return 2
+    if args.profile:
+        profile_steps(args.seq_len, args.batch, args.block_size, args.top_k)
+        return 0
+    if args.ncu is not None:
+        return run_ncu(args.ncu)
     if args.reps < 3:
         print(f"mobalab bench --decode: --reps must be >= 3, got {args.reps}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 r"""MoBA decode on the GPU (cuda/decode.cu): the launch plan and the runner behind :func:`moba_decode`.
 
-One launch per step (the kernel file's header has the design, the byte budget and the time model):
+One launch per step (the kernel file's header has the design, the byte budget, the decomposition and the predictions):
 persistent CTAs (two of 256 threads per SM) take work items from one ticket counter,
 
 1. routing items (sequence, kv head, row group of <= 64 query rows, split of the candidate blocks): stream
@@ -36,7 +36,7 @@ _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 THREADS = 256
 WARPS = THREADS // 32
 FLAGS = 64  # bytes of flags at the start of shared memory
-ROUTE_STAGES = 5
+ROUTE_STAGES = 6
 ROUTE_STAGE_BYTES = 16384
 ROUTE_MAX_ROWS = 64  # query rows of one routing item (a row group)
 ATTN_CHUNK = 64
@@ -51,7 +51,7 @@ SMEM_RESERVED_PER_CTA = 1024
 SMEM_MAX = 232448  # opt-in maximum of one CTA
 ROUTE_MAX_SPLIT = 32  # routing items per row group
 ROUTE_MERGE_ENTRIES = 512  # n_split * (top_k - 1) entries per row that the last split merges
-ROUTE_MIN_BLOCKS = 32  # fewest candidate blocks per routing item worth a split
+ROUTE_MIN_TILES = 4  # fewest routing stages per split: a split of fewer never has a pipeline full of sums
 UNION_WINDOW_WORDS = 1024  # bitmap words of one window of the union (32768 blocks)
 ROWLIST_BYTES = 16384  # most shared memory of an attention unit's block and row lists
 
@@ -133,8 +133,9 @@ def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int
     """The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Routing splits the candidate blocks of the longest sequence, :math:`n_c = \\lfloor(L-1)/B\\rfloor`, over
-    ``n_split`` items per row group: about two items per CTA slot (two slots per SM), at least 32 blocks
-    each, at most 32 splits and 512 list entries per row to merge, whole stages per split. Attention gives
+    ``n_split`` items per row group: about two items per CTA slot (two slots per SM), at least four stages
+    of sums each (an item of one or two stages is all prologue and epilogue: its pipeline never fills), at
+    most 32 splits and 512 list entries per row to merge, whole stages per split. Attention gives
     each kv head ``n_x`` units, about two per CTA slot, more when the union of a kv head (at most
     :math:`\\min(R k, n_c + 1)` blocks) would need larger block and row lists than fit. Two waves of
     routing items let the first wave's row groups be merged while the second streams, and the attention
@@ -152,7 +153,7 @@ def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int
     if lcap == 0 or n_cand == 0:
         n_split, per_split = 1, max(1, n_cand)
     else:
-        most = max(1, min(ROUTE_MAX_SPLIT, ROUTE_MERGE_ENTRIES // lcap, math.ceil(n_cand / ROUTE_MIN_BLOCKS)))
+        most = max(1, min(ROUTE_MAX_SPLIT, ROUTE_MERGE_ENTRIES // lcap, n_cand // (ROUTE_MIN_TILES * tile)))
         n_split = max(1, min(most, items_per_slot * slots // (batch * kv_heads * n_rg)))
         per_split = math.ceil(math.ceil(n_cand / n_split) / tile) * tile  # whole stages
         n_split = math.ceil(n_cand / per_split)  # no empty trailing split

@@ -45,32 +45,38 @@
 //   |S_t| <= k * B; at 512K, b 8, 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP, ~1.6 FLOP per byte:
 //   memory-bound, so CUDA cores (exact fp32 scores) rather than tensor cores.
 //
-// Work per step and SM (132 SMs, 2 CTA slots each): ~2 routing items and ~2 attention units per slot, so
-// the routing items run in two waves; the row groups of the first wave are merged while the second streams,
-// and when the second wave ends the first attention tickets belong to kv heads that are ready (the hand-
-// over bubble is the unit prologue, not the merge). Bytes in flight per CTA: routing 4 stages of 16 KB,
-// attention 2 stages of 32 KB at d 128 (chunks of 64 tokens; more stages of shorter chunks for B 16 / 32),
-// so 128 KB per SM: at ~1.5 us loaded latency that covers 132 * 128 KB / 1.5 us = 11 TB/s, and one CTA
-// alone (64 KB) still covers its SM's share of HBM (~30 GB/s) while the other is between items.
-// Serial phases of a step: launch; routing stream (two waves); merge of the last wave's row groups (one
-// warp per row, n_split * (k-1) entries) overlapped with the first attention units; attention stream; the
-// last units' merge of the partials (k * n_chunks per row).
-//
-// Time model: bytes at 4.0 TB/s plus ~7.5 us of fixed phases (launch and first stages ~3, the wave change
-// ~1, hand-over to attention ~1.5, final merge ~2; estimates, not measured). 32 / 8 heads, d 128, bf16,
-// q_len 1; MB from the selections measured on an H200, dense = the fastest SDPA measured there; roofline =
-// MB / time against its 4.28 TB/s copy bandwidth:
-//   N     b  B   k    MB (sums + K/V)          stream us  predicted us  x dense (dense ms)  roofline %
-//   512K  8  128 8    255.5 (134.2 + 121.2)      63.9      71.4      57.1 (4.079)    84
-//   32K   8  128 8    125.5 (8.4 + 117.0)        31.4      38.9       7.5 (0.292)    75
-//   128K  8  32  8    164.6 (134.2 + 30.3)       41.1      48.6      22.7 (1.102)    79
-//   128K  8  64  4     94.4 (67.1 + 27.2)        23.6      31.1      35.4 (1.102)    71
-//   128K  8  128 8    154.6 (33.5 + 120.9)       38.6      46.1      23.9 (1.102)    78
-//   128K  8  128 16   283.6 (33.5 + 250.0)       70.9      78.4      14.1 (1.102)    85
-//   1M    8  128 8    389.9 (268.4 + 121.4)      97.5     105.0      78.8 (8.275)    87
-//   128K  1  128 8     19.3 (4.2 + 15.1)          4.8      12.3      13.3 (0.164)    37
-//   32K   64 128 8    999.0 (66.8 + 931.1)      249.8     257.2       7.4 (1.916)    91
-// The 94 MB row has the least slack: every us of fixed cost is ~2.3 % of roofline there.
+// Decomposition at the benchmark shape (32 / 8 heads, q_len 1: R = 4 rows per kv head, one row group; d 128,
+// B 128, k 8, batch 8: 64 (sequence, kv head) pairs; 264 persistent CTAs = 2 per SM, 104.7 KB shared each):
+//   512K: 4095 candidate blocks per kv head -> 8 splits of 512 blocks (16 stages of 32 sums, 256 KB): 512
+//         routing items in 1.94 waves over the 264 CTAs, 8 lists of 7 merged per row group by its last split;
+//         attention: 8 units per kv head (512), each ~7 (block, 64-token chunk) items of the ~29-block union
+//         (~230 KB of K/V); 64 partials per kv head merged by its last unit.
+//   32K:  255 candidates -> 1 split of 8 stages (128 KB) per kv head: 64 routing items (one wave, no list
+//         merge), the other 200 CTAs take attention tickets at once and wait on ready[]; attention as at 512K.
+//         (Before: 8 splits of ONE stage each, 512 items in two waves: every item was all prologue and
+//         epilogue -- ticket, q load, one 16 KB round trip, list write, fence, counter, merge -- 16 KB in
+//         flight per CTA; that is the 38 us of routing measured for 8.4 MB.)
+// Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM);
+// attention 2 stages of 32 KB (K + V of 64 tokens). Hand-over: an attention unit spins (acquire load,
+// 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a
+// fence; routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed
+// chain (estimates, not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence +
+// counter ~1 us, split merge (one warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us;
+// attention unit prologue (selection copy from L2, union bitmap, two block scans, row lists: ~10 barriers)
+// ~3 us. Per 16 KB routing stage: scoring (4 rows per pass since this revision: one dependent FMA + shuffle
+// chain per 4 rows instead of per row) and the list merge, two barriers.
+// Where the time went (measured at 66cac32: 512K 0.183 ms, routing 0.106 for 134 MB = 1.27 TB/s; 32K routing
+// 0.038 ms for 8.4 MB): per CTA that is ~5 GB/s while 4 stages (64 KB) were nominally in flight, i.e. a
+// routing CTA spends most of its time outside a full pipeline (serial chains per stage and per item), not
+// waiting on HBM bandwidth. Changes here: 4-row ILP in scoring, one more stage in flight, no split shorter
+// than 4 stages. Not yet measured; `scripts/gpu_check.sh decode-ncu` gives the stall reasons to confirm.
+// Prediction (us): 512K routing 106 -> ~75 (+25% in flight, scoring chain / 3), step 183 -> ~150 (26x dense,
+// target 30x not reached by this alone); 32K routing 38 -> ~12, step 119 -> ~93 (3.1x; target 3x);
+// 1M 239 -> ~190; 128K B128 k8 142 -> ~125 (routing 5 stages of 160 blocks instead of 1-stage splits).
+// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s) is unchanged and is now the larger
+// share: next candidates are all 8 warps in P.V (one warp per selecting row today, usually one row per block)
+// and bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical path.
+// Ideal at 4.0 TB/s: 512K 64 us, 32K 31 us, 1M 97 us, 128K B128 k8 39 us.
 //
 // Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
 // deferred completion, ld.cg, acquire, the ticket, the wait) and the dynamic shared-memory declaration, so
@@ -85,7 +91,8 @@
 #define DEC_THREADS 256
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_FLAGS 64                 // bytes of flags at the start of shared memory (ticket, last, warp sums)
-#define DEC_ROUTE_STAGES 5           // cp.async stages of block sums
+#define DEC_ROUTE_STAGES 6           // cp.async stages of block sums (5 in flight: 80 KB per CTA)
+#define DEC_ROUTE_ILP 4              // query rows scored together (independent dependency chains)
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
@@ -206,6 +213,11 @@ __device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned ta
 }
 #define DEC_EMU_ITEM_START()
 #endif
+
+template <int N>
+struct dec_int {
+    static constexpr int value = N;
+};
 
 __device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
@@ -436,19 +448,35 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
             float4 sv[NV];
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[m] = *reinterpret_cast<const float4*>(stage + col * D + (m * 8 + part) * 4);
-            for (int rr = 0; rr < nr; ++rr) {
-                const float* qrow = qs + rr * D;
-                float acc = 0.f;
+            // DEC_ROUTE_ILP rows at a time: independent FMA and shuffle chains, so a tile's scoring costs one
+            // chain's latency per DEC_ROUTE_ILP rows instead of one per row.
+            auto score_rows = [&](int rr0, auto n_const) {
+                constexpr int NR = decltype(n_const)::value;
+                float acc[NR];
 #pragma unroll
-                for (int m = 0; m < NV; ++m) {
-                    const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
-                    acc += qv.x * sv[m].x + qv.y * sv[m].y + qv.z * sv[m].z + qv.w * sv[m].w;
+                for (int a = 0; a < NR; ++a) {
+                    const float* qrow = qs + (rr0 + a) * D;
+                    acc[a] = 0.f;
+#pragma unroll
+                    for (int m = 0; m < NV; ++m) {
+                        const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
+                        acc[a] += qv.x * sv[m].x + qv.y * sv[m].y + qv.z * sv[m].z + qv.w * sv[m].w;
+                    }
                 }
-                acc += __shfl_xor_sync(DEC_FULL, acc, 1);
-                acc += __shfl_xor_sync(DEC_FULL, acc, 2);
-                acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                if (part == 0) st[rr * RT + col] = (col < nblk && j < own[rr]) ? acc : dec_nan();
-            }
+#pragma unroll
+                for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                    for (int a = 0; a < NR; ++a) acc[a] += __shfl_xor_sync(DEC_FULL, acc[a], off);
+                }
+                if (part == 0) {
+#pragma unroll
+                    for (int a = 0; a < NR; ++a)
+                        st[(rr0 + a) * RT + col] = (col < nblk && j < own[rr0 + a]) ? acc[a] : dec_nan();
+                }
+            };
+            int rr = 0;
+            for (; rr + DEC_ROUTE_ILP <= nr; rr += DEC_ROUTE_ILP) score_rows(rr, dec_int<DEC_ROUTE_ILP>());
+            for (; rr < nr; ++rr) score_rows(rr, dec_int<1>());
         }
         __syncthreads();
         for (int rr = warp; rr < nr; rr += DEC_WARPS)

@@ -1,0 +1,93 @@
+"""`mobalab bench --decode` (the decode benchmark, in-process) and the decode cost `mobalab design` reports."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pandas as pd
+import pytest
+
+from mobalab import cli
+from mobalab.experiments.decode_cost import decode_cost_table
+
+DESIGN = ["design", "--head-dim", "128", "--seq-len", "32768", "--top-k", "8", "--target", "0.5",
+          "--delta-mu", "0.5", "--m", "4", "--block-sizes", "64,128"]
+
+
+@pytest.fixture
+def stand_in_decode(monkeypatch):
+    """A stand-in for mobalab.bench.decode that records the arguments its main receives."""
+    calls = []
+    mod = types.ModuleType("mobalab.bench.decode")
+
+    def main(argv=None):
+        from mobalab.bench.decode import build_parser
+
+        calls.append(build_parser().parse_args(argv))
+        return 0
+
+    real = __import__("mobalab.bench.decode", fromlist=["build_parser"])
+    mod.build_parser = real.build_parser
+    mod.main = main
+    monkeypatch.setitem(sys.modules, "mobalab.bench.decode", mod)
+    return calls
+
+
+def test_bench_decode_without_gpu_says_what_it_needs(capsys, monkeypatch, stand_in_decode):
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
+    assert cli.main(["bench", "--decode", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "mobalab bench --decode" in err and "needs an NVIDIA GPU" in err and "decode-cost" in err
+    assert stand_in_decode == []
+
+
+def test_bench_decode_runs_the_decode_benchmark_with_its_options(capsys, monkeypatch, stand_in_decode):
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: True)
+    assert cli.main(["bench", "--decode", "--quick", "--reps", "7", "--out", "there", "--no-flex"]) == 0
+    args = stand_in_decode[0]
+    assert args.quick and args.reps == 7 and args.out == "there" and args.no_flex
+    assert cli.main(["bench", "--quick", "--decode"]) == 0  # the flag anywhere
+    assert stand_in_decode[1].quick
+
+
+def test_bench_decode_help_and_bad_flags_without_gpu(capsys, monkeypatch):
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
+    assert cli.main(["bench", "--decode", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mobalab bench --decode") and "--reps" in out and "--profile" in out
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: True)
+    assert cli.main(["bench", "--decode", "--no-such-flag"]) == 2
+    assert "usage: mobalab bench --decode" in capsys.readouterr().err
+
+
+def test_design_reports_the_decode_cost_of_its_recommendation(capsys):
+    assert cli.main([*DESIGN, "--decode-context", "524288", "--decode-batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "largest: B = 128" in out
+    ref = decode_cost_table(524288, 0.5, batch=4, block_sizes=(128,), top_ks=(8,), delta_mu=0.5, m=4).iloc[0]
+    assert "decode cost of B = 128, k = 8 at N = 524288 (batch 4, 32 / 8 heads, d 128" in out
+    assert f"{ref['bytes_per_step'] / 1e6:.1f} MB of HBM per step" in out
+    assert f"{ref['centroid_bytes'] / 1e6:.1f} MB fp32 block sums" in out
+    assert "no decode benchmark row" in out
+    # the default context is --seq-len
+    assert cli.main(DESIGN) == 0
+    assert "at N = 32768 (batch 8," in capsys.readouterr().out
+
+
+def test_design_decode_cost_reads_a_decode_benchmark_csv(capsys, tmp_path):
+    csv = tmp_path / "decode.csv"
+    pd.DataFrame(dict(seq_len=[524288, 524288], batch=[8, 8], heads=[32, 32], kv_heads=[8, 8], head_dim=[128, 128],
+                      block_size=[128, 64], top_k=[8, 8], mobalab_ms=[0.125, 0.5],
+                      dense_best_ms=[4.0, 4.0])).to_csv(csv, index=False)
+    assert cli.main([*DESIGN, "--decode-context", "524288", "--decode-bench-csv", str(csv)]) == 0
+    assert "measured step time: 0.125 ms, dense decode 4.000 ms (32.0x)" in capsys.readouterr().out
+    assert cli.main([*DESIGN, "--decode-bench-csv", str(tmp_path / "missing.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_design_without_a_feasible_block_says_so(capsys):
+    argv = list(DESIGN)
+    argv[argv.index("--target") + 1] = "0.99999"
+    assert cli.main(argv) == 0
+    assert "decode cost: no feasible block size to cost" in capsys.readouterr().out
