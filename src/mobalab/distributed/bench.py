@@ -41,8 +41,9 @@ import torch.distributed as dist
 from ..bench.environment import environment
 from ..kernels import moba_attention, moba_topk
 from ..kernels import reference as R
-from . import _model
+from . import _model, _ring
 from ._api import context_parallel_moba_attention
+from ._device import use_device
 from ._group import exchange, ring_of
 from ._layout import Layout, shard_positions
 from ._local import Params, cuda_kernels
@@ -59,7 +60,7 @@ MEMORY_FRACTION = 0.93  # of the GPU's memory that a length may be predicted to 
 CHECK_COLUMNS = ["rank", "seq_len", "shard_len", "router", "routing_agreement", "out_rel_err", "lse_max_err",
                  "dq_rel_err", "dk_rel_err", "dv_rel_err", "cuda_router_agreement", "cuda_out_rel_err", "passed"]
 BENCH_COLUMNS = ["seq_len", "gpus", "rank", "shard_len", "mode", "fwd_ms", "bwd_ms", "fwdbwd_ms", "routing_ms",
-                 "hop_ms", "hop_GBps", "peak_gb", "useful_tflops", "model_ms", "note"]
+                 "hop_ms", "hop_GBps", "peak_gb", "useful_tflop", "useful_tflops", "model_ms", "note"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,15 +192,17 @@ _FIXED_BYTES = 3 << 30  # routing scores (4 GiB budget is the worst case of a ch
 
 
 def _predicted_bytes(shard: int, args, elem: int, backward: bool) -> float:
-    """Peak bytes of one rank from the shapes: what is alive at once in the forward or the backward ring."""
+    """Peak bytes of one rank from the shapes: the caller's tensors, routing, and one ring pass's working set
+    (:func:`mobalab.distributed._ring.ring_bytes_per_token` over the heads of a pass, :func:`head_groups`)."""
     hd, gd = args.heads * args.head_dim, args.kv_heads * args.head_dim
-    # q, k, v, out, routing, and two K/V shards in flight
-    base = elem * (2 * hd + 2 * gd) + 4 * args.heads * args.top_k + 2 * elem * 2 * gd
-    forward = 4 * hd + elem * hd  # fp32 running output, a step's partial output
-    # dO, fp32 dQ, the CUDA backward's fp32 dQ/dK/dV scratch and its returned pieces, the shard's fp32 dK/dV
-    # terms, and two travelling gradients (one arriving, one leaving)
-    back = elem * hd + 4 * hd + 4 * (hd + 2 * gd) + elem * (hd + 2 * gd) + 4 * 2 * gd + 2 * elem * 2 * gd
-    return args.batch * shard * (base + (max(forward, back) if backward else forward)) + _FIXED_BYTES
+    # q, k, v, dO, out, lse, routing (int32) and the routing's candidate lists while it runs
+    base = elem * (3 * hd + 2 * gd) + 4 * args.heads + 4 * args.heads * args.top_k + 48 * args.heads
+    if backward:
+        base += elem * (hd + 2 * gd)  # dq, dk, dv returned
+    passes = _ring.head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim, elem)
+    width = passes[0][1] - passes[0][0]
+    ring = _ring.ring_bytes_per_token(args.heads, args.kv_heads, args.head_dim, elem) * width / args.heads
+    return args.batch * shard * (base + ring) + _FIXED_BYTES
 
 
 def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
@@ -285,10 +288,8 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
             row["hop_GBps"] = (k.numel() + v.numel()) * k.element_size() / row["hop_ms"] / 1e6
     routing_flops, fwd_flops = useful_flops(topk, layout, ring.rank, args.heads, args.head_dim, args.block_size,
                                             args.causal)
-    if mode == "fwd+bwd":
-        row["useful_tflops"] = (routing_flops + 3.5 * fwd_flops) / row["fwdbwd_ms"] / 1e9
-    else:
-        row["useful_tflops"] = (routing_flops + fwd_flops) / row["fwd_ms"] / 1e9
+    row["useful_tflop"] = (routing_flops + (3.5 if mode == "fwd+bwd" else 1.0) * fwd_flops) / 1e12
+    row["useful_tflops"] = row["useful_tflop"] / (row["fwdbwd_ms" if mode == "fwd+bwd" else "fwd_ms"] / 1e3)
     if "hop_GBps" in row and device.type == "cuda":
         model = _model.ring_step_model([n], [ring.world], batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
                                        head_dim=args.head_dim, block_size=args.block_size, top_k=args.top_k,
@@ -418,7 +419,7 @@ def main(argv=None) -> int:
     gpu = backend == "nccl"
     if gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-        torch.cuda.set_device(device)
+        use_device(device.index)  # torch's and CuPy's current device: the kernels launch on CuPy's
     else:
         device = torch.device("cpu")
         if owned:
