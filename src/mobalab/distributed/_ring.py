@@ -14,6 +14,9 @@ the last step one more hop brings each shard's complete dK, dV home. So every st
 dK/dV one hop, both overlapped with the step's compute, and dQ never leaves its rank. (Moving queries instead
 of keys would move q, dO, lse, D and dQ: more bytes whenever heads > kv_heads; see docs/design.md, "Context
 parallelism".)
+
+A long shard runs the ring once per group of heads (:func:`head_groups`): heads never interact, and the ring's
+buffers then scale with the group instead of all heads (docs/design.md, "Context parallelism").
 """
 
 from __future__ import annotations

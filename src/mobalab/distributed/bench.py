@@ -437,6 +437,8 @@ def main(argv=None) -> int:
     if ring.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(env), flush=True)
+        with open(os.path.join(args.out, "cp_bench_env.json"), "w") as f:  # now: a run cut short keeps it
+            json.dump(env, f, indent=1)
     status = 0
     check_rows, bench_rows = [], []
     try:
