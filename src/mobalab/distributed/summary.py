@@ -47,8 +47,9 @@ def _per_length(env: dict, rows: list[dict]) -> list[dict]:
         slowest = max(_num(r["fwdbwd_ms"]) for r in ranks)
         flops = sum(_num(r["useful_tflop"]) for r in ranks)
         models = [_num(r.get("model_ms")) for r in ranks if _num(r.get("model_ms")) is not None]
+        peaks = [_num(r.get("peak_gb")) for r in ranks if _num(r.get("peak_gb")) is not None]  # none on CPUs
         item.update(ms=slowest, tflops_per_gpu=flops / (len(ranks) * slowest / 1e3),
-                    peak_gb=max(_num(r["peak_gb"]) for r in ranks), model_ms=max(models) if models else None,
+                    peak_gb=max(peaks) if peaks else None, model_ms=max(models) if models else None,
                     routing_ms=max(_num(r["routing_ms"]) for r in ranks))
         out.append(item)
     return out
@@ -65,11 +66,12 @@ def summarize(runs: list[str], single: str | None) -> str:
         done = [r for r in _per_length(*_rows(single)) if r["mode"] == "fwd+bwd"]
         if done:
             base = done[-1]
-            base["gb_per_token"] = base["peak_gb"] / base["seq_len"]
+            base["gb_per_token"] = base["peak_gb"] / base["seq_len"] if base["peak_gb"] else None
     lines = []
     if base:
+        per_token = "-" if base["gb_per_token"] is None else f"{1e6 * base['gb_per_token']:.1f}"
         lines.append(f"One-GPU baseline: N {base['seq_len']}, {base['ms']:.1f} ms, {base['tflops_per_gpu']:.1f} "
-                     f"useful TFLOP/s, peak {base['peak_gb']:.1f} GB ({1e6 * base['gb_per_token']:.1f} KB/token)")
+                     f"useful TFLOP/s, peak {_fmt(base['peak_gb'])} GB ({per_token} KB/token)")
     else:
         lines.append("One-GPU baseline: none (no forward + backward in the one-GPU run)")
     lines += ["", "| layout | N | GPUs | mode | fwd+bwd ms (slowest rank) | routing ms | useful TFLOP/s per GPU | "
@@ -82,8 +84,9 @@ def summarize(runs: list[str], single: str | None) -> str:
         rate = mem = need = None
         if base and r["mode"] == "fwd+bwd":
             rate = r["tflops_per_gpu"] / base["tflops_per_gpu"]
-            need = base["gb_per_token"] * r["seq_len"]
-            mem = r["peak_gb"] / need
+            if base["gb_per_token"] and r["peak_gb"]:
+                need = base["gb_per_token"] * r["seq_len"]
+                mem = r["peak_gb"] / need
             if r["seq_len"] == base["seq_len"] and r["gpus"] > 1:
                 verdicts.append(f"{r['layout']} N {r['seq_len']}: per-GPU rate {rate:.2f} x one GPU (target >= 0.80)"
                                 f": {'met' if rate >= 0.8 else 'not met'}")
@@ -93,11 +96,12 @@ def summarize(runs: list[str], single: str | None) -> str:
                      f"{_fmt(r.get('peak_gb'))} | {_fmt(need)} | {_fmt(mem, '.2f')} | {_fmt(r.get('model_ms'), '.0f')} "
                      f"| {_fmt(measured_model, '.2f')} | {r['note']} |")
     multi = [r for r in items if r["gpus"] > 1]
-    if multi and base:
+    if multi and base and base["gb_per_token"]:
         longest = max(r["seq_len"] for r in multi)
         for r in multi:
             if r["seq_len"] == longest:
-                ok = r["mode"] == "fwd+bwd" and r["peak_gb"] / (base["gb_per_token"] * longest) <= 0.55
+                ok = r["mode"] == "fwd+bwd" and bool(r.get("peak_gb")) and \
+                    r["peak_gb"] / (base["gb_per_token"] * longest) <= 0.55
                 verdicts.append(f"{r['layout']} N {longest}: {r['mode']}, peak per GPU "
                                 f"{_fmt(r.get('peak_gb'))} GB of {base['gb_per_token'] * longest:.1f} one-GPU GB "
                                 f"(target fwd+bwd and <= 0.55): {'met' if ok else 'not met'}")
