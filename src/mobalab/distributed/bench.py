@@ -10,7 +10,8 @@ r"""Context-parallel MoBA on N processes: ``torchrun --nproc-per-node N -m mobal
    (:func:`mobalab.kernels.moba_attention`) on the rows both route alike.
 2. **Timing** (``--lengths``): per total length, shards as even as possible, random Gaussian q, k, v, dO;
    warm-up, then ``--reps`` forward + backward calls timed per rank (CUDA events on GPUs, wall clock with a
-   barrier on CPUs; median). Also per rank: routing alone, one ring hop of K/V alone (GB/s), peak memory
+   barrier on CPUs; median). Also per rank: routing alone, one ring hop of K/V alone (GB/s in the pieces of one
+   head-group pass; ms for the whole shard), peak memory
    (``torch.cuda.max_memory_allocated`` over the call, inputs included), useful TFLOP/s (docs/design.md,
    "FLOP and byte budget": routing :math:`2bhd` per scored (query, block) pair, attention
    :math:`4bhd\sum_t |S_t|` forward and 2.5x that backward, counted exactly from the rank's routing) and the
@@ -272,20 +273,26 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
                      lists=None if kernels is None else kernels.lists)
         t1 = timer.mark()
         row["routing_ms"] = timer.elapsed(t0, t1)
-        # one hop of K and V around the ring, nothing else (the bandwidth the model needs)
-        incoming = [torch.empty((args.batch, lengths[(ring.rank - 1) % ring.world], *x.shape[2:]), dtype=dtype,
-                                device=device) for x in (k, v)]
+        # one hop of K and V around the ring, nothing else (the bandwidth the model needs), in the pieces the
+        # ring sends: the kv heads of one pass (head_groups), timed once per pass
+        passes = _ring.head_groups(args.batch, max(lengths), args.heads, args.kv_heads, args.head_dim,
+                                   k.element_size())
+        kv = (passes[0][1] - passes[0][0]) * args.kv_heads // args.heads
+        sends = [x.detach()[:, :, :kv].contiguous() for x in (k, v)]
+        incoming = [torch.empty((args.batch, lengths[(ring.rank - 1) % ring.world], kv, args.head_dim),
+                                dtype=dtype, device=device) for _ in range(2)]
         if ring.world > 1:
             hops = []
             for _ in range(3):
                 dist.barrier(group=ring.group)
                 t0 = timer.mark()
-                for request in exchange(ring, [k.detach(), v.detach()], incoming):
+                for request in exchange(ring, sends, incoming):
                     request.wait()
                 t1 = timer.mark()
                 hops.append(timer.elapsed(t0, t1))
-            row["hop_ms"] = statistics.median(hops)
-            row["hop_GBps"] = (k.numel() + v.numel()) * k.element_size() / row["hop_ms"] / 1e6
+            row["hop_GBps"] = sum(x.numel() for x in sends) * k.element_size() / statistics.median(hops) / 1e6
+            row["hop_ms"] = statistics.median(hops) * len(passes)  # the whole shard's K/V
+        del sends, incoming
     routing_flops, fwd_flops = useful_flops(topk, layout, ring.rank, args.heads, args.head_dim, args.block_size,
                                             args.causal)
     row["useful_tflop"] = (routing_flops + (3.5 if mode == "fwd+bwd" else 1.0) * fwd_flops) / 1e12
