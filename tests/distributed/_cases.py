@@ -51,6 +51,10 @@ CASES = {
     "kernels-cut-causal": Case((21, 43), 8, 3, emulated_kernels=True, heads=4, kv_heads=2),
     "kernels-padding-noncausal": Case((9, 40), 8, 3, causal=False, emulated_kernels=True),
     "kernels-zigzag-causal-lse": Case((23, 18), 4, 3, layout="zigzag", emulated_kernels=True, with_lse=True),
+    # a ring budget of one byte: one ring pass per kv head (GQA: two query heads each), gradients scattered back
+    "head-passes-gqa-lse": Case((21, 19), 4, 3, heads=4, kv_heads=2, with_lse=True, extra={"ring_budget": 1}),
+    "head-passes-kernels-zigzag": Case((18, 22), 4, 3, layout="zigzag", heads=4, kv_heads=4,
+                                       emulated_kernels=True, batch=2, extra={"ring_budget": 1}),
     # three ranks
     "tiny-shards-causal": Case((3, 2, 30), 8, 3),
     "three-noncausal-gqa": Case((11, 16, 9), 4, 6, causal=False, heads=4, kv_heads=2),
@@ -109,9 +113,10 @@ def _run_case(rank: int, world: int, case: Case, group=None) -> dict:
     # this rank's shard
     pos = shard_positions(case.lengths, rank, case.layout)
     shard = [x[:, pos].clone().requires_grad_() for x in (q, k, v)]
-    original = _ring.cuda_kernels
+    original, budget = _ring.cuda_kernels, _ring.RING_BUDGET_BYTES
     if case.emulated_kernels:
         _ring.cuda_kernels = lambda q_, params, mode: ReferenceAsKernels(params)
+    _ring.RING_BUDGET_BYTES = case.extra.get("ring_budget", budget)
     try:
         got = context_parallel_moba_attention(*shard, case.block_size, case.top_k, case.causal, group=group,
                                               softmax_scale=case.softmax_scale, return_lse=True, layout=case.layout)
@@ -121,7 +126,7 @@ def _run_case(rank: int, world: int, case: Case, group=None) -> dict:
         got_topk = route(shard[0].detach(), shard[1].detach(), Layout(tuple(case.lengths), case.layout),
                          ring_of(group), case.block_size, case.top_k, case.causal)
     finally:
-        _ring.cuda_kernels = original
+        _ring.cuda_kernels, _ring.RING_BUDGET_BYTES = original, budget
 
     def err(a, b):
         return float((a.detach() - b.detach()).abs().max())

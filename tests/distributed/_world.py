@@ -40,11 +40,14 @@ def _entry(rank: int, world: int, store: str, module: str, function: str, payloa
 
     torch.set_num_threads(1)  # N processes share a few cores
     device = None
-    if backend == "nccl":  # one GPU per process
+    if backend == "nccl":  # one GPU per process, current for torch and for CuPy (the kernels launch on CuPy's)
+        from mobalab.distributed._device import use_device
+
         device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
+        use_device(rank)
+    # NCCL: the first kernel call of a rank compiles CUDA modules (seconds to a minute) while its peer waits
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60), device_id=device)
+                            timeout=datetime.timedelta(seconds=60 if backend == "gloo" else 240), device_id=device)
     try:
         result = getattr(importlib.import_module(module), function)(rank, world, payload)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:

@@ -93,3 +93,29 @@ def test_model_validation():
         ring_step_model([3], [4])
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_step_model([1024], [2], layout="x")
+
+
+def test_head_groups_take_whole_kv_groups_and_fit_the_budget():
+    from mobalab.distributed._ring import head_groups, ring_bytes_per_token
+
+    assert head_groups(1, 1000, 8, 2, 64, 2, budget=1 << 40) == [(0, 8)]
+    assert head_groups(1, 1000, 8, 2, 64, 2, budget=1) == [(0, 4), (4, 8)]  # one kv head (4 query heads) a pass
+    per_token = ring_bytes_per_token(16, 16, 128, 2)
+    for shard, budget in [(1 << 19, 8 << 30), (1 << 20, 8 << 30), (3 << 20, 1 << 30)]:
+        ranges = head_groups(1, shard, 16, 16, 128, 2, budget=budget)
+        width = ranges[0][1] - ranges[0][0]
+        assert 16 % width == 0 and ranges == [(h, h + width) for h in range(0, 16, width)]
+        assert width == 1 or shard * per_token * width / 16 <= budget
+        if width < 16:  # the fewest passes: twice the width would not fit
+            assert shard * per_token * 2 * width / 16 > budget
+
+
+def test_bench_predicts_that_4m_tokens_fit_two_h200s_but_not_one():
+    """The bench runs a length only if its predicted peak fits (else forward only, or skip): at the reference
+    configuration a 2M-token shard must be predicted to fit an H200 (141 GB), a whole 4M sequence not."""
+    from mobalab.distributed import bench
+
+    args = bench._defaults(bench.parse_args(["--backend", "nccl"]), gpu=True)
+    h200 = bench.MEMORY_FRACTION * 141e9
+    assert bench._predicted_bytes(2 << 20, args, 2, backward=True) < h200
+    assert bench._predicted_bytes(4 << 20, args, 2, backward=True) > h200

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import reference as R
+from ._device import on_device
 
 __all__ = ["Params", "CudaKernels", "cuda_kernels", "forward_pair", "backward_pair"]
 
@@ -61,21 +62,24 @@ class CudaKernels:
     def lists(self, q, centroids, block_size, top_k, causal):
         from ._routing import kernel_lists
 
-        return kernel_lists(q, centroids, block_size, top_k, causal)
+        with on_device(q):
+            return kernel_lists(q, centroids, block_size, top_k, causal)
 
     def forward(self, q, k, v, topk, causal):
         from ..kernels._cuda_attention import moba_attention_cuda
 
         p = self.params
-        return moba_attention_cuda(q, k, v, p.block_size, p.top_k, causal=causal, softmax_scale=p.scale,
-                                   return_lse=True, topk_indices=topk)
+        with on_device(q):
+            return moba_attention_cuda(q, k, v, p.block_size, p.top_k, causal=causal, softmax_scale=p.scale,
+                                       return_lse=True, topk_indices=topk)
 
     def backward(self, dout, q, k, v, out, lse, topk, causal, dlse):
         from ..kernels._cuda_backward import moba_attention_backward_cuda
 
         p = self.params
-        return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, p.block_size, p.top_k, causal,
-                                            p.scale, dlse=dlse)
+        with on_device(q):
+            return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, p.block_size, p.top_k, causal,
+                                                p.scale, dlse=dlse)
 
 
 def cuda_kernels(q: torch.Tensor, params: Params, mode: str):

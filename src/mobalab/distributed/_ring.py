@@ -14,6 +14,9 @@ the last step one more hop brings each shard's complete dK, dV home. So every st
 dK/dV one hop, both overlapped with the step's compute, and dQ never leaves its rank. (Moving queries instead
 of keys would move q, dO, lse, D and dQ: more bytes whenever heads > kv_heads; see docs/design.md, "Context
 parallelism".)
+
+A long shard runs the ring once per group of heads (:func:`head_groups`): heads never interact, and the ring's
+buffers then scale with the group instead of all heads (docs/design.md, "Context parallelism").
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from ._local import Params, backward_pair, cuda_kernels, forward_pair
 from ._merge import Accumulator
 from ._routing import route
 
-__all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward"]
+__all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "ring_bytes_per_token",
+           "RING_BUDGET_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,54 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
     return dq.to(q.dtype), finished[0], finished[1]
 
 
+# Bytes a ring pass keeps alive per shard token and per query head (with its share of kv heads), beyond the
+# caller's tensors: the backward's (the larger) -- q, k, v, out, dO slices of the head group, fp32 dQ, K/V in
+# hand and arriving, dK/dV arriving and leaving, the shard's fp32 dK/dV, and the CUDA backward's own fp32 dQ,
+# dK, dV scratch and its returned pieces; counted in elements of the input dtype (e) and fp32 (4).
+def ring_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elem: int) -> float:
+    """Peak bytes per shard token of one ring pass over all ``heads`` (see :func:`head_groups`)."""
+    hd, gd = heads * head_dim, kv_heads * head_dim
+    slices = elem * (3 * hd + 2 * gd)
+    ring = 4 * hd + 3 * elem * 2 * gd + 4 * 2 * gd
+    kernel = 4 * hd + elem * hd + elem * 2 * gd + 4 * 2 * gd
+    return float(slices + ring + kernel)
+
+
+#: Working set one ring pass may hold; beyond it the heads are taken in groups (whole kv groups), one pass each.
+RING_BUDGET_BYTES = 8 << 30
+
+
+def head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
+                budget: float | None = None) -> list[tuple[int, int]]:
+    """Query-head ranges [h0, h1) of the ring passes: the fewest passes (whole kv groups, dividing the kv heads)
+    whose working set fits ``budget`` (default :data:`RING_BUDGET_BYTES`), else one pass per kv head.
+
+    Heads never interact in MoBA, so passes over head groups give the same result as one pass; the ring's
+    buffers (K/V in flight, travelling gradients, fp32 accumulators, the kernels' scratch) then scale with the
+    group, not with all heads: a long shard's memory stays near the caller's own tensors.
+    """
+    budget = RING_BUDGET_BYTES if budget is None else budget
+    group = heads // kv_heads
+    per_kv_head = batch * shard * ring_bytes_per_token(heads, kv_heads, head_dim, elem) / kv_heads
+    passes = next((n for n in range(1, kv_heads + 1) if kv_heads % n == 0
+                   and per_kv_head * (kv_heads // n) <= budget), kv_heads)
+    width = kv_heads // passes * group
+    return [(h, h + width) for h in range(0, heads, width)]
+
+
+def _heads(x, h0: int, h1: int, group: int = 1):
+    """Heads [h0, h1) of x (kv heads when ``group`` > 1: [h0 / group, h1 / group)), dense; x itself if all."""
+    if x is None:
+        return None
+    lo, hi = h0 // group, h1 // group
+    if lo == 0 and hi == x.shape[2]:
+        return x
+    return x[:, :, lo:hi].contiguous()
+
+
 class RingMoBA(torch.autograd.Function):
-    """Routing, then ring attention; backward by :func:`ring_backward` (gradients w.r.t. q, k, v only)."""
+    """Routing, then ring attention per head group; backward by :func:`ring_backward` (gradients w.r.t. q, k,
+    v only)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan):
@@ -156,7 +206,19 @@ class RingMoBA(torch.autograd.Function):
         kernels = cuda_kernels(q, p, plan.kernels)
         topk = route(q, k, plan.layout, plan.ring, p.block_size, p.top_k, p.causal,
                      lists=None if kernels is None else kernels.lists)
-        out, lse = ring_forward(q, k, v, topk, plan)
+        group = q.shape[2] // k.shape[2]
+        ranges = _passes(q, k, plan)
+        if len(ranges) == 1:
+            out, lse = ring_forward(q, k, v, topk, plan)
+        else:
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:3], dtype=C.compute_dtype(q.dtype), device=q.device)
+            for h0, h1 in ranges:
+                o, l_ = ring_forward(_heads(q, h0, h1), _heads(k, h0, h1, group), _heads(v, h0, h1, group),
+                                     _heads(topk, h0, h1), plan)
+                out[:, :, h0:h1] = o
+                lse[:, :, h0:h1] = l_
+                del o, l_
         ctx.save_for_backward(q, k, v, out, lse, topk)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
@@ -165,7 +227,27 @@ class RingMoBA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, topk = ctx.saved_tensors
+        plan = ctx.plan
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ring_backward(dout, dlse, q, k, v, out, lse, topk, ctx.plan)
+        ranges = _passes(q, k, plan)
+        if len(ranges) == 1:
+            dq, dk, dv = ring_backward(dout, dlse, q, k, v, out, lse, topk, plan)
+            return dq, dk, dv, None
+        group = q.shape[2] // k.shape[2]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h0, h1 in ranges:
+            g = ring_backward(_heads(dout, h0, h1), _heads(dlse, h0, h1), _heads(q, h0, h1),
+                              _heads(k, h0, h1, group), _heads(v, h0, h1, group), _heads(out, h0, h1),
+                              _heads(lse, h0, h1), _heads(topk, h0, h1), plan)
+            dq[:, :, h0:h1] = g[0]
+            dk[:, :, h0 // group:h1 // group] = g[1]
+            dv[:, :, h0 // group:h1 // group] = g[2]
+            del g
         return dq, dk, dv, None
+
+
+def _passes(q, k, plan: Plan) -> list[tuple[int, int]]:
+    """The head groups of the ring passes; every rank computes the same (from the longest shard)."""
+    batch, _, heads, dim = q.shape
+    return head_groups(batch, max(plan.layout.lengths), heads, k.shape[2], dim, q.element_size())

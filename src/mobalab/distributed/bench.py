@@ -10,7 +10,8 @@ r"""Context-parallel MoBA on N processes: ``torchrun --nproc-per-node N -m mobal
    (:func:`mobalab.kernels.moba_attention`) on the rows both route alike.
 2. **Timing** (``--lengths``): per total length, shards as even as possible, random Gaussian q, k, v, dO;
    warm-up, then ``--reps`` forward + backward calls timed per rank (CUDA events on GPUs, wall clock with a
-   barrier on CPUs; median). Also per rank: routing alone, one ring hop of K/V alone (GB/s), peak memory
+   barrier on CPUs; median). Also per rank: routing alone, one ring hop of K/V alone (GB/s in the pieces of one
+   head-group pass; ms for the whole shard), peak memory
    (``torch.cuda.max_memory_allocated`` over the call, inputs included), useful TFLOP/s (docs/design.md,
    "FLOP and byte budget": routing :math:`2bhd` per scored (query, block) pair, attention
    :math:`4bhd\sum_t |S_t|` forward and 2.5x that backward, counted exactly from the rank's routing) and the
@@ -41,8 +42,9 @@ import torch.distributed as dist
 from ..bench.environment import environment
 from ..kernels import moba_attention, moba_topk
 from ..kernels import reference as R
-from . import _model
+from . import _model, _ring
 from ._api import context_parallel_moba_attention
+from ._device import use_device
 from ._group import exchange, ring_of
 from ._layout import Layout, shard_positions
 from ._local import Params, cuda_kernels
@@ -59,7 +61,7 @@ MEMORY_FRACTION = 0.93  # of the GPU's memory that a length may be predicted to 
 CHECK_COLUMNS = ["rank", "seq_len", "shard_len", "router", "routing_agreement", "out_rel_err", "lse_max_err",
                  "dq_rel_err", "dk_rel_err", "dv_rel_err", "cuda_router_agreement", "cuda_out_rel_err", "passed"]
 BENCH_COLUMNS = ["seq_len", "gpus", "rank", "shard_len", "mode", "fwd_ms", "bwd_ms", "fwdbwd_ms", "routing_ms",
-                 "hop_ms", "hop_GBps", "peak_gb", "useful_tflops", "model_ms", "note"]
+                 "hop_ms", "hop_GBps", "peak_gb", "useful_tflop", "useful_tflops", "model_ms", "note"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,15 +193,17 @@ _FIXED_BYTES = 3 << 30  # routing scores (4 GiB budget is the worst case of a ch
 
 
 def _predicted_bytes(shard: int, args, elem: int, backward: bool) -> float:
-    """Peak bytes of one rank from the shapes: what is alive at once in the forward or the backward ring."""
+    """Peak bytes of one rank from the shapes: the caller's tensors, routing, and one ring pass's working set
+    (:func:`mobalab.distributed._ring.ring_bytes_per_token` over the heads of a pass, :func:`head_groups`)."""
     hd, gd = args.heads * args.head_dim, args.kv_heads * args.head_dim
-    # q, k, v, out, routing, and two K/V shards in flight
-    base = elem * (2 * hd + 2 * gd) + 4 * args.heads * args.top_k + 2 * elem * 2 * gd
-    forward = 4 * hd + elem * hd  # fp32 running output, a step's partial output
-    # dO, fp32 dQ, the CUDA backward's fp32 dQ/dK/dV scratch and its returned pieces, the shard's fp32 dK/dV
-    # terms, and two travelling gradients (one arriving, one leaving)
-    back = elem * hd + 4 * hd + 4 * (hd + 2 * gd) + elem * (hd + 2 * gd) + 4 * 2 * gd + 2 * elem * 2 * gd
-    return args.batch * shard * (base + (max(forward, back) if backward else forward)) + _FIXED_BYTES
+    # q, k, v, dO, out, lse, routing (int32) and the routing's candidate lists while it runs
+    base = elem * (3 * hd + 2 * gd) + 4 * args.heads + 4 * args.heads * args.top_k + 48 * args.heads
+    if backward:
+        base += elem * (hd + 2 * gd)  # dq, dk, dv returned
+    passes = _ring.head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim, elem)
+    width = passes[0][1] - passes[0][0]
+    ring = _ring.ring_bytes_per_token(args.heads, args.kv_heads, args.head_dim, elem) * width / args.heads
+    return args.batch * shard * (base + ring) + _FIXED_BYTES
 
 
 def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
@@ -269,26 +273,30 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
                      lists=None if kernels is None else kernels.lists)
         t1 = timer.mark()
         row["routing_ms"] = timer.elapsed(t0, t1)
-        # one hop of K and V around the ring, nothing else (the bandwidth the model needs)
-        incoming = [torch.empty((args.batch, lengths[(ring.rank - 1) % ring.world], *x.shape[2:]), dtype=dtype,
-                                device=device) for x in (k, v)]
+        # one hop of K and V around the ring, nothing else (the bandwidth the model needs), in the pieces the
+        # ring sends: the kv heads of one pass (head_groups), timed once per pass
+        passes = _ring.head_groups(args.batch, max(lengths), args.heads, args.kv_heads, args.head_dim,
+                                   k.element_size())
+        kv = (passes[0][1] - passes[0][0]) * args.kv_heads // args.heads
+        sends = [x.detach()[:, :, :kv].contiguous() for x in (k, v)]
+        incoming = [torch.empty((args.batch, lengths[(ring.rank - 1) % ring.world], kv, args.head_dim),
+                                dtype=dtype, device=device) for _ in range(2)]
         if ring.world > 1:
             hops = []
             for _ in range(3):
                 dist.barrier(group=ring.group)
                 t0 = timer.mark()
-                for request in exchange(ring, [k.detach(), v.detach()], incoming):
+                for request in exchange(ring, sends, incoming):
                     request.wait()
                 t1 = timer.mark()
                 hops.append(timer.elapsed(t0, t1))
-            row["hop_ms"] = statistics.median(hops)
-            row["hop_GBps"] = (k.numel() + v.numel()) * k.element_size() / row["hop_ms"] / 1e6
+            row["hop_GBps"] = sum(x.numel() for x in sends) * k.element_size() / statistics.median(hops) / 1e6
+            row["hop_ms"] = statistics.median(hops) * len(passes)  # the whole shard's K/V
+        del sends, incoming
     routing_flops, fwd_flops = useful_flops(topk, layout, ring.rank, args.heads, args.head_dim, args.block_size,
                                             args.causal)
-    if mode == "fwd+bwd":
-        row["useful_tflops"] = (routing_flops + 3.5 * fwd_flops) / row["fwdbwd_ms"] / 1e9
-    else:
-        row["useful_tflops"] = (routing_flops + fwd_flops) / row["fwd_ms"] / 1e9
+    row["useful_tflop"] = (routing_flops + (3.5 if mode == "fwd+bwd" else 1.0) * fwd_flops) / 1e12
+    row["useful_tflops"] = row["useful_tflop"] / (row["fwdbwd_ms" if mode == "fwd+bwd" else "fwd_ms"] / 1e3)
     if "hop_GBps" in row and device.type == "cuda":
         model = _model.ring_step_model([n], [ring.world], batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
                                        head_dim=args.head_dim, block_size=args.block_size, top_k=args.top_k,
@@ -418,7 +426,7 @@ def main(argv=None) -> int:
     gpu = backend == "nccl"
     if gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-        torch.cuda.set_device(device)
+        use_device(device.index)  # torch's and CuPy's current device: the kernels launch on CuPy's
     else:
         device = torch.device("cpu")
         if owned:
@@ -436,6 +444,8 @@ def main(argv=None) -> int:
     if ring.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(env), flush=True)
+        with open(os.path.join(args.out, "cp_bench_env.json"), "w") as f:  # now: a run cut short keeps it
+            json.dump(env, f, indent=1)
     status = 0
     check_rows, bench_rows = [], []
     try:

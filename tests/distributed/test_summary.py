@@ -1,0 +1,34 @@
+"""The targets' arithmetic of the context-parallel summary, on benchmark files written as the bench writes them."""
+
+import csv
+import json
+
+from mobalab.distributed import bench, summary
+
+
+def _run(folder, layout, rows):
+    folder.mkdir()
+    (folder / "cp_bench_env.json").write_text(json.dumps({"layout": layout}))
+    with open(folder / "cp_bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench.BENCH_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in bench.BENCH_COLUMNS})
+
+
+def test_rates_use_the_slowest_rank_and_memory_the_one_gpu_tokens(tmp_path):
+    one = dict(gpus=1, rank=0, mode="fwd+bwd", routing_ms=1)
+    _run(tmp_path / "single", "contiguous", [
+        dict(one, seq_len=1000, fwdbwd_ms=100, useful_tflop=5, peak_gb=2.0),
+        dict(one, seq_len=2000, fwdbwd_ms=200, useful_tflop=20, peak_gb=4.0)])  # 100 TFLOP/s, 2 MB/token
+    two = dict(gpus=2, mode="fwd+bwd", routing_ms=1)
+    _run(tmp_path / "ring", "zigzag", [
+        dict(two, seq_len=2000, rank=0, fwdbwd_ms=100, useful_tflop=9, peak_gb=2.1, model_ms=80),
+        dict(two, seq_len=2000, rank=1, fwdbwd_ms=125, useful_tflop=11, peak_gb=2.5, model_ms=100),
+        dict(two, seq_len=4000, rank=0, mode="fwd", fwd_ms=50, useful_tflop=1, peak_gb=9, note="too big"),
+        dict(two, seq_len=4000, rank=1, mode="fwd", fwd_ms=50, useful_tflop=1, peak_gb=9, note="too big")])
+    text = summary.summarize([str(tmp_path / "ring")], str(tmp_path / "single"))
+    # 20 TFLOP over 2 GPUs x 125 ms = 80 TFLOP/s per GPU = 0.80 of one GPU; peak 2.5 of the 4.0 GB one GPU needs
+    assert "| zigzag | 2000 | 2 | fwd+bwd | 125.0 | 1.0 | 80.0 | 0.80 | 2.5 | 4.0 | 0.62 | 100 | 1.25 |" in text
+    assert "zigzag N 2000: per-GPU rate 0.80 x one GPU (target >= 0.80): met" in text
+    assert "zigzag N 4000: fwd, peak per GPU - GB of 8.0 one-GPU GB (target fwd+bwd and <= 0.55): not met" in text
