@@ -10,15 +10,19 @@
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
+#   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
-# Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
+# Logs and CSVs are packed into $OUT/<name>.tgz (8 files come back from the device); a summary prints last.
+# GPU_CHECK_NAME=<name> (default gpu_check) names the logs folder and the archive, so that two checks can run at
+# once on two GPUs of one machine (each with its own CUDA_VISIBLE_DEVICES).
 set -uo pipefail
 source "$(dirname "$0")/_gpu_env.sh"
-W="$OUT/logs"
+NAME="${GPU_CHECK_NAME:-gpu_check}"
+W="$OUT/$NAME.logs"
 mkdir -p "$W"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests fwd bwd-targets mc snr)
@@ -48,6 +52,10 @@ for step in "${STEPS[@]}"; do
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
     snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
+    tests-core) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                  tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
+                  tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
+                  tests/experiments/test_rope.py tests/kernels/test_training_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     decode-tests) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     decode)      timeout 150 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
@@ -69,7 +77,7 @@ for step in "${STEPS[@]}"; do
   echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
 done
 
-tar czf "$OUT/gpu_check.tgz" -C "$W" .
+tar czf "$OUT/$NAME.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
