@@ -10,6 +10,8 @@
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
+#   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
+#   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/gpu_check.tgz (8 files come back from the device); a summary prints last.
 set -uo pipefail
@@ -50,6 +52,10 @@ for step in "${STEPS[@]}"; do
                    || status=1 ;;
     varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
+    dims)        timeout 100 python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \
+                   || status=1 ;;
+    hf)          timeout 150 python3 -m mobalab.bench.varlen --quick --hf-only --hf-lengths 32K,128K --out "$W/hf" \
+                   > "$W/bench_hf.log" 2>&1 || status=1 ;;
     decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
@@ -61,7 +67,8 @@ tar czf "$OUT/gpu_check.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/varlen/*.md \
+         "$W"/dims/*table*.md "$W"/hf/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 rm -rf "$W"
