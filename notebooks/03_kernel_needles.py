@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -149,3 +151,47 @@ if bench_csv:
     fig_speed = kernel_speed.plot(speed)
 else:
     print("no benchmark CSV found: run `python -m mobalab.bench.attention --out runs/bench` on a GPU")
+
+# %% [markdown]
+# ## MoBA inside a Hugging Face model
+#
+# `mobalab.integrations.transformers.register()` makes `attn_implementation="moba"` available to transformers
+# (`pip install "mobalab[hf]"`); every attention layer then runs MoBA with the block size and top-k of the model
+# config, read at every call. A tiny randomly initialised Llama built in code, on the CPU (torch reference, fp32):
+# with top-k covering all 16 key blocks MoBA is dense causal attention, so logits and gradients equal SDPA's up
+# to rounding; with a smaller top-k it is sparse and the logits differ. On a GPU the same model in bf16 runs the
+# CUDA kernels (head dims 32, 64, 96, 128, 256).
+
+# %%
+import torch  # noqa: E402  (this section's own imports: it alone needs transformers)
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from mobalab.integrations.transformers import register  # noqa: E402
+
+register()
+seqlen, block = 256, 16  # 16 key blocks
+
+
+def tiny_llama(attn):
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, attn_implementation=attn,
+                         moba_block_size=block, moba_top_k=seqlen // block)
+    torch.manual_seed(0)  # the same weights for both
+    return LlamaForCausalLM(config)
+
+
+sdpa, moba = tiny_llama("sdpa"), tiny_llama("moba")
+ids = torch.randint(0, 256, (2, seqlen), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    reference = sdpa(ids).logits
+    for top_k in (16, 4, 2):
+        moba.config.moba_top_k = top_k
+        rel = ((moba(ids).logits - reference).norm() / reference.norm()).item()
+        print(f"top_k {top_k:2d} of {seqlen // block} blocks: logits differ from SDPA's by {rel:.1e} (relative)")
+
+moba.config.moba_top_k = 16  # a training step through MoBA: loss, backward, gradients against SDPA's
+moba(ids, labels=ids).loss.backward()
+sdpa(ids, labels=ids).loss.backward()
+pairs = zip(moba.parameters(), sdpa.parameters(), strict=True)
+worst = max(((p.grad - s.grad).norm() / s.grad.norm()).item() for p, s in pairs)
+print(f"top_k 16: gradients equal SDPA's up to {worst:.1e} (relative, worst parameter)")

@@ -15,6 +15,8 @@
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
+#   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
+#   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/<name>.tgz (8 files come back from the device); a summary prints last.
 # GPU_CHECK_NAME=<name> (default gpu_check) names the logs folder and the archive, so that two checks can run at
@@ -63,6 +65,10 @@ for step in "${STEPS[@]}"; do
     decode-ncu)  timeout 150 python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
     varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
+    dims)        timeout 100 python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \
+                   || status=1 ;;
+    hf)          timeout 150 python3 -m mobalab.bench.varlen --quick --hf-only --hf-lengths 32K,128K --out "$W/hf" \
+                   > "$W/bench_hf.log" 2>&1 || status=1 ;;
     decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     tiles-ncu) timeout 240 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
@@ -81,7 +87,8 @@ tar czf "$OUT/$NAME.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/decode-ncu/*table*.md "$W"/varlen/*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
+         "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"

@@ -1,6 +1,7 @@
 """Every notebooks/*.ipynb executes in quick mode without errors and is in sync with its percent-format .py."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -47,4 +48,11 @@ def test_executes_in_quick_mode(path, monkeypatch):
                    if o.output_type == "stream")
     if path.stem == "02_paper_claims":
         assert text.count("Verdict") == 4, text
+    if path.stem == "03_kernel_needles":  # the transformers section: dense when top-k covers every block
+        logits = {int(k): float(x) for k, x in re.findall(r"top_k +(\d+) of 16 blocks: logits differ from SDPA's by "
+                                                          r"(\S+) \(relative\)", text)}
+        assert sorted(logits) == [2, 4, 16], text
+        assert logits[16] < 1e-5 < 1e-2 < logits[4] and logits[2] > 1e-2
+        grads = re.findall(r"top_k 16: gradients equal SDPA's up to (\S+) \(relative", text)
+        assert len(grads) == 1 and float(grads[0]) < 1e-5, text
     assert os.environ["MOBALAB_QUICK"] == "1"

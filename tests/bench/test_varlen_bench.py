@@ -56,3 +56,57 @@ def test_main_without_a_gpu_says_so(capsys, monkeypatch):
     monkeypatch.setattr(mobalab.kernels, "gpu_available", lambda: False)
     assert varlen.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_parse_lengths():
+    assert varlen.parse_lengths("32K,128K") == (32768, 131072)
+    assert varlen.parse_lengths(" 4k , 8192") == (4096, 8192)
+    for bad in ("", "32K,", "0K", "100", "32M", "-4K", "1.5K"):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            varlen.parse_lengths(bad)
+    with pytest.raises(TypeError):
+        varlen.parse_lengths(32768)
+
+
+def test_command_line_options(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        varlen.main(["--hf-lengths", "100"])
+    assert "not a token count" in capsys.readouterr().err
+    import mobalab.kernels
+
+    monkeypatch.setattr(mobalab.kernels, "gpu_available", lambda: False)
+    assert varlen.main(["--hf-only", "--hf-lengths", "32K,128K"]) == 2  # parsed, then stopped for want of a GPU
+
+
+def test_model_rows_report_out_of_memory_and_go_on(monkeypatch):
+    pytest.importorskip("transformers")
+    calls, saved = [], []
+
+    def fake_step(config_cls, model_cls, attn, ids, seed, warmup, reps):
+        calls.append((attn, ids.shape[1], warmup, reps))
+        if attn == "sdpa" and ids.shape[1] == 131072:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return (100.0 if attn == "moba" else 150.0) * ids.shape[1] / 32768, 1.5
+
+    class Props:
+        total_memory = 139e9
+
+    monkeypatch.setattr(varlen, "_model_step", fake_step)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 140e9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Props())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = varlen.model_rows(True, lengths=(32768, 131072), device="cpu", on_row=lambda r: saved.append(len(r)))
+    assert calls == [("moba", 32768, 1, 3), ("sdpa", 32768, 1, 3), ("moba", 131072, 1, 3), ("sdpa", 131072, 1, 3)]
+    assert saved == [1, 2, 3, 4]  # saved after every row
+    assert [(r["attention"], r["seqlen"], r["step_ms"]) for r in rows[:3]] == [
+        ("moba", 32768, 100.0), ("sdpa", 32768, 150.0), ("moba", 131072, 400.0)]
+    assert rows[0]["speedup_vs_sdpa"] == 1.5 and rows[1]["speedup_vs_sdpa"] == 1.0
+    oom = rows[3]
+    assert oom["note"] == "out of memory (139 GB)" and oom["step_ms"] != oom["step_ms"]  # NaN
+    text = varlen.markdown([], rows, {"cuda_device": "GPU"})
+    assert text.startswith("# MoBA in a transformers model") and "Forward + backward" not in text
+    assert "| sdpa | 131072 | 4 | 8 | 128 | nan | nan | 140.0 | out of memory (139 GB) | 1.0 |" in text
+    # the default lengths: 32K with --quick, 32K and 128K without
+    calls.clear()
+    varlen.model_rows(False, device="cpu")
+    assert [c[1] for c in calls] == [32768, 32768, 131072, 131072] and calls[0][2:] == (2, 5)

@@ -27,6 +27,17 @@ SDPA FLASH_ATTENTION and CUDNN_ATTENTION, each as ``torch.autograd.grad(out, (q,
 inputs and upstream gradient. Backward useful FLOPs are 2.5x the forward attention FLOPs (five matmuls of
 the selected tokens: S, dP, dV, dK, dQ, against two); backward time = fwd+bwd time - forward time; peak
 memory = the ``max_memory_allocated`` rise over one fwd+bwd call plus the inputs it reads (q, k, v, dout).
+
+``--head-dims 64,128,256`` runs every head-dim-128 configuration of the forward (or ``--backward``) sweep at
+each listed head dim instead (default: the sweeps as they are, head dim 128 plus the full forward sweep's
+head-dim-64 rows). Useful FLOPs carry the head dim (:math:`d` in both terms of :math:`F`).
+
+``--dims`` measures speed per head dim in one short run (``dims.csv``, ``dims_table.md``): batch 2, 16 heads,
+N 64K, B 128, k 8, causal, bf16, random inputs, mobalab only (no dense baselines), forward and forward +
+backward (atomic dQ) at head dims 32, 64, 96, 128, 256 (or ``--head-dims``; 128 always runs, first). Each
+row's useful TFLOP/s (forward :math:`F`; forward + backward :math:`F_{\mathrm{route}} + 3.5\,F_{\mathrm{attn}}`)
+is divided by head dim 128's in the same run and held to its target (:data:`DIMS_TARGETS`: at least 0.7
+for head dims 96 and 256, 0.5 for 32 and 64).
 """
 
 from __future__ import annotations
@@ -41,12 +52,20 @@ import statistics
 import torch
 
 from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels._contract import CUDA_HEAD_DIMS
 from mobalab.kernels._cuda_routing import moba_topk_cuda
 from mobalab.kernels.autograd import moba_attention_autograd
 
 from .environment import environment
 
-__all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops"]
+__all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops", "parse_head_dims",
+           "with_head_dims", "dims_summary"]
+
+#: Useful TFLOP/s of head dim d over head dim 128's (same run, same pass) that the ``--dims`` run asks for.
+DIMS_TARGETS = {32: 0.5, 64: 0.5, 96: 0.7, 256: 0.7}
+#: The ``--dims`` configuration: (batch, seqlen, heads, block, top_k), causal, bf16, random inputs.
+DIMS_CONFIG = (2, 64 * 1024, 16, 128, 8)
+DIMS_REFERENCE = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +293,155 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
 
 
 # --------------------------------------------------------------------------------------------------
+# head dims
+
+
+def parse_head_dims(text: str) -> tuple[int, ...]:
+    """``"64,128"`` -> ``(64, 128)``: distinct head dims in the given order, each one the CUDA kernels support.
+
+    Examples
+    --------
+    >>> parse_head_dims("256, 32,128,32")
+    (256, 32, 128)
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"head dims: expected a comma-separated string, got {type(text).__name__}")
+    dims = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) not in CUDA_HEAD_DIMS:
+            raise ValueError(f"head dims: {item!r} in {text!r} is not a supported head dim; supported: "
+                             f"{', '.join(map(str, CUDA_HEAD_DIMS))}")
+        if int(item) not in dims:
+            dims.append(int(item))
+    return tuple(dims)
+
+
+def _head_dims_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_head_dims(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def with_head_dims(cfgs, head_dims, dim_index: int = 4):
+    """Every configuration at head dim 128, once per head dim of ``head_dims`` (the configuration's order
+    first, then the head dims'); configurations at other head dims are dropped. ``head_dims`` None: unchanged.
+
+    Examples
+    --------
+    >>> with_head_dims([("a", 128), ("b", 64), ("c", 128)], (32, 128), dim_index=1)
+    [('a', 32), ('a', 128), ('c', 32), ('c', 128)]
+    """
+    if head_dims is None:
+        return list(cfgs)
+    out = []
+    for cfg in cfgs:
+        if cfg[dim_index] != DIMS_REFERENCE:
+            continue
+        for d in head_dims:
+            new = (*cfg[:dim_index], d, *cfg[dim_index + 1:])
+            if new not in out:
+                out.append(new)
+    return out
+
+
+def run_dims_config(dim, budget_s=0.5):
+    """Forward and forward + backward of mobalab alone at :data:`DIMS_CONFIG` and head dim ``dim``: two rows."""
+    batch, seqlen, heads, block, top_k = DIMS_CONFIG
+    q, k, v = make_inputs("random", batch, seqlen, heads, dim, torch.bfloat16, seqlen + dim + block, block)
+    g = torch.Generator(device="cuda").manual_seed(seqlen + dim + block + 1)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+    f_route = routing_flops(batch, seqlen, heads, dim, block, True)
+    f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, True)
+    fwd = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=True)  # noqa: E731
+    fwd_ms, fwd_reps = time_ms(fwd, budget_s=budget_s)
+    leaves = [x.requires_grad_() for x in (q, k, v)]  # after the forward timing, which ran without autograd
+    step = _grad_fn(lambda q, k, v: moba_attention_autograd(q, k, v, block, top_k, causal=True), leaves, dout)
+    both_ms, both_reps = time_ms(step, budget_s=budget_s)
+    common = dict(head_dim=dim, batch=batch, seqlen=seqlen, heads=heads, block=block, top_k=top_k, causal=True,
+                  dtype="bf16", variant="resident" if A.resident(dim, block, None) else "streaming")
+    return [dict(common, timed="forward", ms=fwd_ms, reps=fwd_reps, useful_tflop=(f_route + f_attn) / 1e12,
+                 useful_tflops=(f_route + f_attn) / (fwd_ms * 1e9)),
+            dict(common, timed="forward+backward", ms=both_ms, reps=both_reps,
+                 useful_tflop=(f_route + 3.5 * f_attn) / 1e12,
+                 useful_tflops=(f_route + 3.5 * f_attn) / (both_ms * 1e9))]
+
+
+def dims_summary(rows):
+    """Rows (``timed``, ``head_dim``, ``useful_tflops``, ...) sorted by pass then head dim, each with
+    ``vs_d128`` (its useful TFLOP/s over head dim 128's of the same pass; NaN without a head-dim-128 row),
+    ``target`` (:data:`DIMS_TARGETS`; NaN for head dim 128) and ``result`` (met / missed / reference / n/a).
+
+    Examples
+    --------
+    >>> rows = [dict(timed="forward", head_dim=d, useful_tflops=t) for d, t in ((128, 80.0), (32, 36.0), (96, 60.0))]
+    >>> [(r["head_dim"], round(r["vs_d128"], 2), r["result"]) for r in dims_summary(rows)]
+    [(32, 0.45, 'missed'), (96, 0.75, 'met'), (128, 1.0, 'reference')]
+    """
+    order = {"forward": 0, "forward+backward": 1}
+    out = []
+    for r in sorted(rows, key=lambda r: (order.get(r["timed"], 2), r["timed"], r["head_dim"])):
+        ref = [x["useful_tflops"] for x in rows if x["timed"] == r["timed"] and x["head_dim"] == DIMS_REFERENCE]
+        ratio = r["useful_tflops"] / ref[0] if ref and ref[0] > 0 else float("nan")
+        target = DIMS_TARGETS.get(r["head_dim"], float("nan"))
+        if r["head_dim"] == DIMS_REFERENCE:
+            result = "reference"
+        elif math.isnan(ratio) or math.isnan(target):
+            result = "n/a"
+        else:
+            result = "met" if ratio >= target else "missed"
+        out.append(dict(r, vs_d128=ratio, target=target, result=result))
+    return out
+
+
+DIMS_COLUMNS = ["timed", "head_dim", "ms", "useful_tflops", "vs_d128", "target", "result", "useful_tflop", "reps",
+                "variant", "batch", "seqlen", "heads", "block", "top_k", "causal", "dtype"]
+
+
+def markdown_dims(rows, env) -> str:
+    """The ``--dims`` table: one row per pass and head dim, with its ratio to head dim 128 and its target."""
+    batch, seqlen, heads, block, top_k = DIMS_CONFIG
+    head = ["timed", "d", "kernel", "ms", "useful TFLOP/s", "vs d 128", "target", "result"]
+    lines = [f"MoBA speed per head dim, batch {batch}, {heads} heads, N {seqlen // 1024}K, B {block}, k {top_k}, "
+             f"causal, bf16, random inputs -- {env.get('cuda_device')}, {env.get('utc')}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in dims_summary(rows):
+        target = "" if math.isnan(r["target"]) else f"≥ {r['target']:.1f}"
+        cells = [r["timed"], r["head_dim"], r.get("variant", ""), _fmt(r["ms"]), _fmt(r["useful_tflops"], 1),
+                 _fmt(r["vs_d128"]), target, r["result"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main_dims(args, env) -> int:
+    dims = [DIMS_REFERENCE] + [d for d in (args.head_dims or CUDA_HEAD_DIMS) if d != DIMS_REFERENCE]
+    rows, failed = [], 0
+    for dim in dims:
+        try:
+            new = run_dims_config(dim)
+        except Exception as exc:  # keep going: the other head dims still give their ratios
+            print(f"FAILED head dim {dim}: {exc!r}", flush=True)
+            failed += 1
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.empty_cache()
+        rows += new
+        for r in new:
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        with open(os.path.join(args.out, "dims.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=DIMS_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in dims_summary(rows):
+                w.writerow({c: r.get(c, "") for c in DIMS_COLUMNS})
+        with open(os.path.join(args.out, "dims_table.md"), "w") as f:
+            f.write(markdown_dims(rows, env))
+    print(markdown_dims(rows, env))
+    return 1 if failed or not rows else 0
+
+
+# --------------------------------------------------------------------------------------------------
 # driver
 
 
@@ -285,7 +453,9 @@ COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "variant", "routi
            "scratch_budget_bytes"]
 
 
-def configs(quick: bool):
+def configs(quick: bool, head_dims=None):
+    if head_dims is not None:
+        return with_head_dims(configs(quick), head_dims)
     K = 1024
     if quick:
         return [("random", 2, n, 16, 128, 128, 8, "auto") for n in (8 * K, 64 * K)] + [
@@ -431,7 +601,9 @@ BWD_COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "fwd_ms", "fw
                "heads", "causal", "dtype"]
 
 
-def backward_configs(quick: bool):
+def backward_configs(quick: bool, head_dims=None):
+    if head_dims is not None:
+        return with_head_dims(backward_configs(quick), head_dims)
     K = 1024
     if quick:
         return [("random", 2, n, 16, 128, 128, 8) for n in (8 * K, 64 * K)] + [("random", 2, 64 * K, 16, 128, 32, 8)]
@@ -467,7 +639,7 @@ def markdown_backward(rows, env) -> str:
 
 def main_backward(args, env) -> int:
     rows, failed = [], 0
-    cfgs = backward_configs(args.quick)
+    cfgs = backward_configs(args.quick, args.head_dims)
     if args.select:
         cfgs = [cfgs[int(i)] for i in args.select.split(",")]
     for workload, batch, n, heads, dim, block, top_k in cfgs:
@@ -501,7 +673,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_out", help="output folder")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
+    p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
+                   help="run each head-dim-128 configuration at these head dims (of "
+                        f"{','.join(map(str, CUDA_HEAD_DIMS))}; default: 128, plus the full forward sweep's 64)")
+    p.add_argument("--dims", action="store_true",
+                   help="speed per head dim: forward and forward+backward at N 64K, B 128, k 8, mobalab only, "
+                        "head dims 32..256 (or --head-dims), each against head dim 128 (dims_table.md)")
     args = p.parse_args(argv)
+    if args.dims and (args.backward or args.quick or args.select):
+        p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
+                "--select")
     from mobalab.kernels import gpu_available
 
     if not gpu_available():
@@ -510,12 +691,12 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     env = run_record()
     print(json.dumps(env))
-    if args.backward:
+    if args.backward or args.dims:
         with open(os.path.join(args.out, "bench_env.json"), "w") as f:
             json.dump(env, f, indent=1)
-        return main_backward(args, env)
+        return main_dims(args, env) if args.dims else main_backward(args, env)
     rows, cache, failed = [], {}, 0
-    for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick):
+    for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick, args.head_dims):
         prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \
             and variant == "auto"
         try:

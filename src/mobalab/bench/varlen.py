@@ -23,12 +23,16 @@ warm-up, side by side in one process:
 
 Writes ``varlen_kernels.csv``, ``varlen_model.csv``, ``varlen.md`` and ``varlen_env.json`` under ``--out``.
 ``--quick`` (a smoke run, under 2 minutes on an H200): fewer repetitions and the model at 32K only.
+``--hf-only`` runs the model step alone (no kernel table); ``--hf-lengths 32K,128K`` sets its context lengths
+(with or without ``--quick``). A step that runs out of GPU memory is a row that says so (``step_ms`` NaN,
+``note`` "out of memory"), and the other rows still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import importlib.util
 import json
 import os
@@ -37,7 +41,7 @@ import sys
 
 import torch
 
-__all__ = ["main", "useful_flops", "MIXED_LENGTHS"]
+__all__ = ["main", "useful_flops", "parse_lengths", "MIXED_LENGTHS"]
 
 #: The mixed-length batch: 16 sequences, 1024 .. 65536 tokens, 262144 in all (some not multiples of 128).
 MIXED_LENGTHS = (5000, 65536, 1024, 12288, 43368, 2048, 20480, 7000, 32768, 3000, 16384, 8192, 24576, 4096, 10240,
@@ -45,7 +49,7 @@ MIXED_LENGTHS = (5000, 65536, 1024, 12288, 43368, 2048, 20480, 7000, 32768, 3000
 HEADS, HEAD_DIM, BLOCK, TOP_K = 16, 128, 128, 8
 MODEL = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, head_dim=128, hidden_size=1024,
              intermediate_size=2816, vocab_size=4096)
-MODEL_LENGTHS = (32768, 131072)  # training-step context lengths (--quick: the first)
+MODEL_LENGTHS = (32768, 131072)  # training-step context lengths (--quick: the first; --hf-lengths: any)
 BWD_FACTOR = 2.5  # backward attention FLOPs per forward attention FLOP (five matmuls against two)
 
 
@@ -89,6 +93,36 @@ def useful_flops(topk, cu_seqlens, block_size: int, head_dim: int, causal: bool 
         attended = torch.where(valid, size, 0).sum(-1)
         scored = ((n_seq + block_size - 1) // block_size) * heads
     return {"routing": int(2 * head_dim * scored.sum()), "attention_fwd": int(4 * head_dim * attended.sum())}
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """``"32K,128K"`` -> ``(32768, 131072)``: token counts, ``K`` = 1024, each a positive multiple of 128.
+
+    Examples
+    --------
+    >>> parse_lengths("32K, 131072,4k")
+    (32768, 131072, 4096)
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"lengths: expected a comma-separated string, got {type(text).__name__}")
+    out = []
+    for item in text.split(","):
+        word = item.strip().upper()
+        scale = 1024 if word.endswith("K") else 1
+        digits = word[:-1] if scale > 1 else word
+        n = int(digits) * scale if digits.isdigit() else 0
+        if n <= 0 or n % BLOCK:
+            raise ValueError(f"lengths: {item.strip()!r} in {text!r} is not a token count > 0 and a multiple of "
+                             f"{BLOCK} (e.g. 32K or 131072)")
+        out.append(n)
+    return tuple(out)
+
+
+def _lengths_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_lengths(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,43 +195,64 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
     return rows
 
 
-def model_rows(quick: bool, seed: int = 0) -> list[dict]:
-    """Training-step time of the tiny Llama with MoBA and with SDPA at each context length."""
+def model_rows(quick: bool, seed: int = 0, lengths=None, on_row=None, device="cuda") -> list[dict]:
+    """Training-step time of the tiny Llama with MoBA and with SDPA at each context length (``lengths``, default
+    :data:`MODEL_LENGTHS`, the first only when ``quick``). A step that runs out of memory gives a row with
+    ``step_ms`` NaN and ``note`` "out of memory". ``on_row(rows)`` is called after every row (to save them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mobalab.integrations.transformers import register
 
     register()
-    lengths = MODEL_LENGTHS[:1] if quick else MODEL_LENGTHS
+    if lengths is None:
+        lengths = MODEL_LENGTHS[:1] if quick else MODEL_LENGTHS
     warmup, reps = (1, 3) if quick else (2, 5)
     rows = []
     for seqlen in lengths:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        ids = torch.randint(0, MODEL["vocab_size"], (1, seqlen), device="cuda", generator=g)
+        g = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.randint(0, MODEL["vocab_size"], (1, seqlen), device=device, generator=g)
         for attn in ("moba", "sdpa"):
-            config = LlamaConfig(**MODEL, max_position_embeddings=seqlen, attn_implementation=attn,
-                                 moba_block_size=BLOCK, moba_top_k=TOP_K)
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step(model=model, opt=opt, ids=ids):
-                model(ids, labels=ids, use_cache=False).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            torch.cuda.reset_peak_memory_stats()
-            ms = _time_ms(step, warmup, reps)
-            rows.append(dict(attention=attn, seqlen=seqlen, layers=MODEL["num_hidden_layers"],
-                             heads=MODEL["num_attention_heads"], head_dim=MODEL["head_dim"], step_ms=round(ms, 2),
-                             tokens_per_s=round(seqlen / ms * 1e3), peak_gb=round(torch.cuda.max_memory_allocated()
-                                                                                   / 1e9, 2)))
-            del model, opt
+            row = dict(attention=attn, seqlen=seqlen, layers=MODEL["num_hidden_layers"],
+                       heads=MODEL["num_attention_heads"], head_dim=MODEL["head_dim"])
+            try:
+                ms, peak = _model_step(LlamaConfig, LlamaForCausalLM, attn, ids, seed, warmup, reps)
+                row.update(step_ms=round(ms, 2), tokens_per_s=round(seqlen / ms * 1e3), peak_gb=round(peak, 2),
+                           note="")
+            except torch.cuda.OutOfMemoryError:
+                # the row says so; the other lengths and the other attention still run
+                row.update(step_ms=float("nan"), tokens_per_s=float("nan"),
+                           peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                           note=f"out of memory ({torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB)")
+            gc.collect()
             torch.cuda.empty_cache()
-        moba, sdpa = rows[-2], rows[-1]
-        moba["speedup_vs_sdpa"] = round(sdpa["step_ms"] / moba["step_ms"], 2)
-        sdpa["speedup_vs_sdpa"] = 1.0
+            print(row, flush=True)
+            rows.append(row)
+            if attn == "sdpa":
+                rows[-2]["speedup_vs_sdpa"] = round(row["step_ms"] / rows[-2]["step_ms"], 2)
+                row["speedup_vs_sdpa"] = 1.0
+            if on_row is not None:
+                on_row(rows)
     return rows
+
+
+def _model_step(config_cls, model_cls, attn, ids, seed, warmup, reps):
+    """(median ms, peak GB) of forward with loss, backward and AdamW step of a freshly built model."""
+    config = config_cls(**MODEL, max_position_embeddings=ids.shape[1], attn_implementation=attn,
+                        moba_block_size=BLOCK, moba_top_k=TOP_K)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(device=ids.device, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        return _time_ms(step, warmup, reps), torch.cuda.max_memory_allocated() / 1e9
+    finally:
+        opt.zero_grad(set_to_none=True)  # an out-of-memory step leaves gradients behind
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,11 +269,14 @@ def _table(rows: list[dict]) -> str:
 
 
 def markdown(kernels: list[dict], model: list[dict], env: dict) -> str:
-    """The report: environment line, the kernel table, the model table."""
-    head = (f"# Packed variable-length MoBA\n\n{env.get('cuda_device')} ({env.get('cuda_sms')} SMs), torch "
+    """The report: environment line, the kernel table (left out when there are no kernel rows), the model table."""
+    title = "Packed variable-length MoBA" if kernels else "MoBA in a transformers model"
+    head = (f"# {title}\n\n{env.get('cuda_device')} ({env.get('cuda_sms')} SMs), torch "
             f"{env.get('torch')}, CUDA {env.get('cuda')}, commit {env.get('git_commit')}, {env.get('utc')}\n")
-    return (f"{head}\n## Forward + backward, {sum(MIXED_LENGTHS)} tokens, {HEADS} heads, d {HEAD_DIM}, B {BLOCK}, "
-            f"k {TOP_K}, causal, bf16\n\n{_table(kernels)}\n\n## Training step, tiny Llama "
+    if kernels:
+        head += (f"\n## Forward + backward, {sum(MIXED_LENGTHS)} tokens, {HEADS} heads, d {HEAD_DIM}, B {BLOCK}, "
+                 f"k {TOP_K}, causal, bf16\n\n{_table(kernels)}\n")
+    return (f"{head}\n## Training step, tiny Llama "
             f"({MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads, d {MODEL['head_dim']})"
             f"\n\n{_table(model)}\n")
 
@@ -236,6 +294,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mobalab.bench.varlen", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, the model at 32K only")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
+    p.add_argument("--hf-only", action="store_true", help="only the transformers training step (no kernel table)")
+    p.add_argument("--hf-lengths", type=_lengths_arg, default=None, metavar="N,N,...",
+                   help="context lengths of the training step, e.g. 32K,128K (default: 32K and 128K; --quick: 32K)")
     args = p.parse_args(argv)
     from mobalab.kernels import gpu_available
 
@@ -248,18 +309,22 @@ def main(argv=None) -> int:
     from .environment import environment
 
     env = environment()
-    kernels = kernel_rows(args.quick)
-    print(_table(kernels), flush=True)
-    model = model_rows(args.quick)
+    kernels = [] if args.hf_only else kernel_rows(args.quick)
+    if kernels:
+        print(_table(kernels), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    _write_csv(os.path.join(args.out, "varlen_kernels.csv"), kernels)
-    _write_csv(os.path.join(args.out, "varlen_model.csv"), model)
-    report = markdown(kernels, model, env)
-    with open(os.path.join(args.out, "varlen.md"), "w") as f:
-        f.write(report)
     with open(os.path.join(args.out, "varlen_env.json"), "w") as f:
         json.dump(env, f, indent=2)
-    print(report)
+    if kernels:
+        _write_csv(os.path.join(args.out, "varlen_kernels.csv"), kernels)
+
+    def save(model):  # after every model row: a run cut short keeps what it measured
+        _write_csv(os.path.join(args.out, "varlen_model.csv"), model)
+        with open(os.path.join(args.out, "varlen.md"), "w") as f:
+            f.write(markdown(kernels, model, env))
+
+    model = model_rows(args.quick, lengths=args.hf_lengths, on_row=save)
+    print(markdown(kernels, model, env))
     return 0
 
 
