@@ -24,6 +24,17 @@
 set -uo pipefail
 source "$(dirname "$0")/_gpu_env.sh"
 NAME="${GPU_CHECK_NAME:-gpu_check}"
+# GPU_CHECK_DEADLINE=<epoch seconds>: steps are cut to end 10 s before it and skipped when under 25 s remain,
+# so the logs are always packed and the summary printed within a caller's time limit.
+DEADLINE="${GPU_CHECK_DEADLINE:-0}"
+cap() {  # a step's time limit: its own, or what is left before the deadline
+  local left
+  if [ "$DEADLINE" -gt 0 ]; then
+    left=$(( DEADLINE - $(date +%s) - 10 ))
+    if [ "$left" -lt "$1" ]; then echo $(( left > 1 ? left : 1 )); return; fi
+  fi
+  echo "$1"
+}
 W="$OUT/$NAME.logs"
 mkdir -p "$W"
 STEPS=("$@")
@@ -38,46 +49,49 @@ status=0
 
 for step in "${STEPS[@]}"; do
   start=$(date +%s)
+  if [ "$DEADLINE" -gt 0 ] && [ $(( DEADLINE - start )) -lt 25 ]; then
+    echo "$step: skipped (deadline)" | tee -a "$W/steps.txt"; status=1; continue
+  fi
   case "$step" in
     tests)
       # only the files that hold GPU tests: the others import test-only packages (hypothesis) the image may lack
       gpu_tests=$(grep -rl "pytest.mark.gpu" tests | sort)
-      timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+      timeout $(cap 330) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    fwd)       timeout 300 python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    fwd-quick) timeout 200 python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    bwd-targets) timeout 360 python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
+    fwd)       timeout $(cap 300) python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    fwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
+    bwd-targets) timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    bwd-quick) timeout 200 python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
+    bwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
-    mc)  timeout 120 python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
+    mc)  timeout $(cap 120) python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
-    snr) timeout 180 python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
+    snr) timeout $(cap 180) python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
-    tests-core) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+    tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
                   tests/experiments/test_rope.py tests/kernels/test_training_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    decode-tests) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+    decode-tests) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
-    decode)      timeout 150 python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+    decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
-    decode-ncu)  timeout 150 python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
-    varlen)      timeout 200 python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
+    decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
+    varlen)      timeout $(cap 200) python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
-    dims)        timeout 100 python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \
+    dims)        timeout $(cap 100) python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \
                    || status=1 ;;
-    hf)          timeout 150 python3 -m mobalab.bench.varlen --quick --hf-only --hf-lengths 32K,128K --out "$W/hf" \
+    hf)          timeout $(cap 150) python3 -m mobalab.bench.varlen --quick --hf-only --hf-lengths 32K,128K --out "$W/hf" \
                    > "$W/bench_hf.log" 2>&1 || status=1 ;;
-    decode-full) timeout 590 python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
+    decode-full) timeout $(cap 590) python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
-    tiles-ncu) timeout 240 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    tiles-ncu) timeout $(cap 240) ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
                  --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
                  --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__bytes.sum.per_second \
                  -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
                && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
                || status=1 ;;
-    rope) timeout 150 python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
+    rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
   esac
   echo "$step: $(( $(date +%s) - start )) s" | tee -a "$W/steps.txt"
