@@ -11,6 +11,8 @@ import torch
 
 from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import _cuda_backward as G
+from mobalab.kernels import _launch
 from mobalab.kernels._launch import check_args, signatures
 
 
@@ -109,7 +111,7 @@ def test_variant_choice(monkeypatch):
     assert A.resident(128, 128) and A.resolve_variant(None) == "auto"
 
 
-def _plans(dtype, dim, block, causal, variant, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3):
+def _plans(dtype, dim, block, causal, variant, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3, partial="16bit"):
     q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
     topk = torch.zeros(batch, seqlen, heads, top_k, dtype=torch.int32)
     n_blocks = math.ceil(seqlen / block)
@@ -119,7 +121,7 @@ def _plans(dtype, dim, block, causal, variant, batch=2, seqlen=100, heads=4, kv_
     keys = torch.zeros(n_pairs, dtype=torch.int32)
     pairs = torch.zeros(n_pairs, dtype=torch.int64)
     seg = torch.zeros(n_seg + 1, dtype=torch.int64)
-    part_o = torch.zeros(n_pairs * dim)
+    part_o = torch.zeros(n_pairs * dim, dtype=A.partial_dtype(dtype, partial))
     part_ml = torch.zeros(n_pairs * 2)
     out, lse = torch.empty_like(q), torch.empty(batch, seqlen, heads)
     fwd, merge = A.kernel_names(dtype, dim, block, variant)
@@ -130,9 +132,10 @@ def _plans(dtype, dim, block, causal, variant, batch=2, seqlen=100, heads=4, kv_
         A.segments_launch(seg, n_seg, unit, seg),
         A.fwd_launch(fwd, q, k, v, pairs, seg, seg, part_o, part_ml, seqlen=seqlen, heads=heads, kv_heads=kv_heads,
                      top_k=top_k, block_size=block, n_blocks=n_blocks, chunk=chunk, n_pairs=n_pairs, n_seg=n_seg,
-                     causal=causal, scale_log2=0.18, rows_per_unit=unit, smem=A.fwd_smem_bytes(dim, block, variant)),
+                     causal=causal, scale_log2=0.18, rows_per_unit=unit, smem=A.fwd_smem_bytes(dim, block, variant),
+                     partial=partial),
         A.merge_launch(merge, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
-                       n_blocks=n_blocks, chunk=chunk, write_lse=True),
+                       n_blocks=n_blocks, chunk=chunk, write_lse=True, partial=partial),
     ]
 
 
@@ -157,6 +160,109 @@ def test_launch_geometry():
     assert fwd.grid == (A.fwd_grid(n_pairs, chunk.n_heads // 2, A.ROWS * A.TILES_PER_UNIT),)
     assert merge.grid == (math.ceil(chunk.n_heads * chunk.n_q / 8),) and merge.block == (A.MERGE_THREADS,)
     assert keys.shared_mem == bounds.shared_mem == merge.shared_mem == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# partial format: o in the input dtype (default) or fp32, see docs/design.md, "FLOP and byte budget"
+
+
+def test_partial_format_resolver(monkeypatch):
+    monkeypatch.delenv(A.PARTIAL_ENV, raising=False)
+    assert A.resolve_partial(None) == "16bit"
+    assert A.resolve_partial("fp32") == "fp32" and A.resolve_partial("16bit") == "16bit"
+    monkeypatch.setenv(A.PARTIAL_ENV, "fp32")
+    assert A.resolve_partial(None) == "fp32"
+    assert A.resolve_partial("16bit") == "16bit"  # an explicit format wins over the environment
+    for bad in ("bf16", "FP32", ""):
+        monkeypatch.setenv(A.PARTIAL_ENV, bad)
+        with pytest.raises(ValueError, match=f"partial format must be one of .*MOBALAB_ATTN_PARTIAL.*got {bad!r}"):
+            A.resolve_partial(None)
+    with pytest.raises(ValueError, match="got 'fp16'"):
+        A.partial_dtype(torch.float16, "fp16")
+    # the wrapper reads the variable before the device check, so a bad value is reported for CPU tensors too
+    monkeypatch.setenv(A.PARTIAL_ENV, "half")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="partial format must be one of"):
+        A.moba_attention_cuda(q, k, v, 16, 2)
+
+
+@pytest.mark.parametrize("partial", A.PARTIALS)
+@pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
+@pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
+def test_partial_format_plans(partial, dtype, dim):
+    keys, bounds, segments, fwd, merge = _plans(dtype, dim, 64, True, "auto", partial=partial)
+    want_dtype = torch.float32 if partial == "fp32" else dtype
+    want_defines = ("MOBA_PARTIAL_FP32=1",) if partial == "fp32" else ()
+    assert fwd.defines == merge.defines == want_defines
+    assert keys.defines == bounds.defines == segments.defines == ()  # index building is format-free
+    part_o, part_ml = fwd.args[6], fwd.args[7]
+    assert merge.args[0] is part_o and merge.args[1] is part_ml
+    assert part_o.dtype == want_dtype and part_ml.dtype == torch.float32
+    n_pairs = part_ml.numel() // 2
+    assert part_o.numel() * part_o.element_size() == n_pairs * dim * (4 if partial == "fp32" else 2)
+    for plan in (fwd, merge):
+        assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(A.SOURCE)[plan.kernel])
+    # the kernel signature takes part_o as void*: a mismatched buffer is caught by the plan, not by the ABI
+    other = torch.zeros(part_o.numel(), dtype=dtype if partial == "fp32" else torch.float32)
+    args = dict(seqlen=100, heads=4, kv_heads=2, top_k=3, block_size=64, n_blocks=2, chunk=A.Chunk(0, 0, 4, 0, 100),
+                n_pairs=n_pairs, n_seg=4, causal=True, scale_log2=0.18, rows_per_unit=256, smem=0, partial=partial)
+    with pytest.raises(ValueError, match=f"part_o has dtype {other.dtype}"):
+        A.fwd_launch(fwd.kernel, *fwd.args[:6], other, part_ml, **args)
+    with pytest.raises(ValueError, match=f"part_o has dtype {other.dtype}"):
+        A.merge_launch(merge.kernel, other, *merge.args[1:5], seqlen=100, heads=4, top_k=3, n_blocks=2,
+                       chunk=A.Chunk(0, 0, 4, 0, 100), write_lse=True, partial=partial)
+
+
+def test_launch_builds_the_module_of_the_plan_defines(monkeypatch):
+    """launch() compiles with -DMOBA_HEAD_DIM from the kernel name plus the plan's own defines."""
+    seen = []
+
+    def fake_get_kernel(filename, kernel, *, defines=(), name_expressions=(), max_dynamic_smem=0):
+        seen.append((filename, kernel, defines))
+        return lambda grid, block, args, shared_mem=0, stream=None: None
+
+    monkeypatch.setattr(_launch, "get_kernel", fake_get_kernel)
+    monkeypatch.setattr(_launch, "torch_stream", lambda: None)
+    for partial in A.PARTIALS:
+        for plan in _plans(torch.bfloat16, 128, 128, True, "auto", partial=partial):
+            _launch.launch(plan)
+    dims = [d for (_, _, d) in seen]
+    assert dims[:5] == [("MOBA_HEAD_DIM=1",)] * 3 + [("MOBA_HEAD_DIM=128",)] * 2
+    assert dims[5:] == [("MOBA_HEAD_DIM=1",)] * 3 + [("MOBA_HEAD_DIM=128", "MOBA_PARTIAL_FP32=1")] * 2
+
+
+def test_bytes_per_pair_counts_the_partial_format():
+    for d in C.CUDA_HEAD_DIMS:
+        # partial o, (m, l), segment key, sorted key, sort index, sort temp
+        assert A.bytes_per_pair(d) == A.bytes_per_pair(d, "16bit") == 2 * d + 8 + 4 + 4 + 8 + 16
+        assert A.bytes_per_pair(d, "fp32") == 4 * d + 8 + 4 + 4 + 8 + 16
+    # the reference 64K forward (b 2, h 16, d 128, k 8): partial bytes written, then read by the merge
+    pairs = 2 * 65536 * 16 * 8
+    assert pairs * (2 * 128 + 8) * 2 / 1e9 == pytest.approx(8.86, abs=0.01)
+    assert pairs * (4 * 128 + 8) * 2 / 1e9 == pytest.approx(17.45, abs=0.01)
+
+
+def test_planner_uses_the_partial_bytes():
+    # one kv group of 16 heads at 64K, k 8: 16-bit partials fit twice the queries in the same budget
+    budget = A.default_scratch_budget(2, 65536, 16, 16, 128)
+    half = A.plan_chunks(2, 65536, 16, 1, 128, 8, budget, "16bit")
+    full = A.plan_chunks(2, 65536, 16, 1, 128, 8, budget, "fp32")
+    assert len(half) < len(full)
+    for chunks, partial in ((half, "16bit"), (full, "fp32")):
+        # the largest chunk's scratch fits the budget and fills more than half of it
+        scratch = max(c.n_heads * c.n_q * 8 for c in chunks) * A.bytes_per_pair(128, partial)
+        assert budget / 2 < scratch <= budget
+
+
+@pytest.mark.parametrize("dim, deterministic", [(128, False), (128, True), (64, True), (256, False)])
+def test_backward_chunking_does_not_depend_on_the_forward_partials(dim, deterministic):
+    """The backward plans with the forward's planner at its own bytes per pair: the same chunks as when the
+    forward's partials were fp32."""
+    for shape in [(2, 65536, 16, 16), (1, 4097, 8, 2), (2, 100000, 32, 4)]:
+        budget = A.default_scratch_budget(*shape, dim)
+        was = A.plan_chunks(*shape, dim, 8, int(budget * A.bytes_per_pair(dim, "fp32")
+                                                / G.bwd_bytes_per_pair(dim, deterministic)), "fp32")
+        assert G.bwd_plan(*shape, dim, 8, deterministic) == was
 
 
 def test_check_args_catches_a_python_float():
@@ -184,6 +290,7 @@ def test_smem_and_key_tile():
 # chunk planning
 
 
+@pytest.mark.parametrize("partial", A.PARTIALS)
 @pytest.mark.parametrize(
     "batch, seqlen, heads, kv_heads, dim, top_k, budget",
     [
@@ -194,10 +301,10 @@ def test_smem_and_key_tile():
         (2, 524288, 16, 16, 128, 8, None),  # the 512K benchmark shape
     ],
 )
-def test_plan_chunks_cover_everything_once(batch, seqlen, heads, kv_heads, dim, top_k, budget):
+def test_plan_chunks_cover_everything_once(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial):
     if budget is None:
         budget = A.default_scratch_budget(batch, seqlen, heads, kv_heads, dim)
-    chunks = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget)
+    chunks = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
     group = heads // kv_heads
     covered = {}
     for c in chunks:
@@ -206,7 +313,8 @@ def test_plan_chunks_cover_everything_once(batch, seqlen, heads, kv_heads, dim, 
         key = (c.batch_index, c.h0, c.n_heads)
         covered.setdefault(key, []).append((c.t0, c.n_q))
         pairs = c.n_heads * c.n_q * top_k
-        assert pairs * A.bytes_per_pair(dim) <= max(budget, group * top_k * A.bytes_per_pair(dim))
+        pair_bytes = A.bytes_per_pair(dim, partial)
+        assert pairs * pair_bytes <= max(budget, group * top_k * pair_bytes)
     heads_seen = sorted({(b, h) for (b, h0, nh) in covered for h in range(h0, h0 + nh)})
     assert heads_seen == [(b, h) for b in range(batch) for h in range(heads)]
     for ranges in covered.values():

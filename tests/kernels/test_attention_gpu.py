@@ -5,10 +5,14 @@ floor, where ref is the fp32 reference (:func:`mobalab.kernels.reference.moba_at
 the same bf16/fp16 inputs and out_torch_lowprec the same computation done as plain torch does it in the input
 dtype. Routing indices are computed once and passed to both, so routing differences cannot pollute attention
 errors. Outputs and scratch are poisoned (NaN) before each launch.
+
+The kernel stores the per-slot partial o in the input dtype by default; every test here runs with that
+default (whatever the caller's ``MOBALAB_ATTN_PARTIAL``) except those that set the fp32 fallback themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import pytest
@@ -20,6 +24,12 @@ from mobalab.kernels._cuda_routing import moba_topk_cuda
 
 FLOOR = 1e-4
 SAMPLE_ABOVE = 20000  # longer sequences are checked on a sample of query positions (all heads, all batches)
+
+
+@pytest.fixture(autouse=True)
+def _default_partial_format(monkeypatch):
+    """The criterion tests measure the default partial format (o in the input dtype)."""
+    monkeypatch.delenv(A.PARTIAL_ENV, raising=False)
 
 
 def _check(gpu, q, k, v, topk, block, causal, out, lse, scale=None, label=""):
@@ -78,7 +88,7 @@ def test_case_grid_covers_the_contract(attention_grid):
 @pytest.mark.parametrize("variant", ["auto", "streaming"])
 @pytest.mark.parametrize("budget, seqlen, heads, kv_heads, dim, causal", [
     (2 << 20, 4097, 8, 2, 128, True),  # query ranges split into many chunks
-    (7 << 20, 1000, 8, 8, 64, False),  # kv groups split across chunks
+    (4 << 20, 1000, 8, 8, 64, False),  # kv groups split across chunks (3 of 8 per chunk)
 ])
 def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, variant, gpu, poisoned_empty):
     q, k, v = gpu.inputs(2, seqlen, heads, kv_heads, dim, torch.bfloat16, seed=7)
@@ -161,3 +171,63 @@ def test_concentrated_routing(variant, gpu, poisoned_empty):
         out, lse = A.moba_attention_cuda(q, k, v, 128, 3, causal=True, return_lse=True, topk_indices=topk,
                                          variant=variant)
     _check(gpu, q, k, v, topk, 128, True, out, lse, label="concentrated")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fp32-partial fallback (MOBALAB_ATTN_PARTIAL=fp32): same contract, a separately compiled module
+
+
+def _both_formats(monkeypatch, q, k, v, topk, block, top_k, causal, variant, poisoned_empty=None):
+    """(out, lse) with 16-bit partials, then with fp32 partials, and the plans of the fp32 run."""
+    def run():
+        with poisoned_empty() if poisoned_empty is not None else contextlib.nullcontext():
+            return A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk,
+                                         variant=variant)
+
+    out16, lse16 = run()
+    monkeypatch.setenv(A.PARTIAL_ENV, "fp32")
+    plans, real = [], A.launch
+    monkeypatch.setattr(A, "launch", lambda plan: (plans.append(plan), real(plan))[-1])
+    out32, lse32 = run()
+    monkeypatch.setattr(A, "launch", real)
+    monkeypatch.delenv(A.PARTIAL_ENV)
+    return out16, lse16, out32, lse32, plans
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, dim, block, top_k, causal, seqlen, ratio, variant", [
+    (torch.bfloat16, 128, 128, 8, True, 4097, 1, "auto"),  # resident, V = 4 per merge lane
+    (torch.float16, 64, 512, 4, False, 3000, 4, "auto"),  # streaming, V = 2 per lane
+    (torch.bfloat16, 256, 64, 3, True, 2000, 8, "auto"),  # 8-warp tiles, V = 8 (one 16-byte load)
+])  # few: each head dim's fallback is one more NVRTC module to build on the device
+def test_fp32_partial_fallback(dtype, dim, block, top_k, causal, seqlen, ratio, variant, gpu, monkeypatch,
+                               poisoned_empty):
+    heads, kv_heads = gpu.gqa[ratio]
+    q, k, v = gpu.inputs(2, seqlen, heads, kv_heads, dim, dtype, seed=dim + block + top_k)
+    topk = gpu.routing(q, k, block, top_k, causal)
+    out16, lse16, out32, lse32, plans = _both_formats(monkeypatch, q, k, v, topk, block, top_k, causal, variant,
+                                                      poisoned_empty)
+    # the fp32 run launched the fallback module's tile and merge kernels
+    names = set(A.kernel_names(dtype, dim, block, variant))
+    assert {p.defines for p in plans if p.kernel in names} == {A.partial_defines("fp32")}
+    assert {p.kernel for p in plans} >= names
+    label = f"{dtype} d{dim} B{block} k{top_k}"
+    err16, low = _check(gpu, q, k, v, topk, block, causal, out16, lse16, label=label + " 16-bit")
+    err32, _ = _check(gpu, q, k, v, topk, block, causal, out32, lse32, label=label + " fp32")
+    print(f"\n{label}: max error 16-bit partials {err16:.3e}, fp32 partials {err32:.3e}, torch {low:.3e}")
+    # rounding o to the input dtype moves each partial by <= half an ulp: outputs agree within a few ulps
+    tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=3e-3, rtol=2e-3)
+    torch.testing.assert_close(out16.float(), out32.float(), **tol)
+    torch.testing.assert_close(lse16, lse32, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["auto", "streaming"])
+def test_lse_does_not_depend_on_the_partial_format(variant, gpu, monkeypatch):
+    q, k, v = gpu.inputs(2, 4097, 8, 2, 128, torch.bfloat16, seed=23)
+    topk = gpu.routing(q, k, 128, 8, True)
+    out16, lse16, out32, lse32, _ = _both_formats(monkeypatch, q, k, v, topk, 128, 8, True, variant)
+    # m and l are fp32 under both formats and computed by the same instructions: lse to fp32 rounding
+    torch.testing.assert_close(lse16, lse32, rtol=2.5e-7, atol=1e-6)
+    # while out does see the format (the environment variable took effect)
+    assert not torch.equal(out16, out32)

@@ -6,7 +6,9 @@ a cubin with ``-gencode=arch=compute_90a,code=sm_90a`` (see docs/design.md, "Bui
 kernels": ``-arch=sm_90a -c`` runs a plain compute_90 pass that rejects sm_90a instructions). ptxas' ``-v``
 report gives registers, shared memory, stack frame and spills per function; spills or a stack frame mean
 a register array went to local memory, a silent slowdown that these tests turn into a failure.
-Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table.
+Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table. Build options that
+select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
+short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -32,6 +34,7 @@ from pathlib import Path
 import pytest
 
 import mobalab.kernels
+from mobalab.kernels import _cuda_attention
 from mobalab.kernels._build import CUDA_DIR, source
 from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
@@ -39,6 +42,11 @@ NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "
               "-Xptxas", "-v"]
 CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
 PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
+# (source, defines) of the non-default modules: the fp32-partial attention forward at the benchmark head dim
+FALLBACK_HEAD_DIM = 128
+FALLBACK_BUILDS = [(_cuda_attention.SOURCE,
+                    (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
+BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _FUNC = re.compile(r"Function properties for (\S+)")
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
@@ -66,23 +74,44 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
     return funcs
 
 
-def _compile(name: str) -> tuple[int, str]:
+def _compile(build: tuple[str, tuple[str, ...]]) -> tuple[int, str]:
+    name, defines = build
     nvcc = shutil.which("nvcc")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / name
         src.write_text(source(name))
-        proc = subprocess.run([nvcc, *NVCC_FLAGS, "-o", str(src.with_suffix(".cubin")), str(src)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([nvcc, *NVCC_FLAGS, *(f"-D{d}" for d in defines), "-o", str(src.with_suffix(".cubin")),
+                               str(src)], capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, tuple[int, str]]:
-    workers = max(1, min(len(CU_FILES), os.cpu_count() or 1))
-    # the sources with the most kernels first, so that the longest compiles do not start last
-    order = sorted(CU_FILES, key=lambda name: -len(signatures(name)))
+def compiled() -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
+    """``{(source, defines): (nvcc return code, log)}`` for every build in BUILDS."""
+    workers = max(1, min(len(BUILDS), os.cpu_count() or 1))
+    # the builds with the most kernels first, so that the longest compiles do not start last (a fallback
+    # build has one head dim: about a fifth of its source's kernels)
+    order = sorted(BUILDS, key=lambda b: -len(signatures(b[0])) / (5 if b[1] else 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(order, pool.map(_compile, order), strict=True))
+
+
+def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:
+    """nvcc succeeded, the compiled entry points are exactly ``exported``, none has spills or a stack frame."""
+    assert rc == 0, f"nvcc failed on {label}:\n{log}"
+    funcs = parse_ptxas(log)
+    entries = _ENTRY.findall(log)
+    assert entries, f"{label}: no kernel entry points in the ptxas report:\n{log}"
+    # the parsed signatures are exactly the compiled entry points: none missed, none invented
+    assert sorted(entries) == sorted(exported), f"{label}: ptxas entries differ from _launch.signatures"
+    print(f"\n{label}: {'kernel':<40} {'regs':>5} {'smem':>6} {'stack':>6} {'spill':>6}")
+    for fn in entries:
+        r = funcs[fn]
+        print(f"{'':<{len(label) + 2}}{fn:<40} {r.get('registers', 0):>5} {r.get('smem', 0):>6} "
+              f"{r.get('stack', 0):>6} {r.get('spill_stores', 0) + r.get('spill_loads', 0):>6}")
+    bad = {fn: r for fn, r in funcs.items()
+           if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0)}
+    assert not bad, f"{label}: stack frame or register spills: {bad}"
 
 
 def test_there_are_kernel_sources():
@@ -104,21 +133,18 @@ def test_parse_ptxas_reads_spills_and_registers():
 @pytest.mark.nvcc
 @pytest.mark.parametrize("name", CU_FILES)
 def test_compiles_without_spills(name, compiled):
-    rc, log = compiled[name]
-    assert rc == 0, f"nvcc failed on {name}:\n{log}"
-    funcs = parse_ptxas(log)
-    entries = _ENTRY.findall(log)
-    assert entries, f"{name}: no kernel entry points in the ptxas report:\n{log}"
-    # the parsed signatures are exactly the compiled entry points: none missed, none invented
-    assert sorted(entries) == sorted(signatures(name)), f"{name}: ptxas entries differ from _launch.signatures"
-    print(f"\n{name}: {'kernel':<40} {'regs':>5} {'smem':>6} {'stack':>6} {'spill':>6}")
-    for fn in entries:
-        r = funcs[fn]
-        print(f"{'':<{len(name) + 2}}{fn:<40} {r.get('registers', 0):>5} {r.get('smem', 0):>6} "
-              f"{r.get('stack', 0):>6} {r.get('spill_stores', 0) + r.get('spill_loads', 0):>6}")
-    bad = {fn: r for fn, r in funcs.items()
-           if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0)}
-    assert not bad, f"{name}: stack frame or register spills: {bad}"
+    _check_build(name, *compiled[(name, ())], set(signatures(name)))
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("build", FALLBACK_BUILDS, ids=[" ".join((n, *d)) for n, d in FALLBACK_BUILDS])
+def test_fallback_modules_compile_without_spills(build, compiled):
+    """A non-default module (the fp32-partial forward): same entry points as the default module at its head
+    dim (the launch plans use the same names and signatures), no spills, no stack frame."""
+    name, defines = build
+    dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))
+    _check_build(" ".join((name, *(f"-D{d}" for d in defines))), *compiled[build],
+                 {k for k in signatures(name) if head_dim(k) in (None, dim)})
 
 
 # ---- signatures: macro-instantiated entry points, checked without a compiler ----

@@ -30,7 +30,12 @@ it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, rea
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order), every
 partial is written by exactly one CTA, and the merge order is fixed, so two runs are bit-identical.
 
-Memory: partials cost ``head_dim * 4 + 8`` bytes per (query, head, slot). The work is cut into chunks
+Partial format: o is stored in the input dtype (bf16 or fp16, rounded to nearest; the merge reads it back
+to fp32 and accumulates in fp32), m and l in fp32: ``head_dim * 2 + 8`` bytes per (query, head, slot),
+written once and read once. The environment variable ``MOBALAB_ATTN_PARTIAL`` ("16bit", the default, or
+"fp32", read at each call) selects fp32 o instead (``head_dim * 4 + 8`` bytes), a separately compiled
+module (``-DMOBA_PARTIAL_FP32=1``) with the same kernel names; lse depends on (m, l) only and is the same
+under both. The work is cut into chunks
 (one batch row, a group of kv heads with their query heads, a query range) whose scratch fits a byte
 budget, and each chunk's query range stays long enough that lists fill tiles. Everything runs on torch's
 current stream with torch-allocated memory and no host synchronisation. What each kernel receives is decided
@@ -63,6 +68,8 @@ MAX_INDEX_CTAS = 4096
 LOG2E = 1.4426950408889634
 VARIANTS = ("auto", "resident", "streaming")
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
+PARTIALS = ("16bit", "fp32")  # element type of the partial o: the input dtype, or fp32
+PARTIAL_ENV = "MOBALAB_ATTN_PARTIAL"
 _MIN_BUDGET = 512 << 20
 _MAX_BUDGET = 768 << 20
 _BUDGET_FRACTION = 0.04  # of the bytes of q, k, v and out
@@ -83,9 +90,35 @@ class Chunk:
 # sizes and plans (pure)
 
 
-def bytes_per_pair(head_dim: int) -> int:
-    """Scratch per (query, head, slot): fp32 partial o, (m, l), segment key, sorted key, sort index, temp."""
-    return head_dim * 4 + 8 + 4 + 4 + 8 + 16
+def resolve_partial(partial: str | None) -> str:
+    """The partial format: ``partial``, or the ``MOBALAB_ATTN_PARTIAL`` environment variable (default
+    "16bit") when None."""
+    if partial is None:
+        partial = os.environ.get(PARTIAL_ENV, "16bit")
+    if partial not in PARTIALS:
+        raise ValueError(f"partial format must be one of {PARTIALS} (or None: ${PARTIAL_ENV}, default '16bit'), "
+                         f"got {partial!r}")
+    return partial
+
+
+def partial_elem_bytes(partial: str) -> int:
+    """Bytes of one element of the partial o: 2 (the input dtype) or 4 (fp32)."""
+    return 4 if resolve_partial(partial) == "fp32" else 2
+
+
+def partial_dtype(dtype: torch.dtype, partial: str) -> torch.dtype:
+    """torch dtype of the partial o for inputs of ``dtype``."""
+    return torch.float32 if resolve_partial(partial) == "fp32" else dtype
+
+
+def partial_defines(partial: str) -> tuple[str, ...]:
+    """Preprocessor defines of the attention module for the partial format (none for the default)."""
+    return ("MOBA_PARTIAL_FP32=1",) if resolve_partial(partial) == "fp32" else ()
+
+
+def bytes_per_pair(head_dim: int, partial: str = "16bit") -> int:
+    """Scratch per (query, head, slot): partial o, (m, l) in fp32, segment key, sorted key, sort index, temp."""
+    return head_dim * partial_elem_bytes(partial) + 8 + 4 + 4 + 8 + 16
 
 
 def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
@@ -96,14 +129,15 @@ def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, h
 
 
 def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, top_k: int,
-                budget_bytes: int) -> list[Chunk]:
-    """Split (batch, heads, queries) into chunks whose scratch fits ``budget_bytes``.
+                budget_bytes: int, partial: str = "16bit") -> list[Chunk]:
+    """Split (batch, heads, queries) into chunks whose scratch (:func:`bytes_per_pair` of the ``partial``
+    format per (query, head, slot)) fits ``budget_bytes``.
 
     A chunk holds whole kv groups (so every tile shares one kv head) and, when a full sequence does not
     fit, one kv group and an even share of the queries (long ranges keep tiles full).
     """
     group = heads // kv_heads
-    per_query = group * top_k * bytes_per_pair(head_dim)  # one query position of one kv group
+    per_query = group * top_k * bytes_per_pair(head_dim, partial)  # one query position of one kv group
     max_q = max(1, budget_bytes // per_query)
     chunks = []
     if max_q >= seqlen:
@@ -208,26 +242,41 @@ def segments_launch(seg_off, n_seg, rows_per_unit, tile_cum) -> Launch:
     return Launch(SOURCE, "moba_attn_segments", (1,), (SEGMENT_THREADS,), args)
 
 
+def _check_part_o(fn, part_o, dtype, partial):
+    """part_o must hold the elements the module of ``partial`` writes (an address is taken as is)."""
+    want = partial_dtype(dtype, partial)
+    if hasattr(part_o, "dtype") and part_o.dtype != want:
+        raise ValueError(f"{fn}: part_o has dtype {part_o.dtype}, the {partial!r} partial format of "
+                         f"{dtype} inputs needs {want}")
+
+
 def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seqlen, heads, kv_heads, top_k,
                block_size, n_blocks, chunk: Chunk, n_pairs, n_seg, causal, scale_log2, rows_per_unit,
-               smem) -> Launch:
-    """The tile kernel ``name`` over the chunk's segments: partial (o, m, l) per (query, head, slot)."""
+               smem, partial) -> Launch:
+    """The tile kernel ``name`` over the chunk's segments: partial (o, m, l) per (query, head, slot), o in the
+    ``partial`` format (its module's defines)."""
+    partial = resolve_partial(partial)
+    _check_part_o("fwd_launch", part_o, q.dtype, partial)
     args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, np.int32(seqlen), np.int32(heads),
             np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
             np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
     return Launch(SOURCE, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (fwd_threads(q.shape[-1]),), args,
-                  shared_mem=smem)
+                  shared_mem=smem, defines=partial_defines(partial))
 
 
 def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k, n_blocks, chunk: Chunk,
-                 write_lse) -> Launch:
-    """Merge of each (query, head)'s slot partials into out (and lse), one warp per row."""
+                 write_lse, partial) -> Launch:
+    """Merge of each (query, head)'s slot partials (o in the ``partial`` format) into out (and lse), one warp
+    per row."""
+    partial = resolve_partial(partial)
+    _check_part_o("merge_launch", part_o, out.dtype, partial)
     args = (part_o, part_ml, topk, out, lse, np.int32(seqlen), np.int32(heads), np.int32(top_k),
             np.int32(n_blocks), np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads),
             np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(1 if write_lse else 0))
     warps = chunk.n_heads * chunk.n_q
-    return Launch(SOURCE, name, (math.ceil(warps / (MERGE_THREADS // 32)),), (MERGE_THREADS,), args)
+    return Launch(SOURCE, name, (math.ceil(warps / (MERGE_THREADS // 32)),), (MERGE_THREADS,), args,
+                  defines=partial_defines(partial))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,9 +291,10 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in {64, 128};
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
-    ("auto", "resident", "streaming"; None: ``$MOBALAB_ATTN_VARIANT``, default "auto");
-    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`default_scratch_budget`). Returns
-    ``out`` in q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
+    ("auto", "resident", "streaming"; None: ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format
+    is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
+    per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
+    ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
     """
     fn = "moba_attention_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -256,15 +306,16 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if topk_indices is not None:
         C.check_topk_indices(fn, topk_indices, q, top_k)
     variant = resolve_variant(variant)
+    partial = resolve_partial(None)
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     C.check_cuda_device(fn, q)
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes)
+                        scratch_budget_bytes, partial)
 
 
-def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget):
+def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -282,10 +333,10 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
 
     if budget is None:
         budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
-    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget)
+    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
-    part_o = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
+    part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
     part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
     keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
@@ -307,9 +358,9 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
         launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
                           kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
                           n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
-                          rows_per_unit=unit_rows, smem=smem))
+                          rows_per_unit=unit_rows, smem=smem, partial=partial))
         launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
-                            n_blocks=n_blocks, chunk=c, write_lse=return_lse))
+                            n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial))
     if return_lse:
         return out, lse
     return out

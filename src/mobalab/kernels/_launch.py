@@ -174,7 +174,9 @@ def check_args(filename: str, kernel: str, args) -> tuple:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: kernel ``kernel`` of ``cuda/<source>``, its grid and block, its arguments (as
-    :func:`check_args` takes them) and its dynamic shared memory in bytes."""
+    :func:`check_args` takes them), its dynamic shared memory in bytes and extra preprocessor ``defines``
+    (``"NAME=value"``) of the module it comes from: a build option that changes a kernel without changing
+    its name or signature (each set of defines is its own compiled module)."""
 
     source: str
     kernel: str
@@ -182,6 +184,7 @@ class Launch:
     block: tuple[int, ...]
     args: tuple
     shared_mem: int = 0
+    defines: tuple[str, ...] = ()
 
 
 def kernel_ready(x):
@@ -199,7 +202,7 @@ def launch(plan: Launch) -> None:
     # one head dim per module (-DMOBA_HEAD_DIM, cuda/ptx.cuh): compiling every head dim of a source at once
     # takes several times as long; kernels without a head dim get a module of their own (no head dim is 1)
     dim = re.search(r"_d(\d+)(?:_|$)", plan.kernel)
-    defines = (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}",)
+    defines = (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}", *plan.defines)
     fn = get_kernel(plan.source, plan.kernel, defines=defines, max_dynamic_smem=int(plan.shared_mem))
     fn(tuple(int(g) for g in plan.grid), tuple(int(b) for b in plan.block), cargs, shared_mem=int(plan.shared_mem),
        stream=torch_stream())

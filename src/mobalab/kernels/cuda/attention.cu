@@ -10,13 +10,15 @@
 //   moba_attn_keys, moba_attn_bounds, moba_attn_segments  (dtype-free index building)
 // Tile kernels run kFwdThreads<D> threads: 128, or 256 at D = 256 (attention.cuh). Instantiation lines are
 // grouped by head dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
+// part_o (void*) holds the partial o in the input dtype, or in fp32 when built with -DMOBA_PARTIAL_FP32=1
+// (moba::PartialElem, attention.cuh): the two formats are two modules with the same kernel names.
 #include "attention.cuh"
 
 // BODY: attn_tile (K/V streamed in KT-key sub-tiles) or attn_resident (the whole key block resident).
 #define MOBA_ATTN_TILE_KERNEL(NAME, BODY, T, D, KT)                                                                   \
   extern "C" __global__ void __launch_bounds__(moba::kFwdThreads<D>, moba::kFwdMinBlocks<D>) NAME(                  \
       const void* q, const void* k, const void* v, const long long* pairs, const long long* seg_off,                  \
-      const long long* tile_cum, float* part_o, float* part_ml, int seqlen, int heads, int kv_heads, int top_k,       \
+      const long long* tile_cum, void* part_o, float* part_ml, int seqlen, int heads, int kv_heads, int top_k,        \
       int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0, int n_seg, int causal,                  \
       float scale_log2) {                                                                                             \
     moba::BODY<T, D, KT>(q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen, heads, kv_heads, top_k,          \
@@ -96,10 +98,11 @@ MOBA_ATTN_TILE_KERNEL(moba_attn_res_f16_d256_kt64,   attn_resident, __half,     
 
 #define MOBA_ATTN_MERGE_KERNEL(NAME, T, D)                                                                            \
   extern "C" __global__ void __launch_bounds__(256) NAME(                                                             \
-      const float* part_o, const float* part_ml, const int* topk, void* out, float* lse, int seqlen, int heads,       \
+      const void* part_o, const float* part_ml, const int* topk, void* out, float* lse, int seqlen, int heads,        \
       int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {              \
-    moba::merge_rows<T, D>(part_o, part_ml, topk, out, lse, seqlen, heads, top_k, n_blocks, batch_index, h0,          \
-                           n_heads_c, t0, n_q, write_lse);                                                            \
+    moba::merge_rows<T, moba::PartialElem<T>, D>(static_cast<const moba::PartialElem<T>*>(part_o), part_ml, topk, out, \
+                                                 lse, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, \
+                                                 n_q, write_lse);                                                     \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)

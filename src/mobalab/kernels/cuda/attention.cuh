@@ -28,11 +28,20 @@
 //     resident the block's K, V 2 B D 2 + two Q tiles 2 * 64 D 2. The wrappers take the resident kernel
 //     when that is at most 96 KB per 4 warps (two 4-warp CTAs, or one 8-warp CTA at D = 256, per SM):
 //     B <= 512 / 256 / 128 / 128 / 128 at D = 32 / 64 / 96 / 128 / 256.
-//   Global bytes per (query, head, slot) row: Q gather 2 D, partial write and merge read 2 (4 D + 8), the
+//   Global bytes per (query, head, slot) row: Q gather 2 D, partial write and merge read 2 (2 D + 8), the
 //     block's K and V 4 B D shared by the 64 (streaming) or up to 256 (resident) rows of a CTA; against
-//     4 B D FLOP that is ~4 B / (10 + B / 16) FLOP/B whatever D: the forward is bound by the fp32 partial
-//     round trip at every head dim, so its useful FLOP rate should carry over from D = 128, except for the
-//     per-row costs that do not scale with D (sort, (m, l), index building), which weigh more at D = 32.
+//     4 B D FLOP that is ~4 B / (6 + B / 16) FLOP/B whatever D (4 B / (10 + B / 16) with fp32 partials):
+//     the partial round trip is the largest per-row term at every head dim, so the useful FLOP rate should
+//     carry over from D = 128, except for the per-row costs that do not scale with D (sort, (m, l), index
+//     building), which weigh more at D = 32.
+//
+// Partial format, per (query, head, slot) pair p: o at part_o + p D, D elements of the input type T (the
+// fp32 accumulators normalised, then rounded to nearest; two columns per 4-byte store), and (m, l) as two
+// fp32 at part_ml + 2 p: 2 D + 8 bytes, written once by a tile kernel and read once by the merge, which
+// converts o back to fp32 and accumulates in fp32. Built with -DMOBA_PARTIAL_FP32=1, o is fp32 instead
+// (4 D + 8 bytes; the run-time fallback, a separate module with the same kernel names). m and l, hence
+// lse, are the same under both. At the reference 64K forward (b 2, h 16, d 128, k 8: 16.8 M pairs) that is
+// 4.43 GB written and 4.43 GB read (8.72 GB each way with fp32 o): 2.1 ms at 4.27 TB/s instead of 4.1 ms.
 
 #ifndef MOBALAB_ATTENTION_CUH
 #define MOBALAB_ATTENTION_CUH
@@ -42,6 +51,9 @@
 #define MOBA_ROWS 64      // rows (query, slot pairs) per tile = 4 warps x 16
 #define MOBA_THREADS 128
 #define MOBA_TPC 4        // tiles per CTA in the resident kernel
+#ifndef MOBA_PARTIAL_FP32
+#define MOBA_PARTIAL_FP32 0  // 1: fp32 partial o (the fallback); 0: the input type
+#endif
 
 namespace moba {
 
@@ -83,6 +95,25 @@ constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held 
 // D = 32: 4 (<= 128 registers); D = 96: 2 (<= 255 registers, 8 warps per SM); D = 256: 1 CTA of 8 warps.
 template <int D>
 constexpr int kFwdMinBlocks = D == 64 || D == 128 ? 0 : D == 32 ? 4 : D == 96 ? 2 : 1;
+
+// Element type of the partial o (see "Partial format" above): the input type T, or float when the source is
+// built with -DMOBA_PARTIAL_FP32=1 (the run-time fallback selects that module; entry points take void*).
+template <typename A, typename B>
+constexpr bool kSameType = false;
+template <typename A>
+constexpr bool kSameType<A, A> = true;
+template <typename P>
+constexpr bool kIsFloat = kSameType<P, float>;
+template <typename T, bool F32>
+struct PartialSel {
+  using type = T;
+};
+template <typename T>
+struct PartialSel<T, true> {
+  using type = float;
+};
+template <typename T>
+using PartialElem = typename PartialSel<T, MOBA_PARTIAL_FP32 != 0>::type;
 
 // One KT-key step of the flash loop for this warp's 16 rows: S = Q K^T, scale, mask, online softmax,
 // O += P V. K and V sub-tiles are swizzled KT x D tiles at kt_base / vt_base (shared addresses). Q: the
@@ -200,11 +231,14 @@ __device__ __forceinline__ void subtile_step(const QOp& qf, unsigned kt_base, un
 }
 
 // Partials of this thread's rows r0 and r1 (rows >= count are padding): normalised o (this warp's columns,
-// part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l).
-template <int D>
+// part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l). P is the
+// element type of part_o: float, or the input type T (an o fragment's two columns packed into one 4-byte
+// store, rounded to nearest).
+template <typename T, typename P, int D>
 __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][4], const float (&m_r)[2],
                                                float (&l_r)[2], const long long* s_pair, int r0, int r1, int count,
-                                               float* part_o, float* part_ml, int lane, int dh = 0) {
+                                               P* part_o, float* part_ml, int lane, int dh = 0) {
+  static_assert(kIsFloat<P> || kSameType<P, T>, "partial o is fp32 or the input type");
   constexpr int SPLIT = kFwdSplit<D>;
   constexpr int DT = D / 8 / SPLIT;
   const int tq = lane & 3;
@@ -219,10 +253,14 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][
     if (row < count) {
       const long long p = s_pair[row];
       const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
-      float* dst = part_o + p * D + (SPLIT == 1 ? 0 : dh * (D / SPLIT)) + 2 * tq;
+      P* dst = part_o + p * D + (SPLIT == 1 ? 0 : dh * (D / SPLIT)) + 2 * tq;
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
-        *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+      for (int dt = 0; dt < DT; ++dt) {
+        if constexpr (kIsFloat<P>)
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        else
+          *reinterpret_cast<unsigned*>(dst + dt * 8) = Elem<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+      }
       if (tq == 0 && (SPLIT == 1 || dh == 0))
         *reinterpret_cast<float2*>(part_ml + 2 * p) = make_float2(m_r[r], l_r[r]);
     }
@@ -312,7 +350,7 @@ __device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], unsi
 // (chunk kv head kvc, key block j), whose rows are pairs[seg_off[seg] .. seg_off[seg+1]).
 template <typename T, int D, int KT>
 __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const void* v_, const long long* pairs,
-                                          const long long* seg_off, const long long* tile_cum, float* part_o,
+                                          const long long* seg_off, const long long* tile_cum, void* part_o,
                                           float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
                                           int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
                                           int n_seg, int causal, float scale_log2) {
@@ -408,7 +446,8 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   }
   cp_async_wait<0>();
 
-  write_partials<D>(o, m_r, l_r, s_pair, r0, r1, count, part_o, part_ml, lane, dh);
+  write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair, r0, r1, count, static_cast<PartialElem<T>*>(part_o),
+                                      part_ml, lane, dh);
 }
 
 // Resident variant: one CTA = one unit of up to MOBA_TPC tiles of one segment. The whole key block (K and
@@ -416,7 +455,7 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
 // tile's queries are gathered (cp.async) while the current tile computes. tile_cum counts units here.
 template <typename T, int D, int KT>
 __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, const void* v_, const long long* pairs,
-                                              const long long* seg_off, const long long* tile_cum, float* part_o,
+                                              const long long* seg_off, const long long* tile_cum, void* part_o,
                                               float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
                                               int block_size, int n_blocks, int batch_index, int h0, int n_q,
                                               int t0, int n_seg, int causal, float scale_log2) {
@@ -511,26 +550,55 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
                                t_min, row_t0, row_t1, scale_log2, o, m_r, l_r, lane, dh);
       }
     }
-    write_partials<D>(o, m_r, l_r, s_pair + base, r0, r1, count, part_o, part_ml, lane, dh);
+    write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
+                                        static_cast<PartialElem<T>*>(part_o), part_ml, lane, dh);
     __syncthreads();  // every warp has its Q fragments (or is done re-reading them) before this Q buffer is refilled
   }
 }
 
-// Lanes of a warp that hold a D-element row, V consecutive elements each (8-, 16- or 2 x 16-byte fp32
-// loads): all 32 at D = 64, 128 and 256; 16 of 2 at D = 32 and 24 of 4 at D = 96 (one row per warp in the
-// merges and the backward's row kernels; the idle lanes still take part in the shuffles).
+// Lanes of a warp that hold a D-element row, V consecutive elements each (8-, 16- or 2 x 16-byte loads of
+// fp32, 4-, 8- or 16-byte loads of 16-bit values): all 32 at D = 64, 128 and 256; 16 of 2 at D = 32 and 24
+// of 4 at D = 96 (one row per warp in the merges and the backward's row kernels; the idle lanes still take
+// part in the shuffles).
 template <int D>
 constexpr int kRowLaneElems = D == 32 ? 2 : D == 96 ? 4 : D / 32;
 template <int D>
 constexpr int kRowLanes = D / kRowLaneElems<D>;
 
-// This lane's V fp32 values of one slot's partial row (one 8- or 16-byte load, two at V = 8), or zeros for
-// a slot that does not count (the merges of the forward and of the deterministic dQ).
-template <int V>
-__device__ __forceinline__ void load_slot_slice(float (&x)[V], const float* src, bool used) {
+// Two 16-bit partial values packed in one 4-byte word (low half first, as Elem<T>::pack writes them) as fp32:
+// exact conversions.
+__device__ __forceinline__ void unpack_pair(unsigned u, const __nv_bfloat16*, float& lo, float& hi) {
+  lo = __uint_as_float(u << 16);
+  hi = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ void unpack_pair(unsigned u, const __half*, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u));
+  lo = f.x;
+  hi = f.y;
+}
+
+// This lane's V values of one slot's partial row as fp32, or zeros for a slot that does not count (the
+// merges of the forward and of the deterministic dQ). P = float: one 8- or 16-byte load (two at V = 8);
+// P = a 16-bit type: one 4-, 8- or 16-byte load of V elements, converted.
+template <int V, typename P>
+__device__ __forceinline__ void load_slot_slice(float (&x)[V], const P* src, bool used) {
   static_assert(V == 2 || V == 4 || V == 8, "2, 4 or 8 elements per lane");
+  static_assert(sizeof(P) == 4 || sizeof(P) == 2, "fp32 or 16-bit partials");
   if (used) {
-    if constexpr (V == 8) {
+    if constexpr (sizeof(P) == 2) {
+      unsigned w[V / 2];
+      if constexpr (V == 8) {
+        const uint4 a = *reinterpret_cast<const uint4*>(src);
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+      } else if constexpr (V == 4) {
+        const uint2 a = *reinterpret_cast<const uint2*>(src);
+        w[0] = a.x; w[1] = a.y;
+      } else {
+        w[0] = *reinterpret_cast<const unsigned*>(src);
+      }
+#pragma unroll
+      for (int i = 0; i < V / 2; ++i) unpack_pair(w[i], src, x[2 * i], x[2 * i + 1]);
+    } else if constexpr (V == 8) {
       const float4 a = *reinterpret_cast<const float4*>(src);
       const float4 b = *reinterpret_cast<const float4*>(src + 4);
       x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
@@ -548,11 +616,13 @@ __device__ __forceinline__ void load_slot_slice(float (&x)[V], const float* src,
   }
 }
 
-// Merge: one warp per (query, head) of the chunk; slots combined in slot order.
-template <typename T, int D>
-__device__ __forceinline__ void merge_rows(const float* part_o, const float* part_ml, const int* topk, void* out_,
+// Merge: one warp per (query, head) of the chunk; slots combined in slot order, in fp32 whatever the partial
+// element type P (float or T).
+template <typename T, typename P, int D>
+__device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml, const int* topk, void* out_,
                                            float* lse, int seqlen, int heads, int top_k, int n_blocks,
                                            int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {
+  static_assert(kIsFloat<P> || kSameType<P, T>, "partial o is fp32 or the input type");
   constexpr int V = kRowLaneElems<D>;  // elements per lane
   const int lane = threadIdx.x & 31;
   const bool holds = kRowLanes<D> == 32 || lane < kRowLanes<D>;  // this lane holds V elements of the row
@@ -592,7 +662,7 @@ __device__ __forceinline__ void merge_rows(const float* part_o, const float* par
   float acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
-  const float* src = part_o + pbase * D + lane * V;
+  const P* src = part_o + pbase * D + lane * V;
   for (int s0 = 0; s0 < top_k; s0 += 4) {
     float ws[4];
     float x[4][V];
