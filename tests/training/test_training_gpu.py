@@ -53,7 +53,7 @@ def test_full_recipe_learns_at_4k_and_matches_the_time_estimate():
     SNR r·Δμ/(σ sqrt(2B)) of runs of 4 at B 32 equals that of runs of 8 at B 128; 2 layers of 2 heads of 32,
     128/256 curriculum, one seed). Single-token needles: dense 0.91; MoBA B 32 0.24 after 50 steps at 1K
     (routing recall at the best head 0.27; the trained dense model's own q/k routed at B 32, k 4: only 0.37).
-    Runs of 4: MoBA B 32 0.58 after 50 steps at 1K and 0.69 after 110, recall 0.47 and rising. The older GPU
+    Runs of 4: MoBA B 32 0.58 after 50 steps at 1K, 0.73 after 200 (final), recall 0.47. The older GPU
     recipe (single-token needles) gave MoBA 0.26-0.33; the bounds below sit between that and the CPU runs.
     """
     from mobalab.experiments import trained_routing as exp
