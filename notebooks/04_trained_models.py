@@ -22,7 +22,10 @@
 # the router's signal, so if the second claim holds, the gain must come from *training* the filter.
 #
 # Here small decoder-only transformers (MoBA or dense attention) are trained from scratch on key-value
-# recall with distractors (`mobalab.training.RecallTask`): dense, MoBA with B = 32 and 128 at k·B = 512, and
+# recall with distractors (`mobalab.training.RecallTask`, each needle a run of 8 copies of its token: a
+# single-token needle raises its block's score by only Δμ/B, and training stops raising Δμ once attention is
+# saturated on the needle, so MoBA never learns to route to it; a run gives the block m = 8 related keys, as
+# a phrase in real text does): dense, MoBA with B = 32 and 128 at k·B = 512, and
 # MoBA-128 with the paper's trainable kconv of width 3 and 5, all with RoPE; and MoBA-32, MoBA-128 and
 # MoBA-128-kconv5 without position encoding (`-nope`), as the paper's MoBA layers are. Three seeds each,
 # identical initial weights and batches per seed. From each model, per layer and head,
@@ -67,8 +70,9 @@ print(f"quick mode: {QUICK}; usable GPU: {GPU}; sequence length {config.seq_len}
 # ## What the full run costs
 #
 # A FLOP count of every model's training (linear layers, attention over the keys each query really attends,
-# MoBA routing) at rates read off this project's recorded H200 kernel runs: the full experiment's expected
-# GPU time, computed here on the CPU.
+# MoBA routing) at rates read off this project's recorded H200 kernel runs, plus a fixed launch cost per MoBA
+# layer and step calibrated on the recorded training run: the full experiment's expected GPU time, computed
+# here on the CPU.
 
 # %%
 estimate = tr.gpu_estimate(tr.Config())

@@ -94,6 +94,14 @@ def test_full_run_fits_the_gpu_budget():
     est = exp.gpu_estimate(exp.Config())
     total = est.iloc[-1]
     assert total["models"] == 24
-    # every configuration x 3 seeds within about 8 minutes of H200 time (FLOP-based estimate)
-    assert 60 < total["seconds"] < 480
-    assert (est["seconds"].iloc[:-1] > 0).all()
+    # every configuration (all its seeds) within 5 minutes of H200 time (FLOPs + the calibrated launch cost)
+    per_config = est["seconds"].iloc[:-1]
+    assert (per_config > 10).all() and (per_config < 300).all(), per_config.tolist()
+    assert total["seconds"] == pytest.approx(per_config.sum() + 60.0)
+
+
+def test_full_recipe_task_has_needle_runs():
+    # single-token needles are not routable at B = 32-128 (see RecallTask): the study's task uses runs
+    t = exp.task(exp.Config())
+    assert t.needle_len > 1 and t.seq_len == 4096
+    assert exp.task(exp.Config.quick()).needle_len > 1

@@ -51,6 +51,8 @@ def test_vocabulary_layout():
     (dict(n_queries=13), "n_queries"),
     (dict(n_pairs=21), "n_pairs"),
     (dict(seq_len=10), "do not fit"),
+    (dict(needle_len=25), "do not fit"),
+    (dict(needle_len=0), "needle_len"),
     (dict(n_keys=0), "n_keys"),
 ])
 def test_invalid_task(kwargs, match):
@@ -65,3 +67,25 @@ def test_make_batch_validates():
         make_batch(TASK, 2, None)
     with pytest.raises(ValueError, match="batch_size"):
         make_batch(TASK, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("r", [2, 5])
+def test_needles_are_runs(r):
+    import dataclasses
+
+    t = dataclasses.replace(TASK, n_pairs=12, needle_len=r)
+    # a tight fit (12 runs of 5 in 295 places) as well as a loose one
+    b = make_batch(t, 40, torch.Generator().manual_seed(r))
+    rows = torch.arange(40)[:, None]
+    for j in range(r):  # every copy of the asked needle carries its key and value
+        assert torch.equal(b.tokens[rows, b.needle_pos + j], t.needle_id(b.key, b.answer))
+    tok = b.tokens
+    is_needle = (tok >= t.needle_offset) & (tok < t.query_offset)
+    # runs do not overlap: r·n_pairs needle tokens, all before the queries, in runs of exactly r equal tokens
+    assert (is_needle.sum(1) == r * t.n_pairs).all() and not is_needle[:, t.context_len:].any()
+    for i in range(40):
+        ids = tok[i, is_needle[i]]
+        assert torch.equal(ids.view(-1, r), ids.view(-1, r)[:, :1].expand(-1, r))
+        assert len(set(ids.tolist())) == t.n_pairs
+    # the starts are spread over the whole context, not packed at its beginning
+    assert int(b.needle_pos.max()) > t.context_len * 3 // 4

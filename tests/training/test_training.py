@@ -104,3 +104,14 @@ def test_cost_counts_flops():
     # MoBA at k·B = 512 attends about 3.5 blocks per query: ~4.5x fewer keys than dense at 4K
     assert 4.0 < dense["flops_attention"] / moba["flops_attention"] < 5.0
     assert dense["flops_linear"] == moba["flops_linear"] == pytest.approx(3 * 2 * 4096 * 2 * 786432)
+
+
+def test_cost_of_a_stage_whose_top_k_covers_every_block_is_dense():
+    # the model runs such a stage as dense attention (SDPA), and the estimate costs it so
+    task = RecallTask(seq_len=4096)
+    mc = ModelConfig(attention="moba", block_size=32, top_k=16)
+    short = RecallTask(seq_len=512)
+    tc = TrainConfig(steps=1, batch_size=1)
+    assert training_cost(mc, short, tc)["flops_routing"] == 0
+    assert training_cost(mc, short, tc)["seconds"] == training_cost(ModelConfig(), short, tc)["seconds"]
+    assert training_cost(mc, task, tc)["flops_routing"] > 0

@@ -47,22 +47,37 @@ def test_moba_model_on_cuda_matches_the_cpu_reference():
 
 @pytest.mark.gpu
 def test_full_recipe_learns_at_4k_and_matches_the_time_estimate():
+    """MoBA models learn the task in the full recipe (needle runs of 8, 512/1024 curriculum, 4K).
+
+    Thresholds from CPU runs at a quarter of the scale (N 1024, k·B 128, B 32 with k 4: the nominal block
+    SNR r·Δμ/(σ sqrt(2B)) of runs of 4 at B 32 equals that of runs of 8 at B 128; 2 layers of 2 heads of 32,
+    128/256 curriculum, one seed). Single-token needles: dense 0.91; MoBA B 32 0.24 after 50 steps at 1K
+    (routing recall at the best head 0.27; the trained dense model's own q/k routed at B 32, k 4: only 0.37).
+    Runs of 4: MoBA B 32 0.58 after 50 steps at 1K, 0.73 after 200 (final), recall 0.47. The older GPU
+    recipe (single-token needles) gave MoBA 0.26-0.33; the bounds below sit between that and the CPU runs.
+    """
     from mobalab.experiments import trained_routing as exp
 
-    cfg = exp.Config(variants=("dense", "moba-32", "moba-128-kconv3", "moba-32-nope"), n_seeds=1, device="cuda")
+    cfg = exp.Config(variants=("dense", "moba-32", "moba-128"), n_seeds=1, device="cuda")
     t0 = time.perf_counter()
     df = exp.run(cfg)
     wall = time.perf_counter() - t0
     models = df.drop_duplicates("variant").set_index("variant")
     print(models[["accuracy", "first_stage_train_accuracy", "final_train_loss", "train_seconds",
                   "est_h200_seconds"]].to_string())
+    rh = exp.retrieval_heads(df)
+    print(rh[rh["routed"]][["variant", "layer", "head", "recall", "pred_paper", "pred_block", "z_eff", "m"]]
+          .to_string())
     print(f"wall {wall:.1f} s for {len(models)} models, estimate {models['est_h200_seconds'].sum():.1f} s training")
-    chance = 1.0 / cfg.n_values
-    # the short-sequence start teaches the lookup; the 4K phase keeps it under MoBA routing
+    # the short-sequence start teaches the lookup (every variant is dense there)
     assert (models["first_stage_train_accuracy"] > 0.5).all()
-    assert (models["accuracy"] > 5 * chance).all()
-    routed = df[df["routed"]]
-    assert routed[["recall", "pred_paper", "pred_block", "z_eff"]].notna().all().all()
-    # the estimate sizes the full run: measured training time (kernels compiled beforehand) within 4x of it
+    assert models.loc["dense", "accuracy"] > 0.9
+    # MoBA learns it at 4K: well above the single-token recipe's 0.26-0.33 (chance 1/64)
+    assert (models.loc[["moba-32", "moba-128"], "accuracy"] > 0.5).all()
+    routed = rh[rh["routed"]].set_index("variant")  # chance recall: k - 1 of the past blocks, about 0.1
+    assert (routed.loc[["moba-32", "moba-128"], "recall"] > 0.35).all()
+    assert df[df["routed"]][["recall", "pred_paper", "pred_block", "z_eff"]].notna().all().all()
+    # the estimate sizes the full run: measured training time (kernels compiled beforehand) within 3x of it
+    # (its launch cost per MoBA layer and step is calibrated on one recorded run)
     ratio = models["train_seconds"] / models["est_h200_seconds"]
-    assert ((ratio > 1 / 4) & (ratio < 4)).all(), ratio.to_dict()
+    assert ((ratio > 1 / 3) & (ratio < 3)).all(), ratio.to_dict()

@@ -47,6 +47,15 @@ def test_moba_equals_dense_when_budget_covers_the_context():
     m2.load_state_dict(m1.state_dict())
     b = _batch()
     torch.testing.assert_close(m1(b.tokens, b.query_pos), m2(b.tokens, b.query_pos), atol=2e-5, rtol=2e-5)
+    # the layer then runs SDPA instead of the MoBA reference: both give the same attention
+    from mobalab.kernels import moba_attention
+
+    g = torch.Generator().manual_seed(5)
+    for n, top_k in ((96, 3), (64, 2), (33, 2)):
+        q, k, v = (torch.randn(2, n, 2, 16, generator=g) for _ in range(3))
+        layer = m1.layers[0]
+        layer.cfg = dataclasses.replace(moba, top_k=top_k)
+        torch.testing.assert_close(layer.attend(q, k, v), moba_attention(q, k, v, 32, top_k), atol=2e-6, rtol=2e-5)
 
 
 def test_routing_matters_below_the_budget():

@@ -6,7 +6,12 @@ the needle's block, higher μ_cluster). Fixed filters do not raise it (the key-c
 holds the gain must come from *training* the filter. This experiment tests both on models it trains.
 
 Task (:class:`mobalab.training.RecallTask`): key-value needles scattered over filler, queries at the end
-asking for a needle's value; one attention hop from query to needle. Models
+asking for a needle's value; one attention hop from query to needle. Each needle is a run of
+``needle_len`` copies of its token: a single-token needle gives a block score an excess of Δμ/B, and
+training stops raising Δμ once attention is saturated on the needle (Δμ/σ about 5), far short of what a
+top-k slot needs at B = 32-128, so MoBA models never learn to route to it (on the GPU: dense 0.996,
+MoBA 0.26-0.33); a run of r copies gives the block r·Δμ (the paper's Δμ_eff with m = r), and the block
+sizes then differ in SNR as the theory says (see :class:`mobalab.training.RecallTask`). Models
 (:class:`mobalab.training.RecallTransformer`, RoPE, pre-norm, ``n_layers`` layers of ``n_heads`` heads of
 ``head_dim``) are trained from scratch with identical initial weights and batches per seed (a length
 curriculum, :class:`mobalab.training.TrainConfig`: ``curriculum`` stages at 512 and 1024 tokens first, the
@@ -72,6 +77,7 @@ class Config:
     n_keys: int = 256
     n_values: int = 64
     n_filler: int = 256
+    needle_len: int = 8
     d_model: int = 256
     n_layers: int = 2
     n_heads: int = 4
@@ -95,7 +101,7 @@ class Config:
     @classmethod
     def quick(cls, **overrides) -> Config:
         """A tiny CPU run (seconds): N = 128, blocks 8 and 16 at budget 32, 2 seeds, 20 steps (8 at N = 64)."""
-        base = dict(seq_len=128, n_pairs=6, n_queries=6, n_keys=16, n_values=8, n_filler=16, d_model=32,
+        base = dict(seq_len=128, n_pairs=6, n_queries=6, n_keys=16, n_values=8, n_filler=16, needle_len=2, d_model=32,
                     n_layers=2, n_heads=2, head_dim=16, budget=32,
                     variants=("dense", "moba-8", "moba-16", "moba-16-kconv3", "moba-16-kconv5", "moba-16-nope"),
                     n_seeds=2,
@@ -110,7 +116,8 @@ def task(config: Config):
     from mobalab.training import RecallTask
 
     return RecallTask(seq_len=config.seq_len, n_pairs=config.n_pairs, n_queries=config.n_queries,
-                      n_keys=config.n_keys, n_values=config.n_values, n_filler=config.n_filler)
+                      n_keys=config.n_keys, n_values=config.n_values, n_filler=config.n_filler,
+                      needle_len=config.needle_len)
 
 
 def model_config(config: Config, variant: str):
@@ -186,7 +193,7 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     --------
     >>> est = gpu_estimate(Config())
     >>> int(est["models"].iloc[-1]), round(float(est["seconds"].iloc[-1]) / 60, 1)
-    (24, 5.5)
+    (24, 17.1)
     """
     from mobalab.training import training_cost
 

@@ -122,7 +122,9 @@ class _Layer(nn.Module):
 
     def attend(self, q, k, v):
         cfg = self.cfg
-        if cfg.attention == "dense":
+        # with top_k >= the number of blocks MoBA selects every past block and the own block: it is dense causal
+        # attention exactly, and SDPA computes it several times faster (short curriculum stages)
+        if cfg.attention == "dense" or cfg.top_k >= math.ceil(q.shape[1] / cfg.block_size):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True)
             return y.transpose(1, 2)
