@@ -9,6 +9,7 @@
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
+#   trained-test the GPU tests of the trained-model recipe (three small models trained at 4K, ~160 s)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
@@ -72,6 +73,8 @@ for step in "${STEPS[@]}"; do
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
                   tests/experiments/test_rope.py tests/kernels/test_training_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    trained-test) timeout $(cap 240) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+                    --import-mode=importlib tests/training/test_training_gpu.py > "$W/pytest_trained.log" 2>&1 || status=1 ;;
     decode-tests) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
@@ -100,6 +103,7 @@ done
 tar czf "$OUT/$NAME.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
+[ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md; do [ -f "$f" ] && cat "$f"; done
