@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call on a machine with two GPUs (kind nvidia-h200-x2), within LIMIT_S seconds:
+#   MOBALAB_COMMIT=<commit> LIMIT_S=580 bash scripts/gpu_two.sh
+# 1. context parallelism on both GPUs (scripts/gpu_cp.sh, CP_BUDGET_S of the time; meanwhile the CPUs build the
+#    FlashMoBA peer when its bundle was carried in .peers/);
+# 2. then two lanes at once until the deadline (scripts/gpu_check.sh with GPU_CHECK_DEADLINE):
+#    GPU 0, timed work one step at a time:      $LANE0 (default: dims hf decode peers decode-ncu tiles-ncu)
+#    GPU 1, untimed work (tests share the GPU): $LANE1 (default: tests-core rope) and $LANE2 (default: trained-test)
+# Every log and archive is packed into $OUT/all.tgz (the device returns at most 8 files); summaries print last.
+set -uo pipefail
+source "$(dirname "$0")/_gpu_env.sh"
+T0=$(date +%s)
+LIMIT=${LIMIT_S:-580}
+DEADLINE=$(( T0 + LIMIT - 15 ))  # time to pack and print
+LANE0=${LANE0:-dims hf decode peers decode-ncu tiles-ncu}
+LANE1=${LANE1:-tests-core rope}
+LANE2=${LANE2:-trained-test}
+mkdir -p "$OUT"
+
+if [ -f .peers/flash-moba/fm_bundle.tgz ] && [ -f scripts/build_flash_moba.sh ]; then
+  (MAX_JOBS=16 timeout 200 bash scripts/build_flash_moba.sh > "$OUT/fm_build.txt" 2>&1; echo "build rc $?" >> "$OUT/fm_build.txt") &
+fi
+CP_BUDGET_S=${CP_BUDGET_S:-240} bash scripts/gpu_cp.sh > "$OUT/cp.txt" 2>&1
+echo "cp: $(( $(date +%s) - T0 )) s" > "$OUT/lanes.txt"
+wait  # the peer build, if it is still going
+
+# shellcheck disable=SC2086
+(CUDA_VISIBLE_DEVICES=1 GPU_CHECK_NAME=g1 GPU_CHECK_DEADLINE=$DEADLINE bash scripts/gpu_check.sh $LANE1 \
+   > "$OUT/g1.txt" 2>&1) &
+# shellcheck disable=SC2086
+(CUDA_VISIBLE_DEVICES=1 GPU_CHECK_NAME=g2 GPU_CHECK_DEADLINE=$DEADLINE bash scripts/gpu_check.sh $LANE2 \
+   > "$OUT/g2.txt" 2>&1) &
+# shellcheck disable=SC2086
+CUDA_VISIBLE_DEVICES=0 GPU_CHECK_NAME=g0 GPU_CHECK_DEADLINE=$DEADLINE bash scripts/gpu_check.sh $LANE0 \
+  > "$OUT/g0.txt" 2>&1
+wait
+echo "lanes: $(( $(date +%s) - T0 )) s" >> "$OUT/lanes.txt"
+
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz ./* && find . -mindepth 1 ! -name all.tgz -exec rm -rf {} + 2>/dev/null)
+tar xzf "$OUT/all.tgz" -C /tmp 2>/dev/null; cd /tmp || exit 1
+echo "================ two-GPU run ================"
+cat lanes.txt
+[ -f fm_build.txt ] && tail -n 3 fm_build.txt
+for f in cp.txt g0.txt g1.txt g2.txt; do
+  [ -f "$f" ] && { echo "======== $f"; sed -n '/================ summary/,$p' "$f" | cut -c1-400 | tail -n 70; }
+done
