@@ -57,7 +57,7 @@
 //         epilogue -- ticket, q load, one 16 KB round trip, list write, fence, counter, merge -- 16 KB in
 //         flight per CTA; that is the 38 us of routing measured for 8.4 MB.)
 // Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM);
-// attention 2 stages of 32 KB (K + V of 64 tokens). Hand-over: an attention unit spins (acquire load,
+// attention 3 stages of 32 KB (K + V of 64 tokens; 2 in flight while one is computed). Hand-over: an attention unit spins (acquire load,
 // 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a
 // fence; routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed
 // chain (estimates, not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence +
@@ -73,9 +73,21 @@
 // Prediction (us): 512K routing 106 -> ~75 (+25% in flight, scoring chain / 3), step 183 -> ~150 (26x dense,
 // target 30x not reached by this alone); 32K routing 38 -> ~12, step 119 -> ~93 (3.1x; target 3x);
 // 1M 239 -> ~190; 128K B128 k8 142 -> ~125 (routing 5 stages of 160 blocks instead of 1-stage splits).
-// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s) is unchanged and is now the larger
-// share: next candidates are all 8 warps in P.V (one warp per selecting row today, usually one row per block)
-// and bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical path.
+// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s, measured at 66cac32) is now the
+// larger share. A CTA recycles a K/V stage only after its item's chain: barrier, copy issue, query reload
+// (global load + barrier), S, barrier, then ONE warp per selecting row (usually one row per block) did the
+// whole chunk's softmax and P.V, a 64-token dependent FMA chain, while 7 warps idled. Estimated chain per
+// item with one selecting row ~2300-2800 cycles (~1.3 us). This revision: (a) the query rows and positions
+// of a kv head stay in shared memory for the whole unit when rows <= DEC_ATTN_ROWS (q_len 1 with G <= 8:
+// every benchmark shape), so an item no longer reloads them; (b) P.V runs on all 8 warps: warp w owns D / 8
+// columns as column pairs x token slices of its lanes, each slice sums every PV_SL-th token (16 tokens at
+// d 128) for every row of the pass, V read once for all rows, the slices added by shuffles; the softmax
+// (m, P, l) stays one warp per row, followed by one barrier. Estimated chain ~1300-1500 cycles (~0.75 us).
+// Prediction (us, batch 8, not yet measured): attention 77 -> ~50 (2.4 TB/s; the per-unit prologue, the
+// ready[] wait and the merge tail are unchanged, so 3 TB/s is not expected from this alone); step 512K ~125
+// (with the routing prediction above; 32x dense), 32K ~68, 1M ~165, 128K B128 k8 ~100.
+// Next candidates: the softmax folded into the P.V warps (one barrier less per item), bulk (TMA) copies of
+// whole chunks to take the per-thread copy issue off the critical path, a leaner unit prologue.
 // Ideal at 4.0 TB/s: 512K 64 us, 32K 31 us, 1M 97 us, 128K B128 k8 39 us.
 //
 // Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
@@ -96,7 +108,7 @@
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
-#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in softmax and P.V)
+#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in the softmax)
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
 #define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
@@ -539,7 +551,8 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 
 // ---- attention unit ----
 
-// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | cnt [nb_max] |
+// Shared memory: [flags] qs [ROWS][D] fp32 (by row of the kv head when rows <= ROWS, else by row of the pass)
+// | S [ROWS][CHUNK] fp32 | tl [ROWS] (positions, indexed like qs) | cnt [nb_max] |
 // ul [nb_max] | rl [nb_max][R] | (16-byte aligned) stages [AS] x (K [chunk][D], V [chunk][D]) T, AS = the
 // stages of `chunk` tokens that fit in DEC_ATTN_STAGE_BYTES (at most DEC_ATTN_MAX_STAGES). Before the first
 // K/V copy the stages hold the union bitmap (win_words words) and a copy of the kv head's selection (R * k
@@ -651,6 +664,16 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             if (pos < rows) rl[lo * rows + pos] = e;
         }
     }
+    // With at most DEC_ATTN_ROWS rows (the usual decode: q_len 1, G <= 8) every row's query and position stay
+    // in qs / tl for the whole unit, indexed by row: no reload and no barrier for them per item.
+    const bool resident = rows <= DEC_ATTN_ROWS;
+    if (resident) {
+        for (int y = tid; y < rows * D; y += DEC_THREADS) {
+            const int r = y / D, e = y - r * D, qi = r / group, gg = r - qi * group;
+            qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+        }
+        for (int r = tid; r < rows; r += DEC_THREADS) tl[r] = len - p.q_len + r / group;
+    }
     __syncthreads();
 
     // The unit's items i_lo .. i_hi - 1 (item i: union block i / nc, chunk i % nc) through AS stages (the
@@ -696,13 +719,16 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         const T* vs = ks + chunk * D;
         for (int rb0 = 0; rb0 < n; rb0 += DEC_ATTN_ROWS) {
             const int nb = min(DEC_ATTN_ROWS, n - rb0);
-            if (rb0 > 0) __syncthreads();  // the last pass is done with qs and S
-            for (int y = tid; y < nb * D; y += DEC_THREADS) {
-                const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group, gg = r - qi * group;
-                qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+            if (!resident) {
+                if (rb0 > 0) __syncthreads();  // the last pass is done with qs, tl and S
+                for (int y = tid; y < nb * D; y += DEC_THREADS) {
+                    const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group,
+                              gg = r - qi * group;
+                    qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+                }
+                for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
+                __syncthreads();
             }
-            for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
-            __syncthreads();
 
             // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token);
             // nb * chunk is a multiple of 16, so the 4 groups of a warp run the same iterations.
@@ -710,27 +736,28 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
                 const int grp8 = tid >> 3, part = tid & 7;
                 for (int pp = grp8; pp < nb * chunk; pp += DEC_THREADS / 8) {
                     const int rr = pp / chunk, tk = pp - rr * chunk;
+                    const int qr = resident ? list[rb0 + rr] / top_k : rr;  // row of qs / tl
                     float acc = 0.f;
 #pragma unroll
                     for (int m = 0; m < D / 64; ++m) {
                         const int e0 = (m * 8 + part) * 8;
                         float kf[8];
                         dec_unpack8<T>(*reinterpret_cast<const uint4*>(ks + tk * D + e0), kf);
-                        const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
-                        const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
+                        const float4 qa = *reinterpret_cast<const float4*>(qs + qr * D + e0);
+                        const float4 qb = *reinterpret_cast<const float4*>(qs + qr * D + e0 + 4);
                         acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
                                qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
                     }
                     acc += __shfl_xor_sync(DEC_FULL, acc, 1);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 2);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * p.scale_log2 : dec_neg_inf();
+                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[qr] ? acc * p.scale_log2 : dec_neg_inf();
                 }
             }
             __syncthreads();
 
-            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m), l = sum P; all -inf: m = -inf,
-            // l = 0), then o = P . V over the chunk, lane holding columns lane * CPL ..; written as a partial.
+            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m) in place, l = sum P; all -inf:
+            // m = -inf, l = 0), written as the (m, l) of the row's partial.
             if (warp < nb) {
                 float* srow = S + warp * CH;
                 float mx = dec_neg_inf();
@@ -745,30 +772,54 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
                 }
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
-                __syncwarp();
-                float o[CPL];
-#pragma unroll
-                for (int e = 0; e < CPL; ++e) o[e] = 0.f;
-#pragma unroll 4
-                for (int tk = 0; tk < chunk; ++tk) {
-                    const float pr = srow[tk];
-                    float vf[CPL];
-                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
-#pragma unroll
-                    for (int e = 0; e < CPL; ++e) o[e] += pr * vf[e];
-                }
-                const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
-                const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
-                float* po = p.part_o + pi * D + lane * CPL;
-                if constexpr (CPL == 4) {
-                    *reinterpret_cast<float4*>(po) = make_float4(o[0], o[1], o[CPL - 2], o[CPL - 1]);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < CPL; ++e) po[e] = o[e];
-                }
                 if (lane == 0) {
+                    const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
+                    const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
                     p.part_ml[2 * pi] = mx;
                     p.part_ml[2 * pi + 1] = l;
+                }
+            }
+            __syncthreads();
+
+            // o = P . V of every row of the pass over all warps: warp w owns columns w * D / 8 .. + D / 8, as
+            // PV_PAIRS column pairs x PV_SL token slices of its lanes; slice s sums tokens s, s + PV_SL, ..
+            // (each V pair read once for all rows), then the slices add up by shuffles. So the chain per item
+            // is chunk / PV_SL tokens instead of one warp's whole chunk.
+            {
+                constexpr int PV_PAIRS = D / 16, PV_SL = 32 / PV_PAIRS;
+                const int cp = lane % PV_PAIRS, sl = lane / PV_PAIRS, col = warp * (D / 8) + cp * 2;
+                float o[DEC_ATTN_ROWS][2];
+#pragma unroll
+                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) o[rr][0] = o[rr][1] = 0.f;
+#pragma unroll 2
+                for (int tk = sl; tk < chunk; tk += PV_SL) {
+                    float v0, v1;
+                    dec_unpack2(*reinterpret_cast<const unsigned*>(vs + tk * D + col), v0, v1, T());
+#pragma unroll
+                    for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                        if (rr < nb) {
+                            const float pr = S[rr * CH + tk];
+                            o[rr][0] += pr * v0;
+                            o[rr][1] += pr * v1;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                    if (rr < nb) {  // nb is uniform over the CTA: every lane shuffles
+#pragma unroll
+                        for (int off = PV_PAIRS; off < 32; off <<= 1) {
+                            o[rr][0] += __shfl_xor_sync(DEC_FULL, o[rr][0], off);
+                            o[rr][1] += __shfl_xor_sync(DEC_FULL, o[rr][1], off);
+                        }
+                        if (sl == 0) {
+                            const int ent = list[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
+                            const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
+                            float* po = p.part_o + pi * D + col;
+                            po[0] = o[rr][0];
+                            po[1] = o[rr][1];
+                        }
+                    }
                 }
             }
         }
