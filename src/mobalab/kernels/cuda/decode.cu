@@ -56,15 +56,15 @@
 //         (Before: 8 splits of ONE stage each, 512 items in two waves: every item was all prologue and
 //         epilogue -- ticket, q load, one 16 KB round trip, list write, fence, counter, merge -- 16 KB in
 //         flight per CTA; that is the 38 us of routing measured for 8.4 MB.)
-// Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM);
-// attention 3 stages of 32 KB (K + V of 64 tokens; 2 in flight while one is computed). Hand-over: an attention unit spins (acquire load,
-// 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a
-// fence; routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed
-// chain (estimates, not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence +
-// counter ~1 us, split merge (one warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us;
-// attention unit prologue (selection copy from L2, union bitmap, two block scans, row lists: ~10 barriers)
-// ~3 us. Per 16 KB routing stage: scoring (4 rows per pass since this revision: one dependent FMA + shuffle
-// chain per 4 rows instead of per row) and the list merge, two barriers.
+// Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM); attention 3 stages
+// of 32 KB (K + V of 64 tokens; 2 in flight while one is computed). Hand-over: an attention unit spins (acquire load,
+// 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a fence;
+// routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed chain (estimates,
+// not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence + counter ~1 us, split merge (one
+// warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us; attention unit prologue (selection copy from L2,
+// union bitmap, two block scans, row lists: ~10 barriers) ~3 us. Per 16 KB routing stage: scoring (4 rows per pass
+// since this revision: one dependent FMA + shuffle chain per 4 rows instead of per row) and the list merge, two
+// barriers.
 // Where the time went (measured at 66cac32: 512K 0.183 ms, routing 0.106 for 134 MB = 1.27 TB/s; 32K routing
 // 0.038 ms for 8.4 MB): per CTA that is ~5 GB/s while 4 stages (64 KB) were nominally in flight, i.e. a
 // routing CTA spends most of its time outside a full pipeline (serial chains per stage and per item), not
@@ -83,6 +83,8 @@
 // columns as column pairs x token slices of its lanes, each slice sums every PV_SL-th token (16 tokens at
 // d 128) for every row of the pass, V read once for all rows, the slices added by shuffles; the softmax
 // (m, P, l) stays one warp per row, followed by one barrier. Estimated chain ~1300-1500 cycles (~0.75 us).
+// (c) warps 1-7 load those queries while thread 0 waits on ready[] (one L2 round trip less per unit); (d) the
+// merge of the last unit loads DEC_MERGE_BATCH partials per round trip (2 instead of 4+ at k 8, 2 chunks).
 // Prediction (us, batch 8, not yet measured): attention 77 -> ~50 (2.4 TB/s; the per-unit prologue, the
 // ready[] wait and the merge tail are unchanged, so 3 TB/s is not expected from this alone); step 512K ~125
 // (with the routing prediction above; 32x dense), 32K ~68, 1M ~165, 128K B128 k8 ~100.
@@ -111,6 +113,7 @@
 #define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in the softmax)
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
+#define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
 #define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
 
 #ifndef DEC_DYNAMIC_SMEM
@@ -585,6 +588,17 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     unsigned* bitmap = reinterpret_cast<unsigned*>(stage_bytes);
     int* sel_s = reinterpret_cast<int*>(bitmap + p.win_words);  // sel_s[e]: block of entry e
 
+    // With at most DEC_ATTN_ROWS rows (the usual decode: q_len 1, G <= 8) every row's query and position stay
+    // in qs / tl for the whole unit, indexed by row: no reload and no barrier for them per item.
+    // q is an input of the launch: warps 1 .. 7 load it while thread 0 waits for the routing.
+    const bool resident = rows <= DEC_ATTN_ROWS;
+    if (resident) {
+        for (int y = tid - 32; y >= 0 && y < rows * D; y += DEC_THREADS - 32) {
+            const int r = y / D, e = y - r * D, qi = r / group, gg = r - qi * group;
+            qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+        }
+        for (int r = tid; r < rows; r += DEC_THREADS) tl[r] = len - p.q_len + r / group;
+    }
     if (tid == 0) {
         dec_wait_at_least(p.ready() + g, (unsigned)p.n_rg);
         __threadfence();
@@ -664,16 +678,6 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             if (pos < rows) rl[lo * rows + pos] = e;
         }
     }
-    // With at most DEC_ATTN_ROWS rows (the usual decode: q_len 1, G <= 8) every row's query and position stay
-    // in qs / tl for the whole unit, indexed by row: no reload and no barrier for them per item.
-    const bool resident = rows <= DEC_ATTN_ROWS;
-    if (resident) {
-        for (int y = tid; y < rows * D; y += DEC_THREADS) {
-            const int r = y / D, e = y - r * D, qi = r / group, gg = r - qi * group;
-            qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
-        }
-        for (int r = tid; r < rows; r += DEC_THREADS) tl[r] = len - p.q_len + r / group;
-    }
     __syncthreads();
 
     // The unit's items i_lo .. i_hi - 1 (item i: union block i / nc, chunk i % nc) through AS stages (the
@@ -726,7 +730,8 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
                               gg = r - qi * group;
                     qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
                 }
-                for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
+                for (int rr = tid; rr < nb; rr += DEC_THREADS)
+                    tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
                 __syncthreads();
             }
 
@@ -881,15 +886,24 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             const long long p0 = ((long long)g * rows + r) * per_row;
             const float* wrow = wm + rr * per_row;
             float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-            for (int sc = 0; sc < per_row; ++sc) {
-                const float w = wrow[sc];
-                if (w == 0.f) continue;  // unused slot, or no key of the chunk attended
-                const float4 po = dec_ldcg(reinterpret_cast<const float4*>(p.part_o + (p0 + sc) * D) + d4);
-                o.x += w * po.x;
-                o.y += w * po.y;
-                o.z += w * po.z;
-                o.w += w * po.w;
+            // DEC_MERGE_BATCH partials per round trip to L2 (the loads of a batch are independent); a zero
+            // weight (unused slot, or no key of the chunk attended) loads nothing: its partial may be unwritten.
+            for (int sc0 = 0; sc0 < per_row; sc0 += DEC_MERGE_BATCH) {
+                float w[DEC_MERGE_BATCH];
+                float4 po[DEC_MERGE_BATCH];
+#pragma unroll
+                for (int a = 0; a < DEC_MERGE_BATCH; ++a) {
+                    w[a] = sc0 + a < per_row ? wrow[sc0 + a] : 0.f;
+                    po[a] = w[a] != 0.f ? dec_ldcg(reinterpret_cast<const float4*>(p.part_o + (p0 + sc0 + a) * D) + d4)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int a = 0; a < DEC_MERGE_BATCH; ++a) {
+                    o.x += w[a] * po[a].x;
+                    o.y += w[a] * po[a].y;
+                    o.z += w[a] * po[a].z;
+                    o.w += w[a] * po[a].w;
+                }
             }
             const long long oi = ((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + d4 * 4;
             *reinterpret_cast<uint2*>(p.out + oi) = make_uint2(dec_pack2(o.x, o.y, T()), dec_pack2(o.z, o.w, T()));
