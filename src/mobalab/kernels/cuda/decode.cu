@@ -79,17 +79,23 @@
 // whole chunk's softmax and P.V, a 64-token dependent FMA chain, while 7 warps idled. Estimated chain per
 // item with one selecting row ~2300-2800 cycles (~1.3 us). This revision: (a) the query rows and positions
 // of a kv head stay in shared memory for the whole unit when rows <= DEC_ATTN_ROWS (q_len 1 with G <= 8:
-// every benchmark shape), so an item no longer reloads them; (b) P.V runs on all 8 warps: warp w owns D / 8
-// columns as column pairs x token slices of its lanes, each slice sums every PV_SL-th token (16 tokens at
-// d 128) for every row of the pass, V read once for all rows, the slices added by shuffles; the softmax
-// (m, P, l) stays one warp per row, followed by one barrier. Estimated chain ~1300-1500 cycles (~0.75 us).
-// (c) warps 1-7 load those queries while thread 0 waits on ready[] (one L2 round trip less per unit); (d) the
-// merge of the last unit loads DEC_MERGE_BATCH partials per round trip (2 instead of 4+ at k 8, 2 chunks).
-// Prediction (us, batch 8, not yet measured): attention 77 -> ~50 (2.4 TB/s; the per-unit prologue, the
-// ready[] wait and the merge tail are unchanged, so 3 TB/s is not expected from this alone); step 512K ~125
-// (with the routing prediction above; 32x dense), 32K ~68, 1M ~165, 128K B128 k8 ~100.
-// Next candidates: the softmax folded into the P.V warps (one barrier less per item), bulk (TMA) copies of
-// whole chunks to take the per-thread copy issue off the critical path, a leaner unit prologue.
+// every benchmark shape), so an item no longer reloads them (one L2 round trip and one barrier less); (b)
+// softmax and P.V run on all 8 warps: warp w owns D / 8 columns as column pairs x token slices of its lanes,
+// each slice takes every PV_SL-th token (16 tokens at d 128) of every row of the pass with its own max, V
+// read once for all rows, and the slices combine by shuffles (online-softmax rescaling); no one-warp softmax
+// and no barrier between S and P.V any more (2 barriers per item instead of 3-4). Estimated chain per item
+// ~1000-1200 cycles (~0.6 us); the price is 16 redundant exp2 per row and thread (MUFU: ~256 cycles per row
+// and item, hidden behind the chain at the usual 1-2 rows per block). (c) warps 1-7 load those queries while
+// thread 0 waits on ready[] (one L2 round trip less per unit); (d) the merge of the last unit loads
+// DEC_MERGE_BATCH partials per round trip (2 instead of 4+ at k 8, 2 chunks).
+// Prediction (us, batch 8, not yet measured): attention 77 -> ~45 (2.7 TB/s; 35-65 depending on how much of
+// the 77 us is item chains rather than the per-unit prologue, the first K/V landing of each unit, the
+// ready[] wait and the merge tail, which are unchanged: a chain-only model gives ~29 us for the old code,
+// far below the 77 measured, so the rest is not understood yet -- `decode-ncu` should tell); step 512K ~120
+// (with the routing prediction above; 33x dense), 32K ~60, 1M ~160, 128K B128 k8 ~90.
+// Next candidates: bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical
+// path, a leaner unit prologue (~11 barriers and two L2 round trips before the first K/V copy), and the next
+// unit's first K/V copies issued before the current unit's tail.
 // Ideal at 4.0 TB/s: 512K 64 us, 32K 31 us, 1M 97 us, 128K B128 k8 39 us.
 //
 // Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
@@ -110,7 +116,7 @@
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
-#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in the softmax)
+#define DEC_ATTN_ROWS 8              // rows per pass over an item (scores and P.V of all of them at once)
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
 #define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
@@ -761,41 +767,25 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             }
             __syncthreads();
 
-            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m) in place, l = sum P; all -inf:
-            // m = -inf, l = 0), written as the (m, l) of the row's partial.
-            if (warp < nb) {
-                float* srow = S + warp * CH;
-                float mx = dec_neg_inf();
-                for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
-                float l = 0.f;
-                for (int tk = lane; tk < chunk; tk += 32) {
-                    const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
-                    srow[tk] = pr;
-                    l += pr;
-                }
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
-                if (lane == 0) {
-                    const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
-                    const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
-                    p.part_ml[2 * pi] = mx;
-                    p.part_ml[2 * pi + 1] = l;
-                }
-            }
-            __syncthreads();
-
-            // o = P . V of every row of the pass over all warps: warp w owns columns w * D / 8 .. + D / 8, as
-            // PV_PAIRS column pairs x PV_SL token slices of its lanes; slice s sums tokens s, s + PV_SL, ..
-            // (each V pair read once for all rows), then the slices add up by shuffles. So the chain per item
-            // is chunk / PV_SL tokens instead of one warp's whole chunk.
+            // Softmax pieces and o = P . V of every row of the pass on all warps, in base 2: warp w owns columns
+            // w * D / 8 .. + D / 8 as PV_PAIRS column pairs x PV_SL token slices of its lanes; slice sl takes
+            // tokens sl, sl + PV_SL, .. (V read once for all rows) with its own max m_s: P = 2^(S - m_s), l_s =
+            // sum P, o_s = sum P v. The slices combine by shuffles: m = max m_s, l = sum l_s 2^(m_s - m), o
+            // likewise (a slice or row with every key masked: m_s = -inf, weight 0; all masked: m = -inf, l = 0).
+            // Every warp derives the same m and l from the same scores; warp 0 writes them. So an item's chain
+            // after S is chunk / PV_SL tokens, with no barrier and no one-warp softmax before P . V.
             {
                 constexpr int PV_PAIRS = D / 16, PV_SL = 32 / PV_PAIRS;
                 const int cp = lane % PV_PAIRS, sl = lane / PV_PAIRS, col = warp * (D / 8) + cp * 2;
-                float o[DEC_ATTN_ROWS][2];
+                float ms[DEC_ATTN_ROWS], ls[DEC_ATTN_ROWS], o[DEC_ATTN_ROWS][2];
 #pragma unroll
-                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) o[rr][0] = o[rr][1] = 0.f;
+                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                    ms[rr] = dec_neg_inf();
+                    ls[rr] = o[rr][0] = o[rr][1] = 0.f;
+                    if (rr < nb) {
+                        for (int tk = sl; tk < chunk; tk += PV_SL) ms[rr] = fmaxf(ms[rr], S[rr * CH + tk]);
+                    }
+                }
 #pragma unroll 2
                 for (int tk = sl; tk < chunk; tk += PV_SL) {
                     float v0, v1;
@@ -803,7 +793,8 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
 #pragma unroll
                     for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
                         if (rr < nb) {
-                            const float pr = S[rr * CH + tk];
+                            const float pr = ms[rr] == dec_neg_inf() ? 0.f : exp2f(S[rr * CH + tk] - ms[rr]);
+                            ls[rr] += pr;
                             o[rr][0] += pr * v0;
                             o[rr][1] += pr * v1;
                         }
@@ -812,17 +803,28 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
 #pragma unroll
                 for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
                     if (rr < nb) {  // nb is uniform over the CTA: every lane shuffles
+                        float mx = ms[rr];
+#pragma unroll
+                        for (int off = PV_PAIRS; off < 32; off <<= 1)
+                            mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+                        const float w = ms[rr] == dec_neg_inf() ? 0.f : exp2f(ms[rr] - mx);
+                        float l = ls[rr] * w, o0 = o[rr][0] * w, o1 = o[rr][1] * w;
 #pragma unroll
                         for (int off = PV_PAIRS; off < 32; off <<= 1) {
-                            o[rr][0] += __shfl_xor_sync(DEC_FULL, o[rr][0], off);
-                            o[rr][1] += __shfl_xor_sync(DEC_FULL, o[rr][1], off);
+                            l += __shfl_xor_sync(DEC_FULL, l, off);
+                            o0 += __shfl_xor_sync(DEC_FULL, o0, off);
+                            o1 += __shfl_xor_sync(DEC_FULL, o1, off);
                         }
                         if (sl == 0) {
                             const int ent = list[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
                             const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
                             float* po = p.part_o + pi * D + col;
-                            po[0] = o[rr][0];
-                            po[1] = o[rr][1];
+                            po[0] = o0;
+                            po[1] = o1;
+                            if (warp == 0 && lane == 0) {
+                                p.part_ml[2 * pi] = mx;
+                                p.part_ml[2 * pi + 1] = l;
+                            }
                         }
                     }
                 }
