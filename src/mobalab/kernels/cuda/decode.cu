@@ -689,10 +689,11 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     // The unit's items i_lo .. i_hi - 1 (item i: union block i / nc, chunk i % nc) through AS stages (the
     // selection copy and the bitmap are dead from here).
     const int n_items = (int)(i_hi - i_lo);
+    const int i0 = (int)i_lo;  // U * nc <= the cache's chunks: 32-bit item arithmetic (no 64-bit division per item)
     const long long kv_base = (long long)(b * p.kv_heads + kvh) * p.capacity;
     auto issue = [&](int it) {
-        const long long i = i_lo + it;
-        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc);
+        const int i = i0 + it;
+        const int u = i / nc, c = i - u * nc;
         const int tok0 = ul[u - u_lo] * p.block_size + c * chunk;
         const int nvalid = max(0, min(chunk, len - tok0));
         const long long src = (kv_base + tok0) * D;
@@ -720,8 +721,8 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         if (it + AS - 1 < n_items) issue(it + AS - 1);
         dec_cp_async_commit();
 
-        const long long i = i_lo + it;
-        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc), kb = u - u_lo;
+        const int i = i0 + it;
+        const int u = i / nc, c = i - u * nc, kb = u - u_lo;
         const int n = min(cnt[kb], rows);
         const int* list = rl + kb * rows;
         const int tok0 = ul[kb] * p.block_size + c * chunk;
