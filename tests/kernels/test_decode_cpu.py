@@ -320,12 +320,15 @@ def test_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, 
 
 def test_target_plans_keep_every_sm_busy():
     """The benchmark's batch-8 configurations: two CTAs per SM, two waves of routing items (splits of whole
-    stages) and about two attention units per CTA slot."""
-    for length, block, top_k in ((512 * 1024, 128, 8), (32 * 1024, 128, 8), (128 * 1024, 64, 4), (1 << 20, 128, 8)):
+    stages; at 32K the 255 candidates are fewer than two splits of four stages: one split per kv head) and
+    about two attention units per CTA slot."""
+    for length, block, top_k, splits in ((512 * 1024, 128, 8, 8), (32 * 1024, 128, 8, 1), (128 * 1024, 64, 4, 8),
+                                         (1 << 20, 128, 8, 8)):
         n_blocks = length // block
         plan = C.plan_decode(8, 1, 32, 8, 128, block, top_k, length, n_blocks, length)
         assert plan.ctas == 264 and plan.smem <= C.SMEM_PER_SM // 2 - C.SMEM_RESERVED_PER_CTA
-        assert plan.n_split == 8 and plan.n_route_items == 512 and plan.n_attn_units == 512
+        assert plan.n_split == splits and plan.n_route_items == 64 * splits and plan.n_attn_units == 512
+        assert plan.blocks_per_split >= C.ROUTE_MIN_TILES * C.route_tile(128) or plan.n_split == 1
         assert plan.blocks_per_split % C.route_tile(128) == 0 and plan.nb_max * (8 + 16) <= C.ROWLIST_BYTES
 
 

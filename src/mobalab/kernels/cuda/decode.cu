@@ -56,15 +56,15 @@
 //         (Before: 8 splits of ONE stage each, 512 items in two waves: every item was all prologue and
 //         epilogue -- ticket, q load, one 16 KB round trip, list write, fence, counter, merge -- 16 KB in
 //         flight per CTA; that is the 38 us of routing measured for 8.4 MB.)
-// Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM);
-// attention 2 stages of 32 KB (K + V of 64 tokens). Hand-over: an attention unit spins (acquire load,
-// 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a
-// fence; routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed
-// chain (estimates, not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence +
-// counter ~1 us, split merge (one warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us;
-// attention unit prologue (selection copy from L2, union bitmap, two block scans, row lists: ~10 barriers)
-// ~3 us. Per 16 KB routing stage: scoring (4 rows per pass since this revision: one dependent FMA + shuffle
-// chain per 4 rows instead of per row) and the list merge, two barriers.
+// Bytes in flight per CTA: routing DEC_ROUTE_STAGES - 1 = 5 stages of 16 KB (80 KB; 160 KB per SM); attention 3 stages
+// of 32 KB (K + V of 64 tokens; 2 in flight while one is computed). Hand-over: an attention unit spins (acquire load,
+// 100 ns sleeps) on ready[b, kv head] = n_rg, raised by the routing item that completes a row group after a fence;
+// routing tickets all precede attention tickets, so the wait never deadlocks (above). Per-item fixed chain (estimates,
+// not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence + counter ~1 us, split merge (one
+// warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us; attention unit prologue (selection copy from L2,
+// union bitmap, two block scans, row lists: ~10 barriers) ~3 us. Per 16 KB routing stage: scoring (4 rows per pass
+// since this revision: one dependent FMA + shuffle chain per 4 rows instead of per row) and the list merge, two
+// barriers.
 // Where the time went (measured at 66cac32: 512K 0.183 ms, routing 0.106 for 134 MB = 1.27 TB/s; 32K routing
 // 0.038 ms for 8.4 MB): per CTA that is ~5 GB/s while 4 stages (64 KB) were nominally in flight, i.e. a
 // routing CTA spends most of its time outside a full pipeline (serial chains per stage and per item), not
@@ -73,9 +73,29 @@
 // Prediction (us): 512K routing 106 -> ~75 (+25% in flight, scoring chain / 3), step 183 -> ~150 (26x dense,
 // target 30x not reached by this alone); 32K routing 38 -> ~12, step 119 -> ~93 (3.1x; target 3x);
 // 1M 239 -> ~190; 128K B128 k8 142 -> ~125 (routing 5 stages of 160 blocks instead of 1-stage splits).
-// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s) is unchanged and is now the larger
-// share: next candidates are all 8 warps in P.V (one warp per selecting row today, usually one row per block)
-// and bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical path.
+// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s, measured at 66cac32) is now the
+// larger share. A CTA recycles a K/V stage only after its item's chain: barrier, copy issue, query reload
+// (global load + barrier), S, barrier, then ONE warp per selecting row (usually one row per block) did the
+// whole chunk's softmax and P.V, a 64-token dependent FMA chain, while 7 warps idled. Estimated chain per
+// item with one selecting row ~2300-2800 cycles (~1.3 us). This revision: (a) the query rows and positions
+// of a kv head stay in shared memory for the whole unit when rows <= DEC_ATTN_ROWS (q_len 1 with G <= 8:
+// every benchmark shape), so an item no longer reloads them (one L2 round trip and one barrier less); (b)
+// softmax and P.V run on all 8 warps: warp w owns D / 8 columns as column pairs x token slices of its lanes,
+// each slice takes every PV_SL-th token (16 tokens at d 128) of every row of the pass with its own max, V
+// read once for all rows, and the slices combine by shuffles (online-softmax rescaling); no one-warp softmax
+// and no barrier between S and P.V any more (2 barriers per item instead of 3-4). Estimated chain per item
+// ~1000-1200 cycles (~0.6 us); the price is 16 redundant exp2 per row and thread (MUFU: ~256 cycles per row
+// and item, hidden behind the chain at the usual 1-2 rows per block). (c) warps 1-7 load those queries while
+// thread 0 waits on ready[] (one L2 round trip less per unit); (d) the merge of the last unit loads
+// DEC_MERGE_BATCH partials per round trip (2 instead of 4+ at k 8, 2 chunks).
+// Prediction (us, batch 8, not yet measured): attention 77 -> ~45 (2.7 TB/s; 35-65 depending on how much of
+// the 77 us is item chains rather than the per-unit prologue, the first K/V landing of each unit, the
+// ready[] wait and the merge tail, which are unchanged: a chain-only model gives ~29 us for the old code,
+// far below the 77 measured, so the rest is not understood yet -- `decode-ncu` should tell); step 512K ~120
+// (with the routing prediction above; 33x dense), 32K ~60, 1M ~160, 128K B128 k8 ~90.
+// Next candidates: bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical
+// path, a leaner unit prologue (~11 barriers and two L2 round trips before the first K/V copy), and the next
+// unit's first K/V copies issued before the current unit's tail.
 // Ideal at 4.0 TB/s: 512K 64 us, 32K 31 us, 1M 97 us, 128K B128 k8 39 us.
 //
 // Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
@@ -96,9 +116,10 @@
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
-#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in softmax and P.V)
+#define DEC_ATTN_ROWS 8              // rows per pass over an item (scores and P.V of all of them at once)
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
+#define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
 #define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
 
 #ifndef DEC_DYNAMIC_SMEM
@@ -539,7 +560,8 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 
 // ---- attention unit ----
 
-// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | cnt [nb_max] |
+// Shared memory: [flags] qs [ROWS][D] fp32 (by row of the kv head when rows <= ROWS, else by row of the pass)
+// | S [ROWS][CHUNK] fp32 | tl [ROWS] (positions, indexed like qs) | cnt [nb_max] |
 // ul [nb_max] | rl [nb_max][R] | (16-byte aligned) stages [AS] x (K [chunk][D], V [chunk][D]) T, AS = the
 // stages of `chunk` tokens that fit in DEC_ATTN_STAGE_BYTES (at most DEC_ATTN_MAX_STAGES). Before the first
 // K/V copy the stages hold the union bitmap (win_words words) and a copy of the kv head's selection (R * k
@@ -572,6 +594,17 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     unsigned* bitmap = reinterpret_cast<unsigned*>(stage_bytes);
     int* sel_s = reinterpret_cast<int*>(bitmap + p.win_words);  // sel_s[e]: block of entry e
 
+    // With at most DEC_ATTN_ROWS rows (the usual decode: q_len 1, G <= 8) every row's query and position stay
+    // in qs / tl for the whole unit, indexed by row: no reload and no barrier for them per item.
+    // q is an input of the launch: warps 1 .. 7 load it while thread 0 waits for the routing.
+    const bool resident = rows <= DEC_ATTN_ROWS;
+    if (resident) {
+        for (int y = tid - 32; y >= 0 && y < rows * D; y += DEC_THREADS - 32) {
+            const int r = y / D, e = y - r * D, qi = r / group, gg = r - qi * group;
+            qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+        }
+        for (int r = tid; r < rows; r += DEC_THREADS) tl[r] = len - p.q_len + r / group;
+    }
     if (tid == 0) {
         dec_wait_at_least(p.ready() + g, (unsigned)p.n_rg);
         __threadfence();
@@ -656,10 +689,11 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     // The unit's items i_lo .. i_hi - 1 (item i: union block i / nc, chunk i % nc) through AS stages (the
     // selection copy and the bitmap are dead from here).
     const int n_items = (int)(i_hi - i_lo);
+    const int i0 = (int)i_lo;  // U * nc <= the cache's chunks: 32-bit item arithmetic (no 64-bit division per item)
     const long long kv_base = (long long)(b * p.kv_heads + kvh) * p.capacity;
     auto issue = [&](int it) {
-        const long long i = i_lo + it;
-        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc);
+        const int i = i0 + it;
+        const int u = i / nc, c = i - u * nc;
         const int tok0 = ul[u - u_lo] * p.block_size + c * chunk;
         const int nvalid = max(0, min(chunk, len - tok0));
         const long long src = (kv_base + tok0) * D;
@@ -687,8 +721,8 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         if (it + AS - 1 < n_items) issue(it + AS - 1);
         dec_cp_async_commit();
 
-        const long long i = i_lo + it;
-        const int u = (int)(i / nc), c = (int)(i - (long long)u * nc), kb = u - u_lo;
+        const int i = i0 + it;
+        const int u = i / nc, c = i - u * nc, kb = u - u_lo;
         const int n = min(cnt[kb], rows);
         const int* list = rl + kb * rows;
         const int tok0 = ul[kb] * p.block_size + c * chunk;
@@ -696,13 +730,17 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         const T* vs = ks + chunk * D;
         for (int rb0 = 0; rb0 < n; rb0 += DEC_ATTN_ROWS) {
             const int nb = min(DEC_ATTN_ROWS, n - rb0);
-            if (rb0 > 0) __syncthreads();  // the last pass is done with qs and S
-            for (int y = tid; y < nb * D; y += DEC_THREADS) {
-                const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group, gg = r - qi * group;
-                qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+            if (!resident) {
+                if (rb0 > 0) __syncthreads();  // the last pass is done with qs, tl and S
+                for (int y = tid; y < nb * D; y += DEC_THREADS) {
+                    const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group,
+                              gg = r - qi * group;
+                    qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
+                }
+                for (int rr = tid; rr < nb; rr += DEC_THREADS)
+                    tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
+                __syncthreads();
             }
-            for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
-            __syncthreads();
 
             // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token);
             // nb * chunk is a multiple of 16, so the 4 groups of a warp run the same iterations.
@@ -710,65 +748,86 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
                 const int grp8 = tid >> 3, part = tid & 7;
                 for (int pp = grp8; pp < nb * chunk; pp += DEC_THREADS / 8) {
                     const int rr = pp / chunk, tk = pp - rr * chunk;
+                    const int qr = resident ? list[rb0 + rr] / top_k : rr;  // row of qs / tl
                     float acc = 0.f;
 #pragma unroll
                     for (int m = 0; m < D / 64; ++m) {
                         const int e0 = (m * 8 + part) * 8;
                         float kf[8];
                         dec_unpack8<T>(*reinterpret_cast<const uint4*>(ks + tk * D + e0), kf);
-                        const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
-                        const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
+                        const float4 qa = *reinterpret_cast<const float4*>(qs + qr * D + e0);
+                        const float4 qb = *reinterpret_cast<const float4*>(qs + qr * D + e0 + 4);
                         acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
                                qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
                     }
                     acc += __shfl_xor_sync(DEC_FULL, acc, 1);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 2);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * p.scale_log2 : dec_neg_inf();
+                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[qr] ? acc * p.scale_log2 : dec_neg_inf();
                 }
             }
             __syncthreads();
 
-            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m), l = sum P; all -inf: m = -inf,
-            // l = 0), then o = P . V over the chunk, lane holding columns lane * CPL ..; written as a partial.
-            if (warp < nb) {
-                float* srow = S + warp * CH;
-                float mx = dec_neg_inf();
-                for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
+            // Softmax pieces and o = P . V of every row of the pass on all warps, in base 2: warp w owns columns
+            // w * D / 8 .. + D / 8 as PV_PAIRS column pairs x PV_SL token slices of its lanes; slice sl takes
+            // tokens sl, sl + PV_SL, .. (V read once for all rows) with its own max m_s: P = 2^(S - m_s), l_s =
+            // sum P, o_s = sum P v. The slices combine by shuffles: m = max m_s, l = sum l_s 2^(m_s - m), o
+            // likewise (a slice or row with every key masked: m_s = -inf, weight 0; all masked: m = -inf, l = 0).
+            // Every warp derives the same m and l from the same scores; warp 0 writes them. So an item's chain
+            // after S is chunk / PV_SL tokens, with no barrier and no one-warp softmax before P . V.
+            {
+                constexpr int PV_PAIRS = D / 16, PV_SL = 32 / PV_PAIRS;
+                const int cp = lane % PV_PAIRS, sl = lane / PV_PAIRS, col = warp * (D / 8) + cp * 2;
+                float ms[DEC_ATTN_ROWS], ls[DEC_ATTN_ROWS], o[DEC_ATTN_ROWS][2];
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
-                float l = 0.f;
-                for (int tk = lane; tk < chunk; tk += 32) {
-                    const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
-                    srow[tk] = pr;
-                    l += pr;
+                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                    ms[rr] = dec_neg_inf();
+                    ls[rr] = o[rr][0] = o[rr][1] = 0.f;
+                    if (rr < nb) {
+                        for (int tk = sl; tk < chunk; tk += PV_SL) ms[rr] = fmaxf(ms[rr], S[rr * CH + tk]);
+                    }
+                }
+#pragma unroll 2
+                for (int tk = sl; tk < chunk; tk += PV_SL) {
+                    float v0, v1;
+                    dec_unpack2(*reinterpret_cast<const unsigned*>(vs + tk * D + col), v0, v1, T());
+#pragma unroll
+                    for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                        if (rr < nb) {
+                            const float pr = ms[rr] == dec_neg_inf() ? 0.f : exp2f(S[rr * CH + tk] - ms[rr]);
+                            ls[rr] += pr;
+                            o[rr][0] += pr * v0;
+                            o[rr][1] += pr * v1;
+                        }
+                    }
                 }
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
-                __syncwarp();
-                float o[CPL];
+                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
+                    if (rr < nb) {  // nb is uniform over the CTA: every lane shuffles
+                        float mx = ms[rr];
 #pragma unroll
-                for (int e = 0; e < CPL; ++e) o[e] = 0.f;
-#pragma unroll 4
-                for (int tk = 0; tk < chunk; ++tk) {
-                    const float pr = srow[tk];
-                    float vf[CPL];
-                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
+                        for (int off = PV_PAIRS; off < 32; off <<= 1)
+                            mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+                        const float w = ms[rr] == dec_neg_inf() ? 0.f : exp2f(ms[rr] - mx);
+                        float l = ls[rr] * w, o0 = o[rr][0] * w, o1 = o[rr][1] * w;
 #pragma unroll
-                    for (int e = 0; e < CPL; ++e) o[e] += pr * vf[e];
-                }
-                const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
-                const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
-                float* po = p.part_o + pi * D + lane * CPL;
-                if constexpr (CPL == 4) {
-                    *reinterpret_cast<float4*>(po) = make_float4(o[0], o[1], o[CPL - 2], o[CPL - 1]);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < CPL; ++e) po[e] = o[e];
-                }
-                if (lane == 0) {
-                    p.part_ml[2 * pi] = mx;
-                    p.part_ml[2 * pi + 1] = l;
+                        for (int off = PV_PAIRS; off < 32; off <<= 1) {
+                            l += __shfl_xor_sync(DEC_FULL, l, off);
+                            o0 += __shfl_xor_sync(DEC_FULL, o0, off);
+                            o1 += __shfl_xor_sync(DEC_FULL, o1, off);
+                        }
+                        if (sl == 0) {
+                            const int ent = list[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
+                            const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
+                            float* po = p.part_o + pi * D + col;
+                            po[0] = o0;
+                            po[1] = o1;
+                            if (warp == 0 && lane == 0) {
+                                p.part_ml[2 * pi] = mx;
+                                p.part_ml[2 * pi + 1] = l;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -830,15 +889,24 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             const long long p0 = ((long long)g * rows + r) * per_row;
             const float* wrow = wm + rr * per_row;
             float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-            for (int sc = 0; sc < per_row; ++sc) {
-                const float w = wrow[sc];
-                if (w == 0.f) continue;  // unused slot, or no key of the chunk attended
-                const float4 po = dec_ldcg(reinterpret_cast<const float4*>(p.part_o + (p0 + sc) * D) + d4);
-                o.x += w * po.x;
-                o.y += w * po.y;
-                o.z += w * po.z;
-                o.w += w * po.w;
+            // DEC_MERGE_BATCH partials per round trip to L2 (the loads of a batch are independent); a zero
+            // weight (unused slot, or no key of the chunk attended) loads nothing: its partial may be unwritten.
+            for (int sc0 = 0; sc0 < per_row; sc0 += DEC_MERGE_BATCH) {
+                float w[DEC_MERGE_BATCH];
+                float4 po[DEC_MERGE_BATCH];
+#pragma unroll
+                for (int a = 0; a < DEC_MERGE_BATCH; ++a) {
+                    w[a] = sc0 + a < per_row ? wrow[sc0 + a] : 0.f;
+                    po[a] = w[a] != 0.f ? dec_ldcg(reinterpret_cast<const float4*>(p.part_o + (p0 + sc0 + a) * D) + d4)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int a = 0; a < DEC_MERGE_BATCH; ++a) {
+                    o.x += w[a] * po[a].x;
+                    o.y += w[a] * po[a].y;
+                    o.z += w[a] * po[a].z;
+                    o.w += w[a] * po[a].w;
+                }
             }
             const long long oi = ((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + d4 * 4;
             *reinterpret_cast<uint2*>(p.out + oi) = make_uint2(dec_pack2(o.x, o.y, T()), dec_pack2(o.z, o.w, T()));
