@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mobalab.bench import _flash_moba_peer as fm
 from mobalab.bench import _flex_peer as fx
 from mobalab.kernels.reference import moba_attention_given_routing, moba_topk
 
@@ -75,3 +76,46 @@ def test_flex_refuses_what_it_cannot_run():
     assert "int32" in fx.flex_unavailable(256 * 1024, 128)
     assert "multiple of 128" in fx.flex_unavailable(1000, 128)
     assert fx.kv_tile_for(128) == 128 and fx.kv_tile_for(256) == 256 and fx.kv_tile_for(32) == 128
+
+
+# --------------------------------------------------------------------------------------------------
+# FlashMoBA
+
+
+def test_flash_moba_absent_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(fm, "_LOADED", None)
+    monkeypatch.setenv(fm.DIR_ENV, str(tmp_path))  # an empty folder: nothing to import
+    monkeypatch.setitem(__import__("sys").modules, "flash_moba", None)
+    reason = fm.unavailable(torch.bfloat16, 128, True, 8, 16, 16)
+    assert reason.startswith("flash_moba not importable")
+    row = fm.run_flash_moba(*_inputs(128, 2, 2, 16), 32, 3, True, time_ms=None)
+    assert row == {"flashmoba_note": f"n/a ({reason})"}
+    monkeypatch.setattr(fm, "_LOADED", None)
+
+
+def test_pack_is_the_varlen_layout():
+    q = torch.randn(3, 5, 2, 4)
+    qp, cu = fm.pack(q)
+    assert qp.shape == (15, 2, 4) and cu.tolist() == [0, 5, 10, 15] and cu.dtype == torch.int32
+    assert torch.equal(qp[cu[1]:cu[2]], q[1])
+
+
+@pytest.mark.parametrize("causal, kv_heads", [(True, 2), (False, 1)])
+def test_selection_agreement_counts_rows_and_arbitrates_with_fp64(causal, kv_heads):
+    seqlen, block, top_k = 200, 32, 3  # a partial last block
+    q, k, _ = _inputs(seqlen, 2, kv_heads, 16, seed=3)
+    exact = moba_topk(q.double(), k.double(), block, top_k, causal=causal)
+    assert fm.selection_agreement(exact, exact.flip(-1), q, k, block, top_k, causal)["rows_differ"] == 0
+    # swap one selected past block for an unselected one in some rows: those rows differ, only `exact` is fp64
+    other = exact.clone()
+    rows = [(0, 150, 1), (1, 199, 0), (1, 120, 1)]
+    for b, t, h in rows:
+        chosen = set(other[b, t, h].tolist())
+        spare = next(j for j in range(t // block) if j not in chosen) if causal else \
+            next(j for j in range(7) if j not in chosen)
+        other[b, t, h, -1] = spare
+    res = fm.selection_agreement(other, exact, q, k, block, top_k, causal)
+    assert res["rows_differ"] == pytest.approx(len(rows) / (2 * seqlen * 2))
+    assert res["checked"] == len(rows) and res["a_is_fp64"] == 0 and res["b_is_fp64"] == 1
+    res = fm.selection_agreement(other, exact, q, k, block, top_k, causal, max_rows=2)
+    assert res["checked"] == 2 and res["b_is_fp64"] == 1
