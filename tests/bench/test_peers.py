@@ -119,3 +119,67 @@ def test_selection_agreement_counts_rows_and_arbitrates_with_fp64(causal, kv_hea
     assert res["checked"] == len(rows) and res["a_is_fp64"] == 0 and res["b_is_fp64"] == 1
     res = fm.selection_agreement(other, exact, q, k, block, top_k, causal, max_rows=2)
     assert res["checked"] == 2 and res["b_is_fp64"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmark hooks
+
+
+def test_parse_peers_and_the_cli_flags(capsys, monkeypatch):
+    from mobalab.bench import attention as bench
+
+    assert bench.parse_peers("none") == () and bench.parse_peers("flex") == ("flex",)
+    with pytest.raises(ValueError, match="'fa3' in 'flex,fa3' is not a peer; supported: flex, flashmoba"):
+        bench.parse_peers("flex,fa3")
+    with pytest.raises(TypeError, match="peers"):
+        bench.parse_peers(None)
+    for argv in (["--peers", "fa3"], ["--peers-quick", "--backward"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
+    assert bench.main(["--peers-quick", "--out", "unused"]) == 1
+    assert "needs an NVIDIA GPU" in capsys.readouterr().out
+
+
+def test_peers_table_shows_times_ratios_and_reasons(tmp_path):
+    from mobalab.bench import attention as bench
+
+    common = dict(seqlen=65536, head_dim=128, block=128, top_k=8)
+    fwd = dict(common, mobalab_ms=10.0, attention_ms=8.0, flex_ms=40.0, flex_rel_err=0.002, flex_tiles=300.0,
+               flex_compile_s=12.0, flashmoba_note="n/a (flash_moba not importable: ImportError: x)")
+    bench._peer_ratios(fwd, "flex", "attention_ms", 8e12)
+    bench._peer_ratios(fwd, "flashmoba", "mobalab_ms", 1e12)  # not run: no keys added
+    bwd = dict(common, fwdbwd_ms=30.0, flex_note="n/a (N > 128K: mask indexing overflows int32)", flashmoba_ms=60.0,
+               flashmoba_rel_err=float("nan"))
+    bench._peer_ratios(bwd, "flashmoba", "fwdbwd_ms", 3e12)
+    assert fwd["flex_x"] == 5.0 and fwd["flex_tflops"] == 200.0 and "flashmoba_x" not in fwd
+    assert bwd["flashmoba_x"] == 2.0 and bwd["flashmoba_tflops"] == 50.0
+    table = bench.markdown_peers([fwd, bwd], {}, ("flex", "flashmoba"), ["forward", "forward+backward"])
+    lines = table.splitlines()
+    assert "| forward | 64K | 128 | 128 | 8 | 10.00 (8.00) | 40.00 (5.00x) | n/a (flash_moba not" in lines[-2]
+    assert "| 30.00 | n/a (N > 128K: mask indexing overflows int32) | 60.00 (2.00x) |" in lines[-1]
+    bench._write_rows(tmp_path / "p.csv", [fwd, bwd], ["seqlen"])
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["seqlen", "flex_ms", "flex_x"] and "flashmoba_note" in header and "flex_note" in header
+
+
+@pytest.mark.gpu
+def test_flex_and_flash_moba_peers_on_the_gpu():
+    """Compiled FlexAttention with the MoBA mask equals mobalab on the GPU; FlashMoBA runs when importable,
+    else reports why; neither raises."""
+    from mobalab.bench import attention as bench
+    from mobalab.kernels import moba_attention
+    from mobalab.kernels._cuda_routing import moba_topk_cuda
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2048, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(4))
+    topk = moba_topk_cuda(q, k, 128, 4, causal=True)
+    ref = moba_attention(q, k, v, 128, 4, causal=True)
+    row = bench.run_peers(("flex", "flashmoba"), q, k, v, 128, 4, True, topk=topk, ref_out=ref, budget_s=0.05)
+    assert row["flex_rel_err"] < 1e-2 and row["flex_ms"] > 0
+    assert ("flashmoba_ms" in row and row["flashmoba_rel_err"] < 2e-2) or row["flashmoba_note"].startswith("n/a")
+    both = bench.run_peers(("flex", "flashmoba"), q, k, v, 128, 4, True, topk=topk, dout=dout, budget_s=0.05)
+    assert both["flex_ms"] > 0 and ("flashmoba_ms" in both or both["flashmoba_note"].startswith("n/a"))
