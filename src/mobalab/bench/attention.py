@@ -573,13 +573,13 @@ def _write_rows(path, rows, columns):
 
 
 def main_peers_quick(args, env) -> int:
-    """``--peers-quick``: :data:`PEERS_QUICK` forward then forward + backward, mobalab and both peers, no dense
+    """``--peers-quick``: :data:`PEERS_QUICK`, both passes per length, mobalab and the peers, no dense
     baselines, short timing budgets (``peers.csv``, ``peers_table.md``)."""
     c = PEERS_QUICK
     peers = args.peers or PEERS
     rows, passes, failed = [], [], 0
-    for kind in ("forward", "forward+backward"):
-        for n in c["seqlens"]:
+    for n in c["seqlens"]:  # both passes of a length together: the backward reuses the forward's Flex compile
+        for kind in ("forward", "forward+backward"):
             seed = n + c["dim"] + c["block"]
             try:
                 if kind == "forward":
