@@ -18,6 +18,8 @@
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
+#   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
+#                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/<name>.tgz (8 files come back from the device); a summary prints last.
 # GPU_CHECK_NAME=<name> (default gpu_check) names the logs folder and the archive, so that two checks can run at
@@ -94,6 +96,8 @@ for step in "${STEPS[@]}"; do
                  -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
                && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
                || status=1 ;;
+    peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
+             || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;
   esac
@@ -106,7 +110,8 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
-         "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md; do [ -f "$f" ] && cat "$f"; done
+         "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
+         "$W"/peers/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"

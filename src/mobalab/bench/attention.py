@@ -59,7 +59,7 @@ from mobalab.kernels.autograd import moba_attention_autograd
 from .environment import environment
 
 __all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops", "parse_head_dims",
-           "with_head_dims", "dims_summary"]
+           "with_head_dims", "dims_summary", "parse_peers"]
 
 #: Useful TFLOP/s of head dim d over head dim 128's (same run, same pass) that the ``--dims`` run asks for.
 DIMS_TARGETS = {32: 0.5, 64: 0.5, 96: 0.7, 256: 0.7}
@@ -229,7 +229,7 @@ def kernel_breakdown(fn) -> dict:
 
 
 def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0, dense_cache=None,
-               profile=False, variant="auto"):
+               profile=False, variant="auto", peers=(), budget_s=1.5):
     # "auto": the tile-kernel default ($MOBALAB_ATTN_VARIANT, else auto)
     variant = None if variant == "auto" else variant
     causal = True
@@ -242,13 +242,13 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
                scratch_budget_bytes=A.default_scratch_budget(batch, seqlen, heads, heads, dim))
 
     route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
-    row["routing_ms"], _ = time_ms(route)
+    row["routing_ms"], _ = time_ms(route, budget_s=budget_s)
     topk = route()
     attn = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, topk_indices=topk,  # noqa: E731
                                          variant=variant)
-    row["attention_ms"], row["reps"] = time_ms(attn)
+    row["attention_ms"], row["reps"] = time_ms(attn, budget_s=budget_s)
     full = lambda: A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, variant=variant)  # noqa: E731
-    row["mobalab_ms"], _ = time_ms(full)
+    row["mobalab_ms"], _ = time_ms(full, budget_s=budget_s)
     row["mobalab_peak_gb"] = peak_gb(full) + in_gb
     if profile:
         row["phases"] = kernel_breakdown(attn)
@@ -259,6 +259,10 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     row["useful_tflops"] = (f_route + f_attn) / (row["mobalab_ms"] * 1e9)
     row["attention_tflops"] = f_attn / (row["attention_ms"] * 1e9)
     row["routing_tflops"] = f_route / (row["routing_ms"] * 1e9)
+    if peers:
+        row.update(run_peers(peers, q, k, v, block, top_k, causal, topk=topk, ref_out=full(), budget_s=budget_s))
+        for name, base, flops in (("flex", "attention_ms", f_attn), ("flashmoba", "mobalab_ms", f_route + f_attn)):
+            _peer_ratios(row, name, base, flops)
 
     key = (seqlen, dim, batch, heads, workload)
     if dense and dense_cache is not None and key in dense_cache:
@@ -442,6 +446,166 @@ def main_dims(args, env) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# peers: FlexAttention with a MoBA block mask, FlashMoBA (each optional; one that cannot run leaves a reason)
+
+PEERS = ("flex", "flashmoba")
+PEER_LABELS = {"flex": "Flex", "flashmoba": "FlashMoBA"}
+PEER_COLUMNS = ["flex_ms", "flex_x", "flex_tflops", "flex_rel_err", "flex_mask_ms", "flex_tiles", "flex_compile_s",
+                "flex_note", "flashmoba_ms", "flashmoba_x", "flashmoba_tflops", "flashmoba_rel_err",
+                "flashmoba_sel_differ", "flashmoba_sel_fm_fp64", "flashmoba_sel_mb_fp64", "flashmoba_sel_checked",
+                "flashmoba_sel_note", "flashmoba_note"]
+#: ``--peers-quick``: (batch, heads, head dim, block, top-k) at these lengths, causal, bf16, random inputs.
+PEERS_QUICK = dict(batch=2, heads=16, dim=128, block=128, top_k=8, seqlens=(8 * 1024, 64 * 1024))
+
+
+def parse_peers(text: str) -> tuple[str, ...]:
+    """``"flex,flashmoba"`` -> ``("flex", "flashmoba")``: distinct peer names in order ("" or "none": no peer).
+
+    Examples
+    --------
+    >>> parse_peers("flashmoba, flex,flex")
+    ('flashmoba', 'flex')
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"peers: expected a comma-separated string, got {type(text).__name__}")
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item in ("", "none"):
+            continue
+        if item not in PEERS:
+            raise ValueError(f"peers: {item!r} in {text!r} is not a peer; supported: {', '.join(PEERS)}")
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def _peers_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_peers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_peers(peers, q, k, v, block, top_k, causal, *, topk=None, ref_out=None, dout=None, budget_s=1.5) -> dict:
+    """Each peer's row keys on the same inputs (forward, or forward + backward given ``dout``); a peer that fails
+    gets ``<peer>_note = "n/a (reason)"`` and the benchmark goes on."""
+    from . import _flash_moba_peer, _flex_peer
+
+    res = {}
+    for name in peers:
+        try:
+            if name == "flex":
+                res.update(_flex_peer.run_flex(q, k, v, topk, block, top_k, causal, time_ms, ref_out=ref_out,
+                                               dout=dout, budget_s=budget_s))
+            else:
+                res.update(_flash_moba_peer.run_flash_moba(q, k, v, block, top_k, causal, time_ms, ref_out=ref_out,
+                                                           ref_topk=topk, dout=dout, budget_s=budget_s))
+        except Exception as exc:  # a peer never stops the benchmark
+            msg = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+            res[f"{name}_note"] = f"n/a ({type(exc).__name__}: {msg})"
+            print(f"  peer {name} failed at N={q.shape[1]}: {exc!r}"[:400], flush=True)
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return res
+
+
+def _peer_ratios(row, name, base_key, flops):
+    """``<peer>_x`` = peer ms / mobalab ms (above 1: mobalab is faster); the peer's rate on mobalab's useful FLOPs."""
+    ms = row.get(f"{name}_ms")
+    if ms is None:
+        return
+    row[f"{name}_x"] = ms / row[base_key]
+    row[f"{name}_tflops"] = flops / (ms * 1e9)
+
+
+def _peer_cell(r, name, nd=2):
+    if f"{name}_ms" in r:
+        return f"{_fmt(r[name + '_ms'], nd)} ({_fmt(r[name + '_x'])}x)"
+    return r.get(f"{name}_note", "not run")
+
+
+def markdown_peers(rows, env, peers, passes) -> str:
+    """Peers next to mobalab: one row per pass and length; ``x`` = peer ms / mobalab ms (mobalab's speedup)."""
+    head = ["pass", "N", "d", "B", "k", "mobalab ms (attn given routing)"]
+    for name in peers:
+        head.append(f"{PEER_LABELS[name]} ms (x)")
+    if "flex" in peers:
+        head += ["Flex rel err", "Flex KV tiles per Q tile", "Flex compile s"]
+    if "flashmoba" in peers:
+        head += ["FlashMoBA rel err", "selection differs (FlashMoBA = fp64 / mobalab = fp64)"]
+    lines = [f"Peers on mobalab's inputs, causal, bf16 -- {env.get('cuda_device')}, {env.get('utc')}",
+             "Flex: compiled flex_attention given mobalab's routing, block mask built outside the timing (x vs "
+             "mobalab's attention-given-routing forward, vs its full fwd+bwd); FlashMoBA: its own routing + "
+             "attention (x vs mobalab's full pass). rel err = |o - o_mobalab| / |o_mobalab| (forward).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    nan = float("nan")
+    for r, kind in zip(rows, passes, strict=True):
+        n = r["seqlen"]
+        ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        if kind == "forward":
+            mb = f"{_fmt(r['mobalab_ms'])} ({_fmt(r['attention_ms'])})"
+        else:
+            mb = _fmt(r["fwdbwd_ms"])
+        cells = [kind, ns, r["head_dim"], r["block"], r["top_k"], mb] + [_peer_cell(r, p) for p in peers]
+        if "flex" in peers:
+            cells += [_fmt(r.get("flex_rel_err", nan), 4), _fmt(r.get("flex_tiles", nan), 1),
+                      _fmt(r.get("flex_compile_s", nan), 1)]
+        if "flashmoba" in peers:
+            if "flashmoba_sel_differ" in r:
+                fm_ok, mb_ok = (_fmt(100 * r[f"flashmoba_sel_{s}_fp64"], 0) for s in ("fm", "mb"))
+                sel = (f"{_fmt(100 * r['flashmoba_sel_differ'], 3)}% of rows ({fm_ok}% / {mb_ok}% of "
+                       f"{r['flashmoba_sel_checked']} checked)")
+            else:
+                sel = r.get("flashmoba_sel_note", "" if kind != "forward" else r.get("flashmoba_note", ""))
+            cells += [_fmt(r.get("flashmoba_rel_err", nan), 4), sel]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_rows(path, rows, columns):
+    cols = columns + [c for c in PEER_COLUMNS if any(c in r for r in rows)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+
+
+def main_peers_quick(args, env) -> int:
+    """``--peers-quick``: :data:`PEERS_QUICK`, both passes per length, mobalab and the peers, no dense
+    baselines, short timing budgets (``peers.csv``, ``peers_table.md``)."""
+    c = PEERS_QUICK
+    peers = args.peers or PEERS
+    rows, passes, failed = [], [], 0
+    for n in c["seqlens"]:  # both passes of a length together: the backward reuses the forward's Flex compile
+        for kind in ("forward", "forward+backward"):
+            seed = n + c["dim"] + c["block"]
+            try:
+                if kind == "forward":
+                    row = run_config("random", c["batch"], n, c["heads"], c["dim"], c["block"], c["top_k"],
+                                     dense=False, seed=seed, peers=peers, budget_s=0.3)
+                else:
+                    row = run_backward_config("random", c["batch"], n, c["heads"], c["dim"], c["block"], c["top_k"],
+                                              dense=False, seed=seed, deterministic=False, peers=peers, budget_s=0.3)
+            except Exception as exc:  # keep going: the other rows still compare
+                print(f"FAILED peers {kind} N={n}: {exc!r}", flush=True)
+                failed += 1
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                continue
+            rows.append(dict(row, timed=kind))
+            passes.append(kind)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            _write_rows(os.path.join(args.out, "peers.csv"), rows, ["timed"] + COLUMNS + [
+                c for c in BWD_COLUMNS if c not in COLUMNS])
+            with open(os.path.join(args.out, "peers_table.md"), "w") as f:
+                f.write(markdown_peers(rows, env, peers, passes))
+    print(markdown_peers(rows, env, peers, passes))
+    return 1 if failed or not rows else 0
+
+
+# --------------------------------------------------------------------------------------------------
 # driver
 
 
@@ -541,7 +705,7 @@ def _time_and_peak(fn, long):
 
 
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
-                        deterministic=True):
+                        deterministic=True, peers=(), budget_s=1.5):
     causal = True
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -551,14 +715,14 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
                top_k=top_k, causal=causal, dtype="bf16")
     leaves = [x.requires_grad_() for x in (q, k, v)]
     fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal)  # noqa: E731
-    row["fwd_ms"], _ = time_ms(fwd)
+    row["fwd_ms"], _ = time_ms(fwd, budget_s=budget_s)
     for name, det in (("fwdbwd", False), ("fwdbwd_det", True)):
         if det and not deterministic:
             continue
         f = lambda q, k, v, det=det: moba_attention_autograd(q, k, v, block, top_k, causal=causal,  # noqa: E731
                                                              deterministic=det)
         fn = _grad_fn(f, leaves, dout)
-        row[f"{name}_ms"], _ = time_ms(fn)
+        row[f"{name}_ms"], _ = time_ms(fn, budget_s=budget_s)
         row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
     row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
     f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
@@ -567,6 +731,13 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
     row["bwd_useful_tflops"] = 2.5 * f_attn / (row["bwd_ms"] * 1e9)
     row["fwdbwd_useful_tflops"] = (f_route + 3.5 * f_attn) / (row["fwdbwd_ms"] * 1e9)
     row["bwd_over_fwd_rate"] = row["bwd_useful_tflops"] / row["fwd_useful_tflops"]
+    if peers:
+        qd, kd, vd = (x.detach() for x in (q, k, v))
+        topk = moba_topk_cuda(qd, kd, block, top_k, causal=causal) if "flex" in peers else None
+        row.update(run_peers(peers, qd, kd, vd, block, top_k, causal, topk=topk, dout=dout, budget_s=budget_s))
+        del topk
+        for name, flops in (("flex", 3.5 * f_attn), ("flashmoba", f_route + 3.5 * f_attn)):
+            _peer_ratios(row, name, "fwdbwd_ms", flops)
     if dense:
         qt, kt, vt, dt = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
         del q, k, v, leaves
@@ -645,7 +816,7 @@ def main_backward(args, env) -> int:
     for workload, batch, n, heads, dim, block, top_k in cfgs:
         try:
             row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
-                                      deterministic=n <= 128 * 1024 or args.select is not None)
+                                      deterministic=n <= 128 * 1024 or args.select is not None, peers=args.peers)
         except Exception as exc:  # keep the sweep going
             print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
             failed += 1
@@ -654,14 +825,14 @@ def main_backward(args, env) -> int:
             continue
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        with open(os.path.join(args.out, "bench_bwd.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=BWD_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({c: r.get(c, "") for c in BWD_COLUMNS})
+        _write_rows(os.path.join(args.out, "bench_bwd.csv"), rows, BWD_COLUMNS)
         with open(os.path.join(args.out, "bench_bwd_table.md"), "w") as f:
             f.write(markdown_backward(rows, env))
+            if args.peers:
+                f.write("\n" + markdown_peers(rows, env, args.peers, ["forward+backward"] * len(rows)))
     print(markdown_backward(rows, env))
+    if args.peers:
+        print(markdown_peers(rows, env, args.peers, ["forward+backward"] * len(rows)))
     return 1 if failed or not rows else 0
 
 
@@ -679,7 +850,15 @@ def main(argv=None) -> int:
     p.add_argument("--dims", action="store_true",
                    help="speed per head dim: forward and forward+backward at N 64K, B 128, k 8, mobalab only, "
                         "head dims 32..256 (or --head-dims), each against head dim 128 (dims_table.md)")
+    p.add_argument("--peers", type=_peers_arg, default=(), metavar="flex,flashmoba",
+                   help="also run these peers on the same inputs (forward or --backward): FlexAttention with a MoBA "
+                        "block mask, FlashMoBA (when its extension is importable); default none")
+    p.add_argument("--peers-quick", action="store_true",
+                   help="mobalab and the peers (all, or --peers) only: batch 2, 16 heads, d 128, B 128, k 8, causal, "
+                        "bf16, 8K and 64K, forward and forward+backward, no FA2/cuDNN (peers_table.md)")
     args = p.parse_args(argv)
+    if args.peers_quick and (args.backward or args.quick or args.select or args.dims or args.head_dims):
+        p.error("--peers-quick runs its own configuration: drop --backward, --quick, --select, --dims, --head-dims")
     if args.dims and (args.backward or args.quick or args.select):
         p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
                 "--select")
@@ -691,9 +870,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     env = run_record()
     print(json.dumps(env))
-    if args.backward or args.dims:
+    if args.backward or args.dims or args.peers_quick:
         with open(os.path.join(args.out, "bench_env.json"), "w") as f:
             json.dump(env, f, indent=1)
+        if args.peers_quick:
+            return main_peers_quick(args, env)
         return main_dims(args, env) if args.dims else main_backward(args, env)
     rows, cache, failed = [], {}, 0
     for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick, args.head_dims):
@@ -701,7 +882,7 @@ def main(argv=None) -> int:
             and variant == "auto"
         try:
             row = run_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
-                             dense_cache=cache, profile=prof, variant=variant)
+                             dense_cache=cache, profile=prof, variant=variant, peers=args.peers)
         except Exception as exc:  # keep the sweep going; say what failed and with which kernel settings
             print(f"FAILED {workload} N={n} d={dim} B={block} variant={variant}: {exc!r}", flush=True)
             failed += 1
@@ -710,21 +891,21 @@ def main(argv=None) -> int:
             continue
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        write_outputs(args.out, rows, env)  # after every row: a run cut short still leaves its numbers
+        write_outputs(args.out, rows, env, args.peers)  # after every row: a run cut short still leaves its numbers
     print(markdown(rows, env))
+    if args.peers:
+        print(markdown_peers(rows, env, args.peers, ["forward"] * len(rows)))
     return 1 if failed or not rows else 0
 
 
-def write_outputs(out_dir, rows, env):
-    with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in COLUMNS})
+def write_outputs(out_dir, rows, env, peers=()):
+    _write_rows(os.path.join(out_dir, "bench.csv"), rows, COLUMNS)
     with open(os.path.join(out_dir, "bench_env.json"), "w") as f:
         json.dump(env, f, indent=1)
     with open(os.path.join(out_dir, "bench_table.md"), "w") as f:
         f.write(markdown(rows, env))
+        if peers:
+            f.write("\n" + markdown_peers(rows, env, peers, ["forward"] * len(rows)))
 
 
 if __name__ == "__main__":
