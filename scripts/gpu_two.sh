@@ -4,16 +4,17 @@
 # 1. context parallelism on both GPUs (scripts/gpu_cp.sh, CP_BUDGET_S of the time; meanwhile the CPUs build the
 #    FlashMoBA peer when its bundle was carried in .peers/);
 # 2. then two lanes at once until the deadline (scripts/gpu_check.sh with GPU_CHECK_DEADLINE):
-#    GPU 0, timed work one step at a time:      $LANE0 (default: dims hf decode peers decode-ncu tiles-ncu)
-#    GPU 1, untimed work (tests share the GPU): $LANE1 (default: tests-core rope) and $LANE2 (default: trained-test)
+#    GPU 0, timed work one step at a time:      $LANE0 (default: dims hf decode peers)
+#    GPU 1: $LANE1 (default: tests-core rope tiles-ncu decode-ncu) and, at the same time, $LANE2 (default:
+#    trained-test; the tests and the training share the GPU, the profiles come after the tests)
 # Every log and archive is packed into $OUT/all.tgz (the device returns at most 8 files); summaries print last.
 set -uo pipefail
 source "$(dirname "$0")/_gpu_env.sh"
 T0=$(date +%s)
 LIMIT=${LIMIT_S:-580}
 DEADLINE=$(( T0 + LIMIT - 15 ))  # time to pack and print
-LANE0=${LANE0:-dims hf decode peers decode-ncu tiles-ncu}
-LANE1=${LANE1:-tests-core rope}
+LANE0=${LANE0:-dims hf decode peers}
+LANE1=${LANE1:-tests-core rope tiles-ncu decode-ncu}
 LANE2=${LANE2:-trained-test}
 mkdir -p "$OUT"
 
