@@ -16,11 +16,6 @@ namespace moba {
 constexpr int WGMMA_PROBE_THREADS = 128;
 constexpr int WGMMA_PROBE_MAX_KSTEPS = 8;
 
-// Shared-memory bytes the probe needs for N columns and ks k-steps (plus 1024 to align the tiles).
-__host__ __device__ constexpr unsigned wgmma_probe_smem(int n, int ks) {
-  return SW128_PATTERN_BYTES + sw128_tile_bytes(64, 16 * ks) + sw128_tile_bytes(n, 16 * ks);
-}
-
 // rows x (16 ks) elements, row-major, from global -> the swizzled tile at shared address `tile`, in 16-byte
 // chunks (8 elements, which sw128_offset keeps contiguous).
 template <typename T>
@@ -43,7 +38,12 @@ __device__ __forceinline__ void wgmma_probe(const T* __restrict__ a, const T* __
   const unsigned base = (static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) + SW128_PATTERN_BYTES - 1) &
                         ~(SW128_PATTERN_BYTES - 1);
   const unsigned tile_a = base, tile_b = base + sw128_tile_bytes(64, 16 * ks);
-  if (ks < 1 || ks > WGMMA_PROBE_MAX_KSTEPS) __trap();
+  unsigned dynamic_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dynamic_bytes));
+  // the launch must bring the 1024-byte alignment slack and both tiles (_cuda_wgmma_probe.shared_bytes)
+  if (ks < 1 || ks > WGMMA_PROBE_MAX_KSTEPS ||
+      dynamic_bytes < SW128_PATTERN_BYTES + sw128_tile_bytes(64, 16 * ks) + sw128_tile_bytes(N, 16 * ks))
+    __trap();
   const int t = threadIdx.x;
   if (!A_IN_REGISTERS) wgmma_probe_stage(tile_a, a, 64, ks);
   wgmma_probe_stage(tile_b, b, N, ks);
@@ -81,11 +81,11 @@ __device__ __forceinline__ void wgmma_probe(const T* __restrict__ a, const T* __
 }  // namespace moba
 
 // D = A B^T: a is 64 x 16ks, b is N x 16ks (both K-contiguous), d is 64 x N fp32; ks in 1..8; one CTA of
-// 128 threads with moba::wgmma_probe_smem(N, ks) bytes of dynamic shared memory.
-#define MOBA_WGMMA_PROBE(NAME, T, N, REG)                                                                       \
-  extern "C" __global__ void __launch_bounds__(128) NAME(const T* __restrict__ a, const T* __restrict__ b,    \
-                                                         float* __restrict__ d, int ks) {                     \
-    moba::wgmma_probe<T, N, REG>(a, b, d, ks);                                                                 \
+// 128 threads with 1024 + 128 (64 + N) ceil(ks / 4) bytes of dynamic shared memory.
+#define MOBA_WGMMA_PROBE(NAME, T, N, REG)                                                         \
+  extern "C" __global__ void __launch_bounds__(moba::WGMMA_PROBE_THREADS)                         \
+      NAME(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ d, int ks) {     \
+    moba::wgmma_probe<T, N, REG>(a, b, d, ks);                                                   \
   }
 
 MOBA_WGMMA_PROBE(moba_wgmma_probe_bf16_n64_smem, __nv_bfloat16, 64, false)
