@@ -10,7 +10,7 @@ with ``wgmma.mma_async`` over :math:`K/16` k-steps, A and B staged in shared mem
 swizzled K-major layout (``a_source="smem"``) or A packed in registers from the accumulator layout
 (``a_source="reg"``, the path of P in P·V). It exists to prove the descriptor encoding, the swizzle and the
 fragment mappings on hardware before a tile kernel relies on them; the MoBA kernels do not use it yet (see
-docs/design.md, "Kernel organisation"). What the kernel receives is decided by :func:`probe_launch`, plain
+docs/design.md, "Hopper path"). What the kernel receives is decided by :func:`probe_launch`, plain
 Python that CI checks against the CUDA signature.
 """
 

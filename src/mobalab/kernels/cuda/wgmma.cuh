@@ -2,7 +2,7 @@
 // from registers), the shared-memory matrix descriptor, the 128-byte-swizzled K-major tile layout a
 // producer writes so that wgmma reads it, the fences and groups that order the asynchronous MMAs, and the
 // accumulator fragment mapping. Built and validated by cuda/wgmma_probe.cu; the MoBA tile kernels do not use
-// it yet (see docs/design.md, "Kernel organisation").
+// it yet (see docs/design.md, "Hopper path").
 //
 // Sources for every encoding below are sections of NVIDIA's PTX ISA (8.x), chapter "Asynchronous Warpgroup
 // Level Matrix Multiply-Accumulate Instructions":

@@ -8,7 +8,7 @@
 // wgmma_pack_a, the path P = softmax(S) takes into P.V. The accumulator starts as NaN and the first k-step
 // runs with scale-d = 0, so it must be overwritten, not added to.
 // Not a MoBA kernel: tests/kernels/test_wgmma_probe_gpu.py compares it with torch; the tile kernels do not
-// use wgmma yet (see docs/design.md, "Kernel organisation").
+// use wgmma yet (see docs/design.md, "Hopper path").
 #include "wgmma.cuh"
 
 namespace moba {
