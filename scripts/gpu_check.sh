@@ -11,6 +11,7 @@
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   trained-test the GPU tests of the trained-model recipe (three small models trained at 4K, ~160 s)
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
+#   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
@@ -79,6 +80,8 @@ for step in "${STEPS[@]}"; do
                     --import-mode=importlib tests/training/test_training_gpu.py > "$W/pytest_trained.log" 2>&1 || status=1 ;;
     decode-tests) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    wgmma) timeout $(cap 90) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+             tests/kernels/test_wgmma_probe_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
