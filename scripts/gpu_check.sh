@@ -81,7 +81,7 @@ for step in "${STEPS[@]}"; do
     decode-tests) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     wgmma) timeout $(cap 90) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
-             tests/kernels/test_wgmma_probe_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+             tests/kernels/test_wgmma_probe_gpu.py > "$W/pytest_wgmma.log" 2>&1 || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
@@ -110,6 +110,7 @@ done
 tar czf "$OUT/$NAME.tgz" -C "$W" .
 echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
+[ -f "$W/pytest_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_wgmma.log"; }
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \

@@ -5,7 +5,7 @@
 #    FlashMoBA peer when its bundle was carried in .peers/);
 # 2. then two lanes at once until the deadline (scripts/gpu_check.sh with GPU_CHECK_DEADLINE):
 #    GPU 0, timed work one step at a time:      $LANE0 (default: dims hf decode peers)
-#    GPU 1: $LANE1 (default: tests-core rope tiles-ncu decode-ncu) and, at the same time, $LANE2 (default:
+#    GPU 1: $LANE1 (default: wgmma tests-core rope tiles-ncu decode-ncu) and, at the same time, $LANE2 (default:
 #    trained-test; the tests and the training share the GPU, the profiles come after the tests)
 # Every log and archive is packed into $OUT/all.tgz (the device returns at most 8 files); summaries print last.
 set -uo pipefail
@@ -14,7 +14,7 @@ T0=$(date +%s)
 LIMIT=${LIMIT_S:-580}
 DEADLINE=$(( T0 + LIMIT - 15 ))  # time to pack and print
 LANE0=${LANE0:-dims hf decode peers}
-LANE1=${LANE1:-tests-core rope tiles-ncu decode-ncu}
+LANE1=${LANE1:-wgmma tests-core rope tiles-ncu decode-ncu}
 LANE2=${LANE2:-trained-test}
 mkdir -p "$OUT"
 
