@@ -21,8 +21,17 @@ mkdir -p "$OUT"
 if [ -f .peers/flash-moba/fm_bundle.tgz ] && [ -f scripts/build_flash_moba.sh ]; then
   (MAX_JOBS=16 timeout 200 bash scripts/build_flash_moba.sh > "$OUT/fm_build.txt" 2>&1; echo "build rc $?" >> "$OUT/fm_build.txt") &
 fi
+# A first look at the forward with its default (16-bit) partials: if its GPU tests fail, everything after runs
+# with the fp32 partials (MOBALAB_ATTN_PARTIAL=fp32), so the timings are of a correct forward either way.
+CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -m gpu -q -x -p no:cacheprovider -o addopts="" \
+  --import-mode=importlib tests/kernels/test_attention_gpu.py -k "(matches_oracle and d128 and auto) or fp32_partial or lse_does_not" \
+  > "$OUT/first_look.txt" 2>&1
+rc=$?
+if [ "$rc" -eq 1 ]; then export MOBALAB_ATTN_PARTIAL=fp32; fi  # 1: tests failed (not a time-out or a crash)
+echo "first look (rc $rc): $(tail -n 1 "$OUT/first_look.txt"); MOBALAB_ATTN_PARTIAL=${MOBALAB_ATTN_PARTIAL:-16bit}, \
+$(( $(date +%s) - T0 )) s" > "$OUT/lanes.txt"
 CP_BUDGET_S=${CP_BUDGET_S:-240} bash scripts/gpu_cp.sh > "$OUT/cp.txt" 2>&1
-echo "cp: $(( $(date +%s) - T0 )) s" > "$OUT/lanes.txt"
+echo "cp: $(( $(date +%s) - T0 )) s" >> "$OUT/lanes.txt"
 wait  # the peer build, if it is still going
 
 # shellcheck disable=SC2086
