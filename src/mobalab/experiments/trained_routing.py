@@ -315,7 +315,8 @@ def retrieval_heads(df: pd.DataFrame) -> pd.DataFrame:
     """Rows at each model's retrieval head: the (layer, head) with the largest ``needle_mass`` (one row per
     model and route)."""
     keys = ["variant", "replicate"]
-    first_route = df.drop_duplicates(["variant", "replicate", "layer", "head"])
+    # positional labels: studies concatenated from several runs repeat index labels, which idxmax then conflates
+    first_route = df.drop_duplicates(["variant", "replicate", "layer", "head"]).reset_index(drop=True)
     best = first_route.loc[first_route.groupby(keys)["needle_mass"].idxmax(), keys + ["layer", "head"]]
     return df.merge(best, on=keys + ["layer", "head"]).reset_index(drop=True)
 
