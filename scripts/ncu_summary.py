@@ -36,8 +36,9 @@ def _number(text: str) -> float | None:
 
 
 def rows(report: str) -> tuple[list[str], list[dict]]:
-    raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv"], check=True, capture_output=True,
-                         text=True).stdout
+    # base units (no auto-scaling), so every report reads the same; _scaled converts
+    raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv", "--print-units", "base"], check=True,
+                         capture_output=True, text=True).stdout
     table = list(csv.reader(io.StringIO(raw)))
     header, units, data = table[0], table[1], table[2:]
     unit_of = dict(zip(header, units, strict=False))
@@ -49,8 +50,9 @@ def _scaled(row: dict, metric: str) -> float | None:
     if value is None:
         return None
     unit = row["__units"].get(metric, "")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "byte/second": 1e-9, "Kbyte/second": 1e-6,
-             "Mbyte/second": 1e-3, "Gbyte/second": 1.0, "Tbyte/second": 1e3}.get(unit, 1.0)
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6,
+             "s": 1e6, "byte/second": 1e-9, "B/s": 1e-9, "Kbyte/second": 1e-6, "KB/s": 1e-6, "Mbyte/second": 1e-3,
+             "MB/s": 1e-3, "Gbyte/second": 1.0, "GB/s": 1.0, "Tbyte/second": 1e3, "TB/s": 1e3}.get(unit, 1.0)
     return value * scale
 
 
