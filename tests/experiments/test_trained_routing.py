@@ -105,3 +105,17 @@ def test_full_recipe_task_has_needle_runs():
     t = exp.task(exp.Config())
     assert t.needle_len > 1 and t.seq_len == 4096
     assert exp.task(exp.Config.quick()).needle_len > 1
+
+
+def test_study_split_over_runs_summarises_as_one(quick_run):
+    """Rows of one study written by several runs (one per variant, as on several GPUs) and concatenated give the
+    same summary as the study itself: replicate r is the same model whichever run trained it."""
+    _, df = quick_run
+    moba = [v for v in exp.Config.quick().variants if v != "dense"]
+    parts = [df[df["variant"] == v].reset_index(drop=True) for v in moba]  # each run numbers its rows from 0
+    joined = pd.concat(parts)
+    whole = exp.summary(df[df["variant"].isin(moba)].reset_index(drop=True))
+    split = exp.summary(joined)
+    assert list(split["seeds"]) == [exp.Config.quick().n_seeds] * len(moba)
+    pd.testing.assert_frame_equal(split.sort_values("variant").reset_index(drop=True),
+                                  whole.sort_values("variant").reset_index(drop=True))

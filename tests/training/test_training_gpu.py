@@ -47,14 +47,13 @@ def test_moba_model_on_cuda_matches_the_cpu_reference():
 
 @pytest.mark.gpu
 def test_full_recipe_learns_at_4k_and_matches_the_time_estimate():
-    """MoBA models learn the task in the full recipe (needle runs of 8, 512/1024 curriculum, 4K).
+    """MoBA models learn the task in the full recipe (needle runs of 8, 512/1024 curriculum, 4K), B 32 routes
+    better than B 128 at equal k·B, and the block-moment prediction of the routing recall holds.
 
-    Thresholds from CPU runs at a quarter of the scale (N 1024, k·B 128, B 32 with k 4: the nominal block
-    SNR r·Δμ/(σ sqrt(2B)) of runs of 4 at B 32 equals that of runs of 8 at B 128; 2 layers of 2 heads of 32,
-    128/256 curriculum, one seed). Single-token needles: dense 0.91; MoBA B 32 0.24 after 50 steps at 1K
-    (routing recall at the best head 0.27; the trained dense model's own q/k routed at B 32, k 4: only 0.37).
-    Runs of 4: MoBA B 32 0.58 after 50 steps at 1K, 0.73 after 200 (final), recall 0.47. The older GPU
-    recipe (single-token needles) gave MoBA 0.26-0.33; the bounds below sit between that and the CPU runs.
+    Bounds from the H200 runs of this recipe (2026-11-30, 3 seeds of B 32 and B 128 plus this test's own
+    seed-0 run): accuracy dense 0.999, B 32 0.93-0.95, B 128 0.52-0.65 (chance 1/64); needle-block recall at
+    the retrieval head B 32 0.52-0.66, B 128 0.23-0.49 (chance about 0.1); |recall - pred_block| <= 0.07 on
+    every model (1024 routed queries each: a standard error of about 0.015).
     """
     from mobalab.experiments import trained_routing as exp
 
@@ -73,9 +72,13 @@ def test_full_recipe_learns_at_4k_and_matches_the_time_estimate():
     assert (models["first_stage_train_accuracy"] > 0.5).all()
     assert models.loc["dense", "accuracy"] > 0.9
     # MoBA learns it at 4K: well above the single-token recipe's 0.26-0.33 (chance 1/64)
-    assert (models.loc[["moba-32", "moba-128"], "accuracy"] > 0.5).all()
+    assert models.loc["moba-32", "accuracy"] > 0.8 and models.loc["moba-128", "accuracy"] > 0.4
     routed = rh[rh["routed"]].set_index("variant")  # chance recall: k - 1 of the past blocks, about 0.1
-    assert (routed.loc[["moba-32", "moba-128"], "recall"] > 0.35).all()
+    recall = routed.loc[["moba-32", "moba-128"], "recall"]
+    assert recall["moba-32"] > 0.45 and recall["moba-128"] > 0.15 and recall["moba-32"] > recall["moba-128"]
+    # the theory: the block-moment prediction from the trained model's own statistics (6 standard errors)
+    gap = (routed.loc[["moba-32", "moba-128"], "recall"] - routed.loc[["moba-32", "moba-128"], "pred_block"]).abs()
+    assert (gap < 0.1).all(), gap.to_dict()
     assert df[df["routed"]][["recall", "pred_paper", "pred_block", "z_eff"]].notna().all().all()
     # the estimate sizes the full run: measured training time (kernels compiled beforehand) within 3x of it
     # (its launch cost per MoBA layer and step is calibrated on one recorded run)
