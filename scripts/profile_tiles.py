@@ -34,7 +34,9 @@ def main(argv=None) -> None:
     def step():
         out = moba_attention(q, k, v, a.block_size, a.top_k, causal=True)
         if not a.forward_only:
-            out.backward(dout)
+            # on the calling thread: NVTX ranges are per thread, and autograd runs CUDA backward on a worker
+            with torch.autograd.set_multithreading_enabled(False):
+                out.backward(dout)
 
     for _ in range(2):
         step()
