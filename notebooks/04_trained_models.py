@@ -35,8 +35,8 @@
 #
 # `MOBALAB_QUICK=1` (the default, what CI runs) trains tiny models for 20 steps on the CPU: the pipeline runs,
 # but the models learn little and the verdicts below mean nothing. `MOBALAB_QUICK=0` on a GPU runs the full
-# experiment (`mobalab run trained-routing`); a recorded result (`$MOBALAB_TRAINED_ROUTING_CSV`, or a
-# `benchmarks/results/*trained-routing*.csv`) is shown at the end when one exists.
+# experiment (`mobalab run trained-routing`); a recorded result (`$MOBALAB_TRAINED_ROUTING_CSV`, or the newest
+# `*trained-routing*.csv` recorded with the package, `mobalab.bench.recorded_files`) is shown at the end.
 
 # %% tags=["parameters"]
 import os
@@ -46,7 +46,6 @@ RECORDED = os.environ.get("MOBALAB_TRAINED_ROUTING_CSV", "")
 # ruff: noqa: E402  (imports follow the parameters cell)
 
 # %%
-import glob
 import importlib.util
 
 import matplotlib.pyplot as plt
@@ -131,10 +130,15 @@ if config == tr.Config.quick():
 # %% [markdown]
 # ## Recorded result
 #
-# The full experiment's CSV, when one was recorded (`mobalab run trained-routing --out DIR` on a GPU).
+# The full experiment's CSV, when one was recorded (`mobalab run trained-routing --out DIR` on a GPU, or the
+# study split over GPUs by `scripts/train_variants.py`). The one recorded with the package (H200, 2026-11-30)
+# holds MoBA B 32 and B 128 with three seeds each and the two key-convolution variants with one seed each: it
+# is evidence for claim 1 and for the block-moment prediction; claim 2 needs more seeds (see RESULTS.md).
 
 # %%
-found = [RECORDED] if RECORDED else sorted(glob.glob("../benchmarks/results/*trained-routing*.csv"))
+from mobalab.bench import recorded_files
+
+found = [RECORDED] if RECORDED else [str(p) for p in recorded_files("*trained-routing*.csv")]
 if found:
     recorded = pd.read_csv(found[-1])
     print(f"recorded result: {found[-1]} ({recorded['device_name'].iloc[0]}, {len(recorded)} rows)")
