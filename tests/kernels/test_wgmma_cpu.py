@@ -40,6 +40,21 @@ def test_plans_pass_check_args(dtype, n, k, a_source):
     assert plan.shared_mem == 1024 + (1 if k <= 64 else 2) * (64 + n) * 128
 
 
+@pytest.mark.parametrize("dtype,n,k", list(itertools.product((torch.bfloat16, torch.float16), P.WIDTHS, (16, 64, 128))))
+def test_mn_major_plans_pass_check_args(dtype, n, k):
+    """The transposed-B probe (the P V path): b is K x N, passed as given; B's tile holds K rows of 128
+    bytes per 64 elements of N."""
+    a, b = torch.ones(64, k, dtype=dtype), torch.ones(k, n, dtype=dtype)
+    plan = P.probe_launch(a, b, torch.empty(64, n), "reg", "mn")
+    assert plan.kernel.endswith(f"_n{n}_regmn") and plan.kernel in signatures(P.SOURCE)
+    assert check_args(plan.source, plan.kernel, plan.args)[1] == b.data_ptr()
+    assert plan.shared_mem == 1024 + (1 if k <= 64 else 2) * 64 * 128 + (n // 64) * k * 128
+    with pytest.raises(ValueError, match="a_source='reg'"):
+        P.probe_launch(a, b, torch.empty(64, n), "smem", "mn")
+    with pytest.raises(ValueError, match="b_major"):
+        P.probe_launch(a, b, torch.empty(64, n), "reg", "t")
+
+
 def test_plans_refuse_bad_inputs():
     a, b, out = torch.ones(64, 32, dtype=torch.bfloat16), torch.ones(64, 32, dtype=torch.bfloat16), torch.empty(64, 64)
     with pytest.raises(ValueError, match="a_source"):

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) warpgroup tensor-core helpers: wgmma.mma_async with operands in shared memory (and A
 // from registers), the shared-memory matrix descriptor, the 128-byte-swizzled K-major tile layout a
 // producer writes so that wgmma reads it, the fences and groups that order the asynchronous MMAs, and the
-// accumulator fragment mapping. Built and validated by cuda/wgmma_probe.cu; the MoBA tile kernels do not use
-// it yet (see docs/design.md, "Hopper path").
+// accumulator fragment mapping. Built and validated by cuda/wgmma_probe.cu; the wgmma forward tile kernel
+// (cuda/attention_wgmma.cuh) uses it (see docs/design.md, "Hopper path").
 //
 // Sources for every encoding below are sections of NVIDIA's PTX ISA (8.x), chapter "Asynchronous Warpgroup
 // Level Matrix Multiply-Accumulate Instructions":
@@ -40,7 +40,15 @@
 //     proxy (fence.proxy.async.shared::cta) before a barrier and the wgmma that reads it.
 // Instruction operands: wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} d, a-desc | {a},
 // b-desc, scale-d (predicate: D = A B + D when true, D = A B when false), imm-scale-a, imm-scale-b (1: no
-// negation), imm-trans-a (shared A only), imm-trans-b (0: the operand is K-major, the layout above).
+// negation), imm-trans-a (shared A only), imm-trans-b (0: the operand is K-major, the layout above; 1: it is
+// MN-major, "transposed", allowed for the 16-bit types only).
+//   * MN-major B with the 128-byte swizzle ("Shared Memory Matrix Layout", the MN-major canonical layouts;
+//     "Strides"): rows of 128 bytes now run along N (64 elements), one row per element of K, eight rows of K
+//     per 1024-byte pattern with the same chunk XOR; N beyond 64 is a further block of rows at the leading
+//     dimension byte offset (LBO), and the 8-row groups of K follow each other at the stride dimension byte
+//     offset (SBO). This is V as stored (keys x d, d contiguous) for O = P V: keys are the K of that product.
+//     The rs wrappers take imm-trans-b as a template argument (TRANS_B); wgmma_desc_sw128_mn builds the
+//     descriptor; the probe's "regmn" kernels check it on hardware.
 //
 // The encodings are __host__ __device__ constexpr (checked at compile time by the static_asserts below and
 // in a host test); the instruction wrappers exist only where wgmma does: the device pass for sm_90a
@@ -96,6 +104,20 @@ __host__ __device__ constexpr unsigned long long wgmma_desc_sw128(unsigned tile,
   return wgmma_desc(tile + sw128_offset(0, 16 * kstep, rows), 16, SW128_PATTERN_BYTES, WGMMA_SWIZZLE_128B);
 }
 
+// Descriptor of k-step `kstep` (K rows 16 kstep .. 16 kstep + 15) of an MN-major B operand of width n (64 or
+// 128) stored with sw128_offset(k, n_index, k_rows): K plays the row, MN the 128-byte swizzled direction, in
+// blocks of 64 elements of N, k_rows * 128 bytes apart (the same bytes as a K-major tile of k_rows rows, so V
+// staged like K serves P V). SBO = 1024: the distance between 8-row groups along K; LBO: the distance between
+// 64-element blocks of N, k_rows * 128. At n = 64 there is one block and LBO is unused: it is set to 1024 like
+// SBO, so that the descriptor is right whichever of the two fields the hardware reads as the K-group stride
+// (the N = 128 probe cases settle the assignment above).
+__host__ __device__ constexpr unsigned long long wgmma_desc_sw128_mn(unsigned tile, unsigned kstep, unsigned k_rows,
+                                                                     unsigned n) {
+  return wgmma_desc(tile + sw128_offset(16 * kstep, 0, k_rows), n > SW128_KBLOCK ? k_rows * SW128_ROW_BYTES
+                                                                                 : SW128_PATTERN_BYTES,
+                    SW128_PATTERN_BYTES, WGMMA_SWIZZLE_128B);
+}
+
 // Element of a 64xN fp32 accumulator that float i of warpgroup thread t (0..127) holds ("Register Fragments").
 __host__ __device__ constexpr int wgmma_acc_row(int t, int i) { return 16 * (t / 32) + (t % 32) / 4 + 8 * ((i / 2) % 2); }
 __host__ __device__ constexpr int wgmma_acc_col(int t, int i) { return 8 * (i / 4) + 2 * (t % 4) + i % 2; }
@@ -107,6 +129,9 @@ static_assert(sw128_offset(0, 0, 64) == 0 && sw128_offset(0, 8, 64) == 16 && sw1
               "row 1 chunk 0 sits in chunk 1");
 static_assert(sw128_offset(7, 63, 64) == 7 * 128 + (7 ^ 7) * 16 + 14, "last element of the pattern's row 7");
 static_assert(sw128_offset(9, 64, 64) == 64 * 128 + 9 * 128 + 16, "second K block, row 9 (pattern row 1)");
+static_assert(wgmma_desc_sw128_mn(0x400, 3, 128, 128) == 0x40000040040001c0ull &&
+                  wgmma_desc_sw128_mn(0x400, 1, 64, 64) == 0x40000040004000c0ull,
+              "MN-major: k-step 3 starts 48 rows (6144 bytes) in; LBO 16384 (128 rows) at n 128, 1024 at n 64");
 static_assert(wgmma_acc_row(127, 63) == 63 && wgmma_acc_col(127, 63) == 127 && wgmma_acc_row(0, 2) == 8,
               "accumulator corners");
 
@@ -171,6 +196,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(wgmma_ab<__nv_bfloat16>, floa
 }
 
 // D(64x64) = A * B + (scale_d ? D : 0), A(64x16, registers), B(16x64, shared, K-major), bf16.
+template <int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n64k16_rs(wgmma_ab<__nv_bfloat16>, float (&d)[32],
     const unsigned (&a)[4], unsigned long long desc_b, int scale_d) {
   asm volatile(
@@ -178,12 +204,12 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(wgmma_ab<__nv_bfloat16>, floa
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
       " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
 // D(64x128) = A * B + (scale_d ? D : 0), A(64x16, shared, K-major), B(16x128, shared, K-major), bf16.
@@ -209,6 +235,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(wgmma_ab<__nv_bfloat16>, flo
 }
 
 // D(64x128) = A * B + (scale_d ? D : 0), A(64x16, registers), B(16x128, shared, K-major), bf16.
+template <int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__nv_bfloat16>, float (&d)[64],
     const unsigned (&a)[4], unsigned long long desc_b, int scale_d) {
   asm volatile(
@@ -218,7 +245,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__nv_bfloat16>, flo
       " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
       " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
       " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-      ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -227,7 +254,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__nv_bfloat16>, flo
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
 // D(64x64) = A * B + (scale_d ? D : 0), A(64x16, shared, K-major), B(16x64, shared, K-major), f16.
@@ -247,6 +274,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(wgmma_ab<__half>, float (&d)[
 }
 
 // D(64x64) = A * B + (scale_d ? D : 0), A(64x16, registers), B(16x64, shared, K-major), f16.
+template <int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n64k16_rs(wgmma_ab<__half>, float (&d)[32],
     const unsigned (&a)[4], unsigned long long desc_b, int scale_d) {
   asm volatile(
@@ -254,12 +282,12 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(wgmma_ab<__half>, float (&d)[
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
       " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
 // D(64x128) = A * B + (scale_d ? D : 0), A(64x16, shared, K-major), B(16x128, shared, K-major), f16.
@@ -285,6 +313,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(wgmma_ab<__half>, float (&d)
 }
 
 // D(64x128) = A * B + (scale_d ? D : 0), A(64x16, registers), B(16x128, shared, K-major), f16.
+template <int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__half>, float (&d)[64],
     const unsigned (&a)[4], unsigned long long desc_b, int scale_d) {
   asm volatile(
@@ -294,7 +323,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__half>, float (&d)
       " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
       " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
       " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-      ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -303,7 +332,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(wgmma_ab<__half>, float (&d)
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
 // Width-generic entry points: the accumulator's size picks N (32 floats: N = 64, 64 floats: N = 128).
@@ -315,13 +344,14 @@ template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], unsigned long long da, unsigned long long db, int scale_d) {
   wgmma_m64n128k16_ss(wgmma_ab<T>{}, d, da, db, scale_d);
 }
-template <typename T>
+// TRANS_B = 1: B is MN-major (wgmma_desc_sw128_mn), the layout of V in O = P V.
+template <typename T, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long db, int scale_d) {
-  wgmma_m64n64k16_rs(wgmma_ab<T>{}, d, a, db, scale_d);
+  wgmma_m64n64k16_rs<TRANS_B>(wgmma_ab<T>{}, d, a, db, scale_d);
 }
-template <typename T>
+template <typename T, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_rs(float (&d)[64], const unsigned (&a)[4], unsigned long long db, int scale_d) {
-  wgmma_m64n128k16_rs(wgmma_ab<T>{}, d, a, db, scale_d);
+  wgmma_m64n128k16_rs<TRANS_B>(wgmma_ab<T>{}, d, a, db, scale_d);
 }
 
 #endif  // MOBA_HAS_WGMMA
