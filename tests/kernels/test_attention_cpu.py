@@ -88,7 +88,7 @@ def test_every_variant_is_in_the_source():
     for dtype in C.CUDA_DTYPES:
         for dim in C.CUDA_HEAD_DIMS:
             for block in C.CUDA_BLOCK_SIZES:
-                for variant in A.VARIANTS:
+                for variant in A.MMA_VARIANTS:
                     fwd, merge = A.kernel_names(dtype, dim, block, variant)
                     assert fwd in sigs and merge in sigs
     assert {"moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"} <= set(sigs)

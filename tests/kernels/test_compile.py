@@ -44,8 +44,8 @@ CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
 PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
 # (source, defines) of the non-default modules: the fp32-partial attention forward at the benchmark head dim
 FALLBACK_HEAD_DIM = 128
-FALLBACK_BUILDS = [(_cuda_attention.SOURCE,
-                    (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
+FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
+                   for src in (_cuda_attention.SOURCE, _cuda_attention.WGMMA_SOURCE)]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _FUNC = re.compile(r"Function properties for (\S+)")
@@ -274,8 +274,9 @@ def test_every_kernel_family_has_every_head_dim():
     dims = kernel_head_dims()
     assert dims == {32, 64, 96, 128, 256}
     families: dict[str, set[int]] = {}
-    # decode serves head dims 64 and 128 only (_decode.py checks that at the door)
-    for f in [f for f in CU_FILES if f != "decode.cu"]:
+    # decode serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma forward head dim
+    # 128 only (resolve_variant refuses the others)
+    for f in [f for f in CU_FILES if f not in ("decode.cu", _cuda_attention.WGMMA_SOURCE)]:
         for k in signatures(f):
             if (d := head_dim(k)) is not None:
                 families.setdefault(_HEAD_DIM.sub("_d{}", k, count=1), set()).add(d)

@@ -238,7 +238,7 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     in_gb = 3 * q.numel() * q.element_size() / 1e9
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
                top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
-               variant="resident" if A.resident(dim, block, variant) else "streaming",
+               variant=A.variant_label(dim, block, variant),
                scratch_budget_bytes=A.default_scratch_budget(batch, seqlen, heads, heads, dim))
 
     route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
@@ -673,7 +673,7 @@ def _diagnose(dim, block, variant):
     variant = None if variant == "auto" else variant
     name = A.kernel_names(torch.bfloat16, dim, block, variant)[0]
     smem = A.fwd_smem_bytes(dim, block, variant)
-    fn = get_kernel(A.SOURCE, name, max_dynamic_smem=smem)
+    fn = get_kernel(A.fwd_source(dim, block, variant), name, max_dynamic_smem=smem)
     attrs = {k: fn.attributes.get(k) for k in ("num_regs", "shared_size_bytes", "max_dynamic_shared_size_bytes",
                                                 "max_threads_per_block")}
     print(f"  {name}: requested dynamic smem {smem}, attributes {attrs}, variant {A.resolve_variant(variant)}",
@@ -842,6 +842,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mobalab bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke run)")
     p.add_argument("--out", default="bench_out", help="output folder")
+    p.add_argument("--variant", choices=A.VARIANTS, default=None,
+                   help="forward sweep: run every configuration with this tile kernel (default: each configuration's "
+                        "own, 'auto' meaning $MOBALAB_ATTN_VARIANT); configurations it does not support are skipped")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
@@ -862,6 +865,8 @@ def main(argv=None) -> int:
     if args.dims and (args.backward or args.quick or args.select):
         p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
                 "--select")
+    if args.variant and (args.backward or args.dims or args.peers_quick):
+        p.error("--variant applies to the forward sweep: drop --backward, --dims, --peers-quick")
     from mobalab.kernels import gpu_available
 
     if not gpu_available():
@@ -869,6 +874,8 @@ def main(argv=None) -> int:
         return 1
     os.makedirs(args.out, exist_ok=True)
     env = run_record()
+    if args.variant:
+        env["attn_variant"] = args.variant
     print(json.dumps(env))
     if args.backward or args.dims or args.peers_quick:
         with open(os.path.join(args.out, "bench_env.json"), "w") as f:
@@ -878,8 +885,12 @@ def main(argv=None) -> int:
         return main_dims(args, env) if args.dims else main_backward(args, env)
     rows, cache, failed = [], {}, 0
     for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick, args.head_dims):
+        variant = args.variant or variant
+        if variant == "wgmma" and not A.wgmma_supports(dim, block):
+            print(f"skipped {workload} N={n} d={dim} B={block}: no wgmma kernel for this shape", flush=True)
+            continue
         prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \
-            and variant == "auto"
+            and variant in ("auto", args.variant)
         try:
             row = run_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
                              dense_cache=cache, profile=prof, variant=variant, peers=args.peers)

@@ -25,7 +25,9 @@ Two tile kernels (``variant``): *resident* (a CTA takes up to 4 tiles of one key
 and V into shared memory once and gathers the next tile's queries while computing the current one; used when
 K and V of a block fit in 64 KB, i.e. B <= 128 at d = 128 and B <= 256 at d = 64) and *streaming* (one
 tile per CTA, K/V streamed in double-buffered 64-key sub-tiles; large blocks). ``"auto"`` picks resident when
-it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call.
+it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call. A third,
+opt-in variant, *wgmma* (cuda/attention_wgmma.cu), is the resident kernel on Hopper warpgroup MMAs for head dim
+128 and B in {64, 128} on sm_90 GPUs only: same work units, partials and merge; ``"auto"`` never picks it.
 
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order), every
 partial is written by exactly one CTA, and the merge order is fixed, so two runs are bit-identical.
@@ -58,6 +60,7 @@ from ._launch import Launch, kernel_ready, launch
 __all__ = ["moba_attention_cuda"]
 
 SOURCE = "attention.cu"
+WGMMA_SOURCE = "attention_wgmma.cu"  # the wgmma tile kernels (the merge and index kernels stay in SOURCE)
 ROWS = 64  # rows per tile (MOBA_ROWS in attention.cuh)
 TILES_PER_UNIT = 4  # tiles per CTA of the resident kernel (MOBA_TPC in attention.cuh)
 RESIDENT_SMEM_BYTES = 96 << 10  # per 128 threads: a resident CTA holds K + V of its block and two Q tiles
@@ -66,7 +69,11 @@ INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
 SEGMENT_THREADS = 512  # moba_attn_segments
 MAX_INDEX_CTAS = 4096
 LOG2E = 1.4426950408889634
-VARIANTS = ("auto", "resident", "streaming")
+MMA_VARIANTS = ("auto", "resident", "streaming")  # mma.sync kernels, every supported shape
+VARIANTS = (*MMA_VARIANTS, "wgmma")
+WGMMA_HEAD_DIMS = (128,)
+WGMMA_BLOCK_SIZES = (64, 128)
+WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
 PARTIALS = ("16bit", "fp32")  # element type of the partial o: the input dtype, or fp32
 PARTIAL_ENV = "MOBALAB_ATTN_PARTIAL"
@@ -156,14 +163,25 @@ def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: in
     return chunks
 
 
-def resolve_variant(variant: str | None) -> str:
+def wgmma_supports(head_dim: int, block_size: int) -> bool:
+    """Whether the wgmma tile kernel has an instantiation for this head dim and block size."""
+    return head_dim in WGMMA_HEAD_DIMS and block_size in WGMMA_BLOCK_SIZES
+
+
+def resolve_variant(variant: str | None, head_dim: int | None = None, block_size: int | None = None) -> str:
     """The tile-kernel choice: ``variant``, or the ``MOBALAB_ATTN_VARIANT`` environment variable (default
-    "auto") when None."""
+    "auto") when None. With ``head_dim`` and ``block_size`` given, "wgmma" is refused (ValueError) for shapes
+    it has no kernel for."""
     if variant is None:
         variant = os.environ.get(VARIANT_ENV, "auto")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS} (or None: ${VARIANT_ENV}, default 'auto'), "
                          f"got {variant!r}")
+    if variant == "wgmma" and head_dim is not None and block_size is not None \
+            and not wgmma_supports(head_dim, block_size):
+        raise ValueError(f"variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "
+                         f"{WGMMA_BLOCK_SIZES}, got head_dim={head_dim}, block_size={block_size}; use 'auto', "
+                         f"'resident' or 'streaming'")
     return variant
 
 
@@ -180,21 +198,40 @@ def fwd_threads(head_dim: int) -> int:
 def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool:
     """Whether the resident tile kernel runs: the block's K and V and two Q tiles fit in the shared memory
     budget of its CTA, 96 KiB per 128 threads (or it is forced)."""
-    variant = resolve_variant(variant)
+    variant = resolve_variant(variant, head_dim, block_size)
+    if variant == "wgmma":
+        return False  # a kernel of its own (kernel_names); it keeps the block resident too (rows_per_unit)
     need = 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
     fits = need <= RESIDENT_SMEM_BYTES * fwd_threads(head_dim) // 128
     return fits if variant == "auto" else (variant == "resident" and fits)
 
 
 def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) -> int:
-    """Rows one CTA of the tile kernel handles: a tile, or a resident unit of TILES_PER_UNIT tiles."""
+    """Rows one CTA of the tile kernel handles: a tile, or a resident unit of TILES_PER_UNIT tiles (the resident
+    and the wgmma kernels)."""
+    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+        return ROWS * TILES_PER_UNIT
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
+
+
+def variant_label(head_dim: int, block_size: int, variant: str | None = None) -> str:
+    """The tile kernel that runs, in words: "wgmma", "resident" or "streaming"."""
+    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+        return "wgmma"
+    return "resident" if resident(head_dim, block_size, variant) else "streaming"
+
+
+def fwd_source(head_dim: int, block_size: int, variant: str | None = None) -> str:
+    """The source file of the tile kernel (the merge kernel is always in SOURCE)."""
+    return WGMMA_SOURCE if resolve_variant(variant, head_dim, block_size) == "wgmma" else SOURCE
 
 
 def kernel_names(dtype: torch.dtype, head_dim: int, block_size: int,
                  variant: str | None = None) -> tuple[str, str]:
     """(forward tile kernel, merge kernel) names of the variant for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
+    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+        return f"moba_attn_wg_{tag}_d{head_dim}_b{block_size}", f"moba_attn_merge_{tag}_d{head_dim}"
     kind = "res" if resident(head_dim, block_size, variant) else "fwd"
     fwd = f"moba_attn_{kind}_{tag}_d{head_dim}_kt{key_tile(block_size)}"
     return fwd, f"moba_attn_merge_{tag}_d{head_dim}"
@@ -204,7 +241,10 @@ def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -
     """Dynamic shared memory of the tile kernel.
 
     Streaming: a Q tile + double-buffered K and V sub-tiles. Resident: the block's K and V + two Q tiles.
+    wgmma: the resident layout (128-byte swizzled) plus 1024 bytes to align it.
     """
+    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+        return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
     if resident(head_dim, block_size, variant):
         return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
     return ROWS * head_dim * 2 + 4 * key_tile(block_size) * head_dim * 2
@@ -252,16 +292,16 @@ def _check_part_o(fn, part_o, dtype, partial):
 
 def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seqlen, heads, kv_heads, top_k,
                block_size, n_blocks, chunk: Chunk, n_pairs, n_seg, causal, scale_log2, rows_per_unit,
-               smem, partial) -> Launch:
-    """The tile kernel ``name`` over the chunk's segments: partial (o, m, l) per (query, head, slot), o in the
-    ``partial`` format (its module's defines)."""
+               smem, partial, source=SOURCE) -> Launch:
+    """The tile kernel ``name`` of ``cuda/<source>`` (:func:`fwd_source`) over the chunk's segments: partial
+    (o, m, l) per (query, head, slot), o in the ``partial`` format (its module's defines)."""
     partial = resolve_partial(partial)
     _check_part_o("fwd_launch", part_o, q.dtype, partial)
     args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, np.int32(seqlen), np.int32(heads),
             np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
             np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
-    return Launch(SOURCE, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (fwd_threads(q.shape[-1]),), args,
+    return Launch(source, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (fwd_threads(q.shape[-1]),), args,
                   shared_mem=smem, defines=partial_defines(partial))
 
 
@@ -291,7 +331,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in {64, 128};
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
-    ("auto", "resident", "streaming"; None: ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format
+    ("auto", "resident", "streaming", or "wgmma": head dim 128, B 64 or 128, sm_90 GPUs; None:
+    ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
     per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
     ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
@@ -305,11 +346,14 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
     if topk_indices is not None:
         C.check_topk_indices(fn, topk_indices, q, top_k)
-    variant = resolve_variant(variant)
+    variant = resolve_variant(variant, q.shape[-1], block_size)
     partial = resolve_partial(None)
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     C.check_cuda_device(fn, q)
+    if variant == "wgmma" and torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise ValueError(f"{fn}: variant 'wgmma' needs an sm_90 (Hopper) GPU, got compute capability "
+                         f"{torch.cuda.get_device_capability(q.device)}")
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial)
@@ -358,7 +402,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
         launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
                           kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
                           n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
-                          rows_per_unit=unit_rows, smem=smem, partial=partial))
+                          rows_per_unit=unit_rows, smem=smem, partial=partial,
+                          source=fwd_source(dim, block_size, variant)))
         launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
                             n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial))
     if return_lse:

@@ -1,0 +1,123 @@
+"""The wgmma forward tile kernel (cuda/attention_wgmma.cu) without a GPU: variant selection, kernel names,
+launch plans against the CUDA signatures, shared memory, and the compiled module (wgmma in its PTX, the
+transposed-B form for P V, no spills). Correctness on hardware: tests/kernels/test_attention_wgmma_gpu.py."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobalab.kernels import _contract as C
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import check_args, signatures
+
+
+def test_wgmma_variant_is_opt_in(monkeypatch):
+    assert "wgmma" in A.VARIANTS and "wgmma" not in A.MMA_VARIANTS
+    monkeypatch.delenv(A.VARIANT_ENV, raising=False)
+    # "auto" keeps choosing the mma.sync kernels at the shapes wgmma serves
+    for block in A.WGMMA_BLOCK_SIZES:
+        for dtype in C.CUDA_DTYPES:
+            assert A.kernel_names(dtype, 128, block, "auto")[0].startswith("moba_attn_res_")
+            assert A.kernel_names(dtype, 128, block, None)[0].startswith("moba_attn_res_")
+        assert A.fwd_source(128, block, "auto") == A.SOURCE
+    monkeypatch.setenv(A.VARIANT_ENV, "wgmma")
+    assert A.resolve_variant(None, 128, 128) == "wgmma"
+    assert A.kernel_names(torch.bfloat16, 128, 128)[0] == "moba_attn_wg_bf16_d128_b128"
+    assert A.variant_label(128, 64) == "wgmma" and A.fwd_source(128, 64) == A.WGMMA_SOURCE
+
+
+@pytest.mark.parametrize("dim,block", [(64, 128), (256, 64), (128, 32), (128, 256), (96, 64)])
+def test_wgmma_refuses_unsupported_shapes(dim, block, monkeypatch):
+    with pytest.raises(ValueError, match=r"variant 'wgmma' supports head_dim in \(128,\) and block_size in "
+                                         r"\(64, 128\), got head_dim=\d+, block_size=\d+"):
+        A.resolve_variant("wgmma", dim, block)
+    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
+        A.kernel_names(torch.bfloat16, dim, block, "wgmma")
+    monkeypatch.setenv(A.VARIANT_ENV, "wgmma")  # through the environment as well
+    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
+        A.fwd_smem_bytes(dim, block)
+    assert A.resolve_variant("wgmma") == "wgmma"  # no shape: nothing to refuse
+
+
+def test_wrapper_refuses_wgmma_shapes_before_touching_the_gpu():
+    q = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
+        A.moba_attention_cuda(q, q, q, 64, 1, variant="wgmma")
+
+
+@pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
+@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("partial", A.PARTIALS)
+def test_wgmma_plans_pass_check_args(dtype, block, causal, partial):
+    dim, batch, seqlen, heads, kv_heads, top_k = 128, 2, 300, 4, 2, 3
+    q = torch.zeros(batch, seqlen, heads, dim, dtype=dtype)
+    k = torch.zeros(batch, seqlen, kv_heads, dim, dtype=dtype)
+    n_blocks = math.ceil(seqlen / block)
+    chunk = A.plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, 1 << 20, partial)[0]
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = chunk.n_heads // (heads // kv_heads) * n_blocks
+    pairs, seg = torch.zeros(n_pairs, dtype=torch.int64), torch.zeros(n_seg + 1, dtype=torch.int64)
+    part_o = torch.zeros(n_pairs * dim, dtype=A.partial_dtype(dtype, partial))
+    fwd, merge = A.kernel_names(dtype, dim, block, "wgmma")
+    assert fwd == f"moba_attn_wg_{C.dtype_tag(dtype, A.SOURCE)}_d128_b{block}" and fwd in signatures(A.WGMMA_SOURCE)
+    assert merge in signatures(A.SOURCE)
+    unit = A.rows_per_unit(dim, block, "wgmma")
+    assert unit == A.ROWS * A.TILES_PER_UNIT  # the kernel keeps the block resident for up to 4 tiles
+    plan = A.fwd_launch(fwd, q, k, k, pairs, seg, seg, part_o, torch.zeros(2 * n_pairs), seqlen=seqlen, heads=heads,
+                        kv_heads=kv_heads, top_k=top_k, block_size=block, n_blocks=n_blocks, chunk=chunk,
+                        n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=0.18, rows_per_unit=unit,
+                        smem=A.fwd_smem_bytes(dim, block, "wgmma"), partial=partial,
+                        source=A.fwd_source(dim, block, "wgmma"))
+    assert plan.source == A.WGMMA_SOURCE and plan.block == (128,)
+    assert plan.defines == A.partial_defines(partial)
+    assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(A.WGMMA_SOURCE)[fwd])
+    # K and V (B x 128 each), two 64 x 128 Q tiles, 1024 bytes to align the swizzle patterns
+    assert plan.shared_mem == 2 * block * 256 + 2 * 64 * 256 + 1024
+    # the same parameter list as the mma tile kernels: one launch plan serves both
+    assert signatures(A.WGMMA_SOURCE)[fwd] == signatures(A.SOURCE)[A.kernel_names(dtype, dim, block, "auto")[0]]
+
+
+def test_wgmma_shared_memory_fits_two_ctas_at_b128():
+    # 227 KB per SM usable on H100 / H200; the kernel also has ~5 KB of static row bookkeeping
+    assert 2 * (A.fwd_smem_bytes(128, 128, "wgmma") + 5200) <= 227 * 1024
+
+
+@pytest.mark.nvcc
+def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
+    """The module compiled to PTX: S = Q K^T as m64nBk16 with both operands in shared memory (imm-trans-b 0)
+    and P V as m64n64k16 with A from registers and the transposed (MN-major) B, imm-trans-b 1; 8 + 2 B / 16
+    wgmma per kernel (B 64: 16, B 128: 24)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / A.WGMMA_SOURCE
+        src.write_text(source(A.WGMMA_SOURCE))
+        ptx = src.with_suffix(".ptx")
+        proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-ptx", "--use_fast_math", "-o", str(ptx), str(src)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        text = ptx.read_text()
+    # each entry's text runs to the next entry (the inline asm blocks close their own braces)
+    parts = re.split(r"\.entry (moba_attn_wg_\w+)\(", text)[1:]
+    bodies = dict(zip(parts[::2], parts[1::2], strict=True))
+    assert sorted(bodies) == sorted(signatures(A.WGMMA_SOURCE))
+    for name, body in bodies.items():
+        block = int(name.rsplit("_b", 1)[1])
+        kind = "bf16" if "_bf16_" in name else "f16"
+        ss = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block}k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 0, 0;",
+                        body)
+        rs = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 1;", body)
+        assert len(ss) == 8, (name, len(ss))
+        assert len(rs) == 2 * block // 16, (name, len(rs))
+        assert "fence.proxy.async.shared::cta" in body and "wgmma.wait_group.sync.aligned 0" in body
