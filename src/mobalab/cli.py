@@ -230,54 +230,43 @@ def _program_name(name: str):
             sys.argv[0] = old
 
 
-def _cmd_bench_decode(rest: list[str]) -> int:
-    """``mobalab bench --decode [...]``: the decode benchmark (``python -m mobalab.bench.decode``) in-process."""
+def _run_benchmark(program: str, what: str, module: str, rest: list[str], no_gpu: str) -> int:
+    """``module.main(rest)`` (``what``: "the attention benchmark", ...) in-process under the name ``program``; on
+    a machine without a usable GPU the ``no_gpu`` message instead (``--help`` works anywhere)."""
     import importlib
 
     from mobalab.kernels import gpu_available
 
     if not ({"-h", "--help"} & set(rest)) and not gpu_available():
-        print("mobalab bench --decode: the decode benchmark times a MoBA decode step on a GPU and needs an NVIDIA "
-              "GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is usable here. Without a GPU, "
-              "`mobalab run decode-cost` gives the byte model of a decode step", file=sys.stderr)
+        print(f"{program}: {no_gpu}", file=sys.stderr)
         return 2
     try:
-        decode = importlib.import_module("mobalab.bench.decode")
+        bench = importlib.import_module(module)
     except ImportError as exc:
-        print(f"mobalab bench --decode: the decode benchmark cannot be imported here: {exc}", file=sys.stderr)
+        print(f"{program}: {what} cannot be imported here: {exc}", file=sys.stderr)
         return 2
-    try:
-        rc = decode.main(rest)
-    except SystemExit as exc:  # argparse: --help, bad arguments
-        rc = exc.code
+    with _program_name(program):
+        try:
+            rc = bench.main(rest)
+        except SystemExit as exc:  # argparse: --help, bad arguments
+            rc = exc.code
     return rc if isinstance(rc, int) else (0 if rc is None else 1)
 
 
 def _cmd_bench(rest: list[str]) -> int:
-    import importlib
+    if "--decode" in rest:  # the decode benchmark (``python -m mobalab.bench.decode``)
+        return _run_benchmark(
+            "mobalab bench --decode", "the decode benchmark", "mobalab.bench.decode",
+            [a for a in rest if a != "--decode"],
+            "the decode benchmark times a MoBA decode step on a GPU and needs an NVIDIA GPU with CUDA and CuPy "
+            "(pip install 'mobalab[gpu]'); none is usable here. Without a GPU, `mobalab run decode-cost` gives "
+            "the byte model of a decode step")
+    from mobalab.bench import recorded_dir
 
-    from mobalab.kernels import gpu_available
-
-    if "--decode" in rest:
-        return _cmd_bench_decode([a for a in rest if a != "--decode"])
-    if not ({"-h", "--help"} & set(rest)) and not gpu_available():
-        from mobalab.bench import recorded_dir
-
-        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is "
-              "usable here. Recorded H200 results: `mobalab run kernel-speed` (forward; "
-              f"--bench-csv NAME for another), files in {recorded_dir()}", file=sys.stderr)
-        return 2
-    try:
-        attention = importlib.import_module("mobalab.bench.attention")
-    except ImportError as exc:
-        print(f"mobalab bench: the attention benchmark cannot be imported here: {exc}", file=sys.stderr)
-        return 2
-    with _program_name("mobalab bench"):
-        try:
-            rc = attention.main(rest)
-        except SystemExit as exc:  # argparse: --help, bad arguments
-            rc = exc.code
-    return rc if isinstance(rc, int) else (0 if rc is None else 1)
+    return _run_benchmark(
+        "mobalab bench", "the attention benchmark", "mobalab.bench.attention", rest,
+        "needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is usable here. Recorded H200 "
+        f"results: `mobalab run kernel-speed` (forward; --bench-csv NAME for another), files in {recorded_dir()}")
 
 
 def _cmd_design(args) -> int:

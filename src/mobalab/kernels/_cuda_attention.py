@@ -97,15 +97,19 @@ class Chunk:
 # sizes and plans (pure)
 
 
+def _choice_or_env(what: str, value: str | None, choices: tuple[str, ...], env: str, default: str) -> str:
+    """``value``, or the environment variable ``env`` (else ``default``) when None; one of ``choices``."""
+    if value is None:
+        value = os.environ.get(env, default)
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices} (or None: ${env}, default {default!r}), got {value!r}")
+    return value
+
+
 def resolve_partial(partial: str | None) -> str:
     """The partial format: ``partial``, or the ``MOBALAB_ATTN_PARTIAL`` environment variable (default
     "16bit") when None."""
-    if partial is None:
-        partial = os.environ.get(PARTIAL_ENV, "16bit")
-    if partial not in PARTIALS:
-        raise ValueError(f"partial format must be one of {PARTIALS} (or None: ${PARTIAL_ENV}, default '16bit'), "
-                         f"got {partial!r}")
-    return partial
+    return _choice_or_env("partial format", partial, PARTIALS, PARTIAL_ENV, "16bit")
 
 
 def partial_elem_bytes(partial: str) -> int:
@@ -172,11 +176,7 @@ def resolve_variant(variant: str | None, head_dim: int | None = None, block_size
     """The tile-kernel choice: ``variant``, or the ``MOBALAB_ATTN_VARIANT`` environment variable (default
     "auto") when None. With ``head_dim`` and ``block_size`` given, "wgmma" is refused (ValueError) for shapes
     it has no kernel for."""
-    if variant is None:
-        variant = os.environ.get(VARIANT_ENV, "auto")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS} (or None: ${VARIANT_ENV}, default 'auto'), "
-                         f"got {variant!r}")
+    variant = _choice_or_env("variant", variant, VARIANTS, VARIANT_ENV, "auto")
     if variant == "wgmma" and head_dim is not None and block_size is not None \
             and not wgmma_supports(head_dim, block_size):
         raise ValueError(f"variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "
