@@ -95,7 +95,7 @@ for step in "${STEPS[@]}"; do
                    || status=1 ;;
     tiles-ncu) timeout $(cap 240) ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
                  --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
-                 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__bytes.sum.per_second \
+                 --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
                  -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
                && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
                || status=1 ;;

@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
-import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ._ncu import NCU_METRICS, kernel_summaries
 
 __all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "ncu_command", "ncu_summary",
            "profile_steps", "COLUMNS"]
@@ -404,12 +404,6 @@ PROFILE_POINTS = ((512 * K, 8), (32 * K, 8))
 PROFILE_STEPS = 3  # launches of the step kernel; Nsight Compute profiles the last
 NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "WarpStateStats", "LaunchStats",
                 "SchedulerStats")
-#: extra metrics for the summary (DRAM bytes and time give GB/s without relying on a section's layout)
-NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
-               "dram__throughput.avg.pct_of_peak_sustained_elapsed",
-               "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
-               "launch__grid_size", "launch__occupancy_limit_registers")
-_STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)(?:_per_issue_active)?\.ratio$")
 
 
 def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS) -> None:
@@ -445,38 +439,13 @@ def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu") -> list
                   "--batch", str(batch)]
 
 
-def _number(text: str) -> float:
-    try:
-        return float(str(text).replace(",", ""))
-    except ValueError:
-        return math.nan
-
-
 def ncu_summary(raw_csv: str) -> dict:
     """Duration, DRAM throughput (% of peak and GB/s), achieved occupancy, registers and the three largest warp
-    stall reasons from ``ncu --import REPORT --page raw --csv`` text (one kernel: header, units, values)."""
-    rows = list(csv.reader(io.StringIO(raw_csv)))
-    rows = [r for r in rows if r]
-    if len(rows) < 3:
-        raise ValueError(f"no profiled kernel in the Nsight Compute report ({len(rows)} CSV rows)")
-    head, units, vals = rows[0], rows[1], rows[-1]
-    m = {h: (_number(v), u) for h, u, v in zip(head, units, vals, strict=False)}
-
-    def val(name, scale=1.0):
-        x, unit = m.get(name, (math.nan, ""))
-        factor = {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "nsecond": 1e-3,
-                  "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
-        return x * factor * scale
-
-    us = val("gpu__time_duration.sum")
-    dram = val("dram__bytes_read.sum") + val("dram__bytes_write.sum")
-    stalls = sorted(((name, x) for h, (x, _) in m.items() if (name := (_STALL.match(h) or [None, None])[1])
-                     and not name.endswith("not_issued") and not math.isnan(x)), key=lambda t: -t[1])
-    return dict(duration_us=us, dram_pct=val("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
-                dram_gbps=dram / (us * 1e-6) / 1e9 if us > 0 else math.nan, dram_mb=dram / 1e6,
-                occupancy_pct=val("sm__warps_active.avg.pct_of_peak_sustained_active"),
-                registers=val("launch__registers_per_thread"), grid=val("launch__grid_size"),
-                stalls=stalls[:3])
+    stall reasons from ``ncu --import REPORT --page raw --csv`` text: its last launch (the step kernel; see
+    :func:`mobalab.bench._ncu.kernel_summaries`)."""
+    s = kernel_summaries(raw_csv)[-1]
+    return {k: s[k] for k in ("duration_us", "dram_pct", "dram_gbps", "dram_mb", "occupancy_pct", "registers",
+                              "grid", "stalls")}
 
 
 def run_ncu(out_dir: str, ncu: str = "ncu") -> int:

@@ -45,6 +45,7 @@ from mobalab.stats import interval_units
 
 from ._checks import check_seed
 from ._columns import integer_columns
+from ._devices import resolve_device
 from .snr_vs_accuracy import vector_point
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "measured_snr"]
@@ -92,14 +93,6 @@ class Config:
         return cls(**base)
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def plan(config: Config = Config()) -> str:
     """What :func:`run` will do, said before it starts (the CLI prints it): points, trials, device.
 
@@ -110,7 +103,7 @@ def plan(config: Config = Config()) -> str:
     16 sweep points; score level: numpy, 20000 trials each; vector level on cpu: 300 trials (clt: 2000)
     """
     return (f"{len(_points(config))} sweep points; score level: numpy, {config.score_trials} trials each; "
-            f"vector level on {_resolve_device(config.device)}: {config.vector_trials} trials "
+            f"vector level on {resolve_device(config.device)}: {config.vector_trials} trials "
             f"(clt: {config.clt_trials})")
 
 
@@ -162,7 +155,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
         raise ValueError(f"m = {config.m} clustered keys do not fit in the smallest block of the sweep")
     if not 0.0 < config.sparsity <= 1.0:
         raise ValueError(f"sparsity (k/n) must lie in (0, 1], got {config.sparsity}")
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     pts = _points(config)
     seeds = iter(np.random.SeedSequence(config.seed).generate_state(2 * len(pts)))
     rows = []

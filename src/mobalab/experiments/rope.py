@@ -46,6 +46,8 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
+from ._devices import kernel_backend, resolve_device
+
 __all__ = ["Config", "run", "plot", "summary", "verdict", "design_point", "kernel_hits"]
 
 NAME = "rope"
@@ -141,33 +143,6 @@ def design_point(head_dim: int, block_size: int, m: int, base: float, n_blocks: 
     return mu, False, model(mu)
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _kernel_backend(kernel_device: str):
-    """(torch device, backend name, device name, torch dtype) for the kernel leg."""
-    import platform
-
-    import torch
-
-    from mobalab.kernels import gpu_available
-
-    dev = ("cuda" if gpu_available() else "cpu") if kernel_device == "auto" else kernel_device
-    device = torch.device(dev)
-    if device.type == "cuda":
-        if not gpu_available():
-            raise ValueError(f"kernel_device {kernel_device!r} asks for the CUDA kernel, but no usable GPU/CuPy here")
-        return device, "cuda-kernel", torch.cuda.get_device_name(device), torch.float16
-    if device.type != "cpu":
-        raise ValueError(f"kernel_device must be 'auto', 'cpu' or a CUDA device, got {kernel_device!r}")
-    return device, "torch-reference", f"cpu ({platform.processor() or platform.machine()})", torch.float32
-
-
 def kernel_hits(head_dim: int, block_size: int, m: int, base: float, n_blocks: int, top_k: int, mu: float,
                 needle_index: int, trials: int, seed, device, dtype, heads: int = 16,
                 max_elements: int = 1 << 24):
@@ -216,8 +191,8 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """One row per (sweep point, Monte Carlo leg) with both predictions and their interval units."""
     c = config
     _check(c)
-    device = _resolve_device(c.device)
-    backend = _kernel_backend(c.kernel_device) if c.kernel else None
+    device = resolve_device(c.device)
+    backend = kernel_backend(c.kernel_device) if c.kernel else None
     points = _points(c)
     unique = list(dict.fromkeys(p for _, _, p in points))
     seeds = np.random.SeedSequence(c.seed).spawn(2 * len(unique))

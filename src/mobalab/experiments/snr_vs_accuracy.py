@@ -40,6 +40,7 @@ from mobalab.stats import interval_units
 
 from ._checks import check_seed
 from ._columns import integer_columns
+from ._devices import kernel_backend, resolve_device
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "vector_point", "kernel_point", "vector_trials"]
 
@@ -105,17 +106,6 @@ def vector_point(target_snr: float, head_dim: int, block_size: int, max_mu: floa
     raise ValueError(f"SNR {target_snr} is out of reach for d={head_dim}, B={block_size} with cosines <= {max_mu}")
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        return "cpu"
-
-
 def vector_trials(config: Config, seq_len: int, device: str | None = None) -> int:
     """Vector-level trials per SNR point for a panel of ``seq_len`` = n·B tokens on ``device``.
 
@@ -132,7 +122,7 @@ def vector_trials(config: Config, seq_len: int, device: str | None = None) -> in
     >>> vector_trials(Config(), 4096 * 16, "cuda")
     2000
     """
-    device = _resolve_device(config.device) if device is None else str(device)
+    device = resolve_device(config.device) if device is None else str(device)
     if device.startswith("cuda"):
         return config.vector_trials
     budget = max(config.vector_cpu_min_trials, config.vector_cpu_tokens // max(1, seq_len))
@@ -150,7 +140,7 @@ def plan(config: Config = Config()) -> str:
     for n = 64, 512, 4096, 128 (CPU: fewer trials for long panels, wider intervals; 2.1e+08 keys to draw);
     kernel leg off
     """
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     panels = [(n, n * config.vector_block_size) for n, _ in config.panels]
     vec = [(n, vector_trials(config, seq, device)) for n, seq in panels if seq <= config.vector_max_seq_len]
     text = f"score level: numpy, {config.score_trials} trials per point; "
@@ -164,32 +154,13 @@ def plan(config: Config = Config()) -> str:
         text += "vector level: no panel within vector_max_seq_len"
     if not config.kernel:
         return text + "; kernel leg off"
-    _, name, device_name, _ = _kernel_backend(config.kernel_device)
+    _, name, device_name, _ = kernel_backend(config.kernel_device)
     limit, trials = _kernel_limits(config, name)
     ker = [n for n, seq in panels if seq <= limit]
     if not ker:
         return text + f"; kernel leg ({name}): no panel with n·B <= {limit}"
     return text + (f"; kernel leg: {name} on {device_name}, {trials} trials per point for "
                    f"n = {', '.join(str(n) for n in ker)}")
-
-
-def _kernel_backend(kernel_device: str):
-    """(torch device, backend name, device name, torch dtype) for the kernel leg."""
-    import platform
-
-    import torch
-
-    from mobalab.kernels import gpu_available
-
-    dev = ("cuda" if gpu_available() else "cpu") if kernel_device == "auto" else kernel_device
-    device = torch.device(dev)
-    if device.type == "cuda":
-        if not gpu_available():
-            raise ValueError(f"kernel_device {kernel_device!r} asks for the CUDA kernel, but no usable GPU/CuPy here")
-        return device, "cuda-kernel", torch.cuda.get_device_name(device), torch.float16
-    if device.type != "cpu":
-        raise ValueError(f"kernel_device must be 'auto', 'cpu' or a CUDA device, got {kernel_device!r}")
-    return device, "torch-reference", f"cpu ({platform.processor() or platform.machine()})", torch.float32
 
 
 def kernel_point(n_blocks: int, top_k: int, head_dim: int, block_size: int, mu: float, m: int, trials: int,
@@ -285,14 +256,14 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     seeds = iter(np.random.SeedSequence(config.seed).generate_state(4 * len(config.panels) * (len(config.mc_snr) + 1)))
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     curve = np.linspace(0.0, config.snr_max, config.curve_points)
     mc_snr = np.asarray(config.mc_snr, dtype=float)
     rows = []
     jobs = [(n, k) for n, k in config.panels]
     # The kernel leg has its own streams, so that adding it leaves the other legs' numbers unchanged.
     kernel_seeds = np.random.SeedSequence([config.seed, 1]).spawn(len(jobs) * len(mc_snr))
-    backend = _kernel_backend(config.kernel_device) if config.kernel else None
+    backend = kernel_backend(config.kernel_device) if config.kernel else None
     kernel_panels = 0 if backend is None else sum(
         n * config.vector_block_size <= _kernel_limits(config, backend[1])[0] for n, _ in jobs)
     bar = tqdm(total=(len(jobs) + len(jobs) * len(mc_snr) + kernel_panels * len(mc_snr)), desc=NAME,

@@ -287,7 +287,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
                         scratch_budget_bytes: int | None = None):
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
-    ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in {64, 128};
+    ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
     ("auto", "resident", "streaming"; None: ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format

@@ -24,7 +24,6 @@ rotated vectors. See docs/design.md, "RoPE".
 
 from __future__ import annotations
 
-import numbers
 import sys
 
 import numpy as np
@@ -33,6 +32,9 @@ from tqdm.auto import tqdm
 
 from mobalab import _validate as V
 from mobalab.snr import rope_block_model, rope_frequencies
+
+from ._seeding import seed_record, spawn_generators
+from ._vector_router import resolve_backend
 
 __all__ = ["MATCH_KINDS", "apply_rope", "random_span_positions", "plant_rope_span", "rope_vector_router"]
 
@@ -49,40 +51,6 @@ _BATCH_ELEMENTS = {"numpy": 1 << 22, "torch-cpu": 1 << 22, "torch-cuda": 1 << 27
 def _is_torch(x) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
-
-
-def _seed_streams(seed) -> tuple[np.random.Generator, np.random.Generator, int | None]:
-    """(positions stream, vectors stream, recorded seed) from a non-negative int or a numpy Generator."""
-    if isinstance(seed, np.random.Generator):
-        pos, vec = seed.spawn(2)
-        return pos, vec, None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or a numpy.random.Generator, got {seed!r}")
-    pos, vec = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
-    return pos, vec, int(seed)
-
-
-def _backend(device):
-    """('numpy', None) or ('torch-cpu' / 'torch-cuda', torch.device) for ``device``."""
-    if device is None or (isinstance(device, str) and device in ("cpu", "numpy")):
-        return "numpy", None
-    import torch
-
-    if isinstance(device, str) and device in ("torch-cpu", "torch:cpu"):
-        return "torch-cpu", torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"device must be 'cpu'/'numpy', 'torch-cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
-        ) from None
-    if dev.type == "cpu":
-        return "torch-cpu", dev
-    if dev.type != "cuda":
-        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asks for CUDA, but torch sees no CUDA device here")
-    return "torch-cuda", dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,8 +314,9 @@ def rope_vector_router(head_dim: int, seq_len: int, block_size: int, top_k: int,
         raise ValueError(f"need 1 <= m <= block_size and 0 <= needle_index < m, got m={m}, needle_index={a}, "
                          f"block_size={bs}")
     query_pos, needle_pos = _check_positions(n_tok, bs, m, a, causal, match, query_pos, needle_pos)
-    backend, dev = _backend(device)
-    pos_rng, vec_np_rng, seed_rec = _seed_streams(seed)
+    backend, dev = resolve_backend(device)
+    seed_rec = seed_record(seed)
+    pos_rng, vec_np_rng = spawn_generators(seed, 2)
     if backend == "numpy":
         vec_rng = vec_np_rng
     else:

@@ -915,60 +915,24 @@ __device__ __forceinline__ void dec_step_body(const DecParams<T>& p) {
     }
 }
 
-// ---- entry points (one per dtype x head dim; signatures are parsed by _launch.check_args) ----
+// ---- entry points: one macro with a literal parameter list, one line per dtype x head dim (_launch.check_args
+// expands the macro to read the signatures) ----
 
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
-moba_decode_step_bf16_d64(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-    const __nv_bfloat16* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out,
-    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
-    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
-    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
-    const DecParams<__nv_bfloat16> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
-        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
-        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
-    dec_step_body<__nv_bfloat16, 64>(p);
-}
+#define MOBA_DECODE_STEP_KERNEL(NAME, T, D)                                                                           \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2) NAME(                                                \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ sums,    \
+      const int* __restrict__ lengths, int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, \
+      float* __restrict__ part_o, float* __restrict__ part_ml, unsigned* __restrict__ counters,                    \
+      T* __restrict__ out, float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads,                 \
+      int n_blocks_cap, int capacity, int block_size, int top_k, int n_rg, int rows_per_group, int n_split,        \
+      int blocks_per_split, int n_x, int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {       \
+    const DecParams<T> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse, batch,  \
+        q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,          \
+        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};                                    \
+    dec_step_body<T, D>(p);                                                                                         \
+  }
 
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
-moba_decode_step_bf16_d128(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-    const __nv_bfloat16* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __nv_bfloat16* __restrict__ out,
-    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
-    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
-    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
-    const DecParams<__nv_bfloat16> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
-        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
-        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
-    dec_step_body<__nv_bfloat16, 128>(p);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
-moba_decode_step_fp16_d64(const __half* __restrict__ q, const __half* __restrict__ k,
-    const __half* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out,
-    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
-    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
-    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
-    const DecParams<__half> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
-        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
-        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
-    dec_step_body<__half, 64>(p);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)
-moba_decode_step_fp16_d128(const __half* __restrict__ q, const __half* __restrict__ k,
-    const __half* __restrict__ v, const float* __restrict__ sums, const int* __restrict__ lengths,
-    int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j, float* __restrict__ part_o,
-    float* __restrict__ part_ml, unsigned* __restrict__ counters, __half* __restrict__ out,
-    float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,
-    int block_size, int top_k, int n_rg, int rows_per_group, int n_split, int blocks_per_split, int n_x,
-    int n_chunks, int chunk, int win_words, int nb_max, float scale_log2) {
-    const DecParams<__half> p{q, k, v, sums, lengths, sel, part_v, part_j, part_o, part_ml, counters, out, lse,
-        batch, q_len, heads, kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_split,
-        blocks_per_split, n_x, n_chunks, chunk, win_words, nb_max, scale_log2};
-    dec_step_body<__half, 128>(p);
-}
+MOBA_DECODE_STEP_KERNEL(moba_decode_step_bf16_d64,  __nv_bfloat16,  64)
+MOBA_DECODE_STEP_KERNEL(moba_decode_step_bf16_d128, __nv_bfloat16, 128)
+MOBA_DECODE_STEP_KERNEL(moba_decode_step_fp16_d64,  __half,         64)
+MOBA_DECODE_STEP_KERNEL(moba_decode_step_fp16_d128, __half,        128)
