@@ -63,36 +63,37 @@
 // not profiled): ticket + q load + first stage landing ~2-3 us, list write + fence + counter ~1 us, split merge (one
 // warp per row, n_split * 7 entries, 7 rounds of warp arg-max) ~1 us; attention unit prologue (selection copy from L2,
 // union bitmap, two block scans, row lists: ~10 barriers) ~3 us. Per 16 KB routing stage: scoring (4 rows per pass
-// since this revision: one dependent FMA + shuffle chain per 4 rows instead of per row) and the list merge, two
-// barriers.
-// Where the time went (measured at 66cac32: 512K 0.183 ms, routing 0.106 for 134 MB = 1.27 TB/s; 32K routing
-// 0.038 ms for 8.4 MB): per CTA that is ~5 GB/s while 4 stages (64 KB) were nominally in flight, i.e. a
-// routing CTA spends most of its time outside a full pipeline (serial chains per stage and per item), not
-// waiting on HBM bandwidth. Changes here: 4-row ILP in scoring, one more stage in flight, no split shorter
-// than 4 stages. Not yet measured; `scripts/gpu_check.sh decode-ncu` gives the stall reasons to confirm.
-// Prediction (us): 512K routing 106 -> ~75 (+25% in flight, scoring chain / 3), step 183 -> ~150 (26x dense,
-// target 30x not reached by this alone); 32K routing 38 -> ~12, step 119 -> ~93 (3.1x; target 3x);
-// 1M 239 -> ~190; 128K B128 k8 142 -> ~125 (routing 5 stages of 160 blocks instead of 1-stage splits).
-// The attention phase (~77 us for 121 MB at both 512K and 32K, 1.6 TB/s, measured at 66cac32) is now the
-// larger share. A CTA recycles a K/V stage only after its item's chain: barrier, copy issue, query reload
-// (global load + barrier), S, barrier, then ONE warp per selecting row (usually one row per block) did the
-// whole chunk's softmax and P.V, a 64-token dependent FMA chain, while 7 warps idled. Estimated chain per
-// item with one selecting row ~2300-2800 cycles (~1.3 us). This revision: (a) the query rows and positions
-// of a kv head stay in shared memory for the whole unit when rows <= DEC_ATTN_ROWS (q_len 1 with G <= 8:
-// every benchmark shape), so an item no longer reloads them (one L2 round trip and one barrier less); (b)
-// softmax and P.V run on all 8 warps: warp w owns D / 8 columns as column pairs x token slices of its lanes,
-// each slice takes every PV_SL-th token (16 tokens at d 128) of every row of the pass with its own max, V
-// read once for all rows, and the slices combine by shuffles (online-softmax rescaling); no one-warp softmax
-// and no barrier between S and P.V any more (2 barriers per item instead of 3-4). Estimated chain per item
-// ~1000-1200 cycles (~0.6 us); the price is 16 redundant exp2 per row and thread (MUFU: ~256 cycles per row
-// and item, hidden behind the chain at the usual 1-2 rows per block). (c) warps 1-7 load those queries while
-// thread 0 waits on ready[] (one L2 round trip less per unit); (d) the merge of the last unit loads
-// DEC_MERGE_BATCH partials per round trip (2 instead of 4+ at k 8, 2 chunks).
-// Prediction (us, batch 8, not yet measured): attention 77 -> ~45 (2.7 TB/s; 35-65 depending on how much of
-// the 77 us is item chains rather than the per-unit prologue, the first K/V landing of each unit, the
-// ready[] wait and the merge tail, which are unchanged: a chain-only model gives ~29 us for the old code,
-// far below the 77 measured, so the rest is not understood yet -- `decode-ncu` should tell); step 512K ~120
-// (with the routing prediction above; 33x dense), 32K ~60, 1M ~160, 128K B128 k8 ~90.
+// since 8edca69: one dependent FMA + shuffle chain per 4 rows instead of per row) and the list merge, two barriers.
+// Attention item chain: a CTA recycles a K/V stage only after its item's chain: barrier, copy issue, query reload
+// (global load + barrier), S on all warps, barrier, then ONE warp per selecting row (usually one row per block)
+// does the whole chunk's softmax and P.V, a 64-token dependent FMA chain, while the other warps wait at the next
+// barrier. Estimated chain per item with one selecting row ~2300-2800 cycles (~1.3 us); a chain-only model gives
+// ~29 us for the attention phase, far below the ~77 us measured, so most of that phase is not these chains.
+//
+// What this file is: the routing of 8edca69 / 16d1e54 (DEC_ROUTE_ILP rows per scoring pass, DEC_ROUTE_STAGES
+// = 6, no split shorter than 4 stages) with the attention unit of 66cac32 (one warp per selecting row per item,
+// query rows reloaded per item), plus two later attention changes that do not depend on how P.V is spread:
+// 32-bit item index arithmetic (no 64-bit division per item in the copy issue and the item body) and the last
+// unit's merge loading DEC_MERGE_BATCH partials per L2 round trip.
+// Measured on an H200 (batch 8, 32 / 8 heads, d 128, B 128, k 8; routing alone = the launch with n_x = 0;
+// attention = step - routing):
+//   66cac32 (routing: 5 stages, one row per scoring pass, 1-stage splits; attention: as in this file without
+//     the two later changes): 512K step 0.183 ms, routing 0.106 (134 MB, 1.27 TB/s), attention ~0.077
+//     (121 MB, 1.6 TB/s); 32K step 0.119, routing 0.038 (8.4 MB), attention ~0.081.
+//   ce1fd61 (routing: as in this file; attention: softmax and P.V of every item on all 8 warps as column pairs
+//     x token slices combined by shuffles with online-softmax rescaling, query rows resident in shared memory
+//     for the whole unit, queries loaded by warps 1-7 during the ready[] wait, plus the two changes kept here):
+//     512K step 0.210, routing 0.102, attention ~0.108; 32K step 0.153, routing 0.029, attention ~0.124.
+//     Routing a little faster; the attention phase 30-40 us SLOWER although its estimated item chain halved.
+//     Nsight Compute there: 25% of DRAM peak, 24% achieved occupancy (two 8-warp CTAs per SM, 123 registers),
+//     top stalls wait, short_scoreboard, barrier.
+// Prediction for this file, not yet measured (routing as at ce1fd61 + attention as at 66cac32): 512K ~0.102 +
+// 0.077 = ~0.18 ms, 32K ~0.029 + 0.081 = ~0.11 ms. The two kept attention changes touch only per-item index
+// arithmetic and the final merge (a few us at most either way). If the attention phase returns to ~77-81 us,
+// the ce1fd61 attention unit (all-warp P.V with resident rows) was the regression. If not, the rest of what
+// changed between the two measurements is the routing decomposition, which "step - routing" does not separate
+// from attention (at 32K: one 8-stage routing item per kv head while the other 200 CTAs spin on ready[]).
+// `scripts/gpu_check.sh decode-ncu` gives the stall reasons of this file to compare with ce1fd61's.
 // Next candidates: bulk (TMA) copies of whole chunks to take the per-thread copy issue off the critical
 // path, a leaner unit prologue (~11 barriers and two L2 round trips before the first K/V copy), and the next
 // unit's first K/V copies issued before the current unit's tail.
@@ -116,7 +117,7 @@
 #define DEC_ROUTE_STAGE_BYTES 16384  // one stage: 32 block sums at d 128, 64 at d 64
 #define DEC_ROUTE_MAX_ROWS 64        // rows of one routing row group
 #define DEC_ATTN_CHUNK 64            // most tokens of one attention item
-#define DEC_ATTN_ROWS 8              // rows per pass over an item (scores and P.V of all of them at once)
+#define DEC_ATTN_ROWS 8              // rows per pass over an item (one warp each in softmax and P.V)
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
 #define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
@@ -560,8 +561,7 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 
 // ---- attention unit ----
 
-// Shared memory: [flags] qs [ROWS][D] fp32 (by row of the kv head when rows <= ROWS, else by row of the pass)
-// | S [ROWS][CHUNK] fp32 | tl [ROWS] (positions, indexed like qs) | cnt [nb_max] |
+// Shared memory: [flags] qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | cnt [nb_max] |
 // ul [nb_max] | rl [nb_max][R] | (16-byte aligned) stages [AS] x (K [chunk][D], V [chunk][D]) T, AS = the
 // stages of `chunk` tokens that fit in DEC_ATTN_STAGE_BYTES (at most DEC_ATTN_MAX_STAGES). Before the first
 // K/V copy the stages hold the union bitmap (win_words words) and a copy of the kv head's selection (R * k
@@ -594,17 +594,6 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
     unsigned* bitmap = reinterpret_cast<unsigned*>(stage_bytes);
     int* sel_s = reinterpret_cast<int*>(bitmap + p.win_words);  // sel_s[e]: block of entry e
 
-    // With at most DEC_ATTN_ROWS rows (the usual decode: q_len 1, G <= 8) every row's query and position stay
-    // in qs / tl for the whole unit, indexed by row: no reload and no barrier for them per item.
-    // q is an input of the launch: warps 1 .. 7 load it while thread 0 waits for the routing.
-    const bool resident = rows <= DEC_ATTN_ROWS;
-    if (resident) {
-        for (int y = tid - 32; y >= 0 && y < rows * D; y += DEC_THREADS - 32) {
-            const int r = y / D, e = y - r * D, qi = r / group, gg = r - qi * group;
-            qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
-        }
-        for (int r = tid; r < rows; r += DEC_THREADS) tl[r] = len - p.q_len + r / group;
-    }
     if (tid == 0) {
         dec_wait_at_least(p.ready() + g, (unsigned)p.n_rg);
         __threadfence();
@@ -730,17 +719,13 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         const T* vs = ks + chunk * D;
         for (int rb0 = 0; rb0 < n; rb0 += DEC_ATTN_ROWS) {
             const int nb = min(DEC_ATTN_ROWS, n - rb0);
-            if (!resident) {
-                if (rb0 > 0) __syncthreads();  // the last pass is done with qs, tl and S
-                for (int y = tid; y < nb * D; y += DEC_THREADS) {
-                    const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group,
-                              gg = r - qi * group;
-                    qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
-                }
-                for (int rr = tid; rr < nb; rr += DEC_THREADS)
-                    tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
-                __syncthreads();
+            if (rb0 > 0) __syncthreads();  // the last pass is done with qs and S
+            for (int y = tid; y < nb * D; y += DEC_THREADS) {
+                const int rr = y / D, e = y - rr * D, r = list[rb0 + rr] / top_k, qi = r / group, gg = r - qi * group;
+                qs[y] = dec_to_float(p.q[((long long)(b * p.q_len + qi) * p.heads + kvh * group + gg) * D + e]);
             }
+            for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
+            __syncthreads();
 
             // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token);
             // nb * chunk is a multiple of 16, so the 4 groups of a warp run the same iterations.
@@ -748,86 +733,65 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
                 const int grp8 = tid >> 3, part = tid & 7;
                 for (int pp = grp8; pp < nb * chunk; pp += DEC_THREADS / 8) {
                     const int rr = pp / chunk, tk = pp - rr * chunk;
-                    const int qr = resident ? list[rb0 + rr] / top_k : rr;  // row of qs / tl
                     float acc = 0.f;
 #pragma unroll
                     for (int m = 0; m < D / 64; ++m) {
                         const int e0 = (m * 8 + part) * 8;
                         float kf[8];
                         dec_unpack8<T>(*reinterpret_cast<const uint4*>(ks + tk * D + e0), kf);
-                        const float4 qa = *reinterpret_cast<const float4*>(qs + qr * D + e0);
-                        const float4 qb = *reinterpret_cast<const float4*>(qs + qr * D + e0 + 4);
+                        const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
+                        const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
                         acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
                                qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
                     }
                     acc += __shfl_xor_sync(DEC_FULL, acc, 1);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 2);
                     acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[qr] ? acc * p.scale_log2 : dec_neg_inf();
+                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * p.scale_log2 : dec_neg_inf();
                 }
             }
             __syncthreads();
 
-            // Softmax pieces and o = P . V of every row of the pass on all warps, in base 2: warp w owns columns
-            // w * D / 8 .. + D / 8 as PV_PAIRS column pairs x PV_SL token slices of its lanes; slice sl takes
-            // tokens sl, sl + PV_SL, .. (V read once for all rows) with its own max m_s: P = 2^(S - m_s), l_s =
-            // sum P, o_s = sum P v. The slices combine by shuffles: m = max m_s, l = sum l_s 2^(m_s - m), o
-            // likewise (a slice or row with every key masked: m_s = -inf, weight 0; all masked: m = -inf, l = 0).
-            // Every warp derives the same m and l from the same scores; warp 0 writes them. So an item's chain
-            // after S is chunk / PV_SL tokens, with no barrier and no one-warp softmax before P . V.
-            {
-                constexpr int PV_PAIRS = D / 16, PV_SL = 32 / PV_PAIRS;
-                const int cp = lane % PV_PAIRS, sl = lane / PV_PAIRS, col = warp * (D / 8) + cp * 2;
-                float ms[DEC_ATTN_ROWS], ls[DEC_ATTN_ROWS], o[DEC_ATTN_ROWS][2];
+            // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m), l = sum P; all -inf: m = -inf,
+            // l = 0), then o = P . V over the chunk, lane holding columns lane * CPL ..; written as a partial.
+            if (warp < nb) {
+                float* srow = S + warp * CH;
+                float mx = dec_neg_inf();
+                for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
 #pragma unroll
-                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
-                    ms[rr] = dec_neg_inf();
-                    ls[rr] = o[rr][0] = o[rr][1] = 0.f;
-                    if (rr < nb) {
-                        for (int tk = sl; tk < chunk; tk += PV_SL) ms[rr] = fmaxf(ms[rr], S[rr * CH + tk]);
-                    }
-                }
-#pragma unroll 2
-                for (int tk = sl; tk < chunk; tk += PV_SL) {
-                    float v0, v1;
-                    dec_unpack2(*reinterpret_cast<const unsigned*>(vs + tk * D + col), v0, v1, T());
-#pragma unroll
-                    for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
-                        if (rr < nb) {
-                            const float pr = ms[rr] == dec_neg_inf() ? 0.f : exp2f(S[rr * CH + tk] - ms[rr]);
-                            ls[rr] += pr;
-                            o[rr][0] += pr * v0;
-                            o[rr][1] += pr * v1;
-                        }
-                    }
+                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+                float l = 0.f;
+                for (int tk = lane; tk < chunk; tk += 32) {
+                    const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
+                    srow[tk] = pr;
+                    l += pr;
                 }
 #pragma unroll
-                for (int rr = 0; rr < DEC_ATTN_ROWS; ++rr) {
-                    if (rr < nb) {  // nb is uniform over the CTA: every lane shuffles
-                        float mx = ms[rr];
+                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+                __syncwarp();
+                float o[CPL];
 #pragma unroll
-                        for (int off = PV_PAIRS; off < 32; off <<= 1)
-                            mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
-                        const float w = ms[rr] == dec_neg_inf() ? 0.f : exp2f(ms[rr] - mx);
-                        float l = ls[rr] * w, o0 = o[rr][0] * w, o1 = o[rr][1] * w;
+                for (int e = 0; e < CPL; ++e) o[e] = 0.f;
+#pragma unroll 4
+                for (int tk = 0; tk < chunk; ++tk) {
+                    const float pr = srow[tk];
+                    float vf[CPL];
+                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
 #pragma unroll
-                        for (int off = PV_PAIRS; off < 32; off <<= 1) {
-                            l += __shfl_xor_sync(DEC_FULL, l, off);
-                            o0 += __shfl_xor_sync(DEC_FULL, o0, off);
-                            o1 += __shfl_xor_sync(DEC_FULL, o1, off);
-                        }
-                        if (sl == 0) {
-                            const int ent = list[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
-                            const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
-                            float* po = p.part_o + pi * D + col;
-                            po[0] = o0;
-                            po[1] = o1;
-                            if (warp == 0 && lane == 0) {
-                                p.part_ml[2 * pi] = mx;
-                                p.part_ml[2 * pi + 1] = l;
-                            }
-                        }
-                    }
+                    for (int e = 0; e < CPL; ++e) o[e] += pr * vf[e];
+                }
+                const int ent = list[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
+                const long long pi = (((long long)g * rows + r) * top_k + s) * nc + c;
+                float* po = p.part_o + pi * D + lane * CPL;
+                if constexpr (CPL == 4) {
+                    *reinterpret_cast<float4*>(po) = make_float4(o[0], o[1], o[CPL - 2], o[CPL - 1]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < CPL; ++e) po[e] = o[e];
+                }
+                if (lane == 0) {
+                    p.part_ml[2 * pi] = mx;
+                    p.part_ml[2 * pi + 1] = l;
                 }
             }
         }
