@@ -10,6 +10,8 @@
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   trained-test the GPU tests of the trained-model recipe (three small models trained at 4K, ~160 s)
+#   trained-study            train variants of the trained-routing study (scripts/train_variants.py with
+#                            TRAIN_VARIANTS, e.g. "dense:0-2,moba-128-kconv3:1-2"); CSVs under trained/
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 #   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
 #   wgmma-tile   the wgmma forward tile kernel: probe (incl. transposed B) and oracle GPU tests, then the quick
@@ -85,6 +87,8 @@ for step in "${STEPS[@]}"; do
                   tests/experiments/test_rope.py tests/kernels/test_training_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     trained-test) timeout $(cap 240) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
                     --import-mode=importlib tests/training/test_training_gpu.py > "$W/pytest_trained.log" 2>&1 || status=1 ;;
+    trained-study) timeout $(cap 590) python3 scripts/train_variants.py --variants "${TRAIN_VARIANTS:?}" --device cuda \
+                     --out "$W/trained" > "$W/trained_study.log" 2>&1 || status=1 ;;
     decode-tests) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     wgmma) timeout $(cap 90) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
@@ -128,5 +132,6 @@ for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/de
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"
+[ -f "$W/trained_study.log" ] && grep -E "models in|Error" "$W/trained_study.log"
 rm -rf "$W"
 exit "$status"

@@ -2,7 +2,7 @@
 
     python3 scripts/train_variants.py --variants moba-32,moba-128-kconv3:2 --seeds 3 --device cuda --out DIR
 
-(``variant:n`` trains that variant's first n replicates instead of ``--seeds``.)
+(``variant:n`` trains that variant's first n replicates instead of ``--seeds``; ``variant:a-b`` its replicates a to b.)
 
 Model seeds come from the study's seed sequence (``trained_routing._model_seeds``), so replicate r of a
 variant is the same model whichever run trains it: CSVs of several runs concatenate into one study
@@ -31,8 +31,11 @@ def main(argv=None) -> None:
         v, _, n = item.partition(":")
         start = time.time()
         make = exp.Config.quick if a.quick else exp.Config
-        df = exp.run(make(variants=(v,), n_seeds=int(n) if n else a.seeds, device=a.device))
-        df.to_csv(os.path.join(a.out, f"trained-{v}.csv"), index=False)  # each variant as soon as it is done
+        first, _, last = n.partition("-")
+        reps = dict(n_seeds=int(last) + 1, first_replicate=int(first)) if last else dict(n_seeds=int(n) if n else a.seeds)
+        df = exp.run(make(variants=(v,), device=a.device, **reps))
+        tag = f"-r{first}-{last}" if last else ""
+        df.to_csv(os.path.join(a.out, f"trained-{v}{tag}.csv"), index=False)  # each variant as soon as it is done
         models = df.drop_duplicates(["variant", "replicate"])
         print(f"{v}: {len(models)} models in {time.time() - start:.0f} s, accuracy "
               f"{', '.join(f'{x:.3f}' for x in models['accuracy'])}", flush=True)

@@ -119,3 +119,16 @@ def test_study_split_over_runs_summarises_as_one(quick_run):
     assert list(split["seeds"]) == [exp.Config.quick().n_seeds] * len(moba)
     pd.testing.assert_frame_equal(split.sort_values("variant").reset_index(drop=True),
                                   whole.sort_values("variant").reset_index(drop=True))
+
+
+def test_a_later_run_adds_the_same_replicates(quick_run):
+    """first_replicate trains replicate r from the study's seed sequence: the rows equal the full run's."""
+    _, df = quick_run
+    later = exp.run(exp.Config.quick(variants=("moba-8",), first_replicate=1))
+    assert set(later["replicate"]) == {1}
+    full = df[(df["variant"] == "moba-8") & (df["replicate"] == 1)].reset_index(drop=True)
+    assert list(later["model_seed"].unique()) == list(full["model_seed"].unique())
+    np.testing.assert_allclose(later["accuracy"], full["accuracy"])
+    np.testing.assert_allclose(later["recall"], full["recall"])
+    with pytest.raises(ValueError, match="first_replicate"):
+        exp.run(exp.Config.quick(variants=("moba-8",), first_replicate=2))

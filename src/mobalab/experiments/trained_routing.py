@@ -69,7 +69,9 @@ class Config:
     variant; ``device``: 'auto' (CUDA when usable), 'cpu' or 'cuda[:N]'; ``cpu_threads``: torch's intra-op
     threads during the run (None: unchanged; tiny CPU models run several times faster on one thread, where
     thread hand-offs cost more than they save); ``checkpoint_dir``: when set, every trained model's weights
-    are saved there (a few MB each; nothing is written by default)."""
+    are saved there (a few MB each; nothing is written by default); ``first_replicate``: train only replicates
+    ``first_replicate .. n_seeds - 1`` (a later run adding seeds to a study: replicate r is the same model
+    whichever run trains it, so the rows of both runs concatenate into one study)."""
 
     seq_len: int = 4096
     n_pairs: int = 32
@@ -86,6 +88,7 @@ class Config:
     variants: tuple[str, ...] = ("dense", "moba-32", "moba-128", "moba-128-kconv3", "moba-128-kconv5",
                                  "moba-32-nope", "moba-128-nope", "moba-128-kconv5-nope")
     n_seeds: int = 3
+    first_replicate: int = 0
     steps: int = 600
     curriculum: tuple[tuple[int, int], ...] = ((512, 150), (1024, 100))
     batch_size: int = 16
@@ -164,6 +167,9 @@ def _check(config: Config) -> None:
         raise ValueError(f"variants must be distinct, got {config.variants}")
     if config.n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {config.n_seeds}")
+    if not 0 <= config.first_replicate < config.n_seeds:
+        raise ValueError(f"first_replicate must be in [0, n_seeds) = [0, {config.n_seeds}), "
+                         f"got {config.first_replicate}")
     if config.cpu_threads is not None and (isinstance(config.cpu_threads, bool) or config.cpu_threads < 1):
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {config.cpu_threads!r}")
     if not _routes(config):
@@ -243,8 +249,11 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
     if device.type == "cuda":
         _compile_kernels(config, device)
     frames = []
-    bar = tqdm(total=len(config.variants) * config.n_seeds, desc=NAME, disable=not progress, unit="model")
+    bar = tqdm(total=len(config.variants) * (config.n_seeds - config.first_replicate), desc=NAME,
+               disable=not progress, unit="model")
     for replicate, mseed in enumerate(model_seeds):
+        if replicate < config.first_replicate:
+            continue
         for v in config.variants:
             mc = model_config(config, v)
             tc = _train_config(config_dev, mseed)
