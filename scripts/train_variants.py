@@ -33,7 +33,9 @@ def main(argv=None) -> None:
         make = exp.Config.quick if a.quick else exp.Config
         first, _, last = n.partition("-")
         reps = dict(n_seeds=int(last) + 1, first_replicate=int(first)) if last else dict(n_seeds=int(n) if n else a.seeds)
-        df = exp.run(make(variants=(v,), device=a.device, **reps))
+        # a dense model's statistics are taken at the study's routes (those of its MoBA variants)
+        routes = tuple(exp._routes(make())) if exp.model_config(make(), v).attention == "dense" else None
+        df = exp.run(make(variants=(v,), device=a.device, routes=routes, **reps))
         tag = f"-r{first}-{last}" if last else ""
         df.to_csv(os.path.join(a.out, f"trained-{v}{tag}.csv"), index=False)  # each variant as soon as it is done
         models = df.drop_duplicates(["variant", "replicate"])

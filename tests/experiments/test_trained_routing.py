@@ -132,3 +132,14 @@ def test_a_later_run_adds_the_same_replicates(quick_run):
     np.testing.assert_allclose(later["recall"], full["recall"])
     with pytest.raises(ValueError, match="first_replicate"):
         exp.run(exp.Config.quick(variants=("moba-8",), first_replicate=2))
+
+
+def test_a_dense_only_run_takes_the_routes_it_is_given(quick_run):
+    _, df = quick_run
+    with pytest.raises(ValueError, match="routes"):
+        exp.run(exp.Config.quick(variants=("dense",)))
+    routes = tuple(exp._routes(exp.Config.quick()))
+    later = exp.run(exp.Config.quick(variants=("dense",), routes=routes, first_replicate=1))
+    full = df[(df["variant"] == "dense") & (df["replicate"] == 1)].reset_index(drop=True)
+    assert list(zip(later["block_size"], later["top_k"])) == list(zip(full["block_size"], full["top_k"]))
+    np.testing.assert_allclose(later["recall"], full["recall"])

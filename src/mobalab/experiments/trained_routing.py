@@ -71,7 +71,9 @@ class Config:
     thread hand-offs cost more than they save); ``checkpoint_dir``: when set, every trained model's weights
     are saved there (a few MB each; nothing is written by default); ``first_replicate``: train only replicates
     ``first_replicate .. n_seeds - 1`` (a later run adding seeds to a study: replicate r is the same model
-    whichever run trains it, so the rows of both runs concatenate into one study)."""
+    whichever run trains it, so the rows of both runs concatenate into one study); ``routes``: the (B, k) at
+    which dense models' attention is routed for the statistics (None: those of the MoBA variants; a run of
+    dense models alone names them)."""
 
     seq_len: int = 4096
     n_pairs: int = 32
@@ -89,6 +91,7 @@ class Config:
                                  "moba-32-nope", "moba-128-nope", "moba-128-kconv5-nope")
     n_seeds: int = 3
     first_replicate: int = 0
+    routes: tuple[tuple[int, int], ...] | None = None
     steps: int = 600
     curriculum: tuple[tuple[int, int], ...] = ((512, 150), (1024, 100))
     batch_size: int = 16
@@ -150,6 +153,8 @@ def model_config(config: Config, variant: str):
 
 
 def _routes(config: Config) -> list[tuple[int, int]]:
+    if config.routes is not None:
+        return [(int(b), int(k)) for b, k in config.routes]
     out = []
     for v in config.variants:
         mc = model_config(config, v)
@@ -173,7 +178,8 @@ def _check(config: Config) -> None:
     if config.cpu_threads is not None and (isinstance(config.cpu_threads, bool) or config.cpu_threads < 1):
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {config.cpu_threads!r}")
     if not _routes(config):
-        raise ValueError("variants need at least one MoBA model: the routing statistics are taken at its (B, k)")
+        raise ValueError("variants need at least one MoBA model, or routes=((B, k), ...): the routing statistics "
+                         "are taken at those (B, k)")
     task(config)
 
 
