@@ -32,7 +32,10 @@ def main(argv=None) -> None:
         start = time.time()
         make = exp.Config.quick if a.quick else exp.Config
         first, _, last = n.partition("-")
-        reps = dict(n_seeds=int(last) + 1, first_replicate=int(first)) if last else dict(n_seeds=int(n) if n else a.seeds)
+        if last:
+            reps = dict(n_seeds=int(last) + 1, first_replicate=int(first))
+        else:
+            reps = dict(n_seeds=int(n) if n else a.seeds)
         # a dense model's statistics are taken at the study's routes (those of its MoBA variants)
         routes = tuple(exp._routes(make())) if exp.model_config(make(), v).attention == "dense" else None
         df = exp.run(make(variants=(v,), device=a.device, routes=routes, **reps))

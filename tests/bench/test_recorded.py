@@ -16,7 +16,7 @@ def test_recorded_results_ship_inside_the_package():
     assert {"2026-11-22-h200-moba-forward-43ade7f.csv", "2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv",
             "2026-11-22-h200-moba-fwdbwd-sweep.csv", "2026-11-22-h200-snr-vs-accuracy-full.csv",
             "2026-11-30-h200-head-dims-ce1fd61.csv", "2026-11-30-h200-rope-full.csv",
-            "2026-11-30-h200-trained-routing-464dfd1.csv",
+            "2026-11-30-h200-trained-routing.csv",
             "2026-11-30-h200x2-context-parallel-ce1fd61.csv"} <= set(names)
 
 

@@ -55,6 +55,13 @@ def test_summary_and_claims(quick_run):
     s = exp.summary(df)
     assert len(s) == len(exp.Config.quick().variants) + 1  # the dense model at both block sizes
     assert (s["seeds"] == exp.Config.quick().n_seeds).all()
+    # the residual is observed minus predicted model by model, averaged over seeds
+    rh = exp.retrieval_heads(df)
+    for _, r in s.iterrows():
+        g = rh[(rh["variant"] == r["variant"]) & (rh["block_size"] == r["block_size"])]
+        want = (g["recall_hits"] / g["recall_trials"] - g["pred_block"]).mean()
+        assert r["block_resid"] == pytest.approx(want)
+        assert r["block_resid_low"] <= r["block_resid"] <= r["block_resid_high"]
     c = exp.claims(df)
     assert set(c["claim"]) == {"1: smaller B routes better (equal k·B)", "2: trained kconv raises Δμ_eff"}
     assert set(c["comparison"]) >= {"moba-8 vs moba-16", "moba-16-kconv3 vs moba-16", "moba-16-kconv5 vs moba-16"}
@@ -141,5 +148,5 @@ def test_a_dense_only_run_takes_the_routes_it_is_given(quick_run):
     routes = tuple(exp._routes(exp.Config.quick()))
     later = exp.run(exp.Config.quick(variants=("dense",), routes=routes, first_replicate=1))
     full = df[(df["variant"] == "dense") & (df["replicate"] == 1)].reset_index(drop=True)
-    assert list(zip(later["block_size"], later["top_k"])) == list(zip(full["block_size"], full["top_k"]))
+    assert later[["block_size", "top_k"]].values.tolist() == full[["block_size", "top_k"]].values.tolist()
     np.testing.assert_allclose(later["recall"], full["recall"])

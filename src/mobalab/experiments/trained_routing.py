@@ -394,6 +394,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             pred = float(g[f"pred_{kind}"].mean())
             row[f"pred_{kind}"] = pred
             row[f"{kind}_units"] = float(interval_units(pred, hits, trials)) if math.isfinite(pred) else math.nan
+            resid = g["recall_hits"] / g["recall_trials"] - g[f"pred_{kind}"]
+            row[f"{kind}_resid"], row[f"{kind}_resid_low"], row[f"{kind}_resid_high"] = _t_interval(resid)
         for col in ("z_needle", "z_eff", "m", "snr_paper", "block_snr", "block_var_ratio", "cos_delta_mu_eff"):
             mean, lo, hi = _t_interval(g[col])
             row[col], row[f"{col}_low"], row[f"{col}_high"] = mean, lo, hi
@@ -482,6 +484,11 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
     return res
 
 
+def _seed_range(df: pd.DataFrame) -> str:
+    per = df.drop_duplicates(["variant", "replicate"]).groupby("variant").size()
+    return str(per.min()) if per.min() == per.max() else f"{per.min()}-{per.max()}"
+
+
 def plot(df: pd.DataFrame):
     """(a) accuracy per variant, (b) recall at the retrieval head with the three predictions, (c) predicted
     against observed recall for every layer / head, (d) Δμ/σ and Δμ_eff/σ at the retrieval heads."""
@@ -565,7 +572,7 @@ def plot(df: pd.DataFrame):
 
     r0 = df.iloc[0]
     fig.suptitle(f"trained-routing: N = {r0['seq_len']}, d = {r0['head_dim']}, k·B = {r0['budget']}, "
-                 f"{r0['steps']} steps, {int(df['replicate'].nunique())} seeds, {r0['answers']} answers per model",
+                 f"{r0['steps']} steps, {_seed_range(df)} seeds, {r0['answers']} answers per model",
                  fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
