@@ -72,8 +72,8 @@ class ReferenceAsKernels:
         self.params = params
         self.calls = 0
 
-    def lists(self, q, centroids, block_size, top_k, causal):
-        return reference_lists(q, centroids, block_size, top_k, causal)
+    def lists(self, q, centroids, block_size, top_k, causal, query_offset=0):
+        return reference_lists(q, centroids, block_size, top_k, causal, query_offset)
 
     def forward(self, q, k, v, topk, causal):
         p = self.params

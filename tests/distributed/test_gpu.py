@@ -80,8 +80,8 @@ def test_cuda_step_equals_reference_step(pair, causal):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("start, top_k", [(0, 8), (4096, 8), (3000, 8), (1000, 1), (2500, 17)])
 def test_kernel_router_equals_single_device_routers(start, top_k, causal):
-    """The fused top-k kernel, cut at the shard's first block boundary and merged, against the single-device
-    reference and CUDA routers at global positions (agreement: all but near-ties)."""
+    """The fused top-k kernel at the shard's query offset against the single-device reference and CUDA routers
+    at global positions (agreement: all but near-ties)."""
     from mobalab.distributed._routing import kernel_lists, route_segment
     from mobalab.kernels import moba_topk
 

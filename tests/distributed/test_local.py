@@ -140,10 +140,9 @@ def test_part_functions_validate():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("start, top_k", [(0, 3), (16, 3), (13, 3), (13, 1), (5, 2), (40, 8), (61, 4)])
-def test_routing_by_frame_bound_lists_equals_reference(start, top_k, causal):
-    """The kernel router's decomposition (reference < B head queries, a causal list in the frame from the first
-    block boundary, a non-causal list over the blocks before it, merged by fp32 score) with the frame-bound
-    lists computed by the reference: the reference's routing at global positions."""
+def test_routing_at_a_query_offset_equals_reference(start, top_k, causal):
+    """A segment routed at its query offset (the contract of kernel_lists, here by the reference) equals the
+    whole sequence's routing at those positions, exact ties included (cut blocks, offsets inside a block)."""
     from mobalab.distributed._routing import reference_lists, route_segment
 
     g = torch.Generator().manual_seed(start * 10 + top_k)
@@ -212,7 +211,7 @@ def test_cuda_adapters_call_the_wrappers_as_they_take_arguments(monkeypatch):
 
 def test_kernel_router_launch_plans_match_the_cuda_sources(monkeypatch):
     """kernel_lists' launches pass check_args against the .cu signatures; emulating the two kernels (split of
-    the fp32 centroids, top-k in the centroids' frame) by the reference then routes as the reference does."""
+    the fp32 centroids, top-k at the query offset) by the reference then routes as the reference does."""
     from mobalab.distributed._routing import kernel_lists, route_segment
     from mobalab.kernels import _launch
 
@@ -229,7 +228,7 @@ def test_kernel_router_launch_plans_match_the_cuda_sources(monkeypatch):
             q, hi, lo, out = plan.args[:4]
             cent = (hi.double() + lo.double()).permute(0, 2, 1, 3)
             out.copy_(R.moba_topk_from_centroids(q, cent, int(plan.args[7]), int(plan.args[9]),
-                                                 "_causal_" in plan.kernel))
+                                                 "_causal_" in plan.kernel, query_offset=int(plan.args[10])))
 
     monkeypatch.setattr(_launch, "launch", launch)
     g = torch.Generator().manual_seed(7)
@@ -240,4 +239,5 @@ def test_kernel_router_launch_plans_match_the_cuda_sources(monkeypatch):
     for causal in (True, False):
         got = route_segment(q[:, 300:], 300, centroids, 64, 4, causal, kernel_lists)
         assert torch.equal(got, R.moba_topk(q, k, 64, 4, causal)[:, 300:])
-    assert any("_causal_" in name for name in launched) and any("_full_" in name for name in launched)
+    # one top-k launch per call, at the segment's offset (no second list over the blocks before it)
+    assert [n.split("_")[4] for n in launched if n.startswith("moba_topk")] == ["causal", "full"]

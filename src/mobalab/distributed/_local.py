@@ -54,16 +54,16 @@ class Params:
 
 class CudaKernels:
     """The CUDA kernels on one sequence: forward and backward (q, k, v of equal length, routing local to it)
-    and the fused top-k (rows at positions 0, 1, ... of the centroids given)."""
+    and the fused top-k (rows at positions query_offset, query_offset + 1, ... of the centroids given)."""
 
     def __init__(self, params: Params):
         self.params = params
 
-    def lists(self, q, centroids, block_size, top_k, causal):
+    def lists(self, q, centroids, block_size, top_k, causal, query_offset=0):
         from ._routing import kernel_lists
 
         with on_device(q):
-            return kernel_lists(q, centroids, block_size, top_k, causal)
+            return kernel_lists(q, centroids, block_size, top_k, causal, query_offset)
 
     def forward(self, q, k, v, topk, causal):
         from ..kernels._cuda_attention import moba_attention_cuda

@@ -13,13 +13,10 @@ docs/design.md, "MoBA semantics", unchanged. Bytes moved: each rank receives the
 about ``batch * n_blocks * kv_heads * d`` fp32 values, once per call (not per ring step).
 
 Who scores: the reference (:func:`~mobalab.kernels.reference.moba_topk_from_centroids`) on CPUs, or the fused
-CUDA top-k kernel, which places the own block of row t at ``t // B`` and so cannot be told that a shard's
-first query sits at position t0. A causal query segment is therefore cut at its first block boundary
-``P B`` (P = ceil(t0 / B)): the < B queries before it go to the reference; for the others the kernel runs
-twice, causally on the frame that starts at block P (own block and best past blocks within the shard's
-part, rebased by P) and non-causally over blocks 0 .. P-1 (complete past for all of them). The two lists'
-candidates are scored again in fp32 and the best k - 1 kept, ties to the higher block index, after the own
-block. Non-causal routing is one kernel call over all centroids. The kernel scores as
+CUDA top-k kernel, told where the shard's first query sits (its ``query_offset``): row i of a segment starting
+at t0 is scored at position t0 + i, own block (t0 + i) // B, candidates the complete blocks before it, so each
+segment is one kernel call over the global centroids and does exactly its rows' share of the causal work.
+Non-causal routing is the same call without the causal mask. The kernel scores as
 :math:`q\cdot c_{hi} + q\cdot c_{lo}` (about 2^-16 relative), so selections can differ from the
 reference's at near-ties, exactly as the single-device CUDA router's do.
 """
@@ -27,7 +24,6 @@ reference's at near-ties, exactly as the single-device CUDA router's do.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -71,9 +67,9 @@ def global_centroids(k: torch.Tensor, layout: Layout, ring: Ring, block_size: in
     return sums / counts.view(1, n_blocks, 1, 1)
 
 
-def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_k: int,
-                 causal: bool) -> torch.Tensor:
-    """The fused CUDA top-k over given centroids, rows at positions 0, 1, ... of the centroids' frame."""
+def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_k: int, causal: bool,
+                 query_offset: int = 0) -> torch.Tensor:
+    """The fused CUDA top-k over given centroids, row i of ``q`` at position ``query_offset + i``."""
     from ..kernels._cuda_routing import split_launch, topk_launch
     from ..kernels._launch import kernel_ready, launch
 
@@ -84,70 +80,25 @@ def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_
         lo = torch.empty_like(hi)
         out = torch.empty((batch, n_q, heads, top_k), dtype=torch.int32, device=q.device)
         launch(split_launch(centroids.float().contiguous(), hi, lo))
-        launch(topk_launch(kernel_ready(q), hi, lo, out, block_size, top_k, causal))
+        launch(topk_launch(kernel_ready(q), hi, lo, out, block_size, top_k, causal, query_offset))
     return out
 
 
-def reference_lists(q, centroids, block_size, top_k, causal):
-    """What :func:`kernel_lists` computes, by the reference (rows at positions 0, 1, ...)."""
-    return R.moba_topk_from_centroids(q, centroids, block_size, top_k, causal)
-
-
-_MERGE_BUDGET_BYTES = 1 << 30  # gathered centroids held at once while the two lists are merged
-
-
-def _best_of(q, centroids, candidates, take: int) -> torch.Tensor:
-    """The ``take`` best of ``candidates`` (global blocks, -1 = none) by fp32 score, ties to the higher block."""
-    batch, n_q, heads, dim = q.shape
-    kv_heads = centroids.shape[2]
-    width = candidates.shape[-1]
-    kv = (torch.arange(heads, device=q.device) // (heads // kv_heads)).view(1, 1, heads, 1)
-    b = torch.arange(batch, device=q.device).view(batch, 1, 1, 1)
-    rows = max(1, _MERGE_BUDGET_BYTES // (batch * heads * width * dim * 4))
-    picked = []
-    for lo in range(0, n_q, rows):
-        cand = candidates[:, lo:lo + rows].long()
-        gathered = centroids[b, cand.clamp(min=0), kv].float()  # (batch, T, heads, width, d)
-        score = torch.einsum("bthd,bthwd->bthw", q[:, lo:lo + rows].float(), gathered)
-        score = torch.nan_to_num(score, nan=-math.inf).masked_fill(cand < 0, -math.inf)
-        by_block = cand.sort(dim=-1, descending=True).indices  # then stably by score: ties keep the higher block
-        cand, score = cand.gather(-1, by_block), score.gather(-1, by_block)
-        by_score = score.sort(dim=-1, descending=True, stable=True).indices[..., :take]
-        best = cand.gather(-1, by_score).masked_fill(score.gather(-1, by_score) == -math.inf, -1)
-        picked.append(best)
-    return torch.cat(picked, dim=1).to(torch.int32)
+def reference_lists(q, centroids, block_size, top_k, causal, query_offset: int = 0):
+    """What :func:`kernel_lists` computes, by the reference."""
+    return R.moba_topk_from_centroids(q, centroids, block_size, top_k, causal, query_offset=query_offset)
 
 
 def route_segment(q, start: int, centroids, block_size: int, top_k: int, causal: bool, lists) -> torch.Tensor:
-    """Routing of the queries ``q`` at positions ``start ..`` by a frame-bound top-k ``lists`` (the kernel)."""
-    if not causal:
-        return lists(q, centroids, block_size, top_k, False)
-    first = -(-start // block_size)  # first block boundary at or after the first query
-    head = min(q.shape[1], first * block_size - start)
-    parts = []
-    if head:  # queries before the boundary: their own block starts before the shard
-        parts.append(R.moba_topk_from_centroids(q[:, :head], centroids, block_size, top_k, True,
-                                                query_offset=start))
-    if head < q.shape[1]:
-        rest = q[:, head:]
-        local = lists(rest, centroids[:, first:], block_size, top_k, True)  # slot 0: own block
-        own = local[..., :1] + first
-        if top_k == 1:
-            parts.append(own.to(torch.int32))
-        else:
-            candidates = [torch.where(local[..., 1:] >= 0, local[..., 1:] + first, -1)]
-            if first > 0:
-                candidates.insert(0, lists(rest, centroids[:, :first], block_size, top_k - 1, False))
-            best = _best_of(rest, centroids, torch.cat(candidates, dim=-1), top_k - 1)
-            parts.append(torch.cat([own.to(torch.int32), best], dim=-1))
-    return torch.cat(parts, dim=1)
+    """Routing of the queries ``q`` at positions ``start ..`` by a top-k ``lists`` (the kernel or the reference)."""
+    return lists(q, centroids, block_size, top_k, causal, query_offset=start)
 
 
 def route(q: torch.Tensor, k: torch.Tensor, layout: Layout, ring: Ring, block_size: int, top_k: int,
           causal: bool, lists=None) -> torch.Tensor:
     """Selected blocks (global indices) of this rank's queries: int32 (batch, shard_len, heads, top_k).
 
-    ``lists``: a frame-bound top-k (:func:`kernel_lists`) to route with, or None for the reference.
+    ``lists``: a top-k with a query offset (:func:`kernel_lists`) to route with, or None for the reference.
     """
     centroids = global_centroids(k, layout, ring, block_size)
     parts = []

@@ -86,15 +86,16 @@ def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> 
 
 
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
-                top_k: int, causal: bool) -> Launch:
-    """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k)."""
+                top_k: int, causal: bool, query_offset: int = 0) -> Launch:
+    """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k); row i of q sits at
+    position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it)."""
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
     name = (f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{'causal' if causal else 'full'}"
             f"_k{tier}")
     args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
-            np.int32(n_blocks), np.int32(top_k))
+            np.int32(n_blocks), np.int32(top_k), np.int32(query_offset))
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
                   shared_mem=topk_shared_bytes(dim, top_k, causal))

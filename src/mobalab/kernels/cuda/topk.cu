@@ -12,7 +12,8 @@
 // Ordering: (score descending, block index descending): exact ties keep the higher block index, as the
 // reference does. Masked entries are NaN in the score tile, which fails every comparison.
 //
-// Causal: the own block c = t / B goes to slot 0; candidates are the complete past blocks j < c, so the
+// Causal: the own block c = t / B goes to slot 0 (t = q_pos0 + row index: the rows of q may start at any
+// position of the centroids' sequence, as a context-parallel shard's do; single-device routing passes 0); candidates are the complete past blocks j < c, so the
 // list holds top_k - 1 entries; centroid tiles that lie entirely at or after the last row's own block are
 // never loaded (that halves the work). Non-causal: all n blocks are candidates, the list holds top_k.
 // Unused slots stay -1.
@@ -315,10 +316,10 @@ __device__ __forceinline__ void topk_list_init(typename TopkListFor<LCAP>::type&
 
 template <int LCAP>
 __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type& list, int* __restrict__ out,
-                                               int seqlen, int heads, int h, int b, int t_row, int block_size,
-                                               int top_k, bool causal) {
+                                               int seqlen, int heads, int h, int b, int t_row, int q_pos0,
+                                               int block_size, int top_k, bool causal) {
     int* o = out + (((long long)b * seqlen + t_row) * heads + h) * top_k;
-    if (causal) o[0] = t_row / block_size;
+    if (causal) o[0] = (q_pos0 + t_row) / block_size;
     list.write(o + (causal ? 1 : 0));
 }
 
@@ -347,7 +348,8 @@ constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __restrict__ chi,
                                           const T* __restrict__ clo, int* __restrict__ out, int seqlen,
-                                          int heads, int kv_heads, int block_size, int n_blocks, int top_k) {
+                                          int heads, int kv_heads, int block_size, int n_blocks, int top_k,
+                                          int q_pos0) {
     constexpr int BN = kTopkBN<D>;
     constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
     constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
@@ -367,7 +369,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 
     // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
     const int t_last = min(t0 + TK_BM, seqlen) - 1;
-    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? t_last / block_size : n_blocks);
+    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
     const int n_tiles = (n_cand + BN - 1) / BN;
 
     const int row = tid;  // the row this thread scans and owns the list of
@@ -405,8 +407,8 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
             topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
         const int j0 = tile * BN;
-        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, t0, j0, block_size,
-                                             n_blocks);
+        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                             block_size, n_blocks);
         __syncthreads();
 
         if (t_row < seqlen) {
@@ -416,7 +418,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     }
 
     if (t_row < seqlen) {
-        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, block_size, top_k, CAUSAL);
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
     }
 }
 
@@ -428,8 +430,9 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 #define MOBA_TOPK_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                    \
     extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                          \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
-         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k) {                              \
-        topk_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k);        \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+        topk_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,        \
+                                      q_pos0);                                                                        \
     }
 
 #if MOBA_HAS_HEAD_DIM(32)
