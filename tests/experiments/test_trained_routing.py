@@ -46,6 +46,9 @@ def test_schema_and_counts(quick_run):
     c = df[df["m"] > 1.01]
     np.testing.assert_allclose(c["delta_mu"] + (c["m"] - 1) * (c["mu_cluster"] - c["mu_noise"]),
                                c["delta_mu_eff"], rtol=1e-6, atol=1e-9)
+    # the RoPE model's factor for the run is defined wherever the keys carry RoPE (needle runs of 2), never else
+    assert df.loc[df["rope"], "rope_factor_theory"].between(0, 1).all()
+    assert df.loc[~df["rope"], ["rope_factor", "rope_factor_theory"]].isna().all().all()
     kc = df[df["key_conv"] > 0]
     assert (kc["kconv_mean_abs_weight"] > 0).all() and df.loc[df["key_conv"] == 0, "kconv_mean_abs_weight"].isna().all()
 

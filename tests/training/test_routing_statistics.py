@@ -112,3 +112,45 @@ def test_matches_kernels_topk_and_validates():
         routing_statistics(q, k, qpos, npos, 0, TOP_K)
     with pytest.raises(ValueError, match="4-D"):
         routing_statistics(q[0], k, qpos, npos, B, TOP_K)
+
+
+def test_rope_factor_measures_the_run_against_its_keys_at_the_anchor():
+    """Pre-RoPE run keys equal, post-RoPE by the model's own rotation: the coherent reference is exactly the run
+    rotated to the anchor, so the factor is sum(q.R_{p+i}u) / (r q.R_{p+a}u); without rotation it is 1."""
+    from mobalab.training._transformer import rotary
+
+    g = torch.Generator().manual_seed(3)
+    b, n, d, r, bsz = 3, 512, 32, 6, 64
+    k_pre = torch.randn(b, n, 1, d, generator=g) * 0.05
+    u = torch.randn(d, generator=g)
+    npos = torch.tensor([[70], [200], [333]])
+    for i in range(b):
+        k_pre[i, npos[i, 0]:npos[i, 0] + r, 0] = u
+    q_pre = torch.randn(b, n, 1, d, generator=g) * 0.05
+    qpos = torch.full((b, 1), n - 1)
+    # the query matches the content at the run's third token (anchor a = 2, its score the run's highest)
+    for i in range(b):
+        at = torch.zeros(1, n, 1, d)
+        at[0, int(npos[i, 0]) + 2, 0] = u
+        q_pre[i, n - 1, 0] = rotary(at, 500.0)[0, int(npos[i, 0]) + 2, 0]
+    q_post = q_pre.clone()  # the query is given post-RoPE directly
+    k_post = rotary(k_pre, 500.0)
+    row = routing_statistics(q_post, k_post, qpos, npos, bsz, 3, span=r, rope_base=500.0).iloc[0]
+    mu_n = []
+    seen = coh = 0.0
+    for i in range(b):
+        p, qv = int(npos[i, 0]), q_post[i, n - 1, 0]
+        blocks = torch.arange(n) // bsz
+        noise = (blocks < (n - 1) // bsz) & (blocks != p // bsz)
+        mu = float((k_post[i, noise, 0] @ qv).mean())
+        mu_n.append(mu)
+        seen += float((k_post[i, p:p + r, 0] @ qv).sum()) - r * mu
+        coh += r * (float(k_post[i, p + 2, 0] @ qv) - mu)
+    assert row["rope_factor"] == pytest.approx(seen / coh, rel=1e-4)
+    assert 0 < row["rope_factor"] < 1
+    theta = 500.0 ** (-np.arange(d // 2) * 2.0 / d)
+    g_th = np.mean([np.cos((i - 2) * theta).mean() for i in range(r)])
+    assert row["rope_factor_theory"] == pytest.approx(g_th, rel=1e-6)
+    # no RoPE (or a lone needle): no factor
+    plain = routing_statistics(q_post, k_pre, qpos, npos, bsz, 3, span=r).iloc[0]
+    assert np.isnan(plain["rope_factor"]) and np.isnan(plain["rope_factor_theory"])

@@ -374,8 +374,11 @@ def _models(df: pd.DataFrame) -> pd.DataFrame:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, route) at the retrieval heads: accuracy and recall pooled over seeds (Wilson), the three
-    predictions (mean over seeds, and in units of the pooled recall interval), Δμ/σ, Δμ_eff/σ, m, the SNRs
-    and the block-variance ratio with t intervals over seeds."""
+    predictions (mean over seeds, and in units of the pooled recall interval), Δμ/σ, Δμ_eff/σ, m, the SNRs,
+    the block-variance ratio and the RoPE factor (measured, and the RoPE model's) with t intervals over seeds,
+    and ``<kind>_resid``: observed minus predicted recall model by model (each prediction takes that model's
+    own statistics), mean with a t interval over seeds -- the comparison that carries the seed-to-seed spread,
+    which the pooled interval does not."""
     from mobalab.stats import interval_units
 
     rh = retrieval_heads(df)
@@ -396,8 +399,10 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{kind}_units"] = float(interval_units(pred, hits, trials)) if math.isfinite(pred) else math.nan
             resid = g["recall_hits"] / g["recall_trials"] - g[f"pred_{kind}"]
             row[f"{kind}_resid"], row[f"{kind}_resid_low"], row[f"{kind}_resid_high"] = _t_interval(resid)
-        for col in ("z_needle", "z_eff", "m", "snr_paper", "block_snr", "block_var_ratio", "cos_delta_mu_eff"):
-            mean, lo, hi = _t_interval(g[col])
+        for col in ("z_needle", "z_eff", "m", "snr_paper", "block_snr", "block_var_ratio", "cos_delta_mu_eff",
+                    "rope_factor", "rope_factor_theory"):
+            # (the RoPE factor columns are absent from studies recorded before they were measured)
+            mean, lo, hi = _t_interval(g[col] if col in g else [])
             row[col], row[f"{col}_low"], row[f"{col}_high"] = mean, lo, hi
         row["retrieval_layers"] = " ".join(str(x) for x in g["layer"])
         row["train_seconds"] = float(m["train_seconds"].sum())

@@ -77,7 +77,8 @@ def evaluate(trained: TrainedModel, *, sequences: int = 64, batch_size: int = 16
             for layer, (q, k) in enumerate(qk):
                 for bsz, top_k in routes:
                     parts.setdefault((layer, bsz, top_k), []).append(
-                        measure_queries(q, k, batch.query_pos, batch.needle_pos, bsz, top_k))
+                        measure_queries(q, k, batch.query_pos, batch.needle_pos, bsz, top_k, span=task.needle_len,
+                                        rope_base=mc.rope_base if mc.rope else None))
             done += bs
     frames = []
     for (layer, bsz, top_k), measured in parts.items():

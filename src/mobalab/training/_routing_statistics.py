@@ -35,6 +35,21 @@ Three predictions of the routing recall, each the causal hit probability
   and ``sd_ratio`` :math:`\sqrt{\mathrm{Var} D / v_n}`. ``block_var_ratio`` = :math:`v_n / (\sigma^2/B)` is 1
   when keys are independent, and shows how far they are not.
 
+RoPE factor (models with RoPE, needles that are runs of r tokens at :math:`p_j .. p_j + r - 1`): how much of
+the run's coherent signal survives the rotations, measured and predicted. With :math:`\tilde k_i` the post-RoPE
+keys and a the run token the query scores highest (the anchor, :math:`p_j + a`),
+
+.. math::
+    \mathrm{rope\_factor} = \frac{\sum_j \sum_{i<r} (s_{p_j+i} - \bar\mu_n(j))}
+                                {\sum_j \sum_{i<r} (q\cdot R_{a-i}\tilde k_{p_j+i} - \bar\mu_n(j))},
+
+the run's excess as the router sees it over the excess it would have if every run key sat at the anchor's
+position (:math:`R_{a-i}\tilde k_{p+i} = R_{p+a} k_{p+i}`: the pre-RoPE key rotated to the anchor). The RoPE
+model's prediction for a query with its energy spread evenly over the d/2 frequency pairs
+(:mod:`mobalab.snr`, RoPE: :math:`g(o) = \frac2d\sum_i\cos(o\theta_i)`) is
+``rope_factor_theory`` = :math:`\mathrm{mean}_j \frac1r\sum_{i<r} g(i - a_j)`; a trained query that puts its
+energy in the slow pairs keeps more of the run (factor above the prediction). NaN without RoPE or for r = 1.
+
 Observed: ``recall``, the fraction of queries whose needle block the router selects
 (:func:`mobalab.kernels.moba_topk` on the same q and k), with its 95% Wilson interval; ``*_units`` place each
 prediction in units of that interval (:func:`mobalab.stats.interval_units`). ``needle_mass`` is the mean
@@ -59,7 +74,7 @@ STAT_COLUMNS = (
     "delta_mu", "sigma", "m", "mu_cluster", "delta_mu_eff", "z_needle", "z_eff", "snr_paper", "pred_paper",
     "cos_delta_mu_eff", "cos_sigma_sqrt_d", "snr_cosine", "pred_cosine", "block_snr", "block_sd_ratio",
     "block_var_ratio", "pred_block", "recall_hits", "recall_trials", "recall", "recall_low", "recall_high",
-    "paper_units", "cosine_units", "block_units", "needle_mass",
+    "paper_units", "cosine_units", "block_units", "needle_mass", "rope_factor", "rope_factor_theory",
 )
 
 
@@ -111,11 +126,43 @@ def _score_stats(s, t_blk, c_star, p, block_size, n_blocks):
 
 
 @torch.no_grad()
-def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, softmax_scale=None) -> dict:
+def _rotate(x: torch.Tensor, offset: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE rotation (rotate-half pairs, as the model applies it) of x (..., d) by ``offset`` (...) positions."""
+    d = x.shape[-1]
+    half = d // 2
+    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / d)
+    angle = offset.to(torch.float32)[..., None] * inv
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _span_coherence(qv, kf, needle_pos, mu_n, span: int, base: float):
+    """Per query and head: the run's excess as seen, and with every run key rotated to the anchor's position;
+    the RoPE model's factor for the anchor (module docstring, RoPE factor)."""
+    b, nq, h, d = qv.shape
+    i = torch.arange(span, device=qv.device)
+    pos = (needle_pos[..., None] + i).clamp(max=kf.shape[1] - 1)  # (b, Q, r)
+    run = kf[torch.arange(b, device=qv.device)[:, None, None], pos]  # (b, Q, r, H, d)
+    s_run = torch.einsum("bqhd,bqrhd->bqhr", qv, run)
+    anchor = s_run.argmax(-1)  # (b, Q, H)
+    off = (anchor[..., None] - i).permute(0, 1, 3, 2)  # (b, Q, r, H): rotate run key i by a - i
+    s_coh = torch.einsum("bqhd,bqrhd->bqhr", qv, _rotate(run, off, base))
+    seen = (s_run - mu_n[..., None]).sum(-1)
+    coherent = (s_coh - mu_n[..., None]).sum(-1)
+    theta = base ** (-torch.arange(d // 2, device=qv.device, dtype=torch.float64) * 2.0 / d)
+    lags = (i.view(1, 1, 1, -1) - anchor[..., None]).to(torch.float64)  # (b, Q, H, r)
+    g = torch.cos(lags[..., None] * theta).mean(-1)  # g(i - a)
+    return seen, coherent, g.mean(-1)
+
+
+def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, softmax_scale=None, *,
+                    span: int = 1, rope_base: float | None = None) -> dict:
     """Per-query, per-head measurements (numpy arrays with leading axis = queries, flattened over batch).
 
     The building block of :func:`routing_statistics`; batches are concatenated with :func:`concat_measurements`
-    before :func:`aggregate_measurements` turns them into one row per head.
+    before :func:`aggregate_measurements` turns them into one row per head. ``span``: the needle run's length
+    r, ``rope_base``: the model's RoPE base (None: no RoPE), for the RoPE factor (module docstring).
     """
     from mobalab.kernels import moba_topk
 
@@ -161,6 +208,10 @@ def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, so
     hit = (sel_q == c_star.view(b, -1, 1, 1)).any(-1)
 
     valid = (c_star < t_blk) & (nb_cnt >= 2)
+    if rope_base is not None and span > 1:
+        seen, coherent, rope_th = _span_coherence(qv, kf, needle_pos, raw["mu_n"], int(span), float(rope_base))
+    else:
+        seen = coherent = rope_th = torch.full_like(mu_nb, float("nan"))
 
     def flat(x):
         x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x
@@ -169,6 +220,7 @@ def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, so
     out = {f"raw_{key}": flat(v) for key, v in raw.items()}
     out.update({f"cos_{key}": flat(v) for key, v in cosine.items()})
     out.update(block_d=flat(d_blk), block_var=flat(var_nb), mass=flat(mass), hit=flat(hit.float()),
+               rope_seen=flat(seen), rope_coherent=flat(coherent), rope_theory=flat(rope_th),
                valid=flat(valid.float()) > 0.5, query_pos=flat(query_pos.float()).astype(np.int64),
                needle_pos=flat(needle_pos.float()).astype(np.int64))
     out["meta"] = {"seq_len": n, "head_dim": d, "block_size": int(block_size), "top_k": int(top_k), "heads": h}
@@ -283,6 +335,10 @@ def aggregate_measurements(meas: dict) -> pd.DataFrame:
                    pred_block=predicted(block_snr, sd_ratio) if math.isfinite(sd_ratio) else math.nan,
                    recall_hits=hits, recall_trials=trials, recall=hits / trials, recall_low=float(lo),
                    recall_high=float(hi), needle_mass=float(np.mean(meas["mass"][:, h])))
+        seen, coherent = meas["rope_seen"][valid, h], meas["rope_coherent"][valid, h]
+        den = float(np.sum(coherent)) if coherent.size else math.nan
+        row.update(rope_factor=float(np.sum(seen)) / den if math.isfinite(den) and den > 0 else math.nan,
+                   rope_factor_theory=float(np.mean(meas["rope_theory"][valid, h])) if coherent.size else math.nan)
         for kind in ("paper", "cosine", "block"):
             pred = row[f"pred_{kind}"]
             row[f"{kind}_units"] = float(interval_units(pred, hits, trials)) if math.isfinite(pred) else math.nan
@@ -291,12 +347,13 @@ def aggregate_measurements(meas: dict) -> pd.DataFrame:
 
 
 def routing_statistics(q, k, query_pos, needle_pos, block_size: int, top_k: int, *,
-                       softmax_scale=None) -> pd.DataFrame:
+                       softmax_scale=None, span: int = 1, rope_base: float | None = None) -> pd.DataFrame:
     r"""Measured routing statistics, predicted and observed recall, one row per query head.
 
     ``q`` (batch, seqlen, heads, d) and ``k`` (batch, seqlen, kv_heads, d) are the router's inputs (post key
     convolution, post-RoPE); ``query_pos`` and ``needle_pos`` (batch, queries) integer tensors with
-    ``needle_pos <= query_pos``; ``block_size`` and ``top_k`` the causal MoBA router's. Columns
+    ``needle_pos <= query_pos``; ``block_size`` and ``top_k`` the causal MoBA router's; ``span`` (needle run
+    length) and ``rope_base`` (the RoPE the keys carry, None: none) for the RoPE factor. Columns
     :data:`STAT_COLUMNS`; definitions and equations in the module docstring.
 
     Examples
@@ -309,4 +366,5 @@ def routing_statistics(q, k, query_pos, needle_pos, block_size: int, top_k: int,
     >>> int(row["recall_hits"]), bool(row["z_needle"] > 20)
     (4, True)
     """
-    return aggregate_measurements(measure_queries(q, k, query_pos, needle_pos, block_size, top_k, softmax_scale))
+    return aggregate_measurements(measure_queries(q, k, query_pos, needle_pos, block_size, top_k, softmax_scale,
+                                                  span=span, rope_base=rope_base))
