@@ -7,6 +7,7 @@
 #    GPU 0, timed work one step at a time:      $LANE0 (default: dims hf decode peers)
 #    GPU 1: $LANE1 (default: wgmma tests-core rope tiles-ncu decode-ncu) and, at the same time, $LANE2 (default:
 #    trained-test; the tests and the training share the GPU, the profiles come after the tests)
+# CP_BUDGET_S=0 skips step 1 (and the first look): the lanes only.
 # Every log and archive is packed into $OUT/all.tgz (the device returns at most 8 files); summaries print last.
 set -uo pipefail
 source "$(dirname "$0")/_gpu_env.sh"
@@ -21,6 +22,9 @@ mkdir -p "$OUT"
 if [ -f .peers/flash-moba/fm_bundle.tgz ] && [ -f scripts/build_flash_moba.sh ]; then
   (MAX_JOBS=16 timeout 200 bash scripts/build_flash_moba.sh > "$OUT/fm_build.txt" 2>&1; echo "build rc $?" >> "$OUT/fm_build.txt") &
 fi
+if [ "${CP_BUDGET_S:-240}" = "0" ]; then  # lanes only: no first look, no context parallelism
+  echo "lanes only (CP_BUDGET_S=0)" > "$OUT/lanes.txt"
+else
 # A first look at the forward with its default (16-bit) partials: if its GPU tests fail, everything after runs
 # with the fp32 partials (MOBALAB_ATTN_PARTIAL=fp32), so the timings are of a correct forward either way.
 CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -m gpu -q -x -p no:cacheprovider -o addopts="" \
@@ -32,6 +36,7 @@ echo "first look (rc $rc): $(tail -n 1 "$OUT/first_look.txt"); MOBALAB_ATTN_PART
 $(( $(date +%s) - T0 )) s" > "$OUT/lanes.txt"
 CP_BUDGET_S=${CP_BUDGET_S:-240} bash scripts/gpu_cp.sh > "$OUT/cp.txt" 2>&1
 echo "cp: $(( $(date +%s) - T0 )) s" >> "$OUT/lanes.txt"
+fi
 wait  # the peer build, if it is still going
 
 # shellcheck disable=SC2086
