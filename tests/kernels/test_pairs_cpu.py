@@ -218,19 +218,63 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
 
 
 def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
-    """The backward's use: several chunks through one scratch (count table, ticket) without the sorted keys'
-    companion tile_cum, then the forward's: tile_cum and no sorted keys."""
+    """Chunks one after another through one count table, one seg_total and one ticket (the wrappers' use), in
+    one run: the backward's launches (sorted keys, no tile_cum) and the forward's (tile_cum, no sorted keys)."""
     batch, seqlen, heads, group, top_k, n_blocks = 2, 1100, 4, 2, 3, 12
     topk = _topk(5, batch, seqlen, heads, top_k, n_blocks, unused=0.05)
-    chunks = [A.Chunk(b, h0, 2, t0, 550) for b in range(batch) for h0 in (0, 2) for t0 in (0, 550)]
+    chunks = [A.Chunk(0, 0, 2, 0, 550), A.Chunk(0, 2, 2, 550, 550), A.Chunk(1, 2, 2, 0, 550),
+              A.Chunk(1, 0, 2, 550, 550)]
     n_pairs, n_seg = 2 * 550 * top_k, n_blocks
-    bufs = _buffers(n_pairs, n_seg)
+    shared = _buffers(n_pairs, n_seg)
+    outs, plans = [], []
     for i, chunk in enumerate(chunks):
         fwd = i % 2 == 1
+        bufs = {**_buffers(n_pairs, n_seg), **{k: shared[k] for k in ("counts", "seg_total", "ticket")}}
+        plans += _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                        rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
+        outs.append(bufs)
+    run_emulated(harness, tmp_path, plans, seed=3)
+    for i, (chunk, bufs) in enumerate(zip(chunks, outs, strict=True)):
+        fwd = i % 2 == 1
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=256)
-        plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
-                       rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
-        run_emulated(harness, tmp_path, plans, seed=i)
-        assert torch.equal(bufs["pairs"], want[0]) and torch.equal(bufs["seg_off"], want[2])
-        assert torch.equal(bufs["tile_cum"] if fwd else bufs["sorted_keys"], want[3] if fwd else want[1])
-        assert int(bufs["ticket"]) == 0
+        assert torch.equal(bufs["pairs"], want[0]) and torch.equal(bufs["seg_off"], want[2]), i
+        assert torch.equal(bufs["tile_cum"] if fwd else bufs["sorted_keys"], want[3] if fwd else want[1]), i
+        assert (bufs["sorted_keys"] if fwd else bufs["tile_cum"]).eq(-7).all(), i  # not wanted: not written
+    assert int(shared["ticket"]) == 0
+
+
+# ---- the wrappers' choice of path (launches recorded, not run) ----
+
+@pytest.mark.parametrize(("sort", "n_blocks", "tile_cum", "want"), [
+    ("counting", 10, True, ["moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter"]),
+    ("counting", P.MAX_KEYS, True, ["moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"]),  # too many keys
+    ("torch", 10, True, ["moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"]),
+    ("torch", 10, False, ["moba_attn_keys", "moba_attn_bounds"]),  # the backward: no tile_cum
+])
+def test_build_pair_lists_picks_the_path(monkeypatch, sort, n_blocks, tile_cum, want):
+    launched = []
+
+    def record(plan):
+        check_args(plan.source, plan.kernel, plan.args)  # what CuPy would receive
+        launched.append(plan.kernel)
+
+    monkeypatch.setattr(A, "launch", record)
+    seqlen, heads, top_k = 64, 2, 2
+    chunk = A.Chunk(0, 0, heads, 0, seqlen)
+    n_pairs, n_seg = heads * seqlen * top_k, heads * n_blocks
+    topk = torch.zeros(1, seqlen, heads, top_k, dtype=torch.int32)
+    keys = torch.zeros(n_pairs, dtype=torch.int32)
+    seg_off = torch.zeros(n_seg + 1, dtype=torch.int64)
+    cum = torch.zeros(n_seg + 1, dtype=torch.int64) if tile_cum else None
+    scratch = A.pair_scratch(n_pairs, n_seg, "cpu", sort)
+    assert (scratch is None) == (sort == "torch")
+    pairs, sorted_keys = A.build_pair_lists(topk, keys, scratch, chunk, seqlen=seqlen, heads=heads, top_k=top_k,
+                                            n_blocks=n_blocks, group=1, seg_off=seg_off, tile_cum=cum,
+                                            rows_per_unit=64, with_keys=not tile_cum)
+    assert launched == want
+    assert pairs.dtype == torch.int64 and pairs.shape == (n_pairs,)
+    if launched[0] == "moba_pairs_count":
+        assert pairs.data_ptr() == scratch.pairs.data_ptr()
+        assert (sorted_keys is None) == tile_cum
+    else:
+        assert sorted_keys is not None

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -86,6 +87,25 @@ def scatter_smem_bytes(n_seg: int) -> int:
 def counts_elems(n_pairs: int, n_seg: int) -> int:
     """Ints of the (tile, key) count table."""
     return n_tiles(n_pairs) * (n_seg + 1)
+
+
+@dataclass(frozen=True)
+class CountingScratch:
+    """Buffers of the counting sort, reused by every chunk of a call: ``pairs`` (int64), the (tile, key)
+    ``counts`` and per-key ``seg_total`` (int32), and the scan's ``ticket`` (one zero int32, left zero)."""
+
+    pairs: torch.Tensor
+    counts: torch.Tensor
+    seg_total: torch.Tensor
+    ticket: torch.Tensor
+
+
+def counting_scratch(max_pairs: int, max_seg: int, device) -> CountingScratch:
+    """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments."""
+    return CountingScratch(pairs=torch.empty(max_pairs, dtype=torch.int64, device=device),
+                           counts=torch.empty(counts_elems(max_pairs, max_seg), dtype=torch.int32, device=device),
+                           seg_total=torch.empty(max_seg + 1, dtype=torch.int32, device=device),
+                           ticket=torch.zeros(1, dtype=torch.int32, device=device))
 
 
 # --------------------------------------------------------------------------------------------------

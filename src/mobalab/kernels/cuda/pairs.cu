@@ -142,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
   for (int s = k_begin; s < k_end; ++s) {
     const int n = *static_cast<volatile const int*>(seg_total + s);
     sum += n;
-    if (s < n_seg) units += (n + rows_per_unit - 1) / rows_per_unit;
+    if (tile_cum != nullptr && s < n_seg) units += (n + rows_per_unit - 1) / rows_per_unit;
   }
   int off = block_exclusive_scan(sum, warp_tot);
   int unit = block_exclusive_scan(units, warp_tot);
