@@ -18,12 +18,13 @@ from mobalab.kernels import _pairs as P
 pytestmark = pytest.mark.gpu
 
 
-def _routing(seed, batch, seqlen, heads, top_k, n_blocks, *, causal=True, unused=0.0, hot=None):
-    """Distinct blocks per (query, head): the own block first when causal, the rest random among the allowed
-    ones (-1 where there are too few, and for a fraction ``unused`` of the slots); ``hot``: slot 0 is that block."""
+def _routing(seed, batch, seqlen, heads, top_k, n_blocks, *, causal=True, unused=0.0, hot=None, block_size=None):
+    """Distinct blocks per (query, head): the own block (of ``block_size``, default seqlen / n_blocks) first when
+    causal, the rest random among the earlier ones (-1 where there are too few, and for a fraction ``unused`` of
+    the slots); ``hot``: slot 0 is that block."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     scores = torch.rand(batch, seqlen, heads, n_blocks, device="cuda", generator=g)
-    block_size = math.ceil(seqlen / n_blocks)
+    block_size = block_size or math.ceil(seqlen / n_blocks)
     own = (torch.arange(seqlen, device="cuda") // block_size).view(1, -1, 1, 1)
     j = torch.arange(n_blocks, device="cuda").view(1, 1, 1, -1)
     if causal:
@@ -47,7 +48,7 @@ def _lists(topk, chunk, *, seqlen, heads, top_k, n_blocks, group, rows, sort, wi
     keys = torch.full((n_pairs,), -5, dtype=torch.int32, device="cuda")
     seg_off = torch.full((n_seg + 1,), -5, dtype=torch.int64, device="cuda")
     tile_cum = torch.full((n_seg + 1,), -5, dtype=torch.int64, device="cuda")
-    scratch = A.pair_scratch(n_pairs, n_seg, "cuda", sort)
+    scratch = A.pair_scratch(n_pairs, min(n_seg, P.MAX_KEYS - 1), "cuda", sort)  # a chunk may exceed it
     if scratch is not None:
         scratch.pairs.fill_(-5)
         scratch.counts.fill_(-5)
@@ -125,8 +126,10 @@ def test_attention_through_the_counting_sort_is_bit_identical(monkeypatch, batch
     q, dout = (torch.randn(batch, seqlen, heads, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
     n_blocks = math.ceil(seqlen / block)
-    topk = _routing(7, batch, seqlen, heads, top_k, n_blocks, causal=causal, unused=0.05)
-    if causal:  # the own block may not be dropped (see docs/design.md, "Causal routing")
+    # unused slots only beside the own block: no row without keys
+    topk = _routing(7, batch, seqlen, heads, top_k, n_blocks, causal=causal, unused=0.05 if causal else 0.0,
+                    block_size=block)
+    if causal:  # slot 0 holds the own block, which is never dropped (see docs/design.md, "Causal routing")
         topk[..., 0] = (torch.arange(seqlen, device="cuda") // block).view(1, -1, 1).int()
     args = (q, k, v, dout, block, top_k, causal, budget, variant, topk)
     names = ("out", "lse", "dq", "dk", "dv")
@@ -155,7 +158,7 @@ def _time_ms(fn, reps=10):
 def test_counting_sort_is_faster_at_64k(monkeypatch, capsys):
     batch, seqlen, heads, dim, block, top_k = 2, 65536, 16, 128, 128, 8
     n_blocks = seqlen // block
-    topk = _routing(11, batch, seqlen, heads, top_k, n_blocks)
+    topk = _routing(11, batch, seqlen, heads, top_k, n_blocks, block_size=block)
     chunks = A.plan_chunks(batch, seqlen, heads, heads, dim, top_k,
                            A.default_scratch_budget(batch, seqlen, heads, heads, dim))
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k

@@ -318,8 +318,9 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
 
 def pair_scratch(max_pairs, max_seg, device, sort=None):
     """Counting-sort scratch when the pair sort (:func:`mobalab.kernels._pairs.resolve_sort`; None: the
-    ``MOBALAB_PAIR_SORT`` environment variable) is "counting", else None (the torch path)."""
-    if _pairs.resolve_sort(sort) != "counting":
+    ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
+    ``max_seg`` segments, else None (the torch path)."""
+    if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg):
         return None
     return _pairs.counting_scratch(max_pairs, max_seg, device)
 
