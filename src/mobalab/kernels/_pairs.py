@@ -17,10 +17,10 @@ per tile of ``TILE`` pairs the count of every key, an exclusive scan over (tile,
 a scatter that ranks each tile's pairs stably (per warp, in order, 32 at a time). It writes the same lists
 pair for pair, so everything downstream (forward partials, backward sums, determinism) is unchanged.
 
-Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 12 chunks of 3 kv heads, 1.57 M pairs and 1537 keys
-each): per chunk topk is read twice (12.6 MB), pairs written once (12.6 MB; the backward also writes the
-sorted keys, 6.3 MB) and the count table of 192 x 1537 ints moves 4 times (4.7 MB): ~30 MB per chunk, ~360 MB
-per forward, about 0.1 ms at 3.5 TB/s plus ~3 dependent launches per chunk (~2 us each): predicted
+Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 12 chunks of up to 3 kv heads, 1.57 M pairs and 1537
+keys each, 16.8 M pairs in all): per chunk topk is read twice (12.6 MB), pairs written once (12.6 MB; the
+backward also writes the sorted keys, 6.3 MB) and the count table of 192 x 1537 ints moves 4 times (4.7 MB):
+~30 MB per chunk, ~330 MB per forward, about 0.1 ms at 3.5 TB/s plus 3 dependent launches per chunk: predicted
 ~0.15-0.2 ms per forward for keys, sort, bounds and segments together, against 1.41 ms for the torch path
 (1.06 ms sort + 0.35 ms index kernels), i.e. from ~13% to ~2% of a 10.8 ms forward.
 
