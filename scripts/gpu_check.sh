@@ -17,6 +17,8 @@
 #   wgmma-tile   the wgmma forward tile kernel: probe (incl. transposed B) and oracle GPU tests, then the quick
 #                forward benchmark with --variant wgmma (bench_wgmma.log, table in wgmma/bench_table.md; ~150 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
+#   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
+#                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
@@ -84,7 +86,10 @@ for step in "${STEPS[@]}"; do
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
-                  tests/experiments/test_rope.py tests/kernels/test_training_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+                  tests/experiments/test_rope.py tests/kernels/test_training_gpu.py tests/kernels/test_pairs_gpu.py \
+                  > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
+    pairs) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+             tests/kernels/test_pairs_gpu.py > "$W/pytest_pairs.log" 2>&1 || status=1 ;;
     trained-test) timeout $(cap 240) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
                     --import-mode=importlib tests/training/test_training_gpu.py > "$W/pytest_trained.log" 2>&1 || status=1 ;;
     trained-study) timeout $(cap 590) python3 scripts/train_variants.py --variants "${TRAIN_VARIANTS:?}" --device cuda \
@@ -124,8 +129,9 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_wgmma.log"; }
 [ -f "$W/pytest_wgmma_tile.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_tile.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_tile.log"; }
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
+[ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
-[ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
+[ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md; do [ -f "$f" ] && cat "$f"; done

@@ -29,7 +29,9 @@ it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, rea
 opt-in variant, *wgmma* (cuda/attention_wgmma.cu), is the resident kernel on Hopper warpgroup MMAs for head dim
 128 and B in {64, 128} on sm_90 GPUs only: same work units, partials and merge; ``"auto"`` never picks it.
 
-Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order), every
+Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order: the counting
+sort of cuda/pairs.cu, or ``torch.sort`` where ``$MOBALAB_PAIR_SORT`` is "torch" or a chunk has more segments
+than it serves, both giving the same lists, see :mod:`mobalab.kernels._pairs`), every
 partial is written by exactly one CTA, and the merge order is fixed, so two runs are bit-identical.
 
 Partial format: o is stored in the input dtype (bf16 or fp16, rounded to nearest; the merge reads it back
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 
 from . import _contract as C
+from . import _pairs
 from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, kernel_ready, launch
 
@@ -282,6 +285,46 @@ def segments_launch(seg_off, n_seg, rows_per_unit, tile_cum) -> Launch:
     return Launch(SOURCE, "moba_attn_segments", (1,), (SEGMENT_THREADS,), args)
 
 
+def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_blocks, group, seg_off, tile_cum,
+                     rows_per_unit, with_keys):
+    """Launch the index building of chunk ``c``: the key-block-major lists ``pairs`` (int64 pair indices in
+    stable key order), ``seg_off`` and, unless ``tile_cum`` is None, ``tile_cum``; returns (pairs, sorted keys),
+    the sorted keys only ``with_keys`` (else None; the torch path returns them anyway).
+
+    ``scratch`` (:func:`mobalab.kernels._pairs.counting_scratch`, or None for the torch path) selects the
+    counting sort where the chunk fits it; ``keys`` holds an int32 per pair (the torch path's keys, the counting
+    sort's sorted keys). Both paths give the same lists pair for pair.
+    """
+    n_pairs = c.n_heads * c.n_q * top_k
+    n_seg = (c.n_heads // group) * n_blocks
+    if scratch is not None and _pairs.counting_supported(n_pairs, n_seg):
+        pairs, sorted_keys = scratch.pairs[:n_pairs], keys[:n_pairs] if with_keys else None
+        for plan in _pairs.counting_launches(
+                topk, scratch.counts, scratch.seg_total, scratch.ticket, pairs,
+                0 if sorted_keys is None else sorted_keys, seg_off, 0 if tile_cum is None else tile_cum,
+                seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=c, group=group,
+                rows_per_unit=rows_per_unit):
+            launch(plan)
+        return pairs, sorted_keys
+    keys_c = keys[:n_pairs]
+    launch(keys_launch(topk, keys_c, seqlen, heads, top_k, n_blocks, c, group))
+    # Stable: equal segment keys keep their (head, query, slot) order, so the lists are deterministic.
+    sorted_keys, pairs = torch.sort(keys_c, stable=True)
+    launch(bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
+    if tile_cum is not None:
+        launch(segments_launch(seg_off, n_seg, rows_per_unit, tile_cum))
+    return pairs, sorted_keys
+
+
+def pair_scratch(max_pairs, max_seg, device, sort=None):
+    """Counting-sort scratch when the pair sort (:func:`mobalab.kernels._pairs.resolve_sort`; None: the
+    ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
+    ``max_seg`` segments, else None (the torch path)."""
+    if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg):
+        return None
+    return _pairs.counting_scratch(max_pairs, max_seg, device)
+
+
 def _check_part_o(fn, part_o, dtype, partial):
     """part_o must hold the elements the module of ``partial`` writes (an address is taken as is)."""
     want = partial_dtype(dtype, partial)
@@ -385,6 +428,7 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+    scratch = pair_scratch(max_pairs, max_seg, device)
 
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
@@ -393,12 +437,9 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     for c in chunks:
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
-        keys_c = keys[:n_pairs]
-        launch(keys_launch(topk, keys_c, seqlen, heads, top_k, n_blocks, c, group))
-        # Stable: equal segment keys keep their (head, query, slot) order, so the lists are deterministic.
-        sorted_keys, pairs = torch.sort(keys_c, stable=True)
-        launch(bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
-        launch(segments_launch(seg_off, n_seg, unit_rows, tile_cum))
+        pairs, _ = build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
+                                    n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=tile_cum,
+                                    rows_per_unit=unit_rows, with_keys=False)
         launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
                           kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
                           n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,

@@ -189,6 +189,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+    scratch = A.pair_scratch(max_pairs, max_seg, device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     split = any(dkv_mode(c, seqlen) != 0 for c in chunks)
     if split:
@@ -209,10 +210,10 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     for c in chunks:
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
-        keys_c = keys[:n_pairs]
-        launch(A.keys_launch(topk, keys_c, seqlen, heads, top_k, n_blocks, c, group))
-        sorted_keys, pairs = torch.sort(keys_c, stable=True)  # the forward's (deterministic) lists
-        launch(A.bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
+        # the forward's lists: stable key order, so dK / dV sum their rows in the same order every run
+        pairs, sorted_keys = A.build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
+                                                n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
+                                                rows_per_unit=ROWS, with_keys=True)
         launch(rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,

@@ -1,0 +1,191 @@
+r"""Key-block-major pair lists of a chunk by a stable counting sort on the GPU (cuda/pairs.cu), and the torch
+reference they equal (see docs/design.md, "Forward").
+
+The forward and the backward visit, per (kv head, key block j), every (query, head, slot) pair of the chunk
+that selected j. Pair :math:`i = (h \cdot n_q + t)\, k + s` has the segment key
+:math:`\kappa_i = \lfloor h / g \rfloor\, n_{blocks} + j_{t,h,s}` (:math:`n_{seg}` for an unused slot), and the
+lists are the pairs in stable key order, with
+
+.. math::
+    \mathrm{seg\_off}_\kappa = \#\{i : \kappa_i < \kappa\},\qquad
+    \mathrm{tile\_cum}_\kappa = \sum_{\kappa' < \kappa} \lceil n_{\kappa'} / R \rceil ,
+
+(:math:`n_\kappa` pairs of key :math:`\kappa`, :math:`R` rows per work unit of the tile kernel). The stable
+order is the torch path's ``torch.sort(keys, stable=True)``, a radix sort over all 32 key bits (about 6
+launches and 24 bytes per pair per pass). The counting sort knows the key range, so it needs three launches:
+per tile of ``TILE`` pairs the count of every key, an exclusive scan over (tile, key) in key-major order, and
+a scatter that ranks each tile's pairs stably (per warp, in order, 32 at a time). It writes the same lists
+pair for pair, so everything downstream (forward partials, backward sums, determinism) is unchanged.
+
+Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 12 chunks of up to 3 kv heads, 1.57 M pairs and 1537
+keys each, 16.8 M pairs in all): per chunk topk is read twice (12.6 MB), pairs written once (12.6 MB; the
+backward also writes the sorted keys, 6.3 MB) and the count table of 192 x 1537 ints moves 4 times (4.7 MB):
+~30 MB per chunk, ~330 MB per forward, about 0.1 ms at 3.5 TB/s plus 3 dependent launches per chunk: predicted
+~0.15-0.2 ms per forward for keys, sort, bounds and segments together, against 1.41 ms for the torch path
+(1.06 ms sort + 0.35 ms index kernels), i.e. from ~13% to ~2% of a 10.8 ms forward.
+
+Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more than ``MAX_KEYS`` keys
+(``n_seg + 1``), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT`` ("counting", the
+default, or "torch"), read at each call, forces either path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._launch import Launch
+
+__all__: list[str] = []
+
+SOURCE = "pairs.cu"
+PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
+PAIRS_ROUNDS = 32  # kPairsRounds
+TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
+SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
+MAX_KEYS = 8192  # n_seg + 1: 160 KiB of scatter shared memory (keys are packed in 15 bits)
+SORTS = ("counting", "torch")
+SORT_ENV = "MOBALAB_PAIR_SORT"
+
+
+def resolve_sort(sort: str | None) -> str:
+    """The pair sort: ``sort``, or the ``MOBALAB_PAIR_SORT`` environment variable (default "counting") when
+    None."""
+    if sort is None:
+        sort = os.environ.get(SORT_ENV, "counting")
+    if sort not in SORTS:
+        raise ValueError(f"pair sort must be one of {SORTS} (or None: ${SORT_ENV}, default 'counting'), "
+                         f"got {sort!r}")
+    return sort
+
+
+def counting_supported(n_pairs: int, n_seg: int) -> bool:
+    """Whether the counting sort serves a chunk of ``n_pairs`` pairs and ``n_seg`` segments."""
+    return n_seg + 1 <= MAX_KEYS and n_pairs < 2**31
+
+
+def n_tiles(n_pairs: int) -> int:
+    """CTAs of the count and scatter kernels (tiles of TILE pairs)."""
+    return max(1, math.ceil(n_pairs / TILE))
+
+
+def count_smem_bytes(n_seg: int) -> int:
+    """Shared memory of moba_pairs_count: one int per key."""
+    return 4 * (n_seg + 1)
+
+
+def scatter_smem_bytes(n_seg: int) -> int:
+    """Shared memory of moba_pairs_scatter: a 16-bit count per (warp, key), 16-byte aligned, then an int per key."""
+    n_keys = n_seg + 1
+    return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys
+
+
+def counts_elems(n_pairs: int, n_seg: int) -> int:
+    """Ints of the (tile, key) count table."""
+    return n_tiles(n_pairs) * (n_seg + 1)
+
+
+@dataclass(frozen=True)
+class CountingScratch:
+    """Buffers of the counting sort, reused by every chunk of a call: ``pairs`` (int64), the (tile, key)
+    ``counts`` and per-key ``seg_total`` (int32), and the scan's ``ticket`` (one zero int32, left zero)."""
+
+    pairs: torch.Tensor
+    counts: torch.Tensor
+    seg_total: torch.Tensor
+    ticket: torch.Tensor
+
+
+def counting_scratch(max_pairs: int, max_seg: int, device) -> CountingScratch:
+    """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments."""
+    return CountingScratch(pairs=torch.empty(max_pairs, dtype=torch.int64, device=device),
+                           counts=torch.empty(counts_elems(max_pairs, max_seg), dtype=torch.int32, device=device),
+                           seg_total=torch.empty(max_seg + 1, dtype=torch.int32, device=device),
+                           ticket=torch.zeros(1, dtype=torch.int32, device=device))
+
+
+# --------------------------------------------------------------------------------------------------
+# launch plans (pure: the CPU tests pass them through _launch.check_args)
+
+
+def _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group):
+    return (np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks), np.int32(chunk.batch_index),
+            np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(group))
+
+
+def count_launch(topk, counts, *, seqlen, heads, top_k, n_blocks, chunk, group) -> Launch:
+    """Pairs of every key per tile of the chunk (``chunk`` has batch_index, h0, n_heads, t0, n_q)."""
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = (chunk.n_heads // group) * n_blocks
+    return Launch(SOURCE, "moba_pairs_count", (n_tiles(n_pairs),), (PAIRS_THREADS,),
+                  (topk, counts, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group)),
+                  shared_mem=count_smem_bytes(n_seg))
+
+
+def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit) -> Launch:
+    """Exclusive scan of the count table per key over tiles, then (last CTA) seg_off and tile_cum (``tile_cum``
+    0: not wanted). ``ticket`` must be 0; the kernel leaves it 0."""
+    args = (counts, np.int32(n_tiles(n_pairs)), np.int32(n_seg), np.int32(rows_per_unit), seg_total, ticket,
+            seg_off, tile_cum)
+    return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
+
+
+def scatter_launch(topk, counts, seg_off, pairs, sorted_keys, *, seqlen, heads, top_k, n_blocks, chunk,
+                   group) -> Launch:
+    """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0)."""
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = (chunk.n_heads // group) * n_blocks
+    return Launch(SOURCE, "moba_pairs_scatter", (n_tiles(n_pairs),), (PAIRS_THREADS,),
+                  (topk, counts, seg_off, pairs, sorted_keys, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk,
+                                                                          group)),
+                  shared_mem=scatter_smem_bytes(n_seg))
+
+
+def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_off, tile_cum, *, seqlen, heads,
+                      top_k, n_blocks, chunk, group, rows_per_unit) -> list[Launch]:
+    """The three launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
+    ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none).
+
+    ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one zero
+    unsigned (left zero)."""
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = (chunk.n_heads // group) * n_blocks
+    if not counting_supported(n_pairs, n_seg):
+        raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
+                         f"(at most {MAX_KEYS - 1} segments and 2^31 - 1 pairs)")
+    geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group)
+    return [count_launch(topk, counts, **geometry),
+            scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
+                        rows_per_unit=rows_per_unit),
+            scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the torch reference (any device)
+
+
+def chunk_keys_reference(topk, chunk, *, n_blocks, group, top_k) -> torch.Tensor:
+    r"""Segment key :math:`\kappa_i` (int32) of every pair of the chunk, moba_attn_keys' rule."""
+    sel = topk[chunk.batch_index, chunk.t0:chunk.t0 + chunk.n_q, chunk.h0:chunk.h0 + chunk.n_heads, :top_k]
+    sel = sel.permute(1, 0, 2).to(torch.int64)  # (head, query, slot): pair order
+    n_seg = (chunk.n_heads // group) * n_blocks
+    kv = (torch.arange(chunk.n_heads, device=topk.device) // group).view(-1, 1, 1)
+    keys = torch.where((sel >= 0) & (sel < n_blocks), kv * n_blocks + sel, torch.full_like(sel, n_seg))
+    return keys.reshape(-1).to(torch.int32)
+
+
+def pair_lists_reference(topk, chunk, *, n_blocks, group, top_k, rows_per_unit):
+    """(pairs, sorted_keys, seg_off, tile_cum) of the chunk by a stable torch sort: the torch path's lists."""
+    keys = chunk_keys_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k)
+    n_seg = (chunk.n_heads // group) * n_blocks
+    sorted_keys, pairs = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys.to(torch.int64), minlength=n_seg + 1)
+    zero = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    seg_off = torch.cat([zero, counts.cumsum(0)])[:n_seg + 1]
+    units = (counts[:n_seg] + rows_per_unit - 1) // rows_per_unit
+    tile_cum = torch.cat([zero, units.cumsum(0)])
+    return pairs, sorted_keys, seg_off, tile_cum

@@ -1,0 +1,218 @@
+// Key-block-major pair lists of one chunk by a stable counting sort (mobalab.kernels._pairs has the plans and
+// the torch reference; the result equals cuda/attention.cu's moba_attn_keys + a stable torch.sort +
+// moba_attn_bounds + moba_attn_segments exactly, pair for pair).
+//
+// Pair i = (hc * n_q + tt) * top_k + s of the chunk (query head h0 + hc, query t0 + tt, slot s) has the segment
+// key (hc / group) * n_blocks + j for its block j = topk[b, t0 + tt, h0 + hc, s], or n_seg for an unused slot
+// (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of kPairsTile consecutive
+// pairs, one CTA each; tile t holds c[t][key] pairs of each key.
+//   moba_pairs_count    c[t][key] per tile (shared-memory atomics; counts do not depend on order).
+//   moba_pairs_scan     in place, c[t][key] <- sum_{t' < t} c[t'][key] (exclusive over tiles per key), the
+//                       totals n[key]; the last CTA to finish (a ticket counter it resets to 0) writes
+//                       seg_off[key] = sum_{key' < key} n[key'] (key = 0 .. n_seg) and, when tile_cum is not
+//                       null, tile_cum[key] = sum_{key' < key, key' < n_seg} ceil(n[key'] / rows_per_unit).
+//   moba_pairs_scatter  pair i of tile t goes to pos = seg_off[key] + c[t][key] + w[warp][key] + r, where
+//                       w[warp][key] counts the key's pairs in the tile's earlier warps and r its pairs before
+//                       i in i's warp: each warp walks its 32 * kPairsRounds consecutive pairs in order, 32 at
+//                       a time, ranking equal keys with __match_any_sync. pairs[pos] = i (sorted_keys[pos] =
+//                       key when sorted_keys is not null).
+// Every position is ordered by (key, i): the stable sort, so the lists and every result computed from them are
+// the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 S bytes, moba_pairs_scatter
+// 20 S bytes (8 warps x 16-bit counts + a 32-bit base per key). Positions are 32-bit (the plans keep n_pairs
+// below 2^31).
+//
+// Traffic per pair: topk read twice (8 B), pairs written (8 B; + 4 B of sorted keys for the backward); per
+// (tile, key): c written, read and written, read (16 B), i.e. 16 S / kPairsTile bytes per pair.
+
+#ifndef MOBA_PAIRS_DYNAMIC_SMEM
+#define MOBA_PAIRS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace moba_pairs {
+
+constexpr int kPairsThreads = 256;  // PAIRS_THREADS in _pairs.py
+constexpr int kPairsWarps = kPairsThreads / 32;
+constexpr int kPairsRounds = 32;  // pairs per lane of a tile (PAIRS_ROUNDS)
+constexpr int kPairsTile = kPairsThreads * kPairsRounds;
+constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
+constexpr int kNoKey = -1;          // lanes past the end of the chunk
+
+// Segment key of pair i (< n_pairs) of the chunk; moba_attn_keys' rule.
+__device__ __forceinline__ int pair_key(const int* topk, int i, int seqlen, int heads, int top_k, int n_blocks,
+                                        int batch_index, int h0, int t0, int n_q, int group, int n_seg) {
+  const int s = i % top_k;
+  const int rest = i / top_k;
+  const int tt = rest % n_q, hc = rest / n_q;
+  const int jb = topk[((static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc)) * top_k + s];
+  return (jb >= 0 && jb < n_blocks) ? (hc / group) * n_blocks + jb : n_seg;
+}
+
+// Exclusive prefix sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); `warp_tot` holds 32 ints.
+// Ends with a barrier, so `warp_tot` may be reused at once.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < n_warps ? warp_tot[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < n_warps) warp_tot[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int out = incl - v + (warp > 0 ? warp_tot[warp - 1] : 0);
+  __syncthreads();
+  return out;
+}
+
+}  // namespace moba_pairs
+
+extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
+    const int* topk, int* counts, int seqlen, int heads, int top_k, int n_blocks, int batch_index, int h0,
+    int n_heads_c, int t0, int n_q, int group) {
+  using namespace moba_pairs;
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  int* hist = reinterpret_cast<int*>(smem);
+  const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
+  const int n_pairs = n_heads_c * n_q * top_k;
+  const int tid = threadIdx.x;
+  for (int s = tid; s < n_keys; s += kPairsThreads) hist[s] = 0;
+  __syncthreads();
+  const int first = blockIdx.x * kPairsTile;
+#pragma unroll 4
+  for (int r = 0; r < kPairsRounds; ++r) {
+    const int i = first + r * kPairsThreads + tid;
+    if (i < n_pairs)
+      atomicAdd(hist + pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg), 1);
+  }
+  __syncthreads();
+  int* row = counts + static_cast<long long>(blockIdx.x) * n_keys;
+  for (int s = tid; s < n_keys; s += kPairsThreads) row[s] = hist[s];
+}
+
+extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
+    int* counts, int n_tiles, int n_seg, int rows_per_unit, int* seg_total, unsigned* ticket, long long* seg_off,
+    long long* tile_cum) {
+  using namespace moba_pairs;
+  __shared__ int part[32][33];
+  __shared__ int warp_tot[32];
+  __shared__ int is_last;
+  const int n_keys = n_seg + 1;
+  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
+  // 1. this CTA's 32 keys: thread (grp, lane) scans tiles [t_begin, t_end) of key `key`
+  const int key = blockIdx.x * 32 + lane;
+  const int per = (n_tiles + 31) / 32;
+  const int t_begin = min(grp * per, n_tiles), t_end = min(t_begin + per, n_tiles);
+  int local = 0;
+  if (key < n_keys)
+    for (int t = t_begin; t < t_end; ++t) local += counts[static_cast<long long>(t) * n_keys + key];
+  part[grp][lane] = local;
+  __syncthreads();
+  int run = 0;
+  for (int g = 0; g < grp; ++g) run += part[g][lane];
+  if (key < n_keys) {
+    for (int t = t_begin; t < t_end; ++t) {
+      const long long at = static_cast<long long>(t) * n_keys + key;
+      const int c = counts[at];
+      counts[at] = run;
+      run += c;
+    }
+    if (grp == 31) seg_total[key] = run;  // the last range ends at the key's total
+  }
+  // 2. the last CTA to get here scans the totals (the others' writes are visible once their tickets are; it
+  // reads them with volatile loads, past its L1)
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int kper = (n_keys + kScanThreads - 1) / kScanThreads;
+  const int k_begin = min(tid * kper, n_keys), k_end = min(k_begin + kper, n_keys);
+  int sum = 0, units = 0;
+  for (int s = k_begin; s < k_end; ++s) {
+    const int n = *static_cast<volatile const int*>(seg_total + s);
+    sum += n;
+    if (tile_cum != nullptr && s < n_seg) units += (n + rows_per_unit - 1) / rows_per_unit;
+  }
+  int off = block_exclusive_scan(sum, warp_tot);
+  int unit = block_exclusive_scan(units, warp_tot);
+  for (int s = k_begin; s < k_end; ++s) {
+    const int n = *static_cast<volatile const int*>(seg_total + s);
+    seg_off[s] = off;
+    off += n;
+    if (tile_cum != nullptr) {
+      tile_cum[s] = unit;
+      if (s < n_seg) unit += (n + rows_per_unit - 1) / rows_per_unit;
+    }
+  }
+  if (tid == 0) *ticket = 0u;  // ready for the next chunk
+}
+
+extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
+    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
+    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group) {
+  using namespace moba_pairs;
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
+  const int n_pairs = n_heads_c * n_q * top_k;
+  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_keys]
+  int* base = reinterpret_cast<int*>(smem + ((kPairsWarps * n_keys * 2 + 15) & ~15));  // [n_keys]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int s = tid; s < kPairsWarps * n_keys; s += kPairsThreads) wcount[s] = 0;
+  // this warp's pairs, in order: i = first + 32 r + lane
+  const int first = blockIdx.x * kPairsTile + warp * 32 * kPairsRounds;
+  int key[kPairsRounds];
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r) {
+    const int i = first + 32 * r + lane;
+    key[r] = i < n_pairs ? pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg)
+                         : kNoKey;
+  }
+  __syncthreads();
+  // rank of each pair among the earlier pairs of its key in this warp (key[r] becomes key << 16 | rank: a
+  // warp holds 32 * kPairsRounds < 2^16 pairs and keys are below 2^15)
+  unsigned short* mine = wcount + warp * n_keys;
+  const unsigned lower = (1u << lane) - 1u;
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r) {
+    const int k = key[r];
+    const unsigned same = __match_any_sync(0xffffffffu, k);
+    const int old = k != kNoKey ? mine[k] : 0;
+    __syncwarp();
+    if (k != kNoKey && (same & lower) == 0) mine[k] = static_cast<unsigned short>(old + __popc(same));
+    __syncwarp();
+    key[r] = k != kNoKey ? (k << 16) | (old + __popc(same & lower)) : kNoKey;
+  }
+  __syncthreads();
+  // per key: the tile's start (seg_off + earlier tiles) and, per warp, the key's pairs in earlier warps
+  const int* col = counts + static_cast<long long>(blockIdx.x) * n_keys;
+  for (int s = tid; s < n_keys; s += kPairsThreads) {
+    base[s] = static_cast<int>(seg_off[s]) + col[s];
+    int run = 0;
+#pragma unroll
+    for (int w = 0; w < kPairsWarps; ++w) {
+      const int c = wcount[w * n_keys + s];
+      wcount[w * n_keys + s] = static_cast<unsigned short>(run);
+      run += c;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r) {
+    if (key[r] == kNoKey) continue;
+    const int k = key[r] >> 16, rank = key[r] & 0xffff;
+    const int pos = base[k] + mine[k] + rank;
+    pairs[pos] = first + 32 * r + lane;
+    if (sorted_keys != nullptr) sorted_keys[pos] = k;
+  }
+}

@@ -1,0 +1,281 @@
+"""The counting-sort pair lists (cuda/pairs.cu, mobalab.kernels._pairs) without a GPU: launch plans against the
+CUDA signatures, the torch reference against the keys rule, and the kernels themselves run on the host
+(``host_emulation/cuda_host.h``: every CUDA thread a coroutine, switching at barriers and warp operations in
+shuffled orders, CTAs in a shuffled order, AddressSanitizer on, shared memory and outputs poisoned) against the
+stable torch sort: the exact pair order, the sorted keys, seg_off and tile_cum. What this cannot show (PTX, the
+memory order between concurrent CTAs around the scan's ticket, speed) is left to tests/kernels/test_pairs_gpu.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import _pairs as P
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import check_args, signatures
+
+HERE = Path(__file__).parent / "host_emulation"
+CXX = shutil.which("g++") or shutil.which("clang++")
+
+
+def _topk(seed, batch, seqlen, heads, top_k, n_blocks, *, unused=0.0, hot=None):
+    """Random routing (distinct blocks per row, -1 for a fraction ``unused`` of the slots); ``hot``: every
+    slot 0 picks that block (one huge segment)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, seqlen, heads, n_blocks, generator=g)
+    sel = scores.topk(min(top_k, n_blocks), dim=-1).indices
+    if sel.shape[-1] < top_k:
+        sel = torch.cat([sel, torch.full((*sel.shape[:-1], top_k - sel.shape[-1]), -1)], dim=-1)
+    sel = torch.where(torch.rand(sel.shape, generator=g) < unused, torch.full_like(sel, -1), sel)
+    if hot is not None:
+        sel[..., 0] = hot
+        sel[..., 1:] = torch.where(sel[..., 1:] == hot, torch.full_like(sel[..., 1:], -1), sel[..., 1:])
+    return sel.to(torch.int32).contiguous()
+
+
+def _buffers(n_pairs, n_seg, poison=-7):
+    return dict(counts=torch.full((P.counts_elems(n_pairs, n_seg),), poison, dtype=torch.int32),
+                seg_total=torch.full((n_seg + 1,), poison, dtype=torch.int32),
+                ticket=torch.zeros(1, dtype=torch.int32),
+                pairs=torch.full((n_pairs,), poison, dtype=torch.int64),
+                sorted_keys=torch.full((n_pairs,), poison, dtype=torch.int32),
+                seg_off=torch.full((n_seg + 1,), poison, dtype=torch.int64),
+                tile_cum=torch.full((n_seg + 1,), poison, dtype=torch.int64))
+
+
+def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per_unit, with_keys=True,
+           with_tile_cum=True):
+    return P.counting_launches(topk, bufs["counts"], bufs["seg_total"], bufs["ticket"], bufs["pairs"],
+                               bufs["sorted_keys"] if with_keys else 0, bufs["seg_off"],
+                               bufs["tile_cum"] if with_tile_cum else 0, seqlen=seqlen, heads=heads, top_k=top_k,
+                               n_blocks=n_blocks, chunk=chunk, group=group, rows_per_unit=rows_per_unit)
+
+
+# ---- plans and arguments (no compiler) ----
+
+def test_pairs_kernels_have_the_planned_signatures():
+    assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter"}
+    seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
+    chunk = A.Chunk(1, 2, 2, 10, 250)
+    topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
+    n_pairs, n_seg = 2 * 250 * 3, 5
+    bufs = _buffers(n_pairs, n_seg)
+    for with_keys in (True, False):
+        plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                       rows_per_unit=64, with_keys=with_keys, with_tile_cum=not with_keys)
+        assert [p.kernel for p in plans] == ["moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter"]
+        for p in plans:
+            check_args(p.source, p.kernel, p.args)
+        count, scan, scatter = plans
+        assert count.grid == scatter.grid == (P.n_tiles(n_pairs),) and count.block == scatter.block == (256,)
+        assert scan.grid == (1,) and scan.block == (P.SCAN_THREADS,) and scan.shared_mem == 0
+        assert count.shared_mem == 4 * 6 and scatter.shared_mem == 96 + 24
+
+
+def test_the_constants_match_the_source():
+    text = source(P.SOURCE)
+    for name, value in (("kPairsThreads", P.PAIRS_THREADS), ("kPairsRounds", P.PAIRS_ROUNDS),
+                        ("kScanThreads", P.SCAN_THREADS)):
+        assert f"constexpr int {name} = {value};" in text
+    # keys are packed into 15 bits beside a 16-bit rank, positions counted in 16 bits per tile
+    assert P.MAX_KEYS <= 2**15 and P.TILE < 2**16
+    assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
+
+
+def test_too_large_chunks_are_refused_and_sorts_resolve(monkeypatch):
+    assert P.counting_supported(10**6, P.MAX_KEYS - 1) and not P.counting_supported(10**6, P.MAX_KEYS)
+    assert not P.counting_supported(2**31, 10)
+    chunk = A.Chunk(0, 0, 1, 0, 8)
+    with pytest.raises(ValueError, match="too large"):
+        P.counting_launches(0, 0, 0, 0, 0, 0, 0, 0, seqlen=8, heads=1, top_k=1, n_blocks=P.MAX_KEYS, chunk=chunk,
+                            group=1, rows_per_unit=64)
+    monkeypatch.delenv(P.SORT_ENV, raising=False)
+    assert P.resolve_sort(None) == "counting"
+    monkeypatch.setenv(P.SORT_ENV, "torch")
+    assert P.resolve_sort(None) == "torch" and P.resolve_sort("counting") == "counting"
+    monkeypatch.setenv(P.SORT_ENV, "radix")
+    with pytest.raises(ValueError, match="MOBALAB_PAIR_SORT"):
+        P.resolve_sort(None)
+
+
+def test_reference_keys_follow_the_rule():
+    seqlen, heads, top_k, n_blocks, group = 40, 6, 4, 3, 3
+    topk = _topk(1, 2, seqlen, heads, top_k, n_blocks, unused=0.3)
+    topk[1, 7, 4, 2] = n_blocks  # out of range: unused too
+    chunk = A.Chunk(1, 3, 3, 5, 30)
+    keys = P.chunk_keys_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k)
+    n_seg = n_blocks  # one kv head in the chunk
+    want = []
+    for hc in range(chunk.n_heads):
+        for tt in range(chunk.n_q):
+            for s in range(top_k):
+                j = int(topk[1, 5 + tt, 3 + hc, s])
+                want.append((hc // group) * n_blocks + j if 0 <= j < n_blocks else n_seg)
+    assert keys.tolist() == want
+    pairs, sorted_keys, seg_off, tile_cum = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group,
+                                                                   top_k=top_k, rows_per_unit=16)
+    assert sorted(range(len(want)), key=lambda i: (want[i], i)) == pairs.tolist()
+    assert sorted_keys.tolist() == sorted(want)
+    assert seg_off.tolist() == [sum(k < s for k in want) for s in range(n_seg + 1)]
+    units = [-(-sum(k == s for k in want) // 16) for s in range(n_seg)]
+    assert tile_cum.tolist() == [sum(units[:s]) for s in range(n_seg + 1)]
+
+
+# ---- the kernels on the host ----
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    if CXX is None:
+        pytest.skip("needs a C++ compiler (g++ or clang++)")
+    build = tmp_path_factory.mktemp("pairs_emulation")
+    (build / "pairs_kernels.cu").write_text(source(P.SOURCE))
+    exe = build / "pairs_harness"
+    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
+           f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "pairs_harness.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+
+
+def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
+    """Execute ``launches`` in the harness; every tensor they name is updated in place."""
+    storages: dict[int, torch.Tensor] = {}
+    tokens = []
+    for launch in launches:
+        check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
+        args = []
+        for a in launch.args:
+            if isinstance(a, torch.Tensor):
+                base = a.untyped_storage().data_ptr()
+                storages.setdefault(base, a)
+                args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
+            elif isinstance(a, int):
+                assert a == 0, (launch.kernel, a)
+                args.append("z:0")
+            else:
+                assert isinstance(a, np.int32), (launch.kernel, a)
+                args.append(f"i:{int(a)}")
+        tokens.append((launch, args))
+    lines = [f"seed {seed}", f"buffers {len(storages)}"]
+    for i, t in enumerate(storages.values()):
+        raw = _storage_bytes(t).numpy()
+        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
+        raw.tofile(src)
+        lines.append(f"{i} {raw.size} {src} {dst}")
+    lines.append(f"launches {len(tokens)}")
+    for launch, args in tokens:
+        grid, block = (*launch.grid, 1, 1)[:3], (*launch.block, 1, 1)[:3]
+        lines.append(" ".join([launch.kernel, *map(str, grid), *map(str, block), str(launch.shared_mem), str(len(args)),
+                               *args]))
+    manifest = workdir / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for i, t in enumerate(storages.values()):
+        _storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))
+
+
+# (batch, seqlen, heads, group, top_k, n_blocks, chunk, routing options)
+EMU_CASES = [
+    # three tiles and a 37-pair tail: 2 * 2 * 4100 + ... pairs, GQA, a chunk inside the sequence
+    pytest.param(2, 4400, 4, 2, 2, 40, A.Chunk(1, 2, 2, 300, 4100), {}, id="tiles-tail-gqa-offset-chunk"),
+    # one block chosen by every row: one huge segment, most others empty, unused slots
+    pytest.param(1, 3000, 2, 1, 4, 30, A.Chunk(0, 0, 2, 0, 3000), dict(hot=3, unused=0.2), id="one-huge-segment"),
+    # fewer blocks than slots: many unused slots (the last key), a chunk smaller than one tile, 1 kv head
+    pytest.param(1, 500, 3, 3, 8, 5, A.Chunk(0, 0, 3, 0, 500), dict(unused=0.1), id="few-blocks-unused"),
+    # more keys than the scan's 32 per CTA, many small segments
+    pytest.param(1, 2000, 2, 1, 3, 120, A.Chunk(0, 0, 2, 0, 2000), {}, id="many-segments"),
+]
+
+
+@pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), EMU_CASES)
+def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seqlen, heads, group, top_k, n_blocks,
+                                                  chunk, opts):
+    topk = _topk(seqlen + n_blocks, batch, seqlen, heads, top_k, n_blocks, **opts)
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = (chunk.n_heads // group) * n_blocks
+    rows = 64
+    want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=rows)
+    bufs = _buffers(n_pairs, n_seg)
+    plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                   rows_per_unit=rows)
+    run_emulated(harness, tmp_path, plans, seed=n_pairs)
+    for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
+        assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
+    assert int(bufs["ticket"]) == 0  # ready for the next chunk
+    assert int(bufs["seg_total"].sum()) == n_pairs
+
+
+def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
+    """Chunks one after another through one count table, one seg_total and one ticket (the wrappers' use), in
+    one run: the backward's launches (sorted keys, no tile_cum) and the forward's (tile_cum, no sorted keys)."""
+    batch, seqlen, heads, group, top_k, n_blocks = 2, 1100, 4, 2, 3, 12
+    topk = _topk(5, batch, seqlen, heads, top_k, n_blocks, unused=0.05)
+    chunks = [A.Chunk(0, 0, 2, 0, 550), A.Chunk(0, 2, 2, 550, 550), A.Chunk(1, 2, 2, 0, 550),
+              A.Chunk(1, 0, 2, 550, 550)]
+    n_pairs, n_seg = 2 * 550 * top_k, n_blocks
+    shared = _buffers(n_pairs, n_seg)
+    outs, plans = [], []
+    for i, chunk in enumerate(chunks):
+        fwd = i % 2 == 1
+        bufs = {**_buffers(n_pairs, n_seg), **{k: shared[k] for k in ("counts", "seg_total", "ticket")}}
+        plans += _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                        rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
+        outs.append(bufs)
+    run_emulated(harness, tmp_path, plans, seed=3)
+    for i, (chunk, bufs) in enumerate(zip(chunks, outs, strict=True)):
+        fwd = i % 2 == 1
+        want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=256)
+        assert torch.equal(bufs["pairs"], want[0]) and torch.equal(bufs["seg_off"], want[2]), i
+        assert torch.equal(bufs["tile_cum"] if fwd else bufs["sorted_keys"], want[3] if fwd else want[1]), i
+        assert (bufs["sorted_keys"] if fwd else bufs["tile_cum"]).eq(-7).all(), i  # not wanted: not written
+    assert int(shared["ticket"]) == 0
+
+
+# ---- the wrappers' choice of path (launches recorded, not run) ----
+
+@pytest.mark.parametrize(("sort", "n_blocks", "tile_cum", "want"), [
+    ("counting", 10, True, ["moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter"]),
+    ("counting", P.MAX_KEYS, True, ["moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"]),  # too many keys
+    ("torch", 10, True, ["moba_attn_keys", "moba_attn_bounds", "moba_attn_segments"]),
+    ("torch", 10, False, ["moba_attn_keys", "moba_attn_bounds"]),  # the backward: no tile_cum
+])
+def test_build_pair_lists_picks_the_path(monkeypatch, sort, n_blocks, tile_cum, want):
+    launched = []
+
+    def record(plan):
+        check_args(plan.source, plan.kernel, plan.args)  # what CuPy would receive
+        launched.append(plan.kernel)
+
+    monkeypatch.setattr(A, "launch", record)
+    seqlen, heads, top_k = 64, 2, 2
+    chunk = A.Chunk(0, 0, heads, 0, seqlen)
+    n_pairs, n_seg = heads * seqlen * top_k, heads * n_blocks
+    topk = torch.zeros(1, seqlen, heads, top_k, dtype=torch.int32)
+    keys = torch.zeros(n_pairs, dtype=torch.int32)
+    seg_off = torch.zeros(n_seg + 1, dtype=torch.int64)
+    cum = torch.zeros(n_seg + 1, dtype=torch.int64) if tile_cum else None
+    scratch = A.pair_scratch(n_pairs, min(n_seg, 20), "cpu", sort)  # a chunk may be larger than the scratch serves
+    assert (scratch is None) == (sort == "torch")
+    assert A.pair_scratch(n_pairs, n_seg, "cpu", sort) is None or P.counting_supported(n_pairs, n_seg)
+    pairs, sorted_keys = A.build_pair_lists(topk, keys, scratch, chunk, seqlen=seqlen, heads=heads, top_k=top_k,
+                                            n_blocks=n_blocks, group=1, seg_off=seg_off, tile_cum=cum,
+                                            rows_per_unit=64, with_keys=not tile_cum)
+    assert launched == want
+    assert pairs.dtype == torch.int64 and pairs.shape == (n_pairs,)
+    if launched[0] == "moba_pairs_count":
+        assert pairs.data_ptr() == scratch.pairs.data_ptr()
+        assert (sorted_keys is None) == tile_cum
+    else:
+        assert sorted_keys is not None
