@@ -29,6 +29,7 @@ if torch.cuda.get_device_capability() != (9, 0):  # pragma: no cover - wgmma is 
 FLOOR = 1e-4
 SAMPLE_ABOVE = 20000
 VARIANTS = ("wgmma", "wgmma-ws")
+VARIANT_IDS = ("wg", "ws")  # `-k ws` / `-k "not ws"` select one kernel's tests (scripts/gpu_check.sh)
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,7 @@ def _run(q, k, v, block, top_k, causal, topk, variant="wgmma", **kw):
                                  variant=variant, **kw)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_wgmma_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     case = attention_case
     if not A.wgmma_supports(case["dim"], case["block"]):
@@ -75,7 +76,7 @@ def test_wgmma_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     _check(gpu, q, k, v, topk, case["block"], case["causal"], out, lse, label=f"{variant} " + gpu.case_id(case))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
 def test_wgmma_concentrated_routing(block, variant, gpu, poisoned_empty):
     # every query picks block 0 and its own block: one long list of many 4-tile units, a partial last tile
@@ -90,7 +91,7 @@ def test_wgmma_concentrated_routing(block, variant, gpu, poisoned_empty):
     _check(gpu, q, k, v, topk, block, True, out, lse, label=f"{variant} concentrated B{block}")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_wgmma_chunked_and_deterministic(causal, variant, gpu, poisoned_empty):
     """Many chunks give the same bits as one; two runs are bit-identical."""
@@ -105,7 +106,7 @@ def test_wgmma_chunked_and_deterministic(causal, variant, gpu, poisoned_empty):
     assert torch.equal(out, whole)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_wgmma_fp32_partials(variant, gpu, monkeypatch, poisoned_empty):
     """The fp32-partial module of the wgmma kernels (-DMOBA_PARTIAL_FP32=1) meets the criterion too, and lse
     does not depend on the partial format."""
@@ -149,7 +150,7 @@ def test_wgmma_ws_unit_fills(block, gpu, poisoned_empty):
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_wgmma_agrees_with_the_mma_kernel(variant, gpu):
     """Same routing, same partial format: the wgmma and the mma.sync resident kernels agree within the
     rounding of P (one 128-key softmax step against two 64-key steps), at the benchmark shape."""
