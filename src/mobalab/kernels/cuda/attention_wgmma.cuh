@@ -287,6 +287,25 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 // A unit past the last (unit_segment = -1) is published as seg -1 through full_k: everyone leaves the loop.
 // Registers: the producer drops to WS_PRODUCER_REGS, the consumers rise to WS_CONSUMER_REGS (setmaxnreg):
 // 128 x 40 + 256 x 232 = 384 x 168, the launch allocation under __launch_bounds__(384, 1).
+// unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
+// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
+// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
+// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
+// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
+// lo + (cnt + 1) step - 1].
+__device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
+  if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
+  int lo = 0, hi = n_seg;
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int p = lo + (lane + 1) * step;
+    const bool le = p <= hi && tile_cum[p] <= unit;
+    lo += __popc(__ballot_sync(0xffffffffu, le)) * step;
+    hi = min(hi, lo + step - 1);
+  }
+  return lo;
+}
+
 constexpr int WS_THREADS = 3 * MOBA_THREADS;
 constexpr int WS_PRODUCER_REGS = 56;
 constexpr int WS_CONSUMER_REGS = 224;
@@ -351,13 +370,15 @@ __device__ __forceinline__ void attn_wgmma_ws(const void* q_, const void* k_, co
       const int b = it & 1;
       const long long unit = blockIdx.x + static_cast<long long>(it) * gridDim.x;
       if (it >= 2) mbar_wait(done(b), ((it >> 1) - 1) & 1);  // unit it - 2 has left buffer b
-      if (wtid == 0) {
-        const int seg = unit_segment(tile_cum, n_seg, unit);
-        s_seg[b] = seg;
-        if (seg >= 0) {
-          const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
-          s_first[b] = first;
-          s_rows[b] = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+      if (wtid < 32) {
+        const int seg = unit_segment_warp(tile_cum, n_seg, unit, wtid);
+        if (wtid == 0) {
+          s_seg[b] = seg;
+          if (seg >= 0) {
+            const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
+            s_first[b] = first;
+            s_rows[b] = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+          }
         }
       }
       bar_sync(1, MOBA_THREADS);
