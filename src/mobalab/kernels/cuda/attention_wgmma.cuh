@@ -286,7 +286,8 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 //                                                          waited by the producer for unit it + 1
 // A unit past the last (unit_segment = -1) is published as seg -1 through full_k: everyone leaves the loop.
 // Registers: the producer drops to WS_PRODUCER_REGS, the consumers rise to WS_CONSUMER_REGS (setmaxnreg):
-// 128 x 40 + 256 x 232 = 384 x 168, the launch allocation under __launch_bounds__(384, 1).
+// 128 x 56 + 256 x 224 = 384 x 168, the launch allocation under __launch_bounds__(384, 1) (at 40 the producer
+// spills).
 // unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
 // dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
 // the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
@@ -369,20 +370,24 @@ __device__ __forceinline__ void attn_wgmma_ws(const void* q_, const void* k_, co
     for (int it = 0;; ++it) {
       const int b = it & 1;
       const long long unit = blockIdx.x + static_cast<long long>(it) * gridDim.x;
-      if (it >= 2) mbar_wait(done(b), ((it >> 1) - 1) & 1);  // unit it - 2 has left buffer b
+      // The unit's segment and rows (global reads only) before the wait, off the consumers' critical path.
+      int seg = -1, rows = 0;
+      long long first = 0;
       if (wtid < 32) {
-        const int seg = unit_segment_warp(tile_cum, n_seg, unit, wtid);
-        if (wtid == 0) {
-          s_seg[b] = seg;
-          if (seg >= 0) {
-            const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
-            s_first[b] = first;
-            s_rows[b] = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
-          }
+        seg = unit_segment_warp(tile_cum, n_seg, unit, wtid);
+        if (wtid == 0 && seg >= 0) {
+          first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
+          rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
         }
       }
+      if (it >= 2) mbar_wait(done(b), ((it >> 1) - 1) & 1);  // unit it - 2 has left buffer b
+      if (wtid == 0) {
+        s_seg[b] = seg;
+        s_first[b] = first;
+        s_rows[b] = rows;
+      }
       bar_sync(1, MOBA_THREADS);
-      const int seg = s_seg[b];
+      seg = s_seg[b];
       if (seg < 0) {  // past the last unit: publish seg -1 (both halves of full_k's count) and leave
         mbar_arrive(full_k(b));
         mbar_arrive_cp_async(full_k(b));
