@@ -267,6 +267,25 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 #endif
 }
 
+// unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
+// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
+// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
+// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
+// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
+// lo + (cnt + 1) step - 1].
+__device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
+  if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
+  int lo = 0, hi = n_seg;
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int p = lo + (lane + 1) * step;
+    const bool le = p <= hi && tile_cum[p] <= unit;
+    lo += __popc(__ballot_sync(0xffffffffu, le)) * step;
+    hi = min(hi, lo + step - 1);
+  }
+  return lo;
+}
+
 // ---- warp-specialised variant ---------------------------------------------------------------------------------
 // attn_wgmma_ws: three warpgroups. Warpgroup 0 produces (row bookkeeping, K, V and the gathered Q rows, all with
 // cp.async into the layouts above); warpgroups 1 and 2 consume, each on its own 64-row tiles of the unit (tiles
@@ -288,25 +307,6 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 // Registers: the producer drops to WS_PRODUCER_REGS, the consumers rise to WS_CONSUMER_REGS (setmaxnreg):
 // 128 x 56 + 256 x 224 = 384 x 168, the launch allocation under __launch_bounds__(384, 1) (at 40 the producer
 // spills).
-// unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
-// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
-// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
-// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
-// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
-// lo + (cnt + 1) step - 1].
-__device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
-  if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
-  int lo = 0, hi = n_seg;
-  while (lo < hi) {
-    const int step = (hi - lo + 31) / 32;
-    const int p = lo + (lane + 1) * step;
-    const bool le = p <= hi && tile_cum[p] <= unit;
-    lo += __popc(__ballot_sync(0xffffffffu, le)) * step;
-    hi = min(hi, lo + step - 1);
-  }
-  return lo;
-}
-
 constexpr int WS_THREADS = 3 * MOBA_THREADS;
 constexpr int WS_PRODUCER_REGS = 56;
 constexpr int WS_CONSUMER_REGS = 224;
