@@ -41,15 +41,25 @@ __device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// Cycles a wait may take before the kernel traps: ~10 s at H200 clocks, far beyond any legitimate wait (a whole
+// forward takes milliseconds), so a pipeline bug surfaces as a launch failure instead of a hung GPU.
+#define MOBA_MBAR_TRAP_CYCLES 20000000000LL
+
 // Block until the phase of parity `parity` has completed (acquire).
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   unsigned done;
+  long long start = -1;
   do {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+    if (!done) {
+      const long long now = clock64();
+      if (start < 0) start = now;
+      else if (now - start > MOBA_MBAR_TRAP_CYCLES) __trap();
+    }
   } while (!done);
 }
 
