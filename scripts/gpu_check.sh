@@ -14,8 +14,10 @@
 #                            TRAIN_VARIANTS, e.g. "dense:0-2,moba-128-kconv3:1-2"); CSVs under trained/
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
 #   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
-#   wgmma-tile   the wgmma forward tile kernel: probe (incl. transposed B) and oracle GPU tests, then the quick
-#                forward benchmark with --variant wgmma (bench_wgmma.log, table in wgmma/bench_table.md; ~150 s)
+#   wgmma-tile   the wgmma forward tile kernels (wgmma, warp-specialised wgmma-ws): probe (incl. transposed B) and
+#                oracle GPU tests (wgmma-ws's in a run of their own, pytest_wgmma_ws.log), then the quick forward
+#                benchmark with --variant wgmma-ws and wgmma (bench_wgmma_ws.log, bench_wgmma.log; tables in
+#                wgmma-ws/ and wgmma/bench_table.md; ~200 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
@@ -78,11 +80,19 @@ for step in "${STEPS[@]}"; do
            > "$W/mc_throughput.log" 2>&1 || status=1 ;;
     snr) timeout $(cap 180) python3 -m mobalab.cli run snr-vs-accuracy --no-progress --out "$W/snr-vs-accuracy" \
            > "$W/snr-vs-accuracy.log" 2>&1 || status=1 ;;
-    wgmma-tile) timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
-                  tests/kernels/test_wgmma_probe_gpu.py tests/kernels/test_attention_wgmma_gpu.py \
+    # wgmma-ws (mbarrier pipeline) in runs of its own after wgmma's; its benchmark is skipped if its tests hung
+    wgmma-tile) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                  tests/kernels/test_wgmma_probe_gpu.py tests/kernels/test_attention_wgmma_gpu.py -k "not ws" \
                   > "$W/pytest_wgmma_tile.log" 2>&1 || status=1
-                timeout $(cap 200) python3 -m mobalab.bench.attention --quick --variant wgmma --out "$W/wgmma" \
-                  > "$W/bench_wgmma.log" 2>&1 || status=1 ;;
+                timeout $(cap 90) python3 -m mobalab.bench.attention --quick --variant wgmma --out "$W/wgmma" \
+                  > "$W/bench_wgmma.log" 2>&1 || status=1
+                ws_rc=0
+                timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                  tests/kernels/test_attention_wgmma_gpu.py -k ws > "$W/pytest_wgmma_ws.log" 2>&1 || { ws_rc=$?; status=1; }
+                if [ "$ws_rc" -ne 124 ]; then
+                  timeout $(cap 90) python3 -m mobalab.bench.attention --quick --variant wgmma-ws --out "$W/wgmma-ws" \
+                    > "$W/bench_wgmma_ws.log" 2>&1 || status=1
+                fi ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -128,13 +138,15 @@ echo "================ summary ================"
 cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_wgmma.log"; }
 [ -f "$W/pytest_wgmma_tile.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_tile.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_tile.log"; }
+[ -f "$W/pytest_wgmma_ws.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_ws.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_ws.log"; }
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
+[ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
-         "$W"/peers/*table*.md "$W"/wgmma/*table*.md; do [ -f "$f" ] && cat "$f"; done
+         "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"

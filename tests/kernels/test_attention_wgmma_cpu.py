@@ -1,6 +1,7 @@
-"""The wgmma forward tile kernel (cuda/attention_wgmma.cu) without a GPU: variant selection, kernel names,
-launch plans against the CUDA signatures, shared memory, and the compiled module (wgmma in its PTX, the
-transposed-B form for P V, no spills). Correctness on hardware: tests/kernels/test_attention_wgmma_gpu.py."""
+"""The wgmma forward tile kernels (cuda/attention_wgmma.cu: variants "wgmma" and the warp-specialised "wgmma-ws")
+without a GPU: variant selection, kernel names, launch plans against the CUDA signatures, shared memory, and the
+compiled module (wgmma in its PTX, the transposed-B form for P V, the mbarrier pipeline and register re-allocation of
+wgmma-ws; no spills: test_compile.py). Correctness on hardware: tests/kernels/test_attention_wgmma_gpu.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from mobalab.kernels._launch import check_args, signatures
 
 
 def test_wgmma_variant_is_opt_in(monkeypatch):
-    assert "wgmma" in A.VARIANTS and "wgmma" not in A.MMA_VARIANTS
+    assert set(A.WGMMA_VARIANTS) == {"wgmma", "wgmma-ws"} and set(A.WGMMA_VARIANTS) <= set(A.VARIANTS)
+    assert not set(A.WGMMA_VARIANTS) & set(A.MMA_VARIANTS)
     monkeypatch.delenv(A.VARIANT_ENV, raising=False)
     # "auto" keeps choosing the mma.sync kernels at the shapes wgmma serves
     for block in A.WGMMA_BLOCK_SIZES:
@@ -33,32 +35,41 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
     assert A.resolve_variant(None, 128, 128) == "wgmma"
     assert A.kernel_names(torch.bfloat16, 128, 128)[0] == "moba_attn_wg_bf16_d128_b128"
     assert A.variant_label(128, 64) == "wgmma" and A.fwd_source(128, 64) == A.WGMMA_SOURCE
+    monkeypatch.setenv(A.VARIANT_ENV, "wgmma-ws")
+    assert A.kernel_names(torch.float16, 128, 64)[0] == "moba_attn_wgws_f16_d128_b64"
+    assert A.variant_label(128, 128) == "wgmma-ws" and A.fwd_source(128, 128) == A.WGMMA_SOURCE
+    # the environment never changes the mma kernels' thread count: only an explicit "wgmma-ws" does
+    assert A.fwd_threads(128) == 128 and A.fwd_threads(256) == 256 and A.fwd_threads(128, "wgmma-ws") == 384
+    assert not A.resident(128, 128) and A.rows_per_unit(128, 128) == A.ROWS * A.TILES_PER_UNIT
 
 
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])
 @pytest.mark.parametrize("dim,block", [(64, 128), (256, 64), (128, 32), (128, 256), (96, 64)])
-def test_wgmma_refuses_unsupported_shapes(dim, block, monkeypatch):
-    with pytest.raises(ValueError, match=r"variant 'wgmma' supports head_dim in \(128,\) and block_size in "
+def test_wgmma_refuses_unsupported_shapes(dim, block, variant, monkeypatch):
+    with pytest.raises(ValueError, match=rf"variant '{variant}' supports head_dim in \(128,\) and block_size in "
                                          r"\(64, 128\), got head_dim=\d+, block_size=\d+"):
-        A.resolve_variant("wgmma", dim, block)
-    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
-        A.kernel_names(torch.bfloat16, dim, block, "wgmma")
-    monkeypatch.setenv(A.VARIANT_ENV, "wgmma")  # through the environment as well
-    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
+        A.resolve_variant(variant, dim, block)
+    with pytest.raises(ValueError, match=f"variant '{variant}' supports"):
+        A.kernel_names(torch.bfloat16, dim, block, variant)
+    monkeypatch.setenv(A.VARIANT_ENV, variant)  # through the environment as well
+    with pytest.raises(ValueError, match=f"variant '{variant}' supports"):
         A.fwd_smem_bytes(dim, block)
-    assert A.resolve_variant("wgmma") == "wgmma"  # no shape: nothing to refuse
+    assert A.resolve_variant(variant) == variant  # no shape: nothing to refuse
 
 
-def test_wrapper_refuses_wgmma_shapes_before_touching_the_gpu():
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])
+def test_wrapper_refuses_wgmma_shapes_before_touching_the_gpu(variant):
     q = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="variant 'wgmma' supports"):
-        A.moba_attention_cuda(q, q, q, 64, 1, variant="wgmma")
+    with pytest.raises(ValueError, match=f"variant '{variant}' supports"):
+        A.moba_attention_cuda(q, q, q, 64, 1, variant=variant)
 
 
 @pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
 @pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("partial", A.PARTIALS)
-def test_wgmma_plans_pass_check_args(dtype, block, causal, partial):
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])
+def test_wgmma_plans_pass_check_args(dtype, block, causal, partial, variant):
     dim, batch, seqlen, heads, kv_heads, top_k = 128, 2, 300, 4, 2, 3
     q = torch.zeros(batch, seqlen, heads, dim, dtype=dtype)
     k = torch.zeros(batch, seqlen, kv_heads, dim, dtype=dtype)
@@ -68,21 +79,29 @@ def test_wgmma_plans_pass_check_args(dtype, block, causal, partial):
     n_seg = chunk.n_heads // (heads // kv_heads) * n_blocks
     pairs, seg = torch.zeros(n_pairs, dtype=torch.int64), torch.zeros(n_seg + 1, dtype=torch.int64)
     part_o = torch.zeros(n_pairs * dim, dtype=A.partial_dtype(dtype, partial))
-    fwd, merge = A.kernel_names(dtype, dim, block, "wgmma")
-    assert fwd == f"moba_attn_wg_{C.dtype_tag(dtype, A.SOURCE)}_d128_b{block}" and fwd in signatures(A.WGMMA_SOURCE)
-    assert merge in signatures(A.SOURCE)
-    unit = A.rows_per_unit(dim, block, "wgmma")
+    fwd, merge = A.kernel_names(dtype, dim, block, variant)
+    kind = "wg" if variant == "wgmma" else "wgws"
+    assert fwd == f"moba_attn_{kind}_{C.dtype_tag(dtype, A.SOURCE)}_d128_b{block}"
+    assert fwd in signatures(A.WGMMA_SOURCE) and merge in signatures(A.SOURCE)
+    unit = A.rows_per_unit(dim, block, variant)
     assert unit == A.ROWS * A.TILES_PER_UNIT  # the kernel keeps the block resident for up to 4 tiles
     plan = A.fwd_launch(fwd, q, k, k, pairs, seg, seg, part_o, torch.zeros(2 * n_pairs), seqlen=seqlen, heads=heads,
                         kv_heads=kv_heads, top_k=top_k, block_size=block, n_blocks=n_blocks, chunk=chunk,
                         n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=0.18, rows_per_unit=unit,
-                        smem=A.fwd_smem_bytes(dim, block, "wgmma"), partial=partial,
-                        source=A.fwd_source(dim, block, "wgmma"))
-    assert plan.source == A.WGMMA_SOURCE and plan.block == (128,)
+                        smem=A.fwd_smem_bytes(dim, block, variant), partial=partial,
+                        source=A.fwd_source(dim, block, variant), threads=A.fwd_threads(dim, variant),
+                        max_ctas=3 if variant == "wgmma-ws" else None)
+    assert plan.source == A.WGMMA_SOURCE and plan.block == ((128,) if variant == "wgmma" else (384,))
     assert plan.defines == A.partial_defines(partial)
     assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(A.WGMMA_SOURCE)[fwd])
-    # K and V (B x 128 each), two 64 x 128 Q tiles, 1024 bytes to align the swizzle patterns
-    assert plan.shared_mem == 2 * block * 256 + 2 * 64 * 256 + 1024
+    grid = A.fwd_grid(n_pairs, n_seg, unit)
+    if variant == "wgmma":
+        # K and V (B x 128 each), two 64 x 128 Q tiles, 1024 bytes to align the swizzle patterns
+        assert plan.shared_mem == 2 * block * 256 + 2 * 64 * 256 + 1024 and plan.grid == (grid,)
+    else:
+        # two K / V buffers, four Q slots, 1024 bytes of alignment; persistent: the grid is capped
+        assert plan.shared_mem == 4 * block * 256 + 4 * 64 * 256 + 1024
+        assert grid > 3 and plan.grid == (3,)
     # the same parameter list as the mma tile kernels: one launch plan serves both
     assert signatures(A.WGMMA_SOURCE)[fwd] == signatures(A.SOURCE)[A.kernel_names(dtype, dim, block, "auto")[0]]
 
@@ -90,6 +109,13 @@ def test_wgmma_plans_pass_check_args(dtype, block, causal, partial):
 def test_wgmma_shared_memory_fits_two_ctas_at_b128():
     # 227 KB per SM usable on H100 / H200; the kernel also has ~5 KB of static row bookkeeping
     assert 2 * (A.fwd_smem_bytes(128, 128, "wgmma") + 5200) <= 227 * 1024
+
+
+@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+def test_wgmma_ws_shared_memory_fits_one_cta(block):
+    # one CTA per SM (227 KB opt-in limit per CTA), with its double-buffered row bookkeeping (10512 bytes of static
+    # shared memory in ptxas' report) and mbarriers
+    assert A.fwd_smem_bytes(128, block, "wgmma-ws") + 10512 <= 227 * 1024
 
 
 @pytest.mark.nvcc
@@ -109,9 +135,10 @@ def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
         assert proc.returncode == 0, proc.stderr
         text = ptx.read_text()
     # each entry's text runs to the next entry (the inline asm blocks close their own braces)
-    parts = re.split(r"\.entry (moba_attn_wg_\w+)\(", text)[1:]
+    parts = re.split(r"\.entry (moba_attn_wg(?:ws)?_\w+)\(", text)[1:]
     bodies = dict(zip(parts[::2], parts[1::2], strict=True))
     assert sorted(bodies) == sorted(signatures(A.WGMMA_SOURCE))
+    assert sum(name.startswith("moba_attn_wgws_") for name in bodies) == 4
     for name, body in bodies.items():
         block = int(name.rsplit("_b", 1)[1])
         kind = "bf16" if "_bf16_" in name else "f16"
@@ -121,3 +148,12 @@ def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
         assert len(ss) == 8, (name, len(ss))
         assert len(rs) == 2 * block // 16, (name, len(rs))
         assert "fence.proxy.async.shared::cta" in body and "wgmma.wait_group.sync.aligned 0" in body
+        if name.startswith("moba_attn_wgws_"):
+            # the producer / consumer pipeline: register re-allocation per warpgroup, cp.async completion tracked by
+            # mbarriers (.noinc: counted in the init count), acquiring waits, and no CTA-wide barrier after the
+            # mbarrier setup (one bar.sync 0; the producer's own barrier is bar.sync 1 over 128 threads)
+            assert re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 (\d+);", body) == [("dec", "56"),
+                                                                                          ("inc", "224")]
+            assert body.count("cp.async.mbarrier.arrive.noinc.shared::cta.b64") >= 4
+            assert "mbarrier.try_wait.parity.shared::cta.b64" in body and "mbarrier.init.shared::cta.b64" in body
+            assert len(re.findall(r"\bbar\.sync\s+0;", body)) == 1

@@ -1,9 +1,12 @@
-"""The wgmma forward tile kernel (variant "wgmma", cuda/attention_wgmma.cu: head dim 128, B 64 and 128, sm_90)
-against the fp32 oracle with the same routing, under the criterion of test_attention_gpu.py (conftest.GpuOracle:
-max|out - ref| <= 2 max|out_torch_lowprec - ref| + 1e-4, lse within 2e-3 + 1e-3 |lse|), on the forward grid's
-cases restricted to the shapes the kernel serves. Outputs and scratch are poisoned (NaN) before each launch, so
-a row or column the kernel does not write fails. The transposed-B operand it relies on is probed on its own in
-test_wgmma_probe_gpu.py (the "regmn" cases): when those fail, these fail too.
+"""The wgmma forward tile kernels (variants "wgmma" and the warp-specialised, persistent "wgmma-ws",
+cuda/attention_wgmma.cu: head dim 128, B 64 and 128, sm_90) against the fp32 oracle with the same routing,
+under the criterion of test_attention_gpu.py (conftest.GpuOracle: max|out - ref| <= 2 max|out_torch_lowprec -
+ref| + 1e-4, lse within 2e-3 + 1e-3 |lse|), on the forward grid's cases restricted to the shapes the kernels
+serve. Outputs and scratch are poisoned (NaN) before each launch, so a row or column a kernel does not write
+fails. The transposed-B operand they rely on is probed on its own in test_wgmma_probe_gpu.py (the "regmn"
+cases): when those fail, these fail too. wgmma-ws runs the same tile arithmetic (wg_tile) behind a producer /
+consumer mbarrier pipeline, so it is also checked against wgmma on units of every fill (one row, a consumer
+left idle, partial tiles) and across many units per persistent CTA (the concentrated routing, the 64K case).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ if torch.cuda.get_device_capability() != (9, 0):  # pragma: no cover - wgmma is 
 
 FLOOR = 1e-4
 SAMPLE_ABOVE = 20000
+VARIANTS = ("wgmma", "wgmma-ws")
+VARIANT_IDS = ("wg", "ws")  # `-k ws` / `-k "not ws"` select one kernel's tests (scripts/gpu_check.sh)
 
 
 @pytest.fixture(autouse=True)
@@ -52,12 +57,13 @@ def _check(gpu, q, k, v, topk, block, causal, out, lse, label=""):
     return errs
 
 
-def _run(q, k, v, block, top_k, causal, topk, **kw):
+def _run(q, k, v, block, top_k, causal, topk, variant="wgmma", **kw):
     return A.moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk,
-                                 variant="wgmma", **kw)
+                                 variant=variant, **kw)
 
 
-def test_wgmma_matches_oracle(attention_case, gpu, poisoned_empty):
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_wgmma_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     case = attention_case
     if not A.wgmma_supports(case["dim"], case["block"]):
         pytest.skip("no wgmma kernel for this shape (head dim 128, B 64 or 128 only)")
@@ -66,12 +72,13 @@ def test_wgmma_matches_oracle(attention_case, gpu, poisoned_empty):
                          seed=zlib.crc32(gpu.case_id(case).encode()))
     topk = gpu.routing(q, k, case["block"], case["top_k"], case["causal"])
     with poisoned_empty():
-        out, lse = _run(q, k, v, case["block"], case["top_k"], case["causal"], topk)
-    _check(gpu, q, k, v, topk, case["block"], case["causal"], out, lse, label="wgmma " + gpu.case_id(case))
+        out, lse = _run(q, k, v, case["block"], case["top_k"], case["causal"], topk, variant)
+    _check(gpu, q, k, v, topk, case["block"], case["causal"], out, lse, label=f"{variant} " + gpu.case_id(case))
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
-def test_wgmma_concentrated_routing(block, gpu, poisoned_empty):
+def test_wgmma_concentrated_routing(block, variant, gpu, poisoned_empty):
     # every query picks block 0 and its own block: one long list of many 4-tile units, a partial last tile
     n = 20000
     q, k, v = gpu.inputs(1, n, 4, 2, 128, torch.bfloat16, seed=17 + block)
@@ -80,43 +87,76 @@ def test_wgmma_concentrated_routing(block, gpu, poisoned_empty):
     first = torch.where(own > 0, 0, -1)
     topk = torch.stack([own, first, torch.full_like(own, -1)], dim=-1).to(torch.int32)
     with poisoned_empty():
-        out, lse = _run(q, k, v, block, 3, True, topk)
-    _check(gpu, q, k, v, topk, block, True, out, lse, label=f"wgmma concentrated B{block}")
+        out, lse = _run(q, k, v, block, 3, True, topk, variant)
+    _check(gpu, q, k, v, topk, block, True, out, lse, label=f"{variant} concentrated B{block}")
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_wgmma_chunked_and_deterministic(causal, gpu, poisoned_empty):
+def test_wgmma_chunked_and_deterministic(causal, variant, gpu, poisoned_empty):
     """Many chunks give the same bits as one; two runs are bit-identical."""
     q, k, v = gpu.inputs(2, 4097, 8, 2, 128, torch.float16, seed=7)
     topk = gpu.routing(q, k, 64, 8, causal)
-    whole, whole_lse = _run(q, k, v, 64, 8, causal, topk)
-    again, again_lse = _run(q, k, v, 64, 8, causal, topk)
+    whole, whole_lse = _run(q, k, v, 64, 8, causal, topk, variant)
+    again, again_lse = _run(q, k, v, 64, 8, causal, topk, variant)
     assert torch.equal(whole, again) and torch.equal(whole_lse, again_lse)
     with poisoned_empty():
-        out, lse = _run(q, k, v, 64, 8, causal, topk, scratch_budget_bytes=2 << 20)
-    _check(gpu, q, k, v, topk, 64, causal, out, lse, label="wgmma chunked")
+        out, lse = _run(q, k, v, 64, 8, causal, topk, variant, scratch_budget_bytes=2 << 20)
+    _check(gpu, q, k, v, topk, 64, causal, out, lse, label=f"{variant} chunked")
     assert torch.equal(out, whole)
 
 
-def test_wgmma_fp32_partials(gpu, monkeypatch, poisoned_empty):
-    """The fp32-partial module of the wgmma kernel (-DMOBA_PARTIAL_FP32=1) meets the criterion too, and lse
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_wgmma_fp32_partials(variant, gpu, monkeypatch, poisoned_empty):
+    """The fp32-partial module of the wgmma kernels (-DMOBA_PARTIAL_FP32=1) meets the criterion too, and lse
     does not depend on the partial format."""
     q, k, v = gpu.inputs(2, 4097, 4, 4, 128, torch.bfloat16, seed=128 + 128 + 8)
     topk = gpu.routing(q, k, 128, 8, True)
-    out16, lse16 = _run(q, k, v, 128, 8, True, topk)
+    out16, lse16 = _run(q, k, v, 128, 8, True, topk, variant)
     monkeypatch.setenv(A.PARTIAL_ENV, "fp32")
     with poisoned_empty():
-        out32, lse32 = _run(q, k, v, 128, 8, True, topk)
-    _check(gpu, q, k, v, topk, 128, True, out32, lse32, label="wgmma fp32 partials")
+        out32, lse32 = _run(q, k, v, 128, 8, True, topk, variant)
+    _check(gpu, q, k, v, topk, 128, True, out32, lse32, label=f"{variant} fp32 partials")
     assert torch.equal(lse16, lse32)
 
 
-def test_wgmma_agrees_with_the_mma_kernel(gpu):
+# Rows per (kv head, key block) list, cycled over the blocks: a unit of one row, units that leave the second
+# consumer warpgroup idle (<= 64 rows) or give it a partial tile, 3-tile units (consumer 1 without its second
+# tile), full 4-tile units and lists that spill one row into a further unit.
+UNIT_FILLS = (1, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 320, 0, 2)
+
+
+@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+def test_wgmma_ws_unit_fills(block, gpu, poisoned_empty):
+    """Hand-made routing (not causal: any query may pick any block) that gives the key blocks lists of UNIT_FILLS
+    rows, so that units have every fill the two consumers split in different ways; wgmma-ws meets the oracle and
+    agrees with wgmma, which computes each tile with the same arithmetic."""
+    n, heads = 8192, 2
+    q, k, v = gpu.inputs(1, n, heads, heads, 128, torch.bfloat16, seed=41 + block)  # one list per head
+    n_blocks = n // block
+    owner = []
+    for j in range(n_blocks):
+        owner += [j] * UNIT_FILLS[j % len(UNIT_FILLS)]
+    owner = (owner + [n_blocks - 1] * n)[:n]  # any queries left over pick the last block
+    first = torch.tensor(owner, device="cuda", dtype=torch.int32)
+    # head 1 sees the fills shifted by one block; slot 1 is unused (-1) for every query
+    pick = torch.stack([first, (first + 1) % n_blocks], dim=1).view(1, n, heads, 1)
+    topk = torch.cat([pick, torch.full_like(pick, -1)], dim=-1)
+    with poisoned_empty():
+        out, lse = _run(q, k, v, block, 2, False, topk, "wgmma-ws")
+    _check(gpu, q, k, v, topk, block, False, out, lse, label=f"wgmma-ws unit fills B{block}")
+    ref, ref_lse = _run(q, k, v, block, 2, False, topk, "wgmma")
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_wgmma_agrees_with_the_mma_kernel(variant, gpu):
     """Same routing, same partial format: the wgmma and the mma.sync resident kernels agree within the
     rounding of P (one 128-key softmax step against two 64-key steps), at the benchmark shape."""
     q, k, v = gpu.inputs(1, 8192, 8, 8, 128, torch.bfloat16, seed=3)
     topk = gpu.routing(q, k, 128, 8, True)
-    wg, wg_lse = _run(q, k, v, 128, 8, True, topk)
+    wg, wg_lse = _run(q, k, v, 128, 8, True, topk, variant)
     mma, mma_lse = A.moba_attention_cuda(q, k, v, 128, 8, causal=True, return_lse=True, topk_indices=topk,
                                          variant="resident")
     torch.testing.assert_close(wg_lse, mma_lse, atol=1e-3, rtol=1e-4)

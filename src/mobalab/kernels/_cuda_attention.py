@@ -27,7 +27,9 @@ K and V of a block fit in 64 KB, i.e. B <= 128 at d = 128 and B <= 256 at d = 64
 tile per CTA, K/V streamed in double-buffered 64-key sub-tiles; large blocks). ``"auto"`` picks resident when
 it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call. A third,
 opt-in variant, *wgmma* (cuda/attention_wgmma.cu), is the resident kernel on Hopper warpgroup MMAs for head dim
-128 and B in {64, 128} on sm_90 GPUs only: same work units, partials and merge; ``"auto"`` never picks it.
+128 and B in {64, 128} on sm_90 GPUs only: same work units, partials and merge; ``"auto"`` never picks it. A fourth,
+*wgmma-ws*, is its warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer
+warpgroups on the tiles of a unit, persistent CTAs: the grid is capped at the SM count), same shapes, also opt-in.
 
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order: the counting
 sort of cuda/pairs.cu, or ``torch.sort`` where ``$MOBALAB_PAIR_SORT`` is "torch" or a chunk has more segments
@@ -73,10 +75,12 @@ SEGMENT_THREADS = 512  # moba_attn_segments
 MAX_INDEX_CTAS = 4096
 LOG2E = 1.4426950408889634
 MMA_VARIANTS = ("auto", "resident", "streaming")  # mma.sync kernels, every supported shape
-VARIANTS = (*MMA_VARIANTS, "wgmma")
+WGMMA_VARIANTS = ("wgmma", "wgmma-ws")  # Hopper kernels (cuda/attention_wgmma.cu), opt-in
+VARIANTS = (*MMA_VARIANTS, *WGMMA_VARIANTS)
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_BLOCK_SIZES = (64, 128)
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
+WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
 PARTIALS = ("16bit", "fp32")  # element type of the partial o: the input dtype, or fp32
 PARTIAL_ENV = "MOBALAB_ATTN_PARTIAL"
@@ -177,12 +181,12 @@ def wgmma_supports(head_dim: int, block_size: int) -> bool:
 
 def resolve_variant(variant: str | None, head_dim: int | None = None, block_size: int | None = None) -> str:
     """The tile-kernel choice: ``variant``, or the ``MOBALAB_ATTN_VARIANT`` environment variable (default
-    "auto") when None. With ``head_dim`` and ``block_size`` given, "wgmma" is refused (ValueError) for shapes
-    it has no kernel for."""
+    "auto") when None. With ``head_dim`` and ``block_size`` given, "wgmma" and "wgmma-ws" are refused
+    (ValueError) for shapes they have no kernel for."""
     variant = _choice_or_env("variant", variant, VARIANTS, VARIANT_ENV, "auto")
-    if variant == "wgmma" and head_dim is not None and block_size is not None \
+    if variant in WGMMA_VARIANTS and head_dim is not None and block_size is not None \
             and not wgmma_supports(head_dim, block_size):
-        raise ValueError(f"variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "
+        raise ValueError(f"variant {variant!r} supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "
                          f"{WGMMA_BLOCK_SIZES}, got head_dim={head_dim}, block_size={block_size}; use 'auto', "
                          f"'resident' or 'streaming'")
     return variant
@@ -193,8 +197,11 @@ def key_tile(block_size: int) -> int:
     return min(block_size, 64)
 
 
-def fwd_threads(head_dim: int) -> int:
-    """Threads of the tile kernels: head dim 256 splits the output columns over warp pairs (8 warps)."""
+def fwd_threads(head_dim: int, variant: str | None = None) -> int:
+    """Threads of the tile kernels: head dim 256 splits the output columns over warp pairs (8 warps); the
+    warp-specialised kernel (``variant`` "wgmma-ws", given explicitly) runs three warpgroups."""
+    if variant == "wgmma-ws":
+        return WS_THREADS
     return 256 if head_dim == 256 else 128
 
 
@@ -202,7 +209,7 @@ def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool
     """Whether the resident tile kernel runs: the block's K and V and two Q tiles fit in the shared memory
     budget of its CTA, 96 KiB per 128 threads (or it is forced)."""
     variant = resolve_variant(variant, head_dim, block_size)
-    if variant == "wgmma":
+    if variant in WGMMA_VARIANTS:
         return False  # a kernel of its own (kernel_names); it keeps the block resident too (rows_per_unit)
     need = 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
     fits = need <= RESIDENT_SMEM_BYTES * fwd_threads(head_dim) // 128
@@ -212,29 +219,32 @@ def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool
 def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) -> int:
     """Rows one CTA of the tile kernel handles: a tile, or a resident unit of TILES_PER_UNIT tiles (the resident
     and the wgmma kernels)."""
-    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+    if resolve_variant(variant, head_dim, block_size) in WGMMA_VARIANTS:
         return ROWS * TILES_PER_UNIT
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
 
 
 def variant_label(head_dim: int, block_size: int, variant: str | None = None) -> str:
-    """The tile kernel that runs, in words: "wgmma", "resident" or "streaming"."""
-    if resolve_variant(variant, head_dim, block_size) == "wgmma":
-        return "wgmma"
+    """The tile kernel that runs, in words: "wgmma", "wgmma-ws", "resident" or "streaming"."""
+    variant = resolve_variant(variant, head_dim, block_size)
+    if variant in WGMMA_VARIANTS:
+        return variant
     return "resident" if resident(head_dim, block_size, variant) else "streaming"
 
 
 def fwd_source(head_dim: int, block_size: int, variant: str | None = None) -> str:
     """The source file of the tile kernel (the merge kernel is always in SOURCE)."""
-    return WGMMA_SOURCE if resolve_variant(variant, head_dim, block_size) == "wgmma" else SOURCE
+    return WGMMA_SOURCE if resolve_variant(variant, head_dim, block_size) in WGMMA_VARIANTS else SOURCE
 
 
 def kernel_names(dtype: torch.dtype, head_dim: int, block_size: int,
                  variant: str | None = None) -> tuple[str, str]:
     """(forward tile kernel, merge kernel) names of the variant for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
-    if resolve_variant(variant, head_dim, block_size) == "wgmma":
-        return f"moba_attn_wg_{tag}_d{head_dim}_b{block_size}", f"moba_attn_merge_{tag}_d{head_dim}"
+    variant = resolve_variant(variant, head_dim, block_size)
+    if variant in WGMMA_VARIANTS:
+        kind = "wg" if variant == "wgmma" else "wgws"
+        return f"moba_attn_{kind}_{tag}_d{head_dim}_b{block_size}", f"moba_attn_merge_{tag}_d{head_dim}"
     kind = "res" if resident(head_dim, block_size, variant) else "fwd"
     fwd = f"moba_attn_{kind}_{tag}_d{head_dim}_kt{key_tile(block_size)}"
     return fwd, f"moba_attn_merge_{tag}_d{head_dim}"
@@ -244,10 +254,14 @@ def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -
     """Dynamic shared memory of the tile kernel.
 
     Streaming: a Q tile + double-buffered K and V sub-tiles. Resident: the block's K and V + two Q tiles.
-    wgmma: the resident layout (128-byte swizzled) plus 1024 bytes to align it.
+    wgmma: the resident layout (128-byte swizzled) plus 1024 bytes to align it. wgmma-ws: two K / V buffers
+    (the unit being computed and the next one) and a Q slot per tile of a unit, plus the 1024 bytes.
     """
-    if resolve_variant(variant, head_dim, block_size) == "wgmma":
+    variant = resolve_variant(variant, head_dim, block_size)
+    if variant == "wgmma":
         return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
+    if variant == "wgmma-ws":
+        return 2 * 2 * block_size * head_dim * 2 + TILES_PER_UNIT * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
     if resident(head_dim, block_size, variant):
         return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2
     return ROWS * head_dim * 2 + 4 * key_tile(block_size) * head_dim * 2
@@ -335,17 +349,22 @@ def _check_part_o(fn, part_o, dtype, partial):
 
 def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seqlen, heads, kv_heads, top_k,
                block_size, n_blocks, chunk: Chunk, n_pairs, n_seg, causal, scale_log2, rows_per_unit,
-               smem, partial, source=SOURCE) -> Launch:
+               smem, partial, source=SOURCE, threads=None, max_ctas=None) -> Launch:
     """The tile kernel ``name`` of ``cuda/<source>`` (:func:`fwd_source`) over the chunk's segments: partial
-    (o, m, l) per (query, head, slot), o in the ``partial`` format (its module's defines)."""
+    (o, m, l) per (query, head, slot), o in the ``partial`` format (its module's defines). ``threads``:
+    :func:`fwd_threads` of the variant (None: of the mma kernels); ``max_ctas`` caps the grid (the persistent
+    wgmma-ws kernel loops over the units itself; None: one CTA per unit)."""
     partial = resolve_partial(partial)
     _check_part_o("fwd_launch", part_o, q.dtype, partial)
     args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, np.int32(seqlen), np.int32(heads),
             np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
             np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
-    return Launch(source, name, (fwd_grid(n_pairs, n_seg, rows_per_unit),), (fwd_threads(q.shape[-1]),), args,
-                  shared_mem=smem, defines=partial_defines(partial))
+    grid = fwd_grid(n_pairs, n_seg, rows_per_unit)
+    if max_ctas is not None:
+        grid = max(1, min(grid, max_ctas))
+    threads = fwd_threads(q.shape[-1]) if threads is None else threads
+    return Launch(source, name, (grid,), (threads,), args, shared_mem=smem, defines=partial_defines(partial))
 
 
 def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k, n_blocks, chunk: Chunk,
@@ -374,7 +393,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
-    ("auto", "resident", "streaming", or "wgmma": head dim 128, B 64 or 128, sm_90 GPUs; None:
+    ("auto", "resident", "streaming", or "wgmma" / "wgmma-ws": head dim 128, B 64 or 128, sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
     per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
@@ -394,8 +413,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     C.check_cuda_device(fn, q)
-    if variant == "wgmma" and torch.cuda.get_device_capability(q.device) != (9, 0):
-        raise ValueError(f"{fn}: variant 'wgmma' needs an sm_90 (Hopper) GPU, got compute capability "
+    if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
                          f"{torch.cuda.get_device_capability(q.device)}")
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
@@ -433,6 +452,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
     unit_rows = rows_per_unit(dim, block_size, variant)
+    # the persistent kernel: one CTA per SM (its shared memory and 384 threads allow one), each looping over units
+    max_ctas = torch.cuda.get_device_properties(device).multi_processor_count if variant == "wgmma-ws" else None
     scale_log2 = scale * LOG2E
     for c in chunks:
         n_pairs = c.n_heads * c.n_q * top_k
@@ -444,7 +465,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
                           kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
                           n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
                           rows_per_unit=unit_rows, smem=smem, partial=partial,
-                          source=fwd_source(dim, block_size, variant)))
+                          source=fwd_source(dim, block_size, variant), threads=fwd_threads(dim, variant),
+                          max_ctas=max_ctas))
         launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
                             n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial))
     if return_lse:

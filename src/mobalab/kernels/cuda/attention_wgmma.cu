@@ -23,3 +23,21 @@ MOBA_ATTN_WG_KERNEL(moba_attn_wg_bf16_d128_b128, __nv_bfloat16, 128)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_f16_d128_b64,   __half,        64)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_f16_d128_b128,  __half,        128)
 #endif
+
+// The warp-specialised variant (attn_wgmma_ws): a producer and two consumer warpgroups, persistent over units.
+#define MOBA_ATTN_WGWS_KERNEL(NAME, T, B)                                                                             \
+  extern "C" __global__ void __launch_bounds__(moba::WS_THREADS, 1) NAME(                                            \
+      const void* q, const void* k, const void* v, const long long* pairs, const long long* seg_off,                  \
+      const long long* tile_cum, void* part_o, float* part_ml, int seqlen, int heads, int kv_heads, int top_k,        \
+      int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0, int n_seg, int causal,                  \
+      float scale_log2) {                                                                                             \
+    moba::attn_wgmma_ws<T, B>(q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen, heads, kv_heads, top_k,     \
+                              block_size, n_blocks, batch_index, h0, n_q, t0, n_seg, causal, scale_log2);             \
+  }
+
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_ATTN_WGWS_KERNEL(moba_attn_wgws_bf16_d128_b64,  __nv_bfloat16, 64)
+MOBA_ATTN_WGWS_KERNEL(moba_attn_wgws_bf16_d128_b128, __nv_bfloat16, 128)
+MOBA_ATTN_WGWS_KERNEL(moba_attn_wgws_f16_d128_b64,   __half,        64)
+MOBA_ATTN_WGWS_KERNEL(moba_attn_wgws_f16_d128_b128,  __half,        128)
+#endif

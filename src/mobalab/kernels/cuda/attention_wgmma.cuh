@@ -31,22 +31,39 @@
 //
 // Why one warpgroup and synchronous loads first: it is the smallest change from the validated mma kernel (same
 // 128 threads, 64-row tiles, unit layout and launch plan), so a first hardware run tests the layouts, the
-// transposed-B operand, the masks and the partials, not a pipeline. The profile of the mma kernel (255 registers,
-// one CTA of 4 warps per SM, tensor pipe 27% active, stalled on the mma dependency chain) says the next steps
-// are about keeping the tensor pipe fed, in this order:
-//   1. a producer warp that loads K / V with TMA (cp.async.bulk.tensor, mbarrier completion) and gathers the Q
-//      rows with per-row bulk copies, consumers waiting on mbarriers instead of __syncthreads;
-//   2. two consumer warpgroups, each on its own 64-row tile of the same resident K / V (128 rows in flight per
-//      CTA), the softmax of one overlapping the other's wgmma (and S of tile i + 1 issued before the softmax of
-//      tile i within a warpgroup);
-//   3. setmaxnreg: the producer drops to ~40 registers so the consumers get ~232 (S, O and P of one tile plus
-//      the next S), which two consumer warpgroups need at B = 128;
-//   4. one m64n128k16 per P V k-step once the N = 128 transposed-B probe settles the descriptor's LBO.
+// transposed-B operand, the masks and the partials, not a pipeline. Its tile arithmetic (wg_tile) is shared with
+// the warp-specialised kernel below.
+//
+// Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws"). Measured, the kernel
+// above is neither MMA- nor bandwidth-bound: at the 64K forward (16.8 M rows, 65.5 K units of 4 tiles) its 9.67 ms
+// are ~39 us per unit per CTA, while a unit's MMAs (16.8 MFLOP at B = 128) take ~2.2 us at the SM's dense bf16
+// peak and its traffic (K + V 64 KB, Q gather 64 KB, partials 66 KB: 194 KB, 13 GB for the whole forward, 1.35
+// TB/s achieved) ~6 us at a 4 TB/s share. Each CTA runs setup_rows (dependent global loads), the K / V / Q loads
+// and the tiles one after another, and two CTAs per SM hide little of it. So the variant overlaps across units:
+//   * warpgroup 0 produces: row bookkeeping (setup_rows) and cp.async of K, V and the gathered Q rows into the same
+//     128-byte-swizzled layouts (wg_load_rows), completion signalled by cp.async.mbarrier.arrive.noinc (the
+//     consumer fences the generic -> async proxy after its wait). Not TMA: the Q rows are a gather (Hopper's
+//     tensor copies have none) and a per-row bulk copy (cp.async.bulk) writes its 256 bytes contiguously, not
+//     in the swizzled chunks wgmma reads;
+//   * warpgroups 1 and 2 consume: tiles 0, 2 and 1, 3 of a unit against the same resident K / V, each through
+//     wg_tile; the softmax of one overlaps the MMAs of the other;
+//   * persistent CTAs (grid = SM count) with two K / V + bookkeeping buffers: the producer sets up and loads unit
+//     n + 1 while the consumers compute unit n; a Q slot is refilled as soon as its S = Q K^T has completed;
+//   * setmaxnreg: producer 56 registers (40 spills setup_rows' 64-bit index arithmetic), consumers 224
+//     (S 64 + O 64 + P 32 floats / registers + addressing at B = 128; ptxas: no spills, consumer code up to R210).
+// Shared memory: 2 x (K + V) 2 x 2 B 256 bytes + 4 Q slots 64 KB + 1 KB alignment = 193 KB at B = 128 (129 KB at
+// B = 64) dynamic, plus 10.3 KB static (bookkeeping twice, mbarriers): one CTA of 384 threads per SM.
+// Predicted: the forward becomes bandwidth-bound, ~13 GB at 2.5 - 3 TB/s effective: attention part 4.5 - 6 ms at
+// 64K (~170 - 230 TFLOP/s, against 9.67 ms), unless the single producer warpgroup's cp.async issue (64 x 16 bytes
+// per thread per unit) or the consumers' softmax becomes the limit.
+// Next steps: one m64n128k16 per P V k-step (once the N = 128 transposed-B probe settles the descriptor's LBO);
+// within a consumer, S of its next tile issued before the softmax of the current one (registers: 224 - 160).
 
 #ifndef MOBALAB_ATTENTION_WGMMA_CUH
 #define MOBALAB_ATTENTION_WGMMA_CUH
 
 #include "attention.cuh"
+#include "mbarrier.cuh"
 #include "wgmma.cuh"
 
 namespace moba {
@@ -67,6 +84,93 @@ __device__ __forceinline__ void wg_load_rows(unsigned tile, const SrcRow& src_ro
   }
 }
 
+// One 64-row tile against the resident key block: S = Q K^T (Q at shared address sq, K at sk), scale, mask, softmax
+// over the whole block, O = P V (V at sv); o, m_r and l_r in write_partials' layout (l a per-thread partial sum).
+// Rows r0 = 16 warp + g and r1 = r0 + 8 of the warpgroup (g = lane / 4, tq = lane % 4) hold queries row_t0 and
+// row_t1; t_min is the smallest query of the tile (whether the causal mask can bite). after_s() runs once the
+// S MMAs have completed (the Q tile may be overwritten), before_pv() before the P V MMAs are issued (the warp-
+// specialised kernel waits for V there). Called when the tile has at least one key (key_end > key_begin).
+template <typename T, int B, typename AfterS, typename BeforePV>
+__device__ __forceinline__ void wg_tile(unsigned sq, unsigned sk, unsigned sv, int key_begin, int seqlen, int causal,
+                                        int t_min, int row_t0, int row_t1, int tq, float scale_log2,
+                                        float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                        const AfterS& after_s, const BeforePV& before_pv) {
+#if MOBA_HAS_WGMMA
+  constexpr int D = WG_HEAD_DIM;
+  constexpr int NS = B / 2;  // S accumulator floats per thread
+  constexpr int NT = B / 8;  // 8-key column groups of S
+  constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
+  // S = Q K^T (64 x B), 8 k-steps over D.
+  float s[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) s[i] = 0.f;
+  wgmma_fence_operand(s);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    wgmma_ss<T>(s, wgmma_desc_sw128(sq, ks, MOBA_ROWS), wgmma_desc_sw128(sk, ks, B), ks > 0);
+  wgmma_commit_group();
+  wgmma_wait_group<0>();
+  wgmma_fence_operand(s);
+  after_s();  // the Q tile has been read
+
+  // Scale to log2 units, then mask (after scaling, as subtile_step: a negative scale cannot make +inf).
+  // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1.
+#pragma unroll
+  for (int i = 0; i < NS; ++i) s[i] *= scale_log2;
+  const bool need_mask = (key_begin + B > seqlen) || (causal && key_begin + B - 1 > t_min);
+  if (need_mask) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int key = key_begin + (i >> 2) * 8 + 2 * tq + (i & 1);
+      const int rt = (i & 2) ? row_t1 : row_t0;
+      if (!(key < seqlen && (!causal || key <= rt))) s[i] = neg_inf();
+    }
+  }
+  // Softmax over the whole block in one step; l stays a per-thread partial sum (write_partials reduces it
+  // over the quad).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_use = (mx == neg_inf()) ? 0.f : mx;
+    m_r[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float p0 = exp2f(s[4 * nt + 2 * r] - m_use), p1 = exp2f(s[4 * nt + 2 * r + 1] - m_use);
+      s[4 * nt + 2 * r] = p0;
+      s[4 * nt + 2 * r + 1] = p1;
+      sum += p0 + p1;
+    }
+    l_r[r] = sum;
+  }
+
+  // O = P V: P from registers, V MN-major; d columns 0..63 and 64..127 (V's two 64-element blocks).
+  unsigned pa[B / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < B / 16; ++kk) wgmma_pack_a<T>(s + 8 * kk, pa[kk]);
+  float(&o_lo)[32] = *reinterpret_cast<float(*)[32]>(&o[0][0]);
+  float(&o_hi)[32] = *reinterpret_cast<float(*)[32]>(&o[D / 16][0]);
+  before_pv();  // V is in shared memory and visible to the async proxy
+  wgmma_fence_operand(o_lo);
+  wgmma_fence_operand(o_hi);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < B / 16; ++kk) {
+    wgmma_rs<T, 1>(o_lo, pa[kk], wgmma_desc_sw128_mn(sv, kk, B, 64), kk > 0);
+    wgmma_rs<T, 1>(o_hi, pa[kk], wgmma_desc_sw128_mn(sv + KV_BYTES / 2, kk, B, 64), kk > 0);
+  }
+  wgmma_commit_group();
+  wgmma_wait_group<0>();
+  wgmma_fence_operand(o_lo);
+  wgmma_fence_operand(o_hi);
+#endif
+}
+
 template <typename T, int B>
 __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const void* v_, const long long* pairs,
                                            const long long* seg_off, const long long* tile_cum, void* part_o,
@@ -77,8 +181,6 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   static_assert(B == 64 || B == 128, "block size");
   constexpr int D = WG_HEAD_DIM;
   constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
-  constexpr int NS = B / 2;  // S accumulator floats per thread
-  constexpr int NT = B / 8;  // 8-key column groups of S
   constexpr unsigned Q_BYTES = sw128_tile_bytes(MOBA_ROWS, D);
   constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
   extern __shared__ unsigned char smem[];
@@ -153,77 +255,235 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_r[2] = {neg_inf(), neg_inf()};
     float l_r[2] = {0.f, 0.f};
-    if (key_end > key_begin) {  // uniform
-      // S = Q K^T (64 x B), 8 k-steps over D.
-      float s[NS];
-#pragma unroll
-      for (int i = 0; i < NS; ++i) s[i] = 0.f;
-      wgmma_fence_operand(s);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks)
-        wgmma_ss<T>(s, wgmma_desc_sw128(sqt, ks, MOBA_ROWS), wgmma_desc_sw128(sk, ks, B), ks > 0);
-      wgmma_commit_group();
-      wgmma_wait_group<0>();
-      wgmma_fence_operand(s);
-
-      // Scale to log2 units, then mask (after scaling, as subtile_step: a negative scale cannot make +inf).
-      // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1.
-#pragma unroll
-      for (int i = 0; i < NS; ++i) s[i] *= scale_log2;
-      const bool need_mask = (key_begin + B > seqlen) || (causal && key_begin + B - 1 > t_min);
-      if (need_mask) {
-#pragma unroll
-        for (int i = 0; i < NS; ++i) {
-          const int key = key_begin + (i >> 2) * 8 + 2 * tq + (i & 1);
-          const int rt = (i & 2) ? row_t1 : row_t0;
-          if (!(key < seqlen && (!causal || key <= rt))) s[i] = neg_inf();
-        }
-      }
-      // Softmax over the whole block in one step; l stays a per-thread partial sum (write_partials reduces it
-      // over the quad).
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = neg_inf();
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_use = (mx == neg_inf()) ? 0.f : mx;
-        m_r[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const float p0 = exp2f(s[4 * nt + 2 * r] - m_use), p1 = exp2f(s[4 * nt + 2 * r + 1] - m_use);
-          s[4 * nt + 2 * r] = p0;
-          s[4 * nt + 2 * r + 1] = p1;
-          sum += p0 + p1;
-        }
-        l_r[r] = sum;
-      }
-
-      // O = P V: P from registers, V MN-major; d columns 0..63 and 64..127 (V's two 64-element blocks).
-      unsigned pa[B / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < B / 16; ++kk) wgmma_pack_a<T>(s + 8 * kk, pa[kk]);
-      float(&o_lo)[32] = *reinterpret_cast<float(*)[32]>(&o[0][0]);
-      float(&o_hi)[32] = *reinterpret_cast<float(*)[32]>(&o[D / 16][0]);
-      wgmma_fence_operand(o_lo);
-      wgmma_fence_operand(o_hi);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < B / 16; ++kk) {
-        wgmma_rs<T, 1>(o_lo, pa[kk], wgmma_desc_sw128_mn(sv, kk, B, 64), kk > 0);
-        wgmma_rs<T, 1>(o_hi, pa[kk], wgmma_desc_sw128_mn(sv + KV_BYTES / 2, kk, B, 64), kk > 0);
-      }
-      wgmma_commit_group();
-      wgmma_wait_group<0>();
-      wgmma_fence_operand(o_lo);
-      wgmma_fence_operand(o_hi);
-    }
+    if (key_end > key_begin)  // uniform
+      wg_tile<T, B>(sqt, sk, sv, key_begin, seqlen, causal, t_min, row_t0, row_t1, tq, scale_log2, o, m_r, l_r,
+                    [] {}, [] {});
     write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
                                         static_cast<PartialElem<T>*>(part_o), part_ml, lane);
     __syncthreads();  // every wgmma of this tile has read its Q buffer before the buffer is refilled
+  }
+#else
+  __trap();  // wgmma exists on sm_90a only
+#endif
+}
+
+// unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
+// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
+// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
+// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
+// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
+// lo + (cnt + 1) step - 1].
+__device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
+  if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
+  int lo = 0, hi = n_seg;
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int p = lo + (lane + 1) * step;
+    const bool le = p <= hi && tile_cum[p] <= unit;
+    lo += __popc(__ballot_sync(0xffffffffu, le)) * step;
+    hi = min(hi, lo + step - 1);
+  }
+  return lo;
+}
+
+// ---- warp-specialised variant ---------------------------------------------------------------------------------
+// attn_wgmma_ws: three warpgroups. Warpgroup 0 produces (row bookkeeping, K, V and the gathered Q rows, all with
+// cp.async into the layouts above); warpgroups 1 and 2 consume, each on its own 64-row tiles of the unit (tiles
+// 0, 2 and 1, 3) against the same resident K and V. The CTA is persistent: it takes units blockIdx.x,
+// blockIdx.x + gridDim.x, ... (the launch caps the grid at the SM count) and the producer loads unit n + 1
+// (its own K / V buffer, bookkeeping buffer and the freed Q slots) while the consumers compute unit n. Buffers
+// change hands through mbarriers (mbarrier.cuh); every barrier completes exactly one phase per unit that uses
+// it, so the parity a thread waits for follows from the CTA's unit counter `it` alone:
+//   full_k[b]  (b = it & 1; 256 arrivals: 128 producer arrives after writing the bookkeeping of buffer b, 128
+//              cp.async arrivals when K landed)            waited by consumers, parity (it >> 1) & 1
+//   full_v[b]  (128 cp.async arrivals, V landed)            waited by consumers before P V, same parity
+//   done[b]    (256 consumer arrivals after the unit's partials are written: K / V / bookkeeping b are free)
+//                                                          waited by the producer for unit it + 2
+//   full_q[s]  (slot s = tile s of the unit; 128 cp.async arrivals, also for a missing tile)
+//                                                          waited by the consumer of slot s, parity it & 1
+//   empty_q[s] (128 arrivals of that consumer once its S MMAs have read the slot, or at once without a tile)
+//                                                          waited by the producer for unit it + 1
+// A unit past the last (unit_segment = -1) is published as seg -1 through full_k: everyone leaves the loop.
+// Registers: the producer drops to WS_PRODUCER_REGS, the consumers rise to WS_CONSUMER_REGS (setmaxnreg):
+// 128 x 56 + 256 x 224 = 384 x 168, the launch allocation under __launch_bounds__(384, 1) (at 40 the producer
+// spills).
+constexpr int WS_THREADS = 3 * MOBA_THREADS;
+constexpr int WS_PRODUCER_REGS = 56;
+constexpr int WS_CONSUMER_REGS = 224;
+static_assert(MOBA_THREADS * WS_PRODUCER_REGS + 2 * MOBA_THREADS * WS_CONSUMER_REGS <= WS_THREADS * 168,
+              "register pool of one CTA of 384 threads at 168 registers each");
+
+template <typename T, int B>
+__device__ __forceinline__ void attn_wgmma_ws(const void* q_, const void* k_, const void* v_, const long long* pairs,
+                                              const long long* seg_off, const long long* tile_cum, void* part_o,
+                                              float* part_ml, int seqlen, int heads, int kv_heads, int top_k,
+                                              int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
+                                              int n_seg, int causal, float scale_log2) {
+#if MOBA_HAS_WGMMA
+  static_assert(B == 64 || B == 128, "block size");
+  static_assert(MOBA_TPC == 4, "two consumers take tiles c and c + 2 of a unit");
+  constexpr int D = WG_HEAD_DIM;
+  constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
+  constexpr unsigned Q_BYTES = sw128_tile_bytes(MOBA_ROWS, D);
+  constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
+  extern __shared__ unsigned char smem[];
+  __shared__ long long s_qoff[2][UNIT];
+  __shared__ long long s_pair[2][UNIT];
+  __shared__ int s_t[2][UNIT];
+  __shared__ int s_mm[2][2 * UNIT / 32];
+  __shared__ long long s_first[2];
+  __shared__ int s_seg[2], s_rows[2];
+  __shared__ alignas(8) unsigned long long s_bar[2 + 2 + 2 + 2 * MOBA_TPC];
+
+  const int tid = threadIdx.x;
+  if (block_size != B) __trap();  // the launch plan picks the kernel of the block size
+  const unsigned bar0 = smem_u32(s_bar);
+  auto full_k = [bar0](int b) { return bar0 + 8u * b; };
+  auto full_v = [bar0](int b) { return bar0 + 8u * (2 + b); };
+  auto done = [bar0](int b) { return bar0 + 8u * (4 + b); };
+  auto full_q = [bar0](int s) { return bar0 + 8u * (6 + s); };
+  auto empty_q = [bar0](int s) { return bar0 + 8u * (6 + MOBA_TPC + s); };
+  if (tid == 0) {
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(full_k(b), 2 * MOBA_THREADS);
+      mbar_init(full_v(b), MOBA_THREADS);
+      mbar_init(done(b), 2 * MOBA_THREADS);
+    }
+    for (int s = 0; s < MOBA_TPC; ++s) {
+      mbar_init(full_q(s), MOBA_THREADS);
+      mbar_init(empty_q(s), MOBA_THREADS);
+    }
+  }
+  __syncthreads();  // the last CTA-wide barrier: from here on the warpgroups meet on mbarriers only
+
+  // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
+  // [K0 V0 K1 V1][Q slot 0 .. 3]
+  const unsigned s_kv = (smem_u32(smem) + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);
+  const unsigned s_q = s_kv + 4 * KV_BYTES;
+  const int wg = tid / MOBA_THREADS, wtid = tid % MOBA_THREADS;
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+
+  if (wg == 0) {
+    // ---- producer ----
+    setmaxnreg_dec<WS_PRODUCER_REGS>();
+    const char* qb = static_cast<const char*>(q_);
+    for (int it = 0;; ++it) {
+      const int b = it & 1;
+      const long long unit = blockIdx.x + static_cast<long long>(it) * gridDim.x;
+      // The unit's segment and rows (global reads only) before the wait, off the consumers' critical path.
+      int seg = -1, rows = 0;
+      long long first = 0;
+      if (wtid < 32) {
+        seg = unit_segment_warp(tile_cum, n_seg, unit, wtid);
+        if (wtid == 0 && seg >= 0) {
+          first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
+          rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+        }
+      }
+      if (it >= 2) mbar_wait(done(b), ((it >> 1) - 1) & 1);  // unit it - 2 has left buffer b
+      if (wtid == 0) {
+        s_seg[b] = seg;
+        s_first[b] = first;
+        s_rows[b] = rows;
+      }
+      bar_sync(1, MOBA_THREADS);
+      seg = s_seg[b];
+      if (seg < 0) {  // past the last unit: publish seg -1 (both halves of full_k's count) and leave
+        mbar_arrive(full_k(b));
+        mbar_arrive_cp_async(full_k(b));
+        break;
+      }
+      const int n_rows = s_rows[b];
+      const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
+      setup_rows<D, UNIT, MOBA_THREADS>(pairs, s_first[b], n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index,
+                                        s_qoff[b], s_pair[b], s_t[b], s_mm[b]);
+      bar_sync(1, MOBA_THREADS);  // every producer thread gathers rows that others set up
+      mbar_arrive(full_k(b));     // release: this thread's bookkeeping writes
+
+      const int kvc = seg / n_blocks, j = seg % n_blocks;
+      const int kvh = h0 / (heads / kv_heads) + kvc;
+      const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
+      const char* kb = static_cast<const char*>(k_) + kv_base;
+      const char* vb = static_cast<const char*>(v_) + kv_base;
+      const int key_begin = j * block_size;
+      const unsigned sk = s_kv + 2 * b * KV_BYTES;
+      wg_load_rows<B>(sk, [&](int r) { return key_begin + r < seqlen ? kb + (key_begin + r) * kv_row_bytes : nullptr; },
+                      kb, wtid);
+      mbar_arrive_cp_async(full_k(b));
+      wg_load_rows<B>(sk + KV_BYTES,
+                      [&](int r) { return key_begin + r < seqlen ? vb + (key_begin + r) * kv_row_bytes : nullptr; },
+                      vb, wtid);
+      mbar_arrive_cp_async(full_v(b));
+      const long long* qoff = s_qoff[b];
+#pragma unroll 1
+      for (int s = 0; s < MOBA_TPC; ++s) {
+        if (it >= 1) mbar_wait(empty_q(s), (it - 1) & 1);  // the consumer of unit it - 1 has read slot s
+        if (s < n_tiles)
+          wg_load_rows<MOBA_ROWS>(
+              s_q + s * Q_BYTES,
+              [qoff, qb, s](int r) {
+                const long long o = qoff[s * MOBA_ROWS + r];
+                return o >= 0 ? qb + o * 2 : static_cast<const char*>(nullptr);
+              },
+              qb, wtid);
+        mbar_arrive_cp_async(full_q(s));
+      }
+    }
+  } else {
+    // ---- consumers: warpgroup 1 takes tiles 0 and 2, warpgroup 2 tiles 1 and 3 ----
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1;
+    const int lane = wtid & 31, warp = wtid >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
+    for (int it = 0;; ++it) {
+      const int b = it & 1;
+      const unsigned kv_parity = (it >> 1) & 1;
+      mbar_wait(full_k(b), kv_parity);
+      const int seg = s_seg[b];
+      if (seg < 0) break;
+      fence_proxy_async_shared();  // K (written by cp.async, generic proxy) -> wgmma (async proxy)
+      const int n_rows = s_rows[b];
+      const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
+      const int key_begin = (seg % n_blocks) * block_size;
+      const int block_end = min(key_begin + block_size, seqlen);
+      const unsigned sk = s_kv + 2 * b * KV_BYTES, sv = sk + KV_BYTES;
+#pragma unroll 1
+      for (int ti = c; ti < MOBA_TPC; ti += 2) {
+        mbar_wait(full_q(ti), it & 1);
+        if (ti >= n_tiles) {  // uniform: no tile in this slot
+          mbar_arrive(empty_q(ti));
+          continue;
+        }
+        fence_proxy_async_shared();  // Q (cp.async) -> wgmma
+        const int t_min = min(s_mm[b][4 * ti], s_mm[b][4 * ti + 2]);
+        const int t_max = max(s_mm[b][4 * ti + 1], s_mm[b][4 * ti + 3]);
+        const int count = min(MOBA_ROWS, n_rows - ti * MOBA_ROWS);
+        const int key_end = causal ? min(block_end, t_max + 1) : block_end;
+        const int base = ti * MOBA_ROWS;
+        const int row_t0 = s_t[b][base + r0], row_t1 = s_t[b][base + r1];
+
+        float o[D / 8][4];
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+        float m_r[2] = {neg_inf(), neg_inf()};
+        float l_r[2] = {0.f, 0.f};
+        const unsigned eq = empty_q(ti), fv = full_v(b);
+        if (key_end > key_begin) {  // uniform
+          wg_tile<T, B>(s_q + ti * Q_BYTES, sk, sv, key_begin, seqlen, causal, t_min, row_t0, row_t1, tq, scale_log2,
+                        o, m_r, l_r, [eq] { mbar_arrive(eq); },
+                        [fv, kv_parity] {
+                          mbar_wait(fv, kv_parity);
+                          fence_proxy_async_shared();  // V (cp.async) -> wgmma
+                        });
+        } else {
+          mbar_arrive(eq);
+        }
+        write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair[b] + base, r0, r1, count,
+                                            static_cast<PartialElem<T>*>(part_o), part_ml, lane);
+      }
+      mbar_arrive(done(b));  // this consumer is done with K / V / bookkeeping b
+    }
   }
 #else
   __trap();  // wgmma exists on sm_90a only
