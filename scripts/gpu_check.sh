@@ -16,6 +16,8 @@
 #   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
 #   wgmma-tile   the wgmma forward tile kernel: probe (incl. transposed B) and oracle GPU tests, then the quick
 #                forward benchmark with --variant wgmma (bench_wgmma.log, table in wgmma/bench_table.md; ~150 s)
+#   router-wgmma the wgmma router: its GPU routing tests (-k wgmma: both variants' sweeps with wgmma as default, wgmma
+#                vs mma selections), then the top-k kernel of both variants at 8K and 64K (router/router_table.md; ~150 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
@@ -81,6 +83,10 @@ for step in "${STEPS[@]}"; do
                   > "$W/pytest_wgmma_tile.log" 2>&1 || status=1
                 timeout $(cap 200) python3 -m mobalab.bench.attention --quick --variant wgmma --out "$W/wgmma" \
                   > "$W/bench_wgmma.log" 2>&1 || status=1 ;;
+    router-wgmma) ROUTING_STATS_FILE="$W/router_stats.txt" timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                    -k wgmma tests/kernels/test_routing_gpu.py > "$W/pytest_router_wgmma.log" 2>&1 || status=1
+                  timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
+                    > "$W/bench_router.log" 2>&1 || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -124,11 +130,13 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_wgmma.log"; }
 [ -f "$W/pytest_wgmma_tile.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_tile.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_tile.log"; }
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
+[ -f "$W/pytest_router_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_router_wgmma.log" | cut -c1-220 | head -n 12; cat "$W/router_stats.txt" 2>/dev/null; tail -n 1 "$W/pytest_router_wgmma.log"; }
+[ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
-         "$W"/peers/*table*.md "$W"/wgmma/*table*.md; do [ -f "$f" ] && cat "$f"; done
+         "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"
