@@ -45,6 +45,12 @@
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
 
+// The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
+// its own in place, with models of cp.async and wgmma.
+#ifndef MOBA_TOPK_WG_SMEM
+#define MOBA_TOPK_WG_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
+#endif
+
 #if MOBA_HAS_WGMMA
 // Centroid chunk `tile` (blocks tile * TKW_BN ..) into the stacked swizzled B tile at shared address buf: row
 // r < TKW_BN is hi of block tile * TKW_BN + r, row TKW_BN + r its lo; blocks past the end are clamped to the
@@ -90,7 +96,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
     constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
     constexpr unsigned C_BYTES = moba::sw128_tile_bytes(2 * TKW_BN, D);
-    extern __shared__ __align__(1024) unsigned char topk_wg_smem[];
+    MOBA_TOPK_WG_SMEM(topk_wg_smem);
     // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
     const unsigned smem0 = smem_u32(topk_wg_smem);
     const unsigned sq = (smem0 + moba::SW128_PATTERN_BYTES - 1) & ~(moba::SW128_PATTERN_BYTES - 1);
