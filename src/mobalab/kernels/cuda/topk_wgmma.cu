@@ -21,19 +21,22 @@
 // barrier -> issue the wgmmas of chunk c - 1 (asynchronous) -> scan S(c). The scan of chunk c thus runs
 // while the tensor cores compute chunk c - 1 and chunk c - 2 arrives.
 //
-// Work and bytes per chunk (D = 128): MMA 256 rows x 128 stacked columns x 128 x 2 = 8.4 MFLOP; shared
-// operand reads per warpgroup and k-step 2 x (A 2 KB + B 4 KB) = 12 KB for 2 x 262 KFLOP (43 FLOP/B, above
-// the 32 FLOP/B at which 128 B/clk of shared memory feeds ~4 KFLOP/clk of dense 16-bit wgmma); global (L2)
-// reads 64 x 2 x 256 B = 32 KB of centroids per 256 rows (256 FLOP/B, twice the mma kernel's 128 rows).
-// Score tile stores and row scans: 64 floats per thread per chunk.
+// Work and bytes per chunk (D = 128, one CTA): MMA 256 rows x 128 stacked columns x 128 x 2 = 8.4 MFLOP (32
+// wgmma m64n128k16 of 262 KFLOP), ~2.0 K clocks at the dense 16-bit rate (~4 KFLOP/clk/SM). Shared memory: wgmma
+// operand reads 32 x (A 2 KB + B 4 KB) = 192 KB (43 FLOP/B: each wgmma alone needs 96 of the 128 B/clk), score
+// tile stores 64 KB and row-scan loads 64 KB, cp.async fills 32 KB: 352 KB, ~2.75 K clocks at 128 B/clk, so shared
+// memory rather than the tensor pipe bounds a chunk. Global (L2) reads 64 x 2 x 256 B = 32 KB of centroids per
+// 256 rows (256 FLOP/B, twice the mma kernel's 128-row tiles); Q 64 KB once per CTA.
 // Registers per thread: accumulators 2 x 64 floats (held by the in-flight wgmma during the scan), the row list
-// 2 LCAP + 1, scan temporaries; __launch_bounds__(256, 1). Shared memory (dynamic, 1024-byte aligned): Q 256 x D
-// x 2 bytes (64 KB at D = 128), two stacked centroid chunks 2 x 128 x D x 2 (64 KB), score tile 256 x 64 x 4
-// (64 KB), + 1 KB alignment slack = 193 KB at D = 128 (one CTA, 8 warps per SM), 129 KB at D = 64.
-// Predicted rate (H200, 64K, batch 2, 16 heads, B 128, causal, k 8): 275 GFLOP of q.hi + q.lo over the
-// candidate chunks; the scan (~4 instructions per score plus the list insertions) is shorter than a chunk's
-// wgmma (8.4 MFLOP, ~2 K clocks at the dense rate), so the kernel is bound by the tensor pipe: ~0.4-0.5 ms at
-// 60-70% of the dense rate, against 1.59 ms for the mma.sync kernel.
+// 2 LCAP + 1, scan temporaries: 207-245 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
+// 1024-byte aligned): Q 256 x D x 2 bytes (64 KB at D = 128), two stacked centroid chunks 2 x 128 x D x 2 (64 KB),
+// score tile 256 x 64 x 4 (64 KB), + 1 KB alignment slack = 193 KB at D = 128 (one CTA, 8 warps per SM), 129 KB at
+// D = 64.
+// Predicted rate (H200, 64K, batch 2, 16 heads, B 128, causal, k 8): 8192 CTAs of on average 4 chunks, 248 chunk
+// iterations per SM; the scan of a chunk (~250 instructions per thread plus list insertions) hides under the
+// next chunk's MMA, the serial part per iteration (wait, S sums and stores, two barriers) adds ~0.3 K clocks:
+// ~3 K clocks x 248 = 0.75 M clocks, ~0.4-0.55 ms with prologue, epilogue and imbalance, against 1.59 ms for the
+// mma.sync kernel (the 2x target is 0.8 ms).
 //
 // Head dims 64 and 128 (one or two 64-element K blocks of the swizzled layout), list tiers 8 and 16; other
 // shapes use topk.cu (the launch plan in _cuda_routing.py decides).
