@@ -192,6 +192,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 #pragma unroll
             for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
         }
+        __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
