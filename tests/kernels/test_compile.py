@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import mobalab.kernels
-from mobalab.kernels import _cuda_attention
+from mobalab.kernels import _cuda_attention, _cuda_routing
 from mobalab.kernels._build import CUDA_DIR, source
 from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
@@ -275,8 +275,9 @@ def test_every_kernel_family_has_every_head_dim():
     assert dims == {32, 64, 96, 128, 256}
     families: dict[str, set[int]] = {}
     # decode serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma forward head dim
-    # 128 only (resolve_variant refuses the others)
-    for f in [f for f in CU_FILES if f not in ("decode.cu", _cuda_attention.WGMMA_SOURCE)]:
+    # 128 only (resolve_variant refuses the others), the wgmma router 64 and 128 (resolve_router_variant)
+    partial = ("decode.cu", _cuda_attention.WGMMA_SOURCE, _cuda_routing.WGMMA_SOURCE)
+    for f in [f for f in CU_FILES if f not in partial]:
         for k in signatures(f):
             if (d := head_dim(k)) is not None:
                 families.setdefault(_HEAD_DIM.sub("_d{}", k, count=1), set()).add(d)

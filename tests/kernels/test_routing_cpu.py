@@ -202,3 +202,92 @@ def test_hi_lo_split_recovers_fp32_centroids(dtype, block_size):
     # A single low-precision centroid would be far worse: the reason for the second MMA.
     single_err = (hi.double() - c.double()).abs().max() / rms
     assert single_err.item() > 2.0**-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# the router variant: mma.sync (topk.cu) or wgmma (topk_wgmma.cu)
+
+
+@pytest.fixture
+def no_router_env(monkeypatch):
+    monkeypatch.delenv(routing.ROUTER_VARIANT_ENV, raising=False)
+    return monkeypatch
+
+
+def test_router_variant_default_env_and_argument(no_router_env):
+    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "mma"
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "wgmma")
+    assert routing.resolve_router_variant(None, 128, 8, True) == "wgmma"
+    assert routing.resolve_router_variant("mma", 128, 8, True) == "mma"  # the argument wins
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "tiles")
+    with pytest.raises(ValueError, match="router variant must be one of"):
+        routing.resolve_router_variant(None)
+
+
+@pytest.mark.parametrize("dim, top_k, causal, ok", [
+    (128, 8, True, True), (64, 17, True, True), (64, 16, False, True), (128, 1, True, True),
+    (128, 18, True, False), (128, 17, False, False), (96, 8, True, False), (256, 8, False, False),
+    (32, 8, True, False)])
+def test_wgmma_router_shapes(no_router_env, dim, top_k, causal, ok):
+    """Asked for (argument or environment), wgmma raises on shapes it has no kernel for; chosen by the default, it
+    falls back to mma there."""
+    assert routing.wgmma_router_supports(dim, top_k, causal) == ok
+    if ok:
+        assert routing.resolve_router_variant("wgmma", dim, top_k, causal) == "wgmma"
+    else:
+        with pytest.raises(ValueError, match="router variant 'wgmma' needs head_dim in"):
+            routing.resolve_router_variant("wgmma", dim, top_k, causal)
+        no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "wgmma")
+        with pytest.raises(ValueError, match=f"got head_dim={dim}, top_k={top_k}"):
+            routing.resolve_router_variant(None, dim, top_k, causal)
+        no_router_env.delenv(routing.ROUTER_VARIANT_ENV)
+    no_router_env.setattr(routing, "DEFAULT_ROUTER_VARIANT", "wgmma")
+    assert routing.resolve_router_variant(None, dim, top_k, causal) == ("wgmma" if ok else "mma")
+
+
+WG_VARIANTS = list(itertools.product(C.CUDA_DTYPES, routing.WG_HEAD_DIMS, (True, False), (8, 16)))
+
+
+def _wgmma_plan(dtype, dim, causal, top_k, seqlen=300, block_size=64, heads=4, kv_heads=2, batch=2):
+    n = math.ceil(seqlen / block_size)
+    q = torch.empty((batch, seqlen, heads, dim), dtype=dtype)
+    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype)
+    out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32)
+    return routing.topk_launch(q, hi, torch.empty_like(hi), out, block_size, top_k, causal, variant="wgmma")
+
+
+@pytest.mark.parametrize("dtype, dim, causal, top_k", WG_VARIANTS)
+def test_wgmma_launch_args_match_cuda_signatures(dtype, dim, causal, top_k):
+    plan = _wgmma_plan(dtype, dim, causal, top_k)
+    assert plan.source == routing.WGMMA_SOURCE and plan.kernel.startswith("moba_topk_wg_")
+    assert plan.kernel.endswith(f"_k{routing.topk_list_tier(top_k, causal)}")
+    cargs = check_args(plan.source, plan.kernel, plan.args)
+    assert len(cargs) == len(signatures(plan.source)[plan.kernel])
+    # the same arguments as the mma kernel of the shape: one launch path for both
+    mma = routing.topk_launch(*plan.args[:4], 64, top_k, causal, variant="mma")
+    assert [type(a) for a in plan.args] == [type(a) for a in mma.args]
+    assert mma.source == "topk.cu"
+
+
+def test_every_wgmma_router_kernel_is_launched_by_some_plan():
+    launched = {_wgmma_plan(*v).kernel for v in WG_VARIANTS}
+    assert launched == set(signatures(routing.WGMMA_SOURCE))
+
+
+@pytest.mark.parametrize("seqlen", [1, 255, 256, 257, 65536])
+def test_wgmma_grid_covers_every_query_once(seqlen):
+    plan = _wgmma_plan(torch.bfloat16, 128, True, 8, seqlen=seqlen, block_size=16)
+    gx, gy, gz = plan.grid
+    assert (gy, gz) == (4, 2)
+    assert (gx - 1) * routing.WG_BM < seqlen <= gx * routing.WG_BM
+    assert plan.block == (routing.WG_THREADS, 1, 1)
+
+
+@pytest.mark.parametrize("dim", routing.WG_HEAD_DIMS)
+def test_wgmma_shared_memory(dim):
+    """Q tile, two stacked hi/lo chunks, score tile, alignment slack: within the opt-in limit of one CTA."""
+    smem = routing.wgmma_topk_shared_bytes(dim)
+    parts = routing.WG_BM * dim * 2 + 2 * 2 * routing.WG_BN * dim * 2 + routing.WG_BM * routing.WG_BN * 4
+    assert smem == parts + 1024
+    assert smem <= 232448
+    assert _wgmma_plan(torch.float16, dim, False, 16).shared_mem == smem

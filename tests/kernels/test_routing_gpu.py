@@ -6,6 +6,11 @@ near-ties: at a mismatched slot both blocks must be valid and their fp32-centroi
 lie within ``TIE_RTOL * |q| * |centroid|`` of each other; the kernel's score error is about 2^-16 of that
 bound, a wrong block typically differs by ~|q||c|/sqrt(d). The overall mismatch rate must stay below 0.1%.
 Set ``ROUTING_STATS_FILE`` to append the rate to a file.
+
+Every test runs once per top-k kernel (the ``router`` fixture): "mma" (topk.cu) and "wgmma" (topk_wgmma.cu, made
+the default, so that shapes it has no kernel for, or a GPU without wgmma, take the fallback to mma as in normal
+use; the sweeps leave such cases out of the wgmma runs, as they would repeat the mma runs). ``-k wgmma`` selects
+the wgmma runs and the direct comparison of the two kernels at the end.
 """
 
 from __future__ import annotations
@@ -26,12 +31,26 @@ DTYPES = (torch.bfloat16, torch.float16)
 DIMS = (64, 128)
 BLOCKS = (16, 32, 64, 128, 256, 512)
 STATS = {"slots": 0, "mismatches": 0, "cases": 0}
+ROUTERS = ("mma", "wgmma")
 
 
 def _routing():
     from mobalab.kernels import _cuda_routing
 
     return _cuda_routing
+
+
+@pytest.fixture(autouse=True, params=ROUTERS)
+def router(request, monkeypatch):
+    """The top-k kernel of the test, as the default variant (the environment variable unset)."""
+    routing = _routing()
+    monkeypatch.delenv(routing.ROUTER_VARIANT_ENV, raising=False)
+    monkeypatch.setattr(routing, "DEFAULT_ROUTER_VARIANT", request.param)
+    return request.param
+
+
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
 
 
 def _rand(shape, dtype, gen):
@@ -93,7 +112,17 @@ def _compare(out, ref, q, cent, causal, block_size):
     return n_bad
 
 
+def _falls_back(dim, top_k, causal) -> bool:
+    """Whether the wgmma run of a case would only repeat the mma run (no wgmma kernel for it: the fallback, which
+    test_forced_wgmma_raises_where_it_has_no_kernel covers); such cases are left out to save device time."""
+    routing = _routing()
+    return routing.DEFAULT_ROUTER_VARIANT == "wgmma" and \
+        routing.resolve_router_variant(None, dim, top_k, causal, torch.device("cuda")) != "wgmma"
+
+
 def _check_case(dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch, seed):
+    if _falls_back(dim, top_k, causal):
+        return
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = _rand((batch, seqlen, heads, dim), dtype, gen)
     k = _rand((batch, seqlen, kv_heads, dim), dtype, gen)
@@ -177,6 +206,8 @@ def test_topk_planted_winners_exact(dtype, dim, block_size, causal, ties):
     q = (sign * u).to(dtype)
     k = keys.to(dtype)
     for top_k in (1, 3, 8, 12, 40, 64):
+        if _falls_back(dim, top_k, causal):
+            continue
         out, _ = _poisoned_topk(q, k, block_size, top_k, causal)
         ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
@@ -251,6 +282,64 @@ def test_invalid_cuda_inputs_raise_before_launch():
     q = torch.zeros((1, 64, 2, 64), dtype=torch.float32, device="cuda")
     with pytest.raises(ValueError, match="float32"):
         routing.moba_centroids_cuda(q, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two top-k kernels against each other: same selections except at near-ties (both compute the fp32-centroid
+# score to ~2^-16; they differ in the fp32 rounding order only)
+
+WG_CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch
+    (torch.bfloat16, 128, 128, True, 65536, 8, 2, 1, 1),      # the benchmark shape, two chunks of overlap or more
+    (torch.bfloat16, 128, 64, True, 5000, 17, 8, 2, 2),       # N not a multiple of B, tier 16, GQA 4
+    (torch.float16, 128, 16, False, 4097, 16, 4, 4, 1),       # many chunks, ragged last chunk and query tile
+    (torch.float16, 64, 32, True, 3000, 9, 8, 1, 2),          # d 64, GQA 8
+    (torch.bfloat16, 64, 512, False, 300, 8, 2, 2, 3),        # N < B: a single block, k >= n
+    (torch.bfloat16, 128, 32, True, 100, 16, 4, 1, 3),        # k >= n blocks, one query tile
+    (torch.float16, 64, 16, False, 257, 1, 2, 1, 1),          # top-1, one row past a 256-row tile
+]
+
+
+WG_IDS = [f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}-k{c[5]}" for c in WG_CASES]
+
+
+@pytest.mark.parametrize("case", WG_CASES, ids=WG_IDS)
+def test_wgmma_selects_what_mma_selects(case, router):
+    if router != "wgmma":
+        pytest.skip("one comparison per case")
+    if not _hopper():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    routing = _routing()
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
+    gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k)
+    q = _rand((batch, seqlen, heads, dim), dtype, gen)
+    k = _rand((batch, seqlen, kv_heads, dim), dtype, gen)
+    n = math.ceil(seqlen / block_size)
+    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype, device="cuda")
+    plan = routing.topk_launch(q, hi, hi, torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32,
+                                                     device="cuda"), block_size, top_k, causal, "wgmma")
+    assert plan.source == routing.WGMMA_SOURCE  # the shape has a wgmma kernel: no fallback below
+    mma = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="mma")
+    wg = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="wgmma")
+    _compare(wg, mma, q, reference.moba_centroids(k, block_size), causal, block_size)
+    out, cent = _poisoned_topk(q, k, block_size, top_k, causal)  # the default (wgmma) into poisoned buffers
+    assert torch.equal(out, wg)
+
+
+def test_forced_wgmma_raises_where_it_has_no_kernel(router, monkeypatch):
+    if router != "wgmma":
+        pytest.skip("once")
+    routing = _routing()
+    q = torch.zeros((1, 64, 2, 64), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="router variant 'wgmma' needs"):
+        routing.moba_topk_cuda(q, q, 16, 64, variant="wgmma")
+    monkeypatch.setenv(routing.ROUTER_VARIANT_ENV, "wgmma")
+    with pytest.raises(ValueError, match="router variant 'wgmma' needs"):
+        routing.moba_topk_cuda(q, q, 16, 18, causal=True)
+    monkeypatch.delenv(routing.ROUTER_VARIANT_ENV)
+    # chosen by the default, the same call falls back to mma
+    assert torch.equal(routing.moba_topk_cuda(q, q, 16, 18, causal=True),
+                       routing.moba_topk_cuda(q, q, 16, 18, causal=True, variant="mma"))
 
 
 def test_mismatch_rate_below_0p1_percent():

@@ -53,7 +53,7 @@ import torch
 
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels._contract import CUDA_HEAD_DIMS
-from mobalab.kernels._cuda_routing import moba_topk_cuda
+from mobalab.kernels._cuda_routing import ROUTER_VARIANT_ENV, ROUTER_VARIANTS, moba_topk_cuda, resolve_router_variant
 from mobalab.kernels.autograd import moba_attention_autograd
 
 from .environment import environment
@@ -661,7 +661,7 @@ def markdown(rows, env) -> str:
 def run_record() -> dict:
     """:func:`mobalab.bench.environment` plus the kernel settings every row ran with."""
     env = environment()
-    env.update(routing="cuda", attn_variant=A.resolve_variant(None),
+    env.update(routing="cuda", attn_variant=A.resolve_variant(None), router_variant=resolve_router_variant(None),
                scratch_budget="default: 4% of the q, k, v, out bytes within [512 MiB, 768 MiB] (per row: "
                               "scratch_budget_bytes)")
     return env
@@ -845,6 +845,9 @@ def main(argv=None) -> int:
     p.add_argument("--variant", choices=A.VARIANTS, default=None,
                    help="forward sweep: run every configuration with this tile kernel (default: each configuration's "
                         "own, 'auto' meaning $MOBALAB_ATTN_VARIANT); configurations it does not support are skipped")
+    p.add_argument("--router-variant", choices=ROUTER_VARIANTS, default=None,
+                   help="top-k kernel of the routing in every run (sets $MOBALAB_ROUTER_VARIANT; default: that "
+                        "variable, else mma)")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
@@ -873,6 +876,8 @@ def main(argv=None) -> int:
         print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]')")
         return 1
     os.makedirs(args.out, exist_ok=True)
+    if args.router_variant:
+        os.environ[ROUTER_VARIANT_ENV] = args.router_variant
     env = run_record()
     if args.variant:
         env["attn_variant"] = args.variant

@@ -13,6 +13,14 @@ The score is computed on tensor cores as :math:`q\cdot c_{hi} + q\cdot c_{lo}` w
 into two values of the input dtype (:math:`c_{hi} = T(c)`, :math:`c_{lo} = T(c - c_{hi})`), which is the fp32
 score to about :math:`2^{-16}` relative error: indices can differ from the reference only at near-ties.
 
+Two top-k kernels (the router ``variant``): *mma* (cuda/topk.cu: mma.sync m16n8k16, every supported shape) and
+*wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous, overlapping the next centroid chunk's product
+with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or 128, list tiers 8 and 16, i.e. ``top_k`` <= 17
+causal, <= 16 non-causal). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
+call (default "mma"); a variant chosen by the default falls back to "mma" where wgmma has no kernel, a variant
+asked for (argument or environment) raises ValueError there. Both compute the same scores up to the fp32
+rounding order, so their selections differ only at near-ties.
+
 What a kernel receives (grid, block, arguments, shared memory) is decided by the plan functions
 (:func:`centroid_launch`, :func:`split_launch`, :func:`topk_launch`), plain Python that CI checks against the
 CUDA signatures without a GPU; :func:`mobalab.kernels._launch.launch` runs them. Memory comes from torch's
@@ -22,6 +30,7 @@ caching allocator; kernels run on torch's current stream; nothing here synchroni
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -36,6 +45,17 @@ CENTROID_THREADS = 128
 TOPK_BM = 128  # query rows per CTA
 TOPK_BN = 64  # centroids per streamed tile
 TOPK_THREADS = 128
+# Must match the #defines in cuda/topk_wgmma.cu.
+WGMMA_SOURCE = "topk_wgmma.cu"
+WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
+WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
+WG_THREADS = 256
+WG_HEAD_DIMS = (64, 128)
+WG_LIST_TIERS = (8, 16)
+WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynamic shared memory
+ROUTER_VARIANTS = ("mma", "wgmma")
+ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
+DEFAULT_ROUTER_VARIANT = "mma"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,17 +105,65 @@ def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> 
     return (TOPK_BM * dim + 2 * topk_bn(dim) * dim) * itemsize + TOPK_BM * topk_bn(dim) * 4 + lists
 
 
+def wgmma_topk_shared_bytes(dim: int) -> int:
+    """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
+    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
+    return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
+
+
+def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
+    """Whether cuda/topk_wgmma.cu has a kernel for this head dim and list length (register-list tiers only)."""
+    return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
+
+
+def resolve_router_variant(variant: str | None, head_dim: int | None = None, top_k: int | None = None,
+                           causal: bool = True, device: torch.device | None = None) -> str:
+    """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
+    (DEFAULT_ROUTER_VARIANT).
+
+    "wgmma" needs an sm_90 GPU (checked when ``device`` is a CUDA device) and a kernel for the shape (checked
+    when ``head_dim`` and ``top_k`` are given): where either is missing, a default choice becomes "mma" and an
+    explicit one (argument or environment) raises ValueError.
+    """
+    forced = variant is not None or ROUTER_VARIANT_ENV in os.environ
+    if variant is None:
+        variant = os.environ.get(ROUTER_VARIANT_ENV, DEFAULT_ROUTER_VARIANT)
+    if variant not in ROUTER_VARIANTS:
+        raise ValueError(f"router variant must be one of {ROUTER_VARIANTS} (or None: ${ROUTER_VARIANT_ENV}, "
+                         f"default {DEFAULT_ROUTER_VARIANT!r}), got {variant!r}")
+    if variant != "wgmma":
+        return variant
+    problem = None
+    if head_dim is not None and top_k is not None and not wgmma_router_supports(head_dim, top_k, causal):
+        problem = (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS) + 1} (causal) or "
+                   f"<= {max(WG_LIST_TIERS)} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
+    elif device is not None and torch.device(device).type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap != (9, 0):
+            problem = f"an sm_90 (Hopper) GPU, got compute capability {cap}"
+    if problem is None:
+        return "wgmma"
+    if forced:
+        raise ValueError(f"router variant 'wgmma' needs {problem}; use 'mma'")
+    return "mma"
+
+
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
-                top_k: int, causal: bool, query_offset: int = 0) -> Launch:
+                top_k: int, causal: bool, query_offset: int = 0, variant: str | None = None) -> Launch:
     """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k); row i of q sits at
-    position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it)."""
+    position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it);
+    ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default)."""
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
-    name = (f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{'causal' if causal else 'full'}"
-            f"_k{tier}")
     args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
             np.int32(n_blocks), np.int32(top_k), np.int32(query_offset))
+    mode = "causal" if causal else "full"
+    if resolve_router_variant(variant, dim, top_k, causal, q.device) == "wgmma":
+        name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
+        grid = (math.ceil(seqlen / WG_BM), heads, batch)
+        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim))
+    name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
                   shared_mem=topk_shared_bytes(dim, top_k, causal))
@@ -121,11 +189,13 @@ def moba_centroids_cuda(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True,
-                   centroids: torch.Tensor | None = None) -> torch.Tensor:
+                   centroids: torch.Tensor | None = None, *, variant: str | None = None) -> torch.Tensor:
     """Selected key blocks per query, int32 (batch, seqlen, heads, top_k); the reference's contract.
 
     ``centroids`` (fp32, (batch, n_blocks, kv_heads, head_dim), e.g. from :func:`moba_centroids_cuda`)
-    skips the centroid pass; they are then split into hi/lo halves of q's dtype.
+    skips the centroid pass; they are then split into hi/lo halves of q's dtype. ``variant``: the top-k
+    kernel, "mma" or "wgmma" (None: ``$MOBALAB_ROUTER_VARIANT``, default "mma"; see
+    :func:`resolve_router_variant`).
     """
     fn = "moba_topk_cuda"
     C.check_inputs(fn, q, k, path="cuda")
@@ -135,6 +205,10 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
     if centroids is not None:
         C.check_centroids(fn, centroids, k, block_size)
     C.check_cuda_device(fn, q)
+    try:
+        variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
     q = kernel_ready(q)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -147,17 +221,19 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
             cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
         else:
             cent = centroids.contiguous()
-        topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out)
+        topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant)
     return out
 
 
-def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: bool, cent, hi, lo, out):
+def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: bool, cent, hi, lo, out,
+              variant: str | None = None):
     """The launches of :func:`moba_topk_cuda` into given buffers (validated inputs; tests poison them).
 
     With ``have_centroids`` the fp32 ``cent`` is read and split; otherwise it is written from ``k``.
+    ``variant``: the top-k kernel (:func:`resolve_router_variant`).
     """
     if have_centroids:
         launch(split_launch(cent, hi, lo))
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal))
+    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant))

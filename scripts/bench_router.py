@@ -1,0 +1,87 @@
+"""Time the fused top-k kernel of the MoBA router per variant (mma.sync topk.cu vs wgmma topk_wgmma.cu).
+
+Usage: python scripts/bench_router.py [--lengths 8192,65536] [--out DIR]
+
+Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), CUDA events
+on torch's current stream, median of >= 10 reps after 3 warm-ups; batch 2, 16 heads, d 128, B 128, k 8, causal,
+bf16, random normal inputs. Also the selections of the two variants against each other (slots that differ; only
+near-ties may, see tests/kernels/test_routing_gpu.py). Useful TFLOP/s: 2 b h d per (query, candidate block)
+score. Writes router_table.md under --out and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels._launch import launch
+
+
+def timed(fn, reps=10, warm=3, min_ms=200.0):
+    for _ in range(warm):
+        fn()
+    times, total = [], 0.0
+    while (len(times) < reps or total < min_ms) and len(times) < 200:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        total += times[-1]
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="8192,65536")
+    p.add_argument("--out", default="router_bench")
+    args = p.parse_args()
+    b, h, d, bs, top_k, causal = 2, 16, 128, 128, 8, True
+    lines = [f"router top-k kernel on {torch.cuda.get_device_name()} (b={b}, h={h}, d={d}, B={bs}, k={top_k}, "
+             "causal, bf16; median ms)", "",
+             "| N | variant | top-k ms | useful TFLOP/s | speedup vs mma | slots differing from mma |",
+             "|---|---|---|---|---|---|"]
+    status = 0
+    for seqlen in (int(x) for x in args.lengths.split(",")):
+        gen = torch.Generator(device="cuda").manual_seed(seqlen)
+        q = torch.randn((b, seqlen, h, d), generator=gen, device="cuda").to(torch.bfloat16)
+        k = torch.randn((b, seqlen, h, d), generator=gen, device="cuda").to(torch.bfloat16)
+        n = math.ceil(seqlen / bs)
+        cent = torch.empty((b, n, h, d), device="cuda")
+        hi = torch.empty((b, h, n, d), dtype=torch.bfloat16, device="cuda")
+        lo = torch.empty_like(hi)
+        launch(routing.centroid_launch(k, cent, hi, lo, bs))
+        useful = 2.0 * b * h * d * sum(t // bs for t in range(seqlen))
+        outs, base = {}, None
+        for variant in routing.ROUTER_VARIANTS:
+            out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
+            try:
+                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=variant)
+                ms = timed(lambda plan=plan: launch(plan))
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
+                print(f"FAILED {variant} at N={seqlen}: {exc}")
+                lines.append(f"| {seqlen} | {variant} | failed | | | |")
+                status = 1
+                continue
+            outs[variant] = out
+            base = ms if variant == "mma" else base
+            diff = "" if variant == "mma" or "mma" not in outs else str(int((out != outs["mma"]).sum()))
+            speed = f"{base / ms:.2f}" if base else ""
+            lines.append(f"| {seqlen} | {variant} | {ms:.3f} | {useful / ms / 1e9:.0f} | {speed} | {diff} |")
+        del q, k, cent, hi, lo, outs
+        torch.cuda.empty_cache()
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "router_table.md").write_text(table)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,427 @@
+// MoBA routing stage 2: fused tiled top-k of the block scores s[t, j] = <q_t, centroid_j>.
+//
+// One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of BN centroids (TK_BN = 64,
+// or 32 at head dim 256) of kv head h / (heads / kv_heads), computes the TK_BM x BN score tile on tensor
+// cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the best (score,
+// block) pairs in registers or shared memory. The N x n score matrix never reaches global memory; the output
+// is O(N * top_k) indices.
+//
+// Precision: each fp32 centroid c arrives split as hi = T(c), lo = T(c - hi) (centroids.cu), and the score
+// is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
+//
+// Ordering: (score descending, block index descending): exact ties keep the higher block index, as the
+// reference does. Masked entries are NaN in the score tile, which fails every comparison.
+//
+// Causal: the own block c = t / B goes to slot 0; candidates are the complete past blocks j < c, so the
+// list holds top_k - 1 entries; centroid tiles that lie entirely at or after the last row's own block are
+// never loaded (that halves the work). Non-causal: all n blocks are candidates, the list holds top_k.
+// Unused slots stay -1.
+//
+// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles, 64
+// fp32 accumulators; at BN = 32 a 4 x 1 layout of 32 x 32 warp tiles); the score tile then goes to shared
+// memory and thread r scans row r. The list's last entry is the threshold: 32 scores at a time are filtered
+// into a bit mask against it, and only those candidates are inserted, so the per-warp cost is the largest
+// candidate count of its lanes, not their union. Lists of up to 8 or 16 entries (LCAP) live in registers and
+// take a candidate with a branch-free compare-and-shift network; longer lists (LCAP = 0) are binary heaps in
+// shared memory.
+//
+// Tie order without index compares (register lists): tiles, 32-column words and bits are all visited in
+// descending block order, so a new candidate always has a lower index than every listed block and must
+// beat them strictly; the heaps compare (score, index) pairs explicitly.
+//
+// Shared memory (dynamic): Q tile [BM][D] and centroid tiles hi/lo [BN][D] in T, 16-byte chunks XOR-swizzled
+// by row (MOBA_SWZ_COL, ptx.cuh: conflict-free ldmatrix); score tile [BM][BN] fp32, 16-byte chunks swizzled
+// so that both the fragment stores and the row scan are conflict-free; for LCAP = 0 the heaps [list_cap][BM]
+// (values fp32, blocks int32), laid out so that the 32 lanes of a warp always touch 32 different banks.
+#ifndef MOBALAB_TOPK_CUH
+#define MOBALAB_TOPK_CUH
+
+#include "ptx.cuh"
+
+using moba::cp_async16;
+using moba::cp_async_commit;
+using moba::cp_async_wait;
+using moba::Elem;
+using moba::ldmatrix_x4;
+using moba::smem_u32;
+
+#define TK_BM 128
+#define TK_BN 64
+#define TK_THREADS 128
+
+// Swizzle of the 16-byte chunks of a score-tile row: rows 0..3 get even keys (fragment stores of a
+// half-warp touch rows 0..3 and two chunks each), rows 4..7 odd keys; all 8 keys distinct (row scan).
+__device__ __forceinline__ int topk_score_swizzle(int row) { return ((row & 3) << 1) | ((row >> 2) & 1); }
+
+// Issue cp.async loads of centroid tile `tile` (rows tile*BN ..) into sH / sL by NTHREADS threads
+// (thread index ptid); rows past the end are clamped to the last block (their scores are masked).
+template <typename T, int D, int BN, int NTHREADS>
+__device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __restrict__ hi,
+                                                    const T* __restrict__ lo, int tile, int n_blocks,
+                                                    int ptid) {
+    constexpr int CH = D / 8;
+    for (int i = ptid; i < BN * CH; i += NTHREADS) {
+        const int r = i / CH, c = i % CH;
+        const int j = min(tile * BN + r, n_blocks - 1);
+        const int off = r * D + MOBA_SWZ_COL(D, r, c);
+        cp_async16(sH + off, hi + (long long)j * D + c * 8);
+        cp_async16(sL + off, lo + (long long)j * D + c * 8);
+    }
+    cp_async_commit();
+}
+
+// One warp's (16 MT) x (8 NT) block of the score tile: rows row0.., centroid columns col0.. of the tiles
+// sQ [.][D], sH / sL [.][D] (XOR-swizzled 16-byte chunks); acc = q.hi + q.lo in fp32. KU: how many of the
+// D/16 k-steps are unrolled.
+template <typename T, int D, int MT, int NT, int KU>
+__device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T* sQ, const T* sH,
+                                                const T* sL, int row0, int col0, int lane) {
+    static_assert(NT % 2 == 0, "centroid fragments are loaded in pairs of n8 tiles");
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+#pragma unroll(KU)
+    for (int ks = 0; ks < D / 16; ++ks) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int r = row0 + mt * 16 + (lane & 15);
+            const int c = ks * 2 + (lane >> 4);
+            ldmatrix_x4(smem_u32(sQ + r * D + MOBA_SWZ_COL(D, r, c)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+        }
+        unsigned bh[NT][2], bl[NT][2];
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            const int r = col0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+            const int c = ks * 2 + ((lane >> 3) & 1);
+            const int off = r * D + MOBA_SWZ_COL(D, r, c);
+            ldmatrix_x4(smem_u32(sH + off), bh[2 * np][0], bh[2 * np][1], bh[2 * np + 1][0], bh[2 * np + 1][1]);
+            ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                Elem<T>::mma(acc[mt][nt], a[mt], bh[nt][0], bh[nt][1]);
+                Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
+            }
+    }
+}
+
+// Accumulators -> score tile sS [TK_BM][BN] (16-byte chunks swizzled by row), NaN where block j0 + col is
+// no candidate for the row (causal: j >= own block; both: j >= n_blocks).
+template <bool CAUSAL, int MT, int NT, int BN>
+__device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4], float* sS, int row0,
+                                                  int col0, int lane, int t0, int j0, int block_size,
+                                                  int n_blocks) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = row0 + mt * 16 + half * 8 + (lane >> 2);
+            const int lim = CAUSAL ? (t0 + r) / block_size : n_blocks;
+            const int key = topk_score_swizzle(r & 7);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int c = col0 + nt * 8 + (lane & 3) * 2;
+                float2 v;
+                v.x = (j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
+                v.y = (j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
+                *reinterpret_cast<float2*>(sS + r * BN + (((c >> 2) ^ key) << 2) + (c & 3)) = v;
+            }
+        }
+}
+
+// A row's list of the best (score, block) pairs. Both kinds offer the same three calls:
+//   passes(v)    cheap pre-filter of a score against the current threshold (false for NaN),
+//   offer(v, j)  take the pair if it ranks above the current last entry,
+//   write(o)     the listed blocks in (score, block) descending order, -1 for unfilled slots.
+
+// (v, j) ranks before (w, i): higher score, or equal score and higher block index.
+__device__ __forceinline__ bool topk_better(float v, int j, float w, int i) {
+    return v > w || (v == w && j > i);
+}
+
+// Sorted (descending) list of up to LCAP entries in registers, for list capacities cap <= LCAP. Only the
+// last `cap` entries are the list; the first LCAP - cap hold +inf sentinels that nothing displaces, which
+// keeps every index a compile-time constant (a run-time index would move the arrays to local memory).
+// offer() needs pairs in descending block order (each new block below every listed one): it compares
+// scores only, and a tie keeps the listed (higher) block.
+template <int LCAP>
+struct TopkRegList {
+    float v[LCAP];
+    int j[LCAP];
+    int cap;
+
+    __device__ __forceinline__ void init(int list_cap) {
+        cap = list_cap;
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            const bool used = i >= LCAP - cap;
+            v[i] = used ? moba::neg_inf() : moba::pos_inf();
+            j[i] = -1;
+        }
+    }
+    __device__ __forceinline__ float threshold() const { return v[LCAP - 1]; }
+    __device__ __forceinline__ bool passes(float x, float thr) const { return x > thr; }
+
+    // Branch-free compare-and-shift network; a no-op when x does not beat the last entry.
+    __device__ __forceinline__ void offer(float x, int jx) {
+        bool below = x > v[LCAP - 1];  // x ranks above the (old) entry at position i
+#pragma unroll
+        for (int i = LCAP - 1; i >= 1; --i) {
+            const bool above_prev = x > v[i - 1];
+            const float nv = above_prev ? v[i - 1] : (below ? x : v[i]);
+            const int nj = above_prev ? j[i - 1] : (below ? jx : j[i]);
+            v[i] = nv;
+            j[i] = nj;
+            below = above_prev;
+        }
+        v[0] = below ? x : v[0];
+        j[0] = below ? jx : j[0];
+    }
+
+    __device__ __forceinline__ void write(int* o) const {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i)
+            if (i >= LCAP - cap) o[i - (LCAP - cap)] = j[i];
+    }
+};
+
+// Long lists: a binary min-heap by rank in shared memory (root = the worst listed pair = the threshold),
+// entries of one row strided by TK_BM so that the lanes of a warp hit 32 different banks. Insertion is a
+// sift-up while filling and a root replacement + sift-down once full (log2(cap) steps instead of a linear
+// shift); write() pops the root repeatedly to emit the descending order. Any visiting order is fine: the
+// comparisons include the block index.
+struct TopkHeap {
+    float* hv;
+    int* hj;
+    int cap, count;
+    float thr_v;
+    int thr_j;
+
+    __device__ __forceinline__ void init(float* sLv, int* sLj, int row, int list_cap) {
+        hv = sLv + row;
+        hj = sLj + row;
+        cap = list_cap;
+        count = 0;
+        thr_v = moba::neg_inf();
+        thr_j = -1;
+    }
+    __device__ __forceinline__ float threshold() const { return thr_v; }
+    __device__ __forceinline__ bool passes(float x, float thr) const { return x >= thr; }
+
+    // Place (x, jx) at the root of a heap of `size` entries whose root slot is free, restoring order.
+    __device__ __forceinline__ void sift_down(float x, int jx, int size) {
+        int pos = 0;
+        while (true) {
+            const int l = 2 * pos + 1;
+            if (l >= size) break;
+            int c = l;
+            float cv = hv[l * TK_BM];
+            int cj = hj[l * TK_BM];
+            if (l + 1 < size) {
+                const float rv = hv[(l + 1) * TK_BM];
+                const int rj = hj[(l + 1) * TK_BM];
+                if (topk_better(cv, cj, rv, rj)) {  // the worse child moves up
+                    c = l + 1;
+                    cv = rv;
+                    cj = rj;
+                }
+            }
+            if (!topk_better(x, jx, cv, cj)) break;
+            hv[pos * TK_BM] = cv;
+            hj[pos * TK_BM] = cj;
+            pos = c;
+        }
+        hv[pos * TK_BM] = x;
+        hj[pos * TK_BM] = jx;
+    }
+
+    __device__ __forceinline__ void offer(float x, int jx) {
+        if (!topk_better(x, jx, thr_v, thr_j)) return;
+        if (count < cap) {
+            int pos = count++;
+            while (pos > 0) {
+                const int par = (pos - 1) >> 1;
+                const float pv = hv[par * TK_BM];
+                const int pj = hj[par * TK_BM];
+                if (!topk_better(pv, pj, x, jx)) break;  // parent already ranks below x
+                hv[pos * TK_BM] = pv;
+                hj[pos * TK_BM] = pj;
+                pos = par;
+            }
+            hv[pos * TK_BM] = x;
+            hj[pos * TK_BM] = jx;
+            if (count < cap) return;  // not full: everything still passes
+        } else {
+            sift_down(x, jx, cap);
+        }
+        thr_v = hv[0];
+        thr_j = hj[0];
+    }
+
+    __device__ __forceinline__ void write(int* o) {
+        for (int s = cap - 1; s >= count; --s) o[s] = -1;
+        for (int size = count; size > 0; --size) {
+            o[size - 1] = hj[0];  // the worst remaining pair takes the last remaining slot
+            if (size > 1) sift_down(hv[(size - 1) * TK_BM], hj[(size - 1) * TK_BM], size - 1);
+        }
+    }
+};
+
+// Offer the 32 scores of word w of a score-tile row (blocks j0 + 32w .. j0 + 32w + 31) to the list, in
+// descending block order. The bit mask is taken against the threshold at the start of the word; offer()
+// re-checks against the current one. Cost per warp: the largest candidate count among its lanes.
+template <typename List>
+__device__ __forceinline__ void topk_scan_word(List& list, const float* srow, int key, int w, int j0) {
+    const float thr = list.threshold();
+    unsigned m = 0u;
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+        m |= ((unsigned)list.passes(v.x, thr) | ((unsigned)list.passes(v.y, thr) << 1) |
+              ((unsigned)list.passes(v.z, thr) << 2) | ((unsigned)list.passes(v.w, thr) << 3))
+             << (c4 * 4);
+    }
+    while (m != 0u) {
+        const int bit = 31 - __clz(m);
+        m ^= 1u << bit;
+        const int c = w * 32 + bit;
+        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
+    }
+}
+
+template <int LCAP>
+struct TopkListFor {
+    using type = TopkRegList<LCAP>;
+};
+template <>
+struct TopkListFor<0> {
+    using type = TopkHeap;
+};
+
+// Row-list setup: register list (LCAP 8 / 16) or heap in shared memory (LCAP 0).
+template <int LCAP>
+__device__ __forceinline__ void topk_list_init(typename TopkListFor<LCAP>::type& list, float* sLv, int row,
+                                               int list_cap) {
+    if constexpr (LCAP == 0) {
+        list.init(sLv, reinterpret_cast<int*>(sLv + list_cap * TK_BM), row, list_cap);
+    } else {
+        list.init(list_cap);
+    }
+}
+
+template <int LCAP>
+__device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type& list, int* __restrict__ out,
+                                               int seqlen, int heads, int h, int b, int t_row, int q_pos0,
+                                               int block_size, int top_k, bool causal) {
+    int* o = out + (((long long)b * seqlen + t_row) * heads + h) * top_k;
+    if (causal) o[0] = (q_pos0 + t_row) / block_size;
+    list.write(o + (causal ? 1 : 0));
+}
+
+// Centroids per streamed tile: TK_BN, or 32 at D = 256, where 128 x 256 Q + 2 x 64 x 256 hi/lo + the
+// 128 x 64 fp32 score tile would take 160 KB (one CTA per SM); with 32 centroids it is 112 KB, and two
+// CTAs per SM keep the tensor cores busy while the other CTA scans (see the FLOP/byte note below).
+template <int D>
+constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
+
+// 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
+// LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
+// (A warp-specialised variant, 4 MMA warps feeding 4 scanning warps through double-buffered score tiles
+// and named barriers, measured the same on an H200 (1.61 vs 1.64 ms at 64K): the row scans, not the
+// MMAs, set the pace, so the simpler body stays.)
+//
+// Tile shape by head dim (per warp and k-step of 16, hi and lo: a warp tile of MW rows x 32 centroids costs
+// MW/16 A + 4 B ldmatrix.x4 of 512 bytes for (MW/16) x 4 x 2 MMAs of 4096 FLOP):
+//   BN = 64 (D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory 512 D + 32 KB
+//                       = 48 / 64 / 80 / 96 KB at D = 32 / 64 / 96 / 128: two or more CTAs per SM.
+//   BN = 32 (D = 256):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
+//                       what mma.sync sustains per SM); 112 KB: two CTAs per SM (BN = 64 would take 160 KB).
+// The MMA work per (row, centroid) is 4 D FLOP against a scan cost that does not depend on D: at D = 256 the
+// MMA phase is twice that of D = 128 (where the scans set the pace), so two CTAs per SM, one scanning while
+// the other multiplies, matter more there than the lower FLOP/B of the narrower tile.
+// The heap tier (LCAP = 0) adds up to 64 x 128 x 8 B = 64 KB (one CTA per SM; at most 176 KB, at D = 256).
+template <typename T, int D, bool CAUSAL, int LCAP>
+__device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __restrict__ chi,
+                                          const T* __restrict__ clo, int* __restrict__ out, int seqlen,
+                                          int heads, int kv_heads, int block_size, int n_blocks, int top_k,
+                                          int q_pos0) {
+    constexpr int BN = kTopkBN<D>;
+    constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
+    constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
+    extern __shared__ __align__(128) unsigned char topk_smem[];
+    T* sQ = reinterpret_cast<T*>(topk_smem);
+    T* sH = sQ + TK_BM * D;
+    T* sL = sH + BN * D;
+    float* sS = reinterpret_cast<float*>(sL + BN * D);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Heaviest (latest) causal tiles first: they start while the light ones fill the tail.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / kv_heads);
+    const int t0 = m_block * TK_BM;
+    const int list_cap = CAUSAL ? top_k - 1 : top_k;
+
+    // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
+    const int t_last = min(t0 + TK_BM, seqlen) - 1;
+    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
+    const int n_tiles = (n_cand + BN - 1) / BN;
+
+    const int row = tid;  // the row this thread scans and owns the list of
+    const int t_row = t0 + row;
+    const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
+    const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
+
+    typename TopkListFor<LCAP>::type list;
+    topk_list_init<LCAP>(list, sS + TK_BM * BN, row, list_cap);
+
+    if (n_tiles > 0) {
+        constexpr int CH = D / 8;
+        for (int i = tid; i < TK_BM * CH; i += TK_THREADS) {
+            const int r = i / CH, c = i % CH;
+            const int t = min(t0 + r, seqlen - 1);
+            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+        }
+        cp_async_commit();
+        topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+    }
+
+    // warp tile: rows wm * MT * 16 .., columns wn * 32 ..
+    const int wm = WARPS_N == 2 ? warp >> 1 : warp, wn = WARPS_N == 2 ? warp & 1 : 0;
+    const int srow_key = topk_score_swizzle(row & 7);
+    const float* srow = sS + row * BN;
+
+    for (int tile = n_tiles - 1; tile >= 0; --tile) {
+        cp_async_wait<0>();
+        __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
+
+        float acc[MT][4][4];
+        topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
+        __syncthreads();  // every warp is done reading sH / sL
+        if (tile > 0) {  // overlaps the scan
+            topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+        }
+        const int j0 = tile * BN;
+        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                             block_size, n_blocks);
+        __syncthreads();
+
+        if (t_row < seqlen) {
+#pragma unroll
+            for (int w = BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
+        }
+    }
+
+    if (t_row < seqlen) {
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+    }
+}
+
+#endif  // MOBALAB_TOPK_CUH

@@ -1,0 +1,241 @@
+// MoBA routing stage 2 on Hopper warpgroup MMAs (wgmma, sm_90a): the fused top-k of topk.cu (same contract,
+// same score tile, row lists and tie order: topk.cuh) with the score tile S = Q C^T computed by asynchronous
+// wgmma from 128-byte-swizzled shared memory (wgmma.cuh), so that the tensor cores multiply the next
+// centroid chunk while the threads scan the current one.
+//
+// One CTA = (query tile of TKW_BM = 256 rows, query head h, batch b), two warpgroups (256 threads); warpgroup
+// w owns rows 128 w .. 128 w + 127 as two m64 halves. Centroid chunks of TKW_BN = 64 blocks are streamed in
+// descending order (double-buffered cp.async): the chunk's hi and lo halves are stacked into one K-major B
+// tile of 128 rows (hi rows 0..63, lo rows 64..127), so one wgmma m64n128k16 per (half, k-step) yields q.hi
+// in accumulator columns 0..63 and q.lo in 64..127, and S = acc[i] + acc[i + 32] (float i + 32 of a 64x128
+// accumulator is column + 64 of float i: wgmma_acc_col). Both sums are fp32 accumulations of the products of
+// the inputs with the split fp32 centroid, as in the mma.sync kernel; they differ from it only in the fp32
+// rounding order (q.hi and q.lo summed separately rather than interleaved), i.e. at near-ties.
+// Per warp the S accumulator has the mma.sync m16n8 layout, so it goes to the score tile through the mma
+// kernel's topk_store_scores (NaN for non-candidates) and thread r scans row r with topk_scan_word into a
+// register list (TopkRegList, list tiers 8 and 16; the shared-memory heap tier is not offered: its 64 x 256
+// x 8 bytes of heaps do not fit next to this layout).
+//
+// Pipeline per chunk (two CTA barriers): wait for S(c) -> barrier (scans of c + 1 done, chunk c's buffer
+// free) -> S to the score tile, cp.async of chunk c - 2 into the freed buffer, wait for chunk c - 1 ->
+// barrier -> issue the wgmmas of chunk c - 1 (asynchronous) -> scan S(c). The scan of chunk c thus runs
+// while the tensor cores compute chunk c - 1 and chunk c - 2 arrives.
+//
+// Work and bytes per chunk (D = 128, one CTA): MMA 256 rows x 128 stacked columns x 128 x 2 = 8.4 MFLOP (32
+// wgmma m64n128k16 of 262 KFLOP), ~2.0 K clocks at the dense 16-bit rate (~4 KFLOP/clk/SM). Shared memory: wgmma
+// operand reads 32 x (A 2 KB + B 4 KB) = 192 KB (43 FLOP/B: each wgmma alone needs 96 of the 128 B/clk), score
+// tile stores 64 KB and row-scan loads 64 KB, cp.async fills 32 KB: 352 KB, ~2.75 K clocks at 128 B/clk, so shared
+// memory rather than the tensor pipe bounds a chunk. Global (L2) reads 64 x 2 x 256 B = 32 KB of centroids per
+// 256 rows (256 FLOP/B, twice the mma kernel's 128-row tiles); Q 64 KB once per CTA.
+// Registers per thread: accumulators 2 x 64 floats (held by the in-flight wgmma during the scan), the row list
+// 2 LCAP + 1, scan temporaries: 207-245 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
+// 1024-byte aligned): Q 256 x D x 2 bytes (64 KB at D = 128), two stacked centroid chunks 2 x 128 x D x 2 (64 KB),
+// score tile 256 x 64 x 4 (64 KB), + 1 KB alignment slack = 193 KB at D = 128 (one CTA, 8 warps per SM), 129 KB at
+// D = 64.
+// Predicted rate (H200, 64K, batch 2, 16 heads, B 128, causal, k 8): 8192 CTAs of on average 4 chunks, 248 chunk
+// iterations per SM; the scan of a chunk (~250 instructions per thread plus list insertions) hides under the
+// next chunk's MMA, the serial part per iteration (wait, S sums and stores, two barriers) adds ~0.3 K clocks:
+// ~3 K clocks x 248 = 0.75 M clocks, ~0.4-0.55 ms with prologue, epilogue and imbalance, against 1.59 ms for the
+// mma.sync kernel (the 2x target is 0.8 ms).
+//
+// Head dims 64 and 128 (one or two 64-element K blocks of the swizzled layout), list tiers 8 and 16; other
+// shapes use topk.cu (the launch plan in _cuda_routing.py decides).
+#include "topk.cuh"
+#include "wgmma.cuh"
+
+#define TKW_BM 256      // query rows per CTA
+#define TKW_BN 64       // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
+#define TKW_THREADS 256  // two warpgroups
+#define TKW_ROWS 64      // rows of one wgmma (m64)
+
+// The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
+// its own in place, with models of cp.async and wgmma.
+#ifndef MOBA_TOPK_WG_SMEM
+#define MOBA_TOPK_WG_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
+#endif
+
+#if MOBA_HAS_WGMMA
+// Centroid chunk `tile` (blocks tile * TKW_BN ..) into the stacked swizzled B tile at shared address buf: row
+// r < TKW_BN is hi of block tile * TKW_BN + r, row TKW_BN + r its lo; blocks past the end are clamped to the
+// last one (their scores are masked).
+template <typename T, int D>
+__device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __restrict__ hi,
+                                                       const T* __restrict__ lo, int tile, int n_blocks,
+                                                       int tid) {
+    constexpr int CH = D / 8;
+#pragma unroll 4
+    for (int i = tid; i < 2 * TKW_BN * CH; i += TKW_THREADS) {
+        const int r = i / CH, c = i % CH;
+        const int j = min(tile * TKW_BN + (r % TKW_BN), n_blocks - 1);
+        cp_async16(buf + moba::sw128_offset(r, c * 8, 2 * TKW_BN), (r < TKW_BN ? hi : lo) + (long long)j * D + c * 8);
+    }
+    cp_async_commit();
+}
+
+// Issue (asynchronously, one commit group) the wgmmas of one chunk for this warpgroup's two m64 halves: acc[h]
+// = Q rows (64 h ..) x [hi; lo]^T, 64 x 128, D / 16 k-steps.
+template <typename T, int D>
+__device__ __forceinline__ void topk_wg_issue(float (&acc)[2][64], unsigned sq_wg, unsigned buf) {
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
+    moba::wgmma_fence_operand(acc[0]);
+    moba::wgmma_fence_operand(acc[1]);
+    moba::wgmma_fence();  // the accumulators were last written by ordinary instructions (the S sums)
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            moba::wgmma_ss<T>(acc[half], moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS),
+                              moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
+    moba::wgmma_commit_group();
+}
+#endif
+
+template <typename T, int D, bool CAUSAL, int LCAP>
+__device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* __restrict__ chi,
+                                             const T* __restrict__ clo, int* __restrict__ out, int seqlen,
+                                             int heads, int kv_heads, int block_size, int n_blocks, int top_k,
+                                             int q_pos0) {
+#if MOBA_HAS_WGMMA
+    static_assert(D == 64 || D == 128, "head dims of the wgmma router");
+    static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
+    constexpr unsigned C_BYTES = moba::sw128_tile_bytes(2 * TKW_BN, D);
+    MOBA_TOPK_WG_SMEM(topk_wg_smem);
+    // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
+    const unsigned smem0 = smem_u32(topk_wg_smem);
+    const unsigned sq = (smem0 + moba::SW128_PATTERN_BYTES - 1) & ~(moba::SW128_PATTERN_BYTES - 1);
+    const unsigned sc = sq + (TKW_BM / TKW_ROWS) * QT_BYTES;
+    float* sS = reinterpret_cast<float*>(topk_wg_smem + (sc + 2 * C_BYTES - smem0));
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wwarp = warp & 3;
+    // Heaviest (latest) causal tiles first: they start while the light ones fill the tail.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / kv_heads);
+    const int t0 = m_block * TKW_BM;
+    const int list_cap = CAUSAL ? top_k - 1 : top_k;
+
+    // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
+    const int t_last = min(t0 + TKW_BM, seqlen) - 1;
+    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
+    const int n_tiles = (n_cand + TKW_BN - 1) / TKW_BN;
+
+    const int row = tid;  // the row this thread scans and owns the list of
+    const int t_row = t0 + row;
+    const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
+    const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
+    const unsigned sq_wg = sq + wg * 2 * QT_BYTES;  // this warpgroup's two m64 Q tiles
+    auto buf = [&](int tile) { return sc + (tile & 1) * C_BYTES; };
+
+    typename TopkListFor<LCAP>::type list;
+    list.init(list_cap);
+    float acc[2][64];
+
+    if (n_tiles > 0) {
+        constexpr int CH = D / 8;
+#pragma unroll 4
+        for (int i = tid; i < TKW_BM * CH; i += TKW_THREADS) {
+            const int r = i / CH, c = i % CH;
+            const int t = min(t0 + r, seqlen - 1);
+            cp_async16(sq + (r / TKW_ROWS) * QT_BYTES + moba::sw128_offset(r % TKW_ROWS, c * 8, TKW_ROWS),
+                       q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+        }
+        topk_wg_load_centroids<T, D>(buf(n_tiles - 1), hi, lo, n_tiles - 1, n_blocks, tid);  // group: Q + chunk
+        if (n_tiles > 1) {
+            topk_wg_load_centroids<T, D>(buf(n_tiles - 2), hi, lo, n_tiles - 2, n_blocks, tid);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        moba::fence_proxy_async_shared();  // cp.async data -> visible to wgmma (async proxy) after the barrier
+        __syncthreads();
+        topk_wg_issue<T, D>(acc, sq_wg, buf(n_tiles - 1));
+    }
+
+    const int srow_key = topk_score_swizzle(row & 7);
+    const float* srow = sS + row * TKW_BN;
+
+    // One chunk: collect S(tile), hand it to the score tile, start the wgmmas of chunk tile - 1 (`next`), scan.
+    // The last chunk (next = false) is peeled off the loop below, so that the accumulators are always written
+    // by a wgmma on the loop's back edge: a merge with the ordinary writes of the S sums would make the
+    // compiler wait for the in-flight wgmma before the scan (ptxas C7517), which is the overlap this kernel is for.
+    auto step = [&](int tile, bool next) {
+        moba::wgmma_wait_group<0>();
+        moba::wgmma_fence_operand(acc[0]);
+        moba::wgmma_fence_operand(acc[1]);
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int i = 0; i < 32; ++i) acc[half][i] += acc[half][i + 32];  // q.hi + q.lo
+        __syncthreads();  // every row scan of the previous chunk is done with sS; every wgmma of this chunk
+                          // is complete, so its centroid buffer can be refilled
+        const int j0 = tile * TKW_BN;
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            topk_store_scores<CAUSAL, 1, TKW_BN / 8, TKW_BN>(*reinterpret_cast<const float(*)[1][TKW_BN / 8][4]>(
+                                                                 &acc[half][0]),
+                                                             sS, wg * 2 * TKW_ROWS + half * TKW_ROWS + wwarp * 16,
+                                                             0, lane, q_pos0 + t0, j0, block_size, n_blocks);
+        if (next) {
+            if (tile >= 2) {
+                topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            moba::fence_proxy_async_shared();
+        }
+        __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma
+        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
+
+        if (t_row < seqlen) {
+#pragma unroll
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
+        }
+        __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
+    };
+    if (n_tiles > 0) {
+        for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
+        step(0, false);
+    }
+
+    if (t_row < seqlen) {
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+    }
+#else
+    __trap();  // wgmma exists on sm_90a only
+#endif
+}
+
+// ---- entry points: dtype x head dim (64, 128) x causal x list tier (k8 / k16), the parameter list of
+// topk.cu's kernels (the launch plan passes the same arguments), grouped by head dim under MOBA_HAS_HEAD_DIM. ----
+
+#define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
+    NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+        topk_wg_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,     \
+                                         q_pos0);                                                                     \
+    }
+
+#if MOBA_HAS_HEAD_DIM(64)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d64_causal_k8,    __nv_bfloat16, 64,  true,   8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d64_causal_k16,   __nv_bfloat16, 64,  true,  16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d64_full_k8,      __nv_bfloat16, 64,  false,  8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d64_full_k16,     __nv_bfloat16, 64,  false, 16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d64_causal_k8,    __half,        64,  true,   8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d64_causal_k16,   __half,        64,  true,  16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d64_full_k8,      __half,        64,  false,  8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d64_full_k16,     __half,        64,  false, 16)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d128_causal_k8,   __nv_bfloat16, 128, true,   8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d128_causal_k16,  __nv_bfloat16, 128, true,  16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d128_full_k8,     __nv_bfloat16, 128, false,  8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d128_full_k16,    __nv_bfloat16, 128, false, 16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d128_causal_k8,   __half,        128, true,   8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d128_causal_k16,  __half,        128, true,  16)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d128_full_k8,     __half,        128, false,  8)
+MOBA_TOPK_WG_KERNEL(moba_topk_wg_fp16_d128_full_k16,    __half,        128, false, 16)
+#endif

@@ -1,0 +1,129 @@
+// Runs one launch of a wgmma top-k kernel (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
+//
+//   topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K
+//
+// Q, HI, LO: files with the raw 16-bit inputs (read), OUT: the int32 output file (read first, so that a poisoned
+// buffer stays poisoned where nothing writes, then written back). The kernel text is the source as NVRTC sees it
+// (_build.source) with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
+// the models below (cp.async through cuda_host.h: landing only when the issuing thread waits).
+#include "cuda_host.h"
+
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <type_traits>
+
+#define MOBALAB_PTX_CUH 1  // ptx.cuh's text is skipped: the models below stand for it
+#define MOBA_HAS_HEAD_DIM(d) 1
+#define MOBA_SWZ_COL(D, r, c) (((c) ^ ((r) & 7)) * 8)
+#define MOBA_TOPK_WG_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#define __shared__  // only in the uninstantiated mma.sync body of topk.cuh (with __align__)
+#undef __align__
+#define __align__(n)
+
+struct float2 {
+    float x, y;
+};
+inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
+
+namespace moba {
+// Shared addresses as the kernels see them: the byte offset into the launch's dynamic shared memory plus 16,
+// so that the kernel's own alignment of its swizzled tiles to 1024 bytes is exercised.
+constexpr unsigned kSmemBase = 16;
+inline unsigned char* smem_ptr(unsigned addr, unsigned bytes) {
+    if (addr < kSmemBase || addr - kSmemBase + bytes > emu::cta().smem_bytes)
+        emu::fail("shared-memory address out of the launch's dynamic shared memory");
+    return emu::dynamic_smem() + (addr - kSmemBase);
+}
+inline unsigned smem_u32(const void* p) {
+    return kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
+}
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
+inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
+inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
+inline void cp_async_commit() { dec_cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+    dec_cp_async_wait_n(N);
+}
+template <typename T>
+struct Elem {};  // the mma.sync kernels of topk.cuh are not instantiated here
+inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { emu::fail("ldmatrix: not modelled"); }
+}  // namespace moba
+
+#define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
+
+#include "topk_wgmma_kernels.cu"
+
+namespace {
+
+template <typename T>
+using Kernel = void (*)(const T*, const T*, const T*, int*, int, int, int, int, int, int, int);
+
+#define WG(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<Kernel<T>>(&NAME))}
+const std::map<std::string, void*> kKernels = {
+    WG(moba_topk_wg_bf16_d64_causal_k8, __nv_bfloat16),   WG(moba_topk_wg_bf16_d64_causal_k16, __nv_bfloat16),
+    WG(moba_topk_wg_bf16_d64_full_k8, __nv_bfloat16),     WG(moba_topk_wg_bf16_d64_full_k16, __nv_bfloat16),
+    WG(moba_topk_wg_fp16_d64_causal_k8, __half),          WG(moba_topk_wg_fp16_d64_causal_k16, __half),
+    WG(moba_topk_wg_fp16_d64_full_k8, __half),            WG(moba_topk_wg_fp16_d64_full_k16, __half),
+    WG(moba_topk_wg_bf16_d128_causal_k8, __nv_bfloat16),  WG(moba_topk_wg_bf16_d128_causal_k16, __nv_bfloat16),
+    WG(moba_topk_wg_bf16_d128_full_k8, __nv_bfloat16),    WG(moba_topk_wg_bf16_d128_full_k16, __nv_bfloat16),
+    WG(moba_topk_wg_fp16_d128_causal_k8, __half),         WG(moba_topk_wg_fp16_d128_causal_k16, __half),
+    WG(moba_topk_wg_fp16_d128_full_k8, __half),           WG(moba_topk_wg_fp16_d128_full_k16, __half),
+};
+
+std::vector<unsigned char> read_file(const char* path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        std::cerr << "topk_wgmma_harness: cannot read " << path << "\n";
+        std::exit(2);
+    }
+    return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 19) {
+        std::cerr << "usage: topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS "
+                     "BLOCK N_BLOCKS TOP_K Q_POS0\n";
+        return 2;
+    }
+    const std::string name = argv[1];
+    const auto it = kKernels.find(name);
+    if (it == kKernels.end()) {
+        std::cerr << "topk_wgmma_harness: unknown kernel " << name << "\n";
+        return 2;
+    }
+    const dim3 grid{(unsigned)std::atoi(argv[2]), (unsigned)std::atoi(argv[3]), (unsigned)std::atoi(argv[4])};
+    const dim3 block{(unsigned)std::atoi(argv[5]), 1, 1};
+    const size_t smem = std::strtoull(argv[6], nullptr, 10);
+    const unsigned seed = (unsigned)std::atoi(argv[7]);
+    std::vector<unsigned char> q = read_file(argv[8]), hi = read_file(argv[9]), lo = read_file(argv[10]),
+                               out = read_file(argv[11]);
+    int ints[7];
+    for (int i = 0; i < 7; ++i) ints[i] = std::atoi(argv[12 + i]);
+    const bool bf16 = name.find("_bf16_") != std::string::npos;
+    void* fn = it->second;
+    emu::launch(grid, block, smem, seed, [&] {
+        if (bf16) {
+            reinterpret_cast<Kernel<__nv_bfloat16>>(fn)(
+                reinterpret_cast<const __nv_bfloat16*>(q.data()), reinterpret_cast<const __nv_bfloat16*>(hi.data()),
+                reinterpret_cast<const __nv_bfloat16*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0],
+                ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]);
+        } else {
+            reinterpret_cast<Kernel<__half>>(fn)(
+                reinterpret_cast<const __half*>(q.data()), reinterpret_cast<const __half*>(hi.data()),
+                reinterpret_cast<const __half*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0], ints[1],
+                ints[2], ints[3], ints[4], ints[5], ints[6]);
+        }
+        const moba::WgmmaThread& t = moba::wgmma_me();
+        if (!t.open.empty() || !t.groups.empty()) emu::fail("a thread ended with wgmma groups it never waited for");
+    });
+    std::ofstream f(argv[11], std::ios::binary);
+    f.write(reinterpret_cast<const char*>(out.data()), (std::streamsize)out.size());
+    return 0;
+}

@@ -1,0 +1,150 @@
+"""The wgmma top-k kernel (cuda/topk_wgmma.cu) run on the host: its logic against the torch reference, no GPU.
+
+``host_emulation/topk_wgmma_harness.cpp`` runs the kernel text as NVRTC sees it, with every CUDA thread a
+coroutine (cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread waits,
+poisoned shared memory, AddressSanitizer) and wgmma modelled by ``wgmma_host_model.h``: an MMA reads its
+128-byte-swizzled operands through the descriptor, as the hardware does, only when its thread waits for it, so
+a centroid buffer refilled while its MMA is pending, a wrong descriptor or a wrong accumulator mapping gives wrong
+selections. The launch is exactly what ``_cuda_routing.topk_launch(..., variant="wgmma")`` plans (grid, threads,
+shared-memory size, argument tuple checked against the signature). What this cannot show (PTX, the async-proxy
+fences, speed) is left to the GPU tests (tests/kernels/test_routing_gpu.py).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import check_args
+
+HERE = Path(__file__).parent / "host_emulation"
+CXX = shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("topk_wgmma_emulation")
+    marker = "// ---- end wgmma.cuh ----"
+    text = source(routing.WGMMA_SOURCE)
+    assert text.count(marker) == 1
+    text = text.replace(marker, marker + '\n#include "wgmma_host_model.h"')
+    (build / "topk_wgmma_kernels.cu").write_text(text)
+    for header in ("cuda_bf16.h", "cuda_fp16.h"):  # the host types come from cuda_host.h
+        (build / header).write_text("#pragma once\n")
+    exe = build / "topk_wgmma_harness"
+    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
+           "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "topk_wgmma_harness.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
+    c = cent.permute(0, 2, 1, 3).contiguous()
+    hi = c.to(dtype)
+    return hi, (c - hi.float()).to(dtype)
+
+
+def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, seed=0, query_offset=0) -> torch.Tensor:
+    hi, lo = _split(cent, q.dtype)
+    out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
+    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant="wgmma")
+    assert plan.source == routing.WGMMA_SOURCE
+    check_args(plan.source, plan.kernel, plan.args)
+    files = []
+    for i, t in enumerate((q, hi, lo, out)):
+        path = tmp / f"buf{i}.bin"
+        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
+                         else t.numpy().tobytes())
+        files.append(str(path))
+    ints = [str(int(a)) for a in plan.args[4:]]
+    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
+           *files, *ints]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
+    return torch.from_numpy(got.copy())
+
+
+def _check_near_ties(out, ref, q, cent, causal):
+    assert not (out == -7).any(), "unwritten output slots"
+    assert torch.equal(out < 0, ref < 0), "valid-slot pattern differs from the reference"
+    if causal:
+        assert torch.equal(out[..., 0], ref[..., 0])
+    bad = out != ref
+    if bad.any():
+        b, t, h, _ = bad.nonzero(as_tuple=True)
+        group = q.shape[2] // cent.shape[2]
+        qv = q[b, t, h].double()
+        ck, cr = cent[b, out[bad].long(), h // group].double(), cent[b, ref[bad].long(), h // group].double()
+        gap = ((qv * ck).sum(-1) - (qv * cr).sum(-1)).abs()
+        bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
+        assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
+        assert int(bad.sum()) <= max(2, out.numel() // 1000)
+
+
+CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch
+    (torch.bfloat16, 128, 16, True, 2100, 8, 1, 1, 1),    # 131 blocks: three chunks, the whole pipeline, 9 tiles
+    (torch.float16, 64, 16, False, 1100, 16, 2, 2, 1),    # 69 blocks: two chunks, ragged last chunk and tile, MHA
+    (torch.bfloat16, 64, 32, True, 700, 17, 4, 1, 1),     # tier 16 causal, GQA 4, rows past seqlen
+    (torch.float16, 128, 64, True, 100, 8, 2, 1, 2),      # k >= n blocks, a single partial tile
+    (torch.bfloat16, 64, 128, False, 90, 1, 2, 1, 1),     # N < B: one block, top-1
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}"
+                                             f"-k{c[5]}" for c in CASES])
+def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
+    gen = torch.Generator().manual_seed(seqlen + dim)
+    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
+    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
+    cent = reference.moba_centroids(k, block_size)
+    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=seqlen)
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
+    _check_near_ties(out, ref, q, cent, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, causal):
+    """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact
+    ties), queries +-u; the selections must equal the reference's exactly (ties to the higher block index)."""
+    batch, kv_heads, heads, dim, block_size, n = 1, 1, 1, 64, 16, 150
+    gen = torch.Generator().manual_seed(7 + int(causal))
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    alpha = (torch.randint(0, 5, (batch, n, kv_heads), generator=gen).float() + 1) / 8
+    cent = alpha[..., None] * u  # (b, n, g, d), exact in bf16
+    seqlen = n * block_size - 5
+    sign = torch.where(torch.rand(batch, seqlen, heads, 1, generator=gen) < 0.5, -1.0, 1.0)
+    q = (sign * u).to(torch.bfloat16)
+    top_k = 12 if causal else 3
+    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=top_k)
+    ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)
+    assert torch.equal(out, ref), f"{(out != ref).sum().item()} slots differ"
+    assert math.ceil(seqlen / block_size) == n
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
+    """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
+    the whole sequence's routing at those positions (a context-parallel shard's call)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
+    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
+    cent = reference.moba_centroids(k, 16)
+    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, seed=3, query_offset=1000)
+    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
+    _check_near_ties(out, ref, q[:, 1000:], cent, causal)
