@@ -227,15 +227,19 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
     float* lv = lists;
     int* lj = reinterpret_cast<int*>(lv + rpg * lcap);
 
-    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-    for (int y = tid; y < nr * D; y += DSP_THREADS) {
-        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-        qs[y] = dsp_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
-    }
-    for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-        lv[y] = dsp_nan();
-        lj[y] = -1;
-    }
+    // Own blocks, query rows (fp32), empty lists: after the first tile's loads are issued, so that the query
+    // loads wait behind them instead of delaying them.
+    auto init_rows = [&]() {
+        for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+        for (int y = tid; y < nr * D; y += DSP_THREADS) {
+            const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+            qs[y] = dsp_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+        }
+        for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
+            lv[y] = dsp_nan();
+            lj[y] = -1;
+        }
+    };
 
     const float* bsum = sums + (long long)(b * kv_heads + kvh) * n_blocks_cap * D;
     const int n_tiles = (lcap > 0 && j_hi > j_lo) ? (j_hi - j_lo + RB - 1) / RB : 0;
@@ -251,6 +255,7 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_stream(src + m * 8 + part);  // in range: clamped
         }
+        if (t == 0) init_rows();
         {
             float* nv = lists + (cur ^ 1) * lsz;
             int* nj = reinterpret_cast<int*>(nv + rpg * lcap);
@@ -319,7 +324,8 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
         lv = nv;
         lj = nj;
     }
-    __syncthreads();  // q rows and lists complete when there was no tile
+    if (n_tiles == 0) init_rows();
+    __syncthreads();  // own blocks and lists complete when there was no tile
 
     const long long sel_b = (long long)b * q_len * heads;
     auto sel_row = [&](int r) {
@@ -430,14 +436,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
     const int j = sel_at(e);
     __syncthreads();
-    if (j >= 0) {
-        for (int ee = tid; ee < E; ee += DSP_THREADS) {
-            if (sel_at(ee) != j) continue;
-            if (ee < e)
-                flags[0] = 1;  // an earlier entry owns (j, c)
-            else
-                rl[atomicAdd(flags + 1, 1)] = ee;  // a row selects a block at most once: <= R entries
-        }
+    // The kv head's entries that name j (loaded alongside j: one round trip to L2).
+    for (int ee = tid; ee < E; ee += DSP_THREADS) {
+        if (sel_at(ee) != j || j < 0) continue;
+        if (ee < e)
+            flags[0] = 1;  // an earlier entry owns (j, c)
+        else
+            rl[atomicAdd(flags + 1, 1)] = ee;  // a row selects a block at most once: <= R entries
     }
     __syncthreads();
     if (j >= 0 && !flags[0]) {
