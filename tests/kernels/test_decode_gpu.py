@@ -311,8 +311,8 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
     assert int(cache._counters.abs().sum()) == 0
     # the routing-only launch (what the benchmark times as routing) writes the same selection
     from mobalab.kernels._cuda_decode import run, step_launches
+    from mobalab.kernels._cuda_decode_split import run as run_split
     from mobalab.kernels._cuda_decode_split import split_launches
-    from mobalab.kernels._launch import launch
 
     if kernel == "fused":
         _, bufs, launches = step_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True,
@@ -323,6 +323,6 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
         _, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
         assert len(launches) == 1
         bufs["sel"].fill_(2**30)
-        launch(launches[0])
+        run_split(launches[0], 0)
     torch.cuda.synchronize()
     assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0

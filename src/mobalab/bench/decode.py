@@ -278,8 +278,8 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     from mobalab.kernels import _decode as D
     from mobalab.kernels import decode_flops
     from mobalab.kernels._cuda_decode import _sm_count, decode_cuda, run, step_launches
+    from mobalab.kernels._cuda_decode_split import run as run_split
     from mobalab.kernels._cuda_decode_split import split_launches
-    from mobalab.kernels._launch import launch
 
     n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
     scale = 1.0 / math.sqrt(d)
@@ -302,7 +302,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         _, _, launches = split_launches(q, cache, cfg.top_k, scale, route_only=True)
 
         def route():
-            launch(launches[0])
+            run_split(launches[0], dev)
 
     row["routing_ms"], _ = time_step(route, reps, flush)
     for items in (1, 3):  # other work decompositions of the fused kernel

@@ -20,6 +20,7 @@ nothing synchronises with the host (a step can be captured in a CUDA graph).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 
 from ._launch import Launch
 
-__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode_split_cuda", "decode_kernel",
+__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "run", "decode_split_cuda", "decode_kernel",
            "KERNELS", "ENV_VAR", "SOURCE"]
 
 SOURCE = "decode_split.cu"
@@ -220,17 +221,35 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     return plan, bufs, [route, attend]
 
 
+@functools.cache
+def _function(kernel: str, device_index: int, smem: int):
+    """The compiled kernel; its dynamic shared-memory limit is raised once to the device's maximum (so one
+    object serves every plan, whose shared memory stays far below it)."""
+    from ._build import get_kernel
+
+    return get_kernel(SOURCE, kernel, max_dynamic_smem=smem)
+
+
+def run(launch: Launch, device_index: int) -> None:
+    """Check the arguments against the .cu signature and launch on torch's current stream (no per-call
+    device queries: the kernel object is cached per process and device)."""
+    from ._build import torch_stream
+    from ._launch import check_args
+
+    cargs = check_args(launch.source, launch.kernel, launch.args)
+    _function(launch.kernel, device_index, 1)(launch.grid, launch.block, cargs, shared_mem=launch.shared_mem,
+                                              stream=torch_stream())
+
+
 def decode_split_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
                       return_selection: bool = False):
     """The two-launch CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``)."""
-    from ._launch import launch
-
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()
         _, bufs, launches = split_launches(q, cache, top_k, scale)
         for one in launches:
-            launch(one)
+            run(one, device_index)
     result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)
     if return_selection:
         result = result + (bufs["sel"],)
