@@ -46,9 +46,13 @@
 // Prediction (H200, ~4.2 TB/s measured copy bandwidth, DRAM latency ~600-800 ns; batch 8, 32 / 8 heads,
 // d 128, B 128, k 8, q_len 1, not yet measured):
 //   Little's law: 4.2 TB/s * 0.7 us = ~2.9 MB in flight over 132 SMs, ~22 KB per SM. Routing CTAs (256
-//   threads, <= 64 registers: 4 per SM by registers) keep 32 KB each in flight while loading: 128 KB per SM
-//   at most, so even with half of them scoring or merging the SM holds ~3x what the law asks. Attention
-//   CTAs (4 per SM, 52 KB of shared memory each) keep 32 KB each in flight the same way.
+//   threads, <= 80 registers: 3 per SM by registers) keep 32 KB each in flight while loading: 96 KB per SM
+//   at most, so even with two of three scoring or merging the SM holds about what the law asks. Attention
+//   CTAs (<= 64 registers and 52 KB of shared memory: 4 per SM) keep 32 KB each in flight the same way.
+//   Put as a CTA's life instead: a CTA that moves 32 KB must finish in ~3 us (routing, 3 per SM) or ~4 us
+//   (attention, 4 per SM) for 132 SMs to pull 4.2 TB/s; the estimated chain is launch + one HBM round trip
+//   (~1-1.5 us under load) + scoring / softmax (~0.5 us) + the rank merge or P.V (~0.5-1 us) + fence and
+//   counter (~0.5-1 us): ~3-4 us, hence ~3.5 TB/s rather than 4.2.
 //   512K: routing 64 (b, kv) x 64 ranges = 4096 CTAs (7.8 waves of 528) reading 134 MB: ~38 us at
 //     3.5 TB/s, plus the last range's list merge (448 entries per row, ~2 us) and the launch tail;
 //     attention 64 x 32 entries x 2 chunks = 4096 CTAs, ~29 distinct blocks per kv head (random queries):
@@ -63,8 +67,8 @@
 // Costs this design accepts: one kernel boundary (~2-4 us of drain and start), the dedup scan (each
 // attention CTA reads R * k selection ints from L2), and the routing ranges' list merge.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the copy and load helpers and the
-// dynamic shared memory come from the host harness (the helpers share decode.cu's names for that).
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the copy and load functions and the
+// dynamic shared memory come from the host harness (these functions share decode.cu's names for that).
 
 #ifndef DEC_HOST_EMULATION
 #include <cuda_bf16.h>
