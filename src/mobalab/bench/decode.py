@@ -235,9 +235,10 @@ def _flex_fn(q, k, v, sel, block_size, seq_len):
 
 
 def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbps: float, use_flex: bool,
-              kernels: tuple[str, ...] = ("fused",)) -> list:
+              kernels: tuple[str, ...] = ("fused",), sink: list | None = None) -> list:
     """All configurations of one (context, batch): one prompt, one cache per block size, dense timed once;
-    one row per configuration and decode kernel."""
+    one row per configuration and decode kernel, each also appended to ``sink`` as soon as it is measured (so
+    a later failure in the group keeps it)."""
     from mobalab.kernels import MobaKVCache
 
     c0 = cfgs[0]
@@ -265,6 +266,8 @@ def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbp
                 flex_ms = row["flex_ms"]  # FlexAttention on the same selection: timed once per configuration
                 _derive(row, copy_tbps)
                 rows.append(row)
+                if sink is not None:
+                    sink.append(row)
                 print({key: (round(x, 4) if isinstance(x, float) else x) for key, x in row.items()}, flush=True)
         del cache
         torch.cuda.empty_cache()
@@ -605,12 +608,17 @@ def main(argv: list[str] | None = None) -> int:
     for (n, batch), cfgs in groups.items():
         print(f"N = {_tokens(n)}, batch {batch}: {len(cfgs)} configuration(s)", flush=True)
         try:
-            rows += run_group(cfgs, args.reps, flush, copy_tbps, not args.no_flex, kernels)
+            run_group(cfgs, args.reps, flush, copy_tbps, not args.no_flex, kernels, sink=rows)
         except Exception as exc:  # keep the sweep going; say what failed
             failed += 1
             print(f"FAILED N={n} batch={batch}: {type(exc).__name__}: {exc}", flush=True)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as sticky:  # a kernel fault poisons the context: keep what was measured, stop
+                print(f"CUDA context unusable ({type(sticky).__name__}); stopping the sweep", flush=True)
+                write_outputs(args.out, rows, env)
+                break
         write_outputs(args.out, rows, env)  # after every group: a run cut short keeps its numbers
     print(markdown(rows, env))
     return 1 if failed or not rows else 0
