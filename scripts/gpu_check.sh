@@ -7,7 +7,8 @@
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
-#   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep)
+#   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep),
+#                            both decode kernels (fused, split: two rows per configuration)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
 #   trained-test the GPU tests of the trained-model recipe (three small models trained at 4K, ~160 s)
 #   trained-study            train variants of the trained-routing study (scripts/train_variants.py with
@@ -27,6 +28,7 @@
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
+#   decode-split-ncu         the same for the split decode path (routing and attention launch of one step, ~100 s)
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
@@ -117,6 +119,8 @@ for step in "${STEPS[@]}"; do
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
+    decode-split-ncu) timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" --kernel split \
+                   > "$W/decode_split_ncu.log" 2>&1 || status=1 ;;
     varlen)      timeout $(cap 200) python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
     dims)        timeout $(cap 100) python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \

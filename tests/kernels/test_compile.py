@@ -274,9 +274,10 @@ def test_every_kernel_family_has_every_head_dim():
     dims = kernel_head_dims()
     assert dims == {32, 64, 96, 128, 256}
     families: dict[str, set[int]] = {}
-    # decode serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma forward head dim
-    # 128 only (resolve_variant refuses the others), the wgmma router 64 and 128 (resolve_router_variant)
-    partial = ("decode.cu", _cuda_attention.WGMMA_SOURCE, _cuda_routing.WGMMA_SOURCE)
+    # decode (both kernels) serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma
+    # forward head dim 128 only (resolve_variant refuses the others), the wgmma router 64 and 128
+    # (resolve_router_variant)
+    partial = ("decode.cu", "decode_split.cu", _cuda_attention.WGMMA_SOURCE, _cuda_routing.WGMMA_SOURCE)
     for f in [f for f in CU_FILES if f not in partial]:
         for k in signatures(f):
             if (d := head_dim(k)) is not None:
@@ -293,8 +294,8 @@ def test_the_contract_supports_exactly_the_compiled_head_dims():
 
 
 @pytest.mark.nvcc
-# decode.cu serves head dims 64 and 128 in one module and has no filter
-@pytest.mark.parametrize("name", [f for f in CU_FILES if f != "decode.cu"])
+# decode.cu and decode_split.cu serve head dims 64 and 128 in one module and have no filter
+@pytest.mark.parametrize("name", [f for f in CU_FILES if f not in ("decode.cu", "decode_split.cu")])
 def test_head_dim_filter_keeps_one_head_dim(name):
     """The source preprocessed with -DMOBA_HEAD_DIM=d exports exactly the head-dim-d and head-dim-free
     kernels, with the same signatures (system headers left out: the filter is plain preprocessor logic)."""

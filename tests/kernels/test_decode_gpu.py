@@ -1,4 +1,5 @@
-"""GPU MoBA decode (cuda/decode.cu) against the torch reference, on the device machine.
+"""GPU MoBA decode (cuda/decode.cu, the fused kernel, and cuda/decode_split.cu, the two-launch path) against
+the torch reference, on the device machine. Every test that runs a step runs once per kernel.
 
 Every case decodes from a prompt through a CUDA MobaKVCache with every ``torch.empty`` poisoned (NaN, int
 2**30), so any output or scratch element the kernels fail to write shows up. Checks:
@@ -29,21 +30,28 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 TIE_RTOL = 2.0**-12
 STATS = {"slots": 0, "mismatches": 0}
+KERNELS = ("fused", "split")
 
 
-def _kernel_decode(q, cache, top_k, scale=None):
-    """(out, lse, sel) of one step through the CUDA path."""
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    """The decode kernel under test."""
+    return request.param
+
+
+def _kernel_decode(q, cache, top_k, kernel, scale=None):
+    """(out, lse, sel) of one step through the CUDA path of ``kernel``."""
     from mobalab.kernels._cuda_decode import decode_cuda
 
     top_k, scale = D.check_decode(q, cache, top_k, scale)
-    return decode_cuda(q, cache, top_k, scale, True, return_selection=True)
+    return decode_cuda(q, cache, top_k, scale, True, return_selection=True, kernel=kernel)
 
 
 def _rand(shape, dtype, gen):
     return torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-def _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len, poisoned_empty, seed):
+def _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len, poisoned_empty, seed, kernel):
     """Prefill a ragged prompt, then `steps` steps of q_len tokens (append, decode). Returns the token streams,
     the final lengths and per-step (positions, out, lse, sel)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -60,7 +68,7 @@ def _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len
         pos = (torch.tensor(lengths, device=DEVICE) + step * q_len).view(batch, 1) + torch.arange(q_len, device=DEVICE)
         cache.append(k[rows, pos], v[rows, pos])
         with poisoned_empty():
-            out, lse, sel = _kernel_decode(q[rows, pos], cache, top_k)
+            out, lse, sel = _kernel_decode(q[rows, pos], cache, top_k, kernel)
         records.append((pos, out, lse, sel))
     return (q, k, v), cache, records
 
@@ -163,10 +171,11 @@ CASES = [
 
 
 @pytest.mark.parametrize(("dtype", "dim", "block", "kv_heads", "heads", "top_k", "lengths", "steps", "q_len"), CASES)
-def test_decode_matches_reference(poisoned_empty, dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len):
+def test_decode_matches_reference(poisoned_empty, kernel, dtype, dim, block, kv_heads, heads, top_k, lengths, steps,
+                                  q_len):
     seed = dim + block + heads + top_k + q_len
     qkv, cache, records = _decode_run(dtype, dim, block, kv_heads, heads, top_k, lengths, steps, q_len,
-                                      poisoned_empty, seed)
+                                      poisoned_empty, seed, kernel)
     ends = cache.lengths.tolist()
     group = heads // kv_heads
     _check_routing(qkv, ends, block, top_k, records, group)
@@ -175,10 +184,10 @@ def test_decode_matches_reference(poisoned_empty, dtype, dim, block, kv_heads, h
 
 
 @pytest.mark.parametrize(("block", "top_k"), [(16, 32), (64, 8), (128, 8), (512, 4)])
-def test_routing_at_long_context(poisoned_empty, block, top_k):
+def test_routing_at_long_context(poisoned_empty, kernel, block, top_k):
     """32K tokens, 32 / 8 heads: many routing splits and tiles; selections vs fp64 with near-ties only."""
     qkv, cache, records = _decode_run(torch.bfloat16, 128, block, 8, 32, top_k, [32768, 20000], 2, 1,
-                                      poisoned_empty, seed=block)
+                                      poisoned_empty, seed=block, kernel=kernel)
     _check_routing(qkv, cache.lengths.tolist(), block, top_k, records, 4)
     _check_attention(cache, qkv, records, block, 4, torch.bfloat16)
 
@@ -190,7 +199,10 @@ def test_mismatch_rate_is_small():
     assert STATS["mismatches"] <= 1e-3 * STATS["slots"], STATS
 
 
-def test_repeat_calls_are_identical_and_graph_replay_works():
+def test_repeat_calls_are_identical_and_graph_replay_works(kernel, monkeypatch):
+    from mobalab.kernels._cuda_decode_split import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, kernel)  # moba_decode reads it at every call
     gen = torch.Generator(device=DEVICE).manual_seed(5)
     cache = MobaKVCache(4, 8, 128, 128, 9000, dtype=torch.bfloat16, device=DEVICE)
     k, v = _rand((4, 8192, 8, 128), torch.bfloat16, gen), _rand((4, 8192, 8, 128), torch.bfloat16, gen)
@@ -269,10 +281,12 @@ def _check_last_token_attention(q, cache, sel, out, dtype):
 
 
 @pytest.mark.parametrize(("block", "top_k"), [(32, 16), (64, 4), (128, 8)])
-def test_benchmark_shaped_step(poisoned_empty, block, top_k):
-    """Batch 8, 32 / 8 heads, d 128, 64K tokens (ragged): the plan has the benchmark's structure (two waves of
-    routing items of several stages, eight attention units per kv head, all SMs busy)."""
+def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
+    """Batch 8, 32 / 8 heads, d 128, 64K tokens (ragged): the plan has the benchmark's structure (fused: two
+    waves of routing items of several stages, eight attention units per kv head, all SMs busy; split: several
+    routing ranges per kv head)."""
     from mobalab.kernels._cuda_decode import plan_decode
+    from mobalab.kernels._cuda_decode_split import plan_split
 
     gen = torch.Generator(device=DEVICE).manual_seed(block + top_k)
     batch, kv_heads, heads, dim, n = 8, 8, 32, 128, 1 << 16
@@ -285,9 +299,10 @@ def test_benchmark_shaped_step(poisoned_empty, block, top_k):
     plan = plan_decode(batch, 1, heads, kv_heads, dim, block, top_k, n, cache.n_blocks, cache.capacity,
                        torch.cuda.get_device_properties(0).multi_processor_count)
     assert plan.n_split > 1 and plan.blocks_per_split > 16384 // (4 * dim) and plan.n_x > 1
+    assert plan_split(batch, 1, heads, kv_heads, dim, block, top_k, n, cache.n_blocks, cache.capacity).n_range > 1
     q = _rand((batch, 1, heads, dim), torch.bfloat16, gen)
     with poisoned_empty():
-        out, lse, sel = _kernel_decode(q, cache, top_k)
+        out, lse, sel = _kernel_decode(q, cache, top_k, kernel)
     torch.cuda.synchronize()
     assert not torch.isnan(out.float()).any() and not torch.isnan(lse).any()
     slots = batch * heads * (top_k - 1)
@@ -296,10 +311,18 @@ def test_benchmark_shaped_step(poisoned_empty, block, top_k):
     assert int(cache._counters.abs().sum()) == 0
     # the routing-only launch (what the benchmark times as routing) writes the same selection
     from mobalab.kernels._cuda_decode import run, step_launches
+    from mobalab.kernels._cuda_decode_split import run as run_split
+    from mobalab.kernels._cuda_decode_split import split_launches
 
-    _, bufs, launches = step_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True,
-                                      sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
-    bufs["sel"].fill_(2**30)
-    run(launches[0], 0)
+    if kernel == "fused":
+        _, bufs, launches = step_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True,
+                                          sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+        bufs["sel"].fill_(2**30)
+        run(launches[0], 0)
+    else:
+        _, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
+        assert len(launches) == 1
+        bufs["sel"].fill_(2**30)
+        run_split(launches[0], 0)
     torch.cuda.synchronize()
     assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0

@@ -16,6 +16,9 @@ timed step, a sizeable extra on a step that reads ~100 MB and nearly nothing on 
 ``routing_ms`` times the same kernel launched with the routing items only; ``attention_ms`` is the rest of
 the step (attention, the hand-over from routing, the final merge). ``mobalab_ms_items1`` / ``_items3`` time
 the step with one or three routing items and attention units per CTA slot instead of two (CSV only).
+``--kernel`` picks the decode kernel: ``fused`` (cuda/decode.cu, one persistent launch), ``split``
+(cuda/decode_split.cu: a routing launch, then an attention launch; its ``routing_ms`` is the routing launch
+alone, no items columns) or ``both`` (the default: two rows per configuration, column ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
 its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
@@ -48,6 +51,7 @@ DATASHEET_TBPS = 4.8
 #: tokens x batch of one cache (K + V are 4 KB per token at 8 kv heads, d 128, bf16): 32 GB
 MAX_TOKENS = 8 * 1024 * K
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+KERNEL_CHOICES = {"fused": ("fused",), "split": ("split",), "both": ("fused", "split")}
 
 
 @dataclass(frozen=True)
@@ -230,8 +234,11 @@ def _flex_fn(q, k, v, sel, block_size, seq_len):
     return lambda: flex(qt, k, v, block_mask=mask, enable_gqa=True)
 
 
-def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbps: float, use_flex: bool) -> list:
-    """All configurations of one (context, batch): one prompt, one cache per block size, dense timed once."""
+def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbps: float, use_flex: bool,
+              kernels: tuple[str, ...] = ("fused",), sink: list | None = None) -> list:
+    """All configurations of one (context, batch): one prompt, one cache per block size, dense timed once;
+    one row per configuration and decode kernel, each also appended to ``sink`` as soon as it is measured (so
+    a later failure in the group keeps it)."""
     from mobalab.kernels import MobaKVCache
 
     c0 = cfgs[0]
@@ -253,40 +260,61 @@ def run_group(cfgs: list[DecodeConfig], reps: int, flush: torch.Tensor, copy_tbp
                     dense[name] = math.nan
                     print(f"    sdpa {name}: not run ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
         for cfg in (c for c in cfgs if c.block_size == block):
-            row = _measure(cfg, q, cache, dense, reps, flush, use_flex)
-            _derive(row, copy_tbps)
-            rows.append(row)
-            print({key: (round(x, 4) if isinstance(x, float) else x) for key, x in row.items()}, flush=True)
+            flex_ms = None
+            for kernel in kernels:
+                row = _measure(cfg, q, cache, dense, reps, flush, use_flex, kernel, flex_ms)
+                flex_ms = row["flex_ms"]  # FlexAttention on the same selection: timed once per configuration
+                _derive(row, copy_tbps)
+                rows.append(row)
+                if sink is not None:
+                    sink.append(row)
+                print({key: (round(x, 4) if isinstance(x, float) else x) for key, x in row.items()}, flush=True)
         del cache
         torch.cuda.empty_cache()
     return rows
 
 
-def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_flex: bool) -> dict:
-    """One configuration: mobalab's step (graph and eager), its routing alone, bytes from its selection, flex."""
-    from mobalab.kernels import decode_flops, moba_decode
+def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_flex: bool, kernel: str = "fused",
+             flex_ms: float | None = None) -> dict:
+    """One configuration and decode kernel: mobalab's step (graph and eager), its routing alone, bytes from its
+    selection, flex (timed unless ``flex_ms`` is given)."""
+    from mobalab.kernels import _decode as D
+    from mobalab.kernels import decode_flops
     from mobalab.kernels._cuda_decode import _sm_count, decode_cuda, run, step_launches
+    from mobalab.kernels._cuda_decode_split import run as run_split
+    from mobalab.kernels._cuda_decode_split import split_launches
 
     n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
     scale = 1.0 / math.sqrt(d)
     row = asdict(cfg)
+    row["kernel"] = kernel
 
-    def step():
-        return moba_decode(q, cache, cfg.top_k)
+    def step():  # what moba_decode does, with the kernel named instead of read from the environment
+        top_k, sc = D.check_decode(q, cache, cfg.top_k)
+        return decode_cuda(q, cache, top_k, sc, False, kernel=kernel)
 
     row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
-    _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
+    if kernel == "fused":
+        _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
 
-    def route():
-        run(launches[0], dev)
+        def route():
+            run(launches[0], dev)
+    else:
+        _, _, launches = split_launches(q, cache, cfg.top_k, scale, route_only=True)
+
+        def route():
+            run_split(launches[0], dev)
 
     row["routing_ms"], _ = time_step(route, reps, flush)
-    for items in (1, 3):  # other work decompositions of the same kernel
+    for items in (1, 3):  # other work decompositions of the fused kernel
+        if kernel != "fused":
+            row[f"mobalab_ms_items{items}"] = math.nan
+            continue
         _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), items_per_slot=items)
         row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
-    _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True)
+    _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel)
     row.update(selection_bytes(sel, n, block, kvh, d))
     row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
     row["useful_gflop"] = decode_flops(n, block, cfg.top_k, batch=batch, heads=heads, kv_heads=kvh,
@@ -296,8 +324,8 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     ok = {name: ms for name, ms in dense.items() if not math.isnan(ms)}
     row["dense_best"] = min(ok, key=ok.get) if ok else ""
     row["dense_best_ms"] = ok[row["dense_best"]] if ok else math.nan
-    row["flex_ms"] = math.nan
-    if cfg.flex and use_flex:
+    row["flex_ms"] = math.nan if flex_ms is None else flex_ms
+    if cfg.flex and use_flex and flex_ms is None:
         try:
             flex = _flex_fn(q, cache.k[:, :, :n], cache.v[:, :, :n], sel, block, n)
             row["flex_ms"], _ = time_step(flex, reps, flush)
@@ -322,7 +350,8 @@ def _derive(row: dict, copy_tbps: float) -> None:
 # report
 
 
-COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "mobalab_ms", "routing_ms",
+COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "kernel", "mobalab_ms",
+           "routing_ms",
            "attention_ms", "mobalab_ms_items1", "mobalab_ms_items3", "mobalab_eager_ms", "timing", "sdpa_flash_ms",
            "sdpa_cudnn_ms", "sdpa_efficient_ms", "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense",
            "bytes_needed", "centroid_bytes", "kv_bytes", "q_out_bytes", "unique_blocks", "dense_bytes", "byte_ratio",
@@ -339,27 +368,34 @@ def _tokens(n: int) -> str:
     return f"{n // (1024 * K)}M" if n % (1024 * K) == 0 else f"{n // K}K" if n % K == 0 else str(n)
 
 
+def _kernel(row: dict) -> str:
+    return row.get("kernel", "fused")
+
+
 def targets(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
-    """(what, measured, goal, met) for the headline targets present in ``rows``."""
+    """(what, measured, goal, met) for the headline targets present in ``rows``, per decode kernel."""
     out = []
+    kernels = list(dict.fromkeys(_kernel(r) for r in rows))
     for n, goal in ((512 * K, 30.0), (32 * K, 3.0)):
         for r in rows:
             if (r["seq_len"], r["batch"], r["block_size"], r["top_k"]) == (n, 8, 128, 8):
                 x = r["speedup_vs_dense"]
-                out.append((f"{_tokens(n)} batch 8 B 128 k 8: speedup vs fastest dense SDPA ({r['dense_best']})", x,
-                            f">= {goal:g}x", not math.isnan(x) and x >= goal))
-    big = [r for r in rows if r["batch"] >= 8 and r["seq_len"] >= 128 * K]
-    if big:
-        worst = min(big, key=lambda r: r["roofline_fraction"])
-        out.append((f"HBM roofline at batch >= 8, N >= 128K (worst: {_tokens(worst['seq_len'])} b{worst['batch']} "
-                    f"B{worst['block_size']} k{worst['top_k']})", worst["roofline_fraction"], ">= 0.70",
-                    worst["roofline_fraction"] >= 0.70))
+                out.append((f"{_tokens(n)} batch 8 B 128 k 8: speedup of the {_kernel(r)} kernel vs fastest dense "
+                            f"SDPA ({r['dense_best']})", x, f">= {goal:g}x", not math.isnan(x) and x >= goal))
+    for kernel in kernels:
+        big = [r for r in rows if r["batch"] >= 8 and r["seq_len"] >= 128 * K and _kernel(r) == kernel]
+        if big:
+            worst = min(big, key=lambda r: r["roofline_fraction"])
+            out.append((f"HBM roofline at batch >= 8, N >= 128K, {kernel} kernel (worst: "
+                        f"{_tokens(worst['seq_len'])} b{worst['batch']} B{worst['block_size']} k{worst['top_k']})",
+                        worst["roofline_fraction"], ">= 0.70", worst["roofline_fraction"] >= 0.70))
     return out
 
 
 def markdown(rows: list[dict], env: dict) -> str:
     head = ["N", "batch", "B", "k", "mobalab ms (routing)", "eager ms", "SDPA flash / cuDNN / efficient ms",
-            "flex ms", "x dense", "MB needed (sums + K/V)", "blocks/kv head", "TB/s", "roofline", "dense TB/s"]
+            "flex ms", "x dense", "MB needed (sums + K/V)", "blocks/kv head", "TB/s", "roofline", "dense TB/s",
+            "kernel"]
     copy = rows[0]["copy_tbps"] if rows else math.nan
     lines = [f"MoBA decode step vs dense decode, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16, q_len 1 -- "
              f"{env.get('cuda_device')}, {env.get('utc')}, commit {env.get('git_commit')}; measured copy bandwidth "
@@ -372,7 +408,7 @@ def markdown(rows: list[dict], env: dict) -> str:
                  _fmt(r["speedup_vs_dense"], 1),
                  f"{r['bytes_needed'] / 1e6:.1f} ({r['centroid_bytes'] / 1e6:.1f} + {r['kv_bytes'] / 1e6:.1f})",
                  _fmt(r["unique_blocks"], 1), _fmt(r["mobalab_tbps"], 2), f"{100 * r['roofline_fraction']:.0f}%",
-                 _fmt(r["dense_tbps"], 2)]
+                 _fmt(r["dense_tbps"], 2), _kernel(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "Targets:"]
     for what, value, goal, met in targets(rows):
@@ -406,10 +442,14 @@ NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "WarpStat
                 "SchedulerStats")
 
 
-def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS) -> None:
-    """Build one cache (random bf16 K/V, 32 / 8 heads, d 128) and run ``steps`` decode steps (q_len 1), L2
-    flushed before each: the program Nsight Compute profiles (it takes the last launch of the step kernel)."""
-    from mobalab.kernels import MobaKVCache, moba_decode
+def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS,
+                  kernel: str = "fused") -> None:
+    """Build one cache (random bf16 K/V, 32 / 8 heads, d 128) and run ``steps`` decode steps (q_len 1) of the
+    decode ``kernel``, L2 flushed before each: the program Nsight Compute profiles (it takes the last step's
+    launches)."""
+    from mobalab.kernels import MobaKVCache
+    from mobalab.kernels import _decode as D
+    from mobalab.kernels._cuda_decode import decode_cuda
 
     gen = torch.Generator(device="cuda").manual_seed(seq_len + batch)
     cache = MobaKVCache(batch, KV_HEADS, HEAD_DIM, block_size, seq_len, dtype=torch.bfloat16, device="cuda")
@@ -421,22 +461,29 @@ def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 
     flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
     for _ in range(steps):
         _flush_l2(flush)
-        out = moba_decode(q, cache, top_k)
+        k_sel, scale = D.check_decode(q, cache, top_k)
+        out = decode_cuda(q, cache, k_sel, scale, False, kernel=kernel)
     torch.cuda.synchronize()
-    print(f"profiled program: N {seq_len}, batch {batch}, B {block_size}, k {top_k}: {steps} steps, "
+    print(f"profiled program ({kernel} kernel): N {seq_len}, batch {batch}, B {block_size}, k {top_k}: {steps} steps, "
           f"out finite: {bool(torch.isfinite(out.float()).all())}", flush=True)
 
 
-def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu") -> list[str]:
-    """The Nsight Compute command line for one profiled point: the step kernel only, its last launch of
-    :data:`PROFILE_STEPS`, clocks left alone, the sections and metrics of the summary."""
-    cmd = [ncu, "--clock-control", "none", "--kernel-name", "regex:moba_decode_step",
-           "--launch-skip", str(PROFILE_STEPS - 1), "--launch-count", "1", "--force-overwrite", "-o", report]
+#: kernel-name pattern and launches per step of each decode kernel
+_NCU_KERNELS = {"fused": ("regex:moba_decode_step", 1), "split": ("regex:moba_decode_(route|attend)", 2)}
+
+
+def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu", kernel: str = "fused") -> list[str]:
+    """The Nsight Compute command line for one profiled point: the decode kernel's launches only (fused: the
+    step kernel; split: the routing and the attention kernel), those of the last of :data:`PROFILE_STEPS`
+    steps, clocks left alone, the sections and metrics of the summary."""
+    pattern, per_step = _NCU_KERNELS[kernel]
+    cmd = [ncu, "--clock-control", "none", "--kernel-name", pattern, "--launch-skip",
+           str(per_step * (PROFILE_STEPS - 1)), "--launch-count", str(per_step), "--force-overwrite", "-o", report]
     for sec in NCU_SECTIONS:
         cmd += ["--section", sec]
     cmd += ["--metrics", ",".join(NCU_METRICS)]
-    return cmd + [sys.executable, "-m", "mobalab.bench.decode", "--profile", "--seq-len", str(seq_len),
-                  "--batch", str(batch)]
+    prog = [sys.executable, "-m", "mobalab.bench.decode", "--profile", "--seq-len", str(seq_len), "--batch", str(batch)]
+    return cmd + prog + (["--kernel", kernel] if kernel != "fused" else [])
 
 
 def ncu_summary(raw_csv: str) -> dict:
@@ -448,9 +495,10 @@ def ncu_summary(raw_csv: str) -> dict:
                               "grid", "stalls")}
 
 
-def run_ncu(out_dir: str, ncu: str = "ncu") -> int:
-    """Profile :data:`PROFILE_POINTS` under Nsight Compute: full reports (``.ncu-rep`` and text) under
-    ``out_dir``, the summary printed and written to ``decode_ncu_table.md``."""
+def run_ncu(out_dir: str, ncu: str = "ncu", kernel: str = "fused") -> int:
+    """Profile :data:`PROFILE_POINTS` of the decode ``kernel`` under Nsight Compute: full reports (``.ncu-rep``
+    and text) under ``out_dir``, the summary (one row per profiled launch) printed and written to
+    ``decode_ncu_table.md`` (fused) or ``decode_ncu_<kernel>_table.md``."""
     import shutil
     import subprocess
 
@@ -459,14 +507,16 @@ def run_ncu(out_dir: str, ncu: str = "ncu") -> int:
         print(f"mobalab bench --decode --ncu: Nsight Compute ({ncu}) is not on PATH", file=sys.stderr)
         return 2
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["Nsight Compute, one decode step kernel after warm-up (L2 flushed, clocks not locked), B 128, k 8, "
-             f"{HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16", "",
+    lines = [f"Nsight Compute, the {kernel} decode kernel's launches of one step after warm-up (L2 flushed, clocks "
+             f"not locked), B 128, k 8, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16", "",
              "| N | batch | duration us | DRAM % of peak | DRAM GB/s (MB moved) | achieved occupancy % | registers "
-             "| grid | top warp stalls (cycles per issued instruction) |", "|" + "---|" * 9]
+             "| grid | top warp stalls (cycles per issued instruction) | kernel |", "|" + "---|" * 10]
     status = 0
+    tag = "" if kernel == "fused" else f"_{kernel}"
     for n, batch in PROFILE_POINTS:
-        report = os.path.join(out_dir, f"decode_{_tokens(n)}_b{batch}")
-        proc = subprocess.run(ncu_command(report, n, batch, exe), capture_output=True, text=True, timeout=300)
+        report = os.path.join(out_dir, f"decode{tag}_{_tokens(n)}_b{batch}")
+        proc = subprocess.run(ncu_command(report, n, batch, exe, kernel), capture_output=True, text=True,
+                              timeout=300)
         with open(report + ".log", "w") as f:
             f.write(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
@@ -481,17 +531,18 @@ def run_ncu(out_dir: str, ncu: str = "ncu") -> int:
         raw = subprocess.run([exe, "--import", report + ".ncu-rep", "--page", "raw", "--csv", "--print-units", "base"],
                              capture_output=True, text=True, timeout=120)
         try:
-            s = ncu_summary(raw.stdout)
+            summaries = kernel_summaries(raw.stdout)[-_NCU_KERNELS[kernel][1]:]
         except ValueError as exc:
             print(f"N {_tokens(n)} batch {batch}: {exc}", flush=True)
             status = 1
             continue
-        stalls = ", ".join(f"{name} {x:.1f}" for name, x in s["stalls"]) or "n/a"
-        lines.append(f"| {_tokens(n)} | {batch} | {s['duration_us']:.1f} | {s['dram_pct']:.1f} | {s['dram_gbps']:.0f} "
-                     f"({s['dram_mb']:.1f}) | {s['occupancy_pct']:.1f} | {s['registers']:.0f} | {s['grid']:.0f} | "
-                     f"{stalls} |")
+        for s in summaries:
+            stalls = ", ".join(f"{name} {x:.1f}" for name, x in s["stalls"]) or "n/a"
+            lines.append(f"| {_tokens(n)} | {batch} | {s['duration_us']:.1f} | {s['dram_pct']:.1f} | "
+                         f"{s['dram_gbps']:.0f} ({s['dram_mb']:.1f}) | {s['occupancy_pct']:.1f} | {s['registers']:.0f} "
+                         f"| {s['grid']:.0f} | {stalls} | {s['kernel']} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "decode_ncu_table.md"), "w") as f:
+    with open(os.path.join(out_dir, f"decode_ncu{tag}_table.md"), "w") as f:
         f.write(text)
     print(text, flush=True)
     return status
@@ -504,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", "bench-decode"), help="output folder")
     p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
+    p.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default=None,
+                   help="decode kernel(s): fused (one persistent launch), split (routing launch + attention launch) "
+                        "or both (two rows per configuration); default: both for the benchmark, fused for --profile "
+                        "and --ncu (which take fused or split)")
     p.add_argument("--profile", action="store_true",
                    help=f"no benchmark: build one cache (--seq-len, --batch, --block-size, --top-k) and run "
                         f"{PROFILE_STEPS} steps, for a profiler")
@@ -525,11 +580,15 @@ def main(argv: list[str] | None = None) -> int:
         print("mobalab bench --decode: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); "
               "none is usable here", file=sys.stderr)
         return 2
-    if args.profile:
-        profile_steps(args.seq_len, args.batch, args.block_size, args.top_k)
-        return 0
-    if args.ncu is not None:
-        return run_ncu(args.ncu)
+    if args.profile or args.ncu is not None:
+        kernel = args.kernel or "fused"
+        if kernel == "both":
+            print("mobalab bench --decode: --profile and --ncu take --kernel fused or split, not both", file=sys.stderr)
+            return 2
+        if args.profile:
+            profile_steps(args.seq_len, args.batch, args.block_size, args.top_k, kernel=kernel)
+            return 0
+        return run_ncu(args.ncu, kernel=kernel)
     if args.reps < 3:
         print(f"mobalab bench --decode: --reps must be >= 3, got {args.reps}", file=sys.stderr)
         return 2
@@ -541,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     env["copy_tbps"] = copy_tbps = copy_bandwidth()
     env["datasheet_tbps"] = DATASHEET_TBPS
     print(json.dumps(env, default=str), flush=True)
+    kernels = KERNEL_CHOICES[args.kernel or "both"]
     groups: dict[tuple[int, int], list[DecodeConfig]] = {}
     for cfg in configs(args.quick):
         groups.setdefault((cfg.seq_len, cfg.batch), []).append(cfg)
@@ -548,12 +608,17 @@ def main(argv: list[str] | None = None) -> int:
     for (n, batch), cfgs in groups.items():
         print(f"N = {_tokens(n)}, batch {batch}: {len(cfgs)} configuration(s)", flush=True)
         try:
-            rows += run_group(cfgs, args.reps, flush, copy_tbps, not args.no_flex)
+            run_group(cfgs, args.reps, flush, copy_tbps, not args.no_flex, kernels, sink=rows)
         except Exception as exc:  # keep the sweep going; say what failed
             failed += 1
             print(f"FAILED N={n} batch={batch}: {type(exc).__name__}: {exc}", flush=True)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as sticky:  # a kernel fault poisons the context: keep what was measured, stop
+                print(f"CUDA context unusable ({type(sticky).__name__}); stopping the sweep", flush=True)
+                write_outputs(args.out, rows, env)
+                break
         write_outputs(args.out, rows, env)  # after every group: a run cut short keeps its numbers
     print(markdown(rows, env))
     return 1 if failed or not rows else 0

@@ -272,11 +272,17 @@ def run(launch: Launch, device_index: int) -> None:
 
 
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
-                return_selection: bool = False):
+                return_selection: bool = False, kernel: str | None = None):
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
 
     ``return_selection`` also returns the int32 (batch, q_len, heads, top_k) selection (benchmarks and tests).
+    ``kernel``: ``"fused"`` (this file's launch) or ``"split"`` (cuda/decode_split.cu, two launches); None
+    reads ``$MOBALAB_DECODE_KERNEL`` (default fused).
     """
+    from ._cuda_decode_split import decode_kernel, decode_split_cuda
+
+    if decode_kernel(kernel) == "split":
+        return decode_split_cuda(q, cache, top_k, scale, return_lse, return_selection=return_selection)
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()

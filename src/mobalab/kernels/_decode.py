@@ -215,8 +215,9 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
 
     CUDA tensors run one kernel launch (cuda/decode.cu): routing over the cached block sums, reading each
     sum once per kv head for all query rows of the group, then split-KV attention over the union of the
-    selected blocks with a merge of the partial softmax results (no gradient). CPU tensors run
-    :func:`moba_decode_reference`.
+    selected blocks with a merge of the partial softmax results (no gradient); with the environment variable
+    ``MOBALAB_DECODE_KERNEL=split`` two plain launches instead (cuda/decode_split.cu: routing, then attention
+    over the selected blocks). CPU tensors run :func:`moba_decode_reference`.
 
     Examples
     --------
