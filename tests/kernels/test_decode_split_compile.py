@@ -3,8 +3,8 @@
 The source is taken as NVRTC sees it (``_build.source``) and compiled with the project's NVRTC options
 (``_build.NVRTC_OPTIONS``) for ``-gencode=arch=compute_90a,code=sm_90a``; ptxas' ``-v`` report gives
 registers, shared memory, stack frame and spills per kernel (run with ``-s`` to see them). Registers must
-stay within what each kernel's ``__launch_bounds__`` promises (routing: 3 CTAs of 256 threads per SM, at
-most 80 registers; attention: 4 CTAs, at most 64).
+stay within what each kernel's ``__launch_bounds__`` promises (routing: 2 CTAs of 256 threads per SM, at
+most 128 registers; attention: 4 CTAs, at most 64).
 """
 
 from __future__ import annotations

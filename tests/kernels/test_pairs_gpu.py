@@ -78,7 +78,7 @@ def test_counting_sort_is_the_stable_sort(batch, seqlen, heads, group, top_k, n_
     got = _lists(topk, chunk, sort="counting", **geometry)
     assert got[-1] is not None  # the counting path ran
     n_seg = (chunk.n_heads // group) * n_blocks
-    for name, w, t, g in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, torch_path, got[:4],
+    for name, w, t, g in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, torch_path[:4], got[:4],
                              strict=True):
         if name in ("seg_off", "tile_cum"):
             t, g = t[:n_seg + 1], g[:n_seg + 1]

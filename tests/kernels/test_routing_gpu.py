@@ -317,7 +317,7 @@ def test_wgmma_selects_what_mma_selects(case, router):
     n = math.ceil(seqlen / block_size)
     hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype, device="cuda")
     plan = routing.topk_launch(q, hi, hi, torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32,
-                                                     device="cuda"), block_size, top_k, causal, "wgmma")
+                                                     device="cuda"), block_size, top_k, causal, variant="wgmma")
     assert plan.source == routing.WGMMA_SOURCE  # the shape has a wgmma kernel: no fallback below
     mma = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="mma")
     wg = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="wgmma")

@@ -46,7 +46,7 @@ ROUTE_TILE_BYTES = 32768
 ROUTE_MAX_ROWS = 64
 ATTN_CHUNK = 64
 ATTN_ROWS = 4
-ROUTE_MIN_CTAS = 3  # __launch_bounds__ minimum CTAs per SM of the routing kernel
+ROUTE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the routing kernel
 ATTN_MIN_CTAS = 4
 
 ROUTE_MERGE_ENTRIES = 512  # most list entries per row that the last range of a row group merges

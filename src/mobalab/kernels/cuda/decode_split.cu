@@ -46,10 +46,10 @@
 // Prediction (H200, ~4.2 TB/s measured copy bandwidth, DRAM latency ~600-800 ns; batch 8, 32 / 8 heads,
 // d 128, B 128, k 8, q_len 1, not yet measured):
 //   Little's law: 4.2 TB/s * 0.7 us = ~2.9 MB in flight over 132 SMs, ~22 KB per SM. Routing CTAs (256
-//   threads, <= 80 registers: 3 per SM by registers) keep 32 KB each in flight while loading: 96 KB per SM
+//   threads, <= 128 registers: 2 per SM by registers) keep 32 KB each in flight while loading: 64 KB per SM
 //   at most, so even with two of three scoring or merging the SM holds about what the law asks. Attention
 //   CTAs (<= 64 registers and 52 KB of shared memory: 4 per SM) keep 32 KB each in flight the same way.
-//   Put as a CTA's life instead: a CTA that moves 32 KB must finish in ~3 us (routing, 3 per SM) or ~4 us
+//   Put as a CTA's life instead: a CTA that moves 32 KB must finish in ~2 us (routing, 2 per SM) or ~4 us
 //   (attention, 4 per SM) for 132 SMs to pull 4.2 TB/s; the estimated chain is launch + one HBM round trip
 //   (~1-1.5 us under load) + scoring / softmax (~0.5 us) + the rank merge or P.V (~0.5-1 us) + fence and
 //   counter (~0.5-1 us): ~3-4 us, hence ~3.5 TB/s rather than 4.2.
@@ -60,6 +60,13 @@
 //   32K: routing 256 CTAs read 8.4 MB at once (one round trip + scoring, ~5 us), attention as at 512K
 //     (~121 MB of K/V would be the same: the union does not depend on N): step ~0.045-0.05 ms (target 0.095).
 //   128K: routing 1023 blocks -> 16 ranges per kv head, 34 MB, ~10 us; attention ~35 us: ~0.05 ms.
+// Measured (H200, commit c9ce811, routing merged per tile by rank counts, 3 routing CTAs per SM): 512K step
+//   0.239 ms, routing alone 0.177 (134 MB: 0.76 TB/s), attention ~0.062 (121 MB: 2.0 TB/s); 32K 0.086 ms
+//   (routing 0.025, attention ~0.061); the fused kernel's routing took 0.101 at 512K. The attention met its
+//   estimate's order; the routing did not: a rank count per candidate (each of RB + lcap candidates against
+//   all others, in shared memory) cost several times a tile's loads. Since then a warp per row merges a tile
+//   by lcap rounds of warp arg-max (a few hundred instructions per row instead of ~70 compares per candidate),
+//   at 2 CTAs per SM (the merge's registers; 64 KB in flight per SM still covers Little's law).
 // Why bandwidth-first should get to ~3.5 TB/s where decode.cu did not: every CTA issues all of its loads
 // before it uses any, there is no hand-over wait between CTAs (the kernel boundary is the only barrier), and
 // 4 CTAs per SM overlap one CTA's scoring / softmax with the others' loads; decode.cu's 2 persistent CTAs per
@@ -85,7 +92,7 @@
 #define DSP_ATTN_CHUNK 64              // most tokens of one attention CTA
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_MERGE_BATCH 8              // partials loaded together in the attention merge
-#define DSP_ROUTE_MIN_CTAS 3           // __launch_bounds__ minimum CTAs per SM (<= 80 registers)
+#define DSP_ROUTE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_ATTN_MIN_CTAS 4
 
 #ifndef DEC_DYNAMIC_SMEM
@@ -301,26 +308,46 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
             for (; rr < nr; ++rr) score_rows(rr, dsp_int<1>());
         }
         __syncthreads();
-        // Rank merge of the tile into the lists: candidate c < RB is tile block t0 + c, c >= RB list entry
-        // c - RB. A tile score that does not beat the list's last entry cannot enter.
-        const int nc = RB + lcap;
+        // Merge of the tile into the lists, one warp per row: a lane holds tile blocks lane + 32 m (RB / 32 of
+        // them) and, below lcap, list entry lane; lcap rounds of warp arg-max (score desc, block desc) take the
+        // best untaken candidate each. (A rank count per candidate, every candidate against all RB + lcap
+        // others, cost several times the tile's scoring and loads.)
         float* nv = lists + (cur ^ 1) * lsz;
         int* nj = reinterpret_cast<int*>(nv + rpg * lcap);
-        for (int y = tid; y < nr * nc; y += DSP_THREADS) {
-            const int rr = y / nc, c = y - rr * nc;
-            const float* srow = st + rr * RB;
-            const float* lrow = lv + rr * lcap;
-            const int* jrow = lj + rr * lcap;
-            const float v = c < RB ? srow[c] : lrow[c - RB];
-            const int j = c < RB ? t0 + c : jrow[c - RB];
-            if (dsp_isnan(v)) continue;
-            if (c < RB && !dsp_before(v, j, lrow[lcap - 1], jrow[lcap - 1])) continue;
-            int rank = 0;
-            for (int c2 = 0; c2 < lcap && rank < lcap; ++c2) rank += dsp_before(lrow[c2], jrow[c2], v, j);
-            for (int c2 = 0; c2 < RB && rank < lcap; ++c2) rank += dsp_before(srow[c2], t0 + c2, v, j);
-            if (rank < lcap) {
-                nv[rr * lcap + rank] = v;
-                nj[rr * lcap + rank] = j;
+        for (int rr = warp; rr < nr; rr += DSP_WARPS) {
+            constexpr int NC = RB / 32 + 1;
+            float cv[NC];  // tile block m: t0 + 32 m + lane; the last: list entry `lane`, block lj_lane
+#pragma unroll
+            for (int m = 0; m < NC - 1; ++m) cv[m] = st[rr * RB + m * 32 + lane];
+            cv[NC - 1] = lane < lcap ? lv[rr * lcap + lane] : dsp_nan();
+            const int lj_lane = lane < lcap ? lj[rr * lcap + lane] : -1;
+            for (int rank = 0; rank < lcap; ++rank) {
+                float v = dsp_nan();
+                int j = -1, p = 0x7fffffff;
+#pragma unroll
+                for (int m = 0; m < NC; ++m) {
+                    const int jm = m < NC - 1 ? t0 + m * 32 + lane : lj_lane;
+                    if (dsp_before(cv[m], jm, v, j)) {
+                        v = cv[m];
+                        j = jm;
+                        p = lane;
+                    }
+                }
+                dsp_warp_best(v, j, p);
+                if (lane == 0) {
+                    nv[rr * lcap + rank] = v;
+                    nj[rr * lcap + rank] = dsp_isnan(v) ? -1 : j;
+                }
+                if (dsp_isnan(v)) {  // no candidate left: the rest of the list stays empty
+                    for (int r2 = rank + 1 + lane; r2 < lcap; r2 += 32) {
+                        nv[rr * lcap + r2] = dsp_nan();
+                        nj[rr * lcap + r2] = -1;
+                    }
+                    break;
+                }
+#pragma unroll
+                for (int m = 0; m < NC; ++m)
+                    if (cv[m] == v && (m < NC - 1 ? t0 + m * 32 + lane : lj_lane) == j) cv[m] = dsp_nan();
             }
         }
         __syncthreads();
