@@ -241,3 +241,31 @@ def test_kernel_router_launch_plans_match_the_cuda_sources(monkeypatch):
         assert torch.equal(got, R.moba_topk(q, k, 64, 4, causal)[:, 300:])
     # one top-k launch per call, at the segment's offset (no second list over the blocks before it)
     assert [n.split("_")[4] for n in launched if n.startswith("moba_topk")] == ["causal", "full"]
+
+
+def test_accumulator_folds_parts_by_log_sum_exp():
+    """Fresh ranges are copied in, later parts folded: equal to lse = log sum e^lse_p, o = sum e^(lse_p - lse) o_p,
+    rows that no part attends stay (0, -inf), whatever the order of the parts."""
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 12, 3, 4)
+    parts = []
+    for lo, hi in ((0, 6), (6, 12), (3, 9), (0, 12), (10, 12)):
+        out = torch.randn(2, hi - lo, 3, 4, generator=g, dtype=torch.float64)
+        lse = torch.randn(2, hi - lo, 3, generator=g, dtype=torch.float64)
+        lse[:, ::3, 1] = -math.inf  # nothing attended there: out 0 by contract
+        out[:, ::3, 1] = 0.0
+        parts.append((lo, hi, out, lse))
+    want_lse = torch.full(shape[:3], -math.inf, dtype=torch.float64)
+    for lo, hi, _, lse in parts:
+        want_lse[:, lo:hi] = torch.logaddexp(want_lse[:, lo:hi], lse)
+    want_out = torch.zeros(shape, dtype=torch.float64)
+    for lo, hi, out, lse in parts:
+        w = torch.exp(lse - want_lse[:, lo:hi]).nan_to_num(0.0).unsqueeze(-1)
+        want_out[:, lo:hi] += w * out
+    for order in (parts, parts[::-1]):
+        got_out, got_lse = _combined(order, shape)
+        torch.testing.assert_close(got_lse, want_lse)
+        torch.testing.assert_close(got_out, want_out)
+    lonely = torch.full((1, 4, 1), -math.inf, dtype=torch.float64)
+    got_out, got_lse = _combined([(0, 4, torch.zeros(1, 4, 1, 2, dtype=torch.float64), lonely)], (1, 6, 1, 2))
+    assert torch.isinf(got_lse).all() and not got_out.any()
