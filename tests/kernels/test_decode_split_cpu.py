@@ -50,12 +50,14 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
 
 
 def test_benchmark_plans_fill_the_gpu():
-    """Batch 8, 32 / 8 heads, d 128, B 128, k 8: one 32 KB tile per routing CTA (64 ranges at 512K, 4 at 32K),
-    two 64-token chunks per selected block, and shared memory for 3 routing / 4 attention CTAs per SM."""
-    for length, ranges in ((512 * 1024, 64), (32 * 1024, 4), (128 * 1024, 16), (1 << 20, 64)):
+    """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: routing CTAs stream as many 32 KB tiles as keep
+    about two waves (7 at 512K: 10 ranges; 8 at 1M; one at 32K and 128K, where there are few tiles), two
+    64-token chunks per selected block, and shared memory for the routing / attention CTAs per SM."""
+    for length, ranges, tiles in ((512 * 1024, 10, 7), (32 * 1024, 4, 1), (128 * 1024, 16, 1), (1 << 20, 16, 8)):
         n_blocks = length // 128
-        plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length)
-        assert plan.n_range == ranges and plan.tiles_per_range == (2 if length == 1 << 20 else 1)
+        plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
+        assert (plan.n_range, plan.tiles_per_range) == (ranges, tiles)
+        assert plan.n_route_ctas >= 2 * 132 * S.ROUTE_MIN_CTAS or tiles == 1
         assert plan.n_route_ctas == 64 * ranges and plan.n_attn_ctas == 64 * 4 * 8 * 2
         assert S.ROUTE_MIN_CTAS * (plan.route_smem + 1024) <= SMEM_PER_SM
         assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM

@@ -124,6 +124,8 @@ CASES = [
     pytest.param(BF, 64, 16, 1, 2, 1, [1400], 16, 30, dict(ties=True), id="bf16-exact-ties-across-ranges"),
     pytest.param(BF, 128, 64, 1, 8, 1, [3000], 4, 512, dict(shared=True), id="bf16-B64-shared-selection"),
     pytest.param(FP, 128, 16, 2, 6, 7, [5, 1300, 260], 5, 512, {}, id="fp16-gqa3-qlen7-tiny-seq"),
+    # 600 candidates of d 64 in one range of five 128-block tiles: both register buffers reloaded (pipeline)
+    pytest.param(BF, 64, 16, 1, 2, 1, [9620, 2100], 4, 3, {}, id="bf16-d64-five-tiles-one-range"),
 ]
 _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_k", "merge", "opts")
 
@@ -183,9 +185,10 @@ def test_cases_cover_the_kernel_paths():
                             1, 1, merge_entries=merge)
         seen |= {"ranges"} if plan.n_range > 1 else set()
         seen |= {"tiles"} if plan.tiles_per_range > 1 else set()
+        seen |= {"pipeline"} if plan.tiles_per_range > 2 else set()
         seen |= {"row groups"} if plan.n_rg > 1 else set()
         seen |= {"chunks"} if plan.n_chunks > 1 else set()
         seen |= {"own only"} if top_k == 1 else set()
         seen |= {"short"} if top_k - 1 > (min(lengths) + q_len - 1) // block else set()
         seen |= {"shared"} if opts.get("shared") or q_len > 1 else set()
-    assert seen == {"ranges", "tiles", "row groups", "chunks", "own only", "short", "shared"}
+    assert seen == {"ranges", "tiles", "row groups", "chunks", "own only", "short", "shared", "pipeline"}

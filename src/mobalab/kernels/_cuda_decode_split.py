@@ -49,6 +49,7 @@ ATTN_ROWS = 4
 ROUTE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the routing kernel
 ATTN_MIN_CTAS = 4
 
+ROUTE_MAX_TILES = 8  # most 32 KB tiles one routing CTA streams (when there are enough to keep two waves)
 ROUTE_MERGE_ENTRIES = 512  # most list entries per row that the last range of a row group merges
 MAX_GRID = 2**31 - 1
 
@@ -133,12 +134,14 @@ class SplitPlan:
 
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2,
-               merge_entries: int = ROUTE_MERGE_ENTRIES) -> SplitPlan:
+               merge_entries: int = ROUTE_MERGE_ENTRIES, sm_count: int = 132) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Routing: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in tiles of
-    32 KB of sums; one tile per CTA unless the last range's merge would take more than ``merge_entries``
-    list entries per row (:math:`n_\mathrm{range}(k-1)`), then the fewest tiles per CTA that keep it there.
+    32 KB of sums. A CTA streams a range of tiles (the next tile's loads in flight while one is scored): as
+    many as keep about two waves of routing CTAs on ``sm_count`` SMs (at most ROUTE_MAX_TILES), and at least
+    as many as keep the last range's merge within ``merge_entries`` list entries per row
+    (:math:`n_\mathrm{range}(k-1)`).
     Attention: chunks of :math:`\min(B, 64)` tokens, one CTA per (entry, chunk).
     """
     group = heads // kv_heads
@@ -152,6 +155,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         n_range, per_range = 1, max(tiles, 1)
     else:
         per_range = max(1, math.ceil(tiles / max(1, merge_entries // lcap)))
+        waves = tiles * batch * kv_heads * n_rg // (2 * sm_count * ROUTE_MIN_CTAS)
+        per_range = max(per_range, min(ROUTE_MAX_TILES, waves))
         n_range = math.ceil(tiles / per_range)
     chunk = min(block_size, ATTN_CHUNK)
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -209,8 +214,13 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     """(plan, buffers, [routing launch, attention launch]) for one step on ``cache`` (no kernel runs);
     ``route_only``: the routing launch alone (``sel`` only; for measuring it)."""
     batch, q_len, heads, dim = q.shape
+    sm_count = 132
+    if q.is_cuda:
+        from ._cuda_decode import _sm_count
+
+        sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                      cache.n_blocks, cache.capacity, q.element_size(), merge_entries)
+                      cache.n_blocks, cache.capacity, q.element_size(), merge_entries, sm_count)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]

@@ -255,10 +255,12 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
     const float* bsum = sums + (long long)(b * kv_heads + kvh) * n_blocks_cap * D;
     const int n_tiles = (lcap > 0 && j_hi > j_lo) ? (j_hi - j_lo + RB - 1) / RB : 0;
     const int sub = lane >> 3, part = lane & 7;
-    for (int t = 0; t < n_tiles; ++t) {
+    // Tile t's sums are loaded into registers (one float4 per lane and (pass, vector)) one tile ahead: the
+    // loads of tile t + 1 are in flight while tile t is scored and merged, so a CTA keeps its sums streaming
+    // (64 KB in flight per CTA) instead of waiting once per tile.
+    // Lane (sub, part) of warp w holds the float4 vectors m * 8 + part of block p * 32 + w * 4 + sub.
+    auto load_tile = [&](float4 (&sv)[NP][NV], int t) {
         const int t0 = j_lo + t * RB, nblk = min(RB, j_hi - t0);
-        // Lane (sub, part) of warp w holds the float4 vectors m * 8 + part of block p * 32 + w * 4 + sub.
-        float4 sv[NP][NV];
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
             const int col = p * 32 + warp * 4 + sub;
@@ -266,6 +268,9 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_stream(src + m * 8 + part);  // in range: clamped
         }
+    };
+    auto process_tile = [&](const float4 (&sv)[NP][NV], int t) {
+        const int t0 = j_lo + t * RB, nblk = min(RB, j_hi - t0);
         if (t == 0) init_rows();
         {
             float* nv = lists + (cur ^ 1) * lsz;
@@ -354,6 +359,18 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
         cur ^= 1;
         lv = nv;
         lj = nj;
+    };
+    {
+        float4 sa[NP][NV], sb[NP][NV];
+        if (n_tiles > 0) load_tile(sa, 0);
+        for (int t = 0; t < n_tiles; t += 2) {
+            if (t + 1 < n_tiles) load_tile(sb, t + 1);
+            process_tile(sa, t);
+            if (t + 1 < n_tiles) {
+                if (t + 2 < n_tiles) load_tile(sa, t + 2);
+                process_tile(sb, t + 1);
+            }
+        }
     }
     if (n_tiles == 0) init_rows();
     __syncthreads();  // own blocks and lists complete when there was no tile
