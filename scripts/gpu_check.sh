@@ -25,6 +25,7 @@
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
+#   tiles-ncu-ws the same profile with the warp-specialised wgmma forward tile kernel (MOBALAB_ATTN_VARIANT=wgmma-ws)
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
@@ -135,6 +136,12 @@ for step in "${STEPS[@]}"; do
                  -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
                && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
                || status=1 ;;
+    tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws timeout $(cap 240) ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+                 --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+                 --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
+                 -f -o "$W/tiles_ws" python3 scripts/profile_tiles.py > "$W/tiles_ws_ncu.log" 2>&1 \
+               && python3 scripts/ncu_summary.py "$W/tiles_ws.ncu-rep" > "$W/tiles_ws_ncu_table.md" 2>> "$W/tiles_ws_ncu.log" \
+               || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
@@ -156,7 +163,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"

@@ -7,6 +7,7 @@
 #   cp2       2 GPUs, contiguous: check 256K against one device, then 1M, 2M, 4M fwd+bwd   ~60 s  (limit 100)
 #   single    1 GPU, the same bench at 1M and 2M (2M: the longest that fits one GPU)    ~20 s  (limit 45)
 #   zigzag    2 GPUs, zigzag layout, 1M, 2M, 4M, no check                               ~25 s  (limit 60)
+# CP_STEPS="single zigzag" (for example) runs only those steps.
 # Limits shrink so that the steps after keep their time: the whole stays under CP_BUDGET_S (default 270 s).
 # Configuration: batch 1, 16 heads, d 128, B 128, k 8, causal, bf16; warm-up 1, 2 timed repetitions.
 # Logs and CSVs under $OUT/cp (packed into $OUT/gpu_cp.tgz); the summary table and target lines print last.
@@ -28,9 +29,11 @@ CONF=(--backend nccl --batch 1 --heads 16 --head-dim 128 --block-size 128 --top-
 } > "$W/env.txt" 2>&1
 cat "$W/env.txt"
 
+CP_STEPS=" ${CP_STEPS:-smoke tests cp2 single zigzag} "  # which of the steps below run
 step() {  # step NAME LIMIT RESERVE COMMAND...: hard timeout min(LIMIT, what is left after RESERVE s kept for the
           # later steps); log to $W/NAME.log; record time and status. A step with under 20 s is skipped.
   local name=$1 limit=$2 reserve=$3; shift 3
+  if [[ "$CP_STEPS" != *" $name "* ]]; then echo "$name: not selected (CP_STEPS)" | tee -a "$W/steps.txt"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) - reserve ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "$name: skipped, $limit s left" | tee -a "$W/steps.txt"; return; fi
@@ -53,7 +56,8 @@ step single 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${
 step zigzag 60 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
   --check-len 0 --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/zigzag"
 
-python3 -m mobalab.distributed.summary --runs "$W/cp2" "$W/zigzag" --single "$W/single" > "$W/summary.md" 2>&1
+runs=(); for d in cp2 zigzag; do [ -d "$W/$d" ] && runs+=("$W/$d"); done
+python3 -m mobalab.distributed.summary --runs "${runs[@]}" --single "$W/single" > "$W/summary.md" 2>&1
 tar czf "$OUT/gpu_cp.tgz" -C "$OUT" cp
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$W/env.txt" "$W/steps.txt"
