@@ -83,12 +83,14 @@ def test_step_launches_and_buffers():
 
 def test_kernel_choice(monkeypatch):
     monkeypatch.delenv(S.ENV_VAR, raising=False)
-    assert S.decode_kernel() == "fused"
+    # auto (the default): split up to AUTO_SPLIT_MAX_CANDIDATES candidate blocks, fused beyond (as measured)
+    assert S.decode_kernel(n_candidates=255) == "split" == S.decode_kernel(n_candidates=S.AUTO_SPLIT_MAX_CANDIDATES)
+    assert S.decode_kernel(n_candidates=4095) == "fused" == S.decode_kernel("auto", S.AUTO_SPLIT_MAX_CANDIDATES + 1)
     monkeypatch.setenv(S.ENV_VAR, "split")
-    assert S.decode_kernel() == "split" and S.decode_kernel("fused") == "fused"
+    assert S.decode_kernel(n_candidates=4095) == "split" and S.decode_kernel("fused", 3) == "fused"
     monkeypatch.setenv(S.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="MOBALAB_DECODE_KERNEL = 'fast' is not a decode kernel; supported: fused, "
-                                         "split"):
+                                         "split, auto"):
         S.decode_kernel()
     with pytest.raises(ValueError, match="kernel = 'x' is not a decode kernel"):
         S.decode_kernel("x")

@@ -12,7 +12,8 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    ``out`` and ``lse``.
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
-(``fused``, the default, or ``split``), read at every call (:func:`decode_kernel`). Everything that decides
+(``auto``, the default: split up to 2048 candidate blocks, fused beyond, as measured; or ``fused`` / ``split``),
+read at every call (:func:`decode_kernel`). Everything that decides
 what the kernels receive is plain Python (CI checks it against the CUDA signatures and runs it through the
 host emulation). Memory comes from torch's caching allocator, the kernels run on torch's current stream, and
 nothing synchronises with the host (a step can be captured in a CUDA graph).
@@ -54,12 +55,25 @@ ROUTE_MERGE_ENTRIES = 512  # most list entries per row that the last range of a 
 MAX_GRID = 2**31 - 1
 
 
-def decode_kernel(kernel: str | None = None) -> str:
-    """The decode kernel to run: ``kernel`` if given, else ``$MOBALAB_DECODE_KERNEL``, else ``"fused"``."""
-    name = kernel if kernel is not None else os.environ.get(ENV_VAR, "") or "fused"
-    if name not in KERNELS:
+# "auto": the split kernel while the longest sequence has at most this many candidate blocks, else the fused
+# one. Measured on an H200 (batch 8, 32 / 8 heads, d 128, bf16): split faster at 256-2048 candidates (32K B 128:
+# 0.082 vs 0.118 ms; 128K B 128: 0.121 vs 0.136; 128K B 64 k 4: 0.078 vs 0.094), fused faster at 4096 and
+# more (128K B 32: 0.137 vs 0.176; 512K B 128: 0.176 vs 0.210; 1M: 0.226 vs 0.294), where the split kernel's
+# routing streams the block sums at under 1 TB/s (RESULTS.md).
+AUTO_SPLIT_MAX_CANDIDATES = 2048
+
+
+def decode_kernel(kernel: str | None = None, n_candidates: int | None = None) -> str:
+    """The decode kernel to run: ``kernel`` if given, else ``$MOBALAB_DECODE_KERNEL``, else ``"auto"``; "auto"
+    is "split" for at most AUTO_SPLIT_MAX_CANDIDATES candidate blocks (``n_candidates``, the longest
+    sequence's complete past blocks), else "fused"."""
+    name = kernel if kernel is not None else os.environ.get(ENV_VAR, "") or "auto"
+    if name not in (*KERNELS, "auto"):
         where = "kernel" if kernel is not None else ENV_VAR
-        raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: {', '.join(KERNELS)}")
+        raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: "
+                         f"{', '.join((*KERNELS, 'auto'))}")
+    if name == "auto":
+        return "split" if n_candidates is not None and n_candidates <= AUTO_SPLIT_MAX_CANDIDATES else "fused"
     return name
 
 

@@ -213,11 +213,12 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
     :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal).
 
-    CUDA tensors run one kernel launch (cuda/decode.cu): routing over the cached block sums, reading each
-    sum once per kv head for all query rows of the group, then split-KV attention over the union of the
-    selected blocks with a merge of the partial softmax results (no gradient); with the environment variable
-    ``MOBALAB_DECODE_KERNEL=split`` two plain launches instead (cuda/decode_split.cu: routing, then attention
-    over the selected blocks). CPU tensors run :func:`moba_decode_reference`.
+    CUDA tensors run one of two kernels (no gradient): up to 2048 candidate blocks two plain launches
+    (cuda/decode_split.cu: routing over the cached block sums, then attention over the selected blocks, each
+    block read once per kv head), beyond that one persistent launch (cuda/decode.cu: routing reading each sum
+    once per kv head for all query rows of the group, then split-KV attention over the union of the selected
+    blocks with a merge of the partial softmax results), whichever measured faster on an H200;
+    ``MOBALAB_DECODE_KERNEL=fused|split`` forces one. CPU tensors run :func:`moba_decode_reference`.
 
     Examples
     --------
