@@ -269,3 +269,16 @@ def test_accumulator_folds_parts_by_log_sum_exp():
     lonely = torch.full((1, 4, 1), -math.inf, dtype=torch.float64)
     got_out, got_lse = _combined([(0, 4, torch.zeros(1, 4, 1, 2, dtype=torch.float64), lonely)], (1, 6, 1, 2))
     assert torch.isinf(got_lse).all() and not got_out.any()
+
+
+def test_gradient_sum_copies_fresh_rows_adds_the_rest_and_zeroes_untouched():
+    from mobalab.distributed._ring import _Sum
+
+    g = torch.Generator().manual_seed(9)
+    total = _Sum((2, 20, 3), torch.float64, "cpu")
+    want = torch.zeros(2, 20, 3, dtype=torch.float64)
+    for lo, hi in ((4, 9), (6, 14), (0, 3), (4, 9), (12, 16)):  # overlaps, repeats, a gap at 3 and 16..19
+        piece = torch.randn(2, hi - lo, 3, generator=g).to(torch.bfloat16)
+        total.add(lo, hi, piece)
+        want[:, lo:hi] += piece.double()
+    torch.testing.assert_close(total.result(), want)

@@ -82,9 +82,40 @@ def ring_forward(q, k, v, topk, plan: Plan):
     return acc.out.to(q.dtype), acc.lse
 
 
+class _Sum:
+    """An fp32 sum over dim 1 of a (batch, n, ...) tensor built from pieces: a piece on rows that no piece has
+    touched yet is copied in (read e, write 4 bytes per element), later ones are added; ``result()`` zeroes the
+    rows that nothing touched. (Zeroing first and adding every piece moved 4 + 10 bytes per element.)"""
+
+    def __init__(self, shape, dtype, device):
+        self.value = torch.empty(shape, dtype=dtype, device=device)
+        self._touched: list[tuple[int, int]] = []
+
+    def add(self, lo: int, hi: int, piece: torch.Tensor) -> None:
+        for r0, r1, fresh in _split_by_touched(lo, hi, self._touched):
+            if fresh:
+                self.value[:, r0:r1].copy_(piece[:, r0 - lo:r1 - lo])
+            else:
+                self.value[:, r0:r1] += piece[:, r0 - lo:r1 - lo]
+        self._touched.append((lo, hi))
+
+    def result(self) -> torch.Tensor:
+        for r0, r1, fresh in _split_by_touched(0, self.value.shape[1], self._touched):
+            if fresh:
+                self.value[:, r0:r1].zero_()
+        return self.value
+
+
+def _split_by_touched(lo: int, hi: int, touched: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """[lo, hi) cut at the bounds of the ``touched`` ranges: (start, end, untouched) pieces in order."""
+    cuts = sorted({lo, hi, *(x for a, b in touched for x in (a, b) if lo < x < hi)})
+    return [(r0, r1, all(r1 <= a or r0 >= b for a, b in touched)) for r0, r1 in zip(cuts, cuts[1:], strict=False)
+            if r1 > r0]
+
+
 def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
     """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
-    it); its dQ terms are added to ``dq``."""
+    it); its dQ terms are added to ``dq`` (a :class:`_Sum`)."""
     grad_k = grad_v = None
     for qseg in plan.layout.segments(plan.ring.rank):
         rows = slice(qseg.local, qseg.local + qseg.length)
@@ -94,14 +125,14 @@ def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int,
                 dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
                 topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start, plan.params, kernels)
             for lo, hi, piece in dq_pieces:
-                dq[:, qseg.local + lo:qseg.local + hi] += piece
+                dq.add(qseg.local + lo, qseg.local + hi, piece)
             for lo, hi, dk, dv in dkv_pieces:
                 if grad_k is None:
-                    grad_k = torch.zeros(k_held.shape, dtype=dq.dtype, device=dq.device)
-                    grad_v = torch.zeros(v_held.shape, dtype=dq.dtype, device=dq.device)
-                grad_k[:, kseg.local + lo:kseg.local + hi] += dk
-                grad_v[:, kseg.local + lo:kseg.local + hi] += dv
-    return grad_k, grad_v
+                    grad_k = _Sum(k_held.shape, dq.value.dtype, k_held.device)
+                    grad_v = _Sum(v_held.shape, dq.value.dtype, v_held.device)
+                grad_k.add(kseg.local + lo, kseg.local + hi, dk)
+                grad_v.add(kseg.local + lo, kseg.local + hi, dv)
+    return (None, None) if grad_k is None else (grad_k.result(), grad_v.result())
 
 
 def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
@@ -113,7 +144,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
     """
     ring, layout = plan.ring, plan.layout
     kernels = cuda_kernels(q, plan.params, plan.kernels)
-    dq = torch.zeros(q.shape, dtype=C.compute_dtype(q.dtype), device=q.device)
+    dq = _Sum(q.shape, C.compute_dtype(q.dtype), q.device)
     # finished: the gradient of the shard handled at the last step, summed over the ranks it has visited
     held, finished = (k.contiguous(), v.contiguous()), None
     for step in range(ring.world):
@@ -148,7 +179,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
         for request in exchange(ring, list(finished), list(home)):
             request.wait()
         finished = home
-    return dq.to(q.dtype), finished[0], finished[1]
+    return dq.result().to(q.dtype), finished[0], finished[1]
 
 
 # Bytes a ring pass keeps alive per shard token and per query head (with its share of kv heads), beyond the
