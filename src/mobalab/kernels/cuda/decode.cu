@@ -99,16 +99,13 @@
 // unit's first K/V copies issued before the current unit's tail.
 // Ideal at 4.0 TB/s: 512K 64 us, 32K 31 us, 1M 97 us, 128K B128 k8 39 us.
 //
-// Host emulation (tests): DEC_HOST_EMULATION replaces the CUDA headers, the PTX helpers (cp.async with
-// deferred completion, ld.cg, acquire, the ticket, the wait) and the dynamic shared-memory declaration, so
-// that the same kernel bodies run on host threads.
+// Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from
+// decode_common.cuh (shared with decode_split.cu). Host emulation (tests): DEC_HOST_EMULATION replaces the
+// CUDA headers, the PTX helpers (cp.async with deferred completion, ld.cg, acquire, the ticket, the wait) and
+// the dynamic shared-memory declaration, so that the same kernel bodies run on host threads.
 
-#ifndef DEC_HOST_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#include "decode_common.cuh"
 
-#define DEC_FULL 0xffffffffu
 #define DEC_THREADS 256
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_FLAGS 64                 // bytes of flags at the start of shared memory (ticket, last, warp sums)
@@ -123,100 +120,8 @@
 #define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
 #define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
 
-#ifndef DEC_DYNAMIC_SMEM
-#define DEC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
-
-// ---- 16-bit element types ----
-
-__device__ __forceinline__ float dec_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float dec_to_float(__half x) { return __half2float(x); }
-
-// Two packed elements (low half first) -> two floats (bf16 is the top half of an fp32: exact shifts).
-__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __nv_bfloat16) {
-    a = __uint_as_float(w << 16);
-    b = __uint_as_float(w & 0xffff0000u);
-}
-__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __half) {
-    a = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
-    b = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
-}
-
-// One 16-byte vector of 8 elements -> 8 floats.
-template <typename T>
-__device__ __forceinline__ void dec_unpack8(const uint4& u, float (&f)[8]) {
-    dec_unpack2(u.x, f[0], f[1], T());
-    dec_unpack2(u.y, f[2], f[3], T());
-    dec_unpack2(u.z, f[4], f[5], T());
-    dec_unpack2(u.w, f[6], f[7], T());
-}
-
-// CPL consecutive elements at p (CPL = 4: 8 bytes, CPL = 2: 4 bytes) -> floats.
-template <typename T, int CPL>
-__device__ __forceinline__ void dec_load_cols(const T* p, float (&f)[CPL]) {
-    static_assert(CPL == 2 || CPL == 4, "d / 32 columns per lane");
-    if constexpr (CPL == 4) {
-        const uint2 u = *reinterpret_cast<const uint2*>(p);
-        dec_unpack2(u.x, f[0], f[1], T());
-        dec_unpack2(u.y, f[CPL - 2], f[CPL - 1], T());
-    } else {
-        dec_unpack2(*reinterpret_cast<const unsigned*>(p), f[0], f[CPL - 1], T());
-    }
-}
-
-__device__ __forceinline__ unsigned dec_pack2(float a, float b, __nv_bfloat16) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(a)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(b)) << 16);
-}
-__device__ __forceinline__ unsigned dec_pack2(float a, float b, __half) {
-    return (unsigned)__half_as_ushort(__float2half_rn(a)) | ((unsigned)__half_as_ushort(__float2half_rn(b)) << 16);
-}
-
+// The grid-wide hand-over of the persistent CTAs (tickets and waits); the emulation models these too.
 #ifndef DEC_HOST_EMULATION
-// 16-byte global -> shared copy that bypasses L1 (the data is read once).
-__device__ __forceinline__ void dec_cp_async16(void* smem, const void* gmem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void dec_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's committed groups are in flight (a __syncthreads must follow before
-// other threads read the data).
-template <int N>
-__device__ __forceinline__ void dec_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// The same for a run-time n in 0 .. DEC_ATTN_MAX_STAGES - 2 (the instruction takes an immediate).
-__device__ __forceinline__ void dec_cp_async_wait_n(int n) {
-    switch (n) {
-        case 0: dec_cp_async_wait<0>(); break;
-        case 1: dec_cp_async_wait<1>(); break;
-        case 2: dec_cp_async_wait<2>(); break;
-        case 3: dec_cp_async_wait<3>(); break;
-        case 4: dec_cp_async_wait<4>(); break;
-        case 5: dec_cp_async_wait<5>(); break;
-        default: dec_cp_async_wait<6>(); break;
-    }
-}
-// Loads of what other CTAs of this grid wrote (after a completion counter or a wait): from L2, never a stale
-// L1 line.
-__device__ __forceinline__ float dec_ldcg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ int dec_ldcg(const int* p) {
-    int v;
-    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ float4 dec_ldcg(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p)
-                 : "memory");
-    return v;
-}
 __device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -235,16 +140,6 @@ __device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned ta
 }
 #define DEC_EMU_ITEM_START()
 #endif
-
-template <int N>
-struct dec_int {
-    static constexpr int value = N;
-};
-
-__device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
-__device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ bool dec_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
-__host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~15; }
 
 // ---- ranking ----
 
@@ -568,7 +463,6 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 // ints); the merge's weights [rmb][k * n_chunks] x 2 reuse them at the end.
 template <typename T, int D>
 __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, unsigned char* smem) {
-    constexpr int VEC = D / 8;   // 16-byte vectors per K/V row
     constexpr int CPL = D / 32;  // columns per lane in P.V
     constexpr int CH = DEC_ATTN_CHUNK;
     static_assert(DEC_ATTN_STAGE_BYTES / (2 * CH * D * (int)sizeof(T)) >= 3, "at least three K/V stages");
@@ -687,17 +581,7 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
         const int nvalid = max(0, min(chunk, len - tok0));
         const long long src = (kv_base + tok0) * D;
         T* ks = stg + (it % AS) * 2 * chunk * D;
-        T* vs = ks + chunk * D;
-        for (int y = tid; y < chunk * VEC; y += DEC_THREADS) {
-            const int tk = y / VEC, off = tk * D + (y - tk * VEC) * 8;
-            if (tk < nvalid) {
-                dec_cp_async16(ks + off, p.k + src + off);
-                dec_cp_async16(vs + off, p.v + src + off);
-            } else {  // beyond the sequence: zeros, so that P = 0 times V stays 0
-                *reinterpret_cast<uint4*>(ks + off) = make_uint4(0u, 0u, 0u, 0u);
-                *reinterpret_cast<uint4*>(vs + off) = make_uint4(0u, 0u, 0u, 0u);
-            }
-        }
+        dec_issue_kv_chunk<T, D, DEC_THREADS>(ks, ks + chunk * D, p.k, p.v, src, chunk, nvalid, tid);
     };
 #pragma unroll 1
     for (int s = 0; s < AS - 1; ++s) {

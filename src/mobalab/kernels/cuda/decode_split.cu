@@ -74,15 +74,11 @@
 // Costs this design accepts: one kernel boundary (~2-4 us of drain and start), the dedup scan (each
 // attention CTA reads R * k selection ints from L2), and the routing ranges' list merge.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the copy and load functions and the
-// dynamic shared memory come from the host harness (these functions share decode.cu's names for that).
+// Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from
+// decode_common.cuh (shared with decode.cu; under DEC_HOST_EMULATION the host harness supplies them).
 
-#ifndef DEC_HOST_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#include "decode_common.cuh"
 
-#define DSP_FULL 0xffffffffu
 #define DSP_THREADS 256
 #define DSP_WARPS (DSP_THREADS / 32)
 #define DSP_FLAGS 64                   // bytes of flags at the start of shared memory
@@ -95,89 +91,17 @@
 #define DSP_ROUTE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_ATTN_MIN_CTAS 4
 
-#ifndef DEC_DYNAMIC_SMEM
-#define DEC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
-
-// ---- 16-bit element types ----
-
-__device__ __forceinline__ float dsp_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float dsp_to_float(__half x) { return __half2float(x); }
-
-// Two packed elements (low half first) -> two floats (bf16 is the top half of an fp32: exact shifts).
-__device__ __forceinline__ void dsp_unpack2(unsigned w, float& a, float& b, __nv_bfloat16) {
-    a = __uint_as_float(w << 16);
-    b = __uint_as_float(w & 0xffff0000u);
-}
-__device__ __forceinline__ void dsp_unpack2(unsigned w, float& a, float& b, __half) {
-    a = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
-    b = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
-}
-__device__ __forceinline__ unsigned dsp_pack2(float a, float b, __nv_bfloat16) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(a)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(b)) << 16);
-}
-__device__ __forceinline__ unsigned dsp_pack2(float a, float b, __half) {
-    return (unsigned)__half_as_ushort(__float2half_rn(a)) | ((unsigned)__half_as_ushort(__float2half_rn(b)) << 16);
-}
-
-#ifndef DEC_HOST_EMULATION
-// 16-byte global -> shared copy that bypasses L1 (K and V are read once).
-__device__ __forceinline__ void dec_cp_async16(void* smem, const void* gmem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void dec_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void dec_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// Loads of what other CTAs of this grid wrote (after a completion counter): from L2, never a stale L1 line.
-__device__ __forceinline__ float dec_ldcg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ int dec_ldcg(const int* p) {
-    int v;
-    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ float4 dec_ldcg(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p)
-                 : "memory");
-    return v;
-}
-// Block sums: read-only for the whole launch and read once: the non-coherent path, no L1 allocation.
-__device__ __forceinline__ float4 dsp_ld_stream(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-#else
-inline float4 dsp_ld_stream(const float4* p) { return *p; }
-#endif
-
-template <int N>
-struct dsp_int {
-    static constexpr int value = N;
-};
-
-__device__ __forceinline__ float dsp_nan() { return __int_as_float(0x7fffffff); }
-__device__ __forceinline__ float dsp_neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ bool dsp_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
-__host__ __device__ __forceinline__ int dsp_align16(int x) { return (x + 15) & ~15; }
+// ---- ranking ----
+// Not decode.cu's dec_before / dec_warp_best: this kernel's per-lane scans compare (score, block) only (the
+// blocks of one scan are distinct, so no position is needed), and its butterfly also orders two NaN entries
+// by position. The outcomes agree wherever a caller reads them; the code, and so each kernel's measured
+// machine code, differs, so both stay.
 
 // (v, j) ranks before (w, i): higher score, then higher block index (the reference's tie rule); NaN (no
 // candidate) ranks after everything. Block indices of the entries compared are distinct.
 __device__ __forceinline__ bool dsp_before(float v, int j, float w, int i) {
-    if (dsp_isnan(v)) return false;
-    if (dsp_isnan(w)) return true;
+    if (dec_isnan(v)) return false;
+    if (dec_isnan(w)) return true;
     return v > w || (v == w && j > i);
 }
 
@@ -185,11 +109,11 @@ __device__ __forceinline__ bool dsp_before(float v, int j, float w, int i) {
 __device__ __forceinline__ void dsp_warp_best(float& v, int& j, int& p) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-        const float ov = __shfl_xor_sync(DSP_FULL, v, off);
-        const int oj = __shfl_xor_sync(DSP_FULL, j, off);
-        const int op = __shfl_xor_sync(DSP_FULL, p, off);
-        const bool take = dsp_isnan(v) ? (!dsp_isnan(ov) || op < p)
-                                       : (!dsp_isnan(ov) && (ov > v || (ov == v && (oj > j || (oj == j && op < p)))));
+        const float ov = __shfl_xor_sync(DEC_FULL, v, off);
+        const int oj = __shfl_xor_sync(DEC_FULL, j, off);
+        const int op = __shfl_xor_sync(DEC_FULL, p, off);
+        const bool take = dec_isnan(v) ? (!dec_isnan(ov) || op < p)
+                                       : (!dec_isnan(ov) && (ov > v || (ov == v && (oj > j || (oj == j && op < p)))));
         if (take) {
             v = ov;
             j = oj;
@@ -228,7 +152,7 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
 
     int* flags = reinterpret_cast<int*>(smem);
     int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    unsigned char* area = smem + dsp_align16(DSP_FLAGS + 4 * rpg);
+    unsigned char* area = smem + dec_align16(DSP_FLAGS + 4 * rpg);
     float* qs = reinterpret_cast<float*>(area);
     float* st = qs + rpg * D;
     // Two lists (value, block) per row: the current one at parity `cur`, the next tile's merge into the other.
@@ -244,10 +168,10 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
         for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
         for (int y = tid; y < nr * D; y += DSP_THREADS) {
             const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-            qs[y] = dsp_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+            qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
         }
         for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-            lv[y] = dsp_nan();
+            lv[y] = dec_nan();
             lj[y] = -1;
         }
     };
@@ -266,7 +190,7 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
             const int col = p * 32 + warp * 4 + sub;
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)(t0 + min(col, nblk - 1)) * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_stream(src + m * 8 + part);  // in range: clamped
+            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);  // in range: clamped
         }
     };
     auto process_tile = [&](const float4 (&sv)[NP][NV], int t) {
@@ -276,7 +200,7 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
             float* nv = lists + (cur ^ 1) * lsz;
             int* nj = reinterpret_cast<int*>(nv + rpg * lcap);
             for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-                nv[y] = dsp_nan();
+                nv[y] = dec_nan();
                 nj[y] = -1;
             }
         }
@@ -300,17 +224,17 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
 #pragma unroll
                 for (int off = 1; off < 8; off <<= 1) {
 #pragma unroll
-                    for (int a = 0; a < NR; ++a) acc[a] += __shfl_xor_sync(DSP_FULL, acc[a], off);
+                    for (int a = 0; a < NR; ++a) acc[a] += __shfl_xor_sync(DEC_FULL, acc[a], off);
                 }
                 if (part == 0) {
 #pragma unroll
                     for (int a = 0; a < NR; ++a)
-                        st[(rr0 + a) * RB + col] = (col < nblk && j < own[rr0 + a]) ? acc[a] : dsp_nan();
+                        st[(rr0 + a) * RB + col] = (col < nblk && j < own[rr0 + a]) ? acc[a] : dec_nan();
                 }
             };
             int rr = 0;
-            for (; rr + DSP_ROUTE_ILP <= nr; rr += DSP_ROUTE_ILP) score_rows(rr, dsp_int<DSP_ROUTE_ILP>());
-            for (; rr < nr; ++rr) score_rows(rr, dsp_int<1>());
+            for (; rr + DSP_ROUTE_ILP <= nr; rr += DSP_ROUTE_ILP) score_rows(rr, dec_int<DSP_ROUTE_ILP>());
+            for (; rr < nr; ++rr) score_rows(rr, dec_int<1>());
         }
         __syncthreads();
         // Merge of the tile into the lists, one warp per row: a lane holds tile blocks lane + 32 m (RB / 32 of
@@ -324,10 +248,10 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
             float cv[NC];  // tile block m: t0 + 32 m + lane; the last: list entry `lane`, block lj_lane
 #pragma unroll
             for (int m = 0; m < NC - 1; ++m) cv[m] = st[rr * RB + m * 32 + lane];
-            cv[NC - 1] = lane < lcap ? lv[rr * lcap + lane] : dsp_nan();
+            cv[NC - 1] = lane < lcap ? lv[rr * lcap + lane] : dec_nan();
             const int lj_lane = lane < lcap ? lj[rr * lcap + lane] : -1;
             for (int rank = 0; rank < lcap; ++rank) {
-                float v = dsp_nan();
+                float v = dec_nan();
                 int j = -1, p = 0x7fffffff;
 #pragma unroll
                 for (int m = 0; m < NC; ++m) {
@@ -341,18 +265,18 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
                 dsp_warp_best(v, j, p);
                 if (lane == 0) {
                     nv[rr * lcap + rank] = v;
-                    nj[rr * lcap + rank] = dsp_isnan(v) ? -1 : j;
+                    nj[rr * lcap + rank] = dec_isnan(v) ? -1 : j;
                 }
-                if (dsp_isnan(v)) {  // no candidate left: the rest of the list stays empty
+                if (dec_isnan(v)) {  // no candidate left: the rest of the list stays empty
                     for (int r2 = rank + 1 + lane; r2 < lcap; r2 += 32) {
-                        nv[rr * lcap + r2] = dsp_nan();
+                        nv[rr * lcap + r2] = dec_nan();
                         nj[rr * lcap + r2] = -1;
                     }
                     break;
                 }
 #pragma unroll
                 for (int m = 0; m < NC; ++m)
-                    if (cv[m] == v && (m < NC - 1 ? t0 + m * 32 + lane : lj_lane) == j) cv[m] = dsp_nan();
+                    if (cv[m] == v && (m < NC - 1 ? t0 + m * 32 + lane : lj_lane) == j) cv[m] = dec_nan();
             }
         }
         __syncthreads();
@@ -414,7 +338,7 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
         __syncwarp();
         int my_j = -1;
         for (int s = 0; s < lcap; ++s) {
-            float bv = dsp_nan();
+            float bv = dec_nan();
             int bj = -1, bp = 0x7fffffff;
             for (int e = lane; e < n; e += 32) {
                 const float v = mv[e];
@@ -426,9 +350,9 @@ __device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* 
                 }
             }
             dsp_warp_best(bv, bj, bp);
-            const bool found = !dsp_isnan(bv);
+            const bool found = !dec_isnan(bv);
             if (lane == s && found) my_j = bj;
-            if (lane == 0 && found) mv[bp] = dsp_nan();
+            if (lane == 0 && found) mv[bp] = dec_nan();
             __syncwarp();
         }
         int* srow = sel_row(r0 + rr);
@@ -452,7 +376,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            T* __restrict__ out, float* __restrict__ lse, int q_len, int heads,
                                            int kv_heads, int capacity, int block_size, int top_k, int n_chunks,
                                            int chunk, float scale_log2) {
-    constexpr int VEC = D / 8;   // 16-byte vectors per K/V row
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int CH = DSP_ATTN_CHUNK;
@@ -466,7 +389,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
     int* flags = reinterpret_cast<int*>(smem);  // [0] another CTA owns the block, [1] rows, [2] last CTA
     int* rl = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dsp_align16(DSP_FLAGS + 4 * R));
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * R));
     float* S = qs + ROWS * D;
     int* tl = reinterpret_cast<int*>(S + ROWS * CH);
     float* red = reinterpret_cast<float*>(tl + ROWS);
@@ -498,23 +421,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int tok0 = j * block_size + c * chunk;
         const int nvalid = max(0, min(chunk, len - tok0));
         const long long src = ((long long)g * capacity + tok0) * D;
-        for (int y = tid; y < chunk * VEC; y += DSP_THREADS) {
-            const int tk = y / VEC, off = tk * D + (y - tk * VEC) * 8;
-            if (tk < nvalid) {
-                dec_cp_async16(ks + off, k + src + off);
-                dec_cp_async16(vs + off, v + src + off);
-            } else {  // beyond the sequence: zeros, so that P = 0 times V stays 0
-                *reinterpret_cast<uint4*>(ks + off) = make_uint4(0u, 0u, 0u, 0u);
-                *reinterpret_cast<uint4*>(vs + off) = make_uint4(0u, 0u, 0u, 0u);
-            }
-        }
+        dec_issue_kv_chunk<T, D, DSP_THREADS>(ks, vs, k, v, src, chunk, nvalid, tid);
         dec_cp_async_commit();
         for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
             const int nb = min(ROWS, nrow - rb0);
             if (rb0 > 0) __syncthreads();  // the last pass is done with qs, S and red
             for (int y = tid; y < nb * D; y += DSP_THREADS) {
                 const int rr = y / D, d = y - rr * D, r = rl[rb0 + rr] / top_k, i = r / group, gg = r - i * group;
-                qs[y] = dsp_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + gg) * D + d]);
+                qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + gg) * D + d]);
             }
             for (int rr = tid; rr < nb; rr += DSP_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
             if (rb0 == 0) dec_cp_async_wait<0>();
@@ -532,19 +446,16 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         const int e0 = (m * 8 + part) * 8;
                         const uint4 u = *reinterpret_cast<const uint4*>(ks + tk * D + e0);
                         float kf[8];
-                        dsp_unpack2(u.x, kf[0], kf[1], T());
-                        dsp_unpack2(u.y, kf[2], kf[3], T());
-                        dsp_unpack2(u.z, kf[4], kf[5], T());
-                        dsp_unpack2(u.w, kf[6], kf[7], T());
+                        dec_unpack8<T>(u, kf);
                         const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
                         const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
                         acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
                                qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
                     }
-                    acc += __shfl_xor_sync(DSP_FULL, acc, 1);
-                    acc += __shfl_xor_sync(DSP_FULL, acc, 2);
-                    acc += __shfl_xor_sync(DSP_FULL, acc, 4);
-                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * scale_log2 : dsp_neg_inf();
+                    acc += __shfl_xor_sync(DEC_FULL, acc, 1);
+                    acc += __shfl_xor_sync(DEC_FULL, acc, 2);
+                    acc += __shfl_xor_sync(DEC_FULL, acc, 4);
+                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * scale_log2 : dec_neg_inf();
                 }
             }
             __syncthreads();
@@ -552,18 +463,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             // Warp rr: m = max, P = 2^(S - m) in place, l = sum P (all -inf: m = -inf, P = 0, l = 0).
             if (warp < nb) {
                 float* srow = S + warp * CH;
-                float mx = dsp_neg_inf();
+                float mx = dec_neg_inf();
                 for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DSP_FULL, mx, off));
+                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
                 float l = 0.f;
                 for (int tk = lane; tk < chunk; tk += 32) {
-                    const float pr = mx == dsp_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
+                    const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
                     srow[tk] = pr;
                     l += pr;
                 }
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DSP_FULL, l, off);
+                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
                 if (lane == 0) {
                     const int ent = rl[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
                     const long long pi = (((long long)g * R + r) * top_k + s) * nc + c;
@@ -582,14 +493,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     for (int a = 0; a < CPL; ++a) o[rr][a] = 0.f;
                 for (int tk = warp; tk < chunk; tk += DSP_WARPS) {
                     float vf[CPL];
-                    const T* vrow = vs + tk * D + lane * CPL;
-                    if constexpr (CPL == 4) {
-                        const uint2 u = *reinterpret_cast<const uint2*>(vrow);
-                        dsp_unpack2(u.x, vf[0], vf[1], T());
-                        dsp_unpack2(u.y, vf[CPL - 2], vf[CPL - 1], T());
-                    } else {
-                        dsp_unpack2(*reinterpret_cast<const unsigned*>(vrow), vf[0], vf[CPL - 1], T());
-                    }
+                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
 #pragma unroll
                     for (int rr = 0; rr < ROWS; ++rr) {
                         if (rr < nb) {
@@ -633,24 +537,24 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     float* wrow = red + warp * per_row;
     for (int r = warp; r < R; r += DSP_WARPS) {
         const long long p0 = ((long long)g * R + r) * per_row;
-        float mx = dsp_neg_inf();
+        float mx = dec_neg_inf();
         for (int sc = lane; sc < per_row; sc += 32) {
             const bool used = sel_at(r * top_k + sc / nc) >= 0;
-            const float m = used ? dec_ldcg(part_ml + 2 * (p0 + sc)) : dsp_neg_inf();
+            const float m = used ? dec_ldcg(part_ml + 2 * (p0 + sc)) : dec_neg_inf();
             wrow[sc] = m;
             mx = fmaxf(mx, m);
         }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DSP_FULL, mx, off));
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
         float l = 0.f;
         for (int sc = lane; sc < per_row; sc += 32) {
             const float m = wrow[sc];
-            const float w = m == dsp_neg_inf() ? 0.f : exp2f(m - mx);
+            const float w = m == dec_neg_inf() ? 0.f : exp2f(m - mx);
             wrow[sc] = w;
             if (w != 0.f) l += w * dec_ldcg(part_ml + 2 * (p0 + sc) + 1);
         }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DSP_FULL, l, off);
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
         __syncwarp();
         const float inv = 1.f / l;
         float o[CPL];
@@ -684,10 +588,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const long long row = (long long)(b * q_len + i) * heads + kvh * group + gg;
         T* dst = out + row * D + lane * CPL;
         if constexpr (CPL == 4) {
-            *reinterpret_cast<uint2*>(dst) = make_uint2(dsp_pack2(o[0] * inv, o[1] * inv, T()),
-                                                       dsp_pack2(o[CPL - 2] * inv, o[CPL - 1] * inv, T()));
+            *reinterpret_cast<uint2*>(dst) = make_uint2(dec_pack2(o[0] * inv, o[1] * inv, T()),
+                                                       dec_pack2(o[CPL - 2] * inv, o[CPL - 1] * inv, T()));
         } else {
-            *reinterpret_cast<unsigned*>(dst) = dsp_pack2(o[0] * inv, o[CPL - 1] * inv, T());
+            *reinterpret_cast<unsigned*>(dst) = dec_pack2(o[0] * inv, o[CPL - 1] * inv, T());
         }
         if (lane == 0) lse[row] = (mx + log2f(l)) * 0.69314718055994531f;
         __syncwarp();

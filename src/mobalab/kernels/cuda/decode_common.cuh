@@ -1,0 +1,161 @@
+// Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
+// (a routing launch, then an attention launch): 16-bit element conversion and packing, the 16-byte copies and
+// loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic shared memory.
+//
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
+// dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
+// which models them under these names); the streaming load becomes a plain load.
+#ifndef MOBALAB_DECODE_COMMON_CUH
+#define MOBALAB_DECODE_COMMON_CUH
+
+#ifndef DEC_HOST_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#define DEC_FULL 0xffffffffu
+
+#ifndef DEC_DYNAMIC_SMEM
+#define DEC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// ---- 16-bit element types ----
+
+__device__ __forceinline__ float dec_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float dec_to_float(__half x) { return __half2float(x); }
+
+// Two packed elements (low half first) -> two floats (bf16 is the top half of an fp32: exact shifts).
+__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __nv_bfloat16) {
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void dec_unpack2(unsigned w, float& a, float& b, __half) {
+    a = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    b = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
+
+// One 16-byte vector of 8 elements -> 8 floats.
+template <typename T>
+__device__ __forceinline__ void dec_unpack8(const uint4& u, float (&f)[8]) {
+    dec_unpack2(u.x, f[0], f[1], T());
+    dec_unpack2(u.y, f[2], f[3], T());
+    dec_unpack2(u.z, f[4], f[5], T());
+    dec_unpack2(u.w, f[6], f[7], T());
+}
+
+// CPL consecutive elements at p (CPL = 4: 8 bytes, CPL = 2: 4 bytes) -> floats.
+template <typename T, int CPL>
+__device__ __forceinline__ void dec_load_cols(const T* p, float (&f)[CPL]) {
+    static_assert(CPL == 2 || CPL == 4, "d / 32 columns per lane");
+    if constexpr (CPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        dec_unpack2(u.x, f[0], f[1], T());
+        dec_unpack2(u.y, f[CPL - 2], f[CPL - 1], T());
+    } else {
+        dec_unpack2(*reinterpret_cast<const unsigned*>(p), f[0], f[CPL - 1], T());
+    }
+}
+
+__device__ __forceinline__ unsigned dec_pack2(float a, float b, __nv_bfloat16) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(a)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(b)) << 16);
+}
+__device__ __forceinline__ unsigned dec_pack2(float a, float b, __half) {
+    return (unsigned)__half_as_ushort(__float2half_rn(a)) | ((unsigned)__half_as_ushort(__float2half_rn(b)) << 16);
+}
+
+// ---- 16-byte copies and loads ----
+
+#ifndef DEC_HOST_EMULATION
+// 16-byte global -> shared copy that bypasses L1 (the data is read once).
+__device__ __forceinline__ void dec_cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void dec_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are in flight (a __syncthreads must follow before
+// other threads read the data).
+template <int N>
+__device__ __forceinline__ void dec_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// The same for a run-time n in 0 .. 6 (the instruction takes an immediate; larger n wait as for 6).
+__device__ __forceinline__ void dec_cp_async_wait_n(int n) {
+    switch (n) {
+        case 0: dec_cp_async_wait<0>(); break;
+        case 1: dec_cp_async_wait<1>(); break;
+        case 2: dec_cp_async_wait<2>(); break;
+        case 3: dec_cp_async_wait<3>(); break;
+        case 4: dec_cp_async_wait<4>(); break;
+        case 5: dec_cp_async_wait<5>(); break;
+        default: dec_cp_async_wait<6>(); break;
+    }
+}
+// Loads of what other CTAs of this grid wrote (after a completion counter or a wait): from L2, never a stale
+// L1 line.
+__device__ __forceinline__ float dec_ldcg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ int dec_ldcg(const int* p) {
+    int v;
+    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 dec_ldcg(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+// Data that is read-only for the whole launch and read once (block sums): the non-coherent path, no L1
+// allocation.
+__device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+#else
+inline float4 dec_ld_stream(const float4* p) { return *p; }
+#endif
+
+// ---- small helpers ----
+
+// A compile-time row count passed to a generic lambda (decltype(n)::value).
+template <int N>
+struct dec_int {
+    static constexpr int value = N;
+};
+
+__device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
+__device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ bool dec_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+__host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~15; }
+
+// ---- one attention chunk ----
+
+// Tokens 0 .. chunk - 1 of K and V from element offset src into ks / vs ([chunk][D] each) as 16-byte
+// cp.async copies (THREADS threads, thread tid); tokens from nvalid on are zero-filled, so that P = 0 times V
+// stays 0 beyond the sequence. The caller commits the group.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void dec_issue_kv_chunk(T* ks, T* vs, const T* k, const T* v, long long src, int chunk,
+                                                   int nvalid, int tid) {
+    constexpr int VEC = D / 8;  // 16-byte vectors per K/V row
+    for (int y = tid; y < chunk * VEC; y += THREADS) {
+        const int tk = y / VEC, off = tk * D + (y - tk * VEC) * 8;
+        if (tk < nvalid) {
+            dec_cp_async16(ks + off, k + src + off);
+            dec_cp_async16(vs + off, v + src + off);
+        } else {
+            *reinterpret_cast<uint4*>(ks + off) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(vs + off) = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+#endif  // MOBALAB_DECODE_COMMON_CUH
