@@ -14,11 +14,9 @@ concurrent CTAs, speed) is left to the GPU tests.
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,71 +24,17 @@ from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode as C
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import check_args
 
-HERE = Path(__file__).parent / "host_emulation"
-CXX = shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, build_harness, poison, run_emulated  # noqa: E402
+
+pytestmark = NEEDS_CXX
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("decode_emulation")
-    (build / "decode_kernels.cu").write_text(source("decode.cu"))
-    exe = build / "decode_harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
-           f"-I{HERE}", f"-I{build}", "-o", str(exe),
-           str(HERE / "decode_harness.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
-
-
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A uint8 tensor over the whole storage of ``t`` (shared: writing it writes every view)."""
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-
-
-def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
-    """Execute ``launches`` (C.Launch) in the harness; every tensor they name is updated in place."""
-    storages: dict[int, torch.Tensor] = {}
-    tokens = []
-    for launch in launches:
-        check_args(launch.filename, launch.kernel, launch.args)  # exactly what CuPy would receive
-        args = []
-        for a in launch.args:
-            if isinstance(a, torch.Tensor):
-                assert a.is_contiguous()
-                base = a.untyped_storage().data_ptr()
-                storages.setdefault(base, a)
-                args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
-            elif isinstance(a, np.float32):
-                args.append(f"f:{int(a.view(np.uint32))}")
-            else:
-                assert isinstance(a, np.int32), (launch.kernel, a)
-                args.append(f"i:{int(a)}")
-        tokens.append((launch, args))
-    lines = [f"seed {seed}", f"buffers {len(storages)}"]
-    for i, t in enumerate(storages.values()):
-        raw = _storage_bytes(t).numpy()
-        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
-        raw.tofile(src)
-        lines.append(f"{i} {raw.size} {src} {dst}")
-    lines.append(f"launches {len(tokens)}")
-    for launch, args in tokens:
-        lines.append(" ".join([launch.kernel, *map(str, launch.grid), *map(str, launch.block), str(launch.shared_mem),
-                               str(len(args)), *args]))
-    manifest = workdir / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for i, t in enumerate(storages.values()):
-        _storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))
-
-
-def _poison(bufs: dict) -> None:
-    for t in bufs.values():
-        t.fill_(float("nan") if t.is_floating_point() else -7)
+    return build_harness(tmp_path_factory.mktemp("decode_emulation"), "decode_harness",
+                         {"decode_kernels.cu": source("decode.cu")})
 
 
 def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps, ties=False, shared=False):
@@ -152,7 +96,7 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms, win_words=win,
                                            route_only=route_only)
-    _poison(bufs)
+    poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
 
@@ -234,7 +178,7 @@ def test_second_step_reuses_counters(harness, tmp_path):
             cache.append(*(torch.randn(2, 1, 1, 64, generator=g).to(torch.bfloat16) for _ in range(2)))
         top_k, scale = D.check_decode(q, cache, 8, kernel_limits=True)
         _, bufs, launches = C.step_launches(q, cache, top_k, scale)
-        _poison(bufs)
+        poison(bufs)
         run_emulated(harness, tmp_path, launches, seed=step)
         ref_out, _ = D._attend(q, cache, D._route(q, cache, top_k), scale)
         torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2**-7, rtol=2**-7)

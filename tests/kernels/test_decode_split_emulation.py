@@ -13,11 +13,9 @@ speed) is left to the GPU tests.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,64 +23,17 @@ from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import check_args
 
-HERE = Path(__file__).parent / "host_emulation"
-CXX = shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, build_harness, poison, run_emulated  # noqa: E402
+
+pytestmark = NEEDS_CXX
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("decode_split_emulation")
-    (build / "decode_split_kernels.cu").write_text(source("decode_split.cu"))
-    exe = build / "decode_split_harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
-           f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "decode_split_harness.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
-
-
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-
-
-def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
-    """Execute ``launches`` (_launch.Launch) in the harness; every tensor they name is updated in place."""
-    storages: dict[int, torch.Tensor] = {}
-    tokens = []
-    for launch in launches:
-        check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
-        args = []
-        for a in launch.args:
-            if isinstance(a, torch.Tensor):
-                assert a.is_contiguous()
-                base = a.untyped_storage().data_ptr()
-                storages.setdefault(base, a)
-                args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
-            elif isinstance(a, np.float32):
-                args.append(f"f:{int(a.view(np.uint32))}")
-            else:
-                assert isinstance(a, np.int32), (launch.kernel, a)
-                args.append(f"i:{int(a)}")
-        tokens.append((launch, args))
-    lines = [f"seed {seed}", f"buffers {len(storages)}"]
-    for i, t in enumerate(storages.values()):
-        raw = _storage_bytes(t).numpy()
-        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
-        raw.tofile(src)
-        lines.append(f"{i} {raw.size} {src} {dst}")
-    lines.append(f"launches {len(tokens)}")
-    for launch, args in tokens:
-        lines.append(" ".join([launch.kernel, *map(str, launch.grid), *map(str, launch.block), str(launch.shared_mem),
-                               str(len(args)), *args]))
-    manifest = workdir / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for i, t in enumerate(storages.values()):
-        _storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))
+    return build_harness(tmp_path_factory.mktemp("decode_split_emulation"), "decode_split_harness",
+                         {"decode_split_kernels.cu": source("decode_split.cu")})
 
 
 def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, ties=False, shared=False):
@@ -135,8 +86,7 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
     cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, merge_entries=merge)
-    for t in bufs.values():
-        t.fill_(float("nan") if t.is_floating_point() else -7)
+    poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
 
