@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _decode_cases import assert_step_matches_reference, decode_case  # noqa: E402
 from _emulation import NEEDS_CXX, build_harness, poison, run_emulated  # noqa: E402
 
 pytestmark = NEEDS_CXX
@@ -34,33 +34,6 @@ pytestmark = NEEDS_CXX
 def harness(tmp_path_factory) -> Path:
     return build_harness(tmp_path_factory.mktemp("decode_split_emulation"), "decode_split_harness",
                          {"decode_split_kernels.cu": source("decode_split.cu")})
-
-
-def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, ties=False, shared=False):
-    """A CPU cache filled by a ragged prefill and one append of q_len tokens, and the newest queries.
-
-    ``ties``: every third block repeats block 1 (exactly tied sums and scores); ``shared``: the query heads
-    of a kv head are equal, so they select the same blocks (each block read once for several rows)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = len(prompt_lengths)
-    total = max(prompt_lengths) + q_len
-    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype)
-    k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
-    if ties:
-        for j in range(4, max(prompt_lengths) // block, 3):
-            k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
-    v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
-    cache.prefill(k, v, lengths=prompt_lengths)
-    cache.append(torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype),
-                 torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype))
-    q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
-    if shared:
-        group = heads // kv_heads
-        q = q.view(batch, q_len, kv_heads, group, dim)[:, :, :, :1].expand(-1, -1, -1, group, -1)
-        q = q.reshape(batch, q_len, heads, dim).contiguous()
-    if ties:  # the repeated blocks are the best: their exact ties decide the selection
-        q[:, :, :] = cache.block_sums[:, :1, 1].to(q.dtype).unsqueeze(1)
-    return cache, q
 
 
 BF, FP = torch.bfloat16, torch.float16
@@ -83,7 +56,7 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, merge, opts, seed=7,
               route_only=False):
-    cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
+    cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, merge_entries=merge)
     poison(bufs)
@@ -96,17 +69,8 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
                                                 lengths, top_k, merge, opts):
     cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
                                                    lengths, top_k, merge, opts)
-    ref_sel = D._route(q, cache, top_k)
-    assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
-    if opts.get("ties"):  # the tied copies outscore the rest; the highest-index ones win
-        copies = [1] + list(range(4, lengths[0] // block, 3))
-        assert ref_sel[0, 0, 0, 1:].tolist() == sorted(copies, reverse=True)[:top_k - 1]
-    ref_out, ref_lse = D._attend(q, cache, ref_sel, scale)
-    assert not torch.isnan(bufs["out"].float()).any() and not torch.isnan(bufs["lse"]).any()
-    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # one rounding to the 16-bit type
-    torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2 * eps, rtol=2 * eps)
-    torch.testing.assert_close(bufs["lse"], ref_lse, atol=1e-5, rtol=1e-5)
-    assert int(cache._counters.abs().sum()) == 0  # every counter back to zero for the next step
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
 
 
 def test_other_cta_orders_give_the_same_step(harness, tmp_path):
