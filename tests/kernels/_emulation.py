@@ -1,9 +1,10 @@
 """The host-emulation harnesses (``host_emulation/*_harness.cpp``) from the tests: build one, run launches in it.
 
-A harness is compiled once per test module with AddressSanitizer, next to the kernel text it includes (the
-``cuda/*.cu`` source as NVRTC sees it, written into the build folder under the name the harness includes). The
-manifest harnesses (``host_emulation/harness_io.h``) take a list of launches: every tensor a launch names is
-written to a file, the launches run in order on the host, and the files are read back into the tensors.
+A harness is compiled once per test module (:func:`harness_fixture`) with AddressSanitizer, next to the kernel
+text it includes (the ``cuda/*.cu`` source as NVRTC sees it, written into the build folder under the name the
+harness includes). The manifest harnesses (``host_emulation/harness_io.h``) take a list of launches: every
+tensor a launch names is written to a file, the launches run in order on the host, and the files are read back
+into the tensors.
 
 Test modules are imported with ``--import-mode=importlib``: they put this folder on ``sys.path`` and import
 ``_emulation``.
@@ -41,6 +42,17 @@ def build_harness(build: Path, harness: str, files: dict[str, str], flags: tuple
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return exe
+
+
+def harness_fixture(harness: str, files, flags: tuple[str, ...] = ()):
+    """The module-scoped fixture ``harness`` of a test module (``harness = harness_fixture(...)``): the executable
+    of :func:`build_harness`, built once per module; ``files`` returns the files to write (called at build time)."""
+
+    @pytest.fixture(scope="module", name="harness")
+    def _harness(tmp_path_factory) -> Path:
+        return build_harness(tmp_path_factory.mktemp(harness), harness, files(), flags)
+
+    return _harness
 
 
 def poison(bufs: dict[str, torch.Tensor]) -> None:

@@ -25,15 +25,12 @@ from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _decode_cases import assert_step_matches_reference, decode_case  # noqa: E402
-from _emulation import NEEDS_CXX, build_harness, poison, run_emulated  # noqa: E402
+from _emulation import NEEDS_CXX, harness_fixture, poison, run_emulated  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    return build_harness(tmp_path_factory.mktemp("decode_split_emulation"), "decode_split_harness",
-                         {"decode_split_kernels.cu": source("decode_split.cu")})
+harness = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels.cu": source("decode_split.cu")})
 
 
 BF, FP = torch.bfloat16, torch.float16

@@ -20,7 +20,7 @@ from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args, signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _emulation import build_harness, run_emulated  # noqa: E402
+from _emulation import harness_fixture, run_emulated  # noqa: E402
 
 
 def _topk(seed, batch, seqlen, heads, top_k, n_blocks, *, unused=0.0, hot=None):
@@ -128,10 +128,7 @@ def test_reference_keys_follow_the_rule():
 
 # ---- the kernels on the host ----
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    return build_harness(tmp_path_factory.mktemp("pairs_emulation"), "pairs_harness",
-                         {"pairs_kernels.cu": source(P.SOURCE)})
+harness = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)})
 
 
 # (batch, seqlen, heads, group, top_k, n_blocks, chunk, routing options)

@@ -27,22 +27,22 @@ from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _emulation import NEEDS_CXX, build_harness  # noqa: E402
+from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 
 pytestmark = NEEDS_CXX
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
+def _kernel_files() -> dict[str, str]:
     marker = "// ---- end wgmma.cuh ----"
     text = source(routing.WGMMA_SOURCE)
     assert text.count(marker) == 1
     text = text.replace(marker, marker + '\n#include "wgmma_host_model.h"')
     # the host types come from cuda_host.h: the CUDA headers the source includes are empty
-    files = {"topk_wgmma_kernels.cu": text, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
-    return build_harness(tmp_path_factory.mktemp("topk_wgmma_emulation"), "topk_wgmma_harness", files,
-                         flags=("-Wno-unknown-pragmas",))
+    return {"topk_wgmma_kernels.cu": text, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
 def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
