@@ -23,9 +23,10 @@ from mobalab.kernels import _cuda_attention as A
 pytestmark = pytest.mark.gpu
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hopper import skip_unless_hopper  # noqa: E402
+from _hopper import hopper_missing  # noqa: E402
 
-skip_unless_hopper()
+if reason := hopper_missing():  # pragma: no cover - depends on the machine
+    pytest.skip(reason, allow_module_level=True)
 
 VARIANTS = ("wgmma", "wgmma-ws")
 VARIANT_IDS = ("wg", "ws")  # `-k ws` / `-k "not ws"` select one kernel's tests (scripts/gpu_check.sh)

@@ -22,9 +22,10 @@ import torch
 pytestmark = pytest.mark.gpu
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hopper import skip_unless_hopper  # noqa: E402
+from _hopper import hopper_missing  # noqa: E402
 
-skip_unless_hopper()
+if reason := hopper_missing():  # pragma: no cover - depends on the machine
+    pytest.skip(reason, allow_module_level=True)
 
 from mobalab.kernels._cuda_wgmma_probe import wgmma_probe  # noqa: E402
 
