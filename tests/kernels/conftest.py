@@ -121,6 +121,8 @@ class GpuOracle:
 
     gqa = GQA
     case_id = staticmethod(case_id)
+    FORWARD_FLOOR = 1e-4
+    SAMPLE_ABOVE = 20000  # longer sequences are checked on a sample of query positions (all heads, all batches)
 
     @staticmethod
     def inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed, dout=False):
@@ -228,6 +230,29 @@ class GpuOracle:
         assert err <= factor * err_low + floor, (
             f"{label}: kernel error {err:.3e} vs torch low precision {err_low:.3e} (allowed {factor} x + {floor:.1e})")
         return err, err_low
+
+    @classmethod
+    def check_forward(cls, q, k, v, topk, block, causal, out, lse, scale=None, label=""):
+        """A forward's (out, lse) with routing ``topk``: finite, out within the criterion (factor 2, floor
+        ``FORWARD_FLOOR``) of the oracle, lse within 2e-3 + 1e-3 |lse|; sequences longer than ``SAMPLE_ABOVE``
+        on the first and last 4 query positions and 504 random ones (all heads, all batches). Returns (error,
+        torch low-precision error)."""
+        seqlen = q.shape[1]
+        assert out.dtype == q.dtype and out.shape == q.shape
+        assert torch.isfinite(out).all(), f"{label}: non-finite output (unwritten or NaN)"
+        assert torch.isfinite(lse).all(), f"{label}: non-finite lse"
+        if seqlen > cls.SAMPLE_ABOVE:
+            g = torch.Generator(device="cuda").manual_seed(seqlen)
+            rows = torch.cat([torch.arange(4, device="cuda"), torch.arange(seqlen - 4, seqlen, device="cuda"),
+                              torch.randint(0, seqlen, (504,), device="cuda", generator=g)])
+        else:
+            rows = torch.arange(seqlen, device="cuda")
+        ref, ref_lse = cls.oracle(q, k, v, topk, block, causal, scale)
+        ref, ref_lse = ref[:, rows], ref_lse[:, rows]
+        low = cls.lowp_rows(q, k, v, topk, block, causal, scale, rows)
+        errs = cls.assert_within_torch_error(out[:, rows], ref, low, factor=2, floor=cls.FORWARD_FLOOR, label=label)
+        torch.testing.assert_close(lse[:, rows], ref_lse, atol=2e-3, rtol=1e-3)
+        return errs
 
 
 @pytest.fixture

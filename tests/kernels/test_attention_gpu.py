@@ -22,33 +22,11 @@ from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels._cuda_routing import moba_topk_cuda
 
-FLOOR = 1e-4
-SAMPLE_ABOVE = 20000  # longer sequences are checked on a sample of query positions (all heads, all batches)
-
 
 @pytest.fixture(autouse=True)
 def _default_partial_format(monkeypatch):
     """The criterion tests measure the default partial format (o in the input dtype)."""
     monkeypatch.delenv(A.PARTIAL_ENV, raising=False)
-
-
-def _check(gpu, q, k, v, topk, block, causal, out, lse, scale=None, label=""):
-    seqlen = q.shape[1]
-    assert out.dtype == q.dtype and out.shape == q.shape
-    assert torch.isfinite(out).all(), f"{label}: non-finite output (unwritten or NaN)"
-    assert torch.isfinite(lse).all(), f"{label}: non-finite lse"
-    if seqlen > SAMPLE_ABOVE:
-        g = torch.Generator(device="cuda").manual_seed(seqlen)
-        rows = torch.cat([torch.arange(4, device="cuda"), torch.arange(seqlen - 4, seqlen, device="cuda"),
-                          torch.randint(0, seqlen, (504,), device="cuda", generator=g)])
-    else:
-        rows = torch.arange(seqlen, device="cuda")
-    ref, ref_lse = gpu.oracle(q, k, v, topk, block, causal, scale)
-    ref, ref_lse = ref[:, rows], ref_lse[:, rows]
-    low = gpu.lowp_rows(q, k, v, topk, block, causal, scale, rows)
-    errs = gpu.assert_within_torch_error(out[:, rows], ref, low, factor=2, floor=FLOOR, label=label)
-    torch.testing.assert_close(lse[:, rows], ref_lse, atol=2e-3, rtol=1e-3)
-    return errs
 
 
 @pytest.mark.gpu
@@ -64,7 +42,7 @@ def test_attention_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, case["block"], case["top_k"], causal=case["causal"],
                                          return_lse=True, topk_indices=topk, variant=variant)
-    _check(gpu, q, k, v, topk, case["block"], case["causal"], out, lse, label=gpu.case_id(case))
+    gpu.check_forward(q, k, v, topk, case["block"], case["causal"], out, lse, label=gpu.case_id(case))
 
 
 def test_case_grid_covers_the_contract(attention_grid):
@@ -99,7 +77,7 @@ def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, var
     with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, 64, 8, causal=causal, return_lse=True, topk_indices=topk,
                                          variant=variant, scratch_budget_bytes=budget)
-    _check(gpu, q, k, v, topk, 64, causal, out, lse, label="chunked")
+    gpu.check_forward(q, k, v, topk, 64, causal, out, lse, label="chunked")
     # partials of one (query, slot) do not depend on which other rows share their tiles: same bits
     assert torch.equal(out, whole)
 
@@ -127,7 +105,7 @@ def test_non_contiguous_inputs_and_custom_scale(gpu, poisoned_empty):
     with poisoned_empty():
         out, lse = A.moba_attention_cuda(qt, kt, vt, 32, 4, causal=True, softmax_scale=0.3, return_lse=True,
                                          topk_indices=topk.long())
-    _check(gpu, q, k, v, topk, 32, True, out, lse, scale=0.3, label="strided")
+    gpu.check_forward(q, k, v, topk, 32, True, out, lse, scale=0.3, label="strided")
     again = A.moba_attention_cuda(q, k, v, 32, 4, causal=True, softmax_scale=0.3, topk_indices=topk)
     assert torch.equal(out, again)
 
@@ -139,7 +117,7 @@ def test_random_routing_lists(gpu):
     n_blocks = 16384 // 64
     topk = torch.argsort(torch.rand(1, 16384, 4, n_blocks, device="cuda"), dim=-1)[..., :8].to(torch.int32)
     out, lse = A.moba_attention_cuda(q, k, v, 64, 8, causal=False, return_lse=True, topk_indices=topk)
-    _check(gpu, q, k, v, topk, 64, False, out, lse, label="random routing")
+    gpu.check_forward(q, k, v, topk, 64, False, out, lse, label="random routing")
 
 
 @pytest.mark.gpu
@@ -151,7 +129,7 @@ def test_end_to_end_through_the_public_api(gpu):
     topk = moba_topk_cuda(q, k, 128, 4, causal=True)  # what the public API routes with
     again = A.moba_attention_cuda(q, k, v, 128, 4, causal=True, topk_indices=topk)
     assert torch.equal(out, again)  # routing + attention == attention with the router's indices
-    _check(gpu, q, k, v, topk, 128, True, out, lse, label="end to end")
+    gpu.check_forward(q, k, v, topk, 128, True, out, lse, label="end to end")
     # and the router agrees with the reference routing on (nearly) every row
     ref_topk = gpu.routing(q, k, 128, 4, True)
     agree = (topk.sort(-1).values == ref_topk.sort(-1).values).all(-1).float().mean().item()
@@ -170,7 +148,7 @@ def test_concentrated_routing(variant, gpu, poisoned_empty):
     with poisoned_empty():
         out, lse = A.moba_attention_cuda(q, k, v, 128, 3, causal=True, return_lse=True, topk_indices=topk,
                                          variant=variant)
-    _check(gpu, q, k, v, topk, 128, True, out, lse, label="concentrated")
+    gpu.check_forward(q, k, v, topk, 128, True, out, lse, label="concentrated")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,8 +190,8 @@ def test_fp32_partial_fallback(dtype, dim, block, top_k, causal, seqlen, ratio, 
     assert {p.defines for p in plans if p.kernel in names} == {A.partial_defines("fp32")}
     assert {p.kernel for p in plans} >= names
     label = f"{dtype} d{dim} B{block} k{top_k}"
-    err16, low = _check(gpu, q, k, v, topk, block, causal, out16, lse16, label=label + " 16-bit")
-    err32, _ = _check(gpu, q, k, v, topk, block, causal, out32, lse32, label=label + " fp32")
+    err16, low = gpu.check_forward(q, k, v, topk, block, causal, out16, lse16, label=label + " 16-bit")
+    err32, _ = gpu.check_forward(q, k, v, topk, block, causal, out32, lse32, label=label + " fp32")
     print(f"\n{label}: max error 16-bit partials {err16:.3e}, fp32 partials {err32:.3e}, torch {low:.3e}")
     # rounding o to the input dtype moves each partial by <= half an ulp: outputs agree within a few ulps
     tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=3e-3, rtol=2e-3)

@@ -10,51 +10,24 @@ at most 128 registers).
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mobalab.kernels import _cuda_decode as C
-from mobalab.kernels._build import NVRTC_OPTIONS, source
+from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _ptxas_report import entry_report  # noqa: E402
+
 ENTRY_POINTS = [f"moba_decode_step_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def _flags() -> list[str]:
-    keep = [o for o in NVRTC_OPTIONS if not o.startswith("-arch")]  # -gencode instead (see test_compile.py)
-    return [*keep, "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, dict[str, int]]:
-    tmp = Path(tmp_path_factory.mktemp("decode_nvcc"))
-    src = tmp / "decode.cu"
-    src.write_text(source("decode.cu"))
-    proc = subprocess.run([shutil.which("nvcc"), *_flags(), "-o", str(tmp / "decode.cubin"), str(src)],
-                          capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"nvcc failed on decode.cu:\n{log}"
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _ENTRY.search(line):
-            current = m.group(1)
-            out[current] = {}
-        elif (m := _FRAME.search(line)) and current:
-            out[current].update(stack=int(m.group(1)), spills=int(m.group(2)) + int(m.group(3)))
-        elif (m := _USED.search(line)) and current:
-            out[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
-    print(f"\n{'kernel':<32} {'regs':>5} {'smem':>5} {'stack':>6} {'spill':>6}")
-    for name, r in sorted(out.items()):
-        print(f"{name:<32} {r.get('registers', 0):>5} {r.get('smem', 0):>5} {r.get('stack', 0):>6} "
-              f"{r.get('spills', 0):>6}")
-    return out
+    return entry_report("decode.cu", tmp_path_factory.mktemp("decode_nvcc"))
 
 
 def test_entry_points_match_the_wrapper():

@@ -10,49 +10,25 @@ most 128 registers; attention: 4 CTAs, at most 64).
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from mobalab.kernels import _cuda_decode_split as S
-from mobalab.kernels._build import NVRTC_OPTIONS, source
+from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _ptxas_report import entry_report  # noqa: E402
 
 ROUTE = [f"moba_decode_route_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 ATTEND = [f"moba_decode_attend_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, dict[str, int]]:
-    tmp = Path(tmp_path_factory.mktemp("decode_split_nvcc"))
-    src = tmp / "decode_split.cu"
-    src.write_text(source("decode_split.cu"))
-    flags = [o for o in NVRTC_OPTIONS if not o.startswith("-arch")]
-    proc = subprocess.run([shutil.which("nvcc"), *flags, "-gencode=arch=compute_90a,code=sm_90a", "-cubin",
-                           "-Xptxas", "-v", "-o", str(tmp / "decode_split.cubin"), str(src)],
-                          capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"nvcc failed on decode_split.cu:\n{log}"
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _ENTRY.search(line):
-            current = m.group(1)
-            out[current] = {}
-        elif (m := _FRAME.search(line)) and current:
-            out[current].update(stack=int(m.group(1)), spills=int(m.group(2)) + int(m.group(3)))
-        elif (m := _USED.search(line)) and current:
-            out[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
-    print(f"\n{'kernel':<32} {'regs':>5} {'smem':>5} {'stack':>6} {'spill':>6}")
-    for name, r in sorted(out.items()):
-        print(f"{name:<32} {r.get('registers', 0):>5} {r.get('smem', 0):>5} {r.get('stack', 0):>6} "
-              f"{r.get('spills', 0):>6}")
-    return out
+    return entry_report("decode_split.cu", tmp_path_factory.mktemp("decode_split_nvcc"))
 
 
 def test_entry_points_and_constants_match_the_wrapper():

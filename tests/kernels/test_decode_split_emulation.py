@@ -13,103 +13,24 @@ speed) is left to the GPU tests.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import check_args
 
-HERE = Path(__file__).parent / "host_emulation"
-CXX = shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+sys.path.insert(0, str(Path(__file__).parent))
+from _decode_cases import assert_step_matches_reference, decode_case  # noqa: E402
+from _emulation import NEEDS_CXX, harness_fixture, poison, run_emulated  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("decode_split_emulation")
-    (build / "decode_split_kernels.cu").write_text(source("decode_split.cu"))
-    exe = build / "decode_split_harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
-           f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "decode_split_harness.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
+pytestmark = NEEDS_CXX
 
 
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-
-
-def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
-    """Execute ``launches`` (_launch.Launch) in the harness; every tensor they name is updated in place."""
-    storages: dict[int, torch.Tensor] = {}
-    tokens = []
-    for launch in launches:
-        check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
-        args = []
-        for a in launch.args:
-            if isinstance(a, torch.Tensor):
-                assert a.is_contiguous()
-                base = a.untyped_storage().data_ptr()
-                storages.setdefault(base, a)
-                args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
-            elif isinstance(a, np.float32):
-                args.append(f"f:{int(a.view(np.uint32))}")
-            else:
-                assert isinstance(a, np.int32), (launch.kernel, a)
-                args.append(f"i:{int(a)}")
-        tokens.append((launch, args))
-    lines = [f"seed {seed}", f"buffers {len(storages)}"]
-    for i, t in enumerate(storages.values()):
-        raw = _storage_bytes(t).numpy()
-        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
-        raw.tofile(src)
-        lines.append(f"{i} {raw.size} {src} {dst}")
-    lines.append(f"launches {len(tokens)}")
-    for launch, args in tokens:
-        lines.append(" ".join([launch.kernel, *map(str, launch.grid), *map(str, launch.block), str(launch.shared_mem),
-                               str(len(args)), *args]))
-    manifest = workdir / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for i, t in enumerate(storages.values()):
-        _storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))
-
-
-def _case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, ties=False, shared=False):
-    """A CPU cache filled by a ragged prefill and one append of q_len tokens, and the newest queries.
-
-    ``ties``: every third block repeats block 1 (exactly tied sums and scores); ``shared``: the query heads
-    of a kv head are equal, so they select the same blocks (each block read once for several rows)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = len(prompt_lengths)
-    total = max(prompt_lengths) + q_len
-    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype)
-    k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
-    if ties:
-        for j in range(4, max(prompt_lengths) // block, 3):
-            k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
-    v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
-    cache.prefill(k, v, lengths=prompt_lengths)
-    cache.append(torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype),
-                 torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype))
-    q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
-    if shared:
-        group = heads // kv_heads
-        q = q.view(batch, q_len, kv_heads, group, dim)[:, :, :, :1].expand(-1, -1, -1, group, -1)
-        q = q.reshape(batch, q_len, heads, dim).contiguous()
-    if ties:  # the repeated blocks are the best: their exact ties decide the selection
-        q[:, :, :] = cache.block_sums[:, :1, 1].to(q.dtype).unsqueeze(1)
-    return cache, q
+harness = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels.cu": source("decode_split.cu")})
 
 
 BF, FP = torch.bfloat16, torch.float16
@@ -132,11 +53,10 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, merge, opts, seed=7,
               route_only=False):
-    cache, q = _case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
+    cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, merge_entries=merge)
-    for t in bufs.values():
-        t.fill_(float("nan") if t.is_floating_point() else -7)
+    poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
 
@@ -146,17 +66,8 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
                                                 lengths, top_k, merge, opts):
     cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
                                                    lengths, top_k, merge, opts)
-    ref_sel = D._route(q, cache, top_k)
-    assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
-    if opts.get("ties"):  # the tied copies outscore the rest; the highest-index ones win
-        copies = [1] + list(range(4, lengths[0] // block, 3))
-        assert ref_sel[0, 0, 0, 1:].tolist() == sorted(copies, reverse=True)[:top_k - 1]
-    ref_out, ref_lse = D._attend(q, cache, ref_sel, scale)
-    assert not torch.isnan(bufs["out"].float()).any() and not torch.isnan(bufs["lse"]).any()
-    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # one rounding to the 16-bit type
-    torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2 * eps, rtol=2 * eps)
-    torch.testing.assert_close(bufs["lse"], ref_lse, atol=1e-5, rtol=1e-5)
-    assert int(cache._counters.abs().sum()) == 0  # every counter back to zero for the next step
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
 
 
 def test_other_cta_orders_give_the_same_step(harness, tmp_path):

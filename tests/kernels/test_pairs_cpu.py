@@ -8,11 +8,9 @@ memory order between concurrent CTAs around the scan's ticket, speed) is left to
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,8 +19,8 @@ from mobalab.kernels import _pairs as P
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args, signatures
 
-HERE = Path(__file__).parent / "host_emulation"
-CXX = shutil.which("g++") or shutil.which("clang++")
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import harness_fixture, run_emulated  # noqa: E402
 
 
 def _topk(seed, batch, seqlen, heads, top_k, n_blocks, *, unused=0.0, hot=None):
@@ -130,60 +128,7 @@ def test_reference_keys_follow_the_rule():
 
 # ---- the kernels on the host ----
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    if CXX is None:
-        pytest.skip("needs a C++ compiler (g++ or clang++)")
-    build = tmp_path_factory.mktemp("pairs_emulation")
-    (build / "pairs_kernels.cu").write_text(source(P.SOURCE))
-    exe = build / "pairs_harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
-           f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "pairs_harness.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
-
-
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-
-
-def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
-    """Execute ``launches`` in the harness; every tensor they name is updated in place."""
-    storages: dict[int, torch.Tensor] = {}
-    tokens = []
-    for launch in launches:
-        check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
-        args = []
-        for a in launch.args:
-            if isinstance(a, torch.Tensor):
-                base = a.untyped_storage().data_ptr()
-                storages.setdefault(base, a)
-                args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
-            elif isinstance(a, int):
-                assert a == 0, (launch.kernel, a)
-                args.append("z:0")
-            else:
-                assert isinstance(a, np.int32), (launch.kernel, a)
-                args.append(f"i:{int(a)}")
-        tokens.append((launch, args))
-    lines = [f"seed {seed}", f"buffers {len(storages)}"]
-    for i, t in enumerate(storages.values()):
-        raw = _storage_bytes(t).numpy()
-        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
-        raw.tofile(src)
-        lines.append(f"{i} {raw.size} {src} {dst}")
-    lines.append(f"launches {len(tokens)}")
-    for launch, args in tokens:
-        grid, block = (*launch.grid, 1, 1)[:3], (*launch.block, 1, 1)[:3]
-        lines.append(" ".join([launch.kernel, *map(str, grid), *map(str, block), str(launch.shared_mem), str(len(args)),
-                               *args]))
-    manifest = workdir / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for i, t in enumerate(storages.values()):
-        _storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))
+harness = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)})
 
 
 # (batch, seqlen, heads, group, top_k, n_blocks, chunk, routing options)
@@ -210,7 +155,7 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                    rows_per_unit=rows)
-    run_emulated(harness, tmp_path, plans, seed=n_pairs)
+    run_emulated(harness, tmp_path, plans, seed=n_pairs, null_pointers=True)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
     assert int(bufs["ticket"]) == 0  # ready for the next chunk
@@ -233,7 +178,7 @@ def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
         plans += _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                         rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
         outs.append(bufs)
-    run_emulated(harness, tmp_path, plans, seed=3)
+    run_emulated(harness, tmp_path, plans, seed=3, null_pointers=True)
     for i, (chunk, bufs) in enumerate(zip(chunks, outs, strict=True)):
         fwd = i % 2 == 1
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=256)

@@ -13,8 +13,8 @@ fences, speed) is left to the GPU tests (tests/kernels/test_routing_gpu.py).
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +26,23 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args
 
-HERE = Path(__file__).parent / "host_emulation"
-CXX = shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
+
+pytestmark = NEEDS_CXX
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("topk_wgmma_emulation")
+def _kernel_files() -> dict[str, str]:
     marker = "// ---- end wgmma.cuh ----"
     text = source(routing.WGMMA_SOURCE)
     assert text.count(marker) == 1
     text = text.replace(marker, marker + '\n#include "wgmma_host_model.h"')
-    (build / "topk_wgmma_kernels.cu").write_text(text)
-    for header in ("cuda_bf16.h", "cuda_fp16.h"):  # the host types come from cuda_host.h
-        (build / header).write_text("#pragma once\n")
-    exe = build / "topk_wgmma_harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address",
-           "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{build}", "-o", str(exe), str(HERE / "topk_wgmma_harness.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
+    # the host types come from cuda_host.h: the CUDA headers the source includes are empty
+    return {"topk_wgmma_kernels.cu": text, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
 def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

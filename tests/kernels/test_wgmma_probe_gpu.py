@@ -13,17 +13,19 @@ launches (a few seconds, mostly the NVRTC compile), plus 12 of the transposed-B 
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - depends on the machine
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-pytest.importorskip("cupy")
-if torch.cuda.get_device_capability() != (9, 0):  # pragma: no cover - wgmma is sm_90a only
-    pytest.skip("wgmma needs an sm_90 (Hopper) GPU", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).parent))
+from _hopper import hopper_missing  # noqa: E402
+
+if reason := hopper_missing():  # pragma: no cover - depends on the machine
+    pytest.skip(reason, allow_module_level=True)
 
 from mobalab.kernels._cuda_wgmma_probe import wgmma_probe  # noqa: E402
 

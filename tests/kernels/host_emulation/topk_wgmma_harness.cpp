@@ -6,12 +6,9 @@
 // buffer stays poisoned where nothing writes, then written back). The kernel text is the source as NVRTC sees it
 // (_build.source) with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
 // the models below (cp.async through cuda_host.h: landing only when the issuing thread waits).
-#include "cuda_host.h"
+#include "harness_io.h"
 
-#include <fstream>
-#include <iostream>
 #include <limits>
-#include <map>
 #include <type_traits>
 
 #define MOBALAB_PTX_CUH 1  // ptx.cuh's text is skipped: the models below stand for it
@@ -75,35 +72,22 @@ const std::map<std::string, void*> kKernels = {
     WG(moba_topk_wg_fp16_d128_full_k8, __half),           WG(moba_topk_wg_fp16_d128_full_k16, __half),
 };
 
-std::vector<unsigned char> read_file(const char* path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) {
-        std::cerr << "topk_wgmma_harness: cannot read " << path << "\n";
-        std::exit(2);
-    }
-    return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 19) {
-        std::cerr << "usage: topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS "
-                     "BLOCK N_BLOCKS TOP_K Q_POS0\n";
-        return 2;
-    }
+    const std::string tool = "topk_wgmma_harness";
+    if (argc != 19)
+        harness::die(tool, "usage: topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS "
+                           "KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0");
     const std::string name = argv[1];
     const auto it = kKernels.find(name);
-    if (it == kKernels.end()) {
-        std::cerr << "topk_wgmma_harness: unknown kernel " << name << "\n";
-        return 2;
-    }
+    if (it == kKernels.end()) harness::die(tool, "unknown kernel " + name);
     const dim3 grid{(unsigned)std::atoi(argv[2]), (unsigned)std::atoi(argv[3]), (unsigned)std::atoi(argv[4])};
     const dim3 block{(unsigned)std::atoi(argv[5]), 1, 1};
     const size_t smem = std::strtoull(argv[6], nullptr, 10);
     const unsigned seed = (unsigned)std::atoi(argv[7]);
-    std::vector<unsigned char> q = read_file(argv[8]), hi = read_file(argv[9]), lo = read_file(argv[10]),
-                               out = read_file(argv[11]);
+    std::vector<unsigned char> q = harness::read_file(tool, argv[8]), hi = harness::read_file(tool, argv[9]),
+                               lo = harness::read_file(tool, argv[10]), out = harness::read_file(tool, argv[11]);
     int ints[7];
     for (int i = 0; i < 7; ++i) ints[i] = std::atoi(argv[12 + i]);
     const bool bf16 = name.find("_bf16_") != std::string::npos;
@@ -123,7 +107,6 @@ int main(int argc, char** argv) {
         const moba::WgmmaThread& t = moba::wgmma_me();
         if (!t.open.empty() || !t.groups.empty()) emu::fail("a thread ended with wgmma groups it never waited for");
     });
-    std::ofstream f(argv[11], std::ios::binary);
-    f.write(reinterpret_cast<const char*>(out.data()), (std::streamsize)out.size());
+    harness::write_file(argv[11], out);
     return 0;
 }

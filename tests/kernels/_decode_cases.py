@@ -1,0 +1,59 @@
+"""The decode-step cases of the host-emulated decode kernels (cuda/decode.cu, cuda/decode_split.cu), and the check
+of one step's outputs against the torch reference (``mobalab.kernels._decode``).
+
+Test modules are imported with ``--import-mode=importlib``: they put this folder on ``sys.path`` and import
+``_decode_cases``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mobalab.kernels import MobaKVCache
+from mobalab.kernels import _decode as D
+
+
+def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False):
+    """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
+
+    ``ties``: every third block repeats block 1, so their sums and scores tie exactly, and the queries make the
+    repeated blocks the best (their exact ties decide the selection); ``shared``: the query heads of a kv head are
+    equal, so they select the same blocks (a small union: each block read once for several rows)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(prompt_lengths)
+    total = max(prompt_lengths) + steps * q_len
+    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype)
+    k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
+    if ties:
+        for j in range(4, max(prompt_lengths) // block, 3):
+            k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
+    v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
+    cache.prefill(k, v, lengths=prompt_lengths)
+    for _ in range(steps):
+        cache.append(torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype),
+                     torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype))
+    q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
+    if shared:
+        group = heads // kv_heads
+        q = q.view(batch, q_len, kv_heads, group, dim)[:, :, :, :1].expand(-1, -1, -1, group, -1)
+        q = q.reshape(batch, q_len, heads, dim).contiguous()
+    if ties:
+        q[:, :, :] = cache.block_sums[:, :1, 1].to(q.dtype).unsqueeze(1)
+    return cache, q
+
+
+def assert_step_matches_reference(q, cache, top_k, scale, bufs, *, block, lengths, ties=False):
+    """The step's selection ``bufs["sel"]`` is the reference routing exactly (with ``ties``: the highest-index tied
+    copies win), ``out`` is one rounding to the 16-bit type from the reference attention, ``lse`` within 1e-5,
+    nothing NaN, and every completion counter is back to zero for the next step."""
+    ref_sel = D._route(q, cache, top_k)
+    assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
+    if ties:  # the tied copies outscore the rest; the highest-index ones win
+        copies = [1] + list(range(4, lengths[0] // block, 3))
+        assert ref_sel[0, 0, 0, 1:].tolist() == sorted(copies, reverse=True)[:top_k - 1]
+    ref_out, ref_lse = D._attend(q, cache, ref_sel, scale)
+    assert not torch.isnan(bufs["out"].float()).any() and not torch.isnan(bufs["lse"]).any()
+    eps = 2.0 ** -8 if q.dtype == torch.bfloat16 else 2.0 ** -11  # one rounding to the 16-bit type
+    torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2 * eps, rtol=2 * eps)
+    torch.testing.assert_close(bufs["lse"], ref_lse, atol=1e-5, rtol=1e-5)
+    assert int(cache._counters.abs().sum()) == 0

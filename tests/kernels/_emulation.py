@@ -1,0 +1,116 @@
+"""The host-emulation harnesses (``host_emulation/*_harness.cpp``) from the tests: build one, run launches in it.
+
+A harness is compiled once per test module (:func:`harness_fixture`) with AddressSanitizer, next to the kernel
+text it includes (the ``cuda/*.cu`` source as NVRTC sees it, written into the build folder under the name the
+harness includes). The manifest harnesses (``host_emulation/harness_io.h``) take a list of launches: every
+tensor a launch names is written to a file, the launches run in order on the host, and the files are read back
+into the tensors.
+
+Test modules are imported with ``--import-mode=importlib``: they put this folder on ``sys.path`` and import
+``_emulation``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels._launch import check_args
+
+HOST_EMULATION = Path(__file__).parent / "host_emulation"
+CXX = shutil.which("g++") or shutil.which("clang++")
+NEEDS_CXX = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++ or clang++)")
+# no _FORTIFY_SOURCE: its checked longjmp rejects the jumps between the coroutine stacks of cuda_host.h
+CXX_FLAGS = ("-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fsanitize=address")
+
+
+def build_harness(build: Path, harness: str, files: dict[str, str], flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``host_emulation/<harness>.cpp`` into ``build/<harness>`` after writing ``files`` (name -> text:
+    the kernel source and any header it includes) into ``build``; skips the test without a C++ compiler."""
+    if CXX is None:
+        pytest.skip("needs a C++ compiler (g++ or clang++)")
+    for name, text in files.items():
+        (build / name).write_text(text)
+    exe = build / harness
+    cmd = [CXX, *CXX_FLAGS, *flags, f"-I{HOST_EMULATION}", f"-I{build}", "-o", str(exe),
+           str(HOST_EMULATION / f"{harness}.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def harness_fixture(harness: str, files, flags: tuple[str, ...] = ()):
+    """The module-scoped fixture ``harness`` of a test module (``harness = harness_fixture(...)``): the executable
+    of :func:`build_harness`, built once per module; ``files`` returns the files to write (called at build time)."""
+
+    @pytest.fixture(scope="module", name="harness")
+    def _harness(tmp_path_factory) -> Path:
+        return build_harness(tmp_path_factory.mktemp(harness), harness, files(), flags)
+
+    return _harness
+
+
+def poison(bufs: dict[str, torch.Tensor]) -> None:
+    """NaN in every float buffer, -7 in every integer one: an element a kernel does not write stays visible."""
+    for t in bufs.values():
+        t.fill_(float("nan") if t.is_floating_point() else -7)
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over the whole storage of ``t`` (shared: writing it writes every view)."""
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+
+
+def _launch_source(launch) -> str:
+    # the decode step's plans (_cuda_decode.Launch) name their file `filename`, _launch.Launch names it `source`
+    return launch.source if hasattr(launch, "source") else launch.filename
+
+
+def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) -> list[str]:
+    check_args(_launch_source(launch), launch.kernel, launch.args)  # exactly what CuPy would receive
+    args = []
+    for a in launch.args:
+        if isinstance(a, torch.Tensor):
+            assert a.is_contiguous()
+            base = a.untyped_storage().data_ptr()
+            storages.setdefault(base, a)
+            args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
+        elif isinstance(a, np.float32):
+            args.append(f"f:{int(a.view(np.uint32))}")
+        elif null_pointers and isinstance(a, int):
+            assert a == 0, (launch.kernel, a)
+            args.append("z:0")
+        else:
+            assert isinstance(a, np.int32), (launch.kernel, a)
+            args.append(f"i:{int(a)}")
+    return args
+
+
+def run_emulated(exe: Path, workdir: Path, launches, seed: int, *, null_pointers: bool = False) -> None:
+    """Execute ``launches`` (``_launch.Launch`` or ``_cuda_decode.Launch``) in the manifest harness ``exe``, launch
+    l with seed ``seed + l``; every tensor they name is updated in place. Arguments are tensors (contiguous),
+    np.int32, np.float32 and, with ``null_pointers``, the int 0 (a null pointer)."""
+    storages: dict[int, torch.Tensor] = {}
+    tokens = [(launch, _arg_tokens(launch, storages, null_pointers)) for launch in launches]
+    lines = [f"seed {seed}", f"buffers {len(storages)}"]
+    for i, t in enumerate(storages.values()):
+        raw = storage_bytes(t).numpy()
+        src, dst = workdir / f"buf{i}.in", workdir / f"buf{i}.out"
+        raw.tofile(src)
+        lines.append(f"{i} {raw.size} {src} {dst}")
+    lines.append(f"launches {len(tokens)}")
+    for launch, args in tokens:
+        grid, block = (*launch.grid, 1, 1)[:3], (*launch.block, 1, 1)[:3]
+        lines.append(" ".join([launch.kernel, *map(str, grid), *map(str, block), str(launch.shared_mem),
+                               str(len(args)), *args]))
+    manifest = workdir / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for i, t in enumerate(storages.values()):
+        storage_bytes(t).copy_(torch.from_numpy(np.fromfile(workdir / f"buf{i}.out", dtype=np.uint8)))

@@ -1,0 +1,54 @@
+"""One kernel source compiled by nvcc for sm_90a, and ptxas' ``-v`` report of its entry points.
+
+The source is taken as NVRTC sees it (``_build.source``) and compiled with the project's NVRTC options
+(``_build.NVRTC_OPTIONS``, ``-arch`` replaced by ``-gencode=arch=compute_90a,code=sm_90a``: see test_compile.py)
+to a cubin. The report gives, per entry function, registers, static shared memory, stack frame and spills (stores
+plus loads); the lines after "Compiling entry function" belong to that entry until the next one.
+
+Test modules are imported with ``--import-mode=importlib``: they put this folder on ``sys.path`` and import
+``_ptxas_report``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from mobalab.kernels._build import NVRTC_OPTIONS, source
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def nvcc_flags() -> list[str]:
+    keep = [o for o in NVRTC_OPTIONS if not o.startswith("-arch")]
+    return [*keep, "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
+
+
+def entry_report(filename: str, tmp: Path) -> dict[str, dict[str, int]]:
+    """``{entry: {registers, smem, stack, spills}}`` of ``cuda/<filename>`` compiled in ``tmp`` (fails the test
+    when nvcc does); prints the table (run pytest with ``-s`` to see it)."""
+    src = tmp / filename
+    src.write_text(source(filename))
+    proc = subprocess.run([shutil.which("nvcc"), *nvcc_flags(), "-o", str(src.with_suffix(".cubin")), str(src)],
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"nvcc failed on {filename}:\n{log}"
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = m.group(1)
+            out[current] = {}
+        elif (m := _FRAME.search(line)) and current:
+            out[current].update(stack=int(m.group(1)), spills=int(m.group(2)) + int(m.group(3)))
+        elif (m := _USED.search(line)) and current:
+            out[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    print(f"\n{'kernel':<32} {'regs':>5} {'smem':>5} {'stack':>6} {'spill':>6}")
+    for name, r in sorted(out.items()):
+        print(f"{name:<32} {r.get('registers', 0):>5} {r.get('smem', 0):>5} {r.get('stack', 0):>6} "
+              f"{r.get('spills', 0):>6}")
+    return out
