@@ -22,7 +22,7 @@ def _combined(pieces, shape):
     acc = Accumulator(shape, torch.float64, "cpu")
     for lo, hi, out, lse in pieces:
         acc.add(lo, hi, out, lse)
-    return acc.out, acc.lse
+    return acc.result()
 
 
 def _summed(result, q_shape, n_keys):
@@ -272,10 +272,10 @@ def test_accumulator_folds_parts_by_log_sum_exp():
 
 
 def test_gradient_sum_copies_fresh_rows_adds_the_rest_and_zeroes_untouched():
-    from mobalab.distributed._ring import _Sum
+    from mobalab.distributed._merge import GradientSum
 
     g = torch.Generator().manual_seed(9)
-    total = _Sum((2, 20, 3), torch.float64, "cpu")
+    total = GradientSum((2, 20, 3), torch.float64, "cpu")
     want = torch.zeros(2, 20, 3, dtype=torch.float64)
     for lo, hi in ((4, 9), (6, 14), (0, 3), (4, 9), (12, 16)):  # overlaps, repeats, a gap at 3 and 16..19
         piece = torch.randn(2, hi - lo, 3, generator=g).to(torch.bfloat16)

@@ -7,7 +7,8 @@ Attention of a query over a key set split into parts :math:`p` (here: the shards
 
 with :math:`(o_p, \mathrm{lse}_p)` the softmax attention over part p alone; a part with nothing attended has
 :math:`\mathrm{lse}_p = -\infty` and weight 0. Folding the parts in one at a time gives the same result in
-any order up to rounding.
+any order up to rounding. Gradients of a shard's pieces simply add (:class:`GradientSum`). Both copy a piece
+into rows that nothing has written yet instead of combining it with a neutral start (:class:`_Rows`).
 """
 
 from __future__ import annotations
@@ -16,35 +17,86 @@ import math
 
 import torch
 
-__all__ = ["Accumulator"]
+__all__ = ["Accumulator", "GradientSum"]
+
+
+class _Rows:
+    """The row ranges written so far, to tell which rows of a new range are untouched."""
+
+    def __init__(self):
+        self._written: list[tuple[int, int]] = []
+
+    def split(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """[lo, hi) cut at the bounds of the written ranges: (start, end, untouched) pieces in order; then
+        [lo, hi) counts as written."""
+        cuts = sorted({lo, hi, *(x for a, b in self._written for x in (a, b) if lo < x < hi)})
+        pieces = [(r0, r1, all(r1 <= a or r0 >= b for a, b in self._written))
+                  for r0, r1 in zip(cuts, cuts[1:], strict=False) if r1 > r0]
+        self._written.append((lo, hi))
+        return pieces
 
 
 class Accumulator:
     """Running (out, lse) of a shard's queries, in the compute dtype, folded in part by part.
 
-    Bytes per element of out (the cost at millions of rows): the first part of a row range is copied in
-    (read the part, write the accumulator: e + 4 for input dtype e); a later one is ``mul_`` then ``addcmul_``
-    (4 + 4, then 4 + e + 4), where separate scale, cast, multiply and add passes moved about twice as much.
+    Read the combination with :meth:`result`. Bytes per element of out (the cost at millions of rows): the
+    first part of a row range is copied in (read the part, write the accumulator: e + 4 for input dtype e); a
+    later one is ``mul_`` then ``addcmul_`` (4 + 4, then 4 + e + 4), where separate scale, cast, multiply and
+    add passes moved about twice as much; nothing is filled beforehand.
     """
 
     def __init__(self, out_shape, dtype: torch.dtype, device):
-        self.out = torch.zeros(out_shape, dtype=dtype, device=device)
-        self.lse = torch.full(tuple(out_shape[:3]), -math.inf, dtype=dtype, device=device)
-        self._folded: list[tuple[int, int]] = []  # row ranges that hold a part already
+        self.out = torch.empty(out_shape, dtype=dtype, device=device)
+        self.lse = torch.empty(tuple(out_shape[:3]), dtype=dtype, device=device)
+        self._rows = _Rows()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse); rows that no part reached are (0, -inf)."""
+        for r0, r1, fresh in self._rows.split(0, self.out.shape[1]):
+            if fresh:
+                self.out[:, r0:r1].zero_()
+                self.lse[:, r0:r1].fill_(-math.inf)
+        return self.out, self.lse
 
     def add(self, lo: int, hi: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Fold the partial ``out`` (batch, hi - lo, heads, d) and ``lse`` of query rows ``lo .. hi - 1`` in."""
-        acc_out, acc_lse = self.out[:, lo:hi], self.lse[:, lo:hi]
-        lse = lse.to(acc_lse.dtype)
-        fresh = all(hi <= a or lo >= b for a, b in self._folded)
-        self._folded.append((lo, hi))
-        if fresh:  # (0, -inf) folded with (o, lse) is (o, lse) exactly: weight e^(lse - lse) = 1, or 0 with o = 0
-            acc_out.copy_(out)
-            acc_lse.copy_(lse)
-            return
+        lse = lse.to(self.lse.dtype)
+        for r0, r1, fresh in self._rows.split(lo, hi):
+            part_out, part_lse = out[:, r0 - lo:r1 - lo], lse[:, r0 - lo:r1 - lo]
+            if fresh:  # (0, -inf) folded with (o, lse) is (o, lse) exactly: weight e^0 = 1, or 0 with o = 0
+                self.out[:, r0:r1].copy_(part_out)
+                self.lse[:, r0:r1].copy_(part_lse)
+            else:
+                self._fold(self.out[:, r0:r1], self.lse[:, r0:r1], part_out, part_lse)
+
+    @staticmethod
+    def _fold(acc_out, acc_lse, out, lse) -> None:
         total = torch.logaddexp(acc_lse, lse)
         empty = total == -math.inf  # neither side attended anything yet: keep zeros, avoid -inf - -inf
         w_old = torch.where(empty, 0.0, torch.exp(acc_lse - total)).unsqueeze(-1)
         w_new = torch.where(empty, 0.0, torch.exp(lse - total)).unsqueeze(-1)
         acc_out.mul_(w_old).addcmul_(out, w_new)
         acc_lse.copy_(total)
+
+
+class GradientSum:
+    """An fp32 sum over dim 1 of a (batch, n, ...) tensor built from pieces: a piece on untouched rows is copied
+    in (read e, write 4 bytes per element), later ones are added; :meth:`result` zeroes the rows that nothing
+    touched. (Zeroing first and adding every piece moved 4 + 10 bytes per element.)"""
+
+    def __init__(self, shape, dtype, device):
+        self.value = torch.empty(shape, dtype=dtype, device=device)
+        self._rows = _Rows()
+
+    def add(self, lo: int, hi: int, piece: torch.Tensor) -> None:
+        for r0, r1, fresh in self._rows.split(lo, hi):
+            if fresh:
+                self.value[:, r0:r1].copy_(piece[:, r0 - lo:r1 - lo])
+            else:
+                self.value[:, r0:r1] += piece[:, r0 - lo:r1 - lo]
+
+    def result(self) -> torch.Tensor:
+        for r0, r1, fresh in self._rows.split(0, self.value.shape[1]):
+            if fresh:
+                self.value[:, r0:r1].zero_()
+        return self.value

@@ -29,7 +29,7 @@ from ..kernels import _contract as C
 from ._group import Ring, exchange
 from ._layout import Layout
 from ._local import Params, backward_pair, cuda_kernels, forward_pair
-from ._merge import Accumulator
+from ._merge import Accumulator, GradientSum
 from ._routing import route
 
 __all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "ring_bytes_per_token",
@@ -79,43 +79,13 @@ def ring_forward(q, k, v, topk, plan: Plan):
             request.wait()
         if incoming is not None:
             held = incoming
-    return acc.out.to(q.dtype), acc.lse
-
-
-class _Sum:
-    """An fp32 sum over dim 1 of a (batch, n, ...) tensor built from pieces: a piece on rows that no piece has
-    touched yet is copied in (read e, write 4 bytes per element), later ones are added; ``result()`` zeroes the
-    rows that nothing touched. (Zeroing first and adding every piece moved 4 + 10 bytes per element.)"""
-
-    def __init__(self, shape, dtype, device):
-        self.value = torch.empty(shape, dtype=dtype, device=device)
-        self._touched: list[tuple[int, int]] = []
-
-    def add(self, lo: int, hi: int, piece: torch.Tensor) -> None:
-        for r0, r1, fresh in _split_by_touched(lo, hi, self._touched):
-            if fresh:
-                self.value[:, r0:r1].copy_(piece[:, r0 - lo:r1 - lo])
-            else:
-                self.value[:, r0:r1] += piece[:, r0 - lo:r1 - lo]
-        self._touched.append((lo, hi))
-
-    def result(self) -> torch.Tensor:
-        for r0, r1, fresh in _split_by_touched(0, self.value.shape[1], self._touched):
-            if fresh:
-                self.value[:, r0:r1].zero_()
-        return self.value
-
-
-def _split_by_touched(lo: int, hi: int, touched: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
-    """[lo, hi) cut at the bounds of the ``touched`` ranges: (start, end, untouched) pieces in order."""
-    cuts = sorted({lo, hi, *(x for a, b in touched for x in (a, b) if lo < x < hi)})
-    return [(r0, r1, all(r1 <= a or r0 >= b for a, b in touched)) for r0, r1 in zip(cuts, cuts[1:], strict=False)
-            if r1 > r0]
+    out, lse = acc.result()
+    return out.to(q.dtype), lse
 
 
 def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
     """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
-    it); its dQ terms are added to ``dq`` (a :class:`_Sum`)."""
+    it); its dQ terms are added to ``dq`` (a :class:`GradientSum`)."""
     grad_k = grad_v = None
     for qseg in plan.layout.segments(plan.ring.rank):
         rows = slice(qseg.local, qseg.local + qseg.length)
@@ -128,8 +98,8 @@ def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int,
                 dq.add(qseg.local + lo, qseg.local + hi, piece)
             for lo, hi, dk, dv in dkv_pieces:
                 if grad_k is None:
-                    grad_k = _Sum(k_held.shape, dq.value.dtype, k_held.device)
-                    grad_v = _Sum(v_held.shape, dq.value.dtype, v_held.device)
+                    grad_k = GradientSum(k_held.shape, dq.value.dtype, k_held.device)
+                    grad_v = GradientSum(v_held.shape, dq.value.dtype, v_held.device)
                 grad_k.add(kseg.local + lo, kseg.local + hi, dk)
                 grad_v.add(kseg.local + lo, kseg.local + hi, dv)
     return (None, None) if grad_k is None else (grad_k.result(), grad_v.result())
@@ -144,7 +114,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
     """
     ring, layout = plan.ring, plan.layout
     kernels = cuda_kernels(q, plan.params, plan.kernels)
-    dq = _Sum(q.shape, C.compute_dtype(q.dtype), q.device)
+    dq = GradientSum(q.shape, C.compute_dtype(q.dtype), q.device)
     # finished: the gradient of the shard handled at the last step, summed over the ranks it has visited
     held, finished = (k.contiguous(), v.contiguous()), None
     for step in range(ring.world):
