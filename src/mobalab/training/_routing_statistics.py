@@ -66,6 +66,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._transformer import rotate
+
 __all__ = ["routing_statistics", "STAT_COLUMNS"]
 
 #: the per-head columns :func:`routing_statistics` returns, in order
@@ -126,17 +128,6 @@ def _score_stats(s, t_blk, c_star, p, block_size, n_blocks):
 
 
 @torch.no_grad()
-def _rotate(x: torch.Tensor, offset: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE rotation (rotate-half pairs, as the model applies it) of x (..., d) by ``offset`` (...) positions."""
-    d = x.shape[-1]
-    half = d // 2
-    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / d)
-    angle = offset.to(torch.float32)[..., None] * inv
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
 def _span_coherence(qv, kf, needle_pos, mu_n, span: int, base: float):
     """Per query and head: the run's excess as seen, and with every run key rotated to the anchor's position;
     the RoPE model's factor for the anchor (module docstring, RoPE factor)."""
@@ -147,7 +138,7 @@ def _span_coherence(qv, kf, needle_pos, mu_n, span: int, base: float):
     s_run = torch.einsum("bqhd,bqrhd->bqhr", qv, run)
     anchor = s_run.argmax(-1)  # (b, Q, H)
     off = (anchor[..., None] - i).permute(0, 1, 3, 2)  # (b, Q, r, H): rotate run key i by a - i
-    s_coh = torch.einsum("bqhd,bqrhd->bqhr", qv, _rotate(run, off, base))
+    s_coh = torch.einsum("bqhd,bqrhd->bqhr", qv, rotate(run, off, base))
     seen = (s_run - mu_n[..., None]).sum(-1)
     coherent = (s_coh - mu_n[..., None]).sum(-1)
     theta = base ** (-torch.arange(d // 2, device=qv.device, dtype=torch.float64) * 2.0 / d)

@@ -97,11 +97,18 @@ def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     >>> [[round(v, 4) for v in row] for row in rotary(x)[0, :, 0].tolist()]  # (cos t, sin t), t = 0, 1, 2
     [[1.0, 0.0], [0.5403, 0.8415], [-0.4161, 0.9093]]
     """
-    n, d = x.shape[1], x.shape[-1]
+    positions = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+    return rotate(x, positions, base)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """The rotation of :func:`rotary` by ``positions`` (broadcast against x's leading dims, e.g. offsets per
+    element); computed in fp32, returned in x's dtype."""
+    d = x.shape[-1]
     half = d // 2
     inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / d)
-    angle = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = positions.to(torch.float32)[..., None] * inv
+    cos, sin = angle.cos(), angle.sin()
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
