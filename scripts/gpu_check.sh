@@ -64,6 +64,14 @@ status=0
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$W/env.txt"
 
+tiles_ncu() {  # tiles_ncu NAME: Nsight Compute over scripts/profile_tiles.py into $W/NAME.ncu-rep and its table
+  timeout "$(cap 240)" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+    --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
+    -f -o "$W/$1" python3 scripts/profile_tiles.py > "$W/${1}_ncu.log" 2>&1 \
+  && python3 scripts/ncu_summary.py "$W/$1.ncu-rep" > "$W/${1}_ncu_table.md" 2>> "$W/${1}_ncu.log"
+}
+
 for step in "${STEPS[@]}"; do
   start=$(date +%s)
   if [ "$DEADLINE" -gt 0 ] && [ $(( DEADLINE - start )) -lt 25 ]; then
@@ -130,18 +138,8 @@ for step in "${STEPS[@]}"; do
                    > "$W/bench_hf.log" 2>&1 || status=1 ;;
     decode-full) timeout $(cap 590) python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
-    tiles-ncu) timeout $(cap 240) ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
-                 --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
-                 --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
-                 -f -o "$W/tiles" python3 scripts/profile_tiles.py > "$W/tiles_ncu.log" 2>&1 \
-               && python3 scripts/ncu_summary.py "$W/tiles.ncu-rep" > "$W/tiles_ncu_table.md" 2>> "$W/tiles_ncu.log" \
-               || status=1 ;;
-    tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws timeout $(cap 240) ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
-                 --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
-                 --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
-                 -f -o "$W/tiles_ws" python3 scripts/profile_tiles.py > "$W/tiles_ws_ncu.log" 2>&1 \
-               && python3 scripts/ncu_summary.py "$W/tiles_ws.ncu-rep" > "$W/tiles_ws_ncu_table.md" 2>> "$W/tiles_ws_ncu.log" \
-               || status=1 ;;
+    tiles-ncu) tiles_ncu tiles || status=1 ;;
+    tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws tiles_ncu tiles_ws || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;

@@ -257,6 +257,7 @@ def _function(kernel: str, device_index: int):
 
 
 @functools.cache
+@functools.cache  # asked at every decode step
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
