@@ -2,39 +2,24 @@
 
 Usage: python scripts/bench_router.py [--lengths 8192,65536] [--out DIR]
 
-Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), CUDA events
-on torch's current stream, median of >= 10 reps after 3 warm-ups; batch 2, 16 heads, d 128, B 128, k 8, causal,
-bf16, random normal inputs. Also the selections of the two variants against each other (slots that differ; only
-near-ties may, see tests/kernels/test_routing_gpu.py). Useful TFLOP/s: 2 b h d per (query, candidate block)
-score. Writes router_table.md under --out and prints it.
+Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), timed by
+`mobalab.bench.attention.time_ms` (CUDA events on torch's current stream, median of >= 10 reps after 3
+warm-ups); batch 2, 16 heads, d 128, B 128, k 8, causal, bf16, random normal inputs. Also the selections of the
+two variants against each other (slots that differ; only near-ties may, see tests/kernels/test_routing_gpu.py).
+Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.md under --out and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from pathlib import Path
 
 import torch
 
+from mobalab.bench.attention import time_ms
 from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels._launch import launch
-
-
-def timed(fn, reps=10, warm=3, min_ms=200.0):
-    for _ in range(warm):
-        fn()
-    times, total = [], 0.0
-    while (len(times) < reps or total < min_ms) and len(times) < 200:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-        total += times[-1]
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -63,7 +48,7 @@ def main() -> int:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
                 plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=variant)
-                ms = timed(lambda plan=plan: launch(plan))
+                ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")
                 lines.append(f"| {seqlen} | {variant} | failed | | | |")
