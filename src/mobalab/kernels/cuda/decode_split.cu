@@ -66,7 +66,12 @@
 //   estimate's order; the routing did not: a rank count per candidate (each of RB + lcap candidates against
 //   all others, in shared memory) cost several times a tile's loads. Since then a warp per row merges a tile
 //   by lcap rounds of warp arg-max (a few hundred instructions per row instead of ~70 compares per candidate),
-//   at 2 CTAs per SM (the merge's registers; 64 KB in flight per SM still covers Little's law).
+//   at 2 CTAs per SM (the merge's registers; 64 KB in flight per SM still covers Little's law), and a CTA
+//   streams a range of tiles with the next tile's loads in flight. Measured after both (260d22a): 512K routing
+//   0.147 ms (still under 1 TB/s; Nsight Compute: barrier stalls, 20% of DRAM peak), 32K 0.020 ms; so
+//   moba_decode runs this kernel only up to 2048 candidate blocks. (The per-tile reset of the next lists
+//   before the merge is redundant since the warp merge writes every entry; left until a GPU run can check
+//   its removal.)
 // Why bandwidth-first should get to ~3.5 TB/s where decode.cu did not: every CTA issues all of its loads
 // before it uses any, there is no hand-over wait between CTAs (the kernel boundary is the only barrier), and
 // 4 CTAs per SM overlap one CTA's scoring / softmax with the others' loads; decode.cu's 2 persistent CTAs per
