@@ -209,3 +209,38 @@ def test_lse_does_not_depend_on_the_partial_format(variant, gpu, monkeypatch):
     torch.testing.assert_close(lse16, lse32, rtol=2.5e-7, atol=1e-6)
     # while out does see the format (the environment variable took effect)
     assert not torch.equal(out16, out32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_merge_into_fp32_stores_and_folds(dim, gpu):
+    """``into``: the merge stores fp32 (out, lse) whose rounding to the input dtype is the usual output bit for
+    bit; ``fold`` combines with what the buffers hold by log-sum-exp, equal to the torch fold of two separate
+    calls (here over two different routings, and rows where one side attends nothing)."""
+    import math
+
+    q, k, v = gpu.inputs(1, 3000, 8, 2, dim, torch.bfloat16, seed=dim)
+    topk = moba_topk_cuda(q, k, 64, 4, causal=True)
+    out, lse = A.moba_attention_cuda(q, k, v, 64, 4, causal=True, return_lse=True, topk_indices=topk)
+    acc_out = torch.full(q.shape, math.nan, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full(q.shape[:3], math.nan, dtype=torch.float32, device=q.device)
+    got = A.moba_attention_cuda(q, k, v, 64, 4, causal=True, topk_indices=topk, into=(acc_out, acc_lse))
+    assert got[0] is acc_out and got[1] is acc_lse
+    assert torch.equal(acc_out.to(q.dtype), out) and torch.equal(acc_lse, lse)
+    # a second routing: slot 0 only, and no slot at all for every third query
+    other = topk.clone()
+    other[..., 1:] = -1
+    other[:, ::3] = -1
+    out2, lse2 = A.moba_attention_cuda(q, k, v, 64, 4, causal=True, return_lse=True, topk_indices=other)
+    A.moba_attention_cuda(q, k, v, 64, 4, causal=True, topk_indices=other, into=(acc_out, acc_lse), fold=True)
+    total = torch.logaddexp(lse, lse2)
+    want = (torch.exp(lse - total).unsqueeze(-1) * out.float() + torch.exp(lse2 - total).unsqueeze(-1) * out2.float())
+    torch.testing.assert_close(acc_lse, total, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acc_out, want, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(acc_out[:, ::3], out[:, ::3].float(), atol=1e-6, rtol=0)  # weight 1 and 0 exactly
+    # nothing on both sides stays (0, -inf)
+    none = torch.full_like(topk, -1)
+    acc_out.zero_()
+    acc_lse.fill_(-math.inf)
+    A.moba_attention_cuda(q, k, v, 64, 4, causal=True, topk_indices=none, into=(acc_out, acc_lse), fold=True)
+    assert not acc_out.any() and (acc_lse == -math.inf).all()

@@ -131,6 +131,12 @@ def test_backward_wrapper_validates_before_the_device():
                           (dict(), "needs CUDA tensors")]:
         with pytest.raises(ValueError, match=match):
             G.moba_attention_backward_cuda(**(args | change))
+    f32 = [torch.zeros(x.shape) for x in (q, k, v)]
+    for into, match in [(f32[:2], "into must be"), ([f32[0].half(), *f32[1:]], "into dq has dtype"),
+                        ([f32[0], f32[0], f32[2]], "into dk has shape"),
+                        ([f32[0], f32[1], torch.zeros(*v.shape[:3], 128)[..., ::2]], "into dv must be contig")]:
+        with pytest.raises(ValueError, match=match):
+            G.moba_attention_backward_cuda(**args, into=into)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -88,6 +88,33 @@ def test_deterministic_is_bit_identical(causal, block, gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("budget", [None, 1 << 20])
+def test_gradients_into_fp32_buffers(budget, gpu):
+    """``into``: dQ added into the caller's fp32 rows, dK / dV stored when ``kv_fresh`` (poisoned buffers: every
+    key row must be written), added otherwise; two calls give twice the gradients of the usual call. With a
+    tiny scratch budget the chunks split the query range (the store, then adds, within one call)."""
+    q, k, v, dout = gpu.inputs(2, 3000, 8, 2, 128, torch.bfloat16, seed=7, dout=True)
+    topk = gpu.routing(q, k, 64, 8, True)
+    out, lse = moba_attention_cuda(q, k, v, 64, 8, causal=True, return_lse=True, topk_indices=topk)
+    args = (dout, q, k, v, out, lse, topk, 64, 8, True, 0.125)
+    want = G.moba_attention_backward_cuda(*args, scratch_budget_bytes=budget)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = (torch.full(x.shape, math.nan, dtype=torch.float32, device=x.device) for x in (k, v))
+    got = G.moba_attention_backward_cuda(*args, scratch_budget_bytes=budget, into=(dq, dk, dv), kv_fresh=True)
+    assert all(a is b for a, b in zip(got, (dq, dk, dv), strict=True))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.to(b.dtype).float(), b.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(dk.to(k.dtype), want[1]) and torch.equal(dv.to(v.dtype), want[2])  # one writer each
+    once = [x.clone() for x in got]
+    G.moba_attention_backward_cuda(*args, scratch_budget_bytes=budget, into=(dq, dk, dv), kv_fresh=False)
+    for a, b in zip((dq, dk, dv), once, strict=True):
+        torch.testing.assert_close(a, 2 * b, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="deterministic"):
+        G.moba_attention_backward_cuda(*args, deterministic=True, into=(dq, dk, dv))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_chunked_backward(deterministic, gpu, poisoned_empty):
     # A tiny scratch budget splits query ranges: dK/dV go through the fp32 store/add path.

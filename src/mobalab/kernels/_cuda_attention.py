@@ -367,15 +367,21 @@ def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seql
     return Launch(source, name, (grid,), (threads,), args, shared_mem=smem, defines=partial_defines(partial))
 
 
+#: merge output modes (attention.cuh, merge_rows): out in the input dtype; fp32 (out, lse) stored; folded in
+MERGE_OUT, MERGE_STORE, MERGE_FOLD = 0, 1, 2
+
+
 def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k, n_blocks, chunk: Chunk,
-                 write_lse, partial) -> Launch:
+                 write_lse, partial, out_mode: int = MERGE_OUT) -> Launch:
     """Merge of each (query, head)'s slot partials (o in the ``partial`` format) into out (and lse), one warp
-    per row."""
+    per row; with ``out_mode`` MERGE_STORE / MERGE_FOLD into fp32 ``out`` and ``lse`` (stored, or folded into
+    what they hold by log-sum-exp)."""
     partial = resolve_partial(partial)
-    _check_part_o("merge_launch", part_o, out.dtype, partial)
+    if out_mode == MERGE_OUT:  # (fp32 out does not tell the input dtype; the kernel name does)
+        _check_part_o("merge_launch", part_o, out.dtype, partial)
     args = (part_o, part_ml, topk, out, lse, np.int32(seqlen), np.int32(heads), np.int32(top_k),
             np.int32(n_blocks), np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads),
-            np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(1 if write_lse else 0))
+            np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(1 if write_lse else 0), np.int32(out_mode))
     warps = chunk.n_heads * chunk.n_q
     return Launch(SOURCE, name, (math.ceil(warps / (MERGE_THREADS // 32)),), (MERGE_THREADS,), args,
                   defines=partial_defines(partial))
@@ -387,7 +393,7 @@ def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k,
 
 def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
                         return_lse: bool = False, topk_indices=None, *, variant: str | None = None,
-                        scratch_budget_bytes: int | None = None):
+                        scratch_budget_bytes: int | None = None, into=None, fold: bool = False):
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
@@ -398,6 +404,11 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
     per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
     ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
+
+    ``into`` (out, lse), contiguous fp32 tensors of shapes (batch, seqlen, heads, d) and (batch, seqlen,
+    heads): the result is stored there in fp32 instead, or with ``fold`` combined by log-sum-exp with the
+    (out, lse) they hold, which is how attention over several key sets adds up (context parallelism); returns
+    ``into``.
     """
     fn = "moba_attention_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -412,16 +423,29 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     partial = resolve_partial(None)
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
+    if into is not None:
+        _check_into(fn, into, q)
     C.check_cuda_device(fn, q)
     if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(q.device) != (9, 0):
         raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
                          f"{torch.cuda.get_device_capability(q.device)}")
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes, partial)
+                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold))
 
 
-def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial):
+def _check_into(fn, into, q) -> None:
+    if len(into) != 2:
+        raise ValueError(f"{fn}: into must be (out, lse); got {len(into)} tensors")
+    for name, buf, shape in (("out", into[0], q.shape), ("lse", into[1], q.shape[:3])):
+        C.check_like(fn, f"into {name}", buf, shape, dtypes=(torch.float32,), device=q.device)
+        if not buf.is_contiguous():
+            raise ValueError(f"{fn}: into {name} must be contiguous (the merge kernel addresses it as a dense "
+                             f"array); got strides {tuple(buf.stride())}")
+
+
+def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,
+             into=None, fold=False):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -434,8 +458,11 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     topk = topk.to(torch.int32).contiguous()
 
     device = q.device
-    out = torch.empty_like(q)
-    lse = torch.empty((batch, seqlen, heads) if return_lse else (1,), dtype=torch.float32, device=device)
+    if into is not None:
+        (out, lse), out_mode = into, (MERGE_FOLD if fold else MERGE_STORE)
+    else:
+        out, out_mode = torch.empty_like(q), MERGE_OUT
+        lse = torch.empty((batch, seqlen, heads) if return_lse else (1,), dtype=torch.float32, device=device)
 
     if budget is None:
         budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
@@ -468,7 +495,9 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
                           source=fwd_source(dim, block_size, variant), threads=fwd_threads(dim, variant),
                           max_ctas=max_ctas))
         launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
-                            n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial))
+                            n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial, out_mode=out_mode))
+    if into is not None:
+        return into
     if return_lse:
         return out, lse
     return out

@@ -138,12 +138,18 @@ def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, 
 
 def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool,
                                  scale: float, deterministic: bool = False, dlse=None, *,
-                                 scratch_budget_bytes: int | None = None):
+                                 scratch_budget_bytes: int | None = None, into=None, kv_fresh: bool = False):
     """dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
 
     Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
     is the gradient w.r.t. the returned LSE, or None. ``scratch_budget_bytes`` bounds the per-chunk scratch
     (None: the forward's default budget). Gradients come back in the input dtype.
+
+    ``into`` (dq, dk, dv), contiguous fp32 tensors shaped like q, k, v: the gradients are added into them
+    instead (dQ by the kernel's atomics, so its rows must hold a value already; dK, dV stored over whatever
+    they hold when ``kv_fresh``, else added), and they are returned. For callers that sum gradients over
+    several calls (context parallelism): no conversion to the input dtype and back per call. Not with
+    ``deterministic=True``.
     """
     fn = "moba_attention_backward_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -160,13 +166,29 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     C.check_topk_indices(fn, topk, q, top_k, name="topk")
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
+    if into is not None:
+        _check_into(fn, into, (q, k, v), deterministic)
     C.check_cuda_device(fn, q)
     with torch.cuda.device(q.device):
         return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
-                         scratch_budget_bytes)
+                         scratch_budget_bytes, into, kv_fresh)
 
 
-def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget):
+def _check_into(fn, into, like, deterministic) -> None:
+    if deterministic:
+        raise ValueError(f"{fn}: into= (gradients added into fp32 buffers) is not supported with "
+                         "deterministic=True: the deterministic dQ is written by its slot merge")
+    if len(into) != 3:
+        raise ValueError(f"{fn}: into must be (dq, dk, dv); got {len(into)} tensors")
+    for name, buf, x in zip(("dq", "dk", "dv"), into, like, strict=True):
+        C.check_like(fn, f"into {name}", buf, x.shape, dtypes=(torch.float32,), device=x.device)
+        if not buf.is_contiguous():
+            raise ValueError(f"{fn}: into {name} must be contiguous (the kernel addresses it as a dense "
+                             f"(batch, seqlen, heads, d) array); got strides {tuple(buf.stride())}")
+
+
+def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
+              into=None, kv_fresh=False):
     q, k, v, out, dout = (kernel_ready(x) for x in (q, k, v, out, dout.to(q.dtype)))
     lse = lse.float().contiguous()
     topk = topk.to(torch.int32).contiguous()
@@ -190,14 +212,20 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     scratch = A.pair_scratch(max_pairs, max_seg, device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    split = any(dkv_mode(c, seqlen) != 0 for c in chunks)
-    if split:
-        dk_acc = torch.empty(k.shape, dtype=torch.float32, device=device)
-        dv_acc = torch.empty(v.shape, dtype=torch.float32, device=device)
+    if into is not None:  # the fp32 buffers are the result: nothing to copy back (dk, dv unused: modes 1 / 2)
+        dk_acc, dv_acc = dk, dv = into[1], into[2]
+        split = False
     else:
-        dk_acc, dv_acc = dk, dv  # unused by the kernel (dkv_mode 0)
-    if deterministic:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        split = any(dkv_mode(c, seqlen) != 0 for c in chunks)
+        if split:
+            dk_acc = torch.empty(k.shape, dtype=torch.float32, device=device)
+            dv_acc = torch.empty(v.shape, dtype=torch.float32, device=device)
+        else:
+            dk_acc, dv_acc = dk, dv  # unused by the kernel (dkv_mode 0)
+    if into is not None:
+        dq_acc = part_dq = into[0]
+    elif deterministic:
         dq = torch.empty_like(q)
         part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
         dq_acc = part_dq  # unused (dq_mode 1/2)
@@ -217,7 +245,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         launch(rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
-                      chunk=c, n_seg=n_seg, causal=causal, scale=scale, dkv_mode=dkv_mode(c, seqlen), smem=smem)
+                      chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem,
+                      dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2))
         if deterministic:
             for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add
                 launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,
@@ -227,6 +256,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         else:
             launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,
                               dv_acc, sub0=0, n_sub_launch=n_sub, dq_mode=0, **common))
+    if into is not None:
+        return into
     if not deterministic:
         dq = dq_acc.to(q.dtype)
     if split:

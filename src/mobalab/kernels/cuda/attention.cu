@@ -99,10 +99,11 @@ MOBA_ATTN_TILE_KERNEL(moba_attn_res_f16_d256_kt64,   attn_resident, __half,     
 #define MOBA_ATTN_MERGE_KERNEL(NAME, T, D)                                                                            \
   extern "C" __global__ void __launch_bounds__(256) NAME(                                                             \
       const void* part_o, const float* part_ml, const int* topk, void* out, float* lse, int seqlen, int heads,        \
-      int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {              \
+      int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse,                \
+      int out_mode) {                                                                                                 \
     moba::merge_rows<T, moba::PartialElem<T>, D>(static_cast<const moba::PartialElem<T>*>(part_o), part_ml, topk, out, \
                                                  lse, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, \
-                                                 n_q, write_lse);                                                     \
+                                                 n_q, write_lse, out_mode);                                           \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)

@@ -617,11 +617,16 @@ __device__ __forceinline__ void load_slot_slice(float (&x)[V], const P* src, boo
 }
 
 // Merge: one warp per (query, head) of the chunk; slots combined in slot order, in fp32 whatever the partial
-// element type P (float or T).
+// element type P (float or T). out_mode 0: out in T (lse when write_lse); 1: out and lse stored in fp32;
+// 2: folded into the fp32 (out, lse) already there by log-sum-exp, for callers that combine the attention over
+// several key sets (context parallelism): lse' = log(e^lse + e^lse_new), out' = w out + w_new o with
+// w = e^(lse - lse'), w_new = e^(lse_new - lse') (w + w_new = 1; both 0 while neither attends anything).
+// Saves the caller's pass that reads T out back and the fold's two passes over fp32.
 template <typename T, typename P, int D>
 __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml, const int* topk, void* out_,
                                            float* lse, int seqlen, int heads, int top_k, int n_blocks,
-                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse) {
+                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse,
+                                           int out_mode) {
   static_assert(kIsFloat<P> || kSameType<P, T>, "partial o is fp32 or the input type");
   constexpr int V = kRowLaneElems<D>;  // elements per lane
   const int lane = threadIdx.x & 31;
@@ -680,15 +685,45 @@ __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml
       for (int e = 0; e < V; ++e) acc[e] = fmaf(ws[u], x[u][e], acc[e]);
   }
   const float inv = L > 0.f ? 1.f / L : 0.f;
-  T* out = static_cast<T*>(out_) + row * D + lane * V;
+  const float lse_new = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : neg_inf();
+  if (out_mode == 0) {
+    T* out = static_cast<T*>(out_) + row * D + lane * V;
+    if (holds) {
+#pragma unroll
+      for (int e = 0; e < V; e += 2) {
+        const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
+        *reinterpret_cast<unsigned*>(out + e) = packed;
+      }
+    }
+    if (write_lse && lane == 0) lse[row] = lse_new;
+    return;
+  }
+  float w_old = 0.f, w_new = inv, lse_out = lse_new;  // store: o = acc / L
+  if (out_mode == 2) {
+    const float lse_old = lse[row];
+    const float top = fmaxf(lse_old, lse_new);
+    if (top == neg_inf()) {
+      w_new = 0.f;  // neither side attends anything: the zeros stay
+    } else {
+      const float a = __expf(lse_old - top), b = __expf(lse_new - top);
+      const float r = 1.f / (a + b);
+      w_old = a * r;
+      w_new = b * r * inv;
+      lse_out = top + __logf(a + b);
+    }
+  }
+  float* out = static_cast<float*>(out_) + row * D + lane * V;
   if (holds) {
 #pragma unroll
     for (int e = 0; e < V; e += 2) {
-      const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
-      *reinterpret_cast<unsigned*>(out + e) = packed;
+      float2 o = make_float2(0.f, 0.f);
+      if (out_mode == 2) o = *reinterpret_cast<const float2*>(out + e);
+      *reinterpret_cast<float2*>(out + e) = make_float2(fmaf(w_new, acc[e], w_old * o.x),
+                                                        fmaf(w_new, acc[e + 1], w_old * o.y));
     }
   }
-  if (write_lse && lane == 0) lse[row] = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : neg_inf();
+  __syncwarp();  // every lane has read the old lse
+  if (lane == 0) lse[row] = lse_out;
 }
 
 // Segment keys of a chunk: pair (hc, tt, slot) -> kvc * n_blocks + j, or n_seg for empty / invalid slots.
