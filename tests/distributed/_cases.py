@@ -9,6 +9,7 @@ above rounding is a bug.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -71,20 +72,48 @@ class ReferenceAsKernels:
     def __init__(self, params):
         self.params = params
         self.calls = 0
+        self.in_place = 0  # backward calls that wrote into the caller's sums
 
     def lists(self, q, centroids, block_size, top_k, causal, query_offset=0):
         return reference_lists(q, centroids, block_size, top_k, causal, query_offset)
 
-    def forward(self, q, k, v, topk, causal):
+    def forward(self, q, k, v, topk, causal, into=None, fold=False):
+        """With ``into`` as the merge kernel's fp32 modes do it: stored, or folded in by log-sum-exp."""
         p = self.params
         self.calls += 1
         assert q.shape[1] == k.shape[1], "the kernels take q and k of one length"
-        return R.moba_attention_given_routing(q, k, v, topk, p.block_size, causal, p.scale)
+        out, lse = R.moba_attention_given_routing(q, k, v, topk, p.block_size, causal, p.scale)
+        if into is None:
+            return out, lse
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in into)
+        self.in_place += 1
+        acc_out, acc_lse = into
+        if not fold:
+            acc_out.copy_(out)
+            acc_lse.copy_(lse)
+            return into
+        top = torch.maximum(acc_lse, lse.float())
+        safe = torch.where(top == -math.inf, 0.0, top)
+        a, b = torch.exp(acc_lse - safe), torch.exp(lse - safe)
+        w_old = torch.where(top == -math.inf, 0.0, a / (a + b))
+        w_new = torch.where(top == -math.inf, 0.0, b / (a + b))
+        acc_out.mul_(w_old.unsqueeze(-1)).add_(w_new.unsqueeze(-1) * out)
+        acc_lse.copy_(torch.where(top == -math.inf, -math.inf, safe + torch.log(a + b)))
+        return into
 
-    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse):
+    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False):
+        """With ``into`` as the CUDA wrapper does it: dQ added, dK / dV stored when ``kv_fresh``, else added."""
         p = self.params
         assert q.shape[1] == k.shape[1], "the kernels take q and k of one length"
-        return R.moba_attention_backward(dout, q, k, v, out, lse, topk, p.block_size, causal, p.scale, dlse)
+        grads = R.moba_attention_backward(dout, q, k, v, out, lse, topk, p.block_size, causal, p.scale, dlse)
+        if into is None:
+            return grads
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in into)
+        self.in_place += 1
+        into[0].add_(grads[0])
+        for buf, g in zip(into[1:], grads[1:], strict=True):
+            buf.copy_(g) if kv_fresh else buf.add_(g)
+        return into
 
 
 def _whole(case: Case):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobalab.distributed._local import CudaKernels, Params, backward_pair, cuda_kernels, forward_pair
-from mobalab.distributed._merge import Accumulator
+from mobalab.distributed._local import CudaKernels, KeySums, Params, Sink, backward_pair, cuda_kernels, forward_pair
+from mobalab.distributed._merge import Accumulator, GradientSum
 from mobalab.kernels import reference as R
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,7 +72,28 @@ def test_cuda_step_equals_reference_step(pair, causal):
             dv[:, lo:hi] += b
         return dq, dk, dv
 
-    for a, b in zip(summed(backward_pair(*bargs, kernels=kernels)), summed(backward_pair(*bargs)), strict=True):
+    want_grads = summed(backward_pair(*bargs))
+    for a, b in zip(summed(backward_pair(*bargs, kernels=kernels)), want_grads, strict=True):
+        assert _relative(a, b) < 2e-2
+
+    # the kernels writing in place: the merge into an fp32 accumulator, the backward into fp32 sums (rows at an
+    # offset in longer buffers, as a shard's segments sit in the shard); NaN where nothing may be left unwritten
+    acc = Accumulator((1, n_q + 64, heads, dim), torch.float32, dev)
+    acc.out.fill_(math.nan)
+    acc.lse.fill_(math.nan)
+    assert forward_pair(*args, kernels=kernels, acc=acc, row0=64) is None
+    in_place = acc.result()
+    assert torch.equal(in_place[1][:, 64:].isfinite(), want[1].isfinite())
+    assert _relative(in_place[0][:, 64:], want[0]) < 1e-2
+    assert float((in_place[1][:, 64:] - want[1])[finite].abs().max()) < 2e-2
+    dq_sum = GradientSum((1, n_q + 64, heads, dim), torch.float32, dev)
+    kv = KeySums((1, n_k + 64, kv_heads, dim), torch.float32, dev)
+    for sum_ in (dq_sum, *kv.ensure()):
+        sum_.value.fill_(math.nan)
+    assert backward_pair(*bargs, kernels=kernels, sink=Sink(dq_sum, 64, kv, 64)) is None
+    dk_sum, dv_sum = kv.result()
+    for a, b in zip((dq_sum.result()[:, 64:], dk_sum[:, 64:], dv_sum[:, 64:]), want_grads, strict=True):
+        assert torch.isfinite(a).all()
         assert _relative(a, b) < 2e-2
 
 

@@ -84,6 +84,87 @@ def test_kernel_decomposition_equals_reference(pair, causal):
                                    _summed(backward_pair(*bargs), shape, n_k), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pair", list(_segment_pairs()))
+def test_pair_gradients_written_in_place_equal_the_pieces(pair, causal, monkeypatch):
+    """A sink's fp32 sums written by the kernels in place (dQ added, dK / dV stored on fresh rows, added
+    after) equal the pieces summed, for two passes over the same pair (fresh, then not); sums start as NaN,
+    so a row that is stored or zeroed wrongly shows."""
+    from mobalab.distributed import _merge
+    from mobalab.distributed._local import KeySums, Sink
+
+    real_empty = torch.empty
+    monkeypatch.setattr(_merge.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    n, block, qs, n_q, ks, n_k = pair
+    g = torch.Generator().manual_seed(n * 17 + qs + ks)
+    heads, kv_heads, dim, top_k = 4, 2, 8, 3
+    q = torch.randn(1, n, heads, dim, generator=g)
+    k, v = (torch.randn(1, n, kv_heads, dim, generator=g) for _ in range(2))
+    topk = R.moba_topk(q, k, block, top_k, causal)
+    params = Params(block, top_k, causal, 1 / math.sqrt(dim))
+    out, lse = R.moba_attention_given_routing(q, k, v, topk, block, causal)
+    if not lse[:, qs:qs + n_q].isfinite().any():
+        return
+    rows = slice(qs, qs + n_q)
+    dout = torch.randn(1, n_q, heads, dim, generator=g)
+    bargs = (dout, q[:, rows], k[:, ks:ks + n_k], v[:, ks:ks + n_k], out[:, rows], lse[:, rows], topk[:, rows],
+             None, qs, ks, params)
+    want = _summed(backward_pair(*bargs), (1, n_q, heads, dim), n_k)
+    # the sums are longer than the segments (rows 3.. and keys 2.. of them): views at an offset
+    dq_sum = _merge.GradientSum((1, n_q + 5, heads, dim), torch.float32, "cpu")
+    kv = KeySums((1, n_k + 4, kv_heads, dim), torch.float32, "cpu")
+    kernels = ReferenceAsKernels(params)
+    for _ in range(2):
+        assert backward_pair(*bargs, kernels=kernels, sink=Sink(dq_sum, 3, kv, 2)) is None
+    planned = [c for c in _plan(qs, n_q, ks, n_k, params, kernels) if c.kind != "reference"]
+    padded = sum(c.kind == "kernel-free" and c.rows[1] - c.rows[0] != c.keys[1] - c.keys[0] for c in planned)
+    assert kernels.in_place == 2 * (len(planned) - padded)
+    dk, dv = kv.result()
+    if dk is None:  # no key of the segment is attended (causal, keys after the queries)
+        assert want[1] is None and not dq_sum.result().any()
+        return
+    got = dq_sum.result()[:, 3:3 + n_q], dk[:, 2:2 + n_k], dv[:, 2:2 + n_k]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), 2 * b.double(), rtol=1e-5, atol=1e-5)
+    for untouched in (dq_sum.value[:, :3], dk[:, :2], dk[:, 2 + n_k:]):
+        assert not untouched.any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pair", list(_segment_pairs()))
+def test_pair_outputs_merged_in_place_equal_the_pieces(pair, causal, monkeypatch):
+    """An fp32 accumulator that the kernels merge into in place (stored on fresh rows, folded by log-sum-exp
+    after) equals the pieces folded; two passes over the same pair give the same attention (the fold of a part
+    with itself) and the rows outside the segment stay (0, -inf). Buffers start as NaN."""
+    from mobalab.distributed import _merge
+
+    real_empty = torch.empty
+    monkeypatch.setattr(_merge.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    n, block, qs, n_q, ks, n_k = pair
+    g = torch.Generator().manual_seed(n * 19 + qs + ks)
+    heads, kv_heads, dim, top_k = 4, 2, 8, 3
+    q = torch.randn(1, n, heads, dim, generator=g)
+    k, v = (torch.randn(1, n, kv_heads, dim, generator=g) for _ in range(2))
+    topk = R.moba_topk(q, k, block, top_k, causal)
+    params = Params(block, top_k, causal, 1 / math.sqrt(dim))
+    args = (q[:, qs:qs + n_q], k[:, ks:ks + n_k], v[:, ks:ks + n_k], topk[:, qs:qs + n_q], qs, ks, params)
+    want_out, want_lse = _combined(forward_pair(*args), (1, n_q, heads, dim))
+    acc = _merge.Accumulator((1, n_q + 5, heads, dim), torch.float32, "cpu")
+    kernels = ReferenceAsKernels(params)
+    for _ in range(2):
+        assert forward_pair(*args, kernels=kernels, acc=acc, row0=3) is None
+    planned = [c for c in _plan(qs, n_q, ks, n_k, params, kernels) if c.kind != "reference"]
+    padded = sum(c.kind == "kernel-free" and c.rows[1] - c.rows[0] != c.keys[1] - c.keys[0] for c in planned)
+    assert kernels.in_place == 2 * (len(planned) - padded)
+    out, lse = acc.result()
+    finite = want_lse.isfinite()
+    assert torch.equal(lse[:, 3:3 + n_q].isfinite(), finite)
+    torch.testing.assert_close(lse[:, 3:3 + n_q][finite].double(), want_lse[finite].double() + math.log(2),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 3:3 + n_q].double(), want_out.double(), rtol=1e-5, atol=1e-5)
+    assert not out[:, :3].any() and (lse[:, :3] == -math.inf).all()
+
+
 def test_plan_sends_whole_blocks_to_the_kernels():
     params = Params(8, 3, True, 1.0)
     kernels = object()

@@ -36,8 +36,9 @@ import torch
 
 from ..kernels import reference as R
 from ._device import on_device
+from ._merge import GradientSum
 
-__all__ = ["Params", "CudaKernels", "cuda_kernels", "forward_pair", "backward_pair"]
+__all__ = ["Params", "CudaKernels", "cuda_kernels", "forward_pair", "backward_pair", "Sink", "KeySums"]
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,21 @@ class CudaKernels:
         with on_device(q):
             return kernel_lists(q, centroids, block_size, top_k, causal, query_offset)
 
-    def forward(self, q, k, v, topk, causal):
+    def forward(self, q, k, v, topk, causal, into=None, fold=False):
         from ..kernels._cuda_attention import moba_attention_cuda
 
         p = self.params
         with on_device(q):
             return moba_attention_cuda(q, k, v, p.block_size, p.top_k, causal=causal, softmax_scale=p.scale,
-                                       return_lse=True, topk_indices=topk)
+                                       return_lse=True, topk_indices=topk, into=into, fold=fold)
 
-    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse):
+    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False):
         from ..kernels._cuda_backward import moba_attention_backward_cuda
 
         p = self.params
         with on_device(q):
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, p.block_size, p.top_k, causal,
-                                                p.scale, dlse=dlse)
+                                                p.scale, dlse=dlse, into=into, kv_fresh=kv_fresh)
 
 
 def cuda_kernels(q: torch.Tensor, params: Params, mode: str):
@@ -177,12 +178,15 @@ def _plan(qs: int, n_q: int, ks: int, n_k: int, params: Params, kernels) -> list
 # forward
 
 
-def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None):
+def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None, acc=None, row0: int = 0):
     """Partial attention of queries at positions ``qs ..`` over keys at ``ks ..``.
 
     ``q`` (batch, n_q, heads, d) with routing ``topk`` (batch, n_q, heads, top_k) of global blocks; ``k``, ``v``
     (batch, n_k, kv_heads, d). Returns a list of (row_lo, row_hi, out, lse): partials of query rows
     ``row_lo .. row_hi - 1`` (out in q's dtype, lse in the compute dtype), to be combined by log-sum-exp.
+    With ``acc`` (an :class:`~mobalab.distributed._merge.Accumulator` whose rows ``row0 ..`` are these queries)
+    the partials are folded into it instead and nothing is returned: a kernel call whose rows are dense there
+    (batch 1, no padding, fp32) merges straight into it, without its output in q's dtype and the fold's passes.
     """
     pieces = []
     for call in _plan(qs, q.shape[1], ks, k.shape[1], params, kernels):
@@ -194,6 +198,13 @@ def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None):
         else:
             first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
             local = _rebased(tr, first, n_blocks)
+            same_length = call.kind == "kernel-causal" or r1 - r0 == k1 - k0
+            if (acc is not None and same_length and acc.out.dtype == torch.float32
+                    and acc.dense(row0 + r0, row0 + r1)):
+                acc_out, acc_lse, fold = acc.target(row0 + r0, row0 + r1)
+                kernels.forward(qr, kr, vr, local, call.kind == "kernel-causal", into=(acc_out, acc_lse),
+                                fold=fold)
+                continue
             if call.kind == "kernel-causal":
                 out, lse = kernels.forward(qr, kr, vr, local, True)
             else:
@@ -201,19 +212,73 @@ def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None):
                 out, lse = kernels.forward(_pad_rows(qr, n), _pad_rows(kr, n), _pad_rows(vr, n),
                                            _pad_rows(local, n, -1), False)
                 out, lse = out[:, :r1 - r0], lse[:, :r1 - r0]
-        pieces.append((r0, r1, out, lse))
-    return pieces
+        if acc is not None:
+            acc.add(row0 + r0, row0 + r1, out, lse)
+        else:
+            pieces.append((r0, r1, out, lse))
+    return None if acc is not None else pieces
 
 
 # ---------------------------------------------------------------------------------------------------
 # backward
 
 
-def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params: Params, kernels=None):
+class KeySums:
+    """The compute-dtype sums of dK and dV of one key shard, made at the first term (None: nothing attended it)."""
+
+    def __init__(self, shape, dtype, device):
+        self._args = (shape, dtype, device)
+        self.dk: GradientSum | None = None
+        self.dv: GradientSum | None = None
+
+    def ensure(self) -> tuple[GradientSum, GradientSum]:
+        if self.dk is None:
+            self.dk, self.dv = GradientSum(*self._args), GradientSum(*self._args)
+        return self.dk, self.dv
+
+    def result(self):
+        """(dk, dv) sums, or (None, None) when no term arrived."""
+        return (None, None) if self.dk is None else (self.dk.result(), self.dv.result())
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a pair's gradient terms go: ``dq`` rows from ``q0`` on (the query segment's place in the shard's dQ
+    sum), ``kv`` rows from ``k0`` on."""
+
+    dq: GradientSum
+    q0: int
+    kv: KeySums
+    k0: int
+
+    def add(self, r0, r1, k0, k1, dq, dk, dv) -> None:
+        self.dq.add(self.q0 + r0, self.q0 + r1, dq)
+        sum_k, sum_v = self.kv.ensure()
+        sum_k.add(self.k0 + k0, self.k0 + k1, dk)
+        sum_v.add(self.k0 + k0, self.k0 + k1, dv)
+
+    def targets(self, r0, r1, k0, k1):
+        """(dq, dk, dv views, kv_fresh) for a kernel to write rows [r0, r1) and keys [k0, k1) in place, or None
+        when the rows are not dense in the sums (batch > 1) or the sums are not fp32."""
+        sum_k, sum_v = self.kv.ensure()
+        qa, qb, ka, kb = self.q0 + r0, self.q0 + r1, self.k0 + k0, self.k0 + k1
+        if self.dq.value.dtype != torch.float32 or not (
+                self.dq.dense(qa, qb) and sum_k.dense(ka, kb) and sum_v.dense(ka, kb)):
+            return None
+        dq, _ = self.dq.target(qa, qb, store_ok=False)  # dQ arrives by atomic adds
+        dk, fresh = sum_k.target(ka, kb, store_ok=True)
+        dv, _ = sum_v.target(ka, kb, store_ok=True)  # same rows written as dk's so far: same freshness
+        return dq, dk, dv, fresh
+
+
+def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params: Params, kernels=None,
+                  sink: Sink | None = None):
     """This pair's terms of the gradients, given the combined ``out`` and ``lse`` of the query rows.
 
     Returns (dq pieces [(row_lo, row_hi, dq)], dkv pieces [(key_lo, key_hi, dk, dv)]) in the input dtypes;
-    ``dlse`` is the gradient w.r.t. the combined lse or None.
+    ``dlse`` is the gradient w.r.t. the combined lse or None. With a ``sink`` the terms are added into its sums
+    instead and nothing is returned: a kernel call whose rows are dense there (batch 1, no padding) writes its
+    fp32 terms in place, without the conversions to the input dtype and back.
     """
     dq_pieces, dkv_pieces = [], []
     for call in _plan(qs, q.shape[1], ks, k.shape[1], params, kernels):
@@ -228,6 +293,12 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
         else:
             first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
             local = _rebased(tr, first, n_blocks)
+            padded = call.kind == "kernel-free" and r1 - r0 != k1 - k0
+            into = None if sink is None or padded else sink.targets(r0, r1, k0, k1)
+            if into is not None:
+                kernels.backward(gr, qr, kr, vr, orow, lrow, local, call.kind == "kernel-causal", drow,
+                                 into=into[:3], kv_fresh=into[3])
+                continue
             if call.kind == "kernel-causal":
                 dq, dk, dv = kernels.backward(gr, qr, kr, vr, orow, lrow, local, True, drow)
             else:
@@ -236,6 +307,9 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
                 dq, dk, dv = kernels.backward(*padded, _pad_rows(local, n, -1), False,
                                               None if drow is None else _pad_rows(drow, n))
                 dq, dk, dv = dq[:, :r1 - r0], dk[:, :k1 - k0], dv[:, :k1 - k0]
-        dq_pieces.append((r0, r1, dq))
-        dkv_pieces.append((k0, k1, dk, dv))
-    return dq_pieces, dkv_pieces
+        if sink is not None:
+            sink.add(r0, r1, k0, k1, dq, dk, dv)
+        else:
+            dq_pieces.append((r0, r1, dq))
+            dkv_pieces.append((k0, k1, dk, dv))
+    return None if sink is not None else (dq_pieces, dkv_pieces)

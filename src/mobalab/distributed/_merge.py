@@ -58,6 +58,23 @@ class Accumulator:
                 self.lse[:, r0:r1].fill_(-math.inf)
         return self.out, self.lse
 
+    def dense(self, lo: int, hi: int) -> bool:
+        """Whether rows [lo, hi) of out and lse are dense blocks of memory (batch 1, or all rows)."""
+        return self.out[:, lo:hi].is_contiguous() and self.lse[:, lo:hi].is_contiguous()
+
+    def target(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Rows [lo, hi) for a kernel that combines its part in place (check :meth:`dense` first): (out, lse,
+        fold). ``fold`` False: no row holds a part yet, the kernel stores; True: it folds by log-sum-exp (rows
+        untouched so far are set to (0, -inf) first). The rows count as written from now on."""
+        pieces = self._rows.split(lo, hi)
+        fold = not all(fresh for _, _, fresh in pieces)
+        if fold:
+            for r0, r1, fresh in pieces:
+                if fresh:
+                    self.out[:, r0:r1].zero_()
+                    self.lse[:, r0:r1].fill_(-math.inf)
+        return self.out[:, lo:hi], self.lse[:, lo:hi], fold
+
     def add(self, lo: int, hi: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Fold the partial ``out`` (batch, hi - lo, heads, d) and ``lse`` of query rows ``lo .. hi - 1`` in."""
         lse = lse.to(self.lse.dtype)
@@ -82,7 +99,8 @@ class Accumulator:
 class GradientSum:
     """An fp32 sum over dim 1 of a (batch, n, ...) tensor built from pieces: a piece on untouched rows is copied
     in (read e, write 4 bytes per element), later ones are added; :meth:`result` zeroes the rows that nothing
-    touched. (Zeroing first and adding every piece moved 4 + 10 bytes per element.)"""
+    touched. (Zeroing first and adding every piece moved 4 + 10 bytes per element.) A kernel can also write its
+    terms straight into the sum (:meth:`target`): no piece, no conversion to the input dtype and back."""
 
     def __init__(self, shape, dtype, device):
         self.value = torch.empty(shape, dtype=dtype, device=device)
@@ -94,6 +112,25 @@ class GradientSum:
                 self.value[:, r0:r1].copy_(piece[:, r0 - lo:r1 - lo])
             else:
                 self.value[:, r0:r1] += piece[:, r0 - lo:r1 - lo]
+
+    def dense(self, lo: int, hi: int) -> bool:
+        """Whether rows [lo, hi) are one dense block of memory (batch 1, or all rows), as a kernel writes them."""
+        return self.value[:, lo:hi].is_contiguous()
+
+    def target(self, lo: int, hi: int, store_ok: bool) -> tuple[torch.Tensor, bool]:
+        """Rows [lo, hi) handed to a kernel that writes them in place (check :meth:`dense` first): (view, store).
+
+        ``store`` is True when ``store_ok`` and no row of the range holds a value yet: the kernel may store
+        over the view. Otherwise the untouched rows are zeroed first and the kernel must add. Either way the
+        rows count as written from now on.
+        """
+        pieces = self._rows.split(lo, hi)
+        store = store_ok and all(fresh for _, _, fresh in pieces)
+        if not store:
+            for r0, r1, fresh in pieces:
+                if fresh:
+                    self.value[:, r0:r1].zero_()
+        return self.value[:, lo:hi], store
 
     def result(self) -> torch.Tensor:
         for r0, r1, fresh in self._rows.split(0, self.value.shape[1]):

@@ -28,7 +28,7 @@ import torch
 from ..kernels import _contract as C
 from ._group import Ring, exchange
 from ._layout import Layout
-from ._local import Params, backward_pair, cuda_kernels, forward_pair
+from ._local import KeySums, Params, Sink, backward_pair, cuda_kernels, forward_pair
 from ._merge import Accumulator, GradientSum
 from ._routing import route
 
@@ -56,9 +56,8 @@ def _attend_shard(q, k_held, v_held, topk, source: int, plan: Plan, kernels, acc
         rows = slice(qseg.local, qseg.local + qseg.length)
         for kseg in plan.layout.segments(source):
             keys = slice(kseg.local, kseg.local + kseg.length)
-            for lo, hi, out, lse in forward_pair(q[:, rows], k_held[:, keys], v_held[:, keys], topk[:, rows],
-                                                 qseg.start, kseg.start, plan.params, kernels):
-                acc.add(qseg.local + lo, qseg.local + hi, out, lse)
+            forward_pair(q[:, rows], k_held[:, keys], v_held[:, keys], topk[:, rows], qseg.start, kseg.start,
+                         plan.params, kernels, acc=acc, row0=qseg.local)
 
 
 def ring_forward(q, k, v, topk, plan: Plan):
@@ -86,23 +85,15 @@ def ring_forward(q, k, v, topk, plan: Plan):
 def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
     """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
     it); its dQ terms are added to ``dq`` (a :class:`GradientSum`)."""
-    grad_k = grad_v = None
+    kv = KeySums(k_held.shape, dq.value.dtype, k_held.device)
     for qseg in plan.layout.segments(plan.ring.rank):
         rows = slice(qseg.local, qseg.local + qseg.length)
         for kseg in plan.layout.segments(source):
             keys = slice(kseg.local, kseg.local + kseg.length)
-            dq_pieces, dkv_pieces = backward_pair(
-                dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
-                topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start, plan.params, kernels)
-            for lo, hi, piece in dq_pieces:
-                dq.add(qseg.local + lo, qseg.local + hi, piece)
-            for lo, hi, dk, dv in dkv_pieces:
-                if grad_k is None:
-                    grad_k = GradientSum(k_held.shape, dq.value.dtype, k_held.device)
-                    grad_v = GradientSum(v_held.shape, dq.value.dtype, v_held.device)
-                grad_k.add(kseg.local + lo, kseg.local + hi, dk)
-                grad_v.add(kseg.local + lo, kseg.local + hi, dv)
-    return (None, None) if grad_k is None else (grad_k.result(), grad_v.result())
+            backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
+                          topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
+                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local))
+    return kv.result()
 
 
 def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
@@ -136,10 +127,13 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
             request.wait()
         if grad_k is None:
             finished = arriving if arriving is not None else (torch.zeros_like(held[0]), torch.zeros_like(held[1]))
+        elif arriving is not None:
+            # in place, one pass: the input-dtype sum computed in the compute dtype and rounded once
+            # (as (grad + arriving).to(dtype) would, without its two passes over the fp32 sum)
+            arriving[0].add_(grad_k)
+            arriving[1].add_(grad_v)
+            finished = arriving
         else:
-            if arriving is not None:
-                grad_k += arriving[0]
-                grad_v += arriving[1]
             finished = (grad_k.to(k.dtype), grad_v.to(v.dtype))
         del grad_k, grad_v, arriving
         if incoming is not None:
