@@ -6,6 +6,8 @@
 #   tests     pytest -m gpu tests/distributed (ring-step kernels, kernel router, 3 two-GPU worlds) ~60 s (limit 80)
 #   cp2       2 GPUs, contiguous: check 256K against one device, then 1M, 2M, 4M fwd+bwd   ~60 s  (limit 100)
 #   single    1 GPU, the same bench at 1M and 2M (2M: the longest that fits one GPU)    ~20 s  (limit 45)
+#   plain     1 GPU, the single-device path (moba_attention, no ring) at 1M and 2M      ~20 s  (limit 45)
+#             (the summary's one-GPU baseline is the faster of single and plain at the longest length)
 #   zigzag    2 GPUs, zigzag layout, 1M, 2M, 4M, no check                               ~25 s  (limit 60)
 # CP_STEPS="single zigzag" (for example) runs only those steps.
 # Limits shrink so that the steps after keep their time: the whole stays under CP_BUDGET_S (default 270 s).
@@ -29,7 +31,7 @@ CONF=(--backend nccl --batch 1 --heads 16 --head-dim 128 --block-size 128 --top-
 } > "$W/env.txt" 2>&1
 cat "$W/env.txt"
 
-CP_STEPS=" ${CP_STEPS:-smoke tests cp2 single zigzag} "  # which of the steps below run
+CP_STEPS=" ${CP_STEPS:-smoke tests cp2 single plain zigzag} "  # which of the steps below run
 step() {  # step NAME LIMIT RESERVE COMMAND...: hard timeout min(LIMIT, what is left after RESERVE s kept for the
           # later steps); log to $W/NAME.log; record time and status. A step with under 20 s is skipped.
   local name=$1 limit=$2 reserve=$3; shift 3
@@ -53,16 +55,19 @@ step cp2 100 45 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${C
   --check-len 256K --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/cp2"
 step single 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/single"
+step plain 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --path single-device \
+  --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/plain"
 step zigzag 60 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
   --check-len 0 --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/zigzag"
 
 runs=(); for d in cp2 zigzag; do [ -d "$W/$d" ] && runs+=("$W/$d"); done
-python3 -m mobalab.distributed.summary --runs "${runs[@]}" --single "$W/single" > "$W/summary.md" 2>&1
+singles=(); for d in single plain; do [ -d "$W/$d" ] && singles+=("$W/$d"); done
+python3 -m mobalab.distributed.summary --runs "${runs[@]}" --single "${singles[@]}" > "$W/summary.md" 2>&1
 tar czf "$OUT/gpu_cp.tgz" -C "$OUT" cp
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$W/env.txt" "$W/steps.txt"
 grep -E "^(FAILED|ERROR)|passed|failed" "$W/tests.log" 2>/dev/null | cut -c1-220 | tail -n 12
-for d in smoke cp2 single zigzag; do
+for d in smoke cp2 single plain zigzag; do
   [ -f "$W/$d/cp_bench_table.md" ] && { echo "--- $d"; cat "$W/$d/cp_bench_table.md"; }
   [ -f "$W/$d/cp_bench_table.md" ] || { echo "--- $d: no table; errors in its log:"
     grep -E "Error|Exception|error:|Timeout|timed out|NCCL WARN" "$W/$d.log" 2>/dev/null | grep -v "elastic/errors" \

@@ -196,7 +196,18 @@ def run_world_tests(rank: int, world: int, payload: dict) -> dict:
     cases.update({name: _run_case(rank, world, CASES[name]) for name in payload["all"]})
     status = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths", "256,512", "--reps",
                          "1", "--out", payload["bench_out"]])
-    return {"cases": cases, "bench_status": status, "disagree": _disagreeing_settings(rank)}
+    refused = bench.main(["--backend", "gloo", "--quick", "--path", "single-device", "--out", payload["bench_out"]])
+    return {"cases": cases, "bench_status": status, "single_device_in_three": refused,
+            "disagree": _disagreeing_settings(rank)}
+
+
+def single_device_bench(rank: int, world: int, payload: dict) -> dict:
+    """The benchmark's one-GPU baseline path in a world of one: moba_attention on the whole sequence."""
+    from mobalab.distributed import bench
+
+    status = bench.main(["--backend", "gloo", "--quick", "--path", "single-device", "--check-len", "0",
+                         "--lengths", "256", "--reps", "1", "--out", payload["bench_out"]])
+    return {"status": status}
 
 
 def gpu_case(rank: int, world: int, payload: dict) -> dict:

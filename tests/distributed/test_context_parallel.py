@@ -52,6 +52,7 @@ def test_ranks_that_disagree_all_raise(results):
 
 def test_benchmark_checks_times_and_writes(results, bench_out):
     assert [r["bench_status"] for r in results] == [0, 0, 0]
+    assert [r["single_device_in_three"] for r in results] == [2, 2, 2]  # the one-device path refuses 3 ranks
     with open(bench_out / "cp_check.csv") as f:
         check = list(csv.DictReader(f))
     assert [row["passed"] for row in check] == ["True"] * 3
@@ -66,3 +67,14 @@ def test_benchmark_checks_times_and_writes(results, bench_out):
     assert "| 512 | 3 | 2 | fwd+bwd |" in table
     env = json.loads((bench_out / "cp_bench_env.json").read_text())
     assert env["world"] == 3 and env["backend"] == "gloo" and "git_commit" in env
+
+
+def test_benchmark_single_device_path(tmp_path):
+    """``--path single-device`` (one process): the one-GPU baseline without the ring, marked in the env file."""
+    out = tmp_path / "plain"
+    assert _world.run_world(1, "_cases", "single_device_bench", dict(bench_out=str(out)), timeout=120) == [
+        {"status": 0}]
+    with open(out / "cp_bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["seq_len"]), r["mode"]) for r in rows] == [(256, "fwd+bwd")] and float(rows[0]["fwdbwd_ms"]) > 0
+    assert json.loads((out / "cp_bench_env.json").read_text())["path"] == "single-device"

@@ -233,27 +233,34 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
     timer = _Timer(device)
 
     def call():
-        out = context_parallel_moba_attention(*leaves, args.block_size, args.top_k, args.causal,
-                                              layout=args.layout, kernels=args.kernels)
-        return out
+        if args.path == "single-device":  # the one-device path, no ring: what one GPU does without this module
+            return moba_attention(*leaves, args.block_size, args.top_k, args.causal)
+        return context_parallel_moba_attention(*leaves, args.block_size, args.top_k, args.causal,
+                                               layout=args.layout, kernels=args.kernels)
 
     fwd, bwd = [], []
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-    for rep in range(args.warmup + args.reps):
-        dist.barrier(group=ring.group)
-        t0 = timer.mark()
-        out = call()
-        t1 = timer.mark()
-        if mode == "fwd+bwd":
-            torch.autograd.grad(out, leaves, dout)
-        t2 = timer.mark()
-        _sync(device)
-        if rep >= args.warmup:
-            fwd.append(timer.elapsed(t0, t1))
-            bwd.append(timer.elapsed(t1, t2))
-        del out
+    try:
+        for rep in range(args.warmup + args.reps):
+            dist.barrier(group=ring.group)
+            t0 = timer.mark()
+            out = call()
+            t1 = timer.mark()
+            if mode == "fwd+bwd":
+                torch.autograd.grad(out, leaves, dout)
+            t2 = timer.mark()
+            _sync(device)
+            if rep >= args.warmup:
+                fwd.append(timer.elapsed(t0, t1))
+                bwd.append(timer.elapsed(t1, t2))
+            del out
+    except torch.cuda.OutOfMemoryError:
+        if args.path != "single-device":  # the ring's lengths are predicted to fit: running out is a failure
+            raise
+        row.update(mode="skip", note=f"{mode} ran out of GPU memory on the single-device path")
+        return row
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         row["peak_gb"] = peak / 1e9
@@ -380,6 +387,9 @@ def parse_args(argv=None):
     p.add_argument("--non-causal", dest="causal", action="store_false")
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     p.add_argument("--kernels", choices=("auto", "reference"), default="auto")
+    p.add_argument("--path", choices=("cp", "single-device"), default="cp",
+                   help="cp: context_parallel_moba_attention; single-device (one process only): "
+                        "mobalab.kernels.moba_attention on the whole sequence, the one-GPU baseline without the ring")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPUs, fp32 on CPUs")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -437,10 +447,16 @@ def main(argv=None) -> int:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout),
                                 device_id=device if gpu else None)
     ring = ring_of(None)
+    if args.path == "single-device" and ring.world != 1:
+        print(f"mobalab.distributed.bench: --path single-device runs in one process, not {ring.world}")
+        if owned:
+            dist.destroy_process_group()
+        return 2
     env = environment()
     env.update(world=ring.world, backend=backend, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
                head_dim=args.head_dim, block_size=args.block_size, top_k=args.top_k, causal=args.causal,
-               dtype=args.dtype, layout=args.layout, kernels=args.kernels, reps=args.reps, warmup=args.warmup)
+               dtype=args.dtype, layout=args.layout, kernels=args.kernels, reps=args.reps, warmup=args.warmup,
+               path=args.path)
     if ring.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(env), flush=True)

@@ -1,8 +1,9 @@
 r"""The scaling targets of context parallelism from benchmark folders: ``python -m mobalab.distributed.summary``.
 
 Reads ``cp_bench.csv`` and ``cp_bench_env.json`` of runs of :mod:`mobalab.distributed.bench` (``--runs``: the
-multi-GPU runs; ``--single``: the one-GPU run of the same configuration) and prints one markdown row per
-(layout, length, GPU count):
+multi-GPU runs; ``--single``: the one-GPU runs of the same configuration, the ring code in one process and/or
+``--path single-device``, whose fastest run at the longest length is the baseline) and prints one markdown
+row per (layout, length, GPU count):
 
 * time: forward + backward of the slowest rank (the ranks wait for each other);
 * per-GPU useful TFLOP/s: the useful FLOPs of all ranks over (GPUs x slowest time), and its ratio to the
@@ -59,19 +60,37 @@ def _fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
 
-def summarize(runs: list[str], single: str | None) -> str:
+def _baseline(singles: list[str]) -> dict | None:
+    """The one-GPU baseline from one or more one-GPU runs (e.g. the ring code in one process and the
+    single-device path): the longest length any of them did forward + backward, the fastest run there; the
+    memory per token is the least any of them needed at its own longest forward + backward."""
+    done = []
+    for folder in singles:
+        if os.path.exists(os.path.join(folder, "cp_bench.csv")):
+            env, rows = _rows(folder)
+            runs = [r for r in _per_length(env, rows) if r["mode"] == "fwd+bwd"]
+            if runs:
+                done.append((env.get("path", "cp"), runs))
+    if not done:
+        return None
+    longest = max(runs[-1]["seq_len"] for _, runs in done)
+    path, base = max(((p, r) for p, runs in done for r in runs if r["seq_len"] == longest),
+                     key=lambda pr: pr[1]["tflops_per_gpu"])
+    base = dict(base, path=path)
+    per_token = [runs[-1]["peak_gb"] / runs[-1]["seq_len"] for _, runs in done if runs[-1]["peak_gb"]]
+    base["gb_per_token"] = min(per_token) if per_token else None
+    return base
+
+
+def summarize(runs: list[str], single: str | list[str] | None) -> str:
     """The markdown table and the target lines."""
-    base = None
-    if single and os.path.exists(os.path.join(single, "cp_bench.csv")):
-        done = [r for r in _per_length(*_rows(single)) if r["mode"] == "fwd+bwd"]
-        if done:
-            base = done[-1]
-            base["gb_per_token"] = base["peak_gb"] / base["seq_len"] if base["peak_gb"] else None
+    base = _baseline([single] if isinstance(single, str) else list(single or []))
     lines = []
     if base:
         per_token = "-" if base["gb_per_token"] is None else f"{1e6 * base['gb_per_token']:.1f}"
         lines.append(f"One-GPU baseline: N {base['seq_len']}, {base['ms']:.1f} ms, {base['tflops_per_gpu']:.1f} "
-                     f"useful TFLOP/s, peak {_fmt(base['peak_gb'])} GB ({per_token} KB/token)")
+                     f"useful TFLOP/s ({base['path']} path), peak {_fmt(base['peak_gb'])} GB; one GPU needs "
+                     f"{per_token} KB/token (the least of the one-GPU runs)")
     else:
         lines.append("One-GPU baseline: none (no forward + backward in the one-GPU run)")
     lines += ["", "| layout | N | GPUs | mode | fwd+bwd ms (slowest rank) | routing ms | useful TFLOP/s per GPU | "
@@ -111,7 +130,8 @@ def summarize(runs: list[str], single: str | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mobalab.distributed.summary", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="bench output folders of the multi-GPU runs")
-    p.add_argument("--single", default=None, help="bench output folder of the one-GPU run")
+    p.add_argument("--single", nargs="+", default=None,
+                   help="bench output folders of the one-GPU runs (the fastest at the longest length is the baseline)")
     args = p.parse_args(argv)
     print(summarize(args.runs, args.single), end="")
     return 0
