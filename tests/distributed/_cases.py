@@ -69,10 +69,11 @@ class ReferenceAsKernels:
     """The CUDA kernels' contract (one sequence: q and k of equal length, routing local to it), run by the
     reference in whole-sequence mode, which rejects any call that breaks the contract."""
 
-    def __init__(self, params):
+    def __init__(self, params, into_dtype=torch.float64):
         self.params = params
+        self.into_dtype = into_dtype  # what the in-place buffers hold (the CUDA kernels: fp32)
         self.calls = 0
-        self.in_place = 0  # backward calls that wrote into the caller's sums
+        self.in_place = 0  # forward / backward calls that wrote into the caller's buffers
 
     def lists(self, q, centroids, block_size, top_k, causal, query_offset=0):
         return reference_lists(q, centroids, block_size, top_k, causal, query_offset)
@@ -85,14 +86,14 @@ class ReferenceAsKernels:
         out, lse = R.moba_attention_given_routing(q, k, v, topk, p.block_size, causal, p.scale)
         if into is None:
             return out, lse
-        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in into)
+        assert all(t.dtype == self.into_dtype and t.is_contiguous() for t in into)
         self.in_place += 1
         acc_out, acc_lse = into
         if not fold:
             acc_out.copy_(out)
             acc_lse.copy_(lse)
             return into
-        top = torch.maximum(acc_lse, lse.float())
+        top = torch.maximum(acc_lse, lse.to(acc_lse.dtype))
         safe = torch.where(top == -math.inf, 0.0, top)
         a, b = torch.exp(acc_lse - safe), torch.exp(lse - safe)
         w_old = torch.where(top == -math.inf, 0.0, a / (a + b))
@@ -108,7 +109,7 @@ class ReferenceAsKernels:
         grads = R.moba_attention_backward(dout, q, k, v, out, lse, topk, p.block_size, causal, p.scale, dlse)
         if into is None:
             return grads
-        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in into)
+        assert all(t.dtype == self.into_dtype and t.is_contiguous() for t in into)
         self.in_place += 1
         into[0].add_(grads[0])
         for buf, g in zip(into[1:], grads[1:], strict=True):

@@ -113,7 +113,7 @@ def test_pair_gradients_written_in_place_equal_the_pieces(pair, causal, monkeypa
     # the sums are longer than the segments (rows 3.. and keys 2.. of them): views at an offset
     dq_sum = _merge.GradientSum((1, n_q + 5, heads, dim), torch.float32, "cpu")
     kv = KeySums((1, n_k + 4, kv_heads, dim), torch.float32, "cpu")
-    kernels = ReferenceAsKernels(params)
+    kernels = ReferenceAsKernels(params, into_dtype=torch.float32)
     for _ in range(2):
         assert backward_pair(*bargs, kernels=kernels, sink=Sink(dq_sum, 3, kv, 2)) is None
     planned = [c for c in _plan(qs, n_q, ks, n_k, params, kernels) if c.kind != "reference"]
@@ -150,7 +150,7 @@ def test_pair_outputs_merged_in_place_equal_the_pieces(pair, causal, monkeypatch
     args = (q[:, qs:qs + n_q], k[:, ks:ks + n_k], v[:, ks:ks + n_k], topk[:, qs:qs + n_q], qs, ks, params)
     want_out, want_lse = _combined(forward_pair(*args), (1, n_q, heads, dim))
     acc = _merge.Accumulator((1, n_q + 5, heads, dim), torch.float32, "cpu")
-    kernels = ReferenceAsKernels(params)
+    kernels = ReferenceAsKernels(params, into_dtype=torch.float32)
     for _ in range(2):
         assert forward_pair(*args, kernels=kernels, acc=acc, row0=3) is None
     planned = [c for c in _plan(qs, n_q, ks, n_k, params, kernels) if c.kind != "reference"]

@@ -57,6 +57,9 @@ class CudaKernels:
     """The CUDA kernels on one sequence: forward and backward (q, k, v of equal length, routing local to it)
     and the fused top-k (rows at positions query_offset, query_offset + 1, ... of the centroids given)."""
 
+    #: the dtype of the buffers that forward / backward write into in place (``into=``)
+    into_dtype = torch.float32
+
     def __init__(self, params: Params):
         self.params = params
 
@@ -186,7 +189,8 @@ def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None, 
     ``row_lo .. row_hi - 1`` (out in q's dtype, lse in the compute dtype), to be combined by log-sum-exp.
     With ``acc`` (an :class:`~mobalab.distributed._merge.Accumulator` whose rows ``row0 ..`` are these queries)
     the partials are folded into it instead and nothing is returned: a kernel call whose rows are dense there
-    (batch 1, no padding, fp32) merges straight into it, without its output in q's dtype and the fold's passes.
+    (batch 1, no padding, the kernels' ``into_dtype``) merges straight into it, without its output in q's dtype
+    and the fold's passes.
     """
     pieces = []
     for call in _plan(qs, q.shape[1], ks, k.shape[1], params, kernels):
@@ -199,7 +203,7 @@ def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None, 
             first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
             local = _rebased(tr, first, n_blocks)
             same_length = call.kind == "kernel-causal" or r1 - r0 == k1 - k0
-            if (acc is not None and same_length and acc.out.dtype == torch.float32
+            if (acc is not None and same_length and acc.out.dtype == kernels.into_dtype
                     and acc.dense(row0 + r0, row0 + r1)):
                 acc_out, acc_lse, fold = acc.target(row0 + r0, row0 + r1)
                 kernels.forward(qr, kr, vr, local, call.kind == "kernel-causal", into=(acc_out, acc_lse),
@@ -257,12 +261,12 @@ class Sink:
         sum_k.add(self.k0 + k0, self.k0 + k1, dk)
         sum_v.add(self.k0 + k0, self.k0 + k1, dv)
 
-    def targets(self, r0, r1, k0, k1):
+    def targets(self, r0, r1, k0, k1, dtype):
         """(dq, dk, dv views, kv_fresh) for a kernel to write rows [r0, r1) and keys [k0, k1) in place, or None
-        when the rows are not dense in the sums (batch > 1) or the sums are not fp32."""
+        when the rows are not dense in the sums (batch > 1) or the sums are not of the kernels' ``dtype``."""
         sum_k, sum_v = self.kv.ensure()
         qa, qb, ka, kb = self.q0 + r0, self.q0 + r1, self.k0 + k0, self.k0 + k1
-        if self.dq.value.dtype != torch.float32 or not (
+        if self.dq.value.dtype != dtype or not (
                 self.dq.dense(qa, qb) and sum_k.dense(ka, kb) and sum_v.dense(ka, kb)):
             return None
         dq, _ = self.dq.target(qa, qb, store_ok=False)  # dQ arrives by atomic adds
@@ -294,7 +298,7 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
             first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
             local = _rebased(tr, first, n_blocks)
             padded = call.kind == "kernel-free" and r1 - r0 != k1 - k0
-            into = None if sink is None or padded else sink.targets(r0, r1, k0, k1)
+            into = None if sink is None or padded else sink.targets(r0, r1, k0, k1, kernels.into_dtype)
             if into is not None:
                 kernels.backward(gr, qr, kr, vr, orow, lrow, local, call.kind == "kernel-causal", drow,
                                  into=into[:3], kv_fresh=into[3])

@@ -96,8 +96,27 @@ def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int,
     return kv.result()
 
 
-def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
-    """(dq, dk, dv) of this rank's shard, in the input dtypes.
+class HomeHop:
+    """The last hop of a backward pass in flight: each shard's complete dK, dV on their way home.
+
+    :meth:`result` orders the caller's stream after the transfer (on CUDA it does not block the host), so a
+    caller with more passes to run first queues the next pass's work, then asks: the hop then overlaps that
+    work instead of standing alone between passes.
+    """
+
+    def __init__(self, requests, grads, sent=()):
+        self._requests, self._grads = requests, grads
+        self._sent = sent  # the sent buffers stay alive until the transfer is waited for
+
+    def result(self):
+        for request in self._requests:
+            request.wait()
+        self._requests, self._sent = [], ()
+        return self._grads
+
+
+def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: bool = False):
+    """(dq, dk, dv) of this rank's shard, in the input dtypes; with ``defer_home`` (dq, :class:`HomeHop`).
 
     The travelling dK, dV are sums of the terms of the ranks they have visited, added to in the compute dtype
     and sent in the input dtype: half the bytes of fp32 for bf16, at the price of rounding the partial sum at
@@ -138,12 +157,14 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan):
         del grad_k, grad_v, arriving
         if incoming is not None:
             held = incoming
+    dq = dq.result().to(q.dtype)
+    hop = HomeHop([], finished)
     if ring.world > 1:  # the last hop: each shard's complete gradient goes home
         home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
-        for request in exchange(ring, list(finished), list(home)):
-            request.wait()
-        finished = home
-    return dq.result().to(q.dtype), finished[0], finished[1]
+        hop = HomeHop(exchange(ring, list(finished), list(home)), home, sent=finished)
+    if defer_home:
+        return dq, hop
+    return (dq, *hop.result())
 
 
 # Bytes a ring pass keeps alive per shard token and per query head (with its share of kv heads), beyond the
@@ -231,14 +252,23 @@ class RingMoBA(torch.autograd.Function):
             return dq, dk, dv, None
         group = q.shape[2] // k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        pending = None  # the previous pass's last hop, completed once this pass's work is queued
+
+        def land(h0, h1, hop):
+            g_k, g_v = hop.result()
+            dk[:, :, h0 // group:h1 // group] = g_k
+            dv[:, :, h0 // group:h1 // group] = g_v
+
         for h0, h1 in ranges:
-            g = ring_backward(_heads(dout, h0, h1), _heads(dlse, h0, h1), _heads(q, h0, h1),
-                              _heads(k, h0, h1, group), _heads(v, h0, h1, group), _heads(out, h0, h1),
-                              _heads(lse, h0, h1), _heads(topk, h0, h1), plan)
-            dq[:, :, h0:h1] = g[0]
-            dk[:, :, h0 // group:h1 // group] = g[1]
-            dv[:, :, h0 // group:h1 // group] = g[2]
-            del g
+            g_q, hop = ring_backward(_heads(dout, h0, h1), _heads(dlse, h0, h1), _heads(q, h0, h1),
+                                     _heads(k, h0, h1, group), _heads(v, h0, h1, group), _heads(out, h0, h1),
+                                     _heads(lse, h0, h1), _heads(topk, h0, h1), plan, defer_home=True)
+            dq[:, :, h0:h1] = g_q
+            del g_q
+            if pending is not None:
+                land(*pending)
+            pending = (h0, h1, hop)
+        land(*pending)
         return dq, dk, dv, None
 
 
