@@ -110,6 +110,24 @@ def test_head_groups_take_whole_kv_groups_and_fit_the_budget():
             assert shard * per_token * 2 * width / 16 > budget
 
 
+def test_forward_takes_one_pass_when_it_fits_else_groups_by_its_own_bytes():
+    from mobalab.distributed._ring import (
+        forward_bytes_per_token,
+        forward_head_groups,
+        head_groups,
+        ring_bytes_per_token,
+    )
+
+    whole = forward_bytes_per_token(16, 16, 128, 2, sliced=False)
+    assert whole < forward_bytes_per_token(16, 16, 128, 2) < 0.5 * ring_bytes_per_token(16, 16, 128, 2)
+    assert forward_head_groups(1, 1 << 20, 16, 16, 128, 2, budget=(1 << 20) * whole) == [(0, 16)]
+    split = forward_head_groups(1, 1 << 20, 16, 16, 128, 2, budget=(1 << 20) * whole - 1)
+    assert len(split) > 1 and split == head_groups(1, 1 << 20, 16, 16, 128, 2, budget=(1 << 20) * whole - 1,
+                                                   per_token=forward_bytes_per_token)
+    width = split[0][1] - split[0][0]
+    assert (1 << 20) * forward_bytes_per_token(16, 16, 128, 2) * width / 16 <= (1 << 20) * whole - 1
+
+
 def test_bench_predicts_that_4m_tokens_fit_two_h200s_but_not_one():
     """The bench runs a length only if its predicted peak fits (else forward only, or skip): at the reference
     configuration a 2M-token shard must be predicted to fit an H200 (141 GB), a whole 4M sequence not."""

@@ -32,8 +32,8 @@ from ._local import KeySums, Params, Sink, backward_pair, cuda_kernels, forward_
 from ._merge import Accumulator, GradientSum
 from ._routing import route
 
-__all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "ring_bytes_per_token",
-           "RING_BUDGET_BYTES"]
+__all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "forward_head_groups",
+           "ring_bytes_per_token", "forward_bytes_per_token", "RING_BUDGET_BYTES", "FORWARD_MEMORY_SHARE"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ def _attend_shard(q, k_held, v_held, topk, source: int, plan: Plan, kernels, acc
                          plan.params, kernels, acc=acc, row0=qseg.local)
 
 
-def ring_forward(q, k, v, topk, plan: Plan):
-    """(out in q's dtype, lse in the compute dtype) of this rank's queries over the whole sequence."""
+def ring_forward(q, k, v, topk, plan: Plan, cast: bool = True):
+    """(out in q's dtype, lse in the compute dtype) of this rank's queries over the whole sequence; out in the
+    compute dtype without ``cast`` (for a caller that converts it as it copies it into place)."""
     ring, layout = plan.ring, plan.layout
     kernels = cuda_kernels(q, plan.params, plan.kernels)
     acc = Accumulator(q.shape, C.compute_dtype(q.dtype), q.device)
@@ -79,7 +80,7 @@ def ring_forward(q, k, v, topk, plan: Plan):
         if incoming is not None:
             held = incoming
     out, lse = acc.result()
-    return out.to(q.dtype), lse
+    return (out.to(q.dtype) if cast else out), lse
 
 
 def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
@@ -116,7 +117,8 @@ class HomeHop:
 
 
 def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: bool = False):
-    """(dq, dk, dv) of this rank's shard, in the input dtypes; with ``defer_home`` (dq, :class:`HomeHop`).
+    """(dq, dk, dv) of this rank's shard, in the input dtypes; with ``defer_home`` (dq in the compute dtype,
+    :class:`HomeHop`), for a caller that converts dq as it copies it into place.
 
     The travelling dK, dV are sums of the terms of the ranks they have visited, added to in the compute dtype
     and sent in the input dtype: half the bytes of fp32 for bf16, at the price of rounding the partial sum at
@@ -157,7 +159,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
         del grad_k, grad_v, arriving
         if incoming is not None:
             held = incoming
-    dq = dq.result().to(q.dtype)
+    dq = dq.result() if defer_home else dq.result().to(q.dtype)
     hop = HomeHop([], finished)
     if ring.world > 1:  # the last hop: each shard's complete gradient goes home
         home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
@@ -180,14 +182,38 @@ def ring_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elem: int) ->
     return float(slices + ring + kernel)
 
 
+# The forward alone holds far less: slices of q, k, v (when the heads are split), the fp32 running output and
+# lse, K/V in hand and arriving, the pass's output in q's dtype.
+def forward_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elem: int, sliced: bool = True) -> float:
+    """Peak bytes per shard token of one forward ring pass over all ``heads``; without the slices of q, k, v
+    when ``sliced`` is False (one pass over every head reads the caller's tensors as they are)."""
+    hd, gd = heads * head_dim, kv_heads * head_dim
+    slices = elem * (hd + 2 * gd) if sliced else 0
+    return float(slices + 4 * hd + 4 * heads + 2 * elem * 2 * gd + elem * hd)
+
+
 #: Working set one ring pass may hold; beyond it the heads are taken in groups (whole kv groups), one pass each.
 RING_BUDGET_BYTES = 8 << 30
+#: Share of a GPU's memory the forward's passes may hold: its working set is a fraction of the backward's, which
+#: sets the peak, and every pass beyond one copies its heads' slices of q, k, v out and its output back in.
+FORWARD_MEMORY_SHARE = 0.25
+
+
+def forward_head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
+                        budget: float | None = None) -> list[tuple[int, int]]:
+    """The forward's passes: one over all heads when its working set (no slices then) fits ``budget``, else
+    :func:`head_groups` by the forward's bytes per token."""
+    budget = RING_BUDGET_BYTES if budget is None else budget
+    if batch * shard * forward_bytes_per_token(heads, kv_heads, head_dim, elem, sliced=False) <= budget:
+        return [(0, heads)]
+    return head_groups(batch, shard, heads, kv_heads, head_dim, elem, budget, per_token=forward_bytes_per_token)
 
 
 def head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
-                budget: float | None = None) -> list[tuple[int, int]]:
+                budget: float | None = None, per_token=None) -> list[tuple[int, int]]:
     """Query-head ranges [h0, h1) of the ring passes: the fewest passes (whole kv groups, dividing the kv heads)
     whose working set fits ``budget`` (default :data:`RING_BUDGET_BYTES`), else one pass per kv head.
+    ``per_token``: bytes per shard token of a pass over all heads (default :func:`ring_bytes_per_token`).
 
     Heads never interact in MoBA, so passes over head groups give the same result as one pass; the ring's
     buffers (K/V in flight, travelling gradients, fp32 accumulators, the kernels' scratch) then scale with the
@@ -195,7 +221,8 @@ def head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int
     """
     budget = RING_BUDGET_BYTES if budget is None else budget
     group = heads // kv_heads
-    per_kv_head = batch * shard * ring_bytes_per_token(heads, kv_heads, head_dim, elem) / kv_heads
+    per_token = ring_bytes_per_token if per_token is None else per_token
+    per_kv_head = batch * shard * per_token(heads, kv_heads, head_dim, elem) / kv_heads
     passes = next((n for n in range(1, kv_heads + 1) if kv_heads % n == 0
                    and per_kv_head * (kv_heads // n) <= budget), kv_heads)
     width = kv_heads // passes * group
@@ -223,7 +250,7 @@ class RingMoBA(torch.autograd.Function):
         topk = route(q, k, plan.layout, plan.ring, p.block_size, p.top_k, p.causal,
                      lists=None if kernels is None else kernels.lists)
         group = q.shape[2] // k.shape[2]
-        ranges = _passes(q, k, plan)
+        ranges = _passes(q, k, plan, forward=True)
         if len(ranges) == 1:
             out, lse = ring_forward(q, k, v, topk, plan)
         else:
@@ -231,7 +258,7 @@ class RingMoBA(torch.autograd.Function):
             lse = torch.empty(q.shape[:3], dtype=C.compute_dtype(q.dtype), device=q.device)
             for h0, h1 in ranges:
                 o, l_ = ring_forward(_heads(q, h0, h1), _heads(k, h0, h1, group), _heads(v, h0, h1, group),
-                                     _heads(topk, h0, h1), plan)
+                                     _heads(topk, h0, h1), plan, cast=False)
                 out[:, :, h0:h1] = o
                 lse[:, :, h0:h1] = l_
                 del o, l_
@@ -272,7 +299,14 @@ class RingMoBA(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _passes(q, k, plan: Plan) -> list[tuple[int, int]]:
-    """The head groups of the ring passes; every rank computes the same (from the longest shard)."""
+def _passes(q, k, plan: Plan, forward: bool = False) -> list[tuple[int, int]]:
+    """The head groups of the ring passes (backward, or ``forward``); every rank computes the same (from the
+    longest shard and, on GPUs, the device's memory: every rank of a ring runs on the same kind of GPU)."""
     batch, _, heads, dim = q.shape
-    return head_groups(batch, max(plan.layout.lengths), heads, k.shape[2], dim, q.element_size())
+    shard, kv_heads, elem = max(plan.layout.lengths), k.shape[2], q.element_size()
+    if not forward:
+        return head_groups(batch, shard, heads, kv_heads, dim, elem)
+    budget = RING_BUDGET_BYTES
+    if q.is_cuda:
+        budget = max(budget, FORWARD_MEMORY_SHARE * torch.cuda.get_device_properties(q.device).total_memory)
+    return forward_head_groups(batch, shard, heads, kv_heads, dim, elem, budget)
