@@ -135,5 +135,20 @@ def test_bench_predicts_that_4m_tokens_fit_two_h200s_but_not_one():
 
     args = bench._defaults(bench.parse_args(["--backend", "nccl"]), gpu=True)
     h200 = bench.MEMORY_FRACTION * 141e9
-    assert bench._predicted_bytes(2 << 20, args, 2, backward=True) < h200
-    assert bench._predicted_bytes(4 << 20, args, 2, backward=True) > h200
+    for device in (None, 141e9):  # passes in the fixed budget; or, on the H200, one pass where it fits
+        assert bench._predicted_bytes(2 << 20, args, 2, backward=True, device_bytes=device) < h200
+        assert bench._predicted_bytes(4 << 20, args, 2, backward=True, device_bytes=device) > h200
+    # a 1M-token shard takes one backward pass over all heads on an H200: more memory, still well inside
+    assert bench._predicted_bytes(1 << 20, args, 2, backward=True, device_bytes=141e9) > \
+        bench._predicted_bytes(1 << 20, args, 2, backward=True) + 30e9
+
+
+def test_backward_takes_one_pass_on_a_gpu_where_it_fits_with_batch_one():
+    from mobalab.distributed._ring import BACKWARD_MEMORY_SHARE, backward_head_groups, head_groups, ring_bytes_per_token
+
+    whole = (1 << 20) * ring_bytes_per_token(16, 16, 128, 2, sliced=False, kernel_scratch=False)
+    device = whole / BACKWARD_MEMORY_SHARE
+    assert backward_head_groups(1, 1 << 20, 16, 16, 128, 2, device) == [(0, 16)]
+    for args in ((1, 1 << 20, 16, 16, 128, 2, device * 0.99), (2, 1 << 19, 16, 16, 128, 2, device),
+                 (1, 1 << 20, 16, 16, 128, 2, None)):  # too little memory; batch 2 (pieces); no GPU
+        assert backward_head_groups(*args) == head_groups(*args[:6]) != [(0, 16)]

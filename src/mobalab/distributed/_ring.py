@@ -33,7 +33,9 @@ from ._merge import Accumulator, GradientSum
 from ._routing import route
 
 __all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "forward_head_groups",
-           "ring_bytes_per_token", "forward_bytes_per_token", "RING_BUDGET_BYTES", "FORWARD_MEMORY_SHARE"]
+           "backward_head_groups",
+           "ring_bytes_per_token", "forward_bytes_per_token", "RING_BUDGET_BYTES", "FORWARD_MEMORY_SHARE",
+           "BACKWARD_MEMORY_SHARE"]
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,15 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
 # caller's tensors: the backward's (the larger) -- q, k, v, out, dO slices of the head group, fp32 dQ, K/V in
 # hand and arriving, dK/dV arriving and leaving, the shard's fp32 dK/dV, and the CUDA backward's own fp32 dQ,
 # dK, dV scratch and its returned pieces; counted in elements of the input dtype (e) and fp32 (4).
-def ring_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elem: int) -> float:
-    """Peak bytes per shard token of one ring pass over all ``heads`` (see :func:`head_groups`)."""
+def ring_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elem: int, sliced: bool = True,
+                         kernel_scratch: bool = True) -> float:
+    """Peak bytes per shard token of one ring pass over all ``heads`` (see :func:`head_groups`); without the
+    slices (one pass over every head reads the caller's tensors as they are) or without the kernels' own
+    gradient scratch (batch 1: they write into the ring's fp32 sums in place)."""
     hd, gd = heads * head_dim, kv_heads * head_dim
-    slices = elem * (3 * hd + 2 * gd)
+    slices = elem * (3 * hd + 2 * gd) if sliced else 0
     ring = 4 * hd + 3 * elem * 2 * gd + 4 * 2 * gd
-    kernel = 4 * hd + elem * hd + elem * 2 * gd + 4 * 2 * gd
+    kernel = 4 * hd + elem * hd + elem * 2 * gd + 4 * 2 * gd if kernel_scratch else 0
     return float(slices + ring + kernel)
 
 
@@ -197,6 +202,9 @@ RING_BUDGET_BYTES = 8 << 30
 #: Share of a GPU's memory the forward's passes may hold: its working set is a fraction of the backward's, which
 #: sets the peak, and every pass beyond one copies its heads' slices of q, k, v out and its output back in.
 FORWARD_MEMORY_SHARE = 0.25
+#: Share of a GPU's memory one backward pass over all heads may hold (batch 1, kernels writing in place): then
+#: no slices of dO, q, k, v, out are copied out nor gradients copied back; else passes within the fixed budget.
+BACKWARD_MEMORY_SHARE = 0.4
 
 
 def forward_head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
@@ -207,6 +215,18 @@ def forward_head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_
     if batch * shard * forward_bytes_per_token(heads, kv_heads, head_dim, elem, sliced=False) <= budget:
         return [(0, heads)]
     return head_groups(batch, shard, heads, kv_heads, head_dim, elem, budget, per_token=forward_bytes_per_token)
+
+
+def backward_head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
+                         device_bytes: float | None = None) -> list[tuple[int, int]]:
+    """The backward's passes: one over all heads on a GPU of ``device_bytes`` when batch is 1 (the kernels
+    write into the ring's sums) and that pass's working set fits :data:`BACKWARD_MEMORY_SHARE` of it, else
+    :func:`head_groups` (within :data:`RING_BUDGET_BYTES`)."""
+    whole = batch * shard * ring_bytes_per_token(heads, kv_heads, head_dim, elem, sliced=False,
+                                                 kernel_scratch=False)
+    if device_bytes is not None and batch == 1 and whole <= BACKWARD_MEMORY_SHARE * device_bytes:
+        return [(0, heads)]
+    return head_groups(batch, shard, heads, kv_heads, head_dim, elem)
 
 
 def head_groups(batch: int, shard: int, heads: int, kv_heads: int, head_dim: int, elem: int,
@@ -304,9 +324,10 @@ def _passes(q, k, plan: Plan, forward: bool = False) -> list[tuple[int, int]]:
     longest shard and, on GPUs, the device's memory: every rank of a ring runs on the same kind of GPU)."""
     batch, _, heads, dim = q.shape
     shard, kv_heads, elem = max(plan.layout.lengths), k.shape[2], q.element_size()
+    device_bytes = torch.cuda.get_device_properties(q.device).total_memory if q.is_cuda else None
     if not forward:
-        return head_groups(batch, shard, heads, kv_heads, dim, elem)
+        return backward_head_groups(batch, shard, heads, kv_heads, dim, elem, device_bytes)
     budget = RING_BUDGET_BYTES
-    if q.is_cuda:
-        budget = max(budget, FORWARD_MEMORY_SHARE * torch.cuda.get_device_properties(q.device).total_memory)
+    if device_bytes is not None:
+        budget = max(budget, FORWARD_MEMORY_SHARE * device_bytes)
     return forward_head_groups(batch, shard, heads, kv_heads, dim, elem, budget)

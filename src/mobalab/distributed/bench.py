@@ -192,7 +192,7 @@ def check(args, device, dtype, ring) -> dict:
 _FIXED_BYTES = 3 << 30  # routing scores (4 GiB budget is the worst case of a chunk; usually less) and scratch
 
 
-def _predicted_bytes(shard: int, args, elem: int, backward: bool) -> float:
+def _predicted_bytes(shard: int, args, elem: int, backward: bool, device_bytes: float | None = None) -> float:
     """Peak bytes of one rank from the shapes: the caller's tensors, routing, and one ring pass's working set
     (:func:`mobalab.distributed._ring.ring_bytes_per_token` over the heads of a pass, :func:`head_groups`)."""
     hd, gd = args.heads * args.head_dim, args.kv_heads * args.head_dim
@@ -200,9 +200,13 @@ def _predicted_bytes(shard: int, args, elem: int, backward: bool) -> float:
     base = elem * (3 * hd + 2 * gd) + 4 * args.heads + 4 * args.heads * args.top_k + 48 * args.heads
     if backward:
         base += elem * (hd + 2 * gd)  # dq, dk, dv returned
-    passes = _ring.head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim, elem)
+    passes = _ring.backward_head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim, elem,
+                                        device_bytes)
     width = passes[0][1] - passes[0][0]
-    ring = _ring.ring_bytes_per_token(args.heads, args.kv_heads, args.head_dim, elem) * width / args.heads
+    if len(passes) == 1 and device_bytes is not None:  # one pass over all heads, in place: no slices, no scratch
+        ring = _ring.ring_bytes_per_token(args.heads, args.kv_heads, args.head_dim, elem, False, False)
+    else:
+        ring = _ring.ring_bytes_per_token(args.heads, args.kv_heads, args.head_dim, elem) * width / args.heads
     return args.batch * shard * (base + ring) + _FIXED_BYTES
 
 
@@ -214,7 +218,7 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         elem = torch.finfo(dtype).bits // 8
-        need = {m: max(_predicted_bytes(shard, args, elem, m == "fwd+bwd"),
+        need = {m: max(_predicted_bytes(shard, args, elem, m == "fwd+bwd", total),
                        measured.get(m, 0.0) * shard + _FIXED_BYTES) for m in ("fwd+bwd", "fwd")}
         fits = torch.tensor([need["fwd+bwd"] <= MEMORY_FRACTION * total, need["fwd"] <= MEMORY_FRACTION * total],
                             device=device, dtype=torch.int32)
@@ -282,8 +286,9 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
         row["routing_ms"] = timer.elapsed(t0, t1)
         # one hop of K and V around the ring, nothing else (the bandwidth the model needs), in the pieces the
         # ring sends: the kv heads of one pass (head_groups), timed once per pass
-        passes = _ring.head_groups(args.batch, max(lengths), args.heads, args.kv_heads, args.head_dim,
-                                   k.element_size())
+        passes = _ring.backward_head_groups(args.batch, max(lengths), args.heads, args.kv_heads, args.head_dim,
+                                            k.element_size(), torch.cuda.get_device_properties(device).total_memory
+                                            if device.type == "cuda" else None)
         kv = (passes[0][1] - passes[0][0]) * args.kv_heads // args.heads
         sends = [x.detach()[:, :, :kv].contiguous() for x in (k, v)]
         incoming = [torch.empty((args.batch, lengths[(ring.rank - 1) % ring.world], kv, args.head_dim),
