@@ -24,13 +24,14 @@
 //    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
 //    merging, no barrier and no shared-memory write in the streaming loop.
 // 2. moba_decode_route_select: one CTA (8 warps) per (sequence, kv head, row). Each warp scans 32-candidate
-//    chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block down, 8
-//    chunks' loads issued together) and keeps the row's best k-1 so far as a sorted list held one entry per
-//    lane: its first chunk is sorted by a warp bitonic sort, then a chunk's candidates that beat the list's
-//    last entry (one ballot; rare once the list is good) are inserted one by one by shifting the lanes behind
-//    them. Warp 0 then offers the other 7 warps' lists the same way and writes sel. The order is (score desc,
-//    block desc), a strict total order on distinct blocks, so the result is the reference's exactly (ties to
-//    the higher index); NaN never enters a list; fewer candidates than k-1 leave -1.
+//    chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block down; 8
+//    chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's best k-1
+//    so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic sort, then a
+//    chunk's candidates that beat the list's last entry (one ballot; rare once the list is good) are inserted
+//    one by one by shifting the lanes behind them. Warp 0 then offers the other 7 warps' lists the same way
+//    and writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
+//    result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer candidates
+//    than k-1 leave -1.
 // 3. moba_decode_attend_*: one CTA per (sequence, kv head, entry e, chunk c of <= 64 tokens of the block).
 //    The CTA reads its block j = sel[e] and the kv head's R * k selection entries; if an earlier entry of
 //    the kv head selected j, another CTA owns (j, c) and this one only counts itself; otherwise it copies
@@ -254,14 +255,18 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     float lv = dec_nan();
     int lj = -1;
     const int nch = (n + 31) / 32;
-    bool fresh = true;  // warp-uniform: no chunk seen yet
-    for (int c0 = warp; c0 < nch; c0 += DSP_WARPS * U) {
-        float v[U];
+    constexpr int STEP = DSP_WARPS * U;  // chunks of one round of the CTA
+    // Round c0 of warp w: chunks c0 + u * WARPS, u < U; the next round's loads are issued before this one is
+    // ranked (two register buffers), so long rows stream instead of waiting once per round.
+    auto load = [&](float (&v)[U], int c0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * DSP_WARPS, j = n - 1 - 32 * c - lane;
             v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
         }
+    };
+    bool fresh = true;  // warp-uniform: no chunk ranked yet
+    auto rank = [&](const float (&v)[U], int c0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * DSP_WARPS;
@@ -279,6 +284,18 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
                 fresh = false;
             } else {
                 dsp_offer(lv, lj, s, j, lcap, lane);
+            }
+        }
+    };
+    {
+        float va[U], vb[U];
+        if (warp < nch) load(va, warp);
+        for (int c0 = warp; c0 < nch; c0 += 2 * STEP) {
+            if (c0 + STEP < nch) load(vb, c0 + STEP);
+            rank(va, c0);
+            if (c0 + STEP < nch) {
+                if (c0 + 2 * STEP < nch) load(va, c0 + 2 * STEP);
+                rank(vb, c0 + STEP);
             }
         }
     }
