@@ -48,7 +48,7 @@
 // the kv head's selections: sums 4 * n_p * D * ceil(R / 64) + K, V 2 * 2 * U * B * D (the own block's chunks
 // beyond L are not read) + q, out. The scores, 4 * R * n_p written and read once, stay in L2 when small
 // (512K, b 8, 32 / 8 heads: 4.2 MB against 134 MB of sums; their share is R / (D ceil(R / 64)), at most
-// 1 / 2 at d 128 for 64 rows, where they may reach HBM); partials stay in L2.
+// 1 / 2 at d 128 and 1 at d 64 for 64 rows, where they may reach HBM); partials stay in L2.
 // FLOPs: scores 2 * b * heads * q_len * n_p * D, attention 4 * b * heads * q_len * |S_t| * D; at 512K, b 8,
 // 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP for 255 MB (~1.6 FLOP per byte; the score pass alone 2 FLOP
 // per byte of sums at R = 4): memory-bound, CUDA cores with exact fp32 scores. Selection: ~n_p / 32 ballots
@@ -64,9 +64,10 @@
 //   32 KB each in flight.
 //   512K: score pass 64 (b, kv) x 16 ranges of 256 blocks = 1024 CTAs (3.9 waves of 264) reading 134 MB:
 //     ~35-37 us + ~3 us launch and tail; selection 256 CTAs, 4095 candidates per row (2 load rounds to L2,
-//     one sort, ~40 insertions per warp, the warp-0 merge): ~4-5 us with its launch; attention (measured
-//     ~62 us, 2.0 TB/s for 121 MB, ~29 distinct blocks per kv head for random queries). Step ~0.105 ms (30x
-//     dense needs <= 0.13), ~2.4 TB/s for 255 MB: ~58% of the copy bandwidth, the attention launch the limit.
+//     the second in flight during the first's ranking, one sort, ~40 insertions per warp, the warp-0
+//     merge): ~4-5 us with its launch; attention (measured ~62 us, 2.0 TB/s for 121 MB, ~29 distinct blocks
+//     per kv head for random queries). Step ~0.105 ms (30x dense needs <= 0.13), ~2.4 TB/s for 255 MB: ~58%
+//     of the copy bandwidth, the attention launch the limit (70% needs it at ~3.3 TB/s).
 //   128K: score 512 CTAs read 34 MB (~12 us), selection ~4 us, attention ~62 us: ~0.08 ms.
 //   32K: score 128 CTAs read 8.4 MB (one round trip per warp, ~5 us), selection ~3 us, attention ~62 us:
 //     ~0.072 ms.
