@@ -67,7 +67,7 @@
 //     the second in flight during the first's ranking, one sort, ~40 insertions per warp, the warp-0
 //     merge): ~4-5 us with its launch; attention (measured ~62 us, 2.0 TB/s for 121 MB, ~29 distinct blocks
 //     per kv head for random queries). Step ~0.105 ms (30x dense needs <= 0.13), ~2.4 TB/s for 255 MB: ~58%
-//     of the copy bandwidth, the attention launch the limit (70% needs it at ~3.3 TB/s).
+//     of the copy bandwidth, the attention launch the limit (70% needs it at ~2.8 TB/s; at 128K ~3.3).
 //   128K: score 512 CTAs read 34 MB (~12 us), selection ~4 us, attention ~62 us: ~0.08 ms.
 //   32K: score 128 CTAs read 8.4 MB (one round trip per warp, ~5 us), selection ~3 us, attention ~62 us:
 //     ~0.072 ms.
