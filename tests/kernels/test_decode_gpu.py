@@ -1,4 +1,4 @@
-"""GPU MoBA decode (cuda/decode.cu, the fused kernel, and cuda/decode_split.cu, the two-launch path) against
+"""GPU MoBA decode (cuda/decode.cu, the fused kernel, and cuda/decode_split.cu, the three-launch path) against
 the torch reference, on the device machine. Every test that runs a step runs once per kernel.
 
 Every case decodes from a prompt through a CUDA MobaKVCache with every ``torch.empty`` poisoned (NaN, int
@@ -321,8 +321,61 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
         run(launches[0], 0)
     else:
         _, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
-        assert len(launches) == 1
+        assert [launch.kernel.split("_")[3] for launch in launches] == ["score", "select"]
         bufs["sel"].fill_(2**30)
-        run_split(launches[0], 0)
+        for launch in launches:
+            run_split(launch, 0)
     torch.cuda.synchronize()
     assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("block", "top_k", "n"), [(64, 8, 128 * 1024), (16, 16, 128 * 1024 + 40)])
+def test_split_routing_at_128k(poisoned_empty, block, top_k, n):
+    """The split path's score and select launches alone at 128K tokens (2047 and 8194 candidate blocks, so
+    several score ranges and select load rounds), 4 kv heads of 4 query heads, ragged: every selection equals the
+    fp64 ranking on the block sums except at near-ties."""
+    from mobalab.kernels._cuda_decode_split import run as run_split
+    from mobalab.kernels._cuda_decode_split import split_launches
+
+    gen = torch.Generator(device=DEVICE).manual_seed(block + n)
+    batch, kv_heads, heads, dim = 2, 4, 16, 128
+    lengths = [n - 1, n - 1 - 5000]
+    cache = MobaKVCache(batch, kv_heads, dim, block, n, dtype=torch.bfloat16, device=DEVICE)
+    cache.prefill(_rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen),
+                  _rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen), lengths=lengths)
+    cache.append(_rand((batch, 1, kv_heads, dim), torch.bfloat16, gen),
+                 _rand((batch, 1, kv_heads, dim), torch.bfloat16, gen))
+    q = _rand((batch, 1, heads, dim), torch.bfloat16, gen)
+    with poisoned_empty():
+        plan, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
+    assert plan.n_range > 1
+    for launch in launches:
+        run_split(launch, 0)
+    torch.cuda.synchronize()
+    assert not (bufs["sel"] == 2**30).any(), "unwritten selection slots"
+    assert _check_routing_on_sums(q, cache, bufs["sel"], top_k) <= 2  # near-ties only, and rare
+
+
+def test_exact_ties_go_to_the_higher_block(poisoned_empty, kernel):
+    """Every third block a copy of block 1 and queries equal to its sum: the copies' scores tie exactly and
+    outrank every other block, so slots 1.. hold the highest-index copies in descending order (64K tokens,
+    B 32: 2047 candidate blocks, 4 / 2 heads, both sequences)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    batch, kv_heads, heads, dim, block, top_k, n = 2, 2, 8, 128, 32, 16, 64 * 1024
+    k = _rand((batch, n, kv_heads, dim), torch.bfloat16, gen)
+    v = _rand((batch, n, kv_heads, dim), torch.bfloat16, gen)
+    copies = [1, *range(4, n // block, 3)]
+    for j in copies[1:]:
+        k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
+    cache = MobaKVCache(batch, kv_heads, dim, block, n, dtype=torch.bfloat16, device=DEVICE)
+    cache.prefill(k[:, :n - 1], v[:, :n - 1])
+    cache.append(k[:, n - 1:], v[:, n - 1:])
+    cache.block_sums[:, :, copies[1:-1]] = cache.block_sums[:, :, 1:2]  # bitwise equal, whatever the reduction
+    q = cache.block_sums[:, :, 1].repeat_interleave(heads // kv_heads, dim=1).unsqueeze(1).to(torch.bfloat16)
+    with poisoned_empty():
+        _, _, sel = _kernel_decode(q.contiguous(), cache, top_k, kernel)
+    torch.cuda.synchronize()
+    own = (n - 1) // block
+    want = sorted((j for j in copies if j < own), reverse=True)[:top_k - 1]
+    assert (sel[..., 0] == own).all()
+    assert (sel[..., 1:] == torch.tensor(want, dtype=sel.dtype, device=DEVICE)).all(), sel[0, 0, 0].tolist()

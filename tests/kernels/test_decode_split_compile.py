@@ -3,8 +3,8 @@
 The source is taken as NVRTC sees it (``_build.source``) and compiled with the project's NVRTC options
 (``_build.NVRTC_OPTIONS``) for ``-gencode=arch=compute_90a,code=sm_90a``; ptxas' ``-v`` report gives
 registers, shared memory, stack frame and spills per kernel (run with ``-s`` to see them). Registers must
-stay within what each kernel's ``__launch_bounds__`` promises (routing: 2 CTAs of 256 threads per SM, at
-most 128 registers; attention: 4 CTAs, at most 64).
+stay within what each kernel's ``__launch_bounds__`` promises (scores: 2 CTAs of 256 threads per SM, at
+most 128 registers; selection and attention: 4 CTAs, at most 64).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from mobalab.kernels._launch import signatures
 sys.path.insert(0, str(Path(__file__).parent))
 from _ptxas_report import entry_report  # noqa: E402
 
-ROUTE = [f"moba_decode_route_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
+SCORE = [f"moba_decode_route_score_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
+SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 
 
@@ -32,20 +33,22 @@ def report(tmp_path_factory) -> dict[str, dict[str, int]]:
 
 
 def test_entry_points_and_constants_match_the_wrapper():
-    assert sorted(signatures("decode_split.cu")) == sorted(ROUTE + ATTEND)
+    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND)
     text = source("decode_split.cu")
-    for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS),
-                        ("DSP_ROUTE_TILE_BYTES", S.ROUTE_TILE_BYTES), ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS),
+    for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
+                        ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
                         ("DSP_ATTN_CHUNK", S.ATTN_CHUNK), ("DSP_ATTN_ROWS", S.ATTN_ROWS),
-                        ("DSP_ROUTE_MIN_CTAS", S.ROUTE_MIN_CTAS), ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS)):
+                        ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MIN_CTAS", S.SELECT_MIN_CTAS),
+                        ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS)):
         assert re.search(rf"#define {name} {value}\b", text), name
 
 
 @pytest.mark.nvcc
 def test_decode_split_compiles_without_spills(report):
-    assert sorted(report) == sorted(ROUTE + ATTEND)
+    assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)
-        min_ctas = S.ROUTE_MIN_CTAS if name in ROUTE else S.ATTN_MIN_CTAS
+        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(
+            name, S.ATTN_MIN_CTAS)
         assert r["registers"] <= 65536 // (S.THREADS * min_ctas), (name, r)
         assert r.get("smem", 0) == 0, (name, r)  # all shared memory is dynamic, sized by the plan

@@ -1,4 +1,4 @@
-"""The two-launch decode kernels (cuda/decode_split.cu) run on the host: their logic against the torch
+"""The three-launch decode kernels (cuda/decode_split.cu) run on the host: their logic against the torch
 reference, no GPU.
 
 ``host_emulation/cuda_host.h`` runs every CUDA thread as a coroutine (switching at __syncthreads and the warp
@@ -7,12 +7,14 @@ CTAs of a grid one after another in a shuffled order, so any CTA can be the last
 merges). The harness executes exactly the launches ``_cuda_decode_split.split_launches`` plans for a cache on
 the CPU (grid, shared-memory size, arguments checked against the kernel signatures), compiled with
 AddressSanitizer: an access beyond a buffer or beyond the planned shared memory fails the run; every output
-and scratch buffer is poisoned first. What this cannot show (PTX, the memory model between concurrent CTAs,
-speed) is left to the GPU tests.
+and scratch buffer is poisoned first. The selection launch also runs alone on crafted score rows (exact ties,
+signed zeros, infinities, NaN, orders that make every candidate an insertion, thousands of candidates). What
+this cannot show (PTX, the memory model between concurrent CTAs, speed) is left to the GPU tests.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -35,27 +37,27 @@ harness = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels
 
 BF, FP = torch.bfloat16, torch.float16
 CASES = [
-    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, top_k, merge entries, options
-    pytest.param(BF, 128, 16, 2, 8, 1, [1500, 333], 8, 512, {}, id="bf16-d128-B16-gqa4-ragged-ranges"),
-    pytest.param(FP, 64, 16, 1, 2, 2, [4500, 100], 4, 6, {}, id="fp16-d64-B16-qlen2-tiles-per-range"),
-    pytest.param(FP, 128, 128, 1, 2, 3, [520, 390], 3, 512, {}, id="fp16-d128-B128-qlen3-chunks"),
-    pytest.param(BF, 64, 32, 1, 16, 5, [300], 4, 512, {}, id="bf16-d64-B32-two-row-groups"),
-    pytest.param(BF, 128, 16, 2, 2, 2, [40, 17], 1, 512, {}, id="bf16-top1-own-only"),
-    pytest.param(FP, 64, 64, 1, 1, 16, [150], 32, 512, {}, id="fp16-qlen16-topk32-fewer-blocks"),
-    pytest.param(BF, 64, 16, 1, 2, 1, [1400], 16, 30, dict(ties=True), id="bf16-exact-ties-across-ranges"),
-    pytest.param(BF, 128, 64, 1, 8, 1, [3000], 4, 512, dict(shared=True), id="bf16-B64-shared-selection"),
-    pytest.param(FP, 128, 16, 2, 6, 7, [5, 1300, 260], 5, 512, {}, id="fp16-gqa3-qlen7-tiny-seq"),
-    # 600 candidates of d 64 in one range of five 128-block tiles: both register buffers reloaded (pipeline)
-    pytest.param(BF, 64, 16, 1, 2, 1, [9620, 2100], 4, 3, {}, id="bf16-d64-five-tiles-one-range"),
+    # dtype, d, B, kv_heads, heads, q_len, prompt lengths, top_k, score range blocks (None: the plan's), options
+    pytest.param(BF, 128, 16, 2, 8, 1, [1500, 333], 8, 40, {}, id="bf16-d128-B16-gqa4-ragged-ranges"),
+    pytest.param(FP, 64, 16, 1, 2, 2, [4500, 100], 4, 264, {}, id="fp16-d64-B16-qlen2-passes-per-warp"),
+    pytest.param(FP, 128, 128, 1, 2, 3, [520, 390], 3, None, {}, id="fp16-d128-B128-qlen3-chunks"),
+    pytest.param(BF, 64, 32, 1, 16, 5, [300], 4, None, {}, id="bf16-d64-B32-two-row-groups"),
+    pytest.param(BF, 128, 16, 2, 2, 2, [40, 17], 1, None, {}, id="bf16-top1-own-only"),
+    pytest.param(FP, 64, 64, 1, 1, 16, [150], 32, None, {}, id="fp16-qlen16-topk32-fewer-blocks"),
+    pytest.param(BF, 64, 16, 1, 2, 1, [1400], 16, 24, dict(ties=True), id="bf16-exact-ties-across-ranges"),
+    pytest.param(BF, 128, 64, 1, 8, 1, [3000], 4, None, dict(shared=True), id="bf16-B64-shared-selection"),
+    pytest.param(FP, 128, 16, 2, 6, 7, [5, 1300, 250], 5, 17, {}, id="fp16-gqa3-qlen7-tiny-seq"),
+    # 5000 candidates: the score warps stream several passes, the select warps several rounds of loads
+    pytest.param(BF, 64, 16, 1, 2, 1, [80_020, 2100], 8, 1280, {}, id="bf16-d64-5000-candidates"),
 ]
-_ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_k", "merge", "opts")
+_ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_k", "range_blocks", "opts")
 
 
-def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, merge, opts, seed=7,
-              route_only=False):
+def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts,
+              seed=7, route_only=False):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, merge_entries=merge)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks)
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -63,9 +65,9 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
 
 @pytest.mark.parametrize(_ARGS, CASES)
 def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                lengths, top_k, merge, opts):
+                                                lengths, top_k, range_blocks, opts):
     cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, merge, opts)
+                                                   lengths, top_k, range_blocks, opts)
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
 
@@ -73,33 +75,133 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
 def test_other_cta_orders_give_the_same_step(harness, tmp_path):
     """Other random orders of the CTAs (and of the threads): bit-identical outputs."""
     runs = [_run_case(harness, tmp_path, *CASES[1].values, seed=s) for s in (1, 2)]
-    assert runs[0][4].n_range > 1 and runs[0][4].tiles_per_range > 1
+    assert runs[0][4].n_range > 1
     for name in ("sel", "out", "lse"):
         assert torch.equal(runs[0][-1][name], runs[1][-1][name]), name
 
 
-def test_route_only_launch_writes_the_selection_alone(harness, tmp_path):
+def test_route_only_launches_write_the_selection_alone(harness, tmp_path):
     cache, q, top_k, _, plan, bufs = _run_case(harness, tmp_path, *CASES[0].values, route_only=True)
     assert plan.n_range > 1
     assert torch.equal(bufs["sel"], D._route(q, cache, top_k))
-    assert torch.isnan(bufs["lse"]).all()  # no attention ran
-    assert int(cache._counters.abs().sum()) == 0
+    assert torch.isnan(bufs["lse"]).all() and torch.isnan(bufs["part_ml"]).all()  # no attention ran
+
+
+def test_score_pass_writes_every_candidate_score_and_nothing_beyond(harness, tmp_path):
+    """The scratch after the score launch alone: q . S_j in fp32 for the row's candidates, NaN for the blocks
+    from the row's own block up to the sequence's last own block, columns beyond untouched (poison kept)."""
+    dtype, dim, block, kv_heads, heads, q_len, lengths = FP, 128, 16, 2, 6, 3, [702, 1300, 94]
+    cache, q = decode_case(11, dtype, dim, block, kv_heads, heads, q_len, lengths)
+    top_k, scale = D.check_decode(q, cache, 4, kernel_limits=True)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=True, range_blocks=20)
+    assert launches[0].kernel == "moba_decode_route_score_fp16_d128" and plan.n_range > 1
+    bufs["scores"].fill_(12345.0)
+    run_emulated(harness, tmp_path, launches[:1], seed=3)
+    got = bufs["scores"].view(len(lengths), kv_heads, plan.rows, plan.n_cols)
+    group = heads // kv_heads
+    for b, length in enumerate(cache.lengths.tolist()):
+        c_last = (length - 1) // block
+        sums = cache.block_sums[b, :, :c_last].double()  # (kv_heads, c_last, d)
+        qb = q[b].double().view(q_len, kv_heads, group, dim).permute(1, 0, 2, 3).reshape(kv_heads, plan.rows, dim)
+        want = torch.einsum("krd,kjd->krj", qb, sums)
+        bound = 1e-5 * torch.einsum("krd,kjd->krj", qb.abs(), sums.abs())  # fp32 sums of d products
+        own = torch.tensor([(length - q_len + r // group) // block for r in range(plan.rows)])
+        cand = torch.arange(c_last).view(1, -1) < own.view(-1, 1)  # (rows, c_last)
+        mine = got[b, :, :, :c_last]
+        assert torch.isnan(mine[:, ~cand]).all() and not torch.isnan(mine[:, cand]).any()
+        assert ((mine[:, cand].double() - want[:, cand]).abs() <= bound[:, cand]).all()
+        assert (got[b, :, :, c_last:] == 12345.0).all()
+
+
+def _selection(scores: torch.Tensor, lengths, q_len, heads, kv_heads, block, top_k) -> torch.Tensor:
+    """Plain-Python selection from a scores scratch (b, kv_heads, R, n_cols): own block, then the best k-1 of
+    blocks j < own by (score desc, block desc), NaN never, -1 where they run out."""
+    group = heads // kv_heads
+    sel = torch.full((len(lengths), q_len, heads, top_k), -1, dtype=torch.int32)
+    for b, length in enumerate(lengths):
+        for kvh in range(kv_heads):
+            for r in range(group * q_len):
+                i, g = divmod(r, group)
+                own = (length - q_len + i) // block
+                row = scores[b, kvh, r, :own].tolist()
+                best = sorted(((v, j) for j, v in enumerate(row) if not math.isnan(v)), key=lambda e: (-e[0], -e[1]))
+                picks = [own] + [j for _, j in best[:top_k - 1]]
+                sel[b, i, kvh * group + g, :len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    return sel
+
+
+def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "all-equal":
+        return torch.ones(rows, n)
+    if kind == "signed-zeros-infs":  # -0 == +0 tie on the block index; -inf is a (last) candidate, +inf the best
+        pool = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0])
+        return pool[torch.randint(0, len(pool), (rows, n), generator=gen)]
+    if kind == "few-levels-nan":  # massive exact ties between a handful of levels, NaN sprinkled in
+        x = torch.randint(0, 5, (rows, n), generator=gen).float()
+        return torch.where(torch.rand(rows, n, generator=gen) < 0.2, torch.tensor(float("nan")), x)
+    if kind == "descending":  # from the newest block down the scores rise: every candidate is an insertion
+        return -torch.arange(n, dtype=torch.float32).repeat(rows, 1)
+    if kind == "ascending":
+        return torch.arange(n, dtype=torch.float32).repeat(rows, 1)
+    if kind == "all-nan-but-two":
+        x = torch.full((rows, n), float("nan"))
+        x[:, 3], x[:, n // 2] = 2.0, 2.0
+        return x
+    return torch.randn(rows, n, generator=gen)
+
+
+@pytest.mark.parametrize(("kind", "lengths", "block", "q_len", "heads", "kv_heads", "top_k"), [
+    ("all-equal", [900, 33, 300], 16, 1, 4, 2, 8),
+    ("signed-zeros-infs", [2000, 1000], 16, 2, 2, 1, 16),
+    ("few-levels-nan", [5000 * 16 + 9, 4000], 16, 1, 2, 1, 32),
+    ("descending", [3000, 700], 16, 3, 2, 2, 8),
+    ("ascending", [3000], 16, 1, 1, 1, 32),
+    ("all-nan-but-two", [1000, 200], 16, 2, 3, 3, 6),
+    ("random", [5000 * 16 + 1, 16, 17], 16, 1, 4, 1, 2),
+    ("random", [400, 600], 32, 4, 8, 2, 1),
+])
+def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k):
+    """The select launch alone on crafted score rows vs the plain-Python selection (exactly, ties included)."""
+    gen = torch.Generator().manual_seed(len(kind) + top_k)
+    batch, rows = len(lengths), heads // kv_heads * q_len
+    n_blocks = max(lengths) // block + 1
+    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block)
+    scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)  # beyond a row's candidates: must be ignored
+    for b, length in enumerate(lengths):
+        c_last = (length - 1) // block
+        scores[b, :, :, :c_last] = _crafted_rows(kind, kv_heads * rows, c_last, gen).view(kv_heads, rows, c_last)
+    for b, length in enumerate(lengths):  # the score pass's NaN: blocks from a row's own block on
+        for r in range(rows):
+            own = (length - q_len + r // (heads // kv_heads)) // block
+            scores[b, :, r, own:(length - 1) // block] = float("nan")
+    bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
+                                                                            dtype=torch.int32)}
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    run_emulated(harness, tmp_path, [S.select_launch(plan, lengths_t, bufs)], seed=5)
+    want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+    assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
+    torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
 
 
 def test_cases_cover_the_kernel_paths():
-    """The cases reach several ranges, several tiles per range, row groups, chunks, top_k = 1, fewer
-    candidates than top_k - 1, and blocks shared by several rows."""
+    """The cases reach several score ranges, several passes per score warp, several select load rounds, row
+    groups, chunks, top_k = 1, fewer candidates than top_k - 1, blocks shared by several rows and rows whose own
+    block lies below the sequence's last one."""
     seen = set()
     for p in CASES:
-        dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, merge, opts = p.values
+        dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts = p.values
         plan = S.plan_split(len(lengths), q_len, heads, kv_heads, dim, block, top_k, max(lengths) + q_len,
-                            1, 1, merge_entries=merge)
+                            1, 1, range_blocks=range_blocks)
+        pass_blocks = S.WARPS * S.score_batch(dim)
         seen |= {"ranges"} if plan.n_range > 1 else set()
-        seen |= {"tiles"} if plan.tiles_per_range > 1 else set()
-        seen |= {"pipeline"} if plan.tiles_per_range > 2 else set()
+        seen |= {"passes"} if plan.n_range and min(plan.range_blocks, plan.n_cols) > pass_blocks else set()
+        seen |= {"select rounds"} if plan.n_cols > 32 * S.WARPS * S.SELECT_LOADS else set()
         seen |= {"row groups"} if plan.n_rg > 1 else set()
         seen |= {"chunks"} if plan.n_chunks > 1 else set()
         seen |= {"own only"} if top_k == 1 else set()
         seen |= {"short"} if top_k - 1 > (min(lengths) + q_len - 1) // block else set()
         seen |= {"shared"} if opts.get("shared") or q_len > 1 else set()
-    assert seen == {"ranges", "tiles", "row groups", "chunks", "own only", "short", "shared", "pipeline"}
+        seen |= {"non-candidates"} if any((n + q_len - 1) // block > n // block for n in lengths) else set()
+    assert seen == {"ranges", "passes", "select rounds", "row groups", "chunks", "own only", "short", "shared",
+                    "non-candidates"}
+

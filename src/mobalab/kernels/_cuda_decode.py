@@ -277,14 +277,13 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
 
     ``return_selection`` also returns the int32 (batch, q_len, heads, top_k) selection (benchmarks and tests).
-    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, two launches) or
-    ``"auto"`` (by the number of candidate blocks, :func:`._cuda_decode_split.decode_kernel`); None reads
-    ``$MOBALAB_DECODE_KERNEL`` (default auto).
+    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, three launches) or
+    ``"auto"`` (:func:`._cuda_decode_split.decode_kernel`: split); None reads ``$MOBALAB_DECODE_KERNEL``
+    (default auto).
     """
     from ._cuda_decode_split import decode_kernel, decode_split_cuda
 
-    n_candidates = (int(cache._len.max()) - 1) // cache.block_size
-    if decode_kernel(kernel, n_candidates) == "split":
+    if decode_kernel(kernel) == "split":
         return decode_split_cuda(q, cache, top_k, scale, return_lse, return_selection=return_selection)
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):

@@ -14,7 +14,8 @@ their queries ``q`` (batch, q_len, heads, d). Query i of sequence b sits at posi
 
 So the output equals :func:`mobalab.kernels.moba_attention` over the whole sequence at those positions.
 CPU tensors run :func:`moba_decode_reference` (gathers only the selected blocks); CUDA tensors run the
-kernel of ``cuda/decode.cu``. :func:`check_decode` is the one place that validates the arguments.
+kernels of ``cuda/decode_split.cu`` or ``cuda/decode.cu`` (:func:`moba_decode`). :func:`check_decode` is the one
+place that validates the arguments.
 """
 
 from __future__ import annotations
@@ -213,12 +214,12 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
     :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal).
 
-    CUDA tensors run one of two kernels (no gradient): up to 2048 candidate blocks two plain launches
-    (cuda/decode_split.cu: routing over the cached block sums, then attention over the selected blocks, each
-    block read once per kv head), beyond that one persistent launch (cuda/decode.cu: routing reading each sum
-    once per kv head for all query rows of the group, then split-KV attention over the union of the selected
-    blocks with a merge of the partial softmax results), whichever measured faster on an H200;
-    ``MOBALAB_DECODE_KERNEL=fused|split`` forces one. CPU tensors run :func:`moba_decode_reference`.
+    CUDA tensors run one of two kernels (no gradient): by default three plain launches (cuda/decode_split.cu:
+    scores of every candidate block from the cached block sums, the selection, then attention over the selected
+    blocks, each block read once per kv head); ``MOBALAB_DECODE_KERNEL=fused`` runs one persistent launch
+    instead (cuda/decode.cu: routing reading each sum once per kv head for all query rows of the group, then
+    split-KV attention over the union of the selected blocks with a merge of the partial softmax results), and
+    ``split`` forces the default. CPU tensors run :func:`moba_decode_reference`.
 
     Examples
     --------

@@ -1,4 +1,4 @@
-// Runs the launches of one MoBA decode step of the two-launch path (cuda/decode_split.cu) on the host, for
+// Runs the launches of one MoBA decode step of the three-launch path (cuda/decode_split.cu) on the host, for
 // tests without a GPU.
 //
 //   decode_split_harness MANIFEST
@@ -14,11 +14,10 @@ using harness::Arg;
 using harness::I;
 using harness::P;
 
-#define ROUTE(NAME, T)                                                                                          \
-    {#NAME, {17, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<int>(a[3]), P<float>(a[4]),          \
-              P<int>(a[5]), P<unsigned>(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), \
-              I(a[14]), I(a[15]), I(a[16]));                                                                     \
+#define SCORE(NAME, T)                                                                                          \
+    {#NAME, {14, [](const std::vector<Arg>& a) {                                                                \
+         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
+              I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define ATTEND(NAME, T)                                                                                         \
     {#NAME, {19, [](const std::vector<Arg>& a) {                                                                \
@@ -28,10 +27,14 @@ using harness::P;
      }}}
 
 const harness::Kernels kKernels = {
-    ROUTE(moba_decode_route_bf16_d64, __nv_bfloat16),
-    ROUTE(moba_decode_route_bf16_d128, __nv_bfloat16),
-    ROUTE(moba_decode_route_fp16_d64, __half),
-    ROUTE(moba_decode_route_fp16_d128, __half),
+    SCORE(moba_decode_route_score_bf16_d64, __nv_bfloat16),
+    SCORE(moba_decode_route_score_bf16_d128, __nv_bfloat16),
+    SCORE(moba_decode_route_score_fp16_d64, __half),
+    SCORE(moba_decode_route_score_fp16_d128, __half),
+    {"moba_decode_route_select", {9, [](const std::vector<Arg>& a) {
+         moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), I(a[3]), I(a[4]), I(a[5]),
+                                  I(a[6]), I(a[7]), I(a[8]));
+     }}},
     ATTEND(moba_decode_attend_bf16_d64, __nv_bfloat16),
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),
     ATTEND(moba_decode_attend_fp16_d64, __half),

@@ -1,5 +1,5 @@
-// MoBA decode over a KV cache in two plain launches: a routing kernel, then an attention kernel. Many small
-// CTAs, no persistent work queue, no waits between CTAs: the bandwidth-first alternative to decode.cu (same
+// MoBA decode over a KV cache in three plain launches: block scores, selection, attention. Many small CTAs,
+// no persistent work queue, no waits between CTAs: the bandwidth-first alternative to decode.cu (same
 // semantics, layouts and outputs; see docs/design.md, "MoBA semantics").
 //
 // Layouts (all contiguous, as decode.cu):
@@ -7,24 +7,32 @@
 //   k, v     (b, kv_heads, capacity, D) T     the cache, head-major: one block of one kv head is one slab
 //   sums     (b, kv_heads, n_blocks_cap, D)   fp32 running key sums S_j of every block
 //   lengths  (b,) int32                       L_b, tokens held per sequence
+//   scores   (b, kv_heads, R, n_cols) fp32    scratch: s_j of every row, n_cols = the longest sequence's
+//                                             candidate blocks (a row of one kv head is one contiguous run)
 //   sel      (b, q_len, heads, top_k) int32   slot 0 own block, then k-1 past blocks, -1 unused
 //   out      (b, q_len, heads, D) T, lse (b, q_len, heads) fp32 (natural log)
 // Query i of sequence b sits at t = L_b - q_len + i. Rows of one kv head kh: r = i * G + g (G = heads /
 // kv_heads, query head kh * G + g), R = G * q_len rows; entry e = r * top_k + s names sel slot s of row r.
 //
-// 1. moba_decode_route_*: one CTA per (sequence, kv head, row group of <= 64 rows, range of candidate
-//    blocks). A range is tiles_per_range tiles of RB = 32 KB / (4 D) block sums (64 at d 128, 128 at d 64).
-//    Each thread loads its 8 float4 of a tile straight into registers (ld.global.nc, all 8 issued before the
-//    first is used: 32 KB in flight per CTA), 8 lanes per block sum, and scores every row of the group:
-//    s_j = q . S_j in fp32 (candidates are complete blocks of B = power-of-two tokens, so this ranks exactly
-//    like q . S_j / B), NaN where block j is not a candidate of the row (j >= the row's own block). The
-//    row's best k-1 so far (score desc, block desc) are kept in shared memory; a tile is merged by rank:
-//    every tile score that beats the list's last entry, and every list entry, counts the entries ranked
-//    before it and lands at that rank if it is below k-1. One range: the list is the selection. More: the
-//    CTA writes its lists to scratch, and the last CTA of the (sequence, kv head, row group) (atomic counter
-//    after a fence; it resets the counter) merges the n_range lists of every row by k-1 rounds of warp
-//    arg-max and writes sel.
-// 2. moba_decode_attend_*: one CTA per (sequence, kv head, entry e, chunk c of <= 64 tokens of the block).
+// 1. moba_decode_route_score_*: one CTA per (sequence, kv head, row group of <= 64 rows, range of
+//    range_blocks candidate blocks). It issues its warps' first block-sum loads, stages the group's query
+//    rows (fp32) and own blocks in shared memory, and after that one barrier every warp streams on its own:
+//    a batch is 16 float4 loads per lane (ld.global.nc, all issued before the first is used: 8 KB per warp,
+//    16 block sums at d 128, 32 at d 64; 8 lanes per block sum), then for every row s_j = q . S_j in fp32
+//    (candidates are complete blocks of B = power-of-two tokens, so this ranks exactly like q . S_j / B;
+//    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
+//    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
+//    merging, no barrier and no shared-memory write in the streaming loop.
+// 2. moba_decode_route_select: one CTA (8 warps) per (sequence, kv head, row). Each warp scans 32-candidate
+//    chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block down; 8
+//    chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's best k-1
+//    so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic sort, then a
+//    chunk's candidates that beat the list's last entry (one ballot; rare once the list is good) are inserted
+//    one by one by shifting the lanes behind them. Warp 0 then offers the other 7 warps' lists the same way
+//    and writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
+//    result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer candidates
+//    than k-1 leave -1.
+// 3. moba_decode_attend_*: one CTA per (sequence, kv head, entry e, chunk c of <= 64 tokens of the block).
 //    The CTA reads its block j = sel[e] and the kv head's R * k selection entries; if an earlier entry of
 //    the kv head selected j, another CTA owns (j, c) and this one only counts itself; otherwise it copies
 //    chunk c of K and V of block j (cp.async.cg 16-byte copies, all issued at once: 32 KB at d 128, zeros
@@ -34,50 +42,44 @@
 //    (sequence, kv head) merges each row's k * n_chunks partials: M = max m, L = sum l 2^(m - M),
 //    out = sum o 2^(m - M) / L in q's dtype, lse = (M + log2 L) ln 2. Unused slots (sel -1) and chunks that
 //    no key of the row reaches (m = -inf) weigh 0.
-// Counters: [route (b, kv, row group) | attention (b, kv)], each back to zero when its launch ends.
+// Counters: one per (sequence, kv head) for the attention launch, back to zero when it ends.
 //
 // Bytes (HBM) per sequence and kv head, n_p = floor((L - 1) / B) candidate blocks, U = blocks in the union of
 // the kv head's selections: sums 4 * n_p * D * ceil(R / 64) + K, V 2 * 2 * U * B * D (the own block's chunks
-// beyond L are not read) + q, out. Scratch (lists, partials) stays in L2.
-// FLOPs: routing 2 * b * heads * q_len * n_p * D, attention 4 * b * heads * q_len * |S_t| * D; at 512K, b 8,
-// 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP for 255 MB (~1.6 FLOP per byte): memory-bound, CUDA
-// cores with exact fp32 scores.
+// beyond L are not read) + q, out. The scores, 4 * R * n_p written and read once, stay in L2 when small
+// (512K, b 8, 32 / 8 heads: 4.2 MB against 134 MB of sums; their share is R / (D ceil(R / 64)), at most
+// 1 / 2 at d 128 and 1 at d 64 for 64 rows, where they may reach HBM); partials stay in L2.
+// FLOPs: scores 2 * b * heads * q_len * n_p * D, attention 4 * b * heads * q_len * |S_t| * D; at 512K, b 8,
+// 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP for 255 MB (~1.6 FLOP per byte; the score pass alone 2 FLOP
+// per byte of sums at R = 4): memory-bound, CUDA cores with exact fp32 scores. Selection: ~n_p / 32 ballots
+// and ~(k-1) (1 + ln(n_p / (8 (k-1)))) insertions per warp on random data, every candidate at worst.
 //
 // Prediction (H200, ~4.2 TB/s measured copy bandwidth, DRAM latency ~600-800 ns; batch 8, 32 / 8 heads,
 // d 128, B 128, k 8, q_len 1, not yet measured):
-//   Little's law: 4.2 TB/s * 0.7 us = ~2.9 MB in flight over 132 SMs, ~22 KB per SM. Routing CTAs (256
-//   threads, <= 128 registers: 2 per SM by registers) keep 32 KB each in flight while loading: 64 KB per SM
-//   at most, so even with two of three scoring or merging the SM holds about what the law asks. Attention
-//   CTAs (<= 64 registers and 52 KB of shared memory: 4 per SM) keep 32 KB each in flight the same way.
-//   Put as a CTA's life instead: a CTA that moves 32 KB must finish in ~2 us (routing, 2 per SM) or ~4 us
-//   (attention, 4 per SM) for 132 SMs to pull 4.2 TB/s; the estimated chain is launch + one HBM round trip
-//   (~1-1.5 us under load) + scoring / softmax (~0.5 us) + the rank merge or P.V (~0.5-1 us) + fence and
-//   counter (~0.5-1 us): ~3-4 us, hence ~3.5 TB/s rather than 4.2.
-//   512K: routing 64 (b, kv) x 64 ranges = 4096 CTAs (7.8 waves of 528) reading 134 MB: ~38 us at
-//     3.5 TB/s, plus the last range's list merge (448 entries per row, ~2 us) and the launch tail;
-//     attention 64 x 32 entries x 2 chunks = 4096 CTAs, ~29 distinct blocks per kv head (random queries):
-//     121 MB, ~35 us at 3.5 TB/s, plus ~2 us for the final merge. Step ~0.08 ms (target 0.138).
-//   32K: routing 256 CTAs read 8.4 MB at once (one round trip + scoring, ~5 us), attention as at 512K
-//     (~121 MB of K/V would be the same: the union does not depend on N): step ~0.045-0.05 ms (target 0.095).
-//   128K: routing 1023 blocks -> 16 ranges per kv head, 34 MB, ~10 us; attention ~35 us: ~0.05 ms.
-// Measured (H200, commit c9ce811, routing merged per tile by rank counts, 3 routing CTAs per SM): 512K step
-//   0.239 ms, routing alone 0.177 (134 MB: 0.76 TB/s), attention ~0.062 (121 MB: 2.0 TB/s); 32K 0.086 ms
-//   (routing 0.025, attention ~0.061); the fused kernel's routing took 0.101 at 512K. The attention met its
-//   estimate's order; the routing did not: a rank count per candidate (each of RB + lcap candidates against
-//   all others, in shared memory) cost several times a tile's loads. Since then a warp per row merges a tile
-//   by lcap rounds of warp arg-max (a few hundred instructions per row instead of ~70 compares per candidate),
-//   at 2 CTAs per SM (the merge's registers; 64 KB in flight per SM still covers Little's law), and a CTA
-//   streams a range of tiles with the next tile's loads in flight. Measured after both (260d22a): 512K routing
-//   0.147 ms (still under 1 TB/s; Nsight Compute: barrier stalls, 20% of DRAM peak), 32K 0.020 ms; so
-//   moba_decode runs this kernel only up to 2048 candidate blocks. (The per-tile reset of the next lists
-//   before the merge is redundant since the warp merge writes every entry; left until a GPU run can check
-//   its removal.)
-// Why bandwidth-first should get to ~3.5 TB/s where decode.cu did not: every CTA issues all of its loads
-// before it uses any, there is no hand-over wait between CTAs (the kernel boundary is the only barrier), and
-// 4 CTAs per SM overlap one CTA's scoring / softmax with the others' loads; decode.cu's 2 persistent CTAs per
-// SM spent their time at barriers with one pipeline each.
-// Costs this design accepts: one kernel boundary (~2-4 us of drain and start), the dedup scan (each
-// attention CTA reads R * k selection ints from L2), and the routing ranges' list merge.
+//   Little's law: 4.2 TB/s * 0.7 us = ~2.9 MB in flight over 132 SMs, ~22 KB per SM (~45 KB at a loaded
+//   latency of 1.5 us). Score CTAs (256 threads, <= 128 registers: 2 per SM) are 16 warps per SM that each
+//   keep 8 KB in flight whenever they are not scoring (scoring 16 sums for 4 rows is ~350 instructions per
+//   warp against a ~1-2 us wait): ~100-128 KB in flight per SM, several times the law's figure, so the pass
+//   should run at ~3.6-3.9 TB/s. Attention CTAs (<= 64 registers, 52 KB of shared memory: 4 per SM) keep
+//   32 KB each in flight.
+//   512K: score pass 64 (b, kv) x 16 ranges of 256 blocks = 1024 CTAs (3.9 waves of 264) reading 134 MB:
+//     ~35-37 us + ~3 us launch and tail; selection 256 CTAs, 4095 candidates per row (2 load rounds to L2,
+//     the second in flight during the first's ranking, one sort, ~40 insertions per warp, the warp-0
+//     merge): ~4-5 us with its launch; attention (measured ~62 us, 2.0 TB/s for 121 MB, ~29 distinct blocks
+//     per kv head for random queries). Step ~0.105 ms (30x dense needs <= 0.13), ~2.4 TB/s for 255 MB: ~58%
+//     of the copy bandwidth, the attention launch the limit (70% needs it at ~2.8 TB/s; at 128K ~3.3).
+//   128K: score 512 CTAs read 34 MB (~12 us), selection ~4 us, attention ~62 us: ~0.08 ms.
+//   32K: score 128 CTAs read 8.4 MB (one round trip per warp, ~5 us), selection ~3 us, attention ~62 us:
+//     ~0.072 ms.
+// History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
+// shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
+// on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
+// stalls, 20% of DRAM peak; the whole step 0.21 ms against the fused kernel's 0.176), hence this split.
+// Why bandwidth-first should get to ~3.5 TB/s where decode.cu did not: every warp issues all of a batch's
+// loads before it uses any, there is no hand-over wait between CTAs (the kernel boundaries are the only
+// barriers), and 16 streaming warps per SM overlap one warp's scoring with the others' loads.
+// Costs this design accepts: two kernel boundaries (~2-4 us of drain and start each), the score scratch's
+// write and read (L2), and the dedup scan (each attention CTA reads R * k selection ints from L2).
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from
 // decode_common.cuh (shared with decode.cu; under DEC_HOST_EMULATION the host harness supplies them).
@@ -87,285 +89,229 @@
 #define DSP_THREADS 256
 #define DSP_WARPS (DSP_THREADS / 32)
 #define DSP_FLAGS 64                   // bytes of flags at the start of shared memory
-#define DSP_ROUTE_TILE_BYTES 32768     // block sums of one routing tile (64 at d 128, 128 at d 64)
-#define DSP_ROUTE_MAX_ROWS 64          // rows of one routing row group
-#define DSP_ROUTE_ILP 2                // query rows scored together (independent dependency chains)
+#define DSP_SCORE_LOADS 16             // float4 block-sum loads per lane of one score batch (8 KB per warp)
+#define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
+#define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
 #define DSP_ATTN_CHUNK 64              // most tokens of one attention CTA
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_MERGE_BATCH 8              // partials loaded together in the attention merge
-#define DSP_ROUTE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
+#define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
+#define DSP_SELECT_MIN_CTAS 4
 #define DSP_ATTN_MIN_CTAS 4
 
 // ---- ranking ----
-// Not decode.cu's dec_before / dec_warp_best: this kernel's per-lane scans compare (score, block) only (the
-// blocks of one scan are distinct, so no position is needed), and its butterfly also orders two NaN entries
-// by position. The outcomes agree wherever a caller reads them; the code, and so each kernel's measured
-// machine code, differs, so both stay.
+// Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
+// no position is needed). The code, and so each kernel's measured machine code, differs, so both stay.
 
-// (v, j) ranks before (w, i): higher score, then higher block index (the reference's tie rule); NaN (no
-// candidate) ranks after everything. Block indices of the entries compared are distinct.
+// (v, j) ranks before (w, i): higher score, then higher block index (the reference's tie rule; -0 == +0 ties
+// like any equal pair); NaN (no candidate) ranks after everything. Block indices compared are distinct.
 __device__ __forceinline__ bool dsp_before(float v, int j, float w, int i) {
     if (dec_isnan(v)) return false;
     if (dec_isnan(w)) return true;
     return v > w || (v == w && j > i);
 }
 
-// Warp-wide best (v, j, p), p the position (a total order, so every lane agrees on the winner).
-__device__ __forceinline__ void dsp_warp_best(float& v, int& j, int& p) {
+// Bitonic sort of the warp's 32 (v, j), best first at lane 0. Two NaN entries (both j = -1) never swap.
+__device__ __forceinline__ void dsp_warp_sort(float& v, int& j, int lane) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float ov = __shfl_xor_sync(DEC_FULL, v, off);
-        const int oj = __shfl_xor_sync(DEC_FULL, j, off);
-        const int op = __shfl_xor_sync(DEC_FULL, p, off);
-        const bool take = dec_isnan(v) ? (!dec_isnan(ov) || op < p)
-                                       : (!dec_isnan(ov) && (ov > v || (ov == v && (oj > j || (oj == j && op < p)))));
-        if (take) {
-            v = ov;
-            j = oj;
-            p = op;
+    for (int k = 2; k <= 32; k <<= 1) {
+#pragma unroll
+        for (int h = k >> 1; h > 0; h >>= 1) {
+            const float ov = __shfl_xor_sync(DEC_FULL, v, h);
+            const int oj = __shfl_xor_sync(DEC_FULL, j, h);
+            // a run of k lanes with bit k clear is sorted best first, else worst first: the lower lane of a
+            // pair keeps the better entry exactly when the two agree
+            const bool keep_better = ((lane & k) == 0) == ((lane & h) == 0);
+            if (keep_better ? dsp_before(ov, oj, v, j) : dsp_before(v, j, ov, oj)) {
+                v = ov;
+                j = oj;
+            }
         }
     }
 }
 
-// ---- routing ----
+// Offer the warp's 32 candidates (v, j) (NaN, j = -1: none) to the sorted list (lv, lj) of lcap >= 1 entries
+// held one per lane (lane s: entry s, lanes >= lcap NaN). One ballot finds the candidates that beat the last
+// entry; each is then inserted at its rank, the lanes behind it taking their predecessor's entry (the last one
+// drops out). A candidate that an earlier insertion outranked finds no lane behind it and changes nothing.
+__device__ __forceinline__ void dsp_offer(float& lv, int& lj, float v, int j, int lcap, int lane) {
+    const float tv = __shfl_sync(DEC_FULL, lv, lcap - 1);
+    const int tj = __shfl_sync(DEC_FULL, lj, lcap - 1);
+    unsigned mask = __ballot_sync(DEC_FULL, dsp_before(v, j, tv, tj));
+    while (mask) {
+        const int src = __ffs(mask) - 1;
+        mask &= mask - 1u;
+        const float cv = __shfl_sync(DEC_FULL, v, src);
+        const int cj = __shfl_sync(DEC_FULL, j, src);
+        const float pv = __shfl_up_sync(DEC_FULL, lv, 1);
+        const int pj = __shfl_up_sync(DEC_FULL, lj, 1);
+        const bool behind = lane < lcap && dsp_before(cv, cj, lv, lj);
+        const unsigned m = __ballot_sync(DEC_FULL, behind);
+        if (behind) {
+            const bool first = (m & ((1u << lane) - 1u)) == 0u;  // the candidate's rank
+            lv = first ? cv : pv;
+            lj = first ? cj : pj;
+        }
+    }
+}
 
-// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32 | st [rpg][RB] fp32 | two lists
-// (v [rpg][lcap] fp32, j [rpg][lcap]); the last CTA's merge reuses everything after `own` as per-warp staging
-// of n_range * lcap (value, block) pairs.
+// ---- routing, 1: scores ----
+
+// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
 template <typename T, int D>
-__device__ __forceinline__ void dsp_route(const T* __restrict__ q, const float* __restrict__ sums,
-                                          const int* __restrict__ lengths, int* __restrict__ sel,
-                                          float* __restrict__ part_v, int* __restrict__ part_j,
-                                          unsigned* __restrict__ counters, int q_len, int heads, int kv_heads,
-                                          int n_blocks_cap, int block_size, int top_k, int n_rg, int rpg,
-                                          int n_range, int tiles_per_range) {
-    constexpr int NV = D / 32;                           // float4 vectors of one lane's slice of a block sum
-    constexpr int RB = DSP_ROUTE_TILE_BYTES / (4 * D);   // block sums per tile
-    constexpr int NP = RB / 32;                          // passes of 32 blocks (8 lanes each) per tile
+__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
+                                          const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
+                                          int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
+    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
+    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
+    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
+    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int item = blockIdx.x;
     const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
-    const int rg = grp % n_rg, kvh = (grp / n_rg) % kv_heads, b = grp / (n_rg * kv_heads);
+    const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     const int group = heads / kv_heads, rows = group * q_len;
     const int r0 = rg * rpg, nr = min(rpg, rows - r0);
-    const int lcap = top_k - 1;
     const int len = lengths[b];
     const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int per_range = tiles_per_range * RB;
-    const int j_lo = x * per_range, j_hi = min(j_lo + per_range, c_last);
+    const int j_lo = x * range_blocks, j_hi = min(j_lo + range_blocks, c_last);
+    if (j_lo >= j_hi) return;  // the whole CTA: beyond this sequence's candidates
 
-    int* flags = reinterpret_cast<int*>(smem);
     int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    unsigned char* area = smem + dec_align16(DSP_FLAGS + 4 * rpg);
-    float* qs = reinterpret_cast<float*>(area);
-    float* st = qs + rpg * D;
-    // Two lists (value, block) per row: the current one at parity `cur`, the next tile's merge into the other.
-    float* lists = st + rpg * RB;
-    const int lsz = 2 * rpg * lcap;  // words of one list pair
-    int cur = 0;
-    float* lv = lists;
-    int* lj = reinterpret_cast<int*>(lv + rpg * lcap);
-
-    // Own blocks, query rows (fp32), empty lists: after the first tile's loads are issued, so that the query
-    // loads wait behind them instead of delaying them.
-    auto init_rows = [&]() {
-        for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-        for (int y = tid; y < nr * D; y += DSP_THREADS) {
-            const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-            qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
-        }
-        for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-            lv[y] = dec_nan();
-            lj[y] = -1;
-        }
-    };
-
-    const float* bsum = sums + (long long)(b * kv_heads + kvh) * n_blocks_cap * D;
-    const int n_tiles = (lcap > 0 && j_hi > j_lo) ? (j_hi - j_lo + RB - 1) / RB : 0;
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
+    const float* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
-    // Tile t's sums are loaded into registers (one float4 per lane and (pass, vector)) one tile ahead: the
-    // loads of tile t + 1 are in flight while tile t is scored and merged, so a CTA keeps its sums streaming
-    // (64 KB in flight per CTA) instead of waiting once per tile.
-    // Lane (sub, part) of warp w holds the float4 vectors m * 8 + part of block p * 32 + w * 4 + sub.
-    auto load_tile = [&](float4 (&sv)[NP][NV], int t) {
-        const int t0 = j_lo + t * RB, nblk = min(RB, j_hi - t0);
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
+    // range: the loads stay unconditional, the stores are guarded).
+    float4 sv[NP][NV];
+    auto load = [&](int base) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-            const int col = p * 32 + warp * 4 + sub;
-            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)(t0 + min(col, nblk - 1)) * D);
+            const int jb = min(base + p * 4 + sub, j_hi - 1);
+            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);  // in range: clamped
+            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
         }
     };
-    auto process_tile = [&](const float4 (&sv)[NP][NV], int t) {
-        const int t0 = j_lo + t * RB, nblk = min(RB, j_hi - t0);
-        if (t == 0) init_rows();
-        {
-            float* nv = lists + (cur ^ 1) * lsz;
-            int* nj = reinterpret_cast<int*>(nv + rpg * lcap);
-            for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-                nv[y] = dec_nan();
-                nj[y] = -1;
+    int base = j_lo + warp * BW;
+    if (base < j_hi) load(base);
+    // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
+    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+    for (int y = tid; y < nr * D; y += DSP_THREADS) {
+        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+        qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+    }
+    __syncthreads();  // the only barrier: from here every warp streams its batches on its own
+
+    float* srow = scores + ((long long)bk * rows + r0) * n_cols;
+    for (; base < j_hi; base += DSP_WARPS * BW) {
+        const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
+        const bool store = part < NP && j < j_hi;
+        for (int rr = 0; rr < nr; ++rr) {
+            float4 qv[NV];
+#pragma unroll
+            for (int m = 0; m < NV; ++m) qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
+            float acc[NP];
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+                acc[p] = 0.f;
+#pragma unroll
+                for (int m = 0; m < NV; ++m)
+                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
+            }
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
+            }
+            float mine = acc[0];
+#pragma unroll
+            for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
+            if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
+        }
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
+    }
+}
+
+// ---- routing, 2: selection ----
+
+// Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
+__device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
+                                           int* __restrict__ sel, int q_len, int heads, int kv_heads,
+                                           int block_size, int top_k, int n_cols) {
+    constexpr int U = DSP_SELECT_LOADS;
+    DEC_DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = heads / kv_heads, rows = group * q_len;
+    const int item = blockIdx.x;
+    const int r = item % rows, bk = item / rows, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int i = r / group, g = r - i * group;
+    const int own = (lengths[b] - q_len + i) / block_size;
+    const int lcap = top_k - 1;
+    const int n = lcap > 0 ? own : 0;  // candidates: blocks 0 .. own - 1
+    const float* src = scores + ((long long)bk * rows + r) * n_cols;
+
+    float lv = dec_nan();
+    int lj = -1;
+    const int nch = (n + 31) / 32;
+    constexpr int STEP = DSP_WARPS * U;  // chunks of one round of the CTA
+    // Round c0 of warp w: chunks c0 + u * WARPS, u < U; the next round's loads are issued before this one is
+    // ranked (two register buffers), so long rows stream instead of waiting once per round.
+    auto load = [&](float (&v)[U], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * DSP_WARPS, j = n - 1 - 32 * c - lane;
+            v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
+        }
+    };
+    bool fresh = true;  // warp-uniform: no chunk ranked yet
+    auto rank = [&](const float (&v)[U], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * DSP_WARPS;
+            if (c >= nch) break;
+            int j = n - 1 - 32 * c - lane;
+            float s = v[u];
+            if (j < 0 || dec_isnan(s)) {
+                s = dec_nan();
+                j = -1;
+            }
+            if (fresh) {
+                dsp_warp_sort(s, j, lane);
+                lv = lane < lcap ? s : dec_nan();
+                lj = lane < lcap ? j : -1;
+                fresh = false;
+            } else {
+                dsp_offer(lv, lj, s, j, lcap, lane);
             }
         }
-        __syncthreads();  // q rows, own blocks (first tile); the last rank pass is done with st
-#pragma unroll
-        for (int p = 0; p < NP; ++p) {
-            const int col = p * 32 + warp * 4 + sub, j = t0 + col;
-            auto score_rows = [&](int rr0, auto n_const) {
-                constexpr int NR = decltype(n_const)::value;
-                float acc[NR];
-#pragma unroll
-                for (int a = 0; a < NR; ++a) {
-                    const float* qrow = qs + (rr0 + a) * D;
-                    acc[a] = 0.f;
-#pragma unroll
-                    for (int m = 0; m < NV; ++m) {
-                        const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);
-                        acc[a] += qv.x * sv[p][m].x + qv.y * sv[p][m].y + qv.z * sv[p][m].z + qv.w * sv[p][m].w;
-                    }
-                }
-#pragma unroll
-                for (int off = 1; off < 8; off <<= 1) {
-#pragma unroll
-                    for (int a = 0; a < NR; ++a) acc[a] += __shfl_xor_sync(DEC_FULL, acc[a], off);
-                }
-                if (part == 0) {
-#pragma unroll
-                    for (int a = 0; a < NR; ++a)
-                        st[(rr0 + a) * RB + col] = (col < nblk && j < own[rr0 + a]) ? acc[a] : dec_nan();
-                }
-            };
-            int rr = 0;
-            for (; rr + DSP_ROUTE_ILP <= nr; rr += DSP_ROUTE_ILP) score_rows(rr, dec_int<DSP_ROUTE_ILP>());
-            for (; rr < nr; ++rr) score_rows(rr, dec_int<1>());
-        }
-        __syncthreads();
-        // Merge of the tile into the lists, one warp per row: a lane holds tile blocks lane + 32 m (RB / 32 of
-        // them) and, below lcap, list entry lane; lcap rounds of warp arg-max (score desc, block desc) take the
-        // best untaken candidate each. (A rank count per candidate, every candidate against all RB + lcap
-        // others, cost several times the tile's scoring and loads.)
-        float* nv = lists + (cur ^ 1) * lsz;
-        int* nj = reinterpret_cast<int*>(nv + rpg * lcap);
-        for (int rr = warp; rr < nr; rr += DSP_WARPS) {
-            constexpr int NC = RB / 32 + 1;
-            float cv[NC];  // tile block m: t0 + 32 m + lane; the last: list entry `lane`, block lj_lane
-#pragma unroll
-            for (int m = 0; m < NC - 1; ++m) cv[m] = st[rr * RB + m * 32 + lane];
-            cv[NC - 1] = lane < lcap ? lv[rr * lcap + lane] : dec_nan();
-            const int lj_lane = lane < lcap ? lj[rr * lcap + lane] : -1;
-            for (int rank = 0; rank < lcap; ++rank) {
-                float v = dec_nan();
-                int j = -1, p = 0x7fffffff;
-#pragma unroll
-                for (int m = 0; m < NC; ++m) {
-                    const int jm = m < NC - 1 ? t0 + m * 32 + lane : lj_lane;
-                    if (dsp_before(cv[m], jm, v, j)) {
-                        v = cv[m];
-                        j = jm;
-                        p = lane;
-                    }
-                }
-                dsp_warp_best(v, j, p);
-                if (lane == 0) {
-                    nv[rr * lcap + rank] = v;
-                    nj[rr * lcap + rank] = dec_isnan(v) ? -1 : j;
-                }
-                if (dec_isnan(v)) {  // no candidate left: the rest of the list stays empty
-                    for (int r2 = rank + 1 + lane; r2 < lcap; r2 += 32) {
-                        nv[rr * lcap + r2] = dec_nan();
-                        nj[rr * lcap + r2] = -1;
-                    }
-                    break;
-                }
-#pragma unroll
-                for (int m = 0; m < NC; ++m)
-                    if (cv[m] == v && (m < NC - 1 ? t0 + m * 32 + lane : lj_lane) == j) cv[m] = dec_nan();
-            }
-        }
-        __syncthreads();
-        cur ^= 1;
-        lv = nv;
-        lj = nj;
     };
     {
-        float4 sa[NP][NV], sb[NP][NV];
-        if (n_tiles > 0) load_tile(sa, 0);
-        for (int t = 0; t < n_tiles; t += 2) {
-            if (t + 1 < n_tiles) load_tile(sb, t + 1);
-            process_tile(sa, t);
-            if (t + 1 < n_tiles) {
-                if (t + 2 < n_tiles) load_tile(sa, t + 2);
-                process_tile(sb, t + 1);
+        float va[U], vb[U];
+        if (warp < nch) load(va, warp);
+        for (int c0 = warp; c0 < nch; c0 += 2 * STEP) {
+            if (c0 + STEP < nch) load(vb, c0 + STEP);
+            rank(va, c0);
+            if (c0 + STEP < nch) {
+                if (c0 + 2 * STEP < nch) load(va, c0 + 2 * STEP);
+                rank(vb, c0 + STEP);
             }
         }
     }
-    if (n_tiles == 0) init_rows();
-    __syncthreads();  // own blocks and lists complete when there was no tile
-
-    const long long sel_b = (long long)b * q_len * heads;
-    auto sel_row = [&](int r) {
-        const int i = r / group, g = r - i * group;
-        return sel + (sel_b + (long long)i * heads + kvh * group + g) * top_k;
-    };
-    if (n_range == 1) {  // the list is the row's selection, in rank order (-1 where it ran out)
-        for (int y = tid; y < nr * top_k; y += DSP_THREADS) {
-            const int rr = y / top_k, s = y - rr * top_k;
-            sel_row(r0 + rr)[s] = s == 0 ? own[rr] : lj[rr * lcap + s - 1];
-        }
-        return;
-    }
-    const long long mine = ((long long)grp * n_range + x) * rpg * lcap;
-    for (int y = tid; y < nr * lcap; y += DSP_THREADS) {
-        part_v[mine + y] = lv[y];
-        part_j[mine + y] = lj[y];
-    }
-    __threadfence();
+    float* wv = reinterpret_cast<float*>(smem);
+    int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
+    wv[tid] = lv;
+    wj[tid] = lj;
     __syncthreads();
-    unsigned* counter = counters + grp;
-    if (tid == 0) flags[0] = atomicAdd(counter, 1u) == (unsigned)(n_range - 1);
-    __syncthreads();
-    if (!flags[0]) return;
-    __threadfence();
-
-    // Last range of the row group: lcap rounds of warp arg-max over the n_range lists of each row.
-    const int n = n_range * lcap;
-    float* mv = reinterpret_cast<float*>(area) + warp * 2 * n;
-    int* mj = reinterpret_cast<int*>(mv + n);
-    for (int rr = warp; rr < nr; rr += DSP_WARPS) {
-        for (int e = lane; e < n; e += 32) {
-            const int xr = e / lcap, s = e - xr * lcap;
-            const long long off = ((long long)grp * n_range + xr) * rpg * lcap + (long long)rr * lcap + s;
-            mv[e] = dec_ldcg(part_v + off);
-            mj[e] = dec_ldcg(part_j + off);
-        }
-        __syncwarp();
-        int my_j = -1;
-        for (int s = 0; s < lcap; ++s) {
-            float bv = dec_nan();
-            int bj = -1, bp = 0x7fffffff;
-            for (int e = lane; e < n; e += 32) {
-                const float v = mv[e];
-                const int j = mj[e];
-                if (dsp_before(v, j, bv, bj)) {
-                    bv = v;
-                    bj = j;
-                    bp = e;
-                }
-            }
-            dsp_warp_best(bv, bj, bp);
-            const bool found = !dec_isnan(bv);
-            if (lane == s && found) my_j = bj;
-            if (lane == 0 && found) mv[bp] = dec_nan();
-            __syncwarp();
-        }
-        int* srow = sel_row(r0 + rr);
-        if (lane == 0) srow[0] = own[rr];
-        if (lane < lcap) srow[1 + lane] = my_j;
-        __syncwarp();
+    if (warp != 0) return;
+    if (lcap > 0) {
+        for (int w = 1; w < DSP_WARPS; ++w) dsp_offer(lv, lj, wv[w * 32 + lane], wj[w * 32 + lane], lcap, lane);
     }
-    if (tid == 0) *counter = 0u;
+    int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
+    if (lane == 0) srow[0] = own;
+    if (lane < lcap) srow[1 + lane] = lj;
 }
 
 // ---- attention ----
@@ -607,14 +553,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
 // (_launch.check_args expands the macros to read the signatures) ----
 
-#define MOBA_DECODE_ROUTE_KERNEL(NAME, T, D)                                                                      \
-  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_ROUTE_MIN_CTAS) NAME(                             \
+#define MOBA_DECODE_SCORE_KERNEL(NAME, T, D)                                                                      \
+  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
-      int* __restrict__ sel, float* __restrict__ part_v, int* __restrict__ part_j,                                \
-      unsigned* __restrict__ counters, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size,      \
-      int top_k, int n_rg, int rows_per_group, int n_range, int tiles_per_range) {                                \
-    dsp_route<T, D>(q, sums, lengths, sel, part_v, part_j, counters, q_len, heads, kv_heads, n_blocks_cap,        \
-                    block_size, top_k, n_rg, rows_per_group, n_range, tiles_per_range);                           \
+      float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
+    dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
@@ -627,10 +572,16 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                      capacity, block_size, top_k, n_chunks, chunk, scale_log2);                                   \
   }
 
-MOBA_DECODE_ROUTE_KERNEL(moba_decode_route_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_ROUTE_KERNEL(moba_decode_route_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_ROUTE_KERNEL(moba_decode_route_fp16_d64,  __half,         64)
-MOBA_DECODE_ROUTE_KERNEL(moba_decode_route_fp16_d128, __half,        128)
+extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
+    const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int q_len, int heads,
+    int kv_heads, int block_size, int top_k, int n_cols) {
+    dsp_select(scores, lengths, sel, q_len, heads, kv_heads, block_size, top_k, n_cols);
+}
+
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d128, __nv_bfloat16, 128)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d64,  __half,         64)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d128, __half,        128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,  __nv_bfloat16,  64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128, __nv_bfloat16, 128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,  __half,         64)
