@@ -15,6 +15,15 @@
                                       q_pos0);                                                                        \
     }
 
+// The split router (topk_split_body): register-list tiers only; two CTAs of 8 warps per SM.
+#define MOBA_TOPK_SPLIT_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                              \
+    extern "C" __global__ void __launch_bounds__(TK_SPLIT_THREADS, 2)                                                 \
+    NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+        topk_split_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,  \
+                                            q_pos0);                                                                  \
+    }
+
 #if MOBA_HAS_HEAD_DIM(32)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d32_causal_k8,    __nv_bfloat16, 32,  true,   8)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d32_causal_k16,   __nv_bfloat16, 32,  true,  16)
@@ -28,6 +37,14 @@ MOBA_TOPK_KERNEL(moba_topk_fp16_d32_causal_k64,   __half,        32,  true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k8,      __half,        32,  false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k16,     __half,        32,  false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d32_full_k64,     __half,        32,  false,  0)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d32_causal_k8,      __nv_bfloat16, 32,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d32_causal_k16,     __nv_bfloat16, 32,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d32_full_k8,        __nv_bfloat16, 32,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d32_full_k16,       __nv_bfloat16, 32,  false, 16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d32_causal_k8,      __half,        32,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d32_causal_k16,     __half,        32,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d32_full_k8,        __half,        32,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d32_full_k16,       __half,        32,  false, 16)
 #endif
 #if MOBA_HAS_HEAD_DIM(64)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d64_causal_k8,    __nv_bfloat16, 64,  true,   8)
@@ -42,6 +59,14 @@ MOBA_TOPK_KERNEL(moba_topk_fp16_d64_causal_k64,   __half,        64,  true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k8,      __half,        64,  false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k16,     __half,        64,  false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d64_full_k64,     __half,        64,  false,  0)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d64_causal_k8,      __nv_bfloat16, 64,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d64_causal_k16,     __nv_bfloat16, 64,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d64_full_k8,        __nv_bfloat16, 64,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d64_full_k16,       __nv_bfloat16, 64,  false, 16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d64_causal_k8,      __half,        64,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d64_causal_k16,     __half,        64,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d64_full_k8,        __half,        64,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d64_full_k16,       __half,        64,  false, 16)
 #endif
 #if MOBA_HAS_HEAD_DIM(96)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d96_causal_k8,    __nv_bfloat16, 96,  true,   8)
@@ -56,6 +81,14 @@ MOBA_TOPK_KERNEL(moba_topk_fp16_d96_causal_k64,   __half,        96,  true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k8,      __half,        96,  false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k16,     __half,        96,  false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d96_full_k64,     __half,        96,  false,  0)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d96_causal_k8,      __nv_bfloat16, 96,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d96_causal_k16,     __nv_bfloat16, 96,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d96_full_k8,        __nv_bfloat16, 96,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d96_full_k16,       __nv_bfloat16, 96,  false, 16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d96_causal_k8,      __half,        96,  true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d96_causal_k16,     __half,        96,  true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d96_full_k8,        __half,        96,  false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d96_full_k16,       __half,        96,  false, 16)
 #endif
 #if MOBA_HAS_HEAD_DIM(128)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d128_causal_k8,   __nv_bfloat16, 128, true,   8)
@@ -70,6 +103,14 @@ MOBA_TOPK_KERNEL(moba_topk_fp16_d128_causal_k64,  __half,        128, true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k8,     __half,        128, false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k16,    __half,        128, false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d128_full_k64,    __half,        128, false,  0)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d128_causal_k8,     __nv_bfloat16, 128, true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d128_causal_k16,    __nv_bfloat16, 128, true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d128_full_k8,       __nv_bfloat16, 128, false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d128_full_k16,      __nv_bfloat16, 128, false, 16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d128_causal_k8,     __half,        128, true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d128_causal_k16,    __half,        128, true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d128_full_k8,       __half,        128, false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d128_full_k16,      __half,        128, false, 16)
 #endif
 #if MOBA_HAS_HEAD_DIM(256)
 MOBA_TOPK_KERNEL(moba_topk_bf16_d256_causal_k8,   __nv_bfloat16, 256, true,   8)
@@ -84,4 +125,12 @@ MOBA_TOPK_KERNEL(moba_topk_fp16_d256_causal_k64,  __half,        256, true,   0)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k8,     __half,        256, false,  8)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k16,    __half,        256, false, 16)
 MOBA_TOPK_KERNEL(moba_topk_fp16_d256_full_k64,    __half,        256, false,  0)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d256_causal_k8,     __nv_bfloat16, 256, true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d256_causal_k16,    __nv_bfloat16, 256, true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d256_full_k8,       __nv_bfloat16, 256, false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_bf16_d256_full_k16,      __nv_bfloat16, 256, false, 16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d256_causal_k8,     __half,        256, true,   8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d256_causal_k16,    __half,        256, true,  16)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d256_full_k8,       __half,        256, false,  8)
+MOBA_TOPK_SPLIT_KERNEL(moba_topk_split_fp16_d256_full_k16,      __half,        256, false, 16)
 #endif
