@@ -49,6 +49,12 @@ using moba::smem_u32;
 #define TK_BN 64
 #define TK_THREADS 128
 
+// The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts its
+// own in place.
+#ifndef MOBA_TOPK_SMEM
+#define MOBA_TOPK_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 // Swizzle of the 16-byte chunks of a score-tile row: rows 0..3 get even keys (fragment stores of a
 // half-warp touch rows 0..3 and two chunks each), rows 4..7 odd keys; all 8 keys distinct (row scan).
 __device__ __forceinline__ int topk_score_swizzle(int row) { return ((row & 3) << 1) | ((row >> 2) & 1); }
@@ -371,7 +377,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     constexpr int BN = kTopkBN<D>;
     constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
     constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
-    extern __shared__ __align__(128) unsigned char topk_smem[];
+    MOBA_TOPK_SMEM(topk_smem);
     T* sQ = reinterpret_cast<T*>(topk_smem);
     T* sH = sQ + TK_BM * D;
     T* sL = sH + BN * D;
@@ -464,16 +470,12 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 // Register lists only (list tiers 8 and 16); the heap tier stays on topk_body.
 #define TK_SPLIT_THREADS 256
 
-#ifndef MOBA_TOPK_SMEM
-#define MOBA_TOPK_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 // A float below t such that x > topk_below(t) holds for every x >= t, also with denormals flushed to zero
 // (-inf for t = -inf: no bound).
 __device__ __forceinline__ float topk_below(float t) {
     if (!(t > -3.0e38f)) return moba::neg_inf();
-    if (t > 1.0e-37f) return __int_as_float(__float_as_int(t) - 1);  // next float down, still normal
-    if (t < -1.0e-37f) return __int_as_float(__float_as_int(t) + 1);  // next float down (larger magnitude)
+    if (t > 1.0e-37f) return __uint_as_float(__float_as_uint(t) - 1u);  // next float down, still normal
+    if (t < -1.0e-37f) return __uint_as_float(__float_as_uint(t) + 1u);  // next float down (larger magnitude)
     return -1.0e-36f;
 }
 
