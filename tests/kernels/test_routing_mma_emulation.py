@@ -135,7 +135,7 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
     """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact ties, also
     across the two halves of the split kernel's tiles), queries +-u; the selections must equal the reference's
     exactly (ties to the higher block index)."""
-    batch, kv_heads, heads, dim, block_size, n = 1, 1, 2, 64, 16, 150
+    batch, kv_heads, heads, dim, block_size, n, rows = 1, 1, 1, 64, 16, 150, 200
     gen = torch.Generator().manual_seed(7 + int(causal))
     u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
     alpha = (torch.randint(0, 5, (batch, n, kv_heads), generator=gen).float() + 1) / 8
@@ -143,9 +143,11 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
     seqlen = n * block_size - 5
     sign = torch.where(torch.rand(batch, seqlen, heads, 1, generator=gen) < 0.5, -1.0, 1.0)
     q = (sign * u).to(torch.bfloat16)
+    # the last rows only (a query offset): every one sees three centroid tiles
     for top_k in ((12, 17) if causal else (3, 16)):
-        out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=top_k)
-        ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)
+        out = run_emulated(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
+                           query_offset=seqlen - rows)
+        ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, -rows:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert math.ceil(seqlen / block_size) == n
 
