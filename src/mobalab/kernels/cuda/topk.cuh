@@ -119,8 +119,9 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
 }
 
 // Accumulators -> score tile sS [TK_BM][BN] (16-byte chunks swizzled by row), NaN where block j0 + col is
-// no candidate for the row (causal: j >= own block; both: j >= n_blocks).
-template <bool CAUSAL, int MT, int NT, int BN>
+// no candidate for the row (causal: j >= own block; both: j >= n_blocks). MASK = false: the caller knows that
+// every column is a candidate of every row of the tile.
+template <bool CAUSAL, int MT, int NT, int BN, bool MASK = true>
 __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4], float* sS, int row0,
                                                   int col0, int lane, int t0, int j0, int block_size,
                                                   int n_blocks) {
@@ -135,8 +136,8 @@ __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4],
             for (int nt = 0; nt < NT; ++nt) {
                 const int c = col0 + nt * 8 + (lane & 3) * 2;
                 float2 v;
-                v.x = (j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
-                v.y = (j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
+                v.x = (!MASK || j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
+                v.y = (!MASK || j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
                 *reinterpret_cast<float2*>(sS + r * BN + (((c >> 2) ^ key) << 2) + (c & 3)) = v;
             }
         }
@@ -589,6 +590,8 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
     const int srow_key = topk_score_swizzle(row & 7);
     const float* srow = sS + row * BN;
     const volatile float* other_thr = sThr + (1 - half) * TK_BM + row;
+    // blocks below this are candidates of every row of the tile (causal: the first row's own block)
+    const int first_lim = CAUSAL ? min((q_pos0 + t0) / block_size, n_blocks) : n_blocks;
 
     for (int tile = n_tiles - 1; tile >= 0; --tile) {
         cp_async_wait<0>();
@@ -600,8 +603,13 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
         __syncthreads();  // every warp is done reading sH / sL
         if (tile > 0) topk_load_centroids<T, D, BN, TK_SPLIT_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         const int j0 = tile * BN;
-        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0, block_size,
-                                             n_blocks);
+        if (j0 + BN <= first_lim) {  // every column a candidate of every row: no mask (all but the last tile)
+            topk_store_scores<CAUSAL, MT, 4, BN, false>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                                        block_size, n_blocks);
+        } else {
+            topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0, block_size,
+                                                 n_blocks);
+        }
         __syncthreads();
 
         if (t_row < seqlen) {
