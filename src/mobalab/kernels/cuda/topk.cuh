@@ -471,6 +471,11 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 // Register lists only (list tiers 8 and 16); the heap tier stays on topk_body.
 #define TK_SPLIT_THREADS 256
 
+// CTAs per SM the split kernels are compiled for (__launch_bounds__): two (<= 128 registers) where two fit in
+// shared memory, one at D = 256 (161 KB per CTA).
+template <int D>
+constexpr int kTopkSplitMinCtas = D >= 256 ? 1 : 2;
+
 // A float below t such that x > topk_below(t) holds for every x >= t, also with denormals flushed to zero
 // (-inf for t = -inf: no bound).
 __device__ __forceinline__ float topk_below(float t) {
