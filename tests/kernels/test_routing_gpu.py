@@ -337,7 +337,7 @@ SPLIT_CASES = [
     (torch.bfloat16, 128, 64, True, 5000, 17, 8, 2, 2, 0),      # N not a multiple of B, tier 16 at its top, GQA 4
     (torch.float16, 64, 16, False, 4097, 16, 4, 4, 1, 0),       # non-causal, many tiles, ragged last tile and rows
     (torch.float16, 32, 32, True, 3000, 9, 8, 1, 2, 0),         # head dim 32, GQA 8
-    (torch.bfloat16, 96, 16, True, 2000, 8, 2, 1, 1, 0),        # head dim 96 (partly unrolled k-steps)
+    (torch.bfloat16, 96, 16, True, 2000, 8, 2, 1, 1, 0),        # head dim 96 (k-steps not unrolled)
     (torch.bfloat16, 256, 16, False, 2000, 12, 2, 2, 1, 0),     # head dim 256 (one CTA per SM)
     (torch.bfloat16, 64, 512, False, 300, 8, 2, 2, 3, 0),       # N < B: a single block, k >= n
     (torch.bfloat16, 128, 32, True, 100, 16, 4, 1, 3, 0),       # k >= n blocks, one query tile

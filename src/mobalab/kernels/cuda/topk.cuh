@@ -603,8 +603,8 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
         __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
 
         float acc[MT][4][4];
-        // D = 96 fully unrolled needs more than the 128 registers of two CTAs per SM
-        topk_score_tile<T, D, MT, 4, D == 96 ? 2 : D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
+        // D = 96 unrolled needs more than the 128 registers of two CTAs per SM
+        topk_score_tile<T, D, MT, 4, D == 96 ? 1 : D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         __syncthreads();  // every warp is done reading sH / sL
         if (tile > 0) topk_load_centroids<T, D, BN, TK_SPLIT_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         const int j0 = tile * BN;
