@@ -1,5 +1,7 @@
-// MoBA routing stage 2, mma.sync kernels: the entry points of topk_body (topk.cuh, which holds the design
-// notes, the score tile and the row lists shared with the wgmma kernels of topk_wgmma.cu).
+// MoBA routing stage 2, mma.sync kernels: the entry points of topk_body (router variant "mma") and
+// topk_split_body (variant "split", the default for register-list tiers at head dims up to 128), both in
+// topk.cuh, which holds the design notes, the score tile and the row lists shared with the wgmma kernels of
+// topk_wgmma.cu.
 #include "topk.cuh"
 
 // ---- entry points: dtype x head dim x causal x list tier (k8 / k16: register lists for up to 8 / 16
