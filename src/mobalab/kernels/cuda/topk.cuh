@@ -468,7 +468,10 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 //     lie at or above it (random scores: ~10 candidates instead of 32).
 // Both only drop pairs that cannot be selected, so the selections are exactly those of topk_body; at the end
 // half 1 hands its list to half 0 through shared memory, which merges it by (score, block) (offer_ranked).
-// Register lists only (list tiers 8 and 16); the heap tier stays on topk_body.
+// Tiles whose columns are candidates of every row (all but the last of a causal row range) store the scores
+// without the NaN mask. Register lists only (list tiers 8 and 16); the heap tier stays on topk_body. At D = 256
+// a CTA takes 161 KB (one per SM, 8 warps as topk_body's two CTAs of 4), so the default keeps topk_body there;
+// scripts/bench_router.py times both bodies side by side.
 #define TK_SPLIT_THREADS 256
 
 // CTAs per SM the split kernels are compiled for (__launch_bounds__): two (<= 128 registers) where two fit in
