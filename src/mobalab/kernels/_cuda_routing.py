@@ -201,7 +201,7 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
         return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim))
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
-        name = f"moba_topk_split_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
+        name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"
         return Launch("topk.cu", name, grid, (SPLIT_THREADS, 1, 1), args, shared_mem=split_topk_shared_bytes(dim))
     name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
