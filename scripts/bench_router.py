@@ -1,11 +1,13 @@
-"""Time the fused top-k kernel of the MoBA router per variant (mma.sync topk.cu vs wgmma topk_wgmma.cu).
+"""Time the fused top-k kernel of the MoBA router per variant (mma.sync topk.cu: "mma" and "split"; wgmma
+topk_wgmma.cu: "wgmma").
 
-Usage: python scripts/bench_router.py [--lengths 8192,65536] [--out DIR]
+Usage: python scripts/bench_router.py [--lengths 8192,65536] [--variants mma,split,wgmma] [--out DIR]
 
 Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), timed by
 `mobalab.bench.attention.time_ms` (CUDA events on torch's current stream, median of >= 10 reps after 3
-warm-ups); batch 2, 16 heads, d 128, B 128, k 8, causal, bf16, random normal inputs. Also the selections of the
-two variants against each other (slots that differ; only near-ties may, see tests/kernels/test_routing_gpu.py).
+warm-ups); batch 2, 16 heads, d 128, B 128, k 8, causal, bf16, random normal inputs. "mma" runs first, as the
+baseline of the speedups, and every variant's selections are compared with its (slots that differ: none for
+"split", which computes the same scores; only near-ties for wgmma, see tests/kernels/test_routing_gpu.py).
 Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.md under --out and prints it.
 """
 
@@ -25,8 +27,14 @@ from mobalab.kernels._launch import launch
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="8192,65536")
+    p.add_argument("--variants", default=",".join(["mma"] + [v for v in routing.ROUTER_VARIANTS if v != "mma"]),
+                   help="router variants, comma-separated; mma is always timed first (the baseline)")
     p.add_argument("--out", default="router_bench")
     args = p.parse_args()
+    variants = ["mma"] + [v for v in args.variants.split(",") if v and v != "mma"]
+    unknown = sorted(set(variants) - set(routing.ROUTER_VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known {routing.ROUTER_VARIANTS}")
     b, h, d, bs, top_k, causal = 2, 16, 128, 128, 8, True
     lines = [f"router top-k kernel on {torch.cuda.get_device_name()} (b={b}, h={h}, d={d}, B={bs}, k={top_k}, "
              "causal, bf16; median ms)", "",
@@ -44,7 +52,7 @@ def main() -> int:
         launch(routing.centroid_launch(k, cent, hi, lo, bs))
         useful = 2.0 * b * h * d * sum(t // bs for t in range(seqlen))
         outs, base = {}, None
-        for variant in routing.ROUTER_VARIANTS:
+        for variant in variants:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
                 plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=variant)
@@ -57,6 +65,9 @@ def main() -> int:
             outs[variant] = out
             base = ms if variant == "mma" else base
             diff = "" if variant == "mma" or "mma" not in outs else str(int((out != outs["mma"]).sum()))
+            if variant == "split" and diff not in ("", "0"):  # same scores as mma: the selections must agree
+                print(f"FAILED split at N={seqlen}: {diff} slots differ from mma")
+                status = 1
             speed = f"{base / ms:.2f}" if base else ""
             lines.append(f"| {seqlen} | {variant} | {ms:.3f} | {useful / ms / 1e9:.0f} | {speed} | {diff} |")
         del q, k, cent, hi, lo, outs

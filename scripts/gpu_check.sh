@@ -21,6 +21,9 @@
 #                wgmma-ws/ and wgmma/bench_table.md; ~200 s)
 #   router-wgmma the wgmma router: its GPU routing tests (-k wgmma: both variants' sweeps with wgmma as default, wgmma
 #                vs mma selections), then the top-k kernel of both variants at 8K and 64K (router/router_table.md; ~150 s)
+#   router-split the split router (the default top-k kernel): its GPU routing tests (-k split: the sweeps with split as
+#                default, split vs mma selections, exactly equal), then the top-k kernel of every variant at 8K and 64K
+#                (router/router_table.md; ~150 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
@@ -110,6 +113,10 @@ for step in "${STEPS[@]}"; do
                     -k wgmma tests/kernels/test_routing_gpu.py > "$W/pytest_router_wgmma.log" 2>&1 || status=1
                   timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
                     > "$W/bench_router.log" 2>&1 || status=1 ;;
+    router-split) ROUTING_STATS_FILE="$W/router_stats.txt" timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                    -k split tests/kernels/test_routing_gpu.py > "$W/pytest_router_split.log" 2>&1 || status=1
+                  timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
+                    > "$W/bench_router.log" 2>&1 || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -158,6 +165,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 [ -f "$W/pytest_router_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_router_wgmma.log" | cut -c1-220 | head -n 12; cat "$W/router_stats.txt" 2>/dev/null; tail -n 1 "$W/pytest_router_wgmma.log"; }
+[ -f "$W/pytest_router_split.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_router_split.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_router_split.log"; }
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }

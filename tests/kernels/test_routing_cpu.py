@@ -106,8 +106,9 @@ def test_non_tensors_and_meta_tensors_raise_clearly():
 # ABI: every variant's argument tuple against the parsed CUDA signature
 
 
-def _variant_plans(dtype, dim, causal, top_k=8, block_size=64, seqlen=300, heads=4, kv_heads=2, batch=2):
-    """Launch plans of one variant; the top-k kernel once per list tier (top_k 8, 16, 64)."""
+def _variant_plans(dtype, dim, causal, top_k=8, block_size=64, seqlen=300, heads=4, kv_heads=2, batch=2,
+                   router="mma"):
+    """Launch plans of one variant; the top-k kernel of ``router`` once per list tier it has (top_k 8, 16, 64)."""
     n = math.ceil(seqlen / block_size)
     q = torch.empty((batch, seqlen, heads, dim), dtype=dtype)
     k = torch.empty((batch, seqlen, kv_heads, dim), dtype=dtype)
@@ -120,25 +121,47 @@ def _variant_plans(dtype, dim, causal, top_k=8, block_size=64, seqlen=300, heads
         routing.split_launch(cent, hi, lo),
     ]
     for kk in (top_k, 16, 64):
+        if router == "split" and not routing.split_router_supports(kk, causal):
+            continue
         out = torch.empty((batch, seqlen, heads, kk), dtype=torch.int32)
-        plans.append(routing.topk_launch(q, hi, lo, out, block_size, kk, causal))
+        plans.append(routing.topk_launch(q, hi, lo, out, block_size, kk, causal, variant=router))
     return plans
 
 
 VARIANTS = list(itertools.product(C.CUDA_DTYPES, C.CUDA_HEAD_DIMS, (True, False)))
 
 
+@pytest.mark.parametrize("router", ["mma", "split"])
 @pytest.mark.parametrize("dtype, dim, causal", VARIANTS)
-def test_launch_args_match_cuda_signatures(dtype, dim, causal):
-    for plan in _variant_plans(dtype, dim, causal):
+def test_launch_args_match_cuda_signatures(dtype, dim, causal, router):
+    for plan in _variant_plans(dtype, dim, causal, router=router):
         cargs = check_args(plan.source, plan.kernel, plan.args)
         assert len(cargs) == len(signatures(plan.source)[plan.kernel])
+        if plan.kernel.startswith("moba_topk"):
+            assert plan.kernel.endswith("_split") == (router == "split")
+            assert plan.block == ((routing.SPLIT_THREADS if router == "split" else routing.TOPK_THREADS), 1, 1)
 
 
 def test_every_routing_kernel_is_launched_by_some_plan():
-    launched = {(p.source, p.kernel) for v in VARIANTS for p in _variant_plans(*v)}
+    launched = {(p.source, p.kernel) for v in VARIANTS for r in ("mma", "split")
+                for p in _variant_plans(*v, router=r)}
     defined = {(f, name) for f in ("centroids.cu", "topk.cu") for name in signatures(f)}
     assert defined == launched
+
+
+@pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
+def test_split_and_mma_plans_differ_only_in_kernel_threads_and_shared_memory(dim):
+    """One argument tuple and grid for both mma.sync kernels: callers switch kernels with the variant alone."""
+    q = torch.empty((2, 300, 4, dim), dtype=torch.bfloat16)
+    hi = torch.empty((2, 2, 5, dim), dtype=torch.bfloat16)
+    out = torch.empty((2, 300, 4, 9), dtype=torch.int32)
+    mma = routing.topk_launch(q, hi, hi, out, 64, 9, True, 7, variant="mma")
+    split = routing.topk_launch(q, hi, hi, out, 64, 9, True, 7, variant="split")
+    assert split.kernel == mma.kernel + "_split" == f"moba_topk_bf16_d{dim}_causal_k8_split"
+    assert split.grid == mma.grid and split.source == mma.source == "topk.cu"
+    assert all(a is b for a, b in zip(split.args[:4], mma.args[:4], strict=True))
+    assert split.args[4:] == mma.args[4:] and split.args[-1] == np.int32(7)
+    assert split.shared_mem == routing.split_topk_shared_bytes(dim)
 
 
 @pytest.mark.parametrize(
@@ -160,13 +183,14 @@ def test_python_scalars_are_rejected_by_the_abi_check():
         check_args(plan.source, plan.kernel, tuple(bad))
 
 
+@pytest.mark.parametrize("router", ["mma", "split"])
 @pytest.mark.parametrize("seqlen", [1, 127, 128, 129, 65536])
-def test_topk_grid_covers_every_query_once(seqlen):
-    plan = _variant_plans(torch.float16, 64, True, seqlen=seqlen, block_size=16)[3]
+def test_topk_grid_covers_every_query_once(seqlen, router):
+    plan = _variant_plans(torch.float16, 64, True, seqlen=seqlen, block_size=16, router=router)[3]
     gx, gy, gz = plan.grid
     assert (gy, gz) == (4, 2)
     assert (gx - 1) * routing.TOPK_BM < seqlen <= gx * routing.TOPK_BM
-    assert plan.block == (routing.TOPK_THREADS, 1, 1)
+    assert plan.block == ((routing.SPLIT_THREADS if router == "split" else routing.TOPK_THREADS), 1, 1)
 
 
 def test_shared_memory_fits_the_opt_in_limit():
@@ -177,6 +201,19 @@ def test_shared_memory_fits_the_opt_in_limit():
         # Two CTAs per SM with register lists (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
             assert 2 * (smem + 1024) <= 228 * 1024
+
+
+@pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
+def test_split_shared_memory(dim):
+    """Q tile, hi/lo tiles of 64 centroids, fp32 score tile, two threshold rows; two CTAs (16 warps) per SM where
+    the default takes the split kernel, within the opt-in limit everywhere; the merge area (two lists of 16
+    scores and blocks per row) fits in the score tile."""
+    smem = routing.split_topk_shared_bytes(dim)
+    assert smem == (128 * dim + 2 * 64 * dim) * 2 + 128 * 64 * 4 + 2 * 128 * 4
+    assert smem <= 232448
+    if dim in routing.SPLIT_DEFAULT_HEAD_DIMS:
+        assert 2 * (smem + 1024) <= 228 * 1024
+    assert 16 * routing.TOPK_BM * 8 <= routing.TOPK_BM * routing.TOPK_BN * 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +252,10 @@ def no_router_env(monkeypatch):
 
 
 def test_router_variant_default_env_and_argument(no_router_env):
-    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "mma"
+    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "split"
+    assert routing.resolve_router_variant(None) == "split"
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "mma")
+    assert routing.resolve_router_variant(None, 128, 8, True) == "mma"
     no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "wgmma")
     assert routing.resolve_router_variant(None, 128, 8, True) == "wgmma"
     assert routing.resolve_router_variant("mma", 128, 8, True) == "mma"  # the argument wins
@@ -243,6 +283,27 @@ def test_wgmma_router_shapes(no_router_env, dim, top_k, causal, ok):
         no_router_env.delenv(routing.ROUTER_VARIANT_ENV)
     no_router_env.setattr(routing, "DEFAULT_ROUTER_VARIANT", "wgmma")
     assert routing.resolve_router_variant(None, dim, top_k, causal) == ("wgmma" if ok else "mma")
+
+
+@pytest.mark.parametrize("dim, top_k, causal, default", [
+    (128, 8, True, "split"), (32, 17, True, "split"), (96, 16, False, "split"), (64, 1, True, "split"),
+    (256, 8, True, "mma"), (128, 18, True, "mma"), (64, 17, False, "mma"), (128, 64, True, "mma")])
+def test_split_router_shapes(no_router_env, dim, top_k, causal, default):
+    """The default takes split for register-list tiers at head dims up to 128, mma elsewhere; split asked for runs
+    at every head dim and raises on the heap tier."""
+    assert routing.resolve_router_variant(None, dim, top_k, causal) == default
+    ok = routing.split_router_supports(top_k, causal)
+    assert ok == (routing.topk_list_tier(top_k, causal) < 64)
+    if ok:
+        assert routing.resolve_router_variant("split", dim, top_k, causal) == "split"
+        no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "split")
+        assert routing.resolve_router_variant(None, dim, top_k, causal) == "split"
+    else:
+        with pytest.raises(ValueError, match=f"router variant 'split' needs top_k .* got top_k={top_k}"):
+            routing.resolve_router_variant("split", dim, top_k, causal)
+        no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "split")
+        with pytest.raises(ValueError, match="router variant 'split' needs"):
+            routing.resolve_router_variant(None, dim, top_k, causal)
 
 
 WG_VARIANTS = list(itertools.product(C.CUDA_DTYPES, routing.WG_HEAD_DIMS, (True, False), (8, 16)))

@@ -7,10 +7,13 @@ lie within ``TIE_RTOL * |q| * |centroid|`` of each other; the kernel's score err
 bound, a wrong block typically differs by ~|q||c|/sqrt(d). The overall mismatch rate must stay below 0.1%.
 Set ``ROUTING_STATS_FILE`` to append the rate to a file.
 
-Every test runs once per top-k kernel (the ``router`` fixture): "mma" (topk.cu) and "wgmma" (topk_wgmma.cu, made
-the default, so that shapes it has no kernel for, or a GPU without wgmma, take the fallback to mma as in normal
-use; the sweeps leave such cases out of the wgmma runs, as they would repeat the mma runs). ``-k wgmma`` selects
-the wgmma runs and the direct comparison of the two kernels at the end.
+Every test runs once per top-k kernel (the ``router`` fixture, made the default variant): "split" (topk.cu's
+split body), "mma" (topk.cu's one-thread-per-row body) and "wgmma" (topk_wgmma.cu). Shapes a variant has no
+kernel for (split: the heap tier and, as the default, head dim 256; wgmma: also head dims other than 64 and 128,
+or a GPU without wgmma) take the fallback to mma as in normal use; the sweeps leave such cases out of those runs,
+as they would repeat the mma runs. ``-k wgmma`` / ``-k split`` select one variant's runs and its direct comparison
+with mma at the end (split must select exactly what mma selects: the same score tile, a scan that only skips
+pairs that cannot be selected).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 DIMS = (64, 128)
 BLOCKS = (16, 32, 64, 128, 256, 512)
 STATS = {"slots": 0, "mismatches": 0, "cases": 0}
-ROUTERS = ("mma", "wgmma")
+ROUTERS = ("split", "mma", "wgmma")
 
 
 def _routing():
@@ -113,11 +116,12 @@ def _compare(out, ref, q, cent, causal, block_size):
 
 
 def _falls_back(dim, top_k, causal) -> bool:
-    """Whether the wgmma run of a case would only repeat the mma run (no wgmma kernel for it: the fallback, which
-    test_forced_wgmma_raises_where_it_has_no_kernel covers); such cases are left out to save device time."""
+    """Whether the split or wgmma run of a case would only repeat the mma run (no kernel for it as the default: the
+    fallback, which the CPU tests and test_forced_wgmma_raises_where_it_has_no_kernel cover); such cases are left
+    out to save device time."""
     routing = _routing()
-    return routing.DEFAULT_ROUTER_VARIANT == "wgmma" and \
-        routing.resolve_router_variant(None, dim, top_k, causal, torch.device("cuda")) != "wgmma"
+    return routing.DEFAULT_ROUTER_VARIANT != "mma" and \
+        routing.resolve_router_variant(None, dim, top_k, causal, torch.device("cuda")) != routing.DEFAULT_ROUTER_VARIANT
 
 
 def _check_case(dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch, seed):
@@ -324,6 +328,52 @@ def test_wgmma_selects_what_mma_selects(case, router):
     _compare(wg, mma, q, reference.moba_centroids(k, block_size), causal, block_size)
     out, cent = _poisoned_topk(q, k, block_size, top_k, causal)  # the default (wgmma) into poisoned buffers
     assert torch.equal(out, wg)
+
+
+# the split kernel against mma on awkward shapes, every head dim (256 and the heap-free tiers asked for explicitly)
+SPLIT_CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch, query_offset
+    (torch.bfloat16, 128, 128, True, 65536, 8, 2, 1, 1, 0),     # the benchmark shape: 8 centroid tiles per row
+    (torch.bfloat16, 128, 64, True, 5000, 17, 8, 2, 2, 0),      # N not a multiple of B, tier 16 at its top, GQA 4
+    (torch.float16, 64, 16, False, 4097, 16, 4, 4, 1, 0),       # non-causal, many tiles, ragged last tile and rows
+    (torch.float16, 32, 32, True, 3000, 9, 8, 1, 2, 0),         # head dim 32, GQA 8
+    (torch.bfloat16, 96, 16, True, 2000, 8, 2, 1, 1, 0),        # head dim 96 (k-steps not unrolled)
+    (torch.bfloat16, 256, 16, False, 2000, 12, 2, 2, 1, 0),     # head dim 256 (one CTA per SM)
+    (torch.bfloat16, 64, 512, False, 300, 8, 2, 2, 3, 0),       # N < B: a single block, k >= n
+    (torch.bfloat16, 128, 32, True, 100, 16, 4, 1, 3, 0),       # k >= n blocks, one query tile
+    (torch.float16, 64, 16, True, 257, 1, 2, 1, 1, 0),          # causal top-1: the own block only
+    (torch.float16, 64, 16, False, 257, 1, 2, 1, 1, 0),         # non-causal top-1
+    (torch.bfloat16, 128, 64, True, 3000, 8, 4, 2, 1, 1000),    # query offset (a context-parallel shard)
+    (torch.bfloat16, 64, 16, False, 3000, 16, 2, 1, 1, 1234),   # query offset, non-causal, inside a block
+]
+SPLIT_IDS = [f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}-k{c[5]}-off{c[9]}" for c in SPLIT_CASES]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=SPLIT_IDS)
+def test_split_selects_exactly_what_mma_selects(case, router):
+    if router != "split":
+        pytest.skip("one comparison per case")
+    routing = _routing()
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch, offset = case
+    gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k + offset)
+    q = _rand((batch, seqlen, heads, dim), dtype, gen)
+    k = _rand((batch, seqlen, kv_heads, dim), dtype, gen)
+    cent = routing.moba_centroids_cuda(k, block_size)
+    n = cent.shape[1]
+    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype, device="cuda")
+    lo = torch.empty_like(hi)
+    routing.launch(routing.split_launch(cent, hi, lo))
+    rows = q[:, offset:].contiguous()
+    outs = {}
+    for variant in ("mma", "split"):
+        out = torch.full((*rows.shape[:3], top_k), -7, dtype=torch.int32, device="cuda")
+        plan = routing.topk_launch(rows, hi, lo, out, block_size, top_k, causal, offset, variant=variant)
+        assert plan.kernel.endswith("_split") == (variant == "split")
+        routing.launch(plan)
+        outs[variant] = out
+    assert torch.equal(outs["split"], outs["mma"]), f"{int((outs['split'] != outs['mma']).sum())} slots differ"
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)[:, offset:]
+    _compare(outs["split"], ref, rows, reference.moba_centroids(k, block_size), causal, block_size)
 
 
 def test_forced_wgmma_raises_where_it_has_no_kernel(router, monkeypatch):

@@ -13,13 +13,18 @@ The score is computed on tensor cores as :math:`q\cdot c_{hi} + q\cdot c_{lo}` w
 into two values of the input dtype (:math:`c_{hi} = T(c)`, :math:`c_{lo} = T(c - c_{hi})`), which is the fp32
 score to about :math:`2^{-16}` relative error: indices can differ from the reference only at near-ties.
 
-Two top-k kernels (the router ``variant``): *mma* (cuda/topk.cu: mma.sync m16n8k16, every supported shape) and
-*wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous, overlapping the next centroid chunk's product
-with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or 128, list tiers 8 and 16, i.e. ``top_k`` <= 17
-causal, <= 16 non-causal). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call (default "mma"); a variant chosen by the default falls back to "mma" where wgmma has no kernel, a variant
-asked for (argument or environment) raises ValueError there. Both compute the same scores up to the fp32
-rounding order, so their selections differ only at near-ties.
+Three top-k kernels (the router ``variant``): *split* (cuda/topk.cu, ``topk_split_body``: mma.sync m16n8k16 in
+CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid half of a tile; list tiers 8 and
+16, i.e. ``top_k`` <= 17 causal, <= 16 non-causal; every head dim), *mma* (cuda/topk.cu, ``topk_body``: 4 warps,
+one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
+overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
+128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
+call, else the default: "split" at head dims up to 128 (at 256 the split CTA takes 161 KB of shared memory, one
+per multiprocessor, so "mma" with two CTAs of 112 KB stays the default there). A variant chosen by the default
+falls back to "mma" where it has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
+asked for (argument or environment) raises ValueError there. split and mma select exactly the same blocks (the
+same score tile; the split scan only skips pairs that cannot be selected); wgmma computes the same scores up to
+the fp32 rounding order, so its selections differ only at near-ties.
 
 What a kernel receives (grid, block, arguments, shared memory) is decided by the plan functions
 (:func:`centroid_launch`, :func:`split_launch`, :func:`topk_launch`), plain Python that CI checks against the
@@ -53,9 +58,13 @@ WG_THREADS = 256
 WG_HEAD_DIMS = (64, 128)
 WG_LIST_TIERS = (8, 16)
 WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynamic shared memory
-ROUTER_VARIANTS = ("mma", "wgmma")
+# Must match the #defines in cuda/topk.cuh (the split body).
+SPLIT_THREADS = 256
+SPLIT_LIST_TIERS = (8, 16)
+SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where the default takes "split" (head dim 256: "mma")
+ROUTER_VARIANTS = ("split", "mma", "wgmma")
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
-DEFAULT_ROUTER_VARIANT = "mma"
+DEFAULT_ROUTER_VARIANT = "split"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,6 +114,17 @@ def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> 
     return (TOPK_BM * dim + 2 * topk_bn(dim) * dim) * itemsize + TOPK_BM * topk_bn(dim) * 4 + lists
 
 
+def split_topk_shared_bytes(dim: int, itemsize: int = 2) -> int:
+    """Dynamic shared memory of one split top-k CTA: Q tile, hi/lo tiles of 64 centroids, the fp32 score tile and
+    the two halves' thresholds (TOPK_BM floats each)."""
+    return (TOPK_BM * dim + 2 * TOPK_BN * dim) * itemsize + TOPK_BM * TOPK_BN * 4 + 2 * TOPK_BM * 4
+
+
+def split_router_supports(top_k: int, causal: bool) -> bool:
+    """Whether the split kernel covers this list length (register-list tiers only; every head dim)."""
+    return topk_list_tier(top_k, causal) in SPLIT_LIST_TIERS
+
+
 def wgmma_topk_shared_bytes(dim: int) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
     128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
@@ -116,14 +136,36 @@ def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
 
 
+def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, causal: bool,
+                     device: torch.device | None) -> str | None:
+    """Why ``variant`` has no kernel for the shape or device (None: it has one)."""
+    shape_known = head_dim is not None and top_k is not None
+    if variant == "split":
+        if top_k is not None and not split_router_supports(top_k, causal):
+            return (f"top_k <= {max(SPLIT_LIST_TIERS) + 1} (causal) or <= {max(SPLIT_LIST_TIERS)} (non-causal), "
+                    f"got top_k={top_k}, causal={causal}")
+        return None
+    if variant != "wgmma":
+        return None
+    if shape_known and not wgmma_router_supports(head_dim, top_k, causal):
+        return (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS) + 1} (causal) or "
+                f"<= {max(WG_LIST_TIERS)} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
+    if device is not None and torch.device(device).type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap != (9, 0):
+            return f"an sm_90 (Hopper) GPU, got compute capability {cap}"
+    return None
+
+
 def resolve_router_variant(variant: str | None, head_dim: int | None = None, top_k: int | None = None,
                            causal: bool = True, device: torch.device | None = None) -> str:
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
-    (DEFAULT_ROUTER_VARIANT).
+    (DEFAULT_ROUTER_VARIANT; "split" becomes "mma" at head dims outside SPLIT_DEFAULT_HEAD_DIMS).
 
-    "wgmma" needs an sm_90 GPU (checked when ``device`` is a CUDA device) and a kernel for the shape (checked
-    when ``head_dim`` and ``top_k`` are given): where either is missing, a default choice becomes "mma" and an
-    explicit one (argument or environment) raises ValueError.
+    "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when
+    ``device`` is a CUDA device) and a kernel for the shape (checked when ``head_dim`` and ``top_k`` are given):
+    where one is missing, a default choice becomes "mma" and an explicit one (argument or environment) raises
+    ValueError.
     """
     forced = variant is not None or ROUTER_VARIANT_ENV in os.environ
     if variant is None:
@@ -131,20 +173,13 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
     if variant not in ROUTER_VARIANTS:
         raise ValueError(f"router variant must be one of {ROUTER_VARIANTS} (or None: ${ROUTER_VARIANT_ENV}, "
                          f"default {DEFAULT_ROUTER_VARIANT!r}), got {variant!r}")
-    if variant != "wgmma":
-        return variant
-    problem = None
-    if head_dim is not None and top_k is not None and not wgmma_router_supports(head_dim, top_k, causal):
-        problem = (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS) + 1} (causal) or "
-                   f"<= {max(WG_LIST_TIERS)} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
-    elif device is not None and torch.device(device).type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap != (9, 0):
-            problem = f"an sm_90 (Hopper) GPU, got compute capability {cap}"
+    if not forced and variant == "split" and head_dim is not None and head_dim not in SPLIT_DEFAULT_HEAD_DIMS:
+        return "mma"
+    problem = _variant_problem(variant, head_dim, top_k, causal, device)
     if problem is None:
-        return "wgmma"
+        return variant
     if forced:
-        raise ValueError(f"router variant 'wgmma' needs {problem}; use 'mma'")
+        raise ValueError(f"router variant {variant!r} needs {problem}; use 'mma'")
     return "mma"
 
 
@@ -159,12 +194,16 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
             np.int32(n_blocks), np.int32(top_k), np.int32(query_offset))
     mode = "causal" if causal else "full"
-    if resolve_router_variant(variant, dim, top_k, causal, q.device) == "wgmma":
+    chosen = resolve_router_variant(variant, dim, top_k, causal, q.device)
+    if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)
         return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim))
-    name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
+    if chosen == "split":
+        name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"
+        return Launch("topk.cu", name, grid, (SPLIT_THREADS, 1, 1), args, shared_mem=split_topk_shared_bytes(dim))
+    name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
                   shared_mem=topk_shared_bytes(dim, top_k, causal))
 
@@ -194,7 +233,7 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
 
     ``centroids`` (fp32, (batch, n_blocks, kv_heads, head_dim), e.g. from :func:`moba_centroids_cuda`)
     skips the centroid pass; they are then split into hi/lo halves of q's dtype. ``variant``: the top-k
-    kernel, "mma" or "wgmma" (None: ``$MOBALAB_ROUTER_VARIANT``, default "mma"; see
+    kernel, "split", "mma" or "wgmma" (None: ``$MOBALAB_ROUTER_VARIANT``, else the default; see
     :func:`resolve_router_variant`).
     """
     fn = "moba_topk_cuda"

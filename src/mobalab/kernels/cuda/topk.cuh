@@ -49,6 +49,12 @@ using moba::smem_u32;
 #define TK_BN 64
 #define TK_THREADS 128
 
+// The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts its
+// own in place.
+#ifndef MOBA_TOPK_SMEM
+#define MOBA_TOPK_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 // Swizzle of the 16-byte chunks of a score-tile row: rows 0..3 get even keys (fragment stores of a
 // half-warp touch rows 0..3 and two chunks each), rows 4..7 odd keys; all 8 keys distinct (row scan).
 __device__ __forceinline__ int topk_score_swizzle(int row) { return ((row & 3) << 1) | ((row >> 2) & 1); }
@@ -113,8 +119,9 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
 }
 
 // Accumulators -> score tile sS [TK_BM][BN] (16-byte chunks swizzled by row), NaN where block j0 + col is
-// no candidate for the row (causal: j >= own block; both: j >= n_blocks).
-template <bool CAUSAL, int MT, int NT, int BN>
+// no candidate for the row (causal: j >= own block; both: j >= n_blocks). MASK = false: the caller knows that
+// every column is a candidate of every row of the tile.
+template <bool CAUSAL, int MT, int NT, int BN, bool MASK = true>
 __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4], float* sS, int row0,
                                                   int col0, int lane, int t0, int j0, int block_size,
                                                   int n_blocks) {
@@ -129,8 +136,8 @@ __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4],
             for (int nt = 0; nt < NT; ++nt) {
                 const int c = col0 + nt * 8 + (lane & 3) * 2;
                 float2 v;
-                v.x = (j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
-                v.y = (j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
+                v.x = (!MASK || j0 + c < lim) ? acc[mt][nt][half * 2] : moba::quiet_nan();
+                v.y = (!MASK || j0 + c + 1 < lim) ? acc[mt][nt][half * 2 + 1] : moba::quiet_nan();
                 *reinterpret_cast<float2*>(sS + r * BN + (((c >> 2) ^ key) << 2) + (c & 3)) = v;
             }
         }
@@ -163,7 +170,7 @@ struct TopkRegList {
         for (int i = 0; i < LCAP; ++i) {
             const bool used = i >= LCAP - cap;
             v[i] = used ? moba::neg_inf() : moba::pos_inf();
-            j[i] = -1;
+            j[i] = used ? -1 : 0x7fffffff;  // a sentinel outranks every (score, block) pair, also in offer_ranked
         }
     }
     __device__ __forceinline__ float threshold() const { return v[LCAP - 1]; }
@@ -175,6 +182,22 @@ struct TopkRegList {
 #pragma unroll
         for (int i = LCAP - 1; i >= 1; --i) {
             const bool above_prev = x > v[i - 1];
+            const float nv = above_prev ? v[i - 1] : (below ? x : v[i]);
+            const int nj = above_prev ? j[i - 1] : (below ? jx : j[i]);
+            v[i] = nv;
+            j[i] = nj;
+            below = above_prev;
+        }
+        v[0] = below ? x : v[0];
+        j[0] = below ? jx : j[0];
+    }
+
+    // The same network for a pair in any block order: ranks by (score, block) explicitly (the merge of two lists).
+    __device__ __forceinline__ void offer_ranked(float x, int jx) {
+        bool below = topk_better(x, jx, v[LCAP - 1], j[LCAP - 1]);
+#pragma unroll
+        for (int i = LCAP - 1; i >= 1; --i) {
+            const bool above_prev = topk_better(x, jx, v[i - 1], j[i - 1]);
             const float nv = above_prev ? v[i - 1] : (below ? x : v[i]);
             const int nj = above_prev ? j[i - 1] : (below ? jx : j[i]);
             v[i] = nv;
@@ -355,7 +378,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     constexpr int BN = kTopkBN<D>;
     constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
     constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
-    extern __shared__ __align__(128) unsigned char topk_smem[];
+    MOBA_TOPK_SMEM(topk_smem);
     T* sQ = reinterpret_cast<T*>(topk_smem);
     T* sH = sQ + TK_BM * D;
     T* sL = sH + BN * D;
@@ -420,6 +443,209 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     }
 
     if (t_row < seqlen) {
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+    }
+}
+
+// ---- the split router (router variant "split"): 8 warps, each row's centroid columns split over two threads ----
+//
+// Why: Nsight Compute puts topk_body at 2 CTAs x 4 warps per SM (96 KB of shared memory each at D = 128), the
+// tensor pipe at 30% and the warps stalled on fixed-latency dependencies: a row scan is one long dependent chain
+// per thread (LDS, compare, the insertion network per candidate), and two warps per scheduler cannot hide it.
+// Count per 128 x 64 score tile (ptxas SASS at D = 128, k 8): MMA ~390 instructions per warp, fragment stores
+// with the NaN mask ~400, threshold masks ~280 and ~46 per candidate, the per-warp cost being the largest
+// candidate count of its lanes; random scores give ~32 candidates in the first word of a row (the empty list
+// passes everything) and ~100 per warp over a 512-block row.
+// The split body keeps the tile and shared memory (96 KB at D = 128) and doubles the threads: 8 warps (4 x 2 of
+// 32 x 32 warp tiles for the MMA, 32 accumulators instead of 64, __launch_bounds__(256, 2) to keep two CTAs,
+// 16 warps, per SM), and thread (row, half) scans word `half` of every tile (blocks j0 + 32 half ..) into its
+// own register list. Per warp the serial scan work halves and twice as many warps hide its latency.
+// Two lists per row would each fill from empty and filter against their own weaker thresholds; two bounds
+// keep the candidate counts near those of one list:
+//   - the other half's threshold (exchanged through shared memory once per tile): it has `cap` listed pairs at
+//     or above it, so a pair strictly below it cannot be among the row's best `cap` (kept: >= it);
+//   - in the first tile, the cap-th largest of the 16 maxima of the word's column pairs: `cap` scores of the word
+//     lie at or above it (random scores: ~10 candidates instead of 32).
+// Both only drop pairs that cannot be selected, so the selections are exactly those of topk_body; at the end
+// half 1 hands its list to half 0 through shared memory, which merges it by (score, block) (offer_ranked).
+// Tiles whose columns are candidates of every row (all but the last of a causal row range) store the scores
+// without the NaN mask. Register lists only (list tiers 8 and 16); the heap tier stays on topk_body. At D = 256
+// a CTA takes 161 KB (one per SM, 8 warps as topk_body's two CTAs of 4), so the default keeps topk_body there;
+// scripts/bench_router.py times both bodies side by side.
+#define TK_SPLIT_THREADS 256
+
+// CTAs per SM the split kernels are compiled for (__launch_bounds__): two (<= 128 registers) where two fit in
+// shared memory, one at D = 256 (161 KB per CTA).
+template <int D>
+constexpr int kTopkSplitMinCtas = D >= 256 ? 1 : 2;
+
+// A float below t such that x > topk_below(t) holds for every x >= t, also with denormals flushed to zero
+// (-inf for t = -inf: no bound).
+__device__ __forceinline__ float topk_below(float t) {
+    if (!(t > -3.0e38f)) return moba::neg_inf();
+    if (t > 1.0e-37f) return __uint_as_float(__float_as_uint(t) - 1u);  // next float down, still normal
+    if (t < -1.0e-37f) return __uint_as_float(__float_as_uint(t) + 1u);  // next float down (larger magnitude)
+    return -1.0e-36f;
+}
+
+// Bitonic sort of N values into descending order (compile-time indices: the array stays in registers).
+template <int N>
+__device__ __forceinline__ void topk_sort_desc(float (&g)[N]) {
+#pragma unroll
+    for (int k = 2; k <= N; k <<= 1)
+#pragma unroll
+        for (int jj = k >> 1; jj > 0; jj >>= 1)
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const int l = i ^ jj;
+                if (l > i) {
+                    const float a = g[i], b = g[l];
+                    const bool desc = (i & k) == 0;
+                    g[i] = desc ? fmaxf(a, b) : fminf(a, b);
+                    g[l] = desc ? fminf(a, b) : fmaxf(a, b);
+                }
+            }
+}
+
+// Offer word w of a score-tile row to a register list, in descending block order, skipping scores at or below
+// `floor` (a bound from elsewhere: topk_below of the other half's threshold) and, with `first`, below the
+// cap-th largest maximum of the word's 16 column pairs. Masked (NaN) scores count as -inf.
+template <int LCAP>
+__device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, const float* srow, int key, int w,
+                                                     int j0, float floor, bool first) {
+    float x[32];
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+        x[4 * c4] = v.x;
+        x[4 * c4 + 1] = v.y;
+        x[4 * c4 + 2] = v.z;
+        x[4 * c4 + 3] = v.w;
+    }
+    float thr = fmaxf(list.threshold(), floor);
+    if (first) {
+        float g[16];
+#pragma unroll
+        for (int p = 0; p < 16; ++p) g[p] = fmaxf(fmaxf(x[2 * p], x[2 * p + 1]), moba::neg_inf());
+        topk_sort_desc<16>(g);
+        float kth = g[0];
+#pragma unroll
+        for (int i = 1; i < 16; ++i) kth = list.cap == i + 1 ? g[i] : kth;
+        thr = fmaxf(thr, topk_below(kth));
+    }
+    unsigned m = 0u;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) m |= (unsigned)(x[e] > thr) << e;
+    while (m != 0u) {
+        const int bit = 31 - __clz(m);
+        m ^= 1u << bit;
+        const int c = w * 32 + bit;
+        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
+    }
+}
+
+// Dynamic shared memory of topk_split_body: Q tile, hi/lo centroid tiles, score tile, thresholds [2][TK_BM].
+template <int D>
+constexpr int kTopkSplitSmem = (TK_BM * D + 2 * TK_BN * D) * 2 + TK_BM * TK_BN * 4 + 2 * TK_BM * 4;
+
+template <typename T, int D, bool CAUSAL, int LCAP>
+__device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T* __restrict__ chi,
+                                                const T* __restrict__ clo, int* __restrict__ out, int seqlen,
+                                                int heads, int kv_heads, int block_size, int n_blocks, int top_k,
+                                                int q_pos0) {
+    static_assert(LCAP == 8 || LCAP == 16, "the split router keeps register lists only");
+    constexpr int BN = TK_BN;  // two 32-column words: one per thread of a row
+    constexpr int MT = 2;      // 4 x 2 warps of 32 rows x 32 centroids
+    MOBA_TOPK_SMEM(topk_smem);
+    T* sQ = reinterpret_cast<T*>(topk_smem);
+    T* sH = sQ + TK_BM * D;
+    T* sL = sH + BN * D;
+    float* sS = reinterpret_cast<float*>(sL + BN * D);
+    float* sThr = sS + TK_BM * BN;  // [2][TK_BM]: each half's list threshold after its last scanned tile
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal tiles first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / kv_heads);
+    const int t0 = m_block * TK_BM;
+    const int list_cap = CAUSAL ? top_k - 1 : top_k;
+
+    const int t_last = min(t0 + TK_BM, seqlen) - 1;
+    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
+    const int n_tiles = (n_cand + BN - 1) / BN;
+
+    const int row = tid & (TK_BM - 1), half = tid / TK_BM;  // the row and word this thread scans
+    const int t_row = t0 + row;
+    const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
+    const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
+
+    TopkRegList<LCAP> list;
+    list.init(list_cap);
+    sThr[half * TK_BM + row] = moba::neg_inf();
+
+    if (n_tiles > 0) {
+        constexpr int CH = D / 8;
+        for (int i = tid; i < TK_BM * CH; i += TK_SPLIT_THREADS) {
+            const int r = i / CH, c = i % CH;
+            const int t = min(t0 + r, seqlen - 1);
+            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+        }
+        cp_async_commit();
+        topk_load_centroids<T, D, BN, TK_SPLIT_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+    }
+
+    const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm * 32 .., columns wn * 32 ..
+    const int srow_key = topk_score_swizzle(row & 7);
+    const float* srow = sS + row * BN;
+    const volatile float* other_thr = sThr + (1 - half) * TK_BM + row;
+    // blocks below this are candidates of every row of the tile (causal: the first row's own block)
+    const int first_lim = CAUSAL ? min((q_pos0 + t0) / block_size, n_blocks) : n_blocks;
+
+    for (int tile = n_tiles - 1; tile >= 0; --tile) {
+        cp_async_wait<0>();
+        __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
+
+        float acc[MT][4][4];
+        // D = 96 unrolled needs more than the 128 registers of two CTAs per SM
+        topk_score_tile<T, D, MT, 4, D == 96 ? 1 : D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
+        __syncthreads();  // every warp is done reading sH / sL
+        if (tile > 0) topk_load_centroids<T, D, BN, TK_SPLIT_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+        const int j0 = tile * BN;
+        if (j0 + BN <= first_lim) {  // every column a candidate of every row: no mask (all but the last tile)
+            topk_store_scores<CAUSAL, MT, 4, BN, false>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                                        block_size, n_blocks);
+        } else {
+            topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0, block_size,
+                                                 n_blocks);
+        }
+        __syncthreads();
+
+        if (t_row < seqlen) {
+            // the other half's threshold of this tile or the one before (both bounds: thresholds only rise)
+            topk_split_scan_word(list, srow, srow_key, half, j0, topk_below(*other_thr), tile == n_tiles - 1);
+            sThr[half * TK_BM + row] = list.threshold();
+        }
+    }
+
+    // merge: half 1 hands its list to half 0 through the score tile ([LCAP][TK_BM] scores, then blocks)
+    __syncthreads();
+    float* sMv = sS;
+    int* sMj = reinterpret_cast<int*>(sS + LCAP * TK_BM);
+    if (half == 1) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            sMv[i * TK_BM + row] = list.v[i];
+            sMj[i * TK_BM + row] = list.j[i];
+        }
+    }
+    __syncthreads();
+    if (half == 0 && t_row < seqlen) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            const int jx = sMj[i * TK_BM + row];
+            // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
+            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * TK_BM + row], jx);
+        }
         topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
     }
 }

@@ -1,0 +1,169 @@
+// Runs one launch of an mma.sync top-k kernel (cuda/topk.cu: topk_body and topk_split_body) on the host, for tests
+// without a GPU.
+//
+//   topk_mma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
+//
+// Files and arguments as topk_wgmma_harness. The kernel text is the source as NVRTC sees it (_build.source) with
+// ptx.cuh skipped: ptx_swizzle.h (the MOBA_SWZ_COL definition taken from ptx.cuh by the test) and the models below
+// stand for it. ldmatrix.x4 and mma.sync m16n8k16 are warp-wide: every lane publishes its operands (addresses or
+// fragment registers) in a per-thread slot, the warp meets at __syncwarp, and each lane assembles what the PTX ISA
+// fragment layouts give it, so a wrong fragment mapping, swizzle or warp tile gives wrong selections. Products of
+// two 16-bit values are exact in fp32; the 16 of one k-step are summed in fp32 in k order.
+#include "harness_io.h"
+
+#include <limits>
+#include <type_traits>
+
+#define MOBALAB_PTX_CUH 1
+#define MOBA_HAS_HEAD_DIM(d) 1
+#define MOBA_TOPK_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#include "ptx_swizzle.h"
+
+struct float2 {
+    float x, y;
+};
+inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
+
+namespace moba {
+constexpr unsigned kSmemBase = 16;  // shared addresses: byte offset into the dynamic shared memory plus 16
+inline unsigned char* smem_ptr(unsigned addr, unsigned bytes) {
+    if (addr < kSmemBase || addr - kSmemBase + bytes > emu::cta().smem_bytes)
+        emu::fail("shared-memory address out of the launch's dynamic shared memory");
+    return emu::dynamic_smem() + (addr - kSmemBase);
+}
+inline unsigned smem_u32(const void* p) {
+    return kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
+}
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
+inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
+inline void cp_async_commit() { dec_cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+    dec_cp_async_wait_n(N);
+}
+
+// Per-thread operand slots of the warp-wide models (threads of one CTA; CTAs run one after another).
+inline unsigned (&warp_slots())[1024][6] {
+    static unsigned slots[1024][6];
+    return slots;
+}
+
+// ldmatrix.x4: lanes 8i .. 8i + 7 give the row addresses of matrix i; register i of lane l holds elements
+// 2 (l % 4), 2 (l % 4) + 1 of row l / 4 of matrix i.
+inline void ldmatrix_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    auto& slots = warp_slots();
+    const int me = emu::cta().current, base = emu::warp_base(), lane = emu::lane();
+    slots[me][0] = addr;
+    __syncwarp();
+    unsigned r[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = slots[base + 8 * i + lane / 4][0];
+        std::memcpy(&r[i], smem_ptr(row + 4 * (lane % 4), 4), 4);
+    }
+    __syncwarp();  // every lane has read the addresses before the next call overwrites them
+    r0 = r[0];
+    r1 = r[1];
+    r2 = r[2];
+    r3 = r[3];
+}
+
+template <typename T>
+struct Elem {
+    static float half_of(unsigned reg, int hi) {
+        T h;
+        h.x = static_cast<unsigned short>(hi ? reg >> 16 : reg & 0xffffu);
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            return __bfloat162float(h);
+        } else {
+            return __half2float(h);
+        }
+    }
+    // c += A (16 x 16) B (16 x 8): lane l = 4 g + t holds A rows g, g + 8 (a0: row g k 2t.., a1: row g + 8 k 2t..,
+    // a2: row g k 2t + 8.., a3: row g + 8 k 2t + 8..), B column g (b0: k 2t.., b1: k 2t + 8..), and C rows g, g + 8
+    // at columns 2t, 2t + 1.
+    static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        auto& slots = warp_slots();
+        const int me = emu::cta().current, base = emu::warp_base(), lane = emu::lane();
+        for (int i = 0; i < 4; ++i) slots[me][i] = a[i];
+        slots[me][4] = b0;
+        slots[me][5] = b1;
+        __syncwarp();
+        const int g = lane / 4, t = lane % 4;
+        float A[2][16], B[2][16];
+        for (int tt = 0; tt < 4; ++tt) {
+            const unsigned* s = slots[base + 4 * g + tt];
+            for (int e = 0; e < 2; ++e) {
+                A[0][2 * tt + e] = half_of(s[0], e);
+                A[1][2 * tt + e] = half_of(s[1], e);
+                A[0][2 * tt + 8 + e] = half_of(s[2], e);
+                A[1][2 * tt + 8 + e] = half_of(s[3], e);
+            }
+            for (int n = 0; n < 2; ++n) {
+                const unsigned* sb = slots[base + 4 * (2 * t + n) + tt];
+                for (int e = 0; e < 2; ++e) {
+                    B[n][2 * tt + e] = half_of(sb[4], e);
+                    B[n][2 * tt + 8 + e] = half_of(sb[5], e);
+                }
+            }
+        }
+        __syncwarp();
+        for (int r = 0; r < 2; ++r)
+            for (int n = 0; n < 2; ++n) {
+                float sum = 0.f;
+                for (int k = 0; k < 16; ++k) sum += A[r][k] * B[n][k];
+                c[2 * r + n] += sum;
+            }
+    }
+};
+}  // namespace moba
+
+#include "topk_kernels.cu"
+
+namespace {
+
+template <typename T>
+using Kernel = void (*)(const T*, const T*, const T*, int*, int, int, int, int, int, int, int);
+
+#define K(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<Kernel<T>>(&NAME))},
+const std::map<std::string, void*> kKernels = {
+#include "topk_kernel_table.inc"
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const std::string tool = "topk_mma_harness";
+    if (argc != 19)
+        harness::die(tool, "usage: topk_mma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS "
+                           "KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0");
+    const std::string name = argv[1];
+    const auto it = kKernels.find(name);
+    if (it == kKernels.end()) harness::die(tool, "unknown kernel " + name);
+    const dim3 grid{(unsigned)std::atoi(argv[2]), (unsigned)std::atoi(argv[3]), (unsigned)std::atoi(argv[4])};
+    const dim3 block{(unsigned)std::atoi(argv[5]), 1, 1};
+    const size_t smem = std::strtoull(argv[6], nullptr, 10);
+    const unsigned seed = (unsigned)std::atoi(argv[7]);
+    std::vector<unsigned char> q = harness::read_file(tool, argv[8]), hi = harness::read_file(tool, argv[9]),
+                               lo = harness::read_file(tool, argv[10]), out = harness::read_file(tool, argv[11]);
+    int ints[7];
+    for (int i = 0; i < 7; ++i) ints[i] = std::atoi(argv[12 + i]);
+    const bool bf16 = name.find("_bf16_") != std::string::npos;
+    void* fn = it->second;
+    emu::launch(grid, block, smem, seed, [&] {
+        if (bf16) {
+            reinterpret_cast<Kernel<__nv_bfloat16>>(fn)(
+                reinterpret_cast<const __nv_bfloat16*>(q.data()), reinterpret_cast<const __nv_bfloat16*>(hi.data()),
+                reinterpret_cast<const __nv_bfloat16*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0],
+                ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]);
+        } else {
+            reinterpret_cast<Kernel<__half>>(fn)(
+                reinterpret_cast<const __half*>(q.data()), reinterpret_cast<const __half*>(hi.data()),
+                reinterpret_cast<const __half*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0], ints[1],
+                ints[2], ints[3], ints[4], ints[5], ints[6]);
+        }
+    });
+    harness::write_file(argv[11], out);
+    return 0;
+}

@@ -1,0 +1,177 @@
+"""The mma.sync top-k kernels (cuda/topk.cu: router variants "mma" and "split") run on the host: their logic against
+the torch reference, no GPU.
+
+``host_emulation/topk_mma_harness.cpp`` runs the kernel text as NVRTC sees it, with every CUDA thread a coroutine
+(cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread waits, poisoned shared
+memory, AddressSanitizer); ldmatrix.x4 and mma.sync m16n8k16 are modelled warp-wide from the PTX ISA fragment
+layouts, and the shared-memory swizzle is ptx.cuh's own MOBA_SWZ_COL. The launch is exactly what
+``_cuda_routing.topk_launch`` plans (grid, threads, shared-memory size, argument tuple checked against the
+signature). The split kernel must select exactly what the mma kernel selects (the same scores; its scan only
+skips pairs that cannot be selected). What this cannot show (PTX, register allocation, speed) is left to the GPU
+tests (tests/kernels/test_routing_gpu.py) and the compile tests.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import check_args, signatures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
+
+pytestmark = NEEDS_CXX
+TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
+ROUTERS = ("mma", "split")
+
+
+def _kernel_files() -> dict[str, str]:
+    ptx = source("ptx.cuh")
+    m = re.search(r"^#define MOBA_SWZ_COL\(D, r, c\).*?(?<!\\)\n", ptx, flags=re.M | re.S)
+    assert m, "ptx.cuh defines MOBA_SWZ_COL"
+    table = "".join(f"K({name}, {'__nv_bfloat16' if '_bf16_' in name else '__half'})\n"
+                    for name in signatures("topk.cu"))
+    return {"topk_kernels.cu": source("topk.cu"), "ptx_swizzle.h": "#pragma once\n" + m.group(0),
+            "topk_kernel_table.inc": table, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
+
+
+def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
+    c = cent.permute(0, 2, 1, 3).contiguous()
+    hi = c.to(dtype)
+    return hi, (c - hi.float()).to(dtype)
+
+
+def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, router, seed=0,
+                 query_offset=0) -> torch.Tensor:
+    hi, lo = _split(cent, q.dtype)
+    out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
+    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=router)
+    assert plan.source == "topk.cu" and plan.kernel.endswith("_split") == (router == "split")
+    check_args(plan.source, plan.kernel, plan.args)
+    files = []
+    for i, t in enumerate((q, hi, lo, out)):
+        path = tmp / f"buf{i}.bin"
+        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
+                         else t.numpy().tobytes())
+        files.append(str(path))
+    ints = [str(int(a)) for a in plan.args[4:]]
+    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
+           *files, *ints]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
+    return torch.from_numpy(got.copy())
+
+
+def _check_near_ties(out, ref, q, cent, causal):
+    assert not (out == -7).any(), "unwritten output slots"
+    assert torch.equal(out < 0, ref < 0), "valid-slot pattern differs from the reference"
+    if causal:
+        assert torch.equal(out[..., 0], ref[..., 0])
+    bad = out != ref
+    if bad.any():
+        b, t, h, _ = bad.nonzero(as_tuple=True)
+        group = q.shape[2] // cent.shape[2]
+        qv = q[b, t, h].double()
+        ck, cr = cent[b, out[bad].long(), h // group].double(), cent[b, ref[bad].long(), h // group].double()
+        gap = ((qv * ck).sum(-1) - (qv * cr).sum(-1)).abs()
+        bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
+        assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
+        assert int(bad.sum()) <= max(2, out.numel() // 1000)
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """Outputs by (case id, router), so that the split run of a case is compared with its mma run."""
+    return {}
+
+
+CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch
+    (torch.bfloat16, 128, 16, True, 1100, 8, 2, 1, 1),    # 69 blocks: two centroid tiles (threshold exchange), GQA 2
+    (torch.float16, 64, 16, False, 1100, 16, 2, 2, 1),    # non-causal, tier 16, ragged last tile and query tile
+    (torch.bfloat16, 32, 32, True, 700, 17, 2, 1, 1),     # tier 16 causal at its top, head dim 32, N % B != 0
+    (torch.float16, 96, 64, True, 100, 8, 2, 1, 2),       # k >= n blocks, a single partial tile, head dim 96
+    (torch.bfloat16, 256, 128, False, 90, 1, 2, 1, 1),    # N < B: one block, top-1, head dim 256
+    (torch.bfloat16, 64, 16, False, 300, 2, 1, 1, 1),     # top-2 non-causal
+]
+IDS = [f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}-k{c[5]}" for c in CASES]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
+    gen = torch.Generator().manual_seed(seqlen + dim)
+    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
+    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
+    cent = reference.moba_centroids(k, block_size)
+    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
+    _check_near_ties(out, ref, q, cent, causal)
+    runs[(str(case), router)] = out
+    if all((str(case), r) in runs for r in ROUTERS):
+        assert torch.equal(runs[(str(case), "split")], runs[(str(case), "mma")]), "split and mma select differently"
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, router):
+    """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact ties, also
+    across the two halves of the split kernel's tiles), queries +-u; the selections must equal the reference's
+    exactly (ties to the higher block index)."""
+    batch, kv_heads, heads, dim, block_size, n, rows = 1, 1, 1, 64, 16, 150, 200
+    gen = torch.Generator().manual_seed(7 + int(causal))
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    alpha = (torch.randint(0, 5, (batch, n, kv_heads), generator=gen).float() + 1) / 8
+    cent = alpha[..., None] * u  # (b, n, g, d), exact in bf16
+    seqlen = n * block_size - 5
+    sign = torch.where(torch.rand(batch, seqlen, heads, 1, generator=gen) < 0.5, -1.0, 1.0)
+    q = (sign * u).to(torch.bfloat16)
+    # the last rows only (a query offset): every one sees three centroid tiles
+    for top_k in ((12, 17) if causal else (3, 16)):
+        out = run_emulated(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
+                           query_offset=seqlen - rows)
+        ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, -rows:]
+        assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
+    assert math.ceil(seqlen / block_size) == n
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_topk_at_a_query_offset(harness, tmp_path, causal, router):
+    """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
+    the whole sequence's routing at those positions (a context-parallel shard's call)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
+    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
+    cent = reference.moba_centroids(k, 16)
+    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
+    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
+    _check_near_ties(out, ref, q[:, 1000:], cent, causal)
+
+
+def test_emulated_heap_tier(harness, tmp_path):
+    """The shared-memory heap lists (top_k 40, mma only: the split kernel has register lists only)."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn((1, 600, 2, 64), generator=gen).to(torch.float16)
+    k = torch.randn((1, 600, 1, 64), generator=gen).to(torch.float16)
+    cent = reference.moba_centroids(k, 16)
+    for causal in (True, False):
+        out = run_emulated(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
+        _check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)
