@@ -24,6 +24,7 @@
 #   router-split the split router (the default top-k kernel): its GPU routing tests (-k split: the sweeps with split as
 #                default, split vs mma selections, exactly equal), then the top-k kernel of every variant at 8K and 64K
 #                (router/router_table.md; ~150 s)
+#   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
@@ -116,6 +117,8 @@ for step in "${STEPS[@]}"; do
     router-split) ROUTING_STATS_FILE="$W/router_stats.txt" timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                     -k split tests/kernels/test_routing_gpu.py > "$W/pytest_router_split.log" 2>&1 || status=1
                   timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
+                    > "$W/bench_router.log" 2>&1 || status=1 ;;
+    router-bench) timeout $(cap 90) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
                     > "$W/bench_router.log" 2>&1 || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
