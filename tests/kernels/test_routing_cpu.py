@@ -252,10 +252,10 @@ def no_router_env(monkeypatch):
 
 
 def test_router_variant_default_env_and_argument(no_router_env):
-    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "split"
-    assert routing.resolve_router_variant(None) == "split"
-    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "mma")
-    assert routing.resolve_router_variant(None, 128, 8, True) == "mma"
+    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "mma"
+    assert routing.resolve_router_variant(None) == "mma"
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "split")
+    assert routing.resolve_router_variant(None, 128, 8, True) == "split"
     no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "wgmma")
     assert routing.resolve_router_variant(None, 128, 8, True) == "wgmma"
     assert routing.resolve_router_variant("mma", 128, 8, True) == "mma"  # the argument wins
@@ -289,8 +289,9 @@ def test_wgmma_router_shapes(no_router_env, dim, top_k, causal, ok):
     (128, 8, True, "split"), (32, 17, True, "split"), (96, 16, False, "split"), (64, 1, True, "split"),
     (256, 8, True, "mma"), (128, 18, True, "mma"), (64, 17, False, "mma"), (128, 64, True, "mma")])
 def test_split_router_shapes(no_router_env, dim, top_k, causal, default):
-    """The default takes split for register-list tiers at head dims up to 128, mma elsewhere; split asked for runs
-    at every head dim and raises on the heap tier."""
+    """A split default (mma is the default now) takes split for register-list tiers at head dims up to 128, mma
+    elsewhere; split asked for runs at every head dim and raises on the heap tier."""
+    no_router_env.setattr(routing, "DEFAULT_ROUTER_VARIANT", "split")
     assert routing.resolve_router_variant(None, dim, top_k, causal) == default
     ok = routing.split_router_supports(top_k, causal)
     assert ok == (routing.topk_list_tier(top_k, causal) < 64)

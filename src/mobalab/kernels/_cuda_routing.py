@@ -61,10 +61,12 @@ WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynam
 # Must match the #defines in cuda/topk.cuh (the split body).
 SPLIT_THREADS = 256
 SPLIT_LIST_TIERS = (8, 16)
-SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where the default takes "split" (head dim 256: "mma")
+SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where a "split" default would apply (head dim 256: "mma")
 ROUTER_VARIANTS = ("split", "mma", "wgmma")
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
-DEFAULT_ROUTER_VARIANT = "split"
+# mma: measured on the H200 the split kernel selects exactly the same blocks but is no faster (64K 1.76 against
+# 1.71 ms, 8K 0.134 against 0.141; RESULTS.md), so it stays opt-in like wgmma.
+DEFAULT_ROUTER_VARIANT = "mma"
 
 
 # ---------------------------------------------------------------------------------------------------
