@@ -132,8 +132,12 @@ class GradientSum:
                     self.value[:, r0:r1].zero_()
         return self.value[:, lo:hi], store
 
-    def result(self) -> torch.Tensor:
-        for r0, r1, fresh in self._rows.split(0, self.value.shape[1]):
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the sum, complete (rows nothing touched are zeroed): a view."""
+        for r0, r1, fresh in self._rows.split(lo, hi):
             if fresh:
                 self.value[:, r0:r1].zero_()
-        return self.value
+        return self.value[:, lo:hi]
+
+    def result(self) -> torch.Tensor:
+        return self.rows(0, self.value.shape[1]).view_as(self.value)

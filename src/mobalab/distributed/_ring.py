@@ -9,11 +9,12 @@ step s; on CUDA the wait only orders the compute stream after NCCL's.
 
 Backward: K and V make the same R - 1 hops, and the gradient of a shard (dK, dV, sent in the input dtype)
 follows one step behind: at step s rank r adds its terms for shard c = (r - s) mod R to the
-accumulated gradient of c that arrives from r - 1 during the step, and sends the sum on at step s + 1. After
-the last step one more hop brings each shard's complete dK, dV home. So every step moves K/V one hop and
-dK/dV one hop, both overlapped with the step's compute, and dQ never leaves its rank. (Moving queries instead
-of keys would move q, dO, lse, D and dQ: more bytes whenever heads > kv_heads; see docs/design.md, "Context
-parallelism".)
+accumulated gradient of c that arrives from r - 1 during the step, and sends the sum on at step s + 1. At the
+last step each shard's complete dK, dV go home key segment by key segment, each as soon as it is done, so only
+the last segment's hop is not overlapped with work (batch 1; otherwise one more hop after the step). So every
+step moves K/V one hop and dK/dV one hop, both overlapped with the step's compute, and dQ never leaves its
+rank. (Moving queries instead of keys would move q, dO, lse, D and dQ: more bytes whenever heads > kv_heads;
+see docs/design.md, "Context parallelism".)
 
 A long shard runs the ring once per group of heads (:func:`head_groups`): heads never interact, and the ring's
 buffers then scale with the group instead of all heads (docs/design.md, "Context parallelism").
@@ -118,6 +119,42 @@ class HomeHop:
         return self._grads
 
 
+def _streams_home(plan: Plan, k) -> bool:
+    """Whether the last step can send each key segment's complete dK/dV as soon as it is done: several ranks,
+    batch 1 (a segment's rows are one dense block) and the same number of segments on every rank (a rank's
+    k-th segment send then meets its peer's k-th receive)."""
+    counts = {len(plan.layout.segments(r)) for r in range(plan.ring.world)}
+    return plan.ring.world > 1 and k.shape[0] == 1 and len(counts) == 1
+
+
+def _last_step_streamed(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq,
+                        requests, arriving, home) -> HomeHop:
+    """The last ring step, key segment by key segment of shard ``source``: this rank's terms for the segment,
+    then the segment's complete dK/dV (the arriving sum plus these terms, rounded once) leave for home at once,
+    so each segment's hop overlaps the next segment's work and only the last one's stands alone."""
+    ring, layout = plan.ring, plan.layout
+    kv = KeySums(k_held.shape, dq.value.dtype, k_held.device)
+    hops, sent = [], []
+    for i, (kseg, mine) in enumerate(zip(layout.segments(source), layout.segments(ring.rank), strict=True)):
+        keys = slice(kseg.local, kseg.local + kseg.length)
+        for qseg in layout.segments(ring.rank):
+            rows = slice(qseg.local, qseg.local + qseg.length)
+            backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
+                          topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
+                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local))
+        if i == 0:
+            for request in requests:
+                request.wait()
+        done_k, done_v = arriving[0][:, keys], arriving[1][:, keys]
+        if kv.dk is not None:  # in place, rounded once (see ring_backward)
+            done_k.add_(kv.dk.rows(keys.start, keys.stop))
+            done_v.add_(kv.dv.rows(keys.start, keys.stop))
+        at = slice(mine.local, mine.local + mine.length)
+        hops += exchange(ring, [done_k, done_v], [home[0][:, at], home[1][:, at]])
+        sent.append((done_k, done_v))
+    return HomeHop(hops, home, sent=(arriving, sent))
+
+
 def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: bool = False):
     """(dq, dk, dv) of this rank's shard, in the input dtypes; with ``defer_home`` (dq in the compute dtype,
     :class:`HomeHop`), for a caller that converts dq as it copies it into place.
@@ -145,6 +182,12 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
             sends += finished
             recvs += arriving
         requests = exchange(ring, sends, recvs)
+        if step == ring.world - 1 and _streams_home(plan, k):
+            home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
+            hop = _last_step_streamed(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, requests,
+                                      arriving, home)
+            dq = dq.result() if defer_home else dq.result().to(q.dtype)
+            return (dq, hop) if defer_home else (dq, *hop.result())
         grad_k, grad_v = _shard_gradients(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq)
         for request in requests:
             request.wait()
