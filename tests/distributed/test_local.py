@@ -84,6 +84,21 @@ def test_kernel_decomposition_equals_reference(pair, causal):
                                    _summed(backward_pair(*bargs), shape, n_k), rtol=0, atol=1e-12)
 
 
+def _in_place_case(pair, causal, salt, monkeypatch):
+    """fp32 batch-1 inputs of a segment pair with their routing, and the sums' buffers poisoned (NaN)."""
+    from mobalab.distributed import _merge
+
+    real_empty = torch.empty
+    monkeypatch.setattr(_merge.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    n, block, qs, _, ks, _ = pair
+    g = torch.Generator().manual_seed(n * salt + qs + ks)
+    heads, kv_heads, dim, top_k = 4, 2, 8, 3
+    q = torch.randn(1, n, heads, dim, generator=g)
+    k, v = (torch.randn(1, n, kv_heads, dim, generator=g) for _ in range(2))
+    topk = R.moba_topk(q, k, block, top_k, causal)
+    return g, q, k, v, topk, Params(block, top_k, causal, 1 / math.sqrt(dim))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("pair", list(_segment_pairs()))
 def test_pair_gradients_written_in_place_equal_the_pieces(pair, causal, monkeypatch):
@@ -93,15 +108,9 @@ def test_pair_gradients_written_in_place_equal_the_pieces(pair, causal, monkeypa
     from mobalab.distributed import _merge
     from mobalab.distributed._local import KeySums, Sink
 
-    real_empty = torch.empty
-    monkeypatch.setattr(_merge.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
     n, block, qs, n_q, ks, n_k = pair
-    g = torch.Generator().manual_seed(n * 17 + qs + ks)
-    heads, kv_heads, dim, top_k = 4, 2, 8, 3
-    q = torch.randn(1, n, heads, dim, generator=g)
-    k, v = (torch.randn(1, n, kv_heads, dim, generator=g) for _ in range(2))
-    topk = R.moba_topk(q, k, block, top_k, causal)
-    params = Params(block, top_k, causal, 1 / math.sqrt(dim))
+    g, q, k, v, topk, params = _in_place_case(pair, causal, 17, monkeypatch)
+    heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
     out, lse = R.moba_attention_given_routing(q, k, v, topk, block, causal)
     if not lse[:, qs:qs + n_q].isfinite().any():
         return
@@ -138,15 +147,9 @@ def test_pair_outputs_merged_in_place_equal_the_pieces(pair, causal, monkeypatch
     with itself) and the rows outside the segment stay (0, -inf). Buffers start as NaN."""
     from mobalab.distributed import _merge
 
-    real_empty = torch.empty
-    monkeypatch.setattr(_merge.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
     n, block, qs, n_q, ks, n_k = pair
-    g = torch.Generator().manual_seed(n * 19 + qs + ks)
-    heads, kv_heads, dim, top_k = 4, 2, 8, 3
-    q = torch.randn(1, n, heads, dim, generator=g)
-    k, v = (torch.randn(1, n, kv_heads, dim, generator=g) for _ in range(2))
-    topk = R.moba_topk(q, k, block, top_k, causal)
-    params = Params(block, top_k, causal, 1 / math.sqrt(dim))
+    g, q, k, v, topk, params = _in_place_case(pair, causal, 19, monkeypatch)
+    heads, dim = q.shape[2], q.shape[3]
     args = (q[:, qs:qs + n_q], k[:, ks:ks + n_k], v[:, ks:ks + n_k], topk[:, qs:qs + n_q], qs, ks, params)
     want_out, want_lse = _combined(forward_pair(*args), (1, n_q, heads, dim))
     acc = _merge.Accumulator((1, n_q + 5, heads, dim), torch.float32, "cpu")

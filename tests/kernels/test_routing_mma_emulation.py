@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import check_args, signatures
+from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
+from _topk_emulation import check_near_ties, run_topk  # noqa: E402
 
 pytestmark = NEEDS_CXX
-TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 ROUTERS = ("mma", "split")
 
 
@@ -49,50 +46,11 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
-def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
-    c = cent.permute(0, 2, 1, 3).contiguous()
-    hi = c.to(dtype)
-    return hi, (c - hi.float()).to(dtype)
-
-
 def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, router, seed=0,
                  query_offset=0) -> torch.Tensor:
-    hi, lo = _split(cent, q.dtype)
-    out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
-    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=router)
+    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, router, seed, query_offset)
     assert plan.source == "topk.cu" and plan.kernel.endswith("_split") == (router == "split")
-    check_args(plan.source, plan.kernel, plan.args)
-    files = []
-    for i, t in enumerate((q, hi, lo, out)):
-        path = tmp / f"buf{i}.bin"
-        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
-                         else t.numpy().tobytes())
-        files.append(str(path))
-    ints = [str(int(a)) for a in plan.args[4:]]
-    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
-           *files, *ints]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
-    return torch.from_numpy(got.copy())
-
-
-def _check_near_ties(out, ref, q, cent, causal):
-    assert not (out == -7).any(), "unwritten output slots"
-    assert torch.equal(out < 0, ref < 0), "valid-slot pattern differs from the reference"
-    if causal:
-        assert torch.equal(out[..., 0], ref[..., 0])
-    bad = out != ref
-    if bad.any():
-        b, t, h, _ = bad.nonzero(as_tuple=True)
-        group = q.shape[2] // cent.shape[2]
-        qv = q[b, t, h].double()
-        ck, cr = cent[b, out[bad].long(), h // group].double(), cent[b, ref[bad].long(), h // group].double()
-        gap = ((qv * ck).sum(-1) - (qv * cr).sum(-1)).abs()
-        bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
-        assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
-        assert int(bad.sum()) <= max(2, out.numel() // 1000)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +81,7 @@ def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
     cent = reference.moba_centroids(k, block_size)
     out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    _check_near_ties(out, ref, q, cent, causal)
+    check_near_ties(out, ref, q, cent, causal)
     runs[(str(case), router)] = out
     if all((str(case), r) in runs for r in ROUTERS):
         assert torch.equal(runs[(str(case), "split")], runs[(str(case), "mma")]), "split and mma select differently"
@@ -163,7 +121,7 @@ def test_emulated_topk_at_a_query_offset(harness, tmp_path, causal, router):
     cent = reference.moba_centroids(k, 16)
     out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
-    _check_near_ties(out, ref, q[:, 1000:], cent, causal)
+    check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
 
 def test_emulated_heap_tier(harness, tmp_path):
@@ -174,4 +132,4 @@ def test_emulated_heap_tier(harness, tmp_path):
     cent = reference.moba_centroids(k, 16)
     for causal in (True, False):
         out = run_emulated(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
-        _check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)
+        check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)

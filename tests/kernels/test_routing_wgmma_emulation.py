@@ -13,24 +13,21 @@ fences, speed) is left to the GPU tests (tests/kernels/test_routing_gpu.py).
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import check_args
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
+from _topk_emulation import check_near_ties, run_topk  # noqa: E402
 
 pytestmark = NEEDS_CXX
-TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 
 
 def _kernel_files() -> dict[str, str]:
@@ -45,49 +42,10 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
-def _split(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
-    c = cent.permute(0, 2, 1, 3).contiguous()
-    hi = c.to(dtype)
-    return hi, (c - hi.float()).to(dtype)
-
-
 def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, seed=0, query_offset=0) -> torch.Tensor:
-    hi, lo = _split(cent, q.dtype)
-    out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
-    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant="wgmma")
+    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, "wgmma", seed, query_offset)
     assert plan.source == routing.WGMMA_SOURCE
-    check_args(plan.source, plan.kernel, plan.args)
-    files = []
-    for i, t in enumerate((q, hi, lo, out)):
-        path = tmp / f"buf{i}.bin"
-        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
-                         else t.numpy().tobytes())
-        files.append(str(path))
-    ints = [str(int(a)) for a in plan.args[4:]]
-    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
-           *files, *ints]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
-    return torch.from_numpy(got.copy())
-
-
-def _check_near_ties(out, ref, q, cent, causal):
-    assert not (out == -7).any(), "unwritten output slots"
-    assert torch.equal(out < 0, ref < 0), "valid-slot pattern differs from the reference"
-    if causal:
-        assert torch.equal(out[..., 0], ref[..., 0])
-    bad = out != ref
-    if bad.any():
-        b, t, h, _ = bad.nonzero(as_tuple=True)
-        group = q.shape[2] // cent.shape[2]
-        qv = q[b, t, h].double()
-        ck, cr = cent[b, out[bad].long(), h // group].double(), cent[b, ref[bad].long(), h // group].double()
-        gap = ((qv * ck).sum(-1) - (qv * cr).sum(-1)).abs()
-        bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
-        assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
-        assert int(bad.sum()) <= max(2, out.numel() // 1000)
+    return out
 
 
 CASES = [
@@ -110,7 +68,7 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
     cent = reference.moba_centroids(k, block_size)
     out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=seqlen)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    _check_near_ties(out, ref, q, cent, causal)
+    check_near_ties(out, ref, q, cent, causal)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -142,4 +100,4 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
     cent = reference.moba_centroids(k, 16)
     out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
-    _check_near_ties(out, ref, q[:, 1000:], cent, causal)
+    check_near_ties(out, ref, q[:, 1000:], cent, causal)

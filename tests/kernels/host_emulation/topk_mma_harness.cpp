@@ -3,7 +3,7 @@
 //
 //   topk_mma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
 //
-// Files and arguments as topk_wgmma_harness. The kernel text is the source as NVRTC sees it (_build.source) with
+// Files and arguments: topk_harness_main.h. The kernel text is the source as NVRTC sees it (_build.source) with
 // ptx.cuh skipped: ptx_swizzle.h (the MOBA_SWZ_COL definition taken from ptx.cuh by the test) and the models below
 // stand for it. ldmatrix.x4 and mma.sync m16n8k16 are warp-wide: every lane publishes its operands (addresses or
 // fragment registers) in a per-thread slot, the warp meets at __syncwarp, and each lane assembles what the PTX ISA
@@ -120,50 +120,15 @@ struct Elem {
 }  // namespace moba
 
 #include "topk_kernels.cu"
+#include "topk_harness_main.h"
 
 namespace {
 
-template <typename T>
-using Kernel = void (*)(const T*, const T*, const T*, int*, int, int, int, int, int, int, int);
-
-#define K(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<Kernel<T>>(&NAME))},
+#define K(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<topk_harness::TopkKernel<T>>(&NAME))},
 const std::map<std::string, void*> kKernels = {
 #include "topk_kernel_table.inc"
 };
 
 }  // namespace
 
-int main(int argc, char** argv) {
-    const std::string tool = "topk_mma_harness";
-    if (argc != 19)
-        harness::die(tool, "usage: topk_mma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS "
-                           "KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0");
-    const std::string name = argv[1];
-    const auto it = kKernels.find(name);
-    if (it == kKernels.end()) harness::die(tool, "unknown kernel " + name);
-    const dim3 grid{(unsigned)std::atoi(argv[2]), (unsigned)std::atoi(argv[3]), (unsigned)std::atoi(argv[4])};
-    const dim3 block{(unsigned)std::atoi(argv[5]), 1, 1};
-    const size_t smem = std::strtoull(argv[6], nullptr, 10);
-    const unsigned seed = (unsigned)std::atoi(argv[7]);
-    std::vector<unsigned char> q = harness::read_file(tool, argv[8]), hi = harness::read_file(tool, argv[9]),
-                               lo = harness::read_file(tool, argv[10]), out = harness::read_file(tool, argv[11]);
-    int ints[7];
-    for (int i = 0; i < 7; ++i) ints[i] = std::atoi(argv[12 + i]);
-    const bool bf16 = name.find("_bf16_") != std::string::npos;
-    void* fn = it->second;
-    emu::launch(grid, block, smem, seed, [&] {
-        if (bf16) {
-            reinterpret_cast<Kernel<__nv_bfloat16>>(fn)(
-                reinterpret_cast<const __nv_bfloat16*>(q.data()), reinterpret_cast<const __nv_bfloat16*>(hi.data()),
-                reinterpret_cast<const __nv_bfloat16*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0],
-                ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]);
-        } else {
-            reinterpret_cast<Kernel<__half>>(fn)(
-                reinterpret_cast<const __half*>(q.data()), reinterpret_cast<const __half*>(hi.data()),
-                reinterpret_cast<const __half*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0], ints[1],
-                ints[2], ints[3], ints[4], ints[5], ints[6]);
-        }
-    });
-    harness::write_file(argv[11], out);
-    return 0;
-}
+int main(int argc, char** argv) { return topk_harness::run("topk_mma_harness", kKernels, argc, argv); }

@@ -1,9 +1,8 @@
 // Runs one launch of a wgmma top-k kernel (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
 //
-//   topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K
+//   topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
 //
-// Q, HI, LO: files with the raw 16-bit inputs (read), OUT: the int32 output file (read first, so that a poisoned
-// buffer stays poisoned where nothing writes, then written back). The kernel text is the source as NVRTC sees it
+// Files and arguments: topk_harness_main.h. The kernel text is the source as NVRTC sees it
 // (_build.source) with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
 // the models below (cp.async through cuda_host.h: landing only when the issuing thread waits).
 #include "harness_io.h"
@@ -54,13 +53,11 @@ inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { 
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
 
 #include "topk_wgmma_kernels.cu"
+#include "topk_harness_main.h"
 
 namespace {
 
-template <typename T>
-using Kernel = void (*)(const T*, const T*, const T*, int*, int, int, int, int, int, int, int);
-
-#define WG(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<Kernel<T>>(&NAME))}
+#define WG(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<topk_harness::TopkKernel<T>>(&NAME))}
 const std::map<std::string, void*> kKernels = {
     WG(moba_topk_wg_bf16_d64_causal_k8, __nv_bfloat16),   WG(moba_topk_wg_bf16_d64_causal_k16, __nv_bfloat16),
     WG(moba_topk_wg_bf16_d64_full_k8, __nv_bfloat16),     WG(moba_topk_wg_bf16_d64_full_k16, __nv_bfloat16),
@@ -75,38 +72,8 @@ const std::map<std::string, void*> kKernels = {
 }  // namespace
 
 int main(int argc, char** argv) {
-    const std::string tool = "topk_wgmma_harness";
-    if (argc != 19)
-        harness::die(tool, "usage: topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS "
-                           "KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0");
-    const std::string name = argv[1];
-    const auto it = kKernels.find(name);
-    if (it == kKernels.end()) harness::die(tool, "unknown kernel " + name);
-    const dim3 grid{(unsigned)std::atoi(argv[2]), (unsigned)std::atoi(argv[3]), (unsigned)std::atoi(argv[4])};
-    const dim3 block{(unsigned)std::atoi(argv[5]), 1, 1};
-    const size_t smem = std::strtoull(argv[6], nullptr, 10);
-    const unsigned seed = (unsigned)std::atoi(argv[7]);
-    std::vector<unsigned char> q = harness::read_file(tool, argv[8]), hi = harness::read_file(tool, argv[9]),
-                               lo = harness::read_file(tool, argv[10]), out = harness::read_file(tool, argv[11]);
-    int ints[7];
-    for (int i = 0; i < 7; ++i) ints[i] = std::atoi(argv[12 + i]);
-    const bool bf16 = name.find("_bf16_") != std::string::npos;
-    void* fn = it->second;
-    emu::launch(grid, block, smem, seed, [&] {
-        if (bf16) {
-            reinterpret_cast<Kernel<__nv_bfloat16>>(fn)(
-                reinterpret_cast<const __nv_bfloat16*>(q.data()), reinterpret_cast<const __nv_bfloat16*>(hi.data()),
-                reinterpret_cast<const __nv_bfloat16*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0],
-                ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]);
-        } else {
-            reinterpret_cast<Kernel<__half>>(fn)(
-                reinterpret_cast<const __half*>(q.data()), reinterpret_cast<const __half*>(hi.data()),
-                reinterpret_cast<const __half*>(lo.data()), reinterpret_cast<int*>(out.data()), ints[0], ints[1],
-                ints[2], ints[3], ints[4], ints[5], ints[6]);
-        }
+    return topk_harness::run("topk_wgmma_harness", kKernels, argc, argv, [] {
         const moba::WgmmaThread& t = moba::wgmma_me();
         if (!t.open.empty() || !t.groups.empty()) emu::fail("a thread ended with wgmma groups it never waited for");
     });
-    harness::write_file(argv[11], out);
-    return 0;
 }

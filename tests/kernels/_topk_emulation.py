@@ -1,0 +1,63 @@
+"""What the top-k emulation tests share (test_routing_mma_emulation.py, test_routing_wgmma_emulation.py): the
+centroid split as centroids.cu writes it, one planned launch through a harness, and the near-tie check."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels._launch import check_args
+
+TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
+
+
+def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
+    c = cent.permute(0, 2, 1, 3).contiguous()
+    hi = c.to(dtype)
+    return hi, (c - hi.float()).to(dtype)
+
+
+def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0, query_offset=0):
+    """(launch plan, selections) of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe``;
+    the output starts as -7 everywhere, so unwritten slots show."""
+    hi, lo = split_centroids(cent, q.dtype)
+    out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
+    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant)
+    check_args(plan.source, plan.kernel, plan.args)
+    files = []
+    for i, t in enumerate((q, hi, lo, out)):
+        path = tmp / f"buf{i}.bin"
+        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
+                         else t.numpy().tobytes())
+        files.append(str(path))
+    ints = [str(int(a)) for a in plan.args[4:]]
+    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
+           *files, *ints]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
+    return plan, torch.from_numpy(got.copy())
+
+
+def check_near_ties(out, ref, q, cent, causal) -> None:
+    """Every slot written; the valid-slot pattern and (causal) the own block as the reference; any other
+    difference a near-tie of the fp32-centroid scores, and few of them."""
+    assert not (out == -7).any(), "unwritten output slots"
+    assert torch.equal(out < 0, ref < 0), "valid-slot pattern differs from the reference"
+    if causal:
+        assert torch.equal(out[..., 0], ref[..., 0])
+    bad = out != ref
+    if bad.any():
+        b, t, h, _ = bad.nonzero(as_tuple=True)
+        group = q.shape[2] // cent.shape[2]
+        qv = q[b, t, h].double()
+        ck, cr = cent[b, out[bad].long(), h // group].double(), cent[b, ref[bad].long(), h // group].double()
+        gap = ((qv * ck).sum(-1) - (qv * cr).sum(-1)).abs()
+        bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
+        assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
+        assert int(bad.sum()) <= max(2, out.numel() // 1000)
