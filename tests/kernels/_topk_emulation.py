@@ -61,3 +61,15 @@ def check_near_ties(out, ref, q, cent, causal) -> None:
         bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
         assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
         assert int(bad.sum()) <= max(2, out.numel() // 1000)
+
+
+def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64):
+    """(q, centroids) with exact scores in every precision: centroids alpha_j u with few distinct alpha_j (many
+    exact ties), queries +-u in bf16; batch, heads and kv heads 1, n blocks, the last one 11 keys short."""
+    gen = torch.Generator().manual_seed(7 + int(causal))
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    alpha = (torch.randint(0, 5, (1, n, 1), generator=gen).float() + 1) / 8
+    cent = alpha[..., None] * u  # (b, n, g, d), exact in bf16
+    seqlen = n * block_size - 5
+    sign = torch.where(torch.rand(1, seqlen, 1, 1, generator=gen) < 0.5, -1.0, 1.0)
+    return (sign * u).to(torch.bfloat16), cent

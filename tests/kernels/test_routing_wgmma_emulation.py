@@ -25,7 +25,7 @@ from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, run_topk  # noqa: E402
+from _topk_emulation import check_near_ties, planted_ties, run_topk  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
@@ -75,14 +75,9 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
 def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, causal):
     """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact
     ties), queries +-u; the selections must equal the reference's exactly (ties to the higher block index)."""
-    batch, kv_heads, heads, dim, block_size, n = 1, 1, 1, 64, 16, 150
-    gen = torch.Generator().manual_seed(7 + int(causal))
-    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
-    alpha = (torch.randint(0, 5, (batch, n, kv_heads), generator=gen).float() + 1) / 8
-    cent = alpha[..., None] * u  # (b, n, g, d), exact in bf16
-    seqlen = n * block_size - 5
-    sign = torch.where(torch.rand(batch, seqlen, heads, 1, generator=gen) < 0.5, -1.0, 1.0)
-    q = (sign * u).to(torch.bfloat16)
+    block_size = 16
+    q, cent = planted_ties(causal, block_size=block_size)
+    seqlen, n = q.shape[1], cent.shape[1]
     top_k = 12 if causal else 3
     out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=top_k)
     ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)

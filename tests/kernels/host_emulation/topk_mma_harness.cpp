@@ -25,18 +25,7 @@ struct float2 {
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 
 namespace moba {
-constexpr unsigned kSmemBase = 16;  // shared addresses: byte offset into the dynamic shared memory plus 16
-inline unsigned char* smem_ptr(unsigned addr, unsigned bytes) {
-    if (addr < kSmemBase || addr - kSmemBase + bytes > emu::cta().smem_bytes)
-        emu::fail("shared-memory address out of the launch's dynamic shared memory");
-    return emu::dynamic_smem() + (addr - kSmemBase);
-}
-inline unsigned smem_u32(const void* p) {
-    return kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
-}
-inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
-inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
-inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+#include "topk_smem_model.h"
 inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
 inline void cp_async_commit() { dec_cp_async_commit(); }
 template <int N>
