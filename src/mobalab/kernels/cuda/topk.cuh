@@ -297,6 +297,18 @@ struct TopkHeap {
     }
 };
 
+// Offer the scores of word w of a score-tile row whose bits are set in m, in descending block order (so a new
+// candidate always has a lower block index than every listed one; see "Tie order" above).
+template <typename List>
+__device__ __forceinline__ void topk_offer_word(List& list, unsigned m, const float* srow, int key, int w, int j0) {
+    while (m != 0u) {
+        const int bit = 31 - __clz(m);
+        m ^= 1u << bit;
+        const int c = w * 32 + bit;
+        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
+    }
+}
+
 // Offer the 32 scores of word w of a score-tile row (blocks j0 + 32w .. j0 + 32w + 31) to the list, in
 // descending block order. The bit mask is taken against the threshold at the start of the word; offer()
 // re-checks against the current one. Cost per warp: the largest candidate count among its lanes.
@@ -311,12 +323,7 @@ __device__ __forceinline__ void topk_scan_word(List& list, const float* srow, in
               ((unsigned)list.passes(v.z, thr) << 2) | ((unsigned)list.passes(v.w, thr) << 3))
              << (c4 * 4);
     }
-    while (m != 0u) {
-        const int bit = 31 - __clz(m);
-        m ^= 1u << bit;
-        const int c = w * 32 + bit;
-        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
-    }
+    topk_offer_word(list, m, srow, key, w, j0);
 }
 
 template <int LCAP>
@@ -536,12 +543,7 @@ __device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, co
     unsigned m = 0u;
 #pragma unroll
     for (int e = 0; e < 32; ++e) m |= (unsigned)(x[e] > thr) << e;
-    while (m != 0u) {
-        const int bit = 31 - __clz(m);
-        m ^= 1u << bit;
-        const int c = w * 32 + bit;
-        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
-    }
+    topk_offer_word(list, m, srow, key, w, j0);
 }
 
 // Dynamic shared memory of topk_split_body: Q tile, hi/lo centroid tiles, score tile, thresholds [2][TK_BM].
