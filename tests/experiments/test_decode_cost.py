@@ -50,7 +50,8 @@ def test_cheapest_is_the_feasible_minimum(df):
     assert g["hit_probability"].is_monotonic_decreasing and g["centroid_bytes"].is_monotonic_decreasing
 
 
-def test_measured_times_from_a_benchmark_csv(tmp_path):
+def test_measured_times_from_a_benchmark_csv(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOBALAB_DECODE_KERNEL", raising=False)
     rows = []
     for n in (32 * K, 128 * K):
         for block in (32, 64):
@@ -58,6 +59,9 @@ def test_measured_times_from_a_benchmark_csv(tmp_path):
                 rows.append(dict(seq_len=n, batch=8, heads=32, kv_heads=8, head_dim=128, block_size=block,
                                  top_k=top_k, mobalab_ms=0.01 * block / 32 + 0.001 * top_k, dense_best_ms=0.5))
     rows.append(dict(rows[0], batch=1, mobalab_ms=1e-6))  # another batch size: ignored
+    for r in rows:  # both decode kernels timed: the rows of the default one (split) count
+        r["kernel"] = "split"
+    rows += [dict(r, kernel="fused", mobalab_ms=10.0) for r in rows]
     path = tmp_path / "decode.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     df = exp.run(exp.Config.quick(seq_lens=(32 * K, 128 * K), block_sizes=(32, 64), top_ks=(4, 8), target=0.5,

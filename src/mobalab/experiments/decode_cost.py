@@ -93,13 +93,20 @@ def read_decode_bench(path) -> pd.DataFrame:
 
 
 def _measured(bench: pd.DataFrame | None, seq_len, block_size, top_k, shape: dict) -> tuple[float, float]:
-    """(median mobalab ms, median dense ms) of the benchmark rows at this point; NaN when there are none."""
+    """(median mobalab ms, median dense ms) of the benchmark rows at this point; NaN when there are none.
+
+    A benchmark that timed both decode kernels (column ``kernel``) counts the rows of the kernel ``moba_decode``
+    runs by default (``auto``, or ``$MOBALAB_DECODE_KERNEL``), not a median over both."""
     if bench is None:
         return math.nan, math.nan
     sel = bench[(bench["seq_len"] == seq_len) & (bench["block_size"] == block_size) & (bench["top_k"] == top_k)]
     for col, value in shape.items():  # rows of another model shape do not count
         if col in sel.columns:
             sel = sel[sel[col] == value]
+    if "kernel" in sel.columns and sel["kernel"].nunique() > 1:
+        from mobalab.kernels._cuda_decode_split import decode_kernel
+
+        sel = sel[sel["kernel"] == decode_kernel()]
     ms = pd.to_numeric(sel["mobalab_ms"], errors="coerce").dropna()
     dense = pd.to_numeric(sel["dense_best_ms"], errors="coerce").dropna()
     return (float(ms.median()) if len(ms) else math.nan), (float(dense.median()) if len(dense) else math.nan)
