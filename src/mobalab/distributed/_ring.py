@@ -34,9 +34,8 @@ from ._merge import Accumulator, GradientSum
 from ._routing import route
 
 __all__ = ["Plan", "RingMoBA", "ring_forward", "ring_backward", "head_groups", "forward_head_groups",
-           "backward_head_groups",
-           "ring_bytes_per_token", "forward_bytes_per_token", "RING_BUDGET_BYTES", "FORWARD_MEMORY_SHARE",
-           "BACKWARD_MEMORY_SHARE"]
+           "backward_head_groups", "ring_bytes_per_token", "forward_bytes_per_token", "RING_BUDGET_BYTES",
+           "FORWARD_MEMORY_SHARE", "BACKWARD_MEMORY_SHARE"]
 
 
 @dataclass(frozen=True)
