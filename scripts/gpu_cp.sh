@@ -11,6 +11,8 @@
 #   zigzag    2 GPUs, zigzag layout, 1M, 2M, 4M, no check                               ~25 s  (limit 60)
 # CP_STEPS="single zigzag" (for example) runs only those steps.
 # Limits shrink so that the steps after keep their time: the whole stays under CP_BUDGET_S (default 270 s).
+# The tests keep 145 s back for cp2 and single whether or not they run: with every step, a budget under ~330 s
+# cuts the tests before the two-GPU equality worlds (they come last).
 # Configuration: batch 1, 16 heads, d 128, B 128, k 8, causal, bf16; warm-up 1, 2 timed repetitions.
 # Logs and CSVs under $OUT/cp (packed into $OUT/gpu_cp.tgz); the summary table and target lines print last.
 set -uo pipefail
