@@ -11,8 +11,8 @@
 #   zigzag    2 GPUs, zigzag layout, 1M, 2M, 4M, no check                               ~25 s  (limit 60)
 # CP_STEPS="single zigzag" (for example) runs only those steps.
 # Limits shrink so that the steps after keep their time: the whole stays under CP_BUDGET_S (default 270 s).
-# The tests keep 145 s back for cp2 and single whether or not they run: with every step, a budget under ~330 s
-# cuts the tests before the two-GPU equality worlds (they come last).
+# The early steps keep the limits of the selected later ones among cp2 (100 s) and single (45 s) back: with every
+# step a budget under ~330 s cuts the tests before the two-GPU equality worlds (they come last).
 # Configuration: batch 1, 16 heads, d 128, B 128, k 8, causal, bf16; warm-up 1, 2 timed repetitions.
 # Logs and CSVs under $OUT/cp (packed into $OUT/gpu_cp.tgz); the summary table and target lines print last.
 set -uo pipefail
@@ -48,12 +48,17 @@ step() {  # step NAME LIMIT RESERVE COMMAND...: hard timeout min(LIMIT, what is 
   tail -n 3 "$W/$name.log"
 }
 
-# reserves: cp2 (100 s) and single (45 s) always get their time; zigzag only what is left
-step smoke 75 145 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
+reserve() {  # reserve NAME LIMIT ...: the sum of the LIMITs of the NAMEs that CP_STEPS selects
+  local total=0
+  while [ $# -gt 1 ]; do [[ "$CP_STEPS" == *" $1 "* ]] && total=$(( total + $2 )); shift 2; done
+  echo "$total"
+}
+# reserves: cp2 (100 s) and single (45 s) get their time when selected; plain and zigzag what is left
+step smoke 75 "$(reserve cp2 100 single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
   --check-len 8K --lengths 64K --reps 1 --warmup 0 --out "$W/smoke"
-step tests 110 145 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
+step tests 110 "$(reserve cp2 100 single 45)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
   tests/distributed
-step cp2 100 45 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
+step cp2 100 "$(reserve single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
   --check-len 256K --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/cp2"
 step single 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/single"
