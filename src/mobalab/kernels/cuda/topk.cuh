@@ -326,6 +326,22 @@ __device__ __forceinline__ void topk_scan_word(List& list, const float* srow, in
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
+// Start a CTA's loads: its TK_BM query rows (rows past the end clamped to the last query) and its first centroid
+// tile (the last one, tiles are visited in descending block order), one cp.async group each.
+template <typename T, int D, int BN, int NTHREADS>
+__device__ __forceinline__ void topk_load_first(T* sQ, T* sH, T* sL, const T* __restrict__ q,
+                                                const T* __restrict__ hi, const T* __restrict__ lo, int b, int h,
+                                                int t0, int seqlen, int heads, int n_tiles, int n_blocks, int tid) {
+    constexpr int CH = D / 8;
+    for (int i = tid; i < TK_BM * CH; i += NTHREADS) {
+        const int r = i / CH, c = i % CH;
+        const int t = min(t0 + r, seqlen - 1);
+        cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+    }
+    cp_async_commit();
+    topk_load_centroids<T, D, BN, NTHREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+}
+
 template <int LCAP>
 struct TopkListFor {
     using type = TopkRegList<LCAP>;
@@ -413,14 +429,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     topk_list_init<LCAP>(list, sS + TK_BM * BN, row, list_cap);
 
     if (n_tiles > 0) {
-        constexpr int CH = D / 8;
-        for (int i = tid; i < TK_BM * CH; i += TK_THREADS) {
-            const int r = i / CH, c = i % CH;
-            const int t = min(t0 + r, seqlen - 1);
-            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
-        }
-        cp_async_commit();
-        topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+        topk_load_first<T, D, BN, TK_THREADS>(sQ, sH, sL, q, hi, lo, b, h, t0, seqlen, heads, n_tiles, n_blocks, tid);
     }
 
     // warp tile: rows wm * MT * 16 .., columns wn * 32 ..
@@ -586,14 +595,8 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
     sThr[half * TK_BM + row] = moba::neg_inf();
 
     if (n_tiles > 0) {
-        constexpr int CH = D / 8;
-        for (int i = tid; i < TK_BM * CH; i += TK_SPLIT_THREADS) {
-            const int r = i / CH, c = i % CH;
-            const int t = min(t0 + r, seqlen - 1);
-            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
-        }
-        cp_async_commit();
-        topk_load_centroids<T, D, BN, TK_SPLIT_THREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
+        topk_load_first<T, D, BN, TK_SPLIT_THREADS>(sQ, sH, sL, q, hi, lo, b, h, t0, seqlen, heads, n_tiles,
+                                                    n_blocks, tid);
     }
 
     const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm * 32 .., columns wn * 32 ..
