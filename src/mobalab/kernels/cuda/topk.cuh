@@ -176,28 +176,23 @@ struct TopkRegList {
     __device__ __forceinline__ float threshold() const { return v[LCAP - 1]; }
     __device__ __forceinline__ bool passes(float x, float thr) const { return x > thr; }
 
-    // Branch-free compare-and-shift network; a no-op when x does not beat the last entry.
-    __device__ __forceinline__ void offer(float x, int jx) {
-        bool below = x > v[LCAP - 1];  // x ranks above the (old) entry at position i
-#pragma unroll
-        for (int i = LCAP - 1; i >= 1; --i) {
-            const bool above_prev = x > v[i - 1];
-            const float nv = above_prev ? v[i - 1] : (below ? x : v[i]);
-            const int nj = above_prev ? j[i - 1] : (below ? jx : j[i]);
-            v[i] = nv;
-            j[i] = nj;
-            below = above_prev;
-        }
-        v[0] = below ? x : v[0];
-        j[0] = below ? jx : j[0];
-    }
+    // Branch-free compare-and-shift network; a no-op when x does not beat the last entry. offer: the scan's
+    // order (a new candidate's block is below every listed one, so the score decides); offer_ranked: any block
+    // order, ranked by (score, block) explicitly (the merge of two lists).
+    __device__ __forceinline__ void offer(float x, int jx) { insert<false>(x, jx); }
+    __device__ __forceinline__ void offer_ranked(float x, int jx) { insert<true>(x, jx); }
 
-    // The same network for a pair in any block order: ranks by (score, block) explicitly (the merge of two lists).
-    __device__ __forceinline__ void offer_ranked(float x, int jx) {
-        bool below = topk_better(x, jx, v[LCAP - 1], j[LCAP - 1]);
+    template <bool RANKED>
+    __device__ __forceinline__ bool beats(float x, int jx, int i) const {
+        if constexpr (RANKED) return topk_better(x, jx, v[i], j[i]);
+        else return x > v[i];
+    }
+    template <bool RANKED>
+    __device__ __forceinline__ void insert(float x, int jx) {
+        bool below = beats<RANKED>(x, jx, LCAP - 1);  // x ranks above the (old) entry at position i
 #pragma unroll
         for (int i = LCAP - 1; i >= 1; --i) {
-            const bool above_prev = topk_better(x, jx, v[i - 1], j[i - 1]);
+            const bool above_prev = beats<RANKED>(x, jx, i - 1);
             const float nv = above_prev ? v[i - 1] : (below ? x : v[i]);
             const int nj = above_prev ? j[i - 1] : (below ? jx : j[i]);
             v[i] = nv;
