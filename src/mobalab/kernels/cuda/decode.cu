@@ -611,47 +611,15 @@ __device__ __forceinline__ void dec_attn_unit(const DecParams<T>& p, int unit, u
             for (int rr = tid; rr < nb; rr += DEC_THREADS) tl[rr] = len - p.q_len + (list[rb0 + rr] / top_k) / group;
             __syncthreads();
 
-            // S = scale * log2(e) * q . k, -inf for keys after the row's position. 8 lanes per (row, token);
-            // nb * chunk is a multiple of 16, so the 4 groups of a warp run the same iterations.
-            {
-                const int grp8 = tid >> 3, part = tid & 7;
-                for (int pp = grp8; pp < nb * chunk; pp += DEC_THREADS / 8) {
-                    const int rr = pp / chunk, tk = pp - rr * chunk;
-                    float acc = 0.f;
-#pragma unroll
-                    for (int m = 0; m < D / 64; ++m) {
-                        const int e0 = (m * 8 + part) * 8;
-                        float kf[8];
-                        dec_unpack8<T>(*reinterpret_cast<const uint4*>(ks + tk * D + e0), kf);
-                        const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
-                        const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
-                        acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
-                               qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
-                    }
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 1);
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 2);
-                    acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                    if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * p.scale_log2 : dec_neg_inf();
-                }
-            }
+            dec_chunk_scores<T, D, CH, DEC_THREADS>(S, qs, ks, tl, nb, chunk, tok0, p.scale_log2, tid);
             __syncthreads();
 
             // Warp rr: base-2 softmax pieces of row rr (m = max, P = 2^(S - m), l = sum P; all -inf: m = -inf,
             // l = 0), then o = P . V over the chunk, lane holding columns lane * CPL ..; written as a partial.
             if (warp < nb) {
                 float* srow = S + warp * CH;
-                float mx = dec_neg_inf();
-                for (int tk = lane; tk < chunk; tk += 32) mx = fmaxf(mx, srow[tk]);
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
-                float l = 0.f;
-                for (int tk = lane; tk < chunk; tk += 32) {
-                    const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
-                    srow[tk] = pr;
-                    l += pr;
-                }
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+                float mx, l;
+                dec_row_softmax2(srow, chunk, lane, mx, l);
                 __syncwarp();
                 float o[CPL];
 #pragma unroll

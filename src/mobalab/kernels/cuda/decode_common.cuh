@@ -158,4 +158,50 @@ __device__ __forceinline__ void dec_issue_kv_chunk(T* ks, T* vs, const T* k, con
     }
 }
 
+// S[rr * CH + tk] = scale_log2 * q_rr . k_tk for the nb query rows in qs ([nb][D] fp32) and the chunk's keys in ks
+// ([chunk][D]), -inf for keys after the row's position tl[rr] (key tk sits at tok0 + tk). 8 lanes per (row,
+// token), each over 8-element parts part, part + 8, ..., summed across the 8 lanes; nb * chunk is a multiple of
+// 16, so the 4 groups of a warp run the same iterations (THREADS threads, thread tid).
+template <typename T, int D, int CH, int THREADS>
+__device__ __forceinline__ void dec_chunk_scores(float* S, const float* qs, const T* ks, const int* tl, int nb,
+                                                 int chunk, int tok0, float scale_log2, int tid) {
+    const int grp8 = tid >> 3, part = tid & 7;
+    for (int pp = grp8; pp < nb * chunk; pp += THREADS / 8) {
+        const int rr = pp / chunk, tk = pp - rr * chunk;
+        float acc = 0.f;
+#pragma unroll
+        for (int m = 0; m < D / 64; ++m) {
+            const int e0 = (m * 8 + part) * 8;
+            const uint4 u = *reinterpret_cast<const uint4*>(ks + tk * D + e0);  // one 16-byte shared load
+            float kf[8];
+            dec_unpack8<T>(u, kf);
+            const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
+            const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
+            acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                   qb.z * kf[6] + qb.w * kf[7];
+        }
+        acc += __shfl_xor_sync(DEC_FULL, acc, 1);
+        acc += __shfl_xor_sync(DEC_FULL, acc, 2);
+        acc += __shfl_xor_sync(DEC_FULL, acc, 4);
+        if (part == 0) S[rr * CH + tk] = tok0 + tk <= tl[rr] ? acc * scale_log2 : dec_neg_inf();
+    }
+}
+
+// Base-2 softmax pieces of one row of n scores, by one warp, in place: mx = max (-inf if every score is),
+// srow[tk] = P = 2^(s - mx) (0 when mx = -inf), l = sum P; mx and l on every lane.
+__device__ __forceinline__ void dec_row_softmax2(float* srow, int n, int lane, float& mx, float& l) {
+    mx = dec_neg_inf();
+    for (int tk = lane; tk < n; tk += 32) mx = fmaxf(mx, srow[tk]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+    l = 0.f;
+    for (int tk = lane; tk < n; tk += 32) {
+        const float pr = mx == dec_neg_inf() ? 0.f : exp2f(srow[tk] - mx);
+        srow[tk] = pr;
+        l += pr;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+}
+
 #endif  // MOBALAB_DECODE_COMMON_CUH
