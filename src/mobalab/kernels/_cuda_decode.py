@@ -84,8 +84,8 @@ def attn_smem_bytes(head_dim: int, rows: int, nb_max: int) -> int:
 
 
 @dataclass(frozen=True)
-class DecodePlan:
-    """Sizes of one decode step: work items, the split of the candidate blocks and of the union, memory."""
+class StepShape:
+    """What every decode kernel's plan knows of a step: the shapes of q and of the cache, B, k."""
 
     batch: int
     q_len: int
@@ -97,6 +97,28 @@ class DecodePlan:
     n_blocks_cap: int
     capacity: int
     rows: int  # query rows per kv head: (heads // kv_heads) * q_len
+
+    @property
+    def lcap(self) -> int:
+        return self.top_k - 1
+
+
+def step_outputs(p: StepShape, partials: int, device, dtype) -> dict[str, torch.Tensor]:
+    """sel, out, lse and the attention partials (o, then m and l) of ``partials`` (row, slot, chunk) entries, as
+    every decode kernel writes them (``torch.empty``: the kernels write every element they read)."""
+    return dict(
+        sel=torch.empty((p.batch, p.q_len, p.heads, p.top_k), dtype=torch.int32, device=device),
+        part_o=torch.empty(partials * p.head_dim, dtype=torch.float32, device=device),
+        part_ml=torch.empty(partials * 2, dtype=torch.float32, device=device),
+        out=torch.empty((p.batch, p.q_len, p.heads, p.head_dim), dtype=dtype, device=device),
+        lse=torch.empty((p.batch, p.q_len, p.heads), dtype=torch.float32, device=device),
+    )
+
+
+@dataclass(frozen=True)
+class DecodePlan(StepShape):
+    """Sizes of one decode step: work items, the split of the candidate blocks and of the union, memory."""
+
     n_rg: int  # routing row groups per kv head
     rows_per_group: int
     n_split: int  # routing items per row group
@@ -108,10 +130,6 @@ class DecodePlan:
     win_words: int  # bitmap words per window of the union
     smem: int
     ctas: int  # persistent CTAs of a full step
-
-    @property
-    def lcap(self) -> int:
-        return self.top_k - 1
 
     @property
     def n_route_items(self) -> int:
@@ -194,15 +212,9 @@ def decode_buffers(plan: DecodePlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     lists = p.batch * p.kv_heads * p.n_rg * p.n_split * p.rows_per_group * max(p.lcap, 1)
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
-    return dict(
-        sel=torch.empty((p.batch, p.q_len, p.heads, p.top_k), dtype=torch.int32, device=device),
-        part_v=torch.empty(lists, dtype=torch.float32, device=device),
-        part_j=torch.empty(lists, dtype=torch.int32, device=device),
-        part_o=torch.empty(partials * p.head_dim, dtype=torch.float32, device=device),
-        part_ml=torch.empty(partials * 2, dtype=torch.float32, device=device),
-        out=torch.empty((p.batch, p.q_len, p.heads, p.head_dim), dtype=dtype, device=device),
-        lse=torch.empty((p.batch, p.q_len, p.heads), dtype=torch.float32, device=device),
-    )
+    return dict(step_outputs(p, partials, device, dtype),
+                part_v=torch.empty(lists, dtype=torch.float32, device=device),
+                part_j=torch.empty(lists, dtype=torch.int32, device=device))
 
 
 def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sums: torch.Tensor,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
 
 __all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "run", "decode_split_cuda", "decode_kernel",
@@ -40,7 +41,6 @@ __all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "run", 
 SOURCE = "decode_split.cu"
 ENV_VAR = "MOBALAB_DECODE_KERNEL"
 KERNELS = ("fused", "split")
-_TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Must match the #defines in cuda/decode_split.cu.
 THREADS = 256
@@ -100,19 +100,9 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2) -> 
 
 
 @dataclass(frozen=True)
-class SplitPlan:
+class SplitPlan(StepShape):
     """Sizes of one decode step of the three-launch path."""
 
-    batch: int
-    q_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    block_size: int
-    top_k: int
-    n_blocks_cap: int
-    capacity: int
-    rows: int  # query rows per kv head: (heads // kv_heads) * q_len
     n_rg: int  # score row groups per kv head
     rows_per_group: int
     n_range: int  # score CTAs per row group (0: no score launch, nothing to rank)
@@ -123,10 +113,6 @@ class SplitPlan:
     score_smem: int
     select_smem: int
     attn_smem: int
-
-    @property
-    def lcap(self) -> int:
-        return self.top_k - 1
 
     @property
     def n_score_ctas(self) -> int:
@@ -194,14 +180,8 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
-    return dict(
-        sel=torch.empty((p.batch, p.q_len, p.heads, p.top_k), dtype=torch.int32, device=device),
-        scores=torch.empty(scores, dtype=torch.float32, device=device),
-        part_o=torch.empty(partials * p.head_dim, dtype=torch.float32, device=device),
-        part_ml=torch.empty(partials * 2, dtype=torch.float32, device=device),
-        out=torch.empty((p.batch, p.q_len, p.heads, p.head_dim), dtype=dtype, device=device),
-        lse=torch.empty((p.batch, p.q_len, p.heads), dtype=torch.float32, device=device),
-    )
+    return dict(step_outputs(p, partials, device, dtype),
+                scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
