@@ -337,6 +337,28 @@ __device__ __forceinline__ void topk_load_first(T* sQ, T* sH, T* sL, const T* __
     topk_load_centroids<T, D, BN, NTHREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
 }
 
+// A CTA's tile of the top-k grid (x: query tiles of BM rows, the heaviest (latest) causal tiles first so that
+// they start while the light ones fill the tail; y: query head; z: batch) and the centroid tiles of BN blocks
+// its rows need: the candidates of the tile's last row are the blocks j < n_cand (rows before it have fewer,
+// masked per row).
+struct TopkTile {
+    int h, b, g, t0, list_cap, n_tiles;
+};
+template <bool CAUSAL, int BM, int BN>
+__device__ __forceinline__ TopkTile topk_tile(int seqlen, int heads, int kv_heads, int block_size, int n_blocks,
+                                              int top_k, int q_pos0) {
+    TopkTile c;
+    c.h = blockIdx.y;
+    c.b = blockIdx.z;
+    c.g = c.h / (heads / kv_heads);
+    c.t0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    c.list_cap = CAUSAL ? top_k - 1 : top_k;
+    const int t_last = min(c.t0 + BM, seqlen) - 1;
+    const int n_cand = c.list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
+    c.n_tiles = (n_cand + BN - 1) / BN;
+    return c;
+}
+
 template <int LCAP>
 struct TopkListFor {
     using type = TopkRegList<LCAP>;
@@ -403,17 +425,8 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     float* sS = reinterpret_cast<float*>(sL + BN * D);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // Heaviest (latest) causal tiles first: they start while the light ones fill the tail.
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int g = h / (heads / kv_heads);
-    const int t0 = m_block * TK_BM;
-    const int list_cap = CAUSAL ? top_k - 1 : top_k;
-
-    // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
-    const int t_last = min(t0 + TK_BM, seqlen) - 1;
-    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
-    const int n_tiles = (n_cand + BN - 1) / BN;
+    const TopkTile cta = topk_tile<CAUSAL, TK_BM, BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k, q_pos0);
+    const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
 
     const int row = tid;  // the row this thread scans and owns the list of
     const int t_row = t0 + row;
@@ -570,15 +583,8 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
     float* sThr = sS + TK_BM * BN;  // [2][TK_BM]: each half's list threshold after its last scanned tile
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal tiles first
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int g = h / (heads / kv_heads);
-    const int t0 = m_block * TK_BM;
-    const int list_cap = CAUSAL ? top_k - 1 : top_k;
-
-    const int t_last = min(t0 + TK_BM, seqlen) - 1;
-    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
-    const int n_tiles = (n_cand + BN - 1) / BN;
+    const TopkTile cta = topk_tile<CAUSAL, TK_BM, BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k, q_pos0);
+    const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
 
     const int row = tid & (TK_BM - 1), half = tid / TK_BM;  // the row and word this thread scans
     const int t_row = t0 + row;

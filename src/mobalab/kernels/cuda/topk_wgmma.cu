@@ -109,17 +109,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wwarp = warp & 3;
-    // Heaviest (latest) causal tiles first: they start while the light ones fill the tail.
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int g = h / (heads / kv_heads);
-    const int t0 = m_block * TKW_BM;
-    const int list_cap = CAUSAL ? top_k - 1 : top_k;
-
-    // Candidate blocks of the tile's last row: j < n_cand. Rows before it have fewer (masked per row).
-    const int t_last = min(t0 + TKW_BM, seqlen) - 1;
-    const int n_cand = list_cap <= 0 ? 0 : (CAUSAL ? (q_pos0 + t_last) / block_size : n_blocks);
-    const int n_tiles = (n_cand + TKW_BN - 1) / TKW_BN;
+    const TopkTile cta = topk_tile<CAUSAL, TKW_BM, TKW_BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k,
+                                                           q_pos0);
+    const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
 
     const int row = tid;  // the row this thread scans and owns the list of
     const int t_row = t0 + row;
