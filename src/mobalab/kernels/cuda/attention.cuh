@@ -284,6 +284,26 @@ __device__ __forceinline__ int unit_segment(const long long* tile_cum, int n_seg
   return seg;
 }
 
+// The segment of this CTA's work unit: thread 0 searches (unit_segment), every thread reads it after the
+// barrier (-1 past the last unit: the same for the whole CTA).
+__device__ __forceinline__ int cta_unit_segment(const long long* tile_cum, int n_seg, long long unit, int* s_seg) {
+  if (threadIdx.x == 0) *s_seg = unit_segment(tile_cum, n_seg, unit);
+  __syncthreads();
+  return *s_seg;
+}
+
+// The rows of work unit `unit` (of UNIT rows) in segment seg: its first row in the pair list and its row count.
+struct UnitRows {
+  long long first;
+  int n_rows;
+};
+template <int UNIT>
+__device__ __forceinline__ UnitRows unit_rows(const long long* tile_cum, const long long* seg_off, int seg,
+                                              long long unit) {
+  const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
+  return {first, static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first))};
+}
+
 // Row bookkeeping shared by both tile kernels: rows [0, n_rows) of this CTA's list start at pairs[first].
 // Pair p = (hc * n_q + tt) * top_k + slot is its partial slot; its query is t = t0 + tt, head h0 + hc.
 // s_mm[2 * g], s_mm[2 * g + 1] get (min t, max t) of 32-row group g (padding rows ignored).
@@ -370,14 +390,11 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   __shared__ int s_mm[4];  // (min t, max t) of rows 0..31 and 32..63
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const long long tile = blockIdx.x;
-  if (tid == 0) s_seg = unit_segment(tile_cum, n_seg, tile);
-  __syncthreads();
-  const int seg = s_seg;
+  const int seg = cta_unit_segment(tile_cum, n_seg, blockIdx.x, &s_seg);
   if (seg < 0) return;  // uniform
-
-  const long long first = seg_off[seg] + (tile - tile_cum[seg]) * MOBA_ROWS;
-  const int count = static_cast<int>(min(static_cast<long long>(MOBA_ROWS), seg_off[seg + 1] - first));
+  const UnitRows unit = unit_rows<MOBA_ROWS>(tile_cum, seg_off, seg, blockIdx.x);
+  const long long first = unit.first;
+  const int count = unit.n_rows;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int group = heads / kv_heads;
   const int kvh = h0 / group + kvc;
@@ -473,14 +490,11 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   __shared__ int s_seg;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const long long unit = blockIdx.x;
-  if (tid == 0) s_seg = unit_segment(tile_cum, n_seg, unit);
-  __syncthreads();
-  const int seg = s_seg;
+  const int seg = cta_unit_segment(tile_cum, n_seg, blockIdx.x, &s_seg);
   if (seg < 0) return;  // uniform
-
-  const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
-  const int n_rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+  const UnitRows unit = unit_rows<UNIT>(tile_cum, seg_off, seg, blockIdx.x);
+  const long long first = unit.first;
+  const int n_rows = unit.n_rows;
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;

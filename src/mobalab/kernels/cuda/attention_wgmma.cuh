@@ -192,14 +192,11 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (block_size != B) __trap();  // the launch plan picks the kernel of the block size
-  const long long unit = blockIdx.x;
-  if (tid == 0) s_seg = unit_segment(tile_cum, n_seg, unit);
-  __syncthreads();
-  const int seg = s_seg;
+  const int seg = cta_unit_segment(tile_cum, n_seg, blockIdx.x, &s_seg);
   if (seg < 0) return;  // uniform
-
-  const long long first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
-  const int n_rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+  const UnitRows unit = unit_rows<UNIT>(tile_cum, seg_off, seg, blockIdx.x);
+  const long long first = unit.first;
+  const int n_rows = unit.n_rows;
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;
