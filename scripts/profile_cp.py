@@ -5,7 +5,8 @@
 
 Batch 1, 16 heads, d 128, B 128, k 8, causal, bf16 (the scaling benchmark's configuration); one warm-up call,
 then one profiled forward + backward. Rank 0 writes the kernel table (CUDA time per kernel name, summed) to
-DIR/profile_<path>_<layout>_<N>.txt and prints its first rows.
+DIR/profile_<path>_<layout>_<N>.txt and prints its first rows; every rank writes its timeline as a Chrome
+trace, DIR/trace_<path>_<layout>_<N>_rank<r>.json.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize(device)
+    os.makedirs(args.out, exist_ok=True)
+    # every rank's timeline (chrome://tracing or Perfetto): gaps, overlap of NCCL with compute
+    prof.export_chrome_trace(os.path.join(args.out, f"trace_{args.path}_{args.layout}_{n}_rank{rank}.json"))
     if rank == 0:
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70)
-        os.makedirs(args.out, exist_ok=True)
         name = os.path.join(args.out, f"profile_{args.path}_{args.layout}_{n}.txt")
         with open(name, "w") as f:
             f.write(table)

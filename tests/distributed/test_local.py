@@ -204,6 +204,23 @@ def test_block_sums_and_routing_from_parts():
             assert torch.equal(got, want[:, a:b])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_sums_of_any_part_equal_the_sums_of_its_keys(dtype):
+    """Parts that start and end anywhere (inside one block, at boundaries, whole blocks only), batch 2: each
+    touched block's sum is the fp32 sum of exactly the keys the part holds."""
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(2, 70, 3, 4, generator=g).to(dtype)
+    for a, b in [(0, 70), (0, 8), (3, 5), (5, 8), (8, 24), (6, 30), (13, 70), (16, 17), (69, 70)]:
+        sums, counts = R.moba_block_sums(k[:, a:b], 8, key_offset=a)
+        first = a // 8
+        want = torch.zeros(2, sums.shape[1], 3, 4)
+        for i in range(a, b):
+            want[:, i // 8 - first] += k[:, i].float()
+        assert sums.dtype == torch.float32 and counts.tolist() == [
+            min(b, (j + 1) * 8) - max(a, j * 8) for j in range(first, first + sums.shape[1])]
+        torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+
+
 def test_part_functions_validate():
     q = torch.randn(1, 8, 2, 4)
     cent = R.moba_centroids(q, 4)

@@ -292,11 +292,20 @@ def moba_block_sums(k: torch.Tensor, block_size: int, *, key_offset: int = 0) ->
     batch, n_keys, kv_heads, dim = k.shape
     front = key_offset % block_size
     n_touched = math.ceil((front + n_keys) / block_size)
+    # the part is a cut head (keys of the block it starts inside), whole blocks, and a cut tail; each is summed
+    # in the compute dtype straight from k (no converted or zero-padded copy: at millions of keys those copies
+    # cost several times the sums)
+    head = min(n_keys, (block_size - front) % block_size)
+    body = (n_keys - head) // block_size * block_size
     with torch.no_grad():
-        # zero rows stand for the keys of the touched blocks that this part does not hold
-        padded = torch.nn.functional.pad(k.detach().to(C.compute_dtype(k.dtype)),
-                                         (0, 0, 0, 0, front, n_touched * block_size - front - n_keys))
-        sums = padded.view(batch, n_touched, block_size, kv_heads, dim).sum(dim=2)
+        kd, acc = k.detach(), C.compute_dtype(k.dtype)
+        pieces = [] if head == 0 else [kd[:, :head].sum(dim=1, keepdim=True, dtype=acc)]
+        if body:
+            whole = kd[:, head:head + body].reshape(batch, body // block_size, block_size, kv_heads, dim)
+            pieces.append(whole.sum(dim=2, dtype=acc))
+        if head + body < n_keys:
+            pieces.append(kd[:, head + body:].sum(dim=1, keepdim=True, dtype=acc))
+        sums = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     starts = torch.arange(n_touched, device=k.device) * block_size - front
     counts = (starts + block_size).clamp(max=n_keys) - starts.clamp(min=0)
     return sums, counts
