@@ -74,6 +74,7 @@ class ReferenceAsKernels:
         self.into_dtype = into_dtype  # what the in-place buffers hold (the CUDA kernels: fp32)
         self.calls = 0
         self.in_place = 0  # forward / backward calls that wrote into the caller's buffers
+        self.deltas = 0  # delta calls (once per backward pass, not per kernel call)
 
     def lists(self, q, centroids, block_size, top_k, causal, query_offset=0):
         return reference_lists(q, centroids, block_size, top_k, causal, query_offset)
@@ -102,10 +103,19 @@ class ReferenceAsKernels:
         acc_lse.copy_(torch.where(top == -math.inf, -math.inf, safe + torch.log(a + b)))
         return into
 
-    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False):
-        """With ``into`` as the CUDA wrapper does it: dQ added, dK / dV stored when ``kv_fresh``, else added."""
+    def delta(self, out, dout, dlse):
+        self.deltas += 1
+        d = (dout * out).sum(-1)
+        return d if dlse is None else d - dlse
+
+    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False, delta=None):
+        """With ``into`` as the CUDA wrapper does it: dQ added, dK / dV stored when ``kv_fresh``, else added.
+        With ``delta`` (D = dO.O - dlse of the rows) as the kernel does it: ``out`` and ``dlse`` are not read
+        (the reference gets the dlse that gives this D, so D from the wrong rows gives wrong gradients)."""
         p = self.params
         assert q.shape[1] == k.shape[1], "the kernels take q and k of one length"
+        if delta is not None:
+            dlse = (dout * out).sum(-1) - delta
         grads = R.moba_attention_backward(dout, q, k, v, out, lse, topk, p.block_size, causal, p.scale, dlse)
         if into is None:
             return grads

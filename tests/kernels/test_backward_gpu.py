@@ -115,6 +115,30 @@ def test_gradients_into_fp32_buffers(budget, gpu):
 
 
 @pytest.mark.gpu
+def test_given_delta_replaces_out_and_dlse(gpu):
+    """``delta`` from :func:`backward_delta` (D = dO.O - dlse, fp32) gives the gradients of the call that
+    computes it itself, bit for bit with ``deterministic``; out and dlse are then not read (poisoned here); a
+    delta of the wrong shape or dtype is refused."""
+    q, k, v, dout = gpu.inputs(2, 1500, 8, 2, 128, torch.bfloat16, seed=9, dout=True)
+    topk = gpu.routing(q, k, 64, 8, True)
+    out, lse = moba_attention_cuda(q, k, v, 64, 8, causal=True, return_lse=True, topk_indices=topk)
+    dlse = torch.randn(lse.shape, device=q.device)
+    delta = G.backward_delta(out, dout, dlse)
+    assert delta.shape == lse.shape and delta.dtype == torch.float32
+    torch.testing.assert_close(delta, (dout.float() * out.float()).sum(-1) - dlse, atol=1e-3, rtol=1e-4)
+    want = G.moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 64, 8, True, 0.125, True, dlse)
+    poisoned = torch.full_like(out, math.nan)
+    got = G.moba_attention_backward_cuda(dout, q, k, v, poisoned, lse, topk, 64, 8, True, 0.125, True,
+                                         torch.full_like(dlse, math.nan), delta=delta)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="delta"):
+        G.moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 64, 8, True, 0.125, delta=delta.double())
+    with pytest.raises(ValueError, match="out is"):
+        G.backward_delta(out.float(), dout)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_chunked_backward(deterministic, gpu, poisoned_empty):
     # A tiny scratch budget splits query ranges: dK/dV go through the fp32 store/add path.

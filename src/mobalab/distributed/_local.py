@@ -59,6 +59,11 @@ class CudaKernels:
 
     #: the dtype of the buffers that forward / backward write into in place (``into=``)
     into_dtype = torch.float32
+    #: scratch per kernel call. The kernels' default is 4% of the call's q, k, v and out bytes (at least
+    #: 512 MiB), sized for a whole sequence; a ring call covers one segment, so the default cut a 512K-row
+    #: segment into three chunks per head (48 launches of the tile, the pair lists and the merge per call,
+    #: each with its tail), where 1.5 GiB takes it in one chunk per head.
+    scratch_bytes = 3 << 29
 
     def __init__(self, params: Params):
         self.params = params
@@ -75,15 +80,24 @@ class CudaKernels:
         p = self.params
         with on_device(q):
             return moba_attention_cuda(q, k, v, p.block_size, p.top_k, causal=causal, softmax_scale=p.scale,
-                                       return_lse=True, topk_indices=topk, into=into, fold=fold)
+                                       return_lse=True, topk_indices=topk, into=into, fold=fold,
+                                       scratch_budget_bytes=self.scratch_bytes)
 
-    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False):
+    def delta(self, out, dout, dlse):
+        r"""The rows' :math:`D = dO\cdot O - d\mathrm{lse}` (fp32 (batch, rows, heads)), once for all calls over them."""
+        from ..kernels._cuda_backward import backward_delta
+
+        with on_device(out):
+            return backward_delta(out, dout, dlse)
+
+    def backward(self, dout, q, k, v, out, lse, topk, causal, dlse, into=None, kv_fresh=False, delta=None):
         from ..kernels._cuda_backward import moba_attention_backward_cuda
 
         p = self.params
         with on_device(q):
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, p.block_size, p.top_k, causal,
-                                                p.scale, dlse=dlse, into=into, kv_fresh=kv_fresh)
+                                                p.scale, dlse=dlse, into=into, kv_fresh=kv_fresh,
+                                                scratch_budget_bytes=self.scratch_bytes, delta=delta)
 
 
 def cuda_kernels(q: torch.Tensor, params: Params, mode: str):
@@ -276,13 +290,14 @@ class Sink:
 
 
 def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params: Params, kernels=None,
-                  sink: Sink | None = None):
+                  sink: Sink | None = None, delta=None):
     """This pair's terms of the gradients, given the combined ``out`` and ``lse`` of the query rows.
 
     Returns (dq pieces [(row_lo, row_hi, dq)], dkv pieces [(key_lo, key_hi, dk, dv)]) in the input dtypes;
     ``dlse`` is the gradient w.r.t. the combined lse or None. With a ``sink`` the terms are added into its sums
     instead and nothing is returned: a kernel call whose rows are dense there (batch 1, no padding) writes its
-    fp32 terms in place, without the conversions to the input dtype and back.
+    fp32 terms in place, without the conversions to the input dtype and back. ``delta``: the query rows'
+    :math:`D` from ``kernels.delta`` (computed once per query segment, not once per kernel call), or None.
     """
     dq_pieces, dkv_pieces = [], []
     for call in _plan(qs, q.shape[1], ks, k.shape[1], params, kernels):
@@ -291,6 +306,7 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
         qr, kr, vr, tr = q[:, rows], k[:, k0:k1], v[:, k0:k1], topk[:, rows]
         gr, orow, lrow = dout[:, rows], out[:, rows], lse[:, rows]
         drow = None if dlse is None else dlse[:, rows]
+        dlt = None if delta is None else delta[:, rows]
         if call.kind == "reference":
             dq, dk, dv = R.moba_attention_backward(gr, qr, kr, vr, orow, lrow, tr, params.block_size, params.causal,
                                                    params.scale, drow, query_offset=qs + r0, key_offset=ks + k0)
@@ -301,15 +317,16 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
             into = None if sink is None or padded else sink.targets(r0, r1, k0, k1, kernels.into_dtype)
             if into is not None:
                 kernels.backward(gr, qr, kr, vr, orow, lrow, local, call.kind == "kernel-causal", drow,
-                                 into=into[:3], kv_fresh=into[3])
+                                 into=into[:3], kv_fresh=into[3], delta=dlt)
                 continue
             if call.kind == "kernel-causal":
-                dq, dk, dv = kernels.backward(gr, qr, kr, vr, orow, lrow, local, True, drow)
+                dq, dk, dv = kernels.backward(gr, qr, kr, vr, orow, lrow, local, True, drow, delta=dlt)
             else:
                 n = max(r1 - r0, k1 - k0)
                 padded = [_pad_rows(x, n) for x in (gr, qr, kr, vr, orow, lrow)]
                 dq, dk, dv = kernels.backward(*padded, _pad_rows(local, n, -1), False,
-                                              None if drow is None else _pad_rows(drow, n))
+                                              None if drow is None else _pad_rows(drow, n),
+                                              delta=None if dlt is None else _pad_rows(dlt, n))
                 dq, dk, dv = dq[:, :r1 - r0], dk[:, :k1 - k0], dv[:, :k1 - k0]
         if sink is not None:
             sink.add(r0, r1, k0, k1, dq, dk, dv)

@@ -85,7 +85,7 @@ def ring_forward(q, k, v, topk, plan: Plan, cast: bool = True):
     return (out.to(q.dtype) if cast else out), lse
 
 
-def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq):
+def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq, delta):
     """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
     it); its dQ terms are added to ``dq`` (a :class:`GradientSum`)."""
     kv = KeySums(k_held.shape, dq.value.dtype, k_held.device)
@@ -95,7 +95,8 @@ def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int,
             keys = slice(kseg.local, kseg.local + kseg.length)
             backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
                           topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
-                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local))
+                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local),
+                          delta=None if delta is None else delta[:, rows])
     return kv.result()
 
 
@@ -127,7 +128,7 @@ def _streams_home(plan: Plan, k) -> bool:
 
 
 def _last_step_streamed(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq,
-                        requests, arriving, home) -> HomeHop:
+                        delta, requests, arriving, home) -> HomeHop:
     """The last ring step, key segment by key segment of shard ``source``: this rank's terms for the segment,
     then the segment's complete dK/dV (the arriving sum plus these terms, rounded once) leave for home at once,
     so each segment's hop overlaps the next segment's work and only the last one's stands alone."""
@@ -140,7 +141,8 @@ def _last_step_streamed(dout, dlse, q, k_held, v_held, out, lse, topk, source: i
             rows = slice(qseg.local, qseg.local + qseg.length)
             backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
                           topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
-                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local))
+                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local),
+                          delta=None if delta is None else delta[:, rows])
         if i == 0:
             for request in requests:
                 request.wait()
@@ -165,6 +167,8 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
     ring, layout = plan.ring, plan.layout
     kernels = cuda_kernels(q, plan.params, plan.kernels)
     dq = GradientSum(q.shape, C.compute_dtype(q.dtype), q.device)
+    # D = dO.O - dlse of every row, once: the rank makes several kernel calls over each query segment
+    delta = None if kernels is None else kernels.delta(out, dout, dlse)
     # finished: the gradient of the shard handled at the last step, summed over the ranks it has visited
     held, finished = (k.contiguous(), v.contiguous()), None
     for step in range(ring.world):
@@ -183,11 +187,11 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
         requests = exchange(ring, sends, recvs)
         if step == ring.world - 1 and _streams_home(plan, k):
             home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
-            hop = _last_step_streamed(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, requests,
-                                      arriving, home)
+            hop = _last_step_streamed(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, delta,
+                                      requests, arriving, home)
             dq = dq.result() if defer_home else dq.result().to(q.dtype)
             return (dq, hop) if defer_home else (dq, *hop.result())
-        grad_k, grad_v = _shard_gradients(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq)
+        grad_k, grad_v = _shard_gradients(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, delta)
         for request in requests:
             request.wait()
         if grad_k is None:

@@ -138,8 +138,9 @@ def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, 
 
 def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool,
                                  scale: float, deterministic: bool = False, dlse=None, *,
-                                 scratch_budget_bytes: int | None = None, into=None, kv_fresh: bool = False):
-    """dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
+                                 scratch_budget_bytes: int | None = None, into=None, kv_fresh: bool = False,
+                                 delta=None):
+    r"""dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
 
     Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
     is the gradient w.r.t. the returned LSE, or None. ``scratch_budget_bytes`` bounds the per-chunk scratch
@@ -150,6 +151,10 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     they hold when ``kv_fresh``, else added), and they are returned. For callers that sum gradients over
     several calls (context parallelism): no conversion to the input dtype and back per call. Not with
     ``deterministic=True``.
+
+    ``delta``: the rows' :math:`D_t = dO_t\cdot O_t - d\mathrm{lse}_t` (fp32, (batch, seqlen, heads)) from
+    :func:`backward_delta`, for a caller that runs several calls over the same query rows; ``out`` and ``dlse``
+    are then not read.
     """
     fn = "moba_attention_backward_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -168,10 +173,39 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:
         _check_into(fn, into, (q, k, v), deterministic)
+    if delta is not None:
+        C.check_like(fn, "delta", delta, q.shape[:3], dtypes=(torch.float32,), device=q.device)
     C.check_cuda_device(fn, q)
     with torch.cuda.device(q.device):
         return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
-                         scratch_budget_bytes, into, kv_fresh)
+                         scratch_budget_bytes, into, kv_fresh, delta)
+
+
+def backward_delta(out, dout, dlse=None):
+    r""":math:`D_t = dO_t\cdot O_t - d\mathrm{lse}_t` of every (row, head): fp32 (batch, seqlen, heads), what
+    :func:`moba_attention_backward_cuda` computes first; ``out`` and ``dout`` CUDA tensors of one 16-bit dtype,
+    ``dlse`` (batch, seqlen, heads) or None."""
+    fn = "backward_delta"
+    C.check_tensor(fn, "out", out)
+    if out.dim() != 4 or out.dtype not in C.CUDA_DTYPES or out.shape[-1] not in C.CUDA_HEAD_DIMS:
+        raise ValueError(f"{fn}: out is {out.dtype} of shape {tuple(out.shape)}; supported: (batch, seqlen, heads, "
+                         f"d) of {sorted(map(str, C.CUDA_DTYPES))}, d in {sorted(C.CUDA_HEAD_DIMS)}")
+    C.check_like(fn, "dout", dout, out.shape, device=out.device)
+    if dlse is not None:
+        C.check_like(fn, "dlse", dlse, out.shape[:3], device=out.device)
+    C.check_cuda_device(fn, out)
+    with torch.cuda.device(out.device):
+        return _delta(out, dout, dlse).view(out.shape[:3])
+
+
+def _delta(out, dout, dlse):
+    out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
+    n_rows = out.shape[0] * out.shape[1] * out.shape[2]
+    delta = torch.empty(n_rows, dtype=torch.float32, device=out.device)
+    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows))
+    if dlse is not None:
+        delta.sub_(dlse.float().reshape(-1))
+    return delta
 
 
 def _check_into(fn, into, like, deterministic) -> None:
@@ -188,8 +222,8 @@ def _check_into(fn, into, like, deterministic) -> None:
 
 
 def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
-              into=None, kv_fresh=False):
-    q, k, v, out, dout = (kernel_ready(x) for x in (q, k, v, out, dout.to(q.dtype)))
+              into=None, kv_fresh=False, delta=None):
+    q, k, v, dout = (kernel_ready(x) for x in (q, k, v, dout.to(q.dtype)))
     lse = lse.float().contiguous()
     topk = topk.to(torch.int32).contiguous()
     batch, seqlen, heads, dim = q.shape
@@ -197,13 +231,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
-    delta_name, main_name, merge_name = bwd_kernel_names(q.dtype, dim)
-
-    n_rows = batch * seqlen * heads
-    delta = torch.empty(n_rows, dtype=torch.float32, device=device)
-    launch(delta_launch(delta_name, out, dout, delta, n_rows))
-    if dlse is not None:
-        delta.sub_(dlse.float().reshape(-1))
+    _, main_name, merge_name = bwd_kernel_names(q.dtype, dim)
+    delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
