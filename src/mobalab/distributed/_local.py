@@ -84,7 +84,7 @@ class CudaKernels:
                                        scratch_budget_bytes=self.scratch_bytes)
 
     def delta(self, out, dout, dlse):
-        r"""The rows' :math:`D = dO\cdot O - d\mathrm{lse}` (fp32 (batch, rows, heads)), once for all calls over them."""
+        r"""The rows' :math:`D = dO\cdot O - d\mathrm{lse}` (fp32 (batch, rows, heads)), once for all calls."""
         from ..kernels._cuda_backward import backward_delta
 
         with on_device(out):
