@@ -59,7 +59,8 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 # ---- plans and arguments (no compiler) ----
 
 def test_pairs_kernels_have_the_planned_signatures():
-    assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter"}
+    assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
+                                         "moba_topk_rebase"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -224,3 +225,14 @@ def test_build_pair_lists_picks_the_path(monkeypatch, sort, n_blocks, tile_cum, 
         assert (sorted_keys is None) == tile_cum
     else:
         assert sorted_keys is not None
+
+
+def test_rebased_topk_plan_and_torch_path(monkeypatch):
+    """The rebase launch binds to moba_topk_rebase's signature (4 slots per 16-byte vector); the torch path
+    (CPU, or slots that are not whole vectors) maps the range to 0 .. n_blocks - 1 and everything else to -1."""
+    topk = torch.tensor([[-1, 0, 3, 4], [8, 9, 10, 2]], dtype=torch.int32)
+    plan = P.rebase_launch(topk, torch.empty_like(topk), 3, 7)
+    args = check_args(plan.source, plan.kernel, plan.args)
+    assert plan.kernel == "moba_topk_rebase" and int(args[2]) == 2 and plan.block == (P.REBASE_THREADS,)
+    assert P.rebased_topk(topk, 3, 7).tolist() == [[-1, -1, 0, 1], [5, 6, -1, -1]]
+    assert P.rebased_topk(topk[:, :3].to(torch.int64), 0, 4).tolist() == [[-1, 0, 3], [-1, -1, -1]]

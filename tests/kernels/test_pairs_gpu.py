@@ -185,3 +185,20 @@ def test_counting_sort_is_faster_at_64k(monkeypatch, capsys):
               f"counting {index_ms['counting']:.3f} ms, torch {index_ms['torch']:.3f} ms; forward counting "
               f"{fwd_ms['counting']:.2f} ms, torch {fwd_ms['torch']:.2f} ms")
     assert index_ms["counting"] < index_ms["torch"]
+
+
+@pytest.mark.parametrize(("shape", "first", "n_blocks"), [((1, 777, 3, 8), 5, 40), ((2, 64, 4, 4), 0, 1),
+                                                           ((1, 33, 2, 6), 100, 7), ((3, 5, 7, 3), 2, 9)])
+def test_rebase_kernel_equals_the_torch_expression(shape, first, n_blocks):
+    """moba_topk_rebase against the torch expression on routing that spans below, inside and above the range
+    (and -1 slots); a strided slice and a slot count that is not whole vectors (torch path) give the same."""
+    g = torch.Generator(device="cuda").manual_seed(sum(shape) + first)
+    topk = torch.randint(-1, first + n_blocks + 20, shape, device="cuda", generator=g, dtype=torch.int32)
+    local = topk - first
+    want = torch.where((local >= 0) & (local < n_blocks), local, -1)
+    got = P.rebased_topk(topk, first, n_blocks)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    sliced = topk[:, 1:]
+    local = sliced - first
+    want = torch.where((local >= 0) & (local < n_blocks), local, -1)
+    assert torch.equal(P.rebased_topk(sliced, first, n_blocks), want)

@@ -139,8 +139,9 @@ def _cut(start: int, n: int, block_size: int) -> _Cut:
 
 def _rebased(topk: torch.Tensor, first_block: int, n_blocks: int) -> torch.Tensor:
     """Routing local to blocks ``first_block .. first_block + n_blocks - 1``; -1 for every other slot."""
-    local = topk - first_block
-    return torch.where((local >= 0) & (local < n_blocks), local, -1).to(torch.int32)
+    from ..kernels._pairs import rebased_topk
+
+    return rebased_topk(topk, first_block, n_blocks)
 
 
 def _pad_rows(x: torch.Tensor, n: int, value=0) -> torch.Tensor:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._launch import Launch
+from ._launch import Launch, kernel_ready, launch
 
 __all__: list[str] = []
 
@@ -166,6 +166,39 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
 
 # --------------------------------------------------------------------------------------------------
 # the torch reference (any device)
+
+
+REBASE_THREADS = 256
+
+
+def rebase_launch(topk, out, first: int, n_blocks: int) -> Launch:
+    """``out`` = ``topk`` rebased to blocks ``first .. first + n_blocks - 1`` (-1 elsewhere); int32, contiguous,
+    16-byte aligned, a multiple of 4 slots (:func:`rebased_topk` checks)."""
+    n_vec = topk.numel() // 4
+    grid = max(1, min(math.ceil(n_vec / REBASE_THREADS), 65535))
+    return Launch(SOURCE, "moba_topk_rebase", (grid,), (REBASE_THREADS,),
+                  (topk, out, np.int64(n_vec), np.int32(first), np.int32(n_blocks)))
+
+
+def rebased_topk(topk: torch.Tensor, first: int, n_blocks: int) -> torch.Tensor:
+    r"""Routing local to the blocks ``first .. first + n_blocks - 1``: :math:`j - \mathrm{first}` for a selected
+    block j among them, -1 for every other slot; int32, topk's shape. One kernel pass on CUDA (int32 routing
+    whose slots come in whole 16-byte vectors), the torch expression otherwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> rebased_topk(torch.tensor([[3, 5, -1, 9]], dtype=torch.int32), 4, 6).tolist()  # blocks 4 .. 9
+    [[-1, 1, -1, 5]]
+    """
+    if topk.is_cuda and topk.dtype == torch.int32 and topk.numel() % 4 == 0 and topk.numel() > 0:
+        src = kernel_ready(topk)
+        out = torch.empty_like(src)
+        with torch.cuda.device(topk.device):
+            launch(rebase_launch(src, out, first, n_blocks))
+        return out
+    local = topk - first
+    return torch.where((local >= 0) & (local < n_blocks), local, -1).to(torch.int32)
 
 
 def chunk_keys_reference(topk, chunk, *, n_blocks, group, top_k) -> torch.Tensor:

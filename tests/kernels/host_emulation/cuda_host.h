@@ -59,6 +59,9 @@ using std::min;
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct int4 {
+    int x, y, z, w;
+};
 struct uint2 {
     unsigned x, y;
 };

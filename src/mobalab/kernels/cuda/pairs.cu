@@ -216,3 +216,21 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     if (sorted_keys != nullptr) sorted_keys[pos] = k;
   }
 }
+
+// Routing rebased to the blocks first .. first + n_blocks - 1 (context parallelism: a kernel call over one key
+// segment sees its blocks as 0 .. n_blocks - 1): out[i] = topk[i] - first where that lies in [0, n_blocks),
+// else -1. n_vec 16-byte vectors (4 slots each; the caller passes n = 4 n_vec slots, 16-byte aligned), grid-
+// stride. One read and one write of 4 bytes per slot, where the torch expression moved ~8 passes of it.
+extern "C" __global__ void __launch_bounds__(256) moba_topk_rebase(const int4* topk, int4* out, long long n_vec,
+                                                                    int first, int n_blocks) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
+    int4 v = topk[i];
+    // unsigned compare: j < 0 wraps past n_blocks
+    v.x = static_cast<unsigned>(v.x - first) < static_cast<unsigned>(n_blocks) ? v.x - first : -1;
+    v.y = static_cast<unsigned>(v.y - first) < static_cast<unsigned>(n_blocks) ? v.y - first : -1;
+    v.z = static_cast<unsigned>(v.z - first) < static_cast<unsigned>(n_blocks) ? v.z - first : -1;
+    v.w = static_cast<unsigned>(v.w - first) < static_cast<unsigned>(n_blocks) ? v.w - first : -1;
+    out[i] = v;
+  }
+}
