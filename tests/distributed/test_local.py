@@ -382,4 +382,10 @@ def test_gradient_sum_copies_fresh_rows_adds_the_rest_and_zeroes_untouched():
         piece = torch.randn(2, hi - lo, 3, generator=g).to(torch.bfloat16)
         total.add(lo, hi, piece)
         want[:, lo:hi] += piece.double()
+    # add_to: only written rows reach the target; untouched ones (3, 16..19, poisoned here) are not read
+    total.value[:, 3] = math.nan
+    total.value[:, 16:] = math.nan
+    target = torch.full((2, 17, 3), 7.0, dtype=torch.float64)
+    total.add_to(target, 2, 19)
+    torch.testing.assert_close(target, 7.0 + want[:, 2:19])
     torch.testing.assert_close(total.result(), want)

@@ -147,9 +147,9 @@ def _last_step_streamed(dout, dlse, q, k_held, v_held, out, lse, topk, source: i
             for request in requests:
                 request.wait()
         done_k, done_v = arriving[0][:, keys], arriving[1][:, keys]
-        if kv.dk is not None:  # in place, rounded once (see ring_backward)
-            done_k.add_(kv.dk.rows(keys.start, keys.stop))
-            done_v.add_(kv.dv.rows(keys.start, keys.stop))
+        if kv.dk is not None:  # in place, rounded once (see ring_backward); rows without terms are left alone
+            kv.dk.add_to(done_k, keys.start, keys.stop)
+            kv.dv.add_to(done_v, keys.start, keys.stop)
         at = slice(mine.local, mine.local + mine.length)
         hops += exchange(ring, [done_k, done_v], [home[0][:, at], home[1][:, at]])
         sent.append((done_k, done_v))
