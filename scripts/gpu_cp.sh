@@ -9,7 +9,9 @@
 #   plain     1 GPU, the single-device path (moba_attention, no ring) at 1M and 2M      ~20 s  (limit 45)
 #             (the summary's one-GPU baseline is the faster of single and plain at the longest length)
 #   zigzag    2 GPUs, zigzag layout, 1M, 2M, 4M, no check                               ~25 s  (limit 60)
-# CP_STEPS="single zigzag" (for example) runs only those steps.
+# CP_STEPS="single zigzag" (for example) runs only those steps. CP_CHECK_LEN (default 256K) is the equality check's
+# length in cp2, CP_ZIGZAG_CHECK_LEN (default 0: none) in zigzag; CP_CHECK_EXTRA_S (default 0) seconds are added to
+# both steps' limits for a longer check (a 1M check takes about 50 s).
 # Limits shrink so that the steps after keep their time: the whole stays under CP_BUDGET_S (default 270 s).
 # The early steps keep the limits of the selected later ones among cp2 (100 s) and single (45 s) back: with every
 # step a budget under ~330 s cuts the tests before the two-GPU equality worlds (they come last).
@@ -53,19 +55,20 @@ reserve() {  # reserve NAME LIMIT ...: the sum of the LIMITs of the NAMEs that C
   while [ $# -gt 1 ]; do [[ "$CP_STEPS" == *" $1 "* ]] && total=$(( total + $2 )); shift 2; done
   echo "$total"
 }
+EXTRA=${CP_CHECK_EXTRA_S:-0}
 # reserves: cp2 (100 s) and single (45 s) get their time when selected; plain and zigzag what is left
-step smoke 75 "$(reserve cp2 100 single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
+step smoke 75 "$(reserve cp2 $(( 100 + EXTRA )) single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
   --check-len 8K --lengths 64K --reps 1 --warmup 0 --out "$W/smoke"
-step tests 110 "$(reserve cp2 100 single 45)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
+step tests 110 "$(reserve cp2 $(( 100 + EXTRA )) single 45)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
   tests/distributed
-step cp2 100 "$(reserve single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
-  --check-len 256K --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/cp2"
+step cp2 $(( 100 + EXTRA )) "$(reserve single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" \
+  --layout contiguous --check-len "${CP_CHECK_LEN:-256K}" --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/cp2"
 step single 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/single"
 step plain 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --path single-device \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/plain"
-step zigzag 60 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
-  --check-len 0 --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/zigzag"
+step zigzag $(( 60 + EXTRA )) 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
+  --check-len "${CP_ZIGZAG_CHECK_LEN:-0}" --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/zigzag"
 
 runs=(); for d in cp2 zigzag; do [ -d "$W/$d" ] && runs+=("$W/$d"); done
 singles=(); for d in single plain; do [ -d "$W/$d" ] && singles+=("$W/$d"); done
