@@ -62,6 +62,9 @@ CASES = {
     "three-zigzag-causal": Case((10, 14, 12), 4, 3, layout="zigzag"),
     "three-kernels-causal": Case((16, 17, 15), 4, 3, emulated_kernels=True, batch=2),
     "three-kernels-tiny-noncausal": Case((2, 13, 5), 4, 2, causal=False, emulated_kernels=True),
+    # four ranks: dK/dV travel three hops; zigzag cuts the sequence into eight pieces
+    "four-zigzag-kernels-lse": Case((9, 12, 10, 11), 4, 3, layout="zigzag", emulated_kernels=True, with_lse=True),
+    "four-cut-gqa-noncausal": Case((7, 13, 3, 10), 4, 3, causal=False, heads=4, kv_heads=2),
 }
 
 
@@ -193,22 +196,25 @@ def _disagreeing_settings(rank: int) -> str:
 
 
 def run_world_tests(rank: int, world: int, payload: dict) -> dict:
-    """In a world of three: the two-rank cases on the group of ranks 0 and 1 (a group other than the default,
-    so P2P addresses global ranks), the three-rank cases on the default group, the benchmark's main (quick,
-    tiny sizes), and ranks passing different settings. Per rank: {"cases": {name: differences}, ...}."""
+    """In a world of four: the two-rank cases on the group of ranks 0 and 1 and the three-rank cases on ranks
+    0-2 (groups other than the default, so P2P addresses global ranks), the four-rank cases on the default
+    group, the benchmark's main (quick, tiny sizes), and ranks passing different settings. Per rank:
+    {"cases": {name: differences}, ...}."""
     import torch.distributed as dist
 
     from mobalab.distributed import bench
 
-    pair = dist.new_group([0, 1])  # every rank takes part in creating it
+    pair, three = dist.new_group([0, 1]), dist.new_group([0, 1, 2])  # every rank takes part in creating them
     cases = {}
     if rank < 2:
         cases.update({name: _run_case(rank, 2, CASES[name], group=pair) for name in payload["pair"]})
+    if rank < 3:
+        cases.update({name: _run_case(rank, 3, CASES[name], group=three) for name in payload["three"]})
     cases.update({name: _run_case(rank, world, CASES[name]) for name in payload["all"]})
     status = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths", "256,512", "--reps",
                          "1", "--out", payload["bench_out"]])
     refused = bench.main(["--backend", "gloo", "--quick", "--path", "single-device", "--out", payload["bench_out"]])
-    return {"cases": cases, "bench_status": status, "single_device_in_three": refused,
+    return {"cases": cases, "bench_status": status, "single_device_in_four": refused,
             "disagree": _disagreeing_settings(rank)}
 
 

@@ -1,7 +1,8 @@
-"""Context-parallel MoBA on gloo groups of 2 and 3 CPU processes equals single-process MoBA (forward and grads).
+"""Context-parallel MoBA on gloo groups of 2, 3 and 4 CPU processes equals single-process MoBA (forward and grads).
 
-One world of three processes runs every case (spawning processes is the expensive part): the two-rank cases
-on the group of ranks 0 and 1, the three-rank cases on the default group; each case is then its own test.
+One world of four processes runs every case (spawning processes is the expensive part): the two-rank cases
+on the group of ranks 0 and 1, the three-rank cases on ranks 0-2, the four-rank cases on the default group;
+each case is then its own test.
 Cases: shard boundaries that cut a block, unequal and tiny shards (a block spread over three ranks), GQA,
 causal and non-causal, top_k >= number of blocks, the zigzag layout, batch > 1, softmax_scale, a gradient
 through the returned lse, and the CUDA-kernel decomposition (head / whole-block body / tail, padding, the
@@ -20,7 +21,7 @@ import _cases  # noqa: E402
 import _world  # noqa: E402
 
 TOLERANCE = 1e-10  # float64: anything above rounding is a bug
-NAMES = {w: [n for n, c in _cases.CASES.items() if len(c.lengths) == w] for w in (2, 3)}
+NAMES = {w: [n for n, c in _cases.CASES.items() if len(c.lengths) == w] for w in (2, 3, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,11 @@ def bench_out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(bench_out):
-    payload = dict(pair=NAMES[2], all=NAMES[3], bench_out=str(bench_out))
-    return _world.run_world(3, "_cases", "run_world_tests", payload, timeout=240)
+    payload = dict(pair=NAMES[2], three=NAMES[3], all=NAMES[4], bench_out=str(bench_out))
+    return _world.run_world(4, "_cases", "run_world_tests", payload, timeout=300)
 
 
-@pytest.mark.parametrize("name", [n for w in (2, 3) for n in NAMES[w]])
+@pytest.mark.parametrize("name", [n for w in (2, 3, 4) for n in NAMES[w]])
 def test_equals_single_process(results, name):
     world = len(_cases.CASES[name].lengths)
     for rank, per_rank in enumerate(results[:world]):
@@ -47,26 +48,26 @@ def test_equals_single_process(results, name):
 def test_ranks_that_disagree_all_raise(results):
     for per_rank in results:
         message = per_rank["disagree"]
-        assert "ranks disagree on top_k" in message and "[2, 3, 2]" in message, message
+        assert "ranks disagree on top_k" in message and "[2, 3, 2, 2]" in message, message
 
 
 def test_benchmark_checks_times_and_writes(results, bench_out):
-    assert [r["bench_status"] for r in results] == [0, 0, 0]
-    assert [r["single_device_in_three"] for r in results] == [2, 2, 2]  # the one-device path refuses 3 ranks
+    assert [r["bench_status"] for r in results] == [0, 0, 0, 0]
+    assert [r["single_device_in_four"] for r in results] == [2, 2, 2, 2]  # the one-device path refuses 4 ranks
     with open(bench_out / "cp_check.csv") as f:
         check = list(csv.DictReader(f))
-    assert [row["passed"] for row in check] == ["True"] * 3
+    assert [row["passed"] for row in check] == ["True"] * 4
     assert all(float(row["routing_agreement"]) == 1.0 for row in check)
     with open(bench_out / "cp_bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["seq_len"]), int(r["rank"]), r["mode"]) for r in rows] == [
-        (n, rank, "fwd+bwd") for n in (256, 512) for rank in range(3)]
+        (n, rank, "fwd+bwd") for n in (256, 512) for rank in range(4)]
     assert all(float(r["fwdbwd_ms"]) > 0 and float(r["useful_tflops"]) > 0 and float(r["hop_GBps"]) > 0
                for r in rows)
     table = (bench_out / "cp_bench_table.md").read_text()
-    assert "| 512 | 3 | 2 | fwd+bwd |" in table
+    assert "| 512 | 4 | 3 | fwd+bwd |" in table
     env = json.loads((bench_out / "cp_bench_env.json").read_text())
-    assert env["world"] == 3 and env["backend"] == "gloo" and "git_commit" in env
+    assert env["world"] == 4 and env["backend"] == "gloo" and "git_commit" in env
 
 
 def test_benchmark_single_device_path(tmp_path):
