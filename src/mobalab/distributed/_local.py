@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import reference as R
+from ..kernels._pairs import rebased_topk
 from ._device import on_device
 from ._merge import GradientSum
 
@@ -137,11 +138,10 @@ def _cut(start: int, n: int, block_size: int) -> _Cut:
     return _Cut((0, head), (head, head + body), (head + body, n))
 
 
-def _rebased(topk: torch.Tensor, first_block: int, n_blocks: int) -> torch.Tensor:
-    """Routing local to blocks ``first_block .. first_block + n_blocks - 1``; -1 for every other slot."""
-    from ..kernels._pairs import rebased_topk
-
-    return rebased_topk(topk, first_block, n_blocks)
+def _local_routing(topk: torch.Tensor, key_start: int, n_keys: int, block_size: int) -> torch.Tensor:
+    """Routing local to the whole blocks of keys ``key_start .. key_start + n_keys - 1`` (a kernel call's body,
+    ``key_start`` on a block boundary); -1 for every other slot."""
+    return rebased_topk(topk, key_start // block_size, n_keys // block_size)
 
 
 def _pad_rows(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
@@ -163,6 +163,11 @@ class _Call:
     rows: tuple[int, int]
     keys: tuple[int, int]
     kind: str  # "reference", "kernel-causal" (same positions), "kernel-free" (positions do not matter)
+
+    @property
+    def padded(self) -> bool:
+        """A kernel call whose query rows and keys differ in number: the shorter side is padded to the other."""
+        return self.kind == "kernel-free" and self.rows[1] - self.rows[0] != self.keys[1] - self.keys[0]
 
 
 def _plan(qs: int, n_q: int, ks: int, n_k: int, params: Params, kernels) -> list[_Call]:
@@ -215,10 +220,8 @@ def forward_pair(q, k, v, topk, qs: int, ks: int, params: Params, kernels=None, 
             out, lse = R.moba_attention_given_routing(qr, kr, vr, tr, params.block_size, params.causal,
                                                       params.scale, query_offset=qs + r0, key_offset=ks + k0)
         else:
-            first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
-            local = _rebased(tr, first, n_blocks)
-            same_length = call.kind == "kernel-causal" or r1 - r0 == k1 - k0
-            if (acc is not None and same_length and acc.out.dtype == kernels.into_dtype
+            local = _local_routing(tr, ks + k0, k1 - k0, params.block_size)
+            if (acc is not None and not call.padded and acc.out.dtype == kernels.into_dtype
                     and acc.dense(row0 + r0, row0 + r1)):
                 acc_out, acc_lse, fold = acc.target(row0 + r0, row0 + r1)
                 kernels.forward(qr, kr, vr, local, call.kind == "kernel-causal", into=(acc_out, acc_lse),
@@ -312,10 +315,8 @@ def backward_pair(dout, q, k, v, out, lse, topk, dlse, qs: int, ks: int, params:
             dq, dk, dv = R.moba_attention_backward(gr, qr, kr, vr, orow, lrow, tr, params.block_size, params.causal,
                                                    params.scale, drow, query_offset=qs + r0, key_offset=ks + k0)
         else:
-            first, n_blocks = (ks + k0) // params.block_size, (k1 - k0) // params.block_size
-            local = _rebased(tr, first, n_blocks)
-            padded = call.kind == "kernel-free" and r1 - r0 != k1 - k0
-            into = None if sink is None or padded else sink.targets(r0, r1, k0, k1, kernels.into_dtype)
+            local = _local_routing(tr, ks + k0, k1 - k0, params.block_size)
+            into = None if sink is None or call.padded else sink.targets(r0, r1, k0, k1, kernels.into_dtype)
             if into is not None:
                 kernels.backward(gr, qr, kr, vr, orow, lrow, local, call.kind == "kernel-causal", drow,
                                  into=into[:3], kv_fresh=into[3], delta=dlt)

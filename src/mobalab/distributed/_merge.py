@@ -55,11 +55,15 @@ class Accumulator:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse); rows that no part reached are (0, -inf)."""
-        for r0, r1, fresh in self._rows.split(0, self.out.shape[1]):
+        self._neutral(self._rows.split(0, self.out.shape[1]))
+        return self.out, self.lse
+
+    def _neutral(self, pieces) -> None:
+        """The untouched pieces set to (0, -inf), the combination of no part."""
+        for r0, r1, fresh in pieces:
             if fresh:
                 self.out[:, r0:r1].zero_()
                 self.lse[:, r0:r1].fill_(-math.inf)
-        return self.out, self.lse
 
     def dense(self, lo: int, hi: int) -> bool:
         """Whether rows [lo, hi) of out and lse are dense blocks of memory (batch 1, or all rows)."""
@@ -72,10 +76,7 @@ class Accumulator:
         pieces = self._rows.split(lo, hi)
         fold = not all(fresh for _, _, fresh in pieces)
         if fold:
-            for r0, r1, fresh in pieces:
-                if fresh:
-                    self.out[:, r0:r1].zero_()
-                    self.lse[:, r0:r1].fill_(-math.inf)
+            self._neutral(pieces)
         return self.out[:, lo:hi], self.lse[:, lo:hi], fold
 
     def add(self, lo: int, hi: int, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -130,20 +131,18 @@ class GradientSum:
         pieces = self._rows.split(lo, hi)
         store = store_ok and all(fresh for _, _, fresh in pieces)
         if not store:
-            for r0, r1, fresh in pieces:
-                if fresh:
-                    self.value[:, r0:r1].zero_()
+            self._zero(pieces)
         return self.value[:, lo:hi], store
 
-    def rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of the sum, complete (rows nothing touched are zeroed): a view."""
-        for r0, r1, fresh in self._rows.split(lo, hi):
+    def result(self) -> torch.Tensor:
+        """The whole sum; rows nothing touched are zeroed."""
+        self._zero(self._rows.split(0, self.value.shape[1]))
+        return self.value
+
+    def _zero(self, pieces) -> None:
+        for r0, r1, fresh in pieces:
             if fresh:
                 self.value[:, r0:r1].zero_()
-        return self.value[:, lo:hi]
-
-    def result(self) -> torch.Tensor:
-        return self.rows(0, self.value.shape[1]).view_as(self.value)
 
     def add_to(self, target: torch.Tensor, lo: int, hi: int) -> None:
         """``target`` (rows [lo, hi) of some tensor) += rows [lo, hi) of the sum, only where a piece was written:

@@ -85,18 +85,23 @@ def ring_forward(q, k, v, topk, plan: Plan, cast: bool = True):
     return (out.to(q.dtype) if cast else out), lse
 
 
+def _pair_terms(dout, dlse, q, k_held, v_held, out, lse, topk, qseg, kseg, plan: Plan, kernels, dq, kv, delta):
+    """The gradient terms of query segment ``qseg`` (this rank's) over key segment ``kseg`` (of the shard held):
+    dQ into ``dq`` (a :class:`GradientSum`), dK / dV into ``kv`` (a :class:`KeySums`)."""
+    rows = slice(qseg.local, qseg.local + qseg.length)
+    keys = slice(kseg.local, kseg.local + kseg.length)
+    backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
+                  topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start, plan.params,
+                  kernels, sink=Sink(dq, qseg.local, kv, kseg.local), delta=None if delta is None else delta[:, rows])
+
+
 def _shard_gradients(dout, dlse, q, k_held, v_held, out, lse, topk, source: int, plan: Plan, kernels, dq, delta):
     """This rank's terms of dK, dV of the shard of rank ``source`` (compute dtype; None if it attends none of
     it); its dQ terms are added to ``dq`` (a :class:`GradientSum`)."""
     kv = KeySums(k_held.shape, dq.value.dtype, k_held.device)
     for qseg in plan.layout.segments(plan.ring.rank):
-        rows = slice(qseg.local, qseg.local + qseg.length)
         for kseg in plan.layout.segments(source):
-            keys = slice(kseg.local, kseg.local + kseg.length)
-            backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
-                          topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
-                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local),
-                          delta=None if delta is None else delta[:, rows])
+            _pair_terms(dout, dlse, q, k_held, v_held, out, lse, topk, qseg, kseg, plan, kernels, dq, kv, delta)
     return kv.result()
 
 
@@ -138,11 +143,7 @@ def _last_step_streamed(dout, dlse, q, k_held, v_held, out, lse, topk, source: i
     for i, (kseg, mine) in enumerate(zip(layout.segments(source), layout.segments(ring.rank), strict=True)):
         keys = slice(kseg.local, kseg.local + kseg.length)
         for qseg in layout.segments(ring.rank):
-            rows = slice(qseg.local, qseg.local + qseg.length)
-            backward_pair(dout[:, rows], q[:, rows], k_held[:, keys], v_held[:, keys], out[:, rows], lse[:, rows],
-                          topk[:, rows], None if dlse is None else dlse[:, rows], qseg.start, kseg.start,
-                          plan.params, kernels, sink=Sink(dq, qseg.local, kv, kseg.local),
-                          delta=None if delta is None else delta[:, rows])
+            _pair_terms(dout, dlse, q, k_held, v_held, out, lse, topk, qseg, kseg, plan, kernels, dq, kv, delta)
         if i == 0:
             for request in requests:
                 request.wait()
@@ -170,7 +171,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
     # D = dO.O - dlse of every row, once: the rank makes several kernel calls over each query segment
     delta = None if kernels is None else kernels.delta(out, dout, dlse)
     # finished: the gradient of the shard handled at the last step, summed over the ranks it has visited
-    held, finished = (k.contiguous(), v.contiguous()), None
+    held, finished, hop = (k.contiguous(), v.contiguous()), None, None
     for step in range(ring.world):
         source = (ring.rank - step) % ring.world
         sends, recvs, incoming, arriving = [], [], None, None
@@ -189,8 +190,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
             home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
             hop = _last_step_streamed(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, delta,
                                       requests, arriving, home)
-            dq = dq.result() if defer_home else dq.result().to(q.dtype)
-            return (dq, hop) if defer_home else (dq, *hop.result())
+            break
         grad_k, grad_v = _shard_gradients(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, delta)
         for request in requests:
             request.wait()
@@ -207,11 +207,12 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
         del grad_k, grad_v, arriving
         if incoming is not None:
             held = incoming
+    if hop is None:  # one rank, or the last step not streamed: each shard's complete gradient goes home now
+        hop = HomeHop([], finished)
+        if ring.world > 1:
+            home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
+            hop = HomeHop(exchange(ring, list(finished), list(home)), home, sent=finished)
     dq = dq.result() if defer_home else dq.result().to(q.dtype)
-    hop = HomeHop([], finished)
-    if ring.world > 1:  # the last hop: each shard's complete gradient goes home
-        home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
-        hop = HomeHop(exchange(ring, list(finished), list(home)), home, sent=finished)
     if defer_home:
         return dq, hop
     return (dq, *hop.result())

@@ -220,10 +220,10 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
         elem = torch.finfo(dtype).bits // 8
         # a measured peak per token holds for lengths whose ring runs the same passes (one pass over all heads
         # holds far more per token than per-head passes)
-        passes = len(_ring.backward_head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim, elem,
-                                                total))
+        n_passes = len(_ring.backward_head_groups(args.batch, shard, args.heads, args.kv_heads, args.head_dim,
+                                                  elem, total))
         need = {m: max(_predicted_bytes(shard, args, elem, m == "fwd+bwd", total),
-                       measured.get((m, passes), 0.0) * shard + _FIXED_BYTES) for m in ("fwd+bwd", "fwd")}
+                       measured.get((m, n_passes), 0.0) * shard + _FIXED_BYTES) for m in ("fwd+bwd", "fwd")}
         fits = torch.tensor([need["fwd+bwd"] <= MEMORY_FRACTION * total, need["fwd"] <= MEMORY_FRACTION * total],
                             device=device, dtype=torch.int32)
         dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=ring.group)  # every rank takes the same branch
@@ -272,7 +272,7 @@ def time_length(n: int, args, device, dtype, ring, measured: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         row["peak_gb"] = peak / 1e9
-        measured[(mode, passes)] = max(measured.get((mode, passes), 0.0), max(0, peak - _FIXED_BYTES) / shard)
+        measured[(mode, n_passes)] = max(measured.get((mode, n_passes), 0.0), max(0, peak - _FIXED_BYTES) / shard)
     row["fwd_ms"] = statistics.median(fwd)
     if mode == "fwd+bwd":
         row["bwd_ms"] = statistics.median(bwd)
