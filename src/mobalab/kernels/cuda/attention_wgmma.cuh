@@ -373,8 +373,9 @@ __device__ __forceinline__ void attn_wgmma_ws(const void* q_, const void* k_, co
       if (wtid < 32) {
         seg = unit_segment_warp(tile_cum, n_seg, unit, wtid);
         if (wtid == 0 && seg >= 0) {
-          first = seg_off[seg] + (unit - tile_cum[seg]) * UNIT;
-          rows = static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first));
+          const UnitRows r = unit_rows<UNIT>(tile_cum, seg_off, seg, unit);
+          first = r.first;
+          rows = r.n_rows;
         }
       }
       if (it >= 2) mbar_wait(done(b), ((it >> 1) - 1) & 1);  // unit it - 2 has left buffer b
