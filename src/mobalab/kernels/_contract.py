@@ -181,6 +181,18 @@ def check_like(fn: str, name: str, x, shape, dtypes=None, device=None) -> None:
         raise ValueError(f"{fn}: {name} is on {x.device}; expected {device} like q")
 
 
+def check_into(fn: str, into, names: tuple[str, ...], shapes, device) -> None:
+    """In-place output buffers (``into=``): one contiguous fp32 tensor per name, of its shape, on ``device``
+    (the kernels address them as dense arrays)."""
+    if len(into) != len(names):
+        raise ValueError(f"{fn}: into must be ({', '.join(names)}); got {len(into)} tensors")
+    for name, buf, shape in zip(names, into, shapes, strict=True):
+        check_like(fn, f"into {name}", buf, shape, dtypes=(torch.float32,), device=device)
+        if not buf.is_contiguous():
+            raise ValueError(f"{fn}: into {name} must be contiguous (the kernels address it as a dense array); "
+                             f"got strides {tuple(buf.stride())}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # sizes, flags, scale
 

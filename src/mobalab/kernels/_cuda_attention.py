@@ -424,7 +424,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:
-        _check_into(fn, into, q)
+        C.check_into(fn, into, ("out", "lse"), (q.shape, q.shape[:3]), q.device)
     C.check_cuda_device(fn, q)
     if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(q.device) != (9, 0):
         raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
@@ -434,18 +434,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold))
 
 
-def _check_into(fn, into, q) -> None:
-    if len(into) != 2:
-        raise ValueError(f"{fn}: into must be (out, lse); got {len(into)} tensors")
-    for name, buf, shape in (("out", into[0], q.shape), ("lse", into[1], q.shape[:3])):
-        C.check_like(fn, f"into {name}", buf, shape, dtypes=(torch.float32,), device=q.device)
-        if not buf.is_contiguous():
-            raise ValueError(f"{fn}: into {name} must be contiguous (the merge kernel addresses it as a dense "
-                             f"array); got strides {tuple(buf.stride())}")
-
-
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,
-             into=None, fold=False):
+             into, fold):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]

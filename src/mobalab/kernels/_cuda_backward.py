@@ -172,7 +172,10 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:
-        _check_into(fn, into, (q, k, v), deterministic)
+        if deterministic:
+            raise ValueError(f"{fn}: into= (gradients added into fp32 buffers) is not supported with "
+                             "deterministic=True: the deterministic dQ is written by its slot merge")
+        C.check_into(fn, into, ("dq", "dk", "dv"), (q.shape, k.shape, v.shape), q.device)
     if delta is not None:
         C.check_like(fn, "delta", delta, q.shape[:3], dtypes=(torch.float32,), device=q.device)
     C.check_cuda_device(fn, q)
@@ -208,21 +211,8 @@ def _delta(out, dout, dlse):
     return delta
 
 
-def _check_into(fn, into, like, deterministic) -> None:
-    if deterministic:
-        raise ValueError(f"{fn}: into= (gradients added into fp32 buffers) is not supported with "
-                         "deterministic=True: the deterministic dQ is written by its slot merge")
-    if len(into) != 3:
-        raise ValueError(f"{fn}: into must be (dq, dk, dv); got {len(into)} tensors")
-    for name, buf, x in zip(("dq", "dk", "dv"), into, like, strict=True):
-        C.check_like(fn, f"into {name}", buf, x.shape, dtypes=(torch.float32,), device=x.device)
-        if not buf.is_contiguous():
-            raise ValueError(f"{fn}: into {name} must be contiguous (the kernel addresses it as a dense "
-                             f"(batch, seqlen, heads, d) array); got strides {tuple(buf.stride())}")
-
-
 def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
-              into=None, kv_fresh=False, delta=None):
+              into, kv_fresh, delta):
     q, k, v, dout = (kernel_ready(x) for x in (q, k, v, dout.to(q.dtype)))
     lse = lse.float().contiguous()
     topk = topk.to(torch.int32).contiguous()
@@ -242,8 +232,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     scratch = A.pair_scratch(max_pairs, max_seg, device)
     if into is not None:  # the fp32 buffers are the result: nothing to copy back (dk, dv unused: modes 1 / 2)
-        dk_acc, dv_acc = dk, dv = into[1], into[2]
-        split = False
+        dq_acc, dk, dv = into
+        part_dq, dk_acc, dv_acc = dq_acc, dk, dv
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         split = any(dkv_mode(c, seqlen) != 0 for c in chunks)
@@ -252,15 +242,13 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             dv_acc = torch.empty(v.shape, dtype=torch.float32, device=device)
         else:
             dk_acc, dv_acc = dk, dv  # unused by the kernel (dkv_mode 0)
-    if into is not None:
-        dq_acc = part_dq = into[0]
-    elif deterministic:
-        dq = torch.empty_like(q)
-        part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
-        dq_acc = part_dq  # unused (dq_mode 1/2)
-    else:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
-        part_dq = dq_acc  # unused (dq_mode 0)
+        if deterministic:
+            dq = torch.empty_like(q)
+            part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
+            dq_acc = part_dq  # unused (dq_mode 1/2)
+        else:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+            part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim)
     n_sub = n_key_subtiles(block_size)
