@@ -120,22 +120,9 @@ def cuda_kernels(q: torch.Tensor, params: Params, mode: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# how a pair is cut
+# how a pair is cut: a key segment into head, body (whole blocks) and tail, as the block sums cut it
 
-
-@dataclass(frozen=True)
-class _Cut:
-    """A key segment ``[start, start + n)`` cut into head, body (whole blocks) and tail, as local ranges."""
-
-    head: tuple[int, int]
-    body: tuple[int, int]
-    tail: tuple[int, int]
-
-
-def _cut(start: int, n: int, block_size: int) -> _Cut:
-    head = min(n, (-start) % block_size)
-    body = (n - head) // block_size * block_size
-    return _Cut((0, head), (head, head + body), (head + body, n))
+_cut = R._block_cut
 
 
 def _local_routing(topk: torch.Tensor, key_start: int, n_keys: int, block_size: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -263,6 +264,22 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     return torch.cat(parts, dim=1)
 
 
+@dataclass(frozen=True)
+class _BlockCut:
+    """Keys ``[start, start + n)`` cut into head (before the first block boundary), body (whole blocks) and tail
+    (after the last boundary), as ranges local to them."""
+
+    head: tuple[int, int]
+    body: tuple[int, int]
+    tail: tuple[int, int]
+
+
+def _block_cut(start: int, n: int, block_size: int) -> _BlockCut:
+    head = min(n, (-start) % block_size)
+    body = (n - head) // block_size * block_size
+    return _BlockCut((0, head), (head, head + body), (head + body, n))
+
+
 def moba_block_sums(k: torch.Tensor, block_size: int, *, key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-block sums and counts of the keys of one part of a sequence: the pieces of :func:`moba_centroids`.
 
@@ -295,16 +312,16 @@ def moba_block_sums(k: torch.Tensor, block_size: int, *, key_offset: int = 0) ->
     # the part is a cut head (keys of the block it starts inside), whole blocks, and a cut tail; each is summed
     # in the compute dtype straight from k (no converted or zero-padded copy: at millions of keys those copies
     # cost several times the sums)
-    head = min(n_keys, (block_size - front) % block_size)
-    body = (n_keys - head) // block_size * block_size
+    cut = _block_cut(key_offset, n_keys, block_size)
+    (_, h1), (b0, b1), (t0, t1) = cut.head, cut.body, cut.tail
     with torch.no_grad():
         kd, acc = k.detach(), C.compute_dtype(k.dtype)
-        pieces = [] if head == 0 else [kd[:, :head].sum(dim=1, keepdim=True, dtype=acc)]
-        if body:
-            whole = kd[:, head:head + body].reshape(batch, body // block_size, block_size, kv_heads, dim)
+        pieces = [] if h1 == 0 else [kd[:, :h1].sum(dim=1, keepdim=True, dtype=acc)]
+        if b1 > b0:
+            whole = kd[:, b0:b1].reshape(batch, (b1 - b0) // block_size, block_size, kv_heads, dim)
             pieces.append(whole.sum(dim=2, dtype=acc))
-        if head + body < n_keys:
-            pieces.append(kd[:, head + body:].sum(dim=1, keepdim=True, dtype=acc))
+        if t1 > t0:
+            pieces.append(kd[:, t0:t1].sum(dim=1, keepdim=True, dtype=acc))
         sums = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     starts = torch.arange(n_touched, device=k.device) * block_size - front
     counts = (starts + block_size).clamp(max=n_keys) - starts.clamp(min=0)
