@@ -76,6 +76,15 @@ tiles_ncu() {  # tiles_ncu NAME: Nsight Compute over scripts/profile_tiles.py in
   && python3 scripts/ncu_summary.py "$W/$1.ncu-rep" > "$W/${1}_ncu_table.md" 2>> "$W/${1}_ncu.log"
 }
 
+bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
+  timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" > "$W/bench_router.log" 2>&1
+}
+
+router_tests() {  # router_tests VARIANT: the routing GPU tests of one router variant (-k VARIANT), with statistics
+  ROUTING_STATS_FILE="$W/router_stats.txt" timeout "$(cap 150)" python3 -m pytest -m gpu -q -p no:cacheprovider \
+    -o addopts="" --import-mode=importlib -k "$1" tests/kernels/test_routing_gpu.py > "$W/pytest_router_$1.log" 2>&1
+}
+
 for step in "${STEPS[@]}"; do
   start=$(date +%s)
   if [ "$DEADLINE" -gt 0 ] && [ $(( DEADLINE - start )) -lt 25 ]; then
@@ -110,16 +119,8 @@ for step in "${STEPS[@]}"; do
                   timeout $(cap 90) python3 -m mobalab.bench.attention --quick --variant wgmma-ws --out "$W/wgmma-ws" \
                     > "$W/bench_wgmma_ws.log" 2>&1 || status=1
                 fi ;;
-    router-wgmma) ROUTING_STATS_FILE="$W/router_stats.txt" timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
-                    -k wgmma tests/kernels/test_routing_gpu.py > "$W/pytest_router_wgmma.log" 2>&1 || status=1
-                  timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
-                    > "$W/bench_router.log" 2>&1 || status=1 ;;
-    router-split) ROUTING_STATS_FILE="$W/router_stats.txt" timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
-                    -k split tests/kernels/test_routing_gpu.py > "$W/pytest_router_split.log" 2>&1 || status=1
-                  timeout $(cap 60) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
-                    > "$W/bench_router.log" 2>&1 || status=1 ;;
-    router-bench) timeout $(cap 90) python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" \
-                    > "$W/bench_router.log" 2>&1 || status=1 ;;
+    router-wgmma|router-split) router_tests "${step#router-}" || status=1; bench_router 60 || status=1 ;;
+    router-bench) bench_router 90 || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -167,8 +168,10 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
-[ -f "$W/pytest_router_wgmma.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_router_wgmma.log" | cut -c1-220 | head -n 12; cat "$W/router_stats.txt" 2>/dev/null; tail -n 1 "$W/pytest_router_wgmma.log"; }
-[ -f "$W/pytest_router_split.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_router_split.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_router_split.log"; }
+for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do
+  [ -f "$f" ] && { grep -E "^(FAILED|ERROR)" "$f" | cut -c1-220 | head -n 12; tail -n 1 "$f"; }
+done
+[ -f "$W/router_stats.txt" ] && cat "$W/router_stats.txt"
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }

@@ -55,19 +55,20 @@ reserve() {  # reserve NAME LIMIT ...: the sum of the LIMITs of the NAMEs that C
   while [ $# -gt 1 ]; do [[ "$CP_STEPS" == *" $1 "* ]] && total=$(( total + $2 )); shift 2; done
   echo "$total"
 }
-EXTRA=${CP_CHECK_EXTRA_S:-0}
+CP2_S=$(( 100 + ${CP_CHECK_EXTRA_S:-0} )) ZIGZAG_S=$(( 60 + ${CP_CHECK_EXTRA_S:-0} )) SINGLE_S=45
 # reserves: cp2 (100 s) and single (45 s) get their time when selected; plain and zigzag what is left
-step smoke 75 "$(reserve cp2 $(( 100 + EXTRA )) single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
+LATE=$(reserve cp2 $CP2_S single $SINGLE_S)
+step smoke 75 "$LATE" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --heads 4 \
   --check-len 8K --lengths 64K --reps 1 --warmup 0 --out "$W/smoke"
-step tests 110 "$(reserve cp2 $(( 100 + EXTRA )) single 45)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
+step tests 110 "$LATE" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfE \
   tests/distributed
-step cp2 $(( 100 + EXTRA )) "$(reserve single 45)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" \
+step cp2 $CP2_S "$(reserve single $SINGLE_S)" "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" \
   --layout contiguous --check-len "${CP_CHECK_LEN:-256K}" --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/cp2"
-step single 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
+step single $SINGLE_S 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --layout contiguous \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/single"
 step plain 45 0 "${RUN[@]}" --nproc-per-node 1 -m mobalab.distributed.bench "${CONF[@]}" --path single-device \
   --check-len 0 --lengths 1M,2M --reps 2 --warmup 1 --out "$W/plain"
-step zigzag $(( 60 + EXTRA )) 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
+step zigzag $ZIGZAG_S 0 "${RUN[@]}" --nproc-per-node 2 -m mobalab.distributed.bench "${CONF[@]}" --layout zigzag \
   --check-len "${CP_ZIGZAG_CHECK_LEN:-0}" --lengths 1M,2M,4M --reps 2 --warmup 1 --out "$W/zigzag"
 
 runs=(); for d in cp2 zigzag; do [ -d "$W/$d" ] && runs+=("$W/$d"); done

@@ -21,13 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from mobalab.distributed import context_parallel_moba_attention
 from mobalab.distributed._device import use_device
+from mobalab.distributed.bench import _parse_lengths
 from mobalab.kernels import moba_attention
-
-
-def _length(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
-    return int(text.rstrip("KM")) * scale
 
 
 def main() -> None:
@@ -43,7 +38,7 @@ def main() -> None:
     use_device(rank)
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300), device_id=device)
     world = dist.get_world_size()
-    n = _length(args.length)
+    n = _parse_lengths(args.length)[0]
     shard = n // world
     g = torch.Generator(device=device).manual_seed(rank)
     q, k, v, dout = (torch.randn(1, shard, 16, 128, generator=g, device=device, dtype=torch.bfloat16)
