@@ -194,11 +194,12 @@ def test_rebase_kernel_equals_the_torch_expression(shape, first, n_blocks):
     (and -1 slots); a strided slice and a slot count that is not whole vectors (torch path) give the same."""
     g = torch.Generator(device="cuda").manual_seed(sum(shape) + first)
     topk = torch.randint(-1, first + n_blocks + 20, shape, device="cuda", generator=g, dtype=torch.int32)
-    local = topk - first
-    want = torch.where((local >= 0) & (local < n_blocks), local, -1)
+
+    def want(x):
+        local = x - first
+        return torch.where((local >= 0) & (local < n_blocks), local, -1)
+
     got = P.rebased_topk(topk, first, n_blocks)
-    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert got.dtype == torch.int32 and torch.equal(got, want(topk))
     sliced = topk[:, 1:]
-    local = sliced - first
-    want = torch.where((local >= 0) & (local < n_blocks), local, -1)
-    assert torch.equal(P.rebased_topk(sliced, first, n_blocks), want)
+    assert torch.equal(P.rebased_topk(sliced, first, n_blocks), want(sliced))

@@ -24,6 +24,9 @@ backward also writes the sorted keys, 6.3 MB) and the count table of 192 x 1537 
 ~0.15-0.2 ms per forward for keys, sort, bounds and segments together, against 1.41 ms for the torch path
 (1.06 ms sort + 0.35 ms index kernels), i.e. from ~13% to ~2% of a 10.8 ms forward.
 
+:func:`rebased_topk` (one more kernel of cuda/pairs.cu) gives routing local to a range of blocks, for kernel
+calls over one key segment of a longer sequence (context parallelism).
+
 Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more than ``MAX_KEYS`` keys
 (``n_seg + 1``), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT`` ("counting", the
 default, or "torch"), read at each call, forces either path.
@@ -165,7 +168,7 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
 
 
 # --------------------------------------------------------------------------------------------------
-# the torch reference (any device)
+# routing rebased to a range of blocks (a kernel call over one key segment of a longer sequence)
 
 
 REBASE_THREADS = 256
@@ -199,6 +202,10 @@ def rebased_topk(topk: torch.Tensor, first: int, n_blocks: int) -> torch.Tensor:
         return out
     local = topk - first
     return torch.where((local >= 0) & (local < n_blocks), local, -1).to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# the torch reference (any device)
 
 
 def chunk_keys_reference(topk, chunk, *, n_blocks, group, top_k) -> torch.Tensor:
