@@ -18,9 +18,29 @@ from pathlib import Path
 
 from mobalab.kernels._build import NVRTC_OPTIONS, source
 
-_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+_FUNC = re.compile(r"Function properties for (\S+)")
+ENTRY = re.compile(r"Compiling entry function '(\S+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """``{function: {registers, smem, stack, spill_stores, spill_loads}}`` from a ptxas -v log."""
+    funcs: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if m := ENTRY.search(line):
+            current = m.group(1)
+            funcs.setdefault(current, {})
+        elif m := _FUNC.search(line):
+            current = m.group(1)
+            funcs.setdefault(current, {})
+        elif (m := _FRAME.search(line)) and current is not None:
+            funcs[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                  spill_loads=int(m.group(3)))
+        elif (m := _USED.search(line)) and current is not None:
+            funcs[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return funcs
 
 
 def nvcc_flags() -> list[str]:
@@ -37,16 +57,13 @@ def entry_report(filename: str, tmp: Path) -> dict[str, dict[str, int]]:
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed on {filename}:\n{log}"
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _ENTRY.search(line):
-            current = m.group(1)
-            out[current] = {}
-        elif (m := _FRAME.search(line)) and current:
-            out[current].update(stack=int(m.group(1)), spills=int(m.group(2)) + int(m.group(3)))
-        elif (m := _USED.search(line)) and current:
-            out[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    funcs = parse_ptxas(log)
+    out = {}
+    for name in ENTRY.findall(log):
+        r = funcs[name]
+        out[name] = {k: v for k, v in r.items() if not k.startswith("spill_")}
+        if "spill_stores" in r:
+            out[name]["spills"] = r["spill_stores"] + r["spill_loads"]
     print(f"\n{'kernel':<32} {'regs':>5} {'smem':>5} {'stack':>6} {'spill':>6}")
     for name, r in sorted(out.items()):
         print(f"{name:<32} {r.get('registers', 0):>5} {r.get('smem', 0):>5} {r.get('stack', 0):>6} "

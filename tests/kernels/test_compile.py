@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,9 @@ from mobalab.kernels import _cuda_attention, _cuda_routing
 from mobalab.kernels._build import CUDA_DIR, source
 from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _ptxas_report import ENTRY, parse_ptxas  # noqa: E402
+
 NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "--use_fast_math",
               "-Xptxas", "-v"]
 CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
@@ -48,30 +52,7 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
                    for src in (_cuda_attention.SOURCE, _cuda_attention.WGMMA_SOURCE)]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
-_FUNC = re.compile(r"Function properties for (\S+)")
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
-_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
-    """``{function: {registers, smem, stack, spill_stores, spill_loads}}`` from a ptxas -v log."""
-    funcs: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _ENTRY.search(line):
-            current = m.group(1)
-            funcs.setdefault(current, {})
-        elif m := _FUNC.search(line):
-            current = m.group(1)
-            funcs.setdefault(current, {})
-        elif (m := _FRAME.search(line)) and current is not None:
-            funcs[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                                  spill_loads=int(m.group(3)))
-        elif (m := _USED.search(line)) and current is not None:
-            funcs[current].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
-    return funcs
 
 
 def _compile(build: tuple[str, tuple[str, ...]]) -> tuple[int, str]:
@@ -100,7 +81,7 @@ def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:
     """nvcc succeeded, the compiled entry points are exactly ``exported``, none has spills or a stack frame."""
     assert rc == 0, f"nvcc failed on {label}:\n{log}"
     funcs = parse_ptxas(log)
-    entries = _ENTRY.findall(log)
+    entries = ENTRY.findall(log)
     assert entries, f"{label}: no kernel entry points in the ptxas report:\n{log}"
     # the parsed signatures are exactly the compiled entry points: none missed, none invented
     assert sorted(entries) == sorted(exported), f"{label}: ptxas entries differ from _launch.signatures"
