@@ -66,13 +66,8 @@ def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
 
 
-def _launch_source(launch) -> str:
-    # the decode step's plans (_cuda_decode.Launch) name their file `filename`, _launch.Launch names it `source`
-    return launch.source if hasattr(launch, "source") else launch.filename
-
-
 def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) -> list[str]:
-    check_args(_launch_source(launch), launch.kernel, launch.args)  # exactly what CuPy would receive
+    check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
     args = []
     for a in launch.args:
         if isinstance(a, torch.Tensor):

@@ -313,7 +313,7 @@ def test_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, 
     for route_only in (False, True):
         launch = C.decode_launch(plan, q, q, q, torch.zeros(1), torch.zeros(1, dtype=torch.int32), bufs,
                                  torch.zeros(1), 0.1, route_only)
-        check_args(launch.filename, launch.kernel, launch.args)
+        check_args(launch.source, launch.kernel, launch.args)
         assert launch.block == (C.THREADS, 1, 1) and launch.grid[1:] == (1, 1) and launch.shared_mem == plan.smem
         assert launch.args[25] == (0 if route_only else plan.n_x)  # n_x: no attention units when routing only
 

@@ -311,7 +311,6 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
     assert int(cache._counters.abs().sum()) == 0
     # the routing-only launch (what the benchmark times as routing) writes the same selection
     from mobalab.kernels._cuda_decode import run, step_launches
-    from mobalab.kernels._cuda_decode_split import run as run_split
     from mobalab.kernels._cuda_decode_split import split_launches
 
     if kernel == "fused":
@@ -324,7 +323,7 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
         assert [launch.kernel.split("_")[3] for launch in launches] == ["score", "select"]
         bufs["sel"].fill_(2**30)
         for launch in launches:
-            run_split(launch, 0)
+            run(launch, 0)
     torch.cuda.synchronize()
     assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0
 
@@ -334,7 +333,7 @@ def test_split_routing_at_128k(poisoned_empty, block, top_k, n):
     """The split path's score and select launches alone at 128K tokens (2047 and 8194 candidate blocks, so
     several score ranges and select load rounds), 4 kv heads of 4 query heads, ragged: every selection equals the
     fp64 ranking on the block sums except at near-ties."""
-    from mobalab.kernels._cuda_decode_split import run as run_split
+    from mobalab.kernels._cuda_decode import run
     from mobalab.kernels._cuda_decode_split import split_launches
 
     gen = torch.Generator(device=DEVICE).manual_seed(block + n)
@@ -350,7 +349,7 @@ def test_split_routing_at_128k(poisoned_empty, block, top_k, n):
         plan, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
     assert plan.n_range > 1
     for launch in launches:
-        run_split(launch, 0)
+        run(launch, 0)
     torch.cuda.synchronize()
     assert not (bufs["sel"] == 2**30).any(), "unwritten selection slots"
     assert _check_routing_on_sums(q, cache, bufs["sel"], top_k) <= 2  # near-ties only, and rare

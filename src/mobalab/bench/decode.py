@@ -282,7 +282,6 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     from mobalab.kernels import _decode as D
     from mobalab.kernels import decode_flops
     from mobalab.kernels._cuda_decode import _sm_count, decode_cuda, run, step_launches
-    from mobalab.kernels._cuda_decode_split import run as run_split
     from mobalab.kernels._cuda_decode_split import split_launches
 
     n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
@@ -297,17 +296,12 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
-    if kernel == "fused":
-        _, _, launches = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
+    plans = step_launches if kernel == "fused" else split_launches
+    _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
 
-        def route():
-            run(launches[0], dev)
-    else:
-        _, _, launches = split_launches(q, cache, cfg.top_k, scale, route_only=True)
-
-        def route():
-            for launch in launches:  # scores, then the selection
-                run_split(launch, dev)
+    def route():
+        for launch in launches:  # the fused step's routing items; or the scores, then the selection
+            run(launch, dev)
 
     row["routing_ms"], _ = time_step(route, reps, flush)
     for items in (1, 3):  # other work decompositions of the fused kernel

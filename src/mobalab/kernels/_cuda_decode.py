@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._launch import Launch
+
 __all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffers", "step_launches", "decode_cuda",
            "SOURCE"]
 
@@ -195,18 +197,6 @@ def plan_decode(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int
                       ctas=min(n_items, per_sm * sm_count))
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: kernel name, grid, block, arguments (tensors or exact numpy scalars), shared memory."""
-
-    filename: str
-    kernel: str
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    args: tuple
-    shared_mem: int
-
-
 def decode_buffers(plan: DecodePlan, device, dtype) -> dict[str, torch.Tensor]:
     """Outputs and scratch of one step (``torch.empty``: every element the kernel reads it has written)."""
     p = plan
@@ -261,27 +251,28 @@ def max_smem_bytes() -> int:
 
 
 @functools.cache
-def _function(kernel: str, device_index: int):
-    """The compiled kernel with its dynamic shared-memory limit raised once (per process and device)."""
+def _function(source: str, kernel: str, device_index: int, smem: int):
+    """The compiled kernel with its dynamic shared-memory limit raised for ``smem`` bytes, once per process,
+    device and size (a decode step is ~0.1 ms: no per-launch device queries)."""
     from ._build import get_kernel
 
-    return get_kernel(SOURCE, kernel, max_dynamic_smem=max_smem_bytes())
+    return get_kernel(source, kernel, max_dynamic_smem=smem)
 
 
-@functools.cache
 @functools.cache  # asked at every decode step
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def run(launch: Launch, device_index: int) -> None:
-    """Check the arguments against the .cu signature and launch on torch's current stream."""
+    """Check the arguments against the .cu signature and launch on torch's current stream (the fused step of
+    this file and the split kernels of cuda/decode_split.cu alike)."""
     from ._build import torch_stream
     from ._launch import check_args
 
-    cargs = check_args(launch.filename, launch.kernel, launch.args)
-    _function(launch.kernel, device_index)(launch.grid, launch.block, cargs, shared_mem=launch.shared_mem,
-                                           stream=torch_stream())
+    cargs = check_args(launch.source, launch.kernel, launch.args)
+    _function(launch.source, launch.kernel, device_index, launch.shared_mem)(
+        launch.grid, launch.block, cargs, shared_mem=launch.shared_mem, stream=torch_stream())
 
 
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
@@ -293,14 +284,13 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     ``"auto"`` (:func:`._cuda_decode_split.decode_kernel`: split); None reads ``$MOBALAB_DECODE_KERNEL``
     (default auto).
     """
-    from ._cuda_decode_split import decode_kernel, decode_split_cuda
+    from ._cuda_decode_split import decode_kernel, split_launches
 
-    if decode_kernel(kernel) == "split":
-        return decode_split_cuda(q, cache, top_k, scale, return_lse, return_selection=return_selection)
+    plans = split_launches if decode_kernel(kernel) == "split" else step_launches
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()
-        _, bufs, launches = step_launches(q, cache, top_k, scale, sm_count=_sm_count(device_index))
+        _, bufs, launches = plans(q, cache, top_k, scale, sm_count=_sm_count(device_index))
         for launch in launches:
             run(launch, device_index)
     result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)

@@ -24,7 +24,6 @@ captured in a CUDA graph).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -35,12 +34,13 @@ import torch
 from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
 
-__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "run", "decode_split_cuda", "decode_kernel",
+__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode_kernel",
            "KERNELS", "ENV_VAR", "SOURCE"]
 
 SOURCE = "decode_split.cu"
 ENV_VAR = "MOBALAB_DECODE_KERNEL"
 KERNELS = ("fused", "split")
+CHOICES = (*KERNELS, "auto")  # "auto": split
 
 # Must match the #defines in cuda/decode_split.cu.
 THREADS = 256
@@ -65,10 +65,9 @@ def decode_kernel(kernel: str | None = None) -> str:
     "split" at every length (its score pass streams the block sums at the bandwidth the fused kernel's routing
     does not reach, and its attention launch measured faster; see cuda/decode_split.cu)."""
     name = kernel if kernel is not None else os.environ.get(ENV_VAR, "") or "auto"
-    if name not in (*KERNELS, "auto"):
+    if name not in CHOICES:
         where = "kernel" if kernel is not None else ENV_VAR
-        raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: "
-                         f"{', '.join((*KERNELS, 'auto'))}")
+        raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: {', '.join(CHOICES)}")
     return "split" if name == "auto" else name
 
 
@@ -216,16 +215,11 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, scale
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
-                   range_blocks: int | None = None):
+                   range_blocks: int | None = None, sm_count: int = 132):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
-    ``range_blocks``: candidate blocks per score CTA instead of the plan's choice."""
+    ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU."""
     batch, q_len, heads, dim = q.shape
-    sm_count = 132
-    if q.is_cuda:
-        from ._cuda_decode import _sm_count
-
-        sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks)
     if bufs is None:
@@ -237,38 +231,3 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, scale)
     return plan, bufs, [*route, attend]
-
-
-@functools.cache
-def _function(kernel: str, device_index: int, smem: int):
-    """The compiled kernel; its dynamic shared-memory limit is raised once to the device's maximum (so one
-    object serves every plan, whose shared memory stays far below it)."""
-    from ._build import get_kernel
-
-    return get_kernel(SOURCE, kernel, max_dynamic_smem=smem)
-
-
-def run(launch: Launch, device_index: int) -> None:
-    """Check the arguments against the .cu signature and launch on torch's current stream (no per-call
-    device queries: the kernel object is cached per process and device)."""
-    from ._build import torch_stream
-    from ._launch import check_args
-
-    cargs = check_args(launch.source, launch.kernel, launch.args)
-    _function(launch.kernel, device_index, 1)(launch.grid, launch.block, cargs, shared_mem=launch.shared_mem,
-                                              stream=torch_stream())
-
-
-def decode_split_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
-                      return_selection: bool = False):
-    """The three-launch CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``)."""
-    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(device_index):
-        q = q.contiguous()
-        _, bufs, launches = split_launches(q, cache, top_k, scale)
-        for one in launches:
-            run(one, device_index)
-    result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)
-    if return_selection:
-        result = result + (bufs["sel"],)
-    return result if len(result) > 1 else result[0]

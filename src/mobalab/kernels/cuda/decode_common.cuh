@@ -1,6 +1,7 @@
 // Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
-// (a routing launch, then an attention launch): 16-bit element conversion and packing, the 16-byte copies and
-// loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic shared memory.
+// (a score and a select launch for the routing, then an attention launch): 16-bit element conversion and packing,
+// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic
+// shared memory.
 //
 // Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
 // dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
