@@ -27,7 +27,7 @@ from mobalab.kernels._launch import launch
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="8192,65536")
-    p.add_argument("--variants", default=",".join(["mma"] + [v for v in routing.ROUTER_VARIANTS if v != "mma"]),
+    p.add_argument("--variants", default=",".join(routing.ROUTER_VARIANTS),
                    help="router variants, comma-separated; mma is always timed first (the baseline)")
     p.add_argument("--out", default="router_bench")
     args = p.parse_args()

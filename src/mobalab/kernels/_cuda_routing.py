@@ -19,9 +19,10 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
 128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call, else the default: "split" at head dims up to 128 (at 256 the split CTA takes 161 KB of shared memory, one
-per multiprocessor, so "mma" with two CTAs of 112 KB stays the default there). A variant chosen by the default
-falls back to "mma" where it has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
+call, else the default, "mma" (split measured no faster; were "split" the default, it would apply at head dims
+up to 128 only, :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes 161 KB of shared memory, one per
+multiprocessor, against two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" where it
+has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
 asked for (argument or environment) raises ValueError there. split and mma select exactly the same blocks (the
 same score tile; the split scan only skips pairs that cannot be selected); wgmma computes the same scores up to
 the fp32 rounding order, so its selections differ only at near-ties.

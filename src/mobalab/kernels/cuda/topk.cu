@@ -1,5 +1,5 @@
 // MoBA routing stage 2, mma.sync kernels: the entry points of topk_body (router variant "mma") and
-// topk_split_body (variant "split", the default for register-list tiers at head dims up to 128), both in
+// topk_split_body (variant "split", opt-in: register-list tiers at head dims up to 128), both in
 // topk.cuh, which holds the design notes, the score tile and the row lists shared with the wgmma kernels of
 // topk_wgmma.cu.
 #include "topk.cuh"

@@ -494,8 +494,8 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 // half 1 hands its list to half 0 through shared memory, which merges it by (score, block) (offer_ranked).
 // Tiles whose columns are candidates of every row (all but the last of a causal row range) store the scores
 // without the NaN mask. Register lists only (list tiers 8 and 16); the heap tier stays on topk_body. At D = 256
-// a CTA takes 161 KB (one per SM, 8 warps as topk_body's two CTAs of 4), so the default keeps topk_body there;
-// scripts/bench_router.py times both bodies side by side.
+// a CTA takes 161 KB (one per SM, 8 warps as topk_body's two CTAs of 4). Measured no faster than topk_body
+// (scripts/bench_router.py times both side by side), so it is opt-in; topk_body is the default.
 #define TK_SPLIT_THREADS 256
 
 // CTAs per SM the split kernels are compiled for (__launch_bounds__): two (<= 128 registers) where two fit in
@@ -562,10 +562,6 @@ __device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, co
     for (int e = 0; e < 32; ++e) m |= (unsigned)(x[e] > thr) << e;
     topk_offer_word(list, m, srow, key, w, j0);
 }
-
-// Dynamic shared memory of topk_split_body: Q tile, hi/lo centroid tiles, score tile, thresholds [2][TK_BM].
-template <int D>
-constexpr int kTopkSplitSmem = (TK_BM * D + 2 * TK_BN * D) * 2 + TK_BM * TK_BN * 4 + 2 * TK_BM * 4;
 
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T* __restrict__ chi,
