@@ -3,14 +3,12 @@ centroid split as centroids.cu writes it, one planned launch through a harness, 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
+from _emulation import run_emulated
 
 from mobalab.kernels import _cuda_routing as routing
-from mobalab.kernels._launch import check_args
 
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 
@@ -22,26 +20,19 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return hi, (c - hi.float()).to(dtype)
 
 
-def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0, query_offset=0):
-    """(launch plan, selections) of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe``;
-    the output starts as -7 everywhere, so unwritten slots show."""
+def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
+             query_offset=0) -> torch.Tensor:
+    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
+    ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
+    unwritten slots show."""
+    q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant)
-    check_args(plan.source, plan.kernel, plan.args)
-    files = []
-    for i, t in enumerate((q, hi, lo, out)):
-        path = tmp / f"buf{i}.bin"
-        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
-                         else t.numpy().tobytes())
-        files.append(str(path))
-    ints = [str(int(a)) for a in plan.args[4:]]
-    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
-           *files, *ints]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
-    return plan, torch.from_numpy(got.copy())
+    assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
+    assert plan.kernel.endswith("_split") == (variant == "split")
+    run_emulated(exe, tmp, [plan], seed)
+    return out
 
 
 def check_near_ties(out, ref, q, cent, causal) -> None:

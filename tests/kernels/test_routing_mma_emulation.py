@@ -46,13 +46,6 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
-def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, router, seed=0,
-                 query_offset=0) -> torch.Tensor:
-    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, router, seed, query_offset)
-    assert plan.source == "topk.cu" and plan.kernel.endswith("_split") == (router == "split")
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict:
     """Outputs by (case id, router), so that the split run of a case is compared with its mma run."""
@@ -79,7 +72,7 @@ def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
+    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
     runs[(str(case), router)] = out
@@ -98,8 +91,8 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
     seqlen, n = q.shape[1], cent.shape[1]
     # the last rows only (a query offset): every one sees three centroid tiles
     for top_k in ((12, 17) if causal else (3, 16)):
-        out = run_emulated(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
-                           query_offset=seqlen - rows)
+        out = run_topk(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
+                     query_offset=seqlen - rows)
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, -rows:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert math.ceil(seqlen / block_size) == n
@@ -114,7 +107,7 @@ def test_emulated_topk_at_a_query_offset(harness, tmp_path, causal, router):
     q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
     k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(k, 16)
-    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
+    out = run_topk(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
     check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
@@ -126,5 +119,5 @@ def test_emulated_heap_tier(harness, tmp_path):
     k = torch.randn((1, 600, 1, 64), generator=gen).to(torch.float16)
     cent = reference.moba_centroids(k, 16)
     for causal in (True, False):
-        out = run_emulated(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
+        out = run_topk(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
         check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)

@@ -42,12 +42,6 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
-def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, seed=0, query_offset=0) -> torch.Tensor:
-    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, "wgmma", seed, query_offset)
-    assert plan.source == routing.WGMMA_SOURCE
-    return out
-
-
 CASES = [
     # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch
     (torch.bfloat16, 128, 16, True, 2100, 8, 1, 1, 1),    # 131 blocks: three chunks, the whole pipeline, 9 tiles
@@ -66,7 +60,7 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=seqlen)
+    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, "wgmma", seed=seqlen)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
 
@@ -79,7 +73,7 @@ def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, cau
     q, cent = planted_ties(causal, block_size=block_size)
     seqlen, n = q.shape[1], cent.shape[1]
     top_k = 12 if causal else 3
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=top_k)
+    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, "wgmma", seed=top_k)
     ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} slots differ"
     assert math.ceil(seqlen / block_size) == n
@@ -93,6 +87,6 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
     q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
     k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(k, 16)
-    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, seed=3, query_offset=1000)
+    out = run_topk(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, "wgmma", seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
     check_near_ties(out, ref, q[:, 1000:], cent, causal)

@@ -1,10 +1,11 @@
-// Runs one launch of a wgmma top-k kernel (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
+// Runs the launches of the wgmma top-k kernels (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
 //
-//   topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
+//   topk_wgmma_harness MANIFEST
 //
-// Files and arguments: topk_harness_main.h. The kernel text is the source as NVRTC sees it
-// (_build.source) with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
-// the models below (cp.async through cuda_host.h: landing only when the issuing thread waits).
+// MANIFEST: the launch manifest of harness_io.h. The kernel text is the source as NVRTC sees it (_build.source)
+// with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by the models
+// below (cp.async through cuda_host.h: landing only when the issuing thread waits). A thread that returns with
+// wgmma groups it never waited for stops the run.
 #include "harness_io.h"
 
 #include <limits>
@@ -40,12 +41,23 @@ inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { 
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
 
 #include "topk_wgmma_kernels.cu"
-#include "topk_harness_main.h"
 
 namespace {
 
-#define WG(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<topk_harness::TopkKernel<T>>(&NAME))}
-const std::map<std::string, void*> kKernels = {
+using harness::Arg;
+using harness::I;
+using harness::P;
+
+#define WG(NAME, T)                                                                                          \
+    {#NAME, {11, [](const std::vector<Arg>& a) {                                                             \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<int>(a[3]), I(a[4]), I(a[5]), I(a[6]), \
+              I(a[7]), I(a[8]), I(a[9]), I(a[10]));                                                          \
+         const moba::WgmmaThread& t = moba::wgmma_me();                                                      \
+         if (!t.open.empty() || !t.groups.empty())                                                           \
+             emu::fail("a thread ended with wgmma groups it never waited for");                              \
+     }}}
+
+const harness::Kernels kKernels = {
     WG(moba_topk_wg_bf16_d64_causal_k8, __nv_bfloat16),   WG(moba_topk_wg_bf16_d64_causal_k16, __nv_bfloat16),
     WG(moba_topk_wg_bf16_d64_full_k8, __nv_bfloat16),     WG(moba_topk_wg_bf16_d64_full_k16, __nv_bfloat16),
     WG(moba_topk_wg_fp16_d64_causal_k8, __half),          WG(moba_topk_wg_fp16_d64_causal_k16, __half),
@@ -58,9 +70,4 @@ const std::map<std::string, void*> kKernels = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-    return topk_harness::run("topk_wgmma_harness", kKernels, argc, argv, [] {
-        const moba::WgmmaThread& t = moba::wgmma_me();
-        if (!t.open.empty() || !t.groups.empty()) emu::fail("a thread ended with wgmma groups it never waited for");
-    });
-}
+int main(int argc, char** argv) { return harness::run_manifest("topk_wgmma_harness", argc, argv, kKernels); }
