@@ -1,16 +1,28 @@
 """What the top-k emulation tests share (test_routing_mma_emulation.py, test_routing_wgmma_emulation.py): the
-centroid split as centroids.cu writes it, one planned launch through a harness, and the near-tie check."""
+files both harnesses include, the centroid split as centroids.cu writes it, one planned launch through a harness,
+the near-tie check and the planted-ties inputs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from _emulation import run_emulated
 
 from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels._build import source
 
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
+
+
+def host_files() -> dict[str, str]:
+    """The files both harnesses include besides the kernel text: ptx_swizzle.h (ptx.cuh's own MOBA_SWZ_COL, for
+    topk_smem_model.h) and empty CUDA headers (the host types come from cuda_host.h)."""
+    m = re.search(r"^#define MOBA_SWZ_COL\(D, r, c\).*?(?<!\\)\n", source("ptx.cuh"), flags=re.M | re.S)
+    assert m, "ptx.cuh defines MOBA_SWZ_COL"
+    return {"ptx_swizzle.h": "#pragma once\n" + m.group(0), "cuda_bf16.h": "#pragma once\n",
+            "cuda_fp16.h": "#pragma once\n"}
 
 
 def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ tests (tests/kernels/test_routing_gpu.py) and the compile tests.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -27,20 +26,16 @@ from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, planted_ties, run_topk  # noqa: E402
+from _topk_emulation import check_near_ties, host_files, planted_ties, run_topk  # noqa: E402
 
 pytestmark = NEEDS_CXX
 ROUTERS = ("mma", "split")
 
 
 def _kernel_files() -> dict[str, str]:
-    ptx = source("ptx.cuh")
-    m = re.search(r"^#define MOBA_SWZ_COL\(D, r, c\).*?(?<!\\)\n", ptx, flags=re.M | re.S)
-    assert m, "ptx.cuh defines MOBA_SWZ_COL"
     table = "".join(f"K({name}, {'__nv_bfloat16' if '_bf16_' in name else '__half'})\n"
                     for name in signatures("topk.cu"))
-    return {"topk_kernels.cu": source("topk.cu"), "ptx_swizzle.h": "#pragma once\n" + m.group(0),
-            "topk_kernel_table.inc": table, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return {"topk_kernels.cu": source("topk.cu"), "topk_kernel_table.inc": table, **host_files()}
 
 
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))

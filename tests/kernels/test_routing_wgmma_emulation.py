@@ -25,7 +25,7 @@ from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, planted_ties, run_topk  # noqa: E402
+from _topk_emulation import check_near_ties, host_files, planted_ties, run_topk  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
@@ -35,8 +35,7 @@ def _kernel_files() -> dict[str, str]:
     text = source(routing.WGMMA_SOURCE)
     assert text.count(marker) == 1
     text = text.replace(marker, marker + '\n#include "wgmma_host_model.h"')
-    # the host types come from cuda_host.h: the CUDA headers the source includes are empty
-    return {"topk_wgmma_kernels.cu": text, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return {"topk_wgmma_kernels.cu": text, **host_files()}
 
 
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))

@@ -3,36 +3,14 @@
 //   topk_wgmma_harness MANIFEST
 //
 // MANIFEST: the launch manifest of harness_io.h. The kernel text is the source as NVRTC sees it (_build.source)
-// with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by the models
-// below (cp.async through cuda_host.h: landing only when the issuing thread waits). A thread that returns with
-// wgmma groups it never waited for stops the run.
+// with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
+// topk_smem_model.h. A thread that returns with wgmma groups it never waited for stops the run.
 #include "harness_io.h"
+#include "topk_smem_model.h"
 
-#include <limits>
-#include <type_traits>
-
-#define MOBALAB_PTX_CUH 1  // ptx.cuh's text is skipped: the models below stand for it
-#define MOBA_HAS_HEAD_DIM(d) 1
-#define MOBA_SWZ_COL(D, r, c) (((c) ^ ((r) & 7)) * 8)
 #define MOBA_TOPK_WG_SMEM(name) unsigned char* name = emu::dynamic_smem()
-#define __shared__  // only in the uninstantiated mma.sync body of topk.cuh (with __align__)
-#undef __align__
-#define __align__(n)
-
-struct float2 {
-    float x, y;
-};
-inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 
 namespace moba {
-#include "topk_smem_model.h"
-inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
-inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
-inline void cp_async_commit() { dec_cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-    dec_cp_async_wait_n(N);
-}
 template <typename T>
 struct Elem {};  // the mma.sync kernels of topk.cuh are not instantiated here
 inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { emu::fail("ldmatrix: not modelled"); }
