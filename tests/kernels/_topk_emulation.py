@@ -1,6 +1,6 @@
 """What the top-k emulation tests share (test_routing_mma_emulation.py, test_routing_wgmma_emulation.py): the
 files both harnesses include, the centroid split as centroids.cu writes it, one planned launch through a harness,
-the near-tie check and the planted-ties inputs."""
+the near-tie check and the test bodies both modules run (a random case, a query offset, planted ties)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from _emulation import run_emulated
 
 from mobalab.kernels import _cuda_routing as routing
+from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
@@ -64,6 +65,43 @@ def check_near_ties(out, ref, q, cent, causal) -> None:
         bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
         assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
         assert int(bad.sum()) <= max(2, out.numel() // 1000)
+
+
+def case_id(case) -> str:
+    """The test id of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch)."""
+    return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
+
+
+def run_random_case(exe: Path, tmp: Path, case, variant):
+    """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
+    batch): inputs seeded by seqlen + dim, the launch by seqlen."""
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
+    gen = torch.Generator().manual_seed(seqlen + dim)
+    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
+    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
+    cent = reference.moba_centroids(k, block_size)
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
+
+
+def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
+    """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
+    _, _, block_size, causal, _, top_k, *_ = case
+    out, q, k, cent = run_random_case(exe, tmp, case, variant)
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
+    check_near_ties(out, ref, q, cent, causal)
+    return out
+
+
+def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str) -> None:
+    """Rows of q from position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids select what
+    the whole sequence's routing selects at those positions (:func:`check_near_ties`)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
+    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
+    cent = reference.moba_centroids(k, 16)
+    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000)
+    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
+    check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
 
 def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64):

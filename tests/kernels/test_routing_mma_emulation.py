@@ -26,7 +26,15 @@ from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, host_files, planted_ties, run_topk  # noqa: E402
+from _topk_emulation import (  # noqa: E402
+    case_id,
+    check_near_ties,
+    check_query_offset,
+    check_random_case,
+    host_files,
+    planted_ties,
+    run_topk,
+)
 
 pytestmark = NEEDS_CXX
 ROUTERS = ("mma", "split")
@@ -56,21 +64,13 @@ CASES = [
     (torch.bfloat16, 256, 128, False, 90, 1, 2, 1, 1),    # N < B: one block, top-1, head dim 256
     (torch.bfloat16, 64, 16, False, 300, 2, 1, 1, 1),     # top-2 non-causal
 ]
-IDS = [f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}-k{c[5]}" for c in CASES]
+IDS = [case_id(c) for c in CASES]
 
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
-    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
-    gen = torch.Generator().manual_seed(seqlen + dim)
-    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
-    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
-    cent = reference.moba_centroids(k, block_size)
-    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
-    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    check_near_ties(out, ref, q, cent, causal)
-    runs[(str(case), router)] = out
+    runs[(str(case), router)] = check_random_case(harness, tmp_path, case, router)
     if all((str(case), r) in runs for r in ROUTERS):
         assert torch.equal(runs[(str(case), "split")], runs[(str(case), "mma")]), "split and mma select differently"
 
@@ -98,13 +98,7 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
 def test_emulated_topk_at_a_query_offset(harness, tmp_path, causal, router):
     """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
     the whole sequence's routing at those positions (a context-parallel shard's call)."""
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
-    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
-    cent = reference.moba_centroids(k, 16)
-    out = run_topk(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
-    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
-    check_near_ties(out, ref, q[:, 1000:], cent, causal)
+    check_query_offset(harness, tmp_path, causal, router)
 
 
 def test_emulated_heap_tier(harness, tmp_path):
