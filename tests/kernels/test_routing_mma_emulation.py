@@ -33,6 +33,7 @@ from _topk_emulation import (  # noqa: E402
     check_random_case,
     host_files,
     planted_ties,
+    run_random_case,
     run_topk,
 )
 
@@ -49,12 +50,6 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 
 
-@pytest.fixture(scope="module")
-def runs() -> dict:
-    """Outputs by (case id, router), so that the split run of a case is compared with its mma run."""
-    return {}
-
-
 CASES = [
     # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch
     (torch.bfloat16, 128, 16, True, 1100, 8, 2, 1, 1),    # 69 blocks: two centroid tiles (threshold exchange), GQA 2
@@ -69,10 +64,12 @@ IDS = [case_id(c) for c in CASES]
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
-    runs[(str(case), router)] = check_random_case(harness, tmp_path, case, router)
-    if all((str(case), r) in runs for r in ROUTERS):
-        assert torch.equal(runs[(str(case), "split")], runs[(str(case), "mma")]), "split and mma select differently"
+def test_emulated_topk_matches_reference(harness, tmp_path, case, router):
+    """The reference's selections up to near-ties; the split kernel's exactly the mma kernel's."""
+    out = check_random_case(harness, tmp_path, case, router)
+    if router == "split":
+        mma = run_random_case(harness, tmp_path, case, "mma")[0]
+        assert torch.equal(out, mma), "split and mma select differently"
 
 
 @pytest.mark.parametrize("router", ROUTERS)
