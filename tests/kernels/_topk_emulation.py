@@ -26,11 +26,15 @@ def host_files() -> dict[str, str]:
             "cuda_fp16.h": "#pragma once\n"}
 
 
-def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
-    c = cent.permute(0, 2, 1, 3).contiguous()
+def split_hi_lo(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T."""
     hi = c.to(dtype)
     return hi, (c - hi.float()).to(dtype)
+
+
+def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_hi_lo` of the centroids in (b, g, n, d), as centroids.cu writes them."""
+    return split_hi_lo(cent.permute(0, 2, 1, 3).contiguous(), dtype)
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
