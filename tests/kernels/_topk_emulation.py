@@ -1,47 +1,55 @@
 """What the top-k emulation tests share (test_routing_mma_emulation.py, test_routing_wgmma_emulation.py): the
-centroid split as centroids.cu writes it, one planned launch through a harness, and the near-tie check."""
+files both harnesses include, the centroid split as centroids.cu writes it, one planned launch through a harness,
+the near-tie check and the test bodies both modules run (a random case, a query offset, planted ties)."""
 
 from __future__ import annotations
 
-import subprocess
+import re
 from pathlib import Path
 
-import numpy as np
 import torch
+from _emulation import run_emulated
 
 from mobalab.kernels import _cuda_routing as routing
-from mobalab.kernels._launch import check_args
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
 
 TIE_RTOL = 2.0**-12  # as the GPU tests: a differing slot must be a near-tie of the fp32-centroid scores
 
 
-def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """hi = T(c), lo = T(c - hi) in (b, g, n, d), as centroids.cu writes them."""
-    c = cent.permute(0, 2, 1, 3).contiguous()
+def host_files() -> dict[str, str]:
+    """The files both harnesses include besides the kernel text: ptx_swizzle.h (ptx.cuh's own MOBA_SWZ_COL, for
+    topk_smem_model.h) and empty CUDA headers (the host types come from cuda_host.h)."""
+    m = re.search(r"^#define MOBA_SWZ_COL\(D, r, c\).*?(?<!\\)\n", source("ptx.cuh"), flags=re.M | re.S)
+    assert m, "ptx.cuh defines MOBA_SWZ_COL"
+    return {"ptx_swizzle.h": "#pragma once\n" + m.group(0), "cuda_bf16.h": "#pragma once\n",
+            "cuda_fp16.h": "#pragma once\n"}
+
+
+def split_hi_lo(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T."""
     hi = c.to(dtype)
     return hi, (c - hi.float()).to(dtype)
 
 
-def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0, query_offset=0):
-    """(launch plan, selections) of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe``;
-    the output starts as -7 everywhere, so unwritten slots show."""
+def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_hi_lo` of the centroids in (b, g, n, d), as centroids.cu writes them."""
+    return split_hi_lo(cent.permute(0, 2, 1, 3).contiguous(), dtype)
+
+
+def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
+             query_offset=0) -> torch.Tensor:
+    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
+    ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
+    unwritten slots show."""
+    q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant)
-    check_args(plan.source, plan.kernel, plan.args)
-    files = []
-    for i, t in enumerate((q, hi, lo, out)):
-        path = tmp / f"buf{i}.bin"
-        path.write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.int32
-                         else t.numpy().tobytes())
-        files.append(str(path))
-    ints = [str(int(a)) for a in plan.args[4:]]
-    cmd = [str(exe), plan.kernel, *map(str, plan.grid), str(plan.block[0]), str(plan.shared_mem), str(seed),
-           *files, *ints]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.fromfile(files[3], dtype=np.int32).reshape(out.shape)
-    return plan, torch.from_numpy(got.copy())
+    assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
+    assert plan.kernel.endswith("_split") == (variant == "split")
+    run_emulated(exe, tmp, [plan], seed)
+    return out
 
 
 def check_near_ties(out, ref, q, cent, causal) -> None:
@@ -61,6 +69,43 @@ def check_near_ties(out, ref, q, cent, causal) -> None:
         bound = TIE_RTOL * qv.norm(dim=-1) * torch.maximum(ck.norm(dim=-1), cr.norm(dim=-1))
         assert bool((gap <= bound).all()), f"{int(bad.sum())} slots differ, not all near-ties"
         assert int(bad.sum()) <= max(2, out.numel() // 1000)
+
+
+def case_id(case) -> str:
+    """The test id of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, batch)."""
+    return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
+
+
+def run_random_case(exe: Path, tmp: Path, case, variant):
+    """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
+    batch): inputs seeded by seqlen + dim, the launch by seqlen."""
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
+    gen = torch.Generator().manual_seed(seqlen + dim)
+    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
+    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
+    cent = reference.moba_centroids(k, block_size)
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
+
+
+def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
+    """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
+    _, _, block_size, causal, _, top_k, *_ = case
+    out, q, k, cent = run_random_case(exe, tmp, case, variant)
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
+    check_near_ties(out, ref, q, cent, causal)
+    return out
+
+
+def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str) -> None:
+    """Rows of q from position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids select what
+    the whole sequence's routing selects at those positions (:func:`check_near_ties`)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
+    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
+    cent = reference.moba_centroids(k, 16)
+    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000)
+    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
+    check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
 
 def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64):

@@ -14,7 +14,6 @@ tests (tests/kernels/test_routing_gpu.py) and the compile tests.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -27,36 +26,28 @@ from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, planted_ties, run_topk  # noqa: E402
+from _topk_emulation import (  # noqa: E402
+    case_id,
+    check_near_ties,
+    check_query_offset,
+    check_random_case,
+    host_files,
+    planted_ties,
+    run_random_case,
+    run_topk,
+)
 
 pytestmark = NEEDS_CXX
 ROUTERS = ("mma", "split")
 
 
 def _kernel_files() -> dict[str, str]:
-    ptx = source("ptx.cuh")
-    m = re.search(r"^#define MOBA_SWZ_COL\(D, r, c\).*?(?<!\\)\n", ptx, flags=re.M | re.S)
-    assert m, "ptx.cuh defines MOBA_SWZ_COL"
     table = "".join(f"K({name}, {'__nv_bfloat16' if '_bf16_' in name else '__half'})\n"
                     for name in signatures("topk.cu"))
-    return {"topk_kernels.cu": source("topk.cu"), "ptx_swizzle.h": "#pragma once\n" + m.group(0),
-            "topk_kernel_table.inc": table, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return {"topk_kernels.cu": source("topk.cu"), "topk_kernel_table.inc": table, **host_files()}
 
 
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
-
-
-def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, router, seed=0,
-                 query_offset=0) -> torch.Tensor:
-    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, router, seed, query_offset)
-    assert plan.source == "topk.cu" and plan.kernel.endswith("_split") == (router == "split")
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs() -> dict:
-    """Outputs by (case id, router), so that the split run of a case is compared with its mma run."""
-    return {}
 
 
 CASES = [
@@ -68,23 +59,17 @@ CASES = [
     (torch.bfloat16, 256, 128, False, 90, 1, 2, 1, 1),    # N < B: one block, top-1, head dim 256
     (torch.bfloat16, 64, 16, False, 300, 2, 1, 1, 1),     # top-2 non-causal
 ]
-IDS = [f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}-k{c[5]}" for c in CASES]
+IDS = [case_id(c) for c in CASES]
 
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_emulated_topk_matches_reference(harness, tmp_path, case, router, runs):
-    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
-    gen = torch.Generator().manual_seed(seqlen + dim)
-    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
-    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
-    cent = reference.moba_centroids(k, block_size)
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, router, seed=seqlen)
-    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    check_near_ties(out, ref, q, cent, causal)
-    runs[(str(case), router)] = out
-    if all((str(case), r) in runs for r in ROUTERS):
-        assert torch.equal(runs[(str(case), "split")], runs[(str(case), "mma")]), "split and mma select differently"
+def test_emulated_topk_matches_reference(harness, tmp_path, case, router):
+    """The reference's selections up to near-ties; the split kernel's exactly the mma kernel's."""
+    out = check_random_case(harness, tmp_path, case, router)
+    if router == "split":
+        mma = run_random_case(harness, tmp_path, case, "mma")[0]
+        assert torch.equal(out, mma), "split and mma select differently"
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -98,8 +83,8 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
     seqlen, n = q.shape[1], cent.shape[1]
     # the last rows only (a query offset): every one sees three centroid tiles
     for top_k in ((12, 17) if causal else (3, 16)):
-        out = run_emulated(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
-                           query_offset=seqlen - rows)
+        out = run_topk(harness, tmp_path, q[:, -rows:], cent, block_size, top_k, causal, router, seed=top_k,
+                     query_offset=seqlen - rows)
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, -rows:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert math.ceil(seqlen / block_size) == n
@@ -110,13 +95,7 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
 def test_emulated_topk_at_a_query_offset(harness, tmp_path, causal, router):
     """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
     the whole sequence's routing at those positions (a context-parallel shard's call)."""
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
-    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
-    cent = reference.moba_centroids(k, 16)
-    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, router, seed=3, query_offset=1000)
-    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
-    check_near_ties(out, ref, q[:, 1000:], cent, causal)
+    check_query_offset(harness, tmp_path, causal, router)
 
 
 def test_emulated_heap_tier(harness, tmp_path):
@@ -126,5 +105,5 @@ def test_emulated_heap_tier(harness, tmp_path):
     k = torch.randn((1, 600, 1, 64), generator=gen).to(torch.float16)
     cent = reference.moba_centroids(k, 16)
     for causal in (True, False):
-        out = run_emulated(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
+        out = run_topk(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
         check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)

@@ -25,7 +25,14 @@ from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
-from _topk_emulation import check_near_ties, planted_ties, run_topk  # noqa: E402
+from _topk_emulation import (  # noqa: E402
+    case_id,
+    check_query_offset,
+    check_random_case,
+    host_files,
+    planted_ties,
+    run_topk,
+)
 
 pytestmark = NEEDS_CXX
 
@@ -35,17 +42,10 @@ def _kernel_files() -> dict[str, str]:
     text = source(routing.WGMMA_SOURCE)
     assert text.count(marker) == 1
     text = text.replace(marker, marker + '\n#include "wgmma_host_model.h"')
-    # the host types come from cuda_host.h: the CUDA headers the source includes are empty
-    return {"topk_wgmma_kernels.cu": text, "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return {"topk_wgmma_kernels.cu": text, **host_files()}
 
 
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
-
-
-def run_emulated(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, seed=0, query_offset=0) -> torch.Tensor:
-    plan, out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, "wgmma", seed, query_offset)
-    assert plan.source == routing.WGMMA_SOURCE
-    return out
 
 
 CASES = [
@@ -58,17 +58,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{str(c[0])[6:]}-d{c[1]}-B{c[2]}-{'c' if c[3] else 'nc'}-N{c[4]}"
-                                             f"-k{c[5]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
-    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
-    gen = torch.Generator().manual_seed(seqlen + dim)
-    q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
-    k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
-    cent = reference.moba_centroids(k, block_size)
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=seqlen)
-    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    check_near_ties(out, ref, q, cent, causal)
+    check_random_case(harness, tmp_path, case, "wgmma")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -79,7 +71,7 @@ def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, cau
     q, cent = planted_ties(causal, block_size=block_size)
     seqlen, n = q.shape[1], cent.shape[1]
     top_k = 12 if causal else 3
-    out = run_emulated(harness, tmp_path, q, cent, block_size, top_k, causal, seed=top_k)
+    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, "wgmma", seed=top_k)
     ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} slots differ"
     assert math.ceil(seqlen / block_size) == n
@@ -89,10 +81,4 @@ def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, cau
 def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
     """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
     the whole sequence's routing at those positions (a context-parallel shard's call)."""
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
-    k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
-    cent = reference.moba_centroids(k, 16)
-    out = run_emulated(harness, tmp_path, q[:, 1000:], cent, 16, 8, causal, seed=3, query_offset=1000)
-    ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
-    check_near_ties(out, ref, q[:, 1000:], cent, causal)
+    check_query_offset(harness, tmp_path, causal, "wgmma")

@@ -1,37 +1,20 @@
-// Runs one launch of an mma.sync top-k kernel (cuda/topk.cu: topk_body and topk_split_body) on the host, for tests
-// without a GPU.
+// Runs the launches of the mma.sync top-k kernels (cuda/topk.cu: topk_body and topk_split_body) on the host, for
+// tests without a GPU.
 //
-//   topk_mma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
+//   topk_mma_harness MANIFEST
 //
-// Files and arguments: topk_harness_main.h. The kernel text is the source as NVRTC sees it (_build.source) with
-// ptx.cuh skipped: ptx_swizzle.h (the MOBA_SWZ_COL definition taken from ptx.cuh by the test) and the models below
-// stand for it. ldmatrix.x4 and mma.sync m16n8k16 are warp-wide: every lane publishes its operands (addresses or
-// fragment registers) in a per-thread slot, the warp meets at __syncwarp, and each lane assembles what the PTX ISA
-// fragment layouts give it, so a wrong fragment mapping, swizzle or warp tile gives wrong selections. Products of
-// two 16-bit values are exact in fp32; the 16 of one k-step are summed in fp32 in k order.
+// MANIFEST: the launch manifest of harness_io.h. The kernel text is the source as NVRTC sees it (_build.source)
+// with ptx.cuh skipped: topk_smem_model.h and the warp-wide models below stand for it. ldmatrix.x4 and mma.sync
+// m16n8k16 are warp-wide: every lane publishes its operands (addresses or fragment registers) in a per-thread
+// slot, the warp meets at __syncwarp, and each lane assembles what the PTX ISA fragment layouts give it, so a wrong
+// fragment mapping, swizzle or warp tile gives wrong selections. Products of two 16-bit values are exact in fp32;
+// the 16 of one k-step are summed in fp32 in k order.
 #include "harness_io.h"
+#include "topk_smem_model.h"
 
-#include <limits>
 #include <type_traits>
 
-#define MOBALAB_PTX_CUH 1
-#define MOBA_HAS_HEAD_DIM(d) 1
-#define MOBA_TOPK_SMEM(name) unsigned char* name = emu::dynamic_smem()
-#include "ptx_swizzle.h"
-
-struct float2 {
-    float x, y;
-};
-inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
-
 namespace moba {
-#include "topk_smem_model.h"
-inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
-inline void cp_async_commit() { dec_cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-    dec_cp_async_wait_n(N);
-}
 
 // Per-thread operand slots of the warp-wide models (threads of one CTA; CTAs run one after another).
 inline unsigned (&warp_slots())[1024][6] {
@@ -109,15 +92,23 @@ struct Elem {
 }  // namespace moba
 
 #include "topk_kernels.cu"
-#include "topk_harness_main.h"
 
 namespace {
 
-#define K(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<topk_harness::TopkKernel<T>>(&NAME))},
-const std::map<std::string, void*> kKernels = {
+using harness::Arg;
+using harness::I;
+using harness::P;
+
+#define K(NAME, T)                                                                                           \
+    {#NAME, {11, [](const std::vector<Arg>& a) {                                                             \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<int>(a[3]), I(a[4]), I(a[5]), I(a[6]), \
+              I(a[7]), I(a[8]), I(a[9]), I(a[10]));                                                          \
+     }}},
+
+const harness::Kernels kKernels = {
 #include "topk_kernel_table.inc"
 };
 
 }  // namespace
 
-int main(int argc, char** argv) { return topk_harness::run("topk_mma_harness", kKernels, argc, argv); }
+int main(int argc, char** argv) { return harness::run_manifest("topk_mma_harness", argc, argv, kKernels); }

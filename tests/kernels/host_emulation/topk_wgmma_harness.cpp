@@ -1,37 +1,16 @@
-// Runs one launch of a wgmma top-k kernel (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
+// Runs the launches of the wgmma top-k kernels (cuda/topk_wgmma.cu) on the host, for tests without a GPU.
 //
-//   topk_wgmma_harness KERNEL GX GY GZ THREADS SMEM SEED Q HI LO OUT SEQLEN HEADS KV_HEADS BLOCK N_BLOCKS TOP_K Q_POS0
+//   topk_wgmma_harness MANIFEST
 //
-// Files and arguments: topk_harness_main.h. The kernel text is the source as NVRTC sees it
-// (_build.source) with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
-// the models below (cp.async through cuda_host.h: landing only when the issuing thread waits).
+// MANIFEST: the launch manifest of harness_io.h. The kernel text is the source as NVRTC sees it (_build.source)
+// with wgmma_host_model.h included right after wgmma.cuh; the PTX helpers of ptx.cuh are replaced by
+// topk_smem_model.h. A thread that returns with wgmma groups it never waited for stops the run.
 #include "harness_io.h"
+#include "topk_smem_model.h"
 
-#include <limits>
-#include <type_traits>
-
-#define MOBALAB_PTX_CUH 1  // ptx.cuh's text is skipped: the models below stand for it
-#define MOBA_HAS_HEAD_DIM(d) 1
-#define MOBA_SWZ_COL(D, r, c) (((c) ^ ((r) & 7)) * 8)
 #define MOBA_TOPK_WG_SMEM(name) unsigned char* name = emu::dynamic_smem()
-#define __shared__  // only in the uninstantiated mma.sync body of topk.cuh (with __align__)
-#undef __align__
-#define __align__(n)
-
-struct float2 {
-    float x, y;
-};
-inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 
 namespace moba {
-#include "topk_smem_model.h"
-inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
-inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
-inline void cp_async_commit() { dec_cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-    dec_cp_async_wait_n(N);
-}
 template <typename T>
 struct Elem {};  // the mma.sync kernels of topk.cuh are not instantiated here
 inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { emu::fail("ldmatrix: not modelled"); }
@@ -40,12 +19,23 @@ inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { 
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
 
 #include "topk_wgmma_kernels.cu"
-#include "topk_harness_main.h"
 
 namespace {
 
-#define WG(NAME, T) {#NAME, reinterpret_cast<void*>(static_cast<topk_harness::TopkKernel<T>>(&NAME))}
-const std::map<std::string, void*> kKernels = {
+using harness::Arg;
+using harness::I;
+using harness::P;
+
+#define WG(NAME, T)                                                                                          \
+    {#NAME, {11, [](const std::vector<Arg>& a) {                                                             \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<int>(a[3]), I(a[4]), I(a[5]), I(a[6]), \
+              I(a[7]), I(a[8]), I(a[9]), I(a[10]));                                                          \
+         const moba::WgmmaThread& t = moba::wgmma_me();                                                      \
+         if (!t.open.empty() || !t.groups.empty())                                                           \
+             emu::fail("a thread ended with wgmma groups it never waited for");                              \
+     }}}
+
+const harness::Kernels kKernels = {
     WG(moba_topk_wg_bf16_d64_causal_k8, __nv_bfloat16),   WG(moba_topk_wg_bf16_d64_causal_k16, __nv_bfloat16),
     WG(moba_topk_wg_bf16_d64_full_k8, __nv_bfloat16),     WG(moba_topk_wg_bf16_d64_full_k16, __nv_bfloat16),
     WG(moba_topk_wg_fp16_d64_causal_k8, __half),          WG(moba_topk_wg_fp16_d64_causal_k16, __half),
@@ -58,9 +48,4 @@ const std::map<std::string, void*> kKernels = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-    return topk_harness::run("topk_wgmma_harness", kKernels, argc, argv, [] {
-        const moba::WgmmaThread& t = moba::wgmma_me();
-        if (!t.open.empty() || !t.groups.empty()) emu::fail("a thread ended with wgmma groups it never waited for");
-    });
-}
+int main(int argc, char** argv) { return harness::run_manifest("topk_wgmma_harness", argc, argv, kKernels); }
