@@ -39,7 +39,8 @@ def test_entry_points_and_constants_match_the_wrapper():
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
                         ("DSP_ATTN_CHUNK", S.ATTN_CHUNK), ("DSP_ATTN_ROWS", S.ATTN_ROWS),
                         ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MIN_CTAS", S.SELECT_MIN_CTAS),
-                        ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS)):
+                        ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS), ("DSP_ATTN_STAGES", S.ATTN_STAGES),
+                        ("DSP_ATTN_CACHE", S.ATTN_CACHE)):
         assert re.search(rf"#define {name} {value}\b", text), name
 
 

@@ -41,13 +41,22 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     assert plan.top_k * plan.n_chunks <= S.ATTN_ROWS * dim  # the merge's per-warp weights fit the P.V sums
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
+    assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM  # the launch bounds' CTAs per SM fit
     assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group)
+    # the set of selected blocks stays at most half full: a free slot always ends a probe
+    distinct = min(rows * top_k, (length - 1) // block + 1)
+    assert 2 * distinct <= 2 ** plan.log2_h < max(4, 4 * distinct) and plan.n_table == batch * kv_heads << plan.log2_h
+    assert 1 <= plan.cpg <= distinct * plan.n_chunks
+    assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
     bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
     score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
-    select = S.select_launch(plan, lengths, bufs)
-    attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), 0.1)
+    table = torch.zeros(1, dtype=torch.int32)
+    select = S.select_launch(plan, lengths, bufs, table)
+    attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
+    assert select.args[3] is table and select.args[-1] == plan.log2_h
+    assert S.select_launch(plan, lengths, bufs).args[-1] == -1  # the routing alone: no set
     for launch, ctas, smem in ((score, plan.n_score_ctas, plan.score_smem),
                                (select, plan.n_select_ctas, plan.select_smem),
                                (attend, plan.n_attn_ctas, plan.attn_smem)):
@@ -60,14 +69,15 @@ def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about three waves of 264 slots (512K: 16 ranges of 256 blocks, 1024 CTAs; 1M: 13 of
     640; 32K and 128K one pass per CTA), one select CTA per row, two 64-token chunks per selected block, and
-    shared memory for the CTAs per SM their launch bounds promise."""
+    shared memory for the CTAs per SM their launch bounds promise; four attention CTAs per (sequence, kv head),
+    one wave of two per SM."""
     for length, ranges, blocks in ((512 * 1024, 16, 256), (32 * 1024, 2, 128), (128 * 1024, 8, 128),
                                    (1 << 20, 13, 640)):
         n_blocks = length // 128
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges and plan.n_select_ctas == 64 * 4
-        assert plan.n_attn_ctas == 64 * 4 * 8 * 2
+        assert plan.n_attn_ctas == 64 * 4 and plan.cpg == 4 and plan.cached
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM
         assert S.SELECT_MIN_CTAS * (plan.select_smem + 1024) <= SMEM_PER_SM
         assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM
@@ -96,10 +106,14 @@ def test_step_launches_and_buffers():
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
     assert bufs["scores"].numel() == 2 * 2 * 4 * (69 // 16)
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
-    attend_counters = launches[2].args[7]
+    table, attend_counters = launches[2].args[5], launches[2].args[8]
     assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
+    # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
+    assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * 2 ** plan.log2_h
+    assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
+    assert only[1].args[-1] == -1  # the routing alone fills no set
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
 

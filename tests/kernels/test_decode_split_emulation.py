@@ -54,10 +54,11 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts,
-              seed=7, route_only=False):
+              seed=7, route_only=False, attn_ctas=None):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
+                                            attn_ctas=attn_ctas)
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -70,6 +71,39 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
                                                    lengths, top_k, range_blocks, opts)
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
+
+
+ATTN_CASES = [
+    # (case, attention CTAs per kv head): several items per CTA (the next chunk in flight while one is computed),
+    # strides that are and are not multiples of the chunks per block
+    pytest.param(CASES[0].values, 1, id="one-cta-per-kv-head"),
+    pytest.param(CASES[2].values, 3, id="three-ctas-two-chunks"),
+    pytest.param(CASES[7].values, 2, id="shared-blocks-two-ctas"),
+    # 512 entries over 1250 blocks: a set of 1024 slots, read in four windows
+    pytest.param((BF, 64, 16, 1, 16, 2, [20_000], 16, None, {}), 5, id="four-windows"),
+    # 128 query rows at d 128: entries and rows too large to keep in shared memory, read from global memory
+    pytest.param((FP, 128, 16, 1, 32, 4, [700, 300], 4, None, {}), 2, id="rows-not-cached"),
+]
+
+
+@pytest.mark.parametrize(("case", "attn_ctas"), ATTN_CASES)
+def test_attention_items_shared_by_fewer_ctas(harness, tmp_path, case, attn_ctas):
+    """Fewer attention CTAs than items: each walks its share of the kv head's selected blocks with the next
+    chunk's copies in flight; the step matches the reference, and the counters and sets of selected blocks are
+    zero again afterwards (the next step relies on it)."""
+    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, *case, attn_ctas=attn_ctas)
+    assert plan.cpg == attn_ctas
+    dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
+    assert not cache._counters.any()
+
+
+def test_attention_cases_reach_their_paths():
+    plans = [S.plan_split(len(c[6]), c[5], c[4], c[3], c[1], c[2], c[7], max(c[6]) + c[5], 1, 1, attn_ctas=n)
+             for c, n in (p.values for p in ATTN_CASES)]
+    assert any(2 ** p.log2_h > S.THREADS for p in plans) and not all(p.cached for p in plans)
+    assert any(p.cpg % p.n_chunks for p in plans if p.n_chunks > 1)
 
 
 def test_other_cta_orders_give_the_same_step(harness, tmp_path):

@@ -9,10 +9,11 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    block j is not a candidate of the row;
 2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
    best k - 1 (score desc, block desc) one entry per lane, warp 0 merges them and writes ``sel``;
-3. ``moba_decode_attend_*``: one CTA per (sequence, kv head, selection entry, chunk of <= 64 tokens); the
-   CTA of the first entry that names a block reads that chunk of its K and V once for every row that
-   selected it and writes partial softmax results; the last CTA of a (sequence, kv head) merges them into
-   ``out`` and ``lse``.
+   It also enters the row's blocks into its kv head's set of selected blocks (an open-addressing table);
+3. ``moba_decode_attend_*``: ``cpg`` CTAs per (sequence, kv head) share the items (chunk of <= 64 tokens of a
+   block in the set); a CTA copies the K and V of its next item while it computes the current one, for
+   every row that selected the block (so a block is read once per kv head), and writes partial softmax
+   results; the last CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every
@@ -53,7 +54,9 @@ ATTN_CHUNK = 64
 ATTN_ROWS = 4
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
 SELECT_MIN_CTAS = 4
-ATTN_MIN_CTAS = 4
+ATTN_MIN_CTAS = 2
+ATTN_STAGES = 2
+ATTN_CACHE = 24576  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
 SCORE_WAVES = 3  # score CTAs: ranges sized for about this many waves (fewer, longer CTAs beyond)
 SCORE_MAX_PASSES = 8  # most batches one score warp streams
@@ -91,11 +94,28 @@ def select_smem_bytes() -> int:
     return THREADS * 8
 
 
-def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2) -> int:
-    """Attention CTA: row list, q rows, scores, row limits, per-warp P.V sums, then K and V of the chunk."""
-    head = _align16(FLAGS + 4 * rows)
+def attn_cached(head_dim: int, rows: int, top_k: int, itemsize: int = 2) -> bool:
+    """Whether the attention CTAs keep the kv head's selection entries and query rows in shared memory."""
+    return _cache_bytes(head_dim, rows, top_k, itemsize) <= ATTN_CACHE
+
+
+def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
+    return _align16(4 * rows * top_k) + rows * head_dim * itemsize
+
+
+def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1) -> int:
+    """Attention CTA: flags, the window of selected blocks, the row list, (when they fit) the kv head's entries
+    and query rows, q rows of a pass, scores, row limits, per-warp P.V sums, then ATTN_STAGES chunks of K and V."""
+    head = _align16(FLAGS + 4 * (THREADS + rows))
+    if attn_cached(head_dim, rows, top_k, itemsize):
+        head += _cache_bytes(head_dim, rows, top_k, itemsize)
     return head + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + WARPS * ATTN_ROWS * head_dim * 4 + \
-        2 * chunk * head_dim * itemsize
+        ATTN_STAGES * 2 * chunk * head_dim * itemsize
+
+
+def table_log2(entries: int, n_blocks_cap: int) -> int:
+    """log2 of the slots of one kv head's set of selected blocks: at most half full, at least 2 slots."""
+    return max(1, math.ceil(math.log2(2 * max(1, min(entries, n_blocks_cap)))))
 
 
 @dataclass(frozen=True)
@@ -107,8 +127,11 @@ class SplitPlan(StepShape):
     n_range: int  # score CTAs per row group (0: no score launch, nothing to rank)
     range_blocks: int  # candidate blocks per score CTA
     n_cols: int  # scratch columns per row: the longest sequence's candidate blocks (at least 1)
-    chunk: int  # tokens per attention CTA
-    n_chunks: int  # attention CTAs per (entry, block)
+    chunk: int  # tokens per attention item
+    n_chunks: int  # attention items per selected block
+    log2_h: int  # slots of a kv head's set of selected blocks: 2**log2_h
+    cpg: int  # attention CTAs per (sequence, kv head)
+    cached: bool  # the attention CTAs keep the kv head's entries and query rows in shared memory
     score_smem: int
     select_smem: int
     attn_smem: int
@@ -123,25 +146,32 @@ class SplitPlan(StepShape):
 
     @property
     def n_attn_ctas(self) -> int:
-        return self.batch * self.kv_heads * self.rows * self.top_k * self.n_chunks
+        return self.batch * self.kv_heads * self.cpg
 
     @property
     def n_counters(self) -> int:
         """One per (sequence, kv head), for the attention launch."""
         return self.batch * self.kv_heads
 
+    @property
+    def n_table(self) -> int:
+        """Slots of the sets of selected blocks, one set per (sequence, kv head)."""
+        return self.batch * self.kv_heads << self.log2_h
+
 
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
-               range_blocks: int | None = None) -> SplitPlan:
+               range_blocks: int | None = None, attn_ctas: int | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
     ``range_blocks`` blocks per CTA, by default a whole number of passes (every warp one batch of
     :func:`score_batch` blocks per pass) that gives about SCORE_WAVES waves of score CTAs on ``sm_count`` SMs,
     at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
-    Selection: one CTA per (sequence, kv head, row). Attention: chunks of :math:`\min(B, 64)` tokens, one CTA
-    per (entry, chunk).
+    Selection: one CTA per (sequence, kv head, row); it also enters the row's blocks into its kv head's set of
+    selected blocks (:func:`table_log2` slots: at most half full). Attention: items of :math:`\min(B, 64)` tokens
+    of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
+    ATTN_MIN_CTAS per SM, at most one per item) share its items.
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -162,12 +192,20 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         per_range = range_blocks
         n_range = math.ceil(n_cand / per_range)
     chunk = min(block_size, ATTN_CHUNK)
+    entries = rows * top_k
+    distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
+    if attn_ctas is None:
+        attn_ctas = max(1, min(distinct * (block_size // chunk), sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
+    elif attn_ctas < 1:
+        raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
+                     log2_h=table_log2(entries, distinct), cpg=attn_ctas,
+                     cached=attn_cached(head_dim, rows, top_k, itemsize),
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize))
+                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -194,40 +232,48 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
-def select_launch(plan: SplitPlan, lengths, bufs: dict) -> Launch:
-    """The selection kernel: the scores scratch, lengths int32 -> sel."""
+def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
+    """The selection kernel: the scores scratch, lengths int32 -> sel, and the row's blocks into ``table`` (the
+    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone)."""
     p, i32 = plan, np.int32
-    args = (bufs["scores"], lengths, bufs["sel"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.block_size),
-            i32(p.top_k), i32(p.n_cols))
+    args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
+            i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
+            i32(p.log2_h if table is not None else -1))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)
 
 
-def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, scale: float) -> Launch:
-    """The attention kernel: the cache's k / v (b, kv_heads, capacity, d) and ``sel`` -> out, lse;
-    ``counters``: batch * kv_heads zeros."""
+def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float) -> Launch:
+    """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
+    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros."""
     p, i32 = plan, np.int32
     name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    args = (q, k, v, lengths, bufs["sel"], bufs["part_o"], bufs["part_ml"], counters, bufs["out"], bufs["lse"],
-            i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size), i32(p.top_k),
-            i32(p.n_chunks), i32(p.chunk), np.float32(scale * math.log2(math.e)))
+    args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
+            bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
+            i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
+            np.float32(scale * math.log2(math.e)))
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (THREADS, 1, 1), args, p.attn_smem)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
-                   range_blocks: int | None = None, sm_count: int = 132):
+                   range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
-    ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU."""
+    ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
+    ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice.
+
+    The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
+    attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks)
+                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
-    route.append(select_launch(plan, cache._len_dev, bufs))
     if route_only:
-        return plan, bufs, route
-    counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]
-    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, scale)
+        return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
+    work = cache._workspace_counters(plan.n_counters + plan.n_table)
+    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+    route.append(select_launch(plan, cache._len_dev, bufs, table))
+    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale)
     return plan, bufs, [*route, attend]

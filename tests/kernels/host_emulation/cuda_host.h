@@ -450,6 +450,11 @@ inline int atomicAdd(int* p, int v) {
     *p = old + v;
     return old;
 }
+inline int atomicCAS(int* p, int compare, int v) {
+    const int old = *p;
+    if (old == compare) *p = v;
+    return old;
+}
 template <typename T>
 inline T dec_ldcg(const T* p) {
     return *p;

@@ -20,10 +20,11 @@ using harness::P;
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define ATTEND(NAME, T)                                                                                         \
-    {#NAME, {19, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {23, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
-              P<float>(a[5]), P<float>(a[6]), P<unsigned>(a[7]), P<T>(a[8]), P<float>(a[9]), I(a[10]), I(a[11]), \
-              I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), a[18].f);                              \
+              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
+              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
+              I(a[21]), a[22].f);                                                                                \
      }}}
 
 const harness::Kernels kKernels = {
@@ -31,9 +32,9 @@ const harness::Kernels kKernels = {
     SCORE(moba_decode_route_score_bf16_d128, __nv_bfloat16),
     SCORE(moba_decode_route_score_fp16_d64, __half),
     SCORE(moba_decode_route_score_fp16_d128, __half),
-    {"moba_decode_route_select", {9, [](const std::vector<Arg>& a) {
-         moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), I(a[3]), I(a[4]), I(a[5]),
-                                  I(a[6]), I(a[7]), I(a[8]));
+    {"moba_decode_route_select", {11, [](const std::vector<Arg>& a) {
+         moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]), I(a[4]),
+                                  I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]));
      }}},
     ATTEND(moba_decode_attend_bf16_d64, __nv_bfloat16),
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),

@@ -32,17 +32,26 @@
 //    and writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
 //    result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer candidates
 //    than k-1 leave -1.
-// 3. moba_decode_attend_*: one CTA per (sequence, kv head, entry e, chunk c of <= 64 tokens of the block).
-//    The CTA reads its block j = sel[e] and the kv head's R * k selection entries; if an earlier entry of
-//    the kv head selected j, another CTA owns (j, c) and this one only counts itself; otherwise it copies
-//    chunk c of K and V of block j (cp.async.cg 16-byte copies, all issued at once: 32 KB at d 128, zeros
-//    beyond L_b) and computes, for every row that selected j, the base-2 partial softmax (m, l) and the
-//    unnormalised o over the chunk (keys after the row's position masked; scale * log2 e folded in), written
-//    to slot (r, s, c). So a block that several rows of a kv head select is read once. The last CTA of the
-//    (sequence, kv head) merges each row's k * n_chunks partials: M = max m, L = sum l 2^(m - M),
-//    out = sum o 2^(m - M) / L in q's dtype, lse = (M + log2 L) ln 2. Unused slots (sel -1) and chunks that
-//    no key of the row reaches (m = -inf) weigh 0.
-// Counters: one per (sequence, kv head) for the attention launch, back to zero when it ends.
+//    The select CTA also enters the row's blocks into its kv head's set of selected blocks (an open-addressing
+//    table of 2^log2_h slots, at most half full, in a zeroed workspace), so no later CTA has to find out
+//    which entries name the same block.
+// 3. moba_decode_attend_*: cpg CTAs per (sequence, kv head) (about one wave of two per SM; every CTA of a kv
+//    head reads its set, in windows of 256 slots, and numbers the selected blocks in slot order). Item
+//    u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block; CTA p takes the items whose number
+//    is p modulo cpg. While it computes one item, the K and V of its next item are in flight (cp.async.cg
+//    16-byte copies, two stages of 32 KB at d 128, zeros beyond L_b): a memory-bound launch whose CTAs never
+//    sit between a load and a dependent L2 round trip. For every row that selected the block it computes the
+//    base-2 partial softmax (m, l) and the unnormalised o over the chunk (keys after the row's position masked;
+//    scale * log2 e folded in), written to slot (r, s, c). So a block that several rows of a kv head select
+//    is read once. The kv head's entries and query rows are kept in shared memory when they fit (24 KB).
+//    The last CTA of the (sequence, kv head) merges each row's k * n_chunks partials: M = max m,
+//    L = sum l 2^(m - M), out = sum o 2^(m - M) / L in q's dtype, lse = (M + log2 L) ln 2 (unused slots
+//    (sel -1) and chunks that no key of the row reaches (m = -inf) weigh 0), then empties the set.
+//    History: one CTA per (entry, chunk) that first scanned the entries for an earlier owner of its block
+//    moved 121 MB in ~62 us at 512K, b 8 (2.0 TB/s, 41% of DRAM peak; Nsight Compute: barrier stalls, 47%
+//    occupancy): every CTA's copies waited behind two L2 round trips and its compute behind the copies.
+// Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
+// ends.
 //
 // Bytes (HBM) per sequence and kv head, n_p = floor((L - 1) / B) candidate blocks, U = blocks in the union of
 // the kv head's selections: sums 4 * n_p * D * ceil(R / 64) + K, V 2 * 2 * U * B * D (the own block's chunks
@@ -97,7 +106,9 @@
 #define DSP_MERGE_BATCH 8              // partials loaded together in the attention merge
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_SELECT_MIN_CTAS 4
-#define DSP_ATTN_MIN_CTAS 4
+#define DSP_ATTN_MIN_CTAS 2
+#define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
+#define DSP_ATTN_CACHE 24576           // most bytes of a kv head's entries and query rows kept in shared memory
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -235,12 +246,29 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     }
 }
 
+// ---- the set of selected blocks of a kv head ----
+
+// Open addressing over 2^log2_h int slots (0: empty, else block + 1; at most half full, so a free slot is
+// always found), Fibonacci hashing, linear probing. Rows of one kv head insert concurrently: a block lands in
+// exactly one slot, whichever row comes first. The attention launch reads the set and its last CTA of the kv
+// head empties it again.
+__device__ __forceinline__ int dsp_table_slot(int j, int log2_h) {
+    return (int)(((unsigned)(j + 1) * 2654435761u) >> (32 - log2_h));
+}
+__device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
+    const int mask = (1 << log2_h) - 1;
+    for (int h = dsp_table_slot(j, log2_h);; h = (h + 1) & mask) {
+        const int prev = atomicCAS(tab + h, 0, j + 1);
+        if (prev == 0 || prev == j + 1) return;
+    }
+}
+
 // ---- routing, 2: selection ----
 
 // Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
-                                           int* __restrict__ sel, int q_len, int heads, int kv_heads,
-                                           int block_size, int top_k, int n_cols) {
+                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
+                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h) {
     constexpr int U = DSP_SELECT_LOADS;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -312,140 +340,196 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
     if (lane == 0) srow[0] = own;
     if (lane < lcap) srow[1 + lane] = lj;
+    // The row's blocks into the kv head's set of selected blocks (log2_h < 0: no set, routing measured alone).
+    const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
+    const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
+    if (log2_h >= 0 && jj >= 0) dsp_table_insert(table + ((long long)bk << log2_h), log2_h, jj);
 }
 
 // ---- attention ----
 
-// Shared memory: [flags] rl [R] (entries that selected the CTA's block) | (16-byte aligned) qs [ROWS][D]
-// fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | red [WARPS][ROWS][D] fp32 (the final merge's per-warp weights
-// reuse it) | (16-byte aligned) K [chunk][D] T | V [chunk][D] T.
+// Shared memory: [flags] ublk [THREADS] (the window's selected blocks) rl [R] (entries that selected the current
+// block) | (16-byte aligned, when cached) es [E] (the kv head's selection entries), (16-byte aligned) qc [R][D] T
+// (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | red [WARPS][ROWS][D] fp32 (the
+// final merge's per-warp weights reuse it) | (16-byte aligned) DSP_ATTN_STAGES x (K [chunk][D] T, V [chunk][D] T).
+// flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + WARPS) the window's per-warp block counts.
 template <typename T, int D>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
-                                           const int* __restrict__ sel, float* __restrict__ part_o,
-                                           float* __restrict__ part_ml, unsigned* __restrict__ counters,
-                                           T* __restrict__ out, float* __restrict__ lse, int q_len, int heads,
-                                           int kv_heads, int capacity, int block_size, int top_k, int n_chunks,
-                                           int chunk, float scale_log2) {
+                                           const int* __restrict__ sel, int* __restrict__ table,
+                                           float* __restrict__ part_o, float* __restrict__ part_ml,
+                                           unsigned* __restrict__ counters, T* __restrict__ out,
+                                           float* __restrict__ lse, int q_len, int heads, int kv_heads,
+                                           int capacity, int block_size, int top_k, int n_chunks, int chunk,
+                                           int log2_h, int cpg, int cached, float scale_log2) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int CH = DSP_ATTN_CHUNK;
+    constexpr int NST = DSP_ATTN_STAGES;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks;
-    const int item = blockIdx.x;
-    const int c = item % nc, rest = item / nc, e = rest % E, g = rest / E;  // g = b * kv_heads + kvh
+    const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
+    const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
+    int* tab = table + ((long long)g << log2_h);
 
-    int* flags = reinterpret_cast<int*>(smem);  // [0] another CTA owns the block, [1] rows, [2] last CTA
-    int* rl = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * R));
+    int* flags = reinterpret_cast<int*>(smem);
+    int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
+    int* rl = ublk + DSP_THREADS;
+    unsigned char* after_rl = smem + dec_align16(DSP_FLAGS + 4 * (DSP_THREADS + R));
+    int* es = reinterpret_cast<int*>(after_rl);
+    T* qc = reinterpret_cast<T*>(after_rl + dec_align16(4 * E));
+    float* qs = reinterpret_cast<float*>(after_rl + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
     float* S = qs + ROWS * D;
     int* tl = reinterpret_cast<int*>(S + ROWS * CH);
     float* red = reinterpret_cast<float*>(tl + ROWS);
-    T* ks = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red) + DSP_WARPS * ROWS * D * 4);
-    T* vs = ks + chunk * D;
+    T* stages = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red) + DSP_WARPS * ROWS * D * 4);
 
     const long long sel_b = (long long)b * q_len * heads;
-    auto sel_at = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
+    auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
         const int r = ee / top_k, s = ee - r * top_k, i = r / group, gg = r - i * group;
         return sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + s];
     };
-    if (tid == 0) {
-        flags[0] = 0;
-        flags[1] = 0;
+    auto sel_at = [&](int ee) { return cached ? es[ee] : sel_global(ee); };
+    auto q_row = [&](int r) {  // query row r of this kv head in q
+        const int i = r / group, gg = r - i * group;
+        return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
+    };
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        for (int ee = tid; ee < E; ee += DSP_THREADS) es[ee] = sel_global(ee);
+        for (int y = tid; y < R * (D / 8); y += DSP_THREADS) {
+            const int r = y / (D / 8), x = y - r * (D / 8);
+            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
+        }
     }
-    const int j = sel_at(e);
-    __syncthreads();
-    // The kv head's entries that name j (loaded alongside j: one round trip to L2).
-    for (int ee = tid; ee < E; ee += DSP_THREADS) {
-        if (sel_at(ee) != j || j < 0) continue;
-        if (ee < e)
-            flags[0] = 1;  // an earlier entry owns (j, c)
-        else
-            rl[atomicAdd(flags + 1, 1)] = ee;  // a row selects a block at most once: <= R entries
-    }
-    __syncthreads();
-    if (j >= 0 && !flags[0]) {
-        const int nrow = flags[1];
-        const int tok0 = j * block_size + c * chunk;
-        const int nvalid = max(0, min(chunk, len - tok0));
-        const long long src = ((long long)g * capacity + tok0) * D;
-        dec_issue_kv_chunk<T, D, DSP_THREADS>(ks, vs, k, v, src, chunk, nvalid, tid);
-        dec_cp_async_commit();
-        for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
-            const int nb = min(ROWS, nrow - rb0);
-            if (rb0 > 0) __syncthreads();  // the last pass is done with qs, S and red
-            for (int y = tid; y < nb * D; y += DSP_THREADS) {
-                const int rr = y / D, d = y - rr * D, r = rl[rb0 + rr] / top_k, i = r / group, gg = r - i * group;
-                qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + gg) * D + d]);
+
+    // Items: chunk c of the u-th selected block in slot order is item u * nc + c; this CTA takes the items
+    // whose index is part modulo cpg. The set is read in windows of THREADS slots.
+    int rank_base = 0;  // selected blocks in the windows before this one
+    for (int w0 = 0; w0 < H; w0 += DSP_THREADS) {
+        const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
+        const unsigned m = __ballot_sync(DEC_FULL, key != 0);
+        if (lane == 0) flags[4 + warp] = __popc(m);
+        __syncthreads();  // also: es / qc written, the previous window's items done with ublk
+        int before = 0, nu = 0;
+#pragma unroll
+        for (int w = 0; w < DSP_WARPS; ++w) {
+            before += w < warp ? flags[4 + w] : 0;
+            nu += flags[4 + w];
+        }
+        if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
+        __syncthreads();
+
+        const int n_it = nu * nc;
+        const int first = ((part - (rank_base * nc) % cpg) % cpg + cpg) % cpg;
+        auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
+            const int u = it / nc, c = it - u * nc, j = ublk[u];
+            const int tok0 = j * block_size + c * chunk;
+            const int nvalid = max(0, min(chunk, len - tok0));
+            T* ks = stages + (long long)st * 2 * chunk * D;
+            dec_issue_kv_chunk<T, D, DSP_THREADS>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D,
+                                                  chunk, nvalid, tid);
+            dec_cp_async_commit();
+        };
+        // Up to NST - 1 items in flight while one is computed.
+#pragma unroll
+        for (int x = 0; x < NST - 1; ++x)
+            if (first + x * cpg < n_it) issue(first + x * cpg, x);
+        int prev_j = -1, nrow = 0;
+        for (int it = first, n = 0; it < n_it; it += cpg, ++n) {
+            const int ahead = it + (NST - 1) * cpg;
+            if (ahead < n_it) issue(ahead, (n + NST - 1) % NST);  // its stage was freed by the barrier below
+            const int u = it / nc, c = it - u * nc, j = ublk[u];
+            const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
+            const T* vs = ks + chunk * D;
+            if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
+                if (tid == 0) flags[0] = 0;
+                __syncthreads();
+                for (int ee = tid; ee < E; ee += DSP_THREADS)
+                    if (sel_at(ee) == j) rl[atomicAdd(flags, 1)] = ee;
+                __syncthreads();
+                nrow = flags[0];
+                prev_j = j;
             }
-            for (int rr = tid; rr < nb; rr += DSP_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
-            if (rb0 == 0) dec_cp_async_wait<0>();
-            __syncthreads();
-
-            dec_chunk_scores<T, D, CH, DSP_THREADS>(S, qs, ks, tl, nb, chunk, tok0, scale_log2, tid);
-            __syncthreads();
-
-            // Warp rr: m = max, P = 2^(S - m) in place, l = sum P (all -inf: m = -inf, P = 0, l = 0).
-            if (warp < nb) {
-                float mx, l;
-                dec_row_softmax2(S + warp * CH, chunk, lane, mx, l);
-                if (lane == 0) {
-                    const int ent = rl[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
-                    const long long pi = (((long long)g * R + r) * top_k + s) * nc + c;
-                    part_ml[2 * pi] = mx;
-                    part_ml[2 * pi + 1] = l;
+            // Wait for this item's group: the ones issued after it may stay in flight.
+            const int later = min(NST - 1, (n_it - 1 - it) / cpg);
+            dec_cp_async_wait_n(later);
+            const int tok0 = j * block_size + c * chunk;
+            for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
+                const int nb = min(ROWS, nrow - rb0);
+                if (rb0 > 0) __syncthreads();  // the last pass is done with qs, S and red
+                for (int y = tid; y < nb * D; y += DSP_THREADS) {
+                    const int rr = y / D, d = y - rr * D, r = rl[rb0 + rr] / top_k;
+                    qs[y] = dec_to_float(cached ? qc[r * D + d] : q_row(r)[d]);
                 }
-            }
-            __syncthreads();
+                for (int rr = tid; rr < nb; rr += DSP_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
+                __syncthreads();  // also: every thread's copies of this item have landed
 
-            // o = P . V: warp w takes tokens w, w + 8, ..., lane columns lane * CPL ..; sums over warps in red.
-            {
-                float o[ROWS][CPL];
+                dec_chunk_scores<T, D, CH, DSP_THREADS>(S, qs, ks, tl, nb, chunk, tok0, scale_log2, tid);
+                __syncthreads();
+
+                // Warp rr: m = max, P = 2^(S - m) in place, l = sum P (all -inf: m = -inf, P = 0, l = 0).
+                if (warp < nb) {
+                    float mx, l;
+                    dec_row_softmax2(S + warp * CH, chunk, lane, mx, l);
+                    if (lane == 0) {
+                        const int ent = rl[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
+                        const long long pi = (((long long)g * R + r) * top_k + s) * nc + c;
+                        part_ml[2 * pi] = mx;
+                        part_ml[2 * pi + 1] = l;
+                    }
+                }
+                __syncthreads();
+
+                // o = P . V: warp w takes tokens w, w + 8, ..., lane columns lane * CPL ..; sums over warps in red.
+                {
+                    float o[ROWS][CPL];
 #pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr)
+                    for (int rr = 0; rr < ROWS; ++rr)
 #pragma unroll
-                    for (int a = 0; a < CPL; ++a) o[rr][a] = 0.f;
-                for (int tk = warp; tk < chunk; tk += DSP_WARPS) {
-                    float vf[CPL];
-                    dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
+                        for (int a = 0; a < CPL; ++a) o[rr][a] = 0.f;
+                    for (int tk = warp; tk < chunk; tk += DSP_WARPS) {
+                        float vf[CPL];
+                        dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
+#pragma unroll
+                        for (int rr = 0; rr < ROWS; ++rr) {
+                            if (rr < nb) {
+                                const float pr = S[rr * CH + tk];
+#pragma unroll
+                                for (int a = 0; a < CPL; ++a) o[rr][a] += pr * vf[a];
+                            }
+                        }
+                    }
 #pragma unroll
                     for (int rr = 0; rr < ROWS; ++rr) {
                         if (rr < nb) {
-                            const float pr = S[rr * CH + tk];
 #pragma unroll
-                            for (int a = 0; a < CPL; ++a) o[rr][a] += pr * vf[a];
+                            for (int a = 0; a < CPL; ++a) red[(warp * ROWS + rr) * D + lane * CPL + a] = o[rr][a];
                         }
                     }
                 }
+                __syncthreads();
+                for (int y = tid; y < nb * D; y += DSP_THREADS) {
+                    const int rr = y / D, d = y - rr * D;
+                    float sum = 0.f;
 #pragma unroll
-                for (int rr = 0; rr < ROWS; ++rr) {
-                    if (rr < nb) {
-#pragma unroll
-                        for (int a = 0; a < CPL; ++a) red[(warp * ROWS + rr) * D + lane * CPL + a] = o[rr][a];
-                    }
+                    for (int w = 0; w < DSP_WARPS; ++w) sum += red[(w * ROWS + rr) * D + d];
+                    const int ent = rl[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
+                    part_o[((((long long)g * R + r) * top_k + s) * nc + c) * D + d] = sum;
                 }
             }
-            __syncthreads();
-            for (int y = tid; y < nb * D; y += DSP_THREADS) {
-                const int rr = y / D, d = y - rr * D;
-                float sum = 0.f;
-#pragma unroll
-                for (int w = 0; w < DSP_WARPS; ++w) sum += red[(w * ROWS + rr) * D + d];
-                const int ent = rl[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
-                part_o[((((long long)g * R + r) * top_k + s) * nc + c) * D + d] = sum;
-            }
+            __syncthreads();  // this item's stage, rl, qs, S and red are free again
         }
+        rank_base += nu;
     }
 
     __threadfence();
     __syncthreads();
     unsigned* counter = counters + g;
-    if (tid == 0) flags[2] = atomicAdd(counter, 1u) == (unsigned)(E * nc - 1);
+    if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
     __syncthreads();
-    if (!flags[2]) return;
+    if (!flags[1]) return;
     __threadfence();
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
@@ -513,6 +597,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         if (lane == 0) lse[row] = (mx + log2f(l)) * 0.69314718055994531f;
         __syncwarp();
     }
+    // Every CTA of the kv head is past its reads of the set: empty it for the next step.
+    for (int x = tid; x < H; x += DSP_THREADS) tab[x] = 0;
     if (tid == 0) *counter = 0u;
 }
 
@@ -531,17 +617,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_ATTN_MIN_CTAS) NAME(                              \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      const int* __restrict__ sel, float* __restrict__ part_o, float* __restrict__ part_ml,                       \
-      unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, int q_len, int heads,        \
-      int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk, float scale_log2) {         \
-    dsp_attend<T, D>(q, k, v, lengths, sel, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,          \
-                     capacity, block_size, top_k, n_chunks, chunk, scale_log2);                                   \
+      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
+      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
+      int log2_h, int cpg, int cached, float scale_log2) {                                                        \
+    dsp_attend<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,   \
+                     capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);              \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
-    const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int q_len, int heads,
-    int kv_heads, int block_size, int top_k, int n_cols) {
-    dsp_select(scores, lengths, sel, q_len, heads, kv_heads, block_size, top_k, n_cols);
+    const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
+    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h) {
+    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
