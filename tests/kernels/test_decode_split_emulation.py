@@ -79,8 +79,8 @@ ATTN_CASES = [
     pytest.param(CASES[0].values, 1, id="one-cta-per-kv-head"),
     pytest.param(CASES[2].values, 3, id="three-ctas-two-chunks"),
     pytest.param(CASES[7].values, 2, id="shared-blocks-two-ctas"),
-    # 512 entries over 1250 blocks: a set of 1024 slots, read in four windows
-    pytest.param((BF, 64, 16, 1, 16, 2, [20_000], 16, None, {}), 5, id="four-windows"),
+    # 512 entries over 1250 blocks: a set of 1024 slots, read in eight windows
+    pytest.param((BF, 64, 16, 1, 16, 2, [20_000], 16, None, {}), 5, id="eight-windows"),
     # 128 query rows at d 128: entries and rows too large to keep in shared memory, read from global memory
     pytest.param((FP, 128, 16, 1, 32, 4, [700, 300], 4, None, {}), 2, id="rows-not-cached"),
 ]
@@ -102,7 +102,7 @@ def test_attention_items_shared_by_fewer_ctas(harness, tmp_path, case, attn_ctas
 def test_attention_cases_reach_their_paths():
     plans = [S.plan_split(len(c[6]), c[5], c[4], c[3], c[1], c[2], c[7], max(c[6]) + c[5], 1, 1, attn_ctas=n)
              for c, n in (p.values for p in ATTN_CASES)]
-    assert any(2 ** p.log2_h > S.THREADS for p in plans) and not all(p.cached for p in plans)
+    assert any(2 ** p.log2_h > S.ATTN_THREADS for p in plans) and not all(p.cached for p in plans)
     assert any(p.cpg % p.n_chunks for p in plans if p.n_chunks > 1)
 
 

@@ -10,7 +10,7 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
 2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
    best k - 1 (score desc, block desc) one entry per lane, warp 0 merges them and writes ``sel``;
    It also enters the row's blocks into its kv head's set of selected blocks (an open-addressing table);
-3. ``moba_decode_attend_*``: ``cpg`` CTAs per (sequence, kv head) share the items (chunk of <= 64 tokens of a
+3. ``moba_decode_attend_*``: ``cpg`` CTAs per (sequence, kv head) share the items (chunk of <= 32 tokens of a
    block in the set); a CTA copies the K and V of its next item while it computes the current one, for
    every row that selected the block (so a block is read once per kv head), and writes partial softmax
    results; the last CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
@@ -50,13 +50,15 @@ FLAGS = 64
 SCORE_LOADS = 16  # float4 block-sum loads per lane of one score batch
 ROUTE_MAX_ROWS = 64
 SELECT_LOADS = 8
-ATTN_CHUNK = 64
+ATTN_CHUNK = 32
 ATTN_ROWS = 4
+ATTN_THREADS = 128
+ATTN_WARPS = ATTN_THREADS // 32
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
 SELECT_MIN_CTAS = 4
-ATTN_MIN_CTAS = 2
+ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
-ATTN_CACHE = 24576  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
+ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
 SCORE_WAVES = 3  # score CTAs: ranges sized for about this many waves (fewer, longer CTAs beyond)
 SCORE_MAX_PASSES = 8  # most batches one score warp streams
@@ -106,10 +108,10 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
 def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1) -> int:
     """Attention CTA: flags, the window of selected blocks, the row list, (when they fit) the kv head's entries
     and query rows, q rows of a pass, scores, row limits, per-warp P.V sums, then ATTN_STAGES chunks of K and V."""
-    head = _align16(FLAGS + 4 * (THREADS + rows))
+    head = _align16(FLAGS + 4 * (ATTN_THREADS + rows))
     if attn_cached(head_dim, rows, top_k, itemsize):
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
-    return head + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + WARPS * ATTN_ROWS * head_dim * 4 + \
+    return head + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + ATTN_WARPS * ATTN_ROWS * head_dim * 4 + \
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 
@@ -169,7 +171,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     :func:`score_batch` blocks per pass) that gives about SCORE_WAVES waves of score CTAs on ``sm_count`` SMs,
     at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
     Selection: one CTA per (sequence, kv head, row); it also enters the row's blocks into its kv head's set of
-    selected blocks (:func:`table_log2` slots: at most half full). Attention: items of :math:`\min(B, 64)` tokens
+    selected blocks (:func:`table_log2` slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens
     of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
     ATTN_MIN_CTAS per SM, at most one per item) share its items.
     """
@@ -252,7 +254,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
             i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
             np.float32(scale * math.log2(math.e)))
-    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (THREADS, 1, 1), args, p.attn_smem)
+    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,

@@ -101,14 +101,16 @@
 #define DSP_SCORE_LOADS 16             // float4 block-sum loads per lane of one score batch (8 KB per warp)
 #define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
-#define DSP_ATTN_CHUNK 64              // most tokens of one attention CTA
+#define DSP_ATTN_CHUNK 32              // most tokens of one attention item
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
-#define DSP_MERGE_BATCH 8              // partials loaded together in the attention merge
+#define DSP_MERGE_BATCH 4              // partials loaded together in the attention merge
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_SELECT_MIN_CTAS 4
-#define DSP_ATTN_MIN_CTAS 2
+#define DSP_ATTN_MIN_CTAS 5
+#define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
+#define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
-#define DSP_ATTN_CACHE 24576           // most bytes of a kv head's entries and query rows kept in shared memory
+#define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -376,15 +378,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
     int* flags = reinterpret_cast<int*>(smem);
     int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    int* rl = ublk + DSP_THREADS;
-    unsigned char* after_rl = smem + dec_align16(DSP_FLAGS + 4 * (DSP_THREADS + R));
+    int* rl = ublk + DSP_ATTN_THREADS;
+    unsigned char* after_rl = smem + dec_align16(DSP_FLAGS + 4 * (DSP_ATTN_THREADS + R));
     int* es = reinterpret_cast<int*>(after_rl);
     T* qc = reinterpret_cast<T*>(after_rl + dec_align16(4 * E));
     float* qs = reinterpret_cast<float*>(after_rl + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
     float* S = qs + ROWS * D;
     int* tl = reinterpret_cast<int*>(S + ROWS * CH);
     float* red = reinterpret_cast<float*>(tl + ROWS);
-    T* stages = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red) + DSP_WARPS * ROWS * D * 4);
+    T* stages = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red) + DSP_ATTN_WARPS * ROWS * D * 4);
 
     const long long sel_b = (long long)b * q_len * heads;
     auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
@@ -397,8 +399,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
     if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        for (int ee = tid; ee < E; ee += DSP_THREADS) es[ee] = sel_global(ee);
-        for (int y = tid; y < R * (D / 8); y += DSP_THREADS) {
+        for (int ee = tid; ee < E; ee += DSP_ATTN_THREADS) es[ee] = sel_global(ee);
+        for (int y = tid; y < R * (D / 8); y += DSP_ATTN_THREADS) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
@@ -407,14 +409,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // Items: chunk c of the u-th selected block in slot order is item u * nc + c; this CTA takes the items
     // whose index is part modulo cpg. The set is read in windows of THREADS slots.
     int rank_base = 0;  // selected blocks in the windows before this one
-    for (int w0 = 0; w0 < H; w0 += DSP_THREADS) {
+    for (int w0 = 0; w0 < H; w0 += DSP_ATTN_THREADS) {
         const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
         const unsigned m = __ballot_sync(DEC_FULL, key != 0);
         if (lane == 0) flags[4 + warp] = __popc(m);
         __syncthreads();  // also: es / qc written, the previous window's items done with ublk
         int before = 0, nu = 0;
 #pragma unroll
-        for (int w = 0; w < DSP_WARPS; ++w) {
+        for (int w = 0; w < DSP_ATTN_WARPS; ++w) {
             before += w < warp ? flags[4 + w] : 0;
             nu += flags[4 + w];
         }
@@ -428,7 +430,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const int tok0 = j * block_size + c * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
             T* ks = stages + (long long)st * 2 * chunk * D;
-            dec_issue_kv_chunk<T, D, DSP_THREADS>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D,
+            dec_issue_kv_chunk<T, D, DSP_ATTN_THREADS>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D,
                                                   chunk, nvalid, tid);
             dec_cp_async_commit();
         };
@@ -446,7 +448,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
                 if (tid == 0) flags[0] = 0;
                 __syncthreads();
-                for (int ee = tid; ee < E; ee += DSP_THREADS)
+                for (int ee = tid; ee < E; ee += DSP_ATTN_THREADS)
                     if (sel_at(ee) == j) rl[atomicAdd(flags, 1)] = ee;
                 __syncthreads();
                 nrow = flags[0];
@@ -456,17 +458,19 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const int later = min(NST - 1, (n_it - 1 - it) / cpg);
             dec_cp_async_wait_n(later);
             const int tok0 = j * block_size + c * chunk;
-            for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
-                const int nb = min(ROWS, nrow - rb0);
-                if (rb0 > 0) __syncthreads();  // the last pass is done with qs, S and red
-                for (int y = tid; y < nb * D; y += DSP_THREADS) {
+            // One pass per ROWS rows; the pass body is compiled for each row count (no idle rows in P.V). No
+            // barrier between passes: every buffer's last reader in one pass is a barrier ahead of its next writer.
+            auto pass = [&](int rb0, auto nb_c) {
+                constexpr int NB = decltype(nb_c)::value;
+                const int nb = NB;
+                for (int y = tid; y < nb * D; y += DSP_ATTN_THREADS) {
                     const int rr = y / D, d = y - rr * D, r = rl[rb0 + rr] / top_k;
                     qs[y] = dec_to_float(cached ? qc[r * D + d] : q_row(r)[d]);
                 }
-                for (int rr = tid; rr < nb; rr += DSP_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
+                for (int rr = tid; rr < nb; rr += DSP_ATTN_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
                 __syncthreads();  // also: every thread's copies of this item have landed
 
-                dec_chunk_scores<T, D, CH, DSP_THREADS>(S, qs, ks, tl, nb, chunk, tok0, scale_log2, tid);
+                dec_chunk_scores<T, D, CH, DSP_ATTN_THREADS>(S, qs, ks, tl, nb, chunk, tok0, scale_log2, tid);
                 __syncthreads();
 
                 // Warp rr: m = max, P = 2^(S - m) in place, l = sum P (all -inf: m = -inf, P = 0, l = 0).
@@ -484,40 +488,44 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
                 // o = P . V: warp w takes tokens w, w + 8, ..., lane columns lane * CPL ..; sums over warps in red.
                 {
-                    float o[ROWS][CPL];
+                    float o[NB][CPL];
 #pragma unroll
-                    for (int rr = 0; rr < ROWS; ++rr)
+                    for (int rr = 0; rr < NB; ++rr)
 #pragma unroll
                         for (int a = 0; a < CPL; ++a) o[rr][a] = 0.f;
-                    for (int tk = warp; tk < chunk; tk += DSP_WARPS) {
+                    for (int tk = warp; tk < chunk; tk += DSP_ATTN_WARPS) {
                         float vf[CPL];
                         dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
 #pragma unroll
-                        for (int rr = 0; rr < ROWS; ++rr) {
-                            if (rr < nb) {
-                                const float pr = S[rr * CH + tk];
+                        for (int rr = 0; rr < NB; ++rr) {
+                            const float pr = S[rr * CH + tk];
 #pragma unroll
-                                for (int a = 0; a < CPL; ++a) o[rr][a] += pr * vf[a];
-                            }
+                            for (int a = 0; a < CPL; ++a) o[rr][a] += pr * vf[a];
                         }
                     }
 #pragma unroll
-                    for (int rr = 0; rr < ROWS; ++rr) {
-                        if (rr < nb) {
+                    for (int rr = 0; rr < NB; ++rr) {
 #pragma unroll
-                            for (int a = 0; a < CPL; ++a) red[(warp * ROWS + rr) * D + lane * CPL + a] = o[rr][a];
-                        }
+                        for (int a = 0; a < CPL; ++a) red[(warp * ROWS + rr) * D + lane * CPL + a] = o[rr][a];
                     }
                 }
                 __syncthreads();
-                for (int y = tid; y < nb * D; y += DSP_THREADS) {
+                for (int y = tid; y < nb * D; y += DSP_ATTN_THREADS) {
                     const int rr = y / D, d = y - rr * D;
                     float sum = 0.f;
 #pragma unroll
-                    for (int w = 0; w < DSP_WARPS; ++w) sum += red[(w * ROWS + rr) * D + d];
+                    for (int w = 0; w < DSP_ATTN_WARPS; ++w) sum += red[(w * ROWS + rr) * D + d];
                     const int ent = rl[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
                     part_o[((((long long)g * R + r) * top_k + s) * nc + c) * D + d] = sum;
                 }
+            };
+            int rb0 = 0;
+            for (; rb0 + ROWS <= nrow; rb0 += ROWS) pass(rb0, dec_int<ROWS>());
+            switch (nrow - rb0) {
+                case 1: pass(rb0, dec_int<1>()); break;
+                case 2: pass(rb0, dec_int<2>()); break;
+                case 3: pass(rb0, dec_int<3>()); break;
+                default: break;
             }
             __syncthreads();  // this item's stage, rl, qs, S and red are free again
         }
@@ -535,8 +543,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
     // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches).
     const int per_row = top_k * nc;
-    float* wrow = red + warp * per_row;
-    for (int r = warp; r < R; r += DSP_WARPS) {
+    float* wrow = reinterpret_cast<float*>(stages) + warp * per_row;  // the stages are free now
+    for (int r = warp; r < R; r += DSP_ATTN_WARPS) {
         const long long p0 = ((long long)g * R + r) * per_row;
         float mx = dec_neg_inf();
         for (int sc = lane; sc < per_row; sc += 32) {
@@ -598,7 +606,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncwarp();
     }
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
-    for (int x = tid; x < H; x += DSP_THREADS) tab[x] = 0;
+    for (int x = tid; x < H; x += DSP_ATTN_THREADS) tab[x] = 0;
     if (tid == 0) *counter = 0u;
 }
 
@@ -615,7 +623,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
-  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_ATTN_MIN_CTAS) NAME(                              \
+  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                              \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
