@@ -106,12 +106,13 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
 
 
 def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1) -> int:
-    """Attention CTA: flags, the window of selected blocks, the row list, (when they fit) the kv head's entries
-    and query rows, q rows of a pass, scores, row limits, per-warp P.V sums, then ATTN_STAGES chunks of K and V."""
-    head = _align16(FLAGS + 4 * (ATTN_THREADS + rows))
+    """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (when they
+    fit) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and sums, then
+    ATTN_STAGES chunks of K and V."""
+    head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
     if attn_cached(head_dim, rows, top_k, itemsize):
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
-    return head + ATTN_ROWS * (head_dim * 4 + ATTN_CHUNK * 4 + 4) + ATTN_WARPS * ATTN_ROWS * head_dim * 4 + \
+    return head + ATTN_ROWS * head_dim * 4 + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 

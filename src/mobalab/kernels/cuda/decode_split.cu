@@ -350,10 +350,11 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
-// Shared memory: [flags] ublk [THREADS] (the window's selected blocks) rl [R] (entries that selected the current
-// block) | (16-byte aligned, when cached) es [E] (the kv head's selection entries), (16-byte aligned) qc [R][D] T
-// (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 | S [ROWS][CHUNK] fp32 | tl [ROWS] | red [WARPS][ROWS][D] fp32 (the
-// final merge's per-warp weights reuse it) | (16-byte aligned) DSP_ATTN_STAGES x (K [chunk][D] T, V [chunk][D] T).
+// Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
+// block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
+// head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
+// red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
+// STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
 // flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + WARPS) the window's per-warp block counts.
 template <typename T, int D>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
@@ -366,7 +367,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            int log2_h, int cpg, int cached, float scale_log2) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
-    constexpr int CH = DSP_ATTN_CHUNK;
+    constexpr int NW = DSP_ATTN_WARPS;
+    constexpr int NT = DSP_ATTN_THREADS;
     constexpr int NST = DSP_ATTN_STAGES;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -378,15 +380,16 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
     int* flags = reinterpret_cast<int*>(smem);
     int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    int* rl = ublk + DSP_ATTN_THREADS;
-    unsigned char* after_rl = smem + dec_align16(DSP_FLAGS + 4 * (DSP_ATTN_THREADS + R));
-    int* es = reinterpret_cast<int*>(after_rl);
-    T* qc = reinterpret_cast<T*>(after_rl + dec_align16(4 * E));
-    float* qs = reinterpret_cast<float*>(after_rl + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
-    float* S = qs + ROWS * D;
-    int* tl = reinterpret_cast<int*>(S + ROWS * CH);
-    float* red = reinterpret_cast<float*>(tl + ROWS);
-    T* stages = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red) + DSP_ATTN_WARPS * ROWS * D * 4);
+    int* rl = ublk + NT;
+    int* rrow = rl + R;
+    int* rpos = rrow + R;
+    unsigned char* after_rows = smem + dec_align16(DSP_FLAGS + 4 * (NT + 3 * R));
+    int* es = reinterpret_cast<int*>(after_rows);
+    T* qc = reinterpret_cast<T*>(after_rows + dec_align16(4 * E));
+    float* qs = reinterpret_cast<float*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
+    float* red = qs + ROWS * D;
+    float* wml = red + NW * ROWS * D;
+    T* stages = reinterpret_cast<T*>(wml + NW * ROWS * 2);
 
     const long long sel_b = (long long)b * q_len * heads;
     auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
@@ -399,24 +402,25 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
     if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        for (int ee = tid; ee < E; ee += DSP_ATTN_THREADS) es[ee] = sel_global(ee);
-        for (int y = tid; y < R * (D / 8); y += DSP_ATTN_THREADS) {
+        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
+        for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
     }
+    if (tid == 0) flags[0] = 0;
 
-    // Items: chunk c of the u-th selected block in slot order is item u * nc + c; this CTA takes the items
-    // whose index is part modulo cpg. The set is read in windows of THREADS slots.
-    int rank_base = 0;  // selected blocks in the windows before this one
-    for (int w0 = 0; w0 < H; w0 += DSP_ATTN_THREADS) {
+    // Items: chunk c of the u-th selected block in slot order is item u * nc + c. The set is read in windows of
+    // THREADS slots; CTA part takes a contiguous run of each window's items (so consecutive items mostly share
+    // a block, whose rows are then gathered once).
+    for (int w0 = 0; w0 < H; w0 += NT) {
         const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
         const unsigned m = __ballot_sync(DEC_FULL, key != 0);
         if (lane == 0) flags[4 + warp] = __popc(m);
-        __syncthreads();  // also: es / qc written, the previous window's items done with ublk
+        __syncthreads();  // also: es / qc and flags[0] written, the previous window's items done with ublk
         int before = 0, nu = 0;
 #pragma unroll
-        for (int w = 0; w < DSP_ATTN_WARPS; ++w) {
+        for (int w = 0; w < NW; ++w) {
             before += w < warp ? flags[4 + w] : 0;
             nu += flags[4 + w];
         }
@@ -424,112 +428,146 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncthreads();
 
         const int n_it = nu * nc;
-        const int first = ((part - (rank_base * nc) % cpg) % cpg + cpg) % cpg;
+        const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
         auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
             const int u = it / nc, c = it - u * nc, j = ublk[u];
             const int tok0 = j * block_size + c * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
             T* ks = stages + (long long)st * 2 * chunk * D;
-            dec_issue_kv_chunk<T, D, DSP_ATTN_THREADS>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D,
-                                                  chunk, nvalid, tid);
+            dec_issue_kv_chunk<T, D, NT>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D, chunk,
+                                         nvalid, tid);
             dec_cp_async_commit();
         };
         // Up to NST - 1 items in flight while one is computed.
 #pragma unroll
         for (int x = 0; x < NST - 1; ++x)
-            if (first + x * cpg < n_it) issue(first + x * cpg, x);
+            if (lo + x < hi) issue(lo + x, x);
         int prev_j = -1, nrow = 0;
-        for (int it = first, n = 0; it < n_it; it += cpg, ++n) {
-            const int ahead = it + (NST - 1) * cpg;
-            if (ahead < n_it) issue(ahead, (n + NST - 1) % NST);  // its stage was freed by the barrier below
+        for (int it = lo, n = 0; it < hi; ++it, ++n) {
+            // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
+            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
             const int u = it / nc, c = it - u * nc, j = ublk[u];
             const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
-                if (tid == 0) flags[0] = 0;
-                __syncthreads();
-                for (int ee = tid; ee < E; ee += DSP_ATTN_THREADS)
-                    if (sel_at(ee) == j) rl[atomicAdd(flags, 1)] = ee;
+                __syncthreads();  // the last item is done with rl, rrow, rpos; flags[0] is 0
+                for (int ee = tid; ee < E; ee += NT) {
+                    if (sel_at(ee) == j) {
+                        const int n_r = atomicAdd(flags, 1), r = ee / top_k;
+                        rl[n_r] = ee;
+                        rrow[n_r] = r;
+                        rpos[n_r] = len - q_len + r / group;
+                    }
+                }
                 __syncthreads();
                 nrow = flags[0];
                 prev_j = j;
             }
             // Wait for this item's group: the ones issued after it may stay in flight.
-            const int later = min(NST - 1, (n_it - 1 - it) / cpg);
-            dec_cp_async_wait_n(later);
+            dec_cp_async_wait_n(min(NST - 1, hi - 1 - it));
             const int tok0 = j * block_size + c * chunk;
-            // One pass per ROWS rows; the pass body is compiled for each row count (no idle rows in P.V). No
-            // barrier between passes: every buffer's last reader in one pass is a barrier ahead of its next writer.
-            auto pass = [&](int rb0, auto nb_c) {
-                constexpr int NB = decltype(nb_c)::value;
-                const int nb = NB;
-                for (int y = tid; y < nb * D; y += DSP_ATTN_THREADS) {
-                    const int rr = y / D, d = y - rr * D, r = rl[rb0 + rr] / top_k;
+            const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
+            for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
+                const int nb = min(ROWS, nrow - rb0);
+                for (int y = tid; y < nb * D; y += NT) {
+                    const int rr = y / D, d = y - rr * D, r = rrow[rb0 + rr];
                     qs[y] = dec_to_float(cached ? qc[r * D + d] : q_row(r)[d]);
                 }
-                for (int rr = tid; rr < nb; rr += DSP_ATTN_THREADS) tl[rr] = len - q_len + (rl[rb0 + rr] / top_k) / group;
-                __syncthreads();  // also: every thread's copies of this item have landed
+                __syncthreads();  // qs written; every thread's copies of this item have landed; flags[0] read
+                if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
 
-                dec_chunk_scores<T, D, CH, DSP_ATTN_THREADS>(S, qs, ks, tl, nb, chunk, tok0, scale_log2, tid);
-                __syncthreads();
-
-                // Warp rr: m = max, P = 2^(S - m) in place, l = sum P (all -inf: m = -inf, P = 0, l = 0).
-                if (warp < nb) {
-                    float mx, l;
-                    dec_row_softmax2(S + warp * CH, chunk, lane, mx, l);
-                    if (lane == 0) {
-                        const int ent = rl[rb0 + warp], r = ent / top_k, s = ent - r * top_k;
-                        const long long pi = (((long long)g * R + r) * top_k + s) * nc + c;
-                        part_ml[2 * pi] = mx;
-                        part_ml[2 * pi + 1] = l;
-                    }
-                }
-                __syncthreads();
-
-                // o = P . V: warp w takes tokens w, w + 8, ..., lane columns lane * CPL ..; sums over warps in red.
-                {
-                    float o[NB][CPL];
+                // Warp w: tokens w * tpw .. of the chunk for every row, 8 lanes per token (its D / 8 columns),
+                // 4 tokens per sub-pass; its own max, sum and P.V over them.
+                const int tpw = chunk / NW, tsub = lane >> 3, lp = lane & 7;
+                for (int rr = 0; rr < nb; ++rr) {
+                    const int pos = rpos[rb0 + rr];
+                    float sv[2];
 #pragma unroll
-                    for (int rr = 0; rr < NB; ++rr)
+                    for (int sp = 0; sp < 2; ++sp) {
+                        sv[sp] = dec_neg_inf();
+                        if (sp * 4 < tpw) {
+                            const int tk = warp * tpw + sp * 4 + tsub;
+                            float acc = 0.f;
 #pragma unroll
-                        for (int a = 0; a < CPL; ++a) o[rr][a] = 0.f;
-                    for (int tk = warp; tk < chunk; tk += DSP_ATTN_WARPS) {
-                        float vf[CPL];
-                        dec_load_cols<T, CPL>(vs + tk * D + lane * CPL, vf);
-#pragma unroll
-                        for (int rr = 0; rr < NB; ++rr) {
-                            const float pr = S[rr * CH + tk];
-#pragma unroll
-                            for (int a = 0; a < CPL; ++a) o[rr][a] += pr * vf[a];
+                            for (int mm = 0; mm < D / 64; ++mm) {
+                                const int e0 = (mm * 8 + lp) * 8;
+                                const uint4 uk = *reinterpret_cast<const uint4*>(ks + tk * D + e0);
+                                float kf[8];
+                                dec_unpack8<T>(uk, kf);
+                                const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
+                                const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
+                                acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+                                       qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                            }
+                            acc += __shfl_xor_sync(DEC_FULL, acc, 1);
+                            acc += __shfl_xor_sync(DEC_FULL, acc, 2);
+                            acc += __shfl_xor_sync(DEC_FULL, acc, 4);
+                            sv[sp] = tok0 + tk <= pos ? acc * scale_log2 : dec_neg_inf();
                         }
                     }
+                    float mx = fmaxf(sv[0], sv[1]);
+                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 8));
+                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 16));
+                    float l = 0.f;
 #pragma unroll
-                    for (int rr = 0; rr < NB; ++rr) {
+                    for (int sp = 0; sp < 2; ++sp) {
+                        sv[sp] = mx == dec_neg_inf() ? 0.f : exp2f(sv[sp] - mx);  // P (0 for masked tokens)
+                        l += sv[sp];
+                    }
+                    l += __shfl_xor_sync(DEC_FULL, l, 8);
+                    l += __shfl_xor_sync(DEC_FULL, l, 16);
+                    float o[CPL];
 #pragma unroll
-                        for (int a = 0; a < CPL; ++a) red[(warp * ROWS + rr) * D + lane * CPL + a] = o[rr][a];
+                    for (int a = 0; a < CPL; ++a) o[a] = 0.f;
+#pragma unroll
+                    for (int sp = 0; sp < 2; ++sp) {
+                        if (sp * 4 < tpw) {
+#pragma unroll
+                            for (int t4 = 0; t4 < 4; ++t4) {
+                                const float pr = __shfl_sync(DEC_FULL, sv[sp], t4 * 8);
+                                float vf[CPL];
+                                dec_load_cols<T, CPL>(vs + (warp * tpw + sp * 4 + t4) * D + lane * CPL, vf);
+#pragma unroll
+                                for (int a = 0; a < CPL; ++a) o[a] += pr * vf[a];
+                            }
+                        }
+                    }
+                    float* dst = red + (warp * ROWS + rr) * D + lane * CPL;
+#pragma unroll
+                    for (int a = 0; a < CPL; ++a) dst[a] = o[a];
+                    if (lane == 0) {
+                        wml[(warp * ROWS + rr) * 2] = mx;
+                        wml[(warp * ROWS + rr) * 2 + 1] = l;
                     }
                 }
-                __syncthreads();
-                for (int y = tid; y < nb * D; y += DSP_ATTN_THREADS) {
+                __syncthreads();  // every warp's (max, sum, P.V) of the pass
+
+                // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise.
+                for (int y = tid; y < nb * D; y += NT) {
                     const int rr = y / D, d = y - rr * D;
-                    float sum = 0.f;
+                    float mw[NW], big = dec_neg_inf();
 #pragma unroll
-                    for (int w = 0; w < DSP_ATTN_WARPS; ++w) sum += red[(w * ROWS + rr) * D + d];
-                    const int ent = rl[rb0 + rr], r = ent / top_k, s = ent - r * top_k;
-                    part_o[((((long long)g * R + r) * top_k + s) * nc + c) * D + d] = sum;
+                    for (int w = 0; w < NW; ++w) {
+                        mw[w] = wml[(w * ROWS + rr) * 2];
+                        big = fmaxf(big, mw[w]);
+                    }
+                    float sum = 0.f, lsum = 0.f;
+#pragma unroll
+                    for (int w = 0; w < NW; ++w) {
+                        const float sc = mw[w] == dec_neg_inf() ? 0.f : exp2f(mw[w] - big);
+                        sum += sc * red[(w * ROWS + rr) * D + d];
+                        lsum += sc * wml[(w * ROWS + rr) * 2 + 1];
+                    }
+                    const long long pi = pbase + (long long)rl[rb0 + rr] * nc;
+                    part_o[pi * D + d] = sum;
+                    if (d == 0) {
+                        part_ml[2 * pi] = big;
+                        part_ml[2 * pi + 1] = lsum;
+                    }
                 }
-            };
-            int rb0 = 0;
-            for (; rb0 + ROWS <= nrow; rb0 += ROWS) pass(rb0, dec_int<ROWS>());
-            switch (nrow - rb0) {
-                case 1: pass(rb0, dec_int<1>()); break;
-                case 2: pass(rb0, dec_int<2>()); break;
-                case 3: pass(rb0, dec_int<3>()); break;
-                default: break;
             }
-            __syncthreads();  // this item's stage, rl, qs, S and red are free again
         }
-        rank_base += nu;
+        __syncthreads();  // the window's items are done with ublk and the stages
     }
 
     __threadfence();
