@@ -28,8 +28,8 @@
 //    chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's best k-1
 //    so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic sort, then a
 //    chunk's candidates that beat the list's last entry (one ballot; rare once the list is good) are inserted
-//    one by one by shifting the lanes behind them. Warp 0 then offers the other 7 warps' lists the same way
-//    and writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
+//    one by one by shifting the lanes behind them. The 8 lists are then merged pairwise in a tree of bitonic
+//    merges (3 levels), and warp 0 writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
 //    result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer candidates
 //    than k-1 leave -1.
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (an open-addressing
@@ -103,7 +103,6 @@
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
 #define DSP_ATTN_CHUNK 32              // most tokens of one attention item
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
-#define DSP_MERGE_BATCH 4              // partials loaded together in the attention merge
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_SELECT_MIN_CTAS 4
 #define DSP_ATTN_MIN_CTAS 5
@@ -332,13 +331,35 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     }
     float* wv = reinterpret_cast<float*>(smem);
     int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
-    wv[tid] = lv;
-    wj[tid] = lj;
-    __syncthreads();
-    if (warp != 0) return;
-    if (lcap > 0) {
-        for (int w = 1; w < DSP_WARPS; ++w) dsp_offer(lv, lj, wv[w * 32 + lane], wj[w * 32 + lane], lcap, lane);
+    // The warps' lists merged pairwise in a tree (3 levels, no serial insertions): a list and its partner's,
+    // reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner steps sort
+    // best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
+    for (int step = 1; step < DSP_WARPS; step <<= 1) {
+        if ((warp & (2 * step - 1)) == step) {  // this level's senders (read by no one before this level)
+            wv[tid] = lv;
+            wj[tid] = lj;
+        }
+        __syncthreads();
+        if ((warp & (2 * step - 1)) == 0) {
+            const int src = (warp + step) * 32 + 31 - lane;
+            const float pv = wv[src];
+            const int pj = wj[src];
+            if (dsp_before(pv, pj, lv, lj)) {
+                lv = pv;
+                lj = pj;
+            }
+#pragma unroll
+            for (int h = 16; h > 0; h >>= 1) {
+                const float ov = __shfl_xor_sync(DEC_FULL, lv, h);
+                const int oj = __shfl_xor_sync(DEC_FULL, lj, h);
+                if ((lane & h) == 0 ? dsp_before(ov, oj, lv, lj) : dsp_before(lv, lj, ov, oj)) {
+                    lv = ov;
+                    lj = oj;
+                }
+            }
+        }
     }
+    if (warp != 0) return;
     int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
     if (lane == 0) srow[0] = own;
     if (lane < lcap) srow[1 + lane] = lj;
@@ -579,9 +600,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     __threadfence();
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
-    // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches).
+    // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). Each warp's share of the
+    // now free P.V sums and stages holds the row's weights, then a batch of partials copied in at once (one
+    // round trip to L2 per batch instead of one per few partials).
     const int per_row = top_k * nc;
-    float* wrow = reinterpret_cast<float*>(stages) + warp * per_row;  // the stages are free now
+    const int share = (int)((reinterpret_cast<unsigned char*>(stages) - reinterpret_cast<unsigned char*>(red) +
+                             (long long)NST * 2 * chunk * D * 2) / (4 * NW)) & ~3;  // floats per warp
+    float* wrow = red + warp * share;
+    float* stg = wrow + ((per_row + 3) & ~3);
+    const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
     for (int r = warp; r < R; r += DSP_ATTN_WARPS) {
         const long long p0 = ((long long)g * R + r) * per_row;
         float mx = dec_neg_inf();
@@ -607,29 +634,23 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         float o[CPL];
 #pragma unroll
         for (int a = 0; a < CPL; ++a) o[a] = 0.f;
-        // DSP_MERGE_BATCH partials per round trip to L2; a zero weight loads nothing (its partial may be unwritten).
-        for (int sc0 = 0; sc0 < per_row; sc0 += DSP_MERGE_BATCH) {
-            float w[DSP_MERGE_BATCH], po[DSP_MERGE_BATCH][CPL];
-#pragma unroll
-            for (int a = 0; a < DSP_MERGE_BATCH; ++a) {
-                w[a] = sc0 + a < per_row ? wrow[sc0 + a] : 0.f;
-                const float* src = part_o + (p0 + sc0 + a) * D + lane * CPL;
-                if constexpr (CPL == 4) {
-                    const float4 u = w[a] != 0.f ? dec_ldcg(reinterpret_cast<const float4*>(src))
-                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
-                    po[a][0] = u.x;
-                    po[a][1] = u.y;
-                    po[a][CPL - 2] = u.z;
-                    po[a][CPL - 1] = u.w;
-                } else {
-                    po[a][0] = w[a] != 0.f ? dec_ldcg(src) : 0.f;
-                    po[a][CPL - 1] = w[a] != 0.f ? dec_ldcg(src + 1) : 0.f;
-                }
+        // A zero weight copies nothing (its partial may be unwritten) and is skipped.
+        for (int sc0 = 0; sc0 < per_row; sc0 += nbat) {
+            const int nb = min(nbat, per_row - sc0);
+            for (int a = 0; a < nb; ++a) {
+                if (wrow[sc0 + a] != 0.f && lane < D / 4)  // 16 bytes a lane (D / 4 lanes per partial)
+                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
             }
+            dec_cp_async_commit();
+            dec_cp_async_wait<0>();
+            __syncwarp();
+            for (int a = 0; a < nb; ++a) {
+                const float w = wrow[sc0 + a];
+                if (w == 0.f) continue;
 #pragma unroll
-            for (int a = 0; a < DSP_MERGE_BATCH; ++a)
-#pragma unroll
-                for (int x = 0; x < CPL; ++x) o[x] += w[a] * po[a][x];
+                for (int x = 0; x < CPL; ++x) o[x] += w * stg[a * D + lane * CPL + x];
+            }
+            __syncwarp();  // the batch is read before the next one lands
         }
         const int i = r / group, gg = r - i * group;
         const long long row = (long long)(b * q_len + i) * heads + kvh * group + gg;
