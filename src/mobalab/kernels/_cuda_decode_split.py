@@ -112,7 +112,7 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top
     head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
     if attn_cached(head_dim, rows, top_k, itemsize):
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
-    return head + ATTN_ROWS * head_dim * 4 + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
+    return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 

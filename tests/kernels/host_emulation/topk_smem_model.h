@@ -16,9 +16,6 @@
 #define MOBA_TOPK_SMEM(name) unsigned char* name = emu::dynamic_smem()
 #include "ptx_swizzle.h"
 
-struct float2 {
-    float x, y;
-};
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 
 namespace moba {

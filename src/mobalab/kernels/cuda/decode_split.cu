@@ -371,6 +371,27 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
+// Tokens 0 .. chunk - 1 of K and V from element offset src into ks / vs ([chunk][D] each, 16-byte chunk c of row r
+// stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as 16-byte cp.async
+// copies (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0 times V stays 0 beyond
+// the sequence. The caller commits the group.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* k, const T* v, long long src,
+                                                      int chunk, int nvalid, int tid) {
+    constexpr int VEC = D / 8;  // 16-byte vectors per K/V row
+    for (int y = tid; y < chunk * VEC; y += THREADS) {
+        const int tk = y / VEC, cv = y - tk * VEC, goff = tk * D + cv * 8, soff = tk * D + ((cv ^ (tk & 7)) << 3);
+        if (tk < nvalid) {
+            dec_cp_async16(ks + soff, k + src + goff);
+            dec_cp_async16(vs + soff, v + src + goff);
+        } else {
+            *reinterpret_cast<uint4*>(ks + soff) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(vs + soff) = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
 // head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
@@ -391,6 +412,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     constexpr int NW = DSP_ATTN_WARPS;
     constexpr int NT = DSP_ATTN_THREADS;
     constexpr int NST = DSP_ATTN_STAGES;
+    constexpr int QSD = D + 8;  // padded q rows: the 4 rows of an A fragment load hit different banks
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
@@ -407,8 +429,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     unsigned char* after_rows = smem + dec_align16(DSP_FLAGS + 4 * (NT + 3 * R));
     int* es = reinterpret_cast<int*>(after_rows);
     T* qc = reinterpret_cast<T*>(after_rows + dec_align16(4 * E));
-    float* qs = reinterpret_cast<float*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
-    float* red = qs + ROWS * D;
+    T* qs = reinterpret_cast<T*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
+    float* red = reinterpret_cast<float*>(qs + ROWS * QSD);
     float* wml = red + NW * ROWS * D;
     T* stages = reinterpret_cast<T*>(wml + NW * ROWS * 2);
 
@@ -448,15 +470,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
         __syncthreads();
 
-        const int n_it = nu * nc;
+        const int n_it = nu * nc, nwa = chunk / 8;  // warps with 8 tokens of a chunk each
         const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
         auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
             const int u = it / nc, c = it - u * nc, j = ublk[u];
             const int tok0 = j * block_size + c * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
             T* ks = stages + (long long)st * 2 * chunk * D;
-            dec_issue_kv_chunk<T, D, NT>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D, chunk,
-                                         nvalid, tid);
+            dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D, chunk,
+                                            nvalid, tid);
             dec_cp_async_commit();
         };
         // Up to NST - 1 items in flight while one is computed.
@@ -490,75 +512,69 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
             for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
                 const int nb = min(ROWS, nrow - rb0);
-                for (int y = tid; y < nb * D; y += NT) {
-                    const int rr = y / D, d = y - rr * D, r = rrow[rb0 + rr];
-                    qs[y] = dec_to_float(cached ? qc[r * D + d] : q_row(r)[d]);
+                for (int y = tid; y < nb * (D / 8); y += NT) {  // the pass's query rows, 16 bytes a thread
+                    const int rr = y / (D / 8), x = y - rr * (D / 8), r = rrow[rb0 + rr];
+                    const uint4 u = cached ? reinterpret_cast<const uint4*>(qc + r * D)[x]
+                                           : reinterpret_cast<const uint4*>(q_row(r))[x];
+                    *reinterpret_cast<uint4*>(qs + rr * QSD + x * 8) = u;
                 }
                 __syncthreads();  // qs written; every thread's copies of this item have landed; flags[0] read
                 if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
 
-                // Warp w: tokens w * tpw .. of the chunk for every row, 8 lanes per token (its D / 8 columns),
-                // 4 tokens per sub-pass; its own max, sum and P.V over them.
-                const int tpw = chunk / NW, tsub = lane >> 3, lp = lane & 7;
-                for (int rr = 0; rr < nb; ++rr) {
-                    const int pos = rpos[rb0 + rr];
-                    float sv[2];
+                // Warp w < nwa: tokens 8w .. 8w + 7 of the chunk, on the tensor cores (rows nb .. 15 of the
+                // 16-row tiles are zero). S = Q K^T by mma m16n8k16 (K from the swizzled stage by ldmatrix),
+                // lane 4g + t holds S of row g at tokens 2t, 2t + 1; the row's max and sum over the 8 tokens
+                // across the quad; P (rounded to T) is already the A fragment of P V by mma m16n8k8, V
+                // transposed by ldmatrix.
+                if (warp < nwa) {
+                    const int g4 = lane >> 2, t4 = lane & 3, tw0 = warp * 8;
+                    const int tr = tw0 + (lane & 7);  // the stage row this lane addresses for ldmatrix
+                    float sacc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int sp = 0; sp < 2; ++sp) {
-                        sv[sp] = dec_neg_inf();
-                        if (sp * 4 < tpw) {
-                            const int tk = warp * tpw + sp * 4 + tsub;
-                            float acc = 0.f;
+                    for (int kp = 0; kp < D / 32; ++kp) {
+                        unsigned kb[4];
+                        const int ch = 4 * kp + (lane >> 3);
+                        dec_ldsm_x4(dec_smem_u32(ks + tr * D + ((ch ^ (tr & 7)) << 3)), kb);
 #pragma unroll
-                            for (int mm = 0; mm < D / 64; ++mm) {
-                                const int e0 = (mm * 8 + lp) * 8;
-                                const uint4 uk = *reinterpret_cast<const uint4*>(ks + tk * D + e0);
-                                float kf[8];
-                                dec_unpack8<T>(uk, kf);
-                                const float4 qa = *reinterpret_cast<const float4*>(qs + rr * D + e0);
-                                const float4 qb = *reinterpret_cast<const float4*>(qs + rr * D + e0 + 4);
-                                acc += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
-                                       qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                        for (int h = 0; h < 2; ++h) {
+                            const int k0 = (2 * kp + h) * 16 + 2 * t4;
+                            unsigned qa[4] = {0u, 0u, 0u, 0u};
+                            if (g4 < nb) {
+                                qa[0] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0);
+                                qa[2] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0 + 8);
                             }
-                            acc += __shfl_xor_sync(DEC_FULL, acc, 1);
-                            acc += __shfl_xor_sync(DEC_FULL, acc, 2);
-                            acc += __shfl_xor_sync(DEC_FULL, acc, 4);
-                            sv[sp] = tok0 + tk <= pos ? acc * scale_log2 : dec_neg_inf();
+                            dec_mma16816(sacc, qa, kb[2 * h], kb[2 * h + 1], T());
                         }
                     }
-                    float mx = fmaxf(sv[0], sv[1]);
-                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 8));
-                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 16));
-                    float l = 0.f;
+                    const int pos = g4 < nb ? rpos[rb0 + g4] : -1;
+                    float p0 = tok0 + tw0 + 2 * t4 <= pos ? sacc[0] * scale_log2 : dec_neg_inf();
+                    float p1 = tok0 + tw0 + 2 * t4 + 1 <= pos ? sacc[1] * scale_log2 : dec_neg_inf();
+                    float mx = fmaxf(p0, p1);
+                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 2));
+                    p0 = mx == dec_neg_inf() ? 0.f : exp2f(p0 - mx);  // P (0 for masked tokens)
+                    p1 = mx == dec_neg_inf() ? 0.f : exp2f(p1 - mx);
+                    float l = p0 + p1;
+                    l += __shfl_xor_sync(DEC_FULL, l, 1);
+                    l += __shfl_xor_sync(DEC_FULL, l, 2);
+                    const unsigned pa = dec_pack2(p0, p1, T());
 #pragma unroll
-                    for (int sp = 0; sp < 2; ++sp) {
-                        sv[sp] = mx == dec_neg_inf() ? 0.f : exp2f(sv[sp] - mx);  // P (0 for masked tokens)
-                        l += sv[sp];
-                    }
-                    l += __shfl_xor_sync(DEC_FULL, l, 8);
-                    l += __shfl_xor_sync(DEC_FULL, l, 16);
-                    float o[CPL];
+                    for (int qd = 0; qd < D / 32; ++qd) {
+                        unsigned vb[4];
+                        const int ch = 4 * qd + (lane >> 3);
+                        dec_ldsm_x4_trans(dec_smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3)), vb);
 #pragma unroll
-                    for (int a = 0; a < CPL; ++a) o[a] = 0.f;
-#pragma unroll
-                    for (int sp = 0; sp < 2; ++sp) {
-                        if (sp * 4 < tpw) {
-#pragma unroll
-                            for (int t4 = 0; t4 < 4; ++t4) {
-                                const float pr = __shfl_sync(DEC_FULL, sv[sp], t4 * 8);
-                                float vf[CPL];
-                                dec_load_cols<T, CPL>(vs + (warp * tpw + sp * 4 + t4) * D + lane * CPL, vf);
-#pragma unroll
-                                for (int a = 0; a < CPL; ++a) o[a] += pr * vf[a];
-                            }
+                        for (int i = 0; i < 4; ++i) {
+                            float oc[4] = {0.f, 0.f, 0.f, 0.f};
+                            dec_mma1688(oc, pa, 0u, vb[i], T());
+                            if (g4 < nb)
+                                *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (4 * qd + i) * 8 + 2 * t4) =
+                                    make_float2(oc[0], oc[1]);
                         }
                     }
-                    float* dst = red + (warp * ROWS + rr) * D + lane * CPL;
-#pragma unroll
-                    for (int a = 0; a < CPL; ++a) dst[a] = o[a];
-                    if (lane == 0) {
-                        wml[(warp * ROWS + rr) * 2] = mx;
-                        wml[(warp * ROWS + rr) * 2 + 1] = l;
+                    if (t4 == 0 && g4 < nb) {
+                        wml[(warp * ROWS + g4) * 2] = mx;
+                        wml[(warp * ROWS + g4) * 2 + 1] = l;
                     }
                 }
                 __syncthreads();  // every warp's (max, sum, P.V) of the pass
@@ -569,13 +585,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     float mw[NW], big = dec_neg_inf();
 #pragma unroll
                     for (int w = 0; w < NW; ++w) {
-                        mw[w] = wml[(w * ROWS + rr) * 2];
+                        mw[w] = w < nwa ? wml[(w * ROWS + rr) * 2] : dec_neg_inf();
                         big = fmaxf(big, mw[w]);
                     }
                     float sum = 0.f, lsum = 0.f;
 #pragma unroll
                     for (int w = 0; w < NW; ++w) {
-                        const float sc = mw[w] == dec_neg_inf() ? 0.f : exp2f(mw[w] - big);
+                        if (mw[w] == dec_neg_inf()) continue;  // no key of the row (or no token) in warp w
+                        const float sc = exp2f(mw[w] - big);
                         sum += sc * red[(w * ROWS + rr) * D + d];
                         lsum += sc * wml[(w * ROWS + rr) * 2 + 1];
                     }
