@@ -34,6 +34,8 @@
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
 #   decode-split-ncu         the same for the split decode path (routing and attention launch of one step, ~100 s)
+#   decode-sass              Nsight Compute source counters (SASS, executed instructions and stall samples per
+#                            instruction) of the split attention launch at 512K, batch 8: logs/decode_sass.csv
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
@@ -141,6 +143,12 @@ for step in "${STEPS[@]}"; do
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
     decode-split-ncu) timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" --kernel split \
                    > "$W/decode_split_ncu.log" 2>&1 || status=1 ;;
+    decode-sass) # per-instruction counts and stall samples of the split attention launch (512K, batch 8)
+      timeout $(cap 150) ncu --clock-control none --kernel-name regex:moba_decode_attend --launch-skip 2 --launch-count 1 \
+        --section SourceCounters --section WarpStateStats --section SchedulerStats -f -o "$W/decode_sass" \
+        python3 -m mobalab.bench.decode --profile --seq-len 524288 --batch 8 --kernel split > "$W/decode_sass.log" 2>&1 \
+      && ncu --import "$W/decode_sass.ncu-rep" --page source --csv --print-source sass > "$W/decode_sass.csv" \
+           2>> "$W/decode_sass.log" || status=1 ;;
     varlen)      timeout $(cap 200) python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
     dims)        timeout $(cap 100) python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \
