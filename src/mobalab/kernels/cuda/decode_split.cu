@@ -371,26 +371,32 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
-// Tokens 0 .. chunk - 1 of K and V from element offset src into ks / vs ([chunk][D] each, 16-byte chunk c of row r
-// stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as 16-byte cp.async
-// copies (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0 times V stays 0 beyond
-// the sequence. The caller commits the group.
+// Tokens 0 .. chunk - 1 (chunk <= 32) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte chunk c of row r
+// stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as 16-byte cp.async copies
+// (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0 times V stays 0 beyond the
+// sequence. A thread copies vector tid % (D / 8) of rows tid / (D / 8) + x * THREADS / (D / 8): the same swizzle
+// and constant strides for every row it copies, so its addresses are immediates off two per-item bases. The
+// caller commits the group.
 template <typename T, int D, int THREADS>
-__device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* k, const T* v, long long src,
-                                                      int chunk, int nvalid, int tid) {
-    constexpr int VEC = D / 8;  // 16-byte vectors per K/V row
-    for (int y = tid; y < chunk * VEC; y += THREADS) {
-        const int tk = y / VEC, cv = y - tk * VEC, goff = tk * D + cv * 8, soff = tk * D + ((cv ^ (tk & 7)) << 3);
+__device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb, const T* vb, int chunk, int nvalid,
+                                                      int tid) {
+    constexpr int VEC = D / 8, TPI = THREADS / VEC;  // 16-byte vectors per row; rows per pass of the CTA
+    static_assert(TPI % 8 == 0, "a thread's rows share their swizzle");
+    const int tk0 = tid / VEC, cv = tid - tk0 * VEC;
+    const int goff = tk0 * D + cv * 8, soff = tk0 * D + ((cv ^ (tk0 & 7)) << 3);
+#pragma unroll
+    for (int x = 0; x < 32 / TPI; ++x) {
+        const int tk = tk0 + x * TPI;
+        if (tk >= chunk) break;
         if (tk < nvalid) {
-            dec_cp_async16(ks + soff, k + src + goff);
-            dec_cp_async16(vs + soff, v + src + goff);
+            dec_cp_async16(ks + soff + x * TPI * D, kb + goff + x * TPI * D);
+            dec_cp_async16(vs + soff + x * TPI * D, vb + goff + x * TPI * D);
         } else {
-            *reinterpret_cast<uint4*>(ks + soff) = make_uint4(0u, 0u, 0u, 0u);
-            *reinterpret_cast<uint4*>(vs + soff) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(ks + soff + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(vs + soff + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
         }
     }
 }
-
 
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
@@ -416,6 +422,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
+    const int lnc = __ffs(nc) - 1;  // n_chunks = B / chunk is a power of two
     const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
@@ -473,12 +480,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int n_it = nu * nc, nwa = chunk / 8;  // warps with 8 tokens of a chunk each
         const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
         auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
-            const int u = it / nc, c = it - u * nc, j = ublk[u];
-            const int tok0 = j * block_size + c * chunk;
+            const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
-            T* ks = stages + (long long)st * 2 * chunk * D;
-            dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k, v, ((long long)g * capacity + tok0) * D, chunk,
-                                            nvalid, tid);
+            T* ks = stages + st * 2 * chunk * D;
+            const long long src = ((long long)g * capacity + tok0) * D;
+            dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
         };
         // Up to NST - 1 items in flight while one is computed.
@@ -489,7 +495,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         for (int it = lo, n = 0; it < hi; ++it, ++n) {
             // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
             if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
-            const int u = it / nc, c = it - u * nc, j = ublk[u];
+            const int c = it & (nc - 1), j = ublk[it >> lnc];
             const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
@@ -507,7 +513,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 prev_j = j;
             }
             // Wait for this item's group: the ones issued after it may stay in flight.
-            dec_cp_async_wait_n(min(NST - 1, hi - 1 - it));
+            static_assert(NST == 2, "one item in flight behind the current one");
+            if (it + 1 < hi)
+                dec_cp_async_wait<1>();
+            else
+                dec_cp_async_wait<0>();
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
             for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
@@ -579,25 +589,31 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 }
                 __syncthreads();  // every warp's (max, sum, P.V) of the pass
 
-                // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise.
-                for (int y = tid; y < nb * D; y += NT) {
-                    const int rr = y / D, d = y - rr * D;
+                // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise;
+                // 4 consecutive columns a thread.
+                for (int y = tid; y < nb * (D / 4); y += NT) {
+                    const int rr = y / (D / 4), d = (y - rr * (D / 4)) * 4;
                     float mw[NW], big = dec_neg_inf();
 #pragma unroll
                     for (int w = 0; w < NW; ++w) {
                         mw[w] = w < nwa ? wml[(w * ROWS + rr) * 2] : dec_neg_inf();
                         big = fmaxf(big, mw[w]);
                     }
-                    float sum = 0.f, lsum = 0.f;
+                    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+                    float lsum = 0.f;
 #pragma unroll
                     for (int w = 0; w < NW; ++w) {
                         if (mw[w] == dec_neg_inf()) continue;  // no key of the row (or no token) in warp w
                         const float sc = exp2f(mw[w] - big);
-                        sum += sc * red[(w * ROWS + rr) * D + d];
+                        const float4 o4 = *reinterpret_cast<const float4*>(red + (w * ROWS + rr) * D + d);
+                        sum.x += sc * o4.x;
+                        sum.y += sc * o4.y;
+                        sum.z += sc * o4.z;
+                        sum.w += sc * o4.w;
                         lsum += sc * wml[(w * ROWS + rr) * 2 + 1];
                     }
                     const long long pi = pbase + (long long)rl[rb0 + rr] * nc;
-                    part_o[pi * D + d] = sum;
+                    *reinterpret_cast<float4*>(part_o + pi * D + d) = sum;
                     if (d == 0) {
                         part_ml[2 * pi] = big;
                         part_ml[2 * pi + 1] = lsum;
