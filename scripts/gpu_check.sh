@@ -145,10 +145,14 @@ for step in "${STEPS[@]}"; do
                    > "$W/decode_split_ncu.log" 2>&1 || status=1 ;;
     decode-sass) # per-instruction counts and stall samples of the split attention launch (512K, batch 8)
       timeout $(cap 150) ncu --clock-control none --kernel-name regex:moba_decode_attend --launch-skip 2 --launch-count 1 \
-        --section SourceCounters --section WarpStateStats --section SchedulerStats -f -o "$W/decode_sass" \
+        --section SourceCounters --section WarpStateStats --section SchedulerStats \
+        --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg,sm__ctas_launched.min,sm__ctas_launched.max,gpc__cycles_elapsed.max \
+        -f -o "$W/decode_sass" \
         python3 -m mobalab.bench.decode --profile --seq-len 524288 --batch 8 --kernel split > "$W/decode_sass.log" 2>&1 \
       && ncu --import "$W/decode_sass.ncu-rep" --page source --csv --print-source sass > "$W/decode_sass.csv" \
-           2>> "$W/decode_sass.log" || status=1 ;;
+           2>> "$W/decode_sass.log" \
+      && ncu --import "$W/decode_sass.ncu-rep" --page raw --csv > "$W/decode_sass_raw.csv" 2>> "$W/decode_sass.log" \
+      || status=1 ;;
     varlen)      timeout $(cap 200) python3 -m mobalab.bench.varlen --quick --out "$W/varlen" > "$W/bench_varlen.log" 2>&1 \
                    || status=1 ;;
     dims)        timeout $(cap 100) python3 -m mobalab.bench.attention --dims --out "$W/dims" > "$W/bench_dims.log" 2>&1 \

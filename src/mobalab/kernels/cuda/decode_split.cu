@@ -384,16 +384,19 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     static_assert(TPI % 8 == 0, "a thread's rows share their swizzle");
     const int tk0 = tid / VEC, cv = tid - tk0 * VEC;
     const int goff = tk0 * D + cv * 8, soff = tk0 * D + ((cv ^ (tk0 & 7)) << 3);
+    const T* kp = kb + goff;
+    const T* vp = vb + goff;
+    T* skp = ks + soff;
+    T* svp = vs + soff;
 #pragma unroll
-    for (int x = 0; x < 32 / TPI; ++x) {
+    for (int x = 0; x < 32 / TPI; ++x) {  // no early exit: every pass is straight-line code off the four bases
         const int tk = tk0 + x * TPI;
-        if (tk >= chunk) break;
         if (tk < nvalid) {
-            dec_cp_async16(ks + soff + x * TPI * D, kb + goff + x * TPI * D);
-            dec_cp_async16(vs + soff + x * TPI * D, vb + goff + x * TPI * D);
-        } else {
-            *reinterpret_cast<uint4*>(ks + soff + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
-            *reinterpret_cast<uint4*>(vs + soff + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
+            dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
+            dec_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
+        } else if (tk < chunk) {
+            *reinterpret_cast<uint4*>(skp + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(svp + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
         }
     }
 }
