@@ -109,6 +109,7 @@
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
+#define DSP_MERGE_ML 2                 // per lane: slots whose l the merge keeps from its first load
 #define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
 
 // ---- ranking ----
@@ -495,6 +496,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         for (int x = 0; x < NST - 1; ++x)
             if (lo + x < hi) issue(lo + x, x);
         int prev_j = -1, nrow = 0;
+        // A run: consecutive items of one block. With at most ROWS rows (one pass) a thread keeps its row's
+        // running (max, sum, o) of the run in registers and writes one partial, into the slot of the run's
+        // first chunk (the run's other chunk slots get m = -inf: weight 0 in the merge).
+        float4 run_o = make_float4(0.f, 0.f, 0.f, 0.f);
+        float run_m = dec_neg_inf(), run_l = 0.f;
+        int run_c = 0;
         for (int it = lo, n = 0; it < hi; ++it, ++n) {
             // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
             if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
@@ -523,6 +530,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 dec_cp_async_wait<0>();
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
+            const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
+            const bool run_last = it + 1 >= hi || ((it + 1) >> lnc) != (it >> lnc);
+            const bool accum = nrow <= ROWS;  // one pass: this thread's (row, columns) are the same all run long
+            if (run_first) run_c = c;
             for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
                 const int nb = min(ROWS, nrow - rb0);
                 for (int y = tid; y < nb * (D / 8); y += NT) {  // the pass's query rows, 16 bytes a thread
@@ -616,10 +627,38 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         lsum += sc * wml[(w * ROWS + rr) * 2 + 1];
                     }
                     const long long pi = pbase + (long long)rl[rb0 + rr] * nc;
-                    *reinterpret_cast<float4*>(part_o + pi * D + d) = sum;
-                    if (d == 0) {
-                        part_ml[2 * pi] = big;
-                        part_ml[2 * pi + 1] = lsum;
+                    if (!accum) {
+                        *reinterpret_cast<float4*>(part_o + pi * D + d) = sum;
+                        if (d == 0) {
+                            part_ml[2 * pi] = big;
+                            part_ml[2 * pi + 1] = lsum;
+                        }
+                        continue;
+                    }
+                    if (run_first) {
+                        run_m = big;
+                        run_l = lsum;
+                        run_o = sum;
+                    } else {  // fold this chunk into the run: both scaled to the larger max
+                        const float mn = fmaxf(run_m, big);
+                        const float sa = run_m == dec_neg_inf() ? 0.f : exp2f(run_m - mn);
+                        const float sb = big == dec_neg_inf() ? 0.f : exp2f(big - mn);
+                        run_o = make_float4(run_o.x * sa + sum.x * sb, run_o.y * sa + sum.y * sb,
+                                            run_o.z * sa + sum.z * sb, run_o.w * sa + sum.w * sb);
+                        run_l = run_l * sa + lsum * sb;
+                        run_m = mn;
+                        if (d == 0) {
+                            part_ml[2 * pi] = dec_neg_inf();
+                            part_ml[2 * pi + 1] = 0.f;
+                        }
+                    }
+                    if (run_last) {
+                        const long long pf = pi + (run_c - c);  // the run's first chunk slot
+                        *reinterpret_cast<float4*>(part_o + pf * D + d) = run_o;
+                        if (d == 0) {
+                            part_ml[2 * pf] = run_m;
+                            part_ml[2 * pf + 1] = run_l;
+                        }
                     }
                 }
             }
@@ -648,20 +687,37 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     for (int r = warp; r < R; r += DSP_ATTN_WARPS) {
         const long long p0 = ((long long)g * R + r) * per_row;
         float mx = dec_neg_inf();
-        for (int sc = lane; sc < per_row; sc += 32) {
-            const bool used = sel_at(r * top_k + sc / nc) >= 0;
-            const float m = used ? dec_ldcg(part_ml + 2 * (p0 + sc)) : dec_neg_inf();
+        float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
+        auto ml_at = [&](int sc) {  // (m, l) of slot sc; unused slots (sel -1) weigh nothing and are not read
+            float2 ml = make_float2(dec_neg_inf(), 0.f);
+            if (sel_at(r * top_k + (sc >> lnc)) >= 0) ml = dec_ldcg(reinterpret_cast<const float2*>(part_ml) + p0 + sc);
+            return ml;
+        };
+#pragma unroll
+        for (int x = 0; x < DSP_MERGE_ML; ++x) {
+            const int sc = lane + 32 * x;
+            const float2 ml = sc < per_row ? ml_at(sc) : make_float2(dec_neg_inf(), 0.f);
+            if (sc < per_row) wrow[sc] = ml.x;
+            lp[x] = ml.y;
+            mx = fmaxf(mx, ml.x);
+        }
+        for (int sc = lane + 32 * DSP_MERGE_ML; sc < per_row; sc += 32) {
+            const float m = ml_at(sc).x;
             wrow[sc] = m;
             mx = fmaxf(mx, m);
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
         float l = 0.f;
-        for (int sc = lane; sc < per_row; sc += 32) {
+        for (int sc = lane, x = 0; sc < per_row; sc += 32, ++x) {
             const float m = wrow[sc];
             const float w = m == dec_neg_inf() ? 0.f : exp2f(m - mx);
             wrow[sc] = w;
-            if (w != 0.f) l += w * dec_ldcg(part_ml + 2 * (p0 + sc) + 1);
+            if (w == 0.f) continue;
+            float lv = 0.f;
+#pragma unroll
+            for (int y = 0; y < DSP_MERGE_ML; ++y) lv = x == y ? lp[y] : lv;
+            l += w * (x < DSP_MERGE_ML ? lv : dec_ldcg(part_ml + 2 * (p0 + sc) + 1));
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
