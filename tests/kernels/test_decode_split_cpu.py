@@ -40,8 +40,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert plan.n_select_ctas == batch * kv_heads * rows and plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
-    share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + S.ATTN_STAGES * 2 * plan.chunk * dim * 2) // (4 * S.ATTN_WARPS)
-    share &= ~3
+    stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
+    share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages) // (4 * S.ATTN_WARPS) & ~3
     per_row = (plan.top_k * plan.n_chunks + 3) & ~3
     assert (share - per_row) // dim >= 1
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX

@@ -8,12 +8,14 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    and write :math:`s_j = q\cdot S_j` of every row to an fp32 scratch (b, kv_heads, R, n_cols), NaN where
    block j is not a candidate of the row;
 2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
-   best k - 1 (score desc, block desc) one entry per lane, warp 0 merges them and writes ``sel``;
-   It also enters the row's blocks into its kv head's set of selected blocks (an open-addressing table);
-3. ``moba_decode_attend_*``: ``cpg`` CTAs per (sequence, kv head) share the items (chunk of <= 32 tokens of a
-   block in the set); a CTA copies the K and V of its next item while it computes the current one, for
-   every row that selected the block (so a block is read once per kv head), and writes partial softmax
-   results; the last CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
+   best k - 1 (score desc, block desc) one entry per lane, merged in a tree of bitonic merges, and warp 0
+   writes ``sel``; it also enters the row's blocks into its kv head's set of selected blocks (an
+   open-addressing table in the cache's zeroed workspace);
+3. ``moba_decode_attend_*``: ``cpg`` CTAs of 4 warps per (sequence, kv head) share the items (chunk of <= 32
+   tokens of a block in the set) in contiguous runs; a CTA copies the K and V of its next item while it
+   computes the current one on the tensor cores, for every row that selected the block (so a block is read
+   once per kv head), folds a run of chunks of one block into one partial softmax result per row; the last
+   CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every

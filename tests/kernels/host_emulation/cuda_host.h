@@ -495,7 +495,8 @@ inline unsigned (&mma_slots())[1024][6] {
     return slots;
 }
 inline unsigned char* smem_at(unsigned addr, unsigned bytes) {
-    if (addr < 16 || addr - 16 + bytes > cta().smem_bytes) fail("shared-memory address out of the launch's dynamic shared memory");
+    if (addr < 16 || addr - 16 + bytes > cta().smem_bytes)
+        fail("shared-memory address out of the launch's dynamic shared memory");
     return dynamic_smem() + (addr - 16);
 }
 inline float half_of(unsigned reg, int hi, __nv_bfloat16) {

@@ -3,8 +3,8 @@
 // the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), ldmatrix and mma.sync, NaN / -inf
 // helpers and the dynamic shared memory.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg / ldmatrix / mma helpers and the
-// dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg / ldmatrix / mma helpers
+// and the dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
 // which models them under these names); the streaming load becomes a plain load.
 #ifndef MOBALAB_DECODE_COMMON_CUH
 #define MOBALAB_DECODE_COMMON_CUH

@@ -29,27 +29,40 @@
 //    so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic sort, then a
 //    chunk's candidates that beat the list's last entry (one ballot; rare once the list is good) are inserted
 //    one by one by shifting the lanes behind them. The 8 lists are then merged pairwise in a tree of bitonic
-//    merges (3 levels), and warp 0 writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so the
-//    result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer candidates
-//    than k-1 leave -1.
+//    merges (3 levels), and warp 0 writes sel. The order is (score desc, block desc), a strict total order on
+//    distinct blocks, so the result is the reference's exactly (ties to the higher index); NaN never enters a
+//    list; fewer candidates than k-1 leave -1.
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (an open-addressing
 //    table of 2^log2_h slots, at most half full, in a zeroed workspace), so no later CTA has to find out
 //    which entries name the same block.
-// 3. moba_decode_attend_*: cpg CTAs per (sequence, kv head) (about one wave of two per SM; every CTA of a kv
-//    head reads its set, in windows of 256 slots, and numbers the selected blocks in slot order). Item
-//    u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block; CTA p takes the items whose number
-//    is p modulo cpg. While it computes one item, the K and V of its next item are in flight (cp.async.cg
-//    16-byte copies, two stages of 32 KB at d 128, zeros beyond L_b): a memory-bound launch whose CTAs never
-//    sit between a load and a dependent L2 round trip. For every row that selected the block it computes the
-//    base-2 partial softmax (m, l) and the unnormalised o over the chunk (keys after the row's position masked;
-//    scale * log2 e folded in), written to slot (r, s, c). So a block that several rows of a kv head select
-//    is read once. The kv head's entries and query rows are kept in shared memory when they fit (24 KB).
-//    The last CTA of the (sequence, kv head) merges each row's k * n_chunks partials: M = max m,
-//    L = sum l 2^(m - M), out = sum o 2^(m - M) / L in q's dtype, lse = (M + log2 L) ln 2 (unused slots
-//    (sel -1) and chunks that no key of the row reaches (m = -inf) weigh 0), then empties the set.
-//    History: one CTA per (entry, chunk) that first scanned the entries for an earlier owner of its block
-//    moved 121 MB in ~62 us at 512K, b 8 (2.0 TB/s, 41% of DRAM peak; Nsight Compute: barrier stalls, 47%
-//    occupancy): every CTA's copies waited behind two L2 round trips and its compute behind the copies.
+// 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of five per SM; every
+//    CTA of a kv head reads its set, in windows of 128 slots, and numbers the selected blocks in slot order).
+//    Item u * n_chunks + c is chunk c (<= 32 tokens) of the u-th selected block; CTA p takes a contiguous run
+//    of each window's items, so consecutive items mostly share a block, whose rows (entries, rows, positions)
+//    are gathered once. While it computes one item, the K and V of its next item are in flight (cp.async.cg
+//    16-byte copies into two swizzled stages of 16 KB at d 128, zeros beyond L_b). For the rows that selected
+//    the block (passes of <= 4 rows, zero rows padding the 16-row tiles) warp w takes tokens 8w .. 8w + 7:
+//    S = Q K^T by mma.sync m16n8k16 (K by ldmatrix), masked after the row's position, the max and sum of
+//    P = 2^(S - max) over its tokens (scale * log2 e folded in), and P V by m16n8k8 (P rounded to q's type,
+//    V by ldmatrix.trans); one barrier, then the warps' (max, sum, P V) are combined per row. A run of chunks
+//    of one block folds into one base-2 partial (m, l, o) per row, written to the slot (r, s, c) of the
+//    run's first chunk (the run's other slots get m = -inf); with more than 4 rows every chunk writes its own
+//    partial. So a block that several rows of a kv head select is read once. The kv head's entries and query
+//    rows stay in shared memory when they fit (6 KB). The last CTA of the (sequence, kv head) merges each
+//    row's k * n_chunks slots: M = max m, L = sum l 2^(m - M), out = sum o 2^(m - M) / L in q's dtype,
+//    lse = (M + log2 L) ln 2 (unused slots (sel -1) and slots with m = -inf weigh 0 and are not read), then
+//    empties the set.
+//    History, each step measured on an H200 (512K, b 8, attention launch alone, Nsight Compute):
+//    one CTA per (entry, 64-token chunk) that first scanned the entries for an earlier owner of its block:
+//    ~62 us for 121 MB (barrier stalls, 47% occupancy; every CTA's copies behind two L2 round trips); CTAs
+//    per kv head walking the set with the next chunk in flight, CUDA-core math: 72 us (8 warps, 2 CTAs per
+//    SM), 67 us (4 warps, 5 per SM), 59 us (each warp its own tokens, one combine per pass); on the tensor
+//    cores 60 us; the per-SM source counters then showed ~40% of the instructions in the copy loop's address
+//    arithmetic and a 7 us merge at the end of the launch: copies off per-item bases 56 us, runs folded into
+//    one partial per block (a quarter of the partials to merge) ~50 us. A per-CTA trace (globaltimer)
+//    showed the item loops ending between 27 and 46 us for the same work: each CTA keeps one 16 KB item in
+//    flight (3.2 us per item, the loaded memory latency), so the loop is latency-bound, and more, shorter
+//    CTAs (several waves) did not move it.
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
@@ -60,26 +73,17 @@
 // 1 / 2 at d 128 and 1 at d 64 for 64 rows, where they may reach HBM); partials stay in L2.
 // FLOPs: scores 2 * b * heads * q_len * n_p * D, attention 4 * b * heads * q_len * |S_t| * D; at 512K, b 8,
 // 32 / 8 heads, d 128, B 128, k 8: 268 + 134 MFLOP for 255 MB (~1.6 FLOP per byte; the score pass alone 2 FLOP
-// per byte of sums at R = 4): memory-bound, CUDA cores with exact fp32 scores. Selection: ~n_p / 32 ballots
+// per byte of sums at R = 4): memory-bound; the score pass on CUDA cores (exact fp32 scores), the attention on
+// the tensor cores. Selection: ~n_p / 32 ballots
 // and ~(k-1) (1 + ln(n_p / (8 (k-1)))) insertions per warp on random data, every candidate at worst.
 //
-// Prediction (H200, ~4.2 TB/s measured copy bandwidth, DRAM latency ~600-800 ns; batch 8, 32 / 8 heads,
-// d 128, B 128, k 8, q_len 1, not yet measured):
-//   Little's law: 4.2 TB/s * 0.7 us = ~2.9 MB in flight over 132 SMs, ~22 KB per SM (~45 KB at a loaded
-//   latency of 1.5 us). Score CTAs (256 threads, <= 128 registers: 2 per SM) are 16 warps per SM that each
-//   keep 8 KB in flight whenever they are not scoring (scoring 16 sums for 4 rows is ~350 instructions per
-//   warp against a ~1-2 us wait): ~100-128 KB in flight per SM, several times the law's figure, so the pass
-//   should run at ~3.6-3.9 TB/s. Attention CTAs (<= 64 registers, 52 KB of shared memory: 4 per SM) keep
-//   32 KB each in flight.
-//   512K: score pass 64 (b, kv) x 16 ranges of 256 blocks = 1024 CTAs (3.9 waves of 264) reading 134 MB:
-//     ~35-37 us + ~3 us launch and tail; selection 256 CTAs, 4095 candidates per row (2 load rounds to L2,
-//     the second in flight during the first's ranking, one sort, ~40 insertions per warp, the warp-0
-//     merge): ~4-5 us with its launch; attention (measured ~62 us, 2.0 TB/s for 121 MB, ~29 distinct blocks
-//     per kv head for random queries). Step ~0.105 ms (30x dense needs <= 0.13), ~2.4 TB/s for 255 MB: ~58%
-//     of the copy bandwidth, the attention launch the limit (70% needs it at ~2.8 TB/s; at 128K ~3.3).
-//   128K: score 512 CTAs read 34 MB (~12 us), selection ~4 us, attention ~62 us: ~0.08 ms.
-//   32K: score 128 CTAs read 8.4 MB (one round trip per warp, ~5 us), selection ~3 us, attention ~62 us:
-//     ~0.072 ms.
+// Measured (H200, batch 8, 32 / 8 heads, d 128, B 128, k 8, q_len 1, L2 flushed; RESULTS.md): score pass
+// 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
+// is not scoring); selection ~18 us at 512K, ~11 us at 32K (latency-bound: ~1100 dependent instructions per
+// warp, plus the launch); attention ~50 us for 121 MB at every length (~29 blocks per kv head). Step 0.110 ms
+// at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What 70% needs: the attention launch at ~3.5 TB/s
+// (more bytes in flight per SM: shared memory holds five 16 KB stages in flight at most) and the selection
+// folded into the score pass or overlapped with it.
 // History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
 // shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
 // on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
@@ -88,10 +92,10 @@
 // loads before it uses any, there is no hand-over wait between CTAs (the kernel boundaries are the only
 // barriers), and 16 streaming warps per SM overlap one warp's scoring with the others' loads.
 // Costs this design accepts: two kernel boundaries (~2-4 us of drain and start each), the score scratch's
-// write and read (L2), and the dedup scan (each attention CTA reads R * k selection ints from L2).
+// write and read (L2), and the set of selected blocks (a few atomics per row in the select launch).
 //
-// Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from
-// decode_common.cuh (shared with decode.cu; under DEC_HOST_EMULATION the host harness supplies them).
+// Element conversion, the copies and loads, ldmatrix and mma.sync, NaN / -inf and the dynamic shared memory come
+// from decode_common.cuh (shared with decode.cu; under DEC_HOST_EMULATION the host harness supplies them).
 
 #include "decode_common.cuh"
 
