@@ -59,7 +59,7 @@
 //    SM), 67 us (4 warps, 5 per SM), 59 us (each warp its own tokens, one combine per pass); on the tensor
 //    cores 60 us; the per-SM source counters then showed ~40% of the instructions in the copy loop's address
 //    arithmetic and a 7 us merge at the end of the launch: copies off per-item bases 56 us, runs folded into
-//    one partial per block (a quarter of the partials to merge) ~50 us. A per-CTA trace (globaltimer)
+//    one partial per block (a quarter of the partials to merge) 52 us. A per-CTA trace (globaltimer)
 //    showed the item loops ending between 27 and 46 us for the same work: each CTA keeps one 16 KB item in
 //    flight (3.2 us per item, the loaded memory latency), so the loop is latency-bound, and more, shorter
 //    CTAs (several waves) did not move it.
@@ -80,7 +80,7 @@
 // Measured (H200, batch 8, 32 / 8 heads, d 128, B 128, k 8, q_len 1, L2 flushed; RESULTS.md): score pass
 // 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
 // is not scoring); selection ~18 us at 512K, ~11 us at 32K (latency-bound: ~1100 dependent instructions per
-// warp, plus the launch); attention ~50 us for 121 MB at every length (~29 blocks per kv head). Step 0.110 ms
+// warp, plus the launch); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.110 ms
 // at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What 70% needs: the attention launch at ~3.5 TB/s
 // (more bytes in flight per SM: shared memory holds five 16 KB stages in flight at most) and the selection
 // folded into the score pass or overlapped with it.
