@@ -39,15 +39,13 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
         assert plan.n_range * plan.range_blocks >= n_cand > (plan.n_range - 1) * plan.range_blocks
     assert plan.n_select_ctas == batch * kv_heads * rows and plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
-    # the merge's per-warp share of the stages (free by then) holds a row's weights and a partial
-    # a warp's P.V sums of ATTN_ROWS rows fit its own 8 K and 8 V rows
-    assert S.ATTN_ROWS * dim * 4 == 2 * 8 * dim * 2
+    # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
     stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
-    share = stages // (4 * S.ATTN_WARPS) & ~3
+    share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages) // (4 * S.ATTN_WARPS) & ~3
     per_row = (plan.top_k * plan.n_chunks + 3) & ~3
     assert (share - per_row) // dim >= 1
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
-    assert 3 * (plan.attn_smem + 1024) <= SMEM_PER_SM  # at least 3 attention CTAs per SM (4: test below)
+    assert 4 * (plan.attn_smem + 1024) <= SMEM_PER_SM  # at least 4 attention CTAs per SM
     assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group)
     # the set of selected blocks stays at most half full: a free slot always ends a probe
     distinct = min(rows * top_k, (length - 1) // block + 1)
@@ -75,15 +73,15 @@ def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about three waves of 264 slots (512K: 16 ranges of 256 blocks, 1024 CTAs; 1M: 13 of
     640; 32K and 128K one pass per CTA), one select CTA per row, two 64-token chunks per selected block, and
-    shared memory for the CTAs per SM their launch bounds promise; eight attention CTAs per (sequence, kv head),
-    one wave of four per SM."""
+    shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs per (sequence, kv head),
+    one wave of five per SM."""
     for length, ranges, blocks in ((512 * 1024, 16, 256), (32 * 1024, 2, 128), (128 * 1024, 8, 128),
                                    (1 << 20, 13, 640)):
         n_blocks = length // 128
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges and plan.n_select_ctas == 64 * 4
-        assert plan.n_attn_ctas == 64 * 8 and plan.cpg == 8 and plan.cached and plan.n_chunks == 4
+        assert plan.n_attn_ctas == 64 * 10 and plan.cpg == 10 and plan.cached and plan.n_chunks == 4
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM
         assert S.SELECT_MIN_CTAS * (plan.select_smem + 1024) <= SMEM_PER_SM
         assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM

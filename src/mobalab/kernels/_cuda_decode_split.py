@@ -53,13 +53,13 @@ SCORE_LOADS = 16  # float4 block-sum loads per lane of one score batch
 ROUTE_MAX_ROWS = 64
 SELECT_LOADS = 8
 ATTN_CHUNK = 32
-ATTN_ROWS = 8
+ATTN_ROWS = 4
 ATTN_THREADS = 128
 ATTN_WARPS = ATTN_THREADS // 32
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
 SELECT_MIN_CTAS = 4
-ATTN_MIN_CTAS = 4
-ATTN_STAGES = 3
+ATTN_MIN_CTAS = 5
+ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
 SCORE_WAVES = 3  # score CTAs: ranges sized for about this many waves (fewer, longer CTAs beyond)
@@ -109,12 +109,12 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
 
 def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1) -> int:
     """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (when they
-    fit) the kv head's entries and query rows, q rows of a pass, per-warp maxima and sums, then ATTN_STAGES
-    chunks of K and V (a warp's P.V sums go to its own K and V rows)."""
+    fit) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and sums, then
+    ATTN_STAGES chunks of K and V."""
     head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
     if attn_cached(head_dim, rows, top_k, itemsize):
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
-    return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * 2 * 4 + \
+    return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 

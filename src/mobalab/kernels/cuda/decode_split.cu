@@ -106,13 +106,13 @@
 #define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
 #define DSP_ATTN_CHUNK 32              // most tokens of one attention item
-#define DSP_ATTN_ROWS 8                // rows per pass over a chunk
+#define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_SELECT_MIN_CTAS 4
-#define DSP_ATTN_MIN_CTAS 4
+#define DSP_ATTN_MIN_CTAS 5
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
-#define DSP_ATTN_STAGES 3              // K/V chunks per attention CTA: one computed, the next two in flight
+#define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
 #define DSP_MERGE_ML 2                 // per lane: slots whose l the merge keeps from its first load
 #define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
 
@@ -408,9 +408,9 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
 
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
-// head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D + 8] T |
-// wml [WARPS][ROWS][2] (per-warp max and sum) | STAGES x (K [chunk][D] T, V [chunk][D] T), swizzled; a warp's P.V
-// sums go to its own 8 K and V rows once it has read them; the final merge's weights and batches reuse the stages.
+// head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
+// red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
+// STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
 // flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + WARPS) the window's per-warp block counts.
 template <typename T, int D>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
@@ -445,7 +445,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     int* es = reinterpret_cast<int*>(after_rows);
     T* qc = reinterpret_cast<T*>(after_rows + dec_align16(4 * E));
     T* qs = reinterpret_cast<T*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
-    float* wml = reinterpret_cast<float*>(qs + ROWS * QSD);
+    float* red = reinterpret_cast<float*>(qs + ROWS * QSD);
+    float* wml = red + NW * ROWS * D;
     T* stages = reinterpret_cast<T*>(wml + NW * ROWS * 2);
 
     const long long sel_b = (long long)b * q_len * heads;
@@ -499,32 +500,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         for (int x = 0; x < NST - 1; ++x)
             if (lo + x < hi) issue(lo + x, x);
         int prev_j = -1, nrow = 0;
-        // A run: consecutive items of one block. With at most ROWS rows (one pass) a thread keeps its (row,
-        // 4 columns) elements' running (max, sum, o) of the run in registers and writes one partial, into the
-        // slot of the run's first chunk (the run's other chunk slots get m = -inf: weight 0 in the merge).
-        constexpr int ACC = (ROWS * (D / 4) + NT - 1) / NT;  // elements a thread combines per pass
-        float4 run_o[ACC];
-        float run_m[ACC], run_l[ACC];
-#pragma unroll
-        for (int q = 0; q < ACC; ++q) {
-            run_o[q] = make_float4(0.f, 0.f, 0.f, 0.f);
-            run_m[q] = dec_neg_inf();
-            run_l[q] = 0.f;
-        }
+        // A run: consecutive items of one block. With at most ROWS rows (one pass) a thread keeps its row's
+        // running (max, sum, o) of the run in registers and writes one partial, into the slot of the run's
+        // first chunk (the run's other chunk slots get m = -inf: weight 0 in the merge).
+        float4 run_o = make_float4(0.f, 0.f, 0.f, 0.f);
+        float run_m = dec_neg_inf(), run_l = 0.f;
         int run_c = 0;
         for (int it = lo, n = 0; it < hi; ++it, ++n) {
+            // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
+            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
             const int c = it & (nc - 1), j = ublk[it >> lnc];
-            T* ks = stages + (n % NST) * 2 * chunk * D;
-            T* vs = ks + chunk * D;
-            // P.V sums of warp w, row rr, columns col .. col + 3 (col a multiple of 4): in the warp's own 8 K rows
-            // (rows 0-3, plain: 4 rows of D floats fill 8 rows of D 16-bit elements) or in its 8 V rows (rows
-            // 4-7: columns 32q .. 32q + 31 in the 16-byte chunks 4q .. 4q + 3 of the 8 V rows, swizzled as the
-            // copies put them, which the warp's ldmatrix of column group q has read by then).
-            auto red_at = [&](int w, int rr, int col) -> float* {
-                if (rr < ROWS / 2) return reinterpret_cast<float*>(ks + w * 8 * D) + rr * D + col;
-                const int qg = col >> 5, f = (rr - ROWS / 2) * 32 + (col & 31), t = f >> 4, u = f & 15;
-                return reinterpret_cast<float*>(vs + (w * 8 + t) * D + (((4 * qg + (u >> 2)) ^ t) << 3)) + (u & 3);
-            };
+            const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
+            const T* vs = ks + chunk * D;
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
                 __syncthreads();  // the last item is done with rl, rrow, rpos; flags[0] is 0
                 for (int ee = tid; ee < E; ee += NT) {
@@ -539,26 +526,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 nrow = flags[0];
                 prev_j = j;
             }
-            // This item's copies: the next NST - 2 items' groups may stay in flight (the item NST - 1 ahead is
-            // issued after the barrier below).
-            static_assert(NST == 3, "two items in flight behind the current one");
+            // Wait for this item's group: the ones issued after it may stay in flight.
+            static_assert(NST == 2, "one item in flight behind the current one");
             if (it + 1 < hi)
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
-            auto load_q = [&](int rb0, int nb) {  // the pass's query rows, 16 bytes a thread
-                for (int y = tid; y < nb * (D / 8); y += NT) {
-                    const int rr = y / (D / 8), x = y - rr * (D / 8), r = rrow[rb0 + rr];
-                    const uint4 u = cached ? reinterpret_cast<const uint4*>(qc + r * D)[x]
-                                           : reinterpret_cast<const uint4*>(q_row(r))[x];
-                    *reinterpret_cast<uint4*>(qs + rr * QSD + x * 8) = u;
-                }
-            };
-            load_q(0, min(ROWS, nrow));
-            __syncthreads();  // qs written; this item's copies landed; every thread past the last item's combine
-            if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
-            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);  // into the last item's stage
-
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
             const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
@@ -567,13 +540,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             if (run_first) run_c = c;
             for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
                 const int nb = min(ROWS, nrow - rb0);
-                if (rb0 > 0) {  // a later pass (more than ROWS rows): the last one's sums overwrote K and V
-                    __syncthreads();  // the last pass's combine is done with them
-                    issue(it, n % NST);
-                    dec_cp_async_wait<0>();  // (also lands the items ahead: a rare path)
-                    load_q(rb0, nb);
-                    __syncthreads();
+                for (int y = tid; y < nb * (D / 8); y += NT) {  // the pass's query rows, 16 bytes a thread
+                    const int rr = y / (D / 8), x = y - rr * (D / 8), r = rrow[rb0 + rr];
+                    const uint4 u = cached ? reinterpret_cast<const uint4*>(qc + r * D)[x]
+                                           : reinterpret_cast<const uint4*>(q_row(r))[x];
+                    *reinterpret_cast<uint4*>(qs + rr * QSD + x * 8) = u;
                 }
+                __syncthreads();  // qs written; every thread's copies of this item have landed; flags[0] read
+                if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
 
                 // Warp w < nwa: tokens 8w .. 8w + 7 of the chunk, on the tensor cores (rows nb .. 15 of the
                 // 16-row tiles are zero). S = Q K^T by mma m16n8k16 (K from the swizzled stage by ldmatrix),
@@ -617,22 +591,16 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         unsigned vb[4];
                         const int ch = 4 * qd + (lane >> 3);
                         dec_ldsm_x4_trans(dec_smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3)), vb);
-                        float oc[4][4];
 #pragma unroll
                         for (int i = 0; i < 4; ++i) {
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) oc[i][e] = 0.f;
-                            dec_mma1688(oc[i], pa, 0u, vb[i], T());
-                        }
-                        __syncwarp();  // the warp's K rows and column group qd of its V rows are read
-                        if (g4 < nb) {
-#pragma unroll
-                            for (int i = 0; i < 4; ++i)
-                                *reinterpret_cast<float2*>(red_at(warp, g4, (4 * qd + i) * 8 + 2 * t4)) =
-                                    make_float2(oc[i][0], oc[i][1]);
+                            float oc[4] = {0.f, 0.f, 0.f, 0.f};
+                            dec_mma1688(oc, pa, 0u, vb[i], T());
+                            if (g4 < nb)
+                                *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (4 * qd + i) * 8 + 2 * t4) =
+                                    make_float2(oc[0], oc[1]);
                         }
                     }
-                    if (g4 < nb && t4 == 0) {
+                    if (t4 == 0 && g4 < nb) {
                         wml[(warp * ROWS + g4) * 2] = mx;
                         wml[(warp * ROWS + g4) * 2 + 1] = l;
                     }
@@ -641,10 +609,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
                 // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise;
                 // 4 consecutive columns a thread.
-#pragma unroll
-                for (int q = 0; q < ACC; ++q) {
-                    const int y = tid + q * NT;
-                    if (y >= nb * (D / 4)) break;
+                for (int y = tid; y < nb * (D / 4); y += NT) {
                     const int rr = y / (D / 4), d = (y - rr * (D / 4)) * 4;
                     float mw[NW], big = dec_neg_inf();
 #pragma unroll
@@ -658,7 +623,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     for (int w = 0; w < NW; ++w) {
                         if (mw[w] == dec_neg_inf()) continue;  // no key of the row (or no token) in warp w
                         const float sc = exp2f(mw[w] - big);
-                        const float4 o4 = *reinterpret_cast<const float4*>(red_at(w, rr, d));
+                        const float4 o4 = *reinterpret_cast<const float4*>(red + (w * ROWS + rr) * D + d);
                         sum.x += sc * o4.x;
                         sum.y += sc * o4.y;
                         sum.z += sc * o4.z;
@@ -675,18 +640,17 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         continue;
                     }
                     if (run_first) {
-                        run_m[q] = big;
-                        run_l[q] = lsum;
-                        run_o[q] = sum;
+                        run_m = big;
+                        run_l = lsum;
+                        run_o = sum;
                     } else {  // fold this chunk into the run: both scaled to the larger max
-                        const float mn = fmaxf(run_m[q], big);
-                        const float sa = run_m[q] == dec_neg_inf() ? 0.f : exp2f(run_m[q] - mn);
+                        const float mn = fmaxf(run_m, big);
+                        const float sa = run_m == dec_neg_inf() ? 0.f : exp2f(run_m - mn);
                         const float sb = big == dec_neg_inf() ? 0.f : exp2f(big - mn);
-                        const float4 ro = run_o[q];
-                        run_o[q] = make_float4(ro.x * sa + sum.x * sb, ro.y * sa + sum.y * sb, ro.z * sa + sum.z * sb,
-                                               ro.w * sa + sum.w * sb);
-                        run_l[q] = run_l[q] * sa + lsum * sb;
-                        run_m[q] = mn;
+                        run_o = make_float4(run_o.x * sa + sum.x * sb, run_o.y * sa + sum.y * sb,
+                                            run_o.z * sa + sum.z * sb, run_o.w * sa + sum.w * sb);
+                        run_l = run_l * sa + lsum * sb;
+                        run_m = mn;
                         if (d == 0) {
                             part_ml[2 * pi] = dec_neg_inf();
                             part_ml[2 * pi + 1] = 0.f;
@@ -694,10 +658,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     }
                     if (run_last) {
                         const long long pf = pi + (run_c - c);  // the run's first chunk slot
-                        *reinterpret_cast<float4*>(part_o + pf * D + d) = run_o[q];
+                        *reinterpret_cast<float4*>(part_o + pf * D + d) = run_o;
                         if (d == 0) {
-                            part_ml[2 * pf] = run_m[q];
-                            part_ml[2 * pf + 1] = run_l[q];
+                            part_ml[2 * pf] = run_m;
+                            part_ml[2 * pf + 1] = run_l;
                         }
                     }
                 }
@@ -719,8 +683,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // now free P.V sums and stages holds the row's weights, then a batch of partials copied in at once (one
     // round trip to L2 per batch instead of one per few partials).
     const int per_row = top_k * nc;
-    const int share = (NST * 2 * chunk * D * 2 / (4 * NW)) & ~3;  // floats per warp
-    float* wrow = reinterpret_cast<float*>(stages) + warp * share;
+    const int share = (int)((reinterpret_cast<unsigned char*>(stages) - reinterpret_cast<unsigned char*>(red) +
+                             (long long)NST * 2 * chunk * D * 2) / (4 * NW)) & ~3;  // floats per warp
+    float* wrow = red + warp * share;
     float* stg = wrow + ((per_row + 3) & ~3);
     const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
     for (int r = warp; r < R; r += DSP_ATTN_WARPS) {
