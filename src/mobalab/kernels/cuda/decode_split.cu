@@ -61,8 +61,9 @@
 //    arithmetic and a 7 us merge at the end of the launch: copies off per-item bases 56 us, runs folded into
 //    one partial per block (a quarter of the partials to merge) 52 us. A per-CTA trace (globaltimer)
 //    showed the item loops ending between 27 and 46 us for the same work: each CTA keeps one 16 KB item in
-//    flight (3.2 us per item, the loaded memory latency), so the loop is latency-bound, and more, shorter
-//    CTAs (several waves) did not move it.
+//    flight (3.2 us per item), and more, shorter CTAs (several waves) did not move it; neither did two items in
+//    flight per CTA (three stages, the P.V sums in the K and V rows a warp has read, four CTAs per SM: 58 us),
+//    so the loop is bound by its dependent instructions as much as by the memory latency.
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
@@ -82,8 +83,8 @@
 // is not scoring); selection ~18 us at 512K, ~11 us at 32K (latency-bound: ~1100 dependent instructions per
 // warp, plus the launch); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.110 ms
 // at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What 70% needs: the attention launch at ~3.5 TB/s
-// (more bytes in flight per SM: shared memory holds five 16 KB stages in flight at most) and the selection
-// folded into the score pass or overlapped with it.
+// (fewer instructions per item: a producer warp issuing bulk copies, so the consumers only compute) and the
+// selection overlapped with the score pass.
 // History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
 // shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
 // on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
