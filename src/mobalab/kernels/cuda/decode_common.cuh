@@ -142,32 +142,25 @@ __device__ __forceinline__ void dec_ldsm_x4_trans(unsigned addr, unsigned (&r)[4
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
-// c += A (16x16 row-major: 4 registers) B (16x8 column-major: 2 registers), fp32 accumulators.
-__device__ __forceinline__ void dec_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                             __nv_bfloat16) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void dec_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                             __half) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// c += A (16x8 row-major: 2 registers) B (8x8 column-major: 1 register).
-__device__ __forceinline__ void dec_mma1688(float (&c)[4], unsigned a0, unsigned a1, unsigned b0, __nv_bfloat16) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-}
-__device__ __forceinline__ void dec_mma1688(float (&c)[4], unsigned a0, unsigned a1, unsigned b0, __half) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-}
+// c += A (16x16 row-major: 4 registers) B (16x8 column-major: 2 registers), fp32 accumulators; and
+// c += A (16x8 row-major: 2 registers) B (8x8 column-major: 1 register). The element type picks the PTX.
+#define DEC_MMA_PAIR(T, PTX_TYPE)                                                                                 \
+    __device__ __forceinline__ void dec_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, \
+                                                 T) {                                                             \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                              \
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                              \
+    }                                                                                                             \
+    __device__ __forceinline__ void dec_mma1688(float (&c)[4], unsigned a0, unsigned a1, unsigned b0, T) {        \
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32." PTX_TYPE "." PTX_TYPE                               \
+                     ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"                                        \
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+                     : "r"(a0), "r"(a1), "r"(b0));                                                                \
+    }
+DEC_MMA_PAIR(__nv_bfloat16, "bf16")
+DEC_MMA_PAIR(__half, "f16")
+#undef DEC_MMA_PAIR
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif
