@@ -217,6 +217,30 @@ def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_
     torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
 
 
+@pytest.mark.parametrize("wpr", [1, 2, 4, 8])
+def test_selection_with_every_warps_per_row(harness, tmp_path, wpr):
+    """The select launch with 1, 2, 4 and 8 warps per row (8 / wpr rows per CTA, the last CTA of a kv head
+    partly idle: 3 rows per kv head) gives the plain-Python selection exactly, and so do the row's warps merging
+    their lists in a tree."""
+    gen = torch.Generator().manual_seed(wpr)
+    lengths, block, q_len, heads, kv_heads, top_k = [2600, 1700], 16, 1, 6, 2, 8
+    batch, rows = len(lengths), heads // kv_heads * q_len
+    n_blocks = max(lengths) // block + 1
+    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block,
+                        select_wpr=wpr)
+    assert plan.select_wpr == wpr and plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // wpr))
+    scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)
+    for b, length in enumerate(lengths):
+        c_last = (length - 1) // block
+        scores[b, :, :, :c_last] = _crafted_rows("few-levels-nan", kv_heads * rows, c_last, gen).view(
+            kv_heads, rows, c_last)
+    bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
+                                                                            dtype=torch.int32)}
+    run_emulated(harness, tmp_path, [S.select_launch(plan, torch.tensor(lengths, dtype=torch.int32), bufs)], seed=9)
+    want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+    assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
+
+
 def test_cases_cover_the_kernel_paths():
     """The cases reach several score ranges, several passes per score warp, several select load rounds, row
     groups, chunks, top_k = 1, fewer candidates than top_k - 1, blocks shared by several rows and rows whose own

@@ -118,6 +118,13 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 
+def select_warps(n_cand: int) -> int:
+    """Select warps per row for rows of at most ``n_cand`` candidate blocks: one warp up to 16 chunks of 32
+    candidates (no list merging), then 2, 4, 8 (at most ~16 chunks a warp)."""
+    chunks = math.ceil(n_cand / 32)
+    return next((w for w in (1, 2, 4) if chunks <= 16 * w), WARPS)
+
+
 def table_log2(entries: int, n_blocks_cap: int) -> int:
     """log2 of the slots of one kv head's set of selected blocks: at most half full, at least 2 slots."""
     return max(1, math.ceil(math.log2(2 * max(1, min(entries, n_blocks_cap)))))
@@ -134,6 +141,7 @@ class SplitPlan(StepShape):
     n_cols: int  # scratch columns per row: the longest sequence's candidate blocks (at least 1)
     chunk: int  # tokens per attention item
     n_chunks: int  # attention items per selected block
+    select_wpr: int  # select warps per row (WARPS // select_wpr rows per select CTA)
     log2_h: int  # slots of a kv head's set of selected blocks: 2**log2_h
     cpg: int  # attention CTAs per (sequence, kv head)
     cached: bool  # the attention CTAs keep the kv head's entries and query rows in shared memory
@@ -147,7 +155,7 @@ class SplitPlan(StepShape):
 
     @property
     def n_select_ctas(self) -> int:
-        return self.batch * self.kv_heads * self.rows
+        return self.batch * self.kv_heads * math.ceil(self.rows / (WARPS // self.select_wpr))
 
     @property
     def n_attn_ctas(self) -> int:
@@ -166,16 +174,17 @@ class SplitPlan(StepShape):
 
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
-               range_blocks: int | None = None, attn_ctas: int | None = None) -> SplitPlan:
+               range_blocks: int | None = None, attn_ctas: int | None = None,
+               select_wpr: int | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
     ``range_blocks`` blocks per CTA, by default a whole number of passes (every warp one batch of
     :func:`score_batch` blocks per pass) that gives about SCORE_WAVES waves of score CTAs on ``sm_count`` SMs,
     at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
-    Selection: one CTA per (sequence, kv head, row); it also enters the row's blocks into its kv head's set of
-    selected blocks (:func:`table_log2` slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens
-    of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
+    Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
+    rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
+    slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
     ATTN_MIN_CTAS per SM, at most one per item) share its items.
     """
     group = heads // kv_heads
@@ -203,11 +212,15 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         attn_ctas = max(1, min(distinct * (block_size // chunk), sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
+    if select_wpr is None:
+        select_wpr = select_warps(max(1, n_cand))
+    elif select_wpr not in (1, 2, 4, 8):
+        raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
-                     log2_h=table_log2(entries, distinct), cpg=attn_ctas,
+                     select_wpr=select_wpr, log2_h=table_log2(entries, distinct), cpg=attn_ctas,
                      cached=attn_cached(head_dim, rows, top_k, itemsize),
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k))
@@ -243,7 +256,7 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     p, i32 = plan, np.int32
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
-            i32(p.log2_h if table is not None else -1))
+            i32(p.log2_h if table is not None else -1), i32(p.select_wpr))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)
 

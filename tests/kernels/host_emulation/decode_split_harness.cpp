@@ -32,9 +32,9 @@ const harness::Kernels kKernels = {
     SCORE(moba_decode_route_score_bf16_d128, __nv_bfloat16),
     SCORE(moba_decode_route_score_fp16_d64, __half),
     SCORE(moba_decode_route_score_fp16_d128, __half),
-    {"moba_decode_route_select", {11, [](const std::vector<Arg>& a) {
+    {"moba_decode_route_select", {12, [](const std::vector<Arg>& a) {
          moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]), I(a[4]),
-                                  I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]));
+                                  I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]));
      }}},
     ATTEND(moba_decode_attend_bf16_d64, __nv_bfloat16),
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),

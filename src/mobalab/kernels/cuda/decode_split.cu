@@ -23,15 +23,16 @@
 //    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
 //    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
 //    merging, no barrier and no shared-memory write in the streaming loop.
-// 2. moba_decode_route_select: one CTA (8 warps) per (sequence, kv head, row). Each warp scans 32-candidate
-//    chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block down; 8
-//    chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's best k-1
-//    so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic sort, then a
-//    chunk's candidates that beat the list's last entry (one ballot; rare once the list is good) are inserted
-//    one by one by shifting the lanes behind them. The 8 lists are then merged pairwise in a tree of bitonic
-//    merges (3 levels), and warp 0 writes sel. The order is (score desc, block desc), a strict total order on
-//    distinct blocks, so the result is the reference's exactly (ties to the higher index); NaN never enters a
-//    list; fewer candidates than k-1 leave -1.
+// 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (wpr 1 for up to
+//    16 chunks of candidates, then 2, 4, 8: a short row is one warp's work, with no merging). Each warp scans
+//    32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
+//    down; 8 chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's
+//    best k-1 so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic
+//    sort, then a chunk's candidates that beat the list's last entry (one ballot; rare once the list is good)
+//    are inserted one by one by shifting the lanes behind them. A row's wpr lists are then merged pairwise in a tree of
+//    bitonic merges (log2 wpr levels), and the row's first warp writes sel. The order is (score desc, block
+//    desc), a strict total order on distinct blocks, so the result is the reference's exactly (ties to the
+//    higher index); NaN never enters a list; fewer candidates than k-1 leave -1.
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (an open-addressing
 //    table of 2^log2_h slots, at most half full, in a zeroed workspace), so no later CTA has to find out
 //    which entries name the same block.
@@ -275,29 +276,33 @@ __device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
 // Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
                                            int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h) {
+                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
+                                           int wpr) {
     constexpr int U = DSP_SELECT_LOADS;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, rows = group * q_len;
-    const int item = blockIdx.x;
-    const int r = item % rows, bk = item / rows, kvh = bk % kv_heads, b = bk / kv_heads;
+    // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
+    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
+    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
+    const bool has_row = r < rows;
     const int i = r / group, g = r - i * group;
     const int own = (lengths[b] - q_len + i) / block_size;
     const int lcap = top_k - 1;
-    const int n = lcap > 0 ? own : 0;  // candidates: blocks 0 .. own - 1
-    const float* src = scores + ((long long)bk * rows + r) * n_cols;
+    const int n = lcap > 0 && has_row ? own : 0;  // candidates: blocks 0 .. own - 1
+    const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols;
 
     float lv = dec_nan();
     int lj = -1;
     const int nch = (n + 31) / 32;
-    constexpr int STEP = DSP_WARPS * U;  // chunks of one round of the CTA
-    // Round c0 of warp w: chunks c0 + u * WARPS, u < U; the next round's loads are issued before this one is
+    const int STEP = wpr * U;  // chunks of one round of the row's warps
+    // Round c0 of warp w: chunks c0 + u * wpr, u < U; the next round's loads are issued before this one is
     // ranked (two register buffers), so long rows stream instead of waiting once per round.
     auto load = [&](float (&v)[U], int c0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = c0 + u * DSP_WARPS, j = n - 1 - 32 * c - lane;
+            const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
             v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
         }
     };
@@ -305,7 +310,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     auto rank = [&](const float (&v)[U], int c0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = c0 + u * DSP_WARPS;
+            const int c = c0 + u * wpr;
             if (c >= nch) break;
             int j = n - 1 - 32 * c - lane;
             float s = v[u];
@@ -325,8 +330,8 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     };
     {
         float va[U], vb[U];
-        if (warp < nch) load(va, warp);
-        for (int c0 = warp; c0 < nch; c0 += 2 * STEP) {
+        if (wl < nch) load(va, wl);
+        for (int c0 = wl; c0 < nch; c0 += 2 * STEP) {
             if (c0 + STEP < nch) load(vb, c0 + STEP);
             rank(va, c0);
             if (c0 + STEP < nch) {
@@ -337,16 +342,16 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     }
     float* wv = reinterpret_cast<float*>(smem);
     int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
-    // The warps' lists merged pairwise in a tree (3 levels, no serial insertions): a list and its partner's,
-    // reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner steps sort
-    // best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
-    for (int step = 1; step < DSP_WARPS; step <<= 1) {
-        if ((warp & (2 * step - 1)) == step) {  // this level's senders (read by no one before this level)
+    // A row's warps' lists merged pairwise in a tree (log2 wpr levels, no serial insertions): a list and its
+    // partner's, reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner
+    // steps sort best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
+    for (int step = 1; step < wpr; step <<= 1) {
+        if ((wl & (2 * step - 1)) == step) {  // this level's senders (read by no one before this level)
             wv[tid] = lv;
             wj[tid] = lj;
         }
         __syncthreads();
-        if ((warp & (2 * step - 1)) == 0) {
+        if ((wl & (2 * step - 1)) == 0) {
             const int src = (warp + step) * 32 + 31 - lane;
             const float pv = wv[src];
             const int pj = wj[src];
@@ -365,7 +370,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
             }
         }
     }
-    if (warp != 0) return;
+    if (wl != 0 || !has_row) return;
     int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
     if (lane == 0) srow[0] = own;
     if (lane < lcap) srow[1 + lane] = lj;
@@ -791,8 +796,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
-    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h) {
-    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h);
+    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
+    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
