@@ -37,9 +37,9 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
         pass_blocks = S.WARPS * S.score_batch(dim)
         assert plan.range_blocks % pass_blocks == 0 and plan.range_blocks <= S.SCORE_MAX_PASSES * pass_blocks
         assert plan.n_range * plan.range_blocks >= n_cand > (plan.n_range - 1) * plan.range_blocks
-    # select: one warp per row up to 16 chunks of 32 candidates, then 2, 4, 8 warps per row
+    # select: one warp per row up to 8 chunks of 32 candidates, else eight
     chunks = math.ceil(max(1, n_cand) / 32)
-    assert plan.select_wpr == (1 if chunks <= 16 else 2 if chunks <= 32 else 4 if chunks <= 64 else 8)
+    assert plan.select_wpr == (1 if chunks <= 8 else 8)
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
@@ -76,16 +76,16 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
 def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about three waves of 264 slots (512K: 16 ranges of 256 blocks, 1024 CTAs; 1M: 13 of
-    640; 32K and 128K one pass per CTA), one to eight select warps per row by its candidates, four 32-token chunks per selected block, and
-    shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs per (sequence, kv head),
-    one wave of five per SM."""
+    640; 32K and 128K one pass per CTA), one select warp per row at 32K and eight beyond, four 32-token chunks
+    per selected block, and shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs
+    per (sequence, kv head), one wave of five per SM."""
     for length, ranges, blocks in ((512 * 1024, 16, 256), (32 * 1024, 2, 128), (128 * 1024, 8, 128),
                                    (1 << 20, 13, 640)):
         n_blocks = length // 128
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
-        assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 2, 1 << 20: 8}[length]
+        assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
         assert plan.n_select_ctas == 64 * math.ceil(4 / (S.WARPS // plan.select_wpr))
         assert plan.n_attn_ctas == 64 * 10 and plan.cpg == 10 and plan.cached and plan.n_chunks == 4
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM

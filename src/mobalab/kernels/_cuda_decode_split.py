@@ -119,10 +119,10 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top
 
 
 def select_warps(n_cand: int) -> int:
-    """Select warps per row for rows of at most ``n_cand`` candidate blocks: one warp up to 16 chunks of 32
-    candidates (no list merging), then 2, 4, 8 (at most ~16 chunks a warp)."""
-    chunks = math.ceil(n_cand / 32)
-    return next((w for w in (1, 2, 4) if chunks <= 16 * w), WARPS)
+    """Select warps per row for rows of at most ``n_cand`` candidate blocks: one warp up to 8 chunks of 32
+    candidates (no list merging; measured on an H200 at 32K, batch 64: routing 0.060 -> 0.040 ms), else all
+    eight (two or four per row measured ~2 us slower at 128K); the kernel takes 1, 2, 4 or 8."""
+    return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
 def table_log2(entries: int, n_blocks_cap: int) -> int:
@@ -184,8 +184,9 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
-    slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
-    ATTN_MIN_CTAS per SM, at most one per item) share its items.
+    slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block;
+    ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of ATTN_MIN_CTAS per SM, at most
+    one per item) share its items.
     """
     group = heads // kv_heads
     rows = group * q_len

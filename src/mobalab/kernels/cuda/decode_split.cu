@@ -23,8 +23,8 @@
 //    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
 //    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
 //    merging, no barrier and no shared-memory write in the streaming loop.
-// 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (wpr 1 for up to
-//    16 chunks of candidates, then 2, 4, 8: a short row is one warp's work, with no merging). Each warp scans
+// 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (the plan: wpr 1
+//    for up to 8 chunks of candidates, a short row being one warp's work with no merging, else 8). Each warp scans
 //    32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
 //    down; 8 chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's
 //    best k-1 so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic
