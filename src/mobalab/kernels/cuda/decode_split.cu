@@ -81,11 +81,11 @@
 //
 // Measured (H200, batch 8, 32 / 8 heads, d 128, B 128, k 8, q_len 1, L2 flushed; RESULTS.md): score pass
 // 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
-// is not scoring); selection ~18 us at 512K, ~11 us at 32K (latency-bound: ~1100 dependent instructions per
-// warp, plus the launch); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.110 ms
-// at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What 70% needs: the attention launch at ~3.5 TB/s
-// (fewer instructions per item: a producer warp issuing bulk copies, so the consumers only compute) and the
-// selection overlapped with the score pass.
+// is not scoring); selection ~18 us at 512K, ~12 us at 32K (latency-bound: at 32K one warp per row takes as
+// long as eight did, ~1100 dependent instructions each, plus the launch); attention ~52 us for 121 MB at every
+// length (~29 blocks per kv head). Step 0.110 ms at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What
+// 70% needs: the attention launch at ~3.5 TB/s (fewer instructions per item: a producer warp issuing bulk
+// copies, so the consumers only compute) and the selection overlapped with the score pass.
 // History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
 // shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
 // on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
