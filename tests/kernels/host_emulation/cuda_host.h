@@ -484,20 +484,22 @@ template <int N>
 inline void dec_cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
-// ldmatrix and mma.sync of decode_common.cuh, warp-wide: every lane publishes its operands (a row address or
-// its fragment registers) in a per-thread slot, the warp meets, and each lane assembles what the PTX ISA fragment
-// layouts give it, so a wrong fragment mapping or swizzle gives wrong outputs. Shared addresses are the byte offset
-// into the launch's dynamic shared memory plus 16 (so an address outside it fails). Products of two 16-bit values
-// are exact in fp32; the products of one k-step are summed in fp32 in k order.
+// ldmatrix and mma.sync (ptx_host_model.h names them as ptx.cuh does), warp-wide: every lane publishes its
+// operands (a row address or its fragment registers) in a per-thread slot, the warp meets, and each lane
+// assembles what the PTX ISA fragment layouts give it, so a wrong fragment mapping or swizzle gives wrong
+// outputs. Shared addresses are the byte offset into the launch's dynamic shared memory plus 16 (so an address
+// outside it fails). Products of two 16-bit values are exact in fp32; the products of one k-step are summed in
+// fp32 in k order.
 namespace emu {
+constexpr unsigned kSmemBase = 16;  // the shared address of the first byte of the launch's dynamic shared memory
 inline unsigned (&mma_slots())[1024][6] {
     static unsigned slots[1024][6];
     return slots;
 }
 inline unsigned char* smem_at(unsigned addr, unsigned bytes) {
-    if (addr < 16 || addr - 16 + bytes > cta().smem_bytes)
+    if (addr < kSmemBase || addr - kSmemBase + bytes > cta().smem_bytes)
         fail("shared-memory address out of the launch's dynamic shared memory");
-    return dynamic_smem() + (addr - 16);
+    return dynamic_smem() + (addr - kSmemBase);
 }
 inline float half_of(unsigned reg, int hi, __nv_bfloat16) {
     __nv_bfloat16 h;
@@ -564,20 +566,6 @@ inline void mma_k(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b
         }
 }
 }  // namespace emu
-inline unsigned dec_smem_u32(const void* p) {
-    return 16u + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
-}
-inline void dec_ldsm_x4(unsigned addr, unsigned (&r)[4]) { emu::ldsm_x4(addr, r, false); }
-inline void dec_ldsm_x4_trans(unsigned addr, unsigned (&r)[4]) { emu::ldsm_x4(addr, r, true); }
-template <typename T>
-inline void dec_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, T) {
-    emu::mma_k<T>(c, a, b0, b1, 16);
-}
-template <typename T>
-inline void dec_mma1688(float (&c)[4], unsigned a0, unsigned a1, unsigned b0, T) {
-    const unsigned a[4] = {a0, a1, 0u, 0u};
-    emu::mma_k<T>(c, a, b0, 0u, 8);
-}
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
     return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);

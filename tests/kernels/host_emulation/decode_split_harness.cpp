@@ -5,6 +5,7 @@
 //
 // MANIFEST: the launch manifest of harness_io.h.
 #include "harness_io.h"
+#include "ptx_host_model.h"
 
 #include "decode_split_kernels.cu"
 

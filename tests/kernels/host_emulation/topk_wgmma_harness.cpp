@@ -10,12 +10,6 @@
 
 #define MOBA_TOPK_WG_SMEM(name) unsigned char* name = emu::dynamic_smem()
 
-namespace moba {
-template <typename T>
-struct Elem {};  // the mma.sync kernels of topk.cuh are not instantiated here
-inline void ldmatrix_x4(unsigned, unsigned&, unsigned&, unsigned&, unsigned&) { emu::fail("ldmatrix: not modelled"); }
-}  // namespace moba
-
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
 
 #include "topk_wgmma_kernels.cu"
@@ -28,8 +22,7 @@ using harness::P;
 
 #define WG(NAME, T)                                                                                          \
     {#NAME, {11, [](const std::vector<Arg>& a) {                                                             \
-         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<int>(a[3]), I(a[4]), I(a[5]), I(a[6]), \
-              I(a[7]), I(a[8]), I(a[9]), I(a[10]));                                                          \
+         NAME(TOPK_ARGS(T, a));                                                                              \
          const moba::WgmmaThread& t = moba::wgmma_me();                                                      \
          if (!t.open.empty() || !t.groups.empty())                                                           \
              emu::fail("a thread ended with wgmma groups it never waited for");                              \

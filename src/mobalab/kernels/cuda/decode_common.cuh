@@ -1,10 +1,10 @@
 // Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
 // (a score and a select launch for the routing, then an attention launch): 16-bit element conversion and packing,
-// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), ldmatrix and mma.sync, NaN / -inf
-// helpers and the dynamic shared memory.
+// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic
+// shared memory.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg / ldmatrix / mma helpers
-// and the dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
+// dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
 // which models them under these names); the streaming load becomes a plain load.
 #ifndef MOBALAB_DECODE_COMMON_CUH
 #define MOBALAB_DECODE_COMMON_CUH
@@ -126,41 +126,6 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
                  : "l"(p));
     return v;
 }
-
-// ---- tensor cores (mma.sync, ldmatrix) ----
-
-__device__ __forceinline__ unsigned dec_smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-// Four 8x8 b16 matrices; lanes 8i .. 8i+7 give the row addresses of matrix i, which lands in r[i] (trans: each
-// matrix transposed).
-__device__ __forceinline__ void dec_ldsm_x4(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void dec_ldsm_x4_trans(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-// c += A (16x16 row-major: 4 registers) B (16x8 column-major: 2 registers), fp32 accumulators; and
-// c += A (16x8 row-major: 2 registers) B (8x8 column-major: 1 register). The element type picks the PTX.
-#define DEC_MMA_PAIR(T, PTX_TYPE)                                                                                 \
-    __device__ __forceinline__ void dec_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, \
-                                                 T) {                                                             \
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                              \
-                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                              \
-    }                                                                                                             \
-    __device__ __forceinline__ void dec_mma1688(float (&c)[4], unsigned a0, unsigned a1, unsigned b0, T) {        \
-        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32." PTX_TYPE "." PTX_TYPE                               \
-                     ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"                                        \
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
-                     : "r"(a0), "r"(a1), "r"(b0));                                                                \
-    }
-DEC_MMA_PAIR(__nv_bfloat16, "bf16")
-DEC_MMA_PAIR(__half, "f16")
-#undef DEC_MMA_PAIR
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif

@@ -96,10 +96,12 @@
 // Costs this design accepts: two kernel boundaries (~2-4 us of drain and start each), the score scratch's
 // write and read (L2), and the set of selected blocks (a few atomics per row in the select launch).
 //
-// Element conversion, the copies and loads, ldmatrix and mma.sync, NaN / -inf and the dynamic shared memory come
-// from decode_common.cuh (shared with decode.cu; under DEC_HOST_EMULATION the host harness supplies them).
+// Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
+// (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
+// DEC_HOST_EMULATION the host harness supplies both (cuda_host.h, ptx_host_model.h).
 
 #include "decode_common.cuh"
+#include "ptx.cuh"
 
 #define DSP_THREADS 256
 #define DSP_WARPS (DSP_THREADS / 32)
@@ -568,7 +570,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     for (int kp = 0; kp < D / 32; ++kp) {
                         unsigned kb[4];
                         const int ch = 4 * kp + (lane >> 3);
-                        dec_ldsm_x4(dec_smem_u32(ks + tr * D + ((ch ^ (tr & 7)) << 3)), kb);
+                        const unsigned addr = moba::smem_u32(ks + tr * D + ((ch ^ (tr & 7)) << 3));
+                        moba::ldmatrix_x4(addr, kb[0], kb[1], kb[2], kb[3]);
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
                             const int k0 = (2 * kp + h) * 16 + 2 * t4;
@@ -577,7 +580,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                 qa[0] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0);
                                 qa[2] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0 + 8);
                             }
-                            dec_mma16816(sacc, qa, kb[2 * h], kb[2 * h + 1], T());
+                            moba::Elem<T>::mma(sacc, qa, kb[2 * h], kb[2 * h + 1]);
                         }
                     }
                     const int pos = g4 < nb ? rpos[rb0 + g4] : -1;
@@ -596,11 +599,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     for (int qd = 0; qd < D / 32; ++qd) {
                         unsigned vb[4];
                         const int ch = 4 * qd + (lane >> 3);
-                        dec_ldsm_x4_trans(dec_smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3)), vb);
+                        const unsigned addr = moba::smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3));
+                        moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
                         for (int i = 0; i < 4; ++i) {
                             float oc[4] = {0.f, 0.f, 0.f, 0.f};
-                            dec_mma1688(oc, pa, 0u, vb[i], T());
+                            moba::Elem<T>::mma_k8(oc, pa, 0u, vb[i]);
                             if (g4 < nb)
                                 *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (4 * qd + i) * 8 + 2 * t4) =
                                     make_float2(oc[0], oc[1]);

@@ -117,7 +117,8 @@ __device__ __forceinline__ unsigned swz(int row, int chunk) {
   (((((D) % 64) == 0 || (c) < ((D) / 64) * 8) ? ((c) ^ ((r) & 7)) : ((c) ^ (((r) >> 1) & 3))) << 3)
 
 // 16-bit element types: conversions, packing two floats into one b32 register (rounded to nearest), and
-// mma(c, a, b0, b1): c += A (16x16, row-major, 4 regs) * B (16x8, column-major, 2 regs), fp32 accumulators.
+// mma(c, a, b0, b1): c += A (16x16, row-major, 4 regs) * B (16x8, column-major, 2 regs), fp32 accumulators;
+// mma_k8(c, a0, a1, b0): c += A (16x8, row-major, 2 regs) * B (8x8, column-major, 1 reg).
 template <typename T>
 struct Elem;
 
@@ -136,6 +137,11 @@ struct Elem<__nv_bfloat16> {
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  __device__ __forceinline__ static void mma_k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
 };
 
 template <>
@@ -152,6 +158,11 @@ struct Elem<__half> {
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static void mma_k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
   }
 };
 
