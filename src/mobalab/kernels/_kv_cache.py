@@ -228,10 +228,11 @@ class MobaKVCache:
     # kernel workspace
 
     def _workspace_counters(self, count: int) -> torch.Tensor:
-        """Zeroed int32 completion counters (at least ``count``) for the CUDA decode kernels.
+        """Zeroed int32 workspace (at least ``count``) for the CUDA decode kernels: completion counters and the
+        split path's sets of selected blocks.
 
-        Every kernel resets the counters it used before it exits, so one zero-filled allocation serves
-        every later call; it grows (a fresh zeroed tensor) when a call needs more.
+        Every kernel resets what it used before it exits, so one zero-filled allocation serves every later
+        call; it grows (a fresh zeroed tensor) when a call needs more.
         """
         if self._counters is None or self._counters.numel() < count:
             self._counters = torch.zeros(max(count, 256), dtype=torch.int32, device=self.device)

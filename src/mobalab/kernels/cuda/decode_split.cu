@@ -384,7 +384,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
-// Tokens 0 .. chunk - 1 (chunk <= 32) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte chunk c of row r
+// Tokens 0 .. chunk - 1 (chunk <= DSP_ATTN_CHUNK) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte chunk c of row r
 // stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as 16-byte cp.async copies
 // (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0 times V stays 0 beyond the
 // sequence. A thread copies vector tid % (D / 8) of rows tid / (D / 8) + x * THREADS / (D / 8): the same swizzle
@@ -402,7 +402,7 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     T* skp = ks + soff;
     T* svp = vs + soff;
 #pragma unroll
-    for (int x = 0; x < 32 / TPI; ++x) {  // no early exit: every pass is straight-line code off the four bases
+    for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {  // no early exit: every pass is straight-line code off the four bases
         const int tk = tk0 + x * TPI;
         if (tk < nvalid) {
             dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
@@ -435,6 +435,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     constexpr int NT = DSP_ATTN_THREADS;
     constexpr int NST = DSP_ATTN_STAGES;
     constexpr int QSD = D + 8;  // padded q rows: the 4 rows of an A fragment load hit different banks
+    static_assert(DSP_ATTN_CHUNK == 8 * NW, "a warp takes 8 tokens of a chunk");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
