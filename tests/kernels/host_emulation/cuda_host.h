@@ -513,7 +513,8 @@ inline float half_of(unsigned reg, int hi, __half) {
 }
 // Four 8x8 b16 matrices, matrix i from the row addresses of lanes 8i .. 8i + 7; lane l receives elements
 // 2 (l % 4), 2 (l % 4) + 1 of row l / 4 (trans: rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4).
-inline void ldsm_x4(unsigned addr, unsigned (&r)[4], bool trans) {
+inline void ldsm_x4(unsigned addr, bool trans, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    unsigned* r[4] = {&r0, &r1, &r2, &r3};
     auto& slots = mma_slots();
     const int me = cta().current, base = warp_base(), l = lane();
     slots[me][0] = addr;
@@ -524,7 +525,7 @@ inline void ldsm_x4(unsigned addr, unsigned (&r)[4], bool trans) {
             const int row = trans ? 2 * (l % 4) + x : l / 4, col = trans ? l / 4 : 2 * (l % 4) + x;
             std::memcpy(&e[x], smem_at(slots[base + 8 * i + row][0] + 2 * col, 2), 2);
         }
-        r[i] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+        *r[i] = (unsigned)e[0] | ((unsigned)e[1] << 16);
     }
     __syncwarp();  // every lane has read the addresses before the next call overwrites them
 }

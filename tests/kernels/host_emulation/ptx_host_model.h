@@ -17,20 +17,10 @@ inline unsigned smem_u32(const void* p) {
 }
 
 inline void ldmatrix_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-    unsigned r[4];
-    emu::ldsm_x4(addr, r, false);
-    r0 = r[0];
-    r1 = r[1];
-    r2 = r[2];
-    r3 = r[3];
+    emu::ldsm_x4(addr, false, r0, r1, r2, r3);
 }
 inline void ldmatrix_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-    unsigned r[4];
-    emu::ldsm_x4(addr, r, true);
-    r0 = r[0];
-    r1 = r[1];
-    r2 = r[2];
-    r3 = r[3];
+    emu::ldsm_x4(addr, true, r0, r1, r2, r3);
 }
 
 template <typename T>
