@@ -1,0 +1,121 @@
+"""The split decode path in three launches against its one-launch kernel, and the one-launch kernel's knobs.
+
+    python scripts/decode_pipelined_sweep.py [--out DIR] [--reps N] [--points 512K,128K-B64k4,...]
+
+On the GPU, per point (batch 8, 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache): the step of the
+``split`` kernel (score, select and attention launches) and of the ``pipelined`` kernel with its default plan,
+with 2x and 4x the attention CTAs per (sequence, kv head), and built for 4 CTAs per SM with 12 score loads per
+lane (``DSP_PIPE_MIN_CTAS=4``, ``DSP_PIPE_SCORE_LOADS_D128=12``). Timing as ``mobalab.bench.decode`` (CUDA graph,
+L2 flushed before every replay, CUDA events, median); bytes needed counted from the selection, and the
+fraction of the measured copy bandwidth. Every variant's selection must equal the split path's, its output
+agree within 1e-2 (bf16 rounding of different partial splits). Writes ``pipelined_sweep.csv`` and prints a
+table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+import pandas as pd
+import torch
+
+K = 1024
+POINTS = {  # name: (N, batch, B, k)
+    "512K": (512 * K, 8, 128, 8), "1M": (1024 * K, 8, 128, 8), "128K": (128 * K, 8, 128, 8),
+    "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
+    "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8),
+}
+BIG = dict(defines=("DSP_PIPE_MIN_CTAS=4", "DSP_PIPE_SCORE_LOADS_D128=12"), min_ctas=4)
+
+
+def _variants(plan_default_cpg: int):
+    yield "split", dict(pipelined=False)
+    yield "pipelined", dict(pipelined=True)
+    yield "pipelined cpg x2", dict(pipelined=True, attn_ctas=2 * plan_default_cpg)
+    yield "pipelined cpg x4", dict(pipelined=True, attn_ctas=4 * plan_default_cpg)
+    yield "pipelined 4/SM", dict(pipelined=True, attn_ctas=max(1, plan_default_cpg * 4 // 5), **BIG)
+
+
+def main(argv=None) -> int:
+    from mobalab.bench.decode import copy_bandwidth, selection_bytes, time_step
+    from mobalab.kernels import MobaKVCache
+    from mobalab.kernels import _cuda_decode_split as S
+    from mobalab.kernels._cuda_decode import _sm_count
+    from mobalab.kernels._launch import launch as launch_with_defines
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="results/decode_pipelined")
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--points", default=",".join(POINTS))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_pipelined_sweep: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    copy = copy_bandwidth()
+    sms = _sm_count(torch.cuda.current_device())
+    rows = []
+    for name in args.points.split(","):
+        n, batch, block, top_k = POINTS[name]
+        heads, kvh, d = 32, 8, 128
+        gen = torch.Generator(device="cuda").manual_seed(n + batch + block)
+        cache = MobaKVCache(batch, kvh, d, block, n, dtype=torch.bfloat16, device="cuda")
+        kv = torch.randn((batch, n, kvh, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+        cache.prefill(kv, torch.randn_like(kv))
+        del kv
+        q = torch.randn((batch, 1, heads, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+        scale = 1.0 / math.sqrt(d)
+        ref = None
+        default_cpg = S.plan_split(batch, 1, heads, kvh, d, block, top_k, n, cache.n_blocks, cache.capacity,
+                                   sm_count=sms).cpg
+        for label, opts in _variants(default_cpg):
+            defines = opts.pop("defines", ())
+            opts.pop("min_ctas", None)
+            plan, bufs, launches = S.split_launches(q, cache, top_k, scale, sm_count=sms, **opts)
+            launches = [dataclasses.replace(x, defines=defines) for x in launches]
+
+            def step(launches=launches):
+                for x in launches:
+                    launch_with_defines(x)
+
+            try:
+                ms, how = time_step(step, args.reps, flush)
+            except Exception as exc:  # a variant that fails is reported, the sweep goes on
+                print(f"{name} {label}: failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+                continue
+            step()
+            torch.cuda.synchronize()
+            out, sel = bufs["out"].float().clone(), bufs["sel"].clone()
+            if ref is None:
+                ref = (out, sel)
+            same_sel = bool(torch.equal(sel, ref[1]))
+            err = float((out - ref[0]).abs().max())
+            need = selection_bytes(sel, n, block, kvh, d)["bytes_needed"]
+            row = dict(point=name, seq_len=n, batch=batch, block=block, top_k=top_k, variant=label, ms=ms,
+                       timing=how, ctas=sum(x.grid[0] for x in launches), cpg=plan.cpg, n_range=plan.n_range,
+                       select_wpr=plan.select_wpr, mb_needed=need / 1e6, tbps=need / (ms * 1e-3) / 1e12,
+                       roofline=need / (ms * 1e-3) / 1e12 / copy, same_selection=same_sel, max_abs_diff=err,
+                       counters_zero=int(cache._counters.abs().sum()) == 0)
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    df.to_csv(os.path.join(args.out, "pipelined_sweep.csv"), index=False)
+    print(f"\ncopy bandwidth {copy:.2f} TB/s; {torch.cuda.get_device_name()}")
+    cols = ["point", "variant", "ms", "ctas", "cpg", "mb_needed", "roofline", "same_selection", "max_abs_diff",
+            "counters_zero"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in df[cols].itertuples(index=False):
+        print("| " + " | ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in r) + " |")
+    bad = df[~df.same_selection | (df.max_abs_diff > 1e-2) | ~df.counters_zero]
+    return 1 if len(bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
