@@ -8,8 +8,8 @@ with 2x and 4x the attention CTAs per (sequence, kv head), and built for 4 CTAs 
 lane (``DSP_PIPE_MIN_CTAS=4``, ``DSP_PIPE_SCORE_LOADS_D128=12``). Timing as ``mobalab.bench.decode`` (CUDA graph,
 L2 flushed before every replay, CUDA events, median); bytes needed counted from the selection, and the
 fraction of the measured copy bandwidth. Every variant's selection must equal the split path's, its output
-agree within 1e-2 (bf16 rounding of different partial splits). Writes ``pipelined_sweep.csv`` and prints a
-table last.
+agree within 1e-2 (bf16 rounding of different partial splits). Writes ``pipelined_sweep.csv`` and
+``pipelined_sweep_table.md`` and prints the table last.
 """
 
 from __future__ import annotations
@@ -110,9 +110,12 @@ def main(argv=None) -> int:
     print(f"\ncopy bandwidth {copy:.2f} TB/s; {torch.cuda.get_device_name()}")
     cols = ["point", "variant", "ms", "ctas", "cpg", "mb_needed", "roofline", "same_selection", "max_abs_diff",
             "counters_zero"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in df[cols].itertuples(index=False):
-        print("| " + " | ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in r) + " |")
+        lines.append("| " + " | ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in r) + " |")
+    with open(os.path.join(args.out, "pipelined_sweep_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
     bad = df[~df.same_selection | (df.max_abs_diff > 1e-2) | ~df.counters_zero]
     return 1 if len(bad) else 0
 
