@@ -2,10 +2,10 @@
 
     python scripts/decode_pipelined_sweep.py [--out DIR] [--reps N] [--points 512K,128K-B64k4,...]
 
-On the GPU, per point (batch 8, 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache): the step of the
-``split`` kernel (score, select and attention launches) and of the ``pipelined`` kernel with its default plan,
-with 2x and 4x the attention CTAs per (sequence, kv head), and built for 4 CTAs per SM with 12 score loads per
-lane (``DSP_PIPE_MIN_CTAS=4``, ``DSP_PIPE_SCORE_LOADS_D128=12``). Timing as ``mobalab.bench.decode`` (CUDA graph,
+On the GPU, per point (32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache): the step of the ``split``
+kernel (score, select and attention launches) and of the ``pipelined`` kernel with its default plan, with half
+and twice its rounds' lags, with the lags of plain phases (every score, then every selection, then attention),
+and with twice the attention CTAs per (sequence, kv head). Timing as ``mobalab.bench.decode`` (CUDA graph,
 L2 flushed before every replay, CUDA events, median); bytes needed counted from the selection, and the
 fraction of the measured copy bandwidth. Every variant's selection must equal the split path's, its output
 agree within 1e-2 (bf16 rounding of different partial splits). Writes ``pipelined_sweep.csv`` and
@@ -15,7 +15,6 @@ agree within 1e-2 (bf16 rounding of different partial splits). Writes ``pipeline
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -29,23 +28,25 @@ POINTS = {  # name: (N, batch, B, k)
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8),
 }
-BIG = dict(defines=("DSP_PIPE_MIN_CTAS=4", "DSP_PIPE_SCORE_LOADS_D128=12"), min_ctas=4)
 
 
-def _variants(plan_default_cpg: int):
+def _variants(cpg: int, lags: tuple[int, int], heads: int):
+    """(label, split_launches options): the three launches, then the one-launch kernel's plan and its knobs."""
+    ls, la = lags
     yield "split", dict(pipelined=False)
-    yield "pipelined", dict(pipelined=True)
-    yield "pipelined cpg x2", dict(pipelined=True, attn_ctas=2 * plan_default_cpg)
-    yield "pipelined cpg x4", dict(pipelined=True, attn_ctas=4 * plan_default_cpg)
-    yield "pipelined 4/SM", dict(pipelined=True, attn_ctas=max(1, plan_default_cpg * 4 // 5), **BIG)
+    yield f"pipelined lags {ls}/{la}", dict(pipelined=True)
+    half = (max(1, ls // 2), max(2, la // 2))
+    yield f"pipelined lags {half[0]}/{half[1]}", dict(pipelined=True, lags=half)
+    yield f"pipelined lags {2 * ls}/{2 * la}", dict(pipelined=True, lags=(2 * ls, 2 * la))
+    yield f"pipelined phases {heads}/{2 * heads}", dict(pipelined=True, lags=(heads, 2 * heads))
+    yield "pipelined cpg x2", dict(pipelined=True, attn_ctas=2 * cpg)
 
 
 def main(argv=None) -> int:
     from mobalab.bench.decode import copy_bandwidth, selection_bytes, time_step
     from mobalab.kernels import MobaKVCache
     from mobalab.kernels import _cuda_decode_split as S
-    from mobalab.kernels._cuda_decode import _sm_count
-    from mobalab.kernels._launch import launch as launch_with_defines
+    from mobalab.kernels._cuda_decode import _sm_count, run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/decode_pipelined")
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
     copy = copy_bandwidth()
-    sms = _sm_count(torch.cuda.current_device())
+    dev = torch.cuda.current_device()
+    sms = _sm_count(dev)
     rows = []
     for name in args.points.split(","):
         n, batch, block, top_k = POINTS[name]
@@ -71,17 +73,14 @@ def main(argv=None) -> int:
         q = torch.randn((batch, 1, heads, d), generator=gen, device="cuda", dtype=torch.bfloat16)
         scale = 1.0 / math.sqrt(d)
         ref = None
-        default_cpg = S.plan_split(batch, 1, heads, kvh, d, block, top_k, n, cache.n_blocks, cache.capacity,
-                                   sm_count=sms).cpg
-        for label, opts in _variants(default_cpg):
-            defines = opts.pop("defines", ())
-            opts.pop("min_ctas", None)
+        one = S.plan_split(batch, 1, heads, kvh, d, block, top_k, n, cache.n_blocks, cache.capacity, sm_count=sms,
+                           pipelined=True)
+        for label, opts in _variants(one.cpg, (one.lag_sel, one.lag_attn), batch * kvh):
             plan, bufs, launches = S.split_launches(q, cache, top_k, scale, sm_count=sms, **opts)
-            launches = [dataclasses.replace(x, defines=defines) for x in launches]
 
             def step(launches=launches):
                 for x in launches:
-                    launch_with_defines(x)
+                    run(x, dev)
 
             try:
                 ms, how = time_step(step, args.reps, flush)

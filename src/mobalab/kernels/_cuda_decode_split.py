@@ -18,9 +18,10 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
 
 The same three steps also run as one launch (``moba_decode_pipelined_*``, kernel ``pipelined``): one CTA of
-ATTN_THREADS per work ticket (scores, then selections, then attention CTAs; a ticket waits on completion
-counters for the earlier steps of its own (sequence, kv head) only), so the first kv heads are selected and
-attended while the last are still scored.
+ATTN_THREADS per work ticket, the tickets in rounds (round r: the score items of (sequence, kv head) r, the
+select items of r - ``lag_sel``, the attention CTAs of r - ``lag_attn``); a ticket waits on completion counters
+for the earlier steps of its own (sequence, kv head) only, so the first kv heads are selected and attended while
+later ones are still scored.
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is the split path in three launches at every length; ``fused`` / ``split`` /
@@ -32,6 +33,7 @@ synchronises with the host (a step can be captured in a CUDA graph).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -70,7 +72,7 @@ ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attent
 # The one-launch kernel (cuda/decode_split.cu, DSP_PIPE_*): CTAs per SM it is compiled for, and its score
 # items' float4 loads per lane and batch at each head dim (what fits the registers that leaves).
 PIPE_MIN_CTAS = 5
-PIPE_SCORE_LOADS = {64: 4, 128: 8}
+PIPE_SCORE_LOADS = {64: 16, 128: 16}  # staged in shared memory (cp.async), not held in registers
 
 SCORE_WAVES = 3  # score CTAs: ranges sized for about this many waves (fewer, longer CTAs beyond)
 SCORE_MAX_PASSES = 8  # most batches one score warp streams
@@ -99,9 +101,10 @@ def _align16(x: int) -> int:
     return (x + 15) & ~15
 
 
-def score_smem_bytes(head_dim: int, rows_per_group: int) -> int:
-    """Score CTA: own blocks, then the row group's query rows in fp32."""
-    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
+def score_smem_bytes(head_dim: int, rows_per_group: int, staged_warps: int = 0, loads: int = SCORE_LOADS) -> int:
+    """Score CTA: own blocks, then the row group's query rows in fp32; with ``staged_warps`` (the one-launch
+    kernel) each warp's stage of ``loads`` float4 per lane."""
+    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4 + staged_warps * loads * 32 * 16
 
 
 def select_smem_bytes(threads: int = THREADS) -> int:
@@ -136,6 +139,14 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
+def pipeline_lags(per_head: int, sm_count: int) -> tuple[int, int]:
+    """(lag_sel, lag_attn) of the one-launch kernel's rounds: a kv head's select tickets come about one round
+    trip of the resident CTAs (PIPE_MIN_CTAS per SM, ``per_head`` tickets a round) after its score tickets, when
+    its scores are about done; its attention tickets as long again after those."""
+    rounds = max(1, math.ceil(sm_count * PIPE_MIN_CTAS / max(1, per_head)))
+    return rounds, 2 * rounds
+
+
 def table_log2(entries: int, n_blocks_cap: int) -> int:
     """log2 of the slots of one kv head's set of selected blocks: at most half full, at least 2 slots."""
     return max(1, math.ceil(math.log2(2 * max(1, min(entries, n_blocks_cap)))))
@@ -160,6 +171,8 @@ class SplitPlan(StepShape):
     select_smem: int
     attn_smem: int
     pipelined: bool = False  # the three steps in one launch (CTAs of ATTN_THREADS)
+    lag_sel: int = 0  # one launch: rounds between a kv head's score tickets and its select tickets
+    lag_attn: int = 0  # ... and its attention tickets
 
     @property
     def n_score_ctas(self) -> int:
@@ -204,7 +217,8 @@ class SplitPlan(StepShape):
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
-               select_wpr: int | None = None, pipelined: bool = False) -> SplitPlan:
+               select_wpr: int | None = None, pipelined: bool = False,
+               lags: tuple[int, int] | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -217,7 +231,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of ATTN_MIN_CTAS per SM, at most
     one per item) share its items. ``pipelined``: the one-launch kernel, whose CTAs all have ATTN_THREADS
     threads (score and select items with ATTN_WARPS warps, PIPE_SCORE_LOADS loads per lane, at most ATTN_WARPS
-    select warps per row; PIPE_MIN_CTAS CTAs per SM).
+    select warps per row; PIPE_MIN_CTAS CTAs per SM); ``lags`` = (lag_sel, lag_attn), 1 <= lag_sel < lag_attn,
+    default :func:`pipeline_lags`.
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -258,9 +273,16 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, log2_h=table_log2(entries, distinct), cpg=attn_ctas,
                      cached=attn_cached(head_dim, rows, top_k, itemsize),
-                     score_smem=score_smem_bytes(head_dim, rows_per_group),
+                     score_smem=score_smem_bytes(head_dim, rows_per_group, ATTN_WARPS if pipelined else 0,
+                                                 PIPE_SCORE_LOADS.get(head_dim, SCORE_LOADS)),
                      select_smem=select_smem_bytes(ATTN_THREADS if pipelined else THREADS),
                      attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k), pipelined=pipelined)
+    if pipelined:
+        per_head = (plan.n_score_ctas + plan.n_select_ctas + plan.n_attn_ctas) // (batch * kv_heads)
+        lag_sel, lag_attn = lags if lags is not None else pipeline_lags(per_head, sm_count)
+        if not 1 <= lag_sel < lag_attn:
+            raise ValueError(f"plan_split: lags = ({lag_sel}, {lag_attn}); they need 1 <= lag_sel < lag_attn")
+        plan = dataclasses.replace(plan, lag_sel=lag_sel, lag_attn=lag_attn)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas, plan.n_pipelined_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -321,18 +343,18 @@ def pipelined_launch(plan: SplitPlan, q, cache, bufs: dict, work, scale: float) 
             i32(p.kv_heads), i32(p.n_blocks_cap), i32(p.capacity), i32(p.block_size), i32(p.top_k), i32(p.n_rg),
             i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks), i32(p.n_cols), i32(p.select_wpr),
             i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
-            np.float32(scale * math.log2(math.e)))
+            np.float32(scale * math.log2(math.e)), i32(p.lag_sel), i32(p.lag_attn))
     return Launch(SOURCE, name, (p.n_pipelined_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.pipelined_smem)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   pipelined: bool = False):
+                   pipelined: bool = False, lags: tuple[int, int] | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice; ``pipelined``: the
-    three steps as one launch (not with ``route_only``).
+    three steps as one launch (not with ``route_only``), ``lags`` its rounds' (lag_sel, lag_attn).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -340,7 +362,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     pipelined = pipelined and not route_only
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      pipelined=pipelined)
+                      pipelined=pipelined, lags=lags)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     if pipelined:

@@ -356,9 +356,9 @@ inline unsigned exchange(unsigned v, int src_lane) {
 // The ticket that raw counter value `raw` stands for: the tickets of each phase [bounds[i - 1], bounds[i])
 // (bounds[-1] = 0, the last bound n_total) in a random order, phase after phase; values beyond n_total stand
 // for themselves.
-inline unsigned ticket(unsigned raw, std::initializer_list<int> bounds) {
+inline unsigned ticket(unsigned raw, const std::vector<int>& bounds) {
     Cta& c = cta();
-    const int n_total = *(bounds.end() - 1);
+    const int n_total = bounds.back();
     if (c.tickets.size() != (size_t)n_total) {
         c.tickets.resize(n_total);
         for (int i = 0; i < n_total; ++i) c.tickets[i] = (unsigned)i;
@@ -369,6 +369,9 @@ inline unsigned ticket(unsigned raw, std::initializer_list<int> bounds) {
         }
     }
     return raw < (unsigned)n_total ? c.tickets[raw] : raw;
+}
+inline unsigned ticket(unsigned raw, std::initializer_list<int> bounds) {
+    return ticket(raw, std::vector<int>(bounds));
 }
 
 // Shared memory from byte `from` on back to 0xff (call from one thread between two barriers).
@@ -578,9 +581,6 @@ inline void mma_k(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
     return emu::ticket(atomicAdd(ticket, 1u), {n_route, n_total});
-}
-inline unsigned dec_fetch_ticket3(unsigned* ticket, int n_a, int n_b, int n_total) {
-    return emu::ticket(atomicAdd(ticket, 1u), {n_a, n_b, n_total});
 }
 inline void dec_wait_at_least(const unsigned* p, unsigned target) {
     if (*p < target) emu::fail("an attention unit waits for a routing counter that no earlier item raised");

@@ -28,12 +28,12 @@ using harness::P;
               I(a[21]), a[22].f);                                                                                \
      }}}
 #define PIPELINED(NAME, T)                                                                                      \
-    {#NAME, {32, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {34, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const float>(a[1]), P<const T>(a[2]), P<const T>(a[3]), P<const int>(a[4]),    \
               P<float>(a[5]), P<int>(a[6]), P<unsigned>(a[7]), P<float>(a[8]), P<float>(a[9]), P<T>(a[10]),     \
               P<float>(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]),  \
               I(a[20]), I(a[21]), I(a[22]), I(a[23]), I(a[24]), I(a[25]), I(a[26]), I(a[27]), I(a[28]),         \
-              I(a[29]), I(a[30]), a[31].f);                                                                      \
+              I(a[29]), I(a[30]), a[31].f, I(a[32]), I(a[33]));                                                  \
      }}}
 
 const harness::Kernels kKernels = {

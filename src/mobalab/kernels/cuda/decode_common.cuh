@@ -144,10 +144,6 @@ __device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
 // within each phase). A CTA that holds a ticket waits only for items of earlier phases, whose tickets were all
 // taken before its own, by CTAs that are already running: so no wait can deadlock.
 __device__ __forceinline__ unsigned dec_fetch_ticket(unsigned* ticket, int, int) { return atomicAdd(ticket, 1u); }
-// Three phases: [0, n_a), [n_a, n_b), [n_b, n_total).
-__device__ __forceinline__ unsigned dec_fetch_ticket3(unsigned* ticket, int, int, int) {
-    return atomicAdd(ticket, 1u);
-}
 // Thread 0 of a CTA: wait until *p >= target (p is raised by atomics of other CTAs after a fence); a
 // __syncthreads must follow before the CTA's other threads read what the counted CTAs wrote (with ld.cg).
 __device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned target) {

@@ -108,16 +108,16 @@
 #define DSP_FLAGS 64                   // bytes of flags at the start of shared memory
 #define DSP_SCORE_LOADS 16             // float4 block-sum loads per lane of one score batch (8 KB per warp)
 // The one-launch kernel (one CTA size for every step): CTAs per SM, and its score items' float4 loads per lane
-// and batch, which must fit the registers that leaves (96 at 5 CTAs: 8 at d 128, 4 at d 64; 128 at 4: 16). A
-// launch may override them (a build option of its module).
+// and batch, staged in shared memory (8 KB per warp at 16: within the attention's shared memory, and no
+// registers held while they fly). A launch may override them (a build option of its module).
 #ifndef DSP_PIPE_MIN_CTAS
 #define DSP_PIPE_MIN_CTAS 5
 #endif
 #ifndef DSP_PIPE_SCORE_LOADS_D128
-#define DSP_PIPE_SCORE_LOADS_D128 8
+#define DSP_PIPE_SCORE_LOADS_D128 16
 #endif
 #ifndef DSP_PIPE_SCORE_LOADS_D64
-#define DSP_PIPE_SCORE_LOADS_D64 4
+#define DSP_PIPE_SCORE_LOADS_D64 16
 #endif
 #define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
@@ -191,8 +191,10 @@ __device__ __forceinline__ void dsp_offer(float& lv, int& lj, float v, int j, in
 // ---- routing, 1: scores ----
 
 // Score item `item` by a CTA of NT threads, LOADS float4 loads per lane and batch. Shared memory: [flags] own [rpg] |
-// (16-byte aligned) qs [rpg][D] fp32.
-template <typename T, int D, int NT, int LOADS>
+// (16-byte aligned) qs [rpg][D] fp32 | (STAGED) stage [NT / 32][LOADS][32] float4. STAGED: a batch lands in the
+// warp's stage by cp.async (each lane reads back only what it copied: its wait is the only synchronisation) instead
+// of in registers, so a CTA whose registers are capped for other work still keeps 8 KB per warp in flight.
+template <typename T, int D, int NT, int LOADS, bool STAGED>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
@@ -219,15 +221,23 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     const int sub = lane >> 3, part = lane & 7;
     // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
     // range: the loads stay unconditional, the stores are guarded).
-    float4 sv[NP][NV];
+    float4 sv[STAGED ? 1 : NP][NV];
+    float4* stage = reinterpret_cast<float4*>(smem + dec_align16(DSP_FLAGS + 4 * rpg) + rpg * D * 4) +
+                    warp * LOADS * 32 + lane;  // slot (p, m) of this lane: stage[(p * NV + m) * 32]
     auto load = [&](int base) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
             const int jb = min(base + p * 4 + sub, j_hi - 1);
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
+            for (int m = 0; m < NV; ++m) {
+                if constexpr (STAGED)
+                    dec_cp_async16(stage + (p * NV + m) * 32, src + m * 8 + part);
+                else
+                    sv[STAGED ? 0 : p][m] = dec_ld_stream(src + m * 8 + part);
+            }
         }
+        if constexpr (STAGED) dec_cp_async_commit();
     };
     int base = j_lo + warp * BW;
     if (base < j_hi) load(base);
@@ -243,6 +253,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     for (; base < j_hi; base += NW * BW) {
         const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
         const bool store = part < NP && j < j_hi;
+        if constexpr (STAGED) dec_cp_async_wait<0>();
         for (int rr = 0; rr < nr; ++rr) {
             float4 qv[NV];
 #pragma unroll
@@ -252,8 +263,10 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 0; p < NP; ++p) {
                 acc[p] = 0.f;
 #pragma unroll
-                for (int m = 0; m < NV; ++m)
-                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
+                for (int m = 0; m < NV; ++m) {
+                    const float4 b4 = STAGED ? stage[(p * NV + m) * 32] : sv[STAGED ? 0 : p][m];
+                    acc[p] += qv[m].x * b4.x + qv[m].y * b4.y + qv[m].z * b4.z + qv[m].w * b4.w;
+                }
             }
 #pragma unroll
             for (int off = 1; off < 8; off <<= 1) {
@@ -265,7 +278,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
-        if (base + NW * BW < j_hi) load(base + NW * BW);
+        if (base + NW * BW < j_hi) load(base + NW * BW);  // STAGED: every lane is past its reads of the stage
     }
 }
 
@@ -800,13 +813,63 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
 // ---- the three steps in one launch ----
 
-// One CTA of DSP_ATTN_THREADS per ticket: score tickets [0, n_score), select tickets [n_score, n_score + n_sel),
-// attention tickets after them (dec_fetch_ticket3: the order in which CTAs start is not blockIdx order). A
-// select item waits until every score item of its (sequence, kv head) has counted itself done, an attention CTA
-// until every select item of its (sequence, kv head) has; both wait only for earlier tickets, so no wait can
-// deadlock. Score items run in (sequence, kv head) order, so the first kv heads are selected and attended while
-// the last ones are still scored: the launch boundaries and the selection's dependent chains overlap the
-// streaming instead of following it.
+// Tickets in rounds: round r holds the score items of (sequence, kv head) r, the select items of r - ls and the
+// attention CTAs of r - la (those that exist; 1 <= ls < la), in that order, so that the first kv heads are
+// selected and attended while later ones are still scored. Every wait is for an earlier round (a select waits
+// for its kv head's scores, an attention CTA for its kv head's selection), whose tickets were all taken before
+// its own, by CTAs that are already running: no wait can deadlock. ls >= G, la >= 2G: scores, then selections,
+// then attention. The emulation shuffles the order within each round.
+__device__ __forceinline__ int dsp_round_size(int r, int G, int S, int E, int A, int ls, int la) {
+    return (r < G ? S : 0) + (r >= ls && r < G + ls ? E : 0) + (r >= la && r < G + la ? A : 0);
+}
+// Ticket t -> item: 0 score (index h * S + i), 1 select (h * E + i), 2 attention CTA (h * A + i), -1 none.
+__device__ __forceinline__ int dsp_ticket_item(int t, int G, int S, int E, int A, int ls, int la, int& idx) {
+    int bp[6] = {0, G, ls, G + ls, la, G + la};
+#pragma unroll
+    for (int i = 1; i < 6; ++i)  // insertion sort of the breakpoints: rounds between two have one size
+        for (int j = i; j > 0 && bp[j - 1] > bp[j]; --j) {
+            const int x = bp[j];
+            bp[j] = bp[j - 1];
+            bp[j - 1] = x;
+        }
+    for (int i = 0; i < 5; ++i) {
+        const int c = dsp_round_size(bp[i], G, S, E, A, ls, la);
+        const long long span = (long long)(bp[i + 1] - bp[i]) * c;
+        if (t >= span) {
+            t -= (int)span;
+            continue;
+        }
+        const int r = bp[i] + t / c;
+        int o = t - (t / c) * c;
+        if (r < G) {
+            if (o < S) return idx = r * S + o, 0;
+            o -= S;
+        }
+        if (r >= ls && r < G + ls) {
+            if (o < E) return idx = (r - ls) * E + o, 1;
+            o -= E;
+        }
+        return idx = (r - la) * A + o, 2;
+    }
+    return -1;
+}
+#ifndef DEC_HOST_EMULATION
+__device__ __forceinline__ unsigned dsp_fetch_ticket(unsigned* ticket, int, int, int, int, int, int) {
+    return atomicAdd(ticket, 1u);
+}
+#else
+inline unsigned dsp_fetch_ticket(unsigned* ticket, int G, int S, int E, int A, int ls, int la) {
+    std::vector<int> bounds;
+    int total = 0;
+    for (int r = 0; r < G + la; ++r) bounds.push_back(total += dsp_round_size(r, G, S, E, A, ls, la));
+    return emu::ticket(atomicAdd(ticket, 1u), bounds);
+}
+#endif
+
+// One CTA of DSP_ATTN_THREADS per ticket (dsp_fetch_ticket: the order in which CTAs start is not blockIdx order).
+// A select item waits until every score item of its (sequence, kv head) has counted itself done, an attention
+// CTA until every select item of its (sequence, kv head) has: the launch boundaries and the selection's
+// dependent chains overlap the streaming instead of following it.
 // work: [ticket, exited, score_done [G], sel_done [G], attention counters [G], sets of selected blocks
 // [G << log2_h]], G = batch * kv_heads; all zero again when the launch ends (the attention's last CTA of a kv
 // head resets its counters and set, the last CTA to leave the ticket).
@@ -820,32 +883,37 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
                                               int heads, int kv_heads, int n_blocks_cap, int capacity, int block_size,
                                               int top_k, int n_rg, int rpg, int n_range, int range_blocks, int n_cols,
                                               int wpr, int n_chunks, int chunk, int log2_h, int cpg, int cached,
-                                              float scale_log2) {
+                                              float scale_log2, int lag_sel, int lag_attn) {
     constexpr int NT = DSP_ATTN_THREADS;
+    constexpr int LOADS = D == 128 ? DSP_PIPE_SCORE_LOADS_D128 : DSP_PIPE_SCORE_LOADS_D64;
     DEC_DYNAMIC_SMEM(smem);
     int* flags = reinterpret_cast<int*>(smem);
     const int tid = threadIdx.x;
     const int G = batch * kv_heads, rows = heads / kv_heads * q_len;
     const int score_per = n_rg * n_range, sel_per = (rows + NT / 32 / wpr - 1) / (NT / 32 / wpr);
-    const int n_score = G * score_per, n_sel = G * sel_per, n_total = n_score + n_sel + G * cpg;
     unsigned* score_done = work + 2;
     unsigned* sel_done = score_done + G;
     unsigned* attn_done = sel_done + G;
     int* table = reinterpret_cast<int*>(attn_done + G);
-    if (tid == 0) flags[0] = (int)dec_fetch_ticket3(work, n_score, n_score + n_sel, n_total);
+    if (tid == 0) {
+        const unsigned t = dsp_fetch_ticket(work, G, score_per, sel_per, cpg, lag_sel, lag_attn);
+        int idx = 0;
+        flags[0] = dsp_ticket_item((int)t, G, score_per, sel_per, cpg, lag_sel, lag_attn, idx);
+        flags[1] = idx;
+    }
     __syncthreads();
-    const int t = flags[0];
-    __syncthreads();  // flags[0] read: the item may use it
-    if (t < n_score) {
-        dsp_score<T, D, NT, D == 128 ? DSP_PIPE_SCORE_LOADS_D128 : DSP_PIPE_SCORE_LOADS_D64>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg, rpg,
-                            n_range, range_blocks, n_cols, t);
+    const int role = flags[0], t = flags[1];
+    __syncthreads();  // flags read: the item may use them
+    if (role == 0) {
+        dsp_score<T, D, NT, LOADS, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size,
+                                         n_rg, rpg, n_range, range_blocks, n_cols, t);
         __syncthreads();  // every thread's scores are written
         if (tid == 0) {
             __threadfence();
             atomicAdd(score_done + t / score_per, 1u);
         }
-    } else if (t < n_score + n_sel) {
-        const int x = t - n_score, g = x / sel_per;
+    } else if (role == 1) {
+        const int x = t, g = x / sel_per;
         if (tid == 0) dec_wait_at_least(score_done + g, (unsigned)score_per);
         __syncthreads();
         dsp_select<NT>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr,
@@ -855,8 +923,8 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
             __threadfence();
             atomicAdd(sel_done + g, 1u);
         }
-    } else {
-        const int x = t - n_score - n_sel;
+    } else if (role == 2) {
+        const int x = t;
         if (tid == 0) dec_wait_at_least(sel_done + x / cpg, (unsigned)sel_per);
         __syncthreads();
         dsp_attend<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, attn_done, out, lse, q_len, heads, kv_heads,
@@ -877,7 +945,7 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dsp_score<T, D, DSP_THREADS, DSP_SCORE_LOADS>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg, \
+    dsp_score<T, D, DSP_THREADS, DSP_SCORE_LOADS, false>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg, \
                                  rows_per_group, n_range, range_blocks, n_cols, blockIdx.x);                       \
   }
 
@@ -900,10 +968,12 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
       unsigned* __restrict__ work, float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,  \
       float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,     \
       int block_size, int top_k, int n_rg, int rows_per_group, int n_range, int range_blocks, int n_cols,         \
-      int wpr, int n_chunks, int chunk, int log2_h, int cpg, int cached, float scale_log2) {                      \
+      int wpr, int n_chunks, int chunk, int log2_h, int cpg, int cached, float scale_log2, int lag_sel,           \
+      int lag_attn) {                                                                                             \
     dsp_pipelined<T, D>(q, sums, k, v, lengths, scores, sel, work, part_o, part_ml, out, lse, batch, q_len, heads, \
                         kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_range,       \
-                        range_blocks, n_cols, wpr, n_chunks, chunk, log2_h, cpg, cached, scale_log2);             \
+                        range_blocks, n_cols, wpr, n_chunks, chunk, log2_h, cpg, cached, scale_log2, lag_sel,     \
+                        lag_attn);                                                                                \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
