@@ -34,8 +34,6 @@
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
 #   decode-split-ncu         the same for the split decode path (routing and attention launch of one step, ~100 s)
-#   decode-pipelined         the split decode path in three launches against its one-launch kernel and that kernel's
-#                            knobs (scripts/decode_pipelined_sweep.py, batch 8 and 64, 32K-1M; ~150 s)
 #   decode-sass              Nsight Compute source counters (SASS, executed instructions and stall samples per
 #                            instruction) of the split attention launch at 512K, batch 8: logs/decode_sass.csv
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
@@ -145,8 +143,6 @@ for step in "${STEPS[@]}"; do
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
     decode-split-ncu) timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" --kernel split \
                    > "$W/decode_split_ncu.log" 2>&1 || status=1 ;;
-    decode-pipelined) timeout $(cap 300) python3 scripts/decode_pipelined_sweep.py --out "$W/decode-pipelined" \
-                   > "$W/decode_pipelined.log" 2>&1 || status=1 ;;
     decode-sass) # per-instruction counts and stall samples of the split attention launch (512K, batch 8)
       timeout $(cap 150) ncu --clock-control none --kernel-name regex:moba_decode_attend --launch-skip 2 --launch-count 1 \
         --section SourceCounters --section WarpStateStats --section SchedulerStats \
@@ -191,7 +187,7 @@ done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md "$W"/decode-pipelined/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"

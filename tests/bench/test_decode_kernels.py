@@ -33,15 +33,11 @@ def test_two_kernels_give_two_rows_and_targets_each():
 
 def test_kernel_option_and_split_ncu_command():
     args = bench.build_parser().parse_args(["--quick", "--kernel", "split"])
-    assert args.kernel == "split" and bench.KERNEL_CHOICES["all"] == ("fused", "split", "pipelined")
-    assert bench.build_parser().parse_args(["--quick"]).kernel is None  # all for the benchmark, fused for ncu
+    assert args.kernel == "split" and bench.KERNEL_CHOICES["both"] == ("fused", "split")
+    assert bench.build_parser().parse_args(["--quick"]).kernel is None  # both for the benchmark, fused for ncu
     cmd = bench.ncu_command("/tmp/r", 32 * K, 8, kernel="split")
     assert cmd[cmd.index("--kernel-name") + 1] == "regex:moba_decode_(route|attend)"
     assert int(cmd[cmd.index("--launch-skip") + 1]) == 3 * (bench.PROFILE_STEPS - 1)  # score, select, attend
     assert cmd[cmd.index("--launch-count") + 1] == "3"
     prog = cmd[cmd.index(sys.executable):]
     assert prog[-2:] == ["--kernel", "split"] and bench.build_parser().parse_args(prog[3:]).kernel == "split"
-    cmd = bench.ncu_command("/tmp/r", 32 * K, 8, kernel="pipelined")
-    assert cmd[cmd.index("--kernel-name") + 1] == "regex:moba_decode_pipelined"
-    assert int(cmd[cmd.index("--launch-skip") + 1]) == bench.PROFILE_STEPS - 1
-    assert cmd[cmd.index("--launch-count") + 1] == "1" and cmd[-2:] == ["--kernel", "pipelined"]

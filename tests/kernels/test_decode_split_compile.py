@@ -4,8 +4,7 @@ The source is taken as NVRTC sees it (``_build.source``) and compiled with the p
 (``_build.NVRTC_OPTIONS``) for ``-gencode=arch=compute_90a,code=sm_90a``; ptxas' ``-v`` report gives
 registers, shared memory, stack frame and spills per kernel (run with ``-s`` to see them). Registers must
 stay within what each kernel's ``__launch_bounds__`` promises (scores: 2 CTAs of 256 threads per SM, at
-most 128 registers; selection: 4 CTAs, at most 64; attention and the one-launch kernel: 5 CTAs of 128 threads,
-at most 102).
+most 128 registers; selection and attention: 4 CTAs, at most 64).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from _ptxas_report import entry_report  # noqa: E402
 SCORE = [f"moba_decode_route_score_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-PIPELINED = [f"moba_decode_pipelined_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +33,8 @@ def report(tmp_path_factory) -> dict[str, dict[str, int]]:
 
 
 def test_entry_points_and_constants_match_the_wrapper():
-    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND + PIPELINED)
+    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND)
     text = source("decode_split.cu")
-    for name, value in (("DSP_PIPE_MIN_CTAS", S.PIPE_MIN_CTAS), ("DSP_PIPE_SCORE_LOADS_D64", S.PIPE_SCORE_LOADS[64]),
-                        ("DSP_PIPE_SCORE_LOADS_D128", S.PIPE_SCORE_LOADS[128])):
-        assert re.search(rf"#define {name} {value}\b", text), name
     for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
                         ("DSP_ATTN_CHUNK", S.ATTN_CHUNK), ("DSP_ATTN_ROWS", S.ATTN_ROWS),
@@ -52,11 +47,11 @@ def test_entry_points_and_constants_match_the_wrapper():
 
 @pytest.mark.nvcc
 def test_decode_split_compiles_without_spills(report):
-    assert sorted(report) == sorted(SCORE + SELECT + ATTEND + PIPELINED)
+    assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)
-        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS),
-                    **dict.fromkeys(PIPELINED, S.PIPE_MIN_CTAS)}.get(name, S.ATTN_MIN_CTAS)
-        threads = S.ATTN_THREADS if name in ATTEND + PIPELINED else S.THREADS
+        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(
+            name, S.ATTN_MIN_CTAS)
+        threads = S.ATTN_THREADS if name in ATTEND else S.THREADS
         assert r["registers"] <= 65536 // (threads * min_ctas), (name, r)
         assert r.get("smem", 0) == 0, (name, r)  # all shared memory is dynamic, sized by the plan

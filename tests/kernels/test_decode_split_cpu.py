@@ -1,5 +1,5 @@
-"""The split decode path (cuda/decode_split.cu: three launches, or its one-launch kernel) on the CPU: launch plans
-against the kernel signatures and limits, buffer sizes, and the choice of kernel (``MOBALAB_DECODE_KERNEL``)."""
+"""The three-launch decode path (cuda/decode_split.cu) on the CPU: launch plans against the kernel signatures
+and limits, buffer sizes, and the choice of kernel (``MOBALAB_DECODE_KERNEL``)."""
 
 from __future__ import annotations
 
@@ -73,53 +73,6 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert attend.args[-1] == np.float32(0.1 * math.log2(math.e))
 
 
-@pytest.mark.parametrize(("batch", "q_len", "heads", "kv_heads", "dim", "block", "top_k", "length"), [
-    (8, 1, 32, 8, 128, 128, 8, 512 * 1024), (8, 1, 32, 8, 128, 64, 4, 128 * 1024),
-    (64, 1, 32, 8, 128, 128, 8, 32 * 1024), (2, 16, 32, 8, 64, 16, 32, 100_000), (1, 16, 32, 1, 128, 512, 2, 700),
-    (3, 2, 4, 4, 64, 16, 1, 5), (1, 16, 32, 1, 128, 16, 32, 1 << 20),
-])
-def test_one_launch_plans_fit_the_kernel(batch, q_len, heads, kv_heads, dim, block, top_k, length):
-    """The one-launch kernel: every ticket a CTA of ATTN_THREADS with the largest of the three steps' shared
-    memory, PIPE_MIN_CTAS of them per SM; score items of whole passes of its 4 warps, at most 4 select warps per
-    row; the workspace holds the ticket, the exit count, three counters per (sequence, kv head) and the sets."""
-    n_blocks = math.ceil((length + 10) / block)
-    plan = S.plan_split(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block,
-                        pipelined=True)
-    three = S.plan_split(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block)
-    assert plan.pipelined and not three.pipelined
-    assert plan.n_pipelined_ctas == plan.n_score_ctas + plan.n_select_ctas + plan.n_attn_ctas
-    assert plan.pipelined_smem == max(plan.score_smem, plan.select_smem, plan.attn_smem)
-    assert S.PIPE_MIN_CTAS * (plan.pipelined_smem + 1024) <= SMEM_PER_SM or q_len * heads // kv_heads > 16
-    assert plan.select_wpr == min(S.ATTN_WARPS, three.select_wpr)
-    assert plan.n_select_ctas == batch * kv_heads * math.ceil(plan.rows / (S.ATTN_WARPS // plan.select_wpr))
-    n_cand = (length - 1) // block
-    if plan.n_range:
-        pass_blocks = S.ATTN_WARPS * S.score_batch(dim, S.PIPE_SCORE_LOADS[dim])
-        assert plan.range_blocks % pass_blocks == 0 and plan.n_range * plan.range_blocks >= n_cand
-    assert plan.n_work == 2 + 3 * batch * kv_heads + plan.n_table
-    assert (plan.cpg, plan.log2_h, plan.n_chunks) == (three.cpg, three.log2_h, three.n_chunks)
-    with pytest.raises(ValueError, match="select_wpr = 8; supported: 1, 2, 4"):
-        S.plan_split(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block,
-                     pipelined=True, select_wpr=8)
-
-
-def test_one_launch_step_launch():
-    g = torch.Generator().manual_seed(0)
-    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
-    cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16(),
-                  lengths=[70, 40])
-    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
-    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125, pipelined=True)
-    (launch,) = launches
-    assert launch.kernel == "moba_decode_pipelined_bf16_d64" and plan.pipelined
-    check_args(launch.source, launch.kernel, launch.args)
-    assert launch.grid == (plan.n_pipelined_ctas, 1, 1) and launch.block == (S.ATTN_THREADS, 1, 1)
-    assert launch.shared_mem == plan.pipelined_smem and launch.args[7].numel() >= plan.n_work
-    # the routing alone stays the two routing launches
-    _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True, pipelined=True)
-    assert [x.kernel for x in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
-
-
 def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about three waves of 264 slots (512K: 16 ranges of 256 blocks, 1024 CTAs; 1M: 13 of
@@ -184,11 +137,8 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv(S.ENV_VAR, "split")
     assert S.decode_kernel() == "split" and S.decode_kernel("fused") == "fused"
     monkeypatch.setenv(S.ENV_VAR, "fast")
-    monkeypatch.setenv(S.ENV_VAR, "pipelined")
-    assert S.decode_kernel() == "pipelined"
-    monkeypatch.setenv(S.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="MOBALAB_DECODE_KERNEL = 'fast' is not a decode kernel; supported: fused, "
-                                         "split, pipelined, auto"):
+                                         "split, auto"):
         S.decode_kernel()
     with pytest.raises(ValueError, match="kernel = 'x' is not a decode kernel"):
         S.decode_kernel("x")

@@ -1,5 +1,5 @@
-"""The split decode kernels (cuda/decode_split.cu: three launches, and the same steps in one launch) run on the
-host: their logic against the torch reference, no GPU.
+"""The three-launch decode kernels (cuda/decode_split.cu) run on the host: their logic against the torch
+reference, no GPU.
 
 ``host_emulation/cuda_host.h`` runs every CUDA thread as a coroutine (switching at __syncthreads and the warp
 operations, in shuffled orders), completes every cp.async only when its thread waits for it, and runs the
@@ -54,11 +54,11 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts,
-              seed=7, route_only=False, attn_ctas=None, pipelined=False, lags=None):
+              seed=7, route_only=False, attn_ctas=None):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
-                                            attn_ctas=attn_ctas, pipelined=pipelined, lags=lags)
+                                            attn_ctas=attn_ctas)
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -71,53 +71,6 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
                                                    lengths, top_k, range_blocks, opts)
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
-
-
-@pytest.mark.parametrize(_ARGS, CASES)
-def test_emulated_one_launch_kernel_matches_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                      lengths, top_k, range_blocks, opts):
-    """The three steps in one launch: CTAs take score, select and attention tickets in a random order within
-    each step (any order the GPU could produce; a wait on a counter that no earlier ticket raised fails), and
-    the step matches the reference; the ticket, every counter and every set are zero afterwards."""
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, range_blocks, opts, pipelined=True)
-    assert plan.pipelined and plan.n_pipelined_ctas == plan.n_score_ctas + plan.n_select_ctas + plan.n_attn_ctas
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    assert not cache._counters.any()
-
-
-@pytest.mark.parametrize(("case", "lags", "attn_ctas"), [
-    pytest.param(CASES[0].values, (1, 2), None, id="gqa4-ragged-lags-1-2"),
-    pytest.param(CASES[8].values, (2, 3), 2, id="gqa3-qlen7-lags-2-3"),
-    pytest.param(CASES[9].values, (1, 2), 3, id="5000-candidates-lags-1-2"),
-    pytest.param(CASES[4].values, (1, 3), None, id="top1-no-scores-lags-1-3"),
-])
-def test_one_launch_kernel_with_interleaved_rounds(harness, tmp_path, case, lags, attn_ctas):
-    """Short lags: a kv head's select and attention tickets come between later kv heads' score tickets (rounds
-    shuffled within themselves); every wait is still for an earlier round, and the step matches the reference."""
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, *case, pipelined=True, lags=lags,
-                                                   attn_ctas=attn_ctas)
-    assert (plan.lag_sel, plan.lag_attn) == lags and plan.batch * plan.kv_heads > lags[1] - lags[0]
-    dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    assert not cache._counters.any()
-
-
-def test_one_launch_kernel_twice_on_one_workspace(harness, tmp_path):
-    """Two steps through the same cache workspace, fewer attention CTAs than items: the second step relies on
-    the first leaving every counter and set at zero, and both give the same outputs."""
-    case = CASES[1].values
-    first = _run_case(harness, tmp_path, *case, pipelined=True, attn_ctas=2, seed=1)
-    cache, q, top_k, scale, plan, _ = first
-    bufs = S.split_buffers(plan, q.device, q.dtype)
-    poison(bufs)
-    _, bufs, launches = S.split_launches(q, cache, top_k, scale, bufs=bufs, attn_ctas=2, pipelined=True)
-    run_emulated(harness, tmp_path, launches, seed=2)
-    for name in ("sel", "out", "lse"):
-        assert torch.equal(first[-1][name], bufs[name]), name
-    assert not cache._counters.any()
 
 
 ATTN_CASES = [

@@ -18,9 +18,8 @@ the step (attention, the hand-over from routing, the final merge). ``mobalab_ms_
 the step with one or three routing items and attention units per CTA slot instead of two (CSV only).
 ``--kernel`` picks the decode kernel: ``fused`` (cuda/decode.cu, one persistent launch), ``split``
 (cuda/decode_split.cu: a score launch and a select launch, then an attention launch; its ``routing_ms`` is the
-two routing launches alone, no items columns), ``pipelined`` (the split path's three steps in one launch; its
-``routing_ms`` is the split path's two routing launches) or ``all`` (the default: one row per configuration and
-kernel, column ``kernel``).
+two routing launches alone, no items columns) or ``both`` (the default: two rows per configuration, column
+``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
 its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
@@ -53,8 +52,7 @@ DATASHEET_TBPS = 4.8
 #: tokens x batch of one cache (K + V are 4 KB per token at 8 kv heads, d 128, bf16): 32 GB
 MAX_TOKENS = 8 * 1024 * K
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
-KERNEL_CHOICES = {"fused": ("fused",), "split": ("split",), "pipelined": ("pipelined",),
-                  "all": ("fused", "split", "pipelined")}
+KERNEL_CHOICES = {"fused": ("fused",), "split": ("split",), "both": ("fused", "split")}
 
 
 @dataclass(frozen=True)
@@ -298,7 +296,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
-    plans = step_launches if kernel == "fused" else split_launches  # pipelined: the split routing launches
+    plans = step_launches if kernel == "fused" else split_launches
     _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
 
     def route():
@@ -467,8 +465,7 @@ def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 
 
 
 #: kernel-name pattern and launches per step of each decode kernel
-_NCU_KERNELS = {"fused": ("regex:moba_decode_step", 1), "split": ("regex:moba_decode_(route|attend)", 3),
-                "pipelined": ("regex:moba_decode_pipelined", 1)}
+_NCU_KERNELS = {"fused": ("regex:moba_decode_step", 1), "split": ("regex:moba_decode_(route|attend)", 3)}
 
 
 def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu", kernel: str = "fused") -> list[str]:
@@ -555,9 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
     p.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default=None,
-                   help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches), "
-                        "pipelined (the split steps in one launch) or all (one row per configuration and kernel); "
-                        "default: all for the benchmark, fused for --profile and --ncu (which take one kernel)")
+                   help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches) "
+                        "or both (two rows per configuration); default: both for the benchmark, fused for --profile "
+                        "and --ncu (which take fused or split)")
     p.add_argument("--profile", action="store_true",
                    help=f"no benchmark: build one cache (--seq-len, --batch, --block-size, --top-k) and run "
                         f"{PROFILE_STEPS} steps, for a profiler")
@@ -581,9 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile or args.ncu is not None:
         kernel = args.kernel or "fused"
-        if kernel == "all":
-            print("mobalab bench --decode: --profile and --ncu take one --kernel (fused, split or pipelined), not all",
-                  file=sys.stderr)
+        if kernel == "both":
+            print("mobalab bench --decode: --profile and --ncu take --kernel fused or split, not both", file=sys.stderr)
             return 2
         if args.profile:
             profile_steps(args.seq_len, args.batch, args.block_size, args.top_k, kernel=kernel)
@@ -600,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     env["copy_tbps"] = copy_tbps = copy_bandwidth()
     env["datasheet_tbps"] = DATASHEET_TBPS
     print(json.dumps(env, default=str), flush=True)
-    kernels = KERNEL_CHOICES[args.kernel or "all"]
+    kernels = KERNEL_CHOICES[args.kernel or "both"]
     groups: dict[tuple[int, int], list[DecodeConfig]] = {}
     for cfg in configs(args.quick):
         groups.setdefault((cfg.seq_len, cfg.batch), []).append(cfg)

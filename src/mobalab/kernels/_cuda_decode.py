@@ -280,16 +280,13 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
 
     ``return_selection`` also returns the int32 (batch, q_len, heads, top_k) selection (benchmarks and tests).
-    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, three launches),
-    ``"pipelined"`` (its three steps in one launch) or ``"auto"`` (:func:`._cuda_decode_split.decode_kernel`:
-    split); None reads ``$MOBALAB_DECODE_KERNEL`` (default auto).
+    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, three launches) or
+    ``"auto"`` (:func:`._cuda_decode_split.decode_kernel`: split); None reads ``$MOBALAB_DECODE_KERNEL``
+    (default auto).
     """
-    from functools import partial
-
     from ._cuda_decode_split import decode_kernel, split_launches
 
-    name = decode_kernel(kernel)
-    plans = {"split": split_launches, "pipelined": partial(split_launches, pipelined=True)}.get(name, step_launches)
+    plans = split_launches if decode_kernel(kernel) == "split" else step_launches
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()

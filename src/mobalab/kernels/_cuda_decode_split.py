@@ -17,23 +17,16 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    once per kv head), folds a run of chunks of one block into one partial softmax result per row; the last
    CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
 
-The same three steps also run as one launch (``moba_decode_pipelined_*``, kernel ``pipelined``): one CTA of
-ATTN_THREADS per work ticket, the tickets in rounds (round r: the score items of (sequence, kv head) r, the
-select items of r - ``lag_sel``, the attention CTAs of r - ``lag_attn``); a ticket waits on completion counters
-for the earlier steps of its own (sequence, kv head) only, so the first kv heads are selected and attended while
-later ones are still scored.
-
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
-(``auto``, the default, is the split path in three launches at every length; ``fused`` / ``split`` /
-``pipelined`` force one), read at every call (:func:`decode_kernel`). Everything that decides what the kernels
-receive is plain Python (CI checks it against the CUDA signatures and runs it through the host emulation).
-Memory comes from torch's caching allocator, the kernels run on torch's current stream, and nothing
-synchronises with the host (a step can be captured in a CUDA graph).
+(``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every
+call (:func:`decode_kernel`). Everything that decides what the kernels receive is plain Python (CI checks it
+against the CUDA signatures and runs it through the host emulation). Memory comes from torch's caching
+allocator, the kernels run on torch's current stream, and nothing synchronises with the host (a step can be
+captured in a CUDA graph).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -49,7 +42,7 @@ __all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode
 
 SOURCE = "decode_split.cu"
 ENV_VAR = "MOBALAB_DECODE_KERNEL"
-KERNELS = ("fused", "split", "pipelined")
+KERNELS = ("fused", "split")
 CHOICES = (*KERNELS, "auto")  # "auto": split
 
 # Must match the #defines in cuda/decode_split.cu.
@@ -69,11 +62,6 @@ ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
-# The one-launch kernel (cuda/decode_split.cu, DSP_PIPE_*): CTAs per SM it is compiled for, and its score
-# items' float4 loads per lane and batch at each head dim (what fits the registers that leaves).
-PIPE_MIN_CTAS = 5
-PIPE_SCORE_LOADS = {64: 16, 128: 16}  # staged in shared memory (cp.async), not held in registers
-
 SCORE_WAVES = 3  # score CTAs: ranges sized for about this many waves (fewer, longer CTAs beyond)
 SCORE_MAX_PASSES = 8  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
@@ -82,8 +70,7 @@ MAX_GRID = 2**31 - 1
 def decode_kernel(kernel: str | None = None) -> str:
     """The decode kernel to run: ``kernel`` if given, else ``$MOBALAB_DECODE_KERNEL``, else ``"auto"``, which is
     "split" at every length (its score pass streams the block sums at the bandwidth the fused kernel's routing
-    does not reach, and its attention launch measured faster; see cuda/decode_split.cu); "pipelined" runs the
-    split path's three steps in one launch."""
+    does not reach, and its attention launch measured faster; see cuda/decode_split.cu)."""
     name = kernel if kernel is not None else os.environ.get(ENV_VAR, "") or "auto"
     if name not in CHOICES:
         where = "kernel" if kernel is not None else ENV_VAR
@@ -91,25 +78,24 @@ def decode_kernel(kernel: str | None = None) -> str:
     return "split" if name == "auto" else name
 
 
-def score_batch(head_dim: int, loads: int = SCORE_LOADS) -> int:
-    """Block sums one score warp loads per batch: ``loads`` float4 per lane (16 in the score launch), 8 lanes per
-    block sum (16 at d 128, 32 at d 64)."""
-    return 4 * (loads // (head_dim // 32))
+def score_batch(head_dim: int) -> int:
+    """Block sums one score warp loads per batch: 16 float4 per lane, 8 lanes per block sum (16 at d 128, 32 at
+    d 64)."""
+    return 4 * (SCORE_LOADS // (head_dim // 32))
 
 
 def _align16(x: int) -> int:
     return (x + 15) & ~15
 
 
-def score_smem_bytes(head_dim: int, rows_per_group: int, staged_warps: int = 0, loads: int = SCORE_LOADS) -> int:
-    """Score CTA: own blocks, then the row group's query rows in fp32; with ``staged_warps`` (the one-launch
-    kernel) each warp's stage of ``loads`` float4 per lane."""
-    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4 + staged_warps * loads * 32 * 16
+def score_smem_bytes(head_dim: int, rows_per_group: int) -> int:
+    """Score CTA: own blocks, then the row group's query rows in fp32."""
+    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
 
 
-def select_smem_bytes(threads: int = THREADS) -> int:
+def select_smem_bytes() -> int:
     """Select CTA: every warp's list, 32 (value, block) pairs each."""
-    return threads * 8
+    return THREADS * 8
 
 
 def attn_cached(head_dim: int, rows: int, top_k: int, itemsize: int = 2) -> bool:
@@ -139,14 +125,6 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
-def pipeline_lags(per_head: int, sm_count: int) -> tuple[int, int]:
-    """(lag_sel, lag_attn) of the one-launch kernel's rounds: a kv head's select tickets come about one round
-    trip of the resident CTAs (PIPE_MIN_CTAS per SM, ``per_head`` tickets a round) after its score tickets, when
-    its scores are about done; its attention tickets as long again after those."""
-    rounds = max(1, math.ceil(sm_count * PIPE_MIN_CTAS / max(1, per_head)))
-    return rounds, 2 * rounds
-
-
 def table_log2(entries: int, n_blocks_cap: int) -> int:
     """log2 of the slots of one kv head's set of selected blocks: at most half full, at least 2 slots."""
     return max(1, math.ceil(math.log2(2 * max(1, min(entries, n_blocks_cap)))))
@@ -170,9 +148,6 @@ class SplitPlan(StepShape):
     score_smem: int
     select_smem: int
     attn_smem: int
-    pipelined: bool = False  # the three steps in one launch (CTAs of ATTN_THREADS)
-    lag_sel: int = 0  # one launch: rounds between a kv head's score tickets and its select tickets
-    lag_attn: int = 0  # ... and its attention tickets
 
     @property
     def n_score_ctas(self) -> int:
@@ -180,24 +155,7 @@ class SplitPlan(StepShape):
 
     @property
     def n_select_ctas(self) -> int:
-        warps = ATTN_WARPS if self.pipelined else WARPS
-        return self.batch * self.kv_heads * math.ceil(self.rows / (warps // self.select_wpr))
-
-    @property
-    def n_pipelined_ctas(self) -> int:
-        """CTAs (work tickets) of the one-launch kernel: score, select and attention items."""
-        return self.n_score_ctas + self.n_select_ctas + self.n_attn_ctas
-
-    @property
-    def pipelined_smem(self) -> int:
-        return max(self.score_smem, self.select_smem, self.attn_smem)
-
-    @property
-    def n_work(self) -> int:
-        """Zeroed int32 workspace of one step: the one-launch kernel's ticket, exit count and three counters per
-        (sequence, kv head), or the attention counters alone, then the sets of selected blocks."""
-        heads = self.batch * self.kv_heads
-        return (2 + 3 * heads if self.pipelined else heads) + self.n_table
+        return self.batch * self.kv_heads * math.ceil(self.rows / (WARPS // self.select_wpr))
 
     @property
     def n_attn_ctas(self) -> int:
@@ -217,8 +175,7 @@ class SplitPlan(StepShape):
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
-               select_wpr: int | None = None, pipelined: bool = False,
-               lags: tuple[int, int] | None = None) -> SplitPlan:
+               select_wpr: int | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -229,27 +186,21 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
     slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block;
     ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of ATTN_MIN_CTAS per SM, at most
-    one per item) share its items. ``pipelined``: the one-launch kernel, whose CTAs all have ATTN_THREADS
-    threads (score and select items with ATTN_WARPS warps, PIPE_SCORE_LOADS loads per lane, at most ATTN_WARPS
-    select warps per row; PIPE_MIN_CTAS CTAs per SM); ``lags`` = (lag_sel, lag_attn), 1 <= lag_sel < lag_attn,
-    default :func:`pipeline_lags`.
+    one per item) share its items.
     """
     group = heads // kv_heads
     rows = group * q_len
     n_rg = math.ceil(rows / ROUTE_MAX_ROWS)
     rows_per_group = math.ceil(rows / n_rg)
     n_cand = (max_length - 1) // block_size
-    warps, min_ctas = (ATTN_WARPS, PIPE_MIN_CTAS) if pipelined else (WARPS, SCORE_MIN_CTAS)
-    if pipelined and head_dim not in PIPE_SCORE_LOADS:
-        raise ValueError(f"plan_split: head_dim = {head_dim}; the decode kernels take {sorted(PIPE_SCORE_LOADS)}")
-    pass_blocks = warps * score_batch(head_dim, PIPE_SCORE_LOADS[head_dim] if pipelined else SCORE_LOADS)
+    pass_blocks = WARPS * score_batch(head_dim)
     if top_k == 1 or n_cand == 0:
         n_range, per_range = 0, max(1, n_cand)
     else:
         if range_blocks is None:
             passes = math.ceil(n_cand / pass_blocks)
             units = batch * kv_heads * n_rg * passes
-            per = max(1, min(SCORE_MAX_PASSES, units // (SCORE_WAVES * sm_count * min_ctas)))
+            per = max(1, min(SCORE_MAX_PASSES, units // (SCORE_WAVES * sm_count * SCORE_MIN_CTAS)))
             range_blocks = per * pass_blocks
         if range_blocks < 1:
             raise ValueError(f"plan_split: range_blocks = {range_blocks}; it must be positive")
@@ -263,27 +214,18 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
     if select_wpr is None:
-        select_wpr = min(warps, select_warps(max(1, n_cand)))
-    elif select_wpr not in (1, 2, 4, 8) or select_wpr > warps:
-        supported = ", ".join(str(w) for w in (1, 2, 4, 8) if w <= warps)
-        raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: {supported}")
+        select_wpr = select_warps(max(1, n_cand))
+    elif select_wpr not in (1, 2, 4, 8):
+        raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, log2_h=table_log2(entries, distinct), cpg=attn_ctas,
                      cached=attn_cached(head_dim, rows, top_k, itemsize),
-                     score_smem=score_smem_bytes(head_dim, rows_per_group, ATTN_WARPS if pipelined else 0,
-                                                 PIPE_SCORE_LOADS.get(head_dim, SCORE_LOADS)),
-                     select_smem=select_smem_bytes(ATTN_THREADS if pipelined else THREADS),
-                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k), pipelined=pipelined)
-    if pipelined:
-        per_head = (plan.n_score_ctas + plan.n_select_ctas + plan.n_attn_ctas) // (batch * kv_heads)
-        lag_sel, lag_attn = lags if lags is not None else pipeline_lags(per_head, sm_count)
-        if not 1 <= lag_sel < lag_attn:
-            raise ValueError(f"plan_split: lags = ({lag_sel}, {lag_attn}); they need 1 <= lag_sel < lag_attn")
-        plan = dataclasses.replace(plan, lag_sel=lag_sel, lag_attn=lag_attn)
-    if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas, plan.n_pipelined_ctas) > MAX_GRID:
+                     score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
+                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k))
+    if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
     return plan
@@ -332,45 +274,24 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
-def pipelined_launch(plan: SplitPlan, q, cache, bufs: dict, work, scale: float) -> Launch:
-    """The three steps in one launch: q, the cache's block sums, k, v and lengths -> out, lse (and the scratch
-    scores, sel); ``work``: ``plan.n_work`` int32 zeros (ticket, exit count, per-(sequence, kv head) counters,
-    the sets of selected blocks), left zero again."""
-    p, i32 = plan, np.int32
-    name = f"moba_decode_pipelined_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    args = (q, cache.block_sums, cache.k, cache.v, cache._len_dev, bufs["scores"], bufs["sel"], work,
-            bufs["part_o"], bufs["part_ml"], bufs["out"], bufs["lse"], i32(p.batch), i32(p.q_len), i32(p.heads),
-            i32(p.kv_heads), i32(p.n_blocks_cap), i32(p.capacity), i32(p.block_size), i32(p.top_k), i32(p.n_rg),
-            i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks), i32(p.n_cols), i32(p.select_wpr),
-            i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
-            np.float32(scale * math.log2(math.e)), i32(p.lag_sel), i32(p.lag_attn))
-    return Launch(SOURCE, name, (p.n_pipelined_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.pipelined_smem)
-
-
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
-                   range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   pipelined: bool = False, lags: tuple[int, int] | None = None):
+                   range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
-    ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice; ``pipelined``: the
-    three steps as one launch (not with ``route_only``), ``lags`` its rounds' (lag_sel, lag_attn).
+    ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice.
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
-    pipelined = pipelined and not route_only
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      pipelined=pipelined, lags=lags)
+                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    if pipelined:
-        return plan, bufs, [pipelined_launch(plan, q, cache, bufs, cache._workspace_counters(plan.n_work), scale)]
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
     if route_only:
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
-    work = cache._workspace_counters(plan.n_work)
+    work = cache._workspace_counters(plan.n_counters + plan.n_table)
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale)

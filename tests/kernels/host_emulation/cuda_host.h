@@ -13,12 +13,11 @@
 // waits for its commit group (cp.async.wait_group N completes all but the newest N groups), the latest
 // moment the hardware allows; a CTA that ends with copies not waited for is an error. So reading a stage
 // before its wait, or refilling a stage another thread still reads, shows up as NaN.
-// Work tickets (the decode steps' hand-over between CTAs): the ticket counter hands out a random order of
-// each phase's tickets, phase after phase (routing then attention, or scores, selection, attention: any order
-// the GPU could produce), so every item can be the last of its group. Persistent CTAs: the first CTA to run
-// takes every item in that order, and its shared memory is poisoned again at the start of each item; one
-// ticket per CTA: the CTAs, run one after another, take the tickets in that order. A wait for a counter that
-// no earlier item raised is an error (on the GPU it would spin).
+// Work tickets (the decode step's persistent CTAs): the ticket counter hands out a random order of the
+// routing tickets, then a random order of the attention tickets (any order the GPU could produce), so every
+// item can be the last of its group; the first CTA to run takes every item in that order, and its shared
+// memory is poisoned again at the start of each item. A wait for a counter that no earlier item raised is an
+// error (on the GPU it would spin).
 //
 // Not modelled: warp-synchronous execution without explicit sync, memory ordering between CTAs (they do
 // not overlap), timing, and PTX (the kernel file swaps its cp.async / ld.cg / acquire helpers for the
@@ -35,7 +34,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <initializer_list>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -217,8 +215,7 @@ inline void entry() {
 inline void fail(const std::string& msg) {
     std::fprintf(stderr, "emulation error: %s (block %u %u %u)\n", msg.c_str(), block_idx().x, block_idx().y,
                  block_idx().z);
-    std::fflush(stderr);
-    std::_Exit(3);  // not exit(): its handlers, run from a thread's coroutine stack, can hang
+    std::exit(3);
 }
 
 // Run one CTA to completion.
@@ -353,25 +350,17 @@ inline unsigned exchange(unsigned v, int src_lane) {
     return slots[warp_base() + src_lane];
 }
 
-// The ticket that raw counter value `raw` stands for: the tickets of each phase [bounds[i - 1], bounds[i])
-// (bounds[-1] = 0, the last bound n_total) in a random order, phase after phase; values beyond n_total stand
-// for themselves.
-inline unsigned ticket(unsigned raw, const std::vector<int>& bounds) {
+// The ticket that raw counter value `raw` stands for: tickets [0, n_route) in a random order, then
+// [n_route, n_total) in a random order; values beyond n_total stand for themselves.
+inline unsigned ticket(unsigned raw, int n_route, int n_total) {
     Cta& c = cta();
-    const int n_total = bounds.back();
     if (c.tickets.size() != (size_t)n_total) {
         c.tickets.resize(n_total);
         for (int i = 0; i < n_total; ++i) c.tickets[i] = (unsigned)i;
-        int lo = 0;
-        for (int hi : bounds) {
-            std::shuffle(c.tickets.begin() + lo, c.tickets.begin() + hi, c.rng);
-            lo = hi;
-        }
+        std::shuffle(c.tickets.begin(), c.tickets.begin() + n_route, c.rng);
+        std::shuffle(c.tickets.begin() + n_route, c.tickets.end(), c.rng);
     }
     return raw < (unsigned)n_total ? c.tickets[raw] : raw;
-}
-inline unsigned ticket(unsigned raw, std::initializer_list<int> bounds) {
-    return ticket(raw, std::vector<int>(bounds));
 }
 
 // Shared memory from byte `from` on back to 0xff (call from one thread between two barriers).
@@ -580,7 +569,7 @@ inline void mma_k(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b
 }  // namespace emu
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
-    return emu::ticket(atomicAdd(ticket, 1u), {n_route, n_total});
+    return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);
 }
 inline void dec_wait_at_least(const unsigned* p, unsigned target) {
     if (*p < target) emu::fail("an attention unit waits for a routing counter that no earlier item raised");

@@ -1,5 +1,5 @@
-// Runs the launches of one MoBA decode step of the split path (cuda/decode_split.cu: three launches, or its
-// one-launch kernel) on the host, for tests without a GPU.
+// Runs the launches of one MoBA decode step of the three-launch path (cuda/decode_split.cu) on the host, for
+// tests without a GPU.
 //
 //   decode_split_harness MANIFEST
 //
@@ -27,14 +27,6 @@ using harness::P;
               I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
               I(a[21]), a[22].f);                                                                                \
      }}}
-#define PIPELINED(NAME, T)                                                                                      \
-    {#NAME, {34, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const T>(a[2]), P<const T>(a[3]), P<const int>(a[4]),    \
-              P<float>(a[5]), P<int>(a[6]), P<unsigned>(a[7]), P<float>(a[8]), P<float>(a[9]), P<T>(a[10]),     \
-              P<float>(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]),  \
-              I(a[20]), I(a[21]), I(a[22]), I(a[23]), I(a[24]), I(a[25]), I(a[26]), I(a[27]), I(a[28]),         \
-              I(a[29]), I(a[30]), a[31].f, I(a[32]), I(a[33]));                                                  \
-     }}}
 
 const harness::Kernels kKernels = {
     SCORE(moba_decode_route_score_bf16_d64, __nv_bfloat16),
@@ -49,10 +41,6 @@ const harness::Kernels kKernels = {
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),
     ATTEND(moba_decode_attend_fp16_d64, __half),
     ATTEND(moba_decode_attend_fp16_d128, __half),
-    PIPELINED(moba_decode_pipelined_bf16_d64, __nv_bfloat16),
-    PIPELINED(moba_decode_pipelined_bf16_d128, __nv_bfloat16),
-    PIPELINED(moba_decode_pipelined_fp16_d64, __half),
-    PIPELINED(moba_decode_pipelined_fp16_d128, __half),
 };
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
 // (a score and a select launch for the routing, then an attention launch): 16-bit element conversion and packing,
-// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), the grid-wide hand-over (tickets,
-// waits), NaN / -inf helpers and the dynamic shared memory.
+// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic
+// shared memory.
 //
 // Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
 // dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
@@ -128,31 +128,6 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
 }
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
-#endif
-
-// ---- the grid-wide hand-over: work tickets and waits between CTAs of one launch ----
-// (the emulation models these under the same names)
-
-#ifndef DEC_HOST_EMULATION
-#define DEC_SPIN_LIMIT (1u << 24)  // polls (>= 100 ns apart) before a wait gives up with a trap
-__device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-// The next work item: tickets in phases [0, n_route), [n_route, n_total) (the emulation shuffles the order
-// within each phase). A CTA that holds a ticket waits only for items of earlier phases, whose tickets were all
-// taken before its own, by CTAs that are already running: so no wait can deadlock.
-__device__ __forceinline__ unsigned dec_fetch_ticket(unsigned* ticket, int, int) { return atomicAdd(ticket, 1u); }
-// Thread 0 of a CTA: wait until *p >= target (p is raised by atomics of other CTAs after a fence); a
-// __syncthreads must follow before the CTA's other threads read what the counted CTAs wrote (with ld.cg).
-__device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned target) {
-    unsigned polls = 0;
-    while (dec_ld_acquire(p) < target) {
-        if (++polls == DEC_SPIN_LIMIT) __trap();  // a broken dependency fails loudly instead of hanging
-        __nanosleep(100);
-    }
-}
 #endif
 
 // ---- small helpers ----

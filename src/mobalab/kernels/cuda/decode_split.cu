@@ -107,18 +107,6 @@
 #define DSP_WARPS (DSP_THREADS / 32)
 #define DSP_FLAGS 64                   // bytes of flags at the start of shared memory
 #define DSP_SCORE_LOADS 16             // float4 block-sum loads per lane of one score batch (8 KB per warp)
-// The one-launch kernel (one CTA size for every step): CTAs per SM, and its score items' float4 loads per lane
-// and batch, staged in shared memory (8 KB per warp at 16: within the attention's shared memory, and no
-// registers held while they fly). A launch may override them (a build option of its module).
-#ifndef DSP_PIPE_MIN_CTAS
-#define DSP_PIPE_MIN_CTAS 5
-#endif
-#ifndef DSP_PIPE_SCORE_LOADS_D128
-#define DSP_PIPE_SCORE_LOADS_D128 16
-#endif
-#ifndef DSP_PIPE_SCORE_LOADS_D64
-#define DSP_PIPE_SCORE_LOADS_D64 16
-#endif
 #define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
 #define DSP_ATTN_CHUNK 32              // most tokens of one attention item
@@ -190,22 +178,19 @@ __device__ __forceinline__ void dsp_offer(float& lv, int& lj, float v, int j, in
 
 // ---- routing, 1: scores ----
 
-// Score item `item` by a CTA of NT threads, LOADS float4 loads per lane and batch. Shared memory: [flags] own [rpg] |
-// (16-byte aligned) qs [rpg][D] fp32 | (STAGED) stage [NT / 32][LOADS][32] float4. STAGED: a batch lands in the
-// warp's stage by cp.async (each lane reads back only what it copied: its wait is the only synchronisation) instead
-// of in registers, so a CTA whose registers are capped for other work still keeps 8 KB per warp in flight.
-template <typename T, int D, int NT, int LOADS, bool STAGED>
+// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
+template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols, int item) {
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
-    constexpr int NP = LOADS / NV;              // block sums per lane and batch
+    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
-    static_assert(NP <= 8 && NP * NV == LOADS, "a batch slot per lane part");
+    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
     DEC_DYNAMIC_SMEM(smem);
-    constexpr int NW = NT / 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int item = blockIdx.x;
     const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
     const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     const int group = heads / kv_heads, rows = group * q_len;
@@ -221,39 +206,30 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     const int sub = lane >> 3, part = lane & 7;
     // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
     // range: the loads stay unconditional, the stores are guarded).
-    float4 sv[STAGED ? 1 : NP][NV];
-    float4* stage = reinterpret_cast<float4*>(smem + dec_align16(DSP_FLAGS + 4 * rpg) + rpg * D * 4) +
-                    warp * LOADS * 32 + lane;  // slot (p, m) of this lane: stage[(p * NV + m) * 32]
+    float4 sv[NP][NV];
     auto load = [&](int base) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
             const int jb = min(base + p * 4 + sub, j_hi - 1);
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) {
-                if constexpr (STAGED)
-                    dec_cp_async16(stage + (p * NV + m) * 32, src + m * 8 + part);
-                else
-                    sv[STAGED ? 0 : p][m] = dec_ld_stream(src + m * 8 + part);
-            }
+            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
         }
-        if constexpr (STAGED) dec_cp_async_commit();
     };
     int base = j_lo + warp * BW;
     if (base < j_hi) load(base);
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
-    for (int rr = tid; rr < nr; rr += NT) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-    for (int y = tid; y < nr * D; y += NT) {
+    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+    for (int y = tid; y < nr * D; y += DSP_THREADS) {
         const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
         qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
     }
     __syncthreads();  // the only barrier: from here every warp streams its batches on its own
 
     float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-    for (; base < j_hi; base += NW * BW) {
+    for (; base < j_hi; base += DSP_WARPS * BW) {
         const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
         const bool store = part < NP && j < j_hi;
-        if constexpr (STAGED) dec_cp_async_wait<0>();
         for (int rr = 0; rr < nr; ++rr) {
             float4 qv[NV];
 #pragma unroll
@@ -263,10 +239,8 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 0; p < NP; ++p) {
                 acc[p] = 0.f;
 #pragma unroll
-                for (int m = 0; m < NV; ++m) {
-                    const float4 b4 = STAGED ? stage[(p * NV + m) * 32] : sv[STAGED ? 0 : p][m];
-                    acc[p] += qv[m].x * b4.x + qv[m].y * b4.y + qv[m].z * b4.z + qv[m].w * b4.w;
-                }
+                for (int m = 0; m < NV; ++m)
+                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
             }
 #pragma unroll
             for (int off = 1; off < 8; off <<= 1) {
@@ -278,7 +252,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
-        if (base + NW * BW < j_hi) load(base + NW * BW);  // STAGED: every lane is past its reads of the stage
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
     }
 }
 
@@ -301,20 +275,18 @@ __device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
 
 // ---- routing, 2: selection ----
 
-// Select item `item` by a CTA of NT threads. Shared memory: the warps' lists, [WARPS][32] fp32 values then
-// [WARPS][32] blocks. The scores are read with ld.cg: in one launch they were written by other CTAs of it.
-template <int NT>
+// Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
                                            int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
                                            int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
-                                           int wpr, int item) {
+                                           int wpr) {
     constexpr int U = DSP_SELECT_LOADS;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, rows = group * q_len;
     // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
-    const int rpc = NT / 32 / wpr, n_rg = (rows + rpc - 1) / rpc;
-    const int rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
+    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
     const bool has_row = r < rows;
     const int i = r / group, g = r - i * group;
@@ -333,7 +305,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
-            v[u] = c < nch && j >= 0 ? dec_ldcg(src + j) : dec_nan();
+            v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
         }
     };
     bool fresh = true;  // warp-uniform: no chunk ranked yet
@@ -371,7 +343,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
         }
     }
     float* wv = reinterpret_cast<float*>(smem);
-    int* wj = reinterpret_cast<int*>(wv + NT);
+    int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
     // A row's warps' lists merged pairwise in a tree (log2 wpr levels, no serial insertions): a list and its
     // partner's, reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner
     // steps sort best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
@@ -456,8 +428,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            unsigned* __restrict__ counters, T* __restrict__ out,
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
-                                           int log2_h, int cpg, int cached, float scale_log2, int cta,
-                                           unsigned* __restrict__ score_done, unsigned* __restrict__ sel_done) {
+                                           int log2_h, int cpg, int cached, float scale_log2) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int NW = DSP_ATTN_WARPS;
@@ -469,7 +440,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
     const int lnc = __ffs(nc) - 1;  // n_chunks = B / chunk is a power of two
-    const int g = cta / cpg, part = cta - g * cpg;  // g = b * kv_heads + kvh
+    const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
     int* tab = table + ((long long)g << log2_h);
@@ -490,7 +461,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const long long sel_b = (long long)b * q_len * heads;
     auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
         const int r = ee / top_k, s = ee - r * top_k, i = r / group, gg = r - i * group;
-        return dec_ldcg(sel + (sel_b + (long long)i * heads + kvh * group + gg) * top_k + s);
+        return sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + s];
     };
     auto sel_at = [&](int ee) { return cached ? es[ee] : sel_global(ee); };
     auto q_row = [&](int r) {  // query row r of this kv head in q
@@ -802,139 +773,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
     for (int x = tid; x < H; x += DSP_ATTN_THREADS) tab[x] = 0;
-    if (tid == 0) {
-        *counter = 0u;
-        if (score_done != nullptr) {  // one launch: the kv head's routing counters too (every wait on them is over)
-            score_done[g] = 0u;
-            sel_done[g] = 0u;
-        }
-    }
-}
-
-// ---- the three steps in one launch ----
-
-// Tickets in rounds: round r holds the score items of (sequence, kv head) r, the select items of r - ls and the
-// attention CTAs of r - la (those that exist; 1 <= ls < la), in that order, so that the first kv heads are
-// selected and attended while later ones are still scored. Every wait is for an earlier round (a select waits
-// for its kv head's scores, an attention CTA for its kv head's selection), whose tickets were all taken before
-// its own, by CTAs that are already running: no wait can deadlock. ls >= G, la >= 2G: scores, then selections,
-// then attention. The emulation shuffles the order within each round.
-__device__ __forceinline__ int dsp_round_size(int r, int G, int S, int E, int A, int ls, int la) {
-    return (r < G ? S : 0) + (r >= ls && r < G + ls ? E : 0) + (r >= la && r < G + la ? A : 0);
-}
-// Ticket t -> item: 0 score (index h * S + i), 1 select (h * E + i), 2 attention CTA (h * A + i), -1 none.
-__device__ __forceinline__ int dsp_ticket_item(int t, int G, int S, int E, int A, int ls, int la, int& idx) {
-    int bp[6] = {0, G, ls, G + ls, la, G + la};
-#pragma unroll
-    for (int i = 1; i < 6; ++i)  // insertion sort of the breakpoints: rounds between two have one size
-        for (int j = i; j > 0 && bp[j - 1] > bp[j]; --j) {
-            const int x = bp[j];
-            bp[j] = bp[j - 1];
-            bp[j - 1] = x;
-        }
-    for (int i = 0; i < 5; ++i) {
-        const int c = dsp_round_size(bp[i], G, S, E, A, ls, la);
-        const long long span = (long long)(bp[i + 1] - bp[i]) * c;
-        if (t >= span) {
-            t -= (int)span;
-            continue;
-        }
-        const int r = bp[i] + t / c;
-        int o = t - (t / c) * c;
-        if (r < G) {
-            if (o < S) return idx = r * S + o, 0;
-            o -= S;
-        }
-        if (r >= ls && r < G + ls) {
-            if (o < E) return idx = (r - ls) * E + o, 1;
-            o -= E;
-        }
-        return idx = (r - la) * A + o, 2;
-    }
-    return -1;
-}
-#ifndef DEC_HOST_EMULATION
-__device__ __forceinline__ unsigned dsp_fetch_ticket(unsigned* ticket, int, int, int, int, int, int) {
-    return atomicAdd(ticket, 1u);
-}
-#else
-inline unsigned dsp_fetch_ticket(unsigned* ticket, int G, int S, int E, int A, int ls, int la) {
-    std::vector<int> bounds;
-    int total = 0;
-    for (int r = 0; r < G + la; ++r) bounds.push_back(total += dsp_round_size(r, G, S, E, A, ls, la));
-    return emu::ticket(atomicAdd(ticket, 1u), bounds);
-}
-#endif
-
-// One CTA of DSP_ATTN_THREADS per ticket (dsp_fetch_ticket: the order in which CTAs start is not blockIdx order).
-// A select item waits until every score item of its (sequence, kv head) has counted itself done, an attention
-// CTA until every select item of its (sequence, kv head) has: the launch boundaries and the selection's
-// dependent chains overlap the streaming instead of following it.
-// work: [ticket, exited, score_done [G], sel_done [G], attention counters [G], sets of selected blocks
-// [G << log2_h]], G = batch * kv_heads; all zero again when the launch ends (the attention's last CTA of a kv
-// head resets its counters and set, the last CTA to leave the ticket).
-template <typename T, int D>
-__device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const float* __restrict__ sums,
-                                              const T* __restrict__ k, const T* __restrict__ v,
-                                              const int* __restrict__ lengths, float* __restrict__ scores,
-                                              int* __restrict__ sel, unsigned* __restrict__ work,
-                                              float* __restrict__ part_o, float* __restrict__ part_ml,
-                                              T* __restrict__ out, float* __restrict__ lse, int batch, int q_len,
-                                              int heads, int kv_heads, int n_blocks_cap, int capacity, int block_size,
-                                              int top_k, int n_rg, int rpg, int n_range, int range_blocks, int n_cols,
-                                              int wpr, int n_chunks, int chunk, int log2_h, int cpg, int cached,
-                                              float scale_log2, int lag_sel, int lag_attn) {
-    constexpr int NT = DSP_ATTN_THREADS;
-    constexpr int LOADS = D == 128 ? DSP_PIPE_SCORE_LOADS_D128 : DSP_PIPE_SCORE_LOADS_D64;
-    DEC_DYNAMIC_SMEM(smem);
-    int* flags = reinterpret_cast<int*>(smem);
-    const int tid = threadIdx.x;
-    const int G = batch * kv_heads, rows = heads / kv_heads * q_len;
-    const int score_per = n_rg * n_range, sel_per = (rows + NT / 32 / wpr - 1) / (NT / 32 / wpr);
-    unsigned* score_done = work + 2;
-    unsigned* sel_done = score_done + G;
-    unsigned* attn_done = sel_done + G;
-    int* table = reinterpret_cast<int*>(attn_done + G);
-    if (tid == 0) {
-        const unsigned t = dsp_fetch_ticket(work, G, score_per, sel_per, cpg, lag_sel, lag_attn);
-        int idx = 0;
-        flags[0] = dsp_ticket_item((int)t, G, score_per, sel_per, cpg, lag_sel, lag_attn, idx);
-        flags[1] = idx;
-    }
-    __syncthreads();
-    const int role = flags[0], t = flags[1];
-    __syncthreads();  // flags read: the item may use them
-    if (role == 0) {
-        dsp_score<T, D, NT, LOADS, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size,
-                                         n_rg, rpg, n_range, range_blocks, n_cols, t);
-        __syncthreads();  // every thread's scores are written
-        if (tid == 0) {
-            __threadfence();
-            atomicAdd(score_done + t / score_per, 1u);
-        }
-    } else if (role == 1) {
-        const int x = t, g = x / sel_per;
-        if (tid == 0) dec_wait_at_least(score_done + g, (unsigned)score_per);
-        __syncthreads();
-        dsp_select<NT>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr,
-                       x);
-        __syncthreads();  // every warp's sel entries and set insertions are done
-        if (tid == 0) {
-            __threadfence();
-            atomicAdd(sel_done + g, 1u);
-        }
-    } else if (role == 2) {
-        const int x = t;
-        if (tid == 0) dec_wait_at_least(sel_done + x / cpg, (unsigned)sel_per);
-        __syncthreads();
-        dsp_attend<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, attn_done, out, lse, q_len, heads, kv_heads,
-                         capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2, x,
-                         score_done, sel_done);
-    }
-    if (tid == 0 && atomicAdd(work + 1, 1u) == gridDim.x - 1) {  // the last CTA to leave
-        work[0] = 0u;
-        work[1] = 0u;
-    }
+    if (tid == 0) *counter = 0u;
 }
 
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
@@ -945,8 +784,8 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dsp_score<T, D, DSP_THREADS, DSP_SCORE_LOADS, false>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg, \
-                                 rows_per_group, n_range, range_blocks, n_cols, blockIdx.x);                       \
+    dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
@@ -957,30 +796,13 @@ __device__ __forceinline__ void dsp_pipelined(const T* __restrict__ q, const flo
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
       int log2_h, int cpg, int cached, float scale_log2) {                                                        \
     dsp_attend<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,   \
-                     capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2, blockIdx.x,   \
-                     nullptr, nullptr);                                                                           \
-  }
-
-#define MOBA_DECODE_PIPELINED_KERNEL(NAME, T, D)                                                                  \
-  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_PIPE_MIN_CTAS) NAME(                         \
-      const T* __restrict__ q, const float* __restrict__ sums, const T* __restrict__ k, const T* __restrict__ v,   \
-      const int* __restrict__ lengths, float* __restrict__ scores, int* __restrict__ sel,                         \
-      unsigned* __restrict__ work, float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,  \
-      float* __restrict__ lse, int batch, int q_len, int heads, int kv_heads, int n_blocks_cap, int capacity,     \
-      int block_size, int top_k, int n_rg, int rows_per_group, int n_range, int range_blocks, int n_cols,         \
-      int wpr, int n_chunks, int chunk, int log2_h, int cpg, int cached, float scale_log2, int lag_sel,           \
-      int lag_attn) {                                                                                             \
-    dsp_pipelined<T, D>(q, sums, k, v, lengths, scores, sel, work, part_o, part_ml, out, lse, batch, q_len, heads, \
-                        kv_heads, n_blocks_cap, capacity, block_size, top_k, n_rg, rows_per_group, n_range,       \
-                        range_blocks, n_cols, wpr, n_chunks, chunk, log2_h, cpg, cached, scale_log2, lag_sel,     \
-                        lag_attn);                                                                                \
+                     capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);              \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
-    dsp_select<DSP_THREADS>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h,
-                            wpr, blockIdx.x);
+    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
@@ -991,7 +813,3 @@ MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,  __nv_bfloat16,  64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128, __nv_bfloat16, 128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,  __half,         64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d128, __half,        128)
-MOBA_DECODE_PIPELINED_KERNEL(moba_decode_pipelined_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_PIPELINED_KERNEL(moba_decode_pipelined_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_PIPELINED_KERNEL(moba_decode_pipelined_fp16_d64,  __half,         64)
-MOBA_DECODE_PIPELINED_KERNEL(moba_decode_pipelined_fp16_d128, __half,        128)
