@@ -215,7 +215,8 @@ inline void entry() {
 inline void fail(const std::string& msg) {
     std::fprintf(stderr, "emulation error: %s (block %u %u %u)\n", msg.c_str(), block_idx().x, block_idx().y,
                  block_idx().z);
-    std::exit(3);
+    std::fflush(stderr);
+    std::_Exit(3);  // not exit(): its handlers, run from a thread's coroutine stack, can hang
 }
 
 // Run one CTA to completion.
