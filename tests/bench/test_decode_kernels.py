@@ -37,7 +37,7 @@ def test_kernel_option_and_split_ncu_command():
     assert bench.build_parser().parse_args(["--quick"]).kernel is None  # both for the benchmark, fused for ncu
     cmd = bench.ncu_command("/tmp/r", 32 * K, 8, kernel="split")
     assert cmd[cmd.index("--kernel-name") + 1] == "regex:moba_decode_(route|attend)"
-    assert int(cmd[cmd.index("--launch-skip") + 1]) == 2 * (bench.PROFILE_STEPS - 1)  # score (+ select), attend
-    assert cmd[cmd.index("--launch-count") + 1] == "2"
+    assert int(cmd[cmd.index("--launch-skip") + 1]) == 3 * (bench.PROFILE_STEPS - 1)  # score, select, attend
+    assert cmd[cmd.index("--launch-count") + 1] == "3"
     prog = cmd[cmd.index(sys.executable):]
     assert prog[-2:] == ["--kernel", "split"] and bench.build_parser().parse_args(prog[3:]).kernel == "split"

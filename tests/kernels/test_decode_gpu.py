@@ -320,7 +320,7 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
         run(launches[0], 0)
     else:
         _, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), route_only=True)
-        assert [launch.kernel.split("_")[3] for launch in launches] == ["score"]  # the score CTAs also select
+        assert [launch.kernel.split("_")[3] for launch in launches] == ["score", "select"]
         bufs["sel"].fill_(2**30)
         for launch in launches:
             run(launch, 0)
@@ -330,9 +330,9 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
 
 @pytest.mark.parametrize(("block", "top_k", "n"), [(64, 8, 128 * 1024), (16, 16, 128 * 1024 + 40)])
 def test_split_routing_at_128k(poisoned_empty, block, top_k, n):
-    """The split path's score launch (which also selects) alone at 128K tokens (2047 and 8194 candidate blocks,
-    so several score ranges, each ranked by its CTA, merged by the last), 4 kv heads of 4 query heads, ragged:
-    every selection equals the fp64 ranking on the block sums except at near-ties."""
+    """The split path's score and select launches alone at 128K tokens (2047 and 8194 candidate blocks, so
+    several score ranges and select load rounds), 4 kv heads of 4 query heads, ragged: every selection equals the
+    fp64 ranking on the block sums except at near-ties."""
     from mobalab.kernels._cuda_decode import run
     from mobalab.kernels._cuda_decode_split import split_launches
 

@@ -57,18 +57,10 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert 1 <= plan.cpg <= distinct * plan.n_chunks
     assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse", "plist_v")}
-    bufs["plist_j"] = torch.zeros(1, dtype=torch.int32)
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
+    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
-    route_counters = torch.zeros(1, dtype=torch.int32)
-    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs, route_counters, table)
-    assert score.args[8] is route_counters and score.args[5] is table
-    assert score.args[-3:] == (plan.top_k, plan.log2_h, 1)
-    assert S.score_launch(plan, q, torch.zeros(1), lengths, bufs, route_counters).args[-2] == -1  # no set
-    assert S.score_launch(plan, q, torch.zeros(1), lengths, bufs, select=False).args[-1] == 0  # scores alone
-    with pytest.raises(ValueError, match="needs the row groups' counters"):
-        S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
     assert select.args[3] is table and select.args[-2:] == (plan.log2_h, plan.select_wpr)
@@ -103,13 +95,11 @@ def test_benchmark_plans_fill_the_gpu():
 
 def test_scores_scratch_stays_small_at_the_targets():
     """The scratch is R * n_c fp32 per (sequence, kv head): 4.2 MB at 512K (b 8, 32 / 8 heads, B 128), against
-    134 MB of block sums, so it stays in the 50 MB L2 while the score CTAs rank it; the per-range lists are
-    k - 1 entries per (row, range)."""
+    134 MB of block sums, so it stays in the 50 MB L2 between the score and select launches."""
     plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, 512 * 1024, 4096, 512 * 1024)
     bufs = S.split_buffers(plan, "cpu", torch.bfloat16)
     assert bufs["scores"].numel() * 4 == 8 * 8 * 4 * 4095 * 4
     assert bufs["scores"].numel() * 4 < 0.04 * 8 * 8 * 4095 * 128 * 4
-    assert bufs["plist_v"].numel() == bufs["plist_j"].numel() == plan.n_lists == 64 * plan.n_range * 4 * 7
     one = S.plan_split(2, 1, 4, 1, 64, 16, 1, 500, 40, 640)  # top_k 1: no score launch, a one-element scratch
     assert S.split_buffers(one, "cpu", torch.bfloat16)["scores"].numel() == 1
 
@@ -121,26 +111,21 @@ def test_step_launches_and_buffers():
                   lengths=[70, 40])
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
-    assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_attend_bf16_d64"]
+    assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
+                                                      "moba_decode_attend_bf16_d64"]
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
     assert bufs["scores"].numel() == 2 * 2 * 4 * (69 // 16)
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
-    table, attend_counters = launches[1].args[5], launches[1].args[8]
+    table, attend_counters = launches[2].args[5], launches[2].args[8]
     assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
-    # one zeroed workspace: the attention counters, the score launch's row-group counters, then the sets, which
-    # the score launch's selection fills and the attention launch reads
-    route_counters = launches[0].args[8]
-    assert route_counters.numel() == plan.n_route_counters == 2 * 2 * plan.n_rg
-    assert route_counters.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2
-    assert launches[0].args[5] is table and table.numel() == plan.n_table == 2 * 2 * 2 ** plan.log2_h
-    assert table.data_ptr() == route_counters.data_ptr() + 4 * plan.n_route_counters and not table.any()
-    assert launches[0].args[-1] == 1 and launches[0].args[-2] == plan.log2_h
+    # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
+    assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * 2 ** plan.log2_h
+    assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
-    assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64"]
-    assert only[0].args[-2] == -1  # the routing alone fills no set
+    assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
+    assert only[1].args[-2] == -1  # the routing alone fills no set
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
-    assert top1[0].args[3] is top1[1].args[5]  # nothing to score: the select launch fills the sets
 
 
 def test_kernel_choice(monkeypatch):

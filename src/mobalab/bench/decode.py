@@ -17,8 +17,8 @@ timed step, a sizeable extra on a step that reads ~100 MB and nearly nothing on 
 the step (attention, the hand-over from routing, the final merge). ``mobalab_ms_items1`` / ``_items3`` time
 the step with one or three routing items and attention units per CTA slot instead of two (CSV only).
 ``--kernel`` picks the decode kernel: ``fused`` (cuda/decode.cu, one persistent launch), ``split``
-(cuda/decode_split.cu: a score launch that also selects, then an attention launch; its ``routing_ms`` is the
-score launch alone, no items columns) or ``both`` (the default: two rows per configuration, column
+(cuda/decode_split.cu: a score launch and a select launch, then an attention launch; its ``routing_ms`` is the
+two routing launches alone, no items columns) or ``both`` (the default: two rows per configuration, column
 ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
@@ -465,13 +465,13 @@ def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 
 
 
 #: kernel-name pattern and launches per step of each decode kernel
-_NCU_KERNELS = {"fused": ("regex:moba_decode_step", 1), "split": ("regex:moba_decode_(route|attend)", 2)}
+_NCU_KERNELS = {"fused": ("regex:moba_decode_step", 1), "split": ("regex:moba_decode_(route|attend)", 3)}
 
 
 def ncu_command(report: str, seq_len: int, batch: int, ncu: str = "ncu", kernel: str = "fused") -> list[str]:
     """The Nsight Compute command line for one profiled point: the decode kernel's launches only (fused: the
-    step kernel; split: the score (and select) and attention kernels), those of the last of
-    :data:`PROFILE_STEPS` steps, clocks left alone, the sections and metrics of the summary."""
+    step kernel; split: the score, select and attention kernels), those of the last of :data:`PROFILE_STEPS`
+    steps, clocks left alone, the sections and metrics of the summary."""
     pattern, per_step = _NCU_KERNELS[kernel]
     cmd = [ncu, "--clock-control", "none", "--kernel-name", pattern, "--launch-skip",
            str(per_step * (PROFILE_STEPS - 1)), "--launch-count", str(per_step), "--force-overwrite", "-o", report]
@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
     p.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default=None,
-                   help="decode kernel(s): fused (one persistent launch), split (score-and-select, attention launches) "
+                   help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches) "
                         "or both (two rows per configuration); default: both for the benchmark, fused for --profile "
                         "and --ncu (which take fused or split)")
     p.add_argument("--profile", action="store_true",

@@ -6,14 +6,11 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
 1. ``moba_decode_route_score_*``: one CTA per (sequence, kv head, row group of <= 64 query rows, range of
    ``range_blocks`` candidate blocks); its warps stream the block sums (16 float4 loads per lane in flight)
    and write :math:`s_j = q\cdot S_j` of every row to an fp32 scratch (b, kv_heads, R, n_cols), NaN where
-   block j is not a candidate of the row; then the CTA ranks its range's candidates of each row (the best
-   k - 1 by (score desc, block desc), sorted lists held one entry per lane, merged in a tree of bitonic
-   merges) into a per-range list, and the last CTA of the row group ranks the rows' lists, writes ``sel``
-   and enters the rows' blocks into the kv head's set of selected blocks (an open-addressing table in the
-   cache's zeroed workspace);
-2. ``moba_decode_route_select``: the selection as a launch of its own, one CTA per (sequence, kv head, row)
-   from the scores scratch: for steps with nothing to score (top_k 1, or no complete past block) and for
-   measuring the routing in parts;
+   block j is not a candidate of the row;
+2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
+   best k - 1 (score desc, block desc) one entry per lane, merged in a tree of bitonic merges, and warp 0
+   writes ``sel``; it also enters the row's blocks into its kv head's set of selected blocks (an
+   open-addressing table in the cache's zeroed workspace);
 3. ``moba_decode_attend_*``: ``cpg`` CTAs of 4 warps per (sequence, kv head) share the items (chunk of <= 32
    tokens of a block in the set) in contiguous runs; a CTA copies the K and V of its next item while it
    computes the current one on the tensor cores, for every row that selected the block (so a block is read
@@ -60,7 +57,7 @@ ATTN_ROWS = 4
 ATTN_THREADS = 128
 ATTN_WARPS = ATTN_THREADS // 32
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
-SELECT_MIN_CTAS = 2
+SELECT_MIN_CTAS = 4
 ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
@@ -92,9 +89,8 @@ def _align16(x: int) -> int:
 
 
 def score_smem_bytes(head_dim: int, rows_per_group: int) -> int:
-    """Score CTA: own blocks, then the row group's query rows in fp32, then every warp's list for the
-    selection (32 (value, block) pairs each)."""
-    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4 + THREADS * 8
+    """Score CTA: own blocks, then the row group's query rows in fp32."""
+    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
 
 
 def select_smem_bytes() -> int:
@@ -171,16 +167,6 @@ class SplitPlan(StepShape):
         return self.batch * self.kv_heads
 
     @property
-    def n_route_counters(self) -> int:
-        """One per (sequence, kv head, row group), for the score launch's selection."""
-        return self.batch * self.kv_heads * self.n_rg
-
-    @property
-    def n_lists(self) -> int:
-        """Entries of the score CTAs' per-range lists: k - 1 per (sequence, kv head, row group, range, row)."""
-        return self.batch * self.kv_heads * self.n_rg * self.n_range * self.rows_per_group * max(1, self.top_k - 1)
-
-    @property
     def n_table(self) -> int:
         """Slots of the sets of selected blocks, one set per (sequence, kv head)."""
         return self.batch * self.kv_heads << self.log2_h
@@ -250,28 +236,18 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
-    lists = p.n_lists if p.n_range else 1
     return dict(step_outputs(p, partials, device, dtype),
-                scores=torch.empty(scores, dtype=torch.float32, device=device),
-                plist_v=torch.empty(lists, dtype=torch.float32, device=device),
-                plist_j=torch.empty(lists, dtype=torch.int32, device=device))
+                scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, counters=None, table=None,
-                 select: bool = True) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
-    -> the scores scratch (b, kv_heads, R, n_cols) and, with ``select``, the selection ``sel`` (``counters``:
-    ``plan.n_route_counters`` zeros, left zero) and the rows' blocks in ``table`` (the sets of selected
-    blocks, ``plan.n_table`` zeros; None: no set, for the routing alone)."""
+    -> the scores scratch (b, kv_heads, R, n_cols)."""
     p, i32 = plan, np.int32
     name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    if select and counters is None:
-        raise ValueError("score_launch: the selection needs the row groups' counters")
-    args = (q, sums, lengths, bufs["scores"], bufs["sel"], table if table is not None else bufs["sel"],
-            bufs["plist_v"], bufs["plist_j"], counters if counters is not None else bufs["plist_j"],
-            i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap), i32(p.block_size), i32(p.n_rg),
-            i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks), i32(p.n_cols), i32(p.top_k),
-            i32(p.log2_h if table is not None else -1), i32(1 if select else 0))
+    args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
+            i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
+            i32(p.n_cols))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -300,9 +276,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None):
-    """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score and select (when there is
-    something to rank; else select alone), attention]; ``route_only``: the routing alone (``sel`` only; for
-    measuring it);
+    """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
+    rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice.
 
@@ -313,15 +288,11 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    nc, nr = plan.n_counters, plan.n_route_counters
-    work = cache._workspace_counters(nc + nr + plan.n_table)
-    counters, route_counters, table = work[:nc], work[nc:nc + nr], work[nc + nr:nc + nr + plan.n_table]
-    set_or_none = None if route_only else table
-    if plan.n_range:
-        route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, route_counters, set_or_none)]
-    else:
-        route = [select_launch(plan, cache._len_dev, bufs, set_or_none)]
+    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
     if route_only:
-        return plan, bufs, route
+        return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
+    work = cache._workspace_counters(plan.n_counters + plan.n_table)
+    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+    route.append(select_launch(plan, cache._len_dev, bufs, table))
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale)
     return plan, bufs, [*route, attend]

@@ -112,7 +112,7 @@
 #define DSP_ATTN_CHUNK 32              // most tokens of one attention item
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
-#define DSP_SELECT_MIN_CTAS 2
+#define DSP_SELECT_MIN_CTAS 4
 #define DSP_ATTN_MIN_CTAS 5
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
@@ -176,69 +176,177 @@ __device__ __forceinline__ void dsp_offer(float& lv, int& lj, float v, int j, in
     }
 }
 
-// ---- top-k of a row's candidates, and the set of selected blocks of a kv head ----
+// ---- routing, 1: scores ----
 
-// The best lcap of n candidates, candidate i = cand(i, v, j) (v NaN or j -1: none), in the order dsp_before, as a
-// sorted list held one entry per lane (lane s: entry s; NaN, -1 beyond). Warp wl of a row's wpr warps takes the
-// 32-candidate chunks wl, wl + wpr, ...: U chunks' loads issued together, the next U in flight while these are
-// ranked; its first chunk sorted by a warp bitonic sort, every later one offered (dsp_offer).
-template <int U, typename Cand>
-__device__ __forceinline__ void dsp_warp_topk(const Cand& cand, int n, int lcap, int wl, int wpr, int lane,
-                                              float& lv, int& lj) {
-    lv = dec_nan();
-    lj = -1;
-    const int nch = (n + 31) / 32;
-    const int STEP = wpr * U;  // chunks of one round of the row's warps
-    auto load = [&](float (&v)[U], int (&jv)[U], int c0) {
+// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
+template <typename T, int D>
+__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
+                                          const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
+                                          int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
+    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
+    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
+    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
+    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
+    DEC_DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int item = blockIdx.x;
+    const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
+    const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int group = heads / kv_heads, rows = group * q_len;
+    const int r0 = rg * rpg, nr = min(rpg, rows - r0);
+    const int len = lengths[b];
+    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
+    const int j_lo = x * range_blocks, j_hi = min(j_lo + range_blocks, c_last);
+    if (j_lo >= j_hi) return;  // the whole CTA: beyond this sequence's candidates
+
+    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
+    const float* bsum = sums + (long long)bk * n_blocks_cap * D;
+    const int sub = lane >> 3, part = lane & 7;
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
+    // range: the loads stay unconditional, the stores are guarded).
+    float4 sv[NP][NV];
+    auto load = [&](int base) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int i = 32 * (c0 + u * wpr) + lane;
-            v[u] = dec_nan();
-            jv[u] = -1;
-            if (c0 + u * wpr < nch && i < n) cand(i, v[u], jv[u]);
+        for (int p = 0; p < NP; ++p) {
+            const int jb = min(base + p * 4 + sub, j_hi - 1);
+            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
+#pragma unroll
+            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
         }
     };
-    bool fresh = true;  // warp-uniform: no chunk ranked yet
-    auto rank = [&](const float (&v)[U], const int (&jv)[U], int c0) {
+    int base = j_lo + warp * BW;
+    if (base < j_hi) load(base);
+    // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
+    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+    for (int y = tid; y < nr * D; y += DSP_THREADS) {
+        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+        qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+    }
+    __syncthreads();  // the only barrier: from here every warp streams its batches on its own
+
+    float* srow = scores + ((long long)bk * rows + r0) * n_cols;
+    for (; base < j_hi; base += DSP_WARPS * BW) {
+        const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
+        const bool store = part < NP && j < j_hi;
+        for (int rr = 0; rr < nr; ++rr) {
+            float4 qv[NV];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (c0 + u * wpr >= nch) break;
-            float sv = v[u];
-            int j = jv[u];
-            if (j < 0 || dec_isnan(sv)) {
-                sv = dec_nan();
-                j = -1;
+            for (int m = 0; m < NV; ++m) qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
+            float acc[NP];
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+                acc[p] = 0.f;
+#pragma unroll
+                for (int m = 0; m < NV; ++m)
+                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
             }
-            if (fresh) {
-                dsp_warp_sort(sv, j, lane);
-                lv = lane < lcap ? sv : dec_nan();
-                lj = lane < lcap ? j : -1;
-                fresh = false;
-            } else {
-                dsp_offer(lv, lj, sv, j, lcap, lane);
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
             }
+            float mine = acc[0];
+#pragma unroll
+            for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
+            if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
-    };
-    float va[U], vb[U];
-    int ja[U], jb[U];
-    if (wl < nch) load(va, ja, wl);
-    for (int c0 = wl; c0 < nch; c0 += 2 * STEP) {
-        if (c0 + STEP < nch) load(vb, jb, c0 + STEP);
-        rank(va, ja, c0);
-        if (c0 + STEP < nch) {
-            if (c0 + 2 * STEP < nch) load(va, ja, c0 + 2 * STEP);
-            rank(vb, jb, c0 + STEP);
-        }
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
     }
 }
 
-// A row's wpr warp lists (this warp is wl of them; wv / wj: NT values and blocks of shared memory) merged
-// pairwise in a tree (log2 wpr levels, no serial insertions): a list and its partner's, reversed, give the best
-// 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner steps sort best first. Lists hold distinct
-// blocks, so the result is the same strict order's best. The row's first warp ends with the list. Every thread
-// of the CTA calls it (the same wpr).
-__device__ __forceinline__ void dsp_merge_lists(float& lv, int& lj, float* wv, int* wj, int wl, int wpr, int warp,
-                                                int lane, int tid) {
+// ---- the set of selected blocks of a kv head ----
+
+// Open addressing over 2^log2_h int slots (0: empty, else block + 1; at most half full, so a free slot is
+// always found), Fibonacci hashing, linear probing. Rows of one kv head insert concurrently: a block lands in
+// exactly one slot, whichever row comes first. The attention launch reads the set and its last CTA of the kv
+// head empties it again.
+__device__ __forceinline__ int dsp_table_slot(int j, int log2_h) {
+    return (int)(((unsigned)(j + 1) * 2654435761u) >> (32 - log2_h));
+}
+__device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
+    const int mask = (1 << log2_h) - 1;
+    for (int h = dsp_table_slot(j, log2_h);; h = (h + 1) & mask) {
+        const int prev = atomicCAS(tab + h, 0, j + 1);
+        if (prev == 0 || prev == j + 1) return;
+    }
+}
+
+// ---- routing, 2: selection ----
+
+// Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
+__device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
+                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
+                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
+                                           int wpr) {
+    constexpr int U = DSP_SELECT_LOADS;
+    DEC_DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = heads / kv_heads, rows = group * q_len;
+    // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
+    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
+    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
+    const bool has_row = r < rows;
+    const int i = r / group, g = r - i * group;
+    const int own = (lengths[b] - q_len + i) / block_size;
+    const int lcap = top_k - 1;
+    const int n = lcap > 0 && has_row ? own : 0;  // candidates: blocks 0 .. own - 1
+    const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols;
+
+    float lv = dec_nan();
+    int lj = -1;
+    const int nch = (n + 31) / 32;
+    const int STEP = wpr * U;  // chunks of one round of the row's warps
+    // Round c0 of warp w: chunks c0 + u * wpr, u < U; the next round's loads are issued before this one is
+    // ranked (two register buffers), so long rows stream instead of waiting once per round.
+    auto load = [&](float (&v)[U], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
+            v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
+        }
+    };
+    bool fresh = true;  // warp-uniform: no chunk ranked yet
+    auto rank = [&](const float (&v)[U], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * wpr;
+            if (c >= nch) break;
+            int j = n - 1 - 32 * c - lane;
+            float s = v[u];
+            if (j < 0 || dec_isnan(s)) {
+                s = dec_nan();
+                j = -1;
+            }
+            if (fresh) {
+                dsp_warp_sort(s, j, lane);
+                lv = lane < lcap ? s : dec_nan();
+                lj = lane < lcap ? j : -1;
+                fresh = false;
+            } else {
+                dsp_offer(lv, lj, s, j, lcap, lane);
+            }
+        }
+    };
+    {
+        float va[U], vb[U];
+        if (wl < nch) load(va, wl);
+        for (int c0 = wl; c0 < nch; c0 += 2 * STEP) {
+            if (c0 + STEP < nch) load(vb, c0 + STEP);
+            rank(va, c0);
+            if (c0 + STEP < nch) {
+                if (c0 + 2 * STEP < nch) load(va, c0 + 2 * STEP);
+                rank(vb, c0 + STEP);
+            }
+        }
+    }
+    float* wv = reinterpret_cast<float*>(smem);
+    int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
+    // A row's warps' lists merged pairwise in a tree (log2 wpr levels, no serial insertions): a list and its
+    // partner's, reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner
+    // steps sort best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
     for (int step = 1; step < wpr; step <<= 1) {
         if ((wl & (2 * step - 1)) == step) {  // this level's senders (read by no one before this level)
             wv[tid] = lv;
@@ -264,219 +372,14 @@ __device__ __forceinline__ void dsp_merge_lists(float& lv, int& lj, float* wv, i
             }
         }
     }
-}
-
-// Open addressing over 2^log2_h int slots (0: empty, else block + 1; at most half full, so a free slot is
-// always found), Fibonacci hashing, linear probing. Rows of one kv head insert concurrently: a block lands in
-// exactly one slot, whichever row comes first. The attention launch reads the set and its last CTA of the kv
-// head empties it again.
-__device__ __forceinline__ int dsp_table_slot(int j, int log2_h) {
-    return (int)(((unsigned)(j + 1) * 2654435761u) >> (32 - log2_h));
-}
-__device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
-    const int mask = (1 << log2_h) - 1;
-    for (int h = dsp_table_slot(j, log2_h);; h = (h + 1) & mask) {
-        const int prev = atomicCAS(tab + h, 0, j + 1);
-        if (prev == 0 || prev == j + 1) return;
-    }
-}
-
-// A row's selection by its first warp (the whole warp): sel = own block, then the list's k-1 blocks (-1 where
-// they ran out); the row's blocks into its kv head's set (log2_h < 0: no set, the routing measured alone).
-__device__ __forceinline__ void dsp_emit_row(int* __restrict__ srow, int* __restrict__ tab, int own, int lj,
-                                             int top_k, int log2_h, int lane) {
+    if (wl != 0 || !has_row) return;
+    int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
     if (lane == 0) srow[0] = own;
-    if (lane < top_k - 1) srow[1 + lane] = lj;
+    if (lane < lcap) srow[1 + lane] = lj;
+    // The row's blocks into the kv head's set of selected blocks (log2_h < 0: no set, routing measured alone).
     const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
-    if (log2_h >= 0 && jj >= 0) dsp_table_insert(tab, log2_h, jj);
-}
-
-// ---- routing, 1: scores, and the selection by the score CTAs ----
-
-// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32 | (select) the warps' lists, [THREADS]
-// fp32 values then [THREADS] blocks.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
-                                          const int* __restrict__ lengths, float* __restrict__ scores,
-                                          int* __restrict__ sel, int* __restrict__ table, float* __restrict__ plist_v,
-                                          int* __restrict__ plist_j, unsigned* __restrict__ counters, int q_len,
-                                          int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols, int top_k, int log2_h,
-                                          int select) {
-    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
-    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
-    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
-    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
-    DEC_DYNAMIC_SMEM(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int item = blockIdx.x;
-    const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
-    const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
-    const int group = heads / kv_heads, rows = group * q_len;
-    const int r0 = rg * rpg, nr = min(rpg, rows - r0);
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_lo = x * range_blocks, j_hi = min(j_lo + range_blocks, c_last);
-    const bool any = j_lo < j_hi;  // CTA-uniform: else this range lies beyond the sequence's candidates
-    if (!any && !select) return;
-
-    int* flags = reinterpret_cast<int*>(smem);
-    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
-    float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-    if (any) {
-        const float* bsum = sums + (long long)bk * n_blocks_cap * D;
-        const int sub = lane >> 3, part = lane & 7;
-        // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into
-        // the range: the loads stay unconditional, the stores are guarded).
-        float4 sv[NP][NV];
-        auto load = [&](int base) {
-#pragma unroll
-            for (int p = 0; p < NP; ++p) {
-                const int jb = min(base + p * 4 + sub, j_hi - 1);
-                const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
-#pragma unroll
-                for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
-            }
-        };
-        int base = j_lo + warp * BW;
-        if (base < j_hi) load(base);
-        // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
-        for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-        for (int y = tid; y < nr * D; y += DSP_THREADS) {
-            const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-            qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
-        }
-        __syncthreads();  // the streaming's only barrier: from here every warp streams its batches on its own
-
-        for (; base < j_hi; base += DSP_WARPS * BW) {
-            const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
-            const bool store = part < NP && j < j_hi;
-            for (int rr = 0; rr < nr; ++rr) {
-                float4 qv[NV];
-#pragma unroll
-                for (int m = 0; m < NV; ++m)
-                    qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
-                float acc[NP];
-#pragma unroll
-                for (int p = 0; p < NP; ++p) {
-                    acc[p] = 0.f;
-#pragma unroll
-                    for (int m = 0; m < NV; ++m)
-                        acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z +
-                                  qv[m].w * sv[p][m].w;
-                }
-#pragma unroll
-                for (int off = 1; off < 8; off <<= 1) {
-#pragma unroll
-                    for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
-                }
-                float mine = acc[0];
-#pragma unroll
-                for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
-                if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-            }
-            if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
-        }
-    } else {
-        for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-    }
-    if (!select) return;
-
-    // The selection. Every CTA of the row group ranks its range's candidates of each of its rows and writes the
-    // row's best k-1 to its slot of plist (NaN, -1 where they run out); the last CTA of the row group to count
-    // itself done (a counter per row group, back to zero when it is done) ranks each row's n_range lists, whose
-    // best k-1 are the row's (every block of the best k-1 is among the best k-1 of its own range), writes sel
-    // and enters the blocks into the kv head's set. So no selection launch follows the score launch, and only
-    // the last row groups' selection is not overlapped by other CTAs' streaming.
-    constexpr int U = DSP_SELECT_LOADS;
-    float* wv = qs + rpg * D;
-    int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
-    const int lcap = top_k - 1;
-    int wpr = 1;  // warps per row: the largest power of two with wpr * nr <= WARPS (CTA-uniform)
-    while (2 * wpr <= DSP_WARPS && 2 * wpr * nr <= DSP_WARPS) wpr <<= 1;
-    const int rpp = DSP_WARPS / wpr, wl = warp & (wpr - 1);
-    __syncthreads();  // every warp's scores of the range are written, own[] too
-    for (int rb = 0; rb < nr; rb += rpp) {
-        const int rr = rb + warp / wpr;
-        const bool has = rr < nr;
-        const int hi = has ? min(j_hi, own[rr]) : j_lo;  // blocks j_lo .. hi - 1, newest first
-        const float* row = srow + (long long)(has ? rr : 0) * n_cols;
-        float lv;
-        int lj;
-        dsp_warp_topk<U>([&](int i, float& v, int& j) { j = hi - 1 - i; v = row[j]; }, max(0, hi - j_lo), lcap, wl,
-                         wpr, lane, lv, lj);
-        dsp_merge_lists(lv, lj, wv, wj, wl, wpr, warp, lane, tid);
-        if (has && wl == 0 && lane < lcap) {
-            const long long slot = (((long long)grp * n_range + x) * rpg + rr) * lcap + lane;
-            plist_v[slot] = lv;
-            plist_j[slot] = lj;
-        }
-        __syncthreads();  // the lists' shared memory is free for the next rows
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) flags[0] = atomicAdd(counters + grp, 1u) == (unsigned)(n_range - 1);
-    __syncthreads();
-    if (!flags[0]) return;
-    __threadfence();
-
-    const int n_cand = n_range * lcap;  // candidate i: slot i % lcap of range i / lcap's list
-    for (int rb = 0; rb < nr; rb += rpp) {
-        const int rr = rb + warp / wpr;
-        const bool has = rr < nr;
-        const long long base = ((long long)grp * n_range * rpg + (has ? rr : 0)) * lcap;
-        float lv;
-        int lj;
-        dsp_warp_topk<U>(
-            [&](int i, float& v, int& j) {
-                const int xr = i / lcap;
-                const long long at = base + (long long)xr * rpg * lcap + (i - xr * lcap);
-                v = dec_ldcg(plist_v + at);
-                j = dec_ldcg(plist_j + at);
-            },
-            has ? n_cand : 0, lcap, wl, wpr, lane, lv, lj);
-        dsp_merge_lists(lv, lj, wv, wj, wl, wpr, warp, lane, tid);
-        if (has && wl == 0) {
-            const int r = r0 + rr, i = r / group, g = r - i * group;
-            dsp_emit_row(sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k,
-                         table + ((long long)bk << (log2_h > 0 ? log2_h : 0)), own[rr], lj, top_k, log2_h, lane);
-        }
-        __syncthreads();
-    }
-    if (tid == 0) counters[grp] = 0u;
-}
-
-// ---- routing, 2: selection alone (nothing to score, or a step measured in parts) ----
-
-// Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
-__device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
-                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
-                                           int wpr) {
-    DEC_DYNAMIC_SMEM(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = heads / kv_heads, rows = group * q_len;
-    // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
-    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
-    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
-    const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
-    const bool has_row = r < rows;
-    const int i = r / group, g = r - i * group;
-    const int own = (lengths[b] - q_len + i) / block_size;
-    const int lcap = top_k - 1;
-    const int n = lcap > 0 && has_row ? own : 0;  // candidates: blocks 0 .. own - 1, newest first
-    const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols;
-    float lv;
-    int lj;
-    dsp_warp_topk<DSP_SELECT_LOADS>([&](int c, float& v, int& j) { j = n - 1 - c; v = src[j]; }, n, lcap, wl, wpr,
-                                    lane, lv, lj);
-    float* wv = reinterpret_cast<float*>(smem);
-    dsp_merge_lists(lv, lj, wv, reinterpret_cast<int*>(wv + DSP_THREADS), wl, wpr, warp, lane, tid);
-    if (wl != 0 || !has_row) return;
-    dsp_emit_row(sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k,
-                 table + ((long long)bk << (log2_h > 0 ? log2_h : 0)), own, lj, top_k, log2_h, lane);
+    if (log2_h >= 0 && jj >= 0) dsp_table_insert(table + ((long long)bk << log2_h), log2_h, jj);
 }
 
 // ---- attention ----
@@ -879,13 +782,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #define MOBA_DECODE_SCORE_KERNEL(NAME, T, D)                                                                      \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
-      float* __restrict__ scores, int* __restrict__ sel, int* __restrict__ table, float* __restrict__ plist_v,    \
-      int* __restrict__ plist_j, unsigned* __restrict__ counters, int q_len, int heads, int kv_heads,             \
-      int n_blocks_cap, int block_size, int n_rg, int rows_per_group, int n_range, int range_blocks, int n_cols,  \
-      int top_k, int log2_h, int select) {                                                                        \
-    dsp_score<T, D>(q, sums, lengths, scores, sel, table, plist_v, plist_j, counters, q_len, heads, kv_heads,     \
-                    n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks, n_cols, top_k, log2_h, \
-                    select);                                                                                      \
+      float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
+    dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
