@@ -33,7 +33,9 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert plan.n_cols == max(1, n_cand)
     if top_k == 1 or n_cand == 0:
         assert plan.n_range == 0 and plan.n_score_ctas == 0  # nothing to rank: no score launch
-    else:  # whole passes of every warp, no empty range, at most SCORE_MAX_PASSES passes per CTA
+    else:  # whole passes of every warp, no empty range, at most SCORE_MAX_PASSES passes per CTA, about one wave
+        assert plan.n_score_ctas <= 132 * S.SCORE_MIN_CTAS or plan.range_blocks == S.SCORE_MAX_PASSES * \
+            S.WARPS * S.score_batch(dim) or plan.n_range == 1
         pass_blocks = S.WARPS * S.score_batch(dim)
         assert plan.range_blocks % pass_blocks == 0 and plan.range_blocks <= S.SCORE_MAX_PASSES * pass_blocks
         assert plan.n_range * plan.range_blocks >= n_cand > (plan.n_range - 1) * plan.range_blocks
@@ -75,12 +77,13 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
 
 def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
-    16 per warp) sized for about three waves of 264 slots (512K: 16 ranges of 256 blocks, 1024 CTAs; 1M: 13 of
-    640; 32K and 128K one pass per CTA), one select warp per row at 32K and eight beyond, four 32-token chunks
+    16 per warp) sized for about one wave of 264 slots (512K: 4 ranges of 1024 blocks, 256 CTAs; 1M: 4 of 2048;
+    128K: 4 of 256; 32K: one range of two passes, 64 CTAs), one select warp per row at 32K and eight beyond,
+    four 32-token chunks
     per selected block, and shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs
     per (sequence, kv head), one wave of five per SM."""
-    for length, ranges, blocks in ((512 * 1024, 16, 256), (32 * 1024, 2, 128), (128 * 1024, 8, 128),
-                                   (1 << 20, 13, 640)):
+    for length, ranges, blocks in ((512 * 1024, 4, 1024), (32 * 1024, 1, 256), (128 * 1024, 4, 256),
+                                   (1 << 20, 4, 2048)):
         n_blocks = length // 128
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
