@@ -133,7 +133,6 @@ enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, DONE };
 struct Copy {
     void* dst;
     const void* src;
-    size_t bytes;
 };
 
 struct Thread {
@@ -468,11 +467,7 @@ inline T dec_ldcg(const T* p) {
 
 inline void dec_cp_async16(void* smem, const void* gmem) {
     std::memset(smem, 0xff, 16);  // NaN until the copy lands
-    emu::me().open.push_back({smem, gmem, 16});
-}
-inline void dec_cp_async4(void* smem, const void* gmem) {
-    std::memset(smem, 0xff, 4);
-    emu::me().open.push_back({smem, gmem, 4});
+    emu::me().open.push_back({smem, gmem});
 }
 inline void dec_cp_async_commit() {
     emu::Thread& t = emu::me();
@@ -482,7 +477,7 @@ inline void dec_cp_async_commit() {
 inline void dec_cp_async_wait_n(int n) {
     emu::Thread& t = emu::me();
     while (t.groups.size() > (size_t)n) {
-        for (const emu::Copy& c : t.groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+        for (const emu::Copy& c : t.groups.front()) std::memcpy(c.dst, c.src, 16);
         t.groups.erase(t.groups.begin());
     }
 }

@@ -459,23 +459,21 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     T* stages = reinterpret_cast<T*>(wml + NW * ROWS * 2);
 
     const long long sel_b = (long long)b * q_len * heads;
-    auto sel_ptr = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
+    auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
         const int r = ee / top_k, s = ee - r * top_k, i = r / group, gg = r - i * group;
-        return sel + (sel_b + (long long)i * heads + kvh * group + gg) * top_k + s;
+        return sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + s];
     };
-    auto sel_global = [&](int ee) { return *sel_ptr(ee); };
     auto sel_at = [&](int ee) { return cached ? es[ee] : sel_global(ee); };
     auto q_row = [&](int r) {  // query row r of this kv head in q
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if (cached) {  // the kv head's entries and query rows, once for all its blocks: in flight while the set is read
-        for (int ee = tid; ee < E; ee += NT) dec_cp_async4(es + ee, sel_ptr(ee));
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
-            dec_cp_async16(qc + r * D + x * 8, q_row(r) + x * 8);
+            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
-        dec_cp_async_commit();  // the oldest group: complete once any later group is waited for to the end
     }
     if (tid == 0) flags[0] = 0;
 
@@ -524,9 +522,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
-                // every group older than the items in flight (the entries and query rows) has landed
-                dec_cp_async_wait_n(min(hi, it + NST) - it);
-                __syncthreads();  // the last item is done with rl, rrow, rpos; flags[0] is 0; es and qc landed
+                __syncthreads();  // the last item is done with rl, rrow, rpos; flags[0] is 0
                 for (int ee = tid; ee < E; ee += NT) {
                     if (sel_at(ee) == j) {
                         const int n_r = atomicAdd(flags, 1), r = ee / top_k;
@@ -685,7 +681,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncthreads();  // the window's items are done with ublk and the stages
     }
 
-    dec_cp_async_wait<0>();  // a CTA without items has its entries' copies still to wait for
     __threadfence();
     __syncthreads();
     unsigned* counter = counters + g;
