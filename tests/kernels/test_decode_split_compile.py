@@ -4,8 +4,7 @@ The source is taken as NVRTC sees it (``_build.source``) and compiled with the p
 (``_build.NVRTC_OPTIONS``) for ``-gencode=arch=compute_90a,code=sm_90a``; ptxas' ``-v`` report gives
 registers, shared memory, stack frame and spills per kernel (run with ``-s`` to see them). Registers must
 stay within what each kernel's ``__launch_bounds__`` promises (scores: 2 CTAs of 256 threads per SM, at
-most 128 registers; selection: one CTA of up to 1024 threads, at most 64; attention: 5 CTAs of 128 threads,
-at most 102).
+most 128 registers; selection and attention: 4 CTAs, at most 64).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def test_entry_points_and_constants_match_the_wrapper():
     for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
                         ("DSP_ATTN_CHUNK", S.ATTN_CHUNK), ("DSP_ATTN_ROWS", S.ATTN_ROWS),
-                        ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MAX_THREADS", S.SELECT_MAX_THREADS),
+                        ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MIN_CTAS", S.SELECT_MIN_CTAS),
                         ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS), ("DSP_ATTN_STAGES", S.ATTN_STAGES),
                         ("DSP_ATTN_THREADS", S.ATTN_THREADS),
                         ("DSP_ATTN_CACHE", S.ATTN_CACHE)):
@@ -51,7 +50,8 @@ def test_decode_split_compiles_without_spills(report):
     assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)
-        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, 1)}.get(name, S.ATTN_MIN_CTAS)
-        threads = S.ATTN_THREADS if name in ATTEND else S.SELECT_MAX_THREADS if name in SELECT else S.THREADS
+        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(
+            name, S.ATTN_MIN_CTAS)
+        threads = S.ATTN_THREADS if name in ATTEND else S.THREADS
         assert r["registers"] <= 65536 // (threads * min_ctas), (name, r)
         assert r.get("smem", 0) == 0, (name, r)  # all shared memory is dynamic, sized by the plan

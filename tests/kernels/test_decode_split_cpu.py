@@ -39,13 +39,10 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
         pass_blocks = S.WARPS * S.score_batch(dim)
         assert plan.range_blocks % pass_blocks == 0 and plan.range_blocks <= S.SCORE_MAX_PASSES * pass_blocks
         assert plan.n_range * plan.range_blocks >= n_cand > (plan.n_range - 1) * plan.range_blocks
-    # select: one warp per row up to 8 chunks of 32 candidates, eight up to 64, then at most 8 chunks a warp
+    # select: one warp per row up to 8 chunks of 32 candidates, else eight
     chunks = math.ceil(max(1, n_cand) / 32)
-    assert plan.select_wpr == (1 if chunks <= 8 else 8 if chunks <= 64 else min(32, 2 ** math.ceil(math.log2(
-        chunks / 8))))
-    assert plan.select_wpr <= 8 or math.ceil(chunks / plan.select_wpr) <= S.SELECT_LOADS or plan.select_wpr == 32
-    rows_per_cta = max(1, S.WARPS // plan.select_wpr)
-    assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / rows_per_cta)
+    assert plan.select_wpr == (1 if chunks <= 8 else 8)
+    assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
@@ -71,8 +68,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert select.args[3] is table and select.args[-2:] == (plan.log2_h, plan.select_wpr)
     assert S.select_launch(plan, lengths, bufs).args[-2] == -1  # the routing alone: no set
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
-                                        (select, plan.n_select_ctas, plan.select_smem,
-                                         S.select_threads(plan.select_wpr)),
+                                        (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
         check_args(launch.source, launch.kernel, launch.args)  # exactly the kernel's C types
         assert launch.grid == (ctas, 1, 1) and launch.block == (threads, 1, 1) and launch.shared_mem == smem
@@ -82,8 +78,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
 def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about one wave of 264 slots (512K: 4 ranges of 1024 blocks, 256 CTAs; 1M: 4 of 2048;
-    128K: 4 of 256; 32K: one range of two passes, 64 CTAs), one select warp per row at 32K, eight at 128K, 16
-    at 512K and 32 at 1M (one round of loads each), four 32-token chunks
+    128K: 4 of 256; 32K: one range of two passes, 64 CTAs), one select warp per row at 32K and eight beyond,
+    four 32-token chunks
     per selected block, and shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs
     per (sequence, kv head), one wave of five per SM."""
     for length, ranges, blocks in ((512 * 1024, 4, 1024), (32 * 1024, 1, 256), (128 * 1024, 4, 256),
@@ -92,11 +88,11 @@ def test_benchmark_plans_fill_the_gpu():
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
-        assert plan.select_wpr == {512 * 1024: 16, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 32}[length]
-        assert plan.n_select_ctas == 64 * math.ceil(4 / max(1, S.WARPS // plan.select_wpr))
+        assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
+        assert plan.n_select_ctas == 64 * math.ceil(4 / (S.WARPS // plan.select_wpr))
         assert plan.n_attn_ctas == 64 * 10 and plan.cpg == 10 and plan.cached and plan.n_chunks == 4
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM
-        assert plan.select_smem == S.select_threads(plan.select_wpr) * 8 <= S.SELECT_MAX_THREADS * 8
+        assert S.SELECT_MIN_CTAS * (plan.select_smem + 1024) <= SMEM_PER_SM
         assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM
 
 

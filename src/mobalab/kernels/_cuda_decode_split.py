@@ -57,7 +57,7 @@ ATTN_ROWS = 4
 ATTN_THREADS = 128
 ATTN_WARPS = ATTN_THREADS // 32
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
-SELECT_MAX_THREADS = 1024  # select CTAs: 8 warps, or one row's select_wpr warps when that is more
+SELECT_MIN_CTAS = 4
 ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
@@ -93,14 +93,9 @@ def score_smem_bytes(head_dim: int, rows_per_group: int) -> int:
     return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
 
 
-def select_threads(select_wpr: int) -> int:
-    """Threads of a select CTA: 8 warps (8 / select_wpr rows), or one row's select_wpr warps."""
-    return 32 * max(WARPS, select_wpr)
-
-
-def select_smem_bytes(select_wpr: int = 1) -> int:
+def select_smem_bytes() -> int:
     """Select CTA: every warp's list, 32 (value, block) pairs each."""
-    return select_threads(select_wpr) * 8
+    return THREADS * 8
 
 
 def attn_cached(head_dim: int, rows: int, top_k: int, itemsize: int = 2) -> bool:
@@ -125,14 +120,9 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top
 
 def select_warps(n_cand: int) -> int:
     """Select warps per row for rows of at most ``n_cand`` candidate blocks: one warp up to 8 chunks of 32
-    candidates (no list merging; measured on an H200 at 32K, batch 64: routing 0.060 -> 0.040 ms), else eight
-    (two or four per row measured ~2 us slower at 128K), and beyond 64 chunks as many as give each warp at
-    most one round of SELECT_LOADS chunks (16 at 512K, B 128; 32 from 8192 candidates on, the most); the
-    kernel takes 1, 2, 4, 8, 16 or 32."""
-    chunks = math.ceil(n_cand / 32)
-    if chunks <= SELECT_LOADS:
-        return 1
-    return min(32, max(WARPS, 1 << math.ceil(math.log2(math.ceil(chunks / SELECT_LOADS)))))
+    candidates (no list merging; measured on an H200 at 32K, batch 64: routing 0.060 -> 0.040 ms), else all
+    eight (two or four per row measured ~2 us slower at 128K); the kernel takes 1, 2, 4 or 8."""
+    return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
 def table_log2(entries: int, n_blocks_cap: int) -> int:
@@ -165,8 +155,7 @@ class SplitPlan(StepShape):
 
     @property
     def n_select_ctas(self) -> int:
-        return self.batch * self.kv_heads * math.ceil(self.rows / (select_threads(self.select_wpr) // 32 //
-                                                                   self.select_wpr))
+        return self.batch * self.kv_heads * math.ceil(self.rows / (WARPS // self.select_wpr))
 
     @property
     def n_attn_ctas(self) -> int:
@@ -197,10 +186,10 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     SCORE_MIN_PASSES and at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1
     or no candidate).
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
-    rows per CTA (one row per CTA of ``select_wpr`` warps beyond eight); it also enters the row's blocks into
-    its kv head's set of selected blocks (:func:`table_log2` slots: at most half full). Attention: items of
-    :math:`\min(B, 32)` tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default:
-    enough for one wave of ATTN_MIN_CTAS per SM, at most one per item) share its items.
+    rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
+    slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block;
+    ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of ATTN_MIN_CTAS per SM, at most
+    one per item) share its items.
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -229,15 +218,15 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
     if select_wpr is None:
         select_wpr = select_warps(max(1, n_cand))
-    elif select_wpr not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8, 16, 32")
+    elif select_wpr not in (1, 2, 4, 8):
+        raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, log2_h=table_log2(entries, distinct), cpg=attn_ctas,
                      cached=attn_cached(head_dim, rows, top_k, itemsize),
-                     score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(select_wpr),
+                     score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
@@ -272,8 +261,7 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
             i32(p.log2_h if table is not None else -1), i32(p.select_wpr))
-    return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (select_threads(p.select_wpr), 1, 1),
-                  args,
+    return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)
 
 

@@ -23,10 +23,9 @@
 //    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
 //    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
 //    merging, no barrier and no shared-memory write in the streaming loop.
-// 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA, or one row per CTA
-//    of wpr > 8 warps (the plan: wpr 1 for up to 8 chunks of candidates, a short row being one warp's work with
-//    no merging, 8 up to 64 chunks, beyond that up to 32 warps so that each ranks one round of loads). Each warp
-//    scans 32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
+// 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (the plan: wpr 1
+//    for up to 8 chunks of candidates, a short row being one warp's work with no merging, else 8). Each warp scans
+//    32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
 //    down; 8 chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's
 //    best k-1 so far as a sorted list held one entry per lane: its first chunk is sorted by a warp bitonic
 //    sort, then a chunk's candidates that beat the list's last entry (one ballot; rare once the list is good)
@@ -113,7 +112,7 @@
 #define DSP_ATTN_CHUNK 32              // most tokens of one attention item
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
-#define DSP_SELECT_MAX_THREADS 1024     // select CTAs: 8 warps, or one row's wpr warps when wpr > 8
+#define DSP_SELECT_MIN_CTAS 4
 #define DSP_ATTN_MIN_CTAS 5
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
@@ -276,8 +275,7 @@ __device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
 
 // ---- routing, 2: selection ----
 
-// blockDim.x = 32 * max(8, wpr) threads. Shared memory: the warps' lists, [blockDim.x] fp32 values then
-// [blockDim.x] blocks.
+// Shared memory: the warps' lists, [WARPS][32] fp32 values then [WARPS][32] blocks.
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
                                            int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
                                            int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
@@ -286,9 +284,8 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, rows = group * q_len;
-    // wpr warps per row (a power of two), warps / wpr rows per CTA: few candidates, one warp and no merging;
-    // many, up to 32 warps of a row, so that each ranks at most one round of loads
-    const int rpc = (blockDim.x >> 5) / wpr, n_rg = (rows + rpc - 1) / rpc;
+    // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
+    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
     const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
     const bool has_row = r < rows;
@@ -346,7 +343,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
         }
     }
     float* wv = reinterpret_cast<float*>(smem);
-    int* wj = reinterpret_cast<int*>(wv + blockDim.x);
+    int* wj = reinterpret_cast<int*>(wv + DSP_THREADS);
     // A row's warps' lists merged pairwise in a tree (log2 wpr levels, no serial insertions): a list and its
     // partner's, reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner
     // steps sort best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
@@ -802,7 +799,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                      capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);              \
   }
 
-extern "C" __global__ void __launch_bounds__(DSP_SELECT_MAX_THREADS, 1) moba_decode_route_select(
+extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
