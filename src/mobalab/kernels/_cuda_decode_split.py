@@ -278,17 +278,20 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
-                   range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None):
+                   range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
+                   select_wpr: int | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
-    ``attn_ctas``: attention CTAs per (sequence, kv head) instead of the plan's choice.
+    ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
+    plan's choices.
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas)
+                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
+                      select_wpr)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
