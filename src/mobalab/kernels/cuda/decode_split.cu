@@ -83,9 +83,16 @@
 // 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
 // is not scoring); selection ~18 us at 512K, ~12 us at 32K (latency-bound: at 32K one warp per row takes as
 // long as eight did, ~1100 dependent instructions each, plus the launch); attention ~52 us for 121 MB at every
-// length (~29 blocks per kv head). Step 0.110 ms at 512K (55% of the copy bandwidth), 0.071 ms at 32K. What
-// 70% needs: the attention launch at ~3.5 TB/s (fewer instructions per item: a producer warp issuing bulk
-// copies, so the consumers only compute) and the selection overlapped with the score pass.
+// length (~29 blocks per kv head). Step 0.110 ms at 512K (55% of the copy bandwidth), 0.071 ms at 32K; score
+// ranges of about one wave of CTAs (the plan) took 128K, B 64, k 4 from 0.060 to 0.055 ms. What 70% needs: the
+// attention launch at ~3.5 TB/s (fewer instructions per item: a producer warp issuing bulk copies, so the
+// consumers only compute) and a selection that costs less than its ~11-18 us of dependent instructions.
+// Hiding the selection behind the streaming was measured three ways and lost each time: the three steps as
+// one launch of ticketed 128-thread CTAs (a kv head's selection and attention waiting on counters of its own
+// scores; 1-24% slower: the score items lose bytes in flight at 96 registers, and the last kv head's score,
+// selection and attention chain stays as long as the launches it replaced), the score CTAs ranking their
+// ranges with the last CTA of a row group merging (the ranking stalls the streaming: equal at best), and
+// select CTAs of 16 or 32 warps per row (one round of loads each, but more barrier levels: 4-15 us slower).
 // History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
 // shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
 // on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
