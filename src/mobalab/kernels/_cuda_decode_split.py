@@ -62,7 +62,6 @@ ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
-SCORE_MIN_PASSES = 2  # fewest batches one score warp streams, where the row has that many
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
 
@@ -181,10 +180,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
     ``range_blocks`` blocks per CTA, by default a whole number of passes (every warp one batch of
     :func:`score_batch` blocks per pass) that gives about one wave of score CTAs on ``sm_count`` SMs (fewer,
-    longer CTAs: a CTA's start, its query rows and its first load's latency are paid once per range; measured
-    on an H200, one wave of 4-8 passes per warp beat three waves of 1-2 by 5-7 us at 128K-512K), at least
-    SCORE_MIN_PASSES and at most SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1
-    or no candidate).
+    longer CTAs: a CTA's start, its query rows and its first load's latency are paid once per range), at most
+    SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
     slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block;
@@ -203,7 +200,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         if range_blocks is None:
             passes = math.ceil(n_cand / pass_blocks)
             ranges = max(1, sm_count * SCORE_MIN_CTAS // (batch * kv_heads * n_rg))  # per row group, one wave
-            per = min(SCORE_MAX_PASSES, max(min(SCORE_MIN_PASSES, passes), math.ceil(passes / ranges)))
+            per = min(SCORE_MAX_PASSES, math.ceil(passes / ranges))
             range_blocks = per * pass_blocks
         if range_blocks < 1:
             raise ValueError(f"plan_split: range_blocks = {range_blocks}; it must be positive")
