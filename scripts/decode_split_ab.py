@@ -1,0 +1,104 @@
+"""Side-by-side timing of split decode plans: ``python scripts/decode_split_ab.py [--points ...] [--variants ...]``.
+
+Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
+step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
+``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``. Every variant is
+warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
+a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
+flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
+of the sorted round times in us, and whether its selection equals the plan's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+K = 1024
+POINTS = {
+    "512K": (512 * K, 8, 128, 8), "1M": (1024 * K, 8, 128, 8), "128K": (128 * K, 8, 128, 8),
+    "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
+    "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
+}
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr")
+
+
+def parse_variant(text: str) -> dict:
+    """``"attn_ctas=8,select_wpr=4"`` -> {"attn_ctas": 8, "select_wpr": 4}; ``"plan"`` -> {}."""
+    if text == "plan":
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in KNOBS or not value.isdigit():
+            raise ValueError(f"variant {text!r}: want KNOB=INT[,KNOB=INT], knobs {', '.join(KNOBS)}")
+        out[key] = int(value)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="512K,128K-B64k4,128K,32K", help=f"comma-separated, of {', '.join(POINTS)}")
+    p.add_argument("--variants", nargs="*", default=["attn_ctas=8", "select_wpr=4"])
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--reps", type=int, default=80)
+    args = p.parse_args(argv)
+    variants = {"plan": {}, **{v: parse_variant(v) for v in args.variants}}
+    points = args.points.split(",")
+    unknown = [x for x in points if x not in POINTS]
+    if unknown:
+        p.error(f"unknown points {unknown}; known: {', '.join(POINTS)}")
+    if not torch.cuda.is_available():
+        print("decode_split_ab: needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    from mobalab.bench.decode import time_step
+    from mobalab.kernels import MobaKVCache
+    from mobalab.kernels import _cuda_decode_split as S
+    from mobalab.kernels._cuda_decode import _sm_count, run
+
+    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    dev = torch.cuda.current_device()
+    for name in points:
+        n, batch, block, top_k = POINTS[name]
+        heads, kvh, d = 32, 8, 128
+        gen = torch.Generator(device="cuda").manual_seed(n + block)
+        cache = MobaKVCache(batch, kvh, d, block, n, dtype=torch.bfloat16, device="cuda")
+        kv = torch.randn((batch, n, kvh, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+        cache.prefill(kv, torch.randn_like(kv))
+        del kv
+        q = torch.randn((batch, 1, heads, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+        built = {}
+        for label, opts in variants.items():
+            plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(d), sm_count=_sm_count(dev),
+                                                    **opts)
+            for _ in range(3):
+                for x in launches:
+                    run(x, dev)
+            torch.cuda.synchronize()
+            built[label] = (plan, launches, bufs["sel"].clone())
+        times = {label: [] for label in variants}
+        order = list(variants)
+        for rnd in range(args.repeats):
+            for label in order if rnd % 2 == 0 else order[::-1]:
+                launches = built[label][1]
+                ms, _ = time_step(lambda launches=launches: [run(x, dev) for x in launches], args.reps, flush)
+                times[label].append(ms * 1e3)
+        cells = []
+        for label, (plan, _, sel) in built.items():
+            t = sorted(times[label])
+            mid = t[len(t) // 2 - 1:len(t) // 2 + 1] if len(t) > 1 else t
+            same = torch.equal(sel, built["plan"][2])
+            cells.append(f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs, {plan.select_wpr} "
+                         f"warps): {'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
