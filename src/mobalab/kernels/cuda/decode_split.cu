@@ -85,12 +85,13 @@
 //
 // Measured (H200, batch 8, 32 / 8 heads, d 128, B 128, k 8, q_len 1, L2 flushed; RESULTS.md): score pass
 // 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
-// is not scoring); selection ~18 us at 512K, ~12 us at 32K (latency-bound: at 32K one warp per row takes as
-// long as eight did, ~1100 dependent instructions each, plus the launch); attention ~52 us for 121 MB at every
-// length (~29 blocks per kv head). Step 0.110 ms at 512K (55% of the copy bandwidth), 0.071 ms at 32K; score
-// ranges of about one wave of CTAs (the plan) took 128K, B 64, k 4 from 0.060 to 0.055 ms. What 70% needs: the
+// is not scoring); selection ~17 us at 512K, ~9 us at 32K (latency-bound: a globaltimer trace put ~800 cycles
+// per 32-candidate chunk into ranking before the lane-local first round, and 3-3.5 us into the merge of 8 warps'
+// lists); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.106 ms at 512K (56% of
+// the copy bandwidth), 0.070 ms at 32K; score ranges of about one wave of CTAs (the plan) took 128K, B 64, k 4
+// from 0.060 to 0.055 ms. What 70% needs: the
 // attention launch at ~3.5 TB/s (fewer instructions per item: a producer warp issuing bulk copies, so the
-// consumers only compute) and a selection that costs less than its ~11-18 us of dependent instructions.
+// consumers only compute) and a selection that costs less than its ~9-17 us of dependent instructions.
 // Hiding the selection behind the streaming was measured three ways and lost each time: the three steps as
 // one launch of ticketed 128-thread CTAs (a kv head's selection and attention waiting on counters of its own
 // scores; 1-24% slower: the score items lose bytes in flight at 96 registers, and the last kv head's score,
