@@ -89,9 +89,9 @@
 // per 32-candidate chunk into ranking before the lane-local first round, and 3-3.5 us into the merge of 8 warps'
 // lists); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.106 ms at 512K (56% of
 // the copy bandwidth), 0.070 ms at 32K; score ranges of about one wave of CTAs (the plan) took 128K, B 64, k 4
-// from 0.060 to 0.055 ms. What 70% needs: the
-// attention launch at ~3.5 TB/s (fewer instructions per item: a producer warp issuing bulk copies, so the
-// consumers only compute) and a selection that costs less than its ~9-17 us of dependent instructions.
+// from 0.060 to 0.055 ms. What 70% needs: the attention launch at ~3.5 TB/s (fewer instructions per item: a
+// producer warp issuing bulk copies, so the consumers only compute) and a selection that costs less than its
+// ~9-17 us of dependent instructions.
 // Hiding the selection behind the streaming was measured three ways and lost each time: the three steps as
 // one launch of ticketed 128-thread CTAs (a kv head's selection and attention waiting on counters of its own
 // scores; 1-24% slower: the score items lose bytes in flight at 96 registers, and the last kv head's score,
@@ -451,12 +451,12 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
-// Tokens 0 .. chunk - 1 (chunk <= DSP_ATTN_CHUNK) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte chunk c of row r
-// stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as 16-byte cp.async copies
-// (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0 times V stays 0 beyond the
-// sequence. A thread copies vector tid % (D / 8) of rows tid / (D / 8) + x * THREADS / (D / 8): the same swizzle
-// and constant strides for every row it copies, so its addresses are immediates off two per-item bases. The
-// caller commits the group.
+// Tokens 0 .. chunk - 1 (chunk <= DSP_ATTN_CHUNK) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte
+// chunk c of row r stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as
+// 16-byte cp.async copies (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0
+// times V stays 0 beyond the sequence. A thread copies vector tid % (D / 8) of rows tid / (D / 8) + x * THREADS /
+// (D / 8): the same swizzle and constant strides for every row it copies, so its addresses are immediates off two
+// per-item bases. The caller commits the group.
 template <typename T, int D, int THREADS>
 __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb, const T* vb, int chunk, int nvalid,
                                                       int tid) {
@@ -469,7 +469,8 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     T* skp = ks + soff;
     T* svp = vs + soff;
 #pragma unroll
-    for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {  // no early exit: every pass is straight-line code off the four bases
+    // no early exit: every pass is straight-line code off the four bases
+    for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {
         const int tk = tk0 + x * TPI;
         if (tk < nvalid) {
             dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
@@ -762,11 +763,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // round trip to L2 per batch instead of one per few partials).
     const int per_row = top_k * nc;
     const int share = (int)((reinterpret_cast<unsigned char*>(stages) - reinterpret_cast<unsigned char*>(red) +
-                             (long long)NST * 2 * chunk * D * 2) / (4 * NW)) & ~3;  // floats per warp
+                             (long long)NST * 2 * chunk * D * (int)sizeof(T)) / (4 * NW)) & ~3;  // floats per warp
     float* wrow = red + warp * share;
     float* stg = wrow + ((per_row + 3) & ~3);
     const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
-    for (int r = warp; r < R; r += DSP_ATTN_WARPS) {
+    for (int r = warp; r < R; r += NW) {
         const long long p0 = ((long long)g * R + r) * per_row;
         float mx = dec_neg_inf();
         float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
@@ -839,7 +840,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncwarp();
     }
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
-    for (int x = tid; x < H; x += DSP_ATTN_THREADS) tab[x] = 0;
+    for (int x = tid; x < H; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
 }
 
@@ -856,7 +857,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
-  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                              \
+  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
