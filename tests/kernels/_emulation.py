@@ -87,7 +87,7 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
 
 
 def run_emulated(exe: Path, workdir: Path, launches, seed: int, *, null_pointers: bool = False) -> None:
-    """Execute ``launches`` (``_launch.Launch`` or ``_cuda_decode.Launch``) in the manifest harness ``exe``, launch
+    """Execute ``launches`` (``_launch.Launch``) in the manifest harness ``exe``, launch
     l with seed ``seed + l``; every tensor they name is updated in place. Arguments are tensors (contiguous),
     np.int32, np.float32 and, with ``null_pointers``, the int 0 (a null pointer)."""
     storages: dict[int, torch.Tensor] = {}

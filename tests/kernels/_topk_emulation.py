@@ -118,3 +118,19 @@ def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64
     seqlen = n * block_size - 5
     sign = torch.where(torch.rand(1, seqlen, 1, 1, generator=gen) < 0.5, -1.0, 1.0)
     return (sign * u).to(torch.bfloat16), cent
+
+
+def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
+                       block_size: int = 16) -> None:
+    """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
+    block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
+    q, cent = planted_ties(causal, block_size=block_size)
+    seqlen, n = q.shape[1], cent.shape[1]
+    first = 0 if rows is None else seqlen - rows
+    for top_k in top_ks:
+        out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k,
+                       **({} if rows is None else {"query_offset": first}))
+        ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
+        assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
+    assert -(-seqlen // block_size) == n
+

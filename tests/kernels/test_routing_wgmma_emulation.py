@@ -12,7 +12,6 @@ fences, speed) is left to the GPU tests (tests/kernels/test_routing_gpu.py).
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -20,18 +19,16 @@ import pytest
 import torch
 
 from mobalab.kernels import _cuda_routing as routing
-from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
+    check_planted_ties,
     check_query_offset,
     check_random_case,
     host_files,
-    planted_ties,
-    run_topk,
 )
 
 pytestmark = NEEDS_CXX
@@ -67,14 +64,7 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
 def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, causal):
     """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact
     ties), queries +-u; the selections must equal the reference's exactly (ties to the higher block index)."""
-    block_size = 16
-    q, cent = planted_ties(causal, block_size=block_size)
-    seqlen, n = q.shape[1], cent.shape[1]
-    top_k = 12 if causal else 3
-    out = run_topk(harness, tmp_path, q, cent, block_size, top_k, causal, "wgmma", seed=top_k)
-    ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)
-    assert torch.equal(out, ref), f"{(out != ref).sum().item()} slots differ"
-    assert math.ceil(seqlen / block_size) == n
+    check_planted_ties(harness, tmp_path, causal, "wgmma", (12,) if causal else (3,))
 
 
 @pytest.mark.parametrize("causal", [True, False])
