@@ -184,6 +184,29 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
     return torch.randn(rows, n, generator=gen)
 
 
+def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, gen, seed,
+                       select_wpr=None):
+    """The select launch alone on ``kind`` score rows (777 beyond a row's candidates, NaN from its own block on, as
+    the score pass writes them): (plan, the scores it read, its buffers, the plain-Python selection)."""
+    batch, rows = len(lengths), heads // kv_heads * q_len
+    n_blocks = max(lengths) // block + 1
+    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block,
+                        select_wpr=select_wpr)
+    scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)  # beyond a row's candidates: must be ignored
+    for b, length in enumerate(lengths):
+        c_last = (length - 1) // block
+        scores[b, :, :, :c_last] = _crafted_rows(kind, kv_heads * rows, c_last, gen).view(kv_heads, rows, c_last)
+    for b, length in enumerate(lengths):  # the score pass's NaN: blocks from a row's own block on
+        for r in range(rows):
+            own = (length - q_len + r // (heads // kv_heads)) // block
+            scores[b, :, r, own:(length - 1) // block] = float("nan")
+    bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
+                                                                            dtype=torch.int32)}
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    run_emulated(harness, tmp_path, [S.select_launch(plan, lengths_t, bufs)], seed=seed)
+    return plan, scores, bufs, _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+
+
 @pytest.mark.parametrize(("kind", "lengths", "block", "q_len", "heads", "kv_heads", "top_k"), [
     ("all-equal", [900, 33, 300], 16, 1, 4, 2, 8),
     ("signed-zeros-infs", [2000, 1000], 16, 2, 2, 1, 16),
@@ -197,22 +220,8 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
 def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k):
     """The select launch alone on crafted score rows vs the plain-Python selection (exactly, ties included)."""
     gen = torch.Generator().manual_seed(len(kind) + top_k)
-    batch, rows = len(lengths), heads // kv_heads * q_len
-    n_blocks = max(lengths) // block + 1
-    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block)
-    scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)  # beyond a row's candidates: must be ignored
-    for b, length in enumerate(lengths):
-        c_last = (length - 1) // block
-        scores[b, :, :, :c_last] = _crafted_rows(kind, kv_heads * rows, c_last, gen).view(kv_heads, rows, c_last)
-    for b, length in enumerate(lengths):  # the score pass's NaN: blocks from a row's own block on
-        for r in range(rows):
-            own = (length - q_len + r // (heads // kv_heads)) // block
-            scores[b, :, r, own:(length - 1) // block] = float("nan")
-    bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
-                                                                            dtype=torch.int32)}
-    lengths_t = torch.tensor(lengths, dtype=torch.int32)
-    run_emulated(harness, tmp_path, [S.select_launch(plan, lengths_t, bufs)], seed=5)
-    want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+    _, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k,
+                                               gen, seed=5)
     assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
     torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
 
@@ -225,19 +234,9 @@ def test_selection_with_every_warps_per_row(harness, tmp_path, wpr):
     gen = torch.Generator().manual_seed(wpr)
     lengths, block, q_len, heads, kv_heads, top_k = [2600, 1700], 16, 1, 6, 2, 8
     batch, rows = len(lengths), heads // kv_heads * q_len
-    n_blocks = max(lengths) // block + 1
-    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block,
-                        select_wpr=wpr)
+    plan, _, bufs, want = _select_on_crafted(harness, tmp_path, "few-levels-nan", lengths, block, q_len, heads,
+                                             kv_heads, top_k, gen, seed=9, select_wpr=wpr)
     assert plan.select_wpr == wpr and plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // wpr))
-    scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)
-    for b, length in enumerate(lengths):
-        c_last = (length - 1) // block
-        scores[b, :, :, :c_last] = _crafted_rows("few-levels-nan", kv_heads * rows, c_last, gen).view(
-            kv_heads, rows, c_last)
-    bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
-                                                                            dtype=torch.int32)}
-    run_emulated(harness, tmp_path, [S.select_launch(plan, torch.tensor(lengths, dtype=torch.int32), bufs)], seed=9)
-    want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
     assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
 
 
