@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-K = 1024
+from mobalab.bench.decode import HEAD_DIM, K
+
 POINTS = {
     "512K": (512 * K, 8, 128, 8), "1M": (1024 * K, 8, 128, 8), "128K": (128 * K, 8, 128, 8),
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
         print("decode_split_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    from mobalab.bench.decode import time_step
-    from mobalab.kernels import MobaKVCache
+    from mobalab.bench.decode import random_cache, time_step
     from mobalab.kernels import _cuda_decode_split as S
     from mobalab.kernels._cuda_decode import _sm_count, run
 
@@ -64,16 +64,10 @@ def main(argv=None) -> int:
     dev = torch.cuda.current_device()
     for name in points:
         n, batch, block, top_k = POINTS[name]
-        heads, kvh, d = 32, 8, 128
-        gen = torch.Generator(device="cuda").manual_seed(n + block)
-        cache = MobaKVCache(batch, kvh, d, block, n, dtype=torch.bfloat16, device="cuda")
-        kv = torch.randn((batch, n, kvh, d), generator=gen, device="cuda", dtype=torch.bfloat16)
-        cache.prefill(kv, torch.randn_like(kv))
-        del kv
-        q = torch.randn((batch, 1, heads, d), generator=gen, device="cuda", dtype=torch.bfloat16)
+        cache, q = random_cache(n, batch, block, n + block)
         built = {}
         for label, opts in variants.items():
-            plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(d), sm_count=_sm_count(dev),
+            plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM), sm_count=_sm_count(dev),
                                                     **opts)
             for _ in range(3):
                 for x in launches:

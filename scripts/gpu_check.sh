@@ -144,7 +144,9 @@ for step in "${STEPS[@]}"; do
     decode-split-ncu) timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" --kernel split \
                    > "$W/decode_split_ncu.log" 2>&1 || status=1 ;;
     decode-sass) # per-instruction counts and stall samples of the split attention launch (512K, batch 8)
-      timeout $(cap 150) ncu --clock-control none --kernel-name regex:moba_decode_attend --launch-skip 2 --launch-count 1 \
+      # the last of PROFILE_STEPS steps, one attention launch each
+      skip=$(python3 -c 'from mobalab.bench.decode import PROFILE_STEPS as P; print(P - 1)')
+      timeout $(cap 150) ncu --clock-control none --kernel-name regex:moba_decode_attend --launch-skip "$skip" --launch-count 1 \
         --section SourceCounters --section WarpStateStats --section SchedulerStats \
         --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg,sm__ctas_launched.min,sm__ctas_launched.max,gpc__cycles_elapsed.max \
         -f -o "$W/decode_sass" \

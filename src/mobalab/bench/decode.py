@@ -438,22 +438,29 @@ NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "WarpStat
                 "SchedulerStats")
 
 
-def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS,
-                  kernel: str = "fused") -> None:
-    """Build one cache (random bf16 K/V, 32 / 8 heads, d 128) and run ``steps`` decode steps (q_len 1) of the
-    decode ``kernel``, L2 flushed before each: the program Nsight Compute profiles (it takes the last step's
-    launches)."""
+def random_cache(seq_len: int, batch: int, block_size: int, seed: int):
+    """(cache, q): a CUDA MobaKVCache prefilled with ``seq_len`` random bf16 tokens of K and V per sequence (32 / 8
+    heads, d 128) and the queries of one step (q_len 1), from generator seed ``seed``."""
     from mobalab.kernels import MobaKVCache
-    from mobalab.kernels import _decode as D
-    from mobalab.kernels._cuda_decode import decode_cuda
 
-    gen = torch.Generator(device="cuda").manual_seed(seq_len + batch)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     cache = MobaKVCache(batch, KV_HEADS, HEAD_DIM, block_size, seq_len, dtype=torch.bfloat16, device="cuda")
     k = torch.randn((batch, seq_len, KV_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     cache.prefill(k, v)
     del k, v
-    q = torch.randn((batch, 1, HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
+    return cache, torch.randn((batch, 1, HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
+
+
+def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 8, steps: int = PROFILE_STEPS,
+                  kernel: str = "fused") -> None:
+    """Build one cache (random bf16 K/V, 32 / 8 heads, d 128) and run ``steps`` decode steps (q_len 1) of the
+    decode ``kernel``, L2 flushed before each: the program Nsight Compute profiles (it takes the last step's
+    launches)."""
+    from mobalab.kernels import _decode as D
+    from mobalab.kernels._cuda_decode import decode_cuda
+
+    cache, q = random_cache(seq_len, batch, block_size, seq_len + batch)
     flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
     for _ in range(steps):
         _flush_l2(flush)

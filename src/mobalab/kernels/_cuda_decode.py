@@ -270,6 +270,8 @@ def run(launch: Launch, device_index: int) -> None:
     from ._build import torch_stream
     from ._launch import check_args
 
+    if launch.defines:  # _function compiles the module without them
+        raise ValueError(f"run: {launch.kernel} has build options {launch.defines}; launch it with _launch.launch")
     cargs = check_args(launch.source, launch.kernel, launch.args)
     _function(launch.source, launch.kernel, device_index, launch.shared_mem)(
         launch.grid, launch.block, cargs, shared_mem=launch.shared_mem, stream=torch_stream())

@@ -106,12 +106,13 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
     return _align16(4 * rows * top_k) + rows * head_dim * itemsize
 
 
-def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1) -> int:
-    """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (when they
-    fit) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and sums, then
-    ATTN_STAGES chunks of K and V."""
+def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1,
+                    cached: bool = False) -> int:
+    """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (``cached``:
+    :func:`attn_cached`) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and
+    sums, then ATTN_STAGES chunks of K and V."""
     head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
-    if attn_cached(head_dim, rows, top_k, itemsize):
+    if cached:
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
     return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
@@ -124,9 +125,10 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
-def table_log2(entries: int, n_blocks_cap: int) -> int:
-    """log2 of the slots of one kv head's set of selected blocks: at most half full, at least 2 slots."""
-    return max(1, math.ceil(math.log2(2 * max(1, min(entries, n_blocks_cap)))))
+def table_log2(distinct: int) -> int:
+    """log2 of the slots of one kv head's set of at most ``distinct`` selected blocks: at most half full, at least
+    2 slots."""
+    return max(1, math.ceil(math.log2(2 * max(1, distinct))))
 
 
 @dataclass(frozen=True)
@@ -217,14 +219,14 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):
         raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
+    cached = attn_cached(head_dim, rows, top_k, itemsize)
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
-                     select_wpr=select_wpr, log2_h=table_log2(entries, distinct), cpg=attn_ctas,
-                     cached=attn_cached(head_dim, rows, top_k, itemsize),
+                     select_wpr=select_wpr, log2_h=table_log2(distinct), cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k))
+                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
