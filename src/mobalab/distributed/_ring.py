@@ -52,6 +52,11 @@ def _empty_shard(like: torch.Tensor, length: int) -> torch.Tensor:
     return like.new_empty((like.shape[0], length, *like.shape[2:]))
 
 
+def _home_shards(k: torch.Tensor, v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (dK, dV) shards of this rank's ``length`` tokens: where its own shard's gradients arrive."""
+    return _empty_shard(k, length), _empty_shard(v, length)
+
+
 def _attend_shard(q, k_held, v_held, topk, source: int, plan: Plan, kernels, acc: Accumulator) -> None:
     """Fold the partial attention of this rank's queries over the shard of rank ``source`` into ``acc``."""
     for qseg in plan.layout.segments(plan.ring.rank):
@@ -187,7 +192,7 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
             recvs += arriving
         requests = exchange(ring, sends, recvs)
         if step == ring.world - 1 and _streams_home(plan, k):
-            home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
+            home = _home_shards(k, v, layout.lengths[ring.rank])
             hop = _last_step_streamed(dout, dlse, q, *held, out, lse, topk, source, plan, kernels, dq, delta,
                                       requests, arriving, home)
             break
@@ -208,10 +213,11 @@ def ring_backward(dout, dlse, q, k, v, out, lse, topk, plan: Plan, defer_home: b
         if incoming is not None:
             held = incoming
     if hop is None:  # one rank, or the last step not streamed: each shard's complete gradient goes home now
-        hop = HomeHop([], finished)
         if ring.world > 1:
-            home = (_empty_shard(k, layout.lengths[ring.rank]), _empty_shard(v, layout.lengths[ring.rank]))
+            home = _home_shards(k, v, layout.lengths[ring.rank])
             hop = HomeHop(exchange(ring, list(finished), list(home)), home, sent=finished)
+        else:
+            hop = HomeHop([], finished)
     dq = dq.result() if defer_home else dq.result().to(q.dtype)
     if defer_home:
         return dq, hop
