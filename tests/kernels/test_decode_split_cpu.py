@@ -51,7 +51,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     per_row = (plan.top_k * plan.n_chunks + 3) & ~3
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
     if warp_items:  # the merge's per-warp scratch is the warp's own stages; 2 CTAs per SM
-        assert plan.chunk == S.AW_CHUNK and plan.attn_threads == S.AW_THREADS
+        assert plan.chunk == S.AW_CHUNK and plan.attn_threads == S.AW_THREADS and plan.seg == min(S.AW_SEG, block // 16)
         share = S.AW_STAGES * 2 * S.AW_CHUNK * dim * 2 // 4 & ~3
         assert S.AW_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM
     else:  # the merge's per-warp share of the P.V sums and stages (free by then); at least 4 CTAs per SM

@@ -65,6 +65,7 @@ AW_WARPS = 4  # warp-item attention (moba_decode_attend_w_*): warps per CTA, eac
 AW_THREADS = 32 * AW_WARPS
 AW_CHUNK = 16  # tokens of one warp item
 AW_STAGES = 3
+AW_SEG = 4  # most chunks of one warp-item segment (folded into one partial per row; 64 tokens)
 AW_MIN_CTAS = 2
 ATTN_WARP_ITEMS = True  # the default attention kernel: warp items (True) or CTA items (False)
 
@@ -162,6 +163,7 @@ class SplitPlan(StepShape):
     cpg: int  # attention CTAs per (sequence, kv head)
     cached: bool  # the attention CTAs keep the kv head's entries and query rows in shared memory
     warp_items: bool  # the attention kernel: warp items (moba_decode_attend_w_*) or CTA items
+    seg: int  # warp items: chunks per segment, the unit a warp takes (1 for CTA items)
     score_smem: int
     select_smem: int
     attn_smem: int
@@ -233,10 +235,11 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     chunk = AW_CHUNK if warp_items else min(block_size, ATTN_CHUNK)
     entries = rows * top_k
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
+    seg = min(block_size // chunk, AW_SEG) if warp_items else 1
     if attn_ctas is None:
         items = distinct * (block_size // chunk)
         if warp_items:
-            attn_ctas = max(1, min(math.ceil(items / AW_WARPS), sm_count * AW_MIN_CTAS // (batch * kv_heads)))
+            attn_ctas = max(1, min(math.ceil(items / seg / AW_WARPS), sm_count * AW_MIN_CTAS // (batch * kv_heads)))
         else:
             attn_ctas = max(1, min(items, sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
     elif attn_ctas < 1:
@@ -251,7 +254,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, log2_h=table_log2(distinct), cpg=attn_ctas, cached=cached,
-                     warp_items=warp_items,
+                     warp_items=warp_items, seg=seg,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=(attn_w_smem_bytes(head_dim, rows, itemsize, top_k, cached) if warp_items else
                                 attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached)))
@@ -299,7 +302,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     name = f"moba_decode_attend_{'w_' if p.warp_items else ''}{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
-            i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
+            i32(p.top_k), i32(p.n_chunks), i32(p.seg if p.warp_items else p.chunk), i32(p.log2_h), i32(p.cpg),
+            i32(p.cached),
             np.float32(scale * math.log2(math.e)))
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (p.attn_threads, 1, 1), args, p.attn_smem)
 

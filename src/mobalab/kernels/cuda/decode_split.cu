@@ -895,14 +895,15 @@ __device__ __forceinline__ void dsp_issue_kv_warp(T* ks, T* vs, const T* kb, con
     }
 }
 
-// The warp-item attention: the same items, partials and merge as dsp_attend, but every warp is its own
-// pipeline. Warp w of CTA part takes a contiguous run of each window's items of 16 tokens (cpg * DSP_AW_WARPS
-// runs per window), keeps DSP_AW_STAGES - 1 items in flight in its own stages while it computes one, and
-// needs no barrier with the other warps inside a window. For a block's rows (at most 16: one m16 tile whose Q
-// fragments stay in registers for the run) it keeps the flash-attention running (max, sum, o) of the run in
-// registers (o in the mma accumulator layout) and writes one partial per row at the run's end into the slot of
-// the run's first chunk (the run's other chunk slots get m = -inf); with more than 16 rows every chunk and
-// m16 tile is a partial of its own. S = Q K^T: 2 x D / 16 mma m16n8k16 (K by ldmatrix); P V: D / 8 mma
+// The warp-item attention: the same sets, partials and merge as dsp_attend, but every warp is its own
+// pipeline. The items are chunks of 16 tokens, grouped in segments of seg chunks of one block; warp w of CTA
+// part takes a contiguous run of each window's segments (cpg * DSP_AW_WARPS runs per window), keeps
+// DSP_AW_STAGES - 1 items in flight in its own stages while it computes one, and needs no barrier with the
+// other warps inside a window. For a block's rows (at most 16: one m16 tile whose Q fragments stay in registers
+// for the segment) it keeps the flash-attention running (max, sum, o) of the segment in registers (o in the mma
+// accumulator layout) and writes one partial per row at the segment's end into the slot of its first chunk
+// (the segment's other chunk slots get m = -inf); with more than 16 rows every chunk and m16 tile is a partial
+// of its own. S = Q K^T: 2 x D / 16 mma m16n8k16 (K by ldmatrix); P V: D / 8 mma
 // m16n8k16 with P from S's accumulators (the k = 16 tokens), V by ldmatrix.trans.
 // Shared memory: [flags] ublk [NT] | (16-byte aligned, when cached) es [E], qc [R][D] T | (16-byte aligned)
 // rows [NW][R] int (each warp's entries that selected its current block) | (16-byte aligned) NW x STAGES x
@@ -914,7 +915,7 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
                                              float* __restrict__ part_o, float* __restrict__ part_ml,
                                              unsigned* __restrict__ counters, T* __restrict__ out,
                                              float* __restrict__ lse, int q_len, int heads, int kv_heads,
-                                             int capacity, int block_size, int top_k, int n_chunks, int chunk,
+                                             int capacity, int block_size, int top_k, int n_chunks, int seg,
                                              int log2_h, int cpg, int cached, float scale_log2) {
     constexpr int NW = DSP_AW_WARPS, NT = DSP_AW_THREADS, NST = DSP_AW_STAGES, C = DSP_AW_CHUNK;
     constexpr int KS = D / 16;  // k steps of S = Q K^T
@@ -924,12 +925,12 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g4 = lane >> 2, t4 = lane & 3;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
-    const int lnc = __ffs(nc) - 1;  // n_chunks = B / 16 is a power of two
+    const int lnc = __ffs(nc) - 1;    // n_chunks = B / 16 is a power of two
+    const int lsg = __ffs(seg) - 1;   // seg: a power of two <= n_chunks
     const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
     int* tab = table + ((long long)g << log2_h);
-    (void)chunk;  // always C: the plan passes it for the launch's common argument list
 
     int* flags = reinterpret_cast<int*>(smem);
     int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
@@ -978,8 +979,11 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
         if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
         __syncthreads();
 
-        const int n_it = nu * nc, nwt = cpg * NW, wid = part * NW + warp;
-        const int lo = (int)((long long)wid * n_it / nwt), hi = (int)((long long)(wid + 1) * n_it / nwt);
+        // Whole segments per warp: which warp computes a segment depends on the set's slot order (the order in
+        // which the select CTAs inserted), but the partial of (entry, segment) does not, so the step is
+        // bit-identical run to run.
+        const int n_sg = (nu * nc) >> lsg, nwt = cpg * NW, wid = part * NW + warp;
+        const int lo = (int)((long long)wid * n_sg / nwt) << lsg, hi = (int)((long long)(wid + 1) * n_sg / nwt) << lsg;
         auto issue = [&](int it, int st) {
             const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * C;
             const long long src = ((long long)g * capacity + tok0) * D;
@@ -991,7 +995,7 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
         for (int x = 0; x < NST - 1; ++x)
             if (lo + x < hi) issue(lo + x, x);
 
-        int nrow = 0;
+        int nrow = 0, prev_j = -1;
         unsigned qa[KS][4];
         float o[NO][4];
         float run_m[2], run_l[2];
@@ -1001,9 +1005,9 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
             // The stage of item n - 1 is free: every lane is past that item's __syncwarp.
             if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
             const int c = it & (nc - 1), j = ublk[it >> lnc];
-            const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
-            const bool run_last = it + 1 >= hi || ((it + 1) >> lnc) != (it >> lnc);
-            if (run_first) {  // the entries that selected j, in entry order (a row selects a block at most once)
+            const bool run_first = (c & (seg - 1)) == 0, run_last = (c & (seg - 1)) == seg - 1;  // a segment
+            if (j != prev_j) {  // the entries that selected j, in entry order (a row selects a block at most once)
+                prev_j = j;
                 nrow = 0;
                 for (int e0 = 0; e0 < E; e0 += 32) {
                     const bool hit = e0 + lane < E && sel_at(e0 + lane) == j;
@@ -1012,8 +1016,8 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
                     nrow += __popc(hm);
                 }
                 __syncwarp();
-                run_c = c;
             }
+            if (run_first) run_c = c;
             const bool multi = nrow > 16;  // every (chunk, m16 tile) its own partial
             // Wait for this item's group: the ones issued after it (at most NST - 1) may stay in flight.
             const int after = min(NST - 1, hi - 1 - it);
@@ -1188,10 +1192,10 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
-      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
+      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int seg,         \
       int log2_h, int cpg, int cached, float scale_log2) {                                                        \
     dsp_attend_w<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads, \
-                       capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);            \
+                       capacity, block_size, top_k, n_chunks, seg, log2_h, cpg, cached, scale_log2);              \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
