@@ -2,8 +2,7 @@
 
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
-``attn_ctas``, ``select_wpr``, ``warp_items`` 0 / 1: the attention kernel), e.g. ``--variants range_blocks=128
-attn_ctas=8 select_wpr=4 warp_items=0``. Every variant is
+``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``. Every variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
@@ -25,7 +24,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "warp_items")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr")
 
 
 def parse_variant(text: str) -> dict:
@@ -37,7 +36,7 @@ def parse_variant(text: str) -> dict:
         key, _, value = part.partition("=")
         if key not in KNOBS or not value.isdigit():
             raise ValueError(f"variant {text!r}: want KNOB=INT[,KNOB=INT], knobs {', '.join(KNOBS)}")
-        out[key] = bool(int(value)) if key == "warp_items" else int(value)
+        out[key] = int(value)
     return out
 
 
@@ -87,9 +86,8 @@ def main(argv=None) -> int:
             t = sorted(times[label])
             mid = t[len(t) // 2 - 1:len(t) // 2 + 1] if len(t) > 1 else t
             same = torch.equal(sel, built["plan"][2])
-            cells.append(f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} "
-                         f"{'warp-item' if plan.warp_items else 'CTA-item'} CTAs, {plan.select_wpr} warps): "
-                         f"{'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}")
+            cells.append(f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs, {plan.select_wpr} "
+                         f"warps): {'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         del cache
         torch.cuda.empty_cache()

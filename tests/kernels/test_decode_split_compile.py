@@ -4,8 +4,7 @@ The source is taken as NVRTC sees it (``_build.source``) and compiled with the p
 (``_build.NVRTC_OPTIONS``) for ``-gencode=arch=compute_90a,code=sm_90a``; ptxas' ``-v`` report gives
 registers, shared memory, stack frame and spills per kernel (run with ``-s`` to see them). Registers must
 stay within what each kernel's ``__launch_bounds__`` promises (scores: 2 CTAs of 256 threads per SM, at
-most 128 registers; selection: 4 CTAs, at most 64; CTA-item attention: 5 CTAs of 128 threads, at most 102; warp-item
-attention: 2 CTAs of 128 threads, at most 256).
+most 128 registers; selection and attention: 4 CTAs, at most 64).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from _ptxas_report import entry_report  # noqa: E402
 SCORE = [f"moba_decode_route_score_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-ATTEND_W = [f"moba_decode_attend_w_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def report(tmp_path_factory) -> dict[str, dict[str, int]]:
 
 
 def test_entry_points_and_constants_match_the_wrapper():
-    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND + ATTEND_W)
+    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND)
     text = source("decode_split.cu")
     for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
@@ -43,19 +41,17 @@ def test_entry_points_and_constants_match_the_wrapper():
                         ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MIN_CTAS", S.SELECT_MIN_CTAS),
                         ("DSP_ATTN_MIN_CTAS", S.ATTN_MIN_CTAS), ("DSP_ATTN_STAGES", S.ATTN_STAGES),
                         ("DSP_ATTN_THREADS", S.ATTN_THREADS),
-                        ("DSP_ATTN_CACHE", S.ATTN_CACHE), ("DSP_AW_WARPS", S.AW_WARPS),
-                        ("DSP_AW_CHUNK", S.AW_CHUNK), ("DSP_AW_STAGES", S.AW_STAGES),
-                        ("DSP_AW_MIN_CTAS", S.AW_MIN_CTAS)):
+                        ("DSP_ATTN_CACHE", S.ATTN_CACHE)):
         assert re.search(rf"#define {name} {value}\b", text), name
 
 
 @pytest.mark.nvcc
 def test_decode_split_compiles_without_spills(report):
-    assert sorted(report) == sorted(SCORE + SELECT + ATTEND + ATTEND_W)
+    assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)
-        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS),
-                    **dict.fromkeys(ATTEND_W, S.AW_MIN_CTAS)}.get(name, S.ATTN_MIN_CTAS)
-        threads = S.ATTN_THREADS if name in ATTEND else S.AW_THREADS if name in ATTEND_W else S.THREADS
+        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(
+            name, S.ATTN_MIN_CTAS)
+        threads = S.ATTN_THREADS if name in ATTEND else S.THREADS
         assert r["registers"] <= 65536 // (threads * min_ctas), (name, r)
         assert r.get("smem", 0) == 0, (name, r)  # all shared memory is dynamic, sized by the plan

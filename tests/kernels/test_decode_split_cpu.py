@@ -23,12 +23,9 @@ SMEM_MAX = 232448  # opt-in maximum of one CTA
     (1, 16, 32, 1, 128, 512, 2, 700), (3, 2, 4, 4, 64, 16, 1, 5), (1, 16, 32, 1, 128, 16, 32, 1 << 20),
     (1, 16, 32, 1, 64, 512, 32, 5000), (2, 1, 4, 1, 64, 16, 4, 16),
 ])
-@pytest.mark.parametrize("warp_items", [True, False], ids=["warp-items", "cta-items"])
-def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k, length, warp_items):
+def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k, length):
     n_blocks = math.ceil((length + 10) / block)
-    plan = S.plan_split(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block,
-                        warp_items=warp_items)
-    assert plan.warp_items == warp_items
+    plan = S.plan_split(batch, q_len, heads, kv_heads, dim, block, top_k, length, n_blocks, n_blocks * block)
     rows = heads // kv_heads * q_len
     assert plan.rows == rows and plan.n_rg * plan.rows_per_group >= rows
     assert plan.rows_per_group <= S.ROUTE_MAX_ROWS and (plan.n_rg - 1) * plan.rows_per_group < rows
@@ -48,17 +45,13 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
+    # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
+    stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
+    share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages) // (4 * S.ATTN_WARPS) & ~3
     per_row = (plan.top_k * plan.n_chunks + 3) & ~3
+    assert (share - per_row) // dim >= 1
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
-    if warp_items:  # the merge's per-warp scratch is the warp's own stages; 2 CTAs per SM
-        assert plan.chunk == S.AW_CHUNK and plan.attn_threads == S.AW_THREADS and plan.seg == min(S.AW_SEG, block // 16)
-        share = S.AW_STAGES * 2 * S.AW_CHUNK * dim * 2 // 4 & ~3
-        assert S.AW_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM
-    else:  # the merge's per-warp share of the P.V sums and stages (free by then); at least 4 CTAs per SM
-        stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
-        share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages) // (4 * S.ATTN_WARPS) & ~3
-        assert 4 * (plan.attn_smem + 1024) <= SMEM_PER_SM
-    assert (share - per_row) // dim >= 1  # a row's weights and at least one partial
+    assert 4 * (plan.attn_smem + 1024) <= SMEM_PER_SM  # at least 4 attention CTAs per SM
     assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group)
     # the set of selected blocks stays at most half full: a free slot always ends a probe
     distinct = min(rows * top_k, (length - 1) // block + 1)
@@ -76,7 +69,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert S.select_launch(plan, lengths, bufs).args[-2] == -1  # the routing alone: no set
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
-                                        (attend, plan.n_attn_ctas, plan.attn_smem, plan.attn_threads)):
+                                        (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
         check_args(launch.source, launch.kernel, launch.args)  # exactly the kernel's C types
         assert launch.grid == (ctas, 1, 1) and launch.block == (threads, 1, 1) and launch.shared_mem == smem
     assert attend.args[-1] == np.float32(0.1 * math.log2(math.e))
@@ -92,7 +85,7 @@ def test_benchmark_plans_fill_the_gpu():
     for length, ranges, blocks in ((512 * 1024, 4, 1024), (32 * 1024, 2, 128), (128 * 1024, 4, 256),
                                    (1 << 20, 4, 2048)):
         n_blocks = length // 128
-        plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132, warp_items=False)
+        plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
         assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
@@ -101,10 +94,6 @@ def test_benchmark_plans_fill_the_gpu():
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM
         assert S.SELECT_MIN_CTAS * (plan.select_smem + 1024) <= SMEM_PER_SM
         assert S.ATTN_MIN_CTAS * (plan.attn_smem + 1024) <= SMEM_PER_SM
-        # warp items: 16-token items, four CTAs of four warps per (sequence, kv head), one wave of two per SM
-        wplan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132, warp_items=True)
-        assert wplan.n_chunks == 8 and wplan.cpg == 4 and wplan.n_attn_ctas == 256 <= 132 * S.AW_MIN_CTAS
-        assert S.AW_MIN_CTAS * (wplan.attn_smem + 1024) <= SMEM_PER_SM
 
 
 def test_scores_scratch_stays_small_at_the_targets():
@@ -126,7 +115,7 @@ def test_step_launches_and_buffers():
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
     assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
-                                                      "moba_decode_attend_w_bf16_d64"]
+                                                      "moba_decode_attend_bf16_d64"]
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
     assert bufs["scores"].numel() == 2 * 2 * 4 * (69 // 16)
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
@@ -141,9 +130,7 @@ def test_step_launches_and_buffers():
     plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2)  # a measurement's override
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
-    assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_w_bf16_d64"]
-    _, _, cta = S.split_launches(q, cache, 4, 0.125, warp_items=False)
-    assert cta[2].kernel == "moba_decode_attend_bf16_d64" and cta[2].block == (S.ATTN_THREADS, 1, 1)
+    assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
 
 
 def test_kernel_choice(monkeypatch):

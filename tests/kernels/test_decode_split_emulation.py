@@ -54,11 +54,11 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts,
-              seed=7, route_only=False, attn_ctas=None, warp_items=None):
+              seed=7, route_only=False, attn_ctas=None):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
-                                            attn_ctas=attn_ctas, warp_items=warp_items)
+                                            attn_ctas=attn_ctas)
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -83,22 +83,16 @@ ATTN_CASES = [
     pytest.param((BF, 64, 16, 1, 16, 2, [20_000], 16, None, {}), 5, id="eight-windows"),
     # 128 query rows at d 128: entries and rows too large to keep in shared memory, read from global memory
     pytest.param((FP, 128, 16, 1, 32, 4, [700, 300], 4, None, {}), 2, id="rows-not-cached"),
-    # 12 rows select the same blocks: both halves of the warp items' m16 tile
-    pytest.param((BF, 128, 64, 1, 12, 1, [2000, 900], 6, None, dict(shared=True)), 3, id="twelve-rows-share"),
-    # 32 rows select the same blocks: the warp items' partial per (chunk, m16 tile)
-    pytest.param((FP, 64, 32, 1, 8, 4, [1500], 5, None, dict(shared=True)), 1, id="thirty-two-rows-share"),
 ]
 
 
-@pytest.mark.parametrize("warp_items", [True, False], ids=["warp-items", "cta-items"])
 @pytest.mark.parametrize(("case", "attn_ctas"), ATTN_CASES)
-def test_attention_items_shared_by_fewer_ctas(harness, tmp_path, case, attn_ctas, warp_items):
-    """Fewer attention CTAs than items (both attention kernels): each CTA, or each warp, walks its share of the kv
-    head's selected blocks with the next chunks' copies in flight; the step matches the reference, and the counters
-    and sets of selected blocks are zero again afterwards (the next step relies on it)."""
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, *case, attn_ctas=attn_ctas,
-                                                   warp_items=warp_items)
-    assert plan.cpg == attn_ctas and plan.warp_items == warp_items
+def test_attention_items_shared_by_fewer_ctas(harness, tmp_path, case, attn_ctas):
+    """Fewer attention CTAs than items: each walks its share of the kv head's selected blocks with the next
+    chunk's copies in flight; the step matches the reference, and the counters and sets of selected blocks are
+    zero again afterwards (the next step relies on it)."""
+    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, *case, attn_ctas=attn_ctas)
+    assert plan.cpg == attn_ctas
     dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))

@@ -61,13 +61,6 @@ SELECT_MIN_CTAS = 4
 ATTN_MIN_CTAS = 5
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
-AW_WARPS = 4  # warp-item attention (moba_decode_attend_w_*): warps per CTA, each its own pipeline
-AW_THREADS = 32 * AW_WARPS
-AW_CHUNK = 16  # tokens of one warp item
-AW_STAGES = 3
-AW_SEG = 4  # most chunks of one warp-item segment (folded into one partial per row; 64 tokens)
-AW_MIN_CTAS = 2
-ATTN_WARP_ITEMS = True  # the default attention kernel: warp items (True) or CTA items (False)
 
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
@@ -125,15 +118,6 @@ def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top
         ATTN_STAGES * 2 * chunk * head_dim * itemsize
 
 
-def attn_w_smem_bytes(head_dim: int, rows: int, itemsize: int = 2, top_k: int = 1, cached: bool = False) -> int:
-    """Warp-item attention CTA: flags, the window of selected blocks, (``cached``) the kv head's entries and query
-    rows, each warp's entries of its current block, then each warp's AW_STAGES stages of 16 tokens of K and V."""
-    head = _align16(FLAGS + 4 * AW_THREADS)
-    if cached:
-        head += _align16(4 * rows * top_k) + _align16(rows * head_dim * itemsize)
-    return head + _align16(4 * AW_WARPS * rows) + AW_WARPS * AW_STAGES * 2 * AW_CHUNK * head_dim * itemsize
-
-
 def select_warps(n_cand: int) -> int:
     """Select warps per row for rows of at most ``n_cand`` candidate blocks: one warp up to 8 chunks of 32
     candidates (no list merging; measured on an H200 at 32K, batch 64: routing 0.060 -> 0.040 ms), else all
@@ -162,8 +146,6 @@ class SplitPlan(StepShape):
     log2_h: int  # slots of a kv head's set of selected blocks: 2**log2_h
     cpg: int  # attention CTAs per (sequence, kv head)
     cached: bool  # the attention CTAs keep the kv head's entries and query rows in shared memory
-    warp_items: bool  # the attention kernel: warp items (moba_decode_attend_w_*) or CTA items
-    seg: int  # warp items: chunks per segment, the unit a warp takes (1 for CTA items)
     score_smem: int
     select_smem: int
     attn_smem: int
@@ -175,10 +157,6 @@ class SplitPlan(StepShape):
     @property
     def n_select_ctas(self) -> int:
         return self.batch * self.kv_heads * math.ceil(self.rows / (WARPS // self.select_wpr))
-
-    @property
-    def attn_threads(self) -> int:
-        return AW_THREADS if self.warp_items else ATTN_THREADS
 
     @property
     def n_attn_ctas(self) -> int:
@@ -198,7 +176,7 @@ class SplitPlan(StepShape):
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
-               select_wpr: int | None = None, warp_items: bool | None = None) -> SplitPlan:
+               select_wpr: int | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -230,18 +208,11 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
             raise ValueError(f"plan_split: range_blocks = {range_blocks}; it must be positive")
         per_range = range_blocks
         n_range = math.ceil(n_cand / per_range)
-    if warp_items is None:
-        warp_items = ATTN_WARP_ITEMS
-    chunk = AW_CHUNK if warp_items else min(block_size, ATTN_CHUNK)
+    chunk = min(block_size, ATTN_CHUNK)
     entries = rows * top_k
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
-    seg = min(block_size // chunk, AW_SEG) if warp_items else 1
     if attn_ctas is None:
-        items = distinct * (block_size // chunk)
-        if warp_items:
-            attn_ctas = max(1, min(math.ceil(items / seg / AW_WARPS), sm_count * AW_MIN_CTAS // (batch * kv_heads)))
-        else:
-            attn_ctas = max(1, min(items, sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
+        attn_ctas = max(1, min(distinct * (block_size // chunk), sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
     if select_wpr is None:
@@ -254,10 +225,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, log2_h=table_log2(distinct), cpg=attn_ctas, cached=cached,
-                     warp_items=warp_items, seg=seg,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=(attn_w_smem_bytes(head_dim, rows, itemsize, top_k, cached) if warp_items else
-                                attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached)))
+                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -299,30 +268,29 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
     blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros."""
     p, i32 = plan, np.int32
-    name = f"moba_decode_attend_{'w_' if p.warp_items else ''}{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+    name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
-            i32(p.top_k), i32(p.n_chunks), i32(p.seg if p.warp_items else p.chunk), i32(p.log2_h), i32(p.cpg),
-            i32(p.cached),
+            i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
             np.float32(scale * math.log2(math.e)))
-    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (p.attn_threads, 1, 1), args, p.attn_smem)
+    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, warp_items: bool | None = None):
+                   select_wpr: int | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
-    ``attn_ctas``: attention CTAs per (sequence, kv head), ``select_wpr`` select warps per row and ``warp_items``
-    (the attention kernel) instead of the plan's choices.
+    ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
+    plan's choices.
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, warp_items)
+                      select_wpr)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []

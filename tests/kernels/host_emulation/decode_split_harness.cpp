@@ -41,10 +41,6 @@ const harness::Kernels kKernels = {
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),
     ATTEND(moba_decode_attend_fp16_d64, __half),
     ATTEND(moba_decode_attend_fp16_d128, __half),
-    ATTEND(moba_decode_attend_w_bf16_d64, __nv_bfloat16),
-    ATTEND(moba_decode_attend_w_bf16_d128, __nv_bfloat16),
-    ATTEND(moba_decode_attend_w_fp16_d64, __half),
-    ATTEND(moba_decode_attend_w_fp16_d128, __half),
 };
 
 }  // namespace

@@ -69,6 +69,12 @@
 //    flight (3.2 us per item), and more, shorter CTAs (several waves) did not move it; neither did two items in
 //    flight per CTA (three stages, the P.V sums in the K and V rows a warp has read, four CTAs per SM: 58 us),
 //    so the loop is bound by its dependent instructions as much as by the memory latency.
+//    Nor did taking the CTA barriers out: a warp-item variant (every warp its own pipeline of 16-token items,
+//    three stages per warp, the running softmax and P.V in registers, whole 64-token segments per warp so that
+//    a partial does not depend on the set's slot order; 2 CTAs of 4 warps per SM at 200 registers), in an
+//    interleaved A/B against this kernel at nine points: equal within 2 us at 32K-1M, B 128, k 8; 5-7 us slower
+//    at B 64 and B 32 (128K, B 64, k 4: 58.9 against 53.8 us for the step); faster only at k 16 (127.6 against
+//    130.7) and batch 64 (321 against 338).
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
@@ -131,11 +137,6 @@
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
 #define DSP_MERGE_ML 2                 // per lane: slots whose l the merge keeps from its first load
 #define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
-#define DSP_AW_WARPS 4                 // warp-item attention: warps per CTA, each its own pipeline
-#define DSP_AW_THREADS (32 * DSP_AW_WARPS)
-#define DSP_AW_CHUNK 16                // tokens of one warp item (the k of one P.V mma)
-#define DSP_AW_STAGES 3                // per warp: one item computed, two in flight
-#define DSP_AW_MIN_CTAS 2
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -487,109 +488,6 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     }
 }
 
-// The end of an attention CTA (both attention kernels): count it done; the last CTA of (b, kv head) merges every
-// row's partials and empties the kv head's set. wrow: this warp's scratch of share floats (free shared memory).
-template <typename T, int D, int NW, typename SelAt>
-__device__ __forceinline__ void dsp_attend_finish(const SelAt& sel_at, const float* __restrict__ part_o,
-                                                  const float* __restrict__ part_ml, unsigned* __restrict__ counters,
-                                                  T* __restrict__ out, float* __restrict__ lse, int* flags,
-                                                  float* wrow, int share, int* tab, int H, int g, int cpg, int b,
-                                                  int kvh, int R, int group, int q_len, int heads, int top_k, int nc,
-                                                  int lnc) {
-    constexpr int CPL = D / 32;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    __threadfence();
-    __syncthreads();
-    unsigned* counter = counters + g;
-    if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
-    __syncthreads();
-    if (!flags[1]) return;
-    __threadfence();
-
-    // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
-    // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). The warp's scratch holds the
-    // row's weights, then a batch of partials copied in at once (one round trip to L2 per batch instead of one per
-    // few partials).
-    const int per_row = top_k * nc;
-    float* stg = wrow + ((per_row + 3) & ~3);
-    const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
-    for (int r = warp; r < R; r += NW) {
-        const long long p0 = ((long long)g * R + r) * per_row;
-        float mx = dec_neg_inf();
-        float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
-        auto ml_at = [&](int sc) {  // (m, l) of slot sc; unused slots (sel -1) weigh nothing and are not read
-            float2 ml = make_float2(dec_neg_inf(), 0.f);
-            if (sel_at(r * top_k + (sc >> lnc)) >= 0) ml = dec_ldcg(reinterpret_cast<const float2*>(part_ml) + p0 + sc);
-            return ml;
-        };
-#pragma unroll
-        for (int x = 0; x < DSP_MERGE_ML; ++x) {
-            const int sc = lane + 32 * x;
-            const float2 ml = sc < per_row ? ml_at(sc) : make_float2(dec_neg_inf(), 0.f);
-            if (sc < per_row) wrow[sc] = ml.x;
-            lp[x] = ml.y;
-            mx = fmaxf(mx, ml.x);
-        }
-        for (int sc = lane + 32 * DSP_MERGE_ML; sc < per_row; sc += 32) {
-            const float m = ml_at(sc).x;
-            wrow[sc] = m;
-            mx = fmaxf(mx, m);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
-        float l = 0.f;
-        for (int sc = lane, x = 0; sc < per_row; sc += 32, ++x) {
-            const float m = wrow[sc];
-            const float w = m == dec_neg_inf() ? 0.f : exp2f(m - mx);
-            wrow[sc] = w;
-            if (w == 0.f) continue;
-            float lv = 0.f;
-#pragma unroll
-            for (int y = 0; y < DSP_MERGE_ML; ++y) lv = x == y ? lp[y] : lv;
-            l += w * (x < DSP_MERGE_ML ? lv : dec_ldcg(part_ml + 2 * (p0 + sc) + 1));
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
-        __syncwarp();
-        const float inv = 1.f / l;
-        float o[CPL];
-#pragma unroll
-        for (int a = 0; a < CPL; ++a) o[a] = 0.f;
-        // A zero weight copies nothing (its partial may be unwritten) and is skipped.
-        for (int sc0 = 0; sc0 < per_row; sc0 += nbat) {
-            const int nb = min(nbat, per_row - sc0);
-            for (int a = 0; a < nb; ++a) {
-                if (wrow[sc0 + a] != 0.f && lane < D / 4)  // 16 bytes a lane (D / 4 lanes per partial)
-                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
-            }
-            dec_cp_async_commit();
-            dec_cp_async_wait<0>();
-            __syncwarp();
-            for (int a = 0; a < nb; ++a) {
-                const float w = wrow[sc0 + a];
-                if (w == 0.f) continue;
-#pragma unroll
-                for (int x = 0; x < CPL; ++x) o[x] += w * stg[a * D + lane * CPL + x];
-            }
-            __syncwarp();  // the batch is read before the next one lands
-        }
-        const int i = r / group, gg = r - i * group;
-        const long long row = (long long)(b * q_len + i) * heads + kvh * group + gg;
-        T* dst = out + row * D + lane * CPL;
-        if constexpr (CPL == 4) {
-            *reinterpret_cast<uint2*>(dst) = make_uint2(dec_pack2(o[0] * inv, o[1] * inv, T()),
-                                                       dec_pack2(o[CPL - 2] * inv, o[CPL - 1] * inv, T()));
-        } else {
-            *reinterpret_cast<unsigned*>(dst) = dec_pack2(o[0] * inv, o[CPL - 1] * inv, T());
-        }
-        if (lane == 0) lse[row] = (mx + log2f(l)) * 0.69314718055994531f;
-        __syncwarp();
-    }
-    // Every CTA of the kv head is past its reads of the set: empty it for the next step.
-    for (int x = tid; x < H; x += 32 * NW) tab[x] = 0;
-    if (tid == 0) *counter = 0u;
-}
-
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
 // head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
@@ -605,6 +503,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
                                            int log2_h, int cpg, int cached, float scale_log2) {
+    constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int NW = DSP_ATTN_WARPS;
     constexpr int NT = DSP_ATTN_THREADS;
@@ -856,312 +755,99 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncthreads();  // the window's items are done with ublk and the stages
     }
 
-    // The merge's per-warp scratch: the now free P.V sums and stages.
+    __threadfence();
+    __syncthreads();
+    unsigned* counter = counters + g;
+    if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
+    __syncthreads();
+    if (!flags[1]) return;
+    __threadfence();
+
+    // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
+    // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). Each warp's share of the
+    // now free P.V sums and stages holds the row's weights, then a batch of partials copied in at once (one
+    // round trip to L2 per batch instead of one per few partials).
+    const int per_row = top_k * nc;
     const int share = (int)((reinterpret_cast<unsigned char*>(stages) - reinterpret_cast<unsigned char*>(red) +
                              (long long)NST * 2 * chunk * D * (int)sizeof(T)) / (4 * NW)) & ~3;  // floats per warp
-    dsp_attend_finish<T, D, NW>(sel_at, part_o, part_ml, counters, out, lse, flags, red + warp * share, share, tab,
-                                H, g, cpg, b, kvh, R, group, q_len, heads, top_k, nc, lnc);
-}
-
-// ---- attention, warp items ----
-
-// Tokens 0 .. 15 of K and V at kb / vb into one warp's stage ks / vs ([16][D] each, swizzled as
-// dsp_issue_kv_swizzled: 16-byte vector c of row r at c ^ (r & 7)) as 16-byte cp.async copies of the warp's
-// lanes; rows from nvalid on are zero-filled. Lane l copies rows (l & 7) + 8 h of vectors (l >> 3) + 4 x: its
-// rows share one swizzle s = l & 7, under which vector a + 4 x (a < 4) lands at (a ^ (s & 3)) + 4 (x ^ (s >> 2)),
-// so every copy is an immediate off one global and two shared bases (even and odd x). The caller commits.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_issue_kv_warp(T* ks, T* vs, const T* kb, const T* vb, int nvalid, int lane) {
-    constexpr int NX = D / 32;  // vectors per lane and row: the D / 8 vectors of a row over 4 lanes
-    const int s = lane & 7, a = lane >> 3, sb = s >> 2;
-    const int goff = s * D + a * 8;
-    const int soff = s * D + ((a ^ (s & 3)) << 3);
-    const int se = soff + 32 * sb, so = soff - 32 * sb;  // x even: vector 4 (x + sb); x odd: 4 (x - sb)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const bool valid = s + 8 * h < nvalid;
-#pragma unroll
-        for (int x = 0; x < NX; ++x) {
-            const int gi = goff + h * 8 * D + 32 * x;
-            const int si = (x & 1 ? so : se) + h * 8 * D + 32 * x;
-            if (valid) {
-                dec_cp_async16(ks + si, kb + gi);
-                dec_cp_async16(vs + si, vb + gi);
-            } else {
-                *reinterpret_cast<uint4*>(ks + si) = make_uint4(0u, 0u, 0u, 0u);
-                *reinterpret_cast<uint4*>(vs + si) = make_uint4(0u, 0u, 0u, 0u);
-            }
-        }
-    }
-}
-
-// The warp-item attention: the same sets, partials and merge as dsp_attend, but every warp is its own
-// pipeline. The items are chunks of 16 tokens, grouped in segments of seg chunks of one block; warp w of CTA
-// part takes a contiguous run of each window's segments (cpg * DSP_AW_WARPS runs per window), keeps
-// DSP_AW_STAGES - 1 items in flight in its own stages while it computes one, and needs no barrier with the
-// other warps inside a window. For a block's rows (at most 16: one m16 tile whose Q fragments stay in registers
-// for the segment) it keeps the flash-attention running (max, sum, o) of the segment in registers (o in the mma
-// accumulator layout) and writes one partial per row at the segment's end into the slot of its first chunk
-// (the segment's other chunk slots get m = -inf); with more than 16 rows every chunk and m16 tile is a partial
-// of its own. S = Q K^T: 2 x D / 16 mma m16n8k16 (K by ldmatrix); P V: D / 8 mma
-// m16n8k16 with P from S's accumulators (the k = 16 tokens), V by ldmatrix.trans.
-// Shared memory: [flags] ublk [NT] | (16-byte aligned, when cached) es [E], qc [R][D] T | (16-byte aligned)
-// rows [NW][R] int (each warp's entries that selected its current block) | (16-byte aligned) NW x STAGES x
-// (K [16][D] T, V [16][D] T), each warp's stages, then the final merge's per-warp scratch.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* __restrict__ k,
-                                             const T* __restrict__ v, const int* __restrict__ lengths,
-                                             const int* __restrict__ sel, int* __restrict__ table,
-                                             float* __restrict__ part_o, float* __restrict__ part_ml,
-                                             unsigned* __restrict__ counters, T* __restrict__ out,
-                                             float* __restrict__ lse, int q_len, int heads, int kv_heads,
-                                             int capacity, int block_size, int top_k, int n_chunks, int seg,
-                                             int log2_h, int cpg, int cached, float scale_log2) {
-    constexpr int NW = DSP_AW_WARPS, NT = DSP_AW_THREADS, NST = DSP_AW_STAGES, C = DSP_AW_CHUNK;
-    constexpr int KS = D / 16;  // k steps of S = Q K^T
-    constexpr int NO = D / 8;   // n tiles of o
-    constexpr int STAGE = 2 * C * D;  // elements of one stage (K, V)
-    static_assert(NST == 3, "the waits below count at most two groups in flight");
-    DEC_DYNAMIC_SMEM(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g4 = lane >> 2, t4 = lane & 3;
-    const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
-    const int lnc = __ffs(nc) - 1;    // n_chunks = B / 16 is a power of two
-    const int lsg = __ffs(seg) - 1;   // seg: a power of two <= n_chunks
-    const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
-    const int b = g / kv_heads, kvh = g - b * kv_heads;
-    const int len = lengths[b];
-    int* tab = table + ((long long)g << log2_h);
-
-    int* flags = reinterpret_cast<int*>(smem);
-    int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    unsigned char* after_blk = smem + dec_align16(DSP_FLAGS + 4 * NT);
-    int* es = reinterpret_cast<int*>(after_blk);
-    T* qc = reinterpret_cast<T*>(after_blk + dec_align16(4 * E));
-    int* rows_all = reinterpret_cast<int*>(after_blk + (cached ? dec_align16(4 * E) + dec_align16(2 * R * D) : 0));
-    int* rlw = rows_all + warp * R;
-    T* stages = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(rows_all) + dec_align16(4 * NW * R));
-    T* wst = stages + warp * NST * STAGE;
-
-    const long long sel_b = (long long)b * q_len * heads;
-    auto sel_global = [&](int ee) {
-        const int r = ee / top_k, s = ee - r * top_k, i = r / group, gg = r - i * group;
-        return sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + s];
-    };
-    auto sel_at = [&](int ee) { return cached ? es[ee] : sel_global(ee); };
-    auto q_row = [&](int r) {
-        const int i = r / group, gg = r - i * group;
-        return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
-    };
-    if (cached) {
-        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
-        for (int y = tid; y < R * (D / 8); y += NT) {
-            const int r = y / (D / 8), x = y - r * (D / 8);
-            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
-        }
-    }
-    // A's 32-bit fragment (two elements) of row r at column c0
-    auto q_pair = [&](int r, int c0) {
-        return cached ? *reinterpret_cast<const unsigned*>(qc + r * D + c0)
-                      : *reinterpret_cast<const unsigned*>(q_row(r) + c0);
-    };
-
-    for (int w0 = 0; w0 < H; w0 += NT) {
-        const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
-        const unsigned m = __ballot_sync(DEC_FULL, key != 0);
-        if (lane == 0) flags[4 + warp] = __popc(m);
-        __syncthreads();  // also: es / qc written, the previous window's items done with ublk
-        int before = 0, nu = 0;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            before += w < warp ? flags[4 + w] : 0;
-            nu += flags[4 + w];
-        }
-        if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
-        __syncthreads();
-
-        // Whole segments per warp: which warp computes a segment depends on the set's slot order (the order in
-        // which the select CTAs inserted), but the partial of (entry, segment) does not, so the step is
-        // bit-identical run to run.
-        const int n_sg = (nu * nc) >> lsg, nwt = cpg * NW, wid = part * NW + warp;
-        const int lo = (int)((long long)wid * n_sg / nwt) << lsg, hi = (int)((long long)(wid + 1) * n_sg / nwt) << lsg;
-        auto issue = [&](int it, int st) {
-            const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * C;
-            const long long src = ((long long)g * capacity + tok0) * D;
-            T* ks = wst + st * STAGE;
-            dsp_issue_kv_warp<T, D>(ks, ks + C * D, k + src, v + src, len - tok0, lane);
-            dec_cp_async_commit();
+    float* wrow = red + warp * share;
+    float* stg = wrow + ((per_row + 3) & ~3);
+    const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
+    for (int r = warp; r < R; r += NW) {
+        const long long p0 = ((long long)g * R + r) * per_row;
+        float mx = dec_neg_inf();
+        float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
+        auto ml_at = [&](int sc) {  // (m, l) of slot sc; unused slots (sel -1) weigh nothing and are not read
+            float2 ml = make_float2(dec_neg_inf(), 0.f);
+            if (sel_at(r * top_k + (sc >> lnc)) >= 0) ml = dec_ldcg(reinterpret_cast<const float2*>(part_ml) + p0 + sc);
+            return ml;
         };
 #pragma unroll
-        for (int x = 0; x < NST - 1; ++x)
-            if (lo + x < hi) issue(lo + x, x);
-
-        int nrow = 0, prev_j = -1;
-        unsigned qa[KS][4];
-        float o[NO][4];
-        float run_m[2], run_l[2];
-        int pos[2], ent[2];
-        int run_c = 0;
-        for (int it = lo, n = 0; it < hi; ++it, ++n) {
-            // The stage of item n - 1 is free: every lane is past that item's __syncwarp.
-            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
-            const int c = it & (nc - 1), j = ublk[it >> lnc];
-            const bool run_first = (c & (seg - 1)) == 0, run_last = (c & (seg - 1)) == seg - 1;  // a segment
-            if (j != prev_j) {  // the entries that selected j, in entry order (a row selects a block at most once)
-                prev_j = j;
-                nrow = 0;
-                for (int e0 = 0; e0 < E; e0 += 32) {
-                    const bool hit = e0 + lane < E && sel_at(e0 + lane) == j;
-                    const unsigned hm = __ballot_sync(DEC_FULL, hit);
-                    if (hit) rlw[nrow + __popc(hm & ((1u << lane) - 1u))] = e0 + lane;
-                    nrow += __popc(hm);
-                }
-                __syncwarp();
-            }
-            if (run_first) run_c = c;
-            const bool multi = nrow > 16;  // every (chunk, m16 tile) its own partial
-            // Wait for this item's group: the ones issued after it (at most NST - 1) may stay in flight.
-            const int after = min(NST - 1, hi - 1 - it);
-            if (after >= 2)
-                dec_cp_async_wait<2>();
-            else if (after == 1)
-                dec_cp_async_wait<1>();
-            else
-                dec_cp_async_wait<0>();
-            __syncwarp();  // every lane's copies of this item have landed
-            const T* ks = wst + (n % NST) * STAGE;
-            const T* vs = ks + C * D;
-            const int tok0 = j * block_size + c * C;
-            const long long pbase = (long long)g * E * nc;  // partial of entry e, chunk slot c: pbase + e nc + c
-            for (int mt = 0; mt < nrow; mt += 16) {
-                if (multi || run_first) {  // this tile's rows: Q fragments, positions, a fresh running state
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int idx = mt + g4 + 8 * hh;
-                        ent[hh] = idx < nrow ? rlw[idx] : -1;
-                        const int r = ent[hh] >= 0 ? ent[hh] / top_k : 0;
-                        pos[hh] = ent[hh] >= 0 ? len - q_len + r / group : -1;
-                        run_m[hh] = dec_neg_inf();
-                        run_l[hh] = 0.f;
-                    }
-#pragma unroll
-                    for (int kk = 0; kk < KS; ++kk) {
-                        const int c0 = kk * 16 + 2 * t4;
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            const int r = ent[hh] >= 0 ? ent[hh] / top_k : 0;
-                            qa[kk][hh] = ent[hh] >= 0 ? q_pair(r, c0) : 0u;
-                            qa[kk][2 + hh] = ent[hh] >= 0 ? q_pair(r, c0 + 8) : 0u;
-                        }
-                    }
-#pragma unroll
-                    for (int nd = 0; nd < NO; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
-                }
-                // S = Q K^T over the item's 16 tokens: n tile nt holds tokens 8 nt .. 8 nt + 7.
-                float sacc[2][4];
-#pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                    sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
-                    const int tr = 8 * nt + (lane & 7);
-#pragma unroll
-                    for (int kp = 0; kp < D / 32; ++kp) {
-                        unsigned kb[4];
-                        const int ch = 4 * kp + (lane >> 3);
-                        moba::ldmatrix_x4(moba::smem_u32(ks + tr * D + ((ch ^ (tr & 7)) << 3)), kb[0], kb[1], kb[2],
-                                          kb[3]);
-                        moba::Elem<T>::mma(sacc[nt], qa[2 * kp], kb[0], kb[1]);
-                        moba::Elem<T>::mma(sacc[nt], qa[2 * kp + 1], kb[2], kb[3]);
-                    }
-                }
-                // Online softmax in base 2 per row (hh 0: row g4, 1: row g4 + 8), masked after the row's position.
-                float p[2][4], alpha[2];
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    float mx = dec_neg_inf();
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int t = tok0 + 8 * nt + 2 * t4 + e;
-                            const float x = t <= pos[hh] ? sacc[nt][2 * hh + e] * scale_log2 : dec_neg_inf();
-                            p[nt][2 * hh + e] = x;
-                            mx = fmaxf(mx, x);
-                        }
-                    }
-                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 2));
-                    const float mn = fmaxf(run_m[hh], mx);
-                    alpha[hh] = run_m[hh] == dec_neg_inf() ? 0.f : exp2f(run_m[hh] - mn);
-                    float ls = 0.f;
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const float x = p[nt][2 * hh + e];
-                            const float pe = x == dec_neg_inf() ? 0.f : exp2f(x - mn);
-                            p[nt][2 * hh + e] = pe;
-                            ls += pe;
-                        }
-                    }
-                    run_l[hh] = run_l[hh] * alpha[hh] + ls;  // this lane's tokens; the quad's sum at the flush
-                    run_m[hh] = mn;
-                }
-                // P V: P (rounded to T) from the S accumulators is the A fragment over k = the 16 tokens.
-                unsigned pa[4];
-                pa[0] = dec_pack2(p[0][0], p[0][1], T());
-                pa[1] = dec_pack2(p[0][2], p[0][3], T());
-                pa[2] = dec_pack2(p[1][0], p[1][1], T());
-                pa[3] = dec_pack2(p[1][2], p[1][3], T());
-                const int vr = ((lane >> 3) & 1) * 8 + (lane & 7);  // the token row this lane addresses
-#pragma unroll
-                for (int pr = 0; pr < NO / 2; ++pr) {
-                    unsigned vb[4];
-                    const int ch = 2 * pr + (lane >> 4);
-                    moba::ldmatrix_x4_trans(moba::smem_u32(vs + vr * D + ((ch ^ (vr & 7)) << 3)), vb[0], vb[1],
-                                            vb[2], vb[3]);
-#pragma unroll
-                    for (int y = 0; y < 2; ++y) {
-                        float(&oc)[4] = o[2 * pr + y];
-                        oc[0] *= alpha[0];
-                        oc[1] *= alpha[0];
-                        oc[2] *= alpha[1];
-                        oc[3] *= alpha[1];
-                        moba::Elem<T>::mma(oc, pa, vb[2 * y], vb[2 * y + 1]);
-                    }
-                }
-                // Partials: at the run's last chunk (one tile), or every chunk (multi).
-                if (multi || run_last) {
-                    const int slot = multi ? c : run_c;
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        float l = run_l[hh];
-                        l += __shfl_xor_sync(DEC_FULL, l, 1);
-                        l += __shfl_xor_sync(DEC_FULL, l, 2);
-                        if (ent[hh] < 0) continue;
-                        const long long pi = pbase + (long long)ent[hh] * nc + slot;
-#pragma unroll
-                        for (int nd = 0; nd < NO; ++nd)
-                            *reinterpret_cast<float2*>(part_o + pi * D + nd * 8 + 2 * t4) =
-                                make_float2(o[nd][2 * hh], o[nd][2 * hh + 1]);
-                        if (t4 == 0) *reinterpret_cast<float2*>(part_ml + 2 * pi) = make_float2(run_m[hh], l);
-                    }
-                }
-                if (!multi && !run_first && t4 == 0) {  // a folded chunk's own slot weighs nothing in the merge
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh)
-                        if (ent[hh] >= 0)
-                            *reinterpret_cast<float2*>(part_ml + 2 * (pbase + (long long)ent[hh] * nc + c)) =
-                                make_float2(dec_neg_inf(), 0.f);
-                }
-            }
-            __syncwarp();  // the stage is read before it is refilled; rlw read before the next gather
+        for (int x = 0; x < DSP_MERGE_ML; ++x) {
+            const int sc = lane + 32 * x;
+            const float2 ml = sc < per_row ? ml_at(sc) : make_float2(dec_neg_inf(), 0.f);
+            if (sc < per_row) wrow[sc] = ml.x;
+            lp[x] = ml.y;
+            mx = fmaxf(mx, ml.x);
         }
-        __syncthreads();  // the window's items are done with ublk
+        for (int sc = lane + 32 * DSP_MERGE_ML; sc < per_row; sc += 32) {
+            const float m = ml_at(sc).x;
+            wrow[sc] = m;
+            mx = fmaxf(mx, m);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, off));
+        float l = 0.f;
+        for (int sc = lane, x = 0; sc < per_row; sc += 32, ++x) {
+            const float m = wrow[sc];
+            const float w = m == dec_neg_inf() ? 0.f : exp2f(m - mx);
+            wrow[sc] = w;
+            if (w == 0.f) continue;
+            float lv = 0.f;
+#pragma unroll
+            for (int y = 0; y < DSP_MERGE_ML; ++y) lv = x == y ? lp[y] : lv;
+            l += w * (x < DSP_MERGE_ML ? lv : dec_ldcg(part_ml + 2 * (p0 + sc) + 1));
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(DEC_FULL, l, off);
+        __syncwarp();
+        const float inv = 1.f / l;
+        float o[CPL];
+#pragma unroll
+        for (int a = 0; a < CPL; ++a) o[a] = 0.f;
+        // A zero weight copies nothing (its partial may be unwritten) and is skipped.
+        for (int sc0 = 0; sc0 < per_row; sc0 += nbat) {
+            const int nb = min(nbat, per_row - sc0);
+            for (int a = 0; a < nb; ++a) {
+                if (wrow[sc0 + a] != 0.f && lane < D / 4)  // 16 bytes a lane (D / 4 lanes per partial)
+                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
+            }
+            dec_cp_async_commit();
+            dec_cp_async_wait<0>();
+            __syncwarp();
+            for (int a = 0; a < nb; ++a) {
+                const float w = wrow[sc0 + a];
+                if (w == 0.f) continue;
+#pragma unroll
+                for (int x = 0; x < CPL; ++x) o[x] += w * stg[a * D + lane * CPL + x];
+            }
+            __syncwarp();  // the batch is read before the next one lands
+        }
+        const int i = r / group, gg = r - i * group;
+        const long long row = (long long)(b * q_len + i) * heads + kvh * group + gg;
+        T* dst = out + row * D + lane * CPL;
+        if constexpr (CPL == 4) {
+            *reinterpret_cast<uint2*>(dst) = make_uint2(dec_pack2(o[0] * inv, o[1] * inv, T()),
+                                                       dec_pack2(o[CPL - 2] * inv, o[CPL - 1] * inv, T()));
+        } else {
+            *reinterpret_cast<unsigned*>(dst) = dec_pack2(o[0] * inv, o[CPL - 1] * inv, T());
+        }
+        if (lane == 0) lse[row] = (mx + log2f(l)) * 0.69314718055994531f;
+        __syncwarp();
     }
-    // The merge's per-warp scratch: the warp's own stages (every copy has landed).
-    const int share = (NST * STAGE * (int)sizeof(T) / 4) & ~3;
-    dsp_attend_finish<T, D, NW>(sel_at, part_o, part_ml, counters, out, lse, flags,
-                                reinterpret_cast<float*>(wst), share, tab, H, g, cpg, b, kvh, R, group, q_len, heads,
-                                top_k, nc, lnc);
+    // Every CTA of the kv head is past its reads of the set: empty it for the next step.
+    for (int x = tid; x < H; x += NT) tab[x] = 0;
+    if (tid == 0) *counter = 0u;
 }
 
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
@@ -1187,17 +873,6 @@ __device__ __forceinline__ void dsp_attend_w(const T* __restrict__ q, const T* _
                      capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);              \
   }
 
-#define MOBA_DECODE_ATTEND_W_KERNEL(NAME, T, D)                                                                   \
-  extern "C" __global__ void __launch_bounds__(DSP_AW_THREADS, DSP_AW_MIN_CTAS) NAME(                            \
-      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
-      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
-      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int seg,         \
-      int log2_h, int cpg, int cached, float scale_log2) {                                                        \
-    dsp_attend_w<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads, \
-                       capacity, block_size, top_k, n_chunks, seg, log2_h, cpg, cached, scale_log2);              \
-  }
-
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
@@ -1212,7 +887,3 @@ MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,  __nv_bfloat16,  64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128, __nv_bfloat16, 128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,  __half,         64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d128, __half,        128)
-MOBA_DECODE_ATTEND_W_KERNEL(moba_decode_attend_w_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_ATTEND_W_KERNEL(moba_decode_attend_w_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_ATTEND_W_KERNEL(moba_decode_attend_w_fp16_d64,  __half,         64)
-MOBA_DECODE_ATTEND_W_KERNEL(moba_decode_attend_w_fp16_d128, __half,        128)
