@@ -4,10 +4,10 @@ Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian 
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
 ``attn_ctas``, ``select_wpr``; ``dependent=0``: every launch an ordinary one instead of the select and attention
 launches being programmatic dependent launches), e.g. ``--variants range_blocks=128 attn_ctas=8 dependent=0``.
-Every variant is warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
-a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
-flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
-of the sorted round times in us, and whether its selection equals the plan's.
+Every variant is warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the
+first timing in a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph
+replays with L2 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's
+middle two of the sorted round times in us, and whether its selection equals the plan's.
 """
 
 from __future__ import annotations
