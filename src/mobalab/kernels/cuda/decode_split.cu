@@ -860,7 +860,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dec_grid_launch_dependents(); /* the select CTAs may take SMs as score CTAs leave, then wait */            \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
                     rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
@@ -879,7 +878,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
-    dec_grid_launch_dependents();  // the attention CTAs may start their prologue, then wait
     dec_grid_wait();               // the scores are written
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
 }
