@@ -878,6 +878,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
+    dec_grid_launch_dependents();  // the attention CTAs may start their prologue, then wait
     dec_grid_wait();               // the scores are written
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
 }
