@@ -2,18 +2,16 @@
 
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
-``attn_ctas``, ``select_wpr``; ``dependent=0``: every launch an ordinary one instead of the select and attention
-launches being programmatic dependent launches), e.g. ``--variants range_blocks=128 attn_ctas=8 dependent=0``.
-Every variant is warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the
-first timing in a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph
-replays with L2 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's
-middle two of the sorted round times in us, and whether its selection equals the plan's.
+``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``. Every variant is
+warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
+a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
+flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
+of the sorted round times in us, and whether its selection equals the plan's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 
@@ -26,7 +24,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "dependent")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr")
 
 
 def parse_variant(text: str) -> dict:
@@ -69,11 +67,8 @@ def main(argv=None) -> int:
         cache, q = random_cache(n, batch, block, n + block)
         built = {}
         for label, opts in variants.items():
-            knobs = {key: value for key, value in opts.items() if key != "dependent"}
             plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM), sm_count=_sm_count(dev),
-                                                    **knobs)
-            if not opts.get("dependent", 1):
-                launches = [dataclasses.replace(x, dependent=False) for x in launches]
+                                                    **opts)
             for _ in range(3):
                 for x in launches:
                     run(x, dev)

@@ -273,20 +273,8 @@ def run(launch: Launch, device_index: int) -> None:
     if launch.defines:  # _function compiles the module without them
         raise ValueError(f"run: {launch.kernel} has build options {launch.defines}; launch it with _launch.launch")
     cargs = check_args(launch.source, launch.kernel, launch.args)
-    fn = _function(launch.source, launch.kernel, device_index, launch.shared_mem)
-    if launch.dependent and _hopper(device_index):
-        from ._launch_ex import launch_dependent
-
-        launch_dependent(fn.kernel.ptr, launch.grid, launch.block, cargs, launch.shared_mem,
-                         torch.cuda.current_stream(device_index).cuda_stream)
-        return
-    fn(launch.grid, launch.block, cargs, shared_mem=launch.shared_mem, stream=torch_stream())
-
-
-@functools.cache
-def _hopper(device_index: int) -> bool:
-    """Programmatic dependent launch exists from compute capability 9.0 on."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    _function(launch.source, launch.kernel, device_index, launch.shared_mem)(
+        launch.grid, launch.block, cargs, shared_mem=launch.shared_mem, stream=torch_stream())
 
 
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,

@@ -255,28 +255,25 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
 
 def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     """The selection kernel: the scores scratch, lengths int32 -> sel, and the row's blocks into ``table`` (the
-    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone). A dependent
-    launch behind the score launch (:mod:`._launch_ex`), an ordinary one when it is the step's first."""
+    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone)."""
     p, i32 = plan, np.int32
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
             i32(p.log2_h if table is not None else -1), i32(p.select_wpr))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
-                  p.select_smem, dependent=p.n_range > 0)
+                  p.select_smem)
 
 
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
-    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros. A dependent launch behind
-    the select launch: its CTAs read the query rows, then wait for sel (the step's first launch is an ordinary
-    one, so everything before the step is complete when they start)."""
+    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros."""
     p, i32 = plan, np.int32
     name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
             i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
             np.float32(scale * math.log2(math.e)))
-    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem, dependent=True)
+    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,

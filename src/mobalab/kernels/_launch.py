@@ -176,9 +176,7 @@ class Launch:
     """One kernel launch: kernel ``kernel`` of ``cuda/<source>``, its grid and block, its arguments (as
     :func:`check_args` takes them), its dynamic shared memory in bytes and extra preprocessor ``defines``
     (``"NAME=value"``) of the module it comes from: a build option that changes a kernel without changing
-    its name or signature (each set of defines is its own compiled module). ``dependent``: the kernel waits for
-    the previous one on the stream in ``griddepcontrol.wait`` and may be launched while it runs
-    (:mod:`._launch_ex`; on GPUs before Hopper an ordinary launch)."""
+    its name or signature (each set of defines is its own compiled module)."""
 
     source: str
     kernel: str
@@ -187,7 +185,6 @@ class Launch:
     args: tuple
     shared_mem: int = 0
     defines: tuple[str, ...] = ()
-    dependent: bool = False
 
 
 def kernel_ready(x):

@@ -130,21 +130,6 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif
 
-// ---- programmatic dependent launch ----
-
-// A kernel launched with programmatic stream serialization (_launch_ex.py) may start before the previous kernel
-// on its stream has finished: dec_grid_wait blocks until that grid has completed and its writes are visible
-// (a no-op for an ordinary launch); dec_grid_launch_dependents lets the next kernel launch once every CTA of
-// this grid has called it (or exited). Hopper and later; compiled out before (and in the host emulation,
-// which runs launches one after another).
-#if !defined(DEC_HOST_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void dec_grid_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void dec_grid_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
-#else
-__device__ __forceinline__ void dec_grid_wait() {}
-__device__ __forceinline__ void dec_grid_launch_dependents() {}
-#endif
-
 // ---- small helpers ----
 
 // A compile-time row count passed to a generic lambda (decltype(n)::value).

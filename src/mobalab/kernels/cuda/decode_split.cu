@@ -113,6 +113,13 @@
 // barriers), and 16 streaming warps per SM overlap one warp's scoring with the others' loads.
 // Costs this design accepts: two kernel boundaries (~2-4 us of drain and start each), the score scratch's
 // write and read (L2), and the set of selected blocks (a few atomics per row in the select launch).
+// Programmatic dependent launch (cuLaunchKernelEx with programmatic stream serialization, griddepcontrol.wait
+// before the first read of the previous launch's output) did not shorten those boundaries, measured in an
+// interleaved A/B on an H200 at nine points: with no early trigger within 0.7 us everywhere; with the select CTAs
+// letting the attention launch at their start, 0.5-2.3 us shorter at 32K-1M and k 16 but 1-3 us longer at B 64
+// and 28 us longer at batch 64 (366.5 against 338.3 us: the attention CTAs took the SMs in the order the select
+// CTAs left them, 5 per SM on the first ones, instead of spread evenly); with the score CTAs triggering too, 1M
+// 5 us longer.
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
@@ -542,15 +549,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if (cached) {  // the kv head's query rows, then (written by the select launch) entries, once for all blocks
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
     }
-    dec_grid_wait();  // sel and the sets of selected blocks are written
-    if (cached)
-        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
     if (tid == 0) flags[0] = 0;
 
     // Items: chunk c of the u-th selected block in slot order is item u * nc + c. The set is read in windows of
@@ -878,8 +883,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
-    dec_grid_launch_dependents();  // the attention CTAs may start their prologue, then wait
-    dec_grid_wait();               // the scores are written
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
 }
 
