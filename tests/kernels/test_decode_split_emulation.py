@@ -170,6 +170,9 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
     if kind == "signed-zeros-infs":  # -0 == +0 tie on the block index; -inf is a (last) candidate, +inf the best
         pool = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0])
         return pool[torch.randint(0, len(pool), (rows, n), generator=gen)]
+    if kind == "signed-zeros-decide":  # the best are zeros of both signs: only the block index orders them
+        pool = torch.tensor([0.0, -0.0, -1.0, float("-inf")])
+        return pool[torch.randint(0, len(pool), (rows, n), generator=gen)]
     if kind == "few-levels-nan":  # massive exact ties between a handful of levels, NaN sprinkled in
         x = torch.randint(0, 5, (rows, n), generator=gen).float()
         return torch.where(torch.rand(rows, n, generator=gen) < 0.2, torch.tensor(float("nan")), x)
@@ -210,6 +213,7 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
 @pytest.mark.parametrize(("kind", "lengths", "block", "q_len", "heads", "kv_heads", "top_k"), [
     ("all-equal", [900, 33, 300], 16, 1, 4, 2, 8),
     ("signed-zeros-infs", [2000, 1000], 16, 2, 2, 1, 16),
+    ("signed-zeros-decide", [3000, 700], 16, 1, 4, 1, 8),
     ("few-levels-nan", [5000 * 16 + 9, 4000], 16, 1, 2, 1, 32),
     ("descending", [3000, 700], 16, 3, 2, 2, 8),
     ("ascending", [3000], 16, 1, 1, 1, 32),
