@@ -255,11 +255,10 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
 
 def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     """The selection kernel: the scores scratch, lengths int32 -> sel, and the row's blocks into ``table`` (the
-    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone). Its n_cols is
-    0 when there is no score launch (nothing to rank: no scores to read)."""
+    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone)."""
     p, i32 = plan, np.int32
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
-            i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols if p.n_range else 0),
+            i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
             i32(p.log2_h if table is not None else -1), i32(p.select_wpr))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)

@@ -25,10 +25,9 @@
 //    merging, no barrier and no shared-memory write in the streaming loop.
 // 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (the plan: wpr 1
 //    for up to 8 chunks of candidates, a short row being one warp's work with no merging, else 8). Each warp scans
-//    32-candidate chunks of the row's scores (chunk c holds blocks n_cols - 1 - 32 c - lane: from the longest
-//    sequence's newest candidate down, so the loads need not wait for the row's length; blocks from the row's own
-//    block on are masked; 8 chunks' loads issued together, the next 8 in flight while these are ranked) and keeps
-//    the row's best k-1 so far as a sorted list held one entry per lane. Its first round of chunks: each lane's best
+//    32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
+//    down; 8 chunks' loads issued together, the next 8 in flight while these are ranked) and keeps the row's
+//    best k-1 so far as a sorted list held one entry per lane. Its first round of chunks: each lane's best
 //    candidate, found without shuffles, then the lanes' bests sorted by a warp bitonic sort into the list, then
 //    only the candidates that beat the list's last entry offered (a lane whose best missed the list has none;
 //    measured on an H200 against offering every chunk: routing 1.3-3.3 us shorter, e.g. 512K 54.6 -> 51.3 us,
@@ -154,7 +153,11 @@
 // index (the reference's tie rule; -0 is made +0 first, so the two tie like any equal pair); NaN or j < 0 (no
 // candidate) is key 0, below every candidate (-inf included). One 64-bit compare per step instead of NaN tests
 // and a two-field compare (measured on an H200 with a globaltimer trace of the select launch before: ~7300
-// cycles of ranking and ~4500 of merging per warp at 128K, B 128, k 8, in compare-and-shuffle chains).
+// cycles of ranking and ~4500 of merging per warp at 128K, B 128, k 8, in compare-and-shuffle chains; with the
+// keys, in an interleaved A/B on an H200, the routing was 1.6-4.3 us shorter at every benchmark point, e.g. 512K
+// 51.1 -> 46.9 us, 128K B 64 k 4 33.4 -> 29.9 us, with identical selections). Counting the chunks from the
+// longest sequence's newest candidate, so that the first loads need not wait for lengths[b], measured equal
+// (within 0.3 us) and was not kept.
 typedef unsigned long long dsp_key;
 
 __device__ __forceinline__ dsp_key dsp_make_key(float v, int j) {
@@ -330,29 +333,25 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     const int own = (lengths[b] - q_len + i) / block_size;
     const int lcap = top_k - 1;
     const int n = lcap > 0 && has_row ? own : 0;  // candidates: blocks 0 .. own - 1
-    // Chunks are counted from column n_cols - 1 down (the longest sequence's newest candidate), not from own - 1,
-    // so the first loads do not wait for lengths[b]; columns from own on are masked (for a query of the longest
-    // sequence at q_len 1, own = n_cols: nothing is). n_cols = 0: no scores at all.
-    const int ncol = lcap > 0 && has_row ? n_cols : 0;
     const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols;
 
     dsp_key lk = 0;  // this lane's entry of the warp's list
-    const int nch = (ncol + 31) / 32;
+    const int nch = (n + 31) / 32;
     const int STEP = wpr * U;  // chunks of one round of the row's warps
     // Round c0 of warp w: chunks c0 + u * wpr, u < U; the next round's loads are issued before this one is
     // ranked (two register buffers), so long rows stream instead of waiting once per round.
     auto load = [&](float (&v)[U], int c0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = c0 + u * wpr, j = ncol - 1 - 32 * c - lane;
+            const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
             v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
         }
     };
     bool fresh = true;  // warp-uniform: no chunk ranked yet
     // Candidate u of this lane in round c0 as a key (0 when there is none).
     auto cand = [&](const float (&v)[U], int c0, int u) {
-        const int c = c0 + u * wpr, j = ncol - 1 - 32 * c - lane;
-        return dsp_make_key(v[u], c < nch && j < n ? j : -1);
+        const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
+        return dsp_make_key(v[u], c < nch ? j : -1);
     };
     // The first round: each lane's best candidate (no shuffles), the lanes' bests sorted by one warp bitonic sort
     // into the list, then only the candidates that beat the list's last entry offered, a round per candidate a
