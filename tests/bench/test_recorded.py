@@ -19,7 +19,7 @@ def test_recorded_results_ship_inside_the_package():
             "2026-11-30-h200-trained-routing.csv",
             "2026-11-30-h200x2-context-parallel-ce1fd61.csv", "2026-11-30-h200x2-context-parallel-7476fe2.csv",
             "2026-11-30-h200x2-context-parallel-dc47def.csv", "2026-11-30-h200-decode-ad34c42.csv",
-            "2026-11-30-h200-decode-33eb501.csv", "2026-11-30-h200-decode-edb0dc2.csv"} <= set(names)
+            "2026-11-30-h200-decode-33eb501.csv", "2026-11-30-h200-decode-bc7caa8.csv"} <= set(names)
 
 
 def test_pyproject_ships_the_recorded_files():

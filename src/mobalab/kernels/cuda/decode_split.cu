@@ -91,13 +91,15 @@
 //
 // Measured (H200, batch 8, 32 / 8 heads, d 128, B 128, k 8, q_len 1, L2 flushed; RESULTS.md): score pass
 // 134 MB in ~38 us at 512K (3.5 TB/s, 75% of DRAM peak: 16 warps per SM, each with 8 KB in flight whenever it
-// is not scoring); selection ~17 us at 512K, ~9 us at 32K (latency-bound: a globaltimer trace put ~800 cycles
-// per 32-candidate chunk into ranking before the lane-local first round, and 3-3.5 us into the merge of 8 warps'
-// lists); attention ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.106 ms at 512K (56% of
-// the copy bandwidth), 0.070 ms at 32K; score ranges of about one wave of CTAs (the plan) took 128K, B 64, k 4
-// from 0.060 to 0.055 ms. What 70% needs: the attention launch at ~3.5 TB/s (fewer instructions per item: a
-// producer warp issuing bulk copies, so the consumers only compute) and a selection that costs less than its
-// ~9-17 us of dependent instructions.
+// is not scoring); selection ~13 us at 512K, ~7 us at 32K (latency-bound: a globaltimer trace at 128K put ~1400
+// cycles per warp into the lengths load, ~7300 into ranking its chunks and ~4500 into the merge of 8 warps' lists,
+// all dependent compare-and-shuffle chains, before the 64-bit keys took 1.6-4.3 us off the routing); attention
+// ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.102 ms at 512K (58% of the copy
+// bandwidth), 0.069 ms at 32K, 0.052 ms at 128K, B 64, k 4 (43%, the lowest at batch 8 and 128K-1M). Nsight
+// Compute at 128K, batch 8 (before the keys): score 22.1 us, select 12.5 us, attention 20.0 us at B 64, k 4
+// (67 + 27 MB); 14.1, 13.7 and 52.9 us at B 128, k 8 (the attention at 48% of DRAM peak). 70% of the roofline
+// at B 64, k 4 is a 31.6 us step: the score and attention launches at the copy bandwidth alone take 22 us, so
+// with a selection of ~9 us in between it is out of reach unless the selection overlaps the streaming.
 // Hiding the selection behind the streaming was measured three ways and lost each time: the three steps as
 // one launch of ticketed 128-thread CTAs (a kv head's selection and attention waiting on counters of its own
 // scores; 1-24% slower: the score items lose bytes in flight at 96 registers, and the last kv head's score,
