@@ -43,7 +43,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     chunks = math.ceil(max(1, n_cand) / 32)
     assert plan.select_wpr == (1 if chunks <= 8 else 8)
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
-    assert plan.n_counters == 2 * batch * kv_heads  # per kv head: attention CTAs done, segments claimed
+    assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
     stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
@@ -120,10 +120,10 @@ def test_step_launches_and_buffers():
     assert bufs["scores"].numel() == 2 * 2 * 4 * (69 // 16)
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
     table, attend_counters = launches[2].args[5], launches[2].args[8]
-    assert attend_counters.numel() == 2 * 2 * 2 and not cache._counters.any()
+    assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
     # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
     assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * 2 ** plan.log2_h
-    assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 * 2 and not table.any()
+    assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
     assert only[1].args[-2] == -1  # the routing alone fills no set

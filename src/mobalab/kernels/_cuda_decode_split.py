@@ -164,8 +164,8 @@ class SplitPlan(StepShape):
 
     @property
     def n_counters(self) -> int:
-        """Two per (sequence, kv head), for the attention launch: its CTAs done, and the segments they claimed."""
-        return 2 * self.batch * self.kv_heads
+        """One per (sequence, kv head), for the attention launch."""
+        return self.batch * self.kv_heads
 
     @property
     def n_table(self) -> int:
@@ -266,7 +266,7 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
 
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
-    blocks ``table`` (emptied again) -> out, lse; ``counters``: 2 * batch * kv_heads zeros (left zero again)."""
+    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros."""
     p, i32 = plan, np.int32
     name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],

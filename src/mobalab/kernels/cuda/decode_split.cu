@@ -74,7 +74,10 @@
 //    a partial does not depend on the set's slot order; 2 CTAs of 4 warps per SM at 200 registers), in an
 //    interleaved A/B against this kernel at nine points: equal within 2 us at 32K-1M, B 128, k 8; 5-7 us slower
 //    at B 64 and B 32 (128K, B 64, k 4: 58.9 against 53.8 us for the step); faster only at k 16 (127.6 against
-//    130.7) and batch 64 (321 against 338).
+//    130.7) and batch 64 (321 against 338). Nor did balancing the CTAs' work: a globaltimer trace at 512K had
+//    loops of equal work ending 26-47 us after the launch, but segments of two chunks claimed from a per-kv-head
+//    counter (each CTA taking more as it finishes) measured equal at 512K and 1M, 1-3 us shorter at 128K B 128,
+//    2 us longer at B 64, k 4 and 10 us longer at batch 64 (348.5 against 338.3 us).
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
@@ -533,24 +536,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
     }
+    if (tid == 0) flags[0] = 0;
+
     // Items: chunk c of the u-th selected block in slot order is item u * nc + c. The set is read in windows of
-    // THREADS slots. Work goes in segments of sgi consecutive items of one block, numbered across the windows
-    // (flags[12] and flags[13]: the current window's first id and the next window's). CTA part starts with ids
-    // part and part + cpg; every further id comes from the kv head's claim counter (2 cpg + its count), claimed
-    // a segment ahead, so that a CTA which finishes early takes more (a trace of static runs had loops of equal
-    // work ending up to 21 us apart at 512K). A segment's partial does not depend on which CTA computes it:
-    // bit-identical run to run. flags[8 + k % 3]: the id of the segment after this CTA's k-th one, so the k-th is
-    // in flags[8 + (k + 2) % 3] (the first two set here, the others published by thread 0 in segment k - 1; the
-    // slot written in segment k was last read in segment k - 1, before a barrier that every thread has passed).
-    const int sgi = min(nc, 2), lsg = __ffs(sgi) - 1;
-    int n = 0;              // items this CTA has taken (so its segments: n >> lsg), the same in every thread
-    unsigned pending = 0u;  // thread 0: a claim in flight
-    if (tid == 0) {
-        flags[0] = 0;
-        flags[8] = part + cpg;
-        flags[10] = part;
-        flags[13] = 0;
-    }
+    // THREADS slots; CTA part takes a contiguous run of each window's items (so consecutive items mostly share
+    // a block, whose rows are then gathered once).
     for (int w0 = 0; w0 < H; w0 += NT) {
         const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
         const unsigned m = __ballot_sync(DEC_FULL, key != 0);
@@ -563,13 +553,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             nu += flags[4 + w];
         }
         if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
-        if (tid == 0) {  // this window's ids: from the previous window's end on
-            flags[12] = flags[13];
-            flags[13] += (nu * nc) >> lsg;
-        }
         __syncthreads();
 
-        const int nwa = chunk / 8;  // warps with 8 tokens of a chunk each
+        const int n_it = nu * nc, nwa = chunk / 8;  // warps with 8 tokens of a chunk each
+        const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
         auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
             const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
@@ -578,31 +565,20 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
         };
-        // One item in flight while one is computed.
-        static_assert(NST == 2, "one item in flight behind the current one");
-        if (flags[8 + ((n >> lsg) + 2) % 3] < flags[13])
-            issue((flags[8 + ((n >> lsg) + 2) % 3] - flags[12]) << lsg, n % NST);
+        // Up to NST - 1 items in flight while one is computed.
+#pragma unroll
+        for (int x = 0; x < NST - 1; ++x)
+            if (lo + x < hi) issue(lo + x, x);
         int prev_j = -1, nrow = 0;
-        // A run: the items of one segment. With at most ROWS rows (one pass) a thread keeps its row's running
-        // (max, sum, o) of the run in registers and writes one partial, into the slot of the run's first chunk
-        // (the run's other chunk slots get m = -inf: weight 0 in the merge).
+        // A run: consecutive items of one block. With at most ROWS rows (one pass) a thread keeps its row's
+        // running (max, sum, o) of the run in registers and writes one partial, into the slot of the run's
+        // first chunk (the run's other chunk slots get m = -inf: weight 0 in the merge).
         float4 run_o = make_float4(0.f, 0.f, 0.f, 0.f);
         float run_m = dec_neg_inf(), run_l = 0.f;
-        for (; flags[8 + ((n >> lsg) + 2) % 3] < flags[13]; ++n) {
-            const int si = n & (sgi - 1), kseg = n >> lsg;  // item si of this CTA's segment kseg
-            if (tid == 0 && si == 0) pending = atomicAdd(counters + 2 * g + 1, 1u);  // the segment after the next
-            const int it = ((flags[8 + (kseg + 2) % 3] - flags[12]) << lsg) + si;
+        int run_c = 0;
+        for (int it = lo, n = 0; it < hi; ++it, ++n) {
             // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
-            bool more = true;  // an item issued after this one
-            if (si + 1 < sgi) {
-                issue(it + 1, (n + 1) % NST);
-            } else {
-                const int seg_nxt = flags[8 + kseg % 3];
-                if (seg_nxt < flags[13])
-                    issue((seg_nxt - flags[12]) << lsg, (n + 1) % NST);
-                else
-                    more = false;
-            }
+            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
             const int c = it & (nc - 1), j = ublk[it >> lnc];
             const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
@@ -620,16 +596,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 nrow = flags[0];
                 prev_j = j;
             }
-            if (tid == 0 && si == 0) flags[8 + (kseg + 1) % 3] = (int)(2u * cpg + pending);
-            // Wait for this item's group: the one issued after it may stay in flight.
-            if (more)
+            // Wait for this item's group: the ones issued after it may stay in flight.
+            static_assert(NST == 2, "one item in flight behind the current one");
+            if (it + 1 < hi)
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
-            const bool run_first = si == 0, run_last = si == sgi - 1;
+            const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
+            const bool run_last = it + 1 >= hi || ((it + 1) >> lnc) != (it >> lnc);
             const bool accum = nrow <= ROWS;  // one pass: this thread's (row, columns) are the same all run long
+            if (run_first) run_c = c;
             for (int rb0 = 0; rb0 < nrow; rb0 += ROWS) {
                 const int nb = min(ROWS, nrow - rb0);
                 for (int y = tid; y < nb * (D / 8); y += NT) {  // the pass's query rows, 16 bytes a thread
@@ -751,7 +729,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         }
                     }
                     if (run_last) {
-                        const long long pf = pi - si;  // the run's first chunk slot
+                        const long long pf = pi + (run_c - c);  // the run's first chunk slot
                         *reinterpret_cast<float4*>(part_o + pf * D + d) = run_o;
                         if (d == 0) {
                             part_ml[2 * pf] = run_m;
@@ -761,12 +739,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 }
             }
         }
-        __syncthreads();  // the window's items are done with ublk, the stages and flags[12]
+        __syncthreads();  // the window's items are done with ublk and the stages
     }
 
     __threadfence();
     __syncthreads();
-    unsigned* counter = counters + 2 * g;  // [2 g]: CTAs done, [2 g + 1]: segments claimed
+    unsigned* counter = counters + g;
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
     __syncthreads();
     if (!flags[1]) return;
@@ -856,10 +834,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
     for (int x = tid; x < H; x += NT) tab[x] = 0;
-    if (tid == 0) {
-        counter[0] = 0u;
-        counter[1] = 0u;
-    }
+    if (tid == 0) *counter = 0u;
 }
 
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
