@@ -116,8 +116,9 @@
 // Why bandwidth-first should get to ~3.5 TB/s where decode.cu did not: every warp issues all of a batch's
 // loads before it uses any, there is no hand-over wait between CTAs (the kernel boundaries are the only
 // barriers), and 16 streaming warps per SM overlap one warp's scoring with the others' loads.
-// Costs this design accepts: two kernel boundaries (~2-4 us of drain and start each), the score scratch's
-// write and read (L2), and the set of selected blocks (a few atomics per row in the select launch).
+// Costs this design accepts: two kernel boundaries (nearly free in a CUDA graph: the three launches' Nsight
+// Compute durations add up to the step's time within 1 us), the score scratch's write and read (L2), and the set
+// of selected blocks (a few atomics per row in the select launch).
 // Programmatic dependent launch (cuLaunchKernelEx with programmatic stream serialization, griddepcontrol.wait
 // before the first read of the previous launch's output) did not shorten those boundaries, measured in an
 // interleaved A/B on an H200 at nine points: with no early trigger within 0.7 us everywhere; with the select CTAs
