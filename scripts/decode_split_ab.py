@@ -56,11 +56,11 @@ def main(argv=None) -> int:
         print("decode_split_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    from mobalab.bench.decode import random_cache, time_step
+    from mobalab.bench.decode import l2_flush_buffer, random_cache, time_step
     from mobalab.kernels import _cuda_decode_split as S
     from mobalab.kernels._cuda_decode import _sm_count, run
 
-    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer()
     dev = torch.cuda.current_device()
     for name in points:
         n, batch, block, top_k = POINTS[name]

@@ -133,4 +133,3 @@ def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks,
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert -(-seqlen // block_size) == n
-

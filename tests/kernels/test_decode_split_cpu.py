@@ -78,10 +78,9 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
 def test_benchmark_plans_fill_the_gpu():
     """Batch 8, 32 / 8 heads, d 128, B 128, k 8 on 132 SMs: score CTAs of whole passes (128 blocks, one batch of
     16 per warp) sized for about one wave of 264 slots (512K: 4 ranges of 1024 blocks, 256 CTAs; 1M: 4 of 2048;
-    128K: 4 of 256; 32K: 2 of 128, one pass each), one select warp per row at 32K and eight beyond,
-    four 32-token chunks
-    per selected block, and shared memory for the CTAs per SM their launch bounds promise; ten attention CTAs
-    per (sequence, kv head), one wave of five per SM."""
+    128K: 4 of 256; 32K: 2 of 128, one pass each), one select warp per row at 32K and eight beyond, four 32-token
+    chunks per selected block, and shared memory for the CTAs per SM their launch bounds promise; ten attention
+    CTAs per (sequence, kv head), one wave of five per SM."""
     for length, ranges, blocks in ((512 * 1024, 4, 1024), (32 * 1024, 2, 128), (128 * 1024, 4, 256),
                                    (1 << 20, 4, 2048)):
         n_blocks = length // 128

@@ -130,6 +130,11 @@ def dense_bytes(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: i
 # timing
 
 
+def l2_flush_buffer() -> torch.Tensor:
+    """256 MB on the current GPU (several times its L2): reading it with :func:`_flush_l2` evicts the L2."""
+    return torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+
+
 def _flush_l2(buf: torch.Tensor) -> None:
     """Evict L2 by reading ``buf`` (larger than L2); reading leaves no dirty lines to write back later."""
     if buf.numel():
@@ -461,7 +466,7 @@ def profile_steps(seq_len: int, batch: int, block_size: int = 128, top_k: int = 
     from mobalab.kernels._cuda_decode import decode_cuda
 
     cache, q = random_cache(seq_len, batch, block_size, seq_len + batch)
-    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer()
     for _ in range(steps):
         _flush_l2(flush)
         k_sel, scale = D.check_decode(q, cache, top_k)
@@ -599,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     env = environment()
-    flush = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")  # 256 MB, read to flush L2
+    flush = l2_flush_buffer()
     env["copy_tbps"] = copy_tbps = copy_bandwidth()
     env["datasheet_tbps"] = DATASHEET_TBPS
     print(json.dumps(env, default=str), flush=True)

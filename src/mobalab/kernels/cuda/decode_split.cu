@@ -354,7 +354,8 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
         }
     };
     bool fresh = true;  // warp-uniform: no chunk ranked yet
-    // Candidate u of this lane in round c0 as a key (0 when there is none).
+    // Candidate u of this lane in round c0 as a key (0 when there is none). Recomputed where it is needed rather
+    // than kept: an array of U keys would cost 2 U registers, and at the 64 of 4 CTAs per SM it spills.
     auto cand = [&](const float (&v)[U], int c0, int u) {
         const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
         return dsp_make_key(v[u], c < nch ? j : -1);
