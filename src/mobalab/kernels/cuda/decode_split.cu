@@ -109,6 +109,15 @@
 // selection and attention chain stays as long as the launches it replaced), the score CTAs ranking their
 // ranges with the last CTA of a row group merging (the ranking stalls the streaming: equal at best), and
 // select CTAs of 16 or 32 warps per row (one round of loads each, but more barrier levels: 4-15 us slower).
+// Nor did a pipeline over the batch from the host: the sequences in 2 or 4 groups, each group's three launches
+// on a stream of its own, a group's score launch after the previous group's (so that one group's selection
+// could run beside the next group's streaming), captured in one CUDA graph. With each group's own plan (one
+// wave per launch) 2 groups were 1-8 us slower at every point (128K, B 64, k 4: 58.8 against 50.4 us; 512K
+// 110.3 against 104.8; batch 64: 361 against 337) and 4 groups 5-30 us slower; with the whole batch's ranges
+// and CTAs per kv head in every group, 2 groups were within 2 us at 512K and 1M and 1-3 us slower at 128K,
+// B 64, k 4; stream priorities (the graph instantiated to honour its nodes' priorities) changed nothing. Each
+// launch needs the whole GPU to stream at its rate, so a group's selection finds no SMs beside the next
+// group's score CTAs, and every group pays the launches' ramp and tail.
 // History: the routing used to be one launch whose CTAs merged every 32 KB tile into per-row top lists in
 // shared memory between their loads (and the last range of a row group merged the ranges' lists); measured
 // on an H200 it streamed the sums at under 1 TB/s (512K: 0.147 ms for 134 MB; Nsight Compute: barrier
