@@ -30,6 +30,8 @@
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
 #   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
 #   tiles-ncu-ws the same profile with the warp-specialised wgmma forward tile kernel (MOBALAB_ATTN_VARIANT=wgmma-ws)
+#   tiles-ncu-peer the same profile of FlashMoBA's step on the same inputs (built first when it does not import,
+#                ~100 s; the bundle must be carried in .peers/flash-moba/)
 #   rope         the rope experiment, full configuration (vector leg and the CUDA router on RoPE'd inputs)
 #   decode-ncu               Nsight Compute on one decode step kernel (512K and 32K, batch 8, B 128, k 8): reports
 #                            under logs/decode-ncu, summary table (duration, DRAM %, GB/s, occupancy, stalls)
@@ -70,12 +72,13 @@ status=0
   python3 -c "import torch, cupy; print('torch', torch.__version__, '| cupy', cupy.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$W/env.txt"
 
-tiles_ncu() {  # tiles_ncu NAME: Nsight Compute over scripts/profile_tiles.py into $W/NAME.ncu-rep and its table
+tiles_ncu() {  # tiles_ncu NAME [ARGS]: Nsight Compute over scripts/profile_tiles.py ARGS into $W/NAME.ncu-rep and its table
+  local name="$1"; shift
   timeout "$(cap 240)" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
-    --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T; print(",".join((*M, T)))')" \
-    -f -o "$W/$1" python3 scripts/profile_tiles.py > "$W/${1}_ncu.log" 2>&1 \
-  && python3 scripts/ncu_summary.py "$W/$1.ncu-rep" > "$W/${1}_ncu_table.md" 2>> "$W/${1}_ncu.log"
+    --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T, TILE_METRICS as X; print(",".join((*M, T, *X)))')" \
+    -f -o "$W/$name" python3 scripts/profile_tiles.py "$@" > "$W/${name}_ncu.log" 2>&1 \
+  && python3 scripts/ncu_summary.py "$W/$name.ncu-rep" > "$W/${name}_ncu_table.md" 2>> "$W/${name}_ncu.log"
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
@@ -165,6 +168,10 @@ for step in "${STEPS[@]}"; do
                    || status=1 ;;
     tiles-ncu) tiles_ncu tiles || status=1 ;;
     tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws tiles_ncu tiles_ws || status=1 ;;
+    tiles-ncu-peer) # FlashMoBA built when it does not import yet (needs .peers/flash-moba/fm_bundle.tgz carried)
+      { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
+          || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
+        && tiles_ncu tiles_flash_moba --impl flash-moba || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
@@ -189,7 +196,7 @@ done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"

@@ -4,7 +4,8 @@
 
 Reads the report's raw page in base units (``ncu --import ... --page raw --csv --print-units base``, so it runs
 where ncu is) through :func:`mobalab.bench._ncu.kernel_summaries`; the profile should have collected
-``mobalab.bench._ncu.NCU_METRICS`` (and the tensor-pipe metric for matrix kernels).
+``mobalab.bench._ncu.NCU_METRICS`` (and for matrix kernels the tensor-pipe metric and ``TILE_METRICS``; columns
+not collected read nan).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ def main(argv=None) -> None:
     raw = subprocess.run(["ncu", "--import", a.report, "--page", "raw", "--csv", "--print-units", "base"],
                          check=True, capture_output=True, text=True).stdout
     print("| kernel | µs | DRAM % of peak | DRAM GB/s | tensor pipe % | achieved occupancy % | registers | grid "
-          "| top stalls (cycles per issued instruction) |")
-    print("|---" * 9 + "|")
+          "| shared-memory wavefronts (M) | L2 GB | instructions (M) | top stalls (cycles per issued instruction) |")
+    print("|---" * 12 + "|")
     for s in kernel_summaries(raw):
         stalls = ", ".join(f"{name} {x:.2f}" for name, x in s["stalls"])
         cells = [f"{s[k]:.4g}" for k in ("duration_us", "dram_pct", "dram_gbps", "tensor_pct", "occupancy_pct",
-                                          "registers", "grid")]
+                                          "registers", "grid", "smem_mwaves", "l2_gb", "minst")]
         print(f"| {s['kernel'][:48]} | " + " | ".join(cells) + f" | {stalls} |")
 
 

@@ -1,21 +1,26 @@
 """One MoBA forward + backward inside an NVTX range "profile", for Nsight Compute.
 
-    ncu --clock-control none --nvtx --nvtx-include "profile/" ... python3 scripts/profile_tiles.py
+    ncu --clock-control none --nvtx --nvtx-include "profile/" ... python3 scripts/profile_tiles.py [--impl IMPL]
 
 Warm-up calls (module compilation, autotuned choices) run outside the range, so ncu profiles exactly the
-kernels of one step. Inputs are random (never zeros); the configuration is the benchmark's main one.
+kernels of one step. Inputs are random (never zeros); the configuration is the benchmark's main one. The
+gradients come from ``torch.autograd.grad`` (as in the benchmark), so no gradient-accumulation kernels enter the
+profile. ``--impl flash-moba`` profiles the same step of FlashMoBA (the MoBA paper's kernels, an optional peer
+built by ``scripts/build_flash_moba.sh``; bf16, d 128, causal, no GQA) on the same inputs, packed as its
+variable-length API takes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from mobalab.kernels import moba_attention
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-len", type=int, default=65536)
     p.add_argument("--batch", type=int, default=2)
@@ -24,6 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--impl", choices=("mobalab", "flash-moba"), default="mobalab")
     a = p.parse_args(argv)
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (a.batch, a.seq_len, a.heads, a.head_dim)
@@ -31,12 +37,35 @@ def main(argv=None) -> None:
                for _ in range(3))
     dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
+    if a.impl == "mobalab":
+        leaves, grad_out = (q, k, v), dout
+
+        def forward():
+            return moba_attention(q, k, v, a.block_size, a.top_k, causal=True)
+    else:
+        from mobalab.bench import _flash_moba_peer as fm
+
+        reason = fm.unavailable(q.dtype, a.head_dim, True, a.top_k, a.heads, a.heads)
+        if reason:
+            print(f"profile_tiles: FlashMoBA cannot run this step: {reason}", file=sys.stderr)
+            return 2
+        mod, _ = fm.load()
+        n = a.seq_len
+        leaves = tuple(fm.pack(x.detach())[0].clone().requires_grad_() for x in (q, k, v))
+        cu = fm.pack(q)[1]
+        grad_out = dout.reshape(a.batch * n, a.heads, a.head_dim)
+
+        def forward():
+            return mod.flash_moba_varlen_func(*leaves, cu, cu, n, n, a.block_size, a.top_k, causal=True)
+
     def step():
-        out = moba_attention(q, k, v, a.block_size, a.top_k, causal=True)
-        if not a.forward_only:
-            # on the calling thread: NVTX ranges are per thread, and autograd runs CUDA backward on a worker
-            with torch.autograd.set_multithreading_enabled(False):
-                out.backward(dout)
+        if a.forward_only:
+            with torch.no_grad():
+                forward()
+            return
+        # on the calling thread: NVTX ranges are per thread, and autograd runs CUDA backward on a worker
+        with torch.autograd.set_multithreading_enabled(False):
+            torch.autograd.grad(forward(), leaves, grad_out)
 
     for _ in range(2):
         step()
@@ -45,7 +74,8 @@ def main(argv=None) -> None:
     step()
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_pop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,7 @@ import io
 import math
 import re
 
-__all__ = ["NCU_METRICS", "TENSOR_METRIC", "kernel_summaries"]
+__all__ = ["NCU_METRICS", "TENSOR_METRIC", "TILE_METRICS", "kernel_summaries"]
 
 #: metrics every summary needs (DRAM bytes and time give GB/s without relying on a section's layout)
 NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
@@ -21,6 +21,9 @@ NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_wr
                "launch__grid_size", "launch__occupancy_limit_registers")
 #: the tensor pipe's busy share, for kernels built on the matrix units
 TENSOR_METRIC = "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+#: what a matrix kernel feeds its MMAs with: shared-memory wavefronts (ldmatrix and plain loads / stores, bank
+#: conflicts included), bytes through L2 (gathers and atomics that stay on chip) and instructions issued
+TILE_METRICS = ("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum", "lts__t_bytes.sum", "smsp__inst_executed.sum")
 _STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)(?:_per_issue_active)?\.ratio$")
 _SCALE = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
           "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
@@ -36,7 +39,9 @@ def _number(text: str) -> float:
 def kernel_summaries(raw_csv: str) -> list[dict]:
     """Per launch: kernel name, duration (µs), DRAM throughput (% of peak, GB/s and MB moved), achieved
     occupancy, registers, grid, tensor-pipe activity (NaN when not collected) and the three largest warp stall
-    reasons (cycles per issued instruction), from the raw page's CSV text. ValueError when it holds no launch."""
+    reasons (cycles per issued instruction), from the raw page's CSV text; with :data:`TILE_METRICS` collected also
+    shared-memory wavefronts (millions), L2 traffic (GB) and instructions issued (millions), else NaN. ValueError
+    when it holds no launch."""
     rows = [r for r in csv.reader(io.StringIO(raw_csv)) if r]
     if len(rows) < 3:
         raise ValueError(f"no profiled kernel in the Nsight Compute report ({len(rows)} CSV rows)")
@@ -59,5 +64,7 @@ def kernel_summaries(raw_csv: str) -> list[dict]:
                         dram_gbps=dram / (us * 1e-6) / 1e9 if us > 0 else math.nan, dram_mb=dram / 1e6,
                         occupancy_pct=val("sm__warps_active.avg.pct_of_peak_sustained_active"),
                         registers=val("launch__registers_per_thread"), grid=val("launch__grid_size"),
-                        tensor_pct=val(TENSOR_METRIC), stalls=stalls[:3]))
+                        tensor_pct=val(TENSOR_METRIC), stalls=stalls[:3],
+                        smem_mwaves=val(TILE_METRICS[0]) / 1e6, l2_gb=val(TILE_METRICS[1]) / 1e9,
+                        minst=val(TILE_METRICS[2]) / 1e6))
     return out
