@@ -83,20 +83,43 @@ def get_kernel(filename: str, kernel: str, *, defines: tuple[str, ...] = (),
     """
     fn = _kernel(filename, kernel, tuple(defines), tuple(name_expressions))
     if max_dynamic_smem > 0:
-        cp = cupy()
-        optin = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-        limit = optin - fn.attributes["shared_size_bytes"]
+        limit = _dynamic_smem_limit(fn, cupy().cuda.runtime.getDevice())
         if max_dynamic_smem > limit:
             raise ValueError(f"{kernel} needs {max_dynamic_smem} B of dynamic shared memory; this GPU allows {limit} B")
-        if fn.max_dynamic_shared_size_bytes < limit:
-            fn.max_dynamic_shared_size_bytes = limit
     return fn
 
 
+_SMEM_LIMITS: dict = {}
+
+
+def _dynamic_smem_limit(fn, device: int) -> int:
+    """The dynamic shared memory ``fn`` may use on ``device``, raised to it once: a kernel launch happens
+    every few microseconds, and reading the device's and the function's attributes takes several."""
+    key = (id(fn), device)
+    limit = _SMEM_LIMITS.get(key)
+    if limit is None:
+        cp = cupy()
+        rt = cp.cuda.runtime
+        optin = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97), device)
+        limit = optin - fn.attributes["shared_size_bytes"]
+        if fn.max_dynamic_shared_size_bytes < limit:
+            fn.max_dynamic_shared_size_bytes = limit
+        _SMEM_LIMITS[key] = limit  # fn lives as long as the process (_kernel is memoised), so id(fn) stays its own
+    return limit
+
+
+_STREAMS: dict = {}
+
+
 def torch_stream():
-    """The CuPy view of torch's current CUDA stream, so kernels are ordered with torch work."""
+    """The CuPy view of torch's current CUDA stream, so kernels are ordered with torch work (one CuPy object per
+    stream, kept: building one per launch took several microseconds of a launch's ~20)."""
     import torch
 
-    cp = cupy()
-    return cp.cuda.Stream.from_external(torch.cuda.current_stream())
-
+    device = torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    ptr = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+    stream = _STREAMS.get((device, ptr))
+    if stream is None:
+        stream = _STREAMS[(device, ptr)] = cupy().cuda.ExternalStream(ptr, device)
+    return stream
