@@ -36,6 +36,9 @@
 #define MOBA_BWD_ROWS 64   // gathered rows per tile
 #define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16, or 4 pairs of warps x 16 at D = 256)
 #define MOBA_BWD_THREADS 128
+#ifndef MOBA_BWD_RS
+#define MOBA_BWD_RS 32     // gathered rows per S^T / dP^T step of a warp (warp pairs at D = 256: 16)
+#endif
 
 namespace moba_bwd {
 
@@ -164,6 +167,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   constexpr int NTHREADS = kBwdThreads<D>;
   constexpr int DT = D / 8;
   constexpr int DTW = DT / SPLIT;          // n-tiles (8 columns) of dK / dV per warp
+  constexpr int RS = SPLIT == 1 ? MOBA_BWD_RS : 16;  // gathered rows per S^T / dP^T step
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const unsigned sK = smem_u32(smem);
@@ -260,32 +264,38 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
 
     const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
     const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;
-    // 16 gathered rows at a time: S^T and dP^T (16 keys x 16 rows per warp), then dV, dK, dS^T.
+    // RS gathered rows at a time: S^T and dP^T (16 keys x RS rows per warp), then dV, dK, dS^T. The K and V
+    // A fragments of a k-step serve RS / 8 n-tiles of rows: RS = 32 loads them half as often as RS = 16.
 #pragma unroll 1
-    for (int c = 0; c < MOBA_BWD_ROWS / 16; ++c) {
-      float s[2][4], dp[2][4];
+    for (int c = 0; c < MOBA_BWD_ROWS / RS; ++c) {
+      constexpr int NT = RS / 8;  // n-tiles (8 rows) per step
+      float s[NT][4], dp[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
       if constexpr (SPLIT == 1) {
-#pragma unroll
+#pragma unroll 4  // 4 k-steps at a time: fully unrolled, the 32-row step spills at D = 128
         for (int ks = 0; ks < D / 16; ++ks) {
           unsigned ka[4], va[4];
           const int arow = warp * 16 + (lane & 15), ach = ks * 2 + (lane >> 4);
           ldmatrix_x4(sK + swz<D>(arow, ach), ka[0], ka[1], ka[2], ka[3]);
           ldmatrix_x4(sV + swz<D>(arow, ach), va[0], va[1], va[2], va[3]);
-          // B operands: rows c*16 .. c*16+15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
-          const int brow = c * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
-          unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
-          ldmatrix_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
-          ldmatrix_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
-          Elem<T>::mma(s[0], ka, qb0, qb1);
-          Elem<T>::mma(s[1], ka, qb2, qb3);
-          Elem<T>::mma(dp[0], va, gb0, gb1);
-          Elem<T>::mma(dp[1], va, gb2, gb3);
+#pragma unroll
+          for (int h = 0; h < RS / 16; ++h) {
+            // B operands: rows c*RS + h*16 .. + 15 as [n = row][k = d], k-step ks: matrices (nt, khalf)
+            const int brow = c * RS + h * 16 + ((lane >> 4) << 3) + (lane & 7), bch = ks * 2 + ((lane >> 3) & 1);
+            unsigned qb0, qb1, qb2, qb3, gb0, gb1, gb2, gb3;
+            ldmatrix_x4(sq + swz<D>(brow, bch), qb0, qb1, qb2, qb3);
+            ldmatrix_x4(sdo + swz<D>(brow, bch), gb0, gb1, gb2, gb3);
+            Elem<T>::mma(s[2 * h], ka, qb0, qb1);
+            Elem<T>::mma(s[2 * h + 1], ka, qb2, qb3);
+            Elem<T>::mma(dp[2 * h], va, gb0, gb1);
+            Elem<T>::mma(dp[2 * h + 1], va, gb2, gb3);
+          }
         }
       } else {
+        static_assert(RS == 16 || SPLIT == 1, "warp pairs trade 16-row fragments");
         // Pairs: warp dh = 0 computes S^T = K Q^T, warp dh = 1 dP^T = V dO^T (16 keys x 16 rows, all of D);
         // the two trade their raw fp32 fragments, so that both hold S and dP in the same fragment layout.
         // Buffers alternate with c: a warp rewrites one only after the pair's next barrier, which its
@@ -323,12 +333,12 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           }
         }
       }
-      // P and dS, element (key row kr0 (+8), gathered row c*16 + nt*8 + 2tq + (e&1)).
+      // P and dS, element (key row kr0 (+8), gathered row c*RS + nt*8 + 2tq + (e&1)).
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = c * 16 + nt * 8 + 2 * tq + (e & 1);
+          const int r = c * RS + nt * 8 + 2 * tq + (e & 1);
           const RowInfo ri = info[r];
           const int key = (e < 2) ? key_a : key_b;
           const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
@@ -336,38 +346,45 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           s[nt][e] = p;
           dp[nt][e] = p * (dp[nt][e] - ri.delta);
         }
-      unsigned pa[4], da[4];
-      pa[0] = Elem<T>::pack(s[0][0], s[0][1]);
-      pa[1] = Elem<T>::pack(s[0][2], s[0][3]);
-      pa[2] = Elem<T>::pack(s[1][0], s[1][1]);
-      pa[3] = Elem<T>::pack(s[1][2], s[1][3]);
-      da[0] = Elem<T>::pack(dp[0][0], dp[0][1]);
-      da[1] = Elem<T>::pack(dp[0][2], dp[0][3]);
-      da[2] = Elem<T>::pack(dp[1][0], dp[1][1]);
-      da[3] = Elem<T>::pack(dp[1][2], dp[1][3]);
+      unsigned pa[RS / 16][4], da[RS / 16][4];  // A fragments (16 keys x 16 rows) of each 16-row half
+#pragma unroll
+      for (int h = 0; h < RS / 16; ++h) {
+        pa[h][0] = Elem<T>::pack(s[2 * h][0], s[2 * h][1]);
+        pa[h][1] = Elem<T>::pack(s[2 * h][2], s[2 * h][3]);
+        pa[h][2] = Elem<T>::pack(s[2 * h + 1][0], s[2 * h + 1][1]);
+        pa[h][3] = Elem<T>::pack(s[2 * h + 1][2], s[2 * h + 1][3]);
+        da[h][0] = Elem<T>::pack(dp[2 * h][0], dp[2 * h][1]);
+        da[h][1] = Elem<T>::pack(dp[2 * h][2], dp[2 * h][3]);
+        da[h][2] = Elem<T>::pack(dp[2 * h + 1][0], dp[2 * h + 1][1]);
+        da[h][3] = Elem<T>::pack(dp[2 * h + 1][2], dp[2 * h + 1][3]);
+      }
       // dS^T to shared memory (4-byte stores; rows = keys, 64 gathered rows of 2 bytes per key row).
       if (SPLIT == 1 || dh == 0) {
         const unsigned base = sdS + 4 * tq;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int chunk = c * 2 + nt;
-          st_shared_b32(base + swz<64>(kr0, chunk), da[2 * nt]);
-          st_shared_b32(base + swz<64>(kr0 + 8, chunk), da[2 * nt + 1]);
+        for (int nt = 0; nt < NT; ++nt) {
+          const int chunk = c * NT + nt;
+          const int h = nt >> 1, o = (nt & 1) * 2;
+          st_shared_b32(base + swz<64>(kr0, chunk), da[h][o]);
+          st_shared_b32(base + swz<64>(kr0 + 8, chunk), da[h][o + 1]);
         }
       }
-      // dV += P^T dO, dK += dS^T Q  (B = rows c*16.. as [k = row][n = d] via ldmatrix.trans), this warp's
-      // columns
+      // dV += P^T dO, dK += dS^T Q  (B = rows c*RS + h*16.. as [k = row][n = d] via ldmatrix.trans), this
+      // warp's columns
 #pragma unroll
-      for (int dpair = 0; dpair < DTW / 2; ++dpair) {
-        const int row = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int ch = (dh * (DTW / 2) + dpair) * 2 + (lane >> 4);
-        unsigned b0, b1, b2, b3;
-        ldmatrix_x4_trans(sdo + swz<D>(row, ch), b0, b1, b2, b3);
-        Elem<T>::mma(dv[2 * dpair], pa, b0, b1);
-        Elem<T>::mma(dv[2 * dpair + 1], pa, b2, b3);
-        ldmatrix_x4_trans(sq + swz<D>(row, ch), b0, b1, b2, b3);
-        Elem<T>::mma(dk[2 * dpair], da, b0, b1);
-        Elem<T>::mma(dk[2 * dpair + 1], da, b2, b3);
+      for (int h = 0; h < RS / 16; ++h) {
+#pragma unroll
+        for (int dpair = 0; dpair < DTW / 2; ++dpair) {
+          const int row = c * RS + h * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int ch = (dh * (DTW / 2) + dpair) * 2 + (lane >> 4);
+          unsigned b0, b1, b2, b3;
+          ldmatrix_x4_trans(sdo + swz<D>(row, ch), b0, b1, b2, b3);
+          Elem<T>::mma(dv[2 * dpair], pa[h], b0, b1);
+          Elem<T>::mma(dv[2 * dpair + 1], pa[h], b2, b3);
+          ldmatrix_x4_trans(sq + swz<D>(row, ch), b0, b1, b2, b3);
+          Elem<T>::mma(dk[2 * dpair], da[h], b0, b1);
+          Elem<T>::mma(dk[2 * dpair + 1], da[h], b2, b3);
+        }
       }
     }
     __syncthreads();  // dS^T complete
