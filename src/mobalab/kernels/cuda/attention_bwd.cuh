@@ -36,9 +36,6 @@
 #define MOBA_BWD_ROWS 64   // gathered rows per tile
 #define MOBA_BWD_KEYS 64   // keys per CTA (4 warps x 16, or 4 pairs of warps x 16 at D = 256)
 #define MOBA_BWD_THREADS 128
-#ifndef MOBA_BWD_HT
-#define MOBA_BWD_HT 8      // n-tiles (8 columns of D) per dQ pass where D allows (else 4)
-#endif
 #ifndef MOBA_BWD_RS
 #define MOBA_BWD_RS 32     // gathered rows per S^T / dP^T step of a warp (warp pairs at D = 256: 16)
 #endif
@@ -404,15 +401,13 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       if (r1 < count) dst1 = s_pair[r1] * D;
     }
     float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
-    // n-tiles (of 8 columns) per pass: 64 columns where DTW allows, else 32. A wider pass reloads the dS A
-    // fragments half as often and keeps 8 independent MMA chains in flight instead of 4.
-    constexpr int HT = DTW % MOBA_BWD_HT == 0 ? MOBA_BWD_HT : 4;
 #pragma unroll 1
-    for (int half = dh * (DTW / HT); half < (dh + 1) * (DTW / HT); ++half) {
+    for (int half = dh * (DTW / 4); half < (dh + 1) * (DTW / 4); ++half) {
+      constexpr int HT = 4;  // n-tiles (of 8 columns) per pass: 32 columns of D
       float acc[HT][4];
 #pragma unroll
       for (int i = 0; i < HT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll 2  // fully unrolled, a 64-column pass spills at D = 128
+#pragma unroll
       for (int kk = 0; kk < MOBA_BWD_KEYS / 16; ++kk) {
         unsigned a[4];
         // A = dS (m = gathered row, k = key) from dS^T storage: matrix j = (m half j&1, k half j>>1)
@@ -429,34 +424,30 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           Elem<T>::mma(acc[2 * dpair + 1], a, b2, b3);
         }
       }
-      // mode 2 (add): the old values of 4 n-tiles are loaded before any of their stores, so those loads are in
-      // flight together (with stores in between, possible aliasing would serialise the load-store round trips);
-      // 4 at a time keeps a 64-column pass within the registers.
+      // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
+      // (with stores in between, possible aliasing would serialise eight load-store round trips).
+      float2 old0[HT], old1[HT];
 #pragma unroll
-      for (int n0 = 0; n0 < HT; n0 += 4) {
-        float2 old0[4], old1[4];
+      for (int nt = 0; nt < HT; ++nt) {
+        const int col = (half * HT + nt) * 8 + 2 * tq;
+        old0[nt] = old1[nt] = make_float2(0.f, 0.f);
+        if (dq_mode == 2 && dst0 >= 0) old0[nt] = *reinterpret_cast<const float2*>(dq_base + dst0 + col);
+        if (dq_mode == 2 && dst1 >= 0) old1[nt] = *reinterpret_cast<const float2*>(dq_base + dst1 + col);
+      }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int col = (half * HT + n0 + u) * 8 + 2 * tq;
-          old0[u] = old1[u] = make_float2(0.f, 0.f);
-          if (dq_mode == 2 && dst0 >= 0) old0[u] = *reinterpret_cast<const float2*>(dq_base + dst0 + col);
-          if (dq_mode == 2 && dst1 >= 0) old1[u] = *reinterpret_cast<const float2*>(dq_base + dst1 + col);
+      for (int nt = 0; nt < HT; ++nt) {
+        const int col = (half * HT + nt) * 8 + 2 * tq;
+        if (dst0 >= 0) {
+          float* p = dq_base + dst0 + col;
+          const float a = acc[nt][0] * scale, b = acc[nt][1] * scale;
+          if (dq_mode == 0) red_add2(p, a, b);
+          else *reinterpret_cast<float2*>(p) = make_float2(old0[nt].x + a, old0[nt].y + b);
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int nt = n0 + u, col = (half * HT + nt) * 8 + 2 * tq;
-          if (dst0 >= 0) {
-            float* p = dq_base + dst0 + col;
-            const float a = acc[nt][0] * scale, b = acc[nt][1] * scale;
-            if (dq_mode == 0) red_add2(p, a, b);
-            else *reinterpret_cast<float2*>(p) = make_float2(old0[u].x + a, old0[u].y + b);
-          }
-          if (dst1 >= 0) {
-            float* p = dq_base + dst1 + col;
-            const float a = acc[nt][2] * scale, b = acc[nt][3] * scale;
-            if (dq_mode == 0) red_add2(p, a, b);
-            else *reinterpret_cast<float2*>(p) = make_float2(old1[u].x + a, old1[u].y + b);
-          }
+        if (dst1 >= 0) {
+          float* p = dq_base + dst1 + col;
+          const float a = acc[nt][2] * scale, b = acc[nt][3] * scale;
+          if (dq_mode == 0) red_add2(p, a, b);
+          else *reinterpret_cast<float2*>(p) = make_float2(old1[nt].x + a, old1[nt].y + b);
         }
       }
     }
