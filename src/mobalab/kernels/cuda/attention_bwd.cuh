@@ -21,9 +21,14 @@
 // 8 warps in pairs (kBwdSplit): warps w and w + 4 share keys 16 (w & 3) .. and own columns 0 .. 127 and
 // 128 .. 255 of their dK, dV and of the dQ rows; one of the pair computes S^T = K Q^T, the other
 // dP^T = V dO^T (each over all of D), they trade the fp32 fragments (1 KB per warp) through shared memory
-// behind a 64-thread named barrier, and both form P and dS. Per warp and 16-row step the pair layout does
-// exactly what a D = 128 warp does: 2048 * 128 FLOP (S^T, dP^T, dV, dK) against 192 * 128 bytes of ldmatrix
-// (10.7 FLOP/B, as at every D), with 128 accumulator registers (254 in all).
+// behind a 64-thread named barrier, and both form P and dS, in steps of 16 gathered rows: per warp and step
+// 2048 * 128 FLOP (S^T, dP^T, dV, dK) against 192 * 128 bytes of ldmatrix (10.7 FLOP/B), with 128 accumulator
+// registers (254 in all). Up to D = 128 a warp takes 32 gathered rows per step (MOBA_BWD_RS), so that each K and
+// V fragment serves 32 rows: 4096 * 128 FLOP against 320 * 128 bytes (12.8 FLOP/B). Measured on an H200 against
+// 16-row steps (interleaved, backward at 8K and 64K): 6% faster at D = 128, 10% at D = 64. Passes of 64 dQ
+// columns instead of 32 (8 MMA chains, the dS fragments loaded half as often) measured within 2% either way and
+// were not kept. Against FlashMoBA's backward (same tiles of 64 gathered rows, same mma.sync, 1.86x fewer
+// instructions issued for the same tensor work) see docs/design.md, "Backward".
 // Shared memory: K, V, 2 x Q, 2 x dO tiles of 64 x D (768 D bytes), dS^T 8 KB, 3 x 64 row records 3 KB:
 // 35 / 59 / 83 / 107 / 203 KB at D = 32 / 64 / 96 / 128 / 256, plus 16 KB of static exchange buffer at
 // D = 256: two 4-warp CTAs per SM up to D = 128, one 8-warp CTA at D = 256 (the same 8 warps per SM).
