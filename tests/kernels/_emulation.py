@@ -81,7 +81,7 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
             assert a == 0, (launch.kernel, a)
             args.append("z:0")
         else:
-            assert isinstance(a, np.int32), (launch.kernel, a)
+            assert isinstance(a, (np.int32, np.int64)), (launch.kernel, a)
             args.append(f"i:{int(a)}")
     return args
 
@@ -89,7 +89,7 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
 def run_emulated(exe: Path, workdir: Path, launches, seed: int, *, null_pointers: bool = False) -> None:
     """Execute ``launches`` (``_launch.Launch``) in the manifest harness ``exe``, launch
     l with seed ``seed + l``; every tensor they name is updated in place. Arguments are tensors (contiguous),
-    np.int32, np.float32 and, with ``null_pointers``, the int 0 (a null pointer)."""
+    np.int32, np.int64, np.float32 and, with ``null_pointers``, the int 0 (a null pointer)."""
     storages: dict[int, torch.Tensor] = {}
     tokens = [(launch, _arg_tokens(launch, storages, null_pointers)) for launch in launches]
     lines = [f"seed {seed}", f"buffers {len(storages)}"]

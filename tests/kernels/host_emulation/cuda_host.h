@@ -98,9 +98,11 @@ inline unsigned __float_as_uint(float f) {
 // 16-bit float types: storage only, converted exactly as the CUDA intrinsics do (round to nearest even).
 struct __nv_bfloat16 {
     unsigned short x;
+    explicit operator float() const;  // static_cast<float>, as the CUDA types allow
 };
 struct __half {
     unsigned short x;
+    explicit operator float() const;
 };
 inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.x << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
@@ -122,6 +124,8 @@ inline __half __float2half_rn(float f) {
     return h;
 }
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __nv_bfloat16::operator float() const { return __bfloat162float(*this); }
+inline __half::operator float() const { return __half2float(*this); }
 inline __half __ushort_as_half(unsigned short u) { return {u}; }
 
 namespace emu {

@@ -107,8 +107,21 @@ inline void ldmatrix_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigne
     emu::ldsm_x4(addr, true, r0, r1, r2, r3);
 }
 
+inline unsigned pack2(float lo, float hi, __nv_bfloat16) {
+    return (unsigned)__float2bfloat16_rn(lo).x | ((unsigned)__float2bfloat16_rn(hi).x << 16);
+}
+inline unsigned pack2(float lo, float hi, __half) {
+    return (unsigned)__float2half_rn(lo).x | ((unsigned)__float2half_rn(hi).x << 16);
+}
+inline __nv_bfloat16 from_float(float x, __nv_bfloat16) { return __float2bfloat16_rn(x); }
+inline __half from_float(float x, __half) { return __float2half_rn(x); }
+
 template <typename T>
 struct Elem {
+    static float to_float(T x) { return static_cast<float>(x); }
+    static T from_float(float x) { return moba::from_float(x, T()); }
+    // two floats rounded to nearest (even) into one b32 register, lo in the low half
+    static unsigned pack(float lo, float hi) { return pack2(lo, hi, T()); }
     static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
         emu::mma_k<T>(c, a, b0, b1, 16);
     }

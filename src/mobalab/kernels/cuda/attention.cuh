@@ -379,7 +379,7 @@ __device__ __forceinline__ void attn_tile(const void* q_, const void* k_, const 
   constexpr int SPLIT = kFwdSplit<D>;
   constexpr int NTHREADS = kFwdThreads<D>;
   constexpr int DT = D / 8 / SPLIT;  // n-tiles of O per warp
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOBA_DYNAMIC_SMEM(smem);
   unsigned char* sQ = smem;                    // ROWS x D
   unsigned char* sK = sQ + MOBA_ROWS * D * 2;  // 2 x KT x D
   unsigned char* sV = sK + 2 * KT * D * 2;     // 2 x KT x D
@@ -482,7 +482,7 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   constexpr int DT = D / 8 / SPLIT;
   constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
   constexpr unsigned Q_BYTES = MOBA_ROWS * D * 2;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOBA_DYNAMIC_SMEM(smem);
   __shared__ long long s_qoff[UNIT];
   __shared__ long long s_pair[UNIT];
   __shared__ int s_t[UNIT];

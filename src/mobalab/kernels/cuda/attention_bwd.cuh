@@ -174,7 +174,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   constexpr int DTW = DT / SPLIT;          // n-tiles (8 columns) of dK / dV per warp
   constexpr int RS = SPLIT == 1 ? MOBA_BWD_RS : 16;  // gathered rows per S^T / dP^T step
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOBA_DYNAMIC_SMEM(smem);
   const unsigned sK = smem_u32(smem);
   const unsigned sV = sK + TILE_BYTES;
   const unsigned sQ = sV + TILE_BYTES;             // 2 buffers

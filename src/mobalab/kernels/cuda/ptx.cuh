@@ -19,6 +19,11 @@
 #endif
 #define MOBA_HAS_HEAD_DIM(d) (MOBA_HEAD_DIM == 0 || MOBA_HEAD_DIM == (d))
 
+// The dynamic shared memory of the attention kernels (the host emulation of the tests puts its own in place).
+#ifndef MOBA_DYNAMIC_SMEM
+#define MOBA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace moba {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

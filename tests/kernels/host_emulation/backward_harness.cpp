@@ -1,0 +1,31 @@
+// Runs the launches of the attention backward (cuda/attention_bwd.cu: delta, row records, the main tile kernel, the
+// deterministic dQ merge) and the index kernels it shares with the forward (cuda/attention.cu: keys, bounds) on
+// the host, for tests without a GPU.
+//
+//   backward_harness MANIFEST
+//
+// MANIFEST: the launch manifest of harness_io.h. The kernel texts are the sources as NVRTC sees them
+// (_build.source) with ptx.cuh skipped: attention_model.h and ptx_host_model.h (ldmatrix.x4, mma.sync m16n8k16)
+// stand for it. Those are warp-wide: every lane publishes its operands in a per-thread slot, the warp meets at
+// __syncwarp, and each lane assembles what the PTX ISA fragment layouts give it, so a wrong fragment mapping,
+// swizzle or warp tile gives wrong gradients. Products of two 16-bit values are exact in fp32; the 16 of one
+// k-step are summed in fp32 in k order.
+#include "harness_io.h"
+#include "attention_model.h"
+
+#include "attention_kernels.cu"
+#include "attention_bwd_kernels.cu"
+
+namespace {
+
+using harness::Arg;
+using harness::I;
+using harness::P;
+
+const harness::Kernels kKernels = {
+#include "backward_kernel_table.inc"
+};
+
+}  // namespace
+
+int main(int argc, char** argv) { return harness::run_manifest("backward_harness", argc, argv, kKernels); }

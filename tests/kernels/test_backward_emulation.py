@@ -1,0 +1,152 @@
+"""The attention backward's kernels (cuda/attention_bwd.cu, with the key-block lists of cuda/attention.cu) run on
+the host: the gradients against autograd through the fp32 reference, no GPU.
+
+``host_emulation/backward_harness.cpp`` runs the kernel texts as NVRTC sees them, with every CUDA thread a
+coroutine (cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread waits,
+poisoned shared memory, AddressSanitizer); ldmatrix.x4 and mma.sync m16n8k16 are modelled warp-wide from the PTX
+ISA fragment layouts, and the shared-memory swizzle is ptx.cuh's own. The whole backward wrapper runs as a user
+calls it (``_cuda_backward``'s chunk plan, the torch sort of the key-block lists, every launch exactly as planned:
+grid, threads, shared-memory size, arguments checked against the signature), with each launch executed by the
+harness, on CPU tensors; torch.empty returns NaN-filled tensors, so an element no kernel writes shows.
+Criterion: the GPU tests' (conftest.GpuOracle), max|g - g_ref| <= 3 max|g_torch_lowprec - g_ref| + floor. What this
+cannot show (PTX, register allocation, races between CTAs, speed) is left to the GPU tests
+(tests/kernels/test_backward_gpu.py) and the compile tests. Head dim 256 (warp pairs behind named barriers) is not
+emulated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import _cuda_backward as CB
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import signatures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
+
+from conftest import GpuOracle  # noqa: E402
+
+pytestmark = NEEDS_CXX
+
+HEAD_DIMS = (32, 64, 128)  # built into the harness (every head dim would double its compile time)
+_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
+
+
+def _table(files: tuple[str, ...]) -> str:
+    """One kernel-table line per kernel of ``files`` that the harness builds: head-dim-free ones and HEAD_DIMS."""
+    lines = []
+    for f in files:
+        for name, params in signatures(f).items():
+            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
+            if dim.isdigit() and int(dim) not in HEAD_DIMS:
+                continue
+            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
+                             for i, p in enumerate(params))
+            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {name}({args}); }}}}}},')
+    return "\n".join(lines) + "\n"
+
+
+def _swizzle_header() -> str:
+    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
+    text = source("ptx.cuh")
+    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
+    end = text.index("#define MOBA_SWZ_COL")
+    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
+
+
+def _kernel_files() -> dict[str, str]:
+    return {"attention_kernels.cu": source("attention.cu"), "attention_bwd_kernels.cu": source("attention_bwd.cu"),
+            "backward_kernel_table.inc": _table(("attention.cu", "attention_bwd.cu")),
+            "ptx_swizzle.h": _swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+_DIMS_FLAG = "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in HEAD_DIMS) + ")"
+harness = harness_fixture("backward_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
+
+
+@pytest.fixture
+def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
+    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)``: the backward wrapper with
+    every launch run by the harness (the torch sort for the key-block lists)."""
+    monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
+    launched = []
+
+    def emulate(plan):
+        run_emulated(harness, tmp_path, [plan], seed=len(launched))
+        launched.append(plan.kernel)
+
+    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None):
+        with monkeypatch.context() as m:
+            m.setattr(CB, "launch", emulate)
+            m.setattr(A, "launch", emulate)
+            with poisoned_empty():
+                grads = CB._backward(dout, q, k, v, out, lse, topk, block, top_k, causal, q.shape[-1] ** -0.5,
+                                     deterministic, None, budget, None, False, None)
+        return grads, list(launched)
+
+    return run
+
+
+def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, seqlen, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
+
+
+CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, deterministic
+    (torch.bfloat16, 64, 16, True, 150, 3, 2, 1, False),    # N % B != 0, GQA 2, blocks of 16 keys in a 64-key tile
+    (torch.float16, 32, 64, False, 200, 2, 1, 1, False),    # non-causal, N % B != 0
+    (torch.bfloat16, 128, 128, True, 300, 2, 2, 2, True),   # two 64-key sub-tiles, deterministic dQ (modes 1, 2)
+    (torch.float16, 64, 32, True, 20, 4, 2, 1, False),      # N < B, k >= n
+    (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, False),    # k >= n blocks, GQA 4: rows of 4 query heads per tile
+]
+
+
+def _case_id(c) -> str:
+    dtype, dim, block, causal, n, k, h, hk, det = c
+    return (f"{str(dtype).split('.')[-1]}-d{dim}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+            f"{'-det' if det else ''}")
+
+
+def _check(grads, q, k, v, dout, topk, block, causal, label):
+    ref = GpuOracle.oracle_grads(q, k, v, dout, topk, block, causal)
+    low = GpuOracle.lowp_grads(q, k, v, dout, topk, block, causal)
+    for name, g, r, lo, x in zip("qkv", grads, ref, low, (q, k, v), strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{label}: d{name} {g.dtype} {tuple(g.shape)}"
+        assert torch.isfinite(g).all(), f"{label}: non-finite d{name} (unwritten or NaN)"
+        GpuOracle.assert_within_torch_error(g, r, lo, factor=3, floor=1e-4 * (1.0 + r.abs().max().item()),
+                                            label=f"{label}: d{name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_emulated_gradients_match_oracle(emulated_backward, case):
+    dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, det = case
+    q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + dim)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
+    grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det)
+    main = f"moba_bwd_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{dim}"
+    assert main in launched and ("moba_bwd_dq_merge" in " ".join(launched)) == det
+    _check(grads, q, k, v, dout, topk, block, causal, _case_id(case))
+
+
+def test_emulated_chunks_that_split_the_query_range(emulated_backward):
+    """A scratch budget that splits each sequence's queries over several chunks: dK and dV accumulate in fp32 over
+    the chunks (store, then add) before their conversion."""
+    dtype, dim, block, top_k = torch.bfloat16, 64, 32, 3
+    q, k, v, dout = _inputs(2, 250, 2, 1, dim, dtype, seed=5)
+    topk = reference.moba_topk(q, k, block, top_k, causal=True)
+    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=True)
+    budget = 100 * 2 * top_k * CB.bwd_bytes_per_pair(dim, False)  # about 100 queries of one kv group per chunk
+    chunks = CB.bwd_plan(2, 250, 2, 1, dim, top_k, False, budget)
+    assert len(chunks) > 2 and any(c.t0 > 0 for c in chunks)
+    grads, _ = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, True, budget=budget)
+    _check(grads, q, k, v, dout, topk, block, True, "chunked")
+
