@@ -242,11 +242,11 @@ class GpuOracle:
         assert torch.isfinite(out).all(), f"{label}: non-finite output (unwritten or NaN)"
         assert torch.isfinite(lse).all(), f"{label}: non-finite lse"
         if seqlen > cls.SAMPLE_ABOVE:
-            g = torch.Generator(device="cuda").manual_seed(seqlen)
-            rows = torch.cat([torch.arange(4, device="cuda"), torch.arange(seqlen - 4, seqlen, device="cuda"),
-                              torch.randint(0, seqlen, (504,), device="cuda", generator=g)])
+            g = torch.Generator(device=q.device).manual_seed(seqlen)
+            rows = torch.cat([torch.arange(4, device=q.device), torch.arange(seqlen - 4, seqlen, device=q.device),
+                              torch.randint(0, seqlen, (504,), device=q.device, generator=g)])
         else:
-            rows = torch.arange(seqlen, device="cuda")
+            rows = torch.arange(seqlen, device=q.device)
         ref, ref_lse = cls.oracle(q, k, v, topk, block, causal, scale)
         ref, ref_lse = ref[:, rows], ref_lse[:, rows]
         low = cls.lowp_rows(q, k, v, topk, block, causal, scale, rows)

@@ -2,7 +2,7 @@
 // deterministic dQ merge) and the index kernels it shares with the forward (cuda/attention.cu: keys, bounds) on
 // the host, for tests without a GPU.
 //
-//   backward_harness MANIFEST
+//   attention_harness MANIFEST
 //
 // MANIFEST: the launch manifest of harness_io.h. The kernel texts are the sources as NVRTC sees them
 // (_build.source) with ptx.cuh skipped: attention_model.h and ptx_host_model.h (ldmatrix.x4, mma.sync m16n8k16)
@@ -23,9 +23,9 @@ using harness::I;
 using harness::P;
 
 const harness::Kernels kKernels = {
-#include "backward_kernel_table.inc"
+#include "attention_kernel_table.inc"
 };
 
 }  // namespace
 
-int main(int argc, char** argv) { return harness::run_manifest("backward_harness", argc, argv, kKernels); }
+int main(int argc, char** argv) { return harness::run_manifest("attention_harness", argc, argv, kKernels); }

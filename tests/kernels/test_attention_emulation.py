@@ -1,17 +1,19 @@
-"""The attention backward's kernels (cuda/attention_bwd.cu, with the key-block lists of cuda/attention.cu) run on
-the host: the gradients against autograd through the fp32 reference, no GPU.
+"""The attention kernels (cuda/attention.cu: the forward tile kernels, resident and streaming, their merge and the
+key-block lists; cuda/attention_bwd.cu: the backward) run on the host: outputs and gradients against the fp32
+reference, no GPU.
 
-``host_emulation/backward_harness.cpp`` runs the kernel texts as NVRTC sees them, with every CUDA thread a
+``host_emulation/attention_harness.cpp`` runs the kernel texts as NVRTC sees them, with every CUDA thread a
 coroutine (cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread waits,
 poisoned shared memory, AddressSanitizer); ldmatrix.x4 and mma.sync m16n8k16 are modelled warp-wide from the PTX
-ISA fragment layouts, and the shared-memory swizzle is ptx.cuh's own. The whole backward wrapper runs as a user
-calls it (``_cuda_backward``'s chunk plan, the torch sort of the key-block lists, every launch exactly as planned:
-grid, threads, shared-memory size, arguments checked against the signature), with each launch executed by the
-harness, on CPU tensors; torch.empty returns NaN-filled tensors, so an element no kernel writes shows.
-Criterion: the GPU tests' (conftest.GpuOracle), max|g - g_ref| <= 3 max|g_torch_lowprec - g_ref| + floor. What this
-cannot show (PTX, register allocation, races between CTAs, speed) is left to the GPU tests
-(tests/kernels/test_backward_gpu.py) and the compile tests. Head dim 256 (warp pairs behind named barriers) is not
-emulated.
+ISA fragment layouts, and the shared-memory swizzle is ptx.cuh's own. The forward and backward wrappers run as a
+user calls them (the chunk plan, the torch sort of the key-block lists, every launch exactly as planned: grid,
+threads, shared-memory size, arguments checked against the signature), with each launch executed by the harness,
+on CPU tensors, the routing given; torch.empty returns NaN-filled tensors, so an element no kernel writes shows.
+Criteria: the GPU tests' (conftest.GpuOracle): the forward within 2x, the gradients within 3x the error of the same
+computation in torch's low precision, plus a floor. What this cannot show (PTX, register allocation, races between
+CTAs, speed) is left to the GPU tests (tests/kernels/test_attention_gpu.py, test_backward_gpu.py) and the compile
+tests. Not emulated: head dim 256 (warp pairs behind named barriers), the fp32 partial format (a build option),
+the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma kernels.
 """
 
 from __future__ import annotations
@@ -63,24 +65,100 @@ def _swizzle_header() -> str:
 
 def _kernel_files() -> dict[str, str]:
     return {"attention_kernels.cu": source("attention.cu"), "attention_bwd_kernels.cu": source("attention_bwd.cu"),
-            "backward_kernel_table.inc": _table(("attention.cu", "attention_bwd.cu")),
+            "attention_kernel_table.inc": _table(("attention.cu", "attention_bwd.cu")),
             "ptx_swizzle.h": _swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
 
 
 _DIMS_FLAG = "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in HEAD_DIMS) + ")"
-harness = harness_fixture("backward_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
+harness = harness_fixture("attention_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
+
+
+def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, seqlen, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
+
+
+def _case_id(c) -> str:
+    dtype, dim, block, causal, n, k, h, hk, det = c
+    return (f"{str(dtype).split('.')[-1]}-d{dim}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+            f"{'-det' if det else ''}")
 
 
 @pytest.fixture
-def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
-    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)``: the backward wrapper with
-    every launch run by the harness (the torch sort for the key-block lists)."""
+def emulate(harness, tmp_path, monkeypatch):
+    """A stand-in for ``launch`` that runs a plan in the harness (which is built without defines, so a plan
+    that needs some would run a different kernel: refused), and the names it ran."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
+    monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
     launched = []
 
-    def emulate(plan):
+    def run(plan):
+        assert not plan.defines, f"{plan.kernel} needs build options {plan.defines}; the harness has none"
         run_emulated(harness, tmp_path, [plan], seed=len(launched))
         launched.append(plan.kernel)
+
+    run.launched = launched
+    return run
+
+
+@pytest.fixture
+def emulated_forward(emulate, monkeypatch, poisoned_empty):
+    """``run(q, k, v, topk, block, top_k, causal, variant, budget)`` -> (out, lse, kernels run): the forward wrapper
+    with the routing given and every launch run by the harness."""
+
+    def run(q, k, v, topk, block, top_k, causal, variant, budget=None):
+        with monkeypatch.context() as m:
+            m.setattr(A, "launch", emulate)
+            with poisoned_empty():
+                out, lse = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, variant,
+                                      budget, A.resolve_partial(None), None, False)
+        return out, lse, list(emulate.launched)
+
+    return run
+
+
+FORWARD_CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, variant
+    (torch.bfloat16, 64, 16, True, 150, 3, 2, 1, "resident"),    # N % B != 0, GQA 2, blocks of 16 keys
+    (torch.float16, 32, 64, False, 200, 2, 1, 1, "streaming"),   # non-causal, the streaming kernel
+    (torch.bfloat16, 128, 128, True, 300, 2, 2, 2, "streaming"),  # two 64-key steps per block
+    (torch.float16, 64, 32, True, 20, 4, 2, 1, "resident"),      # N < B, k >= n
+    (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, "auto"),        # k >= n blocks, GQA 4
+]
+
+
+def _forward_id(c) -> str:
+    return _case_id((*c[:8], False)) + f"-{c[8]}"
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=[_forward_id(c) for c in FORWARD_CASES])
+def test_emulated_forward_matches_oracle(emulated_forward, case):
+    dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, variant = case
+    q, k, v, _ = _inputs(1, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + dim)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse, launched = emulated_forward(q, k, v, topk, block, top_k, causal, A.resolve_variant(variant, dim, block))
+    tile = A.kernel_names(dtype, dim, block, A.resolve_variant(variant, dim, block))[0]
+    assert tile in launched and any(n.startswith("moba_attn_merge") for n in launched)
+    GpuOracle.check_forward(q, k, v, topk, block, causal, out, lse, label=_forward_id(case))
+
+
+def test_emulated_forward_over_chunks(emulated_forward):
+    """A scratch budget that splits each sequence's queries over several chunks (each chunk's lists, tiles and
+    merge): the same output as one pass within the criterion."""
+    dtype, dim, block, top_k = torch.bfloat16, 64, 32, 3
+    q, k, v, _ = _inputs(2, 250, 2, 1, dim, dtype, seed=6)
+    topk = reference.moba_topk(q, k, block, top_k, causal=True)
+    budget = 100 * 2 * top_k * A.bytes_per_pair(dim)  # about 100 queries of one kv group per chunk
+    chunks = A.plan_chunks(2, 250, 2, 1, dim, top_k, budget)
+    assert len(chunks) > 2 and any(c.t0 > 0 for c in chunks)
+    out, lse, _ = emulated_forward(q, k, v, topk, block, top_k, True, "resident", budget)
+    GpuOracle.check_forward(q, k, v, topk, block, True, out, lse, label="chunked")
+
+
+@pytest.fixture
+def emulated_backward(emulate, monkeypatch, poisoned_empty):
+    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
+    run): the backward wrapper with every launch run by the harness."""
 
     def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None):
         with monkeypatch.context() as m:
@@ -89,14 +167,11 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
             with poisoned_empty():
                 grads = CB._backward(dout, q, k, v, out, lse, topk, block, top_k, causal, q.shape[-1] ** -0.5,
                                      deterministic, None, budget, None, False, None)
-        return grads, list(launched)
+        return grads, list(emulate.launched)
 
     return run
 
 
-def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, seqlen, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
 
 
 CASES = [
@@ -109,10 +184,6 @@ CASES = [
 ]
 
 
-def _case_id(c) -> str:
-    dtype, dim, block, causal, n, k, h, hk, det = c
-    return (f"{str(dtype).split('.')[-1]}-d{dim}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
-            f"{'-det' if det else ''}")
 
 
 def _check(grads, q, k, v, dout, topk, block, causal, label):
