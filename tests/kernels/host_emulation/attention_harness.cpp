@@ -1,6 +1,6 @@
-// Runs the launches of the attention backward (cuda/attention_bwd.cu: delta, row records, the main tile kernel, the
-// deterministic dQ merge) and the index kernels it shares with the forward (cuda/attention.cu: keys, bounds) on
-// the host, for tests without a GPU.
+// Runs the launches of the attention kernels on the host, for tests without a GPU: cuda/attention.cu (the forward
+// tile kernels, resident and streaming, the merge, and the key-block list kernels: keys, bounds, segments) and
+// cuda/attention_bwd.cu (delta, row records, the backward tile kernel, the deterministic dQ merge).
 //
 //   attention_harness MANIFEST
 //
@@ -8,7 +8,7 @@
 // (_build.source) with ptx.cuh skipped: attention_model.h and ptx_host_model.h (ldmatrix.x4, mma.sync m16n8k16)
 // stand for it. Those are warp-wide: every lane publishes its operands in a per-thread slot, the warp meets at
 // __syncwarp, and each lane assembles what the PTX ISA fragment layouts give it, so a wrong fragment mapping,
-// swizzle or warp tile gives wrong gradients. Products of two 16-bit values are exact in fp32; the 16 of one
+// swizzle or warp tile gives wrong outputs or gradients. Products of two 16-bit values are exact in fp32; the 16 of one
 // k-step are summed in fp32 in k order.
 #include "harness_io.h"
 #include "attention_model.h"

@@ -1,4 +1,4 @@
-// What the attention harness (attention_harness) models of ptx.cuh, included before the kernel text:
+// What attention_harness models of ptx.cuh, included before the kernel text:
 // ptx_host_model.h (ptx.cuh's text skipped, shared addresses, ldmatrix and mma.sync), the head dims EMU_HEAD_DIM_OK
 // names (default all), the
 // swizzle ptx.cuh's own swz_chunk / swz (ptx_swizzle.h, taken from ptx.cuh by the tests), the dynamic shared
