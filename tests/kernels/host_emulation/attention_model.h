@@ -1,12 +1,11 @@
-// What attention_harness models of ptx.cuh, included before the kernel text:
-// ptx_host_model.h (ptx.cuh's text skipped, shared addresses, ldmatrix and mma.sync), the head dims EMU_HEAD_DIM_OK
-// names (default all), the
-// swizzle ptx.cuh's own swz_chunk / swz (ptx_swizzle.h, taken from ptx.cuh by the tests), the dynamic shared
-// memory the launch's and static __shared__ arrays function-local statics (one CTA runs at a time, so every thread
-// of it sees the same array); in namespace moba the float constants, cp.async through cuda_host.h (landing only
-// when the issuing thread waits; a source size of 0 zero-fills), st.shared, and the vector
-// fp32 atomic add as a plain add (the CTAs run one after another). Named barriers (the warp pairs of head dim
-// 256) are not modelled: a kernel that reaches one stops the run.
+// What attention_harness models of ptx.cuh, included before the kernel text: ptx_host_model.h (ptx.cuh's text
+// skipped: shared addresses, ldmatrix, mma.sync, the float constants and cp.async), the head dims EMU_HEAD_DIM_OK
+// names (default all), the swizzle ptx.cuh's own swz_chunk / swz (ptx_swizzle.h, taken from ptx.cuh by the
+// tests), the dynamic shared memory the launch's and static __shared__ arrays function-local statics (one CTA runs
+// at a time, so every thread of it sees the same array); in namespace moba cp.async with a source size (0
+// zero-fills), st.shared, and the vector fp32 atomic add as a plain add (the CTAs run one after another); the CUDA
+// math and conversion functions the attention kernels call. Named barriers (the warp pairs of head dim 256) are
+// not modelled: a kernel that reaches one stops the run.
 #pragma once
 
 #include <cmath>
@@ -37,23 +36,12 @@ inline float __logf(float x) { return std::log(x); }
 
 namespace moba {
 
-inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
-inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
-inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
-
-inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
-inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
 // With a source size: 16 copies, 0 zero-fills the 16 bytes without reading src (from a zero buffer that lives as
 // long as the process, so the fill too lands only when the issuing thread waits); the kernels use no other size.
 inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     static const unsigned char zeros[16] = {};
     if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async source sizes other than 0 and 16 are not emulated");
     dec_cp_async16(smem_ptr(dst, 16), src_bytes ? src : zeros);
-}
-inline void cp_async_commit() { dec_cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-    dec_cp_async_wait_n(N);
 }
 inline void st_shared_b32(unsigned addr, unsigned v) { std::memcpy(smem_ptr(addr, 4), &v, 4); }
 inline void bar_sync(int, int) { emu::fail("named barriers (bar.sync id, n) are not emulated"); }

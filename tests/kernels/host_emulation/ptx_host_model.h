@@ -2,8 +2,10 @@
 // shared addresses as the kernels see them (the byte offset into the launch's dynamic shared memory plus 16, so
 // that a kernel's own alignment of its tiles is exercised and an address outside the launch's shared memory
 // fails), ldmatrix.x4 (plain and transposed) and mma.sync m16n8k16 / m16n8k8 through the warp-wide models
-// below. Included before the kernel text.
+// below, the float constants, and cp.async through cuda_host.h. Included before the kernel text.
 #pragma once
+
+#include <limits>
 
 #include "cuda_host.h"
 
@@ -96,6 +98,19 @@ inline void mma_k(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b
 namespace moba {
 
 inline unsigned char* smem_ptr(unsigned addr, unsigned bytes) { return emu::smem_at(addr, bytes); }
+
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
+inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+
+// cp.async through cuda_host.h: the 16 bytes land only when the issuing thread waits for their group
+inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
+inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
+inline void cp_async_commit() { dec_cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+    dec_cp_async_wait_n(N);
+}
 inline unsigned smem_u32(const void* p) {
     return emu::kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
 }

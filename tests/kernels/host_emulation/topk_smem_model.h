@@ -1,9 +1,8 @@
 // What the top-k harnesses (topk_mma_harness, topk_wgmma_harness) model of ptx.cuh alike, included before their
-// own models and the kernel text: ptx_host_model.h (ptx.cuh's text skipped, shared addresses, ldmatrix and
-// mma.sync), every head dim built, the swizzle ptx.cuh's own MOBA_SWZ_COL (ptx_swizzle.h, taken from ptx.cuh by
-// the tests), topk.cuh's dynamic shared memory the launch's (MOBA_TOPK_SMEM); in namespace moba the float
-// constants and cp.async through cuda_host.h (landing only when the issuing thread waits); and the argument list
-// the top-k kernels share (TOPK_ARGS).
+// own models and the kernel text: ptx_host_model.h (ptx.cuh's text skipped: shared addresses, ldmatrix, mma.sync,
+// the float constants and cp.async), every head dim built, the swizzle ptx.cuh's own MOBA_SWZ_COL (ptx_swizzle.h,
+// taken from ptx.cuh by the tests), topk.cuh's dynamic shared memory the launch's (MOBA_TOPK_SMEM); and the
+// argument list the top-k kernels share (TOPK_ARGS).
 #pragma once
 
 #include <limits>
@@ -15,22 +14,6 @@
 #include "ptx_swizzle.h"
 
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
-
-namespace moba {
-
-inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
-inline float pos_inf() { return std::numeric_limits<float>::infinity(); }
-inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
-
-inline void cp_async16(unsigned dst, const void* src) { dec_cp_async16(smem_ptr(dst, 16), src); }
-inline void cp_async16(void* dst, const void* src) { dec_cp_async16(dst, src); }
-inline void cp_async_commit() { dec_cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-    dec_cp_async_wait_n(N);
-}
-
-}  // namespace moba
 
 // The 11 arguments of a top-k kernel (topk.cu and topk_wgmma.cu share the signature) from a manifest line a.
 #define TOPK_ARGS(T, a)                                                                                    \
