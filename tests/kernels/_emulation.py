@@ -44,11 +44,11 @@ def build_harness(build: Path, harness: str, files: dict[str, str], flags: tuple
     return exe
 
 
-def harness_fixture(harness: str, files, flags: tuple[str, ...] = ()):
-    """The module-scoped fixture ``harness`` of a test module (``harness = harness_fixture(...)``): the executable
-    of :func:`build_harness`, built once per module; ``files`` returns the files to write (called at build time)."""
+def harness_fixture(harness: str, files, flags: tuple[str, ...] = (), name: str = "harness"):
+    """The module-scoped fixture ``name`` of a test module (``harness = harness_fixture(...)``): the executable of
+    :func:`build_harness`, built once per module; ``files`` returns the files to write (called at build time)."""
 
-    @pytest.fixture(scope="module", name="harness")
+    @pytest.fixture(scope="module", name=name)
     def _harness(tmp_path_factory) -> Path:
         return build_harness(tmp_path_factory.mktemp(harness), harness, files(), flags)
 

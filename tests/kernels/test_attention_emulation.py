@@ -12,8 +12,9 @@ on CPU tensors, the routing given; torch.empty returns NaN-filled tensors, so an
 Criteria: the GPU tests' (conftest.GpuOracle): the forward within 2x, the gradients within 3x the error of the same
 computation in torch's low precision, plus a floor. What this cannot show (PTX, register allocation, races between
 CTAs, speed) is left to the GPU tests (tests/kernels/test_attention_gpu.py, test_backward_gpu.py) and the compile
-tests. Not emulated: head dim 256 (warp pairs behind named barriers), the fp32 partial format (a build option),
-the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma kernels.
+tests. The forward runs in both partial formats (16-bit, the default, and fp32: a build option of the module). Not
+emulated: head dim 256 (warp pairs behind named barriers), the counting-sort lists (cuda/pairs.cu, emulated in
+test_pairs_cpu.py) and the wgmma kernels.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def _kernel_files() -> dict[str, str]:
 
 _DIMS_FLAG = "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in HEAD_DIMS) + ")"
 harness = harness_fixture("attention_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
+# the fp32 partial format is a build option of the forward's module (_cuda_attention.partial_defines)
+harness_fp32 = harness_fixture("attention_harness", _kernel_files, flags=(
+    "-Wno-unknown-pragmas", _DIMS_FLAG, *(f"-D{d}" for d in A.partial_defines("fp32"))), name="harness_fp32")
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):
@@ -84,17 +88,19 @@ def _case_id(c) -> str:
             f"{'-det' if det else ''}")
 
 
-@pytest.fixture
-def emulate(harness, tmp_path, monkeypatch):
-    """A stand-in for ``launch`` that runs a plan in the harness (which is built without defines, so a plan
-    that needs some would run a different kernel: refused), and the names it ran."""
+@pytest.fixture(params=["16bit"])
+def emulate(request, tmp_path, monkeypatch):
+    """A stand-in for ``launch`` that runs a plan in the harness built for the partial format ``request.param``
+    (a plan that needs other build options would run a different kernel: refused), and the names it ran."""
+    partial = request.param
+    exe = request.getfixturevalue("harness_fp32" if partial == "fp32" else "harness")
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
-    monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
+    monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", partial)
     launched = []
 
     def run(plan):
-        assert not plan.defines, f"{plan.kernel} needs build options {plan.defines}; the harness has none"
-        run_emulated(harness, tmp_path, [plan], seed=len(launched))
+        assert plan.defines in ((), A.partial_defines(partial)), f"{plan.kernel} needs build options {plan.defines}"
+        run_emulated(exe, tmp_path, [plan], seed=len(launched))
         launched.append(plan.kernel)
 
     run.launched = launched
@@ -131,6 +137,7 @@ def _forward_id(c) -> str:
     return _case_id((*c[:8], False)) + f"-{c[8]}"
 
 
+@pytest.mark.parametrize("emulate", ["16bit", "fp32"], indirect=True)
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=[_forward_id(c) for c in FORWARD_CASES])
 def test_emulated_forward_matches_oracle(emulated_forward, case):
     dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, variant = case
