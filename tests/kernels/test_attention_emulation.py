@@ -13,8 +13,8 @@ Criteria: the GPU tests' (conftest.GpuOracle): the forward within 2x, the gradie
 computation in torch's low precision, plus a floor. What this cannot show (PTX, register allocation, races between
 CTAs, speed) is left to the GPU tests (tests/kernels/test_attention_gpu.py, test_backward_gpu.py) and the compile
 tests. The forward runs in both partial formats (16-bit, the default, and fp32: a build option of the module). Not
-emulated: head dim 256 (warp pairs behind named barriers), the counting-sort lists (cuda/pairs.cu, emulated in
-test_pairs_cpu.py) and the wgmma kernels.
+emulated here: head dim 96, the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma
+kernels.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from conftest import GpuOracle  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
-HEAD_DIMS = (32, 64, 128)  # built into the harness (every head dim would double its compile time)
+HEAD_DIMS = (32, 64, 128, 256)  # built into the harness (96 too would add a fifth to its compile time)
 _SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
 
 
@@ -130,6 +130,7 @@ FORWARD_CASES = [
     (torch.bfloat16, 128, 128, True, 300, 2, 2, 2, "streaming"),  # two 64-key steps per block
     (torch.float16, 64, 32, True, 20, 4, 2, 1, "resident"),      # N < B, k >= n
     (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, "auto"),        # k >= n blocks, GQA 4
+    (torch.float16, 256, 64, True, 130, 2, 2, 1, "auto"),        # head dim 256 (8 warps in column pairs)
 ]
 
 
@@ -188,6 +189,7 @@ CASES = [
     (torch.bfloat16, 128, 128, True, 300, 2, 2, 2, True),   # two 64-key sub-tiles, deterministic dQ (modes 1, 2)
     (torch.float16, 64, 32, True, 20, 4, 2, 1, False),      # N < B, k >= n
     (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, False),    # k >= n blocks, GQA 4: rows of 4 query heads per tile
+    (torch.float16, 256, 64, True, 130, 2, 2, 1, False),    # head dim 256: warp pairs behind named barriers
 ]
 
 

@@ -4,8 +4,7 @@
 // tests), the dynamic shared memory the launch's and static __shared__ arrays function-local statics (one CTA runs
 // at a time, so every thread of it sees the same array); in namespace moba cp.async with a source size (0
 // zero-fills), st.shared, and the vector fp32 atomic add as a plain add (the CTAs run one after another); the CUDA
-// math and conversion functions the attention kernels call. Named barriers (the warp pairs of head dim 256) are
-// not modelled: a kernel that reaches one stops the run.
+// math and conversion functions the attention kernels call; named barriers through cuda_host.h.
 #pragma once
 
 #include <cmath>
@@ -44,7 +43,7 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     dec_cp_async16(smem_ptr(dst, 16), src_bytes ? src : zeros);
 }
 inline void st_shared_b32(unsigned addr, unsigned v) { std::memcpy(smem_ptr(addr, 4), &v, 4); }
-inline void bar_sync(int, int) { emu::fail("named barriers (bar.sync id, n) are not emulated"); }
+inline void bar_sync(int id, int nthreads) { emu::named_barrier(id, (unsigned)nthreads); }
 inline void red_add2(float* p, float a, float b) {
     p[0] += a;
     p[1] += b;

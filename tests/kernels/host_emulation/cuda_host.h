@@ -130,7 +130,7 @@ inline __half __ushort_as_half(unsigned short u) { return {u}; }
 
 namespace emu {
 
-enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, DONE };
+enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, DONE };
 
 // A thread starts on its own stack through setcontext (once per CTA); after that every switch is a
 // _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
@@ -149,6 +149,8 @@ struct Thread {
     dim3 idx;
     State state = RUNNABLE;
     unsigned phase = 0;  // warp operations done (selects the exchange bank)
+    int bar = 0;         // NAMED_WAIT: the named barrier (1..15) and the thread count it waits for
+    unsigned bar_n = 0;
 };
 
 inline constexpr size_t kStack = 256 * 1024;
@@ -221,6 +223,15 @@ inline void fail(const std::string& msg) {
                  block_idx().z);
     std::fflush(stderr);
     std::_Exit(3);  // not exit(): its handlers, run from a thread's coroutine stack, can hang
+}
+
+// bar.sync id, n: wait until n threads (whole warps) wait at barrier id (1..15; 0 is __syncthreads).
+inline void named_barrier(int id, unsigned n) {
+    if (id < 1 || id > 15 || n == 0 || n % 32) fail("named barrier id 1..15 and a count of whole warps");
+    Thread& t = cta().threads[cta().current];
+    t.bar = id;
+    t.bar_n = n;
+    yield(NAMED_WAIT);
 }
 
 // Run one CTA to completion.
@@ -303,6 +314,24 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
                 released = true;
             } else if (waiting) {
                 fail("warp operation reached by only part of a warp (divergent shuffle / __syncwarp)");
+            }
+        }
+        if (released) continue;
+        // Named barriers (bar.sync id, n): released when n threads wait at id, all naming the same n.
+        for (int id = 1; id < 16; ++id) {
+            unsigned waiting = 0, n = 0;
+            for (auto& t : c.threads)
+                if (t.state == NAMED_WAIT && t.bar == id) {
+                    if (waiting && t.bar_n != n) fail("threads wait at one named barrier with different counts");
+                    n = t.bar_n;
+                    ++waiting;
+                }
+            if (waiting && waiting == n) {
+                for (auto& t : c.threads)
+                    if (t.state == NAMED_WAIT && t.bar == id) t.state = RUNNABLE;
+                released = true;
+            } else if (waiting > n) {
+                fail("more threads at a named barrier than its count");
             }
         }
         if (released) continue;
