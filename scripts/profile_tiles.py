@@ -49,14 +49,7 @@ def main(argv=None) -> int:
         if reason:
             print(f"profile_tiles: FlashMoBA cannot run this step: {reason}", file=sys.stderr)
             return 2
-        mod, _ = fm.load()
-        n = a.seq_len
-        leaves = tuple(fm.pack(x.detach())[0].clone().requires_grad_() for x in (q, k, v))
-        cu = fm.pack(q)[1]
-        grad_out = dout.reshape(a.batch * n, a.heads, a.head_dim)
-
-        def forward():
-            return mod.flash_moba_varlen_func(*leaves, cu, cu, n, n, a.block_size, a.top_k, causal=True)
+        leaves, forward, grad_out = fm.packed_step(q, k, v, dout, a.block_size, a.top_k)
 
     def step():
         if a.forward_only:

@@ -143,6 +143,20 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def packed_step(q, k, v, dout, block_size, top_k, causal=True):
+    """FlashMoBA's forward on mobalab's (b, N, h, d) inputs for a gradient: (leaves, forward, grad_out) with the
+    packed q, k, v copies as leaves, ``forward()`` their attention output (packed), ``grad_out`` dout packed."""
+    mod, _ = load()
+    b, n, h, d = q.shape
+    leaves = tuple(pack(x.detach())[0].clone().requires_grad_() for x in (q, k, v))
+    cu = pack(q)[1]
+
+    def forward():
+        return mod.flash_moba_varlen_func(*leaves, cu, cu, n, n, block_size, top_k, causal=causal)
+
+    return leaves, forward, dout.reshape(b * n, h, d)
+
+
 def run_flash_moba(q, k, v, block_size, top_k, causal, time_ms, *, ref_out=None, ref_topk=None, dout=None,
                    budget_s=1.5):
     """Time FlashMoBA (its routing + attention) on mobalab's inputs (bench row keys ``flashmoba_*``).
@@ -176,13 +190,10 @@ def run_flash_moba(q, k, v, block_size, top_k, causal, time_ms, *, ref_out=None,
             except Exception as exc:  # the comparison is extra: keep the timing
                 row["flashmoba_sel_note"] = f"n/a ({type(exc).__name__}: {str(exc)[:80]})"
     else:
-        leaves = [x.detach().reshape(b * n, *x.shape[2:]).clone().requires_grad_() for x in (q, k, v)]
-        cu = pack(q)[1]
-        dp = dout.reshape(b * n, h, d)
+        leaves, forward, dp = packed_step(q, k, v, dout, block_size, top_k, causal)
 
         def call():
-            out = fn(*leaves, cu, cu, n, n, block_size, top_k, causal=causal)
-            return torch.autograd.grad(out, leaves, dp)
+            return torch.autograd.grad(forward(), leaves, dp)
 
     row["flashmoba_ms"], _ = time_ms(call, budget_s=budget_s)
     return row

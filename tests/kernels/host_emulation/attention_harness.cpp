@@ -8,8 +8,8 @@
 // (_build.source) with ptx.cuh skipped: attention_model.h and ptx_host_model.h (ldmatrix.x4, mma.sync m16n8k16)
 // stand for it. Those are warp-wide: every lane publishes its operands in a per-thread slot, the warp meets at
 // __syncwarp, and each lane assembles what the PTX ISA fragment layouts give it, so a wrong fragment mapping,
-// swizzle or warp tile gives wrong outputs or gradients. Products of two 16-bit values are exact in fp32; the 16 of one
-// k-step are summed in fp32 in k order.
+// swizzle or warp tile gives wrong outputs or gradients. Products of two 16-bit values are exact in fp32; the 16
+// of one k-step are summed in fp32 in k order.
 #include "harness_io.h"
 #include "attention_model.h"
 

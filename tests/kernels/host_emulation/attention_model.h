@@ -3,12 +3,9 @@
 // names (default all), the swizzle ptx.cuh's own swz_chunk / swz (ptx_swizzle.h, taken from ptx.cuh by the
 // tests), the dynamic shared memory the launch's and static __shared__ arrays function-local statics (one CTA runs
 // at a time, so every thread of it sees the same array); in namespace moba cp.async with a source size (0
-// zero-fills), st.shared, and the vector fp32 atomic add as a plain add (the CTAs run one after another); the CUDA
-// math and conversion functions the attention kernels call; named barriers through cuda_host.h.
+// zero-fills), st.shared, the vector fp32 atomic add as a plain add (the CTAs run one after another), and named
+// barriers through cuda_host.h.
 #pragma once
-
-#include <cmath>
-#include <limits>
 
 #include "cuda_host.h"
 #include "ptx_host_model.h"
@@ -18,20 +15,6 @@
 #define MOBA_HAS_HEAD_DIM(d) EMU_HEAD_DIM_OK(d)
 #define MOBA_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
 #define __shared__ static
-
-inline float exp2f(float x) { return std::exp2(x); }
-inline long long __shfl_up_sync(unsigned mask, long long v, unsigned delta) {
-    const unsigned lo = (unsigned)__shfl_up_sync(mask, (int)(unsigned long long)v, delta);
-    const unsigned hi = (unsigned)__shfl_up_sync(mask, (int)((unsigned long long)v >> 32), delta);
-    return (long long)(((unsigned long long)hi << 32) | lo);
-}
-struct __half2 {
-    __half x, y;
-};
-inline float2 __half22float2(__half2 h) { return make_float2(__half2float(h.x), __half2float(h.y)); }
-inline float log2f(float x) { return std::log2(x); }
-inline float __expf(float x) { return std::exp(x); }  // the GPU's fast approximations, exact here
-inline float __logf(float x) { return std::log(x); }
 
 namespace moba {
 

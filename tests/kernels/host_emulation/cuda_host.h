@@ -127,6 +127,12 @@ inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __nv_bfloat16::operator float() const { return __bfloat162float(*this); }
 inline __half::operator float() const { return __half2float(*this); }
 inline __half __ushort_as_half(unsigned short u) { return {u}; }
+struct __half2 {
+    __half x, y;
+};
+inline float2 __half22float2(__half2 h) { return make_float2(__half2float(h.x), __half2float(h.y)); }
+inline float __expf(float x) { return std::exp(x); }  // the GPU's fast approximations, exact here
+inline float __logf(float x) { return std::log(x); }
 
 namespace emu {
 
@@ -448,6 +454,11 @@ inline float __shfl_up_sync(unsigned mask, float v, unsigned delta) {
     emu_full_mask(mask);
     const int src = emu::lane() - (int)delta;
     return __uint_as_float(emu::exchange(__float_as_uint(v), src < 0 ? emu::lane() : src));
+}
+inline long long __shfl_up_sync(unsigned mask, long long v, unsigned delta) {  // two 32-bit exchanges
+    const unsigned lo = (unsigned)__shfl_up_sync(mask, (int)(unsigned long long)v, delta);
+    const unsigned hi = (unsigned)__shfl_up_sync(mask, (int)((unsigned long long)v >> 32), delta);
+    return (long long)(((unsigned long long)hi << 32) | lo);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     emu_full_mask(mask);
