@@ -40,6 +40,9 @@
 #                            instruction) of the split attention launch at 512K, batch 8: logs/decode_sass.csv
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
+#   bwd-sass     Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
+#                main backward kernel at 16K, mobalab's and FlashMoBA's (built first when it does not import):
+#                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py)
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -79,6 +82,13 @@ tiles_ncu() {  # tiles_ncu NAME [ARGS]: Nsight Compute over scripts/profile_tile
     --metrics "$(python3 -c 'from mobalab.bench._ncu import NCU_METRICS as M, TENSOR_METRIC as T, TILE_METRICS as X; print(",".join((*M, T, *X)))')" \
     -f -o "$W/$name" python3 scripts/profile_tiles.py "$@" > "$W/${name}_ncu.log" 2>&1 \
   && python3 scripts/ncu_summary.py "$W/$name.ncu-rep" > "$W/${name}_ncu_table.md" 2>> "$W/${name}_ncu.log"
+}
+
+bwd_sass() {  # bwd_sass NAME IMPL KERNEL: SourceCounters of the first launch of KERNEL in one step at 16K -> $W/NAME.csv
+  timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name "$3" --launch-count 1 \
+    --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$W/$1" \
+    python3 scripts/profile_tiles.py --impl "$2" --seq-len 16384 > "$W/$1.log" 2>&1 \
+  && ncu --import "$W/$1.ncu-rep" --page source --csv --print-source sass > "$W/$1.csv" 2>> "$W/$1.log"
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
@@ -172,6 +182,11 @@ for step in "${STEPS[@]}"; do
       { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
           || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
         && tiles_ncu tiles_flash_moba --impl flash-moba || status=1 ;;
+    bwd-sass) # per-instruction counts and stall samples of the main backward kernel, mobalab's and FlashMoBA's (16K)
+      bwd_sass bwd_sass mobalab 'regex:moba_bwd_(bf16|f16)_d' || status=1
+      { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
+          || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
+        && bwd_sass bwd_sass_flash_moba flash-moba 'regex:dq_dk_dv' || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
