@@ -42,7 +42,8 @@
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 #   bwd-sass     Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
 #                main backward kernel at 16K, mobalab's and FlashMoBA's (built first when it does not import):
-#                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py)
+#                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py);
+#                BWD_SASS_PEER=0 profiles mobalab's only
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -184,9 +185,11 @@ for step in "${STEPS[@]}"; do
         && tiles_ncu tiles_flash_moba --impl flash-moba || status=1 ;;
     bwd-sass) # per-instruction counts and stall samples of the main backward kernel, mobalab's and FlashMoBA's (16K)
       bwd_sass bwd_sass mobalab 'regex:moba_bwd_(bf16|f16)_d' || status=1
-      { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
-          || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
-        && bwd_sass bwd_sass_flash_moba flash-moba 'regex:dq_dk_dv' || status=1 ;;
+      if [ "${BWD_SASS_PEER:-1}" != 0 ]; then
+        { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
+            || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
+          && bwd_sass bwd_sass_flash_moba flash-moba 'regex:dq_dk_dv' || status=1
+      fi ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;

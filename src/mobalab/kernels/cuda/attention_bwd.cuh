@@ -53,7 +53,7 @@ using moba::cp_async_wait;
 using moba::Elem;
 using moba::ldmatrix_x4;
 using moba::ldmatrix_x4_trans;
-using moba::red_add2;
+using moba::red_add2_if;
 using moba::smem_u32;
 using moba::st_shared_b32;
 using moba::swz;
@@ -63,6 +63,11 @@ template <int D>
 constexpr int kBwdSplit = D >= 256 ? 2 : 1;
 template <int D>
 constexpr int kBwdThreads = MOBA_BWD_THREADS * kBwdSplit<D>;
+// CTAs per SM that the register allocation must allow (0: unstated, left to ptxas). At D = 32 ptxas capped the
+// kernel at 128 registers with a spill unless told 3 (then 141, no spill); at D = 64 it compiles to 163 registers
+// (3 CTAs per SM, as its shared memory allows) unstated, but spilled when told 3 and took 200 when told 1.
+template <int D>
+constexpr int kBwdMinBlocks = D == 32 ? 3 : 0;
 
 // Per gathered row: log2-scaled lse, D, query position t, head within the chunk (16 bytes, one cp.async).
 struct RowInfo {
@@ -347,7 +352,9 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           const RowInfo ri = info[r];
           const int key = (e < 2) ? key_a : key_b;
           const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
-          const float p = ok ? exp2f(s[nt][e] * scale_log2 - ri.lse2) : 0.f;
+          // masked: 2^-inf = +0 (ex2.approx), not a branch around the exponential (which compiled to a
+          // divergent branch per element; the finite dP of a masked element times 0 is 0)
+          const float p = exp2f(ok ? s[nt][e] * scale_log2 - ri.lse2 : __int_as_float(0xff800000u));
           s[nt][e] = p;
           dp[nt][e] = p * (dp[nt][e] - ri.delta);
         }
@@ -397,15 +404,20 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     // dQ for this warp's 16 gathered rows: dS (16 x 64 keys) K (64 keys x D), 32 columns of D per pass
     // (pairs: each warp of the pair its part of the columns).
     const int r0 = kw * 16 + g, r1 = r0 + 8;
-    long long dst0 = -1, dst1 = -1;
-    if (dq_mode == 0) {
-      if (r0 < count) dst0 = ((row_base + info[r0].t) * heads + (h0 + info[r0].hc)) * D;
-      if (r1 < count) dst1 = ((row_base + info[r1].t) * heads + (h0 + info[r1].hc)) * D;
-    } else {
-      if (r0 < count) dst0 = s_pair[r0] * D;
-      if (r1 < count) dst1 = s_pair[r1] * D;
-    }
+    // this thread's two dQ rows (columns 2 tq, 2 tq + 1 of every 8; has0 / has1 false past the tile's rows):
+    // computed once per tile, so that each pass addresses them by immediate offsets
     float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
+    const bool has0 = r0 < count, has1 = r1 < count;
+    long long off0 = 0, off1 = 0;
+    if (dq_mode == 0) {
+      if (has0) off0 = ((row_base + info[r0].t) * heads + (h0 + info[r0].hc)) * D;
+      if (has1) off1 = ((row_base + info[r1].t) * heads + (h0 + info[r1].hc)) * D;
+    } else {
+      if (has0) off0 = s_pair[r0] * D;
+      if (has1) off1 = s_pair[r1] * D;
+    }
+    float* const row0 = dq_base + off0 + 2 * tq;
+    float* const row1 = dq_base + off1 + 2 * tq;
 #pragma unroll 1
     for (int half = dh * (DTW / 4); half < (dh + 1) * (DTW / 4); ++half) {
       constexpr int HT = 4;  // n-tiles (of 8 columns) per pass: 32 columns of D
@@ -429,30 +441,32 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           Elem<T>::mma(acc[2 * dpair + 1], a, b2, b3);
         }
       }
-      // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
-      // (with stores in between, possible aliasing would serialise eight load-store round trips).
-      float2 old0[HT], old1[HT];
+      const int col0 = half * HT * 8;
+      if (dq_mode == 0) {
+        // predicated vector atomics: one RED per row and n-tile, no branch around it
 #pragma unroll
-      for (int nt = 0; nt < HT; ++nt) {
-        const int col = (half * HT + nt) * 8 + 2 * tq;
-        old0[nt] = old1[nt] = make_float2(0.f, 0.f);
-        if (dq_mode == 2 && dst0 >= 0) old0[nt] = *reinterpret_cast<const float2*>(dq_base + dst0 + col);
-        if (dq_mode == 2 && dst1 >= 0) old1[nt] = *reinterpret_cast<const float2*>(dq_base + dst1 + col);
-      }
-#pragma unroll
-      for (int nt = 0; nt < HT; ++nt) {
-        const int col = (half * HT + nt) * 8 + 2 * tq;
-        if (dst0 >= 0) {
-          float* p = dq_base + dst0 + col;
-          const float a = acc[nt][0] * scale, b = acc[nt][1] * scale;
-          if (dq_mode == 0) red_add2(p, a, b);
-          else *reinterpret_cast<float2*>(p) = make_float2(old0[nt].x + a, old0[nt].y + b);
+        for (int nt = 0; nt < HT; ++nt) {
+          red_add2_if(has0, row0 + col0 + nt * 8, acc[nt][0] * scale, acc[nt][1] * scale);
+          red_add2_if(has1, row1 + col0 + nt * 8, acc[nt][2] * scale, acc[nt][3] * scale);
         }
-        if (dst1 >= 0) {
-          float* p = dq_base + dst1 + col;
-          const float a = acc[nt][2] * scale, b = acc[nt][3] * scale;
-          if (dq_mode == 0) red_add2(p, a, b);
-          else *reinterpret_cast<float2*>(p) = make_float2(old1[nt].x + a, old1[nt].y + b);
+      } else {
+        // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
+        // (with stores in between, possible aliasing would serialise eight load-store round trips).
+        float2 old0[HT], old1[HT];
+#pragma unroll
+        for (int nt = 0; nt < HT; ++nt) {
+          old0[nt] = old1[nt] = make_float2(0.f, 0.f);
+          if (dq_mode == 2 && has0) old0[nt] = *reinterpret_cast<const float2*>(row0 + col0 + nt * 8);
+          if (dq_mode == 2 && has1) old1[nt] = *reinterpret_cast<const float2*>(row1 + col0 + nt * 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < HT; ++nt) {
+          if (has0)
+            *reinterpret_cast<float2*>(row0 + col0 + nt * 8) =
+                make_float2(old0[nt].x + acc[nt][0] * scale, old0[nt].y + acc[nt][1] * scale);
+          if (has1)
+            *reinterpret_cast<float2*>(row1 + col0 + nt * 8) =
+                make_float2(old1[nt].x + acc[nt][2] * scale, old1[nt].y + acc[nt][3] * scale);
         }
       }
     }
