@@ -31,9 +31,6 @@ inline void red_add2(float* p, float a, float b) {
     p[0] += a;
     p[1] += b;
 }
-inline void red_add2_if(bool pred, float* p, float a, float b) {
-    if (pred) red_add2(p, a, b);
-}
 
 }  // namespace moba
 

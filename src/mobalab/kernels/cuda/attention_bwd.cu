@@ -40,7 +40,7 @@ MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d256,  __half,        256)
 #endif
 
 #define MOBA_BWD_KERNEL(NAME, T, D)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(moba_bwd::kBwdThreads<D>, moba_bwd::kBwdMinBlocks<D>) NAME(                                        \
+  extern "C" __global__ void __launch_bounds__(moba_bwd::kBwdThreads<D>) NAME(                                        \
       const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
       const long long* seg_off, float* dq_acc, float* part_dq, void* dk, void* dv, float* dk_acc, float* dv_acc,      \
       int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int batch_index, int h0, int n_seg,          \

@@ -53,7 +53,7 @@ using moba::cp_async_wait;
 using moba::Elem;
 using moba::ldmatrix_x4;
 using moba::ldmatrix_x4_trans;
-using moba::red_add2_if;
+using moba::red_add2;
 using moba::smem_u32;
 using moba::st_shared_b32;
 using moba::swz;
@@ -63,11 +63,6 @@ template <int D>
 constexpr int kBwdSplit = D >= 256 ? 2 : 1;
 template <int D>
 constexpr int kBwdThreads = MOBA_BWD_THREADS * kBwdSplit<D>;
-// CTAs per SM that the register allocation must allow (0: unstated, left to ptxas). At D = 32 ptxas capped the
-// kernel at 128 registers with a spill unless told 3 (then 141, no spill); at D = 64 it compiles to 163 registers
-// (3 CTAs per SM, as its shared memory allows) unstated, but spilled when told 3 and took 200 when told 1.
-template <int D>
-constexpr int kBwdMinBlocks = D == 32 ? 3 : 0;
 
 // Per gathered row: log2-scaled lse, D, query position t, head within the chunk (16 bytes, one cp.async).
 struct RowInfo {
@@ -352,9 +347,11 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           const RowInfo ri = info[r];
           const int key = (e < 2) ? key_a : key_b;
           const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
-          // masked: 2^-inf = +0 (ex2.approx), not a branch around the exponential (which compiled to a
-          // divergent branch per element; the finite dP of a masked element times 0 is 0)
-          const float p = exp2f(ok ? s[nt][e] * scale_log2 - ri.lse2 : __int_as_float(0xff800000u));
+          // masked: 2^(x - inf) = +0 (ex2.approx; the finite dP of a masked element times 0 is 0). Adding the
+          // mask keeps x unconditional: selecting x itself, or the exponential, compiled to a divergent branch
+          // (BSSY / BSYNC) per element
+          const float mask = ok ? 0.f : __int_as_float(0xff800000u);
+          const float p = exp2f(s[nt][e] * scale_log2 - ri.lse2 + mask);
           s[nt][e] = p;
           dp[nt][e] = p * (dp[nt][e] - ri.delta);
         }
@@ -404,14 +401,17 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     // dQ for this warp's 16 gathered rows: dS (16 x 64 keys) K (64 keys x D), 32 columns of D per pass
     // (pairs: each warp of the pair its part of the columns).
     const int r0 = kw * 16 + g, r1 = r0 + 8;
-    // this thread's two dQ rows (columns 2 tq, 2 tq + 1 of every 8; has0 / has1 false past the tile's rows):
-    // computed once per tile, so that each pass addresses them by immediate offsets
+    // this thread's two dQ rows (columns 2 tq, 2 tq + 1 of every 8), computed once per tile, so that each pass
+    // addresses them by immediate offsets. Atomic mode: a row past the tile's end (its Q, dO and row record are
+    // zero-filled, so its P, dS and dQ sum are exact zeros) adds them to the tile's first row, and every atomic
+    // is unconditional (predicated ones, even predicated in the instruction, compiled to a divergent branch each).
     float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
     const bool has0 = r0 < count, has1 = r1 < count;
     long long off0 = 0, off1 = 0;
     if (dq_mode == 0) {
-      if (has0) off0 = ((row_base + info[r0].t) * heads + (h0 + info[r0].hc)) * D;
-      if (has1) off1 = ((row_base + info[r1].t) * heads + (h0 + info[r1].hc)) * D;
+      const RowInfo i0 = info[has0 ? r0 : 0], i1 = info[has1 ? r1 : 0];
+      off0 = ((row_base + i0.t) * heads + (h0 + i0.hc)) * D;
+      off1 = ((row_base + i1.t) * heads + (h0 + i1.hc)) * D;
     } else {
       if (has0) off0 = s_pair[r0] * D;
       if (has1) off1 = s_pair[r1] * D;
@@ -443,11 +443,10 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
       }
       const int col0 = half * HT * 8;
       if (dq_mode == 0) {
-        // predicated vector atomics: one RED per row and n-tile, no branch around it
 #pragma unroll
         for (int nt = 0; nt < HT; ++nt) {
-          red_add2_if(has0, row0 + col0 + nt * 8, acc[nt][0] * scale, acc[nt][1] * scale);
-          red_add2_if(has1, row1 + col0 + nt * 8, acc[nt][2] * scale, acc[nt][3] * scale);
+          red_add2(row0 + col0 + nt * 8, acc[nt][0] * scale, acc[nt][1] * scale);
+          red_add2(row1 + col0 + nt * 8, acc[nt][2] * scale, acc[nt][3] * scale);
         }
       } else {
         // mode 2 (add): every old value is loaded before any store, so the loads are in flight together

@@ -85,15 +85,6 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// The same under a predicate, in the instruction itself: a branch around the atomic costs a divergent-branch
-// bracket (BSSY / BSYNC) per call, which the backward's dQ epilogue issued as often as its MMAs.
-__device__ __forceinline__ void red_add2_if(bool pred, float* p, float a, float b) {
-  asm volatile(
-      "{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q red.global.add.v2.f32 [%0], {%1, %2};\n}\n" ::"l"(p),
-      "f"(a), "f"(b), "r"(static_cast<int>(pred))
-      : "memory");
-}
-
 // Tiles of D 2-byte elements per row, stored as 16-byte chunks, XOR-swizzled so that the 8 rows of any
 // ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) hit 8 different 16-byte bank groups.
 // Rows of 128*m bytes (D = 64, 128, 256): chunk c of row r lives at c ^ (r & 7).
