@@ -223,12 +223,59 @@ def test_launch_builds_the_module_of_the_plan_defines(monkeypatch):
 
     monkeypatch.setattr(_launch, "get_kernel", fake_get_kernel)
     monkeypatch.setattr(_launch, "torch_stream", lambda: None)
+    monkeypatch.setenv(_launch.LAUNCH_ENV, "cupy")
     for partial in A.PARTIALS:
         for plan in _plans(torch.bfloat16, 128, 128, True, "auto", partial=partial):
             _launch.launch(plan)
     dims = [d for (_, _, d) in seen]
     assert dims[:5] == [("MOBA_HEAD_DIM=1",)] * 3 + [("MOBA_HEAD_DIM=128",)] * 2
     assert dims[5:] == [("MOBA_HEAD_DIM=1",)] * 3 + [("MOBA_HEAD_DIM=128", "MOBA_PARTIAL_FP32=1")] * 2
+
+
+def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
+    """The default launcher hands cuLaunchKernel an array of pointers into one parameter block: read back through
+    those pointers, every argument of every forward and backward plan is the value check_args passed, at its C
+    type (pointers as 64-bit addresses), and grid, block, shared memory and stream are the plan's."""
+    import ctypes
+    import types
+
+    from mobalab.kernels import _cuda_backward as CB
+
+    calls = []
+
+    class Driver:
+        class CUDADriverError(Exception):
+            pass
+
+        @staticmethod
+        def launchKernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            calls.append((f, (gx, gy, gz), (bx, by, bz), smem, stream, params, extra))
+
+    monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=Driver)))
+    monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: types.SimpleNamespace(ptr=1234))
+    monkeypatch.setattr(_launch, "_raw_stream", lambda: 77)
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    plans = list(_plans(torch.bfloat16, 128, 128, True, "auto"))
+    q = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
+    plans.append(CB.bwd_launch("moba_bwd_bf16_d64", *([q] * 13), seqlen=64, heads=2, kv_heads=1, block_size=16,
+                               n_blocks=4, chunk=A.Chunk(0, 0, 2, 0, 64), n_seg=4, causal=True, scale=0.125,
+                               sub0=1, n_sub_launch=3, dq_mode=2, dkv_mode=1, smem=4096))
+    ctype = {"int": ctypes.c_int32, "unsigned": ctypes.c_uint32, "long long": ctypes.c_int64, "float": ctypes.c_float,
+             "bool": ctypes.c_bool}
+    for plan in plans:
+        calls.clear()
+        _launch.launch(plan)
+        (f, grid, block, smem, stream, params, extra), = calls
+        assert f == 1234 and stream == 77 and extra == 0 and smem == plan.shared_mem
+        assert grid == (tuple(plan.grid) + (1, 1))[:3] and block == (tuple(plan.block) + (1, 1))[:3]
+        want = _launch.check_args(plan.source, plan.kernel, plan.args)
+        sig = _launch.signatures(plan.source)[plan.kernel]
+        pointers = (ctypes.c_void_p * len(sig)).from_address(params)
+        for p, w, addr in zip(sig, want, pointers, strict=True):
+            got = (ctypes.c_uint64 if p.pointer else ctype[p.ctype]).from_address(addr).value
+            assert got == (w if p.pointer else w.item()), f"{plan.kernel}: {p.name} = {got}, passed {w!r}"
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        _launch.resolve_launcher("numba")
 
 
 def test_bytes_per_pair_counts_the_partial_format():

@@ -267,14 +267,12 @@ def _sm_count(device_index: int) -> int:
 def run(launch: Launch, device_index: int) -> None:
     """Check the arguments against the .cu signature and launch on torch's current stream (the fused step of
     this file and the split kernels of cuda/decode_split.cu alike)."""
-    from ._build import torch_stream
-    from ._launch import check_args
+    from ._launch import check_args, start
 
     if launch.defines:  # _function compiles the module without them
         raise ValueError(f"run: {launch.kernel} has build options {launch.defines}; launch it with _launch.launch")
     cargs = check_args(launch.source, launch.kernel, launch.args)
-    _function(launch.source, launch.kernel, device_index, launch.shared_mem)(
-        launch.grid, launch.block, cargs, shared_mem=launch.shared_mem, stream=torch_stream())
+    start(_function(launch.source, launch.kernel, device_index, launch.shared_mem), launch, cargs)
 
 
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,

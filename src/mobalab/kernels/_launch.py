@@ -22,15 +22,22 @@ written once.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import re
+import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._build import get_kernel, source, torch_stream
+from ._build import cupy, get_kernel, source, torch_stream
 
 __all__ = ["Param", "signatures", "check_args", "launch"]
+
+LAUNCH_ENV = "MOBALAB_LAUNCH"
+LAUNCHERS = ("driver", "cupy")
 
 _SCALAR_TYPES = {
     "int": np.int32,
@@ -195,8 +202,63 @@ def kernel_ready(x):
     return x
 
 
+# struct codes of the C parameter types (native sizes and alignment, as the kernel's parameter block lays them out)
+_PACK = {"int": "i", "int32_t": "i", "unsigned": "I", "unsigned int": "I", "uint32_t": "I", "long long": "q",
+         "long long int": "q", "int64_t": "q", "unsigned long long": "Q", "uint64_t": "Q", "float": "f",
+         "double": "d", "bool": "?"}
+
+
+@functools.cache
+def _layout(filename: str, kernel: str) -> tuple[struct.Struct, tuple[int, ...]]:
+    """The kernel's parameters as one C struct (pointers as 64-bit addresses): its packer and each parameter's
+    offset in it."""
+    codes = ["Q" if p.pointer else _PACK[p.ctype] for p in signatures(filename)[_base_name(kernel)]]
+    offsets = tuple(struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + c)
+                    for i, c in enumerate(codes))
+    return struct.Struct("@" + "".join(codes)), offsets
+
+
+class _Blocks(threading.local):
+    """Per thread and kernel: a parameter block and the array of pointers into it that cuLaunchKernel reads (it
+    copies the values at the launch, so a block is refilled by the next launch of its kernel on its thread)."""
+
+    def __init__(self):
+        self.by_kernel: dict = {}
+
+    def get(self, filename: str, kernel: str):
+        key = (filename, kernel)
+        entry = self.by_kernel.get(key)
+        if entry is None:
+            packer, offsets = _layout(filename, kernel)
+            block = ctypes.create_string_buffer(max(packer.size, 1))
+            base = ctypes.addressof(block)
+            pointers = (ctypes.c_void_p * max(len(offsets), 1))(*(base + o for o in offsets))
+            entry = self.by_kernel[key] = (packer, block, pointers, ctypes.addressof(pointers))
+        return entry
+
+
+_BLOCKS = _Blocks()
+_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: a thread that has made no CUDA call yet
+
+
+def resolve_launcher(launcher: str | None = None) -> str:
+    """How :func:`launch` starts kernels: "driver" (the default: the arguments packed into one C struct here,
+    then cuLaunchKernel) or "cupy" (CuPy's kernel call); None reads ``$MOBALAB_LAUNCH``."""
+    launcher = os.environ.get(LAUNCH_ENV, "driver") if launcher is None else launcher
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"kernel launcher must be one of {LAUNCHERS} (or None: ${LAUNCH_ENV}, default 'driver'), "
+                         f"got {launcher!r}")
+    return launcher
+
+
 def launch(plan: Launch) -> None:
-    """Check ``plan.args`` and launch the kernel on torch's current stream."""
+    """Check ``plan.args`` and launch the kernel on torch's current stream.
+
+    A step of MoBA attention is some 25 launches, and at 8K its forward takes about a millisecond of GPU time, so
+    the host's cost per launch shows: the default launcher packs the checked arguments into the kernel's
+    parameter block itself (one ``struct.pack_into``) and calls cuLaunchKernel, instead of CuPy's call, which
+    wraps every argument in an object first. ``$MOBALAB_LAUNCH=cupy`` selects CuPy's call.
+    """
     cargs = check_args(plan.source, plan.kernel, plan.args)
     # any dynamic request opts in: static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB
     # one head dim per module (-DMOBA_HEAD_DIM, cuda/ptx.cuh): compiling every head dim of a source at once
@@ -204,5 +266,35 @@ def launch(plan: Launch) -> None:
     dim = re.search(r"_d(\d+)(?:_|$)", plan.kernel)
     defines = (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}", *plan.defines)
     fn = get_kernel(plan.source, plan.kernel, defines=defines, max_dynamic_smem=int(plan.shared_mem))
-    fn(tuple(int(g) for g in plan.grid), tuple(int(b) for b in plan.block), cargs, shared_mem=int(plan.shared_mem),
-       stream=torch_stream())
+    start(fn, plan, cargs)
+
+
+def start(fn, plan: Launch, cargs: tuple) -> None:
+    """Start compiled kernel ``fn`` with ``plan``'s geometry and the checked arguments ``cargs``
+    (:func:`check_args`) on torch's current stream, by the launcher :func:`resolve_launcher` names."""
+    smem = int(plan.shared_mem)
+    grid = tuple(int(g) for g in plan.grid) + (1, 1)
+    block = tuple(int(b) for b in plan.block) + (1, 1)
+    if resolve_launcher() == "driver":
+        packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
+        packer.pack_into(params, 0, *cargs)
+        driver = cupy().cuda.driver
+        try:
+            driver.launchKernel(fn.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                _raw_stream(), params_addr, 0)
+            return
+        except driver.CUDADriverError as exc:
+            if getattr(exc, "status", None) != _INVALID_CONTEXT:
+                raise
+            # no current context on this thread yet: CuPy's call makes the device's current first
+    fn(grid[:3], block[:3], cargs, shared_mem=smem, stream=torch_stream())
+
+
+def _raw_stream() -> int:
+    """Address of torch's current CUDA stream on the current device."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(torch.cuda.current_device())
+    return torch.cuda.current_stream().cuda_stream
