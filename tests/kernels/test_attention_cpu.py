@@ -252,8 +252,10 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
             calls.append((f, (gx, gy, gz), (bx, by, bz), smem, stream, params, extra))
 
     monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=Driver)))
-    monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: types.SimpleNamespace(ptr=1234))
-    monkeypatch.setattr(_launch, "_raw_stream", lambda: 77)
+    kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1234))  # a RawKernel's Function on the device
+    monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: kernel)
+    monkeypatch.setattr(_launch, "_raw_stream", lambda: (0, 77))
+    monkeypatch.setattr(_launch, "_FUNCTIONS", {})
     monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
     plans = list(_plans(torch.bfloat16, 128, 128, True, "auto"))
     q = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)

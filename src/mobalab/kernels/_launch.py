@@ -279,9 +279,10 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
         packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
         packer.pack_into(params, 0, *cargs)
         driver = cupy().cuda.driver
+        device, stream = _raw_stream()
         try:
-            driver.launchKernel(fn.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
-                                _raw_stream(), params_addr, 0)
+            driver.launchKernel(_function_ptr(fn, device), grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                smem, stream, params_addr, 0)
             return
         except driver.CUDADriverError as exc:
             if getattr(exc, "status", None) != _INVALID_CONTEXT:
@@ -290,11 +291,23 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
     fn(grid[:3], block[:3], cargs, shared_mem=smem, stream=torch_stream())
 
 
-def _raw_stream() -> int:
-    """Address of torch's current CUDA stream on the current device."""
+def _raw_stream() -> tuple[int, int]:
+    """(current device, address of torch's current CUDA stream on it)."""
     import torch
 
+    device = torch.cuda.current_device()
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(torch.cuda.current_device())
-    return torch.cuda.current_stream().cuda_stream
+    return device, (raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream)
+
+
+_FUNCTIONS: dict = {}
+
+
+def _function_ptr(fn, device: int) -> int:
+    """The CUfunction of CuPy kernel ``fn`` on ``device`` (a RawKernel holds one per device, loaded on first use),
+    kept: looking it up asks the runtime for the current device."""
+    key = (id(fn), device)  # fn lives as long as the process (_build memoises it), so id(fn) stays its own
+    ptr = _FUNCTIONS.get(key)
+    if ptr is None:
+        ptr = _FUNCTIONS[key] = getattr(fn, "kernel", fn).ptr
+    return ptr
