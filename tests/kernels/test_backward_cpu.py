@@ -120,29 +120,6 @@ def test_sizes_and_plans():
         assert ranges[0][0] == 0 and sum(n for _, n in ranges) == 5000
 
 
-def test_plans_keep_chunks_within_the_counting_sort():
-    """At 64K with 16 kv heads of B = 128 blocks, one backward chunk per sequence would hold 16 x 512 = 8192 segments, one
-    more key than the counting sort serves (the lists would take the torch sort): given the block size, the plans
-    split the heads instead, and every chunk's lists take the counting sort."""
-    from mobalab.kernels import _pairs
-
-    shape = (2, 65536, 16, 16)
-    unbounded = G.bwd_plan(*shape, 128, 8, False)
-    assert not all(_pairs.counting_supported(c.n_heads * c.n_q * 8, c.n_heads * 512) for c in unbounded)
-    for det in (False, True):  # (the deterministic dQ partials already make one kv head per chunk)
-        chunks = G.bwd_plan(*shape, 128, 8, det, block_size=128)
-        assert all(_pairs.counting_supported(c.n_heads * c.n_q * 8, c.n_heads * 512) for c in chunks)
-        assert all(G.dkv_mode(c, 65536) == 0 for c in chunks)  # still whole sequences
-        covered = sorted((c.batch_index, c.h0, c.n_heads) for c in chunks)
-        for b in (0, 1):
-            heads = [(h0, n) for bi, h0, n in covered if bi == b]
-            assert heads[0][0] == 0 and sum(n for _, n in heads) == 16
-            assert all(a[0] + a[1] == c[0] for a, c in zip(heads, heads[1:], strict=False))
-    # the forward's plan at its default budget already fits (3 kv heads per chunk), and does not change
-    budget = A.default_scratch_budget(*shape, 128)
-    assert A.plan_chunks(*shape, 128, 8, budget, block_size=128) == A.plan_chunks(*shape, 128, 8, budget)
-
-
 def test_backward_wrapper_validates_before_the_device():
     q, k, v = _qkv(1, 40, 2, 1, 64, torch.bfloat16)
     topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)

@@ -147,15 +147,12 @@ def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, h
 
 
 def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, top_k: int,
-                budget_bytes: int, partial: str = "16bit", block_size: int | None = None) -> list[Chunk]:
+                budget_bytes: int, partial: str = "16bit") -> list[Chunk]:
     """Split (batch, heads, queries) into chunks whose scratch (:func:`bytes_per_pair` of the ``partial``
     format per (query, head, slot)) fits ``budget_bytes``.
 
     A chunk holds whole kv groups (so every tile shares one kv head) and, when a full sequence does not
-    fit, one kv group and an even share of the queries (long ranges keep tiles full). With ``block_size``
-    given, a chunk of several kv groups also keeps its segments (kv groups x key blocks) within what the
-    counting sort of the key-block lists serves (:data:`mobalab.kernels._pairs.MAX_KEYS`): past it the lists
-    take the torch sort, several times slower (about 1 ms of a 64K backward).
+    fit, one kv group and an even share of the queries (long ranges keep tiles full).
     """
     group = heads // kv_heads
     per_query = group * top_k * bytes_per_pair(head_dim, partial)  # one query position of one kv group
@@ -163,8 +160,6 @@ def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: in
     chunks = []
     if max_q >= seqlen:
         kv_per_chunk = max(1, min(kv_heads, max_q // seqlen))
-        if block_size is not None:
-            kv_per_chunk = max(1, min(kv_per_chunk, (_pairs.MAX_KEYS - 1) // math.ceil(seqlen / block_size)))
         for b in range(batch):
             for g0 in range(0, kv_heads, kv_per_chunk):
                 n_kv = min(kv_per_chunk, kv_heads - g0)
@@ -461,7 +456,7 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
 
     if budget is None:
         budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
-    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial, block_size)
+    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)

@@ -68,14 +68,13 @@ def bwd_bytes_per_pair(head_dim: int, deterministic: bool) -> int:
     return 64 + (4 * head_dim if deterministic else 0)
 
 
-def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, budget_bytes=None, block_size=None):
-    """Chunks for the backward: the forward's planner with the backward's scratch per pair (and, with
-    ``block_size``, its cap on the segments per chunk)."""
+def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, budget_bytes=None):
+    """Chunks for the backward: the forward's planner with the backward's scratch per pair."""
     if budget_bytes is None:
         budget_bytes = A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim)
     # plan_chunks sizes with the forward's bytes per pair; rescale the budget to the backward's.
     scaled = int(budget_bytes * A.bytes_per_pair(head_dim) / bwd_bytes_per_pair(head_dim, deterministic))
-    return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled), block_size=block_size)
+    return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled))
 
 
 def bwd_kernel_names(dtype: torch.dtype, head_dim: int) -> tuple[str, str, str]:
@@ -225,7 +224,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim)
     delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
 
-    chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget, block_size)
+    chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
