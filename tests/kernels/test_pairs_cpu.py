@@ -85,8 +85,7 @@ def test_the_constants_match_the_source():
         assert f"constexpr int {name} = {value};" in text
     # keys are packed into 15 bits beside a 16-bit rank, positions counted in 16 bits per tile
     assert P.MAX_KEYS <= 2**15 and P.TILE < 2**16
-    # within the opt-in shared memory of an H100 / H200 (227 KiB), and enough for 16 kv heads x 512 blocks + 1
-    assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 227 << 10 and P.MAX_KEYS > 16 * 512
+    assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
 
 
 def test_too_large_chunks_are_refused_and_sorts_resolve(monkeypatch):

@@ -64,8 +64,7 @@ CASES = [
     pytest.param(1, 6000, 2, 1, 4, 50, A.Chunk(0, 0, 2, 0, 6000), dict(hot=0, unused=0.2), id="one-huge-segment"),
     pytest.param(1, 700, 3, 3, 8, 5, A.Chunk(0, 0, 3, 0, 700), dict(unused=0.1), id="few-blocks-unused"),
     pytest.param(1, 8192, 8, 1, 8, 512, A.Chunk(0, 0, 8, 0, 8192), {}, id="4096-segments-many-tiles"),
-    pytest.param(1, 6000, 2, 2, 8, P.MAX_KEYS - 1, A.Chunk(0, 0, 2, 0, 6000), dict(causal=False), id="most-keys"),
-    pytest.param(1, 65536, 16, 1, 8, 512, A.Chunk(0, 0, 16, 0, 65536), {}, id="64K-16-kv-heads-8192-segments"),
+    pytest.param(1, 6000, 2, 2, 8, 8191, A.Chunk(0, 0, 2, 0, 6000), dict(causal=False), id="most-keys"),
     pytest.param(1, 100, 1, 1, 1, 1, A.Chunk(0, 0, 1, 0, 100), {}, id="one-segment-one-tile"),
 ]
 

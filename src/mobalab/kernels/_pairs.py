@@ -50,8 +50,7 @@ PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
 PAIRS_ROUNDS = 32  # kPairsRounds
 TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
-MAX_KEYS = 10240  # n_seg + 1: 200 KiB of scatter shared memory (keys are packed in 15 bits); past 8192, so that
-# a 64K sequence of 16 kv heads in blocks of 128 (8192 segments, one chunk per sequence in the backward) fits
+MAX_KEYS = 8192  # n_seg + 1: 160 KiB of scatter shared memory (keys are packed in 15 bits)
 SORTS = ("counting", "torch")
 SORT_ENV = "MOBALAB_PAIR_SORT"
 
