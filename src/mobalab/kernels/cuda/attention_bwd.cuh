@@ -346,7 +346,12 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
           const int r = c * RS + nt * 8 + 2 * tq + (e & 1);
           const RowInfo ri = info[r];
           const int key = (e < 2) ? key_a : key_b;
-          const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
+          // D >= 96: bitwise, not short-circuit (&& compiled to a branch per condition and element; at 255
+          // registers either way). D <= 64: &&, whose branches keep fewer values live (bitwise took D = 32 from
+          // 128 to 140 registers and D = 64 from 164 to 188, one CTA per SM fewer, and spilled when held to it)
+          bool ok;
+          if constexpr (D >= 96) ok = ((e < 2) ? ok_a : ok_b) & (r < count) & (!causal | (key <= ri.t));
+          else ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
           // masked: 2^(x - inf) = +0 (ex2.approx; the finite dP of a masked element times 0 is 0). Adding the
           // mask keeps x unconditional: selecting x itself, or the exponential, compiled to a divergent branch
           // (BSSY / BSYNC) per element
