@@ -44,6 +44,9 @@
 #                main backward kernel at 16K, mobalab's and FlashMoBA's (built first when it does not import):
 #                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py);
 #                BWD_SASS_PEER=0 profiles mobalab's only
+#   bwd-block    the "block" backward variant (MOBALAB_BWD_VARIANT=block): its GPU tests, scripts/bwd_variants_ab.py
+#                (interleaved timing against "tile" at 8K-64K: logs/bwd_variants_ab.md) and its source counters at 16K
+#                (logs/bwd_sass_block.csv); ~150 s
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -190,6 +193,11 @@ for step in "${STEPS[@]}"; do
             || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
           && bwd_sass bwd_sass_flash_moba flash-moba 'regex:dq_dk_dv' || status=1
       fi ;;
+    bwd-block) # the "block" backward variant: its GPU tests, A/B against "tile", its source counters at 16K
+      timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+        -k block_variant tests/kernels/test_backward_gpu.py > "$W/pytest_bwd_block.log" 2>&1 || status=1
+      timeout $(cap 150) python3 scripts/bwd_variants_ab.py > "$W/bwd_variants_ab.md" 2>&1 || status=1
+      MOBALAB_BWD_VARIANT=block bwd_sass bwd_sass_block mobalab 'regex:moba_bwd_blk_' || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
@@ -205,6 +213,8 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_wgmma_tile.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_tile.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_tile.log"; }
 [ -f "$W/pytest_wgmma_ws.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_wgmma_ws.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_wgmma_ws.log"; }
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
+[ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
+[ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do

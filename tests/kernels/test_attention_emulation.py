@@ -168,13 +168,13 @@ def emulated_backward(emulate, monkeypatch, poisoned_empty):
     """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
     run): the backward wrapper with every launch run by the harness."""
 
-    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None):
+    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None, variant="tile"):
         with monkeypatch.context() as m:
             m.setattr(CB, "launch", emulate)
             m.setattr(A, "launch", emulate)
             with poisoned_empty():
                 grads = CB._backward(dout, q, k, v, out, lse, topk, block, top_k, causal, q.shape[-1] ** -0.5,
-                                     deterministic, None, budget, None, False, None)
+                                     deterministic, None, budget, None, False, None, variant)
         return grads, list(emulate.launched)
 
     return run
@@ -215,6 +215,29 @@ def test_emulated_gradients_match_oracle(emulated_backward, case):
     main = f"moba_bwd_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{dim}"
     assert main in launched and ("moba_bwd_dq_merge" in " ".join(launched)) == det
     _check(grads, q, k, v, dout, topk, block, causal, _case_id(case))
+
+
+BLOCK_CASES = [
+    # the "block" variant (8 warps per 128 keys): dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, det
+    (torch.bfloat16, 128, 128, True, 300, 2, 2, 2, False),   # N % 128 != 0: the last block's keys masked
+    (torch.float16, 64, 256, True, 600, 2, 4, 1, True),      # two 128-key sub-tiles, GQA 4, deterministic dQ
+    (torch.bfloat16, 64, 128, False, 200, 3, 2, 1, False),   # non-causal
+    (torch.float16, 128, 128, True, 100, 3, 1, 1, True),     # N < B, k >= n
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[_case_id(c) for c in BLOCK_CASES])
+def test_emulated_block_variant_gradients_match_oracle(emulated_backward, case):
+    dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, det = case
+    q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + dim + 1)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
+    grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det,
+                                        variant="block")
+    main = f"moba_bwd_blk_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{dim}"
+    assert main in launched and not any(n.startswith("moba_bwd_bf16_d") or n.startswith("moba_bwd_f16_d")
+                                        for n in launched)
+    _check(grads, q, k, v, dout, topk, block, causal, "block-" + _case_id(case))
 
 
 def test_emulated_chunks_that_split_the_query_range(emulated_backward):

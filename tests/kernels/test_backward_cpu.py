@@ -17,6 +17,7 @@ from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels import _cuda_backward as G
 from mobalab.kernels import reference as R
+from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args, signatures
 from mobalab.kernels.autograd import moba_attention_autograd
 
@@ -36,11 +37,17 @@ def test_every_backward_kernel_is_in_the_source():
     for dtype in C.CUDA_DTYPES:
         for dim in C.CUDA_HEAD_DIMS:
             assert set(G.bwd_kernel_names(dtype, dim)) <= set(sigs)
+        for dim in G.BLOCK_HEAD_DIMS:
+            assert set(G.bwd_kernel_names(dtype, dim, "block")) <= set(sigs)
     assert "moba_bwd_rows" in sigs
-    assert len(sigs) == 3 * len(C.CUDA_DTYPES) * len(C.CUDA_HEAD_DIMS) + 1
+    assert len(sigs) == (3 * len(C.CUDA_HEAD_DIMS) + len(G.BLOCK_HEAD_DIMS)) * len(C.CUDA_DTYPES) + 1
+    # the variant's geometry is the kernel's
+    text = source(G.SOURCE)
+    assert f"#define MOBA_BWD_BLOCK_KEYS {G.BLOCK_KEYS}" in text
+    assert f"#define MOBA_BWD_BLOCK_THREADS {G.BLOCK_THREADS}" in text
 
 
-def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3):
+def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3, variant="tile"):
     q, k, v = _qkv(batch, seqlen, heads, kv_heads, dim, dtype)
     n_blocks = math.ceil(seqlen / block)
     chunk = G.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, 1 << 20)[0]
@@ -49,22 +56,22 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     f32 = torch.zeros(8)
     i64 = torch.zeros(8, dtype=torch.int64)
     i32 = torch.zeros(8, dtype=torch.int32)
-    delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim)
+    delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim, variant)
     plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
              G.rows_launch(i64, i32, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
                   n_seg=n_seg, causal=True, scale=0.125, dkv_mode=G.dkv_mode(chunk, seqlen),
-                  smem=G.bwd_smem_bytes(dim))
+                  smem=G.bwd_smem_bytes(dim, variant), variant=variant)
     if deterministic:
-        for sub in range(G.n_key_subtiles(block)):
+        for sub in range(G.n_key_subtiles(block, variant)):
             plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=sub,
                                       n_sub_launch=1, dq_mode=1 if sub == 0 else 2, **common))
         plans.append(G.dq_merge_launch(merge_name, f32, i32, q, seqlen=seqlen, heads=heads, top_k=top_k,
                                        n_blocks=n_blocks, chunk=chunk))
     else:
         plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=0,
-                                  n_sub_launch=G.n_key_subtiles(block), dq_mode=0, **common))
+                                  n_sub_launch=G.n_key_subtiles(block, variant), dq_mode=0, **common))
     # the forward's index kernels, reused by the backward, with the backward's chunk
     plans += [A.keys_launch(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2),
               A.bounds_launch(i32, n_pairs, n_seg, i64)]
@@ -76,13 +83,39 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
 @pytest.mark.parametrize("block", C.CUDA_BLOCK_SIZES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic):
-    plans, n_seg = _plans(dtype, dim, block, deterministic)
-    for plan in plans:
-        assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(plan.source)[plan.kernel])
-    mains = [p for p in plans if p.kernel == G.bwd_kernel_names(dtype, dim)[1]]
-    # one launch covering every sub-tile, or one launch per sub-tile in order
-    assert sum(p.grid[0] for p in mains) == n_seg * G.n_key_subtiles(block)
-    assert all(p.shared_mem == G.bwd_smem_bytes(dim) and p.block == (G.bwd_threads(dim),) for p in mains)
+    variants = ["tile"] + (["block"] if G.block_supported(dim, block) else [])
+    for variant in variants:
+        plans, n_seg = _plans(dtype, dim, block, deterministic, variant=variant)
+        for plan in plans:
+            assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(plan.source)[plan.kernel])
+        mains = [p for p in plans if p.kernel == G.bwd_kernel_names(dtype, dim, variant)[1]]
+        # one launch covering every sub-tile, or one launch per sub-tile in order
+        assert sum(p.grid[0] for p in mains) == n_seg * G.n_key_subtiles(block, variant)
+        assert all(p.shared_mem == G.bwd_smem_bytes(dim, variant) and p.block == (G.bwd_threads(dim, variant),)
+                   for p in mains)
+
+
+def test_block_variant_geometry_and_choice(monkeypatch):
+    """The "block" variant: 128 keys and 8 warps per CTA, shared memory within an H100 / H200's opt-in 227 KB at
+    both head dims; chosen by argument or $MOBALAB_BWD_VARIANT, refused (with what is supported) where it has no
+    kernel, the tile variant otherwise the default."""
+    assert G.n_key_subtiles(128, "block") == 1 and G.n_key_subtiles(512, "block") == 4
+    assert G.n_key_subtiles(128) == 2 and G.bwd_threads(128, "block") == 256 and G.bwd_threads(128) == 128
+    assert G.bwd_smem_bytes(128, "block") == 2 * 128 * 256 + 4 * 64 * 256 + 2 * 128 * 64 * 2 + 3 * 64 * 16
+    assert all(G.bwd_smem_bytes(d, "block") + 1024 <= 227 * 1024 for d in G.BLOCK_HEAD_DIMS)
+    monkeypatch.delenv(G.BWD_VARIANT_ENV, raising=False)
+    assert G.resolve_bwd_variant(None, 128, 128) == "tile"
+    monkeypatch.setenv(G.BWD_VARIANT_ENV, "block")
+    assert G.resolve_bwd_variant(None, 128, 256) == "block"
+    for dim, block in ((96, 128), (128, 64), (256, 128), (64, 32)):
+        with pytest.raises(ValueError, match="supports head_dim in"):
+            G.resolve_bwd_variant(None, dim, block)
+    with pytest.raises(ValueError, match="must be one of"):
+        G.resolve_bwd_variant("fast")
+    q, k, v = _qkv(1, 40, 2, 1, 96, torch.bfloat16)
+    topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="moba_attention_backward_cuda: backward variant 'block' supports"):
+        G.moba_attention_backward_cuda(q, q, k, v, q, torch.zeros(1, 40, 2), topk, 128, 2, True, 0.1)
 
 
 def test_check_args_catches_python_scalars():

@@ -51,6 +51,35 @@ def test_gradients_match_oracle(backward_case, gpu, poisoned_empty):
     print(gpu.case_id(case), *report)
 
 
+BLOCK_VARIANT_CASES = [
+    # the "block" variant (8 warps per 128 keys): dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, det
+    (128, 128, 4097, 8, 2, 8, True, torch.bfloat16, False),
+    (128, 128, 127, 2, 2, 3, True, torch.float16, True),
+    (64, 256, 3000, 8, 1, 4, True, torch.float16, True),
+    (128, 512, 5000, 4, 4, 2, False, torch.bfloat16, False),
+    (64, 128, 1, 4, 4, 2, True, torch.bfloat16, False),
+    (64, 128, 2049, 4, 1, 64, False, torch.bfloat16, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BLOCK_VARIANT_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_block_variant_matches_oracle(case, gpu, poisoned_empty):
+    """variant="block" against the oracle (the criterion above), and bit-identical run to run when deterministic."""
+    dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, det = case
+    q, k, v, dout = gpu.inputs(2, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + dim, dout=True)
+    topk = gpu.routing(q, k, block, top_k, causal)
+    out, lse = moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk)
+    args = (dout, q, k, v, out, lse, topk, block, top_k, causal, dim ** -0.5)
+    with poisoned_empty():
+        grads = G.moba_attention_backward_cuda(*args, deterministic=det, variant="block")
+    report = _check(gpu, grads, q, k, v, dout, topk, block, causal, label=f"block {case}")
+    print("block", case, *report)
+    if det:
+        again = G.moba_attention_backward_cuda(*args, deterministic=True, variant="block")
+        assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
+
+
 def test_case_grid_covers_the_contract(backward_grid):
     cases = backward_grid
     assert len(cases) >= 40

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 import mobalab.kernels
-from mobalab.kernels import _cuda_attention, _cuda_routing
+from mobalab.kernels import _cuda_attention, _cuda_backward, _cuda_routing
 from mobalab.kernels._build import CUDA_DIR, source
 from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
@@ -257,14 +257,17 @@ def test_every_kernel_family_has_every_head_dim():
     families: dict[str, set[int]] = {}
     # decode (both kernels) serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma
     # forward head dim 128 only (resolve_variant refuses the others), the wgmma router 64 and 128
-    # (resolve_router_variant)
+    # (resolve_router_variant), the "block" backward 64 and 128 (resolve_bwd_variant)
     partial = ("decode.cu", "decode_split.cu", _cuda_attention.WGMMA_SOURCE, _cuda_routing.WGMMA_SOURCE)
+    partial_families = {f"moba_bwd_blk_{tag}_d{{}}": set(_cuda_backward.BLOCK_HEAD_DIMS) for tag in ("bf16", "f16")}
     for f in [f for f in CU_FILES if f not in partial]:
         for k in signatures(f):
             if (d := head_dim(k)) is not None:
                 families.setdefault(_HEAD_DIM.sub("_d{}", k, count=1), set()).add(d)
-    incomplete = {fam: sorted(dims - got) for fam, got in families.items() if got != dims}
+    incomplete = {fam: sorted(partial_families.get(fam, dims) - got) for fam, got in families.items()
+                  if got != partial_families.get(fam, dims)}
     assert not incomplete, f"kernel families missing head dims: {incomplete}"
+    assert all(families[fam] == want for fam, want in partial_families.items())
 
 
 def test_the_contract_supports_exactly_the_compiled_head_dims():

@@ -22,11 +22,18 @@ at the cost of ``4 d`` bytes of scratch per (query, head, slot) (bounded by chun
 less overlap (the sub-tile launches of a block run one after another, so a very long key-block list is
 waited for once per sub-tile): on the benchmark the deterministic fwd+bwd took 1.5x (d = 64) to 5x
 (clustered routing, B = 128) the default's time.
+
+Variants of the main kernel (``$MOBALAB_BWD_VARIANT``, read at each call, or the ``variant`` argument): "tile"
+(the default: a CTA of 4 warps per 64 keys, each warp owning 16 keys of dK and dV) and "block" (opt-in: a CTA
+of 8 warps per 128 keys with 32 x 32 warp tiles decoupled from the dK / dV ownership, cuda/attention_bwd_block.cuh;
+head dims 64 and 128, block sizes that are multiples of 128). Both compute the same sums; "block" is the tiling
+of FlashMoBA's backward, which issues fewer instructions per MMA (docs/design.md, "Backward").
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -42,24 +49,55 @@ ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
 ROW_INFO_BYTES = 16
+BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
+BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
+BLOCK_HEAD_DIMS = (64, 128)
+BWD_VARIANTS = ("tile", "block")
+BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
+
+
+def block_supported(head_dim: int, block_size: int) -> bool:
+    """Whether the "block" variant has a kernel for this head dim and block size."""
+    return head_dim in BLOCK_HEAD_DIMS and block_size % BLOCK_KEYS == 0
+
+
+def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
+                        block_size: int | None = None) -> str:
+    """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "tile"). "block"
+    with a head dim or block size it has no kernel for (both given) raises ValueError."""
+    if variant is None:
+        variant = os.environ.get(BWD_VARIANT_ENV, "tile")
+    if variant not in BWD_VARIANTS:
+        raise ValueError(f"backward variant must be one of {BWD_VARIANTS} (or None: ${BWD_VARIANT_ENV}, default "
+                         f"'tile'), got {variant!r}")
+    if variant == "block" and head_dim is not None and block_size is not None \
+            and not block_supported(head_dim, block_size):
+        raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "
+                         f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'tile'")
+    return variant
 
 
 # --------------------------------------------------------------------------------------------------
 # sizes and plans (pure)
 
 
-def n_key_subtiles(block_size: int) -> int:
-    """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one)."""
-    return max(1, math.ceil(block_size / KEYS))
+def n_key_subtiles(block_size: int, variant: str = "tile") -> int:
+    """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one), 128 for "block"."""
+    return max(1, math.ceil(block_size / (BLOCK_KEYS if variant == "block" else KEYS)))
 
 
-def bwd_threads(head_dim: int) -> int:
-    """Threads of the main kernel: head dim 256 pairs warps over the dK / dV / dQ columns (8 warps)."""
-    return 256 if head_dim == 256 else 128
+def bwd_threads(head_dim: int, variant: str = "tile") -> int:
+    """Threads of the main kernel: head dim 256 pairs warps over the dK / dV / dQ columns (8 warps); "block" has
+    8 warps."""
+    return 256 if head_dim == 256 or variant == "block" else 128
 
 
-def bwd_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records."""
+def bwd_smem_bytes(head_dim: int, variant: str = "tile") -> int:
+    """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records;
+    "block": K, V of 128 keys, 2 x Q, 2 x dO tiles, P^T and dS^T (128 x 64 each), the row records."""
+    if variant == "block":
+        return (2 * BLOCK_KEYS * head_dim * 2 + 4 * ROWS * head_dim * 2 + 2 * BLOCK_KEYS * ROWS * 2
+                + 3 * ROWS * ROW_INFO_BYTES)
     return 6 * ROWS * head_dim * 2 + KEYS * ROWS * 2 + 3 * ROWS * ROW_INFO_BYTES
 
 
@@ -77,11 +115,11 @@ def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bud
     return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled))
 
 
-def bwd_kernel_names(dtype: torch.dtype, head_dim: int) -> tuple[str, str, str]:
+def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
     """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
-    return (f"moba_bwd_delta_{tag}_d{head_dim}", f"moba_bwd_{tag}_d{head_dim}",
-            f"moba_bwd_dq_merge_{tag}_d{head_dim}")
+    main = f"moba_bwd_blk_{tag}_d{head_dim}" if variant == "block" else f"moba_bwd_{tag}_d{head_dim}"
+    return f"moba_bwd_delta_{tag}_d{head_dim}", main, f"moba_bwd_dq_merge_{tag}_d{head_dim}"
 
 
 def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
@@ -113,14 +151,15 @@ def rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, *, seqlen,
 
 def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, *, seqlen,
                heads, kv_heads, block_size, n_blocks, chunk: A.Chunk, n_seg, causal, scale, sub0, n_sub_launch,
-               dq_mode, dkv_mode, smem) -> Launch:
+               dq_mode, dkv_mode, smem, variant="tile") -> Launch:
     """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch."""
     args = (q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, np.int32(seqlen),
             np.int32(heads), np.int32(kv_heads), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(n_seg), np.int32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), np.int32(sub0), np.int32(n_sub_launch),
             np.int32(dq_mode), np.int32(dkv_mode))
-    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1]),), args, shared_mem=smem)
+    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1], variant),), args,
+                  shared_mem=smem)
 
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
@@ -139,7 +178,7 @@ def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, 
 def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool,
                                  scale: float, deterministic: bool = False, dlse=None, *,
                                  scratch_budget_bytes: int | None = None, into=None, kv_fresh: bool = False,
-                                 delta=None):
+                                 delta=None, variant: str | None = None):
     r"""dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
 
     Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
@@ -155,6 +194,9 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     ``delta``: the rows' :math:`D_t = dO_t\cdot O_t - d\mathrm{lse}_t` (fp32, (batch, seqlen, heads)) from
     :func:`backward_delta`, for a caller that runs several calls over the same query rows; ``out`` and ``dlse``
     are then not read.
+
+    ``variant``: the main kernel, "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``, default
+    "tile").
     """
     fn = "moba_attention_backward_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -178,10 +220,14 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
         C.check_into(fn, into, ("dq", "dk", "dv"), (q.shape, k.shape, v.shape), q.device)
     if delta is not None:
         C.check_like(fn, "delta", delta, q.shape[:3], dtypes=(torch.float32,), device=q.device)
+    try:
+        variant = resolve_bwd_variant(variant, q.shape[-1], block_size)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
     C.check_cuda_device(fn, q)
     with torch.cuda.device(q.device):
         return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
-                         scratch_budget_bytes, into, kv_fresh, delta)
+                         scratch_budget_bytes, into, kv_fresh, delta, variant)
 
 
 def backward_delta(out, dout, dlse=None):
@@ -212,7 +258,7 @@ def _delta(out, dout, dlse):
 
 
 def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
-              into, kv_fresh, delta):
+              into, kv_fresh, delta, variant=None):
     q, k, v, dout = (kernel_ready(x) for x in (q, k, v, dout.to(q.dtype)))
     lse = lse.float().contiguous()
     topk = topk.to(torch.int32).contiguous()
@@ -221,7 +267,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
-    _, main_name, merge_name = bwd_kernel_names(q.dtype, dim)
+    variant = resolve_bwd_variant(variant, dim, block_size)
+    _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
     delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
@@ -250,8 +297,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
             part_dq = dq_acc  # unused (dq_mode 0)
 
-    smem = bwd_smem_bytes(dim)
-    n_sub = n_key_subtiles(block_size)
+    smem = bwd_smem_bytes(dim, variant)
+    n_sub = n_key_subtiles(block_size, variant)
     for c in chunks:
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
@@ -262,7 +309,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         launch(rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
-                      chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem,
+                      chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,
                       dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2))
         if deterministic:
             for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add

@@ -6,11 +6,13 @@
 //   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O), fp32
 //   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block;
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
+//   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
 //   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list
 // The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
 // dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
 #include "attention_bwd.cuh"
+#include "attention_bwd_block.cuh"
 
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(const void* out, const void* dout, float* delta,             \
@@ -70,6 +72,28 @@ MOBA_BWD_KERNEL(moba_bwd_f16_d128,  __half,        128)
 #if MOBA_HAS_HEAD_DIM(256)
 MOBA_BWD_KERNEL(moba_bwd_bf16_d256, __nv_bfloat16, 256)
 MOBA_BWD_KERNEL(moba_bwd_f16_d256,  __half,        256)
+#endif
+
+// Variant "block" (attention_bwd_block.cuh): one 8-warp CTA per 128 keys, head dims 64 and 128.
+#define MOBA_BWD_BLOCK_KERNEL(NAME, T, D)                                                                             \
+  extern "C" __global__ void __launch_bounds__(MOBA_BWD_BLOCK_THREADS) NAME(                                          \
+      const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
+      const long long* seg_off, float* dq_acc, float* part_dq, void* dk, void* dv, float* dk_acc, float* dv_acc,      \
+      int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int batch_index, int h0, int n_seg,          \
+      int causal, float scale, float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {             \
+    moba_bwd::bwd_block<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, dq_acc,     \
+                              part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,         \
+                              batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode,         \
+                              dkv_mode);                                                                              \
+  }
+
+#if MOBA_HAS_HEAD_DIM(64)
+MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_bf16_d64,  __nv_bfloat16, 64)
+MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_f16_d64,   __half,        64)
+#endif
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_bf16_d128, __nv_bfloat16, 128)
+MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_f16_d128,  __half,        128)
 #endif
 
 #define MOBA_BWD_DQ_MERGE_KERNEL(NAME, T, D)                                                                          \

@@ -157,6 +157,139 @@ __device__ __forceinline__ void load_info(unsigned dst, const RowInfo* rows, lon
   }
 }
 
+// Rows of tile ti of a segment of n_rows gathered rows (MOBA_BWD_ROWS, but for the last tile).
+__device__ __forceinline__ int tile_rows(long long n_rows, int ti) {
+  return static_cast<int>(min(n_rows - static_cast<long long>(ti) * MOBA_BWD_ROWS, (long long)MOBA_BWD_ROWS));
+}
+
+// A CTA's start: K and V rows key0 .. key0 + KEYS - 1 of kv head kvh into swizzled KEYS x D tiles (keys >= key_end
+// zero-filled: they then contribute exactly 0 everywhere) and the first tile's row records, waited for; then the
+// first tile's gather and the second tile's records, committed.
+template <int D, int KEYS, int NTHREADS>
+__device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
+                                              const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
+                                              const char* gb, const RowInfo* rows, long long first,
+                                              long long n_rows, int n_tiles, long long row_base, int heads, int h0,
+                                              int kv_heads, int kvh, int key0, int key_end, int tid) {
+  constexpr int CH = D / 8;
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = (row_base * kv_heads + kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+#pragma unroll
+  for (int i = 0; i < KEYS * CH / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
+    const int row = c / CH, ch = c % CH;
+    const int key = key0 + row;
+    const bool ok = key < key_end;
+    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
+    cp_async16(sK + swz<D>(row, ch), kb + off, ok ? 16 : 0);
+    cp_async16(sV + swz<D>(row, ch), vb + off, ok ? 16 : 0);
+  }
+  if (n_tiles > 0) load_info(sInfoU, rows, first, tile_rows(n_rows, 0), tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  if (n_tiles > 0) {
+    gather_tile<D, NTHREADS>(sQ, sdO, qb, gb, sInfo, tile_rows(n_rows, 0), row_base, heads, h0, tid);
+    if (n_tiles > 1) load_info(sInfoU + MOBA_BWD_ROWS * 16, rows, first + MOBA_BWD_ROWS, tile_rows(n_rows, 1), tid);
+  }
+  cp_async_commit();
+}
+
+// During tile ti: the gather of tile ti + 1 (into Q / dO buffer (ti + 1) & 1) and the records of tile ti + 2 (into
+// record buffer (ti + 2) % 3), committed.
+template <int D, int NTHREADS>
+__device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
+                                               const char* qb, const char* gb, const RowInfo* rows, long long first,
+                                               long long n_rows, int n_tiles, int ti, long long row_base, int heads,
+                                               int h0, int tid) {
+  constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
+  if (ti + 1 < n_tiles)
+    gather_tile<D, NTHREADS>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
+                             sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 1), row_base, heads, h0,
+                             tid);
+  if (ti + 2 < n_tiles)
+    load_info(sInfoU + ((ti + 2) % 3) * MOBA_BWD_ROWS * 16, rows,
+              first + static_cast<long long>(ti + 2) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 2), tid);
+  cp_async_commit();
+}
+
+// Element offset of the dQ row of gathered row r of a tile (has: r < the tile's rows). Atomic mode: a row past the
+// tile's end (its Q, dO and row record are zero-filled, so its P, dS and dQ sum are exact zeros) adds them to the
+// tile's first row, so that every atomic is unconditional (predicated ones, even predicated in the instruction,
+// compiled to a divergent branch each). Modes 1, 2: the row's slot partial (0 when past the end: not written).
+template <int D>
+__device__ __forceinline__ long long dq_row_offset(const RowInfo* info, const long long* s_pair, int r, bool has,
+                                                   long long row_base, int heads, int h0, int dq_mode) {
+  if (dq_mode == 0) {
+    const RowInfo ri = info[has ? r : 0];
+    return ((row_base + ri.t) * heads + (h0 + ri.hc)) * D;
+  }
+  return has ? s_pair[r] * D : 0;
+}
+
+// Adds scale * acc (NT n-tiles of 8 columns, C fragments of rows g and g + 8) to the dQ rows at row0 and row1 (this
+// thread's columns): vector atomics (mode 0) or the slot partial stored (1) or added (2), rows past the end skipped.
+template <int NT>
+__device__ __forceinline__ void add_dq(float* row0, float* row1, bool has0, bool has1, const float (&acc)[NT][4],
+                                       float scale, int dq_mode) {
+  if (dq_mode == 0) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      red_add2(row0 + nt * 8, acc[nt][0] * scale, acc[nt][1] * scale);
+      red_add2(row1 + nt * 8, acc[nt][2] * scale, acc[nt][3] * scale);
+    }
+    return;
+  }
+  // mode 2 (add): every old value is loaded before any store, so the loads are in flight together (with stores in
+  // between, possible aliasing would serialise eight load-store round trips).
+  float2 old0[NT], old1[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    old0[nt] = old1[nt] = make_float2(0.f, 0.f);
+    if (dq_mode == 2 && has0) old0[nt] = *reinterpret_cast<const float2*>(row0 + nt * 8);
+    if (dq_mode == 2 && has1) old1[nt] = *reinterpret_cast<const float2*>(row1 + nt * 8);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (has0)
+      *reinterpret_cast<float2*>(row0 + nt * 8) =
+          make_float2(old0[nt].x + acc[nt][0] * scale, old0[nt].y + acc[nt][1] * scale);
+    if (has1)
+      *reinterpret_cast<float2*>(row1 + nt * 8) =
+          make_float2(old1[nt].x + acc[nt][2] * scale, old1[nt].y + acc[nt][3] * scale);
+  }
+}
+
+// dK (times scale) and dV of one key row from C fragments (h = 0: fragment row g, elements 0, 1; h = 1: row g + 8,
+// elements 2, 3), NT n-tiles from element offset off: in the input type (dkv_mode 0) or fp32, stored (1) or added (2).
+template <typename T, int NT>
+__device__ __forceinline__ void store_dkv_row(void* dk_, void* dv_, float* dk_acc, float* dv_acc, long long off,
+                                              const float (&dk)[NT][4], const float (&dv)[NT][4], int h, float scale,
+                                              int dkv_mode) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float k0 = dk[nt][2 * h] * scale, k1 = dk[nt][2 * h + 1] * scale;
+    const float v0 = dv[nt][2 * h], v1 = dv[nt][2 * h + 1];
+    if (dkv_mode == 0) {
+      *reinterpret_cast<unsigned*>(static_cast<T*>(dk_) + off + nt * 8) = Elem<T>::pack(k0, k1);
+      *reinterpret_cast<unsigned*>(static_cast<T*>(dv_) + off + nt * 8) = Elem<T>::pack(v0, v1);
+    } else {
+      float2* pk = reinterpret_cast<float2*>(dk_acc + off + nt * 8);
+      float2* pv = reinterpret_cast<float2*>(dv_acc + off + nt * 8);
+      if (dkv_mode == 1) {
+        *pk = make_float2(k0, k1);
+        *pv = make_float2(v0, v1);
+      } else {
+        const float2 ok_ = *pk, ov = *pv;
+        *pk = make_float2(ok_.x + k0, ok_.y + k1);
+        *pv = make_float2(ov.x + v0, ov.y + v1);
+      }
+    }
+  }
+}
+
 // The main backward body. dq_mode: 0 atomic add into dq_acc (batch, seqlen, heads, D) fp32;
 // 1 store / 2 add into part_dq[pair * D] (deterministic). dkv_mode: 0 write dk/dv in the input type;
 // 1 store / 2 add into fp32 dk_acc/dv_acc (a chunk plan that splits the query range).
@@ -205,36 +338,10 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   const int n_tiles = static_cast<int>((n_rows + MOBA_BWD_ROWS - 1) / MOBA_BWD_ROWS);
   const long long row_base = static_cast<long long>(batch_index) * seqlen;
 
-  // K and V of the sub-tile (keys >= key_end zero-filled: they then contribute exactly 0 everywhere).
-  constexpr int CH = D / 8;
-  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
-  const long long kv_base = (row_base * kv_heads + kvh) * D * 2;
-  const char* kb = static_cast<const char*>(k_) + kv_base;
-  const char* vb = static_cast<const char*>(v_) + kv_base;
-#pragma unroll
-  for (int i = 0; i < MOBA_BWD_KEYS * CH / NTHREADS; ++i) {
-    const int c = tid + i * NTHREADS;
-    const int row = c / CH, ch = c % CH;
-    const int key = key0 + row;
-    const bool ok = key < key_end;
-    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
-    cp_async16(sK + swz<D>(row, ch), kb + off, ok ? 16 : 0);
-    cp_async16(sV + swz<D>(row, ch), vb + off, ok ? 16 : 0);
-  }
   const char* qb = static_cast<const char*>(q_);
   const char* gb = static_cast<const char*>(dout_);
-  if (n_tiles > 0) load_info(sInfoU, rows, first, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)), tid);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  if (n_tiles > 0) {
-    gather_tile<D, NTHREADS>(sQ, sdO, qb, gb, sInfo, static_cast<int>(min(n_rows, (long long)MOBA_BWD_ROWS)),
-                             row_base, heads, h0, tid);
-    if (n_tiles > 1)
-      load_info(sInfoU + MOBA_BWD_ROWS * 16, rows, first + MOBA_BWD_ROWS,
-                static_cast<int>(min(n_rows - MOBA_BWD_ROWS, (long long)MOBA_BWD_ROWS)), tid);
-  }
-  cp_async_commit();
+  start_segment<D, MOBA_BWD_KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, first, n_rows,
+                                            n_tiles, row_base, heads, h0, kv_heads, kvh, key0, key_end, tid);
 
   float dk[DTW][4], dv[DTW][4];
 #pragma unroll
@@ -250,21 +357,10 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     cp_async_wait<0>();
     __syncthreads();
     const long long tfirst = first + static_cast<long long>(ti) * MOBA_BWD_ROWS;
-    const int count = static_cast<int>(min(n_rows - static_cast<long long>(ti) * MOBA_BWD_ROWS,
-                                           (long long)MOBA_BWD_ROWS));
+    const int count = tile_rows(n_rows, ti);
     const RowInfo* info = sInfo + (ti % 3) * MOBA_BWD_ROWS;
-    if (ti + 1 < n_tiles) {
-      const int c1 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 1) * MOBA_BWD_ROWS,
-                                          (long long)MOBA_BWD_ROWS));
-      gather_tile<D, NTHREADS>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
-                               sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, c1, row_base, heads, h0, tid);
-    }
-    if (ti + 2 < n_tiles) {
-      const int c2 = static_cast<int>(min(n_rows - static_cast<long long>(ti + 2) * MOBA_BWD_ROWS,
-                                          (long long)MOBA_BWD_ROWS));
-      load_info(sInfoU + ((ti + 2) % 3) * MOBA_BWD_ROWS * 16, rows, tfirst + 2 * MOBA_BWD_ROWS, c2, tid);
-    }
-    cp_async_commit();
+    prefetch_tiles<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, first, n_rows, n_tiles, ti, row_base, heads, h0,
+                                tid);
     if (dq_mode != 0 && tid < MOBA_BWD_ROWS) s_pair[tid] = tid < count ? pairs[tfirst + tid] : -1;
 
     const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
@@ -407,22 +503,11 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     // (pairs: each warp of the pair its part of the columns).
     const int r0 = kw * 16 + g, r1 = r0 + 8;
     // this thread's two dQ rows (columns 2 tq, 2 tq + 1 of every 8), computed once per tile, so that each pass
-    // addresses them by immediate offsets. Atomic mode: a row past the tile's end (its Q, dO and row record are
-    // zero-filled, so its P, dS and dQ sum are exact zeros) adds them to the tile's first row, and every atomic
-    // is unconditional (predicated ones, even predicated in the instruction, compiled to a divergent branch each).
+    // addresses them by immediate offsets
     float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
     const bool has0 = r0 < count, has1 = r1 < count;
-    long long off0 = 0, off1 = 0;
-    if (dq_mode == 0) {
-      const RowInfo i0 = info[has0 ? r0 : 0], i1 = info[has1 ? r1 : 0];
-      off0 = ((row_base + i0.t) * heads + (h0 + i0.hc)) * D;
-      off1 = ((row_base + i1.t) * heads + (h0 + i1.hc)) * D;
-    } else {
-      if (has0) off0 = s_pair[r0] * D;
-      if (has1) off1 = s_pair[r1] * D;
-    }
-    float* const row0 = dq_base + off0 + 2 * tq;
-    float* const row1 = dq_base + off1 + 2 * tq;
+    float* const row0 = dq_base + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + 2 * tq;
+    float* const row1 = dq_base + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + 2 * tq;
 #pragma unroll 1
     for (int half = dh * (DTW / 4); half < (dh + 1) * (DTW / 4); ++half) {
       constexpr int HT = 4;  // n-tiles (of 8 columns) per pass: 32 columns of D
@@ -447,32 +532,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
         }
       }
       const int col0 = half * HT * 8;
-      if (dq_mode == 0) {
-#pragma unroll
-        for (int nt = 0; nt < HT; ++nt) {
-          red_add2(row0 + col0 + nt * 8, acc[nt][0] * scale, acc[nt][1] * scale);
-          red_add2(row1 + col0 + nt * 8, acc[nt][2] * scale, acc[nt][3] * scale);
-        }
-      } else {
-        // mode 2 (add): every old value is loaded before any store, so the loads are in flight together
-        // (with stores in between, possible aliasing would serialise eight load-store round trips).
-        float2 old0[HT], old1[HT];
-#pragma unroll
-        for (int nt = 0; nt < HT; ++nt) {
-          old0[nt] = old1[nt] = make_float2(0.f, 0.f);
-          if (dq_mode == 2 && has0) old0[nt] = *reinterpret_cast<const float2*>(row0 + col0 + nt * 8);
-          if (dq_mode == 2 && has1) old1[nt] = *reinterpret_cast<const float2*>(row1 + col0 + nt * 8);
-        }
-#pragma unroll
-        for (int nt = 0; nt < HT; ++nt) {
-          if (has0)
-            *reinterpret_cast<float2*>(row0 + col0 + nt * 8) =
-                make_float2(old0[nt].x + acc[nt][0] * scale, old0[nt].y + acc[nt][1] * scale);
-          if (has1)
-            *reinterpret_cast<float2*>(row1 + col0 + nt * 8) =
-                make_float2(old1[nt].x + acc[nt][2] * scale, old1[nt].y + acc[nt][3] * scale);
-        }
-      }
+      add_dq<HT>(row0 + col0, row1 + col0, has0, has1, acc, scale, dq_mode);
     }
     // the next iteration's wait + barrier orders these reads before dS^T / buffers are rewritten
   }
@@ -484,26 +544,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
     const int key = r ? key_b : key_a;
     if (!(r ? ok_b : ok_a)) continue;
     const long long off = ((row_base + key) * kv_heads + kvh) * D + dh * (D / SPLIT) + 2 * tq;
-#pragma unroll
-    for (int nt = 0; nt < DTW; ++nt) {
-      const float k0 = dk[nt][2 * r] * scale, k1 = dk[nt][2 * r + 1] * scale;
-      const float v0 = dv[nt][2 * r], v1 = dv[nt][2 * r + 1];
-      if (dkv_mode == 0) {
-        *reinterpret_cast<unsigned*>(static_cast<T*>(dk_) + off + nt * 8) = Elem<T>::pack(k0, k1);
-        *reinterpret_cast<unsigned*>(static_cast<T*>(dv_) + off + nt * 8) = Elem<T>::pack(v0, v1);
-      } else {
-        float2* pk = reinterpret_cast<float2*>(dk_acc + off + nt * 8);
-        float2* pv = reinterpret_cast<float2*>(dv_acc + off + nt * 8);
-        if (dkv_mode == 1) {
-          *pk = make_float2(k0, k1);
-          *pv = make_float2(v0, v1);
-        } else {
-          const float2 ok_ = *pk, ov = *pv;
-          *pk = make_float2(ok_.x + k0, ok_.y + k1);
-          *pv = make_float2(ov.x + v0, ov.y + v1);
-        }
-      }
-    }
+    store_dkv_row<T, DTW>(dk_, dv_, dk_acc, dv_acc, off, dk, dv, r, scale, dkv_mode);
   }
 }
 

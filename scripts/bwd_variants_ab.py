@@ -1,0 +1,84 @@
+"""Side-by-side timing of the backward's main-kernel variants: ``python scripts/bwd_variants_ab.py [--points ...]``.
+
+Each point (N, head dim; batch 2, 16 heads, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO) runs
+:func:`mobalab.kernels._cuda_backward.moba_attention_backward_cuda` with each ``--variants`` entry ("tile", "block")
+on the same forward outputs and routing. Every variant is warmed up, then timed in alternating order over
+``--rounds`` rounds (the first timing in a process runs slow while the clocks ramp up; the first two rounds are
+dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms, its
+speedup against the first variant, and the largest gradient difference from the first variant relative to the
+largest gradient (the order of float additions differs, so not zero). Useful FLOP rates are the benchmark's
+(``python -m mobalab.bench.attention --backward`` with ``MOBALAB_BWD_VARIANT``); this script compares times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from mobalab.kernels._cuda_attention import moba_attention_cuda
+from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
+from mobalab.kernels._cuda_routing import moba_topk_cuda
+
+K = 1024
+POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-d64": (64 * K, 64),
+          "8K-d64": (8 * K, 64)}
+
+
+def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
+    """One point's rows: variant, median ms, speedup against the first variant, relative gradient difference."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, dout = (torch.randn(2, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(4))
+    topk = moba_topk_cuda(q, k, 128, 8, causal=True).to(torch.int32).contiguous()
+    out, lse = moba_attention_cuda(q, k, v, 128, 8, True, return_lse=True, topk_indices=topk)
+
+    def call(variant):
+        return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
+                                            variant=variant)
+
+    grads = {vname: call(vname) for vname in variants}  # warm-up (compiles), and the gradients compared
+    times = {vname: [] for vname in variants}
+    for r in range(rounds):
+        for vname in (variants if r % 2 == 0 else variants[::-1]):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            call(vname)
+            b.record()
+            b.synchronize()
+            if r >= 2:
+                times[vname].append(a.elapsed_time(b))
+    base = statistics.median(times[variants[0]])
+    scale = max(x.float().abs().max().item() for x in grads[variants[0]])
+    rows = []
+    for vname in variants:
+        ms = statistics.median(times[vname])
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(grads[vname], grads[variants[0]],
+                                                                                strict=True))
+        rows.append(dict(variant=vname, ms=ms, speedup=base / ms, rel_diff=diff / scale))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", nargs="+", default=["8K", "16K", "64K", "64K-d64"], choices=sorted(POINTS))
+    p.add_argument("--variants", nargs="+", default=list(BWD_VARIANTS), choices=BWD_VARIANTS)
+    p.add_argument("--rounds", type=int, default=12)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bwd_variants_ab: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print("| point | variant | ms | speedup | max grad diff / max grad |\n|---|---|---|---|---|")
+    for name in a.points:
+        seqlen, dim = POINTS[name]
+        for row in run_point(seqlen, dim, a.variants, a.rounds):
+            print(f"| {name} | {row['variant']} | {row['ms']:.3f} | {row['speedup']:.3f} | {row['rel_diff']:.1e} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
