@@ -661,7 +661,11 @@ def markdown(rows, env) -> str:
 def run_record() -> dict:
     """:func:`mobalab.bench.environment` plus the kernel settings every row ran with."""
     env = environment()
+    from mobalab.kernels._cuda_backward import resolve_bwd_variant
+    from mobalab.kernels._launch import resolve_launcher
+
     env.update(routing="cuda", attn_variant=A.resolve_variant(None), router_variant=resolve_router_variant(None),
+               bwd_variant=resolve_bwd_variant(None), launcher=resolve_launcher(),
                scratch_budget="default: 4% of the q, k, v, out bytes within [512 MiB, 768 MiB] (per row: "
                               "scratch_budget_bytes)")
     return env
