@@ -10,7 +10,8 @@ through :func:`check_args`, which parses the kernel's parameter list from its ``
   ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...).
 
 A launch is a :class:`Launch` record built by plain Python (the ``_cuda_*`` wrappers' plan functions) and
-run by :func:`launch`, the one launch path. :func:`check_args` is pure Python, so CI (no GPU) tests every
+run by :func:`launch`, the one launch path, which packs the checked arguments into the kernel's parameter block
+and calls cuLaunchKernel itself (CuPy's kernel call on ``$MOBALAB_LAUNCH=cupy``). :func:`check_args` is pure Python, so CI (no GPU) tests every
 wrapper's plans against the source.
 :func:`check_args` is pure Python, so CI (no GPU) tests every wrapper's argument list against the source.
 Entry points are either literal ``__global__`` functions or instantiations of a function-like macro whose
@@ -202,17 +203,12 @@ def kernel_ready(x):
     return x
 
 
-# struct codes of the C parameter types (native sizes and alignment, as the kernel's parameter block lays them out)
-_PACK = {"int": "i", "int32_t": "i", "unsigned": "I", "unsigned int": "I", "uint32_t": "I", "long long": "q",
-         "long long int": "q", "int64_t": "q", "unsigned long long": "Q", "uint64_t": "Q", "float": "f",
-         "double": "d", "bool": "?"}
-
-
 @functools.cache
 def _layout(filename: str, kernel: str) -> tuple[struct.Struct, tuple[int, ...]]:
-    """The kernel's parameters as one C struct (pointers as 64-bit addresses): its packer and each parameter's
-    offset in it."""
-    codes = ["Q" if p.pointer else _PACK[p.ctype] for p in signatures(filename)[_base_name(kernel)]]
+    """The kernel's parameters as one C struct (pointers as 64-bit addresses, scalars at their numpy type's native
+    size and alignment): its packer and each parameter's offset in it."""
+    codes = ["Q" if p.pointer else np.dtype(_SCALAR_TYPES[p.ctype]).char
+             for p in signatures(filename)[_base_name(kernel)]]
     offsets = tuple(struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + c)
                     for i, c in enumerate(codes))
     return struct.Struct("@" + "".join(codes)), offsets
