@@ -45,8 +45,9 @@
 #                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py);
 #                BWD_SASS_PEER=0 profiles mobalab's only
 #   bwd-block    the "block" backward variant (MOBALAB_BWD_VARIANT=block): its GPU tests, scripts/bwd_variants_ab.py
-#                (interleaved timing against "tile" at 8K-64K: logs/bwd_variants_ab.md) and its source counters at 16K
-#                (logs/bwd_sass_block.csv); ~150 s
+#                (interleaved timing against "tile" at 8K-64K: logs/bwd_variants_ab.md), the forward+backward
+#                benchmark at 64K / 16K / 8K with it (logs/bwd_block/) and its source counters at 16K
+#                (logs/bwd_sass_block.csv); ~250 s
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -197,6 +198,8 @@ for step in "${STEPS[@]}"; do
       timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
         -k block_variant tests/kernels/test_backward_gpu.py > "$W/pytest_bwd_block.log" 2>&1 || status=1
       timeout $(cap 150) python3 scripts/bwd_variants_ab.py > "$W/bwd_variants_ab.md" 2>&1 || status=1
+      MOBALAB_BWD_VARIANT=block timeout $(cap 200) python3 -m mobalab.bench.attention --backward --select 0,5,6 \
+        --out "$W/bwd_block" > "$W/bench_bwd_block.log" 2>&1 || status=1
       MOBALAB_BWD_VARIANT=block bwd_sass bwd_sass_block mobalab 'regex:moba_bwd_blk_' || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
@@ -224,7 +227,7 @@ done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/decode/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
