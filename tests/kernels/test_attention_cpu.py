@@ -254,7 +254,7 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
     monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=Driver)))
     kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1234))  # a RawKernel's Function on the device
     monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: kernel)
-    monkeypatch.setattr(_launch, "_raw_stream", lambda: (0, 77))
+    monkeypatch.setattr(_launch, "current_stream", lambda: (0, 77))
     monkeypatch.setattr(_launch, "_FUNCTIONS", {})
     monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
     plans = list(_plans(torch.bfloat16, 128, 128, True, "auto"))

@@ -19,7 +19,7 @@ import functools
 import re
 from importlib import resources
 
-__all__ = ["source", "get_kernel", "cupy", "torch_stream"]
+__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream"]
 
 CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -111,14 +111,19 @@ def _dynamic_smem_limit(fn, device: int) -> int:
 _STREAMS: dict = {}
 
 
-def torch_stream():
-    """The CuPy view of torch's current CUDA stream, so kernels are ordered with torch work (one CuPy object per
-    stream, kept: building one per launch took several microseconds of a launch's ~20)."""
+def current_stream() -> tuple[int, int]:
+    """(current device, address of torch's current CUDA stream on it)."""
     import torch
 
     device = torch.cuda.current_device()
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    ptr = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+    return device, (raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream)
+
+
+def torch_stream():
+    """The CuPy view of torch's current CUDA stream, so kernels are ordered with torch work (one CuPy object per
+    stream, kept: building one per launch took several microseconds of a launch's ~20)."""
+    device, ptr = current_stream()
     stream = _STREAMS.get((device, ptr))
     if stream is None:
         stream = _STREAMS[(device, ptr)] = cupy().cuda.ExternalStream(ptr, device)

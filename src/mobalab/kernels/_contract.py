@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -269,3 +270,12 @@ def check_centroids(fn: str, centroids, k, block_size: int) -> None:
         raise ValueError(f"{fn}: centroids have dtype {centroids.dtype}; supported: torch.float32")
     if centroids.device != k.device:
         raise ValueError(f"{fn}: centroids are on {centroids.device} and k on {k.device}; they must match")
+
+
+def choice_or_env(what: str, value: str | None, choices: tuple[str, ...], env: str, default: str) -> str:
+    """``value``, or the environment variable ``env`` (else ``default``) when None; one of ``choices``."""
+    if value is None:
+        value = os.environ.get(env, default)
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices} (or None: ${env}, default {default!r}), got {value!r}")
+    return value

@@ -51,7 +51,6 @@ by the plan functions (``*_launch``), plain Python that CI checks against the CU
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,19 +103,10 @@ class Chunk:
 # sizes and plans (pure)
 
 
-def _choice_or_env(what: str, value: str | None, choices: tuple[str, ...], env: str, default: str) -> str:
-    """``value``, or the environment variable ``env`` (else ``default``) when None; one of ``choices``."""
-    if value is None:
-        value = os.environ.get(env, default)
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {choices} (or None: ${env}, default {default!r}), got {value!r}")
-    return value
-
-
 def resolve_partial(partial: str | None) -> str:
     """The partial format: ``partial``, or the ``MOBALAB_ATTN_PARTIAL`` environment variable (default
     "16bit") when None."""
-    return _choice_or_env("partial format", partial, PARTIALS, PARTIAL_ENV, "16bit")
+    return C.choice_or_env("partial format", partial, PARTIALS, PARTIAL_ENV, "16bit")
 
 
 def partial_elem_bytes(partial: str) -> int:
@@ -183,7 +173,7 @@ def resolve_variant(variant: str | None, head_dim: int | None = None, block_size
     """The tile-kernel choice: ``variant``, or the ``MOBALAB_ATTN_VARIANT`` environment variable (default
     "auto") when None. With ``head_dim`` and ``block_size`` given, "wgmma" and "wgmma-ws" are refused
     (ValueError) for shapes they have no kernel for."""
-    variant = _choice_or_env("variant", variant, VARIANTS, VARIANT_ENV, "auto")
+    variant = C.choice_or_env("variant", variant, VARIANTS, VARIANT_ENV, "auto")
     if variant in WGMMA_VARIANTS and head_dim is not None and block_size is not None \
             and not wgmma_supports(head_dim, block_size):
         raise ValueError(f"variant {variant!r} supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "

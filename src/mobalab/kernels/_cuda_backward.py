@@ -33,7 +33,6 @@ of FlashMoBA's backward, which issues fewer instructions per MMA (docs/design.md
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -65,11 +64,7 @@ def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
                         block_size: int | None = None) -> str:
     """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "tile"). "block"
     with a head dim or block size it has no kernel for (both given) raises ValueError."""
-    if variant is None:
-        variant = os.environ.get(BWD_VARIANT_ENV, "tile")
-    if variant not in BWD_VARIANTS:
-        raise ValueError(f"backward variant must be one of {BWD_VARIANTS} (or None: ${BWD_VARIANT_ENV}, default "
-                         f"'tile'), got {variant!r}")
+    variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "tile")
     if variant == "block" and head_dim is not None and block_size is not None \
             and not block_supported(head_dim, block_size):
         raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "

@@ -11,9 +11,8 @@ through :func:`check_args`, which parses the kernel's parameter list from its ``
 
 A launch is a :class:`Launch` record built by plain Python (the ``_cuda_*`` wrappers' plan functions) and
 run by :func:`launch`, the one launch path, which packs the checked arguments into the kernel's parameter block
-and calls cuLaunchKernel itself (CuPy's kernel call on ``$MOBALAB_LAUNCH=cupy``). :func:`check_args` is pure Python, so CI (no GPU) tests every
-wrapper's plans against the source.
-:func:`check_args` is pure Python, so CI (no GPU) tests every wrapper's argument list against the source.
+and calls cuLaunchKernel itself (CuPy's kernel call on ``$MOBALAB_LAUNCH=cupy``). :func:`check_args` is pure
+Python, so CI (no GPU) tests every wrapper's plans against the source.
 Entry points are either literal ``__global__`` functions or instantiations of a function-like macro whose
 body is one (``#define K(NAME, T, D) extern "C" __global__ void NAME(const T* q, int n) {...}`` followed by
 lines ``K(moba_x_bf16_d64, __nv_bfloat16, 64)``): :func:`signatures` expands those macros the way the C
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import re
 import struct
 import threading
@@ -33,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._build import cupy, get_kernel, source, torch_stream
+from ._build import cupy, current_stream, get_kernel, source, torch_stream
+from ._contract import choice_or_env
 
 __all__ = ["Param", "signatures", "check_args", "launch"]
 
@@ -240,11 +239,7 @@ _INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: a thread that has made no 
 def resolve_launcher(launcher: str | None = None) -> str:
     """How :func:`launch` starts kernels: "driver" (the default: the arguments packed into one C struct here,
     then cuLaunchKernel) or "cupy" (CuPy's kernel call); None reads ``$MOBALAB_LAUNCH``."""
-    launcher = os.environ.get(LAUNCH_ENV, "driver") if launcher is None else launcher
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"kernel launcher must be one of {LAUNCHERS} (or None: ${LAUNCH_ENV}, default 'driver'), "
-                         f"got {launcher!r}")
-    return launcher
+    return choice_or_env("kernel launcher", launcher, LAUNCHERS, LAUNCH_ENV, "driver")
 
 
 def launch(plan: Launch) -> None:
@@ -275,7 +270,7 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
         packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
         packer.pack_into(params, 0, *cargs)
         driver = cupy().cuda.driver
-        device, stream = _raw_stream()
+        device, stream = current_stream()
         try:
             driver.launchKernel(_function_ptr(fn, device), grid[0], grid[1], grid[2], block[0], block[1], block[2],
                                 smem, stream, params_addr, 0)
@@ -285,15 +280,6 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
                 raise
             # no current context on this thread yet: CuPy's call makes the device's current first
     fn(grid[:3], block[:3], cargs, shared_mem=smem, stream=torch_stream())
-
-
-def _raw_stream() -> tuple[int, int]:
-    """(current device, address of torch's current CUDA stream on it)."""
-    import torch
-
-    device = torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return device, (raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream)
 
 
 _FUNCTIONS: dict = {}

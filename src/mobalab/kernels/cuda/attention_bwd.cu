@@ -41,59 +41,47 @@ MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d256, __nv_bfloat16, 256)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d256,  __half,        256)
 #endif
 
-#define MOBA_BWD_KERNEL(NAME, T, D)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(moba_bwd::kBwdThreads<D>) NAME(                                        \
+// The main kernel of either variant: BODY is moba_bwd::bwd_tile (attention_bwd.cuh) or moba_bwd::bwd_block
+// (attention_bwd_block.cuh: one 8-warp CTA per 128 keys, head dims 64 and 128), THREADS its block size.
+#define MOBA_BWD_KERNEL(NAME, BODY, THREADS, T, D)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                         \
       const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
       const long long* seg_off, float* dq_acc, float* part_dq, void* dk, void* dv, float* dk_acc, float* dv_acc,      \
       int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int batch_index, int h0, int n_seg,          \
       int causal, float scale, float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {             \
-    moba_bwd::bwd_tile<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, dq_acc,      \
-                             part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,          \
-                             batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode,          \
-                             dkv_mode);                                                                               \
+    moba_bwd::BODY<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, dq_acc,          \
+                         part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, \
+                         h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);                \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  __nv_bfloat16, 32)
-MOBA_BWD_KERNEL(moba_bwd_f16_d32,   __half,        32)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  bwd_tile, moba_bwd::kBwdThreads<32>, __nv_bfloat16, 32)
+MOBA_BWD_KERNEL(moba_bwd_f16_d32,   bwd_tile, moba_bwd::kBwdThreads<32>, __half,        32)
 #endif
 #if MOBA_HAS_HEAD_DIM(64)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d64,  __nv_bfloat16, 64)
-MOBA_BWD_KERNEL(moba_bwd_f16_d64,   __half,        64)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d64,  bwd_tile, moba_bwd::kBwdThreads<64>, __nv_bfloat16, 64)
+MOBA_BWD_KERNEL(moba_bwd_f16_d64,   bwd_tile, moba_bwd::kBwdThreads<64>, __half,        64)
 #endif
 #if MOBA_HAS_HEAD_DIM(96)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d96,  __nv_bfloat16, 96)
-MOBA_BWD_KERNEL(moba_bwd_f16_d96,   __half,        96)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d96,  bwd_tile, moba_bwd::kBwdThreads<96>, __nv_bfloat16, 96)
+MOBA_BWD_KERNEL(moba_bwd_f16_d96,   bwd_tile, moba_bwd::kBwdThreads<96>, __half,        96)
 #endif
 #if MOBA_HAS_HEAD_DIM(128)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d128, __nv_bfloat16, 128)
-MOBA_BWD_KERNEL(moba_bwd_f16_d128,  __half,        128)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d128, bwd_tile, moba_bwd::kBwdThreads<128>, __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_f16_d128,  bwd_tile, moba_bwd::kBwdThreads<128>, __half,        128)
 #endif
 #if MOBA_HAS_HEAD_DIM(256)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d256, __nv_bfloat16, 256)
-MOBA_BWD_KERNEL(moba_bwd_f16_d256,  __half,        256)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d256, bwd_tile, moba_bwd::kBwdThreads<256>, __nv_bfloat16, 256)
+MOBA_BWD_KERNEL(moba_bwd_f16_d256,  bwd_tile, moba_bwd::kBwdThreads<256>, __half,        256)
 #endif
-
-// Variant "block" (attention_bwd_block.cuh): one 8-warp CTA per 128 keys, head dims 64 and 128.
-#define MOBA_BWD_BLOCK_KERNEL(NAME, T, D)                                                                             \
-  extern "C" __global__ void __launch_bounds__(MOBA_BWD_BLOCK_THREADS) NAME(                                          \
-      const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
-      const long long* seg_off, float* dq_acc, float* part_dq, void* dk, void* dv, float* dk_acc, float* dv_acc,      \
-      int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int batch_index, int h0, int n_seg,          \
-      int causal, float scale, float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {             \
-    moba_bwd::bwd_block<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, dq_acc,     \
-                              part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,         \
-                              batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode,         \
-                              dkv_mode);                                                                              \
-  }
 
 #if MOBA_HAS_HEAD_DIM(64)
-MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_bf16_d64,  __nv_bfloat16, 64)
-MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_f16_d64,   __half,        64)
+MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d64,  bwd_block, MOBA_BWD_BLOCK_THREADS, __nv_bfloat16, 64)
+MOBA_BWD_KERNEL(moba_bwd_blk_f16_d64,   bwd_block, MOBA_BWD_BLOCK_THREADS, __half,        64)
 #endif
 #if MOBA_HAS_HEAD_DIM(128)
-MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_bf16_d128, __nv_bfloat16, 128)
-MOBA_BWD_BLOCK_KERNEL(moba_bwd_blk_f16_d128,  __half,        128)
+MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d128, bwd_block, MOBA_BWD_BLOCK_THREADS, __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_blk_f16_d128,  bwd_block, MOBA_BWD_BLOCK_THREADS, __half,        128)
 #endif
 
 #define MOBA_BWD_DQ_MERGE_KERNEL(NAME, T, D)                                                                          \

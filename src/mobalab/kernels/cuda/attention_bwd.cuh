@@ -157,20 +157,53 @@ __device__ __forceinline__ void load_info(unsigned dst, const RowInfo* rows, lon
   }
 }
 
+// What one CTA of the main kernel owns: KEYS keys key0 .. key_end - 1 of key block j of kv head kvh (segment seg
+// of the chunk's list, sub-tile sub of the block) and the segment's n_rows gathered rows from position first of the
+// sorted list, in n_tiles tiles. ok is false for a CTA past the segments or past the block's real keys: it computes
+// and writes nothing (seg_off is not read).
+struct CtaWork {
+  bool ok;
+  int kvh, key0, key_end, n_tiles;
+  long long first, n_rows, row_base;
+};
+
+template <int KEYS>
+__device__ __forceinline__ CtaWork cta_work(const long long* seg_off, int seqlen, int heads, int kv_heads,
+                                            int block_size, int n_blocks, int batch_index, int h0, int n_seg, int sub0,
+                                            int n_sub_launch) {
+  CtaWork w{};
+  const long long cta = blockIdx.x;
+  const int seg = static_cast<int>(cta / n_sub_launch);
+  const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
+  if (seg >= n_seg) return w;
+  const int kvc = seg / n_blocks, j = seg % n_blocks;
+  w.kvh = h0 / (heads / kv_heads) + kvc;
+  w.key0 = j * block_size + sub * KEYS;
+  w.key_end = min(min(j * block_size + block_size, seqlen), w.key0 + KEYS);
+  if (w.key0 >= w.key_end) return w;
+  w.ok = true;
+  w.first = seg_off[seg];
+  w.n_rows = seg_off[seg + 1] - w.first;
+  w.n_tiles = static_cast<int>((w.n_rows + MOBA_BWD_ROWS - 1) / MOBA_BWD_ROWS);
+  w.row_base = static_cast<long long>(batch_index) * seqlen;
+  return w;
+}
+
 // Rows of tile ti of a segment of n_rows gathered rows (MOBA_BWD_ROWS, but for the last tile).
 __device__ __forceinline__ int tile_rows(long long n_rows, int ti) {
   return static_cast<int>(min(n_rows - static_cast<long long>(ti) * MOBA_BWD_ROWS, (long long)MOBA_BWD_ROWS));
 }
 
-// A CTA's start: K and V rows key0 .. key0 + KEYS - 1 of kv head kvh into swizzled KEYS x D tiles (keys >= key_end
+// A CTA's start (its work w): K and V rows key0 .. key0 + KEYS - 1 of kv head kvh into swizzled KEYS x D tiles (keys >= key_end
 // zero-filled: they then contribute exactly 0 everywhere) and the first tile's row records, waited for; then the
 // first tile's gather and the second tile's records, committed.
 template <int D, int KEYS, int NTHREADS>
 __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
                                               const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
-                                              const char* gb, const RowInfo* rows, long long first,
-                                              long long n_rows, int n_tiles, long long row_base, int heads, int h0,
-                                              int kv_heads, int kvh, int key0, int key_end, int tid) {
+                                              const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
+                                              int h0, int kv_heads, int tid) {
+  const long long first = w.first, n_rows = w.n_rows, row_base = w.row_base;
+  const int n_tiles = w.n_tiles, kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   constexpr int CH = D / 8;
   const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
   const long long kv_base = (row_base * kv_heads + kvh) * D * 2;
@@ -213,6 +246,24 @@ __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsign
     load_info(sInfoU + ((ti + 2) % 3) * MOBA_BWD_ROWS * 16, rows,
               first + static_cast<long long>(ti + 2) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 2), tid);
   cp_async_commit();
+}
+
+// Tile ti begins: waits for its gather and row records (and every thread's reads of the tile before), starts the
+// next tiles' (prefetch_tiles) and, in the deterministic dQ modes, puts its rows' pair indices in s_pair. Returns
+// its number of rows.
+template <int D, int NTHREADS>
+__device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
+                                          const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
+                                          int ti, int heads, int h0, const long long* pairs, long long* s_pair,
+                                          int dq_mode, int tid) {
+  cp_async_wait<0>();
+  __syncthreads();
+  const int count = tile_rows(w.n_rows, ti);
+  prefetch_tiles<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti, w.row_base,
+                              heads, h0, tid);
+  if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
+    s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
+  return count;
 }
 
 // Element offset of the dQ row of gathered row r of a tile (has: r < the tile's rows). Atomic mode: a row past the
@@ -322,26 +373,16 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   const int g = lane >> 2, tq = lane & 3;
   const int kw = SPLIT == 1 ? warp : (warp & 3);  // this warp's 16 keys: kw * 16 ..
   const int dh = SPLIT == 1 ? 0 : (warp >> 2);    // its part of the dK / dV / dQ columns: dh * D / SPLIT ..
-  const long long cta = blockIdx.x;
-  const int seg = static_cast<int>(cta / n_sub_launch);
-  const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
-  if (seg >= n_seg) return;
-  const int kvc = seg / n_blocks, j = seg % n_blocks;
-  const int group = heads / kv_heads;
-  const int kvh = h0 / group + kvc;
-  const int key0 = j * block_size + sub * MOBA_BWD_KEYS;
-  const int key_end = min(min(j * block_size + block_size, seqlen), key0 + MOBA_BWD_KEYS);
-  if (key0 >= key_end) return;  // a sub-tile beyond the block's real keys: nothing to compute or write
-
-  const long long first = seg_off[seg];
-  const long long n_rows = seg_off[seg + 1] - first;
-  const int n_tiles = static_cast<int>((n_rows + MOBA_BWD_ROWS - 1) / MOBA_BWD_ROWS);
-  const long long row_base = static_cast<long long>(batch_index) * seqlen;
+  const CtaWork w = cta_work<MOBA_BWD_KEYS>(seg_off, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0,
+                                            n_seg, sub0, n_sub_launch);
+  if (!w.ok) return;  // past the segments, or a sub-tile beyond the block's real keys: nothing to compute or write
+  const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
+  const long long row_base = w.row_base;
 
   const char* qb = static_cast<const char*>(q_);
   const char* gb = static_cast<const char*>(dout_);
-  start_segment<D, MOBA_BWD_KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, first, n_rows,
-                                            n_tiles, row_base, heads, h0, kv_heads, kvh, key0, key_end, tid);
+  start_segment<D, MOBA_BWD_KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads,
+                                            tid);
 
   float dk[DTW][4], dv[DTW][4];
 #pragma unroll
@@ -353,15 +394,10 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   const int key_a = key0 + kr0, key_b = key_a + 8;
   const bool ok_a = key_a < key_end, ok_b = key_b < key_end;
 
-  for (int ti = 0; ti < n_tiles; ++ti) {
-    cp_async_wait<0>();
-    __syncthreads();
-    const long long tfirst = first + static_cast<long long>(ti) * MOBA_BWD_ROWS;
-    const int count = tile_rows(n_rows, ti);
+  for (int ti = 0; ti < w.n_tiles; ++ti) {
+    const int count = begin_tile<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair,
+                                              dq_mode, tid);
     const RowInfo* info = sInfo + (ti % 3) * MOBA_BWD_ROWS;
-    prefetch_tiles<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, first, n_rows, n_tiles, ti, row_base, heads, h0,
-                                tid);
-    if (dq_mode != 0 && tid < MOBA_BWD_ROWS) s_pair[tid] = tid < count ? pairs[tfirst + tid] : -1;
 
     const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
     const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;

@@ -57,26 +57,15 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int kw = warp & 3, rw = warp >> 2;  // phases 1 and 2: keys 32 kw .., rows (1) / columns (2) by rw
-  const long long cta = blockIdx.x;
-  const int seg = static_cast<int>(cta / n_sub_launch);
-  const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
-  if (seg >= n_seg) return;
-  const int kvc = seg / n_blocks, j = seg % n_blocks;
-  const int group = heads / kv_heads;
-  const int kvh = h0 / group + kvc;
-  const int key0 = j * block_size + sub * KEYS;
-  const int key_end = min(min(j * block_size + block_size, seqlen), key0 + KEYS);
-  if (key0 >= key_end) return;
-
-  const long long first = seg_off[seg];
-  const long long n_rows = seg_off[seg + 1] - first;
-  const int n_tiles = static_cast<int>((n_rows + ROWS - 1) / ROWS);
-  const long long row_base = static_cast<long long>(batch_index) * seqlen;
+  const CtaWork w = cta_work<KEYS>(seg_off, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg,
+                                   sub0, n_sub_launch);
+  if (!w.ok) return;
+  const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
+  const long long row_base = w.row_base;
 
   const char* qb = static_cast<const char*>(q_);
   const char* gb = static_cast<const char*>(dout_);
-  start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, first, n_rows, n_tiles,
-                                   row_base, heads, h0, kv_heads, kvh, key0, key_end, tid);
+  start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads, tid);
 
   float dk[2][NTV][4], dv[2][NTV][4];  // keys 32 kw + 16 mt + (g, g + 8), columns rw D/2 + 8 nt + (2 tq, +1)
 #pragma unroll
@@ -89,15 +78,10 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
   // this thread's key rows in phases 1 and 2: key_a + 16 mt + 8 h (registers are short: computed where used)
   const int key_a = key0 + kw * 32 + g;
 
-  for (int ti = 0; ti < n_tiles; ++ti) {
-    cp_async_wait<0>();
-    __syncthreads();
-    const long long tfirst = first + static_cast<long long>(ti) * ROWS;
-    const int count = tile_rows(n_rows, ti);
+  for (int ti = 0; ti < w.n_tiles; ++ti) {
+    const int count = begin_tile<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair,
+                                              dq_mode, tid);
     const RowInfo* info = sInfo + (ti % 3) * ROWS;
-    prefetch_tiles<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, first, n_rows, n_tiles, ti, row_base, heads, h0,
-                                tid);
-    if (dq_mode != 0 && tid < ROWS) s_pair[tid] = tid < count ? pairs[tfirst + tid] : -1;
     const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
     const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;
 
