@@ -25,7 +25,7 @@ def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
         assert "invalid choice" in capsys.readouterr().err
     # every point is a shape both variants run (the "block" variant: head dims 64, 128 at B 128)
     assert all(block_supported(dim, 128) for _, dim in ab.POINTS.values())
-    assert set(BWD_VARIANTS) == {"tile", "block"}
+    assert set(BWD_VARIANTS) == {"auto", "tile", "block"}
 
 
 def test_without_a_gpu_it_says_so(ab, capsys, monkeypatch):

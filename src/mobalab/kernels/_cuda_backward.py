@@ -24,10 +24,12 @@ waited for once per sub-tile): on the benchmark the deterministic fwd+bwd took 1
 (clustered routing, B = 128) the default's time.
 
 Variants of the main kernel (``$MOBALAB_BWD_VARIANT``, read at each call, or the ``variant`` argument): "tile"
-(the default: a CTA of 4 warps per 64 keys, each warp owning 16 keys of dK and dV) and "block" (opt-in: a CTA
-of 8 warps per 128 keys with 32 x 32 warp tiles decoupled from the dK / dV ownership, cuda/attention_bwd_block.cuh;
-head dims 64 and 128, block sizes that are multiples of 128). Both compute the same sums; "block" is the tiling
-of FlashMoBA's backward, which issues fewer instructions per MMA (docs/design.md, "Backward").
+(a CTA of 4 warps per 64 keys, each warp owning 16 keys of dK and dV), "block" (a CTA of 8 warps per 128 keys
+with 32 x 32 warp tiles decoupled from the dK / dV ownership, cuda/attention_bwd_block.cuh; head dims 64 and
+128, block sizes that are multiples of 128) and "auto" (the default: "block" where it has a kernel, else
+"tile"). Both compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues fewer
+instructions per MMA, and measured 1.10-1.14x faster than "tile" at d 128 and 1.01x at d 64 on an H200
+(RESULTS.md; docs/design.md, "Backward").
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ROW_INFO_BYTES = 16
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
 BLOCK_HEAD_DIMS = (64, 128)
-BWD_VARIANTS = ("tile", "block")
+BWD_VARIANTS = ("auto", "tile", "block")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 
 
@@ -62,11 +64,16 @@ def block_supported(head_dim: int, block_size: int) -> bool:
 
 def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
                         block_size: int | None = None) -> str:
-    """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "tile"). "block"
-    with a head dim or block size it has no kernel for (both given) raises ValueError."""
-    variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "tile")
-    if variant == "block" and head_dim is not None and block_size is not None \
-            and not block_supported(head_dim, block_size):
+    """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "auto"). With
+    ``head_dim`` and ``block_size`` given, "auto" becomes "block" where :func:`block_supported`, else "tile", and
+    "block" with a head dim or block size it has no kernel for raises ValueError; without them "auto" stays
+    "auto"."""
+    variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "auto")
+    if head_dim is None or block_size is None:
+        return variant
+    if variant == "auto":
+        return "block" if block_supported(head_dim, block_size) else "tile"
+    if variant == "block" and not block_supported(head_dim, block_size):
         raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "
                          f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'tile'")
     return variant
@@ -190,8 +197,8 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     :func:`backward_delta`, for a caller that runs several calls over the same query rows; ``out`` and ``dlse``
     are then not read.
 
-    ``variant``: the main kernel, "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``, default
-    "tile").
+    ``variant``: the main kernel, "auto", "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
+    default "auto": "block" where it has a kernel).
     """
     fn = "moba_attention_backward_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")

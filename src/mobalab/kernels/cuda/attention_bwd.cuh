@@ -477,18 +477,21 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
         for (int e = 0; e < 4; ++e) {
           const int r = c * RS + nt * 8 + 2 * tq + (e & 1);
           const RowInfo ri = info[r];
-          const int key = (e < 2) ? key_a : key_b;
-          // D >= 96: bitwise, not short-circuit (&& compiled to a branch per condition and element; at 255
-          // registers either way). D <= 64: &&, whose branches keep fewer values live (bitwise took D = 32 from
-          // 128 to 140 registers and D = 64 from 164 to 188, one CTA per SM fewer, and spilled when held to it)
-          bool ok;
-          if constexpr (D >= 96) ok = ((e < 2) ? ok_a : ok_b) & (r < count) & (!causal | (key <= ri.t));
-          else ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || key <= ri.t);
-          // masked: 2^(x - inf) = +0 (ex2.approx; the finite dP of a masked element times 0 is 0). Adding the
-          // mask keeps x unconditional: selecting x itself, or the exponential, compiled to a divergent branch
-          // (BSSY / BSYNC) per element
-          const float mask = ok ? 0.f : __int_as_float(0xff800000u);
-          const float p = exp2f(s[nt][e] * scale_log2 - ri.lse2 + mask);
+          // Masked elements get 2^-inf = +0 (ex2.approx; the finite dP of a masked element times 0 is 0). From
+          // the row's last visible key relative to key_a (-1: a row past the tile's end), the mask is one compare
+          // against a constant and a select of the finite exponent (FSEL, no branch): about half the instructions
+          // of testing key end, tile end and causality per element. D = 32 keeps that per-element test (its
+          // short-circuit form, the mask added to the exponent): the select took it from 128 to 144 registers,
+          // a CTA per SM fewer
+          float p;
+          if constexpr (D >= 64) {
+            const int last = r < count ? (causal ? min(ri.t, key_end - 1) : key_end - 1) - key_a : -1;
+            const float x = s[nt][e] * scale_log2 - ri.lse2;
+            p = exp2f((e < 2 ? 0 : 8) <= last ? x : __int_as_float(0xff800000u));
+          } else {
+            const bool ok = ((e < 2) ? ok_a : ok_b) && r < count && (!causal || ((e < 2) ? key_a : key_b) <= ri.t);
+            p = exp2f(s[nt][e] * scale_log2 - ri.lse2 + (ok ? 0.f : __int_as_float(0xff800000u)));
+          }
           s[nt][e] = p;
           dp[nt][e] = p * (dp[nt][e] - ri.delta);
         }

@@ -127,16 +127,15 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
         for (int par = 0; par < 2; ++par) {
           const int r = rw * 32 + nt * 8 + 2 * tq + par;
           const RowInfo ri = info[r];
-          const bool in_tile = r < count;
+          // the row's last visible key, relative to key_a: one compare per element against a constant
+          const int last = r < count ? (causal ? min(ri.t, key_end - 1) : key_end - 1) - key_a : -1;
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int e = 2 * h + par;
-              const int key = key_a + mt * 16 + h * 8;
-              const bool ok = (key < key_end) & in_tile & (!causal | (key <= ri.t));
-              const float mask = ok ? 0.f : __int_as_float(0xff800000u);
-              const float p = exp2f(s[mt][nt][e] * scale_log2 - ri.lse2 + mask);
+              const float x = s[mt][nt][e] * scale_log2 - ri.lse2;  // finite: a select, not an add, masks it
+              const float p = exp2f(mt * 16 + h * 8 <= last ? x : __int_as_float(0xff800000u));
               s[mt][nt][e] = p;
               dp[mt][nt][e] = p * (dp[mt][nt][e] - ri.delta);
             }
