@@ -98,14 +98,14 @@ def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic)
 def test_block_variant_geometry_and_choice(monkeypatch):
     """The "block" variant: 128 keys and 8 warps per CTA, shared memory within an H100 / H200's opt-in 227 KB at
     both head dims; chosen by argument or $MOBALAB_BWD_VARIANT, refused (with what is supported) where it has no
-    kernel; the default "auto" takes it where it has a kernel and "tile" elsewhere."""
+    kernel; the default "auto" takes it at head dim 128 where it has a kernel and "tile" elsewhere."""
     assert G.n_key_subtiles(128, "block") == 1 and G.n_key_subtiles(512, "block") == 4
     assert G.n_key_subtiles(128) == 2 and G.bwd_threads(128, "block") == 256 and G.bwd_threads(128) == 128
     assert G.bwd_smem_bytes(128, "block") == 2 * 128 * 256 + 4 * 64 * 256 + 2 * 128 * 64 * 2 + 3 * 64 * 16
     assert all(G.bwd_smem_bytes(d, "block") + 1024 <= 227 * 1024 for d in G.BLOCK_HEAD_DIMS)
     monkeypatch.delenv(G.BWD_VARIANT_ENV, raising=False)
-    assert G.resolve_bwd_variant(None, 128, 128) == "block" and G.resolve_bwd_variant(None, 64, 256) == "block"
-    for dim, block in ((96, 128), (128, 64), (256, 128), (64, 32), (32, 128)):
+    assert G.resolve_bwd_variant(None, 128, 128) == "block" and G.resolve_bwd_variant(None, 128, 512) == "block"
+    for dim, block in ((96, 128), (128, 64), (256, 128), (64, 32), (32, 128), (64, 128)):
         assert G.resolve_bwd_variant(None, dim, block) == "tile"
     assert G.resolve_bwd_variant(None) == "auto" and G.resolve_bwd_variant("tile", 128, 128) == "tile"
     monkeypatch.setenv(G.BWD_VARIANT_ENV, "block")

@@ -26,10 +26,10 @@ waited for once per sub-tile): on the benchmark the deterministic fwd+bwd took 1
 Variants of the main kernel (``$MOBALAB_BWD_VARIANT``, read at each call, or the ``variant`` argument): "tile"
 (a CTA of 4 warps per 64 keys, each warp owning 16 keys of dK and dV), "block" (a CTA of 8 warps per 128 keys
 with 32 x 32 warp tiles decoupled from the dK / dV ownership, cuda/attention_bwd_block.cuh; head dims 64 and
-128, block sizes that are multiples of 128) and "auto" (the default: "block" where it has a kernel, else
-"tile"). Both compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues fewer
-instructions per MMA, and measured 1.10-1.14x faster than "tile" at d 128 and 1.01x at d 64 on an H200
-(RESULTS.md; docs/design.md, "Backward").
+128, block sizes that are multiples of 128) and "auto" (the default: "block" at head dim 128 where it has a
+kernel, else "tile"). Both compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues
+fewer instructions per MMA. On an H200 it measured 1.12-1.18x faster than "tile" at d 128 and 0.99x at d 64,
+where "tile" keeps three CTAs per SM (RESULTS.md; docs/design.md, "Backward").
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ ROW_INFO_BYTES = 16
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
 BLOCK_HEAD_DIMS = (64, 128)
+AUTO_BLOCK_HEAD_DIM = 128  # where "auto" takes "block"
 BWD_VARIANTS = ("auto", "tile", "block")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 
@@ -65,14 +66,15 @@ def block_supported(head_dim: int, block_size: int) -> bool:
 def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
                         block_size: int | None = None) -> str:
     """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "auto"). With
-    ``head_dim`` and ``block_size`` given, "auto" becomes "block" where :func:`block_supported`, else "tile", and
+    ``head_dim`` and ``block_size`` given, "auto" becomes "block" at head dim 128 where :func:`block_supported`
+    (the faster of the two there; at 64 "tile" measured as fast), else "tile", and
     "block" with a head dim or block size it has no kernel for raises ValueError; without them "auto" stays
     "auto"."""
     variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "auto")
     if head_dim is None or block_size is None:
         return variant
     if variant == "auto":
-        return "block" if block_supported(head_dim, block_size) else "tile"
+        return "block" if head_dim == AUTO_BLOCK_HEAD_DIM and block_supported(head_dim, block_size) else "tile"
     if variant == "block" and not block_supported(head_dim, block_size):
         raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "
                          f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'tile'")
@@ -198,7 +200,7 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     are then not read.
 
     ``variant``: the main kernel, "auto", "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
-    default "auto": "block" where it has a kernel).
+    default "auto": "block" at head dim 128 where it has a kernel).
     """
     fn = "moba_attention_backward_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
