@@ -112,13 +112,13 @@ def emulated_forward(emulate, monkeypatch, poisoned_empty):
     """``run(q, k, v, topk, block, top_k, causal, variant, budget)`` -> (out, lse, kernels run): the forward wrapper
     with the routing given and every launch run by the harness."""
 
-    def run(q, k, v, topk, block, top_k, causal, variant, budget=None):
+    def run(q, k, v, topk, block, top_k, causal, variant, budget=None, keep_lists=False):
         with monkeypatch.context() as m:
             m.setattr(A, "launch", emulate)
             with poisoned_empty():
-                out, lse = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, variant,
-                                      budget, A.resolve_partial(None), None, False)
-        return out, lse, list(emulate.launched)
+                res = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, variant,
+                                 budget, A.resolve_partial(None), None, False, keep_lists)
+        return (*res, list(emulate.launched))
 
     return run
 
@@ -168,13 +168,14 @@ def emulated_backward(emulate, monkeypatch, poisoned_empty):
     """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
     run): the backward wrapper with every launch run by the harness."""
 
-    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None, variant="tile"):
+    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None, variant="tile",
+            fwd_lists=None):
         with monkeypatch.context() as m:
             m.setattr(CB, "launch", emulate)
             m.setattr(A, "launch", emulate)
             with poisoned_empty():
                 grads = CB._backward(dout, q, k, v, out, lse, topk, block, top_k, causal, q.shape[-1] ** -0.5,
-                                     deterministic, None, budget, None, False, None, variant)
+                                     deterministic, None, budget, None, False, None, variant, fwd_lists)
         return grads, list(emulate.launched)
 
     return run
@@ -238,6 +239,26 @@ def test_emulated_block_variant_gradients_match_oracle(emulated_backward, case):
     assert main in launched and not any(n.startswith("moba_bwd_bf16_d") or n.startswith("moba_bwd_f16_d")
                                         for n in launched)
     _check(grads, q, k, v, dout, topk, block, causal, "block-" + _case_id(case))
+
+
+def test_emulated_backward_over_the_forwards_kept_lists(emulated_forward, emulated_backward):
+    """The forward keeps its key-block lists (keep_lists) and the backward runs over them: no index building in
+    the backward, gradients within the criterion and dK / dV bit-identical to a backward that builds its lists
+    (the same lists, summed in the same order). Two chunks (batch 2), so the second chunk's offsets count."""
+    dtype, dim, block, top_k, causal = torch.bfloat16, 64, 32, 3, True
+    q, k, v, dout = _inputs(2, 150, 2, 1, dim, dtype, seed=11)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
+    assert CB.forward_lists_reusable(2, 150, 2, 1, dim, top_k, False)
+    out, lse, lists, _ = emulated_forward(q, k, v, topk, block, top_k, causal, "resident", keep_lists=True)
+    chunks = CB.bwd_plan(2, 150, 2, 1, dim, top_k, False)
+    assert len(chunks) == 2 and lists.numel() == A.kept_lists_layout(chunks, top_k, 5, 2)[1]
+    grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, fwd_lists=lists)
+    bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
+    assert not any(n.startswith(("moba_pairs", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels), bwd_kernels
+    _check(grads, q, k, v, dout, topk, block, causal, "kept lists")
+    rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal)
+    for name, a, b in zip("kv", grads[1:], rebuilt[1:], strict=True):
+        assert torch.equal(a, b), f"d{name} over the kept lists differs from the rebuilt lists'"
 
 
 def test_emulated_chunks_that_split_the_query_range(emulated_backward):

@@ -58,7 +58,7 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     i32 = torch.zeros(8, dtype=torch.int32)
     delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim, variant)
     plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
-             G.rows_launch(i64, i32, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
+             G.rows_launch(i64, i64, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
                   n_seg=n_seg, causal=True, scale=0.125, dkv_mode=G.dkv_mode(chunk, seqlen),
@@ -239,3 +239,29 @@ def test_torch_compile_fullgraph_cpu():
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
 
+
+def test_forward_lists_are_kept_where_the_backward_runs_over_the_forwards_chunks():
+    """The backward takes the forward's lists when both plans are the same chunks (the benchmark's 8K: one chunk
+    per sequence), not at 16K / 64K (the forward's partials split the heads finer); the kept lists' layout is
+    8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
+    assert G.forward_lists_reusable(2, 8192, 16, 16, 128, 8, False)
+    assert not G.forward_lists_reusable(2, 65536, 16, 16, 128, 8, False)
+    assert not G.forward_lists_reusable(2, 16384, 16, 16, 128, 8, False)
+    chunks = G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
+    layout, total = A.kept_lists_layout(chunks, 8, 64, 1)
+    n_pairs, n_seg = 8192 * 16 * 8, 16 * 64
+    assert layout == [(0, n_pairs, n_pairs, n_seg), (n_pairs + n_seg + 2, n_pairs, 2 * n_pairs + n_seg + 2, n_seg)]
+    assert total == 2 * (n_pairs + n_seg + 2) and all(p0 % 2 == 0 for p0, *_ in layout)
+
+
+def test_kept_lists_are_checked(monkeypatch):
+    """keep_lists needs return_lse and no into=; fwd_lists must be a 1-d int64 tensor of the forward's layout."""
+    from mobalab.kernels._cuda_attention import moba_attention_cuda
+
+    q, k, v = _qkv(1, 40, 2, 1, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="keep_lists=True returns"):
+        moba_attention_cuda(q, k, v, 16, 2, keep_lists=True)
+    topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)
+    args = (q, q, k, v, q, torch.zeros(1, 40, 2), topk, 16, 2, True, 0.1)
+    with pytest.raises(ValueError, match="fwd_lists must be a contiguous 1-d int64"):
+        G.moba_attention_backward_cuda(*args, fwd_lists=torch.zeros(2, 3, dtype=torch.int64))

@@ -80,6 +80,47 @@ def test_block_variant_matches_oracle(case, gpu, poisoned_empty):
         assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
 
 
+KEPT_LISTS_CASES = [
+    # dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, deterministic
+    (128, 128, 3000, 8, 2, 8, True, torch.bfloat16, False),   # "block" variant, GQA 4
+    (64, 32, 1000, 4, 4, 4, True, torch.float16, True),       # "tile", deterministic dQ
+    (96, 64, 777, 4, 1, 3, False, torch.bfloat16, False),     # "tile", non-causal, GQA 4
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", KEPT_LISTS_CASES, ids=[str(c[:3]) for c in KEPT_LISTS_CASES])
+def test_backward_over_the_forwards_kept_lists(case, gpu, poisoned_empty):
+    """The forward's kept key-block lists (keep_lists) serve the backward: gradients within the criterion, dK / dV
+    (and the deterministic dQ) bit-identical to a backward that builds its lists; the custom op's autograd keeps
+    them too and agrees."""
+    dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, det = case
+    q, k, v, dout = gpu.inputs(2, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + 3, dout=True)
+    assert G.forward_lists_reusable(2, seqlen, heads, kv_heads, dim, top_k, det)
+    topk = gpu.routing(q, k, block, top_k, causal)
+    with poisoned_empty():
+        out, lse, lists = moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True,
+                                              topk_indices=topk, keep_lists=True)
+    args = (dout, q, k, v, out, lse, topk, block, top_k, causal, dim ** -0.5)
+    with poisoned_empty():
+        grads = G.moba_attention_backward_cuda(*args, deterministic=det, fwd_lists=lists)
+    _check(gpu, grads, q, k, v, dout, topk, block, causal, label=f"kept lists {case}")
+    rebuilt = G.moba_attention_backward_cuda(*args, deterministic=det)
+    for name, a, b in zip("qkv", grads, rebuilt, strict=True):
+        if name != "q" or det:
+            assert torch.equal(a, b), f"d{name} over the kept lists differs from the rebuilt lists'"
+    from mobalab.kernels.autograd import moba_attention_autograd
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = moba_attention_autograd(*leaves, block, top_k, causal=causal, deterministic=det)
+    auto = torch.autograd.grad(o, leaves, dout)
+    for name, a, b in zip("qkv", auto, rebuilt, strict=True):
+        if name != "q" or det:
+            assert torch.equal(a, b), f"autograd d{name} differs from the explicit backward's"
+        else:
+            torch.testing.assert_close(a, b, rtol=0.02, atol=1e-3 * b.abs().max().item())
+
+
 def test_case_grid_covers_the_contract(backward_grid):
     cases = backward_grid
     assert len(cases) >= 40

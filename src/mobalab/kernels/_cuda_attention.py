@@ -290,19 +290,21 @@ def segments_launch(seg_off, n_seg, rows_per_unit, tile_cum) -> Launch:
 
 
 def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_blocks, group, seg_off, tile_cum,
-                     rows_per_unit, with_keys):
+                     rows_per_unit, with_keys, pairs_out=None):
     """Launch the index building of chunk ``c``: the key-block-major lists ``pairs`` (int64 pair indices in
     stable key order), ``seg_off`` and, unless ``tile_cum`` is None, ``tile_cum``; returns (pairs, sorted keys),
     the sorted keys only ``with_keys`` (else None; the torch path returns them anyway).
 
     ``scratch`` (:func:`mobalab.kernels._pairs.counting_scratch`, or None for the torch path) selects the
     counting sort where the chunk fits it; ``keys`` holds an int32 per pair (the torch path's keys, the counting
-    sort's sorted keys). Both paths give the same lists pair for pair.
+    sort's sorted keys). Both paths give the same lists pair for pair. ``pairs_out`` (int64, the chunk's pair
+    count): the lists are written there (and returned) instead of into the scratch.
     """
     n_pairs = c.n_heads * c.n_q * top_k
     n_seg = (c.n_heads // group) * n_blocks
     if scratch is not None and _pairs.counting_supported(n_pairs, n_seg):
-        pairs, sorted_keys = scratch.pairs[:n_pairs], keys[:n_pairs] if with_keys else None
+        pairs = scratch.pairs[:n_pairs] if pairs_out is None else pairs_out
+        sorted_keys = keys[:n_pairs] if with_keys else None
         for plan in _pairs.counting_launches(
                 topk, scratch.counts, scratch.seg_total, scratch.ticket, pairs,
                 0 if sorted_keys is None else sorted_keys, seg_off, 0 if tile_cum is None else tile_cum,
@@ -317,7 +319,23 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
     launch(bounds_launch(sorted_keys, n_pairs, n_seg, seg_off))
     if tile_cum is not None:
         launch(segments_launch(seg_off, n_seg, rows_per_unit, tile_cum))
+    if pairs_out is not None:
+        pairs = pairs_out.copy_(pairs)
     return pairs, sorted_keys
+
+
+def kept_lists_layout(chunks, top_k: int, n_blocks: int, group: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Where each chunk's key-block lists sit in the one int64 tensor the forward keeps for the backward
+    (``keep_lists``): per chunk (pairs offset, pair count, seg_off offset, segment count), and the total length
+    (each chunk's pairs, then its n_seg + 1 segment offsets)."""
+    layout, off = [], 0
+    for c in chunks:
+        n_pairs = c.n_heads * c.n_q * top_k
+        n_seg = (c.n_heads // group) * n_blocks
+        layout.append((off, n_pairs, off + n_pairs, n_seg))
+        off += n_pairs + n_seg + 1
+        off += off % 2  # each chunk's lists 16-byte aligned
+    return layout, off
 
 
 def pair_scratch(max_pairs, max_seg, device, sort=None):
@@ -383,7 +401,8 @@ def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k,
 
 def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
                         return_lse: bool = False, topk_indices=None, *, variant: str | None = None,
-                        scratch_budget_bytes: int | None = None, into=None, fold: bool = False):
+                        scratch_budget_bytes: int | None = None, into=None, fold: bool = False,
+                        keep_lists: bool = False):
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
@@ -399,6 +418,10 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     heads): the result is stored there in fp32 instead, or with ``fold`` combined by log-sum-exp with the
     (out, lse) they hold, which is how attention over several key sets adds up (context parallelism); returns
     ``into``.
+
+    ``keep_lists`` (with ``return_lse``, not with ``into``): also return the key-block lists the forward built,
+    as one int64 tensor laid out by :func:`kept_lists_layout` over the forward's chunks, for a backward that
+    runs over the same chunks (:mod:`mobalab.kernels._cuda_backward` then skips building them again).
     """
     fn = "moba_attention_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -415,17 +438,20 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:
         C.check_into(fn, into, ("out", "lse"), (q.shape, q.shape[:3]), q.device)
+    keep_lists = C.check_flag(fn, "keep_lists", keep_lists)
+    if keep_lists and (into is not None or not return_lse):
+        raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
     if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(q.device) != (9, 0):
         raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
                          f"{torch.cuda.get_device_capability(q.device)}")
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold))
+                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
 
 
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,
-             into, fold):
+             into, fold, keep_lists=False):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -455,6 +481,9 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     scratch = pair_scratch(max_pairs, max_seg, device)
+    if keep_lists:
+        layout, total = kept_lists_layout(chunks, top_k, n_blocks, group)
+        lists = torch.empty(total, dtype=torch.int64, device=device)
 
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
@@ -462,12 +491,16 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     # the persistent kernel: one CTA per SM (its shared memory and 384 threads allow one), each looping over units
     max_ctas = torch.cuda.get_device_properties(device).multi_processor_count if variant == "wgmma-ws" else None
     scale_log2 = scale * LOG2E
-    for c in chunks:
+    for i, c in enumerate(chunks):
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
+        pairs_out = None
+        if keep_lists:
+            p0, _, s0, _ = layout[i]
+            pairs_out, seg_off = lists[p0:p0 + n_pairs], lists[s0:s0 + n_seg + 1]
         pairs, _ = build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                     n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=tile_cum,
-                                    rows_per_unit=unit_rows, with_keys=False)
+                                    rows_per_unit=unit_rows, with_keys=False, pairs_out=pairs_out)
         launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
                           kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
                           n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
@@ -478,6 +511,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
                             n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial, out_mode=out_mode))
     if into is not None:
         return into
+    if keep_lists:
+        return out, lse, lists
     if return_lse:
         return out, lse
     return out

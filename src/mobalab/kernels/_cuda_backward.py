@@ -119,6 +119,17 @@ def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bud
     return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled))
 
 
+def forward_lists_reusable(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic,
+                           elem_bytes: int = 2) -> bool:
+    """Whether the backward, with default scratch budgets, runs over the forward's chunks, so that the key-block
+    lists the forward built (``moba_attention_cuda(..., keep_lists=True)``) serve it: then both build the
+    same lists. The kept lists are 8 bytes per (query, head, slot), a few percent of the forward's scratch."""
+    fwd = A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k,
+                        A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
+                        A.resolve_partial(None))
+    return fwd == bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic)
+
+
 def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
     """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
@@ -143,10 +154,10 @@ def delta_launch(name, out, dout, delta, n_rows) -> Launch:
                   (out, dout, delta, np.int64(n_rows)))
 
 
-def rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
+def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
                 chunk: A.Chunk) -> Launch:
-    """Row records (query offset, lse, D) of every listed pair."""
-    args = (pairs, sorted_keys, lse, delta, rows, np.int64(n_pairs), np.int32(n_seg), np.int32(seqlen),
+    """Row records (query offset, lse, D) of every listed pair (the first seg_off[n_seg] positions)."""
+    args = (pairs, seg_off, lse, delta, rows, np.int64(n_pairs), np.int32(n_seg), np.int32(seqlen),
             np.int32(heads), np.int32(top_k), np.int32(chunk.batch_index), np.int32(chunk.h0),
             np.int32(chunk.n_q), np.int32(chunk.t0))
     return Launch(SOURCE, "moba_bwd_rows", (min(A.MAX_INDEX_CTAS, math.ceil(n_pairs / ROW_THREADS)),),
@@ -182,7 +193,7 @@ def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, 
 def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool,
                                  scale: float, deterministic: bool = False, dlse=None, *,
                                  scratch_budget_bytes: int | None = None, into=None, kv_fresh: bool = False,
-                                 delta=None, variant: str | None = None):
+                                 delta=None, variant: str | None = None, fwd_lists=None):
     r"""dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
 
     Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
@@ -198,6 +209,10 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     ``delta``: the rows' :math:`D_t = dO_t\cdot O_t - d\mathrm{lse}_t` (fp32, (batch, seqlen, heads)) from
     :func:`backward_delta`, for a caller that runs several calls over the same query rows; ``out`` and ``dlse``
     are then not read.
+
+    ``fwd_lists``: the key-block lists of the forward (``moba_attention_cuda(..., keep_lists=True)`` on the
+    same inputs, routing and default budgets), used instead of building them again; the backward's chunks must
+    then be the forward's (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
 
     ``variant``: the main kernel, "auto", "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
     default "auto": "block" at head dim 128 where it has a kernel).
@@ -228,10 +243,18 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
         variant = resolve_bwd_variant(variant, q.shape[-1], block_size)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
+    if fwd_lists is not None:
+        C.check_tensor(fn, "fwd_lists", fwd_lists)
+        if fwd_lists.dim() != 1 or fwd_lists.dtype != torch.int64 or fwd_lists.device != q.device \
+                or not fwd_lists.is_contiguous():
+            raise ValueError(f"{fn}: fwd_lists must be a contiguous 1-d int64 tensor on {q.device}; got "
+                             f"{fwd_lists.dtype} of shape {tuple(fwd_lists.shape)} on {fwd_lists.device}")
+        if fwd_lists.numel() == 0:
+            fwd_lists = None
     C.check_cuda_device(fn, q)
     with torch.cuda.device(q.device):
         return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
-                         scratch_budget_bytes, into, kv_fresh, delta, variant)
+                         scratch_budget_bytes, into, kv_fresh, delta, variant, fwd_lists)
 
 
 def backward_delta(out, dout, dlse=None):
@@ -262,7 +285,7 @@ def _delta(out, dout, dlse):
 
 
 def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
-              into, kv_fresh, delta, variant=None):
+              into, kv_fresh, delta, variant=None, fwd_lists=None):
     q, k, v, dout = (kernel_ready(x) for x in (q, k, v, dout.to(q.dtype)))
     lse = lse.float().contiguous()
     topk = topk.to(torch.int32).contiguous()
@@ -276,12 +299,22 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
+    if fwd_lists is not None:
+        if budget is not None or not forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k,
+                                                            deterministic, q.element_size()):
+            raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward over the forward's "
+                             "chunks (default scratch budgets, forward_lists_reusable(...) true)")
+        layout, total = A.kept_lists_layout(chunks, top_k, n_blocks, group)
+        if fwd_lists.numel() != total:
+            raise ValueError(f"moba_attention_backward_cuda: fwd_lists holds {fwd_lists.numel()} entries, the "
+                             f"forward's lists of these shapes take {total}")
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
-    keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
-    seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
-    scratch = A.pair_scratch(max_pairs, max_seg, device)
+    if fwd_lists is None:
+        keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
+        seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+        scratch = A.pair_scratch(max_pairs, max_seg, device)
     if into is not None:  # the fp32 buffers are the result: nothing to copy back (dk, dv unused: modes 1 / 2)
         dq_acc, dk, dv = into
         part_dq, dk_acc, dv_acc = dq_acc, dk, dv
@@ -303,14 +336,19 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
 
     smem = bwd_smem_bytes(dim, variant)
     n_sub = n_key_subtiles(block_size, variant)
-    for c in chunks:
+    for i, c in enumerate(chunks):
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
-        # the forward's lists: stable key order, so dK / dV sum their rows in the same order every run
-        pairs, sorted_keys = A.build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
-                                                n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
-                                                rows_per_unit=ROWS, with_keys=True)
-        launch(rows_launch(pairs, sorted_keys, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
+        # the forward's lists (kept, or built again): stable key order, so dK / dV sum their rows in the same
+        # order every run
+        if fwd_lists is not None:
+            p0, _, s0, _ = layout[i]
+            pairs, seg_off = fwd_lists[p0:p0 + n_pairs], fwd_lists[s0:s0 + n_seg + 1]
+        else:
+            pairs, _ = A.build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
+                                          n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
+                                          rows_per_unit=ROWS, with_keys=False)
+        launch(rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
                       chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,

@@ -165,8 +165,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
     for s, e in bounds:
         if e == s:
             continue
-        o, l, t = fwd(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), v[s:e].unsqueeze(0), block_size, top_k, causal,
-                      scale, deterministic)
+        # the sequence's kept key-block lists are dropped: this op saves only the routing for its backward
+        o, l, t, _ = fwd(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), v[s:e].unsqueeze(0), block_size, top_k, causal,
+                         scale, deterministic)
         out[s:e] = o[0]
         lse[s:e] = l[0]
         topk[s:e] = t[0]
@@ -188,12 +189,13 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     bounds = _bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)")
     _, bwd = _sequence_ops()
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    no_lists = torch.empty(0, dtype=torch.int64, device=q.device)  # the backward builds each sequence's lists
     for s, e in bounds:
         if e == s:
             continue
         do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else x[s:e].unsqueeze(0)
                                            for x in (dout, dlse, q, k, v, out, lse, topk))
-        g = bwd(do, dl, qs, ks, vs, os_, ls, ts, block_size, top_k, causal, scale, deterministic)
+        g = bwd(do, dl, qs, ks, vs, os_, ls, ts, no_lists, block_size, top_k, causal, scale, deterministic)
         dq[s:e], dk[s:e], dv[s:e] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 

@@ -1,10 +1,11 @@
 """The torch boundary of MoBA attention: two ``torch.library`` custom ops, their autograd, the public entry.
 
 * ``mobalab::moba_attention_fwd``: route (hard top-k, no gradient), then attend; returns and saves the
-  output, the natural-log LSE and the routing. CUDA tensors run :mod:`mobalab.kernels._cuda_routing` and
-  :mod:`mobalab.kernels._cuda_attention`; CPU tensors run :func:`mobalab.kernels.reference.moba_topk` and
-  :func:`~mobalab.kernels.reference.moba_attention_given_routing` (so the op's plumbing, ``torch.compile`` and
-  ``gradcheck`` are tested without a GPU).
+  output, the natural-log LSE, the routing and, where the backward runs over the forward's chunks, the
+  key-block lists the forward built (else an empty tensor), so the backward does not build them again. CUDA
+  tensors run :mod:`mobalab.kernels._cuda_routing` and :mod:`mobalab.kernels._cuda_attention`; CPU tensors run
+  :func:`mobalab.kernels.reference.moba_topk` and :func:`~mobalab.kernels.reference.moba_attention_given_routing`
+  (so the op's plumbing, ``torch.compile`` and ``gradcheck`` are tested without a GPU).
 * ``mobalab::moba_attention_bwd``: dq, dk, dv from the saved tensors, by
   :mod:`mobalab.kernels._cuda_backward` (CUDA) or :func:`~mobalab.kernels.reference.moba_attention_backward`
   (CPU), honouring the gradient w.r.t. the LSE.
@@ -29,43 +30,70 @@ __all__ = ["moba_attention_autograd"]
 
 @torch.library.custom_op("mobalab::moba_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, causal: bool,
-            scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.is_cuda:
         from ._cuda_attention import moba_attention_cuda
         from ._cuda_routing import moba_topk_cuda
 
         topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal).to(torch.int32).contiguous()
+        if _lists_numel(q, k, block_size, top_k, deterministic):
+            out, lse, lists = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
+                                                  return_lse=True, topk_indices=topk, keep_lists=True)
+            return out, lse, topk, lists
         out, lse = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
                                        return_lse=True, topk_indices=topk)
-        return out, lse, topk
+        return out, lse, topk, _no_lists(q)
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
         out, lse = R.moba_attention_given_routing(q, k, v, topk, block_size, causal=causal, softmax_scale=scale)
-    return out.contiguous(), lse.contiguous(), topk
+    return out.contiguous(), lse.contiguous(), topk, _no_lists(q)
+
+
+def _no_lists(q):
+    return torch.empty(0, dtype=torch.int64, device=q.device)
+
+
+def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
+    """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless the backward runs over the
+    forward's chunks (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes
+    only, so the fake implementation gives it too."""
+    if not q.is_cuda:
+        return 0
+    from . import _cuda_attention as A
+    from . import _cuda_backward as B
+
+    batch, seqlen, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    if not B.forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, q.element_size()):
+        return 0
+    chunks = B.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic)
+    return A.kept_lists_layout(chunks, top_k, -(-seqlen // block_size), heads // kv_heads)[1]
 
 
 @_fwd_op.register_fake
 def _(q, k, v, block_size, top_k, causal, scale, deterministic):
     batch, seqlen, heads, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((batch, seqlen, heads), dtype=C.compute_dtype(q.dtype)),
-            q.new_empty((batch, seqlen, heads, top_k), dtype=torch.int32))
+            q.new_empty((batch, seqlen, heads, top_k), dtype=torch.int32),
+            q.new_empty((_lists_numel(q, k, block_size, top_k, deterministic),), dtype=torch.int64))
 
 
 @torch.library.custom_op("mobalab::moba_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, block_size: int, top_k: int, causal: bool,
-            scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, lists: torch.Tensor, block_size: int,
+            top_k: int, causal: bool, scale: float, deterministic: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.is_cuda:
         from ._cuda_backward import moba_attention_backward_cuda
 
         return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale,
-                                            deterministic=deterministic, dlse=dlse)
+                                            deterministic=deterministic, dlse=dlse, fwd_lists=lists)
     dq, dk, dv = R.moba_attention_backward(dout, q, k, v, out, lse, topk, block_size, causal, scale, dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic):
+def _(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -75,17 +103,19 @@ def _(dout, dlse, q, k, v, out, lse, topk, block_size, top_k, causal, scale, det
 
 def _setup_context(ctx, inputs, output):
     q, k, v, block_size, top_k, causal, scale, deterministic = inputs
-    out, lse, topk = output
-    ctx.save_for_backward(q, k, v, out, lse, topk)
+    out, lse, topk, lists = output
+    ctx.save_for_backward(q, k, v, out, lse, topk, lists)
     ctx.params = (block_size, top_k, causal, scale, deterministic)
+    ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None: no zero tensor made and subtracted
 
 
-def _backward(ctx, dout, dlse, dtopk):
-    q, k, v, out, lse, topk = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dtopk, dlists):
+    q, k, v, out, lse, topk, lists = ctx.saved_tensors
     block_size, top_k, causal, scale, deterministic = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic)
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale,
+                         deterministic)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -126,7 +156,7 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     return_lse = C.check_flag(fn, "return_lse", return_lse)
     deterministic = C.check_flag(fn, "deterministic", deterministic)
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
-    out, lse, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic)
+    out, lse, _, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic)
     if return_lse:
         return out, lse
     return out

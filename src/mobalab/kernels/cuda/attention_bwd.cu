@@ -114,8 +114,8 @@ MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d256,  __half,        256)
 #endif
 
 extern "C" __global__ void __launch_bounds__(256) moba_bwd_rows(
-    const long long* pairs, const int* sorted_keys, const float* lse, const float* delta, void* rows,
+    const long long* pairs, const long long* seg_off, const float* lse, const float* delta, void* rows,
     long long n_pairs, int n_seg, int seqlen, int heads, int top_k, int batch_index, int h0, int n_q, int t0) {
-  moba_bwd::build_rows(pairs, sorted_keys, lse, delta, static_cast<moba_bwd::RowInfo*>(rows), n_pairs, n_seg,
+  moba_bwd::build_rows(pairs, seg_off, lse, delta, static_cast<moba_bwd::RowInfo*>(rows), n_pairs, n_seg,
                        seqlen, heads, top_k, batch_index, h0, n_q, t0);
 }

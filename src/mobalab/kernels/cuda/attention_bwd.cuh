@@ -112,14 +112,15 @@ __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, 
 }
 
 // Row records of a chunk's sorted list: position i holds pair p = pairs[i] = (hc * n_q + tt) * top_k + slot.
-// Positions whose key is the "invalid slot" segment (>= n_seg) are never read by the main kernel.
-__device__ __forceinline__ void build_rows(const long long* pairs, const int* sorted_keys, const float* lse,
+// Positions from seg_off[n_seg] on (unused slots) are never read by the main kernel and get no record.
+__device__ __forceinline__ void build_rows(const long long* pairs, const long long* seg_off, const float* lse,
                                            const float* delta, RowInfo* rows, long long n_pairs, int n_seg,
                                            int seqlen, int heads, int top_k, int batch_index, int h0, int n_q,
                                            int t0) {
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_pairs;
+  // the listed pairs: unused slots (-1) sort after every segment, from seg_off[n_seg] on
+  const long long n_listed = min(seg_off[n_seg], n_pairs);
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_listed;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    if (sorted_keys[i] >= n_seg) continue;
     // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
     const int p = static_cast<int>(pairs[i]);
     const int rest = p / top_k;
