@@ -125,9 +125,9 @@ def test_check_args_catches_python_scalars():
     plans, _ = _plans(torch.bfloat16, 64, 16, False)
     main = plans[2]
     args = list(main.args)
-    assert isinstance(args[22], np.float32) and isinstance(args[23], np.float32)
-    assert abs(float(args[23]) - 0.125 * A.LOG2E) < 1e-6
-    for i, bad in ((22, 0.125), (13, 21)):
+    assert isinstance(args[23], np.float32) and isinstance(args[24], np.float32)
+    assert abs(float(args[24]) - 0.125 * A.LOG2E) < 1e-6
+    for i, bad in ((23, 0.125), (14, 21)):
         wrong = list(args)
         wrong[i] = bad
         with pytest.raises(TypeError, match="scalar"):
@@ -265,3 +265,12 @@ def test_kept_lists_are_checked(monkeypatch):
     args = (q, q, k, v, q, torch.zeros(1, 40, 2), topk, 16, 2, True, 0.1)
     with pytest.raises(ValueError, match="fwd_lists must be a contiguous 1-d int64"):
         G.moba_attention_backward_cuda(*args, fwd_lists=torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_segments_start_longest_first():
+    """The main kernel's CTAs take the segments longest list first (ties in any order); an empty segment last."""
+    seg_off = torch.tensor([0, 3, 3, 10, 12, 20, 21], dtype=torch.int64)  # sizes 3, 0, 7, 2, 8, 1
+    order = G.longest_first(seg_off, 6)
+    assert order.dtype == torch.int32 and order.tolist() == [4, 2, 0, 3, 5, 1]
+    plans, _ = _plans(torch.bfloat16, 64, 16, False)
+    assert plans[2].args[7] == 0  # a plan without an order passes a null pointer: segment order

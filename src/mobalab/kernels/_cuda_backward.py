@@ -166,15 +166,26 @@ def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, hea
 
 def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, *, seqlen,
                heads, kv_heads, block_size, n_blocks, chunk: A.Chunk, n_seg, causal, scale, sub0, n_sub_launch,
-               dq_mode, dkv_mode, smem, variant="tile") -> Launch:
-    """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch."""
-    args = (q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, np.int32(seqlen),
+               dq_mode, dkv_mode, smem, variant="tile", seg_order=None) -> Launch:
+    """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch, the
+    segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order)."""
+    order = 0 if seg_order is None else seg_order  # a null pointer: the segments' own order
+    args = (q, k, v, dout, rows, pairs, seg_off, order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, np.int32(seqlen),
             np.int32(heads), np.int32(kv_heads), np.int32(block_size), np.int32(n_blocks),
             np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(n_seg), np.int32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), np.int32(sub0), np.int32(n_sub_launch),
             np.int32(dq_mode), np.int32(dkv_mode))
     return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1], variant),), args,
                   shared_mem=smem)
+
+
+def longest_first(seg_off, n_seg: int):
+    """The chunk's segments, longest list first (int32): the main kernel's CTAs start in that order, so a causal
+    sequence's long lists (its first key blocks, several times the mean) do not run alone at the kernel's end.
+    Simulated as greedy list scheduling on 132 SMs with the routing of random inputs (8K, 16 heads, B 128,
+    k 8): in segment order the kernel takes 1.23x its balanced time, longest first 1.01x."""
+    sizes = seg_off[1:n_seg + 1] - seg_off[:n_seg]
+    return torch.argsort(sizes, descending=True).to(torch.int32)
 
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
@@ -352,6 +363,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
                       chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,
+                      seg_order=longest_first(seg_off, n_seg),
                       dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2))
         if deterministic:
             for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add

@@ -168,15 +168,19 @@ struct CtaWork {
   long long first, n_rows, row_base;
 };
 
+// seg_order (null: segment order) lists the segments longest first: CTAs start in grid order, so the long lists
+// (the first key blocks of a causal sequence hold several times the mean) start first and the short ones fill
+// the last wave, instead of a long one running alone at the end.
 template <int KEYS>
-__device__ __forceinline__ CtaWork cta_work(const long long* seg_off, int seqlen, int heads, int kv_heads,
-                                            int block_size, int n_blocks, int batch_index, int h0, int n_seg, int sub0,
-                                            int n_sub_launch) {
+__device__ __forceinline__ CtaWork cta_work(const long long* seg_off, const int* seg_order, int seqlen, int heads,
+                                            int kv_heads, int block_size, int n_blocks, int batch_index, int h0,
+                                            int n_seg, int sub0, int n_sub_launch) {
   CtaWork w{};
   const long long cta = blockIdx.x;
-  const int seg = static_cast<int>(cta / n_sub_launch);
+  const int slot = static_cast<int>(cta / n_sub_launch);
   const int sub = sub0 + static_cast<int>(cta % n_sub_launch);
-  if (seg >= n_seg) return w;
+  if (slot >= n_seg) return w;
+  const int seg = seg_order != nullptr ? seg_order[slot] : slot;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   w.kvh = h0 / (heads / kv_heads) + kvc;
   w.key0 = j * block_size + sub * KEYS;
@@ -348,9 +352,9 @@ __device__ __forceinline__ void store_dkv_row(void* dk_, void* dv_, float* dk_ac
 template <typename T, int D>
 __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const void* v_, const void* dout_,
                                          const RowInfo* rows, const long long* pairs, const long long* seg_off,
-                                         float* dq_acc, float* part_dq, void* dk_, void* dv_, float* dk_acc,
-                                         float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
-                                         int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
+                                         const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
+                                         float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads,
+                                         int block_size, int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim");
   constexpr int SPLIT = kBwdSplit<D>;      // warps per 16 keys
@@ -374,8 +378,8 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
   const int g = lane >> 2, tq = lane & 3;
   const int kw = SPLIT == 1 ? warp : (warp & 3);  // this warp's 16 keys: kw * 16 ..
   const int dh = SPLIT == 1 ? 0 : (warp >> 2);    // its part of the dK / dV / dQ columns: dh * D / SPLIT ..
-  const CtaWork w = cta_work<MOBA_BWD_KEYS>(seg_off, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0,
-                                            n_seg, sub0, n_sub_launch);
+  const CtaWork w = cta_work<MOBA_BWD_KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks,
+                                            batch_index, h0, n_seg, sub0, n_sub_launch);
   if (!w.ok) return;  // past the segments, or a sub-tile beyond the block's real keys: nothing to compute or write
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;

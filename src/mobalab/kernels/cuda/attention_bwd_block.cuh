@@ -29,8 +29,8 @@ namespace moba_bwd {
 template <typename T, int D>
 __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const void* v_, const void* dout_,
                                           const RowInfo* rows, const long long* pairs, const long long* seg_off,
-                                          float* dq_acc, float* part_dq, void* dk_, void* dv_, float* dk_acc,
-                                          float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
+                                          const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
+                                          float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                           int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
                                           float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 64 || D == 128, "the block backward has head dims 64 and 128");
@@ -57,8 +57,8 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int kw = warp & 3, rw = warp >> 2;  // phases 1 and 2: keys 32 kw .., rows (1) / columns (2) by rw
-  const CtaWork w = cta_work<KEYS>(seg_off, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg,
-                                   sub0, n_sub_launch);
+  const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
+                                   h0, n_seg, sub0, n_sub_launch);
   if (!w.ok) return;
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
