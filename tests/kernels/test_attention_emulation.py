@@ -100,7 +100,7 @@ def emulate(request, tmp_path, monkeypatch):
 
     def run(plan):
         assert plan.defines in ((), A.partial_defines(partial)), f"{plan.kernel} needs build options {plan.defines}"
-        run_emulated(exe, tmp_path, [plan], seed=len(launched))
+        run_emulated(exe, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
         launched.append(plan.kernel)
 
     run.launched = launched

@@ -274,3 +274,10 @@ def test_segments_start_longest_first():
     assert order.dtype == torch.int32 and order.tolist() == [4, 2, 0, 3, 5, 1]
     plans, _ = _plans(torch.bfloat16, 64, 16, False)
     assert plans[2].args[7] == 0  # a plan without an order passes a null pointer: segment order
+
+
+def test_longest_first_where_it_measured_faster():
+    """Only the "block" variant, and only launches of at most LONGEST_FIRST_MAX_WAVES waves (one CTA per SM)."""
+    assert G.orders_longest_first("block", 1024, 132) and G.orders_longest_first("block", 16 * 132, 132)
+    assert not G.orders_longest_first("block", 16 * 132 + 1, 132)
+    assert not G.orders_longest_first("tile", 100, 132)

@@ -34,6 +34,7 @@ where "tile" keeps three CTAs per SM (RESULTS.md; docs/design.md, "Backward").
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -179,6 +180,10 @@ def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, d
                   shared_mem=smem)
 
 
+#: The "block" main kernel takes its segments longest first when a launch is at most this many waves of CTAs.
+LONGEST_FIRST_MAX_WAVES = 16
+
+
 def longest_first(seg_off, n_seg: int):
     """The chunk's segments, longest list first (int32): the main kernel's CTAs start in that order, so a causal
     sequence's long lists (its first key blocks, several times the mean) do not run alone at the kernel's end.
@@ -186,6 +191,20 @@ def longest_first(seg_off, n_seg: int):
     k 8): in segment order the kernel takes 1.23x its balanced time, longest first 1.01x."""
     sizes = seg_off[1:n_seg + 1] - seg_off[:n_seg]
     return torch.argsort(sizes, descending=True).to(torch.int32)
+
+
+def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:
+    """Whether a main-kernel launch of ``n_ctas`` CTAs takes its segments longest first (:func:`longest_first`):
+    the "block" variant (one CTA per SM) at up to :data:`LONGEST_FIRST_MAX_WAVES` waves. Measured on an H200
+    (backward op, d 128, B 128): 1.05x at 8K (8 waves), 1.02x at 16K (16), 0.975x at 64K (62 waves: the tail is
+    a small share, and segment order keeps each head's gathered rows together in L2); "tile" (several CTAs per
+    SM) measured 0.93x (8K, d 64, B 64) and 0.87x (16K, d 64, B 32)."""
+    return variant == "block" and n_ctas <= LONGEST_FIRST_MAX_WAVES * n_sms
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
@@ -347,6 +366,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
 
     smem = bwd_smem_bytes(dim, variant)
     n_sub = n_key_subtiles(block_size, variant)
+    # CPU tensors: the kernels' host emulation (tests), counted as an H100 / H200 (132 SMs)
+    n_sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index) \
+        if device.type == "cuda" else 132
     for i, c in enumerate(chunks):
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
@@ -363,7 +385,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
                       chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,
-                      seg_order=longest_first(seg_off, n_seg),
+                      seg_order=longest_first(seg_off, n_seg) if orders_longest_first(variant, n_seg * n_sub, n_sms)
+                      else None,
                       dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2))
         if deterministic:
             for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add
