@@ -205,7 +205,7 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     --------
     >>> est = gpu_estimate(Config())
     >>> int(est["models"].iloc[-1]), round(float(est["seconds"].iloc[-1]) / 60, 1)
-    (24, 22.5)
+    (24, 14.0)
     """
     from mobalab.training import training_cost
 
