@@ -240,13 +240,17 @@ def test_torch_compile_fullgraph_cpu():
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_forward_lists_are_kept_where_the_backward_runs_over_the_forwards_chunks():
-    """The backward takes the forward's lists when both plans are the same chunks (the benchmark's 8K: one chunk
-    per sequence), not at 16K / 64K (the forward's partials split the heads finer); the kept lists' layout is
+def test_forward_lists_are_kept_where_both_plans_cover_whole_sequences():
+    """The backward takes the forward's lists when every chunk of both plans covers whole sequences: as they are
+    where the plans are the same chunks (the benchmark's 8K: one chunk per sequence), gathered where the forward
+    splits the heads finer (16K, 64K), not where the forward splits the queries (512K). The kept lists' layout is
     8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
     assert G.forward_lists_reusable(2, 8192, 16, 16, 128, 8, False)
-    assert not G.forward_lists_reusable(2, 65536, 16, 16, 128, 8, False)
-    assert not G.forward_lists_reusable(2, 16384, 16, 16, 128, 8, False)
+    assert G.forward_plan(2, 8192, 16, 16, 128, 8) == G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
+    for n in (16384, 65536):
+        assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
+        assert len(G.forward_plan(2, n, 16, 16, 128, 8)) > len(G.bwd_plan(2, n, 16, 16, 128, 8, False))
+    assert not G.forward_lists_reusable(2, 524288, 16, 16, 128, 8, False)
     chunks = G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
     layout, total = A.kept_lists_layout(chunks, 8, 64, 1)
     n_pairs, n_seg = 8192 * 16 * 8, 16 * 64

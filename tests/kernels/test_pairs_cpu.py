@@ -60,7 +60,7 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
-                                         "moba_topk_rebase"}
+                                         "moba_topk_rebase", "moba_pairs_gather"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -236,3 +236,51 @@ def test_rebased_topk_plan_and_torch_path(monkeypatch):
     assert plan.kernel == "moba_topk_rebase" and int(args[2]) == 2 and plan.block == (P.REBASE_THREADS,)
     assert P.rebased_topk(topk, 3, 7).tolist() == [[-1, -1, 0, 1], [5, 6, -1, -1]]
     assert P.rebased_topk(topk[:, :3].to(torch.int64), 0, 4).tolist() == [[-1, 0, 3], [-1, -1, -1]]
+
+
+# ---- lists gathered from kept lists ----
+
+GATHER_CASES = [
+    # (batch, seqlen, heads, group, top_k, n_blocks, kept chunks, gathered chunk)
+    pytest.param(2, 300, 6, 2, 3, 10, [A.Chunk(b, h, 2, 0, 300) for b in (0, 1) for h in (0, 2, 4)],
+                 A.Chunk(1, 0, 6, 0, 300), id="three-kept-chunks-into-one"),
+    pytest.param(1, 260, 4, 1, 4, 9, [A.Chunk(0, 0, 3, 0, 260), A.Chunk(0, 3, 1, 0, 260)],
+                 A.Chunk(0, 2, 2, 0, 260), id="part-of-a-kept-chunk"),
+]
+
+
+@pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "kept", "chunk"), GATHER_CASES)
+def test_emulated_gather_equals_the_built_lists(harness, tmp_path, batch, seqlen, heads, group, top_k, n_blocks,
+                                                kept, chunk):
+    """A chunk's lists gathered from other chunks' kept lists (the backward from the forward's) equal the lists
+    built for it, pair for pair, with its seg_off; positions past the listed pairs are not written."""
+    topk = _topk(seqlen, batch, seqlen, heads, top_k, n_blocks, unused=0.1)
+    layout, total = A.kept_lists_layout(kept, top_k, n_blocks, group)
+    lists = torch.full((total,), -5, dtype=torch.int64)
+    for c, (p0, n_pairs, s0, n_seg) in zip(kept, layout, strict=True):
+        pairs, _, seg_off, _ = P.pair_lists_reference(topk, c, n_blocks=n_blocks, group=group, top_k=top_k,
+                                                      rows_per_unit=64)
+        lists[p0:p0 + n_pairs] = pairs
+        lists[s0:s0 + n_seg + 1] = seg_off
+    table = torch.from_numpy(P.gather_table(kept, layout, chunk, top_k=top_k, n_blocks=n_blocks, group=group))
+    n_pairs, n_seg = chunk.n_heads * chunk.n_q * top_k, (chunk.n_heads // group) * n_blocks
+    want_pairs, _, want_off, _ = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k,
+                                                        rows_per_unit=64)
+    sizes = lists[table[1]] - lists[table[0]]
+    seg_off = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    assert torch.equal(seg_off, want_off)
+    dst = torch.full((n_pairs,), -9, dtype=torch.int64)
+    run_emulated(harness, tmp_path, [P.gather_launch(lists, table.reshape(-1).contiguous(), seg_off, dst, n_seg)],
+                 seed=n_pairs)
+    listed = int(want_off[-1])
+    assert torch.equal(dst[:listed], want_pairs[:listed]), (dst[:listed] != want_pairs[:listed]).nonzero()[:8]
+    assert (dst[listed:] == -9).all()
+
+
+def test_gather_table_refuses_chunks_it_cannot_serve():
+    kept = [A.Chunk(0, 0, 2, 0, 100)]
+    layout, _ = A.kept_lists_layout(kept, 2, 4, 1)
+    with pytest.raises(ValueError, match="no kept chunk holds batch 0, head 2"):
+        P.gather_table(kept, layout, A.Chunk(0, 0, 3, 0, 100), top_k=2, n_blocks=4, group=1)
+    with pytest.raises(ValueError, match="full sequences"):
+        P.gather_table(kept, layout, A.Chunk(0, 0, 2, 0, 50), top_k=2, n_blocks=4, group=1)

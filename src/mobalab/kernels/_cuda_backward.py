@@ -42,6 +42,7 @@ import torch
 
 from . import _contract as C
 from . import _cuda_attention as A
+from . import _pairs
 from ._launch import Launch, kernel_ready, launch
 
 __all__ = ["moba_attention_backward_cuda"]
@@ -120,15 +121,32 @@ def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bud
     return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, max(1, scaled))
 
 
+def forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes: int = 2) -> list[A.Chunk]:
+    """The forward's chunks with its default scratch budget and the partial format in force."""
+    return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k,
+                         A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
+                         A.resolve_partial(None))
+
+
 def forward_lists_reusable(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic,
                            elem_bytes: int = 2) -> bool:
-    """Whether the backward, with default scratch budgets, runs over the forward's chunks, so that the key-block
-    lists the forward built (``moba_attention_cuda(..., keep_lists=True)``) serve it: then both build the
-    same lists. The kept lists are 8 bytes per (query, head, slot), a few percent of the forward's scratch."""
-    fwd = A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k,
-                        A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
-                        A.resolve_partial(None))
-    return fwd == bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic)
+    """Whether the key-block lists the forward builds (``moba_attention_cuda(..., keep_lists=True)``) serve the
+    backward with default scratch budgets: every chunk of both plans covers whole sequences. Where the plans are
+    the same chunks the backward reads the lists as they are; else it gathers each of its chunks' lists from
+    them (:func:`mobalab.kernels._pairs.gather_table`), one read and one write per pair instead of a sort. The kept
+    lists are 8 bytes per (query, head, slot), a few percent of the forward's scratch traffic."""
+    def whole(chunks):
+        return all(c.t0 == 0 and c.n_q == seqlen for c in chunks)
+
+    return whole(forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes)) and \
+        whole(bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic))
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_table(fwd_chunks: tuple, chunk: A.Chunk, top_k: int, n_blocks: int, group: int, device: str):
+    layout, _ = A.kept_lists_layout(fwd_chunks, top_k, n_blocks, group)
+    table = _pairs.gather_table(fwd_chunks, layout, chunk, top_k=top_k, n_blocks=n_blocks, group=group)
+    return torch.from_numpy(table.reshape(-1)).to(device)
 
 
 def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
@@ -241,8 +259,8 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     are then not read.
 
     ``fwd_lists``: the key-block lists of the forward (``moba_attention_cuda(..., keep_lists=True)`` on the
-    same inputs, routing and default budgets), used instead of building them again; the backward's chunks must
-    then be the forward's (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
+    same inputs, routing and default budgets), read or gathered instead of building them again; both plans must
+    cover whole sequences (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
 
     ``variant``: the main kernel, "auto", "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
     default "auto": "block" at head dim 128 where it has a kernel).
@@ -332,12 +350,14 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     if fwd_lists is not None:
         if budget is not None or not forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k,
                                                             deterministic, q.element_size()):
-            raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward over the forward's "
-                             "chunks (default scratch budgets, forward_lists_reusable(...) true)")
-        layout, total = A.kept_lists_layout(chunks, top_k, n_blocks, group)
+            raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward whose chunks and the "
+                             "forward's cover whole sequences (default scratch budgets, forward_lists_reusable)")
+        fwd_chunks = tuple(forward_plan(batch, seqlen, heads, kv_heads, dim, top_k, q.element_size()))
+        layout, total = A.kept_lists_layout(fwd_chunks, top_k, n_blocks, group)
         if fwd_lists.numel() != total:
             raise ValueError(f"moba_attention_backward_cuda: fwd_lists holds {fwd_lists.numel()} entries, the "
                              f"forward's lists of these shapes take {total}")
+        same_chunks = list(fwd_chunks) == chunks
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
@@ -345,6 +365,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
         seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
         scratch = A.pair_scratch(max_pairs, max_seg, device)
+    elif not same_chunks:
+        gathered = torch.empty(max_pairs, dtype=torch.int64, device=device)
+        seg_off = torch.zeros(max_seg + 1, dtype=torch.int64, device=device)  # seg_off[0] stays 0
     if into is not None:  # the fp32 buffers are the result: nothing to copy back (dk, dv unused: modes 1 / 2)
         dq_acc, dk, dv = into
         part_dq, dk_acc, dv_acc = dq_acc, dk, dv
@@ -374,9 +397,15 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         n_seg = (c.n_heads // group) * n_blocks
         # the forward's lists (kept, or built again): stable key order, so dK / dV sum their rows in the same
         # order every run
-        if fwd_lists is not None:
+        if fwd_lists is not None and same_chunks:
             p0, _, s0, _ = layout[i]
             pairs, seg_off = fwd_lists[p0:p0 + n_pairs], fwd_lists[s0:s0 + n_seg + 1]
+        elif fwd_lists is not None:
+            table = _gather_table(fwd_chunks, c, top_k, n_blocks, group, str(device))
+            sizes = fwd_lists[table[n_seg:2 * n_seg]] - fwd_lists[table[:n_seg]]
+            torch.cumsum(sizes, 0, out=seg_off[1:n_seg + 1])
+            pairs = gathered[:n_pairs]
+            launch(_pairs.gather_launch(fwd_lists, table, seg_off, pairs, n_seg))
         else:
             pairs, _ = A.build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                           n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,

@@ -168,6 +168,48 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
 
 
 # --------------------------------------------------------------------------------------------------
+# a chunk's lists gathered from kept lists over the same full sequences
+
+
+GATHER_THREADS = 256
+
+
+def gather_table(kept_chunks, kept_layout, chunk, *, top_k: int, n_blocks: int, group: int) -> np.ndarray:
+    """(4, n_seg) int64 of ``chunk``'s segments in the kept lists (:func:`moba_pairs_gather`'s ``table``): the
+    position of the kept segment's start and end offsets, of its chunk's pairs, and the pair-index shift.
+
+    ``kept_chunks`` (with ``kept_layout``: :func:`mobalab.kernels._cuda_attention.kept_lists_layout`) and ``chunk``
+    cover full sequences (t0 = 0, n_q = seqlen); each of the chunk's kv heads lies in one kept chunk of its batch.
+    Pair i = (hc n_q + tt) top_k + slot of a kept chunk starting at head h0' is pair i + (h0' - h0) n_q top_k of
+    ``chunk``, so the gathered lists equal the lists built for ``chunk``, in the same stable order."""
+    n_kv = chunk.n_heads // group
+    table = np.empty((4, n_kv * n_blocks), dtype=np.int64)
+    for g in range(n_kv):
+        head = chunk.h0 + g * group
+        found = [(c, lay) for c, lay in zip(kept_chunks, kept_layout, strict=True)
+                 if c.batch_index == chunk.batch_index and c.h0 <= head < c.h0 + c.n_heads]
+        if not found:
+            raise ValueError(f"no kept chunk holds batch {chunk.batch_index}, head {head}")
+        c, (p0, _, s0, _) = found[0]
+        if c.t0 != 0 or chunk.t0 != 0 or c.n_q != chunk.n_q:
+            raise ValueError("gathered lists need chunks over full sequences (t0 = 0, the same n_q)")
+        first = s0 + ((head - c.h0) // group) * n_blocks
+        rows = slice(g * n_blocks, (g + 1) * n_blocks)
+        table[0, rows] = np.arange(first, first + n_blocks)
+        table[1, rows] = table[0, rows] + 1
+        table[2, rows] = p0
+        table[3, rows] = (c.h0 - chunk.h0) * chunk.n_q * top_k
+    return table
+
+
+def gather_launch(kept, table, dst_off, dst_pairs, n_seg: int) -> Launch:
+    """``chunk``'s pairs from the kept lists (``table`` from :func:`gather_table`, on the device; ``dst_off`` its
+    seg_off, the scan of the gathered segments' sizes)."""
+    return Launch(SOURCE, "moba_pairs_gather", (max(1, n_seg),), (GATHER_THREADS,),
+                  (kept, table, dst_off, dst_pairs, np.int32(n_seg)))
+
+
+# --------------------------------------------------------------------------------------------------
 # routing rebased to a range of blocks (a kernel call over one key segment of a longer sequence)
 
 

@@ -1,7 +1,7 @@
 """The torch boundary of MoBA attention: two ``torch.library`` custom ops, their autograd, the public entry.
 
 * ``mobalab::moba_attention_fwd``: route (hard top-k, no gradient), then attend; returns and saves the
-  output, the natural-log LSE, the routing and, where the backward runs over the forward's chunks, the
+  output, the natural-log LSE, the routing and, where both passes' chunks cover whole sequences, the
   key-block lists the forward built (else an empty tensor), so the backward does not build them again. CUDA
   tensors run :mod:`mobalab.kernels._cuda_routing` and :mod:`mobalab.kernels._cuda_attention`; CPU tensors run
   :func:`mobalab.kernels.reference.moba_topk` and :func:`~mobalab.kernels.reference.moba_attention_given_routing`
@@ -54,9 +54,9 @@ def _no_lists(q):
 
 
 def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
-    """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless the backward runs over the
-    forward's chunks (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes
-    only, so the fake implementation gives it too."""
+    """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless they serve it
+    (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes only, so the fake
+    implementation gives it too."""
     if not q.is_cuda:
         return 0
     from . import _cuda_attention as A
@@ -66,7 +66,7 @@ def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
     kv_heads = k.shape[2]
     if not B.forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, q.element_size()):
         return 0
-    chunks = B.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic)
+    chunks = B.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k, q.element_size())
     return A.kept_lists_layout(chunks, top_k, -(-seqlen // block_size), heads // kv_heads)[1]
 
 

@@ -217,6 +217,24 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   }
 }
 
+// The lists of a chunk gathered from lists kept by earlier chunks over the same full sequences (the forward's,
+// for the backward, whose chunks split the kv heads differently): segment s comes from the kept segment whose
+// seg_off entry is kept[table[s]] (its end kept[table[n_seg + s]]), pairs starting at kept[table[2 n_seg + s]],
+// every pair index moved by table[3 n_seg + s] (the query heads between the two chunks' first heads, times
+// n_q top_k); it goes to dst_pairs[dst_off[s] ..], dst_off the scan of the sizes. One CTA per segment; one
+// read and one write of 8 B per pair, against the sort's topk reads, count tables and scatter.
+extern "C" __global__ void __launch_bounds__(256) moba_pairs_gather(const long long* kept, const long long* table,
+                                                                     const long long* dst_off, long long* dst_pairs,
+                                                                     int n_seg) {
+  const int s = blockIdx.x;
+  if (s >= n_seg) return;
+  const long long start = kept[table[s]], n = kept[table[n_seg + s]] - start;
+  const long long* src = kept + table[2 * n_seg + s] + start;
+  const long long shift = table[3 * n_seg + s];
+  long long* dst = dst_pairs + dst_off[s];
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] + shift;
+}
+
 // Routing rebased to the blocks first .. first + n_blocks - 1 (context parallelism: a kernel call over one key
 // segment sees its blocks as 0 .. n_blocks - 1): out[i] = topk[i] - first where that lies in [0, n_blocks),
 // else -1. n_vec 16-byte vectors (4 slots each; the caller passes n = 4 n_vec slots, 16-byte aligned), grid-
