@@ -27,6 +27,7 @@ import torch
 
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels import _cuda_backward as CB
+from mobalab.kernels import _pairs as P
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
@@ -70,6 +71,7 @@ def _kernel_files() -> dict[str, str]:
             "ptx_swizzle.h": _swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
 
 
+pairs_harness = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)}, name="pairs_harness")
 _DIMS_FLAG = "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in HEAD_DIMS) + ")"
 harness = harness_fixture("attention_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
 # the fp32 partial format is a build option of the forward's module (_cuda_attention.partial_defines)
@@ -100,7 +102,9 @@ def emulate(request, tmp_path, monkeypatch):
 
     def run(plan):
         assert plan.defines in ((), A.partial_defines(partial)), f"{plan.kernel} needs build options {plan.defines}"
-        run_emulated(exe, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        # a pair-list kernel (the backward's gather) runs in the pair-list harness, built when first needed
+        runner = request.getfixturevalue("pairs_harness") if plan.source == P.SOURCE else exe
+        run_emulated(runner, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
         launched.append(plan.kernel)
 
     run.launched = launched
@@ -259,6 +263,33 @@ def test_emulated_backward_over_the_forwards_kept_lists(emulated_forward, emulat
     rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal)
     for name, a, b in zip("kv", grads[1:], rebuilt[1:], strict=True):
         assert torch.equal(a, b), f"d{name} over the kept lists differs from the rebuilt lists'"
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic-dq", "det"])
+def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, emulated_backward, monkeypatch, det):
+    """Where the forward's budget splits the kv heads finer than the backward's (16K and 64K at the benchmark's
+    shapes; forced here), the backward gathers each chunk's lists from the kept ones (moba_pairs_gather): no sort
+    in the backward, gradients within the criterion, dK / dV bit-identical to lists built for the chunk."""
+    dtype, dim, block, top_k, causal = torch.float16, 64, 32, 3, True
+    batch, seqlen, heads, kv_heads = 2, 130, 6, 3
+    q, k, v, dout = _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed=21)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
+    budget = seqlen * 2 * (heads // kv_heads) * top_k * A.bytes_per_pair(dim)  # forward chunks of 2 kv heads
+    monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
+    fwd_plan = CB.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k)
+    assert [c.n_heads for c in fwd_plan] == [4, 2, 4, 2]
+    assert fwd_plan != CB.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, det)
+    assert CB.forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k, det)
+    out, lse, lists, _ = emulated_forward(q, k, v, topk, block, top_k, causal, "resident", keep_lists=True)
+    grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, det, fwd_lists=lists)
+    bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
+    assert "moba_pairs_gather" in bwd_kernels
+    assert not any(n.startswith(("moba_pairs_count", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels)
+    _check(grads, q, k, v, dout, topk, block, causal, "gathered lists")
+    rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, det)
+    for name, a, b in zip("qkv", grads, rebuilt, strict=True):
+        if name != "q" or det:
+            assert torch.equal(a, b), f"d{name} over the gathered lists differs from the rebuilt lists'"
 
 
 def test_emulated_chunks_that_split_the_query_range(emulated_backward):
