@@ -48,6 +48,9 @@
 #                (interleaved timing against "tile" at 8K-64K: logs/bwd_variants_ab.md), the forward+backward
 #                benchmark at 64K / 16K / 8K with it (logs/bwd_block/) and its source counters at 16K
 #                (logs/bwd_sass_block.csv); ~250 s
+#   bwd-step     the backward's list and order settings over a whole step: the GPU tests of the kept / gathered
+#                lists (-k kept), then scripts/bwd_step_ab.py --compare lists and --compare order (interleaved,
+#                8K-64K: logs/bwd_step_lists.md, logs/bwd_step_order.md); ~200 s
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -201,6 +204,12 @@ for step in "${STEPS[@]}"; do
       MOBALAB_BWD_VARIANT=block timeout $(cap 200) python3 -m mobalab.bench.attention --backward --select 0,5,6 \
         --out "$W/bwd_block" > "$W/bench_bwd_block.log" 2>&1 || status=1
       MOBALAB_BWD_VARIANT=block bwd_sass bwd_sass_block mobalab 'regex:moba_bwd_blk_' || status=1 ;;
+    bwd-step) # kept / gathered lists and longest-first segments, whole steps
+      timeout $(cap 100) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+        -k kept tests/kernels/test_backward_gpu.py > "$W/pytest_bwd_step.log" 2>&1 || status=1
+      timeout $(cap 120) python3 scripts/bwd_step_ab.py --compare lists > "$W/bwd_step_lists.md" 2>&1 || status=1
+      timeout $(cap 100) python3 scripts/bwd_step_ab.py --compare order --points 8K 16K 64K \
+        > "$W/bwd_step_order.md" 2>&1 || status=1 ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
@@ -218,6 +227,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
 [ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
+for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do
