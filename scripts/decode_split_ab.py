@@ -2,7 +2,9 @@
 
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
-``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``. Every variant is
+``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
+of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
+kernel). Every variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
@@ -24,7 +26,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "page_size")
 
 
 def parse_variant(text: str) -> dict:
@@ -65,10 +67,15 @@ def main(argv=None) -> int:
     for name in points:
         n, batch, block, top_k = POINTS[name]
         cache, q = random_cache(n, batch, block, n + block)
+        caches = {None: cache}
         built = {}
         for label, opts in variants.items():
-            plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM), sm_count=_sm_count(dev),
-                                                    **opts)
+            opts = dict(opts)
+            page = opts.pop("page_size", None)
+            if page not in caches:
+                caches[page] = paged_copy(cache, page)
+            plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
+                                                    sm_count=_sm_count(dev), **opts)
             for _ in range(3):
                 for x in launches:
                     run(x, dev)
@@ -89,9 +96,22 @@ def main(argv=None) -> int:
             cells.append(f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs, {plan.select_wpr} "
                          f"warps): {'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-        del cache
+        del cache, caches, built
         torch.cuda.empty_cache()
     return 0
+
+
+def paged_copy(cache, page_size: int):
+    """A paged cache of ``page_size`` tokens per page holding ``cache``'s tokens, its pages shuffled over the pool
+    (so that no sequence's pages lie in order)."""
+    from mobalab.kernels import MobaKVCache
+
+    n = int(cache.lengths.max())
+    paged = MobaKVCache(cache.batch, cache.kv_heads, cache.head_dim, cache.block_size, cache.max_seqlen,
+                        dtype=cache.dtype, device=cache.device, page_size=page_size)
+    paged.prefill(cache.k[:, :, :n].transpose(1, 2), cache.v[:, :, :n].transpose(1, 2), lengths=cache.lengths)
+    paged._move_pages(torch.randperm(paged.num_pages, generator=torch.Generator().manual_seed(page_size)))
+    return paged
 
 
 if __name__ == "__main__":

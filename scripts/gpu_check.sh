@@ -14,6 +14,9 @@
 #   trained-study            train variants of the trained-routing study (scripts/train_variants.py with
 #                            TRAIN_VARIANTS, e.g. "dense:0-2,moba-128-kconv3:1-2"); CSVs under trained/
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
+#   decode-paged             the paged KV cache: its GPU test (bit-identical to a contiguous cache), then the split
+#                            step over pages of 128 and 1024 tokens against the contiguous cache, interleaved, at 512K,
+#                            128K, 32K, batch 8 (scripts/decode_split_ab.py; logs/decode_paged_ab.log; ~150 s)
 #   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
 #   wgmma-tile   the wgmma forward tile kernels (wgmma, warp-specialised wgmma-ws): probe (incl. transposed B) and
 #                oracle GPU tests (wgmma-ws's in a run of their own, pytest_wgmma_ws.log), then the quick forward
@@ -159,6 +162,10 @@ for step in "${STEPS[@]}"; do
                    tests/kernels/test_decode_gpu.py > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     wgmma) timeout $(cap 90) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
              tests/kernels/test_wgmma_probe_gpu.py > "$W/pytest_wgmma.log" 2>&1 || status=1 ;;
+    decode-paged) timeout $(cap 150) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                   tests/kernels/test_decode_gpu.py -k paged > "$W/pytest_decode_paged.log" 2>&1 || status=1
+                 timeout $(cap 150) python3 scripts/decode_split_ab.py --points 512K,128K,32K \
+                   --variants page_size=128 page_size=1024 > "$W/decode_paged_ab.log" 2>&1 || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
@@ -228,6 +235,8 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }
+[ -f "$W/decode_paged_ab.log" ] && grep -E "^\|" "$W/decode_paged_ab.log"
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do

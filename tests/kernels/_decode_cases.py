@@ -13,25 +13,37 @@ from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _decode as D
 
 
-def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False):
+def shuffle_pages(cache: MobaKVCache, gen: torch.Generator) -> None:
+    """Move a paged cache's pages to a random permutation of the pool (contents and table together), so that
+    no sequence's pages are in order: what a reader of the table must not depend on."""
+    cache._move_pages(torch.randperm(cache.num_pages, generator=gen))
+
+
+def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False,
+                page_size=None):
     """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
 
     ``ties``: every third block repeats block 1, so their sums and scores tie exactly, and the queries make the
     repeated blocks the best (their exact ties decide the selection); ``shared``: the query heads of a kv head are
-    equal, so they select the same blocks (a small union: each block read once for several rows)."""
+    equal, so they select the same blocks (a small union: each block read once for several rows); ``page_size``:
+    a paged cache, its pages shuffled over the pool after the prefill and after the appends."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
-    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype, page_size=page_size)
     k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
     if ties:
         for j in range(4, max(prompt_lengths) // block, 3):
             k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
     v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
     cache.prefill(k, v, lengths=prompt_lengths)
+    if page_size is not None:
+        shuffle_pages(cache, g)
     for _ in range(steps):
         cache.append(torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype),
                      torch.randn(batch, q_len, kv_heads, dim, generator=g).to(dtype))
+    if page_size is not None:
+        shuffle_pages(cache, g)
     q = torch.randn(batch, q_len, heads, dim, generator=g).to(dtype)
     if shared:
         group = heads // kv_heads

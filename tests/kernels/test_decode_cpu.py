@@ -184,6 +184,110 @@ def test_cache_layout_and_repr():
 
 
 # ---------------------------------------------------------------------------------------------------
+# paged layout
+
+
+def _twin_caches(seed, dtype, batch, kv_heads, dim, block, page_size, max_seqlen, num_pages=None):
+    """A contiguous cache and a paged one of the same shape, and a token stream to fill them with."""
+    q, k, v = _stream(seed, batch, max_seqlen, 2 * kv_heads, kv_heads, dim, dtype)
+    flat = MobaKVCache(batch, kv_heads, dim, block, max_seqlen, dtype=dtype)
+    paged = MobaKVCache(batch, kv_heads, dim, block, max_seqlen, dtype=dtype, page_size=page_size,
+                        num_pages=num_pages)
+    return q, k, v, flat, paged
+
+
+@pytest.mark.parametrize(("dtype", "block", "page_size", "lengths"), [
+    pytest.param(torch.float32, 4, 4, [9, 2, 14], id="fp32-one-block-pages"),
+    pytest.param(torch.bfloat16, 4, 12, [13, 1, 30], id="bf16-three-block-pages"),
+    pytest.param(torch.float16, 8, 64, [5, 40, 17], id="fp16-page-longer-than-a-prompt"),
+])
+def test_paged_cache_decodes_exactly_as_a_contiguous_one(dtype, block, page_size, lengths):
+    """Token by token from a ragged prompt, with the pages shuffled over the pool between steps: the paged
+    cache's outputs, LSEs and block sums equal the contiguous cache's bit for bit, and moba_attention's within
+    the usual rounding."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _decode_cases import shuffle_pages
+
+    batch, steps = len(lengths), 11
+    total = max(lengths) + steps
+    q, k, v, flat, paged = _twin_caches(len(lengths) + page_size, dtype, batch, 2, 8, block, page_size, total)
+    gen = torch.Generator().manual_seed(page_size)
+    for cache in (flat, paged):
+        cache.prefill(k, v, lengths=lengths)
+    rows = torch.arange(batch)
+    for step in range(steps):
+        pos = torch.tensor(lengths) + step
+        for cache in (flat, paged):
+            cache.append(k[rows, pos].unsqueeze(1), v[rows, pos].unsqueeze(1))
+        if step % 3 == 0:
+            shuffle_pages(paged, gen)
+        qt = q[rows, pos].unsqueeze(1)
+        out, lse = moba_decode(qt, paged, 3, return_lse=True)
+        ref_out, ref_lse = moba_decode(qt, flat, 3, return_lse=True)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse), step
+        assert torch.equal(paged.block_sums, flat.block_sums)
+        for b in range(batch):
+            full_out, _, _ = _full_reference(q, k, v, b, int(pos[b]) + 1, block, 3)
+            torch.testing.assert_close(out[b].float(), full_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    held = [math.ceil(n / page_size) for n in paged.lengths.tolist()]
+    table = paged.page_table
+    assert [(row >= 0).sum().item() for row in table] == held  # pages taken as the sequences grew, no more
+    used = table[table >= 0]
+    assert used.unique().numel() == used.numel() == paged.num_pages - paged.free_pages
+
+
+def test_paged_pool_smaller_than_batch_times_max_seqlen():
+    """A ragged batch in a pool sized for its tokens: pages come lowest-numbered first, in sequence order at a
+    prefill and as sequences cross a page boundary at an append; a request beyond the pool fails before anything
+    changes."""
+    q, k, v, _, cache = _twin_caches(3, torch.float32, 3, 1, 8, 4, 8, 64, num_pages=6)
+    assert cache.k.shape == (6, 1, 8, 8) and cache.pages_per_seq == 8 and cache.free_pages == 6
+    cache.prefill(k[:, :20], v[:, :20], lengths=[20, 3, 8])  # 3 + 1 + 1 pages
+    assert cache.page_table[:, :3].tolist() == [[0, 1, 2], [3, -1, -1], [4, -1, -1]]
+    cache.append(k[:, 20:21], v[:, 20:21])  # 21, 4, 9 tokens: only the third sequence crosses into a page
+    assert cache.page_table[:, :3].tolist() == [[0, 1, 2], [3, -1, -1], [4, 5, -1]] and cache.free_pages == 0
+    before = (cache.k.clone(), cache.block_sums.clone(), cache.page_table, cache.lengths)
+    with pytest.raises(ValueError, match=r"needs 1 new page\(s\) of 8 tokens; 0 of num_pages=6 are free"):
+        cache.append(k[:, 21:25], v[:, 21:25])  # the second sequence would cross 8
+    with pytest.raises(ValueError, match=r"lengths \[30, 20, 9\] take 9 pages of 8 tokens; the pool has "
+                                         r"num_pages=6"):
+        cache.prefill(k[:, :30], v[:, :30], lengths=[30, 20, 9])
+    after = (cache.k, cache.block_sums, cache.page_table, cache.lengths)
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    # the tokens are where the table says
+    keys, _ = cache.token_rows(2, torch.tensor([0]), torch.arange(9))
+    assert torch.equal(keys, torch.cat([k[2, :8, 0], k[2, 20:21, 0]]))  # the prompt's 8, then the appended one
+    assert torch.equal(cache.k[5, 0, 0], k[2, 20, 0])  # token 8 of sequence 2: page 5, offset 0
+    assert "page_size=8, num_pages=6, free_pages=0" in repr(cache)
+
+
+def test_paged_cache_arguments_are_checked():
+    with pytest.raises(ValueError, match="page_size must be a multiple of block_size=4 .* got page_size=6"):
+        MobaKVCache(1, 1, 8, 4, 16, page_size=6)
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1, got 0"):
+        MobaKVCache(1, 1, 8, 4, 16, page_size=0)
+    with pytest.raises(ValueError, match="num_pages=3 needs a page_size"):
+        MobaKVCache(1, 1, 8, 4, 16, num_pages=3)
+    with pytest.raises(ValueError, match="num_pages must be an integer >= 1"):
+        MobaKVCache(1, 1, 8, 4, 16, page_size=4, num_pages=0)
+    flat = MobaKVCache(1, 1, 8, 4, 16)
+    assert not flat.paged
+    with pytest.raises(ValueError, match="page_table: this cache is not paged"):
+        flat.page_table  # noqa: B018
+    paged = MobaKVCache(2, 1, 8, 4, 16, page_size=8)
+    assert paged.paged and paged.num_pages == 4 and paged.page_table.tolist() == [[-1, -1], [-1, -1]]
+    with pytest.raises(ValueError, match="perm must be a permutation of the 4 pages"):
+        paged._move_pages([0, 0, 1, 2])
+    q, k, v = _stream(1, 2, 6, 2, 1, 8, torch.float32)
+    paged.prefill(k, v)
+    with pytest.raises(ValueError, match="fused decode kernel .* reads contiguous caches only; this cache is paged"):
+        C.step_launches(q[:, -1:].contiguous(), paged, 2, 0.35)
+
+
+# ---------------------------------------------------------------------------------------------------
 # errors
 
 

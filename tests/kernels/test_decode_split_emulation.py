@@ -49,6 +49,10 @@ CASES = [
     pytest.param(FP, 128, 16, 2, 6, 7, [5, 1300, 250], 5, 17, {}, id="fp16-gqa3-qlen7-tiny-seq"),
     # 5000 candidates: the score warps stream several passes, the select warps several rounds of loads
     pytest.param(BF, 64, 16, 1, 2, 1, [80_020, 2100], 8, 1280, {}, id="bf16-d64-5000-candidates"),
+    # paged caches (the attend_paged kernel): pages of one block, of several blocks, ragged and GQA, shuffled pages
+    pytest.param(BF, 128, 16, 2, 8, 1, [1500, 333], 8, None, dict(page_size=16), id="bf16-paged-one-block-pages"),
+    pytest.param(FP, 64, 32, 1, 2, 3, [700, 45, 260], 4, None, dict(page_size=128), id="fp16-paged-4-blocks"),
+    pytest.param(FP, 128, 128, 2, 4, 2, [520, 390], 3, None, dict(page_size=256), id="fp16-paged-B128-chunks"),
 ]
 _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_k", "range_blocks", "opts")
 
@@ -59,6 +63,8 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
                                             attn_ctas=attn_ctas)
+    if not route_only:
+        assert launches[-1].kernel.startswith("moba_decode_attend_paged_") == cache.paged, launches[-1].kernel
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -263,6 +269,10 @@ def test_cases_cover_the_kernel_paths():
         seen |= {"short"} if top_k - 1 > (min(lengths) + q_len - 1) // block else set()
         seen |= {"shared"} if opts.get("shared") or q_len > 1 else set()
         seen |= {"non-candidates"} if any((n + q_len - 1) // block > n // block for n in lengths) else set()
+        page = opts.get("page_size")
+        seen |= {"pages of one block"} if page == block else set()
+        seen |= {"pages of several blocks"} if page and page > block else set()
+        seen |= {"paged chunks"} if page and plan.n_chunks > 1 else set()
     assert seen == {"ranges", "passes", "select rounds", "row groups", "chunks", "own only", "short", "shared",
-                    "non-candidates"}
+                    "non-candidates", "pages of one block", "pages of several blocks", "paged chunks"}
 

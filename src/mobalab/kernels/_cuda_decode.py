@@ -229,6 +229,10 @@ def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.T
 def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,
                   route_only: bool = False, win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT):
     """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs)."""
+    if cache.paged:
+        raise ValueError("moba_decode: the fused decode kernel (MOBALAB_DECODE_KERNEL=fused) reads contiguous caches "
+                         f"only; this cache is paged (page_size={cache.page_size}): use the split kernel (the "
+                         "default, MOBALAB_DECODE_KERNEL=split or auto)")
     batch, q_len, heads, dim = q.shape
     plan = plan_decode(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                        cache.n_blocks, cache.capacity, sm_count, win_words, items_per_slot)

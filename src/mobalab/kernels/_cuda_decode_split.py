@@ -264,15 +264,24 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
                   p.select_smem)
 
 
-def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float) -> Launch:
+def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
+                  pages=None) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
-    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros."""
+    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros. ``pages``: a paged cache's
+    (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages, kv_heads, page_size, d): the
+    ``attend_paged`` kernel, which differs only in where it reads a block."""
     p, i32 = plan, np.int32
-    name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    args = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
-            bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.capacity), i32(p.block_size),
-            i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg), i32(p.cached),
-            np.float32(scale * math.log2(math.e)))
+    tag = f"{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+    head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
+            bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
+    tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg),
+            i32(p.cached), np.float32(scale * math.log2(math.e)))
+    if pages is None:
+        name, args = f"moba_decode_attend_{tag}", (*head, i32(p.capacity), *tail)
+    else:
+        page_table, page_size = pages
+        name = f"moba_decode_attend_paged_{tag}"
+        args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]))
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
@@ -299,5 +308,6 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     work = cache._workspace_counters(plan.n_counters + plan.n_table)
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
     route.append(select_launch(plan, cache._len_dev, bufs, table))
-    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale)
+    pages = (cache._pages_dev, cache.page_size) if cache.paged else None
+    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages)
     return plan, bufs, [*route, attend]

@@ -165,8 +165,8 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
             tokens = blocks.unsqueeze(-1) * bsz + offsets  # (heads, top_k, B)
             valid = ((blocks.unsqueeze(-1) >= 0) & (tokens <= t)).view(heads, top_k * bsz)
             tokens = torch.where(valid, tokens.view(heads, top_k * bsz), 0)
-            keys = cache.k[b][kv_of_head, tokens].to(compute)  # (heads, top_k * B, d)
-            values = cache.v[b][kv_of_head, tokens].to(compute)
+            keys, values = cache.token_rows(b, kv_of_head, tokens)  # (heads, top_k * B, d)
+            keys, values = keys.to(compute), values.to(compute)
             logits = torch.einsum("hd,hnd->hn", q[b, i].to(compute), keys) * scale
             logits = logits.masked_fill(~valid, float("-inf"))
             row_lse = torch.logsumexp(logits, dim=-1)  # finite: token t itself is always attended
@@ -216,10 +216,10 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
 
     CUDA tensors run one of two kernels (no gradient): by default three plain launches (cuda/decode_split.cu:
     scores of every candidate block from the cached block sums, the selection, then attention over the selected
-    blocks, each block read once per kv head); ``MOBALAB_DECODE_KERNEL=fused`` runs one persistent launch
-    instead (cuda/decode.cu: routing reading each sum once per kv head for all query rows of the group, then
-    split-KV attention over the union of the selected blocks with a merge of the partial softmax results), and
-    ``split`` forces the default. CPU tensors run :func:`moba_decode_reference`.
+    blocks, each block read once per kv head; paged caches too); ``MOBALAB_DECODE_KERNEL=fused`` runs one
+    persistent launch instead (contiguous caches only; cuda/decode.cu: routing reading each sum once per kv head
+    for all query rows of the group, then split-KV attention over the union of the selected blocks with a merge of
+    the partial softmax results), and ``split`` forces the default. CPU tensors run :func:`moba_decode_reference`.
 
     Examples
     --------

@@ -7,6 +7,7 @@ The cache keeps :math:`S_j` in fp32 beside K and V, so appending token t costs :
 
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 
@@ -42,9 +43,19 @@ class MobaKVCache:
     at each sequence's end and updates :math:`S` token by token in order. Positions beyond a sequence's
     length are never read by :func:`~mobalab.kernels.moba_decode`.
 
-    Not supported: a paged layout (each sequence owns one contiguous slab of ``max_seqlen`` tokens),
-    evicting or rewinding tokens, and concurrent decodes on one cache from several CUDA streams (the CUDA
-    kernels keep completion counters in the cache).
+    **Paged layout** (``page_size`` given, as serving engines keep their caches): ``k`` and ``v`` are a pool of
+    ``num_pages`` pages (num_pages, kv_heads, page_size, head_dim), and a page table maps page
+    :math:`\lfloor t / P \rfloor` of sequence b to a page of the pool, so a sequence holds
+    :math:`\lceil L_b / P \rceil` pages and the pool needs only as many as the sequences' tokens take (a
+    ragged batch no longer reserves ``max_seqlen`` per sequence). ``page_size`` is a multiple of B, so every block
+    lies in one page and is still one slab. Pages are taken from the pool lowest-numbered first, by
+    :meth:`prefill` (which returns every page first) and by :meth:`append` when a sequence crosses into a new
+    page; a pool too small for a request is an error before anything changes. The block sums stay per sequence
+    (1/B of the bytes of the keys they summarise). Read the mapping with :attr:`page_table`.
+
+    Not supported: evicting or rewinding tokens, returning one sequence's pages while others decode, pages
+    shared between sequences, and concurrent decodes on one cache from several CUDA streams (the CUDA kernels
+    keep completion counters in the cache).
 
     Examples
     --------
@@ -58,16 +69,32 @@ class MobaKVCache:
     >>> cache.append(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
     >>> cache.lengths.tolist(), cache.centroids()[1, :, 0, 0].tolist()
     ([4, 3], [14.0, 1.0])
+
+    A paged cache of 4-token pages (two blocks each) holds the same tokens in 3 pages:
+
+    >>> paged = MobaKVCache(2, 1, 4, block_size=2, max_seqlen=8, dtype=torch.float32, page_size=4)
+    >>> paged.prefill(k, k, lengths=[3, 2])
+    >>> paged.append(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))  # sequence 0 crosses into its 2nd page
+    >>> paged.page_table.tolist(), paged.free_pages
+    ([[0, 2], [1, -1]], 1)
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, block_size: int, max_seqlen: int,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", *, page_size: int | None = None,
+                 num_pages: int | None = None):
         fn = "MobaKVCache"
         self.batch = _size("batch", batch, fn)
         self.kv_heads = _size("kv_heads", kv_heads, fn)
         self.head_dim = _size("head_dim", head_dim, fn)
         self.block_size = _size("block_size", block_size, fn)
         self.max_seqlen = _size("max_seqlen", max_seqlen, fn)
+        if page_size is None and num_pages is not None:
+            raise ValueError(f"{fn}: num_pages={num_pages!r} needs a page_size (a paged cache); got page_size=None")
+        if page_size is not None:
+            page_size = _size("page_size", page_size, fn)
+            if page_size % self.block_size:
+                raise ValueError(f"{fn}: page_size must be a multiple of block_size={self.block_size} (every block "
+                                 f"in one page), got page_size={page_size}")
         if dtype not in _DTYPES:
             raise ValueError(f"{fn}: dtype {dtype!r} is not supported; supported: float16, bfloat16, float32, float64")
         self.dtype = dtype
@@ -76,7 +103,19 @@ class MobaKVCache:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.n_blocks = math.ceil(self.max_seqlen / self.block_size)
         self.capacity = self.n_blocks * self.block_size
-        shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
+        #: tokens per page (None: one contiguous slab per sequence), pages per sequence's table, pages in the pool
+        self.page_size = page_size
+        if page_size is None:
+            self.pages_per_seq = self.num_pages = 0
+            shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
+        else:
+            self.pages_per_seq = math.ceil(self.capacity / page_size)
+            self.num_pages = (self.batch * self.pages_per_seq if num_pages is None
+                              else _size("num_pages", num_pages, fn))
+            shape = (self.num_pages, self.kv_heads, page_size, self.head_dim)
+            self._pages = torch.full((self.batch, self.pages_per_seq), -1, dtype=torch.int32)
+            self._pages_dev = self._pages.to(self.device, copy=True)  # the kernels' copy
+            self._free = list(range(self.num_pages))  # a heap: the lowest-numbered free page goes first
         # zeros, not empty: rows past a sequence's length are masked, but must never hold NaN bit patterns
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -97,6 +136,28 @@ class MobaKVCache:
         return self._len.clone()
 
     @property
+    def paged(self) -> bool:
+        """Whether K and V are kept in pages (``page_size`` given)."""
+        return self.page_size is not None
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """Paged caches: the page of the pool that holds page i of sequence b, (batch, pages_per_seq) int32 on the
+        CPU (a copy), -1 where a sequence has not reached page i."""
+        self._need_pages("page_table")
+        return self._pages.clone()
+
+    @property
+    def free_pages(self) -> int:
+        """Paged caches: pages of the pool that no sequence holds."""
+        self._need_pages("free_pages")
+        return len(self._free)
+
+    def _need_pages(self, what: str) -> None:
+        if not self.paged:
+            raise ValueError(f"MobaKVCache.{what}: this cache is not paged (page_size=None)")
+
+    @property
     def appended(self) -> torch.Tensor:
         """Tokens the last :meth:`prefill` / :meth:`append` added per sequence, (batch,) int64 on the CPU."""
         return self._appended.clone()
@@ -104,7 +165,10 @@ class MobaKVCache:
     def __repr__(self) -> str:
         return (f"MobaKVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, max_seqlen={self.max_seqlen}, dtype={self.dtype}, "
-                f"device={self.device}, lengths={self._len.tolist()})")
+                f"device={self.device}, "
+                + (f"page_size={self.page_size}, num_pages={self.num_pages}, free_pages={len(self._free)}, "
+                   if self.paged else "")
+                + f"lengths={self._len.tolist()})")
 
     def centroids(self) -> torch.Tensor:
         r"""Block centroids :math:`S_j / |j|`, (batch, n, kv_heads, head_dim) with n = ceil(max length / B).
@@ -175,6 +239,18 @@ class MobaKVCache:
         if seqlen > self.max_seqlen:
             raise ValueError(f"{fn}: the prompt has {seqlen} tokens; this cache holds at most max_seqlen="
                              f"{self.max_seqlen}")
+        if self.paged:  # every page back to the pool, then each sequence's pages in order
+            need = [math.ceil(n / self.page_size) for n in lens.tolist()]
+            if sum(need) > self.num_pages:
+                raise ValueError(f"{fn}: lengths {lens.tolist()} take {sum(need)} pages of {self.page_size} tokens; "
+                                 f"the pool has num_pages={self.num_pages}")
+            self._pages.fill_(-1)
+            start = 0
+            for b, n in enumerate(need):
+                self._pages[b, :n] = torch.arange(start, start + n, dtype=torch.int32)
+                start += n
+            self._free = list(range(start, self.num_pages))  # sorted: a heap
+            self._pages_dev.copy_(self._pages)
         bsz = self.block_size
         chunk = max(bsz, (_PREFILL_CHUNK_TOKENS // bsz) * bsz)
         lens_dev = lens.to(self.device)
@@ -185,8 +261,15 @@ class MobaKVCache:
                 self.batch, t1 - t0, 1, 1)
             kc = torch.where(valid, k[:, t0:t1], 0)
             vc = torch.where(valid, v[:, t0:t1], 0)
-            self.k[:, :, t0:t1] = kc.transpose(1, 2)
-            self.v[:, :, t0:t1] = vc.transpose(1, 2)
+            if self.paged:  # the prompt's tokens only: padding has no page
+                pos = torch.arange(t0, t1, device=self.device).expand(self.batch, -1)
+                page, off = self._slots(pos)
+                held = valid.view(self.batch, t1 - t0)
+                self.k[page[held], :, off[held]] = kc[held]
+                self.v[page[held], :, off[held]] = vc[held]
+            else:
+                self.k[:, :, t0:t1] = kc.transpose(1, 2)
+                self.v[:, :, t0:t1] = vc.transpose(1, 2)
             nb = math.ceil((t1 - t0) / bsz)
             # padded rows are zero: they change no sum (same reduction as moba_centroids)
             padded = F.pad(kc.to(self.sum_dtype), (0, 0, 0, 0, 0, nb * bsz - (t1 - t0)))
@@ -210,12 +293,26 @@ class MobaKVCache:
         if int(self._len.max()) + n > self.max_seqlen:
             raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} exceeds "
                              f"max_seqlen={self.max_seqlen}; the cache is full")
+        if self.paged:  # pages for the tokens that cross into a sequence's next page, all or none
+            grow = [(b, math.ceil(length / self.page_size), math.ceil((length + n) / self.page_size))
+                    for b, length in enumerate(self._len.tolist())]
+            need = sum(hi - lo for _, lo, hi in grow)
+            if need > len(self._free):
+                raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} needs {need} new "
+                                 f"page(s) of {self.page_size} tokens; {len(self._free)} of num_pages="
+                                 f"{self.num_pages} are free")
+            self._take_pages(grow)
         dev = self.device
         rows = torch.arange(self.batch, device=dev)
         pos = self._len_dev.to(torch.int64).view(-1, 1) + torch.arange(n, device=dev).view(1, n)  # (batch, n)
         # index dims 0 and 2 with a slice between: the indexed view is (batch, n, kv_heads, d), as k_new
-        self.k[rows.view(-1, 1), :, pos] = k_new
-        self.v[rows.view(-1, 1), :, pos] = v_new
+        if self.paged:
+            page, off = self._slots(pos)
+            self.k[page, :, off] = k_new
+            self.v[page, :, off] = v_new
+        else:
+            self.k[rows.view(-1, 1), :, pos] = k_new
+            self.v[rows.view(-1, 1), :, pos] = v_new
         keys = k_new.to(self.sum_dtype)
         blocks = torch.div(pos, self.block_size, rounding_mode="floor")
         for i in range(n):  # in token order: the same fp32 rounding as adding tokens one step at a time
@@ -223,6 +320,60 @@ class MobaKVCache:
         self._len_dev += n
         self._len += n
         self._appended = torch.full((self.batch,), n, dtype=torch.int64)
+
+    # -----------------------------------------------------------------------------------------------
+    # pages
+
+    def _take_pages(self, spans) -> None:
+        """Give sequence b pages i in [lo, hi) for each (b, lo, hi) of ``spans``, from the pool's lowest-numbered
+        free pages (a heap; the caller has checked that enough are free); the device's table follows."""
+        entries = []
+        for b, lo, hi in spans:
+            for i in range(lo, hi):
+                page = heapq.heappop(self._free)
+                self._pages[b, i] = page
+                entries.append((b, i, page))
+        if not entries:
+            return
+        new = torch.tensor(entries, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # only the new entries, from pinned memory without a wait: a plain copy from host memory would wait for
+            # every kernel queued on the stream (a decode step's appends must not); torch's pinned-memory cache keeps
+            # the buffer until the copy has run
+            new = new.pin_memory().to(self.device, non_blocking=True)
+        self._pages_dev[new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
+
+    def _move_pages(self, perm: torch.Tensor) -> None:
+        """Move page p of the pool to page ``perm[p]`` (a permutation of the pool), contents and table together:
+        the tokens a sequence holds stay the same (tests and benchmarks use it to scatter a sequence's pages)."""
+        self._need_pages("_move_pages")
+        perm = torch.as_tensor(perm, dtype=torch.int64).cpu()
+        if not torch.equal(perm.sort().values, torch.arange(self.num_pages)):
+            raise ValueError(f"MobaKVCache._move_pages: perm must be a permutation of the {self.num_pages} pages")
+        for store in (self.k, self.v):
+            moved = torch.empty_like(store)
+            moved[perm.to(store.device)] = store
+            store.copy_(moved)
+        held = self._pages >= 0
+        self._pages[held] = perm[self._pages[held].long()].to(torch.int32)
+        self._pages_dev.copy_(self._pages)
+        self._free = sorted(perm[torch.tensor(self._free, dtype=torch.int64)].tolist())  # sorted: a heap
+
+    def _slots(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset in the page) of positions ``pos`` (batch, n) of each sequence, on the cache's device."""
+        pos = pos.to(torch.int64)
+        page = self._pages_dev.to(torch.int64).gather(1, torch.div(pos, self.page_size, rounding_mode="floor"))
+        return page, pos % self.page_size
+
+    def token_rows(self, b: int, kv_index: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of sequence ``b`` at kv heads ``kv_index`` and positions ``tokens`` (broadcast
+        together; positions the sequence holds), ``(k, v)`` of shape (*broadcast shape, head_dim): the one read of
+        either layout, for readers in torch such as :func:`mobalab.kernels.moba_decode_reference`."""
+        if not self.paged:
+            return self.k[b][kv_index, tokens], self.v[b][kv_index, tokens]
+        page = self._pages_dev[b].to(torch.int64)[torch.div(tokens, self.page_size, rounding_mode="floor")]
+        off = tokens % self.page_size
+        return self.k[page, kv_index, off], self.v[page, kv_index, off]
 
     # -----------------------------------------------------------------------------------------------
     # kernel workspace

@@ -27,6 +27,13 @@ using harness::P;
               I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
               I(a[21]), a[22].f);                                                                                \
      }}}
+#define ATTEND_PAGED(NAME, T)                                                                                   \
+    {#NAME, {25, [](const std::vector<Arg>& a) {                                                                \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
+              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
+              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
+              a[21].f, P<const int>(a[22]), I(a[23]), I(a[24]));                                                 \
+     }}}
 
 const harness::Kernels kKernels = {
     SCORE(moba_decode_route_score_bf16_d64, __nv_bfloat16),
@@ -41,6 +48,10 @@ const harness::Kernels kKernels = {
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),
     ATTEND(moba_decode_attend_fp16_d64, __half),
     ATTEND(moba_decode_attend_fp16_d128, __half),
+    ATTEND_PAGED(moba_decode_attend_paged_bf16_d64, __nv_bfloat16),
+    ATTEND_PAGED(moba_decode_attend_paged_bf16_d128, __nv_bfloat16),
+    ATTEND_PAGED(moba_decode_attend_paged_fp16_d64, __half),
+    ATTEND_PAGED(moba_decode_attend_paged_fp16_d128, __half),
 };
 
 }  // namespace

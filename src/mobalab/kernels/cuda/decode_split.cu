@@ -5,6 +5,8 @@
 // Layouts (all contiguous, as decode.cu):
 //   q        (b, q_len, heads, D) T           queries of the newest q_len tokens of every sequence
 //   k, v     (b, kv_heads, capacity, D) T     the cache, head-major: one block of one kv head is one slab
+//            (paged caches, the attend_paged kernels: (n_pages, kv_heads, page_size, D), a page table per
+//            sequence; page_size a multiple of B, so a block is still one slab)
 //   sums     (b, kv_heads, n_blocks_cap, D)   fp32 running key sums S_j of every block
 //   lengths  (b,) int32                       L_b, tokens held per sequence
 //   scores   (b, kv_heads, R, n_cols) fp32    scratch: s_j of every row, n_cols = the longest sequence's
@@ -492,7 +494,7 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
 // red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
 // STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
 // flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + WARPS) the window's per-warp block counts.
-template <typename T, int D>
+template <typename T, int D, bool PAGED>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
                                            const int* __restrict__ sel, int* __restrict__ table,
@@ -500,7 +502,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            unsigned* __restrict__ counters, T* __restrict__ out,
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
-                                           int log2_h, int cpg, int cached, float scale_log2) {
+                                           int log2_h, int cpg, int cached, float scale_log2,
+                                           const int* __restrict__ page_table, int page_size, int pages_per_seq) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int NW = DSP_ATTN_WARPS;
@@ -572,7 +575,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
             T* ks = stages + st * 2 * chunk * D;
-            const long long src = ((long long)g * capacity + tok0) * D;
+            long long src;
+            if constexpr (PAGED) {  // a page holds whole blocks: the chunk's tokens lie in one page
+                const int pi = tok0 / page_size;
+                src = (((long long)page_table[(long long)b * pages_per_seq + pi] * kv_heads + kvh) * page_size +
+                       (tok0 - pi * page_size)) * D;
+            } else {
+                src = ((long long)g * capacity + tok0) * D;
+            }
             dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
         };
@@ -867,8 +877,24 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
       int log2_h, int cpg, int cached, float scale_log2) {                                                        \
-    dsp_attend<T, D>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, kv_heads,   \
-                     capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2);              \
+    dsp_attend<T, D, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,      \
+                            kv_heads, capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached,          \
+                            scale_log2, nullptr, 0, 0);                                                           \
+  }
+
+// The same kernel over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
+// page_table[b * pages_per_seq + j * B / page_size] (page_size a multiple of B).
+#define MOBA_DECODE_ATTEND_PAGED_KERNEL(NAME, T, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
+      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
+      int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int log2_h,         \
+      int cpg, int cached, float scale_log2, const int* __restrict__ page_table, int page_size,                   \
+      int pages_per_seq) {                                                                                        \
+    dsp_attend<T, D, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,       \
+                           kv_heads, 0, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2,      \
+                           page_table, page_size, pages_per_seq);                                                 \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
@@ -885,3 +911,7 @@ MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,  __nv_bfloat16,  64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128, __nv_bfloat16, 128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,  __half,         64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d128, __half,        128)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d64,  __nv_bfloat16,  64)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d128, __nv_bfloat16, 128)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d64,  __half,         64)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d128, __half,        128)
