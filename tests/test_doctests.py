@@ -27,7 +27,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 def _optional_missing(name: str) -> str | None:
     for extra in ("transformers",):
-        if name.endswith(f".{extra}") and importlib.util.find_spec(extra) is None:
+        if name.rsplit(".", 1)[-1].lstrip("_").startswith(extra) and importlib.util.find_spec(extra) is None:
             return extra
     return None
 

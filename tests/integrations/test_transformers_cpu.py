@@ -184,3 +184,82 @@ def test_settings_survive_save_and_load(tmp_path):
     assert (loaded.config.moba_block_size, loaded.config.moba_top_k) == (B, 2)
     ids = _ids(1, 20, seed=40)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MobaCache: decoding steps through moba_decode
+
+
+def _cache_kwarg() -> str:
+    """generate() and forward() take a cache as ``cache=`` from transformers 5, as ``past_key_values=`` before."""
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """The query shapes moba_decode was called with."""
+    import mobalab.kernels as K
+
+    calls, real = [], K.moba_decode
+
+    def counting(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(K, "moba_decode", counting)
+    return calls
+
+
+def test_moba_cache_generation_decodes_every_step_and_equals_recomputing(decode_calls):
+    model = _model(top_k=2)
+    ids = _ids(2, 13, seed=32)
+    kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True,
+              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    cached = model.generate(ids, **kw, **{_cache_kwarg(): hf.MobaCache(model.config, max_cache_len=40)})
+    full = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert decode_calls == [(2, 1, 4, 16)] * (8 * 2)  # every step after the prompt, in both layers
+
+
+def test_moba_cache_steps_of_several_tokens(decode_calls):
+    """A step of 3 new tokens (verifying draft tokens) decodes at their three positions; a step of 18 (more than
+    moba_decode takes) is computed over the cached keys instead; both equal the whole sequence at once."""
+    model = _model(top_k=2)
+    ids = _ids(1, 41, seed=33)
+    cache = hf.MobaCache(model.config, max_cache_len=48)
+    with torch.no_grad():
+        whole = model(ids).logits
+        parts = [model(ids[:, :20], use_cache=True, **{_cache_kwarg(): cache}).logits,
+                 model(ids[:, 20:23], use_cache=True, **{_cache_kwarg(): cache}).logits,
+                 model(ids[:, 23:41], use_cache=True, **{_cache_kwarg(): cache}).logits]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-10, atol=1e-10)
+    assert decode_calls == [(1, 3, 4, 16)] * 2
+    assert cache.get_seq_length() == 41 and cache.layers[0].cache.lengths.tolist() == [41]
+
+
+def test_moba_cache_refuses_what_it_cannot_hold():
+    model = _model(top_k=2)
+    ids = _ids(2, 10, seed=34)
+    cache = hf.MobaCache(model.config, max_cache_len=12)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="MobaCache holds unpadded batches only"):
+        model(ids, attention_mask=mask, use_cache=True, **{_cache_kwarg(): cache})
+    cache = hf.MobaCache(model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{_cache_kwarg(): cache})
+        with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache is full"):
+            model(_ids(2, 3, seed=35), use_cache=True, **{_cache_kwarg(): cache})
+    with pytest.raises(NotImplementedError, match="MobaCache: crop is not supported"):
+        cache.crop(5)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1, got 0"):
+        hf.MobaCache(model.config, 0)
+    with pytest.raises(ValueError, match="moba_block_size must be an integer >= 1, got None"):
+        hf.MobaCache(LlamaConfig(num_hidden_layers=2), 8)
+    other = _model(top_k=2)
+    other.config.moba_block_size = 8
+    with pytest.raises(ValueError, match="the MobaCache has blocks of 8 tokens, the config asks for moba_block_size=4"):
+        cache = hf.MobaCache(other.config, max_cache_len=12)
+        model(ids, use_cache=True, **{_cache_kwarg(): cache})

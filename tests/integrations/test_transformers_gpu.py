@@ -86,3 +86,28 @@ def test_training_steps_lower_the_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_moba_cache_decoding_steps_match_the_whole_sequence(head_dim, monkeypatch):
+    """A 1500-token prompt through a MobaCache, then 6 single-token steps and one of 4 tokens, each through the
+    CUDA decode kernels: the logits at every decoded position match the whole sequence's (the CUDA forward) within
+    bf16 noise, and generate() with the cache runs."""
+    import mobalab.kernels as K
+
+    calls, real = [], K.moba_decode
+    monkeypatch.setattr(K, "moba_decode", lambda q, *a, **kw: calls.append(tuple(q.shape)) or real(q, *a, **kw))
+    model = _model(top_k=4, block=64, head_dim=head_dim).eval()
+    ids = _ids(2, 1510, seed=40)
+    arg = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+    cache = hf.MobaCache(model.config, max_cache_len=1600)
+    with torch.no_grad():
+        whole = model(ids).logits
+        steps = [model(ids[:, :1500], use_cache=True, **{arg: cache}).logits[:, -1:]]
+        steps += [model(ids[:, t:t + 1], use_cache=True, **{arg: cache}).logits for t in range(1500, 1506)]
+        steps.append(model(ids[:, 1506:1510], use_cache=True, **{arg: cache}).logits)
+    assert calls == [(2, 1, 4, head_dim)] * 12 + [(2, 4, 4, head_dim)] * 2
+    assert _rel(torch.cat(steps, dim=1), whole[:, 1499:]) < 2e-2
+    out = model.generate(ids[:, :300], max_new_tokens=20, do_sample=False,
+                         **{arg: hf.MobaCache(model.config, max_cache_len=320)})
+    assert out.shape == (2, 320)

@@ -30,10 +30,14 @@ What the attention accepts:
 * a padded batch (2-D attention mask, left or right padding: each row's tokens one contiguous run) is
   unpadded to the varlen path; padded positions get zero output. A mask with holes inside a row, or a custom
   4-D mask, is refused (neither is MoBA routing);
-* decoding with a KV cache (fewer queries than keys, the queries being the last positions): the queries are
-  placed at their positions in a zero-padded query sequence over all keys, which is exact (each query's
-  routing and attention depend only on itself and the keys) but costs one full-length MoBA per step, not one
-  per new token. Static caches (keys beyond the current length) are refused.
+* decoding with a KV cache (fewer queries than keys, the queries being the last positions): with
+  :class:`MobaCache` (``model.generate(..., past_key_values=MobaCache(model.config, max_cache_len))``) a step of
+  up to 16 new tokens runs :func:`mobalab.kernels.moba_decode` over the layer's
+  :class:`~mobalab.kernels.MobaKVCache`, reading the block sums and the selected blocks only (unpadded batches).
+  With transformers' own dynamic cache the queries are placed at their positions in a zero-padded query
+  sequence over all keys, which is exact (each query's routing and attention depend only on itself and the
+  keys) but costs one full-length MoBA per step, not one per new token. Static caches (keys beyond the current
+  length) are refused.
 
 Reading masks, ``position_ids`` and ``cu_seq_lens`` values synchronises with the device once per layer.
 """
@@ -41,10 +45,23 @@ Reading masks, ``position_ids`` and ``cu_seq_lens`` values synchronises with the
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 
-__all__ = ["register", "moba_attention_forward"]
+from mobalab.kernels._decode import MAX_Q_LEN
+
+__all__ = ["register", "moba_attention_forward", "MobaCache"]  # noqa: F822 (MobaCache: module __getattr__)
+
+
+def __getattr__(name: str):
+    # MobaCache subclasses transformers' Cache: defined when first asked for, so that importing this module does
+    # not import transformers
+    if name == "MobaCache":
+        from ._transformers_cache import MobaCache
+
+        return MobaCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The ``attn_implementation`` name :func:`register` uses by default.
 NAME = "moba"
@@ -216,6 +233,20 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"moba attention: {q_len} queries but only {kv_len} keys; MoBA is self-attention")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (batch, seq, heads, d)
     mask = _padding_mask(attention_mask, batch, kv_len)
+    held = sys.modules.get(f"{__package__}._transformers_cache")  # loaded once a MobaCache exists
+    cache = held.cache_of(key) if held is not None else None
+    if cache is not None:
+        if mask is not None:
+            raise ValueError("moba attention: MobaCache holds unpadded batches only (every row's tokens from "
+                             "position 0); generate padded prompts with transformers' dynamic cache, or one prompt "
+                             "at a time")
+        if cache.block_size != block_size:
+            raise ValueError(f"moba attention: the MobaCache has blocks of {cache.block_size} tokens, the config "
+                             f"asks for moba_block_size={block_size}")
+        if q_len < kv_len and q_len <= MAX_Q_LEN and causal:
+            from mobalab.kernels import moba_decode
+
+            return moba_decode(q, cache, top_k, softmax_scale=scaling), None
     if q_len < kv_len:
         # Decoding with a cache: the new queries are the last positions of the key sequence.
         if mask is not None and not bool(mask[:, kv_len - q_len:].all()):
