@@ -6,6 +6,8 @@
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
+#   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
+#                step also replayed from a CUDA graph (mobalab, FA2, cuDNN alike: no host time; bwd-graph/)
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep),
 #                            both decode kernels (fused, split: two rows per configuration)
@@ -126,6 +128,10 @@ for step in "${STEPS[@]}"; do
     fwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
     bwd-targets) timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    bwd-graph) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                 tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1
+               timeout $(cap 300) python3 -m mobalab.bench.attention --backward --select 0,5,6 --graph \
+                 --out "$W/bwd-graph" > "$W/bench_bwd_graph.log" 2>&1 || status=1 ;;
     bwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
     mc)  timeout $(cap 120) python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
@@ -235,6 +241,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }
 [ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }
 [ -f "$W/decode_paged_ab.log" ] && grep -E "^\|" "$W/decode_paged_ab.log"
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
@@ -246,7 +253,7 @@ done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd-graph/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"

@@ -20,6 +20,7 @@ def test_variants_name_split_launches_overrides(ab):
     assert ab.parse_variant("plan") == {}
     assert ab.parse_variant("attn_ctas=8,select_wpr=4") == {"attn_ctas": 8, "select_wpr": 4}
     assert ab.parse_variant("range_blocks=512") == {"range_blocks": 512}
+    assert ab.parse_variant("page_size=128") == {"page_size": 128}  # a paged copy of the cache
     for bad in ("attn=8", "attn_ctas=x", "attn_ctas"):
         with pytest.raises(ValueError, match="want KNOB=INT"):
             ab.parse_variant(bad)

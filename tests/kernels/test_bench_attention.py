@@ -142,3 +142,22 @@ def test_dims_run_writes_its_table_head_dim_128_first(tmp_path, monkeypatch):
     seen.clear()
     assert bench.main(["--dims", "--head-dims", "256", "--out", str(tmp_path)]) == 0
     assert seen == [128, 256]  # head dim 128 always runs: the ratios need it
+
+
+def test_backward_table_shows_the_graph_replays_when_timed():
+    row = dict(workload="random", seqlen=8192, head_dim=128, block=128, fwd_ms=1.4, fwdbwd_ms=3.4, bwd_ms=2.0,
+               fwd_useful_tflops=50.0, bwd_useful_tflops=150.0, bwd_over_fwd_rate=3.0, cudnn_fwdbwd_ms=3.9,
+               speedup_vs_cudnn=1.15)
+    env = {"cuda_device": "GPU", "utc": "now"}
+    assert "CUDA graphs" not in bench.markdown_backward([row], env)
+    row.update(fwdbwd_graph_ms=3.0, fa2_fwdbwd_graph_ms=6.0, cudnn_fwdbwd_graph_ms=3.75, graph_speedup_vs_fa2=2.0,
+               graph_speedup_vs_cudnn=1.25)
+    text = bench.markdown_backward([row], env)
+    assert "| 8K | 128 | 3.00 | 6.00 | 3.75 | 2.00 | 1.25 |" in text
+    assert set(row) - set(bench.BWD_COLUMNS) == set()
+
+
+def test_graph_option_needs_backward(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--graph"])
+    assert "--graph applies to --backward" in capsys.readouterr().err

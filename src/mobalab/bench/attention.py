@@ -696,6 +696,24 @@ def _grad_fn(forward, leaves, dout):
     return run
 
 
+def graphed(fn, warmup: int = 3):
+    """``fn`` (no arguments, the same input tensors at every call) captured into a CUDA graph after ``warmup``
+    calls on a side stream (compiles the kernels and fills every cache a first call fills); returns the graph's
+    replay. Replaying issues the whole step in one launch, so the time has no host overhead in it: what a
+    training loop gets from ``torch.cuda.graphs`` or ``torch.compile(mode="reduce-overhead")``, and how fast the
+    GPU runs the step's kernels back to back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _time_and_peak(fn, long):
     """(median ms, peak GB rise): one timed call for the long dense runs (peak from that call)."""
     if not long:
@@ -709,7 +727,7 @@ def _time_and_peak(fn, long):
 
 
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
-                        deterministic=True, peers=(), budget_s=1.5):
+                        deterministic=True, peers=(), budget_s=1.5, graph=False):
     causal = True
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -728,6 +746,8 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
         fn = _grad_fn(f, leaves, dout)
         row[f"{name}_ms"], _ = time_ms(fn, budget_s=budget_s)
         row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
+        if graph and not det:
+            row["fwdbwd_graph_ms"], _ = time_ms(graphed(fn), budget_s=budget_s)
     row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
     f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
     f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
@@ -764,6 +784,13 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
                 print(f"  {name} fwd+bwd failed at N={seqlen}: {exc}")
                 row[f"{name}_fwdbwd_ms"] = row[f"{name}_fwdbwd_peak_gb"] = float("nan")
             row[f"speedup_vs_{name}"] = row[f"{name}_fwdbwd_ms"] / row["fwdbwd_ms"]
+            if graph:  # both sides replayed from graphs: the GPU's time for the step, no host in it
+                try:
+                    row[f"{name}_fwdbwd_graph_ms"], _ = time_ms(graphed(_grad_fn(f, tleaves, dt)), budget_s=budget_s)
+                except RuntimeError as exc:
+                    print(f"  {name} fwd+bwd from a CUDA graph failed at N={seqlen}: {exc}")
+                    row[f"{name}_fwdbwd_graph_ms"] = float("nan")
+                row[f"graph_speedup_vs_{name}"] = row[f"{name}_fwdbwd_graph_ms"] / row["fwdbwd_graph_ms"]
         del qt, kt, vt, dt, tleaves
     torch.cuda.empty_cache()
     return row
@@ -773,7 +800,8 @@ BWD_COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "fwd_ms", "fw
                "fwdbwd_det_ms", "fa2_fwdbwd_ms", "cudnn_fwdbwd_ms", "speedup_vs_fa2", "speedup_vs_cudnn",
                "fwd_useful_tflops", "bwd_useful_tflops", "bwd_over_fwd_rate", "fwdbwd_useful_tflops",
                "fwdbwd_peak_gb", "fwdbwd_det_peak_gb", "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb", "batch",
-               "heads", "causal", "dtype"]
+               "heads", "causal", "dtype", "fwdbwd_graph_ms", "fa2_fwdbwd_graph_ms", "cudnn_fwdbwd_graph_ms",
+               "graph_speedup_vs_fa2", "graph_speedup_vs_cudnn"]
 
 
 def backward_configs(quick: bool, head_dims=None):
@@ -809,6 +837,17 @@ def markdown_backward(rows, env) -> str:
                  " / ".join(_fmt(r.get(c, nan)) for c in ("fwdbwd_peak_gb", "fwdbwd_det_peak_gb",
                                                           "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    graphed_rows = [r for r in rows if "fwdbwd_graph_ms" in r]
+    if graphed_rows:
+        lines += ["", "Replayed from CUDA graphs (every side; no host time in the step):", "",
+                  "| N | B | fwd+bwd ms | FA2 ms | cuDNN ms | x FA2 | x cuDNN |", "|---|---|---|---|---|---|---|"]
+        for r in graphed_rows:
+            n = r["seqlen"]
+            nan = float("nan")
+            cells = [f"{n // 1024}K" if n % 1024 == 0 else str(n), r["block"], _fmt(r["fwdbwd_graph_ms"]),
+                     _fmt(r.get("fa2_fwdbwd_graph_ms", nan)), _fmt(r.get("cudnn_fwdbwd_graph_ms", nan)),
+                     _fmt(r.get("graph_speedup_vs_fa2", nan)), _fmt(r.get("graph_speedup_vs_cudnn", nan))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -820,7 +859,8 @@ def main_backward(args, env) -> int:
     for workload, batch, n, heads, dim, block, top_k in cfgs:
         try:
             row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
-                                      deterministic=n <= 128 * 1024 or args.select is not None, peers=args.peers)
+                                      deterministic=n <= 128 * 1024 or args.select is not None, peers=args.peers,
+                                      graph=args.graph)
         except Exception as exc:  # keep the sweep going
             print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
             failed += 1
@@ -854,6 +894,9 @@ def main(argv=None) -> int:
                         "variable, else mma)")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
+    p.add_argument("--graph", action="store_true",
+                   help="with --backward: also time each step replayed from a CUDA graph (mobalab, FA2 and cuDNN "
+                        "alike): the step's GPU time without the host's launch overhead")
     p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
                    help="run each head-dim-128 configuration at these head dims (of "
                         f"{','.join(map(str, CUDA_HEAD_DIMS))}; default: 128, plus the full forward sweep's 64)")
@@ -872,6 +915,8 @@ def main(argv=None) -> int:
     if args.dims and (args.backward or args.quick or args.select):
         p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
                 "--select")
+    if args.graph and not args.backward:
+        p.error("--graph applies to --backward")
     if args.variant and (args.backward or args.dims or args.peers_quick):
         p.error("--variant applies to the forward sweep: drop --backward, --dims, --peers-quick")
     from mobalab.kernels import gpu_available
