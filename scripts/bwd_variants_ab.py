@@ -8,16 +8,23 @@ dropped), each call timed by CUDA events from an idle GPU. Printed per point: ea
 speedup against the first variant, and the largest gradient difference from the first variant relative to the
 largest gradient (the order of float additions differs, so not zero). Useful FLOP rates are the benchmark's
 (``python -m mobalab.bench.attention --backward`` with ``MOBALAB_BWD_VARIANT``); this script compares times.
+
+A variant may carry build options of cuda/attention_bwd.cu after a ``+``: ``block+MOBA_BWD_DQ_UNROLL=2`` runs "block"
+with every backward launch compiled with ``-DMOBA_BWD_DQ_UNROLL=2`` (its own module), for measuring a kernel
+change against the default build in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import statistics
 import sys
 
 import torch
 
+from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
 from mobalab.kernels._cuda_routing import moba_topk_cuda
@@ -25,6 +32,34 @@ from mobalab.kernels._cuda_routing import moba_topk_cuda
 K = 1024
 POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-d64": (64 * K, 64),
           "8K-d64": (8 * K, 64)}
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``"block+MOBA_X=2+MOBA_Y=1"`` -> ("block", ("MOBA_X=2", "MOBA_Y=1")): a backward variant and build options."""
+    name, *defines = text.split("+")
+    if name not in BWD_VARIANTS:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: {name!r} is not one of {', '.join(BWD_VARIANTS)}")
+    for d in defines:
+        if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
+            raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
+    return name, tuple(defines)
+
+
+def _backward_with(defines: tuple[str, ...]):
+    """moba_attention_backward_cuda with every launch of cuda/attention_bwd.cu built with ``defines`` too."""
+    def call(*args, **kwargs):
+        real = CB.launch
+
+        def launch(plan):
+            real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == CB.SOURCE else plan)
+
+        CB.launch = launch
+        try:
+            return moba_attention_backward_cuda(*args, **kwargs)
+        finally:
+            CB.launch = real
+
+    return call if defines else moba_attention_backward_cuda
 
 
 def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
@@ -36,8 +71,8 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
     out, lse = moba_attention_cuda(q, k, v, 128, 8, True, return_lse=True, topk_indices=topk)
 
     def call(variant):
-        return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
-                                            variant=variant)
+        name, defines = parse_variant(variant)
+        return _backward_with(defines)(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5, variant=name)
 
     grads = {vname: call(vname) for vname in variants}  # warm-up (compiles), and the gradients compared
     times = {vname: [] for vname in variants}
@@ -62,10 +97,16 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
     return rows
 
 
+def _variant_arg(text: str) -> str:
+    parse_variant(text)
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", nargs="+", default=["8K", "16K", "64K", "64K-d64"], choices=sorted(POINTS))
-    p.add_argument("--variants", nargs="+", default=["tile", "block"], choices=BWD_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["tile", "block"], type=_variant_arg,
+                   help=f"of {', '.join(BWD_VARIANTS)}, each optionally +MOBA_NAME=INTEGER build options")
     p.add_argument("--rounds", type=int, default=12)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -6,6 +6,8 @@
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
+#   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
+#                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=2"; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
 #                step also replayed from a CUDA graph (mobalab, FA2, cuDNN alike: no host time; bwd-graph/)
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
@@ -128,6 +130,9 @@ for step in "${STEPS[@]}"; do
     fwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
     bwd-targets) timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    bwd-ab) # shellcheck disable=SC2086  # the variants are words
+            timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points 8K 16K 64K \
+              --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=2} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
     bwd-graph) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                  tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1
                timeout $(cap 300) python3 -m mobalab.bench.attention --backward --select 0,5,6 --graph \
@@ -241,6 +246,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/bwd_ab.md" ] && grep -E "^\||Error|error" "$W/bwd_ab.md" | head -n 20
 [ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }
 [ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }
 [ -f "$W/decode_paged_ab.log" ] && grep -E "^\|" "$W/decode_paged_ab.log"

@@ -8,7 +8,8 @@ report gives registers, shared memory, stack frame and spills per function; spil
 a register array went to local memory, a silent slowdown that these tests turn into a failure.
 Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table. Build options that
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
-short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``).
+short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``) and the backward's dQ loop
+unrolled by two (``-DMOBA_BWD_DQ_UNROLL=2``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -50,6 +51,8 @@ PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
 FALLBACK_HEAD_DIM = 128
 FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
                    for src in (_cuda_attention.SOURCE, _cuda_attention.WGMMA_SOURCE)]
+# and the backward's build option under measurement: the dQ loop unrolled by 2
+FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=2", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
@@ -120,7 +123,7 @@ def test_compiles_without_spills(name, compiled):
 @pytest.mark.nvcc
 @pytest.mark.parametrize("build", FALLBACK_BUILDS, ids=[" ".join((n, *d)) for n, d in FALLBACK_BUILDS])
 def test_fallback_modules_compile_without_spills(build, compiled):
-    """A non-default module (the fp32-partial forward): same entry points as the default module at its head
+    """A non-default module (the fp32-partial forward, the unrolled dQ loop): same entry points as the default module at its head
     dim (the launch plans use the same names and signatures), no spills, no stack frame."""
     name, defines = build
     dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))

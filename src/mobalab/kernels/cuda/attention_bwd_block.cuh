@@ -23,6 +23,12 @@
 
 #define MOBA_BWD_BLOCK_KEYS 128    // keys per CTA
 #define MOBA_BWD_BLOCK_THREADS 256  // 8 warps
+// Unrolling of the dQ loop (phase 3; its 8 MMAs per step wait on the step's ldmatrix, where phases 1 and 2 have
+// 16 and 32 MMAs to cover them): 2 lets ptxas load the next step's fragments under this step's MMAs (255
+// registers, no spills at D = 128); a build option to be measured, 1 by default. Phase 2 unrolled by 2 spills.
+#ifndef MOBA_BWD_DQ_UNROLL
+#define MOBA_BWD_DQ_UNROLL 1
+#endif
 
 namespace moba_bwd {
 
@@ -42,6 +48,7 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
   constexpr unsigned KV_BYTES = KEYS * D * 2;
   constexpr unsigned TILE_BYTES = ROWS * D * 2;
   constexpr unsigned T64_BYTES = KEYS * ROWS * 2;  // P^T or dS^T: 128 keys x 64 rows
+  constexpr int DQ_UNROLL = MOBA_BWD_DQ_UNROLL;
   MOBA_DYNAMIC_SMEM(smem);
   const unsigned sK = smem_u32(smem);
   const unsigned sV = sK + KV_BYTES;
@@ -190,7 +197,7 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NTQ; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
-#pragma unroll 1
+#pragma unroll DQ_UNROLL  // a constant, not the macro: pragmas do not expand macros
       for (int kk = 0; kk < KEYS / 16; ++kk) {
         unsigned a[2][4];
 #pragma unroll
