@@ -123,8 +123,8 @@ def test_compiles_without_spills(name, compiled):
 @pytest.mark.nvcc
 @pytest.mark.parametrize("build", FALLBACK_BUILDS, ids=[" ".join((n, *d)) for n, d in FALLBACK_BUILDS])
 def test_fallback_modules_compile_without_spills(build, compiled):
-    """A non-default module (the fp32-partial forward, the unrolled dQ loop): same entry points as the default module at its head
-    dim (the launch plans use the same names and signatures), no spills, no stack frame."""
+    """A non-default module (the fp32-partial forward, the unrolled dQ loop): same entry points as the default
+    module at its head dim (the launch plans use the same names and signatures), no spills, no stack frame."""
     name, defines = build
     dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))
     _check_build(" ".join((name, *(f"-D{d}" for d in defines))), *compiled[build],
