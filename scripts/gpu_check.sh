@@ -46,6 +46,8 @@
 #   decode-sass              Nsight Compute source counters (SASS, executed instructions and stall samples per
 #                            instruction) of the split attention launch at 512K, batch 8: logs/decode_sass.csv
 #   dims         speed per head dim 32..256 vs 128, forward and forward+backward, 64K, mobalab only (~60 s)
+#   hf-generate  MobaCache's GPU test, then ms per generated token of the tiny Llama after 32K / 128K prompts: MoBA
+#                with MobaCache, MoBA with the dynamic cache, SDPA (hf-generate/generation.md; ~250 s)
 #   hf           transformers training step only, tiny Llama, MoBA vs sdpa at 32K and 128K (~60 s)
 #   bwd-sass     Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
 #                main backward kernel at 16K, mobalab's and FlashMoBA's (built first when it does not import):
@@ -200,6 +202,10 @@ for step in "${STEPS[@]}"; do
                    || status=1 ;;
     hf)          timeout $(cap 150) python3 -m mobalab.bench.varlen --quick --hf-only --hf-lengths 32K,128K --out "$W/hf" \
                    > "$W/bench_hf.log" 2>&1 || status=1 ;;
+    hf-generate) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+                   tests/integrations/test_transformers_gpu.py -k moba_cache > "$W/pytest_hf_generate.log" 2>&1 || status=1
+                 timeout $(cap 200) python3 -m mobalab.bench.varlen --hf-generate 32K,128K --out "$W/hf-generate" \
+                   > "$W/bench_hf_generate.log" 2>&1 || status=1 ;;
     decode-full) timeout $(cap 590) python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     tiles-ncu) tiles_ncu tiles || status=1 ;;
@@ -247,6 +253,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/bwd_ab.md" ] && grep -E "^\||Error|error" "$W/bwd_ab.md" | head -n 20
+[ -f "$W/pytest_hf_generate.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_hf_generate.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_hf_generate.log"; }
 [ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }
 [ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }
 [ -f "$W/decode_paged_ab.log" ] && grep -E "^\|" "$W/decode_paged_ab.log"
@@ -260,7 +267,7 @@ done
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
 for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd-graph/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
-         "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
+         "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/hf-generate/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"

@@ -110,3 +110,28 @@ def test_model_rows_report_out_of_memory_and_go_on(monkeypatch):
     calls.clear()
     varlen.model_rows(False, device="cpu")
     assert [c[1] for c in calls] == [32768, 32768, 131072, 131072] and calls[0][2:] == (2, 5)
+
+
+def test_generation_rows_on_the_cpu(monkeypatch):
+    """The generation table end to end on a CPU-sized model: three rows per length (MoBA with the dynamic cache,
+    MoBA with MobaCache, SDPA), MobaCache's steps decoding through moba_decode, its first step's logits those of the
+    dynamic cache (same model, same tokens), speedups against SDPA."""
+    pytest.importorskip("transformers")
+    import mobalab.kernels as K
+
+    monkeypatch.setattr(varlen, "MODEL", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, hidden_size=64, intermediate_size=128, vocab_size=97))
+    monkeypatch.setattr(varlen, "BLOCK", 8)
+    monkeypatch.setattr(varlen, "TOP_K", 2)
+    calls, real = [], K.moba_decode
+    monkeypatch.setattr(K, "moba_decode", lambda q, *a, **kw: calls.append(q.shape[1]) or real(q, *a, **kw))
+    saved = []
+    rows = varlen.generation_rows((40,), steps=4, device="cpu", on_row=lambda r: saved.append(len(r)))
+    assert [(r["attention"], r["cache"], r["context"]) for r in rows] == [
+        ("moba", "dynamic", 40), ("moba", "MobaCache", 40), ("sdpa", "dynamic", 40)]
+    assert calls == [1] * (4 * 2)  # four steps, two layers
+    assert rows[0]["first_step_rel_diff"] == 0.0 and rows[1]["first_step_rel_diff"] < 1e-2
+    assert rows[2]["speedup_vs_sdpa"] == 1.0 and all(r["token_ms"] > 0 for r in rows)
+    assert saved[-1] == 3
+    text = varlen.markdown([], [], {"cuda_device": "CPU"}, rows)
+    assert "## Generation, tiny Llama, batch 1, B 8, k 2" in text and "| moba | MobaCache | 40 |" in text

@@ -190,11 +190,6 @@ def test_settings_survive_save_and_load(tmp_path):
 # MobaCache: decoding steps through moba_decode
 
 
-def _cache_kwarg() -> str:
-    """generate() and forward() take a cache as ``cache=`` from transformers 5, as ``past_key_values=`` before."""
-    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-
-
 @pytest.fixture
 def decode_calls(monkeypatch):
     """The query shapes moba_decode was called with."""
@@ -215,7 +210,7 @@ def test_moba_cache_generation_decodes_every_step_and_equals_recomputing(decode_
     ids = _ids(2, 13, seed=32)
     kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True,
               attention_mask=torch.ones_like(ids), pad_token_id=0)
-    cached = model.generate(ids, **kw, **{_cache_kwarg(): hf.MobaCache(model.config, max_cache_len=40)})
+    cached = model.generate(ids, **kw, **{hf.cache_argument(): hf.MobaCache(model.config, max_cache_len=40)})
     full = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, full.sequences)
     for a, b in zip(cached.logits, full.logits, strict=True):
@@ -231,9 +226,9 @@ def test_moba_cache_steps_of_several_tokens(decode_calls):
     cache = hf.MobaCache(model.config, max_cache_len=48)
     with torch.no_grad():
         whole = model(ids).logits
-        parts = [model(ids[:, :20], use_cache=True, **{_cache_kwarg(): cache}).logits,
-                 model(ids[:, 20:23], use_cache=True, **{_cache_kwarg(): cache}).logits,
-                 model(ids[:, 23:41], use_cache=True, **{_cache_kwarg(): cache}).logits]
+        parts = [model(ids[:, :20], use_cache=True, **{hf.cache_argument(): cache}).logits,
+                 model(ids[:, 20:23], use_cache=True, **{hf.cache_argument(): cache}).logits,
+                 model(ids[:, 23:41], use_cache=True, **{hf.cache_argument(): cache}).logits]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-10, atol=1e-10)
     assert decode_calls == [(1, 3, 4, 16)] * 2
     assert cache.get_seq_length() == 41 and cache.layers[0].cache.lengths.tolist() == [41]
@@ -246,12 +241,12 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0
     with pytest.raises(ValueError, match="MobaCache holds unpadded batches only"):
-        model(ids, attention_mask=mask, use_cache=True, **{_cache_kwarg(): cache})
+        model(ids, attention_mask=mask, use_cache=True, **{hf.cache_argument(): cache})
     cache = hf.MobaCache(model.config, max_cache_len=12)
     with torch.no_grad():
-        model(ids, use_cache=True, **{_cache_kwarg(): cache})
+        model(ids, use_cache=True, **{hf.cache_argument(): cache})
         with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache is full"):
-            model(_ids(2, 3, seed=35), use_cache=True, **{_cache_kwarg(): cache})
+            model(_ids(2, 3, seed=35), use_cache=True, **{hf.cache_argument(): cache})
     with pytest.raises(NotImplementedError, match="MobaCache: crop is not supported"):
         cache.crop(5)
     with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1, got 0"):
@@ -262,4 +257,4 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     other.config.moba_block_size = 8
     with pytest.raises(ValueError, match="the MobaCache has blocks of 8 tokens, the config asks for moba_block_size=4"):
         cache = hf.MobaCache(other.config, max_cache_len=12)
-        model(ids, use_cache=True, **{_cache_kwarg(): cache})
+        model(ids, use_cache=True, **{hf.cache_argument(): cache})

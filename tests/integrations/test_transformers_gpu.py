@@ -99,7 +99,7 @@ def test_moba_cache_decoding_steps_match_the_whole_sequence(head_dim, monkeypatc
     monkeypatch.setattr(K, "moba_decode", lambda q, *a, **kw: calls.append(tuple(q.shape)) or real(q, *a, **kw))
     model = _model(top_k=4, block=64, head_dim=head_dim).eval()
     ids = _ids(2, 1510, seed=40)
-    arg = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+    arg = hf.cache_argument()
     cache = hf.MobaCache(model.config, max_cache_len=1600)
     with torch.no_grad():
         whole = model(ids).logits

@@ -24,7 +24,9 @@ warm-up, side by side in one process:
 Writes ``varlen_kernels.csv``, ``varlen_model.csv``, ``varlen.md`` and ``varlen_env.json`` under ``--out``.
 ``--quick`` (a smoke run, under 2 minutes on an H200): fewer repetitions and the model at 32K only.
 ``--hf-only`` runs the model step alone (no kernel table); ``--hf-lengths 32K,128K`` sets its context lengths
-(with or without ``--quick``). A step that runs out of GPU memory is a row that says so (``step_ms`` NaN,
+(with or without ``--quick``). ``--hf-generate 32K,128K`` runs only the generation table (``generation.csv``,
+``generation.md``): the time per new token after a prompt of each length, MoBA through ``MobaCache`` (each step
+``moba_decode``) against MoBA through transformers' dynamic cache and SDPA. A step that runs out of GPU memory is a row that says so (``step_ms`` NaN,
 ``note`` "out of memory"), and the other rows still run.
 """
 
@@ -255,6 +257,82 @@ def _model_step(config_cls, model_cls, attn, ids, seed, warmup, reps):
         opt.zero_grad(set_to_none=True)  # an out-of-memory step leaves gradients behind
 
 
+GENERATE_STEPS = 16  # new tokens timed per generation row (the first two dropped as warm-up)
+GENERATE_WAYS = (("moba", "dynamic"), ("moba", "MobaCache"), ("sdpa", "dynamic"))  # the reference first
+
+
+def generation_rows(lengths, seed: int = 0, steps: int = GENERATE_STEPS, on_row=None, device="cuda") -> list[dict]:
+    """Time per generated token of the tiny Llama (bf16, batch 1) after a prompt of each length in ``lengths``:
+    MoBA with :class:`mobalab.integrations.transformers.MobaCache` (a step runs ``moba_decode``), MoBA with
+    transformers' dynamic cache (a step runs a full-length MoBA over the zero-padded query sequence) and SDPA with
+    the dynamic cache (dense decode). Each row: the median of ``steps - 2`` single-token forward calls (greedy
+    token fed back), the prompt's prefill time, and the speedup against the SDPA row; the logits of the first
+    step are compared with the MoBA dynamic-cache row's (relative norm of the difference)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from mobalab.integrations.transformers import MobaCache, cache_argument, register
+
+    register()
+    arg = cache_argument()
+    rows = []
+    for seqlen in lengths:
+        g = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.randint(0, MODEL["vocab_size"], (1, seqlen), device=device, generator=g)
+        first_logits = {}
+        for attn, kind in GENERATE_WAYS:
+            config = LlamaConfig(**MODEL, max_position_embeddings=seqlen + steps, attn_implementation=attn,
+                                 moba_block_size=BLOCK, moba_top_k=TOP_K)
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+            cache = MobaCache(config, seqlen + steps) if kind == "MobaCache" else DynamicCache()
+            row = dict(attention=attn, cache=kind, context=seqlen, layers=MODEL["num_hidden_layers"])
+            with torch.no_grad():
+                t_prefill = _timed(lambda: model(ids, use_cache=True, **{arg: cache}), device)
+                logits = t_prefill[1].logits[:, -1:]
+                times = []
+                for i in range(steps):
+                    token = logits.argmax(-1)
+                    ms, out = _timed(lambda token=token: model(token, use_cache=True, **{arg: cache}), device)
+                    logits = out.logits
+                    times.append(ms)
+                    if i == 0:
+                        first_logits[(attn, kind)] = logits.float()
+            ref = first_logits.get(("moba", "dynamic"))
+            row.update(prefill_ms=round(t_prefill[0], 2), token_ms=round(statistics.median(times[2:]), 3),
+                       first_step_rel_diff=(round(((first_logits[(attn, kind)] - ref).norm() / ref.norm()).item(), 4)
+                                            if ref is not None and attn == "moba" else ""))
+            del model, cache
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            print(row, flush=True)
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
+        sdpa = rows[-1]["token_ms"]
+        for r in rows[-len(GENERATE_WAYS):]:
+            r["speedup_vs_sdpa"] = round(sdpa / r["token_ms"], 2)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _timed(fn, device):
+    """(ms, result) of one call: CUDA events on a GPU, the wall clock elsewhere (the CPU tests)."""
+    if device != "cuda":
+        import time
+
+        t0 = time.perf_counter()
+        out = fn()
+        return (time.perf_counter() - t0) * 1e3, out
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), out
+
+
 # --------------------------------------------------------------------------------------------------
 # output
 
@@ -268,17 +346,22 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(kernels: list[dict], model: list[dict], env: dict) -> str:
-    """The report: environment line, the kernel table (left out when there are no kernel rows), the model table."""
+def markdown(kernels: list[dict], model: list[dict], env: dict, generation: list[dict] | None = None) -> str:
+    """The report: environment line, the kernel table (left out when there are no kernel rows), the model table,
+    and the generation table when there is one."""
     title = "Packed variable-length MoBA" if kernels else "MoBA in a transformers model"
     head = (f"# {title}\n\n{env.get('cuda_device')} ({env.get('cuda_sms')} SMs), torch "
             f"{env.get('torch')}, CUDA {env.get('cuda')}, commit {env.get('git_commit')}, {env.get('utc')}\n")
     if kernels:
         head += (f"\n## Forward + backward, {sum(MIXED_LENGTHS)} tokens, {HEADS} heads, d {HEAD_DIM}, B {BLOCK}, "
                  f"k {TOP_K}, causal, bf16\n\n{_table(kernels)}\n")
-    return (f"{head}\n## Training step, tiny Llama "
+    text = (f"{head}\n## Training step, tiny Llama "
             f"({MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads, d {MODEL['head_dim']})"
             f"\n\n{_table(model)}\n")
+    if generation:
+        text += (f"\n## Generation, tiny Llama, batch 1, B {BLOCK}, k {TOP_K}: ms per new token after the prompt\n\n"
+                 f"{_table(generation)}\n")
+    return text
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
@@ -297,6 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-only", action="store_true", help="only the transformers training step (no kernel table)")
     p.add_argument("--hf-lengths", type=_lengths_arg, default=None, metavar="N,N,...",
                    help="context lengths of the training step, e.g. 32K,128K (default: 32K and 128K; --quick: 32K)")
+    p.add_argument("--hf-generate", type=_lengths_arg, default=None, metavar="N,N,...",
+                   help="only the generation table: ms per new token after prompts of these lengths, MoBA with "
+                        "MobaCache / with the dynamic cache / SDPA (e.g. 32K,128K)")
     args = p.parse_args(argv)
     from mobalab.kernels import gpu_available
 
@@ -309,6 +395,17 @@ def main(argv=None) -> int:
     from .environment import environment
 
     env = environment()
+    if args.hf_generate:
+        os.makedirs(args.out, exist_ok=True)
+
+        def save_generation(rows):
+            _write_csv(os.path.join(args.out, "generation.csv"), rows)
+            with open(os.path.join(args.out, "generation.md"), "w") as f:
+                f.write(markdown([], [], env, rows))
+
+        rows = generation_rows(args.hf_generate, on_row=save_generation)
+        print(markdown([], [], env, rows))
+        return 0
     kernels = [] if args.hf_only else kernel_rows(args.quick)
     if kernels:
         print(_table(kernels), flush=True)

@@ -138,9 +138,9 @@ class MobaCache(Cache):
     >>> _ = torch.manual_seed(0)
     >>> model = LlamaForCausalLM(config).eval()
     >>> ids = torch.arange(12)[None] % 64
-    >>> import transformers  # generate() takes the cache as cache= from transformers 5, past_key_values= before
-    >>> arg = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-    >>> out = model.generate(ids, max_new_tokens=5, do_sample=False, **{arg: MobaCache(config, max_cache_len=32)})
+    >>> from mobalab.integrations.transformers import cache_argument  # "cache" (transformers 5) or "past_key_values"
+    >>> out = model.generate(ids, max_new_tokens=5, do_sample=False,
+    ...                      **{cache_argument(): MobaCache(config, max_cache_len=32)})
     >>> out.shape
     torch.Size([1, 17])
     """

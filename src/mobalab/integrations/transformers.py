@@ -51,7 +51,7 @@ import torch
 
 from mobalab.kernels._decode import MAX_Q_LEN
 
-__all__ = ["register", "moba_attention_forward", "MobaCache"]  # noqa: F822 (MobaCache: module __getattr__)
+__all__ = ["register", "moba_attention_forward", "MobaCache", "cache_argument"]  # noqa: F822 (module __getattr__)
 
 
 def __getattr__(name: str):
@@ -65,6 +65,21 @@ def __getattr__(name: str):
 
 #: The ``attn_implementation`` name :func:`register` uses by default.
 NAME = "moba"
+
+
+def cache_argument() -> str:
+    """The keyword under which this transformers' ``generate()`` and model ``forward()`` take a cache object:
+    ``"cache"`` from transformers 5, ``"past_key_values"`` before (5.x still takes it, with a warning).
+
+    Examples
+    --------
+    >>> from mobalab.integrations.transformers import cache_argument
+    >>> cache_argument() in ("cache", "past_key_values")
+    True
+    """
+    from transformers import __version__
+
+    return "cache" if int(__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def register(name: str = NAME) -> str:
