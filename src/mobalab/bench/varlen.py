@@ -26,8 +26,8 @@ Writes ``varlen_kernels.csv``, ``varlen_model.csv``, ``varlen.md`` and ``varlen_
 ``--hf-only`` runs the model step alone (no kernel table); ``--hf-lengths 32K,128K`` sets its context lengths
 (with or without ``--quick``). ``--hf-generate 32K,128K`` runs only the generation table (``generation.csv``,
 ``generation.md``): the time per new token after a prompt of each length, MoBA through ``MobaCache`` (each step
-``moba_decode``) against MoBA through transformers' dynamic cache and SDPA. A step that runs out of GPU memory is a row that says so (``step_ms`` NaN,
-``note`` "out of memory"), and the other rows still run.
+``moba_decode``) against MoBA through transformers' dynamic cache and SDPA. A training step that runs out of GPU
+memory is a row that says so (``step_ms`` NaN, ``note`` "out of memory"), and the other rows still run.
 """
 
 from __future__ import annotations
@@ -268,40 +268,20 @@ def generation_rows(lengths, seed: int = 0, steps: int = GENERATE_STEPS, on_row=
     the dynamic cache (dense decode). Each row: the median of ``steps - 2`` single-token forward calls (greedy
     token fed back), the prompt's prefill time, and the speedup against the SDPA row; the logits of the first
     step are compared with the MoBA dynamic-cache row's (relative norm of the difference)."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from mobalab.integrations.transformers import MobaCache, cache_argument, register
+    from mobalab.integrations.transformers import register
 
     register()
-    arg = cache_argument()
     rows = []
     for seqlen in lengths:
         g = torch.Generator(device=device).manual_seed(seed)
         ids = torch.randint(0, MODEL["vocab_size"], (1, seqlen), device=device, generator=g)
-        first_logits = {}
+        ref = None
         for attn, kind in GENERATE_WAYS:
-            config = LlamaConfig(**MODEL, max_position_embeddings=seqlen + steps, attn_implementation=attn,
-                                 moba_block_size=BLOCK, moba_top_k=TOP_K)
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
-            cache = MobaCache(config, seqlen + steps) if kind == "MobaCache" else DynamicCache()
-            row = dict(attention=attn, cache=kind, context=seqlen, layers=MODEL["num_hidden_layers"])
-            with torch.no_grad():
-                t_prefill = _timed(lambda: model(ids, use_cache=True, **{arg: cache}), device)
-                logits = t_prefill[1].logits[:, -1:]
-                times = []
-                for i in range(steps):
-                    token = logits.argmax(-1)
-                    ms, out = _timed(lambda token=token: model(token, use_cache=True, **{arg: cache}), device)
-                    logits = out.logits
-                    times.append(ms)
-                    if i == 0:
-                        first_logits[(attn, kind)] = logits.float()
-            ref = first_logits.get(("moba", "dynamic"))
-            row.update(prefill_ms=round(t_prefill[0], 2), token_ms=round(statistics.median(times[2:]), 3),
-                       first_step_rel_diff=(round(((first_logits[(attn, kind)] - ref).norm() / ref.norm()).item(), 4)
-                                            if ref is not None and attn == "moba" else ""))
-            del model, cache
+            row, first = _generation_row(attn, kind, ids, steps, seed, device)
+            if (attn, kind) == ("moba", "dynamic"):
+                ref = first
+            row["first_step_rel_diff"] = (round(((first - ref).norm() / ref.norm()).item(), 4)
+                                          if ref is not None and attn == "moba" else "")
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -315,6 +295,33 @@ def generation_rows(lengths, seed: int = 0, steps: int = GENERATE_STEPS, on_row=
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+def _generation_row(attn: str, kind: str, ids, steps: int, seed: int, device) -> tuple[dict, torch.Tensor]:
+    """One way of generating after the prompt ``ids``: (row with prefill_ms and token_ms, first step's logits)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from mobalab.integrations.transformers import MobaCache, cache_argument
+
+    seqlen = ids.shape[1]
+    config = LlamaConfig(**MODEL, max_position_embeddings=seqlen + steps, attn_implementation=attn,
+                         moba_block_size=BLOCK, moba_top_k=TOP_K)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    cache = {cache_argument(): MobaCache(config, seqlen + steps) if kind == "MobaCache" else DynamicCache()}
+    times, first = [], None
+    with torch.no_grad():
+        prefill_ms, out = _timed(lambda: model(ids, use_cache=True, **cache), device)
+        logits = out.logits[:, -1:]
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            ms, out = _timed(lambda token=token: model(token, use_cache=True, **cache), device)
+            logits = out.logits
+            times.append(ms)
+            first = logits.float() if first is None else first
+    row = dict(attention=attn, cache=kind, context=seqlen, layers=MODEL["num_hidden_layers"],
+               prefill_ms=round(prefill_ms, 2), token_ms=round(statistics.median(times[2:]), 3))
+    return row, first
 
 
 def _timed(fn, device):
