@@ -271,16 +271,15 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages, kv_heads, page_size, d): the
     ``attend_paged`` kernel, which differs only in where it reads a block."""
     p, i32 = plan, np.int32
-    tag = f"{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg),
             i32(p.cached), np.float32(scale * math.log2(math.e)))
     if pages is None:
-        name, args = f"moba_decode_attend_{tag}", (*head, i32(p.capacity), *tail)
+        name, args = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}", (*head, i32(p.capacity), *tail)
     else:
         page_table, page_size = pages
-        name = f"moba_decode_attend_paged_{tag}"
+        name = f"moba_decode_attend_paged_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]))
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
