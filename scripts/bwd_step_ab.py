@@ -24,6 +24,7 @@ import torch
 
 import mobalab.kernels._cuda_backward as G
 import mobalab.kernels.autograd as AG
+from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
 from mobalab.kernels import moba_attention
 
 K = 1024
@@ -57,17 +58,8 @@ def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed
             switch(True)
 
     grads = {on: step(on) for on in (False, True)}  # warm-up (compiles), and the gradients compared
-    times = {False: [], True: []}
-    for r in range(rounds):
-        for on in ((False, True) if r % 2 == 0 else (True, False)):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            step(on)
-            b.record()
-            b.synchronize()
-            if r >= 2:
-                times[on].append(a.elapsed_time(b))
+    times = interleaved_times({on: on for on in (False, True)}, rounds, lambda on: idle_gpu_ms(lambda: step(on)),
+                              drop=2)
     same = all(torch.equal(x, y) for x, y in zip(grads[True][1:], grads[False][1:], strict=True))
     base = statistics.median(times[False])
     return [dict(arm=arm, ms=statistics.median(times[on]), speedup=base / statistics.median(times[on]),

@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
 from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
@@ -75,17 +76,8 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
         return _backward_with(defines)(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5, variant=name)
 
     grads = {vname: call(vname) for vname in variants}  # warm-up (compiles), and the gradients compared
-    times = {vname: [] for vname in variants}
-    for r in range(rounds):
-        for vname in (variants if r % 2 == 0 else variants[::-1]):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            call(vname)
-            b.record()
-            b.synchronize()
-            if r >= 2:
-                times[vname].append(a.elapsed_time(b))
+    times = interleaved_times({vname: vname for vname in variants}, rounds,
+                              lambda vname: idle_gpu_ms(lambda: call(vname)), drop=2)
     base = statistics.median(times[variants[0]])
     scale = max(x.float().abs().max().item() for x in grads[variants[0]])
     rows = []

@@ -58,9 +58,11 @@ def main(argv=None) -> int:
         print("decode_split_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
 
+    from mobalab.bench._interleaved import interleaved_times
     from mobalab.bench.decode import l2_flush_buffer, random_cache, time_step
     from mobalab.kernels import _cuda_decode_split as S
-    from mobalab.kernels._cuda_decode import _sm_count, run
+    from mobalab.kernels._build import sm_count
+    from mobalab.kernels._cuda_decode import run
 
     flush = l2_flush_buffer()
     dev = torch.cuda.current_device()
@@ -75,19 +77,16 @@ def main(argv=None) -> int:
             if page not in caches:
                 caches[page] = paged_copy(cache, page)
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
-                                                    sm_count=_sm_count(dev), **opts)
+                                                    sm_count=sm_count(dev), **opts)
             for _ in range(3):
                 for x in launches:
                     run(x, dev)
             torch.cuda.synchronize()
             built[label] = (plan, launches, bufs["sel"].clone())
-        times = {label: [] for label in variants}
-        order = list(variants)
-        for rnd in range(args.repeats):
-            for label in order if rnd % 2 == 0 else order[::-1]:
-                launches = built[label][1]
-                ms, _ = time_step(lambda launches=launches: [run(x, dev) for x in launches], args.reps, flush)
-                times[label].append(ms * 1e3)
+        def step_us(launches):
+            return time_step(lambda: [run(x, dev) for x in launches], args.reps, flush)[0] * 1e3
+
+        times = interleaved_times({label: built[label][1] for label in variants}, args.repeats, step_us)
         cells = []
         for label, (plan, _, sel) in built.items():
             t = sorted(times[label])

@@ -286,7 +286,8 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     selection, flex (timed unless ``flex_ms`` is given)."""
     from mobalab.kernels import _decode as D
     from mobalab.kernels import decode_flops
-    from mobalab.kernels._cuda_decode import _sm_count, decode_cuda, run, step_launches
+    from mobalab.kernels._build import sm_count
+    from mobalab.kernels._cuda_decode import decode_cuda, run, step_launches
     from mobalab.kernels._cuda_decode_split import split_launches
 
     n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
@@ -302,7 +303,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
     plans = step_launches if kernel == "fused" else split_launches
-    _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), route_only=True)
+    _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), route_only=True)
 
     def route():
         for launch in launches:  # the fused step's routing items; or the scores, then the selection
@@ -313,7 +314,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         if kernel != "fused":
             row[f"mobalab_ms_items{items}"] = math.nan
             continue
-        _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=_sm_count(dev), items_per_slot=items)
+        _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), items_per_slot=items)
         row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
     _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel)
     row.update(selection_bytes(sel, n, block, kvh, d))

@@ -19,7 +19,7 @@ import functools
 import re
 from importlib import resources
 
-__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream"]
+__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream", "sm_count"]
 
 CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -106,6 +106,14 @@ def _dynamic_smem_limit(fn, device: int) -> int:
             fn.max_dynamic_shared_size_bytes = limit
         _SMEM_LIMITS[key] = limit  # fn lives as long as the process (_kernel is memoised), so id(fn) stays its own
     return limit
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (asked once: launch plans size grids by it)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _STREAMS: dict = {}

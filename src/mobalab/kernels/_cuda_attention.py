@@ -50,6 +50,7 @@ by the plan functions (``*_launch``), plain Python that CI checks against the CU
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ import torch
 
 from . import _contract as C
 from . import _pairs
+from ._build import sm_count
 from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, kernel_ready, launch
 
@@ -144,6 +146,11 @@ def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: in
     A chunk holds whole kv groups (so every tile shares one kv head) and, when a full sequence does not
     fit, one kv group and an even share of the queries (long ranges keep tiles full).
     """
+    return list(_plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial))
+
+
+@functools.lru_cache(maxsize=256)  # a training step asks for the same plans several times, on the host's hot path
+def _plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial) -> tuple[Chunk, ...]:
     group = heads // kv_heads
     per_query = group * top_k * bytes_per_pair(head_dim, partial)  # one query position of one kv group
     max_q = max(1, budget_bytes // per_query)
@@ -161,7 +168,7 @@ def plan_chunks(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: in
             for g0 in range(kv_heads):
                 for t0 in range(0, seqlen, n_q):
                     chunks.append(Chunk(b, g0 * group, group, t0, min(n_q, seqlen - t0)))
-    return chunks
+    return tuple(chunks)
 
 
 def wgmma_supports(head_dim: int, block_size: int) -> bool:
@@ -489,7 +496,7 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
     unit_rows = rows_per_unit(dim, block_size, variant)
     # the persistent kernel: one CTA per SM (its shared memory and 384 threads allow one), each looping over units
-    max_ctas = torch.cuda.get_device_properties(device).multi_processor_count if variant == "wgmma-ws" else None
+    max_ctas = sm_count(device.index) if variant == "wgmma-ws" else None
     scale_log2 = scale * LOG2E
     for i, c in enumerate(chunks):
         n_pairs = c.n_heads * c.n_q * top_k

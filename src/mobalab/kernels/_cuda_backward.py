@@ -43,6 +43,7 @@ import torch
 from . import _contract as C
 from . import _cuda_attention as A
 from . import _pairs
+from ._build import sm_count
 from ._launch import Launch, kernel_ready, launch
 
 __all__ = ["moba_attention_backward_cuda"]
@@ -220,11 +221,6 @@ def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:
     return variant == "block" and n_ctas <= LONGEST_FIRST_MAX_WAVES * n_sms
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
     """Deterministic dQ: sum of each (query, head)'s slot partials in slot order, one warp per row."""
     args = (part_dq, topk, dq, np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks),
@@ -390,7 +386,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     smem = bwd_smem_bytes(dim, variant)
     n_sub = n_key_subtiles(block_size, variant)
     # CPU tensors: the kernels' host emulation (tests), counted as an H100 / H200 (132 SMs)
-    n_sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index) \
+    n_sms = sm_count(torch.cuda.current_device() if device.index is None else device.index) \
         if device.type == "cuda" else 132
     for i, c in enumerate(chunks):
         n_pairs = c.n_heads * c.n_q * top_k

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._build import sm_count
 from ._launch import Launch
 
 __all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffers", "step_launches", "decode_cuda",
@@ -263,11 +264,6 @@ def _function(source: str, kernel: str, device_index: int, smem: int):
     return get_kernel(source, kernel, max_dynamic_smem=smem)
 
 
-@functools.cache  # asked at every decode step
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def run(launch: Launch, device_index: int) -> None:
     """Check the arguments against the .cu signature and launch on torch's current stream (the fused step of
     this file and the split kernels of cuda/decode_split.cu alike)."""
@@ -294,7 +290,7 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()
-        _, bufs, launches = plans(q, cache, top_k, scale, sm_count=_sm_count(device_index))
+        _, bufs, launches = plans(q, cache, top_k, scale, sm_count=sm_count(device_index))
         for launch in launches:
             run(launch, device_index)
     result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)

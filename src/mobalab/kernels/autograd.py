@@ -36,13 +36,10 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, 
         from ._cuda_routing import moba_topk_cuda
 
         topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal).to(torch.int32).contiguous()
-        if _lists_numel(q, k, block_size, top_k, deterministic):
-            out, lse, lists = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
-                                                  return_lse=True, topk_indices=topk, keep_lists=True)
-            return out, lse, topk, lists
-        out, lse = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
-                                       return_lse=True, topk_indices=topk)
-        return out, lse, topk, _no_lists(q)
+        keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
+        out, lse, *lists = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
+                                               return_lse=True, topk_indices=topk, keep_lists=keep)
+        return out, lse, topk, lists[0] if keep else _no_lists(q)
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
         out, lse = R.moba_attention_given_routing(q, k, v, topk, block_size, causal=causal, softmax_scale=scale)
