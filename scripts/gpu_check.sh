@@ -7,9 +7,10 @@
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
-#                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=2"; bwd_ab.md)
+#                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
-#                step also replayed from a CUDA graph (mobalab, FA2, cuDNN alike: no host time; bwd-graph/)
+#                step also replayed from a CUDA graph and issued back to back (mobalab, FA2, cuDNN alike: no host
+#                time | the host ahead as in a training loop; bwd-graph/)
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep),
 #                            both decode kernels (fused, split: two rows per configuration)
@@ -134,10 +135,10 @@ for step in "${STEPS[@]}"; do
                    > "$W/bench_bwd.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
             timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points 8K 16K 64K \
-              --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=2} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
+              --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=1} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
     bwd-graph) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                  tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1
-               timeout $(cap 300) python3 -m mobalab.bench.attention --backward --select 0,5,6 --graph \
+               timeout $(cap 300) python3 -m mobalab.bench.attention --backward --select 0,5,6 --graph --queued \
                  --out "$W/bwd-graph" > "$W/bench_bwd_graph.log" 2>&1 || status=1 ;;
     bwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;

@@ -153,11 +153,26 @@ def test_backward_table_shows_the_graph_replays_when_timed():
     row.update(fwdbwd_graph_ms=3.0, fa2_fwdbwd_graph_ms=6.0, cudnn_fwdbwd_graph_ms=3.75, graph_speedup_vs_fa2=2.0,
                graph_speedup_vs_cudnn=1.25)
     text = bench.markdown_backward([row], env)
-    assert "| 8K | 128 | 3.00 | 6.00 | 3.75 | 2.00 | 1.25 |" in text
+    assert "| 8K | 128 | 3.00 | 6.00 | 3.75 | 2.00 | 1.25 | n/a | n/a | n/a |" in text
     assert set(row) - set(bench.BWD_COLUMNS) == set()
 
 
-def test_graph_option_needs_backward(capsys):
+def test_backward_table_shows_back_to_back_steps_when_timed():
+    row = dict(workload="random", seqlen=16384, head_dim=128, block=128, fwd_ms=2.7, fwdbwd_ms=6.5, bwd_ms=3.8,
+               fwd_useful_tflops=90.0, bwd_useful_tflops=160.0, bwd_over_fwd_rate=1.8)
+    env = {"cuda_device": "GPU", "utc": "now"}
+    assert "back to back" not in bench.markdown_backward([row], env)
+    row.update(fwdbwd_queued_ms=5.9, fa2_fwdbwd_queued_ms=24.3, cudnn_fwdbwd_queued_ms=14.75,
+               queued_speedup_vs_fa2=24.3 / 5.9, queued_speedup_vs_cudnn=14.75 / 5.9, fwd_queued_ms=2.4,
+               bwd_queued_ms=3.5, bwd_queued_useful_tflops=171.4)
+    text = bench.markdown_backward([row], env)
+    assert "back to back" in text and "CUDA graphs" not in text
+    assert "| 16K | 128 | 5.90 | 24.30 | 14.75 | 4.12 | 2.50 | 2.40 | 3.50 | 171 |" in text
+    assert set(row) - set(bench.BWD_COLUMNS) == set()
+
+
+@pytest.mark.parametrize("flag", ["--graph", "--queued"])
+def test_step_timing_options_need_backward(capsys, flag):
     with pytest.raises(SystemExit):
-        bench.main(["--graph"])
-    assert "--graph applies to --backward" in capsys.readouterr().err
+        bench.main([flag])
+    assert f"{flag} applies to --backward" in capsys.readouterr().err

@@ -183,6 +183,26 @@ def time_ms(fn, *, budget_s=1.5, max_reps=50, min_reps=3, warmup=1, single=False
     return statistics.median(times), reps
 
 
+def time_queued_ms(fn, *, steps=10, rounds=7, warmup=2):
+    """Median over ``rounds`` of the mean time per call of ``steps`` calls issued back to back (CUDA events around
+    the run, one wait at its end). A training loop issues the next step while the GPU runs this one, so a step's
+    host time shows only where it exceeds its GPU time; this is how torch.utils.benchmark's ``Timer.timeit`` (and
+    FlashAttention's benchmarks with it) time a call, where :func:`time_ms` starts every call from an idle GPU."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / steps)
+    return statistics.median(times)
+
+
 def peak_gb(fn):
     """Rise of max_memory_allocated over the call (GB)."""
     torch.cuda.synchronize()
@@ -727,7 +747,7 @@ def _time_and_peak(fn, long):
 
 
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
-                        deterministic=True, peers=(), budget_s=1.5, graph=False):
+                        deterministic=True, peers=(), budget_s=1.5, graph=False, queued=False):
     causal = True
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -748,9 +768,19 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
         row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
         if graph and not det:
             row["fwdbwd_graph_ms"], _ = time_ms(graphed(fn), budget_s=budget_s)
+        if queued and not det:
+            row["fwdbwd_queued_ms"] = time_queued_ms(fn)
+    if graph:
+        row["fwd_graph_ms"], _ = time_ms(graphed(fwd), budget_s=budget_s)
+    if queued:
+        row["fwd_queued_ms"] = time_queued_ms(fwd)
     row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
     f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
     f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
+    for key in ("graph", "queued"):  # the backward's time and rate without the host's share as well
+        if f"fwd_{key}_ms" in row:
+            row[f"bwd_{key}_ms"] = row[f"fwdbwd_{key}_ms"] - row[f"fwd_{key}_ms"]
+            row[f"bwd_{key}_useful_tflops"] = 2.5 * f_attn / (row[f"bwd_{key}_ms"] * 1e9)
     row["fwd_useful_tflops"] = (f_route + f_attn) / (row["fwd_ms"] * 1e9)
     row["bwd_useful_tflops"] = 2.5 * f_attn / (row["bwd_ms"] * 1e9)
     row["fwdbwd_useful_tflops"] = (f_route + 3.5 * f_attn) / (row["fwdbwd_ms"] * 1e9)
@@ -791,6 +821,14 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
                     print(f"  {name} fwd+bwd from a CUDA graph failed at N={seqlen}: {exc}")
                     row[f"{name}_fwdbwd_graph_ms"] = float("nan")
                 row[f"graph_speedup_vs_{name}"] = row[f"{name}_fwdbwd_graph_ms"] / row["fwdbwd_graph_ms"]
+            if queued:  # both sides issued back to back: the host runs ahead wherever it can
+                try:
+                    row[f"{name}_fwdbwd_queued_ms"] = time_queued_ms(_grad_fn(f, tleaves, dt), steps=1 if long else 10,
+                                                                     rounds=3 if long else 7)
+                except RuntimeError as exc:
+                    print(f"  {name} fwd+bwd back to back failed at N={seqlen}: {exc}")
+                    row[f"{name}_fwdbwd_queued_ms"] = float("nan")
+                row[f"queued_speedup_vs_{name}"] = row[f"{name}_fwdbwd_queued_ms"] / row["fwdbwd_queued_ms"]
         del qt, kt, vt, dt, tleaves
     torch.cuda.empty_cache()
     return row
@@ -801,7 +839,9 @@ BWD_COLUMNS = ["workload", "seqlen", "head_dim", "block", "top_k", "fwd_ms", "fw
                "fwd_useful_tflops", "bwd_useful_tflops", "bwd_over_fwd_rate", "fwdbwd_useful_tflops",
                "fwdbwd_peak_gb", "fwdbwd_det_peak_gb", "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb", "batch",
                "heads", "causal", "dtype", "fwdbwd_graph_ms", "fa2_fwdbwd_graph_ms", "cudnn_fwdbwd_graph_ms",
-               "graph_speedup_vs_fa2", "graph_speedup_vs_cudnn"]
+               "graph_speedup_vs_fa2", "graph_speedup_vs_cudnn", "fwdbwd_queued_ms", "fa2_fwdbwd_queued_ms",
+               "cudnn_fwdbwd_queued_ms", "queued_speedup_vs_fa2", "queued_speedup_vs_cudnn", "fwd_graph_ms",
+               "bwd_graph_ms", "bwd_graph_useful_tflops", "fwd_queued_ms", "bwd_queued_ms", "bwd_queued_useful_tflops"]
 
 
 def backward_configs(quick: bool, head_dims=None):
@@ -837,16 +877,23 @@ def markdown_backward(rows, env) -> str:
                  " / ".join(_fmt(r.get(c, nan)) for c in ("fwdbwd_peak_gb", "fwdbwd_det_peak_gb",
                                                           "fa2_fwdbwd_peak_gb", "cudnn_fwdbwd_peak_gb"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    graphed_rows = [r for r in rows if "fwdbwd_graph_ms" in r]
-    if graphed_rows:
-        lines += ["", "Replayed from CUDA graphs (every side; no host time in the step):", "",
-                  "| N | B | fwd+bwd ms | FA2 ms | cuDNN ms | x FA2 | x cuDNN |", "|---|---|---|---|---|---|---|"]
-        for r in graphed_rows:
+    for key, title in (("graph", "Replayed from CUDA graphs (every side; no host time in the step):"),
+                       ("queued", "Steps issued back to back (every side; the host runs ahead where it can, as in a "
+                                  "training loop):")):
+        timed = [r for r in rows if f"fwdbwd_{key}_ms" in r]
+        if not timed:
+            continue
+        lines += ["", title, "",
+                  "| N | B | fwd+bwd ms | FA2 ms | cuDNN ms | x FA2 | x cuDNN | fwd ms | bwd ms | bwd useful TFLOP/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in timed:
             n = r["seqlen"]
             nan = float("nan")
-            cells = [f"{n // 1024}K" if n % 1024 == 0 else str(n), r["block"], _fmt(r["fwdbwd_graph_ms"]),
-                     _fmt(r.get("fa2_fwdbwd_graph_ms", nan)), _fmt(r.get("cudnn_fwdbwd_graph_ms", nan)),
-                     _fmt(r.get("graph_speedup_vs_fa2", nan)), _fmt(r.get("graph_speedup_vs_cudnn", nan))]
+            cells = [f"{n // 1024}K" if n % 1024 == 0 else str(n), r["block"], _fmt(r[f"fwdbwd_{key}_ms"]),
+                     _fmt(r.get(f"fa2_fwdbwd_{key}_ms", nan)), _fmt(r.get(f"cudnn_fwdbwd_{key}_ms", nan)),
+                     _fmt(r.get(f"{key}_speedup_vs_fa2", nan)), _fmt(r.get(f"{key}_speedup_vs_cudnn", nan)),
+                     _fmt(r.get(f"fwd_{key}_ms", nan)), _fmt(r.get(f"bwd_{key}_ms", nan)),
+                     _fmt(r.get(f"bwd_{key}_useful_tflops", nan), 0)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -860,7 +907,7 @@ def main_backward(args, env) -> int:
         try:
             row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
                                       deterministic=n <= 128 * 1024 or args.select is not None, peers=args.peers,
-                                      graph=args.graph)
+                                      graph=args.graph, queued=args.queued)
         except Exception as exc:  # keep the sweep going
             print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
             failed += 1
@@ -897,6 +944,9 @@ def main(argv=None) -> int:
     p.add_argument("--graph", action="store_true",
                    help="with --backward: also time each step replayed from a CUDA graph (mobalab, FA2 and cuDNN "
                         "alike): the step's GPU time without the host's launch overhead")
+    p.add_argument("--queued", action="store_true",
+                   help="with --backward: also time steps issued back to back (mobalab, FA2 and cuDNN alike; ten "
+                        "steps per CUDA-event pair): the host's launch time counts only where it exceeds the GPU's")
     p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
                    help="run each head-dim-128 configuration at these head dims (of "
                         f"{','.join(map(str, CUDA_HEAD_DIMS))}; default: 128, plus the full forward sweep's 64)")
@@ -915,8 +965,9 @@ def main(argv=None) -> int:
     if args.dims and (args.backward or args.quick or args.select):
         p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
                 "--select")
-    if args.graph and not args.backward:
-        p.error("--graph applies to --backward")
+    for flag in ("graph", "queued"):
+        if getattr(args, flag) and not args.backward:
+            p.error(f"--{flag} applies to --backward")
     if args.variant and (args.backward or args.dims or args.peers_quick):
         p.error("--variant applies to the forward sweep: drop --backward, --dims, --peers-quick")
     from mobalab.kernels import gpu_available
