@@ -154,4 +154,10 @@ class MobaCache(Cache):
             raise ValueError(f"MobaCache: the config's moba_block_size must be an integer >= 1, got {block!r} (set "
                              "config.moba_block_size, as for attn_implementation='moba')")
         super().__init__(layers=[MobaCacheLayer(int(block), int(max_cache_len)) for _ in range(_num_layers(config))])
-        self.max_cache_len = int(max_cache_len)
+        self._max_cache_len = int(max_cache_len)
+
+    @property
+    def max_cache_len(self) -> int:
+        """The most tokens a sequence may reach (prompt + generated). A property of its own: some transformers
+        versions define a read-only, deprecated one on ``Cache``."""
+        return self._max_cache_len

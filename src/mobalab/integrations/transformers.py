@@ -67,9 +67,10 @@ def __getattr__(name: str):
 NAME = "moba"
 
 
-def cache_argument() -> str:
-    """The keyword under which this transformers' ``generate()`` and model ``forward()`` take a cache object:
-    ``"cache"`` from transformers 5, ``"past_key_values"`` before (5.x still takes it, with a warning).
+def cache_argument(model=None) -> str:
+    """The keyword under which ``model``'s ``forward()`` (and ``generate()``) take a cache object: ``"cache"`` where
+    the forward has that parameter (recent transformers 5 releases), ``"past_key_values"`` otherwise (earlier
+    releases, 5.17 among them). Without a model, the installed transformers' ``LlamaForCausalLM`` is asked.
 
     Examples
     --------
@@ -77,9 +78,12 @@ def cache_argument() -> str:
     >>> cache_argument() in ("cache", "past_key_values")
     True
     """
-    from transformers import __version__
+    import inspect
 
-    return "cache" if int(__version__.split(".")[0]) >= 5 else "past_key_values"
+    if model is None:
+        from transformers import LlamaForCausalLM as model
+    forward = model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def register(name: str = NAME) -> str:
