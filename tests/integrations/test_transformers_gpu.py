@@ -36,6 +36,13 @@ def _ids(*shape, seed=1):
     return torch.randint(0, VOCAB, shape, device="cuda", generator=g)
 
 
+def _fp32_cpu(model):
+    """A float32 copy of ``model`` on the CPU (its MoBA runs the torch reference there)."""
+    import copy
+
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -91,8 +98,9 @@ def test_training_steps_lower_the_loss():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_moba_cache_decoding_steps_match_the_whole_sequence(head_dim, monkeypatch):
     """A 1500-token prompt through a MobaCache, then 6 single-token steps and one of 4 tokens, each through the
-    CUDA decode kernels: the logits at every decoded position match the whole sequence's (the CUDA forward) within
-    bf16 noise, and generate() with the cache runs."""
+    CUDA decode kernels: against the same model in fp32 (CPU, the torch reference), the logits at every decoded
+    position are within twice the error of the whole sequence's bf16 CUDA forward (the forward's error criterion,
+    taken through the model), and generate() with the cache runs."""
     import mobalab.kernels as K
 
     calls, real = [], K.moba_decode
@@ -107,7 +115,10 @@ def test_moba_cache_decoding_steps_match_the_whole_sequence(head_dim, monkeypatc
         steps += [model(ids[:, t:t + 1], use_cache=True, **{arg: cache}).logits for t in range(1500, 1506)]
         steps.append(model(ids[:, 1506:1510], use_cache=True, **{arg: cache}).logits)
     assert calls == [(2, 1, 4, head_dim)] * 12 + [(2, 4, 4, head_dim)] * 2
-    assert _rel(torch.cat(steps, dim=1), whole[:, 1499:]) < 2e-2
+    with torch.no_grad():
+        exact = _fp32_cpu(model)(ids.cpu()).logits[:, 1499:]
+    err_steps, err_whole = _rel(torch.cat(steps, dim=1).cpu(), exact), _rel(whole[:, 1499:].cpu(), exact)
+    assert err_steps <= 2 * err_whole, (err_steps, err_whole)
     out = model.generate(ids[:, :300], max_new_tokens=20, do_sample=False,
                          **{arg: hf.MobaCache(model.config, max_cache_len=320)})
     assert out.shape == (2, 320)
