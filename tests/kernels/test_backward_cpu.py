@@ -40,9 +40,7 @@ def test_every_backward_kernel_is_in_the_source():
         for dim in G.BLOCK_HEAD_DIMS:
             assert set(G.bwd_kernel_names(dtype, dim, "block")) <= set(sigs)
     assert "moba_bwd_rows" in sigs
-    for dtype in C.CUDA_DTYPES:
-        assert G.dq_cast_launch(torch.zeros(8), torch.zeros(8, dtype=dtype)).kernel in sigs
-    assert len(sigs) == (3 * len(C.CUDA_HEAD_DIMS) + len(G.BLOCK_HEAD_DIMS) + 1) * len(C.CUDA_DTYPES) + 1
+    assert len(sigs) == (3 * len(C.CUDA_HEAD_DIMS) + len(G.BLOCK_HEAD_DIMS)) * len(C.CUDA_DTYPES) + 1
     # the variant's geometry is the kernel's
     text = source(G.SOURCE)
     assert f"#define MOBA_BWD_BLOCK_KEYS {G.BLOCK_KEYS}" in text
@@ -60,7 +58,6 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     i32 = torch.zeros(8, dtype=torch.int32)
     delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim, variant)
     plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
-             G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads, zero=f32),
              G.rows_launch(i64, i64, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
@@ -75,7 +72,6 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     else:
         plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=0,
                                   n_sub_launch=G.n_key_subtiles(block, variant), dq_mode=0, **common))
-        plans.append(G.dq_cast_launch(f32, q))
     # the forward's index kernels, reused by the backward, with the backward's chunk
     plans += [A.keys_launch(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2),
               A.bounds_launch(i32, n_pairs, n_seg, i64)]
@@ -127,7 +123,7 @@ def test_block_variant_geometry_and_choice(monkeypatch):
 
 def test_check_args_catches_python_scalars():
     plans, _ = _plans(torch.bfloat16, 64, 16, False)
-    main = next(p for p in plans if p.kernel == G.bwd_kernel_names(torch.bfloat16, 64)[1])
+    main = plans[2]
     args = list(main.args)
     assert isinstance(args[23], np.float32) and isinstance(args[24], np.float32)
     assert abs(float(args[24]) - 0.125 * A.LOG2E) < 1e-6
@@ -138,7 +134,7 @@ def test_check_args_catches_python_scalars():
             check_args(G.SOURCE, main.kernel, tuple(wrong))
     q = torch.zeros(1, 2, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="n_rows"):
-        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, torch.zeros(8), 0, np.int32(3)))
+        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, torch.zeros(8), np.int32(3)))
 
 
 def test_sizes_and_plans():
@@ -281,8 +277,7 @@ def test_segments_start_longest_first():
     order = G.longest_first(seg_off, 6)
     assert order.dtype == torch.int32 and order.tolist() == [4, 2, 0, 3, 5, 1]
     plans, _ = _plans(torch.bfloat16, 64, 16, False)
-    main = next(p for p in plans if p.kernel == G.bwd_kernel_names(torch.bfloat16, 64)[1])
-    assert main.args[7] == 0  # a plan without an order passes a null pointer: segment order
+    assert plans[2].args[7] == 0  # a plan without an order passes a null pointer: segment order
 
 
 def test_longest_first_where_it_measured_faster():

@@ -197,27 +197,6 @@ def test_gradients_into_fp32_buffers(budget, gpu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("dim", sorted(C.CUDA_HEAD_DIMS))
-def test_delta_pass_zeroes_the_dq_rows_and_the_cast_rounds_as_torch(dtype, dim):
-    """The delta kernel (groups of rows per warp, a grid-stride loop: a row count that leaves a partial group
-    and more rows than one pass of the grid covers) equals rowsum(dO * O) in fp32 and zeroes the NaN-poisoned
-    dQ accumulator rows; the dQ cast equals torch's conversion bit for bit, over a grid-stride loop with a tail."""
-    g = torch.Generator(device="cuda").manual_seed(dim)
-    rows = G.CAST_CTAS * (G.ROW_THREADS // 32) * G.DELTA_ROWS * 2 + 3
-    out, dout = (torch.randn(rows, 1, 1, dim, device="cuda", generator=g).to(dtype) for _ in range(2))
-    zero = torch.full((rows, 1, 1, dim), float("nan"), device="cuda")
-    delta = G._delta(out, dout, None, zero=zero)
-    want = (out.double() * dout.double()).sum(-1).reshape(-1)
-    torch.testing.assert_close(delta.double(), want, rtol=1e-5, atol=1e-5 * dim)
-    assert torch.count_nonzero(zero).item() == 0  # NaN counts as nonzero
-    acc = torch.randn(G.CAST_CTAS * G.ROW_THREADS * 8 * 2 + 8 * 5, device="cuda", generator=g) * 3
-    cast = torch.full(acc.shape, float("nan"), device="cuda", dtype=dtype)
-    G.launch(G.dq_cast_launch(acc, cast))
-    assert torch.equal(cast, acc.to(dtype))
-
-
-@pytest.mark.gpu
 def test_given_delta_replaces_out_and_dlse(gpu):
     """``delta`` from :func:`backward_delta` (D = dO.O - dlse, fp32) gives the gradients of the call that
     computes it itself, bit for bit with ``deterministic``; out and dlse are then not read (poisoned here); a

@@ -168,23 +168,10 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 # launch plans (pure: the CPU tests pass them through _launch.check_args)
 
 
-DELTA_ROWS = 4  # rows per warp of the delta kernel (kDeltaRows in attention_bwd.cuh)
-CAST_CTAS = 1024  # CTAs of the grid-stride delta and dQ-cast launches: about one resident wave (8 per SM)
-
-
-def delta_launch(name, out, dout, delta, n_rows, zero=0) -> Launch:
-    """D = rowsum(dO * O) per (query, head), DELTA_ROWS rows per warp; ``zero`` (a float32 tensor of the rows'
-    shape, or 0 for none): those rows zeroed in the same pass (the dQ accumulator)."""
-    ctas = min(CAST_CTAS, max(1, math.ceil(n_rows / (ROW_THREADS // 32 * DELTA_ROWS))))
-    return Launch(SOURCE, name, (ctas,), (ROW_THREADS,), (out, dout, delta, zero, np.int64(n_rows)))
-
-
-def dq_cast_launch(acc, out) -> Launch:
-    """``out`` (bf16 / fp16) = ``acc`` (fp32), rounded to nearest even: 8 elements per thread and step."""
-    n = acc.numel()
-    ctas = min(CAST_CTAS, max(1, math.ceil(n / (8 * ROW_THREADS))))
-    return Launch(SOURCE, f"moba_bwd_dq_cast_{C.dtype_tag(out.dtype, SOURCE)}", (ctas,), (ROW_THREADS,),
-                  (acc, out, np.int64(n)))
+def delta_launch(name, out, dout, delta, n_rows) -> Launch:
+    """D = rowsum(dO * O) per (query, head), one warp per row."""
+    return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
+                  (out, dout, delta, np.int64(n_rows)))
 
 
 def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
@@ -331,11 +318,11 @@ def backward_delta(out, dout, dlse=None):
         return _delta(out, dout, dlse).view(out.shape[:3])
 
 
-def _delta(out, dout, dlse, zero=0):
+def _delta(out, dout, dlse):
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
     n_rows = out.shape[0] * out.shape[1] * out.shape[2]
     delta = torch.empty(n_rows, dtype=torch.float32, device=out.device)
-    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero))
+    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows))
     if dlse is not None:
         delta.sub_(dlse.float().reshape(-1))
     return delta
@@ -353,15 +340,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     device = q.device
     variant = resolve_bwd_variant(variant, dim, block_size)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
-    # the dQ accumulator of the atomic mode: zeroed by the delta pass where this call computes the delta
-    dq_zeroed = into is None and not deterministic
-    dq_acc0 = torch.empty(q.shape, dtype=torch.float32, device=device) if dq_zeroed else None
-    if delta is None:
-        delta = _delta(out, dout, dlse, zero=0 if dq_acc0 is None else dq_acc0)
-    else:
-        delta = delta.contiguous().view(-1)
-        if dq_acc0 is not None:
-            dq_acc0.zero_()
+    delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     if fwd_lists is not None:
@@ -401,7 +380,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
         else:
-            dq_acc = dq_acc0  # zeroed above
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
             part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)
@@ -446,8 +425,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     if into is not None:
         return into
     if not deterministic:
-        dq = torch.empty_like(q)
-        launch(dq_cast_launch(dq_acc, dq))
+        dq = dq_acc.to(q.dtype)
     if split:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)

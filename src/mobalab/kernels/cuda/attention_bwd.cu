@@ -3,13 +3,12 @@
 // Each kind of kernel is defined once, by a MOBA_BWD_*_KERNEL macro with a literal parameter list, and
 // exported under the names of the instantiation lines below it (mobalab.kernels._launch reads both to check
 // launch arguments). Variants, dtype in {bf16, f16}, D in {32, 64, 96, 128, 256}:
-//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O), fp32 (and the dQ accumulator zeroed)
+//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O), fp32
 //   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block;
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
 //   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list
-//   moba_bwd_dq_cast_<dtype>         the fp32 dQ accumulator to the input dtype (round to nearest even)
 // The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
 // dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
 #include "attention_bwd.cuh"
@@ -17,8 +16,8 @@
 
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(const void* out, const void* dout, float* delta,             \
-                                                         float* zero, long long n_rows) {                             \
-    moba_bwd::delta_rows<T, D>(out, dout, delta, zero, n_rows);                                                       \
+                                                         long long n_rows) {                                          \
+    moba_bwd::delta_rows<T, D>(out, dout, delta, n_rows);                                                             \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)
@@ -114,14 +113,6 @@ MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d128,  __half,        128)
 MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_bf16_d256, __nv_bfloat16, 256)
 MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d256,  __half,        256)
 #endif
-
-extern "C" __global__ void __launch_bounds__(256) moba_bwd_dq_cast_bf16(const float* acc, void* out, long long n) {
-  moba_bwd::cast_rows(acc, static_cast<__nv_bfloat16*>(out), n);
-}
-
-extern "C" __global__ void __launch_bounds__(256) moba_bwd_dq_cast_f16(const float* acc, void* out, long long n) {
-  moba_bwd::cast_rows(acc, static_cast<__half*>(out), n);
-}
 
 extern "C" __global__ void __launch_bounds__(256) moba_bwd_rows(
     const long long* pairs, const long long* seg_off, const float* lse, const float* delta, void* rows,

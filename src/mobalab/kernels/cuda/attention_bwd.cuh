@@ -72,133 +72,43 @@ struct RowInfo {
   int hc;
 };
 
-// D = rowsum(dO o O) in fp32, kDeltaRows rows per warp and a grid-stride loop over groups of them. With one row
-// per warp and one CTA per 8 rows, CTAs lived for about one load's latency and the launch ran at ~0.5 TB/s (0.28
-// ms for the 134 MB of O and dO at 64K, batch 2, 16 heads); here a warp issues its group's loads together and a
-// CTA stays resident. Where zero is not null, the rows' D fp32 entries there are zeroed as well: the dQ
-// accumulator, which then needs no fill of its own (one pass over the rows instead of two launches).
-// Bytes per row: 4 D (O, dO in 16 bits) read, 4 (+ 4 D zeroed) written; no reuse, so the launch is memory-bound.
-constexpr int kDeltaRows = 4;
-
-template <int V>
-struct LaneVec {  // V 16-bit elements of one lane
-  using type = unsigned;
-};
-template <>
-struct LaneVec<4> {
-  using type = uint2;
-};
-template <>
-struct LaneVec<8> {
-  using type = uint4;
-};
-
-// The two 16-bit values of a 32-bit word as floats (low half first); the pointer argument picks the type.
-__device__ __forceinline__ float2 unpack2(unsigned w, const __nv_bfloat16*) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-}
-__device__ __forceinline__ float2 unpack2(unsigned w, const __half*) {
-  return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))),
-                     __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
-}
-
-// acc + the dot product of two lanes' V 16-bit values, word by word (no pointer into the registers)
-template <typename T>
-__device__ __forceinline__ float dot_words(unsigned x, unsigned y, float acc) {
-  const float2 a = unpack2(x, static_cast<const T*>(nullptr)), b = unpack2(y, static_cast<const T*>(nullptr));
-  return fmaf(a.y, b.y, fmaf(a.x, b.x, acc));
-}
-template <typename T>
-__device__ __forceinline__ float dot_lane(unsigned x, unsigned y) { return dot_words<T>(x, y, 0.f); }
-template <typename T>
-__device__ __forceinline__ float dot_lane(uint2 x, uint2 y) { return dot_words<T>(x.y, y.y, dot_words<T>(x.x, y.x, 0.f)); }
-template <typename T>
-__device__ __forceinline__ float dot_lane(uint4 x, uint4 y) {
-  return dot_words<T>(x.w, y.w, dot_words<T>(x.z, y.z, dot_words<T>(x.y, y.y, dot_words<T>(x.x, y.x, 0.f))));
-}
-
+// D = rowsum(dO o O) in fp32: one warp per (batch, query, head) row.
 template <typename T, int D>
-__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, float* zero,
-                                           long long n_rows) {
+__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, long long n_rows) {
   constexpr int V = moba::kRowLaneElems<D>;
-  constexpr int R = kDeltaRows;
-  using Vec = typename LaneVec<V>::type;
   const int lane = threadIdx.x & 31;
-  const bool holds = moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>;  // idle lanes (D = 32, 96) add 0
-  const long long n_warps = static_cast<long long>(gridDim.x) * (blockDim.x >> 5);
-  for (long long w0 = (static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
-       w0 < n_rows; w0 += n_warps * R) {
-    const int n_here = static_cast<int>(min(static_cast<long long>(R), n_rows - w0));  // rows of this group
-    const Vec* o = reinterpret_cast<const Vec*>(static_cast<const T*>(out_) + w0 * D + lane * V);
-    const Vec* g = reinterpret_cast<const Vec*>(static_cast<const T*>(dout_) + w0 * D + lane * V);
-    Vec a[R], b[R];
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= n_rows) return;
+  const T* o = static_cast<const T*>(out_) + w * D + lane * V;
+  const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
+  float acc = 0.f;
+  if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
+    // idle lane (D = 32, 96): adds 0 to the warp sum
+  } else if constexpr (V == 8) {
+    const uint4 a = *reinterpret_cast<const uint4*>(o);
+    const uint4 b = *reinterpret_cast<const uint4*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
 #pragma unroll
-    for (int r = 0; r < R; ++r) a[r] = b[r] = Vec{};
-    if (holds && n_here == R) {  // every load issued before the first is used
+    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else if constexpr (V == 4) {
+    const uint2 a = *reinterpret_cast<const uint2*>(o);
+    const uint2 b = *reinterpret_cast<const uint2*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        a[r] = o[r * (D / V)];
-        b[r] = g[r * (D / V)];
-      }
-    } else if (holds) {
+    for (int e = 0; e < 4; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else {
+    const unsigned a = *reinterpret_cast<const unsigned*>(o);
+    const unsigned b = *reinterpret_cast<const unsigned*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r < n_here) {
-          a[r] = o[r * (D / V)];
-          b[r] = g[r * (D / V)];
-        }
-      }
-    }
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = dot_lane<T>(a[r], b[r]);
-#pragma unroll
-    for (int s = 16; s > 0; s >>= 1)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], s);
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (w0 + r < n_rows) delta[w0 + r] = acc[r];
-    }
-    if (zero != nullptr) {
-      float4* z = reinterpret_cast<float4*>(zero + w0 * D);
-      const int n4 = static_cast<int>(min(static_cast<long long>(R), n_rows - w0)) * (D / 4);
-      for (int i = lane; i < n4; i += 32) z[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    for (int e = 0; e < 2; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
   }
-}
-
-// out = T(acc) for n fp32 values (n a multiple of 8, both 16-byte aligned), rounded to nearest even as torch's
-// conversion does: the atomically summed dQ to the input dtype. 6 bytes per element, memory-bound; a grid-stride
-// loop whose threads have two 32-byte loads in flight.
-template <typename T>
-__device__ __forceinline__ void cast_rows(const float* acc, T* out, long long n) {
-  const long long n8 = n / 8;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8; i += 2 * stride) {
-    const long long j = i + stride;
-    const float4* src = reinterpret_cast<const float4*>(acc);
-    const float4 x0 = src[2 * i], x1 = src[2 * i + 1];
-    float4 y0 = make_float4(0.f, 0.f, 0.f, 0.f), y1 = y0;
-    if (j < n8) {
-      y0 = src[2 * j];
-      y1 = src[2 * j + 1];
-    }
-    uint4 o;
-    o.x = Elem<T>::pack(x0.x, x0.y);
-    o.y = Elem<T>::pack(x0.z, x0.w);
-    o.z = Elem<T>::pack(x1.x, x1.y);
-    o.w = Elem<T>::pack(x1.z, x1.w);
-    reinterpret_cast<uint4*>(out)[i] = o;
-    if (j < n8) {
-      o.x = Elem<T>::pack(y0.x, y0.y);
-      o.y = Elem<T>::pack(y0.z, y0.w);
-      o.z = Elem<T>::pack(y1.x, y1.y);
-      o.w = Elem<T>::pack(y1.z, y1.w);
-      reinterpret_cast<uint4*>(out)[j] = o;
-    }
-  }
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) delta[w] = acc;
 }
 
 // Row records of a chunk's sorted list: position i holds pair p = pairs[i] = (hc * n_q + tt) * top_k + slot.
