@@ -132,18 +132,10 @@ def _lengths_arg(text: str) -> tuple[int, ...]:
 
 
 def _time_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median of ``reps`` calls, each from an idle GPU, after ``warmup``."""
+    from mobalab.bench.attention import time_queued_ms
+
+    return time_queued_ms(fn, steps=1, rounds=reps, warmup=warmup)
 
 
 def _cu(lengths, device):
