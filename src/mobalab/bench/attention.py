@@ -746,6 +746,18 @@ def _time_and_peak(fn, long):
     return ms, (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
+def _step_timers(graph: bool, queued: bool, budget_s: float) -> dict:
+    """The extra step timings asked for, ``{"graph" | "queued": timer(fn, slow=False) -> ms}``: ``fn`` replayed
+    from a CUDA graph (:func:`graphed`), or issued back to back (:func:`time_queued_ms`; ``slow``: a step of
+    seconds, the long dense runs, timed once per round and in fewer rounds)."""
+    timers = {}
+    if graph:
+        timers["graph"] = lambda fn, slow=False: time_ms(graphed(fn), budget_s=budget_s)[0]
+    if queued:
+        timers["queued"] = lambda fn, slow=False: time_queued_ms(fn, steps=1 if slow else 10, rounds=3 if slow else 7)
+    return timers
+
+
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
                         deterministic=True, peers=(), budget_s=1.5, graph=False, queued=False):
     causal = True
@@ -756,6 +768,7 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
                top_k=top_k, causal=causal, dtype="bf16")
     leaves = [x.requires_grad_() for x in (q, k, v)]
+    timers = _step_timers(graph, queued, budget_s)
     fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal)  # noqa: E731
     row["fwd_ms"], _ = time_ms(fwd, budget_s=budget_s)
     for name, det in (("fwdbwd", False), ("fwdbwd_det", True)):
@@ -766,21 +779,17 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
         fn = _grad_fn(f, leaves, dout)
         row[f"{name}_ms"], _ = time_ms(fn, budget_s=budget_s)
         row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
-        if graph and not det:
-            row["fwdbwd_graph_ms"], _ = time_ms(graphed(fn), budget_s=budget_s)
-        if queued and not det:
-            row["fwdbwd_queued_ms"] = time_queued_ms(fn)
-    if graph:
-        row["fwd_graph_ms"], _ = time_ms(graphed(fwd), budget_s=budget_s)
-    if queued:
-        row["fwd_queued_ms"] = time_queued_ms(fwd)
+        if not det:
+            for key, timer in timers.items():
+                row[f"fwdbwd_{key}_ms"] = timer(fn)
+    for key, timer in timers.items():
+        row[f"fwd_{key}_ms"] = timer(fwd)
     row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
     f_route = routing_flops(batch, seqlen, heads, dim, block, causal)
     f_attn = attention_flops(batch, seqlen, heads, dim, block, top_k, causal)
-    for key in ("graph", "queued"):  # the backward's time and rate without the host's share as well
-        if f"fwd_{key}_ms" in row:
-            row[f"bwd_{key}_ms"] = row[f"fwdbwd_{key}_ms"] - row[f"fwd_{key}_ms"]
-            row[f"bwd_{key}_useful_tflops"] = 2.5 * f_attn / (row[f"bwd_{key}_ms"] * 1e9)
+    for key in timers:  # the backward's time and rate without the host's share as well
+        row[f"bwd_{key}_ms"] = row[f"fwdbwd_{key}_ms"] - row[f"fwd_{key}_ms"]
+        row[f"bwd_{key}_useful_tflops"] = 2.5 * f_attn / (row[f"bwd_{key}_ms"] * 1e9)
     row["fwd_useful_tflops"] = (f_route + f_attn) / (row["fwd_ms"] * 1e9)
     row["bwd_useful_tflops"] = 2.5 * f_attn / (row["bwd_ms"] * 1e9)
     row["fwdbwd_useful_tflops"] = (f_route + 3.5 * f_attn) / (row["fwdbwd_ms"] * 1e9)
@@ -814,21 +823,13 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
                 print(f"  {name} fwd+bwd failed at N={seqlen}: {exc}")
                 row[f"{name}_fwdbwd_ms"] = row[f"{name}_fwdbwd_peak_gb"] = float("nan")
             row[f"speedup_vs_{name}"] = row[f"{name}_fwdbwd_ms"] / row["fwdbwd_ms"]
-            if graph:  # both sides replayed from graphs: the GPU's time for the step, no host in it
+            for key, timer in timers.items():  # the dense side timed as mobalab's was
                 try:
-                    row[f"{name}_fwdbwd_graph_ms"], _ = time_ms(graphed(_grad_fn(f, tleaves, dt)), budget_s=budget_s)
+                    row[f"{name}_fwdbwd_{key}_ms"] = timer(_grad_fn(f, tleaves, dt), slow=long)
                 except RuntimeError as exc:
-                    print(f"  {name} fwd+bwd from a CUDA graph failed at N={seqlen}: {exc}")
-                    row[f"{name}_fwdbwd_graph_ms"] = float("nan")
-                row[f"graph_speedup_vs_{name}"] = row[f"{name}_fwdbwd_graph_ms"] / row["fwdbwd_graph_ms"]
-            if queued:  # both sides issued back to back: the host runs ahead wherever it can
-                try:
-                    row[f"{name}_fwdbwd_queued_ms"] = time_queued_ms(_grad_fn(f, tleaves, dt), steps=1 if long else 10,
-                                                                     rounds=3 if long else 7)
-                except RuntimeError as exc:
-                    print(f"  {name} fwd+bwd back to back failed at N={seqlen}: {exc}")
-                    row[f"{name}_fwdbwd_queued_ms"] = float("nan")
-                row[f"queued_speedup_vs_{name}"] = row[f"{name}_fwdbwd_queued_ms"] / row["fwdbwd_queued_ms"]
+                    print(f"  {name} fwd+bwd ({key}) failed at N={seqlen}: {exc}")
+                    row[f"{name}_fwdbwd_{key}_ms"] = float("nan")
+                row[f"{key}_speedup_vs_{name}"] = row[f"{name}_fwdbwd_{key}_ms"] / row[f"fwdbwd_{key}_ms"]
         del qt, kt, vt, dt, tleaves
     torch.cuda.empty_cache()
     return row

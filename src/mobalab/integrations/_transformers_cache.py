@@ -107,9 +107,13 @@ class MobaCacheLayer(CacheLayerMixin):
         self._unsupported("offloading")
 
 
+def _text_config(config):
+    """The text model's config of ``config`` (itself for a text-only model)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _num_layers(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
+    n = getattr(_text_config(config), "num_hidden_layers", None)
     if not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"MobaCache: the config has no usable num_hidden_layers (got {n!r})")
     return int(n)
@@ -138,9 +142,9 @@ class MobaCache(Cache):
     >>> _ = torch.manual_seed(0)
     >>> model = LlamaForCausalLM(config).eval()
     >>> ids = torch.arange(12)[None] % 64
-    >>> from mobalab.integrations.transformers import cache_argument  # "cache" (transformers 5) or "past_key_values"
+    >>> from mobalab.integrations.transformers import cache_argument  # "cache" or "past_key_values", by release
     >>> out = model.generate(ids, max_new_tokens=5, do_sample=False,
-    ...                      **{cache_argument(): MobaCache(config, max_cache_len=32)})
+    ...                      **{cache_argument(model): MobaCache(config, max_cache_len=32)})
     >>> out.shape
     torch.Size([1, 17])
     """
@@ -148,8 +152,7 @@ class MobaCache(Cache):
     def __init__(self, config, max_cache_len: int):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, numbers.Integral) or max_cache_len < 1:
             raise ValueError(f"MobaCache: max_cache_len must be an integer >= 1, got {max_cache_len!r}")
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        block = getattr(text, "moba_block_size", None)
+        block = getattr(_text_config(config), "moba_block_size", None)
         if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
             raise ValueError(f"MobaCache: the config's moba_block_size must be an integer >= 1, got {block!r} (set "
                              "config.moba_block_size, as for attn_implementation='moba')")

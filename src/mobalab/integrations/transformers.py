@@ -31,8 +31,8 @@ What the attention accepts:
   unpadded to the varlen path; padded positions get zero output. A mask with holes inside a row, or a custom
   4-D mask, is refused (neither is MoBA routing);
 * decoding with a KV cache (fewer queries than keys, the queries being the last positions): with
-  :class:`MobaCache` (``model.generate(..., past_key_values=MobaCache(model.config, max_cache_len))``) a step of
-  up to 16 new tokens runs :func:`mobalab.kernels.moba_decode` over the layer's
+  :class:`MobaCache` (``model.generate(..., **{cache_argument(model): MobaCache(model.config, max_cache_len)})``)
+  a step of up to 16 new tokens runs :func:`mobalab.kernels.moba_decode` over the layer's
   :class:`~mobalab.kernels.MobaKVCache`, reading the block sums and the selected blocks only (unpadded batches).
   With transformers' own dynamic cache the queries are placed at their positions in a zero-padded query
   sequence over all keys, which is exact (each query's routing and attention depend only on itself and the
