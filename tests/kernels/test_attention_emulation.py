@@ -267,7 +267,7 @@ def test_emulated_backward_over_the_forwards_kept_lists(emulated_forward, emulat
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomic-dq", "det"])
 def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, emulated_backward, monkeypatch, det):
-    """Where the forward's budget splits the kv heads finer than the backward's (16K and 64K at the benchmark's
+    """Where the forward's budget splits the kv heads finer than the backward's (32K and 64K at the benchmark's
     shapes; forced here), the backward gathers each chunk's lists from the kept ones (moba_pairs_gather): no sort
     in the backward, gradients within the criterion, dK / dV bit-identical to lists built for the chunk."""
     dtype, dim, block, top_k, causal = torch.float16, 64, 32, 3, True

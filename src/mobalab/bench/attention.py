@@ -686,7 +686,7 @@ def run_record() -> dict:
 
     env.update(routing="cuda", attn_variant=A.resolve_variant(None), router_variant=resolve_router_variant(None),
                bwd_variant=resolve_bwd_variant(None), launcher=resolve_launcher(),
-               scratch_budget="default: 4% of the q, k, v, out bytes within [512 MiB, 768 MiB] (per row: "
+               scratch_budget="default: 4% of the q, k, v, out bytes within [640 MiB, 768 MiB] (per row: "
                               "scratch_budget_bytes)")
     return env
 

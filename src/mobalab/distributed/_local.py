@@ -61,7 +61,7 @@ class CudaKernels:
     #: the dtype of the buffers that forward / backward write into in place (``into=``)
     into_dtype = torch.float32
     #: scratch per kernel call. The kernels' default is 4% of the call's q, k, v and out bytes (at least
-    #: 512 MiB), sized for a whole sequence; a ring call covers one segment, so the default cut a 512K-row
+    #: 640 MiB), sized for a whole sequence; a ring call covers one segment, so the default cut a 512K-row
     #: segment into three chunks per head (48 launches of the tile, the pair lists and the merge per call,
     #: each with its tail), where 1.5 GiB takes it in one chunk per head.
     scratch_bytes = 3 << 29

@@ -85,7 +85,9 @@ WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
 PARTIALS = ("16bit", "fp32")  # element type of the partial o: the input dtype, or fp32
 PARTIAL_ENV = "MOBALAB_ATTN_PARTIAL"
-_MIN_BUDGET = 512 << 20
+# 640 MiB: a batch row of 16 heads at 16K with k 8 (593 MiB of 16-bit partials at head dim 128) is one chunk, so the
+# forward's chunks are the backward's and it reads their lists as they are (no gather)
+_MIN_BUDGET = 640 << 20
 _MAX_BUDGET = 768 << 20
 _BUDGET_FRACTION = 0.04  # of the bytes of q, k, v and out
 
@@ -133,7 +135,7 @@ def bytes_per_pair(head_dim: int, partial: str = "16bit") -> int:
 
 def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
                            elem_bytes: int = 2) -> int:
-    """Scratch budget: 4% of the q, k, v and out bytes, clamped to [512 MiB, 768 MiB]."""
+    """Scratch budget: 4% of the q, k, v and out bytes, clamped to [640 MiB, 768 MiB]."""
     io = batch * seqlen * (2 * heads + 2 * kv_heads) * head_dim * elem_bytes
     return int(min(_MAX_BUDGET, max(_MIN_BUDGET, _BUDGET_FRACTION * io)))
 
@@ -156,11 +158,15 @@ def _plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, 
     max_q = max(1, budget_bytes // per_query)
     chunks = []
     if max_q >= seqlen:
-        kv_per_chunk = max(1, min(kv_heads, max_q // seqlen))
+        # as few chunks as fit, of even sizes (16 groups at 3 per chunk: 3, 3, 3, 3, 2, 2 rather than ..., 3, 1):
+        # a small last chunk is a launch of a few waves whose tail the others do not share
+        n_chunks = math.ceil(kv_heads / max(1, min(kv_heads, max_q // seqlen)))
+        sizes = [kv_heads // n_chunks + (i < kv_heads % n_chunks) for i in range(n_chunks)]
         for b in range(batch):
-            for g0 in range(0, kv_heads, kv_per_chunk):
-                n_kv = min(kv_per_chunk, kv_heads - g0)
+            g0 = 0
+            for n_kv in sizes:
                 chunks.append(Chunk(b, g0 * group, n_kv * group, 0, seqlen))
+                g0 += n_kv
     else:
         n_t = math.ceil(seqlen / max_q)
         n_q = math.ceil(seqlen / n_t)
