@@ -16,6 +16,7 @@ import mobalab.kernels as K
 from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels import _cuda_backward as G
+from mobalab.kernels import _pairs as P
 from mobalab.kernels import reference as R
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args, signatures
@@ -242,12 +243,13 @@ def test_torch_compile_fullgraph_cpu():
 
 def test_forward_lists_are_kept_where_both_plans_cover_whole_sequences():
     """The backward takes the forward's lists when every chunk of both plans covers whole sequences: as they are
-    where the plans are the same chunks (the benchmark's 8K: one chunk per sequence), gathered where the forward
-    splits the heads finer (16K, 64K), not where the forward splits the queries (512K). The kept lists' layout is
-    8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
-    assert G.forward_lists_reusable(2, 8192, 16, 16, 128, 8, False)
-    assert G.forward_plan(2, 8192, 16, 16, 128, 8) == G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
-    for n in (16384, 65536):
+    where the plans are the same chunks (the benchmark's 8K and 16K: one chunk per sequence), gathered where the
+    forward splits the heads finer (32K, 64K), not where the forward splits the queries (512K). The kept lists'
+    layout is 8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
+    for n in (8192, 16384):
+        assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
+        assert G.forward_plan(2, n, 16, 16, 128, 8) == G.bwd_plan(2, n, 16, 16, 128, 8, False)
+    for n in (32768, 65536):
         assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
         assert len(G.forward_plan(2, n, 16, 16, 128, 8)) > len(G.bwd_plan(2, n, 16, 16, 128, 8, False))
     assert not G.forward_lists_reusable(2, 524288, 16, 16, 128, 8, False)
@@ -271,11 +273,21 @@ def test_kept_lists_are_checked(monkeypatch):
         G.moba_attention_backward_cuda(*args, fwd_lists=torch.zeros(2, 3, dtype=torch.int64))
 
 
-def test_segments_start_longest_first():
-    """The main kernel's CTAs take the segments longest list first (ties in any order); an empty segment last."""
-    seg_off = torch.tensor([0, 3, 3, 10, 12, 20, 21], dtype=torch.int64)  # sizes 3, 0, 7, 2, 8, 1
+def test_segments_start_longest_first(monkeypatch):
+    """The main kernel's CTAs take the segments by descending tile count (64 rows), equal counts in segment order,
+    an empty segment last: one launch of moba_pairs_longest_first (emulated in test_pairs_cpu.py), or the torch
+    sort past the kernel's shared memory."""
+    seg_off = torch.tensor([0, 3, 3, 100, 164, 300, 301], dtype=torch.int64)  # sizes 3, 0, 97, 64, 136, 1
+    launched = []
+    monkeypatch.setattr(G, "launch", launched.append)
     order = G.longest_first(seg_off, 6)
-    assert order.dtype == torch.int32 and order.tolist() == [4, 2, 0, 3, 5, 1]
+    assert order.dtype == torch.int32 and order.shape == (6,)
+    (plan,) = launched
+    assert plan.kernel == "moba_pairs_longest_first" and plan.args[3] is order and plan.shared_mem == 24
+    check_args(plan.source, plan.kernel, plan.args)
+    assert P.longest_first_reference(seg_off, 6, G.ROWS).tolist() == [4, 2, 0, 3, 5, 1]
+    monkeypatch.setattr(P, "MAX_ORDER_SEGMENTS", 5)
+    assert G.longest_first(seg_off, 6).tolist() == [4, 2, 0, 3, 5, 1] and len(launched) == 1
     plans, _ = _plans(torch.bfloat16, 64, 16, False)
     assert plans[2].args[7] == 0  # a plan without an order passes a null pointer: segment order
 

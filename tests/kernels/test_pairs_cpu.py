@@ -60,7 +60,7 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
-                                         "moba_topk_rebase", "moba_pairs_gather"}
+                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -81,7 +81,7 @@ def test_pairs_kernels_have_the_planned_signatures():
 def test_the_constants_match_the_source():
     text = source(P.SOURCE)
     for name, value in (("kPairsThreads", P.PAIRS_THREADS), ("kPairsRounds", P.PAIRS_ROUNDS),
-                        ("kScanThreads", P.SCAN_THREADS)):
+                        ("kScanThreads", P.SCAN_THREADS), ("kOrderKeys", P.ORDER_THREADS)):
         assert f"constexpr int {name} = {value};" in text
     # keys are packed into 15 bits beside a 16-bit rank, positions counted in 16 bits per tile
     assert P.MAX_KEYS <= 2**15 and P.TILE < 2**16
@@ -284,3 +284,33 @@ def test_gather_table_refuses_chunks_it_cannot_serve():
         P.gather_table(kept, layout, A.Chunk(0, 0, 3, 0, 100), top_k=2, n_blocks=4, group=1)
     with pytest.raises(ValueError, match="full sequences"):
         P.gather_table(kept, layout, A.Chunk(0, 0, 2, 0, 50), top_k=2, n_blocks=4, group=1)
+
+
+# ---- the backward's CTA order ----
+
+
+@pytest.mark.parametrize("n_seg, top", [(1, 5), (37, 3), (700, 9), (2112, 200), (3000, 5000)])
+def test_emulated_longest_first_is_the_stable_sort_by_tiles(harness, tmp_path, n_seg, top):
+    """Segments by descending tile count, equal counts in segment order: many ties, empty segments, counts past
+    the cap (ORDER_THREADS - 1 tiles), more segments than threads; the output poisoned before the launch."""
+    g = torch.Generator().manual_seed(n_seg)
+    sizes = torch.randint(0, top * 64 + 1, (n_seg,), generator=g)
+    sizes[torch.randint(0, n_seg, (max(1, n_seg // 10),), generator=g)] = 0
+    if top > 1000:
+        sizes[:3] = (P.ORDER_THREADS + 5) * 64
+    seg_off = torch.zeros(n_seg + 1, dtype=torch.int64)
+    seg_off[1:] = torch.cumsum(sizes, 0)
+    order = torch.full((n_seg,), -7, dtype=torch.int32)
+    run_emulated(harness, tmp_path, [P.longest_first_launch(seg_off, n_seg, 64, order)], seed=n_seg)
+    assert torch.equal(order, P.longest_first_reference(seg_off, n_seg, 64))
+    key = torch.clamp((sizes + 63) // 64, max=P.ORDER_THREADS - 1)[order.long()]
+    idx = order.long()
+    assert sorted(idx.tolist()) == list(range(n_seg))  # a permutation
+    assert (key[1:] <= key[:-1]).all() and (idx[1:] > idx[:-1])[key[1:] == key[:-1]].all()
+
+
+def test_longest_first_launch_refuses_sizes_it_cannot_hold():
+    seg_off = torch.zeros(2, dtype=torch.int64)
+    for n in (0, P.MAX_ORDER_SEGMENTS + 1):
+        with pytest.raises(ValueError, match="n_seg must be in"):
+            P.longest_first_launch(seg_off, n, 64, torch.empty(1, dtype=torch.int32))

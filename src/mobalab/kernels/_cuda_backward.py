@@ -204,12 +204,16 @@ LONGEST_FIRST_MAX_WAVES = 16
 
 
 def longest_first(seg_off, n_seg: int):
-    """The chunk's segments, longest list first (int32): the main kernel's CTAs start in that order, so a causal
-    sequence's long lists (its first key blocks, several times the mean) do not run alone at the kernel's end.
-    Simulated as greedy list scheduling on 132 SMs with the routing of random inputs (8K, 16 heads, B 128,
-    k 8): in segment order the kernel takes 1.23x its balanced time, longest first 1.01x."""
-    sizes = seg_off[1:n_seg + 1] - seg_off[:n_seg]
-    return torch.argsort(sizes, descending=True).to(torch.int32)
+    """The chunk's segments by descending tile count (64 gathered rows), equal counts in segment order (int32, one
+    launch of ``moba_pairs_longest_first``): the main kernel's CTAs start in that order, so a causal sequence's long
+    lists (its first key blocks, several times the mean) do not run alone at the kernel's end. Simulated as greedy
+    list scheduling on 132 SMs with the routing of random inputs (8K, 16 heads, B 128, k 8): in segment order the
+    kernel takes 1.23x its balanced time, longest first 1.01x."""
+    if n_seg > _pairs.MAX_ORDER_SEGMENTS:  # more keys than shared memory holds (never at <= 16 waves of 132 SMs)
+        return _pairs.longest_first_reference(seg_off, n_seg, ROWS)
+    order = torch.empty(n_seg, dtype=torch.int32, device=seg_off.device)
+    launch(_pairs.longest_first_launch(seg_off, n_seg, ROWS, order))
+    return order
 
 
 def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:

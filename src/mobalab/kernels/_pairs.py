@@ -210,6 +210,30 @@ def gather_launch(kept, table, dst_off, dst_pairs, n_seg: int) -> Launch:
 
 
 # --------------------------------------------------------------------------------------------------
+# the backward's CTA order: segments longest first
+
+
+ORDER_THREADS = 1024  # kOrderKeys in cuda/pairs.cu: one thread per tile count
+MAX_ORDER_SEGMENTS = 12288  # 48 KiB of keys in shared memory
+
+
+def longest_first_launch(seg_off, n_seg: int, rows_per_tile: int, order) -> Launch:
+    """``order`` (int32, ``n_seg``) = the segments by descending tile count (``ceil(rows / rows_per_tile)``, capped at
+    ``ORDER_THREADS - 1``), equal counts in segment order: :func:`longest_first_reference` in one launch."""
+    if not 0 < n_seg <= MAX_ORDER_SEGMENTS:
+        raise ValueError(f"longest_first_launch: n_seg must be in 1..{MAX_ORDER_SEGMENTS}, got {n_seg}")
+    return Launch(SOURCE, "moba_pairs_longest_first", (1,), (ORDER_THREADS,),
+                  (seg_off, np.int32(n_seg), np.int32(rows_per_tile), order), shared_mem=4 * n_seg)
+
+
+def longest_first_reference(seg_off: torch.Tensor, n_seg: int, rows_per_tile: int) -> torch.Tensor:
+    """The order of :func:`longest_first_launch` in torch: a stable sort of the segments by descending tile count."""
+    sizes = seg_off[1:n_seg + 1] - seg_off[:n_seg]
+    tiles = torch.clamp((sizes + rows_per_tile - 1) // rows_per_tile, max=ORDER_THREADS - 1)
+    return torch.sort(-tiles, stable=True).indices.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
 # routing rebased to a range of blocks (a kernel call over one key segment of a longer sequence)
 
 

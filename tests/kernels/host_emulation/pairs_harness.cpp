@@ -46,6 +46,9 @@ const harness::Kernels kKernels = {
          moba_pairs_gather(P<const long long>(a[0]), P<const long long>(a[1]), P<const long long>(a[2]),
                            P<long long>(a[3]), I(a[4]));
      }}},
+    {"moba_pairs_longest_first", {4, [](const std::vector<Arg>& a) {
+         moba_pairs_longest_first(P<const long long>(a[0]), I(a[1]), I(a[2]), P<int>(a[3]));
+     }}},
 };
 
 }  // namespace
