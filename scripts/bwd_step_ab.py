@@ -7,7 +7,12 @@ Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, rando
 * ``lists``: the forward's key-block lists kept for the backward (read as they are, or gathered where the
   forward's chunks split the heads finer) against lists the backward builds itself;
 * ``order``: the "block" backward's segments longest first (where it applies: up to 16 waves of CTAs) against
-  segment order everywhere.
+  segment order everywhere;
+* ``plan``: the chunk planner (kv groups in chunks of even sizes, a scratch budget of at least 640 MiB) against
+  the previous one (chunks of the largest size that fits and a smaller last one, at least 512 MiB);
+* ``tpc``: the forward's resident tile kernel with 8 tiles per CTA ("on") against its 4 (``MOBA_TPC``);
+* ``sort``: the longest-first order from one ``moba_pairs_longest_first`` launch against ``torch.argsort`` of the
+  segment sizes.
 
 Printed per point: each arm's median in ms, the speedup of "on" over "off", and whether dK and dV are
 bit-identical between the arms (both settings leave every dK / dV sum in the same order; dQ's float atomics
@@ -17,11 +22,13 @@ do not).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
 import torch
 
+import mobalab.kernels._cuda_attention as A
 import mobalab.kernels._cuda_backward as G
 import mobalab.kernels.autograd as AG
 from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
@@ -30,7 +37,19 @@ from mobalab.kernels import moba_attention
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64)}
-COMPARES = ("lists", "order")
+COMPARES = ("lists", "order", "plan", "tpc", "sort")
+
+
+def _previous_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial):
+    """The chunk planner before the even chunk sizes (for ``--compare plan``): whole sequences in chunks of as many
+    kv groups as fit, the rest in a smaller last chunk; split query ranges as now."""
+    group = heads // kv_heads
+    max_q = max(1, budget_bytes // (group * top_k * A.bytes_per_pair(head_dim, partial)))
+    if max_q < seqlen:
+        return A._plan_chunks.__wrapped__(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial)
+    per = max(1, min(kv_heads, max_q // seqlen))
+    return tuple(A.Chunk(b, g0 * group, min(per, kv_heads - g0) * group, 0, seqlen)
+                 for b in range(batch) for g0 in range(0, kv_heads, per))
 
 
 def _switch(compare: str):
@@ -38,6 +57,29 @@ def _switch(compare: str):
     if compare == "lists":
         kept = AG._lists_numel
         return lambda on: setattr(AG, "_lists_numel", kept if on else (lambda *a: 0))
+    if compare == "plan":
+        planner, floor = A._plan_chunks, A._MIN_BUDGET
+
+        def plan(on):
+            A._plan_chunks = planner if on else _previous_plan
+            A._MIN_BUDGET = floor if on else 512 << 20
+        return plan
+    if compare == "tpc":
+        real_launch, tpc = A.launch, A.TILES_PER_UNIT
+
+        def launch8(p):
+            real_launch(dataclasses.replace(p, defines=p.defines + ("MOBA_TPC=8",)) if p.source == A.SOURCE else p)
+
+        def tiles(on):
+            A.launch, A.TILES_PER_UNIT = (launch8, 8) if on else (real_launch, tpc)
+        return tiles
+    if compare == "sort":
+        kernel = G.longest_first
+
+        def argsort(seg_off, n_seg):
+            sizes = seg_off[1:n_seg + 1] - seg_off[:n_seg]
+            return torch.argsort(sizes, descending=True).to(torch.int32)
+        return lambda on: setattr(G, "longest_first", kernel if on else argsort)
     ordered = G.orders_longest_first
     return lambda on: setattr(G, "orders_longest_first", ordered if on else (lambda *a: False))
 

@@ -61,6 +61,8 @@
 #   bwd-step     the backward's list and order settings over a whole step: the GPU tests of the kept / gathered
 #                lists (-k kept), then scripts/bwd_step_ab.py --compare lists and --compare order (interleaved,
 #                8K-64K: logs/bwd_step_lists.md, logs/bwd_step_order.md); ~200 s
+#   step-ab      whole steps, interleaved, 8K-64K: scripts/bwd_step_ab.py --compare C for each C in $STEP_AB
+#                (default "plan tpc": the chunk planner, the forward's tiles per CTA; logs/step_ab_C.md; ~100 s each)
 #   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
@@ -235,6 +237,11 @@ for step in "${STEPS[@]}"; do
       timeout $(cap 120) python3 scripts/bwd_step_ab.py --compare lists > "$W/bwd_step_lists.md" 2>&1 || status=1
       timeout $(cap 100) python3 scripts/bwd_step_ab.py --compare order --points 8K 16K 64K \
         > "$W/bwd_step_order.md" 2>&1 || status=1 ;;
+    step-ab) # whole-step A/Bs of scripts/bwd_step_ab.py, one per word of STEP_AB (default "plan tpc"), 8K-64K
+      for cmp in ${STEP_AB:-plan tpc}; do
+        timeout $(cap 150) python3 scripts/bwd_step_ab.py --compare "$cmp" --points 8K 16K 64K \
+          > "$W/step_ab_$cmp.md" 2>&1 || status=1
+      done ;;
     peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
@@ -252,7 +259,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bench_wgmma.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma.log" | head -n 6
 [ -f "$W/pytest_bwd_block.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_block.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_block.log"; }
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
-for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md"; do [ -f "$f" ] && cat "$f"; done
+for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md" "$W"/step_ab_*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/bwd_ab.md" ] && grep -E "^\||Error|error" "$W/bwd_ab.md" | head -n 20
 [ -f "$W/pytest_hf_generate.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_hf_generate.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_hf_generate.log"; }
 [ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }

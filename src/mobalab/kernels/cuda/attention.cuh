@@ -50,7 +50,9 @@
 
 #define MOBA_ROWS 64      // rows (query, slot pairs) per tile = 4 warps x 16
 #define MOBA_THREADS 128
-#define MOBA_TPC 4        // tiles per CTA in the resident kernel
+#ifndef MOBA_TPC
+#define MOBA_TPC 4        // tiles per CTA in the resident kernel (the host's TILES_PER_UNIT)
+#endif
 #ifndef MOBA_PARTIAL_FP32
 #define MOBA_PARTIAL_FP32 0  // 1: fp32 partial o (the fallback); 0: the input type
 #endif
