@@ -12,7 +12,9 @@ Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, rando
   the previous one (chunks of the largest size that fits and a smaller last one, at least 512 MiB);
 * ``tpc``: the forward's resident tile kernel with 8 tiles per CTA ("on") against its 4 (``MOBA_TPC``);
 * ``sort``: the longest-first order from one ``moba_pairs_longest_first`` launch against ``torch.argsort`` of the
-  segment sizes.
+  segment sizes;
+* ``eager``: eager calls through the autograd.Function (``mobalab.kernels.autograd.EAGER_FUNCTION``) against the
+  custom ops.
 
 Printed per point: each arm's median in ms, the speedup of "on" over "off", and whether dK and dV are
 bit-identical between the arms (both settings leave every dK / dV sum in the same order; dQ's float atomics
@@ -37,7 +39,7 @@ from mobalab.kernels import moba_attention
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64)}
-COMPARES = ("lists", "order", "plan", "tpc", "sort")
+COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager")
 
 
 def _previous_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial):
@@ -73,6 +75,8 @@ def _switch(compare: str):
         def tiles(on):
             A.launch, A.TILES_PER_UNIT = (launch8, 8) if on else (real_launch, tpc)
         return tiles
+    if compare == "eager":
+        return lambda on: setattr(AG, "EAGER_FUNCTION", on)
     if compare == "sort":
         kernel = G.longest_first
 

@@ -17,6 +17,7 @@ from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels import _cuda_backward as G
 from mobalab.kernels import _pairs as P
+from mobalab.kernels import autograd as AG
 from mobalab.kernels import reference as R
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import check_args, signatures
@@ -213,7 +214,10 @@ def test_op_matches_reference_autograd(causal):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_of_the_op():
+@pytest.mark.parametrize("eager_function", [True, False])
+def test_gradcheck_of_the_op(monkeypatch, eager_function):
+    """Both entries: the eager autograd.Function and the custom ops (what torch.compile traces)."""
+    monkeypatch.setattr(AG, "EAGER_FUNCTION", eager_function)
     q, k, v = _qkv(batch=1, seqlen=10, heads=2, kv_heads=1, dim=4, seed=4)
     leaves = tuple(x.requires_grad_() for x in (q, k, v))
     fn = lambda q, k, v: moba_attention_autograd(q, k, v, 3, 2, causal=True, return_lse=True)  # noqa: E731
@@ -226,7 +230,7 @@ def test_opcheck_forward_op():
                           (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True, 0.3, False))
 
 
-def test_torch_compile_fullgraph_cpu():
+def test_torch_compile_fullgraph_cpu(monkeypatch):
     q, k, v = _qkv(seed=9)
 
     def f(q, k, v):
@@ -235,8 +239,13 @@ def test_torch_compile_fullgraph_cpu():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break would raise
     a = [x.clone().requires_grad_() for x in (q, k, v)]
     b = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager_calls = []
+    real = AG._EagerMoba.apply
+    monkeypatch.setattr(AG._EagerMoba, "apply", lambda *args: eager_calls.append(1) or real(*args))
     compiled(*a).backward()
+    assert not eager_calls  # compiled: the custom ops
     f(*b).backward()
+    assert eager_calls == [1]  # eager: the autograd.Function
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
 
