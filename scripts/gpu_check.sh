@@ -19,7 +19,7 @@
 #   trained-study            train variants of the trained-routing study (scripts/train_variants.py with
 #                            TRAIN_VARIANTS, e.g. "dense:0-2,moba-128-kconv3:1-2"); CSVs under trained/
 #   decode-tests             only the GPU tests of MoBA decode (tests/kernels/test_decode_gpu.py)
-#   decode-paged             the paged KV cache: its GPU test (bit-identical to a contiguous cache), then the split
+#   decode-paged             the paged KV cache: its GPU test (equal to a contiguous cache), then the split
 #                            step over pages of 128 and 1024 tokens against the contiguous cache, interleaved, at 512K,
 #                            128K, 32K, batch 8 (scripts/decode_split_ab.py; logs/decode_paged_ab.log; ~150 s)
 #   wgmma        only the GPU test of the Hopper wgmma probe (tests/kernels/test_wgmma_probe_gpu.py, ~15 s)
