@@ -455,12 +455,27 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if keep_lists and (into is not None or not return_lse):
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
-    if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(q.device) != (9, 0):
-        raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
-                         f"{torch.cuda.get_device_capability(q.device)}")
+    check_variant_device(fn, variant, q.device)
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
+
+
+def check_variant_device(fn: str, variant: str, device) -> None:
+    """The wgmma tile kernels run on sm_90 GPUs only."""
+    if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(device) != (9, 0):
+        raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
+                         f"{torch.cuda.get_device_capability(device)}")
+
+
+def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: float, topk, keep_lists: bool):
+    """(out, lse[, lists]) of :func:`moba_attention_cuda` given the routing ``topk`` (int32) for inputs it would
+    accept, on q's device (the current one), the variant and the partial format from the environment: the
+    forward of a training step, whose entry has checked the inputs."""
+    variant = resolve_variant(None, q.shape[-1], block_size)
+    check_variant_device("moba_attention_cuda", variant, q.device)
+    return _forward(q, k, v, block_size, top_k, causal, scale, True, topk, variant, None, resolve_partial(None), None,
+                    False, keep_lists)
 
 
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,

@@ -251,19 +251,25 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
         variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
+    with torch.cuda.device(q.device):
+        return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant)
+
+
+def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids=None, variant: str = "mma"):
+    """:func:`moba_topk_cuda` for inputs it would accept, on q's device (the current one), ``variant`` resolved
+    (:func:`resolve_router_variant`): the routing of a training step, whose entry has checked the inputs."""
     q = kernel_ready(q)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
     n_blocks = math.ceil(seqlen / block_size)
-    with torch.cuda.device(q.device):
-        hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
-        lo = torch.empty_like(hi)
-        out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
-        if centroids is None:
-            cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
-        else:
-            cent = centroids.contiguous()
-        topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant)
+    hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
+    lo = torch.empty_like(hi)
+    out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
+    if centroids is None:
+        cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
+    else:
+        cent = centroids.contiguous()
+    topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant)
     return out
 
 

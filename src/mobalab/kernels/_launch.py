@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+from torch import Tensor as _Tensor
 
 from ._build import cupy, current_stream, get_kernel, source, torch_stream
 from ._contract import choice_or_env
@@ -144,34 +145,41 @@ def _base_name(kernel: str) -> str:
     return kernel.split("<", 1)[0].strip()
 
 
+@functools.cache
+def _param_kinds(filename: str, kernel: str) -> tuple[tuple[str, str, bool, type | None], ...]:
+    """Per parameter of ``kernel``: (name, C type, pointer, the numpy scalar type a scalar needs or None), read once
+    (:func:`check_args` runs at every launch, some 20 per training step)."""
+    sig = signatures(filename).get(_base_name(kernel))
+    if sig is None:
+        raise KeyError(f"no __global__ function {kernel!r} in cuda/{filename}")
+    return tuple((p.name, p.ctype, p.pointer, None if p.pointer else _SCALAR_TYPES.get(p.ctype)) for p in sig)
+
+
 def check_args(filename: str, kernel: str, args) -> tuple:
     """Validate ``args`` against the signature of ``kernel`` and return what CuPy should receive.
 
     Raises TypeError naming the parameter, the C type and what was given.
     """
-    sig = signatures(filename).get(_base_name(kernel))
-    if sig is None:
-        raise KeyError(f"no __global__ function {kernel!r} in cuda/{filename}")
-    if len(args) != len(sig):
-        raise TypeError(f"{kernel}: expected {len(sig)} arguments {[p.name for p in sig]}, got {len(args)}")
+    kinds = _param_kinds(filename, kernel)
+    if len(args) != len(kinds):
+        raise TypeError(f"{kernel}: expected {len(kinds)} arguments {[k[0] for k in kinds]}, got {len(args)}")
     out = []
-    for p, a in zip(sig, args, strict=True):
-        if p.pointer:
-            if hasattr(a, "data_ptr") and hasattr(a, "is_contiguous"):
+    for (name, ctype, pointer, want), a in zip(kinds, args, strict=True):
+        if pointer:
+            if type(a) is _Tensor or (hasattr(a, "data_ptr") and hasattr(a, "is_contiguous")):
                 if not a.is_contiguous():
-                    raise TypeError(f"{kernel}: pointer argument {p.name} must be contiguous")
+                    raise TypeError(f"{kernel}: pointer argument {name} must be contiguous")
                 out.append(a.data_ptr())
             elif isinstance(a, int) and not isinstance(a, bool):
                 out.append(a)
             else:
-                raise TypeError(f"{kernel}: pointer argument {p.name} ({p.ctype}*) got {type(a).__name__}")
+                raise TypeError(f"{kernel}: pointer argument {name} ({ctype}*) got {type(a).__name__}")
         else:
-            want = _SCALAR_TYPES.get(p.ctype)
             if want is None:
-                raise TypeError(f"{kernel}: parameter {p.name} has C type {p.ctype!r} that check_args does not know")
+                raise TypeError(f"{kernel}: parameter {name} has C type {ctype!r} that check_args does not know")
             if type(a) is not want:
                 raise TypeError(
-                    f"{kernel}: scalar {p.name} is C {p.ctype!r} and needs {want.__name__}, "
+                    f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
                     f"got {type(a).__name__} ({a!r})"
                 )
             out.append(a)
@@ -251,13 +259,19 @@ def launch(plan: Launch) -> None:
     wraps every argument in an object first. ``$MOBALAB_LAUNCH=cupy`` selects CuPy's call.
     """
     cargs = check_args(plan.source, plan.kernel, plan.args)
-    # any dynamic request opts in: static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB
-    # one head dim per module (-DMOBA_HEAD_DIM, cuda/ptx.cuh): compiling every head dim of a source at once
-    # takes several times as long; kernels without a head dim get a module of their own (no head dim is 1)
-    dim = re.search(r"_d(\d+)(?:_|$)", plan.kernel)
-    defines = (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}", *plan.defines)
-    fn = get_kernel(plan.source, plan.kernel, defines=defines, max_dynamic_smem=int(plan.shared_mem))
+    fn = get_kernel(plan.source, plan.kernel, defines=_module_defines(plan.kernel, plan.defines),
+                    max_dynamic_smem=int(plan.shared_mem))
     start(fn, plan, cargs)
+
+
+@functools.cache
+def _module_defines(kernel: str, defines: tuple[str, ...]) -> tuple[str, ...]:
+    """The defines of ``kernel``'s module: its head dim, then ``defines``. One head dim per module (-DMOBA_HEAD_DIM,
+    cuda/ptx.cuh): compiling every head dim of a source at once takes several times as long; kernels without a
+    head dim get a module of their own (no head dim is 1). Any dynamic shared-memory request opts the kernel in
+    (get_kernel): static + dynamic above 48 KB fails otherwise, even when dynamic <= 48 KB."""
+    dim = re.search(r"_d(\d+)(?:_|$)", kernel)
+    return (f"MOBA_HEAD_DIM={dim.group(1) if dim else 1}", *defines)
 
 
 def start(fn, plan: Launch, cargs: tuple) -> None:

@@ -32,14 +32,15 @@ __all__ = ["moba_attention_autograd"]
 
 def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
     """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists."""
-    if q.is_cuda:
-        from ._cuda_attention import moba_attention_cuda
-        from ._cuda_routing import moba_topk_cuda
+    if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
+        from ._cuda_attention import forward_checked
+        from ._cuda_routing import resolve_router_variant, topk_cuda_checked
 
-        topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal).to(torch.int32).contiguous()
-        keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
-        out, lse, *lists = moba_attention_cuda(q, k, v, block_size, top_k, causal=causal, softmax_scale=scale,
-                                               return_lse=True, topk_indices=topk, keep_lists=keep)
+        with torch.cuda.device(q.device):
+            router = resolve_router_variant(None, q.shape[-1], top_k, causal, q.device)
+            topk = topk_cuda_checked(q, k, block_size, top_k, causal, variant=router)
+            keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
+            out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
         return out, lse, topk, lists[0] if keep else _no_lists(q)
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
