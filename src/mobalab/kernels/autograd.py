@@ -119,14 +119,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None: no zero tensor made and subtracted
 
 
-def _backward(ctx, dout, dlse, dtopk, dlists):
+def _grads(ctx, dout, dlse, bwd):
+    """The gradients of the forward's inputs from its saved tensors, by ``bwd`` (the backward op or its body)."""
     q, k, v, out, lse, topk, lists = ctx.saved_tensors
     block_size, top_k, causal, scale, deterministic = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale,
-                         deterministic)
+    dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale, deterministic)
     return dq, dk, dv, None, None, None, None, None
+
+
+def _backward(ctx, dout, dlse, dtopk, dlists):
+    return _grads(ctx, dout, dlse, _bwd_op)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -140,22 +144,15 @@ class _EagerMoba(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic):
-        out, lse, topk, lists = _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic)
-        ctx.save_for_backward(q, k, v, out, lse, topk, lists)
-        ctx.params = (block_size, top_k, causal, scale, deterministic)
-        ctx.mark_non_differentiable(topk, lists)
-        ctx.set_materialize_grads(False)
-        return out, lse, topk, lists
+        inputs = (q, k, v, block_size, top_k, causal, scale, deterministic)
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2], output[3])  # the routing and the lists
+        return output
 
     @staticmethod
     def backward(ctx, dout, dlse, dtopk, dlists):
-        q, k, v, out, lse, topk, lists = ctx.saved_tensors
-        block_size, top_k, causal, scale, deterministic = ctx.params
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _bwd_impl(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale,
-                               deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        return _grads(ctx, dout, dlse, _bwd_impl)
 
 
 #: Eager calls take :class:`_EagerMoba` (True) or the custom ops (False); under ``torch.compile`` the ops always.
