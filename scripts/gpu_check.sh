@@ -63,7 +63,8 @@
 #                8K-64K: logs/bwd_step_lists.md, logs/bwd_step_order.md); ~200 s
 #   step-ab      whole steps, interleaved, 8K-64K: scripts/bwd_step_ab.py --compare C for each C in $STEP_AB
 #                (default "plan tpc": the chunk planner, the forward's tiles per CTA; logs/step_ab_C.md; ~100 s each)
-#   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd (~90 s);
+#   peers        mobalab vs FlexAttention (MoBA block mask) and FlashMoBA, 8K and 64K, fwd and fwd+bwd, the
+#                steps from an idle GPU and back to back (~130 s);
 #                FlashMoBA shows n/a unless scripts/build_flash_moba.sh ran first on the machine (~100 s build)
 # (the full forward+backward sweep is scripts/gpu_backward.sh; the full experiments scripts/gpu_experiments.sh)
 # Logs and CSVs are packed into $OUT/<name>.tgz (8 files come back from the device); a summary prints last.
@@ -242,7 +243,7 @@ for step in "${STEPS[@]}"; do
         timeout $(cap 150) python3 scripts/bwd_step_ab.py --compare "$cmp" --points 8K 16K 64K \
           > "$W/step_ab_$cmp.md" 2>&1 || status=1
       done ;;
-    peers) timeout $(cap 120) python3 -m mobalab.bench.attention --peers-quick --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
+    peers) timeout $(cap 180) python3 -m mobalab.bench.attention --peers-quick --queued --out "$W/peers" > "$W/bench_peers.log" 2>&1 \
              || status=1 ;;
     rope) timeout $(cap 150) python3 -m mobalab.cli run rope --no-progress --out "$W/rope" > "$W/rope.log" 2>&1 || status=1 ;;
     *) echo "unknown step $step" >&2; status=2 ;;

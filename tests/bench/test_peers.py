@@ -163,6 +163,33 @@ def test_peers_table_shows_times_ratios_and_reasons(tmp_path):
     assert header[:3] == ["seqlen", "flex_ms", "flex_x"] and "flashmoba_note" in header and "flex_note" in header
 
 
+def test_peers_are_timed_back_to_back_as_mobalab_is(monkeypatch):
+    """With a step timer (``--queued``), each peer's forward + backward is timed again by that timer and its ratio
+    taken against mobalab's step timed the same way; the table shows both timings."""
+    from mobalab.bench import _flash_moba_peer
+    from mobalab.bench import attention as bench
+
+    calls = []
+
+    def fake_flash_moba(q, k, v, block, top_k, causal, timing, **kw):
+        ms, _ = timing(lambda: None, budget_s=0.3)
+        calls.append(ms)
+        return {"flashmoba_ms": ms}
+
+    monkeypatch.setattr(_flash_moba_peer, "run_flash_moba", fake_flash_moba)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, budget_s: (6.0, 10))
+    q = torch.zeros(1, 4, 1, 8)
+    assert bench.run_peers(("flashmoba",), q, q, q, 2, 2, True, dout=q) == {"flashmoba_ms": 6.0}
+    assert bench.run_peers(("flashmoba",), q, q, q, 2, 2, True, dout=q, timer=lambda fn: 5.0) == {"flashmoba_ms": 5.0}
+    assert calls == [6.0, 5.0]
+    row = dict(seqlen=8192, head_dim=128, block=128, top_k=8, fwdbwd_ms=3.0, flashmoba_ms=6.0, flashmoba_x=2.0,
+               fwdbwd_queued_ms=2.5, flashmoba_queued_ms=5.0, flashmoba_queued_x=2.0)
+    table = bench.markdown_peers([row], {}, ("flashmoba",), ["forward+backward"])
+    assert "mobalab ms, back to back | FlashMoBA ms (x), back to back |" in table
+    assert table.splitlines()[-1].endswith("| 2.50 | 5.00 (2.00x) |")
+    assert {"fwdbwd_queued_ms", "flashmoba_queued_ms", "flashmoba_queued_x"} <= set(bench.PEER_COLUMNS)
+
+
 @pytest.mark.gpu
 def test_flex_and_flash_moba_peers_on_the_gpu():
     """Compiled FlexAttention with the MoBA mask equals mobalab on the GPU; FlashMoBA runs when importable,

@@ -175,4 +175,4 @@ def test_backward_table_shows_back_to_back_steps_when_timed():
 def test_step_timing_options_need_backward(capsys, flag):
     with pytest.raises(SystemExit):
         bench.main([flag])
-    assert f"{flag} applies to --backward" in capsys.readouterr().err
+    assert f"{flag} applies to --backward and --peers-quick" in capsys.readouterr().err

@@ -470,10 +470,13 @@ def main_dims(args, env) -> int:
 
 PEERS = ("flex", "flashmoba")
 PEER_LABELS = {"flex": "Flex", "flashmoba": "FlashMoBA"}
+STEP_TIMING_LABELS = {"queued": "back to back", "graph": "from CUDA graphs"}
 PEER_COLUMNS = ["flex_ms", "flex_x", "flex_tflops", "flex_rel_err", "flex_mask_ms", "flex_tiles", "flex_compile_s",
                 "flex_note", "flashmoba_ms", "flashmoba_x", "flashmoba_tflops", "flashmoba_rel_err",
                 "flashmoba_sel_differ", "flashmoba_sel_fm_fp64", "flashmoba_sel_mb_fp64", "flashmoba_sel_checked",
-                "flashmoba_sel_note", "flashmoba_note"]
+                "flashmoba_sel_note", "flashmoba_note"] + [
+    f"{who}_{key}_{what}" for key in ("queued", "graph") for who, what in (
+        ("fwdbwd", "ms"), ("flex", "ms"), ("flex", "x"), ("flashmoba", "ms"), ("flashmoba", "x"))]
 #: ``--peers-quick``: (batch, heads, head dim, block, top-k) at these lengths, causal, bf16, random inputs.
 PEERS_QUICK = dict(batch=2, heads=16, dim=128, block=128, top_k=8, seqlens=(8 * 1024, 64 * 1024))
 
@@ -507,19 +510,22 @@ def _peers_arg(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run_peers(peers, q, k, v, block, top_k, causal, *, topk=None, ref_out=None, dout=None, budget_s=1.5) -> dict:
+def run_peers(peers, q, k, v, block, top_k, causal, *, topk=None, ref_out=None, dout=None, budget_s=1.5,
+              timer=None) -> dict:
     """Each peer's row keys on the same inputs (forward, or forward + backward given ``dout``); a peer that fails
-    gets ``<peer>_note = "n/a (reason)"`` and the benchmark goes on."""
+    gets ``<peer>_note = "n/a (reason)"`` and the benchmark goes on. ``timer`` (``fn -> ms``, one of
+    :func:`_step_timers`): the peers' calls timed that way instead of from an idle GPU."""
     from . import _flash_moba_peer, _flex_peer
 
+    timing = time_ms if timer is None else (lambda fn, budget_s: (timer(fn), None))
     res = {}
     for name in peers:
         try:
             if name == "flex":
-                res.update(_flex_peer.run_flex(q, k, v, topk, block, top_k, causal, time_ms, ref_out=ref_out,
+                res.update(_flex_peer.run_flex(q, k, v, topk, block, top_k, causal, timing, ref_out=ref_out,
                                                dout=dout, budget_s=budget_s))
             else:
-                res.update(_flash_moba_peer.run_flash_moba(q, k, v, block, top_k, causal, time_ms, ref_out=ref_out,
+                res.update(_flash_moba_peer.run_flash_moba(q, k, v, block, top_k, causal, timing, ref_out=ref_out,
                                                            ref_topk=topk, dout=dout, budget_s=budget_s))
         except Exception as exc:  # a peer never stops the benchmark
             msg = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
@@ -554,6 +560,10 @@ def markdown_peers(rows, env, peers, passes) -> str:
         head += ["Flex rel err", "Flex KV tiles per Q tile", "Flex compile s"]
     if "flashmoba" in peers:
         head += ["FlashMoBA rel err", "selection differs (FlashMoBA = fp64 / mobalab = fp64)"]
+    timed = [key for key in ("queued", "graph") if any(f"fwdbwd_{key}_ms" in r for r in rows)]
+    for key in timed:
+        head += [f"mobalab ms, {STEP_TIMING_LABELS[key]}"] + [f"{PEER_LABELS[p]} ms (x), {STEP_TIMING_LABELS[key]}"
+                                                             for p in peers]
     lines = [f"Peers on mobalab's inputs, causal, bf16 -- {env.get('cuda_device')}, {env.get('utc')}",
              "Flex: compiled flex_attention given mobalab's routing, block mask built outside the timing (x vs "
              "mobalab's attention-given-routing forward, vs its full fwd+bwd); FlashMoBA: its own routing + "
@@ -579,6 +589,13 @@ def markdown_peers(rows, env, peers, passes) -> str:
             else:
                 sel = r.get("flashmoba_sel_note", "" if kind != "forward" else r.get("flashmoba_note", ""))
             cells += [_fmt(r.get("flashmoba_rel_err", nan), 4), sel]
+        for key in timed:
+            if f"fwdbwd_{key}_ms" not in r:
+                cells += [""] * (1 + len(peers))
+                continue
+            cells.append(_fmt(r[f"fwdbwd_{key}_ms"]))
+            cells += [f"{_fmt(r[f'{p}_{key}_ms'])} ({_fmt(r[f'{p}_{key}_x'])}x)" if f"{p}_{key}_ms" in r
+                      else r.get(f"{p}_note", "not run") for p in peers]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -607,7 +624,8 @@ def main_peers_quick(args, env) -> int:
                                      dense=False, seed=seed, peers=peers, budget_s=0.3)
                 else:
                     row = run_backward_config("random", c["batch"], n, c["heads"], c["dim"], c["block"], c["top_k"],
-                                              dense=False, seed=seed, deterministic=False, peers=peers, budget_s=0.3)
+                                              dense=False, seed=seed, deterministic=False, peers=peers, budget_s=0.3,
+                                              graph=args.graph, queued=args.queued)
             except Exception as exc:  # keep going: the other rows still compare
                 print(f"FAILED peers {kind} N={n}: {exc!r}", flush=True)
                 failed += 1
@@ -798,9 +816,16 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
         qd, kd, vd = (x.detach() for x in (q, k, v))
         topk = moba_topk_cuda(qd, kd, block, top_k, causal=causal) if "flex" in peers else None
         row.update(run_peers(peers, qd, kd, vd, block, top_k, causal, topk=topk, dout=dout, budget_s=budget_s))
-        del topk
         for name, flops in (("flex", 3.5 * f_attn), ("flashmoba", f_route + 3.5 * f_attn)):
             _peer_ratios(row, name, "fwdbwd_ms", flops)
+        for key, timer in timers.items():  # the peers timed as mobalab's step was
+            extra = run_peers(peers, qd, kd, vd, block, top_k, causal, topk=topk, dout=dout, budget_s=budget_s,
+                              timer=timer)
+            for name in peers:
+                if f"{name}_ms" in extra:
+                    row[f"{name}_{key}_ms"] = extra[f"{name}_ms"]
+                    row[f"{name}_{key}_x"] = extra[f"{name}_ms"] / row[f"fwdbwd_{key}_ms"]
+        del topk
     if dense:
         qt, kt, vt, dt = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, dout))
         del q, k, v, leaves
@@ -943,11 +968,12 @@ def main(argv=None) -> int:
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     p.add_argument("--graph", action="store_true",
-                   help="with --backward: also time each step replayed from a CUDA graph (mobalab, FA2 and cuDNN "
-                        "alike): the step's GPU time without the host's launch overhead")
+                   help="with --backward or --peers-quick: also time each step replayed from a CUDA graph (mobalab "
+                        "and the dense or MoBA peers alike): the step's GPU time without the host's launch overhead")
     p.add_argument("--queued", action="store_true",
-                   help="with --backward: also time steps issued back to back (mobalab, FA2 and cuDNN alike; ten "
-                        "steps per CUDA-event pair): the host's launch time counts only where it exceeds the GPU's")
+                   help="with --backward or --peers-quick: also time steps issued back to back (mobalab and the "
+                        "peers alike; ten steps per CUDA-event pair): the host's launch time counts only where it "
+                        "exceeds the GPU's")
     p.add_argument("--head-dims", type=_head_dims_arg, default=None, metavar="D,D,...",
                    help="run each head-dim-128 configuration at these head dims (of "
                         f"{','.join(map(str, CUDA_HEAD_DIMS))}; default: 128, plus the full forward sweep's 64)")
@@ -967,8 +993,8 @@ def main(argv=None) -> int:
         p.error("--dims runs its own configuration (forward and forward+backward): drop --backward, --quick, "
                 "--select")
     for flag in ("graph", "queued"):
-        if getattr(args, flag) and not args.backward:
-            p.error(f"--{flag} applies to --backward")
+        if getattr(args, flag) and not (args.backward or args.peers_quick):
+            p.error(f"--{flag} applies to --backward and --peers-quick")
     if args.variant and (args.backward or args.dims or args.peers_quick):
         p.error("--variant applies to the forward sweep: drop --backward, --dims, --peers-quick")
     from mobalab.kernels import gpu_available
