@@ -310,11 +310,14 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
 
     ``scratch`` (:func:`mobalab.kernels._pairs.counting_scratch`, or None for the torch path) selects the
     counting sort where the chunk fits it; ``keys`` holds an int32 per pair (the torch path's keys, the counting
-    sort's sorted keys). Both paths give the same lists pair for pair. ``pairs_out`` (int64, the chunk's pair
-    count): the lists are written there (and returned) instead of into the scratch.
+    sort's sorted keys), or is None for one allocated here when needed. Both paths give the same lists pair for
+    pair. ``pairs_out`` (int64, the chunk's pair count): the lists are written there (and returned) instead of
+    into the scratch.
     """
     n_pairs = c.n_heads * c.n_q * top_k
     n_seg = (c.n_heads // group) * n_blocks
+    if keys is None and (with_keys or scratch is None or not _pairs.counting_supported(n_pairs, n_seg)):
+        keys = torch.empty(n_pairs, dtype=torch.int32, device=topk.device)
     if scratch is not None and _pairs.counting_supported(n_pairs, n_seg):
         pairs = scratch.pairs[:n_pairs] if pairs_out is None else pairs_out
         sorted_keys = keys[:n_pairs] if with_keys else None
@@ -351,13 +354,14 @@ def kept_lists_layout(chunks, top_k: int, n_blocks: int, group: int) -> tuple[li
     return layout, off
 
 
-def pair_scratch(max_pairs, max_seg, device, sort=None):
+def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True):
     """Counting-sort scratch when the pair sort (:func:`mobalab.kernels._pairs.resolve_sort`; None: the
     ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
-    ``max_seg`` segments, else None (the torch path)."""
+    ``max_seg`` segments, else None (the torch path). ``with_pairs`` False: no pair buffer (every chunk writes its
+    lists to a ``pairs_out`` of its own)."""
     if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg):
         return None
-    return _pairs.counting_scratch(max_pairs, max_seg, device)
+    return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs)
 
 
 def _check_part_o(fn, part_o, dtype, partial):
@@ -505,10 +509,9 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
     part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
-    keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
     seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
-    scratch = pair_scratch(max_pairs, max_seg, device)
+    scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists)
     if keep_lists:
         layout, total = kept_lists_layout(chunks, top_k, n_blocks, group)
         lists = torch.empty(total, dtype=torch.int64, device=device)
@@ -526,7 +529,7 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
         if keep_lists:
             p0, _, s0, _ = layout[i]
             pairs_out, seg_off = lists[p0:p0 + n_pairs], lists[s0:s0 + n_seg + 1]
-        pairs, _ = build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
+        pairs, _ = build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                     n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=tile_cum,
                                     rows_per_unit=unit_rows, with_keys=False, pairs_out=pairs_out)
         launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,

@@ -362,7 +362,6 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
     if fwd_lists is None:
-        keys = torch.empty(max_pairs, dtype=torch.int32, device=device)
         seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
         scratch = A.pair_scratch(max_pairs, max_seg, device)
     elif not same_chunks:
@@ -407,7 +406,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             pairs = gathered[:n_pairs]
             launch(_pairs.gather_launch(fwd_lists, table, seg_off, pairs, n_seg))
         else:
-            pairs, _ = A.build_pair_lists(topk, keys, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
+            pairs, _ = A.build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                           n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
                                           rows_per_unit=ROWS, with_keys=False)
         launch(rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,

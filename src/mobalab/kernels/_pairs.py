@@ -103,9 +103,10 @@ class CountingScratch:
     ticket: torch.Tensor
 
 
-def counting_scratch(max_pairs: int, max_seg: int, device) -> CountingScratch:
-    """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments."""
-    return CountingScratch(pairs=torch.empty(max_pairs, dtype=torch.int64, device=device),
+def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True) -> CountingScratch:
+    """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments (``with_pairs`` False: an empty
+    pair buffer, for callers that pass every chunk a ``pairs_out`` of its own)."""
+    return CountingScratch(pairs=torch.empty(max_pairs if with_pairs else 0, dtype=torch.int64, device=device),
                            counts=torch.empty(counts_elems(max_pairs, max_seg), dtype=torch.int32, device=device),
                            seg_total=torch.empty(max_seg + 1, dtype=torch.int32, device=device),
                            ticket=torch.zeros(1, dtype=torch.int32, device=device))
