@@ -37,7 +37,10 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
         from ._cuda_routing import resolve_router_variant, topk_cuda_checked
 
         with torch.cuda.device(q.device):
-            router = resolve_router_variant(None, q.shape[-1], top_k, causal, q.device)
+            try:
+                router = resolve_router_variant(None, q.shape[-1], top_k, causal, q.device)
+            except ValueError as exc:  # $MOBALAB_ROUTER_VARIANT names a kernel these shapes do not have
+                raise ValueError(f"moba_attention: {exc}") from None
             topk = topk_cuda_checked(q, k, block_size, top_k, causal, variant=router)
             keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
             out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
