@@ -316,9 +316,10 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
     """
     n_pairs = c.n_heads * c.n_q * top_k
     n_seg = (c.n_heads // group) * n_blocks
-    if keys is None and (with_keys or scratch is None or not _pairs.counting_supported(n_pairs, n_seg)):
+    counting = scratch is not None and _pairs.counting_supported(n_pairs, n_seg)
+    if keys is None and (with_keys or not counting):
         keys = torch.empty(n_pairs, dtype=torch.int32, device=topk.device)
-    if scratch is not None and _pairs.counting_supported(n_pairs, n_seg):
+    if counting:
         pairs = scratch.pairs[:n_pairs] if pairs_out is None else pairs_out
         sorted_keys = keys[:n_pairs] if with_keys else None
         for plan in _pairs.counting_launches(

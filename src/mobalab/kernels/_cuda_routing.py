@@ -247,17 +247,19 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
     if centroids is not None:
         C.check_centroids(fn, centroids, k, block_size)
     C.check_cuda_device(fn, q)
+    with torch.cuda.device(q.device):
+        return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant, fn=fn)
+
+
+def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids=None, variant: str | None = None,
+                      *, fn: str = "moba_topk_cuda"):
+    """:func:`moba_topk_cuda` for inputs it would accept, on q's device (the current one): the routing of a training
+    step, whose entry has checked the inputs. ``variant`` as :func:`resolve_router_variant`, whose refusal is
+    raised in the name of ``fn``."""
     try:
         variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
-    with torch.cuda.device(q.device):
-        return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant)
-
-
-def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids=None, variant: str = "mma"):
-    """:func:`moba_topk_cuda` for inputs it would accept, on q's device (the current one), ``variant`` resolved
-    (:func:`resolve_router_variant`): the routing of a training step, whose entry has checked the inputs."""
     q = kernel_ready(q)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]

@@ -34,14 +34,10 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
     """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists."""
     if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
         from ._cuda_attention import forward_checked
-        from ._cuda_routing import resolve_router_variant, topk_cuda_checked
+        from ._cuda_routing import topk_cuda_checked
 
         with torch.cuda.device(q.device):
-            try:
-                router = resolve_router_variant(None, q.shape[-1], top_k, causal, q.device)
-            except ValueError as exc:  # $MOBALAB_ROUTER_VARIANT names a kernel these shapes do not have
-                raise ValueError(f"moba_attention: {exc}") from None
-            topk = topk_cuda_checked(q, k, block_size, top_k, causal, variant=router)
+            topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention")
             keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
             out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
         return out, lse, topk, lists[0] if keep else _no_lists(q)
