@@ -14,9 +14,7 @@ Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, rando
 * ``sort``: the longest-first order from one ``moba_pairs_longest_first`` launch against ``torch.argsort`` of the
   segment sizes;
 * ``eager``: eager calls through the autograd.Function (``mobalab.kernels.autograd.EAGER_FUNCTION``) against the
-  custom ops;
-* ``kvfirst``: the forward's resident kernel issuing its key block's loads before setting up its rows (the default)
-  against after (``MOBA_FWD_KV_FIRST=0``).
+  custom ops.
 
 Printed per point: each arm's median in ms, the speedup of "on" over "off", and whether dK and dV are
 bit-identical between the arms (both settings leave every dK / dV sum in the same order; dQ's float atomics
@@ -41,7 +39,7 @@ from mobalab.kernels import moba_attention
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64)}
-COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager", "kvfirst")
+COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager")
 
 
 def _previous_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial):
@@ -68,15 +66,12 @@ def _switch(compare: str):
             A._plan_chunks = planner if on else _previous_plan
             A._MIN_BUDGET = floor if on else 512 << 20
         return plan
-    if compare in ("tpc", "kvfirst"):
+    if compare == "tpc":
         real_launch, tpc = A.launch, A.TILES_PER_UNIT
 
         def launch_with(define):  # the forward's kernels (cuda/attention.cu) built with one more define
             return lambda p: real_launch(dataclasses.replace(p, defines=p.defines + (define,))
                                          if p.source == A.SOURCE else p)
-
-        if compare == "kvfirst":  # "off": the key block loaded after the rows are set up
-            return lambda on: setattr(A, "launch", real_launch if on else launch_with("MOBA_FWD_KV_FIRST=0"))
 
         def tiles(on):
             A.launch, A.TILES_PER_UNIT = (launch_with("MOBA_TPC=8"), 8) if on else (real_launch, tpc)

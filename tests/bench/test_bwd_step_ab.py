@@ -85,13 +85,6 @@ def test_the_plan_tpc_and_sort_switches(ab):
         assert seen[0].defines == ("MOBA_TPC=8",) and seen[1].defines == ()
         tiles(False)
         assert A.launch == seen.append and A.TILES_PER_UNIT == tpc
-        seen.clear()
-        kv = ab._switch("kvfirst")
-        kv(False)
-        A.launch(Launch(A.SOURCE, "moba_attn_res_bf16_d128_kt64", (1,), (128,), ()))
-        assert seen[0].defines == ("MOBA_FWD_KV_FIRST=0",) and A.TILES_PER_UNIT == tpc
-        kv(True)
-        assert A.launch == seen.append
 
         sort = ab._switch("sort")
         sort(False)

@@ -10,7 +10,7 @@ Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource 
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
 not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128) and the forward's
-measurement options (``-DMOBA_FWD_KV_FIRST=0 -DMOBA_TPC=8``).
+measurement option (``-DMOBA_TPC=8``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -54,10 +54,8 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
                    for src in (_cuda_attention.SOURCE, _cuda_attention.WGMMA_SOURCE)]
 # and the backward's build option: the dQ loop not unrolled (the default unrolls it by 2 at head dim 128)
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the forward's measurement options, in one module: the key block loaded after the rows are set up, 8 tiles per
-# resident CTA (scripts/bwd_step_ab.py --compare kvfirst | tpc)
-FALLBACK_BUILDS += [(_cuda_attention.SOURCE,
-                     ("MOBA_FWD_KV_FIRST=0", "MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
+# and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
+FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")

@@ -118,7 +118,12 @@ def _check_4d(fn: str, name: str, x, path: str) -> None:
 def _check_cuda_sizes(fn: str, x, path: str) -> None:
     if path != "cuda":
         return
-    batch, seqlen, heads, dim = x.shape
+    check_cuda_shape(fn, *x.shape)
+
+
+def check_cuda_shape(fn: str, batch: int, seqlen: int, heads: int, dim: int) -> None:
+    """The sizes the cuda path supports: head_dim in :data:`CUDA_HEAD_DIMS`, seqlen up to
+    :data:`CUDA_MAX_SEQLEN`, batch and heads each up to :data:`CUDA_MAX_GRID_YZ`."""
     if dim not in CUDA_HEAD_DIMS:
         raise ValueError(f"{fn}: head_dim {dim} is not supported; supported on the cuda path: {CUDA_HEAD_DIMS}")
     if seqlen > CUDA_MAX_SEQLEN:

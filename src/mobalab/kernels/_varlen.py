@@ -25,6 +25,8 @@ import numbers
 
 import torch
 
+from . import _contract as C
+
 # Registers the single-sequence ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per sequence.
 from . import autograd as _single_sequence_ops  # noqa: F401
 
@@ -91,6 +93,12 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn
     block_size = _check_int("block_size", block_size, fn, 1)
     top_k = _check_int("top_k", top_k, fn, 1)
     _check_bool("causal", causal, fn)
+    if q.is_cuda:  # refused here, before any sequence runs, in the terms of the cuda path
+        if q.dtype not in C.CUDA_DTYPES:
+            raise ValueError(f"{fn}: q, k, v have dtype {q.dtype}; supported on the cuda path: float16, bfloat16")
+        C.check_cuda_shape(fn, 1, max_seqlen, hq, dq)
+        block_size = C.check_block_size(fn, block_size, "cuda")
+        top_k = C.check_top_k(fn, top_k, "cuda")
     return max_seqlen, block_size, top_k
 
 

@@ -50,9 +50,6 @@
 
 #define MOBA_ROWS 64      // rows (query, slot pairs) per tile = 4 warps x 16
 #define MOBA_THREADS 128
-#ifndef MOBA_FWD_KV_FIRST
-#define MOBA_FWD_KV_FIRST 1  // the resident kernel issues its key block's loads before setting up its rows
-#endif
 #ifndef MOBA_TPC
 #define MOBA_TPC 4        // tiles per CTA in the resident kernel (the host's TILES_PER_UNIT)
 #endif
@@ -503,11 +500,11 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;
+  setup_rows<D, UNIT, NTHREADS>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
+                                s_pair, s_t, s_mm);
+  __syncthreads();
 
-  // The key block, resident: rows beyond seqlen zero-filled (and masked). Its loads go out before the rows are
-  // set up (MOBA_FWD_KV_FIRST, default 1: the block's 2 B D bytes land while the pair indices are read and the
-  // rows' addresses computed; 0: after them, one round trip more per CTA), in one cp.async group with the first
-  // tile's gather.
+  // The key block, resident: rows beyond seqlen zero-filled (and masked).
   const unsigned sk = smem_u32(smem);
   const unsigned sv = sk + static_cast<unsigned>(block_size) * D * 2;
   const unsigned sq = sv + static_cast<unsigned>(block_size) * D * 2;
@@ -516,21 +513,14 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   const char* kb = static_cast<const char*>(k_) + kv_base;
   const char* vb = static_cast<const char*>(v_) + kv_base;
   const int key_begin = j * block_size;
-  auto load_block = [&]() {
-    for (int c = tid; c < block_size * CH; c += NTHREADS) {
-      const int row = c / CH, ch = c % CH;
-      const int key = key_begin + row;
-      const bool ok = key < seqlen;
-      const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
-      cp_async16(sk + swz<D>(row, ch), kb + off, ok ? 16 : 0);
-      cp_async16(sv + swz<D>(row, ch), vb + off, ok ? 16 : 0);
-    }
-  };
-  if (MOBA_FWD_KV_FIRST) load_block();
-  setup_rows<D, UNIT, NTHREADS>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
-                                s_pair, s_t, s_mm);
-  __syncthreads();
-  if (!MOBA_FWD_KV_FIRST) load_block();
+  for (int c = tid; c < block_size * CH; c += NTHREADS) {
+    const int row = c / CH, ch = c % CH;
+    const int key = key_begin + row;
+    const bool ok = key < seqlen;
+    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
+    cp_async16(sk + swz<D>(row, ch), kb + off, ok ? 16 : 0);
+    cp_async16(sv + swz<D>(row, ch), vb + off, ok ? 16 : 0);
+  }
   const char* qb = static_cast<const char*>(q_);
   gather_q<D, NTHREADS>(sq, qb, s_qoff, tid);
   cp_async_commit();
