@@ -5,7 +5,10 @@
 # Steps:
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
-#   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes
+#   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes;
+#                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first: build_flash_moba.sh)
+#   host-profile the host's time per step and the GPU's idle gaps in one step at 16K and 8K (scripts/profile_host.py;
+#                host/ holds the cProfile tables)
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
 #                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
@@ -134,8 +137,11 @@ for step in "${STEPS[@]}"; do
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     fwd)       timeout $(cap 300) python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
     fwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    bwd-targets) timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 --out "$W/bwd" \
-                   > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    bwd-targets) # shellcheck disable=SC2086  # BWD_PEERS (e.g. flashmoba) adds those peers to both lengths
+                 timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 \
+                   ${BWD_PEERS:+--peers $BWD_PEERS} --out "$W/bwd" > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
+                    > "$W/host_profile.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
             timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points 8K 16K 64K \
               --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=1} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
@@ -278,6 +284,7 @@ done
 for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd-graph/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/hf-generate/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
+[ -f "$W/host_profile.log" ] && grep -E "^N |Error" "$W/host_profile.log"
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"
