@@ -88,6 +88,23 @@ def test_the_constants_match_the_source():
     assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
 
 
+def test_the_key_limit_follows_the_device_shared_memory(monkeypatch):
+    # H100 / H200, A100, sm_86 / sm_89 opt-in limits per CTA: the largest count whose scatter fits
+    for smem, keys in ((232448, 11622), (166912, 8345), (101376, 5068), (160 << 10, P.MAX_KEYS)):
+        assert P.keys_within(smem) == keys
+        assert P.scatter_smem_bytes(keys - 1) <= smem < P.scatter_smem_bytes(keys)
+    assert P.keys_within(10**7) == 2**P.KEY_BITS - 1  # the packing's bound
+    assert P.max_keys(None) == P.max_keys("cpu") == P.MAX_KEYS
+    props = type("Props", (), {"shared_memory_per_block_optin": 101376})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    P._device_max_keys.cache_clear()
+    try:
+        assert P.max_keys(torch.device("cuda", 3)) == 5068
+        assert P.counting_supported(10**6, 5067, "cuda:3") and not P.counting_supported(10**6, 5068, "cuda:3")
+    finally:
+        P._device_max_keys.cache_clear()
+
+
 def test_too_large_chunks_are_refused_and_sorts_resolve(monkeypatch):
     assert P.counting_supported(10**6, P.MAX_KEYS - 1) and not P.counting_supported(10**6, P.MAX_KEYS)
     assert not P.counting_supported(2**31, 10)

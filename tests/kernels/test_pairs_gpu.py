@@ -48,7 +48,7 @@ def _lists(topk, chunk, *, seqlen, heads, top_k, n_blocks, group, rows, sort, wi
     keys = torch.full((n_pairs,), -5, dtype=torch.int32, device="cuda")
     seg_off = torch.full((n_seg + 1,), -5, dtype=torch.int64, device="cuda")
     tile_cum = torch.full((n_seg + 1,), -5, dtype=torch.int64, device="cuda")
-    scratch = A.pair_scratch(n_pairs, min(n_seg, P.MAX_KEYS - 1), "cuda", sort)  # a chunk may exceed it
+    scratch = A.pair_scratch(n_pairs, min(n_seg, P.max_keys("cuda") - 1), "cuda", sort)  # a chunk may exceed it
     if scratch is not None:
         scratch.pairs.fill_(-5)
         scratch.counts.fill_(-5)
@@ -64,13 +64,18 @@ CASES = [
     pytest.param(1, 6000, 2, 1, 4, 50, A.Chunk(0, 0, 2, 0, 6000), dict(hot=0, unused=0.2), id="one-huge-segment"),
     pytest.param(1, 700, 3, 3, 8, 5, A.Chunk(0, 0, 3, 0, 700), dict(unused=0.1), id="few-blocks-unused"),
     pytest.param(1, 8192, 8, 1, 8, 512, A.Chunk(0, 0, 8, 0, 8192), {}, id="4096-segments-many-tiles"),
-    pytest.param(1, 6000, 2, 2, 8, 8191, A.Chunk(0, 0, 2, 0, 6000), dict(causal=False), id="most-keys"),
+    pytest.param(1, 6000, 2, 2, 8, 8191, A.Chunk(0, 0, 2, 0, 6000), dict(causal=False), id="8192-keys"),
+    # n_seg + 1 = 8193 (64K tokens at B 32, 4 heads per chunk) and the device's most keys (11622 on an H200)
+    pytest.param(1, 4096, 4, 1, 8, 2048, A.Chunk(0, 0, 4, 0, 4096), {}, id="8193-keys"),
+    pytest.param(1, 3000, 1, 1, 8, "most", A.Chunk(0, 0, 1, 0, 3000), dict(causal=False), id="most-keys"),
     pytest.param(1, 100, 1, 1, 1, 1, A.Chunk(0, 0, 1, 0, 100), {}, id="one-segment-one-tile"),
 ]
 
 
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), CASES)
 def test_counting_sort_is_the_stable_sort(batch, seqlen, heads, group, top_k, n_blocks, chunk, opts):
+    if n_blocks == "most":
+        n_blocks = P.max_keys("cuda") - 1
     topk = _routing(seqlen + n_blocks, batch, seqlen, heads, top_k, n_blocks, **opts)
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group, rows=256)
     want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=256)
@@ -90,7 +95,7 @@ def test_counting_sort_is_the_stable_sort(batch, seqlen, heads, group, top_k, n_
 
 
 def test_too_many_segments_take_the_torch_path():
-    seqlen, heads, top_k, n_blocks = 300, 1, 2, P.MAX_KEYS  # n_seg + 1 > MAX_KEYS
+    seqlen, heads, top_k, n_blocks = 300, 1, 2, P.max_keys("cuda")  # n_seg + 1 > the device's limit
     chunk = A.Chunk(0, 0, 1, 0, seqlen)
     topk = _routing(3, 1, seqlen, heads, top_k, n_blocks, causal=False)
     got = _lists(topk, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=1, rows=64,

@@ -316,7 +316,7 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
     """
     n_pairs = c.n_heads * c.n_q * top_k
     n_seg = (c.n_heads // group) * n_blocks
-    counting = scratch is not None and _pairs.counting_supported(n_pairs, n_seg)
+    counting = scratch is not None and _pairs.counting_supported(n_pairs, n_seg, topk.device)
     if keys is None and (with_keys or not counting):
         keys = torch.empty(n_pairs, dtype=torch.int32, device=topk.device)
     if counting:
@@ -360,7 +360,7 @@ def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True)
     ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
     ``max_seg`` segments, else None (the torch path). ``with_pairs`` False: no pair buffer (every chunk writes its
     lists to a ``pairs_out`` of its own)."""
-    if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg):
+    if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg, device):
         return None
     return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs)
 

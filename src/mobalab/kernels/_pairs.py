@@ -27,13 +27,15 @@ backward also writes the sorted keys, 6.3 MB) and the count table of 192 x 1537 
 :func:`rebased_topk` (one more kernel of cuda/pairs.cu) gives routing local to a range of blocks, for kernel
 calls over one key segment of a longer sequence (context parallelism).
 
-Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more than ``MAX_KEYS`` keys
-(``n_seg + 1``), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT`` ("counting", the
-default, or "torch"), read at each call, forces either path.
+Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more keys (``n_seg + 1``) than
+:func:`max_keys` of its device (11622 on an H100 / H200, 8345 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
+where there is no CUDA device), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT``
+("counting", the default, or "torch"), read at each call, forces either path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -50,7 +52,8 @@ PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
 PAIRS_ROUNDS = 32  # kPairsRounds
 TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
-MAX_KEYS = 8192  # n_seg + 1: 160 KiB of scatter shared memory (keys are packed in 15 bits)
+MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory
+KEY_BITS = 15  # the scatter packs a key beside a 16-bit rank in one int
 SORTS = ("counting", "torch")
 SORT_ENV = "MOBALAB_PAIR_SORT"
 
@@ -66,9 +69,34 @@ def resolve_sort(sort: str | None) -> str:
     return sort
 
 
-def counting_supported(n_pairs: int, n_seg: int) -> bool:
-    """Whether the counting sort serves a chunk of ``n_pairs`` pairs and ``n_seg`` segments."""
-    return n_seg + 1 <= MAX_KEYS and n_pairs < 2**31
+def max_keys(device=None) -> int:
+    """Most keys (``n_seg + 1``) the counting sort serves on ``device``: as many as the scatter's shared memory
+    (:func:`scatter_smem_bytes`) fits in the device's opt-in limit per CTA, and fewer than 2^KEY_BITS; ``MAX_KEYS``
+    when ``device`` is None or not a CUDA device."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return MAX_KEYS
+    return _device_max_keys(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _device_max_keys(index: int) -> int:
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return keys_within(limit)
+
+
+def keys_within(smem_bytes: int) -> int:
+    """Most keys whose scatter shared memory fits in ``smem_bytes`` (below 2^KEY_BITS)."""
+    n_keys = min(2**KEY_BITS - 1, smem_bytes // 20 + 1)
+    while n_keys > 1 and scatter_smem_bytes(n_keys - 1) > smem_bytes:
+        n_keys -= 1
+    return n_keys
+
+
+def counting_supported(n_pairs: int, n_seg: int, device=None) -> bool:
+    """Whether the counting sort serves a chunk of ``n_pairs`` pairs and ``n_seg`` segments on ``device``
+    (:func:`max_keys`)."""
+    return n_seg + 1 <= max_keys(device) and n_pairs < 2**31
 
 
 def n_tiles(n_pairs: int) -> int:
@@ -158,9 +186,10 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     unsigned (left zero)."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
-    if not counting_supported(n_pairs, n_seg):
+    device = topk.device if isinstance(topk, torch.Tensor) else None
+    if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
-                         f"(at most {MAX_KEYS - 1} segments and 2^31 - 1 pairs)")
+                         f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group)
     return [count_launch(topk, counts, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
