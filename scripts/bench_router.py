@@ -1,19 +1,24 @@
 """Time the fused top-k kernel of the MoBA router per variant (mma.sync topk.cu: "mma" and "split"; wgmma
 topk_wgmma.cu: "wgmma").
 
-Usage: python scripts/bench_router.py [--lengths 8192,65536] [--variants mma,split,wgmma] [--out DIR]
+Usage: python scripts/bench_router.py [--lengths 8192,65536] [--variants mma,split,wgmma] [--block-size 128]
+       [--out DIR]
+
+A variant may name build options after a "+" (``mma+NAME=VALUE``): its kernel compiled with those defines.
 
 Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), timed by
 `mobalab.bench.attention.time_ms` (CUDA events on torch's current stream, median of >= 10 reps after 3
-warm-ups); batch 2, 16 heads, d 128, B 128, k 8, causal, bf16, random normal inputs. "mma" runs first, as the
-baseline of the speedups, and every variant's selections are compared with its (slots that differ: none for
-"split", which computes the same scores; only near-ties for wgmma, see tests/kernels/test_routing_gpu.py).
+warm-ups); batch 2, 16 heads, d 128, B 128 (or --block-size), k 8, causal, bf16, random normal inputs. "mma"
+runs first, as the baseline of the speedups, and every variant's selections are compared with its (slots that
+differ: none for "split" and for build options that keep mma's scores; only near-ties for wgmma, see
+tests/kernels/test_routing_gpu.py).
 Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.md under --out and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -24,18 +29,19 @@ from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels._launch import launch
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="8192,65536")
     p.add_argument("--variants", default=",".join(routing.ROUTER_VARIANTS),
                    help="router variants, comma-separated; mma is always timed first (the baseline)")
+    p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--out", default="router_bench")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     variants = ["mma"] + [v for v in args.variants.split(",") if v and v != "mma"]
-    unknown = sorted(set(variants) - set(routing.ROUTER_VARIANTS))
+    unknown = sorted({v.split("+")[0] for v in variants} - set(routing.ROUTER_VARIANTS))
     if unknown:
-        p.error(f"--variants: unknown {unknown}; known {routing.ROUTER_VARIANTS}")
-    b, h, d, bs, top_k, causal = 2, 16, 128, 128, 8, True
+        p.error(f"--variants: unknown {unknown}; known {routing.ROUTER_VARIANTS}, each optionally +DEFINE=VALUE...")
+    b, h, d, bs, top_k, causal = 2, 16, 128, args.block_size, 8, True
     lines = [f"router top-k kernel on {torch.cuda.get_device_name()} (b={b}, h={h}, d={d}, B={bs}, k={top_k}, "
              "causal, bf16; median ms)", "",
              "| N | variant | top-k ms | useful TFLOP/s | speedup vs mma | slots differing from mma |",
@@ -55,7 +61,9 @@ def main() -> int:
         for variant in variants:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
-                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=variant)
+                name, *defines = variant.split("+")
+                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name)
+                plan = dataclasses.replace(plan, defines=plan.defines + tuple(defines))
                 ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")
@@ -65,7 +73,7 @@ def main() -> int:
             outs[variant] = out
             base = ms if variant == "mma" else base
             diff = "" if variant == "mma" or "mma" not in outs else str(int((out != outs["mma"]).sum()))
-            if variant == "split" and diff not in ("", "0"):  # same scores as mma: the selections must agree
+            if variant.split("+")[0] == "split" and diff not in ("", "0"):  # mma's scores: the same selections
                 print(f"FAILED split at N={seqlen}: {diff} slots differ from mma")
                 status = 1
             speed = f"{base / ms:.2f}" if base else ""
