@@ -53,9 +53,10 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
     assert 4 * (plan.attn_smem + 1024) <= SMEM_PER_SM  # at least 4 attention CTAs per SM
     assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group)
-    # the set of selected blocks stays at most half full: a free slot always ends a probe
+    # the set of selected blocks: one bit per block of the longest sequence
     distinct = min(rows * top_k, (length - 1) // block + 1)
-    assert 2 * distinct <= 2 ** plan.log2_h < max(4, 4 * distinct) and plan.n_table == batch * kv_heads << plan.log2_h
+    own_last = (length - 1) // block  # the longest sequence's last block
+    assert 32 * plan.n_words > own_last >= 32 * (plan.n_words - 1) and plan.n_table == batch * kv_heads * plan.n_words
     assert 1 <= plan.cpg <= distinct * plan.n_chunks
     assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
@@ -65,8 +66,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     table = torch.zeros(1, dtype=torch.int32)
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
-    assert select.args[3] is table and select.args[-2:] == (plan.log2_h, plan.select_wpr)
-    assert S.select_launch(plan, lengths, bufs).args[-2] == -1  # the routing alone: no set
+    assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
+    assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
@@ -121,11 +122,11 @@ def test_step_launches_and_buffers():
     table, attend_counters = launches[2].args[5], launches[2].args[8]
     assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
     # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
-    assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * 2 ** plan.log2_h
+    assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * plan.n_words
     assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
-    assert only[1].args[-2] == -1  # the routing alone fills no set
+    assert only[1].args[-2] == 0  # the routing alone fills no set
     plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2)  # a measurement's override
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)

@@ -9,8 +9,9 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    block j is not a candidate of the row;
 2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
    best k - 1 (score desc, block desc) one entry per lane, merged in a tree of bitonic merges, and warp 0
-   writes ``sel``; it also enters the row's blocks into its kv head's set of selected blocks (an
-   open-addressing table in the cache's zeroed workspace);
+   writes ``sel``; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap in
+   the cache's zeroed workspace: the same set, and so the same outputs bit for bit, whatever the order in
+   which the rows enter their blocks);
 3. ``moba_decode_attend_*``: ``cpg`` CTAs of 4 warps per (sequence, kv head) share the items (chunk of <= 32
    tokens of a block in the set) in contiguous runs; a CTA copies the K and V of its next item while it
    computes the current one on the tensor cores, for every row that selected the block (so a block is read
@@ -125,10 +126,9 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
-def table_log2(distinct: int) -> int:
-    """log2 of the slots of one kv head's set of at most ``distinct`` selected blocks: at most half full, at least
-    2 slots."""
-    return max(1, math.ceil(math.log2(2 * max(1, distinct))))
+def set_words(n_blocks: int) -> int:
+    """32-bit words of one kv head's set of selected blocks (a bitmap) over blocks 0 .. ``n_blocks`` - 1."""
+    return max(1, math.ceil(n_blocks / 32))
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class SplitPlan(StepShape):
     chunk: int  # tokens per attention item
     n_chunks: int  # attention items per selected block
     select_wpr: int  # select warps per row (WARPS // select_wpr rows per select CTA)
-    log2_h: int  # slots of a kv head's set of selected blocks: 2**log2_h
+    n_words: int  # 32-bit words of a kv head's set of selected blocks (a bitmap of its blocks)
     cpg: int  # attention CTAs per (sequence, kv head)
     cached: bool  # the attention CTAs keep the kv head's entries and query rows in shared memory
     score_smem: int
@@ -169,8 +169,8 @@ class SplitPlan(StepShape):
 
     @property
     def n_table(self) -> int:
-        """Slots of the sets of selected blocks, one set per (sequence, kv head)."""
-        return self.batch * self.kv_heads << self.log2_h
+        """Words of the sets of selected blocks, one set per (sequence, kv head)."""
+        return self.batch * self.kv_heads * self.n_words
 
 
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
@@ -185,10 +185,10 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     longer CTAs: a CTA's start, its query rows and its first load's latency are paid once per range), at most
     SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
-    rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (:func:`table_log2`
-    slots: at most half full). Attention: items of :math:`\min(B, 32)` tokens of a selected block;
-    ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of ATTN_MIN_CTAS per SM, at most
-    one per item) share its items.
+    rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
+    :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 32)`
+    tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
+    ATTN_MIN_CTAS per SM, at most one per item) share its items.
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -224,7 +224,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
-                     select_wpr=select_wpr, log2_h=table_log2(distinct), cpg=attn_ctas, cached=cached,
+                     select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
@@ -259,7 +259,7 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     p, i32 = plan, np.int32
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
-            i32(p.log2_h if table is not None else -1), i32(p.select_wpr))
+            i32(p.n_words if table is not None else 0), i32(p.select_wpr))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)
 
@@ -273,7 +273,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     p, i32 = plan, np.int32
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
-    tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.log2_h), i32(p.cpg),
+    tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg),
             i32(p.cached), np.float32(scale * math.log2(math.e)))
     if pages is None:
         name, args = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}", (*head, i32(p.capacity), *tail)

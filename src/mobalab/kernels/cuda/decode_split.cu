@@ -39,13 +39,13 @@
 //    first warp writes sel. The order is (score desc, block desc), a strict total order on distinct blocks, so
 //    the result is the reference's exactly (ties to the higher index); NaN never enters a list; fewer
 //    candidates than k-1 leave -1.
-//    The select CTA also enters the row's blocks into its kv head's set of selected blocks (an open-addressing
-//    table of 2^log2_h slots, at most half full, in a zeroed workspace), so no later CTA has to find out
-//    which entries name the same block.
+//    The select CTA also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
+//    n_words 32-bit words in a zeroed workspace, atomicOr), so no later CTA has to find out which entries
+//    name the same block.
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of five per SM; every
-//    CTA of a kv head reads its set, in windows of 128 slots, and numbers the selected blocks in slot order).
-//    Item u * n_chunks + c is chunk c (<= 32 tokens) of the u-th selected block; CTA p takes a contiguous run
-//    of each window's items, so consecutive items mostly share a block, whose rows (entries, rows, positions)
+//    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
+//    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 32 tokens) of the u-th selected block
+//    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block, whose rows (entries, rows, positions)
 //    are gathered once. While it computes one item, the K and V of its next item are in flight (cp.async.cg
 //    16-byte copies into two swizzled stages of 16 KB at d 128, zeros beyond L_b). For the rows that selected
 //    the block (passes of <= 4 rows, zero rows padding the 16-row tiles) warp w takes tokens 8w .. 8w + 7:
@@ -73,7 +73,7 @@
 //    so the loop is bound by its dependent instructions as much as by the memory latency.
 //    Nor did taking the CTA barriers out: a warp-item variant (every warp its own pipeline of 16-token items,
 //    three stages per warp, the running softmax and P.V in registers, whole 64-token segments per warp so that
-//    a partial does not depend on the set's slot order; 2 CTAs of 4 warps per SM at 200 registers), in an
+//    a partial does not depend on the set's order; 2 CTAs of 4 warps per SM at 200 registers), in an
 //    interleaved A/B against this kernel at nine points: equal within 2 us at 32K-1M, B 128, k 8; 5-7 us slower
 //    at B 64 and B 32 (128K, B 64, k 4: 58.9 against 53.8 us for the step); faster only at k 16 (127.6 against
 //    130.7) and batch 64 (321 against 338). Nor did balancing the CTAs' work: a globaltimer trace at 512K had
@@ -315,19 +315,14 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 
 // ---- the set of selected blocks of a kv head ----
 
-// Open addressing over 2^log2_h int slots (0: empty, else block + 1; at most half full, so a free slot is
-// always found), Fibonacci hashing, linear probing. Rows of one kv head insert concurrently: a block lands in
-// exactly one slot, whichever row comes first. The attention launch reads the set and its last CTA of the kv
-// head empties it again.
-__device__ __forceinline__ int dsp_table_slot(int j, int log2_h) {
-    return (int)(((unsigned)(j + 1) * 2654435761u) >> (32 - log2_h));
-}
-__device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
-    const int mask = (1 << log2_h) - 1;
-    for (int h = dsp_table_slot(j, log2_h);; h = (h + 1) & mask) {
-        const int prev = atomicCAS(tab + h, 0, j + 1);
-        if (prev == 0 || prev == j + 1) return;
-    }
+// A bitmap of n_words 32-bit words (bit j: block j is selected by some row of the kv head). Rows of one kv head
+// enter their blocks concurrently by atomicOr, so the set, and the ascending block order in which the attention
+// launch numbers its blocks, do not depend on the order of the entries (an open-addressing table numbered in slot
+// order did: where blocks collided, the slot order, and with it which chunks of a block one CTA folds together,
+// changed run to run, and the outputs' last bits with it). The attention launch reads the set and its last CTA of
+// the kv head empties it again.
+__device__ __forceinline__ void dsp_set_insert(int* set, int j) {
+    atomicOr(reinterpret_cast<unsigned*>(set) + (j >> 5), 1u << (j & 31));
 }
 
 // ---- routing, 2: selection ----
@@ -335,7 +330,7 @@ __device__ __forceinline__ void dsp_table_insert(int* tab, int log2_h, int j) {
 // Shared memory: the warps' lists, [WARPS][32] 64-bit keys.
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
                                            int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                           int kv_heads, int block_size, int top_k, int n_cols, int log2_h,
+                                           int kv_heads, int block_size, int top_k, int n_cols, int n_words,
                                            int wpr) {
     constexpr int U = DSP_SELECT_LOADS;
     DEC_DYNAMIC_SMEM(smem);
@@ -449,10 +444,10 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
     if (lane == 0) srow[0] = own;
     if (lane < lcap) srow[1 + lane] = lj;
-    // The row's blocks into the kv head's set of selected blocks (log2_h < 0: no set, routing measured alone).
+    // The row's blocks into the kv head's set of selected blocks (n_words 0: no set, routing measured alone).
     const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
-    if (log2_h >= 0 && jj >= 0) dsp_table_insert(table + ((long long)bk << log2_h), log2_h, jj);
+    if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
 }
 
 // ---- attention ----
@@ -493,7 +488,7 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
 // head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
 // red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
 // STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
-// flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + WARPS) the window's per-warp block counts.
+// flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + 2 WARPS) the windows' per-warp block counts.
 template <typename T, int D, bool PAGED>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
@@ -502,7 +497,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            unsigned* __restrict__ counters, T* __restrict__ out,
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
-                                           int log2_h, int cpg, int cached, float scale_log2,
+                                           int n_words, int cpg, int cached, float scale_log2,
                                            const int* __restrict__ page_table, int page_size, int pages_per_seq) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
@@ -513,12 +508,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     static_assert(DSP_ATTN_CHUNK == 8 * NW, "a warp takes 8 tokens of a chunk");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks, H = 1 << log2_h;
+    const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks;
     const int lnc = __ffs(nc) - 1;  // n_chunks = B / chunk is a power of two
     const int g = blockIdx.x / cpg, part = blockIdx.x - g * cpg;  // g = b * kv_heads + kvh
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
-    int* tab = table + ((long long)g << log2_h);
+    int* tab = table + (long long)g * n_words;
 
     int* flags = reinterpret_cast<int*>(smem);
     int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
@@ -552,22 +547,42 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
     if (tid == 0) flags[0] = 0;
 
-    // Items: chunk c of the u-th selected block in slot order is item u * nc + c. The set is read in windows of
-    // THREADS slots; CTA part takes a contiguous run of each window's items (so consecutive items mostly share
-    // a block, whose rows are then gathered once).
-    for (int w0 = 0; w0 < H; w0 += NT) {
-        const int key = w0 + tid < H ? dec_ldcg(tab + w0 + tid) : 0;
-        const unsigned m = __ballot_sync(DEC_FULL, key != 0);
-        if (lane == 0) flags[4 + warp] = __popc(m);
-        __syncthreads();  // also: es / qc and flags[0] written, the previous window's items done with ublk
-        int before = 0, nu = 0;
+    // Items: chunk c of the u-th selected block of a batch is item u * nc + c. The set is read in windows of
+    // THREADS words; a window's blocks are numbered in ascending order and taken in batches of at most THREADS
+    // blocks (a window without blocks: one empty batch); CTA part takes a contiguous run of each batch's items
+    // (so consecutive items mostly share a block, whose rows are then gathered once). The window's per-warp
+    // block counts alternate between two halves of flags, so that a warp ahead in the next window cannot
+    // overwrite counts another warp still reads; a thread's word is read again for each batch rather than held
+    // across the items (registers are what limits this kernel).
+    auto window_total = [&](const int* wcount) {
+        int total = 0;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            before += w < warp ? flags[4 + w] : 0;
-            nu += flags[4 + w];
+        for (int w = 0; w < NW; ++w) total += wcount[w];
+        return total;
+    };
+    for (int w0 = 0, r0 = 0; w0 < n_words;) {
+        int* wcount = flags + 4 + ((w0 / NT) & 1) * NW;
+        const unsigned word = w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
+        int first = __popc(word);  // inclusive scan of the counts over the warp, then the exclusive rank
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(DEC_FULL, first, o);
+            if (lane >= o) first += y;
         }
-        if (key != 0) ublk[before + __popc(m & ((1u << lane) - 1u))] = key - 1;
+        if (r0 == 0) {
+            if (lane == 31) wcount[warp] = first;
+            __syncthreads();  // also: es / qc and flags[0] written, the previous batch's items done with ublk
+        }
+        first -= __popc(word);
+#pragma unroll
+        for (int w = 0; w < NW; ++w) first += w < warp ? wcount[w] : 0;
+        if (word != 0u && first < r0 + NT && first + __popc(word) > r0) {
+            unsigned m = word;
+            for (int rank = first; m != 0u; ++rank, m &= m - 1u)
+                if (rank >= r0 && rank < r0 + NT) ublk[rank - r0] = (w0 + tid) * 32 + __ffs(m) - 1;
+        }
         __syncthreads();
+        const int nu = min(NT, window_total(wcount) - r0);
 
         const int n_it = nu * nc, nwa = chunk / 8;  // warps with 8 tokens of a chunk each
         const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
@@ -760,7 +775,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 }
             }
         }
-        __syncthreads();  // the window's items are done with ublk and the stages
+        __syncthreads();  // the batch's items are done with ublk and the stages
+        r0 += NT;
+        if (r0 >= window_total(wcount)) {
+            r0 = 0;
+            w0 += NT;
+        }
     }
 
     __threadfence();
@@ -854,7 +874,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncwarp();
     }
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
-    for (int x = tid; x < H; x += NT) tab[x] = 0;
+    for (int x = tid; x < n_words; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
 }
 
@@ -876,9 +896,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
-      int log2_h, int cpg, int cached, float scale_log2) {                                                        \
+      int n_words, int cpg, int cached, float scale_log2) {                                                       \
     dsp_attend<T, D, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,      \
-                            kv_heads, capacity, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached,          \
+                            kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,         \
                             scale_log2, nullptr, 0, 0);                                                           \
   }
 
@@ -889,18 +909,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
-      int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int log2_h,         \
+      int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
       int cpg, int cached, float scale_log2, const int* __restrict__ page_table, int page_size,                   \
       int pages_per_seq) {                                                                                        \
     dsp_attend<T, D, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,       \
-                           kv_heads, 0, block_size, top_k, n_chunks, chunk, log2_h, cpg, cached, scale_log2,      \
+                           kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached, scale_log2,     \
                            page_table, page_size, pages_per_seq);                                                 \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
-    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int log2_h, int wpr) {
-    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, log2_h, wpr);
+    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int n_words, int wpr) {
+    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words, wpr);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
