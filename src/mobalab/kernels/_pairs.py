@@ -49,7 +49,7 @@ __all__: list[str] = []
 
 SOURCE = "pairs.cu"
 PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
-PAIRS_ROUNDS = 32  # kPairsRounds
+PAIRS_ROUNDS = 16  # kPairsRounds
 TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
 MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory

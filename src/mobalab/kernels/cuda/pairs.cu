@@ -32,7 +32,8 @@ namespace moba_pairs {
 
 constexpr int kPairsThreads = 256;  // PAIRS_THREADS in _pairs.py
 constexpr int kPairsWarps = kPairsThreads / 32;
-constexpr int kPairsRounds = 32;  // pairs per lane of a tile (PAIRS_ROUNDS)
+constexpr int kPairsRounds = 16;  // pairs per lane of a tile (PAIRS_ROUNDS): 16 rather than 32 gives twice the
+                                   // CTAs (4096-pair tiles); index building at 64K 0.76 -> 0.62 ms on an H200
 constexpr int kPairsTile = kPairsThreads * kPairsRounds;
 constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
 constexpr int kNoKey = -1;          // lanes past the end of the chunk
