@@ -1,20 +1,14 @@
 """scripts/bench_router.py on the CPU: variant names (with build options after "+") are checked before any GPU
 work."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_router.py"
+SCRIPT_NAME = "bench_router"  # the conftest's `script` fixture loads it
 
 
 @pytest.fixture(scope="module")
-def br():
-    spec = importlib.util.spec_from_file_location("bench_router", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def br(script):
+    return script
 
 
 @pytest.mark.parametrize("variants", ["fast", "mma,fast+MOBA_X=1"])

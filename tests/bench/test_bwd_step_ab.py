@@ -1,20 +1,14 @@
 """scripts/bwd_step_ab.py on the CPU: its choices and refusals, and the switches it flips (the timing needs a
 GPU)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bwd_step_ab.py"
+SCRIPT_NAME = "bwd_step_ab"  # the conftest's `script` fixture loads it
 
 
 @pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("bwd_step_ab", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ab(script):
+    return script
 
 
 def test_arguments_are_checked_before_any_gpu_work(ab, capsys):

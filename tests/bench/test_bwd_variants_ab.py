@@ -1,19 +1,13 @@
 """scripts/bwd_variants_ab.py on the CPU: its points, variants and refusals (the timing needs a GPU)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bwd_variants_ab.py"
+SCRIPT_NAME = "bwd_variants_ab"  # the conftest's `script` fixture loads it
 
 
 @pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("bwd_variants_ab", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ab(script):
+    return script
 
 
 def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):

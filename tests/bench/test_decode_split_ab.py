@@ -1,19 +1,13 @@
 """scripts/decode_split_ab.py on the CPU: its variant syntax and its refusals (the timing needs a GPU)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "decode_split_ab.py"
+SCRIPT_NAME = "decode_split_ab"  # the conftest's `script` fixture loads it
 
 
 @pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("decode_split_ab", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ab(script):
+    return script
 
 
 def test_variants_name_split_launches_overrides(ab):

@@ -1,21 +1,16 @@
 """scripts/profile_host.py on the CPU: the GPU-gap finder on a synthetic timeline, and the refusal without a GPU."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_host.py"
+SCRIPT_NAME = "profile_host"  # the conftest's `script` fixture loads it
 
 
 @pytest.fixture(scope="module")
-def ph():
-    spec = importlib.util.spec_from_file_location("profile_host", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ph(script):
+    return script
 
 
 def _event(name, start, end, device=torch.autograd.DeviceType.CUDA):
