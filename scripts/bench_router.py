@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="router_bench")
     args = p.parse_args(argv)
     variants = ["mma"] + [v for v in args.variants.split(",") if v and v != "mma"]
-    unknown = sorted({v.split("+")[0] for v in variants} - set(routing.ROUTER_VARIANTS))
+    specs = {v: (v.split("+")[0], tuple(v.split("+")[1:])) for v in variants}  # (router variant, defines)
+    unknown = sorted({name for name, _ in specs.values()} - set(routing.ROUTER_VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown}; known {routing.ROUTER_VARIANTS}, each optionally +DEFINE=VALUE...")
     b, h, d, bs, top_k, causal = 2, 16, 128, args.block_size, 8, True
@@ -61,9 +62,9 @@ def main(argv=None) -> int:
         for variant in variants:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
-                name, *defines = variant.split("+")
+                name, defines = specs[variant]
                 plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name)
-                plan = dataclasses.replace(plan, defines=plan.defines + tuple(defines))
+                plan = dataclasses.replace(plan, defines=plan.defines + defines)
                 ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             outs[variant] = out
             base = ms if variant == "mma" else base
             diff = "" if variant == "mma" or "mma" not in outs else str(int((out != outs["mma"]).sum()))
-            if variant.split("+")[0] == "split" and diff not in ("", "0"):  # mma's scores: the same selections
+            if specs[variant][0] == "split" and diff not in ("", "0"):  # mma's scores: the same selections
                 print(f"FAILED split at N={seqlen}: {diff} slots differ from mma")
                 status = 1
             speed = f"{base / ms:.2f}" if base else ""

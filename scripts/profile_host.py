@@ -73,7 +73,6 @@ def main(argv=None) -> int:
         step = _step_fn(n, 2, 16, 128, 128, 8)
         for _ in range(5):
             step()
-        torch.cuda.synchronize()
         host, idle = [], []
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(a.steps):
@@ -85,13 +84,11 @@ def main(argv=None) -> int:
             e1.record()
             torch.cuda.synchronize()
             idle.append(e0.elapsed_time(e1))
-        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CUDA only: less host cost added
             step()
             torch.cuda.synchronize()
         gaps, span = _gaps(prof)
         pr = cProfile.Profile()
-        torch.cuda.synchronize()
         pr.enable()
         for _ in range(a.steps):
             step()

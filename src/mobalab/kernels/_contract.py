@@ -110,9 +110,14 @@ def _check_4d(fn: str, name: str, x, path: str) -> None:
     if any(s == 0 for s in shape):
         raise ValueError(f"{fn}: {name} has an empty dimension, shape {shape}; "
                          "batch, seqlen, heads and head_dim must all be >= 1")
+    check_path_dtype(fn, name, x.dtype, path)
+
+
+def check_path_dtype(fn: str, name: str, dtype: torch.dtype, path: str) -> None:
+    """``dtype`` is one the ``path`` ("reference" or "cuda") supports."""
     supported = REFERENCE_DTYPES if path == "reference" else CUDA_DTYPES
-    if x.dtype not in supported:
-        raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported on the {path} path: {_names(supported)}")
+    if dtype not in supported:
+        raise ValueError(f"{fn}: {name} has dtype {dtype}; supported on the {path} path: {_names(supported)}")
 
 
 def _check_cuda_sizes(fn: str, x, path: str) -> None:

@@ -94,8 +94,7 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn
     top_k = _check_int("top_k", top_k, fn, 1)
     _check_bool("causal", causal, fn)
     if q.is_cuda:  # refused here, before any sequence runs, in the terms of the cuda path
-        if q.dtype not in C.CUDA_DTYPES:
-            raise ValueError(f"{fn}: q, k, v have dtype {q.dtype}; supported on the cuda path: float16, bfloat16")
+        C.check_path_dtype(fn, "q", q.dtype, "cuda")  # (k and v share it)
         C.check_cuda_shape(fn, 1, max_seqlen, hq, dq)
         block_size = C.check_block_size(fn, block_size, "cuda")
         top_k = C.check_top_k(fn, top_k, "cuda")

@@ -45,8 +45,8 @@
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of five per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 32 tokens) of the u-th selected block
-//    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block, whose rows (entries, rows, positions)
-//    are gathered once. While it computes one item, the K and V of its next item are in flight (cp.async.cg
+//    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block,
+//    whose rows (entries, rows, positions) are gathered once. While it computes one item, the K and V of its next item are in flight (cp.async.cg
 //    16-byte copies into two swizzled stages of 16 KB at d 128, zeros beyond L_b). For the rows that selected
 //    the block (passes of <= 4 rows, zero rows padding the 16-row tiles) warp w takes tokens 8w .. 8w + 7:
 //    S = Q K^T by mma.sync m16n8k16 (K by ldmatrix), masked after the row's position, the max and sum of
