@@ -35,11 +35,15 @@
 #   router-split the split router (the default top-k kernel): its GPU routing tests (-k split: the sweeps with split as
 #                default, split vs mma selections, exactly equal), then the top-k kernel of every variant at 8K and 64K
 #                (router/router_table.md; ~150 s)
-#   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s)
+#   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s);
+#                ROUTER_BLOCK=<B> times them at block size B (default 128), ROUTER_VARIANTS=<a,b> names the variants
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
-#   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls
+#   tiles-ncu    Nsight Compute over one forward + backward at 64K (B 128, k 8, d 128): per-kernel rates, stalls;
+#                TILES_NCU_ARGS adds arguments of scripts/profile_tiles.py (e.g. "--block-size 32 --forward-only")
+#   fwd-ab       forward tile-kernel build options side by side (scripts/fwd_variants_ab.py; FWD_AB_VARIANTS, default
+#                "base MOBA_FWD_MINB=3"; FWD_AB_POINTS, default "8K 64K 64K-B32"; fwd_ab.md)
 #   tiles-ncu-ws the same profile with the warp-specialised wgmma forward tile kernel (MOBALAB_ATTN_VARIANT=wgmma-ws)
 #   tiles-ncu-peer the same profile of FlashMoBA's step on the same inputs (built first when it does not import,
 #                ~100 s; the bundle must be carried in .peers/flash-moba/)
@@ -116,7 +120,8 @@ bwd_sass() {  # bwd_sass NAME IMPL KERNEL: SourceCounters of the first launch of
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
-  timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths 8192,65536 --out "$W/router" > "$W/bench_router.log" 2>&1
+  timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths 8192,65536 --block-size "${ROUTER_BLOCK:-128}" \
+    ${ROUTER_VARIANTS:+--variants "$ROUTER_VARIANTS"} --out "$W/router" > "$W/bench_router.log" 2>&1
 }
 
 router_tests() {  # router_tests VARIANT: the routing GPU tests of one router variant (-k VARIANT), with statistics
@@ -218,7 +223,11 @@ for step in "${STEPS[@]}"; do
                    > "$W/bench_hf_generate.log" 2>&1 || status=1 ;;
     decode-full) timeout $(cap 590) python3 -m mobalab.bench.decode --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
-    tiles-ncu) tiles_ncu tiles || status=1 ;;
+    tiles-ncu) # shellcheck disable=SC2086  # TILES_NCU_ARGS are words
+               tiles_ncu tiles ${TILES_NCU_ARGS:-} || status=1 ;;
+    fwd-ab) # shellcheck disable=SC2086  # the variants and points are words
+            timeout $(cap 240) python3 scripts/fwd_variants_ab.py --points ${FWD_AB_POINTS:-8K 64K 64K-B32} \
+              --variants ${FWD_AB_VARIANTS:-base MOBA_FWD_MINB=3} > "$W/fwd_ab.md" 2>&1 || status=1 ;;
     tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws tiles_ncu tiles_ws || status=1 ;;
     tiles-ncu-peer) # FlashMoBA built when it does not import yet (needs .peers/flash-moba/fm_bundle.tgz carried)
       { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
@@ -268,6 +277,7 @@ cat "$W/env.txt" "$W/steps.txt"
 [ -f "$W/bwd_variants_ab.md" ] && cat "$W/bwd_variants_ab.md"
 for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md" "$W"/step_ab_*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/bwd_ab.md" ] && grep -E "^\||Error|error" "$W/bwd_ab.md" | head -n 20
+[ -f "$W/fwd_ab.md" ] && grep -E "^\||Error|error" "$W/fwd_ab.md" | head -n 30
 [ -f "$W/pytest_hf_generate.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_hf_generate.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_hf_generate.log"; }
 [ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }
 [ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }

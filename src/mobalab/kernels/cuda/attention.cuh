@@ -85,18 +85,26 @@ constexpr int kFwdSplit = D >= 256 ? 2 : 1;
 template <int D>
 constexpr int kFwdThreads = MOBA_THREADS * kFwdSplit<D>;
 
+// MOBA_FWD_QREGS_MAXD (a build option for measuring): the largest head dim that keeps Q in registers.
+#ifndef MOBA_FWD_QREGS_MAXD
+#define MOBA_FWD_QREGS_MAXD 128
+#endif
 // Whether a warp keeps its Q A-fragments in registers (D / 4 of them) for a whole tile, or re-reads them
 // from the swizzled Q tile at every k-step (D = 256: 64 registers beside 64 of O and KT / 2 of S).
 template <int D>
-constexpr bool kQInRegs = D <= 128;
+constexpr bool kQInRegs = D <= MOBA_FWD_QREGS_MAXD;
 template <int D>
 constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held (1: an unused placeholder)
 
 // Minimum CTAs per SM for __launch_bounds__. 0: none, ptxas' own choice, which the D = 64 and 128 kernels
 // were tuned and measured with (left to itself ptxas caps the D = 96 kernels at 168 registers and spills).
 // D = 32: 4 (<= 128 registers); D = 96: 2 (<= 255 registers, 8 warps per SM); D = 256: 1 CTA of 8 warps.
+// MOBA_FWD_MINB (a build option for measuring) sets the D = 64 and 128 kernels' minimum.
+#ifndef MOBA_FWD_MINB
+#define MOBA_FWD_MINB 0
+#endif
 template <int D>
-constexpr int kFwdMinBlocks = D == 64 || D == 128 ? 0 : D == 32 ? 4 : D == 96 ? 2 : 1;
+constexpr int kFwdMinBlocks = D == 64 || D == 128 ? MOBA_FWD_MINB : D == 32 ? 4 : D == 96 ? 2 : 1;
 
 // Element type of the partial o (see "Partial format" above): the input type T, or float when the source is
 // built with -DMOBA_PARTIAL_FP32=1 (the run-time fallback selects that module; entry points take void*).

@@ -1,0 +1,113 @@
+"""Side-by-side timing of forward tile-kernel build options: ``python scripts/fwd_variants_ab.py [--points ...]``.
+
+Each point (N, block size; batch 2, 16 heads, d 128, k 8, causal, bf16, random Gaussian q, k, v) routes once
+(:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
+(:func:`mobalab.kernels._cuda_attention.moba_attention_cuda` with ``topk_indices``: index building, tiles, merge)
+once per ``--variants`` entry. A variant is "base" (the default build) or build options of cuda/attention.cu joined
+by ``+`` (``MOBA_FWD_MINB=3+MOBA_FWD_QREGS_MAXD=64``): every launch of that source compiled with those defines,
+its own module. Every variant is warmed up, then timed in alternating order over ``--rounds`` rounds (the first two
+dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms, its
+speedup against the first variant, and the largest output difference from the first variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import statistics
+import sys
+
+import torch
+
+from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
+from mobalab.kernels import _cuda_attention as CA
+from mobalab.kernels._cuda_attention import moba_attention_cuda
+from mobalab.kernels._cuda_routing import moba_topk_cuda
+
+K = 1024
+POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B32": (64 * K, 32),
+          "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32)}
+
+
+def parse_variant(text: str) -> tuple[str, ...]:
+    """``"base"`` -> (); ``"MOBA_X=2+MOBA_Y=1"`` -> ("MOBA_X=2", "MOBA_Y=1")."""
+    if text == "base":
+        return ()
+    defines = tuple(text.split("+"))
+    for d in defines:
+        if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
+            raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
+    return defines
+
+
+def _forward_with(defines: tuple[str, ...]):
+    """moba_attention_cuda with every launch of cuda/attention.cu built with ``defines`` too."""
+    if not defines:
+        return moba_attention_cuda
+
+    def call(*args, **kwargs):
+        real = CA.launch
+
+        def launch(plan):
+            return real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == CA.SOURCE
+                        else plan)
+
+        CA.launch = launch
+        try:
+            return moba_attention_cuda(*args, **kwargs)
+        finally:
+            CA.launch = real
+
+    return call
+
+
+def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
+    """One point's rows: variant, median ms, speedup against the first variant, largest output difference."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(2, seqlen, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    topk = moba_topk_cuda(q, k, block, 8, causal=True).to(torch.int32).contiguous()
+
+    def call(variant):
+        return _forward_with(parse_variant(variant))(q, k, v, block, 8, True, topk_indices=topk)
+
+    outs = {name: call(name) for name in variants}  # warm-up (compiles), and the outputs compared
+    times = interleaved_times({name: name for name in variants}, rounds,
+                              lambda name: idle_gpu_ms(lambda: call(name)), drop=2)
+    base = statistics.median(times[variants[0]])
+    rows = []
+    for name in variants:
+        ms = statistics.median(times[name])
+        diff = (outs[name].float() - outs[variants[0]].float()).abs().max().item()
+        rows.append(dict(variant=name, ms=ms, speedup=base / ms, max_diff=diff))
+    return rows
+
+
+def _variant_arg(text: str) -> str:
+    parse_variant(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", nargs="+", default=["8K", "64K", "64K-B32"], choices=sorted(POINTS))
+    p.add_argument("--variants", nargs="+", default=["base"], type=_variant_arg,
+                   help='"base" or MOBA_NAME=INTEGER build options of cuda/attention.cu joined by "+"')
+    p.add_argument("--rounds", type=int, default=12)
+    a = p.parse_args(argv)
+    if a.rounds < 3:
+        p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
+    if not torch.cuda.is_available():
+        print("fwd_variants_ab: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print("| point | variant | ms | speedup | max out diff |\n|---|---|---|---|---|")
+    for name in a.points:
+        seqlen, block = POINTS[name]
+        for row in run_point(seqlen, block, a.variants, a.rounds):
+            print(f"| {name} | {row['variant']} | {row['ms']:.3f} | {row['speedup']:.3f} | {row['max_diff']:.1e} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
