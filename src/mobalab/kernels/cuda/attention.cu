@@ -15,8 +15,11 @@
 #include "attention.cuh"
 
 // BODY: attn_tile (K/V streamed in KT-key sub-tiles) or attn_resident (the whole key block resident).
+#define MOBA_FWD_RESIDENT_attn_tile false
+#define MOBA_FWD_RESIDENT_attn_resident true
 #define MOBA_ATTN_TILE_KERNEL(NAME, BODY, T, D, KT)                                                                   \
-  extern "C" __global__ void __launch_bounds__(moba::kFwdThreads<D>, moba::kFwdMinBlocks<D>) NAME(                  \
+  extern "C" __global__ void                                                                                          \
+  __launch_bounds__(moba::kFwdThreads<D>, moba::kFwdMinBlocks<D, KT, MOBA_FWD_RESIDENT_##BODY>) NAME(                 \
       const void* q, const void* k, const void* v, const long long* pairs, const long long* seg_off,                  \
       const long long* tile_cum, void* part_o, float* part_ml, int seqlen, int heads, int kv_heads, int top_k,        \
       int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0, int n_seg, int causal,                  \

@@ -85,26 +85,31 @@ constexpr int kFwdSplit = D >= 256 ? 2 : 1;
 template <int D>
 constexpr int kFwdThreads = MOBA_THREADS * kFwdSplit<D>;
 
-// MOBA_FWD_QREGS_MAXD (a build option for measuring): the largest head dim that keeps Q in registers.
-#ifndef MOBA_FWD_QREGS_MAXD
-#define MOBA_FWD_QREGS_MAXD 128
-#endif
 // Whether a warp keeps its Q A-fragments in registers (D / 4 of them) for a whole tile, or re-reads them
 // from the swizzled Q tile at every k-step (D = 256: 64 registers beside 64 of O and KT / 2 of S).
 template <int D>
-constexpr bool kQInRegs = D <= MOBA_FWD_QREGS_MAXD;
+constexpr bool kQInRegs = D <= 128;
 template <int D>
 constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held (1: an unused placeholder)
 
 // Minimum CTAs per SM for __launch_bounds__. 0: none, ptxas' own choice, which the D = 64 and 128 kernels
 // were tuned and measured with (left to itself ptxas caps the D = 96 kernels at 168 registers and spills).
 // D = 32: 4 (<= 128 registers); D = 96: 2 (<= 255 registers, 8 warps per SM); D = 256: 1 CTA of 8 warps.
-// MOBA_FWD_MINB (a build option for measuring) sets the D = 64 and 128 kernels' minimum.
-#ifndef MOBA_FWD_MINB
-#define MOBA_FWD_MINB 0
+// The resident kernel (RES) at D = 128 with key sub-tiles of <= 32 keys (blocks of 16 and 32 keys): 3 (<= 168
+// registers, 12 warps per SM; ptxas alone takes 203-230 registers, two CTAs per SM). Their resident CTAs need 45-53 KB of shared memory, so
+// three fit, and the tiles are short (one or two sub-tiles of S and P V between a Q gather and a partial write),
+// so the third CTA's warps fill the waits: measured on an H200 at 64K, B 32, the forward's attention 1.07x
+// faster (RESULTS.md). At KT = 64 (blocks of 64 keys and more) the bound cost 15-18% (spills, shared memory
+// allows two CTAs at B 128 anyway). MOBA_FWD_MINB_SMALL_KT (a build option for measuring) overrides the 3.
+#ifndef MOBA_FWD_MINB_SMALL_KT
+#define MOBA_FWD_MINB_SMALL_KT 3
 #endif
-template <int D>
-constexpr int kFwdMinBlocks = D == 64 || D == 128 ? MOBA_FWD_MINB : D == 32 ? 4 : D == 96 ? 2 : 1;
+template <int D, int KT, bool RES>
+constexpr int kFwdMinBlocks = D == 128 ? (RES && KT <= 32 ? MOBA_FWD_MINB_SMALL_KT : 0)
+                              : D == 64 ? 0 : D == 32 ? 4 : D == 96 ? 2 : 1;
+// Whether the resident kernel gathers Q in a loop that is not unrolled (gather_q): where the bound above is new.
+template <int D, int KT>
+constexpr bool kFwdRolledGather = D == 128 && KT <= 32;
 
 // Element type of the partial o (see "Partial format" above): the input type T, or float when the source is
 // built with -DMOBA_PARTIAL_FP32=1 (the run-time fallback selects that module; entry points take void*).
@@ -354,15 +359,23 @@ __device__ __forceinline__ void setup_rows(const long long* pairs, long long fir
 }
 
 // Gather MOBA_ROWS query rows (element offsets s_qoff, -1 = zero row) into a swizzled tile.
-template <int D, int NTHREADS = MOBA_THREADS>
+// ROLLED: a loop that is not unrolled, for kernels under a register bound (the unrolled loop's addresses,
+// all loaded ahead, spill at 168 registers).
+template <int D, int NTHREADS = MOBA_THREADS, bool ROLLED = false>
 __device__ __forceinline__ void gather_q(unsigned dst, const char* qb, const long long* s_qoff, int tid) {
   constexpr int CH = D / 8;
-#pragma unroll
-  for (int i = 0; i < MOBA_ROWS * CH / NTHREADS; ++i) {
+  auto copy = [&](int i) {
     const int c = tid + i * NTHREADS;
     const int row = c / CH, ch = c % CH;
     const long long off = s_qoff[row];
     cp_async16(dst + swz<D>(row, ch), qb + (off >= 0 ? off * 2 + ch * 16 : 0), off >= 0 ? 16 : 0);
+  };
+  if constexpr (ROLLED) {
+#pragma unroll 1
+    for (int i = 0; i < MOBA_ROWS * CH / NTHREADS; ++i) copy(i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < MOBA_ROWS * CH / NTHREADS; ++i) copy(i);
   }
 }
 
@@ -538,7 +551,8 @@ __device__ __forceinline__ void attn_resident(const void* q_, const void* k_, co
   const int block_end = min(key_begin + block_size, seqlen);
   for (int ti = 0; ti < n_tiles; ++ti) {
     if (ti + 1 < n_tiles) {
-      gather_q<D, NTHREADS>(sq + ((ti + 1) & 1) * Q_BYTES, qb, s_qoff + (ti + 1) * MOBA_ROWS, tid);
+      gather_q<D, NTHREADS, kFwdRolledGather<D, KT>>(sq + ((ti + 1) & 1) * Q_BYTES, qb,
+                                                     s_qoff + (ti + 1) * MOBA_ROWS, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
