@@ -4,10 +4,10 @@ Each point (N, block size; batch 2, 16 heads, d 128, k 8, causal, bf16, random G
 (:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
 (:func:`mobalab.kernels._cuda_attention.moba_attention_cuda` with ``topk_indices``: index building, tiles, merge)
 once per ``--variants`` entry. A variant is "base" (the default build) or build options of cuda/attention.cu joined
-by ``+`` (``MOBA_FWD_MINB_SMALL_KT=0``): every launch of that source compiled with those defines,
-its own module. Every variant is warmed up, then timed in alternating order over ``--rounds`` rounds (the first two
-dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms, its
-speedup against the first variant, and the largest output difference from the first variant.
+by ``+`` (``MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``): every launch of that source compiled with those
+defines, its own module. Every variant is warmed up, then timed in alternating order over ``--rounds`` rounds (the
+first two dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms,
+its speedup against the first variant, and the largest output difference from the first variant.
 """
 
 from __future__ import annotations

@@ -256,7 +256,8 @@ def no_router_env(monkeypatch):
 
 
 def test_router_variant_default_env_and_argument(no_router_env):
-    assert routing.resolve_router_variant(None, 128, 8, True) == routing.DEFAULT_ROUTER_VARIANT == "mma"
+    assert routing.DEFAULT_ROUTER_VARIANT == "auto"
+    assert routing.resolve_router_variant(None, 128, 8, True) == "mma"  # no device: auto takes mma
     assert routing.resolve_router_variant(None) == "mma"
     no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "split")
     assert routing.resolve_router_variant(None, 128, 8, True) == "split"
@@ -357,3 +358,21 @@ def test_wgmma_shared_memory(dim):
     assert smem == parts + 1024
     assert smem <= 232448
     assert _wgmma_plan(torch.float16, dim, False, 16).shared_mem == smem
+
+
+@pytest.mark.parametrize("cap, dim, top_k, causal, expected", [
+    ((9, 0), 128, 8, True, "wgmma"), ((9, 0), 128, 17, True, "wgmma"), ((9, 0), 128, 16, False, "wgmma"),
+    ((9, 0), 128, 18, True, "mma"), ((9, 0), 64, 8, True, "mma"), ((9, 0), 96, 8, True, "mma"),
+    ((8, 0), 128, 8, True, "mma"), ((8, 9), 128, 8, True, "mma"), ((10, 0), 128, 8, True, "mma")])
+def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, expected):
+    """"auto" (the default, or asked for) takes wgmma on sm_90 at head dim 128 where wgmma has a kernel, mma elsewhere;
+    a CPU device or a missing shape gives mma."""
+    no_router_env.setattr(routing, "_device_capability", lambda device: cap)
+    cuda = torch.device("cuda", 0)
+    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda) == expected
+    assert routing.resolve_router_variant("auto", dim, top_k, causal, cuda) == expected
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "auto")
+    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda) == expected
+    assert routing.resolve_router_variant("auto", dim, top_k, causal, torch.device("cpu")) == "mma"
+    assert routing.resolve_router_variant("auto", None, top_k, causal, cuda) == "mma"
+    assert routing.resolve_router_variant("mma", dim, top_k, causal, cuda) == "mma"  # the argument wins

@@ -53,7 +53,13 @@ import torch
 
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels._contract import CUDA_HEAD_DIMS
-from mobalab.kernels._cuda_routing import ROUTER_VARIANT_ENV, ROUTER_VARIANTS, moba_topk_cuda, resolve_router_variant
+from mobalab.kernels._cuda_routing import (
+    DEFAULT_ROUTER_VARIANT,
+    ROUTER_CHOICES,
+    ROUTER_VARIANT_ENV,
+    moba_topk_cuda,
+    resolve_router_variant,
+)
 from mobalab.kernels.autograd import moba_attention_autograd
 
 from .environment import environment
@@ -702,7 +708,10 @@ def run_record() -> dict:
     from mobalab.kernels._cuda_backward import resolve_bwd_variant
     from mobalab.kernels._launch import resolve_launcher
 
-    env.update(routing="cuda", attn_variant=A.resolve_variant(None), router_variant=resolve_router_variant(None),
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
+    env.update(routing="cuda", attn_variant=A.resolve_variant(None),
+               router_variant=os.environ.get(ROUTER_VARIANT_ENV, DEFAULT_ROUTER_VARIANT),
+               router_kernel_d128=resolve_router_variant(None, 128, 8, True, cuda),
                bwd_variant=resolve_bwd_variant(None), launcher=resolve_launcher(),
                scratch_budget="default: 4% of the q, k, v, out bytes within [640 MiB, 768 MiB] (per row: "
                               "scratch_budget_bytes)")
@@ -962,7 +971,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", choices=A.VARIANTS, default=None,
                    help="forward sweep: run every configuration with this tile kernel (default: each configuration's "
                         "own, 'auto' meaning $MOBALAB_ATTN_VARIANT); configurations it does not support are skipped")
-    p.add_argument("--router-variant", choices=ROUTER_VARIANTS, default=None,
+    p.add_argument("--router-variant", choices=ROUTER_CHOICES, default=None,
                    help="top-k kernel of the routing in every run (sets $MOBALAB_ROUTER_VARIANT; default: that "
                         "variable, else mma)")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")

@@ -19,10 +19,11 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
 128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call, else the default, "mma" (split measured no faster; were "split" the default, it would apply at head dims
-up to 128 only, :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes 161 KB of shared memory, one per
-multiprocessor, against two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" where it
-has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
+call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 where it has a kernel (measured never slower
+than mma, up to 1.15x faster with many blocks per row), mma elsewhere (split measured no faster; were "split" the
+default, it would apply at head dims up to 128 only, :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes
+161 KB of shared memory, one per multiprocessor, against two mma CTAs of 112 KB). A variant chosen by the default
+falls back to "mma" where it has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
 asked for (argument or environment) raises ValueError there. split and mma select exactly the same blocks (the
 same score tile; the split scan only skips pairs that cannot be selected); wgmma computes the same scores up to
 the fp32 rounding order, so its selections differ only at near-ties.
@@ -64,10 +65,15 @@ SPLIT_THREADS = 256
 SPLIT_LIST_TIERS = (8, 16)
 SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where a "split" default would apply (head dim 256: "mma")
 ROUTER_VARIANTS = ("split", "mma", "wgmma")
+ROUTER_CHOICES = ("auto", *ROUTER_VARIANTS)  # what a caller may ask for; "auto" resolves to one of the variants
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
-# mma: measured on the H200 the split kernel selects exactly the same blocks but is no faster (64K 1.76 against
-# 1.71 ms, 8K 0.134 against 0.141; RESULTS.md), so it stays opt-in like wgmma.
-DEFAULT_ROUTER_VARIANT = "mma"
+# "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel, mma elsewhere. Measured
+# on an H200 (d 128, k 8, causal; RESULTS.md) wgmma was never slower than mma and faster the more blocks a row
+# scores: 1.00x at 256 blocks, 1.01-1.04x at 512, 1.08-1.09x at 1024, 1.11-1.12x at 2048, 1.14-1.15x at 4096 (B 16
+# to 128, 8K to 512K). split selects exactly what mma selects but is no faster (64K 1.76 against 1.71 ms, 8K 0.134
+# against 0.141), so it stays opt-in.
+DEFAULT_ROUTER_VARIANT = "auto"
+WG_AUTO_HEAD_DIMS = (128,)  # where "auto" takes wgmma (head dim 64 has a wgmma kernel, not measured against mma)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,6 +145,20 @@ def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
 
 
+def _device_capability(device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _auto_variant(head_dim: int | None, top_k: int | None, causal: bool, device: torch.device | None) -> str:
+    """What "auto" runs: wgmma on an sm_90 CUDA device at a head dim of WG_AUTO_HEAD_DIMS where it has a kernel for
+    the list length; mma elsewhere, and where the shape or the device is not given."""
+    if head_dim is None or top_k is None or device is None or torch.device(device).type != "cuda":
+        return "mma"
+    if head_dim not in WG_AUTO_HEAD_DIMS or not wgmma_router_supports(head_dim, top_k, causal):
+        return "mma"
+    return "wgmma" if _device_capability(device) == (9, 0) else "mma"
+
+
 def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, causal: bool,
                      device: torch.device | None) -> str | None:
     """Why ``variant`` has no kernel for the shape or device (None: it has one)."""
@@ -154,7 +174,7 @@ def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, caus
         return (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS) + 1} (causal) or "
                 f"<= {max(WG_LIST_TIERS)} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
     if device is not None and torch.device(device).type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
+        cap = _device_capability(device)
         if cap != (9, 0):
             return f"an sm_90 (Hopper) GPU, got compute capability {cap}"
     return None
@@ -163,19 +183,22 @@ def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, caus
 def resolve_router_variant(variant: str | None, head_dim: int | None = None, top_k: int | None = None,
                            causal: bool = True, device: torch.device | None = None) -> str:
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
-    (DEFAULT_ROUTER_VARIANT; "split" becomes "mma" at head dims outside SPLIT_DEFAULT_HEAD_DIMS).
+    (DEFAULT_ROUTER_VARIANT, "auto"). "auto" (asked for or the default) is wgmma on an sm_90 GPU at head dim 128
+    where wgmma has a kernel for the list length, mma elsewhere (and where the shape or device is not given).
 
     "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when
     ``device`` is a CUDA device) and a kernel for the shape (checked when ``head_dim`` and ``top_k`` are given):
     where one is missing, a default choice becomes "mma" and an explicit one (argument or environment) raises
-    ValueError.
+    ValueError. A "split" default becomes "mma" at head dims outside SPLIT_DEFAULT_HEAD_DIMS.
     """
     forced = variant is not None or ROUTER_VARIANT_ENV in os.environ
     if variant is None:
         variant = os.environ.get(ROUTER_VARIANT_ENV, DEFAULT_ROUTER_VARIANT)
-    if variant not in ROUTER_VARIANTS:
-        raise ValueError(f"router variant must be one of {ROUTER_VARIANTS} (or None: ${ROUTER_VARIANT_ENV}, "
+    if variant not in ROUTER_CHOICES:
+        raise ValueError(f"router variant must be one of {ROUTER_CHOICES} (or None: ${ROUTER_VARIANT_ENV}, "
                          f"default {DEFAULT_ROUTER_VARIANT!r}), got {variant!r}")
+    if variant == "auto":
+        return _auto_variant(head_dim, top_k, causal, device)
     if not forced and variant == "split" and head_dim is not None and head_dim not in SPLIT_DEFAULT_HEAD_DIMS:
         return "mma"
     problem = _variant_problem(variant, head_dim, top_k, causal, device)

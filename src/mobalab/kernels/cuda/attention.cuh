@@ -96,11 +96,14 @@ constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held 
 // were tuned and measured with (left to itself ptxas caps the D = 96 kernels at 168 registers and spills).
 // D = 32: 4 (<= 128 registers); D = 96: 2 (<= 255 registers, 8 warps per SM); D = 256: 1 CTA of 8 warps.
 // The resident kernel (RES) at D = 128 with key sub-tiles of <= 32 keys (blocks of 16 and 32 keys): 3 (<= 168
-// registers, 12 warps per SM; ptxas alone takes 203-230 registers, two CTAs per SM). Their resident CTAs need 45-53 KB of shared memory, so
-// three fit, and the tiles are short (one or two sub-tiles of S and P V between a Q gather and a partial write),
-// so the third CTA's warps fill the waits: measured on an H200 at 64K, B 32, the forward's attention 1.07x
-// faster (RESULTS.md). At KT = 64 (blocks of 64 keys and more) the bound cost 15-18% (spills, shared memory
-// allows two CTAs at B 128 anyway). MOBA_FWD_MINB_SMALL_KT (a build option for measuring) overrides the 3.
+// registers, 12 warps per SM). Its resident CTAs need 45-53 KB of shared memory, so three fit, and its tiles are
+// short (one or two sub-tiles of S and P V between a Q gather and a partial write), so a third CTA's warps fill
+// the waits. What kept it at two was the Q gather of the next tile inside the tile loop: unrolled, its row
+// offsets and addresses were all loaded ahead, 230 registers (and spills under this bound); a loop that is not
+// unrolled there (kFwdRolledGather) fits 168 with no spills. Measured on an H200 (RESULTS.md): the attention
+// forward at 64K, B 32 1.10x faster. At KT = 64 (blocks of 64 keys and more) a 168-register bound cost 15-18%
+// (spills; at B 128 shared memory allows two CTAs anyway). MOBA_FWD_MINB_SMALL_KT and MOBA_FWD_ROLLED_GATHER
+// (build options for measuring) override the 3 and the rolled loop.
 #ifndef MOBA_FWD_MINB_SMALL_KT
 #define MOBA_FWD_MINB_SMALL_KT 3
 #endif
@@ -108,8 +111,11 @@ template <int D, int KT, bool RES>
 constexpr int kFwdMinBlocks = D == 128 ? (RES && KT <= 32 ? MOBA_FWD_MINB_SMALL_KT : 0)
                               : D == 64 ? 0 : D == 32 ? 4 : D == 96 ? 2 : 1;
 // Whether the resident kernel gathers Q in a loop that is not unrolled (gather_q): where the bound above is new.
+#ifndef MOBA_FWD_ROLLED_GATHER
+#define MOBA_FWD_ROLLED_GATHER 1
+#endif
 template <int D, int KT>
-constexpr bool kFwdRolledGather = D == 128 && KT <= 32;
+constexpr bool kFwdRolledGather = MOBA_FWD_ROLLED_GATHER && D == 128 && KT <= 32;
 
 // Element type of the partial o (see "Partial format" above): the input type T, or float when the source is
 // built with -DMOBA_PARTIAL_FP32=1 (the run-time fallback selects that module; entry points take void*).
