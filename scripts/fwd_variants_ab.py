@@ -1,13 +1,15 @@
-"""Side-by-side timing of forward tile-kernel build options: ``python scripts/fwd_variants_ab.py [--points ...]``.
+"""Side-by-side timing of forward tile kernels and build options: ``python scripts/fwd_variants_ab.py [--points ...]``.
 
 Each point (N, block size; batch 2, 16 heads, d 128, k 8, causal, bf16, random Gaussian q, k, v) routes once
 (:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
 (:func:`mobalab.kernels._cuda_attention.moba_attention_cuda` with ``topk_indices``: index building, tiles, merge)
-once per ``--variants`` entry. A variant is "base" (the default build) or build options of cuda/attention.cu joined
-by ``+`` (``MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``): every launch of that source compiled with those
-defines, its own module. Every variant is warmed up, then timed in alternating order over ``--rounds`` rounds (the
-first two dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms,
-its speedup against the first variant, and the largest output difference from the first variant.
+once per ``--variants`` entry. A variant is "base" (the default build and tile kernel), a tile kernel of
+``moba_attention_cuda``'s ``variant`` ("resident", "wgmma", ...), or build options of cuda/attention.cu joined by
+``+`` after either (``base+MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``; a leading option implies "base"):
+every launch of that source compiled with those defines, its own module. Every variant is warmed up, then timed
+in alternating order over ``--rounds`` rounds (the first two dropped), each call timed by CUDA events from an idle
+GPU. Printed per point: each variant's median in ms, its speedup against the first variant, and the largest output
+difference from the first variant.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B
           "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32)}
 
 
-def parse_variant(text: str) -> tuple[str, ...]:
-    """``"base"`` -> (); ``"MOBA_X=2+MOBA_Y=1"`` -> ("MOBA_X=2", "MOBA_Y=1")."""
-    if text == "base":
-        return ()
-    defines = tuple(text.split("+"))
-    for d in defines:
+def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
+    """``"base"`` -> (None, ()); ``"wgmma+MOBA_X=2"`` -> ("wgmma", ("MOBA_X=2",)); ``"MOBA_X=2+MOBA_Y=1"`` ->
+    (None, ("MOBA_X=2", "MOBA_Y=1")): the tile kernel (None: the default) and build options."""
+    head, *rest = text.split("+")
+    if head.startswith("MOBA_"):
+        head, rest = "base", [head, *rest]
+    if head != "base" and head not in CA.VARIANTS:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: {head!r} is not base or one of {', '.join(CA.VARIANTS)}")
+    for d in rest:
         if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
             raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
-    return defines
+    return (None if head == "base" else head), tuple(rest)
 
 
 def _forward_with(defines: tuple[str, ...]):
@@ -69,7 +74,8 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
     topk = moba_topk_cuda(q, k, block, 8, causal=True).to(torch.int32).contiguous()
 
     def call(variant):
-        return _forward_with(parse_variant(variant))(q, k, v, block, 8, True, topk_indices=topk)
+        kernel, defines = parse_variant(variant)
+        return _forward_with(defines)(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
 
     outs = {name: call(name) for name in variants}  # warm-up (compiles), and the outputs compared
     times = interleaved_times({name: name for name in variants}, rounds,
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", nargs="+", default=["8K", "64K", "64K-B32"], choices=sorted(POINTS))
     p.add_argument("--variants", nargs="+", default=["base"], type=_variant_arg,
-                   help='"base" or MOBA_NAME=INTEGER build options of cuda/attention.cu joined by "+"')
+                   help='"base" or a tile kernel, then MOBA_NAME=INTEGER build options of cuda/attention.cu, joined '
+                        'by "+"')
     p.add_argument("--rounds", type=int, default=12)
     a = p.parse_args(argv)
     if a.rounds < 3:
