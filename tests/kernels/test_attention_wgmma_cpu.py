@@ -25,7 +25,8 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
     assert set(A.WGMMA_VARIANTS) == {"wgmma", "wgmma-ws"} and set(A.WGMMA_VARIANTS) <= set(A.VARIANTS)
     assert not set(A.WGMMA_VARIANTS) & set(A.MMA_VARIANTS)
     monkeypatch.delenv(A.VARIANT_ENV, raising=False)
-    # "auto" keeps choosing the mma.sync kernels at the shapes wgmma serves
+    # without a device "auto" keeps choosing the mma.sync kernels at the shapes wgmma serves (device_variant takes
+    # wgmma for B 64 on sm_90: test_auto_takes_wgmma_on_hopper_at_b64)
     for block in A.WGMMA_BLOCK_SIZES:
         for dtype in C.CUDA_DTYPES:
             assert A.kernel_names(dtype, 128, block, "auto")[0].startswith("moba_attn_res_")
@@ -41,6 +42,22 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
     # the environment never changes the mma kernels' thread count: only an explicit "wgmma-ws" does
     assert A.fwd_threads(128) == 128 and A.fwd_threads(256) == 256 and A.fwd_threads(128, "wgmma-ws") == 384
     assert not A.resident(128, 128) and A.rows_per_unit(128, 128) == A.ROWS * A.TILES_PER_UNIT
+
+
+@pytest.mark.parametrize("cap, dim, block, variant, expected", [
+    ((9, 0), 128, 64, "auto", "wgmma"), ((9, 0), 128, 128, "auto", "auto"), ((9, 0), 128, 32, "auto", "auto"),
+    ((9, 0), 64, 64, "auto", "auto"), ((8, 0), 128, 64, "auto", "auto"), ((8, 9), 128, 64, "auto", "auto"),
+    ((9, 0), 128, 64, "resident", "resident"), ((9, 0), 128, 64, "wgmma-ws", "wgmma-ws")])
+def test_auto_takes_wgmma_on_hopper_at_b64(monkeypatch, cap, dim, block, variant, expected):
+    """On an sm_90 device "auto" runs the wgmma tile kernel at head dim 128, B 64 (measured faster there), the
+    mma.sync kernels elsewhere; an explicit variant and any other device keep what was asked for."""
+    monkeypatch.setattr(A, "_device_capability", lambda device: cap)
+    cuda = torch.device("cuda", 0)
+    assert A.device_variant(variant, dim, block, cuda) == expected
+    assert A.device_variant(variant, dim, block, torch.device("cpu")) == variant
+    assert A.device_variant(variant, dim, block, None) == variant
+    label = A.variant_label(dim, block, variant, cuda)
+    assert label == ("wgmma" if expected == "wgmma" else A.variant_label(dim, block, variant))
 
 
 @pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])

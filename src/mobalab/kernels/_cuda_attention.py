@@ -80,6 +80,9 @@ WGMMA_VARIANTS = ("wgmma", "wgmma-ws")  # Hopper kernels (cuda/attention_wgmma.c
 VARIANTS = (*MMA_VARIANTS, *WGMMA_VARIANTS)
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_BLOCK_SIZES = (64, 128)
+# Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
+# 1.08x faster than the mma.sync resident kernel at B 64 (64K) and 1.00-1.02x at B 128 (8K-64K), so only B 64.
+WGMMA_AUTO = {(128, 64)}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
@@ -227,9 +230,22 @@ def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) ->
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
 
 
-def variant_label(head_dim: int, block_size: int, variant: str | None = None) -> str:
-    """The tile kernel that runs, in words: "wgmma", "wgmma-ws", "resident" or "streaming"."""
-    variant = resolve_variant(variant, head_dim, block_size)
+def device_variant(variant: str, head_dim: int, block_size: int, device) -> str:
+    """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of WGMMA_AUTO."""
+    if variant == "auto" and (head_dim, block_size) in WGMMA_AUTO and device is not None \
+            and torch.device(device).type == "cuda" and _device_capability(device) == (9, 0):
+        return "wgmma"
+    return variant
+
+
+def _device_capability(device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def variant_label(head_dim: int, block_size: int, variant: str | None = None, device=None) -> str:
+    """The tile kernel that runs (on ``device``, where given), in words: "wgmma", "wgmma-ws", "resident" or
+    "streaming"."""
+    variant = device_variant(resolve_variant(variant, head_dim, block_size), head_dim, block_size, device)
     if variant in WGMMA_VARIANTS:
         return variant
     return "resident" if resident(head_dim, block_size, variant) else "streaming"
@@ -427,7 +443,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
     ("auto", "resident", "streaming", or "wgmma" / "wgmma-ws": head dim 128, B 64 or 128, sm_90 GPUs; None:
-    ``$MOBALAB_ATTN_VARIANT``, default "auto"); the partial format
+    ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64, else the mma.sync
+    kernels); the partial format
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
     per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
     ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
@@ -461,6 +478,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
     check_variant_device(fn, variant, q.device)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device)
     with torch.cuda.device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
@@ -479,6 +497,7 @@ def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: f
     forward of a training step, whose entry has checked the inputs."""
     variant = resolve_variant(None, q.shape[-1], block_size)
     check_variant_device("moba_attention_cuda", variant, q.device)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device)
     return _forward(q, k, v, block_size, top_k, causal, scale, True, topk, variant, None, resolve_partial(None), None,
                     False, keep_lists)
 
