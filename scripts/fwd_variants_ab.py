@@ -29,7 +29,7 @@ from mobalab.kernels._cuda_routing import moba_topk_cuda
 
 K = 1024
 POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B32": (64 * K, 32),
-          "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32)}
+          "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32), "16K-B64": (16 * K, 64), "8K-B64": (8 * K, 64)}
 
 
 def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:

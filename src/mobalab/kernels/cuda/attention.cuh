@@ -101,7 +101,7 @@ constexpr int kQFrags = kQInRegs<D> ? D / 16 : 1;  // register A-fragments held 
 // the waits. What kept it at two was the Q gather of the next tile inside the tile loop: unrolled, its row
 // offsets and addresses were all loaded ahead, 230 registers (and spills under this bound); a loop that is not
 // unrolled there (kFwdRolledGather) fits 168 with no spills. Measured on an H200 (RESULTS.md): the attention
-// forward at 64K, B 32 1.10x faster. At KT = 64 (blocks of 64 keys and more) a 168-register bound cost 15-18%
+// forward at B 32 1.12x faster at 64K, 1.10x at 16K. At KT = 64 (blocks of 64 keys and more) a 168-register bound cost 15-18%
 // (spills; at B 128 shared memory allows two CTAs anyway). MOBA_FWD_MINB_SMALL_KT and MOBA_FWD_ROLLED_GATHER
 // (build options for measuring) override the 3 and the rolled loop.
 #ifndef MOBA_FWD_MINB_SMALL_KT
