@@ -2,15 +2,15 @@
 topk_wgmma.cu: "wgmma").
 
 Usage: python scripts/bench_router.py [--lengths 8192,65536] [--variants mma,split,wgmma] [--block-size 128]
-       [--out DIR]
+       [--head-dim 128] [--out DIR]
 
 A variant may name build options after a "+" (``mma+NAME=VALUE``): its kernel compiled with those defines.
 
 Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halves prepared once), timed by
 `mobalab.bench.attention.time_ms` (CUDA events on torch's current stream, median of >= 10 reps after 3
-warm-ups); batch 2, 16 heads, d 128, B 128 (or --block-size), k 8, causal, bf16, random normal inputs. "mma"
-runs first, as the baseline of the speedups, and every variant's selections are compared with its (slots that
-differ: none for "split" and for build options that keep mma's scores; only near-ties for wgmma, see
+warm-ups); batch 2, 16 heads, d 128 (or --head-dim), B 128 (or --block-size), k 8, causal, bf16, random normal
+inputs. "mma" runs first, as the baseline of the speedups, and every variant's selections are compared with its
+(slots that differ: none for "split" and for build options that keep mma's scores; only near-ties for wgmma, see
 tests/kernels/test_routing_gpu.py).
 Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.md under --out and prints it.
 """
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(routing.ROUTER_VARIANTS),
                    help="router variants, comma-separated; mma is always timed first (the baseline)")
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, choices=(32, 64, 96, 128, 256))
     p.add_argument("--out", default="router_bench")
     args = p.parse_args(argv)
     variants = ["mma"] + [v for v in args.variants.split(",") if v and v != "mma"]
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     unknown = sorted({name for name, _ in specs.values()} - set(routing.ROUTER_VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown}; known {routing.ROUTER_VARIANTS}, each optionally +DEFINE=VALUE...")
-    b, h, d, bs, top_k, causal = 2, 16, 128, args.block_size, 8, True
+    b, h, d, bs, top_k, causal = 2, 16, args.head_dim, args.block_size, 8, True
     lines = [f"router top-k kernel on {torch.cuda.get_device_name()} (b={b}, h={h}, d={d}, B={bs}, k={top_k}, "
              "causal, bf16; median ms)", "",
              "| N | variant | top-k ms | useful TFLOP/s | speedup vs mma | slots differing from mma |",
