@@ -360,19 +360,40 @@ def test_wgmma_shared_memory(dim):
     assert _wgmma_plan(torch.float16, dim, False, 16).shared_mem == smem
 
 
-@pytest.mark.parametrize("cap, dim, top_k, causal, expected", [
-    ((9, 0), 128, 8, True, "wgmma"), ((9, 0), 128, 17, True, "wgmma"), ((9, 0), 128, 16, False, "wgmma"),
-    ((9, 0), 128, 18, True, "mma"), ((9, 0), 64, 8, True, "mma"), ((9, 0), 96, 8, True, "mma"),
-    ((8, 0), 128, 8, True, "mma"), ((8, 9), 128, 8, True, "mma"), ((10, 0), 128, 8, True, "mma")])
-def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, expected):
-    """"auto" (the default, or asked for) takes wgmma on sm_90 at head dim 128 where wgmma has a kernel, mma elsewhere;
-    a CPU device or a missing shape gives mma."""
+@pytest.mark.parametrize("cap, dim, top_k, causal, n_blocks, expected", [
+    ((9, 0), 128, 8, True, 512, "wgmma"), ((9, 0), 128, 17, True, 4096, "wgmma"),
+    ((9, 0), 128, 16, False, 1024, "wgmma"), ((9, 0), 128, 8, True, 511, "mma"), ((9, 0), 128, 8, True, 64, "mma"),
+    ((9, 0), 128, 18, True, 4096, "mma"), ((9, 0), 64, 8, True, 4096, "mma"), ((9, 0), 96, 8, True, 4096, "mma"),
+    ((8, 0), 128, 8, True, 4096, "mma"), ((8, 9), 128, 8, True, 4096, "mma"), ((10, 0), 128, 8, True, 4096, "mma")])
+def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, n_blocks, expected):
+    """"auto" (the default, or asked for) takes wgmma on sm_90 at head dim 128 with at least WG_AUTO_MIN_BLOCKS key
+    blocks where wgmma has a kernel, mma elsewhere; a CPU device, a missing shape or block count gives mma."""
+    assert routing.WG_AUTO_MIN_BLOCKS == 512
     no_router_env.setattr(routing, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)
-    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda) == expected
-    assert routing.resolve_router_variant("auto", dim, top_k, causal, cuda) == expected
+    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda, n_blocks) == expected
+    assert routing.resolve_router_variant("auto", dim, top_k, causal, cuda, n_blocks) == expected
     no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "auto")
-    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda) == expected
-    assert routing.resolve_router_variant("auto", dim, top_k, causal, torch.device("cpu")) == "mma"
-    assert routing.resolve_router_variant("auto", None, top_k, causal, cuda) == "mma"
-    assert routing.resolve_router_variant("mma", dim, top_k, causal, cuda) == "mma"  # the argument wins
+    assert routing.resolve_router_variant(None, dim, top_k, causal, cuda, n_blocks) == expected
+    assert routing.resolve_router_variant("auto", dim, top_k, causal, torch.device("cpu"), n_blocks) == "mma"
+    assert routing.resolve_router_variant("auto", None, top_k, causal, cuda, n_blocks) == "mma"
+    assert routing.resolve_router_variant("auto", dim, top_k, causal, cuda) == "mma"  # no block count
+    assert routing.resolve_router_variant("mma", dim, top_k, causal, cuda, n_blocks) == "mma"  # the argument wins
+
+
+def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
+    """topk_launch resolves the variant with the block count of the centroid halves (the plan only; nothing runs):
+    under "auto" the wgmma kernel from 512 blocks on."""
+    seen = []
+
+    def resolve(variant, head_dim, top_k, causal, device, n_blocks=None):
+        seen.append(n_blocks)
+        return "wgmma" if n_blocks >= routing.WG_AUTO_MIN_BLOCKS else "mma"
+
+    monkeypatch.setattr(routing, "resolve_router_variant", resolve)
+    for n_blocks, kernel in ((511, "moba_topk_bf16_d128_causal_k8"), (512, "moba_topk_wg_bf16_d128_causal_k8")):
+        q = torch.empty((1, 8, 2, 128), dtype=torch.bfloat16, device="meta")
+        hi = torch.empty((1, 2, n_blocks, 128), dtype=torch.bfloat16, device="meta")
+        out = torch.empty((1, 8, 2, 8), dtype=torch.int32, device="meta")
+        assert routing.topk_launch(q, hi, hi, out, 128, 8, True).kernel == kernel
+    assert seen == [511, 512]

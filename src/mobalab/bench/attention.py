@@ -58,7 +58,6 @@ from mobalab.kernels._cuda_routing import (
     ROUTER_CHOICES,
     ROUTER_VARIANT_ENV,
     moba_topk_cuda,
-    resolve_router_variant,
 )
 from mobalab.kernels.autograd import moba_attention_autograd
 
@@ -708,10 +707,8 @@ def run_record() -> dict:
     from mobalab.kernels._cuda_backward import resolve_bwd_variant
     from mobalab.kernels._launch import resolve_launcher
 
-    cuda = torch.device("cuda") if torch.cuda.is_available() else None
     env.update(routing="cuda", attn_variant=A.resolve_variant(None),
                router_variant=os.environ.get(ROUTER_VARIANT_ENV, DEFAULT_ROUTER_VARIANT),
-               router_kernel_d128=resolve_router_variant(None, 128, 8, True, cuda),
                bwd_variant=resolve_bwd_variant(None), launcher=resolve_launcher(),
                scratch_budget="default: 4% of the q, k, v, out bytes within [640 MiB, 768 MiB] (per row: "
                               "scratch_budget_bytes)")

@@ -19,14 +19,15 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
 128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 where it has a kernel (measured never slower
-than mma, up to 1.15x faster with many blocks per row), mma elsewhere (split measured no faster; were "split" the
-default, it would apply at head dims up to 128 only, :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes
-161 KB of shared memory, one per multiprocessor, against two mma CTAs of 112 KB). A variant chosen by the default
-falls back to "mma" where it has no kernel (the heap tier, ``top_k`` > 17 causal or > 16 non-causal), a variant
-asked for (argument or environment) raises ValueError there. split and mma select exactly the same blocks (the
-same score tile; the split scan only skips pairs that cannot be selected); wgmma computes the same scores up to
-the fp32 rounding order, so its selections differ only at near-ties.
+call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 512 key blocks, where it has a
+kernel (measured faster the more blocks a row scores: 1.01-1.15x from 512 blocks up, 0.93x at 64), mma elsewhere
+(split measured no faster; were "split" the default, it would apply at head dims up to 128 only,
+:data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes 161 KB of shared memory, one per multiprocessor, against
+two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" where it has no kernel (the heap
+tier, ``top_k`` > 17 causal or > 16 non-causal), a variant asked for (argument or environment) raises ValueError
+there. split and mma select exactly the same blocks (the same score tile; the split scan only skips pairs that
+cannot be selected); wgmma computes the same scores up to the fp32 rounding order, so its selections differ only at
+near-ties.
 
 What a kernel receives (grid, block, arguments, shared memory) is decided by the plan functions
 (:func:`centroid_launch`, :func:`split_launch`, :func:`topk_launch`), plain Python that CI checks against the
@@ -67,13 +68,15 @@ SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where a "split" default would app
 ROUTER_VARIANTS = ("split", "mma", "wgmma")
 ROUTER_CHOICES = ("auto", *ROUTER_VARIANTS)  # what a caller may ask for; "auto" resolves to one of the variants
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
-# "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel, mma elsewhere. Measured
-# on an H200 (d 128, k 8, causal; RESULTS.md) wgmma was never slower than mma and faster the more blocks a row
-# scores: 1.00x at 256 blocks, 1.01-1.04x at 512, 1.08-1.09x at 1024, 1.11-1.12x at 2048, 1.14-1.15x at 4096 (B 16
-# to 128, 8K to 512K). split selects exactly what mma selects but is no faster (64K 1.76 against 1.71 ms, 8K 0.134
-# against 0.141), so it stays opt-in.
+# "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel and the sequence has at
+# least WG_AUTO_MIN_BLOCKS blocks, mma elsewhere. Measured on an H200 (batch 2, 16 heads, k 8, causal; RESULTS.md),
+# wgmma against mma at d 128 is faster the more blocks a row scores: 0.93x at 64 blocks, 0.96x at 128, 1.00x at 256,
+# 1.01-1.04x at 512, 1.08-1.09x at 1024, 1.11-1.12x at 2048, 1.14-1.15x at 4096 (B 16 to 128, 8K to 512K); at d 64
+# it is slower (0.83-0.92x at 64-1024 blocks). split selects exactly what mma selects but is no faster (64K 1.76
+# against 1.71 ms, 8K 0.134 against 0.141), so it stays opt-in.
 DEFAULT_ROUTER_VARIANT = "auto"
-WG_AUTO_HEAD_DIMS = (128,)  # where "auto" takes wgmma (head dim 64 has a wgmma kernel, not measured against mma)
+WG_AUTO_HEAD_DIMS = (128,)
+WG_AUTO_MIN_BLOCKS = 512
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,12 +152,15 @@ def _device_capability(device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _auto_variant(head_dim: int | None, top_k: int | None, causal: bool, device: torch.device | None) -> str:
-    """What "auto" runs: wgmma on an sm_90 CUDA device at a head dim of WG_AUTO_HEAD_DIMS where it has a kernel for
-    the list length; mma elsewhere, and where the shape or the device is not given."""
-    if head_dim is None or top_k is None or device is None or torch.device(device).type != "cuda":
+def _auto_variant(head_dim: int | None, top_k: int | None, causal: bool, device: torch.device | None,
+                  n_blocks: int | None) -> str:
+    """What "auto" runs: wgmma on an sm_90 CUDA device at a head dim of WG_AUTO_HEAD_DIMS, with at least
+    WG_AUTO_MIN_BLOCKS blocks, where it has a kernel for the list length; mma elsewhere, and where the shape, the
+    block count or the device is not given."""
+    if head_dim is None or top_k is None or n_blocks is None or device is None or torch.device(device).type != "cuda":
         return "mma"
-    if head_dim not in WG_AUTO_HEAD_DIMS or not wgmma_router_supports(head_dim, top_k, causal):
+    if head_dim not in WG_AUTO_HEAD_DIMS or n_blocks < WG_AUTO_MIN_BLOCKS \
+            or not wgmma_router_supports(head_dim, top_k, causal):
         return "mma"
     return "wgmma" if _device_capability(device) == (9, 0) else "mma"
 
@@ -181,10 +187,12 @@ def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, caus
 
 
 def resolve_router_variant(variant: str | None, head_dim: int | None = None, top_k: int | None = None,
-                           causal: bool = True, device: torch.device | None = None) -> str:
+                           causal: bool = True, device: torch.device | None = None,
+                           n_blocks: int | None = None) -> str:
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
     (DEFAULT_ROUTER_VARIANT, "auto"). "auto" (asked for or the default) is wgmma on an sm_90 GPU at head dim 128
-    where wgmma has a kernel for the list length, mma elsewhere (and where the shape or device is not given).
+    with at least WG_AUTO_MIN_BLOCKS (512) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
+    mma elsewhere (and where the shape, the block count or the device is not given).
 
     "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when
     ``device`` is a CUDA device) and a kernel for the shape (checked when ``head_dim`` and ``top_k`` are given):
@@ -198,7 +206,7 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
         raise ValueError(f"router variant must be one of {ROUTER_CHOICES} (or None: ${ROUTER_VARIANT_ENV}, "
                          f"default {DEFAULT_ROUTER_VARIANT!r}), got {variant!r}")
     if variant == "auto":
-        return _auto_variant(head_dim, top_k, causal, device)
+        return _auto_variant(head_dim, top_k, causal, device, n_blocks)
     if not forced and variant == "split" and head_dim is not None and head_dim not in SPLIT_DEFAULT_HEAD_DIMS:
         return "mma"
     problem = _variant_problem(variant, head_dim, top_k, causal, device)
@@ -220,7 +228,7 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
             np.int32(n_blocks), np.int32(top_k), np.int32(query_offset))
     mode = "causal" if causal else "full"
-    chosen = resolve_router_variant(variant, dim, top_k, causal, q.device)
+    chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)
@@ -280,7 +288,8 @@ def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids
     step, whose entry has checked the inputs. ``variant`` as :func:`resolve_router_variant`, whose refusal is
     raised in the name of ``fn``."""
     try:
-        variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device)
+        variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device,
+                                         math.ceil(q.shape[1] / block_size))
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
     q = kernel_ready(q)
