@@ -33,7 +33,7 @@ import torch
 import mobalab.kernels._cuda_attention as A
 import mobalab.kernels._cuda_backward as G
 import mobalab.kernels.autograd as AG
-from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
+from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times, print_point_rows
 from mobalab.kernels import moba_attention
 
 K = 1024
@@ -121,16 +121,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 3:
         p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
-    if not torch.cuda.is_available():
-        print("bwd_step_ab: needs a CUDA GPU", file=sys.stderr)
-        return 2
     print(f"{a.compare}: forward + backward step, off against on\n")
-    print("| point | arm | ms | speedup | dK, dV equal |\n|---|---|---|---|---|")
-    for name in a.points:
-        for row in run_point(*POINTS[name], a.compare, a.rounds):
-            print(f"| {name} | {row['arm']} | {row['ms']:.3f} | {row['speedup']:.3f} | {row['dkv_equal']} |",
-                  flush=True)
-    return 0
+    return print_point_rows(
+        "bwd_step_ab", a.points, lambda name: run_point(*POINTS[name], a.compare, a.rounds),
+        "| point | arm | ms | speedup | dK, dV equal |\n|---|---|---|---|---|",
+        lambda name, r: f"| {name} | {r['arm']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['dkv_equal']} |")
 
 
 if __name__ == "__main__":

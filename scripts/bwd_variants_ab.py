@@ -17,14 +17,13 @@ change against the default build in one process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import statistics
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
+from mobalab.bench._interleaved import extra_defines, idle_gpu_ms, interleaved_times, print_point_rows
 from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
@@ -46,23 +45,6 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(defines)
 
 
-def _backward_with(defines: tuple[str, ...]):
-    """moba_attention_backward_cuda with every launch of cuda/attention_bwd.cu built with ``defines`` too."""
-    def call(*args, **kwargs):
-        real = CB.launch
-
-        def launch(plan):
-            real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == CB.SOURCE else plan)
-
-        CB.launch = launch
-        try:
-            return moba_attention_backward_cuda(*args, **kwargs)
-        finally:
-            CB.launch = real
-
-    return call if defines else moba_attention_backward_cuda
-
-
 def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, relative gradient difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -73,7 +55,9 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
 
     def call(variant):
         name, defines = parse_variant(variant)
-        return _backward_with(defines)(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5, variant=name)
+        with extra_defines(CB, CB.SOURCE, defines):
+            return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
+                                                variant=name)
 
     grads = {vname: call(vname) for vname in variants}  # warm-up (compiles), and the gradients compared
     times = interleaved_times({vname: vname for vname in variants}, rounds,
@@ -101,16 +85,10 @@ def main(argv=None) -> int:
                    help=f"of {', '.join(BWD_VARIANTS)}, each optionally +MOBA_NAME=INTEGER build options")
     p.add_argument("--rounds", type=int, default=12)
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bwd_variants_ab: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    print("| point | variant | ms | speedup | max grad diff / max grad |\n|---|---|---|---|---|")
-    for name in a.points:
-        seqlen, dim = POINTS[name]
-        for row in run_point(seqlen, dim, a.variants, a.rounds):
-            print(f"| {name} | {row['variant']} | {row['ms']:.3f} | {row['speedup']:.3f} | {row['rel_diff']:.1e} |",
-                  flush=True)
-    return 0
+    return print_point_rows(
+        "bwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds),
+        "| point | variant | ms | speedup | max grad diff / max grad |\n|---|---|---|---|---|",
+        lambda name, r: f"| {name} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['rel_diff']:.1e} |")
 
 
 if __name__ == "__main__":

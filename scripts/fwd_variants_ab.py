@@ -15,14 +15,13 @@ difference from the first variant.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import statistics
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times
+from mobalab.bench._interleaved import extra_defines, idle_gpu_ms, interleaved_times, print_point_rows
 from mobalab.kernels import _cuda_attention as CA
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_routing import moba_topk_cuda
@@ -46,27 +45,6 @@ def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
     return (None if head == "base" else head), tuple(rest)
 
 
-def _forward_with(defines: tuple[str, ...]):
-    """moba_attention_cuda with every launch of cuda/attention.cu built with ``defines`` too."""
-    if not defines:
-        return moba_attention_cuda
-
-    def call(*args, **kwargs):
-        real = CA.launch
-
-        def launch(plan):
-            return real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == CA.SOURCE
-                        else plan)
-
-        CA.launch = launch
-        try:
-            return moba_attention_cuda(*args, **kwargs)
-        finally:
-            CA.launch = real
-
-    return call
-
-
 def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, largest output difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -75,7 +53,8 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
 
     def call(variant):
         kernel, defines = parse_variant(variant)
-        return _forward_with(defines)(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
+        with extra_defines(CA, CA.SOURCE, defines):
+            return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
 
     outs = {name: call(name) for name in variants}  # warm-up (compiles), and the outputs compared
     times = interleaved_times({name: name for name in variants}, rounds,
@@ -104,16 +83,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 3:
         p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
-    if not torch.cuda.is_available():
-        print("fwd_variants_ab: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    print("| point | variant | ms | speedup | max out diff |\n|---|---|---|---|---|")
-    for name in a.points:
-        seqlen, block = POINTS[name]
-        for row in run_point(seqlen, block, a.variants, a.rounds):
-            print(f"| {name} | {row['variant']} | {row['ms']:.3f} | {row['speedup']:.3f} | {row['max_diff']:.1e} |",
-                  flush=True)
-    return 0
+    return print_point_rows(
+        "fwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds),
+        "| point | variant | ms | speedup | max out diff |\n|---|---|---|---|---|",
+        lambda name, r: f"| {name} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['max_diff']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""mobalab.bench._interleaved: the alternating order of the A/B scripts' rounds and the dropped first rounds."""
+"""mobalab.bench._interleaved: the alternating order of the A/B scripts' rounds and the dropped first rounds, the
+build options added to one source's launches, the scripts' table output."""
 
-from mobalab.bench._interleaved import interleaved_times
+import types
+
+import torch
+
+from mobalab.bench._interleaved import extra_defines, interleaved_times, print_point_rows
+from mobalab.kernels._launch import Launch
 
 
 def test_arms_alternate_and_the_first_rounds_are_dropped():
@@ -13,3 +19,26 @@ def test_arms_alternate_and_the_first_rounds_are_dropped():
     times = interleaved_times({"a": "a", "b": "b", "c": "c"}, rounds=4, timer=timer, drop=2)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
     assert times == {"a": [7.0, 12.0], "b": [8.0, 11.0], "c": [9.0, 10.0]}
+
+
+def test_extra_defines_reach_only_that_source_and_are_undone():
+    seen = []
+    module = types.SimpleNamespace(launch=lambda plan: seen.append(plan))
+    real = module.launch
+    with extra_defines(module, "attention.cu", ("MOBA_X=2",)):
+        module.launch(Launch("attention.cu", "moba_attn_merge_bf16_d128", (1,), (32,), (), 0, ("A=1",)))
+        module.launch(Launch("pairs.cu", "moba_pairs_count", (1,), (32,), ()))
+    assert [p.defines for p in seen] == [("A=1", "MOBA_X=2"), ()]
+    assert module.launch is real  # restored
+    with extra_defines(module, "attention.cu", ()):
+        assert module.launch is real  # nothing to add: untouched
+
+
+def test_print_point_rows(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert print_point_rows("s", ["8K", "64K"], lambda p: [{"v": p}, {"v": p + "!"}], "| h |",
+                            lambda p, r: f"| {p} {r['v']} |") == 0
+    assert capsys.readouterr().out.splitlines() == ["| h |", "| 8K 8K |", "| 8K 8K! |", "| 64K 64K |", "| 64K 64K! |"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert print_point_rows("s", ["8K"], lambda p: [], "| h |", str) == 2
+    assert "s: needs a CUDA GPU" in capsys.readouterr().err

@@ -7,9 +7,13 @@ timings of a process run slow while the clocks ramp up).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import sys
+
 import torch
 
-__all__ = ["interleaved_times", "idle_gpu_ms"]
+__all__ = ["interleaved_times", "idle_gpu_ms", "extra_defines", "print_point_rows"]
 
 
 def interleaved_times(arms: dict, rounds: int, timer, drop: int = 0) -> dict[object, list[float]]:
@@ -34,3 +38,36 @@ def idle_gpu_ms(fn) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+@contextlib.contextmanager
+def extra_defines(module, source: str, defines: tuple[str, ...]):
+    """Within the block, every launch of cuda/``source`` made through ``module.launch`` (a kernel wrapper module's
+    name for :func:`mobalab.kernels._launch.launch`) is compiled with ``defines`` as well: its own module, so a
+    kernel build option can be timed against the default build in one process."""
+    if not defines:
+        yield
+        return
+    real = module.launch
+
+    def launch(plan):
+        return real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == source else plan)
+
+    module.launch = launch
+    try:
+        yield
+    finally:
+        module.launch = real
+
+
+def print_point_rows(script: str, points, run_point, header: str, row_text) -> int:
+    """The A/B scripts' output: ``header`` (a markdown table head), then ``row_text(point, row)`` for every row of
+    ``run_point(point)`` over ``points``, each line flushed as it comes. 2 (and a message) without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(header)
+    for point in points:
+        for row in run_point(point):
+            print(row_text(point, row), flush=True)
+    return 0

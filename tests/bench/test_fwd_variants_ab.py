@@ -1,0 +1,41 @@
+"""scripts/fwd_variants_ab.py on the CPU: its points, variants and refusals (the timing needs a GPU)."""
+
+import pytest
+
+SCRIPT_NAME = "fwd_variants_ab"  # the conftest's `script` fixture loads it
+
+
+@pytest.fixture(scope="module")
+def ab(script):
+    return script
+
+
+def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
+    for argv, says in ((["--points", "3M"], "invalid choice"), (["--variants", "fast"], "'fast' is not base or one of"),
+                       (["--variants", "base+UNROLL=2"], "is not MOBA_NAME=INTEGER"),
+                       (["--rounds", "2"], "at least 3")):
+        with pytest.raises(SystemExit):
+            ab.main(argv)
+        assert says in capsys.readouterr().err
+
+
+def test_variants_name_a_tile_kernel_and_build_options(ab):
+    assert ab.parse_variant("base") == (None, ())
+    assert ab.parse_variant("wgmma") == ("wgmma", ())
+    assert ab.parse_variant("resident+MOBA_X=-1") == ("resident", ("MOBA_X=-1",))
+    assert ab.parse_variant("MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0") == (
+        None, ("MOBA_FWD_MINB_SMALL_KT=0", "MOBA_FWD_ROLLED_GATHER=0"))
+
+
+def test_points_are_shapes_the_forward_runs(ab):
+    from mobalab.kernels._contract import CUDA_BLOCK_SIZES
+
+    assert all(n % 1024 == 0 and block in CUDA_BLOCK_SIZES for n, block in ab.POINTS.values())
+
+
+def test_without_a_gpu_it_says_so(ab, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ab.main(["--points", "8K"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
