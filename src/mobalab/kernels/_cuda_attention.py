@@ -81,7 +81,7 @@ VARIANTS = (*MMA_VARIANTS, *WGMMA_VARIANTS)
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_BLOCK_SIZES = (64, 128)
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
-# 1.08x faster than the mma.sync resident kernel at B 64 (64K) and 1.00-1.02x at B 128 (8K-64K), so only B 64.
+# 1.07-1.10x faster than the mma.sync resident kernel at B 64 (8K-64K) and 1.00-1.02x at B 128, so only B 64.
 WGMMA_AUTO = {(128, 64)}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
