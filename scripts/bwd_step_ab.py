@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 
 import torch
@@ -33,7 +32,7 @@ import torch
 import mobalab.kernels._cuda_attention as A
 import mobalab.kernels._cuda_backward as G
 import mobalab.kernels.autograd as AG
-from mobalab.bench._interleaved import idle_gpu_ms, interleaved_times, print_point_rows
+from mobalab.bench._interleaved import print_point_rows, time_arms
 from mobalab.kernels import moba_attention
 
 K = 1024
@@ -104,13 +103,10 @@ def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed
         finally:
             switch(True)
 
-    grads = {on: step(on) for on in (False, True)}  # warm-up (compiles), and the gradients compared
-    times = interleaved_times({on: on for on in (False, True)}, rounds, lambda on: idle_gpu_ms(lambda: step(on)),
-                              drop=2)
+    grads, ms = time_arms(step, (False, True), rounds)
     same = all(torch.equal(x, y) for x, y in zip(grads[True][1:], grads[False][1:], strict=True))
-    base = statistics.median(times[False])
-    return [dict(arm=arm, ms=statistics.median(times[on]), speedup=base / statistics.median(times[on]),
-                 dkv_equal=same) for arm, on in (("off", False), ("on", True))]
+    return [dict(arm=arm, ms=ms[on], speedup=ms[False] / ms[on], dkv_equal=same)
+            for arm, on in (("off", False), ("on", True))]
 
 
 def main(argv=None) -> int:

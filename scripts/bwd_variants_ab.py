@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import extra_defines, idle_gpu_ms, interleaved_times, print_point_rows
+from mobalab.bench._interleaved import extra_defines, print_point_rows, time_arms
 from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
@@ -59,17 +58,13 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
                                                 variant=name)
 
-    grads = {vname: call(vname) for vname in variants}  # warm-up (compiles), and the gradients compared
-    times = interleaved_times({vname: vname for vname in variants}, rounds,
-                              lambda vname: idle_gpu_ms(lambda: call(vname)), drop=2)
-    base = statistics.median(times[variants[0]])
-    scale = max(x.float().abs().max().item() for x in grads[variants[0]])
+    grads, ms = time_arms(call, variants, rounds)
+    first = variants[0]
+    scale = max(x.float().abs().max().item() for x in grads[first])
     rows = []
     for vname in variants:
-        ms = statistics.median(times[vname])
-        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(grads[vname], grads[variants[0]],
-                                                                                strict=True))
-        rows.append(dict(variant=vname, ms=ms, speedup=base / ms, rel_diff=diff / scale))
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(grads[vname], grads[first], strict=True))
+        rows.append(dict(variant=vname, ms=ms[vname], speedup=ms[first] / ms[vname], rel_diff=diff / scale))
     return rows
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import extra_defines, idle_gpu_ms, interleaved_times, print_point_rows
+from mobalab.bench._interleaved import extra_defines, print_point_rows, time_arms
 from mobalab.kernels import _cuda_attention as CA
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_routing import moba_topk_cuda
@@ -56,16 +55,10 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
         with extra_defines(CA, CA.SOURCE, defines):
             return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
 
-    outs = {name: call(name) for name in variants}  # warm-up (compiles), and the outputs compared
-    times = interleaved_times({name: name for name in variants}, rounds,
-                              lambda name: idle_gpu_ms(lambda: call(name)), drop=2)
-    base = statistics.median(times[variants[0]])
-    rows = []
-    for name in variants:
-        ms = statistics.median(times[name])
-        diff = (outs[name].float() - outs[variants[0]].float()).abs().max().item()
-        rows.append(dict(variant=name, ms=ms, speedup=base / ms, max_diff=diff))
-    return rows
+    outs, ms = time_arms(call, variants, rounds)
+    first = variants[0]
+    return [dict(variant=name, ms=ms[name], speedup=ms[first] / ms[name],
+                 max_diff=(outs[name].float() - outs[first].float()).abs().max().item()) for name in variants]
 
 
 def _variant_arg(text: str) -> str:

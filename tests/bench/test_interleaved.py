@@ -42,3 +42,15 @@ def test_print_point_rows(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert print_point_rows("s", ["8K"], lambda p: [], "| h |", str) == 2
     assert "s: needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_time_arms_warms_up_each_arm_then_takes_medians(monkeypatch):
+    from mobalab.bench import _interleaved as I
+
+    calls = []
+    clock = iter(range(1, 100))
+    monkeypatch.setattr(I, "idle_gpu_ms", lambda fn: (fn(), float(next(clock)))[1])
+    results, medians = I.time_arms(lambda arm: calls.append(arm) or arm.upper(), ["a", "b"], rounds=4, drop=2)
+    assert results == {"a": "A", "b": "B"}
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-ups, then alternating rounds
+    assert medians == {"a": 6.5, "b": 6.5}  # rounds 3 and 4 kept: a timed 5 and 8, b 6 and 7

@@ -174,3 +174,20 @@ def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
             assert body.count("cp.async.mbarrier.arrive.noinc.shared::cta.b64") >= 4
             assert "mbarrier.try_wait.parity.shared::cta.b64" in body and "mbarrier.init.shared::cta.b64" in body
             assert len(re.findall(r"\bbar\.sync\s+0;", body)) == 1
+
+
+def test_device_capability_is_asked_once_per_device(monkeypatch):
+    """The wrappers ask for the compute capability on every call; _build asks torch once per device index (the index
+    of a torch.device, or the current device's)."""
+    from mobalab.kernels import _build
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or (9, i))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    _build._capability.cache_clear()
+    try:
+        caps = [_build.device_capability(d) for d in (torch.device("cuda", 3), 3, torch.device("cuda"), "cuda:3")]
+        assert caps == [(9, 3), (9, 3), (9, 5), (9, 3)]
+        assert asked == [3, 5]
+    finally:
+        _build._capability.cache_clear()

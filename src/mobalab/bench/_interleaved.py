@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import sys
 
 import torch
 
-__all__ = ["interleaved_times", "idle_gpu_ms", "extra_defines", "print_point_rows"]
+__all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "print_point_rows"]
 
 
 def interleaved_times(arms: dict, rounds: int, timer, drop: int = 0) -> dict[object, list[float]]:
@@ -38,6 +39,15 @@ def idle_gpu_ms(fn) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def time_arms(call, arms, rounds: int, drop: int = 2) -> tuple[dict, dict]:
+    """``(results, medians)``: each arm's result of one warm-up ``call(arm)`` (it compiles; the A/B scripts compare
+    the arms' outputs with it), and the median ms of ``call(arm)`` from an idle GPU over ``rounds`` interleaved
+    rounds, the first ``drop`` not kept."""
+    results = {arm: call(arm) for arm in arms}
+    times = interleaved_times({arm: arm for arm in arms}, rounds, lambda arm: idle_gpu_ms(lambda: call(arm)), drop)
+    return results, {arm: statistics.median(ms) for arm, ms in times.items()}
 
 
 @contextlib.contextmanager

@@ -970,7 +970,7 @@ def main(argv=None) -> int:
                         "own, 'auto' meaning $MOBALAB_ATTN_VARIANT); configurations it does not support are skipped")
     p.add_argument("--router-variant", choices=ROUTER_CHOICES, default=None,
                    help="top-k kernel of the routing in every run (sets $MOBALAB_ROUTER_VARIANT; default: that "
-                        "variable, else mma)")
+                        "variable, else auto)")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     p.add_argument("--graph", action="store_true",

@@ -116,6 +116,24 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def device_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device ``device`` (a torch.device or an index; no index: the current
+    device), asked once per device: the wrappers choose kernels by it on every call."""
+    import torch
+
+    if not isinstance(device, int):
+        device = torch.device(device)
+        device = torch.cuda.current_device() if device.index is None else device.index
+    return _capability(device)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)
+
+
 _STREAMS: dict = {}
 
 

@@ -59,6 +59,7 @@ import torch
 
 from . import _contract as C
 from . import _pairs
+from ._build import device_capability as _device_capability
 from ._build import sm_count
 from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, kernel_ready, launch
@@ -236,10 +237,6 @@ def device_variant(variant: str, head_dim: int, block_size: int, device) -> str:
             and torch.device(device).type == "cuda" and _device_capability(device) == (9, 0):
         return "wgmma"
     return variant
-
-
-def _device_capability(device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 def variant_label(head_dim: int, block_size: int, variant: str | None = None, device=None) -> str:
@@ -486,9 +483,9 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
 
 def check_variant_device(fn: str, variant: str, device) -> None:
     """The wgmma tile kernels run on sm_90 GPUs only."""
-    if variant in WGMMA_VARIANTS and torch.cuda.get_device_capability(device) != (9, 0):
+    if variant in WGMMA_VARIANTS and _device_capability(device) != (9, 0):
         raise ValueError(f"{fn}: variant {variant!r} needs an sm_90 (Hopper) GPU, got compute capability "
-                         f"{torch.cuda.get_device_capability(device)}")
+                         f"{_device_capability(device)}")
 
 
 def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: float, topk, keep_lists: bool):

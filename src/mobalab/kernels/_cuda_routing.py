@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import _contract as C
+from ._build import device_capability as _device_capability
 from ._launch import Launch, kernel_ready, launch
 
 __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
@@ -146,10 +147,6 @@ def wgmma_topk_shared_bytes(dim: int) -> int:
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     """Whether cuda/topk_wgmma.cu has a kernel for this head dim and list length (register-list tiers only)."""
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
-
-
-def _device_capability(device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 def _auto_variant(head_dim: int | None, top_k: int | None, causal: bool, device: torch.device | None,
