@@ -9,7 +9,8 @@ the GPU has finished what the host issued and waits for the next launch. Per len
   its time from an idle GPU (CUDA events, synchronised before and after), medians over ``--steps``;
 * the GPU's idle gaps inside one step (torch profiler, kernels and copies on the device timeline): each gap of
   more than 5 us with the kernel before and after it, and their sum;
-* the host functions by own time (cProfile over ``--steps`` steps, top 30), written to ``host_<N>.txt``.
+* the host functions by own time (cProfile over ``--steps`` steps, top 30), written to ``host_<N>.txt``, and by
+  cumulative time (top 80) to ``host_<N>_cumulative.txt``.
 
 Inputs are random bf16 (batch 2, 16 heads, d 128, B 128, k 8, causal: the benchmark's configuration).
 """
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
         (a.out / f"host_{n}.txt").write_text(s.getvalue())
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(80)
+        (a.out / f"host_{n}_cumulative.txt").write_text(s.getvalue())
         print(f"N {n}: host {statistics.median(host):.3f} ms per step, from an idle GPU "
               f"{statistics.median(idle):.3f} ms; profiled step: device span {span / 1e3:.3f} ms, "
               f"{len(gaps)} gaps > 5 us summing to {sum(g for g, _, _ in gaps) / 1e3:.3f} ms")
