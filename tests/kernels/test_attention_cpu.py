@@ -280,6 +280,24 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
         _launch.resolve_launcher("numba")
 
 
+def test_check_args_names_what_is_wrong():
+    """Every refusal of check_args names the kernel and the parameter; a NULL pointer passes as the int 0."""
+    plan = A.segments_launch(torch.zeros(5, dtype=torch.int64), 4, 64, torch.zeros(5, dtype=torch.int64))
+    seg, n_seg, rows, cum = plan.args
+    assert check_args(plan.source, plan.kernel, (seg, n_seg, rows, 0))[3] == 0
+    bad = {
+        "expected 4 arguments": (seg, n_seg, rows),
+        "pointer argument seg_off must be contiguous": (torch.zeros(10, dtype=torch.int64)[::2], n_seg, rows, cum),
+        r"pointer argument tile_cum \(long long\*\) got bool": (seg, n_seg, rows, True),
+        r"pointer argument seg_off \(long long\*\) got float": (1.0, n_seg, rows, cum),
+        r"scalar n_seg is C 'int' and needs int32, got int \(4\)": (seg, 4, rows, cum),
+        r"scalar rows_per_unit is C 'int' and needs int32, got int64": (seg, n_seg, np.int64(64), cum),
+    }
+    for message, args in bad.items():
+        with pytest.raises(TypeError, match=f"moba_attn_segments: {message}"):
+            check_args(plan.source, plan.kernel, args)
+
+
 def test_bytes_per_pair_counts_the_partial_format():
     for d in C.CUDA_HEAD_DIMS:
         # partial o, (m, l), segment key, sorted key, sort index, sort temp

@@ -164,25 +164,24 @@ def check_args(filename: str, kernel: str, args) -> tuple:
     if len(args) != len(kinds):
         raise TypeError(f"{kernel}: expected {len(kinds)} arguments {[k[0] for k in kinds]}, got {len(args)}")
     out = []
+    append = out.append
     for (name, ctype, pointer, want), a in zip(kinds, args, strict=True):
-        if pointer:
-            if type(a) is _Tensor or (hasattr(a, "data_ptr") and hasattr(a, "is_contiguous")):
-                if not a.is_contiguous():
-                    raise TypeError(f"{kernel}: pointer argument {name} must be contiguous")
-                out.append(a.data_ptr())
-            elif isinstance(a, int) and not isinstance(a, bool):
-                out.append(a)
-            else:
-                raise TypeError(f"{kernel}: pointer argument {name} ({ctype}*) got {type(a).__name__}")
+        t = type(a)
+        if t is want:  # a scalar of its exact type (a pointer's want is None, which no argument's type is)
+            append(a)
+        elif pointer and (t is _Tensor or (hasattr(a, "data_ptr") and hasattr(a, "is_contiguous"))):
+            if not a.is_contiguous():
+                raise TypeError(f"{kernel}: pointer argument {name} must be contiguous")
+            append(a.data_ptr())
+        elif pointer and isinstance(a, int) and not isinstance(a, bool):
+            append(a)
+        elif pointer:
+            raise TypeError(f"{kernel}: pointer argument {name} ({ctype}*) got {t.__name__}")
+        elif want is None:
+            raise TypeError(f"{kernel}: parameter {name} has C type {ctype!r} that check_args does not know")
         else:
-            if want is None:
-                raise TypeError(f"{kernel}: parameter {name} has C type {ctype!r} that check_args does not know")
-            if type(a) is not want:
-                raise TypeError(
-                    f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
-                    f"got {type(a).__name__} ({a!r})"
-                )
-            out.append(a)
+            raise TypeError(f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
+                            f"got {t.__name__} ({a!r})")
     return tuple(out)
 
 
@@ -278,8 +277,8 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
     """Start compiled kernel ``fn`` with ``plan``'s geometry and the checked arguments ``cargs``
     (:func:`check_args`) on torch's current stream, by the launcher :func:`resolve_launcher` names."""
     smem = int(plan.shared_mem)
-    grid = tuple(int(g) for g in plan.grid) + (1, 1)
-    block = tuple(int(b) for b in plan.block) + (1, 1)
+    grid = (*map(int, plan.grid), 1, 1)
+    block = (*map(int, plan.block), 1, 1)
     if resolve_launcher() == "driver":
         packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
         packer.pack_into(params, 0, *cargs)
