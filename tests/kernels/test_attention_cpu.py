@@ -4,6 +4,7 @@ chunk planning, variant choice."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -278,6 +279,25 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
             assert got == (w if p.pointer else w.item()), f"{plan.kernel}: {p.name} = {got}, passed {w!r}"
     with pytest.raises(ValueError, match="launcher must be one of"):
         _launch.resolve_launcher("numba")
+
+
+def test_getenv_sees_every_change_of_the_environment(monkeypatch):
+    """C.getenv answers what os.environ.get answers, after every way of setting and removing a variable."""
+    name = "MOBALAB_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert C.getenv(name) is None and C.getenv(name, "d") == "d"
+    monkeypatch.setenv(name, "fp32")
+    assert C.getenv(name, "d") == "fp32"
+    os.environ[name] = "\u00e9 x"
+    assert C.getenv(name) == os.environ.get(name) == "\u00e9 x"
+    os.environ.update({name: ""})
+    assert C.getenv(name, "d") == ""
+    del os.environ[name]
+    assert C.getenv(name, "d") == "d"
+    monkeypatch.setenv(A.PARTIAL_ENV, "fp32")
+    assert A.resolve_partial(None) == "fp32"
+    monkeypatch.delenv(A.PARTIAL_ENV)
+    assert A.resolve_partial(None) == "16bit"
 
 
 def test_check_args_names_what_is_wrong():

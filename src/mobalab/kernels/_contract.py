@@ -17,6 +17,7 @@ is supported. Non-tensors raise TypeError; everything else ValueError. The CUDA 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -282,10 +283,28 @@ def check_centroids(fn: str, centroids, k, block_size: int) -> None:
         raise ValueError(f"{fn}: centroids are on {centroids.device} and k on {k.device}; they must match")
 
 
+@functools.cache
+def _env_key(name: str):
+    return os.environ.encodekey(name)
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, read at every call. The wrappers read their settings at each call, some 30
+    per training step and most of them unset, and for an unset name ``os.environ.get`` raises and catches a KeyError
+    inside (about 1 us each); the lookup in the mapping's own dict of encoded names, which every write to os.environ
+    updates, is what that call does without the exception."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None or not hasattr(environ, "encodekey"):  # os.environ replaced by some other mapping
+        return environ.get(name, default)
+    value = data.get(_env_key(name))
+    return default if value is None else environ.decodevalue(value)
+
+
 def choice_or_env(what: str, value: str | None, choices: tuple[str, ...], env: str, default: str) -> str:
     """``value``, or the environment variable ``env`` (else ``default``) when None; one of ``choices``."""
     if value is None:
-        value = os.environ.get(env, default)
+        value = getenv(env, default)
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices} (or None: ${env}, default {default!r}), got {value!r}")
     return value

@@ -38,7 +38,6 @@ caching allocator; kernels run on torch's current stream; nothing here synchroni
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -196,9 +195,12 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
     where one is missing, a default choice becomes "mma" and an explicit one (argument or environment) raises
     ValueError. A "split" default becomes "mma" at head dims outside SPLIT_DEFAULT_HEAD_DIMS.
     """
-    forced = variant is not None or ROUTER_VARIANT_ENV in os.environ
+    forced = variant is not None
     if variant is None:
-        variant = os.environ.get(ROUTER_VARIANT_ENV, DEFAULT_ROUTER_VARIANT)
+        variant = C.getenv(ROUTER_VARIANT_ENV)
+        forced = variant is not None
+        if variant is None:
+            variant = DEFAULT_ROUTER_VARIANT
     if variant not in ROUTER_CHOICES:
         raise ValueError(f"router variant must be one of {ROUTER_CHOICES} (or None: ${ROUTER_VARIANT_ENV}, "
                          f"default {DEFAULT_ROUTER_VARIANT!r}), got {variant!r}")

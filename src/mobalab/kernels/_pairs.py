@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ._contract import getenv
 from ._launch import Launch, kernel_ready, launch
 
 __all__: list[str] = []
@@ -62,7 +62,7 @@ def resolve_sort(sort: str | None) -> str:
     """The pair sort: ``sort``, or the ``MOBALAB_PAIR_SORT`` environment variable (default "counting") when
     None."""
     if sort is None:
-        sort = os.environ.get(SORT_ENV, "counting")
+        sort = getenv(SORT_ENV, "counting")
     if sort not in SORTS:
         raise ValueError(f"pair sort must be one of {SORTS} (or None: ${SORT_ENV}, default 'counting'), "
                          f"got {sort!r}")
