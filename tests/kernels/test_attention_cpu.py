@@ -316,6 +316,10 @@ def test_check_args_names_what_is_wrong():
     for message, args in bad.items():
         with pytest.raises(TypeError, match=f"moba_attn_segments: {message}"):
             check_args(plan.source, plan.kernel, args)
+    # arguments of types that passed before: the tensors are still looked at
+    assert check_args(plan.source, plan.kernel, plan.args) == (seg.data_ptr(), n_seg, rows, cum.data_ptr())
+    with pytest.raises(TypeError, match="moba_attn_segments: pointer argument tile_cum must be contiguous"):
+        check_args(plan.source, plan.kernel, (seg, n_seg, rows, torch.zeros(10, dtype=torch.int64)[::2]))
 
 
 def test_bytes_per_pair_counts_the_partial_format():

@@ -160,28 +160,52 @@ def check_args(filename: str, kernel: str, args) -> tuple:
 
     Raises TypeError naming the parameter, the C type and what was given.
     """
+    # Whether an argument is accepted depends on its type only, except that a tensor must be contiguous: once a
+    # kernel's arguments of some types have passed, arguments of the same types need only the tensors looked at.
+    key = (filename, kernel, tuple(map(type, args)))
+    tensors = _ACCEPTED.get(key)
+    if tensors is None:
+        out = _check_all(filename, kernel, args)
+        _ACCEPTED[key] = tuple(i for i, (kind, a) in enumerate(zip(_param_kinds(filename, kernel), args, strict=True))
+                               if kind[2] and not isinstance(a, int))
+        return out
+    out = list(args)
+    for i in tensors:
+        a = out[i]
+        if not a.is_contiguous():
+            raise TypeError(f"{kernel}: pointer argument {_param_kinds(filename, kernel)[i][0]} must be contiguous")
+        out[i] = a.data_ptr()
+    return tuple(out)
+
+
+_ACCEPTED: dict = {}  # (filename, kernel, argument types) -> positions of the tensors among the arguments
+
+
+def _check_all(filename: str, kernel: str, args) -> tuple:
+    """:func:`check_args`, every argument looked at."""
     kinds = _param_kinds(filename, kernel)
     if len(args) != len(kinds):
         raise TypeError(f"{kernel}: expected {len(kinds)} arguments {[k[0] for k in kinds]}, got {len(args)}")
     out = []
-    append = out.append
     for (name, ctype, pointer, want), a in zip(kinds, args, strict=True):
-        t = type(a)
-        if t is want:  # a scalar of its exact type (a pointer's want is None, which no argument's type is)
-            append(a)
-        elif pointer and (t is _Tensor or (hasattr(a, "data_ptr") and hasattr(a, "is_contiguous"))):
-            if not a.is_contiguous():
-                raise TypeError(f"{kernel}: pointer argument {name} must be contiguous")
-            append(a.data_ptr())
-        elif pointer and isinstance(a, int) and not isinstance(a, bool):
-            append(a)
-        elif pointer:
-            raise TypeError(f"{kernel}: pointer argument {name} ({ctype}*) got {t.__name__}")
-        elif want is None:
-            raise TypeError(f"{kernel}: parameter {name} has C type {ctype!r} that check_args does not know")
+        if pointer:
+            if type(a) is _Tensor or (hasattr(a, "data_ptr") and hasattr(a, "is_contiguous")):
+                if not a.is_contiguous():
+                    raise TypeError(f"{kernel}: pointer argument {name} must be contiguous")
+                out.append(a.data_ptr())
+            elif isinstance(a, int) and not isinstance(a, bool):
+                out.append(a)
+            else:
+                raise TypeError(f"{kernel}: pointer argument {name} ({ctype}*) got {type(a).__name__}")
         else:
-            raise TypeError(f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
-                            f"got {t.__name__} ({a!r})")
+            if want is None:
+                raise TypeError(f"{kernel}: parameter {name} has C type {ctype!r} that check_args does not know")
+            if type(a) is not want:
+                raise TypeError(
+                    f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
+                    f"got {type(a).__name__} ({a!r})"
+                )
+            out.append(a)
     return tuple(out)
 
 
