@@ -526,12 +526,13 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
     part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
-    seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
     scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists)
-    if keep_lists:
+    if keep_lists:  # every chunk's seg_off is a view of the kept lists
         layout, total = kept_lists_layout(chunks, top_k, n_blocks, group)
         lists = torch.empty(total, dtype=torch.int64, device=device)
+    else:
+        seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
 
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory
