@@ -143,6 +143,27 @@ def forward_lists_reusable(batch, seqlen, heads, kv_heads, head_dim, top_k, dete
         whole(bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic))
 
 
+def kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k, deterministic, elem_bytes: int = 2):
+    """(the forward's chunks, their :func:`~mobalab.kernels._cuda_attention.kept_lists_layout`, its total length,
+    whether the backward's chunks are the same) where the forward's kept lists serve the backward
+    (:func:`forward_lists_reusable`), else None. Both passes of a training step ask; the plans are kept per scratch
+    budget and partial format, which are read at each call."""
+    return _kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k, deterministic,
+                            A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
+                            A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim), A.resolve_partial(None))
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k, deterministic, fwd_budget, bwd_budget,
+                     partial):
+    fwd = tuple(A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, fwd_budget, partial))
+    bwd = bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bwd_budget)
+    if not all(c.t0 == 0 and c.n_q == seqlen for c in fwd + tuple(bwd)):
+        return None
+    layout, total = A.kept_lists_layout(fwd, top_k, -(-seqlen // block_size), heads // kv_heads)
+    return fwd, tuple(layout), total, list(fwd) == bwd
+
+
 @functools.lru_cache(maxsize=64)
 def _gather_table(fwd_chunks: tuple, chunk: A.Chunk, top_k: int, n_blocks: int, group: int, device: str):
     layout, _ = A.kept_lists_layout(fwd_chunks, top_k, n_blocks, group)
@@ -348,16 +369,15 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     if fwd_lists is not None:
-        if budget is not None or not forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k,
-                                                            deterministic, q.element_size()):
+        kept = None if budget is not None else kept_lists_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k,
+                                                                deterministic, q.element_size())
+        if kept is None:
             raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward whose chunks and the "
                              "forward's cover whole sequences (default scratch budgets, forward_lists_reusable)")
-        fwd_chunks = tuple(forward_plan(batch, seqlen, heads, kv_heads, dim, top_k, q.element_size()))
-        layout, total = A.kept_lists_layout(fwd_chunks, top_k, n_blocks, group)
+        fwd_chunks, layout, total, same_chunks = kept
         if fwd_lists.numel() != total:
             raise ValueError(f"moba_attention_backward_cuda: fwd_lists holds {fwd_lists.numel()} entries, the "
                              f"forward's lists of these shapes take {total}")
-        same_chunks = list(fwd_chunks) == chunks
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)

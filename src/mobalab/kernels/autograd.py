@@ -63,15 +63,11 @@ def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
     implementation gives it too."""
     if not q.is_cuda:
         return 0
-    from . import _cuda_attention as A
     from . import _cuda_backward as B
 
     batch, seqlen, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    if not B.forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, q.element_size()):
-        return 0
-    chunks = B.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k, q.element_size())
-    return A.kept_lists_layout(chunks, top_k, -(-seqlen // block_size), heads // kv_heads)[1]
+    kept = B.kept_lists_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
+    return 0 if kept is None else kept[2]
 
 
 @_fwd_op.register_fake
