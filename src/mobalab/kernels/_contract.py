@@ -92,12 +92,15 @@ def check_tensor(fn: str, name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         hint = " (convert with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}{hint}")
-    if x.device.type == "meta":
+    if x.is_meta:
         raise ValueError(f"{fn}: {name} is a meta tensor (a shape without data); supported: CPU or CUDA tensors")
 
 
 def check_same_device(fn: str, named) -> None:
     """All tensors of ``named`` (pairs of name and tensor) live on one device."""
+    device = named[0][1].device
+    if all(x.device == device for _, x in named):  # (every entry point asks, at every call)
+        return
     devices = {name: str(x.device) for name, x in named}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{fn}: {', '.join(devices)} must be on one device, got {devices}")
@@ -108,7 +111,7 @@ def _check_4d(fn: str, name: str, x, path: str) -> None:
     shape = tuple(x.shape)
     if len(shape) != 4:
         raise ValueError(f"{fn}: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {shape}")
-    if any(s == 0 for s in shape):
+    if 0 in shape:
         raise ValueError(f"{fn}: {name} has an empty dimension, shape {shape}; "
                          "batch, seqlen, heads and head_dim must all be >= 1")
     check_path_dtype(fn, name, x.dtype, path)
