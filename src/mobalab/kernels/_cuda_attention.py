@@ -62,7 +62,7 @@ from . import _pairs
 from ._build import device_capability as _device_capability
 from ._build import sm_count
 from ._cuda_routing import moba_topk_cuda
-from ._launch import Launch, kernel_ready, launch
+from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__ = ["moba_attention_cuda"]
 
@@ -295,23 +295,23 @@ def fwd_grid(n_pairs: int, n_seg: int, rows: int = ROWS) -> int:
 def keys_launch(topk, keys, seqlen, heads, top_k, n_blocks, chunk: Chunk, group) -> Launch:
     """Segment key of every (head, query, slot) pair of the chunk: (kv head in chunk) * n_blocks + block."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    args = (topk, keys, np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks),
-            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0),
-            np.int32(chunk.n_q), np.int32(group))
+    args = (topk, keys, i32(seqlen), i32(heads), i32(top_k), i32(n_blocks),
+            i32(chunk.batch_index), i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0),
+            i32(chunk.n_q), i32(group))
     return Launch(SOURCE, "moba_attn_keys", (min(MAX_INDEX_CTAS, math.ceil(n_pairs / INDEX_THREADS)),),
                   (INDEX_THREADS,), args)
 
 
 def bounds_launch(sorted_keys, n_pairs, n_seg, seg_off) -> Launch:
     """Segment offsets from the sorted keys."""
-    args = (sorted_keys, np.int64(n_pairs), np.int32(n_seg), seg_off)
+    args = (sorted_keys, i64(n_pairs), i32(n_seg), seg_off)
     return Launch(SOURCE, "moba_attn_bounds", (min(MAX_INDEX_CTAS, math.ceil((n_pairs + 1) / INDEX_THREADS)),),
                   (INDEX_THREADS,), args)
 
 
 def segments_launch(seg_off, n_seg, rows_per_unit, tile_cum) -> Launch:
     """Cumulative work units per segment (one CTA)."""
-    args = (seg_off, np.int32(n_seg), np.int32(rows_per_unit), tile_cum)
+    args = (seg_off, i32(n_seg), i32(rows_per_unit), tile_cum)
     return Launch(SOURCE, "moba_attn_segments", (1,), (SEGMENT_THREADS,), args)
 
 
@@ -395,10 +395,10 @@ def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seql
     wgmma-ws kernel loops over the units itself; None: one CTA per unit)."""
     partial = resolve_partial(partial)
     _check_part_o("fwd_launch", part_o, q.dtype, partial)
-    args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, np.int32(seqlen), np.int32(heads),
-            np.int32(kv_heads), np.int32(top_k), np.int32(block_size), np.int32(n_blocks),
-            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_q), np.int32(chunk.t0),
-            np.int32(n_seg), np.int32(1 if causal else 0), np.float32(scale_log2))
+    args = (q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, i32(seqlen), i32(heads),
+            i32(kv_heads), i32(top_k), i32(block_size), i32(n_blocks),
+            i32(chunk.batch_index), i32(chunk.h0), i32(chunk.n_q), i32(chunk.t0),
+            i32(n_seg), i32(1 if causal else 0), np.float32(scale_log2))
     grid = fwd_grid(n_pairs, n_seg, rows_per_unit)
     if max_ctas is not None:
         grid = max(1, min(grid, max_ctas))
@@ -418,9 +418,9 @@ def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k,
     partial = resolve_partial(partial)
     if out_mode == MERGE_OUT:  # (fp32 out does not tell the input dtype; the kernel name does)
         _check_part_o("merge_launch", part_o, out.dtype, partial)
-    args = (part_o, part_ml, topk, out, lse, np.int32(seqlen), np.int32(heads), np.int32(top_k),
-            np.int32(n_blocks), np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads),
-            np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(1 if write_lse else 0), np.int32(out_mode))
+    args = (part_o, part_ml, topk, out, lse, i32(seqlen), i32(heads), i32(top_k),
+            i32(n_blocks), i32(chunk.batch_index), i32(chunk.h0), i32(chunk.n_heads),
+            i32(chunk.t0), i32(chunk.n_q), i32(1 if write_lse else 0), i32(out_mode))
     warps = chunk.n_heads * chunk.n_q
     return Launch(SOURCE, name, (math.ceil(warps / (MERGE_THREADS // 32)),), (MERGE_THREADS,), args,
                   defines=partial_defines(partial))

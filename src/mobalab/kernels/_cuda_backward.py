@@ -44,7 +44,7 @@ from . import _contract as C
 from . import _cuda_attention as A
 from . import _pairs
 from ._build import sm_count
-from ._launch import Launch, kernel_ready, launch
+from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__ = ["moba_attention_backward_cuda"]
 
@@ -192,15 +192,15 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 def delta_launch(name, out, dout, delta, n_rows) -> Launch:
     """D = rowsum(dO * O) per (query, head), one warp per row."""
     return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
-                  (out, dout, delta, np.int64(n_rows)))
+                  (out, dout, delta, i64(n_rows)))
 
 
 def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
                 chunk: A.Chunk) -> Launch:
     """Row records (query offset, lse, D) of every listed pair (the first seg_off[n_seg] positions)."""
-    args = (pairs, seg_off, lse, delta, rows, np.int64(n_pairs), np.int32(n_seg), np.int32(seqlen),
-            np.int32(heads), np.int32(top_k), np.int32(chunk.batch_index), np.int32(chunk.h0),
-            np.int32(chunk.n_q), np.int32(chunk.t0))
+    args = (pairs, seg_off, lse, delta, rows, i64(n_pairs), i32(n_seg), i32(seqlen),
+            i32(heads), i32(top_k), i32(chunk.batch_index), i32(chunk.h0),
+            i32(chunk.n_q), i32(chunk.t0))
     return Launch(SOURCE, "moba_bwd_rows", (min(A.MAX_INDEX_CTAS, math.ceil(n_pairs / ROW_THREADS)),),
                   (ROW_THREADS,), args)
 
@@ -211,11 +211,11 @@ def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, d
     """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch, the
     segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order)."""
     order = 0 if seg_order is None else seg_order  # a null pointer: the segments' own order
-    args = (q, k, v, dout, rows, pairs, seg_off, order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, np.int32(seqlen),
-            np.int32(heads), np.int32(kv_heads), np.int32(block_size), np.int32(n_blocks),
-            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(n_seg), np.int32(1 if causal else 0),
-            np.float32(scale), np.float32(scale * A.LOG2E), np.int32(sub0), np.int32(n_sub_launch),
-            np.int32(dq_mode), np.int32(dkv_mode))
+    args = (q, k, v, dout, rows, pairs, seg_off, order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, i32(seqlen),
+            i32(heads), i32(kv_heads), i32(block_size), i32(n_blocks),
+            i32(chunk.batch_index), i32(chunk.h0), i32(n_seg), i32(1 if causal else 0),
+            np.float32(scale), np.float32(scale * A.LOG2E), i32(sub0), i32(n_sub_launch),
+            i32(dq_mode), i32(dkv_mode))
     return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1], variant),), args,
                   shared_mem=smem)
 
@@ -248,9 +248,9 @@ def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
     """Deterministic dQ: sum of each (query, head)'s slot partials in slot order, one warp per row."""
-    args = (part_dq, topk, dq, np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks),
-            np.int32(chunk.batch_index), np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0),
-            np.int32(chunk.n_q))
+    args = (part_dq, topk, dq, i32(seqlen), i32(heads), i32(top_k), i32(n_blocks),
+            i32(chunk.batch_index), i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0),
+            i32(chunk.n_q))
     warps = chunk.n_heads * chunk.n_q
     return Launch(SOURCE, name, (math.ceil(warps / (ROW_THREADS // 32)),), (ROW_THREADS,), args)
 

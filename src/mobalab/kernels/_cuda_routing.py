@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from . import _contract as C
 from ._build import device_capability as _device_capability
-from ._launch import Launch, kernel_ready, launch
+from ._launch import Launch, i32, kernel_ready, launch
 
 __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
 
@@ -94,8 +93,8 @@ def centroid_launch(k: torch.Tensor, cent: torch.Tensor, hi: torch.Tensor | None
     batch, seqlen, kv_heads, dim = k.shape
     n_blocks = math.ceil(seqlen / block_size)
     name = f"moba_centroids_{C.dtype_tag(k.dtype, 'centroids.cu')}_d{dim}"
-    args = (k, cent, _ptr(hi), _ptr(lo), np.int32(seqlen), np.int32(n_blocks), np.int32(kv_heads),
-            np.int32(block_size))
+    args = (k, cent, _ptr(hi), _ptr(lo), i32(seqlen), i32(n_blocks), i32(kv_heads),
+            i32(block_size))
     return Launch("centroids.cu", name, (n_blocks, kv_heads, batch), (CENTROID_THREADS, 1, 1), args)
 
 
@@ -103,7 +102,7 @@ def split_launch(cent: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> Laun
     """Split given fp32 centroids (b, n, g, d) into hi/lo (b, g, n, d) of hi's dtype."""
     batch, n_blocks, kv_heads, dim = cent.shape
     name = f"moba_split_centroids_{C.dtype_tag(hi.dtype, 'centroids.cu')}"
-    args = (cent, hi, lo, np.int32(n_blocks), np.int32(kv_heads), np.int32(dim))
+    args = (cent, hi, lo, i32(n_blocks), i32(kv_heads), i32(dim))
     return Launch("centroids.cu", name, (n_blocks, kv_heads, batch), (dim, 1, 1), args)
 
 
@@ -224,8 +223,8 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
-    args = (q, hi, lo, out, np.int32(seqlen), np.int32(heads), np.int32(kv_heads), np.int32(block_size),
-            np.int32(n_blocks), np.int32(top_k), np.int32(query_offset))
+    args = (q, hi, lo, out, i32(seqlen), i32(heads), i32(kv_heads), i32(block_size),
+            i32(n_blocks), i32(top_k), i32(query_offset))
     mode = "causal" if causal else "full"
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":

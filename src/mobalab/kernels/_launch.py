@@ -225,6 +225,19 @@ class Launch:
     defines: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=4096)
+def i32(value) -> np.int32:
+    """``np.int32(value)``, kept: the plans pass every int scalar as one (:func:`check_args`), some 150 per training
+    step, and numpy takes about 0.5 us to make each, several times the lookup here (numpy scalars are immutable)."""
+    return np.int32(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def i64(value) -> np.int64:
+    """``np.int64(value)``, kept (as :func:`i32`)."""
+    return np.int64(value)
+
+
 def kernel_ready(x):
     """``x`` contiguous and 16-byte aligned (the kernels read 16-byte vectors), copying only when needed."""
     x = x.contiguous()

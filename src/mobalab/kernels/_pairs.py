@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ._contract import getenv
-from ._launch import Launch, kernel_ready, launch
+from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__: list[str] = []
 
@@ -145,8 +145,8 @@ def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = Tr
 
 
 def _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group):
-    return (np.int32(seqlen), np.int32(heads), np.int32(top_k), np.int32(n_blocks), np.int32(chunk.batch_index),
-            np.int32(chunk.h0), np.int32(chunk.n_heads), np.int32(chunk.t0), np.int32(chunk.n_q), np.int32(group))
+    return (i32(seqlen), i32(heads), i32(top_k), i32(n_blocks), i32(chunk.batch_index),
+            i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0), i32(chunk.n_q), i32(group))
 
 
 def count_launch(topk, counts, *, seqlen, heads, top_k, n_blocks, chunk, group) -> Launch:
@@ -161,7 +161,7 @@ def count_launch(topk, counts, *, seqlen, heads, top_k, n_blocks, chunk, group) 
 def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit) -> Launch:
     """Exclusive scan of the count table per key over tiles, then (last CTA) seg_off and tile_cum (``tile_cum``
     0: not wanted). ``ticket`` must be 0; the kernel leaves it 0."""
-    args = (counts, np.int32(n_tiles(n_pairs)), np.int32(n_seg), np.int32(rows_per_unit), seg_total, ticket,
+    args = (counts, i32(n_tiles(n_pairs)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
             seg_off, tile_cum)
     return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
 
@@ -236,7 +236,7 @@ def gather_launch(kept, table, dst_off, dst_pairs, n_seg: int) -> Launch:
     """``chunk``'s pairs from the kept lists (``table`` from :func:`gather_table`, on the device; ``dst_off`` its
     seg_off, the scan of the gathered segments' sizes)."""
     return Launch(SOURCE, "moba_pairs_gather", (max(1, n_seg),), (GATHER_THREADS,),
-                  (kept, table, dst_off, dst_pairs, np.int32(n_seg)))
+                  (kept, table, dst_off, dst_pairs, i32(n_seg)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def longest_first_launch(seg_off, n_seg: int, rows_per_tile: int, order) -> Laun
     if not 0 < n_seg <= MAX_ORDER_SEGMENTS:
         raise ValueError(f"longest_first_launch: n_seg must be in 1..{MAX_ORDER_SEGMENTS}, got {n_seg}")
     return Launch(SOURCE, "moba_pairs_longest_first", (1,), (ORDER_THREADS,),
-                  (seg_off, np.int32(n_seg), np.int32(rows_per_tile), order), shared_mem=4 * n_seg)
+                  (seg_off, i32(n_seg), i32(rows_per_tile), order), shared_mem=4 * n_seg)
 
 
 def longest_first_reference(seg_off: torch.Tensor, n_seg: int, rows_per_tile: int) -> torch.Tensor:
@@ -276,7 +276,7 @@ def rebase_launch(topk, out, first: int, n_blocks: int) -> Launch:
     n_vec = topk.numel() // 4
     grid = max(1, min(math.ceil(n_vec / REBASE_THREADS), 65535))
     return Launch(SOURCE, "moba_topk_rebase", (grid,), (REBASE_THREADS,),
-                  (topk, out, np.int64(n_vec), np.int32(first), np.int32(n_blocks)))
+                  (topk, out, i64(n_vec), i32(first), i32(n_blocks)))
 
 
 def rebased_topk(topk: torch.Tensor, first: int, n_blocks: int) -> torch.Tensor:
