@@ -14,7 +14,9 @@ Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, rando
 * ``sort``: the longest-first order from one ``moba_pairs_longest_first`` launch against ``torch.argsort`` of the
   segment sizes;
 * ``eager``: eager calls through the autograd.Function (``mobalab.kernels.autograd.EAGER_FUNCTION``) against the
-  custom ops.
+  custom ops;
+* ``fold``: the batch attended as one sequence where that takes fewer chunks (``mobalab.kernels.autograd.FOLD_BATCH``,
+  8K at these shapes) against one chunk plan per sequence.
 
 Printed per point: each arm's median in ms, the speedup of "on" over "off", and whether dK and dV are
 bit-identical between the arms (both settings leave every dK / dV sum in the same order; dQ's float atomics
@@ -38,7 +40,7 @@ from mobalab.kernels import moba_attention
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64)}
-COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager")
+COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager", "fold")
 
 
 def _previous_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, partial):
@@ -77,6 +79,8 @@ def _switch(compare: str):
         return tiles
     if compare == "eager":
         return lambda on: setattr(AG, "EAGER_FUNCTION", on)
+    if compare == "fold":
+        return lambda on: setattr(AG, "FOLD_BATCH", on)
     if compare == "sort":
         kernel = G.longest_first
 

@@ -305,3 +305,31 @@ def test_emulated_chunks_that_split_the_query_range(emulated_backward):
     grads, _ = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, True, budget=budget)
     _check(grads, q, k, v, dout, topk, block, True, "chunked")
 
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_emulated_folded_batch_is_bit_identical(emulated_forward, emulated_backward, causal):
+    """A batch of equal-length sequences (N a multiple of B) attended as one sequence of batch * N tokens with the
+    routing renumbered (mobalab.kernels._batch_fold) gives the per-sequence chunks' outputs, LSE and gradients bit
+    for bit (deterministic dQ: the same slot partials merged in the same order), in one chunk instead of two."""
+    from mobalab.kernels._batch_fold import folded_topk
+
+    dtype, dim, block, top_k, batch, seqlen, heads, kv_heads = torch.bfloat16, 64, 32, 3, 2, 128, 2, 1
+    q, k, v, dout = _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed=31)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
+    ftopk = folded_topk(topk, seqlen // block)
+    assert (ftopk[1][ftopk[1] >= 0] >= seqlen // block).all() and torch.equal(ftopk[0], topk[0])
+
+    def one(x):
+        return x.reshape(1, batch * seqlen, *x.shape[2:])
+
+    out, lse, _ = emulated_forward(q, k, v, topk, block, top_k, causal, "resident")
+    n_merge = sum(n.startswith("moba_attn_merge") for n in _)
+    fout, flse, launched = emulated_forward(one(q), one(k), one(v), one(ftopk), block, top_k, causal, "resident")
+    assert n_merge == 2 and sum(n.startswith("moba_attn_merge") for n in launched) - n_merge == 1
+    assert torch.equal(fout.view(q.shape), out) and torch.equal(flse.view(lse.shape), lse)
+    grads, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=True)
+    fgrads, _ = emulated_backward(one(dout), one(q), one(k), one(v), one(out), one(lse), one(ftopk), block, top_k,
+                                  causal, deterministic=True)
+    for name, a, b in zip("qkv", grads, fgrads, strict=True):
+        assert torch.equal(a, b.view(a.shape)), f"d{name} of the folded batch differs"

@@ -256,6 +256,55 @@ def test_public_api_autograd_and_lse_gradient(gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "deterministic"), [((2, 1024, 8, 2, 128, 128, 4), True),
+                                                      ((3, 512, 4, 4, 64, 64, 3), False),
+                                                      ((2, 8192, 16, 16, 128, 128, 8), False)])
+def test_folded_batch_is_bit_identical(gpu, monkeypatch, shape, deterministic):
+    """A training step that attends the batch as one sequence (mobalab.kernels._batch_fold: N a multiple of B,
+    fewer chunks) gives the per-sequence step's out, LSE, dK, dV (and deterministic dQ) bit for bit, with the LSE's
+    gradient honoured."""
+    import mobalab.kernels as K
+    from mobalab.kernels import _batch_fold, autograd
+
+    batch, seqlen, heads, kv_heads, dim, block, top_k = shape
+    assert _batch_fold.folds(batch, seqlen, heads, kv_heads, dim, block, top_k, deterministic)
+    q, k, v, dout = gpu.inputs(batch, seqlen, heads, kv_heads, dim, torch.bfloat16, seed=seqlen, dout=True)
+    dlse = torch.randn(batch, seqlen, heads, device="cuda")
+    folded = []
+    monkeypatch.setattr(_batch_fold, "folded_topk", lambda *a, f=_batch_fold.folded_topk: folded.append(1) or f(*a))
+
+    def step(fold):
+        monkeypatch.setattr(autograd, "FOLD_BATCH", fold)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = K.moba_attention(*leaves, block, top_k, causal=True, return_lse=True, deterministic=deterministic)
+        ((out.float() * dout.float()).sum() + (lse * dlse).sum()).backward()
+        return out, lse, *(x.grad for x in leaves)
+
+    one, per_seq = step(True), step(False)
+    assert len(folded) == 1  # the folded step renumbered its routing once, the other not at all
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, per_seq, strict=True):
+        if name != "dq" or deterministic:
+            assert torch.equal(a, b), f"{name} of the folded batch differs from the per-sequence chunks'"
+    if seqlen <= 1024:  # the oracle's dense fp32 gradients; the 8K case (the benchmark's shape) is compared only
+        topk = moba_topk_cuda(q, k, block, top_k, causal=True)
+        _check(gpu, one[2:], q, k, v, dout, topk, block, True, dlse=dlse, label="folded batch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "n_blocks"), [((2, 64, 4, 4), 40), ((3, 5, 7, 3), 9), ((2, 33, 2, 6), 7)])
+def test_fold_kernel_equals_the_torch_expression(shape, n_blocks):
+    """moba_topk_fold against the torch expression (-1 slots kept); a sequence's slots that are not whole vectors
+    take the torch path and give the same."""
+    from mobalab.kernels._batch_fold import folded_topk
+
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    topk = torch.randint(-1, n_blocks, shape, device="cuda", generator=g, dtype=torch.int32)
+    offset = (torch.arange(shape[0], device="cuda", dtype=torch.int32) * n_blocks).view(-1, 1, 1, 1)
+    got = folded_topk(topk, n_blocks)
+    assert got.dtype == torch.int32 and torch.equal(got, torch.where(topk >= 0, topk + offset, topk))
+
+
+@pytest.mark.gpu
 def test_custom_scale_and_strided_inputs(gpu, poisoned_empty):
     q, k, v, dout = gpu.inputs(2, 777, 4, 2, 64, torch.float16, seed=3, dout=True)
     qt, kt, vt, dt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, dout))

@@ -8,6 +8,7 @@ memory order between concurrent CTAs around the scan's ticket, speed) is left to
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
-                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
+                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first",
+                                         "moba_topk_fold"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -331,3 +333,48 @@ def test_longest_first_launch_refuses_sizes_it_cannot_hold():
     for n in (0, P.MAX_ORDER_SEGMENTS + 1):
         with pytest.raises(ValueError, match="n_seg must be in"):
             P.longest_first_launch(seg_off, n, 64, torch.empty(1, dtype=torch.int32))
+
+
+# ---- a batch folded into one sequence ----
+
+def test_fold_plan_and_torch_path():
+    """The fold launch binds to moba_topk_fold's signature (4 slots per 16-byte vector, a sequence's vectors); the
+    torch path renumbers block j of sequence b as b * n_blocks + j and keeps -1."""
+    from mobalab.kernels._batch_fold import fold_launch, folded_topk
+
+    topk = torch.tensor([[[[0, -1, 2, 1]]], [[[3, 0, -1, -1]]], [[[1, 2, 3, 0]]]], dtype=torch.int32)
+    plan = fold_launch(topk, torch.empty_like(topk), 4)
+    args = check_args(plan.source, plan.kernel, plan.args)
+    assert plan.kernel == "moba_topk_fold" and int(args[2]) == 3 and int(args[3]) == 1 and int(args[4]) == 4
+    assert folded_topk(topk, 4).flatten().tolist() == [0, -1, 2, 1, 7, 4, -1, -1, 9, 10, 11, 8]
+
+
+def test_emulated_fold_kernel_equals_the_torch_path(harness, tmp_path):
+    """moba_topk_fold in the host emulation: the torch path's numbers, for sequences of several vectors and a
+    grid of fewer threads than vectors (grid-stride)."""
+    from mobalab.kernels._batch_fold import fold_launch, folded_topk
+
+    g = torch.Generator().manual_seed(3)
+    topk = torch.randint(-1, 9, (3, 40, 2, 4), generator=g, dtype=torch.int32)
+    out = torch.full_like(topk, -7)
+    plan = fold_launch(topk, out, 9)
+    run_emulated(harness, tmp_path, [dataclasses.replace(plan, grid=(1,), block=(64,))], seed=1)
+    assert torch.equal(out, folded_topk(topk, 9))
+
+
+@pytest.mark.parametrize(("shape", "want"), [
+    ((2, 8192, 16, 16, 128, 128, 8, False), True),    # two chunks per pass -> one
+    ((4, 4096, 16, 4, 64, 64, 8, False), True),
+    ((2, 16384, 16, 16, 128, 128, 8, False), False),  # the forward needs two chunks either way
+    ((2, 8000, 16, 16, 128, 128, 8, False), False),   # N not a multiple of B
+    ((1, 8192, 16, 16, 128, 128, 8, False), False),   # nothing to fold
+])
+def test_folds_only_where_it_saves_chunks(shape, want):
+    from mobalab.kernels import _cuda_backward as CB
+    from mobalab.kernels._batch_fold import folds
+
+    assert folds(*shape) is want
+    batch, seqlen, heads, kv_heads, dim, _, top_k, det = shape
+    if want:
+        assert len(CB.forward_plan(1, batch * seqlen, heads, kv_heads, dim, top_k)) < \
+            len(CB.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k))

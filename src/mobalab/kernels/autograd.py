@@ -30,8 +30,31 @@ __all__ = ["moba_attention_autograd"]
 # the custom ops
 
 
+#: The CUDA passes attend a batch of short sequences as one sequence where that takes fewer chunks of launches
+#: (:mod:`mobalab.kernels._batch_fold`; bit-identical results); False: one plan of chunks per sequence.
+FOLD_BATCH = True
+
+
+def _folded(q, k, block_size, top_k, deterministic) -> bool:
+    """Whether the CUDA passes attend the batch as one sequence (:func:`._batch_fold.folds`; shapes only)."""
+    if not (FOLD_BATCH and q.is_cuda):
+        return False
+    from ._batch_fold import folds
+
+    batch, seqlen, heads, dim = q.shape
+    return folds(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
+
+
+def _as_one(x):
+    """(batch, seqlen, ...) as (1, batch * seqlen, ...): the batch's rows end to end."""
+    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
-    """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists."""
+    """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists.
+
+    The routing is the one the attention read: where the batch is folded into one sequence (:func:`_folded`),
+    renumbered for it (:func:`._batch_fold.folded_topk`), which the backward reads as it is."""
     if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
         from ._cuda_attention import forward_checked
         from ._cuda_routing import topk_cuda_checked
@@ -39,7 +62,15 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
         with torch.cuda.device(q.device):
             topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention")
             keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
-            out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
+            if _folded(q, k, block_size, top_k, deterministic):
+                from ._batch_fold import folded_topk
+
+                topk = folded_topk(topk, q.shape[1] // block_size)
+                out, lse, *lists = forward_checked(_as_one(q), _as_one(k), _as_one(v), block_size, top_k, causal,
+                                                   scale, _as_one(topk), keep)
+                out, lse = out.view(q.shape), lse.view(q.shape[:3])
+            else:
+                out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
         return out, lse, topk, lists[0] if keep else _no_lists(q)
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
@@ -66,6 +97,8 @@ def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
     from . import _cuda_backward as B
 
     batch, seqlen, heads, dim = q.shape
+    if _folded(q, k, block_size, top_k, deterministic):
+        batch, seqlen = 1, batch * seqlen
     kept = B.kept_lists_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
     return 0 if kept is None else kept[2]
 
@@ -83,6 +116,12 @@ def _bwd_impl(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, cau
     if q.is_cuda:
         from ._cuda_backward import moba_attention_backward_cuda
 
+        if _folded(q, k, block_size, top_k, deterministic):  # the forward's routing is the folded one already
+            dq, dk, dv = moba_attention_backward_cuda(
+                _as_one(dout), _as_one(q), _as_one(k), _as_one(v), _as_one(out), _as_one(lse), _as_one(topk),
+                block_size, top_k, causal, scale, deterministic=deterministic,
+                dlse=None if dlse is None else _as_one(dlse), fwd_lists=lists)
+            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
         return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale,
                                             deterministic=deterministic, dlse=dlse, fwd_lists=lists)
     dq, dk, dv = R.moba_attention_backward(dout, q, k, v, out, lse, topk, block_size, causal, scale, dlse=dlse)

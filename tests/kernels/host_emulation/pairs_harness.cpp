@@ -49,6 +49,9 @@ const harness::Kernels kKernels = {
     {"moba_pairs_longest_first", {4, [](const std::vector<Arg>& a) {
          moba_pairs_longest_first(P<const long long>(a[0]), I(a[1]), I(a[2]), P<int>(a[3]));
      }}},
+    {"moba_topk_fold", {5, [](const std::vector<Arg>& a) {
+         moba_topk_fold(P<const int4>(a[0]), P<int4>(a[1]), a[2].i, a[3].i, I(a[4]));
+     }}},
 };
 
 }  // namespace

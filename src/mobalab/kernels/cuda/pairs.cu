@@ -294,3 +294,22 @@ extern "C" __global__ void __launch_bounds__(256) moba_topk_rebase(const int4* t
     out[i] = v;
   }
 }
+
+// Routing of a batch of sequences of one length seqlen, a multiple of B, as the routing of one sequence of
+// batch * seqlen tokens: block j of sequence b is block b * n_blocks + j of the concatenation, whose token
+// positions differ from the sequence's by b * seqlen as its queries' do, so the causal mask and every key and
+// query address come out the same. out[i] = topk[i] + b * n_blocks for slot i of sequence b = i / (4 vec_per_seq),
+// -1 (unused) stays -1. n_vec 16-byte vectors (4 slots each), vec_per_seq per sequence, grid-stride.
+extern "C" __global__ void __launch_bounds__(256) moba_topk_fold(const int4* topk, int4* out, long long n_vec,
+                                                                  long long vec_per_seq, int n_blocks) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
+    const int off = static_cast<int>(i / vec_per_seq) * n_blocks;
+    int4 v = topk[i];
+    v.x = v.x < 0 ? v.x : v.x + off;
+    v.y = v.y < 0 ? v.y : v.y + off;
+    v.z = v.z < 0 ? v.z : v.z + off;
+    v.w = v.w < 0 ? v.w : v.w + off;
+    out[i] = v;
+  }
+}
