@@ -2,7 +2,8 @@
 
 Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, random Gaussian q, k, v, dO) times
 ``torch.autograd.grad(moba_attention(q, k, v), (q, k, v), dO)`` with the setting on and off, alternating over
-``--rounds`` rounds (the first two dropped), each step timed by CUDA events from an idle GPU. ``--compare``:
+``--rounds`` rounds (the first two dropped), each step timed by CUDA events from an idle GPU (``--queued n``: n steps
+issued back to back per timing, their mean). ``--compare``:
 
 * ``lists``: the forward's key-block lists kept for the backward (read as they are, or gathered where the
   forward's chunks split the heads finer) against lists the backward builds itself;
@@ -92,8 +93,10 @@ def _switch(compare: str):
     return lambda on: setattr(G, "orders_longest_first", ordered if on else (lambda *a: False))
 
 
-def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed: int = 0) -> list[dict]:
-    """One point's rows: arm, median ms, speedup of "on" over "off", dK / dV equal between the arms."""
+def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed: int = 0, queued: int = 1
+              ) -> list[dict]:
+    """One point's rows: arm, median ms, speedup of "on" over "off", dK / dV equal between the arms. ``queued``
+    steps are issued back to back per timing (their mean: the host ahead of the GPU after the first)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v, dout = (torch.randn(2, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
                      for _ in range(4))
@@ -107,7 +110,13 @@ def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed
         finally:
             switch(True)
 
-    grads, ms = time_arms(step, (False, True), rounds)
+    def steps(on):
+        for _ in range(queued - 1):
+            step(on)
+        return step(on)
+
+    grads, ms = time_arms(steps, (False, True), rounds)
+    ms = {on: t / queued for on, t in ms.items()}
     same = all(torch.equal(x, y) for x, y in zip(grads[True][1:], grads[False][1:], strict=True))
     return [dict(arm=arm, ms=ms[on], speedup=ms[False] / ms[on], dkv_equal=same)
             for arm, on in (("off", False), ("on", True))]
@@ -118,12 +127,15 @@ def main(argv=None) -> int:
     p.add_argument("--compare", required=True, choices=COMPARES)
     p.add_argument("--points", nargs="+", default=["8K", "16K", "64K", "16K-d64-B64"], choices=sorted(POINTS))
     p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--queued", type=int, default=1,
+                   help="steps issued back to back per timing, their mean reported (default 1: from an idle GPU)")
     a = p.parse_args(argv)
     if a.rounds < 3:
         p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
-    print(f"{a.compare}: forward + backward step, off against on\n")
+    how = "from an idle GPU" if a.queued == 1 else f"mean of {a.queued} issued back to back"
+    print(f"{a.compare}: forward + backward step ({how}), off against on\n")
     return print_point_rows(
-        "bwd_step_ab", a.points, lambda name: run_point(*POINTS[name], a.compare, a.rounds),
+        "bwd_step_ab", a.points, lambda name: run_point(*POINTS[name], a.compare, a.rounds, queued=a.queued),
         "| point | arm | ms | speedup | dK, dV equal |\n|---|---|---|---|---|",
         lambda name, r: f"| {name} | {r['arm']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['dkv_equal']} |")
 
