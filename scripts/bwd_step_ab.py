@@ -1,6 +1,7 @@
 """Side-by-side timing of two backward settings over a whole step: ``python scripts/bwd_step_ab.py --compare ...``.
 
-Each point (N, head dim, block size; batch 2, 16 heads, k 8, causal, bf16, random Gaussian q, k, v, dO) times
+Each point (N, head dim, block size, batch: 2 unless named; 16 heads, k 8, causal, bf16, random Gaussian q, k, v,
+dO) times
 ``torch.autograd.grad(moba_attention(q, k, v), (q, k, v), dO)`` with the setting on and off, alternating over
 ``--rounds`` rounds (the first two dropped), each step timed by CUDA events from an idle GPU (``--queued n``: n steps
 issued back to back per timing, their mean). ``--compare``:
@@ -40,7 +41,8 @@ from mobalab.kernels import moba_attention
 
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
-          "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64)}
+          "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64),
+          "4x4K": (4 * K, 128, 128, 4), "8x2K": (2 * K, 128, 128, 8)}  # (N, d, B[, batch: 2])
 COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager", "fold")
 
 
@@ -93,12 +95,12 @@ def _switch(compare: str):
     return lambda on: setattr(G, "orders_longest_first", ordered if on else (lambda *a: False))
 
 
-def run_point(seqlen: int, dim: int, block: int, compare: str, rounds: int, seed: int = 0, queued: int = 1
-              ) -> list[dict]:
+def run_point(seqlen: int, dim: int, block: int, batch: int = 2, *, compare: str, rounds: int, seed: int = 0,
+              queued: int = 1) -> list[dict]:
     """One point's rows: arm, median ms, speedup of "on" over "off", dK / dV equal between the arms. ``queued``
     steps are issued back to back per timing (their mean: the host ahead of the GPU after the first)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v, dout = (torch.randn(2, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v, dout = (torch.randn(batch, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
                      for _ in range(4))
     leaves = [x.requires_grad_() for x in (q, k, v)]
     switch = _switch(compare)
@@ -135,7 +137,8 @@ def main(argv=None) -> int:
     how = "from an idle GPU" if a.queued == 1 else f"mean of {a.queued} issued back to back"
     print(f"{a.compare}: forward + backward step ({how}), off against on\n")
     return print_point_rows(
-        "bwd_step_ab", a.points, lambda name: run_point(*POINTS[name], a.compare, a.rounds, queued=a.queued),
+        "bwd_step_ab", a.points,
+        lambda name: run_point(*POINTS[name], compare=a.compare, rounds=a.rounds, queued=a.queued),
         "| point | arm | ms | speedup | dK, dV equal |\n|---|---|---|---|---|",
         lambda name, r: f"| {name} | {r['arm']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['dkv_equal']} |")
 
