@@ -6,6 +6,7 @@ gradcheck of the reference itself, and its backward equations, live in tests/ker
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -248,6 +249,31 @@ def test_torch_compile_fullgraph_cpu(monkeypatch):
     assert eager_calls == [1]  # eager: the autograd.Function
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_checked_runs_what_the_checked_entry_runs(monkeypatch):
+    """The training step's backward (backward_checked, behind the autograd function) hands _backward exactly what
+    moba_attention_backward_cuda hands it after its checks, and names the backward in a refused variant."""
+    q, k, v = _qkv(seed=10, dtype=torch.bfloat16, dim=128, seqlen=64)
+    out, dout = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.randn(q.shape[:3])
+    topk = torch.zeros(q.shape[:3] + (2,), dtype=torch.int32)
+    calls = []
+    monkeypatch.setattr(G, "_backward", lambda *args: calls.append(args))
+    monkeypatch.setattr(C, "check_cuda_device", lambda fn, x: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for variant in (None, "tile"):
+        if variant is not None:
+            monkeypatch.setenv(G.BWD_VARIANT_ENV, variant)
+        for lists, dlse in ((torch.empty(0, dtype=torch.int64), None), (torch.zeros(6, dtype=torch.int64), lse)):
+            calls.clear()
+            G.moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 16, 2, True, 0.1, dlse=dlse, fwd_lists=lists)
+            G.backward_checked(dout, q, k, v, out, lse, topk, 16, 2, True, 0.1, False, dlse, lists)
+            assert len(calls) == 2 and len(calls[0]) == len(calls[1])
+            assert all(a is b or a == b for a, b in zip(*calls, strict=True)), calls
+    monkeypatch.setenv(G.BWD_VARIANT_ENV, "block")
+    with pytest.raises(ValueError, match="moba_attention_backward_cuda: backward variant 'block' supports"):
+        G.backward_checked(dout, q, k, v, out, lse, topk, 16, 2, True, 0.1, False, None, lists)
 
 
 def test_forward_lists_are_kept_where_both_plans_cover_whole_sequences():

@@ -326,6 +326,20 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
                          scratch_budget_bytes, into, kv_fresh, delta, variant, fwd_lists)
 
 
+def backward_checked(dout, q, k, v, out, lse, topk, block_size: int, top_k: int, causal: bool, scale: float,
+                     deterministic: bool, dlse, fwd_lists):
+    """dq, dk, dv of :func:`moba_attention_backward_cuda` for inputs it would accept, on q's device (the current one),
+    the variant from the environment: the backward of a training step, whose tensors are the forward's (checked at
+    its entry) and the gradients of its outputs, which autograd has given their shapes, dtypes and devices.
+    ``fwd_lists``: the forward's kept lists, empty for none."""
+    try:
+        variant = resolve_bwd_variant(None, q.shape[-1], block_size)
+    except ValueError as exc:
+        raise ValueError(f"moba_attention_backward_cuda: {exc}") from None
+    return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, None, None,
+                     False, None, variant, fwd_lists if fwd_lists.numel() else None)
+
+
 def backward_delta(out, dout, dlse=None):
     r""":math:`D_t = dO_t\cdot O_t - d\mathrm{lse}_t` of every (row, head): fp32 (batch, seqlen, heads), what
     :func:`moba_attention_backward_cuda` computes first; ``out`` and ``dout`` CUDA tensors of one 16-bit dtype,

@@ -113,17 +113,17 @@ def _(q, k, v, block_size, top_k, causal, scale, deterministic):
 
 def _bwd_impl(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale, deterministic):
     """The backward op's body (both entries): dq, dk, dv."""
-    if q.is_cuda:
-        from ._cuda_backward import moba_attention_backward_cuda
+    if q.is_cuda:  # the forward's tensors, checked at its entry, and their gradients, which autograd checked
+        from ._cuda_backward import backward_checked
 
-        if _folded(q, k, block_size, top_k, deterministic):  # the forward's routing is the folded one already
-            dq, dk, dv = moba_attention_backward_cuda(
-                _as_one(dout), _as_one(q), _as_one(k), _as_one(v), _as_one(out), _as_one(lse), _as_one(topk),
-                block_size, top_k, causal, scale, deterministic=deterministic,
-                dlse=None if dlse is None else _as_one(dlse), fwd_lists=lists)
-            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
-        return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale,
-                                            deterministic=deterministic, dlse=dlse, fwd_lists=lists)
+        with torch.cuda.device(q.device):
+            if _folded(q, k, block_size, top_k, deterministic):  # the forward's routing is the folded one already
+                dq, dk, dv = backward_checked(
+                    _as_one(dout), _as_one(q), _as_one(k), _as_one(v), _as_one(out), _as_one(lse), _as_one(topk),
+                    block_size, top_k, causal, scale, deterministic, None if dlse is None else _as_one(dlse), lists)
+                return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+            return backward_checked(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic,
+                                    dlse, lists)
     dq, dk, dv = R.moba_attention_backward(dout, q, k, v, out, lse, topk, block_size, causal, scale, dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
