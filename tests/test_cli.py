@@ -230,7 +230,9 @@ def test_read_run_refuses_a_mixed_folder(fake, tmp_path):
 # a real SIGINT at the worst moments of the write, in a subprocess
 
 CHILD = textwrap.dedent('''
-    import os, sys
+    import os, signal, sys
+    # a test run started as a background job inherits SIGINT ignored, and Python then installs no handler for it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, sys.argv[3])
     from mobalab import cli, experiments
     from mobalab.experiments import _output
