@@ -27,10 +27,9 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
-from ._launch import Launch, kernel_ready, launch
+from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__: list[str] = []
 
@@ -71,7 +70,7 @@ def fold_launch(topk, out, n_blocks: int) -> Launch:
     n_vec = topk.numel() // 4
     grid = max(1, min(math.ceil(n_vec / FOLD_THREADS), 65535))
     return Launch(SOURCE, "moba_topk_fold", (grid,), (FOLD_THREADS,),
-                  (topk, out, np.int64(n_vec), np.int64(n_vec // topk.shape[0]), np.int32(n_blocks)))
+                  (topk, out, i64(n_vec), i64(n_vec // topk.shape[0]), i32(n_blocks)))
 
 
 def folded_topk(topk: torch.Tensor, n_blocks: int) -> torch.Tensor:

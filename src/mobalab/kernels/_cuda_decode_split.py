@@ -29,12 +29,12 @@ captured in a CUDA graph).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ._contract import getenv
 from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
 
@@ -71,7 +71,7 @@ def decode_kernel(kernel: str | None = None) -> str:
     """The decode kernel to run: ``kernel`` if given, else ``$MOBALAB_DECODE_KERNEL``, else ``"auto"``, which is
     "split" at every length (its score pass streams the block sums at the bandwidth the fused kernel's routing
     does not reach, and its attention launch measured faster; see cuda/decode_split.cu)."""
-    name = kernel if kernel is not None else os.environ.get(ENV_VAR, "") or "auto"
+    name = kernel if kernel is not None else getenv(ENV_VAR) or "auto"
     if name not in CHOICES:
         where = "kernel" if kernel is not None else ENV_VAR
         raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: {', '.join(CHOICES)}")
