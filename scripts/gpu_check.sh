@@ -9,6 +9,10 @@
 #                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first: build_flash_moba.sh)
 #   host-profile the host's time per step and the GPU's idle gaps in one step at 16K and 8K (scripts/profile_host.py;
 #                host/ holds the cProfile tables)
+#   host-waits   where the GPU waits for the host, launch by launch, and the host's path call by call, at 64K, 16K
+#                and 8K (scripts/profile_host.py --launches-only --calls; host/launches_N.txt, host/calls_N.txt; ~40 s)
+#   tree-ab      this tree's training step against TREE_AB_BASE (another tree's src directory, carried), interleaved
+#                in alternating processes at 8K, 16K, 64K and 8 x 2K (scripts/tree_ab.py; tree_ab.md; ~150 s)
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
 #                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
@@ -146,6 +150,10 @@ for step in "${STEPS[@]}"; do
     bwd-targets) # shellcheck disable=SC2086  # BWD_PEERS (e.g. flashmoba) adds those peers to both lengths
                  timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 \
                    ${BWD_PEERS:+--peers $BWD_PEERS} --out "$W/bwd" > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+    host-waits) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 65536 16384 8192 --steps 15 \
+                  --launches-only --calls --out "$W/host" > "$W/host_waits.log" 2>&1 || status=1 ;;
+    tree-ab) timeout $(cap 300) python3 scripts/tree_ab.py "${TREE_AB_BASE:?TREE_AB_BASE names the other src}" \
+               --points 8K 16K 64K 8x2K > "$W/tree_ab.md" 2> "$W/tree_ab.log" || status=1 ;;
     host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
                     > "$W/host_profile.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
@@ -297,6 +305,8 @@ for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_mob
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/hf-generate/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/host_profile.log" ] && grep -E "^N |Error" "$W/host_profile.log"
+[ -f "$W/host_waits.log" ] && grep -E "^N .*idle|Error" "$W/host_waits.log"
+[ -f "$W/tree_ab.md" ] && { cat "$W/tree_ab.md"; grep -E "Error|failed" "$W/tree_ab.log" | head -n 4; }
 [ -f "$W/mc_throughput.log" ] && tail -n 14 "$W/mc_throughput.log"
 [ -f "$W/snr-vs-accuracy.log" ] && tail -n 18 "$W/snr-vs-accuracy.log"
 [ -f "$W/rope.log" ] && tail -n 12 "$W/rope.log"

@@ -1,0 +1,132 @@
+"""Two source trees' training step side by side: ``python scripts/tree_ab.py BASE_SRC [--points 8K 16K 64K]``.
+
+Changes to the host path (allocations, launch plans, checks) move the step's time from an idle GPU by a few
+percent, about as much as it varies between machines with the host's speed, so they are measured against the code
+before them on the same machine in one run. BASE_SRC is the ``src`` directory of the other tree (for instance an
+older commit's, ``git archive <commit> src | tar -x -C DIR`` gives DIR/src); this tree's ``src`` is the other arm.
+Each arm runs in a process of its own (a process holds one ``mobalab``), the two alternating over ``--rounds``
+rounds, each process timing every point:
+
+* ``idle``: one step (``moba_attention`` forward, then ``torch.autograd.grad`` of q, k, v) from an idle GPU, CUDA
+  events around it, the median of ``--reps``;
+* ``queued``: 10 steps issued back to back, the mean per step, the median of 3 such runs;
+* ``fwd``: the forward alone (no autograd) from an idle GPU, the median of ``--reps``.
+
+Inputs: batch 2 (or the point's), 16 heads, d 128, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO of a fixed
+seed. Printed: per point and timing, each arm's median over the rounds and this tree's speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+K = 1024
+POINTS = {"8K": (8 * K, 2), "16K": (16 * K, 2), "64K": (64 * K, 2), "8x2K": (2 * K, 8), "4x4K": (4 * K, 4)}
+TIMINGS = ("idle", "queued", "fwd")
+HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
+
+
+def _idle_ms(fn) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _queued_ms(fn, steps: int = 10) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def _time_point(name: str, reps: int) -> dict:
+    import torch
+
+    from mobalab.kernels import moba_attention
+
+    seqlen, batch = POINTS[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, seqlen, 16, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        return torch.autograd.grad(moba_attention(q, k, v, 128, 8, causal=True), (q, k, v), dout)
+
+    def fwd():
+        with torch.no_grad():
+            return moba_attention(q, k, v, 128, 8, causal=True)
+
+    for _ in range(5):
+        step()
+        fwd()
+    return {"point": name, "idle": statistics.median(_idle_ms(step) for _ in range(reps)),
+            "queued": statistics.median(_queued_ms(step) for _ in range(3)),
+            "fwd": statistics.median(_idle_ms(fwd) for _ in range(reps))}
+
+
+def _child(points, reps: int) -> None:
+    for name in points:
+        print(json.dumps(_time_point(name, reps)), flush=True)
+
+
+def _run_arm(src: pathlib.Path, points, reps: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([sys.executable, __file__, "--child", "--points", *points, "--reps", str(reps)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tree_ab: the arm of {src} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["point"]: r for r in rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("base", nargs="?", type=pathlib.Path, help="the other tree's src directory")
+    p.add_argument("--points", nargs="+", default=["8K", "16K", "64K"], choices=list(POINTS))
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        _child(a.points, a.reps)
+        return 0
+    if a.base is None or not (a.base / "mobalab").is_dir():
+        p.error(f"BASE_SRC must be a src directory holding mobalab/, got {a.base}")
+    arms = {"base": a.base.resolve(), "this": HERE}
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(a.rounds):
+        for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            runs[arm].append(_run_arm(arms[arm], a.points, a.reps))
+            print(f"round {r + 1}/{a.rounds}: {arm} done", file=sys.stderr, flush=True)
+    print(f"| point | timing | base ms | this ms | speedup |  (medians over {a.rounds} processes each)")
+    print("|---|---|---|---|---|")
+    for point in a.points:
+        for t in TIMINGS:
+            base = statistics.median(run[point][t] for run in runs["base"])
+            this = statistics.median(run[point][t] for run in runs["this"])
+            print(f"| {point} | {t} | {base:.3f} | {this:.3f} | {base / this:.3f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
