@@ -8,7 +8,6 @@ memory order between concurrent CTAs around the scan's ticket, speed) is left to
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def _topk(seed, batch, seqlen, heads, top_k, n_blocks, *, unused=0.0, hot=None):
 def _buffers(n_pairs, n_seg, poison=-7):
     return dict(counts=torch.full((P.counts_elems(n_pairs, n_seg),), poison, dtype=torch.int32),
                 seg_total=torch.full((n_seg + 1,), poison, dtype=torch.int32),
-                ticket=torch.zeros(1, dtype=torch.int32),
+                ticket=torch.full((1,), poison, dtype=torch.int32),  # the count kernel sets it to 0
                 pairs=torch.full((n_pairs,), poison, dtype=torch.int64),
                 sorted_keys=torch.full((n_pairs,), poison, dtype=torch.int32),
                 seg_off=torch.full((n_seg + 1,), poison, dtype=torch.int64),
@@ -61,8 +60,7 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
-                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first",
-                                         "moba_topk_fold"}
+                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -337,29 +335,12 @@ def test_longest_first_launch_refuses_sizes_it_cannot_hold():
 
 # ---- a batch folded into one sequence ----
 
-def test_fold_plan_and_torch_path():
-    """The fold launch binds to moba_topk_fold's signature (4 slots per 16-byte vector, a sequence's vectors); the
-    torch path renumbers block j of sequence b as b * n_blocks + j and keeps -1."""
-    from mobalab.kernels._batch_fold import fold_launch, folded_topk
+def test_folded_topk_renumbers_the_batch():
+    """Block j of sequence b becomes b * n_blocks + j; -1 (an unused slot) stays."""
+    from mobalab.kernels._batch_fold import folded_topk
 
     topk = torch.tensor([[[[0, -1, 2, 1]]], [[[3, 0, -1, -1]]], [[[1, 2, 3, 0]]]], dtype=torch.int32)
-    plan = fold_launch(topk, torch.empty_like(topk), 4)
-    args = check_args(plan.source, plan.kernel, plan.args)
-    assert plan.kernel == "moba_topk_fold" and int(args[2]) == 3 and int(args[3]) == 1 and int(args[4]) == 4
     assert folded_topk(topk, 4).flatten().tolist() == [0, -1, 2, 1, 7, 4, -1, -1, 9, 10, 11, 8]
-
-
-def test_emulated_fold_kernel_equals_the_torch_path(harness, tmp_path):
-    """moba_topk_fold in the host emulation: the torch path's numbers, for sequences of several vectors and a
-    grid of fewer threads than vectors (grid-stride)."""
-    from mobalab.kernels._batch_fold import fold_launch, folded_topk
-
-    g = torch.Generator().manual_seed(3)
-    topk = torch.randint(-1, 9, (3, 40, 2, 4), generator=g, dtype=torch.int32)
-    out = torch.full_like(topk, -7)
-    plan = fold_launch(topk, out, 9)
-    run_emulated(harness, tmp_path, [dataclasses.replace(plan, grid=(1,), block=(64,))], seed=1)
-    assert torch.equal(out, folded_topk(topk, 9))
 
 
 @pytest.mark.parametrize(("shape", "want"), [

@@ -60,7 +60,7 @@ import torch
 from . import _contract as C
 from . import _pairs
 from ._build import device_capability as _device_capability
-from ._build import sm_count
+from ._build import on_device, sm_count
 from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
@@ -368,14 +368,14 @@ def kept_lists_layout(chunks, top_k: int, n_blocks: int, group: int) -> tuple[li
     return layout, off
 
 
-def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True):
+def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True, extra_i64: int = 0):
     """Counting-sort scratch when the pair sort (:func:`mobalab.kernels._pairs.resolve_sort`; None: the
     ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
     ``max_seg`` segments, else None (the torch path). ``with_pairs`` False: no pair buffer (every chunk writes its
-    lists to a ``pairs_out`` of its own)."""
+    lists to a ``pairs_out`` of its own); ``extra_i64``: int64 of the caller's in its ``extra``."""
     if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg, device):
         return None
-    return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs)
+    return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs, extra_i64=extra_i64)
 
 
 def _check_part_o(fn, part_o, dtype, partial):
@@ -476,7 +476,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     C.check_cuda_device(fn, q)
     check_variant_device(fn, variant, q.device)
     variant = device_variant(variant, q.shape[-1], block_size, q.device)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
 
@@ -526,13 +526,16 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
     part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
-    tile_cum = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
-    scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists)
+    # tile_cum, and seg_off unless the kept lists hold it, share the counting sort's int64 allocation
+    n_i64 = (max_seg + 1) * (1 if keep_lists else 2)
+    scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists, extra_i64=n_i64)
+    i64 = torch.empty(n_i64, dtype=torch.int64, device=device) if scratch is None else scratch.extra
+    tile_cum = i64[:max_seg + 1]
     if keep_lists:  # every chunk's seg_off is a view of the kept lists
         layout, total = kept_lists_layout(chunks, top_k, n_blocks, group)
         lists = torch.empty(total, dtype=torch.int64, device=device)
     else:
-        seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
+        seg_off = i64[max_seg + 1:]
 
     fwd_name, merge_name = kernel_names(q.dtype, dim, block_size, variant)
     smem = fwd_smem_bytes(dim, block_size, variant)  # launch() opts the kernel into large shared memory

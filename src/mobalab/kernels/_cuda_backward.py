@@ -43,7 +43,7 @@ import torch
 from . import _contract as C
 from . import _cuda_attention as A
 from . import _pairs
-from ._build import sm_count
+from ._build import on_device, sm_count
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__ = ["moba_attention_backward_cuda"]
@@ -321,7 +321,7 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
         if fwd_lists.numel() == 0:
             fwd_lists = None
     C.check_cuda_device(fn, q)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):
         return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse,
                          scratch_budget_bytes, into, kv_fresh, delta, variant, fwd_lists)
 
@@ -353,7 +353,7 @@ def backward_delta(out, dout, dlse=None):
     if dlse is not None:
         C.check_like(fn, "dlse", dlse, out.shape[:3], device=out.device)
     C.check_cuda_device(fn, out)
-    with torch.cuda.device(out.device):
+    with on_device(out.device):
         return _delta(out, dout, dlse).view(out.shape[:3])
 
 

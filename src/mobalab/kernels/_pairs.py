@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._build import on_device
 from ._contract import getenv
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
@@ -123,21 +124,30 @@ def counts_elems(n_pairs: int, n_seg: int) -> int:
 @dataclass(frozen=True)
 class CountingScratch:
     """Buffers of the counting sort, reused by every chunk of a call: ``pairs`` (int64), the (tile, key)
-    ``counts`` and per-key ``seg_total`` (int32), and the scan's ``ticket`` (one zero int32, left zero)."""
+    ``counts`` and per-key ``seg_total`` (int32), and the scan's ``ticket`` (one int32, which the count kernel
+    sets to 0 before the scan counts on it)."""
 
     pairs: torch.Tensor
     counts: torch.Tensor
     seg_total: torch.Tensor
     ticket: torch.Tensor
+    extra: torch.Tensor
 
 
-def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True) -> CountingScratch:
+def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True,
+                     extra_i64: int = 0) -> CountingScratch:
     """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments (``with_pairs`` False: an empty
-    pair buffer, for callers that pass every chunk a ``pairs_out`` of its own)."""
-    return CountingScratch(pairs=torch.empty(max_pairs if with_pairs else 0, dtype=torch.int64, device=device),
-                           counts=torch.empty(counts_elems(max_pairs, max_seg), dtype=torch.int32, device=device),
-                           seg_total=torch.empty(max_seg + 1, dtype=torch.int32, device=device),
-                           ticket=torch.zeros(1, dtype=torch.int32, device=device))
+    pair buffer, for callers that pass every chunk a ``pairs_out`` of its own), and ``extra`` int64 of the caller's
+    (``extra_i64`` of them, 16-byte aligned after the pairs). The int64 and the int32 buffers are views of one
+    allocation each: a step at 8K spends some 5 us of host time per allocation while the GPU waits for its lists."""
+    n_counts = counts_elems(max_pairs, max_seg)
+    ints = torch.empty(n_counts + max_seg + 2, dtype=torch.int32, device=device)
+    n_pairs = max_pairs if with_pairs else 0
+    at = n_pairs + n_pairs % 2
+    longs = torch.empty(at + extra_i64, dtype=torch.int64, device=device)
+    return CountingScratch(pairs=longs[:n_pairs], counts=ints[:n_counts],
+                           seg_total=ints[n_counts:n_counts + max_seg + 1], ticket=ints[n_counts + max_seg + 1:],
+                           extra=longs[at:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,18 +159,19 @@ def _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group):
             i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0), i32(chunk.n_q), i32(group))
 
 
-def count_launch(topk, counts, *, seqlen, heads, top_k, n_blocks, chunk, group) -> Launch:
-    """Pairs of every key per tile of the chunk (``chunk`` has batch_index, h0, n_heads, t0, n_q)."""
+def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk, group) -> Launch:
+    """Pairs of every key per tile of the chunk (``chunk`` has batch_index, h0, n_heads, t0, n_q); sets the scan's
+    ``ticket`` to 0."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
     return Launch(SOURCE, "moba_pairs_count", (n_tiles(n_pairs),), (PAIRS_THREADS,),
-                  (topk, counts, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group)),
+                  (topk, counts, ticket, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group)),
                   shared_mem=count_smem_bytes(n_seg))
 
 
 def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit) -> Launch:
     """Exclusive scan of the count table per key over tiles, then (last CTA) seg_off and tile_cum (``tile_cum``
-    0: not wanted). ``ticket`` must be 0; the kernel leaves it 0."""
+    0: not wanted). ``ticket`` must be 0 (the count launch before it sets it); the kernel leaves it 0."""
     args = (counts, i32(n_tiles(n_pairs)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
             seg_off, tile_cum)
     return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
@@ -182,8 +193,8 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     """The three launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
     ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none).
 
-    ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one zero
-    unsigned (left zero)."""
+    ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one unsigned
+    (any value: the count launch sets it to 0, the scan leaves it 0)."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
     device = topk.device if isinstance(topk, torch.Tensor) else None
@@ -191,7 +202,7 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group)
-    return [count_launch(topk, counts, **geometry),
+    return [count_launch(topk, counts, ticket, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
                         rows_per_unit=rows_per_unit),
             scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
@@ -293,7 +304,7 @@ def rebased_topk(topk: torch.Tensor, first: int, n_blocks: int) -> torch.Tensor:
     if topk.is_cuda and topk.dtype == torch.int32 and topk.numel() % 4 == 0 and topk.numel() > 0:
         src = kernel_ready(topk)
         out = torch.empty_like(src)
-        with torch.cuda.device(topk.device):
+        with on_device(topk.device):
             launch(rebase_launch(src, out, first, n_blocks))
         return out
     local = topk - first

@@ -29,9 +29,9 @@ using harness::I;
 using harness::P;
 
 const harness::Kernels kKernels = {
-    {"moba_pairs_count", {12, [](const std::vector<Arg>& a) {
-         moba_pairs_count(P<const int>(a[0]), P<int>(a[1]), I(a[2]), I(a[3]), I(a[4]), I(a[5]), I(a[6]), I(a[7]),
-                          I(a[8]), I(a[9]), I(a[10]), I(a[11]));
+    {"moba_pairs_count", {13, [](const std::vector<Arg>& a) {
+         moba_pairs_count(P<const int>(a[0]), P<int>(a[1]), P<unsigned>(a[2]), I(a[3]), I(a[4]), I(a[5]), I(a[6]),
+                          I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]));
      }}},
     {"moba_pairs_scan", {8, [](const std::vector<Arg>& a) {
          moba_pairs_scan(P<int>(a[0]), I(a[1]), I(a[2]), I(a[3]), P<int>(a[4]), P<unsigned>(a[5]),
@@ -48,9 +48,6 @@ const harness::Kernels kKernels = {
      }}},
     {"moba_pairs_longest_first", {4, [](const std::vector<Arg>& a) {
          moba_pairs_longest_first(P<const long long>(a[0]), I(a[1]), I(a[2]), P<int>(a[3]));
-     }}},
-    {"moba_topk_fold", {5, [](const std::vector<Arg>& a) {
-         moba_topk_fold(P<const int4>(a[0]), P<int4>(a[1]), a[2].i, a[3].i, I(a[4]));
      }}},
 };
 

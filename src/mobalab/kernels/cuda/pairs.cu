@@ -6,7 +6,8 @@
 // key (hc / group) * n_blocks + j for its block j = topk[b, t0 + tt, h0 + hc, s], or n_seg for an unused slot
 // (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of kPairsTile consecutive
 // pairs, one CTA each; tile t holds c[t][key] pairs of each key.
-//   moba_pairs_count    c[t][key] per tile (shared-memory atomics; counts do not depend on order).
+//   moba_pairs_count    c[t][key] per tile (shared-memory atomics; counts do not depend on order); CTA 0
+//                       also sets the scan's ticket counter to 0, so the ticket needs no fill launch of its own.
 //   moba_pairs_scan     in place, c[t][key] <- sum_{t' < t} c[t'][key] (exclusive over tiles per key), the
 //                       totals n[key]; the last CTA to finish (a ticket counter it resets to 0) writes
 //                       seg_off[key] = sum_{key' < key} n[key'] (key = 0 .. n_seg) and, when tile_cum is not
@@ -78,14 +79,17 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
 }  // namespace moba_pairs
 
 extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
-    const int* topk, int* counts, int seqlen, int heads, int top_k, int n_blocks, int batch_index, int h0,
-    int n_heads_c, int t0, int n_q, int group) {
+    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
+    int h0, int n_heads_c, int t0, int n_q, int group) {
   using namespace moba_pairs;
   MOBA_PAIRS_DYNAMIC_SMEM(smem);
   int* hist = reinterpret_cast<int*>(smem);
   const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
   const int tid = threadIdx.x;
+  // The scan, the next launch on the stream, counts its CTAs on this ticket from 0: setting it here spares a
+  // fill launch per call (a kernel boundary orders this store before the scan's atomics).
+  if (blockIdx.x == 0 && tid == 0) *ticket = 0u;
   for (int s = tid; s < n_keys; s += kPairsThreads) hist[s] = 0;
   __syncthreads();
   const int first = blockIdx.x * kPairsTile;
@@ -291,25 +295,6 @@ extern "C" __global__ void __launch_bounds__(256) moba_topk_rebase(const int4* t
     v.y = static_cast<unsigned>(v.y - first) < static_cast<unsigned>(n_blocks) ? v.y - first : -1;
     v.z = static_cast<unsigned>(v.z - first) < static_cast<unsigned>(n_blocks) ? v.z - first : -1;
     v.w = static_cast<unsigned>(v.w - first) < static_cast<unsigned>(n_blocks) ? v.w - first : -1;
-    out[i] = v;
-  }
-}
-
-// Routing of a batch of sequences of one length seqlen, a multiple of B, as the routing of one sequence of
-// batch * seqlen tokens: block j of sequence b is block b * n_blocks + j of the concatenation, whose token
-// positions differ from the sequence's by b * seqlen as its queries' do, so the causal mask and every key and
-// query address come out the same. out[i] = topk[i] + b * n_blocks for slot i of sequence b = i / (4 vec_per_seq),
-// -1 (unused) stays -1. n_vec 16-byte vectors (4 slots each), vec_per_seq per sequence, grid-stride.
-extern "C" __global__ void __launch_bounds__(256) moba_topk_fold(const int4* topk, int4* out, long long n_vec,
-                                                                  long long vec_per_seq, int n_blocks) {
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
-    const int off = static_cast<int>(i / vec_per_seq) * n_blocks;
-    int4 v = topk[i];
-    v.x = v.x < 0 ? v.x : v.x + off;
-    v.y = v.y < 0 ? v.y : v.y + off;
-    v.z = v.z < 0 ? v.z : v.z + off;
-    v.w = v.w < 0 ? v.w : v.w + off;
     out[i] = v;
   }
 }
