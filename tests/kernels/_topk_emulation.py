@@ -38,14 +38,15 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0) -> torch.Tensor:
+             query_offset=0, fold_blocks=0) -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
     ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
     unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
-    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant)
+    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
+                               fold_blocks=fold_blocks)
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -106,6 +107,20 @@ def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str) -> None
     out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
     check_near_ties(out, ref, q[:, 1000:], cent, causal)
+
+
+def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool) -> None:
+    """A batch of three sequences routed with ``fold_blocks`` = n: the selections renumbered for the sequences end
+    to end (``_batch_fold.folded_topk`` of the same kernel's plain selections, -1 slots kept), exactly."""
+    from mobalab.kernels._batch_fold import folded_topk
+
+    gen = torch.Generator().manual_seed(top_k)
+    q = torch.randn((3, 208, 2, 64), generator=gen).to(torch.bfloat16)
+    cent = reference.moba_centroids(torch.randn((3, 208, 1, 64), generator=gen).to(torch.bfloat16), 16)
+    plain = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=1)
+    folded = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=2, fold_blocks=13)
+    assert not (folded == -7).any() and bool((plain < 0).any())  # unused slots: early causal rows, or k > n
+    assert torch.equal(folded, folded_topk(plain, 13))
 
 
 def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64):

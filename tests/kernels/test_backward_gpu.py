@@ -264,14 +264,16 @@ def test_folded_batch_is_bit_identical(gpu, monkeypatch, shape, deterministic):
     fewer chunks) gives the per-sequence step's out, LSE, dK, dV (and deterministic dQ) bit for bit, with the LSE's
     gradient honoured."""
     import mobalab.kernels as K
-    from mobalab.kernels import _batch_fold, autograd
+    from mobalab.kernels import _batch_fold, _cuda_routing, autograd
 
     batch, seqlen, heads, kv_heads, dim, block, top_k = shape
     assert _batch_fold.folds(batch, seqlen, heads, kv_heads, dim, block, top_k, deterministic)
     q, k, v, dout = gpu.inputs(batch, seqlen, heads, kv_heads, dim, torch.bfloat16, seed=seqlen, dout=True)
     dlse = torch.randn(batch, seqlen, heads, device="cuda")
     folded = []
-    monkeypatch.setattr(_batch_fold, "folded_topk", lambda *a, f=_batch_fold.folded_topk: folded.append(1) or f(*a))
+    real = _cuda_routing.topk_cuda_checked
+    monkeypatch.setattr(_cuda_routing, "topk_cuda_checked",
+                        lambda *a, **kw: folded.append(kw.get("fold", False)) or real(*a, **kw))
 
     def step(fold):
         monkeypatch.setattr(autograd, "FOLD_BATCH", fold)
@@ -281,7 +283,7 @@ def test_folded_batch_is_bit_identical(gpu, monkeypatch, shape, deterministic):
         return out, lse, *(x.grad for x in leaves)
 
     one, per_seq = step(True), step(False)
-    assert len(folded) == 1  # the folded step renumbered its routing once, the other not at all
+    assert folded == [True, False]  # the folded step's routing renumbered by the top-k kernel, the other's not
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, per_seq, strict=True):
         if name != "dq" or deterministic:
             assert torch.equal(a, b), f"{name} of the folded batch differs from the per-sequence chunks'"
@@ -291,17 +293,23 @@ def test_folded_batch_is_bit_identical(gpu, monkeypatch, shape, deterministic):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("shape", "n_blocks"), [((2, 64, 4, 4), 40), ((3, 5, 7, 3), 9), ((2, 33, 2, 6), 7)])
-def test_fold_kernel_equals_the_torch_expression(shape, n_blocks):
-    """moba_topk_fold against the torch expression (-1 slots kept); a sequence's slots that are not whole vectors
-    take the torch path and give the same."""
+@pytest.mark.parametrize("variant", ["mma", "split", "wgmma"])
+@pytest.mark.parametrize(("dim", "top_k", "causal"), [(128, 8, True), (64, 16, False), (128, 40, True)])
+def test_topk_kernel_numbers_a_folded_batch(variant, dim, top_k, causal):
+    """The top-k kernel with fold_blocks = n: the plain selections renumbered for the batch's sequences end to end
+    (``_batch_fold.folded_topk``, -1 kept), exactly, in every router that has a kernel for the list length."""
+    from mobalab.kernels import _cuda_routing as routing
     from mobalab.kernels._batch_fold import folded_topk
 
-    g = torch.Generator(device="cuda").manual_seed(sum(shape))
-    topk = torch.randint(-1, n_blocks, shape, device="cuda", generator=g, dtype=torch.int32)
-    offset = (torch.arange(shape[0], device="cuda", dtype=torch.int32) * n_blocks).view(-1, 1, 1, 1)
-    got = folded_topk(topk, n_blocks)
-    assert got.dtype == torch.int32 and torch.equal(got, torch.where(topk >= 0, topk + offset, topk))
+    if routing._variant_problem(variant, dim, top_k, causal, torch.device("cuda")) is not None:
+        pytest.skip(f"router {variant!r} has no kernel for d {dim}, top_k {top_k} on this GPU")
+    g = torch.Generator(device="cuda").manual_seed(dim + top_k)
+    q = torch.randn(3, 1024, 4, dim, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(3, 1024, 2, dim, device="cuda", generator=g).to(torch.bfloat16)
+    with torch.cuda.device(q.device):
+        plain = routing.topk_cuda_checked(q, k, 32, top_k, causal, variant=variant)
+        folded = routing.topk_cuda_checked(q, k, 32, top_k, causal, variant=variant, fold=True)
+    assert bool((plain < 0).any()) == causal and torch.equal(folded, folded_topk(plain, 1024 // 32))
 
 
 @pytest.mark.gpu

@@ -165,7 +165,7 @@ def test_split_and_mma_plans_differ_only_in_kernel_threads_and_shared_memory(dim
     assert split.kernel == mma.kernel + "_split" == f"moba_topk_bf16_d{dim}_causal_k8_split"
     assert split.grid == mma.grid and split.source == mma.source == "topk.cu"
     assert all(a is b for a, b in zip(split.args[:4], mma.args[:4], strict=True))
-    assert split.args[4:] == mma.args[4:] and split.args[-1] == np.int32(7)
+    assert split.args[4:] == mma.args[4:] and split.args[-2:] == (np.int32(7), np.int32(0))  # offset, no fold
     assert split.shared_mem == routing.split_topk_shared_bytes(dim)
 
 

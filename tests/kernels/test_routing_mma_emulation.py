@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
+    check_fold,
     check_near_ties,
     check_planted_ties,
     check_query_offset,
@@ -108,3 +109,10 @@ def test_emulated_heap_tier(harness, tmp_path):
     for causal in (True, False):
         out = run_topk(harness, tmp_path, q, cent, 16, 40, causal, "mma", seed=5)
         check_near_ties(out, reference.moba_topk(q, k, 16, 40, causal=causal), q, cent, causal)
+
+
+@pytest.mark.parametrize(("router", "top_k", "causal"), [("mma", 8, True), ("split", 16, False), ("mma", 40, True)])
+def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, causal):
+    """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), in the register lists of both kernels and
+    the heap tier, exactly what renumbering the plain selections gives."""
+    check_fold(harness, tmp_path, router, top_k, causal)

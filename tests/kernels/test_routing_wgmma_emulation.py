@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
+    check_fold,
     check_planted_ties,
     check_query_offset,
     check_random_case,
@@ -72,3 +73,9 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
     """Rows of q starting at position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids:
     the whole sequence's routing at those positions (a context-parallel shard's call)."""
     check_query_offset(harness, tmp_path, causal, "wgmma")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
+    """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
+    check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)

@@ -19,7 +19,8 @@ select sequence 0's blocks).
 
 :func:`folds` decides from the shapes alone (so the custom op's fake implementation agrees with the kernels)
 whether folding gives fewer chunks without losing what the per-sequence plan had (the backward reading the
-forward's lists as they are, the counting sort); :func:`folded_topk` renumbers the routing.
+forward's lists as they are, the counting sort). The top-k kernel writes the renumbered routing itself
+(``fold_blocks``, :func:`mobalab.kernels._cuda_routing.topk_launch`); :func:`folded_topk` is its readable reference.
 """
 
 from __future__ import annotations
@@ -29,12 +30,7 @@ import math
 
 import torch
 
-from ._launch import Launch, i32, i64, kernel_ready, launch
-
 __all__: list[str] = []
-
-SOURCE = "pairs.cu"
-FOLD_THREADS = 256  # moba_topk_fold's __launch_bounds__
 
 
 @functools.lru_cache(maxsize=256)  # asked once per pass of a training step, on the host's hot path
@@ -64,20 +60,11 @@ def folds(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, blo
             and max_keys <= MAX_KEYS)
 
 
-def fold_launch(topk, out, n_blocks: int) -> Launch:
-    """``out`` = ``topk`` (batch, seqlen, heads, top_k) int32 renumbered for the concatenated sequence; both
-    contiguous and 16-byte aligned, each sequence's slots a multiple of 4 (:func:`folded_topk` checks)."""
-    n_vec = topk.numel() // 4
-    grid = max(1, min(math.ceil(n_vec / FOLD_THREADS), 65535))
-    return Launch(SOURCE, "moba_topk_fold", (grid,), (FOLD_THREADS,),
-                  (topk, out, i64(n_vec), i64(n_vec // topk.shape[0]), i32(n_blocks)))
-
-
 def folded_topk(topk: torch.Tensor, n_blocks: int) -> torch.Tensor:
     r"""Routing of the batch's sequences renumbered for their concatenation: :math:`\beta n + j` for block
     :math:`j` selected in sequence :math:`\beta` (``n_blocks`` = n blocks per sequence), -1 kept; int32,
-    topk's shape (batch, seqlen, heads, top_k). One kernel pass on CUDA (each sequence's slots in whole 16-byte
-    vectors), the torch expression otherwise.
+    topk's shape (batch, seqlen, heads, top_k): what the top-k kernel writes with ``fold_blocks`` = n (the
+    training step's routing of a folded batch), here as a torch expression.
 
     Examples
     --------
@@ -85,12 +72,5 @@ def folded_topk(topk: torch.Tensor, n_blocks: int) -> torch.Tensor:
     >>> folded_topk(torch.tensor([[[[0, -1]]], [[[2, 1]]]], dtype=torch.int32), 3).flatten().tolist()
     [0, -1, 5, 4]
     """
-    per_seq = topk[0].numel()
-    if topk.is_cuda and topk.dtype == torch.int32 and per_seq % 4 == 0 and per_seq > 0:
-        src = kernel_ready(topk)
-        out = torch.empty_like(src)
-        with torch.cuda.device(topk.device):
-            launch(fold_launch(src, out, n_blocks))
-        return out
     offset = (torch.arange(topk.shape[0], device=topk.device, dtype=torch.int32) * n_blocks).view(-1, 1, 1, 1)
     return torch.where(topk >= 0, topk + offset, topk).to(torch.int32)

@@ -43,6 +43,7 @@ import torch
 
 from . import _contract as C
 from ._build import device_capability as _device_capability
+from ._build import on_device
 from ._launch import Launch, i32, kernel_ready, launch
 
 __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
@@ -216,15 +217,18 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
 
 
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
-                top_k: int, causal: bool, query_offset: int = 0, variant: str | None = None) -> Launch:
+                top_k: int, causal: bool, query_offset: int = 0, variant: str | None = None,
+                fold_blocks: int = 0) -> Launch:
     """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k); row i of q sits at
     position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it);
-    ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default)."""
+    ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default). ``fold_blocks``:
+    block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
+    :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected."""
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
     args = (q, hi, lo, out, i32(seqlen), i32(heads), i32(kv_heads), i32(block_size),
-            i32(n_blocks), i32(top_k), i32(query_offset))
+            i32(n_blocks), i32(top_k), i32(query_offset), i32(fold_blocks))
     mode = "causal" if causal else "full"
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
@@ -253,7 +257,7 @@ def moba_centroids_cuda(k: torch.Tensor, block_size: int) -> torch.Tensor:
     k = kernel_ready(k)
     batch, seqlen, kv_heads, dim = k.shape
     n_blocks = math.ceil(seqlen / block_size)
-    with torch.cuda.device(k.device):
+    with on_device(k.device):
         cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=k.device)
         launch(centroid_launch(k, cent, None, None, block_size))
     return cent
@@ -276,15 +280,16 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
     if centroids is not None:
         C.check_centroids(fn, centroids, k, block_size)
     C.check_cuda_device(fn, q)
-    with torch.cuda.device(q.device):
+    with on_device(q.device):
         return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant, fn=fn)
 
 
 def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids=None, variant: str | None = None,
-                      *, fn: str = "moba_topk_cuda"):
+                      *, fn: str = "moba_topk_cuda", fold: bool = False):
     """:func:`moba_topk_cuda` for inputs it would accept, on q's device (the current one): the routing of a training
     step, whose entry has checked the inputs. ``variant`` as :func:`resolve_router_variant`, whose refusal is
-    raised in the name of ``fn``."""
+    raised in the name of ``fn``. ``fold``: the blocks numbered for the batch's sequences end to end
+    (:func:`mobalab.kernels._batch_fold.folded_topk` of the routing), written so by the top-k kernel."""
     try:
         variant = resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device,
                                          math.ceil(q.shape[1] / block_size))
@@ -294,26 +299,26 @@ def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
     n_blocks = math.ceil(seqlen / block_size)
-    hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
-    lo = torch.empty_like(hi)
+    hi, lo = torch.empty((2, batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device).unbind(0)
     out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
     if centroids is None:
         cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
     else:
         cent = centroids.contiguous()
-    topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant)
+    topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant,
+              fold_blocks=n_blocks if fold else 0)
     return out
 
 
 def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: bool, cent, hi, lo, out,
-              variant: str | None = None):
+              variant: str | None = None, fold_blocks: int = 0):
     """The launches of :func:`moba_topk_cuda` into given buffers (validated inputs; tests poison them).
 
     With ``have_centroids`` the fp32 ``cent`` is read and split; otherwise it is written from ``k``.
-    ``variant``: the top-k kernel (:func:`resolve_router_variant`).
+    ``variant``: the top-k kernel (:func:`resolve_router_variant`); ``fold_blocks`` as :func:`topk_launch`.
     """
     if have_centroids:
         launch(split_launch(cent, hi, lo))
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant))
+    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks))

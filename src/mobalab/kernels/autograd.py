@@ -22,6 +22,7 @@ import torch
 
 from . import _contract as C
 from . import reference as R
+from ._build import on_device
 
 __all__ = ["moba_attention_autograd"]
 
@@ -59,13 +60,12 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
         from ._cuda_attention import forward_checked
         from ._cuda_routing import topk_cuda_checked
 
-        with torch.cuda.device(q.device):
-            topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention")
-            keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
-            if _folded(q, k, block_size, top_k, deterministic):
-                from ._batch_fold import folded_topk
-
-                topk = folded_topk(topk, q.shape[1] // block_size)
+        with on_device(q.device):
+            folded = _folded(q, k, block_size, top_k, deterministic)
+            # folded: the top-k kernel numbers the blocks for the batch's sequences end to end (folded_topk's numbers)
+            topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention", fold=folded)
+            keep = _lists_numel(q, k, block_size, top_k, deterministic, folded) > 0
+            if folded:
                 out, lse, *lists = forward_checked(_as_one(q), _as_one(k), _as_one(v), block_size, top_k, causal,
                                                    scale, _as_one(topk), keep)
                 out, lse = out.view(q.shape), lse.view(q.shape[:3])
@@ -88,16 +88,16 @@ def _no_lists(q):
     return torch.empty(0, dtype=torch.int64, device=q.device)
 
 
-def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
+def _lists_numel(q, k, block_size, top_k, deterministic, folded=None) -> int:
     """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless they serve it
     (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes only, so the fake
-    implementation gives it too."""
+    implementation gives it too. ``folded``: :func:`_folded` of the same arguments where the caller has it."""
     if not q.is_cuda:
         return 0
     from . import _cuda_backward as B
 
     batch, seqlen, heads, dim = q.shape
-    if _folded(q, k, block_size, top_k, deterministic):
+    if _folded(q, k, block_size, top_k, deterministic) if folded is None else folded:
         batch, seqlen = 1, batch * seqlen
     kept = B.kept_lists_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
     return 0 if kept is None else kept[2]
@@ -116,7 +116,7 @@ def _bwd_impl(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, cau
     if q.is_cuda:  # the forward's tensors, checked at its entry, and their gradients, which autograd checked
         from ._cuda_backward import backward_checked
 
-        with torch.cuda.device(q.device):
+        with on_device(q.device):
             if _folded(q, k, block_size, top_k, deterministic):  # the forward's routing is the folded one already
                 dq, dk, dv = backward_checked(
                     _as_one(dout), _as_one(q), _as_one(k), _as_one(v), _as_one(out), _as_one(lse), _as_one(topk),

@@ -20,7 +20,7 @@ using harness::Arg;
 using harness::I;
 using harness::P;
 
-#define K(NAME, T) {#NAME, {11, [](const std::vector<Arg>& a) { NAME(TOPK_ARGS(T, a)); }}},
+#define K(NAME, T) {#NAME, {12, [](const std::vector<Arg>& a) { NAME(TOPK_ARGS(T, a)); }}},
 
 const harness::Kernels kKernels = {
 #include "topk_kernel_table.inc"

@@ -15,7 +15,7 @@
 
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 
-// The 11 arguments of a top-k kernel (topk.cu and topk_wgmma.cu share the signature) from a manifest line a.
+// The 12 arguments of a top-k kernel (topk.cu and topk_wgmma.cu share the signature) from a manifest line a.
 #define TOPK_ARGS(T, a)                                                                                    \
     P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<int>(a[3]), I(a[4]), I(a[5]), I(a[6]), I(a[7]), \
-        I(a[8]), I(a[9]), I(a[10])
+        I(a[8]), I(a[9]), I(a[10]), I(a[11])

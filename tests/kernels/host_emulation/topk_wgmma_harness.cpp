@@ -21,7 +21,7 @@ using harness::I;
 using harness::P;
 
 #define WG(NAME, T)                                                                                          \
-    {#NAME, {11, [](const std::vector<Arg>& a) {                                                             \
+    {#NAME, {12, [](const std::vector<Arg>& a) {                                                             \
          NAME(TOPK_ARGS(T, a));                                                                              \
          const moba::WgmmaThread& t = moba::wgmma_me();                                                      \
          if (!t.open.empty() || !t.groups.empty())                                                           \

@@ -12,9 +12,10 @@
 #define MOBA_TOPK_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                    \
     extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                          \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
-         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
+         int fold_blocks) {                                                                                           \
         topk_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,        \
-                                      q_pos0);                                                                        \
+                                      q_pos0, fold_blocks);                                                           \
     }
 
 // The split router (topk_split_body): register-list tiers only; two CTAs of 8 warps per SM (<= 128 registers),
@@ -22,9 +23,10 @@
 #define MOBA_TOPK_SPLIT_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                              \
     extern "C" __global__ void __launch_bounds__(TK_SPLIT_THREADS, kTopkSplitMinCtas<D>)                          \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
-         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
+         int fold_blocks) {                                                                                           \
         topk_split_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,  \
-                                            q_pos0);                                                                  \
+                                            q_pos0, fold_blocks);                                                     \
     }
 
 #if MOBA_HAS_HEAD_DIM(32)

@@ -203,10 +203,10 @@ struct TopkRegList {
         j[0] = below ? jx : j[0];
     }
 
-    __device__ __forceinline__ void write(int* o) const {
+    __device__ __forceinline__ void write(int* o, int shift) const {
 #pragma unroll
         for (int i = 0; i < LCAP; ++i)
-            if (i >= LCAP - cap) o[i - (LCAP - cap)] = j[i];
+            if (i >= LCAP - cap) o[i - (LCAP - cap)] = j[i] < 0 ? j[i] : j[i] + shift;
     }
 };
 
@@ -283,10 +283,10 @@ struct TopkHeap {
         thr_j = hj[0];
     }
 
-    __device__ __forceinline__ void write(int* o) {
+    __device__ __forceinline__ void write(int* o, int shift) {
         for (int s = cap - 1; s >= count; --s) o[s] = -1;
         for (int size = count; size > 0; --size) {
-            o[size - 1] = hj[0];  // the worst remaining pair takes the last remaining slot
+            o[size - 1] = hj[0] + shift;  // the worst remaining pair takes the last remaining slot
             if (size > 1) sift_down(hv[(size - 1) * TK_BM], hj[(size - 1) * TK_BM], size - 1);
         }
     }
@@ -379,13 +379,17 @@ __device__ __forceinline__ void topk_list_init(typename TopkListFor<LCAP>::type&
     }
 }
 
+// Row t_row's list to out[b, t_row, h, :]. fold_blocks: every block index written moves by b * fold_blocks (-1, an
+// unused slot, stays): the numbering of the batch's sequences end to end, which a batch folded into one sequence
+// reads (mobalab.kernels._batch_fold), written here instead of by a pass of its own.
 template <int LCAP>
 __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type& list, int* __restrict__ out,
                                                int seqlen, int heads, int h, int b, int t_row, int q_pos0,
-                                               int block_size, int top_k, bool causal) {
+                                               int block_size, int top_k, bool causal, int fold_blocks) {
     int* o = out + (((long long)b * seqlen + t_row) * heads + h) * top_k;
-    if (causal) o[0] = (q_pos0 + t_row) / block_size;
-    list.write(o + (causal ? 1 : 0));
+    const int shift = b * fold_blocks;
+    if (causal) o[0] = (q_pos0 + t_row) / block_size + shift;
+    list.write(o + (causal ? 1 : 0), shift);
 }
 
 // Centroids per streamed tile: TK_BN, or 32 at D = 256, where 128 x 256 Q + 2 x 64 x 256 hi/lo + the
@@ -414,7 +418,7 @@ template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __restrict__ chi,
                                           const T* __restrict__ clo, int* __restrict__ out, int seqlen,
                                           int heads, int kv_heads, int block_size, int n_blocks, int top_k,
-                                          int q_pos0) {
+                                          int q_pos0, int fold_blocks) {
     constexpr int BN = kTopkBN<D>;
     constexpr int WARPS_N = BN / 32;          // warps across the centroid columns (32 each)
     constexpr int MT = TK_BM / (4 / WARPS_N) / 16;  // m16 tiles per warp: 4 (64 rows) or 2 (32 rows)
@@ -467,7 +471,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     }
 
     if (t_row < seqlen) {
-        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 }
 
@@ -567,7 +571,7 @@ template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T* __restrict__ chi,
                                                 const T* __restrict__ clo, int* __restrict__ out, int seqlen,
                                                 int heads, int kv_heads, int block_size, int n_blocks, int top_k,
-                                                int q_pos0) {
+                                                int q_pos0, int fold_blocks) {
     static_assert(LCAP == 8 || LCAP == 16, "the split router keeps register lists only");
     constexpr int BN = TK_BN;  // two 32-column words: one per thread of a row
     constexpr int MT = 2;      // 4 x 2 warps of 32 rows x 32 centroids
@@ -648,7 +652,7 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
             // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
             if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * TK_BM + row], jx);
         }
-        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 }
 

@@ -94,7 +94,7 @@ template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* __restrict__ chi,
                                              const T* __restrict__ clo, int* __restrict__ out, int seqlen,
                                              int heads, int kv_heads, int block_size, int n_blocks, int top_k,
-                                             int q_pos0) {
+                                             int q_pos0, int fold_blocks) {
 #if MOBA_HAS_WGMMA
     static_assert(D == 64 || D == 128, "head dims of the wgmma router");
     static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
@@ -193,7 +193,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     }
 
     if (t_row < seqlen) {
-        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL);
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 #else
     __trap();  // wgmma exists on sm_90a only
@@ -206,9 +206,10 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 #define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
     extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
-         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0) {                  \
+         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
+         int fold_blocks) {                                                                                           \
         topk_wg_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,     \
-                                         q_pos0);                                                                     \
+                                         q_pos0, fold_blocks);                                                        \
     }
 
 #if MOBA_HAS_HEAD_DIM(64)
