@@ -47,6 +47,7 @@ REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 CUDA_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
+_CUDA_BLOCK_SET = frozenset(CUDA_BLOCK_SIZES)
 MAX_TOP_K = 64
 # grid.y / grid.z carry heads and batch; seqlen is a 32-bit int in every kernel signature
 CUDA_MAX_GRID_YZ = 65535
@@ -223,6 +224,8 @@ def check_positive_int(fn: str, name: str, value) -> int:
 
 def check_block_size(fn: str, block_size, path: str) -> int:
     """Any integer >= 1 on the reference path; one of :data:`CUDA_BLOCK_SIZES` on the cuda path."""
+    if path == "cuda" and type(block_size) is int and block_size in _CUDA_BLOCK_SET:  # the common case, fast
+        return block_size
     _check_path(path)
     if path == "reference":
         return check_positive_int(fn, "block_size", block_size)
@@ -235,6 +238,8 @@ def check_block_size(fn: str, block_size, path: str) -> int:
 
 def check_top_k(fn: str, top_k, path: str) -> int:
     """Any integer >= 1 on the reference path; 1 .. :data:`MAX_TOP_K` on the cuda path."""
+    if path == "cuda" and type(top_k) is int and 1 <= top_k <= MAX_TOP_K:  # the common case, fast
+        return top_k
     _check_path(path)
     if path == "reference":
         return check_positive_int(fn, "top_k", top_k)
