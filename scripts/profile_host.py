@@ -9,8 +9,8 @@ the GPU has finished what the host issued and waits for the next launch. Per len
   its time from an idle GPU (CUDA events, synchronised before and after), medians over ``--steps``;
 * the GPU's idle gaps inside one step (torch profiler, kernels and copies on the device timeline): each gap of
   more than 5 us with the kernel before and after it, and their sum;
-* where the GPU waits, launch by launch, without a profiler: a CUDA event recorded after every launch of
-  ``mobalab.kernels._launch.start``, the step timed from an idle GPU and again with the GPU held busy (a sleep
+* where the GPU waits, launch by launch, without a profiler: a CUDA event (created beforehand) recorded after
+  every ``mobalab.kernels._launch.launch``, the step timed from an idle GPU and again with the GPU held busy (a sleep
   kernel) until the host has issued the whole step; per launch the time its work was done by in both runs and
   the difference's growth since the previous launch (the GPU's wait for the host before that launch, torch's own
   launches in between included), medians over ``--steps``, written to ``launches_<N>.txt`` and printed;
@@ -69,21 +69,23 @@ def _gaps(prof, min_us: float = 5.0):
 
 
 def _launch_waits(step, reps: int, ahead_ms: float = 20.0):
-    """Per launch of ``mobalab.kernels._launch.start`` in one step: (kernel, host ms at the launch, GPU ms done
+    """Per ``mobalab.kernels._launch.launch`` of one step: (kernel, host ms at the launch, GPU ms done
     from an idle GPU, GPU ms done with the host ahead), medians over ``reps``; and the two steps' medians."""
     from mobalab.kernels import _launch
 
-    orig, rec = _launch.start, []
+    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in range(256)]
+    for e in pool:  # created here (at their first record), not inside the timed steps
+        e.record()
+    torch.cuda.synchronize()
 
-    def traced(fn, plan, cargs):
-        orig(fn, plan, cargs)
-        e = torch.cuda.Event(enable_timing=True)
+    def traced(plan):
+        e = pool[len(rec)]
         e.record()
         rec.append((plan.kernel, e, time.perf_counter()))
 
     cycles = int(ahead_ms * 2e6)  # ~2 GHz: at least ahead_ms on a Hopper GPU
     runs = {"idle": [], "ahead": []}
-    _launch.start = traced
+    _launch._after_launch = traced
     try:
         for _ in range(reps):
             for mode in ("idle", "ahead"):
@@ -100,7 +102,7 @@ def _launch_waits(step, reps: int, ahead_ms: float = 20.0):
                 runs[mode].append(([(name, (t - t0) * 1e3, e0.elapsed_time(e)) for name, e, t in rec],
                                    e0.elapsed_time(e1)))
     finally:
-        _launch.start = orig
+        _launch._after_launch = None
     idle, ahead = runs["idle"], runs["ahead"]
     rows = []
     for i, (name, _, _) in enumerate(idle[0][0]):

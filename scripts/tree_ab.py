@@ -118,13 +118,15 @@ def main(argv=None) -> int:
         for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             runs[arm].append(_run_arm(arms[arm], a.points, a.reps))
             print(f"round {r + 1}/{a.rounds}: {arm} done", file=sys.stderr, flush=True)
-    print(f"| point | timing | base ms | this ms | speedup |  (medians over {a.rounds} processes each)")
-    print("|---|---|---|---|---|")
+    print(f"| point | timing | base ms | this ms | speedup | base range | this range |  (medians over {a.rounds} "
+          "processes each, and the processes' spread)")
+    print("|---|---|---|---|---|---|---|")
     for point in a.points:
         for t in TIMINGS:
-            base = statistics.median(run[point][t] for run in runs["base"])
-            this = statistics.median(run[point][t] for run in runs["this"])
-            print(f"| {point} | {t} | {base:.3f} | {this:.3f} | {base / this:.3f}x |")
+            base, this = ([run[point][t] for run in runs[arm]] for arm in ("base", "this"))
+            mb, mt = statistics.median(base), statistics.median(this)
+            print(f"| {point} | {t} | {mb:.3f} | {mt:.3f} | {mb / mt:.3f}x | {min(base):.3f}-{max(base):.3f} | "
+                  f"{min(this):.3f}-{max(this):.3f} |")
     return 0
 
 

@@ -28,3 +28,4 @@ def test_alternates_the_arms_and_tabulates_medians(script, tmp_path, monkeypatch
     assert [line.split("|")[2].strip() for line in lines] == ["idle", "queued", "fwd"]
     base, this = (float(lines[0].split("|")[i]) for i in (3, 4))
     assert base == pytest.approx(2.04) and this == pytest.approx(1.63)  # medians of 2.01, 2.04, 2.05 / 1.62, 1.63, 1.66
+    assert lines[0].split("|")[6].strip() == "2.010-2.050" and lines[0].split("|")[7].strip() == "1.620-1.660"

@@ -236,7 +236,8 @@ def test_launch_builds_the_module_of_the_plan_defines(monkeypatch):
 def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
     """The default launcher hands cuLaunchKernel an array of pointers into one parameter block: read back through
     those pointers, every argument of every forward and backward plan is the value check_args passed, at its C
-    type (pointers as 64-bit addresses), and grid, block, shared memory and stream are the plan's."""
+    type (pointers as 64-bit addresses), and grid, block, shared memory and stream are the plan's; the same when a
+    plan's kernel is launched again (from the CUfunction kept at its first launch)."""
     import ctypes
     import types
 
@@ -257,6 +258,7 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
     monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: kernel)
     monkeypatch.setattr(_launch, "current_stream", lambda: (0, 77))
     monkeypatch.setattr(_launch, "_FUNCTIONS", {})
+    monkeypatch.setattr(_launch, "_READY", {})
     monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
     plans = list(_plans(torch.bfloat16, 128, 128, True, "auto"))
     q = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
@@ -265,7 +267,7 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
                                sub0=1, n_sub_launch=3, dq_mode=2, dkv_mode=1, smem=4096))
     ctype = {"int": ctypes.c_int32, "unsigned": ctypes.c_uint32, "long long": ctypes.c_int64, "float": ctypes.c_float,
              "bool": ctypes.c_bool}
-    for plan in plans:
+    for plan in plans * 2:  # the second time from the kept CUfunction (no get_kernel)
         calls.clear()
         _launch.launch(plan)
         (f, grid, block, smem, stream, params, extra), = calls

@@ -189,10 +189,11 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 # launch plans (pure: the CPU tests pass them through _launch.check_args)
 
 
-def delta_launch(name, out, dout, delta, n_rows) -> Launch:
-    """D = rowsum(dO * O) per (query, head), one warp per row."""
+def delta_launch(name, out, dout, delta, n_rows, zero_rows=0) -> Launch:
+    """D = rowsum(dO * O) per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query, head), or 0
+    for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own."""
     return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
-                  (out, dout, delta, i64(n_rows)))
+                  (out, dout, delta, zero_rows, i64(n_rows)))
 
 
 def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
@@ -357,11 +358,11 @@ def backward_delta(out, dout, dlse=None):
         return _delta(out, dout, dlse).view(out.shape[:3])
 
 
-def _delta(out, dout, dlse):
+def _delta(out, dout, dlse, zero_rows=0):
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
     n_rows = out.shape[0] * out.shape[1] * out.shape[2]
     delta = torch.empty(n_rows, dtype=torch.float32, device=out.device)
-    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows))
+    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows))
     if dlse is not None:
         delta.sub_(dlse.float().reshape(-1))
     return delta
@@ -379,7 +380,11 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     device = q.device
     variant = resolve_bwd_variant(variant, dim, block_size)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
-    delta = _delta(out, dout, dlse) if delta is None else delta.contiguous().view(-1)
+    # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
+    acc_zeroed = into is None and not deterministic and delta is None
+    dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) if acc_zeroed else None
+    delta = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero) if delta is None \
+        else delta.contiguous().view(-1)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     if fwd_lists is not None:
@@ -417,7 +422,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
         else:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device)
+            dq_acc = dq_zero if acc_zeroed else torch.zeros(q.shape, dtype=torch.float32, device=device)
             part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)

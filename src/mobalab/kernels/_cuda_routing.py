@@ -37,6 +37,7 @@ caching allocator; kernels run on torch's current stream; nothing here synchroni
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -148,6 +149,7 @@ def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
 
 
+@functools.lru_cache(maxsize=256)  # asked twice per training step, while the GPU may wait for the first launches
 def _auto_variant(head_dim: int | None, top_k: int | None, causal: bool, device: torch.device | None,
                   n_blocks: int | None) -> str:
     """What "auto" runs: wgmma on an sm_90 CUDA device at a head dim of WG_AUTO_HEAD_DIMS, with at least
@@ -299,7 +301,8 @@ def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
     n_blocks = math.ceil(seqlen / block_size)
-    hi, lo = torch.empty((2, batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device).unbind(0)
+    hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
+    lo = torch.empty_like(hi)
     out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
     if centroids is None:
         cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)

@@ -18,6 +18,8 @@ no graph break. :func:`moba_attention_autograd` validates its inputs and calls t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _contract as C
@@ -40,10 +42,22 @@ def _folded(q, k, block_size, top_k, deterministic) -> bool:
     """Whether the CUDA passes attend the batch as one sequence (:func:`._batch_fold.folds`; shapes only)."""
     if not (FOLD_BATCH and q.is_cuda):
         return False
+    batch, seqlen, heads, dim = q.shape
+    return _shape_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())[0]
+
+
+@functools.lru_cache(maxsize=256)  # asked on the host's path to the first launches of every training step
+def _shape_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes) -> tuple[bool, int]:
+    """(batch folded into one sequence, length of the lists the forward keeps) of a CUDA training step, the batch
+    folded as :func:`._batch_fold.folds` decides (call it with FOLD_BATCH set)."""
+    from . import _cuda_backward as B
     from ._batch_fold import folds
 
-    batch, seqlen, heads, dim = q.shape
-    return folds(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
+    folded = folds(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes)
+    if folded:
+        batch, seqlen = 1, batch * seqlen
+    kept = B.kept_lists_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes)
+    return folded, 0 if kept is None else kept[2]
 
 
 def _as_one(x):
@@ -64,7 +78,7 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
             folded = _folded(q, k, block_size, top_k, deterministic)
             # folded: the top-k kernel numbers the blocks for the batch's sequences end to end (folded_topk's numbers)
             topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention", fold=folded)
-            keep = _lists_numel(q, k, block_size, top_k, deterministic, folded) > 0
+            keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
             if folded:
                 out, lse, *lists = forward_checked(_as_one(q), _as_one(k), _as_one(v), block_size, top_k, causal,
                                                    scale, _as_one(topk), keep)
@@ -88,17 +102,18 @@ def _no_lists(q):
     return torch.empty(0, dtype=torch.int64, device=q.device)
 
 
-def _lists_numel(q, k, block_size, top_k, deterministic, folded=None) -> int:
+def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
     """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless they serve it
     (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes only, so the fake
-    implementation gives it too. ``folded``: :func:`_folded` of the same arguments where the caller has it."""
+    implementation gives it too."""
     if not q.is_cuda:
         return 0
+    batch, seqlen, heads, dim = q.shape
+    if FOLD_BATCH:
+        return _shape_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic,
+                           q.element_size())[1]
     from . import _cuda_backward as B
 
-    batch, seqlen, heads, dim = q.shape
-    if _folded(q, k, block_size, top_k, deterministic) if folded is None else folded:
-        batch, seqlen = 1, batch * seqlen
     kept = B.kept_lists_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
     return 0 if kept is None else kept[2]
 

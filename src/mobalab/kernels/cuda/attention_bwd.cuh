@@ -74,13 +74,25 @@ struct RowInfo {
 
 // D = rowsum(dO o O) in fp32: one warp per (batch, query, head) row.
 template <typename T, int D>
-__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, long long n_rows) {
+__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, float* zero_rows,
+                                           long long n_rows) {
   constexpr int V = moba::kRowLaneElems<D>;
   const int lane = threadIdx.x & 31;
   const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= n_rows) return;
   const T* o = static_cast<const T*>(out_) + w * D + lane * V;
   const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
+  // zero_rows (the fp32 dQ accumulator the main kernel adds into, row for row like out): set to 0 here, which
+  // spares the step a fill launch of its own
+  if (zero_rows != nullptr && (moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>)) {
+    float* z = zero_rows + w * D + lane * V;
+    if constexpr (V == 2) {
+      *reinterpret_cast<float2*>(z) = make_float2(0.f, 0.f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(z + e) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
   float acc = 0.f;
   if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
     // idle lane (D = 32, 96): adds 0 to the warp sum
