@@ -12,7 +12,8 @@
 #   host-waits   where the GPU waits for the host, launch by launch, and the host's path call by call, at 64K, 16K
 #                and 8K (scripts/profile_host.py --launches-only --calls; host/launches_N.txt, host/calls_N.txt; ~40 s)
 #   tree-ab      this tree's training step against TREE_AB_BASE (another tree's src directory, carried), interleaved
-#                in alternating processes at 8K, 16K, 64K and 8 x 2K (scripts/tree_ab.py; tree_ab.md; ~150 s)
+#                in alternating processes at 8K, 16K, 64K and 8 x 2K, TREE_AB_ROUNDS (4) rounds (scripts/tree_ab.py;
+#                tree_ab.md; ~110 s)
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
 #                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
@@ -153,7 +154,7 @@ for step in "${STEPS[@]}"; do
     host-waits) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 65536 16384 8192 --steps 15 \
                   --launches-only --calls --out "$W/host" > "$W/host_waits.log" 2>&1 || status=1 ;;
     tree-ab) timeout $(cap 300) python3 scripts/tree_ab.py "${TREE_AB_BASE:?TREE_AB_BASE names the other src}" \
-               --points 8K 16K 64K 8x2K > "$W/tree_ab.md" 2> "$W/tree_ab.log" || status=1 ;;
+               --points 8K 16K 64K 8x2K --rounds "${TREE_AB_ROUNDS:-4}" > "$W/tree_ab.md" 2> "$W/tree_ab.log" || status=1 ;;
     host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
                     > "$W/host_profile.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
