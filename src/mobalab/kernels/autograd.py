@@ -65,19 +65,29 @@ def _as_one(x):
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic):
+def _routing(q, k, block_size, top_k, causal, deterministic):
+    """The CUDA routing of a training step, launched: where the batch is folded into one sequence
+    (:func:`_folded`), the top-k kernel numbers the blocks for the sequences end to end (as
+    :func:`._batch_fold.folded_topk` renumbers them)."""
+    from ._cuda_routing import topk_cuda_checked
+
+    with on_device(q.device):
+        return topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention",
+                                 fold=_folded(q, k, block_size, top_k, deterministic))
+
+
+def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=None):
     """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists.
 
-    The routing is the one the attention read: where the batch is folded into one sequence (:func:`_folded`),
-    renumbered for it (:func:`._batch_fold.folded_topk`), which the backward reads as it is."""
+    The routing is the one the attention read (:func:`_routing`; given as ``topk`` where the caller launched it
+    already), which the backward reads as it is."""
     if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
         from ._cuda_attention import forward_checked
-        from ._cuda_routing import topk_cuda_checked
 
         with on_device(q.device):
             folded = _folded(q, k, block_size, top_k, deterministic)
-            # folded: the top-k kernel numbers the blocks for the batch's sequences end to end (folded_topk's numbers)
-            topk = topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention", fold=folded)
+            if topk is None:
+                topk = _routing(q, k, block_size, top_k, causal, deterministic)
             keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
             if folded:
                 out, lse, *lists = forward_checked(_as_one(q), _as_one(k), _as_one(v), block_size, top_k, causal,
@@ -192,16 +202,16 @@ class _EagerMoba(torch.autograd.Function):
     (:func:`moba_attention_autograd`), which it sees as opaque nodes with fake implementations."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic):
+    def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic, topk):
         inputs = (q, k, v, block_size, top_k, causal, scale, deterministic)
-        output = _fwd_impl(*inputs)
+        output = _fwd_impl(*inputs, topk=topk)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2], output[3])  # the routing and the lists
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse, dtopk, dlists):
-        return _grads(ctx, dout, dlse, _bwd_impl)
+        return *_grads(ctx, dout, dlse, _bwd_impl), None  # none for the routing passed in
 
 
 #: Eager calls take :class:`_EagerMoba` (True) or the custom ops (False); under ``torch.compile`` the ops always.
@@ -243,7 +253,10 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     deterministic = C.check_flag(fn, "deterministic", deterministic)
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
     if EAGER_FUNCTION and not torch.compiler.is_compiling():
-        out, lse, _, _ = _EagerMoba.apply(q, k, v, block_size, top_k, causal, scale, deterministic)
+        # CUDA: the routing launched first, so that the GPU starts while autograd sets up the node (~50 us of host
+        # time before the first launch otherwise)
+        topk = _routing(q, k, block_size, top_k, causal, deterministic) if q.is_cuda else None
+        out, lse, _, _ = _EagerMoba.apply(q, k, v, block_size, top_k, causal, scale, deterministic, topk)
     else:
         out, lse, _, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic)
     if return_lse:
