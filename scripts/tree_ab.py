@@ -32,18 +32,6 @@ TIMINGS = ("idle", "queued", "fwd")
 HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
 
 
-def _idle_ms(fn) -> float:
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def _queued_ms(fn, steps: int = 10) -> float:
     import torch
 
@@ -60,6 +48,7 @@ def _queued_ms(fn, steps: int = 10) -> float:
 def _time_point(name: str, reps: int) -> dict:
     import torch
 
+    from mobalab.bench._interleaved import idle_gpu_ms  # the arm's own tree's (both arms have it)
     from mobalab.kernels import moba_attention
 
     seqlen, batch = POINTS[name]
@@ -79,9 +68,9 @@ def _time_point(name: str, reps: int) -> dict:
     for _ in range(5):
         step()
         fwd()
-    return {"point": name, "idle": statistics.median(_idle_ms(step) for _ in range(reps)),
+    return {"point": name, "idle": statistics.median(idle_gpu_ms(step) for _ in range(reps)),
             "queued": statistics.median(_queued_ms(step) for _ in range(3)),
-            "fwd": statistics.median(_idle_ms(fwd) for _ in range(reps))}
+            "fwd": statistics.median(idle_gpu_ms(fwd) for _ in range(reps))}
 
 
 def _child(points, reps: int) -> None:
