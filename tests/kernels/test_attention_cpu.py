@@ -283,6 +283,50 @@ def test_driver_launch_packs_every_argument_at_its_type(monkeypatch):
         _launch.resolve_launcher("numba")
 
 
+def test_kept_function_launch_without_a_current_context_falls_back_to_cupy(monkeypatch):
+    """A kernel launched before, launched again from a thread without a current CUDA context (cuLaunchKernel answers
+    CUDA_ERROR_INVALID_CONTEXT): CuPy's call makes the context current and launches it; other driver errors raise."""
+    import types
+
+    launched, status = [], []
+
+    class DriverError(Exception):
+        def __init__(self, code):
+            super().__init__(code)
+            self.status = code
+
+    class Driver:
+        CUDADriverError = DriverError
+
+        @staticmethod
+        def launchKernel(f, *args):
+            if status:
+                raise DriverError(status[0])
+            launched.append("driver")
+
+    class Kernel:
+        kernel = types.SimpleNamespace(ptr=1234)
+
+        def __call__(self, grid, block, args, shared_mem=0, stream=None):
+            launched.append("cupy")
+
+    monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=Driver)))
+    monkeypatch.setattr(_launch, "get_kernel", lambda *a, **kw: Kernel())
+    monkeypatch.setattr(_launch, "current_stream", lambda: (0, 77))
+    monkeypatch.setattr(_launch, "torch_stream", lambda: None)
+    monkeypatch.setattr(_launch, "_FUNCTIONS", {})
+    monkeypatch.setattr(_launch, "_READY", {})
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    plan = next(iter(_plans(torch.bfloat16, 128, 128, True, "auto")))
+    _launch.launch(plan)  # first launch: start(), the CUfunction kept
+    status.append(_launch._INVALID_CONTEXT)
+    _launch.launch(plan)  # kept function, no context: both driver calls refuse, CuPy's call launches
+    assert launched == ["driver", "cupy"]
+    status[0] = 1  # CUDA_ERROR_INVALID_VALUE
+    with pytest.raises(DriverError):
+        _launch.launch(plan)
+
+
 def test_getenv_sees_every_change_of_the_environment(monkeypatch):
     """C.getenv answers what os.environ.get answers, after every way of setting and removing a variable."""
     name = "MOBALAB_TEST_GETENV"

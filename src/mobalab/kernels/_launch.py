@@ -307,10 +307,17 @@ def launch(plan: Launch) -> None:
             packer.pack_into(params, 0, *cargs)
             gx, gy, gz = _dim3(plan.grid)
             bx, by, bz = _dim3(plan.block)
-            cupy().cuda.driver.launchKernel(fptr, gx, gy, gz, bx, by, bz, int(plan.shared_mem), stream, params_addr, 0)
-            if _after_launch is not None:
-                _after_launch(plan)
-            return
+            driver_api = cupy().cuda.driver
+            try:
+                driver_api.launchKernel(fptr, gx, gy, gz, bx, by, bz, int(plan.shared_mem), stream, params_addr, 0)
+            except driver_api.CUDADriverError as exc:
+                if getattr(exc, "status", None) != _INVALID_CONTEXT:
+                    raise
+                fptr = None  # a thread without a current context: start() below makes one current first
+            if fptr is not None:
+                if _after_launch is not None:
+                    _after_launch(plan)
+                return
     fn = get_kernel(plan.source, plan.kernel, defines=_module_defines(plan.kernel, plan.defines),
                     max_dynamic_smem=int(plan.shared_mem))
     start(fn, plan, cargs)
