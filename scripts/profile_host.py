@@ -127,7 +127,7 @@ _TRACED = [
     ("mobalab.kernels._cuda_attention", "merge_launch"), ("mobalab.kernels._cuda_backward", "backward_checked"),
     ("mobalab.kernels._cuda_backward", "_backward"),
     ("mobalab.kernels._launch", "launch"), ("mobalab.kernels._launch", "check_args"),
-    ("mobalab.kernels._launch", "get_kernel"), ("mobalab.kernels._launch", "start"),
+    ("mobalab.kernels._launch", "get_kernel"), ("mobalab.kernels._launch", "_driver_launch"),
     ("mobalab.kernels._launch", "current_stream"),
 ]
 

@@ -32,23 +32,11 @@ TIMINGS = ("idle", "queued", "fwd")
 HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
 
 
-def _queued_ms(fn, steps: int = 10) -> float:
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
-
-
 def _time_point(name: str, reps: int) -> dict:
     import torch
 
-    from mobalab.bench._interleaved import idle_gpu_ms  # the arm's own tree's (both arms have it)
+    from mobalab.bench._interleaved import idle_gpu_ms  # the arm's own tree's (both arms have them)
+    from mobalab.bench.attention import time_queued_ms
     from mobalab.kernels import moba_attention
 
     seqlen, batch = POINTS[name]
@@ -69,7 +57,7 @@ def _time_point(name: str, reps: int) -> dict:
         step()
         fwd()
     return {"point": name, "idle": statistics.median(idle_gpu_ms(step) for _ in range(reps)),
-            "queued": statistics.median(_queued_ms(step) for _ in range(3)),
+            "queued": time_queued_ms(step, steps=10, rounds=3, warmup=0),
             "fwd": statistics.median(idle_gpu_ms(fwd) for _ in range(reps))}
 
 

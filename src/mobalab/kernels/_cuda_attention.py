@@ -368,14 +368,14 @@ def kept_lists_layout(chunks, top_k: int, n_blocks: int, group: int) -> tuple[li
     return layout, off
 
 
-def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True, extra_i64: int = 0):
+def pair_scratch(max_pairs, max_seg, device, sort=None, with_pairs: bool = True):
     """Counting-sort scratch when the pair sort (:func:`mobalab.kernels._pairs.resolve_sort`; None: the
     ``MOBALAB_PAIR_SORT`` environment variable) is "counting" and serves chunks of ``max_pairs`` pairs and
     ``max_seg`` segments, else None (the torch path). ``with_pairs`` False: no pair buffer (every chunk writes its
-    lists to a ``pairs_out`` of its own); ``extra_i64``: int64 of the caller's in its ``extra``."""
+    lists to a ``pairs_out`` of its own)."""
     if _pairs.resolve_sort(sort) != "counting" or not _pairs.counting_supported(max_pairs, max_seg, device):
         return None
-    return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs, extra_i64=extra_i64)
+    return _pairs.counting_scratch(max_pairs, max_seg, device, with_pairs=with_pairs)
 
 
 def _check_part_o(fn, part_o, dtype, partial):
@@ -526,11 +526,10 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
     part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
-    # tile_cum, and seg_off unless the kept lists hold it, share the counting sort's int64 allocation
-    n_i64 = (max_seg + 1) * (1 if keep_lists else 2)
-    scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists, extra_i64=n_i64)
-    i64 = torch.empty(n_i64, dtype=torch.int64, device=device) if scratch is None else scratch.extra
+    # tile_cum, and seg_off unless the kept lists hold it, in one allocation
+    i64 = torch.empty((max_seg + 1) * (1 if keep_lists else 2), dtype=torch.int64, device=device)
     tile_cum = i64[:max_seg + 1]
+    scratch = pair_scratch(max_pairs, max_seg, device, with_pairs=not keep_lists)
     if keep_lists:  # every chunk's seg_off is a view of the kept lists
         layout, total = kept_lists_layout(chunks, top_k, n_blocks, group)
         lists = torch.empty(total, dtype=torch.int64, device=device)

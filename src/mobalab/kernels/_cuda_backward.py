@@ -381,8 +381,8 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     variant = resolve_bwd_variant(variant, dim, block_size)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
-    acc_zeroed = into is None and not deterministic and delta is None
-    dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) if acc_zeroed else None
+    dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
+        if into is None and not deterministic and delta is None else None
     delta = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero) if delta is None \
         else delta.contiguous().view(-1)
 
@@ -422,7 +422,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
         else:
-            dq_acc = dq_zero if acc_zeroed else torch.zeros(q.shape, dtype=torch.float32, device=device)
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device) if dq_zero is None else dq_zero
             part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)

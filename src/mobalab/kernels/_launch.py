@@ -295,34 +295,20 @@ def launch(plan: Launch) -> None:
     wraps every argument in an object first. ``$MOBALAB_LAUNCH=cupy`` selects CuPy's call.
     """
     cargs = check_args(plan.source, plan.kernel, plan.args)
-    driver = resolve_launcher() == "driver"
-    if driver:
+    if resolve_launcher() == "driver":
         # A kernel launched before from the same module with the same shared memory on this device: its CUfunction
         # as it was (the compile cache, the shared-memory limit and the function lookup cost ~5 us per launch).
         device, stream = current_stream()
         key = (plan.source, plan.kernel, plan.defines, plan.shared_mem, device)
         fptr = _READY.get(key)
-        if fptr is not None:
-            packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
-            packer.pack_into(params, 0, *cargs)
-            gx, gy, gz = _dim3(plan.grid)
-            bx, by, bz = _dim3(plan.block)
-            driver_api = cupy().cuda.driver
-            try:
-                driver_api.launchKernel(fptr, gx, gy, gz, bx, by, bz, int(plan.shared_mem), stream, params_addr, 0)
-            except driver_api.CUDADriverError as exc:
-                if getattr(exc, "status", None) != _INVALID_CONTEXT:
-                    raise
-                fptr = None  # a thread without a current context: start() below makes one current first
-            if fptr is not None:
-                if _after_launch is not None:
-                    _after_launch(plan)
-                return
-    fn = get_kernel(plan.source, plan.kernel, defines=_module_defines(plan.kernel, plan.defines),
-                    max_dynamic_smem=int(plan.shared_mem))
-    start(fn, plan, cargs)
-    if driver:
-        _READY[key] = _function_ptr(fn, device)
+        if fptr is None:
+            fn = _compiled(plan)
+            fptr = _READY[key] = _function_ptr(fn, device)
+        if not _driver_launch(fptr, plan, cargs, stream):
+            # no current context on this thread yet: CuPy's call makes the device's current first
+            _cupy_launch(_compiled(plan), plan, cargs)
+    else:
+        _cupy_launch(_compiled(plan), plan, cargs)
     if _after_launch is not None:
         _after_launch(plan)
 
@@ -331,8 +317,36 @@ _READY: dict = {}  # (source, kernel, defines, shared memory, device) -> CUfunct
 _after_launch = None  # a callable(plan) run after every launch() (scripts/profile_host.py records events with it)
 
 
+def _compiled(plan: Launch):
+    """The compiled kernel of ``plan``, its module built with the plan's defines, opted into its shared memory."""
+    return get_kernel(plan.source, plan.kernel, defines=_module_defines(plan.kernel, plan.defines),
+                      max_dynamic_smem=int(plan.shared_mem))
+
+
 def _dim3(d) -> tuple[int, int, int]:
     return int(d[0]), int(d[1]) if len(d) > 1 else 1, int(d[2]) if len(d) > 2 else 1
+
+
+def _driver_launch(fptr: int, plan: Launch, cargs: tuple, stream: int) -> bool:
+    """cuLaunchKernel of CUfunction ``fptr`` with ``plan``'s geometry and ``cargs`` packed into the kernel's
+    parameter block, on ``stream``; False (nothing launched) where this thread has no current CUDA context."""
+    packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
+    packer.pack_into(params, 0, *cargs)
+    gx, gy, gz = _dim3(plan.grid)
+    bx, by, bz = _dim3(plan.block)
+    driver = cupy().cuda.driver
+    try:
+        driver.launchKernel(fptr, gx, gy, gz, bx, by, bz, int(plan.shared_mem), stream, params_addr, 0)
+    except driver.CUDADriverError as exc:
+        if getattr(exc, "status", None) != _INVALID_CONTEXT:
+            raise
+        return False
+    return True
+
+
+def _cupy_launch(fn, plan: Launch, cargs: tuple) -> None:
+    """CuPy's call of compiled kernel ``fn`` on torch's current stream."""
+    fn(_dim3(plan.grid), _dim3(plan.block), cargs, shared_mem=int(plan.shared_mem), stream=torch_stream())
 
 
 @functools.cache
@@ -348,23 +362,12 @@ def _module_defines(kernel: str, defines: tuple[str, ...]) -> tuple[str, ...]:
 def start(fn, plan: Launch, cargs: tuple) -> None:
     """Start compiled kernel ``fn`` with ``plan``'s geometry and the checked arguments ``cargs``
     (:func:`check_args`) on torch's current stream, by the launcher :func:`resolve_launcher` names."""
-    smem = int(plan.shared_mem)
-    grid = (*map(int, plan.grid), 1, 1)
-    block = (*map(int, plan.block), 1, 1)
     if resolve_launcher() == "driver":
-        packer, params, _, params_addr = _BLOCKS.get(plan.source, plan.kernel)
-        packer.pack_into(params, 0, *cargs)
-        driver = cupy().cuda.driver
         device, stream = current_stream()
-        try:
-            driver.launchKernel(_function_ptr(fn, device), grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                smem, stream, params_addr, 0)
+        if _driver_launch(_function_ptr(fn, device), plan, cargs, stream):
             return
-        except driver.CUDADriverError as exc:
-            if getattr(exc, "status", None) != _INVALID_CONTEXT:
-                raise
-            # no current context on this thread yet: CuPy's call makes the device's current first
-    fn(grid[:3], block[:3], cargs, shared_mem=smem, stream=torch_stream())
+        # no current context on this thread yet: CuPy's call makes the device's current first
+    _cupy_launch(fn, plan, cargs)
 
 
 _FUNCTIONS: dict = {}

@@ -131,23 +131,17 @@ class CountingScratch:
     counts: torch.Tensor
     seg_total: torch.Tensor
     ticket: torch.Tensor
-    extra: torch.Tensor
 
 
-def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True,
-                     extra_i64: int = 0) -> CountingScratch:
+def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True) -> CountingScratch:
     """Scratch for chunks of at most ``max_pairs`` pairs and ``max_seg`` segments (``with_pairs`` False: an empty
-    pair buffer, for callers that pass every chunk a ``pairs_out`` of its own), and ``extra`` int64 of the caller's
-    (``extra_i64`` of them, 16-byte aligned after the pairs). The int64 and the int32 buffers are views of one
-    allocation each: a step at 8K spends some 5 us of host time per allocation while the GPU waits for its lists."""
+    pair buffer, for callers that pass every chunk a ``pairs_out`` of its own). The int32 buffers are views of one
+    allocation: a step at 8K spends some 5 us of host time per allocation while the GPU waits for its lists."""
     n_counts = counts_elems(max_pairs, max_seg)
     ints = torch.empty(n_counts + max_seg + 2, dtype=torch.int32, device=device)
-    n_pairs = max_pairs if with_pairs else 0
-    at = n_pairs + n_pairs % 2
-    longs = torch.empty(at + extra_i64, dtype=torch.int64, device=device)
-    return CountingScratch(pairs=longs[:n_pairs], counts=ints[:n_counts],
-                           seg_total=ints[n_counts:n_counts + max_seg + 1], ticket=ints[n_counts + max_seg + 1:],
-                           extra=longs[at:])
+    return CountingScratch(pairs=torch.empty(max_pairs if with_pairs else 0, dtype=torch.int64, device=device),
+                           counts=ints[:n_counts], seg_total=ints[n_counts:n_counts + max_seg + 1],
+                           ticket=ints[n_counts + max_seg + 1:])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,20 +40,23 @@ FOLD_BATCH = True
 
 def _folded(q, k, block_size, top_k, deterministic) -> bool:
     """Whether the CUDA passes attend the batch as one sequence (:func:`._batch_fold.folds`; shapes only)."""
-    if not (FOLD_BATCH and q.is_cuda):
-        return False
+    return q.is_cuda and _shape_plan(*_plan_key(q, k, block_size, top_k, deterministic))[0]
+
+
+def _plan_key(q, k, block_size, top_k, deterministic) -> tuple:
     batch, seqlen, heads, dim = q.shape
-    return _shape_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())[0]
+    return batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size(), FOLD_BATCH
 
 
 @functools.lru_cache(maxsize=256)  # asked on the host's path to the first launches of every training step
-def _shape_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes) -> tuple[bool, int]:
-    """(batch folded into one sequence, length of the lists the forward keeps) of a CUDA training step, the batch
-    folded as :func:`._batch_fold.folds` decides (call it with FOLD_BATCH set)."""
+def _shape_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes,
+                fold) -> tuple[bool, int]:
+    """(batch folded into one sequence, length of the lists the forward keeps) of a CUDA training step; ``fold``
+    False: never folded (:data:`FOLD_BATCH`)."""
     from . import _cuda_backward as B
     from ._batch_fold import folds
 
-    folded = folds(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes)
+    folded = fold and folds(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes)
     if folded:
         batch, seqlen = 1, batch * seqlen
     kept = B.kept_lists_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, deterministic, elem_bytes)
@@ -63,6 +66,10 @@ def _shape_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k, determin
 def _as_one(x):
     """(batch, seqlen, ...) as (1, batch * seqlen, ...): the batch's rows end to end."""
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _as_is(x):
+    return x
 
 
 def _routing(q, k, block_size, top_k, causal, deterministic):
@@ -85,17 +92,14 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=Non
         from ._cuda_attention import forward_checked
 
         with on_device(q.device):
-            folded = _folded(q, k, block_size, top_k, deterministic)
             if topk is None:
                 topk = _routing(q, k, block_size, top_k, causal, deterministic)
             keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
-            if folded:
-                out, lse, *lists = forward_checked(_as_one(q), _as_one(k), _as_one(v), block_size, top_k, causal,
-                                                   scale, _as_one(topk), keep)
-                out, lse = out.view(q.shape), lse.view(q.shape[:3])
-            else:
-                out, lse, *lists = forward_checked(q, k, v, block_size, top_k, causal, scale, topk, keep)
-        return out, lse, topk, lists[0] if keep else _no_lists(q)
+            # a folded batch's routing is numbered for it already
+            view = _as_one if _folded(q, k, block_size, top_k, deterministic) else _as_is
+            out, lse, *lists = forward_checked(view(q), view(k), view(v), block_size, top_k, causal, scale,
+                                               view(topk), keep)
+        return out.view(q.shape), lse.view(q.shape[:3]), topk, lists[0] if keep else _no_lists(q)
     topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
     with torch.no_grad():
         out, lse = R.moba_attention_given_routing(q, k, v, topk, block_size, causal=causal, softmax_scale=scale)
@@ -116,16 +120,7 @@ def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
     """Length of the key-block lists the CUDA forward keeps for the backward: 0 unless they serve it
     (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`); a function of the shapes only, so the fake
     implementation gives it too."""
-    if not q.is_cuda:
-        return 0
-    batch, seqlen, heads, dim = q.shape
-    if FOLD_BATCH:
-        return _shape_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic,
-                           q.element_size())[1]
-    from . import _cuda_backward as B
-
-    kept = B.kept_lists_plan(batch, seqlen, heads, k.shape[2], dim, block_size, top_k, deterministic, q.element_size())
-    return 0 if kept is None else kept[2]
+    return _shape_plan(*_plan_key(q, k, block_size, top_k, deterministic))[1] if q.is_cuda else 0
 
 
 @_fwd_op.register_fake
@@ -142,13 +137,11 @@ def _bwd_impl(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, cau
         from ._cuda_backward import backward_checked
 
         with on_device(q.device):
-            if _folded(q, k, block_size, top_k, deterministic):  # the forward's routing is the folded one already
-                dq, dk, dv = backward_checked(
-                    _as_one(dout), _as_one(q), _as_one(k), _as_one(v), _as_one(out), _as_one(lse), _as_one(topk),
-                    block_size, top_k, causal, scale, deterministic, None if dlse is None else _as_one(dlse), lists)
-                return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
-            return backward_checked(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic,
-                                    dlse, lists)
+            # folded: the forward's routing is the folded one already
+            view = _as_one if _folded(q, k, block_size, top_k, deterministic) else _as_is
+            dq, dk, dv = backward_checked(*map(view, (dout, q, k, v, out, lse, topk)), block_size, top_k, causal,
+                                          scale, deterministic, None if dlse is None else view(dlse), lists)
+            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
     dq, dk, dv = R.moba_attention_backward(dout, q, k, v, out, lse, topk, block_size, causal, scale, dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
