@@ -40,6 +40,12 @@
 #   router-split the split router (the default top-k kernel): its GPU routing tests (-k split: the sweeps with split as
 #                default, split vs mma selections, exactly equal), then the top-k kernel of every variant at 8K and 64K
 #                (router/router_table.md; ~150 s)
+#   router-sass  Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
+#                router's top-k kernel in one forward at 64K (ROUTER_SASS_ARGS adds profile_tiles.py arguments):
+#                logs/router_sass.csv and its opcode summary logs/router_sass.md (~60 s)
+#   router-ab    the top-k kernels of this tree against ROUTER_AB_BASE (another tree's src directory, carried), the
+#                two trees' scripts/bench_router.py runs alternating over ROUTER_AB_ROUNDS (2) rounds at 8K, 16K and 64K
+#                (ROUTER_BLOCK, default 128; variants mma and wgmma): router_ab/<tree>_<round>/router_table.md (~100 s)
 #   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s);
 #                ROUTER_BLOCK=<B> times them at block size B (default 128), ROUTER_VARIANTS=<a,b> names the variants
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
@@ -185,6 +191,25 @@ for step in "${STEPS[@]}"; do
                 fi ;;
     router-wgmma|router-split) router_tests "${step#router-}" || status=1; bench_router 60 || status=1 ;;
     router-bench) bench_router 90 || status=1 ;;
+    router-ab)
+      for round in $(seq "${ROUTER_AB_ROUNDS:-2}"); do
+        for tree in base this; do
+          if [ "$tree" = base ]; then src="${ROUTER_AB_BASE:?ROUTER_AB_BASE names the other src}"; else src="$PWD/src"; fi
+          PYTHONPATH="$src" timeout "$(cap 120)" python3 scripts/bench_router.py --lengths 8192,16384,65536 \
+            --block-size "${ROUTER_BLOCK:-128}" --variants mma,wgmma --out "$W/router_ab/${tree}_$round" \
+            > "$W/router_ab_${tree}_$round.log" 2>&1 || status=1
+        done
+      done ;;
+    router-sass) # shellcheck disable=SC2086  # ROUTER_SASS_ARGS are words
+      timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name 'regex:moba_topk' \
+        --launch-count 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight --section Occupancy \
+        -f -o "$W/router_sass" python3 scripts/profile_tiles.py --forward-only ${ROUTER_SASS_ARGS:-} \
+        > "$W/router_sass.log" 2>&1 \
+      && ncu --import "$W/router_sass.ncu-rep" --page source --csv --print-source sass > "$W/router_sass.csv" \
+        2>> "$W/router_sass.log" \
+      && ncu --import "$W/router_sass.ncu-rep" --page details > "$W/router_sass_details.txt" 2>> "$W/router_sass.log" \
+      && python3 scripts/sass_summary.py "$W/router_sass.csv" > "$W/router_sass.md" 2>> "$W/router_sass.log" \
+      || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -299,6 +324,9 @@ for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do
   [ -f "$f" ] && { grep -E "^(FAILED|ERROR)" "$f" | cut -c1-220 | head -n 12; tail -n 1 "$f"; }
 done
 [ -f "$W/router_stats.txt" ] && cat "$W/router_stats.txt"
+for f in "$W"/router_ab/*/router_table.md; do [ -f "$f" ] && { echo "== $f"; grep -E "^\| [0-9]" "$f"; }; done
+[ -f "$W/router_sass.md" ] && head -n 40 "$W/router_sass.md"
+[ -f "$W/router_sass_details.txt" ] && grep -E "Duration|Registers|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued" "$W/router_sass_details.txt" | head -n 12
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }

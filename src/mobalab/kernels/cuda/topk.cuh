@@ -10,7 +10,9 @@
 // is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
 //
 // Ordering: (score descending, block index descending): exact ties keep the higher block index, as the
-// reference does. Masked entries are NaN in the score tile, which fails every comparison.
+// reference does. Non-candidates: the register-list tiers store the raw sums and cut every 32-block word of a
+// row to its candidates (topk_scan_word_lim: blocks j < lim); the heap tier stores NaN there, which fails every
+// comparison. NaN scores (NaN inputs) never enter a list.
 //
 // Causal: the own block c = t / B goes to slot 0; candidates are the complete past blocks j < c, so the
 // list holds top_k - 1 entries; centroid tiles that lie entirely at or after the last row's own block are
@@ -59,19 +61,44 @@ using moba::smem_u32;
 // half-warp touch rows 0..3 and two chunks each), rows 4..7 odd keys; all 8 keys distinct (row scan).
 __device__ __forceinline__ int topk_score_swizzle(int row) { return ((row & 3) << 1) | ((row >> 2) & 1); }
 
+// A thread's copies of a [rows][D] tile in 16-byte chunks, i = ptid + k NTHREADS: when NTHREADS is a multiple of the
+// CH = D / 8 chunks of a row and the rows between a thread's copies, R = NTHREADS / CH, a multiple of 8, every copy
+// of a thread has the same chunk column and the same swizzle (row % 8), so a copy is a constant shared-memory step
+// and one row index rather than a division and a swizzle (~30 instructions per copy, measured on the wgmma
+// kernel). Other shapes (D = 96, 256) keep the generic loop.
+template <int D, int NTHREADS, int ROWS>
+struct TopkCopyPattern {
+    static constexpr int CH = D / 8;
+    static constexpr bool kFixed = NTHREADS % CH == 0 && (NTHREADS / CH) % 8 == 0 && ROWS % (NTHREADS / CH) == 0;
+    static constexpr int R = kFixed ? NTHREADS / CH : 1;
+};
+
 // Issue cp.async loads of centroid tile `tile` (rows tile*BN ..) into sH / sL by NTHREADS threads
-// (thread index ptid); rows past the end are clamped to the last block (their scores are masked).
+// (thread index ptid); rows past the end are clamped to the last block (never offered).
 template <typename T, int D, int BN, int NTHREADS>
 __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __restrict__ hi,
                                                     const T* __restrict__ lo, int tile, int n_blocks,
                                                     int ptid) {
-    constexpr int CH = D / 8;
-    for (int i = ptid; i < BN * CH; i += NTHREADS) {
-        const int r = i / CH, c = i % CH;
-        const int j = min(tile * BN + r, n_blocks - 1);
-        const int off = r * D + MOBA_SWZ_COL(D, r, c);
-        cp_async16(sH + off, hi + (long long)j * D + c * 8);
-        cp_async16(sL + off, lo + (long long)j * D + c * 8);
+    using P = TopkCopyPattern<D, NTHREADS, BN>;
+    constexpr int CH = P::CH;
+    if constexpr (P::kFixed) {
+        const int r0 = ptid / CH, c = ptid % CH;
+        const int off0 = r0 * D + MOBA_SWZ_COL(D, r0, c);
+        const int j0 = tile * BN + r0;
+#pragma unroll
+        for (int k = 0; k < BN / P::R; ++k) {
+            const long long src = (long long)min(j0 + k * P::R, n_blocks - 1) * D + c * 8;
+            cp_async16(sH + off0 + k * P::R * D, hi + src);
+            cp_async16(sL + off0 + k * P::R * D, lo + src);
+        }
+    } else {
+        for (int i = ptid; i < BN * CH; i += NTHREADS) {
+            const int r = i / CH, c = i % CH;
+            const int j = min(tile * BN + r, n_blocks - 1);
+            const int off = r * D + MOBA_SWZ_COL(D, r, c);
+            cp_async16(sH + off, hi + (long long)j * D + c * 8);
+            cp_async16(sL + off, lo + (long long)j * D + c * 8);
+        }
     }
     cp_async_commit();
 }
@@ -321,17 +348,109 @@ __device__ __forceinline__ void topk_scan_word(List& list, const float* srow, in
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
+// A lower bound on the cap-th best score of a row, from the n_valid candidates of one 32-score word alone (register
+// lists: cap <= 16): the cap-th largest of the 16 maxima of the word's column pairs. Those cap maxima are cap scores
+// of the word at or above it, so no score below it can be among the row's best cap, whatever the rest of the row
+// holds. A row's first word of candidates, filtered against the still empty list (threshold -inf), would offer all
+// of its up to 32 scores; against this bound random scores offer ~10. Invalid columns and NaN count as -inf, so the
+// bound is -inf (no pruning) when the word has fewer than cap pairs with a candidate.
+__device__ __forceinline__ float topk_word_bound(const float* srow, int key, int w, int n_valid, int cap) {
+    float pm[16];
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+        const float x0 = 4 * c4 < n_valid ? v.x : moba::neg_inf(), x1 = 4 * c4 + 1 < n_valid ? v.y : moba::neg_inf();
+        const float x2 = 4 * c4 + 2 < n_valid ? v.z : moba::neg_inf(), x3 = 4 * c4 + 3 < n_valid ? v.w : moba::neg_inf();
+        const float m0 = fmaxf(x0, x1), m1 = fmaxf(x2, x3);  // NaN only when both are NaN
+        pm[2 * c4] = m0 > moba::neg_inf() ? m0 : moba::neg_inf();
+        pm[2 * c4 + 1] = m1 > moba::neg_inf() ? m1 : moba::neg_inf();
+    }
+    // Bitonic sort, descending (values only: a compare-exchange is one max and one min); stages (k, j) = (2, 1),
+    // (4, 2), (4, 1), (8, 4), .. (16, 1), written with constant trip counts so that every index is a constant.
+#pragma unroll
+    for (int kk = 1; kk <= 4; ++kk)
+#pragma unroll
+        for (int jj = 3; jj >= 0; --jj) {
+            if (jj >= kk) continue;
+            const int k = 1 << kk, j = 1 << jj;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int l = i ^ j;
+                if (l > i) {
+                    const float a = pm[i], b = pm[l];
+                    const bool desc = (i & k) == 0;
+                    pm[i] = desc ? fmaxf(a, b) : fminf(a, b);
+                    pm[l] = desc ? fminf(a, b) : fmaxf(a, b);
+                }
+            }
+        }
+    // pm[cap - 1] as the minimum of the first cap (a select chain by index is turned into a local-memory array)
+    float bound = pm[0];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) bound = i < cap ? fminf(bound, pm[i]) : bound;
+    return bound;
+}
+
+// topk_scan_word for a score tile of raw sums (no NaN mask): the row's candidates are the blocks j < lim, so word
+// w (blocks j0 + 32 w ..) holds lim - j0 - 32 w of them (clamped to 0..32), and the bit mask is cut to those.
+// Register lists only (their passes() is x > thr). The compare is the sign of thr - x: negative exactly when
+// x > thr for ordered operands (a difference that flushes to zero keeps its sign), NaN (sign clear on the GPU)
+// when either is NaN; a set bit the threshold does not justify costs an offer that offer() turns into a no-op,
+// so the mask may over-report but never misses a candidate. That is a subtract and a shift-insert per score
+// instead of a compare, a select and an or. While the list is not full (threshold -inf) the word's own bound
+// (topk_word_bound) filters instead, keeping scores at or above it.
+template <typename List>
+__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
+    const int n_valid = lim - j0 - 32 * w;
+    if (n_valid <= 0) return;
+    const float thr = list.threshold();
+    unsigned m = 0u;
+    if (thr == moba::neg_inf()) {
+        const float bound = topk_word_bound(srow, key, w, n_valid, list.cap);
+#pragma unroll
+        for (int c4 = 7; c4 >= 0; --c4) {
+            const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+            m = (m << 1) | (unsigned)(v.w >= bound);
+            m = (m << 1) | (unsigned)(v.z >= bound);
+            m = (m << 1) | (unsigned)(v.y >= bound);
+            m = (m << 1) | (unsigned)(v.x >= bound);
+        }
+    } else {
+#pragma unroll
+        for (int c4 = 7; c4 >= 0; --c4) {  // column 31 first: it ends in bit 31
+            const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+            m = (m << 1) | (__float_as_uint(thr - v.w) >> 31);
+            m = (m << 1) | (__float_as_uint(thr - v.z) >> 31);
+            m = (m << 1) | (__float_as_uint(thr - v.y) >> 31);
+            m = (m << 1) | (__float_as_uint(thr - v.x) >> 31);
+        }
+    }
+    if (n_valid < 32) m &= (1u << n_valid) - 1u;
+    topk_offer_word(list, m, srow, key, w, j0);
+}
+
 // Start a CTA's loads: its TK_BM query rows (rows past the end clamped to the last query) and its first centroid
 // tile (the last one, tiles are visited in descending block order), one cp.async group each.
 template <typename T, int D, int BN, int NTHREADS>
 __device__ __forceinline__ void topk_load_first(T* sQ, T* sH, T* sL, const T* __restrict__ q,
                                                 const T* __restrict__ hi, const T* __restrict__ lo, int b, int h,
                                                 int t0, int seqlen, int heads, int n_tiles, int n_blocks, int tid) {
-    constexpr int CH = D / 8;
-    for (int i = tid; i < TK_BM * CH; i += NTHREADS) {
-        const int r = i / CH, c = i % CH;
-        const int t = min(t0 + r, seqlen - 1);
-        cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+    using P = TopkCopyPattern<D, NTHREADS, TK_BM>;
+    constexpr int CH = P::CH;
+    if constexpr (P::kFixed) {
+        const int r0 = tid / CH, c = tid % CH;
+        T* dst = sQ + r0 * D + MOBA_SWZ_COL(D, r0, c);
+        const T* src = q + ((long long)b * seqlen * heads + h) * D + c * 8;
+        const long long row_stride = (long long)heads * D;
+#pragma unroll
+        for (int k = 0; k < TK_BM / P::R; ++k)
+            cp_async16(dst + k * P::R * D, src + min(t0 + r0 + k * P::R, seqlen - 1) * row_stride);
+    } else {
+        for (int i = tid; i < TK_BM * CH; i += NTHREADS) {
+            const int r = i / CH, c = i % CH;
+            const int t = min(t0 + r, seqlen - 1);
+            cp_async16(sQ + r * D + MOBA_SWZ_COL(D, r, c), q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
+        }
     }
     cp_async_commit();
     topk_load_centroids<T, D, BN, NTHREADS>(sH, sL, hi, lo, n_tiles - 1, n_blocks, tid);
@@ -448,6 +567,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     const int wm = WARPS_N == 2 ? warp >> 1 : warp, wn = WARPS_N == 2 ? warp & 1 : 0;
     const int srow_key = topk_score_swizzle(row & 7);
     const float* srow = sS + row * BN;
+    const int lim = CAUSAL ? (q_pos0 + t_row) / block_size : n_blocks;  // the row's candidates: blocks j < lim
 
     for (int tile = n_tiles - 1; tile >= 0; --tile) {
         cp_async_wait<0>();
@@ -460,13 +580,21 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
             topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
         const int j0 = tile * BN;
-        topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
-                                             block_size, n_blocks);
+        if constexpr (LCAP == 0) {  // the heap's scan takes masked scores
+            topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                                 block_size, n_blocks);
+        } else {  // raw sums; the scan masks each word to the row's candidates
+            topk_store_scores<CAUSAL, MT, 4, BN, false>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
+                                                        block_size, n_blocks);
+        }
         __syncthreads();
 
         if (t_row < seqlen) {
 #pragma unroll
-            for (int w = BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
+            for (int w = BN / 32 - 1; w >= 0; --w) {
+                if constexpr (LCAP == 0) topk_scan_word(list, srow, srow_key, w, j0);
+                else topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
+            }
         }
     }
 

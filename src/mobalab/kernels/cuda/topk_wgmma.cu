@@ -11,10 +11,10 @@
 // accumulator is column + 64 of float i: wgmma_acc_col). Both sums are fp32 accumulations of the products of
 // the inputs with the split fp32 centroid, as in the mma.sync kernel; they differ from it only in the fp32
 // rounding order (q.hi and q.lo summed separately rather than interleaved), i.e. at near-ties.
-// Per warp the S accumulator has the mma.sync m16n8 layout, so it goes to the score tile through the mma
-// kernel's topk_store_scores (NaN for non-candidates) and thread r scans row r with topk_scan_word into a
-// register list (TopkRegList, list tiers 8 and 16; the shared-memory heap tier is not offered: its 64 x 256
-// x 8 bytes of heaps do not fit next to this layout).
+// Per warp the S accumulator has the mma.sync m16n8 layout; the sums q.hi + q.lo go to the score tile unmasked
+// (fixed per-thread addresses, one xor per column pair) and thread r scans row r with topk_scan_word_lim, which
+// cuts each 32-block word to the row's candidates (j < lim), into a register list (TopkRegList, list tiers 8 and
+// 16; the shared-memory heap tier is not offered: its 64 x 256 x 8 bytes of heaps do not fit next to this layout).
 //
 // Pipeline per chunk (two CTA barriers): wait for S(c) -> barrier (scans of c + 1 done, chunk c's buffer
 // free) -> S to the score tile, cp.async of chunk c - 2 into the freed buffer, wait for chunk c - 1 ->
@@ -28,7 +28,7 @@
 // memory rather than the tensor pipe bounds a chunk. Global (L2) reads 64 x 2 x 256 B = 32 KB of centroids per
 // 256 rows (256 FLOP/B, twice the mma kernel's 128-row tiles); Q 64 KB once per CTA.
 // Registers per thread: accumulators 2 x 64 floats (held by the in-flight wgmma during the scan), the row list
-// 2 LCAP + 1, scan temporaries: 207-245 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
+// 2 LCAP + 1, scan temporaries: 214-233 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
 // 1024-byte aligned): Q 256 x D x 2 bytes (64 KB at D = 128), two stacked centroid chunks 2 x 128 x D x 2 (64 KB),
 // score tile 256 x 64 x 4 (64 KB), + 1 KB alignment slack = 193 KB at D = 128 (one CTA, 8 warps per SM), 129 KB at
 // D = 64.
@@ -37,6 +37,17 @@
 // next chunk's MMA, the serial part per iteration (wait, S sums and stores, two barriers) adds ~0.3 K clocks:
 // ~3 K clocks x 248 = 0.75 M clocks, ~0.4-0.55 ms with prologue, epilogue and imbalance, against 1.59 ms for the
 // mma.sync kernel (the 2x target is 0.8 ms).
+// Measured (Nsight Compute source counters, H200, that configuration, before the changes below): 1.54 ms, 619 M
+// warp instructions (~9.4 K per warp of 32 rows, ~37 per row and candidate block), the tensor pipe nearly idle
+// (HGMMA 0.8% of the instructions), 1.5 instructions per clock per SM at 8 warps: the kernel is bound by its
+// integer and compare instructions, not by the MMA or shared memory as predicted. Where they went: the list
+// insertions 28% (61 offers per warp, half of them the first word of a row, which the empty list passes
+// whole), the per-chunk score store with its per-element causal mask and index arithmetic 17%, the cp.async
+// loops' per-copy index arithmetic (~30 instructions per copy) 13%, the threshold masks 13%. Hence: copies with
+// one shared-memory step and one row index each (TopkWgCopy), unmasked stores at fixed addresses, the candidate
+// cut per word, the compare as a subtract and shift, and the first word filtered against its own bound
+// (topk_word_bound). The selections are the same by construction: the same offers in the same order, minus
+// offers of scores that cannot end in the list (below the list's threshold, or below cap scores of their word).
 //
 // Head dims 64 and 128 (one or two 64-element K blocks of the swizzled layout), list tiers 8 and 16; other
 // shapes use topk.cu (the launch plan in _cuda_routing.py decides).
@@ -55,21 +66,54 @@
 #endif
 
 #if MOBA_HAS_WGMMA
+// Thread tid's cp.async pattern over a swizzled tile of 128-byte rows: i = tid + k TKW_THREADS is 16-byte chunk
+// i % CH of row i / CH, so every copy of a thread has the same chunk column (tid % CH) and rows R = TKW_THREADS /
+// CH apart; R is a multiple of 8, so the swizzled column is the same for all of them (row % 8 does not change).
+// Each copy is then a constant shared-memory step and one row index (measured: the per-copy index arithmetic was
+// ~30 instructions per cp.async, 13% of the kernel's instructions at 64K).
+template <int D>
+struct TopkWgCopy {
+    static constexpr int CH = D / 8;                // 16-byte chunks per row
+    static constexpr int R = TKW_THREADS / CH;      // rows between a thread's copies
+    static_assert(R % 8 == 0 && TKW_ROWS % R == 0, "one swizzled column per thread");
+};
+
 // Centroid chunk `tile` (blocks tile * TKW_BN ..) into the stacked swizzled B tile at shared address buf: row
 // r < TKW_BN is hi of block tile * TKW_BN + r, row TKW_BN + r its lo; blocks past the end are clamped to the
-// last one (their scores are masked).
+// last one (the scan never offers them).
 template <typename T, int D>
 __device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __restrict__ hi,
                                                        const T* __restrict__ lo, int tile, int n_blocks,
                                                        int tid) {
-    constexpr int CH = D / 8;
-#pragma unroll 4
-    for (int i = tid; i < 2 * TKW_BN * CH; i += TKW_THREADS) {
-        const int r = i / CH, c = i % CH;
-        const int j = min(tile * TKW_BN + (r % TKW_BN), n_blocks - 1);
-        cp_async16(buf + moba::sw128_offset(r, c * 8, 2 * TKW_BN), (r < TKW_BN ? hi : lo) + (long long)j * D + c * 8);
+    using C = TopkWgCopy<D>;
+    const int r0 = tid / C::CH, c = tid % C::CH;
+    const unsigned dst = buf + moba::sw128_offset(r0, c * 8, 2 * TKW_BN);
+    const int j0 = tile * TKW_BN + r0;
+#pragma unroll
+    for (int k = 0; k < TKW_BN / C::R; ++k) {
+        const long long src = (long long)min(j0 + k * C::R, n_blocks - 1) * D + c * 8;
+        cp_async16(dst + k * C::R * moba::SW128_ROW_BYTES, hi + src);
+        cp_async16(dst + (TKW_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
     }
     cp_async_commit();
+}
+
+// The CTA's TKW_BM query rows (rows past the end clamped to the last query) into the per-m64 swizzled Q tiles at sq.
+template <typename T, int D>
+__device__ __forceinline__ void topk_wg_load_q(unsigned sq, const T* __restrict__ q, int b, int h, int t0, int seqlen,
+                                               int heads, int tid) {
+    using C = TopkWgCopy<D>;
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
+    const int r0 = tid / C::CH, c = tid % C::CH;
+    const unsigned dst = sq + moba::sw128_offset(r0, c * 8, TKW_ROWS);
+    const T* src = q + ((long long)b * seqlen * heads + h) * D + c * 8;
+    const long long row_stride = (long long)heads * D;
+#pragma unroll
+    for (int k = 0; k < TKW_BM / C::R; ++k) {
+        const int r = k * C::R;  // + r0
+        cp_async16(dst + (r / TKW_ROWS) * QT_BYTES + (r % TKW_ROWS) * moba::SW128_ROW_BYTES,
+                   src + min(t0 + r0 + r, seqlen - 1) * row_stride);
+    }
 }
 
 // Issue (asynchronously, one commit group) the wgmmas of one chunk for this warpgroup's two m64 halves: acc[h]
@@ -125,14 +169,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     float acc[2][64];
 
     if (n_tiles > 0) {
-        constexpr int CH = D / 8;
-#pragma unroll 4
-        for (int i = tid; i < TKW_BM * CH; i += TKW_THREADS) {
-            const int r = i / CH, c = i % CH;
-            const int t = min(t0 + r, seqlen - 1);
-            cp_async16(sq + (r / TKW_ROWS) * QT_BYTES + moba::sw128_offset(r % TKW_ROWS, c * 8, TKW_ROWS),
-                       q + (((long long)b * seqlen + t) * heads + h) * D + c * 8);
-        }
+        topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
         topk_wg_load_centroids<T, D>(buf(n_tiles - 1), hi, lo, n_tiles - 1, n_blocks, tid);  // group: Q + chunk
         if (n_tiles > 1) {
             topk_wg_load_centroids<T, D>(buf(n_tiles - 2), hi, lo, n_tiles - 2, n_blocks, tid);
@@ -147,6 +184,17 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     const int srow_key = topk_score_swizzle(row & 7);
     const float* srow = sS + row * TKW_BN;
+    // The row's candidates are the blocks j < lim (causal: before its own block; else every block). The scan masks
+    // them per 32-block word, so the score tile holds raw sums and needs no per-element mask.
+    const int lim = CAUSAL ? (q_pos0 + t_row) / block_size : n_blocks;
+    // This thread's score-tile elements: rows s_row0 + 64 half + 8 e (e: the fragment's two rows) and columns
+    // 8 nt + 2 (lane & 3) + {0, 1}. All four rows share r & 7, so one swizzle key; the float2 of column pair
+    // c = 8 nt + 2 (lane & 3) sits at r 64 + (((c >> 2) ^ key) << 2) + (c & 3) = (base ^ 8 nt) + 64 (r - r0)
+    // with base = r0 64 | 8 (key >> 1) | 4 (((lane & 3) >> 1 ^ key) & 1) | 2 (lane & 1).
+    const int s_row0 = wg * 2 * TKW_ROWS + wwarp * 16 + (lane >> 2);
+    const int s_key = topk_score_swizzle(s_row0 & 7);
+    const int s_base = s_row0 * TKW_BN | ((s_key >> 1) << 3) | (((((lane & 3) >> 1) ^ s_key) & 1) << 2) |
+                       ((lane & 1) << 1);
 
     // One chunk: collect S(tile), hand it to the score tile, start the wgmmas of chunk tile - 1 (`next`), scan.
     // The last chunk (next = false) is peeled off the loop below, so that the accumulators are always written
@@ -156,19 +204,21 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         moba::wgmma_wait_group<0>();
         moba::wgmma_fence_operand(acc[0]);
         moba::wgmma_fence_operand(acc[1]);
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int i = 0; i < 32; ++i) acc[half][i] += acc[half][i + 32];  // q.hi + q.lo
         __syncthreads();  // every row scan of the previous chunk is done with sS; every wgmma of this chunk
                           // is complete, so its centroid buffer can be refilled
         const int j0 = tile * TKW_BN;
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
-            topk_store_scores<CAUSAL, 1, TKW_BN / 8, TKW_BN>(*reinterpret_cast<const float(*)[1][TKW_BN / 8][4]>(
-                                                                 &acc[half][0]),
-                                                             sS, wg * 2 * TKW_ROWS + half * TKW_ROWS + wwarp * 16,
-                                                             0, lane, q_pos0 + t0, j0, block_size, n_blocks);
+        for (int nt = 0; nt < TKW_BN / 8; ++nt) {
+            float* p = sS + (s_base ^ (nt << 3));
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int i = nt * 4 + e * 2;  // q.hi in column c, q.lo in column c + 64 (float i + 32)
+                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
+                        make_float2(acc[half][i] + acc[half][i + 32], acc[half][i + 1] + acc[half][i + 33]);
+                }
+        }
         if (next) {
             if (tile >= 2) {
                 topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
@@ -183,7 +233,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
         if (t_row < seqlen) {
 #pragma unroll
-            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word(list, srow, srow_key, w, j0);
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
         }
         __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
