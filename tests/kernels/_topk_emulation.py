@@ -135,6 +135,35 @@ def planted_ties(causal: bool, n: int = 150, block_size: int = 16, dim: int = 64
     return (sign * u).to(torch.bfloat16), cent
 
 
+def planted_monotone(n: int = 150, block_size: int = 16, dim: int = 64):
+    """(q, centroids) with distinct exact scores that rise along the block index in a zigzag: centroids alpha_j u
+    with alpha_j = (n - j + 100 [j even]) / 8 (older blocks score higher, and every even block above both its odd
+    neighbours), queries +u on even rows and -u on odd rows (there the newest blocks score higher, the odd ones
+    above the even). A scan from the newest block down meets rising scores on the even rows (every offer enters the
+    list) and falling ones on the odd rows (a row's first entries are final); on both, a word's best scores sit one
+    per column pair, so a bound on a word's cap-th best taken from its pair maxima has no slack."""
+    gen = torch.Generator().manual_seed(11)
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    j = torch.arange(n, dtype=torch.float32)
+    alpha = ((n - j + 100 * (j % 2 == 0)) / 8).reshape(1, n, 1)
+    cent = alpha[..., None] * u
+    seqlen = n * block_size - 5
+    sign = torch.where(torch.arange(seqlen) % 2 == 0, 1.0, -1.0).reshape(1, seqlen, 1, 1)
+    return (sign * u).to(torch.bfloat16), cent
+
+
+def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None) -> None:
+    """:func:`planted_monotone` through the harness: the selections equal the reference's exactly; ``rows``: the
+    last rows only, at a query offset."""
+    q, cent = planted_monotone()
+    first = 0 if rows is None else q.shape[1] - rows
+    for top_k in top_ks:
+        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k,
+                       **({} if rows is None else {"query_offset": first}))
+        ref = reference.moba_topk_from_centroids(q, cent, 16, top_k, causal)[:, first:]
+        assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
+
+
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
                        block_size: int = 16) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher

@@ -29,6 +29,7 @@ from _topk_emulation import (  # noqa: E402
     case_id,
     check_fold,
     check_near_ties,
+    check_planted_monotone,
     check_planted_ties,
     check_query_offset,
     check_random_case,
@@ -90,6 +91,14 @@ def test_emulated_exact_ties_go_to_the_higher_block(harness, tmp_path, causal, r
     exactly (ties to the higher block index)."""
     # the last rows only (a query offset): every one sees three centroid tiles
     check_planted_ties(harness, tmp_path, causal, router, (12, 17) if causal else (3, 16), rows=200)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_topk_with_monotone_scores(harness, tmp_path, causal, router):
+    """Distinct exact scores rising (even rows) or falling (odd rows) along the scan: every offer enters the list,
+    or none after the first; a row's first word filtered against its own bound must keep its best scores."""
+    check_planted_monotone(harness, tmp_path, causal, router, (8, 17) if causal else (3, 16), rows=200)
 
 
 @pytest.mark.parametrize("router", ROUTERS)

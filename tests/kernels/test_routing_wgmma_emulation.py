@@ -26,6 +26,7 @@ from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
     check_fold,
+    check_planted_monotone,
     check_planted_ties,
     check_query_offset,
     check_random_case,
@@ -66,6 +67,13 @@ def test_emulated_wgmma_exact_ties_go_to_the_higher_block(harness, tmp_path, cau
     """Planted scores, exact in every precision: centroids alpha_j u with few distinct alpha_j (many exact
     ties), queries +-u; the selections must equal the reference's exactly (ties to the higher block index)."""
     check_planted_ties(harness, tmp_path, causal, "wgmma", (12,) if causal else (3,))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_topk_with_monotone_scores(harness, tmp_path, causal):
+    """Distinct exact scores rising (even rows) or falling (odd rows) along the scan: every offer enters the list,
+    or none after the first; a row's first word filtered against its own bound must keep its best scores."""
+    check_planted_monotone(harness, tmp_path, causal, "wgmma", (8, 17) if causal else (3, 16), rows=300)
 
 
 @pytest.mark.parametrize("causal", [True, False])
