@@ -348,6 +348,35 @@ __device__ __forceinline__ void topk_scan_word(List& list, const float* srow, in
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
+// Bitonic sort of N values into descending order (compile-time indices: the array stays in registers).
+template <int N>
+__device__ __forceinline__ void topk_sort_desc(float (&g)[N]) {
+#pragma unroll
+    for (int k = 2; k <= N; k <<= 1)
+#pragma unroll
+        for (int jj = k >> 1; jj > 0; jj >>= 1)
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const int l = i ^ jj;
+                if (l > i) {
+                    const float a = g[i], b = g[l];
+                    const bool desc = (i & k) == 0;
+                    g[i] = desc ? fmaxf(a, b) : fminf(a, b);
+                    g[l] = desc ? fminf(a, b) : fmaxf(a, b);
+                }
+            }
+}
+
+// The cap-th largest of 16 values (1 <= cap <= 16), destroying g: sorted, then the minimum of the first cap (a
+// select chain by index, g[cap - 1], is turned into a local-memory array by the compiler).
+__device__ __forceinline__ float topk_cap_th_largest(float (&g)[16], int cap) {
+    topk_sort_desc<16>(g);
+    float kth = g[0];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) kth = i < cap ? fminf(kth, g[i]) : kth;
+    return kth;
+}
+
 // A lower bound on the cap-th best score of a row, from the n_valid candidates of one 32-score word alone (register
 // lists: cap <= 16): the cap-th largest of the 16 maxima of the word's column pairs. Those cap maxima are cap scores
 // of the word at or above it, so no score below it can be among the row's best cap, whatever the rest of the row
@@ -365,30 +394,7 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
         pm[2 * c4] = m0 > moba::neg_inf() ? m0 : moba::neg_inf();
         pm[2 * c4 + 1] = m1 > moba::neg_inf() ? m1 : moba::neg_inf();
     }
-    // Bitonic sort, descending (values only: a compare-exchange is one max and one min); stages (k, j) = (2, 1),
-    // (4, 2), (4, 1), (8, 4), .. (16, 1), written with constant trip counts so that every index is a constant.
-#pragma unroll
-    for (int kk = 1; kk <= 4; ++kk)
-#pragma unroll
-        for (int jj = 3; jj >= 0; --jj) {
-            if (jj >= kk) continue;
-            const int k = 1 << kk, j = 1 << jj;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                const int l = i ^ j;
-                if (l > i) {
-                    const float a = pm[i], b = pm[l];
-                    const bool desc = (i & k) == 0;
-                    pm[i] = desc ? fmaxf(a, b) : fminf(a, b);
-                    pm[l] = desc ? fminf(a, b) : fmaxf(a, b);
-                }
-            }
-        }
-    // pm[cap - 1] as the minimum of the first cap (a select chain by index is turned into a local-memory array)
-    float bound = pm[0];
-#pragma unroll
-    for (int i = 1; i < 16; ++i) bound = i < cap ? fminf(bound, pm[i]) : bound;
-    return bound;
+    return topk_cap_th_largest(pm, cap);
 }
 
 // topk_scan_word for a score tile of raw sums (no NaN mask): the row's candidates are the blocks j < lim, so word
@@ -644,25 +650,6 @@ __device__ __forceinline__ float topk_below(float t) {
     return -1.0e-36f;
 }
 
-// Bitonic sort of N values into descending order (compile-time indices: the array stays in registers).
-template <int N>
-__device__ __forceinline__ void topk_sort_desc(float (&g)[N]) {
-#pragma unroll
-    for (int k = 2; k <= N; k <<= 1)
-#pragma unroll
-        for (int jj = k >> 1; jj > 0; jj >>= 1)
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const int l = i ^ jj;
-                if (l > i) {
-                    const float a = g[i], b = g[l];
-                    const bool desc = (i & k) == 0;
-                    g[i] = desc ? fmaxf(a, b) : fminf(a, b);
-                    g[l] = desc ? fminf(a, b) : fmaxf(a, b);
-                }
-            }
-}
-
 // Offer word w of a score-tile row to a register list, in descending block order, skipping scores at or below
 // `floor` (a bound from elsewhere: topk_below of the other half's threshold) and, with `first`, below the
 // cap-th largest maximum of the word's 16 column pairs. Masked (NaN) scores count as -inf.
@@ -683,11 +670,7 @@ __device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, co
         float g[16];
 #pragma unroll
         for (int p = 0; p < 16; ++p) g[p] = fmaxf(fmaxf(x[2 * p], x[2 * p + 1]), moba::neg_inf());
-        topk_sort_desc<16>(g);
-        float kth = g[0];
-#pragma unroll
-        for (int i = 1; i < 16; ++i) kth = list.cap == i + 1 ? g[i] : kth;
-        thr = fmaxf(thr, topk_below(kth));
+        thr = fmaxf(thr, topk_below(topk_cap_th_largest(g, list.cap)));
     }
     unsigned m = 0u;
 #pragma unroll
