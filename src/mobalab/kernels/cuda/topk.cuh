@@ -323,11 +323,13 @@ struct TopkHeap {
 // candidate always has a lower block index than every listed one; see "Tie order" above).
 template <typename List>
 __device__ __forceinline__ void topk_offer_word(List& list, unsigned m, const float* srow, int key, int w, int j0) {
+    // Column c = 32 w + bit sits at (((c >> 2) ^ key) << 2) + (c & 3) = 32 w + (bit ^ (key << 2)) (key < 8).
+    const float* sw = srow + 32 * w;
+    const int key4 = key << 2;
     while (m != 0u) {
         const int bit = 31 - __clz(m);
         m ^= 1u << bit;
-        const int c = w * 32 + bit;
-        list.offer(srow[(((c >> 2) ^ key) << 2) + (c & 3)], j0 + c);
+        list.offer(sw[bit ^ key4], j0 + w * 32 + bit);
     }
 }
 
