@@ -42,10 +42,9 @@
 #                (router/router_table.md; ~150 s)
 #   router-sass  Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
 #                router's top-k kernel in one forward at 64K (ROUTER_SASS_ARGS adds profile_tiles.py arguments):
-#                logs/router_sass.csv and its opcode summary logs/router_sass.md (~60 s)
-#   router-ab    the top-k kernels of this tree against ROUTER_AB_BASE (another tree's src directory, carried), the
-#                two trees' scripts/bench_router.py runs alternating over ROUTER_AB_ROUNDS (2) rounds at 8K, 16K and 64K
-#                (ROUTER_BLOCK, default 128; variants mma and wgmma): router_ab/<tree>_<round>/router_table.md (~100 s)
+#                logs/router_sass.csv, its opcode classes and busiest straight-line runs logs/router_sass.md (~60 s)
+#   fwd-sass     the same for the forward's tile kernel (the first launch of moba_attn_res / moba_attn_wg* in one
+#                forward at 64K; FWD_SASS_ARGS adds profile_tiles.py arguments): logs/fwd_sass.csv, logs/fwd_sass.md
 #   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s);
 #                ROUTER_BLOCK=<B> times them at block size B (default 128), ROUTER_VARIANTS=<a,b> names the variants
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
@@ -131,6 +130,16 @@ bwd_sass() {  # bwd_sass NAME IMPL KERNEL: SourceCounters of the first launch of
   && ncu --import "$W/$1.ncu-rep" --page source --csv --print-source sass > "$W/$1.csv" 2>> "$W/$1.log"
 }
 
+kernel_sass() {  # kernel_sass NAME KERNEL [ARGS]: SourceCounters of the first launch of KERNEL in one forward at 64K
+  local name="$1" kernel="$2"; shift 2
+  timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name "$kernel" \
+    --launch-count 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight --section Occupancy \
+    -f -o "$W/$name" python3 scripts/profile_tiles.py --forward-only "$@" > "$W/$name.log" 2>&1 \
+  && ncu --import "$W/$name.ncu-rep" --page source --csv --print-source sass > "$W/$name.csv" 2>> "$W/$name.log" \
+  && ncu --import "$W/$name.ncu-rep" --page details > "$W/${name}_details.txt" 2>> "$W/$name.log" \
+  && python3 scripts/sass_summary.py "$W/$name.csv" --blocks 20 > "$W/$name.md" 2>> "$W/$name.log"
+}
+
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
   timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths 8192,65536 --block-size "${ROUTER_BLOCK:-128}" \
     ${ROUTER_VARIANTS:+--variants "$ROUTER_VARIANTS"} --out "$W/router" > "$W/bench_router.log" 2>&1
@@ -201,15 +210,9 @@ for step in "${STEPS[@]}"; do
         done
       done ;;
     router-sass) # shellcheck disable=SC2086  # ROUTER_SASS_ARGS are words
-      timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name 'regex:moba_topk' \
-        --launch-count 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight --section Occupancy \
-        -f -o "$W/router_sass" python3 scripts/profile_tiles.py --forward-only ${ROUTER_SASS_ARGS:-} \
-        > "$W/router_sass.log" 2>&1 \
-      && ncu --import "$W/router_sass.ncu-rep" --page source --csv --print-source sass > "$W/router_sass.csv" \
-        2>> "$W/router_sass.log" \
-      && ncu --import "$W/router_sass.ncu-rep" --page details > "$W/router_sass_details.txt" 2>> "$W/router_sass.log" \
-      && python3 scripts/sass_summary.py "$W/router_sass.csv" > "$W/router_sass.md" 2>> "$W/router_sass.log" \
-      || status=1 ;;
+      kernel_sass router_sass 'regex:moba_topk' ${ROUTER_SASS_ARGS:-} || status=1 ;;
+    fwd-sass) # shellcheck disable=SC2086  # FWD_SASS_ARGS are words
+      kernel_sass fwd_sass 'regex:moba_attn_(res|wg)' ${FWD_SASS_ARGS:-} || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
@@ -325,8 +328,10 @@ for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do
 done
 [ -f "$W/router_stats.txt" ] && cat "$W/router_stats.txt"
 for f in "$W"/router_ab/*/router_table.md; do [ -f "$f" ] && { echo "== $f"; grep -E "^\| [0-9]" "$f"; }; done
-[ -f "$W/router_sass.md" ] && head -n 40 "$W/router_sass.md"
-[ -f "$W/router_sass_details.txt" ] && grep -E "Duration|Registers|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued" "$W/router_sass_details.txt" | head -n 12
+for n in router_sass fwd_sass; do
+  [ -f "$W/$n.md" ] && { head -n 24 "$W/$n.md"; grep -A 14 "straight-line runs" "$W/$n.md"; }
+  [ -f "$W/${n}_details.txt" ] && grep -E "Duration|Registers|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Warp Cycles Per Issued" "$W/${n}_details.txt" | head -n 12
+done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
