@@ -152,12 +152,33 @@ template <bool CAUSAL, int MT, int NT, int BN, bool MASK = true>
 __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4], float* sS, int row0,
                                                   int col0, int lane, int t0, int j0, int block_size,
                                                   int n_blocks) {
+    if constexpr (!MASK && BN == 64) {  // (at BN 32, head dim 256, ptxas then gives the mma kernel 128 registers
+                                         // and a 4-byte spill; that tile keeps the general stores)
+        // Raw sums at fixed addresses: every row of this thread has r & 7 = lane >> 2 (row0 is a multiple of 8),
+        // so one swizzle key, and (col0 a multiple of 32, NT <= 4) the float2 of column pair c = col0 + 8 nt +
+        // 2 (lane & 3) sits at r BN + (((c >> 2) ^ key) << 2) + (c & 3) = (base ^ 8 nt) + (r - r_0) BN.
+        static_assert(NT <= 4 && BN % 32 == 0, "column pairs of one 32-column word per warp tile");
+        const int key = topk_score_swizzle(lane >> 2);
+        const int base = (row0 + (lane >> 2)) * BN + col0 + ((key >> 1) << 3) +
+                         (((((lane & 3) >> 1) ^ key) & 1) << 2) + ((lane & 1) << 1);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            float* p = sS + (base ^ (nt << 3));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+                    *reinterpret_cast<float2*>(p + (mt * 16 + half * 8) * BN) =
+                        make_float2(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
+        }
+        return;
+    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int r = row0 + mt * 16 + half * 8 + (lane >> 2);
-            const int lim = CAUSAL ? (t0 + r) / block_size : n_blocks;
+            const int lim = (MASK && CAUSAL) ? (t0 + r) / block_size : n_blocks;
             const int key = topk_score_swizzle(r & 7);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
