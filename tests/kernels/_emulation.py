@@ -7,7 +7,8 @@ tensor a launch names is written to a file, the launches run in order on the hos
 into the tensors.
 
 Test modules are imported with ``--import-mode=importlib``: they put this folder on ``sys.path`` and import
-``_emulation``.
+``_emulation``. A harness build (5-50 s of a C++ compiler) starts in the background once the tests are collected
+(``_background``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _background import background_fixture, scratch_dir
 
 from mobalab.kernels._launch import check_args
 
@@ -46,13 +48,9 @@ def build_harness(build: Path, harness: str, files: dict[str, str], flags: tuple
 
 def harness_fixture(harness: str, files, flags: tuple[str, ...] = (), name: str = "harness"):
     """The module-scoped fixture ``name`` of a test module (``harness = harness_fixture(...)``): the executable of
-    :func:`build_harness`, built once per module; ``files`` returns the files to write (called at build time)."""
-
-    @pytest.fixture(scope="module", name=name)
-    def _harness(tmp_path_factory) -> Path:
-        return build_harness(tmp_path_factory.mktemp(harness), harness, files(), flags)
-
-    return _harness
+    :func:`build_harness`, built once per module, in the background (``_background``); ``files`` returns the
+    files to write (called at build time)."""
+    return background_fixture(name, lambda: build_harness(scratch_dir(harness), harness, files(), flags), depth=2)
 
 
 def poison(bufs: dict[str, torch.Tensor]) -> None:

@@ -13,12 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mobalab.kernels import _contract as C
 from mobalab.kernels.reference import moba_attention_given_routing, moba_topk
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _background  # noqa: E402  (the test modules import it the same way: one registry)
+
+
+def pytest_collection_finish(session):
+    """Start the collected modules' slow fixtures (compiler runs) in the background while the tests run."""
+    _background.start(session.items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _background.stop()
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from mobalab.kernels._build import CUDA_DIR, source
 from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _background import background_fixture  # noqa: E402
 from _ptxas_report import ENTRY, parse_ptxas  # noqa: E402
 
 NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "--use_fast_math",
@@ -72,8 +73,7 @@ def _compile(build: tuple[str, tuple[str, ...]]) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
+def _compile_all() -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
     """``{(source, defines): (nvcc return code, log)}`` for every build in BUILDS."""
     workers = max(1, min(len(BUILDS), os.cpu_count() or 1))
     # the builds with the most kernels first, so that the longest compiles do not start last (a fallback
@@ -81,6 +81,10 @@ def compiled() -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
     order = sorted(BUILDS, key=lambda b: -len(signatures(b[0])) / (5 if b[1] else 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(order, pool.map(_compile, order), strict=True))
+
+
+# made in the background once the tests are collected (_background), while the tests before these run
+compiled = background_fixture("compiled", _compile_all)
 
 
 def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:

@@ -20,14 +20,15 @@ from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _background import background_fixture, scratch_dir  # noqa: E402
 from _ptxas_report import entry_report  # noqa: E402
 
 ENTRY_POINTS = [f"moba_decode_step_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict[str, dict[str, int]]:
-    return entry_report("decode.cu", tmp_path_factory.mktemp("decode_nvcc"))
+# made in the background once the tests are collected (_background)
+report = background_fixture(
+    "report", lambda: entry_report("decode.cu", scratch_dir("decode_nvcc")))
 
 
 def test_entry_points_match_the_wrapper():
