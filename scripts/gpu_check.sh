@@ -123,21 +123,19 @@ tiles_ncu() {  # tiles_ncu NAME [ARGS]: Nsight Compute over scripts/profile_tile
   && python3 scripts/ncu_summary.py "$W/$name.ncu-rep" > "$W/${name}_ncu_table.md" 2>> "$W/${name}_ncu.log"
 }
 
-bwd_sass() {  # bwd_sass NAME IMPL KERNEL: SourceCounters of the first launch of KERNEL in one step at 16K -> $W/NAME.csv
-  timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name "$3" --launch-count 1 \
-    --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$W/$1" \
-    python3 scripts/profile_tiles.py --impl "$2" --seq-len 16384 > "$W/$1.log" 2>&1 \
-  && ncu --import "$W/$1.ncu-rep" --page source --csv --print-source sass > "$W/$1.csv" 2>> "$W/$1.log"
-}
-
-kernel_sass() {  # kernel_sass NAME KERNEL [ARGS]: SourceCounters of the first launch of KERNEL in one forward at 64K
+kernel_sass() {  # kernel_sass NAME KERNEL [ARGS]: SourceCounters of the first launch of KERNEL in one run of
+                 # scripts/profile_tiles.py ARGS -> $W/NAME.csv, its details and its opcode / straight-line-run summary
   local name="$1" kernel="$2"; shift 2
   timeout "$(cap 150)" ncu --clock-control none --nvtx --nvtx-include "profile/" --kernel-name "$kernel" \
     --launch-count 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight --section Occupancy \
-    -f -o "$W/$name" python3 scripts/profile_tiles.py --forward-only "$@" > "$W/$name.log" 2>&1 \
+    -f -o "$W/$name" python3 scripts/profile_tiles.py "$@" > "$W/$name.log" 2>&1 \
   && ncu --import "$W/$name.ncu-rep" --page source --csv --print-source sass > "$W/$name.csv" 2>> "$W/$name.log" \
   && ncu --import "$W/$name.ncu-rep" --page details > "$W/${name}_details.txt" 2>> "$W/$name.log" \
   && python3 scripts/sass_summary.py "$W/$name.csv" --blocks 20 > "$W/$name.md" 2>> "$W/$name.log"
+}
+
+bwd_sass() {  # bwd_sass NAME IMPL KERNEL: kernel_sass of KERNEL in one step (forward + backward) of IMPL at 16K
+  kernel_sass "$1" "$3" --impl "$2" --seq-len 16384
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
@@ -210,9 +208,9 @@ for step in "${STEPS[@]}"; do
         done
       done ;;
     router-sass) # shellcheck disable=SC2086  # ROUTER_SASS_ARGS are words
-      kernel_sass router_sass 'regex:moba_topk' ${ROUTER_SASS_ARGS:-} || status=1 ;;
+      kernel_sass router_sass 'regex:moba_topk' --forward-only ${ROUTER_SASS_ARGS:-} || status=1 ;;
     fwd-sass) # shellcheck disable=SC2086  # FWD_SASS_ARGS are words
-      kernel_sass fwd_sass 'regex:moba_attn_(res|wg)' ${FWD_SASS_ARGS:-} || status=1 ;;
+      kernel_sass fwd_sass 'regex:moba_attn_(res|wg)' --forward-only ${FWD_SASS_ARGS:-} || status=1 ;;
     tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \

@@ -39,22 +39,22 @@ def _opcode(source: str) -> str:
     return s.split()[0].split(".")[0] if s else "?"
 
 
+def _number(x) -> float:
+    try:
+        return float(str(x).replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
 def summarize(path: Path) -> tuple[str, Counter, Counter]:
     """(kernel name, executed instructions per opcode class, stall samples per opcode class)."""
     name, rows = _rows(path)
     executed, samples = Counter(), Counter()
     for r in rows:
         op = _opcode(r["Source"])
-        executed[op] += int(float(r.get("Instructions Executed") or 0))
-        samples[op] += int(float(r.get("Warp Stall Sampling (All Samples)") or 0))
+        executed[op] += int(_number(r.get("Instructions Executed")))
+        samples[op] += int(_number(r.get("Warp Stall Sampling (All Samples)")))
     return name, executed, samples
-
-
-def _number(x) -> float:
-    try:
-        return float(str(x).replace(",", ""))
-    except ValueError:
-        return 0.0
 
 
 def blocks(path: Path, top: int) -> list[str]:

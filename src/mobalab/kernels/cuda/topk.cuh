@@ -145,6 +145,17 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
     }
 }
 
+// Where an m16n8 fragment's float2 goes in the score tile sS [.][BN]: lane's column pair c = col0 + 8 nt +
+// 2 (lane & 3) of a row r = row0 + (lane >> 2) + 8 i (row0 a multiple of 8, so every such row has r & 7 = lane >> 2
+// and one swizzle key; col0 a multiple of 32, nt < 4) sits at r BN + (((c >> 2) ^ key) << 2) + (c & 3) =
+// (base ^ 8 nt) + 8 i BN, with base the value returned here.
+template <int BN>
+__device__ __forceinline__ int topk_score_pair_base(int row0, int col0, int lane) {
+    const int key = topk_score_swizzle(lane >> 2);
+    return (row0 + (lane >> 2)) * BN + col0 + ((key >> 1) << 3) + (((((lane & 3) >> 1) ^ key) & 1) << 2) +
+           ((lane & 1) << 1);
+}
+
 // Accumulators -> score tile sS [TK_BM][BN] (16-byte chunks swizzled by row), NaN where block j0 + col is
 // no candidate for the row (causal: j >= own block; both: j >= n_blocks). MASK = false: the caller knows that
 // every column is a candidate of every row of the tile.
@@ -154,13 +165,9 @@ __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4],
                                                   int n_blocks) {
     if constexpr (!MASK && BN == 64) {  // (at BN 32, head dim 256, ptxas then gives the mma kernel 128 registers
                                          // and a 4-byte spill; that tile keeps the general stores)
-        // Raw sums at fixed addresses: every row of this thread has r & 7 = lane >> 2 (row0 is a multiple of 8),
-        // so one swizzle key, and (col0 a multiple of 32, NT <= 4) the float2 of column pair c = col0 + 8 nt +
-        // 2 (lane & 3) sits at r BN + (((c >> 2) ^ key) << 2) + (c & 3) = (base ^ 8 nt) + (r - r_0) BN.
+        // Raw sums at fixed addresses (topk_score_pair_base).
         static_assert(NT <= 4 && BN % 32 == 0, "column pairs of one 32-column word per warp tile");
-        const int key = topk_score_swizzle(lane >> 2);
-        const int base = (row0 + (lane >> 2)) * BN + col0 + ((key >> 1) << 3) +
-                         (((((lane & 3) >> 1) ^ key) & 1) << 2) + ((lane & 1) << 1);
+        const int base = topk_score_pair_base<BN>(row0, col0, lane);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             float* p = sS + (base ^ (nt << 3));
@@ -371,6 +378,15 @@ __device__ __forceinline__ void topk_scan_word(List& list, const float* srow, in
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
+// A float below t such that x > topk_below(t) holds for every x >= t, also with denormals flushed to zero
+// (-inf for t = -inf: no bound).
+__device__ __forceinline__ float topk_below(float t) {
+    if (!(t > -3.0e38f)) return moba::neg_inf();
+    if (t > 1.0e-37f) return __uint_as_float(__float_as_uint(t) - 1u);  // next float down, still normal
+    if (t < -1.0e-37f) return __uint_as_float(__float_as_uint(t) + 1u);  // next float down (larger magnitude)
+    return -1.0e-36f;
+}
+
 // Bitonic sort of N values into descending order (compile-time indices: the array stays in registers).
 template <int N>
 __device__ __forceinline__ void topk_sort_desc(float (&g)[N]) {
@@ -427,32 +443,21 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
 // when either is NaN; a set bit the threshold does not justify costs an offer that offer() turns into a no-op,
 // so the mask may over-report but never misses a candidate. That is a subtract and a shift-insert per score
 // instead of a compare, a select and an or. While the list is not full (threshold -inf) the word's own bound
-// (topk_word_bound) filters instead, keeping scores at or above it.
+// (topk_word_bound) filters instead, through topk_below so that scores at or above it pass.
 template <typename List>
 __device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
     const int n_valid = lim - j0 - 32 * w;
     if (n_valid <= 0) return;
-    const float thr = list.threshold();
+    float thr = list.threshold();
+    if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
     unsigned m = 0u;
-    if (thr == moba::neg_inf()) {
-        const float bound = topk_word_bound(srow, key, w, n_valid, list.cap);
 #pragma unroll
-        for (int c4 = 7; c4 >= 0; --c4) {
-            const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
-            m = (m << 1) | (unsigned)(v.w >= bound);
-            m = (m << 1) | (unsigned)(v.z >= bound);
-            m = (m << 1) | (unsigned)(v.y >= bound);
-            m = (m << 1) | (unsigned)(v.x >= bound);
-        }
-    } else {
-#pragma unroll
-        for (int c4 = 7; c4 >= 0; --c4) {  // column 31 first: it ends in bit 31
-            const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
-            m = (m << 1) | (__float_as_uint(thr - v.w) >> 31);
-            m = (m << 1) | (__float_as_uint(thr - v.z) >> 31);
-            m = (m << 1) | (__float_as_uint(thr - v.y) >> 31);
-            m = (m << 1) | (__float_as_uint(thr - v.x) >> 31);
-        }
+    for (int c4 = 7; c4 >= 0; --c4) {  // column 31 first: it ends in bit 31
+        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+        m = (m << 1) | (__float_as_uint(thr - v.w) >> 31);
+        m = (m << 1) | (__float_as_uint(thr - v.z) >> 31);
+        m = (m << 1) | (__float_as_uint(thr - v.y) >> 31);
+        m = (m << 1) | (__float_as_uint(thr - v.x) >> 31);
     }
     if (n_valid < 32) m &= (1u << n_valid) - 1u;
     topk_offer_word(list, m, srow, key, w, j0);
@@ -663,15 +668,6 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 // shared memory, one at D = 256 (161 KB per CTA).
 template <int D>
 constexpr int kTopkSplitMinCtas = D >= 256 ? 1 : 2;
-
-// A float below t such that x > topk_below(t) holds for every x >= t, also with denormals flushed to zero
-// (-inf for t = -inf: no bound).
-__device__ __forceinline__ float topk_below(float t) {
-    if (!(t > -3.0e38f)) return moba::neg_inf();
-    if (t > 1.0e-37f) return __uint_as_float(__float_as_uint(t) - 1u);  // next float down, still normal
-    if (t < -1.0e-37f) return __uint_as_float(__float_as_uint(t) + 1u);  // next float down (larger magnitude)
-    return -1.0e-36f;
-}
 
 // Offer word w of a score-tile row to a register list, in descending block order, skipping scores at or below
 // `floor` (a bound from elsewhere: topk_below of the other half's threshold) and, with `first`, below the

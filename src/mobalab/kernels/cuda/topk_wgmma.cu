@@ -66,16 +66,12 @@
 #endif
 
 #if MOBA_HAS_WGMMA
-// Thread tid's cp.async pattern over a swizzled tile of 128-byte rows: i = tid + k TKW_THREADS is 16-byte chunk
-// i % CH of row i / CH, so every copy of a thread has the same chunk column (tid % CH) and rows R = TKW_THREADS /
-// CH apart; R is a multiple of 8, so the swizzled column is the same for all of them (row % 8 does not change).
-// Each copy is then a constant shared-memory step and one row index (measured: the per-copy index arithmetic was
-// ~30 instructions per cp.async, 13% of the kernel's instructions at 64K).
+// Every copy of a thread has one chunk column and one swizzle (TopkCopyPattern, topk.cuh): a constant shared-memory
+// step and one row index per copy (measured: the per-copy index arithmetic was ~30 instructions per cp.async, 13% of
+// the kernel's instructions at 64K).
 template <int D>
-struct TopkWgCopy {
-    static constexpr int CH = D / 8;                // 16-byte chunks per row
-    static constexpr int R = TKW_THREADS / CH;      // rows between a thread's copies
-    static_assert(R % 8 == 0 && TKW_ROWS % R == 0, "one swizzled column per thread");
+struct TopkWgCopy : TopkCopyPattern<D, TKW_THREADS, TKW_ROWS> {
+    static_assert(TopkCopyPattern<D, TKW_THREADS, TKW_ROWS>::kFixed, "one swizzled column per thread");
 };
 
 // Centroid chunk `tile` (blocks tile * TKW_BN ..) into the stacked swizzled B tile at shared address buf: row
@@ -187,14 +183,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     // The row's candidates are the blocks j < lim (causal: before its own block; else every block). The scan masks
     // them per 32-block word, so the score tile holds raw sums and needs no per-element mask.
     const int lim = CAUSAL ? (q_pos0 + t_row) / block_size : n_blocks;
-    // This thread's score-tile elements: rows s_row0 + 64 half + 8 e (e: the fragment's two rows) and columns
-    // 8 nt + 2 (lane & 3) + {0, 1}. All four rows share r & 7, so one swizzle key; the float2 of column pair
-    // c = 8 nt + 2 (lane & 3) sits at r 64 + (((c >> 2) ^ key) << 2) + (c & 3) = (base ^ 8 nt) + 64 (r - r0)
-    // with base = r0 64 | 8 (key >> 1) | 4 (((lane & 3) >> 1 ^ key) & 1) | 2 (lane & 1).
-    const int s_row0 = wg * 2 * TKW_ROWS + wwarp * 16 + (lane >> 2);
-    const int s_key = topk_score_swizzle(s_row0 & 7);
-    const int s_base = s_row0 * TKW_BN | ((s_key >> 1) << 3) | (((((lane & 3) >> 1) ^ s_key) & 1) << 2) |
-                       ((lane & 1) << 1);
+    // This thread's score-tile elements: rows 128 wg + 16 wwarp + (lane >> 2) + 64 half + 8 e, column pairs
+    // 8 nt + 2 (lane & 3), at (s_base ^ 8 nt) + (64 half + 8 e) TKW_BN (topk_score_pair_base).
+    const int s_base = topk_score_pair_base<TKW_BN>(wg * 2 * TKW_ROWS + wwarp * 16, 0, lane);
 
     // One chunk: collect S(tile), hand it to the score tile, start the wgmmas of chunk tile - 1 (`next`), scan.
     // The last chunk (next = false) is peeled off the loop below, so that the accumulators are always written
