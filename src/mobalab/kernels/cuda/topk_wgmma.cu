@@ -48,6 +48,8 @@
 // cut per word, the compare as a subtract and shift, and the first word filtered against its own bound
 // (topk_word_bound). The selections are the same by construction: the same offers in the same order, minus
 // offers of scores that cannot end in the list (below the list's threshold, or below cap scores of their word).
+// After them (same configuration): 1.35 ms, 413 M warp instructions, 5.8 cycles between a warp's instructions (4.5
+// before): the latency that 8 warps per SM cannot hide is now the larger part.
 //
 // Head dims 64 and 128 (one or two 64-element K blocks of the swizzled layout), list tiers 8 and 16; other
 // shapes use topk.cu (the launch plan in _cuda_routing.py decides).
