@@ -45,6 +45,9 @@
 #                logs/router_sass.csv, its opcode classes and busiest straight-line runs logs/router_sass.md (~60 s)
 #   fwd-sass     the same for the forward's tile kernel (the first launch of moba_attn_res / moba_attn_wg* in one
 #                forward at 64K; FWD_SASS_ARGS adds profile_tiles.py arguments): logs/fwd_sass.csv, logs/fwd_sass.md
+#   router-ab    the top-k kernels of this tree against ROUTER_AB_BASE (another tree's src directory, carried), in
+#                alternating processes, ROUTER_AB_ROUNDS (2) rounds at ROUTER_AB_LENGTHS (8192,16384,65536), block size
+#                ROUTER_BLOCK (128), head dim ROUTER_HEAD_DIM (128), variants ROUTER_AB_VARIANTS (mma,wgmma)
 #   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s);
 #                ROUTER_BLOCK=<B> times them at block size B (default 128), ROUTER_VARIANTS=<a,b> names the variants
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
@@ -202,8 +205,9 @@ for step in "${STEPS[@]}"; do
       for round in $(seq "${ROUTER_AB_ROUNDS:-2}"); do
         for tree in base this; do
           if [ "$tree" = base ]; then src="${ROUTER_AB_BASE:?ROUTER_AB_BASE names the other src}"; else src="$PWD/src"; fi
-          PYTHONPATH="$src" timeout "$(cap 120)" python3 scripts/bench_router.py --lengths 8192,16384,65536 \
-            --block-size "${ROUTER_BLOCK:-128}" --variants mma,wgmma --out "$W/router_ab/${tree}_$round" \
+          PYTHONPATH="$src" timeout "$(cap 120)" python3 scripts/bench_router.py --lengths "${ROUTER_AB_LENGTHS:-8192,16384,65536}" \
+            --block-size "${ROUTER_BLOCK:-128}" --head-dim "${ROUTER_HEAD_DIM:-128}" --variants "${ROUTER_AB_VARIANTS:-mma,wgmma}" \
+            --out "$W/router_ab/${tree}_$round" \
             > "$W/router_ab_${tree}_$round.log" 2>&1 || status=1
         done
       done ;;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from mobalab.kernels import _build
 from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels._launch import check_args, signatures
@@ -202,10 +204,21 @@ def test_shared_memory_fits_the_opt_in_limit():
     limit = 232448  # H100 / H200 opt-in maximum per block
     for dim, top_k, causal in itertools.product(C.CUDA_HEAD_DIMS, range(1, C.MAX_TOP_K + 1), (True, False)):
         smem = routing.topk_shared_bytes(dim, top_k, causal)
-        assert 48 * 1024 <= smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
-        # Two CTAs per SM with register lists (228 KB per SM, 1 KB reserved per CTA).
+        assert 0 < smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
+        # The CTAs per SM the register-list kernels are compiled for fit (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
-            assert 2 * (smem + 1024) <= 228 * 1024
+            assert routing.topk_min_ctas(dim) * (smem + 1024) <= 228 * 1024
+
+
+def test_min_ctas_mirror_the_kernel_source():
+    """topk_min_ctas is the Python copy of the source's MOBA_TOPK_MIN_CTAS(D), a chain "(D) <= a ? x : ... : z"."""
+    macro = re.search(r"#define MOBA_TOPK_MIN_CTAS\(D\) (.+)", _build.source("topk.cu")).group(1)
+    cases = [(int(a), int(x)) for a, x in re.findall(r"\(D\) <= (\d+) \? (\d+) :", macro)]
+    default = int(re.search(r": (\d+)\)$", macro).group(1))
+    assert cases, macro
+    for dim in C.CUDA_HEAD_DIMS:
+        want = next((x for a, x in cases if dim <= a), default)
+        assert routing.topk_min_ctas(dim) == want, (dim, macro)
 
 
 @pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
@@ -218,7 +231,7 @@ def test_split_shared_memory(dim):
     assert smem <= 232448
     if dim in routing.SPLIT_DEFAULT_HEAD_DIMS:
         assert 2 * (smem + 1024) <= 228 * 1024
-    assert 16 * routing.TOPK_BM * 8 <= routing.TOPK_BM * routing.TOPK_BN * 4
+    assert 16 * routing.TOPK_BM * 8 <= routing.TOPK_BM * routing.SPLIT_BN * 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,14 +374,15 @@ def test_wgmma_shared_memory(dim):
 
 
 @pytest.mark.parametrize("cap, dim, top_k, causal, n_blocks, expected", [
-    ((9, 0), 128, 8, True, 512, "wgmma"), ((9, 0), 128, 17, True, 4096, "wgmma"),
-    ((9, 0), 128, 16, False, 1024, "wgmma"), ((9, 0), 128, 8, True, 511, "mma"), ((9, 0), 128, 8, True, 64, "mma"),
+    ((9, 0), 128, 8, True, 1024, "wgmma"), ((9, 0), 128, 17, True, 4096, "wgmma"),
+    ((9, 0), 128, 16, False, 2048, "wgmma"), ((9, 0), 128, 8, True, 1023, "mma"), ((9, 0), 128, 8, True, 512, "mma"),
+    ((9, 0), 128, 8, True, 64, "mma"),
     ((9, 0), 128, 18, True, 4096, "mma"), ((9, 0), 64, 8, True, 4096, "mma"), ((9, 0), 96, 8, True, 4096, "mma"),
     ((8, 0), 128, 8, True, 4096, "mma"), ((8, 9), 128, 8, True, 4096, "mma"), ((10, 0), 128, 8, True, 4096, "mma")])
 def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, n_blocks, expected):
     """"auto" (the default, or asked for) takes wgmma on sm_90 at head dim 128 with at least WG_AUTO_MIN_BLOCKS key
     blocks where wgmma has a kernel, mma elsewhere; a CPU device, a missing shape or block count gives mma."""
-    assert routing.WG_AUTO_MIN_BLOCKS == 512
+    assert routing.WG_AUTO_MIN_BLOCKS == 1024
     no_router_env.setattr(routing, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)
     assert routing.resolve_router_variant(None, dim, top_k, causal, cuda, n_blocks) == expected
@@ -383,7 +397,7 @@ def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, n_blocks, e
 
 def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
     """topk_launch resolves the variant with the block count of the centroid halves (the plan only; nothing runs):
-    under "auto" the wgmma kernel from 512 blocks on."""
+    under "auto" the wgmma kernel from 1024 blocks on."""
     seen = []
 
     def resolve(variant, head_dim, top_k, causal, device, n_blocks=None):
@@ -391,9 +405,9 @@ def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
         return "wgmma" if n_blocks >= routing.WG_AUTO_MIN_BLOCKS else "mma"
 
     monkeypatch.setattr(routing, "resolve_router_variant", resolve)
-    for n_blocks, kernel in ((511, "moba_topk_bf16_d128_causal_k8"), (512, "moba_topk_wg_bf16_d128_causal_k8")):
+    for n_blocks, kernel in ((1023, "moba_topk_bf16_d128_causal_k8"), (1024, "moba_topk_wg_bf16_d128_causal_k8")):
         q = torch.empty((1, 8, 2, 128), dtype=torch.bfloat16, device="meta")
         hi = torch.empty((1, 2, n_blocks, 128), dtype=torch.bfloat16, device="meta")
         out = torch.empty((1, 8, 2, 8), dtype=torch.int32, device="meta")
         assert routing.topk_launch(q, hi, hi, out, 128, 8, True).kernel == kernel
-    assert seen == [511, 512]
+    assert seen == [1023, 1024]

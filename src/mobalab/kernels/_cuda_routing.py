@@ -19,9 +19,9 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
 128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 512 key blocks, where it has a
-kernel (measured faster the more blocks a row scores: 1.01-1.15x from 512 blocks up, 0.93x at 64), mma elsewhere
-(split measured no faster; were "split" the default, it would apply at head dims up to 128 only,
+call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 1024 key blocks, where it has a
+kernel (measured against mma's 32-centroid tiles: 1.01-1.02x at 1024 blocks, 1.10-1.12x at 2048, slower below),
+mma elsewhere (split measured no faster; were "split" the default, it would apply at head dims up to 128 only,
 :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes 161 KB of shared memory, one per multiprocessor, against
 two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" where it has no kernel (the heap
 tier, ``top_k`` > 17 causal or > 16 non-causal), a variant asked for (argument or environment) raises ValueError
@@ -52,7 +52,8 @@ __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
 # Must match the #defines in cuda/centroids.cu and cuda/topk.cu.
 CENTROID_THREADS = 128
 TOPK_BM = 128  # query rows per CTA
-TOPK_BN = 64  # centroids per streamed tile
+TOPK_BN = 32  # centroids per streamed tile (topk_body)
+SPLIT_BN = 64  # centroids per streamed tile of the split kernel (two 32-column words, one per thread of a row)
 TOPK_THREADS = 128
 # Must match the #defines in cuda/topk_wgmma.cu.
 WGMMA_SOURCE = "topk_wgmma.cu"
@@ -71,13 +72,13 @@ ROUTER_CHOICES = ("auto", *ROUTER_VARIANTS)  # what a caller may ask for; "auto"
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
 # "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel and the sequence has at
 # least WG_AUTO_MIN_BLOCKS blocks, mma elsewhere. Measured on an H200 (batch 2, 16 heads, k 8, causal; RESULTS.md),
-# wgmma against mma at d 128 is faster the more blocks a row scores: 0.93x at 64 blocks, 0.96x at 128, 1.00x at 256,
-# 1.01-1.04x at 512, 1.08-1.09x at 1024, 1.11-1.12x at 2048, 1.14-1.15x at 4096 (B 16 to 128, 8K to 512K); at d 64
-# it is slower (0.83-0.92x at 64-1024 blocks). split selects exactly what mma selects but is no faster (64K 1.76
+# wgmma against mma at d 128 is faster the more blocks a row scores; against mma's 32-centroid tiles (three CTAs per
+# SM): 0.79-0.81x at 64 blocks, 0.76-0.81x at 128, 0.90x at 256 and 512, 1.01-1.02x at 1024, 1.10-1.12x at 2048
+# (B 32 to 128, 8K to 256K); at d 64 it is slower (0.81-0.82x at 64 and 1024 blocks). split selects exactly what mma selects but is no faster (64K 1.76
 # against 1.71 ms, 8K 0.134 against 0.141), so it stays opt-in.
 DEFAULT_ROUTER_VARIANT = "auto"
 WG_AUTO_HEAD_DIMS = (128,)
-WG_AUTO_MIN_BLOCKS = 512
+WG_AUTO_MIN_BLOCKS = 1024
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,22 +116,31 @@ def topk_list_tier(top_k: int, causal: bool) -> int:
     return 8 if list_cap <= 8 else 16 if list_cap <= 16 else 64
 
 
-def topk_bn(dim: int) -> int:
-    """Centroids per streamed tile: 32 at head dim 256, so that two CTAs still share a multiprocessor."""
-    return 32 if dim == 256 else TOPK_BN
+def topk_bn(dim: int, bn: int = TOPK_BN) -> int:
+    """Centroids per streamed tile of topk_body: ``bn`` (the build option MOBA_TOPK_BN, 32 by default: small
+    tiles leave room for three or four CTAs per multiprocessor), always 32 at head dim 256."""
+    return 32 if dim >= 256 else bn
 
 
-def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2) -> int:
-    """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps."""
+def topk_min_ctas(dim: int) -> int:
+    """CTAs per multiprocessor that topk_body's register-list kernels are compiled for (MOBA_TOPK_MIN_CTAS in
+    cuda/topk.cuh): their shared memory must let that many share a multiprocessor."""
+    return 4 if dim <= 64 else 3 if dim <= 128 else 1
+
+
+def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN) -> int:
+    """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps
+    (``bn``: the kernel's MOBA_TOPK_BN)."""
     list_cap = top_k - 1 if causal else top_k
     lists = list_cap * TOPK_BM * 8 if topk_list_tier(top_k, causal) == 64 else 0
-    return (TOPK_BM * dim + 2 * topk_bn(dim) * dim) * itemsize + TOPK_BM * topk_bn(dim) * 4 + lists
+    tile = topk_bn(dim, bn)
+    return (TOPK_BM * dim + 2 * tile * dim) * itemsize + TOPK_BM * tile * 4 + lists
 
 
 def split_topk_shared_bytes(dim: int, itemsize: int = 2) -> int:
     """Dynamic shared memory of one split top-k CTA: Q tile, hi/lo tiles of 64 centroids, the fp32 score tile and
     the two halves' thresholds (TOPK_BM floats each)."""
-    return (TOPK_BM * dim + 2 * TOPK_BN * dim) * itemsize + TOPK_BM * TOPK_BN * 4 + 2 * TOPK_BM * 4
+    return (TOPK_BM * dim + 2 * SPLIT_BN * dim) * itemsize + TOPK_BM * SPLIT_BN * 4 + 2 * TOPK_BM * 4
 
 
 def split_router_supports(top_k: int, causal: bool) -> bool:
@@ -189,7 +199,7 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
                            n_blocks: int | None = None) -> str:
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
     (DEFAULT_ROUTER_VARIANT, "auto"). "auto" (asked for or the default) is wgmma on an sm_90 GPU at head dim 128
-    with at least WG_AUTO_MIN_BLOCKS (512) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
+    with at least WG_AUTO_MIN_BLOCKS (1024) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
     mma elsewhere (and where the shape, the block count or the device is not given).
 
     "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when

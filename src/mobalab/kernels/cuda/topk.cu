@@ -10,7 +10,7 @@
 // grouped by head dim under MOBA_HAS_HEAD_DIM (ptx.cuh: -DMOBA_HEAD_DIM=d builds head dim d only). ----
 
 #define MOBA_TOPK_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                    \
-    extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                          \
+    extern "C" __global__ void __launch_bounds__(TK_THREADS, kTopkMinCtas<D, LCAP>)                                  \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
          int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
          int fold_blocks) {                                                                                           \

@@ -1,10 +1,10 @@
 // MoBA routing stage 2: fused tiled top-k of the block scores s[t, j] = <q_t, centroid_j>.
 //
-// One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of BN centroids (TK_BN = 64,
-// or 32 at head dim 256) of kv head h / (heads / kv_heads), computes the TK_BM x BN score tile on tensor
-// cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the best (score,
-// block) pairs in registers or shared memory. The N x n score matrix never reaches global memory; the output
-// is O(N * top_k) indices.
+// One CTA = (query tile of TK_BM rows, query head h, batch b). It streams tiles of BN centroids (kTopkBN: 32;
+// 64 with the build option MOBA_TOPK_BN=64) of kv head h / (heads / kv_heads), computes the TK_BM x BN score
+// tile on tensor cores (mma.sync m16n8k16, fp32 accumulators) and keeps, per query row, a sorted list of the
+// best (score, block) pairs in registers or shared memory. The N x n score matrix never reaches global memory;
+// the output is O(N * top_k) indices.
 //
 // Precision: each fp32 centroid c arrives split as hi = T(c), lo = T(c - hi) (centroids.cu), and the score
 // is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
@@ -19,8 +19,8 @@
 // never loaded (that halves the work). Non-causal: all n blocks are candidates, the list holds top_k.
 // Unused slots stay -1.
 //
-// Work per CTA: 4 warps in a 2 x 2 layout, each warp 64 rows x 32 centroid columns (4 x 4 m16n8 tiles, 64
-// fp32 accumulators; at BN = 32 a 4 x 1 layout of 32 x 32 warp tiles); the score tile then goes to shared
+// Work per CTA: 4 warps in a 4 x 1 layout of 32 rows x 32 centroid columns (2 x 4 m16n8 tiles, 32 fp32
+// accumulators; at BN = 64 a 2 x 2 layout of 64 x 32 warp tiles); the score tile then goes to shared
 // memory and thread r scans row r. The list's last entry is the threshold: 32 scores at a time are filtered
 // into a bit mask against it, and only those candidates are inserted, so the per-warp cost is the largest
 // candidate count of its lanes, not their union. Lists of up to 8 or 16 entries (LCAP) live in registers and
@@ -48,7 +48,7 @@ using moba::ldmatrix_x4;
 using moba::smem_u32;
 
 #define TK_BM 128
-#define TK_BN 64
+#define TK_BN 64  // centroids per tile of the split kernel (two 32-column words, one per thread of a row)
 #define TK_THREADS 128
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts its
@@ -545,11 +545,26 @@ __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type&
     list.write(o + (causal ? 1 : 0), shift);
 }
 
-// Centroids per streamed tile: TK_BN, or 32 at D = 256, where 128 x 256 Q + 2 x 64 x 256 hi/lo + the
-// 128 x 64 fp32 score tile would take 160 KB (one CTA per SM); with 32 centroids it is 112 KB, and two
-// CTAs per SM keep the tensor cores busy while the other CTA scans (see the FLOP/byte note below).
+// Centroids per streamed tile: MOBA_TOPK_BN (32 by default; a build option, 64 the tile of earlier versions), always
+// 32 at D = 256. 32-centroid tiles take 64 KB of shared memory at D = 128 (128 x 128 Q, 2 x 32 x 128 hi/lo, the
+// 128 x 32 fp32 score tile), so three CTAs (12 warps) share an SM where 64-centroid tiles (96 KB) left two: the row
+// scans are chains of dependent instructions, and more warps hide them (measured on an H200, B 128, k 8, d 128,
+// top-k launch alone: 1.13x at 8K, 1.19x at 16K, 1.16x at 64K, 1.12x at 256K against 64-centroid tiles).
+#ifndef MOBA_TOPK_BN
+#define MOBA_TOPK_BN 32
+#endif
 template <int D>
-constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
+constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
+
+// CTAs per SM the mma.sync kernels are compiled for (__launch_bounds__), where more warps hide the row scans'
+// dependent chains: four at D = 32 and 64 (28 / 40 KB of shared memory at 32-centroid tiles, <= 128 registers),
+// three at D = 96 and 128 (52 / 64 KB; at 128 registers the D = 96 tier-16 kernel would spill); one with the
+// heap tier and at D = 256.
+#ifndef MOBA_TOPK_MIN_CTAS
+#define MOBA_TOPK_MIN_CTAS(D) ((D) <= 64 ? 4 : (D) <= 128 ? 3 : 1)
+#endif
+template <int D, int LCAP>
+constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
@@ -559,10 +574,12 @@ constexpr int kTopkBN = D >= 256 ? 32 : TK_BN;
 //
 // Tile shape by head dim (per warp and k-step of 16, hi and lo: a warp tile of MW rows x 32 centroids costs
 // MW/16 A + 4 B ldmatrix.x4 of 512 bytes for (MW/16) x 4 x 2 MMAs of 4096 FLOP):
-//   BN = 64 (D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory 512 D + 32 KB
-//                       = 48 / 64 / 80 / 96 KB at D = 32 / 64 / 96 / 128: two or more CTAs per SM.
-//   BN = 32 (D = 256):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
-//                       what mma.sync sustains per SM); 112 KB: two CTAs per SM (BN = 64 would take 160 KB).
+//   BN = 32 (default):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
+//                       what mma.sync sustains per SM); shared memory 256 D + 16 KB = 24 / 32 / 40 / 48 / 80 KB of
+//                       tiles at D = 32 / 64 / 96 / 128 / 256 + 16 KB of scores: four / four / three / three / two
+//                       CTAs per SM.
+//   BN = 64 (MOBA_TOPK_BN=64, D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory
+//                       512 D + 32 KB = 48 / 64 / 80 / 96 KB: fewer CTAs per SM, fewer barriers per block.
 // The MMA work per (row, centroid) is 4 D FLOP against a scan cost that does not depend on D: at D = 256 the
 // MMA phase is twice that of D = 128 (where the scans set the pace), so two CTAs per SM, one scanning while
 // the other multiplies, matter more there than the lower FLOP/B of the narrower tile.
