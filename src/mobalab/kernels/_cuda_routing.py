@@ -74,8 +74,9 @@ ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
 # least WG_AUTO_MIN_BLOCKS blocks, mma elsewhere. Measured on an H200 (batch 2, 16 heads, k 8, causal; RESULTS.md),
 # wgmma against mma at d 128 is faster the more blocks a row scores; against mma's 32-centroid tiles (three CTAs per
 # SM): 0.79-0.81x at 64 blocks, 0.76-0.81x at 128, 0.90x at 256 and 512, 1.01-1.02x at 1024, 1.10-1.12x at 2048
-# (B 32 to 128, 8K to 256K); at d 64 it is slower (0.81-0.82x at 64 and 1024 blocks). split selects exactly what mma selects but is no faster (64K 1.76
-# against 1.71 ms, 8K 0.134 against 0.141), so it stays opt-in.
+# (B 32 to 128, 8K to 256K); at d 64 it is slower (0.81-0.82x at 64 and 1024 blocks).
+# split selects exactly what mma selects but is no faster (64K 1.76 against 1.71 ms, 8K 0.134 against 0.141, both
+# with 64-centroid tiles), so it stays opt-in.
 DEFAULT_ROUTER_VARIANT = "auto"
 WG_AUTO_HEAD_DIMS = (128,)
 WG_AUTO_MIN_BLOCKS = 1024
