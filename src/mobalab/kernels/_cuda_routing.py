@@ -129,13 +129,19 @@ def topk_min_ctas(dim: int) -> int:
     return 4 if dim <= 64 else 3 if dim <= 128 else 1
 
 
-def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN) -> int:
+def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN,
+                      alias: bool = False) -> int:
     """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps
-    (``bn``: the kernel's MOBA_TOPK_BN)."""
+    (``bn``: the kernel's MOBA_TOPK_BN; ``alias``: its MOBA_TOPK_ALIAS, the score tile in the hi/lo tiles' place
+    with register lists at head dims up to 128)."""
     list_cap = top_k - 1 if causal else top_k
-    lists = list_cap * TOPK_BM * 8 if topk_list_tier(top_k, causal) == 64 else 0
+    tier = topk_list_tier(top_k, causal)
+    lists = list_cap * TOPK_BM * 8 if tier == 64 else 0
     tile = topk_bn(dim, bn)
-    return (TOPK_BM * dim + 2 * tile * dim) * itemsize + TOPK_BM * tile * 4 + lists
+    centroids, scores = 2 * tile * dim * itemsize, TOPK_BM * tile * 4
+    if alias and dim <= 128 and tier < 64:
+        return TOPK_BM * dim * itemsize + max(centroids, scores)
+    return TOPK_BM * dim * itemsize + centroids + scores + lists
 
 
 def split_topk_shared_bytes(dim: int, itemsize: int = 2) -> int:

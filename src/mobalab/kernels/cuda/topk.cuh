@@ -563,8 +563,22 @@ constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 #ifndef MOBA_TOPK_MIN_CTAS
 #define MOBA_TOPK_MIN_CTAS(D) ((D) <= 64 ? 4 : (D) <= 128 ? 3 : 1)
 #endif
+// MOBA_TOPK_ALIAS=1 (build option): with register lists at D <= 128 the score tile shares the hi / lo tiles'
+// shared memory (16 KB of scores, 8-16 KB of centroids at BN = 32): 32 / 40 / 48 KB a CTA at D = 64 / 96 / 128,
+// four CTAs (16 warps) per SM, five at D <= 64 with lists of up to 8; the next centroid tile is then loaded after
+// the row scans rather than under them (which also frees its address registers: ~100 instead of ~130 at D = 128).
+#ifndef MOBA_TOPK_ALIAS
+#define MOBA_TOPK_ALIAS 0
+#endif
+#ifndef MOBA_TOPK_ALIAS_CTAS
+#define MOBA_TOPK_ALIAS_CTAS(D, LCAP) ((D) <= 64 && (LCAP) == 8 ? 5 : 4)
+#endif
 template <int D, int LCAP>
-constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
+constexpr bool kTopkAlias = MOBA_TOPK_ALIAS && D <= 128 && LCAP != 0;
+
+template <int D, int LCAP>
+constexpr int kTopkMinCtas =
+    LCAP == 0 ? 1 : kTopkAlias<D, LCAP> ? MOBA_TOPK_ALIAS_CTAS(D, LCAP) : MOBA_TOPK_MIN_CTAS(D);
 
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
@@ -596,7 +610,8 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     T* sQ = reinterpret_cast<T*>(topk_smem);
     T* sH = sQ + TK_BM * D;
     T* sL = sH + BN * D;
-    float* sS = reinterpret_cast<float*>(sL + BN * D);
+    constexpr bool ALIAS = kTopkAlias<D, LCAP>;
+    float* sS = reinterpret_cast<float*>(ALIAS ? sH : sL + BN * D);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const TopkTile cta = topk_tile<CAUSAL, TK_BM, BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k, q_pos0);
@@ -627,7 +642,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         float acc[MT][4][4];
         topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         __syncthreads();  // every warp is done reading sH / sL
-        if (tile > 0) {  // overlaps the scan
+        if (!ALIAS && tile > 0) {  // overlaps the scan
             topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
         const int j0 = tile * BN;
@@ -646,6 +661,10 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
                 if constexpr (LCAP == 0) topk_scan_word(list, srow, srow_key, w, j0);
                 else topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
             }
+        }
+        if (ALIAS && tile > 0) {
+            __syncthreads();  // every row scan is done with the score tile, which the next centroid tile overwrites
+            topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
     }
 
