@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 opts = dict(x.split("=", 1) for x in defines if "=" in x)
                 if name == "mma" and {"MOBA_TOPK_BN", "MOBA_TOPK_ALIAS"} & set(opts):  # they set the shared memory
                     bn = int(opts.get("MOBA_TOPK_BN", routing.TOPK_BN))
-                    alias = opts.get("MOBA_TOPK_ALIAS", "0") != "0"
+                    alias = opts.get("MOBA_TOPK_ALIAS", "1") != "0"
                     smem = routing.topk_shared_bytes(d, top_k, causal, bn=bn, alias=alias)
                     plan = dataclasses.replace(plan, shared_mem=smem)
                 ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)

@@ -556,29 +556,30 @@ __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type&
 template <int D>
 constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 
-// CTAs per SM the mma.sync kernels are compiled for (__launch_bounds__), where more warps hide the row scans'
-// dependent chains: four at D = 32 and 64 (28 / 40 KB of shared memory at 32-centroid tiles, <= 128 registers),
-// three at D = 96 and 128 (52 / 64 KB; at 128 registers the D = 96 tier-16 kernel would spill); one with the
-// heap tier and at D = 256.
-#ifndef MOBA_TOPK_MIN_CTAS
-#define MOBA_TOPK_MIN_CTAS(D) ((D) <= 64 ? 4 : (D) <= 128 ? 3 : 1)
-#endif
-// MOBA_TOPK_ALIAS=1 (build option): with register lists at D <= 128 the score tile shares the hi / lo tiles'
-// shared memory (16 KB of scores, 8-16 KB of centroids at BN = 32): 32 / 40 / 48 KB a CTA at D = 64 / 96 / 128,
-// four CTAs (16 warps) per SM, five at D <= 64 with lists of up to 8; the next centroid tile is then loaded after
-// the row scans rather than under them (which also frees its address registers: ~100 instead of ~130 at D = 128).
+// The score tile shares the hi / lo tiles' shared memory (MOBA_TOPK_ALIAS, on by default with register lists at
+// D <= 128; the tiles are dead once the warps have their MMA fragments): with 16 KB of scores and 8-16 KB of
+// centroids a CTA takes 24 / 32 / 40 / 48 KB at D = 32 / 64 / 96 / 128, and four CTAs (16 warps) share an SM,
+// five at D <= 64 with lists of up to 8. The next centroid tile is then loaded after the row scans rather than
+// under them, which also frees its address registers (~100 instead of ~130 at D = 128). Measured on an H200
+// against separate tiles at three or four CTAs per SM (B 128, k 8, top-k launch alone; selections identical):
+// 1.06x at 8K, 1.02x at 16K and 64K, 1.01x at 128K, 1.00x at 256K (d 128); 1.02-1.03x at d 64; 1.04x at 8K with
+// B 32. MOBA_TOPK_ALIAS=0 keeps the tiles apart (three CTAs per SM at D = 96 and 128, four below).
 #ifndef MOBA_TOPK_ALIAS
-#define MOBA_TOPK_ALIAS 0
+#define MOBA_TOPK_ALIAS 1
 #endif
+// CTAs per SM the kernels are compiled for (__launch_bounds__): one with the heap tier and at D = 256.
 #ifndef MOBA_TOPK_ALIAS_CTAS
 #define MOBA_TOPK_ALIAS_CTAS(D, LCAP) ((D) <= 64 && (LCAP) == 8 ? 5 : 4)
+#endif
+#ifndef MOBA_TOPK_MIN_CTAS
+#define MOBA_TOPK_MIN_CTAS(D) ((D) <= 64 ? 4 : (D) <= 128 ? 3 : 1)
 #endif
 template <int D, int LCAP>
 constexpr bool kTopkAlias = MOBA_TOPK_ALIAS && D <= 128 && LCAP != 0;
 
 template <int D, int LCAP>
 constexpr int kTopkMinCtas =
-    LCAP == 0 ? 1 : kTopkAlias<D, LCAP> ? MOBA_TOPK_ALIAS_CTAS(D, LCAP) : MOBA_TOPK_MIN_CTAS(D);
+    LCAP == 0 || D > 128 ? 1 : kTopkAlias<D, LCAP> ? MOBA_TOPK_ALIAS_CTAS(D, LCAP) : MOBA_TOPK_MIN_CTAS(D);
 
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
