@@ -66,12 +66,9 @@ def main(argv=None) -> int:
                 name, defines = specs[variant]
                 plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name)
                 plan = dataclasses.replace(plan, defines=plan.defines + defines)
-                opts = dict(x.split("=", 1) for x in defines if "=" in x)
-                if name == "mma" and {"MOBA_TOPK_BN", "MOBA_TOPK_ALIAS"} & set(opts):  # they set the shared memory
-                    bn = int(opts.get("MOBA_TOPK_BN", routing.TOPK_BN))
-                    alias = opts.get("MOBA_TOPK_ALIAS", "1") != "0"
-                    smem = routing.topk_shared_bytes(d, top_k, causal, bn=bn, alias=alias)
-                    plan = dataclasses.replace(plan, shared_mem=smem)
+                bn = [int(x.split("=")[1]) for x in defines if x.startswith("MOBA_TOPK_BN=")]
+                if name == "mma" and bn:  # the tile width sets the shared memory
+                    plan = dataclasses.replace(plan, shared_mem=routing.topk_shared_bytes(d, top_k, causal, bn=bn[0]))
                 ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")

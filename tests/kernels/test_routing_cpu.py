@@ -207,20 +207,18 @@ def test_shared_memory_fits_the_opt_in_limit():
         assert 0 < smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
         # The CTAs per SM the register-list kernels are compiled for fit (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
-            assert routing.topk_min_ctas(dim, top_k, causal) * (smem + 1024) <= 228 * 1024
+            assert routing.topk_min_ctas(dim) * (smem + 1024) <= 228 * 1024
 
 
 def test_min_ctas_mirror_the_kernel_source():
-    """topk_min_ctas is the Python copy of the source's MOBA_TOPK_ALIAS_CTAS(D, LCAP) (the default build: aliased
-    score tiles) for the register tiers at head dims up to 128, and 1 elsewhere."""
-    src = _build.source("topk.cu")
-    assert re.search(r"#define MOBA_TOPK_ALIAS 1\b", src) and routing.TOPK_ALIAS
-    macro = re.search(r"#define MOBA_TOPK_ALIAS_CTAS\(D, LCAP\) (.+)", src).group(1)
-    assert macro == "((D) <= 64 && (LCAP) == 8 ? 5 : 4)", macro
-    for dim, top_k, causal in itertools.product(C.CUDA_HEAD_DIMS, (1, 8, 9, 10, 17, 18, 64), (True, False)):
-        tier = routing.topk_list_tier(top_k, causal)
-        want = 1 if tier == 64 or dim > 128 else (5 if dim <= 64 and tier == 8 else 4)
-        assert routing.topk_min_ctas(dim, top_k, causal) == want, (dim, top_k, causal)
+    """topk_min_ctas is the Python copy of the source's MOBA_TOPK_MIN_CTAS(D), a chain "(D) <= a ? x : ... : z"."""
+    macro = re.search(r"#define MOBA_TOPK_MIN_CTAS\(D\) (.+)", _build.source("topk.cu")).group(1)
+    cases = [(int(a), int(x)) for a, x in re.findall(r"\(D\) <= (\d+) \? (\d+) :", macro)]
+    default = int(re.search(r": (\d+)\)$", macro).group(1))
+    assert cases, macro
+    for dim in C.CUDA_HEAD_DIMS:
+        want = next((x for a, x in cases if dim <= a), default)
+        assert routing.topk_min_ctas(dim) == want, (dim, macro)
 
 
 @pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)

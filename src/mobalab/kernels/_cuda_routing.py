@@ -53,7 +53,6 @@ __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
 CENTROID_THREADS = 128
 TOPK_BM = 128  # query rows per CTA
 TOPK_BN = 32  # centroids per streamed tile (topk_body)
-TOPK_ALIAS = True  # the score tile in the hi/lo tiles' place (MOBA_TOPK_ALIAS, register lists, head dim <= 128)
 SPLIT_BN = 64  # centroids per streamed tile of the split kernel (two 32-column words, one per thread of a row)
 TOPK_THREADS = 128
 # Must match the #defines in cuda/topk_wgmma.cu.
@@ -124,28 +123,19 @@ def topk_bn(dim: int, bn: int = TOPK_BN) -> int:
     return 32 if dim >= 256 else bn
 
 
-def topk_min_ctas(dim: int, top_k: int, causal: bool) -> int:
-    """CTAs per multiprocessor that topk_body's kernel for this shape is compiled for (MOBA_TOPK_ALIAS_CTAS in
-    cuda/topk.cuh, the default build): its shared memory must let that many share a multiprocessor."""
-    tier = topk_list_tier(top_k, causal)
-    if tier == 64 or dim > 128:
-        return 1
-    return 5 if dim <= 64 and tier == 8 else 4
+def topk_min_ctas(dim: int) -> int:
+    """CTAs per multiprocessor that topk_body's register-list kernels are compiled for (MOBA_TOPK_MIN_CTAS in
+    cuda/topk.cuh): their shared memory must let that many share a multiprocessor."""
+    return 4 if dim <= 64 else 3 if dim <= 128 else 1
 
 
-def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN,
-                      alias: bool = TOPK_ALIAS) -> int:
+def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN) -> int:
     """Dynamic shared memory of one top-k CTA: Q tile, hi/lo centroid tiles, score tile, tier-64 heaps
-    (``bn``: the kernel's MOBA_TOPK_BN; ``alias``: its MOBA_TOPK_ALIAS, the score tile in the hi/lo tiles' place
-    with register lists at head dims up to 128)."""
+    (``bn``: the kernel's MOBA_TOPK_BN)."""
     list_cap = top_k - 1 if causal else top_k
-    tier = topk_list_tier(top_k, causal)
-    lists = list_cap * TOPK_BM * 8 if tier == 64 else 0
+    lists = list_cap * TOPK_BM * 8 if topk_list_tier(top_k, causal) == 64 else 0
     tile = topk_bn(dim, bn)
-    centroids, scores = 2 * tile * dim * itemsize, TOPK_BM * tile * 4
-    if alias and dim <= 128 and tier < 64:
-        return TOPK_BM * dim * itemsize + max(centroids, scores)
-    return TOPK_BM * dim * itemsize + centroids + scores + lists
+    return (TOPK_BM * dim + 2 * tile * dim) * itemsize + TOPK_BM * tile * 4 + lists
 
 
 def split_topk_shared_bytes(dim: int, itemsize: int = 2) -> int:
@@ -322,17 +312,11 @@ def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
     n_blocks = math.ceil(seqlen / block_size)
-    # One allocation for the centroids and their halves (the host's time before the first launch is part of a
-    # short sequence's routing time): fp32 centroids, then hi and lo, each a multiple of 16 bytes.
-    size = batch * kv_heads * n_blocks * dim
-    scratch = torch.empty(((0 if centroids is not None else 4 * size) + 4 * size,), dtype=torch.uint8,
-                          device=q.device)
-    halves = scratch[scratch.numel() - 4 * size:].view(q.dtype)
-    hi = halves[:size].view(batch, kv_heads, n_blocks, dim)
-    lo = halves[size:].view(batch, kv_heads, n_blocks, dim)
+    hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
+    lo = torch.empty_like(hi)
     out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
     if centroids is None:
-        cent = scratch[:4 * size].view(torch.float32).view(batch, n_blocks, kv_heads, dim)
+        cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
     else:
         cent = centroids.contiguous()
     topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant,
@@ -347,10 +331,8 @@ def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: b
     With ``have_centroids`` the fp32 ``cent`` is read and split; otherwise it is written from ``k``.
     ``variant``: the top-k kernel (:func:`resolve_router_variant`); ``fold_blocks`` as :func:`topk_launch`.
     """
-    # Both plans before the first launch, so that the top-k launch follows the centroid launch at once.
-    route = topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks)
     if have_centroids:
         launch(split_launch(cent, hi, lo))
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    launch(route)
+    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks))

@@ -550,36 +550,23 @@ __device__ __forceinline__ void topk_write_row(typename TopkListFor<LCAP>::type&
 // 128 x 32 fp32 score tile), so three CTAs (12 warps) share an SM where 64-centroid tiles (96 KB) left two: the row
 // scans are chains of dependent instructions, and more warps hide them (measured on an H200, B 128, k 8, d 128,
 // top-k launch alone: 1.13x at 8K, 1.19x at 16K, 1.16x at 64K, 1.12x at 256K against 64-centroid tiles).
+// Four CTAs (48 KB: the score tile in the hi / lo tiles' place, the next tile loaded after the scans instead of
+// under them) measured no faster (0.96-1.06x at 8K in two runs, 1.00-1.02x at 16K-256K) and were not kept.
 #ifndef MOBA_TOPK_BN
 #define MOBA_TOPK_BN 32
 #endif
 template <int D>
 constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 
-// The score tile shares the hi / lo tiles' shared memory (MOBA_TOPK_ALIAS, on by default with register lists at
-// D <= 128; the tiles are dead once the warps have their MMA fragments): with 16 KB of scores and 8-16 KB of
-// centroids a CTA takes 24 / 32 / 40 / 48 KB at D = 32 / 64 / 96 / 128, and four CTAs (16 warps) share an SM,
-// five at D <= 64 with lists of up to 8. The next centroid tile is then loaded after the row scans rather than
-// under them, which also frees its address registers (~100 instead of ~130 at D = 128). Measured on an H200
-// against separate tiles at three or four CTAs per SM (B 128, k 8, top-k launch alone; selections identical):
-// 1.06x at 8K, 1.02x at 16K and 64K, 1.01x at 128K, 1.00x at 256K (d 128); 1.02-1.03x at d 64; 1.04x at 8K with
-// B 32. MOBA_TOPK_ALIAS=0 keeps the tiles apart (three CTAs per SM at D = 96 and 128, four below).
-#ifndef MOBA_TOPK_ALIAS
-#define MOBA_TOPK_ALIAS 1
-#endif
-// CTAs per SM the kernels are compiled for (__launch_bounds__): one with the heap tier and at D = 256.
-#ifndef MOBA_TOPK_ALIAS_CTAS
-#define MOBA_TOPK_ALIAS_CTAS(D, LCAP) ((D) <= 64 && (LCAP) == 8 ? 5 : 4)
-#endif
+// CTAs per SM the mma.sync kernels are compiled for (__launch_bounds__), where more warps hide the row scans'
+// dependent chains: four at D = 32 and 64 (28 / 40 KB of shared memory at 32-centroid tiles, <= 128 registers),
+// three at D = 96 and 128 (52 / 64 KB; at 128 registers the D = 96 tier-16 kernel would spill); one with the
+// heap tier and at D = 256.
 #ifndef MOBA_TOPK_MIN_CTAS
 #define MOBA_TOPK_MIN_CTAS(D) ((D) <= 64 ? 4 : (D) <= 128 ? 3 : 1)
 #endif
 template <int D, int LCAP>
-constexpr bool kTopkAlias = MOBA_TOPK_ALIAS && D <= 128 && LCAP != 0;
-
-template <int D, int LCAP>
-constexpr int kTopkMinCtas =
-    LCAP == 0 || D > 128 ? 1 : kTopkAlias<D, LCAP> ? MOBA_TOPK_ALIAS_CTAS(D, LCAP) : MOBA_TOPK_MIN_CTAS(D);
+constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
@@ -611,8 +598,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     T* sQ = reinterpret_cast<T*>(topk_smem);
     T* sH = sQ + TK_BM * D;
     T* sL = sH + BN * D;
-    constexpr bool ALIAS = kTopkAlias<D, LCAP>;
-    float* sS = reinterpret_cast<float*>(ALIAS ? sH : sL + BN * D);
+    float* sS = reinterpret_cast<float*>(sL + BN * D);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const TopkTile cta = topk_tile<CAUSAL, TK_BM, BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k, q_pos0);
@@ -643,7 +629,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         float acc[MT][4][4];
         topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         __syncthreads();  // every warp is done reading sH / sL
-        if (!ALIAS && tile > 0) {  // overlaps the scan
+        if (tile > 0) {  // overlaps the scan
             topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
         const int j0 = tile * BN;
@@ -662,10 +648,6 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
                 if constexpr (LCAP == 0) topk_scan_word(list, srow, srow_key, w, j0);
                 else topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
             }
-        }
-        if (ALIAS && tile > 0) {
-            __syncthreads();  // every row scan is done with the score tile, which the next centroid tile overwrites
-            topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
         }
     }
 
