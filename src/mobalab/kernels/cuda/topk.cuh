@@ -106,16 +106,20 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
 // One warp's (16 MT) x (8 NT) block of the score tile: rows row0.., centroid columns col0.. of the tiles
 // sQ [.][D], sH / sL [.][D] (XOR-swizzled 16-byte chunks); acc = q.hi + q.lo in fp32. KU: how many of the
 // D/16 k-steps are unrolled.
-template <typename T, int D, int MT, int NT, int KU>
+// SPLIT: q.hi and q.lo go to accumulators of their own, added at the end (as the wgmma kernel sums them): each
+// accumulator's chain of dependent MMAs is then D/16 long, not D/8 (with one accumulator every hi MMA waits for
+// the lo MMA before it); MT x NT x 4 more registers.
+template <typename T, int D, int MT, int NT, int KU, bool SPLIT = false>
 __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T* sQ, const T* sH,
                                                 const T* sL, int row0, int col0, int lane) {
     static_assert(NT % 2 == 0, "centroid fragments are loaded in pairs of n8 tiles");
+    float acc_lo[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = acc_lo[mt][nt][e] = 0.f;
 
 #pragma unroll(KU)
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -140,8 +144,16 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 Elem<T>::mma(acc[mt][nt], a[mt], bh[nt][0], bh[nt][1]);
-                Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
+                Elem<T>::mma(SPLIT ? acc_lo[mt][nt] : acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
             }
+    }
+    if constexpr (SPLIT) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += acc_lo[mt][nt][e];
     }
 }
 
@@ -568,6 +580,15 @@ constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 template <int D, int LCAP>
 constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 
+// hi and lo products in accumulators of their own (topk_score_tile's SPLIT) where the registers allow it: at
+// D >= 96 (three CTAs per SM, <= 170 registers; at D <= 64 the four CTAs' 128 registers would spill). Build option
+// MOBA_TOPK_SPLIT_ACC=0: one accumulator everywhere.
+#ifndef MOBA_TOPK_SPLIT_ACC
+#define MOBA_TOPK_SPLIT_ACC 1
+#endif
+template <int D>
+constexpr bool kTopkSplitAcc = MOBA_TOPK_SPLIT_ACC != 0 && D >= 96;
+
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
 // (A warp-specialised variant, 4 MMA warps feeding 4 scanning warps through double-buffered score tiles
@@ -627,7 +648,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
 
         float acc[MT][4][4];
-        topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
+        topk_score_tile<T, D, MT, 4, D / 16, kTopkSplitAcc<D>>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         __syncthreads();  // every warp is done reading sH / sL
         if (tile > 0) {  // overlaps the scan
             topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
