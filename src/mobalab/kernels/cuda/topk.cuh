@@ -580,11 +580,14 @@ constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 template <int D, int LCAP>
 constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 
-// hi and lo products in accumulators of their own (topk_score_tile's SPLIT) where the registers allow it: at
-// D >= 96 (three CTAs per SM, <= 170 registers; at D <= 64 the four CTAs' 128 registers would spill). Build option
-// MOBA_TOPK_SPLIT_ACC=0: one accumulator everywhere.
+// Build option MOBA_TOPK_SPLIT_ACC=1: hi and lo products in accumulators of their own (topk_score_tile's SPLIT)
+// where the registers allow it, at D >= 96 (three CTAs per SM, <= 170 registers: 152 at D = 128 with lists of 8,
+// no spills; at D <= 64 the four CTAs' 128 registers would spill). Nsight Compute puts 38% of the kernel's stall
+// samples in its MMA block at 64K (mostly fixed-latency waits), whose eight accumulators each carry a chain of
+// D/8 dependent MMAs. Off by default until it is timed on a GPU (selections equal up to near-ties: the CPU
+// emulation passes with it on).
 #ifndef MOBA_TOPK_SPLIT_ACC
-#define MOBA_TOPK_SPLIT_ACC 1
+#define MOBA_TOPK_SPLIT_ACC 0
 #endif
 template <int D>
 constexpr bool kTopkSplitAcc = MOBA_TOPK_SPLIT_ACC != 0 && D >= 96;
