@@ -165,10 +165,10 @@ def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top
 
 
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                       block_size: int = 16) -> None:
+                       block_size: int = 16, dim: int = 64) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
     block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
-    q, cent = planted_ties(causal, block_size=block_size)
+    q, cent = planted_ties(causal, block_size=block_size, dim=dim)
     seqlen, n = q.shape[1], cent.shape[1]
     first = 0 if rows is None else seqlen - rows
     for top_k in top_ks:

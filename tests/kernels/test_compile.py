@@ -60,6 +60,9 @@ FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FAL
 # and the router's build option: separate hi and lo accumulators in the mma.sync top-k kernel (to be timed against
 # the default: scripts/bench_router.py --variants mma,mma+MOBA_TOPK_SPLIT_ACC=1)
 FALLBACK_BUILDS += [("topk.cu", ("MOBA_TOPK_SPLIT_ACC=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
+# and the wgmma router's one-warpgroup CTAs of 32-centroid chunks (--variants wgmma,wgmma+MOBA_TOPK_WG_BM=128+...)
+FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE,
+                     ("MOBA_TOPK_WG_BM=128", "MOBA_TOPK_WG_BN=32", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")

@@ -125,3 +125,28 @@ def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, 
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), in the register lists of both kernels and
     the heap tier, exactly what renumbering the plain selections gives."""
     check_fold(harness, tmp_path, router, top_k, causal)
+
+
+# ---- the build option of separate hi and lo accumulators (MOBA_TOPK_SPLIT_ACC=1: head dims 96 and up) ----
+
+def _split_acc_files() -> dict[str, str]:
+    files = _kernel_files()
+    files["topk_kernels.cu"] = "#define MOBA_TOPK_SPLIT_ACC 1\n" + files["topk_kernels.cu"]
+    return files
+
+
+split_acc_harness = harness_fixture("topk_mma_harness", _split_acc_files, flags=("-Wno-unknown-pragmas",),
+                                    name="split_acc_harness")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
+def test_emulated_split_accumulators_match_reference(split_acc_harness, tmp_path, case):
+    """q.hi and q.lo summed in accumulators of their own, then added: the reference's selections up to near-ties
+    (head dims 128, 96 and 256, where the option applies)."""
+    check_random_case(split_acc_harness, tmp_path, case, "mma")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_split_accumulators_keep_exact_ties(split_acc_harness, tmp_path, causal):
+    check_planted_ties(split_acc_harness, tmp_path, causal, "mma", (12, 17) if causal else (3, 16), rows=200,
+                       dim=128)

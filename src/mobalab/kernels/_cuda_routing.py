@@ -149,10 +149,11 @@ def split_router_supports(top_k: int, causal: bool) -> bool:
     return topk_list_tier(top_k, causal) in SPLIT_LIST_TIERS
 
 
-def wgmma_topk_shared_bytes(dim: int) -> int:
+def wgmma_topk_shared_bytes(dim: int, bm: int = WG_BM, bn: int = WG_BN) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
-    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
-    return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
+    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack (``bm``, ``bn``:
+    the kernel's MOBA_TOPK_WG_BM and MOBA_TOPK_WG_BN)."""
+    return bm * dim * 2 + 2 * (2 * bn) * dim * 2 + bm * bn * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:

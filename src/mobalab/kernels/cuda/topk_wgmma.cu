@@ -56,9 +56,20 @@
 #include "topk.cuh"
 #include "wgmma.cuh"
 
-#define TKW_BM 256      // query rows per CTA
-#define TKW_BN 64       // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
-#define TKW_THREADS 256  // two warpgroups
+// Build options MOBA_TOPK_WG_BM = 128 (one warpgroup, two CTAs per SM) and MOBA_TOPK_WG_BN = 32 (chunks of 32
+// centroids, m64n64k16, 32 accumulators per m64 half): the mma.sync kernel gained 1.1-1.2x from more, smaller
+// CTAs per SM (topk.cuh); at BM 128, BN 32 a CTA holds 32 + 32 + 16 KB of shared memory and ~160 registers.
+#ifndef MOBA_TOPK_WG_BM
+#define MOBA_TOPK_WG_BM 256
+#endif
+#ifndef MOBA_TOPK_WG_BN
+#define MOBA_TOPK_WG_BN 64
+#endif
+#define TKW_BM MOBA_TOPK_WG_BM  // query rows per CTA (one thread per row)
+#define TKW_BN MOBA_TOPK_WG_BN  // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
+#define TKW_THREADS TKW_BM      // one warpgroup per 128 rows
+static_assert(TKW_BM == 128 || TKW_BM == 256, "one or two warpgroups");
+static_assert(TKW_BN == 32 || TKW_BN == 64, "the stacked B tile is an n64 or n128 operand");
 #define TKW_ROWS 64      // rows of one wgmma (m64)
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
@@ -117,7 +128,7 @@ __device__ __forceinline__ void topk_wg_load_q(unsigned sq, const T* __restrict_
 // Issue (asynchronously, one commit group) the wgmmas of one chunk for this warpgroup's two m64 halves: acc[h]
 // = Q rows (64 h ..) x [hi; lo]^T, 64 x 128, D / 16 k-steps.
 template <typename T, int D>
-__device__ __forceinline__ void topk_wg_issue(float (&acc)[2][64], unsigned sq_wg, unsigned buf) {
+__device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned sq_wg, unsigned buf) {
     constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
     moba::wgmma_fence_operand(acc[0]);
     moba::wgmma_fence_operand(acc[1]);
@@ -164,7 +175,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    float acc[2][64];
+    float acc[2][TKW_BN];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -207,9 +218,11 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             for (int half = 0; half < 2; ++half)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int i = nt * 4 + e * 2;  // q.hi in column c, q.lo in column c + 64 (float i + 32)
+                    // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
+                    const int i = nt * 4 + e * 2;
                     *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
-                        make_float2(acc[half][i] + acc[half][i + 32], acc[half][i + 1] + acc[half][i + 33]);
+                        make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
+                                    acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
                 }
         }
         if (next) {
@@ -247,7 +260,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 // topk.cu's kernels (the launch plan passes the same arguments), grouped by head dim under MOBA_HAS_HEAD_DIM. ----
 
 #define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
+    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 256 / TKW_BM)                                          \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
          int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
          int fold_blocks) {                                                                                           \
