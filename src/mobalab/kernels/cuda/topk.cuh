@@ -592,6 +592,18 @@ constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 template <int D>
 constexpr bool kTopkSplitAcc = MOBA_TOPK_SPLIT_ACC != 0 && D >= 96;
 
+// Build option MOBA_TOPK_ONE_BARRIER=1: two CTA barriers per tile instead of three. The barrier between the MMAs
+// and the next tile's load (every warp done reading sH / sL) is the one after the score stores, since a warp stores
+// its scores only once its MMAs, and so its ldmatrix reads, are complete; the load then starts after the stores
+// instead of before them, still under the scans. Barrier waits are 18% of the MMA block's stall samples (Nsight
+// Compute at 64K). Off by default until timed on a GPU. The CPU emulation passes with it on, but it would also
+// pass with the load issued before that barrier (measured: its coroutines seldom interleave warps between an MMA
+// and the next barrier), so what makes the order safe is the dependence above, not that test.
+#ifndef MOBA_TOPK_ONE_BARRIER
+#define MOBA_TOPK_ONE_BARRIER 0
+#endif
+constexpr bool kTopkOneBarrier = MOBA_TOPK_ONE_BARRIER != 0;
+
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
 // (A warp-specialised variant, 4 MMA warps feeding 4 scanning warps through double-buffered score tiles
@@ -652,9 +664,11 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
 
         float acc[MT][4][4];
         topk_score_tile<T, D, MT, 4, D / 16, kTopkSplitAcc<D>>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
-        __syncthreads();  // every warp is done reading sH / sL
-        if (tile > 0) {  // overlaps the scan
-            topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+        if constexpr (!kTopkOneBarrier) {
+            __syncthreads();  // every warp is done reading sH / sL
+            if (tile > 0) {  // overlaps the scan
+                topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+            }
         }
         const int j0 = tile * BN;
         if constexpr (LCAP == 0) {  // the heap's scan takes masked scores
@@ -664,7 +678,10 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
             topk_store_scores<CAUSAL, MT, 4, BN, false>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
                                                         block_size, n_blocks);
         }
-        __syncthreads();
+        __syncthreads();  // the score tile complete (and, a warp's stores following its MMAs, sH / sL read)
+        if constexpr (kTopkOneBarrier) {
+            if (tile > 0) topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
+        }
 
         if (t_row < seqlen) {
 #pragma unroll
