@@ -26,6 +26,12 @@ def host_files() -> dict[str, str]:
             "cuda_fp16.h": "#pragma once\n"}
 
 
+def with_defines(files: dict[str, str], name: str, **defines) -> dict[str, str]:
+    """``files`` with ``#define NAME VALUE`` lines put before the kernel text ``name``: a build option's harness."""
+    head = "".join(f"#define {key} {value}\n" for key, value in defines.items())
+    return {**files, name: head + files[name]}
+
+
 def split_hi_lo(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T."""
     hi = c.to(dtype)

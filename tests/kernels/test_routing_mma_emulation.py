@@ -36,6 +36,7 @@ from _topk_emulation import (  # noqa: E402
     host_files,
     run_random_case,
     run_topk,
+    with_defines,
 )
 
 pytestmark = NEEDS_CXX
@@ -131,15 +132,10 @@ def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, 
 # and up) and two barriers per tile (MOBA_TOPK_ONE_BARRIER=1), in one harness (their logic is independent; on a GPU
 # each is built alone, together they would spill at head dim 128) ----
 
-def _options_files() -> dict[str, str]:
-    files = _kernel_files()
-    defines = "#define MOBA_TOPK_SPLIT_ACC 1\n#define MOBA_TOPK_ONE_BARRIER 1\n"
-    files["topk_kernels.cu"] = defines + files["topk_kernels.cu"]
-    return files
-
-
-options_harness = harness_fixture("topk_mma_harness", _options_files, flags=("-Wno-unknown-pragmas",),
-                                  name="options_harness")
+options_harness = harness_fixture(
+    "topk_mma_harness",
+    lambda: with_defines(_kernel_files(), "topk_kernels.cu", MOBA_TOPK_SPLIT_ACC=1, MOBA_TOPK_ONE_BARRIER=1),
+    flags=("-Wno-unknown-pragmas",), name="options_harness")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]], ids=[IDS[0], IDS[1], IDS[3], IDS[4]])

@@ -31,6 +31,7 @@ from _topk_emulation import (  # noqa: E402
     check_query_offset,
     check_random_case,
     host_files,
+    with_defines,
 )
 
 pytestmark = NEEDS_CXX
@@ -91,15 +92,10 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
 
 # ---- the build option of one-warpgroup CTAs of 32-centroid chunks (MOBA_TOPK_WG_BM=128, MOBA_TOPK_WG_BN=32) ----
 
-def _small_kernel_files() -> dict[str, str]:
-    files = _kernel_files()
-    defines = "#define MOBA_TOPK_WG_BM 128\n#define MOBA_TOPK_WG_BN 32\n"
-    files["topk_wgmma_kernels.cu"] = defines + files["topk_wgmma_kernels.cu"]
-    return files
-
-
-small_harness = harness_fixture("topk_wgmma_harness", _small_kernel_files, flags=("-Wno-unknown-pragmas",),
-                                name="small_harness")
+small_harness = harness_fixture(
+    "topk_wgmma_harness",
+    lambda: with_defines(_kernel_files(), "topk_wgmma_kernels.cu", MOBA_TOPK_WG_BM=128, MOBA_TOPK_WG_BN=32),
+    flags=("-Wno-unknown-pragmas",), name="small_harness")
 
 
 @pytest.fixture
