@@ -18,7 +18,6 @@ Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from pathlib import Path
 
@@ -64,17 +63,7 @@ def main(argv=None) -> int:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
                 name, defines = specs[variant]
-                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name)
-                plan = dataclasses.replace(plan, defines=plan.defines + defines)
-                opts = dict(x.split("=", 1) for x in defines if "=" in x)
-                if name == "mma" and "MOBA_TOPK_BN" in opts:  # the tile width sets the shared memory
-                    smem = routing.topk_shared_bytes(d, top_k, causal, bn=int(opts["MOBA_TOPK_BN"]))
-                    plan = dataclasses.replace(plan, shared_mem=smem)
-                if name == "wgmma" and {"MOBA_TOPK_WG_BM", "MOBA_TOPK_WG_BN"} & set(opts):  # CTA shape
-                    bm = int(opts.get("MOBA_TOPK_WG_BM", routing.WG_BM))
-                    bn = int(opts.get("MOBA_TOPK_WG_BN", routing.WG_BN))
-                    plan = dataclasses.replace(plan, grid=(math.ceil(seqlen / bm), h, b), block=(bm, 1, 1),
-                                               shared_mem=routing.wgmma_topk_shared_bytes(d, bm, bn))
+                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name, defines=defines)
                 ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")

@@ -8,6 +8,7 @@ parameter lists parsed from cuda/centroids.cu and cuda/topk.cu, so a Python int 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -200,6 +201,16 @@ def test_topk_grid_covers_every_query_once(seqlen, router):
     assert plan.block == ((routing.SPLIT_THREADS if router == "split" else routing.TOPK_THREADS), 1, 1)
 
 
+@functools.cache
+def _min_ctas(dim: int) -> int:
+    """The CTAs per SM topk_body's register-list kernels are compiled for at head dim ``dim``: the source's
+    MOBA_TOPK_MIN_CTAS(D), a chain "((D) <= a ? x : ... : z)"."""
+    macro = re.search(r"#define MOBA_TOPK_MIN_CTAS\(D\) (.+)", _build.source("topk.cu")).group(1)
+    cases = [(int(a), int(x)) for a, x in re.findall(r"\(D\) <= (\d+) \? (\d+) :", macro)]
+    assert cases, macro
+    return next((x for a, x in cases if dim <= a), int(re.search(r": (\d+)\)$", macro).group(1)))
+
+
 def test_shared_memory_fits_the_opt_in_limit():
     limit = 232448  # H100 / H200 opt-in maximum per block
     for dim, top_k, causal in itertools.product(C.CUDA_HEAD_DIMS, range(1, C.MAX_TOP_K + 1), (True, False)):
@@ -207,18 +218,7 @@ def test_shared_memory_fits_the_opt_in_limit():
         assert 0 < smem <= routing.topk_shared_bytes(dim, C.MAX_TOP_K, False) <= limit
         # The CTAs per SM the register-list kernels are compiled for fit (228 KB per SM, 1 KB reserved per CTA).
         if routing.topk_list_tier(top_k, causal) < 64:
-            assert routing.topk_min_ctas(dim) * (smem + 1024) <= 228 * 1024
-
-
-def test_min_ctas_mirror_the_kernel_source():
-    """topk_min_ctas is the Python copy of the source's MOBA_TOPK_MIN_CTAS(D), a chain "(D) <= a ? x : ... : z"."""
-    macro = re.search(r"#define MOBA_TOPK_MIN_CTAS\(D\) (.+)", _build.source("topk.cu")).group(1)
-    cases = [(int(a), int(x)) for a, x in re.findall(r"\(D\) <= (\d+) \? (\d+) :", macro)]
-    default = int(re.search(r": (\d+)\)$", macro).group(1))
-    assert cases, macro
-    for dim in C.CUDA_HEAD_DIMS:
-        want = next((x for a, x in cases if dim <= a), default)
-        assert routing.topk_min_ctas(dim) == want, (dim, macro)
+            assert _min_ctas(dim) * (smem + 1024) <= 228 * 1024
 
 
 @pytest.mark.parametrize("dim", C.CUDA_HEAD_DIMS)
@@ -334,6 +334,21 @@ def _wgmma_plan(dtype, dim, causal, top_k, seqlen=300, block_size=64, heads=4, k
     hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype)
     out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32)
     return routing.topk_launch(q, hi, torch.empty_like(hi), out, block_size, top_k, causal, variant="wgmma")
+
+
+def test_topk_launch_plans_the_build_options():
+    """Build options that change a CTA's shape are planned with it: the wgmma kernel's one-warpgroup CTAs of
+    32-centroid chunks (128 rows and threads, less shared memory), the mma kernel's 64-centroid tiles."""
+    small = ("MOBA_TOPK_WG_BM=128", "MOBA_TOPK_WG_BN=32")
+    q = torch.empty((2, 300, 4, 128), dtype=torch.bfloat16)
+    hi = torch.empty((2, 2, 5, 128), dtype=torch.bfloat16)
+    out = torch.empty((2, 300, 4, 8), dtype=torch.int32)
+    plan = routing.topk_launch(q, hi, hi, out, 64, 8, True, variant="wgmma", defines=small)
+    assert (plan.grid, plan.block, plan.defines) == ((3, 4, 2), (128, 1, 1), small)
+    assert plan.shared_mem == 128 * 128 * 2 + 2 * 64 * 128 * 2 + 128 * 32 * 4 + 1024
+    wide = routing.topk_launch(q, hi, hi, out, 64, 8, True, variant="mma", defines=("MOBA_TOPK_BN=64",))
+    assert wide.shared_mem == routing.topk_shared_bytes(128, 8, True, bn=64) == 96 * 1024
+    assert routing.topk_launch(q, hi, hi, out, 64, 8, True, variant="mma").shared_mem == 64 * 1024
 
 
 @pytest.mark.parametrize("dtype, dim, causal, top_k", WG_VARIANTS)

@@ -92,29 +92,22 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
 
 # ---- the build option of one-warpgroup CTAs of 32-centroid chunks (MOBA_TOPK_WG_BM=128, MOBA_TOPK_WG_BN=32) ----
 
-small_harness = harness_fixture(
-    "topk_wgmma_harness",
-    lambda: with_defines(_kernel_files(), "topk_wgmma_kernels.cu", MOBA_TOPK_WG_BM=128, MOBA_TOPK_WG_BN=32),
-    flags=("-Wno-unknown-pragmas",), name="small_harness")
-
-
-@pytest.fixture
-def small_plan(monkeypatch):
-    """topk_launch planning that build: 128 rows and threads per CTA, its shared memory."""
-    monkeypatch.setattr(routing, "WG_BM", 128)
-    monkeypatch.setattr(routing, "WG_THREADS", 128)
-    full = routing.wgmma_topk_shared_bytes
-    monkeypatch.setattr(routing, "wgmma_topk_shared_bytes", lambda dim: full(dim, 128, 32))
+SMALL = ("MOBA_TOPK_WG_BM=128", "MOBA_TOPK_WG_BN=32")
+small_harness = harness_fixture("topk_wgmma_harness",
+                                lambda: with_defines(_kernel_files(), "topk_wgmma_kernels.cu", SMALL),
+                                flags=("-Wno-unknown-pragmas",), name="small_harness")
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=[case_id(c) for c in CASES[:4]])
-def test_emulated_small_cta_build_matches_reference(small_harness, small_plan, tmp_path, case):
-    """One warpgroup per CTA, 32-centroid chunks (m64n64k16, float i + 16 for column + 32): the reference's
-    selections up to near-ties, exact ties to the higher block, planted monotone scores."""
-    check_random_case(small_harness, tmp_path, case, "wgmma")
+def test_emulated_small_cta_build_matches_reference(small_harness, tmp_path, case):
+    """One warpgroup per CTA, 32-centroid chunks (m64n64k16, float i + 16 for column + 32), launched as
+    topk_launch plans that build (128 rows and threads per CTA, its shared memory): the reference's selections up
+    to near-ties, exact ties to the higher block, planted monotone scores."""
+    check_random_case(small_harness, tmp_path, case, "wgmma", SMALL)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_emulated_small_cta_build_ties_and_monotone_scores(small_harness, small_plan, tmp_path, causal):
-    check_planted_ties(small_harness, tmp_path, causal, "wgmma", (12,) if causal else (3,))
-    check_planted_monotone(small_harness, tmp_path, causal, "wgmma", (8, 17) if causal else (3, 16), rows=300)
+def test_emulated_small_cta_build_ties_and_monotone_scores(small_harness, tmp_path, causal):
+    check_planted_ties(small_harness, tmp_path, causal, "wgmma", (12,) if causal else (3,), defines=SMALL)
+    check_planted_monotone(small_harness, tmp_path, causal, "wgmma", (8, 17) if causal else (3, 16), rows=300,
+                           defines=SMALL)

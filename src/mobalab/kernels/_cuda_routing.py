@@ -59,7 +59,7 @@ TOPK_THREADS = 128
 WGMMA_SOURCE = "topk_wgmma.cu"
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
-WG_THREADS = 256
+WG_THREADS = WG_BM  # one thread per row
 WG_HEAD_DIMS = (64, 128)
 WG_LIST_TIERS = (8, 16)
 WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynamic shared memory
@@ -121,12 +121,6 @@ def topk_bn(dim: int, bn: int = TOPK_BN) -> int:
     """Centroids per streamed tile of topk_body: ``bn`` (the build option MOBA_TOPK_BN, 32 by default: small
     tiles leave room for three or four CTAs per multiprocessor), always 32 at head dim 256."""
     return 32 if dim >= 256 else bn
-
-
-def topk_min_ctas(dim: int) -> int:
-    """CTAs per multiprocessor that topk_body's register-list kernels are compiled for (MOBA_TOPK_MIN_CTAS in
-    cuda/topk.cuh): their shared memory must let that many share a multiprocessor."""
-    return 4 if dim <= 64 else 3 if dim <= 128 else 1
 
 
 def topk_shared_bytes(dim: int, top_k: int, causal: bool, itemsize: int = 2, bn: int = TOPK_BN) -> int:
@@ -232,12 +226,15 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
 
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
                 top_k: int, causal: bool, query_offset: int = 0, variant: str | None = None,
-                fold_blocks: int = 0) -> Launch:
+                fold_blocks: int = 0, defines: tuple[str, ...] = ()) -> Launch:
     """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k); row i of q sits at
     position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it);
     ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default). ``fold_blocks``:
     block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
-    :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected."""
+    :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected. ``defines``: build options of
+    the kernel's module (``"NAME=value"``), planned with the CTA shape they give (MOBA_TOPK_BN of topk.cu,
+    MOBA_TOPK_WG_BM and MOBA_TOPK_WG_BN of topk_wgmma.cu)."""
+    opts = dict(d.split("=", 1) for d in defines if "=" in d)
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
@@ -247,15 +244,18 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        grid = (math.ceil(seqlen / WG_BM), heads, batch)
-        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim))
+        bm, bn = int(opts.get("MOBA_TOPK_WG_BM", WG_BM)), int(opts.get("MOBA_TOPK_WG_BN", WG_BN))
+        grid = (math.ceil(seqlen / bm), heads, batch)  # one thread per row
+        return Launch(WGMMA_SOURCE, name, grid, (bm, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim, bm, bn),
+                      defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
         name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"
-        return Launch("topk.cu", name, grid, (SPLIT_THREADS, 1, 1), args, shared_mem=split_topk_shared_bytes(dim))
+        return Launch("topk.cu", name, grid, (SPLIT_THREADS, 1, 1), args, shared_mem=split_topk_shared_bytes(dim),
+                      defines=defines)
     name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
-    return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args,
-                  shared_mem=topk_shared_bytes(dim, top_k, causal))
+    return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args, defines=defines,
+                  shared_mem=topk_shared_bytes(dim, top_k, causal, bn=int(opts.get("MOBA_TOPK_BN", TOPK_BN))))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -175,8 +175,10 @@ template <bool CAUSAL, int MT, int NT, int BN, bool MASK = true>
 __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4], float* sS, int row0,
                                                   int col0, int lane, int t0, int j0, int block_size,
                                                   int n_blocks) {
-    if constexpr (!MASK && BN == 64) {  // (at BN 32, head dim 256, ptxas then gives the mma kernel 128 registers
-                                         // and a 4-byte spill; that tile keeps the general stores)
+    // BN 64 only (the MOBA_TOPK_BN=64 build): at BN 32, the default tile, the unmasked loop below already compiles
+    // to 16 float2 stores and ~12 address instructions per warp tile (Nsight Compute at 64K), and this form gave
+    // the head-dim-256 kernel a 4-byte spill.
+    if constexpr (!MASK && BN == 64) {
         // Raw sums at fixed addresses (topk_score_pair_base).
         static_assert(NT <= 4 && BN % 32 == 0, "column pairs of one 32-column word per warp tile");
         const int base = topk_score_pair_base<BN>(row0, col0, lane);
