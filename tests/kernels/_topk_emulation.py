@@ -26,13 +26,6 @@ def host_files() -> dict[str, str]:
             "cuda_fp16.h": "#pragma once\n"}
 
 
-def with_defines(files: dict[str, str], name: str, defines: tuple[str, ...]) -> dict[str, str]:
-    """``files`` with a ``#define NAME VALUE`` line for each ``"NAME=VALUE"`` of ``defines`` put before the kernel
-    text ``name``: the harness of a build option (whose launches :func:`run_topk` plans with the same defines)."""
-    head = "".join("#define {} {}\n".format(*d.split("=", 1)) for d in defines)
-    return {**files, name: head + files[name]}
-
-
 def split_hi_lo(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T."""
     hi = c.to(dtype)
@@ -45,15 +38,15 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0, defines=()) -> torch.Tensor:
-    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it (with the build options
-    ``defines`` that ``exe`` was built with), run by ``exe`` with seed ``seed``; q gets a buffer of its own (an
+             query_offset=0, fold_blocks=0) -> torch.Tensor:
+    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
+    ``seed``; q gets a buffer of its own (an
     access outside it fails) and the output starts as -7 everywhere, so unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
-                               fold_blocks=fold_blocks, defines=defines)
+                               fold_blocks=fold_blocks)
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -84,7 +77,7 @@ def case_id(case) -> str:
     return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
 
 
-def run_random_case(exe: Path, tmp: Path, case, variant, defines=()):
+def run_random_case(exe: Path, tmp: Path, case, variant):
     """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
     batch): inputs seeded by seqlen + dim, the launch by seqlen."""
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
@@ -92,13 +85,13 @@ def run_random_case(exe: Path, tmp: Path, case, variant, defines=()):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen, defines=defines), q, k, cent
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
 
 
-def check_random_case(exe: Path, tmp: Path, case, variant, defines=()) -> torch.Tensor:
+def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
     """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
     _, _, block_size, causal, _, top_k, *_ = case
-    out, q, k, cent = run_random_case(exe, tmp, case, variant, defines)
+    out, q, k, cent = run_random_case(exe, tmp, case, variant)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
     return out
@@ -159,21 +152,21 @@ def planted_monotone(n: int = 150, block_size: int = 16, dim: int = 64):
     return (sign * u).to(torch.bfloat16), cent
 
 
-def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                           defines=()) -> None:
+def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks,
+                           rows: int | None = None) -> None:
     """:func:`planted_monotone` through the harness: the selections equal the reference's exactly; ``rows``: the
     last rows only, at a query offset."""
     q, cent = planted_monotone()
     first = 0 if rows is None else q.shape[1] - rows
     for top_k in top_ks:
-        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k, defines=defines,
+        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k,
                        **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, 16, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
 
 
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                       block_size: int = 16, dim: int = 64, defines=()) -> None:
+                       block_size: int = 16, dim: int = 64) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
     block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
     q, cent = planted_ties(causal, block_size=block_size, dim=dim)
@@ -181,7 +174,7 @@ def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks,
     first = 0 if rows is None else seqlen - rows
     for top_k in top_ks:
         out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k,
-                       defines=defines, **({} if rows is None else {"query_offset": first}))
+                       **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert -(-seqlen // block_size) == n

@@ -57,13 +57,6 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the router's build options: separate hi and lo accumulators, two barriers per tile in the mma.sync top-k
-# kernel (to be timed against the default: scripts/bench_router.py --variants mma,mma+MOBA_TOPK_SPLIT_ACC=1,...)
-FALLBACK_BUILDS += [("topk.cu", ("MOBA_TOPK_SPLIT_ACC=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}")),
-                    ("topk.cu", ("MOBA_TOPK_ONE_BARRIER=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the wgmma router's one-warpgroup CTAs of 32-centroid chunks (--variants wgmma,wgmma+MOBA_TOPK_WG_BM=128+...)
-FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE,
-                     ("MOBA_TOPK_WG_BM=128", "MOBA_TOPK_WG_BN=32", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")

@@ -36,7 +36,6 @@ from _topk_emulation import (  # noqa: E402
     host_files,
     run_random_case,
     run_topk,
-    with_defines,
 )
 
 pytestmark = NEEDS_CXX
@@ -127,25 +126,3 @@ def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, 
     the heap tier, exactly what renumbering the plain selections gives."""
     check_fold(harness, tmp_path, router, top_k, causal)
 
-
-# ---- the build options prepared for timing: separate hi and lo accumulators (MOBA_TOPK_SPLIT_ACC=1, head dims 96
-# and up) and two barriers per tile (MOBA_TOPK_ONE_BARRIER=1), in one harness (their logic is independent; on a GPU
-# each is built alone, together they would spill at head dim 128) ----
-
-OPTIONS = ("MOBA_TOPK_SPLIT_ACC=1", "MOBA_TOPK_ONE_BARRIER=1")
-options_harness = harness_fixture("topk_mma_harness", lambda: with_defines(_kernel_files(), "topk_kernels.cu", OPTIONS),
-                                  flags=("-Wno-unknown-pragmas",), name="options_harness")
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]], ids=[IDS[0], IDS[1], IDS[3], IDS[4]])
-def test_emulated_prepared_options_match_reference(options_harness, tmp_path, case):
-    """q.hi and q.lo summed in accumulators of their own, the next tile loaded after the one barrier that follows
-    the score stores: the reference's selections up to near-ties (head dims 128, 64, 96, 256; several tiles per
-    row in the first case, so a load that overwrote a tile still being read would show)."""
-    check_random_case(options_harness, tmp_path, case, "mma", OPTIONS)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_emulated_prepared_options_keep_exact_ties(options_harness, tmp_path, causal):
-    check_planted_ties(options_harness, tmp_path, causal, "mma", (12, 17) if causal else (3, 16), rows=200,
-                       dim=128, defines=OPTIONS)

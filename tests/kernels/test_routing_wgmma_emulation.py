@@ -31,7 +31,6 @@ from _topk_emulation import (  # noqa: E402
     check_query_offset,
     check_random_case,
     host_files,
-    with_defines,
 )
 
 pytestmark = NEEDS_CXX
@@ -89,25 +88,3 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
 
-
-# ---- the build option of one-warpgroup CTAs of 32-centroid chunks (MOBA_TOPK_WG_BM=128, MOBA_TOPK_WG_BN=32) ----
-
-SMALL = ("MOBA_TOPK_WG_BM=128", "MOBA_TOPK_WG_BN=32")
-small_harness = harness_fixture("topk_wgmma_harness",
-                                lambda: with_defines(_kernel_files(), "topk_wgmma_kernels.cu", SMALL),
-                                flags=("-Wno-unknown-pragmas",), name="small_harness")
-
-
-@pytest.mark.parametrize("case", CASES[:4], ids=[case_id(c) for c in CASES[:4]])
-def test_emulated_small_cta_build_matches_reference(small_harness, tmp_path, case):
-    """One warpgroup per CTA, 32-centroid chunks (m64n64k16, float i + 16 for column + 32), launched as
-    topk_launch plans that build (128 rows and threads per CTA, its shared memory): the reference's selections up
-    to near-ties, exact ties to the higher block, planted monotone scores."""
-    check_random_case(small_harness, tmp_path, case, "wgmma", SMALL)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_emulated_small_cta_build_ties_and_monotone_scores(small_harness, tmp_path, causal):
-    check_planted_ties(small_harness, tmp_path, causal, "wgmma", (12,) if causal else (3,), defines=SMALL)
-    check_planted_monotone(small_harness, tmp_path, causal, "wgmma", (8, 17) if causal else (3, 16), rows=300,
-                           defines=SMALL)

@@ -143,11 +143,10 @@ def split_router_supports(top_k: int, causal: bool) -> bool:
     return topk_list_tier(top_k, causal) in SPLIT_LIST_TIERS
 
 
-def wgmma_topk_shared_bytes(dim: int, bm: int = WG_BM, bn: int = WG_BN) -> int:
+def wgmma_topk_shared_bytes(dim: int) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
-    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack (``bm``, ``bn``:
-    the kernel's MOBA_TOPK_WG_BM and MOBA_TOPK_WG_BN)."""
-    return bm * dim * 2 + 2 * (2 * bn) * dim * 2 + bm * bn * 4 + WG_ALIGN_BYTES
+    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
+    return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -232,8 +231,7 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default). ``fold_blocks``:
     block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
     :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected. ``defines``: build options of
-    the kernel's module (``"NAME=value"``), planned with the CTA shape they give (MOBA_TOPK_BN of topk.cu,
-    MOBA_TOPK_WG_BM and MOBA_TOPK_WG_BN of topk_wgmma.cu)."""
+    the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu)."""
     opts = dict(d.split("=", 1) for d in defines if "=" in d)
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
@@ -244,9 +242,8 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        bm, bn = int(opts.get("MOBA_TOPK_WG_BM", WG_BM)), int(opts.get("MOBA_TOPK_WG_BN", WG_BN))
-        grid = (math.ceil(seqlen / bm), heads, batch)  # one thread per row
-        return Launch(WGMMA_SOURCE, name, grid, (bm, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim, bm, bn),
+        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
+        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
                       defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":

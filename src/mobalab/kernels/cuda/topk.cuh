@@ -106,20 +106,16 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
 // One warp's (16 MT) x (8 NT) block of the score tile: rows row0.., centroid columns col0.. of the tiles
 // sQ [.][D], sH / sL [.][D] (XOR-swizzled 16-byte chunks); acc = q.hi + q.lo in fp32. KU: how many of the
 // D/16 k-steps are unrolled.
-// SPLIT: q.hi and q.lo go to accumulators of their own, added at the end (as the wgmma kernel sums them): each
-// accumulator's chain of dependent MMAs is then D/16 long, not D/8 (with one accumulator every hi MMA waits for
-// the lo MMA before it); MT x NT x 4 more registers.
-template <typename T, int D, int MT, int NT, int KU, bool SPLIT = false>
+template <typename T, int D, int MT, int NT, int KU>
 __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T* sQ, const T* sH,
                                                 const T* sL, int row0, int col0, int lane) {
     static_assert(NT % 2 == 0, "centroid fragments are loaded in pairs of n8 tiles");
-    float acc_lo[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = acc_lo[mt][nt][e] = 0.f;
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
 #pragma unroll(KU)
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -144,16 +140,8 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 Elem<T>::mma(acc[mt][nt], a[mt], bh[nt][0], bh[nt][1]);
-                Elem<T>::mma(SPLIT ? acc_lo[mt][nt] : acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
+                Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
             }
-    }
-    if constexpr (SPLIT) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mt][nt][e] += acc_lo[mt][nt][e];
     }
 }
 
@@ -582,30 +570,6 @@ constexpr int kTopkBN = D >= 256 ? 32 : MOBA_TOPK_BN;
 template <int D, int LCAP>
 constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 
-// Build option MOBA_TOPK_SPLIT_ACC=1: hi and lo products in accumulators of their own (topk_score_tile's SPLIT)
-// where the registers allow it, at D >= 96 (three CTAs per SM, <= 170 registers: 152 at D = 128 with lists of 8,
-// no spills; at D <= 64 the four CTAs' 128 registers would spill). Nsight Compute puts 38% of the kernel's stall
-// samples in its MMA block at 64K (mostly fixed-latency waits), whose eight accumulators each carry a chain of
-// D/8 dependent MMAs. Off by default until it is timed on a GPU (selections equal up to near-ties: the CPU
-// emulation passes with it on).
-#ifndef MOBA_TOPK_SPLIT_ACC
-#define MOBA_TOPK_SPLIT_ACC 0
-#endif
-template <int D>
-constexpr bool kTopkSplitAcc = MOBA_TOPK_SPLIT_ACC != 0 && D >= 96;
-
-// Build option MOBA_TOPK_ONE_BARRIER=1: two CTA barriers per tile instead of three. The barrier between the MMAs
-// and the next tile's load (every warp done reading sH / sL) is the one after the score stores, since a warp stores
-// its scores only once its MMAs, and so its ldmatrix reads, are complete; the load then starts after the stores
-// instead of before them, still under the scans. Barrier waits are 18% of the MMA block's stall samples (Nsight
-// Compute at 64K). Off by default until timed on a GPU. The CPU emulation passes with it on, but it would also
-// pass with the load issued before that barrier (measured: its coroutines seldom interleave warps between an MMA
-// and the next barrier), so what makes the order safe is the dependence above, not that test.
-#ifndef MOBA_TOPK_ONE_BARRIER
-#define MOBA_TOPK_ONE_BARRIER 0
-#endif
-constexpr bool kTopkOneBarrier = MOBA_TOPK_ONE_BARRIER != 0;
-
 // 128 threads; every warp computes a quarter of the score tile, then every thread scans its row.
 // LCAP = 8 or 16: register lists for list capacities up to LCAP; LCAP = 0: heap in shared memory.
 // (A warp-specialised variant, 4 MMA warps feeding 4 scanning warps through double-buffered score tiles
@@ -665,13 +629,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         __syncthreads();  // Q and centroid tile visible; previous row scans done with sS
 
         float acc[MT][4][4];
-        topk_score_tile<T, D, MT, 4, D / 16, kTopkSplitAcc<D>>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
-        if constexpr (!kTopkOneBarrier) {
-            __syncthreads();  // every warp is done reading sH / sL
-            if (tile > 0) {  // overlaps the scan
-                topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
-            }
-        }
+        topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         const int j0 = tile * BN;
         if constexpr (LCAP == 0) {  // the heap's scan takes masked scores
             topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
@@ -680,10 +638,13 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
             topk_store_scores<CAUSAL, MT, 4, BN, false>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
                                                         block_size, n_blocks);
         }
-        __syncthreads();  // the score tile complete (and, a warp's stores following its MMAs, sH / sL read)
-        if constexpr (kTopkOneBarrier) {
-            if (tile > 0) topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
-        }
+        // The score tile complete, and sH / sL read by every warp: a warp stores its scores only once its MMAs,
+        // and so its ldmatrix reads of the centroid tiles, are complete. So this one barrier also frees the
+        // centroid tiles for the next load, which runs under the scans. (A third barrier between the MMAs and
+        // an earlier load measured 1.06x slower on an H200 at 64K-256K, B 128, and 1.08x at B 64 / 64K; 1.03-1.05x
+        // faster at 8K, where a CTA streams only two tiles.)
+        __syncthreads();
+        if (tile > 0) topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
 
         if (t_row < seqlen) {
 #pragma unroll
