@@ -385,15 +385,15 @@ def test_wgmma_shared_memory(dim):
 
 
 @pytest.mark.parametrize("cap, dim, top_k, causal, n_blocks, expected", [
-    ((9, 0), 128, 8, True, 1024, "wgmma"), ((9, 0), 128, 17, True, 4096, "wgmma"),
-    ((9, 0), 128, 16, False, 2048, "wgmma"), ((9, 0), 128, 8, True, 1023, "mma"), ((9, 0), 128, 8, True, 512, "mma"),
+    ((9, 0), 128, 8, True, 2048, "wgmma"), ((9, 0), 128, 17, True, 4096, "wgmma"),
+    ((9, 0), 128, 16, False, 2048, "wgmma"), ((9, 0), 128, 8, True, 2047, "mma"), ((9, 0), 128, 8, True, 1024, "mma"),
     ((9, 0), 128, 8, True, 64, "mma"),
     ((9, 0), 128, 18, True, 4096, "mma"), ((9, 0), 64, 8, True, 4096, "mma"), ((9, 0), 96, 8, True, 4096, "mma"),
     ((8, 0), 128, 8, True, 4096, "mma"), ((8, 9), 128, 8, True, 4096, "mma"), ((10, 0), 128, 8, True, 4096, "mma")])
 def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, n_blocks, expected):
     """"auto" (the default, or asked for) takes wgmma on sm_90 at head dim 128 with at least WG_AUTO_MIN_BLOCKS key
     blocks where wgmma has a kernel, mma elsewhere; a CPU device, a missing shape or block count gives mma."""
-    assert routing.WG_AUTO_MIN_BLOCKS == 1024
+    assert routing.WG_AUTO_MIN_BLOCKS == 2048
     no_router_env.setattr(routing, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)
     assert routing.resolve_router_variant(None, dim, top_k, causal, cuda, n_blocks) == expected
@@ -408,7 +408,7 @@ def test_auto_router_variant(no_router_env, cap, dim, top_k, causal, n_blocks, e
 
 def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
     """topk_launch resolves the variant with the block count of the centroid halves (the plan only; nothing runs):
-    under "auto" the wgmma kernel from 1024 blocks on."""
+    under "auto" the wgmma kernel from 2048 blocks on."""
     seen = []
 
     def resolve(variant, head_dim, top_k, causal, device, n_blocks=None):
@@ -416,9 +416,9 @@ def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
         return "wgmma" if n_blocks >= routing.WG_AUTO_MIN_BLOCKS else "mma"
 
     monkeypatch.setattr(routing, "resolve_router_variant", resolve)
-    for n_blocks, kernel in ((1023, "moba_topk_bf16_d128_causal_k8"), (1024, "moba_topk_wg_bf16_d128_causal_k8")):
+    for n_blocks, kernel in ((2047, "moba_topk_bf16_d128_causal_k8"), (2048, "moba_topk_wg_bf16_d128_causal_k8")):
         q = torch.empty((1, 8, 2, 128), dtype=torch.bfloat16, device="meta")
         hi = torch.empty((1, 2, n_blocks, 128), dtype=torch.bfloat16, device="meta")
         out = torch.empty((1, 8, 2, 8), dtype=torch.int32, device="meta")
         assert routing.topk_launch(q, hi, hi, out, 128, 8, True).kernel == kernel
-    assert seen == [1023, 1024]
+    assert seen == [2047, 2048]

@@ -19,8 +19,8 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
 128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
-call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 1024 key blocks, where it has a
-kernel (measured against mma's 32-centroid tiles: 1.01-1.02x at 1024 blocks, 1.10-1.12x at 2048, slower below),
+call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 2048 key blocks, where it has a
+kernel (measured against mma's two-barrier 32-centroid tiles: 1.03-1.04x at 2048 blocks, 0.95-0.98x at 1024),
 mma elsewhere (split measured no faster; were "split" the default, it would apply at head dims up to 128 only,
 :data:`SPLIT_DEFAULT_HEAD_DIMS`: at 256 the split CTA takes 161 KB of shared memory, one per multiprocessor, against
 two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" where it has no kernel (the heap
@@ -72,14 +72,14 @@ ROUTER_CHOICES = ("auto", *ROUTER_VARIANTS)  # what a caller may ask for; "auto"
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
 # "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel and the sequence has at
 # least WG_AUTO_MIN_BLOCKS blocks, mma elsewhere. Measured on an H200 (batch 2, 16 heads, k 8, causal; RESULTS.md),
-# wgmma against mma at d 128 is faster the more blocks a row scores; against mma's 32-centroid tiles (three CTAs per
-# SM): 0.79-0.81x at 64 blocks, 0.76-0.81x at 128, 0.90x at 256 and 512, 1.01-1.02x at 1024, 1.10-1.12x at 2048
-# (B 32 to 128, 8K to 256K); at d 64 it is slower (0.81-0.82x at 64 and 1024 blocks).
+# wgmma against mma at d 128 is faster the more blocks a row scores; against mma's 32-centroid tiles with two
+# barriers per tile (three CTAs per SM): 0.79-0.82x at 64 blocks, 0.81-0.82x at 128, 0.93x at 512, 0.95-0.98x at 1024,
+# 1.03-1.04x at 2048 (B 32 to 128, 8K to 256K); at d 64 it is slower (0.81-0.82x at 64 and 1024 blocks).
 # split selects exactly what mma selects but is no faster (64K 1.76 against 1.71 ms, 8K 0.134 against 0.141, both
 # with 64-centroid tiles), so it stays opt-in.
 DEFAULT_ROUTER_VARIANT = "auto"
 WG_AUTO_HEAD_DIMS = (128,)
-WG_AUTO_MIN_BLOCKS = 1024
+WG_AUTO_MIN_BLOCKS = 2048
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
                            n_blocks: int | None = None) -> str:
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
     (DEFAULT_ROUTER_VARIANT, "auto"). "auto" (asked for or the default) is wgmma on an sm_90 GPU at head dim 128
-    with at least WG_AUTO_MIN_BLOCKS (1024) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
+    with at least WG_AUTO_MIN_BLOCKS (2048) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
     mma elsewhere (and where the shape, the block count or the device is not given).
 
     "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when
