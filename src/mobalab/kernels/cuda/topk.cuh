@@ -640,9 +640,11 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         }
         // The score tile complete, and sH / sL read by every warp: a warp stores its scores only once its MMAs,
         // and so its ldmatrix reads of the centroid tiles, are complete. So this one barrier also frees the
-        // centroid tiles for the next load, which runs under the scans. (A third barrier between the MMAs and
-        // an earlier load measured 1.06x slower on an H200 at 64K-256K, B 128, and 1.08x at B 64 / 64K; 1.03-1.05x
-        // faster at 8K, where a CTA streams only two tiles.)
+        // centroid tiles for the next load, which runs under the scans. (With a third barrier between the MMAs
+        // and an earlier load the kernel took 1.06x as long on an H200 at 64K-256K, B 128, and 1.08x at B 64 /
+        // 64K, 0.95-0.97x at 8K, where a CTA streams only two tiles.) The CPU emulation would not catch the load
+        // moved above this barrier (its coroutines seldom interleave warps there): the order rests on the
+        // dependence above.
         __syncthreads();
         if (tile > 0) topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
 
