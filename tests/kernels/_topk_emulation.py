@@ -40,8 +40,8 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
              query_offset=0, fold_blocks=0) -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
-    ``seed``; q gets a buffer of its own (an
-    access outside it fails) and the output starts as -7 everywhere, so unwritten slots show."""
+    ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
+    unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
@@ -152,8 +152,7 @@ def planted_monotone(n: int = 150, block_size: int = 16, dim: int = 64):
     return (sign * u).to(torch.bfloat16), cent
 
 
-def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks,
-                           rows: int | None = None) -> None:
+def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None) -> None:
     """:func:`planted_monotone` through the harness: the selections equal the reference's exactly; ``rows``: the
     last rows only, at a query offset."""
     q, cent = planted_monotone()
@@ -166,10 +165,10 @@ def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top
 
 
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                       block_size: int = 16, dim: int = 64) -> None:
+                       block_size: int = 16) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
     block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
-    q, cent = planted_ties(causal, block_size=block_size, dim=dim)
+    q, cent = planted_ties(causal, block_size=block_size)
     seqlen, n = q.shape[1], cent.shape[1]
     first = 0 if rows is None else seqlen - rows
     for top_k in top_ks:

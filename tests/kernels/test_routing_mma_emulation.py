@@ -125,4 +125,3 @@ def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, 
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), in the register lists of both kernels and
     the heap tier, exactly what renumbering the plain selections gives."""
     check_fold(harness, tmp_path, router, top_k, causal)
-

@@ -87,4 +87,3 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
 def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
-

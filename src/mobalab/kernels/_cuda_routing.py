@@ -232,7 +232,6 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
     :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected. ``defines``: build options of
     the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu)."""
-    opts = dict(d.split("=", 1) for d in defines if "=" in d)
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
@@ -251,8 +250,9 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
         return Launch("topk.cu", name, grid, (SPLIT_THREADS, 1, 1), args, shared_mem=split_topk_shared_bytes(dim),
                       defines=defines)
     name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
+    bn = next((int(d.split("=", 1)[1]) for d in defines if d.startswith("MOBA_TOPK_BN=")), TOPK_BN)
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args, defines=defines,
-                  shared_mem=topk_shared_bytes(dim, top_k, causal, bn=int(opts.get("MOBA_TOPK_BN", TOPK_BN))))
+                  shared_mem=topk_shared_bytes(dim, top_k, causal, bn=bn))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,13 +56,11 @@
 #include "topk.cuh"
 #include "wgmma.cuh"
 
-// The code takes TKW_BM 128 and TKW_BN 32 too: CTAs of one warpgroup and 32-centroid chunks, two per SM, measured
-// on an H200 (d 128, B 128, k 8) 1.01x at 256K and 0.98-1.00x of the mma.sync kernel at 8K-64K, so not the default.
-#define TKW_BM 256            // query rows per CTA (one thread per row)
-#define TKW_BN 64             // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
-#define TKW_THREADS TKW_BM    // one warpgroup per 128 rows
-static_assert(TKW_BM == 128 || TKW_BM == 256, "one or two warpgroups");
-static_assert(TKW_BN == 32 || TKW_BN == 64, "the stacked B tile is an n64 or n128 operand");
+// (CTAs of one warpgroup streaming 32-centroid chunks, two per SM, measured on an H200 (d 128, B 128, k 8) 1.01x at
+// 256K and 0.98-1.00x of the mma.sync kernel at 8K-64K, and were not kept.)
+#define TKW_BM 256       // query rows per CTA (one thread per row)
+#define TKW_BN 64        // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
+#define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
@@ -253,7 +251,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 // topk.cu's kernels (the launch plan passes the same arguments), grouped by head dim under MOBA_HAS_HEAD_DIM. ----
 
 #define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 256 / TKW_BM)                                          \
+    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
          int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
          int fold_blocks) {                                                                                           \
