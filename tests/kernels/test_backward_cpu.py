@@ -86,7 +86,8 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
 @pytest.mark.parametrize("block", C.CUDA_BLOCK_SIZES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic):
-    variants = ["tile"] + (["block"] if G.block_supported(dim, block) else [])
+    variants = ["tile"] + (["block"] if G.block_supported(dim, block) else []) + \
+        (["wgmma"] if G.wgmma_supported(dim, block) else [])
     for variant in variants:
         plans, n_seg = _plans(dtype, dim, block, deterministic, variant=variant)
         for plan in plans:
@@ -122,6 +123,40 @@ def test_block_variant_geometry_and_choice(monkeypatch):
     topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="moba_attention_backward_cuda: backward variant 'block' supports"):
         G.moba_attention_backward_cuda(q, q, k, v, q, torch.zeros(1, 40, 2), topk, 128, 2, True, 0.1)
+
+
+def test_wgmma_variant_geometry_and_choice(monkeypatch):
+    """The "wgmma" variant: 128 keys and two warpgroups per CTA, its shared memory (with the 1 KB of alignment slack)
+    within an H100 / H200's opt-in 227 KB; only by argument or $MOBALAB_BWD_VARIANT ("auto" does not take it), refused
+    (with what is supported) at other head dims and block sizes, and on a GPU that is not sm_90; its kernels live in
+    their own module."""
+    assert G.n_key_subtiles(128, "wgmma") == 1 and G.n_key_subtiles(384, "wgmma") == 3
+    assert G.bwd_threads(128, "wgmma") == 256
+    assert G.bwd_smem_bytes(128, "wgmma") == 2 * 128 * 256 + 4 * 64 * 256 + 128 * 64 * 2 + 3 * 64 * 16 + 1024
+    assert G.bwd_smem_bytes(128, "wgmma") <= 227 * 1024
+    assert G.bwd_kernel_names(torch.float16, 128, "wgmma")[1] == "moba_bwd_wg_f16_d128"
+    assert set(signatures(G.WGMMA_SOURCE)) == {"moba_bwd_wg_bf16_d128", "moba_bwd_wg_f16_d128"}
+    assert signatures(G.WGMMA_SOURCE)["moba_bwd_wg_bf16_d128"] == signatures(G.SOURCE)["moba_bwd_blk_bf16_d128"]
+    monkeypatch.delenv(G.BWD_VARIANT_ENV, raising=False)
+    assert G.resolve_bwd_variant(None, 128, 128) == "block"
+    monkeypatch.setenv(G.BWD_VARIANT_ENV, "wgmma")
+    assert G.resolve_bwd_variant(None, 128, 256) == "wgmma"
+    for dim, block in ((64, 128), (128, 64), (256, 128), (96, 256)):
+        with pytest.raises(ValueError, match="backward variant 'wgmma' supports head_dim in"):
+            G.resolve_bwd_variant(None, dim, block)
+    monkeypatch.delenv(G.BWD_VARIANT_ENV)
+    cuda = torch.device("cuda", 0)
+    for cap, want in (((9, 0), "wgmma"), ((8, 0), "block"), ((8, 9), "block")):
+        monkeypatch.setattr(G, "device_capability", lambda device, cap=cap: cap)
+        assert G.resolve_bwd_variant(None, 128, 256, cuda) == want  # "auto" by compute capability
+        assert G.resolve_bwd_variant("block", 128, 256, cuda) == "block"
+        assert G.resolve_bwd_variant(None, 64, 256, cuda) == "tile"
+    assert G.resolve_bwd_variant(None, 128, 64, cuda) == "tile" and G.resolve_bwd_variant(None, 64, 128, cuda) == "tile"
+    assert G.resolve_bwd_variant(None, 128, 128, torch.device("cpu")) == "block"
+    with pytest.raises(ValueError, match="needs an sm_90"):
+        G.check_variant_device("wgmma", cuda)
+    G.check_variant_device("wgmma", torch.device("cpu"))  # the host emulation
+    G.check_variant_device("block", torch.device("cuda", 0))
 
 
 def test_check_args_catches_python_scalars():

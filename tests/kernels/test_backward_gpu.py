@@ -62,22 +62,74 @@ BLOCK_VARIANT_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", BLOCK_VARIANT_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
-def test_block_variant_matches_oracle(case, gpu, poisoned_empty):
-    """variant="block" against the oracle (the criterion above), and bit-identical run to run when deterministic."""
+# the "wgmma" variant (two warpgroups per 128 keys, sm_90): head dim 128 only
+WGMMA_VARIANT_CASES = [c for c in BLOCK_VARIANT_CASES if c[0] == 128] + [
+    (128, 256, 3000, 8, 1, 4, True, torch.float16, True),
+    (128, 128, 2049, 4, 1, 64, False, torch.bfloat16, False),
+    (128, 128, 1, 4, 4, 2, True, torch.bfloat16, False),
+    (128, 256, 1000, 6, 2, 2, True, torch.float16, False),
+]
+
+
+def _variant_matches_oracle(variant, case, gpu, poisoned_empty):
     dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, det = case
     q, k, v, dout = gpu.inputs(2, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + dim, dout=True)
     topk = gpu.routing(q, k, block, top_k, causal)
     out, lse = moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk)
     args = (dout, q, k, v, out, lse, topk, block, top_k, causal, dim ** -0.5)
     with poisoned_empty():
-        grads = G.moba_attention_backward_cuda(*args, deterministic=det, variant="block")
-    report = _check(gpu, grads, q, k, v, dout, topk, block, causal, label=f"block {case}")
-    print("block", case, *report)
+        grads = G.moba_attention_backward_cuda(*args, deterministic=det, variant=variant)
+    report = _check(gpu, grads, q, k, v, dout, topk, block, causal, label=f"{variant} {case}")
+    print(variant, case, *report)
     if det:
-        again = G.moba_attention_backward_cuda(*args, deterministic=True, variant="block")
+        again = G.moba_attention_backward_cuda(*args, deterministic=True, variant=variant)
         assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BLOCK_VARIANT_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_block_variant_matches_oracle(case, gpu, poisoned_empty):
+    """variant="block" against the oracle (the criterion above), and bit-identical run to run when deterministic."""
+    _variant_matches_oracle("block", case, gpu, poisoned_empty)
+
+
+def _needs_sm90():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma backward runs on sm_90 GPUs only")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WGMMA_VARIANT_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_wgmma_variant_matches_oracle(case, gpu, poisoned_empty):
+    """variant="wgmma" against the oracle, and bit-identical run to run when deterministic."""
+    _needs_sm90()
+    _variant_matches_oracle("wgmma", case, gpu, poisoned_empty)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_wgmma_variant_chunked_and_into(deterministic, gpu, poisoned_empty):
+    """variant="wgmma" with chunks that split the query range (dK / dV through the fp32 store / add modes), and
+    into fp32 buffers: equal to the "block" variant's sums within fp32 reordering, and to the oracle."""
+    _needs_sm90()
+    q, k, v, dout = gpu.inputs(2, 3000, 8, 2, 128, torch.bfloat16, seed=11, dout=True)
+    topk = gpu.routing(q, k, 128, 4, True)
+    out, lse = moba_attention_cuda(q, k, v, 128, 4, causal=True, return_lse=True, topk_indices=topk)
+    args = (dout, q, k, v, out, lse, topk, 128, 4, True, 128 ** -0.5)
+    assert any(G.dkv_mode(c, 3000) == 2 for c in G.bwd_plan(2, 3000, 8, 2, 128, 4, deterministic, 1 << 20))
+    with poisoned_empty():
+        grads = G.moba_attention_backward_cuda(*args, deterministic=deterministic, scratch_budget_bytes=1 << 20,
+                                               variant="wgmma")
+    _check(gpu, grads, q, k, v, dout, topk, 128, True, label="wgmma chunked")
+    block = G.moba_attention_backward_cuda(*args, deterministic=deterministic, variant="block")
+    for a, b in zip(grads, block, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    if not deterministic:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = (torch.full(x.shape, math.nan, dtype=torch.float32, device=x.device) for x in (k, v))
+        G.moba_attention_backward_cuda(*args, into=(dq, dk, dv), kv_fresh=True, variant="wgmma")
+        for a, b in zip((dq, dk, dv), block, strict=True):
+            torch.testing.assert_close(a.to(b.dtype).float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 KEPT_LISTS_CASES = [

@@ -26,10 +26,13 @@ waited for once per sub-tile): on the benchmark the deterministic fwd+bwd took 1
 Variants of the main kernel (``$MOBALAB_BWD_VARIANT``, read at each call, or the ``variant`` argument): "tile"
 (a CTA of 4 warps per 64 keys, each warp owning 16 keys of dK and dV), "block" (a CTA of 8 warps per 128 keys
 with 32 x 32 warp tiles decoupled from the dK / dV ownership, cuda/attention_bwd_block.cuh; head dims 64 and
-128, block sizes that are multiples of 128) and "auto" (the default: "block" at head dim 128 where it has a
-kernel, else "tile"). Both compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues
-fewer instructions per MMA. On an H200 it measured 1.12-1.18x faster than "tile" at d 128 and 0.99x at d 64,
-where "tile" keeps three CTAs per SM (RESULTS.md; docs/design.md, "Backward").
+128, block sizes that are multiples of 128), "wgmma" ("block"'s work units on Hopper warpgroup MMAs, two
+warpgroups per 128 keys, cuda/attention_bwd_wgmma.cu; sm_90 GPUs, head dim 128, block sizes that are multiples of
+128) and "auto" (the default: "wgmma" on sm_90 GPUs where it has a kernel, else "block" at head dim 128 where it
+has a kernel, else "tile"). All compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues
+fewer instructions per MMA. On an H200 "block" measured 1.12-1.18x faster than "tile" at d 128 and 0.99x at d 64,
+where "tile" keeps three CTAs per SM, and "wgmma" 1.18-1.19x faster than "block" (8K-64K, d 128; RESULTS.md;
+docs/design.md, "Backward").
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ import torch
 from . import _contract as C
 from . import _cuda_attention as A
 from . import _pairs
-from ._build import on_device, sm_count
+from ._build import device_capability, on_device, sm_count
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__ = ["moba_attention_backward_cuda"]
 
 SOURCE = "attention_bwd.cu"
+WGMMA_SOURCE = "attention_bwd_wgmma.cu"  # the wgmma main kernels (delta, row records and dQ merge stay in SOURCE)
 ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
@@ -57,7 +61,9 @@ BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
 BLOCK_HEAD_DIMS = (64, 128)
 AUTO_BLOCK_HEAD_DIM = 128  # where "auto" takes "block"
-BWD_VARIANTS = ("auto", "tile", "block")
+WGMMA_HEAD_DIMS = (128,)
+WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
+BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 
 
@@ -66,22 +72,40 @@ def block_supported(head_dim: int, block_size: int) -> bool:
     return head_dim in BLOCK_HEAD_DIMS and block_size % BLOCK_KEYS == 0
 
 
+def wgmma_supported(head_dim: int, block_size: int) -> bool:
+    """Whether the "wgmma" variant has a kernel for this head dim and block size."""
+    return head_dim in WGMMA_HEAD_DIMS and block_size % BLOCK_KEYS == 0
+
+
 def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
-                        block_size: int | None = None) -> str:
+                        block_size: int | None = None, device=None) -> str:
     """The main backward kernel: ``variant``, or ``$MOBALAB_BWD_VARIANT`` when None (default "auto"). With
     ``head_dim`` and ``block_size`` given, "auto" becomes "block" at head dim 128 where :func:`block_supported`
-    (the faster of the two there; at 64 "tile" measured as fast), else "tile", and
-    "block" with a head dim or block size it has no kernel for raises ValueError; without them "auto" stays
-    "auto"."""
+    (the faster of the two there; at 64 "tile" measured as fast), else "tile" (and "wgmma" instead of "block"
+    where ``device`` is an sm_90 GPU), and "block" or "wgmma" with a head dim or block size it has no kernel for
+    raises ValueError; without them "auto" stays "auto"."""
     variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "auto")
     if head_dim is None or block_size is None:
         return variant
     if variant == "auto":
-        return "block" if head_dim == AUTO_BLOCK_HEAD_DIM and block_supported(head_dim, block_size) else "tile"
+        if head_dim != AUTO_BLOCK_HEAD_DIM or not block_supported(head_dim, block_size):
+            return "tile"
+        hopper = device is not None and device.type == "cuda" and device_capability(device) == (9, 0)
+        return "wgmma" if hopper and wgmma_supported(head_dim, block_size) else "block"
     if variant == "block" and not block_supported(head_dim, block_size):
         raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "
                          f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'tile'")
+    if variant == "wgmma" and not wgmma_supported(head_dim, block_size):
+        raise ValueError(f"backward variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block sizes that are "
+                         f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'auto'")
     return variant
+
+
+def check_variant_device(variant: str, device) -> None:
+    """The "wgmma" main kernel runs on sm_90 GPUs only (and on CPU tensors, the kernels' host emulation)."""
+    if variant == "wgmma" and device.type == "cuda" and device_capability(device) != (9, 0):
+        raise ValueError(f"backward variant 'wgmma' needs an sm_90 (Hopper) GPU, got compute capability "
+                         f"{device_capability(device)}; use 'auto', 'block' or 'tile'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,18 +114,22 @@ def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
 
 def n_key_subtiles(block_size: int, variant: str = "tile") -> int:
     """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one), 128 for "block"."""
-    return max(1, math.ceil(block_size / (BLOCK_KEYS if variant == "block" else KEYS)))
+    return max(1, math.ceil(block_size / (BLOCK_KEYS if variant in ("block", "wgmma") else KEYS)))
 
 
 def bwd_threads(head_dim: int, variant: str = "tile") -> int:
     """Threads of the main kernel: head dim 256 pairs warps over the dK / dV / dQ columns (8 warps); "block" has
-    8 warps."""
-    return 256 if head_dim == 256 or variant == "block" else 128
+    8 warps, "wgmma" two warpgroups."""
+    return 256 if head_dim == 256 or variant in ("block", "wgmma") else 128
 
 
 def bwd_smem_bytes(head_dim: int, variant: str = "tile") -> int:
     """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records;
-    "block": K, V of 128 keys, 2 x Q, 2 x dO tiles, P^T and dS^T (128 x 64 each), the row records."""
+    "block": K, V of 128 keys, 2 x Q, 2 x dO tiles, P^T and dS^T (128 x 64 each), the row records; "wgmma": the
+    same without P^T, plus 1024 bytes to align the swizzled tiles."""
+    if variant == "wgmma":
+        return (2 * BLOCK_KEYS * head_dim * 2 + 4 * ROWS * head_dim * 2 + BLOCK_KEYS * ROWS * 2
+                + 3 * ROWS * ROW_INFO_BYTES + WGMMA_ALIGN_BYTES)
     if variant == "block":
         return (2 * BLOCK_KEYS * head_dim * 2 + 4 * ROWS * head_dim * 2 + 2 * BLOCK_KEYS * ROWS * 2
                 + 3 * ROWS * ROW_INFO_BYTES)
@@ -174,7 +202,12 @@ def _gather_table(fwd_chunks: tuple, chunk: A.Chunk, top_k: int, n_blocks: int, 
 def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
     """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
-    main = f"moba_bwd_blk_{tag}_d{head_dim}" if variant == "block" else f"moba_bwd_{tag}_d{head_dim}"
+    if variant == "block":
+        main = f"moba_bwd_blk_{tag}_d{head_dim}"
+    elif variant == "wgmma":
+        main = f"moba_bwd_wg_{tag}_d{head_dim}"
+    else:
+        main = f"moba_bwd_{tag}_d{head_dim}"
     return f"moba_bwd_delta_{tag}_d{head_dim}", main, f"moba_bwd_dq_merge_{tag}_d{head_dim}"
 
 
@@ -217,8 +250,8 @@ def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, d
             i32(chunk.batch_index), i32(chunk.h0), i32(n_seg), i32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), i32(sub0), i32(n_sub_launch),
             i32(dq_mode), i32(dkv_mode))
-    return Launch(SOURCE, name, (n_seg * n_sub_launch,), (bwd_threads(q.shape[-1], variant),), args,
-                  shared_mem=smem)
+    return Launch(WGMMA_SOURCE if variant == "wgmma" else SOURCE, name, (n_seg * n_sub_launch,),
+                  (bwd_threads(q.shape[-1], variant),), args, shared_mem=smem)
 
 
 #: The "block" main kernel takes its segments longest first when a launch is at most this many waves of CTAs.
@@ -240,11 +273,11 @@ def longest_first(seg_off, n_seg: int):
 
 def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:
     """Whether a main-kernel launch of ``n_ctas`` CTAs takes its segments longest first (:func:`longest_first`):
-    the "block" variant (one CTA per SM) at up to :data:`LONGEST_FIRST_MAX_WAVES` waves. Measured on an H200
-    (backward op, d 128, B 128): 1.05x at 8K (8 waves), 1.02x at 16K (16), 0.975x at 64K (62 waves: the tail is
-    a small share, and segment order keeps each head's gathered rows together in L2); "tile" (several CTAs per
-    SM) measured 0.93x (8K, d 64, B 64) and 0.87x (16K, d 64, B 32)."""
-    return variant == "block" and n_ctas <= LONGEST_FIRST_MAX_WAVES * n_sms
+    the "block" and "wgmma" variants (one CTA per SM) at up to :data:`LONGEST_FIRST_MAX_WAVES` waves. Measured on an
+    H200 ("block", backward op, d 128, B 128): 1.05x at 8K (8 waves), 1.02x at 16K (16), 0.975x at 64K (62 waves: the
+    tail is a small share, and segment order keeps each head's gathered rows together in L2); "tile" (several CTAs
+    per SM) measured 0.93x (8K, d 64, B 64) and 0.87x (16K, d 64, B 32)."""
+    return variant in ("block", "wgmma") and n_ctas <= LONGEST_FIRST_MAX_WAVES * n_sms
 
 
 def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, chunk: A.Chunk) -> Launch:
@@ -284,7 +317,7 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     same inputs, routing and default budgets), read or gathered instead of building them again; both plans must
     cover whole sequences (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
 
-    ``variant``: the main kernel, "auto", "tile" or "block" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
+    ``variant``: the main kernel, "auto", "tile", "block" or "wgmma" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
     default "auto": "block" at head dim 128 where it has a kernel).
     """
     fn = "moba_attention_backward_cuda"
@@ -310,7 +343,8 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     if delta is not None:
         C.check_like(fn, "delta", delta, q.shape[:3], dtypes=(torch.float32,), device=q.device)
     try:
-        variant = resolve_bwd_variant(variant, q.shape[-1], block_size)
+        variant = resolve_bwd_variant(variant, q.shape[-1], block_size, q.device)
+        check_variant_device(variant, q.device)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
     if fwd_lists is not None:
@@ -334,7 +368,8 @@ def backward_checked(dout, q, k, v, out, lse, topk, block_size: int, top_k: int,
     its entry) and the gradients of its outputs, which autograd has given their shapes, dtypes and devices.
     ``fwd_lists``: the forward's kept lists, empty for none."""
     try:
-        variant = resolve_bwd_variant(None, q.shape[-1], block_size)
+        variant = resolve_bwd_variant(None, q.shape[-1], block_size, q.device)
+        check_variant_device(variant, q.device)
     except ValueError as exc:
         raise ValueError(f"moba_attention_backward_cuda: {exc}") from None
     return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, None, None,
@@ -378,7 +413,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
-    variant = resolve_bwd_variant(variant, dim, block_size)
+    variant = resolve_bwd_variant(variant, dim, block_size, device)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \

@@ -41,20 +41,6 @@ MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d256, __nv_bfloat16, 256)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d256,  __half,        256)
 #endif
 
-// The main kernel of either variant: BODY is moba_bwd::bwd_tile (attention_bwd.cuh) or moba_bwd::bwd_block
-// (attention_bwd_block.cuh: one 8-warp CTA per 128 keys, head dims 64 and 128), THREADS its block size.
-#define MOBA_BWD_KERNEL(NAME, BODY, THREADS, T, D)                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                         \
-      const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
-      const long long* seg_off, const int* seg_order, float* dq_acc, float* part_dq, void* dk, void* dv,             \
-      float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size, int n_blocks,               \
-      int batch_index, int h0, int n_seg, int causal, float scale, float scale_log2, int sub0, int n_sub_launch,     \
-      int dq_mode, int dkv_mode) {                                                                                    \
-    moba_bwd::BODY<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, seg_order,       \
-                         dq_acc, part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,      \
-                         batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);   \
-  }
-
 #if MOBA_HAS_HEAD_DIM(32)
 MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  bwd_tile, moba_bwd::kBwdThreads<32>, __nv_bfloat16, 32)
 MOBA_BWD_KERNEL(moba_bwd_f16_d32,   bwd_tile, moba_bwd::kBwdThreads<32>, __half,        32)

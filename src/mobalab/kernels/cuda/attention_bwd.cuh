@@ -145,8 +145,18 @@ __device__ __forceinline__ void build_rows(const long long* pairs, const long lo
   }
 }
 
-// Gather the Q and dO rows of one tile (rows >= count zero-filled) into swizzled 64 x D tiles.
-template <int D, int NTHREADS>
+// Where the mma.sync kernels put chunk ch (16 bytes) of row `row` of a ROWS x D tile: ptx.cuh's XOR swizzle over
+// rows of D * 2 bytes. landed() runs after a thread's copies have landed, before the barrier that publishes them
+// (nothing to do for ldmatrix readers; the wgmma kernel's layout, attention_bwd_wgmma.cuh, fences the async proxy).
+template <int D>
+struct SwzTile {
+  template <int ROWS>
+  __device__ static __forceinline__ unsigned at(int row, int ch) { return swz<D>(row, ch); }
+  __device__ static __forceinline__ void landed() {}
+};
+
+// Gather the Q and dO rows of one tile (rows >= count zero-filled) into swizzled 64 x D tiles (layout L).
+template <int D, int NTHREADS, class L = SwzTile<D>>
 __device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const char* qb, const char* gb,
                                             const RowInfo* info, int count, long long row_base, int heads, int h0,
                                             int tid) {
@@ -158,8 +168,9 @@ __device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const cha
     const bool ok = row < count;
     long long off = 0;
     if (ok) off = ((row_base + info[row].t) * heads + (h0 + info[row].hc)) * (D * 2) + ch * 16;
-    cp_async16(sq + swz<D>(row, ch), qb + off, ok ? 16 : 0);
-    cp_async16(sdo + swz<D>(row, ch), gb + off, ok ? 16 : 0);
+    const unsigned at = L::template at<MOBA_BWD_ROWS>(row, ch);
+    cp_async16(sq + at, qb + off, ok ? 16 : 0);
+    cp_async16(sdo + at, gb + off, ok ? 16 : 0);
   }
 }
 
@@ -217,7 +228,7 @@ __device__ __forceinline__ int tile_rows(long long n_rows, int ti) {
 // tile's records are committed, and begin_tile waits for all three. K and V land under the gather: waiting for
 // them before it, one round trip more per CTA, made the "block" backward 1.2% / 1.6% / 0.4% slower at 8K / 16K /
 // 64K on an H200.
-template <int D, int KEYS, int NTHREADS>
+template <int D, int KEYS, int NTHREADS, class L = SwzTile<D>>
 __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
                                               const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
                                               const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
@@ -238,14 +249,15 @@ __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned
     const int key = key0 + row;
     const bool ok = key < key_end;
     const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
-    cp_async16(sK + swz<D>(row, ch), kb + off, ok ? 16 : 0);
-    cp_async16(sV + swz<D>(row, ch), vb + off, ok ? 16 : 0);
+    const unsigned at = L::template at<KEYS>(row, ch);
+    cp_async16(sK + at, kb + off, ok ? 16 : 0);
+    cp_async16(sV + at, vb + off, ok ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<1>();  // the records' group: K and V may still be in flight
   __syncthreads();
   if (n_tiles > 0) {
-    gather_tile<D, NTHREADS>(sQ, sdO, qb, gb, sInfo, tile_rows(n_rows, 0), row_base, heads, h0, tid);
+    gather_tile<D, NTHREADS, L>(sQ, sdO, qb, gb, sInfo, tile_rows(n_rows, 0), row_base, heads, h0, tid);
     if (n_tiles > 1) load_info(sInfoU + MOBA_BWD_ROWS * 16, rows, first + MOBA_BWD_ROWS, tile_rows(n_rows, 1), tid);
   }
   cp_async_commit();
@@ -253,14 +265,14 @@ __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned
 
 // During tile ti: the gather of tile ti + 1 (into Q / dO buffer (ti + 1) & 1) and the records of tile ti + 2 (into
 // record buffer (ti + 2) % 3), committed.
-template <int D, int NTHREADS>
+template <int D, int NTHREADS, class L = SwzTile<D>>
 __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                                const char* qb, const char* gb, const RowInfo* rows, long long first,
                                                long long n_rows, int n_tiles, int ti, long long row_base, int heads,
                                                int h0, int tid) {
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
   if (ti + 1 < n_tiles)
-    gather_tile<D, NTHREADS>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
+    gather_tile<D, NTHREADS, L>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
                              sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 1), row_base, heads, h0,
                              tid);
   if (ti + 2 < n_tiles)
@@ -272,15 +284,16 @@ __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsign
 // Tile ti begins: waits for its gather and row records (and every thread's reads of the tile before), starts the
 // next tiles' (prefetch_tiles) and, in the deterministic dQ modes, puts its rows' pair indices in s_pair. Returns
 // its number of rows.
-template <int D, int NTHREADS>
+template <int D, int NTHREADS, class L = SwzTile<D>>
 __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                           const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
                                           int ti, int heads, int h0, const long long* pairs, long long* s_pair,
                                           int dq_mode, int tid) {
   cp_async_wait<0>();
+  L::landed();
   __syncthreads();
   const int count = tile_rows(w.n_rows, ti);
-  prefetch_tiles<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti, w.row_base,
+  prefetch_tiles<D, NTHREADS, L>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti, w.row_base,
                               heads, h0, tid);
   if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
     s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
@@ -645,5 +658,20 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
 }
 
 }  // namespace moba_bwd
+
+// The main kernel of every variant: BODY is moba_bwd::bwd_tile (below), moba_bwd::bwd_block
+// (attention_bwd_block.cuh: one 8-warp CTA per 128 keys, head dims 64 and 128) or moba_bwd::bwd_wgmma
+// (attention_bwd_wgmma.cuh, its own module), THREADS its block size; the parameter list is the launch plan's.
+#define MOBA_BWD_KERNEL(NAME, BODY, THREADS, T, D)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                         \
+      const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
+      const long long* seg_off, const int* seg_order, float* dq_acc, float* part_dq, void* dk, void* dv,             \
+      float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size, int n_blocks,               \
+      int batch_index, int h0, int n_seg, int causal, float scale, float scale_log2, int sub0, int n_sub_launch,     \
+      int dq_mode, int dkv_mode) {                                                                                    \
+    moba_bwd::BODY<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, seg_order,       \
+                         dq_acc, part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,      \
+                         batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);   \
+  }
 
 #endif  // MOBALAB_ATTENTION_BWD_CUH

@@ -237,6 +237,23 @@ MOBA_WGMMA_SS(128, 64, __half, "f16", MOBA_WGMMA_ACC64, MOBA_WGMMA_OUT64, "%64",
 MOBA_WGMMA_RS(128, 64, __half, "f16", MOBA_WGMMA_ACC64, MOBA_WGMMA_OUT64, "{%64, %65, %66, %67}", "%68", "%69",
               "%70")
 
+// Both operands from shared memory with imm-trans-a / imm-trans-b as template arguments (1: the operand is
+// MN-major, wgmma_desc_sw128_mn; 16-bit types only), N = 64: dQ = dS K in the backward reads dS from its stored
+// transpose (keys x rows, rows contiguous) and K as stored (keys x d, d contiguous), both MN-major.
+#define MOBA_WGMMA_SST(N, R, T, PTX_T, ACC, OUT, OP_A, OP_B, OP_SCALE, OP_TA, OP_TB)                              \
+  template <int TRANS_A, int TRANS_B>                                                                              \
+  __device__ __forceinline__ void wgmma_m64n##N##k16_sst(wgmma_ab<T>, float (&d)[R], unsigned long long desc_a,   \
+                                                          unsigned long long desc_b, int scale_d) {                 \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " OP_SCALE ", 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_T "." PTX_T " " ACC ", " OP_A ", " OP_B      \
+                 ", p, 1, 1, " OP_TA ", " OP_TB ";\n}\n"                                                             \
+                 : OUT                                                                                             \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));                            \
+  }
+
+MOBA_WGMMA_SST(64, 32, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34", "%35", "%36")
+MOBA_WGMMA_SST(64, 32, __half, "f16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34", "%35", "%36")
+
 // Width-generic entry points: the accumulator's size picks N (32 floats: N = 64, 64 floats: N = 128).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
@@ -245,6 +262,10 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[32], unsigned long long da, 
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], unsigned long long da, unsigned long long db, int scale_d) {
   wgmma_m64n128k16_ss(wgmma_ab<T>{}, d, da, db, scale_d);
+}
+template <typename T, int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_ss_t(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
+  wgmma_m64n64k16_sst<TRANS_A, TRANS_B>(wgmma_ab<T>{}, d, da, db, scale_d);
 }
 // TRANS_B = 1: B is MN-major (wgmma_desc_sw128_mn), the layout of V in O = P V.
 template <typename T, int TRANS_B = 0>

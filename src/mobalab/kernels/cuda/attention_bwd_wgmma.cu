@@ -1,0 +1,12 @@
+// MoBA attention backward on Hopper warpgroup MMAs (see attention_bwd_wgmma.cuh for the design; the delta, row
+// record and dQ merge kernels are attention_bwd.cu's):
+//   moba_bwd_wg_<dtype>_d128   dtype in {bf16, f16}: one CTA of two warpgroups per 128 keys of a key block;
+//                              dynamic shared memory 148 KB + 1 KB of alignment slack
+// Same parameter list as attention_bwd.cu's main kernels (MOBA_BWD_KERNEL), so the same launch plan drives it.
+// sm_90a only (wgmma).
+#include "attention_bwd_wgmma.cuh"
+
+#if MOBA_HAS_HEAD_DIM(128)
+MOBA_BWD_KERNEL(moba_bwd_wg_bf16_d128, bwd_wgmma, MOBA_BWD_WG_THREADS, __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_wg_f16_d128,  bwd_wgmma, MOBA_BWD_WG_THREADS, __half,        128)
+#endif

@@ -1,0 +1,217 @@
+// MoBA attention backward, variant "wgmma": the work of the "block" variant (attention_bwd_block.cuh: one CTA per
+// 128 keys of a key block, every row that selected the block in tiles of 64 gathered rows; same equations, row
+// records, gather, dQ modes and dK / dV modes) with the products on Hopper warpgroup MMAs (wgmma, sm_90a). Two
+// warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128 columns, fp32
+// accumulators in registers over all tiles). Per tile:
+//   1. S^T = K_g Q^T and dP^T = V_g dO^T: m64n64k16, A = the warpgroup's 64 keys of K (or V), B = the 64 gathered
+//      rows of Q (or dO), both K-major over d in 128-byte-swizzled shared memory (wgmma.cuh's sw128 layout):
+//      8 k-steps each, 64 fp32 accumulators per thread in all.
+//   2. P = 2^(x - lse2) masked, dS = P o (dP - D), in the accumulators: float i of thread t is key
+//      16 w + l / 4 + 8 ((i / 2) % 2) of the warpgroup and gathered row 8 (i / 4) + 2 (l % 4) + i % 2 (the
+//      wgmma accumulator layout), so the row records are read per column pair, the mask is the "block" variant's
+//      one compare of the row's last visible key.
+//   3. dV += P^T dO and dK += dS^T Q: m64n64k16 with A from registers (floats 8 s .. 8 s + 7 of a 64 x 64
+//      accumulator are the A fragment of its K columns 16 s .. 16 s + 15: wgmma_pack_a, no shuffle), B = dO (Q)
+//      as stored: rows x d with d contiguous is MN-major for a product whose K is the rows (imm-trans-b = 1,
+//      wgmma_desc_sw128_mn), two n64 halves of d: 16 MMAs.
+//   4. dQ = scale dS K: dS^T goes to shared memory as stored ([key][row], rows contiguous: the MN-major layout of
+//      A = dS), both warpgroups meet at a named barrier, then warpgroup g computes columns 64 g .. 64 g + 63 of
+//      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps) and adds
+//      them as the other variants do (fp32 atomics, or the deterministic slot partials).
+// Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
+// each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
+// never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
+// (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic.
+// Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32.
+// Shared memory: K, V 128 x 128 each, 2 x Q, 2 x dO 64 x 128, dS^T 128 x 64 (16-bit), 3 x 64 row records, and
+// 1 KB to align the swizzle patterns: 148 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are
+// multiples of 128 (the "block" variant's shapes).
+
+#ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
+#define MOBALAB_ATTENTION_BWD_WGMMA_CUH
+
+#include "attention_bwd.cuh"
+#include "wgmma.cuh"
+
+#define MOBA_BWD_WG_KEYS 128     // keys per CTA
+#define MOBA_BWD_WG_THREADS 256  // two warpgroups
+#define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
+
+namespace moba_bwd {
+
+// The wgmma layout of a ROWS x 128 tile (wgmma.cuh: two 64-column blocks of 128-byte rows, chunks XOR-swizzled by
+// row % 8), and the async-proxy fence a thread's landed copies need before a barrier hands them to wgmma.
+struct Sw128Tile {
+  template <int ROWS>
+  __device__ static __forceinline__ unsigned at(int row, int ch) { return moba::sw128_offset(row, ch * 8, ROWS); }
+  __device__ static __forceinline__ void landed() {
+#if MOBA_HAS_WGMMA
+    moba::fence_proxy_async_shared();
+#endif
+  }
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
+                                          const RowInfo* rows, const long long* pairs, const long long* seg_off,
+                                          const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
+                                          float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
+                                          int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
+                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
+  static_assert(D == 128, "the wgmma backward has head dim 128");
+#if MOBA_HAS_WGMMA
+  using namespace moba;
+  constexpr int NTHREADS = MOBA_BWD_WG_THREADS;
+  constexpr int KEYS = MOBA_BWD_WG_KEYS;
+  constexpr int ROWS = MOBA_BWD_ROWS;
+  constexpr unsigned KV_BYTES = sw128_tile_bytes(KEYS, D);   // 32 KB
+  constexpr unsigned TILE_BYTES = sw128_tile_bytes(ROWS, D);  // 16 KB
+  constexpr unsigned DS_BYTES = sw128_tile_bytes(KEYS, ROWS);  // dS^T: 128 keys x 64 rows
+  constexpr unsigned HALF = ROWS * SW128_ROW_BYTES;            // second 64-column block of a Q / dO tile
+  MOBA_DYNAMIC_SMEM(smem);
+  const unsigned raw = smem_u32(smem);
+  const unsigned sK = (raw + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);  // the launch adds 1 KB
+  const unsigned sV = sK + KV_BYTES;
+  const unsigned sQ = sV + KV_BYTES;          // 2 buffers
+  const unsigned sdO = sQ + 2 * TILE_BYTES;   // 2 buffers
+  const unsigned sdS = sdO + 2 * TILE_BYTES;  // dS^T [key][row]
+  unsigned char* info_base = smem + (sdS + DS_BYTES - raw);  // 3 x 64 RowInfo
+  const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
+  const unsigned sInfoU = smem_u32(info_base);
+  __shared__ long long s_pair[ROWS];
+
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, w4 = (tid >> 5) & 3;
+  const int g = lane >> 2, tq = lane & 3;
+  const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
+                                   h0, n_seg, sub0, n_sub_launch);
+  if (!w.ok) return;
+  const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
+  const long long row_base = w.row_base;
+
+  const char* qb = static_cast<const char*>(q_);
+  const char* gb = static_cast<const char*>(dout_);
+  start_segment<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0,
+                                              kv_heads, tid);
+
+  // dK, dV of keys 64 wg + 16 w4 + g (+ 8), columns 64 c + 8 n + 2 tq (+ 1) in float 4 n + e of dk[c] / dv[c]
+  float dk[2][32], dv[2][32];
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dk[c][i] = dv[c][i] = 0.f;
+  const int key_a = key0 + 64 * wg + 16 * w4 + g;  // this thread's first key row
+  // the warpgroup's 64 keys of K and V as A operands: rows 64 wg .. of each 64-column block
+  const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
+
+  for (int ti = 0; ti < w.n_tiles; ++ti) {
+    const int count = begin_tile<D, NTHREADS, Sw128Tile>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0,
+                                                         pairs, s_pair, dq_mode, tid);
+    const RowInfo* info = sInfo + (ti % 3) * ROWS;
+    const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
+    const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;
+
+    // ---- 1. S^T = K_g Q^T, dP^T = V_g dO^T (64 keys x 64 rows each)
+    float s[32], dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, ROWS), ks > 0);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(dp);
+
+    // ---- 2. P and dS; dS^T to shared memory for dQ (pairs of adjacent rows: one 32-bit store)
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 8 * n + 2 * tq + e;
+        const RowInfo ri = info[r];
+        // the row's last visible key, relative to key_a: one compare per element against a constant
+        const int last = r < count ? (causal ? min(ri.t, key_end - 1) : key_end - 1) - key_a : -1;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = 4 * n + 2 * h + e;
+          const float x = s[i] * scale_log2 - ri.lse2;  // finite: a select, not an add, masks it
+          const float p = exp2f(8 * h <= last ? x : __int_as_float(0xff800000u));
+          s[i] = p;
+          dp[i] = p * (dp[i] - ri.delta);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kr = 64 * wg + 16 * w4 + g + 8 * h;
+        st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
+                      Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
+      }
+    }
+    fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
+
+    // ---- 3. dV += P^T dO, dK += dS^T Q over the tile's 64 rows (4 k-steps), two n64 halves of d
+    {
+      unsigned pa[4][4], da[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        wgmma_pack_a<T>(s + 8 * ks, pa[ks]);
+        wgmma_pack_a<T>(dp + 8 * ks, da[ks]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          wgmma_rs<T, 1>(dv[c], pa[ks], wgmma_desc_sw128_mn(sdo + c * HALF, ks, ROWS, 64), 1);
+          wgmma_rs<T, 1>(dk[c], da[ks], wgmma_desc_sw128_mn(sq + c * HALF, ks, ROWS, 64), 1);
+        }
+      wgmma_commit_group();
+
+      // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys
+      bar_sync(MOBA_BWD_WG_DS_BARRIER, NTHREADS);
+      float dq[32];
+#pragma unroll
+      for (int kk = 0; kk < KEYS / 16; ++kk)
+        wgmma_ss_t<T, 1, 1>(dq, wgmma_desc_sw128_mn(sdS, kk, KEYS, 64),
+                            wgmma_desc_sw128_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
+      wgmma_commit_group();
+      wgmma_wait_group<0>();
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        wgmma_fence_operand(dv[c]);
+        wgmma_fence_operand(dk[c]);
+      }
+      wgmma_fence_operand(dq);
+
+      float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
+      const int r0 = 16 * w4 + g, r1 = r0 + 8;
+      const bool has0 = r0 < count, has1 = r1 < count;
+      const int col0 = 64 * wg + 2 * tq;
+      add_dq<8>(dq_base + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
+                dq_base + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0, has1,
+                reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
+    }
+    // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
+  }
+  cp_async_wait<0>();
+
+  // dK (scaled) and dV: keys key_a (+ 8), columns 64 c + 8 n + 2 tq (+ 1)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = key_a + 8 * h;
+    if (key >= key_end) continue;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const long long off = ((row_base + key) * kv_heads + kvh) * D + 64 * c + 2 * tq;
+      store_dkv_row<T, 8>(dk_, dv_, dk_acc, dv_acc, off, reinterpret_cast<const float(&)[8][4]>(dk[c]),
+                          reinterpret_cast<const float(&)[8][4]>(dv[c]), h, scale, dkv_mode);
+    }
+  }
+#endif
+}
+
+}  // namespace moba_bwd
+
+#endif  // MOBALAB_ATTENTION_BWD_WGMMA_CUH
