@@ -1,17 +1,17 @@
 """Side-by-side timing of the backward's main-kernel variants: ``python scripts/bwd_variants_ab.py [--points ...]``.
 
 Each point (N, head dim; batch 2, 16 heads, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO) runs
-:func:`mobalab.kernels._cuda_backward.moba_attention_backward_cuda` with each ``--variants`` entry ("tile", "block")
-on the same forward outputs and routing. Every variant is warmed up, then timed in alternating order over
+:func:`mobalab.kernels._cuda_backward.moba_attention_backward_cuda` with each ``--variants`` entry ("tile", "block",
+"wgmma") on the same forward outputs and routing. Every variant is warmed up, then timed in alternating order over
 ``--rounds`` rounds (the first timing in a process runs slow while the clocks ramp up; the first two rounds are
 dropped), each call timed by CUDA events from an idle GPU. Printed per point: each variant's median in ms, its
 speedup against the first variant, and the largest gradient difference from the first variant relative to the
 largest gradient (the order of float additions differs, so not zero). Useful FLOP rates are the benchmark's
 (``python -m mobalab.bench.attention --backward`` with ``MOBALAB_BWD_VARIANT``); this script compares times.
 
-A variant may carry build options of cuda/attention_bwd.cu after a ``+``: ``block+MOBA_BWD_DQ_UNROLL=2`` runs "block"
-with every backward launch compiled with ``-DMOBA_BWD_DQ_UNROLL=2`` (its own module), for measuring a kernel
-change against the default build in one process.
+A variant may carry build options of its module (cuda/attention_bwd.cu; "wgmma": attention_bwd_wgmma.cu) after a
+``+``: ``block+MOBA_BWD_DQ_UNROLL=2`` runs "block" with every backward launch compiled with ``-DMOBA_BWD_DQ_UNROLL=2``
+(its own module), for measuring a kernel change against the default build in one process.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
 
     def call(variant):
         name, defines = parse_variant(variant)
-        with extra_defines(CB, CB.SOURCE, defines):
+        with extra_defines(CB, CB.WGMMA_SOURCE if name == "wgmma" else CB.SOURCE, defines):
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
                                                 variant=name)
 

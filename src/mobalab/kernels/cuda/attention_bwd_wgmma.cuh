@@ -31,11 +31,18 @@
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
 
 #include "attention_bwd.cuh"
+#include "bulk_reduce.cuh"
 #include "wgmma.cuh"
 
 #define MOBA_BWD_WG_KEYS 128     // keys per CTA
 #define MOBA_BWD_WG_THREADS 256  // two warpgroups
 #define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
+#define MOBA_BWD_WG_DQ_BARRIER 2  // named barriers 2, 3: warpgroup 0's / 1's dQ staging rows
+#define MOBA_BWD_WG_DQ_PITCH 288  // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
+// Atomic dQ mode: staged rows added by bulk reductions (1, the default) or vector atomics from registers (0).
+#ifndef MOBA_BWD_WG_BULK_DQ
+#define MOBA_BWD_WG_BULK_DQ 1
+#endif
 
 namespace moba_bwd {
 
@@ -68,6 +75,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   constexpr unsigned TILE_BYTES = sw128_tile_bytes(ROWS, D);  // 16 KB
   constexpr unsigned DS_BYTES = sw128_tile_bytes(KEYS, ROWS);  // dS^T: 128 keys x 64 rows
   constexpr unsigned HALF = ROWS * SW128_ROW_BYTES;            // second 64-column block of a Q / dO tile
+  constexpr unsigned DQ_BYTES = ROWS * MOBA_BWD_WG_DQ_PITCH;   // one warpgroup's staged dQ rows
   MOBA_DYNAMIC_SMEM(smem);
   const unsigned raw = smem_u32(smem);
   const unsigned sK = (raw + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);  // the launch adds 1 KB
@@ -75,12 +83,13 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sQ = sV + KV_BYTES;          // 2 buffers
   const unsigned sdO = sQ + 2 * TILE_BYTES;   // 2 buffers
   const unsigned sdS = sdO + 2 * TILE_BYTES;  // dS^T [key][row]
-  unsigned char* info_base = smem + (sdS + DS_BYTES - raw);  // 3 x 64 RowInfo
+  const unsigned sDQ = sdS + DS_BYTES;        // 2 x 64 staged dQ rows (atomic mode)
+  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // 3 x 64 RowInfo
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
   __shared__ long long s_pair[ROWS];
 
-  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, w4 = (tid >> 5) & 3;
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, w4 = (tid >> 5) & 3;
   const int g = lane >> 2, tq = lane & 3;
   const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
                                    h0, n_seg, sub0, n_sub_launch);
@@ -185,17 +194,41 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       }
       wgmma_fence_operand(dq);
 
-      float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
       const int r0 = 16 * w4 + g, r1 = r0 + 8;
-      const bool has0 = r0 < count, has1 = r1 < count;
-      const int col0 = 64 * wg + 2 * tq;
-      add_dq<8>(dq_base + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
-                dq_base + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0, has1,
-                reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
+      if (MOBA_BWD_WG_BULK_DQ && dq_mode == 0) {
+        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) and one thread per row adds
+        // the row's 256 bytes with one bulk reduction (16 vector atomics per thread before: 16% of the stall samples
+        // were their issue queue, lg_throttle, Nsight Compute at 16K on an H200).
+        const unsigned sdq = sDQ + wg * DQ_BYTES;
+        if (wt < ROWS) bulk_wait_group_read<0>();  // the previous tile's reductions have read the rows
+        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const unsigned c = (8 * n + 2 * tq) * 4;
+          st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
+          st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
+        }
+        fence_proxy_async_shared();
+        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
+        if (wt < count) {
+          const RowInfo ri = info[wt];
+          bulk_reduce_add_f32(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg,
+                              sdq + wt * MOBA_BWD_WG_DQ_PITCH, 64 * 4);
+          bulk_commit_group();
+        }
+      } else {
+        float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
+        const bool has0 = r0 < count, has1 = r1 < count;
+        const int col0 = 64 * wg + 2 * tq;
+        add_dq<8>(dq_base + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
+                  dq_base + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0,
+                  has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
+      }
     }
     // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
   }
   cp_async_wait<0>();
+  if (MOBA_BWD_WG_BULK_DQ && dq_mode == 0 && wt < ROWS) bulk_wait_group<0>();  // the staging rows are read before the CTA's memory goes
 
   // dK (scaled) and dV: keys key_a (+ 8), columns 64 c + 8 n + 2 tq (+ 1)
 #pragma unroll

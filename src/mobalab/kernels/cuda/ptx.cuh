@@ -73,6 +73,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned& r0, u
 __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_v2_f32(unsigned addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
 
 // Barrier `id` (1..15; 0 is __syncthreads) over `nthreads` threads (whole warps): two warps that trade
 // fragments through shared memory wait for each other only, not for the whole CTA.
