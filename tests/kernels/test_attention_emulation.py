@@ -14,7 +14,7 @@ computation in torch's low precision, plus a floor. What this cannot show (PTX, 
 CTAs, speed) is left to the GPU tests (tests/kernels/test_attention_gpu.py, test_backward_gpu.py) and the compile
 tests. The forward runs in both partial formats (16-bit, the default, and fp32: a build option of the module). Not
 emulated here: head dim 96, the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma
-kernels.
+kernels (variant "wgmma": test_attention_wgmma_emulation.py).
 """
 
 from __future__ import annotations

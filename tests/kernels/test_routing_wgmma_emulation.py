@@ -3,7 +3,7 @@
 ``host_emulation/topk_wgmma_harness.cpp`` runs the kernel text as NVRTC sees it, with every CUDA thread a
 coroutine (cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread waits,
 poisoned shared memory, AddressSanitizer) and wgmma modelled by ``wgmma_host_model.h``: an MMA reads its
-128-byte-swizzled operands through the descriptor, as the hardware does, only when its thread waits for it, so
+128-byte-swizzled operands through the descriptor, as the hardware does, only when its warpgroup waits for it, so
 a centroid buffer refilled while its MMA is pending, a wrong descriptor or a wrong accumulator mapping gives wrong
 selections. The launch is exactly what ``_cuda_routing.topk_launch(..., variant="wgmma")`` plans (grid, threads,
 shared-memory size, argument tuple checked against the signature). What this cannot show (PTX, the async-proxy

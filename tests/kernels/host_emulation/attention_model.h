@@ -26,6 +26,10 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     dec_cp_async16(smem_ptr(dst, 16), src_bytes ? src : zeros);
 }
 inline void st_shared_b32(unsigned addr, unsigned v) { std::memcpy(smem_ptr(addr, 4), &v, 4); }
+inline void st_shared_v2_f32(unsigned addr, float a, float b) {
+    const float v[2] = {a, b};
+    std::memcpy(smem_ptr(addr, 8), v, 8);
+}
 inline void bar_sync(int id, int nthreads) { emu::named_barrier(id, (unsigned)nthreads); }
 inline void red_add2(float* p, float a, float b) {
     p[0] += a;

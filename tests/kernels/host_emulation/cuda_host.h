@@ -5,8 +5,10 @@
 // operations (__syncwarp, __shfl_xor_sync, __any_sync: the 32 lanes of the warp). Between two such points
 // the threads run in a shuffled order, so code that reads what another thread writes without a barrier
 // gives order-dependent results. A barrier that not every thread reaches (divergent __syncthreads or a
-// shuffle inside divergent code) stops the run with an error instead of hanging. CTAs run one after another
-// in a shuffled order. Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN
+// shuffle inside divergent code) stops the run with an error instead of hanging. The models of warpgroup
+// instructions (wgmma.wait_group) meet the 128 threads 128 g .. 128 g + 127 of the CTA at a barrier of their own
+// (warpgroup_barrier), apart from __syncthreads and the named barriers 1..15 that kernels use. CTAs run one after
+// another in a shuffled order. Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN
 // as float), so AddressSanitizer catches accesses beyond it and unwritten reads show up as NaN.
 //
 // cp.async: a copy poisons its 16 destination bytes when issued and lands only when the issuing thread
@@ -136,7 +138,7 @@ inline float __logf(float x) { return std::log(x); }
 
 namespace emu {
 
-enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, DONE };
+enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, WG_WAIT, DONE };
 
 // A thread starts on its own stack through setcontext (once per CTA); after that every switch is a
 // _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
@@ -240,6 +242,14 @@ inline void named_barrier(int id, unsigned n) {
     yield(NAMED_WAIT);
 }
 
+// Wait until all 128 threads of the running thread's warpgroup (threads 128 g .. 128 g + 127 of the CTA) wait
+// here: the meeting of a .sync.aligned warpgroup instruction's model. Apart from __syncthreads and the named
+// barriers; a warpgroup some of whose threads have returned stops the run.
+inline void warpgroup_barrier() {
+    if (cta().threads.size() % 128) fail("a warpgroup operation in a block that is not whole warpgroups");
+    yield(WG_WAIT);
+}
+
 // Run one CTA to completion.
 inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     Cta& c = cta();
@@ -338,6 +348,21 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
                 released = true;
             } else if (waiting > n) {
                 fail("more threads at a named barrier than its count");
+            }
+        }
+        if (released) continue;
+        // Warpgroup meetings: released when all 128 threads of the warpgroup wait there.
+        for (unsigned g = 0; nthreads % 128 == 0 && g < nthreads / 128; ++g) {
+            unsigned waiting = 0, alive = 0;
+            for (unsigned i = 128 * g; i < 128 * g + 128; ++i) {
+                if (c.threads[i].state != DONE) ++alive;
+                if (c.threads[i].state == WG_WAIT) ++waiting;
+            }
+            if (waiting == 128) {
+                for (unsigned i = 128 * g; i < 128 * g + 128; ++i) c.threads[i].state = RUNNABLE;
+                released = true;
+            } else if (waiting && waiting == alive) {
+                fail("a warpgroup operation (wgmma.wait_group) not reached by every thread of the warpgroup");
             }
         }
         if (released) continue;

@@ -1,0 +1,143 @@
+"""The wgmma forward tile kernel (cuda/attention_wgmma.cu, variant "wgmma") run on the host: the forward's output and
+lse against the fp32 reference, no GPU.
+
+``host_emulation/attention_wgmma_harness.cpp`` runs the kernel texts as NVRTC sees them (head dim 128), with every
+CUDA thread a coroutine (cuda_host.h: switches at barriers in shuffled orders, cp.async landing only when its thread
+waits, poisoned shared memory, AddressSanitizer) and the warpgroup MMAs modelled by ``wgmma_host_model.h``: S = Q K^T
+with both operands K-major from 128-byte-swizzled shared memory, P V with P packed into A registers and V read as the
+MN-major B operand, each MMA reading shared memory through its descriptor only when its warpgroup waits for it, so a
+wrong descriptor, layout, fragment packing or accumulator mapping, or a buffer refilled while its MMA is pending,
+gives wrong outputs. The forward wrapper runs as a user calls it (the chunk plan, the torch sort of the key-block
+lists, every launch exactly as planned: grid, threads, shared-memory size, arguments checked against the signature),
+with each launch, the merge and the list kernels of attention.cu included, executed by the harness on CPU tensors,
+the routing given; torch.empty returns NaN-filled tensors, so an element no kernel writes shows. Criterion: the GPU
+tests' (conftest.GpuOracle.check_forward). Not emulated: the warp-specialised "wgmma-ws" kernels (mbarriers and
+setmaxnreg are not modelled), the fp32 partial format's module, and what only hardware shows (PTX, the async-proxy
+fences, speed: tests/kernels/test_attention_wgmma_gpu.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import signatures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
+
+from conftest import GpuOracle  # noqa: E402
+
+pytestmark = NEEDS_CXX
+
+DIM = 128  # the wgmma kernel's only head dim; the harness builds no other
+_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
+_MARKER = "// ---- end wgmma.cuh ----"
+# Declarations of attention_wgmma.cuh that CUDA accepts and the host compiler, with cuda_host.h's `__shared__`
+# (`static`: function-local statics, one CTA runs at a time), does not: `extern static`, and an alignment
+# specifier after `static`. Each is rewritten into the same declaration in a form both accept.
+_REWRITES = {"extern __shared__ unsigned char smem[];": "MOBA_DYNAMIC_SMEM(smem);",
+             "__shared__ alignas(8) ": "alignas(8) __shared__ "}
+
+
+def _table() -> str:
+    """The kernel table: attention.cu's kernels of head dim 128 or none, and the wgmma tile kernels (moba_attn_wg_*,
+    each thread checked for wgmma groups it never waited for)."""
+    lines = []
+    for f in (A.SOURCE, A.WGMMA_SOURCE):
+        for name, params in signatures(f).items():
+            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
+            if (dim.isdigit() and int(dim) != DIM) or (f == A.WGMMA_SOURCE and not name.startswith("moba_attn_wg_")):
+                continue
+            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
+                             for i, p in enumerate(params))
+            body = f"{name}({args});" + (" moba::wgmma_check_idle();" if f == A.WGMMA_SOURCE else "")
+            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {body} }}}}}},')
+    return "\n".join(lines) + "\n"
+
+
+def _wgmma_text() -> str:
+    """attention_wgmma.cu as NVRTC sees it, with wgmma_host_model.h after wgmma.cuh's text and the declarations of
+    _REWRITES rewritten (the dynamic shared memory through MOBA_DYNAMIC_SMEM: the emulation's, the launch's buffer)."""
+    text = source(A.WGMMA_SOURCE)
+    assert text.count(_MARKER) == 1
+    text = text.replace(_MARKER, _MARKER + '\n#include "wgmma_host_model.h"')
+    for old, new in _REWRITES.items():
+        text = text.replace(old, new)
+    own = text.split("// ---- end ptx.cuh ----")[-1]  # ptx.cuh's text is skipped by the harness
+    assert "extern __shared__" not in own and "__shared__ alignas" not in own
+    return text
+
+
+def _swizzle_header() -> str:
+    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
+    text = source("ptx.cuh")
+    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
+    end = text.index("#define MOBA_SWZ_COL")
+    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
+
+
+def _kernel_files() -> dict[str, str]:
+    return {"attention_kernels.cu": source(A.SOURCE), "attention_wgmma_kernels.cu": _wgmma_text(),
+            "attention_wgmma_kernel_table.inc": _table(), "ptx_swizzle.h": _swizzle_header(),
+            "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+harness = harness_fixture("attention_wgmma_harness", _kernel_files,
+                          flags=("-Wno-unknown-pragmas", f"-DEMU_HEAD_DIM_OK(d)=((d)=={DIM})"))
+
+
+@pytest.fixture
+def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
+    """``run(q, k, v, topk, block, top_k, causal)`` -> (out, lse, kernels run): the forward wrapper, variant "wgmma",
+    16-bit partials, the routing given, every launch run by the harness."""
+    monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
+    monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
+    launched = []
+
+    def emulate(plan):
+        assert plan.source in (A.SOURCE, A.WGMMA_SOURCE) and plan.defines == (), (plan.source, plan.defines)
+        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        launched.append(plan.kernel)
+
+    def run(q, k, v, topk, block, top_k, causal):
+        with monkeypatch.context() as m:
+            m.setattr(A, "launch", emulate)
+            with poisoned_empty():
+                out, lse = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, "wgmma", None,
+                                      A.resolve_partial(None), None, False)
+        return out, lse, list(launched)
+
+    return run
+
+
+CASES = [
+    # dtype, block, causal, seqlen, top_k, heads, kv_heads
+    (torch.bfloat16, 64, True, 200, 3, 2, 1),     # N % B != 0, GQA 2, the causal mask in the own block
+    (torch.float16, 128, False, 300, 2, 2, 2),    # non-causal, the last block's keys past N zero-filled and masked
+    (torch.float16, 64, False, 150, 2, 4, 1),     # GQA 4: rows of four query heads in a tile
+    (torch.bfloat16, 128, True, 90, 2, 2, 1),     # N < B, k >= n blocks
+]
+
+
+def _id(c) -> str:
+    dtype, block, causal, n, k, h, hk = c
+    return f"{str(dtype)[6:]}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_emulated_wgmma_forward_matches_oracle(emulated_forward, case):
+    dtype, block, causal, seqlen, top_k, heads, kv_heads = case
+    g = torch.Generator().manual_seed(seqlen + block)
+    q, k, v = (torch.randn(1, seqlen, h, DIM, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse, launched = emulated_forward(q, k, v, topk, block, top_k, causal)
+    tile, merge = A.kernel_names(dtype, DIM, block, "wgmma")
+    assert tile.startswith("moba_attn_wg_") and tile in launched and merge in launched
+    GpuOracle.check_forward(q, k, v, topk, block, causal, out, lse, label=_id(case))
