@@ -228,31 +228,39 @@ __device__ __forceinline__ int tile_rows(long long n_rows, int ti) {
 // tile's records are committed, and begin_tile waits for all three. K and V land under the gather: waiting for
 // them before it, one round trip more per CTA, made the "block" backward 1.2% / 1.6% / 0.4% slower at 8K / 16K /
 // 64K on an H200.
+// cp.async of K and V rows key0 .. key0 + KEYS - 1 of the CTA's kv head into KEYS x D tiles (layout L), keys >= key_end
+// zero-filled (not committed).
+template <int D, int KEYS, int NTHREADS, class L>
+__device__ __forceinline__ void load_kv(unsigned sK, unsigned sV, const void* k_, const void* v_, const CtaWork& w,
+                                        int kv_heads, int tid) {
+  constexpr int CH = D / 8;
+  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
+  const long long kv_base = (w.row_base * kv_heads + w.kvh) * D * 2;
+  const char* kb = static_cast<const char*>(k_) + kv_base;
+  const char* vb = static_cast<const char*>(v_) + kv_base;
+#pragma unroll
+  for (int i = 0; i < KEYS * CH / NTHREADS; ++i) {
+    const int c = tid + i * NTHREADS;
+    const int row = c / CH, ch = c % CH;
+    const int key = w.key0 + row;
+    const bool ok = key < w.key_end;
+    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
+    const unsigned at = L::template at<KEYS>(row, ch);
+    cp_async16(sK + at, kb + off, ok ? 16 : 0);
+    cp_async16(sV + at, vb + off, ok ? 16 : 0);
+  }
+}
+
 template <int D, int KEYS, int NTHREADS, class L = SwzTile<D>>
 __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
                                               const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
                                               const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
                                               int h0, int kv_heads, int tid) {
   const long long first = w.first, n_rows = w.n_rows, row_base = w.row_base;
-  const int n_tiles = w.n_tiles, kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
-  constexpr int CH = D / 8;
-  const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
-  const long long kv_base = (row_base * kv_heads + kvh) * D * 2;
-  const char* kb = static_cast<const char*>(k_) + kv_base;
-  const char* vb = static_cast<const char*>(v_) + kv_base;
+  const int n_tiles = w.n_tiles;
   if (n_tiles > 0) load_info(sInfoU, rows, first, tile_rows(n_rows, 0), tid);
   cp_async_commit();
-#pragma unroll
-  for (int i = 0; i < KEYS * CH / NTHREADS; ++i) {
-    const int c = tid + i * NTHREADS;
-    const int row = c / CH, ch = c % CH;
-    const int key = key0 + row;
-    const bool ok = key < key_end;
-    const long long off = ok ? static_cast<long long>(key) * kv_row_bytes + ch * 16 : 0;
-    const unsigned at = L::template at<KEYS>(row, ch);
-    cp_async16(sK + at, kb + off, ok ? 16 : 0);
-    cp_async16(sV + at, vb + off, ok ? 16 : 0);
-  }
+  load_kv<D, KEYS, NTHREADS, L>(sK, sV, k_, v_, w, kv_heads, tid);
   cp_async_commit();
   cp_async_wait<1>();  // the records' group: K and V may still be in flight
   __syncthreads();

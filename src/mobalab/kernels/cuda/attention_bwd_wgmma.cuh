@@ -58,6 +58,76 @@ struct Sw128Tile {
   }
 };
 
+// The gathered tiles run three deep: while tile ti is computed, the Q and dO rows of tiles ti + 1 and ti + 2 are in
+// flight (MOBA_BWD_WG_STAGES buffers), and a gather needs its tile's row records, which are loaded two tiles before
+// it (2 * (STAGES - 1) + 1 record buffers). Against two buffers, the gather's landing was 12% of the stall samples
+// (Nsight Compute at 16K on an H200: the wait before the tile's barrier).
+#ifndef MOBA_BWD_WG_STAGES
+#define MOBA_BWD_WG_STAGES 3
+#endif
+constexpr int kWgStages = MOBA_BWD_WG_STAGES;
+constexpr int kWgLead = kWgStages - 1;      // tiles whose gathers are in flight ahead of the current one
+constexpr int kWgInfos = 2 * kWgLead + 1;   // row-record buffers
+
+// A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
+// the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
+template <int D, int KEYS, int NTHREADS>
+__device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
+                                                 const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
+                                                 const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
+                                                 int h0, int kv_heads, int tid) {
+  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
+#pragma unroll
+  for (int t = 0; t <= kWgLead; ++t)
+    if (t < w.n_tiles)
+      load_info(sInfoU + t * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(t) * MOBA_BWD_ROWS,
+                tile_rows(w.n_rows, t), tid);
+  cp_async_commit();
+  load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
+  cp_async_commit();
+  cp_async_wait<1>();  // the records' group: K and V may still be in flight
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kWgLead; ++t) {
+    if (t < w.n_tiles)
+      gather_tile<D, NTHREADS, Sw128Tile>(sQ + t * TILE_BYTES, sdO + t * TILE_BYTES, qb, gb,
+                                          sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, heads, h0,
+                                          tid);
+    const int r = kWgLead + 1 + t;
+    if (r < 2 * kWgLead && r < w.n_tiles)
+      load_info(sInfoU + r * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(r) * MOBA_BWD_ROWS,
+                tile_rows(w.n_rows, r), tid);
+    cp_async_commit();
+  }
+}
+
+// Tile ti begins: waits for its gather (and every thread's reads of the buffers before), starts the gather of tile
+// ti + kWgLead and the records of tile ti + 2 kWgLead, and in the deterministic dQ modes puts the rows' pair indices
+// in s_pair. Returns the tile's number of rows.
+template <int D, int NTHREADS>
+__device__ __forceinline__ int wg_begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
+                                             const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
+                                             int ti, int heads, int h0, const long long* pairs, long long* s_pair,
+                                             int dq_mode, int tid) {
+  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
+  cp_async_wait<kWgLead - 1>();
+  Sw128Tile::landed();
+  __syncthreads();
+  const int count = tile_rows(w.n_rows, ti);
+  const int tg = ti + kWgLead, tr = ti + 2 * kWgLead;
+  if (tg < w.n_tiles)
+    gather_tile<D, NTHREADS, Sw128Tile>(sQ + (tg % kWgStages) * TILE_BYTES, sdO + (tg % kWgStages) * TILE_BYTES, qb,
+                                        gb, sInfo + (tg % kWgInfos) * MOBA_BWD_ROWS, tile_rows(w.n_rows, tg),
+                                        w.row_base, heads, h0, tid);
+  if (tr < w.n_tiles)
+    load_info(sInfoU + (tr % kWgInfos) * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(tr) * MOBA_BWD_ROWS,
+              tile_rows(w.n_rows, tr), tid);
+  cp_async_commit();
+  if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
+    s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
+  return count;
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
                                           const RowInfo* rows, const long long* pairs, const long long* seg_off,
@@ -80,11 +150,11 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned raw = smem_u32(smem);
   const unsigned sK = (raw + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);  // the launch adds 1 KB
   const unsigned sV = sK + KV_BYTES;
-  const unsigned sQ = sV + KV_BYTES;          // 2 buffers
-  const unsigned sdO = sQ + 2 * TILE_BYTES;   // 2 buffers
-  const unsigned sdS = sdO + 2 * TILE_BYTES;  // dS^T [key][row]
-  const unsigned sDQ = sdS + DS_BYTES;        // 2 x 64 staged dQ rows (atomic mode)
-  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // 3 x 64 RowInfo
+  const unsigned sQ = sV + KV_BYTES;                  // kWgStages buffers
+  const unsigned sdO = sQ + kWgStages * TILE_BYTES;   // kWgStages buffers
+  const unsigned sdS = sdO + kWgStages * TILE_BYTES;  // dS^T [key][row]
+  const unsigned sDQ = sdS + DS_BYTES;                // 2 x 64 staged dQ rows (atomic mode)
+  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgInfos x 64 RowInfo
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
   __shared__ long long s_pair[ROWS];
@@ -99,8 +169,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
 
   const char* qb = static_cast<const char*>(q_);
   const char* gb = static_cast<const char*>(dout_);
-  start_segment<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0,
-                                              kv_heads, tid);
+  wg_start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads,
+                                      tid);
 
   // dK, dV of keys 64 wg + 16 w4 + g (+ 8), columns 64 c + 8 n + 2 tq (+ 1) in float 4 n + e of dk[c] / dv[c]
   float dk[2][32], dv[2][32];
@@ -113,29 +183,30 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
   for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int count = begin_tile<D, NTHREADS, Sw128Tile>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0,
-                                                         pairs, s_pair, dq_mode, tid);
-    const RowInfo* info = sInfo + (ti % 3) * ROWS;
-    const unsigned sq = sQ + (ti & 1) * TILE_BYTES;
-    const unsigned sdo = sdO + (ti & 1) * TILE_BYTES;
+    const int count = wg_begin_tile<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair,
+                                                 dq_mode, tid);
+    const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
+    const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
+    const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
 
-    // ---- 1. S^T = K_g Q^T, dP^T = V_g dO^T (64 keys x 64 rows each)
+    // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed while
+    //         the dP^T MMAs run
     float s[32], dp[32];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
       wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, ROWS), ks > 0);
+    wgmma_commit_group();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
       wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
     wgmma_commit_group();
-    wgmma_wait_group<0>();
+    wgmma_wait_group<1>();  // S^T
     wgmma_fence_operand(s);
-    wgmma_fence_operand(dp);
 
-    // ---- 2. P and dS; dS^T to shared memory for dQ (pairs of adjacent rows: one 32-bit store)
+    // ---- 2. P = 2^(x - lse2), masked: element (key 16 w4 + g + 8 h, row 8 n + 2 tq + e) is float 4 n + 2 h + e
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int r = 8 * n + 2 * tq + e;
@@ -146,36 +217,54 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
         for (int h = 0; h < 2; ++h) {
           const int i = 4 * n + 2 * h + e;
           const float x = s[i] * scale_log2 - ri.lse2;  // finite: a select, not an add, masks it
-          const float p = exp2f(8 * h <= last ? x : __int_as_float(0xff800000u));
-          s[i] = p;
-          dp[i] = p * (dp[i] - ri.delta);
+          s[i] = exp2f(8 * h <= last ? x : __int_as_float(0xff800000u));
         }
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int kr = 64 * wg + 16 * w4 + g + 8 * h;
-        st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
-                      Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
-      }
-    }
-    fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
-
-    // ---- 3. dV += P^T dO, dK += dS^T Q over the tile's 64 rows (4 k-steps), two n64 halves of d
     {
+      // ---- 3. dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
       unsigned pa[4][4], da[4][4];
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        wgmma_pack_a<T>(s + 8 * ks, pa[ks]);
-        wgmma_pack_a<T>(dp + 8 * ks, da[ks]);
-      }
+      for (int ks = 0; ks < 4; ++ks) wgmma_pack_a<T>(s + 8 * ks, pa[ks]);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
+        for (int c = 0; c < 2; ++c)
           wgmma_rs<T, 1>(dv[c], pa[ks], wgmma_desc_sw128_mn(sdo + c * HALF, ks, ROWS, 64), 1);
-          wgmma_rs<T, 1>(dk[c], da[ks], wgmma_desc_sw128_mn(sq + c * HALF, ks, ROWS, 64), 1);
+      wgmma_commit_group();
+      wgmma_wait_group<1>();  // dP^T (the dV MMAs may still run)
+      wgmma_fence_operand(dp);
+
+      // ---- dS = P o (dP - D); dS^T to shared memory for dQ (pairs of adjacent rows: one 32-bit store)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float delta = info[8 * n + 2 * tq + e].delta;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int i = 4 * n + 2 * h + e;
+            dp[i] = s[i] * (dp[i] - delta);
+          }
         }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int kr = 64 * wg + 16 * w4 + g + 8 * h;
+          st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
+                        Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
+        }
+      }
+      fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
+
+      // ---- dK += dS^T Q
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) wgmma_pack_a<T>(dp + 8 * ks, da[ks]);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          wgmma_rs<T, 1>(dk[c], da[ks], wgmma_desc_sw128_mn(sq + c * HALF, ks, ROWS, 64), 1);
       wgmma_commit_group();
 
       // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys
