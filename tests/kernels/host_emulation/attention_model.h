@@ -35,6 +35,17 @@ inline void red_add2(float* p, float a, float b) {
     p[0] += a;
     p[1] += b;
 }
+inline void red_add4(float* p, float4 v) {
+    p[0] += v.x;
+    p[1] += v.y;
+    p[2] += v.z;
+    p[3] += v.w;
+}
+inline float4 ld_shared_v4_f32(unsigned addr) {
+    float4 v;
+    std::memcpy(&v, smem_ptr(addr, 16), 16);
+    return v;
+}
 
 }  // namespace moba
 

@@ -2,36 +2,45 @@
 // 128 keys of a key block, every row that selected the block in tiles of 64 gathered rows; same equations, row
 // records, gather, dQ modes and dK / dV modes) with the products on Hopper warpgroup MMAs (wgmma, sm_90a). Two
 // warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128 columns, fp32
-// accumulators in registers over all tiles). Per tile:
-//   1. S^T = K_g Q^T and dP^T = V_g dO^T: m64n64k16, A = the warpgroup's 64 keys of K (or V), B = the 64 gathered
+// accumulators in registers over all tiles). Per tile, in four commit groups so that the tensor cores work while
+// the warpgroup forms P and dS:
+//   1. S^T = K_g Q^T, then dP^T = V_g dO^T: m64n64k16, A = the warpgroup's 64 keys of K (or V), B = the 64 gathered
 //      rows of Q (or dO), both K-major over d in 128-byte-swizzled shared memory (wgmma.cuh's sw128 layout):
 //      8 k-steps each, 64 fp32 accumulators per thread in all.
-//   2. P = 2^(x - lse2) masked, dS = P o (dP - D), in the accumulators: float i of thread t is key
-//      16 w + l / 4 + 8 ((i / 2) % 2) of the warpgroup and gathered row 8 (i / 4) + 2 (l % 4) + i % 2 (the
-//      wgmma accumulator layout), so the row records are read per column pair, the mask is the "block" variant's
-//      one compare of the row's last visible key.
-//   3. dV += P^T dO and dK += dS^T Q: m64n64k16 with A from registers (floats 8 s .. 8 s + 7 of a 64 x 64
-//      accumulator are the A fragment of its K columns 16 s .. 16 s + 15: wgmma_pack_a, no shuffle), B = dO (Q)
-//      as stored: rows x d with d contiguous is MN-major for a product whose K is the rows (imm-trans-b = 1,
-//      wgmma_desc_sw128_mn), two n64 halves of d: 16 MMAs.
+//   2. P = 2^(x - lse2) masked, while the dP^T MMAs run: float i of thread t is key 16 w + l / 4 + 8 ((i / 2) % 2)
+//      of the warpgroup and gathered row 8 (i / 4) + 2 (l % 4) + i % 2 (the wgmma accumulator layout), so the row
+//      records are read per column pair, and the mask is the "block" variant's one compare of the row's last
+//      visible key.
+//   3. dV += P^T dO (issued at once), then dS = P o (dP - D) while those MMAs run, then dK += dS^T Q: m64n64k16
+//      with A from registers (floats 8 s .. 8 s + 7 of a 64 x 64 accumulator are the A fragment of its K columns
+//      16 s .. 16 s + 15: wgmma_pack_a, no shuffle), B = dO (Q) as stored: rows x d with d contiguous is MN-major
+//      for a product whose K is the rows (imm-trans-b = 1, wgmma_desc_sw128_mn), two n64 halves of d: 16 MMAs.
 //   4. dQ = scale dS K: dS^T goes to shared memory as stored ([key][row], rows contiguous: the MN-major layout of
 //      A = dS), both warpgroups meet at a named barrier, then warpgroup g computes columns 64 g .. 64 g + 63 of
-//      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps) and adds
-//      them as the other variants do (fp32 atomics, or the deterministic slot partials).
+//      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps); atomic
+//      mode stages them in shared memory and adds 16-byte vector atomics (see there), the deterministic modes
+//      write the slot partials as the other variants do.
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
-// (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic.
-// Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32.
-// Shared memory: K, V 128 x 128 each, 2 x Q, 2 x dO 64 x 128, dS^T 128 x 64 (16-bit), 3 x 64 row records, and
-// 1 KB to align the swizzle patterns: 148 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are
-// multiples of 128 (the "block" variant's shapes).
+// (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic. At the
+// SM's dense bf16 rate (~4 KFLOP per clock) a tile's MMAs take ~1.4 us.
+// Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32
+// (253-255 registers, no spills).
+// Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
+// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
+// patterns: 218 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are multiples of 128 (the
+// "block" variant's shapes).
+// Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
+// "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
+// atomics from registers): tensor pipe 30%, stalls on the gather's landing (long_scoreboard), the atomics' issue
+// queue (lg_throttle) and the MMA waits; with the overlap and the three-deep gather (and bulk reductions, since
+// replaced by the staged atomics): 32%, the MMA waits and the barriers between the warpgroups first.
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
 
 #include "attention_bwd.cuh"
-#include "bulk_reduce.cuh"
 #include "wgmma.cuh"
 
 #define MOBA_BWD_WG_KEYS 128     // keys per CTA
@@ -39,9 +48,10 @@
 #define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
 #define MOBA_BWD_WG_DQ_BARRIER 2  // named barriers 2, 3: warpgroup 0's / 1's dQ staging rows
 #define MOBA_BWD_WG_DQ_PITCH 288  // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
-// Atomic dQ mode: staged rows added by bulk reductions (1, the default) or vector atomics from registers (0).
-#ifndef MOBA_BWD_WG_BULK_DQ
-#define MOBA_BWD_WG_BULK_DQ 1
+// Atomic dQ mode: 16-byte vector atomics from rows staged in shared memory (1, the default) or 8-byte ones from the
+// accumulator registers (0).
+#ifndef MOBA_BWD_WG_STAGED_DQ
+#define MOBA_BWD_WG_STAGED_DQ 1
 #endif
 
 namespace moba_bwd {
@@ -284,26 +294,30 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       wgmma_fence_operand(dq);
 
       const int r0 = 16 * w4 + g, r1 = r0 + 8;
-      if (MOBA_BWD_WG_BULK_DQ && dq_mode == 0) {
-        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) and one thread per row adds
-        // the row's 256 bytes with one bulk reduction (16 vector atomics per thread before: 16% of the stall samples
-        // were their issue queue, lg_throttle, Nsight Compute at 16K on an H200).
+      if (MOBA_BWD_WG_STAGED_DQ && dq_mode == 0) {
+        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) in shared memory, then thread wt
+        // adds chunks c = wt + 128 i (row c / 16, columns 4 (c % 16) ..) with 16-byte vector atomics, a warp's covering
+        // two whole 256-byte rows. Measured on an H200 (backward op, 8K / 16K / 64K): 1.02-1.03x faster than 16 8-byte
+        // atomics per thread from the accumulator registers (their issue queue, lg_throttle, was 16% of the stall
+        // samples at 16K), and 1.07-1.08x faster than one bulk reduction (cp.reduce.async.bulk) per row, whose
+        // per-thread addresses the compiler issues one thread at a time.
         const unsigned sdq = sDQ + wg * DQ_BYTES;
-        if (wt < ROWS) bulk_wait_group_read<0>();  // the previous tile's reductions have read the rows
-        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
+        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);  // the previous tile's chunks have been read
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
           const unsigned c = (8 * n + 2 * tq) * 4;
           st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
           st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
         }
-        fence_proxy_async_shared();
         bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
-        if (wt < count) {
-          const RowInfo ri = info[wt];
-          bulk_reduce_add_f32(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg,
-                              sdq + wt * MOBA_BWD_WG_DQ_PITCH, 64 * 4);
-          bulk_commit_group();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = wt + 128 * i, row = c >> 4, q4 = c & 15;
+          if (row < count) {
+            const RowInfo ri = info[row];
+            const float4 x = ld_shared_v4_f32(sdq + row * MOBA_BWD_WG_DQ_PITCH + 16 * q4);
+            red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
+          }
         }
       } else {
         float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
@@ -317,7 +331,6 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
   }
   cp_async_wait<0>();
-  if (MOBA_BWD_WG_BULK_DQ && dq_mode == 0 && wt < ROWS) bulk_wait_group<0>();  // the staging rows are read before the CTA's memory goes
 
   // dK (scaled) and dV: keys key_a (+ 8), columns 64 c + 8 n + 2 tq (+ 1)
 #pragma unroll
