@@ -64,7 +64,7 @@ AUTO_BLOCK_HEAD_DIM = 128  # where "auto" takes "block"
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WGMMA_DQ_PITCH = 288  # bytes per staged dQ row of the wgmma kernel (MOBA_BWD_WG_DQ_PITCH)
-WGMMA_STAGES = 3  # gathered Q / dO tiles in flight or in use (MOBA_BWD_WG_STAGES)
+WGMMA_STAGES = 3  # gathered Q / dO tiles in flight or in use (kWgStages)
 BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 

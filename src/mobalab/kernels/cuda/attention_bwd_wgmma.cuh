@@ -48,11 +48,6 @@
 #define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
 #define MOBA_BWD_WG_DQ_BARRIER 2  // named barriers 2, 3: warpgroup 0's / 1's dQ staging rows
 #define MOBA_BWD_WG_DQ_PITCH 288  // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
-// Atomic dQ mode: 16-byte vector atomics from rows staged in shared memory (1, the default) or 8-byte ones from the
-// accumulator registers (0).
-#ifndef MOBA_BWD_WG_STAGED_DQ
-#define MOBA_BWD_WG_STAGED_DQ 1
-#endif
 
 namespace moba_bwd {
 
@@ -69,13 +64,11 @@ struct Sw128Tile {
 };
 
 // The gathered tiles run three deep: while tile ti is computed, the Q and dO rows of tiles ti + 1 and ti + 2 are in
-// flight (MOBA_BWD_WG_STAGES buffers), and a gather needs its tile's row records, which are loaded two tiles before
-// it (2 * (STAGES - 1) + 1 record buffers). Against two buffers, the gather's landing was 12% of the stall samples
-// (Nsight Compute at 16K on an H200: the wait before the tile's barrier).
-#ifndef MOBA_BWD_WG_STAGES
-#define MOBA_BWD_WG_STAGES 3
-#endif
-constexpr int kWgStages = MOBA_BWD_WG_STAGES;
+// flight (kWgStages buffers), and a gather needs its tile's row records, which are loaded two tiles before it
+// (2 (kWgStages - 1) + 1 record buffers). With two buffers the gather's landing was 12% of the stall samples (Nsight
+// Compute at 16K on an H200: the wait before the tile's barrier); three made the backward op 1.01-1.03x faster
+// (8K-64K, interleaved on an H200).
+constexpr int kWgStages = 3;
 constexpr int kWgLead = kWgStages - 1;      // tiles whose gathers are in flight ahead of the current one
 constexpr int kWgInfos = 2 * kWgLead + 1;   // row-record buffers
 
@@ -294,7 +287,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       wgmma_fence_operand(dq);
 
       const int r0 = 16 * w4 + g, r1 = r0 + 8;
-      if (MOBA_BWD_WG_STAGED_DQ && dq_mode == 0) {
+      if (dq_mode == 0) {
         // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) in shared memory, then thread wt
         // adds chunks c = wt + 128 i (row c / 16, columns 4 (c % 16) ..) with 16-byte vector atomics, a warp's covering
         // two whole 256-byte rows. Measured on an H200 (backward op, 8K / 16K / 64K): 1.02-1.03x faster than 16 8-byte
@@ -320,11 +313,10 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
           }
         }
       } else {
-        float* dq_base = dq_mode == 0 ? dq_acc : part_dq;
         const bool has0 = r0 < count, has1 = r1 < count;
         const int col0 = 64 * wg + 2 * tq;
-        add_dq<8>(dq_base + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
-                  dq_base + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0,
+        add_dq<8>(part_dq + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
+                  part_dq + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0,
                   has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
       }
     }
