@@ -5,7 +5,10 @@
 // operations (__syncwarp, __shfl_xor_sync, __any_sync: the 32 lanes of the warp). Between two such points
 // the threads run in a shuffled order, so code that reads what another thread writes without a barrier
 // gives order-dependent results. A barrier that not every thread reaches (divergent __syncthreads or a
-// shuffle inside divergent code) stops the run with an error instead of hanging. The models of warpgroup
+// shuffle inside divergent code) stops the run with an error instead of hanging. A named barrier or warpgroup
+// meeting (below) that its last thread reaches is released either at once, starting a new shuffled round in which
+// its threads may run before threads that have not reached their next synchronisation point, or only when no thread
+// can run, at random (release_at_once); other barriers wait until no thread can run. The models of warpgroup
 // instructions (wgmma.wait_group) meet the 128 threads 128 g .. 128 g + 127 of the CTA at a barrier of their own
 // (warpgroup_barrier), apart from __syncthreads and the named barriers 1..15 that kernels use. CTAs run one after
 // another in a shuffled order. Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN
@@ -250,6 +253,38 @@ inline void warpgroup_barrier() {
     yield(WG_WAIT);
 }
 
+// Thread i has just stopped at a named barrier or a warpgroup meeting: when it is the last thread that barrier
+// waits for, release it now on a coin flip (true: released). Otherwise it is released when no thread can run, after
+// every other thread has gone as far as it can; at once, its threads may run ahead of threads that have not yet
+// reached their next synchronisation point (on a GPU either can happen). So a consumer behind a barrier of its own
+// (one warpgroup's named barrier or wgmma wait) can run before a producer that is missing the barrier both should
+// pass. Barriers of every other kind, and a named barrier whose threads name different counts (an error, reported
+// when no thread can run), wait until no thread can run.
+inline bool release_at_once(Cta& c, int i) {
+    const Thread& t = c.threads[i];
+    if (t.state == NAMED_WAIT) {
+        unsigned waiting = 0;
+        for (const auto& u : c.threads)
+            if (u.state == NAMED_WAIT && u.bar == t.bar) {
+                if (u.bar_n != t.bar_n) return false;
+                ++waiting;
+            }
+        if (waiting != t.bar_n || (c.rng() & 1u)) return false;
+        for (auto& u : c.threads)
+            if (u.state == NAMED_WAIT && u.bar == t.bar) u.state = RUNNABLE;
+        return true;
+    }
+    if (t.state == WG_WAIT && c.threads.size() % 128 == 0) {
+        const size_t g0 = static_cast<size_t>(i) / 128 * 128;
+        for (size_t j = g0; j < g0 + 128; ++j)
+            if (c.threads[j].state != WG_WAIT) return false;
+        if (c.rng() & 1u) return false;
+        for (size_t j = g0; j < g0 + 128; ++j) c.threads[j].state = RUNNABLE;
+        return true;
+    }
+    return false;
+}
+
 // Run one CTA to completion.
 inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     Cta& c = cta();
@@ -304,6 +339,7 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
 #ifdef EMU_ASAN
             __sanitizer_finish_switch_fiber(c.fake_stack, nullptr, nullptr);
 #endif
+            if (release_at_once(c, i)) break;  // a new shuffled round, in which the released threads may run first
         }
         if (ran) continue;
         // Nobody can run: release a completed barrier, or finish, or report a deadlock.

@@ -11,7 +11,10 @@
 // the other 127 threads of the warpgroup (threads 128 g .. 128 g + 127 of the CTA; cuda_host.h's
 // warpgroup_barrier, a barrier of its own), so every thread has issued the MMA and published its A registers;
 // the first thread to leave the meeting then executes the warpgroup's oldest groups for all 128 threads, the MMA
-// being one operation of the warpgroup. The threads of a warpgroup must have committed the same groups, and the
+// being one operation of the warpgroup, before any other thread of the CTA runs (so every thread's groups are as
+// they were at the meeting); the threads that leave after it find that meeting settled and execute nothing, even
+// where a thread that left before them has committed further groups (a thread may run from one wait to the next
+// without any other barrier between). The threads of a warpgroup must have committed the same groups, and the
 // i-th MMA of every thread the same N, types, descriptors and scale-d; anything else stops the run. Shared memory
 // refilled while an MMA on it is pending therefore shows up as NaN (cp.async poisons on issue) or wrong data.
 // The A fragment from registers ("Register Fragments"): register j, half h (low 16 bits first) of warpgroup
@@ -51,7 +54,13 @@ struct WgmmaOp {
 struct WgmmaThread {
     std::vector<WgmmaOp> open;
     std::vector<std::vector<WgmmaOp>> groups;
+    unsigned long long waits = 0;  // wgmma.wait_group meetings this thread has left
 };
+// Per warpgroup of the CTA (index 128 g): the meetings whose groups have been executed.
+inline std::vector<unsigned long long>& wgmma_settled() {
+    static std::vector<unsigned long long> s;
+    return s;
+}
 inline std::vector<WgmmaThread>& wgmma_threads() {
     static std::vector<WgmmaThread> t;
     return t;
@@ -152,9 +161,14 @@ inline void wgmma_commit_group() {
 }
 template <int N>
 inline void wgmma_wait_group() {
-    wgmma_me();  // sized for this CTA
+    WgmmaThread& me = wgmma_me();  // sized for this CTA
     emu::warpgroup_barrier();
     const int g = emu::cta().current / 128;
+    auto& settled = wgmma_settled();
+    if (settled.size() <= static_cast<size_t>(g)) settled.resize(g + 1, 0);
+    ++me.waits;
+    if (settled[g] >= me.waits) return;  // a thread that left this meeting before has executed its groups
+    settled[g] = me.waits;
     auto& th = wgmma_threads();
     for (int t = 1; t < 128; ++t)
         if (th[128 * g + t].groups.size() != th[128 * g].groups.size())

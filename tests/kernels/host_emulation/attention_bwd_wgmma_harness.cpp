@@ -1,0 +1,54 @@
+// Runs the launches of the wgmma backward (cuda/attention_bwd_wgmma.cu, variant "wgmma": moba_bwd_wg_*) and of the
+// kernels the backward wrapper runs around it on the host, for tests without a GPU: cuda/attention.cu (the
+// key-block lists: keys, bounds), cuda/attention_bwd.cu (delta, row records, the deterministic dQ merge) and
+// cuda/pairs.cu (the segments' longest-first order).
+//
+//   attention_bwd_wgmma_harness MANIFEST
+//
+// MANIFEST: the launch manifest of harness_io.h. The kernel texts are the sources as NVRTC sees them
+// (_build.source), head dim 128 only, with ptx.cuh skipped (attention_model.h and ptx_host_model.h stand for it, as
+// in attention_harness: named barriers, st.shared, ld.shared.v4, the vector fp32 atomics as plain adds).
+// attention.cu's and attention_bwd.cu's texts come first, then pairs.cu's; then attention_bwd_wgmma.cu's finds
+// attention_bwd.cuh, attention.cuh and ptx.cuh already defined, is compiled with __CUDA_ARCH__ = 800 so that wgmma.cuh
+// gives only its encodings, and has wgmma_host_model.h included right after wgmma.cuh's text (the test inserts it).
+// A thread that returns with wgmma groups it never waited for stops the run.
+#include "harness_io.h"
+#include "attention_model.h"
+
+// What pairs.cu needs besides attention_model.h's (static shared arrays): its dynamic shared memory, and
+// __match_any_sync (as pairs_harness models it: the lanes holding the same value).
+#define MOBA_PAIRS_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+inline unsigned __match_any_sync(unsigned mask, int v) {
+    emu_full_mask(mask);
+    emu::Cta& c = emu::cta();
+    unsigned* slots = emu::bank();
+    slots[c.current] = (unsigned)v;
+    emu::yield(emu::WARP_WAIT);
+    unsigned bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= (slots[emu::warp_base() + l] == (unsigned)v ? 1u : 0u) << l;
+    return bits;
+}
+
+#include "attention_kernels.cu"
+#include "attention_bwd_kernels.cu"
+#include "pairs_kernels.cu"
+
+#define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
+
+#include "attention_bwd_wgmma_kernels.cu"
+
+namespace {
+
+using harness::Arg;
+using harness::I;
+using harness::P;
+
+const harness::Kernels kKernels = {
+#include "attention_bwd_wgmma_kernel_table.inc"
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    return harness::run_manifest("attention_bwd_wgmma_harness", argc, argv, kKernels);
+}

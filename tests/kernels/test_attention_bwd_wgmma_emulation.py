@@ -1,0 +1,205 @@
+"""The wgmma backward kernel (cuda/attention_bwd_wgmma.cu, variant "wgmma") run on the host: the gradients against
+the fp32 reference, no GPU.
+
+``host_emulation/attention_bwd_wgmma_harness.cpp`` runs the kernel texts as NVRTC sees them (head dim 128), with
+every CUDA thread a coroutine (cuda_host.h: switches at barriers in shuffled orders, named barriers and warpgroup
+meetings released either at once or after every other thread has gone as far as it can, cp.async landing only when
+its thread waits, poisoned shared memory, AddressSanitizer) and the warpgroup MMAs modelled by ``wgmma_host_model.h``:
+S^T and dP^T with both operands K-major from 128-byte-swizzled shared memory, dV and dK with P^T / dS^T from
+registers and Q / dO as MN-major B operands, dQ with dS^T and K both MN-major, each MMA reading shared memory and
+writing its accumulators only when its warpgroup waits for it (the four commit groups of a tile waited for at their
+own points). So a wrong descriptor, layout, fragment packing, accumulator mapping or wait count, a buffer refilled
+while an MMA on it is pending (the three-deep gather), or a missing barrier (the named barriers between the
+warpgroups: the dS^T exchange, the staged dQ rows) gives wrong gradients or an emulation error. The backward wrapper
+runs as a user calls it (the chunk plan, the torch sort of the key-block lists, the segments' longest-first order,
+every launch exactly as planned: grid, threads, shared-memory size, arguments checked against the signature), with
+each launch, attention.cu's list kernels, attention_bwd.cu's delta, row record and dQ merge kernels and pairs.cu's
+order included, executed by the harness on CPU tensors, the routing given; torch.empty returns NaN-filled tensors, so
+an element no kernel writes shows. Both dQ modes run: atomic (the rows staged in shared memory, added by vector
+atomics: plain adds, the CTAs run one after another) and deterministic (slot partials, the merge; two runs in other
+CTA and thread orders bit-identical). Criterion: the GPU tests' (conftest.GpuOracle: each gradient within 3x the error
+of the same computation in torch's low precision, plus a floor), as for the mma.sync variants
+(test_attention_emulation.py). Not emulated: what only hardware shows (PTX, the async-proxy fences, races between
+CTAs, speed: tests/kernels/test_backward_gpu.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobalab.kernels import _cuda_attention as A
+from mobalab.kernels import _cuda_backward as CB
+from mobalab.kernels import _pairs as P
+from mobalab.kernels import reference
+from mobalab.kernels._build import source
+from mobalab.kernels._launch import signatures
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
+
+from conftest import GpuOracle  # noqa: E402
+
+pytestmark = NEEDS_CXX
+
+DIM = 128  # the wgmma backward's only head dim; the harness builds no other
+_SOURCES = (A.SOURCE, CB.SOURCE, P.SOURCE, CB.WGMMA_SOURCE)  # in the harness' order of inclusion
+_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
+_MARKER = "// ---- end wgmma.cuh ----"
+# Declarations that CUDA accepts and the host compiler, with attention_model.h's `__shared__` (`static`), does not,
+# rewritten into the same declaration in a form both accept (none in the backward's text today; kept in step with
+# test_attention_wgmma_emulation.py should they appear).
+_REWRITES = {"extern __shared__ unsigned char smem[];": "MOBA_DYNAMIC_SMEM(smem);",
+             "__shared__ alignas(8) ": "alignas(8) __shared__ "}
+
+
+def _table() -> str:
+    """The kernel table: the kernels of head dim 128 or none of the four sources, each thread of the wgmma main
+    kernels checked for wgmma groups it never waited for."""
+    lines = []
+    for f in _SOURCES:
+        for name, params in signatures(f).items():
+            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
+            if dim.isdigit() and int(dim) != DIM:
+                continue
+            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
+                             for i, p in enumerate(params))
+            body = f"{name}({args});" + (" moba::wgmma_check_idle();" if f == CB.WGMMA_SOURCE else "")
+            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {body} }}}}}},')
+    return "\n".join(lines) + "\n"
+
+
+def _wgmma_text() -> str:
+    """attention_bwd_wgmma.cu as NVRTC sees it, with wgmma_host_model.h after wgmma.cuh's text and the declarations
+    of _REWRITES rewritten."""
+    text = source(CB.WGMMA_SOURCE)
+    assert text.count(_MARKER) == 1
+    text = text.replace(_MARKER, _MARKER + '\n#include "wgmma_host_model.h"')
+    for old, new in _REWRITES.items():
+        text = text.replace(old, new)
+    own = text.split("// ---- end ptx.cuh ----")[-1]  # ptx.cuh's text is skipped by the harness
+    assert "extern __shared__" not in own and "__shared__ alignas" not in own
+    return text
+
+
+def _swizzle_header() -> str:
+    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
+    text = source("ptx.cuh")
+    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
+    end = text.index("#define MOBA_SWZ_COL")
+    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
+
+
+def _kernel_files() -> dict[str, str]:
+    return {"attention_kernels.cu": source(A.SOURCE), "attention_bwd_kernels.cu": source(CB.SOURCE),
+            "pairs_kernels.cu": source(P.SOURCE), "attention_bwd_wgmma_kernels.cu": _wgmma_text(),
+            "attention_bwd_wgmma_kernel_table.inc": _table(), "ptx_swizzle.h": _swizzle_header(),
+            "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+
+
+harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files,
+                          flags=("-Wno-unknown-pragmas", f"-DEMU_HEAD_DIM_OK(d)=((d)=={DIM})"))
+
+
+@pytest.fixture
+def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
+    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
+    run): the backward wrapper, variant "wgmma", the routing given, every launch run by the harness (launch l of the
+    test with seed l: a second call runs other CTA and thread orders)."""
+    monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
+    launched = []
+
+    def emulate(plan):
+        assert plan.source in _SOURCES and plan.defines == (), (plan.source, plan.defines)
+        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        launched.append(plan.kernel)
+
+    def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None):
+        first = len(launched)
+        with monkeypatch.context() as m:
+            m.setattr(CB, "launch", emulate)
+            m.setattr(A, "launch", emulate)
+            m.setattr(P, "launch", emulate)
+            with poisoned_empty():
+                grads = CB._backward(dout, q, k, v, out, lse, topk, block, top_k, causal, q.shape[-1] ** -0.5,
+                                     deterministic, None, budget, None, False, None, "wgmma", None)
+        return grads, launched[first:]
+
+    return run
+
+
+def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, seqlen, h, DIM, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
+
+
+def _check(grads, q, k, v, dout, topk, block, causal, label):
+    ref = GpuOracle.oracle_grads(q, k, v, dout, topk, block, causal)
+    low = GpuOracle.lowp_grads(q, k, v, dout, topk, block, causal)
+    for name, g, r, lo, x in zip("qkv", grads, ref, low, (q, k, v), strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{label}: d{name} {g.dtype} {tuple(g.shape)}"
+        assert torch.isfinite(g).all(), f"{label}: non-finite d{name} (unwritten or NaN)"
+        GpuOracle.assert_within_torch_error(g, r, lo, factor=3, floor=1e-4 * (1.0 + r.abs().max().item()),
+                                            label=f"{label}: d{name}")
+
+
+def _check_launched(launched, dtype, deterministic):
+    """The wgmma main kernel ran (no mma.sync one), in the segments' longest-first order (pairs.cu), with the slot
+    merge exactly in the deterministic mode."""
+    tag = "bf16" if dtype == torch.bfloat16 else "f16"
+    assert f"moba_bwd_wg_{tag}_d{DIM}" in launched
+    assert not any(n.startswith((f"moba_bwd_{tag}_d", f"moba_bwd_blk_{tag}_d")) for n in launched), launched
+    assert "moba_pairs_longest_first" in launched
+    assert any(n.startswith("moba_bwd_dq_merge") for n in launched) == deterministic
+
+
+CASES = [
+    # dtype, block, causal, seqlen, top_k, heads, kv_heads, deterministic
+    (torch.bfloat16, 128, True, 300, 2, 2, 1, False),   # N % B != 0 (the last block's keys masked), GQA 2
+    (torch.float16, 256, False, 400, 2, 2, 2, True),    # two 128-key sub-tiles (the last block's second: 16 keys)
+    (torch.bfloat16, 128, True, 100, 3, 2, 1, True),    # N < B, k >= n blocks, deterministic dQ (slot partials)
+    (torch.float16, 128, False, 260, 2, 4, 1, False),   # GQA 4: rows of four query heads in a tile; 4-key last block
+    (torch.bfloat16, 256, True, 300, 2, 1, 1, False),   # causal B 256: a sub-tile's keys past the row's own masked
+]
+
+
+def _id(c) -> str:
+    dtype, block, causal, n, k, h, hk, det = c
+    return (f"{str(dtype)[6:]}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+            f"{'-det' if det else '-atomic'}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
+    """Each gradient within the criterion; deterministic: a second run (other CTA and thread orders) bit-identical."""
+    dtype, block, causal, seqlen, top_k, heads, kv_heads, det = case
+    q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dtype, seed=seqlen + block)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
+    args = (dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det)
+    grads, launched = emulated_backward(*args)
+    _check_launched(launched, dtype, det)
+    _check(grads, q, k, v, dout, topk, block, causal, _id(case))
+    if det:
+        again, _ = emulated_backward(*args)
+        for name, a, b in zip("qkv", grads, again, strict=True):
+            assert torch.equal(a, b), f"{_id(case)}: d{name} differs between two deterministic runs"
+
+
+def test_emulated_wgmma_chunks_that_split_the_query_range(emulated_backward):
+    """A scratch budget that splits each sequence's queries over several chunks (three of about 67 queries per
+    sequence, batch 2): dK and dV of the wgmma kernel accumulate in fp32 over the chunks (stored by the first chunk of
+    a sequence, dkv_mode 1, added by the later ones, 2) before their conversion."""
+    dtype, block, top_k, causal, batch, seqlen, heads, kv_heads = torch.bfloat16, 128, 2, True, 2, 200, 2, 1
+    q, k, v, dout = _inputs(batch, seqlen, heads, kv_heads, dtype, seed=7)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
+    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
+    budget = 70 * (heads // kv_heads) * top_k * CB.bwd_bytes_per_pair(DIM, False)  # about 70 queries per chunk
+    chunks = CB.bwd_plan(batch, seqlen, heads, kv_heads, DIM, top_k, False, budget)
+    assert {CB.dkv_mode(c, seqlen) for c in chunks} == {1, 2} and len(chunks) > batch
+    grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, budget=budget)
+    _check_launched(launched, dtype, False)
+    _check(grads, q, k, v, dout, topk, block, causal, "chunked")
