@@ -36,9 +36,9 @@ from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels import _pairs as P
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _attention_emulation import kernel_table, swizzle_header, wgmma_text  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
@@ -47,56 +47,15 @@ pytestmark = NEEDS_CXX
 
 DIM = 128  # the wgmma backward's only head dim; the harness builds no other
 _SOURCES = (A.SOURCE, CB.SOURCE, P.SOURCE, CB.WGMMA_SOURCE)  # in the harness' order of inclusion
-_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
-_MARKER = "// ---- end wgmma.cuh ----"
-# Declarations that CUDA accepts and the host compiler, with attention_model.h's `__shared__` (`static`), does not,
-# rewritten into the same declaration in a form both accept (none in the backward's text today; kept in step with
-# test_attention_wgmma_emulation.py should they appear).
-_REWRITES = {"extern __shared__ unsigned char smem[];": "MOBA_DYNAMIC_SMEM(smem);",
-             "__shared__ alignas(8) ": "alignas(8) __shared__ "}
-
-
-def _table() -> str:
-    """The kernel table: the kernels of head dim 128 or none of the four sources, each thread of the wgmma main
-    kernels checked for wgmma groups it never waited for."""
-    lines = []
-    for f in _SOURCES:
-        for name, params in signatures(f).items():
-            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
-            if dim.isdigit() and int(dim) != DIM:
-                continue
-            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
-                             for i, p in enumerate(params))
-            body = f"{name}({args});" + (" moba::wgmma_check_idle();" if f == CB.WGMMA_SOURCE else "")
-            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {body} }}}}}},')
-    return "\n".join(lines) + "\n"
-
-
-def _wgmma_text() -> str:
-    """attention_bwd_wgmma.cu as NVRTC sees it, with wgmma_host_model.h after wgmma.cuh's text and the declarations
-    of _REWRITES rewritten."""
-    text = source(CB.WGMMA_SOURCE)
-    assert text.count(_MARKER) == 1
-    text = text.replace(_MARKER, _MARKER + '\n#include "wgmma_host_model.h"')
-    for old, new in _REWRITES.items():
-        text = text.replace(old, new)
-    own = text.split("// ---- end ptx.cuh ----")[-1]  # ptx.cuh's text is skipped by the harness
-    assert "extern __shared__" not in own and "__shared__ alignas" not in own
-    return text
-
-
-def _swizzle_header() -> str:
-    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
-    text = source("ptx.cuh")
-    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
-    end = text.index("#define MOBA_SWZ_COL")
-    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
 
 
 def _kernel_files() -> dict[str, str]:
+    # the kernels of head dim 128 or none of the four sources, each thread of the wgmma main kernels checked for
+    # wgmma groups it never waited for
+    table = kernel_table(_SOURCES, lambda d: d == DIM, idle_checked=(CB.WGMMA_SOURCE,))
     return {"attention_kernels.cu": source(A.SOURCE), "attention_bwd_kernels.cu": source(CB.SOURCE),
-            "pairs_kernels.cu": source(P.SOURCE), "attention_bwd_wgmma_kernels.cu": _wgmma_text(),
-            "attention_bwd_wgmma_kernel_table.inc": _table(), "ptx_swizzle.h": _swizzle_header(),
+            "pairs_kernels.cu": source(P.SOURCE), "attention_bwd_wgmma_kernels.cu": wgmma_text(CB.WGMMA_SOURCE),
+            "attention_bwd_wgmma_kernel_table.inc": table, "ptx_swizzle.h": swizzle_header(),
             "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
 
 

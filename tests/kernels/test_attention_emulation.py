@@ -30,9 +30,9 @@ from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels import _pairs as P
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _attention_emulation import kernel_table, swizzle_header  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
@@ -40,35 +40,12 @@ from conftest import GpuOracle  # noqa: E402
 pytestmark = NEEDS_CXX
 
 HEAD_DIMS = (32, 64, 128, 256)  # built into the harness (96 too would add a fifth to its compile time)
-_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
-
-
-def _table(files: tuple[str, ...]) -> str:
-    """One kernel-table line per kernel of ``files`` that the harness builds: head-dim-free ones and HEAD_DIMS."""
-    lines = []
-    for f in files:
-        for name, params in signatures(f).items():
-            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
-            if dim.isdigit() and int(dim) not in HEAD_DIMS:
-                continue
-            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
-                             for i, p in enumerate(params))
-            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {name}({args}); }}}}}},')
-    return "\n".join(lines) + "\n"
-
-
-def _swizzle_header() -> str:
-    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
-    text = source("ptx.cuh")
-    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
-    end = text.index("#define MOBA_SWZ_COL")
-    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
 
 
 def _kernel_files() -> dict[str, str]:
     return {"attention_kernels.cu": source("attention.cu"), "attention_bwd_kernels.cu": source("attention_bwd.cu"),
-            "attention_kernel_table.inc": _table(("attention.cu", "attention_bwd.cu")),
-            "ptx_swizzle.h": _swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+            "attention_kernel_table.inc": kernel_table(("attention.cu", "attention_bwd.cu"), lambda d: d in HEAD_DIMS),
+            "ptx_swizzle.h": swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
 
 
 pairs_harness = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)}, name="pairs_harness")

@@ -27,9 +27,9 @@ import torch
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
-from mobalab.kernels._launch import signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _attention_emulation import kernel_table, swizzle_header, wgmma_text  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
@@ -37,55 +37,15 @@ from conftest import GpuOracle  # noqa: E402
 pytestmark = NEEDS_CXX
 
 DIM = 128  # the wgmma kernel's only head dim; the harness builds no other
-_SCALARS = {"int": "I(a[{i}])", "long long": "a[{i}].i", "float": "a[{i}].f", "unsigned": "(unsigned)a[{i}].i"}
-_MARKER = "// ---- end wgmma.cuh ----"
-# Declarations of attention_wgmma.cuh that CUDA accepts and the host compiler, with cuda_host.h's `__shared__`
-# (`static`: function-local statics, one CTA runs at a time), does not: `extern static`, and an alignment
-# specifier after `static`. Each is rewritten into the same declaration in a form both accept.
-_REWRITES = {"extern __shared__ unsigned char smem[];": "MOBA_DYNAMIC_SMEM(smem);",
-             "__shared__ alignas(8) ": "alignas(8) __shared__ "}
-
-
-def _table() -> str:
-    """The kernel table: attention.cu's kernels of head dim 128 or none, and the wgmma tile kernels (moba_attn_wg_*,
-    each thread checked for wgmma groups it never waited for)."""
-    lines = []
-    for f in (A.SOURCE, A.WGMMA_SOURCE):
-        for name, params in signatures(f).items():
-            dim = name.rsplit("_d", 1)[-1].split("_")[0] if "_d" in name else ""
-            if (dim.isdigit() and int(dim) != DIM) or (f == A.WGMMA_SOURCE and not name.startswith("moba_attn_wg_")):
-                continue
-            args = ", ".join(f"P<{p.ctype}>(a[{i}])" if p.pointer else _SCALARS[p.ctype].format(i=i)
-                             for i, p in enumerate(params))
-            body = f"{name}({args});" + (" moba::wgmma_check_idle();" if f == A.WGMMA_SOURCE else "")
-            lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {body} }}}}}},')
-    return "\n".join(lines) + "\n"
-
-
-def _wgmma_text() -> str:
-    """attention_wgmma.cu as NVRTC sees it, with wgmma_host_model.h after wgmma.cuh's text and the declarations of
-    _REWRITES rewritten (the dynamic shared memory through MOBA_DYNAMIC_SMEM: the emulation's, the launch's buffer)."""
-    text = source(A.WGMMA_SOURCE)
-    assert text.count(_MARKER) == 1
-    text = text.replace(_MARKER, _MARKER + '\n#include "wgmma_host_model.h"')
-    for old, new in _REWRITES.items():
-        text = text.replace(old, new)
-    own = text.split("// ---- end ptx.cuh ----")[-1]  # ptx.cuh's text is skipped by the harness
-    assert "extern __shared__" not in own and "__shared__ alignas" not in own
-    return text
-
-
-def _swizzle_header() -> str:
-    """ptx.cuh's own swizzle (swz_chunk, swz) for attention_model.h, in namespace moba."""
-    text = source("ptx.cuh")
-    start = text.index("template <int D>\n__device__ __forceinline__ int swz_chunk")
-    end = text.index("#define MOBA_SWZ_COL")
-    return "#pragma once\nnamespace moba {\n" + text[start:end] + "}  // namespace moba\n"
 
 
 def _kernel_files() -> dict[str, str]:
-    return {"attention_kernels.cu": source(A.SOURCE), "attention_wgmma_kernels.cu": _wgmma_text(),
-            "attention_wgmma_kernel_table.inc": _table(), "ptx_swizzle.h": _swizzle_header(),
+    # attention.cu's kernels of head dim 128 or none, and the wgmma tile kernels (moba_attn_wg_*, not wgmma-ws)
+    table = kernel_table((A.SOURCE, A.WGMMA_SOURCE), lambda d: d == DIM,
+                         lambda f, name: f != A.WGMMA_SOURCE or name.startswith("moba_attn_wg_"),
+                         idle_checked=(A.WGMMA_SOURCE,))
+    return {"attention_kernels.cu": source(A.SOURCE), "attention_wgmma_kernels.cu": wgmma_text(A.WGMMA_SOURCE),
+            "attention_wgmma_kernel_table.inc": table, "ptx_swizzle.h": swizzle_header(),
             "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
 
 
