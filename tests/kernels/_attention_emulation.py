@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
+
+from conftest import GpuOracle
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
 
@@ -57,3 +60,16 @@ def wgmma_text(filename: str) -> str:
     own = text.split("// ---- end ptx.cuh ----")[-1]  # ptx.cuh's text is skipped by the harness
     assert "extern __shared__" not in own and "__shared__ alignas" not in own
     return text
+
+
+def check_grads(grads, q, k, v, dout, topk, block, causal, label):
+    """The GPU tests' criterion for emulated gradients: dtype and shape of the inputs, finite, and each within 3x the
+    error of the same computation in torch's low precision (conftest.GpuOracle) against the fp32 reference, plus a
+    floor."""
+    ref = GpuOracle.oracle_grads(q, k, v, dout, topk, block, causal)
+    low = GpuOracle.lowp_grads(q, k, v, dout, topk, block, causal)
+    for name, g, r, lo, x in zip("qkv", grads, ref, low, (q, k, v), strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{label}: d{name} {g.dtype} {tuple(g.shape)}"
+        assert torch.isfinite(g).all(), f"{label}: non-finite d{name} (unwritten or NaN)"
+        GpuOracle.assert_within_torch_error(g, r, lo, factor=3, floor=1e-4 * (1.0 + r.abs().max().item()),
+                                            label=f"{label}: d{name}")

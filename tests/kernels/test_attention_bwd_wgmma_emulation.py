@@ -38,10 +38,8 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _attention_emulation import kernel_table, swizzle_header, wgmma_text  # noqa: E402
+from _attention_emulation import check_grads, kernel_table, swizzle_header, wgmma_text  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
-
-from conftest import GpuOracle  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
@@ -95,16 +93,6 @@ def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
     return [torch.randn(batch, seqlen, h, DIM, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
 
 
-def _check(grads, q, k, v, dout, topk, block, causal, label):
-    ref = GpuOracle.oracle_grads(q, k, v, dout, topk, block, causal)
-    low = GpuOracle.lowp_grads(q, k, v, dout, topk, block, causal)
-    for name, g, r, lo, x in zip("qkv", grads, ref, low, (q, k, v), strict=True):
-        assert g.dtype == x.dtype and g.shape == x.shape, f"{label}: d{name} {g.dtype} {tuple(g.shape)}"
-        assert torch.isfinite(g).all(), f"{label}: non-finite d{name} (unwritten or NaN)"
-        GpuOracle.assert_within_torch_error(g, r, lo, factor=3, floor=1e-4 * (1.0 + r.abs().max().item()),
-                                            label=f"{label}: d{name}")
-
-
 def _check_launched(launched, dtype, deterministic):
     """The wgmma main kernel ran (no mma.sync one), in the segments' longest-first order (pairs.cu), with the slot
     merge exactly in the deterministic mode."""
@@ -141,7 +129,7 @@ def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
     args = (dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det)
     grads, launched = emulated_backward(*args)
     _check_launched(launched, dtype, det)
-    _check(grads, q, k, v, dout, topk, block, causal, _id(case))
+    check_grads(grads, q, k, v, dout, topk, block, causal, _id(case))
     if det:
         again, _ = emulated_backward(*args)
         for name, a, b in zip("qkv", grads, again, strict=True):
@@ -161,4 +149,4 @@ def test_emulated_wgmma_chunks_that_split_the_query_range(emulated_backward):
     assert {CB.dkv_mode(c, seqlen) for c in chunks} == {1, 2} and len(chunks) > batch
     grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, budget=budget)
     _check_launched(launched, dtype, False)
-    _check(grads, q, k, v, dout, topk, block, causal, "chunked")
+    check_grads(grads, q, k, v, dout, topk, block, causal, "chunked")

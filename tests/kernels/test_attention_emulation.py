@@ -32,7 +32,7 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _attention_emulation import kernel_table, swizzle_header  # noqa: E402
+from _attention_emulation import check_grads, kernel_table, swizzle_header  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
@@ -162,8 +162,6 @@ def emulated_backward(emulate, monkeypatch, poisoned_empty):
     return run
 
 
-
-
 CASES = [
     # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, deterministic
     (torch.bfloat16, 64, 16, True, 150, 3, 2, 1, False),    # N % B != 0, GQA 2, blocks of 16 keys in a 64-key tile
@@ -175,18 +173,6 @@ CASES = [
 ]
 
 
-
-
-def _check(grads, q, k, v, dout, topk, block, causal, label):
-    ref = GpuOracle.oracle_grads(q, k, v, dout, topk, block, causal)
-    low = GpuOracle.lowp_grads(q, k, v, dout, topk, block, causal)
-    for name, g, r, lo, x in zip("qkv", grads, ref, low, (q, k, v), strict=True):
-        assert g.dtype == x.dtype and g.shape == x.shape, f"{label}: d{name} {g.dtype} {tuple(g.shape)}"
-        assert torch.isfinite(g).all(), f"{label}: non-finite d{name} (unwritten or NaN)"
-        GpuOracle.assert_within_torch_error(g, r, lo, factor=3, floor=1e-4 * (1.0 + r.abs().max().item()),
-                                            label=f"{label}: d{name}")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_emulated_gradients_match_oracle(emulated_backward, case):
     dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, det = case
@@ -196,7 +182,7 @@ def test_emulated_gradients_match_oracle(emulated_backward, case):
     grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det)
     main = f"moba_bwd_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{dim}"
     assert main in launched and ("moba_bwd_dq_merge" in " ".join(launched)) == det
-    _check(grads, q, k, v, dout, topk, block, causal, _case_id(case))
+    check_grads(grads, q, k, v, dout, topk, block, causal, _case_id(case))
 
 
 BLOCK_CASES = [
@@ -219,7 +205,7 @@ def test_emulated_block_variant_gradients_match_oracle(emulated_backward, case):
     main = f"moba_bwd_blk_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{dim}"
     assert main in launched and not any(n.startswith("moba_bwd_bf16_d") or n.startswith("moba_bwd_f16_d")
                                         for n in launched)
-    _check(grads, q, k, v, dout, topk, block, causal, "block-" + _case_id(case))
+    check_grads(grads, q, k, v, dout, topk, block, causal, "block-" + _case_id(case))
 
 
 def test_emulated_backward_over_the_forwards_kept_lists(emulated_forward, emulated_backward):
@@ -236,7 +222,7 @@ def test_emulated_backward_over_the_forwards_kept_lists(emulated_forward, emulat
     grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, fwd_lists=lists)
     bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
     assert not any(n.startswith(("moba_pairs", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels), bwd_kernels
-    _check(grads, q, k, v, dout, topk, block, causal, "kept lists")
+    check_grads(grads, q, k, v, dout, topk, block, causal, "kept lists")
     rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal)
     for name, a, b in zip("kv", grads[1:], rebuilt[1:], strict=True):
         assert torch.equal(a, b), f"d{name} over the kept lists differs from the rebuilt lists'"
@@ -262,7 +248,7 @@ def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, e
     bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
     assert "moba_pairs_gather" in bwd_kernels
     assert not any(n.startswith(("moba_pairs_count", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels)
-    _check(grads, q, k, v, dout, topk, block, causal, "gathered lists")
+    check_grads(grads, q, k, v, dout, topk, block, causal, "gathered lists")
     rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, det)
     for name, a, b in zip("qkv", grads, rebuilt, strict=True):
         if name != "q" or det:
@@ -280,8 +266,7 @@ def test_emulated_chunks_that_split_the_query_range(emulated_backward):
     chunks = CB.bwd_plan(2, 250, 2, 1, dim, top_k, False, budget)
     assert len(chunks) > 2 and any(c.t0 > 0 for c in chunks)
     grads, _ = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, True, budget=budget)
-    _check(grads, q, k, v, dout, topk, block, True, "chunked")
-
+    check_grads(grads, q, k, v, dout, topk, block, True, "chunked")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
