@@ -31,8 +31,8 @@ warpgroups per 128 keys, cuda/attention_bwd_wgmma.cu; sm_90 GPUs, head dim 128, 
 128) and "auto" (the default: "wgmma" on sm_90 GPUs where it has a kernel, else "block" at head dim 128 where it
 has a kernel, else "tile"). All compute the same sums; "block" is the tiling of FlashMoBA's backward, which issues
 fewer instructions per MMA. On an H200 "block" measured 1.12-1.18x faster than "tile" at d 128 and 0.99x at d 64,
-where "tile" keeps three CTAs per SM, and "wgmma" 1.18-1.19x faster than "block" (8K-64K, d 128; RESULTS.md;
-docs/design.md, "Backward").
+where "tile" keeps three CTAs per SM, and "wgmma" 1.33x faster than "block" (16K, d 128; its first form 1.18-1.19x
+at 8K-64K; RESULTS.md; docs/design.md, "Backward").
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def check_variant_device(variant: str, device) -> None:
 
 
 def n_key_subtiles(block_size: int, variant: str = "tile") -> int:
-    """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one), 128 for "block"."""
+    """CTAs per key block: 64-key sub-tiles (a block of 16 or 32 keys fills part of one), 128 for "block" and
+    "wgmma"."""
     return max(1, math.ceil(block_size / (BLOCK_KEYS if variant in ("block", "wgmma") else KEYS)))
 
 
@@ -257,7 +258,8 @@ def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, d
                   (bwd_threads(q.shape[-1], variant),), args, shared_mem=smem)
 
 
-#: The "block" main kernel takes its segments longest first when a launch is at most this many waves of CTAs.
+#: The "block" and "wgmma" main kernels take their segments longest first when a launch is at most this many waves of
+#: CTAs.
 LONGEST_FIRST_MAX_WAVES = 16
 
 
@@ -279,7 +281,8 @@ def orders_longest_first(variant: str, n_ctas: int, n_sms: int) -> bool:
     the "block" and "wgmma" variants (one CTA per SM) at up to :data:`LONGEST_FIRST_MAX_WAVES` waves. Measured on an
     H200 ("block", backward op, d 128, B 128): 1.05x at 8K (8 waves), 1.02x at 16K (16), 0.975x at 64K (62 waves: the
     tail is a small share, and segment order keeps each head's gathered rows together in L2); "tile" (several CTAs
-    per SM) measured 0.93x (8K, d 64, B 64) and 0.87x (16K, d 64, B 32)."""
+    per SM) measured 0.93x (8K, d 64, B 64) and 0.87x (16K, d 64, B 32). "wgmma", also one CTA per SM over the same
+    segments, follows "block" (not measured on its own)."""
     return variant in ("block", "wgmma") and n_ctas <= LONGEST_FIRST_MAX_WAVES * n_sms
 
 
