@@ -44,6 +44,11 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(defines)
 
 
+def variant_source(name: str) -> str:
+    """The cuda/ source whose launches a variant's build options go to: the wgmma kernels' module for "wgmma"."""
+    return CB.WGMMA_SOURCE if name == "wgmma" else CB.SOURCE
+
+
 def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, relative gradient difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -54,7 +59,7 @@ def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int
 
     def call(variant):
         name, defines = parse_variant(variant)
-        with extra_defines(CB, CB.WGMMA_SOURCE if name == "wgmma" else CB.SOURCE, defines):
+        with extra_defines(CB, variant_source(name), defines):
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
                                                 variant=name)
 
