@@ -85,7 +85,8 @@ def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
     ``head_dim`` and ``block_size`` given, "auto" becomes "block" at head dim 128 where :func:`block_supported`
     (the faster of the two there; at 64 "tile" measured as fast), else "tile" (and "wgmma" instead of "block"
     where ``device`` is an sm_90 GPU), and "block" or "wgmma" with a head dim or block size it has no kernel for
-    raises ValueError; without them "auto" stays "auto"."""
+    raises ValueError, as does "wgmma" asked for on a ``device`` that cannot run it (:func:`check_variant_device`);
+    without them "auto" stays "auto"."""
     variant = C.choice_or_env("backward variant", variant, BWD_VARIANTS, BWD_VARIANT_ENV, "auto")
     if head_dim is None or block_size is None:
         return variant
@@ -97,9 +98,13 @@ def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
     if variant == "block" and not block_supported(head_dim, block_size):
         raise ValueError(f"backward variant 'block' supports head_dim in {BLOCK_HEAD_DIMS} and block sizes that are "
                          f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'tile'")
-    if variant == "wgmma" and not wgmma_supported(head_dim, block_size):
-        raise ValueError(f"backward variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block sizes that are "
-                         f"multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use 'auto'")
+    if variant == "wgmma":
+        if not wgmma_supported(head_dim, block_size):
+            raise ValueError(f"backward variant 'wgmma' supports head_dim in {WGMMA_HEAD_DIMS} and block sizes that "
+                             f"are multiples of {BLOCK_KEYS}, got head_dim={head_dim}, block_size={block_size}; use "
+                             "'auto'")
+        if device is not None:
+            check_variant_device(variant, device)
     return variant
 
 
@@ -350,7 +355,6 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
         C.check_like(fn, "delta", delta, q.shape[:3], dtypes=(torch.float32,), device=q.device)
     try:
         variant = resolve_bwd_variant(variant, q.shape[-1], block_size, q.device)
-        check_variant_device(variant, q.device)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
     if fwd_lists is not None:
@@ -375,7 +379,6 @@ def backward_checked(dout, q, k, v, out, lse, topk, block_size: int, top_k: int,
     ``fwd_lists``: the forward's kept lists, empty for none."""
     try:
         variant = resolve_bwd_variant(None, q.shape[-1], block_size, q.device)
-        check_variant_device(variant, q.device)
     except ValueError as exc:
         raise ValueError(f"moba_attention_backward_cuda: {exc}") from None
     return _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, None, None,
@@ -419,7 +422,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
-    variant = resolve_bwd_variant(variant, dim, block_size, device)
+    variant = resolve_bwd_variant(variant, dim, block_size)  # the entry points resolved it on the device
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \

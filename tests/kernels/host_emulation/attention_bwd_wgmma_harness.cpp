@@ -15,19 +15,7 @@
 #include "harness_io.h"
 #include "attention_model.h"
 
-// What pairs.cu needs besides attention_model.h's (static shared arrays): its dynamic shared memory, and
-// __match_any_sync (as pairs_harness models it: the lanes holding the same value).
-#define MOBA_PAIRS_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
-inline unsigned __match_any_sync(unsigned mask, int v) {
-    emu_full_mask(mask);
-    emu::Cta& c = emu::cta();
-    unsigned* slots = emu::bank();
-    slots[c.current] = (unsigned)v;
-    emu::yield(emu::WARP_WAIT);
-    unsigned bits = 0;
-    for (int l = 0; l < 32; ++l) bits |= (slots[emu::warp_base() + l] == (unsigned)v ? 1u : 0u) << l;
-    return bits;
-}
+#include "pairs_model.h"
 
 #include "attention_kernels.cu"
 #include "attention_bwd_kernels.cu"

@@ -5,20 +5,8 @@
 // MANIFEST: the launch manifest of harness_io.h (pointers, null pointers "z:0" and ints).
 #include "harness_io.h"
 
-// What cuda_host.h leaves out and pairs.cu uses: static shared arrays (the CTAs of a launch run one after
-// another, so a static is one CTA's shared memory), dynamic shared memory, __match_any_sync.
 #define __shared__ static
-#define MOBA_PAIRS_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
-inline unsigned __match_any_sync(unsigned mask, int v) {
-    emu_full_mask(mask);
-    emu::Cta& c = emu::cta();
-    unsigned* slots = emu::bank();
-    slots[c.current] = (unsigned)v;
-    emu::yield(emu::WARP_WAIT);
-    unsigned bits = 0;
-    for (int l = 0; l < 32; ++l) bits |= (slots[emu::warp_base() + l] == (unsigned)v ? 1u : 0u) << l;
-    return bits;
-}
+#include "pairs_model.h"
 
 #include "pairs_kernels.cu"
 

@@ -271,38 +271,48 @@ __device__ __forceinline__ void start_segment(unsigned sK, unsigned sV, unsigned
   cp_async_commit();
 }
 
-// During tile ti: the gather of tile ti + 1 (into Q / dO buffer (ti + 1) & 1) and the records of tile ti + 2 (into
-// record buffer (ti + 2) % 3), committed.
-template <int D, int NTHREADS, class L = SwzTile<D>>
+// The gathered tiles' pipeline: STAGES Q / dO buffers, so the gathers of the LEAD = STAGES - 1 tiles after the
+// current one are in flight, and a gather needs its tile's row records, loaded LEAD tiles before it (2 LEAD + 1
+// record buffers). The mma.sync kernels run two stages (start_segment), the wgmma kernel three.
+template <int STAGES>
+struct TilePipe {
+  static constexpr int LEAD = STAGES - 1;
+  static constexpr int INFOS = 2 * LEAD + 1;
+};
+
+// During tile ti: the gather of tile ti + LEAD (into Q / dO buffer (ti + LEAD) % STAGES) and the records of tile
+// ti + 2 LEAD (into record buffer (ti + 2 LEAD) % INFOS), committed.
+template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2>
 __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                                const char* qb, const char* gb, const RowInfo* rows, long long first,
                                                long long n_rows, int n_tiles, int ti, long long row_base, int heads,
                                                int h0, int tid) {
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
-  if (ti + 1 < n_tiles)
-    gather_tile<D, NTHREADS, L>(sQ + ((ti + 1) & 1) * TILE_BYTES, sdO + ((ti + 1) & 1) * TILE_BYTES, qb, gb,
-                             sInfo + ((ti + 1) % 3) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 1), row_base, heads, h0,
-                             tid);
-  if (ti + 2 < n_tiles)
-    load_info(sInfoU + ((ti + 2) % 3) * MOBA_BWD_ROWS * 16, rows,
-              first + static_cast<long long>(ti + 2) * MOBA_BWD_ROWS, tile_rows(n_rows, ti + 2), tid);
+  constexpr int LEAD = TilePipe<STAGES>::LEAD, INFOS = TilePipe<STAGES>::INFOS;
+  const int tg = ti + LEAD, tr = ti + 2 * LEAD;
+  if (tg < n_tiles)
+    gather_tile<D, NTHREADS, L>(sQ + (tg % STAGES) * TILE_BYTES, sdO + (tg % STAGES) * TILE_BYTES, qb, gb,
+                                sInfo + (tg % INFOS) * MOBA_BWD_ROWS, tile_rows(n_rows, tg), row_base, heads, h0, tid);
+  if (tr < n_tiles)
+    load_info(sInfoU + (tr % INFOS) * MOBA_BWD_ROWS * 16, rows, first + static_cast<long long>(tr) * MOBA_BWD_ROWS,
+              tile_rows(n_rows, tr), tid);
   cp_async_commit();
 }
 
 // Tile ti begins: waits for its gather and row records (and every thread's reads of the tile before), starts the
 // next tiles' (prefetch_tiles) and, in the deterministic dQ modes, puts its rows' pair indices in s_pair. Returns
 // its number of rows.
-template <int D, int NTHREADS, class L = SwzTile<D>>
+template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2>
 __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                           const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
                                           int ti, int heads, int h0, const long long* pairs, long long* s_pair,
                                           int dq_mode, int tid) {
-  cp_async_wait<0>();
+  cp_async_wait<STAGES - 2>();  // the gathers of the tiles after this one may still be in flight
   L::landed();
   __syncthreads();
   const int count = tile_rows(w.n_rows, ti);
-  prefetch_tiles<D, NTHREADS, L>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti, w.row_base,
-                              heads, h0, tid);
+  prefetch_tiles<D, NTHREADS, L, STAGES>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
+                                         w.row_base, heads, h0, tid);
   if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
     s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
   return count;

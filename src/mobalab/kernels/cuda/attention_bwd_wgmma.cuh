@@ -63,14 +63,13 @@ struct Sw128Tile {
   }
 };
 
-// The gathered tiles run three deep: while tile ti is computed, the Q and dO rows of tiles ti + 1 and ti + 2 are in
-// flight (kWgStages buffers), and a gather needs its tile's row records, which are loaded two tiles before it
-// (2 (kWgStages - 1) + 1 record buffers). With two buffers the gather's landing was 12% of the stall samples (Nsight
+// The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
+// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the gather's landing was 12% of the stall samples (Nsight
 // Compute at 16K on an H200: the wait before the tile's barrier); three made the backward op 1.01-1.03x faster
 // (8K-64K, interleaved on an H200).
 constexpr int kWgStages = 3;
-constexpr int kWgLead = kWgStages - 1;      // tiles whose gathers are in flight ahead of the current one
-constexpr int kWgInfos = 2 * kWgLead + 1;   // row-record buffers
+constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
+constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
 
 // A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
 // the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
@@ -104,31 +103,27 @@ __device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsig
   }
 }
 
-// Tile ti begins: waits for its gather (and every thread's reads of the buffers before), starts the gather of tile
-// ti + kWgLead and the records of tile ti + 2 kWgLead, and in the deterministic dQ modes puts the rows' pair indices
-// in s_pair. Returns the tile's number of rows.
-template <int D, int NTHREADS>
-__device__ __forceinline__ int wg_begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
-                                             const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
-                                             int ti, int heads, int h0, const long long* pairs, long long* s_pair,
-                                             int dq_mode, int tid) {
-  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
-  cp_async_wait<kWgLead - 1>();
-  Sw128Tile::landed();
-  __syncthreads();
-  const int count = tile_rows(w.n_rows, ti);
-  const int tg = ti + kWgLead, tr = ti + 2 * kWgLead;
-  if (tg < w.n_tiles)
-    gather_tile<D, NTHREADS, Sw128Tile>(sQ + (tg % kWgStages) * TILE_BYTES, sdO + (tg % kWgStages) * TILE_BYTES, qb,
-                                        gb, sInfo + (tg % kWgInfos) * MOBA_BWD_ROWS, tile_rows(w.n_rows, tg),
-                                        w.row_base, heads, h0, tid);
-  if (tr < w.n_tiles)
-    load_info(sInfoU + (tr % kWgInfos) * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(tr) * MOBA_BWD_ROWS,
-              tile_rows(w.n_rows, tr), tid);
-  cp_async_commit();
-  if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
-    s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
-  return count;
+// acc (a warpgroup's 64 keys x 128 columns, two n64 halves) += X^T B over a tile's 64 gathered rows, one commit
+// group: X^T is this warpgroup's 64 x 64 accumulator x (keys x rows: P^T or dS^T) as the register A operand,
+// rounded to T; B is the tile at shared address sb as gathered (rows x d, d contiguous: MN-major for a product whose
+// K is the rows), read with imm-trans-b. a holds the packed A fragments: the caller's, untouched until the group
+// has been waited for.
+template <typename T>
+__device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const float (&x)[32], unsigned (&a)[4][4],
+                                                    unsigned sb) {
+#if MOBA_HAS_WGMMA
+  using namespace moba;
+  constexpr unsigned HALF = MOBA_BWD_ROWS * SW128_ROW_BYTES;  // second 64-column block of a tile
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) wgmma_pack_a<T>(x + 8 * ks, a[ks]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wgmma_rs<T, 1>(acc[c], a[ks], wgmma_desc_sw128_mn(sb + c * HALF, ks, MOBA_BWD_ROWS, 64), 1);
+  wgmma_commit_group();
+#endif
 }
 
 template <typename T, int D>
@@ -147,7 +142,6 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   constexpr unsigned KV_BYTES = sw128_tile_bytes(KEYS, D);   // 32 KB
   constexpr unsigned TILE_BYTES = sw128_tile_bytes(ROWS, D);  // 16 KB
   constexpr unsigned DS_BYTES = sw128_tile_bytes(KEYS, ROWS);  // dS^T: 128 keys x 64 rows
-  constexpr unsigned HALF = ROWS * SW128_ROW_BYTES;            // second 64-column block of a Q / dO tile
   constexpr unsigned DQ_BYTES = ROWS * MOBA_BWD_WG_DQ_PITCH;   // one warpgroup's staged dQ rows
   MOBA_DYNAMIC_SMEM(smem);
   const unsigned raw = smem_u32(smem);
@@ -186,8 +180,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
   for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int count = wg_begin_tile<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair,
-                                                 dq_mode, tid);
+    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads,
+                                                                     h0, pairs, s_pair, dq_mode, tid);
     const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
     const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
     const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
@@ -226,15 +220,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     {
       // ---- 3. dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
       unsigned pa[4][4], da[4][4];
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) wgmma_pack_a<T>(s + 8 * ks, pa[ks]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          wgmma_rs<T, 1>(dv[c], pa[ks], wgmma_desc_sw128_mn(sdo + c * HALF, ks, ROWS, 64), 1);
-      wgmma_commit_group();
+      wg_add_rows_product<T>(dv, s, pa, sdo);
       wgmma_wait_group<1>();  // dP^T (the dV MMAs may still run)
       wgmma_fence_operand(dp);
 
@@ -260,15 +246,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
 
       // ---- dK += dS^T Q
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) wgmma_pack_a<T>(dp + 8 * ks, da[ks]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          wgmma_rs<T, 1>(dk[c], da[ks], wgmma_desc_sw128_mn(sq + c * HALF, ks, ROWS, 64), 1);
-      wgmma_commit_group();
+      wg_add_rows_product<T>(dk, dp, da, sq);
 
       // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys
       bar_sync(MOBA_BWD_WG_DS_BARRIER, NTHREADS);
