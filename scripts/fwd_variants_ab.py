@@ -6,7 +6,8 @@ Each point (N, block size; batch 2, 16 heads, d 128, k 8, causal, bf16, random G
 once per ``--variants`` entry. A variant is "base" (the default build and tile kernel), a tile kernel of
 ``moba_attention_cuda``'s ``variant`` ("resident", "wgmma", ...), or build options of cuda/attention.cu joined by
 ``+`` after either (``base+MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``; a leading option implies "base"):
-every launch of that source compiled with those defines, its own module. Every variant is warmed up, then timed
+every launch of the variant's tile-kernel source (cuda/attention_wgmma.cu for the wgmma kernels) compiled with
+those defines, its own module. Every variant is warmed up, then timed
 in alternating order over ``--rounds`` rounds (the first two dropped), each call timed by CUDA events from an idle
 GPU. Printed per point: each variant's median in ms, its speedup against the first variant, and the largest output
 difference from the first variant.
@@ -52,7 +53,7 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
 
     def call(variant):
         kernel, defines = parse_variant(variant)
-        with extra_defines(CA, CA.SOURCE, defines):
+        with extra_defines(CA, CA.fwd_source(128, block, kernel), defines):
             return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
 
     outs, ms = time_arms(call, variants, rounds)

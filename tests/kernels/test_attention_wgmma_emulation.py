@@ -83,6 +83,7 @@ CASES = [
     (torch.float16, 128, False, 300, 2, 2, 2),    # non-causal, the last block's keys past N zero-filled and masked
     (torch.float16, 64, False, 150, 2, 4, 1),     # GQA 4: rows of four query heads in a tile
     (torch.bfloat16, 128, True, 90, 2, 2, 1),     # N < B, k >= n blocks
+    (torch.bfloat16, 128, True, 700, 2, 4, 1),    # segments of more than one 16-tile unit, the gather refilled
 ]
 
 

@@ -26,8 +26,10 @@ and V into shared memory once and gathers the next tile's queries while computin
 K and V of a block fit in 64 KB, i.e. B <= 128 at d = 128 and B <= 256 at d = 64) and *streaming* (one
 tile per CTA, K/V streamed in double-buffered 64-key sub-tiles; large blocks). ``"auto"`` picks resident when
 it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call. A third,
-opt-in variant, *wgmma* (cuda/attention_wgmma.cu), is the resident kernel on Hopper warpgroup MMAs for head dim
-128 and B in {64, 128} on sm_90 GPUs only: same work units, partials and merge; ``"auto"`` never picks it. A fourth,
+variant, *wgmma* (cuda/attention_wgmma.cu), keeps the block resident too, on Hopper warpgroup MMAs, for head dim
+128 and B in {64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
+warpgroup, the next tile's S = Q K^T overlapping the current softmax): same partials and merge; ``"auto"`` takes it
+on an sm_90 GPU at those shapes. A fourth,
 *wgmma-ws*, is its warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer
 warpgroups on the tiles of a unit, persistent CTAs: the grid is capped at the SM count), same shapes, also opt-in.
 
@@ -69,7 +71,11 @@ __all__ = ["moba_attention_cuda"]
 SOURCE = "attention.cu"
 WGMMA_SOURCE = "attention_wgmma.cu"  # the wgmma tile kernels (the merge and index kernels stay in SOURCE)
 ROWS = 64  # rows per tile (MOBA_ROWS in attention.cuh)
-TILES_PER_UNIT = 4  # tiles per CTA of the resident kernel (MOBA_TPC in attention.cuh)
+TILES_PER_UNIT = 4  # tiles per CTA of the resident and wgmma-ws kernels (MOBA_TPC in attention.cuh)
+WG_TILES_PER_UNIT = 16  # tiles per CTA of the wgmma kernel (MOBA_WG_TPC in attention_wgmma.cuh)
+WG_THREADS = 256  # wgmma: two warpgroups (WG_THREADS in attention_wgmma.cuh)
+WG_STAGES = 3  # wgmma: gathered Q tiles per warpgroup (WG_STAGES in attention_wgmma.cuh)
+WG_STAGE_PITCH = 272  # wgmma: bytes per staged 16-bit partial row, 64 per warpgroup (WG_STAGE_PITCH there)
 RESIDENT_SMEM_BYTES = 96 << 10  # per 128 threads: a resident CTA holds K + V of its block and two Q tiles
 MERGE_THREADS = 256
 INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
@@ -82,8 +88,8 @@ VARIANTS = (*MMA_VARIANTS, *WGMMA_VARIANTS)
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_BLOCK_SIZES = (64, 128)
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
-# 1.07-1.10x faster than the mma.sync resident kernel at B 64 (8K-64K) and 1.00-1.02x at B 128, so only B 64.
-WGMMA_AUTO = {(128, 64)}
+# 1.13-1.14x faster than the mma.sync resident kernel at B 64 and 1.20-1.25x at B 128 (8K-64K), so both.
+WGMMA_AUTO = {(128, 64), (128, 128)}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
@@ -206,9 +212,12 @@ def key_tile(block_size: int) -> int:
 
 def fwd_threads(head_dim: int, variant: str | None = None) -> int:
     """Threads of the tile kernels: head dim 256 splits the output columns over warp pairs (8 warps); the
-    warp-specialised kernel (``variant`` "wgmma-ws", given explicitly) runs three warpgroups."""
+    wgmma kernel (``variant`` "wgmma", given explicitly) runs two warpgroups, its warp-specialised form
+    ("wgmma-ws") three."""
     if variant == "wgmma-ws":
         return WS_THREADS
+    if variant == "wgmma":
+        return WG_THREADS
     return 256 if head_dim == 256 else 128
 
 
@@ -224,9 +233,12 @@ def resident(head_dim: int, block_size: int, variant: str | None = None) -> bool
 
 
 def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) -> int:
-    """Rows one CTA of the tile kernel handles: a tile, or a resident unit of TILES_PER_UNIT tiles (the resident
-    and the wgmma kernels)."""
-    if resolve_variant(variant, head_dim, block_size) in WGMMA_VARIANTS:
+    """Rows one CTA of the tile kernel handles: a tile, or a resident unit of tiles: TILES_PER_UNIT (the resident
+    and the wgmma-ws kernels) or WG_TILES_PER_UNIT (the wgmma kernel)."""
+    variant = resolve_variant(variant, head_dim, block_size)
+    if variant == "wgmma":
+        return ROWS * WG_TILES_PER_UNIT
+    if variant == "wgmma-ws":
         return ROWS * TILES_PER_UNIT
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
 
@@ -270,12 +282,14 @@ def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -
     """Dynamic shared memory of the tile kernel.
 
     Streaming: a Q tile + double-buffered K and V sub-tiles. Resident: the block's K and V + two Q tiles.
-    wgmma: the resident layout (128-byte swizzled) plus 1024 bytes to align it. wgmma-ws: two K / V buffers
+    wgmma: the block's K and V and WG_STAGES Q tiles per warpgroup (128-byte swizzled), each warpgroup's 64 staged
+    partial rows, plus 1024 bytes to align them. wgmma-ws: two K / V buffers
     (the unit being computed and the next one) and a Q slot per tile of a unit, plus the 1024 bytes.
     """
     variant = resolve_variant(variant, head_dim, block_size)
     if variant == "wgmma":
-        return 2 * block_size * head_dim * 2 + 2 * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
+        return (2 * block_size * head_dim * 2 + 2 * WG_STAGES * ROWS * head_dim * 2 + 2 * ROWS * WG_STAGE_PITCH
+                + WGMMA_ALIGN_BYTES)
     if variant == "wgmma-ws":
         return 2 * 2 * block_size * head_dim * 2 + TILES_PER_UNIT * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
     if resident(head_dim, block_size, variant):
@@ -440,7 +454,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
     ("auto", "resident", "streaming", or "wgmma" / "wgmma-ws": head dim 128, B 64 or 128, sm_90 GPUs; None:
-    ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64, else the mma.sync
+    ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128, else the mma.sync
     kernels); the partial format
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
     per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with

@@ -8,7 +8,7 @@
 #include "attention_wgmma.cuh"
 
 #define MOBA_ATTN_WG_KERNEL(NAME, T, B)                                                                               \
-  extern "C" __global__ void __launch_bounds__(MOBA_THREADS) NAME(                                                    \
+  extern "C" __global__ void __launch_bounds__(moba::WG_THREADS, 1) NAME(                                                  \
       const void* q, const void* k, const void* v, const long long* pairs, const long long* seg_off,                  \
       const long long* tile_cum, void* part_o, float* part_ml, int seqlen, int heads, int kv_heads, int top_k,        \
       int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0, int n_seg, int causal,                  \

@@ -69,71 +69,122 @@
 namespace moba {
 
 constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
+#ifndef MOBA_WG_TPC
+#define MOBA_WG_TPC 16  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
+#endif
+constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
+constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
+constexpr int WG_Q_BARRIER = 1;  // attn_wgmma: named barriers 1 and 2, one per warpgroup
+constexpr int WG_STAGE_BARRIER = 3;  // attn_wgmma: named barriers 3 and 4: a warpgroup's staged partials
+constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2 + 16;  // bytes per staged 16-bit partial row (conflict-free)
+constexpr unsigned WG_STAGE_BYTES = MOBA_ROWS * WG_STAGE_PITCH;  // one warpgroup's 64 staged rows
+
+// write_partials for 16-bit partials through shared memory: the warpgroup's 64 rows of o (normalised, rounded to
+// T) are stored at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
+// each thread copies 16-byte chunks c = wt + 128 i (row c / 16) to their pairs' rows: 8 16-byte stores per
+// thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of the
+// stall samples of the direct stores). m and l as write_partials. `first_barrier`: meet at `bar` before the
+// stores too, when no barrier since the last read of the stage has ordered them (the last tile of a warpgroup).
+template <typename T>
+__device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_DIM / 8][4], const float (&m_r)[2],
+                                                      float (&l_r)[2], const long long* s_pair, int r0, int r1,
+                                                      int count, T* part_o, float* part_ml, int lane, int wt,
+                                                      unsigned stage, int bar, bool first_barrier) {
+  constexpr int D = WG_HEAD_DIM;
+  const int tq = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+  }
+  if (first_barrier) bar_sync(bar, 128);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r ? r1 : r0;
+    const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      st_shared_b32(stage + row * WG_STAGE_PITCH + (8 * dt + 2 * tq) * 2,
+                    Elem<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv));
+    if (tq == 0 && row < count)
+      *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
+  }
+  bar_sync(bar, 128);
+#pragma unroll
+  for (int i = 0; i < MOBA_ROWS * D / 8 / 128; ++i) {
+    const int c = wt + 128 * i, row = c >> 4, ch = c & 15;
+    if (row < count) {
+      const float4 x = ld_shared_v4_f32(stage + row * WG_STAGE_PITCH + 16 * ch);  // 8 packed elements, as bits
+      *reinterpret_cast<float4*>(part_o + s_pair[row] * D + 8 * ch) = x;
+    }
+  }
+}
 
 // Copy ROWS_T rows of D = 128 two-byte elements (row r from src_row(r), or zeros when src_row gives nullptr) into
 // a 128-byte-swizzled K-major tile of ROWS_T rows (sw128_offset: two 64-element column blocks). A zero-filled
-// chunk still names a valid address (`any`), as load_kv_tile does.
-template <int ROWS_T, typename SrcRow>
+// chunk still names a valid address (`any`), as load_kv_tile does. NT threads copy (tid < NT).
+template <int ROWS_T, int NT = MOBA_THREADS, typename SrcRow>
 __device__ __forceinline__ void wg_load_rows(unsigned tile, const SrcRow& src_row, const char* any, int tid) {
   constexpr int CH = WG_HEAD_DIM / 8;
 #pragma unroll 4
-  for (int c = tid; c < ROWS_T * CH; c += MOBA_THREADS) {
+  for (int c = tid; c < ROWS_T * CH; c += NT) {
     const int row = c / CH, ch = c % CH;
     const char* src = src_row(row);
     cp_async16(tile + sw128_offset(row, ch * 8, ROWS_T), src ? src + ch * 16 : any, src ? 16 : 0);
   }
 }
 
-// One 64-row tile against the resident key block: S = Q K^T (Q at shared address sq, K at sk), scale, mask, softmax
-// over the whole block, O = P V (V at sv); o, m_r and l_r in write_partials' layout (l a per-thread partial sum).
-// Rows r0 = 16 warp + g and r1 = r0 + 8 of the warpgroup (g = lane / 4, tq = lane % 4) hold queries row_t0 and
-// row_t1; t_min is the smallest query of the tile (whether the causal mask can bite). after_s() runs once the
-// S MMAs have completed (the Q tile may be overwritten), before_pv() before the P V MMAs are issued (the warp-
-// specialised kernel waits for V there). Called when the tile has at least one key (key_end > key_begin).
-template <typename T, int B, typename AfterS, typename BeforePV>
-__device__ __forceinline__ void wg_tile(unsigned sq, unsigned sk, unsigned sv, int key_begin, int seqlen, int causal,
-                                        int t_min, int row_t0, int row_t1, int tq, float scale_log2,
-                                        float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
-                                        const AfterS& after_s, const BeforePV& before_pv) {
+// S = Q K^T of one 64-row tile (Q at shared address sq, K at sk; 64 x B, 8 k-steps over D) as one commit group,
+// not waited for: until a wgmma_wait_group covers the group (then wgmma_fence_operand(s)) the caller neither reads
+// nor writes s, nor refills the Q tile.
+template <typename T, int B>
+__device__ __forceinline__ void wg_issue_s(float (&s)[B / 2], unsigned sq, unsigned sk) {
 #if MOBA_HAS_WGMMA
-  constexpr int D = WG_HEAD_DIM;
-  constexpr int NS = B / 2;  // S accumulator floats per thread
-  constexpr int NT = B / 8;  // 8-key column groups of S
-  constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
-  // S = Q K^T (64 x B), 8 k-steps over D.
-  float s[NS];
-#pragma unroll
-  for (int i = 0; i < NS; ++i) s[i] = 0.f;
-  wgmma_fence_operand(s);
+  // s is not zeroed: the first k-step overwrites it (scale-d 0), and a register defined outside the MMAs while
+  // another group is in flight makes ptxas serialise every wgmma of the kernel (C7515)
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks)
+  for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks)
     wgmma_ss<T>(s, wgmma_desc_sw128(sq, ks, MOBA_ROWS), wgmma_desc_sw128(sk, ks, B), ks > 0);
   wgmma_commit_group();
-  wgmma_wait_group<0>();
-  wgmma_fence_operand(s);
-  after_s();  // the Q tile has been read
+#endif
+}
 
-  // Scale to log2 units, then mask (after scaling, as subtile_step: a negative scale cannot make +inf).
-  // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1.
-#pragma unroll
-  for (int i = 0; i < NS; ++i) s[i] *= scale_log2;
+// The rest of a tile once S (waited for) is in s: scale, mask, softmax over the whole block, O = P V (V at sv);
+// o, m_r and l_r in write_partials' layout (l a per-thread partial sum). Rows r0 = 16 warp + g and r1 = r0 + 8 of
+// the warpgroup (g = lane / 4, tq = lane % 4) hold queries row_t0 and row_t1; t_min is the smallest query of the
+// tile (whether the causal mask can bite). before_pv() runs before the P V MMAs are issued (the warp-specialised
+// kernel waits for V there). Ends with every MMA group of the warpgroup complete (wgmma_wait_group<0>).
+// x is S already scaled to log2 units (scale_log2 S), not an MMA's accumulator (masked in place); P goes straight
+// into the packed A fragments.
+template <typename T, int B, typename BeforePV>
+__device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, int key_begin, int seqlen,
+                                              int causal, int t_min, int row_t0, int row_t1, int tq,
+                                              float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                              const BeforePV& before_pv) {
+#if MOBA_HAS_WGMMA
+  constexpr int D = WG_HEAD_DIM;
+  constexpr int NT = B / 8;  // 8-key column groups of S
+  constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
+  // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1; masked after scaling,
+  // as subtile_step (a negative scale cannot make +inf).
   const bool need_mask = (key_begin + B > seqlen) || (causal && key_begin + B - 1 > t_min);
+  auto visible = [&](int i) {
+    const int key = key_begin + (i >> 2) * 8 + 2 * tq + (i & 1);
+    return key < seqlen && (!causal || key <= ((i & 2) ? row_t1 : row_t0));
+  };
   if (need_mask) {
 #pragma unroll
-    for (int i = 0; i < NS; ++i) {
-      const int key = key_begin + (i >> 2) * 8 + 2 * tq + (i & 1);
-      const int rt = (i & 2) ? row_t1 : row_t0;
-      if (!(key < seqlen && (!causal || key <= rt))) s[i] = neg_inf();
-    }
+    for (int i = 0; i < B / 2; ++i)
+      if (!visible(i)) x[i] = neg_inf();
   }
-  // Softmax over the whole block in one step; l stays a per-thread partial sum (write_partials reduces it
-  // over the quad).
+  // P of keys 16 kk .. 16 kk + 15 is the A fragment pa[kk] (floats 8 kk .. 8 kk + 7 of S, packed in pairs)
+  unsigned pa[B / 16][4];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(x[4 * nt + 2 * r], x[4 * nt + 2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_use = (mx == neg_inf()) ? 0.f : mx;
@@ -141,18 +192,15 @@ __device__ __forceinline__ void wg_tile(unsigned sq, unsigned sk, unsigned sv, i
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const float p0 = exp2f(s[4 * nt + 2 * r] - m_use), p1 = exp2f(s[4 * nt + 2 * r + 1] - m_use);
-      s[4 * nt + 2 * r] = p0;
-      s[4 * nt + 2 * r + 1] = p1;
+      const int i = 4 * nt + 2 * r;
+      const float p0 = exp2f(x[i] - m_use), p1 = exp2f(x[i + 1] - m_use);
       sum += p0 + p1;
+      pa[nt >> 1][2 * (nt & 1) + r] = wgmma_pack2(wgmma_ab<T>{}, p0, p1);
     }
     l_r[r] = sum;
   }
 
   // O = P V: P from registers, V MN-major; d columns 0..63 and 64..127 (V's two 64-element blocks).
-  unsigned pa[B / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < B / 16; ++kk) wgmma_pack_a<T>(s + 8 * kk, pa[kk]);
   float(&o_lo)[32] = *reinterpret_cast<float(*)[32]>(&o[0][0]);
   float(&o_hi)[32] = *reinterpret_cast<float(*)[32]>(&o[D / 16][0]);
   before_pv();  // V is in shared memory and visible to the async proxy
@@ -171,6 +219,25 @@ __device__ __forceinline__ void wg_tile(unsigned sq, unsigned sk, unsigned sv, i
 #endif
 }
 
+// One 64-row tile against the resident key block, S waited for at once: wg_issue_s, then after_s() (the Q tile
+// may be overwritten), then wg_softmax_pv. Called when the tile has at least one key (key_end > key_begin).
+template <typename T, int B, typename AfterS, typename BeforePV>
+__device__ __forceinline__ void wg_tile(unsigned sq, unsigned sk, unsigned sv, int key_begin, int seqlen, int causal,
+                                        int t_min, int row_t0, int row_t1, int tq, float scale_log2,
+                                        float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                        const AfterS& after_s, const BeforePV& before_pv) {
+#if MOBA_HAS_WGMMA
+  float s[B / 2];
+  wg_issue_s<T, B>(s, sq, sk);
+  wgmma_wait_group<0>();
+  wgmma_fence_operand(s);
+  after_s();
+#pragma unroll
+  for (int i = 0; i < B / 2; ++i) s[i] *= scale_log2;
+  wg_softmax_pv<T, B>(s, sv, key_begin, seqlen, causal, t_min, row_t0, row_t1, tq, o, m_r, l_r, before_pv);
+#endif
+}
+
 template <typename T, int B>
 __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const void* v_, const long long* pairs,
                                            const long long* seg_off, const long long* tile_cum, void* part_o,
@@ -180,7 +247,8 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 #if MOBA_HAS_WGMMA
   static_assert(B == 64 || B == 128, "block size");
   constexpr int D = WG_HEAD_DIM;
-  constexpr int UNIT = MOBA_ROWS * MOBA_TPC;
+  constexpr int NS = B / 2;
+  constexpr int UNIT = MOBA_ROWS * MOBA_WG_TPC;
   constexpr unsigned Q_BYTES = sw128_tile_bytes(MOBA_ROWS, D);
   constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
   extern __shared__ unsigned char smem[];
@@ -190,75 +258,104 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   __shared__ int s_mm[2 * UNIT / 32];
   __shared__ int s_seg;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, warp = (tid >> 5) & 3;
   if (block_size != B) __trap();  // the launch plan picks the kernel of the block size
   const int seg = cta_unit_segment(tile_cum, n_seg, blockIdx.x, &s_seg);
   if (seg < 0) return;  // uniform
   const UnitRows unit = unit_rows<UNIT>(tile_cum, seg_off, seg, blockIdx.x);
-  const long long first = unit.first;
   const int n_rows = unit.n_rows;
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;
-  setup_rows<D, UNIT, MOBA_THREADS>(pairs, first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
-                                    s_pair, s_t, s_mm);
+  setup_rows<D, UNIT, WG_THREADS>(pairs, unit.first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
+                                  s_pair, s_t, s_mm);
   __syncthreads();
 
   // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
   const unsigned sk = (smem_u32(smem) + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);
   const unsigned sv = sk + KV_BYTES;
-  const unsigned sq = sv + KV_BYTES;
+  const unsigned sq = sv + KV_BYTES + wg * WG_STAGES * Q_BYTES;  // this warpgroup's Q buffers
+  const unsigned stage = sv + KV_BYTES + 2 * WG_STAGES * Q_BYTES + wg * WG_STAGE_BYTES;  // its staged partials
   const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
   const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
   const char* kb = static_cast<const char*>(k_) + kv_base;
   const char* vb = static_cast<const char*>(v_) + kv_base;
   const int key_begin = j * block_size;
-  // The key block, resident; keys beyond seqlen are zero-filled (and masked). V is staged like K: read as the
-  // MN-major B operand of P V.
-  wg_load_rows<B>(sk, [&](int r) { return key_begin + r < seqlen ? kb + (key_begin + r) * kv_row_bytes : nullptr; },
-                  kb, tid);
-  wg_load_rows<B>(sv, [&](int r) { return key_begin + r < seqlen ? vb + (key_begin + r) * kv_row_bytes : nullptr; },
-                  vb, tid);
-  const char* qb = static_cast<const char*>(q_);
-  auto q_row = [&](const long long* qoff) {
-    return [qoff, qb](int r) { return qoff[r] >= 0 ? qb + qoff[r] * 2 : static_cast<const char*>(nullptr); };
-  };
-  wg_load_rows<MOBA_ROWS>(sq, q_row(s_qoff), qb, tid);
+  // The key block, resident, copied by both warpgroups; keys beyond seqlen are zero-filled (and masked). V is
+  // staged like K: read as the MN-major B operand of P V.
+  wg_load_rows<B, WG_THREADS>(
+      sk, [&](int r) { return key_begin + r < seqlen ? kb + (key_begin + r) * kv_row_bytes : nullptr; }, kb, tid);
+  wg_load_rows<B, WG_THREADS>(
+      sv, [&](int r) { return key_begin + r < seqlen ? vb + (key_begin + r) * kv_row_bytes : nullptr; }, vb, tid);
   cp_async_commit();
+
+  // Warpgroup wg takes tiles wg, wg + 2, ...: its u-th is tile 2 u + wg, gathered into buffer u % WG_STAGES by
+  // the warpgroup's own threads. One commit group per gather, empty ones included, so that the count a thread
+  // waits for does not depend on the number of tiles.
+  const int n_mine = (n_tiles - wg + 1) / 2;
+  const char* qb = static_cast<const char*>(q_);
+  auto gather = [&](int u) {
+    const long long* qoff = s_qoff + (2 * u + wg) * MOBA_ROWS;
+    wg_load_rows<MOBA_ROWS, 128>(
+        sq + (u % WG_STAGES) * Q_BYTES,
+        [qoff, qb](int r) { return qoff[r] >= 0 ? qb + qoff[r] * 2 : static_cast<const char*>(nullptr); }, qb, wt);
+  };
+#pragma unroll
+  for (int u = 0; u < WG_STAGES; ++u) {
+    if (u < n_mine) gather(u);
+    cp_async_commit();
+  }
+  cp_async_wait<WG_STAGES - 1>();  // K, V and this thread's rows of tile 0
+  fence_proxy_async_shared();      // cp.async data -> visible to wgmma (async proxy) after the barrier
+  __syncthreads();                 // the CTA's last: from here each warpgroup meets only its own threads
+  // No early exit for a warpgroup without tiles (n_mine 0: its S of buffer 0 is issued and waited for, unused):
+  // a return here puts every later wgmma on a path ptxas treats as divergent, and it serialises them (C7518).
 
   const int g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
-  const int block_end = min(key_begin + block_size, seqlen);
-  for (int ti = 0; ti < n_tiles; ++ti) {
-    if (ti + 1 < n_tiles) {
-      wg_load_rows<MOBA_ROWS>(sq + ((ti + 1) & 1) * Q_BYTES, q_row(s_qoff + (ti + 1) * MOBA_ROWS), qb, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async_shared();  // this thread's cp.async data -> visible to wgmma (async proxy) after the barrier
-    __syncthreads();
-    const unsigned sqt = sq + (ti & 1) * Q_BYTES;
-    const int t_min = min(s_mm[4 * ti], s_mm[4 * ti + 2]);
-    const int t_max = max(s_mm[4 * ti + 1], s_mm[4 * ti + 3]);
-    const int count = min(MOBA_ROWS, n_rows - ti * MOBA_ROWS);
-    const int key_end = causal ? min(block_end, t_max + 1) : block_end;
-    const int base = ti * MOBA_ROWS;
-    const int row_t0 = s_t[base + r0], row_t1 = s_t[base + r1];
 
-    float o[D / 8][4];  // O accumulator of both n64 halves, in write_partials' layout
+  // Tile u's S was issued into s before step u; the step copies it out (scaled to log2 units), then issues tile
+  // u + 1's S into s as soon as that tile's rows landed, so those MMAs run while tile u's softmax, P V and partials
+  // are computed, and refills buffer u % 3 (tile u's, read by its S) with tile u + 3's rows. The copy is what keeps
+  // the MMAs asynchronous: with two S arrays swapping roles between steps instead, ptxas serialises the kernel's
+  // wgmma (C7515 / C7518) and spills; the copy's multiply is the scaling the softmax needs anyway.
+  float s[NS];
+  wg_issue_s<T, B>(s, sq, sk);
+#pragma unroll 1
+  for (int u = 0; u < n_mine; ++u) {
+    const int ti = 2 * u + wg;
+    wgmma_wait_group<0>();  // tile u's S
+    wgmma_fence_operand(s);
+    float x[NS];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_r[2] = {neg_inf(), neg_inf()};
-    float l_r[2] = {0.f, 0.f};
-    if (key_end > key_begin)  // uniform
-      wg_tile<T, B>(sqt, sk, sv, key_begin, seqlen, causal, t_min, row_t0, row_t1, tq, scale_log2, o, m_r, l_r,
-                    [] {}, [] {});
-    write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
-                                        static_cast<PartialElem<T>*>(part_o), part_ml, lane);
-    __syncthreads();  // every wgmma of this tile has read its Q buffer before the buffer is refilled
+    for (int i = 0; i < NS; ++i) x[i] = s[i] * scale_log2;
+    const bool more = u + 1 < n_mine;  // uniform per warpgroup
+    if (more) {
+      cp_async_wait<WG_STAGES - 2>();  // tile u + 1's rows (tile u + 2's may still be in flight)
+      fence_proxy_async_shared();
+      // every thread's rows of tile u + 1 landed, tile u's S complete, tile u - 1's staged partials read
+      bar_sync(WG_Q_BARRIER + wg, 128);
+      wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
+      if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
+      cp_async_commit();
+    }
+    const int base = ti * MOBA_ROWS;
+    const int count = min(MOBA_ROWS, n_rows - base);
+    float o[D / 8][4];  // written by the first P V MMA (scale-d 0)
+    float m_r[2], l_r[2];
+    // a tile without a visible key (not seen with causal routing) comes out masked: m = -inf, l = 0, o = 0
+    wg_softmax_pv<T, B>(x, sv, key_begin, seqlen, causal, min(s_mm[4 * ti], s_mm[4 * ti + 2]), s_t[base + r0],
+                        s_t[base + r1], tq, o, m_r, l_r, [] {});
+    if constexpr (kSameType<PartialElem<T>, T>) {
+      write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,
+                               wt, stage, WG_STAGE_BARRIER + wg, !more);
+    } else {  // the fp32 partial module: 512-byte rows, no room to stage them
+      write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
+                                          static_cast<PartialElem<T>*>(part_o), part_ml, lane);
+    }
   }
+  wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
+  cp_async_wait<0>();     // the empty groups after the last gather
 #else
   __trap();  // wgmma exists on sm_90a only
 #endif
