@@ -1,41 +1,40 @@
-// MoBA attention forward tile kernel on Hopper warpgroup MMAs (wgmma, sm_90a): the resident variant of
-// attention.cuh (one key block of one kv head, up to MOBA_TPC tiles of 64 gathered (query, head, slot) rows
-// per CTA, K and V of the block resident in shared memory) for head dim D = 128 and block size B = 64 or 128.
-// Same work units, row bookkeeping, scale_log2, mask and partial (o, m, l) format as attn_resident (it calls
-// the same setup_rows and write_partials, so the merge and the 16-bit / fp32 partial modules are unchanged);
-// only the tile arithmetic differs:
-//   S = Q K^T:  one warpgroup (128 threads) computes the whole 64 x B tile, wgmma m64nBk16 over D / 16 = 8
-//               k-steps, Q (64 x 128) and K (B x 128) K-major in 128-byte-swizzled shared memory (sw128_offset,
+// MoBA attention forward tile kernel on Hopper warpgroup MMAs (wgmma, sm_90a), variant "wgmma": one key block of
+// one kv head per CTA, up to MOBA_WG_TPC = 16 tiles of 64 gathered (query, head, slot) rows (a unit), K and V of
+// the block resident in shared memory, for head dim D = 128 and block size B = 64 or 128. Same row bookkeeping
+// (setup_rows), scale_log2, mask and partial (o, m, l) format as attn_resident, so the merge and the 16-bit / fp32
+// partial modules are unchanged; the tile arithmetic:
+//   S = Q K^T:  a warpgroup (128 threads) computes a whole 64 x B tile, wgmma m64nBk16 over D / 16 = 8 k-steps,
+//               Q (64 x 128) and K (B x 128) K-major in 128-byte-swizzled shared memory (sw128_offset,
 //               wgmma_desc_sw128: the layouts of wgmma.cuh, validated by the probe).
-//   softmax:    the S accumulator has the mma.sync m16n8 layout per warp (wgmma_acc_row / wgmma_acc_col), so
-//               scale, token-causal / validity mask and (m, l) are the code of subtile_step over all B keys in
-//               one step: x = scale_log2 * q.k, masked to -inf, m = max, p = 2^(x - m), l = sum p.
-//   O = P V:    P from registers (wgmma_pack_a: accumulator floats 8s .. 8s+7 are the A fragment of keys 16s ..
-//               16s+15, rounded to the input type as the mma path does), V as the B operand: V is B keys x 128 d
-//               with d contiguous, and keys are the K of this product, so it is MN-major ("transposed"): V is
-//               staged exactly like K (sw128_offset(key, d, B)) and read with imm-trans-b = 1 and
-//               wgmma_desc_sw128_mn. Two m64n64k16 per k-step (d 0..63 and 64..127) rather than one n128: at
-//               N = 64 the descriptor does not depend on which field holds the stride between 64-element
-//               blocks of N (see wgmma_desc_sw128_mn); one n128 per k-step is the next step once the probe's
-//               N = 128 transposed cases pass.
+//   softmax:    the S accumulator has the mma.sync m16n8 layout per warp (wgmma_acc_row / wgmma_acc_col): x =
+//               scale_log2 q.k, masked to -inf, m = max, p = 2^(x - m), l = sum p, over all B keys in one step.
+//   O = P V:    P from registers (floats 8s .. 8s+7 of S are the A fragment of keys 16s .. 16s+15, rounded to the
+//               input type as the mma path does), V as the MN-major ("transposed") B operand: staged exactly like
+//               K and read with imm-trans-b = 1 (wgmma_desc_sw128_mn), two m64n64k16 per k-step (d halves).
+// Organisation (attn_wgmma): two warpgroups share the resident block; warpgroup w takes tiles w, w + 2, ... of the
+// unit, gathers its own rows (cp.async, three tiles deep: two in flight ahead of the one computed) and meets only
+// its own threads (named barriers), so one warpgroup's softmax runs while the other's MMAs do. Within a warpgroup
+// the next tile's S is issued as soon as its rows landed, before the current tile's softmax, P V and partials.
+// The 16-bit partial rows go through shared memory to 16-byte stores (write_partials_staged).
 //
 // FLOP / byte, per 64-row tile (B keys, D = 128): 2 * 64 * B * 128 FLOP for S and as many for P V, 4.2 MFLOP at
-// B = 128. wgmma reads its shared operands once per warpgroup instead of once per warp: Q 16 KB + K and V
-// 2 * B * 256 bytes = 80 KB per tile at B = 128, 52 FLOP per shared byte (the mma.sync kernel's ldmatrix feed:
-// 16 FLOP/B per warp, see attention.cuh), so shared-memory bandwidth (128 B/clk/SM against ~4 KFLOP/clk/SM of
-// dense bf16 wgmma) no longer bounds the tile; the global traffic per row (Q gather 256 B, partial write 264 B
-// and its merge read, K and V shared by up to 256 rows) is the mma kernel's.
-// Registers per thread: S B / 2 floats (64 at B = 128), O 64 floats, P B / 16 x 4 (32), plus addressing.
-// Shared memory: K and V 2 B 256 bytes, two Q tiles 2 x 16 KB, 1 KB to align the swizzle patterns to 1024 bytes:
-// 97 KB at B = 128 (two CTAs per SM), 65 KB at B = 64 (three).
+// B = 128: ~1 K clocks of the SM's dense bf16 rate (~4 KFLOP / clock). Global traffic per tile: the Q gather 16 KB
+// and the partials 16.5 KB (16-bit o, fp32 m and l; read again by the merge), K and V 64 KB once per unit: 127 FLOP
+// per byte, so at 4.3 TB/s the tile kernel's floor at the 64K forward (262 K tiles, 8.6 GB) is ~2 ms, against ~1.2
+// ms of MMAs at the dense rate. Shared operands are read once per warpgroup MMA (52 FLOP per shared byte), so
+// shared-memory bandwidth does not bound the tile.
+// Registers per thread (B = 128): S 64 floats and its scaled copy x 64 (the next tile's S is in flight in s while
+// x is used), O 64, P 32 packed, plus addressing: 211-215, no spills.
+// Shared memory: K and V 2 B 256 bytes, 2 x 3 Q tiles of 16 KB, 2 x 64 staged partial rows of 272 bytes, 1 KB to
+// align the swizzle patterns (195 KB at B = 128), plus 20 KB of static row bookkeeping: one CTA per SM.
+// Measured on an H200 (RESULTS.md): the attention forward (index building, tiles, merge) 1.20-1.25x faster than the
+// mma.sync resident kernel at B 128 and 1.13-1.14x at B 64 (8K-64K); the tile kernel at 16K 0.57 ms per launch
+// (0.78 ms for the mma.sync kernel and for this kernel's first form, whose MMAs ptxas serialised), tensor pipe
+// ~36% of peak issue, DRAM 27%. ptxas serialises every wgmma of the kernel (C7515 / C7518) when other instructions
+// define an in-flight accumulator or when a warpgroup may leave early: hence the copy x, and no early return.
 //
-// Why one warpgroup and synchronous loads first: it is the smallest change from the validated mma kernel (same
-// 128 threads, 64-row tiles, unit layout and launch plan), so a first hardware run tests the layouts, the
-// transposed-B operand, the masks and the partials, not a pipeline. Its tile arithmetic (wg_tile) is shared with
-// the warp-specialised kernel below.
-//
-// Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws"). Measured, the kernel
-// above is neither MMA- nor bandwidth-bound: at the 64K forward (16.8 M rows, 65.5 K units of 4 tiles) its 9.67 ms
+// Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws", opt-in). Measured, the
+// first form of the kernel above (one warpgroup, two Q tiles, units of 4 tiles) was neither MMA- nor bandwidth-bound: at the 64K forward (16.8 M rows, 65.5 K units of 4 tiles) its 9.67 ms
 // are ~39 us per unit per CTA, while a unit's MMAs (16.8 MFLOP at B = 128) take ~2.2 us at the SM's dense bf16
 // peak and its traffic (K + V 64 KB, Q gather 64 KB, partials 66 KB: 194 KB, 13 GB for the whole forward, 1.35
 // TB/s achieved) ~6 us at a 4 TB/s share. Each CTA runs setup_rows (dependent global loads), the K / V / Q loads
