@@ -142,7 +142,7 @@ def test_wgmma_ws_shared_memory_fits_one_cta(block):
 @pytest.mark.nvcc
 def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
     """The module compiled to PTX: S = Q K^T as m64nBk16 with both operands in shared memory (imm-trans-b 0)
-    and P V as m64n64k16 with A from registers and the transposed (MN-major) B, imm-trans-b 1: 8 + 2 B / 16
+    and P V as m64n128k16 with A from registers and the transposed (MN-major) B, imm-trans-b 1: 8 + B / 16
     wgmma per tile, the wgmma kernel's S issued at two places (tile 0's, then tile u + 1's inside the loop)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -165,9 +165,9 @@ def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
         kind = "bf16" if "_bf16_" in name else "f16"
         ss = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block}k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 0, 0;",
                         body)
-        rs = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 1;", body)
+        rs = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 1;", body)
         assert len(ss) == (8 if name.startswith("moba_attn_wgws_") else 16), (name, len(ss))
-        assert len(rs) == 2 * block // 16, (name, len(rs))
+        assert len(rs) == block // 16, (name, len(rs))
         assert "fence.proxy.async.shared::cta" in body and "wgmma.wait_group.sync.aligned 0" in body
         if name.startswith("moba_attn_wgws_"):
             # the producer / consumer pipeline: register re-allocation per warpgroup, cp.async completion tracked by

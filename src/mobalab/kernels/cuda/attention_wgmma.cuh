@@ -109,12 +109,15 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
       *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
   }
   bar_sync(bar, 128);
+  // thread wt: chunk wt % 16 of rows wt / 16 + 8 i
+  const int row0 = wt >> 4, ch = wt & 15;
+  const unsigned src = stage + row0 * WG_STAGE_PITCH + 16 * ch;
+  T* dst = part_o + 8 * ch;
 #pragma unroll
-  for (int i = 0; i < MOBA_ROWS * D / 8 / 128; ++i) {
-    const int c = wt + 128 * i, row = c >> 4, ch = c & 15;
-    if (row < count) {
-      const float4 x = ld_shared_v4_f32(stage + row * WG_STAGE_PITCH + 16 * ch);  // 8 packed elements, as bits
-      *reinterpret_cast<float4*>(part_o + s_pair[row] * D + 8 * ch) = x;
+  for (int i = 0; i < MOBA_ROWS / 8; ++i) {
+    if (row0 + 8 * i < count) {
+      const float4 x = ld_shared_v4_f32(src + 8 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
+      *reinterpret_cast<float4*>(dst + s_pair[row0 + 8 * i] * D) = x;
     }
   }
 }
@@ -164,7 +167,6 @@ __device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, in
 #if MOBA_HAS_WGMMA
   constexpr int D = WG_HEAD_DIM;
   constexpr int NT = B / 8;  // 8-key column groups of S
-  constexpr unsigned KV_BYTES = sw128_tile_bytes(B, D);
   // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1; masked after scaling,
   // as subtile_step (a negative scale cannot make +inf).
   const bool need_mask = (key_begin + B > seqlen) || (causal && key_begin + B - 1 > t_min);
@@ -199,22 +201,17 @@ __device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, in
     l_r[r] = sum;
   }
 
-  // O = P V: P from registers, V MN-major; d columns 0..63 and 64..127 (V's two 64-element blocks).
-  float(&o_lo)[32] = *reinterpret_cast<float(*)[32]>(&o[0][0]);
-  float(&o_hi)[32] = *reinterpret_cast<float(*)[32]>(&o[D / 16][0]);
+  // O = P V: P from registers, V MN-major, all D = 128 columns per k-step (m64n128k16; float i of the accumulator
+  // is column 8 (i / 4) + 2 tq + i % 2: o[i / 4][i % 4], write_partials' layout).
+  float(&oo)[D / 2] = *reinterpret_cast<float(*)[D / 2]>(&o[0][0]);
   before_pv();  // V is in shared memory and visible to the async proxy
-  wgmma_fence_operand(o_lo);
-  wgmma_fence_operand(o_hi);
+  wgmma_fence_operand(oo);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < B / 16; ++kk) {
-    wgmma_rs<T, 1>(o_lo, pa[kk], wgmma_desc_sw128_mn(sv, kk, B, 64), kk > 0);
-    wgmma_rs<T, 1>(o_hi, pa[kk], wgmma_desc_sw128_mn(sv + KV_BYTES / 2, kk, B, 64), kk > 0);
-  }
+  for (int kk = 0; kk < B / 16; ++kk) wgmma_rs<T, 1>(oo, pa[kk], wgmma_desc_sw128_mn(sv, kk, B, D), kk > 0);
   wgmma_commit_group();
   wgmma_wait_group<0>();
-  wgmma_fence_operand(o_lo);
-  wgmma_fence_operand(o_hi);
+  wgmma_fence_operand(oo);
 #endif
 }
 
@@ -293,12 +290,21 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   // waits for does not depend on the number of tiles.
   const int n_mine = (n_tiles - wg + 1) / 2;
   const char* qb = static_cast<const char*>(q_);
+  // Thread wt copies chunk wt % 16 of rows wt / 16 + 8 i (i < 8): rows 8 apart share the swizzle phase, so the
+  // chunk's shared address moves by 8 rows' bytes per copy, and one source offset per copy is all that varies.
+  const int g_row = wt >> 4, g_ch = wt & 15;
+  const unsigned g_dst = sq + sw128_offset(g_row, 8 * g_ch, MOBA_ROWS);
+  const char* g_src = qb + 16 * g_ch;
   auto gather = [&](int u) {
-    const long long* qoff = s_qoff + (2 * u + wg) * MOBA_ROWS;
-    wg_load_rows<MOBA_ROWS, 128>(
-        sq + (u % WG_STAGES) * Q_BYTES,
-        [qoff, qb](int r) { return qoff[r] >= 0 ? qb + qoff[r] * 2 : static_cast<const char*>(nullptr); }, qb, wt);
+    const long long* qoff = s_qoff + (2 * u + wg) * MOBA_ROWS + g_row;
+    const unsigned dst = g_dst + (u % WG_STAGES) * Q_BYTES;
+#pragma unroll
+    for (int i = 0; i < MOBA_ROWS / 8; ++i) {
+      const long long off = qoff[8 * i];  // -1: a padding row, zero-filled from a valid address
+      cp_async16(dst + 8 * i * SW128_ROW_BYTES, off >= 0 ? g_src + off * 2 : qb, off >= 0 ? 16 : 0);
+    }
   };
+  static_assert(MOBA_ROWS * WG_HEAD_DIM / 8 == 8 * 128, "a warpgroup copies 8 chunks per thread of a 64-row tile");
 #pragma unroll
   for (int u = 0; u < WG_STAGES; ++u) {
     if (u < n_mine) gather(u);
