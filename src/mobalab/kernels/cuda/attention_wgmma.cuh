@@ -27,10 +27,10 @@
 // x is used), O 64, P 32 packed, plus addressing: 211-215, no spills.
 // Shared memory: K and V 2 B 256 bytes, 2 x 3 Q tiles of 16 KB, 2 x 64 staged partial rows of 272 bytes, 1 KB to
 // align the swizzle patterns (195 KB at B = 128), plus 20 KB of static row bookkeeping: one CTA per SM.
-// Measured on an H200 (RESULTS.md): the attention forward (index building, tiles, merge) 1.20-1.25x faster than the
-// mma.sync resident kernel at B 128 and 1.13-1.14x at B 64 (8K-64K); the tile kernel at 16K 0.57 ms per launch
-// (0.78 ms for the mma.sync kernel and for this kernel's first form, whose MMAs ptxas serialised), tensor pipe
-// ~36% of peak issue, DRAM 27%. ptxas serialises every wgmma of the kernel (C7515 / C7518) when other instructions
+// Measured on an H200 (RESULTS.md): the attention forward (index building, tiles, merge) 1.21-1.28x faster than the
+// mma.sync resident kernel at B 128 and 1.14-1.15x at B 64 (8K-64K); the tile kernel at 16K 0.56 ms per launch
+// (0.78 ms for the mma.sync kernel and for this kernel's first form, whose MMAs ptxas serialised), DRAM 27%, and
+// about 1450 warp instructions per warp and tile: the issue slots, not the MMAs, are the limit now (~70% busy). ptxas serialises every wgmma of the kernel (C7515 / C7518) when other instructions
 // define an in-flight accumulator or when a warpgroup may leave early: hence the copy x, and no early return.
 //
 // Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws", opt-in). Measured, the
