@@ -20,6 +20,16 @@ from mobalab.kernels._build import NVRTC_OPTIONS, source
 
 _FUNC = re.compile(r"Function properties for (\S+)")
 ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+# ptxas' notes that it executes a kernel's warpgroup MMAs one at a time (C7515: accumulator registers defined by
+# other instructions while a group is in flight; C7518: a compiler-inserted wait on a divergent path, e.g. after an
+# early return of part of a warpgroup), each a silent loss of the MMAs' overlap with the rest of the kernel
+SERIALIZED = re.compile(r"\((C75\d\d)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized"
+                        r"[^\n]*?in the function '(\S+)'")
+
+
+def serialized_wgmma(log: str) -> list[tuple[str, str]]:
+    """``[(message id, function)]`` of the ptxas notes that serialise a function's wgmma."""
+    return SERIALIZED.findall(log)
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 

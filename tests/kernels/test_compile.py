@@ -5,7 +5,8 @@ Each ``cuda/*.cu`` file is taken as NVRTC sees it (``_build.source``: local head
 a cubin with ``-gencode=arch=compute_90a,code=sm_90a`` (see docs/design.md, "Building and launching
 kernels": ``-arch=sm_90a -c`` runs a plain compute_90 pass that rejects sm_90a instructions). ptxas' ``-v``
 report gives registers, shared memory, stack frame and spills per function; spills or a stack frame mean
-a register array went to local memory, a silent slowdown that these tests turn into a failure.
+a register array went to local memory, a silent slowdown that these tests turn into a failure, as is a note that
+ptxas serialises a kernel's warpgroup MMAs (C7515, C7518: see cuda/attention_wgmma.cuh).
 Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table. Build options that
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
@@ -43,7 +44,7 @@ from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _background import background_fixture  # noqa: E402
-from _ptxas_report import ENTRY, parse_ptxas  # noqa: E402
+from _ptxas_report import ENTRY, parse_ptxas, serialized_wgmma  # noqa: E402
 
 NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "--use_fast_math",
               "-Xptxas", "-v"]
@@ -103,6 +104,8 @@ def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:
     bad = {fn: r for fn, r in funcs.items()
            if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0)}
     assert not bad, f"{label}: stack frame or register spills: {bad}"
+    serial = serialized_wgmma(log)
+    assert not serial, f"{label}: ptxas serialises the warpgroup MMAs of {serial}"
 
 
 def test_there_are_kernel_sources():
@@ -119,6 +122,20 @@ def test_parse_ptxas_reads_spills_and_registers():
     assert parse_ptxas(log) == {
         "kern": dict(stack=16, spill_stores=8, spill_loads=4, registers=255, smem=4096)
     }
+
+
+def test_serialized_wgmma_notes_are_found():
+    log = (
+        "ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "program dependence on compiler-inserted WG.DP in divergent path in the function 'moba_attn_wg_x'\n"
+        "ptxas info    : (C7517) warpgroup.wait is injected in around line 12 by compiler to allow use of registers "
+        "defined by GMMA in function 'moba_topk_wg_x'\n"
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
+        "wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in "
+        "the function 'k2'\n"
+    )
+    assert serialized_wgmma(log) == [("C7518", "moba_attn_wg_x"), ("C7515", "k2")]
+    assert serialized_wgmma("ptxas info    : Used 168 registers\n") == []
 
 
 @pytest.mark.nvcc
