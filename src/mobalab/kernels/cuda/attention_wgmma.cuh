@@ -37,8 +37,9 @@
 // Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws", opt-in). Measured, the
 // first form of the kernel above (one warpgroup, two Q tiles, units of 4 tiles) was neither MMA- nor
 // bandwidth-bound: at the 64K forward (16.8 M rows, 65.5 K units of 4 tiles) its 9.67 ms are ~39 us per unit
-// per CTA, while a unit's MMAs (16.8 MFLOP at B = 128) take ~2.2 us at the SM's dense bf16 peak and its traffic (K + V 64 KB, Q gather 64 KB, partials 66 KB: 194 KB, 13 GB for the whole forward, 1.35
-// TB/s achieved) ~6 us at a 4 TB/s share. Each CTA runs setup_rows (dependent global loads), the K / V / Q loads
+// per CTA, while a unit's MMAs (16.8 MFLOP at B = 128) take ~2.2 us at the SM's dense bf16 peak and its traffic
+// (K + V 64 KB, Q gather 64 KB, partials 66 KB: 194 KB, 13 GB for the whole forward, 1.35 TB/s achieved) ~6 us at
+// a 4 TB/s share. Each CTA runs setup_rows (dependent global loads), the K / V / Q loads
 // and the tiles one after another, and two CTAs per SM hide little of it. So the variant overlaps across units:
 //   * warpgroup 0 produces: row bookkeeping (setup_rows) and cp.async of K, V and the gathered Q rows into the same
 //     128-byte-swizzled layouts (wg_load_rows), completion signalled by cp.async.mbarrier.arrive.noinc (the
