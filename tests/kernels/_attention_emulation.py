@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from _emulation import run_emulated
 
 from conftest import GpuOracle
 from mobalab.kernels._build import source
@@ -39,6 +40,34 @@ def kernel_table(files: Iterable[str], keep_dim: Callable[[int], bool],
             body = f"{name}({args});" + (" moba::wgmma_check_idle();" if f in idle_checked else "")
             lines.append(f'{{"{name}", {{{len(params)}, [](const std::vector<Arg>& a) {{ {body} }}}}}},')
     return "\n".join(lines) + "\n"
+
+
+def harness_files(texts: dict[str, str]) -> dict[str, str]:
+    """A harness' kernel texts and kernel table (``texts``: file name -> text) with the headers every attention
+    harness includes: ptx.cuh's swizzle and empty cuda_bf16.h / cuda_fp16.h (attention_model.h defines the types)."""
+    return {**texts, "ptx_swizzle.h": swizzle_header(), "cuda_bf16.h": "#pragma once\n",
+            "cuda_fp16.h": "#pragma once\n"}
+
+
+def head_dim_flags(dims: Iterable[int]) -> tuple[str, ...]:
+    """Compiler flags of an attention harness that builds the kernels of head dims ``dims`` (EMU_HEAD_DIM_OK)."""
+    return ("-Wno-unknown-pragmas", "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in dims) + ")")
+
+
+def launcher(harness, tmp_path, sources: Iterable[str]):
+    """A stand-in for a wrapper module's ``launch``: runs a plan of one of ``sources`` (default build only) in
+    ``harness``, launch l with seed l (a second call runs other CTA and thread orders); ``.launched`` lists the
+    kernels run, in order."""
+    sources = tuple(sources)
+    launched = []
+
+    def launch(plan):
+        assert plan.source in sources and plan.defines == (), (plan.source, plan.defines)
+        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        launched.append(plan.kernel)
+
+    launch.launched = launched
+    return launch
 
 
 def swizzle_header() -> str:

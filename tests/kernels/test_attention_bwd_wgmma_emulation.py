@@ -38,8 +38,8 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _attention_emulation import check_grads, kernel_table, swizzle_header, wgmma_text  # noqa: E402
-from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
+from _attention_emulation import check_grads, harness_files, head_dim_flags, kernel_table, launcher, wgmma_text  # noqa: E402
+from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
@@ -51,14 +51,13 @@ def _kernel_files() -> dict[str, str]:
     # the kernels of head dim 128 or none of the four sources, each thread of the wgmma main kernels checked for
     # wgmma groups it never waited for
     table = kernel_table(_SOURCES, lambda d: d == DIM, idle_checked=(CB.WGMMA_SOURCE,))
-    return {"attention_kernels.cu": source(A.SOURCE), "attention_bwd_kernels.cu": source(CB.SOURCE),
-            "pairs_kernels.cu": source(P.SOURCE), "attention_bwd_wgmma_kernels.cu": wgmma_text(CB.WGMMA_SOURCE),
-            "attention_bwd_wgmma_kernel_table.inc": table, "ptx_swizzle.h": swizzle_header(),
-            "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return harness_files({"attention_kernels.cu": source(A.SOURCE), "attention_bwd_kernels.cu": source(CB.SOURCE),
+                          "pairs_kernels.cu": source(P.SOURCE),
+                          "attention_bwd_wgmma_kernels.cu": wgmma_text(CB.WGMMA_SOURCE),
+                          "attention_bwd_wgmma_kernel_table.inc": table})
 
 
-harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files,
-                          flags=("-Wno-unknown-pragmas", f"-DEMU_HEAD_DIM_OK(d)=((d)=={DIM})"))
+harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
 
 
 @pytest.fixture
@@ -67,12 +66,8 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
     run): the backward wrapper, variant "wgmma", the routing given, every launch run by the harness (launch l of the
     test with seed l: a second call runs other CTA and thread orders)."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
-    launched = []
-
-    def emulate(plan):
-        assert plan.source in _SOURCES and plan.defines == (), (plan.source, plan.defines)
-        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
-        launched.append(plan.kernel)
+    emulate = launcher(harness, tmp_path, _SOURCES)
+    launched = emulate.launched
 
     def run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic=False, budget=None):
         first = len(launched)

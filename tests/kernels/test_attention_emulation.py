@@ -32,7 +32,7 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _attention_emulation import check_grads, kernel_table, swizzle_header  # noqa: E402
+from _attention_emulation import check_grads, harness_files, head_dim_flags, kernel_table  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
@@ -43,17 +43,16 @@ HEAD_DIMS = (32, 64, 128, 256)  # built into the harness (96 too would add a fif
 
 
 def _kernel_files() -> dict[str, str]:
-    return {"attention_kernels.cu": source("attention.cu"), "attention_bwd_kernels.cu": source("attention_bwd.cu"),
-            "attention_kernel_table.inc": kernel_table(("attention.cu", "attention_bwd.cu"), lambda d: d in HEAD_DIMS),
-            "ptx_swizzle.h": swizzle_header(), "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return harness_files({
+        "attention_kernels.cu": source("attention.cu"), "attention_bwd_kernels.cu": source("attention_bwd.cu"),
+        "attention_kernel_table.inc": kernel_table(("attention.cu", "attention_bwd.cu"), lambda d: d in HEAD_DIMS)})
 
 
 pairs_harness = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)}, name="pairs_harness")
-_DIMS_FLAG = "-DEMU_HEAD_DIM_OK(d)=(" + "||".join(f"(d)=={d}" for d in HEAD_DIMS) + ")"
-harness = harness_fixture("attention_harness", _kernel_files, flags=("-Wno-unknown-pragmas", _DIMS_FLAG))
+harness = harness_fixture("attention_harness", _kernel_files, flags=head_dim_flags(HEAD_DIMS))
 # the fp32 partial format is a build option of the forward's module (_cuda_attention.partial_defines)
 harness_fp32 = harness_fixture("attention_harness", _kernel_files, flags=(
-    "-Wno-unknown-pragmas", _DIMS_FLAG, *(f"-D{d}" for d in A.partial_defines("fp32"))), name="harness_fp32")
+    *head_dim_flags(HEAD_DIMS), *(f"-D{d}" for d in A.partial_defines("fp32"))), name="harness_fp32")
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed):

@@ -29,8 +29,8 @@ from mobalab.kernels import reference
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _attention_emulation import kernel_table, swizzle_header, wgmma_text  # noqa: E402
-from _emulation import NEEDS_CXX, harness_fixture, run_emulated  # noqa: E402
+from _attention_emulation import harness_files, head_dim_flags, kernel_table, launcher, wgmma_text  # noqa: E402
+from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 
 from conftest import GpuOracle  # noqa: E402
 
@@ -44,13 +44,12 @@ def _kernel_files() -> dict[str, str]:
     table = kernel_table((A.SOURCE, A.WGMMA_SOURCE), lambda d: d == DIM,
                          lambda f, name: f != A.WGMMA_SOURCE or name.startswith("moba_attn_wg_"),
                          idle_checked=(A.WGMMA_SOURCE,))
-    return {"attention_kernels.cu": source(A.SOURCE), "attention_wgmma_kernels.cu": wgmma_text(A.WGMMA_SOURCE),
-            "attention_wgmma_kernel_table.inc": table, "ptx_swizzle.h": swizzle_header(),
-            "cuda_bf16.h": "#pragma once\n", "cuda_fp16.h": "#pragma once\n"}
+    return harness_files({"attention_kernels.cu": source(A.SOURCE),
+                          "attention_wgmma_kernels.cu": wgmma_text(A.WGMMA_SOURCE),
+                          "attention_wgmma_kernel_table.inc": table})
 
 
-harness = harness_fixture("attention_wgmma_harness", _kernel_files,
-                          flags=("-Wno-unknown-pragmas", f"-DEMU_HEAD_DIM_OK(d)=((d)=={DIM})"))
+harness = harness_fixture("attention_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
 
 
 @pytest.fixture
@@ -59,12 +58,7 @@ def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
     16-bit partials, the routing given, every launch run by the harness."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
     monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
-    launched = []
-
-    def emulate(plan):
-        assert plan.source in (A.SOURCE, A.WGMMA_SOURCE) and plan.defines == (), (plan.source, plan.defines)
-        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
-        launched.append(plan.kernel)
+    emulate = launcher(harness, tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
 
     def run(q, k, v, topk, block, top_k, causal):
         with monkeypatch.context() as m:
@@ -72,7 +66,7 @@ def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
             with poisoned_empty():
                 out, lse = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, "wgmma", None,
                                       A.resolve_partial(None), None, False)
-        return out, lse, list(launched)
+        return out, lse, list(emulate.launched)
 
     return run
 

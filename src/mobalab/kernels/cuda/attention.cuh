@@ -255,6 +255,16 @@ __device__ __forceinline__ void subtile_step(const QOp& qf, unsigned kt_base, un
 // part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l). P is the
 // element type of part_o: float, or the input type T (an o fragment's two columns packed into one 4-byte
 // store, rounded to nearest).
+// l of rows r0 and r1 summed over the quad (each thread holds the sum over its own columns): what the partial
+// writers store.
+__device__ __forceinline__ void quad_sum_l(float (&l_r)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+  }
+}
+
 template <typename T, typename P, int D>
 __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][4], const float (&m_r)[2],
                                                float (&l_r)[2], const long long* s_pair, int r0, int r1, int count,
@@ -263,11 +273,7 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][
   constexpr int SPLIT = kFwdSplit<D>;
   constexpr int DT = D / 8 / SPLIT;
   const int tq = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-  }
+  quad_sum_l(l_r);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = r ? r1 : r0;

@@ -93,11 +93,7 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
                                                       unsigned stage, int bar, bool first_barrier) {
   constexpr int D = WG_HEAD_DIM;
   const int tq = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-  }
+  quad_sum_l(l_r);
   if (first_barrier) bar_sync(bar, 128);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
