@@ -54,17 +54,18 @@ harness = harness_fixture("attention_wgmma_harness", _kernel_files, flags=head_d
 
 @pytest.fixture
 def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
-    """``run(q, k, v, topk, block, top_k, causal)`` -> (out, lse, kernels run): the forward wrapper, variant "wgmma",
+    """``run(q, k, v, topk, block, top_k, causal, scale=None)`` -> (out, lse, kernels run): the forward wrapper, variant "wgmma",
     16-bit partials, the routing given, every launch run by the harness."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
     monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
     emulate = launcher(harness, tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
 
-    def run(q, k, v, topk, block, top_k, causal):
+    def run(q, k, v, topk, block, top_k, causal, scale=None):
         with monkeypatch.context() as m:
             m.setattr(A, "launch", emulate)
             with poisoned_empty():
-                out, lse = A._forward(q, k, v, block, top_k, causal, q.shape[-1] ** -0.5, True, topk, "wgmma", None,
+                scale = q.shape[-1] ** -0.5 if scale is None else scale
+                out, lse = A._forward(q, k, v, block, top_k, causal, scale, True, topk, "wgmma", None,
                                       A.resolve_partial(None), None, False)
         return out, lse, list(emulate.launched)
 
@@ -72,27 +73,28 @@ def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
 
 
 CASES = [
-    # dtype, block, causal, seqlen, top_k, heads, kv_heads
-    (torch.bfloat16, 64, True, 200, 3, 2, 1),     # N % B != 0, GQA 2, the causal mask in the own block
-    (torch.float16, 128, False, 300, 2, 2, 2),    # non-causal, the last block's keys past N zero-filled and masked
-    (torch.float16, 64, False, 150, 2, 4, 1),     # GQA 4: rows of four query heads in a tile
-    (torch.bfloat16, 128, True, 90, 2, 2, 1),     # N < B, k >= n blocks
-    (torch.bfloat16, 128, True, 700, 2, 4, 1),    # segments of more than one 16-tile unit, the gather refilled
+    # dtype, block, causal, seqlen, top_k, heads, kv_heads, softmax scale (None: 1 / sqrt(d))
+    (torch.bfloat16, 64, True, 200, 3, 2, 1, None),     # N % B != 0, GQA 2, the causal mask in the own block
+    (torch.float16, 128, False, 300, 2, 2, 2, None),    # non-causal, the last block's keys past N zero-filled, masked
+    (torch.float16, 64, False, 150, 2, 4, 1, -0.05),    # GQA 4: rows of four query heads in a tile; negative scale
+    (torch.bfloat16, 128, True, 90, 2, 2, 1, None),     # N < B, k >= n blocks
+    (torch.bfloat16, 128, True, 700, 2, 4, 1, 0.2),     # segments of more than one 16-tile unit, the gather refilled
 ]
 
 
 def _id(c) -> str:
-    dtype, block, causal, n, k, h, hk = c
-    return f"{str(dtype)[6:]}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+    dtype, block, causal, n, k, h, hk, scale = c
+    return (f"{str(dtype)[6:]}-B{block}-{'causal' if causal else 'full'}-N{n}-k{k}-h{h}/{hk}"
+            + ("" if scale is None else f"-scale{scale}"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_emulated_wgmma_forward_matches_oracle(emulated_forward, case):
-    dtype, block, causal, seqlen, top_k, heads, kv_heads = case
+    dtype, block, causal, seqlen, top_k, heads, kv_heads, scale = case
     g = torch.Generator().manual_seed(seqlen + block)
     q, k, v = (torch.randn(1, seqlen, h, DIM, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
     topk = reference.moba_topk(q, k, block, top_k, causal=causal)
-    out, lse, launched = emulated_forward(q, k, v, topk, block, top_k, causal)
+    out, lse, launched = emulated_forward(q, k, v, topk, block, top_k, causal, scale)
     tile, merge = A.kernel_names(dtype, DIM, block, "wgmma")
     assert tile.startswith("moba_attn_wg_") and tile in launched and merge in launched
-    GpuOracle.check_forward(q, k, v, topk, block, causal, out, lse, label=_id(case))
+    GpuOracle.check_forward(q, k, v, topk, block, causal, out, lse, scale, label=_id(case))

@@ -3,8 +3,8 @@
 // names (default all), the swizzle ptx.cuh's own swz_chunk / swz (ptx_swizzle.h, taken from ptx.cuh by the
 // tests), the dynamic shared memory the launch's and static __shared__ arrays function-local statics (one CTA runs
 // at a time, so every thread of it sees the same array); in namespace moba cp.async with a source size (0
-// zero-fills), st.shared, the vector fp32 atomic add as a plain add (the CTAs run one after another), and named
-// barriers through cuda_host.h.
+// zero-fills) or an ignore-src predicate, the predicated 16-byte global store, st.shared, the vector fp32 atomic
+// add as a plain add (the CTAs run one after another), and named barriers through cuda_host.h.
 #pragma once
 
 #include "cuda_host.h"
@@ -24,6 +24,11 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     static const unsigned char zeros[16] = {};
     if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async source sizes other than 0 and 16 are not emulated");
     dec_cp_async16(smem_ptr(dst, 16), src_bytes ? src : zeros);
+}
+// cp.async's ignore-src predicate: `zero` fills the 16 bytes without reading src.
+inline void cp_async16_zero_if(unsigned dst, const void* src, bool zero) { cp_async16(dst, src, zero ? 0 : 16); }
+inline void st_global_v4_if(void* p, float4 v, bool pred) {
+    if (pred) std::memcpy(p, &v, 16);
 }
 inline void st_shared_b32(unsigned addr, unsigned v) { std::memcpy(smem_ptr(addr, 4), &v, 4); }
 inline void st_shared_v2_f32(unsigned addr, float a, float b) {

@@ -73,6 +73,9 @@ constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
 #ifndef MOBA_WG_TPC
 #define MOBA_WG_TPC 16  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
 #endif
+#ifndef MOBA_WG_LATE_S
+#define MOBA_WG_LATE_S 0  // attn_wgmma: 1 issues a tile's S after the softmax before it (see the loop)
+#endif
 constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
 constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
 constexpr int WG_Q_BARRIER = 1;  // attn_wgmma: named barriers 1 and 2, one per warpgroup
@@ -107,16 +110,15 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
       *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
   }
   bar_sync(bar, 128);
-  // thread wt: chunk wt % 16 of rows wt / 16 + 8 i
+  // thread wt: chunk wt % 16 of rows wt / 16 + 8 i. Loads and stores unconditional but for the store's
+  // predicate (a row past count has an unused s_pair entry): branches around them cost ~5 instructions each.
   const int row0 = wt >> 4, ch = wt & 15;
   const unsigned src = stage + row0 * WG_STAGE_PITCH + 16 * ch;
   T* dst = part_o + 8 * ch;
 #pragma unroll
   for (int i = 0; i < MOBA_ROWS / 8; ++i) {
-    if (row0 + 8 * i < count) {
-      const float4 x = ld_shared_v4_f32(src + 8 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
-      *reinterpret_cast<float4*>(dst + s_pair[row0 + 8 * i] * D) = x;
-    }
+    const float4 x = ld_shared_v4_f32(src + 8 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
+    st_global_v4_if(dst + s_pair[row0 + 8 * i] * D, x, row0 + 8 * i < count);
   }
 }
 
@@ -142,31 +144,31 @@ __device__ __forceinline__ void wg_issue_s(float (&s)[B / 2], unsigned sq, unsig
 #if MOBA_HAS_WGMMA
   // s is not zeroed: the first k-step overwrites it (scale-d 0), and a register defined outside the MMAs while
   // another group is in flight makes ptxas serialise every wgmma of the kernel (C7515)
+  const unsigned long long dq = wgmma_desc_sw128(sq, 0, MOBA_ROWS), dk = wgmma_desc_sw128(sk, 0, B);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks)
-    wgmma_ss<T>(s, wgmma_desc_sw128(sq, ks, MOBA_ROWS), wgmma_desc_sw128(sk, ks, B), ks > 0);
+    wgmma_ss<T>(s, wgmma_desc_plus(dq, sw128_offset(0, 16 * ks, MOBA_ROWS)),
+                wgmma_desc_plus(dk, sw128_offset(0, 16 * ks, B)), ks > 0);
   wgmma_commit_group();
 #endif
 }
 
-// The rest of a tile once S (waited for) is in s: scale, mask, softmax over the whole block, O = P V (V at sv);
-// o, m_r and l_r in write_partials' layout (l a per-thread partial sum). Rows r0 = 16 warp + g and r1 = r0 + 8 of
-// the warpgroup (g = lane / 4, tq = lane % 4) hold queries row_t0 and row_t1; t_min is the smallest query of the
-// tile (whether the causal mask can bite). before_pv() runs before the P V MMAs are issued (the warp-specialised
-// kernel waits for V there). Ends with every MMA group of the warpgroup complete (wgmma_wait_group<0>).
-// x is S already scaled to log2 units (scale_log2 S), not an MMA's accumulator (masked in place); P goes straight
-// into the packed A fragments.
-template <typename T, int B, typename BeforePV>
-__device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, int key_begin, int seqlen,
-                                              int causal, int t_min, int row_t0, int row_t1, int tq,
-                                              float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
-                                              const BeforePV& before_pv) {
-#if MOBA_HAS_WGMMA
-  constexpr int D = WG_HEAD_DIM;
+// The softmax of a tile whose S (waited for) is in x, in units that `scale` (> 0) takes to log2 units (x is S and
+// scale is scale_log2, or x is scale_log2 S and scale 1; x is masked in place): m = scale max x, p = 2^(scale x -
+// m) (one FFMA per element), l = sum p over all B keys in one step, P rounded to the input type into the
+// packed A fragments pa (pa[kk]: keys 16 kk .. 16 kk + 15, floats 8 kk .. 8 kk + 7 of S in pairs). Rows r0 = 16
+// warp + g and r1 = r0 + 8 of the warpgroup (g = lane / 4, tq = lane % 4) hold queries row_t0 and row_t1; t_min
+// is the smallest query of the tile (whether the causal mask can bite). m_r and l_r in write_partials' layout (l a
+// per-thread partial sum).
+template <typename T, int B>
+__device__ __forceinline__ void wg_softmax(float (&x)[B / 2], float scale, int key_begin, int seqlen, int causal,
+                                           int t_min,
+                                           int row_t0, int row_t1, int tq, unsigned (&pa)[B / 16][4], float (&m_r)[2],
+                                           float (&l_r)[2]) {
   constexpr int NT = B / 8;  // 8-key column groups of S
-  // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1; masked after scaling,
-  // as subtile_step (a negative scale cannot make +inf).
+  // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1; -inf stays -inf under
+  // the positive scale.
   const bool need_mask = (key_begin + B > seqlen) || (causal && key_begin + B - 1 > t_min);
   auto visible = [&](int i) {
     const int key = key_begin + (i >> 2) * 8 + 2 * tq + (i & 1);
@@ -177,39 +179,64 @@ __device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, in
     for (int i = 0; i < B / 2; ++i)
       if (!visible(i)) x[i] = neg_inf();
   }
-  // P of keys 16 kk .. 16 kk + 15 is the A fragment pa[kk] (floats 8 kk .. 8 kk + 7 of S, packed in pairs)
-  unsigned pa[B / 16][4];
+  // The row maximum and sum over four partial results each: dependency chains of NT / 4 instead of NT (a
+  // warp's dependent-issue latency, not the instruction count, sets the tile's time at two warps per scheduler).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = neg_inf();
+    float mq[4] = {neg_inf(), neg_inf(), neg_inf(), neg_inf()};
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(x[4 * nt + 2 * r], x[4 * nt + 2 * r + 1]));
+    for (int nt = 0; nt < NT; ++nt) mq[nt & 3] = fmaxf(mq[nt & 3], fmaxf(x[4 * nt + 2 * r], x[4 * nt + 2 * r + 1]));
+    float mx = fmaxf(fmaxf(mq[0], mq[1]), fmaxf(mq[2], mq[3]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_use = (mx == neg_inf()) ? 0.f : mx;
-    m_r[r] = mx;
-    float sum = 0.f;
+    m_r[r] = mx * scale;  // -inf for a row without a visible key
+    const float neg_m = (mx == neg_inf()) ? 0.f : -m_r[r];
+    float sq[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int i = 4 * nt + 2 * r;
-      const float p0 = exp2f(x[i] - m_use), p1 = exp2f(x[i + 1] - m_use);
-      sum += p0 + p1;
+      const float p0 = exp2f(fmaf(x[i], scale, neg_m)), p1 = exp2f(fmaf(x[i + 1], scale, neg_m));
+      sq[nt & 3] += p0 + p1;
       pa[nt >> 1][2 * (nt & 1) + r] = wgmma_pack2(wgmma_ab<T>{}, p0, p1);
     }
-    l_r[r] = sum;
+    l_r[r] = (sq[0] + sq[1]) + (sq[2] + sq[3]);
   }
+}
 
-  // O = P V: P from registers, V MN-major, all D = 128 columns per k-step (m64n128k16; float i of the accumulator
-  // is column 8 (i / 4) + 2 tq + i % 2: o[i / 4][i % 4], write_partials' layout).
+// Issues O = P V as one commit group, not waited for: P from registers (pa), V MN-major at sv, all D = 128 columns
+// per k-step (m64n128k16; float i of the accumulator is column 8 (i / 4) + 2 tq + i % 2: o[i / 4][i % 4],
+// write_partials' layout). o is written by the first k-step (scale-d 0).
+template <typename T, int B>
+__device__ __forceinline__ void wg_issue_pv(const unsigned (&pa)[B / 16][4], unsigned sv,
+                                            float (&o)[WG_HEAD_DIM / 8][4]) {
+#if MOBA_HAS_WGMMA
+  constexpr int D = WG_HEAD_DIM;
   float(&oo)[D / 2] = *reinterpret_cast<float(*)[D / 2]>(&o[0][0]);
-  before_pv();  // V is in shared memory and visible to the async proxy
+  const unsigned long long dv = wgmma_desc_sw128_mn(sv, 0, B, D);
   wgmma_fence_operand(oo);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < B / 16; ++kk) wgmma_rs<T, 1>(oo, pa[kk], wgmma_desc_sw128_mn(sv, kk, B, D), kk > 0);
+  for (int kk = 0; kk < B / 16; ++kk)
+    wgmma_rs<T, 1>(oo, pa[kk], wgmma_desc_plus(dv, sw128_offset(16 * kk, 0, B)), kk > 0);
   wgmma_commit_group();
+#endif
+}
+
+// The rest of a tile once S (waited for, scaled to log2 units) is in x: wg_softmax, then before_pv() (the
+// warp-specialised kernel waits for V there), then O = P V, waited for: ends with every MMA group of the warpgroup
+// complete (wgmma_wait_group<0>).
+template <typename T, int B, typename BeforePV>
+__device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, int key_begin, int seqlen,
+                                              int causal, int t_min, int row_t0, int row_t1, int tq,
+                                              float (&o)[WG_HEAD_DIM / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                              const BeforePV& before_pv) {
+#if MOBA_HAS_WGMMA
+  unsigned pa[B / 16][4];
+  wg_softmax<T, B>(x, 1.f, key_begin, seqlen, causal, t_min, row_t0, row_t1, tq, pa, m_r, l_r);
+  before_pv();  // V is in shared memory and visible to the async proxy
+  wg_issue_pv<T, B>(pa, sv, o);
   wgmma_wait_group<0>();
-  wgmma_fence_operand(oo);
+  wgmma_fence_operand(*reinterpret_cast<float(*)[WG_HEAD_DIM / 2]>(&o[0][0]));
 #endif
 }
 
@@ -252,7 +279,10 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   __shared__ int s_mm[2 * UNIT / 32];
   __shared__ int s_seg;
 
-  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, warp = (tid >> 5) & 3;
+  // wg through a shuffle from lane 0: ptxas then knows it is warp-uniform, and the shared addresses and wgmma
+  // descriptors derived from it live in uniform registers (no R2UR per descriptor).
+  const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wt = tid & 127, lane = tid & 31,
+            warp = (tid >> 5) & 3;
   if (block_size != B) __trap();  // the launch plan picks the kernel of the block size
   const int seg = cta_unit_segment(tile_cum, n_seg, blockIdx.x, &s_seg);
   if (seg < 0) return;  // uniform
@@ -298,8 +328,8 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     const unsigned dst = g_dst + (u % WG_STAGES) * Q_BYTES;
 #pragma unroll
     for (int i = 0; i < MOBA_ROWS / 8; ++i) {
-      const long long off = qoff[8 * i];  // -1: a padding row, zero-filled from a valid address
-      cp_async16(dst + 8 * i * SW128_ROW_BYTES, off >= 0 ? g_src + off * 2 : qb, off >= 0 ? 16 : 0);
+      const long long off = qoff[8 * i];  // -1: a padding row, zero-filled (its address is not read)
+      cp_async16_zero_if(dst + 8 * i * SW128_ROW_BYTES, g_src + off * 2, off < 0);
     }
   };
   static_assert(MOBA_ROWS * WG_HEAD_DIM / 8 == 8 * 128, "a warpgroup copies 8 chunks per thread of a 64-row tile");
@@ -317,13 +347,68 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const int g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
 
+  auto partials = [&](const float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
+                      bool last) {
+    if constexpr (kSameType<PartialElem<T>, T>) {
+      write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,
+                               wt, stage, WG_STAGE_BARRIER + wg, last);
+    } else {  // the fp32 partial module: 512-byte rows, no room to stage them
+      write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
+                                          static_cast<PartialElem<T>*>(part_o), part_ml, lane);
+    }
+  };
+  float s[NS];
+  wg_issue_s<T, B>(s, sq, sk);
+#if MOBA_WG_LATE_S
+  // Tile u's S was issued into s before step u. The step computes the softmax straight from s (the scale folded
+  // into the exponent's FFMA; no MMA group is in flight then) into P, then issues tile u's P V and, once tile u + 1's rows landed, tile u + 1's S into
+  // s, refills buffer u % 3 with tile u + 3's rows, and waits for P V only: tile u + 1's S runs under tile u's
+  // partial writes. No copy of S (64 registers and 64 multiplies fewer than the order below), but the softmax
+  // runs without an MMA of its own warpgroup in flight.
+#pragma unroll 1
+  for (int u = 0; u < n_mine; ++u) {
+    const int ti = 2 * u + wg;
+    const int base = ti * MOBA_ROWS;
+    const int count = min(MOBA_ROWS, n_rows - base);
+    wgmma_wait_group<0>();  // tile u's S
+    wgmma_fence_operand(s);
+    float scale = scale_log2;
+    if (scale <= 0.f) {  // uniform, rare: wg_softmax folds a positive scale into its exponent only
+#pragma unroll
+      for (int i = 0; i < NS; ++i) s[i] *= scale_log2;
+      scale = 1.f;
+    }
+    unsigned pa[B / 16][4];
+    float m_r[2], l_r[2];
+    // a tile without a visible key (not seen with causal routing) comes out masked: m = -inf, l = 0, o = 0
+    wg_softmax<T, B>(s, scale, key_begin, seqlen, causal, min(s_mm[4 * ti], s_mm[4 * ti + 2]), s_t[base + r0],
+                     s_t[base + r1], tq, pa, m_r, l_r);
+    const bool more = u + 1 < n_mine;  // uniform per warpgroup
+    if (more) {
+      cp_async_wait<WG_STAGES - 2>();  // tile u + 1's rows (tile u + 2's may still be in flight)
+      fence_proxy_async_shared();
+      // every thread's rows of tile u + 1 landed, tile u's S complete, tile u - 1's staged partials read
+      bar_sync(WG_Q_BARRIER + wg, 128);
+    }
+    float o[D / 8][4];  // written by the first P V MMA (scale-d 0)
+    wg_issue_pv<T, B>(pa, sv, o);
+    if (more) {
+      wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
+      if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
+      cp_async_commit();
+      wgmma_wait_group<1>();  // tile u's P V; tile u + 1's S stays in flight
+    } else {
+      wgmma_wait_group<0>();
+    }
+    wgmma_fence_operand(*reinterpret_cast<float(*)[D / 2]>(&o[0][0]));
+    partials(o, m_r, l_r, base, count, !more);
+  }
+#else
   // Tile u's S was issued into s before step u; the step copies it out (scaled to log2 units), then issues tile
   // u + 1's S into s as soon as that tile's rows landed, so those MMAs run while tile u's softmax, P V and partials
   // are computed, and refills buffer u % 3 (tile u's, read by its S) with tile u + 3's rows. The copy is what keeps
   // the MMAs asynchronous: with two S arrays swapping roles between steps instead, ptxas serialises the kernel's
   // wgmma (C7515 / C7518) and spills; the copy's multiply is the scaling the softmax needs anyway.
-  float s[NS];
-  wg_issue_s<T, B>(s, sq, sk);
 #pragma unroll 1
   for (int u = 0; u < n_mine; ++u) {
     const int ti = 2 * u + wg;
@@ -349,14 +434,9 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     // a tile without a visible key (not seen with causal routing) comes out masked: m = -inf, l = 0, o = 0
     wg_softmax_pv<T, B>(x, sv, key_begin, seqlen, causal, min(s_mm[4 * ti], s_mm[4 * ti + 2]), s_t[base + r0],
                         s_t[base + r1], tq, o, m_r, l_r, [] {});
-    if constexpr (kSameType<PartialElem<T>, T>) {
-      write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,
-                               wt, stage, WG_STAGE_BARRIER + wg, !more);
-    } else {  // the fp32 partial module: 512-byte rows, no room to stage them
-      write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
-                                          static_cast<PartialElem<T>*>(part_o), part_ml, lane);
-    }
+    partials(o, m_r, l_r, base, count, !more);
   }
+#endif
   wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
   cp_async_wait<0>();     // the empty groups after the last gather
 #else

@@ -48,6 +48,14 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
 }
+// The same with cp.async's ignore-src predicate: `zero` writes 16 zero bytes and does not read src. One
+// predicated LDGSTS, where a source size selected from a condition costs ptxas ~10 instructions of arithmetic.
+__device__ __forceinline__ void cp_async16_zero_if(unsigned dst, const void* src, bool zero) {
+  asm volatile(
+      "{\n .reg .pred z;\n setp.ne.b32 z, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(zero))
+      : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most N committed groups are still in flight.
 template <int N>
@@ -89,6 +97,12 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 }
 __device__ __forceinline__ void red_add4(float* p, float4 v) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+// 16-byte global store if `pred` (a predicated STG: no branch around it).
+__device__ __forceinline__ void st_global_v4_if(void* p, float4 v, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q st.global.v4.f32 [%0], {%1, %2, %3, %4};\n}\n" ::"l"(p),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(static_cast<int>(pred))
                : "memory");
 }
 __device__ __forceinline__ float4 ld_shared_v4_f32(unsigned addr) {

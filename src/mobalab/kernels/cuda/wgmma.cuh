@@ -99,6 +99,14 @@ __host__ __device__ constexpr unsigned sw128_tile_bytes(unsigned rows, unsigned 
   return (k + SW128_KBLOCK - 1) / SW128_KBLOCK * rows * SW128_ROW_BYTES;
 }
 
+// A descriptor `bytes` further into shared memory: the address field (bits 0-13, address / 16) plus bytes / 16,
+// computed on the low word alone. Exact while the address stays below 256 KB, which every shared address does
+// (228 KB per SM), so the field never carries into LBO. A kernel builds a tile's descriptor once and steps it:
+// one add per k-step instead of the masks and shifts of wgmma_desc.
+__host__ __device__ constexpr unsigned long long wgmma_desc_plus(unsigned long long desc, unsigned bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | static_cast<unsigned>(static_cast<unsigned>(desc) + (bytes >> 4));
+}
+
 // Descriptor of k-step `kstep` (K elements 16 kstep .. 16 kstep + 15) of the tile at shared address `tile`.
 __host__ __device__ constexpr unsigned long long wgmma_desc_sw128(unsigned tile, unsigned kstep, unsigned rows) {
   return wgmma_desc(tile + sw128_offset(0, 16 * kstep, rows), 16, SW128_PATTERN_BYTES, WGMMA_SWIZZLE_128B);
@@ -132,6 +140,11 @@ static_assert(sw128_offset(9, 64, 64) == 64 * 128 + 9 * 128 + 16, "second K bloc
 static_assert(wgmma_desc_sw128_mn(0x400, 3, 128, 128) == 0x40000040040001c0ull &&
                   wgmma_desc_sw128_mn(0x400, 1, 64, 64) == 0x40000040004000c0ull,
               "MN-major: k-step 3 starts 48 rows (6144 bytes) in; LBO 16384 (128 rows) at n 128, 1024 at n 64");
+static_assert(wgmma_desc_plus(wgmma_desc_sw128(0x1C400, 0, 64), sw128_offset(0, 16 * 5, 64)) ==
+                      wgmma_desc_sw128(0x1C400, 5, 64) &&
+                  wgmma_desc_plus(wgmma_desc_sw128_mn(0x30400, 0, 128, 128), sw128_offset(16 * 7, 0, 128)) ==
+                      wgmma_desc_sw128_mn(0x30400, 7, 128, 128),
+              "stepping a descriptor equals building it at the k-step");
 static_assert(wgmma_acc_row(127, 63) == 63 && wgmma_acc_col(127, 63) == 127 && wgmma_acc_row(0, 2) == 8,
               "accumulator corners");
 
