@@ -60,11 +60,13 @@ def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, expec
     assert label == ("wgmma" if expected == "wgmma" else A.variant_label(dim, block, variant))
 
 
-@pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])
-@pytest.mark.parametrize("dim,block", [(64, 128), (256, 64), (128, 32), (128, 256), (96, 64)])
+@pytest.mark.parametrize("variant,dim,block", [
+    *((v, d, b) for v in ("wgmma", "wgmma-ws") for d, b in [(64, 128), (256, 64), (128, 256), (96, 64), (128, 16)]),
+    ("wgmma-ws", 128, 32)])
 def test_wgmma_refuses_unsupported_shapes(dim, block, variant, monkeypatch):
+    sizes = r"\(32, 64, 128\)" if variant == "wgmma" else r"\(64, 128\)"
     with pytest.raises(ValueError, match=rf"variant '{variant}' supports head_dim in \(128,\) and block_size in "
-                                         r"\(64, 128\), got head_dim=\d+, block_size=\d+"):
+                                         rf"{sizes}, got head_dim=\d+, block_size=\d+"):
         A.resolve_variant(variant, dim, block)
     with pytest.raises(ValueError, match=f"variant '{variant}' supports"):
         A.kernel_names(torch.bfloat16, dim, block, variant)
@@ -82,10 +84,9 @@ def test_wrapper_refuses_wgmma_shapes_before_touching_the_gpu(variant):
 
 
 @pytest.mark.parametrize("dtype", C.CUDA_DTYPES)
-@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("partial", A.PARTIALS)
-@pytest.mark.parametrize("variant", ["wgmma", "wgmma-ws"])
+@pytest.mark.parametrize("variant,block", [(v, b) for v in A.WGMMA_VARIANTS for b in A.wgmma_block_sizes(v)])
 def test_wgmma_plans_pass_check_args(dtype, block, causal, partial, variant):
     dim, batch, seqlen, heads, kv_heads, top_k = 128, 2, 300, 4, 2, 3
     q = torch.zeros(batch, seqlen, heads, dim, dtype=dtype)
@@ -132,7 +133,7 @@ def test_wgmma_shared_memory_fits_one_cta(block):
     assert A.fwd_smem_bytes(128, block, "wgmma") + 20752 <= 227 * 1024
 
 
-@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+@pytest.mark.parametrize("block", A.WS_BLOCK_SIZES)
 def test_wgmma_ws_shared_memory_fits_one_cta(block):
     # one CTA per SM (227 KB opt-in limit per CTA), with its double-buffered row bookkeeping (10512 bytes of static
     # shared memory in ptxas' report) and mbarriers

@@ -54,8 +54,8 @@ harness = harness_fixture("attention_wgmma_harness", _kernel_files, flags=head_d
 
 @pytest.fixture
 def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
-    """``run(q, k, v, topk, block, top_k, causal, scale=None)`` -> (out, lse, kernels run): the forward wrapper, variant "wgmma",
-    16-bit partials, the routing given, every launch run by the harness."""
+    """``run(q, k, v, topk, block, top_k, causal, scale=None)`` -> (out, lse, kernels run): the forward wrapper,
+    variant "wgmma", 16-bit partials, the routing given, every launch run by the harness."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
     monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
     emulate = launcher(harness, tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
@@ -79,6 +79,8 @@ CASES = [
     (torch.float16, 64, False, 150, 2, 4, 1, -0.05),    # GQA 4: rows of four query heads in a tile; negative scale
     (torch.bfloat16, 128, True, 90, 2, 2, 1, None),     # N < B, k >= n blocks
     (torch.bfloat16, 128, True, 700, 2, 4, 1, 0.2),     # segments of more than one 16-tile unit, the gather refilled
+    (torch.bfloat16, 32, True, 300, 4, 2, 1, None),     # B 32: S as m64n32k16, P V over two k-steps of V
+    (torch.float16, 32, False, 100, 3, 2, 2, None),     # B 32 non-causal, the last block partial
 ]
 
 

@@ -1,12 +1,12 @@
 """The wgmma forward tile kernels (variants "wgmma" and the warp-specialised, persistent "wgmma-ws",
-cuda/attention_wgmma.cu: head dim 128, B 64 and 128, sm_90) against the fp32 oracle with the same routing,
-under the criterion of test_attention_gpu.py (conftest.GpuOracle: max|out - ref| <= 2 max|out_torch_lowprec -
-ref| + 1e-4, lse within 2e-3 + 1e-3 |lse|), on the forward grid's cases restricted to the shapes the kernels
-serve. Outputs and scratch are poisoned (NaN) before each launch, so a row or column a kernel does not write
-fails. The transposed-B operand they rely on is probed on its own in test_wgmma_probe_gpu.py (the "regmn"
-cases): when those fail, these fail too. wgmma-ws runs the same tile arithmetic (wg_tile) behind a producer /
-consumer mbarrier pipeline, so it is also checked against wgmma on units of every fill (one row, a consumer
-left idle, partial tiles) and across many units per persistent CTA (the concentrated routing, the 64K case).
+cuda/attention_wgmma.cu: head dim 128, B 32, 64 and 128 (wgmma-ws: 64 and 128), sm_90) against the fp32 oracle with
+the same routing, under the criterion of test_attention_gpu.py (conftest.GpuOracle: max|out - ref| <= 2
+max|out_torch_lowprec - ref| + 1e-4, lse within 2e-3 + 1e-3 |lse|), on the forward grid's cases restricted to the
+shapes the kernels serve. Outputs and scratch are poisoned (NaN) before each launch, so a row or column a kernel
+does not write fails. The transposed-B operand they rely on is probed on its own in test_wgmma_probe_gpu.py (the
+"regmn" cases): when those fail, these fail too. wgmma-ws runs the same tile arithmetic (wg_tile) behind a producer
+/ consumer mbarrier pipeline, so it is also checked against wgmma on units of every fill (one row, a consumer left
+idle, partial tiles) and across many units per persistent CTA (the concentrated routing, the 64K case).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def _run(q, k, v, block, top_k, causal, topk, variant="wgmma", **kw):
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_wgmma_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     case = attention_case
-    if not A.wgmma_supports(case["dim"], case["block"]):
-        pytest.skip("no wgmma kernel for this shape (head dim 128, B 64 or 128 only)")
+    if not A.wgmma_supports(case["dim"], case["block"], variant):
+        pytest.skip(f"no {variant} kernel for this shape (head dim 128, B in {A.wgmma_block_sizes(variant)} only)")
     heads, kv_heads = gpu.gqa[case["ratio"]]
     q, k, v = gpu.inputs(case["batch"], case["seqlen"], heads, kv_heads, case["dim"], case["dtype"],
                          seed=zlib.crc32(gpu.case_id(case).encode()))
@@ -57,8 +57,11 @@ def test_wgmma_matches_oracle(attention_case, variant, gpu, poisoned_empty):
     gpu.check_forward(q, k, v, topk, case["block"], case["causal"], out, lse, label=f"{variant} " + gpu.case_id(case))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+_VARIANT_BLOCKS = [(v, b) for v in VARIANTS for b in A.wgmma_block_sizes(v)]
+
+
+@pytest.mark.parametrize("variant,block", _VARIANT_BLOCKS,
+                         ids=[f"{VARIANT_IDS[VARIANTS.index(v)]}-{b}" for v, b in _VARIANT_BLOCKS])
 def test_wgmma_concentrated_routing(block, variant, gpu, poisoned_empty):
     # every query picks block 0 and its own block: one long list of many 4-tile units, a partial last tile
     n = 20000
@@ -107,7 +110,7 @@ def test_wgmma_fp32_partials(variant, gpu, monkeypatch, poisoned_empty):
 UNIT_FILLS = (1, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 320, 0, 2)
 
 
-@pytest.mark.parametrize("block", A.WGMMA_BLOCK_SIZES)
+@pytest.mark.parametrize("block", A.WS_BLOCK_SIZES)
 def test_wgmma_ws_unit_fills(block, gpu, poisoned_empty):
     """Hand-made routing (not causal: any query may pick any block) that gives the key blocks lists of UNIT_FILLS
     rows, so that units have every fill the two consumers split in different ways; wgmma-ws meets the oracle and

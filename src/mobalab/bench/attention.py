@@ -1024,7 +1024,7 @@ def main(argv=None) -> int:
     rows, cache, failed = [], {}, 0
     for workload, batch, n, heads, dim, block, top_k, variant in configs(args.quick, args.head_dims):
         variant = args.variant or variant
-        if variant in A.WGMMA_VARIANTS and not A.wgmma_supports(dim, block):
+        if variant in A.WGMMA_VARIANTS and not A.wgmma_supports(dim, block, variant):
             print(f"skipped {workload} N={n} d={dim} B={block}: no wgmma kernel for this shape", flush=True)
             continue
         prof = dim == 128 and n in (64 * 1024, 512 * 1024) and workload == "random" and block in (32, 128) \

@@ -86,7 +86,8 @@ MMA_VARIANTS = ("auto", "resident", "streaming")  # mma.sync kernels, every supp
 WGMMA_VARIANTS = ("wgmma", "wgmma-ws")  # Hopper kernels (cuda/attention_wgmma.cu), opt-in
 VARIANTS = (*MMA_VARIANTS, *WGMMA_VARIANTS)
 WGMMA_HEAD_DIMS = (128,)
-WGMMA_BLOCK_SIZES = (64, 128)
+WGMMA_BLOCK_SIZES = (32, 64, 128)  # the wgmma kernel's
+WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
 # 1.13-1.14x faster than the mma.sync resident kernel at B 64 and 1.20-1.25x at B 128 (8K-64K), so both.
 WGMMA_AUTO = {(128, 64), (128, 128)}
@@ -187,9 +188,15 @@ def _plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, 
     return tuple(chunks)
 
 
-def wgmma_supports(head_dim: int, block_size: int) -> bool:
-    """Whether the wgmma tile kernel has an instantiation for this head dim and block size."""
-    return head_dim in WGMMA_HEAD_DIMS and block_size in WGMMA_BLOCK_SIZES
+def wgmma_block_sizes(variant: str = "wgmma") -> tuple[int, ...]:
+    """The block sizes a Hopper tile kernel ("wgmma" or "wgmma-ws") is instantiated for."""
+    return WS_BLOCK_SIZES if variant == "wgmma-ws" else WGMMA_BLOCK_SIZES
+
+
+def wgmma_supports(head_dim: int, block_size: int, variant: str = "wgmma") -> bool:
+    """Whether the Hopper tile kernel ``variant`` ("wgmma" or "wgmma-ws") has an instantiation for this head dim and
+    block size."""
+    return head_dim in WGMMA_HEAD_DIMS and block_size in wgmma_block_sizes(variant)
 
 
 def resolve_variant(variant: str | None, head_dim: int | None = None, block_size: int | None = None) -> str:
@@ -198,10 +205,10 @@ def resolve_variant(variant: str | None, head_dim: int | None = None, block_size
     (ValueError) for shapes they have no kernel for."""
     variant = C.choice_or_env("variant", variant, VARIANTS, VARIANT_ENV, "auto")
     if variant in WGMMA_VARIANTS and head_dim is not None and block_size is not None \
-            and not wgmma_supports(head_dim, block_size):
+            and not wgmma_supports(head_dim, block_size, variant):
         raise ValueError(f"variant {variant!r} supports head_dim in {WGMMA_HEAD_DIMS} and block_size in "
-                         f"{WGMMA_BLOCK_SIZES}, got head_dim={head_dim}, block_size={block_size}; use 'auto', "
-                         f"'resident' or 'streaming'")
+                         f"{wgmma_block_sizes(variant)}, got head_dim={head_dim}, block_size={block_size}; use "
+                         f"'auto', 'resident' or 'streaming'")
     return variant
 
 
@@ -270,12 +277,14 @@ def kernel_names(dtype: torch.dtype, head_dim: int, block_size: int,
     """(forward tile kernel, merge kernel) names of the variant for these inputs."""
     tag = C.dtype_tag(dtype, SOURCE)
     variant = resolve_variant(variant, head_dim, block_size)
-    if variant in WGMMA_VARIANTS:
-        kind = "wg" if variant == "wgmma" else "wgws"
-        return f"moba_attn_{kind}_{tag}_d{head_dim}_b{block_size}", f"moba_attn_merge_{tag}_d{head_dim}"
+    merge = f"moba_attn_merge_{tag}_d{head_dim}"
+    if variant == "wgmma":
+        return f"moba_attn_wg_{tag}_d{head_dim}_b{block_size}", merge
+    if variant == "wgmma-ws":  # fewer block sizes than wgmma: a name template of its own
+        return f"moba_attn_wgws_{tag}_d{head_dim}_b{block_size}", merge
     kind = "res" if resident(head_dim, block_size, variant) else "fwd"
     fwd = f"moba_attn_{kind}_{tag}_d{head_dim}_kt{key_tile(block_size)}"
-    return fwd, f"moba_attn_merge_{tag}_d{head_dim}"
+    return fwd, merge
 
 
 def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -> int:

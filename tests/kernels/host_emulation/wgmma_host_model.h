@@ -2,7 +2,7 @@
 // Included right after wgmma.cuh's text, which was compiled with __CUDA_ARCH__ = 800 so that only its encodings
 // (descriptors, sw128_offset, accumulator layout) exist; the instruction wrappers are these models: wgmma_ss (both
 // operands K-major), wgmma_rs<T, TRANS_B> (A from registers; B K-major, or MN-major with TRANS_B = 1) at N = 64
-// and 128, wgmma_ss_t<T, TRANS_A, TRANS_B> (N = 64; either operand K- or MN-major), and wgmma_pack_a.
+// and 128 (wgmma_ss also at 32), wgmma_ss_t<T, TRANS_A, TRANS_B> (N = 64; either operand K- or MN-major), and wgmma_pack_a.
 //
 // wgmma.mma_async is modelled at its latest possible moment: an issued MMA only records its operands (the
 // descriptors, the accumulator it writes and, from registers, the issuing thread's four A registers as they are
@@ -200,6 +200,10 @@ inline void wgmma_ss(float (&d)[64], unsigned long long da, unsigned long long d
 template <typename T>
 inline void wgmma_ss(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
     wgmma_record<T>(d, 64, da, db, scale_d, false, 0, 0, nullptr);
+}
+template <typename T>
+inline void wgmma_ss(float (&d)[16], unsigned long long da, unsigned long long db, int scale_d) {
+    wgmma_record<T>(d, 32, da, db, scale_d, false, 0, 0, nullptr);
 }
 template <typename T, int TRANS_A, int TRANS_B>
 inline void wgmma_ss_t(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {

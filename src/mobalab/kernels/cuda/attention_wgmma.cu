@@ -1,8 +1,9 @@
 // MoBA attention forward tile kernel on Hopper warpgroup MMAs (see attention_wgmma.cuh for the design; the
 // partial format, the merge and the index kernels are attention.cu's):
-//   moba_attn_wg_<dtype>_d128_b<B>   dtype in {bf16, f16}, B in {64, 128}: one warpgroup (128 threads), up to
-//                                    MOBA_TPC tiles of 64 rows of one key block per CTA, the block resident;
-//                                    dynamic shared memory 2 B 256 + 2 x 16384 + 1024 bytes
+//   moba_attn_wg_<dtype>_d128_b<B>   dtype in {bf16, f16}, B in {32, 64, 128}: two warpgroups (256 threads), up to
+//                                    MOBA_WG_TPC tiles of 64 rows of one key block per CTA, the block resident;
+//                                    dynamic shared memory 2 B 256 + 6 x 16384 + 2 x 64 x 272 + 1024 bytes
+//   moba_attn_wgws_<dtype>_d128_b<B> the warp-specialised variant, B in {64, 128}
 // Same parameter list as attention.cu's tile kernels, so the same launch plan drives it. Built with
 // -DMOBA_PARTIAL_FP32=1, part_o is fp32 (the fallback module, same names). sm_90a only (wgmma).
 #include "attention_wgmma.cuh"
@@ -18,8 +19,10 @@
   }
 
 #if MOBA_HAS_HEAD_DIM(128)
+MOBA_ATTN_WG_KERNEL(moba_attn_wg_bf16_d128_b32,  __nv_bfloat16, 32)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_bf16_d128_b64,  __nv_bfloat16, 64)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_bf16_d128_b128, __nv_bfloat16, 128)
+MOBA_ATTN_WG_KERNEL(moba_attn_wg_f16_d128_b32,   __half,        32)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_f16_d128_b64,   __half,        64)
 MOBA_ATTN_WG_KERNEL(moba_attn_wg_f16_d128_b128,  __half,        128)
 #endif

@@ -1,7 +1,8 @@
 // MoBA attention forward tile kernel on Hopper warpgroup MMAs (wgmma, sm_90a), variant "wgmma": one key block of
 // one kv head per CTA, up to MOBA_WG_TPC = 16 tiles of 64 gathered (query, head, slot) rows (a unit), K and V of
-// the block resident in shared memory, for head dim D = 128 and block size B = 64 or 128. Same row bookkeeping
-// (setup_rows), scale_log2, mask and partial (o, m, l) format as attn_resident, so the merge and the 16-bit / fp32
+// the block resident in shared memory, for head dim D = 128 and block size B = 32, 64 or 128 (wgmma-ws: 64 or
+// 128). Same row bookkeeping (setup_rows), scale_log2, mask and partial (o, m, l) format as attn_resident, so the
+// merge and the 16-bit / fp32
 // partial modules are unchanged; the tile arithmetic:
 //   S = Q K^T:  a warpgroup (128 threads) computes a whole 64 x B tile, wgmma m64nBk16 over D / 16 = 8 k-steps,
 //               Q (64 x 128) and K (B x 128) K-major in 128-byte-swizzled shared memory (sw128_offset,
@@ -74,7 +75,7 @@ constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
 #define MOBA_WG_TPC 16  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
 #endif
 #ifndef MOBA_WG_LATE_S
-#define MOBA_WG_LATE_S 0  // attn_wgmma: 1 issues a tile's S after the softmax before it (see the loop)
+#define MOBA_WG_LATE_S 1  // attn_wgmma: a tile's S issued after the softmax before it (0: before; see the loop)
 #endif
 constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
 constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
@@ -266,7 +267,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
                                            int block_size, int n_blocks, int batch_index, int h0, int n_q, int t0,
                                            int n_seg, int causal, float scale_log2) {
 #if MOBA_HAS_WGMMA
-  static_assert(B == 64 || B == 128, "block size");
+  static_assert(B == 32 || B == 64 || B == 128, "block size");
   constexpr int D = WG_HEAD_DIM;
   constexpr int NS = B / 2;
   constexpr int UNIT = MOBA_ROWS * MOBA_WG_TPC;
@@ -347,7 +348,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const int g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
 
-  auto partials = [&](const float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
+  auto partials = [&](float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
                       bool last) {
     if constexpr (kSameType<PartialElem<T>, T>) {
       write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,

@@ -193,9 +193,11 @@ __device__ __forceinline__ void wgmma_pack_a(const float* p, unsigned (&a)[4]) {
 }
 
 // D(64xN) = A * B + (scale_d ? D : 0) with fp32 accumulators, B (16xN) from shared memory (K-major), A (64x16)
-// from shared memory (_ss) or registers (_rs): one wrapper per N in {64, 128}, input type and A source, made by
+// from shared memory (_ss) or registers (_rs): one wrapper per N in {64, 128} (and 32 for _ss: S of a 32-key
+// block), input type and A source, made by
 // the two macros below (the PTX type is part of the mnemonic, so each needs its own asm string). Operands: the
 // R accumulators are %0 .. %R-1, then A (a descriptor, or four registers), the B descriptor, scale_d (-> p).
+#define MOBA_WGMMA_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define MOBA_WGMMA_ACC32 \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
     " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -204,6 +206,9 @@ __device__ __forceinline__ void wgmma_pack_a(const float* p, unsigned (&a)[4]) {
     " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
     " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
     " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define MOBA_WGMMA_OUT16 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define MOBA_WGMMA_OUT32 \
     "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
@@ -237,12 +242,14 @@ __device__ __forceinline__ void wgmma_pack_a(const float* p, unsigned (&a)[4]) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));          \
   }
 
+MOBA_WGMMA_SS(32, 16, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC16, MOBA_WGMMA_OUT16, "%16", "%17", "%18")
 MOBA_WGMMA_SS(64, 32, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34")
 MOBA_WGMMA_RS(64, 32, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "{%32, %33, %34, %35}", "%36", "%37",
               "%38")
 MOBA_WGMMA_SS(128, 64, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC64, MOBA_WGMMA_OUT64, "%64", "%65", "%66")
 MOBA_WGMMA_RS(128, 64, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC64, MOBA_WGMMA_OUT64, "{%64, %65, %66, %67}", "%68", "%69",
               "%70")
+MOBA_WGMMA_SS(32, 16, __half, "f16", MOBA_WGMMA_ACC16, MOBA_WGMMA_OUT16, "%16", "%17", "%18")
 MOBA_WGMMA_SS(64, 32, __half, "f16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34")
 MOBA_WGMMA_RS(64, 32, __half, "f16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "{%32, %33, %34, %35}", "%36", "%37",
               "%38")
@@ -267,7 +274,11 @@ MOBA_WGMMA_RS(128, 64, __half, "f16", MOBA_WGMMA_ACC64, MOBA_WGMMA_OUT64, "{%64,
 MOBA_WGMMA_SST(64, 32, __nv_bfloat16, "bf16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34", "%35", "%36")
 MOBA_WGMMA_SST(64, 32, __half, "f16", MOBA_WGMMA_ACC32, MOBA_WGMMA_OUT32, "%32", "%33", "%34", "%35", "%36")
 
-// Width-generic entry points: the accumulator's size picks N (32 floats: N = 64, 64 floats: N = 128).
+// Width-generic entry points: the accumulator's size picks N (16 floats: N = 32, 32: N = 64, 64: N = 128).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[16], unsigned long long da, unsigned long long db, int scale_d) {
+  wgmma_m64n32k16_ss(wgmma_ab<T>{}, d, da, db, scale_d);
+}
 template <typename T>
 __device__ __forceinline__ void wgmma_ss(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
   wgmma_m64n64k16_ss(wgmma_ab<T>{}, d, da, db, scale_d);
