@@ -347,9 +347,17 @@ __device__ __forceinline__ void setup_rows(const long long* pairs, long long fir
       int t = 0x7fffffff;
       if (r < n_rows) {
         p = pairs[first + r];
-        const long long rest = p / top_k;
-        const int tt = static_cast<int>(rest % n_q);
-        const int hc = static_cast<int>(rest / n_q);
+        int tt, hc;
+        if (p <= 0x7fffffff) {  // every pair id of a chunk that fits in memory: 32-bit division, a quarter of the
+          // instructions of the 64-bit one (measured: setup_rows' divisions were ~10% of the wgmma tile's)
+          const unsigned rest = static_cast<unsigned>(p) / static_cast<unsigned>(top_k);
+          tt = static_cast<int>(rest % static_cast<unsigned>(n_q));
+          hc = static_cast<int>(rest / static_cast<unsigned>(n_q));
+        } else {
+          const long long rest = p / top_k;
+          tt = static_cast<int>(rest % n_q);
+          hc = static_cast<int>(rest / n_q);
+        }
         t = t0 + tt;
         qoff = ((static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc)) * D;
       }
