@@ -292,9 +292,6 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const int n_tiles = (n_rows + MOBA_ROWS - 1) / MOBA_ROWS;
   const int kvc = seg / n_blocks, j = seg % n_blocks;
   const int kvh = h0 / (heads / kv_heads) + kvc;
-  setup_rows<D, UNIT, WG_THREADS>(pairs, unit.first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
-                                  s_pair, s_t, s_mm);
-  __syncthreads();
 
   // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
   const unsigned sk = (smem_u32(smem) + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);
@@ -307,12 +304,16 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const char* vb = static_cast<const char*>(v_) + kv_base;
   const int key_begin = j * block_size;
   // The key block, resident, copied by both warpgroups; keys beyond seqlen are zero-filled (and masked). V is
-  // staged like K: read as the MN-major B operand of P V.
+  // staged like K: read as the MN-major B operand of P V. Copied before the row bookkeeping, whose dependent
+  // global loads then run while K and V arrive.
   wg_load_rows<B, WG_THREADS>(
       sk, [&](int r) { return key_begin + r < seqlen ? kb + (key_begin + r) * kv_row_bytes : nullptr; }, kb, tid);
   wg_load_rows<B, WG_THREADS>(
       sv, [&](int r) { return key_begin + r < seqlen ? vb + (key_begin + r) * kv_row_bytes : nullptr; }, vb, tid);
   cp_async_commit();
+  setup_rows<D, UNIT, WG_THREADS>(pairs, unit.first, n_rows, top_k, n_q, t0, h0, seqlen, heads, batch_index, s_qoff,
+                                  s_pair, s_t, s_mm);
+  __syncthreads();
 
   // Warpgroup wg takes tiles wg, wg + 2, ...: its u-th is tile 2 u + wg, gathered into buffer u % WG_STAGES by
   // the warpgroup's own threads. One commit group per gather, empty ones included, so that the count a thread
@@ -443,25 +444,6 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 #else
   __trap();  // wgmma exists on sm_90a only
 #endif
-}
-
-// unit_segment (attention.cuh) searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
-// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
-// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
-// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
-// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
-// lo + (cnt + 1) step - 1].
-__device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
-  if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
-  int lo = 0, hi = n_seg;
-  while (lo < hi) {
-    const int step = (hi - lo + 31) / 32;
-    const int p = lo + (lane + 1) * step;
-    const bool le = p <= hi && tile_cum[p] <= unit;
-    lo += __popc(__ballot_sync(0xffffffffu, le)) * step;
-    hi = min(hi, lo + step - 1);
-  }
-  return lo;
 }
 
 // ---- warp-specialised variant ---------------------------------------------------------------------------------
