@@ -36,8 +36,10 @@
 //     building), which weigh more at D = 32.
 //
 // Partial format, per (query, head, slot) pair p: o at part_o + p D, D elements of the input type T (the
-// fp32 accumulators normalised, then rounded to nearest; two columns per 4-byte store), and (m, l) as two
-// fp32 at part_ml + 2 p: 2 D + 8 bytes, written once by a tile kernel and read once by the merge, which
+// fp32 accumulators, rounded to nearest; two columns per 4-byte store), and (m, l) as two fp32 at part_ml + 2 p,
+// o = sum_j 2^(x_j - m) v_j unnormalised (the merge divides by the l it sums anyway: no multiply per element in
+// the tile kernels), except for fp16 partials, whose o is normalised (o / l): sum_j p_j v_j can exceed fp16's
+// range where o / l, a mean of fp16 values, cannot (kPartialNormalised). 2 D + 8 bytes, written once by a tile kernel and read once by the merge, which
 // converts o back to fp32 and accumulates in fp32. Built with -DMOBA_PARTIAL_FP32=1, o is fp32 instead
 // (4 D + 8 bytes; the run-time fallback, a separate module with the same kernel names). m and l, hence
 // lse, are the same under both. At the reference 64K forward (b 2, h 16, d 128, k 8: 16.8 M pairs) that is
@@ -265,6 +267,18 @@ __device__ __forceinline__ void quad_sum_l(float (&l_r)[2]) {
   }
 }
 
+// Whether partial o of element type P is stored normalised (divided by l): fp16 only (see the partial format).
+template <typename P>
+constexpr bool kPartialNormalised = kSameType<P, __half>;
+
+// The factor a partial writer applies to o: 1 / l for normalised partials (0 for a row without a visible key,
+// whose o is 0 either way), else 1 (the multiply folds away).
+template <typename P>
+__device__ __forceinline__ float partial_scale(float l) {
+  if constexpr (kPartialNormalised<P>) return l > 0.f ? 1.f / l : 0.f;
+  return 1.f;
+}
+
 template <typename T, typename P, int D>
 __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][4], const float (&m_r)[2],
                                                float (&l_r)[2], const long long* s_pair, int r0, int r1, int count,
@@ -279,7 +293,7 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][
     const int row = r ? r1 : r0;
     if (row < count) {
       const long long p = s_pair[row];
-      const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+      const float inv = partial_scale<P>(l_r[r]);
       P* dst = part_o + p * D + (SPLIT == 1 ? 0 : dh * (D / SPLIT)) + 2 * tq;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
@@ -738,11 +752,16 @@ __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
   const float m_use = (M == neg_inf()) ? 0.f : M;
-  float wv[2];
+  // slot weight 2^(m - M), times l where o is normalised; L = sum l 2^(m - M) either way
+  float wv[2], lw[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) wv[i] = lv[i] > 0.f ? lv[i] * exp2f(mv[i] - m_use) : 0.f;
+  for (int i = 0; i < 2; ++i) {
+    const float e = lv[i] > 0.f ? exp2f(mv[i] - m_use) : 0.f;
+    lw[i] = lv[i] * e;
+    wv[i] = kPartialNormalised<P> ? lw[i] : e;
+  }
   // Fixed-shape tree sum: deterministic.
-  float L = wv[0] + wv[1];
+  float L = lw[0] + lw[1];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
 

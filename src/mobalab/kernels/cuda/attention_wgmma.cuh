@@ -84,7 +84,7 @@ constexpr int WG_STAGE_BARRIER = 3;  // attn_wgmma: named barriers 3 and 4: a wa
 constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2 + 16;  // bytes per staged 16-bit partial row (conflict-free)
 constexpr unsigned WG_STAGE_BYTES = MOBA_ROWS * WG_STAGE_PITCH;  // one warpgroup's 64 staged rows
 
-// write_partials for 16-bit partials through shared memory: the warpgroup's 64 rows of o (normalised, rounded to
+// write_partials for 16-bit partials through shared memory: the warpgroup's 64 rows of o (partial_scale, rounded to
 // T) are stored at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
 // each thread copies 16-byte chunks c = wt + 128 i (row c / 16) to their pairs' rows: 8 16-byte stores per
 // thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of the
@@ -102,7 +102,7 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = r ? r1 : r0;
-    const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+    const float inv = partial_scale<T>(l_r[r]);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
       st_shared_b32(stage + row * WG_STAGE_PITCH + (8 * dt + 2 * tq) * 2,
