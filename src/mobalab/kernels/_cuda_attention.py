@@ -89,7 +89,8 @@ WGMMA_HEAD_DIMS = (128,)
 WGMMA_BLOCK_SIZES = (32, 64, 128)  # the wgmma kernel's
 WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
-# 1.13-1.14x faster than the mma.sync resident kernel at B 64 and 1.20-1.25x at B 128 (8K-64K), so both.
+# 1.20x faster than the mma.sync resident kernel at B 64 and 1.29-1.37x at B 128 (8K-64K), so both; at B 32 it was
+# 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel.
 WGMMA_AUTO = {(128, 64), (128, 128)}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)

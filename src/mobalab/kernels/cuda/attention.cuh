@@ -35,14 +35,14 @@
 //     carry over from D = 128, except for the per-row costs that do not scale with D (sort, (m, l), index
 //     building), which weigh more at D = 32.
 //
-// Partial format, per (query, head, slot) pair p: o at part_o + p D, D elements of the input type T (the
-// fp32 accumulators, rounded to nearest; two columns per 4-byte store), and (m, l) as two fp32 at part_ml + 2 p,
-// o = sum_j 2^(x_j - m) v_j unnormalised (the merge divides by the l it sums anyway: no multiply per element in
-// the tile kernels), except for fp16 partials, whose o is normalised (o / l): sum_j p_j v_j can exceed fp16's
-// range where o / l, a mean of fp16 values, cannot (kPartialNormalised). 2 D + 8 bytes, written once by a tile kernel and read once by the merge, which
-// converts o back to fp32 and accumulates in fp32. Built with -DMOBA_PARTIAL_FP32=1, o is fp32 instead
-// (4 D + 8 bytes; the run-time fallback, a separate module with the same kernel names). m and l, hence
-// lse, are the same under both. At the reference 64K forward (b 2, h 16, d 128, k 8: 16.8 M pairs) that is
+// Partial format, per (query, head, slot) pair p: o at part_o + p D, D elements of the input type T (the fp32
+// accumulators, rounded to nearest; two columns per 4-byte store), and (m, l) as two fp32 at part_ml + 2 p, o =
+// sum_j 2^(x_j - m) v_j unnormalised (the merge divides by the l it sums anyway: no multiply per element in the
+// tile kernels), except for fp16 partials, whose o is normalised (o / l): sum_j p_j v_j can exceed fp16's range
+// where o / l, a mean of fp16 values, cannot (kPartialNormalised). 2 D + 8 bytes, written once by a tile kernel and
+// read once by the merge, which converts o back to fp32 and accumulates in fp32. Built with -DMOBA_PARTIAL_FP32=1,
+// o is fp32 instead (4 D + 8 bytes; the run-time fallback, a separate module with the same kernel names). m and l,
+// hence lse, are the same under both. At the reference 64K forward (b 2, h 16, d 128, k 8: 16.8 M pairs) that is
 // 4.43 GB written and 4.43 GB read (8.72 GB each way with fp32 o): 2.1 ms at 4.27 TB/s instead of 4.1 ms.
 
 #ifndef MOBALAB_ATTENTION_CUH

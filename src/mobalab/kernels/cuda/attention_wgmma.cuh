@@ -2,21 +2,26 @@
 // one kv head per CTA, up to MOBA_WG_TPC = 16 tiles of 64 gathered (query, head, slot) rows (a unit), K and V of
 // the block resident in shared memory, for head dim D = 128 and block size B = 32, 64 or 128 (wgmma-ws: 64 or
 // 128). Same row bookkeeping (setup_rows), scale_log2, mask and partial (o, m, l) format as attn_resident, so the
-// merge and the 16-bit / fp32
-// partial modules are unchanged; the tile arithmetic:
+// merge and the 16-bit / fp32 partial modules are unchanged; the tile arithmetic:
 //   S = Q K^T:  a warpgroup (128 threads) computes a whole 64 x B tile, wgmma m64nBk16 over D / 16 = 8 k-steps,
 //               Q (64 x 128) and K (B x 128) K-major in 128-byte-swizzled shared memory (sw128_offset,
-//               wgmma_desc_sw128: the layouts of wgmma.cuh, validated by the probe).
-//   softmax:    the S accumulator has the mma.sync m16n8 layout per warp (wgmma_acc_row / wgmma_acc_col): x =
-//               scale_log2 q.k, masked to -inf, m = max, p = 2^(x - m), l = sum p, over all B keys in one step.
+//               wgmma_desc_sw128: the layouts of wgmma.cuh, validated by the probe; a tile's descriptor is built
+//               once and stepped, wgmma_desc_plus).
+//   softmax:    the S accumulator has the mma.sync m16n8 layout per warp (wgmma_acc_row / wgmma_acc_col): masked
+//               to -inf, m = scale_log2 max q.k, p = 2^(scale_log2 q.k - m) (one FFMA and one EX2 per element),
+//               l = sum p, over all B keys in one step (wg_softmax).
 //   O = P V:    P from registers (floats 8s .. 8s+7 of S are the A fragment of keys 16s .. 16s+15, rounded to the
 //               input type as the mma path does), V as the MN-major ("transposed") B operand: staged exactly like
-//               K and read with imm-trans-b = 1 (wgmma_desc_sw128_mn), two m64n64k16 per k-step (d halves).
+//               K and read with imm-trans-b = 1 (wgmma_desc_sw128_mn), one m64n128k16 per k-step (wg_issue_pv).
 // Organisation (attn_wgmma): two warpgroups share the resident block; warpgroup w takes tiles w, w + 2, ... of the
 // unit, gathers its own rows (cp.async, three tiles deep: two in flight ahead of the one computed) and meets only
 // its own threads (named barriers), so one warpgroup's softmax runs while the other's MMAs do. Within a warpgroup
-// the next tile's S is issued as soon as its rows landed, before the current tile's softmax, P V and partials.
-// The 16-bit partial rows go through shared memory to 16-byte stores (write_partials_staged).
+// (MOBA_WG_LATE_S = 1, the default) a tile's softmax reads its S straight from the accumulator, then the tile's
+// P V and the next tile's S are issued together and only P V is waited for: the next S runs under the partial
+// writes. (MOBA_WG_LATE_S = 0 issues the next S before the softmax instead, on a scaled copy of S: measured
+// 1.5-5.6% slower.) The 16-bit partial rows go through shared memory to 16-byte stores (write_partials_staged).
+// The CTA finds its unit with a warp-wide search and copies K and V before the row bookkeeping, so that
+// bookkeeping's global loads run while the block arrives.
 //
 // FLOP / byte, per 64-row tile (B keys, D = 128): 2 * 64 * B * 128 FLOP for S and as many for P V, 4.2 MFLOP at
 // B = 128: ~1 K clocks of the SM's dense bf16 rate (~4 KFLOP / clock). Global traffic per tile: the Q gather 16 KB
@@ -24,16 +29,20 @@
 // per byte, so at 4.3 TB/s the tile kernel's floor at the 64K forward (262 K tiles, 8.6 GB) is ~2 ms, against ~1.2
 // ms of MMAs at the dense rate. Shared operands are read once per warpgroup MMA (52 FLOP per shared byte), so
 // shared-memory bandwidth does not bound the tile.
-// Registers per thread (B = 128): S 64 floats and its scaled copy x 64 (the next tile's S is in flight in s while
-// x is used), O 64, P 32 packed, plus addressing: 211-215, no spills.
+// Registers per thread (B = 128): S 64 floats, O 64, P 32 packed, plus addressing: 233 (153 at B = 64, 115 at
+// B = 32), no spills.
 // Shared memory: K and V 2 B 256 bytes, 2 x 3 Q tiles of 16 KB, 2 x 64 staged partial rows of 272 bytes, 1 KB to
 // align the swizzle patterns (195 KB at B = 128), plus 20 KB of static row bookkeeping: one CTA per SM.
-// Measured on an H200 (RESULTS.md): the attention forward (index building, tiles, merge) 1.21-1.28x faster than the
-// mma.sync resident kernel at B 128 and 1.14-1.15x at B 64 (8K-64K); the tile kernel at 16K 0.56 ms per launch
-// (0.78 ms for the mma.sync kernel and for this kernel's first form, whose MMAs ptxas serialised), DRAM 27%, and
-// about 1450 warp instructions per warp and tile: the issue slots, not the MMAs, are the limit now (~70% busy).
+// Measured on an H200 (RESULTS.md): the attention forward (index building, tiles, merge) 1.29-1.37x faster than the
+// mma.sync resident kernel at B 128 and 1.20x at B 64 (8K-64K), but 0.90-0.92x at B 32, where "auto" keeps the
+// resident kernel (three CTAs per SM there against one); the tile kernel at 16K 0.50 ms per launch (0.78 ms for
+// the mma.sync kernel), ~1050 warp instructions per warp and tile (1450 before the gather by ignore-src, the
+// stepped descriptors, the predicated stores and the unnormalised partials), 6.5 cycles between a warp's
+// instructions at 8 warps per SM: dependent-issue latency, not the issue slots (31% busy) or the MMAs, is the
+// limit; the unit's prologue (search, bookkeeping, first loads) was ~18% of the stall samples before the warp
+// search and the early K / V copy.
 // ptxas serialises every wgmma of the kernel (C7515 / C7518) when other instructions define an in-flight
-// accumulator or when a warpgroup may leave early: hence the copy x, and no early return.
+// accumulator or when a warpgroup may leave early: hence no early return, and with MOBA_WG_LATE_S = 0 the copy.
 //
 // Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws", opt-in). Measured, the
 // first form of the kernel above (one warpgroup, two Q tiles, units of 4 tiles) was neither MMA- nor
@@ -363,10 +372,10 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   wg_issue_s<T, B>(s, sq, sk);
 #if MOBA_WG_LATE_S
   // Tile u's S was issued into s before step u. The step computes the softmax straight from s (the scale folded
-  // into the exponent's FFMA; no MMA group is in flight then) into P, then issues tile u's P V and, once tile u + 1's rows landed, tile u + 1's S into
-  // s, refills buffer u % 3 with tile u + 3's rows, and waits for P V only: tile u + 1's S runs under tile u's
-  // partial writes. No copy of S (64 registers and 64 multiplies fewer than the order below), but the softmax
-  // runs without an MMA of its own warpgroup in flight.
+  // into the exponent's FFMA; no MMA group is in flight then) into P, then issues tile u's P V and, once tile u +
+  // 1's rows landed, tile u + 1's S into s, refills buffer u % 3 with tile u + 3's rows, and waits for P V only:
+  // tile u + 1's S runs under tile u's partial writes. No copy of S (64 registers and 64 multiplies fewer than the
+  // order below), but the softmax runs without an MMA of its own warpgroup in flight.
 #pragma unroll 1
   for (int u = 0; u < n_mine; ++u) {
     const int ti = 2 * u + wg;
