@@ -463,7 +463,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
     (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
-    ("auto", "resident", "streaming", or "wgmma" / "wgmma-ws": head dim 128, B 64 or 128, sm_90 GPUs; None:
+    ("auto", "resident", "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90
+    GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128, else the mma.sync
     kernels); the partial format
     is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
