@@ -104,6 +104,19 @@ def test_wgmma_fp32_partials(variant, gpu, monkeypatch, poisoned_empty):
     assert torch.equal(lse16, lse32)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 0.3), (torch.bfloat16, -0.05), (torch.float16, -0.05),
+                                         (torch.float16, 0.0)])
+def test_wgmma_softmax_scales(variant, dtype, scale, gpu, poisoned_empty):
+    """A large, a negative and a zero softmax scale: the wgmma tile folds a positive scale into the exponent and
+    takes another branch for the rest (scaling S first); bf16 partials are unnormalised, fp16 ones normalised."""
+    q, k, v = gpu.inputs(1, 1500, 4, 2, 128, dtype, seed=int(1000 * abs(scale)) + (scale < 0))
+    topk = gpu.routing(q, k, 64, 4, True)
+    with poisoned_empty():
+        out, lse = _run(q, k, v, 64, 4, True, topk, variant, softmax_scale=scale)
+    gpu.check_forward(q, k, v, topk, 64, True, out, lse, scale, label=f"{variant} scale {scale}")
+
+
 # Rows per (kv head, key block) list, cycled over the blocks: a unit of one row, units that leave the second
 # consumer warpgroup idle (<= 64 rows) or give it a partial tile, 3-tile units (consumer 1 without its second
 # tile), full 4-tile units and lists that spill one row into a further unit.
