@@ -56,8 +56,6 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
                    for src in (_cuda_attention.SOURCE, _cuda_attention.WGMMA_SOURCE)]
 # and the backward's build option: the dQ loop not unrolled (the default unrolls it by 2 at head dim 128)
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the wgmma forward tile's other order of a tile's steps (scripts/fwd_variants_ab.py "wgmma+MOBA_WG_LATE_S=...")
-FALLBACK_BUILDS += [(_cuda_attention.WGMMA_SOURCE, ("MOBA_WG_LATE_S=0", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in CU_FILES] + FALLBACK_BUILDS

@@ -16,10 +16,10 @@
 // Organisation (attn_wgmma): two warpgroups share the resident block; warpgroup w takes tiles w, w + 2, ... of the
 // unit, gathers its own rows (cp.async, three tiles deep: two in flight ahead of the one computed) and meets only
 // its own threads (named barriers), so one warpgroup's softmax runs while the other's MMAs do. Within a warpgroup
-// (MOBA_WG_LATE_S = 1, the default) a tile's softmax reads its S straight from the accumulator, then the tile's
-// P V and the next tile's S are issued together and only P V is waited for: the next S runs under the partial
-// writes. (MOBA_WG_LATE_S = 0 issues the next S before the softmax instead, on a scaled copy of S: measured
-// 1.5-5.6% slower.) The 16-bit partial rows go through shared memory to 16-byte stores (write_partials_staged).
+// a tile's softmax reads its S straight from the accumulator, then the tile's P V and the next tile's S are issued
+// together and only P V is waited for: the next S runs under the partial writes. (Issuing the next S before the
+// softmax instead, on a scaled copy of S, measured 1.5-5.6% slower.) The 16-bit partial rows go through shared
+// memory to 16-byte stores (write_partials_staged).
 // The CTA finds its unit with a warp-wide search and copies K and V before the row bookkeeping, so that
 // bookkeeping's global loads run while the block arrives.
 //
@@ -42,7 +42,7 @@
 // limit; the unit's prologue (search, bookkeeping, first loads) was ~18% of the stall samples before the warp
 // search and the early K / V copy.
 // ptxas serialises every wgmma of the kernel (C7515 / C7518) when other instructions define an in-flight
-// accumulator or when a warpgroup may leave early: hence no early return, and with MOBA_WG_LATE_S = 0 the copy.
+// accumulator (two S arrays swapping roles did) or when a warpgroup may leave early: hence no early return.
 //
 // Warp-specialised variant (attn_wgmma_ws, kernels moba_attn_wgws_*; variant "wgmma-ws", opt-in). Measured, the
 // first form of the kernel above (one warpgroup, two Q tiles, units of 4 tiles) was neither MMA- nor
@@ -82,9 +82,6 @@ namespace moba {
 constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
 #ifndef MOBA_WG_TPC
 #define MOBA_WG_TPC 16  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
-#endif
-#ifndef MOBA_WG_LATE_S
-#define MOBA_WG_LATE_S 1  // attn_wgmma: a tile's S issued after the softmax before it (0: before; see the loop)
 #endif
 constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
 constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
@@ -370,12 +367,12 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   };
   float s[NS];
   wg_issue_s<T, B>(s, sq, sk);
-#if MOBA_WG_LATE_S
   // Tile u's S was issued into s before step u. The step computes the softmax straight from s (the scale folded
   // into the exponent's FFMA; no MMA group is in flight then) into P, then issues tile u's P V and, once tile u +
   // 1's rows landed, tile u + 1's S into s, refills buffer u % 3 with tile u + 3's rows, and waits for P V only:
-  // tile u + 1's S runs under tile u's partial writes. No copy of S (64 registers and 64 multiplies fewer than the
-  // order below), but the softmax runs without an MMA of its own warpgroup in flight.
+  // tile u + 1's S runs under tile u's partial writes. The softmax runs without an MMA of its own warpgroup in
+  // flight; issuing tile u + 1's S before it needs a copy of S (64 registers and multiplies; with two S arrays
+  // swapping roles instead ptxas serialises the wgmma, C7515) and measured 1.5-5.6% slower.
 #pragma unroll 1
   for (int u = 0; u < n_mine; ++u) {
     const int ti = 2 * u + wg;
@@ -414,40 +411,6 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     wgmma_fence_operand(*reinterpret_cast<float(*)[D / 2]>(&o[0][0]));
     partials(o, m_r, l_r, base, count, !more);
   }
-#else
-  // Tile u's S was issued into s before step u; the step copies it out (scaled to log2 units), then issues tile
-  // u + 1's S into s as soon as that tile's rows landed, so those MMAs run while tile u's softmax, P V and partials
-  // are computed, and refills buffer u % 3 (tile u's, read by its S) with tile u + 3's rows. The copy is what keeps
-  // the MMAs asynchronous: with two S arrays swapping roles between steps instead, ptxas serialises the kernel's
-  // wgmma (C7515 / C7518) and spills; the copy's multiply is the scaling the softmax needs anyway.
-#pragma unroll 1
-  for (int u = 0; u < n_mine; ++u) {
-    const int ti = 2 * u + wg;
-    wgmma_wait_group<0>();  // tile u's S
-    wgmma_fence_operand(s);
-    float x[NS];
-#pragma unroll
-    for (int i = 0; i < NS; ++i) x[i] = s[i] * scale_log2;
-    const bool more = u + 1 < n_mine;  // uniform per warpgroup
-    if (more) {
-      cp_async_wait<WG_STAGES - 2>();  // tile u + 1's rows (tile u + 2's may still be in flight)
-      fence_proxy_async_shared();
-      // every thread's rows of tile u + 1 landed, tile u's S complete, tile u - 1's staged partials read
-      bar_sync(WG_Q_BARRIER + wg, 128);
-      wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
-      if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
-      cp_async_commit();
-    }
-    const int base = ti * MOBA_ROWS;
-    const int count = min(MOBA_ROWS, n_rows - base);
-    float o[D / 8][4];  // written by the first P V MMA (scale-d 0)
-    float m_r[2], l_r[2];
-    // a tile without a visible key (not seen with causal routing) comes out masked: m = -inf, l = 0, o = 0
-    wg_softmax_pv<T, B>(x, sv, key_begin, seqlen, causal, min(s_mm[4 * ti], s_mm[4 * ti + 2]), s_t[base + r0],
-                        s_t[base + r1], tq, o, m_r, l_r, [] {});
-    partials(o, m_r, l_r, base, count, !more);
-  }
-#endif
   wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
   cp_async_wait<0>();     // the empty groups after the last gather
 #else
