@@ -308,29 +308,12 @@ __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][
   }
 }
 
-// Segment of work unit `unit` (a tile, or a resident unit of tiles): the largest seg with
-// tile_cum[seg] <= unit (it owns >= 1 unit), or -1 past the last unit (tile_cum[n_seg] units in all; the
-// grid is sized from an upper bound).
-__device__ __forceinline__ int unit_segment(const long long* tile_cum, int n_seg, long long unit) {
-  const long long total = tile_cum[n_seg];
-  int seg = -1;
-  if (unit < total) {
-    int lo = 0, hi = n_seg;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (tile_cum[mid] <= unit) lo = mid; else hi = mid - 1;
-    }
-    seg = lo;
-  }
-  return seg;
-}
-
-// unit_segment searched by a whole warp: 32 probes per step instead of one, so ~log32(n_seg) + 1
-// dependent global loads (4 at 8 K segments instead of 14); the producer runs it once per unit, on the path to
-// the unit's first load. Same result: the largest seg with tile_cum[seg] <= unit, or -1 past the last unit.
-// Invariant: the answer lies in [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and
-// their "<= unit" results are a prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step,
-// lo + (cnt + 1) step - 1].
+// Segment of work unit `unit` (a tile, or a resident unit of tiles): the largest seg with tile_cum[seg] <= unit
+// (it owns >= 1 unit), or -1 past the last unit (tile_cum[n_seg] units in all; the grid is sized from an upper
+// bound), searched by a whole warp (`lane` its lane): 32 probes per step instead of a binary search's one, so
+// ~log32(n_seg) + 1 dependent global loads (4 at 8 K segments instead of 14). Invariant: the answer lies in
+// [lo, hi] (tile_cum[lo] <= unit); probes lo + (lane + 1) step cover (lo, hi] and their "<= unit" results are a
+// prefix (tile_cum is non-decreasing), so the answer is in [lo + cnt step, lo + (cnt + 1) step - 1].
 __device__ __forceinline__ int unit_segment_warp(const long long* tile_cum, int n_seg, long long unit, int lane) {
   if (unit >= tile_cum[n_seg]) return -1;  // warp-uniform
   int lo = 0, hi = n_seg;

@@ -170,9 +170,8 @@ __device__ __forceinline__ void wg_issue_s(float (&s)[B / 2], unsigned sq, unsig
 // per-thread partial sum).
 template <typename T, int B>
 __device__ __forceinline__ void wg_softmax(float (&x)[B / 2], float scale, int key_begin, int seqlen, int causal,
-                                           int t_min,
-                                           int row_t0, int row_t1, int tq, unsigned (&pa)[B / 16][4], float (&m_r)[2],
-                                           float (&l_r)[2]) {
+                                           int t_min, int row_t0, int row_t1, int tq, unsigned (&pa)[B / 16][4],
+                                           float (&m_r)[2], float (&l_r)[2]) {
   constexpr int NT = B / 8;  // 8-key column groups of S
   // Float i = 4 nt + e holds key key_begin + 8 nt + 2 tq + (e & 1) of row r0 (e < 2) or r1; -inf stays -inf under
   // the positive scale.
@@ -435,7 +434,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
 //                                                          waited by the consumer of slot s, parity it & 1
 //   empty_q[s] (128 arrivals of that consumer once its S MMAs have read the slot, or at once without a tile)
 //                                                          waited by the producer for unit it + 1
-// A unit past the last (unit_segment = -1) is published as seg -1 through full_k: everyone leaves the loop.
+// A unit past the last (unit_segment_warp = -1) is published as seg -1 through full_k: everyone leaves the loop.
 // Registers: the producer drops to WS_PRODUCER_REGS, the consumers rise to WS_CONSUMER_REGS (setmaxnreg):
 // 128 x 56 + 256 x 224 = 384 x 168, the launch allocation under __launch_bounds__(384, 1) (at 40 the producer
 // spills).
