@@ -25,13 +25,13 @@ ENTRY = re.compile(r"Compiling entry function '(\S+)'")
 # early return of part of a warpgroup), each a silent loss of the MMAs' overlap with the rest of the kernel
 SERIALIZED = re.compile(r"\((C75\d\d)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized"
                         r"[^\n]*?in the function '(\S+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def serialized_wgmma(log: str) -> list[tuple[str, str]]:
     """``[(message id, function)]`` of the ptxas notes that serialise a function's wgmma."""
     return SERIALIZED.findall(log)
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:

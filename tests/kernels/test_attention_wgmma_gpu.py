@@ -127,7 +127,8 @@ UNIT_FILLS = (1, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 320, 0
 def test_wgmma_ws_unit_fills(block, gpu, poisoned_empty):
     """Hand-made routing (not causal: any query may pick any block) that gives the key blocks lists of UNIT_FILLS
     rows, so that units have every fill the two consumers split in different ways; wgmma-ws meets the oracle and
-    agrees with wgmma, which computes each tile with the same arithmetic."""
+    agrees with wgmma, which computes each tile with the same MMAs (wgmma folds the scale into the exponent,
+    wgmma-ws scales S first: the two differ by rounding)."""
     n, heads = 8192, 2
     q, k, v = gpu.inputs(1, n, heads, heads, 128, torch.bfloat16, seed=41 + block)  # one list per head
     n_blocks = n // block

@@ -27,11 +27,11 @@ K and V of a block fit in 64 KB, i.e. B <= 128 at d = 128 and B <= 256 at d = 64
 tile per CTA, K/V streamed in double-buffered 64-key sub-tiles; large blocks). ``"auto"`` picks resident when
 it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, read at each call. A third,
 variant, *wgmma* (cuda/attention_wgmma.cu), keeps the block resident too, on Hopper warpgroup MMAs, for head dim
-128 and B in {64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
-warpgroup, the next tile's S = Q K^T overlapping the current softmax): same partials and merge; ``"auto"`` takes it
-on an sm_90 GPU at those shapes. A fourth,
-*wgmma-ws*, is its warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer
-warpgroups on the tiles of a unit, persistent CTAs: the grid is capped at the SM count), same shapes, also opt-in.
+128 and B in {32, 64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
+warpgroup, the next tile's S = Q K^T running under the current tile's partial writes): same partials and merge;
+``"auto"`` takes it on an sm_90 GPU at B 64 and 128. A fourth, *wgmma-ws*, is its warp-specialised form (a producer
+warpgroup loading with cp.async and mbarriers, two consumer warpgroups on the tiles of a unit, persistent CTAs: the
+grid is capped at the SM count), B in {64, 128}, opt-in.
 
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order: the counting
 sort of cuda/pairs.cu, or ``torch.sort`` where ``$MOBALAB_PAIR_SORT`` is "torch" or a chunk has more segments
@@ -461,15 +461,13 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
-    ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64
-    (batch, seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel
-    ("auto", "resident", "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90
-    GPUs; None:
+    ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64 (batch,
+    seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel ("auto", "resident",
+    "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128, else the mma.sync
-    kernels); the partial format
-    is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the
-    per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in q's dtype and, with
-    ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
+    kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
+    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in
+    q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
 
     ``into`` (out, lse), contiguous fp32 tensors of shapes (batch, seqlen, heads, d) and (batch, seqlen,
     heads): the result is stored there in fp32 instead, or with ``fold`` combined by log-sum-exp with the
