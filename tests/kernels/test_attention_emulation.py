@@ -254,6 +254,34 @@ def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, e
             assert torch.equal(a, b), f"d{name} over the gathered lists differs from the rebuilt lists'"
 
 
+def test_emulated_backward_gathers_from_forward_chunks_over_query_parts(emulated_forward, emulated_backward,
+                                                                       monkeypatch):
+    """Where the forward's budget splits each head's queries (512K at the benchmark's shapes; forced here: three
+    chunks per head, the last one shorter) and the backward's chunks cover whole sequences, each backward segment
+    is gathered from the forward's segments of its head in query order (pieces, each with its own pair-index
+    shift): no sort in the backward, gradients within the criterion, dK / dV bit-identical to lists built for the
+    chunk."""
+    dtype, dim, block, top_k, causal = torch.bfloat16, 64, 32, 3, True
+    batch, seqlen, heads, kv_heads = 2, 150, 2, 2
+    q, k, v, dout = _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed=31)
+    topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
+    budget = 60 * top_k * A.bytes_per_pair(dim)  # 60 queries of one head per forward chunk
+    monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
+    fwd_plan = CB.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k)
+    assert [(c.n_heads, c.t0, c.n_q) for c in fwd_plan[:3]] == [(1, 0, 50), (1, 50, 50), (1, 100, 50)]
+    assert all(c.t0 == 0 and c.n_q == seqlen for c in CB.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, False))
+    assert CB.forward_lists_reusable(batch, seqlen, heads, kv_heads, dim, top_k, False)
+    out, lse, lists, _ = emulated_forward(q, k, v, topk, block, top_k, causal, "resident", keep_lists=True)
+    grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, fwd_lists=lists)
+    bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
+    assert "moba_pairs_gather" in bwd_kernels
+    assert not any(n.startswith(("moba_pairs_count", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels)
+    check_grads(grads, q, k, v, dout, topk, block, causal, "gathered from query parts")
+    rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal)
+    for name, a, b in zip("kv", grads[1:], rebuilt[1:], strict=True):
+        assert torch.equal(a, b), f"d{name} over the gathered lists differs from the rebuilt lists'"
+
+
 def test_emulated_chunks_that_split_the_query_range(emulated_backward):
     """A scratch budget that splits each sequence's queries over several chunks: dK and dV accumulate in fp32 over
     the chunks (store, then add) before their conversion."""

@@ -312,18 +312,25 @@ def test_backward_checked_runs_what_the_checked_entry_runs(monkeypatch):
         G.backward_checked(dout, q, k, v, out, lse, topk, 16, 2, True, 0.1, False, None, lists)
 
 
-def test_forward_lists_are_kept_where_both_plans_cover_whole_sequences():
-    """The backward takes the forward's lists when every chunk of both plans covers whole sequences: as they are
-    where the plans are the same chunks (the benchmark's 8K and 16K: one chunk per sequence), gathered where the
-    forward splits the heads finer (32K, 64K), not where the forward splits the queries (512K). The kept lists'
-    layout is 8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
+def test_forward_lists_are_kept_where_the_backward_can_read_or_gather_them():
+    """The backward takes the forward's lists as they are where the plans are the same chunks (the benchmark's 8K
+    and 16K: one chunk per sequence), gathered where the forward splits the heads finer (32K, 64K) or a head's
+    queries (512K: two chunks per head, one head each), not where the forward splits a kv group's queries (grouped
+    heads at 512K) or the backward's chunks split queries the forward's do not (deterministic at 512K). The kept
+    lists' layout is 8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
     for n in (8192, 16384):
         assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
         assert G.forward_plan(2, n, 16, 16, 128, 8) == G.bwd_plan(2, n, 16, 16, 128, 8, False)
     for n in (32768, 65536):
         assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
         assert len(G.forward_plan(2, n, 16, 16, 128, 8)) > len(G.bwd_plan(2, n, 16, 16, 128, 8, False))
-    assert not G.forward_lists_reusable(2, 524288, 16, 16, 128, 8, False)
+    n = 524288
+    fwd, bwd = G.forward_plan(2, n, 16, 16, 128, 8), G.bwd_plan(2, n, 16, 16, 128, 8, False)
+    assert {(c.n_heads, c.n_q) for c in fwd} == {(1, n // 2)} and {(c.n_heads, c.t0, c.n_q) for c in bwd} == {(2, 0, n)}
+    assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
+    assert G.lists_serve(fwd, bwd, n) and not G.lists_serve(fwd, fwd[:1] + bwd, n)  # a backward chunk not whole
+    assert not G.forward_lists_reusable(2, n, 32, 8, 128, 8, False)  # split chunks of a kv group of 4 heads
+    assert not G.forward_lists_reusable(2, n, 16, 16, 128, 8, True)
     chunks = G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
     layout, total = A.kept_lists_layout(chunks, 8, 64, 1)
     n_pairs, n_seg = 8192 * 16 * 8, 16 * 64

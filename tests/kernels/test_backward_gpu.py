@@ -140,6 +140,8 @@ KEPT_LISTS_CASES = [
     (128, 128, 3000, 8, 4, 8, True, torch.bfloat16, False, 1),      # gathered: forward chunks of 1 kv head
     (64, 64, 1500, 6, 3, 4, True, torch.float16, True, 2),          # det: backward chunks of 1 kv head, parts
                                                                     # of the forward's chunks of 2 and 1
+    (128, 128, 3000, 4, 4, 8, True, torch.bfloat16, False, 0.4),    # gathered: forward chunks of a head's
+    (96, 32, 1000, 3, 3, 5, False, torch.float16, False, 0.3),      # queries in 3 / 4 parts (as at 512K)
 ]
 
 
@@ -147,7 +149,8 @@ KEPT_LISTS_CASES = [
 @pytest.mark.parametrize("case", KEPT_LISTS_CASES, ids=[str(c[:3] + c[-1:]) for c in KEPT_LISTS_CASES])
 def test_backward_over_the_forwards_kept_lists(case, gpu, poisoned_empty, monkeypatch):
     """The forward's kept key-block lists (keep_lists) serve the backward, as they are or gathered where the
-    forward's chunks split the kv heads finer (forced here with a smaller forward budget): gradients within the
+    forward's chunks split the kv heads finer or a head's queries (forced here with a smaller forward budget;
+    fwd_kv below 1: that share of a head's queries per forward chunk): gradients within the
     criterion, dK / dV (and the deterministic dQ) bit-identical to a backward that builds its lists; the custom
     op's autograd keeps them too and agrees."""
     dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, det, fwd_kv = case
@@ -155,7 +158,7 @@ def test_backward_over_the_forwards_kept_lists(case, gpu, poisoned_empty, monkey
     if fwd_kv is not None:  # forward chunks of fwd_kv kv heads (the last one smaller): other chunks than the backward's
         from mobalab.kernels import _cuda_attention as A
 
-        budget = seqlen * fwd_kv * (heads // kv_heads) * top_k * A.bytes_per_pair(dim)
+        budget = int(seqlen * fwd_kv * (heads // kv_heads) * top_k * A.bytes_per_pair(dim))
         monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
         fwd_plan = G.forward_plan(2, seqlen, heads, kv_heads, dim, top_k)
         assert fwd_plan != G.bwd_plan(2, seqlen, heads, kv_heads, dim, top_k, det)

@@ -180,6 +180,28 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     assert int(bufs["seg_total"].sum()) == n_pairs
 
 
+harness_batched_scan = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)},
+                                       flags=("-DMOBA_PAIRS_SCAN_CACHED=1",), name="harness_batched_scan")
+
+
+def test_emulated_scan_in_batches_is_the_stable_sort(harness_batched_scan, tmp_path):
+    """The scan reading its tiles in batches (more tiles per thread than it keeps in registers: the kernel built
+    with one tile per batch, so 36 tiles give each thread two): still the stable sort."""
+    batch, seqlen, heads, group, top_k, n_blocks = 1, 9000, 4, 2, 4, 50
+    chunk = A.Chunk(0, 0, 4, 0, seqlen)
+    topk = _topk(9, batch, seqlen, heads, top_k, n_blocks, unused=0.05)
+    n_pairs, n_seg = 4 * seqlen * top_k, 2 * n_blocks
+    assert P.n_tiles(n_pairs) > 32
+    want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=64)
+    bufs = _buffers(n_pairs, n_seg)
+    plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                   rows_per_unit=64)
+    run_emulated(harness_batched_scan, tmp_path, plans, seed=1, null_pointers=True)
+    for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
+        assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
+    assert int(bufs["ticket"]) == 0
+
+
 def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
     """Chunks one after another through one count table, one seg_total and one ticket (the wrappers' use), in
     one run: the backward's launches (sorted keys, no tile_cum) and the forward's (tile_cum, no sorted keys)."""
@@ -263,6 +285,12 @@ GATHER_CASES = [
                  A.Chunk(1, 0, 6, 0, 300), id="three-kept-chunks-into-one"),
     pytest.param(1, 260, 4, 1, 4, 9, [A.Chunk(0, 0, 3, 0, 260), A.Chunk(0, 3, 1, 0, 260)],
                  A.Chunk(0, 2, 2, 0, 260), id="part-of-a-kept-chunk"),
+    # kept chunks over parts of one head's queries (the forward's chunks at long context): 2, 1 and 3 pieces
+    # per head (empty pieces pad the shorter heads), uneven parts, a second batch entry
+    pytest.param(2, 260, 3, 1, 3, 11, [A.Chunk(1, 0, 1, 0, 100), A.Chunk(1, 0, 1, 100, 160), A.Chunk(1, 1, 1, 0, 260),
+                                       A.Chunk(1, 2, 1, 0, 90), A.Chunk(1, 2, 1, 90, 90), A.Chunk(1, 2, 1, 180, 80),
+                                       A.Chunk(0, 0, 3, 0, 260)],
+                 A.Chunk(1, 0, 3, 0, 260), id="query-parts-in-pieces"),
 ]
 
 
@@ -283,12 +311,12 @@ def test_emulated_gather_equals_the_built_lists(harness, tmp_path, batch, seqlen
     n_pairs, n_seg = chunk.n_heads * chunk.n_q * top_k, (chunk.n_heads // group) * n_blocks
     want_pairs, _, want_off, _ = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k,
                                                         rows_per_unit=64)
-    sizes = lists[table[1]] - lists[table[0]]
+    sizes = (lists[table[1]] - lists[table[0]]).sum(0)
     seg_off = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
     assert torch.equal(seg_off, want_off)
     dst = torch.full((n_pairs,), -9, dtype=torch.int64)
-    run_emulated(harness, tmp_path, [P.gather_launch(lists, table.reshape(-1).contiguous(), seg_off, dst, n_seg)],
-                 seed=n_pairs)
+    run_emulated(harness, tmp_path, [P.gather_launch(lists, table.reshape(-1).contiguous(), seg_off, dst, n_seg,
+                                                     table.shape[1])], seed=n_pairs)
     listed = int(want_off[-1])
     assert torch.equal(dst[:listed], want_pairs[:listed]), (dst[:listed] != want_pairs[:listed]).nonzero()[:8]
     assert (dst[listed:] == -9).all()
@@ -300,7 +328,17 @@ def test_gather_table_refuses_chunks_it_cannot_serve():
     with pytest.raises(ValueError, match="no kept chunk holds batch 0, head 2"):
         P.gather_table(kept, layout, A.Chunk(0, 0, 3, 0, 100), top_k=2, n_blocks=4, group=1)
     with pytest.raises(ValueError, match="full sequences"):
+        P.gather_table(kept, layout, A.Chunk(0, 0, 2, 50, 50), top_k=2, n_blocks=4, group=1)
+    with pytest.raises(ValueError, match="do not tile its 50 queries"):
         P.gather_table(kept, layout, A.Chunk(0, 0, 2, 0, 50), top_k=2, n_blocks=4, group=1)
+    parts = [A.Chunk(0, 0, 2, 0, 60), A.Chunk(0, 0, 2, 60, 40)]  # parts of the queries of two heads
+    layout, _ = A.kept_lists_layout(parts, 2, 4, 2)
+    with pytest.raises(ValueError, match="must hold one head"):
+        P.gather_table(parts, layout, A.Chunk(0, 0, 2, 0, 100), top_k=2, n_blocks=4, group=2)
+    part = [A.Chunk(0, 0, 1, 0, 60)]
+    layout, _ = A.kept_lists_layout(part, 2, 4, 1)
+    with pytest.raises(ValueError, match="cover 60 of its 100 queries"):
+        P.gather_table(part, layout, A.Chunk(0, 0, 1, 0, 100), top_k=2, n_blocks=4, group=1)
 
 
 # ---- the backward's CTA order ----

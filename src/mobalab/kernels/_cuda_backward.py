@@ -169,15 +169,26 @@ def forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes: in
 def forward_lists_reusable(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic,
                            elem_bytes: int = 2) -> bool:
     """Whether the key-block lists the forward builds (``moba_attention_cuda(..., keep_lists=True)``) serve the
-    backward with default scratch budgets: every chunk of both plans covers whole sequences. Where the plans are
-    the same chunks the backward reads the lists as they are; else it gathers each of its chunks' lists from
-    them (:func:`mobalab.kernels._pairs.gather_table`), one read and one write per pair instead of a sort. The kept
+    backward with default scratch budgets (:func:`lists_serve`). Where the plans are the same chunks the backward
+    reads the lists as they are; else it gathers each of its chunks' lists from them
+    (:func:`mobalab.kernels._pairs.gather_table`), one read and one write per pair instead of a sort. The kept
     lists are 8 bytes per (query, head, slot), a few percent of the forward's scratch traffic."""
-    def whole(chunks):
-        return all(c.t0 == 0 and c.n_q == seqlen for c in chunks)
+    return lists_serve(forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes),
+                       bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic), seqlen)
 
-    return whole(forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes)) and \
-        whole(bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic))
+
+def lists_serve(fwd_chunks, bwd_chunks, seqlen: int) -> bool:
+    """Whether lists kept by ``fwd_chunks`` serve ``bwd_chunks``: the same chunks, or backward chunks over whole
+    sequences gathered from forward chunks that each cover whole sequences or part of one head's queries (at
+    long context the forward splits a head's queries: one head per chunk, so a pair's index moves by one shift;
+    with grouped heads it splits a kv group, whose lists are built again)."""
+    if list(fwd_chunks) == list(bwd_chunks):
+        return True
+
+    def whole(c):
+        return c.t0 == 0 and c.n_q == seqlen
+
+    return all(whole(c) for c in bwd_chunks) and all(whole(c) or c.n_heads == 1 for c in fwd_chunks)
 
 
 def kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k, deterministic, elem_bytes: int = 2):
@@ -195,7 +206,7 @@ def _kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k
                      partial):
     fwd = tuple(A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, fwd_budget, partial))
     bwd = bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bwd_budget)
-    if not all(c.t0 == 0 and c.n_q == seqlen for c in fwd + tuple(bwd)):
+    if not lists_serve(fwd, bwd, seqlen):
         return None
     layout, total = A.kept_lists_layout(fwd, top_k, -(-seqlen // block_size), heads // kv_heads)
     return fwd, tuple(layout), total, list(fwd) == bwd
@@ -325,8 +336,8 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     are then not read.
 
     ``fwd_lists``: the key-block lists of the forward (``moba_attention_cuda(..., keep_lists=True)`` on the
-    same inputs, routing and default budgets), read or gathered instead of building them again; both plans must
-    cover whole sequences (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
+    same inputs, routing and default budgets), read or gathered instead of building them again; the plans must
+    allow it (:func:`forward_lists_reusable`), else ValueError. An empty tensor means none.
 
     ``variant``: the main kernel, "auto", "tile", "block" or "wgmma" (module docstring; None: ``$MOBALAB_BWD_VARIANT``,
     default "auto": "block" at head dim 128 where it has a kernel).
@@ -435,8 +446,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
         kept = None if budget is not None else kept_lists_plan(batch, seqlen, heads, kv_heads, dim, block_size, top_k,
                                                                 deterministic, q.element_size())
         if kept is None:
-            raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward whose chunks and the "
-                             "forward's cover whole sequences (default scratch budgets, forward_lists_reusable)")
+            raise ValueError("moba_attention_backward_cuda: fwd_lists serve only a backward with the forward's chunks, "
+                             "or over whole sequences gathered from them (default scratch budgets, "
+                             "forward_lists_reusable)")
         fwd_chunks, layout, total, same_chunks = kept
         if fwd_lists.numel() != total:
             raise ValueError(f"moba_attention_backward_cuda: fwd_lists holds {fwd_lists.numel()} entries, the "
@@ -484,10 +496,12 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             pairs, seg_off = fwd_lists[p0:p0 + n_pairs], fwd_lists[s0:s0 + n_seg + 1]
         elif fwd_lists is not None:
             table = _gather_table(fwd_chunks, c, top_k, n_blocks, group, str(device))
-            sizes = fwd_lists[table[n_seg:2 * n_seg]] - fwd_lists[table[:n_seg]]
-            torch.cumsum(sizes, 0, out=seg_off[1:n_seg + 1])
+            pieces = table.numel() // (4 * n_seg)
+            m = pieces * n_seg
+            sizes = fwd_lists[table[m:2 * m]] - fwd_lists[table[:m]]
+            torch.cumsum(sizes.view(pieces, n_seg).sum(0) if pieces > 1 else sizes, 0, out=seg_off[1:n_seg + 1])
             pairs = gathered[:n_pairs]
-            launch(_pairs.gather_launch(fwd_lists, table, seg_off, pairs, n_seg))
+            launch(_pairs.gather_launch(fwd_lists, table, seg_off, pairs, n_seg, pieces))
         else:
             pairs, _ = A.build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                           n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,

@@ -111,7 +111,8 @@ def count_smem_bytes(n_seg: int) -> int:
 
 
 def scatter_smem_bytes(n_seg: int) -> int:
-    """Shared memory of moba_pairs_scatter: a 16-bit count per (warp, key), 16-byte aligned, then an int per key."""
+    """Shared memory of moba_pairs_scatter: a 16-bit count per (warp, key), rounded up to 16 bytes (it is zeroed
+    in 16-byte stores), then an int per key."""
     n_keys = n_seg + 1
     return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys
 
@@ -210,38 +211,67 @@ GATHER_THREADS = 256
 
 
 def gather_table(kept_chunks, kept_layout, chunk, *, top_k: int, n_blocks: int, group: int) -> np.ndarray:
-    """(4, n_seg) int64 of ``chunk``'s segments in the kept lists (:func:`moba_pairs_gather`'s ``table``): the
-    position of the kept segment's start and end offsets, of its chunk's pairs, and the pair-index shift.
+    """(4, P, n_seg) int64 of ``chunk``'s segments in the kept lists (:func:`moba_pairs_gather`'s ``table``): per
+    piece p of each segment, the position of the kept segment's start and end offsets, of its chunk's pairs, and
+    the pair-index shift.
 
-    ``kept_chunks`` (with ``kept_layout``: :func:`mobalab.kernels._cuda_attention.kept_lists_layout`) and ``chunk``
-    cover full sequences (t0 = 0, n_q = seqlen); each of the chunk's kv heads lies in one kept chunk of its batch.
-    Pair i = (hc n_q + tt) top_k + slot of a kept chunk starting at head h0' is pair i + (h0' - h0) n_q top_k of
-    ``chunk``, so the gathered lists equal the lists built for ``chunk``, in the same stable order."""
+    ``chunk`` covers full sequences (t0 = 0, n_q = seqlen); ``kept_chunks`` (with ``kept_layout``:
+    :func:`mobalab.kernels._cuda_attention.kept_lists_layout`) hold each of its kv heads in chunks that tile the
+    sequence in query order: one chunk over the whole sequence, or several over parts of it that hold a single
+    head (group 1). Pair i = (hc n_q' + tt) top_k + slot of a kept chunk starting at head h0' and query t0' is
+    pair i + ((h0' - h0) seqlen + t0') top_k of ``chunk`` (n_q' = seqlen where the kept chunk has several heads,
+    so the shift is one number per piece). Segment s of ``chunk`` is its pieces (the kept chunks' segments of the
+    same kv head and block) in query order: the lists built for ``chunk``, in the same stable order. Heads with
+    fewer pieces than P get empty ones."""
+    if chunk.t0 != 0:
+        raise ValueError(f"gathered lists need a chunk over full sequences (t0 = 0), got t0 = {chunk.t0}")
+    seqlen = chunk.n_q
     n_kv = chunk.n_heads // group
-    table = np.empty((4, n_kv * n_blocks), dtype=np.int64)
+    per_head = []
     for g in range(n_kv):
         head = chunk.h0 + g * group
-        found = [(c, lay) for c, lay in zip(kept_chunks, kept_layout, strict=True)
-                 if c.batch_index == chunk.batch_index and c.h0 <= head < c.h0 + c.n_heads]
+        found = sorted(((c, lay) for c, lay in zip(kept_chunks, kept_layout, strict=True)
+                        if c.batch_index == chunk.batch_index and c.h0 <= head < c.h0 + c.n_heads),
+                       key=lambda item: item[0].t0)
         if not found:
             raise ValueError(f"no kept chunk holds batch {chunk.batch_index}, head {head}")
-        c, (p0, _, s0, _) = found[0]
-        if c.t0 != 0 or chunk.t0 != 0 or c.n_q != chunk.n_q:
-            raise ValueError("gathered lists need chunks over full sequences (t0 = 0, the same n_q)")
-        first = s0 + ((head - c.h0) // group) * n_blocks
+        t = 0
+        for c, _ in found:
+            if c.t0 != t or c.t0 + c.n_q > seqlen:
+                raise ValueError(f"the kept chunks of batch {chunk.batch_index}, head {head} do not tile its "
+                                 f"{seqlen} queries in order (one starts at {c.t0}, expected {t})")
+            if c.n_q != seqlen and c.n_heads != 1:
+                raise ValueError(f"a kept chunk over part of a sequence must hold one head to be gathered; got "
+                                 f"{c.n_heads} heads over queries {c.t0}..{c.t0 + c.n_q - 1}")
+            t += c.n_q
+        if t != seqlen:
+            raise ValueError(f"the kept chunks of batch {chunk.batch_index}, head {head} cover {t} of its "
+                             f"{seqlen} queries")
+        per_head.append(found)
+    n_pieces = max(len(found) for found in per_head)
+    table = np.empty((4, n_pieces, n_kv * n_blocks), dtype=np.int64)
+    for g, found in enumerate(per_head):
+        head = chunk.h0 + g * group
         rows = slice(g * n_blocks, (g + 1) * n_blocks)
-        table[0, rows] = np.arange(first, first + n_blocks)
-        table[1, rows] = table[0, rows] + 1
-        table[2, rows] = p0
-        table[3, rows] = (c.h0 - chunk.h0) * chunk.n_q * top_k
+        for p in range(n_pieces):
+            c, (p0, _, s0, _) = found[min(p, len(found) - 1)]
+            first = s0 + ((head - c.h0) // group) * n_blocks
+            table[0, p, rows] = np.arange(first, first + n_blocks)
+            if p < len(found):
+                table[1, p, rows] = table[0, p, rows] + 1
+                table[2, p, rows] = p0
+                table[3, p, rows] = ((c.h0 - chunk.h0) * seqlen + c.t0) * top_k
+            else:  # an empty piece: from the segment's start to itself
+                table[1, p, rows] = table[0, p, rows]
+                table[2, p, rows] = table[3, p, rows] = 0
     return table
 
 
-def gather_launch(kept, table, dst_off, dst_pairs, n_seg: int) -> Launch:
-    """``chunk``'s pairs from the kept lists (``table`` from :func:`gather_table`, on the device; ``dst_off`` its
-    seg_off, the scan of the gathered segments' sizes)."""
+def gather_launch(kept, table, dst_off, dst_pairs, n_seg: int, n_pieces: int = 1) -> Launch:
+    """``chunk``'s pairs from the kept lists (``table`` from :func:`gather_table`, flattened, on the device, with
+    ``n_pieces`` pieces per segment; ``dst_off`` its seg_off, the scan of the gathered segments' sizes)."""
     return Launch(SOURCE, "moba_pairs_gather", (max(1, n_seg),), (GATHER_THREADS,),
-                  (kept, table, dst_off, dst_pairs, i32(n_seg)))
+                  (kept, table, dst_off, dst_pairs, i32(n_seg), i32(n_pieces)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The torch boundary of MoBA attention: two ``torch.library`` custom ops, their autograd, the public entry.
 
 * ``mobalab::moba_attention_fwd``: route (hard top-k, no gradient), then attend; returns and saves the
-  output, the natural-log LSE, the routing and, where both passes' chunks cover whole sequences, the
-  key-block lists the forward built (else an empty tensor), so the backward does not build them again. CUDA
+  output, the natural-log LSE, the routing and, where they serve the backward's chunks
+  (:func:`mobalab.kernels._cuda_backward.forward_lists_reusable`), the key-block lists the forward built (else an
+  empty tensor), so the backward does not build them again. CUDA
   tensors run :mod:`mobalab.kernels._cuda_routing` and :mod:`mobalab.kernels._cuda_attention`; CPU tensors run
   :func:`mobalab.kernels.reference.moba_topk` and :func:`~mobalab.kernels.reference.moba_attention_given_routing`
   (so the op's plumbing, ``torch.compile`` and ``gradcheck`` are tested without a GPU).

@@ -30,9 +30,9 @@ const harness::Kernels kKernels = {
                             P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]),
                             I(a[13]), I(a[14]));
      }}},
-    {"moba_pairs_gather", {5, [](const std::vector<Arg>& a) {
+    {"moba_pairs_gather", {6, [](const std::vector<Arg>& a) {
          moba_pairs_gather(P<const long long>(a[0]), P<const long long>(a[1]), P<const long long>(a[2]),
-                           P<long long>(a[3]), I(a[4]));
+                           P<long long>(a[3]), I(a[4]), I(a[5]));
      }}},
     {"moba_pairs_longest_first", {4, [](const std::vector<Arg>& a) {
          moba_pairs_longest_first(P<const long long>(a[0]), I(a[1]), I(a[2]), P<int>(a[3]));

@@ -15,15 +15,19 @@
 //   moba_pairs_scatter  pair i of tile t goes to pos = seg_off[key] + c[t][key] + w[warp][key] + r, where
 //                       w[warp][key] counts the key's pairs in the tile's earlier warps and r its pairs before
 //                       i in i's warp: each warp walks its 32 * kPairsRounds consecutive pairs in order, 32 at
-//                       a time, ranking equal keys with __match_any_sync. pairs[pos] = i (sorted_keys[pos] =
-//                       key when sorted_keys is not null).
+//                       a time, ranking equal keys with __match_any_sync into its row of 16-bit counts; the
+//                       earlier warps' rows are then summed per pair, not per key. pairs[pos] = i
+//                       (sorted_keys[pos] = key when sorted_keys is not null).
 // Every position is ordered by (key, i): the stable sort, so the lists and every result computed from them are
 // the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 S bytes, moba_pairs_scatter
 // 20 S bytes (8 warps x 16-bit counts + a 32-bit base per key). Positions are 32-bit (the plans keep n_pairs
 // below 2^31).
 //
 // Traffic per pair: topk read twice (8 B), pairs written (8 B; + 4 B of sorted keys for the backward); per
-// (tile, key): c written, read and written, read (16 B), i.e. 16 S / kPairsTile bytes per pair.
+// (tile, key): c written, read and written, read (16 B), i.e. 16 S / kPairsTile bytes per pair. Work per (tile,
+// key) is what grows with context (at 512K a chunk has S = 4097 keys for its 4096-pair tiles): the scatter's is
+// a 16-byte store per 8 keys and two coalesced loads, and the scan keeps a thread's counts in registers between
+// its two passes.
 
 #ifndef MOBA_PAIRS_DYNAMIC_SMEM
 #define MOBA_PAIRS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -37,6 +41,10 @@ constexpr int kPairsRounds = 16;  // pairs per lane of a tile (PAIRS_ROUNDS): 16
                                    // CTAs (4096-pair tiles); index building at 64K 0.76 -> 0.62 ms on an H200
 constexpr int kPairsTile = kPairsThreads * kPairsRounds;
 constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
+#ifndef MOBA_PAIRS_SCAN_CACHED
+#define MOBA_PAIRS_SCAN_CACHED 16  // the host emulation's tests set 1, to run the scan's batches with small chunks
+#endif
+constexpr int kScanCached = MOBA_PAIRS_SCAN_CACHED;  // tiles per thread and batch of the scan, in registers
 constexpr int kNoKey = -1;          // lanes past the end of the chunk
 
 // Segment key of pair i (< n_pairs) of the chunk; moba_attn_keys' rule.
@@ -92,13 +100,18 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
   if (blockIdx.x == 0 && tid == 0) *ticket = 0u;
   for (int s = tid; s < n_keys; s += kPairsThreads) hist[s] = 0;
   __syncthreads();
+  // every key of the lane's pairs first (independent loads, one latency), then the shared-memory atomics
   const int first = blockIdx.x * kPairsTile;
-#pragma unroll 4
+  int key[kPairsRounds];
+#pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
     const int i = first + r * kPairsThreads + tid;
-    if (i < n_pairs)
-      atomicAdd(hist + pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg), 1);
+    key[r] = i < n_pairs ? pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg)
+                         : kNoKey;
   }
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r)
+    if (key[r] != kNoKey) atomicAdd(hist + key[r], 1);
   __syncthreads();
   int* row = counts + static_cast<long long>(blockIdx.x) * n_keys;
   for (int s = tid; s < n_keys; s += kPairsThreads) row[s] = hist[s];
@@ -113,23 +126,39 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
   __shared__ int is_last;
   const int n_keys = n_seg + 1;
   const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
-  // 1. this CTA's 32 keys: thread (grp, lane) scans tiles [t_begin, t_end) of key `key`
+  // 1. this CTA's 32 keys: thread (grp, lane) scans tiles [t_begin, t_end) of key `key`, kScanCached tiles at a
+  // time: a round of independent loads per batch, where a loop of loads and stores to the same table waited for
+  // each load in turn. Up to kScanCached tiles per thread (512 per chunk) the counts stay in registers between
+  // the two passes.
   const int key = blockIdx.x * 32 + lane;
   const int per = (n_tiles + 31) / 32;
   const int t_begin = min(grp * per, n_tiles), t_end = min(t_begin + per, n_tiles);
+  int c[kScanCached];
   int local = 0;
   if (key < n_keys)
-    for (int t = t_begin; t < t_end; ++t) local += counts[static_cast<long long>(t) * n_keys + key];
+    for (int tb = t_begin; tb < t_end; tb += kScanCached) {
+#pragma unroll
+      for (int j = 0; j < kScanCached; ++j) {
+        c[j] = tb + j < t_end ? counts[static_cast<long long>(tb + j) * n_keys + key] : 0;
+        local += c[j];
+      }
+    }
   part[grp][lane] = local;
   __syncthreads();
   int run = 0;
   for (int g = 0; g < grp; ++g) run += part[g][lane];
   if (key < n_keys) {
-    for (int t = t_begin; t < t_end; ++t) {
-      const long long at = static_cast<long long>(t) * n_keys + key;
-      const int c = counts[at];
-      counts[at] = run;
-      run += c;
+    for (int tb = t_begin; tb < t_end; tb += kScanCached) {
+      if (per > kScanCached) {  // more than one batch: read this one again
+#pragma unroll
+        for (int j = 0; j < kScanCached; ++j)
+          c[j] = tb + j < t_end ? counts[static_cast<long long>(tb + j) * n_keys + key] : 0;
+      }
+#pragma unroll
+      for (int j = 0; j < kScanCached; ++j) {
+        if (tb + j < t_end) counts[static_cast<long long>(tb + j) * n_keys + key] = run;
+        run += c[j];
+      }
     }
     if (grp == 31) seg_total[key] = run;  // the last range ends at the key's total
   }
@@ -171,9 +200,11 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
   unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_keys]
-  int* base = reinterpret_cast<int*>(smem + ((kPairsWarps * n_keys * 2 + 15) & ~15));  // [n_keys]
+  const int table_bytes = (kPairsWarps * n_keys * 2 + 15) & ~15;
+  int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_keys]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int s = tid; s < kPairsWarps * n_keys; s += kPairsThreads) wcount[s] = 0;
+  for (int v = tid; v < table_bytes / 16; v += kPairsThreads)  // 16-byte stores
+    reinterpret_cast<uint4*>(smem)[v] = make_uint4(0u, 0u, 0u, 0u);
   // this warp's pairs, in order: i = first + 32 r + lane
   const int first = blockIdx.x * kPairsTile + warp * 32 * kPairsRounds;
   int key[kPairsRounds];
@@ -183,9 +214,12 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     key[r] = i < n_pairs ? pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg)
                          : kNoKey;
   }
+  // per key, the tile's start (seg_off + earlier tiles), by coalesced loads while the topk reads are in flight
+  const int* col = counts + static_cast<long long>(blockIdx.x) * n_keys;
+  for (int s = tid; s < n_keys; s += kPairsThreads) base[s] = static_cast<int>(seg_off[s]) + col[s];
   __syncthreads();
   // rank of each pair among the earlier pairs of its key in this warp (key[r] becomes key << 16 | rank: a
-  // warp holds 32 * kPairsRounds < 2^16 pairs and keys are below 2^15)
+  // warp holds 32 * kPairsRounds < 2^16 pairs and keys are below 2^15); the warp's row ends at its counts
   unsigned short* mine = wcount + warp * n_keys;
   const unsigned lower = (1u << lane) - 1u;
 #pragma unroll
@@ -199,45 +233,43 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     key[r] = k != kNoKey ? (k << 16) | (old + __popc(same & lower)) : kNoKey;
   }
   __syncthreads();
-  // per key: the tile's start (seg_off + earlier tiles) and, per warp, the key's pairs in earlier warps
-  const int* col = counts + static_cast<long long>(blockIdx.x) * n_keys;
-  for (int s = tid; s < n_keys; s += kPairsThreads) {
-    base[s] = static_cast<int>(seg_off[s]) + col[s];
-    int run = 0;
-#pragma unroll
-    for (int w = 0; w < kPairsWarps; ++w) {
-      const int c = wcount[w * n_keys + s];
-      wcount[w * n_keys + s] = static_cast<unsigned short>(run);
-      run += c;
-    }
-  }
-  __syncthreads();
+  // position: the tile's start of the key, its pairs in this tile's earlier warps (their rows) and in this
+  // warp; summed per pair, not per key (a tile holds kPairsTile pairs, while a chunk at long context has as many
+  // keys, 4097 at 512K, most of them not in the tile)
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
     if (key[r] == kNoKey) continue;
-    const int k = key[r] >> 16, rank = key[r] & 0xffff;
-    const int pos = base[k] + mine[k] + rank;
+    const int k = key[r] >> 16;
+    int pos = base[k] + (key[r] & 0xffff);
+    for (int w = 0; w < warp; ++w) pos += wcount[w * n_keys + k];
     pairs[pos] = first + 32 * r + lane;
     if (sorted_keys != nullptr) sorted_keys[pos] = k;
   }
 }
 
-// The lists of a chunk gathered from lists kept by earlier chunks over the same full sequences (the forward's,
-// for the backward, whose chunks split the kv heads differently): segment s comes from the kept segment whose
-// seg_off entry is kept[table[s]] (its end kept[table[n_seg + s]]), pairs starting at kept[table[2 n_seg + s]],
-// every pair index moved by table[3 n_seg + s] (the query heads between the two chunks' first heads, times
-// n_q top_k); it goes to dst_pairs[dst_off[s] ..], dst_off the scan of the sizes. One CTA per segment; one
-// read and one write of 8 B per pair, against the sort's topk reads, count tables and scatter.
+// The lists of a chunk over whole sequences gathered from lists kept by earlier chunks (the forward's, for the
+// backward, whose chunks split the heads and queries differently). Segment s is the concatenation of n_pieces
+// kept segments in order (a kept chunk may hold part of a head's queries: its pieces then come in query order);
+// piece p's seg_off entry is kept[table[p n_seg + s]] (its end kept[table[(P + p) n_seg + s]]), its pairs start at
+// kept[table[(2 P + p) n_seg + s]], and every pair index moves by table[(3 P + p) n_seg + s] (P = n_pieces; the
+// query heads and queries between the two chunks' first pairs, times top_k). It goes to dst_pairs[dst_off[s] ..],
+// dst_off the scan of the sizes. One CTA per segment; one read and one write of 8 B per pair, against the sort's
+// topk reads, count tables and scatter.
 extern "C" __global__ void __launch_bounds__(256) moba_pairs_gather(const long long* kept, const long long* table,
                                                                      const long long* dst_off, long long* dst_pairs,
-                                                                     int n_seg) {
+                                                                     int n_seg, int n_pieces) {
   const int s = blockIdx.x;
   if (s >= n_seg) return;
-  const long long start = kept[table[s]], n = kept[table[n_seg + s]] - start;
-  const long long* src = kept + table[2 * n_seg + s] + start;
-  const long long shift = table[3 * n_seg + s];
+  const long long field = static_cast<long long>(n_pieces) * n_seg;  // between the table's four fields
   long long* dst = dst_pairs + dst_off[s];
-  for (long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] + shift;
+  for (int p = 0; p < n_pieces; ++p) {
+    const long long* e = table + static_cast<long long>(p) * n_seg + s;
+    const long long start = kept[e[0]], n = kept[e[field]] - start;
+    const long long* src = kept + e[2 * field] + start;
+    const long long shift = e[3 * field];
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] + shift;
+    dst += n;
+  }
 }
 
 // The backward's CTA order, longest first (mobalab.kernels._cuda_backward.longest_first): order[] lists the chunk's
