@@ -214,10 +214,8 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     key[r] = i < n_pairs ? pair_key(topk, i, seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group, n_seg)
                          : kNoKey;
   }
-  // per key, the tile's start (seg_off + earlier tiles), by coalesced loads while the topk reads are in flight;
-  // unrolled, so that a thread's loads are in flight together rather than one key's at a time
+  // per key, the tile's start (seg_off + earlier tiles), by coalesced loads while the topk reads are in flight
   const int* col = counts + static_cast<long long>(blockIdx.x) * n_keys;
-#pragma unroll 8
   for (int s = tid; s < n_keys; s += kPairsThreads) base[s] = static_cast<int>(seg_off[s]) + col[s];
   __syncthreads();
   // rank of each pair among the earlier pairs of its key in this warp (key[r] becomes key << 16 | rank: a
@@ -238,20 +236,14 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   // position: the tile's start of the key, its pairs in this tile's earlier warps (their rows) and in this
   // warp; summed per pair, not per key (a tile holds kPairsTile pairs, while a chunk at long context has as many
   // keys, 4097 at 512K, most of them not in the tile)
-  // (the earlier warps outermost: each step is kPairsRounds independent shared-memory reads)
-  int pos[kPairsRounds];
-#pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r) pos[r] = key[r] != kNoKey ? base[key[r] >> 16] + (key[r] & 0xffff) : 0;
-  for (int w = 0; w < warp; ++w) {
-#pragma unroll
-    for (int r = 0; r < kPairsRounds; ++r)
-      if (key[r] != kNoKey) pos[r] += wcount[w * n_keys + (key[r] >> 16)];
-  }
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
     if (key[r] == kNoKey) continue;
-    pairs[pos[r]] = first + 32 * r + lane;
-    if (sorted_keys != nullptr) sorted_keys[pos[r]] = key[r] >> 16;
+    const int k = key[r] >> 16;
+    int pos = base[k] + (key[r] & 0xffff);
+    for (int w = 0; w < warp; ++w) pos += wcount[w * n_keys + k];
+    pairs[pos] = first + 32 * r + lane;
+    if (sorted_keys != nullptr) sorted_keys[pos] = k;
   }
 }
 
