@@ -159,6 +159,10 @@ EMU_CASES = [
     pytest.param(1, 500, 3, 3, 8, 5, A.Chunk(0, 0, 3, 0, 500), dict(unused=0.1), id="few-blocks-unused"),
     # more keys than the scan's 32 per CTA, many small segments
     pytest.param(1, 2000, 2, 1, 3, 120, A.Chunk(0, 0, 2, 0, 2000), {}, id="many-segments"),
+    # fewer queries than a thread's step covers (its walk wraps over several heads and kv heads per step)
+    pytest.param(2, 12, 6, 3, 2, 4, A.Chunk(1, 0, 6, 2, 9), dict(unused=0.2), id="short-query-range"),
+    # a top-k that does not divide the steps (32, 256), GQA: carries in the slot and the head
+    pytest.param(1, 700, 4, 2, 7, 60, A.Chunk(0, 2, 2, 40, 600), {}, id="odd-top-k"),
 ]
 
 
