@@ -20,9 +20,11 @@ pair for pair, so everything downstream (forward partials, backward sums, determ
 Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 8 chunks of 4 kv heads, 2.1 M pairs and 2049 keys each):
 per chunk topk is read twice (16.8 MB), pairs written once (16.8 MB; the backward also writes the sorted keys,
 8.4 MB) and the count table of 512 x 2049 ints moves 4 times (16.8 MB): ~50 MB per chunk, ~0.4 GB per forward,
-about 0.1 ms at 3.5 TB/s. Measured on an H200: 0.62 ms per forward (0.76 with tiles of 8192 pairs; the torch path
-1.38 ms); Nsight Compute puts the scatter, most of it, at 8% of DRAM peak with ~2 CTAs of 8 warps per SM, waiting
-on its topk reads: latency-bound, which more, smaller tiles helped.
+about 0.1 ms at 3.5 TB/s. Measured on an H200: 0.57 ms per forward (0.62 before the pairs were walked by carries,
+0.76 with tiles of 8192 pairs; the torch path 1.36 ms). The kernels are latency-bound, not bandwidth-bound: at 512K
+(chunks of one head and 256K queries, 4097 keys) Nsight Compute puts the scatter, ~85 of a chunk's ~130 us, at 9%
+of DRAM and 42% of L2 throughput with two CTAs of 8 warps per SM (its shared memory), waiting on the topk reads and
+its scattered 8-byte stores.
 
 :func:`rebased_topk` (one more kernel of cuda/pairs.cu) gives routing local to a range of blocks, for kernel
 calls over one key segment of a longer sequence (context parallelism).
