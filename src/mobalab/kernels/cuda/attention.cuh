@@ -253,10 +253,6 @@ __device__ __forceinline__ void subtile_step(const QOp& qf, unsigned kt_base, un
   }
 }
 
-// Partials of this thread's rows r0 and r1 (rows >= count are padding): normalised o (this warp's columns,
-// part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l). P is the
-// element type of part_o: float, or the input type T (an o fragment's two columns packed into one 4-byte
-// store, rounded to nearest).
 // l of rows r0 and r1 summed over the quad (each thread holds the sum over its own columns): what the partial
 // writers store.
 __device__ __forceinline__ void quad_sum_l(float (&l_r)[2]) {
@@ -279,6 +275,10 @@ __device__ __forceinline__ float partial_scale(float l) {
   return 1.f;
 }
 
+// Partials of this thread's rows r0 and r1 (rows >= count are padding): o times partial_scale (this warp's
+// columns, part dh of kFwdSplit<D>), m (log2 units), l (from part 0; every part holds the same m and l). P is the
+// element type of part_o: float, or the input type T (an o fragment's two columns packed into one 4-byte store,
+// rounded to nearest).
 template <typename T, typename P, int D>
 __device__ __forceinline__ void write_partials(float (&o)[D / 8 / kFwdSplit<D>][4], const float (&m_r)[2],
                                                float (&l_r)[2], const long long* s_pair, int r0, int r1, int count,

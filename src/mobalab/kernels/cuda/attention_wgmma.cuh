@@ -209,6 +209,12 @@ __device__ __forceinline__ void wg_softmax(float (&x)[B / 2], float scale, int k
   }
 }
 
+// The P V accumulator o as the flat array of 64 floats the wgmma wrappers and fences take (float i is
+// o[i / 4][i % 4]).
+__device__ __forceinline__ float (&wg_o_flat(float (&o)[WG_HEAD_DIM / 8][4]))[WG_HEAD_DIM / 2] {
+  return *reinterpret_cast<float(*)[WG_HEAD_DIM / 2]>(&o[0][0]);
+}
+
 // Issues O = P V as one commit group, not waited for: P from registers (pa), V MN-major at sv, all D = 128 columns
 // per k-step (m64n128k16; float i of the accumulator is column 8 (i / 4) + 2 tq + i % 2: o[i / 4][i % 4],
 // write_partials' layout). o is written by the first k-step (scale-d 0).
@@ -217,7 +223,7 @@ __device__ __forceinline__ void wg_issue_pv(const unsigned (&pa)[B / 16][4], uns
                                             float (&o)[WG_HEAD_DIM / 8][4]) {
 #if MOBA_HAS_WGMMA
   constexpr int D = WG_HEAD_DIM;
-  float(&oo)[D / 2] = *reinterpret_cast<float(*)[D / 2]>(&o[0][0]);
+  float(&oo)[D / 2] = wg_o_flat(o);
   const unsigned long long dv = wgmma_desc_sw128_mn(sv, 0, B, D);
   wgmma_fence_operand(oo);
   wgmma_fence();
@@ -242,7 +248,7 @@ __device__ __forceinline__ void wg_softmax_pv(float (&x)[B / 2], unsigned sv, in
   before_pv();  // V is in shared memory and visible to the async proxy
   wg_issue_pv<T, B>(pa, sv, o);
   wgmma_wait_group<0>();
-  wgmma_fence_operand(*reinterpret_cast<float(*)[WG_HEAD_DIM / 2]>(&o[0][0]));
+  wgmma_fence_operand(wg_o_flat(o));
 #endif
 }
 
@@ -407,7 +413,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     } else {
       wgmma_wait_group<0>();
     }
-    wgmma_fence_operand(*reinterpret_cast<float(*)[D / 2]>(&o[0][0]));
+    wgmma_fence_operand(wg_o_flat(o));
     partials(o, m_r, l_r, base, count, !more);
   }
   wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
