@@ -1,10 +1,11 @@
 """The counting sort's three launches (cuda/pairs.cu) of two source trees side by side:
 ``python scripts/pairs_ab.py BASE_SRC [--rounds 3] [--reps 50]``.
 
-Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src``) runs in a process of its own,
-alternating over ``--rounds`` rounds. A process builds causal routing with ``moba_topk`` on random Gaussian q, k
-(d 128, B 128, k 8) and times, per chunk, each of the count, scan and scatter launches by CUDA events around it
-(the median of ``--reps`` after warm-up), and checks the lists against the stable torch sort. Chunks:
+Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src``) runs in a process of its own
+(``mobalab.bench._interleaved.tree_arm_rows``), in alternating order over ``--rounds`` rounds. A process builds
+causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of the
+count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up), and checks
+the lists against the stable torch sort. Chunks:
 
 * ``64K``: 4 heads of a 64K sequence in one chunk (2049 keys, 512 tiles), the forward's chunk at 64K;
 * ``512K-lo`` / ``512K-hi``: one head, the first / second half of a 512K sequence (4097 keys, 512 tiles each),
@@ -17,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
-import sys
 
 K = 1024
 HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
@@ -84,36 +82,47 @@ def _arm(reps: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def _child(reps: int) -> None:
+    for row in _arm(reps):
+        print(json.dumps(row), flush=True)
+
+
+def _run_arm(src: pathlib.Path, reps: int) -> list[dict]:
+    from mobalab.bench._interleaved import tree_arm_rows
+
+    return tree_arm_rows(__file__, src, ["--reps", reps])
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base_src", nargs="?")
+    ap.add_argument("base", nargs="?", type=pathlib.Path, help="the other tree's src directory")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.arm:
-        print(json.dumps(_arm(args.reps)))
-        return
-    arms = {"base": pathlib.Path(args.base_src).resolve(), "this": HERE}
-    got = {arm: [] for arm in arms}
-    for _ in range(args.rounds):
-        for arm, src in arms.items():
-            env = dict(os.environ, PYTHONPATH=str(src))
-            out = subprocess.run([sys.executable, __file__, "--arm", "--reps", str(args.reps)], env=env,
-                                 capture_output=True, text=True, check=True)
-            got[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'point':<9} {'keys':>5} {'tiles':>5} {'launch':<8} {'base us':>9} {'this us':>9} {'x':>6}  equal")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args.reps)
+        return 0
+    if args.base is None or not (args.base / "mobalab").is_dir():
+        ap.error(f"BASE_SRC must be a src directory holding mobalab/, got {args.base}")
+    from mobalab.bench._interleaved import interleaved_times
+
+    got = interleaved_times({"base": args.base.resolve(), "this": HERE}, args.rounds,
+                            lambda src: _run_arm(src, args.reps))
+
     def med(arm, i, kname):
         return statistics.median(r[i][kname] if kname != "total" else sum(r[i][k] for k in KERNELS)
                                  for r in got[arm])
 
+    print(f"{'point':<9} {'keys':>5} {'tiles':>5} {'launch':<8} {'base us':>9} {'this us':>9} {'x':>6}  equal")
     for i, row in enumerate(got["this"][0]):
+        eq = all(r[i]["equal"] for runs in got.values() for r in runs)
         for kname in (*KERNELS, "total"):
             b, t = med("base", i, kname), med("this", i, kname)
-            eq = all(r[i]["equal"] for arm in arms for r in got[arm])
             print(f"{row['point']:<9} {row['keys']:>5} {row['tiles']:>5} {kname:<8} {b:>9.1f} {t:>9.1f} "
                   f"{b / t:>6.2f}  {eq}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

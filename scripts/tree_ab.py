@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 
 K = 1024
@@ -67,13 +65,9 @@ def _child(points, reps: int) -> None:
 
 
 def _run_arm(src: pathlib.Path, points, reps: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.run([sys.executable, __file__, "--child", "--points", *points, "--reps", str(reps)],
-                          env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tree_ab: the arm of {src} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {r["point"]: r for r in rows}
+    from mobalab.bench._interleaved import tree_arm_rows
+
+    return {r["point"]: r for r in tree_arm_rows(__file__, src, ["--points", *points, "--reps", reps])}
 
 
 def main(argv=None) -> int:
@@ -89,12 +83,14 @@ def main(argv=None) -> int:
         return 0
     if a.base is None or not (a.base / "mobalab").is_dir():
         p.error(f"BASE_SRC must be a src directory holding mobalab/, got {a.base}")
-    arms = {"base": a.base.resolve(), "this": HERE}
-    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for r in range(a.rounds):
-        for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-            runs[arm].append(_run_arm(arms[arm], a.points, a.reps))
-            print(f"round {r + 1}/{a.rounds}: {arm} done", file=sys.stderr, flush=True)
+    from mobalab.bench._interleaved import interleaved_times
+
+    def run(src):
+        rows = _run_arm(src, a.points, a.reps)
+        print(f"{'this' if src == HERE else 'base'} done", file=sys.stderr, flush=True)
+        return rows
+
+    runs = interleaved_times({"base": a.base.resolve(), "this": HERE}, a.rounds, run)
     print(f"| point | timing | base ms | this ms | speedup | base range | this range |  (medians over {a.rounds} "
           "processes each, and the processes' spread)")
     print("|---|---|---|---|---|---|---|")

@@ -1,11 +1,12 @@
 """mobalab.bench._interleaved: the alternating order of the A/B scripts' rounds and the dropped first rounds, the
-build options added to one source's launches, the scripts' table output."""
+build options added to one source's launches, the scripts' table output, a source tree's arm in a process."""
 
 import types
 
+import pytest
 import torch
 
-from mobalab.bench._interleaved import extra_defines, interleaved_times, print_point_rows
+from mobalab.bench._interleaved import extra_defines, interleaved_times, print_point_rows, tree_arm_rows
 from mobalab.kernels._launch import Launch
 
 
@@ -54,3 +55,17 @@ def test_time_arms_warms_up_each_arm_then_takes_medians(monkeypatch):
     assert results == {"a": "A", "b": "B"}
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-ups, then alternating rounds
     assert medians == {"a": 6.5, "b": 6.5}  # rounds 3 and 4 kept: a timed 5 and 8, b 6 and 7
+
+
+def test_tree_arm_rows_runs_the_child_on_the_other_tree(tmp_path):
+    """The child sees ``src`` as its path and ``--child`` with the arguments; its JSON lines come back, other
+    output is skipped; a failing child raises with its stderr."""
+    script = tmp_path / "s.py"
+    script.write_text("import json, os, sys\n"
+                      "print('progress')\n"
+                      "print(json.dumps({'path': os.environ['PYTHONPATH'], 'argv': sys.argv[1:]}))\n"
+                      "sys.exit(3 if '--fail' in sys.argv else 0)\n")
+    assert tree_arm_rows(script, tmp_path / "src", ["--reps", 5]) == [
+        {"path": str(tmp_path / "src"), "argv": ["--child", "--reps", "5"]}]
+    with pytest.raises(RuntimeError, match="s.py: the arm of"):
+        tree_arm_rows(script, tmp_path / "src", ["--fail"])

@@ -1,4 +1,5 @@
-"""Side-by-side timing of a few ways of doing one thing in one process (the A/B scripts under ``scripts/``).
+"""Side-by-side timing of a few ways of doing one thing in one process (the A/B scripts under ``scripts/``), or of
+two source trees in processes of their own (:func:`tree_arm_rows`).
 
 The arms are timed in alternating order, forward on even rounds and reversed on odd ones, so that clock ramps,
 thermal drift and whatever ran just before land on every arm alike; the first rounds can be dropped (the first
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-__all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "print_point_rows"]
+__all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "print_point_rows", "tree_arm_rows"]
 
 
 def interleaved_times(arms: dict, rounds: int, timer, drop: int = 0) -> dict[object, list[float]]:
@@ -81,3 +86,15 @@ def print_point_rows(script: str, points, run_point, header: str, row_text) -> i
         for row in run_point(point):
             print(row_text(point, row), flush=True)
     return 0
+
+
+def tree_arm_rows(script, src, args) -> list[dict]:
+    """One arm of a comparison between two source trees: ``script --child ARGS`` run with ``src`` (a directory
+    holding ``mobalab/``) as the path's only mobalab (a process imports one), and the JSON rows it prints (its
+    stdout lines that start with "{"). A failed arm raises RuntimeError with the end of its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([sys.executable, str(script), "--child", *map(str, args)], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(script).name}: the arm of {src} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -214,9 +214,10 @@ def _kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k
 
 @functools.lru_cache(maxsize=64)
 def _gather_table(fwd_chunks: tuple, chunk: A.Chunk, top_k: int, n_blocks: int, group: int, device: str):
+    """(the flattened gather table on ``device``, its pieces per segment)."""
     layout, _ = A.kept_lists_layout(fwd_chunks, top_k, n_blocks, group)
     table = _pairs.gather_table(fwd_chunks, layout, chunk, top_k=top_k, n_blocks=n_blocks, group=group)
-    return torch.from_numpy(table.reshape(-1)).to(device)
+    return torch.from_numpy(table.reshape(-1)).to(device), table.shape[1]
 
 
 def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
@@ -495,8 +496,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             p0, _, s0, _ = layout[i]
             pairs, seg_off = fwd_lists[p0:p0 + n_pairs], fwd_lists[s0:s0 + n_seg + 1]
         elif fwd_lists is not None:
-            table = _gather_table(fwd_chunks, c, top_k, n_blocks, group, str(device))
-            pieces = table.numel() // (4 * n_seg)
+            table, pieces = _gather_table(fwd_chunks, c, top_k, n_blocks, group, str(device))
             m = pieces * n_seg
             sizes = fwd_lists[table[m:2 * m]] - fwd_lists[table[:m]]
             torch.cumsum(sizes.view(pieces, n_seg).sum(0) if pieces > 1 else sizes, 0, out=seg_off[1:n_seg + 1])
