@@ -354,12 +354,23 @@ struct TopkHeap {
 template <typename List>
 __device__ __forceinline__ void topk_offer_word(List& list, unsigned m, const float* srow, int key, int w, int j0) {
     // Column c = 32 w + bit sits at (((c >> 2) ^ key) << 2) + (c & 3) = 32 w + (bit ^ (key << 2)) (key < 8).
+    // The next offer's score is loaded before this one's insertion: the bit order does not depend on the list, and
+    // the load's latency would otherwise sit on every offer's dependent chain.
     const float* sw = srow + 32 * w;
     const int key4 = key << 2;
-    while (m != 0u) {
-        const int bit = 31 - __clz(m);
-        m ^= 1u << bit;
-        list.offer(sw[bit ^ key4], j0 + w * 32 + bit);
+    if (m == 0u) return;
+    int bit = 31 - __clz(m);
+    m ^= 1u << bit;
+    float x = sw[bit ^ key4];
+    while (true) {
+        const bool more = m != 0u;
+        const int next = 31 - __clz(m);
+        const float next_x = more ? sw[next ^ key4] : 0.f;
+        if (more) m ^= 1u << next;
+        list.offer(x, j0 + w * 32 + bit);
+        if (!more) break;
+        bit = next;
+        x = next_x;
     }
 }
 
@@ -452,15 +463,19 @@ __device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow
     if (n_valid <= 0) return;
     float thr = list.threshold();
     if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
-    unsigned m = 0u;
+    // Four shift-insert chains of 8 columns each (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of
+    // 32: each insert waits for the one before it, so one chain was 32 dependent instructions per word.
+    unsigned q[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-    for (int c4 = 7; c4 >= 0; --c4) {  // column 31 first: it ends in bit 31
+    for (int c4 = 7; c4 >= 0; --c4) {  // a chain's highest column first: it ends in bit 7
         const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
-        m = (m << 1) | (__float_as_uint(thr - v.w) >> 31);
-        m = (m << 1) | (__float_as_uint(thr - v.z) >> 31);
-        m = (m << 1) | (__float_as_uint(thr - v.y) >> 31);
-        m = (m << 1) | (__float_as_uint(thr - v.x) >> 31);
+        unsigned& s = q[c4 >> 1];
+        s = (s << 1) | (__float_as_uint(thr - v.w) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.z) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.y) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.x) >> 31);
     }
+    unsigned m = ((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0]);
     if (n_valid < 32) m &= (1u << n_valid) - 1u;
     topk_offer_word(list, m, srow, key, w, j0);
 }
