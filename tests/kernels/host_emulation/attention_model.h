@@ -35,7 +35,6 @@ inline void st_shared_v2_f32(unsigned addr, float a, float b) {
     const float v[2] = {a, b};
     std::memcpy(smem_ptr(addr, 8), v, 8);
 }
-inline void bar_sync(int id, int nthreads) { emu::named_barrier(id, (unsigned)nthreads); }
 inline void red_add2(float* p, float a, float b) {
     p[0] += a;
     p[1] += b;

@@ -111,6 +111,8 @@ template <int N>
 inline void cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
+// bar.sync id, n: cuda_host.h's named barriers
+inline void bar_sync(int id, int nthreads) { emu::named_barrier(id, (unsigned)nthreads); }
 inline unsigned smem_u32(const void* p) {
     return emu::kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
 }

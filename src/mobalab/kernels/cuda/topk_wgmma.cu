@@ -16,10 +16,10 @@
 // cuts each 32-block word to the row's candidates (j < lim), into a register list (TopkRegList, list tiers 8 and
 // 16; the shared-memory heap tier is not offered: its 64 x 256 x 8 bytes of heaps do not fit next to this layout).
 //
-// Pipeline per chunk (two CTA barriers): wait for S(c) -> barrier (scans of c + 1 done, chunk c's buffer
-// free) -> S to the score tile, cp.async of chunk c - 2 into the freed buffer, wait for chunk c - 1 ->
-// barrier -> issue the wgmmas of chunk c - 1 (asynchronous) -> scan S(c). The scan of chunk c thus runs
-// while the tensor cores compute chunk c - 1 and chunk c - 2 arrives.
+// Pipeline per chunk (one CTA barrier): wait for S(c) -> warpgroup barrier (its scans of c + 1 done) -> S to
+// the score tile, wait for chunk c - 1 -> CTA barrier -> issue the wgmmas of chunk c - 1 (asynchronous),
+// cp.async of chunk c - 2 into chunk c's buffer -> scan S(c). The scan of chunk c thus runs while the tensor
+// cores compute chunk c - 1 and chunk c - 2 arrives.
 //
 // Work and bytes per chunk (D = 128, one CTA): MMA 256 rows x 128 stacked columns x 128 x 2 = 8.4 MFLOP (32
 // wgmma m64n128k16 of 262 KFLOP), ~2.0 K clocks at the dense 16-bit rate (~4 KFLOP/clk/SM). Shared memory: wgmma
@@ -195,12 +195,15 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     // The last chunk (next = false) is peeled off the loop below, so that the accumulators are always written
     // by a wgmma on the loop's back edge: a merge with the ordinary writes of the S sums would make the
     // compiler wait for the in-flight wgmma before the scan (ptxas C7517), which is the overlap this kernel is for.
+    // A warpgroup's accumulators hold exactly the score-tile rows its own threads scan (rows 128 wg ..), so the
+    // tile's reuse waits for the warpgroup only (a named barrier); the one CTA barrier per chunk makes chunk
+    // tile - 1 visible to both warpgroups' wgmmas and, as every thread has passed its wait for chunk `tile`'s
+    // wgmmas, frees that chunk's buffer for the copy of chunk tile - 2 issued after it.
     auto step = [&](int tile, bool next) {
         moba::wgmma_wait_group<0>();
         moba::wgmma_fence_operand(acc[0]);
         moba::wgmma_fence_operand(acc[1]);
-        __syncthreads();  // every row scan of the previous chunk is done with sS; every wgmma of this chunk
-                          // is complete, so its centroid buffer can be refilled
+        moba::bar_sync(1 + wg, TKW_THREADS / 2);  // this warpgroup's scans of the previous chunk are done with sS
         const int j0 = tile * TKW_BN;
 #pragma unroll
         for (int nt = 0; nt < TKW_BN / 8; ++nt) {
@@ -217,16 +220,14 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                 }
         }
         if (next) {
-            if (tile >= 2) {
-                topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
+            cp_async_wait<0>();  // chunk tile - 1, copied since the previous chunk's barrier
             moba::fence_proxy_async_shared();
         }
-        __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma
-        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
+        __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
+        if (next) {
+            topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
+            if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
+        }
 
         if (t_row < seqlen) {
 #pragma unroll
