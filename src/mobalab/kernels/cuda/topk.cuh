@@ -458,10 +458,10 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
 // instead of a compare, a select and an or. While the list is not full (threshold -inf) the word's own bound
 // (topk_word_bound) filters instead, through topk_below so that scores at or above it pass.
 template <typename List>
-__device__ __forceinline__ unsigned topk_word_mask_lim(const List& list, float thr, const float* srow, int key, int w,
-                                                       int j0, int lim) {
+__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
     const int n_valid = lim - j0 - 32 * w;
-    if (n_valid <= 0) return 0u;
+    if (n_valid <= 0) return;
+    float thr = list.threshold();
     if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
     // Four shift-insert chains of 8 columns each (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of
     // 32: each insert waits for the one before it, so one chain was 32 dependent instructions per word.
@@ -477,27 +477,7 @@ __device__ __forceinline__ unsigned topk_word_mask_lim(const List& list, float t
     }
     unsigned m = ((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0]);
     if (n_valid < 32) m &= (1u << n_valid) - 1u;
-    return m;
-}
-
-template <typename List>
-__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
-    topk_offer_word(list, topk_word_mask_lim(list, list.threshold(), srow, key, w, j0, lim), srow, key, w, j0);
-}
-
-// NW words of a row (blocks j0 .. j0 + 32 NW - 1), every mask taken against the threshold before the first offer
-// (topk_word_mask_lim: the bit mask of topk_scan_word_lim against a given threshold): the words' loads, subtracts
-// and shift-inserts then do not wait for each other's offers. A later threshold is only higher, so a mask may hold
-// bits that the current threshold would clear (offers that offer() turns into no-ops) but never misses one; the
-// offers go in descending block order as before, so the list ends the same.
-template <int NW, typename List>
-__device__ __forceinline__ void topk_scan_words_lim(List& list, const float* srow, int key, int j0, int lim) {
-    const float thr = list.threshold();
-    unsigned m[NW];
-#pragma unroll
-    for (int w = 0; w < NW; ++w) m[w] = topk_word_mask_lim(list, thr, srow, key, w, j0, lim);
-#pragma unroll
-    for (int w = NW - 1; w >= 0; --w) topk_offer_word(list, m[w], srow, key, w, j0);
+    topk_offer_word(list, m, srow, key, w, j0);
 }
 
 // Start a CTA's loads: its TK_BM query rows (rows past the end clamped to the last query) and its first centroid

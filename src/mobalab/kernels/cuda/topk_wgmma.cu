@@ -229,7 +229,10 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
         }
 
-        if (t_row < seqlen) topk_scan_words_lim<TKW_BN / 32>(list, srow, srow_key, j0, lim);
+        if (t_row < seqlen) {
+#pragma unroll
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
+        }
         __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
     if (n_tiles > 0) {
