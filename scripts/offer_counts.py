@@ -55,6 +55,7 @@ def offer(heap: list[float], x: float, cap: int) -> None:
 
 
 def threshold(heap: list[float], cap: int) -> float:
+    """The list's last entry once it holds cap scores, else -inf (the kernel then filters by the word's bound)."""
     return heap[0] if len(heap) == cap else -np.inf
 
 
@@ -64,7 +65,7 @@ def warp_counts(scores: np.ndarray, cap: int) -> np.ndarray:
     lists: list[list[float]] = [[] for _ in range(rows)]
     out = []
     for c in range(n // CHUNK - 1, -1, -1):
-        sequential = np.zeros((2, rows), int)
+        word_by_word = np.zeros((2, rows), int)
         stale = np.zeros((2, rows), int)
         for r in range(rows):
             words = (scores[r, c * CHUNK + WORD:(c + 1) * CHUNK], scores[r, c * CHUNK:c * CHUNK + WORD])
@@ -73,10 +74,10 @@ def warp_counts(scores: np.ndarray, cap: int) -> np.ndarray:
                 stale[w, r] = int(word_mask(s, start, cap).sum())
             for w, s in enumerate(words):
                 m = word_mask(s, threshold(lists[r], cap), cap)
-                sequential[w, r] = int(m.sum())
+                word_by_word[w, r] = int(m.sum())
                 for x in s[::-1][m[::-1]]:  # descending block order
                     offer(lists[r], float(x), cap)
-        out.append((sequential.max(axis=1).sum(), stale.max(axis=1).sum(), stale.sum(axis=0).max()))
+        out.append((word_by_word.max(axis=1).sum(), stale.max(axis=1).sum(), stale.sum(axis=0).max()))
     return np.asarray(out)
 
 

@@ -28,7 +28,7 @@
 // memory rather than the tensor pipe bounds a chunk. Global (L2) reads 64 x 2 x 256 B = 32 KB of centroids per
 // 256 rows (256 FLOP/B, twice the mma kernel's 128-row tiles); Q 64 KB once per CTA.
 // Registers per thread: accumulators 2 x 64 floats (held by the in-flight wgmma during the scan), the row list
-// 2 LCAP + 1, scan temporaries: 214-233 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
+// 2 LCAP + 1, scan temporaries: 212-232 (ptxas, no spills), __launch_bounds__(256, 1). Shared memory (dynamic,
 // 1024-byte aligned): Q 256 x D x 2 bytes (64 KB at D = 128), two stacked centroid chunks 2 x 128 x D x 2 (64 KB),
 // score tile 256 x 64 x 4 (64 KB), + 1 KB alignment slack = 193 KB at D = 128 (one CTA, 8 warps per SM), 129 KB at
 // D = 64.
