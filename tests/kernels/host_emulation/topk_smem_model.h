@@ -14,7 +14,6 @@
 #include "ptx_swizzle.h"
 
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
-inline int __clzll(unsigned long long x) { return x ? __builtin_clzll(x) : 64; }
 
 // The 12 arguments of a top-k kernel (topk.cu and topk_wgmma.cu share the signature) from a manifest line a.
 #define TOPK_ARGS(T, a)                                                                                    \

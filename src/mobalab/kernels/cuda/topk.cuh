@@ -449,25 +449,6 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
     return topk_cap_th_largest(pm, cap);
 }
 
-// The threshold bits of word w of a score-tile row against thr, cut to the row's n_valid candidates (bit b: column
-// 32 w + b scores above thr; see topk_scan_word_lim for the compare). Four shift-insert chains of 8 columns each
-// (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of 32: each insert waits for the one before it, so
-// one chain was 32 dependent instructions per word.
-__device__ __forceinline__ unsigned topk_word_mask(const float* srow, int key, int w, int n_valid, float thr) {
-    unsigned q[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int c4 = 7; c4 >= 0; --c4) {  // a chain's highest column first: it ends in bit 7
-        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
-        unsigned& s = q[c4 >> 1];
-        s = (s << 1) | (__float_as_uint(thr - v.w) >> 31);
-        s = (s << 1) | (__float_as_uint(thr - v.z) >> 31);
-        s = (s << 1) | (__float_as_uint(thr - v.y) >> 31);
-        s = (s << 1) | (__float_as_uint(thr - v.x) >> 31);
-    }
-    unsigned m = ((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0]);
-    return n_valid < 32 ? m & ((1u << n_valid) - 1u) : m;
-}
-
 // topk_scan_word for a score tile of raw sums (no NaN mask): the row's candidates are the blocks j < lim, so word
 // w (blocks j0 + 32 w ..) holds lim - j0 - 32 w of them (clamped to 0..32), and the bit mask is cut to those.
 // Register lists only (their passes() is x > thr). The compare is the sign of thr - x: negative exactly when
@@ -482,44 +463,21 @@ __device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow
     if (n_valid <= 0) return;
     float thr = list.threshold();
     if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
-    topk_offer_word(list, topk_word_mask(srow, key, w, n_valid, thr), srow, key, w, j0);
-}
-
-// A 64-block chunk (words 1 and 0 of a score-tile row, blocks j0 .. j0 + 63) offered in one loop: both words' masks
-// against the threshold at the chunk's start, then their bits in descending block order. A warp runs the loop as
-// often as its busiest lane has bits in the two words together, where word-by-word scans pay each word's busiest
-// lane (on random scores 14-24% fewer offers per warp at 512-4096 candidate blocks: scripts/offer_counts.py); the
-// stale threshold only adds offers that offer() turns into no-ops, so the lists are the same. A row whose list is
-// not yet full takes the word-by-word scan (each word filtered by its own bound). Register lists only.
-template <typename List>
-__device__ __forceinline__ void topk_scan_chunk_lim(List& list, const float* srow, int key, int j0, int lim) {
-    const int n_valid = lim - j0;
-    if (n_valid <= 0) return;
-    const float thr = list.threshold();
-    if (thr == moba::neg_inf()) {
-        topk_scan_word_lim(list, srow, key, 1, j0, lim);
-        topk_scan_word_lim(list, srow, key, 0, j0, lim);
-        return;
+    // Four shift-insert chains of 8 columns each (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of
+    // 32: each insert waits for the one before it, so one chain was 32 dependent instructions per word.
+    unsigned q[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int c4 = 7; c4 >= 0; --c4) {  // a chain's highest column first: it ends in bit 7
+        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
+        unsigned& s = q[c4 >> 1];
+        s = (s << 1) | (__float_as_uint(thr - v.w) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.z) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.y) >> 31);
+        s = (s << 1) | (__float_as_uint(thr - v.x) >> 31);
     }
-    // bit b of m (b = 32 w + column) names block j0 + b: the highest set bit first is descending block order
-    unsigned long long m = topk_word_mask(srow, key, 0, n_valid, thr);
-    if (n_valid > 32) m |= (unsigned long long)topk_word_mask(srow, key, 1, n_valid - 32, thr) << 32;
-    if (m == 0ull) return;
-    // Column c = b sits at ((c >> 2) ^ key) << 2 | (c & 3) = b ^ (key << 2) for b < 32, and 32 + that for word 1.
-    const int key4 = key << 2;
-    int bit = 63 - __clzll(m);
-    m ^= 1ull << bit;
-    float x = srow[bit ^ key4];
-    while (true) {
-        const bool more = m != 0ull;
-        const int next = 63 - __clzll(m);
-        const float next_x = more ? srow[next ^ key4] : 0.f;
-        if (more) m ^= 1ull << next;
-        list.offer(x, j0 + bit);
-        if (!more) break;
-        bit = next;
-        x = next_x;
-    }
+    unsigned m = ((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0]);
+    if (n_valid < 32) m &= (1u << n_valid) - 1u;
+    topk_offer_word(list, m, srow, key, w, j0);
 }
 
 // Start a CTA's loads: its TK_BM query rows (rows past the end clamped to the last query) and its first centroid

@@ -62,7 +62,6 @@
 #define TKW_BN 64        // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
-static_assert(TKW_BN == 64, "a chunk is the two 32-block words of topk_scan_chunk_lim");
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
 // its own in place, with models of cp.async and wgmma.
@@ -231,7 +230,8 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         }
 
         if (t_row < seqlen) {
-            topk_scan_chunk_lim(list, srow, srow_key, j0, lim);
+#pragma unroll
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
         }
         __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
