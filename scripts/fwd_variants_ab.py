@@ -7,8 +7,7 @@ once per ``--variants`` entry. A variant is "base" (the default build and tile k
 ``moba_attention_cuda``'s ``variant`` ("resident", "wgmma", ...), or build options of cuda/attention.cu joined by
 ``+`` after either (``base+MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``; a leading option implies "base"):
 every launch of the variant's tile-kernel source (cuda/attention_wgmma.cu for the wgmma kernels) compiled with
-those defines, its own module. A ``merge=side`` or ``merge=inline`` part picks where the chunks' merges run
-(``moba_attention_cuda``'s ``merge_stream``; ``base+merge=inline``). Every variant is warmed up, then timed
+those defines, its own module. Every variant is warmed up, then timed
 in alternating order over ``--rounds`` rounds (the first two dropped), each call timed by CUDA events from an idle
 GPU. Printed per point: each variant's median in ms, its speedup against the first variant, and the largest output
 difference from the first variant.
@@ -32,27 +31,18 @@ POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B
           "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32), "16K-B64": (16 * K, 64), "8K-B64": (8 * K, 64)}
 
 
-def parse_variant(text: str) -> tuple[str | None, tuple[str, ...], str | None]:
-    """``"base"`` -> (None, (), None); ``"wgmma+MOBA_X=2"`` -> ("wgmma", ("MOBA_X=2",), None);
-    ``"MOBA_X=2+merge=inline"`` -> (None, ("MOBA_X=2",), "inline"): the tile kernel (None: the default), build
-    options and the merge stream (None: the default)."""
+def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
+    """``"base"`` -> (None, ()); ``"wgmma+MOBA_X=2"`` -> ("wgmma", ("MOBA_X=2",)); ``"MOBA_X=2+MOBA_Y=1"`` ->
+    (None, ("MOBA_X=2", "MOBA_Y=1")): the tile kernel (None: the default) and build options."""
     head, *rest = text.split("+")
-    if head.startswith("MOBA_") or head.startswith("merge="):
+    if head.startswith("MOBA_"):
         head, rest = "base", [head, *rest]
     if head != "base" and head not in CA.VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {head!r} is not base or one of {', '.join(CA.VARIANTS)}")
-    merge = None
-    defines = []
     for d in rest:
-        if d.startswith("merge="):
-            merge = d.split("=", 1)[1]
-            if merge not in CA.MERGE_STREAMS:
-                raise argparse.ArgumentTypeError(f"variant {text!r}: merge must be one of {CA.MERGE_STREAMS}")
-        elif re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
-            defines.append(d)
-        else:
-            raise argparse.ArgumentTypeError(f"variant {text!r}: {d!r} is not MOBA_NAME=INTEGER or merge=...")
-    return (None if head == "base" else head), tuple(defines), merge
+        if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
+            raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
+    return (None if head == "base" else head), tuple(rest)
 
 
 def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
@@ -62,10 +52,9 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
     topk = moba_topk_cuda(q, k, block, 8, causal=True).to(torch.int32).contiguous()
 
     def call(variant):
-        kernel, defines, merge = parse_variant(variant)
+        kernel, defines = parse_variant(variant)
         with extra_defines(CA, CA.fwd_source(128, block, kernel), defines):
-            return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel,
-                                       merge_stream=merge)
+            return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
 
     outs, ms = time_arms(call, variants, rounds)
     first = variants[0]
@@ -82,8 +71,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", nargs="+", default=["8K", "64K", "64K-B32"], choices=sorted(POINTS))
     p.add_argument("--variants", nargs="+", default=["base"], type=_variant_arg,
-                   help='"base" or a tile kernel, then MOBA_NAME=INTEGER build options of cuda/attention.cu and '
-                        'merge=side|inline, joined by "+"')
+                   help='"base" or a tile kernel, then MOBA_NAME=INTEGER build options of cuda/attention.cu, joined '
+                        'by "+"')
     p.add_argument("--rounds", type=int, default=12)
     a = p.parse_args(argv)
     if a.rounds < 3:

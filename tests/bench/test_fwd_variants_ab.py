@@ -13,21 +13,18 @@ def ab(script):
 def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
     for argv, says in ((["--points", "3M"], "invalid choice"), (["--variants", "fast"], "'fast' is not base or one of"),
                        (["--variants", "base+UNROLL=2"], "is not MOBA_NAME=INTEGER"),
-                       (["--variants", "base+merge=later"], "merge must be one of"),
                        (["--rounds", "2"], "at least 3")):
         with pytest.raises(SystemExit):
             ab.main(argv)
         assert says in capsys.readouterr().err
 
 
-def test_variants_name_a_tile_kernel_build_options_and_the_merge_stream(ab):
-    assert ab.parse_variant("base") == (None, (), None)
-    assert ab.parse_variant("wgmma") == ("wgmma", (), None)
-    assert ab.parse_variant("resident+MOBA_X=-1") == ("resident", ("MOBA_X=-1",), None)
+def test_variants_name_a_tile_kernel_and_build_options(ab):
+    assert ab.parse_variant("base") == (None, ())
+    assert ab.parse_variant("wgmma") == ("wgmma", ())
+    assert ab.parse_variant("resident+MOBA_X=-1") == ("resident", ("MOBA_X=-1",))
     assert ab.parse_variant("MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0") == (
-        None, ("MOBA_FWD_MINB_SMALL_KT=0", "MOBA_FWD_ROLLED_GATHER=0"), None)
-    assert ab.parse_variant("merge=inline") == (None, (), "inline")
-    assert ab.parse_variant("wgmma+MOBA_X=1+merge=side") == ("wgmma", ("MOBA_X=1",), "side")
+        None, ("MOBA_FWD_MINB_SMALL_KT=0", "MOBA_FWD_ROLLED_GATHER=0"))
 
 
 def test_points_are_shapes_the_forward_runs(ab):

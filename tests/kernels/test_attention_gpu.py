@@ -83,58 +83,6 @@ def test_many_chunks_match_one(budget, seqlen, heads, kv_heads, dim, causal, var
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["auto", "resident"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads_per_chunk, n_chunks", [(4, 2), (3, 3), (1, 8), (1 / 3, 32)])
-def test_merges_on_the_side_stream_match_inline(heads_per_chunk, n_chunks, dtype, variant, gpu, poisoned_empty,
-                                                monkeypatch):
-    """Several chunks on the wgmma tile kernel ("auto" on an sm_90 GPU): every chunk's merge but the last runs on
-    a second stream, one CTA per SM beside the next chunk's tiles, out of two partial buffers; the results are the
-    inline merges' bit for bit (also into fp32 buffers, with the kept lists, and replayed from a CUDA graph), for
-    even and odd chunk counts, whole heads and query ranges per chunk. ("resident" merges inline either way.)"""
-    seqlen, heads, kv_heads, dim, block = 4096, 8, 8, 128, 128
-    q, k, v = gpu.inputs(1, seqlen, heads, kv_heads, dim, dtype, seed=n_chunks)
-    topk = gpu.routing(q, k, block, 8, True)
-    budget = int(heads_per_chunk * seqlen) * 8 * A.bytes_per_pair(dim)  # (query, head) rows of 8 slots per chunk
-    assert len(A.plan_chunks(1, seqlen, heads, kv_heads, dim, 8, budget)) == n_chunks
-    runs = {}
-    for mode in A.MERGE_STREAMS:
-        monkeypatch.setenv(A.MERGE_STREAM_ENV, mode)
-        with poisoned_empty():
-            runs[mode] = A.moba_attention_cuda(q, k, v, block, 8, causal=True, return_lse=True, topk_indices=topk,
-                                               variant=variant, scratch_budget_bytes=budget)
-    assert torch.equal(runs["side"][0], runs["inline"][0]) and torch.equal(runs["side"][1], runs["inline"][1])
-    gpu.check_forward(q, k, v, topk, block, True, *runs["side"], label="side merges")
-    monkeypatch.setenv(A.MERGE_STREAM_ENV, "side")
-    acc = (torch.empty(q.shape, dtype=torch.float32, device=q.device),
-           torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
-    A.moba_attention_cuda(q, k, v, block, 8, causal=True, topk_indices=topk, variant=variant,
-                          scratch_budget_bytes=budget, into=acc)
-    assert torch.equal(acc[0].to(q.dtype), runs["inline"][0]) and torch.equal(acc[1], runs["inline"][1])
-    # the kept lists (every chunk's own region) and a graph replay on a side stream of the caller's
-    A.moba_attention_cuda(q, k, v, block, 8, causal=True, return_lse=True, topk_indices=topk, variant=variant,
-                          scratch_budget_bytes=budget, keep_lists=True)  # warm-up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kept = A.moba_attention_cuda(q, k, v, block, 8, causal=True, return_lse=True, topk_indices=topk,
-                                     variant=variant, scratch_budget_bytes=budget, keep_lists=True)
-    kept[0].fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(kept[0], runs["inline"][0]) and torch.equal(kept[1], runs["inline"][1])
-
-
-def test_merge_stream_setting(monkeypatch):
-    monkeypatch.delenv(A.MERGE_STREAM_ENV, raising=False)
-    assert A.resolve_merge_stream() == "side"
-    monkeypatch.setenv(A.MERGE_STREAM_ENV, "inline")
-    assert A.resolve_merge_stream() == "inline" and A.resolve_merge_stream("side") == "side"
-    monkeypatch.setenv(A.MERGE_STREAM_ENV, "both")
-    with pytest.raises(ValueError, match="merge stream must be one of .*MOBALAB_ATTN_MERGE_STREAM.*'both'"):
-        A.resolve_merge_stream()
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["auto", "streaming"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_two_runs_are_bit_identical(causal, variant, gpu):

@@ -60,16 +60,14 @@ def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
     monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
     emulate = launcher(harness, tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
 
-    def run(q, k, v, topk, block, top_k, causal, scale=None, budget=None, merge_stream=None):
+    def run(q, k, v, topk, block, top_k, causal, scale=None):
         with monkeypatch.context() as m:
             m.setattr(A, "launch", emulate)
             with poisoned_empty():
                 scale = q.shape[-1] ** -0.5 if scale is None else scale
-                out, lse = A._forward(q, k, v, block, top_k, causal, scale, True, topk, "wgmma", budget,
-                                      A.resolve_partial(None), None, False, merge_stream=merge_stream, side_ctas=3)
-        launched = list(emulate.launched)
-        emulate.launched.clear()
-        return out, lse, launched
+                out, lse = A._forward(q, k, v, block, top_k, causal, scale, True, topk, "wgmma", None,
+                                      A.resolve_partial(None), None, False)
+        return out, lse, list(emulate.launched)
 
     return run
 
@@ -102,35 +100,3 @@ def test_emulated_wgmma_forward_matches_oracle(emulated_forward, case):
     tile, merge = A.kernel_names(dtype, DIM, block, "wgmma")
     assert tile.startswith("moba_attn_wg_") and tile in launched and merge in launched
     GpuOracle.check_forward(q, k, v, topk, block, causal, out, lse, scale, label=_id(case))
-
-
-@pytest.mark.parametrize("heads_per_chunk", [1, 2])  # three chunks (two side merges), two (one)
-def test_emulated_side_merges_match_the_merge(emulated_forward, heads_per_chunk):
-    """Several chunks: each chunk's merge but the last runs as the side-stream kernel (three CTAs here, each warp
-    looping over rows, every slot loaded at once, slots that do not count skipped), out of two partial buffers in
-    turn; out and lse are the inline merges' bit for bit, rows with unused slots (-1) included."""
-    seqlen, block, top_k, heads = 150, 64, 3, 3
-    g = torch.Generator().manual_seed(heads_per_chunk)
-    q, k, v = (torch.randn(1, seqlen, heads, DIM, generator=g).to(torch.bfloat16) for _ in range(3))
-    topk = reference.moba_topk(q, k, block, top_k, causal=True)
-    topk[0, 70:90, 1, 2] = -1  # rows with a slot that does not count
-    budget = heads_per_chunk * seqlen * top_k * A.bytes_per_pair(DIM)
-    n_chunks = len(A.plan_chunks(1, seqlen, heads, heads, DIM, top_k, budget))
-    assert n_chunks == (3 if heads_per_chunk == 1 else 2)
-    side_out, side_lse, side_launched = emulated_forward(q, k, v, topk, block, top_k, True, budget=budget,
-                                                         merge_stream="side")
-    out, lse, launched = emulated_forward(q, k, v, topk, block, top_k, True, budget=budget, merge_stream="inline")
-    _, merge = A.kernel_names(torch.bfloat16, DIM, block, "wgmma")
-    side = merge.replace("moba_attn_merge_", "moba_attn_merge_side_")
-    assert side_launched.count(side) == n_chunks - 1 and side_launched.count(merge) == 1
-    assert side not in launched and launched.count(merge) == n_chunks
-    assert torch.equal(side_out, out) and torch.equal(side_lse, lse)
-    GpuOracle.check_forward(q, k, v, topk, block, True, out, lse, None, label="side merges")
-
-
-def test_side_merges_serve_the_wgmma_kernel_at_head_dim_128_top_k_8_16bit():
-    assert A.side_merge_supported("wgmma", 128, 8, "16bit")
-    assert not A.side_merge_supported("wgmma", 128, 9, "16bit")
-    assert not A.side_merge_supported("wgmma", 128, 8, "fp32")
-    assert not A.side_merge_supported("resident", 128, 8, "16bit")
-    assert not A.side_merge_supported("wgmma", 64, 8, "16bit")

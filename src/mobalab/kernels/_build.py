@@ -20,7 +20,7 @@ import functools
 import re
 from importlib import resources
 
-__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream", "side_stream", "sm_count", "on_device"]
+__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream", "sm_count", "on_device"]
 
 CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -160,21 +160,6 @@ def on_device(device):
     if index is None or index == torch.cuda.current_device():
         return _SAME_DEVICE
     return torch.cuda.device(device)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def side_stream(device):
-    """A second torch CUDA stream of ``device`` (a torch.device), made once per device and kept: work that runs
-    beside the current stream's (the forward's merges), ordered against it by events."""
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream
 
 
 def torch_stream():

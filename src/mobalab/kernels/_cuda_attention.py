@@ -62,7 +62,7 @@ import torch
 from . import _contract as C
 from . import _pairs
 from ._build import device_capability as _device_capability
-from ._build import on_device, side_stream, sm_count
+from ._build import on_device, sm_count
 from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
@@ -78,10 +78,6 @@ WG_STAGES = 3  # wgmma: gathered Q tiles per warpgroup (WG_STAGES in attention_w
 WG_STAGE_PITCH = 272  # wgmma: bytes per staged 16-bit partial row, 64 per warpgroup (WG_STAGE_PITCH there)
 RESIDENT_SMEM_BYTES = 96 << 10  # per 128 threads: a resident CTA holds K + V of its block and two Q tiles
 MERGE_THREADS = 256
-SIDE_MERGE_THREADS = 128  # MERGE_SIDE_THREADS in attention.cuh: 4 warps of <= 32 registers, 4096 per CTA
-SIDE_MERGE_MAX_TOP_K = 8  # MERGE_SIDE_SLOTS
-MERGE_STREAMS = ("side", "inline")  # where the wgmma forward merges a chunk when more chunks follow
-MERGE_STREAM_ENV = "MOBALAB_ATTN_MERGE_STREAM"
 INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
 SEGMENT_THREADS = 512  # moba_attn_segments
 MAX_INDEX_CTAS = 4096
@@ -127,20 +123,6 @@ def resolve_partial(partial: str | None) -> str:
     """The partial format: ``partial``, or the ``MOBALAB_ATTN_PARTIAL`` environment variable (default
     "16bit") when None."""
     return C.choice_or_env("partial format", partial, PARTIALS, PARTIAL_ENV, "16bit")
-
-
-def resolve_merge_stream(merge_stream: str | None = None) -> str:
-    """Where a forward of several chunks on the wgmma tile kernel merges each chunk but the last: "side" (the
-    default: on a second stream, beside the next chunk's index building and tiles, with two chunks' partials held)
-    or "inline" (after the chunk's tiles, on the current stream); None reads ``$MOBALAB_ATTN_MERGE_STREAM``."""
-    return C.choice_or_env("merge stream", merge_stream, MERGE_STREAMS, MERGE_STREAM_ENV, "side")
-
-
-def side_merge_supported(variant: str, head_dim: int, top_k: int, partial: str) -> bool:
-    """Whether the side-stream merge (``moba_attn_merge_side_*``) serves a forward: the wgmma tile kernel (one CTA
-    per SM that leaves 4096 registers free), head dim 128, 16-bit partials, top_k <= 8."""
-    return (variant == "wgmma" and head_dim == 128 and top_k <= SIDE_MERGE_MAX_TOP_K
-            and resolve_partial(partial) == "16bit")
 
 
 def partial_elem_bytes(partial: str) -> int:
@@ -468,19 +450,6 @@ def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k,
                   defines=partial_defines(partial))
 
 
-def side_merge_launch(merge_name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k, n_blocks,
-                      chunk: Chunk, write_lse, out_mode: int, n_ctas: int) -> Launch:
-    """The merge of ``merge_launch`` (16-bit partials, head dim 128, top_k <= 8) by ``n_ctas`` CTAs of
-    SIDE_MERGE_THREADS threads, each warp looping over rows: one CTA per SM, which fits beside a wgmma tile CTA, so
-    that it runs on a second stream beside the next chunk's tiles. ``merge_name``: the chunk's ``merge_launch``
-    kernel; the same outputs bit for bit."""
-    args = (part_o, part_ml, topk, out, lse, i32(seqlen), i32(heads), i32(top_k),
-            i32(n_blocks), i32(chunk.batch_index), i32(chunk.h0), i32(chunk.n_heads),
-            i32(chunk.t0), i32(chunk.n_q), i32(1 if write_lse else 0), i32(out_mode))
-    name = merge_name.replace("moba_attn_merge_", "moba_attn_merge_side_")
-    return Launch(SOURCE, name, (max(1, n_ctas),), (SIDE_MERGE_THREADS,), args)
-
-
 # --------------------------------------------------------------------------------------------------
 # the wrapper
 
@@ -488,7 +457,7 @@ def side_merge_launch(merge_name, part_o, part_ml, topk, out, lse, *, seqlen, he
 def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
                         return_lse: bool = False, topk_indices=None, *, variant: str | None = None,
                         scratch_budget_bytes: int | None = None, into=None, fold: bool = False,
-                        keep_lists: bool = False, merge_stream: str | None = None):
+                        keep_lists: bool = False):
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
@@ -497,9 +466,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128, else the mma.sync
     kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
-    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`default_scratch_budget`; with the wgmma tile
-    kernel and several chunks two chunks' partials are held at once unless ``merge_stream`` is "inline", see
-    :func:`resolve_merge_stream`). Returns ``out`` in
+    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`default_scratch_budget`). Returns ``out`` in
     q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
 
     ``into`` (out, lse), contiguous fp32 tensors of shapes (batch, seqlen, heads, d) and (batch, seqlen,
@@ -527,7 +494,6 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if into is not None:
         C.check_into(fn, into, ("out", "lse"), (q.shape, q.shape[:3]), q.device)
     keep_lists = C.check_flag(fn, "keep_lists", keep_lists)
-    merge_stream = resolve_merge_stream(merge_stream)
     if keep_lists and (into is not None or not return_lse):
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
@@ -535,7 +501,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     variant = device_variant(variant, q.shape[-1], block_size, q.device)
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists, merge_stream)
+                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
 
 
 def check_variant_device(fn: str, variant: str, device) -> None:
@@ -557,7 +523,7 @@ def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: f
 
 
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,
-             into, fold, keep_lists=False, merge_stream=None, side_ctas=None):
+             into, fold, keep_lists=False):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
@@ -581,16 +547,8 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
-    # With more chunks to come, a chunk's merge (DRAM-bound) runs beside the next chunk's index building and tiles
-    # (tensor- and latency-bound) on a second stream, out of the other of two partial buffers (docs/design.md,
-    # "Forward"). CPU tensors (the kernels' host emulation in the tests): the same launches in turn, one stream.
-    n_buf = 2 if len(chunks) > 1 and side_merge_supported(variant, dim, top_k, partial) \
-        and resolve_merge_stream(merge_stream) == "side" else 1
-    streams = n_buf == 2 and device.type == "cuda"
-    part_o_all = torch.empty(n_buf * max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
-    part_ml_all = torch.empty(n_buf * max_pairs * 2, dtype=torch.float32, device=device)
-    part_o = [part_o_all[i * max_pairs * dim:(i + 1) * max_pairs * dim] for i in range(n_buf)]
-    part_ml = [part_ml_all[i * max_pairs * 2:(i + 1) * max_pairs * 2] for i in range(n_buf)]
+    part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
+    part_ml = torch.empty(max_pairs * 2, dtype=torch.float32, device=device)
     # tile_cum, and seg_off unless the kept lists hold it, in one allocation
     i64 = torch.empty((max_seg + 1) * (1 if keep_lists else 2), dtype=torch.int64, device=device)
     tile_cum = i64[:max_seg + 1]
@@ -607,15 +565,7 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     # the persistent kernel: one CTA per SM (its shared memory and 384 threads allow one), each looping over units
     max_ctas = sm_count(device.index) if variant == "wgmma-ws" else None
     scale_log2 = scale * LOG2E
-    if n_buf == 2:
-        if side_ctas is None:  # one per SM
-            side_ctas = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if streams:
-            main, aside = torch.cuda.current_stream(device), side_stream(device)
-            tiles_done = torch.cuda.Event()
-            merged = [torch.cuda.Event(), torch.cuda.Event()]  # each buffer's last side merge
     for i, c in enumerate(chunks):
-        buf = i % n_buf
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
         pairs_out = None
@@ -625,35 +575,14 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
         pairs, _ = build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                     n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=tile_cum,
                                     rows_per_unit=unit_rows, with_keys=False, pairs_out=pairs_out)
-        if streams and i >= 2:
-            main.wait_event(merged[buf])  # chunk i - 2's merge has read this buffer
-        launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o[buf], part_ml[buf], seqlen=seqlen,
-                          heads=heads, kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks,
-                          chunk=c, n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
+        launch(fwd_launch(fwd_name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, seqlen=seqlen, heads=heads,
+                          kv_heads=kv_heads, top_k=top_k, block_size=block_size, n_blocks=n_blocks, chunk=c,
+                          n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=scale_log2,
                           rows_per_unit=unit_rows, smem=smem, partial=partial,
                           source=fwd_source(dim, block_size, variant), threads=fwd_threads(dim, variant),
                           max_ctas=max_ctas))
-        if n_buf == 2 and i < len(chunks) - 1:
-            plan = side_merge_launch(merge_name, part_o[buf], part_ml[buf], topk, out, lse, seqlen=seqlen,
-                                     heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=c, write_lse=return_lse,
-                                     out_mode=out_mode, n_ctas=side_ctas)
-            if streams:
-                # issued before the next chunk's launches: its CTAs (one per SM) are placed first, and the tile
-                # CTAs then fit beside them (a kernel's CTAs start only once those of the kernels launched before
-                # it are placed)
-                tiles_done.record(main)
-                aside.wait_event(tiles_done)
-                with torch.cuda.stream(aside):
-                    launch(plan)
-                merged[buf].record(aside)
-            else:
-                launch(plan)
-        else:  # the last chunk's merge: the whole GPU
-            launch(merge_launch(merge_name, part_o[buf], part_ml[buf], topk, out, lse, seqlen=seqlen, heads=heads,
-                                top_k=top_k, n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial,
-                                out_mode=out_mode))
-    if streams:
-        main.wait_event(merged[(len(chunks) - 2) % 2])  # the side stream's work ends in chunk n - 2's merge
+        launch(merge_launch(merge_name, part_o, part_ml, topk, out, lse, seqlen=seqlen, heads=heads, top_k=top_k,
+                            n_blocks=n_blocks, chunk=c, write_lse=return_lse, partial=partial, out_mode=out_mode))
     if into is not None:
         return into
     if keep_lists:

@@ -21,6 +21,8 @@
 
 #define MOBALAB_MBARRIER_CUH 1  // mbarrier.cuh: not modelled
 
+inline void __trap() { emu::fail("__trap"); }
+
 namespace moba {
 
 inline void emu_no_mbarriers() { emu::fail("mbarriers and setmaxnreg are not modelled (variant wgmma-ws)"); }

@@ -474,9 +474,6 @@ inline Thread& me() { return cta().threads[cta().current]; }
 
 }  // namespace emu
 
-// A kernel's refusal of a launch its plan should not have made stops the run.
-inline void __trap() { emu::fail("__trap"); }
-
 #define threadIdx (emu::cta().threads[emu::cta().current].idx)
 #define blockIdx (emu::block_idx())
 #define gridDim (emu::grid_dim())

@@ -125,20 +125,6 @@ MOBA_ATTN_MERGE_KERNEL(moba_attn_merge_f16_d96,   __half,        96)
 MOBA_ATTN_MERGE_KERNEL(moba_attn_merge_bf16_d128, __nv_bfloat16, 128)
 MOBA_ATTN_MERGE_KERNEL(moba_attn_merge_f16_d128,  __half,        128)
 #endif
-// The side-stream merge (merge_rows_side): 16-bit partials at head dim 128, one CTA per SM of <= 32 registers per
-// thread, so that it fits beside a wgmma tile CTA.
-#define MOBA_ATTN_MERGE_SIDE_KERNEL(NAME, T)                                                                          \
-  extern "C" __global__ void __launch_bounds__(MERGE_SIDE_THREADS, 16) NAME(                                         \
-      const void* part_o, const float* part_ml, const int* topk, void* out, float* lse, int seqlen, int heads,        \
-      int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse,                \
-      int out_mode) {                                                                                                 \
-    moba::merge_rows_side<T, 128>(static_cast<const T*>(part_o), part_ml, topk, out, lse, seqlen, heads, top_k,      \
-                                  n_blocks, batch_index, h0, n_heads_c, t0, n_q, write_lse, out_mode);               \
-  }
-#if MOBA_HAS_HEAD_DIM(128) && !MOBA_PARTIAL_FP32
-MOBA_ATTN_MERGE_SIDE_KERNEL(moba_attn_merge_side_bf16_d128, __nv_bfloat16)
-MOBA_ATTN_MERGE_SIDE_KERNEL(moba_attn_merge_side_f16_d128,  __half)
-#endif
 #if MOBA_HAS_HEAD_DIM(256)
 MOBA_ATTN_MERGE_KERNEL(moba_attn_merge_bf16_d256, __nv_bfloat16, 256)
 MOBA_ATTN_MERGE_KERNEL(moba_attn_merge_f16_d256,  __half,        256)

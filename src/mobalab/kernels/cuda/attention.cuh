@@ -701,35 +701,73 @@ __device__ __forceinline__ void load_slot_slice(float (&x)[V], const P* src, boo
 // several key sets (context parallelism): lse' = log(e^lse + e^lse_new), out' = w out + w_new o with
 // w = e^(lse - lse'), w_new = e^(lse_new - lse') (w + w_new = 1; both 0 while neither attends anything).
 // Saves the caller's pass that reads T out back and the fold's two passes over fp32.
-// Slot weights of one row from each lane's (m, l) of slots lane and lane + 32 (m = -inf, l = 0 where the slot does
-// not count): M = max m, weight 2^(m - M) (times l where o is normalised), L = sum l 2^(m - M) as a fixed-shape tree
-// sum (deterministic). Returns M; wv and L set.
-template <typename P>
-__device__ __forceinline__ float merge_weights(const float (&mv)[2], const float (&lv)[2], float (&wv)[2], float& L) {
+template <typename T, typename P, int D>
+__device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml, const int* topk, void* out_,
+                                           float* lse, int seqlen, int heads, int top_k, int n_blocks,
+                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse,
+                                           int out_mode) {
+  static_assert(kIsFloat<P> || kSameType<P, T>, "partial o is fp32 or the input type");
+  constexpr int V = kRowLaneElems<D>;  // elements per lane
+  const int lane = threadIdx.x & 31;
+  const bool holds = kRowLanes<D> == 32 || lane < kRowLanes<D>;  // this lane holds V elements of the row
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= static_cast<long long>(n_heads_c) * n_q) return;
+  const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
+  const long long row = (static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc);
+  const long long pbase = w * top_k;
+
+  float mv[2], lv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = lane + 32 * i;
+    mv[i] = neg_inf();
+    lv[i] = 0.f;
+    if (s < top_k) {
+      const int jb = topk[row * top_k + s];
+      if (jb >= 0 && jb < n_blocks) {
+        const float2 ml = *reinterpret_cast<const float2*>(part_ml + 2 * (pbase + s));
+        mv[i] = ml.x;
+        lv[i] = ml.y;
+      }
+    }
+  }
   float M = fmaxf(mv[0], mv[1]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
   const float m_use = (M == neg_inf()) ? 0.f : M;
-  float lw[2];
+  // slot weight 2^(m - M), times l where o is normalised; L = sum l 2^(m - M) either way
+  float wv[2], lw[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float e = lv[i] > 0.f ? exp2f(mv[i] - m_use) : 0.f;
     lw[i] = lv[i] * e;
     wv[i] = kPartialNormalised<P> ? lw[i] : e;
   }
-  L = lw[0] + lw[1];
+  // Fixed-shape tree sum: deterministic.
+  float L = lw[0] + lw[1];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-  return M;
-}
 
-// A merged row's output: acc / L in the mode's form (see merge_rows), and lse.
-template <typename T, int D>
-__device__ __forceinline__ void merge_store(const float (&acc)[kRowLaneElems<D>], float M, float L, long long row,
-                                            void* out_, float* lse, int write_lse, int out_mode) {
-  constexpr int V = kRowLaneElems<D>;
-  const int lane = threadIdx.x & 31;
-  const bool holds = kRowLanes<D> == 32 || lane < kRowLanes<D>;
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  const P* src = part_o + pbase * D + lane * V;
+  for (int s0 = 0; s0 < top_k; s0 += 4) {
+    float ws[4];
+    float x[4][V];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = s0 + u;
+      const float wsel = (s < 32) ? wv[0] : wv[1];
+      ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
+      if (s >= top_k) ws[u] = 0.f;
+      load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, holds && ws[u] > 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = fmaf(ws[u], x[u][e], acc[e]);
+  }
   const float inv = L > 0.f ? 1.f / L : 0.f;
   const float lse_new = L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : neg_inf();
   if (out_mode == 0) {
@@ -770,120 +808,6 @@ __device__ __forceinline__ void merge_store(const float (&acc)[kRowLaneElems<D>]
   }
   __syncwarp();  // every lane has read the old lse
   if (lane == 0) lse[row] = lse_out;
-}
-
-// Merge: one warp per (query, head) of the chunk; slots combined in slot order, in fp32 whatever the partial
-// element type P (float or T). out_mode 0: out in T (lse when write_lse); 1: out and lse stored in fp32;
-// 2: folded into the fp32 (out, lse) already there by log-sum-exp, for callers that combine the attention over
-// several key sets (context parallelism): lse' = log(e^lse + e^lse_new), out' = w out + w_new o with
-// w = e^(lse - lse'), w_new = e^(lse_new - lse') (w + w_new = 1; both 0 while neither attends anything).
-// Saves the caller's pass that reads T out back and the fold's two passes over fp32.
-template <typename T, typename P, int D>
-__device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml, const int* topk, void* out_,
-                                           float* lse, int seqlen, int heads, int top_k, int n_blocks,
-                                           int batch_index, int h0, int n_heads_c, int t0, int n_q, int write_lse,
-                                           int out_mode) {
-  static_assert(kIsFloat<P> || kSameType<P, T>, "partial o is fp32 or the input type");
-  constexpr int V = kRowLaneElems<D>;  // elements per lane
-  const int lane = threadIdx.x & 31;
-  const bool holds = kRowLanes<D> == 32 || lane < kRowLanes<D>;  // this lane holds V elements of the row
-  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (w >= static_cast<long long>(n_heads_c) * n_q) return;
-  const int hc = static_cast<int>(w / n_q), tt = static_cast<int>(w % n_q);
-  const long long row = (static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc);
-  const long long pbase = w * top_k;
-
-  float mv[2], lv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int s = lane + 32 * i;
-    mv[i] = neg_inf();
-    lv[i] = 0.f;
-    if (s < top_k) {
-      const int jb = topk[row * top_k + s];
-      if (jb >= 0 && jb < n_blocks) {
-        const float2 ml = *reinterpret_cast<const float2*>(part_ml + 2 * (pbase + s));
-        mv[i] = ml.x;
-        lv[i] = ml.y;
-      }
-    }
-  }
-  float wv[2], L;
-  const float M = merge_weights<P>(mv, lv, wv, L);
-
-  float acc[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = 0.f;
-  const P* src = part_o + pbase * D + lane * V;
-  for (int s0 = 0; s0 < top_k; s0 += 4) {
-    float ws[4];
-    float x[4][V];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int s = s0 + u;
-      const float wsel = (s < 32) ? wv[0] : wv[1];
-      ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
-      if (s >= top_k) ws[u] = 0.f;
-      load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, holds && ws[u] > 0.f);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = fmaf(ws[u], x[u][e], acc[e]);
-  }
-  merge_store<T, D>(acc, M, L, row, out_, lse, write_lse, out_mode);
-}
-
-// The merge for a side stream, beside the next chunk's tile kernel (one 256-thread CTA per SM of <= 240
-// registers leaves 4096): MERGE_SIDE_THREADS threads of <= 32 registers, one CTA per SM, each warp looping over
-// rows. Everything a row needs (its routing, every slot's (m, l) and partial o, 16-bit partials, top_k <= 8) is
-// loaded in one batch before any of it is used, one memory latency per row, where merge_rows waits for the routing,
-// then (m, l), then o. Slots that do not count are loaded too and skipped by a select (their partials were never
-// written), so the sums are merge_rows' bit for bit: the same fmaf chain over the counted slots, in slot order.
-#define MERGE_SIDE_THREADS 128
-#define MERGE_SIDE_SLOTS 8
-template <typename T, int D>
-__device__ __forceinline__ void merge_rows_side(const T* part_o, const float* part_ml, const int* topk, void* out_,
-                                                float* lse, int seqlen, int heads, int top_k, int n_blocks,
-                                                int batch_index, int h0, int n_heads_c, int t0, int n_q,
-                                                int write_lse, int out_mode) {
-  constexpr int V = kRowLaneElems<D>;
-  static_assert(V == 4, "16-bit partials of D = 128: one 8-byte load per lane and slot");
-  const int lane = threadIdx.x & 31;
-  if (top_k > MERGE_SIDE_SLOTS) __trap();  // the launch plan sends larger top-k to merge_rows
-  // A chunk's rows and pairs number below 2^31 (its scratch holds one partial per pair).
-  const int n_rows = n_heads_c * n_q;
-  for (int w = blockIdx.x * (MERGE_SIDE_THREADS / 32) + (threadIdx.x >> 5); w < n_rows;
-       w += gridDim.x * (MERGE_SIDE_THREADS / 32)) {
-    const int hc = w / n_q, tt = w - hc * n_q;
-    const long long row = (static_cast<long long>(batch_index) * seqlen + (t0 + tt)) * heads + (h0 + hc);
-    const int pbase = w * top_k;
-    const bool mine = lane < top_k;
-    const int jb = mine ? topk[row * top_k + lane] : -1;
-    const float2 ml = mine ? *reinterpret_cast<const float2*>(part_ml + 2 * (pbase + lane)) : make_float2(0.f, 0.f);
-    const T* src = part_o + pbase * D + lane * V;
-    uint2 raw[MERGE_SIDE_SLOTS];
-#pragma unroll
-    for (int s = 0; s < MERGE_SIDE_SLOTS; ++s)
-      raw[s] = s < top_k ? *reinterpret_cast<const uint2*>(src + static_cast<long long>(s) * D) : make_uint2(0u, 0u);
-    const bool counts = jb >= 0 && jb < n_blocks;
-    float mv[2] = {counts ? ml.x : neg_inf(), neg_inf()}, lv[2] = {counts ? ml.y : 0.f, 0.f};
-    float wv[2], L;
-    const float M = merge_weights<T>(mv, lv, wv, L);
-    float acc[V];
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = 0.f;
-#pragma unroll
-    for (int s = 0; s < MERGE_SIDE_SLOTS; ++s) {
-      const float ws = __shfl_sync(0xffffffffu, wv[0], s);
-      float x[V];
-      unpack_pair(raw[s].x, src, x[0], x[1]);
-      unpack_pair(raw[s].y, src, x[2], x[3]);
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = (s < top_k && ws > 0.f) ? fmaf(ws, x[e], acc[e]) : acc[e];
-    }
-    merge_store<T, D>(acc, M, L, row, out_, lse, write_lse, out_mode);
-  }
 }
 
 // Segment keys of a chunk: pair (hc, tt, slot) -> kvc * n_blocks + j, or n_seg for empty / invalid slots.
