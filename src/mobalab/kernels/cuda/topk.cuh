@@ -200,56 +200,6 @@ __device__ __forceinline__ void topk_store_scores(const float (&acc)[MT][NT][4],
         }
 }
 
-// The columns of a 32-column score word that a quad's stores filled: thread p of the quad holds column pairs
-// 8 nt + 2 p (bits 2 p and 2 p + 1 of every byte); bit p of `stored` says that thread p stored its columns.
-__device__ __forceinline__ unsigned topk_quad_allow(unsigned stored) {
-    unsigned allow = 0u;
-#pragma unroll
-    for (int p = 0; p < 4; ++p) allow |= ((stored >> p) & 1u) ? (0x03030303u << (2 * p)) : 0u;
-    return allow;
-}
-
-// A warp's m16n8 accumulators (MT x 2 rows per thread, 32 columns: one warp across BN = 32) -> score tile, only for
-// the rows whose owner may take one of the thread's scores: its list is not full (threshold th[s] = -inf: it needs
-// the whole word, see topk_word_bound), or one of the thread's 8 scores of the row beats th[s]. A score at or below
-// the threshold cannot enter a register list (offer() takes x > the last entry; the scan's block order breaks
-// ties), so the other columns need not move through shared memory. Slot s = 2 mt + half is row row0 + 16 mt +
-// 8 half + (lane >> 2), owned by quad thread s (MT = 2). Returns, for the calling thread's own row, which quad threads
-// stored their columns (4 bits).
-template <int MT>
-__device__ __forceinline__ unsigned topk_store_flagged(const float (&acc)[MT][4][4], float* sS, int row0, int lane,
-                                                       const float (&th)[4]) {
-    static_assert(MT == 2, "four rows per thread");
-    unsigned stored = 0u;
-    const int key = topk_score_swizzle(lane >> 2);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int s = 2 * mt + half;
-            float mx = moba::neg_inf();
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]));
-            if (!(th[s] > moba::neg_inf()) || mx > th[s]) {
-                stored |= 1u << s;
-                const int r = row0 + mt * 16 + half * 8 + (lane >> 2);
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
-                    const int c = nt * 8 + (lane & 3) * 2;
-                    *reinterpret_cast<float2*>(sS + r * 32 + (((c >> 2) ^ key) << 2) + (c & 3)) =
-                        make_float2(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
-                }
-            }
-        }
-    unsigned mine = 0u;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-        const unsigned bs = __ballot_sync(0xffffffffu, (stored >> s) & 1u);
-        if (s == (lane & 3)) mine = (bs >> (lane & ~3)) & 0xFu;
-    }
-    return mine;
-}
-
 // A row's list of the best (score, block) pairs. Both kinds offer the same three calls:
 //   passes(v)    cheap pre-filter of a score against the current threshold (false for NaN),
 //   offer(v, j)  take the pair if it ranks above the current last entry,
@@ -507,13 +457,8 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
 // so the mask may over-report but never misses a candidate. That is a subtract and a shift-insert per score
 // instead of a compare, a select and an or. While the list is not full (threshold -inf) the word's own bound
 // (topk_word_bound) filters instead, through topk_below so that scores at or above it pass.
-//
-// allow: the columns of the word that hold this chunk's scores (bit per column; the wgmma kernel stores only the
-// column pairs of rows that may take a candidate). A list that is not full needs every column (the bound above
-// reads the whole word), which the caller guarantees.
 template <typename List>
-__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim,
-                                                   unsigned allow = ~0u) {
+__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
     const int n_valid = lim - j0 - 32 * w;
     if (n_valid <= 0) return;
     float thr = list.threshold();
@@ -530,7 +475,7 @@ __device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow
         s = (s << 1) | (__float_as_uint(thr - v.y) >> 31);
         s = (s << 1) | (__float_as_uint(thr - v.x) >> 31);
     }
-    unsigned m = (((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0])) & allow;
+    unsigned m = ((q[3] << 24) | (q[2] << 16)) | ((q[1] << 8) | q[0]);
     if (n_valid < 32) m &= (1u << n_valid) - 1u;
     topk_offer_word(list, m, srow, key, w, j0);
 }
@@ -676,22 +621,13 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
     const TopkTile cta = topk_tile<CAUSAL, TK_BM, BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k, q_pos0);
     const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
 
-    // With register lists and one warp across the columns (BN = 32), a thread's accumulators hold column pairs
-    // 8 nt + 2 (lane & 3) of four rows (slot s = 2 mt + half: row 32 warp + 16 mt + 8 half + (lane >> 2)), the four
-    // threads of a quad all columns of the same four rows, and thread lane & 3 = s owns slot s's row; scores reach
-    // the score tile only where its owner may take one (topk_store_flagged). Else thread r owns row r.
-    constexpr bool kQuadRows = LCAP != 0 && WARPS_N == 1;
-    const int own = lane & 3;
-    const int row = kQuadRows ? warp * 32 + (own >> 1) * 16 + (own & 1) * 8 + (lane >> 2) : tid;
+    const int row = tid;  // the row this thread scans and owns the list of
     const int t_row = t0 + row;
     const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
     const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
 
     typename TopkListFor<LCAP>::type list;
     topk_list_init<LCAP>(list, sS + TK_BM * BN, row, list_cap);
-    float th[4];  // kQuadRows: the owners' list thresholds of this thread's four rows (-inf: not full)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) th[i] = moba::neg_inf();
 
     if (n_tiles > 0) {
         topk_load_first<T, D, BN, TK_THREADS>(sQ, sH, sL, q, hi, lo, b, h, t0, seqlen, heads, n_tiles, n_blocks, tid);
@@ -710,10 +646,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         float acc[MT][4][4];
         topk_score_tile<T, D, MT, 4, D / 16>(acc, sQ, sH, sL, wm * (MT * 16), wn * 32, lane);
         const int j0 = tile * BN;
-        unsigned mine = ~0u;  // kQuadRows: the quad threads whose columns of this thread's row are stored
-        if constexpr (kQuadRows) {
-            mine = topk_store_flagged<MT>(acc, sS, wm * (MT * 16), lane, th);
-        } else if constexpr (LCAP == 0) {  // the heap's scan takes masked scores
+        if constexpr (LCAP == 0) {  // the heap's scan takes masked scores
             topk_store_scores<CAUSAL, MT, 4, BN>(acc, sS, wm * (MT * 16), wn * 32, lane, q_pos0 + t0, j0,
                                                  block_size, n_blocks);
         } else {  // raw sums; the scan masks each word to the row's candidates
@@ -730,13 +663,7 @@ __device__ __forceinline__ void topk_body(const T* __restrict__ q, const T* __re
         __syncthreads();
         if (tile > 0) topk_load_centroids<T, D, BN, TK_THREADS>(sH, sL, hi, lo, tile - 1, n_blocks, tid);
 
-        if constexpr (kQuadRows) {
-            if (mine != 0u && t_row < seqlen) topk_scan_word_lim(list, srow, srow_key, 0, j0, lim, topk_quad_allow(mine));
-            __syncwarp();  // the scans diverge per lane; the shuffles are .sync
-            const float mt = list.threshold();
-#pragma unroll
-            for (int sl = 0; sl < 4; ++sl) th[sl] = __shfl_sync(0xffffffffu, mt, (lane & ~3) | sl);
-        } else if (t_row < seqlen) {
+        if (t_row < seqlen) {
 #pragma unroll
             for (int w = BN / 32 - 1; w >= 0; --w) {
                 if constexpr (LCAP == 0) topk_scan_word(list, srow, srow_key, w, j0);

@@ -62,9 +62,6 @@
 #define TKW_BN 64        // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
-#ifndef MOBA_TOPK_WG_STAGGER
-#define MOBA_TOPK_WG_STAGGER 0  // 1: the second warpgroup starts its wgmmas after its scans (measurement option)
-#endif
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
 // its own in place, with models of cp.async and wgmma.
@@ -160,11 +157,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                                                            q_pos0);
     const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
 
-    // A thread holds, in the accumulators, column pairs 8 nt + 2 (lane & 3) of four rows (slot s = 2 half + e: row
-    // 128 wg + 64 half + 16 wwarp + (lane >> 2) + 8 e); the four threads of a quad hold the same four rows and
-    // together all their columns, and thread lane & 3 = s of the quad owns (scans, keeps the list of) slot s's row.
-    const int own = lane & 3;
-    const int row = wg * 2 * TKW_ROWS + (own >> 1) * TKW_ROWS + wwarp * 16 + (lane >> 2) + (own & 1) * 8;
+    const int row = tid;  // the row this thread scans and owns the list of
     const int t_row = t0 + row;
     const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
     const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
@@ -174,9 +167,6 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
     float acc[2][TKW_BN];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1
-    float th[4];           // the owners' list thresholds of this thread's four rows (-inf: not full)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) th[i] = moba::neg_inf();
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -201,73 +191,49 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     // 8 nt + 2 (lane & 3), at (s_base ^ 8 nt) + (64 half + 8 e) TKW_BN (topk_score_pair_base).
     const int s_base = topk_score_pair_base<TKW_BN>(wg * 2 * TKW_ROWS + wwarp * 16, 0, lane);
 
-    // One chunk: the sums S(tile) go to the score tile only where a row may take a candidate (its owner's list is
-    // not full, or one of the thread's 16 sums beats its threshold: a score at or below it cannot enter the list,
-    // see TopkRegList), then the wgmmas of chunk tile - 1 start (`next`), then each owner scans the columns its quad
-    // stored. Late in a long row almost no score beats the threshold, so most rows move no score through shared
-    // memory, which the wgmma operand reads share. The last chunk (next = false) is peeled off the loop below, so
-    // that the accumulators are always written by a wgmma on the loop's back edge: a merge with other writes would
-    // make the compiler wait for the in-flight wgmma (ptxas C7517). A warp's rows of the score tile are its own
-    // (stored and scanned by its lanes), so their reuse needs no barrier beyond the warp's; the one CTA barrier per
-    // chunk makes chunk tile - 1 visible to both warpgroups' wgmmas and, as every thread has passed its wait for
-    // chunk `tile`'s wgmmas, frees that chunk's buffer for the copy of chunk tile - 2 issued after it.
+    // One chunk: collect S(tile), hand it to the score tile, start the wgmmas of chunk tile - 1 (`next`), scan.
+    // The last chunk (next = false) is peeled off the loop below, so that the accumulators are always written
+    // by a wgmma on the loop's back edge: a merge with the ordinary writes of the S sums would make the
+    // compiler wait for the in-flight wgmma before the scan (ptxas C7517), which is the overlap this kernel is for.
+    // A warpgroup's accumulators hold exactly the score-tile rows its own threads scan (rows 128 wg ..), so the
+    // tile's reuse waits for the warpgroup only (a named barrier); the one CTA barrier per chunk makes chunk
+    // tile - 1 visible to both warpgroups' wgmmas and, as every thread has passed its wait for chunk `tile`'s
+    // wgmmas, frees that chunk's buffer for the copy of chunk tile - 2 issued after it.
     auto step = [&](int tile, bool next) {
         moba::wgmma_wait_group<0>();
         moba::wgmma_fence_operand(acc[0]);
         moba::wgmma_fence_operand(acc[1]);
+        moba::bar_sync(1 + wg, TKW_THREADS / 2);  // this warpgroup's scans of the previous chunk are done with sS
         const int j0 = tile * TKW_BN;
-        unsigned stored = 0u;  // bit s: this thread's columns of slot s's row are in the score tile
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
+        for (int nt = 0; nt < TKW_BN / 8; ++nt) {
+            float* p = sS + (s_base ^ (nt << 3));
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float x[TKW_BN / 4];
-                float mx = moba::neg_inf();
+            for (int half = 0; half < 2; ++half)
 #pragma unroll
-                for (int nt = 0; nt < TKW_BN / 8; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
-                        const int i = nt * 4 + e * 2 + c;
-                        x[2 * nt + c] = acc[half][i] + acc[half][i + TKW_BN / 2];
-                        mx = fmaxf(mx, x[2 * nt + c]);  // NaN never wins
-                    }
-                const float t = th[2 * half + e];
-                if (!(t > moba::neg_inf()) || mx > t) {
-                    stored |= 1u << (2 * half + e);
-#pragma unroll
-                    for (int nt = 0; nt < TKW_BN / 8; ++nt)
-                        *reinterpret_cast<float2*>(sS + (s_base ^ (nt << 3)) + (half * TKW_ROWS + 8 * e) * TKW_BN) =
-                            make_float2(x[2 * nt], x[2 * nt + 1]);
+                for (int e = 0; e < 2; ++e) {
+                    // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
+                    const int i = nt * 4 + e * 2;
+                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
+                        make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
+                                    acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
                 }
-            }
-        // Which threads of the quad stored their columns of this thread's own row.
-        unsigned mine = 0u;
-#pragma unroll
-        for (int sl = 0; sl < 4; ++sl) {
-            const unsigned bs = __ballot_sync(0xffffffffu, (stored >> sl) & 1u);
-            if (sl == own) mine = (bs >> (lane & ~3)) & 0xFu;
         }
         if (next) {
             cp_async_wait<0>();  // chunk tile - 1, copied since the previous chunk's barrier
             moba::fence_proxy_async_shared();
         }
-        __syncthreads();  // score rows stored; chunk tile - 1 visible to wgmma; chunk tile's buffer free
+        __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
         if (next) {
-            if (!MOBA_TOPK_WG_STAGGER || wg == 0) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scans below
+            topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
             if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
         }
 
-        if (mine != 0u && t_row < seqlen) {
-            const unsigned allow = topk_quad_allow(mine);
+        if (t_row < seqlen) {
 #pragma unroll
-            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim, allow);
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
         }
-        __syncwarp();  // the scans diverge per lane; the shuffles below and wgmma.wait_group (next chunk) are .aligned
-        const float mt = list.threshold();
-#pragma unroll
-        for (int sl = 0; sl < 4; ++sl) th[sl] = __shfl_sync(0xffffffffu, mt, (lane & ~3) | sl);
-        if (MOBA_TOPK_WG_STAGGER && next && wg == 1) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));
+        __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
