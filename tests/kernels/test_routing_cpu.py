@@ -375,16 +375,13 @@ def test_wgmma_grid_covers_every_query_once(seqlen):
 
 
 @pytest.mark.parametrize("dim", routing.WG_HEAD_DIMS)
-@pytest.mark.parametrize("tier", routing.WG_LIST_TIERS)
-def test_wgmma_shared_memory(dim, tier):
-    """Q tile and two stacked hi/lo chunks, or the lists' merge (4 x tier keys per row) where larger, plus the
-    alignment slack: within the opt-in limit of one CTA."""
-    smem = routing.wgmma_topk_shared_bytes(dim, tier)
-    tiles = routing.WG_BM * dim * 2 + 2 * 2 * routing.WG_BN * dim * 2
-    merge = routing.WG_BM * 4 * tier * 8
-    assert smem == max(tiles, merge) + 1024
+def test_wgmma_shared_memory(dim):
+    """Q tile, two stacked hi/lo chunks, score tile, alignment slack: within the opt-in limit of one CTA."""
+    smem = routing.wgmma_topk_shared_bytes(dim)
+    parts = routing.WG_BM * dim * 2 + 2 * 2 * routing.WG_BN * dim * 2 + routing.WG_BM * routing.WG_BN * 4
+    assert smem == parts + 1024
     assert smem <= 232448
-    assert _wgmma_plan(torch.float16, dim, False, tier).shared_mem == smem
+    assert _wgmma_plan(torch.float16, dim, False, 16).shared_mem == smem
 
 
 @pytest.mark.parametrize("cap, dim, top_k, causal, n_blocks, expected", [

@@ -57,9 +57,9 @@ SPLIT_BN = 64  # centroids per streamed tile of the split kernel (two 32-column 
 TOPK_THREADS = 128
 # Must match the #defines in cuda/topk_wgmma.cu.
 WGMMA_SOURCE = "topk_wgmma.cu"
-WG_BM = 128  # query rows per CTA (two warpgroups of one m64 each)
+WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
-WG_THREADS = 256  # two warpgroups; a thread scans 16 columns of two rows
+WG_THREADS = WG_BM  # one thread per row
 WG_HEAD_DIMS = (64, 128)
 WG_LIST_TIERS = (8, 16)
 WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynamic shared memory
@@ -143,12 +143,10 @@ def split_router_supports(top_k: int, causal: bool) -> bool:
     return topk_list_tier(top_k, causal) in SPLIT_LIST_TIERS
 
 
-def wgmma_topk_shared_bytes(dim: int, tier: int = max(WG_LIST_TIERS)) -> int:
-    """Dynamic shared memory of one wgmma top-k CTA: the Q tile and two stacked hi/lo centroid chunks (all
-    128-byte swizzled, 2-byte elements), or, where larger, the row lists' merge that reuses them (four lists of
-    ``tier`` 8-byte keys per row), plus the 1024-byte alignment slack."""
-    tiles = WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2
-    return max(tiles, WG_BM * 4 * tier * 8) + WG_ALIGN_BYTES
+def wgmma_topk_shared_bytes(dim: int) -> int:
+    """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
+    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
+    return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -243,9 +241,9 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        grid = (math.ceil(seqlen / WG_BM), heads, batch)
-        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args,
-                      shared_mem=wgmma_topk_shared_bytes(dim, tier), defines=defines)
+        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
+        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
+                      defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
         name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"
