@@ -132,19 +132,6 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
                               moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
     moba::wgmma_commit_group();
 }
-
-// The same for one m64 half (its own commit group).
-template <typename T, int D, int HALF>
-__device__ __forceinline__ void topk_wg_issue_half(float (&acc)[2][TKW_BN], unsigned sq_wg, unsigned buf) {
-    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
-    moba::wgmma_fence_operand(acc[HALF]);
-    moba::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-        moba::wgmma_ss<T>(acc[HALF], moba::wgmma_desc_sw128(sq_wg + HALF * QT_BYTES, ks, TKW_ROWS),
-                          moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
-    moba::wgmma_commit_group();
-}
 #endif
 
 template <typename T, int D, bool CAUSAL, int LCAP>
@@ -237,20 +224,6 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             moba::fence_proxy_async_shared();
         }
         __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
-#ifndef MOBA_TOPK_WG_SPLIT_ISSUE
-#define MOBA_TOPK_WG_SPLIT_ISSUE 0
-#endif
-#if MOBA_TOPK_WG_SPLIT_ISSUE
-        if (next) {
-            topk_wg_issue_half<T, D, 0>(acc, sq_wg, buf(tile - 1));
-            if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
-        }
-        if (t_row < seqlen) topk_scan_word_lim(list, srow, srow_key, 1, j0, lim);
-        __syncwarp();
-        if (next) topk_wg_issue_half<T, D, 1>(acc, sq_wg, buf(tile - 1));
-        if (t_row < seqlen) topk_scan_word_lim(list, srow, srow_key, 0, j0, lim);
-        __syncwarp();
-#else
         if (next) {
             topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
             if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
@@ -261,7 +234,6 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
         }
         __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
-#endif
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
