@@ -224,20 +224,16 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             moba::fence_proxy_async_shared();
         }
         __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
-#ifndef MOBA_TOPK_WG_STAGGER
-#define MOBA_TOPK_WG_STAGGER 0
-#endif
-        if (next && tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
-        auto scan = [&]() {
-            if (t_row < seqlen) {
+        if (next) {
+            topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
+            if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
+        }
+
+        if (t_row < seqlen) {
 #pragma unroll
-                for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
-            }
-            __syncwarp();  // the scans diverge per lane; wgmma is .aligned
-        };
-        if (MOBA_TOPK_WG_STAGGER && wg == 1) scan();
-        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan
-        if (!MOBA_TOPK_WG_STAGGER || wg == 0) scan();
+            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
+        }
+        __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
