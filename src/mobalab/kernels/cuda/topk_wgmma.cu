@@ -17,9 +17,13 @@
 // 16; the shared-memory heap tier is not offered: its 64 x 256 x 8 bytes of heaps do not fit next to this layout).
 //
 // Pipeline per chunk (one CTA barrier): wait for S(c) -> warpgroup barrier (its scans of c + 1 done) -> S to
-// the score tile, wait for chunk c - 1 -> CTA barrier -> issue the wgmmas of chunk c - 1 (asynchronous),
-// cp.async of chunk c - 2 into chunk c's buffer -> scan S(c). The scan of chunk c thus runs while the tensor
-// cores compute chunk c - 1 and chunk c - 2 arrives.
+// the score tile, wait for chunk c - 1 -> CTA barrier -> cp.async of chunk c - 2 into chunk c's buffer -> warpgroup
+// 0: issue the wgmmas of chunk c - 1 (asynchronous), scan S(c); warpgroup 1: scan S(c), then issue. The scan of
+// chunk c thus runs while the tensor cores compute chunk c - 1 and chunk c - 2 arrives; the stagger lets
+// warpgroup 1 scan while warpgroup 0 is held by its issue (1.01-1.04x on an H200 against both issuing first: 256K
+// 11.80 against 12.26 ms, 64K at B 32 3.00 against 3.08). Timed with clock64 (scripts/wgmma_overlap.py), the scans
+// and the MMAs overlap little either way: issuing 16 wgmma holds a warpgroup for ~half of their MMA time, and
+// shared-memory loads and stores under SS wgmma run ~3x slower, so the stores and scans add to the MMA time.
 //
 // Work and bytes per chunk (D = 128, one CTA): MMA 256 rows x 128 stacked columns x 128 x 2 = 8.4 MFLOP (32
 // wgmma m64n128k16 of 262 KFLOP), ~2.0 K clocks at the dense 16-bit rate (~4 KFLOP/clk/SM). Shared memory: wgmma
@@ -152,7 +156,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     float* sS = reinterpret_cast<float*>(topk_wg_smem + (sc + 2 * C_BYTES - smem0));
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = warp >> 2, wwarp = warp & 3;
+    // The warpgroup index through a shuffle from lane 0: ptxas then knows it is uniform across the warp, and a
+    // branch on it (the staggered order below) does not make it serialise every wgmma of the kernel (C7518).
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wwarp = warp & 3;
     const TopkTile cta = topk_tile<CAUSAL, TKW_BM, TKW_BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k,
                                                            q_pos0);
     const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
@@ -224,16 +230,20 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
             moba::fence_proxy_async_shared();
         }
         __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
-        if (next) {
-            topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scan below
-            if (tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
-        }
-
-        if (t_row < seqlen) {
+        if (next && tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
+        auto scan = [&]() {
+            if (t_row < seqlen) {
 #pragma unroll
-            for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
-        }
-        __syncwarp();  // the scans diverge per lane; wgmma.wait_group (next chunk) is .aligned
+                for (int w = TKW_BN / 32 - 1; w >= 0; --w) topk_scan_word_lim(list, srow, srow_key, w, j0, lim);
+            }
+            __syncwarp();  // the scans diverge per lane; wgmma is .aligned
+        };
+        // Staggered: warpgroup 0 issues chunk tile - 1's wgmmas, then scans; warpgroup 1 scans first, while
+        // warpgroup 0 is held by its issue (a warpgroup issuing 16 wgmma waits ~half of their MMA time before its
+        // next instruction: scripts/wgmma_overlap.py), and issues after.
+        if (wg == 1) scan();
+        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scans
+        if (wg == 0) scan();
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
