@@ -258,15 +258,172 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 #endif
 }
 
+
+// ---- warp-specialised form (build option MOBA_TOPK_WG_WS=1; _cuda_routing.WG_WARP_SPECIALISED plans it) ----
+// Warpgroups 0 and 1 produce: their 128 rows each (two m64 halves) against 32-centroid chunks (hi and lo stacked,
+// 64 B rows: wgmma m64n64k16, S = columns 0..31 + 32..63), the sums stored to one of two score tiles; warpgroups 2
+// and 3 consume: thread 256 + r scans row r of the tile (one 32-block word per chunk). One CTA barrier per chunk:
+// after it the producers issue chunk c - 1's wgmmas and chunk c - 2's copy, the consumers scan S(c); before the
+// next, the producers wait for chunk c - 1's MMAs and store S(c - 1) to the other tile. So no scanning warp is held
+// by an issue, and the scans of chunk c run under the MMAs of chunk c - 1.
+#ifndef MOBA_TOPK_WG_WS
+#define MOBA_TOPK_WG_WS 0
+#endif
+#define TKWS_BN 32
+#define TKWS_THREADS 512
+
+#if MOBA_HAS_WGMMA
+template <int D>
+struct TopkWsCopy : TopkCopyPattern<D, 256, TKW_ROWS> {
+    static_assert(TopkCopyPattern<D, 256, TKW_ROWS>::kFixed, "one swizzled column per thread");
+};
+#endif
+
+template <typename T, int D, bool CAUSAL, int LCAP>
+__device__ __forceinline__ void topk_wg_ws_body(const T* __restrict__ q, const T* __restrict__ chi,
+                                                const T* __restrict__ clo, int* __restrict__ out, int seqlen,
+                                                int heads, int kv_heads, int block_size, int n_blocks, int top_k,
+                                                int q_pos0, int fold_blocks) {
+#if MOBA_HAS_WGMMA
+    static_assert(D == 64 || D == 128, "head dims of the wgmma router");
+    static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
+    constexpr unsigned C_BYTES = moba::sw128_tile_bytes(2 * TKWS_BN, D);
+    using C = TopkWsCopy<D>;
+    MOBA_TOPK_WG_SMEM(topk_wg_smem);
+    const unsigned smem0 = smem_u32(topk_wg_smem);
+    const unsigned sq = (smem0 + moba::SW128_PATTERN_BYTES - 1) & ~(moba::SW128_PATTERN_BYTES - 1);
+    const unsigned sc = sq + (TKW_BM / TKW_ROWS) * QT_BYTES;
+    float* sS0 = reinterpret_cast<float*>(topk_wg_smem + (sc + 2 * C_BYTES - smem0));  // two tiles of 256 x 32
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wwarp = warp & 3;  // warp-uniform to ptxas
+    const bool producer = wg < 2;
+    const TopkTile cta = topk_tile<CAUSAL, TKW_BM, TKWS_BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k,
+                                                            q_pos0);
+    const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
+    const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
+    const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
+    auto buf = [&](int tile) { return sc + (tile & 1) * C_BYTES; };
+    // Producers' copies: centroid chunk `tile` into the stacked tile at buf(tile); the CTA's Q rows.
+    const int r0 = (tid & 255) / C::CH, cc = (tid & 255) % C::CH;
+    auto load_chunk = [&](int tile) {
+        const unsigned dst = buf(tile) + moba::sw128_offset(r0, cc * 8, 2 * TKWS_BN);
+        const int j = tile * TKWS_BN + r0;
+#pragma unroll
+        for (int k = 0; k < TKWS_BN / C::R; ++k) {
+            const long long src = (long long)min(j + k * C::R, n_blocks - 1) * D + cc * 8;
+            cp_async16(dst + k * C::R * moba::SW128_ROW_BYTES, hi + src);
+            cp_async16(dst + (TKWS_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
+        }
+        cp_async_commit();
+    };
+    const unsigned sq_wg = sq + (wg & 1) * 2 * QT_BYTES;
+    float acc[2][TKWS_BN];  // per m64 half: q.hi in columns 0 .. 31, q.lo in 32 .. 63
+    auto issue = [&](int tile) {
+        moba::wgmma_fence_operand(acc[0]);
+        moba::wgmma_fence_operand(acc[1]);
+        moba::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+                moba::wgmma_ss<T>(acc[half], moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS),
+                                  moba::wgmma_desc_sw128(buf(tile), ks, 2 * TKWS_BN), ks > 0);
+        moba::wgmma_commit_group();
+    };
+    // A producer thread's score-tile elements (topk_score_pair_base): rows 128 wg + 16 wwarp + (lane >> 2) + 64 half
+    // + 8 e, column pairs 8 nt + 2 (lane & 3).
+    const int s_base = topk_score_pair_base<TKWS_BN>((wg & 1) * 2 * TKW_ROWS + wwarp * 16, 0, lane);
+    auto store = [&](int tile) {
+        float* sS = sS0 + (tile & 1) * TKW_BM * TKWS_BN;
+#pragma unroll
+        for (int nt = 0; nt < TKWS_BN / 8; ++nt) {
+            float* p = sS + (s_base ^ (nt << 3));
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int i = nt * 4 + e * 2;  // q.lo of column c in float i + 16 (wgmma_acc_col)
+                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKWS_BN) =
+                        make_float2(acc[half][i] + acc[half][i + TKWS_BN / 2],
+                                    acc[half][i + 1] + acc[half][i + 1 + TKWS_BN / 2]);
+                }
+        }
+    };
+
+    const int row = tid & 255;  // a consumer's row
+    const int t_row = t0 + row;
+    const int lim = CAUSAL ? (q_pos0 + t_row) / block_size : n_blocks;
+    const int srow_key = topk_score_swizzle(row & 7);
+    typename TopkListFor<LCAP>::type list;
+    list.init(list_cap);
+
+    if (n_tiles > 0) {
+        if (producer) {
+            topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);  // (TopkWgCopy: 256 threads)
+            load_chunk(n_tiles - 1);
+            if (n_tiles > 1) {
+                load_chunk(n_tiles - 2);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            moba::fence_proxy_async_shared();
+        }
+        __syncthreads();
+        if (producer) issue(n_tiles - 1);
+    }
+    for (int tile = n_tiles - 1; tile >= 0; --tile) {
+        if (producer) {
+            moba::wgmma_wait_group<0>();
+            moba::wgmma_fence_operand(acc[0]);
+            moba::wgmma_fence_operand(acc[1]);
+            store(tile);
+            if (tile >= 1) {
+                cp_async_wait<0>();  // chunk tile - 1
+                moba::fence_proxy_async_shared();
+            }
+        }
+        // S(tile) complete; the consumers done with S(tile + 1), the other tile; chunk tile - 1 visible to wgmma;
+        // chunk tile's MMAs complete, so its buffer is free for chunk tile - 2.
+        __syncthreads();
+        if (producer) {
+            if (tile >= 1) {
+                issue(tile - 1);
+                if (tile >= 2) load_chunk(tile - 2);
+            }
+        } else if (t_row < seqlen) {
+            topk_scan_word_lim(list, sS0 + (tile & 1) * TKW_BM * TKWS_BN + row * TKWS_BN, srow_key, 0,
+                               tile * TKWS_BN, lim);
+        }
+        __syncwarp();
+    }
+    if (!producer && t_row < seqlen) {
+        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
+    }
+#else
+    __trap();  // wgmma exists on sm_90a only
+#endif
+}
+
+#if MOBA_TOPK_WG_WS
+#define TKW_ENTRY_THREADS TKWS_THREADS
+#define TKW_ENTRY_BODY topk_wg_ws_body
+#else
+#define TKW_ENTRY_THREADS TKW_THREADS
+#define TKW_ENTRY_BODY topk_wg_body
+#endif
+
 // ---- entry points: dtype x head dim (64, 128) x causal x list tier (k8 / k16), the parameter list of
 // topk.cu's kernels (the launch plan passes the same arguments), grouped by head dim under MOBA_HAS_HEAD_DIM. ----
 
 #define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
+    extern "C" __global__ void __launch_bounds__(TKW_ENTRY_THREADS, 1)                                                \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
          int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
          int fold_blocks) {                                                                                           \
-        topk_wg_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,     \
+        TKW_ENTRY_BODY<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,   \
                                          q_pos0, fold_blocks);                                                        \
     }
 
