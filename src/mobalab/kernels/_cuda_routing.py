@@ -63,12 +63,6 @@ WG_THREADS = WG_BM  # one thread per row
 WG_HEAD_DIMS = (64, 128)
 WG_LIST_TIERS = (8, 16)
 WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynamic shared memory
-# The warp-specialised form of the wgmma top-k (build option MOBA_TOPK_WG_WS=1 of cuda/topk_wgmma.cu): two producer
-# and two consumer warpgroups, 32-centroid chunks, two score tiles.
-WG_WARP_SPECIALISED = False
-WG_WS_DEFINE = "MOBA_TOPK_WG_WS=1"
-WG_WS_THREADS = 512
-WG_WS_BN = 32
 # Must match the #defines in cuda/topk.cuh (the split body).
 SPLIT_THREADS = 256
 SPLIT_LIST_TIERS = (8, 16)
@@ -153,12 +147,6 @@ def wgmma_topk_shared_bytes(dim: int) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
     128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
     return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
-
-
-def wgmma_ws_topk_shared_bytes(dim: int) -> int:
-    """Dynamic shared memory of one warp-specialised wgmma top-k CTA: the Q tile, two stacked 32-centroid chunks,
-    two fp32 score tiles and the alignment slack."""
-    return WG_BM * dim * 2 + 2 * (2 * WG_WS_BN) * dim * 2 + 2 * WG_BM * WG_WS_BN * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -254,10 +242,6 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
-        if WG_WARP_SPECIALISED or WG_WS_DEFINE in defines:
-            defines = defines if WG_WS_DEFINE in defines else (*defines, WG_WS_DEFINE)
-            return Launch(WGMMA_SOURCE, name, grid, (WG_WS_THREADS, 1, 1), args,
-                          shared_mem=wgmma_ws_topk_shared_bytes(dim), defines=defines)
         return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
                       defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
