@@ -14,6 +14,7 @@
 //   warpgroups: how much register-only work per round the tensor pipe hides when warpgroups take turns.
 #include <cuda_bf16.h>
 
+#include "ptx.cuh"
 #include "wgmma.cuh"
 
 #if MOBA_HAS_WGMMA
@@ -25,12 +26,6 @@ __device__ __forceinline__ long long probe_clock() {
   long long c;
   asm volatile("mov.u64 %0, %%clock64;" : "=l"(c)::"memory");
   return c;
-}
-
-__device__ __forceinline__ float4 probe_lds128(unsigned a) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));
-  return v;
 }
 
 // Non-zero bf16 values (about 1) into `bytes` of shared memory from s0 (the MMA operands; values do not matter
@@ -47,9 +42,30 @@ __device__ __forceinline__ void probe_fill(unsigned s0, unsigned bytes) {
 constexpr unsigned kQTile = sw128_tile_bytes(64, 128);   // one m64 x 128 A tile, 16 KB
 constexpr unsigned kBTile = sw128_tile_bytes(128, 128);  // the 128 x 128 B tile, 32 KB
 
-__device__ __forceinline__ void overlap_body(int mode, int mma, int iters, int n_work, long long* out, float* sink) {
+// The dynamic shared memory's first 1024-byte aligned address (the swizzle patterns' alignment; the launch adds
+// 1 KB of slack).
+__device__ __forceinline__ unsigned probe_base() {
   extern __shared__ __align__(1024) unsigned char smem[];
-  const unsigned s0 = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023) & ~1023u;
+  return (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023) & ~1023u;
+}
+
+// One commit group of H x 8 wgmma m64n128k16: acc[h] = A tile h (at sq_wg + h kQTile) x B^T, 8 k-steps.
+template <int H>
+__device__ __forceinline__ void probe_issue(float (&acc)[H][64], unsigned sq_wg, unsigned sb) {
+#pragma unroll
+  for (int h = 0; h < H; ++h) wgmma_fence_operand(acc[h]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 8; ++ks)
+#pragma unroll
+    for (int h = 0; h < H; ++h)
+      wgmma_ss<__nv_bfloat16>(acc[h], wgmma_desc_sw128(sq_wg + h * kQTile, ks, 64), wgmma_desc_sw128(sb, ks, 128),
+                              ks > 0);
+  wgmma_commit_group();
+}
+
+__device__ __forceinline__ void overlap_body(int mode, int mma, int iters, int n_work, long long* out, float* sink) {
+  const unsigned s0 = probe_base();
   const unsigned sq = s0, sb = s0 + 4 * kQTile, ss = sb + kBTile;  // 4 A tiles, the B tile, a 64 KB score tile
   probe_fill(s0, 4 * kQTile + kBTile + 256 * 256);
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
@@ -66,18 +82,7 @@ __device__ __forceinline__ void overlap_body(int mode, int mma, int iters, int n
   const long long start = probe_clock();
   for (int it = 0; it < iters; ++it) {
     const long long t0 = probe_clock();
-    if (mma) {
-      wgmma_fence_operand(acc[0]);
-      wgmma_fence_operand(acc[1]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 8; ++ks)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wgmma_ss<__nv_bfloat16>(acc[h], wgmma_desc_sw128(sq_wg + h * kQTile, ks, 64), wgmma_desc_sw128(sb, ks, 128),
-                                  ks > 0);
-      wgmma_commit_group();
-    }
+    if (mma) probe_issue(acc, sq_wg, sb);
     const long long t1 = probe_clock();
     if (mode == 1) {
       for (int r = 0; r < n_work; ++r) {
@@ -97,7 +102,7 @@ __device__ __forceinline__ void overlap_body(int mode, int mma, int iters, int n
         }
 #pragma unroll
         for (int w = 0; w < 16; ++w) {
-          const float4 v = probe_lds128(srow + ((w ^ (tid & 7)) << 4));
+          const float4 v = ld_shared_v4_f32(srow + ((w ^ (tid & 7)) << 4));
           sum.x += v.x;
           sum.y += v.y;
           sum.z += v.z;
@@ -134,8 +139,7 @@ __device__ __forceinline__ void overlap_body(int mode, int mma, int iters, int n
 
 template <int H>
 __device__ __forceinline__ void pingpong_body(int iters, int n_work, long long* out, float* sink) {
-  extern __shared__ __align__(1024) unsigned char smem[];
-  const unsigned s0 = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023) & ~1023u;
+  const unsigned s0 = probe_base();
   const unsigned sb = s0 + 8 * kQTile;  // room for 8 A tiles (four warpgroups x two m64), then the B tile
   probe_fill(s0, 8 * kQTile + kBTile);
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
@@ -146,16 +150,7 @@ __device__ __forceinline__ void pingpong_body(int iters, int n_work, long long* 
   const long long start = probe_clock();
   for (int it = 0; it < iters; ++it) {
     const long long t0 = probe_clock();
-#pragma unroll
-    for (int h = 0; h < H; ++h) wgmma_fence_operand(acc[h]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks)
-#pragma unroll
-      for (int h = 0; h < H; ++h)
-        wgmma_ss<__nv_bfloat16>(acc[h], wgmma_desc_sw128(sq_wg + h * kQTile, ks, 64), wgmma_desc_sw128(sb, ks, 128),
-                                ks > 0);
-    wgmma_commit_group();
+    probe_issue(acc, sq_wg, sb);
     wgmma_wait_group<0>();
 #pragma unroll
     for (int h = 0; h < H; ++h) wgmma_fence_operand(acc[h]);
