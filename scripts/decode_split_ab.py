@@ -4,7 +4,8 @@ Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian 
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
 ``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
 of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
-kernel). Every variant is
+kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
+DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only). Every variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
@@ -14,6 +15,7 @@ of the sorted round times in us, and whether its selection equals the plan's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -26,7 +28,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "page_size")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "page_size", "probe")
 
 
 def parse_variant(text: str) -> dict:
@@ -62,7 +64,11 @@ def main(argv=None) -> int:
     from mobalab.bench.decode import l2_flush_buffer, random_cache, time_step
     from mobalab.kernels import _cuda_decode_split as S
     from mobalab.kernels._build import sm_count
-    from mobalab.kernels._cuda_decode import run
+    from mobalab.kernels._cuda_decode import run as run_plain
+    from mobalab.kernels._launch import launch
+
+    def run(x, dev):
+        launch(x) if x.defines else run_plain(x, dev)
 
     flush = l2_flush_buffer()
     dev = torch.cuda.current_device()
@@ -74,10 +80,13 @@ def main(argv=None) -> int:
         for label, opts in variants.items():
             opts = dict(opts)
             page = opts.pop("page_size", None)
+            probe = opts.pop("probe", 0)
             if page not in caches:
                 caches[page] = paged_copy(cache, page)
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
+            if probe:  # the attention launch (the last) built with the probe
+                launches[-1] = dataclasses.replace(launches[-1], defines=(f"DSP_ATTN_PROBE={probe}",))
             for _ in range(3):
                 for x in launches:
                     run(x, dev)

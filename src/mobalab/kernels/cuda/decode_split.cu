@@ -161,6 +161,12 @@
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
 #define DSP_MERGE_ML 2                 // per lane: slots whose l the merge keeps from its first load
 #define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
+// Timing probes of the attention launch (build options, wrong outputs; scripts/decode_split_ab.py): 1 leaves out
+// the math of an item (its copies, waits, barriers and the merge stay), 2 leaves out its copies
+// (the math reads whatever the stages hold), 3 leaves out the merge.
+#ifndef DSP_ATTN_PROBE
+#define DSP_ATTN_PROBE 0
+#endif
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -598,7 +604,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             } else {
                 src = ((long long)g * capacity + tok0) * D;
             }
-            dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
+            if (DSP_ATTN_PROBE != 2)
+                dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
         };
         // Up to NST - 1 items in flight while one is computed.
@@ -660,7 +667,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 // lane 4g + t holds S of row g at tokens 2t, 2t + 1; the row's max and sum over the 8 tokens
                 // across the quad; P (rounded to T) is already the A fragment of P V by mma m16n8k8, V
                 // transposed by ldmatrix.
-                if (warp < nwa) {
+                if (DSP_ATTN_PROBE != 1 && warp < nwa) {
                     const int g4 = lane >> 2, t4 = lane & 3, tw0 = warp * 8;
                     const int tr = tw0 + (lane & 7);  // the stage row this lane addresses for ldmatrix
                     float sacc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -717,7 +724,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
                 // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise;
                 // 4 consecutive columns a thread.
-                for (int y = tid; y < nb * (D / 4); y += NT) {
+                for (int y = tid; y < (DSP_ATTN_PROBE == 1 ? 0 : nb * (D / 4)); y += NT) {
                     const int rr = y / (D / 4), d = (y - rr * (D / 4)) * 4;
                     float mw[NW], big = dec_neg_inf();
 #pragma unroll
@@ -789,6 +796,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
     __syncthreads();
     if (!flags[1]) return;
+    if (DSP_ATTN_PROBE == 3) {  // the set and counter as the merge would leave them
+        for (int x = tid; x < n_words; x += NT) tab[x] = 0;
+        if (tid == 0) *counter = 0u;
+        return;
+    }
     __threadfence();
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
