@@ -28,7 +28,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "page_size", "probe")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "page_size", "probe")
 
 
 def parse_variant(text: str) -> dict:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
             if probe:  # the attention launch (the last) built with the probe
-                launches[-1] = dataclasses.replace(launches[-1], defines=(f"DSP_ATTN_PROBE={probe}",))
+                launches[-1] = dataclasses.replace(launches[-1],
+                                                   defines=(*launches[-1].defines, f"DSP_ATTN_PROBE={probe}"))
             for _ in range(3):
                 for x in launches:
                     run(x, dev)

@@ -28,6 +28,7 @@ captured in a CUDA graph).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,13 +54,13 @@ FLAGS = 64
 SCORE_LOADS = 16  # float4 block-sum loads per lane of one score batch
 ROUTE_MAX_ROWS = 64
 SELECT_LOADS = 8
-ATTN_CHUNK = 32
+ATTN_CHUNK = 64
 ATTN_ROWS = 4
 ATTN_THREADS = 128
 ATTN_WARPS = ATTN_THREADS // 32
 SCORE_MIN_CTAS = 2  # __launch_bounds__ minimum CTAs per SM of the score kernel
 SELECT_MIN_CTAS = 4
-ATTN_MIN_CTAS = 5
+ATTN_MIN_CTAS = 3
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
 
@@ -176,7 +177,7 @@ class SplitPlan(StepShape):
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
-               select_wpr: int | None = None) -> SplitPlan:
+               select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -186,9 +187,10 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
-    :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 32)`
+    :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 64)`
     tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
-    ATTN_MIN_CTAS per SM, at most one per item) share its items.
+    ATTN_MIN_CTAS per SM, at most one per item) share its items. ``attn_chunk``: the attention kernel's most
+    tokens per item (its DSP_ATTN_CHUNK; 32 only for a kernel built with that option).
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -208,7 +210,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
             raise ValueError(f"plan_split: range_blocks = {range_blocks}; it must be positive")
         per_range = range_blocks
         n_range = math.ceil(n_cand / per_range)
-    chunk = min(block_size, ATTN_CHUNK)
+    chunk = min(block_size, attn_chunk)
     entries = rows * top_k
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
     if attn_ctas is None:
@@ -286,19 +288,20 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
-    plan's choices.
+    plan's choices; ``attn_chunk`` 32: the attention kernel built with 32-token items, five CTAs per SM (build
+    options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr)
+                      select_wpr, attn_chunk)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
@@ -309,4 +312,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages)
+    if attn_chunk != ATTN_CHUNK:
+        if attn_chunk != 32:
+            raise ValueError(f"split_launches: attn_chunk = {attn_chunk}; built: {ATTN_CHUNK} (default) or 32")
+        attend = dataclasses.replace(attend, defines=("DSP_ATTN_CHUNK=32", "DSP_ATTN_MIN_CTAS=5"))
     return plan, bufs, [*route, attend]

@@ -42,16 +42,18 @@
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
 //    n_words 32-bit words in a zeroed workspace, atomicOr), so no later CTA has to find out which entries
 //    name the same block.
-// 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of five per SM; every
+// 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of three per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
-//    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 32 tokens) of the u-th selected block
+//    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
 //    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block,
-//    whose rows (entries, rows, positions) are gathered once. While it computes one item, the K and V of its next item are in flight (cp.async.cg
-//    16-byte copies into two swizzled stages of 16 KB at d 128, zeros beyond L_b). For the rows that selected
-//    the block (passes of <= 4 rows, zero rows padding the 16-row tiles) warp w takes tokens 8w .. 8w + 7:
-//    S = Q K^T by mma.sync m16n8k16 (K by ldmatrix), masked after the row's position, the max and sum of
-//    P = 2^(S - max) over its tokens (scale * log2 e folded in), and P V by m16n8k8 (P rounded to q's type,
-//    V by ldmatrix.trans); one barrier, then the warps' (max, sum, P V) are combined per row. A run of chunks
+//    whose rows (entries, rows, positions) are gathered once. While it computes one item, the K and V of its
+//    next item are in flight (cp.async.cg 16-byte copies into two swizzled stages of 32 KB at d 128, zeros
+//    beyond L_b). For the rows that selected the block (passes of <= 4 rows, zero rows padding the 16-row
+//    tiles) warp w takes tokens 16w .. 16w + 15: S = Q K^T by mma.sync m16n8k16 (K by ldmatrix), masked after
+//    the row's position, the max and sum of P = 2^(S - max) over its tokens (scale * log2 e folded in), and
+//    P V by m16n8k16 (P rounded to q's type, V by ldmatrix.trans); one barrier, then the warps' (max, sum, P V)
+//    are combined per row. (Items of 32 tokens, 8 a warp, P V by m16n8k8, five CTAs per SM: the build option
+//    DSP_ATTN_CHUNK=32, DSP_ATTN_MIN_CTAS=5, the kernel before; see "Measured" below.) A run of chunks
 //    of one block folds into one base-2 partial (m, l, o) per row, written to the slot (r, s, c) of the
 //    run's first chunk (the run's other slots get m = -inf); with more than 4 rows every chunk writes its own
 //    partial. So a block that several rows of a kv head select is read once. The kv head's entries and query
@@ -151,11 +153,15 @@
 #define DSP_SCORE_LOADS 16             // float4 block-sum loads per lane of one score batch (8 KB per warp)
 #define DSP_ROUTE_MAX_ROWS 64          // rows of one score row group
 #define DSP_SELECT_LOADS 8             // 32-candidate chunks a select warp loads together
-#define DSP_ATTN_CHUNK 32              // most tokens of one attention item
+#ifndef DSP_ATTN_CHUNK                 // a build option for side-by-side timing (32: 8 tokens a warp)
+#define DSP_ATTN_CHUNK 64              // most tokens of one attention item (16 a warp)
+#endif
 #define DSP_ATTN_ROWS 4                // rows per pass over a chunk
 #define DSP_SCORE_MIN_CTAS 2           // __launch_bounds__ minimum CTAs per SM (<= 128 registers)
 #define DSP_SELECT_MIN_CTAS 4
-#define DSP_ATTN_MIN_CTAS 5
+#ifndef DSP_ATTN_MIN_CTAS              // (5 with 32-token items)
+#define DSP_ATTN_MIN_CTAS 3
+#endif
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
@@ -511,7 +517,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     constexpr int NT = DSP_ATTN_THREADS;
     constexpr int NST = DSP_ATTN_STAGES;
     constexpr int QSD = D + 8;  // padded q rows: the 4 rows of an A fragment load hit different banks
-    static_assert(DSP_ATTN_CHUNK == 8 * NW, "a warp takes 8 tokens of a chunk");
+    constexpr int TPW = DSP_ATTN_CHUNK / NW;  // tokens of an item per warp
+    static_assert(TPW == 8 || TPW == 16, "a warp takes 8 or 16 tokens of a chunk");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, R = group * q_len, E = R * top_k, nc = n_chunks;
@@ -590,7 +597,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncthreads();
         const int nu = min(NT, window_total(wcount) - r0);
 
-        const int n_it = nu * nc, nwa = chunk / 8;  // warps with 8 tokens of a chunk each
+        const int n_it = nu * nc, nwa = chunk / TPW;  // warps with TPW tokens of a chunk each (chunk >= 16)
         const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
         auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
             const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * chunk;
@@ -662,21 +669,28 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 __syncthreads();  // qs written; every thread's copies of this item have landed; flags[0] read
                 if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
 
-                // Warp w < nwa: tokens 8w .. 8w + 7 of the chunk, on the tensor cores (rows nb .. 15 of the
-                // 16-row tiles are zero). S = Q K^T by mma m16n8k16 (K from the swizzled stage by ldmatrix),
-                // lane 4g + t holds S of row g at tokens 2t, 2t + 1; the row's max and sum over the 8 tokens
-                // across the quad; P (rounded to T) is already the A fragment of P V by mma m16n8k8, V
-                // transposed by ldmatrix.
+                // Warp w < nwa: tokens TPW w .. TPW w + TPW - 1 of the chunk, on the tensor cores (rows nb .. 15 of
+                // the 16-row tiles are zero). S = Q K^T by mma m16n8k16, one 8-token n-tile per 8 tokens (K from
+                // the swizzled stage by ldmatrix): lane 4g + t holds S of row g at tokens 8x + 2t, 8x + 2t + 1 of
+                // n-tile x; the row's max and sum over the warp's tokens across the quad. P (rounded to T) is
+                // already the A fragment of P V: by mma m16n8k8 for 8 tokens, by m16n8k16 for 16 (n-tile 1's
+                // values as the fragment's columns 8 .. 15), V transposed by ldmatrix.
                 if (DSP_ATTN_PROBE != 1 && warp < nwa) {
-                    const int g4 = lane >> 2, t4 = lane & 3, tw0 = warp * 8;
-                    const int tr = tw0 + (lane & 7);  // the stage row this lane addresses for ldmatrix
-                    float sacc[4] = {0.f, 0.f, 0.f, 0.f};
+                    constexpr int NTL = TPW / 8;
+                    const int g4 = lane >> 2, t4 = lane & 3, tw0 = warp * TPW;
+                    const int tr = tw0 + (lane & 7);  // the stage row this lane addresses for ldmatrix (tile 0)
+                    float sacc[NTL][4];
+#pragma unroll
+                    for (int x = 0; x < NTL; ++x) sacc[x][0] = sacc[x][1] = sacc[x][2] = sacc[x][3] = 0.f;
 #pragma unroll
                     for (int kp = 0; kp < D / 32; ++kp) {
-                        unsigned kb[4];
+                        unsigned kb[NTL][4];
                         const int ch = 4 * kp + (lane >> 3);
-                        const unsigned addr = moba::smem_u32(ks + tr * D + ((ch ^ (tr & 7)) << 3));
-                        moba::ldmatrix_x4(addr, kb[0], kb[1], kb[2], kb[3]);
+#pragma unroll
+                        for (int x = 0; x < NTL; ++x) {  // rows tr + 8x share tr's swizzle
+                            const unsigned addr = moba::smem_u32(ks + (tr + 8 * x) * D + ((ch ^ (tr & 7)) << 3));
+                            moba::ldmatrix_x4(addr, kb[x][0], kb[x][1], kb[x][2], kb[x][3]);
+                        }
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
                             const int k0 = (2 * kp + h) * 16 + 2 * t4;
@@ -685,34 +699,66 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                 qa[0] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0);
                                 qa[2] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0 + 8);
                             }
-                            moba::Elem<T>::mma(sacc, qa, kb[2 * h], kb[2 * h + 1]);
+#pragma unroll
+                            for (int x = 0; x < NTL; ++x) moba::Elem<T>::mma(sacc[x], qa, kb[x][2 * h], kb[x][2 * h + 1]);
                         }
                     }
                     const int pos = g4 < nb ? rpos[rb0 + g4] : -1;
-                    float p0 = tok0 + tw0 + 2 * t4 <= pos ? sacc[0] * scale_log2 : dec_neg_inf();
-                    float p1 = tok0 + tw0 + 2 * t4 + 1 <= pos ? sacc[1] * scale_log2 : dec_neg_inf();
-                    float mx = fmaxf(p0, p1);
+                    float pv[NTL][2], mx = dec_neg_inf();
+#pragma unroll
+                    for (int x = 0; x < NTL; ++x) {
+                        const int tk = tok0 + tw0 + 8 * x + 2 * t4;
+                        pv[x][0] = tk <= pos ? sacc[x][0] * scale_log2 : dec_neg_inf();
+                        pv[x][1] = tk + 1 <= pos ? sacc[x][1] * scale_log2 : dec_neg_inf();
+                        mx = fmaxf(mx, fmaxf(pv[x][0], pv[x][1]));
+                    }
                     mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 2));
-                    p0 = mx == dec_neg_inf() ? 0.f : exp2f(p0 - mx);  // P (0 for masked tokens)
-                    p1 = mx == dec_neg_inf() ? 0.f : exp2f(p1 - mx);
-                    float l = p0 + p1;
+                    float l = 0.f;
+#pragma unroll
+                    for (int x = 0; x < NTL; ++x) {  // P (0 for masked tokens)
+                        pv[x][0] = mx == dec_neg_inf() ? 0.f : exp2f(pv[x][0] - mx);
+                        pv[x][1] = mx == dec_neg_inf() ? 0.f : exp2f(pv[x][1] - mx);
+                        l += pv[x][0] + pv[x][1];
+                    }
                     l += __shfl_xor_sync(DEC_FULL, l, 1);
                     l += __shfl_xor_sync(DEC_FULL, l, 2);
-                    const unsigned pa = dec_pack2(p0, p1, T());
+                    const unsigned pa0 = dec_pack2(pv[0][0], pv[0][1], T());
+                    if constexpr (NTL == 1) {
 #pragma unroll
-                    for (int qd = 0; qd < D / 32; ++qd) {
-                        unsigned vb[4];
-                        const int ch = 4 * qd + (lane >> 3);
-                        const unsigned addr = moba::smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3));
-                        moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
+                        for (int qd = 0; qd < D / 32; ++qd) {
+                            unsigned vb[4];
+                            const int ch = 4 * qd + (lane >> 3);
+                            const unsigned addr = moba::smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3));
+                            moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            float oc[4] = {0.f, 0.f, 0.f, 0.f};
-                            moba::Elem<T>::mma_k8(oc, pa, 0u, vb[i]);
-                            if (g4 < nb)
-                                *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (4 * qd + i) * 8 + 2 * t4) =
-                                    make_float2(oc[0], oc[1]);
+                            for (int i = 0; i < 4; ++i) {
+                                float oc[4] = {0.f, 0.f, 0.f, 0.f};
+                                moba::Elem<T>::mma_k8(oc, pa0, 0u, vb[i]);
+                                if (g4 < nb)
+                                    *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (4 * qd + i) * 8 +
+                                                               2 * t4) = make_float2(oc[0], oc[1]);
+                            }
+                        }
+                    } else {
+                        const unsigned pa[4] = {pa0, 0u, dec_pack2(pv[NTL - 1][0], pv[NTL - 1][1], T()), 0u};
+                        // matrix m = lane / 8 of the x4 load: tokens 8 (m & 1) .. + 7 of the warp's 16 (the k
+                        // halves of B), 16-byte chunk 2 qd + (m >> 1) (n-tiles 2 qd and 2 qd + 1)
+                        const int vr = tw0 + ((lane >> 3) & 1) * 8 + (lane & 7);
+#pragma unroll
+                        for (int qd = 0; qd < D / 16; ++qd) {
+                            unsigned vb[4];
+                            const int ch = 2 * qd + (lane >> 4);
+                            const unsigned addr = moba::smem_u32(vs + vr * D + ((ch ^ (vr & 7)) << 3));
+                            moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
+#pragma unroll
+                            for (int i = 0; i < 2; ++i) {
+                                float oc[4] = {0.f, 0.f, 0.f, 0.f};
+                                moba::Elem<T>::mma(oc, pa, vb[2 * i], vb[2 * i + 1]);
+                                if (g4 < nb)
+                                    *reinterpret_cast<float2*>(red + (warp * ROWS + g4) * D + (2 * qd + i) * 8 +
+                                                               2 * t4) = make_float2(oc[0], oc[1]);
+                            }
                         }
                     }
                     if (t4 == 0 && g4 < nb) {
