@@ -220,7 +220,7 @@ for step in "${STEPS[@]}"; do
       kernel_sass router_sass 'regex:moba_topk' --forward-only ${ROUTER_SASS_ARGS:-} || status=1 ;;
     fwd-sass) # shellcheck disable=SC2086  # FWD_SASS_ARGS are words
       kernel_sass fwd_sass 'regex:moba_attn_(res|wg)' --forward-only ${FWD_SASS_ARGS:-} || status=1 ;;
-    tests-core) timeout $(cap 300) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
+    tests-core) timeout $(cap 400) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                   tests/kernels/test_routing_gpu.py tests/kernels/test_attention_gpu.py tests/kernels/test_backward_gpu.py \
                   tests/kernels/test_varlen_gpu.py tests/kernels/test_decode_gpu.py tests/integrations/test_transformers_gpu.py \
                   tests/experiments/test_rope.py tests/kernels/test_training_gpu.py tests/kernels/test_pairs_gpu.py \
