@@ -9,7 +9,8 @@ DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only).
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
-of the sorted round times in us, and whether its selection equals the plan's.
+of the sorted round times in us, whether its selection equals the plan's, and how far its output is from the
+plan's (where it is not equal).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "page_size", "probe")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", "probe")
 
 
 def parse_variant(text: str) -> dict:
@@ -92,18 +93,20 @@ def main(argv=None) -> int:
                 for x in launches:
                     run(x, dev)
             torch.cuda.synchronize()
-            built[label] = (plan, launches, bufs["sel"].clone())
+            built[label] = (plan, launches, bufs["sel"].clone(), bufs["out"].float().clone())
         def step_us(launches):
             return time_step(lambda: [run(x, dev) for x in launches], args.reps, flush)[0] * 1e3
 
         times = interleaved_times({label: built[label][1] for label in variants}, args.repeats, step_us)
         cells = []
-        for label, (plan, _, sel) in built.items():
+        for label, (plan, _, sel, out) in built.items():
             t = sorted(times[label])
             mid = t[len(t) // 2 - 1:len(t) // 2 + 1] if len(t) > 1 else t
             same = torch.equal(sel, built["plan"][2])
+            diff = (out - built["plan"][3]).abs().max().item()
             cells.append(f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs, {plan.select_wpr} "
-                         f"warps): {'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}")
+                         f"warps): {'-'.join(f'{x:.1f}' for x in mid)} us{'' if same else ' SELECTION DIFFERS'}"
+                         f"{f', out differs by {diff:.1e}' if diff else ''}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         del cache, caches, built
         torch.cuda.empty_cache()

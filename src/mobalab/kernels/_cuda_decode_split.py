@@ -63,6 +63,8 @@ SELECT_MIN_CTAS = 4
 ATTN_MIN_CTAS = 3
 ATTN_STAGES = 2
 ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attention CTAs keep in shared memory
+ATTN_WAVE_ITEMS = 16  # items per attention CTA where the kv heads outnumber one wave's CTA slots
+SMEM_PER_SM = 233472  # H100 / H200: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
 
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
@@ -109,15 +111,27 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
 
 
 def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1,
-                    cached: bool = False) -> int:
+                    cached: bool = False, stages: int = ATTN_STAGES) -> int:
     """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (``cached``:
     :func:`attn_cached`) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and
-    sums, then ATTN_STAGES chunks of K and V."""
+    sums, then ``stages`` (ATTN_STAGES) chunks of K and V."""
     head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
     if cached:
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
     return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \
-        ATTN_STAGES * 2 * chunk * head_dim * itemsize
+        stages * 2 * chunk * head_dim * itemsize
+
+
+def attn_ctas_per_sm(attn_smem: int, smem_per_sm: int = SMEM_PER_SM, most: int = ATTN_MIN_CTAS) -> int:
+    """Attention CTAs that fit on one SM: ``most`` (the launch bounds'), fewer where their shared memory is
+    short (each CTA also takes 1 KB the hardware reserves), at least one."""
+    return max(1, min(most, smem_per_sm // (attn_smem + 1024)))
+
+
+def smem_per_sm(device_index: int) -> int:
+    """Shared memory per SM of CUDA device ``device_index`` (SMEM_PER_SM where torch does not say)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_multiprocessor", SMEM_PER_SM))
 
 
 def select_warps(n_cand: int) -> int:
@@ -177,7 +191,8 @@ class SplitPlan(StepShape):
 def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int, top_k: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
-               select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK) -> SplitPlan:
+               select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
+               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -188,9 +203,12 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
     :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 64)`
-    tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) (default: enough for one wave of
-    ATTN_MIN_CTAS per SM, at most one per item) share its items. ``attn_chunk``: the attention kernel's most
-    tokens per item (its DSP_ATTN_CHUNK; 32 only for a kernel built with that option).
+    tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) share its items, by default one wave
+    (:func:`attn_ctas_per_sm` per SM, on ``smem_per_sm`` bytes of shared memory, at most ``attn_most``) where the
+    kv heads fit in it, else about ATTN_WAVE_ITEMS items per CTA (several waves of short CTAs: measured on an
+    H200 at 32K, batch 64, 0.425 ms with one CTA per kv head in 1.3 waves against 0.330 with four), at most one
+    per item. ``attn_chunk`` and ``attn_stages``: the attention kernel's most tokens per item and its stages (its
+    DSP_ATTN_CHUNK, DSP_ATTN_STAGES; other than the defaults only for a kernel built with them).
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -213,22 +231,26 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     chunk = min(block_size, attn_chunk)
     entries = rows * top_k
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
+    items = distinct * (block_size // chunk)
+    cached = attn_cached(head_dim, rows, top_k, itemsize)
+    attn_smem = attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached, attn_stages)
     if attn_ctas is None:
-        attn_ctas = max(1, min(distinct * (block_size // chunk), sm_count * ATTN_MIN_CTAS // (batch * kv_heads)))
+        slots = sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
+        per_kvh = slots // (batch * kv_heads) if batch * kv_heads <= slots else math.ceil(items / ATTN_WAVE_ITEMS)
+        attn_ctas = max(1, min(items, per_kvh))
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
     if select_wpr is None:
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):
         raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
-    cached = attn_cached(head_dim, rows, top_k, itemsize)
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached))
+                     attn_smem=attn_smem)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -288,20 +310,31 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
-    plan's choices; ``attn_chunk`` 32: the attention kernel built with 32-token items, five CTAs per SM (build
-    options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
+    plan's choices; ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
+    built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
+    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
+    built = (attn_chunk, attn_stages) != (ATTN_CHUNK, ATTN_STAGES)
+    if built and (attn_chunk not in (32, 64) or attn_stages not in (2, 3, 4)):
+        raise ValueError(f"split_launches: attn_chunk = {attn_chunk}, attn_stages = {attn_stages}; "
+                         "supported: 32 or 64, and 2, 3 or 4")
+    # launch bounds of a kernel built with other items or stages: the CTAs per SM that q_len 1, 32 / 8 heads,
+    # d 128, k 8 fit (at most five: 102 registers a thread)
+    most = attn_ctas_per_sm(attn_smem_bytes(128, 4, attn_chunk, 2, 8, True, attn_stages), most=5) if built \
+        else ATTN_MIN_CTAS
+    dev = q.device.index if q.device.type == "cuda" and q.device.index is not None else None
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk)
+                      select_wpr, attn_chunk, attn_stages,
+                      smem_per_sm(dev) if dev is not None else SMEM_PER_SM, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
@@ -312,8 +345,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages)
-    if attn_chunk != ATTN_CHUNK:
-        if attn_chunk != 32:
-            raise ValueError(f"split_launches: attn_chunk = {attn_chunk}; built: {ATTN_CHUNK} (default) or 32")
-        attend = dataclasses.replace(attend, defines=("DSP_ATTN_CHUNK=32", "DSP_ATTN_MIN_CTAS=5"))
+    if built:
+        attend = dataclasses.replace(attend, defines=(f"DSP_ATTN_CHUNK={attn_chunk}",
+                                                      f"DSP_ATTN_STAGES={attn_stages}", f"DSP_ATTN_MIN_CTAS={most}"))
     return plan, bufs, [*route, attend]

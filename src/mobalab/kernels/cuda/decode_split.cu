@@ -164,7 +164,9 @@
 #endif
 #define DSP_ATTN_THREADS 128           // attention CTAs: 4 warps, several CTAs per SM out of step with each other
 #define DSP_ATTN_WARPS (DSP_ATTN_THREADS / 32)
+#ifndef DSP_ATTN_STAGES                // a build option for side-by-side timing (2 .. 4)
 #define DSP_ATTN_STAGES 2              // K/V chunks per attention CTA: one computed, the next in flight
+#endif
 #define DSP_MERGE_ML 2                 // per lane: slots whose l the merge keeps from its first load
 #define DSP_ATTN_CACHE 6144            // most bytes of a kv head's entries and query rows kept in shared memory
 // Timing probes of the attention launch (build options, wrong outputs; scripts/decode_split_ab.py): 1 leaves out
@@ -646,9 +648,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 nrow = flags[0];
                 prev_j = j;
             }
-            // Wait for this item's group: the ones issued after it may stay in flight.
-            static_assert(NST == 2, "one item in flight behind the current one");
-            if (it + 1 < hi)
+            // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight.
+            static_assert(NST >= 2 && NST <= 4, "one to three items in flight behind the current one");
+            const int behind = min(NST - 1, hi - 1 - it);
+            if (NST > 3 && behind >= 3)
+                dec_cp_async_wait<(NST > 3 ? 3 : 0)>();
+            else if (NST > 2 && behind == 2)
+                dec_cp_async_wait<(NST > 2 ? 2 : 0)>();
+            else if (behind == 1)
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
