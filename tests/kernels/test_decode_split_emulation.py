@@ -58,11 +58,11 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "top_
 
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts,
-              seed=7, route_only=False, attn_ctas=None):
+              seed=7, route_only=False, attn_ctas=None, **built):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
-                                            attn_ctas=attn_ctas)
+                                            attn_ctas=attn_ctas, **built)
     if not route_only:
         assert launches[-1].kernel.startswith("moba_decode_attend_paged_") == cache.paged, launches[-1].kernel
     poison(bufs)
@@ -129,6 +129,25 @@ def test_other_cta_orders_give_the_same_step(harness, tmp_path, case, attn_ctas)
     assert runs[0][4].n_range > 1 or runs[0][4].cpg == attn_ctas
     for name in ("sel", "out", "lse"):
         assert torch.equal(runs[0][-1][name], runs[1][-1][name]), name
+
+
+# The attention kernel built with 32-token items (8 tokens a warp, P V by m16n8k8) and four stages (three items in
+# flight, so every cp.async wait depth runs): the build options the benchmarks time against the default.
+BUILT = dict(attn_chunk=32, attn_stages=4)
+harness_built = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels.cu": source("decode_split.cu")},
+                                flags=("-DDSP_ATTN_CHUNK=32", "-DDSP_ATTN_STAGES=4", "-DDSP_ATTN_MIN_CTAS=3"),
+                                name="harness_built")
+
+
+@pytest.mark.parametrize(("case", "attn_ctas"), [(CASES[0].values, 2), (CASES[2].values, 1), (CASES[12].values, 1)],
+                         ids=["gqa4-ragged", "B128-qlen3-chunks", "paged-B128"])
+def test_attention_build_options_match_reference(harness_built, tmp_path, case, attn_ctas):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_built, tmp_path, *case, attn_ctas=attn_ctas, **BUILT)
+    assert plan.chunk == min(case[2], 32) and plan.cpg == attn_ctas
+    dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
+    assert not cache._counters.any()
 
 
 def test_route_only_launches_write_the_selection_alone(harness, tmp_path):

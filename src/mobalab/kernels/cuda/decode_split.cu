@@ -82,6 +82,17 @@
 //    loops of equal work ending 26-47 us after the launch, but segments of two chunks claimed from a per-kv-head
 //    counter (each CTA taking more as it finishes) measured equal at 512K and 1M, 1-3 us shorter at 128K B 128,
 //    2 us longer at B 64, k 4 and 10 us longer at batch 64 (348.5 against 338.3 us).
+//    Timing probes (DSP_ATTN_PROBE) of the 32-token kernel at 512K, step us: 101.5 as built, 99.2 without the
+//    math, 79.0 without the copies, 96.2 without the merge; so the copies, not the math, set the launch's time,
+//    and with no copies at all the launch still takes ~32 us (start, set, per-item barriers and merge).
+//    64-token items, 16 tokens a warp, three CTAs per SM (twice the bytes per item's fixed costs; the plan's
+//    CTAs per kv head from the CTAs that fit an SM, or ~16 items each where the kv heads outnumber a wave's
+//    slots), interleaved against the 32-token build: 512K 97.8 against 100.9 us, 1M 133.4 / 134.0, 128K 73.4 /
+//    76.1, 128K at k 16 114.1 / 122.4, 32K 62.0 / 65.3, batch 64 331.5 / 334.6, equal at B 64 / B 32. Three or
+//    four stages (two or three items in flight: 32 tokens at three CTAs per SM, 64 at two) were 1-15% slower at
+//    every point but one; with those, more items in flight do not shorten the copies. Nsight Compute of the
+//    64-token launch at 512K: 49.5 us, 2.52 TB/s (52% of DRAM peak), SMs active 61.6 K / 76.0 K / 89.8 K cycles
+//    (min / mean / max) of 93.4 K: the last SMs run ~15% longer than the mean.
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
@@ -101,8 +112,9 @@
 // is not scoring); selection ~13 us at 512K, ~7 us at 32K (latency-bound: a globaltimer trace at 128K put ~1400
 // cycles per warp into the lengths load, ~7300 into ranking its chunks and ~4500 into the merge of 8 warps' lists,
 // all dependent compare-and-shuffle chains, before the 64-bit keys took 1.6-4.3 us off the routing); attention
-// ~52 us for 121 MB at every length (~29 blocks per kv head). Step 0.102 ms at 512K (58% of the copy
-// bandwidth), 0.069 ms at 32K, 0.052 ms at 128K, B 64, k 4 (43%, the lowest at batch 8 and 128K-1M). Nsight
+// ~52 us for 121 MB at every length (~29 blocks per kv head; ~50 us with 64-token items). Step 0.102 ms at 512K
+// (58% of the copy bandwidth; 0.098 ms, 62%, with 64-token items), 0.069 ms at 32K, 0.052 ms at 128K, B 64, k 4
+// (43%, the lowest at batch 8 and 128K-1M). Nsight
 // Compute at 128K, batch 8 (before the keys): score 22.1 us, select 12.5 us, attention 20.0 us at B 64, k 4
 // (67 + 27 MB); 14.1, 13.7 and 52.9 us at B 128, k 8 (the attention at 48% of DRAM peak). 70% of the roofline
 // at B 64, k 4 is a 31.6 us step: the score and attention launches at the copy bandwidth alone take 22 us, so
