@@ -23,6 +23,9 @@
 #                step also replayed from a CUDA graph and issued back to back (mobalab, FA2, cuDNN alike: no host
 #                time | the host ahead as in a training loop; bwd-graph/)
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
+#   decode-ab                the split decode step's variants and build options side by side (scripts/decode_split_ab.py;
+#                            DECODE_AB_POINTS, DECODE_AB_VARIANTS, default the 32-token attention build at eight points;
+#                            decode_ab.log, ~60 s)
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep),
 #                            both decode kernels (fused, split: two rows per configuration)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
@@ -239,6 +242,9 @@ for step in "${STEPS[@]}"; do
                    tests/kernels/test_decode_gpu.py -k paged > "$W/pytest_decode_paged.log" 2>&1 || status=1
                  timeout $(cap 150) python3 scripts/decode_split_ab.py --points 512K,128K,32K \
                    --variants page_size=128 page_size=1024 > "$W/decode_paged_ab.log" 2>&1 || status=1 ;;
+    decode-ab) timeout $(cap 240) python3 scripts/decode_split_ab.py \
+                 --points "${DECODE_AB_POINTS:-512K,1M,128K,128K-B64k4,128K-B32k8,128K-k16,32K,32K-b64}" \
+                 --variants ${DECODE_AB_VARIANTS:-attn_chunk=32,attn_stages=2} > "$W/decode_ab.log" 2>&1 || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;
@@ -328,6 +334,7 @@ for f in "$W/bwd_step_lists.md" "$W/bwd_step_order.md" "$W"/step_ab_*.md; do [ -
 [ -f "$W/pytest_bwd_graph.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_bwd_graph.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_bwd_graph.log"; }
 [ -f "$W/pytest_decode_paged.log" ] && { grep -E "^(FAILED|ERROR)" "$W/pytest_decode_paged.log" | cut -c1-220 | head -n 8; tail -n 1 "$W/pytest_decode_paged.log"; }
 [ -f "$W/decode_paged_ab.log" ] && grep -E "^\|" "$W/decode_paged_ab.log"
+[ -f "$W/decode_ab.log" ] && grep -E "^\||Error" "$W/decode_ab.log"
 [ -f "$W/pytest_pairs.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_pairs.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_pairs.log"; }
 [ -f "$W/bench_wgmma_ws.log" ] && grep -E "^(FAILED|skipped)" "$W/bench_wgmma_ws.log" | head -n 6
 for f in "$W/pytest_router_wgmma.log" "$W/pytest_router_split.log"; do
