@@ -68,8 +68,11 @@ def main(argv=None) -> int:
     from mobalab.kernels._cuda_decode import run as run_plain
     from mobalab.kernels._launch import launch
 
-    def run(x, dev):
-        launch(x) if x.defines else run_plain(x, dev)
+    def run(x, dev):  # a launch with build options compiles its own module (_launch.launch)
+        if x.defines:
+            launch(x)
+        else:
+            run_plain(x, dev)
 
     flush = l2_flush_buffer()
     dev = torch.cuda.current_device()

@@ -32,7 +32,11 @@ from _emulation import NEEDS_CXX, harness_fixture, poison, run_emulated  # noqa:
 pytestmark = NEEDS_CXX
 
 
-harness = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels.cu": source("decode_split.cu")})
+def _kernel_files() -> dict[str, str]:
+    return {"decode_split_kernels.cu": source("decode_split.cu")}
+
+
+harness = harness_fixture("decode_split_harness", _kernel_files)
 
 
 BF, FP = torch.bfloat16, torch.float16
@@ -134,9 +138,8 @@ def test_other_cta_orders_give_the_same_step(harness, tmp_path, case, attn_ctas)
 # The attention kernel built with 32-token items (8 tokens a warp, P V by m16n8k8) and four stages (three items in
 # flight, so every cp.async wait depth runs): the build options the benchmarks time against the default.
 BUILT = dict(attn_chunk=32, attn_stages=4)
-harness_built = harness_fixture("decode_split_harness", lambda: {"decode_split_kernels.cu": source("decode_split.cu")},
-                                flags=("-DDSP_ATTN_CHUNK=32", "-DDSP_ATTN_STAGES=4", "-DDSP_ATTN_MIN_CTAS=3"),
-                                name="harness_built")
+harness_built = harness_fixture("decode_split_harness", _kernel_files,
+                                flags=tuple(f"-D{d}" for d in S.attn_build(**BUILT)[1]), name="harness_built")
 
 
 @pytest.mark.parametrize(("case", "attn_ctas"), [(CASES[0].values, 2), (CASES[2].values, 1), (CASES[12].values, 1)],

@@ -117,6 +117,15 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def smem_per_sm(device_index: int, default: int = 233472) -> int:
+    """Shared memory per SM of CUDA device ``device_index`` in bytes (asked once; ``default``, an H100's / H200's
+    228 KB, where torch does not say)."""
+    import torch
+
+    return int(getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor", default))
+
+
 def device_capability(device) -> tuple[int, int]:
     """(major, minor) compute capability of CUDA device ``device`` (a torch.device or an index; no index: the current
     device), asked once per device: the wrappers choose kernels by it on every call."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._build import smem_per_sm
 from ._contract import getenv
 from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
@@ -128,10 +129,17 @@ def attn_ctas_per_sm(attn_smem: int, smem_per_sm: int = SMEM_PER_SM, most: int =
     return max(1, min(most, smem_per_sm // (attn_smem + 1024)))
 
 
-def smem_per_sm(device_index: int) -> int:
-    """Shared memory per SM of CUDA device ``device_index`` (SMEM_PER_SM where torch does not say)."""
-    props = torch.cuda.get_device_properties(device_index)
-    return int(getattr(props, "shared_memory_per_multiprocessor", SMEM_PER_SM))
+def attn_build(attn_chunk: int, attn_stages: int) -> tuple[int, tuple[str, ...]]:
+    """(launch bounds' CTAs per SM, preprocessor defines) of the attention kernel built with ``attn_chunk`` tokens
+    per item and ``attn_stages`` stages: (ATTN_MIN_CTAS, ()) for the defaults, else the CTAs per SM that q_len 1,
+    32 / 8 heads, d 128, k 8 fit (at most five: 102 registers a thread) and the three build options."""
+    if (attn_chunk, attn_stages) == (ATTN_CHUNK, ATTN_STAGES):
+        return ATTN_MIN_CTAS, ()
+    if attn_chunk not in (32, 64) or attn_stages not in (2, 3, 4):
+        raise ValueError(f"split_launches: attn_chunk = {attn_chunk}, attn_stages = {attn_stages}; "
+                         "supported: 32 or 64, and 2, 3 or 4")
+    most = attn_ctas_per_sm(attn_smem_bytes(128, 4, attn_chunk, 2, 8, True, attn_stages), most=5)
+    return most, (f"DSP_ATTN_CHUNK={attn_chunk}", f"DSP_ATTN_STAGES={attn_stages}", f"DSP_ATTN_MIN_CTAS={most}")
 
 
 def select_warps(n_cand: int) -> int:
@@ -322,19 +330,12 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
-    built = (attn_chunk, attn_stages) != (ATTN_CHUNK, ATTN_STAGES)
-    if built and (attn_chunk not in (32, 64) or attn_stages not in (2, 3, 4)):
-        raise ValueError(f"split_launches: attn_chunk = {attn_chunk}, attn_stages = {attn_stages}; "
-                         "supported: 32 or 64, and 2, 3 or 4")
-    # launch bounds of a kernel built with other items or stages: the CTAs per SM that q_len 1, 32 / 8 heads,
-    # d 128, k 8 fit (at most five: 102 registers a thread)
-    most = attn_ctas_per_sm(attn_smem_bytes(128, 4, attn_chunk, 2, 8, True, attn_stages), most=5) if built \
-        else ATTN_MIN_CTAS
-    dev = q.device.index if q.device.type == "cuda" and q.device.index is not None else None
+    most, defines = attn_build(attn_chunk, attn_stages)
+    smem = smem_per_sm(q.device.index, SMEM_PER_SM) if q.device.type == "cuda" and q.device.index is not None \
+        else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages,
-                      smem_per_sm(dev) if dev is not None else SMEM_PER_SM, most)
+                      select_wpr, attn_chunk, attn_stages, smem, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
@@ -345,7 +346,6 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages)
-    if built:
-        attend = dataclasses.replace(attend, defines=(f"DSP_ATTN_CHUNK={attn_chunk}",
-                                                      f"DSP_ATTN_STAGES={attn_stages}", f"DSP_ATTN_MIN_CTAS={most}"))
+    if defines:
+        attend = dataclasses.replace(attend, defines=defines)
     return plan, bufs, [*route, attend]
