@@ -187,6 +187,9 @@
 #ifndef DSP_ATTN_PROBE
 #define DSP_ATTN_PROBE 0
 #endif
+#ifndef DSP_ATTN_WHOLE_COPY            // a whole item's copies without per-row tests (0: every row tested)
+#define DSP_ATTN_WHOLE_COPY 1
+#endif
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -495,6 +498,16 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     const T* vp = vb + goff;
     T* skp = ks + soff;
     T* svp = vs + soff;
+#if DSP_ATTN_WHOLE_COPY
+    if (nvalid == DSP_ATTN_CHUNK) {  // a whole item (chunk = DSP_ATTN_CHUNK): no per-row test, one base each
+#pragma unroll
+        for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {
+            dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
+            dec_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
+        }
+        return;
+    }
+#endif
 #pragma unroll
     // no early exit: every pass is straight-line code off the four bases
     for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {
