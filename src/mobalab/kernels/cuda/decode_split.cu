@@ -191,6 +191,39 @@
 #define DSP_ATTN_WHOLE_COPY 1
 #endif
 
+// A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
+// it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
+// phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
+#ifndef DSP_ATTN_TRACE
+#define DSP_ATTN_TRACE 0
+#endif
+#if DSP_ATTN_TRACE
+#define DSP_TRACE_CTAS 4096
+#define DSP_TRACE_SLOTS 16
+__device__ unsigned long long dsp_trace[DSP_TRACE_CTAS][DSP_TRACE_SLOTS];
+__device__ __forceinline__ unsigned long long dsp_gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// Slots: 0 .. 7 cycles of the phases (0 start and batch setup (set window, numbering), 1 issue, 2 gather rows,
+// 3 wait, 4 query rows + barrier, 5 math + barrier, 6 combine + partials, 7 merge), 8 .. 11 globaltimer at the
+// start, first item, loop end, end; 12 items, 13 gathers, 14 SM id, 15 last CTA. Kept in registers (a global
+// read-modify-write per lap would add its latency to every phase), written once at the end.
+#define DSP_TR_LAP(i)                                   \
+    do {                                                \
+        const long long now_ = clock64();               \
+        tr_acc[i] += (unsigned long long)(now_ - tr_clock); \
+        tr_clock = now_;                                \
+    } while (0)
+#define DSP_TR_SET(i, val) do { tr_g[i] = (unsigned long long)(val); } while (0)
+#define DSP_TR_ADD(i, val) do { tr_n[i] += (val); } while (0)
+#else
+#define DSP_TR_LAP(i) do { } while (0)
+#define DSP_TR_SET(i, val) do { } while (0)
+#define DSP_TR_ADD(i, val) do { } while (0)
+#endif
+
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
 // no position is needed). The code, and so each kernel's measured machine code, differs, so both stay.
@@ -554,6 +587,24 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
     int* tab = table + (long long)g * n_words;
+#if DSP_ATTN_TRACE
+    long long tr_clock = clock64();
+    unsigned long long tr_acc[8] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
+    unsigned long long tr_g[4] = {dsp_gtime(), 0ull, 0ull, 0ull};
+    unsigned tr_n[2] = {0u, 0u};
+    auto tr_flush = [&](int last) {
+        if (tid != 0) return;
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        unsigned long long* o = dsp_trace[blockIdx.x];
+        for (int x = 0; x < 8; ++x) o[x] = tr_acc[x];
+        for (int x = 0; x < 4; ++x) o[8 + x] = tr_g[x];
+        o[12] = tr_n[0];
+        o[13] = tr_n[1];
+        o[14] = smid;
+        o[15] = last;
+    };
+#endif
 
     int* flags = reinterpret_cast<int*>(smem);
     int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
@@ -642,6 +693,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
         };
+        DSP_TR_LAP(0);
+#if DSP_ATTN_TRACE
+        if (tr_g[1] == 0ull) tr_g[1] = dsp_gtime();
+#endif
         // Up to NST - 1 items in flight while one is computed.
 #pragma unroll
         for (int x = 0; x < NST - 1; ++x)
@@ -655,7 +710,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         int run_c = 0;
         for (int it = lo, n = 0; it < hi; ++it, ++n) {
             // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
+            DSP_TR_LAP(6);
+            DSP_TR_ADD(0, 1u);
             if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
+            DSP_TR_LAP(1);
             const int c = it & (nc - 1), j = ublk[it >> lnc];
             const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
@@ -672,7 +730,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 __syncthreads();
                 nrow = flags[0];
                 prev_j = j;
+                DSP_TR_ADD(1, 1u);
             }
+            DSP_TR_LAP(2);
             // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight.
             static_assert(NST >= 2 && NST <= 4, "one to three items in flight behind the current one");
             const int behind = min(NST - 1, hi - 1 - it);
@@ -684,6 +744,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
+            DSP_TR_LAP(3);
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
             const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
@@ -700,6 +761,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 }
                 __syncthreads();  // qs written; every thread's copies of this item have landed; flags[0] read
                 if (tid == 0) flags[0] = 0;  // for the next gather (after its first barrier)
+                DSP_TR_LAP(4);
 
                 // Warp w < nwa: tokens TPW w .. TPW w + TPW - 1 of the chunk, on the tensor cores (rows nb .. 15 of
                 // the 16-row tiles are zero). S = Q K^T by mma m16n8k16, one 8-token n-tile per 8 tokens (K from
@@ -799,6 +861,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     }
                 }
                 __syncthreads();  // every warp's (max, sum, P.V) of the pass
+                DSP_TR_LAP(5);
 
                 // The chunk's partial of each row: M = max over warps, o = sum_w o_w 2^(m_w - M), L likewise;
                 // 4 consecutive columns a thread.
@@ -861,6 +924,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             }
         }
         __syncthreads();  // the batch's items are done with ublk and the stages
+        DSP_TR_LAP(6);
         r0 += NT;
         if (r0 >= window_total(wcount)) {
             r0 = 0;
@@ -868,15 +932,24 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
     }
 
+    DSP_TR_SET(2, dsp_gtime());
     __threadfence();
     __syncthreads();
     unsigned* counter = counters + g;
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
     __syncthreads();
+    DSP_TR_LAP(0);
+#if DSP_ATTN_TRACE
+    tr_g[3] = dsp_gtime();
+    if (!flags[1]) tr_flush(0);
+#endif
     if (!flags[1]) return;
     if (DSP_ATTN_PROBE == 3) {  // the set and counter as the merge would leave them
         for (int x = tid; x < n_words; x += NT) tab[x] = 0;
         if (tid == 0) *counter = 0u;
+#if DSP_ATTN_TRACE
+        tr_flush(1);
+#endif
         return;
     }
     __threadfence();
@@ -966,6 +1039,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
     for (int x = tid; x < n_words; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
+#if DSP_ATTN_TRACE
+    DSP_TR_LAP(7);
+    tr_g[3] = dsp_gtime();
+    tr_flush(1);
+#endif
 }
 
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim

@@ -1,0 +1,111 @@
+"""Where the split decode's attention launch spends its time, per CTA: ``python scripts/decode_attn_trace.py
+[--points 512K,128K-B64k4] [--variants plan probe=2]``.
+
+The attention launch is built with DSP_ATTN_TRACE=1 (cuda/decode_split.cu): thread 0 of every CTA notes
+%globaltimer at its start, first item, loop end and end, and the clock64 cycles of each phase of its item loop.
+Each point (``decode_split_ab.py``'s points and variant knobs) runs a few steps, then one step with L2 flushed
+whose trace is read. Printed per variant: the launch's span, when CTAs start, reach their first item, end their
+loops and end (min / median / max, us after the first CTA's start), items per CTA, and the mean cycles per item
+of each loop phase (per CTA; thread 0's view, so a barrier's wait is charged to the phase it ends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import torch
+
+PHASES = ("setup", "issue", "gather", "wait", "q rows", "math", "combine", "merge")
+
+
+def summarise(tr, label: str) -> list[str]:
+    """Lines describing trace rows ``tr`` (int64 tensor (ctas, 16), the kernel's slot layout)."""
+    t0 = tr[:, 8].min()
+    rel = (tr[:, 8:12] - t0).double() / 1e3  # us
+    items = tr[:, 12].double()
+    last = tr[:, 15] == 1
+
+    def q3(x):
+        x = x.sort().values
+        return f"{x[0]:.1f} / {x[len(x) // 2]:.1f} / {x[-1]:.1f}"
+
+    span = (tr[:, 11].max() - t0).item() / 1e3
+    loop_us = rel[:, 2] - rel[:, 1]
+    lines = [f"  {label}: span {span:.1f} us; {len(tr)} CTAs on {tr[:, 14].unique().numel()} SMs; "
+             f"items per CTA {q3(items)}; gathers per CTA {tr[:, 13].double().mean():.1f}",
+             f"    start {q3(rel[:, 0])} | first item {q3(rel[:, 1])} | loop end {q3(rel[:, 2])} | "
+             f"end {q3(rel[:, 3])} (us, min / median / max)",
+             f"    loop us per item {q3(loop_us / items.clamp(min=1))}; merge CTAs' merge "
+             f"{(rel[last, 3] - rel[last, 2]).mean():.1f} us"]
+    per_item = tr[:, 1:7].double().sum(0) / items.sum()
+    cyc = ", ".join(f"{PHASES[i + 1]} {per_item[i]:.0f}" for i in range(6))
+    setup = tr[:, 0].double().mean()
+    merge = tr[last, 7].double().mean() if last.any() else float("nan")
+    lines.append(f"    cycles per item: {cyc}; per CTA: setup {setup:.0f}, merge (last CTAs) {merge:.0f}")
+    # how the loop ends spread over SMs: the SMs whose CTAs end last
+    sm = tr[:, 14]
+    sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.float64).scatter_reduce(0, sm, rel[:, 2], "amax")
+    sm_items = torch.zeros_like(sm_end).scatter_add(0, sm, items)
+    used = sm_items > 0
+    lines.append(f"    per SM: items {q3(sm_items[used])}, loop end {q3(sm_end[used])} us")
+    return lines
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from decode_split_ab import POINTS, parse_variant
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="512K,128K-B64k4")
+    p.add_argument("--variants", nargs="*", default=["probe=2"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_attn_trace: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import cupy
+
+    from mobalab.bench.decode import HEAD_DIM, _flush_l2, l2_flush_buffer, random_cache
+    from mobalab.kernels import _cuda_decode_split as S
+    from mobalab.kernels._build import _module, sm_count
+    from mobalab.kernels._launch import _module_defines, launch
+
+    flush = l2_flush_buffer()
+    dev = torch.cuda.current_device()
+    variants = {"plan": {}, **{v: parse_variant(v) for v in args.variants}}
+    for name in args.points.split(","):
+        n, batch, block, top_k = POINTS[name]
+        cache, q = random_cache(n, batch, block, n + block)
+        print(f"{name} (N {n}, batch {batch}, B {block}, k {top_k}):", flush=True)
+        for label, opts in variants.items():
+            opts = dict(opts)
+            build = ["DSP_ATTN_TRACE=1"]
+            for knob, define in (("probe", "DSP_ATTN_PROBE"), ("whole_copy", "DSP_ATTN_WHOLE_COPY")):
+                if knob in opts:
+                    build.append(f"{define}={opts.pop(knob)}")
+            plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM),
+                                                    sm_count=sm_count(dev), **opts)
+            att = launches[-1] = dataclasses.replace(launches[-1], defines=(*launches[-1].defines, *build))
+            for _ in range(5):
+                for x in launches:
+                    launch(x)
+            _flush_l2(flush)
+            for x in launches:
+                launch(x)
+            torch.cuda.synchronize()
+            mod = _module(att.source, _module_defines(att.kernel, att.defines), ())
+            ctas = int(att.grid[0])
+            buf = cupy.ndarray((4096, 16), cupy.uint64, mod.get_global("dsp_trace"))
+            tr = torch.as_tensor(buf[:ctas].astype(cupy.int64).get())
+            for line in summarise(tr, f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs "
+                                      f"per kv head)"):
+                print(line, flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
