@@ -136,22 +136,16 @@ def test_other_cta_orders_give_the_same_step(harness, tmp_path, case, attn_ctas)
 
 
 # The attention kernel built with 32-token items (8 tokens a warp, P V by m16n8k8) and four stages (three items in
-# flight, so every stage's mbarrier goes through its phases), and the same with 16-byte cp.async copies instead of
-# bulk copies (every cp.async wait depth runs): the build options the benchmarks time against the default.
+# flight, so every cp.async wait depth runs): the build options the benchmarks time against the default.
 BUILT = dict(attn_chunk=32, attn_stages=4)
 harness_built = harness_fixture("decode_split_harness", _kernel_files,
                                 flags=tuple(f"-D{d}" for d in S.attn_build(**BUILT)[1]), name="harness_built")
-harness_cp_async = harness_fixture("decode_split_harness", _kernel_files,
-                                   flags=(*(f"-D{d}" for d in S.attn_build(**BUILT)[1]), "-DDSP_ATTN_BULK=0"),
-                                   name="harness_cp_async")
 
 
-@pytest.mark.parametrize("built", ["harness_built", "harness_cp_async"])
 @pytest.mark.parametrize(("case", "attn_ctas"), [(CASES[0].values, 2), (CASES[2].values, 1), (CASES[12].values, 1)],
                          ids=["gqa4-ragged", "B128-qlen3-chunks", "paged-B128"])
-def test_attention_build_options_match_reference(request, built, tmp_path, case, attn_ctas):
-    harness = request.getfixturevalue(built)
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, *case, attn_ctas=attn_ctas, **BUILT)
+def test_attention_build_options_match_reference(harness_built, tmp_path, case, attn_ctas):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_built, tmp_path, *case, attn_ctas=attn_ctas, **BUILT)
     assert plan.chunk == min(case[2], 32) and plan.cpg == attn_ctas
     dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
