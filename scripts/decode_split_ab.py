@@ -7,12 +7,12 @@ of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled ov
 kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
 DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the
 build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path), or with
-``bulk=0`` (DSP_ATTN_BULK: K and V by 16-byte cp.async of every thread instead of bulk copies on mbarriers).
-Every variant is warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the
-first timing in a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph
-replays with L2 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each
-variant's middle two of the sorted round times in us, whether its selection equals the plan's, and how far its
-output is from the plan's (where it is not equal).
+``bulk=0`` (DSP_ATTN_BULK: K and V by 16-byte cp.async of every thread instead of bulk copies on mbarriers). Every
+variant is warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
+a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
+flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
+of the sorted round times in us, whether its selection equals the plan's, and how far its output is from the
+plan's (where it is not equal).
 """
 
 from __future__ import annotations
