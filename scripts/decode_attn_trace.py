@@ -82,8 +82,7 @@ def main(argv=None) -> int:
         for label, opts in variants.items():
             opts = dict(opts)
             build = ["DSP_ATTN_TRACE=1"]
-            for knob, define in (("probe", "DSP_ATTN_PROBE"), ("whole_copy", "DSP_ATTN_WHOLE_COPY"),
-                                 ("bulk", "DSP_ATTN_BULK")):
+            for knob, define in (("probe", "DSP_ATTN_PROBE"), ("whole_copy", "DSP_ATTN_WHOLE_COPY")):
                 if knob in opts:
                     build.append(f"{define}={opts.pop(knob)}")
             plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM),

@@ -36,7 +36,7 @@ report = background_fixture(
 def test_entry_points_and_constants_match_the_wrapper():
     assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND)
     text = source("decode_split.cu")
-    for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_ATTN_FLAGS", S.ATTN_FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
+    for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
                         ("DSP_ATTN_CHUNK", S.ATTN_CHUNK), ("DSP_ATTN_ROWS", S.ATTN_ROWS),
                         ("DSP_SCORE_MIN_CTAS", S.SCORE_MIN_CTAS), ("DSP_SELECT_MIN_CTAS", S.SELECT_MIN_CTAS),

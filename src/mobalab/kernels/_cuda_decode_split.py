@@ -52,7 +52,6 @@ CHOICES = (*KERNELS, "auto")  # "auto": split
 THREADS = 256
 WARPS = THREADS // 32
 FLAGS = 64
-ATTN_FLAGS = 96  # an attention CTA's flags, then its stages' mbarriers
 SCORE_LOADS = 16  # float4 block-sum loads per lane of one score batch
 ROUTE_MAX_ROWS = 64
 SELECT_LOADS = 8
@@ -114,10 +113,10 @@ def _cache_bytes(head_dim: int, rows: int, top_k: int, itemsize: int) -> int:
 
 def attn_smem_bytes(head_dim: int, rows: int, chunk: int, itemsize: int = 2, top_k: int = 1,
                     cached: bool = False, stages: int = ATTN_STAGES) -> int:
-    """Attention CTA: flags and the stages' mbarriers, the window of selected blocks, the block's rows (entry, row,
-    position), (``cached``: :func:`attn_cached`) the kv head's entries and query rows, q rows of a pass, per-warp P.V
-    sums, maxima and sums, then ``stages`` (ATTN_STAGES) chunks of K and V."""
-    head = _align16(ATTN_FLAGS + 4 * (ATTN_THREADS + 3 * rows))
+    """Attention CTA: flags, the window of selected blocks, the block's rows (entry, row, position), (``cached``:
+    :func:`attn_cached`) the kv head's entries and query rows, q rows of a pass, per-warp P.V sums, maxima and
+    sums, then ``stages`` (ATTN_STAGES) chunks of K and V."""
+    head = _align16(FLAGS + 4 * (ATTN_THREADS + 3 * rows))
     if cached:
         head += _cache_bytes(head_dim, rows, top_k, itemsize)
     return head + ATTN_ROWS * (head_dim + 8) * itemsize + ATTN_WARPS * ATTN_ROWS * (head_dim + 2) * 4 + \

@@ -42,7 +42,6 @@
 #include <random>
 #include <stdexcept>
 #include <string>
-#include <map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -151,21 +150,6 @@ struct Copy {
     const void* src;
 };
 
-// A bulk copy (cp.async.bulk) pending on an mbarrier, and an mbarrier's state (the CTA's, by its address).
-struct Bulk {
-    void* dst;
-    const void* src;
-    unsigned bytes;
-};
-struct Mbar {
-    unsigned count = 0, arrived = 0, phase = 0;
-    long long tx = 0;  // bytes announced minus bytes landed in the current phase
-    std::vector<Bulk> pending;
-};
-inline std::map<const void*, Mbar>& mbars() {
-    static std::map<const void*, Mbar> m;
-    return m;
-}
 struct Thread {
     ucontext_t ctx;
     std::vector<Copy> open;                // cp.async issued since the last commit
@@ -427,11 +411,6 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     }
     for (auto& t : c.threads)
         if (!t.open.empty() || !t.groups.empty()) fail("a thread ended with cp.async copies it never waited for");
-    for (auto& [bar, b] : mbars()) {
-        (void)bar;
-        if (!b.pending.empty()) fail("a block ended with bulk copies no thread waited for");
-    }
-    mbars().clear();
     std::free(c.smem);
     c.smem = nullptr;
 }
@@ -611,49 +590,6 @@ template <int N>
 inline void dec_cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
-// Bulk copies on mbarriers (decode_common.cuh): a copy's destination reads as NaN until the copy lands, which is when
-// a thread waits on its barrier's phase after every arrival of the phase has come; the bytes landed must then equal
-// the bytes the arrivals announced. A waiter whose phase cannot complete yet lets the other threads run.
-namespace emu {
-inline Mbar& mbar(const void* bar) {
-    auto it = mbars().find(bar);
-    if (it == mbars().end()) fail("an mbarrier used before its init");
-    return it->second;
-}
-}  // namespace emu
-inline void dec_mbar_init(unsigned long long* bar, unsigned count) { emu::mbars()[bar] = emu::Mbar{count}; }
-inline void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
-    emu::Mbar& b = emu::mbar(bar);
-    if (b.arrived == b.count) emu::fail("an mbarrier arrival beyond its count in one phase");
-    ++b.arrived;
-    b.tx += bytes;
-}
-inline void dec_bulk_copy(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
-    if (bytes == 0 || bytes % 16 || (reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) % 16)
-        emu::fail("a bulk copy of a size or at an address that is not a multiple of 16 bytes");
-    std::memset(smem, 0xff, bytes);  // NaN until the copy lands
-    emu::mbar(bar).pending.push_back({smem, gmem, bytes});
-}
-inline void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
-    for (long spins = 0;; ++spins) {
-        emu::Mbar& b = emu::mbar(bar);
-        if ((b.phase & 1u) != parity) return;  // the phase of this parity has completed
-        if (b.arrived == b.count) {
-            for (const emu::Bulk& c : b.pending) {
-                std::memcpy(c.dst, c.src, c.bytes);
-                b.tx -= c.bytes;
-            }
-            b.pending.clear();
-            if (b.tx != 0) emu::fail("an mbarrier phase whose copies landed other bytes than its arrivals announced");
-            b.arrived = 0;
-            ++b.phase;
-            return;
-        }
-        if (spins > 1000000L) emu::fail("an mbarrier wait whose phase never completes");
-        emu::yield(emu::RUNNABLE);
-    }
-}
-inline void dec_fence_proxy_async() {}
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
     return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);

@@ -1,10 +1,10 @@
 // Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
 // (a score and a select launch for the routing, then an attention launch): 16-bit element conversion and packing,
-// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), bulk copies on mbarriers, NaN / -inf
-// helpers and the dynamic shared memory.
+// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic
+// shared memory.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / bulk copy / ld.cg helpers and
-// the dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
+// dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
 // which models them under these names); the streaming load becomes a plain load.
 #ifndef MOBALAB_DECODE_COMMON_CUH
 #define MOBALAB_DECODE_COMMON_CUH
@@ -126,41 +126,6 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
                  : "l"(p));
     return v;
 }
-
-// ---- bulk copies (sm_90's copy engine; PTX ISA "cp.async.bulk" and "mbarrier") ----
-// A bulk copy moves `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory without
-// the issuing thread's load path, and counts its bytes off the transaction count of an mbarrier in shared memory.
-// A phase of the barrier completes when its arrivals (the count given to init) have arrived and the bytes they
-// announced (arrive.expect_tx) have landed; a waiter then sees the copies' data (acquire).
-__device__ __forceinline__ unsigned dec_smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-// Expected arrivals `count`, phase 0; the barrier is used after a CTA-wide barrier that follows.
-__device__ __forceinline__ void dec_mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(dec_smem_u32(bar)), "r"(count) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-// One arrival that also announces `bytes` of copies to land in this phase (release).
-__device__ __forceinline__ void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
-                     dec_smem_u32(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void dec_bulk_copy(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     dec_smem_u32(smem)), "l"(gmem), "r"(bytes), "r"(dec_smem_u32(bar))
-                 : "memory");
-}
-// Block until the phase of parity `parity` of `bar` has completed (acquire).
-__device__ __forceinline__ void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(dec_smem_u32(bar)), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-// Orders this thread's earlier generic-proxy accesses of shared memory before its later bulk copies into it.
-__device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif

@@ -190,10 +190,6 @@
 #ifndef DSP_ATTN_WHOLE_COPY            // a whole item's copies without per-row tests (0: every row tested)
 #define DSP_ATTN_WHOLE_COPY 1
 #endif
-#ifndef DSP_ATTN_BULK                  // K and V by bulk copies on mbarriers (0: 16-byte cp.async by every thread)
-#define DSP_ATTN_BULK 1
-#endif
-#define DSP_ATTN_FLAGS 96              // bytes of an attention CTA's flags: DSP_FLAGS, then 4 stage mbarriers
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
@@ -559,55 +555,12 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     }
 }
 
-// K and V of tokens 0 .. chunk - 1 (chunk <= DSP_ATTN_CHUNK) at kb / vb into ks / vs ([chunk][D] each) by bulk copies
-// whose bytes land on mbarrier bar (thread 0 arrives with the item's byte count): thread y takes row y / 2 of K
-// (y even) or V (odd). Row r is stored rotated by r & 7 16-byte chunks (chunk c at (c + (r & 7)) mod D / 8: the 8
-// rows of an ldmatrix matrix hit 8 different bank groups, as the cp.async path's XOR swizzle does, and a row is
-// still two contiguous pieces, so two copies; one where r & 7 is 0). Rows from nvalid on are zero-filled by plain
-// stores (P = 0 times V stays 0 beyond the sequence); `zeroed` (bit st: this thread's row of stage st was written
-// so) asks for the proxy fence that orders those stores before a later copy into the row.
-template <typename T, int D, int THREADS>
-__device__ __forceinline__ void dsp_issue_kv_bulk(T* ks, T* vs, const T* kb, const T* vb, int chunk, int nvalid,
-                                                  int tid, unsigned long long* bar, int st, unsigned& zeroed) {
-    constexpr int VEC = D / 8;
-    if (tid == 0) dec_mbar_arrive_tx(bar, (DSP_ATTN_PROBE == 2 ? 0u : 2u) * (unsigned)(nvalid * D * sizeof(T)));
-    if ((zeroed >> st) & 1u) {
-        dec_fence_proxy_async();
-        zeroed &= ~(1u << st);
-    }
-    for (int y = tid; y < 2 * chunk; y += THREADS) {
-        const int r = y >> 1, rot = r & 7;
-        T* dst = ((y & 1) ? vs : ks) + r * D;
-        const T* src = ((y & 1) ? vb : kb) + r * D;
-        if (r < nvalid) {
-            if (DSP_ATTN_PROBE == 2) continue;
-            dec_bulk_copy(dst + rot * 8, src, (unsigned)((VEC - rot) * 16), bar);
-            if (rot) dec_bulk_copy(dst, src + (VEC - rot) * 8, (unsigned)(rot * 16), bar);
-        } else {
-#pragma unroll
-            for (int x = 0; x < VEC; ++x) reinterpret_cast<uint4*>(dst)[x] = make_uint4(0u, 0u, 0u, 0u);
-            zeroed |= 1u << st;
-        }
-    }
-}
-
-// Element offset of 16-byte chunk ch of row r of a stage, in the layout the build's copies write.
-template <int D>
-__device__ __forceinline__ int dsp_stage_at(int r, int ch) {
-#if DSP_ATTN_BULK
-    return r * D + (((ch + (r & 7)) & (D / 8 - 1)) << 3);
-#else
-    return r * D + ((ch ^ (r & 7)) << 3);
-#endif
-}
-
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
 // head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
 // red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
 // STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
-// flags (DSP_ATTN_FLAGS bytes): [0] rows of the current block, [1] last CTA, [4 .. 4 + 2 WARPS) the windows' per-warp
-// block counts; from byte DSP_FLAGS the stages' mbarriers (bulk copies).
+// flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + 2 WARPS) the windows' per-warp block counts.
 template <typename T, int D, bool PAGED>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
@@ -654,18 +607,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #endif
 
     int* flags = reinterpret_cast<int*>(smem);
-    [[maybe_unused]] unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + DSP_FLAGS);
-    int* ublk = reinterpret_cast<int*>(smem + DSP_ATTN_FLAGS);
+    int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
     int* rl = ublk + NT;
     int* rrow = rl + R;
     int* rpos = rrow + R;
-    unsigned char* after_rows = smem + dec_align16(DSP_ATTN_FLAGS + 4 * (NT + 3 * R));
-    static_assert(NST * 8 <= DSP_ATTN_FLAGS - DSP_FLAGS, "room for the stages' mbarriers");
-#if DSP_ATTN_BULK
-    unsigned zeroed = 0u, parity = 0u;  // stages this thread zero-filled rows of; the next wait parity per stage
-    if (tid == 0)
-        for (int x = 0; x < NST; ++x) dec_mbar_init(bars + x, 1u);  // the first barrier below precedes any use
-#endif
+    unsigned char* after_rows = smem + dec_align16(DSP_FLAGS + 4 * (NT + 3 * R));
     int* es = reinterpret_cast<int*>(after_rows);
     T* qc = reinterpret_cast<T*>(after_rows + dec_align16(4 * E));
     T* qs = reinterpret_cast<T*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
@@ -743,14 +689,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             } else {
                 src = ((long long)g * capacity + tok0) * D;
             }
-#if DSP_ATTN_BULK
-            dsp_issue_kv_bulk<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid, bars + st, st,
-                                        zeroed);
-#else
             if (DSP_ATTN_PROBE != 2)
                 dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
-#endif
         };
         DSP_TR_LAP(0);
 #if DSP_ATTN_TRACE
@@ -792,15 +733,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 DSP_TR_ADD(1, 1u);
             }
             DSP_TR_LAP(2);
-            // Wait for this item's copies: the ones issued after it (up to NST - 1) may stay in flight.
+            // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight.
             static_assert(NST >= 2 && NST <= 4, "one to three items in flight behind the current one");
-#if DSP_ATTN_BULK
-            {
-                const int st = n % NST;
-                dec_mbar_wait(bars + st, (parity >> st) & 1u);
-                parity ^= 1u << st;
-            }
-#else
             const int behind = min(NST - 1, hi - 1 - it);
             if (NST > 3 && behind >= 3)
                 dec_cp_async_wait<(NST > 3 ? 3 : 0)>();
@@ -810,7 +744,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
-#endif
             DSP_TR_LAP(3);
             const int tok0 = j * block_size + c * chunk;
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
@@ -849,7 +782,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         const int ch = 4 * kp + (lane >> 3);
 #pragma unroll
                         for (int x = 0; x < NTL; ++x) {  // rows tr + 8x share tr's swizzle
-                            const unsigned addr = moba::smem_u32(ks + dsp_stage_at<D>(tr + 8 * x, ch));
+                            const unsigned addr = moba::smem_u32(ks + (tr + 8 * x) * D + ((ch ^ (tr & 7)) << 3));
                             moba::ldmatrix_x4(addr, kb[x][0], kb[x][1], kb[x][2], kb[x][3]);
                         }
 #pragma unroll
@@ -890,7 +823,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         for (int qd = 0; qd < D / 32; ++qd) {
                             unsigned vb[4];
                             const int ch = 4 * qd + (lane >> 3);
-                            const unsigned addr = moba::smem_u32(vs + dsp_stage_at<D>(tr, ch));
+                            const unsigned addr = moba::smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3));
                             moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
                             for (int i = 0; i < 4; ++i) {
@@ -910,7 +843,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         for (int qd = 0; qd < D / 16; ++qd) {
                             unsigned vb[4];
                             const int ch = 2 * qd + (lane >> 4);
-                            const unsigned addr = moba::smem_u32(vs + dsp_stage_at<D>(vr, ch));
+                            const unsigned addr = moba::smem_u32(vs + vr * D + ((ch ^ (vr & 7)) << 3));
                             moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
                             for (int i = 0; i < 2; ++i) {
