@@ -6,7 +6,8 @@ step with the plan's own choices and with each variant's overrides of ``split_la
 of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
 kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
 DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the
-build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path). Every
+build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path), or with
+``l2_prefetch=64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V copies with that L2 prefetch size hint). Every
 variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
@@ -31,7 +32,8 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", "probe", "whole_copy")
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", "probe", "whole_copy",
+         "l2_prefetch")
 
 
 def parse_variant(text: str) -> dict:
@@ -87,8 +89,9 @@ def main(argv=None) -> int:
             opts = dict(opts)
             page = opts.pop("page_size", None)
             build = [f"DSP_ATTN_PROBE={opts.pop('probe')}"] if "probe" in opts else []
-            if "whole_copy" in opts:
-                build.append(f"DSP_ATTN_WHOLE_COPY={opts.pop('whole_copy')}")
+            for knob, define in (("whole_copy", "DSP_ATTN_WHOLE_COPY"), ("l2_prefetch", "DSP_ATTN_L2_PREFETCH")):
+                if knob in opts:
+                    build.append(f"{define}={opts.pop(knob)}")
             if page not in caches:
                 caches[page] = paged_copy(cache, page)
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),

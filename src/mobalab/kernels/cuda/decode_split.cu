@@ -190,6 +190,9 @@
 #ifndef DSP_ATTN_WHOLE_COPY            // a whole item's copies without per-row tests (0: every row tested)
 #define DSP_ATTN_WHOLE_COPY 1
 #endif
+#ifndef DSP_ATTN_L2_PREFETCH           // an L2 prefetch size for the K / V copies (cp.async's .L2::64B/128B/256B; 0 none)
+#define DSP_ATTN_L2_PREFETCH 0
+#endif
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
@@ -514,6 +517,20 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // ---- attention ----
 
+// The K / V copies: dec_cp_async16, or the same copy with an L2 prefetch size hint (build option).
+#if DSP_ATTN_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
+#define DSP_STR2(x) #x
+#define DSP_STR(x) DSP_STR2(x)
+__device__ __forceinline__ void dsp_cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global.L2::" DSP_STR(DSP_ATTN_L2_PREFETCH) "B [%0], [%1], 16;\n" ::"r"(s),
+                 "l"(gmem)
+                 : "memory");
+}
+#else
+__device__ __forceinline__ void dsp_cp_async16(void* smem, const void* gmem) { dec_cp_async16(smem, gmem); }
+#endif
+
 // Tokens 0 .. chunk - 1 (chunk <= DSP_ATTN_CHUNK) of K and V at kb / vb into ks / vs ([chunk][D] each, 16-byte
 // chunk c of row r stored at c ^ (r & 7): the 8 rows of an ldmatrix matrix hit 8 different bank groups) as
 // 16-byte cp.async copies (THREADS threads, thread tid); rows from nvalid on are zero-filled, so that P = 0
@@ -535,8 +552,8 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     if (nvalid == DSP_ATTN_CHUNK) {  // a whole item (chunk = DSP_ATTN_CHUNK): no per-row test, one base each
 #pragma unroll
         for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {
-            dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
-            dec_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
+            dsp_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
+            dsp_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
         }
         return;
     }
@@ -546,8 +563,8 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     for (int x = 0; x < DSP_ATTN_CHUNK / TPI; ++x) {
         const int tk = tk0 + x * TPI;
         if (tk < nvalid) {
-            dec_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
-            dec_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
+            dsp_cp_async16(skp + x * TPI * D, kp + x * TPI * D);
+            dsp_cp_async16(svp + x * TPI * D, vp + x * TPI * D);
         } else if (tk < chunk) {
             *reinterpret_cast<uint4*>(skp + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
             *reinterpret_cast<uint4*>(svp + x * TPI * D) = make_uint4(0u, 0u, 0u, 0u);
