@@ -190,8 +190,8 @@
 #ifndef DSP_ATTN_WHOLE_COPY            // a whole item's copies without per-row tests (0: every row tested)
 #define DSP_ATTN_WHOLE_COPY 1
 #endif
-#ifndef DSP_ATTN_L2_PREFETCH           // an L2 prefetch size for the K / V copies (cp.async's .L2::64B/128B/256B; 0 none)
-#define DSP_ATTN_L2_PREFETCH 0
+#ifndef DSP_ATTN_L2_PREFETCH           // the L2 prefetch size of the K / V copies (cp.async .L2::64B/128B/256B; 0 none)
+#define DSP_ATTN_L2_PREFETCH 128
 #endif
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
