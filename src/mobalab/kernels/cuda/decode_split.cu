@@ -47,9 +47,10 @@
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
 //    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block,
 //    whose rows (entries, rows, positions) are gathered once. While it computes one item, the K and V of its
-//    next item are in flight (cp.async.cg 16-byte copies into two swizzled stages of 32 KB at d 128, zeros
-//    beyond L_b). For the rows that selected the block (passes of <= 4 rows, zero rows padding the 16-row
-//    tiles) warp w takes tokens 16w .. 16w + 15: S = Q K^T by mma.sync m16n8k16 (K by ldmatrix), masked after
+//    next item are in flight (cp.async.cg 16-byte copies with the L2::128B prefetch hint into two swizzled
+//    stages of 32 KB at d 128, zeros beyond L_b). For the rows that selected the block (passes of <= 4 rows,
+//    zero rows padding the 16-row tiles) warp w takes tokens 16w .. 16w + 15: S = Q K^T by mma.sync m16n8k16
+//    (K by ldmatrix), masked after
 //    the row's position, the max and sum of P = 2^(S - max) over its tokens (scale * log2 e folded in), and
 //    P V by m16n8k16 (P rounded to q's type, V by ldmatrix.trans); one barrier, then the warps' (max, sum, P V)
 //    are combined per row. (Items of 32 tokens, 8 a warp, P V by m16n8k8, five CTAs per SM: the build option
@@ -93,6 +94,16 @@
 //    every point but one; with those, more items in flight do not shorten the copies. Nsight Compute of the
 //    64-token launch at 512K: 49.5 us, 2.52 TB/s (52% of DRAM peak), SMs active 61.6 K / 76.0 K / 89.8 K cycles
 //    (min / mean / max) of 93.4 K: the last SMs run ~15% longer than the mean.
+//    A per-CTA trace (DSP_ATTN_TRACE, scripts/decode_attn_trace.py) at 512K: the first item ~2 us after the
+//    launch, loops ending 27.5 / 39.1 / 45.4 us (min / median / max), the merge 4 us after the last; per item
+//    (thread 0's clock64) ~1460 cycles issuing the copies, ~80 waiting for them, ~1800 math, ~1900 combine and
+//    partials, ~800 gathering rows, ~650 query rows; without copies an item costs ~3200 cycles. So the copies'
+//    time goes into issuing them (the SM's load path holds only so many requests in flight) and into the phases
+//    that touch memory beside them, not into waiting. Neither fewer copy instructions (whole items without
+//    per-row tests: equal within 0.5%) nor bulk copies on mbarriers (two per row, rows rotated for ldmatrix:
+//    the copy engine took ~5200 cycles an item for 240 small copies, 0.73-0.97x) shortened that; the L2::128B
+//    prefetch hint did a little (1.00-1.055x, 256B 0.94-1.0x). A tensor-map copy (a few 8 KB boxes an item)
+//    is what remains of the bulk-copy idea.
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
