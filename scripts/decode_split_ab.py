@@ -7,8 +7,8 @@ of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled ov
 kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
 DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the
 build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path), or with
-``l2_prefetch=64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V copies with that L2 prefetch size hint). Every
-variant is
+``l2_prefetch=0|64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V copies' L2 prefetch size hint) or
+``score_l2_prefetch=...`` (DSP_SCORE_L2_PREFETCH: the same for the score pass's block-sum loads). Every variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
@@ -33,7 +33,7 @@ POINTS = {
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
 KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", "probe", "whole_copy",
-         "l2_prefetch")
+         "l2_prefetch", "score_l2_prefetch")
 
 
 def parse_variant(text: str) -> dict:
@@ -92,12 +92,17 @@ def main(argv=None) -> int:
             for knob, define in (("whole_copy", "DSP_ATTN_WHOLE_COPY"), ("l2_prefetch", "DSP_ATTN_L2_PREFETCH")):
                 if knob in opts:
                     build.append(f"{define}={opts.pop(knob)}")
+            score_build = ([f"DSP_SCORE_L2_PREFETCH={opts.pop('score_l2_prefetch')}"]
+                           if "score_l2_prefetch" in opts else [])
             if page not in caches:
                 caches[page] = paged_copy(cache, page)
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
             if build:  # the attention launch (the last) built with the probe or copy option
                 launches[-1] = dataclasses.replace(launches[-1], defines=(*launches[-1].defines, *build))
+            if score_build:  # the score launch built with its load option
+                launches = [dataclasses.replace(x, defines=(*x.defines, *score_build)) if "route_score" in x.kernel
+                            else x for x in launches]
             for _ in range(3):
                 for x in launches:
                     run(x, dev)

@@ -201,6 +201,11 @@
 #ifndef DSP_ATTN_WHOLE_COPY            // a whole item's copies without per-row tests (0: every row tested)
 #define DSP_ATTN_WHOLE_COPY 1
 #endif
+#define DSP_STR2(x) #x                 // a build option's value as a string (inside inline PTX)
+#define DSP_STR(x) DSP_STR2(x)
+#ifndef DSP_SCORE_L2_PREFETCH          // an L2 prefetch size for the score pass's block-sum loads (64/128/256; 0 none)
+#define DSP_SCORE_L2_PREFETCH 0
+#endif
 #ifndef DSP_ATTN_L2_PREFETCH           // the L2 prefetch size of the K / V copies (cp.async .L2::64B/128B/256B; 0 none)
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
@@ -311,6 +316,19 @@ __device__ __forceinline__ void dsp_offer(dsp_key& lk, dsp_key c, int lcap, int 
 
 // ---- routing, 1: scores ----
 
+// A block-sum load: dec_ld_stream, or the same load with an L2 prefetch size hint (build option).
+#if DSP_SCORE_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
+__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::" DSP_STR(DSP_SCORE_L2_PREFETCH) "B.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+#else
+__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
+#endif
+
 // Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
 template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
@@ -346,7 +364,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             const int jb = min(base + p * 4 + sub, j_hi - 1);
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dec_ld_stream(src + m * 8 + part);
+            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
         }
     };
     int base = j_lo + warp * BW;
@@ -530,8 +548,6 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 
 // The K / V copies: dec_cp_async16, or the same copy with an L2 prefetch size hint (build option).
 #if DSP_ATTN_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
-#define DSP_STR2(x) #x
-#define DSP_STR(x) DSP_STR2(x)
 __device__ __forceinline__ void dsp_cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global.L2::" DSP_STR(DSP_ATTN_L2_PREFETCH) "B [%0], [%1], 16;\n" ::"r"(s),
