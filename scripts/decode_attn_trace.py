@@ -12,7 +12,6 @@ of each loop phase (per CTA; thread 0's view, so a barrier's wait is charged to 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 
@@ -56,7 +55,7 @@ def summarise(tr, label: str) -> list[str]:
 
 def main(argv=None) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from decode_split_ab import POINTS, parse_variant
+    from decode_split_ab import POINTS, parse_variant, pop_builds, with_builds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", default="512K,128K-B64k4")
@@ -81,13 +80,11 @@ def main(argv=None) -> int:
         print(f"{name} (N {n}, batch {batch}, B {block}, k {top_k}):", flush=True)
         for label, opts in variants.items():
             opts = dict(opts)
-            build = ["DSP_ATTN_TRACE=1"]
-            for knob, define in (("probe", "DSP_ATTN_PROBE"), ("whole_copy", "DSP_ATTN_WHOLE_COPY")):
-                if knob in opts:
-                    build.append(f"{define}={opts.pop(knob)}")
+            builds = pop_builds(opts)
             plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
-            att = launches[-1] = dataclasses.replace(launches[-1], defines=(*launches[-1].defines, *build))
+            launches = with_builds(launches, builds, {"attend": ["DSP_ATTN_TRACE=1"]})
+            att = launches[-1]
             for _ in range(5):
                 for x in launches:
                     launch(x)

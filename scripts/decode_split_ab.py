@@ -32,8 +32,11 @@ POINTS = {
     "128K-B64k4": (128 * K, 8, 64, 4), "128K-B32k8": (128 * K, 8, 32, 8), "128K-k16": (128 * K, 8, 128, 16),
     "32K": (32 * K, 8, 128, 8), "32K-b64": (32 * K, 64, 128, 8), "128K-b1": (128 * K, 1, 128, 8),
 }
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", "probe", "whole_copy",
-         "l2_prefetch", "score_l2_prefetch")
+# build-option knobs: knob -> (the kernel-name part of the launches it builds, cuda/decode_split.cu's define)
+BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "DSP_ATTN_WHOLE_COPY"),
+               "l2_prefetch": ("attend", "DSP_ATTN_L2_PREFETCH"),
+               "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH")}
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", *BUILD_KNOBS)
 
 
 def parse_variant(text: str) -> dict:
@@ -46,6 +49,23 @@ def parse_variant(text: str) -> dict:
         if key not in KNOBS or not value.isdigit():
             raise ValueError(f"variant {text!r}: want KNOB=INT[,KNOB=INT], knobs {', '.join(KNOBS)}")
         out[key] = int(value)
+    return out
+
+
+def pop_builds(opts: dict) -> dict:
+    """The build-option knobs of variant ``opts`` (:data:`BUILD_KNOBS`), taken out of it."""
+    return {knob: opts.pop(knob) for knob in list(opts) if knob in BUILD_KNOBS}
+
+
+def with_builds(launches: list, builds: dict, extra: dict | None = None) -> list:
+    """``launches`` with the defines of ``builds`` (:func:`pop_builds`) and ``extra`` (kernel-name part -> defines)
+    added to the launches they build (a launch with defines compiles its own module: ``_launch.launch``)."""
+    out = []
+    for x in launches:
+        defines = [f"{define}={builds[knob]}" for knob, (part, define) in BUILD_KNOBS.items()
+                   if knob in builds and part in x.kernel]
+        defines += [d for part, ds in (extra or {}).items() if part in x.kernel for d in ds]
+        out.append(dataclasses.replace(x, defines=(*x.defines, *defines)) if defines else x)
     return out
 
 
@@ -88,21 +108,12 @@ def main(argv=None) -> int:
         for label, opts in variants.items():
             opts = dict(opts)
             page = opts.pop("page_size", None)
-            build = [f"DSP_ATTN_PROBE={opts.pop('probe')}"] if "probe" in opts else []
-            for knob, define in (("whole_copy", "DSP_ATTN_WHOLE_COPY"), ("l2_prefetch", "DSP_ATTN_L2_PREFETCH")):
-                if knob in opts:
-                    build.append(f"{define}={opts.pop(knob)}")
-            score_build = ([f"DSP_SCORE_L2_PREFETCH={opts.pop('score_l2_prefetch')}"]
-                           if "score_l2_prefetch" in opts else [])
+            builds = pop_builds(opts)
             if page not in caches:
                 caches[page] = paged_copy(cache, page)
             plan, bufs, launches = S.split_launches(q, caches[page], top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
-            if build:  # the attention launch (the last) built with the probe or copy option
-                launches[-1] = dataclasses.replace(launches[-1], defines=(*launches[-1].defines, *build))
-            if score_build:  # the score launch built with its load option
-                launches = [dataclasses.replace(x, defines=(*x.defines, *score_build)) if "route_score" in x.kernel
-                            else x for x in launches]
+            launches = with_builds(launches, builds)
             for _ in range(3):
                 for x in launches:
                     run(x, dev)

@@ -50,16 +50,15 @@
 //    next item are in flight (cp.async.cg 16-byte copies with the L2::128B prefetch hint into two swizzled
 //    stages of 32 KB at d 128, zeros beyond L_b). For the rows that selected the block (passes of <= 4 rows,
 //    zero rows padding the 16-row tiles) warp w takes tokens 16w .. 16w + 15: S = Q K^T by mma.sync m16n8k16
-//    (K by ldmatrix), masked after
-//    the row's position, the max and sum of P = 2^(S - max) over its tokens (scale * log2 e folded in), and
-//    P V by m16n8k16 (P rounded to q's type, V by ldmatrix.trans); one barrier, then the warps' (max, sum, P V)
-//    are combined per row. (Items of 32 tokens, 8 a warp, P V by m16n8k8, five CTAs per SM: the build option
-//    DSP_ATTN_CHUNK=32, DSP_ATTN_MIN_CTAS=5, the kernel before; see "Measured" below.) A run of chunks
-//    of one block folds into one base-2 partial (m, l, o) per row, written to the slot (r, s, c) of the
-//    run's first chunk (the run's other slots get m = -inf); with more than 4 rows every chunk writes its own
-//    partial. So a block that several rows of a kv head select is read once. The kv head's entries and query
-//    rows stay in shared memory when they fit (6 KB). The last CTA of the (sequence, kv head) merges each
-//    row's k * n_chunks slots: M = max m, L = sum l 2^(m - M), out = sum o 2^(m - M) / L in q's dtype,
+//    (K by ldmatrix), masked after the row's position, the max and sum of P = 2^(S - max) over its tokens
+//    (scale * log2 e folded in), and P V by m16n8k16 (P rounded to q's type, V by ldmatrix.trans); one barrier,
+//    then the warps' (max, sum, P V) are combined per row. (Items of 32 tokens, 8 a warp, P V by m16n8k8, five
+//    CTAs per SM: the build option DSP_ATTN_CHUNK=32, DSP_ATTN_MIN_CTAS=5, the kernel before; see "Measured"
+//    below.) A run of chunks of one block folds into one base-2 partial (m, l, o) per row, written to the slot
+//    (r, s, c) of the run's first chunk (the run's other slots get m = -inf); with more than 4 rows every chunk
+//    writes its own partial. So a block that several rows of a kv head select is read once. The kv head's
+//    entries and query rows stay in shared memory when they fit (6 KB). The last CTA of the (sequence, kv head)
+//    merges each row's k * n_chunks slots: M = max m, L = sum l 2^(m - M), out = sum o 2^(m - M) / L in q's dtype,
 //    lse = (M + log2 L) ln 2 (unused slots (sel -1) and slots with m = -inf weigh 0 and are not read), then
 //    empties the set.
 //    History, each step measured on an H200 (512K, b 8, attention launch alone, Nsight Compute):
@@ -225,7 +224,8 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-// Slots: 0 .. 7 cycles of the phases (0 start and batch setup (set window, numbering), 1 issue, 2 gather rows,
+// Slots: 0 .. 7 cycles of the phases (0 start, batch setup (set window, numbering) and the completion count,
+// 1 issue, 2 gather rows,
 // 3 wait, 4 query rows + barrier, 5 math + barrier, 6 combine + partials, 7 merge), 8 .. 11 globaltimer at the
 // start, first item, loop end, end; 12 items, 13 gathers, 14 SM id, 15 last CTA. Kept in registers (a global
 // read-modify-write per lap would add its latency to every phase), written once at the end.
@@ -235,12 +235,14 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
         tr_acc[i] += (unsigned long long)(now_ - tr_clock); \
         tr_clock = now_;                                \
     } while (0)
-#define DSP_TR_SET(i, val) do { tr_g[i] = (unsigned long long)(val); } while (0)
+#define DSP_TR_STAMP(i) do { tr_g[i] = dsp_gtime(); } while (0)
 #define DSP_TR_ADD(i, val) do { tr_n[i] += (val); } while (0)
+#define DSP_TR_FLUSH(last) tr_flush(last)
 #else
 #define DSP_TR_LAP(i) do { } while (0)
-#define DSP_TR_SET(i, val) do { } while (0)
+#define DSP_TR_STAMP(i) do { } while (0)
 #define DSP_TR_ADD(i, val) do { } while (0)
+#define DSP_TR_FLUSH(last) do { } while (0)
 #endif
 
 // ---- ranking ----
@@ -739,7 +741,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         };
         DSP_TR_LAP(0);
 #if DSP_ATTN_TRACE
-        if (tr_g[1] == 0ull) tr_g[1] = dsp_gtime();
+        if (tr_g[1] == 0ull) DSP_TR_STAMP(1);  // the first batch's start
 #endif
         // Up to NST - 1 items in flight while one is computed.
 #pragma unroll
@@ -777,7 +779,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 DSP_TR_ADD(1, 1u);
             }
             DSP_TR_LAP(2);
-            // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight.
+            // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight. Not
+            // dec_cp_async_wait_n: its switch over 0 .. 6 compiles to other code in the measured item loop.
             static_assert(NST >= 2 && NST <= 4, "one to three items in flight behind the current one");
             const int behind = min(NST - 1, hi - 1 - it);
             if (NST > 3 && behind >= 3)
@@ -838,7 +841,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                 qa[2] = *reinterpret_cast<const unsigned*>(qs + g4 * QSD + k0 + 8);
                             }
 #pragma unroll
-                            for (int x = 0; x < NTL; ++x) moba::Elem<T>::mma(sacc[x], qa, kb[x][2 * h], kb[x][2 * h + 1]);
+                            for (int x = 0; x < NTL; ++x)
+                                moba::Elem<T>::mma(sacc[x], qa, kb[x][2 * h], kb[x][2 * h + 1]);
                         }
                     }
                     const int pos = g4 < nb ? rpos[rb0 + g4] : -1;
@@ -976,24 +980,22 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
     }
 
-    DSP_TR_SET(2, dsp_gtime());
+    DSP_TR_STAMP(2);
     __threadfence();
     __syncthreads();
     unsigned* counter = counters + g;
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
     __syncthreads();
     DSP_TR_LAP(0);
-#if DSP_ATTN_TRACE
-    tr_g[3] = dsp_gtime();
-    if (!flags[1]) tr_flush(0);
-#endif
-    if (!flags[1]) return;
+    DSP_TR_STAMP(3);
+    if (!flags[1]) {
+        DSP_TR_FLUSH(0);
+        return;
+    }
     if (DSP_ATTN_PROBE == 3) {  // the set and counter as the merge would leave them
         for (int x = tid; x < n_words; x += NT) tab[x] = 0;
         if (tid == 0) *counter = 0u;
-#if DSP_ATTN_TRACE
-        tr_flush(1);
-#endif
+        DSP_TR_FLUSH(1);
         return;
     }
     __threadfence();
@@ -1083,11 +1085,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
     for (int x = tid; x < n_words; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
-#if DSP_ATTN_TRACE
     DSP_TR_LAP(7);
-    tr_g[3] = dsp_gtime();
-    tr_flush(1);
-#endif
+    DSP_TR_STAMP(3);
+    DSP_TR_FLUSH(1);
 }
 
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
