@@ -23,6 +23,7 @@ import torch
 from _background import background_fixture, scratch_dir
 
 from mobalab.kernels._launch import check_args
+from mobalab.kernels._tensor_map import TensorMap2D
 
 HOST_EMULATION = Path(__file__).parent / "host_emulation"
 CXX = shutil.which("g++") or shutil.which("clang++")
@@ -68,7 +69,12 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
     check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
     args = []
     for a in launch.args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, TensorMap2D):  # the harness models the map over the tensor's buffer
+            base = a.tensor.untyped_storage().data_ptr()
+            storages.setdefault(base, a.tensor)
+            args.append(f"t:{list(storages).index(base)}:{a.tensor.data_ptr() - base}:{a.rows}:{a.cols}:"
+                        f"{a.box_rows}:{a.box_cols}")
+        elif isinstance(a, torch.Tensor):
             assert a.is_contiguous()
             base = a.untyped_storage().data_ptr()
             storages.setdefault(base, a)

@@ -58,12 +58,14 @@ def nvcc_flags() -> list[str]:
     return [*keep, "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v"]
 
 
-def entry_report(filename: str, tmp: Path) -> dict[str, dict[str, int]]:
-    """``{entry: {registers, smem, stack, spills}}`` of ``cuda/<filename>`` compiled in ``tmp`` (fails the test
-    when nvcc does); prints the table (run pytest with ``-s`` to see it)."""
+def entry_report(filename: str, tmp: Path, defines: tuple[str, ...] = ()) -> dict[str, dict[str, int]]:
+    """``{entry: {registers, smem, stack, spills}}`` of ``cuda/<filename>`` compiled in ``tmp`` with the extra
+    preprocessor ``defines`` ("NAME=value", a build option; fails the test when nvcc does); prints the table (run
+    pytest with ``-s`` to see it)."""
     src = tmp / filename
     src.write_text(source(filename))
-    proc = subprocess.run([shutil.which("nvcc"), *nvcc_flags(), "-o", str(src.with_suffix(".cubin")), str(src)],
+    proc = subprocess.run([shutil.which("nvcc"), *nvcc_flags(), *(f"-D{d}" for d in defines), "-o",
+                           str(src.with_suffix(".cubin")), str(src)],
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed on {filename}:\n{log}"

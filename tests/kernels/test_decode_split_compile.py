@@ -28,9 +28,12 @@ SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{t}_d{d}" for p in ("", "paged_") for t in ("bf16", "fp16") for d in (64, 128)]
 
 
-# made in the background once the tests are collected (_background)
+# made in the background once the tests are collected (_background); the second: the attention kernel's tensor-map
+# build (DSP_ATTN_TMA)
 report = background_fixture(
     "report", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc")))
+report_tma = background_fixture(
+    "report_tma", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_tma"), ("DSP_ATTN_TMA=1",)))
 
 
 def test_entry_points_and_constants_match_the_wrapper():
@@ -47,7 +50,9 @@ def test_entry_points_and_constants_match_the_wrapper():
 
 
 @pytest.mark.nvcc
-def test_decode_split_compiles_without_spills(report):
+@pytest.mark.parametrize("build", ["report", "report_tma"])
+def test_decode_split_compiles_without_spills(request, build):
+    report = request.getfixturevalue(build)
     assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)

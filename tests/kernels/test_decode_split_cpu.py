@@ -46,10 +46,12 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
+    # (the tensor-map build: the stages alone)
     stages = S.ATTN_STAGES * 2 * plan.chunk * dim * 2
-    share = (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages) // (4 * S.ATTN_WARPS) & ~3
     per_row = (plan.top_k * plan.n_chunks + 3) & ~3
-    assert (share - per_row) // dim >= 1
+    for free in (S.ATTN_WARPS * S.ATTN_ROWS * (dim + 2) * 4 + stages, stages):
+        share = free // (4 * S.ATTN_WARPS) & ~3
+        assert (share - per_row) // dim >= 1
     assert max(plan.score_smem, plan.select_smem, plan.attn_smem) <= SMEM_MAX
     # the attention CTAs per SM the plan counts on (ATTN_MIN_CTAS) where the kv head's entries and query rows are
     # few (q_len 1, 32 / 8 heads, k <= 8, d <= 128: the benchmark's shapes), at least two everywhere
@@ -76,7 +78,10 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
         check_args(launch.source, launch.kernel, launch.args)  # exactly the kernel's C types
         assert launch.grid == (ctas, 1, 1) and launch.block == (threads, 1, 1) and launch.shared_mem == smem
-    assert attend.args[-1] == np.float32(0.1 * math.log2(math.e))
+    assert attend.args[-3] == np.float32(0.1 * math.log2(math.e))
+    # the tensor maps of K and V (here q's tensor): rows of d elements, boxes of one item's rows by 64 columns
+    for tmap in attend.args[-2:]:
+        assert (tmap.rows, tmap.cols, tmap.box_rows, tmap.box_cols) == (q.numel() // dim, dim, plan.chunk, 64)
 
 
 def test_benchmark_plans_fill_the_gpu():

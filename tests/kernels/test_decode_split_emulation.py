@@ -153,6 +153,43 @@ def test_attention_build_options_match_reference(harness_built, tmp_path, case, 
     assert not cache._counters.any()
 
 
+# The attention kernel built to copy K and V by tensor maps (cp.async.bulk.tensor with the 128-byte swizzle, one
+# thread issuing, mbarrier phases counted over the batches): the model lands each box only when a thread waits on its
+# phase, with the swizzle and zeros beyond the tensor, and checks the bytes and the 1 KB alignment.
+harness_tma = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_ATTN_TMA=1",), name="harness_tma")
+
+
+@pytest.mark.parametrize(("case", "attn_ctas"), [
+    (CASES[0].values, 2), (CASES[1].values, None), (CASES[2].values, 3), (CASES[8].values, 1),
+    (CASES[11].values, 1), (CASES[12].values, 2), (ATTN_CASES[3].values[0], 5), (ATTN_CASES[4].values[0], 3),
+], ids=["d128-B16-gqa4-ragged", "d64-B16-qlen2", "B128-chunks-three-ctas", "tiny-seq", "paged-B32", "paged-B128",
+        "several-batches", "two-windows"])
+def test_tensor_map_build_matches_reference(harness_tma, tmp_path, case, attn_ctas):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_tma, tmp_path, *case, attn_ctas=attn_ctas)
+    dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
+    assert not cache._counters.any()
+
+
+@pytest.mark.parametrize("build", ["harness", "harness_tma"])
+def test_rows_beyond_the_length_never_reach_the_output(request, tmp_path, build):
+    """NaN in the cache's K and V rows past every sequence's length (which a partial block's item copies along):
+    the step still matches the reference, for the cp.async copies (zero-filled rows) and the tensor-map copies
+    (rows zeroed after they land)."""
+    case = CASES[2].values  # B 128, two 64-token items per block, partial own blocks
+    dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts = case
+    cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
+    for b, length in enumerate(cache.lengths.tolist()):
+        cache.k[b, :, length:] = float("nan")
+        cache.v[b, :, length:] = float("nan")
+    top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, range_blocks=range_blocks)
+    poison(bufs)
+    run_emulated(request.getfixturevalue(build), tmp_path, launches, seed=5)
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths)
+
+
 def test_route_only_launches_write_the_selection_alone(harness, tmp_path):
     cache, q, top_k, _, plan, bufs = _run_case(harness, tmp_path, *CASES[0].values, route_only=True)
     assert plan.n_range > 1

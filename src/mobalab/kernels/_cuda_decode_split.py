@@ -39,6 +39,7 @@ from ._build import smem_per_sm
 from ._contract import getenv
 from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
+from ._tensor_map import TensorMap2D, tensor_map_2d
 
 __all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode_kernel",
            "KERNELS", "ENV_VAR", "SOURCE"]
@@ -296,23 +297,40 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
                   p.select_smem)
 
 
+def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
+    """Tensor maps of the cache's K and V, each viewed as (rows, head_dim) (a block of a kv head is rows of one
+    slab, contiguous or paged alike), boxes of ``chunk`` rows by 64 columns (one attention item's half or whole
+    row at d 128 / 64); made once per (K, V, chunk) and kept on the cache."""
+    maps = cache.__dict__.setdefault("_tensor_maps", {})
+    key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), chunk)
+    got = maps.get(key)
+    if got is None:
+        dim = cache.k.shape[-1]
+        got = maps[key] = (tensor_map_2d(cache.k, dim, chunk), tensor_map_2d(cache.v, dim, chunk))
+    return got
+
+
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
-                  pages=None) -> Launch:
+                  pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
     blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros. ``pages``: a paged cache's
     (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages, kv_heads, page_size, d): the
-    ``attend_paged`` kernel, which differs only in where it reads a block."""
+    ``attend_paged`` kernel, which differs only in where it reads a block. ``maps``: tensor maps of k and v
+    (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build copies with."""
     p, i32 = plan, np.int32
+    if maps is None:
+        maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg),
             i32(p.cached), np.float32(scale * math.log2(math.e)))
     if pages is None:
-        name, args = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}", (*head, i32(p.capacity), *tail)
+        name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+        args = (*head, i32(p.capacity), *tail, *maps)
     else:
         page_table, page_size = pages
         name = f"moba_decode_attend_paged_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-        args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]))
+        args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]), *maps)
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
 
@@ -345,7 +363,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
-    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages)
+    attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
+                           kv_tensor_maps(cache, plan.chunk))
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
     return plan, bufs, [*route, attend]

@@ -7,7 +7,9 @@ through :func:`check_args`, which parses the kernel's parameter list from its ``
 
 * pointer parameters: a contiguous torch tensor (passed as its ``data_ptr()``), or an ``int`` address;
 * scalar parameters: a numpy scalar of exactly the C type (``int`` -> ``np.int32``, ``float`` ->
-  ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...).
+  ``np.float32``, ``long long``/``int64_t`` -> ``np.int64``, ...);
+* tensor maps (``const __grid_constant__ moba_tensor_map``, the copy engine's 128-byte descriptor passed by
+  value): a :class:`._tensor_map.TensorMap2D` (passed as its encoded bytes; the driver launcher only).
 
 A launch is a :class:`Launch` record built by plain Python (the ``_cuda_*`` wrappers' plan functions) and
 run by :func:`launch`, the one launch path, which packs the checked arguments into the kernel's parameter block
@@ -34,6 +36,7 @@ from torch import Tensor as _Tensor
 
 from ._build import cupy, current_stream, get_kernel, source, torch_stream
 from ._contract import choice_or_env
+from ._tensor_map import MAP_BYTES, TensorMap2D
 
 __all__ = ["Param", "signatures", "check_args", "launch"]
 
@@ -55,6 +58,8 @@ _SCALAR_TYPES = {
     "double": np.float64,
     "bool": np.bool_,
 }
+
+TENSOR_MAP = "moba_tensor_map"  # the C type of a tensor-map parameter (cuda/decode_common.cuh)
 
 _KERNEL = re.compile(
     r"(?:extern\s+\"C\"\s+)?(?:template\s*<[^>]*>\s*)?__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
@@ -152,7 +157,9 @@ def _param_kinds(filename: str, kernel: str) -> tuple[tuple[str, str, bool, type
     sig = signatures(filename).get(_base_name(kernel))
     if sig is None:
         raise KeyError(f"no __global__ function {kernel!r} in cuda/{filename}")
-    return tuple((p.name, p.ctype, p.pointer, None if p.pointer else _SCALAR_TYPES.get(p.ctype)) for p in sig)
+    return tuple((p.name, p.ctype, p.pointer,
+                  None if p.pointer else TensorMap2D if p.ctype == TENSOR_MAP else _SCALAR_TYPES.get(p.ctype))
+                 for p in sig)
 
 
 def check_args(filename: str, kernel: str, args) -> tuple:
@@ -163,22 +170,27 @@ def check_args(filename: str, kernel: str, args) -> tuple:
     # Whether an argument is accepted depends on its type only, except that a tensor must be contiguous: once a
     # kernel's arguments of some types have passed, arguments of the same types need only the tensors looked at.
     key = (filename, kernel, tuple(map(type, args)))
-    tensors = _ACCEPTED.get(key)
-    if tensors is None:
+    accepted = _ACCEPTED.get(key)
+    if accepted is None:
         out = _check_all(filename, kernel, args)
-        _ACCEPTED[key] = tuple(i for i, (kind, a) in enumerate(zip(_param_kinds(filename, kernel), args, strict=True))
-                               if kind[2] and not isinstance(a, int))
+        kinds = _param_kinds(filename, kernel)
+        _ACCEPTED[key] = (tuple(i for i, (kind, a) in enumerate(zip(kinds, args, strict=True))
+                                if kind[2] and not isinstance(a, int)),
+                          tuple(i for i, kind in enumerate(kinds) if kind[3] is TensorMap2D))
         return out
+    tensors, maps = accepted
     out = list(args)
     for i in tensors:
         a = out[i]
         if not a.is_contiguous():
             raise TypeError(f"{kernel}: pointer argument {_param_kinds(filename, kernel)[i][0]} must be contiguous")
         out[i] = a.data_ptr()
+    for i in maps:
+        out[i] = out[i].encoded()
     return tuple(out)
 
 
-_ACCEPTED: dict = {}  # (filename, kernel, argument types) -> positions of the tensors among the arguments
+_ACCEPTED: dict = {}  # (filename, kernel, argument types) -> positions of the tensors and of the tensor maps
 
 
 def _check_all(filename: str, kernel: str, args) -> tuple:
@@ -205,7 +217,7 @@ def _check_all(filename: str, kernel: str, args) -> tuple:
                     f"{kernel}: scalar {name} is C {ctype!r} and needs {want.__name__}, "
                     f"got {type(a).__name__} ({a!r})"
                 )
-            out.append(a)
+            out.append(a.encoded() if want is TensorMap2D else a)
     return tuple(out)
 
 
@@ -250,7 +262,9 @@ def kernel_ready(x):
 def _layout(filename: str, kernel: str) -> tuple[struct.Struct, tuple[int, ...]]:
     """The kernel's parameters as one C struct (pointers as 64-bit addresses, scalars at their numpy type's native
     size and alignment): its packer and each parameter's offset in it."""
-    codes = ["Q" if p.pointer else np.dtype(_SCALAR_TYPES[p.ctype]).char
+    # a tensor map as 128 raw bytes: cuLaunchKernel copies each parameter from its own pointer to the offset the
+    # kernel declares (64-byte aligned there), so its place in this host-side block needs no alignment
+    codes = ["Q" if p.pointer else f"{MAP_BYTES}s" if p.ctype == TENSOR_MAP else np.dtype(_SCALAR_TYPES[p.ctype]).char
              for p in signatures(filename)[_base_name(kernel)]]
     offsets = tuple(struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + c)
                     for i, c in enumerate(codes))
@@ -306,7 +320,7 @@ def launch(plan: Launch) -> None:
             fptr = _READY[key] = _function_ptr(fn, device)
         if not _driver_launch(fptr, plan, cargs, stream):
             # no current context on this thread yet: CuPy's call makes the device's current first
-            _cupy_launch(_compiled(plan), plan, cargs)
+            _cupy_launch(_compiled(plan), plan, cargs, device, fptr, stream)
     else:
         _cupy_launch(_compiled(plan), plan, cargs)
     if _after_launch is not None:
@@ -344,8 +358,19 @@ def _driver_launch(fptr: int, plan: Launch, cargs: tuple, stream: int) -> bool:
     return True
 
 
-def _cupy_launch(fn, plan: Launch, cargs: tuple) -> None:
-    """CuPy's call of compiled kernel ``fn`` on torch's current stream."""
+def _cupy_launch(fn, plan: Launch, cargs: tuple, device: int | None = None, fptr: int | None = None,
+                 stream: int | None = None) -> None:
+    """CuPy's call of compiled kernel ``fn`` on torch's current stream. CuPy cannot pass a tensor map (the copy
+    engine's 128-byte descriptor): for such a kernel, with ``device``, ``fptr`` and ``stream`` of a driver launch
+    that found no current context on this thread, the device's context is made current and the driver launch
+    repeated; without them (``$MOBALAB_LAUNCH=cupy``) a TypeError says so."""
+    if any(isinstance(a, bytes) for a in cargs):
+        if fptr is not None:
+            cupy().cuda.runtime.setDevice(device)  # makes the device's primary context current on this thread
+            if _driver_launch(fptr, plan, cargs, stream):
+                return
+        raise TypeError(f"{plan.kernel}: a kernel with tensor-map parameters needs the driver launcher "
+                        f"(${LAUNCH_ENV}=driver, the default)")
     fn(_dim3(plan.grid), _dim3(plan.block), cargs, shared_mem=int(plan.shared_mem), stream=torch_stream())
 
 
@@ -367,6 +392,8 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
         if _driver_launch(_function_ptr(fn, device), plan, cargs, stream):
             return
         # no current context on this thread yet: CuPy's call makes the device's current first
+        _cupy_launch(fn, plan, cargs, device, _function_ptr(fn, device), stream)
+        return
     _cupy_launch(fn, plan, cargs)
 
 

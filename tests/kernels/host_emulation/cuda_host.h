@@ -11,13 +11,19 @@
 // can run, at random (release_at_once); other barriers wait until no thread can run. The models of warpgroup
 // instructions (wgmma.wait_group) meet the 128 threads 128 g .. 128 g + 127 of the CTA at a barrier of their own
 // (warpgroup_barrier), apart from __syncthreads and the named barriers 1..15 that kernels use. CTAs run one after
-// another in a shuffled order. Dynamic shared memory is a malloc of exactly the launch's size filled with 0xff (NaN
-// as float), so AddressSanitizer catches accesses beyond it and unwritten reads show up as NaN.
+// another in a shuffled order. Dynamic shared memory is an allocation of exactly the launch's size (1 KB-aligned, as
+// on the GPU) filled with 0xff (NaN as float), so AddressSanitizer catches accesses beyond it and unwritten reads
+// show up as NaN.
 //
 // cp.async: a copy poisons its 16 destination bytes when issued and lands only when the issuing thread
 // waits for its commit group (cp.async.wait_group N completes all but the newest N groups), the latest
 // moment the hardware allows; a CTA that ends with copies not waited for is an error. So reading a stage
 // before its wait, or refilling a stage another thread still reads, shows up as NaN.
+// Tensor-map bulk copies on mbarriers: a copy poisons its destination box when issued and lands, with the copy
+// engine's 128-byte swizzle and zeros outside the tensor, only when a thread waits on its barrier's phase after
+// every arrival of that phase has come; the bytes landed must then equal the bytes the arrivals announced, a
+// destination must be 1 KB-aligned in the CTA's shared memory, and a CTA that ends with copies no thread waited
+// for is an error.
 // Work tickets (the decode step's persistent CTAs): the ticket counter hands out a random order of the
 // routing tickets, then a random order of the attention tickets (any order the GPU could produce), so every
 // item can be the last of its group; the first CTA to run takes every item in that order, and its shared
@@ -39,6 +45,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -57,6 +64,14 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __grid_constant__
+
+// A tensor map as the host emulation models it (the GPU's is the driver's opaque 128-byte encoding): a row-major
+// (rows, cols) tensor of 2-byte elements and a box of box_rows x box_cols, 128-byte swizzle.
+struct moba_tensor_map {
+    const unsigned char* base = nullptr;
+    long long rows = 0, cols = 0, box_rows = 0, box_cols = 0;
+};
 
 using std::max;
 using std::min;
@@ -149,6 +164,22 @@ struct Copy {
     void* dst;
     const void* src;
 };
+
+// A tensor-map copy pending on an mbarrier, and an mbarrier's state (the CTA's, by its address).
+struct Tma {
+    void* dst;
+    moba_tensor_map map;
+    long long c0, c1;
+};
+struct Mbar {
+    unsigned count = 0, arrived = 0, phase = 0;
+    long long tx = 0;  // bytes announced minus bytes landed in the current phase
+    std::vector<Tma> pending;
+};
+inline std::map<const void*, Mbar>& mbars() {
+    static std::map<const void*, Mbar> m;
+    return m;
+}
 
 struct Thread {
     ucontext_t ctx;
@@ -294,7 +325,9 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         for (auto& t : c.threads) t.stack.resize(kStack);
     }
     c.slots.assign(2 * nthreads, 0u);
-    c.smem = static_cast<unsigned char*>(std::malloc(smem_bytes ? smem_bytes : 1));
+    void* smem = nullptr;
+    if (posix_memalign(&smem, 1024, smem_bytes ? smem_bytes : 1) != 0) fail("cannot allocate shared memory");
+    c.smem = static_cast<unsigned char*>(smem);
     c.smem_bytes = smem_bytes;
     std::memset(c.smem, 0xff, smem_bytes);
     for (unsigned i = 0; i < nthreads; ++i) {
@@ -411,6 +444,11 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     }
     for (auto& t : c.threads)
         if (!t.open.empty() || !t.groups.empty()) fail("a thread ended with cp.async copies it never waited for");
+    for (auto& [bar, b] : mbars()) {
+        (void)bar;
+        if (!b.pending.empty()) fail("a block ended with tensor-map copies no thread waited for");
+    }
+    mbars().clear();
     std::free(c.smem);
     c.smem = nullptr;
 }
@@ -590,6 +628,62 @@ template <int N>
 inline void dec_cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
+// Tensor-map copies on mbarriers (decode_common.cuh).
+namespace emu {
+inline Mbar& mbar(const void* bar) {
+    auto it = mbars().find(bar);
+    if (it == mbars().end()) fail("an mbarrier used before its init");
+    return it->second;
+}
+// The box at (c0, c1) of `m` into dst as the copy engine writes it: 16-byte chunk x of box row r at chunk x ^ (r & 7)
+// of that 128-byte row; elements outside the tensor are zeros. Returns the bytes written.
+inline long long land(const Tma& t) {
+    const moba_tensor_map& m = t.map;
+    unsigned char* dst = static_cast<unsigned char*>(t.dst);
+    for (long long r = 0; r < m.box_rows; ++r) {
+        for (long long x = 0; x < m.box_cols / 8; ++x) {
+            unsigned char* d = dst + r * 128 + ((x ^ (r & 7)) << 4);
+            const long long row = t.c1 + r, col = t.c0 + 8 * x;
+            if (row >= 0 && row < m.rows && col >= 0 && col + 8 <= m.cols)
+                std::memcpy(d, m.base + (row * m.cols + col) * 2, 16);
+            else
+                std::memset(d, 0, 16);
+        }
+    }
+    return m.box_rows * m.box_cols * 2;
+}
+}  // namespace emu
+inline void dec_mbar_init(unsigned long long* bar, unsigned count) { emu::mbars()[bar] = emu::Mbar{count}; }
+inline void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
+    emu::Mbar& b = emu::mbar(bar);
+    if (b.arrived == b.count) emu::fail("an mbarrier arrival beyond its count in one phase");
+    ++b.arrived;
+    b.tx += bytes;
+}
+inline void dec_tma_load_2d(void* smem, const moba_tensor_map* map, int c0, int c1, unsigned long long* bar) {
+    if (map->box_cols * 2 != 128) emu::fail("a tensor-map copy with the 128-byte swizzle needs 128-byte box rows");
+    if ((static_cast<unsigned char*>(smem) - emu::cta().smem) % 1024)
+        emu::fail("a tensor-map copy with the 128-byte swizzle into shared memory that is not 1 KB-aligned");
+    std::memset(smem, 0xff, (size_t)(map->box_rows * 128));  // NaN until the copy lands
+    emu::mbar(bar).pending.push_back({smem, *map, c0, c1});
+}
+inline void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
+    for (long spins = 0;; ++spins) {
+        emu::Mbar& b = emu::mbar(bar);
+        if ((b.phase & 1u) != parity) return;  // the phase of this parity has completed
+        if (b.arrived == b.count) {
+            for (const emu::Tma& t : b.pending) b.tx -= emu::land(t);
+            b.pending.clear();
+            if (b.tx != 0) emu::fail("an mbarrier phase whose copies landed other bytes than its arrivals announced");
+            b.arrived = 0;
+            ++b.phase;
+            return;
+        }
+        if (spins > 1000000L) emu::fail("an mbarrier wait whose phase never completes");
+        emu::yield(emu::RUNNABLE);
+    }
+}
+inline void dec_fence_proxy_async() {}
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
     return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);

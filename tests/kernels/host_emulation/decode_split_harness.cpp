@@ -21,18 +21,18 @@ using harness::P;
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define ATTEND(NAME, T)                                                                                         \
-    {#NAME, {23, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
-              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
-              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
-              I(a[21]), a[22].f);                                                                                \
-     }}}
-#define ATTEND_PAGED(NAME, T)                                                                                   \
     {#NAME, {25, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
               P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
               I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
-              a[21].f, P<const int>(a[22]), I(a[23]), I(a[24]));                                                 \
+              I(a[21]), a[22].f, a[23].tm, a[24].tm);                                                            \
+     }}}
+#define ATTEND_PAGED(NAME, T)                                                                                   \
+    {#NAME, {27, [](const std::vector<Arg>& a) {                                                                \
+         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
+              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
+              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
+              a[21].f, P<const int>(a[22]), I(a[23]), I(a[24]), a[25].tm, a[26].tm);                            \
      }}}
 
 const harness::Kernels kKernels = {

@@ -4,7 +4,8 @@
 //
 // MANIFEST (text): "seed S", "buffers N" then N lines "id nbytes in_path out_path", "launches M" then M lines
 // "kernel gx gy gz bx by bz smem nargs arg...", each arg "p:id:offset" (a pointer into a buffer), "z:0" (a null
-// pointer), "i:value" (int) or "f:bits" (float, its 32-bit pattern as an unsigned integer). Every buffer is read
+// pointer), "i:value" (int), "f:bits" (float, its 32-bit pattern as an unsigned integer) or
+// "t:id:offset:rows:cols:box_rows:box_cols" (a tensor map over a buffer: cuda_host.h's model of one). Every buffer is read
 // from in_path before the first launch and written to out_path after the last; launch l runs with seed S + l.
 #pragma once
 
@@ -24,6 +25,7 @@ struct Arg {
     unsigned char* p = nullptr;
     long long i = 0;
     float f = 0.f;
+    moba_tensor_map tm;
 };
 
 template <typename T>
@@ -76,6 +78,14 @@ inline void parse_arg(const std::string& tool, const std::string& tok, std::map<
         unsigned long long bits;
         ss >> bits;
         a.f = __uint_as_float((unsigned)bits);
+    } else if (tok[0] == 't') {
+        int id;
+        char c;
+        size_t off;
+        moba_tensor_map& m = a.tm;
+        ss >> id >> c >> off >> c >> m.rows >> c >> m.cols >> c >> m.box_rows >> c >> m.box_cols;
+        if (!bufs.count(id) || off + (size_t)(m.rows * m.cols * 2) > bufs[id].size()) die(tool, "bad tensor map " + tok);
+        m.base = bufs[id].data() + off;
     } else if (tok[0] != 'z') {
         die(tool, "bad argument " + tok);
     }

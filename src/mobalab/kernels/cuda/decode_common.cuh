@@ -1,10 +1,10 @@
 // Device helpers shared by the two decode kernels, decode.cu (one persistent launch) and decode_split.cu
 // (a score and a select launch for the routing, then an attention launch): 16-bit element conversion and packing,
-// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), NaN / -inf helpers and the dynamic
-// shared memory.
+// the 16-byte copies and loads (cp.async.cg, ld.global.cg, ld.global.nc), tensor-map bulk copies on mbarriers,
+// NaN / -inf helpers and the dynamic shared memory.
 //
-// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / ld.cg helpers and the
-// dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
+// Host emulation (tests): under DEC_HOST_EMULATION the CUDA headers, the cp.async / bulk copy / ld.cg helpers and
+// the dynamic shared-memory declaration come from the host harness (tests/kernels/host_emulation/cuda_host.h,
 // which models them under these names); the streaming load becomes a plain load.
 #ifndef MOBALAB_DECODE_COMMON_CUH
 #define MOBALAB_DECODE_COMMON_CUH
@@ -126,6 +126,51 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
                  : "l"(p));
     return v;
 }
+
+// ---- tensor-map bulk copies on mbarriers (sm_90; PTX ISA "cp.async.bulk.tensor", "mbarrier") ----
+// A tensor map (the driver's cuTensorMapEncodeTiled, passed by value as a __grid_constant__ kernel parameter)
+// describes a 2-D global tensor and a box; one cp.async.bulk.tensor copies a whole box into shared memory through
+// the copy engine, without the issuing thread's load path, with the 128-byte swizzle (16-byte chunk c of box row r
+// lands at c ^ (r & 7), the destination 1 KB-aligned), and counts its bytes off an mbarrier's transaction count. A
+// phase of the barrier completes when its arrivals (the init count) have arrived and the bytes they announced
+// (arrive.expect_tx) have landed; a thread whose wait sees the phase complete also sees the copies' data.
+struct __align__(64) moba_tensor_map {
+    unsigned long long opaque[16];
+};
+__device__ __forceinline__ unsigned dec_smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// Expected arrivals `count`, phase 0; a CTA-wide barrier must follow before another thread uses it.
+__device__ __forceinline__ void dec_mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(dec_smem_u32(bar)), "r"(count) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` of copies to land in this phase (release).
+__device__ __forceinline__ void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
+                     dec_smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+// The box at (column c0, row c1) of the tensor `map` describes into `smem`, its bytes counted on `bar`.
+__device__ __forceinline__ void dec_tma_load_2d(void* smem, const moba_tensor_map* map, int c0, int c1,
+                                                unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(dec_smem_u32(smem)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(dec_smem_u32(bar))
+        : "memory");
+}
+// Block until the phase of parity `parity` of `bar` has completed (acquire).
+__device__ __forceinline__ void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(dec_smem_u32(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// Orders this thread's earlier generic-proxy accesses of shared memory before later bulk copies into it.
+__device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif

@@ -208,6 +208,10 @@
 #ifndef DSP_ATTN_L2_PREFETCH           // the L2 prefetch size of the K / V copies (cp.async .L2::64B/128B/256B; 0 none)
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
+#ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
+#define DSP_ATTN_TMA 0                 // cp.async copies by every thread)
+#endif
+#define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
@@ -601,12 +605,29 @@ __device__ __forceinline__ void dsp_issue_kv_swizzled(T* ks, T* vs, const T* kb,
     }
 }
 
+// Element offset of 16-byte chunk ch of row r of a K or V stage of `chunk` rows, in the layout the build's copies
+// write; rsw: a row with r's swizzle (r & 7). cp.async: rows of D elements, chunk ch at ch ^ (r & 7). Tensor maps:
+// D / 64 boxes of [chunk][64] (128-byte rows, the copy engine's 128-byte swizzle: chunk ch & 7 of box ch >> 3 at
+// (ch & 7) ^ (r & 7)).
+template <int D>
+__device__ __forceinline__ int dsp_stage_at(int r, int rsw, int ch, int chunk) {
+#if DSP_ATTN_TMA
+    return (ch >> 3) * chunk * 64 + r * 64 + (((ch & 7) ^ (rsw & 7)) << 3);
+#else
+    (void)chunk;
+    return r * D + ((ch ^ (rsw & 7)) << 3);
+#endif
+}
+
 // Shared memory: [flags] ublk [THREADS] (the window's selected blocks) | rl [R] (entries that selected the current
 // block) rrow [R] (their rows) rpos [R] (their query positions) | (16-byte aligned, when cached) es [E] (the kv
 // head's selection entries), (16-byte aligned) qc [R][D] T (its query rows) | (16-byte aligned) qs [ROWS][D] fp32 |
 // red [WARPS][ROWS][D] fp32 (per-warp P.V sums) | wml [WARPS][ROWS][2] (per-warp max and sum) | (16-byte aligned)
 // STAGES x (K [chunk][D] T, V [chunk][D] T), which the final merge's per-warp weights reuse.
 // flags: [0] rows of the current block, [1] last CTA, [4 .. 4 + 2 WARPS) the windows' per-warp block counts.
+// Tensor maps (DSP_ATTN_TMA): the stages come first (the copy engine's swizzle needs them 1 KB-aligned, and the
+// dynamic shared memory starts so), each K or V stage D / 64 boxes of [chunk][64]; the stages' mbarriers sit in
+// the flags from byte DSP_ATTN_BARS; the merge reuses the stages alone.
 template <typename T, int D, bool PAGED>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
@@ -616,7 +637,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
                                            int n_words, int cpg, int cached, float scale_log2,
-                                           const int* __restrict__ page_table, int page_size, int pages_per_seq) {
+                                           const int* __restrict__ page_table, int page_size, int pages_per_seq,
+                                           const moba_tensor_map* kmap, const moba_tensor_map* vmap) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int NW = DSP_ATTN_WARPS;
@@ -652,18 +674,37 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     };
 #endif
 
-    int* flags = reinterpret_cast<int*>(smem);
-    int* ublk = reinterpret_cast<int*>(smem + DSP_FLAGS);
+#if DSP_ATTN_TMA
+    T* const stages = reinterpret_cast<T*>(smem);
+    unsigned char* const head = smem + NST * 2 * chunk * D * (int)sizeof(T);
+    unsigned long long* const bars = reinterpret_cast<unsigned long long*>(head + DSP_ATTN_BARS);
+    static_assert(4 * (4 + 2 * NW) <= DSP_ATTN_BARS && DSP_ATTN_BARS + 8 * NST <= DSP_FLAGS,
+                  "the stages' mbarriers after the flags, within DSP_FLAGS bytes");
+    if (tid == 0) {
+#ifndef DEC_HOST_EMULATION
+        if (dec_smem_u32(stages) & 1023u) __trap();  // the swizzle's 1 KB alignment (see above)
+#endif
+        for (int x = 0; x < NST; ++x) dec_mbar_init(bars + x, 1u);  // used after the first CTA barrier below
+    }
+#else
+    unsigned char* const head = smem;
+    (void)kmap;
+    (void)vmap;
+#endif
+    int* flags = reinterpret_cast<int*>(head);
+    int* ublk = reinterpret_cast<int*>(head + DSP_FLAGS);
     int* rl = ublk + NT;
     int* rrow = rl + R;
     int* rpos = rrow + R;
-    unsigned char* after_rows = smem + dec_align16(DSP_FLAGS + 4 * (NT + 3 * R));
+    unsigned char* after_rows = head + dec_align16(DSP_FLAGS + 4 * (NT + 3 * R));
     int* es = reinterpret_cast<int*>(after_rows);
     T* qc = reinterpret_cast<T*>(after_rows + dec_align16(4 * E));
     T* qs = reinterpret_cast<T*>(after_rows + (cached ? dec_align16(4 * E) + 2 * R * D : 0));
     float* red = reinterpret_cast<float*>(qs + ROWS * QSD);
     float* wml = red + NW * ROWS * D;
+#if !DSP_ATTN_TMA
     T* stages = reinterpret_cast<T*>(wml + NW * ROWS * 2);
+#endif
 
     const long long sel_b = (long long)b * q_len * heads;
     auto sel_global = [&](int ee) {  // entry ee of this kv head (written by the routing launch)
@@ -697,6 +738,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         for (int w = 0; w < NW; ++w) total += wcount[w];
         return total;
     };
+    // Items computed in earlier batches: a stage's k-th use waits for phase k of its mbarrier (tensor maps).
+    [[maybe_unused]] int nbase = 0;
     for (int w0 = 0, r0 = 0; w0 < n_words;) {
         int* wcount = flags + 4 + ((w0 / NT) & 1) * NW;
         const unsigned word = w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
@@ -723,7 +766,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
         const int n_it = nu * nc, nwa = chunk / TPW;  // warps with TPW tokens of a chunk each (chunk >= 16)
         const int lo = (int)((long long)part * n_it / cpg), hi = (int)((long long)(part + 1) * n_it / cpg);
-        auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group
+        auto issue = [&](int it, int st) {  // K and V of item it into stage st, one commit group (or mbarrier phase)
+#if DSP_ATTN_TMA
+            if (tid != 0) return;
+#endif
             const int j = ublk[it >> lnc], tok0 = j * block_size + (it & (nc - 1)) * chunk;
             const int nvalid = max(0, min(chunk, len - tok0));
             T* ks = stages + st * 2 * chunk * D;
@@ -735,9 +781,24 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             } else {
                 src = ((long long)g * capacity + tok0) * D;
             }
+#if DSP_ATTN_TMA
+            // Whole boxes of chunk rows (rows beyond L are zeroed after the wait; beyond the tensor the copy engine
+            // fills zeros); row src / D of the tensor viewed as (rows, D).
+            (void)nvalid;
+            dec_mbar_arrive_tx(bars + st, DSP_ATTN_PROBE == 2 ? 0u : (unsigned)(2 * chunk * D * (int)sizeof(T)));
+            if (DSP_ATTN_PROBE != 2) {
+                const int row = (int)(src / D);
+#pragma unroll
+                for (int h = 0; h < D / 64; ++h) {
+                    dec_tma_load_2d(ks + h * chunk * 64, kmap, h * 64, row, bars + st);
+                    dec_tma_load_2d(ks + chunk * D + h * chunk * 64, vmap, h * 64, row, bars + st);
+                }
+            }
+#else
             if (DSP_ATTN_PROBE != 2)
                 dsp_issue_kv_swizzled<T, D, NT>(ks, ks + chunk * D, k + src, v + src, chunk, nvalid, tid);
             dec_cp_async_commit();
+#endif
         };
         DSP_TR_LAP(0);
 #if DSP_ATTN_TRACE
@@ -746,7 +807,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         // Up to NST - 1 items in flight while one is computed.
 #pragma unroll
         for (int x = 0; x < NST - 1; ++x)
-            if (lo + x < hi) issue(lo + x, x);
+            if (lo + x < hi) issue(lo + x, (nbase + x) % NST);
         int prev_j = -1, nrow = 0;
         // A run: consecutive items of one block. With at most ROWS rows (one pass) a thread keeps its row's
         // running (max, sum, o) of the run in registers and writes one partial, into the slot of the run's
@@ -758,10 +819,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             // The stage of item n - 1 is free: every thread is past that item's P.V barrier.
             DSP_TR_LAP(6);
             DSP_TR_ADD(0, 1u);
-            if (it + NST - 1 < hi) issue(it + NST - 1, (n + NST - 1) % NST);
+            const int sn = nbase + n;  // this item's use of the stages, counted over the batches
+            if (it + NST - 1 < hi) issue(it + NST - 1, (sn + NST - 1) % NST);
             DSP_TR_LAP(1);
             const int c = it & (nc - 1), j = ublk[it >> lnc];
-            const T* ks = stages + (long long)(n % NST) * 2 * chunk * D;
+            const T* ks = stages + (long long)(sn % NST) * 2 * chunk * D;
             const T* vs = ks + chunk * D;
             if (j != prev_j) {  // the entries that selected j (a row selects a block at most once: <= R)
                 __syncthreads();  // the last item is done with rl, rrow, rpos; flags[0] is 0
@@ -782,6 +844,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             // Wait for this item's group: the ones issued after it (up to NST - 1) may stay in flight. Not
             // dec_cp_async_wait_n: its switch over 0 .. 6 compiles to other code in the measured item loop.
             static_assert(NST >= 2 && NST <= 4, "one to three items in flight behind the current one");
+#if DSP_ATTN_TMA
+            dec_mbar_wait(bars + sn % NST, (unsigned)(sn / NST) & 1u);
+#else
             const int behind = min(NST - 1, hi - 1 - it);
             if (NST > 3 && behind >= 3)
                 dec_cp_async_wait<(NST > 3 ? 3 : 0)>();
@@ -791,8 +856,21 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 dec_cp_async_wait<1>();
             else
                 dec_cp_async_wait<0>();
+#endif
             DSP_TR_LAP(3);
             const int tok0 = j * block_size + c * chunk;
+#if DSP_ATTN_TMA
+            if (len - tok0 < chunk) {  // V rows beyond L: zeros (P = 0 times V stays 0), before the pass's barrier
+                const int z0 = max(0, len - tok0);
+                T* vz = const_cast<T*>(vs);
+                for (int y = tid; y < (chunk - z0) * (D / 8); y += NT) {
+                    const int r = z0 + y / (D / 8), ch = y - (r - z0) * (D / 8);
+                    *reinterpret_cast<uint4*>(vz + (ch >> 3) * chunk * 64 + r * 64 + ((ch & 7) << 3)) =
+                        make_uint4(0u, 0u, 0u, 0u);
+                }
+                dec_fence_proxy_async();  // before a later copy into this stage
+            }
+#endif
             const long long pbase = (long long)g * E * nc + c;  // partial of entry ent: pbase + ent * nc
             const bool run_first = it == lo || ((it - 1) >> lnc) != (it >> lnc);
             const bool run_last = it + 1 >= hi || ((it + 1) >> lnc) != (it >> lnc);
@@ -829,7 +907,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         const int ch = 4 * kp + (lane >> 3);
 #pragma unroll
                         for (int x = 0; x < NTL; ++x) {  // rows tr + 8x share tr's swizzle
-                            const unsigned addr = moba::smem_u32(ks + (tr + 8 * x) * D + ((ch ^ (tr & 7)) << 3));
+                            const unsigned addr = moba::smem_u32(ks + dsp_stage_at<D>(tr + 8 * x, tr, ch, chunk));
                             moba::ldmatrix_x4(addr, kb[x][0], kb[x][1], kb[x][2], kb[x][3]);
                         }
 #pragma unroll
@@ -871,7 +949,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         for (int qd = 0; qd < D / 32; ++qd) {
                             unsigned vb[4];
                             const int ch = 4 * qd + (lane >> 3);
-                            const unsigned addr = moba::smem_u32(vs + tr * D + ((ch ^ (tr & 7)) << 3));
+                            const unsigned addr = moba::smem_u32(vs + dsp_stage_at<D>(tr, tr, ch, chunk));
                             moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
                             for (int i = 0; i < 4; ++i) {
@@ -891,7 +969,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                         for (int qd = 0; qd < D / 16; ++qd) {
                             unsigned vb[4];
                             const int ch = 2 * qd + (lane >> 4);
-                            const unsigned addr = moba::smem_u32(vs + vr * D + ((ch ^ (vr & 7)) << 3));
+                            const unsigned addr = moba::smem_u32(vs + dsp_stage_at<D>(vr, vr, ch, chunk));
                             moba::ldmatrix_x4_trans(addr, vb[0], vb[1], vb[2], vb[3]);
 #pragma unroll
                             for (int i = 0; i < 2; ++i) {
@@ -973,6 +1051,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
         __syncthreads();  // the batch's items are done with ublk and the stages
         DSP_TR_LAP(6);
+#if DSP_ATTN_TMA
+        nbase += max(0, hi - lo);
+#endif
         r0 += NT;
         if (r0 >= window_total(wcount)) {
             r0 = 0;
@@ -1005,9 +1086,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // now free P.V sums and stages holds the row's weights, then a batch of partials copied in at once (one
     // round trip to L2 per batch instead of one per few partials).
     const int per_row = top_k * nc;
+#if DSP_ATTN_TMA
+    float* const mfree = reinterpret_cast<float*>(stages);
+    const int share = (NST * 2 * chunk * D * (int)sizeof(T) / (4 * NW)) & ~3;  // floats per warp
+#else
+    float* const mfree = red;
     const int share = (int)((reinterpret_cast<unsigned char*>(stages) - reinterpret_cast<unsigned char*>(red) +
                              (long long)NST * 2 * chunk * D * (int)sizeof(T)) / (4 * NW)) & ~3;  // floats per warp
-    float* wrow = red + warp * share;
+#endif
+    float* wrow = mfree + warp * share;
     float* stg = wrow + ((per_row + 3) & ~3);
     const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
     for (int r = warp; r < R; r += NW) {
@@ -1108,10 +1195,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
-      int n_words, int cpg, int cached, float scale_log2) {                                                       \
+      int n_words, int cpg, int cached, float scale_log2, const __grid_constant__ moba_tensor_map kmap,           \
+      const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,      \
                             kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,         \
-                            scale_log2, nullptr, 0, 0);                                                           \
+                            scale_log2, nullptr, 0, 0, &kmap, &vmap);                                             \
   }
 
 // The same kernel over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
@@ -1123,10 +1211,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
       int cpg, int cached, float scale_log2, const int* __restrict__ page_table, int page_size,                   \
-      int pages_per_seq) {                                                                                        \
+      int pages_per_seq, const __grid_constant__ moba_tensor_map kmap,                                            \
+      const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,       \
                            kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached, scale_log2,     \
-                           page_table, page_size, pages_per_seq);                                                 \
+                           page_table, page_size, pages_per_seq, &kmap, &vmap);                                   \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
