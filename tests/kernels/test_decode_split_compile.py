@@ -28,12 +28,12 @@ SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{t}_d{d}" for p in ("", "paged_") for t in ("bf16", "fp16") for d in (64, 128)]
 
 
-# made in the background once the tests are collected (_background); the second: the attention kernel's tensor-map
-# build (DSP_ATTN_TMA)
+# made in the background once the tests are collected (_background); the second: the attention kernel's cp.async
+# build (DSP_ATTN_TMA=0)
 report = background_fixture(
     "report", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc")))
-report_tma = background_fixture(
-    "report_tma", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_tma"), ("DSP_ATTN_TMA=1",)))
+report_cp = background_fixture(
+    "report_cp", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_cp"), ("DSP_ATTN_TMA=0",)))
 
 
 def test_entry_points_and_constants_match_the_wrapper():
@@ -50,7 +50,7 @@ def test_entry_points_and_constants_match_the_wrapper():
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("build", ["report", "report_tma"])
+@pytest.mark.parametrize("build", ["report", "report_cp"])
 def test_decode_split_compiles_without_spills(request, build):
     report = request.getfixturevalue(build)
     assert sorted(report) == sorted(SCORE + SELECT + ATTEND)

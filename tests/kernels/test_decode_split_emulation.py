@@ -153,10 +153,11 @@ def test_attention_build_options_match_reference(harness_built, tmp_path, case, 
     assert not cache._counters.any()
 
 
-# The attention kernel built to copy K and V by tensor maps (cp.async.bulk.tensor with the 128-byte swizzle, one
-# thread issuing, mbarrier phases counted over the batches): the model lands each box only when a thread waits on its
-# phase, with the swizzle and zeros beyond the tensor, and checks the bytes and the 1 KB alignment.
-harness_tma = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_ATTN_TMA=1",), name="harness_tma")
+# The attention kernel built to copy K and V by 16-byte cp.async copies of every thread (DSP_ATTN_TMA=0; the
+# default build copies by tensor maps: cp.async.bulk.tensor with the 128-byte swizzle, one thread issuing, mbarrier
+# phases counted over the batches, which the model lands only when a thread waits on a phase, with the swizzle and
+# zeros beyond the tensor, checking the bytes and the 1 KB alignment).
+harness_cp = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_ATTN_TMA=0",), name="harness_cp")
 
 
 @pytest.mark.parametrize(("case", "attn_ctas"), [
@@ -164,19 +165,19 @@ harness_tma = harness_fixture("decode_split_harness", _kernel_files, flags=("-DD
     (CASES[11].values, 1), (CASES[12].values, 2), (ATTN_CASES[3].values[0], 5), (ATTN_CASES[4].values[0], 3),
 ], ids=["d128-B16-gqa4-ragged", "d64-B16-qlen2", "B128-chunks-three-ctas", "tiny-seq", "paged-B32", "paged-B128",
         "several-batches", "two-windows"])
-def test_tensor_map_build_matches_reference(harness_tma, tmp_path, case, attn_ctas):
-    cache, q, top_k, scale, plan, bufs = _run_case(harness_tma, tmp_path, *case, attn_ctas=attn_ctas)
+def test_cp_async_build_matches_reference(harness_cp, tmp_path, case, attn_ctas):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_cp, tmp_path, *case, attn_ctas=attn_ctas)
     dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
     assert not cache._counters.any()
 
 
-@pytest.mark.parametrize("build", ["harness", "harness_tma"])
+@pytest.mark.parametrize("build", ["harness", "harness_cp"])
 def test_rows_beyond_the_length_never_reach_the_output(request, tmp_path, build):
     """NaN in the cache's K and V rows past every sequence's length (which a partial block's item copies along):
-    the step still matches the reference, for the cp.async copies (zero-filled rows) and the tensor-map copies
-    (rows zeroed after they land)."""
+    the step still matches the reference, for the tensor-map copies (rows zeroed after they land) and the cp.async
+    copies (zero-filled rows)."""
     case = CASES[2].values  # B 128, two 64-token items per block, partial own blocks
     dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts = case
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)

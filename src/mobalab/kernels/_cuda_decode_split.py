@@ -133,14 +133,17 @@ def attn_ctas_per_sm(attn_smem: int, smem_per_sm: int = SMEM_PER_SM, most: int =
 def attn_build(attn_chunk: int, attn_stages: int) -> tuple[int, tuple[str, ...]]:
     """(launch bounds' CTAs per SM, preprocessor defines) of the attention kernel built with ``attn_chunk`` tokens
     per item and ``attn_stages`` stages: (ATTN_MIN_CTAS, ()) for the defaults, else the CTAs per SM that q_len 1,
-    32 / 8 heads, d 128, k 8 fit (at most five: 102 registers a thread) and the three build options."""
+    32 / 8 heads, d 128, k 8 fit (at most five: 102 registers a thread) and the build options (more than two stages
+    with the cp.async copies)."""
     if (attn_chunk, attn_stages) == (ATTN_CHUNK, ATTN_STAGES):
         return ATTN_MIN_CTAS, ()
     if attn_chunk not in (32, 64) or attn_stages not in (2, 3, 4):
         raise ValueError(f"split_launches: attn_chunk = {attn_chunk}, attn_stages = {attn_stages}; "
                          "supported: 32 or 64, and 2, 3 or 4")
     most = attn_ctas_per_sm(attn_smem_bytes(128, 4, attn_chunk, 2, 8, True, attn_stages), most=5)
-    return most, (f"DSP_ATTN_CHUNK={attn_chunk}", f"DSP_ATTN_STAGES={attn_stages}", f"DSP_ATTN_MIN_CTAS={most}")
+    # more than two stages: the cp.async copies (the tensor-map build's flags hold two stages' mbarriers)
+    return most, (f"DSP_ATTN_CHUNK={attn_chunk}", f"DSP_ATTN_STAGES={attn_stages}", f"DSP_ATTN_MIN_CTAS={most}",
+                  *(("DSP_ATTN_TMA=0",) if attn_stages > 2 else ()))
 
 
 def select_warps(n_cand: int) -> int:

@@ -209,7 +209,7 @@
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
-#define DSP_ATTN_TMA 0                 // cp.async copies by every thread)
+#define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
