@@ -684,10 +684,6 @@ inline void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
     }
 }
 inline void dec_fence_proxy_async() {}
-inline void dec_prefetch_l2(const void* gmem, unsigned bytes) {
-    if (bytes == 0 || bytes % 16 || reinterpret_cast<uintptr_t>(gmem) % 16)
-        emu::fail("an L2 prefetch of a size or at an address that is not a multiple of 16 bytes");
-}
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }
 inline unsigned dec_fetch_ticket(unsigned* ticket, int n_route, int n_total) {
     return emu::ticket(atomicAdd(ticket, 1u), n_route, n_total);

@@ -169,10 +169,6 @@ __device__ __forceinline__ void dec_mbar_wait(unsigned long long* bar, unsigned 
             : "memory");
     } while (!done);
 }
-// Asks the copy engine to bring `bytes` (a multiple of 16) at 16-byte aligned `gmem` into L2, nothing else.
-__device__ __forceinline__ void dec_prefetch_l2(const void* gmem, unsigned bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(gmem), "r"(bytes) : "memory");
-}
 // Orders this thread's earlier generic-proxy accesses of shared memory before later bulk copies into it.
 __device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #else

@@ -211,12 +211,6 @@
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
-#ifndef DSP_SCORE_PREFETCH_NEXT        // the score warps' next batch of block sums prefetched into L2 by the copy engine
-#define DSP_SCORE_PREFETCH_NEXT 0      // while this one's loads are in flight (0: none)
-#endif
-#ifndef DSP_ATTN_PREFETCH_NEXT         // the K and V of the item after the next one prefetched into L2 by the copy engine
-#define DSP_ATTN_PREFETCH_NEXT 0       // as the next one's copies are issued (tensor-map build; 0: none)
-#endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
@@ -379,13 +373,8 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
         }
     };
-    auto prefetch = [&](int nb) {  // the batch at nb into L2 (its blocks that lie in the range)
-        if (DSP_SCORE_PREFETCH_NEXT && lane == 0 && nb < j_hi)
-            dec_prefetch_l2(bsum + (long long)nb * D, (unsigned)(min(BW, j_hi - nb) * D * 4));
-    };
     int base = j_lo + warp * BW;
     if (base < j_hi) load(base);
-    prefetch(base + DSP_WARPS * BW);
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
     for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
     for (int y = tid; y < nr * D; y += DSP_THREADS) {
@@ -421,7 +410,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
         if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
-        prefetch(base + 2 * DSP_WARPS * BW);
     }
 }
 
@@ -804,22 +792,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 for (int h = 0; h < D / 64; ++h) {
                     dec_tma_load_2d(ks + h * chunk * 64, kmap, h * 64, row, bars + st);
                     dec_tma_load_2d(ks + chunk * D + h * chunk * 64, vmap, h * 64, row, bars + st);
-                }
-            }
-            if (DSP_ATTN_PREFETCH_NEXT && it + 1 < hi) {  // the item after this one, into L2 (its valid rows)
-                const int j1 = ublk[(it + 1) >> lnc], t1 = j1 * block_size + ((it + 1) & (nc - 1)) * chunk;
-                const int n1 = min(chunk, len - t1);
-                if (n1 > 0) {
-                    long long s1;
-                    if constexpr (PAGED) {
-                        const int pi = t1 / page_size;
-                        s1 = (((long long)page_table[(long long)b * pages_per_seq + pi] * kv_heads + kvh) * page_size +
-                              (t1 - pi * page_size)) * D;
-                    } else {
-                        s1 = ((long long)g * capacity + t1) * D;
-                    }
-                    dec_prefetch_l2(k + s1, (unsigned)(n1 * D * (int)sizeof(T)));
-                    dec_prefetch_l2(v + s1, (unsigned)(n1 * D * (int)sizeof(T)));
                 }
             }
 #else
