@@ -47,8 +47,13 @@
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
 //    of a batch; CTA p takes a contiguous run of each batch's items, so consecutive items mostly share a block,
 //    whose rows (entries, rows, positions) are gathered once. While it computes one item, the K and V of its
-//    next item are in flight (cp.async.cg 16-byte copies with the L2::128B prefetch hint into two swizzled
-//    stages of 32 KB at d 128, zeros beyond L_b). For the rows that selected the block (passes of <= 4 rows,
+//    next item are in flight: thread 0 announces the item's bytes on its stage's mbarrier and issues one
+//    tensor-map copy (cp.async.bulk.tensor.2d) per 64 columns of K and of V, boxes of chunk rows x 128 bytes that
+//    the copy engine lands with its 128-byte swizzle in two stages of 32 KB at d 128 (the stages first in shared
+//    memory, 1 KB-aligned); every thread waits for the stage's phase (the k-th use of a stage, counted over the
+//    batches, is phase k), and V rows beyond L_b are zeroed after they land. (Build option DSP_ATTN_TMA=0, the
+//    kernel before: every thread issues 16-byte cp.async.cg copies with the L2::128B prefetch hint into the same
+//    swizzle, rows of D elements, zeros beyond L_b.) For the rows that selected the block (passes of <= 4 rows,
 //    zero rows padding the 16-row tiles) warp w takes tokens 16w .. 16w + 15: S = Q K^T by mma.sync m16n8k16
 //    (K by ldmatrix), masked after the row's position, the max and sum of P = 2^(S - max) over its tokens
 //    (scale * log2 e folded in), and P V by m16n8k16 (P rounded to q's type, V by ldmatrix.trans); one barrier,
@@ -101,8 +106,15 @@
 //    that touch memory beside them, not into waiting. Neither fewer copy instructions (whole items without
 //    per-row tests: equal within 0.5%) nor bulk copies on mbarriers (two per row, rows rotated for ldmatrix:
 //    the copy engine took ~5200 cycles an item for 240 small copies, 0.73-0.97x) shortened that; the L2::128B
-//    prefetch hint did a little (1.00-1.055x, 256B 0.94-1.0x). A tensor-map copy (a few 8 KB boxes an item)
-//    is what remains of the bulk-copy idea.
+//    prefetch hint did a little (1.00-1.055x, 256B 0.94-1.0x). Tensor-map copies (four 8 KB boxes an item, one
+//    thread issuing) did: in an interleaved A/B against the cp.async copies, step us, 512K 89.6 / 95.9-102.7,
+//    1M 136.8 / 143.5, 128K 68.4 / 75.1, 128K B 64 k 4 48.8-49.1 / 49.8-52.7, B 32 67.5 / 69.8-73.8, k 16 98.1 /
+//    109.6, 32K 55.1 / 59.6-60.0, batch 64 276.1 / 316.4 (1.02-1.15x); the trace then has ~350 cycles an item
+//    issuing, ~2200-2400 waiting for the data, ~1340 math and ~860 combine, the loops streaming ~3.9 TB/s between
+//    the first item (~2 us) and the ends (25 / 33 / 38 us, min / median / max), so the launch is now bandwidth-
+//    bound, its losses the ramp, the SMs' uneven ends and the merge. Adding depth did not help: the item after
+//    the next one prefetched into L2 by the copy engine 0.96-1.0x, more CTAs per kv head (12, 24) 0.89-0.95x,
+//    32-token items at five CTAs per SM 0.95-1.04x.
 // Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
 // ends.
 //
