@@ -40,7 +40,7 @@ import pytest
 import mobalab.kernels
 from mobalab.kernels import _cuda_attention, _cuda_backward, _cuda_routing
 from mobalab.kernels._build import CUDA_DIR, source
-from mobalab.kernels._launch import _SCALAR_TYPES, _parse_signatures, signatures
+from mobalab.kernels._launch import _SCALAR_TYPES, TENSOR_MAP, _parse_signatures, signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _background import background_fixture  # noqa: E402
@@ -198,7 +198,8 @@ def test_signatures_are_literal(name):
         assert re.fullmatch(r"[A-Za-z_]\w*", kernel), kernel
         for p in params:
             assert re.fullmatch(r"[A-Za-z_]\w*", p.name), (kernel, p)
-            assert p.pointer or p.ctype in _SCALAR_TYPES, f"{kernel}: parameter {p.name} has C type {p.ctype!r}"
+            assert p.pointer or p.ctype in _SCALAR_TYPES or p.ctype == TENSOR_MAP, \
+                f"{kernel}: parameter {p.name} has C type {p.ctype!r}"
 
 
 def _python_bound_names() -> set[str]:
@@ -220,8 +221,10 @@ def wrapper_name_templates() -> dict[str, re.Pattern]:
     that reads as an identifier starting ``moba_`` (f-string fields stand for one word without ``_``), less
     the names of Python objects (``"moba_topk"`` in an error message is the Python function)."""
     bound = _python_bound_names()
-    # torch custom ops ("mobalab::moba_attention_fwd") are looked up by name too; they are no kernels
+    # torch custom ops ("mobalab::moba_attention_fwd") are looked up by name too; they are no kernels; nor is the
+    # C type of a tensor-map parameter
     bound |= {m.group(1) for path in PY_SOURCES for m in re.finditer(r'"mobalab::(\w+)"', path.read_text())}
+    bound.add(TENSOR_MAP)
     out = {}
     for path in PY_SOURCES:
         nodes = list(ast.walk(ast.parse(path.read_text())))
