@@ -223,9 +223,6 @@
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
-#ifndef DSP_ATTN_WORD_FIRST            // the set's first window word loaded before the kv head's entries and query rows,
-#define DSP_ATTN_WORD_FIRST 1          // so that the two round trips overlap (0: after them)
-#endif
 #ifndef DSP_MERGE_EARLY                // the merge copies a row's partials in before their (m, l) arrive, where they fit
 #define DSP_MERGE_EARLY 1              // one batch (one round trip to L2 fewer; 0: the partials of nonzero weight after)
 #endif
@@ -734,10 +731,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    // The first window's word of the set, in flight while the entries and query rows are stored (their stores
-    // wait for their loads; a load of the set after them would start only then).
-    [[maybe_unused]] const unsigned word0 =
-        DSP_ATTN_WORD_FIRST && tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + tid)) : 0u;
     if (cached) {  // the kv head's entries and query rows, once for all its blocks
         for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
@@ -764,8 +757,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     [[maybe_unused]] int nbase = 0;
     for (int w0 = 0, r0 = 0; w0 < n_words;) {
         int* wcount = flags + 4 + ((w0 / NT) & 1) * NW;
-        const unsigned word = DSP_ATTN_WORD_FIRST && w0 == 0 && r0 == 0 ? word0
-                              : w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
+        const unsigned word = w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
         int first = __popc(word);  // inclusive scan of the counts over the warp, then the exclusive rank
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
