@@ -223,9 +223,6 @@
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
-#ifndef DSP_MERGE_EARLY                // the merge copies a row's partials in before their (m, l) arrive, where they fit
-#define DSP_MERGE_EARLY 1              // one batch (one round trip to L2 fewer; 0: the partials of nonzero weight after)
-#endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
@@ -1114,15 +1111,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
     for (int r = warp; r < R; r += NW) {
         const long long p0 = ((long long)g * R + r) * per_row;
-        // early: every used slot's partial in flight before the (m, l) loads (a slot of weight 0 is copied but not
-        // read: its partial may be unwritten)
-        const bool early = DSP_MERGE_EARLY && per_row <= nbat;
-        if (early) {
-            for (int a = 0; a < per_row; ++a)
-                if (lane < D / 4 && sel_at(r * top_k + (a >> lnc)) >= 0)
-                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + a) * D + lane * 4);
-            dec_cp_async_commit();
-        }
         float mx = dec_neg_inf();
         float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
         auto ml_at = [&](int sc) {  // (m, l) of slot sc; unused slots (sel -1) weigh nothing and are not read
@@ -1166,11 +1154,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         // A zero weight copies nothing (its partial may be unwritten) and is skipped.
         for (int sc0 = 0; sc0 < per_row; sc0 += nbat) {
             const int nb = min(nbat, per_row - sc0);
-            for (int a = 0; a < (early ? 0 : nb); ++a) {
+            for (int a = 0; a < nb; ++a) {
                 if (wrow[sc0 + a] != 0.f && lane < D / 4)  // 16 bytes a lane (D / 4 lanes per partial)
                     dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
             }
-            if (!early) dec_cp_async_commit();
+            dec_cp_async_commit();
             dec_cp_async_wait<0>();
             __syncwarp();
             for (int a = 0; a < nb; ++a) {
