@@ -134,9 +134,10 @@
 // is not scoring); selection ~13 us at 512K, ~7 us at 32K (latency-bound: a globaltimer trace at 128K put ~1400
 // cycles per warp into the lengths load, ~7300 into ranking its chunks and ~4500 into the merge of 8 warps' lists,
 // all dependent compare-and-shuffle chains, before the 64-bit keys took 1.6-4.3 us off the routing); attention
-// ~52 us for 121 MB at every length (~29 blocks per kv head; ~50 us with 64-token items). Step 0.102 ms at 512K
-// (58% of the copy bandwidth; 0.098 ms, 62%, with 64-token items), 0.069 ms at 32K, 0.052 ms at 128K, B 64, k 4
-// (43%, the lowest at batch 8 and 128K-1M). Nsight
+// ~52 us for 121 MB at every length (~29 blocks per kv head; ~50 us with 64-token items, ~41.5 us with the
+// tensor-map copies). Step 0.102 ms at 512K (58% of the copy bandwidth; 0.098 ms, 62%, with 64-token items;
+// 0.090 ms, 66-67%, with the tensor-map copies), 0.069 ms at 32K (0.054), 0.052 ms at 128K, B 64, k 4 (43%;
+// 0.049 ms, 45%, still the lowest at batch 8 and 128K-1M). Nsight
 // Compute at 128K, batch 8 (before the keys): score 22.1 us, select 12.5 us, attention 20.0 us at B 64, k 4
 // (67 + 27 MB); 14.1, 13.7 and 52.9 us at B 128, k 8 (the attention at 48% of DRAM peak). 70% of the roofline
 // at B 64, k 4 is a 31.6 us step: the score and attention launches at the copy bandwidth alone take 22 us, so
