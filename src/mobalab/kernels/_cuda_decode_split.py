@@ -303,13 +303,11 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
 def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
     """Tensor maps of the cache's K and V, each viewed as (rows, head_dim) (a block of a kv head is rows of one
     slab, contiguous or paged alike), boxes of ``chunk`` rows by 64 columns (one attention item's half or whole
-    row at d 128 / 64); made once per (K, V, chunk) and kept on the cache."""
-    maps = cache.__dict__.setdefault("_tensor_maps", {})
-    key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), chunk)
-    got = maps.get(key)
+    row at d 128 / 64); made once per chunk and kept on the cache (its K and V stay where they were allocated)."""
+    got = cache._tensor_maps.get(chunk)
     if got is None:
-        dim = cache.k.shape[-1]
-        got = maps[key] = (tensor_map_2d(cache.k, dim, chunk), tensor_map_2d(cache.v, dim, chunk))
+        dim = cache.head_dim
+        got = cache._tensor_maps[chunk] = (tensor_map_2d(cache.k, dim, chunk), tensor_map_2d(cache.v, dim, chunk))
     return got
 
 

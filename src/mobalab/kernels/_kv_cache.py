@@ -126,6 +126,7 @@ class MobaKVCache:
         self._appended = torch.zeros(self.batch, dtype=torch.int64)
         self._len_dev = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
         self._counters = None
+        self._tensor_maps = {}  # the split decode kernel's tensor maps of K and V, per attention chunk
 
     # -----------------------------------------------------------------------------------------------
     # state

@@ -319,8 +319,7 @@ def launch(plan: Launch) -> None:
             fn = _compiled(plan)
             fptr = _READY[key] = _function_ptr(fn, device)
         if not _driver_launch(fptr, plan, cargs, stream):
-            # no current context on this thread yet: CuPy's call makes the device's current first
-            _cupy_launch(_compiled(plan), plan, cargs, device, fptr, stream)
+            _launch_without_context(_compiled(plan), plan, cargs, device, fptr, stream)
     else:
         _cupy_launch(_compiled(plan), plan, cargs)
     if _after_launch is not None:
@@ -358,20 +357,25 @@ def _driver_launch(fptr: int, plan: Launch, cargs: tuple, stream: int) -> bool:
     return True
 
 
-def _cupy_launch(fn, plan: Launch, cargs: tuple, device: int | None = None, fptr: int | None = None,
-                 stream: int | None = None) -> None:
-    """CuPy's call of compiled kernel ``fn`` on torch's current stream. CuPy cannot pass a tensor map (the copy
-    engine's 128-byte descriptor): for such a kernel, with ``device``, ``fptr`` and ``stream`` of a driver launch
-    that found no current context on this thread, the device's context is made current and the driver launch
-    repeated; without them (``$MOBALAB_LAUNCH=cupy``) a TypeError says so."""
+def _cupy_launch(fn, plan: Launch, cargs: tuple) -> None:
+    """CuPy's call of compiled kernel ``fn`` on torch's current stream (which cannot pass a tensor map, the copy
+    engine's 128-byte descriptor: such a kernel raises TypeError)."""
     if any(isinstance(a, bytes) for a in cargs):
-        if fptr is not None:
-            cupy().cuda.runtime.setDevice(device)  # makes the device's primary context current on this thread
-            if _driver_launch(fptr, plan, cargs, stream):
-                return
         raise TypeError(f"{plan.kernel}: a kernel with tensor-map parameters needs the driver launcher "
                         f"(${LAUNCH_ENV}=driver, the default)")
     fn(_dim3(plan.grid), _dim3(plan.block), cargs, shared_mem=int(plan.shared_mem), stream=torch_stream())
+
+
+def _launch_without_context(fn, plan: Launch, cargs: tuple, device: int, fptr: int, stream: int) -> None:
+    """A driver launch found no current context on this thread: CuPy's call makes the device's current first and
+    launches; a kernel with tensor maps, which CuPy cannot pass, gets the device's primary context made current
+    here and the driver launch again."""
+    if not any(isinstance(a, bytes) for a in cargs):
+        _cupy_launch(fn, plan, cargs)
+        return
+    cupy().cuda.runtime.setDevice(device)
+    if not _driver_launch(fptr, plan, cargs, stream):
+        raise RuntimeError(f"{plan.kernel}: no CUDA context on this thread after making device {device} current")
 
 
 @functools.cache
@@ -389,10 +393,9 @@ def start(fn, plan: Launch, cargs: tuple) -> None:
     (:func:`check_args`) on torch's current stream, by the launcher :func:`resolve_launcher` names."""
     if resolve_launcher() == "driver":
         device, stream = current_stream()
-        if _driver_launch(_function_ptr(fn, device), plan, cargs, stream):
-            return
-        # no current context on this thread yet: CuPy's call makes the device's current first
-        _cupy_launch(fn, plan, cargs, device, _function_ptr(fn, device), stream)
+        fptr = _function_ptr(fn, device)
+        if not _driver_launch(fptr, plan, cargs, stream):
+            _launch_without_context(fn, plan, cargs, device, fptr, stream)
         return
     _cupy_launch(fn, plan, cargs)
 

@@ -12,6 +12,8 @@
 #ifndef DEC_HOST_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "mbarrier.cuh"
 #endif
 
 #define DEC_FULL 0xffffffffu
@@ -133,41 +135,30 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
 // the copy engine, without the issuing thread's load path, with the 128-byte swizzle (16-byte chunk c of box row r
 // lands at c ^ (r & 7), the destination 1 KB-aligned), and counts its bytes off an mbarrier's transaction count. A
 // phase of the barrier completes when its arrivals (the init count) have arrived and the bytes they announced
-// (arrive.expect_tx) have landed; a thread whose wait sees the phase complete also sees the copies' data.
+// (arrive.expect_tx) have landed; a thread whose wait sees the phase complete also sees the copies' data. The
+// mbarrier operations are mbarrier.cuh's; these names are the ones the host emulation models.
 struct __align__(64) moba_tensor_map {
     unsigned long long opaque[16];
 };
-__device__ __forceinline__ unsigned dec_smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 // Expected arrivals `count`, phase 0; a CTA-wide barrier must follow before another thread uses it.
 __device__ __forceinline__ void dec_mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(dec_smem_u32(bar)), "r"(count) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    moba::mbar_init(moba::smem_u32(bar), count);
 }
-// One arrival that also announces `bytes` of copies to land in this phase (release).
 __device__ __forceinline__ void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
-                     dec_smem_u32(bar)), "r"(bytes)
-                 : "memory");
+    moba::mbar_arrive_expect_tx(moba::smem_u32(bar), bytes);
 }
 // The box at (column c0, row c1) of the tensor `map` describes into `smem`, its bytes counted on `bar`.
 __device__ __forceinline__ void dec_tma_load_2d(void* smem, const moba_tensor_map* map, int c0, int c1,
                                                 unsigned long long* bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-        "[%4];\n" ::"r"(dec_smem_u32(smem)),
-        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(dec_smem_u32(bar))
+        "[%4];\n" ::"r"(moba::smem_u32(smem)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(moba::smem_u32(bar))
         : "memory");
 }
-// Block until the phase of parity `parity` of `bar` has completed (acquire).
+// Block until the phase of parity `parity` of `bar` has completed (acquire; traps after ~10 s).
 __device__ __forceinline__ void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(dec_smem_u32(bar)), "r"(parity)
-            : "memory");
-    } while (!done);
+    moba::mbar_wait(moba::smem_u32(bar), parity);
 }
 // Orders this thread's earlier generic-proxy accesses of shared memory before later bulk copies into it.
 __device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

@@ -695,7 +695,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                   "the stages' mbarriers after the flags, within DSP_FLAGS bytes");
     if (tid == 0) {
 #ifndef DEC_HOST_EMULATION
-        if (dec_smem_u32(stages) & 1023u) __trap();  // the swizzle's 1 KB alignment (see above)
+        if (moba::smem_u32(stages) & 1023u) __trap();  // the swizzle's 1 KB alignment (see above)
 #endif
         for (int x = 0; x < NST; ++x) dec_mbar_init(bars + x, 1u);  // used after the first CTA barrier below
     }

@@ -36,6 +36,13 @@ __device__ __forceinline__ void mbar_arrive(unsigned bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
 
+// One arrival that also announces `bytes` of bulk copies to land in this phase (mbarrier::complete_tx): the phase
+// completes when its arrivals have come and those bytes have landed.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
 // One arrival, triggered when every cp.async this thread issued so far has completed (counted in the init count).
 __device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
