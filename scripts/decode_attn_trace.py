@@ -1,18 +1,24 @@
-"""Where the split decode's attention launch spends its time, per CTA: ``python scripts/decode_attn_trace.py
-[--points 512K,128K-B64k4] [--variants plan probe=2]``.
+"""Where the split decode step spends its time, per CTA: ``python scripts/decode_attn_trace.py
+[--points 512K,128K-B64k4] [--variants plan probe=2] [--dump DIR]``.
 
 The attention launch is built with DSP_ATTN_TRACE=1 (cuda/decode_split.cu): thread 0 of every CTA notes
 %globaltimer at its start, first item, loop end and end, and the clock64 cycles of each phase of its item loop.
+The routing launches are built with DSP_ROUTE_TRACE=1: thread 0 of every score CTA notes its start, when its
+length arrived, when its first batch was scored and its end; of every select CTA its start and end.
 Each point (``decode_split_ab.py``'s points and variant knobs) runs a few steps, then one step with L2 flushed
-whose trace is read. Printed per variant: the launch's span, when CTAs start, reach their first item, end their
-loops and end (min / median / max, us after the first CTA's start), items per CTA, and the mean cycles per item
-of each loop phase (per CTA; thread 0's view, so a barrier's wait is charged to the phase it ends).
+whose traces are read. Printed per variant: the step's timeline (every launch's CTA starts and ends, min / median /
+max, us after the first score CTA's start), then for the attention launch its span, when CTAs start, reach their
+first item, end their loops and end (us after its first CTA's start), items per CTA, and the mean cycles per item
+of each loop phase (per CTA; thread 0's view, so a barrier's wait is charged to the phase it ends). ``--dump``
+saves every point's and variant's raw traces (``torch.save``) for a closer look.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
 
 import torch
@@ -53,6 +59,27 @@ def summarise(tr, label: str) -> list[str]:
     return lines
 
 
+def timeline(score, select, attend) -> list[str]:
+    """Lines of the step's timeline from the three launches' traces (int64 tensors: score (ctas, 8: start, length,
+    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 16)), us after the first score CTA's start
+    (the first select CTA's without a score launch)."""
+    t0 = (score[:, 0] if score is not None else select[:, 0]).min()
+
+    def q3(x):
+        x = ((x - t0).double() / 1e3).sort().values
+        return f"{x[0]:.1f} / {x[len(x) // 2]:.1f} / {x[-1]:.1f}"
+
+    lines = []
+    if score is not None:
+        lines.append(f"    score ({len(score)} CTAs): start {q3(score[:, 0])} | length {q3(score[:, 1])} | first batch "
+                     f"{q3(score[:, 2])} | end {q3(score[:, 3])}")
+    lines.append(f"    select ({len(select)} CTAs): start {q3(select[:, 0])} | end {q3(select[:, 1])}")
+    lines.append(f"    attend ({len(attend)} CTAs): start {q3(attend[:, 8])} | first item {q3(attend[:, 9])} | "
+                 f"loop end {q3(attend[:, 10])} | end {q3(attend[:, 11])} (us after the step's first CTA, "
+                 f"min / median / max)")
+    return lines
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from decode_split_ab import POINTS, parse_variant, pop_builds, with_builds
@@ -60,6 +87,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", default="512K,128K-B64k4")
     p.add_argument("--variants", nargs="*", default=["probe=2"])
+    p.add_argument("--dump", default=None, help="directory for the raw traces (one .pt file per point)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_attn_trace: needs a CUDA GPU", file=sys.stderr)
@@ -78,12 +106,14 @@ def main(argv=None) -> int:
         n, batch, block, top_k = POINTS[name]
         cache, q = random_cache(n, batch, block, n + block)
         print(f"{name} (N {n}, batch {batch}, B {block}, k {top_k}):", flush=True)
+        dumped = {}
         for label, opts in variants.items():
             opts = dict(opts)
             builds = pop_builds(opts)
             plan, bufs, launches = S.split_launches(q, cache, top_k, 1 / math.sqrt(HEAD_DIM),
                                                     sm_count=sm_count(dev), **opts)
-            launches = with_builds(launches, builds, {"attend": ["DSP_ATTN_TRACE=1"]})
+            launches = with_builds(launches, builds, {"attend": ["DSP_ATTN_TRACE=1"],
+                                                       "route_": ["DSP_ROUTE_TRACE=1"]})
             att = launches[-1]
             for _ in range(5):
                 for x in launches:
@@ -96,9 +126,22 @@ def main(argv=None) -> int:
             ctas = int(att.grid[0])
             buf = cupy.ndarray((4096, 16), cupy.uint64, mod.get_global("dsp_trace"))
             tr = torch.as_tensor(buf[:ctas].astype(cupy.int64).get())
-            for line in summarise(tr, f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs "
-                                      f"per kv head)"):
+            route = {}
+            for x in launches[:-1]:
+                which = "score" if "score" in x.kernel else "select"
+                rmod = _module(x.source, _module_defines(x.kernel, x.defines), ())
+                rbuf = cupy.ndarray((8192, 8 if which == "score" else 2), cupy.uint64,
+                                    rmod.get_global(f"dsp_{which}_trace"))
+                route[which] = torch.as_tensor(rbuf[:int(x.grid[0])].astype(cupy.int64).get())
+            lines = summarise(tr, f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs per kv "
+                                  f"head)")
+            lines[1:1] = timeline(route.get("score"), route["select"], tr)
+            for line in lines:
                 print(line, flush=True)
+            dumped[label] = dict(route, attend=tr, plan=dataclasses.asdict(plan))
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            torch.save(dumped, os.path.join(args.dump, f"trace_{name}.pt"))
         del cache
         torch.cuda.empty_cache()
     return 0

@@ -26,9 +26,9 @@
 #   decode-ab                the split decode step's variants and build options side by side (scripts/decode_split_ab.py;
 #                            DECODE_AB_POINTS, DECODE_AB_VARIANTS, default the 32-token attention build at eight points;
 #                            decode_ab.log, ~60 s)
-#   decode-trace             per-CTA trace of the split attention launch (scripts/decode_attn_trace.py;
+#   decode-trace             per-CTA trace of the split decode step (scripts/decode_attn_trace.py;
 #                            DECODE_TRACE_POINTS, DECODE_TRACE_VARIANTS, default 512K and 128K B 64 k 4 with the
-#                            no-copies probe; decode_trace.log, ~40 s)
+#                            no-copies probe; decode_trace.log, raw traces in decode_trace/, ~40 s)
 #   decode | decode-full     MoBA decode step vs dense SDPA decode (quick subset with the targets | full sweep),
 #                            both decode kernels (fused, split: two rows per configuration)
 #   varlen       packed variable-length batches vs an equal-length batch, transformers step times (quick)
@@ -250,7 +250,8 @@ for step in "${STEPS[@]}"; do
                  --variants ${DECODE_AB_VARIANTS:-attn_chunk=32,attn_stages=2} > "$W/decode_ab.log" 2>&1 || status=1 ;;
     decode-trace) timeout $(cap 150) python3 scripts/decode_attn_trace.py \
                  --points "${DECODE_TRACE_POINTS:-512K,128K-B64k4}" \
-                 --variants ${DECODE_TRACE_VARIANTS:-probe=2} > "$W/decode_trace.log" 2>&1 || status=1 ;;
+                 --variants ${DECODE_TRACE_VARIANTS:-probe=2} --dump "$W/decode_trace" > "$W/decode_trace.log" 2>&1 \
+                   || status=1 ;;
     decode)      timeout $(cap 150) python3 -m mobalab.bench.decode --quick --out "$W/decode" > "$W/bench_decode.log" 2>&1 \
                    || status=1 ;;
     decode-ncu)  timeout $(cap 150) python3 -m mobalab.bench.decode --ncu "$W/decode-ncu" > "$W/decode_ncu.log" 2>&1 || status=1 ;;

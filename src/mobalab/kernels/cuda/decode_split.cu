@@ -262,6 +262,36 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
 #define DSP_TR_FLUSH(last) do { } while (0)
 #endif
 
+// A trace of the routing launches (build option DSP_ROUTE_TRACE=1; scripts/decode_attn_trace.py reads it beside the
+// attention launch's): thread 0 of every score CTA notes %globaltimer at its start, when its sequence's length has
+// arrived, after its first batch is scored (the first block sums have landed) and at its end (after a CTA barrier),
+// then its SM; thread 0 of every select CTA at its start and end. The layout is the script's.
+#ifndef DSP_ROUTE_TRACE
+#define DSP_ROUTE_TRACE 0
+#endif
+#if DSP_ROUTE_TRACE
+#define DSP_ROUTE_TRACE_CTAS 8192
+__device__ unsigned long long dsp_score_trace[DSP_ROUTE_TRACE_CTAS][8];
+__device__ unsigned long long dsp_select_trace[DSP_ROUTE_TRACE_CTAS][2];
+__device__ __forceinline__ unsigned long long dsp_route_gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+}
+#define DSP_RT_STAMP(arr, slot)                                                                     \
+    do {                                                                                           \
+        if (threadIdx.x == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) arr[blockIdx.x][slot] = dsp_route_gtime(); \
+    } while (0)
+#else
+#define DSP_RT_STAMP(arr, slot) do { } while (0)
+#endif
+// The score pass's first block-sum loads before its sequence's length has arrived (build option, 1: on): clamped to
+// the longest sequence's candidates (n_cols, known to the host), so that the first batch's round trip to memory
+// overlaps the length's instead of following it; the stores stay guarded by the sequence's own candidates.
+#ifndef DSP_SCORE_EARLY
+#define DSP_SCORE_EARLY 0
+#endif
+
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
 // no position is needed). The code, and so each kernel's measured machine code, differs, so both stay.
@@ -365,29 +395,44 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     const int group = heads / kv_heads, rows = group * q_len;
     const int r0 = rg * rpg, nr = min(rpg, rows - r0);
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_lo = x * range_blocks, j_hi = min(j_lo + range_blocks, c_last);
-    if (j_lo >= j_hi) return;  // the whole CTA: beyond this sequence's candidates
-
-    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
+    DSP_RT_STAMP(dsp_score_trace, 0);
+    const int j_lo = x * range_blocks;
     const float* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
-    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
-    // range: the loads stay unconditional, the stores are guarded).
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped below j_top:
+    // the loads stay unconditional, the stores are guarded).
     float4 sv[NP][NV];
-    auto load = [&](int base) {
+    auto load = [&](int base, int j_top) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-            const int jb = min(base + p * 4 + sub, j_hi - 1);
+            const int jb = min(base + p * 4 + sub, j_top - 1);
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
         }
     };
     int base = j_lo + warp * BW;
-    if (base < j_hi) load(base);
+#if DSP_SCORE_EARLY
+    const int j_max = min(j_lo + range_blocks, n_cols);  // the longest sequence's candidates bound every sequence's
+    if (j_lo >= j_max) return;
+    if (base < j_max) load(base, j_max);
+#endif
+    const int len = lengths[b];
+    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
+    const int j_hi = min(j_lo + range_blocks, c_last);
+    if (j_lo >= j_hi) {  // the whole CTA: beyond this sequence's candidates
+        DSP_RT_STAMP(dsp_score_trace, 1);
+        DSP_RT_STAMP(dsp_score_trace, 2);
+        DSP_RT_STAMP(dsp_score_trace, 3);
+        return;
+    }
+    DSP_RT_STAMP(dsp_score_trace, 1);
+#if !DSP_SCORE_EARLY
+    if (base < j_hi) load(base, j_hi);
+#endif
+
+    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
     for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
     for (int y = tid; y < nr * D; y += DSP_THREADS) {
@@ -422,8 +467,20 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
-        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
+#if DSP_ROUTE_TRACE
+        if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
+#endif
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW, j_hi);
     }
+#if DSP_ROUTE_TRACE
+    __syncthreads();
+    DSP_RT_STAMP(dsp_score_trace, 3);
+    if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) {
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        dsp_score_trace[blockIdx.x][4] = smid;
+    }
+#endif
 }
 
 // ---- the set of selected blocks of a kv head ----
@@ -452,6 +509,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
     const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
     const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    DSP_RT_STAMP(dsp_select_trace, 0);
     const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
     const bool has_row = r < rows;
     const int i = r / group, g = r - i * group;
@@ -561,6 +619,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
     if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
+    DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
 // ---- attention ----
