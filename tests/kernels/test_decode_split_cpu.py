@@ -165,3 +165,50 @@ def test_cpu_decode_ignores_the_kernel_choice(monkeypatch):
     cache.prefill(torch.randn(1, 20, 1, 8, generator=g), torch.randn(1, 20, 1, 8, generator=g))
     q = torch.randn(1, 1, 2, 8, generator=g)
     assert torch.equal(moba_decode(q, cache, 3), moba_decode_reference(q, cache, 3))
+
+
+def test_dependent_launch_goes_through_launch_kernel_ex(monkeypatch):
+    """A plan marked ``dependent`` is launched by cuLaunchKernelEx with one attribute, programmatic stream
+    serialization, and the plan's geometry, stream and parameter block (the structs laid out as cuda.h's); a
+    thread without a current context gets False back (the caller's fallback), other errors raise. On the CPU
+    ``split_launches(dependent=True)`` marks nothing (there is no GPU to launch on)."""
+    import ctypes
+    import types
+
+    from mobalab.kernels import _launch
+
+    assert ctypes.sizeof(_launch._LaunchAttr) == 72 and _launch._LaunchAttr.value.offset == 8
+    assert ctypes.sizeof(_launch._LaunchConfig) == 56 and _launch._LaunchConfig.stream.offset == 32
+    assert _launch._LaunchConfig.attrs.offset == 40 and _launch._LaunchConfig.num_attrs.offset == 48
+    seen, answer = [], [0]
+
+    def launch_ex(config, f, params, extra):
+        c = config._obj
+        attr = c.attrs[0]
+        seen.append((tuple(c.grid), tuple(c.block), c.shared_mem, c.stream, c.num_attrs, attr.id,
+                     attr.value.programmatic, f.value, params.value, extra))
+        return answer[0]
+
+    monkeypatch.setattr(_launch, "_launch_kernel_ex", lambda: launch_ex)
+    monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=None)))
+    g = torch.Generator().manual_seed(0)
+    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
+    cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16())
+    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+    _, _, launches = S.split_launches(q, cache, 4, 0.125, dependent=True)
+    assert not any(x.dependent for x in launches)
+    import dataclasses
+
+    attend = dataclasses.replace(launches[-1], dependent=True)
+    cargs = check_args(attend.source, attend.kernel, attend.args)
+    assert _launch._driver_launch(4321, attend, cargs, 77)
+    (grid, block, smem, stream, n_attrs, attr_id, programmatic, f, params, extra), = seen
+    _, _, _, params_addr = _launch._BLOCKS.get(attend.source, attend.kernel)
+    assert grid == (attend.grid[0], 1, 1) and block == (attend.block[0], 1, 1) and smem == attend.shared_mem
+    assert (stream, n_attrs, attr_id, programmatic, f, params, extra) == (
+        77, 1, _launch.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1, 4321, params_addr, None)
+    answer[0] = _launch._INVALID_CONTEXT
+    assert not _launch._driver_launch(4321, attend, cargs, 77)
+    answer[0] = 1
+    with pytest.raises(RuntimeError, match="cuLaunchKernelEx .* CUresult 1"):
+        _launch._driver_launch(4321, attend, cargs, 77)
