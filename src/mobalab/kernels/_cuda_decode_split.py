@@ -337,17 +337,14 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   dependent: bool = False):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
     plan's choices; ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
-    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
-    ``dependent``: the attention launch a programmatic dependent launch (on sm_90 and later: its CTAs start while
-    the select CTAs run, stage their query rows and wait for the selection; :class:`._launch.Launch`).
+    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -371,6 +368,4 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                            kv_tensor_maps(cache, plan.chunk))
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
-    if dependent and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9:
-        attend = dataclasses.replace(attend, dependent=True)
     return plan, bufs, [*route, attend]

@@ -788,15 +788,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if (cached) {  // the kv head's query rows, then (written by the select launch) its entries, once for all blocks
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
     }
-    dec_grid_wait();  // a dependent launch: sel and the sets of selected blocks are written from here on
-    if (cached)
-        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
     if (tid == 0) flags[0] = 0;
 
     // Items: chunk c of the u-th selected block of a batch is item u * nc + c. The set is read in windows of
@@ -1295,7 +1293,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int n_words, int wpr) {
-    dec_grid_launch_dependents();  // a dependent attention launch may start its CTAs' prologue, then wait
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words, wpr);
 }
 
