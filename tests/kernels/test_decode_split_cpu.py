@@ -58,13 +58,11 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     few = rows * top_k <= 32 and dim <= 128
     assert (S.ATTN_MIN_CTAS if few else 2) * (plan.attn_smem + 1024) <= SMEM_PER_SM
     assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group, plan.n_range > 0)
-    # the score launch selects (every CTA ranks its range, its 8 warps taking the group's rows in turns; the last
-    # CTA of a row group merges the lists) unless a warp would rank more than 4 rounds of 8 chunks: one warp per
-    # row up to 8 chunks of the range, else 8 warps shared by the rows of a turn; one ticket per row group
-    range_chunks = math.ceil(min(n_cand, plan.range_blocks) / 32)
-    if plan.n_range and math.ceil(plan.rows_per_group * range_chunks / 64) <= 4:
+    # the score launch selects (its last CTA of a row group, its 8 warps taking the group's rows in turns): one
+    # warp per row up to 8 chunks, else 8 warps shared by the rows of a turn; one ticket per row group
+    if plan.n_range:
         turn = 1 << math.ceil(math.log2(min(plan.rows_per_group, S.WARPS)))
-        assert plan.score_wpr == (1 if range_chunks <= 8 else max(1, S.WARPS // turn))
+        assert plan.score_wpr == (1 if chunks <= 8 else max(1, S.WARPS // turn))
         assert plan.n_tickets == batch * kv_heads * plan.n_rg and plan.score_smem >= S.FLAGS + S.THREADS * 8
     else:
         assert plan.score_wpr == 0 == plan.n_tickets
@@ -75,7 +73,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert 1 <= plan.cpg <= distinct * plan.n_chunks
     assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse", "lists")}
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
     table = torch.zeros(1, dtype=torch.int32)
     if plan.score_wpr:
@@ -84,7 +82,6 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     tickets = torch.zeros(max(1, plan.n_tickets), dtype=torch.int32)
     score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs, tickets, table)
     assert score.args[-3:] == (plan.top_k, plan.n_words, plan.score_wpr) and score.args[16] is tickets
-    assert score.args[17] is bufs["lists"]
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
     assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
@@ -153,8 +150,6 @@ def test_step_launches_and_buffers():
     tickets = score.args[16]
     assert tickets.numel() == plan.n_tickets == 2 * 2 and tickets.data_ptr() == table.data_ptr() + 4 * plan.n_table
     assert not table.any() and not tickets.any() and score.args[-1] == plan.score_wpr == 1  # 4 chunks: one warp
-    # every CTA's ranked lists: k - 1 keys per (sequence, kv head, row, range)
-    assert score.args[17] is bufs["lists"] and bufs["lists"].numel() == 2 * 2 * plan.rows * plan.n_range * 3
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64"]
     assert only[0].args[-2] == 0  # the routing alone fills no set

@@ -69,7 +69,6 @@ ATTN_WAVE_ITEMS = 16  # items per attention CTA where the kv heads outnumber one
 SMEM_PER_SM = 233472  # H100 / H200: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
 
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
-SCORE_SELECT_ROUNDS = 4  # most rounds of chunk loads a score warp ranks after streaming (else a select launch)
 MAX_GRID = 2**31 - 1
 
 
@@ -156,16 +155,11 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
-def score_select_warps(n_cand: int, range_blocks: int, rows_per_group: int) -> int:
-    """Ranking warps per row of a score CTA over its range (its WARPS warps take the group's rows in turns), or 0
-    where the score launch should not select: one warp for ranges of at most 8 chunks of 32 candidates, as
-    :func:`select_warps`, else the warps shared by the rows of one turn (8 / the rows rounded up to a power of two);
-    0 where a warp would rank more than SCORE_SELECT_ROUNDS rounds of SELECT_LOADS chunks (many rows: a select launch
-    spreads them over more CTAs)."""
-    chunks = math.ceil(min(n_cand, range_blocks) / 32)
-    if math.ceil(rows_per_group * chunks / (WARPS * SELECT_LOADS)) > SCORE_SELECT_ROUNDS:
-        return 0
-    if chunks <= 8:
+def score_select_warps(n_cand: int, rows_per_group: int) -> int:
+    """Select warps per row in the last score CTA of a row group (its WARPS warps take the group's rows in turns):
+    one warp for rows of at most 8 chunks of 32 candidates, as :func:`select_warps`; else the warps shared by the
+    rows of one turn (8 / the rows rounded up to a power of two, at least 1)."""
+    if math.ceil(n_cand / 32) <= 8:
         return 1
     return max(1, WARPS // (1 << max(0, math.ceil(math.log2(min(rows_per_group, WARPS))))))
 
@@ -182,7 +176,7 @@ class SplitPlan(StepShape):
     n_rg: int  # score row groups per kv head
     rows_per_group: int
     n_range: int  # score CTAs per row group (0: no score launch, nothing to rank)
-    score_wpr: int  # ranking warps per row of a score CTA over its range (0: a select launch follows)
+    score_wpr: int  # select warps per row of the score launch's last CTA of a row group (0: a select launch follows)
     range_blocks: int  # candidate blocks per score CTA
     n_cols: int  # scratch columns per row: the longest sequence's candidate blocks (at least 1)
     chunk: int  # tokens per attention item
@@ -236,9 +230,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     :func:`score_batch` blocks per pass) that gives about one wave of score CTAs on ``sm_count`` SMs (fewer, longer
     CTAs: a CTA's start, its query rows and its first load's latency are paid once per range), at most
     SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate). Selection: by
-    the score launch itself where it runs, ``score_select`` and :func:`score_select_warps` allows (every CTA ranks
-    its range for the group's rows, the last of a row group's CTAs to finish merges the rows' lists, while the other
-    CTAs still stream), else by a
+    the score launch itself where it runs and ``score_select`` (the last of a row group's CTAs to finish selects the
+    group's rows, :func:`score_select_warps` warps per row, while the other row groups still stream), else by a
     select launch of ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
     :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 64)` tokens of a
@@ -283,15 +276,14 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):
         raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
-    score_wpr = score_select_warps(n_cand, per_range, rows_per_group) if score_select and n_range else 0
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range,
-                     score_wpr=score_wpr,
+                     score_wpr=score_select_warps(n_cand, rows_per_group) if score_select and n_range else 0,
                      range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
-                     score_smem=score_smem_bytes(head_dim, rows_per_group, score_wpr > 0),
+                     score_smem=score_smem_bytes(head_dim, rows_per_group, score_select and n_range > 0),
                      select_smem=select_smem_bytes(),
                      attn_smem=attn_smem)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
@@ -305,18 +297,15 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
-    lists = p.batch * p.kv_heads * p.rows * p.n_range * (p.top_k - 1) if p.score_wpr else 1
     return dict(step_outputs(p, partials, device, dtype),
-                scores=torch.empty(scores, dtype=torch.float32, device=device),
-                lists=torch.empty(lists, dtype=torch.int64, device=device))
+                scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, tickets=None, table=None) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
     -> the scores scratch (b, kv_heads, R, n_cols); where the plan has it select (``plan.score_wpr``), also sel
-    and the rows' blocks into ``table`` (the sets of selected blocks; None: no set, for the routing alone), by way
-    of every CTA's ranked lists (``bufs["lists"]``) and the row groups' ``tickets`` (``plan.n_tickets`` zeros, left
-    zero)."""
+    and the rows' blocks into ``table`` (the sets of selected blocks; None: no set, for the routing alone), the
+    row groups' ``tickets`` (``plan.n_tickets`` zeros, left zero)."""
     p, i32 = plan, np.int32
     if p.score_wpr and (tickets is None or tickets.numel() < p.n_tickets):
         raise ValueError(f"score_launch: the plan selects in the score launch and needs {p.n_tickets} tickets")
@@ -324,7 +313,7 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, tickets=None, ta
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
             i32(p.n_cols), bufs["sel"], table if table is not None else bufs["sel"],
-            tickets if tickets is not None else bufs["sel"], bufs.get("lists", bufs["sel"]), i32(p.top_k),
+            tickets if tickets is not None else bufs["sel"], i32(p.top_k),
             i32(p.n_words if table is not None else 0), i32(p.score_wpr))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 

@@ -386,55 +386,24 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
     else return *p;
 }
 
-// A 64-bit key another CTA of the launch wrote: from L2.
-__device__ __forceinline__ dsp_key dsp_ld_key(const dsp_key* p) {
-#ifdef DEC_HOST_EMULATION
-    return dec_ldcg(p);
-#else
-    dsp_key v;
-    asm volatile("ld.global.cg.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
-    return v;
-#endif
-}
-
-// Row r's selection, its list lk (sorted best first, one entry per lane, block -1 where there is none) after its own
-// block, into sel, and the row's blocks into its kv head's set of selected blocks (n_words 0: no set, routing measured
-// alone). One warp, every lane.
-__device__ __forceinline__ void dsp_emit_row(dsp_key lk, int own, int* __restrict__ sel, int* __restrict__ table,
-                                             int b, int kvh, int r, int q_len, int heads, int kv_heads, int top_k,
-                                             int n_words, int lane) {
-    const int group = heads / kv_heads, i = r / group, g = r - i * group;
-    const int lj = dsp_key_block(lk);
-    int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
-    if (lane == 0) srow[0] = own;
-    if (lane < top_k - 1) srow[1 + lane] = lj;
-    const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
-    const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
-    if (n_words > 0 && jj >= 0) dsp_set_insert(table + ((long long)b * kv_heads + kvh) * n_words, jj);
-}
-
-// The best k - 1 candidates among blocks j0 .. j1 - 1 of rows r_lo .. r_hi - 1 (at most WARPS / wpr) of kv head
-// (b, kvh), a row's candidates being the blocks below its own, by the CTA's warps, wpr per row (a power of two: few
-// candidates, one warp and no merging); wk: [WARPS][32] 64-bit keys of shared memory. lists null: the selections
-// (dsp_emit_row); else each row's list (k - 1 keys, 0 where there is none) to lists[((bk * R + r) * n_lists + x) *
-// (k - 1)], the x-th of the row's n_lists. Every thread of the CTA calls it (its tree merge has CTA barriers).
+// The selections of rows r_lo .. r_hi - 1 (at most WARPS / wpr) of kv head (b, kvh) by the CTA's warps, wpr per row
+// (a power of two: few candidates, one warp and no merging); wk: [WARPS][32] 64-bit keys of shared memory. Every
+// thread of the CTA calls it (its tree merge has CTA barriers).
 template <bool COHERENT>
 __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores, const int* __restrict__ lengths,
                                                 int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
                                                 int kv_heads, int block_size, int top_k, int n_cols, int n_words,
-                                                int wpr, int b, int kvh, int r_lo, int r_hi, dsp_key* wk, int j0,
-                                                int j1, dsp_key* __restrict__ lists, int n_lists, int x) {
+                                                int wpr, int b, int kvh, int r_lo, int r_hi, dsp_key* wk) {
     constexpr int U = DSP_SELECT_LOADS;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = heads / kv_heads, rows = group * q_len, bk = b * kv_heads + kvh;
     const int wl = warp & (wpr - 1), r = r_lo + warp / wpr;  // this warp's place in its row; its row
     const bool has_row = r < r_hi;
-    const int i = r / group;
+    const int i = r / group, g = r - i * group;
     const int own = (lengths[b] - q_len + i) / block_size;
     const int lcap = top_k - 1;
-    // candidates: blocks j0 .. min(j1, own) - 1, counted from j0
-    const int n = lcap > 0 && has_row ? max(0, min(j1, own) - j0) : 0;
-    const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols + j0;
+    const int n = lcap > 0 && has_row ? own : 0;  // candidates: blocks 0 .. own - 1
+    const float* src = scores + ((long long)bk * rows + (has_row ? r : 0)) * n_cols;
 
     dsp_key lk = 0;  // this lane's entry of the warp's list
     const int nch = (n + 31) / 32;
@@ -453,7 +422,7 @@ __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores
     // than kept: an array of U keys would cost 2 U registers, and at the 64 of 4 CTAs per SM it spills.
     auto cand = [&](const float (&v)[U], int c0, int u) {
         const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
-        return dsp_make_key(v[u], c < nch && j >= 0 ? j0 + j : -1);
+        return dsp_make_key(v[u], c < nch ? j : -1);
     };
     // The first round: each lane's best candidate (no shuffles), the lanes' bests sorted by one warp bitonic sort
     // into the list, then only the candidates that beat the list's last entry offered, a round per candidate a
@@ -527,40 +496,15 @@ __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores
             }
         }
     }
+    const int lj = dsp_key_block(lk);
     if (wl != 0 || !has_row) return;
-    if (lists == nullptr) {
-        dsp_emit_row(lk, own, sel, table, b, kvh, r, q_len, heads, kv_heads, top_k, n_words, lane);
-    } else if (lane < lcap) {
-        lists[(((long long)bk * rows + r) * n_lists + x) * lcap + lane] = lk;
-    }
-}
-
-// Rows r_lo .. r_hi - 1 of kv head (b, kvh), one warp per row (in turns of WARPS rows): the best k - 1 of the row's
-// n_lists lists (dsp_select_rows, written by other CTAs of this launch: read from L2), then dsp_emit_row. The lists
-// hold distinct blocks (disjoint ranges), so the same strict order picks the same blocks as one ranking of the row.
-__device__ __forceinline__ void dsp_merge_lists(const dsp_key* __restrict__ lists, const int* __restrict__ lengths,
-                                                int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                                int kv_heads, int block_size, int top_k, int n_words, int b, int kvh,
-                                                int r_lo, int r_hi, int n_lists) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int group = heads / kv_heads, rows = group * q_len, lcap = top_k - 1;
-    const int count = n_lists * lcap;
-    for (int r = r_lo + warp; r < r_hi; r += DSP_WARPS) {
-        const dsp_key* src = lists + ((long long)(b * kv_heads + kvh) * rows + r) * count;
-        dsp_key lk = 0;
-        for (int c = 0; c < count; c += 32) {
-            const dsp_key key = c + lane < count ? dsp_ld_key(src + c + lane) : 0ull;
-            if (c == 0) {
-                dsp_key k0 = key;
-                dsp_warp_sort(k0, lane);
-                lk = lane < lcap ? k0 : 0ull;
-            } else {
-                dsp_offer(lk, key, lcap, lane);
-            }
-        }
-        const int own = (lengths[b] - q_len + r / group) / block_size;
-        dsp_emit_row(lk, own, sel, table, b, kvh, r, q_len, heads, kv_heads, top_k, n_words, lane);
-    }
+    int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
+    if (lane == 0) srow[0] = own;
+    if (lane < lcap) srow[1 + lane] = lj;
+    // The row's blocks into the kv head's set of selected blocks (n_words 0: no set, routing measured alone).
+    const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
+    const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
+    if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
 }
 
 // The select launch (when the score launch does not select): one CTA per (sequence, kv head, WARPS / wpr rows).
@@ -574,8 +518,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
     DSP_RT_STAMP(dsp_select_trace, 0);
     dsp_select_rows<false>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words,
-                           wpr, b, kvh, rg * rpc, min(rg * rpc + rpc, rows), reinterpret_cast<dsp_key*>(smem), 0,
-                           n_cols, nullptr, 0, 0);
+                           wpr, b, kvh, rg * rpc, min(rg * rpc + rpc, rows), reinterpret_cast<dsp_key*>(smem));
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
@@ -594,15 +537,15 @@ __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
 __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
 #endif
 
-// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32; after the streaming, where the launch
-// selects, the ranking warps' lists ([WARPS][32] 64-bit keys) from byte DSP_FLAGS.
+// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32; after the streaming, in the last CTA of a
+// row group that selects, the select warps' lists ([WARPS][32] 64-bit keys) from byte DSP_FLAGS.
 template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols, int* __restrict__ sel,
-                                          int* __restrict__ table, unsigned* __restrict__ tickets,
-                                          dsp_key* __restrict__ lists, int top_k, int n_words, int sel_wpr) {
+                                          int* __restrict__ table, unsigned* __restrict__ tickets, int top_k,
+                                          int n_words, int sel_wpr) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -700,20 +643,9 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     }
 #endif
     if (sel_wpr == 0) return;  // a select launch follows
-    // The row group's selections: every CTA ranks its range for the group's rows (the best k - 1 of each into the
-    // lists), then the last of the group's n_range CTAs to finish (a ticket) merges each row's n_range lists; while
-    // a CTA ranks or merges, the other CTAs still stream. Every thread's stores are made visible at gpu scope before
-    // what reads them (this CTA's ranking, the ticket); the ranking and the merge read from L2.
-    __threadfence();
-    __syncthreads();  // the streaming is over: the query rows are no longer read, the lists' space is free
-    dsp_key* wk = reinterpret_cast<dsp_key*>(smem + DSP_FLAGS);
-    const int rpc = DSP_WARPS / sel_wpr;
-    for (int rs = r0; rs < r0 + nr; rs += rpc) {
-        if (rs != r0) __syncthreads();  // the last rows' lists in shared memory are read
-        dsp_select_rows<true>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols,
-                              n_words, sel_wpr, b, kvh, rs, min(rs + rpc, r0 + nr), wk, j_lo, j_lo + range_blocks,
-                              lists, n_range, x);
-    }
+    // The row group's selections, by the last of its n_range CTAs to finish (a ticket): while it ranks, the other
+    // row groups' CTAs still stream. Every thread's score stores are made visible at gpu scope before the ticket;
+    // the last CTA reads the scratch from L2 after it.
     __threadfence();
     __syncthreads();
     int* flags = reinterpret_cast<int*>(smem);
@@ -726,8 +658,13 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     }
     __syncthreads();
     if (!flags[0]) return;
-    dsp_merge_lists(lists, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_words, b, kvh, r0,
-                    r0 + nr, n_range);
+    dsp_key* wk = reinterpret_cast<dsp_key*>(smem + DSP_FLAGS);
+    const int rpc = DSP_WARPS / sel_wpr;
+    for (int rs = r0; rs < r0 + nr; rs += rpc) {
+        if (rs != r0) __syncthreads();  // the last rows' lists are read
+        dsp_select_rows<true>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols,
+                              n_words, sel_wpr, b, kvh, rs, min(rs + rpc, r0 + nr), wk);
+    }
 #if DSP_ROUTE_TRACE
     DSP_RT_STAMP(dsp_score_trace, 5);
     if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) dsp_score_trace[blockIdx.x][6] = 1;
@@ -1369,11 +1306,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols, int* __restrict__ sel,                       \
-      int* __restrict__ table, unsigned* __restrict__ tickets, unsigned long long* __restrict__ lists, int top_k, \
-      int n_words, int sel_wpr) {                                                                                 \
+      int* __restrict__ table, unsigned* __restrict__ tickets, int top_k, int n_words, int sel_wpr) {             \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols, sel, table, tickets, lists, top_k, n_words,    \
-                    sel_wpr);                                                                                     \
+                    rows_per_group, n_range, range_blocks, n_cols, sel, table, tickets, top_k, n_words, sel_wpr); \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
