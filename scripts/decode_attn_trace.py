@@ -4,8 +4,7 @@
 The attention launch is built with DSP_ATTN_TRACE=1 (cuda/decode_split.cu): thread 0 of every CTA notes
 %globaltimer at its start, first item, loop end and end, and the clock64 cycles of each phase of its item loop.
 The routing launches are built with DSP_ROUTE_TRACE=1: thread 0 of every score CTA notes its start, when its
-length arrived, when its first batch was scored, its scores' end and (the last CTA of a row group, which selects
-its rows) its selections' end; of every select CTA its start and end.
+length arrived, when its first batch was scored and its end; of every select CTA its start and end.
 Each point (``decode_split_ab.py``'s points and variant knobs) runs a few steps, then one step with L2 flushed
 whose traces are read. Printed per variant: the step's timeline (every launch's CTA starts and ends, min / median /
 max, us after the first score CTA's start), then for the attention launch its span, when CTAs start, reach their
@@ -62,9 +61,8 @@ def summarise(tr, label: str) -> list[str]:
 
 def timeline(score, select, attend) -> list[str]:
     """Lines of the step's timeline from the three launches' traces (int64 tensors: score (ctas, 8: start, length,
-    first batch, end, SM, selections done, selected; None without a score launch), select (ctas, 2: start, end;
-    None where the score launch selects), attend (ctas, 16)), us after the first score CTA's start (the first select
-    CTA's without a score launch)."""
+    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 16)), us after the first score CTA's start
+    (the first select CTA's without a score launch)."""
     t0 = (score[:, 0] if score is not None else select[:, 0]).min()
 
     def q3(x):
@@ -75,12 +73,7 @@ def timeline(score, select, attend) -> list[str]:
     if score is not None:
         lines.append(f"    score ({len(score)} CTAs): start {q3(score[:, 0])} | length {q3(score[:, 1])} | first batch "
                      f"{q3(score[:, 2])} | end {q3(score[:, 3])}")
-        last = score[:, 6] == 1  # the CTAs that selected their row group's rows
-        if last.any():
-            lines.append(f"    score CTAs that selected ({int(last.sum())}): scores done {q3(score[last, 3])} | "
-                         f"selections done {q3(score[last, 5])}")
-    if select is not None:
-        lines.append(f"    select ({len(select)} CTAs): start {q3(select[:, 0])} | end {q3(select[:, 1])}")
+    lines.append(f"    select ({len(select)} CTAs): start {q3(select[:, 0])} | end {q3(select[:, 1])}")
     lines.append(f"    attend ({len(attend)} CTAs): start {q3(attend[:, 8])} | first item {q3(attend[:, 9])} | "
                  f"loop end {q3(attend[:, 10])} | end {q3(attend[:, 11])} (us after the step's first CTA, "
                  f"min / median / max)")
@@ -142,7 +135,7 @@ def main(argv=None) -> int:
                 route[which] = torch.as_tensor(rbuf[:int(x.grid[0])].astype(cupy.int64).get())
             lines = summarise(tr, f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs per kv "
                                   f"head)")
-            lines[1:1] = timeline(route.get("score"), route.get("select"), tr)
+            lines[1:1] = timeline(route.get("score"), route["select"], tr)
             for line in lines:
                 print(line, flush=True)
             dumped[label] = dict(route, attend=tr, plan=dataclasses.asdict(plan))

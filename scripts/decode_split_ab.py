@@ -2,8 +2,7 @@
 
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
-``attn_ctas``, ``select_wpr``, ``score_select=0``: a select launch after the score launch instead of the score
-launch's own selection), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
+``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
 of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
 kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
 DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the
@@ -39,8 +38,7 @@ BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "
                "l2_prefetch": ("attend", "DSP_ATTN_L2_PREFETCH"), "tma": ("attend", "DSP_ATTN_TMA"),
                "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH"),
                "score_early": ("route_score", "DSP_SCORE_EARLY")}
-KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "score_select",
-         "page_size", *BUILD_KNOBS)
+KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "attn_chunk", "attn_stages", "page_size", *BUILD_KNOBS)
 
 
 def parse_variant(text: str) -> dict:

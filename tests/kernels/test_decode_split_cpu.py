@@ -57,15 +57,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     # few (q_len 1, 32 / 8 heads, k <= 8, d <= 128: the benchmark's shapes), at least two everywhere
     few = rows * top_k <= 32 and dim <= 128
     assert (S.ATTN_MIN_CTAS if few else 2) * (plan.attn_smem + 1024) <= SMEM_PER_SM
-    assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group, plan.n_range > 0)
-    # the score launch selects (its last CTA of a row group, its 8 warps taking the group's rows in turns): one
-    # warp per row up to 8 chunks, else 8 warps shared by the rows of a turn; one ticket per row group
-    if plan.n_range:
-        turn = 1 << math.ceil(math.log2(min(plan.rows_per_group, S.WARPS)))
-        assert plan.score_wpr == (1 if chunks <= 8 else max(1, S.WARPS // turn))
-        assert plan.n_tickets == batch * kv_heads * plan.n_rg and plan.score_smem >= S.FLAGS + S.THREADS * 8
-    else:
-        assert plan.score_wpr == 0 == plan.n_tickets
+    assert plan.score_smem == S.score_smem_bytes(dim, plan.rows_per_group)
     # the set of selected blocks: one bit per block of the longest sequence
     distinct = min(rows * top_k, (length - 1) // block + 1)
     own_last = (length - 1) // block  # the longest sequence's last block
@@ -75,13 +67,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
     bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
+    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
-    if plan.score_wpr:
-        with pytest.raises(ValueError, match=f"needs {plan.n_tickets} tickets"):
-            S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
-    tickets = torch.zeros(max(1, plan.n_tickets), dtype=torch.int32)
-    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs, tickets, table)
-    assert score.args[-3:] == (plan.top_k, plan.n_words, plan.score_wpr) and score.args[16] is tickets
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
     assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
@@ -135,36 +122,22 @@ def test_step_launches_and_buffers():
                   lengths=[70, 40])
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
-    # the score launch selects: no select launch between it and the attention launch
-    assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_attend_bf16_d64"]
+    assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
+                                                      "moba_decode_attend_bf16_d64"]
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
     assert bufs["scores"].numel() == 2 * 2 * 4 * (69 // 16)
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
-    table, attend_counters = launches[1].args[5], launches[1].args[8]
+    table, attend_counters = launches[2].args[5], launches[2].args[8]
     assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
-    # the score launch fills the sets the attention launch reads, and takes its tickets: one zeroed workspace
-    # behind the counters
-    score = launches[0]
-    assert score.args[14] is bufs["sel"] and score.args[15] is table and table.numel() == plan.n_table
-    assert plan.n_table == 2 * 2 * plan.n_words and table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2
-    tickets = score.args[16]
-    assert tickets.numel() == plan.n_tickets == 2 * 2 and tickets.data_ptr() == table.data_ptr() + 4 * plan.n_table
-    assert not table.any() and not tickets.any() and score.args[-1] == plan.score_wpr == 1  # 4 chunks: one warp
+    # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
+    assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * plan.n_words
+    assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
-    assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64"]
-    assert only[0].args[-2] == 0  # the routing alone fills no set
-    # a select launch after the score launch, as before (score_select=False)
-    plan1, _, three = S.split_launches(q, cache, 4, 0.125, score_select=False)
-    assert [launch.kernel for launch in three] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
-                                                   "moba_decode_attend_bf16_d64"]
-    assert plan1.score_wpr == 0 == plan1.n_tickets and three[0].args[-1] == 0
-    assert three[1].args[3].data_ptr() == table.data_ptr()
-    _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True, score_select=False)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
-    assert only[1].args[-2] == 0
-    plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2, score_select=False)  # a measurement's override
+    assert only[1].args[-2] == 0  # the routing alone fills no set
+    plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2)  # a measurement's override
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
-    _, _, top1 = S.split_launches(q, cache, 1, 0.125)  # nothing to rank: no score launch, a select launch
+    _, _, top1 = S.split_launches(q, cache, 1, 0.125)
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
 
 

@@ -1,16 +1,15 @@
-"""The decode step's kernels (cuda/decode_split.cu) run on the host: their logic against the torch reference,
-no GPU.
+"""The three-launch decode kernels (cuda/decode_split.cu) run on the host: their logic against the torch
+reference, no GPU.
 
 ``host_emulation/cuda_host.h`` runs every CUDA thread as a coroutine (switching at __syncthreads and the warp
 operations, in shuffled orders), completes every cp.async only when its thread waits for it, and runs the
 CTAs of a grid one after another in a shuffled order, so any CTA can be the last of its group (the one that
-selects a score row group's rows, or merges a kv head's partials). The harness executes exactly the launches
-``_cuda_decode_split.split_launches`` plans for a cache on the CPU (grid, shared-memory size, arguments checked
-against the kernel signatures), compiled with AddressSanitizer: an access beyond a buffer or beyond the planned
-shared memory fails the run; every output and scratch buffer is poisoned first. The selection launch also runs
-alone on crafted score rows (exact ties, signed zeros, infinities, NaN, orders that make every candidate an
-insertion, thousands of candidates). What this cannot show (PTX, the memory model between concurrent CTAs,
-speed) is left to the GPU tests.
+merges). The harness executes exactly the launches ``_cuda_decode_split.split_launches`` plans for a cache on
+the CPU (grid, shared-memory size, arguments checked against the kernel signatures), compiled with
+AddressSanitizer: an access beyond a buffer or beyond the planned shared memory fails the run; every output
+and scratch buffer is poisoned first. The selection launch also runs alone on crafted score rows (exact ties,
+signed zeros, infinities, NaN, orders that make every candidate an insertion, thousands of candidates). What
+this cannot show (PTX, the memory model between concurrent CTAs, speed) is left to the GPU tests.
 """
 
 from __future__ import annotations
@@ -80,18 +79,6 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
                                                 lengths, top_k, range_blocks, opts):
     cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
                                                    lengths, top_k, range_blocks, opts)
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-
-
-@pytest.mark.parametrize(_ARGS, [CASES[i] for i in (0, 1, 3, 6, 9)])
-def test_select_launch_after_the_score_launch_matches_reference(harness, tmp_path, dtype, dim, block, kv_heads,
-                                                                 heads, q_len, lengths, top_k, range_blocks, opts):
-    """The three-launch form (score_select=False: a select launch after the score launch, which then only
-    scores) gives the reference's step too."""
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, range_blocks, opts, score_select=False)
-    assert plan.score_wpr == 0
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
 
@@ -348,8 +335,6 @@ def test_cases_cover_the_kernel_paths():
         seen |= {"passes"} if plan.n_range and min(plan.range_blocks, plan.n_cols) > pass_blocks else set()
         seen |= {"select rounds"} if plan.n_cols > 32 * S.WARPS * S.SELECT_LOADS else set()
         seen |= {"row groups"} if plan.n_rg > 1 else set()
-        seen |= {"score select turns"} if plan.score_wpr and plan.rows_per_group > S.WARPS // plan.score_wpr else set()
-        seen |= {"score select warps"} if plan.score_wpr > 1 else set()
         seen |= {"chunks"} if plan.n_chunks > 1 else set()
         seen |= {"own only"} if top_k == 1 else set()
         seen |= {"short"} if top_k - 1 > (min(lengths) + q_len - 1) // block else set()
@@ -360,6 +345,5 @@ def test_cases_cover_the_kernel_paths():
         seen |= {"pages of several blocks"} if page and page > block else set()
         seen |= {"paged chunks"} if page and plan.n_chunks > 1 else set()
     assert seen == {"ranges", "passes", "select rounds", "row groups", "chunks", "own only", "short", "shared",
-                    "non-candidates", "pages of one block", "pages of several blocks", "paged chunks",
-                    "score select turns", "score select warps"}
+                    "non-candidates", "pages of one block", "pages of several blocks", "paged chunks"}
 

@@ -93,11 +93,9 @@ def _align16(x: int) -> int:
     return (x + 15) & ~15
 
 
-def score_smem_bytes(head_dim: int, rows_per_group: int, selects: bool = False) -> int:
-    """Score CTA: own blocks, then the row group's query rows in fp32; where the score launch selects, at least the
-    select warps' lists after the flags (the last CTA of a row group reuses the space)."""
-    need = _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
-    return max(need, FLAGS + select_smem_bytes()) if selects else need
+def score_smem_bytes(head_dim: int, rows_per_group: int) -> int:
+    """Score CTA: own blocks, then the row group's query rows in fp32."""
+    return _align16(FLAGS + 4 * rows_per_group) + rows_per_group * head_dim * 4
 
 
 def select_smem_bytes() -> int:
@@ -155,15 +153,6 @@ def select_warps(n_cand: int) -> int:
     return 1 if math.ceil(n_cand / 32) <= 8 else WARPS
 
 
-def score_select_warps(n_cand: int, rows_per_group: int) -> int:
-    """Select warps per row in the last score CTA of a row group (its WARPS warps take the group's rows in turns):
-    one warp for rows of at most 8 chunks of 32 candidates, as :func:`select_warps`; else the warps shared by the
-    rows of one turn (8 / the rows rounded up to a power of two, at least 1)."""
-    if math.ceil(n_cand / 32) <= 8:
-        return 1
-    return max(1, WARPS // (1 << max(0, math.ceil(math.log2(min(rows_per_group, WARPS))))))
-
-
 def set_words(n_blocks: int) -> int:
     """32-bit words of one kv head's set of selected blocks (a bitmap) over blocks 0 .. ``n_blocks`` - 1."""
     return max(1, math.ceil(n_blocks / 32))
@@ -176,7 +165,6 @@ class SplitPlan(StepShape):
     n_rg: int  # score row groups per kv head
     rows_per_group: int
     n_range: int  # score CTAs per row group (0: no score launch, nothing to rank)
-    score_wpr: int  # select warps per row of the score launch's last CTA of a row group (0: a select launch follows)
     range_blocks: int  # candidate blocks per score CTA
     n_cols: int  # scratch columns per row: the longest sequence's candidate blocks (at least 1)
     chunk: int  # tokens per attention item
@@ -207,11 +195,6 @@ class SplitPlan(StepShape):
         return self.batch * self.kv_heads
 
     @property
-    def n_tickets(self) -> int:
-        """One per score row group where the score launch selects (its CTAs' tickets), else none."""
-        return self.batch * self.kv_heads * self.n_rg if self.score_wpr else 0
-
-    @property
     def n_table(self) -> int:
         """Words of the sets of selected blocks, one set per (sequence, kv head)."""
         return self.batch * self.kv_heads * self.n_words
@@ -221,25 +204,22 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
                select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS,
-               score_select: bool = True) -> SplitPlan:
+               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
     ``range_blocks`` blocks per CTA, by default a whole number of passes (every warp one batch of
-    :func:`score_batch` blocks per pass) that gives about one wave of score CTAs on ``sm_count`` SMs (fewer, longer
-    CTAs: a CTA's start, its query rows and its first load's latency are paid once per range), at most
-    SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate). Selection: by
-    the score launch itself where it runs and ``score_select`` (the last of a row group's CTAs to finish selects the
-    group's rows, :func:`score_select_warps` warps per row, while the other row groups still stream), else by a
-    select launch of ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
+    :func:`score_batch` blocks per pass) that gives about one wave of score CTAs on ``sm_count`` SMs (fewer,
+    longer CTAs: a CTA's start, its query rows and its first load's latency are paid once per range), at most
+    SCORE_MAX_PASSES passes; no score launch when there is nothing to rank (top_k 1 or no candidate).
+    Selection: ``select_wpr`` warps per (sequence, kv head, row) (default :func:`select_warps`), WARPS // that
     rows per CTA; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
-    :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 64)` tokens of a
-    selected block; ``attn_ctas`` CTAs per (sequence, kv head) share its items, by default one wave
-    (:func:`attn_ctas_per_sm` per SM, on ``smem_per_sm`` bytes of shared memory, at most ``attn_most``) where the kv
-    heads fit in it, else about ATTN_WAVE_ITEMS items per CTA (several waves of short CTAs: measured on an H200 at
-    32K, batch 64, 0.425 ms with one CTA per kv head in 1.3 waves against 0.330 with four), at most one per item.
-    ``attn_chunk`` and ``attn_stages``: the attention kernel's most tokens per item and its stages (its
+    :func:`set_words` words over the longest sequence's blocks). Attention: items of :math:`\min(B, 64)`
+    tokens of a selected block; ``attn_ctas`` CTAs per (sequence, kv head) share its items, by default one wave
+    (:func:`attn_ctas_per_sm` per SM, on ``smem_per_sm`` bytes of shared memory, at most ``attn_most``) where the
+    kv heads fit in it, else about ATTN_WAVE_ITEMS items per CTA (several waves of short CTAs: measured on an
+    H200 at 32K, batch 64, 0.425 ms with one CTA per kv head in 1.3 waves against 0.330 with four), at most one
+    per item. ``attn_chunk`` and ``attn_stages``: the attention kernel's most tokens per item and its stages (its
     DSP_ATTN_CHUNK, DSP_ATTN_STAGES; other than the defaults only for a kernel built with them).
     """
     group = heads // kv_heads
@@ -278,13 +258,10 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
     plan = SplitPlan(batch=batch, q_len=q_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
-                     n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range,
-                     score_wpr=score_select_warps(n_cand, rows_per_group) if score_select and n_range else 0,
-                     range_blocks=per_range,
+                     n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
-                     score_smem=score_smem_bytes(head_dim, rows_per_group, score_select and n_range > 0),
-                     select_smem=select_smem_bytes(),
+                     score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=attn_smem)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
@@ -301,20 +278,14 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
                 scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, tickets=None, table=None) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
-    -> the scores scratch (b, kv_heads, R, n_cols); where the plan has it select (``plan.score_wpr``), also sel
-    and the rows' blocks into ``table`` (the sets of selected blocks; None: no set, for the routing alone), the
-    row groups' ``tickets`` (``plan.n_tickets`` zeros, left zero)."""
+    -> the scores scratch (b, kv_heads, R, n_cols)."""
     p, i32 = plan, np.int32
-    if p.score_wpr and (tickets is None or tickets.numel() < p.n_tickets):
-        raise ValueError(f"score_launch: the plan selects in the score launch and needs {p.n_tickets} tickets")
     name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
-            i32(p.n_cols), bufs["sel"], table if table is not None else bufs["sel"],
-            tickets if tickets is not None else bufs["sel"], i32(p.top_k),
-            i32(p.n_words if table is not None else 0), i32(p.score_wpr))
+            i32(p.n_cols))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -366,16 +337,14 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   score_select: bool = True):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
     plan's choices; ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
-    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
-    ``score_select``: the score launch selects (the default; False: a select launch after it, as before).
+    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -385,20 +354,15 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most, score_select)
+                      select_wpr, attn_chunk, attn_stages, smem, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    # the zeroed workspace: attention counters, the sets of selected blocks, the score row groups' tickets
-    work = cache._workspace_counters(plan.n_counters + plan.n_table + plan.n_tickets)
-    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
-    tickets = work[plan.n_counters + plan.n_table:plan.n_counters + plan.n_table + plan.n_tickets] \
-        if plan.n_tickets else None
-    sets = None if route_only else table
-    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, tickets, sets)] if plan.n_range else []
-    if not plan.score_wpr:
-        route.append(select_launch(plan, cache._len_dev, bufs, sets))
+    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
     if route_only:
-        return plan, bufs, route
+        return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
+    work = cache._workspace_counters(plan.n_counters + plan.n_table)
+    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+    route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
                            kv_tensor_maps(cache, plan.chunk))

@@ -264,9 +264,8 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
 
 // A trace of the routing launches (build option DSP_ROUTE_TRACE=1; scripts/decode_attn_trace.py reads it beside the
 // attention launch's): thread 0 of every score CTA notes %globaltimer at its start, when its sequence's length has
-// arrived, after its first batch is scored (the first block sums have landed), at its scores' end (after a CTA
-// barrier), its SM, and in the last CTA of a row group (which selects its rows) the selections' end and a 1; thread
-// 0 of every select CTA at its start and end. The layout is the script's.
+// arrived, after its first batch is scored (the first block sums have landed) and at its end (after a CTA barrier),
+// then its SM; thread 0 of every select CTA at its start and end. The layout is the script's.
 #ifndef DSP_ROUTE_TRACE
 #define DSP_ROUTE_TRACE 0
 #endif
@@ -364,6 +363,126 @@ __device__ __forceinline__ void dsp_offer(dsp_key& lk, dsp_key c, int lcap, int 
     }
 }
 
+// ---- routing, 1: scores ----
+
+// A block-sum load: dec_ld_stream, or the same load with an L2 prefetch size hint (build option).
+#if DSP_SCORE_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
+__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::" DSP_STR(DSP_SCORE_L2_PREFETCH) "B.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+#else
+__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
+#endif
+
+// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
+template <typename T, int D>
+__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
+                                          const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
+                                          int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
+    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
+    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
+    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
+    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
+    DEC_DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int item = blockIdx.x;
+    const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
+    const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    const int group = heads / kv_heads, rows = group * q_len;
+    const int r0 = rg * rpg, nr = min(rpg, rows - r0);
+    DSP_RT_STAMP(dsp_score_trace, 0);
+    const int j_lo = x * range_blocks;
+    const float* bsum = sums + (long long)bk * n_blocks_cap * D;
+    const int sub = lane >> 3, part = lane & 7;
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped below j_top:
+    // the loads stay unconditional, the stores are guarded).
+    float4 sv[NP][NV];
+    auto load = [&](int base, int j_top) {
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+            const int jb = min(base + p * 4 + sub, j_top - 1);
+            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
+#pragma unroll
+            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
+        }
+    };
+    int base = j_lo + warp * BW;
+#if DSP_SCORE_EARLY
+    const int j_max = min(j_lo + range_blocks, n_cols);  // the longest sequence's candidates bound every sequence's
+    if (j_lo >= j_max) return;
+    if (base < j_max) load(base, j_max);
+#endif
+    const int len = lengths[b];
+    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
+    const int j_hi = min(j_lo + range_blocks, c_last);
+    if (j_lo >= j_hi) {  // the whole CTA: beyond this sequence's candidates
+        DSP_RT_STAMP(dsp_score_trace, 1);
+        DSP_RT_STAMP(dsp_score_trace, 2);
+        DSP_RT_STAMP(dsp_score_trace, 3);
+        return;
+    }
+    DSP_RT_STAMP(dsp_score_trace, 1);
+#if !DSP_SCORE_EARLY
+    if (base < j_hi) load(base, j_hi);
+#endif
+
+    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
+    // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
+    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+    for (int y = tid; y < nr * D; y += DSP_THREADS) {
+        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+        qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+    }
+    __syncthreads();  // the only barrier: from here every warp streams its batches on its own
+
+    float* srow = scores + ((long long)bk * rows + r0) * n_cols;
+    for (; base < j_hi; base += DSP_WARPS * BW) {
+        const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
+        const bool store = part < NP && j < j_hi;
+        for (int rr = 0; rr < nr; ++rr) {
+            float4 qv[NV];
+#pragma unroll
+            for (int m = 0; m < NV; ++m) qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
+            float acc[NP];
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+                acc[p] = 0.f;
+#pragma unroll
+                for (int m = 0; m < NV; ++m)
+                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
+            }
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
+            }
+            float mine = acc[0];
+#pragma unroll
+            for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
+            if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
+        }
+#if DSP_ROUTE_TRACE
+        if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
+#endif
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW, j_hi);
+    }
+#if DSP_ROUTE_TRACE
+    __syncthreads();
+    DSP_RT_STAMP(dsp_score_trace, 3);
+    if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) {
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        dsp_score_trace[blockIdx.x][4] = smid;
+    }
+#endif
+}
+
 // ---- the set of selected blocks of a kv head ----
 
 // A bitmap of n_words 32-bit words (bit j: block j is selected by some row of the kv head). Rows of one kv head
@@ -376,29 +495,23 @@ __device__ __forceinline__ void dsp_set_insert(int* set, int j) {
     atomicOr(reinterpret_cast<unsigned*>(set) + (j >> 5), 1u << (j & 31));
 }
 
-// ---- routing: selection ----
+// ---- routing, 2: selection ----
 
-// A score of the scratch: a plain load in the select launch; in the score launch's last CTA of a row group, which
-// reads what other CTAs of its launch wrote, from L2 (never a stale L1 line).
-template <bool COHERENT>
-__device__ __forceinline__ float dsp_ld_score(const float* p) {
-    if constexpr (COHERENT) return dec_ldcg(p);
-    else return *p;
-}
-
-// The selections of rows r_lo .. r_hi - 1 (at most WARPS / wpr) of kv head (b, kvh) by the CTA's warps, wpr per row
-// (a power of two: few candidates, one warp and no merging); wk: [WARPS][32] 64-bit keys of shared memory. Every
-// thread of the CTA calls it (its tree merge has CTA barriers).
-template <bool COHERENT>
-__device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores, const int* __restrict__ lengths,
-                                                int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                                int kv_heads, int block_size, int top_k, int n_cols, int n_words,
-                                                int wpr, int b, int kvh, int r_lo, int r_hi, dsp_key* wk) {
+// Shared memory: the warps' lists, [WARPS][32] 64-bit keys.
+__device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
+                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
+                                           int kv_heads, int block_size, int top_k, int n_cols, int n_words,
+                                           int wpr) {
     constexpr int U = DSP_SELECT_LOADS;
+    DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = heads / kv_heads, rows = group * q_len, bk = b * kv_heads + kvh;
-    const int wl = warp & (wpr - 1), r = r_lo + warp / wpr;  // this warp's place in its row; its row
-    const bool has_row = r < r_hi;
+    const int group = heads / kv_heads, rows = group * q_len;
+    // wpr warps per row (a power of two), WARPS / wpr rows per CTA: few candidates, one warp and no merging
+    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
+    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
+    DSP_RT_STAMP(dsp_select_trace, 0);
+    const int wl = warp & (wpr - 1), r = rg * rpc + warp / wpr;  // this warp's place in its row; its row
+    const bool has_row = r < rows;
     const int i = r / group, g = r - i * group;
     const int own = (lengths[b] - q_len + i) / block_size;
     const int lcap = top_k - 1;
@@ -414,7 +527,7 @@ __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * wpr, j = n - 1 - 32 * c - lane;
-            v[u] = c < nch && j >= 0 ? dsp_ld_score<COHERENT>(src + j) : dec_nan();
+            v[u] = c < nch && j >= 0 ? src[j] : dec_nan();
         }
     };
     bool fresh = true;  // warp-uniform: no chunk ranked yet
@@ -480,6 +593,7 @@ __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores
             }
         }
     }
+    dsp_key* wk = reinterpret_cast<dsp_key*>(smem);
     // A row's warps' lists merged pairwise in a tree (log2 wpr levels, no serial insertions): a list and its
     // partner's, reversed, give the best 32 of both lane by lane as a bitonic sequence, which 5 half-cleaner
     // steps sort best first. Lists hold distinct blocks, so the result is the same strict order's best k-1.
@@ -505,170 +619,7 @@ __device__ __forceinline__ void dsp_select_rows(const float* __restrict__ scores
     const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
     if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
-}
-
-// The select launch (when the score launch does not select): one CTA per (sequence, kv head, WARPS / wpr rows).
-__device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
-                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
-                                           int kv_heads, int block_size, int top_k, int n_cols, int n_words,
-                                           int wpr) {
-    DEC_DYNAMIC_SMEM(smem);
-    const int rows = heads / kv_heads * q_len;
-    const int rpc = DSP_WARPS / wpr, n_rg = (rows + rpc - 1) / rpc;
-    const int item = blockIdx.x, rg = item % n_rg, bk = item / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
-    DSP_RT_STAMP(dsp_select_trace, 0);
-    dsp_select_rows<false>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words,
-                           wpr, b, kvh, rg * rpc, min(rg * rpc + rpc, rows), reinterpret_cast<dsp_key*>(smem));
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
-}
-
-// ---- routing: scores (and, in the last CTA of a row group, its selections) ----
-
-// A block-sum load: dec_ld_stream, or the same load with an L2 prefetch size hint (build option).
-#if DSP_SCORE_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
-__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::" DSP_STR(DSP_SCORE_L2_PREFETCH) "B.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-#else
-__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
-#endif
-
-// Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32; after the streaming, in the last CTA of a
-// row group that selects, the select warps' lists ([WARPS][32] 64-bit keys) from byte DSP_FLAGS.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
-                                          const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
-                                          int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols, int* __restrict__ sel,
-                                          int* __restrict__ table, unsigned* __restrict__ tickets, int top_k,
-                                          int n_words, int sel_wpr) {
-    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
-    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
-    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
-    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
-    DEC_DYNAMIC_SMEM(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int item = blockIdx.x;
-    const int grp = item / n_range, x = item - grp * n_range;  // grp = (b * kv_heads + kvh) * n_rg + rg
-    const int rg = grp % n_rg, bk = grp / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
-    const int group = heads / kv_heads, rows = group * q_len;
-    const int r0 = rg * rpg, nr = min(rpg, rows - r0);
-    DSP_RT_STAMP(dsp_score_trace, 0);
-#if DSP_ROUTE_TRACE
-    if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) dsp_score_trace[blockIdx.x][6] = 0;  // not (yet) the last
-#endif
-    const int j_lo = x * range_blocks;
-    const float* bsum = sums + (long long)bk * n_blocks_cap * D;
-    const int sub = lane >> 3, part = lane & 7;
-    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped below j_top:
-    // the loads stay unconditional, the stores are guarded).
-    float4 sv[NP][NV];
-    auto load = [&](int base, int j_top) {
-#pragma unroll
-        for (int p = 0; p < NP; ++p) {
-            const int jb = min(base + p * 4 + sub, j_top - 1);
-            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
-#pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
-        }
-    };
-    int base = j_lo + warp * BW;
-#if DSP_SCORE_EARLY
-    const int j_max = min(j_lo + range_blocks, n_cols);  // the longest sequence's candidates bound every sequence's
-    if (base < j_max) load(base, j_max);
-#endif
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_hi = min(j_lo + range_blocks, c_last);
-    DSP_RT_STAMP(dsp_score_trace, 1);
-    if (j_lo < j_hi) {  // else the whole CTA lies beyond this sequence's candidates
-#if !DSP_SCORE_EARLY
-        if (base < j_hi) load(base, j_hi);
-#endif
-        int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-        float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
-        // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
-        for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-        for (int y = tid; y < nr * D; y += DSP_THREADS) {
-            const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-            qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
-        }
-        __syncthreads();  // from here every warp streams its batches on its own
-
-        float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-        for (; base < j_hi; base += DSP_WARPS * BW) {
-            const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
-            const bool store = part < NP && j < j_hi;
-            for (int rr = 0; rr < nr; ++rr) {
-                float4 qv[NV];
-#pragma unroll
-                for (int m = 0; m < NV; ++m)
-                    qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
-                float acc[NP];
-#pragma unroll
-                for (int p = 0; p < NP; ++p) {
-                    acc[p] = 0.f;
-#pragma unroll
-                    for (int m = 0; m < NV; ++m)
-                        acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z +
-                                  qv[m].w * sv[p][m].w;
-                }
-#pragma unroll
-                for (int off = 1; off < 8; off <<= 1) {
-#pragma unroll
-                    for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
-                }
-                float mine = acc[0];
-#pragma unroll
-                for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
-                if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-            }
-#if DSP_ROUTE_TRACE
-            if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
-#endif
-            if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW, j_hi);
-        }
-    }
-#if DSP_ROUTE_TRACE
-    __syncthreads();
-    DSP_RT_STAMP(dsp_score_trace, 3);
-    if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) {
-        unsigned smid;
-        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-        dsp_score_trace[blockIdx.x][4] = smid;
-    }
-#endif
-    if (sel_wpr == 0) return;  // a select launch follows
-    // The row group's selections, by the last of its n_range CTAs to finish (a ticket): while it ranks, the other
-    // row groups' CTAs still stream. Every thread's score stores are made visible at gpu scope before the ticket;
-    // the last CTA reads the scratch from L2 after it.
-    __threadfence();
-    __syncthreads();
-    int* flags = reinterpret_cast<int*>(smem);
-    if (tid == 0) {
-        const unsigned t = atomicAdd(tickets + grp, 1u);
-        const int last = t == (unsigned)(n_range - 1);
-        if (last) tickets[grp] = 0u;  // every CTA of the row group has taken its ticket: zero for the next step
-        flags[0] = last;
-        __threadfence();
-    }
-    __syncthreads();
-    if (!flags[0]) return;
-    dsp_key* wk = reinterpret_cast<dsp_key*>(smem + DSP_FLAGS);
-    const int rpc = DSP_WARPS / sel_wpr;
-    for (int rs = r0; rs < r0 + nr; rs += rpc) {
-        if (rs != r0) __syncthreads();  // the last rows' lists are read
-        dsp_select_rows<true>(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols,
-                              n_words, sel_wpr, b, kvh, rs, min(rs + rpc, r0 + nr), wk);
-    }
-#if DSP_ROUTE_TRACE
-    DSP_RT_STAMP(dsp_score_trace, 5);
-    if (tid == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) dsp_score_trace[blockIdx.x][6] = 1;
-#endif
 }
 
 // ---- attention ----
@@ -1305,10 +1256,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, int* __restrict__ sel,                       \
-      int* __restrict__ table, unsigned* __restrict__ tickets, int top_k, int n_words, int sel_wpr) {             \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols, sel, table, tickets, top_k, n_words, sel_wpr); \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
