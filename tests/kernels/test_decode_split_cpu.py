@@ -67,12 +67,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
     bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
-    tickets = torch.zeros(max(1, plan.n_tickets), dtype=torch.int32)
-    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs, tickets)
-    assert score.args[-1] is tickets and plan.n_tickets == (batch * kv_heads * plan.n_rg if plan.n_range else 0)
-    if plan.n_tickets > 1:
-        with pytest.raises(ValueError, match=f"1 tickets given, the plan needs {plan.n_tickets}"):
-            S.score_launch(plan, q, torch.zeros(1), lengths, bufs, tickets[:1])
+    score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
@@ -137,10 +132,6 @@ def test_step_launches_and_buffers():
     # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
     assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * plan.n_words
     assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
-    # the score launch's tickets (its claim build's counters) behind the sets, zero
-    tickets = launches[0].args[-1]
-    assert tickets.data_ptr() == table.data_ptr() + 4 * plan.n_table and tickets.numel() >= plan.n_tickets == 2 * 2
-    assert not tickets.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
     assert only[1].args[-2] == 0  # the routing alone fills no set

@@ -173,26 +173,6 @@ def test_cp_async_build_matches_reference(harness_cp, tmp_path, case, attn_ctas)
     assert not cache._counters.any()
 
 
-# The score kernel built to claim its batches from a counter per row group (DSP_SCORE_CLAIM=1), with its first
-# loads before the length (DSP_SCORE_EARLY=1) or after it: every warp's first batch fixed, the rest claimed a batch
-# ahead; the counter zeroed by the row group's last claim.
-harness_claim = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_SCORE_CLAIM=1",),
-                                name="harness_claim")
-harness_claim_early = harness_fixture("decode_split_harness", _kernel_files,
-                                      flags=("-DDSP_SCORE_CLAIM=1", "-DDSP_SCORE_EARLY=1"), name="harness_claim_early")
-
-
-@pytest.mark.parametrize("build", ["harness_claim", "harness_claim_early"])
-@pytest.mark.parametrize(_ARGS, [CASES[i] for i in (0, 1, 3, 6, 8, 9, 10)])
-def test_claimed_score_batches_match_reference(request, tmp_path, build, dtype, dim, block, kv_heads, heads, q_len,
-                                               lengths, top_k, range_blocks, opts):
-    cache, q, top_k, scale, plan, bufs = _run_case(request.getfixturevalue(build), tmp_path, dtype, dim, block,
-                                                   kv_heads, heads, q_len, lengths, top_k, range_blocks, opts)
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    assert not cache._counters.any()  # the tickets zeroed again
-
-
 @pytest.mark.parametrize("build", ["harness", "harness_cp"])
 def test_rows_beyond_the_length_never_reach_the_output(request, tmp_path, build):
     """NaN in the cache's K and V rows past every sequence's length (which a partial block's item copies along):

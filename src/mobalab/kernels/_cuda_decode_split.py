@@ -195,11 +195,6 @@ class SplitPlan(StepShape):
         return self.batch * self.kv_heads
 
     @property
-    def n_tickets(self) -> int:
-        """One per score row group (the score launch's claim counter, in its DSP_SCORE_CLAIM build), else none."""
-        return self.batch * self.kv_heads * self.n_rg if self.n_range else 0
-
-    @property
     def n_table(self) -> int:
         """Words of the sets of selected blocks, one set per (sequence, kv head)."""
         return self.batch * self.kv_heads * self.n_words
@@ -283,17 +278,14 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
                 scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, tickets) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
-    -> the scores scratch (b, kv_heads, R, n_cols); ``tickets``: ``plan.n_tickets`` zeros (left zero), the row
-    groups' claim counters of the kernel's DSP_SCORE_CLAIM build."""
+    -> the scores scratch (b, kv_heads, R, n_cols)."""
     p, i32 = plan, np.int32
-    if tickets.numel() < p.n_tickets:
-        raise ValueError(f"score_launch: {tickets.numel()} tickets given, the plan needs {p.n_tickets}")
     name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
-            i32(p.n_cols), tickets)
+            i32(p.n_cols))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -354,8 +346,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
     shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
-    The completion counters, the sets of selected blocks and the score row groups' tickets live in the cache's
-    zeroed workspace (the launches leave them zero again); the routing alone fills no set."""
+    The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
+    attention launch leaves both zero again); the routing alone fills no set."""
     batch, q_len, heads, dim = q.shape
     most, defines = attn_build(attn_chunk, attn_stages)
     smem = smem_per_sm(q.device.index, SMEM_PER_SM) if q.device.type == "cuda" and q.device.index is not None \
@@ -365,13 +357,11 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                       select_wpr, attn_chunk, attn_stages, smem, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    # the zeroed workspace: the attention counters, the sets of selected blocks, the score row groups' tickets
-    work = cache._workspace_counters(plan.n_counters + plan.n_table + max(1, plan.n_tickets))
-    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
-    tickets = work[plan.n_counters + plan.n_table:]
-    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, tickets)] if plan.n_range else []
+    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
     if route_only:
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
+    work = cache._workspace_counters(plan.n_counters + plan.n_table)
+    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
     route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,

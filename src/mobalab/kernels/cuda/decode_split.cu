@@ -285,10 +285,6 @@ __device__ __forceinline__ unsigned long long dsp_route_gtime() {
 #else
 #define DSP_RT_STAMP(arr, slot) do { } while (0)
 #endif
-// The score pass's batches claimed from a per-row-group counter (build option, 1: on) instead of fixed ranges per CTA.
-#ifndef DSP_SCORE_CLAIM
-#define DSP_SCORE_CLAIM 0
-#endif
 // The score pass's first block-sum loads before its sequence's length has arrived (build option, 1: on): clamped to
 // the longest sequence's candidates (n_cols, known to the host), so that the first batch's round trip to memory
 // overlaps the length's instead of following it; the stores stay guarded by the sequence's own candidates.
@@ -387,8 +383,7 @@ template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols,
-                                          unsigned* __restrict__ tickets) {
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -401,6 +396,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     const int group = heads / kv_heads, rows = group * q_len;
     const int r0 = rg * rpg, nr = min(rpg, rows - r0);
     DSP_RT_STAMP(dsp_score_trace, 0);
+    const int j_lo = x * range_blocks;
     const float* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
     // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped below j_top:
@@ -415,28 +411,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
         }
     };
-#if DSP_SCORE_CLAIM
-    // Batches of the row group's blocks 0 .. c_last - 1: the first n_range * WARPS one per warp (this CTA's x-th
-    // eight), the rest claimed one at a time from the row group's ticket counter, a batch ahead (the claim's round
-    // trip hides behind the batch's loads), so warps whose SMs stream faster take more.
-    const int rg_warps = n_range * DSP_WARPS;
-    int bi = x * DSP_WARPS + warp;
-    int base = bi * BW;
-    (void)range_blocks;
-#if DSP_SCORE_EARLY
-    if (base < n_cols) load(base, n_cols);  // the longest sequence's candidates bound every sequence's
-#endif
-    unsigned claim = lane == 0 ? atomicAdd(tickets + grp, 1u) : 0u;
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_hi = c_last;
-    DSP_RT_STAMP(dsp_score_trace, 1);
-#if !DSP_SCORE_EARLY
-    if (base < j_hi) load(base, j_hi);
-#endif
-#else
-    (void)tickets;
-    const int j_lo = x * range_blocks;
     int base = j_lo + warp * BW;
 #if DSP_SCORE_EARLY
     const int j_max = min(j_lo + range_blocks, n_cols);  // the longest sequence's candidates bound every sequence's
@@ -456,7 +430,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #if !DSP_SCORE_EARLY
     if (base < j_hi) load(base, j_hi);
 #endif
-#endif
 
     int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
     float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
@@ -469,8 +442,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     __syncthreads();  // the only barrier: from here every warp streams its batches on its own
 
     float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-    // The scores of the batch at base (its block sums in sv) for every row of the group.
-    auto score_batch = [&](int base) {
+    for (; base < j_hi; base += DSP_WARPS * BW) {
         const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
         const bool store = part < NP && j < j_hi;
         for (int rr = 0; rr < nr; ++rr) {
@@ -495,39 +467,11 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
         }
-    };
-#if DSP_SCORE_CLAIM
-    // Every warp makes exactly one claim past the last batch (the one that ends its loop), so the row group makes
-    // max(nb, rg_warps) claims; the one numbered last comes after every other in the counter's order and zeroes
-    // the counter for the next step.
-    const int nb = (j_hi + BW - 1) / BW, total = max(nb, rg_warps);
-    bool first = true;
-    while (true) {
-        if (bi < nb) {
-            score_batch(base);
-#if DSP_ROUTE_TRACE
-            if (first) DSP_RT_STAMP(dsp_score_trace, 2);
-#endif
-            first = false;
-        }
-        const int got = __shfl_sync(DEC_FULL, (int)claim, 0);
-        if (lane == 0 && got == total - 1) tickets[grp] = 0u;
-        bi = rg_warps + got;
-        if (bi >= nb) break;
-        base = bi * BW;
-        load(base, j_hi);
-        claim = lane == 0 ? atomicAdd(tickets + grp, 1u) : 0u;
-    }
-    (void)first;
-#else
-    for (; base < j_hi; base += DSP_WARPS * BW) {
-        score_batch(base);
 #if DSP_ROUTE_TRACE
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
 #endif
         if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW, j_hi);
     }
-#endif
 #if DSP_ROUTE_TRACE
     __syncthreads();
     DSP_RT_STAMP(dsp_score_trace, 3);
@@ -1312,9 +1256,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, unsigned* __restrict__ tickets) {            \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols, tickets);                                      \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
