@@ -173,7 +173,21 @@
 // letting the attention launch at their start, 0.5-2.3 us shorter at 32K-1M and k 16 but 1-3 us longer at B 64
 // and 28 us longer at batch 64 (366.5 against 338.3 us: the attention CTAs took the SMs in the order the select
 // CTAs left them, 5 per SM on the first ones, instead of spread evenly); with the score CTAs triggering too, 1M
-// 5 us longer.
+// 5 us longer. Measured again on the tensor-map attention launch (three CTAs per SM): the select CTAs triggering the
+// attention launch 1-5 us longer at every point (512K 92.5 against 88.3-89.0 us; its CTAs' loops ran ~20% slower).
+// A timeline of the step (DSP_ROUTE_TRACE beside DSP_ATTN_TRACE, scripts/decode_attn_trace.py; 512K, L2 flushed, us
+// after the first score CTA's start): a score CTA's length arrives at 0.4, its first batch at 5.5-6.9 (16 MB of
+// first loads in flight at once), the score CTAs end at 26-33.5; the first select CTA starts at 36.0, the last ends
+// at 43.3; the first attention CTA starts at 45.6, its loops end at 70-82.5 and its last merge at 85.5 (a step of
+// ~89 us): each kernel boundary costs 2.3-3.3 us, the selection ~7 us, the attention launch's uneven loop ends ~5-10.
+// Measured against this and not kept (interleaved A/B at eight points, step us): the selection inside the score
+// launch, by the last of a row group's CTAs to finish (a ticket), 512K 96.3 against 88.8 (its ranking at two warps
+// per row took 15 us); every score CTA ranking its range after streaming and the last merging the rows' lists,
+// within 1 us at 512K and 128K, 5 us longer at 32K batch 64, 1M 134.5 against 124.6-135.2 (the ranking after the
+// last score CTA took as long as the select launch, 7-9 us); the score batches claimed from a per-row-group counter a batch ahead (so
+// that faster warps take more), 512K 95.1 against 89.0, 1M 139.5 against 124.5 (the CTAs' ends spread as much, and
+// later); the first score loads before the length (DSP_SCORE_EARLY) 0-0.9 us shorter at 128K, equal at 512K and 1M,
+// 0.8 us longer at batch 64 in one of two runs (kept as a build option, off).
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
@@ -288,6 +302,8 @@ __device__ __forceinline__ unsigned long long dsp_route_gtime() {
 // The score pass's first block-sum loads before its sequence's length has arrived (build option, 1: on): clamped to
 // the longest sequence's candidates (n_cols, known to the host), so that the first batch's round trip to memory
 // overlaps the length's instead of following it; the stores stay guarded by the sequence's own candidates.
+// Measured within 1 us of the default (see the header), which the first batch's wait behind 16 MB of first loads
+// explains: the length's round trip is not on the critical path.
 #ifndef DSP_SCORE_EARLY
 #define DSP_SCORE_EARLY 0
 #endif
