@@ -184,10 +184,10 @@
 // launch, by the last of a row group's CTAs to finish (a ticket), 512K 96.3 against 88.8 (its ranking at two warps
 // per row took 15 us); every score CTA ranking its range after streaming and the last merging the rows' lists,
 // within 1 us at 512K and 128K, 5 us longer at 32K batch 64, 1M 134.5 against 124.6-135.2 (the ranking after the
-// last score CTA took as long as the select launch, 7-9 us); the score batches claimed from a per-row-group counter a batch ahead (so
-// that faster warps take more), 512K 95.1 against 89.0, 1M 139.5 against 124.5 (the CTAs' ends spread as much, and
-// later); the first score loads before the length (DSP_SCORE_EARLY) 0-0.9 us shorter at 128K, equal at 512K and 1M,
-// 0.8 us longer at batch 64 in one of two runs (kept as a build option, off).
+// last score CTA took as long as the select launch, 7-9 us); the score batches claimed from a per-row-group counter
+// a batch ahead (so that faster warps take more), 512K 95.1 against 89.0, 1M 139.5 against 124.5 (the CTAs' ends
+// spread as much, and later); the first score loads before the length (DSP_SCORE_EARLY) 0-0.9 us shorter at 128K,
+// equal at 512K and 1M, 0.8 us longer at batch 64 in one of two runs (kept as a build option, off).
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
@@ -246,15 +246,20 @@
 #ifndef DSP_ATTN_TRACE
 #define DSP_ATTN_TRACE 0
 #endif
+#ifndef DSP_ROUTE_TRACE  // the routing launches' trace (below)
+#define DSP_ROUTE_TRACE 0
+#endif
+#if DSP_ATTN_TRACE || DSP_ROUTE_TRACE
+__device__ __forceinline__ unsigned long long dsp_gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+}
+#endif
 #if DSP_ATTN_TRACE
 #define DSP_TRACE_CTAS 4096
 #define DSP_TRACE_SLOTS 16
 __device__ unsigned long long dsp_trace[DSP_TRACE_CTAS][DSP_TRACE_SLOTS];
-__device__ __forceinline__ unsigned long long dsp_gtime() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 // Slots: 0 .. 7 cycles of the phases (0 start, batch setup (set window, numbering) and the completion count,
 // 1 issue, 2 gather rows,
 // 3 wait, 4 query rows + barrier, 5 math + barrier, 6 combine + partials, 7 merge), 8 .. 11 globaltimer at the
@@ -280,21 +285,13 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
 // attention launch's): thread 0 of every score CTA notes %globaltimer at its start, when its sequence's length has
 // arrived, after its first batch is scored (the first block sums have landed) and at its end (after a CTA barrier),
 // then its SM; thread 0 of every select CTA at its start and end. The layout is the script's.
-#ifndef DSP_ROUTE_TRACE
-#define DSP_ROUTE_TRACE 0
-#endif
 #if DSP_ROUTE_TRACE
 #define DSP_ROUTE_TRACE_CTAS 8192
 __device__ unsigned long long dsp_score_trace[DSP_ROUTE_TRACE_CTAS][8];
 __device__ unsigned long long dsp_select_trace[DSP_ROUTE_TRACE_CTAS][2];
-__device__ __forceinline__ unsigned long long dsp_route_gtime() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
-    return t;
-}
 #define DSP_RT_STAMP(arr, slot)                                                                     \
     do {                                                                                           \
-        if (threadIdx.x == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) arr[blockIdx.x][slot] = dsp_route_gtime(); \
+        if (threadIdx.x == 0 && blockIdx.x < DSP_ROUTE_TRACE_CTAS) arr[blockIdx.x][slot] = dsp_gtime(); \
     } while (0)
 #else
 #define DSP_RT_STAMP(arr, slot) do { } while (0)
