@@ -28,14 +28,12 @@ SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{t}_d{d}" for p in ("", "paged_") for t in ("bf16", "fp16") for d in (64, 128)]
 
 
-# made in the background once the tests are collected (_background); the second: the other builds of the kernels
-# (the attention kernel's cp.async copies, DSP_ATTN_TMA=0; the score pass's first loads before the length,
-# DSP_SCORE_EARLY=1)
+# made in the background once the tests are collected (_background); the second: the attention kernel's cp.async
+# build (DSP_ATTN_TMA=0)
 report = background_fixture(
     "report", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc")))
 report_cp = background_fixture(
-    "report_cp", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_cp"),
-                                      ("DSP_ATTN_TMA=0", "DSP_SCORE_EARLY=1")))
+    "report_cp", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_cp"), ("DSP_ATTN_TMA=0",)))
 
 
 def test_entry_points_and_constants_match_the_wrapper():

@@ -153,14 +153,11 @@ def test_attention_build_options_match_reference(harness_built, tmp_path, case, 
     assert not cache._counters.any()
 
 
-# The other builds: the attention kernel copying K and V by 16-byte cp.async copies of every thread (DSP_ATTN_TMA=0;
-# the default build copies by tensor maps: cp.async.bulk.tensor with the 128-byte swizzle, one thread issuing,
-# mbarrier phases counted over the batches, which the model lands only when a thread waits on a phase, with the
-# swizzle and zeros beyond the tensor, checking the bytes and the 1 KB alignment), and the score pass issuing its
-# first loads before the length (DSP_SCORE_EARLY=1: clamped to the longest sequence's candidates, so a shorter
-# sequence's first batch reads sums it does not score).
-harness_cp = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_ATTN_TMA=0", "-DDSP_SCORE_EARLY=1"),
-                             name="harness_cp")
+# The attention kernel built to copy K and V by 16-byte cp.async copies of every thread (DSP_ATTN_TMA=0; the
+# default build copies by tensor maps: cp.async.bulk.tensor with the 128-byte swizzle, one thread issuing, mbarrier
+# phases counted over the batches, which the model lands only when a thread waits on a phase, with the swizzle and
+# zeros beyond the tensor, checking the bytes and the 1 KB alignment).
+harness_cp = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_ATTN_TMA=0",), name="harness_cp")
 
 
 @pytest.mark.parametrize(("case", "attn_ctas"), [

@@ -186,8 +186,9 @@
 // within 1 us at 512K and 128K, 5 us longer at 32K batch 64, 1M 134.5 against 124.6-135.2 (the ranking after the
 // last score CTA took as long as the select launch, 7-9 us); the score batches claimed from a per-row-group counter
 // a batch ahead (so that faster warps take more), 512K 95.1 against 89.0, 1M 139.5 against 124.5 (the CTAs' ends
-// spread as much, and later); the first score loads before the length (DSP_SCORE_EARLY) 0-0.9 us shorter at 128K,
-// equal at 512K and 1M, 0.8 us longer at batch 64 in one of two runs (kept as a build option, off).
+// spread as much, and later); the first score loads issued before the length (clamped to the longest sequence's
+// candidates) 0-0.9 us shorter at 128K, equal at 512K and 1M, 0.8 us longer at batch 64 in one of two runs: the
+// length's round trip is not on the critical path, the first batch's wait behind 16 MB of first loads is.
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
@@ -296,14 +297,6 @@ __device__ unsigned long long dsp_select_trace[DSP_ROUTE_TRACE_CTAS][2];
 #else
 #define DSP_RT_STAMP(arr, slot) do { } while (0)
 #endif
-// The score pass's first block-sum loads before its sequence's length has arrived (build option, 1: on): clamped to
-// the longest sequence's candidates (n_cols, known to the host), so that the first batch's round trip to memory
-// overlaps the length's instead of following it; the stores stay guarded by the sequence's own candidates.
-// Measured within 1 us of the default (see the header), which the first batch's wait behind 16 MB of first loads
-// explains: the length's round trip is not on the critical path.
-#ifndef DSP_SCORE_EARLY
-#define DSP_SCORE_EARLY 0
-#endif
 
 // ---- ranking ----
 // Not decode.cu's dec_before: this kernel compares (score, block) only (the blocks compared are distinct, so
@@ -409,43 +402,34 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     const int group = heads / kv_heads, rows = group * q_len;
     const int r0 = rg * rpg, nr = min(rpg, rows - r0);
     DSP_RT_STAMP(dsp_score_trace, 0);
-    const int j_lo = x * range_blocks;
+    const int len = lengths[b];
+    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
+    const int j_lo = x * range_blocks, j_hi = min(j_lo + range_blocks, c_last);
+    DSP_RT_STAMP(dsp_score_trace, 1);
+    if (j_lo >= j_hi) {  // the whole CTA: beyond this sequence's candidates
+        DSP_RT_STAMP(dsp_score_trace, 2);
+        DSP_RT_STAMP(dsp_score_trace, 3);
+        return;
+    }
+
+    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
+    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
     const float* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
-    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped below j_top:
-    // the loads stay unconditional, the stores are guarded).
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
+    // range: the loads stay unconditional, the stores are guarded).
     float4 sv[NP][NV];
-    auto load = [&](int base, int j_top) {
+    auto load = [&](int base) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-            const int jb = min(base + p * 4 + sub, j_top - 1);
+            const int jb = min(base + p * 4 + sub, j_hi - 1);
             const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
         }
     };
     int base = j_lo + warp * BW;
-#if DSP_SCORE_EARLY
-    const int j_max = min(j_lo + range_blocks, n_cols);  // the longest sequence's candidates bound every sequence's
-    if (j_lo >= j_max) return;
-    if (base < j_max) load(base, j_max);
-#endif
-    const int len = lengths[b];
-    const int c_last = (len - 1) / block_size;  // own block of the last query: candidates lie below it
-    const int j_hi = min(j_lo + range_blocks, c_last);
-    if (j_lo >= j_hi) {  // the whole CTA: beyond this sequence's candidates
-        DSP_RT_STAMP(dsp_score_trace, 1);
-        DSP_RT_STAMP(dsp_score_trace, 2);
-        DSP_RT_STAMP(dsp_score_trace, 3);
-        return;
-    }
-    DSP_RT_STAMP(dsp_score_trace, 1);
-#if !DSP_SCORE_EARLY
-    if (base < j_hi) load(base, j_hi);
-#endif
-
-    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
+    if (base < j_hi) load(base);
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
     for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
     for (int y = tid; y < nr * D; y += DSP_THREADS) {
@@ -483,7 +467,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #if DSP_ROUTE_TRACE
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
 #endif
-        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW, j_hi);
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
     }
 #if DSP_ROUTE_TRACE
     __syncthreads();
