@@ -71,8 +71,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     table = torch.zeros(1, dtype=torch.int32)
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
-    assert select.args[3] is table and select.args[14:16] == (plan.n_words, plan.select_wpr)
-    assert S.select_launch(plan, lengths, bufs).args[14] == 0  # the routing alone: no set
+    assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
+    assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
@@ -134,9 +134,9 @@ def test_step_launches_and_buffers():
     assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
-    assert only[1].args[14] == 0  # the routing alone fills no set
+    assert only[1].args[-2] == 0  # the routing alone fills no set
     plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2)  # a measurement's override
-    assert plan2.select_wpr == 2 and two[1].args[15] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
+    assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
 

@@ -68,7 +68,6 @@ ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attent
 ATTN_WAVE_ITEMS = 16  # items per attention CTA where the kv heads outnumber one wave's CTA slots
 SMEM_PER_SM = 233472  # H100 / H200: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
 
-PREFETCH = 2  # attention items per CTA whose K and V the select launch prefetches into L2
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
 
@@ -177,7 +176,6 @@ class SplitPlan(StepShape):
     score_smem: int
     select_smem: int
     attn_smem: int
-    prefetch: int = 0  # attention items per CTA the select launch brings into L2 (0: none)
 
     @property
     def n_score_ctas(self) -> int:
@@ -206,8 +204,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
                select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS,
-               prefetch: int | None = None) -> SplitPlan:
+               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -265,7 +262,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem, prefetch=PREFETCH if prefetch is None else prefetch)
+                     attn_smem=attn_smem)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -292,22 +289,13 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
-def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None, counters=None, k=None, v=None,
-                  pages=None) -> Launch:
+def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     """The selection kernel: the scores scratch, lengths int32 -> sel, and the row's blocks into ``table`` (the
-    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone). With
-    ``counters`` (the attention launch's, zeros; left zero) and the cache's ``k`` / ``v`` (and ``pages``, a paged
-    cache's (page table, page_size)), the last row of a kv head prefetches the first ``plan.prefetch`` items of
-    each of its attention CTAs into L2."""
+    sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone)."""
     p, i32 = plan, np.int32
-    on = table is not None and counters is not None and k is not None and p.prefetch > 0
-    page_table, page_size = pages if pages is not None else (0, 0)
-    args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"],
-            counters if on else 0, k if on else 0, v if on else 0, page_table if on else 0, i32(p.q_len),
+    args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
-            i32(p.n_words if table is not None else 0), i32(p.select_wpr), i32(p.capacity),
-            i32(p.head_dim * (k.element_size() if on else 2)), i32(p.n_chunks), i32(p.chunk), i32(p.cpg),
-            i32(p.prefetch if on else 0), i32(page_size), i32(page_table.shape[1] if on and pages else 0))
+            i32(p.n_words if table is not None else 0), i32(p.select_wpr))
     return Launch(SOURCE, "moba_decode_route_select", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
                   p.select_smem)
 
@@ -349,8 +337,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   prefetch: int | None = None):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
@@ -367,7 +354,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most, prefetch)
+                      select_wpr, attn_chunk, attn_stages, smem, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
@@ -375,8 +362,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     work = cache._workspace_counters(plan.n_counters + plan.n_table)
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+    route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
-    route.append(select_launch(plan, cache._len_dev, bufs, table, counters, cache.k, cache.v, pages))
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
                            kv_tensor_maps(cache, plan.chunk))
     if defines:

@@ -40,12 +40,9 @@ const harness::Kernels kKernels = {
     SCORE(moba_decode_route_score_bf16_d128, __nv_bfloat16),
     SCORE(moba_decode_route_score_fp16_d64, __half),
     SCORE(moba_decode_route_score_fp16_d128, __half),
-    {"moba_decode_route_select", {24, [](const std::vector<Arg>& a) {
-         moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]),
-                                  P<unsigned>(a[4]), P<const unsigned char>(a[5]), P<const unsigned char>(a[6]),
-                                  P<const int>(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]),
-                                  I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), I(a[21]),
-                                  I(a[22]), I(a[23]));
+    {"moba_decode_route_select", {12, [](const std::vector<Arg>& a) {
+         moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]), I(a[4]),
+                                  I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]));
      }}},
     ATTEND(moba_decode_attend_bf16_d64, __nv_bfloat16),
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),

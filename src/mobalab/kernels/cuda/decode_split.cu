@@ -495,86 +495,10 @@ __device__ __forceinline__ void dsp_set_insert(int* set, int j) {
 // ---- routing, 2: selection ----
 
 // Shared memory: the warps' lists, [WARPS][32] 64-bit keys.
-// The K / V the attention launch reads first, brought into L2 while the memory system is otherwise idle (the
-// selection's tail and the kernel boundary): after the last of a kv head's rows has entered its blocks into the
-// set (a ticket on the kv head's counter, which the attention launch finds zero again), that row's first warp
-// numbers the set's first batch of blocks as the attention launch does and prefetches the first `prefetch` items of
-// each of the kv head's cpg attention CTAs (cp.async.bulk.prefetch.L2: K and V rows of an item, up to L).
-__device__ __forceinline__ void dsp_prefetch_first_items(const int* __restrict__ set, int n_words, int len,
-                                                        const unsigned char* k, const unsigned char* v, long long g,
-                                                        int kv_heads, int capacity, int row_bytes, int block_size,
-                                                        int n_chunks, int chunk, int cpg, int prefetch,
-                                                        const int* __restrict__ page_table, int page_size,
-                                                        int pages_per_seq, int lane) {
-    constexpr int NTW = DSP_ATTN_THREADS;  // the attention launch's window (words) and batch (blocks)
-    unsigned w[NTW / 32];
-    int cnt = 0;
-#pragma unroll
-    for (int x = 0; x < NTW / 32; ++x) {
-        const int idx = lane * (NTW / 32) + x;
-        w[x] = idx < min(n_words, NTW) ? static_cast<unsigned>(dec_ldcg(set + idx)) : 0u;
-        cnt += __popc(w[x]);
-    }
-    int incl = cnt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(DEC_FULL, incl, o);
-        if (lane >= o) incl += y;
-    }
-    const int base = incl - cnt, nu = min(NTW, __shfl_sync(DEC_FULL, incl, 31));
-    const int n_it = nu * n_chunks, lnc = __ffs(n_chunks) - 1;
-    const int b = (int)(g / kv_heads), kvh = (int)(g - (long long)b * kv_heads);
-    for (int p = 0; p < cpg; ++p) {
-        const int lo = (int)((long long)p * n_it / cpg), hi = (int)((long long)(p + 1) * n_it / cpg);
-        for (int it = lo; it < min(hi, lo + prefetch); ++it) {
-            const int rank = it >> lnc, c = it & (n_chunks - 1);
-            const unsigned own = __ballot_sync(DEC_FULL, rank >= base && rank < base + cnt);
-            const int src_lane = __ffs(own) - 1;
-            int j = -1;
-            if (lane == src_lane) {
-                int r = rank - base;
-#pragma unroll
-                for (int x = 0; x < NTW / 32; ++x) {
-                    const int pc = __popc(w[x]);
-                    if (j < 0 && r < pc) {
-                        unsigned m = w[x];
-                        for (int y = 0; y < r; ++y) m &= m - 1u;
-                        j = (lane * (NTW / 32) + x) * 32 + __ffs(m) - 1;
-                    }
-                    r -= pc;
-                }
-            }
-            j = __shfl_sync(DEC_FULL, j, src_lane);
-            const int tok0 = j * block_size + c * chunk;
-            const int ntok = min(chunk, len - tok0);
-            if (lane < 2 && ntok > 0) {
-                long long row;
-                if (page_table != nullptr) {
-                    const int pi = tok0 / page_size;
-                    row = ((long long)page_table[(long long)b * pages_per_seq + pi] * kv_heads + kvh) * page_size +
-                          (tok0 - pi * page_size);
-                } else {
-                    row = g * capacity + tok0;
-                }
-                const unsigned char* src = (lane == 0 ? k : v) + row * row_bytes;
-#ifndef DEC_HOST_EMULATION
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(ntok * row_bytes)
-                             : "memory");
-#else
-                (void)src;
-#endif
-            }
-        }
-    }
-}
-
 __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, const int* __restrict__ lengths,
-                                           int* __restrict__ sel, int* __restrict__ table,
-                                           unsigned* __restrict__ counters, const unsigned char* k,
-                                           const unsigned char* v, const int* __restrict__ page_table, int q_len,
-                                           int heads, int kv_heads, int block_size, int top_k, int n_cols,
-                                           int n_words, int wpr, int capacity, int row_bytes, int n_chunks,
-                                           int chunk, int cpg, int prefetch, int page_size, int pages_per_seq) {
+                                           int* __restrict__ sel, int* __restrict__ table, int q_len, int heads,
+                                           int kv_heads, int block_size, int top_k, int n_cols, int n_words,
+                                           int wpr) {
     constexpr int U = DSP_SELECT_LOADS;
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -692,18 +616,6 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
     if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
-    if (prefetch > 0 && n_words > 0) {
-        __threadfence();  // this row's blocks in the set before its ticket
-        int t = 0;
-        if (lane == 0) t = (int)atomicAdd(counters + bk, 1u);
-        if (__shfl_sync(DEC_FULL, t, 0) == rows - 1) {  // the kv head's last row: the set is whole
-            if (lane == 0) counters[bk] = 0u;
-            __threadfence();
-            dsp_prefetch_first_items(table + (long long)bk * n_words, n_words, lengths[b], k, v, bk, kv_heads,
-                                     capacity, row_bytes, block_size, n_chunks, chunk, cpg, prefetch, page_table,
-                                     page_size, pages_per_seq, lane);
-        }
-    }
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
@@ -1375,16 +1287,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                            page_table, page_size, pages_per_seq, &kmap, &vmap);                                   \
   }
 
-// k, v, page_table: the cache (unsigned char: rows of row_bytes) and a paged cache's page table (0: contiguous), for
-// the prefetch of the attention's first items (prefetch 0: none).
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
-    unsigned* __restrict__ counters, const unsigned char* k, const unsigned char* v,
-    const int* __restrict__ page_table, int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols,
-    int n_words, int wpr, int capacity, int row_bytes, int n_chunks, int chunk, int cpg, int prefetch,
-    int page_size, int pages_per_seq) {
-    dsp_select(scores, lengths, sel, table, counters, k, v, page_table, q_len, heads, kv_heads, block_size, top_k,
-               n_cols, n_words, wpr, capacity, row_bytes, n_chunks, chunk, cpg, prefetch, page_size, pages_per_seq);
+    int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int n_words, int wpr) {
+    dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words, wpr);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
