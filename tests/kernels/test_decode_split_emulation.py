@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,20 +265,34 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
     return torch.randn(rows, n, generator=gen)
 
 
+def _key(v: float, j: int) -> int:
+    """The kernels' 64-bit ranking key of candidate (v, j) (0: none), as a signed int64 value."""
+    if math.isnan(v) or j < 0:
+        return 0
+    u = int(np.float32(v).view(np.uint32))
+    if (u << 1) & 0xFFFFFFFF == 0:  # -0 -> +0
+        u = 0
+    u = (~u & 0xFFFFFFFF) if u & 0x80000000 else u | 0x80000000
+    return int(np.array([(u << 32) | j], dtype=np.uint64).view(np.int64)[0])
+
+
 def _batch_tops(scores: torch.Tensor, lengths, q_len, heads, block, bw, n_bat) -> torch.Tensor:
-    """What the score pass writes beside the scores for the tops selection: the largest score of every batch of
-    ``bw`` blocks of a row over its candidates (j < its own block, NaN never), NaN where there is none."""
+    """What the score pass writes beside the scores for the tops selection: the best key of every batch of ``bw``
+    blocks of a row over its candidates (j < its own block, NaN never), 0 where there is none."""
     group = heads // scores.shape[1]
     batch, kv_heads, rows, _ = scores.shape
-    tops = torch.full((batch, kv_heads, rows, n_bat), float("nan"))
+    tops = torch.zeros(batch, kv_heads, rows, n_bat, dtype=torch.int64)
     for b, length in enumerate(lengths):
         for r in range(rows):
             own = (length - q_len + r // group) // block
-            for t in range(n_bat):
-                part = scores[b, :, r, t * bw:min(own, (t + 1) * bw)]
-                if part.shape[-1]:
-                    tops[b, :, r, t] = torch.where(part.isnan(), float("-inf"), part).amax(-1)
-                    tops[b, :, r, t] = torch.where(part.isnan().all(-1), float("nan"), tops[b, :, r, t])
+            for kvh in range(kv_heads):
+                row = scores[b, kvh, r].tolist()
+                for t in range(n_bat):
+                    keys = [(0 if math.isnan(row[j]) else 1, row[j], j) for j in range(t * bw, min(own, (t + 1) * bw))]
+                    keys = [k for k in keys if k[0]]
+                    if keys:
+                        _, v, j = max(keys, key=lambda k: (k[1] + 0.0, k[2]))
+                        tops[b, kvh, r, t] = _key(v, j)
     return tops
 
 

@@ -290,7 +290,7 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     tops = p.batch * p.kv_heads * p.rows * p.n_bat if p.select_tops else 1
     return dict(step_outputs(p, partials, device, dtype),
                 scores=torch.empty(scores, dtype=torch.float32, device=device),
-                tops=torch.empty(tops, dtype=torch.float32, device=device))
+                tops=torch.empty(tops, dtype=torch.int64, device=device))
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:

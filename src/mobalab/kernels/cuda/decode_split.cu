@@ -390,7 +390,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols,
-                                          float* __restrict__ tops, int n_bat) {
+                                          unsigned long long* __restrict__ tops, int n_bat) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -464,12 +464,19 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-            if (tops != nullptr) {  // the batch's top: its candidates' largest score (every lane of a sub holds
-                float top = dec_nan();  // its acc; fmaxf skips NaN, so NaN only where there is no candidate)
+            if (tops != nullptr) {  // the batch's top: its best candidate's key (every lane of a sub holds its acc)
+                dsp_key top = 0ull;
 #pragma unroll
-                for (int p = 0; p < NP; ++p) top = base + p * 4 + sub < own[rr] ? fmaxf(top, acc[p]) : top;
-                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 8));
-                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 16));
+                for (int p = 0; p < NP; ++p) {
+                    const int jp = base + p * 4 + sub;
+                    const dsp_key kp = dsp_make_key(acc[p], jp < j_hi && jp < own[rr] ? jp : -1);
+                    top = kp > top ? kp : top;
+                }
+#pragma unroll
+                for (int h = 8; h < 32; h <<= 1) {
+                    const dsp_key o = dsp_shfl_xor(top, h);
+                    top = o > top ? o : top;
+                }
                 if (lane == 0) tops[((long long)bk * rows + r0 + rr) * n_bat + base / BW] = top;
             }
         }
@@ -628,16 +635,14 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
-// Selection from the batch tops (the score pass's largest candidate score of every batch of bw consecutive blocks
-// of a row, NaN for none; tops not null there): one warp per row, 8 rows per CTA, no barrier. Level 1 ranks the
-// row's batches by (top desc, batch desc) (newest batch first, 8 chunks of 32 loaded together) into the best k-1;
-// level 2 ranks every candidate of those batches (at most (k-1) bw) into the row's best k-1 by (score desc, block
-// desc), the order of dsp_select, so the same sel. Exact: let x be one of the true best k-1, in batch c. Were c not
-// among the best k-1 batches, k-1 other batches would rank above it, each holding a candidate y with score(y) =
-// its top >= top(c) >= score(x), and where the scores are equal, a higher batch and so a higher block: k-1
-// candidates above x.
+// Selection from the batch tops (the score pass's best key of every batch of bw consecutive blocks of a row, tops
+// not null there): one warp per row, 8 rows per CTA, no barrier. Level 1 ranks the row's batch tops (newest batch
+// first, 8 chunks of 32 loaded together) into the best k-1; level 2 ranks every candidate of those batches (at most
+// (k-1) bw) into the row's best k-1. Exact: a candidate x of the true best k-1 lies in a batch whose top is at least
+// x; were that batch not among the best k-1 tops, k-1 other batches would hold tops (distinct blocks) above x, so x
+// would not be among the best k-1. The same strict order (score desc, block desc) as dsp_select, so the same sel.
 __device__ __forceinline__ void dsp_select_tops(const float* __restrict__ scores,
-                                                const float* __restrict__ tops,
+                                                const unsigned long long* __restrict__ tops,
                                                 const int* __restrict__ lengths, int* __restrict__ sel,
                                                 int* __restrict__ table, int q_len, int heads, int kv_heads,
                                                 int block_size, int top_k, int n_cols, int n_bat, int bw,
@@ -654,7 +659,7 @@ __device__ __forceinline__ void dsp_select_tops(const float* __restrict__ scores
     const int lcap = top_k - 1;
     const int n = lcap > 0 ? own : 0;  // candidates: blocks 0 .. own - 1
     const float* src = scores + ((long long)bk * rows + r) * n_cols;
-    const float* tsrc = tops + ((long long)bk * rows + r) * n_bat;
+    const unsigned long long* tsrc = tops + ((long long)bk * rows + r) * n_bat;
 
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
@@ -701,12 +706,12 @@ __device__ __forceinline__ void dsp_select_tops(const float* __restrict__ scores
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = nb - 1 - 32 * (c0 + u) - lane;
-            kv[u] = t >= 0 ? dsp_make_key(tsrc[t], t) : 0ull;
+            kv[u] = t >= 0 ? tsrc[t] : 0ull;
         }
         rank(lt, fresh, kv);
     }
     // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
-    const int tb = dsp_key_block(lt);  // this lane's batch (lanes beyond the list: none)
+    const int tb = dsp_key_block(lt) / bw;  // this lane's batch (lanes beyond the list: none)
     const int nsel = __popc(__ballot_sync(DEC_FULL, lane < lcap && lt != 0ull));
     dsp_key lk = 0;
     fresh = true;
@@ -1365,7 +1370,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat) {       \
+      int rows_per_group, int n_range, int range_blocks, int n_cols, unsigned long long* __restrict__ tops,       \
+      int n_bat) {                                                                                                \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
                     rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                                  \
   }
@@ -1406,7 +1412,7 @@ extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) m
 }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS) moba_decode_route_select_tops(
-    const float* __restrict__ scores, const float* __restrict__ tops, const int* __restrict__ lengths,
+    const float* __restrict__ scores, const unsigned long long* __restrict__ tops, const int* __restrict__ lengths,
     int* __restrict__ sel, int* __restrict__ table, int q_len, int heads, int kv_heads, int block_size, int top_k,
     int n_cols, int n_bat, int bw, int n_words) {
     dsp_select_tops(scores, tops, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_bat, bw,
