@@ -24,7 +24,7 @@ from _background import background_fixture, scratch_dir  # noqa: E402
 from _ptxas_report import entry_report  # noqa: E402
 
 SCORE = [f"moba_decode_route_score_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-SELECT = ["moba_decode_route_select", "moba_decode_route_select_tops"]
+SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{t}_d{d}" for p in ("", "paged_") for t in ("bf16", "fp16") for d in (64, 128)]
 
 

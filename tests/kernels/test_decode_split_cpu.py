@@ -39,11 +39,9 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
         pass_blocks = S.WARPS * S.score_batch(dim)
         assert plan.range_blocks % pass_blocks == 0 and plan.range_blocks <= S.SCORE_MAX_PASSES * pass_blocks
         assert plan.n_range * plan.range_blocks >= n_cand > (plan.n_range - 1) * plan.range_blocks
-    # select: one warp per row up to 8 chunks of 32 candidates, else from the score pass's batch tops (one warp per
-    # row; a top per score batch of every row)
+    # select: one warp per row up to 8 chunks of 32 candidates, else eight
     chunks = math.ceil(max(1, n_cand) / 32)
-    assert plan.select_tops == (chunks > 8 and plan.n_range > 0) and plan.select_wpr == 1
-    assert plan.n_bat == max(1, math.ceil(n_cand / S.score_batch(dim)))
+    assert plan.select_wpr == (1 if chunks <= 8 else 8)
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
@@ -67,21 +65,14 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert 1 <= plan.cpg <= distinct * plan.n_chunks
     assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "tops", "part_o", "part_ml", "out", "lse")}
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
     score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
     select = S.select_launch(plan, lengths, bufs, table)
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
-    if plan.select_tops:  # the score pass writes the tops the select launch reads
-        assert select.kernel == "moba_decode_route_select_tops" and plan.select_smem == 0
-        assert score.args[14] is bufs["tops"] and select.args[1] is bufs["tops"] and select.args[4] is table
-        assert select.args[-3:] == (plan.n_bat, S.score_batch(dim), plan.n_words)
-        assert S.select_launch(plan, lengths, bufs).args[-1] == 0  # the routing alone: no set
-    else:
-        assert select.kernel == "moba_decode_route_select" and score.args[14] == 0  # no tops
-        assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
-        assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
+    assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
+    assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
@@ -105,7 +96,7 @@ def test_benchmark_plans_fill_the_gpu():
         plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, length, n_blocks, length, sm_count=132)
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
-        assert plan.select_wpr == 1 and plan.select_tops == (length > 32 * 1024)
+        assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
         assert plan.n_select_ctas == 64 * math.ceil(4 / (S.WARPS // plan.select_wpr))
         assert plan.n_attn_ctas == 64 * 6 and plan.cpg == 6 and plan.cached and plan.n_chunks == 2
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM

@@ -18,7 +18,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -265,46 +264,14 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
     return torch.randn(rows, n, generator=gen)
 
 
-def _key(v: float, j: int) -> int:
-    """The kernels' 64-bit ranking key of candidate (v, j) (0: none), as a signed int64 value."""
-    if math.isnan(v) or j < 0:
-        return 0
-    u = int(np.float32(v).view(np.uint32))
-    if (u << 1) & 0xFFFFFFFF == 0:  # -0 -> +0
-        u = 0
-    u = (~u & 0xFFFFFFFF) if u & 0x80000000 else u | 0x80000000
-    return int(np.array([(u << 32) | j], dtype=np.uint64).view(np.int64)[0])
-
-
-def _batch_tops(scores: torch.Tensor, lengths, q_len, heads, block, bw, n_bat) -> torch.Tensor:
-    """What the score pass writes beside the scores for the tops selection: the best key of every batch of ``bw``
-    blocks of a row over its candidates (j < its own block, NaN never), 0 where there is none."""
-    group = heads // scores.shape[1]
-    batch, kv_heads, rows, _ = scores.shape
-    tops = torch.zeros(batch, kv_heads, rows, n_bat, dtype=torch.int64)
-    for b, length in enumerate(lengths):
-        for r in range(rows):
-            own = (length - q_len + r // group) // block
-            for kvh in range(kv_heads):
-                row = scores[b, kvh, r].tolist()
-                for t in range(n_bat):
-                    keys = [(0 if math.isnan(row[j]) else 1, row[j], j) for j in range(t * bw, min(own, (t + 1) * bw))]
-                    keys = [k for k in keys if k[0]]
-                    if keys:
-                        _, v, j = max(keys, key=lambda k: (k[1] + 0.0, k[2]))
-                        tops[b, kvh, r, t] = _key(v, j)
-    return tops
-
-
 def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, gen, seed,
-                       select_wpr=None, select_tops=None):
+                       select_wpr=None):
     """The select launch alone on ``kind`` score rows (777 beyond a row's candidates, NaN from its own block on, as
-    the score pass writes them; with the plan's ``select_tops``, their batch tops beside them): (plan, the scores it
-    read, its buffers, the plain-Python selection)."""
+    the score pass writes them): (plan, the scores it read, its buffers, the plain-Python selection)."""
     batch, rows = len(lengths), heads // kv_heads * q_len
     n_blocks = max(lengths) // block + 1
     plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block,
-                        select_wpr=select_wpr, select_tops=select_tops)
+                        select_wpr=select_wpr)
     scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)  # beyond a row's candidates: must be ignored
     for b, length in enumerate(lengths):
         c_last = (length - 1) // block
@@ -315,8 +282,6 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
             scores[b, :, r, own:(length - 1) // block] = float("nan")
     bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
                                                                             dtype=torch.int32)}
-    if plan.select_tops:
-        bufs["tops"] = _batch_tops(scores, lengths, q_len, heads, block, S.score_batch(64), plan.n_bat).reshape(-1)
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
     run_emulated(harness, tmp_path, [S.select_launch(plan, lengths_t, bufs)], seed=seed)
     return plan, scores, bufs, _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
@@ -333,14 +298,11 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
     ("random", [5000 * 16 + 1, 16, 17], 16, 1, 4, 1, 2),
     ("random", [400, 600], 32, 4, 8, 2, 1),
 ])
-@pytest.mark.parametrize("tops", [False, True], ids=["lists", "tops"])
-def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, tops):
-    """Either select launch (the warps' lists over every candidate, or the tops kernel over the best batches) alone
-    on crafted score rows vs the plain-Python selection (exactly, ties included)."""
+def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k):
+    """The select launch alone on crafted score rows vs the plain-Python selection (exactly, ties included)."""
     gen = torch.Generator().manual_seed(len(kind) + top_k)
-    plan, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads,
-                                                  top_k, gen, seed=5, select_tops=tops and top_k > 1)
-    assert plan.select_tops == (tops and top_k > 1)
+    _, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k,
+                                               gen, seed=5)
     assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
     torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
 

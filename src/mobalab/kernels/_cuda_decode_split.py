@@ -176,8 +176,6 @@ class SplitPlan(StepShape):
     score_smem: int
     select_smem: int
     attn_smem: int
-    select_tops: bool = False  # selection from the score pass's batch tops (moba_decode_route_select_tops)
-    n_bat: int = 1  # batch tops per row: score batches of score_batch(head_dim) blocks over n_cols
 
     @property
     def n_score_ctas(self) -> int:
@@ -206,8 +204,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
                select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS,
-               select_tops: bool | None = None) -> SplitPlan:
+               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -255,16 +252,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         attn_ctas = max(1, min(items, per_kvh))
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
-    bw = score_batch(head_dim)
-    if select_tops is None:  # long rows, score batches aligned to bw
-        select_tops = select_wpr is None and select_warps(max(1, n_cand)) > 1 and n_range > 0 and \
-            per_range % bw == 0
-    elif select_tops and (n_range == 0 or per_range % bw):
-        raise ValueError(f"plan_split: select_tops needs score ranges of a multiple of {bw} blocks "
-                         f"(range_blocks = {per_range}, {n_range} ranges)")
-    if select_tops:
-        select_wpr = 1  # the tops kernel: one warp per row
-    elif select_wpr is None:
+    if select_wpr is None:
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):
         raise ValueError(f"plan_split: select_wpr = {select_wpr}; supported: 1, 2, 4, 8")
@@ -273,9 +261,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
-                     score_smem=score_smem_bytes(head_dim, rows_per_group),
-                     select_smem=0 if select_tops else select_smem_bytes(),
-                     attn_smem=attn_smem, select_tops=bool(select_tops), n_bat=max(1, math.ceil(n_cand / bw)))
+                     score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
+                     attn_smem=attn_smem)
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -287,10 +274,8 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
-    tops = p.batch * p.kv_heads * p.rows * p.n_bat if p.select_tops else 1
     return dict(step_outputs(p, partials, device, dtype),
-                scores=torch.empty(scores, dtype=torch.float32, device=device),
-                tops=torch.empty(tops, dtype=torch.int64, device=device))
+                scores=torch.empty(scores, dtype=torch.float32, device=device))
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
@@ -300,7 +285,7 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
-            i32(p.n_cols), bufs["tops"] if p.select_tops else 0, i32(p.n_bat))
+            i32(p.n_cols))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -308,12 +293,6 @@ def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
     """The selection kernel: the scores scratch, lengths int32 -> sel, and the row's blocks into ``table`` (the
     sets of selected blocks, ``plan.n_table`` int32 zeros; None: no set, for the routing alone)."""
     p, i32 = plan, np.int32
-    if p.select_tops:
-        args = (bufs["scores"], bufs["tops"], lengths, bufs["sel"], table if table is not None else bufs["sel"],
-                i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
-                i32(p.n_bat), i32(score_batch(p.head_dim)), i32(p.n_words if table is not None else 0))
-        return Launch(SOURCE, "moba_decode_route_select_tops", (p.n_select_ctas, 1, 1), (THREADS, 1, 1), args,
-                      p.select_smem)
     args = (bufs["scores"], lengths, bufs["sel"], table if table is not None else bufs["sel"], i32(p.q_len),
             i32(p.heads), i32(p.kv_heads), i32(p.block_size), i32(p.top_k), i32(p.n_cols),
             i32(p.n_words if table is not None else 0), i32(p.select_wpr))
@@ -358,8 +337,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   select_tops: bool | None = None):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
@@ -376,7 +354,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most, select_tops)
+                      select_wpr, attn_chunk, attn_stages, smem, most)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []

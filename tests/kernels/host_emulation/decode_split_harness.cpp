@@ -16,10 +16,9 @@ using harness::I;
 using harness::P;
 
 #define SCORE(NAME, T)                                                                                          \
-    {#NAME, {16, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {14, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
-              I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]),                       \
-              P<unsigned long long>(a[14]), I(a[15]));                                                          \
+              I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define ATTEND(NAME, T)                                                                                         \
     {#NAME, {25, [](const std::vector<Arg>& a) {                                                                \
@@ -44,11 +43,6 @@ const harness::Kernels kKernels = {
     {"moba_decode_route_select", {12, [](const std::vector<Arg>& a) {
          moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]), I(a[4]),
                                   I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]));
-     }}},
-    {"moba_decode_route_select_tops", {14, [](const std::vector<Arg>& a) {
-         moba_decode_route_select_tops(P<const float>(a[0]), P<const unsigned long long>(a[1]), P<const int>(a[2]),
-                                       P<int>(a[3]), P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]),
-                                       I(a[10]), I(a[11]), I(a[12]), I(a[13]));
      }}},
     ATTEND(moba_decode_attend_bf16_d64, __nv_bfloat16),
     ATTEND(moba_decode_attend_bf16_d128, __nv_bfloat16),

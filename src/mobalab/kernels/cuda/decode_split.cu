@@ -389,8 +389,7 @@ template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols,
-                                          unsigned long long* __restrict__ tops, int n_bat) {
+                                          int rpg, int n_range, int range_blocks, int n_cols) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -464,21 +463,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-            if (tops != nullptr) {  // the batch's top: its best candidate's key (every lane of a sub holds its acc)
-                dsp_key top = 0ull;
-#pragma unroll
-                for (int p = 0; p < NP; ++p) {
-                    const int jp = base + p * 4 + sub;
-                    const dsp_key kp = dsp_make_key(acc[p], jp < j_hi && jp < own[rr] ? jp : -1);
-                    top = kp > top ? kp : top;
-                }
-#pragma unroll
-                for (int h = 8; h < 32; h <<= 1) {
-                    const dsp_key o = dsp_shfl_xor(top, h);
-                    top = o > top ? o : top;
-                }
-                if (lane == 0) tops[((long long)bk * rows + r0 + rr) * n_bat + base / BW] = top;
-            }
         }
 #if DSP_ROUTE_TRACE
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
@@ -633,107 +617,6 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
     if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
-}
-
-// Selection from the batch tops (the score pass's best key of every batch of bw consecutive blocks of a row, tops
-// not null there): one warp per row, 8 rows per CTA, no barrier. Level 1 ranks the row's batch tops (newest batch
-// first, 8 chunks of 32 loaded together) into the best k-1; level 2 ranks every candidate of those batches (at most
-// (k-1) bw) into the row's best k-1. Exact: a candidate x of the true best k-1 lies in a batch whose top is at least
-// x; were that batch not among the best k-1 tops, k-1 other batches would hold tops (distinct blocks) above x, so x
-// would not be among the best k-1. The same strict order (score desc, block desc) as dsp_select, so the same sel.
-__device__ __forceinline__ void dsp_select_tops(const float* __restrict__ scores,
-                                                const unsigned long long* __restrict__ tops,
-                                                const int* __restrict__ lengths, int* __restrict__ sel,
-                                                int* __restrict__ table, int q_len, int heads, int kv_heads,
-                                                int block_size, int top_k, int n_cols, int n_bat, int bw,
-                                                int n_words) {
-    constexpr int U = DSP_SELECT_LOADS;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = heads / kv_heads, rows = group * q_len, n_rg = (rows + DSP_WARPS - 1) / DSP_WARPS;
-    const int rg = blockIdx.x % n_rg, bk = blockIdx.x / n_rg, kvh = bk % kv_heads, b = bk / kv_heads;
-    DSP_RT_STAMP(dsp_select_trace, 0);
-    const int r = rg * DSP_WARPS + warp;
-    if (r >= rows) return;  // the whole warp: no barrier follows
-    const int i = r / group, g = r - i * group;
-    const int own = (lengths[b] - q_len + i) / block_size;
-    const int lcap = top_k - 1;
-    const int n = lcap > 0 ? own : 0;  // candidates: blocks 0 .. own - 1
-    const float* src = scores + ((long long)bk * rows + r) * n_cols;
-    const unsigned long long* tsrc = tops + ((long long)bk * rows + r) * n_bat;
-
-    // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
-    // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
-    auto rank = [&](dsp_key& lk, bool& fresh, const dsp_key (&kv)[U]) {
-        if (!fresh) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) dsp_offer(lk, kv[u], lcap, lane);
-            return;
-        }
-        fresh = false;
-        dsp_key best = 0;
-        int bu = -1;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (kv[u] > best) {
-                best = kv[u];
-                bu = u;
-            }
-        }
-        dsp_warp_sort(best, lane);
-        lk = lane < lcap ? best : 0ull;
-        const dsp_key t = dsp_shfl(lk, lcap - 1);
-        unsigned left = 0u;
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (u != bu && kv[u] > t) left |= 1u << u;
-        while (__any_sync(DEC_FULL, left != 0u)) {
-            dsp_key ok = 0;
-            const int pick = __ffs(left) - 1;
-            left &= left - 1u;
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (u == pick) ok = kv[u];
-            dsp_offer(lk, ok, lcap, lane);
-        }
-    };
-
-    // Level 1: batch t = nb - 1 - 32 c - lane of chunk c.
-    const int nb = (n + bw - 1) / bw;
-    dsp_key lt = 0;
-    bool fresh = true;
-    for (int c0 = 0; c0 < (nb + 31) / 32; c0 += U) {
-        dsp_key kv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int t = nb - 1 - 32 * (c0 + u) - lane;
-            kv[u] = t >= 0 ? tsrc[t] : 0ull;
-        }
-        rank(lt, fresh, kv);
-    }
-    // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
-    const int tb = dsp_key_block(lt) / bw;  // this lane's batch (lanes beyond the list: none)
-    const int nsel = __popc(__ballot_sync(DEC_FULL, lane < lcap && lt != 0ull));
-    dsp_key lk = 0;
-    fresh = true;
-    for (int c0 = 0; c0 < (nsel * bw + 31) / 32; c0 += U) {
-        dsp_key kv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int v = 32 * (c0 + u) + lane, sl = v / bw;
-            const int t = __shfl_sync(DEC_FULL, tb, sl & 31);
-            const int j = t * bw + (v - sl * bw);
-            kv[u] = sl < nsel && j < n ? dsp_make_key(src[j], j) : 0ull;
-        }
-        rank(lk, fresh, kv);
-    }
-    const int lj = dsp_key_block(lk);
-    int* srow = sel + (((long long)b * q_len + i) * heads + kvh * group + g) * top_k;
-    if (lane == 0) srow[0] = own;
-    if (lane < lcap) srow[1 + lane] = lj;
-    const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
-    const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);
-    if (n_words > 0 && jj >= 0) dsp_set_insert(table + (long long)bk * n_words, jj);
-    DSP_RT_STAMP(dsp_select_trace, 1);
 }
 
 // ---- attention ----
@@ -1370,10 +1253,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, unsigned long long* __restrict__ tops,       \
-      int n_bat) {                                                                                                \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                                  \
+                    rows_per_group, n_range, range_blocks, n_cols);                                               \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
@@ -1409,14 +1291,6 @@ extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) m
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int n_words, int wpr) {
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words, wpr);
-}
-
-extern "C" __global__ void __launch_bounds__(DSP_THREADS) moba_decode_route_select_tops(
-    const float* __restrict__ scores, const unsigned long long* __restrict__ tops, const int* __restrict__ lengths,
-    int* __restrict__ sel, int* __restrict__ table, int q_len, int heads, int kv_heads, int block_size, int top_k,
-    int n_cols, int n_bat, int bw, int n_words) {
-    dsp_select_tops(scores, tops, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_bat, bw,
-                    n_words);
 }
 
 MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
