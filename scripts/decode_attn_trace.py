@@ -60,10 +60,10 @@ def summarise(tr, label: str) -> list[str]:
 
 
 def timeline(score, select, attend) -> list[str]:
-    """Lines of the step's timeline from the three launches' traces (int64 tensors: score (ctas, 8: start, length,
-    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 16)), us after the first score CTA's start
-    (the first select CTA's without a score launch)."""
-    t0 = (score[:, 0] if score is not None else select[:, 0]).min()
+    """Lines of the step's timeline from the launches' traces (int64 tensors: score (ctas, 8: start, length,
+    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 16); score or select None where the step has
+    no such launch), us after the first CTA's start."""
+    t0 = score[:, 0].min() if score is not None else select[:, 0].min() if select is not None else attend[:, 8].min()
 
     def q3(x):
         x = ((x - t0).double() / 1e3).sort().values
@@ -73,7 +73,8 @@ def timeline(score, select, attend) -> list[str]:
     if score is not None:
         lines.append(f"    score ({len(score)} CTAs): start {q3(score[:, 0])} | length {q3(score[:, 1])} | first batch "
                      f"{q3(score[:, 2])} | end {q3(score[:, 3])}")
-    lines.append(f"    select ({len(select)} CTAs): start {q3(select[:, 0])} | end {q3(select[:, 1])}")
+    if select is not None:
+        lines.append(f"    select ({len(select)} CTAs): start {q3(select[:, 0])} | end {q3(select[:, 1])}")
     lines.append(f"    attend ({len(attend)} CTAs): start {q3(attend[:, 8])} | first item {q3(attend[:, 9])} | "
                  f"loop end {q3(attend[:, 10])} | end {q3(attend[:, 11])} (us after the step's first CTA, "
                  f"min / median / max)")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                 route[which] = torch.as_tensor(rbuf[:int(x.grid[0])].astype(cupy.int64).get())
             lines = summarise(tr, f"{label} (ranges {plan.range_blocks}x{plan.n_range}, {plan.cpg} CTAs per kv "
                                   f"head)")
-            lines[1:1] = timeline(route.get("score"), route["select"], tr)
+            lines[1:1] = timeline(route.get("score"), route.get("select"), tr)
             for line in lines:
                 print(line, flush=True)
             dumped[label] = dict(route, attend=tr, plan=dataclasses.asdict(plan))

@@ -63,7 +63,7 @@ def launcher(harness, tmp_path, sources: Iterable[str]):
 
     def launch(plan):
         assert plan.source in sources and plan.defines == (), (plan.source, plan.defines)
-        run_emulated(harness, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        run_emulated(harness, tmp_path, [plan], seed=len(launched))
         launched.append(plan.kernel)
 
     launch.launched = launched

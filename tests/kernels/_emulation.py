@@ -65,7 +65,7 @@ def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
 
 
-def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) -> list[str]:
+def _arg_tokens(launch, storages: dict[int, torch.Tensor]) -> list[str]:
     check_args(launch.source, launch.kernel, launch.args)  # exactly what CuPy would receive
     args = []
     for a in launch.args:
@@ -81,7 +81,7 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
             args.append(f"p:{list(storages).index(base)}:{a.data_ptr() - base}")
         elif isinstance(a, np.float32):
             args.append(f"f:{int(a.view(np.uint32))}")
-        elif null_pointers and isinstance(a, int):
+        elif type(a) is int:  # check_args lets a plain int through for a pointer alone: a null pointer
             assert a == 0, (launch.kernel, a)
             args.append("z:0")
         else:
@@ -90,12 +90,12 @@ def _arg_tokens(launch, storages: dict[int, torch.Tensor], null_pointers: bool) 
     return args
 
 
-def run_emulated(exe: Path, workdir: Path, launches, seed: int, *, null_pointers: bool = False) -> None:
+def run_emulated(exe: Path, workdir: Path, launches, seed: int) -> None:
     """Execute ``launches`` (``_launch.Launch``) in the manifest harness ``exe``, launch
     l with seed ``seed + l``; every tensor they name is updated in place. Arguments are tensors (contiguous),
-    np.int32, np.int64, np.float32 and, with ``null_pointers``, the int 0 (a null pointer)."""
+    np.int32, np.int64, np.float32 and the int 0 (a null pointer)."""
     storages: dict[int, torch.Tensor] = {}
-    tokens = [(launch, _arg_tokens(launch, storages, null_pointers)) for launch in launches]
+    tokens = [(launch, _arg_tokens(launch, storages)) for launch in launches]
     lines = [f"seed {seed}", f"buffers {len(storages)}"]
     for i, t in enumerate(storages.values()):
         raw = storage_bytes(t).numpy()

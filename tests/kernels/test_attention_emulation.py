@@ -80,7 +80,7 @@ def emulate(request, tmp_path, monkeypatch):
         assert plan.defines in ((), A.partial_defines(partial)), f"{plan.kernel} needs build options {plan.defines}"
         # a pair-list kernel (the backward's gather) runs in the pair-list harness, built when first needed
         runner = request.getfixturevalue("pairs_harness") if plan.source == P.SOURCE else exe
-        run_emulated(runner, tmp_path, [plan], seed=len(launched), null_pointers=True)  # 0: a null pointer
+        run_emulated(runner, tmp_path, [plan], seed=len(launched))
         launched.append(plan.kernel)
 
     run.launched = launched

@@ -42,6 +42,9 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     # select: one warp per row up to 8 chunks of 32 candidates, else eight
     chunks = math.ceil(max(1, n_cand) / 32)
     assert plan.select_wpr == (1 if chunks <= 8 else 8)
+    # the selection inside the attention launch where its rows, entries and set fit (a top per score batch of a row)
+    fits = plan.n_range > 0 and plan.cached and rows <= 2 * S.ATTN_WARPS
+    assert plan.fused_select == fits and plan.n_bat == max(1, math.ceil(n_cand / S.score_batch(dim)))
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
@@ -65,7 +68,7 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert 1 <= plan.cpg <= distinct * plan.n_chunks
     assert plan.cached == ((4 * rows * top_k + 15) // 16 * 16 + 2 * rows * dim <= S.ATTN_CACHE)
     q = torch.zeros(batch, q_len, heads, dim, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "part_o", "part_ml", "out", "lse")}
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "tops", "part_o", "part_ml", "out", "lse")}
     lengths = torch.zeros(1, dtype=torch.int32)
     score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
@@ -73,12 +76,18 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
     assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
     assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
+    # the fused plan: the score pass writes the batch tops, the attention launch reads them and the scores
+    if plan.fused_select:
+        assert score.args[14] is bufs["tops"] and attend.args[23] is bufs["scores"] and attend.args[24] is bufs["tops"]
+    else:
+        assert score.args[14] == 0 and attend.args[23:25] == (0, 0)
+    assert attend.args[25:28] == (plan.n_cols, plan.n_bat, S.score_batch(dim))
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
         check_args(launch.source, launch.kernel, launch.args)  # exactly the kernel's C types
         assert launch.grid == (ctas, 1, 1) and launch.block == (threads, 1, 1) and launch.shared_mem == smem
-    assert attend.args[-3] == np.float32(0.1 * math.log2(math.e))
+    assert attend.args[22] == np.float32(0.1 * math.log2(math.e))
     # the tensor maps of K and V (here q's tensor): rows of d elements, boxes of one item's rows by 64 columns
     for tmap in attend.args[-2:]:
         assert (tmap.rows, tmap.cols, tmap.box_rows, tmap.box_cols) == (q.numel() // dim, dim, plan.chunk, 64)
@@ -97,6 +106,7 @@ def test_benchmark_plans_fill_the_gpu():
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
         assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
+        assert plan.fused_select  # the attention CTAs select: two launches
         assert plan.n_select_ctas == 64 * math.ceil(4 / (S.WARPS // plan.select_wpr))
         assert plan.n_attn_ctas == 64 * 6 and plan.cpg == 6 and plan.cached and plan.n_chunks == 2
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM
@@ -121,7 +131,10 @@ def test_step_launches_and_buffers():
     cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16(),
                   lengths=[70, 40])
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
-    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
+    fused, _, two_launches = S.split_launches(q, cache, 4, 0.125)
+    assert fused.fused_select and [launch.kernel for launch in two_launches] == [
+        "moba_decode_route_score_bf16_d64", "moba_decode_attend_bf16_d64"]
+    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125, fused_select=False)
     assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
                                                       "moba_decode_attend_bf16_d64"]
     assert bufs["sel"].shape == (2, 1, 8, 4) and bufs["out"].dtype == torch.bfloat16
@@ -135,7 +148,7 @@ def test_step_launches_and_buffers():
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
     assert only[1].args[-2] == 0  # the routing alone fills no set
-    plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2)  # a measurement's override
+    plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2, fused_select=False)  # measurement overrides
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]

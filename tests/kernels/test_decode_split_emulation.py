@@ -74,13 +74,38 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
     return cache, q, top_k, scale, plan, bufs
 
 
+def _fused_fits(case) -> bool:
+    """Whether the selection inside the attention launch serves ``case`` (its plan with the default ranges)."""
+    dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, range_blocks, opts = case
+    length = max(lengths) + q_len
+    return S.plan_split(len(lengths), q_len, heads, kv_heads, dim, block, top_k, length, length // block + 1,
+                        length + block, range_blocks=range_blocks).fused_select
+
+
 @pytest.mark.parametrize(_ARGS, CASES)
 def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
                                                 lengths, top_k, range_blocks, opts):
+    """The three launches (score, select, attention) against the reference."""
     cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, range_blocks, opts)
+                                                   lengths, top_k, range_blocks, opts, fused_select=False)
+    assert not plan.fused_select
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
+
+
+FUSED_CASES = [c for c in CASES if _fused_fits(c.values)]
+
+
+@pytest.mark.parametrize(_ARGS, FUSED_CASES)
+def test_emulated_fused_selection_matches_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
+                                                    lengths, top_k, range_blocks, opts):
+    """Two launches: the score pass with its batch tops, then the attention CTAs selecting themselves."""
+    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
+                                                   lengths, top_k, range_blocks, opts)
+    assert plan.fused_select
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
+    assert not cache._counters.any()
 
 
 ATTN_CASES = [
@@ -95,6 +120,10 @@ ATTN_CASES = [
     pytest.param((FP, 64, 16, 1, 8, 4, [70_400], 16, None, {}), 3, id="two-windows"),
     # 128 query rows at d 128: entries and rows too large to keep in shared memory, read from global memory
     pytest.param((FP, 128, 16, 1, 32, 4, [700, 300], 4, None, {}), 2, id="rows-not-cached"),
+    # the selection inside the attention launch (8 rows): 256 entries over 1250 blocks, two batches; 4400 blocks, a
+    # set of 138 words in shared memory read in two windows
+    pytest.param((BF, 64, 16, 1, 8, 1, [20_000], 32, None, {}), 5, id="fused-several-batches"),
+    pytest.param((FP, 64, 16, 1, 8, 1, [70_400], 32, None, {}), 3, id="fused-two-windows"),
 ]
 
 
@@ -116,6 +145,9 @@ def test_attention_cases_reach_their_paths():
              for c, n in (p.values for p in ATTN_CASES)]
     assert not all(p.cached for p in plans)
     assert any(p.cpg % p.n_chunks for p in plans if p.n_chunks > 1)
+    assert any(p.fused_select and p.n_words > S.ATTN_THREADS for p in plans)  # the fused path's second window
+    assert any(p.fused_select for p in (S.plan_split(len(c[6]), c[5], c[4], c[3], c[1], c[2], c[7],
+                                                     max(c[6]) + c[5], 1, 1) for c in (x.values for x in CASES)))
 
 
 # hundreds of selected blocks of two chunks each, shared by five CTAs: which chunks a CTA folds together depends on
@@ -264,14 +296,40 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
     return torch.randn(rows, n, generator=gen)
 
 
+def _batch_tops(scores: torch.Tensor, lengths, q_len, heads, block, bw, n_bat) -> torch.Tensor:
+    """What the score pass writes beside the scores for the tops selection: the largest score of every batch of
+    ``bw`` blocks of a row over its candidates (j < its own block, NaN never), NaN where there is none."""
+    group = heads // scores.shape[1]
+    batch, kv_heads, rows, _ = scores.shape
+    tops = torch.full((batch, kv_heads, rows, n_bat), float("nan"))
+    for b, length in enumerate(lengths):
+        for r in range(rows):
+            own = (length - q_len + r // group) // block
+            for t in range(n_bat):
+                part = scores[b, :, r, t * bw:min(own, (t + 1) * bw)]
+                if part.shape[-1]:
+                    tops[b, :, r, t] = torch.where(part.isnan(), float("-inf"), part).amax(-1)
+                    tops[b, :, r, t] = torch.where(part.isnan().all(-1), float("nan"), tops[b, :, r, t])
+    return tops
+
+
 def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, gen, seed,
-                       select_wpr=None):
-    """The select launch alone on ``kind`` score rows (777 beyond a row's candidates, NaN from its own block on, as
-    the score pass writes them): (plan, the scores it read, its buffers, the plain-Python selection)."""
+                       select_wpr=None, fused=False):
+    """The selection alone on ``kind`` score rows (777 beyond a row's candidates, NaN from its own block on, as the
+    score pass writes them): the select launch, or (``fused``) the attention launch of a random cache of these
+    lengths selecting from the rows and their batch tops. (plan, the scores it read, its buffers, the plain-Python
+    selection)."""
     batch, rows = len(lengths), heads // kv_heads * q_len
     n_blocks = max(lengths) // block + 1
-    plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks, n_blocks * block,
-                        select_wpr=select_wpr)
+    if fused:
+        cache, q = decode_case(seed, torch.bfloat16, 64, block, kv_heads, heads, q_len, [n - q_len for n in lengths])
+        assert cache.lengths.tolist() == list(lengths)
+        _, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
+        plan, bufs, launches = S.split_launches(q, cache, top_k, scale, fused_select=True)
+        poison(bufs)
+    else:
+        plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks,
+                            n_blocks * block, select_wpr=select_wpr, fused_select=False)
     scores = torch.full((batch, kv_heads, rows, plan.n_cols), 777.0)  # beyond a row's candidates: must be ignored
     for b, length in enumerate(lengths):
         c_last = (length - 1) // block
@@ -280,11 +338,18 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
         for r in range(rows):
             own = (length - q_len + r // (heads // kv_heads)) // block
             scores[b, :, r, own:(length - 1) // block] = float("nan")
+    want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+    if fused:
+        bufs["scores"].copy_(scores.reshape(-1))
+        bufs["tops"].copy_(_batch_tops(scores, lengths, q_len, heads, block, S.score_batch(64), plan.n_bat).reshape(-1))
+        run_emulated(harness, tmp_path, [launches[-1]], seed=seed)
+        assert not cache._counters.any()
+        return plan, scores, bufs, want
     bufs = {"scores": scores.reshape(-1).contiguous(), "sel": torch.full((batch, q_len, heads, top_k), -7,
                                                                             dtype=torch.int32)}
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
     run_emulated(harness, tmp_path, [S.select_launch(plan, lengths_t, bufs)], seed=seed)
-    return plan, scores, bufs, _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
+    return plan, scores, bufs, want
 
 
 @pytest.mark.parametrize(("kind", "lengths", "block", "q_len", "heads", "kv_heads", "top_k"), [
@@ -298,11 +363,16 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
     ("random", [5000 * 16 + 1, 16, 17], 16, 1, 4, 1, 2),
     ("random", [400, 600], 32, 4, 8, 2, 1),
 ])
-def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k):
-    """The select launch alone on crafted score rows vs the plain-Python selection (exactly, ties included)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["select-launch", "attention-launch"])
+def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, fused):
+    """The selection on crafted score rows vs the plain-Python selection (exactly, ties included): the select
+    launch's warp lists over every candidate, or the attention CTAs' two levels over the score batches' tops."""
+    if fused and top_k == 1:
+        pytest.skip("top_k 1: no score launch, nothing to rank")
     gen = torch.Generator().manual_seed(len(kind) + top_k)
-    _, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k,
-                                               gen, seed=5)
+    plan, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads,
+                                                  top_k, gen, seed=5, fused=fused)
+    assert plan.fused_select == fused
     assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
     torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
 

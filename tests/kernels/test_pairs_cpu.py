@@ -177,7 +177,7 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                    rows_per_unit=rows)
-    run_emulated(harness, tmp_path, plans, seed=n_pairs, null_pointers=True)
+    run_emulated(harness, tmp_path, plans, seed=n_pairs)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
     assert int(bufs["ticket"]) == 0  # ready for the next chunk
@@ -200,7 +200,7 @@ def test_emulated_scan_in_batches_is_the_stable_sort(harness_batched_scan, tmp_p
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                    rows_per_unit=64)
-    run_emulated(harness_batched_scan, tmp_path, plans, seed=1, null_pointers=True)
+    run_emulated(harness_batched_scan, tmp_path, plans, seed=1)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
     assert int(bufs["ticket"]) == 0
@@ -222,7 +222,7 @@ def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
         plans += _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                         rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
         outs.append(bufs)
-    run_emulated(harness, tmp_path, plans, seed=3, null_pointers=True)
+    run_emulated(harness, tmp_path, plans, seed=3)
     for i, (chunk, bufs) in enumerate(zip(chunks, outs, strict=True)):
         fwd = i % 2 == 1
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=256)

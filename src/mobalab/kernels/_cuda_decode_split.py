@@ -68,6 +68,7 @@ ATTN_CACHE = 6144  # most bytes of a kv head's entries and query rows the attent
 ATTN_WAVE_ITEMS = 16  # items per attention CTA where the kv heads outnumber one wave's CTA slots
 SMEM_PER_SM = 233472  # H100 / H200: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
 
+FUSED_MAX_ROWS = 2 * ATTN_WARPS  # the selection inside the attention launch: at most two rows per warp
 SCORE_MAX_PASSES = 16  # most batches one score warp streams
 MAX_GRID = 2**31 - 1
 
@@ -176,6 +177,8 @@ class SplitPlan(StepShape):
     score_smem: int
     select_smem: int
     attn_smem: int
+    fused_select: bool = False  # no select launch: the attention CTAs select from the score pass's batch tops
+    n_bat: int = 1  # batch tops per row: score batches of score_batch(head_dim) blocks over n_cols
 
     @property
     def n_score_ctas(self) -> int:
@@ -204,7 +207,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                max_length: int, n_blocks_cap: int, capacity: int, itemsize: int = 2, sm_count: int = 132,
                range_blocks: int | None = None, attn_ctas: int | None = None,
                select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS) -> SplitPlan:
+               smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS,
+               fused_select: bool | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -245,6 +249,15 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
     items = distinct * (block_size // chunk)
     cached = attn_cached(head_dim, rows, top_k, itemsize)
+    bw, n_words = score_batch(head_dim), set_words(n_cand + 1)
+    fits = n_range > 0 and cached and rows <= FUSED_MAX_ROWS and per_range % bw == 0
+    if fused_select is None:
+        fused_select = fits
+    elif fused_select and not fits:
+        raise ValueError(f"plan_split: fused_select needs a score launch with ranges of a multiple of {bw} blocks "
+                         f"(range_blocks = {per_range}, {n_range} ranges), the kv head's entries and query rows "
+                         f"in shared memory (cached = {cached}) and at most {FUSED_MAX_ROWS} rows per kv head "
+                         f"({rows})")
     attn_smem = attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached, attn_stages)
     if attn_ctas is None:
         slots = sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
@@ -260,9 +273,9 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      block_size=block_size, top_k=top_k, n_blocks_cap=n_blocks_cap, capacity=capacity, rows=rows,
                      n_rg=n_rg, rows_per_group=rows_per_group, n_range=n_range, range_blocks=per_range,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
-                     select_wpr=select_wpr, n_words=set_words(n_cand + 1), cpg=attn_ctas, cached=cached,
+                     select_wpr=select_wpr, n_words=n_words, cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem)
+                     attn_smem=attn_smem, fused_select=bool(fused_select), n_bat=max(1, math.ceil(n_cand / bw)))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -274,8 +287,10 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     p = plan
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
+    tops = p.batch * p.kv_heads * p.rows * p.n_bat if p.fused_select else 1
     return dict(step_outputs(p, partials, device, dtype),
-                scores=torch.empty(scores, dtype=torch.float32, device=device))
+                scores=torch.empty(scores, dtype=torch.float32, device=device),
+                tops=torch.empty(tops, dtype=torch.float32, device=device))
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
@@ -285,7 +300,7 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
-            i32(p.n_cols))
+            i32(p.n_cols), bufs["tops"] if p.fused_select else 0, i32(p.n_bat))
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -314,17 +329,21 @@ def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
                   pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
-    blocks ``table`` (emptied again) -> out, lse; ``counters``: batch * kv_heads zeros. ``pages``: a paged cache's
-    (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages, kv_heads, page_size, d): the
-    ``attend_paged`` kernel, which differs only in where it reads a block. ``maps``: tensor maps of k and v
-    (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build copies with."""
+    blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the scores scratch and batch
+    tops -> sel, out, lse, the attention CTAs filling ``table`` themselves); ``counters``: batch * kv_heads zeros.
+    ``pages``: a paged cache's (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages,
+    kv_heads, page_size, d): the ``attend_paged`` kernel, which differs only in where it reads a block. ``maps``:
+    tensor maps of k and v (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build
+    copies with."""
     p, i32 = plan, np.int32
     if maps is None:
         maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg),
-            i32(p.cached), np.float32(scale * math.log2(math.e)))
+            i32(p.cached), np.float32(scale * math.log2(math.e)), *((bufs["scores"], bufs["tops"]) if p.fused_select
+                                                                   else (0, 0)),
+            i32(p.n_cols), i32(p.n_bat), i32(score_batch(p.head_dim)))
     if pages is None:
         name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*head, i32(p.capacity), *tail, *maps)
@@ -337,12 +356,15 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
-                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES):
+                   select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
+                   fused_select: bool | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
-    rank), select, attention]; ``route_only``: the routing launches alone (``sel`` only; for measuring them);
+    rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
+    routing launches alone, score and select (``sel`` only; for measuring them);
     ``range_blocks``: candidate blocks per score CTA instead of the plan's choice; ``sm_count`` of the GPU;
     ``attn_ctas``: attention CTAs per (sequence, kv head) and ``select_wpr`` select warps per row instead of the
-    plan's choices; ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
+    plan's choices, ``fused_select`` whether the attention launch selects (None: the plan's choice);
+    ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
     shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
 
@@ -354,7 +376,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most)
+                      select_wpr, attn_chunk, attn_stages, smem, most, fused_select)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
@@ -362,7 +384,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     work = cache._workspace_counters(plan.n_counters + plan.n_table)
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
-    route.append(select_launch(plan, cache._len_dev, bufs, table))
+    if not plan.fused_select:
+        route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
                            kv_tensor_maps(cache, plan.chunk))

@@ -389,7 +389,8 @@ template <typename T, int D>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
-                                          int rpg, int n_range, int range_blocks, int n_cols) {
+                                          int rpg, int n_range, int range_blocks, int n_cols,
+                                          float* __restrict__ tops, int n_bat) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -463,6 +464,14 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
+            if (tops != nullptr) {  // the batch's top: its candidates' largest score (every lane of a sub holds
+                float top = dec_nan();  // its acc; fmaxf skips NaN, so NaN only where there is no candidate)
+#pragma unroll
+                for (int p = 0; p < NP; ++p) top = base + p * 4 + sub < own[rr] ? fmaxf(top, acc[p]) : top;
+                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 8));
+                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 16));
+                if (lane == 0) tops[((long long)bk * rows + r0 + rr) * n_bat + base / BW] = top;
+            }
         }
 #if DSP_ROUTE_TRACE
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
@@ -619,6 +628,85 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
+// One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw
+// consecutive blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a
+// sorted list one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc)
+// (newest batch first, 8 chunks of 32 loaded together) into the best k-1; level 2 ranks every candidate of those
+// batches (at most (k-1) bw) by (score desc, block desc), dsp_select's order, so the same selection. Exact: let x
+// be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other batches would rank
+// above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where the scores are
+// equal, a higher batch and so a higher block: k-1 candidates above x.
+__device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
+                                                       int n, int bw, int lcap, int lane) {
+    constexpr int U = DSP_SELECT_LOADS;
+    // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
+    // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
+    auto rank = [&](dsp_key& lk, bool& fresh, const dsp_key (&kv)[U]) {
+        if (!fresh) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) dsp_offer(lk, kv[u], lcap, lane);
+            return;
+        }
+        fresh = false;
+        dsp_key best = 0;
+        int bu = -1;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (kv[u] > best) {
+                best = kv[u];
+                bu = u;
+            }
+        }
+        dsp_warp_sort(best, lane);
+        lk = lane < lcap ? best : 0ull;
+        const dsp_key t = dsp_shfl(lk, lcap - 1);
+        unsigned left = 0u;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (u != bu && kv[u] > t) left |= 1u << u;
+        while (__any_sync(DEC_FULL, left != 0u)) {
+            dsp_key ok = 0;
+            const int pick = __ffs(left) - 1;
+            left &= left - 1u;
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (u == pick) ok = kv[u];
+            dsp_offer(lk, ok, lcap, lane);
+        }
+    };
+    if (lcap == 0 || n == 0) return 0ull;
+    // Level 1: batch t = nb - 1 - 32 c - lane of chunk c.
+    const int nb = (n + bw - 1) / bw;
+    dsp_key lt = 0;
+    bool fresh = true;
+    for (int c0 = 0; c0 < (nb + 31) / 32; c0 += U) {
+        dsp_key kv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = nb - 1 - 32 * (c0 + u) - lane;
+            kv[u] = t >= 0 ? dsp_make_key(tsrc[t], t) : 0ull;
+        }
+        rank(lt, fresh, kv);
+    }
+    // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
+    const int tb = dsp_key_block(lt);  // this lane's batch (lanes beyond the list: none)
+    const int nsel = __popc(__ballot_sync(DEC_FULL, lane < lcap && lt != 0ull));
+    dsp_key lk = 0;
+    fresh = true;
+    for (int c0 = 0; c0 < (nsel * bw + 31) / 32; c0 += U) {
+        dsp_key kv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = 32 * (c0 + u) + lane, sl = v / bw;
+            const int t = __shfl_sync(DEC_FULL, tb, sl & 31);
+            const int j = t * bw + (v - sl * bw);
+            kv[u] = sl < nsel && j < n ? dsp_make_key(src[j], j) : 0ull;
+        }
+        rank(lk, fresh, kv);
+    }
+    return lk;
+}
+
 // ---- attention ----
 
 // The K / V copies: dec_cp_async16, or the same copy with an L2 prefetch size hint (build option).
@@ -700,12 +788,14 @@ __device__ __forceinline__ int dsp_stage_at(int r, int rsw, int ch, int chunk) {
 template <typename T, int D, bool PAGED>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
-                                           const int* __restrict__ sel, int* __restrict__ table,
+                                           int* __restrict__ sel, int* __restrict__ table,
                                            float* __restrict__ part_o, float* __restrict__ part_ml,
                                            unsigned* __restrict__ counters, T* __restrict__ out,
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
                                            int n_words, int cpg, int cached, float scale_log2,
+                                           const float* __restrict__ scores, const float* __restrict__ tops,
+                                           int n_cols, int n_bat, int bw,
                                            const int* __restrict__ page_table, int page_size, int pages_per_seq,
                                            const moba_tensor_map* kmap, const moba_tensor_map* vmap) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
@@ -785,12 +875,34 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
+    // The selection inside this launch (tops not null; cached): every CTA of the kv head selects its rows' blocks
+    // itself (the same result in each) and enters them all into the kv head's set, so that after its own entries
+    // the set is whole whatever the other CTAs have done (they enter the same blocks).
+    const bool fused = tops != nullptr;
     if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
+        if (!fused)
+            for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
+    }
+    if (fused) {
+        const int lcap = top_k - 1;
+        for (int r = warp; r < R; r += NW) {
+            const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
+            const long long row = (long long)g * R + r;
+            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat,
+                                                             lcap > 0 ? own : 0, bw, lcap, lane));
+            const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
+            const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
+            if (lane < top_k) {
+                es[r * top_k + lane] = jj;
+                if (part == 0) sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + lane] = jj;
+                if (jj >= 0) dsp_set_insert(tab, jj);
+            }
+        }
+        __syncthreads();
     }
     if (tid == 0) flags[0] = 0;
 
@@ -1253,22 +1365,23 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
+      int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat) {       \
     dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols);                                               \
+                    rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                                  \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
-      int n_words, int cpg, int cached, float scale_log2, const __grid_constant__ moba_tensor_map kmap,           \
+      int n_words, int cpg, int cached, float scale_log2, const float* __restrict__ scores,                       \
+      const float* __restrict__ tops, int n_cols, int n_bat, int bw, const __grid_constant__ moba_tensor_map kmap, \
       const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,      \
                             kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,         \
-                            scale_log2, nullptr, 0, 0, &kmap, &vmap);                                             \
+                            scale_log2, scores, tops, n_cols, n_bat, bw, nullptr, 0, 0, &kmap, &vmap);            \
   }
 
 // The same kernel over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
@@ -1276,15 +1389,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #define MOBA_DECODE_ATTEND_PAGED_KERNEL(NAME, T, D)                                                               \
   extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
-      int cpg, int cached, float scale_log2, const int* __restrict__ page_table, int page_size,                   \
-      int pages_per_seq, const __grid_constant__ moba_tensor_map kmap,                                            \
-      const __grid_constant__ moba_tensor_map vmap) {                                                             \
+      int cpg, int cached, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops,     \
+      int n_cols, int n_bat, int bw, const int* __restrict__ page_table, int page_size, int pages_per_seq,        \
+      const __grid_constant__ moba_tensor_map kmap, const __grid_constant__ moba_tensor_map vmap) {               \
     dsp_attend<T, D, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,       \
                            kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached, scale_log2,     \
-                           page_table, page_size, pages_per_seq, &kmap, &vmap);                                   \
+                           scores, tops, n_cols, n_bat, bw, page_table, page_size, pages_per_seq, &kmap, &vmap);  \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
