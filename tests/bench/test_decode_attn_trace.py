@@ -1,4 +1,4 @@
-"""scripts/decode_attn_trace.py on the CPU: the step's timeline from the three launches' traces (the tracing itself
+"""scripts/decode_attn_trace.py on the CPU: the step's timeline from its launches' traces (the tracing itself
 needs a GPU)."""
 
 import pytest
@@ -31,3 +31,6 @@ def test_timeline_counts_from_the_first_score_cta(trace):
                                "loop end 70.0 / 82.0 / 82.0 | end 73.0 / 85.0 / 85.0")
     # no score launch (nothing to rank): the first select CTA's start is the origin
     assert trace.timeline(None, select, attend)[0] == "    select (2 CTAs): start 0.0 / 0.0 / 0.0 | end 6.0 / 7.0 / 7.0"
+    # no select launch (the attention CTAs select): score then attend
+    two = trace.timeline(score, None, attend)
+    assert len(two) == 2 and two[0] == lines[0] and two[1] == lines[2]
