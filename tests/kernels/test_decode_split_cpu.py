@@ -43,7 +43,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     chunks = math.ceil(max(1, n_cand) / 32)
     assert plan.select_wpr == (1 if chunks <= 8 else 8)
     # the selection inside the attention launch where its rows, entries and set fit (a top per score batch of a row)
-    fits = plan.n_range > 0 and plan.cached and rows <= 2 * S.ATTN_WARPS
+    one_wave = plan.n_attn_ctas <= 132 * S.attn_ctas_per_sm(plan.attn_smem)
+    fits = plan.n_range > 0 and plan.cached and rows <= 2 * S.ATTN_WARPS and one_wave
     assert plan.fused_select == fits and plan.n_bat == max(1, math.ceil(n_cand / S.score_batch(dim)))
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
     assert plan.n_counters == batch * kv_heads
@@ -106,7 +107,7 @@ def test_benchmark_plans_fill_the_gpu():
         assert (plan.n_range, plan.range_blocks) == (ranges, blocks)
         assert plan.n_score_ctas == 64 * ranges
         assert plan.select_wpr == {512 * 1024: 8, 32 * 1024: 1, 128 * 1024: 8, 1 << 20: 8}[length]
-        assert plan.fused_select  # the attention CTAs select: two launches
+        assert plan.fused_select  # the attention CTAs (one wave) select: two launches
         assert plan.n_select_ctas == 64 * math.ceil(4 / (S.WARPS // plan.select_wpr))
         assert plan.n_attn_ctas == 64 * 6 and plan.cpg == 6 and plan.cached and plan.n_chunks == 2
         assert S.SCORE_MIN_CTAS * (plan.score_smem + 1024) <= SMEM_PER_SM

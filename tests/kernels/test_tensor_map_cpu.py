@@ -40,7 +40,7 @@ def test_attend_launch_packs_two_maps_after_the_scalars():
     plan = S.plan_split(1, 1, 8, 2, 128, 128, 4, 4096, 32, 4096)
     q = torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16)
     k = torch.zeros(1, 2, 4096, 128, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "part_o", "part_ml", "out", "lse")}
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "tops", "part_o", "part_ml", "out", "lse")}
     one = torch.zeros(1, dtype=torch.int32)
     plan_launch = S.attend_launch(plan, q, k, k.clone(), one, bufs, one, one, 0.1)
     cargs = _launch.check_args(plan_launch.source, plan_launch.kernel, plan_launch.args)
@@ -58,7 +58,7 @@ def test_attend_launch_packs_two_maps_after_the_scalars():
 def test_a_map_parameter_refuses_anything_else():
     plan = S.plan_split(1, 1, 8, 2, 128, 128, 4, 4096, 32, 4096)
     q = torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16)
-    bufs = {name: torch.zeros(1) for name in ("sel", "part_o", "part_ml", "out", "lse")}
+    bufs = {name: torch.zeros(1) for name in ("sel", "scores", "tops", "part_o", "part_ml", "out", "lse")}
     one = torch.zeros(1, dtype=torch.int32)
     good = S.attend_launch(plan, q, q, q, one, bufs, one, one, 0.1)
     args = (*good.args[:-1], np.int32(0))

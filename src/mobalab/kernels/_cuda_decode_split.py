@@ -249,15 +249,6 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     distinct = min(entries, (max_length - 1) // block_size + 1)  # selected blocks of one kv head, at most
     items = distinct * (block_size // chunk)
     cached = attn_cached(head_dim, rows, top_k, itemsize)
-    bw, n_words = score_batch(head_dim), set_words(n_cand + 1)
-    fits = n_range > 0 and cached and rows <= FUSED_MAX_ROWS and per_range % bw == 0
-    if fused_select is None:
-        fused_select = fits
-    elif fused_select and not fits:
-        raise ValueError(f"plan_split: fused_select needs a score launch with ranges of a multiple of {bw} blocks "
-                         f"(range_blocks = {per_range}, {n_range} ranges), the kv head's entries and query rows "
-                         f"in shared memory (cached = {cached}) and at most {FUSED_MAX_ROWS} rows per kv head "
-                         f"({rows})")
     attn_smem = attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached, attn_stages)
     if attn_ctas is None:
         slots = sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
@@ -265,6 +256,18 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
         attn_ctas = max(1, min(items, per_kvh))
     elif attn_ctas < 1:
         raise ValueError(f"plan_split: attn_ctas = {attn_ctas}; it must be positive")
+    bw, n_words = score_batch(head_dim), set_words(n_cand + 1)
+    # The selection inside the attention launch: every attention CTA selects its kv head's rows, so only where
+    # the attention CTAs run in one wave (a later wave would pay the selection's latency again).
+    one_wave = batch * kv_heads * attn_ctas <= sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
+    fits = n_range > 0 and cached and rows <= FUSED_MAX_ROWS and per_range % bw == 0 and one_wave
+    if fused_select is None:
+        fused_select = fits
+    elif fused_select and not fits:
+        raise ValueError(f"plan_split: fused_select needs a score launch with ranges of a multiple of {bw} blocks "
+                         f"(range_blocks = {per_range}, {n_range} ranges), the kv head's entries and query rows "
+                         f"in shared memory (cached = {cached}), at most {FUSED_MAX_ROWS} rows per kv head "
+                         f"({rows}) and the attention CTAs in one wave ({batch * kv_heads * attn_ctas})")
     if select_wpr is None:
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):

@@ -631,13 +631,15 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 // One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw
 // consecutive blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a
 // sorted list one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc)
-// (newest batch first, 8 chunks of 32 loaded together) into the best k-1; level 2 ranks every candidate of those
+// (batch 32 c + lane of chunk c, 8 chunks loaded together; the first 8, t0, loaded by the caller, which may do so
+// before it knows n) into the best k-1; level 2 ranks every candidate of those
 // batches (at most (k-1) bw) by (score desc, block desc), dsp_select's order, so the same selection. Exact: let x
 // be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other batches would rank
 // above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where the scores are
 // equal, a higher batch and so a higher block: k-1 candidates above x.
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
-                                                       int n, int bw, int lcap, int lane) {
+                                                       const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
+                                                       int lane) {
     constexpr int U = DSP_SELECT_LOADS;
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
@@ -675,7 +677,7 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
         }
     };
     if (lcap == 0 || n == 0) return 0ull;
-    // Level 1: batch t = nb - 1 - 32 c - lane of chunk c.
+    // Level 1: batch t = 32 c + lane of chunk c.
     const int nb = (n + bw - 1) / bw;
     dsp_key lt = 0;
     bool fresh = true;
@@ -683,8 +685,8 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
         dsp_key kv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int t = nb - 1 - 32 * (c0 + u) - lane;
-            kv[u] = t >= 0 ? dsp_make_key(tsrc[t], t) : 0ull;
+            const int t = 32 * (c0 + u) + lane;
+            kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : tsrc[t], t) : 0ull;
         }
         rank(lt, fresh, kv);
     }
@@ -814,6 +816,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
     int* tab = table + (long long)g * n_words;
+    // The selection inside this launch (tops not null; cached): every CTA of the kv head selects its rows' blocks
+    // itself (the same result in each) and enters them all into the kv head's set, so that after its own entries
+    // the set is whole whatever the other CTAs have done (they enter the same blocks). The first round of a warp's
+    // first row's batch tops is loaded here, beside the length it does not depend on.
+    const bool fused = tops != nullptr;
+    float t0[DSP_SELECT_LOADS];
+#pragma unroll
+    for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
+        const int t = 32 * u + lane;
+        t0[u] = fused && warp < group * q_len && t < n_bat ? tops[((long long)g * group * q_len + warp) * n_bat + t]
+                                                           : 0.f;
+    }
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
     unsigned long long tr_acc[8] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
@@ -875,24 +889,17 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    // The selection inside this launch (tops not null; cached): every CTA of the kv head selects its rows' blocks
-    // itself (the same result in each) and enters them all into the kv head's set, so that after its own entries
-    // the set is whole whatever the other CTAs have done (they enter the same blocks).
-    const bool fused = tops != nullptr;
-    if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        if (!fused)
-            for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
-        for (int y = tid; y < R * (D / 8); y += NT) {
-            const int r = y / (D / 8), x = y - r * (D / 8);
-            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
-        }
-    }
-    if (fused) {
+    if (fused) {  // (the query rows after it: their loads' wait stays off the selection's path)
         const int lcap = top_k - 1;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
             const long long row = (long long)g * R + r;
-            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat,
+            if (r != warp) {  // a warp's second row: its own first round
+#pragma unroll
+                for (int u = 0; u < DSP_SELECT_LOADS; ++u)
+                    t0[u] = 32 * u + lane < n_bat ? tops[row * n_bat + 32 * u + lane] : 0.f;
+            }
+            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, bw, lcap, lane));
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
             const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
@@ -903,6 +910,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             }
         }
         __syncthreads();
+    }
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        if (!fused)
+            for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
+        for (int y = tid; y < R * (D / 8); y += NT) {
+            const int r = y / (D / 8), x = y - r * (D / 8);
+            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
+        }
     }
     if (tid == 0) flags[0] = 0;
 
