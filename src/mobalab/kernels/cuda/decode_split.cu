@@ -911,14 +911,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
         __syncthreads();
     }
-    if (cached) {  // the kv head's entries and query rows, once for all its blocks (the rows by cp.async: waited
-        if (!fused)  // for at the window loop's first barrier, so that their latency overlaps the set's first read)
+    if (cached) {  // the kv head's entries and query rows, once for all its blocks
+        if (!fused)
             for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
-            dec_cp_async16(qc + r * D + x * 8, q_row(r) + x * 8);
+            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
-        dec_cp_async_commit();
     }
     if (tid == 0) flags[0] = 0;
 
@@ -948,7 +947,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
         if (r0 == 0) {
             if (lane == 31) wcount[warp] = first;
-            dec_cp_async_wait<0>();  // the query rows (the previous batch's item copies are all waited for)
             __syncthreads();  // also: es / qc and flags[0] written, the previous batch's items done with ublk
         }
         first -= __popc(word);
