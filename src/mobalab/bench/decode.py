@@ -17,8 +17,9 @@ timed step, a sizeable extra on a step that reads ~100 MB and nearly nothing on 
 the step (attention, the hand-over from routing, the final merge). ``mobalab_ms_items1`` / ``_items3`` time
 the step with one or three routing items and attention units per CTA slot instead of two (CSV only).
 ``--kernel`` picks the decode kernel: ``fused`` (cuda/decode.cu, one persistent launch), ``split``
-(cuda/decode_split.cu: a score launch and a select launch, then an attention launch; its ``routing_ms`` is the
-two routing launches alone, no items columns) or ``both`` (the default: two rows per configuration, column
+(cuda/decode_split.cu: a score launch, a select launch unless the attention CTAs select, then an attention
+launch; its ``routing_ms`` is the score and select launches alone, as a step without attention runs them, no
+items columns) or ``both`` (the default: two rows per configuration, column
 ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with

@@ -280,7 +280,7 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
 
     ``return_selection`` also returns the int32 (batch, q_len, heads, top_k) selection (benchmarks and tests).
-    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, three launches) or
+    ``kernel``: ``"fused"`` (this file's launch), ``"split"`` (cuda/decode_split.cu, two or three launches) or
     ``"auto"`` (:func:`._cuda_decode_split.decode_kernel`: split); None reads ``$MOBALAB_DECODE_KERNEL``
     (default auto).
     """

@@ -1,4 +1,4 @@
-r"""MoBA decode on the GPU in three plain launches (cuda/decode_split.cu): the launch plan and the runner.
+r"""MoBA decode on the GPU in two or three plain launches (cuda/decode_split.cu): the launch plan and the runner.
 
 The bandwidth-first alternative to the fused persistent kernel of :mod:`._cuda_decode` (same semantics,
 layouts and outputs; the kernel file's header has the design, the byte counts and the predictions):
@@ -17,6 +17,13 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    computes the current one on the tensor cores, for every row that selected the block (so a block is read
    once per kv head), folds a run of chunks of one block into one partial softmax result per row; the last
    CTA of a (sequence, kv head) merges them into ``out`` and ``lse`` and empties the set.
+
+Where the attention CTAs run in one wave and keep their kv head's entries and query rows in shared memory (at most
+``FUSED_MAX_ROWS`` rows; :attr:`SplitPlan.fused_select`), there is no select launch: the score pass also writes
+every row's largest score per score batch (its "tops"), and every attention CTA selects its kv head's rows itself
+from the tops (the best k - 1 batches, then the best k - 1 of their blocks: exact, the same ``sel``) before its
+first copy; measured on an H200 1.7-3 us shorter a step than the three launches at every one-wave benchmark point
+(against the kernels before it: 512K ~5 us shorter, 128K at B 128 ~3 us longer; the kernel header).
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every

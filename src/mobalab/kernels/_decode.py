@@ -214,9 +214,10 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
     :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal).
 
-    CUDA tensors run one of two kernels (no gradient): by default three plain launches (cuda/decode_split.cu:
-    scores of every candidate block from the cached block sums, the selection, then attention over the selected
-    blocks, each block read once per kv head; paged caches too); ``MOBALAB_DECODE_KERNEL=fused`` runs one
+    CUDA tensors run one of two kernels (no gradient): by default two or three plain launches
+    (cuda/decode_split.cu: scores of every candidate block from the cached block sums, the selection (inside the
+    attention launch where its CTAs run in one wave), then attention over the selected blocks, each block read
+    once per kv head; paged caches too); ``MOBALAB_DECODE_KERNEL=fused`` runs one
     persistent launch instead (contiguous caches only; cuda/decode.cu: routing reading each sum once per kv head
     for all query rows of the group, then split-KV attention over the union of the selected blocks with a merge of
     the partial softmax results), and ``split`` forces the default. CPU tensors run :func:`moba_decode_reference`.

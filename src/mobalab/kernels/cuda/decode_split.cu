@@ -1,6 +1,8 @@
-// MoBA decode over a KV cache in three plain launches: block scores, selection, attention. Many small CTAs,
-// no persistent work queue, no waits between CTAs: the bandwidth-first alternative to decode.cu (same
-// semantics, layouts and outputs; see docs/design.md, "MoBA semantics").
+// MoBA decode over a KV cache in two or three plain launches: block scores, (selection,) attention. Many small
+// CTAs, no persistent work queue, no waits between CTAs: the bandwidth-first alternative to decode.cu (same
+// semantics, layouts and outputs; see docs/design.md, "MoBA semantics"). Where the attention CTAs run in one wave
+// and hold their kv head's entries and rows (at most 8 rows), they select themselves (2b below) and the selection
+// launch is left out.
 //
 // Layouts (all contiguous, as decode.cu):
 //   q        (b, q_len, heads, D) T           queries of the newest q_len tokens of every sequence
@@ -11,6 +13,7 @@
 //   lengths  (b,) int32                       L_b, tokens held per sequence
 //   scores   (b, kv_heads, R, n_cols) fp32    scratch: s_j of every row, n_cols = the longest sequence's
 //                                             candidate blocks (a row of one kv head is one contiguous run)
+//   tops     (b, kv_heads, R, n_bat) fp32     (2b only) a row's largest score in every score batch of bw blocks
 //   sel      (b, q_len, heads, top_k) int32   slot 0 own block, then k-1 past blocks, -1 unused
 //   out      (b, q_len, heads, D) T, lse (b, q_len, heads) fp32 (natural log)
 // Query i of sequence b sits at t = L_b - q_len + i. Rows of one kv head kh: r = i * G + g (G = heads /
@@ -23,8 +26,9 @@
 //    16 block sums at d 128, 32 at d 64; 8 lanes per block sum), then for every row s_j = q . S_j in fp32
 //    (candidates are complete blocks of B = power-of-two tokens, so this ranks exactly like q . S_j / B;
 //    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
-//    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). No
-//    merging, no barrier and no shared-memory write in the streaming loop.
+//    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row); with 2b, also
+//    the batch's top per row (the largest candidate score of its bw = 16 / 32 blocks, NaN for none: 4 fmaxf and two
+//    shuffles a row, one store). No merging, no barrier and no shared-memory write in the streaming loop.
 // 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (the plan: wpr 1
 //    for up to 8 chunks of candidates, a short row being one warp's work with no merging, else 8). Each warp scans
 //    32-candidate chunks of the row's scores (chunk c holds blocks own - 1 - 32 c - lane: from the newest block
@@ -42,6 +46,18 @@
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
 //    n_words 32-bit words in a zeroed workspace, atomicOr), so no later CTA has to find out which entries
 //    name the same block.
+// 2b. The selection inside the attention launch (tops not null): every attention CTA of a kv head first selects all
+//    its rows, one warp per row (dsp_select_row_tops: level 1 ranks the row's batch tops, level 2 every candidate of
+//    the best k-1 batches, at most (k-1) bw; exact, the same order and so the same sel as 2), keeps the entries in
+//    shared memory, enters the blocks into the kv head's set (every CTA all of them, so its own entries make the set
+//    whole whatever the others have done) and CTA 0 writes sel; then step 3 as below. It trades the select launch and
+//    one kernel boundary (~7 + 2.5 us at 512K) for the tops in the score pass (~1-3 us there) and a selection before
+//    each CTA's first copy (~6 us from its start to its first item, against ~2); measured 1.7-3 us shorter a step
+//    than the same kernels' three launches at every one-wave point, and against the kernels before it (no tops
+//    branch in the score kernel, no selection path in this one) 512K ~5 us shorter, 128K at B 128 ~3 us longer (the
+//    new kernels' three launches as slow there), the other points within the runs' spread (RESULTS.md). Each CTA
+//    repeats the selection, so a plan whose attention CTAs run in several waves keeps the select launch (at 32K,
+//    batch 64, in four waves: 12 us longer).
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of three per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
@@ -189,6 +205,12 @@
 // spread as much, and later); the first score loads issued before the length (clamped to the longest sequence's
 // candidates) 0-0.9 us shorter at 128K, equal at 512K and 1M, 0.8 us longer at batch 64 in one of two runs: the
 // length's round trip is not on the critical path, the first batch's wait behind 16 MB of first loads is.
+// Measured on the way to 2b and not kept: the select launch's last row of a kv head prefetching the first items of
+// its attention CTAs into L2 (cp.async.bulk.prefetch.L2 after a ticket), 2.5-6 us longer with one item per CTA
+// and 6-21 us with four; the batch-tops selection as its own launch (one warp per row), the launch ~1 us shorter
+// but the score pass ~3 us longer (the tops), so -1 to +3 us a step; the query rows by cp.async in 2b, equal.
+// A timeline with 2b at 512K: score CTAs end 30-36 us, attention CTAs start 38.5, reach their first item 44.1-45.4,
+// end their loops 72.3-81.5 and the step ends 85.7 (89.6 with the select launch in the same run).
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
