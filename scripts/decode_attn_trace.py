@@ -63,7 +63,8 @@ def timeline(score, select, attend) -> list[str]:
     """Lines of the step's timeline from the launches' traces (int64 tensors: score (ctas, 8: start, length,
     first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 16); score or select None where the step has
     no such launch), us after the first CTA's start."""
-    t0 = score[:, 0].min() if score is not None else select[:, 0].min() if select is not None else attend[:, 8].min()
+    first = score if score is not None else select  # the step's first launch
+    t0 = (first[:, 0] if first is not None else attend[:, 8]).min()
 
     def q3(x):
         x = ((x - t0).double() / 1e3).sort().values

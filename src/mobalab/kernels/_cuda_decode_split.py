@@ -257,8 +257,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     items = distinct * (block_size // chunk)
     cached = attn_cached(head_dim, rows, top_k, itemsize)
     attn_smem = attn_smem_bytes(head_dim, rows, chunk, itemsize, top_k, cached, attn_stages)
+    slots = sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)  # attention CTAs of one wave
     if attn_ctas is None:
-        slots = sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
         per_kvh = slots // (batch * kv_heads) if batch * kv_heads <= slots else math.ceil(items / ATTN_WAVE_ITEMS)
         attn_ctas = max(1, min(items, per_kvh))
     elif attn_ctas < 1:
@@ -266,8 +266,8 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     bw, n_words = score_batch(head_dim), set_words(n_cand + 1)
     # The selection inside the attention launch: every attention CTA selects its kv head's rows, so only where
     # the attention CTAs run in one wave (a later wave would pay the selection's latency again).
-    one_wave = batch * kv_heads * attn_ctas <= sm_count * attn_ctas_per_sm(attn_smem, smem_per_sm, attn_most)
-    fits = n_range > 0 and cached and rows <= FUSED_MAX_ROWS and per_range % bw == 0 and one_wave
+    fits = n_range > 0 and cached and rows <= FUSED_MAX_ROWS and per_range % bw == 0 and \
+        batch * kv_heads * attn_ctas <= slots
     if fused_select is None:
         fused_select = fits
     elif fused_select and not fits:
@@ -350,10 +350,10 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
         maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
+    select = (bufs["scores"], bufs["tops"]) if p.fused_select else (0, 0)  # 0: null, the select launch selects
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg),
-            i32(p.cached), np.float32(scale * math.log2(math.e)), *((bufs["scores"], bufs["tops"]) if p.fused_select
-                                                                   else (0, 0)),
-            i32(p.n_cols), i32(p.n_bat), i32(score_batch(p.head_dim)))
+            i32(p.cached), np.float32(scale * math.log2(math.e)), *select, i32(p.n_cols), i32(p.n_bat),
+            i32(score_batch(p.head_dim)))
     if pages is None:
         name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*head, i32(p.capacity), *tail, *maps)
