@@ -78,17 +78,23 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
     assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
     # the fused plan: the score pass writes the batch tops, the attention launch reads them and the scores
+    # (the kernels with and without the selection are separate entry points, so that each is its own machine code)
+    scale_log2 = np.float32(0.1 * math.log2(math.e))
     if plan.fused_select:
-        assert score.args[14] is bufs["tops"] and attend.args[23] is bufs["scores"] and attend.args[24] is bufs["tops"]
+        assert score.kernel == f"moba_decode_route_score_tops_bf16_d{dim}" and attend.kernel == \
+            f"moba_decode_attend_select_bf16_d{dim}"
+        assert score.args[14] is bufs["tops"] and score.args[15] == plan.n_bat
+        assert attend.args[21] == scale_log2 and attend.args[22] is bufs["scores"] and attend.args[23] is bufs["tops"]
+        assert attend.args[24:26] == (plan.n_cols, plan.n_bat)
     else:
-        assert score.args[14] == 0 and attend.args[23:25] == (0, 0)
-    assert attend.args[25:28] == (plan.n_cols, plan.n_bat, S.score_batch(dim))
+        assert score.kernel == f"moba_decode_route_score_bf16_d{dim}" and len(score.args) == 14
+        assert attend.kernel == f"moba_decode_attend_bf16_d{dim}"
+        assert attend.args[21:23] == (plan.cached, scale_log2)
     for launch, ctas, smem, threads in ((score, plan.n_score_ctas, plan.score_smem, S.THREADS),
                                         (select, plan.n_select_ctas, plan.select_smem, S.THREADS),
                                         (attend, plan.n_attn_ctas, plan.attn_smem, S.ATTN_THREADS)):
         check_args(launch.source, launch.kernel, launch.args)  # exactly the kernel's C types
         assert launch.grid == (ctas, 1, 1) and launch.block == (threads, 1, 1) and launch.shared_mem == smem
-    assert attend.args[22] == np.float32(0.1 * math.log2(math.e))
     # the tensor maps of K and V (here q's tensor): rows of d elements, boxes of one item's rows by 64 columns
     for tmap in attend.args[-2:]:
         assert (tmap.rows, tmap.cols, tmap.box_rows, tmap.box_cols) == (q.numel() // dim, dim, plan.chunk, 64)
@@ -134,7 +140,7 @@ def test_step_launches_and_buffers():
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
     fused, _, two_launches = S.split_launches(q, cache, 4, 0.125)
     assert fused.fused_select and [launch.kernel for launch in two_launches] == [
-        "moba_decode_route_score_bf16_d64", "moba_decode_attend_bf16_d64"]
+        "moba_decode_route_score_tops_bf16_d64", "moba_decode_attend_select_bf16_d64"]
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125, fused_select=False)
     assert [launch.kernel for launch in launches] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select",
                                                       "moba_decode_attend_bf16_d64"]
@@ -147,7 +153,7 @@ def test_step_launches_and_buffers():
     assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * plan.n_words
     assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
-    assert [launch.kernel for launch in only] == ["moba_decode_route_score_bf16_d64", "moba_decode_route_select"]
+    assert [launch.kernel for launch in only] == ["moba_decode_route_score_tops_bf16_d64", "moba_decode_route_select"]
     assert only[1].args[-2] == 0  # the routing alone fills no set
     plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2, fused_select=False)  # measurement overrides
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)

@@ -305,12 +305,17 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
-    -> the scores scratch (b, kv_heads, R, n_cols)."""
+    -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
+    kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat)."""
     p, i32 = plan, np.int32
-    name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
-            i32(p.n_cols), bufs["tops"] if p.fused_select else 0, i32(p.n_bat))
+            i32(p.n_cols))
+    if p.fused_select:
+        name = f"moba_decode_route_score_tops_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+        args = (*args, bufs["tops"], i32(p.n_bat))
+    else:
+        name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
 
 
@@ -339,10 +344,11 @@ def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
                   pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
-    blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the scores scratch and batch
-    tops -> sel, out, lse, the attention CTAs filling ``table`` themselves); ``counters``: batch * kv_heads zeros.
-    ``pages``: a paged cache's (page table (batch, pages_per_seq) int32, page_size), k / v then (n_pages,
-    kv_heads, page_size, d): the ``attend_paged`` kernel, which differs only in where it reads a block. ``maps``:
+    blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the ``attend_select`` kernel,
+    the scores scratch and batch tops -> sel, out, lse, the attention CTAs filling ``table`` themselves);
+    ``counters``: batch * kv_heads zeros. ``pages``: a paged cache's (page table (batch, pages_per_seq) int32,
+    page_size), k / v then (n_pages, kv_heads, page_size, d): the ``attend_paged`` kernels, which differ only in
+    where they read a block. ``maps``:
     tensor maps of k and v (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build
     copies with."""
     p, i32 = plan, np.int32
@@ -350,16 +356,18 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
         maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
             bufs["lse"], i32(p.q_len), i32(p.heads), i32(p.kv_heads))
-    select = (bufs["scores"], bufs["tops"]) if p.fused_select else (0, 0)  # 0: null, the select launch selects
-    tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg),
-            i32(p.cached), np.float32(scale * math.log2(math.e)), *select, i32(p.n_cols), i32(p.n_bat),
-            i32(score_batch(p.head_dim)))
+    tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg))
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    if p.fused_select:  # the select kernel holds the entries and rows in shared memory (no `cached` argument)
+        tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat))
+    else:
+        tail = (*tail, i32(p.cached), scale_log2)
+    kind = ("attend" if pages is None else "attend_paged") + ("_select" if p.fused_select else "")
+    name = f"moba_decode_{kind}_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     if pages is None:
-        name = f"moba_decode_attend_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*head, i32(p.capacity), *tail, *maps)
     else:
         page_table, page_size = pages
-        name = f"moba_decode_attend_paged_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]), *maps)
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 

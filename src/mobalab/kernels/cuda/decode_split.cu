@@ -46,8 +46,10 @@
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
 //    n_words 32-bit words in a zeroed workspace, atomicOr), so no later CTA has to find out which entries
 //    name the same block.
-// 2b. The selection inside the attention launch (tops not null): every attention CTA of a kv head first selects all
-//    its rows, one warp per row (dsp_select_row_tops: level 1 ranks the row's batch tops, level 2 every candidate of
+// 2b. The selection inside the attention launch (the entry points moba_decode_route_score_tops_* and
+//    moba_decode_attend_select_* / attend_paged_select_*, template instantiations of their own, so that the
+//    three-launch kernels keep their machine code; bw = dsp_score_batch(D)): every attention CTA of a kv head first
+//    selects all its rows, one warp per row (dsp_select_row_tops: level 1 ranks the row's batch tops, level 2 every candidate of
 //    the best k-1 batches, at most (k-1) bw; exact, the same order and so the same sel as 2), keeps the entries in
 //    shared memory, enters the blocks into the kv head's set (every CTA all of them, so its own entries make the set
 //    whole whatever the others have done) and CTA 0 writes sel; then step 3 as below. It trades the select launch and
@@ -406,8 +408,12 @@ __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
 __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
 #endif
 
+// Block sums of one score batch of a warp (DSP_SCORE_LOADS float4 loads per lane, 8 lanes per block sum): 16 at
+// d 128, 32 at d 64; a batch top covers that many blocks of a row.
+__host__ __device__ constexpr int dsp_score_batch(int d) { return 4 * (DSP_SCORE_LOADS / (d / 32)); }
+
 // Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
-template <typename T, int D>
+template <typename T, int D, bool TOPS>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
@@ -416,6 +422,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
+    static_assert(BW == dsp_score_batch(D), "one batch size for the score pass and the selection from its tops");
     static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -486,7 +493,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 #pragma unroll
             for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
             if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-            if (tops != nullptr) {  // the batch's top: its candidates' largest score (every lane of a sub holds
+            if constexpr (TOPS) {  // the batch's top: its candidates' largest score (every lane of a sub holds
                 float top = dec_nan();  // its acc; fmaxf skips NaN, so NaN only where there is no candidate)
 #pragma unroll
                 for (int p = 0; p < NP; ++p) top = base + p * 4 + sub < own[rr] ? fmaxf(top, acc[p]) : top;
@@ -809,17 +816,17 @@ __device__ __forceinline__ int dsp_stage_at(int r, int rsw, int ch, int chunk) {
 // Tensor maps (DSP_ATTN_TMA): the stages come first (the copy engine's swizzle needs them 1 KB-aligned, and the
 // dynamic shared memory starts so), each K or V stage D / 64 boxes of [chunk][64]; the stages' mbarriers sit in
 // the flags from byte DSP_ATTN_BARS; the merge reuses the stages alone.
-template <typename T, int D, bool PAGED>
+template <typename T, int D, bool PAGED, bool SELECT, typename SelPtr>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
-                                           int* __restrict__ sel, int* __restrict__ table,
+                                           SelPtr __restrict__ sel, int* __restrict__ table,
                                            float* __restrict__ part_o, float* __restrict__ part_ml,
                                            unsigned* __restrict__ counters, T* __restrict__ out,
                                            float* __restrict__ lse, int q_len, int heads, int kv_heads,
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
                                            int n_words, int cpg, int cached, float scale_log2,
                                            const float* __restrict__ scores, const float* __restrict__ tops,
-                                           int n_cols, int n_bat, int bw,
+                                           int n_cols, int n_bat,
                                            const int* __restrict__ page_table, int page_size, int pages_per_seq,
                                            const moba_tensor_map* kmap, const moba_tensor_map* vmap) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
@@ -838,17 +845,17 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int b = g / kv_heads, kvh = g - b * kv_heads;
     const int len = lengths[b];
     int* tab = table + (long long)g * n_words;
-    // The selection inside this launch (tops not null; cached): every CTA of the kv head selects its rows' blocks
+    // The selection inside this launch (SELECT; cached): every CTA of the kv head selects its rows' blocks
     // itself (the same result in each) and enters them all into the kv head's set, so that after its own entries
     // the set is whole whatever the other CTAs have done (they enter the same blocks). The first round of a warp's
     // first row's batch tops is loaded here, beside the length it does not depend on.
-    const bool fused = tops != nullptr;
-    float t0[DSP_SELECT_LOADS];
+    [[maybe_unused]] float t0[DSP_SELECT_LOADS];
+    if constexpr (SELECT) {
 #pragma unroll
-    for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
-        const int t = 32 * u + lane;
-        t0[u] = fused && warp < group * q_len && t < n_bat ? tops[((long long)g * group * q_len + warp) * n_bat + t]
-                                                           : 0.f;
+        for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
+            const int t = 32 * u + lane;
+            t0[u] = warp < group * q_len && t < n_bat ? tops[((long long)g * group * q_len + warp) * n_bat + t] : 0.f;
+        }
     }
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
@@ -911,7 +918,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if (fused) {  // (the query rows after it: their loads' wait stays off the selection's path)
+    if constexpr (SELECT) {  // (the query rows after it: their loads' wait stays off the selection's path)
         const int lcap = top_k - 1;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
@@ -922,7 +929,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                     t0[u] = 32 * u + lane < n_bat ? tops[row * n_bat + 32 * u + lane] : 0.f;
             }
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
-                                                             lcap > 0 ? own : 0, bw, lcap, lane));
+                                                             lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
+                                                             lane));
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
             const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
             if (lane < top_k) {
@@ -934,7 +942,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         __syncthreads();
     }
     if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        if (!fused)
+        if constexpr (!SELECT)
             for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
@@ -1402,39 +1410,78 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
+      int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
+    dsp_score<T, D, false>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,      \
+                           rows_per_group, n_range, range_blocks, n_cols, nullptr, 0);                            \
+  }
+
+// The score kernel that also writes the batch tops (2b: the attention launch selects from them).
+#define MOBA_DECODE_SCORE_TOPS_KERNEL(NAME, T, D)                                                                 \
+  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
+      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
+      float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat) {       \
-    dsp_score<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,             \
-                    rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                                  \
+    dsp_score<T, D, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
+                          rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                            \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
+      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
+      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
+      int n_words, int cpg, int cached, float scale_log2, const __grid_constant__ moba_tensor_map kmap,           \
+      const __grid_constant__ moba_tensor_map vmap) {                                                             \
+    dsp_attend<T, D, false, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len,      \
+                                   heads, kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg,   \
+                                   cached, scale_log2, nullptr, nullptr, 0, 0, nullptr, 0, 0, &kmap, &vmap);      \
+  }
+
+// The attention kernel that selects first (2b): from the score pass's scores and batch tops, writing sel.
+#define MOBA_DECODE_ATTEND_SELECT_KERNEL(NAME, T, D)                                                              \
+  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
-      int n_words, int cpg, int cached, float scale_log2, const float* __restrict__ scores,                       \
-      const float* __restrict__ tops, int n_cols, int n_bat, int bw, const __grid_constant__ moba_tensor_map kmap, \
+      int n_words, int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops,    \
+      int n_cols, int n_bat, const __grid_constant__ moba_tensor_map kmap,                                        \
       const __grid_constant__ moba_tensor_map vmap) {                                                             \
-    dsp_attend<T, D, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,      \
-                            kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,         \
-                            scale_log2, scores, tops, n_cols, n_bat, bw, nullptr, 0, 0, &kmap, &vmap);            \
+    dsp_attend<T, D, false, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, \
+                                  kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, 1,        \
+                                  scale_log2, scores, tops, n_cols, n_bat, nullptr, 0, 0, &kmap, &vmap);          \
   }
 
-// The same kernel over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
+// The same kernels over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
 // page_table[b * pages_per_seq + j * B / page_size] (page_size a multiple of B).
 #define MOBA_DECODE_ATTEND_PAGED_KERNEL(NAME, T, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
+      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
+      const int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                           \
+      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
+      int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
+      int cpg, int cached, float scale_log2, const int* __restrict__ page_table, int page_size,                   \
+      int pages_per_seq, const __grid_constant__ moba_tensor_map kmap,                                            \
+      const __grid_constant__ moba_tensor_map vmap) {                                                             \
+    dsp_attend<T, D, true, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, \
+                                  kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,          \
+                                  scale_log2, nullptr, nullptr, 0, 0, page_table, page_size, pages_per_seq, &kmap, \
+                                  &vmap);                                                                         \
+  }
+
+#define MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(NAME, T, D)                                                        \
   extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
       int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
-      int cpg, int cached, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops,     \
-      int n_cols, int n_bat, int bw, const int* __restrict__ page_table, int page_size, int pages_per_seq,        \
+      int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops, int n_cols,     \
+      int n_bat, const int* __restrict__ page_table, int page_size, int pages_per_seq,                            \
       const __grid_constant__ moba_tensor_map kmap, const __grid_constant__ moba_tensor_map vmap) {               \
-    dsp_attend<T, D, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,       \
-                           kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached, scale_log2,     \
-                           scores, tops, n_cols, n_bat, bw, page_table, page_size, pages_per_seq, &kmap, &vmap);  \
+    dsp_attend<T, D, true, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,  \
+                                 kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, 1, scale_log2,    \
+                                 scores, tops, n_cols, n_bat, page_table, page_size, pages_per_seq, &kmap, &vmap); \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
@@ -1443,15 +1490,27 @@ extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) m
     dsp_select(scores, lengths, sel, table, q_len, heads, kv_heads, block_size, top_k, n_cols, n_words, wpr);
 }
 
-MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d64,  __half,         64)
-MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d128, __half,        128)
-MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,  __half,         64)
-MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d128, __half,        128)
-MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d64,  __half,         64)
-MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d128, __half,        128)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d64,                         __nv_bfloat16,   64)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_bf16_d128,                        __nv_bfloat16,  128)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d64,                         __half,          64)
+MOBA_DECODE_SCORE_KERNEL(moba_decode_route_score_fp16_d128,                        __half,         128)
+MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_bf16_d64,               __nv_bfloat16,   64)
+MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_bf16_d128,              __nv_bfloat16,  128)
+MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_fp16_d64,               __half,          64)
+MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_fp16_d128,              __half,         128)
+MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,                             __nv_bfloat16,   64)
+MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128,                            __nv_bfloat16,  128)
+MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,                             __half,          64)
+MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d128,                            __half,         128)
+MOBA_DECODE_ATTEND_SELECT_KERNEL(moba_decode_attend_select_bf16_d64,               __nv_bfloat16,   64)
+MOBA_DECODE_ATTEND_SELECT_KERNEL(moba_decode_attend_select_bf16_d128,              __nv_bfloat16,  128)
+MOBA_DECODE_ATTEND_SELECT_KERNEL(moba_decode_attend_select_fp16_d64,               __half,          64)
+MOBA_DECODE_ATTEND_SELECT_KERNEL(moba_decode_attend_select_fp16_d128,              __half,         128)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d64,                 __nv_bfloat16,   64)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_bf16_d128,                __nv_bfloat16,  128)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d64,                 __half,          64)
+MOBA_DECODE_ATTEND_PAGED_KERNEL(moba_decode_attend_paged_fp16_d128,                __half,         128)
+MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_bf16_d64,   __nv_bfloat16,   64)
+MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_bf16_d128,  __nv_bfloat16,  128)
+MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_fp16_d64,   __half,          64)
+MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_fp16_d128,  __half,         128)
