@@ -936,6 +936,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             if (lane < top_k) {
                 es[r * top_k + lane] = jj;
                 if (part == 0) sel[(sel_b + (long long)i * heads + kvh * group + gg) * top_k + lane] = jj;
+                if (jj >= 0) dsp_set_insert(tab, jj);
             }
         }
         __syncthreads();
@@ -967,15 +968,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     [[maybe_unused]] int nbase = 0;
     for (int w0 = 0, r0 = 0; w0 < n_words;) {
         int* wcount = flags + 4 + ((w0 / NT) & 1) * NW;
-        unsigned word = 0u;
-        if constexpr (SELECT) {  // the CTA holds all the kv head's entries: its set from them, no global set
-            for (int ee = 0; ee < E; ++ee) {
-                const int j = es[ee];  // (-1: no block; -1 >> 5 is no word)
-                word |= (j >> 5) == w0 + tid ? 1u << (j & 31) : 0u;
-            }
-        } else {
-            word = w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
-        }
+        const unsigned word = w0 + tid < n_words ? static_cast<unsigned>(dec_ldcg(tab + w0 + tid)) : 0u;
         int first = __popc(word);  // inclusive scan of the counts over the warp, then the exclusive rank
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -1332,17 +1325,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     const int nbat = (share - ((per_row + 3) & ~3)) / D;  // partials per batch (>= 1: the plan checks it)
     for (int r = warp; r < R; r += NW) {
         const long long p0 = ((long long)g * R + r) * per_row;
-        // A batch of the row's partials into stg: every used slot's (one of weight 0 is copied but not read, it may
-        // be unwritten), so that the first batch is issued before the (m, l) loads and shares their round trip.
-        auto copy_batch = [&](int sc0) {
-            const int nb = min(nbat, per_row - sc0);
-            for (int a = 0; a < nb; ++a) {
-                if (lane < D / 4 && sel_at(r * top_k + ((sc0 + a) >> lnc)) >= 0)  // 16 bytes a lane
-                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
-            }
-            dec_cp_async_commit();
-        };
-        copy_batch(0);
         float mx = dec_neg_inf();
         float lp[DSP_MERGE_ML];  // the l of this lane's first slots, loaded with their m (one round trip)
         auto ml_at = [&](int sc) {  // (m, l) of slot sc; unused slots (sel -1) weigh nothing and are not read
@@ -1383,10 +1365,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         float o[CPL];
 #pragma unroll
         for (int a = 0; a < CPL; ++a) o[a] = 0.f;
-        // A zero weight is skipped (its partial may be unwritten).
+        // A zero weight copies nothing (its partial may be unwritten) and is skipped.
         for (int sc0 = 0; sc0 < per_row; sc0 += nbat) {
             const int nb = min(nbat, per_row - sc0);
-            if (sc0 > 0) copy_batch(sc0);
+            for (int a = 0; a < nb; ++a) {
+                if (wrow[sc0 + a] != 0.f && lane < D / 4)  // 16 bytes a lane (D / 4 lanes per partial)
+                    dec_cp_async16(stg + a * D + lane * 4, part_o + (p0 + sc0 + a) * D + lane * 4);
+            }
+            dec_cp_async_commit();
             dec_cp_async_wait<0>();
             __syncwarp();
             for (int a = 0; a < nb; ++a) {
@@ -1409,10 +1395,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         if (lane == 0) lse[row] = (mx + log2f(l)) * 0.69314718055994531f;
         __syncwarp();
     }
-    // Every CTA of the kv head is past its reads of the set: empty it for the next step (the selecting kernel
-    // never fills it).
-    if constexpr (!SELECT)
-        for (int x = tid; x < n_words; x += NT) tab[x] = 0;
+    // Every CTA of the kv head is past its reads of the set: empty it for the next step.
+    for (int x = tid; x < n_words; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
     DSP_TR_LAP(7);
     DSP_TR_STAMP(3);
