@@ -375,7 +375,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None):
+                   fused_select: bool | None = None, dependent: bool = False):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -384,7 +384,9 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     plan's choices, ``fused_select`` whether the attention launch selects (None: the plan's choice);
     ``attn_chunk`` (32 or 64 tokens per item) and ``attn_stages`` (2-4): the attention kernel
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
-    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing).
+    shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
+    ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
+    later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for the scores).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -409,4 +411,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                            kv_tensor_maps(cache, plan.chunk))
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
+    if dependent and plan.fused_select and q.device.type == "cuda" and \
+            torch.cuda.get_device_capability(q.device)[0] >= 9:
+        attend = dataclasses.replace(attend, dependent=True)
     return plan, bufs, [*route, attend]

@@ -226,7 +226,12 @@ class Launch:
     """One kernel launch: kernel ``kernel`` of ``cuda/<source>``, its grid and block, its arguments (as
     :func:`check_args` takes them), its dynamic shared memory in bytes and extra preprocessor ``defines``
     (``"NAME=value"``) of the module it comes from: a build option that changes a kernel without changing
-    its name or signature (each set of defines is its own compiled module)."""
+    its name or signature (each set of defines is its own compiled module). ``dependent``: a programmatic dependent
+    launch (the driver launcher's cuLaunchKernelEx with programmatic stream serialization; sm_90 and later): the
+    kernel may start while the previous one on the stream runs, once that one's CTAs have all run
+    ``griddepcontrol.launch_dependents``, and its CTAs wait in ``griddepcontrol.wait`` before they read what it
+    writes (the kernel's own business: without the wait it would read too early); CuPy's call launches it as an
+    ordinary launch, which the same kernel also runs correctly."""
 
     source: str
     kernel: str
@@ -235,6 +240,7 @@ class Launch:
     args: tuple
     shared_mem: int = 0
     defines: tuple[str, ...] = ()
+    dependent: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -347,6 +353,8 @@ def _driver_launch(fptr: int, plan: Launch, cargs: tuple, stream: int) -> bool:
     packer.pack_into(params, 0, *cargs)
     gx, gy, gz = _dim3(plan.grid)
     bx, by, bz = _dim3(plan.block)
+    if plan.dependent:
+        return _driver_launch_dependent(fptr, (gx, gy, gz), (bx, by, bz), int(plan.shared_mem), stream, params_addr)
     driver = cupy().cuda.driver
     try:
         driver.launchKernel(fptr, gx, gy, gz, bx, by, bz, int(plan.shared_mem), stream, params_addr, 0)
@@ -354,6 +362,52 @@ def _driver_launch(fptr: int, plan: Launch, cargs: tuple, stream: int) -> bool:
         if getattr(exc, "status", None) != _INVALID_CONTEXT:
             raise
         return False
+    return True
+
+
+ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID (cuda.h)
+
+
+class _LaunchAttrValue(ctypes.Union):  # CUlaunchAttributeValue: a 64-byte union
+    _fields_ = [("pad", ctypes.c_char * 64), ("programmatic", ctypes.c_int), ("align", ctypes.c_uint64)]
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: the id, padding to 8 bytes, the value
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_char * 4), ("value", _LaunchAttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3), ("shared_mem", ctypes.c_uint32),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint32)]
+
+
+@functools.cache
+def _launch_kernel_ex():
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
+def _dependent_config(grid, block, shared_mem: int, stream: int) -> _LaunchConfig:
+    """The CUlaunchConfig of a programmatic dependent launch (its one attribute kept alive by the config)."""
+    attr = _LaunchAttr(id=ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.programmatic = 1
+    config = _LaunchConfig((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block), shared_mem,
+                           ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
+    config._attr = attr
+    return config
+
+
+def _driver_launch_dependent(fptr: int, grid, block, shared_mem: int, stream: int, params_addr: int) -> bool:
+    """cuLaunchKernelEx with programmatic stream serialization (see :class:`Launch`); False where this thread has
+    no current CUDA context."""
+    err = _launch_kernel_ex()(ctypes.byref(_dependent_config(grid, block, shared_mem, stream)),
+                              ctypes.c_void_p(fptr), ctypes.c_void_p(params_addr), None)
+    if err == _INVALID_CONTEXT:
+        return False
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {err}")
     return True
 
 

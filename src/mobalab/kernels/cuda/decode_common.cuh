@@ -166,6 +166,19 @@ __device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.pr
 inline float4 dec_ld_stream(const float4* p) { return *p; }
 #endif
 
+// ---- programmatic dependent launch ----
+// A kernel launched with programmatic stream serialization (_launch.py, Launch.dependent) may start while the
+// previous kernel on its stream still runs, once every CTA of that kernel has run dec_grid_launch_dependents (or
+// exited): dec_grid_wait then blocks until the previous grid has completed and its writes are visible. Both are
+// no-ops for an ordinary launch, before sm_90 and in the host emulation (which runs launches one after another).
+#if !defined(DEC_HOST_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void dec_grid_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void dec_grid_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+#else
+__device__ __forceinline__ void dec_grid_wait() {}
+__device__ __forceinline__ void dec_grid_launch_dependents() {}
+#endif
+
 // ---- small helpers ----
 
 // A compile-time row count passed to a generic lambda (decltype(n)::value).

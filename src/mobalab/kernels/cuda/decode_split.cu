@@ -847,16 +847,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     int* tab = table + (long long)g * n_words;
     // The selection inside this launch (SELECT; cached): every CTA of the kv head selects its rows' blocks
     // itself (the same result in each) and enters them all into the kv head's set, so that after its own entries
-    // the set is whole whatever the other CTAs have done (they enter the same blocks). The first round of a warp's
-    // first row's batch tops is loaded here, beside the length it does not depend on.
-    [[maybe_unused]] float t0[DSP_SELECT_LOADS];
-    if constexpr (SELECT) {
-#pragma unroll
-        for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
-            const int t = 32 * u + lane;
-            t0[u] = warp < group * q_len && t < n_bat ? tops[((long long)g * group * q_len + warp) * n_bat + t] : 0.f;
-        }
-    }
+    // the set is whole whatever the other CTAs have done (they enter the same blocks).
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
     unsigned long long tr_acc[8] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
@@ -918,7 +909,20 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if constexpr (SELECT) {  // (the query rows after it: their loads' wait stays off the selection's path)
+    if constexpr (SELECT) {
+        // A dependent launch (the score launch's CTAs let it start as they leave): the kv head's query rows first,
+        // then the wait for the scores and tops.
+        for (int y = tid; y < R * (D / 8); y += NT) {
+            const int r = y / (D / 8), x = y - r * (D / 8);
+            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
+        }
+        dec_grid_wait();
+        float t0[DSP_SELECT_LOADS];  // the first round of a warp's first row's batch tops
+#pragma unroll
+        for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
+            const int t = 32 * u + lane;
+            t0[u] = warp < R && t < n_bat ? tops[((long long)g * R + warp) * n_bat + t] : 0.f;
+        }
         const int lcap = top_k - 1;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
@@ -941,12 +945,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         }
         __syncthreads();
     }
-    if (cached) {  // the kv head's entries and query rows, once for all its blocks
-        if constexpr (!SELECT)
+    if constexpr (!SELECT) {
+        if (cached) {  // the kv head's entries and query rows, once for all its blocks
             for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
-        for (int y = tid; y < R * (D / 8); y += NT) {
-            const int r = y / (D / 8), x = y - r * (D / 8);
-            reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
+            for (int y = tid; y < R * (D / 8); y += NT) {
+                const int r = y / (D / 8), x = y - r * (D / 8);
+                reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
+            }
         }
     }
     if (tid == 0) flags[0] = 0;
@@ -1421,6 +1426,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat) {       \
+    dec_grid_launch_dependents(); /* a dependent attention launch may place its CTAs as these leave */          \
     dsp_score<T, D, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
                           rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                            \
   }
