@@ -185,3 +185,69 @@ def test_cpu_decode_ignores_the_kernel_choice(monkeypatch):
     cache.prefill(torch.randn(1, 20, 1, 8, generator=g), torch.randn(1, 20, 1, 8, generator=g))
     q = torch.randn(1, 1, 2, 8, generator=g)
     assert torch.equal(moba_decode(q, cache, 3), moba_decode_reference(q, cache, 3))
+
+
+def test_dependent_launch_goes_through_launch_kernel_ex(monkeypatch):
+    """A plan marked ``dependent`` is launched by cuLaunchKernelEx with one attribute, programmatic stream
+    serialization, and the plan's geometry, stream and parameter block (the structs laid out as cuda.h's); a
+    thread without a current context gets False back (the caller's fallback), other errors raise. On the CPU
+    ``split_launches`` marks nothing (there is no GPU to launch on)."""
+    import ctypes
+    import dataclasses
+    import types
+
+    from mobalab.kernels import _launch
+
+    assert ctypes.sizeof(_launch._LaunchAttr) == 72 and _launch._LaunchAttr.value.offset == 8
+    assert ctypes.sizeof(_launch._LaunchConfig) == 56 and _launch._LaunchConfig.stream.offset == 32
+    assert _launch._LaunchConfig.attrs.offset == 40 and _launch._LaunchConfig.num_attrs.offset == 48
+    seen, answer = [], [0]
+
+    def launch_ex(config, f, params, extra):
+        c = config._obj
+        attr = c.attrs[0]
+        seen.append((tuple(c.grid), tuple(c.block), c.shared_mem, c.stream, c.num_attrs, attr.id,
+                     attr.value.programmatic, f.value, params.value, extra))
+        return answer[0]
+
+    monkeypatch.setattr(_launch, "_launch_kernel_ex", lambda: launch_ex)
+    monkeypatch.setattr(_launch, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(driver=None)))
+    g = torch.Generator().manual_seed(0)
+    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
+    cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16())
+    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+    for dependent in (None, True):
+        plan, _, launches = S.split_launches(q, cache, 4, 0.125, dependent=dependent)
+        assert plan.fused_select and not any(x.dependent for x in launches)
+    attend = dataclasses.replace(launches[-1], dependent=True)
+    cargs = check_args(attend.source, attend.kernel, attend.args)
+    assert _launch._driver_launch(4321, attend, cargs, 77)
+    (grid, block, smem, stream, n_attrs, attr_id, programmatic, f, params, extra), = seen
+    _, _, _, params_addr = _launch._BLOCKS.get(attend.source, attend.kernel)
+    assert grid == (attend.grid[0], 1, 1) and block == (attend.block[0], 1, 1) and smem == attend.shared_mem
+    assert (stream, n_attrs, attr_id, programmatic, f, params, extra) == (
+        77, 1, _launch.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1, 4321, params_addr, None)
+    answer[0] = _launch._INVALID_CONTEXT
+    assert not _launch._driver_launch(4321, attend, cargs, 77)
+    answer[0] = 1
+    with pytest.raises(RuntimeError, match="cuLaunchKernelEx .* CUresult 1"):
+        _launch._driver_launch(4321, attend, cargs, 77)
+
+
+def test_only_the_selecting_kernels_wait_for_their_launch():
+    """The programmatic dependency in the source: the tops-writing score kernel lets the next launch start, the
+    selecting attention kernels wait before they read the scores, and the three-launch kernels do neither (their
+    launches are ordinary ones)."""
+    from mobalab.kernels._build import source
+
+    text = source("decode_split.cu")
+    for macro, trigger, wait in (("MOBA_DECODE_SCORE_TOPS_KERNEL", True, False),
+                                 ("MOBA_DECODE_SCORE_KERNEL", False, False)):
+        body = text[text.index(f"#define {macro}("):]
+        body = body[:body.index("\n\n")]
+        assert ("dec_grid_launch_dependents()" in body) == trigger and ("dec_grid_wait()" in body) == wait, macro
+    attend = text[text.index("__device__ __forceinline__ void dsp_attend("):]
+    select_block = attend[attend.index("if constexpr (SELECT) {"):]
+    wait_at = select_block.index("dec_grid_wait();")
+    assert wait_at < select_block.index("tops[") and wait_at < select_block.index("dsp_select_row_tops(")
+    assert attend.count("dec_grid_wait()") == 1

@@ -375,7 +375,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None, dependent: bool = False):
+                   fused_select: bool | None = None, dependent: bool | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -386,7 +386,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
     shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
-    later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for the scores).
+    later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for the scores; None,
+    the default: so wherever the plan selects in the attention launch).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -411,7 +412,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                            kv_tensor_maps(cache, plan.chunk))
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
-    if dependent and plan.fused_select and q.device.type == "cuda" and \
+    if (dependent is None or dependent) and plan.fused_select and q.device.type == "cuda" and \
             torch.cuda.get_device_capability(q.device)[0] >= 9:
         attend = dataclasses.replace(attend, dependent=True)
     return plan, bufs, [*route, attend]
