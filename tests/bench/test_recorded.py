@@ -12,7 +12,7 @@ def test_recorded_results_ship_inside_the_package():
 
     assert recorded_dir().parent.parent == __import__("pathlib").Path(mobalab.__file__).resolve().parent
     names = [p.name for p in recorded_files()]
-    assert names == sorted(names) and len(names) == len(set(names)) == 27
+    assert names == sorted(names) and len(names) == len(set(names)) == 28
     assert {"2026-11-22-h200-moba-forward-43ade7f.csv", "2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv",
             "2026-11-22-h200-moba-fwdbwd-sweep.csv", "2026-11-22-h200-snr-vs-accuracy-full.csv",
             "2026-11-30-h200-head-dims-ce1fd61.csv", "2026-11-30-h200-rope-full.csv",
@@ -22,7 +22,7 @@ def test_recorded_results_ship_inside_the_package():
             "2026-11-30-h200-decode-33eb501.csv", "2026-11-30-h200-decode-bc7caa8.csv",
             "2026-12-01-h200-decode-7e51062.csv", "2026-12-03-h200-decode-341af23.csv",
             "2026-12-03-h200-decode-bb72941.csv", "2026-12-03-h200-decode-a24964d.csv",
-            "2026-12-03-h200-decode-b963354.csv"} <= set(names)
+            "2026-12-03-h200-decode-b963354.csv", "2026-12-03-h200-decode-36727b2.csv"} <= set(names)
 
 
 def test_pyproject_ships_the_recorded_files():

@@ -22,8 +22,10 @@ Where the attention CTAs run in one wave and keep their kv head's entries and qu
 ``FUSED_MAX_ROWS`` rows; :attr:`SplitPlan.fused_select`), there is no select launch: the score pass also writes
 every row's largest score per score batch (its "tops"), and every attention CTA selects its kv head's rows itself
 from the tops (the best k - 1 batches, then the best k - 1 of their blocks: exact, the same ``sel``) before its
-first copy; measured on an H200 1.7-3 us shorter a step than the three launches at every one-wave benchmark point
-(against the kernels before it: 512K ~5 us shorter, 128K at B 128 ~3 us longer; the kernel header).
+first copy. Those two are kernels of their own (``route_score_tops``, ``attend_select``), and on sm_90 the attention
+launch is a programmatic dependent launch (its CTAs take the SMs as the score CTAs leave them and wait for the
+scores); measured on an H200 4-6 us shorter a step than the three launches at every one-wave benchmark point
+(512K 84.8 against 89.6 us; the kernel header).
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every

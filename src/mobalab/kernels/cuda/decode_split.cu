@@ -46,20 +46,25 @@
 //    The select CTA also enters the row's blocks into its kv head's set of selected blocks (a bitmap of
 //    n_words 32-bit words in a zeroed workspace, atomicOr), so no later CTA has to find out which entries
 //    name the same block.
-// 2b. The selection inside the attention launch (the entry points moba_decode_route_score_tops_* and
-//    moba_decode_attend_select_* / attend_paged_select_*, template instantiations of their own, so that the
-//    three-launch kernels keep their machine code; bw = dsp_score_batch(D)): every attention CTA of a kv head first
-//    selects all its rows, one warp per row (dsp_select_row_tops: level 1 ranks the row's batch tops, level 2 every candidate of
-//    the best k-1 batches, at most (k-1) bw; exact, the same order and so the same sel as 2), keeps the entries in
-//    shared memory, enters the blocks into the kv head's set (every CTA all of them, so its own entries make the set
-//    whole whatever the others have done) and CTA 0 writes sel; then step 3 as below. It trades the select launch and
-//    one kernel boundary (~7 + 2.5 us at 512K) for the tops in the score pass (~1-3 us there) and a selection before
-//    each CTA's first copy (~6 us from its start to its first item, against ~2); measured 1.7-3 us shorter a step
-//    than the same kernels' three launches at every one-wave point, and against the kernels before it (no tops
-//    branch in the score kernel, no selection path in this one) 512K ~5 us shorter, 128K at B 128 ~3 us longer (the
-//    new kernels' three launches as slow there), the other points within the runs' spread (RESULTS.md). Each CTA
-//    repeats the selection, so a plan whose attention CTAs run in several waves keeps the select launch (at 32K,
-//    batch 64, in four waves: 12 us longer).
+// 2b. The selection inside the attention launch (entry points of their own, moba_decode_route_score_tops_* and
+//    moba_decode_attend_select_* / attend_paged_select_*: template instantiations, so that the three-launch kernels
+//    keep their machine code; bw = dsp_score_batch(D)): every attention CTA of a kv head first selects all its rows,
+//    one warp per row (dsp_select_row_tops: level 1 ranks the row's batch tops, level 2 every candidate of the best
+//    k-1 batches, at most (k-1) bw; exact, the same order and so the same sel as 2), keeps the entries in shared
+//    memory, enters the blocks into the kv head's set (every CTA all of them, so its own entries make the set whole
+//    whatever the others have done) and CTA 0 writes sel; then step 3 as below. The attention launch is a
+//    programmatic dependent launch (sm_90; _launch.py): the score CTAs let it launch at their start, so its CTAs take
+//    the SMs as the score CTAs leave them, copy their query rows and wait (griddepcontrol.wait) for the scores.
+//    It trades the select launch and one kernel boundary (~7 + 2.5 us at 512K) for the tops in the score pass (~1-3
+//    us there) and a selection before each CTA's first copy (~4 us). Measured on an H200 (RESULTS.md): with the
+//    selection compiled into the one attention kernel behind a runtime test, 1.7-3 us shorter a step than three
+//    launches, but 128K at B 128 ~3 us longer than the kernels before it (the test cost the three-launch kernels as
+//    much); as kernels of their own (7312 instructions against 9360 for the attention kernel) 3-4.5 us shorter than
+//    three launches at every one-wave point (512K 85.7 against 89.6 us, 128K 64.9 / 67.8, 128K B 64 k 4 46.2 / 49.2,
+//    B 32 63.4 / 67.6); the dependent launch then 1-3 us shorter again (512K 84.8 against 85.8, 128K 60.9-61.2
+//    against 63.0-66.0, B 64 k 4 44.5 / 45.9, 32K 51.6 / 52.8, 128K batch 1 27.5 / 29.0). Each CTA repeats the
+//    selection, so a plan whose attention CTAs run in several waves keeps the select launch (at 32K, batch 64, in
+//    four waves: 12 us longer).
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of three per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
@@ -186,7 +191,9 @@
 // Compute durations add up to the step's time within 1 us), the score scratch's write and read (L2), and the set
 // of selected blocks (a few atomics per row in the select launch).
 // Programmatic dependent launch (cuLaunchKernelEx with programmatic stream serialization, griddepcontrol.wait
-// before the first read of the previous launch's output) did not shorten those boundaries, measured in an
+// before the first read of the previous launch's output; kept for the two launches of 2b, 1-3 us shorter there, where
+// the score CTAs trigger and every SM holds two score CTAs, so the attention CTAs arrive as those leave) did not
+// shorten the three launches' boundaries, measured in an
 // interleaved A/B on an H200 at nine points: with no early trigger within 0.7 us everywhere; with the select CTAs
 // letting the attention launch at their start, 0.5-2.3 us shorter at 32K-1M and k 16 but 1-3 us longer at B 64
 // and 28 us longer at batch 64 (366.5 against 338.3 us: the attention CTAs took the SMs in the order the select
