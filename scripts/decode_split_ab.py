@@ -9,8 +9,7 @@ DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only),
 build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path), or with
 ``l2_prefetch=0|64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V copies' L2 prefetch size hint) or
 ``score_l2_prefetch=...`` (DSP_SCORE_L2_PREFETCH: the same for the score pass's block-sum loads) or ``tma=0|1``
-(DSP_ATTN_TMA: K and V by tensor-map bulk copies on mbarriers instead of 16-byte cp.async) or ``score_prefetch=N``
-(DSP_SCORE_PREFETCH: each score warp's next N batches prefetched into L2 ahead of its loads). Every variant is
+(DSP_ATTN_TMA: K and V by tensor-map bulk copies on mbarriers instead of 16-byte cp.async). Every variant is
 warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
 a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
@@ -37,8 +36,7 @@ POINTS = {
 # build-option knobs: knob -> (the kernel-name part of the launches it builds, cuda/decode_split.cu's define)
 BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "DSP_ATTN_WHOLE_COPY"),
                "l2_prefetch": ("attend", "DSP_ATTN_L2_PREFETCH"), "tma": ("attend", "DSP_ATTN_TMA"),
-               "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH"),
-               "score_prefetch": ("route_score", "DSP_SCORE_PREFETCH")}
+               "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH")}
 KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "fused_select", "dependent", "attn_chunk", "attn_stages",
          "page_size", *BUILD_KNOBS)
 

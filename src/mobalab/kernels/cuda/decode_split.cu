@@ -264,9 +264,6 @@
 #ifndef DSP_SCORE_L2_PREFETCH          // an L2 prefetch size for the score pass's block-sum loads (64/128/256; 0 none)
 #define DSP_SCORE_L2_PREFETCH 0
 #endif
-#ifndef DSP_SCORE_PREFETCH            // score batches a warp prefetches into L2 ahead of its loads (0 none; 1, 2)
-#define DSP_SCORE_PREFETCH 0
-#endif
 #ifndef DSP_ATTN_L2_PREFETCH           // the L2 prefetch size of the K / V copies (cp.async .L2::64B/128B/256B; 0 none)
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
@@ -470,19 +467,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     };
     int base = j_lo + warp * BW;
     if (base < j_hi) load(base);
-#if DSP_SCORE_PREFETCH && !defined(DEC_HOST_EMULATION)
-    // The batches after the one in registers, by one bulk L2 prefetch each (BW consecutive block sums), so that
-    // the DRAM has work queued while the warp waits for, and then scores, its batch.
-    auto prefetch = [&](int b0) {
-        if (lane == 0 && b0 < j_hi) {
-            const unsigned bytes = (unsigned)(min(BW, j_hi - b0) * D * 4);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(bsum + (long long)b0 * D), "r"(bytes)
-                         : "memory");
-        }
-    };
-#pragma unroll
-    for (int x = 1; x <= DSP_SCORE_PREFETCH; ++x) prefetch(base + x * DSP_WARPS * BW);
-#endif
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
     for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
     for (int y = tid; y < nr * D; y += DSP_THREADS) {
@@ -529,9 +513,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
 #endif
         if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
-#if DSP_SCORE_PREFETCH && !defined(DEC_HOST_EMULATION)
-        prefetch(base + (DSP_SCORE_PREFETCH + 1) * DSP_WARPS * BW);
-#endif
     }
 #if DSP_ROUTE_TRACE
     __syncthreads();
