@@ -218,6 +218,11 @@
 // its attention CTAs into L2 (cp.async.bulk.prefetch.L2 after a ticket), 2.5-6 us longer with one item per CTA
 // and 6-21 us with four; the batch-tops selection as its own launch (one warp per row), the launch ~1 us shorter
 // but the score pass ~3 us longer (the tops), so -1 to +3 us a step; the query rows by cp.async in 2b, equal.
+// Measured with 2b and the dependent attention launch, not kept: each score warp's next one or two batches
+// prefetched into L2 (cp.async.bulk.prefetch.L2, 8 KB each) ahead of its loads, 3-6 us longer at 512K and 128K (the
+// first batches land ~2 us later and the score CTAs end ~4 us later: the loads in flight already keep the DRAM busy);
+// the merge's first partials copied beside its (m, l) loads and the selecting CTAs numbering their blocks from their
+// own entries instead of the kv head's global set, equal.
 // A timeline with 2b at 512K: score CTAs end 30-36 us, attention CTAs start 38.5, reach their first item 44.1-45.4,
 // end their loops 72.3-81.5 and the step ends 85.7 (89.6 with the select launch in the same run).
 //
