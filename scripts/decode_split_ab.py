@@ -2,7 +2,8 @@
 
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
-``attn_ctas``, ``select_wpr``), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
+``attn_ctas``, ``select_wpr``, ``fused_select=0`` for the three launches, ``dependent=0`` for an ordinary attention
+launch after the score pass), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
 of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
 kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
 DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._build import smem_per_sm
+from ._build import device_capability, smem_per_sm
 from ._contract import getenv
 from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
 from ._launch import Launch
@@ -415,6 +415,6 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
     if (dependent is None or dependent) and plan.fused_select and q.device.type == "cuda" and \
-            torch.cuda.get_device_capability(q.device)[0] >= 9:
+            device_capability(q.device)[0] >= 9:
         attend = dataclasses.replace(attend, dependent=True)
     return plan, bufs, [*route, attend]
