@@ -179,6 +179,16 @@ __device__ __forceinline__ void dec_grid_wait() {}
 __device__ __forceinline__ void dec_grid_launch_dependents() {}
 #endif
 
+// ---- the completion ticket's fences ----
+// Every thread's stores, dec_fence_gpu, a barrier, one thread's atomic ticket; the last CTA's barrier, dec_fence_gpu,
+// then its loads of the others' stores: the release / acquire pattern, for which fence.acq_rel.gpu suffices.
+// (__threadfence() is fence.sc.gpu, MEMBAR.SC.GPU: a sequentially consistent fence, more than the pattern needs.)
+#ifndef DEC_HOST_EMULATION
+__device__ __forceinline__ void dec_fence_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+#else
+inline void dec_fence_gpu() { __threadfence(); }
+#endif
+
 // ---- small helpers ----
 
 // A compile-time row count passed to a generic lambda (decltype(n)::value).
