@@ -182,7 +182,8 @@ __device__ __forceinline__ void dec_grid_launch_dependents() {}
 // ---- the completion ticket's fences ----
 // Every thread's stores, dec_fence_gpu, a barrier, one thread's atomic ticket; the last CTA's barrier, dec_fence_gpu,
 // then its loads of the others' stores: the release / acquire pattern, for which fence.acq_rel.gpu suffices.
-// (__threadfence() is fence.sc.gpu, MEMBAR.SC.GPU: a sequentially consistent fence, more than the pattern needs.)
+// (__threadfence() is fence.sc.gpu, MEMBAR.SC.GPU: a sequentially consistent fence, more than the pattern needs;
+// measured on an H200 in the decode attention launch, equal within 0.3 us a step and steadier: RESULTS.md.)
 #ifndef DEC_HOST_EMULATION
 __device__ __forceinline__ void dec_fence_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 #else

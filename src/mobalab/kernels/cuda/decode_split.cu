@@ -269,14 +269,6 @@
 #ifndef DSP_SCORE_L2_PREFETCH          // an L2 prefetch size for the score pass's block-sum loads (64/128/256; 0 none)
 #define DSP_SCORE_L2_PREFETCH 0
 #endif
-#ifndef DSP_ATTN_SC_FENCE               // the completion ticket's fences as __threadfence (fence.sc.gpu; 0: fence.acq_rel)
-#define DSP_ATTN_SC_FENCE 0
-#endif
-#if DSP_ATTN_SC_FENCE
-#define DSP_ATTN_FENCE() __threadfence()
-#else
-#define DSP_ATTN_FENCE() dec_fence_gpu()
-#endif
 #ifndef DSP_ATTN_L2_PREFETCH           // the L2 prefetch size of the K / V copies (cp.async .L2::64B/128B/256B; 0 none)
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
@@ -1313,7 +1305,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
 
     DSP_TR_STAMP(2);
-    DSP_ATTN_FENCE();
+    dec_fence_gpu();
     __syncthreads();
     unsigned* counter = counters + g;
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
@@ -1330,7 +1322,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         DSP_TR_FLUSH(1);
         return;
     }
-    DSP_ATTN_FENCE();
+    dec_fence_gpu();
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
     // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). Each warp's share of the
