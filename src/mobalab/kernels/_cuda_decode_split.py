@@ -364,12 +364,13 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
         tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat))
     else:
         tail = (*tail, i32(p.cached), scale_log2)
-    kind = ("attend" if pages is None else "attend_paged") + ("_select" if p.fused_select else "")
-    name = f"moba_decode_{kind}_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
+    t, d = _TYPE_NAMES[q.dtype], p.head_dim
     if pages is None:
+        name = f"moba_decode_attend_select_{t}_d{d}" if p.fused_select else f"moba_decode_attend_{t}_d{d}"
         args = (*head, i32(p.capacity), *tail, *maps)
     else:
         page_table, page_size = pages
+        name = f"moba_decode_attend_paged_select_{t}_d{d}" if p.fused_select else f"moba_decode_attend_paged_{t}_d{d}"
         args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]), *maps)
     return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
 
