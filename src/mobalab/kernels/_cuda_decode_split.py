@@ -344,7 +344,7 @@ def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
 
 
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
-                  pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None) -> Launch:
+                  pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None, dependent: bool = False) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
     blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the ``attend_select`` kernel,
     the scores scratch and batch tops -> sel, out, lse, the attention CTAs filling ``table`` themselves);
@@ -352,7 +352,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     page_size), k / v then (n_pages, kv_heads, page_size, d): the ``attend_paged`` kernels, which differ only in
     where they read a block. ``maps``:
     tensor maps of k and v (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build
-    copies with."""
+    copies with. ``dependent``: a programmatic dependent launch (:class:`._launch.Launch`)."""
     p, i32 = plan, np.int32
     if maps is None:
         maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
@@ -372,7 +372,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
         page_table, page_size = pages
         name = f"moba_decode_attend_paged_select_{t}_d{d}" if p.fused_select else f"moba_decode_attend_paged_{t}_d{d}"
         args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]), *maps)
-    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem)
+    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem,
+                  dependent=dependent)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
@@ -411,11 +412,10 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     if not plan.fused_select:
         route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None
+    dependent = (dependent is None or bool(dependent)) and plan.fused_select and q.device.type == "cuda" and \
+        device_capability(q.device)[0] >= 9
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
-                           kv_tensor_maps(cache, plan.chunk))
+                           kv_tensor_maps(cache, plan.chunk), dependent)
     if defines:
         attend = dataclasses.replace(attend, defines=defines)
-    if (dependent is None or dependent) and plan.fused_select and q.device.type == "cuda" and \
-            device_capability(q.device)[0] >= 9:
-        attend = dataclasses.replace(attend, dependent=True)
     return plan, bufs, [*route, attend]

@@ -389,8 +389,10 @@ def _launch_kernel_ex():
     return fn
 
 
+@functools.lru_cache(maxsize=256)
 def _dependent_config(grid, block, shared_mem: int, stream: int) -> _LaunchConfig:
-    """The CUlaunchConfig of a programmatic dependent launch (its one attribute kept alive by the config)."""
+    """The CUlaunchConfig of a programmatic dependent launch (its one attribute kept alive by the config), made
+    once per geometry and stream: a decode step launches the same one every token, and the driver only reads it."""
     attr = _LaunchAttr(id=ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value.programmatic = 1
     config = _LaunchConfig((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block), shared_mem,

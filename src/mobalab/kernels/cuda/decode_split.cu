@@ -921,13 +921,16 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         const int i = r / group, gg = r - i * group;
         return q + ((long long)(b * q_len + i) * heads + kvh * group + gg) * D;
     };
-    if constexpr (SELECT) {
-        // A dependent launch (the score launch's CTAs let it start as they leave): the kv head's query rows first,
-        // then the wait for the scores and tops.
+    auto stage_q_rows = [&] {  // the kv head's query rows into qc (cached), once for all its blocks
         for (int y = tid; y < R * (D / 8); y += NT) {
             const int r = y / (D / 8), x = y - r * (D / 8);
             reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
         }
+    };
+    if constexpr (SELECT) {
+        // A dependent launch (the score launch's CTAs let it start as they leave): the kv head's query rows first,
+        // then the wait for the scores and tops.
+        stage_q_rows();
         dec_grid_wait();
         float t0[DSP_SELECT_LOADS];  // the first round of a warp's first row's batch tops
 #pragma unroll
@@ -960,10 +963,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     if constexpr (!SELECT) {
         if (cached) {  // the kv head's entries and query rows, once for all its blocks
             for (int ee = tid; ee < E; ee += NT) es[ee] = sel_global(ee);
-            for (int y = tid; y < R * (D / 8); y += NT) {
-                const int r = y / (D / 8), x = y - r * (D / 8);
-                reinterpret_cast<uint4*>(qc + r * D)[x] = reinterpret_cast<const uint4*>(q_row(r))[x];
-            }
+            stage_q_rows();
         }
     }
     if (tid == 0) flags[0] = 0;
