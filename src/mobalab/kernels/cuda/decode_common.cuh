@@ -190,6 +190,19 @@ __device__ __forceinline__ void dec_fence_gpu() { asm volatile("fence.acq_rel.gp
 inline void dec_fence_gpu() { __threadfence(); }
 #endif
 
+// The ticket itself as one acquire-release atomic by the thread that takes it (atom.add.acq_rel.gpu), the CTA's
+// barriers on either side carrying the other threads' stores to it and its acquire to their loads (the pattern of a
+// semaphore: a barrier, one thread's release; one thread's acquire, a barrier), instead of every thread's fences.
+#ifndef DEC_HOST_EMULATION
+__device__ __forceinline__ unsigned dec_ticket_acq_rel(unsigned* p) {
+    unsigned old;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;\n" : "=r"(old) : "l"(p) : "memory");
+    return old;
+}
+#else
+inline unsigned dec_ticket_acq_rel(unsigned* p) { return atomicAdd(p, 1u); }
+#endif
+
 // ---- small helpers ----
 
 // A compile-time row count passed to a generic lambda (decltype(n)::value).

@@ -275,6 +275,9 @@
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
+#ifndef DSP_ATTN_TICKET_ACQREL        // the completion ticket as one atom.add.acq_rel.gpu between CTA barriers (0: every
+#define DSP_ATTN_TICKET_ACQREL 0       // thread's fence.acq_rel.gpu before the ticket and the last CTA's after it)
+#endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
@@ -1305,10 +1308,15 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     }
 
     DSP_TR_STAMP(2);
+    unsigned* counter = counters + g;
+#if DSP_ATTN_TICKET_ACQREL
+    __syncthreads();
+    if (tid == 0) flags[1] = dec_ticket_acq_rel(counter) == (unsigned)(cpg - 1);
+#else
     dec_fence_gpu();
     __syncthreads();
-    unsigned* counter = counters + g;
     if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
+#endif
     __syncthreads();
     DSP_TR_LAP(0);
     DSP_TR_STAMP(3);
@@ -1322,7 +1330,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         DSP_TR_FLUSH(1);
         return;
     }
+#if !DSP_ATTN_TICKET_ACQREL
     dec_fence_gpu();
+#endif
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
     // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). Each warp's share of the
