@@ -276,7 +276,7 @@
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
 #ifndef DSP_ATTN_TICKET_ACQREL        // the completion ticket as one atom.add.acq_rel.gpu between CTA barriers (0: every
-#define DSP_ATTN_TICKET_ACQREL 0       // thread's fence.acq_rel.gpu before the ticket and the last CTA's after it)
+#define DSP_ATTN_TICKET_ACQREL 1       // thread's fence.acq_rel.gpu before the ticket and the last CTA's after it)
 #endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
