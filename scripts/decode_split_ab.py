@@ -37,8 +37,7 @@ POINTS = {
 # build-option knobs: knob -> (the kernel-name part of the launches it builds, cuda/decode_split.cu's define)
 BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "DSP_ATTN_WHOLE_COPY"),
                "l2_prefetch": ("attend", "DSP_ATTN_L2_PREFETCH"), "tma": ("attend", "DSP_ATTN_TMA"),
-               "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH"),
-               "ticket_acqrel": ("attend", "DSP_ATTN_TICKET_ACQREL")}
+               "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH")}
 KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "fused_select", "dependent", "attn_chunk", "attn_stages",
          "page_size", *BUILD_KNOBS)
 

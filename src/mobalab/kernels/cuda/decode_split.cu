@@ -275,9 +275,6 @@
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
-#ifndef DSP_ATTN_TICKET_ACQREL        // the completion ticket as one atom.add.acq_rel.gpu between CTA barriers (0: every
-#define DSP_ATTN_TICKET_ACQREL 1       // thread's fence.acq_rel.gpu before the ticket and the last CTA's after it)
-#endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
@@ -298,12 +295,15 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
 #endif
 #if DSP_ATTN_TRACE
 #define DSP_TRACE_CTAS 4096
-#define DSP_TRACE_SLOTS 16
+#define DSP_TRACE_SLOTS 20
 __device__ unsigned long long dsp_trace[DSP_TRACE_CTAS][DSP_TRACE_SLOTS];
 // Slots: 0 .. 7 cycles of the phases (0 start, batch setup (set window, numbering) and the completion count,
 // 1 issue, 2 gather rows,
 // 3 wait, 4 query rows + barrier, 5 math + barrier, 6 combine + partials, 7 merge), 8 .. 11 globaltimer at the
-// start, first item, loop end, end; 12 items, 13 gathers, 14 SM id, 15 last CTA. Kept in registers (a global
+// start, first item, loop end, end; 12 items, 13 gathers, 14 SM id, 15 last CTA; 16 .. 19 (selecting kernels)
+// cycles of the selection before phase 0's rest: 16 query rows, 17 the grid wait, 18 thread 0's row selection
+// (its loads and both levels' ranking), 19 the entries into shared memory, sel and the set, and the barrier after
+// them (phase 8 + x of tr_acc is slot 16 + x). Kept in registers (a global
 // read-modify-write per lap would add its latency to every phase), written once at the end.
 #define DSP_TR_LAP(i)                                   \
     do {                                                \
@@ -865,7 +865,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // the set is whole whatever the other CTAs have done (they enter the same blocks).
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
-    unsigned long long tr_acc[8] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
+    unsigned long long tr_acc[12] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
     unsigned long long tr_g[4] = {dsp_gtime(), 0ull, 0ull, 0ull};
     unsigned tr_n[2] = {0u, 0u};
     auto tr_flush = [&](int last) {
@@ -879,6 +879,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         o[13] = tr_n[1];
         o[14] = smid;
         o[15] = last;
+        for (int x = 0; x < 4; ++x) o[16 + x] = tr_acc[8 + x];
     };
 #endif
 
@@ -934,7 +935,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         // A dependent launch (the score launch's CTAs let it start as they leave): the kv head's query rows first,
         // then the wait for the scores and tops.
         stage_q_rows();
+        DSP_TR_LAP(8);
         dec_grid_wait();
+        DSP_TR_LAP(9);
         float t0[DSP_SELECT_LOADS];  // the first round of a warp's first row's batch tops
 #pragma unroll
         for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
@@ -953,6 +956,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
                                                              lane));
+            if (r == warp) DSP_TR_LAP(10);
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
             const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
             if (lane < top_k) {
@@ -962,6 +966,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             }
         }
         __syncthreads();
+        DSP_TR_LAP(11);
     }
     if constexpr (!SELECT) {
         if (cached) {  // the kv head's entries and query rows, once for all its blocks
@@ -1309,14 +1314,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
     DSP_TR_STAMP(2);
     unsigned* counter = counters + g;
-#if DSP_ATTN_TICKET_ACQREL
     __syncthreads();
     if (tid == 0) flags[1] = dec_ticket_acq_rel(counter) == (unsigned)(cpg - 1);
-#else
-    dec_fence_gpu();
-    __syncthreads();
-    if (tid == 0) flags[1] = atomicAdd(counter, 1u) == (unsigned)(cpg - 1);
-#endif
     __syncthreads();
     DSP_TR_LAP(0);
     DSP_TR_STAMP(3);
@@ -1330,9 +1329,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         DSP_TR_FLUSH(1);
         return;
     }
-#if !DSP_ATTN_TICKET_ACQREL
-    dec_fence_gpu();
-#endif
 
     // Last CTA of (b, kv head): one warp per row merges its top_k * n_chunks partials with weights
     // w = 2^(m - M) / L (0 for unused slots and for chunks no key of the row reaches). Each warp's share of the
