@@ -2,7 +2,8 @@
 [--points 512K,128K-B64k4] [--variants plan probe=2] [--dump DIR]``.
 
 The attention launch is built with DSP_ATTN_TRACE=1 (cuda/decode_split.cu): thread 0 of every CTA notes
-%globaltimer at its start, first item, loop end and end, and the clock64 cycles of each phase of its item loop.
+%globaltimer at its start, first item, loop end and end, and the clock64 cycles of each phase of its item loop
+(and, in the selecting kernel, of its selection before the first item).
 The routing launches are built with DSP_ROUTE_TRACE=1: thread 0 of every score CTA notes its start, when its
 length arrived, when its first batch was scored and its end; of every select CTA its start and end.
 Each point (``decode_split_ab.py``'s points and variant knobs) runs a few steps, then one step with L2 flushed
@@ -54,7 +55,7 @@ def summarise(tr, label: str) -> list[str]:
     if tr[:, 16:20].any():  # the selecting kernel: its selection's phases, before setup's rest
         sel = tr[:, 16:20].double().mean(0)
         lines.append("    selection cycles per CTA (mean, before setup): " +
-                     ", ".join(f"{n} {c:.0f}" for n, c in zip(SELECT_PHASES, sel.tolist())))
+                     ", ".join(f"{n} {c:.0f}" for n, c in zip(SELECT_PHASES, sel.tolist(), strict=True)))
     # how the loop ends spread over SMs: the SMs whose CTAs end last
     sm = tr[:, 14]
     sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.float64).scatter_reduce(0, sm, rel[:, 2], "amax")

@@ -184,7 +184,8 @@ __device__ __forceinline__ void dec_grid_launch_dependents() {}
 // the last CTA's barrier after it, then every thread's loads of the others' stores: the semaphore pattern, the
 // barriers carrying the CTA's stores to the one thread's release and its acquire to the CTA's loads. (Measured on an
 // H200 in the decode attention launch against every thread's fence.acq_rel.gpu before the ticket and the last CTA's
-// after it, two interleaved runs at nine points: 0.2-0.7 us shorter a step at seven, equal at two; those fences
+// after it, two interleaved runs at nine points: 0.2-0.7 us shorter a step at six or seven points of each run,
+// equal at 512K, at 32K batch 64 equal in one run and 0.4 us longer in the other; those fences
 // against __threadfence(), fence.sc.gpu: equal within 0.3 us and steadier. RESULTS.md.)
 #ifndef DEC_HOST_EMULATION
 __device__ __forceinline__ unsigned dec_ticket_acq_rel(unsigned* p) {

@@ -225,6 +225,14 @@
 // own entries instead of the kv head's global set, equal.
 // A timeline with 2b at 512K: score CTAs end 30-36 us, attention CTAs start 38.5, reach their first item 44.1-45.4,
 // end their loops 72.3-81.5 and the step ends 85.7 (89.6 with the select launch in the same run).
+// With the dependent launch the selecting CTAs' phases before their first item (thread 0, mean cycles; 128K B 64 k 4
+// / B 32 k 8 / B 128 k 8 / 512K): query rows ~950, the grid wait 18-3900, the row selection 6500 / 8300 / 7600 /
+// 8300 (its two dependent score loads and two rankings), entries and set ~270, the set's reading, numbering and
+// first copy ~3400-4100. The score CTAs' uneven ends (128K B 32 k 8: 31-40 us) follow their SMs (two CTAs on one SM
+// end together, correlation 0.73-0.86; the 8 SMs holding one score CTA end first). Measured and not kept: shorter
+// ranges, the score CTAs in two to eight waves so that the CTA scheduler balances the SMs (the scores end later:
+// 128K B 32 k 8 64.2 against 62.5 us a step, 512K 85.6-86.2 against 84.4, 128-block ranges 12-22% slower); each
+// lane's best batch prefetched into L1 (prefetch.global.L1) before level 1 ranks, equal.
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
