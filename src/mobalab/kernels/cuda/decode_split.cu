@@ -680,15 +680,14 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
-// One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw
-// consecutive blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a
-// sorted list one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc)
-// (batch 32 c + lane of chunk c, 8 chunks loaded together; the first 8, t0, loaded by the caller, which may do so
-// before it knows n) into the best k-1; level 2 ranks every candidate of those
-// batches (at most (k-1) bw) by (score desc, block desc), dsp_select's order, so the same selection. Exact: let x
-// be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other batches would rank
-// above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where the scores are
-// equal, a higher batch and so a higher block: k-1 candidates above x.
+// One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw consecutive
+// blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a sorted list
+// one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc) (batch 32 c + lane
+// of chunk c, 8 chunks loaded together; the first 8, t0, loaded by the caller) into the best k-1; level 2 ranks
+// every candidate of those batches (at most (k-1) bw) by (score desc, block desc), dsp_select's order, so the same
+// selection. Exact: let x be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other
+// batches would rank above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where
+// the scores are equal, a higher batch and so a higher block: k-1 candidates above x.
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
                                                        const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
                                                        int lane) {
@@ -873,7 +872,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // the set is whole whatever the other CTAs have done (they enter the same blocks).
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
-    unsigned long long tr_acc[12] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
+    unsigned long long tr_acc[12] = {};
     unsigned long long tr_g[4] = {dsp_gtime(), 0ull, 0ull, 0ull};
     unsigned tr_n[2] = {0u, 0u};
     auto tr_flush = [&](int last) {
@@ -946,21 +945,14 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         DSP_TR_LAP(8);
         dec_grid_wait();
         DSP_TR_LAP(9);
-        float t0[DSP_SELECT_LOADS];  // the first round of a warp's first row's batch tops
-#pragma unroll
-        for (int u = 0; u < DSP_SELECT_LOADS; ++u) {
-            const int t = 32 * u + lane;
-            t0[u] = warp < R && t < n_bat ? tops[((long long)g * R + warp) * n_bat + t] : 0.f;
-        }
         const int lcap = top_k - 1;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
             const long long row = (long long)g * R + r;
-            if (r != warp) {  // a warp's second row: its own first round
+            float t0[DSP_SELECT_LOADS];  // the row's first round of batch tops
 #pragma unroll
-                for (int u = 0; u < DSP_SELECT_LOADS; ++u)
-                    t0[u] = 32 * u + lane < n_bat ? tops[row * n_bat + 32 * u + lane] : 0.f;
-            }
+            for (int u = 0; u < DSP_SELECT_LOADS; ++u)
+                t0[u] = 32 * u + lane < n_bat ? tops[row * n_bat + 32 * u + lane] : 0.f;
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
                                                              lane));
