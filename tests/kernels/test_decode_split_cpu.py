@@ -47,7 +47,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     fits = plan.n_range > 0 and plan.cached and rows <= 2 * S.ATTN_WARPS and one_wave
     assert plan.fused_select == fits and plan.n_bat == max(1, math.ceil(n_cand / S.score_batch(dim)))
     assert plan.n_select_ctas == batch * kv_heads * math.ceil(rows / (S.WARPS // plan.select_wpr))
-    assert plan.n_counters == batch * kv_heads
+    # a completion ticket per kv head; with the selecting launch also a count of its score CTAs' releases
+    assert plan.n_counters == batch * kv_heads * (2 if plan.fused_select else 1)
     assert plan.chunk * plan.n_chunks == block and plan.chunk <= S.ATTN_CHUNK and plan.chunk % 16 == 0
     # the merge's per-warp share of the P.V sums and stages (free by then) holds a row's weights and a partial
     # (the tensor-map build: the stages alone)
@@ -74,7 +75,8 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     score = S.score_launch(plan, q, torch.zeros(1), lengths, bufs)
     table = torch.zeros(1, dtype=torch.int32)
     select = S.select_launch(plan, lengths, bufs, table)
-    attend = S.attend_launch(plan, q, q, q, lengths, bufs, torch.zeros(1), table, 0.1)
+    counters = torch.zeros(plan.n_counters, dtype=torch.int32)
+    attend = S.attend_launch(plan, q, q, q, lengths, bufs, counters, table, 0.1)
     assert select.args[3] is table and select.args[-2:] == (plan.n_words, plan.select_wpr)
     assert S.select_launch(plan, lengths, bufs).args[-2] == 0  # the routing alone: no set
     # the fused plan: the score pass writes the batch tops, the attention launch reads them and the scores
@@ -83,9 +85,13 @@ def test_plans_fit_the_kernels(batch, q_len, heads, kv_heads, dim, block, top_k,
     if plan.fused_select:
         assert score.kernel == f"moba_decode_route_score_tops_bf16_d{dim}" and attend.kernel == \
             f"moba_decode_attend_select_bf16_d{dim}"
-        assert score.args[14] is bufs["tops"] and score.args[15] == plan.n_bat
+        assert score.args[14] is bufs["tops"] and score.args[15] == plan.n_bat and score.args[16] == 0
         assert attend.args[21] == scale_log2 and attend.args[22] is bufs["scores"] and attend.args[23] is bufs["tops"]
         assert attend.args[24:26] == (plan.n_cols, plan.n_bat)
+        # the score CTAs' releases: the counters after the completion tickets, one count per CTA of a kv head
+        released = attend.args[26]
+        assert released.data_ptr() == counters.data_ptr() + 4 * batch * kv_heads and released.numel() == \
+            batch * kv_heads and attend.args[27] == plan.n_rg * plan.n_range
     else:
         assert score.kernel == f"moba_decode_route_score_bf16_d{dim}" and len(score.args) == 14
         assert attend.kernel == f"moba_decode_attend_bf16_d{dim}"
@@ -149,12 +155,17 @@ def test_step_launches_and_buffers():
     assert bufs["part_o"].numel() == 2 * 2 * plan.rows * 4 * plan.n_chunks * 64
     table, attend_counters = launches[2].args[5], launches[2].args[8]
     assert attend_counters.numel() == 2 * 2 and not cache._counters.any()
+    # the selecting launch: the score CTAs release a second counter per kv head, after the completion tickets
+    fused_counters, fused_table = two_launches[1].args[8], two_launches[1].args[5]
+    assert fused_counters.numel() == 2 * 2 * 2 and two_launches[0].args[16].data_ptr() == \
+        two_launches[1].args[26].data_ptr() == fused_counters.data_ptr() + 4 * 2 * 2
+    assert fused_table.data_ptr() == fused_counters.data_ptr() + 4 * 2 * 2 * 2
     # the select launch fills the sets the attention launch reads: one zeroed workspace behind the counters
     assert launches[1].args[3] is table and table.numel() == plan.n_table == 2 * 2 * plan.n_words
     assert table.data_ptr() == attend_counters.data_ptr() + 4 * 2 * 2 and not table.any()
     _, _, only = S.split_launches(q, cache, 4, 0.125, route_only=True)
     assert [launch.kernel for launch in only] == ["moba_decode_route_score_tops_bf16_d64", "moba_decode_route_select"]
-    assert only[1].args[-2] == 0  # the routing alone fills no set
+    assert only[1].args[-2] == 0 and only[0].args[16] == 0  # the routing alone fills no set, releases nothing
     plan2, _, two = S.split_launches(q, cache, 4, 0.125, select_wpr=2, fused_select=False)  # measurement overrides
     assert plan2.select_wpr == 2 and two[1].args[-1] == 2 and two[1].grid == (2 * 2 * math.ceil(4 / 4), 1, 1)
     _, _, top1 = S.split_launches(q, cache, 1, 0.125)
@@ -248,6 +259,16 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
         assert ("dec_grid_launch_dependents()" in body) == trigger and ("dec_grid_wait()" in body) == wait, macro
     attend = text[text.index("__device__ __forceinline__ void dsp_attend("):]
     select_block = attend[attend.index("if constexpr (SELECT) {"):]
-    wait_at = select_block.index("dec_grid_wait();")
-    assert wait_at < select_block.index("tops[") and wait_at < select_block.index("dsp_select_row_tops(")
+    # either wait (the whole score launch, or the kv head's release counter of a DSP_OWN_WAIT build) comes before
+    # the first load of the tops and the selection, and the counter's wait is followed by a CTA barrier
+    for wait in ("dec_grid_wait();", "dec_wait_count(released + g, (unsigned)n_score);\n        __syncthreads();"):
+        wait_at = select_block.index(wait)
+        assert wait_at < select_block.index("dsp_ld_score(tops") < select_block.index("dsp_select_row_tops(")
     assert attend.count("dec_grid_wait()") == 1
+    # the score CTAs release their kv head's counter after a barrier that follows their last store, early-ending
+    # CTAs too
+    score = text[text.index("__device__ __forceinline__ void dsp_score("):]
+    score = score[:score.index("\n}\n")]
+    assert score.count("dec_release_add(released + bk)") == 2
+    assert score.rindex("__syncthreads();\n        if (tid == 0) dec_release_add(released + bk);") > \
+        score.rindex("tops[")

@@ -108,6 +108,23 @@ def test_emulated_fused_selection_matches_reference(harness, tmp_path, dtype, di
     assert not cache._counters.any()
 
 
+# The selecting attention CTAs built to wait for their own kv head's score CTAs (DSP_OWN_WAIT=1) instead of the whole
+# score launch: each score CTA, early-ending ones too, releases its kv head's counter (the model fails a wait on a
+# counter the launch before did not fill) and the kv head's last attention CTA empties it again.
+harness_own = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_OWN_WAIT=1",), name="harness_own")
+
+
+@pytest.mark.parametrize(_ARGS, FUSED_CASES)
+def test_own_kv_head_wait_build_matches_reference(harness_own, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
+                                                  lengths, top_k, range_blocks, opts):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_own, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
+                                                   lengths, top_k, range_blocks, opts)
+    assert plan.fused_select and plan.n_counters == 2 * len(lengths) * kv_heads
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  ties=opts.get("ties", False))
+    assert not cache._counters.any()
+
+
 ATTN_CASES = [
     # (case, attention CTAs per kv head): several items per CTA (the next chunk in flight while one is computed),
     # strides that are and are not multiples of the chunks per block

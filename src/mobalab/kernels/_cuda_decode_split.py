@@ -203,8 +203,9 @@ class SplitPlan(StepShape):
 
     @property
     def n_counters(self) -> int:
-        """One per (sequence, kv head), for the attention launch."""
-        return self.batch * self.kv_heads
+        """One per (sequence, kv head) for the attention launch; with ``fused_select`` a second one, which the
+        kv head's score CTAs release (the attention CTAs of a DSP_OWN_WAIT build wait for it)."""
+        return self.batch * self.kv_heads * (2 if self.fused_select else 1)
 
     @property
     def n_table(self) -> int:
@@ -305,17 +306,19 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
                 tops=torch.empty(tops, dtype=torch.float32, device=device))
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
     -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
-    kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat)."""
+    kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
+    to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
+    null pointer: no counting, for the routing alone)."""
     p, i32 = plan, np.int32
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
             i32(p.n_cols))
     if p.fused_select:
         name = f"moba_decode_route_score_tops_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-        args = (*args, bufs["tops"], i32(p.n_bat))
+        args = (*args, bufs["tops"], i32(p.n_bat), released)
     else:
         name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
@@ -348,7 +351,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
     blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the ``attend_select`` kernel,
     the scores scratch and batch tops -> sel, out, lse, the attention CTAs filling ``table`` themselves);
-    ``counters``: batch * kv_heads zeros. ``pages``: a paged cache's (page table (batch, pages_per_seq) int32,
+    ``counters``: ``plan.n_counters`` zeros. ``pages``: a paged cache's (page table (batch, pages_per_seq) int32,
     page_size), k / v then (n_pages, kv_heads, page_size, d): the ``attend_paged`` kernels, which differ only in
     where they read a block. ``maps``:
     tensor maps of k and v (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build
@@ -361,7 +364,9 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg))
     scale_log2 = np.float32(scale * math.log2(math.e))
     if p.fused_select:  # the select kernel holds the entries and rows in shared memory (no `cached` argument)
-        tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat))
+        n_g = p.batch * p.kv_heads  # counters: the completion tickets, then the score CTAs' releases
+        tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat), counters[n_g:],
+                i32(p.n_rg * p.n_range))
     else:
         tail = (*tail, i32(p.cached), scale_log2)
     t, d = _TYPE_NAMES[q.dtype], p.head_dim
@@ -404,11 +409,13 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                       select_wpr, attn_chunk, attn_stages, smem, most, fused_select)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
     if route_only:
+        route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     work = cache._workspace_counters(plan.n_counters + plan.n_table)
     counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+    released = counters[plan.batch * plan.kv_heads:] if plan.fused_select else 0
+    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, released)] if plan.n_range else []
     if not plan.fused_select:
         route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None

@@ -21,10 +21,10 @@ using harness::P;
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define SCORE_TOPS(NAME, T)                                                                                     \
-    {#NAME, {16, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {17, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), P<float>(a[14]),      \
-              I(a[15]));                                                                                         \
+              I(a[15]), P<unsigned>(a[16]));                                                                     \
      }}}
 #define ATTEND(NAME, T)                                                                                         \
     {#NAME, {25, [](const std::vector<Arg>& a) {                                                                \
@@ -34,11 +34,12 @@ using harness::P;
               I(a[21]), a[22].f, a[23].tm, a[24].tm);                                                            \
      }}}
 #define ATTEND_SELECT(NAME, T)                                                                                  \
-    {#NAME, {28, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {30, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<int>(a[4]),            \
               P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
               I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
-              a[21].f, P<const float>(a[22]), P<const float>(a[23]), I(a[24]), I(a[25]), a[26].tm, a[27].tm);    \
+              a[21].f, P<const float>(a[22]), P<const float>(a[23]), I(a[24]), I(a[25]), P<unsigned>(a[26]),     \
+              I(a[27]), a[28].tm, a[29].tm);                                                                     \
      }}}
 #define ATTEND_PAGED(NAME, T)                                                                                   \
     {#NAME, {27, [](const std::vector<Arg>& a) {                                                                \
@@ -48,12 +49,12 @@ using harness::P;
               a[21].f, P<const int>(a[22]), I(a[23]), I(a[24]), a[25].tm, a[26].tm);                            \
      }}}
 #define ATTEND_PAGED_SELECT(NAME, T)                                                                            \
-    {#NAME, {30, [](const std::vector<Arg>& a) {                                                                \
+    {#NAME, {32, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<int>(a[4]),            \
               P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
               I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), a[20].f, \
-              P<const float>(a[21]), P<const float>(a[22]), I(a[23]), I(a[24]), P<const int>(a[25]), I(a[26]),  \
-              I(a[27]), a[28].tm, a[29].tm);                                                                     \
+              P<const float>(a[21]), P<const float>(a[22]), I(a[23]), I(a[24]), P<unsigned>(a[25]), I(a[26]),   \
+              P<const int>(a[27]), I(a[28]), I(a[29]), a[30].tm, a[31].tm);                                      \
      }}}
 #define EACH_TYPE(KIND, NAME)                                                                                   \
     KIND(NAME##_bf16_d64, __nv_bfloat16), KIND(NAME##_bf16_d128, __nv_bfloat16), KIND(NAME##_fp16_d64, __half), \

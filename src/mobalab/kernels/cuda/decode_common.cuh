@@ -197,6 +197,31 @@ __device__ __forceinline__ unsigned dec_ticket_acq_rel(unsigned* p) {
 inline unsigned dec_ticket_acq_rel(unsigned* p) { return atomicAdd(p, 1u); }
 #endif
 
+// ---- release counters ----
+// One thread adds 1 with release semantics after a CTA barrier (the barrier carries the CTA's stores to it); a
+// waiting CTA's thread reads the counter with acquire semantics until it reaches the number of releases it waits
+// for, then a CTA barrier carries that acquire to the CTA's loads, which read from L2 (dec_ldcg), never a stale L1
+// line. The wait traps after ~2^31 polls: a counter that never fills is a launch-plan error, not a hang.
+#ifndef DEC_HOST_EMULATION
+__device__ __forceinline__ void dec_release_add(unsigned* p) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(p) : "memory");
+}
+__device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void dec_wait_count(const unsigned* p, unsigned n) {
+    for (unsigned polls = 0; dec_ld_acquire(p) < n;)
+        if (++polls == 0x80000000u) __trap();
+}
+#else
+inline void dec_release_add(unsigned* p) { atomicAdd(p, 1u); }
+inline void dec_wait_count(const unsigned* p, unsigned n) {  // the host emulation runs the launches in order
+    if (*p < n) emu::fail("a release counter that the launch before did not fill");
+}
+#endif
+
 // ---- small helpers ----
 
 // A compile-time row count passed to a generic lambda (decltype(n)::value).

@@ -288,6 +288,9 @@
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
 // phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
+#ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
+#define DSP_OWN_WAIT 0                 // counter each) instead of the whole score launch (griddepcontrol.wait)
+#endif
 #ifndef DSP_ATTN_TRACE
 #define DSP_ATTN_TRACE 0
 #endif
@@ -441,7 +444,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols,
-                                          float* __restrict__ tops, int n_bat) {
+                                          float* __restrict__ tops, int n_bat, unsigned* __restrict__ released) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
@@ -462,6 +465,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     if (j_lo >= j_hi) {  // the whole CTA: beyond this sequence's candidates
         DSP_RT_STAMP(dsp_score_trace, 2);
         DSP_RT_STAMP(dsp_score_trace, 3);
+        if (DSP_OWN_WAIT && released != nullptr && tid == 0) dec_release_add(released + bk);
         return;
     }
 
@@ -539,6 +543,10 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
         dsp_score_trace[blockIdx.x][4] = smid;
     }
 #endif
+    if (DSP_OWN_WAIT && released != nullptr) {  // this CTA's scores and tops are written: one release of its kv head
+        __syncthreads();
+        if (tid == 0) dec_release_add(released + bk);
+    }
 }
 
 // ---- the set of selected blocks of a kv head ----
@@ -680,6 +688,16 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
     DSP_RT_STAMP(dsp_select_trace, 1);  // thread 0: its row's first warp, which writes last
 }
 
+// A score or batch top of the score launch: after griddepcontrol.wait any load (the launch has completed); after the
+// kv head's release counter (DSP_OWN_WAIT) from L2, as dec_wait_count says.
+__device__ __forceinline__ float dsp_ld_score(const float* p) {
+#if DSP_OWN_WAIT
+    return dec_ldcg(p);
+#else
+    return *p;
+#endif
+}
+
 // One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw consecutive
 // blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a sorted list
 // one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc) (batch 32 c + lane
@@ -737,7 +755,7 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = 32 * (c0 + u) + lane;
-            kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : tsrc[t], t) : 0ull;
+            kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : dsp_ld_score(tsrc + t), t) : 0ull;
         }
         rank(lt, fresh, kv);
     }
@@ -753,7 +771,7 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             const int v = 32 * (c0 + u) + lane, sl = v / bw;
             const int t = __shfl_sync(DEC_FULL, tb, sl & 31);
             const int j = t * bw + (v - sl * bw);
-            kv[u] = sl < nsel && j < n ? dsp_make_key(src[j], j) : 0ull;
+            kv[u] = sl < nsel && j < n ? dsp_make_key(dsp_ld_score(src + j), j) : 0ull;
         }
         rank(lk, fresh, kv);
     }
@@ -848,7 +866,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            int capacity, int block_size, int top_k, int n_chunks, int chunk,
                                            int n_words, int cpg, int cached, float scale_log2,
                                            const float* __restrict__ scores, const float* __restrict__ tops,
-                                           int n_cols, int n_bat,
+                                           int n_cols, int n_bat, unsigned* __restrict__ released, int n_score,
                                            const int* __restrict__ page_table, int page_size, int pages_per_seq,
                                            const moba_tensor_map* kmap, const moba_tensor_map* vmap) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
@@ -943,7 +961,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         // then the wait for the scores and tops.
         stage_q_rows();
         DSP_TR_LAP(8);
+#if DSP_OWN_WAIT
+        // only this kv head's score CTAs: its selection may start while other kv heads' are still streaming
+        if (tid == 0) dec_wait_count(released + g, (unsigned)n_score);
+        __syncthreads();
+#else
         dec_grid_wait();
+#endif
         DSP_TR_LAP(9);
         const int lcap = top_k - 1;
         for (int r = warp; r < R; r += NW) {
@@ -952,7 +976,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
             float t0[DSP_SELECT_LOADS];  // the row's first round of batch tops
 #pragma unroll
             for (int u = 0; u < DSP_SELECT_LOADS; ++u)
-                t0[u] = 32 * u + lane < n_bat ? tops[row * n_bat + 32 * u + lane] : 0.f;
+                t0[u] = 32 * u + lane < n_bat ? dsp_ld_score(tops + row * n_bat + 32 * u + lane) : 0.f;
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
                                                              lane));
@@ -1326,6 +1350,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     if (DSP_ATTN_PROBE == 3) {  // the set and counter as the merge would leave them
         for (int x = tid; x < n_words; x += NT) tab[x] = 0;
         if (tid == 0) *counter = 0u;
+        if (DSP_OWN_WAIT && SELECT && tid == 0) released[g] = 0u;
         DSP_TR_FLUSH(1);
         return;
     }
@@ -1421,6 +1446,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // Every CTA of the kv head is past its reads of the set: empty it for the next step.
     for (int x = tid; x < n_words; x += NT) tab[x] = 0;
     if (tid == 0) *counter = 0u;
+    if (DSP_OWN_WAIT && SELECT && tid == 0) released[g] = 0u;  // every score CTA of the kv head has released
     DSP_TR_LAP(7);
     DSP_TR_STAMP(3);
     DSP_TR_FLUSH(1);
@@ -1435,7 +1461,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
     dsp_score<T, D, false>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,      \
-                           rows_per_group, n_range, range_blocks, n_cols, nullptr, 0);                            \
+                           rows_per_group, n_range, range_blocks, n_cols, nullptr, 0, nullptr);                   \
   }
 
 // The score kernel that also writes the batch tops (2b: the attention launch selects from them).
@@ -1443,10 +1469,11 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
       const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat) {       \
+      int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,         \
+      unsigned* __restrict__ released) {                                                                          \
     dec_grid_launch_dependents(); /* a dependent attention launch may place its CTAs as these leave */          \
     dsp_score<T, D, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
-                          rows_per_group, n_range, range_blocks, n_cols, tops, n_bat);                            \
+                          rows_per_group, n_range, range_blocks, n_cols, tops, n_bat, released);                  \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
@@ -1459,7 +1486,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, false, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len,      \
                                    heads, kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg,   \
-                                   cached, scale_log2, nullptr, nullptr, 0, 0, nullptr, 0, 0, &kmap, &vmap);      \
+                                   cached, scale_log2, nullptr, nullptr, 0, 0, nullptr, 0, nullptr, 0, 0, &kmap,     \
+                                   &vmap);                                                                        \
   }
 
 // The attention kernel that selects first (2b): from the score pass's scores and batch tops, writing sel.
@@ -1470,11 +1498,12 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
       int n_words, int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops,    \
-      int n_cols, int n_bat, const __grid_constant__ moba_tensor_map kmap,                                        \
-      const __grid_constant__ moba_tensor_map vmap) {                                                             \
+      int n_cols, int n_bat, unsigned* __restrict__ released, int n_score,                                        \
+      const __grid_constant__ moba_tensor_map kmap, const __grid_constant__ moba_tensor_map vmap) {               \
     dsp_attend<T, D, false, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, \
                                   kv_heads, capacity, block_size, top_k, n_chunks, chunk, n_words, cpg, 1,        \
-                                  scale_log2, scores, tops, n_cols, n_bat, nullptr, 0, 0, &kmap, &vmap);          \
+                                  scale_log2, scores, tops, n_cols, n_bat, released, n_score, nullptr, 0, 0,      \
+                                  &kmap, &vmap);                                                                  \
   }
 
 // The same kernels over a paged cache: k, v (n_pages, kv_heads, page_size, D), block j of sequence b in page
@@ -1490,8 +1519,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, true, false>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads, \
                                   kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, cached,          \
-                                  scale_log2, nullptr, nullptr, 0, 0, page_table, page_size, pages_per_seq, &kmap, \
-                                  &vmap);                                                                         \
+                                  scale_log2, nullptr, nullptr, 0, 0, nullptr, 0, page_table, page_size,          \
+                                  pages_per_seq, &kmap, &vmap);                                                   \
   }
 
 #define MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(NAME, T, D)                                                        \
@@ -1501,11 +1530,13 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
       int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
       int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops, int n_cols,     \
-      int n_bat, const int* __restrict__ page_table, int page_size, int pages_per_seq,                            \
-      const __grid_constant__ moba_tensor_map kmap, const __grid_constant__ moba_tensor_map vmap) {               \
+      int n_bat, unsigned* __restrict__ released, int n_score, const int* __restrict__ page_table, int page_size, \
+      int pages_per_seq, const __grid_constant__ moba_tensor_map kmap,                                            \
+      const __grid_constant__ moba_tensor_map vmap) {                                                             \
     dsp_attend<T, D, true, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse, q_len, heads,  \
                                  kv_heads, 0, block_size, top_k, n_chunks, chunk, n_words, cpg, 1, scale_log2,    \
-                                 scores, tops, n_cols, n_bat, page_table, page_size, pages_per_seq, &kmap, &vmap); \
+                                 scores, tops, n_cols, n_bat, released, n_score, page_table, page_size,           \
+                                 pages_per_seq, &kmap, &vmap);                                                    \
   }
 
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
