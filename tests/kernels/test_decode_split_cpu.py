@@ -261,7 +261,7 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
     select_block = attend[attend.index("if constexpr (SELECT) {"):]
     # either wait (the whole score launch, or the kv head's release counter of a DSP_OWN_WAIT build) comes before
     # the first load of the tops and the selection, and the counter's wait is followed by a CTA barrier
-    for wait in ("dec_grid_wait();", "dec_wait_count(released + g, (unsigned)n_score);\n        __syncthreads();"):
+    for wait in ("dec_grid_wait();", "dec_wait_at_least(released + g, (unsigned)n_score);\n        __syncthreads();"):
         wait_at = select_block.index(wait)
         assert wait_at < select_block.index("dsp_ld_score(tops") < select_block.index("dsp_select_row_tops(")
     assert attend.count("dec_grid_wait()") == 1

@@ -118,26 +118,12 @@
 #define DEC_ATTN_STAGE_BYTES 98304   // all K/V stages of a CTA: 3 of 64 tokens at d 128, 6 at d 64
 #define DEC_ATTN_MAX_STAGES 8        // more stages for shorter chunks (blocks of 16, 32), up to this
 #define DEC_MERGE_BATCH 8           // partials loaded together in the attention merge
-#define DEC_SPIN_LIMIT (1u << 24)    // polls (>= 100 ns apart) before a wait gives up with a trap
 
 // The grid-wide hand-over of the persistent CTAs (tickets and waits); the emulation models these too.
 #ifndef DEC_HOST_EMULATION
-__device__ __forceinline__ unsigned dec_ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 // The next work item: routing tickets [0, n_route), attention tickets [n_route, n_total) (the emulation
 // shuffles the order within each range).
 __device__ __forceinline__ unsigned dec_fetch_ticket(unsigned* ticket, int, int) { return atomicAdd(ticket, 1u); }
-// Thread 0 of a CTA: wait until *p >= target (p is raised by atomics of other CTAs after a fence).
-__device__ __forceinline__ void dec_wait_at_least(const unsigned* p, unsigned target) {
-    unsigned polls = 0;
-    while (dec_ld_acquire(p) < target) {
-        if (++polls == DEC_SPIN_LIMIT) __trap();  // a broken dependency fails loudly instead of hanging
-        __nanosleep(100);
-    }
-}
 #define DEC_EMU_ITEM_START()
 #endif
 

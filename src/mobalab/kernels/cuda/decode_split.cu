@@ -289,7 +289,7 @@
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
 // phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
 #ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
-#define DSP_OWN_WAIT 0                 // counter each) instead of the whole score launch (griddepcontrol.wait)
+#define DSP_OWN_WAIT 1                 // counter each; 0: for the whole score launch, griddepcontrol.wait)
 #endif
 #ifndef DSP_ATTN_TRACE
 #define DSP_ATTN_TRACE 0
@@ -689,7 +689,7 @@ __device__ __forceinline__ void dsp_select(const float* __restrict__ scores, con
 }
 
 // A score or batch top of the score launch: after griddepcontrol.wait any load (the launch has completed); after the
-// kv head's release counter (DSP_OWN_WAIT) from L2, as dec_wait_count says.
+// kv head's release counter (DSP_OWN_WAIT) from L2 (decode_common.cuh, release counters).
 __device__ __forceinline__ float dsp_ld_score(const float* p) {
 #if DSP_OWN_WAIT
     return dec_ldcg(p);
@@ -963,7 +963,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         DSP_TR_LAP(8);
 #if DSP_OWN_WAIT
         // only this kv head's score CTAs: its selection may start while other kv heads' are still streaming
-        if (tid == 0) dec_wait_count(released + g, (unsigned)n_score);
+        if (tid == 0) dec_wait_at_least(released + g, (unsigned)n_score);
         __syncthreads();
 #else
         dec_grid_wait();
