@@ -26,10 +26,11 @@ import torch
 
 PHASES = ("setup", "issue", "gather", "wait", "q rows", "math", "combine", "merge")
 SELECT_PHASES = ("query rows", "grid wait", "row selection", "entries and set")
+ROW_PHASES = ("level 1 loads", "level 1 ranking", "level 2 loads", "level 2 ranking")
 
 
 def summarise(tr, label: str) -> list[str]:
-    """Lines describing trace rows ``tr`` (int64 tensor (ctas, 20), the kernel's slot layout)."""
+    """Lines describing trace rows ``tr`` (int64 tensor (ctas, 24), the kernel's slot layout)."""
     t0 = tr[:, 8].min()
     rel = (tr[:, 8:12] - t0).double() / 1e3  # us
     items = tr[:, 12].double()
@@ -56,6 +57,9 @@ def summarise(tr, label: str) -> list[str]:
         sel = tr[:, 16:20].double().mean(0)
         lines.append("    selection cycles per CTA (mean, before setup): " +
                      ", ".join(f"{n} {c:.0f}" for n, c in zip(SELECT_PHASES, sel.tolist(), strict=True)))
+        row = tr[:, 20:24].double().mean(0)  # thread 0's row selection, split
+        lines.append("    row selection cycles (thread 0, mean): " +
+                     ", ".join(f"{n} {c:.0f}" for n, c in zip(ROW_PHASES, row.tolist(), strict=True)))
     # how the loop ends spread over SMs: the SMs whose CTAs end last
     sm = tr[:, 14]
     sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.float64).scatter_reduce(0, sm, rel[:, 2], "amax")
@@ -67,7 +71,7 @@ def summarise(tr, label: str) -> list[str]:
 
 def timeline(score, select, attend) -> list[str]:
     """Lines of the step's timeline from the launches' traces (int64 tensors: score (ctas, 8: start, length,
-    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 20); score or select None where the step has
+    first batch, end, SM), select (ctas, 2: start, end), attend (ctas, 24); score or select None where the step has
     no such launch), us after the first CTA's start."""
     first = score if score is not None else select  # the step's first launch
     t0 = (first[:, 0] if first is not None else attend[:, 8]).min()
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             mod = _module(att.source, _module_defines(att.kernel, att.defines), ())
             ctas = int(att.grid[0])
-            buf = cupy.ndarray((4096, 20), cupy.uint64, mod.get_global("dsp_trace"))
+            buf = cupy.ndarray((4096, 24), cupy.uint64, mod.get_global("dsp_trace"))
             tr = torch.as_tensor(buf[:ctas].astype(cupy.int64).get())
             route = {}
             for x in launches[:-1]:

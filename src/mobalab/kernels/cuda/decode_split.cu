@@ -306,7 +306,7 @@ __device__ __forceinline__ unsigned long long dsp_gtime() {
 #endif
 #if DSP_ATTN_TRACE
 #define DSP_TRACE_CTAS 4096
-#define DSP_TRACE_SLOTS 20
+#define DSP_TRACE_SLOTS 24
 __device__ unsigned long long dsp_trace[DSP_TRACE_CTAS][DSP_TRACE_SLOTS];
 // Slots: 0 .. 7 cycles of the phases (0 start, batch setup (set window, numbering) and the completion count,
 // 1 issue, 2 gather rows,
@@ -314,7 +314,9 @@ __device__ unsigned long long dsp_trace[DSP_TRACE_CTAS][DSP_TRACE_SLOTS];
 // start, first item, loop end, end; 12 items, 13 gathers, 14 SM id, 15 last CTA; 16 .. 19 (selecting kernels)
 // cycles of the selection before phase 0's rest: 16 query rows, 17 the grid wait, 18 thread 0's row selection
 // (its loads and both levels' ranking), 19 the entries into shared memory, sel and the set, and the barrier after
-// them (phase 8 + x of tr_acc is slot 16 + x). Kept in registers (a global
+// them (phase 8 + x of tr_acc is slot 16 + x); 20 .. 23 thread 0's row selection split: level 1's loads (the batch
+// tops), level 1's ranking, level 2's loads (the scores), level 2's ranking (phase 12 + x is slot 20 + x). Kept in
+// registers (a global
 // read-modify-write per lap would add its latency to every phase), written once at the end.
 #define DSP_TR_LAP(i)                                   \
     do {                                                \
@@ -706,9 +708,22 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
 // selection. Exact: let x be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other
 // batches would rank above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where
 // the scores are equal, a higher batch and so a higher block: k-1 candidates above x.
+// (tr: the trace build's thread 0, its clock and the four laps of the row selection; else null)
+#if DSP_ATTN_TRACE
+#define DSP_SEL_LAP(i)                                      \
+    do {                                                    \
+        if (tr != nullptr) {                                \
+            const long long now_ = clock64();               \
+            tr[1 + (i)] += (unsigned long long)(now_ - (long long)tr[0]); \
+            tr[0] = (unsigned long long)now_;               \
+        }                                                   \
+    } while (0)
+#else
+#define DSP_SEL_LAP(i) do { } while (0)
+#endif
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
                                                        const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
-                                                       int lane) {
+                                                       int lane, [[maybe_unused]] unsigned long long* tr = nullptr) {
     constexpr int U = DSP_SELECT_LOADS;
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
@@ -757,7 +772,9 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             const int t = 32 * (c0 + u) + lane;
             kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : dsp_ld_score(tsrc + t), t) : 0ull;
         }
+        DSP_SEL_LAP(0);
         rank(lt, fresh, kv);
+        DSP_SEL_LAP(1);
     }
     // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
     const int tb = dsp_key_block(lt);  // this lane's batch (lanes beyond the list: none)
@@ -773,7 +790,9 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             const int j = t * bw + (v - sl * bw);
             kv[u] = sl < nsel && j < n ? dsp_make_key(dsp_ld_score(src + j), j) : 0ull;
         }
+        DSP_SEL_LAP(2);
         rank(lk, fresh, kv);
+        DSP_SEL_LAP(3);
     }
     return lk;
 }
@@ -890,7 +909,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
     // the set is whole whatever the other CTAs have done (they enter the same blocks).
 #if DSP_ATTN_TRACE
     long long tr_clock = clock64();
-    unsigned long long tr_acc[12] = {};
+    unsigned long long tr_acc[16] = {};
     unsigned long long tr_g[4] = {dsp_gtime(), 0ull, 0ull, 0ull};
     unsigned tr_n[2] = {0u, 0u};
     auto tr_flush = [&](int last) {
@@ -904,7 +923,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
         o[13] = tr_n[1];
         o[14] = smid;
         o[15] = last;
-        for (int x = 0; x < 4; ++x) o[16 + x] = tr_acc[8 + x];
+        for (int x = 0; x < 8; ++x) o[16 + x] = tr_acc[8 + x];
     };
 #endif
 
@@ -977,9 +996,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #pragma unroll
             for (int u = 0; u < DSP_SELECT_LOADS; ++u)
                 t0[u] = 32 * u + lane < n_bat ? dsp_ld_score(tops + row * n_bat + 32 * u + lane) : 0.f;
+#if DSP_ATTN_TRACE
+            unsigned long long tr_sel[5] = {(unsigned long long)tr_clock, 0ull, 0ull, 0ull, 0ull};
+            unsigned long long* const tr_row = tid == 0 ? tr_sel : nullptr;
+#else
+            unsigned long long* const tr_row = nullptr;
+#endif
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
-                                                             lane));
+                                                             lane, tr_row));
+#if DSP_ATTN_TRACE
+            for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
+#endif
             if (r == warp) DSP_TR_LAP(10);
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
             const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
