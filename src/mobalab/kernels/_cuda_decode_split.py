@@ -23,9 +23,10 @@ Where the attention CTAs run in one wave and keep their kv head's entries and qu
 every row's largest score per score batch (its "tops"), and every attention CTA selects its kv head's rows itself
 from the tops (the best k - 1 batches, then the best k - 1 of their blocks: exact, the same ``sel``) before its
 first copy. Those two are kernels of their own (``route_score_tops``, ``attend_select``), and on sm_90 the attention
-launch is a programmatic dependent launch (its CTAs take the SMs as the score CTAs leave them and wait for the
-scores); measured on an H200 4-6 us shorter a step than the three launches at every one-wave benchmark point
-(512K 84.8 against 89.6 us; the kernel header).
+launch is a programmatic dependent launch (its CTAs take the SMs as the score CTAs leave them and wait for their own
+kv head's scores, on a counter that its score CTAs release, in the second half of the plan's counters); measured on an
+H200 5-7 us shorter a step than the three launches at every one-wave benchmark point (512K 82.9-84.8 against 89.6 us;
+the kernel header).
 
 Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable ``MOBALAB_DECODE_KERNEL``
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every
@@ -395,8 +396,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     built with other items or stages than the defaults, its launch bounds the CTAs per SM that the benchmark's
     shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
-    later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for the scores; None,
-    the default: so wherever the plan selects in the attention launch).
+    later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for their kv head's
+    scores; None, the default: so wherever the plan selects in the attention launch).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""

@@ -229,9 +229,9 @@ class Launch:
     its name or signature (each set of defines is its own compiled module). ``dependent``: a programmatic dependent
     launch (the driver launcher's cuLaunchKernelEx with programmatic stream serialization; sm_90 and later): the
     kernel may start while the previous one on the stream runs, once that one's CTAs have all run
-    ``griddepcontrol.launch_dependents``, and its CTAs wait in ``griddepcontrol.wait`` before they read what it
-    writes (the kernel's own business: without the wait it would read too early); CuPy's call launches it as an
-    ordinary launch, which the same kernel also runs correctly."""
+    ``griddepcontrol.launch_dependents``, and its CTAs wait before they read what it writes, in
+    ``griddepcontrol.wait`` or on counters its CTAs release (the kernel's own business: without the wait it would
+    read too early); CuPy's call launches it as an ordinary launch, which the same kernel also runs correctly."""
 
     source: str
     kernel: str

@@ -54,7 +54,18 @@
 //    memory, enters the blocks into the kv head's set (every CTA all of them, so its own entries make the set whole
 //    whatever the others have done) and CTA 0 writes sel; then step 3 as below. The attention launch is a
 //    programmatic dependent launch (sm_90; _launch.py): the score CTAs let it launch at their start, so its CTAs take
-//    the SMs as the score CTAs leave them, copy their query rows and wait (griddepcontrol.wait) for the scores.
+//    the SMs as the score CTAs leave them, copy their query rows and wait for their own kv head's scores: each score
+//    CTA, after a barrier behind its last store (or at once where its range lies beyond its sequence), adds one to its
+//    kv head's release counter (red.release.gpu), thread 0 of an attention CTA waits until the counter holds the kv
+//    head's n_rg * n_range releases (ld.acquire.gpu), a barrier carries that to the CTA, whose loads of scores and tops
+//    then read L2 (ld.global.cg), and the kv head's last attention CTA empties the counter. So a kv head's selection
+//    and copies start as soon as its own score CTAs are done, under the other kv heads' streaming. (Build option
+//    DSP_OWN_WAIT=0: the wait for the whole score launch, griddepcontrol.wait.) Measured on an H200 in two
+//    interleaved runs at nine points against the whole launch's wait: 128K 62.1-63.0 against 63.0-63.4 us, 128K B 32
+//    k 8 59.7-60.7 / 61.2-65.4, B 64 k 4 43.1-43.3 / 43.7-46.1, 128K batch 1 26.4-27.1 / 26.7-27.5, 512K 82.1-86.9 /
+//    83.2-89.7, equal at k 16 and batch 64; 32K 0.5-0.6 us longer (51.3-51.9 against 50.6-51.2: two score CTAs per kv
+//    head, so little to overlap and the releases' barrier and fence on the score CTAs' path). A trace at 128K B 32
+//    k 8: the attention launch's span 25.9 -> 23.7 us, the wait 3200 -> 1000 cycles, the merge 4.4 -> 2.9 us.
 //    It trades the select launch and one kernel boundary (~7 + 2.5 us at 512K) for the tops in the score pass (~1-3
 //    us there) and a selection before each CTA's first copy (~4 us). Measured on an H200 (RESULTS.md): with the
 //    selection compiled into the one attention kernel behind a runtime test, 1.7-3 us shorter a step than three
