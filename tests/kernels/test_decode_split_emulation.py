@@ -309,6 +309,10 @@ def _crafted_rows(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.T
         return -torch.arange(n, dtype=torch.float32).repeat(rows, 1)
     if kind == "ascending":
         return torch.arange(n, dtype=torch.float32).repeat(rows, 1)
+    if kind == "same-lane":  # at d 128 the best batches (16 blocks each) are all lane 0's: t = 0 mod 32
+        x = torch.randn(rows, n, generator=gen)
+        x[:, (torch.arange(n) // 16) % 32 == 0] += 10.0
+        return x
     if kind == "all-nan-but-two":
         x = torch.full((rows, n), float("nan"))
         x[:, 3], x[:, n // 2] = 2.0, 2.0
@@ -334,7 +338,7 @@ def _batch_tops(scores: torch.Tensor, lengths, q_len, heads, block, bw, n_bat) -
 
 
 def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv_heads, top_k, gen, seed,
-                       select_wpr=None, fused=False):
+                       select_wpr=None, fused=False, dim=64):
     """The selection alone on ``kind`` score rows (777 beyond a row's candidates, NaN from its own block on, as the
     score pass writes them): the select launch, or (``fused``) the attention launch of a random cache of these
     lengths selecting from the rows and their batch tops. (plan, the scores it read, its buffers, the plain-Python
@@ -342,7 +346,7 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
     batch, rows = len(lengths), heads // kv_heads * q_len
     n_blocks = max(lengths) // block + 1
     if fused:
-        cache, q = decode_case(seed, torch.bfloat16, 64, block, kv_heads, heads, q_len, [n - q_len for n in lengths])
+        cache, q = decode_case(seed, torch.bfloat16, dim, block, kv_heads, heads, q_len, [n - q_len for n in lengths])
         assert cache.lengths.tolist() == list(lengths)
         _, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
         plan, bufs, launches = S.split_launches(q, cache, top_k, scale, fused_select=True)
@@ -361,7 +365,10 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
     want = _selection(scores, lengths, q_len, heads, kv_heads, block, top_k)
     if fused:
         bufs["scores"].copy_(scores.reshape(-1))
-        bufs["tops"].copy_(_batch_tops(scores, lengths, q_len, heads, block, S.score_batch(64), plan.n_bat).reshape(-1))
+        bufs["tops"].copy_(_batch_tops(scores, lengths, q_len, heads, block, S.score_batch(dim), plan.n_bat)
+                           .reshape(-1))
+        released = launches[-1].args[26]  # as the score launch leaves them: every score CTA of a kv head released
+        released.fill_(plan.n_rg * plan.n_range)
         run_emulated(harness, tmp_path, [launches[-1]], seed=seed)
         assert not cache._counters.any()
         return plan, scores, bufs, want
@@ -395,6 +402,20 @@ def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_
     assert plan.fused_select == fused
     assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
     torch.testing.assert_close(bufs["scores"].view_as(scores), scores, rtol=0, atol=0, equal_nan=True)  # read only
+
+
+@pytest.mark.parametrize(("kind", "lengths", "top_k"), [
+    ("same-lane", [70_000, 3000], 8), ("ascending", [70_000], 8), ("random", [70_000, 900], 16)])
+def test_selection_from_the_early_loaded_batches(harness, tmp_path, kind, lengths, top_k):
+    """At d 128 the selecting attention CTAs load each lane's best batch of level 1's first round while level 1
+    ranks, and level 2 reads a listed batch from there where its owner lane loaded it; the owner's other listed
+    batches, and those of level 1's second round (4374 blocks: 274 batches of 16), come from the scores: rows whose
+    best batches are all one lane's, rising rows (the best in the second round), random rows."""
+    gen = torch.Generator().manual_seed(len(kind) + top_k)
+    plan, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, 16, 1, 4, 1, top_k, gen, seed=9,
+                                                  fused=True, dim=128)
+    assert plan.fused_select and plan.n_bat > 32 * S.SELECT_LOADS
+    assert torch.equal(bufs["sel"], want), (bufs["sel"] != want).nonzero()[:8]
 
 
 @pytest.mark.parametrize("wpr", [1, 2, 4, 8])

@@ -299,6 +299,9 @@
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
 // phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
+#ifndef DSP_SELECT_PREFETCH            // the selecting CTAs load each lane's best batch's scores during level 1 (0: after)
+#define DSP_SELECT_PREFETCH 1
+#endif
 #ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
 #define DSP_OWN_WAIT 1                 // counter each; 0: for the whole score launch, griddepcontrol.wait)
 #endif
@@ -732,10 +735,16 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
 #else
 #define DSP_SEL_LAP(i) do { } while (0)
 #endif
+// pf: the warp's scratch of 32 * (BW + 1) floats in shared memory, or null. With it each lane loads the scores of its
+// best batch of the first round as soon as level 1's keys are made, so that they arrive during level 1's ranking, and
+// puts them into the scratch; level 2 then reads a batch whose owner lane (batch t is lane t % 32's) holds it from
+// there, and only the others (a lane's second batch in the list, or a later round's) from L2: one round trip to L2
+// fewer on the step's critical path.
+template <int BW>
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
-                                                       const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
-                                                       int lane, [[maybe_unused]] unsigned long long* tr = nullptr) {
-    constexpr int U = DSP_SELECT_LOADS;
+                                                       const float (&t0)[DSP_SELECT_LOADS], int n, int lcap, int lane,
+                                                       float* pf, [[maybe_unused]] unsigned long long* tr = nullptr) {
+    constexpr int U = DSP_SELECT_LOADS, bw = BW;
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
     auto rank = [&](dsp_key& lk, bool& fresh, const dsp_key (&kv)[U]) {
@@ -776,6 +785,8 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
     const int nb = (n + bw - 1) / bw;
     dsp_key lt = 0;
     bool fresh = true;
+    int pt = -1;    // the batch whose scores this lane loaded early (its best of the first round), -1 none
+    float pv[BW];   // those scores (candidates j < n)
     for (int c0 = 0; c0 < (nb + 31) / 32; c0 += U) {
         dsp_key kv[U];
 #pragma unroll
@@ -784,8 +795,22 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : dsp_ld_score(tsrc + t), t) : 0ull;
         }
         DSP_SEL_LAP(0);
+        if (pf != nullptr && c0 == 0) {
+            dsp_key best = 0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) best = kv[u] > best ? kv[u] : best;
+            pt = dsp_key_block(best);
+#pragma unroll
+            for (int e = 0; e < BW; ++e) pv[e] = pt >= 0 && pt * BW + e < n ? dsp_ld_score(src + pt * BW + e) : 0.f;
+        }
         rank(lt, fresh, kv);
         DSP_SEL_LAP(1);
+    }
+    if (pf != nullptr) {
+        __syncwarp();  // the warp's previous row has read the scratch
+#pragma unroll
+        for (int e = 0; e < BW; ++e) pf[lane * (BW + 1) + e] = pv[e];
+        __syncwarp();
     }
     // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
     const int tb = dsp_key_block(lt);  // this lane's batch (lanes beyond the list: none)
@@ -796,10 +821,12 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
         dsp_key kv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int v = 32 * (c0 + u) + lane, sl = v / bw;
+            const int v = 32 * (c0 + u) + lane, sl = v / bw, e = v - sl * bw;
             const int t = __shfl_sync(DEC_FULL, tb, sl & 31);
-            const int j = t * bw + (v - sl * bw);
-            kv[u] = sl < nsel && j < n ? dsp_make_key(dsp_ld_score(src + j), j) : 0ull;
+            const int j = t * bw + e;
+            const bool held = __shfl_sync(DEC_FULL, pt, t & 31) == t && t >= 0;  // in the owner's scratch row
+            kv[u] = sl < nsel && j < n ?
+                dsp_make_key(pf != nullptr && held ? pf[(t & 31) * (BW + 1) + e] : dsp_ld_score(src + j), j) : 0ull;
         }
         DSP_SEL_LAP(2);
         rank(lk, fresh, kv);
@@ -1000,6 +1027,10 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #endif
         DSP_TR_LAP(9);
         const int lcap = top_k - 1;
+        // the selection's scratch in the stages, which no copy has reached yet (dsp_select_row_tops), where it fits
+        constexpr int PF_FLOATS = 32 * (dsp_score_batch(D) + 1);
+        float* const pf_warp = DSP_SELECT_PREFETCH && NST * 2 * chunk * D * (int)sizeof(T) >= NW * PF_FLOATS * 4 ?
+            reinterpret_cast<float*>(stages) + warp * PF_FLOATS : nullptr;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
             const long long row = (long long)g * R + r;
@@ -1013,9 +1044,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #else
             unsigned long long* const tr_row = nullptr;
 #endif
-            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
-                                                             lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
-                                                             lane, tr_row));
+            const int lj = dsp_key_block(dsp_select_row_tops<dsp_score_batch(D)>(
+                scores + row * n_cols, tops + row * n_bat, t0, lcap > 0 ? own : 0, lcap, lane, pf_warp, tr_row));
 #if DSP_ATTN_TRACE
             for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
 #endif
@@ -1028,6 +1058,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 if (jj >= 0) dsp_set_insert(tab, jj);
             }
         }
+#if DSP_ATTN_TMA
+        if (pf_warp != nullptr) dec_fence_proxy_async();  // the scratch's writes before the copies into the stages
+#endif
         __syncthreads();
         DSP_TR_LAP(11);
     }
