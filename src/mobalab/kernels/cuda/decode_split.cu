@@ -785,8 +785,13 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
     const int nb = (n + bw - 1) / bw;
     dsp_key lt = 0;
     bool fresh = true;
-    int pt = -1;    // the batch whose scores this lane loaded early (its best of the first round), -1 none
-    float pv[BW];   // those scores (candidates j < n)
+    int pt = -1;  // the batch whose scores this lane's loads brought early (its best of the first round), -1 none
+    // Load i of lane l brings element x % BW of lane x / BW's batch, x = 32 i + l (consecutive lanes, consecutive
+    // floats of one or two batches: coalesced; loads of one lane's own batch, a float per load, measured 4x longer
+    // in level 1's ranking), from a clamped address where there is no such candidate (the value then unused);
+    // nothing uses these loads before the scratch is written after the ranking.
+    constexpr int PL = BW;  // loads per lane: 32 lanes' batches of BW floats, 32 floats a load
+    float pv[PL];
     for (int c0 = 0; c0 < (nb + 31) / 32; c0 += U) {
         dsp_key kv[U];
 #pragma unroll
@@ -801,7 +806,11 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             for (int u = 0; u < U; ++u) best = kv[u] > best ? kv[u] : best;
             pt = dsp_key_block(best);
 #pragma unroll
-            for (int e = 0; e < BW; ++e) pv[e] = pt >= 0 && pt * BW + e < n ? dsp_ld_score(src + pt * BW + e) : 0.f;
+            for (int i = 0; i < PL; ++i) {
+                const int x = i * 32 + lane, o = x / BW, e = x - o * BW;  // element e of lane o's batch
+                const int to = max(__shfl_sync(DEC_FULL, pt, o), 0);
+                pv[i] = dsp_ld_score(src + min(to * BW + e, n - 1));
+            }
         }
         rank(lt, fresh, kv);
         DSP_SEL_LAP(1);
@@ -809,7 +818,10 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
     if (pf != nullptr) {
         __syncwarp();  // the warp's previous row has read the scratch
 #pragma unroll
-        for (int e = 0; e < BW; ++e) pf[lane * (BW + 1) + e] = pv[e];
+        for (int i = 0; i < PL; ++i) {
+            const int x = i * 32 + lane, o = x / BW;
+            pf[o * (BW + 1) + x - o * BW] = pv[i];
+        }
         __syncwarp();
     }
     // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
