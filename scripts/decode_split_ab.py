@@ -38,8 +38,7 @@ POINTS = {
 BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "DSP_ATTN_WHOLE_COPY"),
                "l2_prefetch": ("attend", "DSP_ATTN_L2_PREFETCH"), "tma": ("attend", "DSP_ATTN_TMA"),
                "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH"),
-               "own_wait": ("moba_decode", "DSP_OWN_WAIT"),  # both launches: the score CTAs release, attention waits
-               "select_prefetch": ("attend", "DSP_SELECT_PREFETCH")}
+               "own_wait": ("moba_decode", "DSP_OWN_WAIT")}  # both launches: the score CTAs release, attention waits
 KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "fused_select", "dependent", "attn_chunk", "attn_stages",
          "page_size", *BUILD_KNOBS)
 

@@ -263,7 +263,7 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
     # the first load of the tops and the selection, and the counter's wait is followed by a CTA barrier
     for wait in ("dec_grid_wait();", "dec_wait_at_least(released + g, (unsigned)n_score);\n        __syncthreads();"):
         wait_at = select_block.index(wait)
-        assert wait_at < select_block.index("dsp_ld_score(tops") < select_block.index("dsp_select_row_tops<")
+        assert wait_at < select_block.index("dsp_ld_score(tops") < select_block.index("dsp_select_row_tops(")
     assert attend.count("dec_grid_wait()") == 1
     # the score CTAs release their kv head's counter after a barrier that follows their last store, early-ending
     # CTAs too

@@ -367,8 +367,6 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
         bufs["scores"].copy_(scores.reshape(-1))
         bufs["tops"].copy_(_batch_tops(scores, lengths, q_len, heads, block, S.score_batch(dim), plan.n_bat)
                            .reshape(-1))
-        released = launches[-1].args[26]  # as the score launch leaves them: every score CTA of a kv head released
-        released.fill_(plan.n_rg * plan.n_range)
         run_emulated(harness, tmp_path, [launches[-1]], seed=seed)
         assert not cache._counters.any()
         return plan, scores, bufs, want
@@ -406,11 +404,10 @@ def test_selection_on_crafted_scores(harness, tmp_path, kind, lengths, block, q_
 
 @pytest.mark.parametrize(("kind", "lengths", "top_k"), [
     ("same-lane", [70_000, 3000], 8), ("ascending", [70_000], 8), ("random", [70_000, 900], 16)])
-def test_selection_from_the_early_loaded_batches(harness, tmp_path, kind, lengths, top_k):
-    """At d 128 the selecting attention CTAs load each lane's best batch of level 1's first round while level 1
-    ranks, and level 2 reads a listed batch from there where its owner lane loaded it; the owner's other listed
-    batches, and those of level 1's second round (4374 blocks: 274 batches of 16), come from the scores: rows whose
-    best batches are all one lane's, rising rows (the best in the second round), random rows."""
+def test_selection_over_two_rounds_of_batch_tops_at_d128(harness, tmp_path, kind, lengths, top_k):
+    """The attention CTAs' selection at d 128 (batches of 16 blocks) where level 1 ranks two rounds of chunks (4374
+    blocks: 274 batches) and one lane holds several of the best batches (batch t is lane t % 32's): rows whose best
+    batches are all lane 0's, rising rows (the best in the second round), random rows."""
     gen = torch.Generator().manual_seed(len(kind) + top_k)
     plan, scores, bufs, want = _select_on_crafted(harness, tmp_path, kind, lengths, 16, 1, 4, 1, top_k, gen, seed=9,
                                                   fused=True, dim=128)

@@ -244,6 +244,14 @@
 // ranges, the score CTAs in two to eight waves so that the CTA scheduler balances the SMs (the scores end later:
 // 128K B 32 k 8 64.2 against 62.5 us a step, 512K 85.6-86.2 against 84.4, 128-block ranges 12-22% slower); each
 // lane's best batch prefetched into L1 (prefetch.global.L1) before level 1 ranks, equal.
+// With each kv head's own release counter, thread 0's row selection split (128K B 32 k 8, cycles): level 1's loads
+// ~2150, its ranking ~1800, level 2's loads ~2750, its ranking ~1750 (the L2 round trips long while the score CTAs
+// and the other kv heads' copies stream). Measured and not kept: each lane's best batch of level 1's first round
+// loaded into registers before level 1 ranks and put into a shared-memory scratch (in the still unused stages) for
+// level 2, so that level 2 reads the listed batches their lanes hold without a round trip: with a lane's own batch a
+// float per load, level 1's ranking took 7450 cycles (its shuffles behind the loads) and the step 1-4 us longer; with
+// coalesced loads (consecutive lanes, consecutive floats) ranking 3040 and level 2's loads still 2350 (the loads had
+// not landed), 0.5-1.7 us longer at eight of nine points.
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
@@ -299,9 +307,6 @@
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
 // phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
-#ifndef DSP_SELECT_PREFETCH            // the selecting CTAs load each lane's best batch's scores during level 1 (0: after)
-#define DSP_SELECT_PREFETCH 1
-#endif
 #ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
 #define DSP_OWN_WAIT 1                 // counter each; 0: for the whole score launch, griddepcontrol.wait)
 #endif
@@ -735,16 +740,10 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
 #else
 #define DSP_SEL_LAP(i) do { } while (0)
 #endif
-// pf: the warp's scratch of 32 * (BW + 1) floats in shared memory, or null. With it each lane loads the scores of its
-// best batch of the first round as soon as level 1's keys are made, so that they arrive during level 1's ranking, and
-// puts them into the scratch; level 2 then reads a batch whose owner lane (batch t is lane t % 32's) holds it from
-// there, and only the others (a lane's second batch in the list, or a later round's) from L2: one round trip to L2
-// fewer on the step's critical path.
-template <int BW>
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
-                                                       const float (&t0)[DSP_SELECT_LOADS], int n, int lcap, int lane,
-                                                       float* pf, [[maybe_unused]] unsigned long long* tr = nullptr) {
-    constexpr int U = DSP_SELECT_LOADS, bw = BW;
+                                                       const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
+                                                       int lane, [[maybe_unused]] unsigned long long* tr = nullptr) {
+    constexpr int U = DSP_SELECT_LOADS;
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
     auto rank = [&](dsp_key& lk, bool& fresh, const dsp_key (&kv)[U]) {
@@ -785,13 +784,6 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
     const int nb = (n + bw - 1) / bw;
     dsp_key lt = 0;
     bool fresh = true;
-    int pt = -1;  // the batch whose scores this lane's loads brought early (its best of the first round), -1 none
-    // Load i of lane l brings element x % BW of lane x / BW's batch, x = 32 i + l (consecutive lanes, consecutive
-    // floats of one or two batches: coalesced; loads of one lane's own batch, a float per load, measured 4x longer
-    // in level 1's ranking), from a clamped address where there is no such candidate (the value then unused);
-    // nothing uses these loads before the scratch is written after the ranking.
-    constexpr int PL = BW;  // loads per lane: 32 lanes' batches of BW floats, 32 floats a load
-    float pv[PL];
     for (int c0 = 0; c0 < (nb + 31) / 32; c0 += U) {
         dsp_key kv[U];
 #pragma unroll
@@ -800,29 +792,8 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
             kv[u] = t < nb ? dsp_make_key(c0 == 0 ? t0[u] : dsp_ld_score(tsrc + t), t) : 0ull;
         }
         DSP_SEL_LAP(0);
-        if (pf != nullptr && c0 == 0) {
-            dsp_key best = 0;
-#pragma unroll
-            for (int u = 0; u < U; ++u) best = kv[u] > best ? kv[u] : best;
-            pt = dsp_key_block(best);
-#pragma unroll
-            for (int i = 0; i < PL; ++i) {
-                const int x = i * 32 + lane, o = x / BW, e = x - o * BW;  // element e of lane o's batch
-                const int to = max(__shfl_sync(DEC_FULL, pt, o), 0);
-                pv[i] = dsp_ld_score(src + min(to * BW + e, n - 1));
-            }
-        }
         rank(lt, fresh, kv);
         DSP_SEL_LAP(1);
-    }
-    if (pf != nullptr) {
-        __syncwarp();  // the warp's previous row has read the scratch
-#pragma unroll
-        for (int i = 0; i < PL; ++i) {
-            const int x = i * 32 + lane, o = x / BW;
-            pf[o * (BW + 1) + x - o * BW] = pv[i];
-        }
-        __syncwarp();
     }
     // Level 2: value v = 32 c + lane is candidate v % bw of the (v / bw)-th batch of the list.
     const int tb = dsp_key_block(lt);  // this lane's batch (lanes beyond the list: none)
@@ -833,12 +804,10 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
         dsp_key kv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int v = 32 * (c0 + u) + lane, sl = v / bw, e = v - sl * bw;
+            const int v = 32 * (c0 + u) + lane, sl = v / bw;
             const int t = __shfl_sync(DEC_FULL, tb, sl & 31);
-            const int j = t * bw + e;
-            const bool held = __shfl_sync(DEC_FULL, pt, t & 31) == t && t >= 0;  // in the owner's scratch row
-            kv[u] = sl < nsel && j < n ?
-                dsp_make_key(pf != nullptr && held ? pf[(t & 31) * (BW + 1) + e] : dsp_ld_score(src + j), j) : 0ull;
+            const int j = t * bw + (v - sl * bw);
+            kv[u] = sl < nsel && j < n ? dsp_make_key(dsp_ld_score(src + j), j) : 0ull;
         }
         DSP_SEL_LAP(2);
         rank(lk, fresh, kv);
@@ -1039,10 +1008,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #endif
         DSP_TR_LAP(9);
         const int lcap = top_k - 1;
-        // the selection's scratch in the stages, which no copy has reached yet (dsp_select_row_tops), where it fits
-        constexpr int PF_FLOATS = 32 * (dsp_score_batch(D) + 1);
-        float* const pf_warp = DSP_SELECT_PREFETCH && NST * 2 * chunk * D * (int)sizeof(T) >= NW * PF_FLOATS * 4 ?
-            reinterpret_cast<float*>(stages) + warp * PF_FLOATS : nullptr;
         for (int r = warp; r < R; r += NW) {
             const int i = r / group, gg = r - i * group, own = (len - q_len + i) / block_size;
             const long long row = (long long)g * R + r;
@@ -1056,8 +1021,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #else
             unsigned long long* const tr_row = nullptr;
 #endif
-            const int lj = dsp_key_block(dsp_select_row_tops<dsp_score_batch(D)>(
-                scores + row * n_cols, tops + row * n_bat, t0, lcap > 0 ? own : 0, lcap, lane, pf_warp, tr_row));
+            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
+                                                             lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
+                                                             lane, tr_row));
 #if DSP_ATTN_TRACE
             for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
 #endif
@@ -1070,9 +1036,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 if (jj >= 0) dsp_set_insert(tab, jj);
             }
         }
-#if DSP_ATTN_TMA
-        if (pf_warp != nullptr) dec_fence_proxy_async();  // the scratch's writes before the copies into the stages
-#endif
         __syncthreads();
         DSP_TR_LAP(11);
     }
