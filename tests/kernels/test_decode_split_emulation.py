@@ -367,6 +367,8 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
         bufs["scores"].copy_(scores.reshape(-1))
         bufs["tops"].copy_(_batch_tops(scores, lengths, q_len, heads, block, S.score_batch(dim), plan.n_bat)
                            .reshape(-1))
+        released = launches[-1].args[26]  # as the score launch leaves them: every score CTA of a kv head released
+        released.fill_(plan.n_rg * plan.n_range)
         run_emulated(harness, tmp_path, [launches[-1]], seed=seed)
         assert not cache._counters.any()
         return plan, scores, bufs, want
