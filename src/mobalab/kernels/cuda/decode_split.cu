@@ -303,13 +303,13 @@
 #define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
 #endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
+#ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
+#define DSP_OWN_WAIT 1                 // counter each; 0: for the whole score launch, griddepcontrol.wait)
+#endif
 
 // A per-CTA timing trace of the attention launch (build option DSP_ATTN_TRACE=1; scripts/decode_attn_trace.py reads
 // it): thread 0 notes %globaltimer at the CTA's start, first item, loop end and end, and clock64 cycles summed per
 // phase of the item loop, into dsp_trace[blockIdx.x] (DSP_TRACE_SLOTS words; the layout is the script's).
-#ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release
-#define DSP_OWN_WAIT 1                 // counter each; 0: for the whole score launch, griddepcontrol.wait)
-#endif
 #ifndef DSP_ATTN_TRACE
 #define DSP_ATTN_TRACE 0
 #endif
@@ -1025,7 +1025,8 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
                                                              lane, tr_row));
 #if DSP_ATTN_TRACE
-            for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
+            if (r == warp)  // the first row, as slot 18
+                for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
 #endif
             if (r == warp) DSP_TR_LAP(10);
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
