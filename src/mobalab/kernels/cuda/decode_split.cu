@@ -149,8 +149,8 @@
 //    bound, its losses the ramp, the SMs' uneven ends and the merge. Adding depth did not help: the item after
 //    the next one prefetched into L2 by the copy engine 0.96-1.0x, more CTAs per kv head (12, 24) 0.89-0.95x,
 //    32-token items at five CTAs per SM 0.95-1.04x.
-// Counters: one per (sequence, kv head) for the attention launch; counters and sets are back to zero when it
-// ends.
+// Counters: one per (sequence, kv head) for the attention launch's completion tickets, and with 2b a second one per
+// (sequence, kv head) that its score CTAs release; counters and sets are back to zero when the attention launch ends.
 //
 // Bytes (HBM) per sequence and kv head, n_p = floor((L - 1) / B) candidate blocks, U = blocks in the union of
 // the kv head's selections: sums 4 * n_p * D * ceil(R / 64) + K, V 2 * 2 * U * B * D (the own block's chunks
