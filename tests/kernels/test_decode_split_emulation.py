@@ -96,32 +96,22 @@ def test_emulated_split_kernels_match_reference(harness, tmp_path, dtype, dim, b
 FUSED_CASES = [c for c in CASES if _fused_fits(c.values)]
 
 
-@pytest.mark.parametrize(_ARGS, FUSED_CASES)
-def test_emulated_fused_selection_matches_reference(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                    lengths, top_k, range_blocks, opts):
-    """Two launches: the score pass with its batch tops, then the attention CTAs selecting themselves (each once its
-    kv head's score CTAs have all released its counter)."""
-    cache, q, top_k, scale, plan, bufs = _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, range_blocks, opts)
-    assert plan.fused_select
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    assert not cache._counters.any()
-
-
-# The selecting attention CTAs built to wait for the whole score launch (DSP_OWN_WAIT=0, griddepcontrol.wait, which
-# the model's in-order launches satisfy) rather than for their own kv head's score CTAs (the default: a release counter
-# per kv head, which every score CTA, early-ending ones too, raises, the model failing a wait on a counter the launch
-# before did not fill, and the kv head's last attention CTA empties; both builds leave the counters zero).
+# The selecting attention CTAs wait for their own kv head's score CTAs by default: a release counter per kv head,
+# which every score CTA, early-ending ones too, raises (the model fails a wait on a counter the launch before did not
+# fill) and the kv head's last attention CTA empties. The build DSP_OWN_WAIT=0 waits for the whole score launch
+# (griddepcontrol.wait, which the model's in-order launches satisfy). Both leave the counters zero.
 harness_grid = harness_fixture("decode_split_harness", _kernel_files, flags=("-DDSP_OWN_WAIT=0",),
                                name="harness_grid")
 
 
+@pytest.mark.parametrize("build", ["harness", "harness_grid"], ids=["own-kv-head-wait", "grid-wait"])
 @pytest.mark.parametrize(_ARGS, FUSED_CASES)
-def test_grid_wait_build_matches_reference(harness_grid, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths,
-                                           top_k, range_blocks, opts):
-    cache, q, top_k, scale, plan, bufs = _run_case(harness_grid, tmp_path, dtype, dim, block, kv_heads, heads, q_len,
-                                                   lengths, top_k, range_blocks, opts)
+def test_emulated_fused_selection_matches_reference(request, tmp_path, build, dtype, dim, block, kv_heads, heads,
+                                                    q_len, lengths, top_k, range_blocks, opts):
+    """Two launches: the score pass with its batch tops, then the attention CTAs selecting themselves (each once its
+    kv head's score CTAs have all released its counter, or, built so, once the score launch has completed)."""
+    cache, q, top_k, scale, plan, bufs = _run_case(request.getfixturevalue(build), tmp_path, dtype, dim, block,
+                                                   kv_heads, heads, q_len, lengths, top_k, range_blocks, opts)
     assert plan.fused_select and plan.n_counters == 2 * len(lengths) * kv_heads
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))

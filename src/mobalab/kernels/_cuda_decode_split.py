@@ -307,6 +307,12 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
                 tops=torch.empty(tops, dtype=torch.float32, device=device))
 
 
+def released_counters(plan: SplitPlan, counters: torch.Tensor) -> torch.Tensor:
+    """The score CTAs' release counters of a ``fused_select`` plan: the second half of its ``n_counters`` counters
+    (the first half: the attention launch's completion tickets)."""
+    return counters[plan.batch * plan.kv_heads:]
+
+
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0) -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
     -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
@@ -365,9 +371,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     tail = (i32(p.block_size), i32(p.top_k), i32(p.n_chunks), i32(p.chunk), i32(p.n_words), i32(p.cpg))
     scale_log2 = np.float32(scale * math.log2(math.e))
     if p.fused_select:  # the select kernel holds the entries and rows in shared memory (no `cached` argument)
-        n_g = p.batch * p.kv_heads  # counters: the completion tickets, then the score CTAs' releases
-        tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat), counters[n_g:],
-                i32(p.n_rg * p.n_range))
+        tail = (*tail, scale_log2, bufs["scores"], bufs["tops"], i32(p.n_cols), i32(p.n_bat),
+                released_counters(p, counters), i32(p.n_rg * p.n_range))
     else:
         tail = (*tail, i32(p.cached), scale_log2)
     t, d = _TYPE_NAMES[q.dtype], p.head_dim
@@ -410,13 +415,14 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
                       select_wpr, attn_chunk, attn_stages, smem, most, fused_select)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
-    if route_only:
-        route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs)] if plan.n_range else []
-        return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
-    work = cache._workspace_counters(plan.n_counters + plan.n_table)
-    counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
-    released = counters[plan.batch * plan.kv_heads:] if plan.fused_select else 0
+    released = 0  # the routing alone releases nothing (no attention launch would empty the counters)
+    if not route_only:
+        work = cache._workspace_counters(plan.n_counters + plan.n_table)
+        counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
+        released = released_counters(plan, counters) if plan.fused_select else 0
     route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, released)] if plan.n_range else []
+    if route_only:
+        return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     if not plan.fused_select:
         route.append(select_launch(plan, cache._len_dev, bufs, table))
     pages = (cache._pages_dev, cache.page_size) if cache.paged else None

@@ -719,6 +719,18 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
 #endif
 }
 
+// The trace build's laps of a row selection: tr holds the clock at the last lap, then the four laps' cycles.
+#if DSP_ATTN_TRACE
+#define DSP_SEL_LAP(i)                                                \
+    do {                                                              \
+        const long long now_ = clock64();                             \
+        tr[1 + (i)] += (unsigned long long)(now_ - (long long)tr[0]); \
+        tr[0] = (unsigned long long)now_;                             \
+    } while (0)
+#else
+#define DSP_SEL_LAP(i) do { } while (0)
+#endif
+
 // One row's selection from the batch tops (the score pass's largest candidate score of every batch of bw consecutive
 // blocks of a row, NaN for none), by one warp, no barrier: the row's best k-1 of its n candidates as a sorted list
 // one key per lane (lanes >= lcap: 0). Level 1 ranks the row's batches by (top desc, batch desc) (batch 32 c + lane
@@ -727,22 +739,9 @@ __device__ __forceinline__ float dsp_ld_score(const float* p) {
 // selection. Exact: let x be one of the true best k-1, in batch c. Were c not among the best k-1 batches, k-1 other
 // batches would rank above it, each holding a candidate y with score(y) = its top >= top(c) >= score(x), and where
 // the scores are equal, a higher batch and so a higher block: k-1 candidates above x.
-// (tr: the trace build's thread 0, its clock and the four laps of the row selection; else null)
-#if DSP_ATTN_TRACE
-#define DSP_SEL_LAP(i)                                      \
-    do {                                                    \
-        if (tr != nullptr) {                                \
-            const long long now_ = clock64();               \
-            tr[1 + (i)] += (unsigned long long)(now_ - (long long)tr[0]); \
-            tr[0] = (unsigned long long)now_;               \
-        }                                                   \
-    } while (0)
-#else
-#define DSP_SEL_LAP(i) do { } while (0)
-#endif
 __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__ src, const float* __restrict__ tsrc,
                                                        const float (&t0)[DSP_SELECT_LOADS], int n, int bw, int lcap,
-                                                       int lane, [[maybe_unused]] unsigned long long* tr = nullptr) {
+                                                       int lane, [[maybe_unused]] unsigned long long* tr) {
     constexpr int U = DSP_SELECT_LOADS;
     // Keys of U chunks of 32 ranked into the sorted list lk (lane s: entry s): the first time, each lane's best by
     // one warp sort and then the lane's others that beat the list's last entry; later, every chunk offered.
@@ -1017,18 +1016,18 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 t0[u] = 32 * u + lane < n_bat ? dsp_ld_score(tops + row * n_bat + 32 * u + lane) : 0.f;
 #if DSP_ATTN_TRACE
             unsigned long long tr_sel[5] = {(unsigned long long)tr_clock, 0ull, 0ull, 0ull, 0ull};
-            unsigned long long* const tr_row = tid == 0 ? tr_sel : nullptr;
 #else
-            unsigned long long* const tr_row = nullptr;
+            unsigned long long* const tr_sel = nullptr;
 #endif
             const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
                                                              lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
-                                                             lane, tr_row));
+                                                             lane, tr_sel));
+            if (r == warp) {  // the first row: slot 18, and its split into slots 20 .. 23
 #if DSP_ATTN_TRACE
-            if (r == warp)  // the first row, as slot 18
                 for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
 #endif
-            if (r == warp) DSP_TR_LAP(10);
+                DSP_TR_LAP(10);
+            }
             const int prev = __shfl_up_sync(DEC_FULL, lj, 1);
             const int jj = lane == 0 ? own : (lane < top_k ? prev : -1);  // entry s = lane of the row
             if (lane < top_k) {
