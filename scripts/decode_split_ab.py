@@ -3,19 +3,19 @@
 Each point (N, batch, B, k; 32 / 8 heads, d 128, bf16, q_len 1, random Gaussian cache) runs the split path's
 step with the plan's own choices and with each variant's overrides of ``split_launches`` (``range_blocks``,
 ``attn_ctas``, ``select_wpr``, ``fused_select=0`` for the three launches, ``dependent=0`` for an ordinary attention
-launch after the score pass, ``stagger=S`` for a score pass of S CTAs per SM walking the kv heads in turn), e.g.
-``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy of the cache (``page_size=P``: the
-same tokens in pages of P tokens, shuffled over the pool; the attend_paged kernel), or with a timing probe of the
-attention launch (``probe=N``: cuda/decode_split.cu's build option DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge;
-wrong outputs, timing only), or with ``whole_copy=0`` (the build option DSP_ATTN_WHOLE_COPY: every row of an item's
-copies tested, as before the whole-item path), or with ``l2_prefetch=0|64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V
-copies' L2 prefetch size hint) or ``score_l2_prefetch=...`` (DSP_SCORE_L2_PREFETCH: the same for the score pass's
-block-sum loads) or ``tma=0|1`` (DSP_ATTN_TMA: K and V by tensor-map bulk copies on mbarriers instead of 16-byte
-cp.async). Every variant is warmed up first, then the variants are timed in alternating order over ``--repeats``
-rounds (the first timing in a process runs slow while the clocks ramp up), each round the median of ``--reps``
-CUDA-graph replays with L2 flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each
-variant's middle two of the sorted round times in us, whether its selection equals the plan's, and how far its output
-is from the plan's (where it is not equal).
+launch after the score pass), e.g. ``--variants range_blocks=128 attn_ctas=8 select_wpr=4``, or over a paged copy
+of the cache (``page_size=P``: the same tokens in pages of P tokens, shuffled over the pool; the attend_paged
+kernel), or with a timing probe of the attention launch (``probe=N``: cuda/decode_split.cu's build option
+DSP_ATTN_PROBE; 1 no math, 2 no copies, 3 no merge; wrong outputs, timing only), or with ``whole_copy=0`` (the
+build option DSP_ATTN_WHOLE_COPY: every row of an item's copies tested, as before the whole-item path), or with
+``l2_prefetch=0|64|128|256`` (DSP_ATTN_L2_PREFETCH: the K / V copies' L2 prefetch size hint) or
+``score_l2_prefetch=...`` (DSP_SCORE_L2_PREFETCH: the same for the score pass's block-sum loads) or ``tma=0|1``
+(DSP_ATTN_TMA: K and V by tensor-map bulk copies on mbarriers instead of 16-byte cp.async). Every variant is
+warmed up first, then the variants are timed in alternating order over ``--repeats`` rounds (the first timing in
+a process runs slow while the clocks ramp up), each round the median of ``--reps`` CUDA-graph replays with L2
+flushed before every replay (``mobalab.bench.decode.time_step``). Printed per point: each variant's middle two
+of the sorted round times in us, whether its selection equals the plan's, and how far its output is from the
+plan's (where it is not equal).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ BUILD_KNOBS = {"probe": ("attend", "DSP_ATTN_PROBE"), "whole_copy": ("attend", "
                "score_l2_prefetch": ("route_score", "DSP_SCORE_L2_PREFETCH"),
                "own_wait": ("moba_decode", "DSP_OWN_WAIT")}  # both launches: the score CTAs release, attention waits
 KNOBS = ("range_blocks", "attn_ctas", "select_wpr", "fused_select", "dependent", "attn_chunk", "attn_stages",
-         "stagger", "page_size", *BUILD_KNOBS)
+         "page_size", *BUILD_KNOBS)
 
 
 def parse_variant(text: str) -> dict:

@@ -350,44 +350,6 @@ def test_benchmark_shaped_step(poisoned_empty, kernel, block, top_k):
     assert torch.equal(bufs["sel"], sel) and int(cache._counters.abs().sum()) == 0
 
 
-@pytest.mark.parametrize(("block", "top_k"), [(32, 8), (128, 8)])
-@pytest.mark.parametrize("stagger", [1, 2])
-def test_staggered_score_pass_gives_the_same_step(poisoned_empty, block, top_k, stagger):
-    """Batch 8, 32 / 8 heads, d 128, 64K tokens (ragged): the score pass staggered over the kv heads (a few CTAs
-    per SM walking every range kv head after kv head, the selecting attention CTAs waiting for each kv head's
-    releases) writes the same selection, outputs and LSE, bit for bit, as one score CTA per range, three times in
-    a row (the counters empty again)."""
-    from mobalab.kernels._cuda_decode import run
-    from mobalab.kernels._cuda_decode_split import split_launches
-
-    gen = torch.Generator(device=DEVICE).manual_seed(block + stagger)
-    batch, kv_heads, heads, dim, n = 8, 8, 32, 128, 1 << 16
-    lengths = [n - 1 - 977 * i for i in range(batch)]
-    cache = MobaKVCache(batch, kv_heads, dim, block, n, dtype=torch.bfloat16, device=DEVICE)
-    cache.prefill(_rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen),
-                  _rand((batch, n - 1, kv_heads, dim), torch.bfloat16, gen), lengths=lengths)
-    cache.append(_rand((batch, 1, kv_heads, dim), torch.bfloat16, gen), _rand((batch, 1, kv_heads, dim),
-                                                                               torch.bfloat16, gen))
-    q = _rand((batch, 1, heads, dim), torch.bfloat16, gen)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    steps = {}
-    for label, opts in (("ranges", {}), ("stagger", dict(stagger=stagger))):
-        with poisoned_empty():
-            plan, bufs, launches = split_launches(q, cache, top_k, 1.0 / math.sqrt(dim), sm_count=sms, **opts)
-        assert plan.fused_select and bool(plan.stagger_ctas) == (label == "stagger")
-        if plan.stagger_ctas:
-            assert plan.n_score_ctas == sms * stagger < plan.n_score_items and "stagger" in launches[0].kernel
-        for _ in range(3):
-            for launch in launches:
-                run(launch, 0)
-            torch.cuda.synchronize()
-            got = tuple(bufs[x].clone() for x in ("sel", "out", "lse"))
-            assert all(torch.equal(a, b) for a, b in zip(got, steps.setdefault(label, got), strict=True))
-            assert int(cache._counters.abs().sum()) == 0
-    assert all(torch.equal(a, b) for a, b in zip(steps["ranges"], steps["stagger"], strict=True))
-    assert not torch.isnan(steps["stagger"][1].float()).any()
-
-
 @pytest.mark.parametrize(("block", "top_k", "n"), [(64, 8, 128 * 1024), (16, 16, 128 * 1024 + 40)])
 def test_split_routing_at_128k(poisoned_empty, block, top_k, n):
     """The split path's score and select launches alone at 128K tokens (2047 and 8194 candidate blocks, so

@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _background import background_fixture, scratch_dir  # noqa: E402
 from _ptxas_report import entry_report  # noqa: E402
 
-SCORE = [f"moba_decode_route_score_{x}{t}_d{d}" for x in ("", "tops_", "stagger_") for t in ("bf16", "fp16")
-         for d in (64, 128)]
+SCORE = [f"moba_decode_route_score_{x}{t}_d{d}" for x in ("", "tops_") for t in ("bf16", "fp16") for d in (64, 128)]
 SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{x}{t}_d{d}" for p in ("", "paged_") for x in ("", "select_")
           for t in ("bf16", "fp16") for d in (64, 128)]

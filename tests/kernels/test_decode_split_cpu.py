@@ -253,7 +253,6 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
 
     text = source("decode_split.cu")
     for macro, trigger, wait in (("MOBA_DECODE_SCORE_TOPS_KERNEL", True, False),
-                                 ("MOBA_DECODE_SCORE_STAGGER_KERNEL", True, False),
                                  ("MOBA_DECODE_SCORE_KERNEL", False, False)):
         body = text[text.index(f"#define {macro}("):]
         body = body[:body.index("\n\n")]
@@ -267,14 +266,9 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
         assert wait_at < select_block.index("dsp_ld_score(tops") < select_block.index("dsp_select_row_tops(")
     assert attend.count("dec_grid_wait()") == 1
     # the score CTAs release their kv head's counter after a barrier that follows their last store, early-ending
-    # CTAs too; the staggered ones once per item, after the barrier that closes the item's batches
+    # CTAs too
     score = text[text.index("__device__ __forceinline__ void dsp_score("):]
     score = score[:score.index("\n}\n")]
     assert score.count("dec_release_add(released + bk)") == 2
     assert score.rindex("__syncthreads();\n        if (tid == 0) dec_release_add(released + bk);") > \
-        score.rindex("dsp_score_rows<")
-    stagger = text[text.index("__device__ __forceinline__ void dsp_score_stagger("):]
-    stagger = stagger[:stagger.index("\n}\n")]
-    assert stagger.count("dec_release_add(released + bk)") == 1
-    release = stagger.index("__syncthreads();  // every warp's stores of this item are done")
-    assert stagger.rindex("dsp_score_rows<") < release < stagger.index("dec_release_add(released + bk)")
+        score.rindex("tops[")

@@ -118,41 +118,6 @@ def test_emulated_fused_selection_matches_reference(request, tmp_path, build, dt
     assert not cache._counters.any()
 
 
-# The staggered score pass: a few CTAs (2 on this 2-SM plan) walk every (kv head, range) item kv head after kv head,
-# crossing kv heads inside a CTA (own blocks and query rows staged again), items beyond a short sequence's candidates
-# (released without scores), items of several passes, and items of other sequences' lengths.
-STAGGER_CASES = [
-    pytest.param((BF, 128, 16, 2, 8, 1, [1500, 333], 8, None, {}), id="gqa4-ragged-four-kv-heads"),
-    pytest.param((FP, 64, 16, 2, 4, 2, [5000, 100, 2600], 4, None, {}), id="qlen2-empty-ranges"),
-    pytest.param((BF, 64, 16, 1, 2, 1, [80_020, 2100], 8, 1280, {}), id="five-passes-per-item"),
-    pytest.param((BF, 64, 16, 1, 2, 1, [1400], 16, 32, dict(ties=True)), id="exact-ties-across-items"),
-    pytest.param((FP, 64, 32, 1, 2, 3, [700, 45, 260], 4, None, dict(page_size=128)), id="paged"),
-]
-
-
-@pytest.mark.parametrize("build", ["harness", "harness_grid"], ids=["own-kv-head-wait", "grid-wait"])
-@pytest.mark.parametrize("case", STAGGER_CASES)
-def test_emulated_staggered_score_pass_matches_reference(request, tmp_path, build, case):
-    """The score pass staggered over the kv heads (fewer CTAs than items, each walking its items in turn): the
-    step matches the reference, every kv head's counter gets its ranges' releases, and the counters end zero."""
-    cache, q, top_k, scale, plan, bufs = _run_case(request.getfixturevalue(build), tmp_path, *case, stagger=1,
-                                                   sm_count=2)
-    assert plan.fused_select and 0 < plan.n_score_ctas == plan.stagger_ctas < plan.n_score_items
-    dtype, dim, block, kv_heads, heads, q_len, lengths, _, _, opts = case
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    assert not cache._counters.any()
-
-
-def test_staggered_score_pass_needs_the_selecting_attention():
-    with pytest.raises(ValueError, match="stagger = 1 needs the selection inside the attention launch"):
-        S.plan_split(2, 1, 8, 2, 128, 16, 8, 1500, 100, 1600, stagger=1, fused_select=False)
-    with pytest.raises(ValueError, match="one score row group"):
-        S.plan_split(1, 16, 16, 1, 64, 16, 4, 1500, 100, 1600, stagger=1)  # 256 rows: no selecting attention
-    plan = S.plan_split(8, 1, 32, 8, 128, 128, 8, 128 * 1024, 1024, 128 * 1024, stagger=1)
-    assert plan.range_blocks == S.WARPS * S.score_batch(128) and plan.n_score_ctas == 132 < plan.n_score_items
-
-
 ATTN_CASES = [
     # (case, attention CTAs per kv head): several items per CTA (the next chunk in flight while one is computed),
     # strides that are and are not multiples of the chunks per block

@@ -189,16 +189,10 @@ class SplitPlan(StepShape):
     attn_smem: int
     fused_select: bool = False  # no select launch: the attention CTAs select from the score pass's batch tops
     n_bat: int = 1  # batch tops per row: score batches of score_batch(head_dim) blocks over n_cols
-    stagger_ctas: int = 0  # score CTAs of a staggered score pass walking all n_score_items (0: one CTA per item)
-
-    @property
-    def n_score_items(self) -> int:
-        """Score items: (sequence, kv head, row group, range of ``range_blocks`` candidate blocks)."""
-        return self.batch * self.kv_heads * self.n_rg * self.n_range
 
     @property
     def n_score_ctas(self) -> int:
-        return self.stagger_ctas or self.n_score_items
+        return self.batch * self.kv_heads * self.n_rg * self.n_range
 
     @property
     def n_select_ctas(self) -> int:
@@ -225,7 +219,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                range_blocks: int | None = None, attn_ctas: int | None = None,
                select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
                smem_per_sm: int = SMEM_PER_SM, attn_most: int = ATTN_MIN_CTAS,
-               fused_select: bool | None = None, stagger: int | None = None) -> SplitPlan:
+               fused_select: bool | None = None) -> SplitPlan:
     r"""The launch sizes for one step over sequences of at most ``max_length`` tokens (pure arithmetic).
 
     Scores: the :math:`n_c = \lfloor(L-1)/B\rfloor` candidate blocks of the longest sequence in ranges of
@@ -242,10 +236,6 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     H200 at 32K, batch 64, 0.425 ms with one CTA per kv head in 1.3 waves against 0.330 with four), at most one
     per item. ``attn_chunk`` and ``attn_stages``: the attention kernel's most tokens per item and its stages (its
     DSP_ATTN_CHUNK, DSP_ATTN_STAGES; other than the defaults only for a kernel built with them).
-    ``stagger``: with ``fused_select``, the score pass staggered over the kv heads (``route_score_stagger``): that
-    many score CTAs per SM walk items of one pass (:data:`WARPS` batches) each, kv head after kv head, so that the
-    kv heads' scores complete one after another and the selecting attention CTAs (placed beside the score CTAs where
-    an SM's registers allow) start under the later kv heads' streaming (0 or None: one score CTA per range).
     """
     group = heads // kv_heads
     rows = group * q_len
@@ -256,9 +246,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
     if top_k == 1 or n_cand == 0:
         n_range, per_range = 0, max(1, n_cand)
     else:
-        if range_blocks is None and stagger:
-            range_blocks = pass_blocks
-        elif range_blocks is None:
+        if range_blocks is None:
             passes = math.ceil(n_cand / pass_blocks)
             ranges = max(1, sm_count * SCORE_MIN_CTAS // (batch * kv_heads * n_rg))  # per row group, one wave
             per = min(SCORE_MAX_PASSES, math.ceil(passes / ranges))
@@ -291,12 +279,6 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                          f"(range_blocks = {per_range}, {n_range} ranges), the kv head's entries and query rows "
                          f"in shared memory (cached = {cached}), at most {FUSED_MAX_ROWS} rows per kv head "
                          f"({rows}) and the attention CTAs in one wave ({batch * kv_heads * attn_ctas})")
-    stagger_ctas = 0
-    if stagger:
-        if not fused_select or n_rg != 1:
-            raise ValueError(f"plan_split: stagger = {stagger} needs the selection inside the attention launch "
-                             f"(fused_select = {bool(fused_select)}) and one score row group ({n_rg})")
-        stagger_ctas = min(sm_count * stagger, batch * kv_heads * n_range)
     if select_wpr is None:
         select_wpr = select_warps(max(1, n_cand))
     elif select_wpr not in (1, 2, 4, 8):
@@ -307,8 +289,7 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      n_cols=max(1, n_cand), chunk=chunk, n_chunks=block_size // chunk,
                      select_wpr=select_wpr, n_words=n_words, cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
-                     attn_smem=attn_smem, fused_select=bool(fused_select), n_bat=max(1, math.ceil(n_cand / bw)),
-                     stagger_ctas=stagger_ctas)
+                     attn_smem=attn_smem, fused_select=bool(fused_select), n_bat=max(1, math.ceil(n_cand / bw)))
     if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
         raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
                          f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
@@ -336,17 +317,13 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0) -> L
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
     -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
     kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
-    per range to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again;
-    0, a null pointer: no counting, for the routing alone); with the plan's ``stagger_ctas`` the ``route_score_stagger``
-    kernel, the same outputs from that many CTAs walking the ranges kv head after kv head."""
+    to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
+    null pointer: no counting, for the routing alone)."""
     p, i32 = plan, np.int32
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
             i32(p.n_cols))
-    if p.stagger_ctas:
-        name = f"moba_decode_route_score_stagger_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-        args = (*args[:9], *args[11:], bufs["tops"], i32(p.n_bat), released, i32(p.n_score_items))
-    elif p.fused_select:
+    if p.fused_select:
         name = f"moba_decode_route_score_tops_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*args, bufs["tops"], i32(p.n_bat), released)
     else:
@@ -413,7 +390,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None, dependent: bool | None = None, stagger: int | None = None):
+                   fused_select: bool | None = None, dependent: bool | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -426,7 +403,6 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
     later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for their kv head's
     scores; None, the default: so wherever the plan selects in the attention launch).
-    ``stagger``: score CTAs per SM of a staggered score pass (:func:`plan_split`; None or 0: none).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -436,7 +412,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         else SMEM_PER_SM
     plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
                       cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most, fused_select, stagger)
+                      select_wpr, attn_chunk, attn_stages, smem, most, fused_select)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     released = 0  # the routing alone releases nothing (no attention launch would empty the counters)

@@ -26,12 +26,6 @@ using harness::P;
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), P<float>(a[14]),      \
               I(a[15]), P<unsigned>(a[16]));                                                                     \
      }}}
-#define SCORE_STAGGER(NAME, T)                                                                                  \
-    {#NAME, {16, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
-              I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), P<float>(a[12]), I(a[13]),                \
-              P<unsigned>(a[14]), I(a[15]));                                                                     \
-     }}}
 #define ATTEND(NAME, T)                                                                                         \
     {#NAME, {25, [](const std::vector<Arg>& a) {                                                                \
          NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<const int>(a[4]),      \
@@ -69,7 +63,6 @@ using harness::P;
 const harness::Kernels kKernels = {
     EACH_TYPE(SCORE, moba_decode_route_score),
     EACH_TYPE(SCORE_TOPS, moba_decode_route_score_tops),
-    EACH_TYPE(SCORE_STAGGER, moba_decode_route_score_stagger),
     {"moba_decode_route_select", {12, [](const std::vector<Arg>& a) {
          moba_decode_route_select(P<const float>(a[0]), P<const int>(a[1]), P<int>(a[2]), P<int>(a[3]), I(a[4]),
                                   I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]));

@@ -459,86 +459,6 @@ __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_s
 // d 128, 32 at d 64; a batch top covers that many blocks of a row.
 __host__ __device__ constexpr int dsp_score_batch(int d) { return 4 * (DSP_SCORE_LOADS / (d / 32)); }
 
-template <int D>
-struct dsp_score_shape {
-    static constexpr int NV = D / 32;                // float4 vectors of one lane's slice of a block sum
-    static constexpr int NP = DSP_SCORE_LOADS / NV;  // block sums per lane and batch
-    static constexpr int BW = 4 * NP;                // block sums per warp batch (4 per pass of 8 lanes each)
-    static_assert(BW == dsp_score_batch(D), "one batch size for the score pass and the selection from its tops");
-    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
-};
-
-// A warp's batch of block sums from base: lane (sub, part) holds the float4 vectors m * 8 + part of block sums
-// base + p * 4 + sub (clamped into the range: the loads stay unconditional, the stores are guarded).
-template <int D>
-__device__ __forceinline__ void dsp_score_load(float4 (&sv)[dsp_score_shape<D>::NP][dsp_score_shape<D>::NV],
-                                               const float* __restrict__ bsum, int base, int j_hi, int sub,
-                                               int part) {
-#pragma unroll
-    for (int p = 0; p < dsp_score_shape<D>::NP; ++p) {
-        const int jb = min(base + p * 4 + sub, j_hi - 1);
-        const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
-#pragma unroll
-        for (int m = 0; m < dsp_score_shape<D>::NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
-    }
-}
-
-// A row group's own blocks and query rows (fp32) into shared memory, by the CTA's threads.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_score_stage(const T* __restrict__ q, int* own, float* qs, int len, int b,
-                                                int kvh, int q_len, int heads, int group, int block_size, int r0,
-                                                int nr, int tid) {
-    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
-    for (int y = tid; y < nr * D; y += DSP_THREADS) {
-        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
-        qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
-    }
-}
-
-// One batch of a warp, blocks base + 0 .. BW - 1 below j_hi, scored for the nr rows of the group: s_j = q . S_j
-// into srow (row stride n_cols), NaN where j is not a candidate of the row (j >= its own block); with TOPS the
-// batch's top per row into trow (row stride n_bat).
-template <int D, bool TOPS>
-__device__ __forceinline__ void dsp_score_rows(const float4 (&sv)[dsp_score_shape<D>::NP][dsp_score_shape<D>::NV],
-                                               const float* qs, const int* own, int nr, int base, int j_hi,
-                                               float* __restrict__ srow, int n_cols, float* __restrict__ trow,
-                                               int n_bat, int lane) {
-    constexpr int NV = dsp_score_shape<D>::NV, NP = dsp_score_shape<D>::NP, BW = dsp_score_shape<D>::BW;
-    const int sub = lane >> 3, part = lane & 7;
-    const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
-    const bool store = part < NP && j < j_hi;
-    for (int rr = 0; rr < nr; ++rr) {
-        float4 qv[NV];
-#pragma unroll
-        for (int m = 0; m < NV; ++m) qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
-        float acc[NP];
-#pragma unroll
-        for (int p = 0; p < NP; ++p) {
-            acc[p] = 0.f;
-#pragma unroll
-            for (int m = 0; m < NV; ++m)
-                acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
-        }
-#pragma unroll
-        for (int off = 1; off < 8; off <<= 1) {
-#pragma unroll
-            for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
-        }
-        float mine = acc[0];
-#pragma unroll
-        for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
-        if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
-        if constexpr (TOPS) {  // the batch's top: its candidates' largest score (every lane of a sub holds
-            float top = dec_nan();  // its acc; fmaxf skips NaN, so NaN only where there is no candidate)
-#pragma unroll
-            for (int p = 0; p < NP; ++p) top = base + p * 4 + sub < own[rr] ? fmaxf(top, acc[p]) : top;
-            top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 8));
-            top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 16));
-            if (lane == 0) trow[(long long)rr * n_bat + base / BW] = top;
-        }
-    }
-}
-
 // Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
 template <typename T, int D, bool TOPS>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
@@ -546,7 +466,11 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols,
                                           float* __restrict__ tops, int n_bat, unsigned* __restrict__ released) {
-    constexpr int NV = dsp_score_shape<D>::NV, NP = dsp_score_shape<D>::NP, BW = dsp_score_shape<D>::BW;
+    constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
+    constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
+    constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
+    static_assert(BW == dsp_score_batch(D), "one batch size for the score pass and the selection from its tops");
+    static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int item = blockIdx.x;
@@ -570,21 +494,66 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
     const float* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
+    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
+    // range: the loads stay unconditional, the stores are guarded).
     float4 sv[NP][NV];
+    auto load = [&](int base) {
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+            const int jb = min(base + p * 4 + sub, j_hi - 1);
+            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
+#pragma unroll
+            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
+        }
+    };
     int base = j_lo + warp * BW;
-    if (base < j_hi) dsp_score_load<D>(sv, bsum, base, j_hi, sub, part);
+    if (base < j_hi) load(base);
     // Own blocks and query rows after the first batch's loads are issued: their loads wait behind them.
-    dsp_score_stage<T, D>(q, own, qs, len, b, kvh, q_len, heads, group, block_size, r0, nr, tid);
+    for (int rr = tid; rr < nr; rr += DSP_THREADS) own[rr] = (len - q_len + (r0 + rr) / group) / block_size;
+    for (int y = tid; y < nr * D; y += DSP_THREADS) {
+        const int rr = y / D, e = y - rr * D, r = r0 + rr, i = r / group, g = r - i * group;
+        qs[y] = dec_to_float(q[((long long)(b * q_len + i) * heads + kvh * group + g) * D + e]);
+    }
     __syncthreads();  // the only barrier: from here every warp streams its batches on its own
 
     float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-    float* trow = TOPS ? tops + ((long long)bk * rows + r0) * n_bat : nullptr;
     for (; base < j_hi; base += DSP_WARPS * BW) {
-        dsp_score_rows<D, TOPS>(sv, qs, own, nr, base, j_hi, srow, n_cols, trow, n_bat, lane);
+        const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
+        const bool store = part < NP && j < j_hi;
+        for (int rr = 0; rr < nr; ++rr) {
+            float4 qv[NV];
+#pragma unroll
+            for (int m = 0; m < NV; ++m) qv[m] = *reinterpret_cast<const float4*>(qs + rr * D + (m * 8 + part) * 4);
+            float acc[NP];
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+                acc[p] = 0.f;
+#pragma unroll
+                for (int m = 0; m < NV; ++m)
+                    acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
+            }
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) {
+#pragma unroll
+                for (int p = 0; p < NP; ++p) acc[p] += __shfl_xor_sync(DEC_FULL, acc[p], off);
+            }
+            float mine = acc[0];
+#pragma unroll
+            for (int p = 1; p < NP; ++p) mine = part == p ? acc[p] : mine;
+            if (store) srow[(long long)rr * n_cols + j] = j < own[rr] ? mine : dec_nan();
+            if constexpr (TOPS) {  // the batch's top: its candidates' largest score (every lane of a sub holds
+                float top = dec_nan();  // its acc; fmaxf skips NaN, so NaN only where there is no candidate)
+#pragma unroll
+                for (int p = 0; p < NP; ++p) top = base + p * 4 + sub < own[rr] ? fmaxf(top, acc[p]) : top;
+                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 8));
+                top = fmaxf(top, __shfl_xor_sync(DEC_FULL, top, 16));
+                if (lane == 0) tops[((long long)bk * rows + r0 + rr) * n_bat + base / BW] = top;
+            }
+        }
 #if DSP_ROUTE_TRACE
         if (base == j_lo + warp * BW) DSP_RT_STAMP(dsp_score_trace, 2);
 #endif
-        if (base + DSP_WARPS * BW < j_hi) dsp_score_load<D>(sv, bsum, base + DSP_WARPS * BW, j_hi, sub, part);
+        if (base + DSP_WARPS * BW < j_hi) load(base + DSP_WARPS * BW);
     }
 #if DSP_ROUTE_TRACE
     __syncthreads();
@@ -598,74 +567,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     if (DSP_OWN_WAIT && released != nullptr) {  // this CTA's scores and tops are written: one release of its kv head
         __syncthreads();
         if (tid == 0) dec_release_add(released + bk);
-    }
-}
-
-// The staggered score pass (2c): gridDim.x CTAs (a few per SM, all resident) walk the n_items items (kv head bk,
-// range x) in the order item = bk * n_range + x, CTA c taking items c, c + gridDim.x, ..., so that the kv heads'
-// scores complete one after another (about gridDim.x / n_range kv heads per round) instead of all at the end, and a
-// completed kv head's selecting attention CTAs (placed beside the score CTAs where the SM's registers allow) start
-// while the later kv heads stream. One row group per kv head (rows <= 64; the selecting plans have <= 8). Per item:
-// the warps stream its batches as dsp_score does; before the item's closing barrier each warp issues its first
-// loads of the next item (and the next sequence's length was loaded before the item's math), then thread 0
-// releases the item's kv head (red.release.gpu after the barrier: every warp's stores of the item are done), and
-// where the next item is another kv head's the CTA stages that kv head's own blocks and query rows (a second
-// barrier). Same scores, tops and releases per kv head (n_range) as dsp_score with one CTA per item.
-template <typename T, int D>
-__device__ __forceinline__ void dsp_score_stagger(const T* __restrict__ q, const float* __restrict__ sums,
-                                                  const int* __restrict__ lengths, float* __restrict__ scores,
-                                                  int q_len, int heads, int kv_heads, int n_blocks_cap,
-                                                  int block_size, int n_range, int range_blocks, int n_cols,
-                                                  float* __restrict__ tops, int n_bat,
-                                                  unsigned* __restrict__ released, int n_items) {
-    constexpr int NV = dsp_score_shape<D>::NV, NP = dsp_score_shape<D>::NP, BW = dsp_score_shape<D>::BW;
-    DEC_DYNAMIC_SMEM(smem);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, sub = lane >> 3, part = lane & 7;
-    const int group = heads / kv_heads, rows = group * q_len;
-    int item = blockIdx.x;
-    if (item >= n_items) return;
-    int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
-    float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rows));
-    int bk = item / n_range;
-    int len = lengths[bk / kv_heads];
-    int j_hi = min((item - bk * n_range + 1) * range_blocks, (len - 1) / block_size);
-    int base = (item - bk * n_range) * range_blocks + warp * BW;
-    float4 sv[NP][NV];
-    if (base < j_hi) dsp_score_load<D>(sv, sums + (long long)bk * n_blocks_cap * D, base, j_hi, sub, part);
-    dsp_score_stage<T, D>(q, own, qs, len, bk / kv_heads, bk % kv_heads, q_len, heads, group, block_size, 0, rows,
-                          tid);
-    __syncthreads();
-    for (;;) {
-        const int next = item + gridDim.x;
-        const int nbk = next < n_items ? next / n_range : bk;
-        const int nlen = nbk != bk ? lengths[nbk / kv_heads] : len;  // in flight under this item's math
-        const float* bsum = sums + (long long)bk * n_blocks_cap * D;
-        float* srow = scores + (long long)bk * rows * n_cols;
-        float* trow = tops + (long long)bk * rows * n_bat;
-        for (; base < j_hi; base += DSP_WARPS * BW) {
-            dsp_score_rows<D, true>(sv, qs, own, rows, base, j_hi, srow, n_cols, trow, n_bat, lane);
-            if (base + DSP_WARPS * BW < j_hi) dsp_score_load<D>(sv, bsum, base + DSP_WARPS * BW, j_hi, sub, part);
-        }
-        int nj_hi = 0;
-        if (next < n_items) {  // the next item's first loads, before the barrier
-            const int nx = next - nbk * n_range;
-            nj_hi = min((nx + 1) * range_blocks, (nlen - 1) / block_size);
-            base = nx * range_blocks + warp * BW;
-            if (base < nj_hi)
-                dsp_score_load<D>(sv, sums + (long long)nbk * n_blocks_cap * D, base, nj_hi, sub, part);
-        }
-        __syncthreads();  // every warp's stores of this item are done (and own / qs free for the next kv head)
-        if (DSP_OWN_WAIT && released != nullptr && tid == 0) dec_release_add(released + bk);
-        if (next >= n_items) return;
-        if (nbk != bk) {
-            dsp_score_stage<T, D>(q, own, qs, nlen, nbk / kv_heads, nbk % kv_heads, q_len, heads, group, block_size,
-                                  0, rows, tid);
-            __syncthreads();
-        }
-        item = next;
-        bk = nbk;
-        len = nlen;
-        j_hi = nj_hi;
     }
 }
 
@@ -1622,18 +1523,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                           rows_per_group, n_range, range_blocks, n_cols, tops, n_bat, released);                  \
   }
 
-// The staggered score kernel (2c): gridDim.x CTAs over n_items items; the same outputs as the tops kernel.
-#define MOBA_DECODE_SCORE_STAGGER_KERNEL(NAME, T, D)                                                              \
-  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
-      float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size,           \
-      int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,                             \
-      unsigned* __restrict__ released, int n_items) {                                                             \
-    dec_grid_launch_dependents(); /* the dependent attention launch's CTAs take what the score CTAs leave free */ \
-    dsp_score_stagger<T, D>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_range,  \
-                            range_blocks, n_cols, tops, n_bat, released, n_items);                                \
-  }
-
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
@@ -1711,10 +1600,6 @@ MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_bf16_d64,            
 MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_bf16_d128,              __nv_bfloat16,  128)
 MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_fp16_d64,               __half,          64)
 MOBA_DECODE_SCORE_TOPS_KERNEL(moba_decode_route_score_tops_fp16_d128,              __half,         128)
-MOBA_DECODE_SCORE_STAGGER_KERNEL(moba_decode_route_score_stagger_bf16_d64,         __nv_bfloat16,   64)
-MOBA_DECODE_SCORE_STAGGER_KERNEL(moba_decode_route_score_stagger_bf16_d128,        __nv_bfloat16,  128)
-MOBA_DECODE_SCORE_STAGGER_KERNEL(moba_decode_route_score_stagger_fp16_d64,         __half,          64)
-MOBA_DECODE_SCORE_STAGGER_KERNEL(moba_decode_route_score_stagger_fp16_d128,        __half,         128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d64,                             __nv_bfloat16,   64)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_bf16_d128,                            __nv_bfloat16,  128)
 MOBA_DECODE_ATTEND_KERNEL(moba_decode_attend_fp16_d64,                             __half,          64)
