@@ -252,6 +252,18 @@
 // float per load, level 1's ranking took 7450 cycles (its shuffles behind the loads) and the step 1-4 us longer; with
 // coalesced loads (consecutive lanes, consecutive floats) ranking 3040 and level 2's loads still 2350 (the loads had
 // not landed), 0.5-1.7 us longer at eight of nine points.
+// Measured with the own wait and not kept: the score pass staggered over the kv heads, so that their scores complete
+// one after another and a completed kv head's selection and copies run under the later kv heads' streaming (a few
+// score CTAs per SM, all resident, walking items (kv head, range of one pass) kv head after kv head, CTA c taking
+// items c, c + gridDim.x, ...; each item's next loads issued before a closing CTA barrier, then one release per item;
+// the same scores, tops and selections bit for bit). With one score CTA per SM (8 score warps; two selecting
+// attention CTAs fit beside it: 30 K + 2 x 15 K of the SM's 64 K registers) the step was 512K 117.8 against 82.8 us,
+// 128K B 32 k 8 94.3 / 60.0, B 64 k 4 60.4 / 43.0; with two score CTAs per SM (none fits beside them: the order alone)
+// 97.0 / 74.6 / 50.4; with items of four passes (a quarter of the barriers) 93.2 / 71.7 / 47.5 and 84.8 / 62.5 /
+// 43.2. So the streaming needs its 16 warps per SM of register-held loads (half of them cost more than the overlap
+// gives), and a CTA barrier per pass adds the slowest warp's load latency to every pass. A staggered pass would need
+// its bytes in flight outside the registers (bulk copies of whole batches into shared memory by one thread), so that
+// attention CTAs fit beside streaming that keeps its rate.
 //
 // Element conversion, the copies and loads, NaN / -inf and the dynamic shared memory come from decode_common.cuh
 // (shared with decode.cu), ldmatrix and mma.sync from ptx.cuh (shared with every kernel); under
