@@ -13,27 +13,11 @@ import sys
 
 import torch
 
+from mobalab.bench.attention import kernel_times
+
 K = 1024
 POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B64": (64 * K, 64),
           "64K-B32": (64 * K, 32), "512K": (512 * K, 128)}
-
-
-def kernel_times(fn) -> dict[str, tuple[float, int]]:
-    """{kernel name: (ms, launches)} of one call of ``fn`` after three warm-up calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t > 0:
-            out[ev.key[:72]] = (t / 1e3, ev.count)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 
 def _call(n: int, block: int, top_k: int, backward: bool):
@@ -70,7 +54,7 @@ def main(argv=None) -> int:
         p.error("needs a CUDA GPU")
     for name in points:
         n, block = POINTS[name]
-        times = kernel_times(_call(n, block, args.top_k, args.backward))
+        times = kernel_times(_call(n, block, args.top_k, args.backward), warmup=3)
         print(f"== {name} (N {n}, B {block}, k {args.top_k}) {'forward + backward' if args.backward else 'forward'}: "
               f"sum {sum(t for t, _ in times.values()):.3f} ms", flush=True)
         for kernel, (ms, count) in times.items():

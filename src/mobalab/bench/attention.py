@@ -236,11 +236,13 @@ def _dense(backend, qt, kt, vt):
     return run
 
 
-def kernel_breakdown(fn) -> dict:
-    """GPU time (ms) per kernel name over one call, from the torch profiler (CuPy kernels included)."""
+def kernel_times(fn, warmup: int = 1) -> dict[str, tuple[float, int]]:
+    """{kernel name: (GPU ms, launches)} over one call of ``fn`` after ``warmup`` calls, from the torch profiler
+    (CuPy kernels included), largest first; each kernel's own time, so no gaps between launches."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -249,8 +251,14 @@ def kernel_breakdown(fn) -> dict:
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t > 0:
-            totals[ev.key[:48]] = round(t / 1e3, 3)
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+            totals[ev.key[:72]] = (t / 1e3, ev.count)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1][0]))
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time (ms) per kernel name over one call, from the torch profiler (CuPy kernels included): the eight
+    largest."""
+    return {name[:48]: round(ms, 3) for name, (ms, _) in list(kernel_times(fn).items())[:8]}
 
 
 def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0, dense_cache=None,
