@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from mobalab.bench.attention import kernel_times
+from mobalab.bench.attention import kernel_times, make_inputs
 
 K = 1024
 POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B64": (64 * K, 64),
@@ -21,13 +21,11 @@ POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B
 
 
 def _call(n: int, block: int, top_k: int, backward: bool):
-    """One MoBA call on fresh random inputs (batch 2, N tokens, 16 heads, d 128, bf16)."""
+    """One MoBA call on the benchmark's random inputs (``make_inputs``: batch 2, N tokens, 16 heads, d 128, bf16)."""
     from mobalab.kernels import moba_attention
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn((2, n, 16, 128), device="cuda", dtype=torch.bfloat16, generator=gen)
-               .requires_grad_(backward) for _ in range(3))
-    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = (x.requires_grad_(backward) for x in make_inputs("random", 2, n, 16, 128, torch.bfloat16, 0, block))
+    dout = torch.randn_like(q)
 
     def call():
         if backward:
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
         print(f"== {name} (N {n}, B {block}, k {args.top_k}) {'forward + backward' if args.backward else 'forward'}: "
               f"sum {sum(t for t, _ in times.values()):.3f} ms", flush=True)
         for kernel, (ms, count) in times.items():
-            print(f"   {ms:8.3f} ms  x{count:<4d} {kernel}")
+            print(f"   {ms:8.3f} ms  x{count:<4d} {kernel[:72]}")
         torch.cuda.empty_cache()
     return 0
 

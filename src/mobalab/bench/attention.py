@@ -238,7 +238,8 @@ def _dense(backend, qt, kt, vt):
 
 def kernel_times(fn, warmup: int = 1) -> dict[str, tuple[float, int]]:
     """{kernel name: (GPU ms, launches)} over one call of ``fn`` after ``warmup`` calls, from the torch profiler
-    (CuPy kernels included), largest first; each kernel's own time, so no gaps between launches."""
+    (CuPy kernels included), largest first; each kernel's own time, so no gaps between launches. Names are whole
+    (C++ template names run long: shorten them for display)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -251,7 +252,7 @@ def kernel_times(fn, warmup: int = 1) -> dict[str, tuple[float, int]]:
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t > 0:
-            totals[ev.key[:72]] = (t / 1e3, ev.count)
+            totals[ev.key] = (t / 1e3, ev.count)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1][0]))
 
 
