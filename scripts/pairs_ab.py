@@ -5,9 +5,12 @@ Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src
 (``mobalab.bench._interleaved.tree_arm_rows``), in alternating order over ``--rounds`` rounds. A process builds
 causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of the
 count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up), and checks
-the lists against the stable torch sort. Chunks:
+the lists against the stable torch sort. Chunks (B 128 unless named):
 
 * ``64K``: 4 heads of a 64K sequence in one chunk (2049 keys, 512 tiles), the forward's chunk at 64K;
+* ``64K-B32``: the same at B 32 (8193 keys), the forward's chunk at 64K, B 32;
+* ``16K-16h``: 16 heads of a 16K sequence (2049 keys, 512 tiles), the shape of the forward's one chunk for a
+  batch of two 8K sequences folded into one;
 * ``512K-lo`` / ``512K-hi``: one head, the first / second half of a 512K sequence (4097 keys, 512 tiles each),
   the forward's chunks at 512K.
 
@@ -27,10 +30,12 @@ KERNELS = ("count", "scan", "scatter")
 
 
 def _points():
-    # name: (seqlen, heads, chunk (h0, n_heads, t0, n_q))
-    return {"64K": (64 * K, 4, (0, 4, 0, 64 * K)),
-            "512K-lo": (512 * K, 1, (0, 1, 0, 256 * K)),
-            "512K-hi": (512 * K, 1, (0, 1, 256 * K, 256 * K))}
+    # name: (seqlen, heads, block, chunk (h0, n_heads, t0, n_q))
+    return {"64K": (64 * K, 4, 128, (0, 4, 0, 64 * K)),
+            "64K-B32": (64 * K, 4, 32, (0, 4, 0, 64 * K)),
+            "16K-16h": (16 * K, 16, 128, (0, 16, 0, 16 * K)),
+            "512K-lo": (512 * K, 1, 128, (0, 1, 0, 256 * K)),
+            "512K-hi": (512 * K, 1, 128, (0, 1, 256 * K, 256 * K))}
 
 
 def _arm(reps: int) -> list[dict]:
@@ -41,17 +46,17 @@ def _arm(reps: int) -> list[dict]:
     from mobalab.kernels import moba_topk
     from mobalab.kernels._launch import launch
 
-    block, top_k, dim = 128, 8, 128
+    top_k, dim = 8, 128
     rows = []
     topks = {}
-    for name, (seqlen, heads, (h0, n_heads, t0, n_q)) in _points().items():
-        if (seqlen, heads) not in topks:
+    for name, (seqlen, heads, block, (h0, n_heads, t0, n_q)) in _points().items():
+        if (seqlen, heads, block) not in topks:
             g = torch.Generator(device="cuda").manual_seed(seqlen + heads)
             q, k = (torch.randn(1, seqlen, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
                     for _ in range(2))
-            topks[seqlen, heads] = moba_topk(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
+            topks[seqlen, heads, block] = moba_topk(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
             del q, k
-        topk = topks[seqlen, heads]
+        topk = topks[seqlen, heads, block]
         n_blocks = seqlen // block
         chunk = A.Chunk(0, h0, n_heads, t0, n_q)
         n_pairs, n_seg = n_heads * n_q * top_k, n_heads * n_blocks

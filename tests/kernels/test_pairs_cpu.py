@@ -163,7 +163,30 @@ EMU_CASES = [
     pytest.param(2, 12, 6, 3, 2, 4, A.Chunk(1, 0, 6, 2, 9), dict(unused=0.2), id="short-query-range"),
     # a top-k that does not divide the steps (32, 256), GQA: carries in the slot and the head
     pytest.param(1, 700, 4, 2, 7, 60, A.Chunk(0, 2, 2, 40, 600), {}, id="odd-top-k"),
+    # key windows: kv heads of exactly one tile (1024 queries x 4 slots), so each tile's window is one kv head
+    pytest.param(1, 1100, 3, 1, 4, 40, A.Chunk(0, 0, 3, 30, 1024), dict(unused=0.1), id="window-one-kv-head"),
+    # tiles of exactly eight kv heads (256 queries x 2 slots) out of 16
+    pytest.param(1, 300, 16, 1, 2, 9, A.Chunk(0, 0, 16, 10, 256), dict(unused=0.1), id="window-whole-kv-heads"),
+    # tiles reaching into six of eight kv heads of a GQA chunk (900 pairs per kv head)
+    pytest.param(1, 200, 16, 2, 3, 7, A.Chunk(0, 0, 16, 20, 150), dict(unused=0.1), id="window-straddling"),
 ]
+
+
+@pytest.mark.parametrize(("n_q", "top_k", "group", "n_kv", "n_blocks"),
+                         [(1024, 4, 1, 3, 40), (256, 2, 1, 16, 9), (150, 3, 2, 8, 7), (3000, 4, 1, 2, 30),
+                          (9, 2, 3, 2, 4), (4096, 8, 4, 4, 512), (65536, 8, 1, 4, 2048), (1, 1, 1, 5, 3)])
+def test_key_window_holds_every_tile(n_q, top_k, group, n_kv, n_blocks):
+    """A tile's window (``key_window`` columns from its first pair's kv head) holds the keys of every pair in it,
+    and is one kv head's blocks where tiles never cross a kv head's end."""
+    per_kv = group * n_q * top_k
+    n_pairs, n_seg = n_kv * per_kv, n_kv * n_blocks
+    win = P.key_window(n_pairs, n_seg, n_blocks)
+    assert win % n_blocks == 0 and n_blocks <= win <= n_seg
+    reach = max(((min(t * P.TILE + P.TILE, n_pairs) - 1) // per_kv) - (t * P.TILE) // per_kv + 1
+                for t in range(P.n_tiles(n_pairs)))
+    assert win >= reach * n_blocks
+    if per_kv % P.TILE == 0:
+        assert win == n_blocks
 
 
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), EMU_CASES)

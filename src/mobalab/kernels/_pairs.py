@@ -108,20 +108,42 @@ def n_tiles(n_pairs: int) -> int:
 
 
 def count_smem_bytes(n_seg: int) -> int:
-    """Shared memory of moba_pairs_count: one int per key."""
+    """Shared memory of moba_pairs_count for a window of ``n_seg`` columns: one int per column and the unused
+    slots' (``n_seg`` keys, the most a window holds, where :func:`max_keys` is checked)."""
     return 4 * (n_seg + 1)
 
 
 def scatter_smem_bytes(n_seg: int) -> int:
-    """Shared memory of moba_pairs_scatter: a 16-bit count per (warp, key), rounded up to 16 bytes (it is zeroed
-    in 16-byte stores), then an int per key."""
+    """Shared memory of moba_pairs_scatter for a window of ``n_seg`` columns (as :func:`count_smem_bytes`): a
+    16-bit count per (warp, column), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per
+    column."""
     n_keys = n_seg + 1
     return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:
-    """Ints of the (tile, key) count table."""
+    """Ints of the (tile, key) count table at most (a row of every key; :func:`key_window` narrows it)."""
     return n_tiles(n_pairs) * (n_seg + 1)
+
+
+def key_window(n_pairs: int, n_seg: int, n_blocks: int) -> int:
+    r"""Columns ``win`` of a tile's key window before its unused-slot column (cuda/pairs.cu): ``span * n_blocks``,
+    where ``span`` is the most kv heads one tile of ``TILE`` consecutive pairs reaches. The pairs run kv head
+    after kv head, :math:`P = n_{pairs} / n_{kv}` each, so a tile starting at :math:`tT` reaches
+    :math:`\lfloor (tT + T - 1)/P \rfloor - \lfloor tT/P \rfloor + 1` of them: one where P is a multiple of T,
+    T / P where T is a multiple of P, else at most :math:`\lfloor (T - 1)/P \rfloor + 2`; never more than the
+    chunk's :math:`n_{kv}`."""
+    n_kv = n_seg // n_blocks if n_blocks > 0 else 0
+    if n_kv <= 1 or n_pairs <= 0:
+        return n_seg
+    per_kv = n_pairs // n_kv
+    if per_kv % TILE == 0:
+        span = 1
+    elif TILE % per_kv == 0:
+        span = TILE // per_kv
+    else:
+        span = (TILE - 1) // per_kv + 2
+    return min(n_kv, span) * n_blocks
 
 
 @dataclass(frozen=True)
@@ -160,17 +182,20 @@ def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk,
     """Pairs of every key per tile of the chunk (``chunk`` has batch_index, h0, n_heads, t0, n_q); sets the scan's
     ``ticket`` to 0."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    n_seg = (chunk.n_heads // group) * n_blocks
+    win = key_window(n_pairs, (chunk.n_heads // group) * n_blocks, n_blocks)
     return Launch(SOURCE, "moba_pairs_count", (n_tiles(n_pairs),), (PAIRS_THREADS,),
-                  (topk, counts, ticket, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group)),
-                  shared_mem=count_smem_bytes(n_seg))
+                  (topk, counts, ticket, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group), i32(win)),
+                  shared_mem=count_smem_bytes(win))
 
 
-def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit) -> Launch:
+def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit,
+                n_blocks) -> Launch:
     """Exclusive scan of the count table per key over tiles, then (last CTA) seg_off and tile_cum (``tile_cum``
     0: not wanted). ``ticket`` must be 0 (the count launch before it sets it); the kernel leaves it 0."""
+    n_kv = max(1, n_seg // n_blocks)
     args = (counts, i32(n_tiles(n_pairs)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
-            seg_off, tile_cum)
+            seg_off, tile_cum, i32(n_blocks), i32(max(1, n_pairs // n_kv)),
+            i32(key_window(n_pairs, n_seg, n_blocks)))
     return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
 
 
@@ -178,11 +203,11 @@ def scatter_launch(topk, counts, seg_off, pairs, sorted_keys, *, seqlen, heads, 
                    group) -> Launch:
     """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0)."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    n_seg = (chunk.n_heads // group) * n_blocks
+    win = key_window(n_pairs, (chunk.n_heads // group) * n_blocks, n_blocks)
     return Launch(SOURCE, "moba_pairs_scatter", (n_tiles(n_pairs),), (PAIRS_THREADS,),
                   (topk, counts, seg_off, pairs, sorted_keys, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk,
-                                                                          group)),
-                  shared_mem=scatter_smem_bytes(n_seg))
+                                                                          group), i32(win)),
+                  shared_mem=scatter_smem_bytes(win))
 
 
 def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_off, tile_cum, *, seqlen, heads,
@@ -201,7 +226,7 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group)
     return [count_launch(topk, counts, ticket, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
-                        rows_per_unit=rows_per_unit),
+                        rows_per_unit=rows_per_unit, n_blocks=n_blocks),
             scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
 
 

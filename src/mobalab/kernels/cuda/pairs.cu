@@ -6,6 +6,12 @@
 // key (hc / group) * n_blocks + j for its block j = topk[b, t0 + tt, h0 + hc, s], or n_seg for an unused slot
 // (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of kPairsTile consecutive
 // pairs, one CTA each; tile t holds c[t][key] pairs of each key.
+// Key windows: the pairs run head after head, P = group * n_q * top_k of them per kv head, so tile t only holds
+// keys of kv heads lo(t) = t kPairsTile / P .. lo(t) + span - 1 (span: the most kv heads a tile reaches, 1 where
+// tiles do not cross a kv head's end) and the unused-slot key. Its row of the count table has W = win + 1
+// columns (win = span n_blocks): column c < win is key lo(t) n_blocks + c, column win the key n_seg. Against a
+// row of all S keys that is 1 / (kv heads of the chunk) of the table and of the scatter's shared memory (a chunk
+// of 4 kv heads at 64K: 513 columns where there were 2049 keys).
 //   moba_pairs_count    c[t][key] per tile (shared-memory atomics; counts do not depend on order); CTA 0
 //                       also sets the scan's ticket counter to 0, so the ticket needs no fill launch of its own.
 //   moba_pairs_scan     in place, c[t][key] <- sum_{t' < t} c[t'][key] (exclusive over tiles per key), the
@@ -19,12 +25,12 @@
 //                       earlier warps' rows are then summed per pair, not per key. pairs[pos] = i
 //                       (sorted_keys[pos] = key when sorted_keys is not null).
 // Every position is ordered by (key, i): the stable sort, so the lists and every result computed from them are
-// the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 S bytes, moba_pairs_scatter
-// 20 S bytes (8 warps x 16-bit counts + a 32-bit base per key). Positions are 32-bit (the plans keep n_pairs
+// the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 W bytes, moba_pairs_scatter
+// 20 W bytes (8 warps x 16-bit counts + a 32-bit base per column). Positions are 32-bit (the plans keep n_pairs
 // below 2^31).
 //
 // Traffic per pair: topk read twice (8 B), pairs written (8 B; + 4 B of sorted keys for the backward); per
-// (tile, key): c written, read and written, read (16 B), i.e. 16 S / kPairsTile bytes per pair. Work per (tile,
+// (tile, column): c written, read and written, read (16 B), i.e. 16 W / kPairsTile bytes per pair. Work per (tile,
 // key) is what grows with context (at 512K a chunk has S = 4097 keys for its 4096-pair tiles): the scatter's is
 // a 16-byte store per 8 keys and two coalesced loads, and the scan keeps a thread's counts in registers between
 // its two passes.
@@ -46,6 +52,16 @@ constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges pe
 #endif
 constexpr int kScanCached = MOBA_PAIRS_SCAN_CACHED;  // tiles per thread and batch of the scan, in registers
 constexpr int kNoKey = -1;          // lanes past the end of the chunk
+
+// The key window of tile t (see the header): its first key lo(t) n_blocks, and a key's column in it.
+struct KeyWindow {
+  int key_lo, win, n_seg;
+  __device__ __forceinline__ KeyWindow(int tile, int pairs_per_kv, int n_blocks, int win_, int n_seg_)
+      : key_lo(static_cast<int>(static_cast<long long>(tile) * kPairsTile / pairs_per_kv) * n_blocks),
+        win(win_), n_seg(n_seg_) {}
+  __device__ __forceinline__ int column(int key) const { return key == n_seg ? win : key - key_lo; }
+  __device__ __forceinline__ int key(int column) const { return column == win ? n_seg : key_lo + column; }
+};
 
 // Segment keys of the pairs i, i + step, i + 2 step, ... of the chunk (moba_attn_keys' rule), walking (head,
 // query, slot) of i = (hc n_q + tt) top_k + s by carries: four divisions per thread where two per pair were half
@@ -121,17 +137,18 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
 
 extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
     const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
-    int h0, int n_heads_c, int t0, int n_q, int group) {
+    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
   using namespace moba_pairs;
   MOBA_PAIRS_DYNAMIC_SMEM(smem);
   int* hist = reinterpret_cast<int*>(smem);
-  const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
+  const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
+  const KeyWindow kw(blockIdx.x, group * n_q * top_k, n_blocks, win, n_seg);
   const int tid = threadIdx.x;
   // The scan, the next launch on the stream, counts its CTAs on this ticket from 0: setting it here spares a
   // fill launch per call (a kernel boundary orders this store before the scan's atomics).
   if (blockIdx.x == 0 && tid == 0) *ticket = 0u;
-  for (int s = tid; s < n_keys; s += kPairsThreads) hist[s] = 0;
+  for (int s = tid; s < n_cols; s += kPairsThreads) hist[s] = 0;
   __syncthreads();
   // every key of the lane's pairs first (independent loads, one latency), then the shared-memory atomics
   const int first = blockIdx.x * kPairsTile;
@@ -144,35 +161,47 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
   }
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r)
-    if (key[r] != kNoKey) atomicAdd(hist + key[r], 1);
+    if (key[r] != kNoKey) atomicAdd(hist + kw.column(key[r]), 1);
   __syncthreads();
-  int* row = counts + static_cast<long long>(blockIdx.x) * n_keys;
-  for (int s = tid; s < n_keys; s += kPairsThreads) row[s] = hist[s];
+  int* row = counts + static_cast<long long>(blockIdx.x) * n_cols;
+  for (int s = tid; s < n_cols; s += kPairsThreads) row[s] = hist[s];
 }
 
 extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
     int* counts, int n_tiles, int n_seg, int rows_per_unit, int* seg_total, unsigned* ticket, long long* seg_off,
-    long long* tile_cum) {
+    long long* tile_cum, int n_blocks, int pairs_per_kv, int win) {
   using namespace moba_pairs;
   __shared__ int part[32][33];
   __shared__ int warp_tot[32];
   __shared__ int is_last;
-  const int n_keys = n_seg + 1;
+  const int n_keys = n_seg + 1, n_cols = win + 1;
   const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
-  // 1. this CTA's 32 keys: thread (grp, lane) scans tiles [t_begin, t_end) of key `key`, kScanCached tiles at a
-  // time: a round of independent loads per batch, where a loop of loads and stores to the same table waited for
-  // each load in turn. Up to kScanCached tiles per thread (512 per chunk) the counts stay in registers between
-  // the two passes.
+  // 1. this CTA's 32 keys: thread (grp, lane) scans its part of the tiles that reach key `key` (those holding
+  // pairs of its kv head; every tile for the unused-slot key), kScanCached tiles at a time: a round of
+  // independent loads per batch, where a loop of loads and stores to the same table waited for each load in
+  // turn. Up to kScanCached tiles per thread (512 per key) the counts stay in registers between the two passes.
   const int key = blockIdx.x * 32 + lane;
-  const int per = (n_tiles + 31) / 32;
-  const int t_begin = min(grp * per, n_tiles), t_end = min(t_begin + per, n_tiles);
+  // the key's column in tile t's row: key - lo(t) n_blocks, i.e. key % n_blocks in every tile of its kv head but
+  // perhaps the first, which may start in an earlier kv head; the unused-slot key: the last column of every row
+  int t_lo = 0, t_n = n_tiles, col_first = win, col = win;
+  if (key < n_seg) {
+    const int kv = key / n_blocks;
+    const long long first = static_cast<long long>(kv) * pairs_per_kv;
+    t_lo = static_cast<int>(first / kPairsTile);
+    t_n = min(static_cast<int>((first + pairs_per_kv - 1) / kPairsTile), n_tiles - 1) + 1 - t_lo;
+    col = key - kv * n_blocks;
+    col_first = key - static_cast<int>(static_cast<long long>(t_lo) * kPairsTile / pairs_per_kv) * n_blocks;
+  }
+  const int per = (t_n + 31) / 32;
+  const int t_begin = t_lo + min(grp * per, t_n), t_end = t_lo + min(grp * per + per, t_n);
+  auto at = [&](int t) -> long long { return static_cast<long long>(t) * n_cols + (t == t_lo ? col_first : col); };
   int c[kScanCached];
   int local = 0;
   if (key < n_keys)
     for (int tb = t_begin; tb < t_end; tb += kScanCached) {
 #pragma unroll
       for (int j = 0; j < kScanCached; ++j) {
-        c[j] = tb + j < t_end ? counts[static_cast<long long>(tb + j) * n_keys + key] : 0;
+        c[j] = tb + j < t_end ? counts[at(tb + j)] : 0;
         local += c[j];
       }
     }
@@ -184,12 +213,11 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
     for (int tb = t_begin; tb < t_end; tb += kScanCached) {
       if (per > kScanCached) {  // more than one batch: read this one again
 #pragma unroll
-        for (int j = 0; j < kScanCached; ++j)
-          c[j] = tb + j < t_end ? counts[static_cast<long long>(tb + j) * n_keys + key] : 0;
+        for (int j = 0; j < kScanCached; ++j) c[j] = tb + j < t_end ? counts[at(tb + j)] : 0;
       }
 #pragma unroll
       for (int j = 0; j < kScanCached; ++j) {
-        if (tb + j < t_end) counts[static_cast<long long>(tb + j) * n_keys + key] = run;
+        if (tb + j < t_end) counts[at(tb + j)] = run;
         run += c[j];
       }
     }
@@ -227,14 +255,16 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
 
 extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
-    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group) {
+    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
+    int win) {
   using namespace moba_pairs;
   MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
+  const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
-  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_keys]
-  const int table_bytes = (kPairsWarps * n_keys * 2 + 15) & ~15;
-  int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_keys]
+  const KeyWindow kw(blockIdx.x, group * n_q * top_k, n_blocks, win, n_seg);
+  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_cols]
+  const int table_bytes = (kPairsWarps * n_cols * 2 + 15) & ~15;
+  int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_cols]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int v = tid; v < table_bytes / 16; v += kPairsThreads)  // 16-byte stores
     reinterpret_cast<uint4*>(smem)[v] = make_uint4(0u, 0u, 0u, 0u);
@@ -244,16 +274,20 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   PairWalk walk(first + lane, 32, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
-    key[r] = first + 32 * r + lane < n_pairs ? walk.key(topk, heads, top_k, n_blocks, n_seg) : kNoKey;
+    key[r] = first + 32 * r + lane < n_pairs ? kw.column(walk.key(topk, heads, top_k, n_blocks, n_seg)) : kNoKey;
     walk.advance(top_k, n_q, group);
   }
-  // per key, the tile's start (seg_off + earlier tiles), by coalesced loads while the topk reads are in flight
-  const int* col = counts + static_cast<long long>(blockIdx.x) * n_keys;
-  for (int s = tid; s < n_keys; s += kPairsThreads) base[s] = static_cast<int>(seg_off[s]) + col[s];
+  // per column, the tile's start of its key (seg_off + earlier tiles), by coalesced loads while the topk reads are
+  // in flight; columns past the chunk's last kv head hold no pairs
+  const int* col = counts + static_cast<long long>(blockIdx.x) * n_cols;
+  for (int s = tid; s < n_cols; s += kPairsThreads) {
+    const int k = kw.key(s);
+    if (k <= n_seg) base[s] = static_cast<int>(seg_off[k]) + col[s];
+  }
   __syncthreads();
-  // rank of each pair among the earlier pairs of its key in this warp (key[r] becomes key << 16 | rank: a
-  // warp holds 32 * kPairsRounds < 2^16 pairs and keys are below 2^15); the warp's row ends at its counts
-  unsigned short* mine = wcount + warp * n_keys;
+  // rank of each pair among the earlier pairs of its column in this warp (key[r] becomes column << 16 | rank: a
+  // warp holds 32 * kPairsRounds < 2^16 pairs and columns are below 2^15); the warp's row ends at its counts
+  unsigned short* mine = wcount + warp * n_cols;
   const unsigned lower = (1u << lane) - 1u;
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
@@ -267,16 +301,16 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   }
   __syncthreads();
   // position: the tile's start of the key, its pairs in this tile's earlier warps (their rows) and in this
-  // warp; summed per pair, not per key (a tile holds kPairsTile pairs, while a chunk at long context has as many
-  // keys, 4097 at 512K, most of them not in the tile)
+  // warp; summed per pair, not per column (a tile holds kPairsTile pairs, while a chunk at long context has as
+  // many keys, 4097 at 512K, most of them not in the tile)
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
     if (key[r] == kNoKey) continue;
-    const int k = key[r] >> 16;
-    int pos = base[k] + (key[r] & 0xffff);
-    for (int w = 0; w < warp; ++w) pos += wcount[w * n_keys + k];
+    const int c = key[r] >> 16;
+    int pos = base[c] + (key[r] & 0xffff);
+    for (int w = 0; w < warp; ++w) pos += wcount[w * n_cols + c];
     pairs[pos] = first + 32 * r + lane;
-    if (sorted_keys != nullptr) sorted_keys[pos] = k;
+    if (sorted_keys != nullptr) sorted_keys[pos] = kw.key(c);
   }
 }
 
