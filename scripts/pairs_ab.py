@@ -4,8 +4,9 @@
 Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src``) runs in a process of its own
 (``mobalab.bench._interleaved.tree_arm_rows``), in alternating order over ``--rounds`` rounds. A process builds
 causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of the
-count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up), and checks
-the lists against the stable torch sort. Chunks (B 128 unless named):
+count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up; the launches
+queued behind a sleep kernel, so that the events time the GPU's work and not the host's gaps between launches),
+and checks the lists against the stable torch sort. Chunks (B 128 unless named):
 
 * ``64K``: 4 heads of a 64K sequence in one chunk (2049 keys, 512 tiles), the forward's chunk at 64K;
 * ``64K-B32``: the same at B 32 (8193 keys), the forward's chunk at 64K, B 32;
@@ -71,6 +72,9 @@ def _arm(reps: int) -> list[dict]:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(plans) + 1)]
         for rep in range(reps + 5):
             scratch.pairs.fill_(-1)
+            # the GPU held busy while the host issues the three launches, so the events time the kernels, not the
+            # host's launch gaps (a 10-20 us kernel is shorter than the host's path to the next launch)
+            torch.cuda._sleep(1_000_000)
             events[0].record()
             for i, plan in enumerate(plans):
                 launch(plan)
