@@ -19,9 +19,11 @@ pair for pair, so everything downstream (forward partials, backward sums, determ
 
 Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 8 chunks of 4 kv heads, 2.1 M pairs and 2049 keys each):
 per chunk topk is read twice (16.8 MB), pairs written once (16.8 MB; the backward also writes the sorted keys,
-8.4 MB) and the count table of 512 x 2049 ints moves 4 times (16.8 MB): ~50 MB per chunk, ~0.4 GB per forward,
-about 0.1 ms at 3.5 TB/s. Measured on an H200: 0.57 ms per forward (0.62 before the pairs were walked by carries,
-0.76 with tiles of 8192 pairs; the torch path 1.36 ms). The kernels are latency-bound, not bandwidth-bound: at 512K
+8.4 MB) and the count table of 512 x 513 ints (each tile counts only the keys of its kv head: a window of
+:func:`key_window` columns and the unused slots', where a row of all 2049 keys moved 16.8 MB) moves 4 times (4.2 MB):
+~40 MB per chunk, ~0.3 GB per forward, about 0.1 ms at 3.5 TB/s. Measured on an H200 (GPU kernel time): 0.60 ms per
+forward (0.65 with rows of every key, 0.76 with tiles of 8192 pairs; the torch path 1.36 ms); at B = 32 (8193 keys,
+2049 columns) 0.78 ms, where rows of every key took 1.04. The kernels are latency-bound, not bandwidth-bound: at 512K
 (chunks of one head and 256K queries, 4097 keys) Nsight Compute puts the scatter, ~85 of a chunk's ~130 us, at 9%
 of DRAM and 42% of L2 throughput with two CTAs of 8 warps per SM (its shared memory), waiting on the topk reads and
 its scattered 8-byte stores.
