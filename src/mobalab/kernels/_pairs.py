@@ -57,7 +57,6 @@ PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
 PAIRS_ROUNDS = 16  # kPairsRounds
 TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
-PREFIX_COLS = 768  # kPrefixCols: windows this narrow keep per-(warp, column) starts in the scatter
 MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory
 KEY_BITS = 15  # the scatter packs a key beside a 16-bit rank in one int
 SORTS = ("counting", "torch")
@@ -119,10 +118,9 @@ def count_smem_bytes(n_seg: int) -> int:
 def scatter_smem_bytes(n_seg: int) -> int:
     """Shared memory of moba_pairs_scatter for a window of ``n_seg`` columns (as :func:`count_smem_bytes`): a
     16-bit count per (warp, column), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per
-    column, and for at most ``PREFIX_COLS`` columns an int per (warp, column)."""
+    column."""
     n_keys = n_seg + 1
-    starts = 4 * (PAIRS_THREADS // 32) * n_keys if n_keys <= PREFIX_COLS else 0
-    return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys + starts
+    return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:

@@ -26,8 +26,8 @@
 //                       (sorted_keys[pos] = key when sorted_keys is not null).
 // Every position is ordered by (key, i): the stable sort, so the lists and every result computed from them are
 // the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 W bytes, moba_pairs_scatter
-// 20 W bytes (8 warps x 16-bit counts + a 32-bit base per column), 52 W bytes for windows of at most kPrefixCols
-// columns (+ a 32-bit start per warp and column). Positions are 32-bit (the plans keep n_pairs below 2^31).
+// 20 W bytes (8 warps x 16-bit counts + a 32-bit base per column). Positions are 32-bit (the plans keep n_pairs
+// below 2^31).
 //
 // Traffic per pair: topk read twice (8 B), pairs written (8 B; + 4 B of sorted keys for the backward); per
 // (tile, column): c written, read and written, read (16 B), i.e. 16 W / kPairsTile bytes per pair. Work per (tile,
@@ -52,11 +52,6 @@ constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges pe
 #endif
 constexpr int kScanCached = MOBA_PAIRS_SCAN_CACHED;  // tiles per thread and batch of the scan, in registers
 constexpr int kNoKey = -1;          // lanes past the end of the chunk
-// Windows of at most kPrefixCols columns: the scatter turns the warps' counts into per-(warp, column) starts, one
-// pass over the table, so that a pair's position is one shared-memory load instead of one per earlier warp (the
-// scatter's MIO operations were its stalls: Nsight Compute at 64K); wider windows keep the per-pair sums, where
-// the pass would cost more than it saves (17 shared-memory operations per column against ~3.5 per pair).
-constexpr int kPrefixCols = 768;  // PREFIX_COLS in _pairs.py
 
 // The key window of tile t (see the header): its first key lo(t) n_blocks, and a key's column in it.
 struct KeyWindow {
@@ -306,30 +301,14 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   }
   __syncthreads();
   // position: the tile's start of the key, its pairs in this tile's earlier warps (their rows) and in this
-  // warp. Narrow windows: per (warp, column) starts, built once; wide ones: summed per pair, not per column (a tile
-  // holds kPairsTile pairs, while a chunk at long context has as many keys, 4097 at 512K, most of them not in the
-  // tile)
-  const bool narrow = n_cols <= kPrefixCols;
-  int* start = base + n_cols;  // narrow windows: [kPairsWarps][n_cols]
-  if (narrow) {
-    for (int c = tid; c < n_cols; c += kPairsThreads) {
-      int run = base[c];
-#pragma unroll
-      for (int w = 0; w < kPairsWarps; ++w) {
-        start[w * n_cols + c] = run;
-        run += wcount[w * n_cols + c];
-      }
-    }
-    __syncthreads();
-  }
-  const int* first_of = narrow ? start + warp * n_cols : base;  // the key's start for this warp, or the tile's
-  const int earlier = narrow ? 0 : warp;                        // earlier warps still to add
+  // warp; summed per pair, not per column (a tile holds kPairsTile pairs, while a chunk at long context has as
+  // many keys, 4097 at 512K, most of them not in the tile)
 #pragma unroll
   for (int r = 0; r < kPairsRounds; ++r) {
     if (key[r] == kNoKey) continue;
     const int c = key[r] >> 16;
-    int pos = first_of[c] + (key[r] & 0xffff);
-    for (int w = 0; w < earlier; ++w) pos += wcount[w * n_cols + c];
+    int pos = base[c] + (key[r] & 0xffff);
+    for (int w = 0; w < warp; ++w) pos += wcount[w * n_cols + c];
     pairs[pos] = first + 32 * r + lane;
     if (sorted_keys != nullptr) sorted_keys[pos] = kw.key(c);
   }
