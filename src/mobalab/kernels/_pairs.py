@@ -109,18 +109,18 @@ def n_tiles(n_pairs: int) -> int:
     return max(1, math.ceil(n_pairs / TILE))
 
 
-def count_smem_bytes(n_seg: int) -> int:
-    """Shared memory of moba_pairs_count for a window of ``n_seg`` columns: one int per column and the unused
-    slots' (``n_seg`` keys, the most a window holds, where :func:`max_keys` is checked)."""
-    return 4 * (n_seg + 1)
+def count_smem_bytes(win: int) -> int:
+    """Shared memory of moba_pairs_count for a window of ``win`` block columns (:func:`key_window`; at most the
+    chunk's n_seg keys, where :func:`max_keys` is checked): one int per column and the unused slots'."""
+    return 4 * (win + 1)
 
 
-def scatter_smem_bytes(n_seg: int) -> int:
-    """Shared memory of moba_pairs_scatter for a window of ``n_seg`` columns (as :func:`count_smem_bytes`): a
+def scatter_smem_bytes(win: int) -> int:
+    """Shared memory of moba_pairs_scatter for a window of ``win`` block columns (as :func:`count_smem_bytes`): a
     16-bit count per (warp, column), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per
     column."""
-    n_keys = n_seg + 1
-    return ((PAIRS_THREADS // 32) * n_keys * 2 + 15) // 16 * 16 + 4 * n_keys
+    n_cols = win + 1
+    return ((PAIRS_THREADS // 32) * n_cols * 2 + 15) // 16 * 16 + 4 * n_cols
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:
@@ -131,20 +131,19 @@ def counts_elems(n_pairs: int, n_seg: int) -> int:
 def key_window(n_pairs: int, n_seg: int, n_blocks: int) -> int:
     r"""Columns ``win`` of a tile's key window before its unused-slot column (cuda/pairs.cu): ``span * n_blocks``,
     where ``span`` is the most kv heads one tile of ``TILE`` consecutive pairs reaches. The pairs run kv head
-    after kv head, :math:`P = n_{pairs} / n_{kv}` each, so a tile starting at :math:`tT` reaches
-    :math:`\lfloor (tT + T - 1)/P \rfloor - \lfloor tT/P \rfloor + 1` of them: one where P is a multiple of T,
-    T / P where T is a multiple of P, else at most :math:`\lfloor (T - 1)/P \rfloor + 2`; never more than the
-    chunk's :math:`n_{kv}`."""
+    after kv head, :math:`P = n_{pairs} / n_{kv}` each, so a tile starting at :math:`tT`, at :math:`r = tT \bmod P`
+    into a kv head, reaches :math:`\lfloor (r + T - 1)/P \rfloor + 1` of them, and r is a multiple of
+    :math:`g = \gcd(T, P)` below P:
+
+    .. math::
+        \mathrm{span} = \min\left(n_{kv},\ \lfloor (P - g + T - 1)/P \rfloor + 1\right)
+
+    (one where P is a multiple of T, T / P where T is a multiple of P)."""
     n_kv = n_seg // n_blocks if n_blocks > 0 else 0
     if n_kv <= 1 or n_pairs <= 0:
         return n_seg
     per_kv = n_pairs // n_kv
-    if per_kv % TILE == 0:
-        span = 1
-    elif TILE % per_kv == 0:
-        span = TILE // per_kv
-    else:
-        span = (TILE - 1) // per_kv + 2
+    span = (per_kv - math.gcd(TILE, per_kv) + TILE - 1) // per_kv + 1
     return min(n_kv, span) * n_blocks
 
 
@@ -180,32 +179,31 @@ def _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group):
             i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0), i32(chunk.n_q), i32(group))
 
 
-def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk, group) -> Launch:
-    """Pairs of every key per tile of the chunk (``chunk`` has batch_index, h0, n_heads, t0, n_q); sets the scan's
-    ``ticket`` to 0."""
+def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk, group, win) -> Launch:
+    """Pairs of every key of each tile's window (``win``: :func:`key_window`) per tile of the chunk (``chunk`` has
+    batch_index, h0, n_heads, t0, n_q); sets the scan's ``ticket`` to 0."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    win = key_window(n_pairs, (chunk.n_heads // group) * n_blocks, n_blocks)
     return Launch(SOURCE, "moba_pairs_count", (n_tiles(n_pairs),), (PAIRS_THREADS,),
                   (topk, counts, ticket, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group), i32(win)),
                   shared_mem=count_smem_bytes(win))
 
 
-def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit,
-                n_blocks) -> Launch:
-    """Exclusive scan of the count table per key over tiles, then (last CTA) seg_off and tile_cum (``tile_cum``
-    0: not wanted). ``ticket`` must be 0 (the count launch before it sets it); the kernel leaves it 0."""
-    n_kv = max(1, n_seg // n_blocks)
+def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit, n_blocks,
+                win) -> Launch:
+    """Exclusive scan of the count table per key over the tiles that reach it (``win``: :func:`key_window`), then
+    (last CTA) seg_off and tile_cum (``tile_cum`` 0: not wanted). ``ticket`` must be 0 (the count launch before it
+    sets it); the kernel leaves it 0."""
+    pairs_per_kv = max(1, n_pairs // max(1, n_seg // n_blocks))
     args = (counts, i32(n_tiles(n_pairs)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
-            seg_off, tile_cum, i32(n_blocks), i32(max(1, n_pairs // n_kv)),
-            i32(key_window(n_pairs, n_seg, n_blocks)))
+            seg_off, tile_cum, i32(n_blocks), i32(pairs_per_kv), i32(win))
     return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
 
 
 def scatter_launch(topk, counts, seg_off, pairs, sorted_keys, *, seqlen, heads, top_k, n_blocks, chunk,
-                   group) -> Launch:
-    """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0)."""
+                   group, win) -> Launch:
+    """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0); ``win`` as for
+    :func:`count_launch`."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    win = key_window(n_pairs, (chunk.n_heads // group) * n_blocks, n_blocks)
     return Launch(SOURCE, "moba_pairs_scatter", (n_tiles(n_pairs),), (PAIRS_THREADS,),
                   (topk, counts, seg_off, pairs, sorted_keys, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk,
                                                                           group), i32(win)),
@@ -225,10 +223,11 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
-    geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group)
+    win = key_window(n_pairs, n_seg, n_blocks)
+    geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win)
     return [count_launch(topk, counts, ticket, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
-                        rows_per_unit=rows_per_unit, n_blocks=n_blocks),
+                        rows_per_unit=rows_per_unit, n_blocks=n_blocks, win=win),
             scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
 
 

@@ -192,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
     t_lo = static_cast<int>(first / kPairsTile);
     t_n = min(static_cast<int>((first + pairs_per_kv - 1) / kPairsTile), n_tiles - 1) + 1 - t_lo;
     col = key - kv * n_blocks;
-    col_first = key - static_cast<int>(static_cast<long long>(t_lo) * kPairsTile / pairs_per_kv) * n_blocks;
+    col_first = KeyWindow(t_lo, pairs_per_kv, n_blocks, win, n_seg).column(key);
   }
   const int per = (t_n + 31) / 32;
   const int t_begin = t_lo + min(grp * per, t_n), t_end = t_lo + min(grp * per + per, t_n);
