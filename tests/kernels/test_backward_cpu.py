@@ -48,8 +48,6 @@ def test_every_backward_kernel_is_in_the_source():
     text = source(G.SOURCE)
     assert f"#define MOBA_BWD_BLOCK_KEYS {G.BLOCK_KEYS}" in text
     assert f"#define MOBA_BWD_BLOCK_THREADS {G.BLOCK_THREADS}" in text
-    # the delta launch's grid counts DELTA_ROWS rows per warp, as the kernel takes them
-    assert f"#define MOBA_DELTA_ROWS {G.DELTA_ROWS}" in text
 
 
 def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3, variant="tile"):

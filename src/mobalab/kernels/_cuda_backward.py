@@ -57,7 +57,6 @@ ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
 ROW_INFO_BYTES = 16
-DELTA_ROWS = 4  # rows per warp of the delta kernel (MOBA_DELTA_ROWS)
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
 BLOCK_HEAD_DIMS = (64, 128)
@@ -245,9 +244,9 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 
 
 def delta_launch(name, out, dout, delta, n_rows, zero_rows=0) -> Launch:
-    """D = rowsum(dO * O) per (query, head), DELTA_ROWS rows per warp; ``zero_rows`` (fp32, a row of d per
-    (query, head), or 0 for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own."""
-    return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32 * DELTA_ROWS)),), (ROW_THREADS,),
+    """D = rowsum(dO * O) per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query, head), or 0
+    for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own."""
+    return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
                   (out, dout, delta, zero_rows, i64(n_rows)))
 
 

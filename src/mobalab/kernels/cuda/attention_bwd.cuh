@@ -72,124 +72,76 @@ struct RowInfo {
   int hc;
 };
 
-// Rows of the delta kernel per warp: their loads are all issued before the first row's sum, so that a warp keeps
-// kDeltaRows x 2 x D x 2 bytes in flight (a warp of one row kept ~512 bytes at D = 128, and the kernel, which also
-// zeroes the fp32 dQ accumulator, moved ~3.1 TB/s on an H200).
-#ifndef MOBA_DELTA_ROWS
-#define MOBA_DELTA_ROWS 4
-#endif
-constexpr int kDeltaRows = MOBA_DELTA_ROWS;
-
-// One lane's V elements of a 16-bit row, loaded in one access.
-template <int V>
-struct LaneChunk;
-template <>
-struct LaneChunk<2> { unsigned u; };
-template <>
-struct LaneChunk<4> { uint2 u; };
-template <>
-struct LaneChunk<8> { uint4 u; };
-
-template <typename T, int V>
-__device__ __forceinline__ float lane_dot(const LaneChunk<V>& a, const LaneChunk<V>& b, float acc) {
-  const T* ae = reinterpret_cast<const T*>(&a.u);
-  const T* be = reinterpret_cast<const T*>(&b.u);
-#pragma unroll
-  for (int e = 0; e < V; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
-  return acc;
-}
-
-// D = rowsum(dO o O) in fp32: kDeltaRows (batch, query, head) rows per warp, one lane's V elements of each.
+// D = rowsum(dO o O) in fp32: one warp per (batch, query, head) row.
 template <typename T, int D>
 __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, float* zero_rows,
                                            long long n_rows) {
   constexpr int V = moba::kRowLaneElems<D>;
-  constexpr int R = kDeltaRows;
   const int lane = threadIdx.x & 31;
-  const long long w0 = (static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
-  if (w0 >= n_rows) return;
-  const bool holds = moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>;  // idle lanes (D = 32, 96) add 0
-  LaneChunk<V> a[R], b[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const long long w = w0 + r;
-    if (holds && w < n_rows) {
-      a[r] = *reinterpret_cast<const LaneChunk<V>*>(static_cast<const T*>(out_) + w * D + lane * V);
-      b[r] = *reinterpret_cast<const LaneChunk<V>*>(static_cast<const T*>(dout_) + w * D + lane * V);
-    } else {
-      a[r] = b[r] = LaneChunk<V>{};
-    }
-  }
+  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= n_rows) return;
+  const T* o = static_cast<const T*>(out_) + w * D + lane * V;
+  const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
   // zero_rows (the fp32 dQ accumulator the main kernel adds into, row for row like out): set to 0 here, which
   // spares the step a fill launch of its own
-  if (zero_rows != nullptr && holds) {
+  if (zero_rows != nullptr && (moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>)) {
+    float* z = zero_rows + w * D + lane * V;
+    if constexpr (V == 2) {
+      *reinterpret_cast<float2*>(z) = make_float2(0.f, 0.f);
+    } else {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (w0 + r >= n_rows) break;
-      float* z = zero_rows + (w0 + r) * D + lane * V;
-      if constexpr (V == 2) {
-        *reinterpret_cast<float2*>(z) = make_float2(0.f, 0.f);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(z + e) = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+      for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(z + e) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
+  float acc = 0.f;
+  if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
+    // idle lane (D = 32, 96): adds 0 to the warp sum
+  } else if constexpr (V == 8) {
+    const uint4 a = *reinterpret_cast<const uint4*>(o);
+    const uint4 b = *reinterpret_cast<const uint4*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float acc = lane_dot<T, V>(a[r], b[r], 0.f);
+    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else if constexpr (V == 4) {
+    const uint2 a = *reinterpret_cast<const uint2*>(o);
+    const uint2 b = *reinterpret_cast<const uint2*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
 #pragma unroll
-    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-    if (lane == 0 && w0 + r < n_rows) delta[w0 + r] = acc;
+    for (int e = 0; e < 4; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+  } else {
+    const unsigned a = *reinterpret_cast<const unsigned*>(o);
+    const unsigned b = *reinterpret_cast<const unsigned*>(g);
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
   }
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) delta[w] = acc;
 }
 
 // Row records of a chunk's sorted list: position i holds pair p = pairs[i] = (hc * n_q + tt) * top_k + slot.
 // Positions from seg_off[n_seg] on (unused slots) are never read by the main kernel and get no record.
-// A record's lse and D are loads from rows scattered over the chunk (the pairs are in key order), each waiting on
-// the pair's own load: a thread takes kRowsPerThread positions, a grid stride apart, and issues all their loads
-// before the first record is formed, so that the latency of the scattered loads overlaps.
-#ifndef MOBA_ROWS_PER_THREAD
-#define MOBA_ROWS_PER_THREAD 4
-#endif
-constexpr int kRowsPerThread = MOBA_ROWS_PER_THREAD;
-
 __device__ __forceinline__ void build_rows(const long long* pairs, const long long* seg_off, const float* lse,
                                            const float* delta, RowInfo* rows, long long n_pairs, int n_seg,
                                            int seqlen, int heads, int top_k, int batch_index, int h0, int n_q,
                                            int t0) {
-  constexpr int U = kRowsPerThread;
   // the listed pairs: unused slots (-1) sort after every segment, from seg_off[n_seg] on
   const long long n_listed = min(seg_off[n_seg], n_pairs);
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i0 = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i0 < n_listed;
-       i0 += U * stride) {
-    int p[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = i0 + u * stride;
-      // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
-      p[u] = i < n_listed ? static_cast<int>(pairs[i]) : 0;
-    }
-    float l[U], d[U];
-    int t[U], hc[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int rest = p[u] / top_k;
-      hc[u] = rest / n_q;
-      t[u] = t0 + rest % n_q;
-      const long long row = (static_cast<long long>(batch_index) * seqlen + t[u]) * heads + (h0 + hc[u]);
-      const bool ok = i0 + u * stride < n_listed;
-      l[u] = ok ? lse[row] : 0.f;
-      d[u] = ok ? delta[row] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long i = i0 + u * stride;
-      if (i < n_listed)
-        *reinterpret_cast<float4*>(rows + i) =
-            make_float4(l[u] * 1.4426950408889634f, d[u], __int_as_float(t[u]), __int_as_float(hc[u]));
-    }
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_listed;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
+    const int p = static_cast<int>(pairs[i]);
+    const int rest = p / top_k;
+    const int tt = rest % n_q;
+    const int hc = rest / n_q;
+    const int t = t0 + tt;
+    const long long row = (static_cast<long long>(batch_index) * seqlen + t) * heads + (h0 + hc);
+    *reinterpret_cast<float4*>(rows + i) =
+        make_float4(lse[row] * 1.4426950408889634f, delta[row], __int_as_float(t), __int_as_float(hc));
   }
 }
 
