@@ -695,6 +695,12 @@ __device__ __forceinline__ void load_slot_slice(float (&x)[V], const P* src, boo
   }
 }
 
+// Slots of a row whose partial loads the merge issues together (it streams the partials, so what it keeps in
+// flight sets its rate).
+#ifndef MOBA_MERGE_SLOTS
+#define MOBA_MERGE_SLOTS 8
+#endif
+
 // Merge: one warp per (query, head) of the chunk; slots combined in slot order, in fp32 whatever the partial
 // element type P (float or T). out_mode 0: out in T (lse when write_lse); 1: out and lse stored in fp32;
 // 2: folded into the fp32 (out, lse) already there by log-sum-exp, for callers that combine the attention over
@@ -752,11 +758,12 @@ __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
   const P* src = part_o + pbase * D + lane * V;
-  for (int s0 = 0; s0 < top_k; s0 += 4) {
-    float ws[4];
-    float x[4][V];
+  constexpr int U = MOBA_MERGE_SLOTS;  // slots whose loads are in flight together
+  for (int s0 = 0; s0 < top_k; s0 += U) {
+    float ws[U];
+    float x[U][V];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int s = s0 + u;
       const float wsel = (s < 32) ? wv[0] : wv[1];
       ws[u] = __shfl_sync(0xffffffffu, wsel, s & 31);
@@ -764,7 +771,7 @@ __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml
       load_slot_slice<V>(x[u], src + static_cast<long long>(s) * D, holds && ws[u] > 0.f);
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e] = fmaf(ws[u], x[u][e], acc[e]);
   }
@@ -773,10 +780,16 @@ __device__ __forceinline__ void merge_rows(const P* part_o, const float* part_ml
   if (out_mode == 0) {
     T* out = static_cast<T*>(out_) + row * D + lane * V;
     if (holds) {
+      // one store of the lane's V elements (a warp's row in whole sectors per instruction)
+      unsigned packed[V / 2];
 #pragma unroll
-      for (int e = 0; e < V; e += 2) {
-        const unsigned packed = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
-        *reinterpret_cast<unsigned*>(out + e) = packed;
+      for (int e = 0; e < V; e += 2) packed[e / 2] = Elem<T>::pack(acc[e] * inv, acc[e + 1] * inv);
+      if constexpr (V == 8) {
+        *reinterpret_cast<uint4*>(out) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      } else if constexpr (V == 4) {
+        *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+      } else {
+        *reinterpret_cast<unsigned*>(out) = packed[0];
       }
     }
     if (write_lse && lane == 0) lse[row] = lse_new;
