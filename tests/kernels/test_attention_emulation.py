@@ -172,6 +172,33 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype,dim,batch,seqlen,heads,with_dlse", [
+    (torch.bfloat16, 128, 2, 37, 3, False),  # 222 rows: the last CTA part full, rows of three heads
+    (torch.float16, 64, 1, 50, 5, True),     # dlse subtracted in the kernel
+    (torch.bfloat16, 32, 3, 7, 2, True),     # idle lanes (D = 32)
+])
+def test_emulated_delta_and_row_stats(emulate, monkeypatch, poisoned_empty, dtype, dim, batch, seqlen, heads,
+                                      with_dlse):
+    """The delta kernel's D = dO.O - dlse, and the rows' head-major (lse log2(e), D) it writes beside it for the
+    row records: the stats equal :func:`row_stats` of its own D bit for bit (the path of a D computed elsewhere),
+    D the fp64 sum within fp32 rounding; every element written (poisoned buffers)."""
+    g = torch.Generator().manual_seed(seqlen * heads + dim)
+    out, dout = (torch.randn(batch, seqlen, heads, dim, generator=g).to(dtype) for _ in range(2))
+    lse = torch.randn(batch, seqlen, heads, generator=g) * 4
+    dlse = torch.randn(batch, seqlen, heads, generator=g) if with_dlse else None
+    with monkeypatch.context() as m:
+        m.setattr(CB, "launch", emulate)
+        with poisoned_empty():
+            delta, stats = CB._delta(out, dout, dlse, 0, lse=lse)
+    assert emulate.launched == [CB.bwd_kernel_names(dtype, dim)[0]]
+    want = (out.double() * dout.double()).sum(-1) - (0 if dlse is None else dlse.double())
+    torch.testing.assert_close(delta.view(batch, seqlen, heads).double(), want, rtol=1e-5, atol=1e-5)
+    assert stats.shape == (batch, heads, seqlen, 2)
+    assert torch.equal(stats, CB.row_stats(lse, delta))
+    assert torch.equal(stats[..., 0], (lse * CB.LOG2E_F32).transpose(1, 2))
+    assert torch.equal(stats[..., 1], delta.view(batch, seqlen, heads).transpose(1, 2))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_emulated_gradients_match_oracle(emulated_backward, case):
     dtype, dim, block, causal, seqlen, top_k, heads, kv_heads, det = case

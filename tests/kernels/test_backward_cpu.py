@@ -61,7 +61,7 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     i32 = torch.zeros(8, dtype=torch.int32)
     delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim, variant)
     plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
-             G.rows_launch(i64, i64, f32, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
+             G.rows_launch(i64, i64, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
                   n_seg=n_seg, causal=True, scale=0.125, dkv_mode=G.dkv_mode(chunk, seqlen),

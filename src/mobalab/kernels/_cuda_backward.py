@@ -57,6 +57,7 @@ ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
 ROW_INFO_BYTES = 16
+LOG2E_F32 = float(np.float32(A.LOG2E))  # log2(e) as the kernels' fp32 literal
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
 BLOCK_HEAD_DIMS = (64, 128)
@@ -243,17 +244,21 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 # launch plans (pure: the CPU tests pass them through _launch.check_args)
 
 
-def delta_launch(name, out, dout, delta, n_rows, zero_rows=0) -> Launch:
-    """D = rowsum(dO * O) per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query, head), or 0
-    for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own."""
+def delta_launch(name, out, dout, delta, n_rows, zero_rows=0, *, lse=0, dlse=0, stats=0, seqlen=0,
+                 heads=0) -> Launch:
+    """D = rowsum(dO * O) - dlse per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query,
+    head), or 0 for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own; ``stats`` (fp32
+    (batch, heads, seqlen, 2), or 0 for none) gets each row's (lse log2(e), D) for the row records, from ``lse``
+    (batch, seqlen, heads)."""
     return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
-                  (out, dout, delta, zero_rows, i64(n_rows)))
+                  (out, dout, delta, zero_rows, i64(n_rows), lse, dlse, stats, i32(seqlen), i32(heads)))
 
 
-def rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
+def rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
                 chunk: A.Chunk) -> Launch:
-    """Row records (query offset, lse, D) of every listed pair (the first seg_off[n_seg] positions)."""
-    args = (pairs, seg_off, lse, delta, rows, i64(n_pairs), i32(n_seg), i32(seqlen),
+    """Row records (lse, D, query offset, head) of every listed pair (the first seg_off[n_seg] positions), from the
+    rows' (lse log2(e), D) in ``stats`` (fp32 (batch, heads, seqlen, 2): :func:`row_stats`)."""
+    args = (pairs, seg_off, stats, rows, i64(n_pairs), i32(n_seg), i32(seqlen),
             i32(heads), i32(top_k), i32(chunk.batch_index), i32(chunk.h0),
             i32(chunk.n_q), i32(chunk.t0))
     return Launch(SOURCE, "moba_bwd_rows", (min(A.MAX_INDEX_CTAS, math.ceil(n_pairs / ROW_THREADS)),),
@@ -411,17 +416,29 @@ def backward_delta(out, dout, dlse=None):
         C.check_like(fn, "dlse", dlse, out.shape[:3], device=out.device)
     C.check_cuda_device(fn, out)
     with on_device(out.device):
-        return _delta(out, dout, dlse).view(out.shape[:3])
+        return _delta(out, dout, dlse)[0].view(out.shape[:3])
 
 
-def _delta(out, dout, dlse, zero_rows=0):
+def _delta(out, dout, dlse, zero_rows=0, lse=None):
+    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None)."""
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
-    n_rows = out.shape[0] * out.shape[1] * out.shape[2]
+    batch, seqlen, heads = out.shape[:3]
+    n_rows = batch * seqlen * heads
     delta = torch.empty(n_rows, dtype=torch.float32, device=out.device)
-    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows))
-    if dlse is not None:
-        delta.sub_(dlse.float().reshape(-1))
-    return delta
+    stats = None if lse is None else torch.empty((batch, heads, seqlen, 2), dtype=torch.float32, device=out.device)
+    dlse = 0 if dlse is None else dlse.float().contiguous()
+    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows,
+                        lse=0 if lse is None else lse, dlse=dlse, stats=0 if stats is None else stats, seqlen=seqlen,
+                        heads=heads))
+    return delta, stats
+
+
+def row_stats(lse, delta):
+    """Each (batch, query, head) row's (lse log2(e), D) in head-major order, fp32 (batch, heads, seqlen, 2): what
+    the delta kernel writes beside D, for a D computed elsewhere. ``lse`` fp32 (batch, seqlen, heads), ``delta``
+    its D row for row."""
+    lse2 = lse * LOG2E_F32  # the kernel's fp32 product: lse * 1.4426950408889634f
+    return torch.stack((lse2, delta.view(lse.shape)), -1).permute(0, 2, 1, 3).contiguous()
 
 
 def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, deterministic, dlse, budget,
@@ -439,8 +456,11 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
         if into is None and not deterministic and delta is None else None
-    delta = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero) if delta is None \
-        else delta.contiguous().view(-1)
+    if delta is None:
+        delta, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
+    else:
+        delta = delta.contiguous().view(-1)
+        stats = row_stats(lse, delta)
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     if fwd_lists is not None:
@@ -506,7 +526,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             pairs, _ = A.build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                           n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
                                           rows_per_unit=ROWS, with_keys=False)
-        launch(rows_launch(pairs, seg_off, lse, delta, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
+        launch(rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
                            top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
                       chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,

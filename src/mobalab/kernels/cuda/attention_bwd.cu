@@ -3,12 +3,14 @@
 // Each kind of kernel is defined once, by a MOBA_BWD_*_KERNEL macro with a literal parameter list, and
 // exported under the names of the instantiation lines below it (mobalab.kernels._launch reads both to check
 // launch arguments). Variants, dtype in {bf16, f16}, D in {32, 64, 96, 128, 256}:
-//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O), fp32 (and, when given, the dQ accumulator zeroed)
+//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O) - dlse, fp32 (and, when given, the dQ accumulator
+//                                    zeroed and the rows' (lse log2(e), D) head-major for the records)
 //   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block;
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
-//   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list
+//   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list, from the
+//                                    delta kernel's head-major (lse2, D)
 // The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
 // dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
 #include "attention_bwd.cuh"
@@ -16,8 +18,10 @@
 
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(const void* out, const void* dout, float* delta,             \
-                                                         float* zero_rows, long long n_rows) {                        \
-    moba_bwd::delta_rows<T, D>(out, dout, delta, zero_rows, n_rows);                                                  \
+                                                         float* zero_rows, long long n_rows, const float* lse,         \
+                                                         const float* dlse, void* stats, int seqlen, int heads) {     \
+    moba_bwd::delta_rows<T, D>(out, dout, delta, zero_rows, n_rows, lse, dlse,                                        \
+                               static_cast<moba_bwd::RowStat*>(stats), seqlen, heads);                                \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)
@@ -101,8 +105,9 @@ MOBA_BWD_DQ_MERGE_KERNEL(moba_bwd_dq_merge_f16_d256,  __half,        256)
 #endif
 
 extern "C" __global__ void __launch_bounds__(256) moba_bwd_rows(
-    const long long* pairs, const long long* seg_off, const float* lse, const float* delta, void* rows,
+    const long long* pairs, const long long* seg_off, const void* stats, void* rows,
     long long n_pairs, int n_seg, int seqlen, int heads, int top_k, int batch_index, int h0, int n_q, int t0) {
-  moba_bwd::build_rows(pairs, seg_off, lse, delta, static_cast<moba_bwd::RowInfo*>(rows), n_pairs, n_seg,
-                       seqlen, heads, top_k, batch_index, h0, n_q, t0);
+  moba_bwd::build_rows(pairs, seg_off, static_cast<const moba_bwd::RowStat*>(stats),
+                       static_cast<moba_bwd::RowInfo*>(rows), n_pairs, n_seg, seqlen, heads, top_k, batch_index, h0,
+                       n_q, t0);
 }
