@@ -197,12 +197,6 @@ def test_emulated_delta_and_row_stats(emulate, monkeypatch, poisoned_empty, dtyp
     assert torch.equal(stats, CB.row_stats(lse, delta))
     assert torch.equal(stats[..., 0], (lse * CB.LOG2E_F32).transpose(1, 2))
     assert torch.equal(stats[..., 1], delta.view(batch, seqlen, heads).transpose(1, 2))
-    # the backward's call: D not stored, the same stats
-    with monkeypatch.context() as m:
-        m.setattr(CB, "launch", emulate)
-        with poisoned_empty():
-            none, stats2 = CB._delta(out, dout, dlse, 0, lse=lse, keep_delta=False)
-    assert none is None and torch.equal(stats2, stats)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])

@@ -246,10 +246,10 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 
 def delta_launch(name, out, dout, delta, n_rows, zero_rows=0, *, lse=0, dlse=0, stats=0, seqlen=0,
                  heads=0) -> Launch:
-    """D = rowsum(dO * O) - dlse per (query, head), one warp per row, into ``delta`` (or 0: not stored);
-    ``zero_rows`` (fp32, a row of d per (query, head), or 0 for none) set to 0 on the way: the dQ accumulator,
-    without a fill launch of its own; ``stats`` (fp32 (batch, heads, seqlen, 2), or 0 for none) gets each row's
-    (lse log2(e), D) for the row records, from ``lse`` (batch, seqlen, heads)."""
+    """D = rowsum(dO * O) - dlse per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query,
+    head), or 0 for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own; ``stats`` (fp32
+    (batch, heads, seqlen, 2), or 0 for none) gets each row's (lse log2(e), D) for the row records, from ``lse``
+    (batch, seqlen, heads)."""
     return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
                   (out, dout, delta, zero_rows, i64(n_rows), lse, dlse, stats, i32(seqlen), i32(heads)))
 
@@ -419,18 +419,17 @@ def backward_delta(out, dout, dlse=None):
         return _delta(out, dout, dlse)[0].view(out.shape[:3])
 
 
-def _delta(out, dout, dlse, zero_rows=0, lse=None, keep_delta=True):
-    """(D or None where not ``keep_delta``, the rows' stats for the row records (:func:`row_stats`) where ``lse``
-    is given, else None)."""
+def _delta(out, dout, dlse, zero_rows=0, lse=None):
+    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None)."""
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
     batch, seqlen, heads = out.shape[:3]
     n_rows = batch * seqlen * heads
-    delta = torch.empty(n_rows, dtype=torch.float32, device=out.device) if keep_delta or lse is None else None
+    delta = torch.empty(n_rows, dtype=torch.float32, device=out.device)
     stats = None if lse is None else torch.empty((batch, heads, seqlen, 2), dtype=torch.float32, device=out.device)
     dlse = 0 if dlse is None else dlse.float().contiguous()
-    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, 0 if delta is None else delta,
-                        n_rows, zero_rows, lse=0 if lse is None else lse, dlse=dlse,
-                        stats=0 if stats is None else stats, seqlen=seqlen, heads=heads))
+    launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows,
+                        lse=0 if lse is None else lse, dlse=dlse, stats=0 if stats is None else stats, seqlen=seqlen,
+                        heads=heads))
     return delta, stats
 
 
@@ -458,8 +457,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
         if into is None and not deterministic and delta is None else None
     if delta is None:
-        # D itself is not kept: the row records take it from the stats
-        _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse, keep_delta=False)
+        delta, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
     else:
         delta = delta.contiguous().view(-1)
         stats = row_stats(lse, delta)
