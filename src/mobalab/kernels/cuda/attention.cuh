@@ -696,7 +696,8 @@ __device__ __forceinline__ void load_slot_slice(float (&x)[V], const P* src, boo
 }
 
 // Slots of a row whose partial loads the merge issues together (it streams the partials, so what it keeps in
-// flight sets its rate).
+// flight sets its rate). Eight against four, with one store per lane: 1.006-1.007x at 64K-512K on an H200, DRAM
+// 79-80% of peak (77-78%); the L2, 90% busy, bounds it there.
 #ifndef MOBA_MERGE_SLOTS
 #define MOBA_MERGE_SLOTS 8
 #endif
