@@ -27,12 +27,57 @@ from pathlib import Path
 
 import pytest
 
-# (test module file, fixture name) -> make: every declared fixture, in import order
-_DECLARED: dict[tuple[str, str], Callable[[], object]] = {}
-_STARTED: dict[tuple[str, str], Future] = {}
-_QUEUE: queue.SimpleQueue = queue.SimpleQueue()
-_WORKER: list[threading.Thread] = []
 _ROOT: list[Path] = []  # the session's scratch folder, removed at exit
+
+
+class Worker:
+    """Declared fixtures, the futures of those queued, and one daemon thread that makes them in queue order. The
+    session has one (:data:`SESSION`); the tests of this mechanism make their own, so that they do not wait behind
+    the session's compiler runs."""
+
+    def __init__(self) -> None:
+        # (test module file, fixture name) -> make: every declared fixture, in import order
+        self.declared: dict[tuple[str, str], Callable[[], object]] = {}
+        self.started: dict[tuple[str, str], Future] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, items) -> None:
+        """Queue every declared fixture of the modules of the test items ``items`` that will run (no skip mark), in
+        the order of the items, unless queued already."""
+        order = list(dict.fromkeys(getattr(item.module, "__file__", "") for item in items
+                                   if getattr(item, "module", None) is not None and not _skipped(item)))
+        todo = [key for f in order for key in self.declared if key[0] == f and key not in self.started]
+        if not todo:
+            return
+        if self._thread is None:  # a daemon thread: a session that ends early does not wait for a build nobody needs
+            self._thread = threading.Thread(target=self._work, name="test-background", daemon=True)
+            self._thread.start()
+        for key in todo:
+            self.started[key] = Future()
+            self._queue.put((self.started[key], self.declared[key]))
+
+    def _work(self) -> None:
+        while True:
+            future, make = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(make())
+            except BaseException as exc:  # noqa: BLE001  (pytest's skip is a BaseException: raised in the fixture)
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        """Drop what has not started; what is running is abandoned with the daemon thread."""
+        for future in self.started.values():
+            future.cancel()
+        if self._thread is not None:
+            self._queue.put((None, None))
+
+
+SESSION = Worker()  # the test session's: conftest.py starts it once the tests are collected
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -49,11 +94,11 @@ def background_fixture(name: str, make: Callable[[], object], *, depth: int = 1)
     collected. ``depth``: stack frames between the calling test module and this call (a helper that wraps this
     one passes 2)."""
     module_file = sys._getframe(depth).f_globals.get("__file__", "")
-    _DECLARED[(module_file, name)] = make
+    SESSION.declared[(module_file, name)] = make
 
     @pytest.fixture(scope="module", name=name)
     def _fixture(request):
-        started = _STARTED.get((getattr(request.module, "__file__", ""), name))
+        started = SESSION.started.get((getattr(request.module, "__file__", ""), name))
         if started is None or started.cancel():  # not queued, or still waiting behind others: make it here
             return make()
         return started.result()
@@ -62,32 +107,9 @@ def background_fixture(name: str, make: Callable[[], object], *, depth: int = 1)
 
 
 def start(items) -> None:
-    """Queue, on one background thread, every declared fixture of the modules of the test items ``items`` that
-    will run (no skip mark), in the order of the items, unless queued already."""
-    order = list(dict.fromkeys(getattr(item.module, "__file__", "") for item in items
-                               if getattr(item, "module", None) is not None and not _skipped(item)))
-    todo = [key for f in order for key in _DECLARED if key[0] == f and key not in _STARTED]
-    if not todo:
-        return
-    if not _WORKER:  # a daemon thread: a session that ends early does not wait for a build nobody needs
-        _WORKER.append(threading.Thread(target=_work, name="test-background", daemon=True))
-        _WORKER[0].start()
-    for key in todo:
-        _STARTED[key] = Future()
-        _QUEUE.put((_STARTED[key], _DECLARED[key]))
-
-
-def _work() -> None:
-    while True:
-        future, make = _QUEUE.get()
-        if future is None:
-            return
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(make())
-        except BaseException as exc:  # noqa: BLE001  (pytest's skip is a BaseException: raised again in the fixture)
-            future.set_exception(exc)
+    """Queue, on the session's background thread, every declared fixture of the modules of the test items ``items``
+    that will run (no skip mark), in the order of the items, unless queued already."""
+    SESSION.start(items)
 
 
 def _skipped(item) -> bool:
@@ -98,7 +120,4 @@ def _skipped(item) -> bool:
 
 def stop() -> None:
     """Drop what has not started (the session is over); what is running is abandoned with the daemon thread."""
-    for future in _STARTED.values():
-        future.cancel()
-    if _WORKER:
-        _QUEUE.put((None, None))
+    SESSION.stop()
