@@ -456,11 +456,11 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
         if into is None and not deterministic and delta is None else None
+    # the row records take D from the stats only
     if delta is None:
-        delta, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
+        _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
     else:
-        delta = delta.contiguous().view(-1)
-        stats = row_stats(lse, delta)
+        stats = row_stats(lse, delta.contiguous())
 
     chunks = bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, deterministic, budget)
     if fwd_lists is not None:
