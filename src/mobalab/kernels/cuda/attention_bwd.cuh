@@ -304,16 +304,14 @@ struct TilePipe {
 };
 
 // During tile ti: the gather of tile ti + LEAD (into Q / dO buffer (ti + LEAD) % STAGES) and the records of tile
-// ti + 2 LEAD (into record buffer (ti + 2 LEAD) % INFOS), committed. INFOS may exceed TilePipe's where a kernel
-// still reads a tile's records after the next tile has begun.
-template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2, int INFOS = TilePipe<STAGES>::INFOS>
+// ti + 2 LEAD (into record buffer (ti + 2 LEAD) % INFOS), committed.
+template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2>
 __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                                const char* qb, const char* gb, const RowInfo* rows, long long first,
                                                long long n_rows, int n_tiles, int ti, long long row_base, int heads,
                                                int h0, int tid) {
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
-  constexpr int LEAD = TilePipe<STAGES>::LEAD;
-  static_assert(INFOS >= TilePipe<STAGES>::INFOS, "the records run 2 LEAD tiles ahead");
+  constexpr int LEAD = TilePipe<STAGES>::LEAD, INFOS = TilePipe<STAGES>::INFOS;
   const int tg = ti + LEAD, tr = ti + 2 * LEAD;
   if (tg < n_tiles)
     gather_tile<D, NTHREADS, L>(sQ + (tg % STAGES) * TILE_BYTES, sdO + (tg % STAGES) * TILE_BYTES, qb, gb,
@@ -327,7 +325,7 @@ __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsign
 // Tile ti begins: waits for its gather and row records (and every thread's reads of the tile before), starts the
 // next tiles' (prefetch_tiles) and, in the deterministic dQ modes, puts its rows' pair indices in s_pair. Returns
 // its number of rows.
-template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2, int INFOS = TilePipe<STAGES>::INFOS>
+template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2>
 __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                           const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
                                           int ti, int heads, int h0, const long long* pairs, long long* s_pair,
@@ -336,7 +334,7 @@ __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sI
   L::landed();
   __syncthreads();
   const int count = tile_rows(w.n_rows, ti);
-  prefetch_tiles<D, NTHREADS, L, STAGES, INFOS>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
+  prefetch_tiles<D, NTHREADS, L, STAGES>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
                                          w.row_base, heads, h0, tid);
   if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
     s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;

@@ -28,8 +28,8 @@
 // Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32
 // (253-255 registers, no spills).
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
-// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 6 x 64 row records, and 1 KB to align the swizzle
-// patterns: 219 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are multiples of 128 (the
+// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
+// patterns: 218 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are multiples of 128 (the
 // "block" variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
@@ -69,9 +69,7 @@ struct Sw128Tile {
 // (8K-64K, interleaved on an H200).
 constexpr int kWgStages = 3;
 constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
-// Row-record buffers: one more than the pipe's, since a tile's dQ atomics read its records after the next tile has
-// begun (and begin_tile has sent the records of the tile 2 kWgLead after that one on their way).
-constexpr int kWgInfos = TilePipe<kWgStages>::INFOS + 1;
+constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
 
 // A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
 // the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
@@ -124,25 +122,6 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       wgmma_rs<T, 1>(acc[c], a[ks], wgmma_desc_sw128_mn(sb + c * HALF, ks, MOBA_BWD_ROWS, 64), 1);
-  wgmma_commit_group();
-#endif
-}
-
-// S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each) for the tile in sq / sdo: two commit groups, so that
-// P is formed while the dP^T MMAs run.
-template <typename T, int D, int KEYS>
-__device__ __forceinline__ void wg_issue_scores(float (&s)[32], float (&dp)[32], unsigned sKg, unsigned sVg,
-                                                unsigned sq, unsigned sdo) {
-#if MOBA_HAS_WGMMA
-  using namespace moba;
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks)
-    wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, MOBA_BWD_ROWS), ks > 0);
-  wgmma_commit_group();
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks)
-    wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, MOBA_BWD_ROWS), ks > 0);
   wgmma_commit_group();
 #endif
 }
@@ -200,18 +179,25 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   // the warpgroup's 64 keys of K and V as A operands: rows 64 wg .. of each 64-column block
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
-  // Each iteration issues tile ti's S^T and dP^T first and then adds tile ti - 1's staged dQ, so that the tensor
-  // cores work while the atomics are issued (they used to run between the last wait of a tile and the next issue).
-  // The issue and its waits stay in one iteration: with the MMAs in flight across the loop's back edge, ptxas
-  // serialised every wgmma of the kernel (C7514 / C7515), however the loop was written.
-  float s[32], dp[32];
-  // A tile's work from the wait for its S^T to its dQ staged (atomic mode) or written (slot partials).
-  auto finish_tile = [&](int ti, int count) {
+  for (int ti = 0; ti < w.n_tiles; ++ti) {
+    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads,
+                                                                     h0, pairs, s_pair, dq_mode, tid);
     const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
     const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
     const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
 
-    // ---- 1. S^T and dP^T (issued before): P is computed while the dP^T MMAs run
+    // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed while
+    //         the dP^T MMAs run
+    float s[32], dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, ROWS), ks > 0);
+    wgmma_commit_group();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
+    wgmma_commit_group();
     wgmma_wait_group<1>();  // S^T
     wgmma_fence_operand(s);
 
@@ -279,10 +265,14 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       wgmma_fence_operand(dq);
 
       const int r0 = 16 * w4 + g, r1 = r0 + 8;
-      const unsigned sdq = sDQ + wg * DQ_BYTES;
       if (dq_mode == 0) {
-        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) in shared memory; its
-        // threads add it (add_staged_dq) once the next tile's S^T and dP^T are issued.
+        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) in shared memory, then thread wt
+        // adds chunks c = wt + 128 i (row c / 16, columns 4 (c % 16) ..) with 16-byte vector atomics, a warp's covering
+        // two whole 256-byte rows. Measured on an H200 (backward op, 8K / 16K / 64K): 1.02-1.03x faster than 16 8-byte
+        // atomics per thread from the accumulator registers (their issue queue, lg_throttle, was 16% of the stall
+        // samples at 16K), and 1.07-1.08x faster than one bulk reduction (cp.reduce.async.bulk) per row, whose
+        // per-thread addresses the compiler issues one thread at a time.
+        const unsigned sdq = sDQ + wg * DQ_BYTES;
         bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);  // the previous tile's chunks have been read
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
@@ -291,6 +281,15 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
           st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
         }
         bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = wt + 128 * i, row = c >> 4, q4 = c & 15;
+          if (row < count) {
+            const RowInfo ri = info[row];
+            const float4 x = ld_shared_v4_f32(sdq + row * MOBA_BWD_WG_DQ_PITCH + 16 * q4);
+            red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
+          }
+        }
       } else {
         const bool has0 = r0 < count, has1 = r1 < count;
         const int col0 = 64 * wg + 2 * tq;
@@ -299,43 +298,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
                   has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
       }
     }
-  };
-  // Atomic mode: tile ti's staged dQ added to the fp32 accumulator. Thread wt adds chunks c = wt + 128 i (row c / 16,
-  // columns 4 (c % 16) ..) with 16-byte vector atomics, a warp's covering two whole 256-byte rows. Measured on an
-  // H200 (backward op, 8K / 16K / 64K): 1.02-1.03x faster than 16 8-byte atomics per thread from the accumulator
-  // registers (their issue queue, lg_throttle, was 16% of the stall samples at 16K), and 1.07-1.08x faster than one
-  // bulk reduction (cp.reduce.async.bulk) per row, whose per-thread addresses the compiler issues one thread at a time.
-  auto add_staged_dq = [&](int ti, int count) {
-    if (dq_mode != 0) return;
-    const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
-    const unsigned sdq = sDQ + wg * DQ_BYTES;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int c = wt + 128 * i, row = c >> 4, q4 = c & 15;
-      if (row < count) {
-        const RowInfo ri = info[row];
-        const float4 x = ld_shared_v4_f32(sdq + row * MOBA_BWD_WG_DQ_PITCH + 16 * q4);
-        red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
-      }
-    }
-  };
-  if (w.n_tiles > 0) {
-    int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, kWgInfos>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, 0,
-                                                                        heads, h0, pairs, s_pair, dq_mode, tid);
-    int prev_count = 0;
-    for (int ti = 0; ti < w.n_tiles; ++ti) {
-      wg_issue_scores<T, D, KEYS>(s, dp, sKg, sVg, sQ + (ti % kWgStages) * TILE_BYTES,
-                                  sdO + (ti % kWgStages) * TILE_BYTES);
-      if (ti > 0) add_staged_dq(ti - 1, prev_count);
-      finish_tile(ti, count);
-      prev_count = count;
-      // the next tile begins: its wait + barrier orders this tile's reads (all MMAs complete) before the buffers are
-      // rewritten; this tile's records stay for its atomics (kWgInfos)
-      if (ti + 1 < w.n_tiles)
-        count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, kWgInfos>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w,
-                                                                        ti + 1, heads, h0, pairs, s_pair, dq_mode, tid);
-    }
-    add_staged_dq(w.n_tiles - 1, prev_count);
+    // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
   }
   cp_async_wait<0>();
 
