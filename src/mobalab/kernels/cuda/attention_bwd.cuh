@@ -313,11 +313,7 @@ __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsign
   constexpr unsigned TILE_BYTES = MOBA_BWD_ROWS * D * 2;
   constexpr int LEAD = TilePipe<STAGES>::LEAD, INFOS = TilePipe<STAGES>::INFOS;
   const int tg = ti + LEAD, tr = ti + 2 * LEAD;
-#if defined(MOBA_BWD_WG_PROBE) && (MOBA_BWD_WG_PROBE & 2)
-  if (false)
-#else
   if (tg < n_tiles)
-#endif
     gather_tile<D, NTHREADS, L>(sQ + (tg % STAGES) * TILE_BYTES, sdO + (tg % STAGES) * TILE_BYTES, qb, gb,
                                 sInfo + (tg % INFOS) * MOBA_BWD_ROWS, tile_rows(n_rows, tg), row_base, heads, h0, tid);
   if (tr < n_tiles)

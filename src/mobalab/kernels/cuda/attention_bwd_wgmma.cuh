@@ -43,9 +43,6 @@
 #include "attention_bwd.cuh"
 #include "wgmma.cuh"
 
-#ifndef MOBA_BWD_WG_PROBE
-#define MOBA_BWD_WG_PROBE 0  // timing probe (temporary): 1 no dQ atomics, 2 no Q / dO gathers, 4 no dK / dV MMAs
-#endif
 #define MOBA_BWD_WG_KEYS 128     // keys per CTA
 #define MOBA_BWD_WG_THREADS 256  // two warpgroups
 #define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
@@ -94,7 +91,7 @@ __device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsig
   __syncthreads();
 #pragma unroll
   for (int t = 0; t < kWgLead; ++t) {
-    if (t < w.n_tiles && !(MOBA_BWD_WG_PROBE & 2))
+    if (t < w.n_tiles)
       gather_tile<D, NTHREADS, Sw128Tile>(sQ + t * TILE_BYTES, sdO + t * TILE_BYTES, qb, gb,
                                           sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, heads, h0,
                                           tid);
@@ -223,7 +220,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     {
       // ---- 3. dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
       unsigned pa[4][4], da[4][4];
-      if (!(MOBA_BWD_WG_PROBE & 4)) wg_add_rows_product<T>(dv, s, pa, sdo); else wgmma_commit_group();
+      wg_add_rows_product<T>(dv, s, pa, sdo);
       wgmma_wait_group<1>();  // dP^T (the dV MMAs may still run)
       wgmma_fence_operand(dp);
 
@@ -249,7 +246,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
 
       // ---- dK += dS^T Q
-      if (!(MOBA_BWD_WG_PROBE & 4)) wg_add_rows_product<T>(dk, dp, da, sq);
+      wg_add_rows_product<T>(dk, dp, da, sq);
 
       // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys
       bar_sync(MOBA_BWD_WG_DS_BARRIER, NTHREADS);
@@ -290,7 +287,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
           if (row < count) {
             const RowInfo ri = info[row];
             const float4 x = ld_shared_v4_f32(sdq + row * MOBA_BWD_WG_DQ_PITCH + 16 * q4);
-            if (!(MOBA_BWD_WG_PROBE & 1)) red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
+            red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
           }
         }
       } else {
