@@ -36,6 +36,16 @@
 // atomics from registers): tensor pipe 30%, stalls on the gather's landing (long_scoreboard), the atomics' issue
 // queue (lg_throttle) and the MMA waits; with the overlap and the three-deep gather (and bulk reductions, since
 // replaced by the staged atomics): 32%, the MMA waits and the barriers between the warpgroups first.
+// Where a 64K launch's time goes now (H200, 2026-12-04): Nsight Compute puts it at 38% tensor-pipe activity, DRAM 19%
+// of peak (0.92 TB/s), L1/TEX 62%, L2 hit rate 70%, 2 warps per scheduler of which 0.55 eligible (a warp issues every
+// 4.9 cycles; top stalls: fixed-latency waits, then short_scoreboard). Timing probes of the whole backward op
+// (temporary build options, wrong gradients, 16K / 64K): without the dQ atomics' red instructions (staging kept)
+// 1.12x / 1.14x faster, without the Q / dO gathers 1.06x, both 1.21x / 1.23x, without the dV and dK MMAs
+// 1.11x / 1.12x. So the reductions cost ~14% although neither DRAM nor their issue is the limit: issuing each tile's
+// S^T and dP^T before the previous tile's atomics (the loop rotated so that an issue and its waits stay in one
+// iteration: with the MMAs in flight across the loop's back edge ptxas serialised every wgmma, C7514 / C7515; a
+// sixth row-record buffer kept the tile's records) measured equal (main kernel 64K 7.86-7.89 against 7.81-7.82 ms,
+// 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept.
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
