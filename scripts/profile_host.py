@@ -73,7 +73,7 @@ def _launch_waits(step, reps: int, ahead_ms: float = 20.0):
     from an idle GPU, GPU ms done with the host ahead), medians over ``reps``; and the two steps' medians."""
     from mobalab.kernels import _launch
 
-    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in range(2048)]  # a 512K step makes ~700 launches
+    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in range(2048)]  # a 512K step makes ~370 launches
     for e in pool:  # created here (at their first record), not inside the timed steps
         e.record()
     torch.cuda.synchronize()
