@@ -1,8 +1,10 @@
 """Module-scoped fixtures whose value is slow to make (a compiler run: an emulation harness, the nvcc checks),
 started in the background as soon as the tests are collected.
 
-The tests run on one core and CI has two; a compiler run of 5-80 s on the other core, made before the tests that
-need it come up, takes it off the run's critical path. A test module declares such a fixture with
+Run in one process, the tests take one core and CI has two; a compiler run of 5-80 s on the other core, made before
+the tests that need it come up, takes it off the run's critical path. Under pytest-xdist (the README's command runs a
+worker per core) every core runs tests, so a worker queues nothing at collection (tests/kernels/conftest.py) and a
+fixture is made when its module's first test asks for it. A test module declares such a fixture with
 :func:`background_fixture` (``name = background_fixture("name", make)``, ``make`` a function of no arguments);
 ``conftest.py`` calls :func:`start` with the collected items, which queues every declared fixture of their
 modules on one background thread, in the order the modules come; the fixture then waits for its value if its
