@@ -41,7 +41,7 @@
 // 4.9 cycles; top stalls: fixed-latency waits, then short_scoreboard). Timing probes of the whole backward op
 // (temporary build options, wrong gradients, 16K / 64K): without the dQ atomics' red instructions (staging kept)
 // 1.12x / 1.14x faster, without the Q / dO gathers 1.06x, both 1.21x / 1.23x, without the dV and dK MMAs
-// 1.11x / 1.12x. So the reductions cost ~14% although neither DRAM nor their issue is the limit: issuing each tile's
+// 1.11x / 1.12x. So the reductions cost ~14%, and neither DRAM nor their issue is what limits them: issuing each tile's
 // S^T and dP^T before the previous tile's atomics (the loop rotated so that an issue and its waits stay in one
 // iteration: with the MMAs in flight across the loop's back edge ptxas serialised every wgmma, C7514 / C7515; a
 // sixth row-record buffer kept the tile's records) measured equal (main kernel 64K 7.86-7.89 against 7.81-7.82 ms,
