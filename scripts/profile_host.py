@@ -73,7 +73,13 @@ def _launch_waits(step, reps: int, ahead_ms: float = 20.0):
     from an idle GPU, GPU ms done with the host ahead), medians over ``reps``; and the two steps' medians."""
     from mobalab.kernels import _launch
 
-    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in range(2048)]  # a 512K step makes ~370 launches
+    counted = []  # one untimed step counts the launches (a 512K step makes ~370), so the pool fits any length
+    _launch._after_launch = counted.append
+    try:
+        step()
+    finally:
+        _launch._after_launch = None
+    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in counted]
     for e in pool:  # created here (at their first record), not inside the timed steps
         e.record()
     torch.cuda.synchronize()

@@ -3,8 +3,8 @@ started in the background as soon as the tests are collected.
 
 Run in one process, the tests take one core and CI has two; a compiler run of 5-80 s on the other core, made before
 the tests that need it come up, takes it off the run's critical path. Under pytest-xdist (the README's command runs a
-worker per core) every core runs tests, so a worker queues nothing at collection (tests/kernels/conftest.py) and a
-fixture is made when its module's first test asks for it. A test module declares such a fixture with
+worker per core) every core runs tests, so a worker queues nothing at collection (:func:`start`) and a fixture is
+made when its module's first test asks for it. A test module declares such a fixture with
 :func:`background_fixture` (``name = background_fixture("name", make)``, ``make`` a function of no arguments);
 ``conftest.py`` calls :func:`start` with the collected items, which queues every declared fixture of their
 modules on one background thread, in the order the modules come; the fixture then waits for its value if its
@@ -18,6 +18,7 @@ Test modules are imported with ``--import-mode=importlib``: they put this folder
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import shutil
 import sys
@@ -110,8 +111,11 @@ def background_fixture(name: str, make: Callable[[], object], *, depth: int = 1)
 
 def start(items) -> None:
     """Queue, on the session's background thread, every declared fixture of the modules of the test items ``items``
-    that will run (no skip mark), in the order of the items, unless queued already."""
-    SESSION.start(items)
+    that will run (no skip mark), in the order of the items, unless queued already. Nothing in a pytest-xdist worker:
+    it collects every test but runs only the files it is given, on cores the other workers' tests use, so there a
+    fixture is made when its module's first test asks for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        SESSION.start(items)
 
 
 def _skipped(item) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,11 +27,8 @@ import _background  # noqa: E402  (the test modules import it the same way: one 
 
 
 def pytest_collection_finish(session):
-    """Start the collected modules' slow fixtures (compiler runs) in the background while the tests run. Not in a
-    pytest-xdist worker: each worker collects every test but runs only the modules it is given, and its cores are
-    the ones the other workers' tests run on, so there a fixture is made when its module's first test needs it."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        _background.start(session.items)
+    """Start the collected modules' slow fixtures (compiler runs) in the background while the tests run."""
+    _background.start(session.items)
 
 
 def pytest_sessionfinish(session, exitstatus):
