@@ -73,13 +73,19 @@ def _launch_waits(step, reps: int, ahead_ms: float = 20.0):
     from an idle GPU, GPU ms done with the host ahead), medians over ``reps``; and the two steps' medians."""
     from mobalab.kernels import _launch
 
-    counted = []  # one untimed step counts the launches (a 512K step makes ~370), so the pool fits any length
-    _launch._after_launch = counted.append
+    # one untimed step counts the launches (a 512K step makes ~370), so that the pool fits any length; the count
+    # only, since keeping the plans would keep that step's buffers alive
+    n_launches = [0]
+
+    def count(plan):
+        n_launches[0] += 1
+
+    _launch._after_launch = count
     try:
         step()
     finally:
         _launch._after_launch = None
-    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in counted]
+    rec, pool = [], [torch.cuda.Event(enable_timing=True) for _ in range(n_launches[0])]
     for e in pool:  # created here (at their first record), not inside the timed steps
         e.record()
     torch.cuda.synchronize()
