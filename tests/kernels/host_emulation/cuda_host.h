@@ -132,10 +132,12 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     return {(unsigned short)(u >> 16)};
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+// Exact, from the bits: the compiler's _Float16 conversion is a libgcc call without F16C (a fifth of an fp16
+// emulation's time). A subnormal is its 10-bit integer times 2^-24, exact in fp32.
 inline float __half2float(__half h) {
-    _Float16 v;
-    std::memcpy(&v, &h.x, 2);
-    return (float)v;
+    const unsigned sign = (h.x & 0x8000u) << 16, exp = (h.x >> 10) & 0x1fu, man = h.x & 0x3ffu;
+    if (exp == 0) return __uint_as_float(sign | __float_as_uint((float)man * 0x1p-24f));
+    return __uint_as_float(sign | (exp == 0x1f ? 0x7f800000u : (exp + 112u) << 23) | man << 13);
 }
 inline __half __float2half_rn(float f) {
     const _Float16 v = (_Float16)f;
@@ -158,8 +160,28 @@ namespace emu {
 
 enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, WG_WAIT, DONE };
 
-// A thread starts on its own stack through setcontext (once per CTA); after that every switch is a
-// _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
+// Switching between the scheduler and a thread. On x86-64 a switch is emu_swap_stack: push the callee-saved
+// registers, swap stack pointers, pop; a thread starts by "returning" into entry() from a stack laid out as a
+// switch would leave it. Not _longjmp: AddressSanitizer intercepts it to unpoison the stack it leaves (a
+// sigaltstack system call and a shadow write per switch, measured at a third of an emulation's time), which a
+// coroutine switch does not need, since no frame is abandoned: every thread resumes where it switched out and
+// its stack is unpoisoned whole before each CTA. Elsewhere a thread starts through setcontext (once per CTA)
+// and every switch after that is a _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
+#if defined(__x86_64__)
+#define EMU_STACK_SWAP 1
+extern "C" void emu_swap_stack(void** save_sp, void* load_sp);
+__asm__(
+    ".text\n"
+    ".weak emu_swap_stack\n"
+    ".type emu_swap_stack, @function\n"
+    "emu_swap_stack:\n"
+    "    pushq %rbp\n    pushq %rbx\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %rbx\n    popq %rbp\n"
+    "    ret\n"
+    ".size emu_swap_stack, .-emu_swap_stack\n");
+#endif
 struct Copy {
     void* dst;
     const void* src;
@@ -182,11 +204,17 @@ inline std::map<const void*, Mbar>& mbars() {
 }
 
 struct Thread {
+#ifdef EMU_STACK_SWAP
+    void* sp = nullptr;  // the stack pointer it switched out at
+#else
     ucontext_t ctx;
+#endif
     std::vector<Copy> open;                // cp.async issued since the last commit
     std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
+#ifndef EMU_STACK_SWAP
     jmp_buf jb;
     bool started = false;
+#endif
     std::vector<char> stack;
     dim3 idx;
     State state = RUNNABLE;
@@ -204,7 +232,11 @@ struct Cta {
     size_t smem_bytes = 0;
     std::vector<unsigned> tickets;  // the order of the work tickets of this launch (empty: not drawn yet)
     int current = -1;
+#ifdef EMU_STACK_SWAP
+    void* sched_sp = nullptr;
+#else
     jmp_buf sched;
+#endif
     std::function<void()> body;
     std::mt19937 rng;
 #ifdef EMU_ASAN
@@ -241,7 +273,11 @@ inline void yield(State s) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, c.main_bottom, c.main_size);
 #endif
+#ifdef EMU_STACK_SWAP
+    emu_swap_stack(&t.sp, c.sched_sp);
+#else
     if (!_setjmp(t.jb)) _longjmp(c.sched, 1);
+#endif
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, &c.main_bottom, &c.main_size);
 #endif
@@ -257,8 +293,26 @@ inline void entry() {
 #ifdef EMU_ASAN
     __sanitizer_start_switch_fiber(nullptr, c.main_bottom, c.main_size);  // this thread's stack is done
 #endif
+#ifdef EMU_STACK_SWAP
+    void* done = nullptr;
+    emu_swap_stack(&done, c.sched_sp);
+#else
     _longjmp(c.sched, 1);
+#endif
 }
+
+#ifdef EMU_STACK_SWAP
+// A new thread's stack pointer: below the top, entry's (never used) return address, the address emu_swap_stack
+// returns to (entry, entered with the stack aligned as after a call) and six zero callee-saved registers.
+inline void* start_sp(std::vector<char>& stack) {
+    const uintptr_t top = (reinterpret_cast<uintptr_t>(stack.data()) + stack.size()) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(&entry);
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;
+    return sp;
+}
+#endif
 
 inline void fail(const std::string& msg) {
     std::fprintf(stderr, "emulation error: %s (block %u %u %u)\n", msg.c_str(), block_idx().x, block_idx().y,
@@ -336,16 +390,20 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         t.open.clear();
         t.groups.clear();
         t.state = RUNNABLE;
-        t.started = false;
         t.phase = 0;
 #ifdef EMU_ASAN
         __asan_unpoison_memory_region(t.stack.data(), t.stack.size());  // frames left by the last CTA
 #endif
+#ifdef EMU_STACK_SWAP
+        t.sp = start_sp(t.stack);
+#else
+        t.started = false;
         getcontext(&t.ctx);
         t.ctx.uc_stack.ss_sp = t.stack.data();
         t.ctx.uc_stack.ss_size = t.stack.size();
         t.ctx.uc_link = nullptr;
         makecontext(&t.ctx, entry, 0);
+#endif
     }
     std::vector<int> order(nthreads);
     for (unsigned i = 0; i < nthreads; ++i) order[i] = (int)i;
@@ -361,6 +419,9 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
             Thread& t = c.threads[i];
             __sanitizer_start_switch_fiber(&c.fake_stack, t.stack.data(), t.stack.size());
 #endif
+#ifdef EMU_STACK_SWAP
+            emu_swap_stack(&c.sched_sp, c.threads[i].sp);
+#else
             if (!_setjmp(c.sched)) {
                 Thread& th = c.threads[i];
                 if (!th.started) {
@@ -369,6 +430,7 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
                 }
                 _longjmp(th.jb, 1);
             }
+#endif
 #ifdef EMU_ASAN
             __sanitizer_finish_switch_fiber(c.fake_stack, nullptr, nullptr);
 #endif
