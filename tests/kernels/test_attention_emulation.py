@@ -13,7 +13,7 @@ Criteria: the GPU tests' (conftest.GpuOracle): the forward within 2x, the gradie
 computation in torch's low precision, plus a floor. What this cannot show (PTX, register allocation, races between
 CTAs, speed) is left to the GPU tests (tests/kernels/test_attention_gpu.py, test_backward_gpu.py) and the compile
 tests. The forward runs in both partial formats (16-bit, the default, and fp32: a build option of the module). Not
-emulated here: head dim 96, the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma
+emulated here: the counting-sort lists (cuda/pairs.cu, emulated in test_pairs_cpu.py) and the wgmma
 kernels (variant "wgmma": test_attention_wgmma_emulation.py).
 """
 
@@ -39,7 +39,7 @@ from conftest import GpuOracle  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
-HEAD_DIMS = (32, 64, 128, 256)  # built into the harness (96 too would add a fifth to its compile time)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # built into the harness: every head dim of the mma.sync kernels
 
 
 def _kernel_files(backward: bool = True) -> dict[str, str]:
@@ -114,6 +114,7 @@ FORWARD_CASES = [
     (torch.float16, 64, 32, True, 20, 4, 2, 1, "resident"),      # N < B, k >= n
     (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, "auto"),        # k >= n blocks, GQA 4
     (torch.float16, 256, 64, True, 130, 2, 2, 1, "auto"),        # head dim 256 (8 warps in column pairs)
+    (torch.bfloat16, 96, 32, False, 110, 2, 3, 1, "auto"),       # head dim 96 (not a power of two), GQA 3, non-causal
 ]
 
 
@@ -172,6 +173,7 @@ CASES = [
     (torch.float16, 64, 32, True, 20, 4, 2, 1, False),      # N < B, k >= n
     (torch.bfloat16, 32, 32, True, 160, 8, 4, 1, False),    # k >= n blocks, GQA 4: rows of 4 query heads per tile
     (torch.float16, 256, 64, True, 130, 2, 2, 1, False),    # head dim 256: warp pairs behind named barriers
+    (torch.bfloat16, 96, 32, True, 110, 2, 3, 1, True),     # head dim 96, GQA 3, deterministic dQ
 ]
 
 
