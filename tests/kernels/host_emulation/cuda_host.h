@@ -167,7 +167,7 @@ enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, WG_WAIT, DONE };
 // coroutine switch does not need, since no frame is abandoned: every thread resumes where it switched out and
 // its stack is unpoisoned whole before each CTA. Elsewhere a thread starts through setcontext (once per CTA)
 // and every switch after that is a _setjmp / _longjmp pair, which, unlike swapcontext, makes no system call.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(EMU_NO_STACK_SWAP)  // EMU_NO_STACK_SWAP: the other path, for its tests
 #define EMU_STACK_SWAP 1
 extern "C" void emu_swap_stack(void** save_sp, void* load_sp);
 __asm__(
