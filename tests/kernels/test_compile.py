@@ -1,13 +1,14 @@
 """Every kernel source compiles under plain nvcc for sm_90a, with no register spills and no stack frame, and
 exports exactly the kernels whose signatures ``_launch.signatures`` reads (the ones the wrappers launch).
 
-Each ``cuda/*.cu`` file is taken as NVRTC sees it (``_build.source``: local headers inlined) and compiled to
-a cubin with ``-gencode=arch=compute_90a,code=sm_90a`` (see docs/design.md, "Building and launching
-kernels": ``-arch=sm_90a -c`` runs a plain compute_90 pass that rejects sm_90a instructions). ptxas' ``-v``
-report gives registers, shared memory, stack frame and spills per function; spills or a stack frame mean
-a register array went to local memory, a silent slowdown that these tests turn into a failure, as is a note that
-ptxas serialises a kernel's warpgroup MMAs (C7515, C7518: see cuda/attention_wgmma.cuh). decode.cu and
-decode_split.cu are compiled by their own tests (same flags, with their register budgets), not again here.
+Each ``cuda/*.cu`` file is taken as NVRTC sees it (``_build.source``: local headers inlined) and compiled to a cubin
+with the project's NVRTC options and ``-gencode=arch=compute_90a,code=sm_90a`` (``_ptxas_report.nvcc_flags``; see
+docs/design.md, "Building and launching kernels": ``-arch=sm_90a -c`` runs a plain compute_90 pass that rejects
+sm_90a instructions). ptxas' ``-v`` report gives registers, shared memory, stack frame and spills per function;
+spills or a stack frame mean a register array went to local memory, a silent slowdown that these tests turn into a
+failure, as is a note that ptxas serialises a kernel's warpgroup MMAs (C7515, C7518: see cuda/attention_wgmma.cuh).
+decode.cu and decode_split.cu are compiled by their own tests (same flags, with their register budgets), not again
+here.
 Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table. Build options that
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
@@ -45,14 +46,13 @@ from mobalab.kernels._launch import _SCALAR_TYPES, TENSOR_MAP, _parse_signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _background import background_fixture  # noqa: E402
-from _ptxas_report import ENTRY, parse_ptxas, serialized_wgmma  # noqa: E402
+from _ptxas_report import ENTRY, nvcc_flags, parse_ptxas, serialized_wgmma  # noqa: E402
 
-NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "--use_fast_math",
-              "-Xptxas", "-v"]
 CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
 # compiled, with the same flags, by tests of their own that check their register budgets too (test_decode_compile.py,
 # test_decode_split_compile.py): not compiled a second time here
 OWN_COMPILE_TESTS = {"decode.cu": "test_decode_compile.py", "decode_split.cu": "test_decode_split_compile.py"}
+COMPILED_HERE = [name for name in CU_FILES if name not in OWN_COMPILE_TESTS]
 PY_SOURCES = sorted(Path(mobalab.kernels.__file__).parent.rglob("*.py"))
 # (source, defines) of the non-default modules: the fp32-partial attention forward at the benchmark head dim
 FALLBACK_HEAD_DIM = 128
@@ -62,7 +62,7 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-BUILDS = [(name, ()) for name in CU_FILES if name not in OWN_COMPILE_TESTS] + FALLBACK_BUILDS
+BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
 
@@ -73,7 +73,7 @@ def _compile(build: tuple[str, tuple[str, ...]]) -> tuple[int, str]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / name
         src.write_text(source(name))
-        proc = subprocess.run([nvcc, *NVCC_FLAGS, *(f"-D{d}" for d in defines), "-o", str(src.with_suffix(".cubin")),
+        proc = subprocess.run([nvcc, *nvcc_flags(), *(f"-D{d}" for d in defines), "-o", str(src.with_suffix(".cubin")),
                                str(src)], capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -143,7 +143,7 @@ def test_serialized_wgmma_notes_are_found():
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("name", [n for n in CU_FILES if n not in OWN_COMPILE_TESTS])
+@pytest.mark.parametrize("name", COMPILED_HERE)
 def test_compiles_without_spills(name, compiled):
     _check_build(name, *compiled[(name, ())], set(signatures(name)))
 

@@ -20,8 +20,9 @@ from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 
 pytestmark = NEEDS_CXX
 
-probe_swap = harness_fixture("cuda_host_probe", dict, name="probe_swap")
-probe_jmp = harness_fixture("cuda_host_probe", dict, flags=("-DEMU_NO_STACK_SWAP",), name="probe_jmp")
+# the probe includes no kernel text: no files to write beside it
+probe_swap = harness_fixture("cuda_host_probe", lambda: {}, name="probe_swap")
+probe_jmp = harness_fixture("cuda_host_probe", lambda: {}, flags=("-DEMU_NO_STACK_SWAP",), name="probe_jmp")
 SWITCHES = {"stack-swap": "probe_swap", "setjmp": "probe_jmp"}
 
 
