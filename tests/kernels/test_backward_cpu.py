@@ -131,7 +131,7 @@ def test_wgmma_variant_geometry_and_choice(monkeypatch):
     (with what is supported) at other head dims and block sizes, and on a GPU that is not sm_90; its kernels live in
     their own module."""
     assert G.n_key_subtiles(128, "wgmma") == 1 and G.n_key_subtiles(384, "wgmma") == 3
-    assert G.bwd_threads(128, "wgmma") == 256
+    assert G.bwd_threads(128, "wgmma") == 384
     assert G.bwd_smem_bytes(128, "wgmma") == 2 * 128 * 256 + 6 * 64 * 256 + 128 * 64 * 2 + 2 * 64 * 288 + 5 * 64 * 16 \
         + 1024
     assert G.bwd_smem_bytes(128, "wgmma") <= 227 * 1024

@@ -1,10 +1,13 @@
 """The host emulation's own checks (host_emulation/cuda_host.h), which every kernel emulation test relies on: threads
 that exchange values through shared memory and shuffles get them, and a read past a stack or heap array of an
 emulated thread (AddressSanitizer), a warp split between two barriers and a cp.async never waited for stop the run
-with their error. Both ways of switching between emulated threads are built: the stack swap (x86-64, the default)
-and setcontext + _setjmp / _longjmp (other architectures; ``-DEMU_NO_STACK_SWAP`` forces it here). The latter cannot
-see a stack overflow of an array that lives across a barrier: AddressSanitizer's handling of each ``_longjmp``
-unpoisons the frames of the stack it leaves, that array's redzones included (a strict xfail below).
+with their error; a buffer handed back and forth between two warps by bar.arrive / bar.sync and added to global
+memory by bulk reductions arrives whole, and a bulk reduction whose source is rewritten before its read was waited
+for, one never waited for and a bar.arrive no thread waits for stop the run. Both ways of switching between emulated
+threads are built: the stack swap (x86-64, the default) and setcontext + _setjmp / _longjmp (other architectures;
+``-DEMU_NO_STACK_SWAP`` forces it here). The latter cannot see a stack overflow of an array that lives across a
+barrier: AddressSanitizer's handling of each ``_longjmp`` unpoisons the frames of the stack it leaves, that array's
+redzones included (a strict xfail below).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def _run(request, switch: str, kernel: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
-def test_threads_exchange_through_shared_memory_and_shuffles(request, switch):
-    proc = _run(request, switch, "exchange")
+@pytest.mark.parametrize("kernel", ["exchange", "handover"])
+def test_threads_exchange_through_shared_memory_and_shuffles(request, switch, kernel):
+    proc = _run(request, switch, kernel)
     assert proc.returncode == 0 and proc.stdout.split() == ["ok", switch], proc.stdout + proc.stderr[-2000:]
 
 
@@ -53,6 +57,9 @@ def test_a_stack_overflow_in_a_thread_is_reported(request, switch):
     ("heap_overflow", "AddressSanitizer: heap-buffer-overflow"),
     ("divergent_warp", "emulation error: warp operation reached by only part of a warp"),
     ("cp_async_not_waited", "emulation error: a thread ended with cp.async copies it never waited for"),
+    ("bulk_source_rewritten", "emulation error: the source of a bulk reduction changed before its thread waited"),
+    ("bulk_not_waited", "emulation error: a thread ended with bulk reductions it never waited for"),
+    ("arrival_unmatched", "emulation error: a block ended with bar.arrive arrivals at a named barrier"),
 ])
 def test_errors_in_a_thread_stop_the_run(request, switch, kernel, report):
     proc = _run(request, switch, kernel)

@@ -65,6 +65,7 @@ AUTO_BLOCK_HEAD_DIM = 128  # where "auto" takes "block"
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WGMMA_DQ_PITCH = 288  # bytes per staged dQ row of the wgmma kernel (MOBA_BWD_WG_DQ_PITCH)
+WGMMA_THREADS = 384  # the wgmma kernel's three warpgroups (MOBA_BWD_WG_THREADS)
 WGMMA_STAGES = 3  # gathered Q / dO tiles in flight or in use (kWgStages)
 BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
@@ -128,8 +129,10 @@ def n_key_subtiles(block_size: int, variant: str = "tile") -> int:
 
 def bwd_threads(head_dim: int, variant: str = "tile") -> int:
     """Threads of the main kernel: head dim 256 pairs warps over the dK / dV / dQ columns (8 warps); "block" has
-    8 warps, "wgmma" two warpgroups."""
-    return 256 if head_dim == 256 or variant in ("block", "wgmma") else 128
+    8 warps, "wgmma" two computing warpgroups and one that issues the dQ bulk reductions."""
+    if variant == "wgmma":
+        return WGMMA_THREADS
+    return 256 if head_dim == 256 or variant == "block" else 128
 
 
 def bwd_smem_bytes(head_dim: int, variant: str = "tile") -> int:

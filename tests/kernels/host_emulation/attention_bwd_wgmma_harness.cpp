@@ -11,7 +11,8 @@
 // attention.cu's and attention_bwd.cu's texts come first, then pairs.cu's; then attention_bwd_wgmma.cu's finds
 // attention_bwd.cuh, attention.cuh and ptx.cuh already defined, is compiled with __CUDA_ARCH__ = 800 so that wgmma.cuh
 // gives only its encodings, and has wgmma_host_model.h included right after wgmma.cuh's text (the test inserts it).
-// A thread that returns with wgmma groups it never waited for stops the run.
+// A thread that returns with wgmma groups it never waited for stops the run. The dQ warpgroup's bulk reductions and
+// its bar.arrive hand-overs are cuda_host.h's models (a source must hold its bytes from the issue to the wait).
 #include "harness_io.h"
 #include "attention_model.h"
 
@@ -22,6 +23,20 @@
 #include "pairs_kernels.cu"
 
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
+
+// mbarrier.cuh: its text skipped; the kernel uses only its setmaxnreg, which every thread of a warpgroup executes
+// (.sync.aligned: a warpgroup meeting here); register counts are not modelled.
+#define MOBALAB_MBARRIER_CUH 1
+namespace moba {
+template <int N>
+inline void setmaxnreg_inc() {
+    emu::warpgroup_barrier();
+}
+template <int N>
+inline void setmaxnreg_dec() {
+    emu::warpgroup_barrier();
+}
+}  // namespace moba
 
 #include "attention_bwd_wgmma_kernels.cu"
 

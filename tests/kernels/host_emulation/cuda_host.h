@@ -187,6 +187,13 @@ struct Copy {
     const void* src;
 };
 
+// A bulk reduction (cp.reduce.async.bulk .add.f32) in flight: its source as it was at the issue.
+struct Bulk {
+    float* dst;
+    const unsigned char* src;
+    std::vector<float> at_issue;
+};
+
 // A tensor-map copy pending on an mbarrier, and an mbarrier's state (the CTA's, by its address).
 struct Tma {
     void* dst;
@@ -211,6 +218,8 @@ struct Thread {
 #endif
     std::vector<Copy> open;                // cp.async issued since the last commit
     std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
+    std::vector<Bulk> bulk_open;                 // bulk reductions issued since the last bulk commit
+    std::vector<std::vector<Bulk>> bulk_groups;  // committed bulk groups, oldest first
 #ifndef EMU_STACK_SWAP
     jmp_buf jb;
     bool started = false;
@@ -239,6 +248,8 @@ struct Cta {
 #endif
     std::function<void()> body;
     std::mt19937 rng;
+    unsigned arrived[16] = {};  // bar.arrive arrivals at each named barrier in its current phase
+    unsigned arrive_n[16] = {};  // the thread count they named
 #ifdef EMU_ASAN
     void* fake_stack = nullptr;
     const void* main_bottom = nullptr;  // the scheduler's stack, learnt at the first switch into a thread
@@ -321,13 +332,48 @@ inline void fail(const std::string& msg) {
     std::_Exit(3);  // not exit(): its handlers, run from a thread's coroutine stack, can hang
 }
 
-// bar.sync id, n: wait until n threads (whole warps) wait at barrier id (1..15; 0 is __syncthreads).
+// bar.sync id, n: wait until n threads (whole warps) have come to barrier id (1..15; 0 is __syncthreads): waiting
+// there, or passed it by bar.arrive (named_arrive) in its current phase.
 inline void named_barrier(int id, unsigned n) {
     if (id < 1 || id > 15 || n == 0 || n % 32) fail("named barrier id 1..15 and a count of whole warps");
     Thread& t = cta().threads[cta().current];
     t.bar = id;
     t.bar_n = n;
     yield(NAMED_WAIT);
+}
+
+// The threads waiting at named barrier `id`, all naming the count `n` (and the arrivals' count, if any); a count
+// that differs stops the run.
+inline unsigned named_waiting(const Cta& c, int id, unsigned n) {
+    unsigned waiting = 0;
+    for (const auto& u : c.threads)
+        if (u.state == NAMED_WAIT && u.bar == id) {
+            if (u.bar_n != n) fail("threads come to one named barrier with different counts");
+            ++waiting;
+        }
+    return waiting;
+}
+
+// Whether named barrier `id`'s phase is complete (n threads waiting or arrived); if so its waiting threads run
+// again and the next phase begins.
+inline bool release_named(Cta& c, int id, unsigned n) {
+    const unsigned have = named_waiting(c, id, n) + c.arrived[id];
+    if (have > n) fail("more threads at a named barrier than its count");
+    if (have < n) return false;
+    for (auto& u : c.threads)
+        if (u.state == NAMED_WAIT && u.bar == id) u.state = RUNNABLE;
+    c.arrived[id] = 0;
+    return true;
+}
+
+// bar.arrive id, n: count this thread at barrier id without waiting; the phase completes when n threads have come.
+inline void named_arrive(int id, unsigned n) {
+    if (id < 1 || id > 15 || n == 0 || n % 32) fail("named barrier id 1..15 and a count of whole warps");
+    Cta& c = cta();
+    if (c.arrived[id] && c.arrive_n[id] != n) fail("threads come to one named barrier with different counts");
+    c.arrive_n[id] = n;
+    ++c.arrived[id];
+    release_named(c, id, n);
 }
 
 // Wait until all 128 threads of the running thread's warpgroup (threads 128 g .. 128 g + 127 of the CTA) wait
@@ -354,10 +400,9 @@ inline bool release_at_once(Cta& c, int i) {
                 if (u.bar_n != t.bar_n) return false;
                 ++waiting;
             }
-        if (waiting != t.bar_n || (c.rng() & 1u)) return false;
-        for (auto& u : c.threads)
-            if (u.state == NAMED_WAIT && u.bar == t.bar) u.state = RUNNABLE;
-        return true;
+        if (c.arrived[t.bar] && c.arrive_n[t.bar] != t.bar_n) return false;
+        if (waiting + c.arrived[t.bar] != t.bar_n || (c.rng() & 1u)) return false;
+        return release_named(c, t.bar, t.bar_n);
     }
     if (t.state == WG_WAIT && c.threads.size() % 128 == 0) {
         const size_t g0 = static_cast<size_t>(i) / 128 * 128;
@@ -389,6 +434,8 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         t.idx = {i % block_dim().x, (i / block_dim().x) % block_dim().y, i / (block_dim().x * block_dim().y)};
         t.open.clear();
         t.groups.clear();
+        t.bulk_open.clear();
+        t.bulk_groups.clear();
         t.state = RUNNABLE;
         t.phase = 0;
 #ifdef EMU_ASAN
@@ -405,6 +452,7 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         makecontext(&t.ctx, entry, 0);
 #endif
     }
+    for (int id = 0; id < 16; ++id) c.arrived[id] = c.arrive_n[id] = 0;
     std::vector<int> order(nthreads);
     for (unsigned i = 0; i < nthreads; ++i) order[i] = (int)i;
     const unsigned warps = nthreads / 32;
@@ -464,22 +512,15 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
             }
         }
         if (released) continue;
-        // Named barriers (bar.sync id, n): released when n threads wait at id, all naming the same n.
+        // Named barriers (bar.sync id, n): released when n threads wait at id or arrived there (bar.arrive), all
+        // naming the same n.
         for (int id = 1; id < 16; ++id) {
-            unsigned waiting = 0, n = 0;
+            unsigned n = 0;
             for (auto& t : c.threads)
-                if (t.state == NAMED_WAIT && t.bar == id) {
-                    if (waiting && t.bar_n != n) fail("threads wait at one named barrier with different counts");
-                    n = t.bar_n;
-                    ++waiting;
-                }
-            if (waiting && waiting == n) {
-                for (auto& t : c.threads)
-                    if (t.state == NAMED_WAIT && t.bar == id) t.state = RUNNABLE;
-                released = true;
-            } else if (waiting > n) {
-                fail("more threads at a named barrier than its count");
-            }
+                if (t.state == NAMED_WAIT && t.bar == id) n = t.bar_n;
+            if (n && c.arrived[id] && c.arrive_n[id] != n)
+                fail("threads come to one named barrier with different counts");
+            if (n && release_named(c, id, n)) released = true;
         }
         if (released) continue;
         // Warpgroup meetings: released when all 128 threads of the warpgroup wait there.
@@ -504,8 +545,13 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
         }
         fail("deadlock: __syncthreads not reached by every thread of the block");
     }
-    for (auto& t : c.threads)
+    for (auto& t : c.threads) {
         if (!t.open.empty() || !t.groups.empty()) fail("a thread ended with cp.async copies it never waited for");
+        if (!t.bulk_open.empty() || !t.bulk_groups.empty())
+            fail("a thread ended with bulk reductions it never waited for");
+    }
+    for (int id = 1; id < 16; ++id)
+        if (c.arrived[id]) fail("a block ended with bar.arrive arrivals at a named barrier no thread waited at");
     for (auto& [bar, b] : mbars()) {
         (void)bar;
         if (!b.pending.empty()) fail("a block ended with tensor-map copies no thread waited for");
@@ -689,6 +735,33 @@ inline void dec_cp_async_wait_n(int n) {
 template <int N>
 inline void dec_cp_async_wait() {
     dec_cp_async_wait_n(N);
+}
+// Bulk reductions (cp.reduce.async.bulk .add.f32, shared -> global): the source is taken when the operation is
+// issued, and must still hold the same bytes when its thread waits for the group (the copy engine may read it at
+// any moment in between); the adds land at that wait. So a source written after the issue, or rewritten before the
+// wait, stops the run or shows in the sums.
+inline void dec_bulk_reduce_add_f32(float* dst, const unsigned char* src, unsigned bytes) {
+    if (bytes == 0 || bytes % 16 || reinterpret_cast<uintptr_t>(dst) % 16)
+        emu::fail("a bulk reduction of a size that is not a multiple of 16 bytes, or to an unaligned address");
+    std::vector<float> v(bytes / 4);
+    std::memcpy(v.data(), src, bytes);
+    emu::me().bulk_open.push_back({dst, src, std::move(v)});
+}
+inline void dec_bulk_commit() {
+    emu::Thread& t = emu::me();
+    t.bulk_groups.push_back(std::move(t.bulk_open));
+    t.bulk_open.clear();
+}
+inline void dec_bulk_wait_n(int n) {
+    emu::Thread& t = emu::me();
+    while (t.bulk_groups.size() > (size_t)n) {
+        for (const emu::Bulk& b : t.bulk_groups.front()) {
+            if (std::memcmp(b.src, b.at_issue.data(), b.at_issue.size() * 4))
+                emu::fail("the source of a bulk reduction changed before its thread waited for the read");
+            for (size_t i = 0; i < b.at_issue.size(); ++i) b.dst[i] += b.at_issue[i];
+        }
+        t.bulk_groups.erase(t.bulk_groups.begin());
+    }
 }
 // Tensor-map copies on mbarriers (decode_common.cuh).
 namespace emu {

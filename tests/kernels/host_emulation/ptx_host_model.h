@@ -111,8 +111,22 @@ template <int N>
 inline void cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
-// bar.sync id, n: cuda_host.h's named barriers
+// bar.sync id, n and bar.arrive id, n: cuda_host.h's named barriers
 inline void bar_sync(int id, int nthreads) { emu::named_barrier(id, (unsigned)nthreads); }
+inline void bar_arrive(int id, int nthreads) { emu::named_arrive(id, (unsigned)nthreads); }
+// bulk reductions through cuda_host.h: the source taken at the issue, the adds landing at the thread's wait
+inline void bulk_reduce_add_f32(float* dst, unsigned src, unsigned bytes) {
+    dec_bulk_reduce_add_f32(dst, smem_ptr(src, bytes), bytes);
+}
+inline void bulk_commit_group() { dec_bulk_commit(); }
+template <int N>
+inline void bulk_wait_group_read() {
+    dec_bulk_wait_n(N);
+}
+template <int N>
+inline void bulk_wait_group() {
+    dec_bulk_wait_n(N);
+}
 inline unsigned smem_u32(const void* p) {
     return emu::kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
 }

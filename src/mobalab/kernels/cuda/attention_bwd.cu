@@ -46,33 +46,33 @@ MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_f16_d256,  __half,        256)
 #endif
 
 #if MOBA_HAS_HEAD_DIM(32)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  bwd_tile, moba_bwd::kBwdThreads<32>, __nv_bfloat16, 32)
-MOBA_BWD_KERNEL(moba_bwd_f16_d32,   bwd_tile, moba_bwd::kBwdThreads<32>, __half,        32)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d32,  bwd_tile, (moba_bwd::kBwdThreads<32>), __nv_bfloat16, 32)
+MOBA_BWD_KERNEL(moba_bwd_f16_d32,   bwd_tile, (moba_bwd::kBwdThreads<32>), __half,        32)
 #endif
 #if MOBA_HAS_HEAD_DIM(64)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d64,  bwd_tile, moba_bwd::kBwdThreads<64>, __nv_bfloat16, 64)
-MOBA_BWD_KERNEL(moba_bwd_f16_d64,   bwd_tile, moba_bwd::kBwdThreads<64>, __half,        64)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d64,  bwd_tile, (moba_bwd::kBwdThreads<64>), __nv_bfloat16, 64)
+MOBA_BWD_KERNEL(moba_bwd_f16_d64,   bwd_tile, (moba_bwd::kBwdThreads<64>), __half,        64)
 #endif
 #if MOBA_HAS_HEAD_DIM(96)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d96,  bwd_tile, moba_bwd::kBwdThreads<96>, __nv_bfloat16, 96)
-MOBA_BWD_KERNEL(moba_bwd_f16_d96,   bwd_tile, moba_bwd::kBwdThreads<96>, __half,        96)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d96,  bwd_tile, (moba_bwd::kBwdThreads<96>), __nv_bfloat16, 96)
+MOBA_BWD_KERNEL(moba_bwd_f16_d96,   bwd_tile, (moba_bwd::kBwdThreads<96>), __half,        96)
 #endif
 #if MOBA_HAS_HEAD_DIM(128)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d128, bwd_tile, moba_bwd::kBwdThreads<128>, __nv_bfloat16, 128)
-MOBA_BWD_KERNEL(moba_bwd_f16_d128,  bwd_tile, moba_bwd::kBwdThreads<128>, __half,        128)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d128, bwd_tile, (moba_bwd::kBwdThreads<128>), __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_f16_d128,  bwd_tile, (moba_bwd::kBwdThreads<128>), __half,        128)
 #endif
 #if MOBA_HAS_HEAD_DIM(256)
-MOBA_BWD_KERNEL(moba_bwd_bf16_d256, bwd_tile, moba_bwd::kBwdThreads<256>, __nv_bfloat16, 256)
-MOBA_BWD_KERNEL(moba_bwd_f16_d256,  bwd_tile, moba_bwd::kBwdThreads<256>, __half,        256)
+MOBA_BWD_KERNEL(moba_bwd_bf16_d256, bwd_tile, (moba_bwd::kBwdThreads<256>), __nv_bfloat16, 256)
+MOBA_BWD_KERNEL(moba_bwd_f16_d256,  bwd_tile, (moba_bwd::kBwdThreads<256>), __half,        256)
 #endif
 
 #if MOBA_HAS_HEAD_DIM(64)
-MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d64,  bwd_block, MOBA_BWD_BLOCK_THREADS, __nv_bfloat16, 64)
-MOBA_BWD_KERNEL(moba_bwd_blk_f16_d64,   bwd_block, MOBA_BWD_BLOCK_THREADS, __half,        64)
+MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d64,  bwd_block, (MOBA_BWD_BLOCK_THREADS), __nv_bfloat16, 64)
+MOBA_BWD_KERNEL(moba_bwd_blk_f16_d64,   bwd_block, (MOBA_BWD_BLOCK_THREADS), __half,        64)
 #endif
 #if MOBA_HAS_HEAD_DIM(128)
-MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d128, bwd_block, MOBA_BWD_BLOCK_THREADS, __nv_bfloat16, 128)
-MOBA_BWD_KERNEL(moba_bwd_blk_f16_d128,  bwd_block, MOBA_BWD_BLOCK_THREADS, __half,        128)
+MOBA_BWD_KERNEL(moba_bwd_blk_bf16_d128, bwd_block, (MOBA_BWD_BLOCK_THREADS), __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_blk_f16_d128,  bwd_block, (MOBA_BWD_BLOCK_THREADS), __half,        128)
 #endif
 
 #define MOBA_BWD_DQ_MERGE_KERNEL(NAME, T, D)                                                                          \

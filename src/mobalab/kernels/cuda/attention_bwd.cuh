@@ -176,6 +176,7 @@ struct SwzTile {
   template <int ROWS>
   __device__ static __forceinline__ unsigned at(int row, int ch) { return swz<D>(row, ch); }
   __device__ static __forceinline__ void landed() {}
+  __device__ static __forceinline__ void sync() { __syncthreads(); }  // every thread of the CTA computes
 };
 
 // Gather the Q and dO rows of one tile (rows >= count zero-filled) into swizzled 64 x D tiles (layout L).
@@ -332,7 +333,7 @@ __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sI
                                           int dq_mode, int tid) {
   cp_async_wait<STAGES - 2>();  // the gathers of the tiles after this one may still be in flight
   L::landed();
-  __syncthreads();
+  L::sync();
   const int count = tile_rows(w.n_rows, ti);
   prefetch_tiles<D, NTHREADS, L, STAGES>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
                                          w.row_base, heads, h0, tid);
@@ -702,9 +703,10 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
 
 // The main kernel of every variant: BODY is moba_bwd::bwd_tile (below), moba_bwd::bwd_block
 // (attention_bwd_block.cuh: one 8-warp CTA per 128 keys, head dims 64 and 128) or moba_bwd::bwd_wgmma
-// (attention_bwd_wgmma.cuh, its own module), THREADS its block size; the parameter list is the launch plan's.
-#define MOBA_BWD_KERNEL(NAME, BODY, THREADS, T, D)                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                         \
+// (attention_bwd_wgmma.cuh, its own module), BOUNDS the parenthesised arguments of its __launch_bounds__ (the block
+// size first); the parameter list is the launch plan's.
+#define MOBA_BWD_KERNEL(NAME, BODY, BOUNDS, T, D)                                                                     \
+  extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                                           \
       const void* q, const void* k, const void* v, const void* dout, const void* rows, const long long* pairs,        \
       const long long* seg_off, const int* seg_order, float* dq_acc, float* part_dq, void* dk, void* dv,             \
       float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size, int n_blocks,               \

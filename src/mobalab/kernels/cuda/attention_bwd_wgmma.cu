@@ -7,6 +7,7 @@
 #include "attention_bwd_wgmma.cuh"
 
 #if MOBA_HAS_HEAD_DIM(128)
-MOBA_BWD_KERNEL(moba_bwd_wg_bf16_d128, bwd_wgmma, MOBA_BWD_WG_THREADS, __nv_bfloat16, 128)
-MOBA_BWD_KERNEL(moba_bwd_wg_f16_d128,  bwd_wgmma, MOBA_BWD_WG_THREADS, __half,        128)
+// one CTA per SM: the launch's 168 registers a thread, re-allocated by setmaxnreg
+MOBA_BWD_KERNEL(moba_bwd_wg_bf16_d128, bwd_wgmma, (MOBA_BWD_WG_THREADS, 1), __nv_bfloat16, 128)
+MOBA_BWD_KERNEL(moba_bwd_wg_f16_d128,  bwd_wgmma, (MOBA_BWD_WG_THREADS, 1), __half,        128)
 #endif

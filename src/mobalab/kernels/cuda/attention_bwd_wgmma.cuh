@@ -52,12 +52,18 @@
 
 #include "attention_bwd.cuh"
 #include "wgmma.cuh"
+#include "mbarrier.cuh"
 
-#define MOBA_BWD_WG_KEYS 128     // keys per CTA
-#define MOBA_BWD_WG_THREADS 256  // two warpgroups
-#define MOBA_BWD_WG_DS_BARRIER 1  // named barrier: both warpgroups' dS^T stored
-#define MOBA_BWD_WG_DQ_BARRIER 2  // named barriers 2, 3: warpgroup 0's / 1's dQ staging rows
-#define MOBA_BWD_WG_DQ_PITCH 288  // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
+#define MOBA_BWD_WG_KEYS 128          // keys per CTA
+#define MOBA_BWD_WG_CONSUMERS 256     // the two computing warpgroups
+#define MOBA_BWD_WG_THREADS 384       // and the dQ warpgroup
+#define MOBA_BWD_WG_CONSUMER_REGS 240  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 K registers
+#define MOBA_BWD_WG_DQ_REGS 24
+#define MOBA_BWD_WG_DS_BARRIER 1     // named barrier: both warpgroups' dS^T stored
+#define MOBA_BWD_WG_DQ_EMPTY 2       // named barriers 2, 3: warpgroup 0's / 1's staged dQ rows read by the bulk copies
+#define MOBA_BWD_WG_DQ_FULL 4        // named barriers 4, 5: warpgroup 0's / 1's dQ rows staged
+#define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the dQ warpgroup keeps out of it)
+#define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
 namespace moba_bwd {
 
@@ -71,6 +77,8 @@ struct Sw128Tile {
     moba::fence_proxy_async_shared();
 #endif
   }
+  // the CTA's barrier between tiles, over the computing warpgroups only
+  __device__ static __forceinline__ void sync() { moba::bar_sync(MOBA_BWD_WG_CTA_BARRIER, MOBA_BWD_WG_CONSUMERS); }
 };
 
 // The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
@@ -98,7 +106,7 @@ __device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsig
   load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
   cp_async_commit();
   cp_async_wait<1>();  // the records' group: K and V may still be in flight
-  __syncthreads();
+  Sw128Tile::sync();
 #pragma unroll
   for (int t = 0; t < kWgLead; ++t) {
     if (t < w.n_tiles)
@@ -136,6 +144,33 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #endif
 }
 
+// The dQ warpgroup (atomic dQ mode): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
+// 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
+// issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
+// arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
+// has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end).
+template <int D>
+__device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
+                                                 int p) {
+#if MOBA_HAS_WGMMA
+  using namespace moba;
+  const int g = p >> 6;
+  const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
+  // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
+  for (int ti = 0; ti < n_tiles; ++ti) {
+    if (ti > 0) bulk_wait_group_read<0>();
+    bar_arrive(MOBA_BWD_WG_DQ_EMPTY, 256);
+    bar_arrive(MOBA_BWD_WG_DQ_EMPTY + 1, 256);
+    bar_sync(MOBA_BWD_WG_DQ_FULL, 256);
+    bar_sync(MOBA_BWD_WG_DQ_FULL + 1, 256);
+    const long long off = s_off[p];
+    if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
+    bulk_commit_group();
+  }
+  bulk_wait_group<0>();
+#endif
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
                                           const RowInfo* rows, const long long* pairs, const long long* seg_off,
@@ -146,7 +181,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   static_assert(D == 128, "the wgmma backward has head dim 128");
 #if MOBA_HAS_WGMMA
   using namespace moba;
-  constexpr int NTHREADS = MOBA_BWD_WG_THREADS;
+  constexpr int NTHREADS = MOBA_BWD_WG_CONSUMERS;  // the computing warpgroups; the dQ warpgroup returns at once
   constexpr int KEYS = MOBA_BWD_WG_KEYS;
   constexpr int ROWS = MOBA_BWD_ROWS;
   constexpr unsigned KV_BYTES = sw128_tile_bytes(KEYS, D);   // 32 KB
@@ -165,12 +200,19 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
   __shared__ long long s_pair[ROWS];
+  __shared__ long long s_dq_off[2 * ROWS];  // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup
 
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, w4 = (tid >> 5) & 3;
   const int g = lane >> 2, tq = lane & 3;
   const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
                                    h0, n_seg, sub0, n_sub_launch);
   if (!w.ok) return;
+  if (wg == 2) {
+    setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
+    if (dq_mode == 0) wg_dq_reductions<D>(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
+    return;
+  }
+  setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
 
@@ -283,23 +325,19 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
         // samples at 16K), and 1.07-1.08x faster than one bulk reduction (cp.reduce.async.bulk) per row, whose
         // per-thread addresses the compiler issues one thread at a time.
         const unsigned sdq = sDQ + wg * DQ_BYTES;
-        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);  // the previous tile's chunks have been read
+        bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
           const unsigned c = (8 * n + 2 * tq) * 4;
           st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
           st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
         }
-        bar_sync(MOBA_BWD_WG_DQ_BARRIER + wg, 128);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int c = wt + 128 * i, row = c >> 4, q4 = c & 15;
-          if (row < count) {
-            const RowInfo ri = info[row];
-            const float4 x = ld_shared_v4_f32(sdq + row * MOBA_BWD_WG_DQ_PITCH + 16 * q4);
-            red_add4(dq_acc + ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg + 4 * q4, x);
-          }
+        if (wt < ROWS) {
+          const RowInfo ri = info[wt];
+          s_dq_off[wg * ROWS + wt] = wt < count ? ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg : -1;
         }
+        fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
+        bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, 256);
       } else {
         const bool has0 = r0 < count, has1 = r1 < count;
         const int col0 = 64 * wg + 2 * tq;

@@ -91,6 +91,35 @@ __device__ __forceinline__ void bar_sync(int id, int nthreads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
 }
 
+// Arrival at barrier `id` over `nthreads` threads without waiting (bar.arrive): a producer tells its consumers
+// that a buffer is ready, or they tell it that a buffer is free, and goes on. Memory accesses before it are
+// ordered before those of the threads that bar.sync on the same barrier after it completes.
+__device__ __forceinline__ void bar_arrive(int id, int nthreads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+
+// Bulk reductions (sm_90; PTX ISA 8.x, "cp.reduce.async.bulk"): the bulk copy engine adds `bytes` (a multiple of
+// 16, both addresses 16-byte aligned) of fp32 values from shared memory into global memory, atomically per element
+// (relaxed, GPU scope), asynchronously. An operation joins the executing thread's current bulk async-group;
+// cp.async.bulk.commit_group closes the group, cp.async.bulk.wait_group.read N returns once the sources of all but
+// the newest N groups have been read (the shared memory may be rewritten), cp.async.bulk.wait_group N once they
+// are complete. Shared memory written by generic stores needs fence.proxy.async.shared::cta (wgmma.cuh) between
+// the stores and the operation, since the copy engine reads it through the async proxy.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, unsigned bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
