@@ -18,18 +18,22 @@
 //   4. dQ = scale dS K: dS^T goes to shared memory as stored ([key][row], rows contiguous: the MN-major layout of
 //      A = dS), both warpgroups meet at a named barrier, then warpgroup g computes columns 64 g .. 64 g + 63 of
 //      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps); atomic
-//      mode stages them in shared memory and adds 16-byte vector atomics (see there), the deterministic modes
-//      write the slot partials as the other variants do.
+//      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the third, dQ
+//      warpgroup (wg_dq_reductions), which adds each 256-byte row by one bulk reduction, so the computing
+//      warpgroups issue no reduction instruction; the deterministic modes write the slot partials as the other
+//      variants do (the dQ warpgroup then returns at once).
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
 // (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic. At the
 // SM's dense bf16 rate (~4 KFLOP per clock) a tile's MMAs take ~1.4 us.
 // Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32
-// (253-255 registers, no spills).
+// (253-255 registers, no spills, as two warpgroups alone); with the dQ warpgroup the launch gives 168 a thread
+// (384 threads, one CTA per SM) and setmaxnreg re-allocates them: 240 for each computing warpgroup, 24 for the dQ
+// warpgroup (2 x 128 x 240 + 128 x 24 <= 65536); no spills.
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
 // (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
-// patterns: 218 KB (one CTA of two warpgroups per SM). Head dim 128, block sizes that are multiples of 128 (the
+// patterns: 218 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head dim 128, block sizes that are multiples of 128 (the
 // "block" variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
