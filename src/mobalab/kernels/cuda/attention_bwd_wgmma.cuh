@@ -61,12 +61,13 @@
 #define MOBA_BWD_WG_KEYS 128          // keys per CTA
 #define MOBA_BWD_WG_CONSUMERS 256     // the two computing warpgroups
 #define MOBA_BWD_WG_THREADS 384       // and the dQ warpgroup
-#define MOBA_BWD_WG_CONSUMER_REGS 240  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 K registers
-#define MOBA_BWD_WG_DQ_REGS 24
+#define MOBA_BWD_WG_CONSUMER_REGS 240  // setmaxnreg: 2 x 128 x 240 + 128 x 32 = 64 K registers
+#define MOBA_BWD_WG_PRODUCER_REGS 32
 #define MOBA_BWD_WG_DS_BARRIER 1     // named barrier: both warpgroups' dS^T stored
 #define MOBA_BWD_WG_DQ_EMPTY 2       // named barriers 2, 3: warpgroup 0's / 1's staged dQ rows read by the bulk copies
 #define MOBA_BWD_WG_DQ_FULL 4        // named barriers 4, 5: warpgroup 0's / 1's dQ rows staged
-#define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the dQ warpgroup keeps out of it)
+#define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the producer keeps out of it)
+#define MOBA_BWD_WG_PRODUCER_BARRIER 7  // the producer warpgroup's own: a tile's row records landed
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
 namespace moba_bwd {
@@ -85,44 +86,37 @@ struct Sw128Tile {
   __device__ static __forceinline__ void sync() { moba::bar_sync(MOBA_BWD_WG_CTA_BARRIER, MOBA_BWD_WG_CONSUMERS); }
 };
 
-// The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
-// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the gather's landing was 12% of the stall samples (Nsight
-// Compute at 16K on an H200: the wait before the tile's barrier); three made the backward op 1.01-1.03x faster
-// (8K-64K, interleaved on an H200).
+// The gathered tiles run three deep: while tile ti is computed, the Q and dO rows of tiles ti + 1 and ti + 2 are
+// in flight. With two buffers the gather's landing was 12% of the stall samples (Nsight Compute at 16K on an H200:
+// the wait before the tile's barrier); three made the backward op 1.01-1.03x faster (8K-64K, interleaved on an
+// H200). A stage holds a tile's Q rows, dO rows and row records; its "full" mbarrier completes when the producer's
+// 128 threads' copies into it have landed (cp.async.mbarrier.arrive.noinc), its "empty" one when the computing
+// warpgroups' 8 warps are done with the tile.
 constexpr int kWgStages = 3;
-constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
-constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
+constexpr int kWgLead = kWgStages - 1;  // tiles whose gathers are in flight ahead of the current one
+constexpr unsigned kWgBarBytes = 2 * kWgStages * 8;
 
-// A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
-// the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
-template <int D, int KEYS, int NTHREADS>
-__device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
-                                                 const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
-                                                 const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
-                                                 int h0, int kv_heads, int tid) {
-  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
-#pragma unroll
-  for (int t = 0; t <= kWgLead; ++t)
-    if (t < w.n_tiles)
-      load_info(sInfoU + t * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(t) * MOBA_BWD_ROWS,
-                tile_rows(w.n_rows, t), tid);
+// The producer gathers tile g into stage g % kWgStages once the computing warpgroups have released the stage's last
+// tile: its row records (threads 0 .. 63, waited for and shared over the warpgroup), then the Q and dO rows by
+// 16-byte cp.async, whose landing completes the stage's "full" phase.
+template <int D>
+__device__ __forceinline__ void wg_gather(int g, unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
+                                          unsigned sBar, const char* qb, const char* gb, const RowInfo* rows,
+                                          const CtaWork& w, int heads, int h0, int p) {
+#if MOBA_HAS_WGMMA
+  using namespace moba;
+  constexpr unsigned TILE_BYTES = sw128_tile_bytes(MOBA_BWD_ROWS, D);
+  const int st = g % kWgStages;
+  if (g >= kWgStages) mbar_wait_spin(sBar + (kWgStages + st) * 8, (g / kWgStages - 1) & 1);
+  const int count = tile_rows(w.n_rows, g);
+  load_info(sInfoU + st * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(g) * MOBA_BWD_ROWS, count, p);
   cp_async_commit();
-  load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
-  cp_async_commit();
-  cp_async_wait<1>();  // the records' group: K and V may still be in flight
-  Sw128Tile::sync();
-#pragma unroll
-  for (int t = 0; t < kWgLead; ++t) {
-    if (t < w.n_tiles)
-      gather_tile<D, NTHREADS, Sw128Tile>(sQ + t * TILE_BYTES, sdO + t * TILE_BYTES, qb, gb,
-                                          sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, heads, h0,
-                                          tid);
-    const int r = kWgLead + 1 + t;
-    if (r < 2 * kWgLead && r < w.n_tiles)
-      load_info(sInfoU + r * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(r) * MOBA_BWD_ROWS,
-                tile_rows(w.n_rows, r), tid);
-    cp_async_commit();
-  }
+  cp_async_wait<0>();
+  bar_sync(MOBA_BWD_WG_PRODUCER_BARRIER, 128);
+  gather_tile<D, 128, Sw128Tile>(sQ + st * TILE_BYTES, sdO + st * TILE_BYTES, qb, gb, sInfo + st * MOBA_BWD_ROWS,
+                                 count, w.row_base, heads, h0, p);
+  mbar_arrive_cp_async(sBar + st * 8);
+#endif
 }
 
 // acc (a warpgroup's 64 keys x 128 columns, two n64 halves) += X^T B over a tile's 64 gathered rows, one commit
@@ -148,20 +142,28 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #endif
 }
 
-// The dQ warpgroup (atomic dQ mode): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
+// The producer warpgroup: the gathers of the tiles kWgLead ahead (wg_gather) and, in atomic dQ mode, the dQ rows'
+// reductions, tile after tile. Thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
 // 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end).
 template <int D>
-__device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
-                                                 int p) {
+__device__ __forceinline__ void wg_producer(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
+                                            unsigned sBar, const char* qb, const char* gb, const RowInfo* rows,
+                                            const CtaWork& w, int heads, int h0, float* dq_acc, unsigned sDQ,
+                                            const long long* s_off, int dq_mode, int p) {
 #if MOBA_HAS_WGMMA
   using namespace moba;
-  const int g = p >> 6;
-  const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
-  // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
+  const int n_tiles = w.n_tiles;
+  for (int g = 0; g < kWgLead && g < n_tiles; ++g)
+    wg_gather<D>(g, sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, p);
+  const unsigned src = sDQ + (p >> 6) * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
   for (int ti = 0; ti < n_tiles; ++ti) {
+    if (ti + kWgLead < n_tiles)
+      wg_gather<D>(ti + kWgLead, sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, p);
+    if (dq_mode != 0) continue;
+    // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
     if (ti > 0) bulk_wait_group_read<0>();
     bar_arrive(MOBA_BWD_WG_DQ_EMPTY, 256);
     bar_arrive(MOBA_BWD_WG_DQ_EMPTY + 1, 256);
@@ -171,7 +173,7 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
     if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
     bulk_commit_group();
   }
-  bulk_wait_group<0>();
+  if (dq_mode == 0) bulk_wait_group<0>();
 #endif
 }
 
@@ -200,9 +202,10 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sdO = sQ + kWgStages * TILE_BYTES;   // kWgStages buffers
   const unsigned sdS = sdO + kWgStages * TILE_BYTES;  // dS^T [key][row]
   const unsigned sDQ = sdS + DS_BYTES;                // 2 x 64 staged dQ rows (atomic mode)
-  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgInfos x 64 RowInfo
+  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgStages x 64 RowInfo
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
+  const unsigned sBar = sInfoU + kWgStages * ROWS * 16;  // kWgStages "full", then kWgStages "empty" mbarriers
   __shared__ long long s_pair[ROWS];
   __shared__ long long s_dq_off[2 * ROWS];  // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup
 
@@ -211,19 +214,25 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
                                    h0, n_seg, sub0, n_sub_launch);
   if (!w.ok) return;
+  if (tid == 0) {
+    for (int st = 0; st < kWgStages; ++st) {
+      mbar_init(sBar + st * 8, 128);                    // the producer's threads, on their copies' landing
+      mbar_init(sBar + (kWgStages + st) * 8, NTHREADS / 32);  // the computing warps, done with the tile
+    }
+  }
+  __syncthreads();  // the mbarriers initialised, before any thread uses them
+  const char* qb = static_cast<const char*>(q_);
+  const char* gb = static_cast<const char*>(dout_);
   if (wg == 2) {
-    setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
-    if (dq_mode == 0) wg_dq_reductions<D>(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
+    setmaxnreg_dec<MOBA_BWD_WG_PRODUCER_REGS>();
+    wg_producer<D>(sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, dq_acc, sDQ, s_dq_off, dq_mode, wt);
     return;
   }
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
-
-  const char* qb = static_cast<const char*>(q_);
-  const char* gb = static_cast<const char*>(dout_);
-  wg_start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads,
-                                      tid);
+  load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
+  cp_async_commit();
 
   // dK, dV of keys 64 wg + 16 w4 + g (+ 8), columns 64 c + 8 n + 2 tq (+ 1) in float 4 n + e of dk[c] / dv[c]
   float dk[2][32], dv[2][32];
@@ -236,11 +245,17 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
   for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads,
-                                                                     h0, pairs, s_pair, dq_mode, tid);
-    const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
-    const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
-    const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
+    const int st = ti % kWgStages;
+    cp_async_wait<0>();  // K and V (tile 0)
+    mbar_wait_spin(sBar + st * 8, (ti / kWgStages) & 1);
+    Sw128Tile::landed();
+    Sw128Tile::sync();  // K, V landed for all; both warpgroups done with the last tile's dS^T, s_pair and dQ MMAs
+    const int count = tile_rows(w.n_rows, ti);
+    if (dq_mode != 0 && tid < ROWS)
+      s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * ROWS + tid] : -1;
+    const RowInfo* info = sInfo + st * ROWS;
+    const unsigned sq = sQ + st * TILE_BYTES;
+    const unsigned sdo = sdO + st * TILE_BYTES;
 
     // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed while
     //         the dP^T MMAs run
@@ -350,7 +365,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
                   has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
       }
     }
-    // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
+    // all MMAs of the tile are complete and its records read: the stage goes back to the producer
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sBar + (kWgStages + st) * 8);
   }
   cp_async_wait<0>();
 
