@@ -61,8 +61,10 @@
 #define MOBA_BWD_WG_KEYS 128          // keys per CTA
 #define MOBA_BWD_WG_CONSUMERS 256     // the two computing warpgroups
 #define MOBA_BWD_WG_THREADS 384       // and the dQ warpgroup
-#define MOBA_BWD_WG_CONSUMER_REGS 240  // setmaxnreg: 2 x 128 x 240 + 128 x 32 = 64 K registers
-#define MOBA_BWD_WG_PRODUCER_REGS 32
+// setmaxnreg: the registers a warpgroup gives up (dec) are all the others can take (inc), so these must fit in the
+// CTA's launch allocation of 384 x 168 (a larger count blocks the inc forever); at 232 the computing warpgroups spill
+#define MOBA_BWD_WG_CONSUMER_REGS 240
+#define MOBA_BWD_WG_PRODUCER_REGS 24
 #define MOBA_BWD_WG_DS_BARRIER 1     // named barrier: both warpgroups' dS^T stored
 #define MOBA_BWD_WG_DQ_EMPTY 2       // named barriers 2, 3: warpgroup 0's / 1's staged dQ rows read by the bulk copies
 #define MOBA_BWD_WG_DQ_FULL 4        // named barriers 4, 5: warpgroup 0's / 1's dQ rows staged
@@ -113,8 +115,20 @@ __device__ __forceinline__ void wg_gather(int g, unsigned sQ, unsigned sdO, unsi
   cp_async_commit();
   cp_async_wait<0>();
   bar_sync(MOBA_BWD_WG_PRODUCER_BARRIER, 128);
-  gather_tile<D, 128, Sw128Tile>(sQ + st * TILE_BYTES, sdO + st * TILE_BYTES, qb, gb, sInfo + st * MOBA_BWD_ROWS,
-                                 count, w.row_base, heads, h0, p);
+  // gather_tile's rows and chunks for 128 threads (chunk p % 16 of rows p / 16 + 8 i), one row at a time: unrolled,
+  // its addresses take more than the producer's 24 registers
+  const RowInfo* info = sInfo + st * MOBA_BWD_ROWS;
+  const unsigned sq = sQ + st * TILE_BYTES, sdo = sdO + st * TILE_BYTES;
+  const int ch = p & 15;
+#pragma unroll 1
+  for (int row = p >> 4; row < MOBA_BWD_ROWS; row += 8) {
+    const bool ok = row < count;
+    long long off = 0;
+    if (ok) off = ((w.row_base + info[row].t) * heads + (h0 + info[row].hc)) * (D * 2) + ch * 16;
+    const unsigned at = Sw128Tile::at<MOBA_BWD_ROWS>(row, ch);
+    cp_async16(sq + at, qb + off, ok ? 16 : 0);
+    cp_async16(sdo + at, gb + off, ok ? 16 : 0);
+  }
   mbar_arrive_cp_async(sBar + st * 8);
 #endif
 }
@@ -155,6 +169,9 @@ __device__ __forceinline__ void wg_producer(unsigned sQ, unsigned sdO, unsigned 
                                             const long long* s_off, int dq_mode, int p) {
 #if MOBA_HAS_WGMMA
   using namespace moba;
+  static_assert(128 * MOBA_BWD_WG_PRODUCER_REGS + MOBA_BWD_WG_CONSUMERS * MOBA_BWD_WG_CONSUMER_REGS <=
+                    MOBA_BWD_WG_THREADS * 168,
+                "setmaxnreg counts beyond the launch's 384 x 168 registers");
   const int n_tiles = w.n_tiles;
   for (int g = 0; g < kWgLead && g < n_tiles; ++g)
     wg_gather<D>(g, sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, p);
