@@ -1,9 +1,12 @@
 // MoBA attention backward, variant "wgmma": the work of the "block" variant (attention_bwd_block.cuh: one CTA per
 // 128 keys of a key block, every row that selected the block in tiles of 64 gathered rows; same equations, row
 // records, gather, dQ modes and dK / dV modes) with the products on Hopper warpgroup MMAs (wgmma, sm_90a). Two
-// warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128 columns, fp32
-// accumulators in registers over all tiles). Per tile, in four commit groups so that the tensor cores work while
-// the warpgroup forms P and dS:
+// computing warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128
+// columns, fp32 accumulators in registers over all tiles); a third, the producer (wg_producer), gathers each tile's
+// Q and dO rows and row records into a three-deep ring of stages on "full" / "empty" mbarriers and, in atomic dQ
+// mode, adds the staged dQ rows by bulk reductions, so the computing warpgroups issue neither copies (after K and
+// V) nor reductions. Per tile, in four commit groups so that the tensor cores work while the warpgroup forms P and
+// dS:
 //   1. S^T = K_g Q^T, then dP^T = V_g dO^T: m64n64k16, A = the warpgroup's 64 keys of K (or V), B = the 64 gathered
 //      rows of Q (or dO), both K-major over d in 128-byte-swizzled shared memory (wgmma.cuh's sw128 layout):
 //      8 k-steps each, 64 fp32 accumulators per thread in all.
@@ -18,10 +21,9 @@
 //   4. dQ = scale dS K: dS^T goes to shared memory as stored ([key][row], rows contiguous: the MN-major layout of
 //      A = dS), both warpgroups meet at a named barrier, then warpgroup g computes columns 64 g .. 64 g + 63 of
 //      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps); atomic
-//      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the third, dQ
-//      warpgroup (wg_dq_reductions), which adds each 256-byte row by one bulk reduction, so the computing
-//      warpgroups issue no reduction instruction; the deterministic modes write the slot partials as the other
-//      variants do (the dQ warpgroup then returns at once).
+//      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the producer, which
+//      adds each 256-byte row by one bulk reduction; the deterministic modes write the slot partials as the other
+//      variants do.
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
@@ -32,9 +34,9 @@
 // (384 threads, one CTA per SM) and setmaxnreg re-allocates them: 240 for each computing warpgroup, 24 for the dQ
 // warpgroup (2 x 128 x 240 + 128 x 24 <= 65536); no spills.
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
-// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
-// patterns: 218 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head dim 128, block sizes that are multiples of 128 (the
-// "block" variant's shapes).
+// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 3 x 64 row records (one per stage), the stages' six
+// mbarriers, and 1 KB to align the swizzle patterns: 216 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head dim 128, block sizes that are multiples of 128 (the "block"
+// variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
 // atomics from registers): tensor pipe 30%, stalls on the gather's landing (long_scoreboard), the atomics' issue
