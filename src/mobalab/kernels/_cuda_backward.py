@@ -138,11 +138,11 @@ def bwd_threads(head_dim: int, variant: str = "tile") -> int:
 def bwd_smem_bytes(head_dim: int, variant: str = "tile") -> int:
     """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records;
     "block": K, V of 128 keys, 2 x Q, 2 x dO tiles, P^T and dS^T (128 x 64 each), the row records; "wgmma": K, V,
-    3 x Q, 3 x dO tiles, dS^T, two warpgroups' staged dQ rows, 3 x 64 row records, the stages' 6 mbarriers and
-    1024 bytes to align the swizzled tiles."""
+    3 x Q, 3 x dO tiles, dS^T, two warpgroups' staged dQ rows, 5 x 64 row records and 1024 bytes to align the
+    swizzled tiles."""
     if variant == "wgmma":
         return (2 * BLOCK_KEYS * head_dim * 2 + 2 * WGMMA_STAGES * ROWS * head_dim * 2 + BLOCK_KEYS * ROWS * 2
-                + 2 * ROWS * WGMMA_DQ_PITCH + WGMMA_STAGES * (ROWS * ROW_INFO_BYTES + 2 * 8) + WGMMA_ALIGN_BYTES)
+                + 2 * ROWS * WGMMA_DQ_PITCH + (2 * WGMMA_STAGES - 1) * ROWS * ROW_INFO_BYTES + WGMMA_ALIGN_BYTES)
     if variant == "block":
         return (2 * BLOCK_KEYS * head_dim * 2 + 4 * ROWS * head_dim * 2 + 2 * BLOCK_KEYS * ROWS * 2
                 + 3 * ROWS * ROW_INFO_BYTES)

@@ -24,18 +24,10 @@
 
 #define __CUDA_ARCH__ 800  // wgmma.cuh: encodings only; wgmma_host_model.h (included after it) models the rest
 
-// mbarrier.cuh: its text skipped, its operations cuda_host.h's models (an mbarrier by its shared-memory address;
-// cp.async copies tracked by an mbarrier land when a wait completes the phase); setmaxnreg, which every thread of a
-// warpgroup executes (.sync.aligned), is a warpgroup meeting here; register counts are not modelled.
+// mbarrier.cuh: its text skipped; the kernel uses only its setmaxnreg, which every thread of a warpgroup executes
+// (.sync.aligned: a warpgroup meeting here); register counts are not modelled.
 #define MOBALAB_MBARRIER_CUH 1
 namespace moba {
-inline unsigned long long* emu_mbar(unsigned bar) {
-    return reinterpret_cast<unsigned long long*>(emu::smem_at(bar, 8));
-}
-inline void mbar_init(unsigned bar, unsigned count) { dec_mbar_init(emu_mbar(bar), count); }
-inline void mbar_arrive(unsigned bar) { dec_mbar_arrive_tx(emu_mbar(bar), 0); }
-inline void mbar_arrive_cp_async(unsigned bar) { dec_mbar_arrive_cp_async(emu_mbar(bar)); }
-inline void mbar_wait_spin(unsigned bar, unsigned parity) { dec_mbar_wait(emu_mbar(bar), parity); }
 template <int N>
 inline void setmaxnreg_inc() {
     emu::warpgroup_barrier();

@@ -158,7 +158,7 @@ inline float __logf(float x) { return std::log(x); }
 
 namespace emu {
 
-enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, WG_WAIT, MBAR_WAIT, DONE };
+enum State { RUNNABLE, CTA_WAIT, WARP_WAIT, NAMED_WAIT, WG_WAIT, DONE };
 
 // Switching between the scheduler and a thread. On x86-64 a switch is emu_swap_stack: push the callee-saved
 // registers, swap stack pointers, pop; a thread starts by "returning" into entry() from a stack laid out as a
@@ -204,7 +204,6 @@ struct Mbar {
     unsigned count = 0, arrived = 0, phase = 0;
     long long tx = 0;  // bytes announced minus bytes landed in the current phase
     std::vector<Tma> pending;
-    std::vector<Copy> copies;  // cp.async copies whose arrivals (cp.async.mbarrier.arrive) count in this phase
 };
 inline std::map<const void*, Mbar>& mbars() {
     static std::map<const void*, Mbar> m;
@@ -249,7 +248,6 @@ struct Cta {
 #endif
     std::function<void()> body;
     std::mt19937 rng;
-    unsigned mbar_idle = 0;     // rounds in which only mbarrier waiters could run again, none completing
     unsigned arrived[16] = {};  // bar.arrive arrivals at each named barrier in its current phase
     unsigned arrive_n[16] = {};  // the thread count they named
 #ifdef EMU_ASAN
@@ -455,7 +453,6 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
 #endif
     }
     for (int id = 0; id < 16; ++id) c.arrived[id] = c.arrive_n[id] = 0;
-    c.mbar_idle = 0;
     std::vector<int> order(nthreads);
     for (unsigned i = 0; i < nthreads; ++i) order[i] = (int)i;
     const unsigned warps = nthreads / 32;
@@ -546,18 +543,6 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
                 if (t.state == CTA_WAIT) t.state = RUNNABLE;
             continue;
         }
-        // Threads waiting on an mbarrier phase look again once nothing else can run (a phase completes only when
-        // its arrivals have come); rounds of that in which no wait completes are a deadlock.
-        bool mbar_waiters = false;
-        for (auto& t : c.threads)
-            if (t.state == MBAR_WAIT) {
-                t.state = RUNNABLE;
-                mbar_waiters = true;
-            }
-        if (mbar_waiters) {
-            if (++c.mbar_idle > 64) fail("deadlock: mbarrier waits whose phases never complete");
-            continue;
-        }
         fail("deadlock: __syncthreads not reached by every thread of the block");
     }
     for (auto& t : c.threads) {
@@ -570,7 +555,6 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
     for (auto& [bar, b] : mbars()) {
         (void)bar;
         if (!b.pending.empty()) fail("a block ended with tensor-map copies no thread waited for");
-        if (!b.copies.empty()) fail("a block ended with cp.async copies on an mbarrier no thread waited for");
     }
     mbars().clear();
     std::free(c.smem);
@@ -811,17 +795,6 @@ inline void dec_mbar_arrive_tx(unsigned long long* bar, unsigned bytes) {
     ++b.arrived;
     b.tx += bytes;
 }
-// cp.async.mbarrier.arrive.noinc: an arrival that the hardware makes once every cp.async this thread has issued
-// has landed; here those copies (committed or not) land when a thread's wait completes the phase.
-inline void dec_mbar_arrive_cp_async(unsigned long long* bar) {
-    emu::Thread& t = emu::me();
-    emu::Mbar& b = emu::mbar(bar);
-    for (auto& g : t.groups) b.copies.insert(b.copies.end(), g.begin(), g.end());
-    b.copies.insert(b.copies.end(), t.open.begin(), t.open.end());
-    t.groups.clear();
-    t.open.clear();
-    dec_mbar_arrive_tx(bar, 0);
-}
 inline void dec_tma_load_2d(void* smem, const moba_tensor_map* map, int c0, int c1, unsigned long long* bar) {
     if (map->box_cols * 2 != 128) emu::fail("a tensor-map copy with the 128-byte swizzle needs 128-byte box rows");
     if ((static_cast<unsigned char*>(smem) - emu::cta().smem) % 1024)
@@ -829,25 +802,21 @@ inline void dec_tma_load_2d(void* smem, const moba_tensor_map* map, int c0, int 
     std::memset(smem, 0xff, (size_t)(map->box_rows * 128));  // NaN until the copy lands
     emu::mbar(bar).pending.push_back({smem, *map, c0, c1});
 }
-// Waits (state MBAR_WAIT: run again only when no other thread can run) until the phase of this parity has
-// completed; the first thread to see its arrivals all come completes it, landing its copies.
 inline void dec_mbar_wait(unsigned long long* bar, unsigned parity) {
-    for (;;) {
+    for (long spins = 0;; ++spins) {
         emu::Mbar& b = emu::mbar(bar);
-        if ((b.phase & 1u) != parity) break;  // the phase of this parity has completed
+        if ((b.phase & 1u) != parity) return;  // the phase of this parity has completed
         if (b.arrived == b.count) {
             for (const emu::Tma& t : b.pending) b.tx -= emu::land(t);
             b.pending.clear();
-            for (const emu::Copy& c : b.copies) std::memcpy(c.dst, c.src, 16);
-            b.copies.clear();
             if (b.tx != 0) emu::fail("an mbarrier phase whose copies landed other bytes than its arrivals announced");
             b.arrived = 0;
             ++b.phase;
-            break;
+            return;
         }
-        emu::yield(emu::MBAR_WAIT);
+        if (spins > 1000000L) emu::fail("an mbarrier wait whose phase never completes");
+        emu::yield(emu::RUNNABLE);
     }
-    emu::cta().mbar_idle = 0;
 }
 inline void dec_fence_proxy_async() {}
 inline unsigned dec_ld_acquire(const unsigned* p) { return *p; }

@@ -1,12 +1,9 @@
 // MoBA attention backward, variant "wgmma": the work of the "block" variant (attention_bwd_block.cuh: one CTA per
 // 128 keys of a key block, every row that selected the block in tiles of 64 gathered rows; same equations, row
 // records, gather, dQ modes and dK / dV modes) with the products on Hopper warpgroup MMAs (wgmma, sm_90a). Two
-// computing warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128
-// columns, fp32 accumulators in registers over all tiles); a third, the producer (wg_producer), gathers each tile's
-// Q and dO rows and row records into a three-deep ring of stages on "full" / "empty" mbarriers and, in atomic dQ
-// mode, adds the staged dQ rows by bulk reductions, so the computing warpgroups issue neither copies (after K and
-// V) nor reductions. Per tile, in four commit groups so that the tensor cores work while the warpgroup forms P and
-// dS:
+// warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the CTA and their dK and dV (all D = 128 columns, fp32
+// accumulators in registers over all tiles). Per tile, in four commit groups so that the tensor cores work while
+// the warpgroup forms P and dS:
 //   1. S^T = K_g Q^T, then dP^T = V_g dO^T: m64n64k16, A = the warpgroup's 64 keys of K (or V), B = the 64 gathered
 //      rows of Q (or dO), both K-major over d in 128-byte-swizzled shared memory (wgmma.cuh's sw128 layout):
 //      8 k-steps each, 64 fp32 accumulators per thread in all.
@@ -21,9 +18,10 @@
 //   4. dQ = scale dS K: dS^T goes to shared memory as stored ([key][row], rows contiguous: the MN-major layout of
 //      A = dS), both warpgroups meet at a named barrier, then warpgroup g computes columns 64 g .. 64 g + 63 of
 //      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps); atomic
-//      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the producer, which
-//      adds each 256-byte row by one bulk reduction; the deterministic modes write the slot partials as the other
-//      variants do.
+//      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the third, dQ
+//      warpgroup (wg_dq_reductions), which adds each 256-byte row by one bulk reduction, so the computing
+//      warpgroups issue no reduction instruction; the deterministic modes write the slot partials as the other
+//      variants do (the dQ warpgroup then returns at once).
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
@@ -34,9 +32,9 @@
 // (384 threads, one CTA per SM) and setmaxnreg re-allocates them: 240 for each computing warpgroup, 24 for the dQ
 // warpgroup (2 x 128 x 240 + 128 x 24 <= 65536); no spills.
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
-// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 3 x 64 row records (one per stage), the stages' six
-// mbarriers, and 1 KB to align the swizzle patterns: 216 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head dim 128, block sizes that are multiples of 128 (the "block"
-// variant's shapes).
+// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
+// patterns: 218 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head dim 128, block sizes that are multiples of 128 (the
+// "block" variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
 // atomics from registers): tensor pipe 30%, stalls on the gather's landing (long_scoreboard), the atomics' issue
@@ -51,7 +49,9 @@
 // S^T and dP^T before the previous tile's atomics (the loop rotated so that an issue and its waits stay in one
 // iteration: with the MMAs in flight across the loop's back edge ptxas serialised every wgmma, C7514 / C7515; a
 // sixth row-record buffer kept the tile's records) measured equal (main kernel 64K 7.86-7.89 against 7.81-7.82 ms,
-// 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept.
+// 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
+// warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
+// ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
@@ -63,15 +63,15 @@
 #define MOBA_BWD_WG_KEYS 128          // keys per CTA
 #define MOBA_BWD_WG_CONSUMERS 256     // the two computing warpgroups
 #define MOBA_BWD_WG_THREADS 384       // and the dQ warpgroup
-// setmaxnreg: the registers a warpgroup gives up (dec) are all the others can take (inc), so these must fit in the
-// CTA's launch allocation of 384 x 168 (a larger count blocks the inc forever); at 232 the computing warpgroups spill
+// setmaxnreg: what a warpgroup gives up (dec) is all the others can take (inc), so the counts must fit in the CTA's
+// launch allocation of 384 x 168 (with the dQ warpgroup at 32 the computing warpgroups' inc waited forever on an
+// H200); at 232 the computing warpgroups spill
 #define MOBA_BWD_WG_CONSUMER_REGS 240
-#define MOBA_BWD_WG_PRODUCER_REGS 24
+#define MOBA_BWD_WG_DQ_REGS 24
 #define MOBA_BWD_WG_DS_BARRIER 1     // named barrier: both warpgroups' dS^T stored
 #define MOBA_BWD_WG_DQ_EMPTY 2       // named barriers 2, 3: warpgroup 0's / 1's staged dQ rows read by the bulk copies
 #define MOBA_BWD_WG_DQ_FULL 4        // named barriers 4, 5: warpgroup 0's / 1's dQ rows staged
-#define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the producer keeps out of it)
-#define MOBA_BWD_WG_PRODUCER_BARRIER 7  // the producer warpgroup's own: a tile's row records landed
+#define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the dQ warpgroup keeps out of it)
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
 namespace moba_bwd {
@@ -90,49 +90,44 @@ struct Sw128Tile {
   __device__ static __forceinline__ void sync() { moba::bar_sync(MOBA_BWD_WG_CTA_BARRIER, MOBA_BWD_WG_CONSUMERS); }
 };
 
-// The gathered tiles run three deep: while tile ti is computed, the Q and dO rows of tiles ti + 1 and ti + 2 are
-// in flight. With two buffers the gather's landing was 12% of the stall samples (Nsight Compute at 16K on an H200:
-// the wait before the tile's barrier); three made the backward op 1.01-1.03x faster (8K-64K, interleaved on an
-// H200). A stage holds a tile's Q rows, dO rows and row records; its "full" mbarrier completes when the producer's
-// 128 threads' copies into it have landed (cp.async.mbarrier.arrive.noinc), its "empty" one when the computing
-// warpgroups' 8 warps are done with the tile.
+// The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
+// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the gather's landing was 12% of the stall samples (Nsight
+// Compute at 16K on an H200: the wait before the tile's barrier); three made the backward op 1.01-1.03x faster
+// (8K-64K, interleaved on an H200).
 constexpr int kWgStages = 3;
-constexpr int kWgLead = kWgStages - 1;  // tiles whose gathers are in flight ahead of the current one
-constexpr unsigned kWgBarBytes = 2 * kWgStages * 8;
+constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
+constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
 
-// The producer gathers tile g into stage g % kWgStages once the computing warpgroups have released the stage's last
-// tile: its row records (threads 0 .. 63, waited for and shared over the warpgroup), then the Q and dO rows by
-// 16-byte cp.async, whose landing completes the stage's "full" phase.
-template <int D>
-__device__ __forceinline__ void wg_gather(int g, unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
-                                          unsigned sBar, const char* qb, const char* gb, const RowInfo* rows,
-                                          const CtaWork& w, int heads, int h0, int p) {
-#if MOBA_HAS_WGMMA
-  using namespace moba;
-  constexpr unsigned TILE_BYTES = sw128_tile_bytes(MOBA_BWD_ROWS, D);
-  const int st = g % kWgStages;
-  if (g >= kWgStages) mbar_wait_spin(sBar + (kWgStages + st) * 8, (g / kWgStages - 1) & 1);
-  const int count = tile_rows(w.n_rows, g);
-  load_info(sInfoU + st * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(g) * MOBA_BWD_ROWS, count, p);
+// A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
+// the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
+template <int D, int KEYS, int NTHREADS>
+__device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
+                                                 const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
+                                                 const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
+                                                 int h0, int kv_heads, int tid) {
+  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
+#pragma unroll
+  for (int t = 0; t <= kWgLead; ++t)
+    if (t < w.n_tiles)
+      load_info(sInfoU + t * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(t) * MOBA_BWD_ROWS,
+                tile_rows(w.n_rows, t), tid);
   cp_async_commit();
-  cp_async_wait<0>();
-  bar_sync(MOBA_BWD_WG_PRODUCER_BARRIER, 128);
-  // gather_tile's rows and chunks for 128 threads (chunk p % 16 of rows p / 16 + 8 i), one row at a time: unrolled,
-  // its addresses take more than the producer's 24 registers
-  const RowInfo* info = sInfo + st * MOBA_BWD_ROWS;
-  const unsigned sq = sQ + st * TILE_BYTES, sdo = sdO + st * TILE_BYTES;
-  const int ch = p & 15;
-#pragma unroll 1
-  for (int row = p >> 4; row < MOBA_BWD_ROWS; row += 8) {
-    const bool ok = row < count;
-    long long off = 0;
-    if (ok) off = ((w.row_base + info[row].t) * heads + (h0 + info[row].hc)) * (D * 2) + ch * 16;
-    const unsigned at = Sw128Tile::at<MOBA_BWD_ROWS>(row, ch);
-    cp_async16(sq + at, qb + off, ok ? 16 : 0);
-    cp_async16(sdo + at, gb + off, ok ? 16 : 0);
+  load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
+  cp_async_commit();
+  cp_async_wait<1>();  // the records' group: K and V may still be in flight
+  Sw128Tile::sync();
+#pragma unroll
+  for (int t = 0; t < kWgLead; ++t) {
+    if (t < w.n_tiles)
+      gather_tile<D, NTHREADS, Sw128Tile>(sQ + t * TILE_BYTES, sdO + t * TILE_BYTES, qb, gb,
+                                          sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, heads, h0,
+                                          tid);
+    const int r = kWgLead + 1 + t;
+    if (r < 2 * kWgLead && r < w.n_tiles)
+      load_info(sInfoU + r * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(r) * MOBA_BWD_ROWS,
+                tile_rows(w.n_rows, r), tid);
+    cp_async_commit();
   }
-  mbar_arrive_cp_async(sBar + st * 8);
-#endif
 }
 
 // acc (a warpgroup's 64 keys x 128 columns, two n64 halves) += X^T B over a tile's 64 gathered rows, one commit
@@ -158,31 +153,23 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #endif
 }
 
-// The producer warpgroup: the gathers of the tiles kWgLead ahead (wg_gather) and, in atomic dQ mode, the dQ rows'
-// reductions, tile after tile. Thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
+// The dQ warpgroup (atomic dQ mode): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
 // 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end).
 template <int D>
-__device__ __forceinline__ void wg_producer(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
-                                            unsigned sBar, const char* qb, const char* gb, const RowInfo* rows,
-                                            const CtaWork& w, int heads, int h0, float* dq_acc, unsigned sDQ,
-                                            const long long* s_off, int dq_mode, int p) {
+__device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
+                                                 int p) {
 #if MOBA_HAS_WGMMA
   using namespace moba;
-  static_assert(128 * MOBA_BWD_WG_PRODUCER_REGS + MOBA_BWD_WG_CONSUMERS * MOBA_BWD_WG_CONSUMER_REGS <=
+  static_assert(128 * MOBA_BWD_WG_DQ_REGS + MOBA_BWD_WG_CONSUMERS * MOBA_BWD_WG_CONSUMER_REGS <=
                     MOBA_BWD_WG_THREADS * 168,
                 "setmaxnreg counts beyond the launch's 384 x 168 registers");
-  const int n_tiles = w.n_tiles;
-  for (int g = 0; g < kWgLead && g < n_tiles; ++g)
-    wg_gather<D>(g, sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, p);
-  const unsigned src = sDQ + (p >> 6) * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
+  const int g = p >> 6;
+  const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
+  // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
   for (int ti = 0; ti < n_tiles; ++ti) {
-    if (ti + kWgLead < n_tiles)
-      wg_gather<D>(ti + kWgLead, sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, p);
-    if (dq_mode != 0) continue;
-    // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
     if (ti > 0) bulk_wait_group_read<0>();
     bar_arrive(MOBA_BWD_WG_DQ_EMPTY, 256);
     bar_arrive(MOBA_BWD_WG_DQ_EMPTY + 1, 256);
@@ -192,7 +179,7 @@ __device__ __forceinline__ void wg_producer(unsigned sQ, unsigned sdO, unsigned 
     if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
     bulk_commit_group();
   }
-  if (dq_mode == 0) bulk_wait_group<0>();
+  bulk_wait_group<0>();
 #endif
 }
 
@@ -221,10 +208,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sdO = sQ + kWgStages * TILE_BYTES;   // kWgStages buffers
   const unsigned sdS = sdO + kWgStages * TILE_BYTES;  // dS^T [key][row]
   const unsigned sDQ = sdS + DS_BYTES;                // 2 x 64 staged dQ rows (atomic mode)
-  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgStages x 64 RowInfo
+  unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgInfos x 64 RowInfo
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
-  const unsigned sBar = sInfoU + kWgStages * ROWS * 16;  // kWgStages "full", then kWgStages "empty" mbarriers
   __shared__ long long s_pair[ROWS];
   __shared__ long long s_dq_off[2 * ROWS];  // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup
 
@@ -233,25 +219,19 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
                                    h0, n_seg, sub0, n_sub_launch);
   if (!w.ok) return;
-  if (tid == 0) {
-    for (int st = 0; st < kWgStages; ++st) {
-      mbar_init(sBar + st * 8, 128);                    // the producer's threads, on their copies' landing
-      mbar_init(sBar + (kWgStages + st) * 8, NTHREADS / 32);  // the computing warps, done with the tile
-    }
-  }
-  __syncthreads();  // the mbarriers initialised, before any thread uses them
-  const char* qb = static_cast<const char*>(q_);
-  const char* gb = static_cast<const char*>(dout_);
   if (wg == 2) {
-    setmaxnreg_dec<MOBA_BWD_WG_PRODUCER_REGS>();
-    wg_producer<D>(sQ, sdO, sInfoU, sInfo, sBar, qb, gb, rows, w, heads, h0, dq_acc, sDQ, s_dq_off, dq_mode, wt);
+    setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
+    if (dq_mode == 0) wg_dq_reductions<D>(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
     return;
   }
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
-  load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
-  cp_async_commit();
+
+  const char* qb = static_cast<const char*>(q_);
+  const char* gb = static_cast<const char*>(dout_);
+  wg_start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads,
+                                      tid);
 
   // dK, dV of keys 64 wg + 16 w4 + g (+ 8), columns 64 c + 8 n + 2 tq (+ 1) in float 4 n + e of dk[c] / dv[c]
   float dk[2][32], dv[2][32];
@@ -264,17 +244,11 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
   for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int st = ti % kWgStages;
-    cp_async_wait<0>();  // K and V (tile 0)
-    mbar_wait_spin(sBar + st * 8, (ti / kWgStages) & 1);
-    Sw128Tile::landed();
-    Sw128Tile::sync();  // K, V landed for all; both warpgroups done with the last tile's dS^T, s_pair and dQ MMAs
-    const int count = tile_rows(w.n_rows, ti);
-    if (dq_mode != 0 && tid < ROWS)
-      s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * ROWS + tid] : -1;
-    const RowInfo* info = sInfo + st * ROWS;
-    const unsigned sq = sQ + st * TILE_BYTES;
-    const unsigned sdo = sdO + st * TILE_BYTES;
+    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads,
+                                                                     h0, pairs, s_pair, dq_mode, tid);
+    const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
+    const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
+    const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
 
     // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed while
     //         the dP^T MMAs run
@@ -384,9 +358,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
                   has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
       }
     }
-    // all MMAs of the tile are complete and its records read: the stage goes back to the producer
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sBar + (kWgStages + st) * 8);
+    // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
   }
   cp_async_wait<0>();
 

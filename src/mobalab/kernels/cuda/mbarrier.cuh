@@ -70,16 +70,6 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   } while (!done);
 }
 
-// mbar_wait without the trap: the try_wait loop in PTX alone. The clock and trap of mbar_wait kept ptxas from
-// giving the warpgroups of a setmaxnreg kernel their own register counts (the wgmma backward then spilled ~900
-// bytes at the launch's 168), so that kernel waits with this one; a pipeline bug there hangs instead of trapping.
-__device__ __forceinline__ void mbar_wait_spin(unsigned bar, unsigned parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
