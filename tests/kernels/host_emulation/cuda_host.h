@@ -720,17 +720,28 @@ inline void dec_cp_async16(void* smem, const void* gmem) {
     std::memset(smem, 0xff, 16);  // NaN until the copy lands
     emu::me().open.push_back({smem, gmem});
 }
+namespace emu {
+// A thread's asynchronous operations in commit groups (cp.async, bulk reductions): commit closes the open group;
+// wait lands every group but the newest n, oldest first.
+template <typename Op>
+inline void commit_group(std::vector<Op>& open, std::vector<std::vector<Op>>& groups) {
+    groups.push_back(std::move(open));
+    open.clear();
+}
+template <typename Op, typename Land>
+inline void wait_groups(std::vector<std::vector<Op>>& groups, int n, Land land) {
+    while (groups.size() > (size_t)n) {
+        for (const Op& op : groups.front()) land(op);
+        groups.erase(groups.begin());
+    }
+}
+}  // namespace emu
 inline void dec_cp_async_commit() {
     emu::Thread& t = emu::me();
-    t.groups.push_back(std::move(t.open));
-    t.open.clear();
+    emu::commit_group(t.open, t.groups);
 }
 inline void dec_cp_async_wait_n(int n) {
-    emu::Thread& t = emu::me();
-    while (t.groups.size() > (size_t)n) {
-        for (const emu::Copy& c : t.groups.front()) std::memcpy(c.dst, c.src, 16);
-        t.groups.erase(t.groups.begin());
-    }
+    emu::wait_groups(emu::me().groups, n, [](const emu::Copy& c) { std::memcpy(c.dst, c.src, 16); });
 }
 template <int N>
 inline void dec_cp_async_wait() {
@@ -749,19 +760,14 @@ inline void dec_bulk_reduce_add_f32(float* dst, const unsigned char* src, unsign
 }
 inline void dec_bulk_commit() {
     emu::Thread& t = emu::me();
-    t.bulk_groups.push_back(std::move(t.bulk_open));
-    t.bulk_open.clear();
+    emu::commit_group(t.bulk_open, t.bulk_groups);
 }
 inline void dec_bulk_wait_n(int n) {
-    emu::Thread& t = emu::me();
-    while (t.bulk_groups.size() > (size_t)n) {
-        for (const emu::Bulk& b : t.bulk_groups.front()) {
-            if (std::memcmp(b.src, b.at_issue.data(), b.at_issue.size() * 4))
-                emu::fail("the source of a bulk reduction changed before its thread waited for the read");
-            for (size_t i = 0; i < b.at_issue.size(); ++i) b.dst[i] += b.at_issue[i];
-        }
-        t.bulk_groups.erase(t.bulk_groups.begin());
-    }
+    emu::wait_groups(emu::me().bulk_groups, n, [](const emu::Bulk& b) {
+        if (std::memcmp(b.src, b.at_issue.data(), b.at_issue.size() * 4))
+            emu::fail("the source of a bulk reduction changed before its thread waited for the read");
+        for (size_t i = 0; i < b.at_issue.size(); ++i) b.dst[i] += b.at_issue[i];
+    });
 }
 // Tensor-map copies on mbarriers (decode_common.cuh).
 namespace emu {
