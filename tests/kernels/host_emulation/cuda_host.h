@@ -342,23 +342,26 @@ inline void named_barrier(int id, unsigned n) {
     yield(NAMED_WAIT);
 }
 
-// The threads waiting at named barrier `id`, all naming the count `n` (and the arrivals' count, if any); a count
-// that differs stops the run.
-inline unsigned named_waiting(const Cta& c, int id, unsigned n) {
-    unsigned waiting = 0;
+// The threads come to named barrier `id` in its current phase (waiting there or arrived by bar.arrive), or -1
+// when one of them names a count other than `n`.
+inline long named_come(const Cta& c, int id, unsigned n) {
+    if (c.arrived[id] && c.arrive_n[id] != n) return -1;
+    long come = c.arrived[id];
     for (const auto& u : c.threads)
         if (u.state == NAMED_WAIT && u.bar == id) {
-            if (u.bar_n != n) fail("threads come to one named barrier with different counts");
-            ++waiting;
+            if (u.bar_n != n) return -1;
+            ++come;
         }
-    return waiting;
+    return come;
 }
 
 // Whether named barrier `id`'s phase is complete (n threads waiting or arrived); if so its waiting threads run
 // again and the next phase begins.
 inline bool release_named(Cta& c, int id, unsigned n) {
-    const unsigned have = named_waiting(c, id, n) + c.arrived[id];
-    if (have > n) fail("more threads at a named barrier than its count");
+    const long have = named_come(c, id, n);
+    if (have < 0) fail("threads come to one named barrier with different counts");
+    if (have > (long)n) fail("more threads at a named barrier than its count");
+    if (have < (long)n) return false;
     if (have < n) return false;
     for (auto& u : c.threads)
         if (u.state == NAMED_WAIT && u.bar == id) u.state = RUNNABLE;
@@ -370,7 +373,7 @@ inline bool release_named(Cta& c, int id, unsigned n) {
 inline void named_arrive(int id, unsigned n) {
     if (id < 1 || id > 15 || n == 0 || n % 32) fail("named barrier id 1..15 and a count of whole warps");
     Cta& c = cta();
-    if (c.arrived[id] && c.arrive_n[id] != n) fail("threads come to one named barrier with different counts");
+    if (named_come(c, id, n) < 0) fail("threads come to one named barrier with different counts");
     c.arrive_n[id] = n;
     ++c.arrived[id];
     release_named(c, id, n);
@@ -393,15 +396,8 @@ inline void warpgroup_barrier() {
 // when no thread can run), wait until no thread can run.
 inline bool release_at_once(Cta& c, int i) {
     const Thread& t = c.threads[i];
-    if (t.state == NAMED_WAIT) {
-        unsigned waiting = 0;
-        for (const auto& u : c.threads)
-            if (u.state == NAMED_WAIT && u.bar == t.bar) {
-                if (u.bar_n != t.bar_n) return false;
-                ++waiting;
-            }
-        if (c.arrived[t.bar] && c.arrive_n[t.bar] != t.bar_n) return false;
-        if (waiting + c.arrived[t.bar] != t.bar_n || (c.rng() & 1u)) return false;
+    if (t.state == NAMED_WAIT) {  // differing counts are reported once no thread can run
+        if (named_come(c, t.bar, t.bar_n) != (long)t.bar_n || (c.rng() & 1u)) return false;
         return release_named(c, t.bar, t.bar_n);
     }
     if (t.state == WG_WAIT && c.threads.size() % 128 == 0) {
@@ -518,8 +514,6 @@ inline void run_cta(unsigned nthreads, size_t smem_bytes) {
             unsigned n = 0;
             for (auto& t : c.threads)
                 if (t.state == NAMED_WAIT && t.bar == id) n = t.bar_n;
-            if (n && c.arrived[id] && c.arrive_n[id] != n)
-                fail("threads come to one named barrier with different counts");
             if (n && release_named(c, id, n)) released = true;
         }
         if (released) continue;
