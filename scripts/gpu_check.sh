@@ -83,7 +83,7 @@
 #   bwd-sass     Nsight Compute source counters (SASS, executed instructions, stall samples per instruction) of the
 #                main backward kernel at 16K, mobalab's and FlashMoBA's (built first when it does not import):
 #                logs/bwd_sass.csv, logs/bwd_sass_flash_moba.csv (summed by opcode with scripts/sass_summary.py);
-#                BWD_SASS_PEER=0 profiles mobalab's only
+#                BWD_SASS_PEER=0 profiles mobalab's only, BWD_SASS_LEN=65536 another length
 #   bwd-block    the "block" backward variant (MOBALAB_BWD_VARIANT=block): its GPU tests, scripts/bwd_variants_ab.py
 #                (interleaved timing against "tile" at 8K-64K: logs/bwd_variants_ab.md), the forward+backward
 #                benchmark at 64K / 16K / 8K with it (logs/bwd_block/) and its source counters at 16K
@@ -147,7 +147,8 @@ kernel_sass() {  # kernel_sass NAME KERNEL [ARGS]: SourceCounters of the first l
 }
 
 bwd_sass() {  # bwd_sass NAME IMPL KERNEL: kernel_sass of KERNEL in one step (forward + backward) of IMPL at 16K
-  kernel_sass "$1" "$3" --impl "$2" --seq-len 16384
+             # (BWD_SASS_LEN: another length)
+  kernel_sass "$1" "$3" --impl "$2" --seq-len "${BWD_SASS_LEN:-16384}"
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
@@ -293,7 +294,7 @@ for step in "${STEPS[@]}"; do
           || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
         && tiles_ncu tiles_flash_moba --impl flash-moba || status=1 ;;
     bwd-sass) # per-instruction counts and stall samples of the main backward kernel, mobalab's and FlashMoBA's (16K)
-      bwd_sass bwd_sass mobalab 'regex:moba_bwd_(bf16|f16)_d' || status=1
+      bwd_sass bwd_sass mobalab 'regex:moba_bwd_(wg_)?(bf16|f16)_d' || status=1
       if [ "${BWD_SASS_PEER:-1}" != 0 ]; then
         { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
             || timeout $(cap 200) bash scripts/build_flash_moba.sh > "$W/build_flash_moba.log" 2>&1; } \
