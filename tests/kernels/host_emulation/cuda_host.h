@@ -362,7 +362,6 @@ inline bool release_named(Cta& c, int id, unsigned n) {
     if (have < 0) fail("threads come to one named barrier with different counts");
     if (have > (long)n) fail("more threads at a named barrier than its count");
     if (have < (long)n) return false;
-    if (have < n) return false;
     for (auto& u : c.threads)
         if (u.state == NAMED_WAIT && u.bar == id) u.state = RUNNABLE;
     c.arrived[id] = 0;

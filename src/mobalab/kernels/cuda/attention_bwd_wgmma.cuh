@@ -91,9 +91,9 @@ struct Sw128Tile {
 };
 
 // The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
-// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the gather's landing was 12% of the stall samples (Nsight
-// Compute at 16K on an H200: the wait before the tile's barrier); three made the backward op 1.01-1.03x faster
-// (8K-64K, interleaved on an H200).
+// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the
+// gather's landing was 12% of the stall samples (Nsight Compute at 16K on an H200: the wait before the tile's
+// barrier); three made the backward op 1.01-1.03x faster (8K-64K, interleaved on an H200).
 constexpr int kWgStages = 3;
 constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
 constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
@@ -158,7 +158,6 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end).
-template <int D>
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
                                                  int p) {
 #if MOBA_HAS_WGMMA
@@ -221,7 +220,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   if (!w.ok) return;
   if (wg == 2) {
     setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
-    if (dq_mode == 0) wg_dq_reductions<D>(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
+    if (dq_mode == 0) wg_dq_reductions(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
     return;
   }
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
