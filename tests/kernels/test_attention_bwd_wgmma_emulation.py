@@ -57,14 +57,17 @@ def _kernel_files() -> dict[str, str]:
                           "attention_bwd_wgmma_kernel_table.inc": table})
 
 
+# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default), all set in a second harness:
+# every path of both builds is run by the cases below (among them full tiles past a causal diagonal block and full
+# non-causal ones, which the unmasked path takes).
+BUILD_OPTIONS = tuple(f"{name}=1" for name in CB.WGMMA_BUILD_OPTIONS)
+
 harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
+harness_options = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name="harness_options",
+                                  flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in BUILD_OPTIONS))
 
 
-@pytest.fixture
-def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
-    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
-    run): the backward wrapper, variant "wgmma", the routing given, every launch run by the harness (launch l of the
-    test with seed l: a second call runs other CTA and thread orders)."""
+def _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
     emulate = launcher(harness, tmp_path, _SOURCES)
     launched = emulate.launched
@@ -81,6 +84,20 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
         return grads, launched[first:]
 
     return run
+
+
+@pytest.fixture
+def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
+    """``run(dout, q, k, v, out, lse, topk, block, top_k, causal, deterministic, budget)`` -> ((dq, dk, dv), kernels
+    run): the backward wrapper, variant "wgmma", the routing given, every launch run by the harness (launch l of the
+    test with seed l: a second call runs other CTA and thread orders)."""
+    return _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty)
+
+
+@pytest.fixture
+def emulated_backward_options(harness_options, tmp_path, monkeypatch, poisoned_empty):
+    """``emulated_backward`` with the main kernel built with every one of BUILD_OPTIONS."""
+    return _emulated_backward(harness_options, tmp_path, monkeypatch, poisoned_empty)
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
@@ -117,6 +134,16 @@ def _id(c) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
     """Each gradient within the criterion; deterministic: a second run (other CTA and thread orders) bit-identical."""
+    _check_case(emulated_backward, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, case):
+    """The same with the main kernel's build options set (BUILD_OPTIONS)."""
+    _check_case(emulated_backward_options, case)
+
+
+def _check_case(emulated_backward, case):
     dtype, block, causal, seqlen, top_k, heads, kv_heads, det = case
     q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dtype, seed=seqlen + block)
     topk = reference.moba_topk(q, k, block, top_k, causal=causal)

@@ -12,8 +12,9 @@ here.
 Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource table. Build options that
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
-not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128) and the forward's
-measurement option (``-DMOBA_TPC=8``).
+not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128), the forward's
+measurement option (``-DMOBA_TPC=8``) and the wgmma backward's build options one at a time
+(``_cuda_backward.WGMMA_BUILD_OPTIONS``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -62,6 +63,9 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
+# and the wgmma backward's build options, one at a time (scripts/bwd_variants_ab.py measures them so)
+FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (f"{name}=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
+                    for name in _cuda_backward.WGMMA_BUILD_OPTIONS]
 BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")

@@ -67,6 +67,10 @@ WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 b
 WGMMA_DQ_PITCH = 288  # bytes per staged dQ row of the wgmma kernel (MOBA_BWD_WG_DQ_PITCH)
 WGMMA_THREADS = 384  # the wgmma kernel's three warpgroups (MOBA_BWD_WG_THREADS)
 WGMMA_STAGES = 3  # gathered Q / dO tiles in flight or in use (kWgStages)
+# Build options of the wgmma main kernel (0 by default, same results), for measuring against the default build in one
+# process (scripts/bwd_variants_ab.py, variant "wgmma+NAME=1"): the next tiles' gathers issued after a tile's S^T / dP^T
+# MMAs; the rows' lse read before the wait for S^T; warps that every row of a full tile sees skip the mask.
+WGMMA_BUILD_OPTIONS = ("MOBA_BWD_WG_LATE_GATHER", "MOBA_BWD_WG_EARLY_LSE", "MOBA_BWD_WG_FULL_TILES")
 BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 

@@ -326,7 +326,8 @@ __device__ __forceinline__ void prefetch_tiles(unsigned sQ, unsigned sdO, unsign
 // Tile ti begins: waits for its gather and row records (and every thread's reads of the tile before), starts the
 // next tiles' (prefetch_tiles) and, in the deterministic dQ modes, puts its rows' pair indices in s_pair. Returns
 // its number of rows.
-template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2>
+// PREFETCH false: the caller issues prefetch_tiles itself later in the tile (before the next begin_tile).
+template <int D, int NTHREADS, class L = SwzTile<D>, int STAGES = 2, bool PREFETCH = true>
 __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sInfoU, const RowInfo* sInfo,
                                           const char* qb, const char* gb, const RowInfo* rows, const CtaWork& w,
                                           int ti, int heads, int h0, const long long* pairs, long long* s_pair,
@@ -335,8 +336,9 @@ __device__ __forceinline__ int begin_tile(unsigned sQ, unsigned sdO, unsigned sI
   L::landed();
   L::sync();
   const int count = tile_rows(w.n_rows, ti);
-  prefetch_tiles<D, NTHREADS, L, STAGES>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
-                                         w.row_base, heads, h0, tid);
+  if (PREFETCH)
+    prefetch_tiles<D, NTHREADS, L, STAGES>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows, w.n_tiles, ti,
+                                           w.row_base, heads, h0, tid);
   if (dq_mode != 0 && tid < MOBA_BWD_ROWS)
     s_pair[tid] = tid < count ? pairs[w.first + static_cast<long long>(ti) * MOBA_BWD_ROWS + tid] : -1;
   return count;

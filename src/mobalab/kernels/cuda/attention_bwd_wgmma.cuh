@@ -52,6 +52,13 @@
 // 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
 // warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
 // ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
+// Three build options (0 by default; same results, checked by the host emulation) shorten a tile's serial path, from
+// its SASS: MOBA_BWD_WG_LATE_GATHER issues the next tiles' gathers after the tile's S^T / dP^T MMAs (the first wgmma
+// of a tile ~55 instructions after the CTA barrier instead of ~235), MOBA_BWD_WG_EARLY_LSE reads the rows' lse before
+// the wait for S^T, MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most tiles of a
+// causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250 instructions).
+// Each alone compiles without spills (LATE_GATHER with FULL_TILES spills 4 bytes); not yet timed on a GPU
+// (scripts/bwd_variants_ab.py, variant "wgmma+NAME=1").
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
@@ -72,6 +79,15 @@
 #define MOBA_BWD_WG_DQ_EMPTY 2       // named barriers 2, 3: warpgroup 0/1 staged dQ rows read by the bulk copies
 #define MOBA_BWD_WG_DQ_FULL 4        // named barriers 4, 5: warpgroup 0's / 1's dQ rows staged
 #define MOBA_BWD_WG_CTA_BARRIER 6    // the computing warpgroups' CTA-wide barrier (the dQ warpgroup keeps out of it)
+#ifndef MOBA_BWD_WG_LATE_GATHER
+#define MOBA_BWD_WG_LATE_GATHER 0   // 1: the next tiles' gathers issued after the tile's S^T / dP^T MMAs
+#endif
+#ifndef MOBA_BWD_WG_EARLY_LSE
+#define MOBA_BWD_WG_EARLY_LSE 0     // 1: the rows' lse2 read before the wait for S^T
+#endif
+#ifndef MOBA_BWD_WG_FULL_TILES
+#define MOBA_BWD_WG_FULL_TILES 0    // 1: warps whose keys every row of the tile sees skip the mask
+#endif
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
 namespace moba_bwd {
@@ -243,8 +259,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
   for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads,
-                                                                     h0, pairs, s_pair, dq_mode, tid);
+    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, !MOBA_BWD_WG_LATE_GATHER>(
+        sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair, dq_mode, tid);
     const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
     const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
     const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
@@ -261,25 +277,54 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     for (int ks = 0; ks < D / 16; ++ks)
       wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
     wgmma_commit_group();
+    if (MOBA_BWD_WG_LATE_GATHER)
+      prefetch_tiles<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows,
+                                                        w.n_tiles, ti, row_base, heads, h0, tid);
+    // the row records' lse2 that P needs, read while the MMAs run (else each exponent waits for its record's read)
+    float lse2[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (MOBA_BWD_WG_EARLY_LSE) lse2[i] = info[8 * (i / 2) + 2 * tq + i % 2].lse2;
     wgmma_wait_group<1>();  // S^T
     wgmma_fence_operand(s);
 
-    // ---- 2. P = 2^(x - lse2), masked: element (key 16 w4 + g + 8 h, row 8 n + 2 tq + e) is float 4 n + 2 h + e
+    // ---- 2. P = 2^(x - lse2), masked: element (key 16 w4 + g + 8 h, row 8 n + 2 tq + e) is float 4 n + 2 h + e.
+    //         A warp whose 16 keys every row of a full tile sees (the rows past the diagonal block of a causal
+    //         segment, most tiles) skips the mask: its lanes' two rows' t against the warp's last key, one vote.
+    bool unmasked = false;
+    if (MOBA_BWD_WG_FULL_TILES) {
+      const int warp_last = key_a - g + 15;
+      const bool lane_sees = count == ROWS && warp_last < key_end &&
+                             (!causal || min(info[lane].t, info[lane + 32].t) >= warp_last);
+      unmasked = !__any_sync(0xffffffffu, !lane_sees);
+    }
+    if (unmasked) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+      for (int n = 0; n < 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = 8 * n + 2 * tq + e;
-        const RowInfo ri = info[r];
-        // the row's last visible key, relative to key_a: one compare per element against a constant
-        const int last = r < count ? (causal ? min(ri.t, key_end - 1) : key_end - 1) - key_a : -1;
+        for (int e = 0; e < 2; ++e) {
+          const float lse = MOBA_BWD_WG_EARLY_LSE ? lse2[2 * n + e] : info[8 * n + 2 * tq + e].lse2;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = 4 * n + 2 * h + e;
-          const float x = s[i] * scale_log2 - ri.lse2;  // finite: a select, not an add, masks it
-          s[i] = exp2f(8 * h <= last ? x : __int_as_float(0xff800000u));
+          for (int h = 0; h < 2; ++h) s[4 * n + 2 * h + e] = exp2f(s[4 * n + 2 * h + e] * scale_log2 - lse);
         }
-      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = 8 * n + 2 * tq + e;
+          const RowInfo ri = info[r];
+          // the row's last visible key, relative to key_a: one compare per element against a constant
+          const int last = r < count ? (causal ? min(ri.t, key_end - 1) : key_end - 1) - key_a : -1;
+          const float lse = MOBA_BWD_WG_EARLY_LSE ? lse2[2 * n + e] : ri.lse2;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int i = 4 * n + 2 * h + e;
+            const float x = s[i] * scale_log2 - lse;  // finite: a select, not an add, masks it
+            s[i] = exp2f(8 * h <= last ? x : __int_as_float(0xff800000u));
+          }
+        }
+    }
     {
       // ---- 3. dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
       unsigned pa[4][4], da[4][4];
