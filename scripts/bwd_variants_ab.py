@@ -1,6 +1,6 @@
 """Side-by-side timing of the backward's main-kernel variants: ``python scripts/bwd_variants_ab.py [--points ...]``.
 
-Each point (N, head dim; batch 2, 16 heads, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO) runs
+Each point (N, head dim; batch 2 (1 at 512K), 16 heads, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO) runs
 :func:`mobalab.kernels._cuda_backward.moba_attention_backward_cuda` with each ``--variants`` entry ("tile", "block",
 "wgmma") on the same forward outputs and routing. Every variant is warmed up, then timed in alternating order over
 ``--rounds`` rounds (the first timing in a process runs slow while the clocks ramp up; the first two rounds are
@@ -29,8 +29,9 @@ from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward
 from mobalab.kernels._cuda_routing import moba_topk_cuda
 
 K = 1024
-POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-d64": (64 * K, 64),
-          "8K-d64": (8 * K, 64)}
+# name -> (N, head dim, batch): batch 2, but one sequence at 512K (as the benchmark's 512K point)
+POINTS = {"8K": (8 * K, 128, 2), "16K": (16 * K, 128, 2), "64K": (64 * K, 128, 2), "64K-d64": (64 * K, 64, 2),
+          "8K-d64": (8 * K, 64, 2), "512K": (512 * K, 128, 1)}
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -49,10 +50,10 @@ def variant_source(name: str) -> str:
     return CB.WGMMA_SOURCE if name == "wgmma" else CB.SOURCE
 
 
-def run_point(seqlen: int, dim: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
+def run_point(seqlen: int, dim: int, batch: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, relative gradient difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v, dout = (torch.randn(2, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v, dout = (torch.randn(batch, seqlen, 16, dim, device="cuda", dtype=torch.bfloat16, generator=g)
                      for _ in range(4))
     topk = moba_topk_cuda(q, k, 128, 8, causal=True).to(torch.int32).contiguous()
     out, lse = moba_attention_cuda(q, k, v, 128, 8, True, return_lse=True, topk_indices=topk)

@@ -18,7 +18,8 @@
 #                directory, carried), per chunk of the forward at 64K and 512K, in alternating processes, the lists
 #                checked against the stable sort (scripts/pairs_ab.py; pairs_ab.md; ~60 s)
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
-#                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; bwd_ab.md)
+#                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; BWD_AB_POINTS,
+#                default "8K 16K 64K", also 512K; bwd_ab.md)
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
 #                step also replayed from a CUDA graph and issued back to back (mobalab, FA2, cuDNN alike: no host
 #                time | the host ahead as in a training loop; bwd-graph/)
@@ -186,7 +187,7 @@ for step in "${STEPS[@]}"; do
     host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
                     > "$W/host_profile.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
-            timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points 8K 16K 64K \
+            timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points ${BWD_AB_POINTS:-8K 16K 64K} \
               --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=1} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
     bwd-graph) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                  tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1

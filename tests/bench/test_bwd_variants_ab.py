@@ -20,8 +20,8 @@ def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
         assert says in capsys.readouterr().err
     # every point is a shape "tile" and "block" run (the "block" variant: head dims 64, 128 at B 128), the d 128 points
     # also "wgmma"
-    assert all(block_supported(dim, 128) for _, dim in ab.POINTS.values())
-    assert all(wgmma_supported(dim, 128) == (dim == 128) for _, dim in ab.POINTS.values())
+    assert all(block_supported(dim, 128) for _, dim, _ in ab.POINTS.values())
+    assert all(wgmma_supported(dim, 128) == (dim == 128) for _, dim, _ in ab.POINTS.values())
     assert set(BWD_VARIANTS) == {"auto", "tile", "block", "wgmma"}
 
 
