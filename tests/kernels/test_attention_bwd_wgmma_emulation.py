@@ -57,14 +57,23 @@ def _kernel_files() -> dict[str, str]:
                           "attention_bwd_wgmma_kernel_table.inc": table})
 
 
-# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default), all set in a second harness:
-# every path of both builds is run by the cases below (among them full tiles past a causal diagonal block and full
-# non-causal ones, which the unmasked path takes).
-BUILD_OPTIONS = tuple(f"{name}=1" for name in CB.WGMMA_BUILD_OPTIONS)
+# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default) in three more harnesses: the
+# serial-path options of the default loop together, the dQ-next loop (staging under the next S^T) with the two that
+# apply to it, and the dQ-next loop staging before the next S^T. Every path of each build is run by the cases below
+# (among them full tiles past a causal diagonal block and full non-causal ones, which the unmasked path takes; the
+# deterministic dQ modes, which the dQ-next loop runs a tile late from the previous tile's pair indices).
+OPTION_SETS = {
+    "serial": ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1"),
+    "dq-next": ("MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1"),
+    "dq-next-2": ("MOBA_BWD_WG_DQ_NEXT=2",),
+}
+assert {o for opts in OPTION_SETS.values() for o in opts} == set(CB.WGMMA_BUILD_OPTIONS)
 
 harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
-harness_options = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name="harness_options",
-                                  flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in BUILD_OPTIONS))
+harness_serial, harness_dq_next, harness_dq_next_2 = (
+    harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name=f"harness_{key.replace('-', '_')}",
+                    flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in opts))
+    for key, opts in OPTION_SETS.items())
 
 
 def _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
@@ -94,10 +103,11 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
     return _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty)
 
 
-@pytest.fixture
-def emulated_backward_options(harness_options, tmp_path, monkeypatch, poisoned_empty):
-    """``emulated_backward`` with the main kernel built with every one of BUILD_OPTIONS."""
-    return _emulated_backward(harness_options, tmp_path, monkeypatch, poisoned_empty)
+@pytest.fixture(params=list(OPTION_SETS))
+def emulated_backward_options(request, tmp_path, monkeypatch, poisoned_empty):
+    """``emulated_backward`` with the main kernel built with one of OPTION_SETS."""
+    built = request.getfixturevalue(f"harness_{request.param.replace('-', '_')}")
+    return _emulated_backward(built, tmp_path, monkeypatch, poisoned_empty)
 
 
 def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
@@ -139,7 +149,7 @@ def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, case):
-    """The same with the main kernel's build options set (BUILD_OPTIONS)."""
+    """The same with the main kernel's build options set (OPTION_SETS)."""
     _check_case(emulated_backward_options, case)
 
 

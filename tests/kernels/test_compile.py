@@ -14,7 +14,7 @@ select another module of a source without renaming its kernels are compiled too,
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
 not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128), the forward's
 measurement option (``-DMOBA_TPC=8``) and the wgmma backward's build options one at a time
-(``_cuda_backward.WGMMA_BUILD_OPTIONS``).
+(``_cuda_backward.WGMMA_BUILD_OPTIONS``; the dQ-next ones with a small spill allowance, SPILL_ALLOWANCE).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -64,8 +64,11 @@ FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the wgmma backward's build options, one at a time (scripts/bwd_variants_ab.py measures them so)
-FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (f"{name}=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
-                    for name in _cuda_backward.WGMMA_BUILD_OPTIONS]
+FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
+                    for option in _cuda_backward.WGMMA_BUILD_OPTIONS]
+# Spill bytes (stores + loads) a measurement option may take, known and small: the dQ-next loop keeps a few loop
+# invariants of the gather in local memory (read from L1 once per tile)
+SPILL_ALLOWANCE = {"MOBA_BWD_WG_DQ_NEXT=1": 64, "MOBA_BWD_WG_DQ_NEXT=2": 16}
 BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
@@ -96,8 +99,9 @@ def _compile_all() -> dict[tuple[str, tuple[str, ...]], tuple[int, str]]:
 compiled = background_fixture("compiled", _compile_all)
 
 
-def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:
-    """nvcc succeeded, the compiled entry points are exactly ``exported``, none has spills or a stack frame."""
+def _check_build(label: str, rc: int, log: str, exported: set[str], spill_allowance: int = 0) -> None:
+    """nvcc succeeded, the compiled entry points are exactly ``exported``, none has spills or a stack frame (beyond
+    ``spill_allowance`` bytes of spill stores and loads with the stack frame they need)."""
     assert rc == 0, f"nvcc failed on {label}:\n{log}"
     funcs = parse_ptxas(log)
     entries = ENTRY.findall(log)
@@ -110,7 +114,8 @@ def _check_build(label: str, rc: int, log: str, exported: set[str]) -> None:
         print(f"{'':<{len(label) + 2}}{fn:<40} {r.get('registers', 0):>5} {r.get('smem', 0):>6} "
               f"{r.get('stack', 0):>6} {r.get('spill_stores', 0) + r.get('spill_loads', 0):>6}")
     bad = {fn: r for fn, r in funcs.items()
-           if r.get("stack", 0) or r.get("spill_stores", 0) or r.get("spill_loads", 0)}
+           if r.get("spill_stores", 0) + r.get("spill_loads", 0) > spill_allowance
+           or (r.get("stack", 0) and not spill_allowance)}
     assert not bad, f"{label}: stack frame or register spills: {bad}"
     serial = serialized_wgmma(log)
     assert not serial, f"{label}: ptxas serialises the warpgroup MMAs of {serial}"
@@ -166,7 +171,8 @@ def test_fallback_modules_compile_without_spills(build, compiled):
     name, defines = build
     dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))
     _check_build(" ".join((name, *(f"-D{d}" for d in defines))), *compiled[build],
-                 {k for k in signatures(name) if head_dim(k) in (None, dim)})
+                 {k for k in signatures(name) if head_dim(k) in (None, dim)},
+                 max((SPILL_ALLOWANCE.get(d, 0) for d in defines), default=0))
 
 
 # ---- signatures: macro-instantiated entry points, checked without a compiler ----

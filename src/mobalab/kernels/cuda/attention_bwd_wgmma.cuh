@@ -52,13 +52,16 @@
 // 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
 // warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
 // ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
-// Three build options (0 by default; same results, checked by the host emulation) shorten a tile's serial path, from
+// Build options (0 by default; same results, checked by the host emulation) that shorten a tile's serial path, from
 // its SASS: MOBA_BWD_WG_LATE_GATHER issues the next tiles' gathers after the tile's S^T / dP^T MMAs (the first wgmma
 // of a tile ~55 instructions after the CTA barrier instead of ~235), MOBA_BWD_WG_EARLY_LSE reads the rows' lse before
 // the wait for S^T, MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most tiles of a
 // causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250 instructions).
-// Each alone compiles without spills (LATE_GATHER with FULL_TILES spills 4 bytes); not yet timed on a GPU
-// (scripts/bwd_variants_ab.py, variant "wgmma+NAME=1").
+// MOBA_BWD_WG_DQ_NEXT (a loop of its own) issues a tile's dQ MMAs at the start of the next tile, so neither the dS
+// barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's dK MMAs and the next tile's S^T:
+// with 1 the rows are staged while the next S^T runs, with 2 before it is issued (fewer registers). Each option alone
+// compiles without spills except DQ_NEXT (1: 24 bytes of stack, 60 of spill traffic; 2: 8 and 8; loop invariants of
+// the gather); not yet timed on a GPU (scripts/bwd_variants_ab.py, variant "wgmma+NAME=VALUE").
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
@@ -88,6 +91,10 @@
 #ifndef MOBA_BWD_WG_FULL_TILES
 #define MOBA_BWD_WG_FULL_TILES 0    // 1: warps whose keys every row of the tile sees skip the mask
 #endif
+#ifndef MOBA_BWD_WG_DQ_NEXT
+#define MOBA_BWD_WG_DQ_NEXT 0       // 1: (atomic dQ mode) a tile's dQ MMAs issued at the start of the next tile
+#endif
+#define MOBA_BWD_WG_DQ_READ 7        // named barriers 7, 8 (MOBA_BWD_WG_DQ_NEXT): warpgroup 0's / 1's dS^T free
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
 namespace moba_bwd {
@@ -173,7 +180,8 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 // 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
-// has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end).
+// has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end), tile ti's in
+// buffer ti % 2 of two with MOBA_BWD_WG_DQ_NEXT.
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
                                                  int p) {
 #if MOBA_HAS_WGMMA
@@ -190,7 +198,7 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
     bar_arrive(MOBA_BWD_WG_DQ_EMPTY + 1, 256);
     bar_sync(MOBA_BWD_WG_DQ_FULL, 256);
     bar_sync(MOBA_BWD_WG_DQ_FULL + 1, 256);
-    const long long off = s_off[p];
+    const long long off = s_off[(MOBA_BWD_WG_DQ_NEXT ? (ti & 1) * 2 * MOBA_BWD_ROWS : 0) + p];
     if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
     bulk_commit_group();
   }
@@ -226,8 +234,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgInfos x 64 RowInfo
   const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
-  __shared__ long long s_pair[ROWS];
-  __shared__ long long s_dq_off[2 * ROWS];  // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup
+  __shared__ long long s_pair[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * ROWS];  // deterministic modes: a tile's pair indices
+  // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup (a tile's written at its end with DQ_NEXT: two)
+  __shared__ long long s_dq_off[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * 2 * ROWS];
 
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, w4 = (tid >> 5) & 3;
   const int g = lane >> 2, tq = lane & 3;
@@ -258,39 +267,24 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   // the warpgroup's 64 keys of K and V as A operands: rows 64 wg .. of each 64-column block
   const unsigned sKg = sK + 64 * wg * SW128_ROW_BYTES, sVg = sV + 64 * wg * SW128_ROW_BYTES;
 
-  for (int ti = 0; ti < w.n_tiles; ++ti) {
-    const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, !MOBA_BWD_WG_LATE_GATHER>(
-        sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair, dq_mode, tid);
-    const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
-    const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
-    const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
-
-    // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed while
-    //         the dP^T MMAs run
-    float s[32], dp[32];
-    wgmma_fence();
+  // ---- 1. S^T = K_g Q^T and dP^T = V_g dO^T (64 keys x 64 rows each), a commit group each
+  auto issue_s = [&](float (&s)[32], unsigned sq) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
       wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, ROWS), ks > 0);
     wgmma_commit_group();
+  };
+  auto issue_dp = [&](float (&dp)[32], unsigned sdo) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
       wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
     wgmma_commit_group();
-    if (MOBA_BWD_WG_LATE_GATHER)
-      prefetch_tiles<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows,
-                                                        w.n_tiles, ti, row_base, heads, h0, tid);
-    // the row records' lse2 that P needs, read while the MMAs run (else each exponent waits for its record's read)
-    float lse2[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i)
-      if (MOBA_BWD_WG_EARLY_LSE) lse2[i] = info[8 * (i / 2) + 2 * tq + i % 2].lse2;
-    wgmma_wait_group<1>();  // S^T
-    wgmma_fence_operand(s);
+  };
 
-    // ---- 2. P = 2^(x - lse2), masked: element (key 16 w4 + g + 8 h, row 8 n + 2 tq + e) is float 4 n + 2 h + e.
-    //         A warp whose 16 keys every row of a full tile sees (the rows past the diagonal block of a causal
-    //         segment, most tiles) skips the mask: its lanes' two rows' t against the warp's last key, one vote.
+  // ---- 2. P = 2^(x - lse2), masked: element (key 16 w4 + g + 8 h, row 8 n + 2 tq + e) is float 4 n + 2 h + e.
+  //         A warp whose 16 keys every row of a full tile sees (the rows past the diagonal block of a causal
+  //         segment, most tiles) skips the mask: its lanes' two rows' t against the warp's last key, one vote.
+  auto probs = [&](float (&s)[32], const RowInfo* info, int count, const float (&lse2)[16]) {
     bool unmasked = false;
     if (MOBA_BWD_WG_FULL_TILES) {
       const int warp_last = key_a - g + 15;
@@ -325,83 +319,205 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
           }
         }
     }
-    {
-      // ---- 3. dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
-      unsigned pa[4][4], da[4][4];
-      wg_add_rows_product<T>(dv, s, pa, sdo);
-      wgmma_wait_group<1>();  // dP^T (the dV MMAs may still run)
-      wgmma_fence_operand(dp);
+  };
 
-      // ---- dS = P o (dP - D); dS^T to shared memory for dQ (pairs of adjacent rows: one 32-bit store)
+  // P once S^T has landed; the row records' lse2 read before the wait with EARLY_LSE (else each exponent waits for
+  // its record's read)
+  auto wait_s_probs = [&](float (&s)[32], const RowInfo* info, int count) {
+    float lse2[16];
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+    for (int i = 0; i < 16; ++i)
+      if (MOBA_BWD_WG_EARLY_LSE) lse2[i] = info[8 * (i / 2) + 2 * tq + i % 2].lse2;
+    wgmma_wait_group<1>();  // S^T
+    wgmma_fence_operand(s);
+    probs(s, info, count, lse2);
+  };
+  // the gathers of tile ti + 2 and the records of tile ti + 4, where begin_tile leaves them to the loop
+  auto prefetch = [&](int ti) {
+    prefetch_tiles<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows,
+                                                      w.n_tiles, ti, row_base, heads, h0, tid);
+  };
+
+  // ---- 3. dS = P o (dP - D) for the 8 rows 8 n ..; its dS^T to shared memory for dQ (pairs of adjacent rows: one
+  //         32-bit store)
+  auto form_ds = [&](float (&dp)[32], const float (&s)[32], const RowInfo* info, int n) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float delta = info[8 * n + 2 * tq + e].delta;
+    for (int e = 0; e < 2; ++e) {
+      const float delta = info[8 * n + 2 * tq + e].delta;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int i = 4 * n + 2 * h + e;
-            dp[i] = s[i] * (dp[i] - delta);
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int kr = 64 * wg + 16 * w4 + g + 8 * h;
-          st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
-                        Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
-        }
+      for (int h = 0; h < 2; ++h) {
+        const int i = 4 * n + 2 * h + e;
+        dp[i] = s[i] * (dp[i] - delta);
       }
-      fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
-
-      // ---- dK += dS^T Q
-      wg_add_rows_product<T>(dk, dp, da, sq);
-
-      // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys
-      bar_sync(MOBA_BWD_WG_DS_BARRIER, NTHREADS);
-      float dq[32];
+    }
+  };
+  auto store_ds = [&](const float (&dp)[32], int n) {
 #pragma unroll
-      for (int kk = 0; kk < KEYS / 16; ++kk)
-        wgmma_ss_t<T, 1, 1>(dq, wgmma_desc_sw128_mn(sdS, kk, KEYS, 64),
-                            wgmma_desc_sw128_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
-      wgmma_commit_group();
+    for (int h = 0; h < 2; ++h) {
+      const int kr = 64 * wg + 16 * w4 + g + 8 * h;
+      st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
+                    Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
+    }
+  };
+
+  // ---- 4. dQ = scale dS K: rows 0 .. 63, columns 64 wg .. 64 wg + 63, over the 128 keys (both warpgroups' dS^T)
+  auto issue_dq = [&](float (&dq)[32]) {
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk)
+      wgmma_ss_t<T, 1, 1>(dq, wgmma_desc_sw128_mn(sdS, kk, KEYS, 64),
+                          wgmma_desc_sw128_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
+    wgmma_commit_group();
+  };
+  // Atomic mode: the warpgroup stages its 64 x 64 part of a tile's dQ (scaled) and the rows' offsets in shared memory
+  // for the dQ warpgroup's bulk reductions (wg_dq_reductions); off: thread wt < 64's row offset (dq_row_off). Measured
+  // on an H200 (main kernel, 2026-12-05): 1.096x faster at 64K than 16-byte vector atomics from these warpgroups
+  // (which had been 1.02-1.03x faster than 8-byte atomics from the accumulators and 1.07-1.08x faster than a bulk
+  // reduction per row issued here, whose per-thread addresses the compiler issues one thread at a time).
+  auto stage_dq = [&](const float (&dq)[32], auto off) {  // (with DQ_NEXT the offsets are in s_dq_off already)
+    const int r0 = 16 * w4 + g, r1 = r0 + 8;  // this thread's accumulator rows
+    const unsigned sdq = sDQ + wg * DQ_BYTES;
+    bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const unsigned c = (8 * n + 2 * tq) * 4;
+      st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
+      st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
+    }
+    if (!MOBA_BWD_WG_DQ_NEXT && wt < ROWS) s_dq_off[wg * ROWS + wt] = off();
+    fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
+    bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, 256);
+  };
+  // element offset in dq_acc of the dQ row that thread wt < 64 stages (-1: a row past the tile's end)
+  auto dq_row_off = [&](const RowInfo* info, int count) -> long long {
+    const RowInfo ri = info[wt];
+    return wt < count ? ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg : -1;
+  };
+
+  // the deterministic modes: a tile's dQ rows stored into or added to their slot partials from the registers
+  auto add_dq_rows = [&](const float (&dq)[32], const RowInfo* info, const long long* pair, int count) {
+    const int r0 = 16 * w4 + g, r1 = r0 + 8;
+    const bool has0 = r0 < count, has1 = r1 < count;
+    const int col0 = 64 * wg + 2 * tq;
+    add_dq<8>(part_dq + dq_row_offset<D>(info, pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
+              part_dq + dq_row_offset<D>(info, pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0, has1,
+              reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
+  };
+
+  if (MOBA_BWD_WG_DQ_NEXT) {
+    // A tile's dQ MMAs issued at the start of the next tile, before its S^T / dP^T, and its rows staged while those
+    // run: no barrier between the warpgroups inside a tile (the CTA barrier of the next tile orders both warpgroups'
+    // dS^T stores before the dQ MMAs that read them), and the dQ MMAs and staging off the tile's serial path. The one
+    // dS^T buffer: a warpgroup stores tile ti's only after the other's MMAs of tile ti - 1's dQ are complete (named
+    // barrier MOBA_BWD_WG_DQ_READ + its index: the other warpgroup arrives, it waits).
+    // Tile 0's dQ MMAs are issued too (on whatever the dS^T buffer holds, not staged): a wgmma issued on one path
+    // only makes ptxas serialise every wgmma of the kernel (C7514).
+    // The deterministic modes keep the previous tile's pair indices (s_pair, two buffers) and row count for it.
+    int count_prev = 0;
+    for (int ti = 0; ti < w.n_tiles; ++ti) {
+      const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, false>(
+          sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair + (ti & 1) * ROWS, dq_mode, tid);
+      const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
+      const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
+      const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
+      // tile ti - 1's dQ, then S^T; dP^T once the dQ rows are staged (dQ, S^T and dP^T accumulators with dK and dV
+      // in flight at once would need 224 registers: ptxas serialises the wgmma, C7512)
+      float s[32], dp[32];
+      {
+        float dq[32];
+        wgmma_fence();
+        issue_dq(dq);
+        if (MOBA_BWD_WG_DQ_NEXT == 1) issue_s(s, sq);
+        wgmma_wait_group<MOBA_BWD_WG_DQ_NEXT == 1 ? 1 : 0>();  // tile ti - 1's dQ
+        wgmma_fence_operand(dq);
+        bar_arrive(MOBA_BWD_WG_DQ_READ + 1 - wg, NTHREADS);  // this warpgroup's reads of dS^T are done
+        if (ti > 0 && dq_mode == 0) stage_dq(dq, [] { return -1ll; });
+        if (ti > 0 && dq_mode != 0) add_dq_rows(dq, nullptr, s_pair + ((ti - 1) & 1) * ROWS, count_prev);
+      }
+      // the next tiles' gathers and records (the records of tile ti + 4 overwrite tile ti - 1's: read before)
+      prefetch(ti);
+      wgmma_fence();
+      if (MOBA_BWD_WG_DQ_NEXT != 1) issue_s(s, sq);
+      issue_dp(dp, sdo);
+      wait_s_probs(s, info, count);
+      unsigned pa[4][4], da[4][4];
+      wg_add_rows_product<T>(dv, s, pa, sdo);  // dV += P^T dO
+      wgmma_wait_group<1>();                   // dP^T (the dV MMAs may still run)
+      wgmma_fence_operand(dp);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) form_ds(dp, s, info, n);
+      bar_sync(MOBA_BWD_WG_DQ_READ + wg, NTHREADS);  // the other warpgroup's dQ MMAs of tile ti - 1 are done
+#pragma unroll
+      for (int n = 0; n < 8; ++n) store_ds(dp, n);
+      fence_proxy_async_shared();  // dS^T stores -> the dQ MMAs after the next CTA barrier
+      wg_add_rows_product<T>(dk, dp, da, sq);  // dK += dS^T Q
+      // tile ti's dQ rows' offsets, for the dQ warpgroup's reductions after the next tile's staging (its reads of
+      // tile ti - 2's offsets in this buffer preceded its hand-back that this tile's staging waited for)
+      if (wt < ROWS && dq_mode == 0) s_dq_off[(ti & 1) * 2 * ROWS + wg * ROWS + wt] = dq_row_off(info, count);
+      count_prev = count;
       wgmma_wait_group<0>();
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         wgmma_fence_operand(dv[c]);
         wgmma_fence_operand(dk[c]);
       }
+    }
+    if (w.n_tiles > 0) {  // the last tile's dQ
+      Sw128Tile::sync();
+      float dq[32];
+      wgmma_fence();
+      issue_dq(dq);
+      wgmma_wait_group<0>();
       wgmma_fence_operand(dq);
+      if (dq_mode == 0) stage_dq(dq, [] { return -1ll; });
+      else add_dq_rows(dq, nullptr, s_pair + ((w.n_tiles - 1) & 1) * ROWS, count_prev);
+    }
+  } else {
+    for (int ti = 0; ti < w.n_tiles; ++ti) {
+      const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, !MOBA_BWD_WG_LATE_GATHER>(
+          sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair, dq_mode, tid);
+      const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
+      const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
+      const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
 
-      const int r0 = 16 * w4 + g, r1 = r0 + 8;
-      if (dq_mode == 0) {
-        // Atomic mode: the warpgroup stages its 64 x 64 part of the tile's dQ (scaled) and the rows' offsets in
-        // shared memory for the dQ warpgroup's bulk reductions (wg_dq_reductions). Measured on an H200 (main kernel,
-        // 2026-12-05): 1.096x faster at 64K than 16-byte vector atomics from these warpgroups (which had been
-        // 1.02-1.03x faster than 8-byte atomics from the accumulators and 1.07-1.08x faster than a bulk reduction per
-        // row issued here, whose per-thread addresses the compiler issues one thread at a time).
-        const unsigned sdq = sDQ + wg * DQ_BYTES;
-        bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
+      // ---- 1. S^T = K_g Q^T, then dP^T = V_g dO^T (64 keys x 64 rows each), two commit groups: P is computed
+      //         while the dP^T MMAs run
+      float s[32], dp[32];
+      wgmma_fence();
+      issue_s(s, sq);
+      issue_dp(dp, sdo);
+      if (MOBA_BWD_WG_LATE_GATHER) prefetch(ti);
+      wait_s_probs(s, info, count);
+      {
+        // dV += P^T dO (4 k-steps over the tile's 64 rows, two n64 halves of d), issued before dS is formed
+        unsigned pa[4][4], da[4][4];
+        wg_add_rows_product<T>(dv, s, pa, sdo);
+        wgmma_wait_group<1>();  // dP^T (the dV MMAs may still run)
+        wgmma_fence_operand(dp);
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
-          const unsigned c = (8 * n + 2 * tq) * 4;
-          st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
-          st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
+          form_ds(dp, s, info, n);
+          store_ds(dp, n);
         }
-        if (wt < ROWS) {
-          const RowInfo ri = info[wt];
-          s_dq_off[wg * ROWS + wt] = wt < count ? ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg : -1;
+        fence_proxy_async_shared();  // dS^T stores -> visible to the other warpgroup's wgmma after the barrier
+
+        wg_add_rows_product<T>(dk, dp, da, sq);  // dK += dS^T Q
+
+        bar_sync(MOBA_BWD_WG_DS_BARRIER, NTHREADS);
+        float dq[32];
+        issue_dq(dq);
+        wgmma_wait_group<0>();
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          wgmma_fence_operand(dv[c]);
+          wgmma_fence_operand(dk[c]);
         }
-        fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
-        bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, 256);
-      } else {
-        const bool has0 = r0 < count, has1 = r1 < count;
-        const int col0 = 64 * wg + 2 * tq;
-        add_dq<8>(part_dq + dq_row_offset<D>(info, s_pair, r0, has0, row_base, heads, h0, dq_mode) + col0,
-                  part_dq + dq_row_offset<D>(info, s_pair, r1, has1, row_base, heads, h0, dq_mode) + col0, has0,
-                  has1, reinterpret_cast<const float(&)[8][4]>(dq), scale, dq_mode);
+        wgmma_fence_operand(dq);
+
+        if (dq_mode == 0) stage_dq(dq, [&] { return dq_row_off(info, count); });
+        else add_dq_rows(dq, info, s_pair, count);
       }
+      // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
     }
-    // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten
   }
   cp_async_wait<0>();
 
