@@ -148,12 +148,17 @@ def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, case):
-    """The same with the main kernel's build options set (OPTION_SETS)."""
-    _check_case(emulated_backward_options, case)
+def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, emulated_backward, case):
+    """The same with the main kernel's build options set (OPTION_SETS); deterministic: bit-identical to the default
+    build (the options move work, not arithmetic)."""
+    grads = _check_case(emulated_backward_options, case)
+    if case[-1]:
+        default = _check_case(emulated_backward, case, again=False)
+        for name, a, b in zip("qkv", grads, default, strict=True):
+            assert torch.equal(a, b), f"{_id(case)}: d{name} differs from the default build's"
 
 
-def _check_case(emulated_backward, case):
+def _check_case(emulated_backward, case, again=True):
     dtype, block, causal, seqlen, top_k, heads, kv_heads, det = case
     q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dtype, seed=seqlen + block)
     topk = reference.moba_topk(q, k, block, top_k, causal=causal)
@@ -162,10 +167,11 @@ def _check_case(emulated_backward, case):
     grads, launched = emulated_backward(*args)
     _check_launched(launched, dtype, det)
     check_grads(grads, q, k, v, dout, topk, block, causal, _id(case))
-    if det:
-        again, _ = emulated_backward(*args)
-        for name, a, b in zip("qkv", grads, again, strict=True):
+    if det and again:
+        second, _ = emulated_backward(*args)
+        for name, a, b in zip("qkv", grads, second, strict=True):
             assert torch.equal(a, b), f"{_id(case)}: d{name} differs between two deterministic runs"
+    return grads
 
 
 def test_emulated_wgmma_chunks_that_split_the_query_range(emulated_backward):

@@ -15,6 +15,7 @@ import zlib
 import pytest
 import torch
 
+from mobalab.bench._interleaved import extra_defines
 from mobalab.kernels import _contract as C
 from mobalab.kernels import _cuda_backward as G
 from mobalab.kernels._cuda_attention import moba_attention_cuda
@@ -104,6 +105,32 @@ def test_wgmma_variant_matches_oracle(case, gpu, poisoned_empty):
     """variant="wgmma" against the oracle, and bit-identical run to run when deterministic."""
     _needs_sm90()
     _variant_matches_oracle("wgmma", case, gpu, poisoned_empty)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", G.WGMMA_BUILD_OPTIONS)
+@pytest.mark.parametrize("case", [WGMMA_VARIANT_CASES[0], (128, 128, 3000, 8, 2, 6, True, torch.bfloat16, True),
+                                  (128, 128, 2500, 4, 4, 4, False, torch.float16, True)],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_wgmma_build_options_match_the_default_build(option, case, gpu, poisoned_empty):
+    """The wgmma kernel built with one of its measurement options (G.WGMMA_BUILD_OPTIONS) against the oracle in the
+    atomic dQ mode, and bit-identical to the default build in the deterministic one (the options move work, not
+    arithmetic). Long segments of full tiles, so the unmasked warps and the dQ-next loop's later tiles run."""
+    _needs_sm90()
+    dim, block, seqlen, heads, kv_heads, top_k, causal, dtype, _ = case
+    q, k, v, dout = gpu.inputs(2, seqlen, heads, kv_heads, dim, dtype, seed=seqlen + 7, dout=True)
+    topk = gpu.routing(q, k, block, top_k, causal)
+    out, lse = moba_attention_cuda(q, k, v, block, top_k, causal=causal, return_lse=True, topk_indices=topk)
+    args = (dout, q, k, v, out, lse, topk, block, top_k, causal, dim ** -0.5)
+    default = G.moba_attention_backward_cuda(*args, deterministic=True, variant="wgmma")
+    with extra_defines(G, G.WGMMA_SOURCE, (option,)):
+        with poisoned_empty():
+            grads = G.moba_attention_backward_cuda(*args, variant="wgmma")
+        _check(gpu, grads, q, k, v, dout, topk, block, causal, label=f"wgmma {option} {case}")
+        with poisoned_empty():
+            det = G.moba_attention_backward_cuda(*args, deterministic=True, variant="wgmma")
+    for name, a, b in zip("qkv", det, default, strict=True):
+        assert torch.equal(a, b), f"{option}: d{name} differs from the default build's (deterministic)"
 
 
 @pytest.mark.gpu
