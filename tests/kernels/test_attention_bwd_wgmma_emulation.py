@@ -58,13 +58,15 @@ def _kernel_files() -> dict[str, str]:
 
 
 # The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default) in three more harnesses: the
-# serial-path options of the default loop together, the dQ-next loop (staging under the next S^T) with the two that
+# serial-path options of the default loop together, the dQ-next loop (staging under the next S^T) with the three that
 # apply to it, and the dQ-next loop staging before the next S^T. Every path of each build is run by the cases below
 # (among them full tiles past a causal diagonal block and full non-causal ones, which the unmasked path takes; the
 # deterministic dQ modes, which the dQ-next loop runs a tile late from the previous tile's pair indices).
 OPTION_SETS = {
-    "serial": ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1"),
-    "dq-next": ("MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1"),
+    "serial": ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
+               "MOBA_BWD_WG_STEP_DESC=1"),
+    "dq-next": ("MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
+                "MOBA_BWD_WG_STEP_DESC=1"),
     "dq-next-2": ("MOBA_BWD_WG_DQ_NEXT=2",),
 }
 assert {o for opts in OPTION_SETS.values() for o in opts} == set(CB.WGMMA_BUILD_OPTIONS)

@@ -173,6 +173,7 @@ __device__ __forceinline__ void build_rows(const long long* pairs, const long lo
 // (nothing to do for ldmatrix readers; the wgmma kernel's layout, attention_bwd_wgmma.cuh, fences the async proxy).
 template <int D>
 struct SwzTile {
+  static constexpr bool kRowStep = false;  // see Sw128Tile (attention_bwd_wgmma.cuh)
   template <int ROWS>
   __device__ static __forceinline__ unsigned at(int row, int ch) { return swz<D>(row, ch); }
   __device__ static __forceinline__ void landed() {}
@@ -185,6 +186,9 @@ __device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const cha
                                             const RowInfo* info, int count, long long row_base, int heads, int h0,
                                             int tid) {
   constexpr int CH = D / 8;
+  // L::kRowStep: the layout repeats every 8 rows, so a thread's copies (NTHREADS / CH rows apart, same chunk) sit a
+  // constant apart: one address, the rest immediate offsets
+  constexpr bool kStep = L::kRowStep && NTHREADS % CH == 0 && (NTHREADS / CH) % 8 == 0;
 #pragma unroll
   for (int i = 0; i < MOBA_BWD_ROWS * CH / NTHREADS; ++i) {
     const int c = tid + i * NTHREADS;
@@ -192,7 +196,9 @@ __device__ __forceinline__ void gather_tile(unsigned sq, unsigned sdo, const cha
     const bool ok = row < count;
     long long off = 0;
     if (ok) off = ((row_base + info[row].t) * heads + (h0 + info[row].hc)) * (D * 2) + ch * 16;
-    const unsigned at = L::template at<MOBA_BWD_ROWS>(row, ch);
+    unsigned at;
+    if constexpr (kStep) at = L::template at<MOBA_BWD_ROWS>(tid / CH, tid % CH) + i * (NTHREADS / CH) * L::kRowBytes;
+    else at = L::template at<MOBA_BWD_ROWS>(row, ch);
     cp_async16(sq + at, qb + off, ok ? 16 : 0);
     cp_async16(sdo + at, gb + off, ok ? 16 : 0);
   }

@@ -52,16 +52,19 @@
 // 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
 // warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
 // ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
-// Build options (0 by default; same results, checked by the host emulation) that shorten a tile's serial path, from
-// its SASS: MOBA_BWD_WG_LATE_GATHER issues the next tiles' gathers after the tile's S^T / dP^T MMAs (the first wgmma
-// of a tile ~55 instructions after the CTA barrier instead of ~235), MOBA_BWD_WG_EARLY_LSE reads the rows' lse before
-// the wait for S^T, MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most tiles of a
-// causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250 instructions).
+// Build options (0 by default; same results, bit-identical in the deterministic mode, checked by the host emulation)
+// that shorten a tile's serial path, from its SASS (nvcc 13.0; static instructions of the loop, default 1520):
+// MOBA_BWD_WG_LATE_GATHER issues the next tiles' gathers after the tile's S^T / dP^T MMAs (the first wgmma of a tile
+// ~40-55 instructions after the CTA barrier instead of ~235); MOBA_BWD_WG_EARLY_LSE reads the rows' lse before the
+// wait for S^T; MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most tiles of a
+// causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250 instructions);
 // MOBA_BWD_WG_DQ_NEXT (a loop of its own) issues a tile's dQ MMAs at the start of the next tile, so neither the dS
-// barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's dK MMAs and the next tile's S^T:
-// with 1 the rows are staged while the next S^T runs, with 2 before it is issued (fewer registers). Each option alone
-// compiles without spills except DQ_NEXT (1: 24 bytes of stack, 60 of spill traffic; 2: 8 and 8; loop invariants of
-// the gather); not yet timed on a GPU (scripts/bwd_variants_ab.py, variant "wgmma+NAME=VALUE").
+// barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's dK MMAs and the next tile's S^T
+// (1: the rows staged while the next S^T runs, 2: before it is issued); MOBA_BWD_WG_STEP_DESC builds each tile's
+// descriptors once and steps them (wgmma_desc_plus) from a warp-uniform warpgroup index, so they live in uniform
+// registers: ~4 instructions between two wgmma instead of ~10, 1264-1330 in the loop. Alone, DQ_NEXT and STEP_DESC
+// keep a few loop invariants in local memory (up to 60 bytes of spill traffic); together none. Not yet timed on a
+// GPU (scripts/bwd_variants_ab.py, variants "wgmma+NAME=VALUE").
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
@@ -94,6 +97,9 @@
 #ifndef MOBA_BWD_WG_DQ_NEXT
 #define MOBA_BWD_WG_DQ_NEXT 0       // 1: (atomic dQ mode) a tile's dQ MMAs issued at the start of the next tile
 #endif
+#ifndef MOBA_BWD_WG_STEP_DESC
+#define MOBA_BWD_WG_STEP_DESC 0     // 1: descriptors built once per tile and stepped, from a warp-uniform wg
+#endif
 #define MOBA_BWD_WG_DQ_READ 7        // named barriers 7, 8 (MOBA_BWD_WG_DQ_NEXT): warpgroup 0's / 1's dS^T free
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
 
@@ -102,6 +108,9 @@ namespace moba_bwd {
 // The wgmma layout of a ROWS x 128 tile (wgmma.cuh: two 64-column blocks of 128-byte rows, chunks XOR-swizzled by
 // row % 8), and the async-proxy fence a thread's landed copies need before a barrier hands them to wgmma.
 struct Sw128Tile {
+  // rows 8 apart have the same swizzle: gather_tile steps a thread's copies by a constant (with STEP_DESC)
+  static constexpr bool kRowStep = MOBA_BWD_WG_STEP_DESC;
+  static constexpr unsigned kRowBytes = moba::SW128_ROW_BYTES;
   template <int ROWS>
   __device__ static __forceinline__ unsigned at(int row, int ch) { return moba::sw128_offset(row, ch * 8, ROWS); }
   __device__ static __forceinline__ void landed() {
@@ -153,6 +162,21 @@ __device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsig
   }
 }
 
+// Descriptors of k-step ks of a K-major (wg_desc_k) or MN-major (wg_desc_mn) swizzled tile: built at each k-step, or
+// with MOBA_BWD_WG_STEP_DESC built once and stepped by a constant (wgmma_desc_plus: one add instead of masks and
+// shifts per wgmma; wgmma.cuh asserts that both are equal).
+__device__ __forceinline__ unsigned long long wg_desc_k(unsigned tile, int ks, unsigned rows) {
+  using namespace moba;
+  return MOBA_BWD_WG_STEP_DESC ? wgmma_desc_plus(wgmma_desc_sw128(tile, 0, rows), sw128_offset(0, 16 * ks, rows))
+                               : wgmma_desc_sw128(tile, ks, rows);
+}
+__device__ __forceinline__ unsigned long long wg_desc_mn(unsigned tile, int ks, unsigned k_rows, unsigned n) {
+  using namespace moba;
+  return MOBA_BWD_WG_STEP_DESC
+             ? wgmma_desc_plus(wgmma_desc_sw128_mn(tile, 0, k_rows, n), sw128_offset(16 * ks, 0, k_rows))
+             : wgmma_desc_sw128_mn(tile, ks, k_rows, n);
+}
+
 // acc (a warpgroup's 64 keys x 128 columns, two n64 halves) += X^T B over a tile's 64 gathered rows, one commit
 // group: X^T is this warpgroup's 64 x 64 accumulator x (keys x rows: P^T or dS^T) as the register A operand,
 // rounded to T; B is the tile at shared address sb as gathered (rows x d, d contiguous: MN-major for a product whose
@@ -171,7 +195,7 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
   for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
-      wgmma_rs<T, 1>(acc[c], a[ks], wgmma_desc_sw128_mn(sb + c * HALF, ks, MOBA_BWD_ROWS, 64), 1);
+      wgmma_rs<T, 1>(acc[c], a[ks], wg_desc_mn(sb + c * HALF, ks, MOBA_BWD_ROWS, 64), 1);
   wgmma_commit_group();
 #endif
 }
@@ -238,7 +262,10 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup (a tile's written at its end with DQ_NEXT: two)
   __shared__ long long s_dq_off[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * 2 * ROWS];
 
-  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, lane = tid & 31, w4 = (tid >> 5) & 3;
+  // STEP_DESC: wg through a shuffle from lane 0, so that ptxas knows it is warp-uniform and keeps the shared addresses
+  // and descriptors derived from it in uniform registers (as the wgmma forward does)
+  const int tid = threadIdx.x, wg = MOBA_BWD_WG_STEP_DESC ? __shfl_sync(0xffffffffu, tid >> 7, 0) : tid >> 7,
+            wt = tid & 127, lane = tid & 31, w4 = (tid >> 5) & 3;
   const int g = lane >> 2, tq = lane & 3;
   const CtaWork w = cta_work<KEYS>(seg_off, seg_order, seqlen, heads, kv_heads, block_size, n_blocks, batch_index,
                                    h0, n_seg, sub0, n_sub_launch);
@@ -271,13 +298,13 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   auto issue_s = [&](float (&s)[32], unsigned sq) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-      wgmma_ss<T>(s, wgmma_desc_sw128(sKg, ks, KEYS), wgmma_desc_sw128(sq, ks, ROWS), ks > 0);
+      wgmma_ss<T>(s, wg_desc_k(sKg, ks, KEYS), wg_desc_k(sq, ks, ROWS), ks > 0);
     wgmma_commit_group();
   };
   auto issue_dp = [&](float (&dp)[32], unsigned sdo) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-      wgmma_ss<T>(dp, wgmma_desc_sw128(sVg, ks, KEYS), wgmma_desc_sw128(sdo, ks, ROWS), ks > 0);
+      wgmma_ss<T>(dp, wg_desc_k(sVg, ks, KEYS), wg_desc_k(sdo, ks, ROWS), ks > 0);
     wgmma_commit_group();
   };
 
@@ -351,12 +378,15 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       }
     }
   };
+  // (STEP_DESC: row kr's 16-byte chunk n sits at chunk n ^ (kr % 8) = n ^ g of its 128 bytes, and sdS is 1024-byte
+  // aligned, so the address is the chunk-0 one XOR n << 4: one instruction a store, nothing kept across the loop)
   auto store_ds = [&](const float (&dp)[32], int n) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kr = 64 * wg + 16 * w4 + g + 8 * h;
-      st_shared_b32(sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS),
-                    Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
+      const unsigned at = MOBA_BWD_WG_STEP_DESC ? (sdS + sw128_offset(kr, 2 * tq, KEYS)) ^ (n << 4)
+                                                : sdS + sw128_offset(kr, 8 * n + 2 * tq, KEYS);
+      st_shared_b32(at, Elem<T>::pack(dp[4 * n + 2 * h], dp[4 * n + 2 * h + 1]));
     }
   };
 
@@ -364,8 +394,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   auto issue_dq = [&](float (&dq)[32]) {
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk)
-      wgmma_ss_t<T, 1, 1>(dq, wgmma_desc_sw128_mn(sdS, kk, KEYS, 64),
-                          wgmma_desc_sw128_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
+      wgmma_ss_t<T, 1, 1>(dq, wg_desc_mn(sdS, kk, KEYS, 64),
+                          wg_desc_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
     wgmma_commit_group();
   };
   // Atomic mode: the warpgroup stages its 64 x 64 part of a tile's dQ (scaled) and the rows' offsets in shared memory
