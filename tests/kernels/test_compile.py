@@ -14,7 +14,8 @@ select another module of a source without renaming its kernels are compiled too,
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
 not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128), the forward's
 measurement option (``-DMOBA_TPC=8``) and the wgmma backward's build options one at a time
-(``_cuda_backward.WGMMA_BUILD_OPTIONS``; the dQ-next ones with a small spill allowance, SPILL_ALLOWANCE).
+(``_cuda_backward.WGMMA_BUILD_OPTIONS``, some with a small spill allowance, SPILL_ALLOWANCE) and the wgmma router's
+(``_cuda_routing.WGMMA_BUILD_OPTIONS``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -66,6 +67,9 @@ FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FAL
 # and the wgmma backward's build options, one at a time (scripts/bwd_variants_ab.py measures them so)
 FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
                     for option in _cuda_backward.WGMMA_BUILD_OPTIONS]
+# and the wgmma router's
+FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
+                    for option in _cuda_routing.WGMMA_BUILD_OPTIONS]
 # Spill bytes (stores + loads) a measurement option may take alone, known and small: a few loop invariants of the
 # gather and the staging in local memory, read from L1 once per tile (with STEP_DESC and DQ_NEXT together: none)
 SPILL_ALLOWANCE = {"MOBA_BWD_WG_DQ_NEXT=1": 64, "MOBA_BWD_WG_DQ_NEXT=2": 16, "MOBA_BWD_WG_STEP_DESC=1": 48}

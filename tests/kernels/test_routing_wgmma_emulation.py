@@ -31,6 +31,7 @@ from _topk_emulation import (  # noqa: E402
     check_query_offset,
     check_random_case,
     host_files,
+    run_random_case,
 )
 
 pytestmark = NEEDS_CXX
@@ -45,6 +46,9 @@ def _kernel_files() -> dict[str, str]:
 
 
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
+# the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: descriptors stepped from one per chunk)
+harness_step = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_step",
+                               flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
 
 
 CASES = [
@@ -60,6 +64,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
     check_random_case(harness, tmp_path, case, "wgmma")
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
+def test_emulated_wgmma_topk_build_option_selects_the_same(harness, harness_step, tmp_path, case):
+    """With its build options (stepped descriptors) the kernel selects exactly what the default build does."""
+    assert torch.equal(check_random_case(harness_step, tmp_path, case, "wgmma"),
+                       run_random_case(harness, tmp_path, case, "wgmma")[0])
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -122,18 +122,32 @@ __device__ __forceinline__ void topk_wg_load_q(unsigned sq, const T* __restrict_
 
 // Issue (asynchronously, one commit group) the wgmmas of one chunk for this warpgroup's two m64 halves: acc[h]
 // = Q rows (64 h ..) x [hi; lo]^T, 64 x 128, D / 16 k-steps.
+// MOBA_TOPK_WG_STEP_DESC (build option, 0 by default; the same descriptors, wgmma.cuh asserts it): each descriptor
+// built once per chunk and stepped by a constant per k-step (wgmma_desc_plus), ~2 uniform instructions a wgmma instead
+// of ~8 (masks and shifts), on warpgroup 0's issue, which holds it for about half of the chunk's MMA time.
+#ifndef MOBA_TOPK_WG_STEP_DESC
+#define MOBA_TOPK_WG_STEP_DESC 0
+#endif
 template <typename T, int D>
 __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned sq_wg, unsigned buf) {
     constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
     moba::wgmma_fence_operand(acc[0]);
     moba::wgmma_fence_operand(acc[1]);
     moba::wgmma_fence();  // the accumulators were last written by ordinary instructions (the S sums)
+    const unsigned long long dq = moba::wgmma_desc_sw128(sq_wg, 0, TKW_ROWS);
+    const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, 2 * TKW_BN);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
-            moba::wgmma_ss<T>(acc[half], moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS),
-                              moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
+        for (int half = 0; half < 2; ++half) {
+            if (MOBA_TOPK_WG_STEP_DESC)
+                moba::wgmma_ss<T>(acc[half],
+                                  moba::wgmma_desc_plus(dq, half * QT_BYTES + moba::sw128_offset(0, 16 * ks, TKW_ROWS)),
+                                  moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN)), ks > 0);
+            else
+                moba::wgmma_ss<T>(acc[half], moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS),
+                                  moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
+        }
     moba::wgmma_commit_group();
 }
 #endif
