@@ -60,6 +60,7 @@
 #                ROUTER_BLOCK (128), head dim ROUTER_HEAD_DIM (128), variants ROUTER_AB_VARIANTS (mma,wgmma)
 #   router-bench only that benchmark of the top-k kernel variants (the tests run in tests-core; ~60 s);
 #                ROUTER_BLOCK=<B> times them at block size B (default 128), ROUTER_VARIANTS=<a,b> names the variants
+#                (each optionally +NAME=VALUE build options), ROUTER_LENGTHS=<n,m> the lengths (default 8192,65536)
 #   tests-core   the GPU tests of the attention kernels (routing, forward, backward, varlen, decode, transformers)
 #   pairs        only the GPU tests of the counting-sort pair lists (tests/kernels/test_pairs_gpu.py: exact lists,
 #                bit-identical attention vs the torch sort, index building and forward at 64K timed, ~60 s)
@@ -153,7 +154,8 @@ bwd_sass() {  # bwd_sass NAME IMPL KERNEL: kernel_sass of KERNEL in one step (fo
 }
 
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
-  timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths 8192,65536 --block-size "${ROUTER_BLOCK:-128}" \
+  timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths "${ROUTER_LENGTHS:-8192,65536}" \
+    --block-size "${ROUTER_BLOCK:-128}" \
     ${ROUTER_VARIANTS:+--variants "$ROUTER_VARIANTS"} --out "$W/router" > "$W/bench_router.log" 2>&1
 }
 
