@@ -39,6 +39,7 @@ from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _attention_emulation import check_grads, harness_files, head_dim_flags, kernel_table, launcher, wgmma_text  # noqa: E402
+from _build_options import BWD_OPTION_SETS  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 
 pytestmark = NEEDS_CXX
@@ -57,25 +58,15 @@ def _kernel_files() -> dict[str, str]:
                           "attention_bwd_wgmma_kernel_table.inc": table})
 
 
-# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default) in three more harnesses: the
-# serial-path options of the default loop together, the dQ-next loop (staging under the next S^T) with the three that
-# apply to it, and the dQ-next loop staging before the next S^T. Every path of each build is run by the cases below
-# (among them full tiles past a causal diagonal block and full non-causal ones, which the unmasked path takes; the
-# deterministic dQ modes, which the dQ-next loop runs a tile late from the previous tile's pair indices).
-OPTION_SETS = {
-    "serial": ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
-               "MOBA_BWD_WG_STEP_DESC=1"),
-    "dq-next": ("MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
-                "MOBA_BWD_WG_STEP_DESC=1"),
-    "dq-next-2": ("MOBA_BWD_WG_DQ_NEXT=2",),
-}
-assert {o for opts in OPTION_SETS.values() for o in opts} == set(CB.WGMMA_BUILD_OPTIONS)
-
+# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default) in three more harnesses, one
+# per set of _build_options.BWD_OPTION_SETS. Every path of each build is run by the cases below (among them full tiles
+# past a causal diagonal block and full non-causal ones, which the unmasked path takes; the deterministic dQ modes,
+# which the dQ-next loop runs a tile late from the previous tile's pair indices).
 harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
 harness_serial, harness_dq_next, harness_dq_next_2 = (
     harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name=f"harness_{key.replace('-', '_')}",
                     flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in opts))
-    for key, opts in OPTION_SETS.items())
+    for key, opts in BWD_OPTION_SETS.items())
 
 
 def _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
@@ -105,9 +96,9 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
     return _emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty)
 
 
-@pytest.fixture(params=list(OPTION_SETS))
+@pytest.fixture(params=list(BWD_OPTION_SETS))
 def emulated_backward_options(request, tmp_path, monkeypatch, poisoned_empty):
-    """``emulated_backward`` with the main kernel built with one of OPTION_SETS."""
+    """``emulated_backward`` with the main kernel built with one of BWD_OPTION_SETS."""
     built = request.getfixturevalue(f"harness_{request.param.replace('-', '_')}")
     return _emulated_backward(built, tmp_path, monkeypatch, poisoned_empty)
 
@@ -151,7 +142,7 @@ def test_emulated_wgmma_gradients_match_oracle(emulated_backward, case):
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, emulated_backward, case):
-    """The same with the main kernel's build options set (OPTION_SETS); deterministic: bit-identical to the default
+    """The same with the main kernel's build options set (BWD_OPTION_SETS); deterministic: bit-identical to the default
     build (the options move work, not arithmetic)."""
     grads = _check_case(emulated_backward_options, case)
     if case[-1]:

@@ -13,9 +13,9 @@ Files compile in parallel (CI has 2 cores); run with ``-s`` to see the resource 
 select another module of a source without renaming its kernels are compiled too, for one head dim to keep CI
 short: the attention forward's fp32-partial fallback (``-DMOBA_PARTIAL_FP32=1``), the backward's dQ loop
 not unrolled (``-DMOBA_BWD_DQ_UNROLL=1``; the default unrolls it by two at head dim 128), the forward's
-measurement option (``-DMOBA_TPC=8``) and the wgmma backward's build options one at a time
-(``_cuda_backward.WGMMA_BUILD_OPTIONS``, some with a small spill allowance, SPILL_ALLOWANCE) and the wgmma router's
-(``_cuda_routing.WGMMA_BUILD_OPTIONS``).
+measurement option (``-DMOBA_TPC=8``) and the wgmma backward's build options
+(``_cuda_backward.WGMMA_BUILD_OPTIONS``, in the host emulation's three sets, with small spill allowances:
+``_build_options.py``) and the wgmma router's (``_cuda_routing.WGMMA_BUILD_OPTIONS``).
 
 The CPU tests below tie the Python wrappers to the CUDA entry points without a compiler: every kernel name
 the wrappers build (string literals and f-strings in ``mobalab.kernels``) has a literal signature, every
@@ -48,6 +48,7 @@ from mobalab.kernels._launch import _SCALAR_TYPES, TENSOR_MAP, _parse_signatures
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _background import background_fixture  # noqa: E402
+from _build_options import BWD_OPTION_SETS, BWD_SPILL_ALLOWANCE  # noqa: E402
 from _ptxas_report import ENTRY, nvcc_flags, parse_ptxas, serialized_wgmma  # noqa: E402
 
 CU_FILES = sorted(p.name for p in CUDA_DIR.iterdir() if p.name.endswith(".cu"))
@@ -64,15 +65,14 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the wgmma backward's build options, one at a time (scripts/bwd_variants_ab.py measures them so)
-FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
-                    for option in _cuda_backward.WGMMA_BUILD_OPTIONS]
+# and the wgmma backward's build options, in the host emulation's sets (_build_options.BWD_OPTION_SETS)
+FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (*options, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
+                    for options in BWD_OPTION_SETS.values()]
 # and the wgmma router's
 FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
                     for option in _cuda_routing.WGMMA_BUILD_OPTIONS]
-# Spill bytes (stores + loads) a measurement option may take alone, known and small: a few loop invariants of the
-# gather and the staging in local memory, read from L1 once per tile (with STEP_DESC and DQ_NEXT together: none)
-SPILL_ALLOWANCE = {"MOBA_BWD_WG_DQ_NEXT=1": 64, "MOBA_BWD_WG_DQ_NEXT=2": 16, "MOBA_BWD_WG_STEP_DESC=1": 48}
+# spill bytes a build of measurement options may take (by its defines)
+SPILL_ALLOWANCE = {BWD_OPTION_SETS[key]: bytes_ for key, bytes_ in BWD_SPILL_ALLOWANCE.items()}
 BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
@@ -176,7 +176,7 @@ def test_fallback_modules_compile_without_spills(build, compiled):
     dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))
     _check_build(" ".join((name, *(f"-D{d}" for d in defines))), *compiled[build],
                  {k for k in signatures(name) if head_dim(k) in (None, dim)},
-                 max((SPILL_ALLOWANCE.get(d, 0) for d in defines), default=0))
+                 SPILL_ALLOWANCE.get(tuple(d for d in defines if not d.startswith("MOBA_HEAD_DIM=")), 0))
 
 
 # ---- signatures: macro-instantiated entry points, checked without a compiler ----

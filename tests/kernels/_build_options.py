@@ -1,0 +1,22 @@
+"""The wgmma kernels' build options as the CPU tests build them: the backward's in three sets (the options of the
+default tile loop together; the dQ-next loop, staging under the next Sᵀ, with the options that apply to it; the
+dQ-next loop staging before it), which the host emulation runs and nvcc compiles, and the spill bytes (stores +
+loads) each set's build may take: a few loop invariants in local memory, read from L1 once per tile (known and
+small; each set's options together, as the GPU measurement runs them, spill less or not at all, see
+cuda/attention_bwd_wgmma.cuh)."""
+
+from __future__ import annotations
+
+from mobalab.kernels import _cuda_backward
+
+BWD_OPTION_SETS = {
+    "serial": ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
+               "MOBA_BWD_WG_STEP_DESC=1"),
+    "dq-next": ("MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
+                "MOBA_BWD_WG_STEP_DESC=1"),
+    "dq-next-2": ("MOBA_BWD_WG_DQ_NEXT=2",),
+}
+BWD_SPILL_ALLOWANCE = {"serial": 64, "dq-next": 40, "dq-next-2": 16}
+
+assert {o for opts in BWD_OPTION_SETS.values() for o in opts} == set(_cuda_backward.WGMMA_BUILD_OPTIONS)
+assert set(BWD_SPILL_ALLOWANCE) == set(BWD_OPTION_SETS)
