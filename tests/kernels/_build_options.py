@@ -1,9 +1,8 @@
-"""The wgmma kernels' build options as the CPU tests build them: the backward's in three sets (the options of the
-default tile loop together; the dQ-next loop, staging under the next Sᵀ, with the options that apply to it; the
-dQ-next loop staging before it), which the host emulation runs and nvcc compiles, and the spill bytes (stores +
-loads) each set's build may take: a few loop invariants in local memory, read from L1 once per tile (known and
-small; each set's options together, as the GPU measurement runs them, spill less or not at all, see
-cuda/attention_bwd_wgmma.cuh)."""
+"""The wgmma backward's build options as the CPU tests build them, in three sets (the options of the default tile
+loop together; the dQ-next loop, staging under the next Sᵀ, with the options that apply to it; the dQ-next loop
+staging before it), which the host emulation runs and nvcc compiles, and the spill bytes (stores + loads) each set's
+build may take: a few loop invariants kept in local memory and read from L1 once per tile, known and small (the
+combinations that the GPU measurement runs spill nothing, cuda/attention_bwd_wgmma.cuh)."""
 
 from __future__ import annotations
 
