@@ -64,7 +64,7 @@ def _kernel_files() -> dict[str, str]:
 # which the dQ-next loop runs a tile late from the previous tile's pair indices).
 harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
 harness_serial, harness_dq_next, harness_dq_next_2 = (
-    harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name=f"harness_{key.replace('-', '_')}",
+    harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name=f"harness_{key}",
                     flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in opts))
     for key, opts in BWD_OPTION_SETS.items())
 
@@ -99,7 +99,7 @@ def emulated_backward(harness, tmp_path, monkeypatch, poisoned_empty):
 @pytest.fixture(params=list(BWD_OPTION_SETS))
 def emulated_backward_options(request, tmp_path, monkeypatch, poisoned_empty):
     """``emulated_backward`` with the main kernel built with one of BWD_OPTION_SETS."""
-    built = request.getfixturevalue(f"harness_{request.param.replace('-', '_')}")
+    built = request.getfixturevalue(f"harness_{request.param}")
     return _emulated_backward(built, tmp_path, monkeypatch, poisoned_empty)
 
 

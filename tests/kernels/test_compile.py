@@ -65,14 +65,14 @@ FALLBACK_BUILDS = [(src, (*_cuda_attention.partial_defines("fp32"), f"MOBA_HEAD_
 FALLBACK_BUILDS += [(_cuda_backward.SOURCE, ("MOBA_BWD_DQ_UNROLL=1", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 # and the forward's measurement option: 8 tiles per resident CTA (scripts/bwd_step_ab.py --compare tpc)
 FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
-# and the wgmma backward's build options, in the host emulation's sets (_build_options.BWD_OPTION_SETS)
-FALLBACK_BUILDS += [(_cuda_backward.WGMMA_SOURCE, (*options, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
-                    for options in BWD_OPTION_SETS.values()]
+# and the wgmma backward's build options, in the host emulation's sets (_build_options.BWD_OPTION_SETS), with the
+# spill bytes each may take
+SPILL_ALLOWANCE = {(_cuda_backward.WGMMA_SOURCE, (*options, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}")):
+                   BWD_SPILL_ALLOWANCE[key] for key, options in BWD_OPTION_SETS.items()}
+FALLBACK_BUILDS += list(SPILL_ALLOWANCE)
 # and the wgmma router's
 FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
                     for option in _cuda_routing.WGMMA_BUILD_OPTIONS]
-# spill bytes a build of measurement options may take (by its defines)
-SPILL_ALLOWANCE = {BWD_OPTION_SETS[key]: bytes_ for key, bytes_ in BWD_SPILL_ALLOWANCE.items()}
 BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")
@@ -176,7 +176,7 @@ def test_fallback_modules_compile_without_spills(build, compiled):
     dim = next(int(d.split("=")[1]) for d in defines if d.startswith("MOBA_HEAD_DIM="))
     _check_build(" ".join((name, *(f"-D{d}" for d in defines))), *compiled[build],
                  {k for k in signatures(name) if head_dim(k) in (None, dim)},
-                 SPILL_ALLOWANCE.get(tuple(d for d in defines if not d.startswith("MOBA_HEAD_DIM=")), 0))
+                 SPILL_ALLOWANCE.get(build, 0))
 
 
 # ---- signatures: macro-instantiated entry points, checked without a compiler ----

@@ -398,12 +398,18 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
                           wg_desc_mn(sK + wg * KEYS * SW128_ROW_BYTES, kk, KEYS, 64), kk > 0);
     wgmma_commit_group();
   };
+  // element offset in dq_acc of the dQ row that thread wt < 64 stages (-1: a row past the tile's end)
+  auto dq_row_off = [&](const RowInfo* info, int count) -> long long {
+    const RowInfo ri = info[wt];
+    return wt < count ? ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg : -1;
+  };
   // Atomic mode: the warpgroup stages its 64 x 64 part of a tile's dQ (scaled) and the rows' offsets in shared memory
-  // for the dQ warpgroup's bulk reductions (wg_dq_reductions); off: thread wt < 64's row offset (dq_row_off). Measured
-  // on an H200 (main kernel, 2026-12-05): 1.096x faster at 64K than 16-byte vector atomics from these warpgroups
-  // (which had been 1.02-1.03x faster than 8-byte atomics from the accumulators and 1.07-1.08x faster than a bulk
-  // reduction per row issued here, whose per-thread addresses the compiler issues one thread at a time).
-  auto stage_dq = [&](const float (&dq)[32], auto off) {  // (with DQ_NEXT the offsets are in s_dq_off already)
+  // for the dQ warpgroup's bulk reductions (wg_dq_reductions); the offsets from the tile's records (info, count), or
+  // with DQ_NEXT written at the tile's end already (info unused). Measured on an H200 (main kernel, 2026-12-05):
+  // 1.096x faster at 64K than 16-byte vector atomics from these warpgroups (which had been 1.02-1.03x faster than
+  // 8-byte atomics from the accumulators and 1.07-1.08x faster than a bulk reduction per row issued here, whose
+  // per-thread addresses the compiler issues one thread at a time).
+  auto stage_dq = [&](const float (&dq)[32], const RowInfo* info, int count) {
     const int r0 = 16 * w4 + g, r1 = r0 + 8;  // this thread's accumulator rows
     const unsigned sdq = sDQ + wg * DQ_BYTES;
     bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
@@ -413,14 +419,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
       st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
     }
-    if (!MOBA_BWD_WG_DQ_NEXT && wt < ROWS) s_dq_off[wg * ROWS + wt] = off();
+    if (!MOBA_BWD_WG_DQ_NEXT && wt < ROWS) s_dq_off[wg * ROWS + wt] = dq_row_off(info, count);
     fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
     bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, 256);
-  };
-  // element offset in dq_acc of the dQ row that thread wt < 64 stages (-1: a row past the tile's end)
-  auto dq_row_off = [&](const RowInfo* info, int count) -> long long {
-    const RowInfo ri = info[wt];
-    return wt < count ? ((row_base + ri.t) * heads + (h0 + ri.hc)) * D + 64 * wg : -1;
   };
 
   // the deterministic modes: a tile's dQ rows stored into or added to their slot partials from the registers
@@ -460,7 +461,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
         wgmma_wait_group<MOBA_BWD_WG_DQ_NEXT == 1 ? 1 : 0>();  // tile ti - 1's dQ
         wgmma_fence_operand(dq);
         bar_arrive(MOBA_BWD_WG_DQ_READ + 1 - wg, NTHREADS);  // this warpgroup's reads of dS^T are done
-        if (ti > 0 && dq_mode == 0) stage_dq(dq, [] { return -1ll; });
+        if (ti > 0 && dq_mode == 0) stage_dq(dq, nullptr, 0);
         if (ti > 0 && dq_mode != 0) add_dq_rows(dq, nullptr, s_pair + ((ti - 1) & 1) * ROWS, count_prev);
       }
       // the next tiles' gathers and records (the records of tile ti + 4 overwrite tile ti - 1's: read before)
@@ -498,7 +499,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
       issue_dq(dq);
       wgmma_wait_group<0>();
       wgmma_fence_operand(dq);
-      if (dq_mode == 0) stage_dq(dq, [] { return -1ll; });
+      if (dq_mode == 0) stage_dq(dq, nullptr, 0);
       else add_dq_rows(dq, nullptr, s_pair + ((w.n_tiles - 1) & 1) * ROWS, count_prev);
     }
   } else {
@@ -543,7 +544,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
         }
         wgmma_fence_operand(dq);
 
-        if (dq_mode == 0) stage_dq(dq, [&] { return dq_row_off(info, count); });
+        if (dq_mode == 0) stage_dq(dq, info, count);
         else add_dq_rows(dq, info, s_pair, count);
       }
       // the next begin_tile's wait + barrier orders these reads (all MMAs complete) before the buffers are rewritten

@@ -140,13 +140,14 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
     for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            if (MOBA_TOPK_WG_STEP_DESC)
-                moba::wgmma_ss<T>(acc[half],
-                                  moba::wgmma_desc_plus(dq, half * QT_BYTES + moba::sw128_offset(0, 16 * ks, TKW_ROWS)),
-                                  moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN)), ks > 0);
-            else
-                moba::wgmma_ss<T>(acc[half], moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS),
-                                  moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN), ks > 0);
+            const unsigned long long da =
+                MOBA_TOPK_WG_STEP_DESC
+                    ? moba::wgmma_desc_plus(dq, half * QT_BYTES + moba::sw128_offset(0, 16 * ks, TKW_ROWS))
+                    : moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS);
+            const unsigned long long dbk = MOBA_TOPK_WG_STEP_DESC
+                                               ? moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN))
+                                               : moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN);
+            moba::wgmma_ss<T>(acc[half], da, dbk, ks > 0);
         }
     moba::wgmma_commit_group();
 }
