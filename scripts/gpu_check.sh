@@ -189,7 +189,7 @@ for step in "${STEPS[@]}"; do
     host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
                     > "$W/host_profile.log" 2>&1 || status=1 ;;
     bwd-ab) # shellcheck disable=SC2086  # the variants are words
-            timeout $(cap 240) python3 scripts/bwd_variants_ab.py --points ${BWD_AB_POINTS:-8K 16K 64K} \
+            timeout $(cap 420) python3 scripts/bwd_variants_ab.py --points ${BWD_AB_POINTS:-8K 16K 64K} \
               --variants ${BWD_AB_VARIANTS:-block block+MOBA_BWD_DQ_UNROLL=1} > "$W/bwd_ab.md" 2>&1 || status=1 ;;
     bwd-graph) timeout $(cap 120) python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --import-mode=importlib \
                  tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1

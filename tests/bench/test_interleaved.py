@@ -6,7 +6,14 @@ import types
 import pytest
 import torch
 
-from mobalab.bench._interleaved import extra_defines, interleaved_times, print_point_rows, tree_arm_rows
+from mobalab.bench._interleaved import (
+    build_options,
+    extra_defines,
+    interleaved_times,
+    parse_build_option,
+    print_point_rows,
+    tree_arm_rows,
+)
 from mobalab.kernels._launch import Launch
 
 
@@ -33,6 +40,44 @@ def test_extra_defines_reach_only_that_source_and_are_undone():
     assert module.launch is real  # restored
     with extra_defines(module, "attention.cu", ()):
         assert module.launch is real  # nothing to add: untouched
+
+
+def test_build_options_reach_every_launching_module_for_their_source_only(monkeypatch):
+    from mobalab.kernels import _cuda_attention, _cuda_backward, _cuda_routing, _pairs
+
+    modules = (_cuda_attention, _cuda_backward, _cuda_routing, _pairs)
+    seen = []
+    for m in modules:
+        monkeypatch.setattr(m, "launch", lambda plan, m=m: seen.append((m.__name__, plan.source, plan.defines)))
+    reals = [m.launch for m in modules]
+    with build_options(["attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1", "topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=1",
+                        "attention_bwd_wgmma.cu:MOBA_BWD_WG_DQ_NEXT=2"]):
+        for m in modules:
+            m.launch(Launch("attention_bwd_wgmma.cu", "k", (1,), (32,), (), 0, ("A=1",)))
+            m.launch(Launch("topk_wgmma.cu", "k", (1,), (32,), ()))
+            m.launch(Launch("pairs.cu", "k", (1,), (32,), ()))
+    assert [m.launch for m in modules] == reals  # restored
+    for m in modules:
+        assert [(s, d) for name, s, d in seen if name == m.__name__] == [
+            ("attention_bwd_wgmma.cu", ("A=1", "MOBA_BWD_WG_STEP_DESC=1", "MOBA_BWD_WG_DQ_NEXT=2")),
+            ("topk_wgmma.cu", ("MOBA_TOPK_WG_STEP_DESC=1",)), ("pairs.cu", ())]
+
+
+@pytest.mark.parametrize("text", ["attention_bwd_wgmma.cu", "nosuch.cu:MOBA_X=1", "attention.cu:X=1",
+                                  "attention.cu:MOBA_X=one", "attention.cu:MOBA_X"])
+def test_a_malformed_build_option_is_refused_with_the_accepted_form(text):
+    with pytest.raises(ValueError, match=r"SOURCE\.cu:MOBA_NAME=INTEGER with SOURCE\.cu one of .*topk_wgmma\.cu"):
+        parse_build_option(text)
+    with pytest.raises(ValueError), build_options([text]):
+        pass
+
+
+def test_the_benchmark_refuses_a_malformed_build_option(capsys):
+    from mobalab.bench.attention import main
+
+    with pytest.raises(SystemExit):
+        main(["--build-option", "nosuch.cu:MOBA_X=1"])
+    assert "SOURCE.cu:MOBA_NAME=INTEGER" in capsys.readouterr().err
 
 
 def test_print_point_rows(capsys, monkeypatch):

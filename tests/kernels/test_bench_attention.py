@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -176,3 +177,28 @@ def test_step_timing_options_need_backward(capsys, flag):
     with pytest.raises(SystemExit):
         bench.main([flag])
     assert f"{flag} applies to --backward and --peers-quick" in capsys.readouterr().err
+
+
+def test_a_build_option_run_compiles_every_mobalab_launch_with_it_and_says_so(tmp_path, monkeypatch, capsys):
+    from mobalab.kernels import _cuda_backward, _launch
+
+    launched = []
+    monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: True)
+    monkeypatch.setattr(bench, "run_record", lambda: {"cuda_device": "GPU", "utc": "now"})
+    monkeypatch.setattr(_cuda_backward, "launch", lambda plan: launched.append(plan.defines))
+
+    def fake_backward(args, env):  # a launch of the wgmma backward from inside the run, then the run's table
+        _cuda_backward.launch(_launch.Launch("attention_bwd_wgmma.cu", "k", (1,), (32,), ()))
+        row = dict(workload="random", seqlen=8192, head_dim=128, block=128, fwd_ms=1.4, fwdbwd_ms=3.4, bwd_ms=2.0,
+                   fwd_useful_tflops=50.0, bwd_useful_tflops=150.0, bwd_over_fwd_rate=3.0)
+        print(bench.markdown_backward([row], env))
+        return 0
+
+    monkeypatch.setattr(bench, "main_backward", fake_backward)
+    option = "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1"
+    assert bench.main(["--backward", "--build-option", option, "--out", str(tmp_path)]) == 0
+    assert launched == [("MOBA_BWD_WG_STEP_DESC=1",)]
+    assert f"-- GPU, now, build options {option}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench_env.json").read_text())["build_options"] == [option]
+    _cuda_backward.launch(_launch.Launch("attention_bwd_wgmma.cu", "k", (1,), (32,), ()))
+    assert launched[-1] == ()  # only within the run

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,7 +21,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "print_point_rows", "tree_arm_rows"]
+__all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "build_options", "parse_build_option",
+           "print_point_rows", "tree_arm_rows"]
+
+# The kernel wrapper modules that launch through their own name ``launch`` (what extra_defines patches).
+_LAUNCHING_MODULES = ("_cuda_attention", "_cuda_backward", "_cuda_routing", "_pairs")
+_BUILD_OPTION = re.compile(r"(?P<source>[a-z0-9_]+\.cu):(?P<define>MOBA_[A-Z0-9_]+=-?\d+)")
 
 
 def interleaved_times(arms: dict, rounds: int, timer, drop: int = 0) -> dict[object, list[float]]:
@@ -73,6 +80,36 @@ def extra_defines(module, source: str, defines: tuple[str, ...]):
         yield
     finally:
         module.launch = real
+
+
+def parse_build_option(text: str) -> tuple[str, str]:
+    """``"topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=1"`` -> ``("topk_wgmma.cu", "MOBA_TOPK_WG_STEP_DESC=1")``: a kernel
+    source of ``mobalab/kernels/cuda/`` and one of its build options. ValueError, naming the accepted form and the
+    sources there are, for anything else."""
+    m = _BUILD_OPTION.fullmatch(text)
+    cuda_dir = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+    sources = sorted(f.name for f in cuda_dir.glob("*.cu"))
+    if m is None or m["source"] not in sources:
+        raise ValueError(f"build option {text!r}: expected SOURCE.cu:MOBA_NAME=INTEGER with SOURCE.cu one of "
+                         f"{', '.join(sources)}")
+    return m["source"], m["define"]
+
+
+@contextlib.contextmanager
+def build_options(options):
+    """Within the block, every launch of mobalab's kernels from a source named in ``options`` (``"SOURCE.cu:
+    MOBA_NAME=VALUE"`` strings, see :func:`parse_build_option`) is compiled with those build options as well, in
+    every kernel wrapper module: a whole benchmark run of a build option that is not the default yet."""
+    by_source: dict[str, list[str]] = {}
+    for text in options:
+        source, define = parse_build_option(text)
+        by_source.setdefault(source, []).append(define)
+    with contextlib.ExitStack() as stack:
+        for name in _LAUNCHING_MODULES:
+            module = importlib.import_module(f"mobalab.kernels.{name}")
+            for source, defines in by_source.items():
+                stack.enter_context(extra_defines(module, source, tuple(defines)))
+        yield
 
 
 def print_point_rows(script: str, points, run_point, header: str, row_text) -> int:

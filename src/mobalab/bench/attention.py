@@ -61,6 +61,7 @@ from mobalab.kernels._cuda_routing import (
 )
 from mobalab.kernels.autograd import moba_attention_autograd
 
+from ._interleaved import build_options, parse_build_option
 from .environment import environment
 
 __all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops", "parse_head_dims",
@@ -694,7 +695,7 @@ def _fmt(x, nd=2):
 def markdown(rows, env) -> str:
     head = ["workload", "N", "d", "B", "kernel", "mobalab ms", "routing ms (share)", "attn ms", "FA2 ms",
             "cuDNN ms", "x FA2", "x cuDNN", "useful TFLOP/s", "attn TFLOP/s", "peak GB (mobalab / FA2)"]
-    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, {env['utc']}", "",
+    lines = [f"MoBA forward, batch 2, 16 heads, top-k 8, causal, bf16 -- {_run_label(env)}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = r["seqlen"]
@@ -898,12 +899,17 @@ def backward_configs(quick: bool, head_dims=None):
     return out
 
 
+def _run_label(env) -> str:
+    """A table's device and time, and the build options of a run that had any (``--build-option``)."""
+    label = f"{env['cuda_device']}, {env['utc']}"
+    return label + (f", build options {' '.join(env['build_options'])}" if env.get("build_options") else "")
+
+
 def markdown_backward(rows, env) -> str:
     head = ["workload", "N", "d", "B", "fwd ms", "fwd+bwd ms", "bwd ms", "det fwd+bwd ms", "FA2 fwd+bwd ms",
             "cuDNN fwd+bwd ms", "x FA2", "x cuDNN", "fwd / bwd useful TFLOP/s", "bwd/fwd rate",
             "peak GB (mobalab / det / FA2 / cuDNN)"]
-    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {env['cuda_device']}, "
-             f"{env['utc']}",
+    lines = [f"MoBA forward+backward, batch 2, 16 heads, top-k 8, causal, bf16 -- {_run_label(env)}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n = r["seqlen"]
@@ -968,6 +974,14 @@ def main_backward(args, env) -> int:
     return 1 if failed or not rows else 0
 
 
+def _build_option_arg(text: str) -> str:
+    try:
+        parse_build_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def main(argv=None) -> int:
     """Run the benchmark (``mobalab bench`` / ``python -m mobalab.bench.attention``); 0 when every
     configuration ran, 1 otherwise (failures are printed and the sweep goes on)."""
@@ -1001,6 +1015,11 @@ def main(argv=None) -> int:
     p.add_argument("--peers-quick", action="store_true",
                    help="mobalab and the peers (all, or --peers) only: batch 2, 16 heads, d 128, B 128, k 8, causal, "
                         "bf16, 8K and 64K, forward and forward+backward, no FA2/cuDNN (peers_table.md)")
+    p.add_argument("--build-option", action="append", default=[], type=_build_option_arg,
+                   metavar="SOURCE.cu:MOBA_NAME=INT",
+                   help="compile mobalab's kernels from SOURCE.cu with this build option as well (repeatable; e.g. "
+                        "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1): a whole run of an option that is not the "
+                        "default; recorded in the run's environment")
     args = p.parse_args(argv)
     if args.peers_quick and (args.backward or args.quick or args.select or args.dims or args.head_dims):
         p.error("--peers-quick runs its own configuration: drop --backward, --quick, --select, --dims, --head-dims")
@@ -1023,7 +1042,15 @@ def main(argv=None) -> int:
     env = run_record()
     if args.variant:
         env["attn_variant"] = args.variant
+    if args.build_option:
+        env["build_options"] = list(args.build_option)
     print(json.dumps(env))
+    with build_options(args.build_option):
+        return _run(args, env)
+
+
+def _run(args, env) -> int:
+    """The run :func:`main` chose, after its checks."""
     if args.backward or args.dims or args.peers_quick:
         with open(os.path.join(args.out, "bench_env.json"), "w") as f:
             json.dump(env, f, indent=1)
