@@ -50,7 +50,7 @@ def test_build_options_reach_every_launching_module_for_their_source_only(monkey
     for m in modules:
         monkeypatch.setattr(m, "launch", lambda plan, m=m: seen.append((m.__name__, plan.source, plan.defines)))
     reals = [m.launch for m in modules]
-    with build_options(["attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1", "topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=1",
+    with build_options(["attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=0", "topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=0",
                         "attention_bwd_wgmma.cu:MOBA_BWD_WG_DQ_NEXT=2"]):
         for m in modules:
             m.launch(Launch("attention_bwd_wgmma.cu", "k", (1,), (32,), (), 0, ("A=1",)))
@@ -59,8 +59,8 @@ def test_build_options_reach_every_launching_module_for_their_source_only(monkey
     assert [m.launch for m in modules] == reals  # restored
     for m in modules:
         assert [(s, d) for name, s, d in seen if name == m.__name__] == [
-            ("attention_bwd_wgmma.cu", ("A=1", "MOBA_BWD_WG_STEP_DESC=1", "MOBA_BWD_WG_DQ_NEXT=2")),
-            ("topk_wgmma.cu", ("MOBA_TOPK_WG_STEP_DESC=1",)), ("pairs.cu", ())]
+            ("attention_bwd_wgmma.cu", ("A=1", "MOBA_BWD_WG_STEP_DESC=0", "MOBA_BWD_WG_DQ_NEXT=2")),
+            ("topk_wgmma.cu", ("MOBA_TOPK_WG_STEP_DESC=0",)), ("pairs.cu", ())]
 
 
 @pytest.mark.parametrize("text", ["attention_bwd_wgmma.cu", "nosuch.cu:MOBA_X=1", "attention.cu:X=1",

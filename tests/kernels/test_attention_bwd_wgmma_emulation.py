@@ -58,12 +58,12 @@ def _kernel_files() -> dict[str, str]:
                           "attention_bwd_wgmma_kernel_table.inc": table})
 
 
-# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS, each 0 by default) in three more harnesses, one
+# The wgmma main kernel's build options (CB.WGMMA_BUILD_OPTIONS) in three more harnesses, one
 # per set of _build_options.BWD_OPTION_SETS. Every path of each build is run by the cases below (among them full tiles
 # past a causal diagonal block and full non-causal ones, which the unmasked path takes; the deterministic dQ modes,
 # which the dQ-next loop runs a tile late from the previous tile's pair indices).
 harness = harness_fixture("attention_bwd_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
-harness_serial, harness_dq_next, harness_dq_next_2 = (
+harness_serial, harness_dq_next, harness_plain = (
     harness_fixture("attention_bwd_wgmma_harness", _kernel_files, name=f"harness_{key}",
                     flags=head_dim_flags((DIM,)) + tuple(f"-D{o}" for o in opts))
     for key, opts in BWD_OPTION_SETS.items())

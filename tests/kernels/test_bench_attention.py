@@ -195,9 +195,9 @@ def test_a_build_option_run_compiles_every_mobalab_launch_with_it_and_says_so(tm
         return 0
 
     monkeypatch.setattr(bench, "main_backward", fake_backward)
-    option = "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1"
+    option = "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=0"
     assert bench.main(["--backward", "--build-option", option, "--out", str(tmp_path)]) == 0
-    assert launched == [("MOBA_BWD_WG_STEP_DESC=1",)]
+    assert launched == [("MOBA_BWD_WG_STEP_DESC=0",)]
     assert f"-- GPU, now, build options {option}" in capsys.readouterr().out
     assert json.loads((tmp_path / "bench_env.json").read_text())["build_options"] == [option]
     _cuda_backward.launch(_launch.Launch("attention_bwd_wgmma.cu", "k", (1,), (32,), ()))

@@ -46,8 +46,8 @@ def _kernel_files() -> dict[str, str]:
 
 
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
-# the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: descriptors stepped from one per chunk)
-harness_step = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_step",
+# the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
+harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
                                flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
 
 
@@ -67,9 +67,10 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
-def test_emulated_wgmma_topk_build_option_selects_the_same(harness, harness_step, tmp_path, case):
-    """With its build options (stepped descriptors) the kernel selects exactly what the default build does."""
-    assert torch.equal(check_random_case(harness_step, tmp_path, case, "wgmma"),
+def test_emulated_wgmma_topk_build_option_selects_the_same(harness, harness_unstepped, tmp_path, case):
+    """With its build options (descriptors built from their addresses, not stepped) the kernel selects exactly what
+    the default build does."""
+    assert torch.equal(check_random_case(harness_unstepped, tmp_path, case, "wgmma"),
                        run_random_case(harness, tmp_path, case, "wgmma")[0])
 
 

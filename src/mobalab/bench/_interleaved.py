@@ -83,7 +83,7 @@ def extra_defines(module, source: str, defines: tuple[str, ...]):
 
 
 def parse_build_option(text: str) -> tuple[str, str]:
-    """``"topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=1"`` -> ``("topk_wgmma.cu", "MOBA_TOPK_WG_STEP_DESC=1")``: a kernel
+    """``"topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=0"`` -> ``("topk_wgmma.cu", "MOBA_TOPK_WG_STEP_DESC=0")``: a kernel
     source of ``mobalab/kernels/cuda/`` and one of its build options. ValueError, naming the accepted form and the
     sources there are, for anything else."""
     m = _BUILD_OPTION.fullmatch(text)

@@ -1018,7 +1018,7 @@ def main(argv=None) -> int:
     p.add_argument("--build-option", action="append", default=[], type=_build_option_arg,
                    metavar="SOURCE.cu:MOBA_NAME=INT",
                    help="compile mobalab's kernels from SOURCE.cu with this build option as well (repeatable; e.g. "
-                        "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=1): a whole run of an option that is not the "
+                        "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=0): a whole run of an option that is not the "
                         "default; recorded in the run's environment")
     args = p.parse_args(argv)
     if args.peers_quick and (args.backward or args.quick or args.select or args.dims or args.head_dims):

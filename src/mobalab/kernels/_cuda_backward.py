@@ -67,13 +67,14 @@ WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 b
 WGMMA_DQ_PITCH = 288  # bytes per staged dQ row of the wgmma kernel (MOBA_BWD_WG_DQ_PITCH)
 WGMMA_THREADS = 384  # the wgmma kernel's three warpgroups (MOBA_BWD_WG_THREADS)
 WGMMA_STAGES = 3  # gathered Q / dO tiles in flight or in use (kWgStages)
-# Build options of the wgmma main kernel (0 by default, same results), for measuring against the default build in one
-# process (scripts/bwd_variants_ab.py, variant "wgmma+NAME=VALUE"): the next tiles' gathers issued after a tile's S^T /
-# dP^T MMAs; the rows' lse read before the wait for S^T; warps that every row of a full tile sees skip the mask; a
-# tile's dQ MMAs issued at the next tile's start (1: its rows staged under that tile's S^T, 2: before it); descriptors
-# built once and stepped, from a warp-uniform warpgroup index.
-WGMMA_BUILD_OPTIONS = ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=1",
-                       "MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_DQ_NEXT=2", "MOBA_BWD_WG_STEP_DESC=1")
+# Build options of the wgmma main kernel (same results), for measuring against the default build in one process
+# (scripts/bwd_variants_ab.py, variant "wgmma+NAME=VALUE"): the next tiles' gathers issued after a tile's S^T / dP^T
+# MMAs (serial loop); the rows' lse read before the wait for S^T; every warp masks P (the default skips the mask where
+# every row of a full tile sees the warp's keys); the serial loop (DQ_NEXT=0) or a tile's dQ MMAs issued at the next
+# tile's start after its S^T (1; the default, 2, before it); each descriptor built from its address (the default
+# steps them from a warp-uniform warpgroup index).
+WGMMA_BUILD_OPTIONS = ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "MOBA_BWD_WG_FULL_TILES=0",
+                       "MOBA_BWD_WG_DQ_NEXT=0", "MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_STEP_DESC=0")
 BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
 

@@ -57,9 +57,10 @@ SPLIT_BN = 64  # centroids per streamed tile of the split kernel (two 32-column 
 TOPK_THREADS = 128
 # Must match the #defines in cuda/topk_wgmma.cu.
 WGMMA_SOURCE = "topk_wgmma.cu"
-# Build options of the wgmma top-k kernel (0 by default, the same selections), for measuring against the default build
-# (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): descriptors built once per chunk and stepped.
-WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=1",)
+# Build options of the wgmma top-k kernel (the same selections), for measuring against the default build
+# (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): each descriptor built from its address (the default steps
+# them from one per chunk).
+WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row

@@ -52,19 +52,19 @@
 // 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
 // warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
 // ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
-// Build options (0 by default; same results, bit-identical in the deterministic mode, checked by the host emulation)
-// that shorten a tile's serial path, from its SASS (nvcc 13.0; static instructions of the loop, default 1520):
-// MOBA_BWD_WG_LATE_GATHER issues the next tiles' gathers after the tile's S^T / dP^T MMAs (the first wgmma of a tile
-// ~40-55 instructions after the CTA barrier instead of ~235); MOBA_BWD_WG_EARLY_LSE reads the rows' lse before the
-// wait for S^T; MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most tiles of a
-// causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250 instructions);
-// MOBA_BWD_WG_DQ_NEXT (a loop of its own) issues a tile's dQ MMAs at the start of the next tile, so neither the dS
-// barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's dK MMAs and the next tile's S^T
-// (1: the rows staged while the next S^T runs, 2: before it is issued); MOBA_BWD_WG_STEP_DESC builds each tile's
-// descriptors once and steps them (wgmma_desc_plus) from a warp-uniform warpgroup index, so they live in uniform
-// registers: ~4 instructions between two wgmma instead of ~10, 1264-1330 in the loop. Alone, DQ_NEXT and STEP_DESC
-// keep a few loop invariants in local memory (up to 60 bytes of spill traffic); together none. Not yet timed on a
-// GPU (scripts/bwd_variants_ab.py, variants "wgmma+NAME=VALUE").
+// The tile loop's serial path, shortened (nvcc 13.0; static instructions of the loop 1520 -> 1327; default build,
+// no spills): MOBA_BWD_WG_DQ_NEXT=2 (a loop of its own) issues a tile's dQ MMAs at the start of the next tile,
+// before its S^T, so neither the dS barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's
+// dK MMAs and the next tile's S^T; MOBA_BWD_WG_STEP_DESC builds each tile's descriptors once and steps them
+// (wgmma_desc_plus) from a warp-uniform warpgroup index, so they live in uniform registers (~4 instructions between
+// two wgmma instead of ~10); MOBA_BWD_WG_FULL_TILES lets a warp whose 16 keys every row of a full tile sees (most
+// tiles of a causal segment: all but the diagonal block's rows) compute P without the mask (~80 instead of ~250
+// instructions). Timed on an H100 (2026-12-05, whole backward call, interleaved, against the build with all three
+// 0): 64K 1.061-1.062x, 8K 1.015x, 512K 1.001x; without STEP_DESC 0.99-0.993x, DQ_NEXT=1 (the rows staged while the
+// next S^T runs) 1.027x. Build options kept for measuring (same results, bit-identical in the deterministic mode,
+// checked by the host emulation): the three above at 0 (DQ_NEXT=0: the serial loop), DQ_NEXT=1, and two that
+// measured no faster: MOBA_BWD_WG_LATE_GATHER (the next tiles' gathers after the tile's S^T / dP^T MMAs; serial
+// loop) 0.989x at 64K, MOBA_BWD_WG_EARLY_LSE (the rows' lse read before the wait for S^T) 0.98x of DQ_NEXT=1's.
 
 #ifndef MOBALAB_ATTENTION_BWD_WGMMA_CUH
 #define MOBALAB_ATTENTION_BWD_WGMMA_CUH
@@ -92,13 +92,13 @@
 #define MOBA_BWD_WG_EARLY_LSE 0     // 1: the rows' lse2 read before the wait for S^T
 #endif
 #ifndef MOBA_BWD_WG_FULL_TILES
-#define MOBA_BWD_WG_FULL_TILES 0    // 1: warps whose keys every row of the tile sees skip the mask
+#define MOBA_BWD_WG_FULL_TILES 1    // warps whose keys every row of the tile sees skip the mask
 #endif
 #ifndef MOBA_BWD_WG_DQ_NEXT
-#define MOBA_BWD_WG_DQ_NEXT 0       // 1: (atomic dQ mode) a tile's dQ MMAs issued at the start of the next tile
+#define MOBA_BWD_WG_DQ_NEXT 2       // a tile's dQ MMAs at the next tile's start (2: before its S^T, 1: after)
 #endif
 #ifndef MOBA_BWD_WG_STEP_DESC
-#define MOBA_BWD_WG_STEP_DESC 0     // 1: descriptors built once per tile and stepped, from a warp-uniform wg
+#define MOBA_BWD_WG_STEP_DESC 1     // descriptors built once per tile and stepped, from a warp-uniform wg
 #endif
 #define MOBA_BWD_WG_DQ_READ 7        // named barriers 7, 8 (MOBA_BWD_WG_DQ_NEXT): warpgroup 0's / 1's dS^T free
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
