@@ -48,7 +48,7 @@ def _kernel_files() -> dict[str, str]:
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
 # the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
 harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
-                               flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
+                                    flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
 
 
 CASES = [

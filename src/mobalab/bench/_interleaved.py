@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import os
+import pkgutil
 import re
 import statistics
 import subprocess
@@ -24,8 +25,6 @@ import torch
 __all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "build_options", "parse_build_option",
            "print_point_rows", "tree_arm_rows"]
 
-# The kernel wrapper modules that launch through their own name ``launch`` (what extra_defines patches).
-_LAUNCHING_MODULES = ("_cuda_attention", "_cuda_backward", "_cuda_routing", "_pairs")
 _BUILD_OPTION = re.compile(r"(?P<source>[a-z0-9_]+\.cu):(?P<define>MOBA_[A-Z0-9_]+=-?\d+)")
 
 
@@ -86,13 +85,22 @@ def parse_build_option(text: str) -> tuple[str, str]:
     """``"topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=0"`` -> ``("topk_wgmma.cu", "MOBA_TOPK_WG_STEP_DESC=0")``: a kernel
     source of ``mobalab/kernels/cuda/`` and one of its build options. ValueError, naming the accepted form and the
     sources there are, for anything else."""
+    from mobalab.kernels._build import CUDA_DIR
+
     m = _BUILD_OPTION.fullmatch(text)
-    cuda_dir = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
-    sources = sorted(f.name for f in cuda_dir.glob("*.cu"))
+    sources = sorted(f.name for f in CUDA_DIR.iterdir() if f.name.endswith(".cu"))
     if m is None or m["source"] not in sources:
         raise ValueError(f"build option {text!r}: expected SOURCE.cu:MOBA_NAME=INTEGER with SOURCE.cu one of "
                          f"{', '.join(sources)}")
     return m["source"], m["define"]
+
+
+def _launching_modules() -> list:
+    """The kernel wrapper modules that launch through their own name ``launch`` (what extra_defines patches)."""
+    import mobalab.kernels
+
+    names = (m.name for m in pkgutil.iter_modules(mobalab.kernels.__path__) if m.name != "_launch")
+    return [mod for mod in (importlib.import_module(f"mobalab.kernels.{n}") for n in names) if hasattr(mod, "launch")]
 
 
 @contextlib.contextmanager
@@ -105,8 +113,7 @@ def build_options(options):
         source, define = parse_build_option(text)
         by_source.setdefault(source, []).append(define)
     with contextlib.ExitStack() as stack:
-        for name in _LAUNCHING_MODULES:
-            module = importlib.import_module(f"mobalab.kernels.{name}")
+        for module in _launching_modules():
             for source, defines in by_source.items():
                 stack.enter_context(extra_defines(module, source, tuple(defines)))
         yield
