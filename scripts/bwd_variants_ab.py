@@ -17,12 +17,11 @@ A variant may carry build options of its module (cuda/attention_bwd.cu; "wgmma":
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import extra_defines, print_point_rows, time_arms
+from mobalab.bench._interleaved import extra_defines, is_build_define, print_point_rows, time_arms
 from mobalab.kernels import _cuda_backward as CB
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_backward import BWD_VARIANTS, moba_attention_backward_cuda
@@ -40,7 +39,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     if name not in BWD_VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {name!r} is not one of {', '.join(BWD_VARIANTS)}")
     for d in defines:
-        if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
+        if not is_build_define(d):
             raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
     return name, tuple(defines)
 

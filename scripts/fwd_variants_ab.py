@@ -16,12 +16,11 @@ difference from the first variant.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import torch
 
-from mobalab.bench._interleaved import extra_defines, print_point_rows, time_arms
+from mobalab.bench._interleaved import extra_defines, is_build_define, print_point_rows, time_arms
 from mobalab.kernels import _cuda_attention as CA
 from mobalab.kernels._cuda_attention import moba_attention_cuda
 from mobalab.kernels._cuda_routing import moba_topk_cuda
@@ -40,7 +39,7 @@ def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
     if head != "base" and head not in CA.VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {head!r} is not base or one of {', '.join(CA.VARIANTS)}")
     for d in rest:
-        if not re.fullmatch(r"MOBA_[A-Z0-9_]+=-?\d+", d):
+        if not is_build_define(d):
             raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
     return (None if head == "base" else head), tuple(rest)
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 __all__ = ["interleaved_times", "idle_gpu_ms", "time_arms", "extra_defines", "build_options", "parse_build_option",
-           "print_point_rows", "tree_arm_rows"]
+           "is_build_define", "print_point_rows", "tree_arm_rows"]
 
-_BUILD_OPTION = re.compile(r"(?P<source>[a-z0-9_]+\.cu):(?P<define>MOBA_[A-Z0-9_]+=-?\d+)")
+_BUILD_DEFINE = r"MOBA_[A-Z0-9_]+=-?\d+"  # one kernel build option, NAME=INTEGER
+_BUILD_OPTION = re.compile(rf"(?P<source>[a-z0-9_]+\.cu):(?P<define>{_BUILD_DEFINE})")
 
 
 def interleaved_times(arms: dict, rounds: int, timer, drop: int = 0) -> dict[object, list[float]]:
@@ -81,6 +82,11 @@ def extra_defines(module, source: str, defines: tuple[str, ...]):
         module.launch = real
 
 
+def is_build_define(text: str) -> bool:
+    """Whether ``text`` is one kernel build option as the sources read them: ``MOBA_NAME=INTEGER``."""
+    return re.fullmatch(_BUILD_DEFINE, text) is not None
+
+
 def parse_build_option(text: str) -> tuple[str, str]:
     """``"topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=0"`` -> ``("topk_wgmma.cu", "MOBA_TOPK_WG_STEP_DESC=0")``: a kernel
     source of ``mobalab/kernels/cuda/`` and one of its build options. ValueError, naming the accepted form and the
@@ -113,7 +119,7 @@ def build_options(options):
         source, define = parse_build_option(text)
         by_source.setdefault(source, []).append(define)
     with contextlib.ExitStack() as stack:
-        for module in _launching_modules():
+        for module in _launching_modules() if by_source else ():  # a run without options imports nothing more
             for source, defines in by_source.items():
                 stack.enter_context(extra_defines(module, source, tuple(defines)))
         yield
