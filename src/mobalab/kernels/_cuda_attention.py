@@ -63,7 +63,7 @@ from . import _contract as C
 from . import _pairs
 from ._build import device_capability as _device_capability
 from ._build import on_device, sm_count
-from ._cuda_routing import moba_topk_cuda, route_by_chunk, route_overlap
+from ._cuda_routing import moba_topk_cuda
 from ._launch import Launch, i32, i64, kernel_ready, launch
 
 __all__ = ["moba_attention_cuda"]
@@ -529,25 +529,22 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
     kv_heads = k.shape[2]
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
-    device = q.device
-    if budget is None:
-        budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
-    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
-    routed = None  # per chunk, the event its routing ends with on the side stream
-    if topk_indices is None and len(chunks) > 1 and route_overlap():
-        topk, routed = route_by_chunk(q, k, block_size, top_k, causal, chunks)
-    elif topk_indices is None:
+    if topk_indices is None:
         topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal)
     else:
         topk = topk_indices
     topk = topk.to(torch.int32).contiguous()
 
+    device = q.device
     if into is not None:
         (out, lse), out_mode = into, (MERGE_FOLD if fold else MERGE_STORE)
     else:
         out, out_mode = torch.empty_like(q), MERGE_OUT
         lse = torch.empty((batch, seqlen, heads) if return_lse else (1,), dtype=torch.float32, device=device)
 
+    if budget is None:
+        budget = default_scratch_budget(batch, seqlen, heads, kv_heads, dim, q.element_size())
+    chunks = plan_chunks(batch, seqlen, heads, kv_heads, dim, top_k, budget, partial)
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
     part_o = torch.empty(max_pairs * dim, dtype=partial_dtype(q.dtype, partial), device=device)
@@ -572,8 +569,6 @@ def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices
         n_pairs = c.n_heads * c.n_q * top_k
         n_seg = (c.n_heads // group) * n_blocks
         pairs_out = None
-        if routed is not None:
-            torch.cuda.current_stream().wait_event(routed[i])
         if keep_lists:
             p0, _, s0, _ = layout[i]
             pairs_out, seg_off = lists[p0:p0 + n_pairs], lists[s0:s0 + n_seg + 1]

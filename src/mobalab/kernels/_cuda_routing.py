@@ -259,42 +259,6 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
                   shared_mem=topk_shared_bytes(dim, top_k, causal, bn=bn))
 
 
-def topk_range_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
-                      top_k: int, causal: bool, variant: str, *, batch_index: int, h0: int, n_heads: int, t0: int,
-                      n_q: int) -> Launch:
-    """:func:`topk_launch` for part of the rows: queries ``t0 .. t0 + n_q`` of query heads ``h0 .. h0 + n_heads``
-    of batch row ``batch_index``, ``variant`` resolved ("mma" or "wgmma"), no block renumbering. The kernels
-    address a row as ((b N + t) h + head) d and read kv head head / G, so the part is the same kernel over the
-    tensors at that part's offsets: rows counted from t0 (their positions from ``t0``, the query offset), the
-    full head count as the row stride, hi / lo from the part's first kv head (``h0`` must start a kv group)
-    and one batch row. Each row's list depends only on its own scores, so the parts write what one launch
-    over all rows writes."""
-    batch, seqlen, heads, dim = q.shape
-    kv_heads, n_blocks = hi.shape[1], hi.shape[2]
-    group = heads // kv_heads
-    if h0 % group or n_heads <= 0 or h0 + n_heads > heads or not 0 <= t0 < t0 + n_q <= seqlen \
-            or not 0 <= batch_index < batch:
-        raise ValueError(f"topk_range_launch: part (b {batch_index}, heads {h0}+{n_heads}, queries {t0}+{n_q}) "
-                         f"is not within q {tuple(q.shape)} on whole kv groups of {group} heads")
-    if variant not in ("mma", "wgmma"):
-        raise ValueError(f"topk_range_launch: variant must be 'mma' or 'wgmma', got {variant!r}")
-    tier = topk_list_tier(top_k, causal)
-    mode = "causal" if causal else "full"
-    row = (batch_index * seqlen + t0) * heads + h0  # the part's first (query, head) row
-    q_ptr = q.data_ptr() + row * dim * q.element_size()
-    out_ptr = out.data_ptr() + row * top_k * out.element_size()
-    cen = (batch_index * kv_heads + h0 // group) * n_blocks * dim * hi.element_size()
-    args = (q_ptr, hi.data_ptr() + cen, lo.data_ptr() + cen, out_ptr, i32(n_q), i32(heads), i32(kv_heads),
-            i32(block_size), i32(n_blocks), i32(top_k), i32(t0), i32(0))
-    if variant == "wgmma":
-        name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        return Launch(WGMMA_SOURCE, name, (math.ceil(n_q / WG_BM), n_heads, 1), (WG_THREADS, 1, 1), args,
-                      shared_mem=wgmma_topk_shared_bytes(dim))
-    name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}"
-    return Launch("topk.cu", name, (math.ceil(n_q / TOPK_BM), n_heads, 1), (TOPK_THREADS, 1, 1), args,
-                  shared_mem=topk_shared_bytes(dim, top_k, causal))
-
-
 # ---------------------------------------------------------------------------------------------------
 # running
 
@@ -374,54 +338,3 @@ def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: b
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
     launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks))
-
-
-ROUTE_OVERLAP_ENV = "MOBALAB_ROUTE_OVERLAP"
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def route_overlap() -> bool:
-    """Whether a chunked forward routes each chunk on a side stream (``$MOBALAB_ROUTE_OVERLAP`` "1"; "0" or unset:
-    one routing launch before the chunks)."""
-    value = C.getenv(ROUTE_OVERLAP_ENV)
-    if value not in (None, "0", "1"):
-        raise ValueError(f"${ROUTE_OVERLAP_ENV} must be '0' or '1', got {value!r}")
-    return value == "1"
-
-
-def route_by_chunk(q, k, block_size: int, top_k: int, causal: bool, chunks):
-    """The routing of :func:`topk_cuda_checked` (default variant, no folding), its top-k launched per chunk
-    (objects with batch_index, h0, n_heads, t0, n_q) on a side stream, so that a chunk's routing runs while
-    the current stream works on the chunks before it: the top-k kernels are bound by their row scans'
-    instructions, the attention of a chunk (tiles, merge) by memory. Returns (topk, events): event i is
-    recorded on the side stream after chunk i's routing; the caller's stream waits for it before it reads
-    that chunk's lists."""
-    q = kernel_ready(q)
-    batch, seqlen, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    n_blocks = math.ceil(seqlen / block_size)
-    variant = resolve_router_variant(None, dim, top_k, causal, q.device, n_blocks)
-    if variant not in ("mma", "wgmma"):
-        variant = "mma"
-    hi = torch.empty((batch, kv_heads, n_blocks, dim), dtype=q.dtype, device=q.device)
-    lo = torch.empty_like(hi)
-    cent = torch.empty((batch, n_blocks, kv_heads, dim), dtype=torch.float32, device=q.device)
-    out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32, device=q.device)
-    launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    main = torch.cuda.current_stream(q.device)
-    side = _SIDE_STREAMS.get(q.device.index)
-    if side is None:
-        side = _SIDE_STREAMS[q.device.index] = torch.cuda.Stream(q.device)
-    side.wait_stream(main)
-    events = []
-    with torch.cuda.stream(side):
-        for c in chunks:
-            launch(topk_range_launch(q, hi, lo, out, block_size, top_k, causal, variant, batch_index=c.batch_index,
-                                     h0=c.h0, n_heads=c.n_heads, t0=c.t0, n_q=c.n_q))
-            ev = torch.cuda.Event()
-            ev.record(side)
-            events.append(ev)
-    # the side stream's tensors: freed by the caller only after its stream waited for every event
-    for t in (q, hi, lo, out):
-        t.record_stream(side)
-    return out, events
