@@ -200,37 +200,14 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #endif
 }
 
-// The dQ warpgroup (atomic dQ modes): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
+// The dQ warpgroup (atomic dQ mode): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
 // 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end), tile ti's in
 // buffer ti % 2 of two with MOBA_BWD_WG_DQ_NEXT.
-// dq_mode 3 (dq_count given) also finishes each row half here: the delta launch set dq_count[off / 64] to the row's
-// pairs + 1, and the thread whose reduction takes it to 1 (its group waited for to completion, the cross-proxy fence,
-// an acquire-release decrement; wg_dq_finish) reads the half row back from L2 and writes it to dq_out in the input
-// type. That spares the backward the cast of the whole accumulator afterwards, a DRAM read of 4 bytes and a write of 2
-// per element (at 512K, batch 2, 16 heads: 8.6 GB + 4.3 GB, ~2.9 ms on an H200), for 1.5 bytes per element more in the
-// kernel (the write of 2 to DRAM, the 8-byte L2 read per half row's finish). A tile's rows are finished once the next
-// tile's reduction is issued (wait_group 1: by then the group is mostly complete), so the hand-back rarely waits.
-// Rows that no reduction finishes (a count the pairs do not match) are cast by the finishing launch after the
-// kernel (moba_bwd_dq_finish), which also checks every count.
-template <typename T>
-__device__ __forceinline__ void wg_dq_finish(const float* dq_acc, int* dq_count, T* dq_out, long long off) {
-  using namespace moba;
-  if (off < 0) return;
-  fence_proxy_async_global();
-  if (atom_add_acq_rel(dq_count + (off >> 6), -1) != 2) return;
-#pragma unroll 4
-  for (int i = 0; i < 64; i += 4) {
-    const float4 v = ld_cg_v4_f32(dq_acc + off + i);
-    *reinterpret_cast<uint2*>(dq_out + off + i) = make_uint2(Elem<T>::pack(v.x, v.y), Elem<T>::pack(v.z, v.w));
-  }
-}
-
-template <typename T>
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
-                                                 int p, int* dq_count, T* dq_out) {
+                                                 int p) {
 #if MOBA_HAS_WGMMA
   using namespace moba;
   static_assert(128 * MOBA_BWD_WG_DQ_REGS + MOBA_BWD_WG_CONSUMERS * MOBA_BWD_WG_CONSUMER_REGS <=
@@ -238,7 +215,6 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
                 "setmaxnreg counts beyond the launch's 384 x 168 registers");
   const int g = p >> 6;
   const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
-  long long prev = -1;  // the previous tile's row, finished after this tile's reduction is issued
   // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
   for (int ti = 0; ti < n_tiles; ++ti) {
     if (ti > 0) bulk_wait_group_read<0>();
@@ -249,14 +225,8 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
     const long long off = s_off[(MOBA_BWD_WG_DQ_NEXT ? (ti & 1) * 2 * MOBA_BWD_ROWS : 0) + p];
     if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
     bulk_commit_group();
-    if (dq_count != nullptr) {
-      bulk_wait_group<1>();
-      wg_dq_finish(dq_acc, dq_count, dq_out, prev);
-      prev = off;
-    }
   }
   bulk_wait_group<0>();
-  if (dq_count != nullptr) wg_dq_finish(dq_acc, dq_count, dq_out, prev);
 #endif
 }
 
@@ -266,8 +236,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
                                           const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
                                           float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                           int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
-                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode,
-                                          int* dq_count, void* dq_out) {
+                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 128, "the wgmma backward has head dim 128");
 #if MOBA_HAS_WGMMA
   using namespace moba;
@@ -303,12 +272,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   if (!w.ok) return;
   if (wg == 2) {
     setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
-    if (dq_mode == 0 || dq_mode == 3)
-      wg_dq_reductions(dq_acc, sDQ, s_dq_off, w.n_tiles, wt, dq_mode == 3 ? dq_count : nullptr,
-                       static_cast<T*>(dq_out));
+    if (dq_mode == 0) wg_dq_reductions(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
     return;
   }
-  if (dq_mode == 3) dq_mode = 0;  // the computing warpgroups stage the rows as in mode 0
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
