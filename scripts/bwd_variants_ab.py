@@ -11,16 +11,12 @@ largest gradient (the order of float additions differs, so not zero). Useful FLO
 
 A variant may carry build options of its module (cuda/attention_bwd.cu; "wgmma": attention_bwd_wgmma.cu) after a
 ``+``: ``block+MOBA_BWD_DQ_UNROLL=2`` runs "block" with every backward launch compiled with ``-DMOBA_BWD_DQ_UNROLL=2``
-(its own module), for measuring a kernel change against the default build in one process; and the atomic dQ's
-finishing after a ``/``: ``wgmma/cast`` casts the accumulator after the kernels, ``wgmma/kernel`` has the main kernel
-write each row (``$MOBALAB_BWD_DQ_FINISH`` for that arm's calls).
+(its own module), for measuring a kernel change against the default build in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 import torch
@@ -37,34 +33,15 @@ POINTS = {"8K": (8 * K, 128, 2), "16K": (16 * K, 128, 2), "64K": (64 * K, 128, 2
           "8K-d64": (8 * K, 64, 2), "512K": (512 * K, 128, 1)}
 
 
-def parse_variant(text: str) -> tuple[str, tuple[str, ...], str | None]:
-    """``"wgmma/cast+MOBA_X=2+MOBA_Y=1"`` -> ("wgmma", ("MOBA_X=2", "MOBA_Y=1"), "cast"): a backward variant, build
-    options and the dQ finishing (None: the default)."""
-    head, *defines = text.split("+")
-    name, _, finish = head.partition("/")
-    if finish and finish not in ("kernel", "cast"):
-        raise argparse.ArgumentTypeError(f"variant {text!r}: dQ finishing {finish!r} is not 'kernel' or 'cast'")
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``"block+MOBA_X=2+MOBA_Y=1"`` -> ("block", ("MOBA_X=2", "MOBA_Y=1")): a backward variant and build options."""
+    name, *defines = text.split("+")
     if name not in BWD_VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {name!r} is not one of {', '.join(BWD_VARIANTS)}")
     for d in defines:
         if not is_build_define(d):
             raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
-    return name, tuple(defines), finish or None
-
-
-@contextlib.contextmanager
-def dq_finishing(finish: str | None):
-    """$MOBALAB_BWD_DQ_FINISH set to ``finish`` for the calls inside (None: left as it is)."""
-    old = os.environ.get(CB.DQ_FINISH_ENV)
-    if finish is not None:
-        os.environ[CB.DQ_FINISH_ENV] = finish
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(CB.DQ_FINISH_ENV, None)
-        else:
-            os.environ[CB.DQ_FINISH_ENV] = old
+    return name, tuple(defines)
 
 
 def variant_source(name: str) -> str:
@@ -81,8 +58,8 @@ def run_point(seqlen: int, dim: int, batch: int, variants: list[str], rounds: in
     out, lse = moba_attention_cuda(q, k, v, 128, 8, True, return_lse=True, topk_indices=topk)
 
     def call(variant):
-        name, defines, finish = parse_variant(variant)
-        with extra_defines(CB, variant_source(name), defines), dq_finishing(finish):
+        name, defines = parse_variant(variant)
+        with extra_defines(CB, variant_source(name), defines):
             return moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, 128, 8, True, dim ** -0.5,
                                                 variant=name)
 

@@ -1,11 +1,6 @@
 """scripts/bwd_variants_ab.py on the CPU: its points, variants and refusals (the timing needs a GPU)."""
 
-import argparse
-import os
-
 import pytest
-
-from mobalab.kernels import _cuda_backward as CB
 
 SCRIPT_NAME = "bwd_variants_ab"  # the conftest's `script` fixture loads it
 
@@ -41,22 +36,7 @@ def test_without_a_gpu_it_says_so(ab, capsys, monkeypatch):
 def test_variants_carry_build_options(ab):
     """``block+MOBA_BWD_DQ_UNROLL=2``: the "block" variant with that define added to every backward launch
     (mobalab.bench._interleaved.extra_defines, tested in test_interleaved.py)."""
-    assert ab.parse_variant("tile") == ("tile", (), None)
+    assert ab.parse_variant("tile") == ("tile", ())
     assert ab.variant_source("wgmma") == "attention_bwd_wgmma.cu"
     assert ab.variant_source("block") == ab.variant_source("tile") == "attention_bwd.cu"
-    assert ab.parse_variant("block+MOBA_BWD_DQ_UNROLL=2+MOBA_X=-1") == ("block", ("MOBA_BWD_DQ_UNROLL=2", "MOBA_X=-1"),
-                                                                        None)
-
-
-def test_variants_carry_the_dq_finishing(ab, monkeypatch):
-    """``wgmma/cast``: the atomic dQ cast after the kernels for that arm ($MOBALAB_BWD_DQ_FINISH inside its calls)."""
-    assert ab.parse_variant("wgmma/cast+MOBA_X=1") == ("wgmma", ("MOBA_X=1",), "cast")
-    assert ab.parse_variant("wgmma/kernel") == ("wgmma", (), "kernel")
-    with pytest.raises(argparse.ArgumentTypeError, match="dQ finishing 'never'"):
-        ab.parse_variant("wgmma/never")
-    monkeypatch.setenv(CB.DQ_FINISH_ENV, "kernel")
-    with ab.dq_finishing("cast"):
-        assert os.environ[CB.DQ_FINISH_ENV] == "cast"
-    assert os.environ[CB.DQ_FINISH_ENV] == "kernel"
-    with ab.dq_finishing(None):
-        assert os.environ[CB.DQ_FINISH_ENV] == "kernel"
+    assert ab.parse_variant("block+MOBA_BWD_DQ_UNROLL=2+MOBA_X=-1") == ("block", ("MOBA_BWD_DQ_UNROLL=2", "MOBA_X=-1"))

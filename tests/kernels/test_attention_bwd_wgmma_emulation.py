@@ -108,16 +108,14 @@ def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
     return [torch.randn(batch, seqlen, h, DIM, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads, heads)]
 
 
-def _check_launched(launched, dtype, deterministic, finish=True):
+def _check_launched(launched, dtype, deterministic):
     """The wgmma main kernel ran (no mma.sync one), in the segments' longest-first order (pairs.cu), with the slot
-    merge exactly in the deterministic mode, and in the atomic mode dQ finished by the kernel (dq_mode 3: the
-    finishing launch after it) unless ``finish`` is False."""
+    merge exactly in the deterministic mode."""
     tag = "bf16" if dtype == torch.bfloat16 else "f16"
     assert f"moba_bwd_wg_{tag}_d{DIM}" in launched
     assert not any(n.startswith((f"moba_bwd_{tag}_d", f"moba_bwd_blk_{tag}_d")) for n in launched), launched
     assert "moba_pairs_longest_first" in launched
     assert any(n.startswith("moba_bwd_dq_merge") for n in launched) == deterministic
-    assert (f"moba_bwd_dq_finish_{tag}" in launched) == (finish and not deterministic), launched
 
 
 CASES = [
@@ -127,7 +125,6 @@ CASES = [
     (torch.bfloat16, 128, True, 100, 3, 2, 1, True),    # N < B, k >= n blocks, deterministic dQ (slot partials)
     (torch.float16, 128, False, 260, 2, 4, 1, False),   # GQA 4: rows of four query heads in a tile; 4-key last block
     (torch.bfloat16, 256, True, 300, 2, 1, 1, False),   # causal B 256: a sub-tile's keys past the row's own masked
-    (torch.float16, 64 * 2, True, 200, 3, 2, 2, False),  # k >= the first rows' blocks: their counts below k
 ]
 
 
@@ -184,53 +181,3 @@ def test_emulated_wgmma_chunks_that_split_the_query_range(emulated_backward):
     grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, budget=budget)
     _check_launched(launched, dtype, False)
     check_grads(grads, q, k, v, dout, topk, block, causal, "chunked")
-
-
-@pytest.mark.parametrize("mode", ["cast", "kernel"])
-def test_emulated_wgmma_dq_finish_modes(emulated_backward, monkeypatch, mode):
-    """$MOBALAB_BWD_DQ_FINISH: the atomic dQ cast after the kernels ("cast") or finished by the main kernel row by row
-    as its last pair lands ("kernel", the default: the finishing launch after it); both within the criterion."""
-    monkeypatch.setenv(CB.DQ_FINISH_ENV, mode)
-    case = CASES[0]
-    dtype, block, causal, seqlen, top_k, heads, kv_heads, _ = case
-    q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dtype, seed=11)
-    topk = reference.moba_topk(q, k, block, top_k, causal=causal)
-    out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
-    grads, launched = emulated_backward(dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal)
-    _check_launched(launched, dtype, False, finish=mode == "kernel")
-    check_grads(grads, q, k, v, dout, topk, block, causal, f"finish {mode}")
-
-
-def test_emulated_dq_finish_counts_and_fallback(harness, tmp_path):
-    """The launches around dq_mode 3 on their own: the delta launch sets both half rows' counts to the row's selected
-    slots + 1 and writes a zero dQ row where none is selected (nothing else); the finishing launch casts exactly the
-    half rows whose count is not 1 (a count the pairs did not match), leaving those the main kernel wrote."""
-    run = launcher(harness, tmp_path, _SOURCES)
-    seqlen, heads, top_k = 3, 2, 3
-    g = torch.Generator().manual_seed(5)
-    out, dout = (torch.randn(1, seqlen, heads, DIM, generator=g).to(torch.bfloat16) for _ in range(2))
-    topk = torch.tensor([[[-1, -1, -1], [0, -1, -1]], [[1, 0, -1], [-1, -1, -1]], [[2, 1, 0], [2, -1, 0]]],
-                        dtype=torch.int32).view(1, seqlen, heads, top_k)
-    n_rows = seqlen * heads
-    count = torch.full((2 * n_rows,), 2**30, dtype=torch.int32)
-    dq = torch.full((1, seqlen, heads, DIM), float("nan"), dtype=torch.bfloat16)
-    acc = torch.full((1, seqlen, heads, DIM), float("nan"))
-    delta = torch.empty(n_rows)
-    name = CB.bwd_kernel_names(torch.bfloat16, DIM)[0]
-    run(CB.delta_launch(name, out, dout, delta, n_rows, acc, topk=topk, top_k=CB.i32(top_k), dq_count=count,
-                        dq_out=dq))
-    selected = (topk >= 0).sum(-1).view(-1)
-    assert torch.equal(count, (selected + 1).repeat_interleave(2).to(torch.int32))
-    assert torch.equal(acc, torch.zeros_like(acc))
-    rows = dq.view(n_rows, DIM)
-    assert torch.equal(rows[selected == 0], torch.zeros(2, DIM, dtype=torch.bfloat16))
-    assert rows[selected > 0].isnan().all()
-
-    acc = torch.randn(1, seqlen, heads, DIM, generator=g)
-    count = torch.tensor([1, 0, 2, 1, 5, 1, 1, -3, 1, 1, 2, 2], dtype=torch.int32)
-    dq = torch.full((1, seqlen, heads, DIM), float("nan"), dtype=torch.bfloat16)
-    run(CB.dq_finish_launch(acc, count, dq))
-    halves, want = dq.view(-1, 64), acc.view(-1, 64).to(torch.bfloat16)
-    cast = count != 1
-    assert torch.equal(halves[cast], want[cast])
-    assert halves[~cast].isnan().all()

@@ -43,10 +43,7 @@ def test_every_backward_kernel_is_in_the_source():
         for dim in G.BLOCK_HEAD_DIMS:
             assert set(G.bwd_kernel_names(dtype, dim, "block")) <= set(sigs)
     assert "moba_bwd_rows" in sigs
-    finish = {G.dq_finish_launch(torch.empty(64), torch.empty(1, dtype=torch.int32),
-                                 torch.empty(64, dtype=dtype)).kernel for dtype in C.CUDA_DTYPES}
-    assert finish <= set(sigs) and len(finish) == len(C.CUDA_DTYPES)
-    assert len(sigs) == (3 * len(C.CUDA_HEAD_DIMS) + len(G.BLOCK_HEAD_DIMS) + 1) * len(C.CUDA_DTYPES) + 1
+    assert len(sigs) == (3 * len(C.CUDA_HEAD_DIMS) + len(G.BLOCK_HEAD_DIMS)) * len(C.CUDA_DTYPES) + 1
     # the variant's geometry is the kernel's
     text = source(G.SOURCE)
     assert f"#define MOBA_BWD_BLOCK_KEYS {G.BLOCK_KEYS}" in text
@@ -75,13 +72,6 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
                                       n_sub_launch=1, dq_mode=1 if sub == 0 else 2, **common))
         plans.append(G.dq_merge_launch(merge_name, f32, i32, q, seqlen=seqlen, heads=heads, top_k=top_k,
                                        n_blocks=n_blocks, chunk=chunk))
-    elif G.dq_finish_in_kernel(variant, dim):  # dq_mode 3: counts from the delta launch, a finishing launch after
-        plans[0] = G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads, f32, topk=i32, top_k=G.i32(top_k),
-                                  dq_count=i32, dq_out=q)
-        plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=0,
-                                  n_sub_launch=G.n_key_subtiles(block, variant), dq_mode=3, dq_count=i32, dq_out=q,
-                                  **common))
-        plans.append(G.dq_finish_launch(f32, i32, q))
     else:
         plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=0,
                                   n_sub_launch=G.n_key_subtiles(block, variant), dq_mode=0, **common))
@@ -385,22 +375,3 @@ def test_longest_first_where_it_measured_faster():
     assert G.orders_longest_first("block", 1024, 132) and G.orders_longest_first("block", 16 * 132, 132)
     assert not G.orders_longest_first("block", 16 * 132 + 1, 132)
     assert not G.orders_longest_first("tile", 100, 132)
-
-
-def test_dq_is_finished_in_the_kernel_by_the_wgmma_kernel_only(monkeypatch):
-    """dq_mode 3 (the atomic dQ written row by row by the main kernel) is the wgmma kernel's default; the other
-    variants, or $MOBALAB_BWD_DQ_FINISH=cast, cast the accumulator afterwards; a bad value or mode is refused."""
-    monkeypatch.delenv(G.DQ_FINISH_ENV, raising=False)
-    assert G.dq_finish_in_kernel("wgmma", 128)
-    assert not any(G.dq_finish_in_kernel(v, 128) for v in ("tile", "block"))
-    monkeypatch.setenv(G.DQ_FINISH_ENV, "cast")
-    assert not G.dq_finish_in_kernel("wgmma", 128)
-    monkeypatch.setenv(G.DQ_FINISH_ENV, "later")
-    with pytest.raises(ValueError, match=r"dQ finishing must be one of \('kernel', 'cast'\).*got 'later'"):
-        G.dq_finish_in_kernel("wgmma", 128)
-    q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
-    chunk = G.bwd_plan(1, 4, 2, 2, 128, 1, False)[0]
-    with pytest.raises(ValueError, match="dq_mode 3 is the wgmma kernel's, got variant 'block'"):
-        G.bwd_launch("moba_bwd_blk_bf16_d128", *([q] * 13), seqlen=4, heads=2, kv_heads=2, block_size=128,
-                     n_blocks=1, chunk=chunk, n_seg=2, causal=True, scale=0.1, sub0=0, n_sub_launch=1, dq_mode=3,
-                     dkv_mode=0, smem=0, variant="block")

@@ -256,16 +256,13 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 
 
 def delta_launch(name, out, dout, delta, n_rows, zero_rows=0, *, lse=0, dlse=0, stats=0, seqlen=0,
-                 heads=0, topk=0, top_k=0, dq_count=0, dq_out=0) -> Launch:
+                 heads=0) -> Launch:
     """D = rowsum(dO * O) - dlse per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query,
     head), or 0 for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own; ``stats`` (fp32
     (batch, heads, seqlen, 2), or 0 for none) gets each row's (lse log2(e), D) for the row records, from ``lse``
-    (batch, seqlen, heads). ``dq_count`` (int32, two per row, or 0 for none): the dQ finishing counts of dq_mode 3,
-    each row's selected slots in ``topk`` (int32 (batch, seqlen, heads, top_k)) plus one, and a row without any
-    gets its zero dQ in ``dq_out`` (q's dtype) here."""
+    (batch, seqlen, heads)."""
     return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
-                  (out, dout, delta, zero_rows, i64(n_rows), lse, dlse, stats, i32(seqlen), i32(heads), topk,
-                   i32(top_k), dq_count, dq_out))
+                  (out, dout, delta, zero_rows, i64(n_rows), lse, dlse, stats, i32(seqlen), i32(heads)))
 
 
 def rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
@@ -281,19 +278,15 @@ def rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, *, seqlen, heads, t
 
 def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, *, seqlen,
                heads, kv_heads, block_size, n_blocks, chunk: A.Chunk, n_seg, causal, scale, sub0, n_sub_launch,
-               dq_mode, dkv_mode, smem, variant="tile", seg_order=None, dq_count=0, dq_out=0) -> Launch:
+               dq_mode, dkv_mode, smem, variant="tile", seg_order=None) -> Launch:
     """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch, the
-    segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order). ``dq_mode`` 0: dQ added into the
-    fp32 ``dq_acc``; 1 / 2: the deterministic slot partials (store, add); 3 (the wgmma kernel only): as 0, and each dQ
-    half row written to ``dq_out`` in q's dtype once ``dq_count`` (:func:`delta_launch`) says its last pair landed."""
-    if dq_mode == 3 and variant != "wgmma":
-        raise ValueError(f"bwd_launch: dq_mode 3 is the wgmma kernel's, got variant {variant!r}")
+    segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order)."""
     order = 0 if seg_order is None else seg_order  # a null pointer: the segments' own order
     args = (q, k, v, dout, rows, pairs, seg_off, order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, i32(seqlen),
             i32(heads), i32(kv_heads), i32(block_size), i32(n_blocks),
             i32(chunk.batch_index), i32(chunk.h0), i32(n_seg), i32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), i32(sub0), i32(n_sub_launch),
-            i32(dq_mode), i32(dkv_mode), dq_count, dq_out)
+            i32(dq_mode), i32(dkv_mode))
     return Launch(WGMMA_SOURCE if variant == "wgmma" else SOURCE, name, (n_seg * n_sub_launch,),
                   (bwd_threads(q.shape[-1], variant),), args, shared_mem=smem)
 
@@ -333,25 +326,6 @@ def dq_merge_launch(name, part_dq, topk, dq, *, seqlen, heads, top_k, n_blocks, 
             i32(chunk.n_q))
     warps = chunk.n_heads * chunk.n_q
     return Launch(SOURCE, name, (math.ceil(warps / (ROW_THREADS // 32)),), (ROW_THREADS,), args)
-
-
-def dq_finish_launch(dq_acc, dq_count, dq) -> Launch:
-    """dq_mode 3's last launch: every dQ half row (64 columns) whose count the main kernels did not take to 1 cast
-    from ``dq_acc`` into ``dq``; one thread per half row."""
-    n_halves = dq_acc.numel() // 64
-    name = f"moba_bwd_dq_finish_{C.dtype_tag(dq.dtype, SOURCE)}"
-    return Launch(SOURCE, name, (math.ceil(n_halves / ROW_THREADS),), (ROW_THREADS,), (dq_acc, dq_count, dq,
-                                                                                       i64(n_halves)))
-
-
-DQ_FINISH_ENV = "MOBALAB_BWD_DQ_FINISH"
-
-
-def dq_finish_in_kernel(variant: str, head_dim: int) -> bool:
-    """Whether the atomic dQ of a backward is finished by its main kernel (dq_mode 3: the wgmma kernel, head dim a
-    multiple of 64) rather than cast afterwards; ``$MOBALAB_BWD_DQ_FINISH`` "kernel" (default) or "cast"."""
-    mode = C.choice_or_env("dQ finishing", None, ("kernel", "cast"), DQ_FINISH_ENV, "kernel")
-    return mode == "kernel" and variant == "wgmma" and head_dim % 64 == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,9 +430,8 @@ def backward_delta(out, dout, dlse=None):
         return _delta(out, dout, dlse)[0].view(out.shape[:3])
 
 
-def _delta(out, dout, dlse, zero_rows=0, lse=None, finish=None):
-    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None); ``finish``
-    (topk, top_k, dq_count, dq): dq_mode 3's counts set (:func:`delta_launch`)."""
+def _delta(out, dout, dlse, zero_rows=0, lse=None):
+    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None)."""
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
     batch, seqlen, heads = out.shape[:3]
     n_rows = batch * seqlen * heads
@@ -467,8 +440,7 @@ def _delta(out, dout, dlse, zero_rows=0, lse=None, finish=None):
     dlse = 0 if dlse is None else dlse.float().contiguous()
     launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows,
                         lse=0 if lse is None else lse, dlse=dlse, stats=0 if stats is None else stats, seqlen=seqlen,
-                        heads=heads, **({} if finish is None else dict(zip(("topk", "top_k", "dq_count", "dq_out"),
-                                                                          finish, strict=True)))))
+                        heads=heads))
     return delta, stats
 
 
@@ -495,14 +467,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
         if into is None and not deterministic and delta is None else None
-    # dq_mode 3: the main kernel writes each dQ row once its last pair has landed, counted from the delta launch
-    finish = None
-    if dq_zero is not None and dq_finish_in_kernel(variant, dim):
-        finish = (topk, i32(top_k), torch.empty(q.shape[:3].numel() * (dim // 64), dtype=torch.int32, device=device),
-                  torch.empty_like(q))
     # the row records take D from the stats only
     if delta is None:
-        _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse, finish=finish)
+        _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
     else:
         stats = row_stats(lse, delta.contiguous())
 
@@ -585,14 +552,10 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
                                    n_blocks=n_blocks, chunk=c))
         else:
             launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,
-                              dv_acc, sub0=0, n_sub_launch=n_sub, dq_mode=0 if finish is None else 3,
-                              **({} if finish is None else dict(dq_count=finish[2], dq_out=finish[3])), **common))
+                              dv_acc, sub0=0, n_sub_launch=n_sub, dq_mode=0, **common))
     if into is not None:
         return into
-    if finish is not None:
-        dq = finish[3]
-        launch(dq_finish_launch(dq_acc, finish[2], dq))
-    elif not deterministic:
+    if not deterministic:
         dq = dq_acc.to(q.dtype)
     if split:
         dk.copy_(dk_acc)

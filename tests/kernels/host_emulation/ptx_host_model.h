@@ -127,15 +127,6 @@ template <int N>
 inline void bulk_wait_group() {
     dec_bulk_wait_n(N);
 }
-// the hand-over of bulk-reduced rows: the CTAs run one after another, so plain reads and adds (the adds of a group
-// land when its thread waits for it)
-inline void fence_proxy_async_global() {}
-inline int atom_add_acq_rel(int* p, int v) {
-    const int old = *p;
-    *p = old + v;
-    return old;
-}
-inline float4 ld_cg_v4_f32(const float* p) { return float4{p[0], p[1], p[2], p[3]}; }
 inline unsigned smem_u32(const void* p) {
     return emu::kSmemBase + static_cast<unsigned>(static_cast<const unsigned char*>(p) - emu::dynamic_smem());
 }

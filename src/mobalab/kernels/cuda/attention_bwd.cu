@@ -9,7 +9,6 @@
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
-//   moba_bwd_dq_finish_<dtype>       dq_mode 3: the dQ half rows the main kernel did not finish, cast
 //   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list, from the
 //                                    delta kernel's head-major (lse2, D)
 // The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
@@ -20,22 +19,10 @@
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(const void* out, const void* dout, float* delta,             \
                                                          float* zero_rows, long long n_rows, const float* lse,         \
-                                                         const float* dlse, void* stats, int seqlen, int heads,        \
-                                                         const int* topk, int top_k, int* dq_count, void* dq_out) {   \
+                                                         const float* dlse, void* stats, int seqlen, int heads) {     \
     moba_bwd::delta_rows<T, D>(out, dout, delta, zero_rows, n_rows, lse, dlse,                                        \
-                               static_cast<moba_bwd::RowStat*>(stats), seqlen, heads, topk, top_k, dq_count,          \
-                               static_cast<T*>(dq_out));                                                              \
+                               static_cast<moba_bwd::RowStat*>(stats), seqlen, heads);                                \
   }
-
-// dq_mode 3's finishing launch (one thread per 64-column half row of dQ): the halves whose count the main kernels did
-// not take to 1 are cast from the accumulator (attention_bwd_wgmma.cuh, wg_dq_finish).
-#define MOBA_BWD_DQ_FINISH_KERNEL(NAME, T)                                                                            \
-  extern "C" __global__ void __launch_bounds__(256) NAME(const float* dq_acc, const int* dq_count, void* dq_out,     \
-                                                         long long n_halves) {                                        \
-    moba_bwd::dq_finish_rows<T>(dq_acc, dq_count, static_cast<T*>(dq_out), n_halves);                                \
-  }
-MOBA_BWD_DQ_FINISH_KERNEL(moba_bwd_dq_finish_bf16, __nv_bfloat16)
-MOBA_BWD_DQ_FINISH_KERNEL(moba_bwd_dq_finish_f16,  __half)
 
 #if MOBA_HAS_HEAD_DIM(32)
 MOBA_BWD_DELTA_KERNEL(moba_bwd_delta_bf16_d32,  __nv_bfloat16, 32)

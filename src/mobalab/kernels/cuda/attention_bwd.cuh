@@ -89,8 +89,7 @@ struct RowStat {
 template <typename T, int D>
 __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, float* zero_rows,
                                            long long n_rows, const float* lse, const float* dlse, RowStat* stats,
-                                           int seqlen, int heads, const int* topk, int top_k, int* dq_count,
-                                           T* dq_out) {
+                                           int seqlen, int heads) {
   constexpr int V = moba::kRowLaneElems<D>;
   const int lane = threadIdx.x & 31;
   const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -107,16 +106,6 @@ __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, 
 #pragma unroll
       for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(z + e) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-  }
-  // dq_mode 3 (the wgmma kernel finishes each dQ half row when its last pair's reduction lands): both halves' counts
-  // set to the row's pairs, its selected slots (>= 0) of topk, plus one; a row without pairs gets its zero dQ here
-  if (dq_count != nullptr) {
-    unsigned n = 0;
-    for (int s0 = 0; s0 < top_k; s0 += 32)
-      n += __popc(__ballot_sync(0xffffffffu, s0 + lane < top_k && topk[w * top_k + s0 + lane] >= 0));
-    if (lane < 2) dq_count[2 * w + lane] = (int)n + 1;
-    if (n == 0)
-      for (int e = lane; e < D; e += 32) dq_out[w * D + e] = moba::Elem<T>::from_float(0.f);
   }
   float acc = 0.f;
   if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
@@ -154,19 +143,6 @@ __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, 
       const long long b = bt / seqlen, t = bt - b * seqlen;
       stats[(b * heads + h) * seqlen + t] = RowStat{lse[w] * 1.4426950408889634f, acc};
     }
-  }
-}
-
-// dq_mode 3's finishing launch: half row r of dQ (64 columns) cast from the accumulator unless the main kernel took its
-// count to 1 and wrote it (a count the pairs did not match: above 1, no finish; below, a finish before the last add).
-template <typename T>
-__device__ __forceinline__ void dq_finish_rows(const float* dq_acc, const int* dq_count, T* dq_out, long long n_halves) {
-  const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= n_halves || dq_count[r] == 1) return;
-  for (int i = 0; i < 64; i += 4) {
-    const float4 v = *reinterpret_cast<const float4*>(dq_acc + 64 * r + i);
-    *reinterpret_cast<uint2*>(dq_out + 64 * r + i) =
-        make_uint2(moba::Elem<T>::pack(v.x, v.y), moba::Elem<T>::pack(v.z, v.w));
   }
 }
 
@@ -458,10 +434,7 @@ __device__ __forceinline__ void bwd_tile(const void* q_, const void* k_, const v
                                          const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
                                          float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads,
                                          int block_size, int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
-                                         float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode,
-                                         int* dq_count, void* dq_out) {
-  (void)dq_count;  // dq_mode 3 (dQ rows finished in the kernel) is the wgmma kernel's
-  (void)dq_out;
+                                         float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, "head dim");
   constexpr int SPLIT = kBwdSplit<D>;      // warps per 16 keys
   constexpr int NTHREADS = kBwdThreads<D>;
@@ -746,11 +719,10 @@ __device__ __forceinline__ void dq_merge(const float* part_dq, const int* topk, 
       const long long* seg_off, const int* seg_order, float* dq_acc, float* part_dq, void* dk, void* dv,             \
       float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size, int n_blocks,               \
       int batch_index, int h0, int n_seg, int causal, float scale, float scale_log2, int sub0, int n_sub_launch,     \
-      int dq_mode, int dkv_mode, int* dq_count, void* dq_out) {                                                       \
+      int dq_mode, int dkv_mode) {                                                                                    \
     moba_bwd::BODY<T, D>(q, k, v, dout, static_cast<const moba_bwd::RowInfo*>(rows), pairs, seg_off, seg_order,       \
                          dq_acc, part_dq, dk, dv, dk_acc, dv_acc, seqlen, heads, kv_heads, block_size, n_blocks,      \
-                         batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode,    \
-                         dq_count, dq_out);                                                                           \
+                         batch_index, h0, n_seg, causal, scale, scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);   \
   }
 
 #endif  // MOBALAB_ATTENTION_BWD_CUH

@@ -42,10 +42,7 @@ __device__ __forceinline__ void bwd_block(const void* q_, const void* k_, const 
                                           const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
                                           float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                           int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
-                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode,
-                                          int* dq_count, void* dq_out) {
-  (void)dq_count;  // dq_mode 3 (dQ rows finished in the kernel) is the wgmma kernel's
-  (void)dq_out;
+                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 64 || D == 128, "the block backward has head dims 64 and 128");
   constexpr int NTHREADS = MOBA_BWD_BLOCK_THREADS;
   constexpr int KEYS = MOBA_BWD_BLOCK_KEYS;

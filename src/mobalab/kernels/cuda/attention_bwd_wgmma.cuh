@@ -200,38 +200,12 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 #endif
 }
 
-// The dQ warpgroup (atomic dQ modes): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
+// The dQ warpgroup (atomic dQ mode): thread p adds row p % 64 of warpgroup p / 64's staged dQ rows (64 fp32 columns,
 // 256 bytes) to its dQ accumulator row by one bulk reduction, tile after tile, so that the computing warpgroups
 // issue no reduction instruction. A tile's rows are handed over by the two "full" barriers (the computing warpgroup
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end), tile ti's in
 // buffer ti % 2 of two with MOBA_BWD_WG_DQ_NEXT.
-// dq_mode 3 (dq_count given) also finishes each half row in the kernel: the delta launch set dq_count[off / 64] to
-// the row's pairs + 1, and the thread whose decrement takes it to 1 reads the half row back from L2 and writes it to
-// dq_out in the input type (wg_dq_finish). That spares the backward the cast of the whole accumulator afterwards, a
-// DRAM read of 4 bytes and a write of 2 per element (at 512K, batch 2, 16 heads: 8.6 GB + 4.3 GB, ~2.9 ms on an
-// H200), for the 2-byte write here and an L2 read per finished half row. The roles split (wg_dq_split): threads 0-63
-// reduce (two half rows a tile: row p of both warpgroups' staging) and hand the staging back as above; once a tile's
-// reductions have completed (wait_group 1, a tile later) they hand its offsets to threads 64-127 through s_fin (two
-// named barriers: X offsets written, Y offsets read), which decrement the counts (an acquire-release atomic: a full
-// memory barrier of the executing thread) and finish the half rows that reach 1. (With every thread doing both, the
-// barrier waited for the thread's reductions in flight each tile, and the hand-back with it: 0.64x at 64K on an H100.)
-// Rows that no decrement finishes (a count the pairs do not match) are cast by a launch after the kernel
-// (moba_bwd_dq_finish), which checks every count.
-#define MOBA_BWD_WG_FIN_X 9   // named barrier: a tile's completed offsets in s_fin
-#define MOBA_BWD_WG_FIN_Y 10  // named barrier: s_fin read, free for the next tile's
-template <typename T>
-__device__ __forceinline__ void wg_dq_finish(const float* dq_acc, int* dq_count, T* dq_out, long long off) {
-  using namespace moba;
-  if (off < 0) return;
-  if (atom_add_acq_rel(dq_count + (off >> 6), -1) != 2) return;
-#pragma unroll 4
-  for (int i = 0; i < 64; i += 4) {
-    const float4 v = ld_cg_v4_f32(dq_acc + off + i);
-    *reinterpret_cast<uint2*>(dq_out + off + i) = make_uint2(Elem<T>::pack(v.x, v.y), Elem<T>::pack(v.z, v.w));
-  }
-}
-
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
                                                  int p) {
 #if MOBA_HAS_WGMMA
@@ -256,64 +230,13 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
 #endif
 }
 
-template <typename T>
-__device__ __forceinline__ void wg_dq_split(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles, int p,
-                                            int* dq_count, T* dq_out, long long* s_fin) {
-#if MOBA_HAS_WGMMA
-  using namespace moba;
-  constexpr int BAR = 128 + 64;  // a computing warpgroup and the 64 reducing threads
-  if (p < 64) {
-    const unsigned src = sDQ + p * MOBA_BWD_WG_DQ_PITCH;  // row p of warpgroup 0's staging; + ROWS rows: 1's
-    long long prev0 = -1, prev1 = -1;
-    auto hand = [&]() {  // the completed tile's offsets to the finishing threads
-      bar_sync(MOBA_BWD_WG_FIN_Y, 128);
-      s_fin[p] = prev0;
-      s_fin[64 + p] = prev1;
-      fence_proxy_async_global();  // the copy engine's adds, then the finishing threads' loads
-      bar_arrive(MOBA_BWD_WG_FIN_X, 128);
-    };
-    for (int ti = 0; ti < n_tiles; ++ti) {
-      if (ti > 0) bulk_wait_group_read<0>();
-      bar_arrive(MOBA_BWD_WG_DQ_EMPTY, BAR);
-      bar_arrive(MOBA_BWD_WG_DQ_EMPTY + 1, BAR);
-      bar_sync(MOBA_BWD_WG_DQ_FULL, BAR);
-      bar_sync(MOBA_BWD_WG_DQ_FULL + 1, BAR);
-      const long long* so = s_off + (MOBA_BWD_WG_DQ_NEXT ? (ti & 1) * 2 * MOBA_BWD_ROWS : 0);
-      const long long o0 = so[p], o1 = so[MOBA_BWD_ROWS + p];
-      if (o0 >= 0) bulk_reduce_add_f32(dq_acc + o0, src, 64 * 4);
-      if (o1 >= 0) bulk_reduce_add_f32(dq_acc + o1, src + MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH, 64 * 4);
-      bulk_commit_group();
-      if (ti > 0) {
-        bulk_wait_group<1>();
-        hand();
-      }
-      prev0 = o0;
-      prev1 = o1;
-    }
-    bulk_wait_group<0>();
-    if (n_tiles > 0) hand();
-  } else {
-    const int f = p - 64;
-    if (n_tiles > 0) bar_arrive(MOBA_BWD_WG_FIN_Y, 128);  // s_fin starts free
-    for (int ti = 0; ti < n_tiles; ++ti) {
-      bar_sync(MOBA_BWD_WG_FIN_X, 128);
-      const long long a = s_fin[f], b = s_fin[64 + f];
-      if (ti + 1 < n_tiles) bar_arrive(MOBA_BWD_WG_FIN_Y, 128);
-      wg_dq_finish(dq_acc, dq_count, dq_out, a);
-      wg_dq_finish(dq_acc, dq_count, dq_out, b);
-    }
-  }
-#endif
-}
-
 template <typename T, int D>
 __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
                                           const RowInfo* rows, const long long* pairs, const long long* seg_off,
                                           const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
                                           float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                           int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
-                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode,
-                                          int* dq_count, void* dq_out) {
+                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
   static_assert(D == 128, "the wgmma backward has head dim 128");
 #if MOBA_HAS_WGMMA
   using namespace moba;
@@ -338,7 +261,6 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   __shared__ long long s_pair[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * ROWS];  // deterministic modes: a tile's pair indices
   // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup (a tile's written at its end with DQ_NEXT: two)
   __shared__ long long s_dq_off[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * 2 * ROWS];
-  __shared__ long long s_fin[2 * ROWS];  // dq_mode 3: a completed tile's offsets, for the finishing threads
 
   // STEP_DESC: wg through a shuffle from lane 0, so that ptxas knows it is warp-uniform and keeps the shared addresses
   // and descriptors derived from it in uniform registers (as the wgmma forward does)
@@ -351,12 +273,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   if (wg == 2) {
     setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
     if (dq_mode == 0) wg_dq_reductions(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
-    if (dq_mode == 3) wg_dq_split(dq_acc, sDQ, s_dq_off, w.n_tiles, wt, dq_count, static_cast<T*>(dq_out), s_fin);
     return;
   }
-  // the staged rows' hand-over meets the dQ warpgroup's reducing threads: all 128 of it, or 64 in mode 3
-  const int dq_bar = dq_mode == 3 ? 128 + 64 : 256;
-  if (dq_mode == 3) dq_mode = 0;  // the computing warpgroups stage the rows as in mode 0
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
   const int kvh = w.kvh, key0 = w.key0, key_end = w.key_end;
   const long long row_base = w.row_base;
@@ -494,7 +412,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   auto stage_dq = [&](const float (&dq)[32], const RowInfo* info, int count) {
     const int r0 = 16 * w4 + g, r1 = r0 + 8;  // this thread's accumulator rows
     const unsigned sdq = sDQ + wg * DQ_BYTES;
-    bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, dq_bar);  // the copy engine has read the previous tile's rows
+    bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
       const unsigned c = (8 * n + 2 * tq) * 4;
@@ -503,7 +421,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     }
     if (!MOBA_BWD_WG_DQ_NEXT && wt < ROWS) s_dq_off[wg * ROWS + wt] = dq_row_off(info, count);
     fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
-    bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, dq_bar);
+    bar_arrive(MOBA_BWD_WG_DQ_FULL + wg, 256);
   };
 
   // the deterministic modes: a tile's dQ rows stored into or added to their slot partials from the registers

@@ -120,25 +120,6 @@ __device__ __forceinline__ void bulk_wait_group() {
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// What a bulk reduction wrote, handed to threads of other CTAs that read it with ordinary loads: its group waited for
-// to completion (cp.async.bulk.wait_group, not .read), then the cross-proxy fence (the copy engine writes through the
-// async proxy, PTX ISA "Proxies"), then a release (the acquire-release counter below); the reader's acquire, then
-// loads from L2 (ld.global.cg: never a stale L1 line).
-__device__ __forceinline__ void fence_proxy_async_global() {
-  asm volatile("fence.proxy.async.global;\n" ::: "memory");
-}
-__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
-  int old;
-  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-__device__ __forceinline__ float4 ld_cg_v4_f32(const float* p) {
-  float4 v;
-  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p)
-               : "memory");
-  return v;
-}
-
 // Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
