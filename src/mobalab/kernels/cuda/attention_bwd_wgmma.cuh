@@ -51,7 +51,12 @@
 // sixth row-record buffer kept the tile's records) measured equal (main kernel 64K 7.86-7.89 against 7.81-7.82 ms,
 // 512K 64.1-65.6 against 64.6-65.0; backward GPU tests passed) and was not kept. The reductions issued by the dQ
 // warpgroup instead (H200, 2026-12-05): main kernel 1.096x faster at 64K (7.18 against 7.86 ms), 1.085x at 8K,
-// ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept.
+// ~1.06x at 512K. The same warpgroup also gathering Q / dO (mbarrier stages) measured 7.84 ms at 64K: not kept. Nor
+// was it finishing dQ in the kernel (per-row pair counts set by the delta launch, decremented by an acquire-release
+// atomic once a tile's reductions had completed, the last decrement's thread casting the row from L2) in place of the
+// cast after the kernels: 0.64x at 64K on an H100, 0.45x on an H200 with the decrements on 64 threads of their own
+// (2026-12-05): each decrement is a full memory barrier and an L2 round trip, which at 24 registers a thread cannot
+// be kept in flight for several tiles, so they paced the staging's hand-back.
 // The tile loop's serial path, shortened (nvcc 13.0; static instructions of the loop 1520 -> 1327; default build,
 // no spills): MOBA_BWD_WG_DQ_NEXT=2 (a loop of its own) issues a tile's dQ MMAs at the start of the next tile,
 // before its S^T, so neither the dS barrier between the warpgroups nor the dQ MMAs and staging sit between a tile's
