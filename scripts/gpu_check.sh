@@ -23,6 +23,8 @@
 #   bwd-graph    the CUDA-graph GPU test of a step, then the forward+backward benchmark at 64K / 16K / 8K with each
 #                step also replayed from a CUDA graph and issued back to back (mobalab, FA2, cuDNN alike: no host
 #                time | the host ahead as in a training loop; bwd-graph/)
+#   bwd-queued   the forward+backward benchmark at 512K (BWD_QUEUED_SELECT, default 1: the --select index) with each
+#                step also issued back to back on every side (the dense peers' steps take 15-25 s: ~3 min; bwd-queued/)
 #   mc           Monte Carlo throughput        snr    the snr-vs-accuracy experiment, full configuration
 #   decode-ab                the split decode step's variants and build options side by side (scripts/decode_split_ab.py;
 #                            DECODE_AB_POINTS, DECODE_AB_VARIANTS, default the 32-token attention build at eight points;
@@ -195,6 +197,8 @@ for step in "${STEPS[@]}"; do
                  tests/kernels/test_backward_gpu.py -k cuda_graph > "$W/pytest_bwd_graph.log" 2>&1 || status=1
                timeout $(cap 300) python3 -m mobalab.bench.attention --backward --select 0,5,6 --graph --queued \
                  --out "$W/bwd-graph" > "$W/bench_bwd_graph.log" 2>&1 || status=1 ;;
+    bwd-queued) timeout $(cap 420) python3 -m mobalab.bench.attention --backward --select "${BWD_QUEUED_SELECT:-1}" \
+                  --queued --out "$W/bwd-queued" > "$W/bench_bwd_queued.log" 2>&1 || status=1 ;;
     bwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --backward --quick --out "$W/bwd" \
                  > "$W/bench_bwd.log" 2>&1 || status=1 ;;
     mc)  timeout $(cap 120) python3 -m mobalab.bench.monte_carlo --min-seconds 1 --csv "$W/mc_throughput.csv" \
@@ -360,7 +364,7 @@ done
 [ -f "$W/bench_router.log" ] && grep -E "^FAILED" "$W/bench_router.log" | head -n 4
 [ -f "$W/pytest_trained.log" ] && { grep -E "^(FAILED|ERROR)|^E  " "$W/pytest_trained.log" | cut -c1-220 | head -n 12; tail -n 1 "$W/pytest_trained.log"; }
 [ -f "$W/pytest_gpu.log" ] && { grep -E "^(FAILED|ERROR)|^pair lists" "$W/pytest_gpu.log" | cut -c1-220 | head -n 40; grep -E "passed|failed|error" "$W/pytest_gpu.log" | tail -n 2; }
-for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd-graph/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
+for f in "$W"/tiles_ncu_table.md "$W"/tiles_ws_ncu_table.md "$W"/tiles_flash_moba_ncu_table.md "$W"/fwd/*table*.md "$W"/bwd/*table*.md "$W"/bwd-graph/*table*.md "$W"/bwd-queued/*table*.md "$W"/bwd_block/*table*.md "$W"/decode/*table*.md \
          "$W"/decode-ncu/*table*.md "$W"/varlen/*.md "$W"/hf-generate/*.md "$W"/dims/*table*.md "$W"/hf/*.md \
          "$W"/peers/*table*.md "$W"/wgmma/*table*.md "$W"/wgmma-ws/*table*.md "$W"/router/*table*.md; do [ -f "$f" ] && cat "$f"; done
 [ -f "$W/host_profile.log" ] && grep -E "^N |Error" "$W/host_profile.log"
