@@ -49,17 +49,19 @@ def _buffers(n_pairs, n_seg, poison=-7):
 
 
 def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per_unit, with_keys=True,
-           with_tile_cum=True):
+           with_tile_cum=True, tiles="auto"):
     return P.counting_launches(topk, bufs["counts"], bufs["seg_total"], bufs["ticket"], bufs["pairs"],
                                bufs["sorted_keys"] if with_keys else 0, bufs["seg_off"],
                                bufs["tile_cum"] if with_tile_cum else 0, seqlen=seqlen, heads=heads, top_k=top_k,
-                               n_blocks=n_blocks, chunk=chunk, group=group, rows_per_unit=rows_per_unit)
+                               n_blocks=n_blocks, chunk=chunk, group=group, rows_per_unit=rows_per_unit,
+                               tiles=tiles)
 
 
 # ---- plans and arguments (no compiler) ----
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
+                                         "moba_pairs_count_wide", "moba_pairs_scatter_wide",
                                          "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
@@ -76,15 +78,48 @@ def test_pairs_kernels_have_the_planned_signatures():
         assert count.grid == scatter.grid == (P.n_tiles(n_pairs),) and count.block == scatter.block == (256,)
         assert scan.grid == (1,) and scan.block == (P.SCAN_THREADS,) and scan.shared_mem == 0
         assert count.shared_mem == 4 * 6 and scatter.shared_mem == 96 + 24
+    # wide tiles: twice the pairs per CTA, the count on twice the threads, the scan told the tile size
+    count, scan, scatter = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks,
+                                  group=group, rows_per_unit=64, tiles="wide")
+    for p in (count, scan, scatter):
+        check_args(p.source, p.kernel, p.args)
+    assert (count.kernel, scatter.kernel) == ("moba_pairs_count_wide", "moba_pairs_scatter_wide")
+    assert count.block == (P.WIDE_COUNT_THREADS,) and scatter.block == (256,)
+    assert count.grid == scatter.grid == (P.n_tiles(n_pairs, P.WIDE_TILE),) and int(scan.args[-1]) == P.WIDE_TILE
+    with pytest.raises(ValueError, match="4096 or 8192 pairs"):
+        P.count_launch(topk, 0, 0, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk,
+                       group=group, win=5, tile=1000)
+
+
+@pytest.mark.parametrize(("n_pairs", "n_seg", "n_blocks", "want"), [
+    (2 * 2**20, 4096, 4096, (P.WIDE_TILE, 4096)),    # 512K: one kv head of 4096 blocks per chunk
+    (2 * 2**20, 4 * 2048, 2048, (P.TILE, 2048)),     # 64K at B 32: four kv heads of 2048 blocks
+    (2 * 2**20, 4 * 512, 512, (P.TILE, 512)),        # 64K at B 128
+    (2 * 2**20, 2 * 3072, 3072, (P.WIDE_TILE, 3072)),  # the threshold
+    (2 * 2**20, 2 * 3071, 3071, (P.TILE, 3071)),
+])
+def test_wide_tiles_where_the_key_window_is_wide(monkeypatch, n_pairs, n_seg, n_blocks, want):
+    monkeypatch.delenv(P.TILES_ENV, raising=False)
+    assert P.tile_plan(n_pairs, n_seg, n_blocks) == want
+    assert P.tile_plan(n_pairs, n_seg, n_blocks, "narrow") == (P.TILE, P.key_window(n_pairs, n_seg, n_blocks))
+    assert P.tile_plan(n_pairs, n_seg, n_blocks, "wide")[0] == P.WIDE_TILE
+    monkeypatch.setenv(P.TILES_ENV, "narrow")
+    assert P.tile_plan(n_pairs, n_seg, n_blocks)[0] == P.TILE
+    monkeypatch.setenv(P.TILES_ENV, "huge")
+    with pytest.raises(ValueError, match="MOBALAB_PAIR_TILES"):
+        P.tile_plan(n_pairs, n_seg, n_blocks)
 
 
 def test_the_constants_match_the_source():
     text = source(P.SOURCE)
     for name, value in (("kPairsThreads", P.PAIRS_THREADS), ("kPairsRounds", P.PAIRS_ROUNDS),
+                        ("kWideRounds", "2 * kPairsRounds"), ("kWideCountThreads", "2 * kPairsThreads"),
                         ("kScanThreads", P.SCAN_THREADS), ("kOrderKeys", P.ORDER_THREADS)):
         assert f"constexpr int {name} = {value};" in text
     # keys are packed into 15 bits beside a 16-bit rank, positions counted in 16 bits per tile
-    assert P.MAX_KEYS <= 2**15 and P.TILE < 2**16
+    assert P.WIDE_ROUNDS == 2 * P.PAIRS_ROUNDS and P.WIDE_COUNT_THREADS == 2 * P.PAIRS_THREADS
+    assert P.WIDE_TILE == P.WIDE_COUNT_THREADS * P.PAIRS_ROUNDS  # the count's and the scatter's tiles agree
+    assert P.MAX_KEYS <= 2**15 and P.WIDE_TILE < 2**16
     assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
 
 
@@ -175,23 +210,27 @@ EMU_CASES = [
 @pytest.mark.parametrize(("n_q", "top_k", "group", "n_kv", "n_blocks"),
                          [(1024, 4, 1, 3, 40), (256, 2, 1, 16, 9), (150, 3, 2, 8, 7), (3000, 4, 1, 2, 30),
                           (9, 2, 3, 2, 4), (4096, 8, 4, 4, 512), (65536, 8, 1, 4, 2048), (1, 1, 1, 5, 3)])
-def test_key_window_holds_every_tile(n_q, top_k, group, n_kv, n_blocks):
+@pytest.mark.parametrize("tile", [P.TILE, P.WIDE_TILE])
+def test_key_window_holds_every_tile(n_q, top_k, group, n_kv, n_blocks, tile):
     """A tile's window (``key_window`` columns from its first pair's kv head) holds the keys of every pair in it,
     and is one kv head's blocks where tiles never cross a kv head's end."""
     per_kv = group * n_q * top_k
     n_pairs, n_seg = n_kv * per_kv, n_kv * n_blocks
-    win = P.key_window(n_pairs, n_seg, n_blocks)
+    win = P.key_window(n_pairs, n_seg, n_blocks, tile)
     assert win % n_blocks == 0 and n_blocks <= win <= n_seg
-    reach = max(((min(t * P.TILE + P.TILE, n_pairs) - 1) // per_kv) - (t * P.TILE) // per_kv + 1
-                for t in range(P.n_tiles(n_pairs)))
+    reach = max(((min(t * tile + tile, n_pairs) - 1) // per_kv) - (t * tile) // per_kv + 1
+                for t in range(P.n_tiles(n_pairs, tile)))
     assert win >= reach * n_blocks
-    if per_kv % P.TILE == 0:
+    if per_kv % tile == 0:
         assert win == n_blocks
+    # the count table of either tile size fits the scratch's
+    assert P.n_tiles(n_pairs, tile) * (win + 1) <= P.counts_elems(n_pairs, n_seg)
 
 
+@pytest.mark.parametrize("tiles", ["narrow", "wide"])
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), EMU_CASES)
 def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seqlen, heads, group, top_k, n_blocks,
-                                                  chunk, opts):
+                                                  chunk, opts, tiles):
     topk = _topk(seqlen + n_blocks, batch, seqlen, heads, top_k, n_blocks, **opts)
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
@@ -199,7 +238,8 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=rows)
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
-                   rows_per_unit=rows)
+                   rows_per_unit=rows, tiles=tiles)
+    assert plans[2].kernel == ("moba_pairs_scatter_wide" if tiles == "wide" else "moba_pairs_scatter")
     run_emulated(harness, tmp_path, plans, seed=n_pairs)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])

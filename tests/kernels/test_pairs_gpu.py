@@ -72,8 +72,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tiles", P.TILES)
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), CASES)
-def test_counting_sort_is_the_stable_sort(batch, seqlen, heads, group, top_k, n_blocks, chunk, opts):
+def test_counting_sort_is_the_stable_sort(monkeypatch, batch, seqlen, heads, group, top_k, n_blocks, chunk, opts,
+                                          tiles):
+    """Narrow, wide and the automatic choice of tiles (wide for "8192-keys" and "most-keys")."""
+    monkeypatch.setenv(P.TILES_ENV, tiles)
     if n_blocks == "most":
         n_blocks = P.max_keys("cuda") - 1
     topk = _routing(seqlen + n_blocks, batch, seqlen, heads, top_k, n_blocks, **opts)
@@ -123,10 +127,12 @@ def _attn(sort, monkeypatch, q, k, v, dout, block, top_k, causal, budget, varian
     return out, lse, *grads
 
 
+@pytest.mark.parametrize("tiles", ["auto", "wide"])
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "kv_heads", "dim", "block", "top_k", "causal", "budget",
                           "variant"), ATTN_CASES)
 def test_attention_through_the_counting_sort_is_bit_identical(monkeypatch, batch, seqlen, heads, kv_heads, dim,
-                                                              block, top_k, causal, budget, variant):
+                                                              block, top_k, causal, budget, variant, tiles):
+    monkeypatch.setenv(P.TILES_ENV, tiles)
     g = torch.Generator(device="cuda").manual_seed(seqlen)
     q, dout = (torch.randn(batch, seqlen, heads, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads, dim, device="cuda", generator=g).bfloat16() for _ in range(2))

@@ -13,8 +13,9 @@ lists are the pairs in stable key order, with
 (:math:`n_\kappa` pairs of key :math:`\kappa`, :math:`R` rows per work unit of the tile kernel). The stable
 order is the torch path's ``torch.sort(keys, stable=True)``, a radix sort over all 32 key bits (about 6
 launches and 24 bytes per pair per pass). The counting sort knows the key range, so it needs three launches:
-per tile of ``TILE`` pairs the count of every key, an exclusive scan over (tile, key) in key-major order, and
-a scatter that ranks each tile's pairs stably (per warp, in order, 32 at a time). It writes the same lists
+per tile of ``TILE`` pairs (``WIDE_TILE`` where a tile's key window is wide: :func:`tile_plan`) the count of every
+key, an exclusive scan over (tile, key) in key-major order, and a scatter that ranks each tile's pairs stably (per
+warp, in order, 32 at a time). It writes the same lists
 pair for pair, so everything downstream (forward partials, backward sums, determinism) is unchanged.
 
 Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 8 chunks of 4 kv heads, 2.1 M pairs and 2049 keys each):
@@ -34,7 +35,8 @@ calls over one key segment of a longer sequence (context parallelism).
 Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more keys (``n_seg + 1``) than
 :func:`max_keys` of its device (11622 on an H100 / H200, 8345 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
 where there is no CUDA device), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT``
-("counting", the default, or "torch"), read at each call, forces either path.
+("counting", the default, or "torch"), read at each call, forces either path; ``$MOBALAB_PAIR_TILES`` ("auto", the
+default, "narrow" or "wide") likewise the counting sort's tiles.
 """
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ __all__: list[str] = []
 SOURCE = "pairs.cu"
 PAIRS_THREADS = 256  # kPairsThreads in cuda/pairs.cu
 PAIRS_ROUNDS = 16  # kPairsRounds
-TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels
+TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter kernels (narrow tiles)
+WIDE_ROUNDS = 32  # kWideRounds: the wide scatter's pairs per lane
+WIDE_COUNT_THREADS = 512  # kWideCountThreads: the wide count's threads, PAIRS_ROUNDS pairs each
+WIDE_TILE = PAIRS_THREADS * WIDE_ROUNDS  # pairs per CTA of the wide tiles
+# Narrow key windows of at least this many block columns take wide tiles: per chunk on an H100, wide tiles ran
+# 0.89x at 2049 columns (64K, B 32) and 1.12x at 4097 (512K, one kv head per chunk) in the scatter.
+WIDE_MIN_WINDOW = 3072
+TILES = ("auto", "narrow", "wide")
+TILES_ENV = "MOBALAB_PAIR_TILES"
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
 MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory
 KEY_BITS = 15  # the scatter packs a key beside a 16-bit rank in one int
@@ -72,6 +82,16 @@ def resolve_sort(sort: str | None) -> str:
         raise ValueError(f"pair sort must be one of {SORTS} (or None: ${SORT_ENV}, default 'counting'), "
                          f"got {sort!r}")
     return sort
+
+
+def resolve_tiles(tiles: str | None) -> str:
+    """The counting sort's tiles: ``tiles``, or the ``MOBALAB_PAIR_TILES`` environment variable (default "auto":
+    wide tiles where a narrow tile's key window has ``WIDE_MIN_WINDOW`` columns or more) when None."""
+    if tiles is None:
+        tiles = getenv(TILES_ENV, "auto")
+    if tiles not in TILES:
+        raise ValueError(f"pair tiles must be one of {TILES} (or None: ${TILES_ENV}, default 'auto'), got {tiles!r}")
+    return tiles
 
 
 def max_keys(device=None) -> int:
@@ -104,9 +124,9 @@ def counting_supported(n_pairs: int, n_seg: int, device=None) -> bool:
     return n_seg + 1 <= max_keys(device) and n_pairs < 2**31
 
 
-def n_tiles(n_pairs: int) -> int:
-    """CTAs of the count and scatter kernels (tiles of TILE pairs)."""
-    return max(1, math.ceil(n_pairs / TILE))
+def n_tiles(n_pairs: int, tile: int = TILE) -> int:
+    """CTAs of the count and scatter kernels (tiles of ``tile`` pairs: TILE or WIDE_TILE)."""
+    return max(1, math.ceil(n_pairs / tile))
 
 
 def count_smem_bytes(win: int) -> int:
@@ -124,13 +144,14 @@ def scatter_smem_bytes(win: int) -> int:
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:
-    """Ints of the (tile, key) count table at most (a row of every key; :func:`key_window` narrows it)."""
+    """Ints of the (tile, key) count table at most (narrow tiles, a row of every key; :func:`key_window` narrows
+    it, wide tiles halve the rows)."""
     return n_tiles(n_pairs) * (n_seg + 1)
 
 
-def key_window(n_pairs: int, n_seg: int, n_blocks: int) -> int:
+def key_window(n_pairs: int, n_seg: int, n_blocks: int, tile: int = TILE) -> int:
     r"""Columns ``win`` of a tile's key window before its unused-slot column (cuda/pairs.cu): ``span * n_blocks``,
-    where ``span`` is the most kv heads one tile of ``TILE`` consecutive pairs reaches. The pairs run kv head
+    where ``span`` is the most kv heads one tile of ``tile`` (T) consecutive pairs reaches. The pairs run kv head
     after kv head, :math:`P = n_{pairs} / n_{kv}` each, so a tile starting at :math:`tT`, at :math:`r = tT \bmod P`
     into a kv head, reaches :math:`\lfloor (r + T - 1)/P \rfloor + 1` of them, and r is a multiple of
     :math:`g = \gcd(T, P)` below P:
@@ -143,8 +164,19 @@ def key_window(n_pairs: int, n_seg: int, n_blocks: int) -> int:
     if n_kv <= 1 or n_pairs <= 0:
         return n_seg
     per_kv = n_pairs // n_kv
-    span = (per_kv - math.gcd(TILE, per_kv) + TILE - 1) // per_kv + 1
+    span = (per_kv - math.gcd(tile, per_kv) + tile - 1) // per_kv + 1
     return min(n_kv, span) * n_blocks
+
+
+def tile_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None) -> tuple[int, int]:
+    """(pairs per tile, key window) of a chunk: narrow tiles (``TILE``) unless ``tiles`` (:func:`resolve_tiles`)
+    is "wide", or "auto" and the narrow tiles' window has ``WIDE_MIN_WINDOW`` columns or more; then ``WIDE_TILE``
+    and its window."""
+    tiles = resolve_tiles(tiles)
+    win = key_window(n_pairs, n_seg, n_blocks)
+    if tiles == "wide" or (tiles == "auto" and win >= WIDE_MIN_WINDOW):
+        return WIDE_TILE, key_window(n_pairs, n_seg, n_blocks, WIDE_TILE)
+    return TILE, win
 
 
 @dataclass(frozen=True)
@@ -179,41 +211,54 @@ def _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group):
             i32(chunk.h0), i32(chunk.n_heads), i32(chunk.t0), i32(chunk.n_q), i32(group))
 
 
-def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk, group, win) -> Launch:
-    """Pairs of every key of each tile's window (``win``: :func:`key_window`) per tile of the chunk (``chunk`` has
-    batch_index, h0, n_heads, t0, n_q); sets the scan's ``ticket`` to 0."""
+def count_launch(topk, counts, ticket, *, seqlen, heads, top_k, n_blocks, chunk, group, win,
+                 tile: int = TILE) -> Launch:
+    """Pairs of every key of each tile's window (``win``: :func:`key_window`) per tile of ``tile`` pairs of the chunk
+    (``chunk`` has batch_index, h0, n_heads, t0, n_q); sets the scan's ``ticket`` to 0."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    return Launch(SOURCE, "moba_pairs_count", (n_tiles(n_pairs),), (PAIRS_THREADS,),
+    kernel, threads = _tile_kernels(tile)[0]
+    return Launch(SOURCE, kernel, (n_tiles(n_pairs, tile),), (threads,),
                   (topk, counts, ticket, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk, group), i32(win)),
                   shared_mem=count_smem_bytes(win))
 
 
 def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg, rows_per_unit, n_blocks,
-                win) -> Launch:
+                win, tile: int = TILE) -> Launch:
     """Exclusive scan of the count table per key over the tiles that reach it (``win``: :func:`key_window`), then
     (last CTA) seg_off and tile_cum (``tile_cum`` 0: not wanted). ``ticket`` must be 0 (the count launch before it
     sets it); the kernel leaves it 0."""
     pairs_per_kv = max(1, n_pairs // max(1, n_seg // n_blocks))
-    args = (counts, i32(n_tiles(n_pairs)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
-            seg_off, tile_cum, i32(n_blocks), i32(pairs_per_kv), i32(win))
+    args = (counts, i32(n_tiles(n_pairs, tile)), i32(n_seg), i32(rows_per_unit), seg_total, ticket,
+            seg_off, tile_cum, i32(n_blocks), i32(pairs_per_kv), i32(win), i32(tile))
     return Launch(SOURCE, "moba_pairs_scan", (math.ceil((n_seg + 1) / 32),), (SCAN_THREADS,), args)
 
 
 def scatter_launch(topk, counts, seg_off, pairs, sorted_keys, *, seqlen, heads, top_k, n_blocks, chunk,
-                   group, win) -> Launch:
-    """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0); ``win`` as for
-    :func:`count_launch`."""
+                   group, win, tile: int = TILE) -> Launch:
+    """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0); ``win`` and ``tile`` as
+    for :func:`count_launch`."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
-    return Launch(SOURCE, "moba_pairs_scatter", (n_tiles(n_pairs),), (PAIRS_THREADS,),
+    kernel, threads = _tile_kernels(tile)[1]
+    return Launch(SOURCE, kernel, (n_tiles(n_pairs, tile),), (threads,),
                   (topk, counts, seg_off, pairs, sorted_keys, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk,
                                                                           group), i32(win)),
                   shared_mem=scatter_smem_bytes(win))
 
 
+def _tile_kernels(tile: int):
+    """((count kernel, threads), (scatter kernel, threads)) of tiles of ``tile`` pairs."""
+    if tile == TILE:
+        return ("moba_pairs_count", PAIRS_THREADS), ("moba_pairs_scatter", PAIRS_THREADS)
+    if tile == WIDE_TILE:
+        return ("moba_pairs_count_wide", WIDE_COUNT_THREADS), ("moba_pairs_scatter_wide", PAIRS_THREADS)
+    raise ValueError(f"pair tiles hold {TILE} or {WIDE_TILE} pairs, got {tile}")
+
+
 def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_off, tile_cum, *, seqlen, heads,
-                      top_k, n_blocks, chunk, group, rows_per_unit) -> list[Launch]:
+                      top_k, n_blocks, chunk, group, rows_per_unit, tiles: str | None = None) -> list[Launch]:
     """The three launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
-    ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none).
+    ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none), over the
+    tiles of :func:`tile_plan` (``tiles``: "auto", "narrow", "wide", or None for ``$MOBALAB_PAIR_TILES``).
 
     ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one unsigned
     (any value: the count launch sets it to 0, the scan leaves it 0)."""
@@ -223,11 +268,12 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
-    win = key_window(n_pairs, n_seg, n_blocks)
-    geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win)
+    tile, win = tile_plan(n_pairs, n_seg, n_blocks, tiles)
+    geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win,
+                    tile=tile)
     return [count_launch(topk, counts, ticket, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
-                        rows_per_unit=rows_per_unit, n_blocks=n_blocks, win=win),
+                        rows_per_unit=rows_per_unit, n_blocks=n_blocks, win=win, tile=tile),
             scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
 
 

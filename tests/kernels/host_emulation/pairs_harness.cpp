@@ -21,14 +21,23 @@ const harness::Kernels kKernels = {
          moba_pairs_count(P<const int>(a[0]), P<int>(a[1]), P<unsigned>(a[2]), I(a[3]), I(a[4]), I(a[5]), I(a[6]),
                           I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));
      }}},
-    {"moba_pairs_scan", {11, [](const std::vector<Arg>& a) {
+    {"moba_pairs_count_wide", {14, [](const std::vector<Arg>& a) {
+         moba_pairs_count_wide(P<const int>(a[0]), P<int>(a[1]), P<unsigned>(a[2]), I(a[3]), I(a[4]), I(a[5]),
+                               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));
+     }}},
+    {"moba_pairs_scan", {12, [](const std::vector<Arg>& a) {
          moba_pairs_scan(P<int>(a[0]), I(a[1]), I(a[2]), I(a[3]), P<int>(a[4]), P<unsigned>(a[5]),
-                         P<long long>(a[6]), P<long long>(a[7]), I(a[8]), I(a[9]), I(a[10]));
+                         P<long long>(a[6]), P<long long>(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]));
      }}},
     {"moba_pairs_scatter", {16, [](const std::vector<Arg>& a) {
          moba_pairs_scatter(P<const int>(a[0]), P<const int>(a[1]), P<const long long>(a[2]), P<long long>(a[3]),
                             P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]),
                             I(a[13]), I(a[14]), I(a[15]));
+     }}},
+    {"moba_pairs_scatter_wide", {16, [](const std::vector<Arg>& a) {
+         moba_pairs_scatter_wide(P<const int>(a[0]), P<const int>(a[1]), P<const long long>(a[2]),
+                                 P<long long>(a[3]), P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]),
+                                 I(a[10]), I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]));
      }}},
     {"moba_pairs_gather", {6, [](const std::vector<Arg>& a) {
          moba_pairs_gather(P<const long long>(a[0]), P<const long long>(a[1]), P<const long long>(a[2]),

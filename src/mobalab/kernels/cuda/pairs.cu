@@ -4,10 +4,12 @@
 //
 // Pair i = (hc * n_q + tt) * top_k + s of the chunk (query head h0 + hc, query t0 + tt, slot s) has the segment
 // key (hc / group) * n_blocks + j for its block j = topk[b, t0 + tt, h0 + hc, s], or n_seg for an unused slot
-// (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of kPairsTile consecutive
-// pairs, one CTA each; tile t holds c[t][key] pairs of each key.
+// (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of T consecutive pairs, one
+// CTA each; tile t holds c[t][key] pairs of each key. T is 4096 (narrow tiles: moba_pairs_count, _scatter) or,
+// where a tile's key window is wide (WIDE_MIN_WINDOW columns in _pairs.py), 8192 (moba_pairs_count_wide,
+// _scatter_wide): the work per (tile, column) then halves per pair, against half the CTAs.
 // Key windows: the pairs run head after head, P = group * n_q * top_k of them per kv head, so tile t only holds
-// keys of kv heads lo(t) = t kPairsTile / P .. lo(t) + span - 1 (span: the most kv heads a tile reaches, 1 where
+// keys of kv heads lo(t) = t T / P .. lo(t) + span - 1 (span: the most kv heads a tile reaches, 1 where
 // tiles do not cross a kv head's end) and the unused-slot key. Its row of the count table has W = win + 1
 // columns (win = span n_blocks): column c < win is key lo(t) n_blocks + c, column win the key n_seg. Against a
 // row of all S keys that is 1 / (kv heads of the chunk) of the table and of the scatter's shared memory (a chunk
@@ -20,7 +22,7 @@
 //                       null, tile_cum[key] = sum_{key' < key, key' < n_seg} ceil(n[key'] / rows_per_unit).
 //   moba_pairs_scatter  pair i of tile t goes to pos = seg_off[key] + c[t][key] + w[warp][key] + r, where
 //                       w[warp][key] counts the key's pairs in the tile's earlier warps and r its pairs before
-//                       i in i's warp: each warp walks its 32 * kPairsRounds consecutive pairs in order, 32 at
+//                       i in i's warp: each warp walks its T / 8 consecutive pairs in order, 32 at
 //                       a time, ranking equal keys with __match_any_sync into its row of 16-bit counts; the
 //                       earlier warps' rows are then summed per pair, not per key. pairs[pos] = i
 //                       (sorted_keys[pos] = key when sorted_keys is not null).
@@ -30,8 +32,8 @@
 // below 2^31).
 //
 // Traffic per pair: topk read twice (8 B), pairs written (8 B; + 4 B of sorted keys for the backward); per
-// (tile, column): c written, read and written, read (16 B), i.e. 16 W / kPairsTile bytes per pair. Work per (tile,
-// key) is what grows with context (at 512K a chunk has S = 4097 keys for its 4096-pair tiles): the scatter's is
+// (tile, column): c written, read and written, read (16 B), i.e. 16 W / T bytes per pair. Work per (tile,
+// key) is what grows with context (at 512K a chunk has S = 4097 keys, where tiles are wide): the scatter's is
 // a 16-byte store per 8 keys and two coalesced loads, and the scan keeps a thread's counts in registers between
 // its two passes. The scatter's stalls are its shared-memory and match operations (Nsight Compute at 64K: 52%
 // short_scoreboard); per-(warp, column) starts built once per tile, so that a pair's position is one load instead
@@ -43,11 +45,14 @@
 
 namespace moba_pairs {
 
-constexpr int kPairsThreads = 256;  // PAIRS_THREADS in _pairs.py
+constexpr int kPairsThreads = 256;  // PAIRS_THREADS in _pairs.py: threads of a scatter CTA (and a narrow count's)
 constexpr int kPairsWarps = kPairsThreads / 32;
-constexpr int kPairsRounds = 16;  // pairs per lane of a tile (PAIRS_ROUNDS): 16 rather than 32 gives twice the
+constexpr int kPairsRounds = 16;  // pairs per lane of a narrow tile (PAIRS_ROUNDS): 16 rather than 32 gives twice the
                                    // CTAs (4096-pair tiles); index building at 64K 0.76 -> 0.62 ms on an H200
-constexpr int kPairsTile = kPairsThreads * kPairsRounds;
+// Wide tiles (WIDE_TILE, 8192 pairs) for wide key windows: the work per (tile, column) (the scatter's table zeroing
+// and starts, the scan's entries) halves per pair, while the count keeps 16 pairs per thread in CTAs of 512.
+constexpr int kWideRounds = 2 * kPairsRounds;   // the wide scatter's pairs per lane
+constexpr int kWideCountThreads = 2 * kPairsThreads;
 constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
 #ifndef MOBA_PAIRS_SCAN_CACHED
 #define MOBA_PAIRS_SCAN_CACHED 16  // the host emulation's tests set 1, to run the scan's batches with small chunks
@@ -58,8 +63,8 @@ constexpr int kNoKey = -1;          // lanes past the end of the chunk
 // The key window of tile t (see the header): its first key lo(t) n_blocks, and a key's column in it.
 struct KeyWindow {
   int key_lo, win, n_seg;
-  __device__ __forceinline__ KeyWindow(int tile, int pairs_per_kv, int n_blocks, int win_, int n_seg_)
-      : key_lo(static_cast<int>(static_cast<long long>(tile) * kPairsTile / pairs_per_kv) * n_blocks),
+  __device__ __forceinline__ KeyWindow(int tile, int tile_pairs, int pairs_per_kv, int n_blocks, int win_, int n_seg_)
+      : key_lo(static_cast<int>(static_cast<long long>(tile) * tile_pairs / pairs_per_kv) * n_blocks),
         win(win_), n_seg(n_seg_) {}
   __device__ __forceinline__ int column(int key) const { return key == n_seg ? win : key - key_lo; }
   __device__ __forceinline__ int key(int column) const { return column == win ? n_seg : key_lo + column; }
@@ -137,41 +142,64 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
 
 }  // namespace moba_pairs
 
-extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
-    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
-    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
-  using namespace moba_pairs;
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  int* hist = reinterpret_cast<int*>(smem);
+namespace moba_pairs {
+
+// c[t][column] of tile t = blockIdx.x (kThreads x kRounds pairs: thread tid takes pairs first + r kThreads + tid).
+template <int kThreads, int kRounds>
+__device__ __forceinline__ void count_tile(const int* topk, int* counts, unsigned* ticket, int seqlen, int heads,
+                                           int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0,
+                                           int n_q, int group, int win, int* hist) {
+  constexpr int kTile = kThreads * kRounds;
   const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
-  const KeyWindow kw(blockIdx.x, group * n_q * top_k, n_blocks, win, n_seg);
+  const KeyWindow kw(blockIdx.x, kTile, group * n_q * top_k, n_blocks, win, n_seg);
   const int tid = threadIdx.x;
   // The scan, the next launch on the stream, counts its CTAs on this ticket from 0: setting it here spares a
   // fill launch per call (a kernel boundary orders this store before the scan's atomics).
   if (blockIdx.x == 0 && tid == 0) *ticket = 0u;
-  for (int s = tid; s < n_cols; s += kPairsThreads) hist[s] = 0;
+  for (int s = tid; s < n_cols; s += kThreads) hist[s] = 0;
   __syncthreads();
   // every key of the lane's pairs first (independent loads, one latency), then the shared-memory atomics
-  const int first = blockIdx.x * kPairsTile;
-  int key[kPairsRounds];
-  PairWalk walk(first + tid, kPairsThreads, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
+  const int first = blockIdx.x * kTile;
+  int key[kRounds];
+  PairWalk walk(first + tid, kThreads, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
 #pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r) {
-    key[r] = first + r * kPairsThreads + tid < n_pairs ? walk.key(topk, heads, top_k, n_blocks, n_seg) : kNoKey;
+  for (int r = 0; r < kRounds; ++r) {
+    key[r] = first + r * kThreads + tid < n_pairs ? walk.key(topk, heads, top_k, n_blocks, n_seg) : kNoKey;
     walk.advance(top_k, n_q, group);
   }
 #pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r)
+  for (int r = 0; r < kRounds; ++r)
     if (key[r] != kNoKey) atomicAdd(hist + kw.column(key[r]), 1);
   __syncthreads();
   int* row = counts + static_cast<long long>(blockIdx.x) * n_cols;
-  for (int s = tid; s < n_cols; s += kPairsThreads) row[s] = hist[s];
+  for (int s = tid; s < n_cols; s += kThreads) row[s] = hist[s];
+}
+
+}  // namespace moba_pairs
+
+extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
+    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
+    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  moba_pairs::count_tile<moba_pairs::kPairsThreads, moba_pairs::kPairsRounds>(
+      topk, counts, ticket, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win,
+      reinterpret_cast<int*>(smem));
+}
+
+// The wide tiles' count: the same 16 pairs per thread, twice the threads (fewer, larger CTAs measured slower).
+extern "C" __global__ void __launch_bounds__(512) moba_pairs_count_wide(
+    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
+    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  moba_pairs::count_tile<moba_pairs::kWideCountThreads, moba_pairs::kPairsRounds>(
+      topk, counts, ticket, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win,
+      reinterpret_cast<int*>(smem));
 }
 
 extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
     int* counts, int n_tiles, int n_seg, int rows_per_unit, int* seg_total, unsigned* ticket, long long* seg_off,
-    long long* tile_cum, int n_blocks, int pairs_per_kv, int win) {
+    long long* tile_cum, int n_blocks, int pairs_per_kv, int win, int tile_pairs) {
   using namespace moba_pairs;
   __shared__ int part[32][33];
   __shared__ int warp_tot[32];
@@ -189,10 +217,10 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
   if (key < n_seg) {
     const int kv = key / n_blocks;
     const long long first = static_cast<long long>(kv) * pairs_per_kv;
-    t_lo = static_cast<int>(first / kPairsTile);
-    t_n = min(static_cast<int>((first + pairs_per_kv - 1) / kPairsTile), n_tiles - 1) + 1 - t_lo;
+    t_lo = static_cast<int>(first / tile_pairs);
+    t_n = min(static_cast<int>((first + pairs_per_kv - 1) / tile_pairs), n_tiles - 1) + 1 - t_lo;
     col = key - kv * n_blocks;
-    col_first = KeyWindow(t_lo, pairs_per_kv, n_blocks, win, n_seg).column(key);
+    col_first = KeyWindow(t_lo, tile_pairs, pairs_per_kv, n_blocks, win, n_seg).column(key);
   }
   const int per = (t_n + 31) / 32;
   const int t_begin = t_lo + min(grp * per, t_n), t_end = t_lo + min(grp * per + per, t_n);
@@ -255,15 +283,18 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
   if (tid == 0) *ticket = 0u;  // ready for the next chunk
 }
 
-extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
-    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
-    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
-    int win) {
-  using namespace moba_pairs;
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+namespace moba_pairs {
+
+// Tile t = blockIdx.x of 32 x kRounds pairs per warp (kPairsWarps warps) to their positions (see the header).
+template <int kRounds>
+__device__ __forceinline__ void scatter_tile(const int* topk, const int* counts, const long long* seg_off,
+                                             long long* pairs, int* sorted_keys, int seqlen, int heads, int top_k,
+                                             int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q,
+                                             int group, int win, unsigned char* smem) {
+  constexpr int kTile = kPairsThreads * kRounds;
   const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
-  const KeyWindow kw(blockIdx.x, group * n_q * top_k, n_blocks, win, n_seg);
+  const KeyWindow kw(blockIdx.x, kTile, group * n_q * top_k, n_blocks, win, n_seg);
   unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_cols]
   const int table_bytes = (kPairsWarps * n_cols * 2 + 15) & ~15;
   int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_cols]
@@ -271,11 +302,11 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   for (int v = tid; v < table_bytes / 16; v += kPairsThreads)  // 16-byte stores
     reinterpret_cast<uint4*>(smem)[v] = make_uint4(0u, 0u, 0u, 0u);
   // this warp's pairs, in order: i = first + 32 r + lane
-  const int first = blockIdx.x * kPairsTile + warp * 32 * kPairsRounds;
-  int key[kPairsRounds];
+  const int first = blockIdx.x * kTile + warp * 32 * kRounds;
+  int key[kRounds];
   PairWalk walk(first + lane, 32, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
 #pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     key[r] = first + 32 * r + lane < n_pairs ? kw.column(walk.key(topk, heads, top_k, n_blocks, n_seg)) : kNoKey;
     walk.advance(top_k, n_q, group);
   }
@@ -288,11 +319,11 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   }
   __syncthreads();
   // rank of each pair among the earlier pairs of its column in this warp (key[r] becomes column << 16 | rank: a
-  // warp holds 32 * kPairsRounds < 2^16 pairs and columns are below 2^15); the warp's row ends at its counts
+  // warp holds 32 * kRounds < 2^16 pairs and columns are below 2^15); the warp's row ends at its counts
   unsigned short* mine = wcount + warp * n_cols;
   const unsigned lower = (1u << lane) - 1u;
 #pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     const int k = key[r];
     const unsigned same = __match_any_sync(0xffffffffu, k);
     const int old = k != kNoKey ? mine[k] : 0;
@@ -303,10 +334,10 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
   }
   __syncthreads();
   // position: the tile's start of the key, its pairs in this tile's earlier warps (their rows) and in this
-  // warp; summed per pair, not per column (a tile holds kPairsTile pairs, while a chunk at long context has as
+  // warp; summed per pair, not per column (a tile holds kTile pairs, while a chunk at long context has as
   // many keys, 4097 at 512K, most of them not in the tile)
 #pragma unroll
-  for (int r = 0; r < kPairsRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     if (key[r] == kNoKey) continue;
     const int c = key[r] >> 16;
     int pos = base[c] + (key[r] & 0xffff);
@@ -314,6 +345,26 @@ extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
     pairs[pos] = first + 32 * r + lane;
     if (sorted_keys != nullptr) sorted_keys[pos] = kw.key(c);
   }
+}
+
+}  // namespace moba_pairs
+
+extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
+    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
+    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
+    int win) {
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  moba_pairs::scatter_tile<moba_pairs::kPairsRounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k,
+                                                     n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) moba_pairs_scatter_wide(
+    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
+    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
+    int win) {
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  moba_pairs::scatter_tile<moba_pairs::kWideRounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k,
+                                                    n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win, smem);
 }
 
 // The lists of a chunk over whole sequences gathered from lists kept by earlier chunks (the forward's, for the
