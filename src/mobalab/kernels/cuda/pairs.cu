@@ -178,24 +178,19 @@ __device__ __forceinline__ void count_tile(const int* topk, int* counts, unsigne
 
 }  // namespace moba_pairs
 
-extern "C" __global__ void __launch_bounds__(256) moba_pairs_count(
-    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
-    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  moba_pairs::count_tile<moba_pairs::kPairsThreads, moba_pairs::kPairsRounds>(
-      topk, counts, ticket, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win,
-      reinterpret_cast<int*>(smem));
-}
-
-// The wide tiles' count: the same 16 pairs per thread, twice the threads (fewer, larger CTAs measured slower).
-extern "C" __global__ void __launch_bounds__(512) moba_pairs_count_wide(
-    const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
-    int h0, int n_heads_c, int t0, int n_q, int group, int win) {
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  moba_pairs::count_tile<moba_pairs::kWideCountThreads, moba_pairs::kPairsRounds>(
-      topk, counts, ticket, seqlen, heads, top_k, n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win,
-      reinterpret_cast<int*>(smem));
-}
+// The count's entry points; the wide tiles' takes the same 16 pairs per thread on twice the threads (256 threads of
+// 32 pairs took 20.4 against 14.8 us a chunk at 512K on an H100: half the CTAs).
+#define MOBA_PAIRS_COUNT_KERNEL(name, threads)                                                                    \
+  extern "C" __global__ void __launch_bounds__(threads) name(                                                     \
+      const int* topk, int* counts, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks,             \
+      int batch_index, int h0, int n_heads_c, int t0, int n_q, int group, int win) {                              \
+    MOBA_PAIRS_DYNAMIC_SMEM(smem);                                                                                \
+    moba_pairs::count_tile<threads, moba_pairs::kPairsRounds>(topk, counts, ticket, seqlen, heads, top_k,         \
+                                                              n_blocks, batch_index, h0, n_heads_c, t0, n_q,      \
+                                                              group, win, reinterpret_cast<int*>(smem));          \
+  }
+MOBA_PAIRS_COUNT_KERNEL(moba_pairs_count, moba_pairs::kPairsThreads)
+MOBA_PAIRS_COUNT_KERNEL(moba_pairs_count_wide, moba_pairs::kWideCountThreads)
 
 extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
     int* counts, int n_tiles, int n_seg, int rows_per_unit, int* seg_total, unsigned* ticket, long long* seg_off,
@@ -349,23 +344,19 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
 
 }  // namespace moba_pairs
 
-extern "C" __global__ void __launch_bounds__(256) moba_pairs_scatter(
-    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
-    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
-    int win) {
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  moba_pairs::scatter_tile<moba_pairs::kPairsRounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k,
-                                                     n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win, smem);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2) moba_pairs_scatter_wide(
-    const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys, int seqlen,
-    int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group,
-    int win) {
-  MOBA_PAIRS_DYNAMIC_SMEM(smem);
-  moba_pairs::scatter_tile<moba_pairs::kWideRounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k,
-                                                    n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win, smem);
-}
+// The scatter's entry points, 16 and 32 pairs per lane (the wide one asks for two CTAs per SM, which its shared
+// memory allows anyway: ptxas's default target, three, spilled at 80 registers).
+#define MOBA_PAIRS_SCATTER_KERNEL(name, bounds, rounds)                                                            \
+  extern "C" __global__ void __launch_bounds__ bounds name(                                                        \
+      const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys,            \
+      int seqlen, int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q,     \
+      int group, int win) {                                                                                        \
+    MOBA_PAIRS_DYNAMIC_SMEM(smem);                                                                                 \
+    moba_pairs::scatter_tile<rounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k, n_blocks,    \
+                                     batch_index, h0, n_heads_c, t0, n_q, group, win, smem);                       \
+  }
+MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter, (256), moba_pairs::kPairsRounds)
+MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter_wide, (256, 2), moba_pairs::kWideRounds)
 
 // The lists of a chunk over whole sequences gathered from lists kept by earlier chunks (the forward's, for the
 // backward, whose chunks split the heads and queries differently). Segment s is the concatenation of n_pieces
