@@ -6,13 +6,14 @@ Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src
 causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of the
 count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up; the launches
 queued behind a sleep kernel, so that the events time the GPU's work and not the host's gaps between launches),
-and checks the lists against the stable torch sort. Chunks (B 128 unless named):
+and checks the lists against the stable torch sort. The scatter writes the sorted keys too (as the backward's sorts
+do; the forward's do not). Chunks (B 128 unless named):
 
 * ``64K``: 4 heads of a 64K sequence in one chunk (2049 keys, 512 tiles), the forward's chunk at 64K;
 * ``64K-B32``: the same at B 32 (8193 keys), the forward's chunk at 64K, B 32;
 * ``16K-16h``: 16 heads of a 16K sequence (2049 keys, 512 tiles), the shape of the forward's one chunk for a
   batch of two 8K sequences folded into one;
-* ``512K-lo`` / ``512K-hi``: one head, the first / second half of a 512K sequence (4097 keys, 512 tiles each),
+* ``512K-lo`` / ``512K-hi``: one head, the first / second half of a 512K sequence (4097 keys, 256 wide tiles each),
   the forward's chunks at 512K.
 
 Printed: per chunk and launch, each arm's median over the rounds (microseconds) and this tree's speedup.
@@ -86,7 +87,8 @@ def _arm(reps: int) -> list[dict]:
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=1, top_k=top_k, rows_per_unit=256)
         ok = (torch.equal(scratch.pairs[:n_pairs], want[0]) and torch.equal(sorted_keys, want[1].to(torch.int32))
               and torch.equal(seg_off, want[2]) and torch.equal(tile_cum, want[3]))
-        rows.append({"point": name, "keys": n_seg + 1, "tiles": P.n_tiles(n_pairs), "equal": bool(ok),
+        tile = P.tile_plan(n_pairs, n_seg, n_blocks)[0] if hasattr(P, "tile_plan") else P.TILE  # older trees
+        rows.append({"point": name, "keys": n_seg + 1, "tiles": P.n_tiles(n_pairs, tile), "equal": bool(ok),
                      **{kname: statistics.median(v) for kname, v in times.items()}})
     return rows
 
