@@ -53,6 +53,10 @@ constexpr int kPairsRounds = 16;  // pairs per lane of a narrow tile (PAIRS_ROUN
 // and starts, the scan's entries) halves per pair, while the count keeps 16 pairs per thread in CTAs of 512.
 constexpr int kWideRounds = 2 * kPairsRounds;   // the wide scatter's pairs per lane
 constexpr int kWideCountThreads = 2 * kPairsThreads;
+// topk loads in flight per thread (pair_keys): the most each kernel takes without spilling
+constexpr int kCountBatch = 8;
+constexpr int kScatterBatch = 4;
+constexpr int kWideScatterBatch = 8;
 constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
 #ifndef MOBA_PAIRS_SCAN_CACHED
 #define MOBA_PAIRS_SCAN_CACHED 16  // the host emulation's tests set 1, to run the scan's batches with small chunks
@@ -70,9 +74,9 @@ struct KeyWindow {
   __device__ __forceinline__ int key(int column) const { return column == win ? n_seg : key_lo + column; }
 };
 
-// Segment keys of the pairs i, i + step, i + 2 step, ... of the chunk (moba_attn_keys' rule), walking (head,
-// query, slot) of i = (hc n_q + tt) top_k + s by carries: four divisions per thread where two per pair were half
-// of the scatter's instructions (Nsight Compute at 512K). key() is valid for i < n_pairs.
+// The topk entries of the pairs i, i + step, i + 2 step, ... of the chunk, walking (head, query, slot) of
+// i = (hc n_q + tt) top_k + s by carries: four divisions per thread where two per pair were half of the scatter's
+// instructions (Nsight Compute at 512K). index() is valid for i < n_pairs.
 struct PairWalk {
   int s, tt, hc, kv, hg;  // slot, query and head of the chunk; the head's kv head and its place in the group
   int ds, dq;             // step = dq top_k + ds
@@ -90,9 +94,8 @@ struct PairWalk {
     ds = step - dq * top_k;
     row0 = (static_cast<long long>(batch_index) * seqlen + t0) * heads + h0;
   }
-  __device__ __forceinline__ int key(const int* topk, int heads, int top_k, int n_blocks, int n_seg) const {
-    const int jb = topk[(row0 + static_cast<long long>(tt) * heads + hc) * top_k + s];
-    return (jb >= 0 && jb < n_blocks) ? kv * n_blocks + jb : n_seg;
+  __device__ __forceinline__ long long index(int heads, int top_k) const {  // of pair i's topk entry
+    return (row0 + static_cast<long long>(tt) * heads + hc) * top_k + s;
   }
   __device__ __forceinline__ void advance(int top_k, int n_q, int group) {
     s += ds;
@@ -112,6 +115,42 @@ struct PairWalk {
     }
   }
 };
+
+// Segment keys (moba_attn_keys' rule; kNoKey past the chunk's end) of the pairs i0 + r step, r < kRounds: the topk
+// loads of a batch of kBatch rounds are all issued before any is used. Turned into keys where it was loaded, inside
+// the range check, each load was waited for before the next was issued (long_scoreboard the top stall of the count
+// and the scatter, Nsight Compute at 512K). Per chunk on an H100 (queued, interleaved): the count 1.15-1.27x, the
+// scatter 1.01-1.05x, the three launches 1.03-1.06x. Larger batches cost registers (the scatter spills at 8, the
+// wide one at 16; the count as fast at 8 as at 16). A pair's kv head is i / P (P = group n_q top_k pairs per kv
+// head), found by a cursor.
+template <int kRounds, int kBatch>
+__device__ __forceinline__ void pair_keys(int (&key)[kRounds], const int* topk, int i0, int step, int n_pairs,
+                                          int n_seg, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
+                                          int h0, int t0, int n_q, int group) {
+  static_assert(kRounds % kBatch == 0, "whole batches");
+  PairWalk walk(i0, step, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
+  const int per_kv = group * n_q * top_k;
+  int kv = i0 / per_kv;
+  long long next = static_cast<long long>(kv + 1) * per_kv;  // the next kv head's first pair
+#pragma unroll
+  for (int b = 0; b < kRounds; b += kBatch) {
+#pragma unroll
+    for (int r = b; r < b + kBatch; ++r) {
+      key[r] = topk[i0 + r * step < n_pairs ? walk.index(heads, top_k) : 0];  // entry 0 stands in past the end
+      walk.advance(top_k, n_q, group);
+    }
+#pragma unroll
+    for (int r = b; r < b + kBatch; ++r) {
+      const int i = i0 + r * step;
+      while (i >= next && i < n_pairs) {
+        ++kv;
+        next += per_kv;
+      }
+      const int jb = key[r];
+      key[r] = i >= n_pairs ? kNoKey : (jb >= 0 && jb < n_blocks) ? kv * n_blocks + jb : n_seg;
+    }
+  }
+}
 
 // Exclusive prefix sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); `warp_tot` holds 32 ints.
 // Ends with a barrier, so `warp_tot` may be reused at once.
@@ -159,15 +198,11 @@ __device__ __forceinline__ void count_tile(const int* topk, int* counts, unsigne
   if (blockIdx.x == 0 && tid == 0) *ticket = 0u;
   for (int s = tid; s < n_cols; s += kThreads) hist[s] = 0;
   __syncthreads();
-  // every key of the lane's pairs first (independent loads, one latency), then the shared-memory atomics
+  // every key of the thread's pairs first (loads in batches, pair_keys), then the shared-memory atomics
   const int first = blockIdx.x * kTile;
   int key[kRounds];
-  PairWalk walk(first + tid, kThreads, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
-#pragma unroll
-  for (int r = 0; r < kRounds; ++r) {
-    key[r] = first + r * kThreads + tid < n_pairs ? walk.key(topk, heads, top_k, n_blocks, n_seg) : kNoKey;
-    walk.advance(top_k, n_q, group);
-  }
+  pair_keys<kRounds, kCountBatch>(key, topk, first + tid, kThreads, n_pairs, n_seg, seqlen, heads, top_k, n_blocks,
+                                  batch_index, h0, t0, n_q, group);
 #pragma unroll
   for (int r = 0; r < kRounds; ++r)
     if (key[r] != kNoKey) atomicAdd(hist + kw.column(key[r]), 1);
@@ -299,12 +334,12 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   // this warp's pairs, in order: i = first + 32 r + lane
   const int first = blockIdx.x * kTile + warp * 32 * kRounds;
   int key[kRounds];
-  PairWalk walk(first + lane, 32, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
+  constexpr int kBatch = kRounds == kPairsRounds ? kScatterBatch : kWideScatterBatch;
+  pair_keys<kRounds, kBatch>(key, topk, first + lane, 32, n_pairs, n_seg, seqlen, heads, top_k, n_blocks, batch_index,
+                             h0, t0, n_q, group);
 #pragma unroll
-  for (int r = 0; r < kRounds; ++r) {
-    key[r] = first + 32 * r + lane < n_pairs ? kw.column(walk.key(topk, heads, top_k, n_blocks, n_seg)) : kNoKey;
-    walk.advance(top_k, n_q, group);
-  }
+  for (int r = 0; r < kRounds; ++r)
+    if (key[r] != kNoKey) key[r] = kw.column(key[r]);
   // per column, the tile's start of its key (seg_off + earlier tiles), by coalesced loads while the topk reads are
   // in flight; columns past the chunk's last kv head hold no pairs
   const int* col = counts + static_cast<long long>(blockIdx.x) * n_cols;
