@@ -75,21 +75,19 @@ struct KeyWindow {
 };
 
 // The topk entries of the pairs i, i + step, i + 2 step, ... of the chunk, walking (head, query, slot) of
-// i = (hc n_q + tt) top_k + s by carries: four divisions per thread where two per pair were half of the scatter's
+// i = (hc n_q + tt) top_k + s by carries: a few divisions per thread where two per pair were half of the scatter's
 // instructions (Nsight Compute at 512K). index() is valid for i < n_pairs.
 struct PairWalk {
-  int s, tt, hc, kv, hg;  // slot, query and head of the chunk; the head's kv head and its place in the group
-  int ds, dq;             // step = dq top_k + ds
-  long long row0;         // topk row of query t0 at head h0: (batch_index seqlen + t0) heads + h0
+  int s, tt, hc;   // slot, query and head of the chunk
+  int ds, dq;      // step = dq top_k + ds
+  long long row0;  // topk row of query t0 at head h0: (batch_index seqlen + t0) heads + h0
 
   __device__ __forceinline__ PairWalk(int i, int step, int seqlen, int heads, int top_k, int batch_index, int h0,
-                                      int t0, int n_q, int group) {
+                                      int t0, int n_q) {
     const int row = i / top_k;
     s = i - row * top_k;
     hc = row / n_q;
     tt = row - hc * n_q;
-    kv = hc / group;
-    hg = hc - kv * group;
     dq = step / top_k;
     ds = step - dq * top_k;
     row0 = (static_cast<long long>(batch_index) * seqlen + t0) * heads + h0;
@@ -97,7 +95,7 @@ struct PairWalk {
   __device__ __forceinline__ long long index(int heads, int top_k) const {  // of pair i's topk entry
     return (row0 + static_cast<long long>(tt) * heads + hc) * top_k + s;
   }
-  __device__ __forceinline__ void advance(int top_k, int n_q, int group) {
+  __device__ __forceinline__ void advance(int top_k, int n_q) {
     s += ds;
     int add = dq;
     if (s >= top_k) {
@@ -108,10 +106,6 @@ struct PairWalk {
     while (tt >= n_q) {  // at most once per step where n_q > step / top_k + 1 (any sequence of 257 tokens or more)
       tt -= n_q;
       ++hc;
-      if (++hg == group) {
-        hg = 0;
-        ++kv;
-      }
     }
   }
 };
@@ -128,7 +122,7 @@ __device__ __forceinline__ void pair_keys(int (&key)[kRounds], const int* topk, 
                                           int n_seg, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
                                           int h0, int t0, int n_q, int group) {
   static_assert(kRounds % kBatch == 0, "whole batches");
-  PairWalk walk(i0, step, seqlen, heads, top_k, batch_index, h0, t0, n_q, group);
+  PairWalk walk(i0, step, seqlen, heads, top_k, batch_index, h0, t0, n_q);
   const int per_kv = group * n_q * top_k;
   int kv = i0 / per_kv;
   long long next = static_cast<long long>(kv + 1) * per_kv;  // the next kv head's first pair
@@ -137,7 +131,7 @@ __device__ __forceinline__ void pair_keys(int (&key)[kRounds], const int* topk, 
 #pragma unroll
     for (int r = b; r < b + kBatch; ++r) {
       key[r] = topk[i0 + r * step < n_pairs ? walk.index(heads, top_k) : 0];  // entry 0 stands in past the end
-      walk.advance(top_k, n_q, group);
+      walk.advance(top_k, n_q);
     }
 #pragma unroll
     for (int r = b; r < b + kBatch; ++r) {
