@@ -33,7 +33,7 @@ its scattered 8-byte stores.
 calls over one key segment of a longer sequence (context parallelism).
 
 Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with more keys (``n_seg + 1``) than
-:func:`max_keys` of its device (11622 on an H100 / H200, 8344 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
+:func:`max_keys` of its device (11622 on an H100 / H200, 8345 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
 where there is no CUDA device), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT``
 ("counting", the default, or "torch"), read at each call, forces either path; ``$MOBALAB_PAIR_TILES`` ("auto", the
 default, "narrow" or "wide") likewise the counting sort's tiles.
@@ -137,11 +137,10 @@ def count_smem_bytes(win: int) -> int:
 
 def scatter_smem_bytes(win: int) -> int:
     """Shared memory of moba_pairs_scatter for a window of ``win`` block columns (as :func:`count_smem_bytes`): a
-    16-bit count per (warp, column) in rows of an even number of columns (two columns share a 32-bit word of its
-    atomics), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per column."""
+    16-bit count per (warp, column), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per
+    column."""
     n_cols = win + 1
-    n_pad = (n_cols + 1) // 2 * 2
-    return ((PAIRS_THREADS // 32) * n_pad * 2 + 15) // 16 * 16 + 4 * n_cols
+    return ((PAIRS_THREADS // 32) * n_cols * 2 + 15) // 16 * 16 + 4 * n_cols
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:

@@ -641,10 +641,6 @@ inline int __shfl_sync(unsigned mask, int v, int src) {
     emu_full_mask(mask);
     return (int)emu::exchange((unsigned)v, src & 31);
 }
-inline unsigned __shfl_sync(unsigned mask, unsigned v, int src) {
-    emu_full_mask(mask);
-    return emu::exchange(v, src & 31);
-}
 inline float __shfl_sync(unsigned mask, float v, int src) {
     emu_full_mask(mask);
     return __uint_as_float(emu::exchange(__float_as_uint(v), src & 31));

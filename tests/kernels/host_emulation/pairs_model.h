@@ -16,7 +16,3 @@ inline unsigned __match_any_sync(unsigned mask, int v) {
     for (int l = 0; l < 32; ++l) bits |= (slots[emu::warp_base() + l] == (unsigned)v ? 1u : 0u) << l;
     return bits;
 }
-
-// The scatter's predicated shared-memory atomic (inline PTX on the GPU).
-#define MOBA_PAIRS_ADD_IF 1
-inline unsigned moba_pairs_add_if(unsigned* p, unsigned inc, bool on) { return on ? atomicAdd(p, inc) : 0u; }

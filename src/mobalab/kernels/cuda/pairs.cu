@@ -23,9 +23,8 @@
 //   moba_pairs_scatter  pair i of tile t goes to pos = seg_off[key] + c[t][key] + w[warp][key] + r, where
 //                       w[warp][key] counts the key's pairs in the tile's earlier warps and r its pairs before
 //                       i in i's warp: each warp walks its T / 8 consecutive pairs in order, 32 at
-//                       a time, ranking equal keys with __match_any_sync into its row of 16-bit counts (shared-
-//                       memory atomics on pairs of counts); the earlier warps' rows are then summed per pair,
-//                       not per key. pairs[pos] = i
+//                       a time, ranking equal keys with __match_any_sync into its row of 16-bit counts; the
+//                       earlier warps' rows are then summed per pair, not per key. pairs[pos] = i
 //                       (sorted_keys[pos] = key when sorted_keys is not null).
 // Every position is ordered by (key, i): the stable sort, so the lists and every result computed from them are
 // the same as with the torch sort, run after run. Shared memory: moba_pairs_count 4 W bytes, moba_pairs_scatter
@@ -43,19 +42,6 @@
 #ifndef MOBA_PAIRS_DYNAMIC_SMEM
 #define MOBA_PAIRS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
-// *p += inc where on, returning *p before (unchanged where not): one predicated shared-memory atomic, where the
-// compiler made a branch around each atomicAdd (its rounds then ran one after another); volatile, so the atomics
-// keep their program order. The host emulation defines its own.
-#ifndef MOBA_PAIRS_ADD_IF
-__device__ __forceinline__ unsigned moba_pairs_add_if(unsigned* p, unsigned inc, bool on) {
-  unsigned old = 0u;
-  asm volatile(
-      "{\n .reg .pred on;\n setp.ne.u32 on, %3, 0;\n @on atom.shared.add.u32 %0, [%1], %2;\n}"
-      : "+r"(old)
-      : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "r"(inc), "r"(static_cast<unsigned>(on)));
-  return old;
-}
-#endif
 
 namespace moba_pairs {
 
@@ -71,7 +57,7 @@ constexpr int kWideCountThreads = 2 * kPairsThreads;
 constexpr int kCountBatch = 8;
 constexpr int kScatterBatch = 4;
 constexpr int kWideScatterBatch = 8;
-constexpr int kRankBatch = 8;  // scatter rounds ranked together (matches, then atomics, then shuffles)
+constexpr int kStoreBatch = 8;  // scatter rounds whose position loads come before their stores
 constexpr int kScanThreads = 1024;  // SCAN_THREADS: 32 keys x 32 tile ranges per CTA; the last CTA scans keys
 #ifndef MOBA_PAIRS_SCAN_CACHED
 #define MOBA_PAIRS_SCAN_CACHED 16  // the host emulation's tests set 1, to run the scan's batches with small chunks
@@ -334,10 +320,8 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
   const KeyWindow kw(blockIdx.x, kTile, group * n_q * top_k, n_blocks, win, n_seg);
-  // [kPairsWarps][n_pad]: rows of an even number of 16-bit counts, so that two columns share an aligned word
-  const int n_pad = (n_cols + 1) & ~1;
-  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);
-  const int table_bytes = (kPairsWarps * n_pad * 2 + 15) & ~15;
+  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_cols]
+  const int table_bytes = (kPairsWarps * n_cols * 2 + 15) & ~15;
   int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_cols]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int v = tid; v < table_bytes / 16; v += kPairsThreads)  // 16-byte stores
@@ -360,54 +344,43 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   }
   __syncthreads();
   // rank of each pair among the earlier pairs of its column in this warp (key[r] becomes column << 16 | rank: a
-  // tile holds at most 2^13 pairs and columns are below 2^15). The first lane of each group of equal columns in a
-  // round adds the group's size to the column's count with a 32-bit shared-memory atomic on the column's half of
-  // its word (a count stays below 32 kRounds < 2^16, so it never carries into its neighbour) and passes the count
-  // it returns to the group. A load and a store of the count held each round until the previous round's store
-  // (a chain of shared-memory latencies over the rounds); the atomics of successive rounds need not wait for each
-  // other, only each round's shuffle for its own atomic. The warp's row ends at its counts.
-  unsigned* mine = reinterpret_cast<unsigned*>(wcount + warp * n_pad);
+  // tile holds at most 2^13 pairs and columns are below 2^15); the warp's row ends at its counts. (Shared-memory
+  // atomics on pairs of 16-bit counts, eight rounds' atomics issued before their shuffles, took 0.96-1.04x this
+  // load-store chain's time per scatter on an H100: not kept.)
+  unsigned short* mine = wcount + warp * n_cols;
   const unsigned lower = (1u << lane) - 1u;
 #pragma unroll
-  for (int b = 0; b < kRounds; b += kRankBatch) {
-    unsigned same[kRankBatch], old[kRankBatch];
-#pragma unroll
-    for (int j = 0; j < kRankBatch; ++j) same[j] = __match_any_sync(0xffffffffu, key[b + j]);
-#pragma unroll
-    for (int j = 0; j < kRankBatch; ++j) {
-      const int k = key[b + j];
-      old[j] = moba_pairs_add_if(mine + (k >> 1), static_cast<unsigned>(__popc(same[j])) << ((k & 1) * 16),
-                                 k != kNoKey && (same[j] & lower) == 0u);
-      __syncwarp();  // the next round's atomics after this one's (a column's count in the order of the pairs)
-    }
-#pragma unroll
-    for (int j = 0; j < kRankBatch; ++j) {
-      const int k = key[b + j];
-      const unsigned count = __shfl_sync(0xffffffffu, old[j], __ffs(same[j]) - 1);
-      key[b + j] =
-          k != kNoKey ? (k << 16) | static_cast<int>(((count >> ((k & 1) * 16)) & 0xffffu) + __popc(same[j] & lower))
-                      : kNoKey;
-    }
+  for (int r = 0; r < kRounds; ++r) {
+    const int k = key[r];
+    const unsigned same = __match_any_sync(0xffffffffu, k);
+    const int old = k != kNoKey ? mine[k] : 0;
+    __syncwarp();
+    if (k != kNoKey && (same & lower) == 0) mine[k] = static_cast<unsigned short>(old + __popc(same));
+    __syncwarp();
+    key[r] = k != kNoKey ? (k << 16) | (old + __popc(same & lower)) : kNoKey;
   }
   __syncthreads();
-  // the pair's rank in the tile: its column's counts in the tile's earlier warps, row by row, so that a row's loads
-  // for all of the lane's pairs are independent (a pair's loads after one another held a chain per pair); the
-  // rank stays below the tile's 2^13 pairs, inside key[r]'s low 16 bits
+  // the pair's rank in the tile: its column's counts in the tile's earlier warps, summed per pair, not per column
+  // (a tile holds kTile pairs, while a chunk at long context has as many keys, 4097 at 512K, most of them not in
+  // the tile), row by row, so that a row's loads for all of the lane's pairs are independent (a pair's loads one
+  // after another held a chain per pair: the scatter 1.02-1.06x at 512K, 1.00-1.02x at 16K-64K on an H100; a
+  // per-column scan of the counts over the warps first, then one load per pair, 0.94-0.99x of this). The rank stays
+  // below the tile's 2^13 pairs, inside key[r]'s low 16 bits.
   for (int w = 0; w < warp; ++w) {
-    const unsigned short* row = wcount + w * n_pad;
+    const unsigned short* row = wcount + w * n_cols;
 #pragma unroll
     for (int r = 0; r < kRounds; ++r)
       if (key[r] != kNoKey) key[r] += row[key[r] >> 16];
   }
-  // positions: the tile's start of the column plus the rank; a batch's loads before its stores (column 0's start
-  // stands in for unused lanes, whose store is skipped)
+  // positions: the tile's start of the column plus the rank, a batch's loads before its stores (column 0's start
+  // stands in for unused lanes, whose stores are skipped)
 #pragma unroll
-  for (int b = 0; b < kRounds; b += kRankBatch) {
-    int pos[kRankBatch];
+  for (int b = 0; b < kRounds; b += kStoreBatch) {
+    int pos[kStoreBatch];
 #pragma unroll
-    for (int j = 0; j < kRankBatch; ++j) pos[j] = base[key[b + j] == kNoKey ? 0 : key[b + j] >> 16];
+    for (int j = 0; j < kStoreBatch; ++j) pos[j] = base[key[b + j] == kNoKey ? 0 : key[b + j] >> 16];
 #pragma unroll
-    for (int j = 0; j < kRankBatch; ++j) {
+    for (int j = 0; j < kStoreBatch; ++j) {
       const int k = key[b + j];
       if (k == kNoKey) continue;
       const int p = pos[j] + (k & 0xffff);
