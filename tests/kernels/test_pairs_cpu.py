@@ -61,7 +61,7 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
-                                         "moba_pairs_count_wide", "moba_pairs_scatter_wide", "moba_pairs_scatter_bytes",
+                                         "moba_pairs_count_wide", "moba_pairs_scatter_wide",
                                          "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
@@ -91,26 +91,20 @@ def test_pairs_kernels_have_the_planned_signatures():
                        group=group, win=5, tile=1000)
 
 
-@pytest.mark.parametrize(("n_pairs", "n_seg", "n_blocks", "top_k", "want"), [
-    (2 * 2**20, 4096, 4096, 8, (P.TILE, 4096, "bytes")),   # 512K: one kv head of 4096 blocks per chunk
-    (2 * 2**20, 4096, 4096, 2, (P.WIDE_TILE, 4096, "wide")),  # too few slots per row for 8-bit counts
-    (2 * 2**20, 4 * 2048, 2048, 8, (P.TILE, 2048, "narrow")),  # 64K at B 32: four kv heads of 2048 blocks
-    (2 * 2**20, 4 * 512, 512, 8, (P.TILE, 512, "narrow")),     # 64K at B 128
-    (2 * 2**20, 2 * 3072, 3072, 3, (P.TILE, 3072, "bytes")),  # the thresholds
-    (2 * 2**20, 2 * 3072, 3072, 2, (P.WIDE_TILE, 3072, "wide")),
-    (2 * 2**20, 2 * 3071, 3071, 8, (P.TILE, 3071, "narrow")),
+@pytest.mark.parametrize(("n_pairs", "n_seg", "n_blocks", "want"), [
+    (2 * 2**20, 4096, 4096, (P.WIDE_TILE, 4096)),    # 512K: one kv head of 4096 blocks per chunk
+    (2 * 2**20, 4 * 2048, 2048, (P.TILE, 2048)),     # 64K at B 32: four kv heads of 2048 blocks
+    (2 * 2**20, 4 * 512, 512, (P.TILE, 512)),        # 64K at B 128
+    (2 * 2**20, 2 * 3072, 3072, (P.WIDE_TILE, 3072)),  # the threshold
+    (2 * 2**20, 2 * 3071, 3071, (P.TILE, 3071)),
 ])
-def test_tiles_where_the_key_window_is_wide(monkeypatch, n_pairs, n_seg, n_blocks, top_k, want):
+def test_wide_tiles_where_the_key_window_is_wide(monkeypatch, n_pairs, n_seg, n_blocks, want):
     monkeypatch.delenv(P.TILES_ENV, raising=False)
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, top_k=top_k) == want
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, "narrow", top_k) == (P.TILE, P.key_window(n_pairs, n_seg, n_blocks),
-                                                                      "narrow")
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, "wide", top_k)[0] == P.WIDE_TILE
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, "bytes", 3)[::2] == (P.TILE, "bytes")
-    with pytest.raises(ValueError, match="top_k >= 3; got top_k 2"):
-        P.tile_plan(n_pairs, n_seg, n_blocks, "bytes", 2)
+    assert P.tile_plan(n_pairs, n_seg, n_blocks) == want
+    assert P.tile_plan(n_pairs, n_seg, n_blocks, "narrow") == (P.TILE, P.key_window(n_pairs, n_seg, n_blocks))
+    assert P.tile_plan(n_pairs, n_seg, n_blocks, "wide")[0] == P.WIDE_TILE
     monkeypatch.setenv(P.TILES_ENV, "narrow")
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, top_k=top_k)[::2] == (P.TILE, "narrow")
+    assert P.tile_plan(n_pairs, n_seg, n_blocks)[0] == P.TILE
     monkeypatch.setenv(P.TILES_ENV, "huge")
     with pytest.raises(ValueError, match="MOBALAB_PAIR_TILES"):
         P.tile_plan(n_pairs, n_seg, n_blocks)
@@ -127,9 +121,6 @@ def test_the_constants_match_the_source():
     assert P.WIDE_TILE == P.WIDE_COUNT_THREADS * P.PAIRS_ROUNDS  # the count's and the scatter's tiles agree
     assert P.MAX_KEYS <= 2**15 and P.WIDE_TILE < 2**16
     assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
-    # 8-bit counts: four CTAs of the scatter fit an H100's SM at 512K's 4097 columns (two with 16-bit counts)
-    assert 4 * (P.scatter_smem_bytes(4096, "bytes") + 1024) <= 233472 < 3 * (P.scatter_smem_bytes(4096) + 1024)
-    assert P.BYTES_MIN_TOP_K == 3 and P.TILE // P.PAIRS_THREADS * 32 // 3 + 1 < 256 <= P.TILE // P.PAIRS_THREADS * 32 // 2 + 1
 
 
 def test_the_key_limit_follows_the_device_shared_memory(monkeypatch):
@@ -199,8 +190,6 @@ EMU_CASES = [
     pytest.param(2, 4400, 4, 2, 2, 40, A.Chunk(1, 2, 2, 300, 4100), {}, id="tiles-tail-gqa-offset-chunk"),
     # one block chosen by every row: one huge segment, most others empty, unused slots
     pytest.param(1, 3000, 2, 1, 4, 30, A.Chunk(0, 0, 2, 0, 3000), dict(hot=3, unused=0.2), id="one-huge-segment"),
-    # every row selecting all of its 3 blocks: a warp's 512 pairs hold 170-171 of each, near the 8-bit counts' 255
-    pytest.param(1, 6000, 2, 1, 3, 3, A.Chunk(0, 0, 2, 0, 6000), {}, id="every-block-every-row"),
     # fewer blocks than slots: many unused slots (the last key), a chunk smaller than one tile, 1 kv head
     pytest.param(1, 500, 3, 3, 8, 5, A.Chunk(0, 0, 3, 0, 500), dict(unused=0.1), id="few-blocks-unused"),
     # more keys than the scan's 32 per CTA, many small segments
@@ -238,12 +227,10 @@ def test_key_window_holds_every_tile(n_q, top_k, group, n_kv, n_blocks, tile):
     assert P.n_tiles(n_pairs, tile) * (win + 1) <= P.counts_elems(n_pairs, n_seg)
 
 
-@pytest.mark.parametrize("tiles", ["narrow", "wide", "bytes"])
+@pytest.mark.parametrize("tiles", ["narrow", "wide"])
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), EMU_CASES)
 def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seqlen, heads, group, top_k, n_blocks,
                                                   chunk, opts, tiles):
-    if tiles == "bytes" and top_k < P.BYTES_MIN_TOP_K:
-        pytest.skip("8-bit counts need top_k >= 3 (tile_plan refuses fewer)")
     topk = _topk(seqlen + n_blocks, batch, seqlen, heads, top_k, n_blocks, **opts)
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
@@ -252,32 +239,12 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                    rows_per_unit=rows, tiles=tiles)
-    assert plans[2].kernel == {"wide": "moba_pairs_scatter_wide", "bytes": "moba_pairs_scatter_bytes"}.get(
-        tiles, "moba_pairs_scatter")
+    assert plans[2].kernel == ("moba_pairs_scatter_wide" if tiles == "wide" else "moba_pairs_scatter")
     run_emulated(harness, tmp_path, plans, seed=n_pairs)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
     assert int(bufs["ticket"]) == 0  # ready for the next chunk
     assert int(bufs["seg_total"].sum()) == n_pairs
-
-
-def test_emulated_bytes_scatter_fails_loudly_past_eight_bits(harness, tmp_path):
-    """Routing that holds one block in every slot of a row (never the router's: it selects distinct blocks) puts
-    a warp's 512 pairs on one block column, past the 8-bit counts: the scatter traps instead of writing wrong
-    lists. The same routing's lists through 16-bit counts are the stable sort."""
-    seqlen, heads, top_k, n_blocks = 600, 1, 8, 4
-    chunk = A.Chunk(0, 0, 1, 0, seqlen)
-    topk = torch.full((1, seqlen, heads, top_k), 2, dtype=torch.int32)
-    n_pairs, n_seg = seqlen * top_k, n_blocks
-    bufs = _buffers(n_pairs, n_seg)
-    plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=1,
-                   rows_per_unit=64, tiles="bytes")
-    with pytest.raises(AssertionError, match="__trap"):
-        run_emulated(harness, tmp_path, plans, seed=5)
-    bufs = _buffers(n_pairs, n_seg)
-    run_emulated(harness, tmp_path, _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k,
-                                           n_blocks=n_blocks, group=1, rows_per_unit=64, tiles="narrow"), seed=5)
-    assert torch.equal(bufs["pairs"], torch.arange(n_pairs))
 
 
 harness_batched_scan = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)},

@@ -36,7 +36,7 @@ Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with mor
 :func:`max_keys` of its device (11622 on an H100 / H200, 8345 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
 where there is no CUDA device), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT``
 ("counting", the default, or "torch"), read at each call, forces either path; ``$MOBALAB_PAIR_TILES`` ("auto", the
-default, "narrow", "wide" or "bytes") likewise the counting sort's tiles.
+default, "narrow" or "wide") likewise the counting sort's tiles.
 """
 
 from __future__ import annotations
@@ -61,14 +61,10 @@ TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter ke
 WIDE_ROUNDS = 32  # kWideRounds: the wide scatter's pairs per lane
 WIDE_COUNT_THREADS = 512  # kWideCountThreads: the wide count's threads, PAIRS_ROUNDS pairs each
 WIDE_TILE = PAIRS_THREADS * WIDE_ROUNDS  # pairs per CTA of the wide tiles
-# Narrow key windows of at least this many block columns take wide tiles, or narrow tiles with 8-bit counts: per
-# chunk on an H100, wide tiles ran 0.89x at 2049 columns (64K, B 32) and 1.12x at 4097 (512K, one kv head per chunk)
-# in the scatter. Below it a narrow scatter's 20 bytes per column already leave four CTAs per SM.
+# Narrow key windows of at least this many block columns take wide tiles: per chunk on an H100, wide tiles ran
+# 0.89x at 2049 columns (64K, B 32) and 1.12x at 4097 (512K, one kv head per chunk) in the scatter.
 WIDE_MIN_WINDOW = 3072
-# 8-bit counts per (warp, block column) hold a warp's 32 PAIRS_ROUNDS pairs, at most 512 / top_k + 1 of a column
-# (each (head, query) row selects a block once): below 256 from top_k 3.
-BYTES_MIN_TOP_K = 3
-TILES = ("auto", "narrow", "wide", "bytes")
+TILES = ("auto", "narrow", "wide")
 TILES_ENV = "MOBALAB_PAIR_TILES"
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
 MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory
@@ -89,8 +85,8 @@ def resolve_sort(sort: str | None) -> str:
 
 
 def resolve_tiles(tiles: str | None) -> str:
-    """The counting sort's tiles: ``tiles``, or the ``MOBALAB_PAIR_TILES`` environment variable (default "auto",
-    see :func:`tile_plan`) when None."""
+    """The counting sort's tiles: ``tiles``, or the ``MOBALAB_PAIR_TILES`` environment variable (default "auto":
+    wide tiles where a narrow tile's key window has ``WIDE_MIN_WINDOW`` columns or more) when None."""
     if tiles is None:
         tiles = getenv(TILES_ENV, "auto")
     if tiles not in TILES:
@@ -139,15 +135,12 @@ def count_smem_bytes(win: int) -> int:
     return 4 * (win + 1)
 
 
-def scatter_smem_bytes(win: int, kind: str = "narrow") -> int:
+def scatter_smem_bytes(win: int) -> int:
     """Shared memory of moba_pairs_scatter for a window of ``win`` block columns (as :func:`count_smem_bytes`): a
     16-bit count per (warp, column), rounded up to 16 bytes (it is zeroed in 16-byte stores), then an int per
-    column; for ``kind`` "bytes" (moba_pairs_scatter_bytes) 8-bit counts of the window's columns, rounded up to
-    16 bytes, and the unused slots' 16-bit count per warp (16 bytes) before the ints."""
-    n_cols, warps = win + 1, PAIRS_THREADS // 32
-    if kind == "bytes":
-        return (warps * win + 15) // 16 * 16 + 2 * warps + 4 * n_cols
-    return (warps * n_cols * 2 + 15) // 16 * 16 + 4 * n_cols
+    column."""
+    n_cols = win + 1
+    return ((PAIRS_THREADS // 32) * n_cols * 2 + 15) // 16 * 16 + 4 * n_cols
 
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:
@@ -175,22 +168,15 @@ def key_window(n_pairs: int, n_seg: int, n_blocks: int, tile: int = TILE) -> int
     return min(n_kv, span) * n_blocks
 
 
-def tile_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None,
-              top_k: int = BYTES_MIN_TOP_K) -> tuple[int, int, str]:
-    """(pairs per tile, key window, kind) of a chunk. ``tiles`` (:func:`resolve_tiles`) "auto" takes narrow tiles
-    (``TILE``, 16-bit scatter counts) where their window has fewer than ``WIDE_MIN_WINDOW`` columns, else narrow
-    tiles with 8-bit counts ("bytes": twice the scatter CTAs per SM) where ``top_k`` >= ``BYTES_MIN_TOP_K``, else
-    wide tiles (``WIDE_TILE``); "narrow", "wide" and "bytes" force one ("bytes" needs that ``top_k``)."""
+def tile_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None) -> tuple[int, int]:
+    """(pairs per tile, key window) of a chunk: narrow tiles (``TILE``) unless ``tiles`` (:func:`resolve_tiles`)
+    is "wide", or "auto" and the narrow tiles' window has ``WIDE_MIN_WINDOW`` columns or more; then ``WIDE_TILE``
+    and its window."""
     tiles = resolve_tiles(tiles)
     win = key_window(n_pairs, n_seg, n_blocks)
-    if tiles == "auto":
-        tiles = "narrow" if win < WIDE_MIN_WINDOW else "bytes" if top_k >= BYTES_MIN_TOP_K else "wide"
-    if tiles == "bytes" and top_k < BYTES_MIN_TOP_K:
-        raise ValueError(f"pair tiles 'bytes' count a warp's pairs per block in 8 bits, which needs top_k >= "
-                         f"{BYTES_MIN_TOP_K}; got top_k {top_k}")
-    if tiles == "wide":
-        return WIDE_TILE, key_window(n_pairs, n_seg, n_blocks, WIDE_TILE), tiles
-    return TILE, win, tiles
+    if tiles == "wide" or (tiles == "auto" and win >= WIDE_MIN_WINDOW):
+        return WIDE_TILE, key_window(n_pairs, n_seg, n_blocks, WIDE_TILE)
+    return TILE, win
 
 
 @dataclass(frozen=True)
@@ -248,19 +234,15 @@ def scan_launch(counts, seg_total, ticket, seg_off, tile_cum, *, n_pairs, n_seg,
 
 
 def scatter_launch(topk, counts, seg_off, pairs, sorted_keys, *, seqlen, heads, top_k, n_blocks, chunk,
-                   group, win, tile: int = TILE, kind: str | None = None) -> Launch:
+                   group, win, tile: int = TILE) -> Launch:
     """Each pair's index to its stable position (and its key, unless ``sorted_keys`` is 0); ``win`` and ``tile`` as
-    for :func:`count_launch`; ``kind`` "bytes" (narrow tiles only) the scatter with 8-bit counts."""
+    for :func:`count_launch`."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     kernel, threads = _tile_kernels(tile)[1]
-    if kind == "bytes":
-        if tile != TILE:
-            raise ValueError(f"8-bit scatter counts come with tiles of {TILE} pairs, got {tile}")
-        kernel = "moba_pairs_scatter_bytes"
     return Launch(SOURCE, kernel, (n_tiles(n_pairs, tile),), (threads,),
                   (topk, counts, seg_off, pairs, sorted_keys, *_chunk_args(seqlen, heads, top_k, n_blocks, chunk,
                                                                           group), i32(win)),
-                  shared_mem=scatter_smem_bytes(win, kind or "narrow"))
+                  shared_mem=scatter_smem_bytes(win))
 
 
 def _tile_kernels(tile: int):
@@ -276,7 +258,7 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
                       top_k, n_blocks, chunk, group, rows_per_unit, tiles: str | None = None) -> list[Launch]:
     """The three launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
     ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none), over the
-    tiles of :func:`tile_plan` (``tiles``: "auto", "narrow", "wide", "bytes", or None for ``$MOBALAB_PAIR_TILES``).
+    tiles of :func:`tile_plan` (``tiles``: "auto", "narrow", "wide", or None for ``$MOBALAB_PAIR_TILES``).
 
     ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one unsigned
     (any value: the count launch sets it to 0, the scan leaves it 0)."""
@@ -286,13 +268,13 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
-    tile, win, kind = tile_plan(n_pairs, n_seg, n_blocks, tiles, top_k)
+    tile, win = tile_plan(n_pairs, n_seg, n_blocks, tiles)
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win,
                     tile=tile)
     return [count_launch(topk, counts, ticket, **geometry),
             scan_launch(counts, seg_total, ticket, seg_off, tile_cum, n_pairs=n_pairs, n_seg=n_seg,
                         rows_per_unit=rows_per_unit, n_blocks=n_blocks, win=win, tile=tile),
-            scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry, kind=kind)]
+            scatter_launch(topk, counts, seg_off, pairs, sorted_keys, **geometry)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,11 +39,6 @@ const harness::Kernels kKernels = {
                                  P<long long>(a[3]), P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]),
                                  I(a[10]), I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]));
      }}},
-    {"moba_pairs_scatter_bytes", {16, [](const std::vector<Arg>& a) {
-         moba_pairs_scatter_bytes(P<const int>(a[0]), P<const int>(a[1]), P<const long long>(a[2]),
-                                  P<long long>(a[3]), P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]),
-                                  I(a[10]), I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]));
-     }}},
     {"moba_pairs_gather", {6, [](const std::vector<Arg>& a) {
          moba_pairs_gather(P<const long long>(a[0]), P<const long long>(a[1]), P<const long long>(a[2]),
                            P<long long>(a[3]), I(a[4]), I(a[5]));

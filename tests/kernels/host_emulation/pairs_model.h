@@ -1,6 +1,6 @@
 // What pairs.cu needs of a harness besides cuda_host.h and static shared arrays (`__shared__` as `static`: the CTAs
 // of a launch run one after another, so a static is one CTA's shared memory): its dynamic shared memory, and
-// __match_any_sync (the lanes of the warp holding the same value), __trap. Included before pairs.cu's text.
+// __match_any_sync (the lanes of the warp holding the same value). Included before pairs.cu's text.
 #pragma once
 
 #include "cuda_host.h"
@@ -16,4 +16,3 @@ inline unsigned __match_any_sync(unsigned mask, int v) {
     for (int l = 0; l < 32; ++l) bits |= (slots[emu::warp_base() + l] == (unsigned)v ? 1u : 0u) << l;
     return bits;
 }
-inline void __trap() { emu::fail("__trap"); }

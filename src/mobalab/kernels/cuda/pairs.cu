@@ -311,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
 namespace moba_pairs {
 
 // Tile t = blockIdx.x of 32 x kRounds pairs per warp (kPairsWarps warps) to their positions (see the header).
-template <int kRounds, typename Count>
+template <int kRounds>
 __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts, const long long* seg_off,
                                              long long* pairs, int* sorted_keys, int seqlen, int heads, int top_k,
                                              int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q,
@@ -320,23 +320,12 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   const int n_seg = (n_heads_c / group) * n_blocks, n_cols = win + 1;
   const int n_pairs = n_heads_c * n_q * top_k;
   const KeyWindow kw(blockIdx.x, kTile, group * n_q * top_k, n_blocks, win, n_seg);
-  // per warp a row of counts: 16-bit counts of every column, or 8-bit counts of the window's columns and the
-  // unused-slot column's 16-bit count apart (a warp's 32 kRounds pairs hold at most 32 kRounds / top_k + 1 of a
-  // block column, each (head, query) row selecting a block once: below 2^8 for top_k >= 3 at 16 rounds)
-  constexpr bool kBytes = sizeof(Count) == 1;
-  const int n_row = kBytes ? win : n_cols;
-  Count* wcount = reinterpret_cast<Count*>(smem);  // [kPairsWarps][n_row]
-  const int table_bytes = (kPairsWarps * n_row * static_cast<int>(sizeof(Count)) + 15) & ~15;
-  unsigned short* unused = reinterpret_cast<unsigned short*>(smem + table_bytes);  // [kPairsWarps] where kBytes
-  const int head_bytes = table_bytes + (kBytes ? 16 : 0);
-  int* base = reinterpret_cast<int*>(smem + head_bytes);  // [n_cols]
+  unsigned short* wcount = reinterpret_cast<unsigned short*>(smem);  // [kPairsWarps][n_cols]
+  const int table_bytes = (kPairsWarps * n_cols * 2 + 15) & ~15;
+  int* base = reinterpret_cast<int*>(smem + table_bytes);  // [n_cols]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int v = tid; v < head_bytes / 16; v += kPairsThreads)  // 16-byte stores
+  for (int v = tid; v < table_bytes / 16; v += kPairsThreads)  // 16-byte stores
     reinterpret_cast<uint4*>(smem)[v] = make_uint4(0u, 0u, 0u, 0u);
-  auto count_at = [&](int w, int c) -> int {
-    if constexpr (kBytes) return c == win ? static_cast<int>(unused[w]) : static_cast<int>(wcount[w * n_row + c]);
-    return wcount[w * n_row + c];
-  };
   // this warp's pairs, in order: i = first + 32 r + lane
   const int first = blockIdx.x * kTile + warp * 32 * kRounds;
   int key[kRounds];
@@ -358,23 +347,15 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   // tile holds at most 2^13 pairs and columns are below 2^15); the warp's row ends at its counts. (Shared-memory
   // atomics on pairs of 16-bit counts, eight rounds' atomics issued before their shuffles, took 0.96-1.04x this
   // load-store chain's time per scatter on an H100: not kept.)
-  Count* mine = wcount + warp * n_row;
+  unsigned short* mine = wcount + warp * n_cols;
   const unsigned lower = (1u << lane) - 1u;
 #pragma unroll
   for (int r = 0; r < kRounds; ++r) {
     const int k = key[r];
     const unsigned same = __match_any_sync(0xffffffffu, k);
-    const int old = k != kNoKey ? count_at(warp, k) : 0;
+    const int old = k != kNoKey ? mine[k] : 0;
     __syncwarp();
-    if (k != kNoKey && (same & lower) == 0) {
-      const int now = old + __popc(same);
-      if (kBytes && k == win)
-        unused[warp] = static_cast<unsigned short>(now);
-      else
-        mine[k] = static_cast<Count>(now);
-      // a row holding a block twice or more (routing not from the router) could pass 8 bits: fail loudly
-      if (kBytes && k != win && now > 255) __trap();
-    }
+    if (k != kNoKey && (same & lower) == 0) mine[k] = static_cast<unsigned short>(old + __popc(same));
     __syncwarp();
     key[r] = k != kNoKey ? (k << 16) | (old + __popc(same & lower)) : kNoKey;
   }
@@ -386,9 +367,10 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   // per-column scan of the counts over the warps first, then one load per pair, 0.94-0.99x of this). The rank stays
   // below the tile's 2^13 pairs, inside key[r]'s low 16 bits.
   for (int w = 0; w < warp; ++w) {
+    const unsigned short* row = wcount + w * n_cols;
 #pragma unroll
     for (int r = 0; r < kRounds; ++r)
-      if (key[r] != kNoKey) key[r] += count_at(w, key[r] >> 16);
+      if (key[r] != kNoKey) key[r] += row[key[r] >> 16];
   }
   // positions: the tile's start of the column plus the rank, a batch's loads before its stores (column 0's start
   // stands in for unused lanes, whose stores are skipped)
@@ -412,18 +394,17 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
 
 // The scatter's entry points, 16 and 32 pairs per lane (the wide one asks for two CTAs per SM, which its shared
 // memory allows anyway: ptxas's default target, three, spilled at 80 registers).
-#define MOBA_PAIRS_SCATTER_KERNEL(name, bounds, rounds, count_t)                                                   \
+#define MOBA_PAIRS_SCATTER_KERNEL(name, bounds, rounds)                                                            \
   extern "C" __global__ void __launch_bounds__ bounds name(                                                        \
       const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys,            \
       int seqlen, int heads, int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q,     \
       int group, int win) {                                                                                        \
     MOBA_PAIRS_DYNAMIC_SMEM(smem);                                                                                 \
-    moba_pairs::scatter_tile<rounds, count_t>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k,     \
-                                              n_blocks, batch_index, h0, n_heads_c, t0, n_q, group, win, smem);    \
+    moba_pairs::scatter_tile<rounds>(topk, counts, seg_off, pairs, sorted_keys, seqlen, heads, top_k, n_blocks,    \
+                                     batch_index, h0, n_heads_c, t0, n_q, group, win, smem);                       \
   }
-MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter, (256), moba_pairs::kPairsRounds, unsigned short)
-MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter_wide, (256, 2), moba_pairs::kWideRounds, unsigned short)
-MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter_bytes, (256, 4), moba_pairs::kPairsRounds, unsigned char)
+MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter, (256), moba_pairs::kPairsRounds)
+MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter_wide, (256, 2), moba_pairs::kWideRounds)
 
 // The lists of a chunk over whole sequences gathered from lists kept by earlier chunks (the forward's, for the
 // backward, whose chunks split the heads and queries differently). Segment s is the concatenation of n_pieces
