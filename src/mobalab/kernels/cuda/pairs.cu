@@ -363,7 +363,7 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   // the pair's rank in the tile: its column's counts in the tile's earlier warps, summed per pair, not per column
   // (a tile holds kTile pairs, while a chunk at long context has as many keys, 4097 at 512K, most of them not in
   // the tile), row by row, so that a row's loads for all of the lane's pairs are independent (a pair's loads one
-  // after another held a chain per pair: the scatter 1.02-1.06x at 512K, 1.00-1.02x at 16K-64K on an H100; a
+  // after another held a chain per pair: the scatter 1.02-1.06x at 512K, 0.98-1.02x at 16K-64K on an H100; a
   // per-column scan of the counts over the warps first, then one load per pair, 0.94-0.99x of this). The rank stays
   // below the tile's 2^13 pairs, inside key[r]'s low 16 bits.
   for (int w = 0; w < warp; ++w) {
@@ -374,6 +374,7 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   }
   // positions: the tile's start of the column plus the rank, a batch's loads before its stores (column 0's start
   // stands in for unused lanes, whose stores are skipped)
+  static_assert(kRounds % kStoreBatch == 0, "whole batches");
 #pragma unroll
   for (int b = 0; b < kRounds; b += kStoreBatch) {
     int pos[kStoreBatch];
