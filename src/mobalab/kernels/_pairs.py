@@ -25,9 +25,9 @@ per chunk topk is read twice (16.8 MB), pairs written once (16.8 MB; the backwar
 ~40 MB per chunk, ~0.3 GB per forward, about 0.1 ms at 3.5 TB/s. Measured on an H200 (GPU kernel time): 0.60 ms per
 forward (0.65 with rows of every key, 0.76 with tiles of 8192 pairs; the torch path 1.36 ms); at B = 32 (8193 keys,
 2049 columns) 0.78 ms, where rows of every key took 1.04. The kernels are latency-bound, not bandwidth-bound: at 512K
-(chunks of one head and 256K queries, 4097 keys) Nsight Compute puts the scatter, ~85 of a chunk's ~130 us, at 9%
-of DRAM and 42% of L2 throughput with two CTAs of 8 warps per SM (its shared memory), waiting on the topk reads and
-its scattered 8-byte stores.
+(chunks of one head and 256K queries, 4097 keys, wide tiles) Nsight Compute puts the scatter, ~88 of a chunk's
+~118 us on an H100, at about 14% of DRAM and 46% of L2 throughput with two CTAs of 8 warps per SM (its shared memory),
+most of its stalls in its scattered 8-byte stores; four CTAs per SM (8-bit counts) did not make it faster.
 
 :func:`rebased_topk` (one more kernel of cuda/pairs.cu) gives routing local to a range of blocks, for kernel
 calls over one key segment of a longer sequence (context parallelism).

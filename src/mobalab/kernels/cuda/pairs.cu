@@ -53,7 +53,7 @@ constexpr int kPairsRounds = 16;  // pairs per lane of a narrow tile (PAIRS_ROUN
 // and starts, the scan's entries) halves per pair, while the count keeps 16 pairs per thread in CTAs of 512.
 constexpr int kWideRounds = 2 * kPairsRounds;   // the wide scatter's pairs per lane
 constexpr int kWideCountThreads = 2 * kPairsThreads;
-// topk loads in flight per thread (pair_keys): the most each kernel takes without spilling
+// topk loads in flight per thread (pair_keys): chosen when larger batches spilled (see pair_keys)
 constexpr int kCountBatch = 8;
 constexpr int kScatterBatch = 4;
 constexpr int kWideScatterBatch = 8;
@@ -115,9 +115,10 @@ struct PairWalk {
 // loads of a batch of kBatch rounds are all issued before any is used. Turned into keys where it was loaded, inside
 // the range check, each load was waited for before the next was issued (long_scoreboard the top stall of the count
 // and the scatter, Nsight Compute at 512K). Per chunk on an H100 (queued, interleaved): the count 1.15-1.27x, the
-// scatter 1.01-1.05x, the three launches 1.03-1.06x. Larger batches cost registers (the scatter spills at 8, the
-// wide one at 16; the count as fast at 8 as at 16). A pair's kv head is i / P (P = group n_q top_k pairs per kv
-// head), found by a cursor.
+// scatter 1.01-1.05x, the three launches 1.03-1.06x. Larger batches then spilled (the scatter at 8, the wide one
+// at 16; the count as fast at 8 as at 16); since the scatter's earlier-warp sums run row by row they no longer
+// spill, and the wide scatter at 16 measured within the spread (0.98-1.03x at 512K). A pair's kv head is i / P
+// (P = group n_q top_k pairs per kv head), found by a cursor.
 template <int kRounds, int kBatch>
 __device__ __forceinline__ void pair_keys(int (&key)[kRounds], const int* topk, int i0, int step, int n_pairs,
                                           int n_seg, int seqlen, int heads, int top_k, int n_blocks, int batch_index,
@@ -393,8 +394,9 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
 
 }  // namespace moba_pairs
 
-// The scatter's entry points, 16 and 32 pairs per lane (the wide one asks for two CTAs per SM, which its shared
-// memory allows anyway: ptxas's default target, three, spilled at 80 registers).
+// The scatter's entry points, 16 and 32 pairs per lane. The wide one asks for two CTAs per SM, which its shared
+// memory allows anyway at wide windows; the bound dates from when the default target spilled (it now needs 80
+// registers either way).
 #define MOBA_PAIRS_SCATTER_KERNEL(name, bounds, rounds)                                                            \
   extern "C" __global__ void __launch_bounds__ bounds name(                                                        \
       const int* topk, const int* counts, const long long* seg_off, long long* pairs, int* sorted_keys,            \
