@@ -38,15 +38,15 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0, defines: tuple[str, ...] = ()) -> torch.Tensor:
+             query_offset=0, fold_blocks=0) -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
     ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
-    unwritten slots show. ``defines``: the build options ``exe`` was compiled with (the plan's shared memory)."""
+    unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
-                               fold_blocks=fold_blocks, defines=defines)
+                               fold_blocks=fold_blocks)
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -77,21 +77,21 @@ def case_id(case) -> str:
     return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
 
 
-def run_random_case(exe: Path, tmp: Path, case, variant, defines: tuple[str, ...] = ()):
+def run_random_case(exe: Path, tmp: Path, case, variant):
     """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
-    batch): inputs seeded by seqlen + dim, the launch by seqlen; ``defines`` as :func:`run_topk`."""
+    batch): inputs seeded by seqlen + dim, the launch by seqlen."""
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
     gen = torch.Generator().manual_seed(seqlen + dim)
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen, defines=defines), q, k, cent
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
 
 
-def check_random_case(exe: Path, tmp: Path, case, variant, defines: tuple[str, ...] = ()) -> torch.Tensor:
+def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
     """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
     _, _, block_size, causal, _, top_k, *_ = case
-    out, q, k, cent = run_random_case(exe, tmp, case, variant, defines)
+    out, q, k, cent = run_random_case(exe, tmp, case, variant)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
     return out

@@ -49,10 +49,6 @@ harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unkn
 # the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
 harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
                                     flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
-# three centroid chunk buffers (the build option MOBA_TOPK_WG_STAGES=3: each chunk copied two chunks ahead)
-THREE_STAGES = ("MOBA_TOPK_WG_STAGES=3",)
-harness_three = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_three",
-                                flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in THREE_STAGES)))
 
 
 CASES = [
@@ -75,21 +71,6 @@ def test_emulated_wgmma_topk_build_option_selects_the_same(harness, harness_unst
     """With its build options (descriptors built from their addresses, not stepped) the kernel selects exactly what
     the default build does."""
     assert torch.equal(check_random_case(harness_unstepped, tmp_path, case, "wgmma"),
-                       run_random_case(harness, tmp_path, case, "wgmma")[0])
-
-
-THREE_STAGE_CASES = [
-    (torch.bfloat16, 128, 16, True, 4200, 8, 1, 1, 1),    # 263 blocks: five chunks, the ring of three wraps
-    (torch.float16, 64, 16, False, 2100, 16, 2, 1, 1),    # 132 blocks: three chunks, the last one partial
-    (torch.bfloat16, 64, 32, True, 700, 8, 2, 1, 1),      # 22 blocks: one chunk, nothing ahead
-]
-
-
-@pytest.mark.parametrize("case", THREE_STAGE_CASES, ids=[case_id(c) for c in THREE_STAGE_CASES])
-def test_emulated_wgmma_topk_three_stages_selects_the_same(harness, harness_three, tmp_path, case):
-    """With three centroid chunk buffers (the copies two chunks ahead) the kernel selects exactly what the default
-    build does, and the reference's blocks up to near-ties."""
-    assert torch.equal(check_random_case(harness_three, tmp_path, case, "wgmma", THREE_STAGES),
                        run_random_case(harness, tmp_path, case, "wgmma")[0])
 
 

@@ -147,11 +147,10 @@ def split_router_supports(top_k: int, causal: bool) -> bool:
     return topk_list_tier(top_k, causal) in SPLIT_LIST_TIERS
 
 
-def wgmma_topk_shared_bytes(dim: int, stages: int = 2) -> int:
-    """Dynamic shared memory of one wgmma top-k CTA: the Q tile, ``stages`` stacked hi/lo centroid chunks (all
-    128-byte swizzled, 2-byte elements; 2, or 3 with the build option MOBA_TOPK_WG_STAGES=3), the fp32 score tile
-    and the 1024-byte alignment slack."""
-    return WG_BM * dim * 2 + stages * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
+def wgmma_topk_shared_bytes(dim: int) -> int:
+    """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
+    128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
+    return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -247,9 +246,8 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
-        stages = next((int(d.split("=", 1)[1]) for d in defines if d.startswith("MOBA_TOPK_WG_STAGES=")), 2)
-        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args,
-                      shared_mem=wgmma_topk_shared_bytes(dim, stages), defines=defines)
+        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
+                      defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
         name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"

@@ -66,12 +66,6 @@
 #define TKW_BN 64        // centroids per streamed chunk (the stacked B tile has 2 TKW_BN rows: hi, lo)
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
-// Centroid chunk buffers (the build option MOBA_TOPK_WG_STAGES, 2 or 3): a chunk's copy is issued STAGES - 1
-// chunks before its wgmmas (the launch plan sizes the shared memory to match: wgmma_topk_shared_bytes).
-#ifndef MOBA_TOPK_WG_STAGES
-#define MOBA_TOPK_WG_STAGES 2
-#endif
-static_assert(MOBA_TOPK_WG_STAGES == 2 || MOBA_TOPK_WG_STAGES == 3, "two or three centroid chunk buffers");
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
 // its own in place, with models of cp.async and wgmma.
@@ -176,8 +170,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     const unsigned smem0 = smem_u32(topk_wg_smem);
     const unsigned sq = (smem0 + moba::SW128_PATTERN_BYTES - 1) & ~(moba::SW128_PATTERN_BYTES - 1);
     const unsigned sc = sq + (TKW_BM / TKW_ROWS) * QT_BYTES;
-    constexpr int STAGES = MOBA_TOPK_WG_STAGES;
-    float* sS = reinterpret_cast<float*>(topk_wg_smem + (sc + STAGES * C_BYTES - smem0));
+    float* sS = reinterpret_cast<float*>(topk_wg_smem + (sc + 2 * C_BYTES - smem0));
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // The warpgroup index through a shuffle from lane 0: ptxas then knows it is uniform across the warp, and a
@@ -192,7 +185,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     const T* hi = chi + ((long long)b * kv_heads + g) * n_blocks * D;
     const T* lo = clo + ((long long)b * kv_heads + g) * n_blocks * D;
     const unsigned sq_wg = sq + wg * 2 * QT_BYTES;  // this warpgroup's two m64 Q tiles
-    auto buf = [&](int tile) { return sc + (STAGES == 2 ? tile & 1 : tile % STAGES) * C_BYTES; };
+    auto buf = [&](int tile) { return sc + (tile & 1) * C_BYTES; };
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
@@ -201,24 +194,12 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
         topk_wg_load_centroids<T, D>(buf(n_tiles - 1), hi, lo, n_tiles - 1, n_blocks, tid);  // group: Q + chunk
-#if MOBA_TOPK_WG_STAGES == 3
-        if (n_tiles > 1) topk_wg_load_centroids<T, D>(buf(n_tiles - 2), hi, lo, n_tiles - 2, n_blocks, tid);
-        if (n_tiles > 2) {
-            topk_wg_load_centroids<T, D>(buf(n_tiles - 3), hi, lo, n_tiles - 3, n_blocks, tid);
-            cp_async_wait<2>();
-        } else if (n_tiles > 1) {
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-#else
         if (n_tiles > 1) {
             topk_wg_load_centroids<T, D>(buf(n_tiles - 2), hi, lo, n_tiles - 2, n_blocks, tid);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
-#endif
         moba::fence_proxy_async_shared();  // cp.async data -> visible to wgmma (async proxy) after the barrier
         __syncthreads();
         topk_wg_issue<T, D>(acc, sq_wg, buf(n_tiles - 1));
@@ -262,19 +243,11 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                 }
         }
         if (next) {
-            // chunk tile - 1, copied since the previous chunk's barrier (three buffers: chunk tile - 2 may stay
-            // in flight)
-#if MOBA_TOPK_WG_STAGES == 3
-            if (tile >= 2) cp_async_wait<1>();
-            else cp_async_wait<0>();
-#else
-            cp_async_wait<0>();
-#endif
+            cp_async_wait<0>();  // chunk tile - 1, copied since the previous chunk's barrier
             moba::fence_proxy_async_shared();
         }
         __syncthreads();  // score tile complete; chunk tile - 1 visible to wgmma; chunk tile's buffer free
-        if (next && tile >= STAGES)
-            topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - STAGES, n_blocks, tid);
+        if (next && tile >= 2) topk_wg_load_centroids<T, D>(buf(tile), hi, lo, tile - 2, n_blocks, tid);
         auto scan = [&]() {
             if (t_row < seqlen) {
 #pragma unroll
