@@ -87,8 +87,10 @@ def _arm(reps: int) -> list[dict]:
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=1, top_k=top_k, rows_per_unit=256)
         ok = (torch.equal(scratch.pairs[:n_pairs], want[0]) and torch.equal(sorted_keys, want[1].to(torch.int32))
               and torch.equal(seg_off, want[2]) and torch.equal(tile_cum, want[3]))
-        tile = P.tile_plan(n_pairs, n_seg, n_blocks)[0] if hasattr(P, "tile_plan") else P.TILE  # older trees
-        rows.append({"point": name, "keys": n_seg + 1, "tiles": P.n_tiles(n_pairs, tile), "equal": bool(ok),
+        # trees before the wide tiles have one tile size, and n_tiles without its argument
+        tiles = (P.n_tiles(n_pairs, P.tile_plan(n_pairs, n_seg, n_blocks)[0]) if hasattr(P, "tile_plan")
+                 else P.n_tiles(n_pairs))
+        rows.append({"point": name, "keys": n_seg + 1, "tiles": tiles, "equal": bool(ok),
                      **{kname: statistics.median(v) for kname, v in times.items()}})
     return rows
 
