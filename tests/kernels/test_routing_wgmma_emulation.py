@@ -46,9 +46,17 @@ def _kernel_files() -> dict[str, str]:
 
 
 harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
-# the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
+# the kernel with the build options that keep its scores (routing.WGMMA_BUILD_OPTIONS: each descriptor built from
+# its address; both warpgroups issuing before they scan)
+RS_OPTION = "MOBA_TOPK_WG_RS=1"
 harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
-                                    flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
+                                    flags=("-Wno-unknown-pragmas",
+                                           *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS if o != RS_OPTION)))
+
+# Q from registers (MOBA_TOPK_WG_RS=1: q.hi and q.lo summed into one m64n64 accumulator per half)
+assert RS_OPTION in routing.WGMMA_BUILD_OPTIONS
+harness_rs = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_rs",
+                             flags=("-Wno-unknown-pragmas", f"-D{RS_OPTION}"))
 
 
 CASES = [
@@ -68,8 +76,8 @@ def test_emulated_wgmma_topk_matches_reference(harness, tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
 def test_emulated_wgmma_topk_build_option_selects_the_same(harness, harness_unstepped, tmp_path, case):
-    """With its build options (descriptors built from their addresses, not stepped) the kernel selects exactly what
-    the default build does."""
+    """With the build options that keep its scores (descriptors built from their addresses, not stepped; no stagger)
+    the kernel selects exactly what the default build does."""
     assert torch.equal(check_random_case(harness_unstepped, tmp_path, case, "wgmma"),
                        run_random_case(harness, tmp_path, case, "wgmma")[0])
 
@@ -99,3 +107,15 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
 def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_emulated_wgmma_topk_q_in_registers_matches_reference(harness_rs, tmp_path, case):
+    """Q as register A fragments, q.hi and q.lo summed by the MMAs: the reference's selections (near-ties aside)."""
+    check_random_case(harness_rs, tmp_path, case, "wgmma")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_topk_q_in_registers_exact_ties(harness_rs, tmp_path, causal):
+    """Planted exact ties with Q from registers: the reference's selections exactly (ties to the higher block)."""
+    check_planted_ties(harness_rs, tmp_path, causal, "wgmma", (12,) if causal else (3,))

@@ -60,7 +60,9 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 # Build options of the wgmma top-k kernel (the same selections), for measuring against the default build
 # (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): each descriptor built from its address (the default steps
 # them from one per chunk).
-WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
+# Measurement options of topk_wgmma.cu (scripts/bench_router.py --variants wgmma+NAME=VALUE): each descriptor built
+# from its address; Q as register A fragments (q.hi + q.lo summed by the MMAs); both warpgroups issuing, then scanning.
+WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0")
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row

@@ -153,6 +153,61 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
         }
     moba::wgmma_commit_group();
 }
+
+// MOBA_TOPK_WG_RS (a build option, 0 by default): Q from registers. The CTA's Q rows never change across its
+// chunks, so each thread keeps its A fragments (two m64 halves x D / 16 k-steps x 4 registers: 64 at D = 128) and
+// a chunk's MMAs read only the centroids from shared memory: per k-step and half, q.hi and q.lo summed into one
+// m64n64 accumulator by two wgmma (S = acc, no sums; 32 registers per half, so the fragments take the registers
+// the stacked n128 accumulators' second halves held). Shared-memory operand reads per chunk and warpgroup: 32 x B 2
+// KB = 64 KB against 16 x (A 2 KB + B 4 KB) = 96 KB.
+#ifndef MOBA_TOPK_WG_RS
+#define MOBA_TOPK_WG_RS 0
+#endif
+// MOBA_TOPK_WG_STAGGER (1 by default; 0, a build option: both warpgroups issue, then scan; see topk_wg_body).
+#ifndef MOBA_TOPK_WG_STAGGER
+#define MOBA_TOPK_WG_STAGGER 1
+#endif
+template <int D>
+struct TopkWgQFrag {
+    unsigned a[2][D / 16][4];
+};
+// The A fragments of this warpgroup's two m64 Q tiles at shared address sq_wg (wgmma "Register Fragments": register
+// j of lane l in warp w holds row 16 w + l / 4 + 8 (j % 2), columns 8 (j / 2) + 2 (l % 4) + {0, 1} of a k-step).
+template <int D>
+__device__ __forceinline__ void topk_wg_q_frag(TopkWgQFrag<D>& f, const unsigned char* smem, unsigned smem0,
+                                               unsigned sq_wg, int wwarp, int lane) {
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned off = sq_wg - smem0 + half * QT_BYTES +
+                                     moba::sw128_offset(16 * wwarp + (lane >> 2) + 8 * (j % 2),
+                                                        16 * ks + 8 * (j / 2) + 2 * (lane & 3), TKW_ROWS);
+                f.a[half][ks][j] = *reinterpret_cast<const unsigned*>(smem + off);
+            }
+}
+template <typename T, int D>
+__device__ __forceinline__ void topk_wg_issue_rs(float (&acc)[2][TKW_BN / 2], const TopkWgQFrag<D>& f,
+                                                 unsigned buf) {
+    moba::wgmma_fence_operand(acc[0]);
+    moba::wgmma_fence_operand(acc[1]);
+    moba::wgmma_fence();  // the accumulators were last read by ordinary instructions (the score-tile stores)
+    const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, 2 * TKW_BN);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            // hi rows 0 .. TKW_BN - 1 of the stacked tile, lo rows TKW_BN .. 2 TKW_BN - 1 (a 1024-byte pattern start)
+            const unsigned long long dh = moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN));
+            const unsigned long long dl = moba::wgmma_desc_plus(db, moba::sw128_offset(TKW_BN, 16 * ks, 2 * TKW_BN));
+            moba::wgmma_rs<T>(acc[half], f.a[half][ks], dh, ks > 0);
+            moba::wgmma_rs<T>(acc[half], f.a[half][ks], dl, 1);
+        }
+    moba::wgmma_commit_group();
+}
 #endif
 
 template <typename T, int D, bool CAUSAL, int LCAP>
@@ -189,7 +244,14 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    float acc[2][TKW_BN];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1
+    // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1 (MOBA_TOPK_WG_RS: their sum)
+    float acc[2][MOBA_TOPK_WG_RS ? TKW_BN / 2 : TKW_BN];
+#if MOBA_TOPK_WG_RS
+    TopkWgQFrag<D> qf;
+    auto issue = [&](int tile) { topk_wg_issue_rs<T, D>(acc, qf, buf(tile)); };
+#else
+    auto issue = [&](int tile) { topk_wg_issue<T, D>(acc, sq_wg, buf(tile)); };
+#endif
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -202,7 +264,10 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         }
         moba::fence_proxy_async_shared();  // cp.async data -> visible to wgmma (async proxy) after the barrier
         __syncthreads();
-        topk_wg_issue<T, D>(acc, sq_wg, buf(n_tiles - 1));
+#if MOBA_TOPK_WG_RS
+        topk_wg_q_frag<D>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
+#endif
+        issue(n_tiles - 1);
     }
 
     const int srow_key = topk_score_swizzle(row & 7);
@@ -237,9 +302,12 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                 for (int e = 0; e < 2; ++e) {
                     // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
                     const int i = nt * 4 + e * 2;
-                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
-                        make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
-                                    acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
+                    float2* dst = reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN);
+                    if constexpr (MOBA_TOPK_WG_RS)
+                        *dst = make_float2(acc[half][i], acc[half][i + 1]);
+                    else
+                        *dst = make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
+                                           acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
                 }
         }
         if (next) {
@@ -258,9 +326,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         // Staggered: warpgroup 0 issues chunk tile - 1's wgmmas, then scans; warpgroup 1 scans first, while
         // warpgroup 0 is held by its issue (a warpgroup issuing 16 wgmma waits ~half of their MMA time before its
         // next instruction: scripts/wgmma_overlap.py), and issues after.
-        if (wg == 1) scan();
-        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scans
-        if (wg == 0) scan();
+        if (MOBA_TOPK_WG_STAGGER && wg == 1) scan();
+        if (next) issue(tile - 1);  // overlaps the scans
+        if (!MOBA_TOPK_WG_STAGGER || wg == 0) scan();
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
