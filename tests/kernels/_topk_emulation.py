@@ -38,15 +38,15 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0) -> torch.Tensor:
+             query_offset=0, fold_blocks=0, defines=()) -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
     ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
-    unwritten slots show."""
+    unwritten slots show. ``defines``: the build options ``exe`` was compiled with, which the launch plan may need."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
-                               fold_blocks=fold_blocks)
+                               fold_blocks=fold_blocks, defines=tuple(defines))
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -77,7 +77,7 @@ def case_id(case) -> str:
     return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
 
 
-def run_random_case(exe: Path, tmp: Path, case, variant):
+def run_random_case(exe: Path, tmp: Path, case, variant, defines=()):
     """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
     batch): inputs seeded by seqlen + dim, the launch by seqlen."""
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
@@ -85,13 +85,13 @@ def run_random_case(exe: Path, tmp: Path, case, variant):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen, defines=defines), q, k, cent
 
 
-def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
+def check_random_case(exe: Path, tmp: Path, case, variant, defines=()) -> torch.Tensor:
     """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
     _, _, block_size, causal, _, top_k, *_ = case
-    out, q, k, cent = run_random_case(exe, tmp, case, variant)
+    out, q, k, cent = run_random_case(exe, tmp, case, variant, defines)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
     return out
@@ -152,27 +152,28 @@ def planted_monotone(n: int = 150, block_size: int = 16, dim: int = 64):
     return (sign * u).to(torch.bfloat16), cent
 
 
-def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None) -> None:
+def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
+                           defines=()) -> None:
     """:func:`planted_monotone` through the harness: the selections equal the reference's exactly; ``rows``: the
     last rows only, at a query offset."""
     q, cent = planted_monotone()
     first = 0 if rows is None else q.shape[1] - rows
     for top_k in top_ks:
-        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k,
+        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k, defines=defines,
                        **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, 16, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
 
 
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                       block_size: int = 16) -> None:
+                       block_size: int = 16, defines=()) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
     block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
     q, cent = planted_ties(causal, block_size=block_size)
     seqlen, n = q.shape[1], cent.shape[1]
     first = 0 if rows is None else seqlen - rows
     for top_k in top_ks:
-        out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k,
+        out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k, defines=defines,
                        **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"

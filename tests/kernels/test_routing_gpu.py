@@ -331,7 +331,8 @@ def test_wgmma_selects_what_mma_selects(case, router):
     assert torch.equal(out, wg)
 
 
-@pytest.mark.parametrize("option", ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0"))
+@pytest.mark.parametrize("option", ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0",
+                                    "MOBA_TOPK_WG_WARPGROUPS=4"))
 @pytest.mark.parametrize("case", WG_CASES[:4], ids=WG_IDS[:4])
 def test_wgmma_build_options_select_what_mma_selects(case, option, router):
     """The wgmma kernel built with a measurement option (routing.WGMMA_BUILD_OPTIONS) into a poisoned output: what

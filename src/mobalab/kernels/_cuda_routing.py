@@ -62,7 +62,11 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 # them from one per chunk).
 # Measurement options of topk_wgmma.cu (scripts/bench_router.py --variants wgmma+NAME=VALUE): each descriptor built
 # from its address; Q as register A fragments (q.hi + q.lo summed by the MMAs); both warpgroups issuing, then scanning.
-WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0")
+# four warpgroups per CTA (list tier 8; 512 threads, wgmma4_topk_shared_bytes).
+WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0",
+                       "MOBA_TOPK_WG_WARPGROUPS=4")
+WG4_OPTION = "MOBA_TOPK_WG_WARPGROUPS=4"
+WG4_THREADS = 512  # TKW4_THREADS of topk_wgmma.cu
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row
@@ -153,6 +157,13 @@ def wgmma_topk_shared_bytes(dim: int) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
     128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
     return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
+
+
+def wgmma4_topk_shared_bytes(dim: int) -> int:
+    """Dynamic shared memory of one four-warpgroup wgmma top-k CTA (the build option ``WG4_OPTION``, list tier 8):
+    the fp32 score tile (which stages the Q rows first), two stacked hi/lo centroid chunks, two fp32 list
+    thresholds per row and the 1024-byte alignment slack."""
+    return WG_BM * WG_BN * 4 + 2 * (2 * WG_BN) * dim * 2 + 2 * WG_BM * 4 + WG_ALIGN_BYTES
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -247,7 +258,10 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
+        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row (two with WG4_OPTION at tier 8)
+        if WG4_OPTION in defines and tier == 8:
+            return Launch(WGMMA_SOURCE, name, grid, (WG4_THREADS, 1, 1), args,
+                          shared_mem=wgmma4_topk_shared_bytes(dim), defines=defines)
         return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
                       defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
