@@ -37,15 +37,17 @@ caching allocator; kernels run on torch's current stream; nothing here synchroni
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 
 import torch
 
 from . import _contract as C
 from ._build import device_capability as _device_capability
 from ._build import on_device
-from ._launch import Launch, i32, kernel_ready, launch
+from ._launch import RESHAPE, Launch, i32, kernel_ready, launch
 
 __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
 
@@ -166,6 +168,28 @@ def wgmma4_topk_shared_bytes(dim: int) -> int:
     return WG_BM * WG_BN * 4 + 2 * (2 * WG_BN) * dim * 2 + 2 * WG_BM * 4 + WG_ALIGN_BYTES
 
 
+def _wgmma_topk_shape(dim: int, tier: int, defines: tuple[str, ...]) -> tuple[int, int]:
+    """(threads, dynamic shared memory) of a wgmma top-k launch of this head dim, list tier and build options."""
+    if WG4_OPTION in defines and tier == 8:
+        return WG4_THREADS, wgmma4_topk_shared_bytes(dim)
+    return WG_THREADS, wgmma_topk_shared_bytes(dim)
+
+
+_WG_KERNEL = re.compile(r"moba_topk_wg_\w+?_d(?P<dim>\d+)_\w+_k(?P<tier>\d+)")
+
+
+def _wgmma_topk_reshape(plan: Launch) -> Launch:
+    """A wgmma top-k plan with the threads and shared memory of its build options (_launch.RESHAPE)."""
+    m = _WG_KERNEL.fullmatch(plan.kernel)
+    if m is None:
+        return plan
+    threads, smem = _wgmma_topk_shape(int(m["dim"]), int(m["tier"]), plan.defines)
+    return dataclasses.replace(plan, block=(threads, 1, 1), shared_mem=smem)
+
+
+RESHAPE[WGMMA_SOURCE] = _wgmma_topk_reshape
+
+
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     """Whether cuda/topk_wgmma.cu has a kernel for this head dim and list length (register-list tiers only)."""
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
@@ -259,11 +283,8 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row (two with WG4_OPTION at tier 8)
-        if WG4_OPTION in defines and tier == 8:
-            return Launch(WGMMA_SOURCE, name, grid, (WG4_THREADS, 1, 1), args,
-                          shared_mem=wgmma4_topk_shared_bytes(dim), defines=defines)
-        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
-                      defines=defines)
+        threads, smem = _wgmma_topk_shape(dim, tier, defines)
+        return Launch(WGMMA_SOURCE, name, grid, (threads, 1, 1), args, shared_mem=smem, defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
         name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"
