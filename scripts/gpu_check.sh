@@ -6,7 +6,9 @@
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the issue's target sizes (64K, 512K) | smoke sizes;
-#                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first: build_flash_moba.sh)
+#                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first: build_flash_moba.sh);
+#                            BENCH_BUILD_OPTIONS="topk_wgmma.cu:MOBA_TOPK_WG_RS=1 ..." builds mobalab's kernels with
+#                            those options (the benchmark's --build-option)
 #   host-profile the host's time per step and the GPU's idle gaps in one step at 16K and 8K (scripts/profile_host.py;
 #                host/ holds the cProfile tables)
 #   host-waits   where the GPU waits for the host, launch by launch, and the host's path call by call, at 64K, 16K
@@ -155,6 +157,11 @@ bwd_sass() {  # bwd_sass NAME IMPL KERNEL: kernel_sass of KERNEL in one step (fo
   kernel_sass "$1" "$3" --impl "$2" --seq-len "${BWD_SASS_LEN:-16384}"
 }
 
+build_option_args() {  # --build-option SOURCE.cu:MOBA_NAME=VALUE for every word of BENCH_BUILD_OPTIONS
+  local o
+  for o in ${BENCH_BUILD_OPTIONS:-}; do printf -- '--build-option %s ' "$o"; done
+}
+
 bench_router() {  # bench_router LIMIT: the router variants side by side (scripts/bench_router.py) into $W/router
   timeout "$(cap "$1")" python3 scripts/bench_router.py --lengths "${ROUTER_LENGTHS:-8192,65536}" \
     --block-size "${ROUTER_BLOCK:-128}" \
@@ -179,9 +186,10 @@ for step in "${STEPS[@]}"; do
         $gpu_tests > "$W/pytest_gpu.log" 2>&1 || status=1 ;;
     fwd)       timeout $(cap 300) python3 -m mobalab.bench.attention --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
     fwd-quick) timeout $(cap 200) python3 -m mobalab.bench.attention --quick --out "$W/fwd" > "$W/bench_fwd.log" 2>&1 || status=1 ;;
-    bwd-targets) # shellcheck disable=SC2086  # BWD_PEERS (e.g. flashmoba) adds those peers to both lengths
+    bwd-targets) # shellcheck disable=SC2086  # BWD_PEERS (e.g. flashmoba) adds those peers; BENCH_BUILD_OPTIONS are words
                  timeout $(cap 360) python3 -m mobalab.bench.attention --backward --select 0,1 \
-                   ${BWD_PEERS:+--peers $BWD_PEERS} --out "$W/bwd" > "$W/bench_bwd.log" 2>&1 || status=1 ;;
+                   ${BWD_PEERS:+--peers $BWD_PEERS} $(build_option_args) --out "$W/bwd" > "$W/bench_bwd.log" 2>&1 \
+                   || status=1 ;;
     host-waits) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 65536 16384 8192 --steps 15 \
                   --launches-only --calls --out "$W/host" > "$W/host_waits.log" 2>&1 || status=1 ;;
     tree-ab) timeout $(cap 300) python3 scripts/tree_ab.py "${TREE_AB_BASE:?TREE_AB_BASE names the other src}" \
