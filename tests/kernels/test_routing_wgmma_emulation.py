@@ -125,7 +125,13 @@ def test_emulated_wgmma_topk_q_in_registers_exact_ties(harness_rs, tmp_path, cau
     check_planted_ties(harness_rs, tmp_path, causal, "wgmma", (12,) if causal else (3,))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+WG4_CASES = CASES + [
+    (torch.float16, 128, 16, False, 1500, 8, 2, 2, 1),    # non-causal tier 8: two chunks, every word a candidate word
+    (torch.bfloat16, 64, 16, True, 2100, 5, 4, 2, 1),     # d 64 tier 8, GQA 2, three chunks
+]
+
+
+@pytest.mark.parametrize("case", WG4_CASES, ids=[case_id(c) for c in WG4_CASES])
 def test_emulated_wgmma_topk_four_warpgroups_matches_reference(harness_wg4, tmp_path, case):
     """Four warpgroups, each row scanned by two threads whose lists exchange thresholds every chunk and merge at the
     end: the reference's selections (near-ties aside); tier-16 cases run the two-warpgroup body of the same build."""
