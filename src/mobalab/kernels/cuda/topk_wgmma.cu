@@ -167,18 +167,18 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
 #ifndef MOBA_TOPK_WG_STAGGER
 #define MOBA_TOPK_WG_STAGGER 1
 #endif
-template <int D>
+template <int D, int HALVES>
 struct TopkWgQFrag {
-    unsigned a[2][D / 16][4];
+    unsigned a[HALVES][D / 16][4];
 };
-// The A fragments of this warpgroup's two m64 Q tiles at shared address sq_wg (wgmma "Register Fragments": register
-// j of lane l in warp w holds row 16 w + l / 4 + 8 (j % 2), columns 8 (j / 2) + 2 (l % 4) + {0, 1} of a k-step).
-template <int D>
-__device__ __forceinline__ void topk_wg_q_frag(TopkWgQFrag<D>& f, const unsigned char* smem, unsigned smem0,
+// The A fragments of this warpgroup's HALVES m64 Q tiles, QT_BYTES apart from shared address sq_wg (wgmma "Register
+// Fragments": register j of lane l in warp w holds row 16 w + l / 4 + 8 (j % 2), columns 8 (j / 2) + 2 (l % 4) +
+// {0, 1} of a k-step).
+template <int D, int HALVES, unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D)>
+__device__ __forceinline__ void topk_wg_q_frag(TopkWgQFrag<D, HALVES>& f, const unsigned char* smem, unsigned smem0,
                                                unsigned sq_wg, int wwarp, int lane) {
-    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
+    for (int half = 0; half < HALVES; ++half)
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
@@ -189,17 +189,17 @@ __device__ __forceinline__ void topk_wg_q_frag(TopkWgQFrag<D>& f, const unsigned
                 f.a[half][ks][j] = *reinterpret_cast<const unsigned*>(smem + off);
             }
 }
-template <typename T, int D>
-__device__ __forceinline__ void topk_wg_issue_rs(float (&acc)[2][TKW_BN / 2], const TopkWgQFrag<D>& f,
+template <typename T, int D, int HALVES>
+__device__ __forceinline__ void topk_wg_issue_rs(float (&acc)[HALVES][TKW_BN / 2], const TopkWgQFrag<D, HALVES>& f,
                                                  unsigned buf) {
-    moba::wgmma_fence_operand(acc[0]);
-    moba::wgmma_fence_operand(acc[1]);
+#pragma unroll
+    for (int half = 0; half < HALVES; ++half) moba::wgmma_fence_operand(acc[half]);
     moba::wgmma_fence();  // the accumulators were last read by ordinary instructions (the score-tile stores)
     const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, 2 * TKW_BN);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
+        for (int half = 0; half < HALVES; ++half) {
             // hi rows 0 .. TKW_BN - 1 of the stacked tile, lo rows TKW_BN .. 2 TKW_BN - 1 (a 1024-byte pattern start)
             const unsigned long long dh = moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN));
             const unsigned long long dl = moba::wgmma_desc_plus(db, moba::sw128_offset(TKW_BN, 16 * ks, 2 * TKW_BN));
@@ -247,8 +247,8 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1 (MOBA_TOPK_WG_RS: their sum)
     float acc[2][MOBA_TOPK_WG_RS ? TKW_BN / 2 : TKW_BN];
 #if MOBA_TOPK_WG_RS
-    TopkWgQFrag<D> qf;
-    auto issue = [&](int tile) { topk_wg_issue_rs<T, D>(acc, qf, buf(tile)); };
+    TopkWgQFrag<D, 2> qf;
+    auto issue = [&](int tile) { topk_wg_issue_rs<T, D, 2>(acc, qf, buf(tile)); };
 #else
     auto issue = [&](int tile) { topk_wg_issue<T, D>(acc, sq_wg, buf(tile)); };
 #endif
@@ -265,7 +265,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         moba::fence_proxy_async_shared();  // cp.async data -> visible to wgmma (async proxy) after the barrier
         __syncthreads();
 #if MOBA_TOPK_WG_RS
-        topk_wg_q_frag<D>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
+        topk_wg_q_frag<D, 2>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
 #endif
         issue(n_tiles - 1);
     }
@@ -400,21 +400,9 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
     sThr[half * TKW_BM + row] = moba::neg_inf();
-    float acc[TKW_BN / 2];
-    unsigned qf[D / 16][4];
-    auto issue = [&](int tile) {
-        moba::wgmma_fence_operand(acc);
-        moba::wgmma_fence();
-        const unsigned long long db = moba::wgmma_desc_sw128(buf(tile), 0, 2 * TKW_BN);
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            moba::wgmma_rs<T>(acc, qf[ks], moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN)),
-                              ks > 0);
-            moba::wgmma_rs<T>(acc, qf[ks], moba::wgmma_desc_plus(db, moba::sw128_offset(TKW_BN, 16 * ks, 2 * TKW_BN)),
-                              1);
-        }
-        moba::wgmma_commit_group();
-    };
+    float acc[1][TKW_BN / 2];
+    TopkWgQFrag<D, 1> qf;
+    auto issue = [&](int tile) { topk_wg_issue_rs<T, D, 1>(acc, qf, buf(tile)); };
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D, TKW4_THREADS, S_WG_BYTES>(ss, q, b, h, t0, seqlen, heads, tid);
@@ -427,14 +415,7 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
         }
         moba::fence_proxy_async_shared();
         __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                qf[ks][j] = *reinterpret_cast<const unsigned*>(
-                    topk_wg_smem + (sq_wg - smem0) +
-                    moba::sw128_offset(16 * wwarp + (lane >> 2) + 8 * (j % 2), 16 * ks + 8 * (j / 2) + 2 * (lane & 3),
-                                       TKW_ROWS));
+        topk_wg_q_frag<D, 1>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
         issue(n_tiles - 1);
     }
 
@@ -447,7 +428,7 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
     // before the first scores are stored over them.
     auto step = [&](int tile, bool next) {
         moba::wgmma_wait_group<0>();
-        moba::wgmma_fence_operand(acc);
+        moba::wgmma_fence_operand(acc[0]);
         moba::bar_sync(1 + wg, 128);
         const int j0 = tile * TKW_BN;
 #pragma unroll
@@ -456,7 +437,7 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int i = nt * 4 + e * 2;
-                *reinterpret_cast<float2*>(p + 8 * e * TKW_BN) = make_float2(acc[i], acc[i + 1]);
+                *reinterpret_cast<float2*>(p + 8 * e * TKW_BN) = make_float2(acc[0][i], acc[0][i + 1]);
             }
         }
         if (next) {
