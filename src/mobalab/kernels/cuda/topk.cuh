@@ -764,6 +764,33 @@ __device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, co
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
+// Two lists of one row (thread `half` 0 and 1 of the row, ROWS rows per CTA) made one: half 1 hands its list to half 0
+// through shared memory at sS ([LCAP][ROWS] scores, then blocks; free once every thread of the CTA is past its scans),
+// which offers it by (score, block) (offer_ranked) where `merge` (its row is a query). Two CTA barriers.
+template <int ROWS, int LCAP>
+__device__ __forceinline__ void topk_merge_halves(TopkRegList<LCAP>& list, float* sS, int half, int row, bool merge,
+                                                  int n_blocks) {
+    __syncthreads();
+    float* sMv = sS;
+    int* sMj = reinterpret_cast<int*>(sS + LCAP * ROWS);
+    if (half == 1) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            sMv[i * ROWS + row] = list.v[i];
+            sMj[i * ROWS + row] = list.j[i];
+        }
+    }
+    __syncthreads();
+    if (half == 0 && merge) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            const int jx = sMj[i * ROWS + row];
+            // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
+            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * ROWS + row], jx);
+        }
+    }
+}
+
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T* __restrict__ chi,
                                                 const T* __restrict__ clo, int* __restrict__ out, int seqlen,
@@ -830,25 +857,8 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
         }
     }
 
-    // merge: half 1 hands its list to half 0 through the score tile ([LCAP][TK_BM] scores, then blocks)
-    __syncthreads();
-    float* sMv = sS;
-    int* sMj = reinterpret_cast<int*>(sS + LCAP * TK_BM);
-    if (half == 1) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            sMv[i * TK_BM + row] = list.v[i];
-            sMj[i * TK_BM + row] = list.j[i];
-        }
-    }
-    __syncthreads();
+    topk_merge_halves<TK_BM>(list, sS, half, row, t_row < seqlen, n_blocks);
     if (half == 0 && t_row < seqlen) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            const int jx = sMj[i * TK_BM + row];
-            // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
-            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * TK_BM + row], jx);
-        }
         topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 }

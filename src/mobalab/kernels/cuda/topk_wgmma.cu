@@ -464,24 +464,9 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
         step(0, false);
     }
 
-    // merge: word 1's list to word 0's thread through the score tile ([LCAP][TKW_BM] scores, then blocks)
-    __syncthreads();
-    float* sMv = sS;
-    int* sMj = reinterpret_cast<int*>(sS + LCAP * TKW_BM);
-    if (half == 1) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            sMv[i * TKW_BM + row] = list.v[i];
-            sMj[i * TKW_BM + row] = list.j[i];
-        }
-    }
-    __syncthreads();
+    // word 1's list to word 0's thread through the score tile
+    topk_merge_halves<TKW_BM>(list, sS, half, row, t_row < seqlen, n_blocks);
     if (half == 0 && t_row < seqlen) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            const int jx = sMj[i * TKW_BM + row];
-            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * TKW_BM + row], jx);  // not -1, not sentinels
-        }
         topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 #else
