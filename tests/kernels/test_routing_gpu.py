@@ -332,17 +332,18 @@ def test_wgmma_selects_what_mma_selects(case, router):
 
 
 @pytest.mark.parametrize("option", ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0",
-                                    "MOBA_TOPK_WG_WARPGROUPS=4"))
+                                    "MOBA_TOPK_WG_WARPGROUPS=4", "MOBA_TOPK_WG_WARPGROUPS=4+MOBA_TOPK_WG_STAGGER=0"))
 @pytest.mark.parametrize("case", WG_CASES[:4], ids=WG_IDS[:4])
 def test_wgmma_build_options_select_what_mma_selects(case, option, router):
-    """The wgmma kernel built with a measurement option (routing.WGMMA_BUILD_OPTIONS) into a poisoned output: what
-    mma selects, near-ties aside."""
+    """The wgmma kernel built with a measurement option (routing.WGMMA_BUILD_OPTIONS; several joined by "+") into a
+    poisoned output: what mma selects, near-ties aside."""
     if router != "wgmma":
         pytest.skip("one comparison per case")
     if not _hopper():
         pytest.skip("wgmma needs an sm_90 GPU")
     routing = _routing()
-    assert option in routing.WGMMA_BUILD_OPTIONS
+    defines = tuple(option.split("+"))
+    assert set(defines) <= set(routing.WGMMA_BUILD_OPTIONS)
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
     gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k + 1)
     q = _rand((batch, seqlen, heads, dim), dtype, gen)
@@ -353,7 +354,7 @@ def test_wgmma_build_options_select_what_mma_selects(case, option, router):
     lo = torch.empty_like(hi)
     launch(routing.centroid_launch(k, cent, hi, lo, block_size))
     out = torch.full((batch, seqlen, heads, top_k), -7, dtype=torch.int32, device="cuda")
-    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, variant="wgmma", defines=(option,))
+    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, variant="wgmma", defines=defines)
     assert plan.source == routing.WGMMA_SOURCE
     launch(plan)
     mma = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="mma")

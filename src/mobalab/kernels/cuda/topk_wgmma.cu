@@ -455,9 +455,9 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
             }
             __syncwarp();
         };
-        if (wg & 1) scan();
+        if (MOBA_TOPK_WG_STAGGER && (wg & 1)) scan();  // odd warpgroups scan while even ones are held by their issue
         if (next) issue(tile - 1);
-        if (!(wg & 1)) scan();
+        if (!MOBA_TOPK_WG_STAGGER || !(wg & 1)) scan();
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
