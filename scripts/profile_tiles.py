@@ -7,7 +7,8 @@ kernels of one step. Inputs are random (never zeros); the configuration is the b
 gradients come from ``torch.autograd.grad`` (as in the benchmark), so no gradient-accumulation kernels enter the
 profile. ``--impl flash-moba`` profiles the same step of FlashMoBA (the MoBA paper's kernels, an optional peer
 built by ``scripts/build_flash_moba.sh``; bf16, d 128, causal, no GQA) on the same inputs, packed as its
-variable-length API takes them.
+variable-length API takes them. ``--build-option SOURCE.cu:MOBA_NAME=VALUE`` (repeatable) builds mobalab's kernels of
+that source with a build option that is not the default (the benchmark's option of that name).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 import torch
 
+from mobalab.bench._interleaved import build_options, parse_build_option
 from mobalab.kernels import moba_attention
 
 
@@ -30,7 +32,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--impl", choices=("mobalab", "flash-moba"), default="mobalab")
+    p.add_argument("--build-option", action="append", default=[], metavar="SOURCE.cu:MOBA_NAME=VALUE")
     a = p.parse_args(argv)
+    try:
+        for text in a.build_option:
+            parse_build_option(text)
+    except ValueError as exc:
+        p.error(str(exc))
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (a.batch, a.seq_len, a.heads, a.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -60,13 +68,14 @@ def main(argv=None) -> int:
         with torch.autograd.set_multithreading_enabled(False):
             torch.autograd.grad(forward(), leaves, grad_out)
 
-    for _ in range(2):
+    with build_options(a.build_option):
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profile")
         step()
-    torch.cuda.synchronize()
-    torch.cuda.nvtx.range_push("profile")
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
     return 0
 
 
