@@ -97,19 +97,19 @@ def check_random_case(exe: Path, tmp: Path, case, variant, defines=()) -> torch.
     return out
 
 
-def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str) -> None:
+def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str, defines=()) -> None:
     """Rows of q from position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids select what
     the whole sequence's routing selects at those positions (:func:`check_near_ties`)."""
     gen = torch.Generator().manual_seed(11)
     q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
     k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(k, 16)
-    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000)
+    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000, defines=defines)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
     check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
 
-def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool) -> None:
+def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool, defines=()) -> None:
     """A batch of three sequences routed with ``fold_blocks`` = n: the selections renumbered for the sequences end
     to end (``_batch_fold.folded_topk`` of the same kernel's plain selections, -1 slots kept), exactly."""
     from mobalab.kernels._batch_fold import folded_topk
@@ -117,8 +117,8 @@ def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool) -> 
     gen = torch.Generator().manual_seed(top_k)
     q = torch.randn((3, 208, 2, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(torch.randn((3, 208, 1, 64), generator=gen).to(torch.bfloat16), 16)
-    plain = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=1)
-    folded = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=2, fold_blocks=13)
+    plain = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=1, defines=defines)
+    folded = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=2, fold_blocks=13, defines=defines)
     assert not (folded == -7).any() and bool((plain < 0).any())  # unused slots: early causal rows, or k > n
     assert torch.equal(folded, folded_topk(plain, 13))
 

@@ -152,6 +152,15 @@ def test_emulated_wgmma_topk_four_warpgroups_monotone_scores(harness_wg4, tmp_pa
                            defines=WG4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_topk_four_warpgroups_at_a_query_offset_and_folded(harness_wg4, tmp_path, causal):
+    """A context-parallel shard's rows (query offset 1000) and (causal: rows with unused slots) a folded batch's
+    numbering, through both lists."""
+    check_query_offset(harness_wg4, tmp_path, causal, "wgmma", WG4)
+    if causal:  # non-causal tier 8 leaves no slot unused at the fold's 13 blocks
+        check_fold(harness_wg4, tmp_path, "wgmma", 8, causal, WG4)
+
+
 def test_four_warpgroups_plan_their_launch():
     """The option's tier-8 launches take 512 threads and their own shared memory; tier 16 keeps the default's."""
     q = torch.zeros((1, 1000, 2, 128), dtype=torch.bfloat16)
