@@ -6,9 +6,9 @@
 #   tests        pytest -m gpu over every test file that holds GPU tests
 #   fwd | fwd-quick          forward benchmark vs FA2 / cuDNN (full sweep | a few configurations)
 #   bwd-targets | bwd-quick  forward+backward benchmark at the target sizes (64K, 512K) | smoke sizes;
-#                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first: build_flash_moba.sh);
-#                            BENCH_BUILD_OPTIONS="topk_wgmma.cu:MOBA_TOPK_WG_RS=1 ..." builds mobalab's kernels with
-#                            those options (the benchmark's --build-option)
+#                            BWD_PEERS="flashmoba" adds FlashMoBA at both target sizes (built first:
+#                            build_flash_moba.sh); BENCH_BUILD_OPTIONS="topk_wgmma.cu:MOBA_TOPK_WG_STEP_DESC=0 ..."
+#                            builds mobalab's kernels with those options (the benchmark's --build-option)
 #   host-profile the host's time per step and the GPU's idle gaps in one step at 16K and 8K (scripts/profile_host.py;
 #                host/ holds the cProfile tables)
 #   host-waits   where the GPU waits for the host, launch by launch, and the host's path call by call, at 64K, 16K

@@ -63,26 +63,6 @@ def test_build_options_reach_every_launching_module_for_their_source_only(monkey
             ("topk_wgmma.cu", ("MOBA_TOPK_WG_STEP_DESC=0",)), ("pairs.cu", ())]
 
 
-def test_an_added_build_option_reshapes_the_launch_that_needs_it():
-    """The wgmma router's four-warpgroup option, added to a plan made without it, takes that option's threads and
-    shared memory (list tier 8; tier 16 keeps the default's), as the plan made with it would."""
-    from mobalab.kernels import _cuda_routing as routing
-
-    seen = []
-    module = types.SimpleNamespace(launch=lambda plan: seen.append(plan))
-    q = torch.zeros((1, 1000, 2, 128), dtype=torch.bfloat16)
-    hi = torch.zeros((1, 2, 63, 128), dtype=torch.bfloat16)
-    plans = [routing.topk_launch(q, hi, hi, torch.zeros((1, 1000, 2, k), dtype=torch.int32), 16, k, True,
-                                 variant="wgmma") for k in (8, 16)]
-    with extra_defines(module, routing.WGMMA_SOURCE, (routing.WG4_OPTION,)):
-        for plan in plans:
-            module.launch(plan)
-    assert [(p.block, p.shared_mem) for p in seen] == [
-        ((routing.WG4_THREADS, 1, 1), routing.wgmma4_topk_shared_bytes(128)),
-        ((routing.WG_THREADS, 1, 1), routing.wgmma_topk_shared_bytes(128))]
-    assert all(p.defines == (routing.WG4_OPTION,) for p in seen)
-
-
 @pytest.mark.parametrize("text", ["attention_bwd_wgmma.cu", "nosuch.cu:MOBA_X=1", "attention.cu:X=1",
                                   "attention.cu:MOBA_X=one", "attention.cu:MOBA_X"])
 def test_a_malformed_build_option_is_refused_with_the_accepted_form(text):

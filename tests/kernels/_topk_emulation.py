@@ -38,15 +38,15 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0, defines=()) -> torch.Tensor:
+             query_offset=0, fold_blocks=0) -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
     ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
-    unwritten slots show. ``defines``: the build options ``exe`` was compiled with, which the launch plan may need."""
+    unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
-                               fold_blocks=fold_blocks, defines=tuple(defines))
+                               fold_blocks=fold_blocks)
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -77,7 +77,7 @@ def case_id(case) -> str:
     return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
 
 
-def run_random_case(exe: Path, tmp: Path, case, variant, defines=()):
+def run_random_case(exe: Path, tmp: Path, case, variant):
     """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
     batch): inputs seeded by seqlen + dim, the launch by seqlen."""
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
@@ -85,31 +85,31 @@ def run_random_case(exe: Path, tmp: Path, case, variant, defines=()):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen, defines=defines), q, k, cent
+    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
 
 
-def check_random_case(exe: Path, tmp: Path, case, variant, defines=()) -> torch.Tensor:
+def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
     """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
     _, _, block_size, causal, _, top_k, *_ = case
-    out, q, k, cent = run_random_case(exe, tmp, case, variant, defines)
+    out, q, k, cent = run_random_case(exe, tmp, case, variant)
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
     check_near_ties(out, ref, q, cent, causal)
     return out
 
 
-def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str, defines=()) -> None:
+def check_query_offset(exe: Path, tmp: Path, causal: bool, variant: str) -> None:
     """Rows of q from position 1000 (inside block 62 of 16 keys) over the whole sequence's centroids select what
     the whole sequence's routing selects at those positions (:func:`check_near_ties`)."""
     gen = torch.Generator().manual_seed(11)
     q = torch.randn((1, 1400, 2, 64), generator=gen).to(torch.bfloat16)
     k = torch.randn((1, 1400, 1, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(k, 16)
-    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000, defines=defines)
+    out = run_topk(exe, tmp, q[:, 1000:], cent, 16, 8, causal, variant, seed=3, query_offset=1000)
     ref = reference.moba_topk(q, k, 16, 8, causal=causal)[:, 1000:]
     check_near_ties(out, ref, q[:, 1000:], cent, causal)
 
 
-def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool, defines=()) -> None:
+def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool) -> None:
     """A batch of three sequences routed with ``fold_blocks`` = n: the selections renumbered for the sequences end
     to end (``_batch_fold.folded_topk`` of the same kernel's plain selections, -1 slots kept), exactly."""
     from mobalab.kernels._batch_fold import folded_topk
@@ -117,8 +117,8 @@ def check_fold(exe: Path, tmp: Path, variant: str, top_k: int, causal: bool, def
     gen = torch.Generator().manual_seed(top_k)
     q = torch.randn((3, 208, 2, 64), generator=gen).to(torch.bfloat16)
     cent = reference.moba_centroids(torch.randn((3, 208, 1, 64), generator=gen).to(torch.bfloat16), 16)
-    plain = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=1, defines=defines)
-    folded = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=2, fold_blocks=13, defines=defines)
+    plain = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=1)
+    folded = run_topk(exe, tmp, q, cent, 16, top_k, causal, variant, seed=2, fold_blocks=13)
     assert not (folded == -7).any() and bool((plain < 0).any())  # unused slots: early causal rows, or k > n
     assert torch.equal(folded, folded_topk(plain, 13))
 
@@ -152,28 +152,27 @@ def planted_monotone(n: int = 150, block_size: int = 16, dim: int = 64):
     return (sign * u).to(torch.bfloat16), cent
 
 
-def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                           defines=()) -> None:
+def check_planted_monotone(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None) -> None:
     """:func:`planted_monotone` through the harness: the selections equal the reference's exactly; ``rows``: the
     last rows only, at a query offset."""
     q, cent = planted_monotone()
     first = 0 if rows is None else q.shape[1] - rows
     for top_k in top_ks:
-        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k, defines=defines,
+        out = run_topk(exe, tmp, q[:, first:], cent, 16, top_k, causal, variant, seed=top_k,
                        **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, 16, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
 
 
 def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks, rows: int | None = None,
-                       block_size: int = 16, defines=()) -> None:
+                       block_size: int = 16) -> None:
     """:func:`planted_ties` through the harness: the selections equal the reference's exactly (ties to the higher
     block index), for each top-k of ``top_ks``; ``rows``: the last rows only, at a query offset."""
     q, cent = planted_ties(causal, block_size=block_size)
     seqlen, n = q.shape[1], cent.shape[1]
     first = 0 if rows is None else seqlen - rows
     for top_k in top_ks:
-        out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k, defines=defines,
+        out = run_topk(exe, tmp, q[:, first:], cent, block_size, top_k, causal, variant, seed=top_k,
                        **({} if rows is None else {"query_offset": first}))
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from mobalab.kernels import reference
-from mobalab.kernels._launch import launch
 
 pytestmark = pytest.mark.gpu
 
@@ -329,36 +328,6 @@ def test_wgmma_selects_what_mma_selects(case, router):
     _compare(wg, mma, q, reference.moba_centroids(k, block_size), causal, block_size)
     out, cent = _poisoned_topk(q, k, block_size, top_k, causal)  # the default (wgmma) into poisoned buffers
     assert torch.equal(out, wg)
-
-
-@pytest.mark.parametrize("option", ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0",
-                                    "MOBA_TOPK_WG_WARPGROUPS=4", "MOBA_TOPK_WG_WARPGROUPS=4+MOBA_TOPK_WG_STAGGER=0"))
-@pytest.mark.parametrize("case", WG_CASES[:4], ids=WG_IDS[:4])
-def test_wgmma_build_options_select_what_mma_selects(case, option, router):
-    """The wgmma kernel built with a measurement option (routing.WGMMA_BUILD_OPTIONS; several joined by "+") into a
-    poisoned output: what mma selects, near-ties aside."""
-    if router != "wgmma":
-        pytest.skip("one comparison per case")
-    if not _hopper():
-        pytest.skip("wgmma needs an sm_90 GPU")
-    routing = _routing()
-    defines = tuple(option.split("+"))
-    assert set(defines) <= set(routing.WGMMA_BUILD_OPTIONS)
-    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
-    gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k + 1)
-    q = _rand((batch, seqlen, heads, dim), dtype, gen)
-    k = _rand((batch, seqlen, kv_heads, dim), dtype, gen)
-    n = math.ceil(seqlen / block_size)
-    cent = torch.empty((batch, n, kv_heads, dim), device="cuda")
-    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype, device="cuda")
-    lo = torch.empty_like(hi)
-    launch(routing.centroid_launch(k, cent, hi, lo, block_size))
-    out = torch.full((batch, seqlen, heads, top_k), -7, dtype=torch.int32, device="cuda")
-    plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, variant="wgmma", defines=defines)
-    assert plan.source == routing.WGMMA_SOURCE
-    launch(plan)
-    mma = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="mma")
-    _compare(out, mma, q, reference.moba_centroids(k, block_size), causal, block_size)
 
 
 # the split kernel against mma on awkward shapes, every head dim (256 and the heap-free tiers asked for explicitly)

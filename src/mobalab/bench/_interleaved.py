@@ -70,13 +70,10 @@ def extra_defines(module, source: str, defines: tuple[str, ...]):
     if not defines:
         yield
         return
-    from mobalab.kernels._launch import reshaped
-
     real = module.launch
 
     def launch(plan):
-        return real(reshaped(dataclasses.replace(plan, defines=plan.defines + defines)) if plan.source == source
-                    else plan)
+        return real(dataclasses.replace(plan, defines=plan.defines + defines) if plan.source == source else plan)
 
     module.launch = launch
     try:

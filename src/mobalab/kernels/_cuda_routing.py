@@ -37,17 +37,15 @@ caching allocator; kernels run on torch's current stream; nothing here synchroni
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import re
 
 import torch
 
 from . import _contract as C
 from ._build import device_capability as _device_capability
 from ._build import on_device
-from ._launch import RESHAPE, Launch, i32, kernel_ready, launch
+from ._launch import Launch, i32, kernel_ready, launch
 
 __all__ = ["moba_centroids_cuda", "moba_topk_cuda"]
 
@@ -62,13 +60,7 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 # Build options of the wgmma top-k kernel (the same selections), for measuring against the default build
 # (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): each descriptor built from its address (the default steps
 # them from one per chunk).
-# Measurement options of topk_wgmma.cu (scripts/bench_router.py --variants wgmma+NAME=VALUE): each descriptor built
-# from its address; Q as register A fragments (q.hi + q.lo summed by the MMAs); both warpgroups issuing, then scanning.
-# four warpgroups per CTA (list tier 8; 512 threads, wgmma4_topk_shared_bytes).
-WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0", "MOBA_TOPK_WG_RS=1", "MOBA_TOPK_WG_STAGGER=0",
-                       "MOBA_TOPK_WG_WARPGROUPS=4")
-WG4_OPTION = "MOBA_TOPK_WG_WARPGROUPS=4"
-WG4_THREADS = 512  # TKW4_THREADS of topk_wgmma.cu
+WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row
@@ -159,35 +151,6 @@ def wgmma_topk_shared_bytes(dim: int) -> int:
     """Dynamic shared memory of one wgmma top-k CTA: the Q tile, two stacked hi/lo centroid chunks (all
     128-byte swizzled, 2-byte elements), the fp32 score tile and the 1024-byte alignment slack."""
     return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
-
-
-def wgmma4_topk_shared_bytes(dim: int) -> int:
-    """Dynamic shared memory of one four-warpgroup wgmma top-k CTA (the build option ``WG4_OPTION``, list tier 8):
-    the fp32 score tile (which stages the Q rows first), two stacked hi/lo centroid chunks, two fp32 list
-    thresholds per row and the 1024-byte alignment slack."""
-    return WG_BM * WG_BN * 4 + 2 * (2 * WG_BN) * dim * 2 + 2 * WG_BM * 4 + WG_ALIGN_BYTES
-
-
-def _wgmma_topk_shape(dim: int, tier: int, defines: tuple[str, ...]) -> tuple[int, int]:
-    """(threads, dynamic shared memory) of a wgmma top-k launch of this head dim, list tier and build options."""
-    if WG4_OPTION in defines and tier == 8:
-        return WG4_THREADS, wgmma4_topk_shared_bytes(dim)
-    return WG_THREADS, wgmma_topk_shared_bytes(dim)
-
-
-_WG_KERNEL = re.compile(r"moba_topk_wg_\w+?_d(?P<dim>\d+)_\w+_k(?P<tier>\d+)")
-
-
-def _wgmma_topk_reshape(plan: Launch) -> Launch:
-    """A wgmma top-k plan with the threads and shared memory of its build options (_launch.RESHAPE)."""
-    m = _WG_KERNEL.fullmatch(plan.kernel)
-    if m is None:
-        return plan
-    threads, smem = _wgmma_topk_shape(int(m["dim"]), int(m["tier"]), plan.defines)
-    return dataclasses.replace(plan, block=(threads, 1, 1), shared_mem=smem)
-
-
-RESHAPE[WGMMA_SOURCE] = _wgmma_topk_reshape
 
 
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
@@ -282,9 +245,9 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
-        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row (two with WG4_OPTION at tier 8)
-        threads, smem = _wgmma_topk_shape(dim, tier, defines)
-        return Launch(WGMMA_SOURCE, name, grid, (threads, 1, 1), args, shared_mem=smem, defines=defines)
+        grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
+        return Launch(WGMMA_SOURCE, name, grid, (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim),
+                      defines=defines)
     grid = (math.ceil(seqlen / TOPK_BM), heads, batch)
     if chosen == "split":
         name = f"moba_topk_{C.dtype_tag(q.dtype, 'topk.cu')}_d{dim}_{mode}_k{tier}_split"

@@ -243,18 +243,6 @@ class Launch:
     dependent: bool = False
 
 
-# Sources whose launch shape (threads, shared memory) depends on the build options of the plan: source -> a function
-# returning the plan with the shape its defines need. Registered by the wrapper module that plans them, so that build
-# options added to a finished plan (mobalab.bench._interleaved.extra_defines) keep it launchable.
-RESHAPE: dict = {}
-
-
-def reshaped(plan: Launch) -> Launch:
-    """``plan`` with the launch shape its build options need (:data:`RESHAPE`; unchanged for other sources)."""
-    fn = RESHAPE.get(plan.source)
-    return plan if fn is None else fn(plan)
-
-
 @functools.lru_cache(maxsize=4096)
 def i32(value) -> np.int32:
     """``np.int32(value)``, kept: the plans pass every int scalar as one (:func:`check_args`), some 150 per training

@@ -449,26 +449,6 @@ __device__ __forceinline__ float topk_word_bound(const float* srow, int key, int
     return topk_cap_th_largest(pm, cap);
 }
 
-// A lighter bound of the same kind for kernels short of registers (topk_wg4_body: 128 per thread beside its MMA
-// operands): the minimum of the maxima of the word's 8 groups of 4 columns (cap <= 8) or of its 16 column pairs
-// (cap <= 16). Each group holds a score at or above it, so cap of the word's scores do; streamed over the word in two
-// registers rather than sorted in sixteen. Weaker than topk_word_bound (a group's maximum is not the cap-th largest),
-// so it passes a few more scores; -inf when a group has no candidate.
-__device__ __forceinline__ float topk_word_bound_lite(const float* srow, int key, int w, int n_valid, int cap) {
-    float bound = moba::pos_inf();
-#pragma unroll
-    for (int c4 = 0; c4 < 8; ++c4) {
-        const float4 v = *reinterpret_cast<const float4*>(srow + (((w * 8 + c4) ^ key) << 2));
-        const float x0 = 4 * c4 < n_valid ? v.x : moba::neg_inf(), x1 = 4 * c4 + 1 < n_valid ? v.y : moba::neg_inf();
-        const float x2 = 4 * c4 + 2 < n_valid ? v.z : moba::neg_inf(), x3 = 4 * c4 + 3 < n_valid ? v.w : moba::neg_inf();
-        float m0 = fmaxf(x0, x1), m1 = fmaxf(x2, x3);  // NaN only when both are NaN
-        m0 = m0 > moba::neg_inf() ? m0 : moba::neg_inf();
-        m1 = m1 > moba::neg_inf() ? m1 : moba::neg_inf();
-        bound = fminf(bound, cap <= 8 ? fmaxf(m0, m1) : fminf(m0, m1));
-    }
-    return bound;
-}
-
 // topk_scan_word for a score tile of raw sums (no NaN mask): the row's candidates are the blocks j < lim, so word
 // w (blocks j0 + 32 w ..) holds lim - j0 - 32 w of them (clamped to 0..32), and the bit mask is cut to those.
 // Register lists only (their passes() is x > thr). The compare is the sign of thr - x: negative exactly when
@@ -477,19 +457,12 @@ __device__ __forceinline__ float topk_word_bound_lite(const float* srow, int key
 // so the mask may over-report but never misses a candidate. That is a subtract and a shift-insert per score
 // instead of a compare, a select and an or. While the list is not full (threshold -inf) the word's own bound
 // (topk_word_bound) filters instead, through topk_below so that scores at or above it pass.
-// FLOOR: scores at or below `floor` do not pass either (a bound from elsewhere: topk_below of the threshold of a list that
-// another thread keeps for the same row, as in the split scans), and the lighter word bound (topk_word_bound_lite).
-template <bool FLOOR = false, typename List>
-__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim,
-                                                   float floor = 0.f) {
+template <typename List>
+__device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow, int key, int w, int j0, int lim) {
     const int n_valid = lim - j0 - 32 * w;
     if (n_valid <= 0) return;
     float thr = list.threshold();
-    if (thr == moba::neg_inf()) {
-        if constexpr (FLOOR) thr = topk_below(topk_word_bound_lite(srow, key, w, n_valid, list.cap));
-        else thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
-    }
-    if constexpr (FLOOR) thr = fmaxf(thr, floor);
+    if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
     // Four shift-insert chains of 8 columns each (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of
     // 32: each insert waits for the one before it, so one chain was 32 dependent instructions per word.
     unsigned q[4] = {0u, 0u, 0u, 0u};
@@ -764,33 +737,6 @@ __device__ __forceinline__ void topk_split_scan_word(TopkRegList<LCAP>& list, co
     topk_offer_word(list, m, srow, key, w, j0);
 }
 
-// Two lists of one row (thread `half` 0 and 1 of the row, ROWS rows per CTA) made one: half 1 hands its list to half 0
-// through shared memory at sS ([LCAP][ROWS] scores, then blocks; free once every thread of the CTA is past its scans),
-// which offers it by (score, block) (offer_ranked) where `merge` (its row is a query). Two CTA barriers.
-template <int ROWS, int LCAP>
-__device__ __forceinline__ void topk_merge_halves(TopkRegList<LCAP>& list, float* sS, int half, int row, bool merge,
-                                                  int n_blocks) {
-    __syncthreads();
-    float* sMv = sS;
-    int* sMj = reinterpret_cast<int*>(sS + LCAP * ROWS);
-    if (half == 1) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            sMv[i * ROWS + row] = list.v[i];
-            sMj[i * ROWS + row] = list.j[i];
-        }
-    }
-    __syncthreads();
-    if (half == 0 && merge) {
-#pragma unroll
-        for (int i = 0; i < LCAP; ++i) {
-            const int jx = sMj[i * ROWS + row];
-            // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
-            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * ROWS + row], jx);
-        }
-    }
-}
-
 template <typename T, int D, bool CAUSAL, int LCAP>
 __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T* __restrict__ chi,
                                                 const T* __restrict__ clo, int* __restrict__ out, int seqlen,
@@ -857,8 +803,25 @@ __device__ __forceinline__ void topk_split_body(const T* __restrict__ q, const T
         }
     }
 
-    topk_merge_halves<TK_BM>(list, sS, half, row, t_row < seqlen, n_blocks);
+    // merge: half 1 hands its list to half 0 through the score tile ([LCAP][TK_BM] scores, then blocks)
+    __syncthreads();
+    float* sMv = sS;
+    int* sMj = reinterpret_cast<int*>(sS + LCAP * TK_BM);
+    if (half == 1) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            sMv[i * TK_BM + row] = list.v[i];
+            sMj[i * TK_BM + row] = list.j[i];
+        }
+    }
+    __syncthreads();
     if (half == 0 && t_row < seqlen) {
+#pragma unroll
+        for (int i = 0; i < LCAP; ++i) {
+            const int jx = sMj[i * TK_BM + row];
+            // unfilled slots (-1) and sentinels (outside the list's cap) carry no block
+            if (jx >= 0 && jx < n_blocks) list.offer_ranked(sMv[i * TK_BM + row], jx);
+        }
         topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
     }
 }

@@ -77,19 +77,19 @@
 // Every copy of a thread has one chunk column and one swizzle (TopkCopyPattern, topk.cuh): a constant shared-memory
 // step and one row index per copy (measured: the per-copy index arithmetic was ~30 instructions per cp.async, 13% of
 // the kernel's instructions at 64K).
-template <int D, int NT = TKW_THREADS>
-struct TopkWgCopy : TopkCopyPattern<D, NT, TKW_ROWS> {
-    static_assert(TopkCopyPattern<D, NT, TKW_ROWS>::kFixed, "one swizzled column per thread");
+template <int D>
+struct TopkWgCopy : TopkCopyPattern<D, TKW_THREADS, TKW_ROWS> {
+    static_assert(TopkCopyPattern<D, TKW_THREADS, TKW_ROWS>::kFixed, "one swizzled column per thread");
 };
 
 // Centroid chunk `tile` (blocks tile * TKW_BN ..) into the stacked swizzled B tile at shared address buf: row
 // r < TKW_BN is hi of block tile * TKW_BN + r, row TKW_BN + r its lo; blocks past the end are clamped to the
 // last one (the scan never offers them).
-template <typename T, int D, int NT = TKW_THREADS>
+template <typename T, int D>
 __device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __restrict__ hi,
                                                        const T* __restrict__ lo, int tile, int n_blocks,
                                                        int tid) {
-    using C = TopkWgCopy<D, NT>;
+    using C = TopkWgCopy<D>;
     const int r0 = tid / C::CH, c = tid % C::CH;
     const unsigned dst = buf + moba::sw128_offset(r0, c * 8, 2 * TKW_BN);
     const int j0 = tile * TKW_BN + r0;
@@ -102,12 +102,12 @@ __device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __
     cp_async_commit();
 }
 
-// The CTA's TKW_BM query rows (rows past the end clamped to the last query) into the per-m64 swizzled Q tiles at sq,
-// QT_BYTES apart (by default back to back).
-template <typename T, int D, int NT = TKW_THREADS, unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D)>
+// The CTA's TKW_BM query rows (rows past the end clamped to the last query) into the per-m64 swizzled Q tiles at sq.
+template <typename T, int D>
 __device__ __forceinline__ void topk_wg_load_q(unsigned sq, const T* __restrict__ q, int b, int h, int t0, int seqlen,
                                                int heads, int tid) {
-    using C = TopkWgCopy<D, NT>;
+    using C = TopkWgCopy<D>;
+    constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
     const int r0 = tid / C::CH, c = tid % C::CH;
     const unsigned dst = sq + moba::sw128_offset(r0, c * 8, TKW_ROWS);
     const T* src = q + ((long long)b * seqlen * heads + h) * D + c * 8;
@@ -153,61 +153,6 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
         }
     moba::wgmma_commit_group();
 }
-
-// MOBA_TOPK_WG_RS (a build option, 0 by default): Q from registers. The CTA's Q rows never change across its
-// chunks, so each thread keeps its A fragments (two m64 halves x D / 16 k-steps x 4 registers: 64 at D = 128) and
-// a chunk's MMAs read only the centroids from shared memory: per k-step and half, q.hi and q.lo summed into one
-// m64n64 accumulator by two wgmma (S = acc, no sums; 32 registers per half, so the fragments take the registers
-// the stacked n128 accumulators' second halves held). Shared-memory operand reads per chunk and warpgroup: 32 x B 2
-// KB = 64 KB against 16 x (A 2 KB + B 4 KB) = 96 KB.
-#ifndef MOBA_TOPK_WG_RS
-#define MOBA_TOPK_WG_RS 0
-#endif
-// MOBA_TOPK_WG_STAGGER (1 by default; 0, a build option: both warpgroups issue, then scan; see topk_wg_body).
-#ifndef MOBA_TOPK_WG_STAGGER
-#define MOBA_TOPK_WG_STAGGER 1
-#endif
-template <int D, int HALVES>
-struct TopkWgQFrag {
-    unsigned a[HALVES][D / 16][4];
-};
-// The A fragments of this warpgroup's HALVES m64 Q tiles, QT_BYTES apart from shared address sq_wg (wgmma "Register
-// Fragments": register j of lane l in warp w holds row 16 w + l / 4 + 8 (j % 2), columns 8 (j / 2) + 2 (l % 4) +
-// {0, 1} of a k-step).
-template <int D, int HALVES, unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D)>
-__device__ __forceinline__ void topk_wg_q_frag(TopkWgQFrag<D, HALVES>& f, const unsigned char* smem, unsigned smem0,
-                                               unsigned sq_wg, int wwarp, int lane) {
-#pragma unroll
-    for (int half = 0; half < HALVES; ++half)
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const unsigned off = sq_wg - smem0 + half * QT_BYTES +
-                                     moba::sw128_offset(16 * wwarp + (lane >> 2) + 8 * (j % 2),
-                                                        16 * ks + 8 * (j / 2) + 2 * (lane & 3), TKW_ROWS);
-                f.a[half][ks][j] = *reinterpret_cast<const unsigned*>(smem + off);
-            }
-}
-template <typename T, int D, int HALVES>
-__device__ __forceinline__ void topk_wg_issue_rs(float (&acc)[HALVES][TKW_BN / 2], const TopkWgQFrag<D, HALVES>& f,
-                                                 unsigned buf) {
-#pragma unroll
-    for (int half = 0; half < HALVES; ++half) moba::wgmma_fence_operand(acc[half]);
-    moba::wgmma_fence();  // the accumulators were last read by ordinary instructions (the score-tile stores)
-    const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, 2 * TKW_BN);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-#pragma unroll
-        for (int half = 0; half < HALVES; ++half) {
-            // hi rows 0 .. TKW_BN - 1 of the stacked tile, lo rows TKW_BN .. 2 TKW_BN - 1 (a 1024-byte pattern start)
-            const unsigned long long dh = moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN));
-            const unsigned long long dl = moba::wgmma_desc_plus(db, moba::sw128_offset(TKW_BN, 16 * ks, 2 * TKW_BN));
-            moba::wgmma_rs<T>(acc[half], f.a[half][ks], dh, ks > 0);
-            moba::wgmma_rs<T>(acc[half], f.a[half][ks], dl, 1);
-        }
-    moba::wgmma_commit_group();
-}
 #endif
 
 template <typename T, int D, bool CAUSAL, int LCAP>
@@ -244,14 +189,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1 (MOBA_TOPK_WG_RS: their sum)
-    float acc[2][MOBA_TOPK_WG_RS ? TKW_BN / 2 : TKW_BN];
-#if MOBA_TOPK_WG_RS
-    TopkWgQFrag<D, 2> qf;
-    auto issue = [&](int tile) { topk_wg_issue_rs<T, D, 2>(acc, qf, buf(tile)); };
-#else
-    auto issue = [&](int tile) { topk_wg_issue<T, D>(acc, sq_wg, buf(tile)); };
-#endif
+    float acc[2][TKW_BN];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -264,10 +202,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         }
         moba::fence_proxy_async_shared();  // cp.async data -> visible to wgmma (async proxy) after the barrier
         __syncthreads();
-#if MOBA_TOPK_WG_RS
-        topk_wg_q_frag<D, 2>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
-#endif
-        issue(n_tiles - 1);
+        topk_wg_issue<T, D>(acc, sq_wg, buf(n_tiles - 1));
     }
 
     const int srow_key = topk_score_swizzle(row & 7);
@@ -302,12 +237,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                 for (int e = 0; e < 2; ++e) {
                     // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
                     const int i = nt * 4 + e * 2;
-                    float2* dst = reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN);
-                    if constexpr (MOBA_TOPK_WG_RS)
-                        *dst = make_float2(acc[half][i], acc[half][i + 1]);
-                    else
-                        *dst = make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
-                                           acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
+                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
+                        make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
+                                    acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
                 }
         }
         if (next) {
@@ -326,9 +258,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
         // Staggered: warpgroup 0 issues chunk tile - 1's wgmmas, then scans; warpgroup 1 scans first, while
         // warpgroup 0 is held by its issue (a warpgroup issuing 16 wgmma waits ~half of their MMA time before its
         // next instruction: scripts/wgmma_overlap.py), and issues after.
-        if (MOBA_TOPK_WG_STAGGER && wg == 1) scan();
-        if (next) issue(tile - 1);  // overlaps the scans
-        if (!MOBA_TOPK_WG_STAGGER || wg == 0) scan();
+        if (wg == 1) scan();
+        if (next) topk_wg_issue<T, D>(acc, sq_wg, buf(tile - 1));  // overlaps the scans
+        if (wg == 0) scan();
     };
     if (n_tiles > 0) {
         for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
@@ -343,156 +275,9 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 #endif
 }
 
-// ---- four warpgroups (MOBA_TOPK_WG_WARPGROUPS=4, a build option): 16 warps per SM instead of 8 ----
-//
-// The same score tile, chunks, copies and pipeline as topk_wg_body, for more resident warps to hide the scans'
-// dependent chains (at 8 warps per SM the kernel waits ~5-6 cycles between a warp's instructions). One CTA of 512
-// threads per SM, 128 registers each (at D = 128 one value goes to the stack once per chunk, outside the scans). List
-// tier 8 only: at tier 16 this body would spill ~150 bytes, so those kernels keep topk_wg_body. Warpgroup w owns the
-// 64 rows 64 w .. of the CTA's 256 as one m64 tile, its Q rows as register A fragments (32 registers at D = 128),
-// q.hi + q.lo summed into one m64n64 accumulator (32 registers) by 16 wgmma per chunk (topk_wg_issue_rs's order).
-// Each row is scanned by two threads of its warpgroup, one 32-block word of every chunk each (threads 0..63 of the
-// warpgroup word 0, 64..127 word 1), into lists of their own that exchange thresholds through shared memory every
-// chunk (a score below the other list's threshold cannot be selected: the other list holds cap scores at or above
-// it) and are merged by (score, block) at the end, as the split body of topk.cuh does. A word's own bound while a
-// list is not full is topk_word_bound_lite (the 16-value sort of topk_word_bound does not fit beside the MMA
-// operands). Both bounds drop only scores that cannot be selected: the same selections as topk_wg_body's RS build.
-// Shared memory: the score tile (64 KB; each warpgroup's Q tile staged in its own 16 KB of rows before the first
-// scores land there), two stacked centroid chunks (64 KB at D = 128), both lists' thresholds (2 KB): 131 KB at
-// D = 128, 99 KB at D = 64.
-#ifndef MOBA_TOPK_WG_WARPGROUPS
-#define MOBA_TOPK_WG_WARPGROUPS 2
-#endif
-#define TKW4_THREADS 512
-template <typename T, int D, bool CAUSAL, int LCAP>
-__device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* __restrict__ chi,
-                                              const T* __restrict__ clo, int* __restrict__ out, int seqlen,
-                                              int heads, int kv_heads, int block_size, int n_blocks, int top_k,
-                                              int q_pos0, int fold_blocks) {
-#if MOBA_HAS_WGMMA
-    static_assert(D == 64 || D == 128, "head dims of the wgmma router");
-    static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
-    constexpr unsigned C_BYTES = moba::sw128_tile_bytes(2 * TKW_BN, D);
-    constexpr unsigned S_WG_BYTES = TKW_ROWS * TKW_BN * 4;  // one warpgroup's rows of the score tile
-    static_assert(moba::sw128_tile_bytes(TKW_ROWS, D) <= S_WG_BYTES, "a Q tile fits its warpgroup's score rows");
-    MOBA_TOPK_WG_SMEM(topk_wg_smem);
-    const unsigned smem0 = smem_u32(topk_wg_smem);
-    const unsigned ss = (smem0 + moba::SW128_PATTERN_BYTES - 1) & ~(moba::SW128_PATTERN_BYTES - 1);
-    const unsigned sc = ss + TKW_BM * TKW_BN * 4;
-    float* sS = reinterpret_cast<float*>(topk_wg_smem + (ss - smem0));
-    float* sThr = reinterpret_cast<float*>(topk_wg_smem + (sc + 2 * C_BYTES - smem0));  // [2][TKW_BM]
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), wwarp = warp & 3;  // uniform to ptxas (topk_wg_body)
-    const TopkTile cta = topk_tile<CAUSAL, TKW_BM, TKW_BN>(seqlen, heads, kv_heads, block_size, n_blocks, top_k,
-                                                           q_pos0);
-    const int h = cta.h, b = cta.b, g = cta.g, t0 = cta.t0, list_cap = cta.list_cap, n_tiles = cta.n_tiles;
-
-    const int half = (tid >> 6) & 1;                   // the word of every chunk this thread scans
-    const int row = wg * TKW_ROWS + (tid & 63);        // and its row
-    const int t_row = t0 + row;
-    // one 64-bit offset for both halves' rows (the kernel parameters stay in the constant bank): a register pair
-    // less than two pointers, which the 128-register budget needs
-    const long long c_off = ((long long)b * kv_heads + g) * n_blocks * D;
-    const unsigned sq_wg = ss + wg * S_WG_BYTES;       // this warpgroup's Q tile, in its score rows
-    auto buf = [&](int tile) { return sc + (tile & 1) * C_BYTES; };
-
-    typename TopkListFor<LCAP>::type list;
-    list.init(list_cap);
-    sThr[half * TKW_BM + row] = moba::neg_inf();
-    float acc[1][TKW_BN / 2];
-    TopkWgQFrag<D, 1> qf;
-    auto issue = [&](int tile) { topk_wg_issue_rs<T, D, 1>(acc, qf, buf(tile)); };
-
-    if (n_tiles > 0) {
-        topk_wg_load_q<T, D, TKW4_THREADS, S_WG_BYTES>(ss, q, b, h, t0, seqlen, heads, tid);
-        topk_wg_load_centroids<T, D, TKW4_THREADS>(buf(n_tiles - 1), chi + c_off, clo + c_off, n_tiles - 1, n_blocks, tid);
-        if (n_tiles > 1) {
-            topk_wg_load_centroids<T, D, TKW4_THREADS>(buf(n_tiles - 2), chi + c_off, clo + c_off, n_tiles - 2, n_blocks, tid);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        moba::fence_proxy_async_shared();
-        __syncthreads();
-        topk_wg_q_frag<D, 1>(qf, topk_wg_smem, smem0, sq_wg, wwarp, lane);
-        issue(n_tiles - 1);
-    }
-
-    const int srow_key = topk_score_swizzle(row & 7);
-    const float* srow = sS + row * TKW_BN;
-    const int lim = CAUSAL ? (q_pos0 + t_row) / block_size : n_blocks;
-    const int s_base = topk_score_pair_base<TKW_BN>(wg * TKW_ROWS + wwarp * 16, 0, lane);
-
-    // One chunk, as topk_wg_body's step: the warpgroup barrier also orders its Q fragment loads (from these rows)
-    // before the first scores are stored over them.
-    auto step = [&](int tile, bool next) {
-        moba::wgmma_wait_group<0>();
-        moba::wgmma_fence_operand(acc[0]);
-        moba::bar_sync(1 + wg, 128);
-        const int j0 = tile * TKW_BN;
-#pragma unroll
-        for (int nt = 0; nt < TKW_BN / 8; ++nt) {
-            float* p = sS + (s_base ^ (nt << 3));
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int i = nt * 4 + e * 2;
-                *reinterpret_cast<float2*>(p + 8 * e * TKW_BN) = make_float2(acc[0][i], acc[0][i + 1]);
-            }
-        }
-        if (next) {
-            cp_async_wait<0>();
-            moba::fence_proxy_async_shared();
-        }
-        __syncthreads();
-        if (next && tile >= 2) topk_wg_load_centroids<T, D, TKW4_THREADS>(buf(tile), chi + c_off, clo + c_off, tile - 2, n_blocks, tid);
-        auto scan = [&]() {
-            if (t_row < seqlen) {
-                // the other list's threshold of this chunk or the one before (thresholds only rise)
-                const float other = reinterpret_cast<volatile float*>(sThr)[(half ^ 1) * TKW_BM + row];
-                topk_scan_word_lim<true>(list, srow, srow_key, half, j0, lim, topk_below(other));
-                sThr[half * TKW_BM + row] = list.threshold();
-            }
-            __syncwarp();
-        };
-        if (MOBA_TOPK_WG_STAGGER && (wg & 1)) scan();  // odd warpgroups scan while even ones are held by their issue
-        if (next) issue(tile - 1);
-        if (!MOBA_TOPK_WG_STAGGER || !(wg & 1)) scan();
-    };
-    if (n_tiles > 0) {
-        for (int tile = n_tiles - 1; tile >= 1; --tile) step(tile, true);
-        step(0, false);
-    }
-
-    // word 1's list to word 0's thread through the score tile
-    topk_merge_halves<TKW_BM>(list, sS, half, row, t_row < seqlen, n_blocks);
-    if (half == 0 && t_row < seqlen) {
-        topk_write_row<LCAP>(list, out, seqlen, heads, h, b, t_row, q_pos0, block_size, top_k, CAUSAL, fold_blocks);
-    }
-#else
-    __trap();
-#endif
-}
-
 // ---- entry points: dtype x head dim (64, 128) x causal x list tier (k8 / k16), the parameter list of
 // topk.cu's kernels (the launch plan passes the same arguments), grouped by head dim under MOBA_HAS_HEAD_DIM. ----
 
-#if MOBA_TOPK_WG_WARPGROUPS == 4
-// list tier 8 only: at tier 16 the four-warpgroup body spills (~150 bytes at D = 128), so those keep topk_wg_body
-// (the launch plan gives each its threads and shared memory)
-#define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
-    extern "C" __global__ void __launch_bounds__((LCAP) == 8 ? TKW4_THREADS : TKW_THREADS, 1)                        \
-    NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
-         int seqlen, int heads, int kv_heads, int block_size, int n_blocks, int top_k, int q_pos0,                    \
-         int fold_blocks) {                                                                                           \
-        if constexpr ((LCAP) == 8)                                                                                    \
-            topk_wg4_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks,       \
-                                              top_k, q_pos0, fold_blocks);                                            \
-        else                                                                                                          \
-            topk_wg_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k, \
-                                             q_pos0, fold_blocks);                                                    \
-    }
-#else
 #define MOBA_TOPK_WG_KERNEL(NAME, T, D, CAUSAL, LCAP)                                                                 \
     extern "C" __global__ void __launch_bounds__(TKW_THREADS, 1)                                                      \
     NAME(const T* __restrict__ q, const T* __restrict__ chi, const T* __restrict__ clo, int* __restrict__ out,        \
@@ -501,7 +286,6 @@ __device__ __forceinline__ void topk_wg4_body(const T* __restrict__ q, const T* 
         topk_wg_body<T, D, CAUSAL, LCAP>(q, chi, clo, out, seqlen, heads, kv_heads, block_size, n_blocks, top_k,     \
                                          q_pos0, fold_blocks);                                                        \
     }
-#endif
 
 #if MOBA_HAS_HEAD_DIM(64)
 MOBA_TOPK_WG_KERNEL(moba_topk_wg_bf16_d64_causal_k8,    __nv_bfloat16, 64,  true,   8)
