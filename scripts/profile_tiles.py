@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from mobalab.bench._interleaved import build_options, parse_build_option
+from mobalab.bench._interleaved import build_option_arg, build_options
 from mobalab.kernels import moba_attention
 
 
@@ -32,13 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--impl", choices=("mobalab", "flash-moba"), default="mobalab")
-    p.add_argument("--build-option", action="append", default=[], metavar="SOURCE.cu:MOBA_NAME=VALUE")
+    p.add_argument("--build-option", action="append", default=[], type=build_option_arg,
+                   metavar="SOURCE.cu:MOBA_NAME=VALUE")
     a = p.parse_args(argv)
-    try:
-        for text in a.build_option:
-            parse_build_option(text)
-    except ValueError as exc:
-        p.error(str(exc))
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (a.batch, a.seq_len, a.heads, a.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

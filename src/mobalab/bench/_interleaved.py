@@ -8,6 +8,7 @@ timings of a process run slow while the clocks ramp up).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -99,6 +100,16 @@ def parse_build_option(text: str) -> tuple[str, str]:
         raise ValueError(f"build option {text!r}: expected SOURCE.cu:MOBA_NAME=INTEGER with SOURCE.cu one of "
                          f"{', '.join(sources)}")
     return m["source"], m["define"]
+
+
+def build_option_arg(text: str) -> str:
+    """An argparse ``type`` for ``--build-option``: ``text`` as given, or :func:`parse_build_option`'s message as the
+    argument's error."""
+    try:
+        parse_build_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _launching_modules() -> list:

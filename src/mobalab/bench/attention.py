@@ -61,7 +61,7 @@ from mobalab.kernels._cuda_routing import (
 )
 from mobalab.kernels.autograd import moba_attention_autograd
 
-from ._interleaved import build_options, parse_build_option
+from ._interleaved import build_option_arg, build_options
 from .environment import environment
 
 __all__ = ["main", "routing_flops", "attended_keys", "attention_flops", "dense_flops", "parse_head_dims",
@@ -974,14 +974,6 @@ def main_backward(args, env) -> int:
     return 1 if failed or not rows else 0
 
 
-def _build_option_arg(text: str) -> str:
-    try:
-        parse_build_option(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def main(argv=None) -> int:
     """Run the benchmark (``mobalab bench`` / ``python -m mobalab.bench.attention``); 0 when every
     configuration ran, 1 otherwise (failures are printed and the sweep goes on)."""
@@ -1015,7 +1007,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers-quick", action="store_true",
                    help="mobalab and the peers (all, or --peers) only: batch 2, 16 heads, d 128, B 128, k 8, causal, "
                         "bf16, 8K and 64K, forward and forward+backward, no FA2/cuDNN (peers_table.md)")
-    p.add_argument("--build-option", action="append", default=[], type=_build_option_arg,
+    p.add_argument("--build-option", action="append", default=[], type=build_option_arg,
                    metavar="SOURCE.cu:MOBA_NAME=INT",
                    help="compile mobalab's kernels from SOURCE.cu with this build option as well (repeatable; e.g. "
                         "attention_bwd_wgmma.cu:MOBA_BWD_WG_STEP_DESC=0): a whole run of an option that is not the "
