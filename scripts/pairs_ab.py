@@ -1,11 +1,14 @@
-"""The counting sort's three launches (cuda/pairs.cu) of two source trees side by side:
-``python scripts/pairs_ab.py BASE_SRC [--rounds 3] [--reps 50]``.
+"""The counting sort's launches (cuda/pairs.cu) of two source trees, or of two sorts of this tree, side by side:
+``python scripts/pairs_ab.py BASE_SRC [--rounds 3] [--reps 50]`` or
+``python scripts/pairs_ab.py --tiles-ab auto,radix``.
 
-Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src``) runs in a process of its own
+Each arm (BASE_SRC, the ``src`` directory of another tree, and this tree's ``src``; or this tree with each of the
+two ``$MOBALAB_PAIR_TILES`` values of ``--tiles-ab``) runs in a process of its own
 (``mobalab.bench._interleaved.tree_arm_rows``), in alternating order over ``--rounds`` rounds. A process builds
-causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of the
-count, scan and scatter launches by CUDA events around it (the median of ``--reps`` after warm-up; the launches
-queued behind a sleep kernel, so that the events time the GPU's work and not the host's gaps between launches),
+causal routing with ``moba_topk`` on random Gaussian q, k (d 128, B 128, k 8) and times, per chunk, each of its
+launches (count, scan and scatter; six for the two-digit sort) by CUDA events around it (the median of ``--reps``
+after warm-up; the launches queued behind a sleep kernel, so that the events time the GPU's work and not the host's
+gaps between launches),
 and checks the lists against the stable torch sort. The scatter writes the sorted keys too (as the backward's sorts
 do; the forward's do not). Chunks (B 128 unless named):
 
@@ -16,7 +19,8 @@ do; the forward's do not). Chunks (B 128 unless named):
 * ``512K-lo`` / ``512K-hi``: one head, the first / second half of a 512K sequence (4097 keys, 256 wide tiles each),
   the forward's chunks at 512K.
 
-Printed: per chunk and launch, each arm's median over the rounds (microseconds) and this tree's speedup.
+Printed: per chunk the launches' total and the scatters', each arm's median over the rounds (microseconds), and
+the second arm's speedup; then each arm's launches by name.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import statistics
 
 K = 1024
 HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
-KERNELS = ("count", "scan", "scatter")
 
 
 def _points():
@@ -40,7 +43,7 @@ def _points():
             "512K-hi": (512 * K, 1, 128, (0, 1, 256 * K, 256 * K))}
 
 
-def _arm(reps: int) -> list[dict]:
+def _arm(reps: int, tiles: str | None) -> list[dict]:
     import torch
 
     from mobalab.kernels import _cuda_attention as A
@@ -66,10 +69,11 @@ def _arm(reps: int) -> list[dict]:
         sorted_keys = torch.empty(n_pairs, dtype=torch.int32, device="cuda")
         seg_off = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
         tile_cum = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
+        extra = {} if tiles is None else {"tiles": tiles, "radix": scratch.radix}
         plans = P.counting_launches(topk, scratch.counts, scratch.seg_total, scratch.ticket, scratch.pairs,
                                     sorted_keys, seg_off, tile_cum, seqlen=seqlen, heads=heads, top_k=top_k,
-                                    n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256)
-        times = {kname: [] for kname in KERNELS}
+                                    n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256, **extra)
+        times = [[] for _ in plans]
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(plans) + 1)]
         for rep in range(reps + 5):
             scratch.pairs.fill_(-1)
@@ -82,28 +86,32 @@ def _arm(reps: int) -> list[dict]:
                 events[i + 1].record()
             torch.cuda.synchronize()
             if rep >= 5:
-                for i, kname in enumerate(KERNELS):
-                    times[kname].append(events[i].elapsed_time(events[i + 1]) * 1e3)
+                for i in range(len(plans)):
+                    times[i].append(events[i].elapsed_time(events[i + 1]) * 1e3)
         want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=1, top_k=top_k, rows_per_unit=256)
         ok = (torch.equal(scratch.pairs[:n_pairs], want[0]) and torch.equal(sorted_keys, want[1].to(torch.int32))
               and torch.equal(seg_off, want[2]) and torch.equal(tile_cum, want[3]))
-        # trees before the wide tiles have one tile size, and n_tiles without its argument
-        tiles = (P.n_tiles(n_pairs, P.tile_plan(n_pairs, n_seg, n_blocks)[0]) if hasattr(P, "tile_plan")
-                 else P.n_tiles(n_pairs))
-        rows.append({"point": name, "keys": n_seg + 1, "tiles": tiles, "equal": bool(ok),
-                     **{kname: statistics.median(v) for kname, v in times.items()}})
+        launches = {}
+        for plan, v in zip(plans, times, strict=True):
+            kname = plan.kernel.removeprefix("moba_pairs_")
+            while kname in launches:  # the two-digit sort's two scans
+                kname += "'"
+            launches[kname] = statistics.median(v)
+        rows.append({"point": name, "keys": n_seg + 1, "equal": bool(ok), "launches": launches,
+                     "total": sum(launches.values()),
+                     "scatter": sum(t for k, t in launches.items() if "scatter" in k)})
     return rows
 
 
-def _child(reps: int) -> None:
-    for row in _arm(reps):
+def _child(reps: int, tiles: str | None) -> None:
+    for row in _arm(reps, tiles):
         print(json.dumps(row), flush=True)
 
 
-def _run_arm(src: pathlib.Path, reps: int) -> list[dict]:
+def _run_arm(src: pathlib.Path, reps: int, tiles: str | None) -> list[dict]:
     from mobalab.bench._interleaved import tree_arm_rows
 
-    return tree_arm_rows(__file__, src, ["--reps", reps])
+    return tree_arm_rows(__file__, src, ["--reps", reps] + ([] if tiles is None else ["--tiles", tiles]))
 
 
 def main(argv=None) -> int:
@@ -111,29 +119,42 @@ def main(argv=None) -> int:
     ap.add_argument("base", nargs="?", type=pathlib.Path, help="the other tree's src directory")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--tiles-ab", help="two $MOBALAB_PAIR_TILES values of this tree to compare, e.g. auto,radix")
+    ap.add_argument("--tiles", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        _child(args.reps)
+        _child(args.reps, args.tiles)
         return 0
-    if args.base is None or not (args.base / "mobalab").is_dir():
+    if args.tiles_ab is not None:
+        names = args.tiles_ab.split(",")
+        if len(names) != 2 or args.base is not None:
+            ap.error(f"--tiles-ab takes two values, e.g. auto,radix, and no BASE_SRC; got {args.tiles_ab!r}")
+        arms = {name: (HERE, name) for name in names}
+    elif args.base is None or not (args.base / "mobalab").is_dir():
         ap.error(f"BASE_SRC must be a src directory holding mobalab/, got {args.base}")
+    else:
+        arms = {"base": (args.base.resolve(), None), "this": (HERE, None)}
     from mobalab.bench._interleaved import interleaved_times
 
-    got = interleaved_times({"base": args.base.resolve(), "this": HERE}, args.rounds,
-                            lambda src: _run_arm(src, args.reps))
+    got = interleaved_times({name: arm for name, arm in arms.items()}, args.rounds,
+                            lambda arm: _run_arm(arm[0], args.reps, arm[1]))
+    a, b = arms
 
-    def med(arm, i, kname):
-        return statistics.median(r[i][kname] if kname != "total" else sum(r[i][k] for k in KERNELS)
-                                 for r in got[arm])
+    def med(arm, i, field):
+        return statistics.median(r[i][field] for r in got[arm])
 
-    print(f"{'point':<9} {'keys':>5} {'tiles':>5} {'launch':<8} {'base us':>9} {'this us':>9} {'x':>6}  equal")
-    for i, row in enumerate(got["this"][0]):
+    print(f"{'point':<9} {'keys':>5} {'part':<8} {a + ' us':>10} {b + ' us':>10} {'x':>6}  equal")
+    for i, row in enumerate(got[b][0]):
         eq = all(r[i]["equal"] for runs in got.values() for r in runs)
-        for kname in (*KERNELS, "total"):
-            b, t = med("base", i, kname), med("this", i, kname)
-            print(f"{row['point']:<9} {row['keys']:>5} {row['tiles']:>5} {kname:<8} {b:>9.1f} {t:>9.1f} "
-                  f"{b / t:>6.2f}  {eq}")
+        for field in ("scatter", "total"):
+            ta, tb = med(a, i, field), med(b, i, field)
+            print(f"{row['point']:<9} {row['keys']:>5} {field:<8} {ta:>10.1f} {tb:>10.1f} {ta / tb:>6.2f}  {eq}")
+    for arm in arms:
+        for i, row in enumerate(got[arm][0]):
+            parts = ", ".join(f"{k} {statistics.median(r[i]['launches'][k] for r in got[arm]):.1f}"
+                              for k in row["launches"])
+            print(f"{arm}: {row['point']}: {parts}")
     return 0
 
 

@@ -45,7 +45,8 @@ def _buffers(n_pairs, n_seg, poison=-7):
                 pairs=torch.full((n_pairs,), poison, dtype=torch.int64),
                 sorted_keys=torch.full((n_pairs,), poison, dtype=torch.int32),
                 seg_off=torch.full((n_seg + 1,), poison, dtype=torch.int64),
-                tile_cum=torch.full((n_seg + 1,), poison, dtype=torch.int64))
+                tile_cum=torch.full((n_seg + 1,), poison, dtype=torch.int64),
+                radix=torch.full((P.radix_elems(n_pairs),), poison, dtype=torch.int32))
 
 
 def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per_unit, with_keys=True,
@@ -54,7 +55,7 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
                                bufs["sorted_keys"] if with_keys else 0, bufs["seg_off"],
                                bufs["tile_cum"] if with_tile_cum else 0, seqlen=seqlen, heads=heads, top_k=top_k,
                                n_blocks=n_blocks, chunk=chunk, group=group, rows_per_unit=rows_per_unit,
-                               tiles=tiles)
+                               tiles=tiles, radix=bufs["radix"])
 
 
 # ---- plans and arguments (no compiler) ----
@@ -62,7 +63,10 @@ def _plans(topk, bufs, chunk, *, seqlen, heads, top_k, n_blocks, group, rows_per
 def test_pairs_kernels_have_the_planned_signatures():
     assert set(signatures(P.SOURCE)) == {"moba_pairs_count", "moba_pairs_scan", "moba_pairs_scatter",
                                          "moba_pairs_count_wide", "moba_pairs_scatter_wide",
-                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first"}
+                                         "moba_topk_rebase", "moba_pairs_gather", "moba_pairs_longest_first",
+                                         "moba_pairs_radix_count_lo", "moba_pairs_radix_scan",
+                                         "moba_pairs_radix_scatter_lo", "moba_pairs_radix_count_hi",
+                                         "moba_pairs_radix_scatter_hi"}
     seqlen, heads, top_k, n_blocks, group = 300, 4, 3, 5, 2
     chunk = A.Chunk(1, 2, 2, 10, 250)
     topk = _topk(0, 2, seqlen, heads, top_k, n_blocks)
@@ -86,28 +90,45 @@ def test_pairs_kernels_have_the_planned_signatures():
     assert (count.kernel, scatter.kernel) == ("moba_pairs_count_wide", "moba_pairs_scatter_wide")
     assert count.block == (P.WIDE_COUNT_THREADS,) and scatter.block == (256,)
     assert count.grid == scatter.grid == (P.n_tiles(n_pairs, P.WIDE_TILE),) and int(scan.args[-1]) == P.WIDE_TILE
+    # the two-digit sort: six launches over tiles of RADIX_TILE pairs, digits of 2 and 3 values for 6 keys
+    plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                   rows_per_unit=64, tiles="radix")
+    assert [p.kernel for p in plans] == ["moba_pairs_radix_count_lo", "moba_pairs_radix_scan",
+                                         "moba_pairs_radix_scatter_lo", "moba_pairs_radix_count_hi",
+                                         "moba_pairs_radix_scan", "moba_pairs_radix_scatter_hi"]
+    for p in plans:
+        check_args(p.source, p.kernel, p.args)
+    assert P.radix_digits(n_seg + 1) == (1, 2, 3)
+    assert [p.grid for p in plans] == [(P.n_tiles(n_pairs, P.RADIX_TILE),), (2,), (1,), (1,), (3,), (1,)]
+    assert plans[2].shared_mem == plans[5].shared_mem == P.RADIX_SMEM and plans[3].shared_mem == 4 * 6
+    with pytest.raises(ValueError, match="needs its scratch"):
+        P.counting_launches(topk, 0, 0, 0, 0, 0, 0, 0, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks,
+                            chunk=chunk, group=group, rows_per_unit=64, tiles="radix")
     with pytest.raises(ValueError, match="4096 or 8192 pairs"):
         P.count_launch(topk, 0, 0, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk,
                        group=group, win=5, tile=1000)
 
 
 @pytest.mark.parametrize(("n_pairs", "n_seg", "n_blocks", "want"), [
-    (2 * 2**20, 4096, 4096, (P.WIDE_TILE, 4096)),    # 512K: one kv head of 4096 blocks per chunk
-    (2 * 2**20, 4 * 2048, 2048, (P.TILE, 2048)),     # 64K at B 32: four kv heads of 2048 blocks
-    (2 * 2**20, 4 * 512, 512, (P.TILE, 512)),        # 64K at B 128
-    (2 * 2**20, 2 * 3072, 3072, (P.WIDE_TILE, 3072)),  # the threshold
-    (2 * 2**20, 2 * 3071, 3071, (P.TILE, 3071)),
+    (2 * 2**20, 4096, 4096, "radix"),       # 512K: one kv head of 4096 blocks per chunk
+    (2 * 2**20, 4 * 2048, 2048, "radix"),   # 64K at B 32: four kv heads of 2048 blocks, a window of one
+    (2 * 2**20, 4 * 512, 512, "narrow"),    # 64K at B 128
+    (2 * 2**20, 2 * 2047, 2047, "narrow"),  # below the threshold
+    (4096, 4 * 600, 600, "radix"),          # one narrow tile over four kv heads: a window of 2400 columns
 ])
-def test_wide_tiles_where_the_key_window_is_wide(monkeypatch, n_pairs, n_seg, n_blocks, want):
+def test_the_two_digit_sort_where_the_key_window_is_wide(monkeypatch, n_pairs, n_seg, n_blocks, want):
     monkeypatch.delenv(P.TILES_ENV, raising=False)
-    assert P.tile_plan(n_pairs, n_seg, n_blocks) == want
+    assert P.pair_plan(n_pairs, n_seg, n_blocks) == want
+    for tiles in ("narrow", "wide", "radix"):
+        assert P.pair_plan(n_pairs, n_seg, n_blocks, tiles) == tiles
     assert P.tile_plan(n_pairs, n_seg, n_blocks, "narrow") == (P.TILE, P.key_window(n_pairs, n_seg, n_blocks))
-    assert P.tile_plan(n_pairs, n_seg, n_blocks, "wide")[0] == P.WIDE_TILE
+    assert P.tile_plan(n_pairs, n_seg, n_blocks, "wide") == (P.WIDE_TILE,
+                                                             P.key_window(n_pairs, n_seg, n_blocks, P.WIDE_TILE))
     monkeypatch.setenv(P.TILES_ENV, "narrow")
-    assert P.tile_plan(n_pairs, n_seg, n_blocks)[0] == P.TILE
+    assert P.pair_plan(n_pairs, n_seg, n_blocks) == "narrow" and P.tile_plan(n_pairs, n_seg, n_blocks)[0] == P.TILE
     monkeypatch.setenv(P.TILES_ENV, "huge")
     with pytest.raises(ValueError, match="MOBALAB_PAIR_TILES"):
-        P.tile_plan(n_pairs, n_seg, n_blocks)
+        P.pair_plan(n_pairs, n_seg, n_blocks)
 
 
 def test_the_constants_match_the_source():
@@ -121,6 +142,13 @@ def test_the_constants_match_the_source():
     assert P.WIDE_TILE == P.WIDE_COUNT_THREADS * P.PAIRS_ROUNDS  # the count's and the scatter's tiles agree
     assert P.MAX_KEYS <= 2**15 and P.WIDE_TILE < 2**16
     assert P.scatter_smem_bytes(P.MAX_KEYS - 1) <= 160 << 10
+    for name, value in (("kRadixBins", P.RADIX_BINS), ("kRadixThreads", P.RADIX_THREADS),
+                        ("kRadixRounds", P.RADIX_ROUNDS), ("kRadixScanThreads", P.RADIX_SCAN_THREADS)):
+        assert f"constexpr int {name} = {value};" in text
+    assert P.RADIX_COUNT_THREADS * P.PAIRS_ROUNDS == P.RADIX_TILE  # the counts' and the scatters' tiles agree
+    assert P.RADIX_TILE < 2**16 and P.radix_digits(2**14) == (7, 128, 128)  # ranks in 16 bits, digits in the bins
+    # two scatter CTAs per SM (their launch bounds) fit the shared memory of an H100
+    assert 2 * P.RADIX_SMEM <= 227 << 10
 
 
 def test_the_key_limit_follows_the_device_shared_memory(monkeypatch):
@@ -227,7 +255,7 @@ def test_key_window_holds_every_tile(n_q, top_k, group, n_kv, n_blocks, tile):
     assert P.n_tiles(n_pairs, tile) * (win + 1) <= P.counts_elems(n_pairs, n_seg)
 
 
-@pytest.mark.parametrize("tiles", ["narrow", "wide"])
+@pytest.mark.parametrize("tiles", ["narrow", "wide", "radix"])
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), EMU_CASES)
 def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seqlen, heads, group, top_k, n_blocks,
                                                   chunk, opts, tiles):
@@ -239,12 +267,32 @@ def test_emulated_counting_sort_is_the_stable_sort(harness, tmp_path, batch, seq
     bufs = _buffers(n_pairs, n_seg)
     plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
                    rows_per_unit=rows, tiles=tiles)
-    assert plans[2].kernel == ("moba_pairs_scatter_wide" if tiles == "wide" else "moba_pairs_scatter")
+    assert plans[-1].kernel == {"wide": "moba_pairs_scatter_wide", "narrow": "moba_pairs_scatter",
+                                "radix": "moba_pairs_radix_scatter_hi"}[tiles]
     run_emulated(harness, tmp_path, plans, seed=n_pairs)
     for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
         assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
     assert int(bufs["ticket"]) == 0  # ready for the next chunk
     assert int(bufs["seg_total"].sum()) == n_pairs
+
+
+@pytest.mark.parametrize(("n_blocks", "digits"), [(8190, (6, 64, 128)), (4096, (6, 64, 65)), (1, (0, 1, 2))])
+def test_emulated_two_digit_sort_at_its_widest_digits(harness, tmp_path, n_blocks, digits):
+    """The two-digit sort where both digits take (nearly) all RADIX_BINS values, and where one key is all there
+    is besides the unused slots': still the stable sort."""
+    batch, seqlen, heads, group, top_k = 1, 1100, 2, 1, 4
+    chunk = A.Chunk(0, 0, 1, 0, seqlen)
+    topk = _topk(n_blocks, batch, seqlen, heads, top_k, n_blocks, unused=0.1)
+    n_pairs, n_seg = seqlen * top_k, n_blocks
+    assert P.radix_digits(n_seg + 1) == digits
+    want = P.pair_lists_reference(topk, chunk, n_blocks=n_blocks, group=group, top_k=top_k, rows_per_unit=64)
+    bufs = _buffers(n_pairs, n_seg)
+    plans = _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
+                   rows_per_unit=64, tiles="radix")
+    run_emulated(harness, tmp_path, plans, seed=n_blocks)
+    for name, w in zip(("pairs", "sorted_keys", "seg_off", "tile_cum"), want, strict=True):
+        assert torch.equal(bufs[name], w), (name, (bufs[name] != w).nonzero()[:8])
+    assert int(bufs["ticket"]) == 0
 
 
 harness_batched_scan = harness_fixture("pairs_harness", lambda: {"pairs_kernels.cu": source(P.SOURCE)},
@@ -269,7 +317,8 @@ def test_emulated_scan_in_batches_is_the_stable_sort(harness_batched_scan, tmp_p
     assert int(bufs["ticket"]) == 0
 
 
-def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
+@pytest.mark.parametrize("tiles", ["auto", "radix"])
+def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path, tiles):
     """Chunks one after another through one count table, one seg_total and one ticket (the wrappers' use), in
     one run: the backward's launches (sorted keys, no tile_cum) and the forward's (tile_cum, no sorted keys)."""
     batch, seqlen, heads, group, top_k, n_blocks = 2, 1100, 4, 2, 3, 12
@@ -281,9 +330,9 @@ def test_emulated_chunks_in_a_row_reuse_the_scratch(harness, tmp_path):
     outs, plans = [], []
     for i, chunk in enumerate(chunks):
         fwd = i % 2 == 1
-        bufs = {**_buffers(n_pairs, n_seg), **{k: shared[k] for k in ("counts", "seg_total", "ticket")}}
+        bufs = {**_buffers(n_pairs, n_seg), **{k: shared[k] for k in ("counts", "seg_total", "ticket", "radix")}}
         plans += _plans(topk, bufs, chunk, seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, group=group,
-                        rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd)
+                        rows_per_unit=256, with_keys=not fwd, with_tile_cum=fwd, tiles=tiles)
         outs.append(bufs)
     run_emulated(harness, tmp_path, plans, seed=3)
     for i, (chunk, bufs) in enumerate(zip(chunks, outs, strict=True)):

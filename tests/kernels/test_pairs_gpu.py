@@ -76,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "group", "top_k", "n_blocks", "chunk", "opts"), CASES)
 def test_counting_sort_is_the_stable_sort(monkeypatch, batch, seqlen, heads, group, top_k, n_blocks, chunk, opts,
                                           tiles):
-    """Narrow, wide and the automatic choice of tiles (wide for "8192-keys" and "most-keys")."""
+    """Narrow, wide, two-digit and the automatic choice of tiles (wide for "8192-keys" and "most-keys")."""
     monkeypatch.setenv(P.TILES_ENV, tiles)
     if n_blocks == "most":
         n_blocks = P.max_keys("cuda") - 1
@@ -127,7 +127,7 @@ def _attn(sort, monkeypatch, q, k, v, dout, block, top_k, causal, budget, varian
     return out, lse, *grads
 
 
-@pytest.mark.parametrize("tiles", ["auto", "wide"])
+@pytest.mark.parametrize("tiles", ["auto", "wide", "radix"])
 @pytest.mark.parametrize(("batch", "seqlen", "heads", "kv_heads", "dim", "block", "top_k", "causal", "budget",
                           "variant"), ATTN_CASES)
 def test_attention_through_the_counting_sort_is_bit_identical(monkeypatch, batch, seqlen, heads, kv_heads, dim,

@@ -363,7 +363,7 @@ def build_pair_lists(topk, keys, scratch, c: Chunk, *, seqlen, heads, top_k, n_b
                 topk, scratch.counts, scratch.seg_total, scratch.ticket, pairs,
                 0 if sorted_keys is None else sorted_keys, seg_off, 0 if tile_cum is None else tile_cum,
                 seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=c, group=group,
-                rows_per_unit=rows_per_unit):
+                rows_per_unit=rows_per_unit, radix=scratch.radix):
             launch(plan)
         return pairs, sorted_keys
     keys_c = keys[:n_pairs]

@@ -16,7 +16,10 @@ launches and 24 bytes per pair per pass). The counting sort knows the key range,
 per tile of ``TILE`` pairs (``WIDE_TILE`` where a tile's key window is wide: :func:`tile_plan`) the count of every
 key, an exclusive scan over (tile, key) in key-major order, and a scatter that ranks each tile's pairs stably (per
 warp, in order, 32 at a time). It writes the same lists
-pair for pair, so everything downstream (forward partials, backward sums, determinism) is unchanged.
+pair for pair, so everything downstream (forward partials, backward sums, determinism) is unchanged. A second form,
+the two-digit sort ("radix", :func:`radix_launches`), runs two such stable passes over a low and a high digit of
+the key (at most ``RADIX_BINS`` values each), each tile's pairs leaving shared memory in runs of one digit, where
+the one-pass scatter writes every pair on its own.
 
 Bytes at 64K tokens (batch 2, 16 heads, B = 128, k = 8; 8 chunks of 4 kv heads, 2.1 M pairs and 2049 keys each):
 per chunk topk is read twice (16.8 MB), pairs written once (16.8 MB; the backward also writes the sorted keys,
@@ -36,7 +39,7 @@ Limits: the scatter keeps 20 bytes of shared memory per key, so a chunk with mor
 :func:`max_keys` of its device (11622 on an H100 / H200, 8345 on an A100, 5068 on sm_86 / sm_89; ``MAX_KEYS``
 where there is no CUDA device), or with 2^31 pairs or more, takes the torch path. ``$MOBALAB_PAIR_SORT``
 ("counting", the default, or "torch"), read at each call, forces either path; ``$MOBALAB_PAIR_TILES`` ("auto", the
-default, "narrow" or "wide") likewise the counting sort's tiles.
+default, "narrow", "wide" or "radix") likewise the counting sort's form.
 """
 
 from __future__ import annotations
@@ -61,10 +64,21 @@ TILE = PAIRS_THREADS * PAIRS_ROUNDS  # pairs per CTA of the count and scatter ke
 WIDE_ROUNDS = 32  # kWideRounds: the wide scatter's pairs per lane
 WIDE_COUNT_THREADS = 512  # kWideCountThreads: the wide count's threads, PAIRS_ROUNDS pairs each
 WIDE_TILE = PAIRS_THREADS * WIDE_ROUNDS  # pairs per CTA of the wide tiles
-# Narrow key windows of at least this many block columns take wide tiles: per chunk on an H100, wide tiles ran
-# 0.89x at 2049 columns (64K, B 32) and 1.12x at 4097 (512K, one kv head per chunk) in the scatter.
-WIDE_MIN_WINDOW = 3072
-TILES = ("auto", "narrow", "wide")
+# Narrow key windows of at least this many block columns take the two-digit sort ("radix"). Its forward lists on an
+# H100 (kernel time): 512K 5.51 against 6.85 ms (wide tiles), 64K at B 32 (2048 columns) 0.69 against 0.73, 64K at
+# B 128 (512 columns) 0.525 against 0.527, 8K 0.061 against 0.050 (six launches where three were short).
+RADIX_MIN_WINDOW = 2048
+# The two-digit sort (cuda/pairs.cu, "radix"): two stable counting passes over a low and a high digit of the key,
+# each tile's pairs leaving shared memory in runs of a digit's pairs.
+RADIX_BINS = 128  # kRadixBins: the most values of a digit
+RADIX_THREADS = 512  # kRadixThreads: the scatters' CTAs
+RADIX_ROUNDS = 16  # kRadixRounds: pairs per lane of a scatter
+RADIX_TILE = RADIX_THREADS * RADIX_ROUNDS  # kRadixTile: pairs per tile of every radix launch
+RADIX_COUNT_THREADS = RADIX_TILE // PAIRS_ROUNDS  # kRadixCountThreads: 16 pairs each
+RADIX_SCAN_THREADS = 1024  # kRadixScanThreads
+# the scatters' dynamic shared memory: the warps' digit counts, the digits' adjustments, the tile's keys and indices
+RADIX_SMEM = 4 * ((RADIX_THREADS // 32) * RADIX_BINS + RADIX_BINS + 2 * RADIX_TILE)
+TILES = ("auto", "narrow", "wide", "radix")
 TILES_ENV = "MOBALAB_PAIR_TILES"
 SCAN_THREADS = 1024  # kScanThreads: 32 keys per CTA
 MAX_KEYS = 8192  # n_seg + 1 without a CUDA device to ask (the host emulation): 160 KiB of scatter shared memory
@@ -86,7 +100,8 @@ def resolve_sort(sort: str | None) -> str:
 
 def resolve_tiles(tiles: str | None) -> str:
     """The counting sort's tiles: ``tiles``, or the ``MOBALAB_PAIR_TILES`` environment variable (default "auto":
-    wide tiles where a narrow tile's key window has ``WIDE_MIN_WINDOW`` columns or more) when None."""
+    :func:`pair_plan`'s choice) when None. "narrow" and "wide" are the one-pass sort's tiles of ``TILE`` and
+    ``WIDE_TILE`` pairs, "radix" the two-digit sort."""
     if tiles is None:
         tiles = getenv(TILES_ENV, "auto")
     if tiles not in TILES:
@@ -145,8 +160,14 @@ def scatter_smem_bytes(win: int) -> int:
 
 def counts_elems(n_pairs: int, n_seg: int) -> int:
     """Ints of the (tile, key) count table at most (narrow tiles, a row of every key; :func:`key_window` narrows
-    it, wide tiles halve the rows)."""
-    return n_tiles(n_pairs) * (n_seg + 1)
+    it, wide tiles halve the rows), or of the two-digit sort's (tile, digit) table where that is larger."""
+    return max(n_tiles(n_pairs) * (n_seg + 1), n_tiles(n_pairs, RADIX_TILE) * RADIX_BINS)
+
+
+def radix_elems(n_pairs: int) -> int:
+    """Ints of the two-digit sort's scratch: the pairs' keys and indices after the first pass, then the digit
+    offsets and column totals."""
+    return 2 * n_pairs + 2 * RADIX_BINS
 
 
 def key_window(n_pairs: int, n_seg: int, n_blocks: int, tile: int = TILE) -> int:
@@ -168,27 +189,47 @@ def key_window(n_pairs: int, n_seg: int, n_blocks: int, tile: int = TILE) -> int
     return min(n_kv, span) * n_blocks
 
 
-def tile_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None) -> tuple[int, int]:
-    """(pairs per tile, key window) of a chunk: narrow tiles (``TILE``) unless ``tiles`` (:func:`resolve_tiles`)
-    is "wide", or "auto" and the narrow tiles' window has ``WIDE_MIN_WINDOW`` columns or more; then ``WIDE_TILE``
-    and its window."""
+def pair_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None) -> str:
+    """The counting sort of a chunk: "narrow", "wide" or "radix" as ``tiles`` (:func:`resolve_tiles`) names it;
+    for "auto", "radix" where the narrow tiles' key window has ``RADIX_MIN_WINDOW`` columns or more, else
+    "narrow" (wide tiles, 1.10x of narrow ones at 512K, only when asked for: the two-digit sort took their
+    place)."""
     tiles = resolve_tiles(tiles)
-    win = key_window(n_pairs, n_seg, n_blocks)
-    if tiles == "wide" or (tiles == "auto" and win >= WIDE_MIN_WINDOW):
-        return WIDE_TILE, key_window(n_pairs, n_seg, n_blocks, WIDE_TILE)
-    return TILE, win
+    if tiles != "auto":
+        return tiles
+    return "radix" if key_window(n_pairs, n_seg, n_blocks) >= RADIX_MIN_WINDOW else "narrow"
+
+
+def tile_plan(n_pairs: int, n_seg: int, n_blocks: int, tiles: str | None = None) -> tuple[int, int]:
+    """(pairs per tile, key window) of the one-pass sort of a chunk: narrow tiles (``TILE``) unless
+    :func:`pair_plan` names wide ones (``WIDE_TILE`` and its window). The two-digit sort has no key window: for a
+    "radix" plan this is the wide tiles' (not used)."""
+    if pair_plan(n_pairs, n_seg, n_blocks, tiles) == "narrow":
+        return TILE, key_window(n_pairs, n_seg, n_blocks)
+    return WIDE_TILE, key_window(n_pairs, n_seg, n_blocks, WIDE_TILE)
+
+
+def radix_digits(n_keys: int) -> tuple[int, int, int]:
+    r"""(lo_bits, low-digit values, high-digit values) of the two-digit sort of ``n_keys`` keys: keys of
+    :math:`b = \lceil \log_2 n_{keys} \rceil` bits split into a low digit of :math:`\lfloor b/2 \rfloor` bits and
+    the rest, both at most ``RADIX_BINS`` values (``n_keys`` up to :math:`2^{14}`)."""
+    if not 1 <= n_keys <= 2**14:
+        raise ValueError(f"the two-digit sort takes 1..{2**14} keys, got {n_keys}")
+    lo_bits = max(1, (n_keys - 1).bit_length()) // 2
+    return lo_bits, 1 << lo_bits, ((n_keys - 1) >> lo_bits) + 1
 
 
 @dataclass(frozen=True)
 class CountingScratch:
     """Buffers of the counting sort, reused by every chunk of a call: ``pairs`` (int64), the (tile, key)
-    ``counts`` and per-key ``seg_total`` (int32), and the scan's ``ticket`` (one int32, which the count kernel
-    sets to 0 before the scan counts on it)."""
+    ``counts`` and per-key ``seg_total`` (int32), the scan's ``ticket`` (one int32, which the count kernel
+    sets to 0 before the scan counts on it), and the two-digit sort's ``radix`` (int32, :func:`radix_elems`)."""
 
     pairs: torch.Tensor
     counts: torch.Tensor
     seg_total: torch.Tensor
     ticket: torch.Tensor
+    radix: torch.Tensor
 
 
 def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = True) -> CountingScratch:
@@ -196,10 +237,12 @@ def counting_scratch(max_pairs: int, max_seg: int, device, with_pairs: bool = Tr
     pair buffer, for callers that pass every chunk a ``pairs_out`` of its own). The int32 buffers are views of one
     allocation: a step at 8K spends some 5 us of host time per allocation while the GPU waits for its lists."""
     n_counts = counts_elems(max_pairs, max_seg)
-    ints = torch.empty(n_counts + max_seg + 2, dtype=torch.int32, device=device)
+    n_radix = radix_elems(max_pairs)
+    ints = torch.empty(n_counts + max_seg + 2 + n_radix, dtype=torch.int32, device=device)
+    end = n_counts + max_seg + 2
     return CountingScratch(pairs=torch.empty(max_pairs if with_pairs else 0, dtype=torch.int64, device=device),
                            counts=ints[:n_counts], seg_total=ints[n_counts:n_counts + max_seg + 1],
-                           ticket=ints[n_counts + max_seg + 1:])
+                           ticket=ints[n_counts + max_seg + 1:end], radix=ints[end:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,20 +297,65 @@ def _tile_kernels(tile: int):
     raise ValueError(f"pair tiles hold {TILE} or {WIDE_TILE} pairs, got {tile}")
 
 
+def radix_launches(topk, counts, seg_total, ticket, radix, pairs, sorted_keys, seg_off, tile_cum, *, seqlen, heads,
+                   top_k, n_blocks, chunk, group, rows_per_unit) -> list[Launch]:
+    """The two-digit sort's six launches (cuda/pairs.cu: count, scan and scatter of the low digit, then of the
+    high one), writing what :func:`counting_launches` writes; ``radix`` holds :func:`radix_elems` ints."""
+    n_pairs = chunk.n_heads * chunk.n_q * top_k
+    n_seg = (chunk.n_heads // group) * n_blocks
+    lo_bits, lo_bins, hi_bins = radix_digits(n_seg + 1)
+    grid = (n_tiles(n_pairs, RADIX_TILE),)
+    if isinstance(radix, torch.Tensor):
+        if radix.numel() < radix_elems(n_pairs):
+            raise ValueError(f"two-digit sort: scratch of {radix.numel()} ints, {radix_elems(n_pairs)} needed")
+        tmp_keys, tmp_idx = radix[:n_pairs], radix[n_pairs:2 * n_pairs]
+        digit_off = radix[2 * n_pairs:2 * n_pairs + 2 * RADIX_BINS]
+    else:  # plans without buffers (the CPU tests' argument checks)
+        tmp_keys = tmp_idx = digit_off = radix
+    geometry = _chunk_args(seqlen, heads, top_k, n_blocks, chunk, group)
+
+    def scan(bins, totals, off, cum):
+        return Launch(SOURCE, "moba_pairs_radix_scan", (bins,), (RADIX_SCAN_THREADS,),
+                      (counts, i32(grid[0]), i32(bins), digit_off, ticket, totals, i32(n_seg + 1), i32(n_seg),
+                       i32(rows_per_unit), off, cum))
+
+    return [Launch(SOURCE, "moba_pairs_radix_count_lo", grid, (RADIX_COUNT_THREADS,),
+                   (topk, counts, seg_total, ticket, *geometry, i32(lo_bits))),
+            scan(lo_bins, 0, 0, 0),
+            Launch(SOURCE, "moba_pairs_radix_scatter_lo", grid, (RADIX_THREADS,),
+                   (topk, counts, digit_off, tmp_keys, tmp_idx, *geometry, i32(lo_bits)), shared_mem=RADIX_SMEM),
+            Launch(SOURCE, "moba_pairs_radix_count_hi", grid, (RADIX_COUNT_THREADS,),
+                   (tmp_keys, i32(n_pairs), i32(n_seg + 1), i32(lo_bits), i32(hi_bins), counts, seg_total),
+                   shared_mem=4 * (n_seg + 1)),
+            scan(hi_bins, seg_total, seg_off, tile_cum),
+            Launch(SOURCE, "moba_pairs_radix_scatter_hi", grid, (RADIX_THREADS,),
+                   (tmp_keys, tmp_idx, counts, digit_off, pairs, sorted_keys, i32(n_pairs), i32(lo_bits),
+                    i32(hi_bins)), shared_mem=RADIX_SMEM)]
+
+
 def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_off, tile_cum, *, seqlen, heads,
-                      top_k, n_blocks, chunk, group, rows_per_unit, tiles: str | None = None) -> list[Launch]:
-    """The three launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
-    ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none), over the
-    tiles of :func:`tile_plan` (``tiles``: "auto", "narrow", "wide", or None for ``$MOBALAB_PAIR_TILES``).
+                      top_k, n_blocks, chunk, group, rows_per_unit, tiles: str | None = None,
+                      radix=None) -> list[Launch]:
+    """The launches that write the chunk's ``pairs`` (int64, n_pairs), ``seg_off`` (int64, n_seg + 1),
+    ``tile_cum`` (int64, n_seg + 1, or 0 for none) and ``sorted_keys`` (int32, n_pairs, or 0 for none), by the
+    sort of :func:`pair_plan` (``tiles``: "auto", "narrow", "wide", "radix", or None for ``$MOBALAB_PAIR_TILES``):
+    three for the one-pass sort over the tiles of :func:`tile_plan`, six for the two-digit one.
 
     ``counts`` holds at least :func:`counts_elems` ints, ``seg_total`` n_seg + 1 ints, ``ticket`` one unsigned
-    (any value: the count launch sets it to 0, the scan leaves it 0)."""
+    (any value: the count launch sets it to 0, the scan leaves it 0), ``radix`` (the two-digit sort's) at least
+    :func:`radix_elems` ints."""
     n_pairs = chunk.n_heads * chunk.n_q * top_k
     n_seg = (chunk.n_heads // group) * n_blocks
     device = topk.device if isinstance(topk, torch.Tensor) else None
     if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
+    if pair_plan(n_pairs, n_seg, n_blocks, tiles) == "radix":
+        if radix is None:
+            raise ValueError("the two-digit sort needs its scratch (radix=, counting_scratch().radix)")
+        return radix_launches(topk, counts, seg_total, ticket, radix, pairs, sorted_keys, seg_off, tile_cum,
+                              seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group,
+                              rows_per_unit=rows_per_unit)
     tile, win = tile_plan(n_pairs, n_seg, n_blocks, tiles)
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win,
                     tile=tile)

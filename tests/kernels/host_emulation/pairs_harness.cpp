@@ -39,6 +39,28 @@ const harness::Kernels kKernels = {
                                  P<long long>(a[3]), P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]),
                                  I(a[10]), I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]));
      }}},
+    {"moba_pairs_radix_count_lo", {15, [](const std::vector<Arg>& a) {
+         moba_pairs_radix_count_lo(P<const int>(a[0]), P<int>(a[1]), P<int>(a[2]), P<unsigned>(a[3]), I(a[4]),
+                                   I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]),
+                                   I(a[13]), I(a[14]));
+     }}},
+    {"moba_pairs_radix_scan", {11, [](const std::vector<Arg>& a) {
+         moba_pairs_radix_scan(P<int>(a[0]), I(a[1]), I(a[2]), P<int>(a[3]), P<unsigned>(a[4]), P<const int>(a[5]),
+                               I(a[6]), I(a[7]), I(a[8]), P<long long>(a[9]), P<long long>(a[10]));
+     }}},
+    {"moba_pairs_radix_scatter_lo", {16, [](const std::vector<Arg>& a) {
+         moba_pairs_radix_scatter_lo(P<const int>(a[0]), P<const int>(a[1]), P<const int>(a[2]), P<int>(a[3]),
+                                     P<int>(a[4]), I(a[5]), I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]),
+                                     I(a[12]), I(a[13]), I(a[14]), I(a[15]));
+     }}},
+    {"moba_pairs_radix_count_hi", {7, [](const std::vector<Arg>& a) {
+         moba_pairs_radix_count_hi(P<const int>(a[0]), I(a[1]), I(a[2]), I(a[3]), I(a[4]), P<int>(a[5]),
+                                   P<int>(a[6]));
+     }}},
+    {"moba_pairs_radix_scatter_hi", {9, [](const std::vector<Arg>& a) {
+         moba_pairs_radix_scatter_hi(P<const int>(a[0]), P<const int>(a[1]), P<const int>(a[2]), P<const int>(a[3]),
+                                     P<long long>(a[4]), P<int>(a[5]), I(a[6]), I(a[7]), I(a[8]));
+     }}},
     {"moba_pairs_gather", {6, [](const std::vector<Arg>& a) {
          moba_pairs_gather(P<const long long>(a[0]), P<const long long>(a[1]), P<const long long>(a[2]),
                            P<long long>(a[3]), I(a[4]), I(a[5]));

@@ -5,9 +5,10 @@
 // Pair i = (hc * n_q + tt) * top_k + s of the chunk (query head h0 + hc, query t0 + tt, slot s) has the segment
 // key (hc / group) * n_blocks + j for its block j = topk[b, t0 + tt, h0 + hc, s], or n_seg for an unused slot
 // (j < 0 or j >= n_blocks); S = n_seg + 1 keys in all. The pairs are cut into tiles of T consecutive pairs, one
-// CTA each; tile t holds c[t][key] pairs of each key. T is 4096 (narrow tiles: moba_pairs_count, _scatter) or,
-// where a tile's key window is wide (WIDE_MIN_WINDOW columns in _pairs.py), 8192 (moba_pairs_count_wide,
-// _scatter_wide): the work per (tile, column) then halves per pair, against half the CTAs.
+// CTA each; tile t holds c[t][key] pairs of each key. T is 4096 (narrow tiles: moba_pairs_count, _scatter) or
+// 8192 (wide tiles, moba_pairs_count_wide, _scatter_wide): the work per (tile, column) then halves per pair, against
+// half the CTAs. Where a tile's key window is wide (RADIX_MIN_WINDOW columns in _pairs.py) the two-digit sort
+// below takes their place by default.
 // Key windows: the pairs run head after head, P = group * n_q * top_k of them per kv head, so tile t only holds
 // keys of kv heads lo(t) = t T / P .. lo(t) + span - 1 (span: the most kv heads a tile reaches, 1 where
 // tiles do not cross a kv head's end) and the unused-slot key. Its row of the count table has W = win + 1
@@ -175,6 +176,33 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
   return out;
 }
 
+
+// seg_off[key] = sum_{key' < key} n[key'] over the n_keys totals n (key = 0 .. n_seg) and, when tile_cum is not
+// null, tile_cum[key] = sum_{key' < key, key' < n_seg} ceil(n[key'] / rows_per_unit), by the whole CTA (the last
+// CTA of a scan: the totals come from other CTAs, so they are read with volatile loads, past its L1).
+__device__ __forceinline__ void offsets_from_totals(const int* totals, int n_keys, int n_seg, int rows_per_unit,
+                                                    long long* seg_off, long long* tile_cum, int* warp_tot) {
+  const int tid = threadIdx.x;
+  const int kper = (n_keys + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int k_begin = min(tid * kper, n_keys), k_end = min(k_begin + kper, n_keys);
+  int sum = 0, units = 0;
+  for (int s = k_begin; s < k_end; ++s) {
+    const int n = *static_cast<volatile const int*>(totals + s);
+    sum += n;
+    if (tile_cum != nullptr && s < n_seg) units += (n + rows_per_unit - 1) / rows_per_unit;
+  }
+  int off = block_exclusive_scan(sum, warp_tot);
+  int unit = block_exclusive_scan(units, warp_tot);
+  for (int s = k_begin; s < k_end; ++s) {
+    const int n = *static_cast<volatile const int*>(totals + s);
+    seg_off[s] = off;
+    off += n;
+    if (tile_cum != nullptr) {
+      tile_cum[s] = unit;
+      if (s < n_seg) unit += (n + rows_per_unit - 1) / rows_per_unit;
+    }
+  }
+}
 }  // namespace moba_pairs
 
 namespace moba_pairs {
@@ -287,25 +315,7 @@ extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int kper = (n_keys + kScanThreads - 1) / kScanThreads;
-  const int k_begin = min(tid * kper, n_keys), k_end = min(k_begin + kper, n_keys);
-  int sum = 0, units = 0;
-  for (int s = k_begin; s < k_end; ++s) {
-    const int n = *static_cast<volatile const int*>(seg_total + s);
-    sum += n;
-    if (tile_cum != nullptr && s < n_seg) units += (n + rows_per_unit - 1) / rows_per_unit;
-  }
-  int off = block_exclusive_scan(sum, warp_tot);
-  int unit = block_exclusive_scan(units, warp_tot);
-  for (int s = k_begin; s < k_end; ++s) {
-    const int n = *static_cast<volatile const int*>(seg_total + s);
-    seg_off[s] = off;
-    off += n;
-    if (tile_cum != nullptr) {
-      tile_cum[s] = unit;
-      if (s < n_seg) unit += (n + rows_per_unit - 1) / rows_per_unit;
-    }
-  }
+  offsets_from_totals(seg_total, n_keys, n_seg, rows_per_unit, seg_off, tile_cum, warp_tot);
   if (tid == 0) *ticket = 0u;  // ready for the next chunk
 }
 
@@ -408,6 +418,257 @@ __device__ __forceinline__ void scatter_tile(const int* topk, const int* counts,
   }
 MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter, (256), moba_pairs::kPairsRounds)
 MOBA_PAIRS_SCATTER_KERNEL(moba_pairs_scatter_wide, (256, 2), moba_pairs::kWideRounds)
+
+// ---- The two-digit sort (RADIX_* in _pairs.py): the same lists by two stable counting passes over digits of
+// the key, the low digit (lo_bits bits) first, then the high one (key >> lo_bits), each of at most kRadixBins values.
+// The one-pass scatter above writes each pair to its own position: at long context a tile's 8192 pairs spread over
+// its 4097 keys, about two a key, so every 8-byte store is a write of its own (at 512K the scatter is ~70% of the
+// chunk's lists and bound by those stores). Here a tile's pairs go through shared memory in digit order and leave in
+// runs of a digit's pairs (8192 / bins: ~64-128 of them, 256-1024 contiguous bytes), and the count tables hold
+// (tile, digit) entries, not (tile, key). Stable passes over the low digit and then the high digit order the pairs
+// by (high, low, i) = (key, i): the stable sort. Per chunk six launches:
+//   radix_count_lo    per tile of kRadixTile pairs the count of each low digit (table[t][d]); zeroes the per-key
+//                     totals (key_total) for radix_count_hi, sets the scans' ticket to 0;
+//   radix_scan        (low digits) in place, table[t][d] <- sum_{t' < t} table[t'][d], and (last CTA)
+//                     digit_off[d] = sum_{d' < d} (pairs of digit d');
+//   radix_scatter_lo  a tile's pairs in stable low-digit order in shared memory, then to tmp (key, i) at
+//                     digit_off[d] + table[t][d] + their rank among the tile's pairs of digit d;
+//   radix_count_hi    the same count over tmp's tiles and high digits, and the per-key totals (a shared-memory
+//                     histogram per tile: tmp runs low digit after low digit, so a tile holds few keys; global
+//                     atomics of the nonzero ones);
+//   radix_scan        (high digits) as above, then seg_off and tile_cum from the per-key totals;
+//   radix_scatter_hi  tmp's tiles in stable high-digit order to pairs[pos] = i (sorted_keys[pos] = key).
+// Traffic per pair: topk read twice (8 B), tmp written (8 B), tmp read (12 B), pairs written (8 B; + 4 B of sorted
+// keys): ~36 B against the one-pass sort's 16, in runs instead of single stores, plus 8 B per (tile, digit) entry.
+
+namespace moba_pairs {
+
+constexpr int kRadixBins = 128;        // RADIX_BINS: the most values of a digit (keys below 2^14)
+constexpr int kRadixThreads = 512;     // RADIX_THREADS: the scatters' CTAs, 16 pairs per lane
+constexpr int kRadixRounds = 16;
+constexpr int kRadixTile = kRadixThreads * kRadixRounds;  // RADIX_TILE: pairs per tile of every radix launch
+constexpr int kRadixCountThreads = kRadixTile / kPairsRounds;  // RADIX_COUNT_THREADS: 16 pairs each
+constexpr int kRadixScanThreads = 1024;  // RADIX_SCAN_THREADS: one CTA per digit value; the last one's key offsets
+constexpr int kRadixWarps = kRadixThreads / 32;
+static_assert(kRadixWarps * kRadixBins == 4 * kRadixThreads, "the start scan takes four (digit, warp) entries a thread");
+constexpr int kRadixPerDigit = kRadixWarps / 4;  // threads of the start scan per digit
+
+// The tile's pairs (key[r] = column... here the whole key, kNoKey where absent; value(r) their pair index) in stable
+// digit order in shared memory: skey / sval[p] for p below the return value (the tile's pair count), and
+// adj[d] = digit_off[d] + row[d] - (the tile's first local position of digit d), so that local position p of digit
+// d goes to adj[d] + p. Warp w holds the tile's pairs 32 kRounds w .. 32 kRounds (w + 1) - 1, lane l those
+// 32 r + l: a warp ranks equal digits round by round (__match_any_sync) into its row of counts, and the starts
+// come from one scan over (digit, warp). Ends with a barrier.
+template <int kRounds, typename Value>
+__device__ __forceinline__ int radix_stage(int (&key)[kRounds], Value value, int shift, int mask, int n_bins,
+                                           const int* row, const int* digit_off, int* smem, int* warp_tot,
+                                           int* n_valid) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int* wtab = smem;                              // [kRadixWarps][kRadixBins]
+  int* adj = wtab + kRadixWarps * kRadixBins;    // [kRadixBins]
+  int* skey = adj + kRadixBins;                  // [kRadixTile]
+  int* sval = skey + kRadixTile;                 // [kRadixTile]
+  for (int v = tid; v < kRadixWarps * kRadixBins; v += kRadixThreads) wtab[v] = 0;
+  __syncthreads();
+  int* mine = wtab + warp * kRadixBins;
+  const unsigned lower = (1u << lane) - 1u;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {  // key[r] becomes key << 16 | (rank among the warp's pairs of its digit)
+    const int d = key[r] == kNoKey ? -1 : (key[r] >> shift) & mask;
+    const unsigned same = __match_any_sync(0xffffffffu, d);
+    const int old = d >= 0 ? mine[d] : 0;
+    __syncwarp();
+    if (d >= 0 && (same & lower) == 0) mine[d] = old + __popc(same);
+    __syncwarp();
+    if (d >= 0) key[r] = (key[r] << 16) | (old + __popc(same & lower));
+  }
+  __syncthreads();
+  // starts in (digit, warp) order: thread tid has digit tid / P, warps 4 (tid % P) .. 4 (tid % P) + 3 (P threads
+  // per digit)
+  const int d0 = tid / kRadixPerDigit, w0 = (tid % kRadixPerDigit) * 4;
+  int c[4], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    c[j] = d0 < n_bins ? wtab[(w0 + j) * kRadixBins + d0] : 0;
+    sum += c[j];
+  }
+  int run = block_exclusive_scan(sum, warp_tot);  // ends with a barrier: every count is read
+  if (d0 < n_bins) {
+    if (w0 == 0) adj[d0] = digit_off[d0] + row[d0] - run;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wtab[(w0 + j) * kRadixBins + d0] = run;
+      run += c[j];
+    }
+  }
+  if (tid == kRadixThreads - 1) *n_valid = run;  // past the last digit: the tile's pair count
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    if (key[r] == kNoKey) continue;
+    const int k = key[r] >> 16;
+    const int p = mine[(k >> shift) & mask] + (key[r] & 0xffff);
+    skey[p] = k;
+    sval[p] = value(r);
+  }
+  __syncthreads();
+  return *n_valid;
+}
+
+}  // namespace moba_pairs
+
+// The low digit's counts per tile (kRadixCountThreads threads, kPairsRounds pairs each: pair first + r threads + tid).
+extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixCountThreads) moba_pairs_radix_count_lo(
+    const int* topk, int* table, int* key_total, unsigned* ticket, int seqlen, int heads, int top_k, int n_blocks,
+    int batch_index, int h0, int n_heads_c, int t0, int n_q, int group, int lo_bits) {
+  using namespace moba_pairs;
+  __shared__ int hist[kRadixBins];
+  const int n_seg = (n_heads_c / group) * n_blocks, n_keys = n_seg + 1;
+  const int n_pairs = n_heads_c * n_q * top_k;
+  const int tid = threadIdx.x, bins = 1 << lo_bits;
+  if (blockIdx.x == 0 && tid == 0) *ticket = 0u;  // the scans count on it (a kernel boundary orders the store)
+  for (int s = blockIdx.x * kRadixCountThreads + tid; s < n_keys; s += gridDim.x * kRadixCountThreads)
+    key_total[s] = 0;  // radix_count_hi's atomics, two launches on
+  for (int s = tid; s < bins; s += kRadixCountThreads) hist[s] = 0;
+  __syncthreads();
+  int key[kPairsRounds];
+  pair_keys<kPairsRounds, kCountBatch>(key, topk, blockIdx.x * kRadixTile + tid, kRadixCountThreads, n_pairs, n_seg,
+                                       seqlen, heads, top_k, n_blocks, batch_index, h0, t0, n_q, group);
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r)
+    if (key[r] != kNoKey) atomicAdd(hist + (key[r] & (bins - 1)), 1);
+  __syncthreads();
+  for (int s = tid; s < bins; s += kRadixCountThreads) table[blockIdx.x * bins + s] = hist[s];
+}
+
+// The high digit's counts per tile of tmp, and the per-key totals (4 n_keys bytes of dynamic shared memory).
+extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixCountThreads) moba_pairs_radix_count_hi(
+    const int* tmp_keys, int n_pairs, int n_keys, int lo_bits, int hi_bins, int* table, int* key_total) {
+  using namespace moba_pairs;
+  __shared__ int hist[kRadixBins];
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  int* per_key = reinterpret_cast<int*>(smem);
+  const int tid = threadIdx.x;
+  for (int s = tid; s < n_keys; s += kRadixCountThreads) per_key[s] = 0;
+  for (int s = tid; s < hi_bins; s += kRadixCountThreads) hist[s] = 0;
+  const int first = blockIdx.x * kRadixTile + tid;
+  int key[kPairsRounds];
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r) {
+    const int e = first + r * kRadixCountThreads;
+    key[r] = e < n_pairs ? tmp_keys[e] : kNoKey;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kPairsRounds; ++r) {
+    if (key[r] == kNoKey) continue;
+    atomicAdd(hist + (key[r] >> lo_bits), 1);
+    atomicAdd(per_key + key[r], 1);
+  }
+  __syncthreads();
+  for (int s = tid; s < hi_bins; s += kRadixCountThreads) table[blockIdx.x * hi_bins + s] = hist[s];
+  for (int s = tid; s < n_keys; s += kRadixCountThreads)
+    if (per_key[s] != 0) atomicAdd(key_total + s, per_key[s]);
+}
+
+// Column d = blockIdx.x of the (n_tiles, n_cols) count table scanned in place over the tiles; the last CTA (the
+// ticket, which it leaves at 0) writes digit_off[0 .. n_cols) and, when key_total is not null, seg_off and tile_cum
+// (offsets_from_totals). digit_off holds 2 n_cols ints: the column totals go to its second half.
+extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixScanThreads) moba_pairs_radix_scan(
+    int* table, int n_tiles, int n_cols, int* digit_off, unsigned* ticket, const int* key_total, int n_keys,
+    int n_seg, int rows_per_unit, long long* seg_off, long long* tile_cum) {
+  using namespace moba_pairs;
+  __shared__ int warp_tot[32];
+  __shared__ int is_last;
+  const int d = blockIdx.x, tid = threadIdx.x;
+  const int per = (n_tiles + kRadixScanThreads - 1) / kRadixScanThreads;
+  const int t_begin = min(tid * per, n_tiles), t_end = min(t_begin + per, n_tiles);
+  int sum = 0;
+  for (int t = t_begin; t < t_end; ++t) sum += table[static_cast<long long>(t) * n_cols + d];
+  int run = block_exclusive_scan(sum, warp_tot);
+  for (int t = t_begin; t < t_end; ++t) {
+    int* e = table + static_cast<long long>(t) * n_cols + d;
+    const int v = *e;
+    *e = run;
+    run += v;
+  }
+  if (tid == kRadixScanThreads - 1) digit_off[n_cols + d] = run;  // the last range ends at the column's total
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int total = tid < n_cols ? *static_cast<volatile const int*>(digit_off + n_cols + tid) : 0;
+  const int off = block_exclusive_scan(total, warp_tot);
+  if (tid < n_cols) digit_off[tid] = off;
+  if (key_total != nullptr) offsets_from_totals(key_total, n_keys, n_seg, rows_per_unit, seg_off, tile_cum, warp_tot);
+  if (tid == 0) *ticket = 0u;  // ready for the next scan
+}
+
+// Shared memory of both scatters: RADIX_SMEM bytes (the warps' digit counts, adj, the tile's keys and indices).
+#define MOBA_RADIX_SMEM_INTS (moba_pairs::kRadixWarps * moba_pairs::kRadixBins + moba_pairs::kRadixBins + \
+                              2 * moba_pairs::kRadixTile)
+
+// The chunk's pairs in stable low-digit order to tmp_keys / tmp_idx (two CTAs per SM).
+extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_pairs_radix_scatter_lo(
+    const int* topk, const int* table, const int* digit_off, int* tmp_keys, int* tmp_idx, int seqlen, int heads,
+    int top_k, int n_blocks, int batch_index, int h0, int n_heads_c, int t0, int n_q, int group, int lo_bits) {
+  using namespace moba_pairs;
+  __shared__ int warp_tot[32];
+  __shared__ int n_valid;
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  int* s = reinterpret_cast<int*>(smem);
+  const int n_seg = (n_heads_c / group) * n_blocks;
+  const int n_pairs = n_heads_c * n_q * top_k;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bins = 1 << lo_bits;
+  const int first = blockIdx.x * kRadixTile + warp * 32 * kRadixRounds + lane;
+  int key[kRadixRounds];
+  pair_keys<kRadixRounds, kCountBatch>(key, topk, first, 32, n_pairs, n_seg, seqlen, heads, top_k, n_blocks,
+                                             batch_index, h0, t0, n_q, group);
+  const int n = radix_stage<kRadixRounds>(key, [&](int r) { return first + 32 * r; }, 0, bins - 1, bins,
+                                          table + blockIdx.x * bins, digit_off, s, warp_tot, &n_valid);
+  const int* adj = s + kRadixWarps * kRadixBins;
+  const int* skey = adj + kRadixBins;
+  const int* sval = skey + kRadixTile;
+  for (int p = tid; p < n; p += kRadixThreads) {
+    const int k = skey[p];
+    const int g = adj[k & (bins - 1)] + p;
+    tmp_keys[g] = k;
+    tmp_idx[g] = sval[p];
+  }
+}
+
+// tmp's pairs in stable high-digit order to their places in the lists (two CTAs per SM).
+extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_pairs_radix_scatter_hi(
+    const int* tmp_keys, const int* tmp_idx, const int* table, const int* digit_off, long long* pairs,
+    int* sorted_keys, int n_pairs, int lo_bits, int hi_bins) {
+  using namespace moba_pairs;
+  __shared__ int warp_tot[32];
+  __shared__ int n_valid;
+  MOBA_PAIRS_DYNAMIC_SMEM(smem);
+  int* s = reinterpret_cast<int*>(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int first = blockIdx.x * kRadixTile + warp * 32 * kRadixRounds + lane;
+  int key[kRadixRounds], idx[kRadixRounds];
+#pragma unroll
+  for (int r = 0; r < kRadixRounds; ++r) {
+    const int e = first + 32 * r;
+    key[r] = e < n_pairs ? tmp_keys[e] : kNoKey;
+    idx[r] = e < n_pairs ? tmp_idx[e] : 0;
+  }
+  const int n = radix_stage<kRadixRounds>(key, [&](int r) { return idx[r]; }, lo_bits, 0x7fff, hi_bins,
+                                          table + blockIdx.x * hi_bins, digit_off, s, warp_tot, &n_valid);
+  const int* adj = s + kRadixWarps * kRadixBins;
+  const int* skey = adj + kRadixBins;
+  const int* sval = skey + kRadixTile;
+  for (int p = tid; p < n; p += kRadixThreads) {
+    const int k = skey[p];
+    const int g = adj[k >> lo_bits] + p;
+    pairs[g] = sval[p];
+    if (sorted_keys != nullptr) sorted_keys[g] = k;
+  }
+}
 
 // The lists of a chunk over whole sequences gathered from lists kept by earlier chunks (the forward's, for the
 // backward, whose chunks split the heads and queries differently). Segment s is the concatenation of n_pieces
