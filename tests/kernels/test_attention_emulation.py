@@ -278,7 +278,8 @@ def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, e
     grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, det, fwd_lists=lists)
     bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
     assert "moba_pairs_gather" in bwd_kernels
-    assert not any(n.startswith(("moba_pairs_count", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels)
+    assert not any(n.startswith(("moba_pairs_count", "moba_pairs_radix", "moba_attn_keys", "moba_attn_bounds"))
+                   for n in bwd_kernels)
     check_grads(grads, q, k, v, dout, topk, block, causal, "gathered lists")
     rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, det)
     for name, a, b in zip("qkv", grads, rebuilt, strict=True):
@@ -307,7 +308,8 @@ def test_emulated_backward_gathers_from_forward_chunks_over_query_parts(emulated
     grads, launched = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal, fwd_lists=lists)
     bwd_kernels = launched[launched.index(next(n for n in launched if n.startswith("moba_bwd_delta"))):]
     assert "moba_pairs_gather" in bwd_kernels
-    assert not any(n.startswith(("moba_pairs_count", "moba_attn_keys", "moba_attn_bounds")) for n in bwd_kernels)
+    assert not any(n.startswith(("moba_pairs_count", "moba_pairs_radix", "moba_attn_keys", "moba_attn_bounds"))
+                   for n in bwd_kernels)
     check_grads(grads, q, k, v, dout, topk, block, causal, "gathered from query parts")
     rebuilt, _ = emulated_backward(dout, q, k, v, out, lse, topk, block, top_k, causal)
     for name, a, b in zip("kv", grads[1:], rebuilt[1:], strict=True):
