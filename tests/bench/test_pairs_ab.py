@@ -15,19 +15,42 @@ def test_alternates_the_arms_and_tabulates_medians(script, tmp_path, monkeypatch
     (tmp_path / "mobalab").mkdir()
     order = []
 
-    def run_arm(src, reps):
+    def run_arm(src, reps, tiles):
+        assert tiles is None
         arm = "this" if src == script.HERE else "base"
         order.append(arm)
         us = {"base": 100.0, "this": 80.0}[arm] + len(order)
-        return [{"point": "64K", "keys": 2049, "tiles": 512, "equal": True, "count": us / 4, "scan": us / 4,
+        launches = {"count": us / 4, "scan": us / 4, "scatter": us / 2}
+        return [{"point": "64K", "keys": 2049, "equal": True, "launches": launches, "total": us,
                  "scatter": us / 2}]
 
     monkeypatch.setattr(script, "_run_arm", run_arm)
     assert script.main([str(tmp_path), "--rounds", "3"]) == 0
     assert order == ["base", "this", "this", "base", "base", "this"]
-    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("64K")]
-    assert [line[3] for line in lines] == ["count", "scan", "scatter", "total"]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line.split() for line in out if line.startswith("64K")]
+    assert [line[2] for line in lines] == ["scatter", "total"]
     total = lines[-1]
     # medians of 101, 104, 105 and 82, 83, 86
-    assert float(total[4]) == pytest.approx(104.0) and float(total[5]) == pytest.approx(83.0)
-    assert total[-1] == "True"
+    assert float(total[3]) == pytest.approx(104.0) and float(total[4]) == pytest.approx(83.0)
+    assert float(total[5]) == pytest.approx(104.0 / 83.0, abs=0.01) and total[-1] == "True"
+    assert any(line.startswith("this: 64K: count 20.8, scan 20.8, scatter 41.5") for line in out)
+
+
+def test_compares_two_sorts_of_this_tree(script, monkeypatch, capsys):
+    seen = []
+
+    def run_arm(src, reps, tiles):
+        assert src == script.HERE
+        seen.append(tiles)
+        us = {"auto": 120.0, "radix": 90.0}[tiles]
+        return [{"point": "512K-lo", "keys": 4097, "equal": True, "launches": {"scatter": us}, "total": us,
+                 "scatter": us}]
+
+    monkeypatch.setattr(script, "_run_arm", run_arm)
+    assert script.main(["--tiles-ab", "auto,radix", "--rounds", "2"]) == 0
+    assert seen == ["auto", "radix", "radix", "auto"]
+    total = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("512K-lo")][-1]
+    assert total[2:6] == ["total", "120.0", "90.0", "1.33"]
+    with pytest.raises(SystemExit):
+        script.main(["--tiles-ab", "auto"])
