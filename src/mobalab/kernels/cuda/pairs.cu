@@ -251,7 +251,7 @@ __device__ __forceinline__ void count_tile(const int* topk, int* counts, unsigne
 MOBA_PAIRS_COUNT_KERNEL(moba_pairs_count, moba_pairs::kPairsThreads)
 MOBA_PAIRS_COUNT_KERNEL(moba_pairs_count_wide, moba_pairs::kWideCountThreads)
 
-extern "C" __global__ void __launch_bounds__(1024) moba_pairs_scan(
+extern "C" __global__ void __launch_bounds__(moba_pairs::kScanThreads) moba_pairs_scan(
     int* counts, int n_tiles, int n_seg, int rows_per_unit, int* seg_total, unsigned* ticket, long long* seg_off,
     long long* tile_cum, int n_blocks, int pairs_per_kv, int win, int tile_pairs) {
   using namespace moba_pairs;
@@ -452,10 +452,6 @@ constexpr int kRadixScanThreads = 1024;  // RADIX_SCAN_THREADS: one CTA per digi
 constexpr int kRadixWarps = kRadixThreads / 32;
 static_assert(kRadixWarps * kRadixBins == 4 * kRadixThreads, "the start scan takes four (digit, warp) entries a thread");
 constexpr int kRadixPerDigit = kRadixWarps / 4;  // threads of the start scan per digit
-static_assert(kRadixBins <= 128, "digits of at most 7 bits (the ballots of radix_stage)");
-#ifndef MOBA_PAIRS_RADIX_MATCH
-#define MOBA_PAIRS_RADIX_MATCH 0  // 1: lanes of equal digits by __match_any_sync (the first form)
-#endif
 
 // The tile's pairs (key[r] = column... here the whole key, kNoKey where absent; value(r) their pair index) in stable
 // digit order in shared memory: skey / sval[p] for p below the return value (the tile's pair count), and
@@ -467,8 +463,6 @@ template <int kRounds, typename Value>
 __device__ __forceinline__ int radix_stage(int (&key)[kRounds], Value value, int shift, int mask, int n_bins,
                                            const int* row, const int* digit_off, int* smem, int* warp_tot,
                                            int* n_valid) {
-  int digit_bits = 0;  // bits of the largest digit (0 for one value)
-  while ((1 << digit_bits) < n_bins) ++digit_bits;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int* wtab = smem;                              // [kRadixWarps][kRadixBins]
   int* adj = wtab + kRadixWarps * kRadixBins;    // [kRadixBins]
@@ -481,21 +475,7 @@ __device__ __forceinline__ int radix_stage(int (&key)[kRounds], Value value, int
 #pragma unroll
   for (int r = 0; r < kRounds; ++r) {  // key[r] becomes key << 16 | (rank among the warp's pairs of its digit)
     const int d = key[r] == kNoKey ? -1 : (key[r] >> shift) & mask;
-#if MOBA_PAIRS_RADIX_MATCH
     const unsigned same = __match_any_sync(0xffffffffu, d);
-#else
-    // the lanes of equal digits by one ballot per digit bit: __match_any_sync waits in the shared-memory pipe
-    // with the ranking's loads and stores (Nsight Compute: short_scoreboard 45% of the stalls)
-    unsigned same = __ballot_sync(0xffffffffu, d >= 0);
-#pragma unroll
-    for (int b = 0; b < 7; ++b) {
-      if (b < digit_bits) {
-        const bool bit = (d >> b) & 1;
-        const unsigned m = __ballot_sync(0xffffffffu, bit);
-        same &= bit ? m : ~m;
-      }
-    }
-#endif
     const int old = d >= 0 ? mine[d] : 0;
     __syncwarp();
     if (d >= 0 && (same & lower) == 0) mine[d] = old + __popc(same);
