@@ -177,6 +177,18 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_tot) {
 }
 
 
+// Whether this CTA is the last of its launch to arrive on `ticket` (its writes made visible first; `flag` a shared
+// int): the last one then sees every other CTA's writes, through volatile loads past its L1.
+__device__ __forceinline__ bool arrive_last(unsigned* ticket, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!*flag) return false;
+  __threadfence();
+  return true;
+}
+
 // seg_off[key] = sum_{key' < key} n[key'] over the n_keys totals n (key = 0 .. n_seg) and, when tile_cum is not
 // null, tile_cum[key] = sum_{key' < key, key' < n_seg} ceil(n[key'] / rows_per_unit), by the whole CTA (the last
 // CTA of a scan: the totals come from other CTAs, so they are read with volatile loads, past its L1).
@@ -307,14 +319,8 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kScanThreads) moba_pair
     }
     if (grp == 31) seg_total[key] = run;  // the last range ends at the key's total
   }
-  // 2. the last CTA to get here scans the totals (the others' writes are visible once their tickets are; it
-  // reads them with volatile loads, past its L1)
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  // 2. the last CTA to get here scans the totals
+  if (!arrive_last(ticket, &is_last)) return;
   offsets_from_totals(seg_total, n_keys, n_seg, rows_per_unit, seg_off, tile_cum, warp_tot);
   if (tid == 0) *ticket = 0u;  // ready for the next chunk
 }
@@ -593,12 +599,7 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixScanThreads) moba
     run += v;
   }
   if (tid == kRadixScanThreads - 1) digit_off[n_cols + d] = run;  // the last range ends at the column's total
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrive_last(ticket, &is_last)) return;
   const int total = tid < n_cols ? *static_cast<volatile const int*>(digit_off + n_cols + tid) : 0;
   const int off = block_exclusive_scan(total, warp_tot);
   if (tid < n_cols) digit_off[tid] = off;
