@@ -626,7 +626,7 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_
   const int first = blockIdx.x * kRadixTile + warp * 32 * kRadixRounds + lane;
   int key[kRadixRounds];
   pair_keys<kRadixRounds, kCountBatch>(key, topk, first, 32, n_pairs, n_seg, seqlen, heads, top_k, n_blocks,
-                                             batch_index, h0, t0, n_q, group);
+                                       batch_index, h0, t0, n_q, group);
   const int n = radix_stage<kRadixRounds>(key, [&](int r) { return first + 32 * r; }, 0, bins - 1, bins,
                                           table + blockIdx.x * bins, digit_off, s, warp_tot, &n_valid);
   const int* adj = s + kRadixWarps * kRadixBins;
