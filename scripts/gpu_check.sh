@@ -16,9 +16,10 @@
 #   tree-ab      this tree's training step against TREE_AB_BASE (another tree's src directory, carried), interleaved
 #                in alternating processes at 8K, 16K, 64K and 8 x 2K, TREE_AB_ROUNDS (4) rounds (scripts/tree_ab.py;
 #                tree_ab.md; ~110 s)
-#   pairs-ab     this tree's pair-list launches (count, scan, scatter) against PAIRS_AB_BASE (another tree's src
-#                directory, carried), per chunk of the forward at 64K and 512K, in alternating processes, the lists
-#                checked against the stable sort (scripts/pairs_ab.py; pairs_ab.md; ~60 s)
+#   pairs-ab     this tree's pair-list launches against PAIRS_AB_BASE (another tree's src directory, carried), or
+#                with PAIRS_AB_TILES (e.g. "narrow,radix") two $MOBALAB_PAIR_TILES forms of this tree, per chunk of
+#                the forward at 64K and 512K, in alternating processes, the lists checked against the stable sort
+#                (scripts/pairs_ab.py; pairs_ab.md; ~75 s)
 #   bwd-ab       backward main-kernel variants and build options timed side by side at 8K / 16K / 64K
 #                (scripts/bwd_variants_ab.py; BWD_AB_VARIANTS, default "block block+MOBA_BWD_DQ_UNROLL=1"; BWD_AB_POINTS,
 #                default "8K 16K 64K", also 512K; bwd_ab.md)
@@ -194,7 +195,9 @@ for step in "${STEPS[@]}"; do
                   --launches-only --calls --out "$W/host" > "$W/host_waits.log" 2>&1 || status=1 ;;
     tree-ab) timeout $(cap 300) python3 scripts/tree_ab.py "${TREE_AB_BASE:?TREE_AB_BASE names the other src}" \
                --points 8K 16K 64K 8x2K --rounds "${TREE_AB_ROUNDS:-4}" > "$W/tree_ab.md" 2> "$W/tree_ab.log" || status=1 ;;
-    pairs-ab) timeout $(cap 200) python3 scripts/pairs_ab.py "${PAIRS_AB_BASE:?PAIRS_AB_BASE names the other src}" \
+    pairs-ab) if [ -n "${PAIRS_AB_TILES:-}" ]; then pairs_what=(--tiles-ab "$PAIRS_AB_TILES")
+              else pairs_what=("${PAIRS_AB_BASE:?PAIRS_AB_BASE (or PAIRS_AB_TILES) names what to compare}"); fi
+              timeout $(cap 200) python3 scripts/pairs_ab.py "${pairs_what[@]}" \
                 --rounds 3 --reps 30 > "$W/pairs_ab.md" 2> "$W/pairs_ab.log" || status=1 ;;
     host-profile) timeout $(cap 120) python3 scripts/profile_host.py --seq-len 16384 8192 --out "$W/host" \
                     > "$W/host_profile.log" 2>&1 || status=1 ;;
