@@ -350,13 +350,14 @@ def counting_launches(topk, counts, seg_total, ticket, pairs, sorted_keys, seg_o
     if not counting_supported(n_pairs, n_seg, device):
         raise ValueError(f"counting sort: a chunk of {n_pairs} pairs and {n_seg} segments is too large "
                          f"(at most {max_keys(device) - 1} segments and 2^31 - 1 pairs here)")
-    if pair_plan(n_pairs, n_seg, n_blocks, tiles) == "radix":
+    plan = pair_plan(n_pairs, n_seg, n_blocks, tiles)  # the environment and the key window read once
+    if plan == "radix":
         if radix is None:
             raise ValueError("the two-digit sort needs its scratch (radix=, counting_scratch().radix)")
         return radix_launches(topk, counts, seg_total, ticket, radix, pairs, sorted_keys, seg_off, tile_cum,
                               seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group,
                               rows_per_unit=rows_per_unit)
-    tile, win = tile_plan(n_pairs, n_seg, n_blocks, tiles)
+    tile, win = tile_plan(n_pairs, n_seg, n_blocks, plan)
     geometry = dict(seqlen=seqlen, heads=heads, top_k=top_k, n_blocks=n_blocks, chunk=chunk, group=group, win=win,
                     tile=tile)
     return [count_launch(topk, counts, ticket, **geometry),

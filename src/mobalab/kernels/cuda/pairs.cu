@@ -459,8 +459,8 @@ constexpr int kRadixWarps = kRadixThreads / 32;
 static_assert(kRadixWarps * kRadixBins == 4 * kRadixThreads, "the start scan takes four (digit, warp) entries a thread");
 constexpr int kRadixPerDigit = kRadixWarps / 4;  // threads of the start scan per digit
 
-// The tile's pairs (key[r] = column... here the whole key, kNoKey where absent; value(r) their pair index) in stable
-// digit order in shared memory: skey / sval[p] for p below the return value (the tile's pair count), and
+// The tile's pairs (key[r] their keys, kNoKey where absent; value(r) their pair indices) in stable digit order in
+// shared memory: skey / sval[p] for p below the return value (the tile's pair count), and
 // adj[d] = digit_off[d] + row[d] - (the tile's first local position of digit d), so that local position p of digit
 // d goes to adj[d] + p. Warp w holds the tile's pairs 32 kRounds w .. 32 kRounds (w + 1) - 1, lane l those
 // 32 r + l: a warp ranks equal digits round by round (__match_any_sync) into its row of counts, and the starts
