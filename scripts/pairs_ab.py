@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         arms = {"base": (args.base.resolve(), None), "this": (HERE, None)}
     from mobalab.bench._interleaved import interleaved_times
 
-    got = interleaved_times({name: arm for name, arm in arms.items()}, args.rounds,
+    got = interleaved_times(arms, args.rounds,
                             lambda arm: _run_arm(arm[0], args.reps, arm[1]))
     a, b = arms
 
