@@ -69,7 +69,10 @@ def _arm(reps: int, tiles: str | None) -> list[dict]:
         sorted_keys = torch.empty(n_pairs, dtype=torch.int32, device="cuda")
         seg_off = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
         tile_cum = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
-        extra = {} if tiles is None else {"tiles": tiles, "radix": scratch.radix}
+        # a tree from before the two-digit sort has no radix scratch (nor the keyword)
+        extra = {"radix": scratch.radix} if hasattr(scratch, "radix") else {}
+        if tiles is not None:
+            extra["tiles"] = tiles
         plans = P.counting_launches(topk, scratch.counts, scratch.seg_total, scratch.ticket, scratch.pairs,
                                     sorted_keys, seg_off, tile_cum, seqlen=seqlen, heads=heads, top_k=top_k,
                                     n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256, **extra)
