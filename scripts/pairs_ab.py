@@ -43,6 +43,15 @@ def _points():
             "512K-hi": (512 * K, 1, 128, (0, 1, 256 * K, 256 * K))}
 
 
+def _sort_kwargs(scratch, tiles: str | None) -> dict:
+    """counting_launches' keywords for an arm: the radix scratch wherever the tree has one (its default sort may be
+    the two-digit one; a tree from before it has neither the scratch nor the keyword), and the forced sort if any."""
+    kwargs = {"radix": scratch.radix} if hasattr(scratch, "radix") else {}
+    if tiles is not None:
+        kwargs["tiles"] = tiles
+    return kwargs
+
+
 def _arm(reps: int, tiles: str | None) -> list[dict]:
     import torch
 
@@ -69,10 +78,7 @@ def _arm(reps: int, tiles: str | None) -> list[dict]:
         sorted_keys = torch.empty(n_pairs, dtype=torch.int32, device="cuda")
         seg_off = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
         tile_cum = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
-        # a tree from before the two-digit sort has no radix scratch (nor the keyword)
-        extra = {"radix": scratch.radix} if hasattr(scratch, "radix") else {}
-        if tiles is not None:
-            extra["tiles"] = tiles
+        extra = _sort_kwargs(scratch, tiles)
         plans = P.counting_launches(topk, scratch.counts, scratch.seg_total, scratch.ticket, scratch.pairs,
                                     sorted_keys, seg_off, tile_cum, seqlen=seqlen, heads=heads, top_k=top_k,
                                     n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256, **extra)

@@ -54,3 +54,12 @@ def test_compares_two_sorts_of_this_tree(script, monkeypatch, capsys):
     assert total[2:6] == ["total", "120.0", "90.0", "1.33"]
     with pytest.raises(SystemExit):
         script.main(["--tiles-ab", "auto"])
+
+
+def test_every_arm_passes_the_radix_scratch_its_tree_has(script):
+    from types import SimpleNamespace
+
+    scratch = SimpleNamespace(radix="radix scratch")
+    assert script._sort_kwargs(scratch, None) == {"radix": "radix scratch"}
+    assert script._sort_kwargs(scratch, "narrow") == {"radix": "radix scratch", "tiles": "narrow"}
+    assert script._sort_kwargs(SimpleNamespace(), None) == {}
