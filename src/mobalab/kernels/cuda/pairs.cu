@@ -648,7 +648,7 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_
   pair_keys<kRadixRounds, kCountBatch>(key, topk, first, 32, n_pairs, n_seg, seqlen, heads, top_k, n_blocks,
                                        batch_index, h0, t0, n_q, group);
   const int n = radix_stage<kRadixRounds, true>(key, [&](int r) { return first + 32 * r; }, 0, bins - 1, bins,
-                                          table + blockIdx.x * bins, digit_off, s, warp_tot, &n_valid);
+                                                table + blockIdx.x * bins, digit_off, s, warp_tot, &n_valid);
   const int* adj = s + kRadixWarps * kRadixBins;
   const int* skey = adj + kRadixBins;
   const int* sval = skey + kRadixTile;
@@ -679,7 +679,7 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_
     idx[r] = e < n_pairs ? tmp_idx[e] : 0;
   }
   const int n = radix_stage<kRadixRounds, false>(key, [&](int r) { return idx[r]; }, lo_bits, 0x7fff, hi_bins,
-                                          table + blockIdx.x * hi_bins, digit_off, s, warp_tot, &n_valid);
+                                                 table + blockIdx.x * hi_bins, digit_off, s, warp_tot, &n_valid);
   const int* adj = s + kRadixWarps * kRadixBins;
   const int* skey = adj + kRadixBins;
   const int* sval = skey + kRadixTile;
