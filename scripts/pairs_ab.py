@@ -78,10 +78,10 @@ def _arm(reps: int, tiles: str | None) -> list[dict]:
         sorted_keys = torch.empty(n_pairs, dtype=torch.int32, device="cuda")
         seg_off = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
         tile_cum = torch.empty(n_seg + 1, dtype=torch.int64, device="cuda")
-        extra = _sort_kwargs(scratch, tiles)
         plans = P.counting_launches(topk, scratch.counts, scratch.seg_total, scratch.ticket, scratch.pairs,
                                     sorted_keys, seg_off, tile_cum, seqlen=seqlen, heads=heads, top_k=top_k,
-                                    n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256, **extra)
+                                    n_blocks=n_blocks, chunk=chunk, group=1, rows_per_unit=256,
+                                    **_sort_kwargs(scratch, tiles))
         times = [[] for _ in plans]
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(plans) + 1)]
         for rep in range(reps + 5):

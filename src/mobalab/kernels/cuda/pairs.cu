@@ -627,9 +627,8 @@ extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixScanThreads) moba
   if (tid == 0) *ticket = 0u;  // ready for the next scan
 }
 
-// Shared memory of both scatters: RADIX_SMEM bytes (the warps' digit counts, adj, the tile's keys and indices).
-#define MOBA_RADIX_SMEM_INTS (moba_pairs::kRadixWarps * moba_pairs::kRadixBins + moba_pairs::kRadixBins + \
-                              2 * moba_pairs::kRadixTile)
+// Dynamic shared memory of both scatters (RADIX_SMEM bytes in _pairs.py): kRadixWarps kRadixBins + kRadixBins +
+// 2 kRadixTile ints (the warps' digit counts, adj, the tile's keys and indices; radix_stage's layout).
 
 // The chunk's pairs in stable low-digit order to tmp_keys / tmp_idx (two CTAs per SM).
 extern "C" __global__ void __launch_bounds__(moba_pairs::kRadixThreads, 2) moba_pairs_radix_scatter_lo(
