@@ -32,6 +32,7 @@ from _topk_emulation import (  # noqa: E402
     check_random_case,
     host_files,
     run_random_case,
+    run_topk,
 )
 
 pytestmark = NEEDS_CXX
@@ -99,3 +100,35 @@ def test_emulated_wgmma_topk_at_a_query_offset(harness, tmp_path, causal):
 def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
+
+
+# the timing probe that scores with the hi halves alone (MOBA_TOPK_WG_HI_ONLY: no lo copies, one m64n64k16 per step)
+harness_hi_only = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_hi_only",
+                                  flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_PROBE_OPTIONS)))
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
+def test_emulated_wgmma_hi_only_probe_selects_by_q_dot_hi(harness, harness_hi_only, tmp_path, case):
+    """The hi-only timing probe selects exactly what the default build selects from centroids equal to their hi
+    halves (lo = 0: the same sums)."""
+    dtype, dim, block_size, causal, seqlen, top_k, *_ = case
+    probe, q, _, cent = run_random_case(harness_hi_only, tmp_path, case, "wgmma")
+    hi_only = run_topk(harness, tmp_path, q, cent.to(dtype).float(), block_size, top_k, causal, "wgmma", seed=seqlen)
+    assert torch.equal(probe, hi_only)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_wgmma_hi_only_probe_ignores_lo(harness, harness_hi_only, tmp_path, causal):
+    """Centroids u + e_j whose hi halves are all u (|e_j| below half a bf16 step of u's entries): the probe sees one
+    score for every block and takes the highest blocks (the tie order), where the default build ranks by q.e_j."""
+    n, block_size, dim, top_k = 150, 16, 64, 8
+    gen = torch.Generator().manual_seed(5)
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    cent = (u + (torch.rand((1, n, 1, dim), generator=gen) * 2 - 1) * 2.0**-11).float()
+    assert torch.equal(cent.to(torch.bfloat16).float(), u.expand_as(cent))
+    q = torch.randn((1, n * block_size, 2, dim), generator=gen).to(torch.bfloat16)
+    args = (block_size, top_k, causal, "wgmma")
+    probe = run_topk(harness_hi_only, tmp_path, q, cent, *args)
+    ties = run_topk(harness, tmp_path, q, u.expand_as(cent).contiguous(), *args)
+    assert torch.equal(probe, ties)
+    assert not torch.equal(run_topk(harness, tmp_path, q, cent, *args), ties)

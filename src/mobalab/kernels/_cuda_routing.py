@@ -61,6 +61,8 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 # (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): each descriptor built from its address (the default steps
 # them from one per chunk).
 WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
+# a timing probe, never a selection to use: the scores q.hi alone (topk_wgmma.cu, MOBA_TOPK_WG_HI_ONLY)
+WGMMA_PROBE_OPTIONS = ("MOBA_TOPK_WG_HI_ONLY=1",)
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row

@@ -67,6 +67,16 @@
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
 
+// MOBA_TOPK_WG_HI_ONLY (0 by default; 1 is a timing probe whose selections are not the router's): the scores q.hi
+// alone, one m64n64k16 per m64 half and k-step from a B tile of the chunk's TKW_BN hi rows, the lo halves neither
+// copied nor multiplied. Its time is what a single-MMA router (docs/design.md, "Routing": one fp16 centroid copy
+// with a certificate) would take before its certificate's work; its selections are those of q.hi.
+#ifndef MOBA_TOPK_WG_HI_ONLY
+#define MOBA_TOPK_WG_HI_ONLY 0
+#endif
+constexpr int TKW_B_ROWS = MOBA_TOPK_WG_HI_ONLY ? TKW_BN : 2 * TKW_BN;  // rows of a chunk's B tile
+constexpr int TKW_ACC = TKW_B_ROWS / 2;  // accumulator floats per thread and m64 half (m64 x TKW_B_ROWS)
+
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
 // its own in place, with models of cp.async and wgmma.
 #ifndef MOBA_TOPK_WG_SMEM
@@ -91,13 +101,13 @@ __device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __
                                                        int tid) {
     using C = TopkWgCopy<D>;
     const int r0 = tid / C::CH, c = tid % C::CH;
-    const unsigned dst = buf + moba::sw128_offset(r0, c * 8, 2 * TKW_BN);
+    const unsigned dst = buf + moba::sw128_offset(r0, c * 8, TKW_B_ROWS);
     const int j0 = tile * TKW_BN + r0;
 #pragma unroll
     for (int k = 0; k < TKW_BN / C::R; ++k) {
         const long long src = (long long)min(j0 + k * C::R, n_blocks - 1) * D + c * 8;
         cp_async16(dst + k * C::R * moba::SW128_ROW_BYTES, hi + src);
-        cp_async16(dst + (TKW_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
+        if constexpr (!MOBA_TOPK_WG_HI_ONLY) cp_async16(dst + (TKW_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
     }
     cp_async_commit();
 }
@@ -131,13 +141,13 @@ __device__ __forceinline__ void topk_wg_load_q(unsigned sq, const T* __restrict_
 #define MOBA_TOPK_WG_STEP_DESC 1
 #endif
 template <typename T, int D>
-__device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned sq_wg, unsigned buf) {
+__device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_ACC], unsigned sq_wg, unsigned buf) {
     constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
     moba::wgmma_fence_operand(acc[0]);
     moba::wgmma_fence_operand(acc[1]);
     moba::wgmma_fence();  // the accumulators were last written by ordinary instructions (the S sums)
     const unsigned long long dq = moba::wgmma_desc_sw128(sq_wg, 0, TKW_ROWS);
-    const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, 2 * TKW_BN);
+    const unsigned long long db = moba::wgmma_desc_sw128(buf, 0, TKW_B_ROWS);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
@@ -147,8 +157,8 @@ __device__ __forceinline__ void topk_wg_issue(float (&acc)[2][TKW_BN], unsigned 
                     ? moba::wgmma_desc_plus(dq, half * QT_BYTES + moba::sw128_offset(0, 16 * ks, TKW_ROWS))
                     : moba::wgmma_desc_sw128(sq_wg + half * QT_BYTES, ks, TKW_ROWS);
             const unsigned long long dbk = MOBA_TOPK_WG_STEP_DESC
-                                               ? moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, 2 * TKW_BN))
-                                               : moba::wgmma_desc_sw128(buf, ks, 2 * TKW_BN);
+                                               ? moba::wgmma_desc_plus(db, moba::sw128_offset(0, 16 * ks, TKW_B_ROWS))
+                                               : moba::wgmma_desc_sw128(buf, ks, TKW_B_ROWS);
             moba::wgmma_ss<T>(acc[half], da, dbk, ks > 0);
         }
     moba::wgmma_commit_group();
@@ -164,7 +174,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
     static_assert(D == 64 || D == 128, "head dims of the wgmma router");
     static_assert(LCAP == 8 || LCAP == 16, "register-list tiers only");
     constexpr unsigned QT_BYTES = moba::sw128_tile_bytes(TKW_ROWS, D);
-    constexpr unsigned C_BYTES = moba::sw128_tile_bytes(2 * TKW_BN, D);
+    constexpr unsigned C_BYTES = moba::sw128_tile_bytes(TKW_B_ROWS, D);
     MOBA_TOPK_WG_SMEM(topk_wg_smem);
     // Swizzle patterns start 1024-byte aligned (wgmma.cuh); the launch adds 1024 bytes of slack.
     const unsigned smem0 = smem_u32(topk_wg_smem);
@@ -189,7 +199,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    float acc[2][TKW_BN];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1
+    float acc[2][TKW_ACC];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1 (no lo: probe)
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -237,9 +247,14 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                 for (int e = 0; e < 2; ++e) {
                     // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
                     const int i = nt * 4 + e * 2;
-                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) =
-                        make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
-                                    acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
+                    float2 sum;
+                    if constexpr (MOBA_TOPK_WG_HI_ONLY) {
+                        sum = make_float2(acc[half][i], acc[half][i + 1]);
+                    } else {
+                        sum = make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
+                                          acc[half][i + 1] + acc[half][i + 1 + TKW_BN / 2]);
+                    }
+                    *reinterpret_cast<float2*>(p + (half * TKW_ROWS + 8 * e) * TKW_BN) = sum;
                 }
         }
         if (next) {
