@@ -50,6 +50,9 @@ harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unkn
 # the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
 harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
                                     flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
+# the timing probe scoring with the hi halves alone (routing.WGMMA_PROBE_OPTIONS: no lo copies, one m64n64k16 a step)
+harness_hi_only = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_hi_only",
+                                  flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_PROBE_OPTIONS)))
 
 
 CASES = [
@@ -101,10 +104,6 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), as renumbering the plain selections."""
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
 
-
-# the timing probe that scores with the hi halves alone (MOBA_TOPK_WG_HI_ONLY: no lo copies, one m64n64k16 per step)
-harness_hi_only = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_hi_only",
-                                  flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_PROBE_OPTIONS)))
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
