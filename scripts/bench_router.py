@@ -1,5 +1,5 @@
 """Time the fused top-k kernel of the MoBA router per variant (mma.sync topk.cu: "mma" and "split"; wgmma
-topk_wgmma.cu: "wgmma"; topk_wgmma_cert.cu: "certified").
+topk_wgmma.cu: "wgmma").
 
 Usage: python scripts/bench_router.py [--lengths 8192,65536] [--variants mma,split,wgmma] [--block-size 128]
        [--head-dim 128] [--out DIR]
@@ -10,10 +10,8 @@ Per (sequence length, variant): the top-k launch alone (centroids and hi/lo halv
 `mobalab.bench.attention.time_ms` (CUDA events on torch's current stream, median of >= 10 reps after 3
 warm-ups); batch 2, 16 heads, d 128 (or --head-dim), B 128 (or --block-size), k 8, causal, bf16, random normal
 inputs. "mma" runs first, as the baseline of the speedups, and every variant's selections are compared with its
-(slots that differ: none for "split" and for build options that keep mma's scores; only near-ties for wgmma and
-certified, see tests/kernels/test_routing_gpu.py). "certified" is timed as it runs in a forward: its buffers
-allocated and zeroed, the fp16 centroids with their norms, the certified top-k and the exact kernel over the rows it
-leaves undecided (their share of all rows in the last column).
+(slots that differ: none for "split" and for build options that keep mma's scores; only near-ties for wgmma, see
+tests/kernels/test_routing_gpu.py).
 Useful TFLOP/s: 2 b h d per (query, candidate block) score. Writes router_table.md under --out and prints it.
 """
 
@@ -28,14 +26,6 @@ import torch
 from mobalab.bench.attention import time_ms
 from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels._launch import launch
-
-
-def _certified(q, hi, lo, cent, out, block_size, top_k, causal, defines=()):
-    """The certified router after the centroids, as a forward runs it; its buffers (the row list's length)."""
-    bufs = routing.certified_buffers(q, hi, routing.certified_list_tier(top_k, causal))
-    for plan in routing.certified_launches(q, hi, lo, cent, out, bufs, block_size, top_k, causal, defines=defines):
-        launch(plan)
-    return bufs
 
 
 def main(argv=None) -> int:
@@ -55,8 +45,8 @@ def main(argv=None) -> int:
     b, h, d, bs, top_k, causal = 2, 16, args.head_dim, args.block_size, 8, True
     lines = [f"router top-k kernel on {torch.cuda.get_device_name()} (b={b}, h={h}, d={d}, B={bs}, k={top_k}, "
              "causal, bf16; median ms)", "",
-             "| N | variant | top-k ms | useful TFLOP/s | speedup vs mma | slots differing from mma | rows undecided |",
-             "|---|---|---|---|---|---|---|"]
+             "| N | variant | top-k ms | useful TFLOP/s | speedup vs mma | slots differing from mma |",
+             "|---|---|---|---|---|---|"]
     status = 0
     for seqlen in (int(x) for x in args.lengths.split(",")):
         gen = torch.Generator(device="cuda").manual_seed(seqlen)
@@ -73,17 +63,11 @@ def main(argv=None) -> int:
             out = torch.full((b, seqlen, h, top_k), -7, dtype=torch.int32, device="cuda")
             try:
                 name, defines = specs[variant]
-                undecided = ""
-                if name == "certified":
-                    cert_args = (q, hi, lo, cent, out, bs, top_k, causal, defines)
-                    undecided = f"{int(_certified(*cert_args).listed.sum()) / (b * seqlen * h):.2%}"
-                    ms, _ = time_ms(lambda a=cert_args: _certified(*a), budget_s=0.2, min_reps=10, warmup=3)
-                else:
-                    plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name, defines=defines)
-                    ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
+                plan = routing.topk_launch(q, hi, lo, out, bs, top_k, causal, variant=name, defines=defines)
+                ms, _ = time_ms(lambda plan=plan: launch(plan), budget_s=0.2, min_reps=10, warmup=3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other variant
                 print(f"FAILED {variant} at N={seqlen}: {exc}")
-                lines.append(f"| {seqlen} | {variant} | failed | | | | |")
+                lines.append(f"| {seqlen} | {variant} | failed | | | |")
                 status = 1
                 continue
             outs[variant] = out
@@ -93,8 +77,7 @@ def main(argv=None) -> int:
                 print(f"FAILED split at N={seqlen}: {diff} slots differ from mma")
                 status = 1
             speed = f"{base / ms:.2f}" if base else ""
-            lines.append(f"| {seqlen} | {variant} | {ms:.3f} | {useful / ms / 1e9:.0f} | {speed} | {diff} "
-                         f"| {undecided} |")
+            lines.append(f"| {seqlen} | {variant} | {ms:.3f} | {useful / ms / 1e9:.0f} | {speed} | {diff} |")
         del q, k, cent, hi, lo, outs
         torch.cuda.empty_cache()
     table = "\n".join(lines) + "\n"

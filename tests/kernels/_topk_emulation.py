@@ -37,43 +37,14 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return split_hi_lo(cent.permute(0, 2, 1, 3).contiguous(), dtype)
 
 
-def c16_norms(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """What centroids.cu's moba_c16_norms writes for centroids (b, n, g, d) and inputs of ``dtype``: c16 = fp16(c) in
-    (b, g, n, d), and per (b, g) the maxima over blocks of ||hi + lo - c16|| and ||c16|| (b, g, 2), +inf where one
-    is NaN or beyond the float range."""
-    c = cent.permute(0, 2, 1, 3).contiguous()
-    hi, lo = split_hi_lo(c, dtype)
-    c16 = c.to(torch.float16)
-    err = (hi.float() + lo.float() - c16.float()).double().norm(dim=-1).amax(dim=-1)
-    size = c16.float().double().norm(dim=-1).amax(dim=-1)
-    norms = torch.stack((err, size), dim=-1).float()
-    return c16, torch.where(norms <= 3.0e38, norms, torch.inf)
-
-
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0, listed: list | None = None) -> torch.Tensor:
-    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it (``certified``: the certified
-    kernel and the exact kernel over its row list as ``certified_launches`` plans them, c16 and the norms from
-    :func:`c16_norms`; ``listed`` gets the list's length per (b, h)), run by ``exe`` with seed ``seed``; q gets a
-    buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so unwritten slots
-    show."""
+             query_offset=0, fold_blocks=0) -> torch.Tensor:
+    """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
+    ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
+    unwritten slots show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
-    if variant == "certified":
-        bufs = routing.certified_buffers(q, hi, routing.certified_list_tier(top_k, causal))
-        c16, norms = c16_norms(cent, q.dtype)
-        bufs.c16.copy_(c16)
-        bufs.norms.copy_(norms)
-        bufs.rows.fill_(-7)
-        bufs.pending.fill_(-7)
-        plans = routing.certified_launches(q, hi, lo, cent, out, bufs, block_size, top_k, causal, query_offset,
-                                           fold_blocks)
-        assert all(plan.source == routing.CERT_SOURCE for plan in plans[1:])
-        run_emulated(exe, tmp, list(plans[1:]), seed)
-        if listed is not None:
-            listed.append(bufs.listed.clone())
-        return out
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
                                fold_blocks=fold_blocks)
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")

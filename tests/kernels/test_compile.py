@@ -310,10 +310,10 @@ def test_every_kernel_family_has_every_head_dim():
     assert dims == {32, 64, 96, 128, 256}
     families: dict[str, set[int]] = {}
     # decode (both kernels) serves head dims 64 and 128 only (_decode.py checks that at the door), the wgmma
-    # forward head dim 128 only (resolve_variant refuses the others), the wgmma and certified routers 64 and 128
+    # forward head dim 128 only (resolve_variant refuses the others), the wgmma router 64 and 128
     # (resolve_router_variant), the "block" backward 64 and 128, the wgmma backward 128 (resolve_bwd_variant)
     partial = ("decode.cu", "decode_split.cu", _cuda_attention.WGMMA_SOURCE, _cuda_routing.WGMMA_SOURCE,
-               _cuda_routing.CERT_SOURCE, _cuda_backward.WGMMA_SOURCE)
+               _cuda_backward.WGMMA_SOURCE)
     partial_families = {f"moba_bwd_blk_{tag}_d{{}}": set(_cuda_backward.BLOCK_HEAD_DIMS) for tag in ("bf16", "f16")}
     for f in [f for f in CU_FILES if f not in partial]:
         for k in signatures(f):

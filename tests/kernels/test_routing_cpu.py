@@ -153,8 +153,6 @@ def test_launch_args_match_cuda_signatures(dtype, dim, causal, router):
 def test_every_routing_kernel_is_launched_by_some_plan():
     launched = {(p.source, p.kernel) for v in VARIANTS for r in ("mma", "split")
                 for p in _variant_plans(*v, router=r)}
-    launched |= {(p.source, p.kernel) for p in (_certified_plans(dtype, 64, True, 8)[0]
-                                              for dtype in (torch.bfloat16, torch.float16))}
     defined = {(f, name) for f in ("centroids.cu", "topk.cu") for name in signatures(f)}
     assert defined == launched
 
@@ -424,88 +422,3 @@ def test_auto_router_plan_follows_the_block_count(no_router_env, monkeypatch):
         out = torch.empty((1, 8, 2, 8), dtype=torch.int32, device="meta")
         assert routing.topk_launch(q, hi, hi, out, 128, 8, True).kernel == kernel
     assert seen == [2047, 2048]
-
-
-# ---- the certified router (topk_wgmma_cert.cu) ----
-
-def _certified_plans(dtype, dim, causal, top_k, seqlen=300, block_size=64, heads=4, kv_heads=2, batch=2):
-    n = math.ceil(seqlen / block_size)
-    q = torch.empty((batch, seqlen, heads, dim), dtype=dtype)
-    cent = torch.empty((batch, n, kv_heads, dim), dtype=torch.float32)
-    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype)
-    out = torch.empty((batch, seqlen, heads, top_k), dtype=torch.int32)
-    bufs = routing.certified_buffers(q, hi, routing.certified_list_tier(top_k, causal))
-    return routing.certified_launches(q, hi, torch.empty_like(hi), cent, out, bufs, block_size, top_k, causal)
-
-
-CERT_VARIANTS = [(dtype, dim, causal, top_k) for dtype in (torch.bfloat16, torch.float16)
-                 for dim in routing.WG_HEAD_DIMS for causal in (True, False)
-                 for top_k in ((8, 16) if causal else (7, 15))]
-
-
-@pytest.mark.parametrize("dtype, dim, causal, top_k", CERT_VARIANTS)
-def test_certified_launch_args_match_cuda_signatures(dtype, dim, causal, top_k):
-    c16, cert, certify, listed = _certified_plans(dtype, dim, causal, top_k)
-    tier = routing.certified_list_tier(top_k, causal)
-    for plan, kind in ((cert, "wgc"), (certify, "wgk"), (listed, "wgr")):
-        assert plan.kernel.startswith(f"moba_topk_{kind}_") and plan.kernel.endswith(f"_k{tier}")
-    for plan in (c16, cert, certify, listed):
-        cargs = check_args(plan.source, plan.kernel, plan.args)
-        assert len(cargs) == len(signatures(plan.source)[plan.kernel])
-    assert cert.args is certify.args is listed.args  # one argument list: the buffers the first fills, the others read
-    assert cert.shared_mem == routing.certified_topk_shared_bytes(dim) < routing.wgmma_topk_shared_bytes(dim)
-    assert listed.shared_mem == routing.wgmma_topk_shared_bytes(dim) and certify.shared_mem == 0
-
-
-def test_every_certified_router_kernel_is_launched_by_some_plan():
-    launched = {p.kernel for v in CERT_VARIANTS for p in _certified_plans(*v)[1:]}
-    assert launched == set(signatures(routing.CERT_SOURCE))
-
-
-@pytest.mark.parametrize("seqlen", [1, 256, 257, 65536, 524288])
-def test_certified_grids(seqlen):
-    """The certified kernel: one CTA per query tile; the row-list kernel: a CTA per CERT_GROUPS_PER_CTA tiles (its CTAs
-    loop over the list's groups of WG_BM rows, however many rows it holds); the certify kernel: enough CTAs for every
-    row in one sweep, at most CERTIFY_MAX_CTAS (they sweep the records in steps of the grid)."""
-    _, cert, certify, listed = _certified_plans(torch.bfloat16, 128, True, 8, seqlen=seqlen, block_size=16)
-    tiles = -(-seqlen // routing.WG_BM)
-    assert cert.grid == (tiles, 4, 2) and cert.block == listed.block == (routing.WG_THREADS, 1, 1)
-    assert listed.grid == (-(-tiles // routing.CERT_GROUPS_PER_CTA), 4, 2)
-    rows = 2 * seqlen * 4
-    assert certify.grid == (min(routing.CERTIFY_MAX_CTAS, -(-rows // routing.CERTIFY_ROWS_PER_CTA)), 1, 1)
-    assert certify.block == (routing.CERTIFY_THREADS, 1, 1)
-
-
-def test_certified_buffers_start_at_zero():
-    q = torch.empty((2, 300, 4, 128), dtype=torch.bfloat16)
-    hi = torch.empty((2, 2, 5, 128), dtype=torch.bfloat16)
-    bufs = routing.certified_buffers(q, hi, 8)
-    assert bufs.norms.shape == (2, 2, 2) and bufs.norms.dtype == torch.float32 and not bufs.norms.any()
-    assert bufs.counts.shape == (1 + 2 * 4,) and bufs.counts.dtype == torch.int32 and not bufs.counts.any()
-    assert bufs.listed.shape == (2, 4) and bufs.listed.data_ptr() == bufs.counts[1:].data_ptr()
-    assert bufs.rows.shape == (2, 4, 300) and bufs.c16.shape == hi.shape and bufs.c16.dtype == torch.float16
-    assert bufs.pending.numel() == 2 * 300 * 4 * routing.certified_record_words(8)
-    out = torch.empty((2, 300, 4, 16), dtype=torch.int32)
-    with pytest.raises(ValueError, match="bufs.pending holds"):  # a tier-8 record buffer for tier 16
-        routing.certified_launches(q, hi, hi, torch.empty((2, 5, 2, 128)), out, bufs, 64, 16, True)
-
-
-@pytest.mark.parametrize("dim, top_k, causal, ok", [
-    (128, 8, True, True), (64, 16, True, True), (128, 17, True, False), (128, 15, False, True),
-    (128, 16, False, False), (96, 8, True, False), (256, 8, False, False),
-])
-def test_certified_router_shapes(no_router_env, dim, top_k, causal, ok):
-    """Asked for, "certified" raises on shapes it has no kernel for (its lists hold one entry more than wgmma's); it
-    is never the default; a single launch plan for it is wgmma's."""
-    assert routing.certified_router_supports(dim, top_k, causal) == ok
-    if ok:
-        assert routing.resolve_router_variant("certified", dim, top_k, causal) == "certified"
-        q = torch.empty((1, 300, 2, dim), dtype=torch.bfloat16)
-        hi = torch.empty((1, 1, 5, dim), dtype=torch.bfloat16)
-        out = torch.empty((1, 300, 2, top_k), dtype=torch.int32)
-        assert routing.topk_launch(q, hi, hi, out, 64, top_k, causal, variant="certified").kernel.startswith(
-            "moba_topk_wg_")
-    else:
-        with pytest.raises(ValueError, match="router variant 'certified' needs"):
-            routing.resolve_router_variant("certified", dim, top_k, causal)
-    assert routing.resolve_router_variant(None, dim, top_k, causal) != "certified"

@@ -8,14 +8,12 @@ bound, a wrong block typically differs by ~|q||c|/sqrt(d). The overall mismatch 
 Set ``ROUTING_STATS_FILE`` to append the rate to a file.
 
 Every test runs once per top-k kernel (the ``router`` fixture, made the default variant): "split" (topk.cu's
-split body), "mma" (topk.cu's one-thread-per-row body), "wgmma" (topk_wgmma.cu) and "certified"
-(topk_wgmma_cert.cu: the fp16 single-MMA kernel with its certificate, then the exact kernel over its undecided rows).
-Shapes a variant has no kernel for (split: the heap tier and, as the default, head dim 256; wgmma and certified:
-also head dims other than 64 and 128, or a GPU without wgmma; certified: one list entry more) take the fallback to
-mma as in normal use; the sweeps leave such cases out of those runs, as they would repeat the mma runs.
-``-k wgmma`` / ``-k split`` / ``-k certified`` select one variant's runs and its direct comparison at the end (split
-must select exactly what mma selects: the same score tile, a scan that only skips pairs that cannot be selected;
-wgmma and certified what mma selects up to near-ties).
+split body), "mma" (topk.cu's one-thread-per-row body) and "wgmma" (topk_wgmma.cu). Shapes a variant has no
+kernel for (split: the heap tier and, as the default, head dim 256; wgmma: also head dims other than 64 and 128,
+or a GPU without wgmma) take the fallback to mma as in normal use; the sweeps leave such cases out of those runs,
+as they would repeat the mma runs. ``-k wgmma`` / ``-k split`` select one variant's runs and its direct comparison
+with mma at the end (split must select exactly what mma selects: the same score tile, a scan that only skips
+pairs that cannot be selected).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 DIMS = (64, 128)
 BLOCKS = (16, 32, 64, 128, 256, 512)
 STATS = {"slots": 0, "mismatches": 0, "cases": 0}
-ROUTERS = ("split", "mma", "wgmma", "certified")
+ROUTERS = ("split", "mma", "wgmma")
 
 
 def _routing():
@@ -330,70 +328,6 @@ def test_wgmma_selects_what_mma_selects(case, router):
     _compare(wg, mma, q, reference.moba_centroids(k, block_size), causal, block_size)
     out, cent = _poisoned_topk(q, k, block_size, top_k, causal)  # the default (wgmma) into poisoned buffers
     assert torch.equal(out, wg)
-
-
-CERT_CASES = [c for c in WG_CASES if c[5] <= (16 if c[3] else 15)]  # the certified list holds one entry more
-
-
-@pytest.mark.parametrize("case", CERT_CASES, ids=[WG_IDS[WG_CASES.index(c)] for c in CERT_CASES])
-def test_certified_selects_what_wgmma_selects(case, router):
-    """The certified router against the exact wgmma kernel (near-ties only), into poisoned buffers as the default;
-    its own launches with the row list's length read back: few rows undecided on random inputs, and the pending records
-    fewer than the rows."""
-    if router != "certified":
-        pytest.skip("one comparison per case")
-    if not _hopper():
-        pytest.skip("the certified router needs an sm_90 GPU")
-    routing = _routing()
-    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
-    gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k + 1)
-    q = _rand((batch, seqlen, heads, dim), dtype, gen)
-    k = _rand((batch, seqlen, kv_heads, dim), dtype, gen)
-    wg = routing.moba_topk_cuda(q, k, block_size, top_k, causal=causal, variant="wgmma")
-    out, cent = _poisoned_topk(q, k, block_size, top_k, causal)  # the default (certified) into poisoned buffers
-    _compare(out, wg, q, cent, causal, block_size)
-    n = math.ceil(seqlen / block_size)
-    hi = torch.empty((batch, kv_heads, n, dim), dtype=dtype, device="cuda")
-    lo = torch.empty_like(hi)
-    routing.launch(routing.centroid_launch(k, cent, hi, lo, block_size))
-    bufs = routing.certified_buffers(q, hi, routing.certified_list_tier(top_k, causal))
-    again = torch.full_like(out, -7)
-    for plan in routing.certified_launches(q, hi, lo, cent, again, bufs, block_size, top_k, causal):
-        routing.launch(plan)
-    assert torch.equal(again, out)
-    assert int(bufs.listed.sum()) <= max(64, q.shape[0] * q.shape[1] * q.shape[2] // 20)
-    assert int(bufs.counts[0]) < q.shape[0] * q.shape[1] * q.shape[2]
-
-
-def test_c16_norms_kernel_matches_its_reference(router):
-    """moba_c16_norms: fp16 centroids bit for bit, and the two maxima within fp32 rounding of their fp64 values
-    (+inf where a centroid leaves fp16's range)."""
-    if router != "certified":
-        pytest.skip("once")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _topk_emulation import c16_norms
-
-    routing = _routing()
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    for dtype in (torch.bfloat16, torch.float16):
-        for dim, big in ((64, False), (128, False), (256, True)):
-            cent = torch.randn((2, 37, 3, dim), generator=gen, device="cuda") * 3
-            if big:
-                cent[1, 5, 2, 7] = 1e6
-            hi = torch.empty((2, 3, 37, dim), dtype=dtype, device="cuda")
-            q = torch.empty((2, 1, 3, dim), dtype=dtype, device="cuda")
-            bufs = routing.certified_buffers(q, hi)
-            bufs.c16.fill_(float("nan"))
-            routing.launch(routing.c16_norms_launch(cent, hi, bufs))
-            c16, norms = c16_norms(cent.cpu(), dtype)
-            assert torch.equal(bufs.c16.cpu().view(torch.int16), c16.view(torch.int16))
-            got = bufs.norms.cpu()
-            assert torch.equal(torch.isinf(got), torch.isinf(norms)) and bool(torch.isinf(got).any()) == big
-            fin = torch.isfinite(norms)
-            torch.testing.assert_close(got[fin], norms[fin], rtol=1e-5, atol=0)
 
 
 # the split kernel against mma on awkward shapes, every head dim (256 and the heap-free tiers asked for explicitly)

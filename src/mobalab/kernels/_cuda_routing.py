@@ -18,10 +18,7 @@ CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid 
 16, i.e. ``top_k`` <= 17 causal, <= 16 non-causal; every head dim), *mma* (cuda/topk.cu, ``topk_body``: 4 warps,
 one thread per row, every supported shape) and *wgmma* (cuda/topk_wgmma.cu: Hopper warpgroup MMAs, asynchronous,
 overlapping the next centroid chunk's product with the current chunk's top-k scan; sm_90 GPUs, head dim 64 or
-128, list tiers 8 and 16) and *certified* (cuda/topk_wgmma_cert.cu: the wgmma pipeline with one fp16 MMA per chunk
-against fp16-rounded centroids, each row's selections certified against the exact scores by an error bound, the
-undecided rows routed again by the exact wgmma kernel; opt-in, sm_90, head dim 64 or 128, ``top_k`` <= 16 causal,
-<= 15 non-causal). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
+128, list tiers 8 and 16). ``variant=None`` reads the environment variable ``MOBALAB_ROUTER_VARIANT`` at each
 call, else the default, "auto": wgmma on sm_90 GPUs at head dim 128 with at least 2048 key blocks, where it has a
 kernel (measured against mma's two-barrier 32-centroid tiles: 1.03-1.04x at 2048 blocks, 0.95-0.98x at 1024),
 mma elsewhere (split measured no faster; were "split" the default, it would apply at head dims up to 128 only,
@@ -30,7 +27,7 @@ two mma CTAs of 112 KB). A variant chosen by the default falls back to "mma" whe
 tier, ``top_k`` > 17 causal or > 16 non-causal), a variant asked for (argument or environment) raises ValueError
 there. split and mma select exactly the same blocks (the same score tile; the split scan only skips pairs that
 cannot be selected); wgmma computes the same scores up to the fp32 rounding order, so its selections differ only at
-near-ties, and so do certified's (its certificate compares exact fp32 sums, see cuda/topk_wgmma.cuh).
+near-ties.
 
 What a kernel receives (grid, block, arguments, shared memory) is decided by the plan functions
 (:func:`centroid_launch`, :func:`split_launch`, :func:`topk_launch`), plain Python that CI checks against the
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -67,12 +63,6 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
 # a timing probe, never a selection to use: the scores q.hi alone (topk_wgmma.cu, MOBA_TOPK_WG_HI_ONLY)
 WGMMA_PROBE_OPTIONS = ("MOBA_TOPK_WG_HI_ONLY=1",)
-# The certified router (topk_wgmma_cert.cu): its top-k kernel and the exact kernel over the rows it leaves undecided.
-CERT_SOURCE = "topk_wgmma_cert.cu"
-CERT_GROUPS_PER_CTA = 32  # query tiles per CTA of the row-list kernel's grid (its CTAs loop over the list's groups)
-CERTIFY_THREADS = 128  # the certify kernel: four lanes a pending row, 32 rows per CTA and sweep
-CERTIFY_ROWS_PER_CTA = CERTIFY_THREADS // 4
-CERTIFY_MAX_CTAS = 4096  # its CTAs sweep the records (however many) in steps of the grid
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row
@@ -83,7 +73,7 @@ WG_ALIGN_BYTES = 1024  # the swizzled tiles start 1024-byte aligned inside dynam
 SPLIT_THREADS = 256
 SPLIT_LIST_TIERS = (8, 16)
 SPLIT_DEFAULT_HEAD_DIMS = (32, 64, 96, 128)  # where a "split" default would apply (head dim 256: "mma")
-ROUTER_VARIANTS = ("split", "mma", "wgmma", "certified")
+ROUTER_VARIANTS = ("split", "mma", "wgmma")
 ROUTER_CHOICES = ("auto", *ROUTER_VARIANTS)  # what a caller may ask for; "auto" resolves to one of the variants
 ROUTER_VARIANT_ENV = "MOBALAB_ROUTER_VARIANT"
 # "auto": wgmma on sm_90 GPUs at the head dims of WG_AUTO_HEAD_DIMS where it has a kernel and the sequence has at
@@ -165,23 +155,6 @@ def wgmma_topk_shared_bytes(dim: int) -> int:
     return WG_BM * dim * 2 + 2 * (2 * WG_BN) * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
 
 
-def certified_topk_shared_bytes(dim: int) -> int:
-    """Dynamic shared memory of one certified top-k CTA: the wgmma CTA's with one centroid tile of WG_BN rows per
-    chunk instead of the stacked hi / lo pair."""
-    return WG_BM * dim * 2 + 2 * WG_BN * dim * 2 + WG_BM * WG_BN * 4 + WG_ALIGN_BYTES
-
-
-def certified_list_tier(top_k: int, causal: bool) -> int:
-    """The certified kernel's list tier: its rows keep one entry beyond the list_cap they select."""
-    return topk_list_tier(top_k + 1, causal)
-
-
-def certified_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
-    """Whether cuda/topk_wgmma_cert.cu has a kernel for this head dim and list length (list_cap + 1 entries in a
-    register tier: ``top_k`` <= 16 causal, <= 15 non-causal)."""
-    return head_dim in WG_HEAD_DIMS and certified_list_tier(top_k, causal) in WG_LIST_TIERS
-
-
 def wgmma_router_supports(head_dim: int, top_k: int, causal: bool) -> bool:
     """Whether cuda/topk_wgmma.cu has a kernel for this head dim and list length (register-list tiers only)."""
     return head_dim in WG_HEAD_DIMS and topk_list_tier(top_k, causal) in WG_LIST_TIERS
@@ -210,14 +183,11 @@ def _variant_problem(variant: str, head_dim: int | None, top_k: int | None, caus
             return (f"top_k <= {max(SPLIT_LIST_TIERS) + 1} (causal) or <= {max(SPLIT_LIST_TIERS)} (non-causal), "
                     f"got top_k={top_k}, causal={causal}")
         return None
-    if variant not in ("wgmma", "certified"):
+    if variant != "wgmma":
         return None
-    if variant == "wgmma" and shape_known and not wgmma_router_supports(head_dim, top_k, causal):
+    if shape_known and not wgmma_router_supports(head_dim, top_k, causal):
         return (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS) + 1} (causal) or "
                 f"<= {max(WG_LIST_TIERS)} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
-    if variant == "certified" and shape_known and not certified_router_supports(head_dim, top_k, causal):
-        return (f"head_dim in {WG_HEAD_DIMS} and top_k <= {max(WG_LIST_TIERS)} (causal) or "
-                f"<= {max(WG_LIST_TIERS) - 1} (non-causal), got head_dim={head_dim}, top_k={top_k}, causal={causal}")
     if device is not None and torch.device(device).type == "cuda":
         cap = _device_capability(device)
         if cap != (9, 0):
@@ -231,12 +201,10 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
     """The top-k kernel that runs: ``variant``, or ``$MOBALAB_ROUTER_VARIANT`` when None, else the default
     (DEFAULT_ROUTER_VARIANT, "auto"). "auto" (asked for or the default) is wgmma on an sm_90 GPU at head dim 128
     with at least WG_AUTO_MIN_BLOCKS (2048) key blocks (``n_blocks``) where wgmma has a kernel for the list length,
-    mma elsewhere (and where the shape, the block count or the device is not given); "certified" is never chosen by
-    "auto".
+    mma elsewhere (and where the shape, the block count or the device is not given).
 
-    "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" and "certified" need an sm_90 GPU
-    (checked when ``device`` is a CUDA device) and a kernel for the shape (checked when ``head_dim`` and ``top_k`` are
-    given):
+    "split" needs a register-list tier (checked when ``top_k`` is given); "wgmma" needs an sm_90 GPU (checked when
+    ``device`` is a CUDA device) and a kernel for the shape (checked when ``head_dim`` and ``top_k`` are given):
     where one is missing, a default choice becomes "mma" and an explicit one (argument or environment) raises
     ValueError. A "split" default becomes "mma" at head dims outside SPLIT_DEFAULT_HEAD_DIMS.
     """
@@ -269,9 +237,7 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default). ``fold_blocks``:
     block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
     :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected. ``defines``: build options of
-    the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu).
-    "certified" takes several launches and buffers of its own (:func:`certified_launches`); the one launch planned
-    here for it is its exact counterpart, wgmma (the same selections up to near-ties)."""
+    the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu)."""
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
@@ -279,8 +245,6 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
             i32(n_blocks), i32(top_k), i32(query_offset), i32(fold_blocks))
     mode = "causal" if causal else "full"
     chosen = resolve_router_variant(variant, dim, top_k, causal, q.device, n_blocks)
-    if chosen == "certified" and wgmma_router_supports(dim, top_k, causal):
-        chosen = "wgmma"
     if chosen == "wgmma":
         name = f"moba_topk_wg_{C.dtype_tag(q.dtype, WGMMA_SOURCE)}_d{dim}_{mode}_k{tier}"
         grid = (math.ceil(seqlen / WG_BM), heads, batch)  # one thread per row
@@ -295,82 +259,6 @@ def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.
     bn = next((int(d.split("=", 1)[1]) for d in defines if d.startswith("MOBA_TOPK_BN=")), TOPK_BN)
     return Launch("topk.cu", name, grid, (TOPK_THREADS, 1, 1), args, defines=defines,
                   shared_mem=topk_shared_bytes(dim, top_k, causal, bn=bn))
-
-
-class CertifiedBuffers(NamedTuple):
-    """What the certified router needs besides q, hi / lo and the output: c16 fp16 (b, g, n, d), the per
-    (b, kv head) norms fp32 (b, g, 2), the counters int32 (1 + b h: the pending records, then the row list's length
-    per (b, h); ``listed`` views the latter as (b, h)), the undecided rows' lists int32 (b, h, N) and the pending rows'
-    records int32 (b N h records of :func:`certified_record_words` words). norms and counters must hold zeros before
-    the launches (:func:`certified_buffers` returns them so)."""
-
-    c16: torch.Tensor
-    norms: torch.Tensor
-    counts: torch.Tensor
-    listed: torch.Tensor
-    rows: torch.Tensor
-    pending: torch.Tensor
-
-
-def certified_record_words(tier: int) -> int:
-    """int32 words of a pending row's record (cuda/topk_wgmma.cuh, tkw_record_words): row, b h + h, the linked
-    entries, u + M, M, then the list's scores and blocks (tier entries each)."""
-    return 5 + 2 * tier
-
-
-def certified_buffers(q: torch.Tensor, hi: torch.Tensor, tier: int = max(WG_LIST_TIERS)) -> CertifiedBuffers:
-    """Buffers of :class:`CertifiedBuffers` for q (b, N, h, d), hi (b, g, n, d) and list tier ``tier``, norms and
-    counters zeroed (one fill of one allocation)."""
-    batch, seqlen, heads, _ = q.shape
-    kv_heads = hi.shape[1]
-    zeroed = torch.zeros(batch * kv_heads * 2 + 1 + batch * heads, dtype=torch.int32, device=q.device)
-    norms = zeroed[: batch * kv_heads * 2].view(torch.float32).view(batch, kv_heads, 2)
-    counts = zeroed[batch * kv_heads * 2:]
-    c16 = torch.empty(hi.shape, dtype=torch.float16, device=q.device)
-    rows = torch.empty((batch, heads, seqlen), dtype=torch.int32, device=q.device)
-    pending = torch.empty(batch * seqlen * heads * certified_record_words(tier), dtype=torch.int32, device=q.device)
-    return CertifiedBuffers(c16, norms, counts, counts[1:].view(batch, heads), rows, pending)
-
-
-def c16_norms_launch(cent: torch.Tensor, hi: torch.Tensor, bufs: CertifiedBuffers) -> Launch:
-    """fp16 centroids and their norms (cuda/centroids.cu, moba_c16_norms_*) from the fp32 centroids (b, n, g, d),
-    for inputs of hi's dtype."""
-    batch, n_blocks, kv_heads, dim = cent.shape
-    name = f"moba_c16_norms_{C.dtype_tag(hi.dtype, 'centroids.cu')}"
-    args = (cent, bufs.c16, bufs.norms, i32(n_blocks), i32(kv_heads), i32(dim))
-    return Launch("centroids.cu", name, (n_blocks, kv_heads, batch), (CENTROID_THREADS, 1, 1), args)
-
-
-def certified_launches(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, cent: torch.Tensor, out: torch.Tensor,
-                       bufs: CertifiedBuffers, block_size: int, top_k: int, causal: bool, query_offset: int = 0,
-                       fold_blocks: int = 0, defines: tuple[str, ...] = ()) -> tuple[Launch, Launch, Launch, Launch]:
-    """The certified router after the centroids (cent fp32 (b, n, g, d) and its hi / lo split): the fp16 centroids
-    with their norms; the certified top-k (rows without links into ``out``, the undecided onto ``bufs.rows``, the rest
-    as records onto ``bufs.pending``); the certify kernel over those records (exact scores of the linked entries); and
-    the exact wgmma kernel over the undecided rows. Arguments as :func:`topk_launch`; ``bufs`` from
-    :func:`certified_buffers` for the list tier :func:`certified_list_tier` or above."""
-    batch, seqlen, heads, dim = q.shape
-    kv_heads, n_blocks = hi.shape[1], hi.shape[2]
-    if not certified_router_supports(dim, top_k, causal):
-        raise ValueError(f"the certified router needs {_variant_problem('certified', dim, top_k, causal, None)}")
-    tier = certified_list_tier(top_k, causal)
-    if bufs.pending.numel() < batch * seqlen * heads * certified_record_words(tier):
-        raise ValueError(f"certified_launches: bufs.pending holds {bufs.pending.numel()} words, the list tier {tier} "
-                         f"needs {batch * seqlen * heads * certified_record_words(tier)}")
-    mode = "causal" if causal else "full"
-    tag = C.dtype_tag(q.dtype, CERT_SOURCE)
-    args = (q, hi, lo, bufs.c16, bufs.norms, out, bufs.rows, bufs.counts, bufs.pending, i32(seqlen), i32(heads),
-            i32(kv_heads), i32(block_size), i32(n_blocks), i32(top_k), i32(query_offset), i32(fold_blocks))
-    tiles = math.ceil(seqlen / WG_BM)
-    name = f"{tag}_d{dim}_{mode}_k{tier}"
-    cert = Launch(CERT_SOURCE, f"moba_topk_wgc_{name}", (tiles, heads, batch), (WG_THREADS, 1, 1), args,
-                  shared_mem=certified_topk_shared_bytes(dim), defines=defines)
-    certify = Launch(CERT_SOURCE, f"moba_topk_wgk_{name}",
-                     (min(CERTIFY_MAX_CTAS, math.ceil(batch * seqlen * heads / CERTIFY_ROWS_PER_CTA)), 1, 1),
-                     (CERTIFY_THREADS, 1, 1), args, defines=defines)
-    listed = Launch(CERT_SOURCE, f"moba_topk_wgr_{name}", (math.ceil(tiles / CERT_GROUPS_PER_CTA), heads, batch),
-                    (WG_THREADS, 1, 1), args, shared_mem=wgmma_topk_shared_bytes(dim), defines=defines)
-    return c16_norms_launch(cent, hi, bufs), cert, certify, listed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -451,9 +339,4 @@ def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: b
         launch(split_launch(cent, hi, lo))
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    if resolve_router_variant(variant, q.shape[-1], top_k, causal, q.device, hi.shape[2]) == "certified":
-        bufs = certified_buffers(q, hi, certified_list_tier(top_k, causal))
-        for plan in certified_launches(q, hi, lo, cent, out, bufs, block_size, top_k, causal, fold_blocks=fold_blocks):
-            launch(plan)
-        return
     launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks))

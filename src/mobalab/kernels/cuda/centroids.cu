@@ -85,50 +85,6 @@ __device__ __forceinline__ void split_body(const float* __restrict__ cent, T* __
     }
 }
 
-// The certified router's inputs (topk_wgmma.cuh, "Certified scores"): c16 = fp16(c) of every centroid into (b, kv_heads,
-// n, dim), and per (b, kv head) the maxima over its blocks of ||hi + lo - c16|| and ||c16|| (hi, lo the split of
-// centroid_write_split, recomputed) into norms[b, g, 0..1], which must hold zeros (or smaller maxima) before: each CTA
-// takes an atomicMax of its float bits, the order of non-negative floats. A norm that is NaN or above the float range
-// goes in as +inf, so that the bound M of every row of that kv head is not finite and the router certifies none of
-// them. Grid (n, kv_heads, b), CENTROID_THREADS threads.
-template <typename T>
-__device__ __forceinline__ void c16_norms_body(const float* __restrict__ cent, __half* __restrict__ c16,
-                                               float* __restrict__ norms, int n_blocks, int kv_heads, int dim) {
-    __shared__ float part[2][CENTROID_THREADS / 32];
-    const int j = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float e2 = 0.f, c2 = 0.f;
-    for (int c = tid; c < dim; c += CENTROID_THREADS) {
-        const float x = cent[(((long long)b * n_blocks + j) * kv_heads + g) * dim + c];
-        const T h = Elem<T>::from_float(x);
-        const T l = Elem<T>::from_float(x - Elem<T>::to_float(h));
-        const __half x16 = __float2half_rn(x);
-        c16[(((long long)b * kv_heads + g) * n_blocks + j) * dim + c] = x16;
-        const float f16 = __half2float(x16);
-        const float e = (Elem<T>::to_float(h) + Elem<T>::to_float(l)) - f16;  // exact: hi + lo has <= 17 bits
-        e2 = fmaf(e, e, e2);
-        c2 = fmaf(f16, f16, c2);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        e2 += __shfl_xor_sync(0xffffffffu, e2, o);
-        c2 += __shfl_xor_sync(0xffffffffu, c2, o);
-    }
-    if (lane == 0) {
-        part[0][warp] = e2;
-        part[1][warp] = c2;
-    }
-    __syncthreads();
-    if (tid < 2) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < CENTROID_THREADS / 32; ++w) s += part[tid][w];
-        float r = sqrtf(s);
-        r = r <= 3.0e38f ? r : moba::pos_inf();  // NaN and overflow: no bound
-        atomicMax(reinterpret_cast<int*>(norms) + 2 * ((long long)b * kv_heads + g) + tid, __float_as_int(r));
-    }
-}
-
 // ---- entry points: one definition per kind with a literal parameter list, exported under the names of the
 // instantiation lines (mobalab.kernels._launch reads both to check launch arguments), grouped by head dim
 // under MOBA_HAS_HEAD_DIM (ptx.cuh: -DMOBA_HEAD_DIM=d builds head dim d only) ----
@@ -169,13 +125,3 @@ MOBA_CENTROIDS_KERNEL(moba_centroids_fp16_d256, __half,        256)
 
 MOBA_SPLIT_CENTROIDS_KERNEL(moba_split_centroids_bf16,  __nv_bfloat16)
 MOBA_SPLIT_CENTROIDS_KERNEL(moba_split_centroids_fp16,  __half)
-
-#define MOBA_C16_NORMS_KERNEL(NAME, T)                                                                                \
-    extern "C" __global__ void __launch_bounds__(CENTROID_THREADS)                                                    \
-    NAME(const float* __restrict__ cent, __half* __restrict__ c16, float* __restrict__ norms, int n_blocks,           \
-         int kv_heads, int dim) {                                                                                     \
-        c16_norms_body<T>(cent, c16, norms, n_blocks, kv_heads, dim);                                                 \
-    }
-
-MOBA_C16_NORMS_KERNEL(moba_c16_norms_bf16,  __nv_bfloat16)
-MOBA_C16_NORMS_KERNEL(moba_c16_norms_fp16,  __half)

@@ -232,9 +232,6 @@ struct TopkRegList {
     }
     __device__ __forceinline__ float threshold() const { return v[LCAP - 1]; }
     __device__ __forceinline__ bool passes(float x, float thr) const { return x > thr; }
-    // The scan's filter for threshold thr (topk_scan_word_lim): thr itself; a list that must see scores below its
-    // threshold lowers it (TopkCertList, topk_wgmma.cuh).
-    __device__ __forceinline__ float scan_floor(float thr) const { return thr; }
 
     // Branch-free compare-and-shift network; a no-op when x does not beat the last entry. offer: the scan's
     // order (a new candidate's block is below every listed one, so the score decides); offer_ranked: any block
@@ -466,7 +463,6 @@ __device__ __forceinline__ void topk_scan_word_lim(List& list, const float* srow
     if (n_valid <= 0) return;
     float thr = list.threshold();
     if (thr == moba::neg_inf()) thr = topk_below(topk_word_bound(srow, key, w, n_valid, list.cap));
-    thr = list.scan_floor(thr);
     // Four shift-insert chains of 8 columns each (columns 8 s .. 8 s + 7 in bits 0..7 of q[s]) rather than one of
     // 32: each insert waits for the one before it, so one chain was 32 dependent instructions per word.
     unsigned q[4] = {0u, 0u, 0u, 0u};
