@@ -33,22 +33,19 @@ MODES = (("idle", 0), ("ahead", 30), ("cooled", 30), ("idle_wait", 30), ("cooled
 def clock_stats(samples: list[tuple[float, str]], windows: list[tuple[str, float, float]]) -> dict:
     """{mode: (median SM clock MHz, min, max, median power W, samples)} of the ``nvidia-smi`` lines
     ("timestamp, clock, power, ...") sampled at host times inside that mode's step windows (mode, start, end)."""
+    parsed = []  # (host time, clock, power) of the lines that carry numbers
+    for t, line in samples:
+        parts = [x.strip() for x in line.split(",")]
+        try:
+            parsed.append((t, float(parts[1]), float(parts[2])))
+        except (IndexError, ValueError):
+            continue
     out = {}
     for mode in dict.fromkeys(m for m, _, _ in windows):
-        clock, power = [], []
-        for m, start, end in windows:
-            if m != mode:
-                continue
-            for t, line in samples:
-                parts = [x.strip() for x in line.split(",")]
-                if start <= t <= end and len(parts) >= 3:
-                    try:
-                        c, p = float(parts[1]), float(parts[2])
-                    except ValueError:
-                        continue
-                    clock.append(c)
-                    power.append(p)
-        if clock:
+        inside = [(c, p) for t, c, p in parsed
+                  if any(m == mode and start <= t <= end for m, start, end in windows)]
+        if inside:
+            clock, power = [c for c, _ in inside], [p for _, p in inside]
             out[mode] = (statistics.median(clock), min(clock), max(clock), statistics.median(power), len(clock))
     return out
 
@@ -106,13 +103,12 @@ def main(argv=None) -> int:
     def timed(mode: str, sleep_ms: int) -> tuple[float, float, float]:
         torch.cuda.synchronize()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if mode == "ahead":
-            torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
-        elif mode.startswith("cooled"):
-            torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
-            torch.cuda.synchronize()
-        elif mode == "idle_wait":
+        if mode == "idle_wait":
             time.sleep(sleep_ms / 1e3)
+        elif sleep_ms:  # ahead: the step queued behind the sleep; cooled: issued after it has ended
+            torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+            if mode.startswith("cooled"):
+                torch.cuda.synchronize()
         e0.record()
         step()
         e1.record()

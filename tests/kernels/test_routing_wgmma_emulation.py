@@ -105,7 +105,6 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
 
 
-
 @pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
 def test_emulated_wgmma_hi_only_probe_selects_by_q_dot_hi(harness, harness_hi_only, tmp_path, case):
     """The hi-only timing probe selects exactly what the default build selects from centroids equal to their hi

@@ -69,8 +69,9 @@
 
 // MOBA_TOPK_WG_HI_ONLY (0 by default; 1 is a timing probe whose selections are not the router's): the scores q.hi
 // alone, one m64n64k16 per m64 half and k-step from a B tile of the chunk's TKW_BN hi rows, the lo halves neither
-// copied nor multiplied. Its time is what a single-MMA router (docs/design.md, "Routing": one fp16 centroid copy
-// with a certificate) would take before its certificate's work; its selections are those of q.hi.
+// copied nor multiplied: the time a single-MMA router takes before any certificate's work (docs/design.md, "Routing":
+// such a router with an fp16 centroid copy and a certificate was built and measured slower than this kernel); its
+// selections are those of q.hi.
 #ifndef MOBA_TOPK_WG_HI_ONLY
 #define MOBA_TOPK_WG_HI_ONLY 0
 #endif
@@ -199,7 +200,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    float acc[2][TKW_ACC];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. 2 TKW_BN - 1 (no lo: probe)
+    float acc[2][TKW_ACC];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. (the probe: none)
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
