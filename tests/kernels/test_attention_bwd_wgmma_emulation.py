@@ -15,8 +15,9 @@ runs as a user calls it (the chunk plan, the torch sort of the key-block lists, 
 every launch exactly as planned: grid, threads, shared-memory size, arguments checked against the signature), with
 each launch, attention.cu's list kernels, attention_bwd.cu's delta, row record and dQ merge kernels and pairs.cu's
 order included, executed by the harness on CPU tensors, the routing given; torch.empty returns NaN-filled tensors, so
-an element no kernel writes shows. Both dQ modes run: atomic (the rows staged in shared memory, added by vector
-atomics: plain adds, the CTAs run one after another) and deterministic (slot partials, the merge; two runs in other
+an element no kernel writes shows. Both dQ modes run: atomic (the rows staged in shared memory, added by bulk
+reductions into the fp32 accumulator or into a dQ of the input type, each 16-bit sum rounded; the CTAs run one after
+another) and deterministic (slot partials, the merge; two runs in other
 CTA and thread orders bit-identical). Criterion: the GPU tests' (conftest.GpuOracle: each gradient within 3x the error
 of the same computation in torch's low precision, plus a floor), as for the mma.sync variants
 (test_attention_emulation.py). Not emulated: what only hardware shows (PTX, the async-proxy fences, races between
@@ -112,7 +113,7 @@ def _check_launched(launched, dtype, deterministic):
     """The wgmma main kernel ran (no mma.sync one), in the segments' longest-first order (pairs.cu), with the slot
     merge exactly in the deterministic mode."""
     tag = "bf16" if dtype == torch.bfloat16 else "f16"
-    assert f"moba_bwd_wg_{tag}_d{DIM}" in launched
+    assert any(n.startswith(f"moba_bwd_wg_{tag}_d{DIM}") for n in launched), launched
     assert not any(n.startswith((f"moba_bwd_{tag}_d", f"moba_bwd_blk_{tag}_d")) for n in launched), launched
     assert "moba_pairs_longest_first" in launched
     assert any(n.startswith("moba_bwd_dq_merge") for n in launched) == deterministic
@@ -151,12 +152,18 @@ def test_emulated_wgmma_build_options_match_oracle(emulated_backward_options, em
             assert torch.equal(a, b), f"{_id(case)}: d{name} differs from the default build's"
 
 
-def _check_case(emulated_backward, case, again=True):
+def _case_args(case):
     dtype, block, causal, seqlen, top_k, heads, kv_heads, det = case
     q, k, v, dout = _inputs(1, seqlen, heads, kv_heads, dtype, seed=seqlen + block)
     topk = reference.moba_topk(q, k, block, top_k, causal=causal)
     out, lse = reference.moba_attention_given_routing(q.float(), k.float(), v.float(), topk, block, causal=causal)
-    args = (dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det)
+    return dout, q, k, v, out.to(dtype), lse, topk, block, top_k, causal, det
+
+
+def _check_case(emulated_backward, case, again=True):
+    dtype, block, causal, seqlen, top_k, heads, kv_heads, det = case
+    args = _case_args(case)
+    dout, q, k, v, _, _, topk = args[:7]
     grads, launched = emulated_backward(*args)
     _check_launched(launched, dtype, det)
     check_grads(grads, q, k, v, dout, topk, block, causal, _id(case))
@@ -165,6 +172,22 @@ def _check_case(emulated_backward, case, again=True):
         for name, a, b in zip("qkv", grads, second, strict=True):
             assert torch.equal(a, b), f"{_id(case)}: d{name} differs between two deterministic runs"
     return grads
+
+
+@pytest.mark.parametrize("accumulator, dtype, dq16", [("auto", torch.bfloat16, True), ("fp32", torch.bfloat16, False),
+                                                    ("auto", torch.float16, False), ("input", torch.float16, True)])
+def test_emulated_wgmma_dq_accumulators(emulated_backward, monkeypatch, accumulator, dtype, dq16):
+    """The atomic dQ into a dQ of the input type (the _dq16 kernels: 16-bit staged rows, 16-bit bulk reductions, each
+    sum rounded) and into the fp32 accumulator, each as chosen by $MOBALAB_BWD_DQ_ACC: within the criterion."""
+    monkeypatch.setenv(CB.DQ_ACCUMULATOR_ENV, accumulator)
+    case = (dtype, 128, True, 300, 2, 2, 1, False)
+    args = _case_args(case)
+    grads, launched = emulated_backward(*args)
+    dout, q, k, v, _, _, topk, block, _, causal, _ = args
+    check_grads(grads, q, k, v, dout, topk, block, causal, f"{accumulator} {_id(case)}")
+    tag = "bf16" if dtype == torch.bfloat16 else "f16"
+    main = [n for n in launched if n.startswith("moba_bwd_wg_")]
+    assert main and set(main) == {f"moba_bwd_wg_{tag}_d{DIM}" + ("_dq16" if dq16 else "")}, launched
 
 
 def test_emulated_wgmma_chunks_that_split_the_query_range(emulated_backward):

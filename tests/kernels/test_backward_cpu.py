@@ -136,8 +136,11 @@ def test_wgmma_variant_geometry_and_choice(monkeypatch):
         + 1024
     assert G.bwd_smem_bytes(128, "wgmma") <= 227 * 1024
     assert G.bwd_kernel_names(torch.float16, 128, "wgmma")[1] == "moba_bwd_wg_f16_d128"
-    assert set(signatures(G.WGMMA_SOURCE)) == {"moba_bwd_wg_bf16_d128", "moba_bwd_wg_f16_d128"}
-    assert signatures(G.WGMMA_SOURCE)["moba_bwd_wg_bf16_d128"] == signatures(G.SOURCE)["moba_bwd_blk_bf16_d128"]
+    assert G.bwd_kernel_names(torch.bfloat16, 128, "wgmma", dq16=True)[1] == "moba_bwd_wg_bf16_d128_dq16"
+    assert set(signatures(G.WGMMA_SOURCE)) == {"moba_bwd_wg_bf16_d128", "moba_bwd_wg_f16_d128",
+                                               "moba_bwd_wg_bf16_d128_dq16", "moba_bwd_wg_f16_d128_dq16"}
+    for name in signatures(G.WGMMA_SOURCE):
+        assert signatures(G.WGMMA_SOURCE)[name] == signatures(G.SOURCE)["moba_bwd_blk_bf16_d128"]
     monkeypatch.delenv(G.BWD_VARIANT_ENV, raising=False)
     assert G.resolve_bwd_variant(None, 128, 128) == "block"
     monkeypatch.setenv(G.BWD_VARIANT_ENV, "wgmma")
@@ -158,6 +161,27 @@ def test_wgmma_variant_geometry_and_choice(monkeypatch):
         G.check_variant_device("wgmma", cuda)
     G.check_variant_device("wgmma", torch.device("cpu"))  # the host emulation
     G.check_variant_device("block", torch.device("cuda", 0))
+
+
+def test_dq_accumulator_choice(monkeypatch):
+    """The atomic dQ adds into a dQ of the input type by default for bf16 on the "wgmma" kernel only (fp16, whose range
+    a partial sum might leave, and the mma.sync kernels keep fp32); "fp32" and "input" force either (by argument or
+    $MOBALAB_BWD_DQ_ACC), "input" refused with what is supported on a kernel that has no such mode."""
+    monkeypatch.delenv(G.DQ_ACCUMULATOR_ENV, raising=False)
+    bf16, f16 = torch.bfloat16, torch.float16
+    assert G.dq_accumulates_in_input_type("wgmma", bf16)
+    assert not G.dq_accumulates_in_input_type("wgmma", f16)
+    assert not any(G.dq_accumulates_in_input_type(v, bf16) for v in ("tile", "block"))
+    assert not G.dq_accumulates_in_input_type("wgmma", bf16, "fp32")
+    assert G.dq_accumulates_in_input_type("wgmma", f16, "input")
+    monkeypatch.setenv(G.DQ_ACCUMULATOR_ENV, "fp32")
+    assert not G.dq_accumulates_in_input_type("wgmma", bf16)
+    monkeypatch.setenv(G.DQ_ACCUMULATOR_ENV, "input")
+    assert G.dq_accumulates_in_input_type("wgmma", f16)
+    with pytest.raises(ValueError, match="needs the backward variant 'wgmma', got 'block'"):
+        G.dq_accumulates_in_input_type("block", bf16)
+    with pytest.raises(ValueError, match=r"dQ accumulator must be one of \('auto', 'fp32', 'input'\)"):
+        G.dq_accumulates_in_input_type("wgmma", bf16, "bf16")
 
 
 def test_check_args_catches_python_scalars():

@@ -108,6 +108,20 @@ def test_wgmma_variant_matches_oracle(case, gpu, poisoned_empty):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("accumulator", ["fp32", "input"])
+@pytest.mark.parametrize("case", [(128, 128, 4096, 8, 2, 8, True, torch.bfloat16, False),
+                                  (128, 256, 3000, 4, 4, 16, False, torch.float16, False),
+                                  (128, 128, 700, 2, 1, 3, True, torch.bfloat16, False)],
+                         ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_wgmma_dq_accumulators_match_oracle(accumulator, case, gpu, poisoned_empty, monkeypatch):
+    """The wgmma kernel's atomic dQ into the fp32 accumulator and straight into a dQ of the input type (bf16's default,
+    fp16's when forced), against the oracle: up to k + 1 roundings a row in the 16-bit mode (k up to 16 here)."""
+    _needs_sm90()
+    monkeypatch.setenv(G.DQ_ACCUMULATOR_ENV, accumulator)
+    _variant_matches_oracle("wgmma", case, gpu, poisoned_empty)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("option", G.WGMMA_BUILD_OPTIONS)
 @pytest.mark.parametrize("case", [WGMMA_VARIANT_CASES[0], (128, 128, 3000, 8, 2, 6, True, torch.bfloat16, True),
                                   (128, 128, 2500, 4, 4, 4, False, torch.float16, True)],

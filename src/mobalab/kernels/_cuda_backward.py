@@ -14,7 +14,8 @@ kernels); GQA sums dK/dV over the query heads of a kv head because one kv head's
 query heads. Routing is hard: no gradient reaches centroids or scores.
 
 Determinism. ``deterministic=False`` (default) adds each tile's dQ contribution to an fp32
-(batch, seqlen, heads, d) accumulator with float atomics: the order of additions, hence the last bits of
+(batch, seqlen, heads, d) accumulator with float atomics (on the "wgmma" kernel with bf16 inputs straight into
+the bf16 dQ, :func:`dq_accumulates_in_input_type`): the order of additions, hence the last bits of
 dQ, can change from run to run (dK and dV are always bit-reproducible: each element has one writer).
 ``deterministic=True`` writes per-(query, head, slot) fp32 partials instead (key sub-tiles of one block in
 separate launches, in order) and a merge sums the slots in slot order: bit-identical gradients run to run,
@@ -77,6 +78,8 @@ WGMMA_BUILD_OPTIONS = ("MOBA_BWD_WG_LATE_GATHER=1", "MOBA_BWD_WG_EARLY_LSE=1", "
                        "MOBA_BWD_WG_DQ_NEXT=0", "MOBA_BWD_WG_DQ_NEXT=1", "MOBA_BWD_WG_STEP_DESC=0")
 BWD_VARIANTS = ("auto", "tile", "block", "wgmma")
 BWD_VARIANT_ENV = "MOBALAB_BWD_VARIANT"
+DQ_ACCUMULATORS = ("auto", "fp32", "input")
+DQ_ACCUMULATOR_ENV = "MOBALAB_BWD_DQ_ACC"
 
 
 def block_supported(head_dim: int, block_size: int) -> bool:
@@ -116,6 +119,26 @@ def resolve_bwd_variant(variant: str | None = None, head_dim: int | None = None,
         if device is not None:
             check_variant_device(variant, device)
     return variant
+
+
+def dq_accumulates_in_input_type(variant: str, dtype: torch.dtype, accumulator: str | None = None) -> bool:
+    """Whether the atomic dQ adds straight into a dQ of the input type (the "_dq16" main kernels) rather than
+    into an fp32 accumulator that is cast afterwards: ``accumulator`` "fp32", "input" or "auto", or
+    ``$MOBALAB_BWD_DQ_ACC`` when None (default "auto": the input type for bf16 on the "wgmma" kernel, the only one
+    that has the mode; fp16 keeps fp32, whose range a partial sum of fp16 values might leave). Each tile's
+    contribution is rounded to the input type and added by a 16-bit bulk reduction, so dQ takes up to k + 1
+    roundings of its slots' partial sums instead of one: measured within the gradient criterion throughout
+    (tests/kernels/test_backward_gpu.py), and at 512K on an H100 the main kernel moved 1.5x faster (half the
+    bytes of read-modify-write in L2 and DRAM, no fp32 zeroing and cast: docs/design.md, "Backward")."""
+    accumulator = C.choice_or_env("dQ accumulator", accumulator, DQ_ACCUMULATORS, DQ_ACCUMULATOR_ENV, "auto")
+    if accumulator == "fp32":
+        return False
+    if accumulator == "auto":
+        return variant == "wgmma" and dtype == torch.bfloat16
+    if variant != "wgmma":
+        raise ValueError(f"a dQ accumulator of the input type needs the backward variant 'wgmma', got {variant!r}; "
+                         "use 'fp32' or 'auto'")
+    return True
 
 
 def check_variant_device(variant: str, device) -> None:
@@ -232,13 +255,15 @@ def _gather_table(fwd_chunks: tuple, chunk: A.Chunk, top_k: int, n_blocks: int, 
     return torch.from_numpy(table.reshape(-1)).to(device), table.shape[1]
 
 
-def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile") -> tuple[str, str, str]:
-    """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs."""
+def bwd_kernel_names(dtype: torch.dtype, head_dim: int, variant: str = "tile",
+                     dq16: bool = False) -> tuple[str, str, str]:
+    """(delta kernel, main kernel, deterministic dQ merge kernel) for these inputs; ``dq16``: the "wgmma" main kernel
+    whose atomic dQ adds into a dQ of the input type (:func:`dq_accumulates_in_input_type`)."""
     tag = C.dtype_tag(dtype, SOURCE)
     if variant == "block":
         main = f"moba_bwd_blk_{tag}_d{head_dim}"
     elif variant == "wgmma":
-        main = f"moba_bwd_wg_{tag}_d{head_dim}"
+        main = f"moba_bwd_wg_{tag}_d{head_dim}_dq16" if dq16 else f"moba_bwd_wg_{tag}_d{head_dim}"
     else:
         main = f"moba_bwd_{tag}_d{head_dim}"
     return f"moba_bwd_delta_{tag}_d{head_dim}", main, f"moba_bwd_dq_merge_{tag}_d{head_dim}"
@@ -463,10 +488,11 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
     variant = resolve_bwd_variant(variant, dim, block_size)  # the entry points resolved it on the device
-    _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant)
+    dq16 = into is None and not deterministic and dq_accumulates_in_input_type(variant, q.dtype)
+    _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant, dq16)
     # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
-        if into is None and not deterministic and delta is None else None
+        if into is None and not deterministic and delta is None and not dq16 else None
     # the row records take D from the stats only
     if delta is None:
         _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
@@ -509,6 +535,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             dq = torch.empty_like(q)
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
+        elif dq16:
+            dq_acc = torch.zeros_like(q)
+            part_dq = dq_acc  # unused (dq_mode 0)
         else:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device) if dq_zero is None else dq_zero
             part_dq = dq_acc  # unused (dq_mode 0)
@@ -556,7 +585,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     if into is not None:
         return into
     if not deterministic:
-        dq = dq_acc.to(q.dtype)
+        dq = dq_acc if dq16 else dq_acc.to(q.dtype)
     if split:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)

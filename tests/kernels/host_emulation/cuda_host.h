@@ -187,11 +187,12 @@ struct Copy {
     const void* src;
 };
 
-// A bulk reduction (cp.reduce.async.bulk .add.f32) in flight: its source as it was at the issue.
+// A bulk reduction (cp.reduce.async.bulk .add of f32, bf16 or f16 values) in flight: its source as it was at the issue.
 struct Bulk {
-    float* dst;
+    void* dst;
     const unsigned char* src;
-    std::vector<float> at_issue;
+    std::vector<unsigned char> at_issue;
+    int kind;  // 0: f32, 1: bf16, 2: f16
 };
 
 // A tensor-map copy pending on an mbarrier, and an mbarrier's state (the CTA's, by its address).
@@ -740,16 +741,23 @@ template <int N>
 inline void dec_cp_async_wait() {
     dec_cp_async_wait_n(N);
 }
-// Bulk reductions (cp.reduce.async.bulk .add.f32, shared -> global): the source is taken when the operation is
-// issued, and must still hold the same bytes when its thread waits for the group (the copy engine may read it at
-// any moment in between); the adds land at that wait. So a source written after the issue, or rewritten before the
-// wait, stops the run or shows in the sums.
-inline void dec_bulk_reduce_add_f32(float* dst, const unsigned char* src, unsigned bytes) {
+// Bulk reductions (cp.reduce.async.bulk .add.f32 / .add.noftz.bf16 / .f16, shared -> global): the source is taken
+// when the operation is issued, and must still hold the same bytes when its thread waits for the group (the copy
+// engine may read it at any moment in between); the adds land at that wait, each 16-bit sum rounded to nearest even.
+// So a source written after the issue, or rewritten before the wait, stops the run or shows in the sums.
+inline void dec_bulk_reduce_add(void* dst, const unsigned char* src, unsigned bytes, int kind) {
     if (bytes == 0 || bytes % 16 || reinterpret_cast<uintptr_t>(dst) % 16)
         emu::fail("a bulk reduction of a size that is not a multiple of 16 bytes, or to an unaligned address");
-    std::vector<float> v(bytes / 4);
-    std::memcpy(v.data(), src, bytes);
-    emu::me().bulk_open.push_back({dst, src, std::move(v)});
+    emu::me().bulk_open.push_back({dst, src, std::vector<unsigned char>(src, src + bytes), kind});
+}
+inline void dec_bulk_reduce_add_f32(float* dst, const unsigned char* src, unsigned bytes) {
+    dec_bulk_reduce_add(dst, src, bytes, 0);
+}
+inline void dec_bulk_reduce_add_16(__nv_bfloat16* dst, const unsigned char* src, unsigned bytes) {
+    dec_bulk_reduce_add(dst, src, bytes, 1);
+}
+inline void dec_bulk_reduce_add_16(__half* dst, const unsigned char* src, unsigned bytes) {
+    dec_bulk_reduce_add(dst, src, bytes, 2);
 }
 inline void dec_bulk_commit() {
     emu::Thread& t = emu::me();
@@ -757,9 +765,24 @@ inline void dec_bulk_commit() {
 }
 inline void dec_bulk_wait_n(int n) {
     emu::wait_groups(emu::me().bulk_groups, n, [](const emu::Bulk& b) {
-        if (std::memcmp(b.src, b.at_issue.data(), b.at_issue.size() * 4))
+        if (std::memcmp(b.src, b.at_issue.data(), b.at_issue.size()))
             emu::fail("the source of a bulk reduction changed before its thread waited for the read");
-        for (size_t i = 0; i < b.at_issue.size(); ++i) b.dst[i] += b.at_issue[i];
+        const size_t n = b.at_issue.size() / (b.kind == 0 ? 4 : 2);
+        for (size_t i = 0; i < n; ++i) {
+            if (b.kind == 0) {
+                float x;
+                std::memcpy(&x, b.at_issue.data() + 4 * i, 4);
+                static_cast<float*>(b.dst)[i] += x;
+            } else if (b.kind == 1) {
+                __nv_bfloat16 x, *d = static_cast<__nv_bfloat16*>(b.dst) + i;
+                std::memcpy(&x, b.at_issue.data() + 2 * i, 2);
+                *d = __float2bfloat16_rn(__bfloat162float(*d) + __bfloat162float(x));
+            } else {
+                __half x, *d = static_cast<__half*>(b.dst) + i;
+                std::memcpy(&x, b.at_issue.data() + 2 * i, 2);
+                *d = __float2half_rn(__half2float(*d) + __half2float(x));
+            }
+        }
     });
 }
 // Tensor-map copies on mbarriers (decode_common.cuh).

@@ -118,6 +118,12 @@ inline void bar_arrive(int id, int nthreads) { emu::named_arrive(id, (unsigned)n
 inline void bulk_reduce_add_f32(float* dst, unsigned src, unsigned bytes) {
     dec_bulk_reduce_add_f32(dst, smem_ptr(src, bytes), bytes);
 }
+inline void bulk_reduce_add_16(__nv_bfloat16* dst, unsigned src, unsigned bytes) {
+    dec_bulk_reduce_add_16(dst, smem_ptr(src, bytes), bytes);
+}
+inline void bulk_reduce_add_16(__half* dst, unsigned src, unsigned bytes) {
+    dec_bulk_reduce_add_16(dst, smem_ptr(src, bytes), bytes);
+}
 inline void bulk_commit_group() { dec_bulk_commit(); }
 template <int N>
 inline void bulk_wait_group_read() {

@@ -20,13 +20,23 @@
 //      the tile's 64 dQ rows over all 128 keys (m64n64k16, A = dS and B = K both MN-major, 8 k-steps); atomic
 //      mode stages them in shared memory with their rows' offsets in dq_acc and hands them to the third, dQ
 //      warpgroup (wg_dq_reductions), which adds each 256-byte row by one bulk reduction, so the computing
-//      warpgroups issue no reduction instruction; the deterministic modes write the slot partials as the other
-//      variants do (the dQ warpgroup then returns at once).
+//      warpgroups issue no reduction instruction; the _dq16 kernels (bwd_wgmma_dq16) do the same into a dQ of the
+//      input type (rows staged as 16-bit values, 128-byte bulk reductions .add.noftz.bf16 / .f16, each sum
+//      rounded); the deterministic
+//      modes write the slot partials as the other variants do (the dQ warpgroup then returns at once).
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
-// (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic. At the
-// SM's dense bf16 rate (~4 KFLOP per clock) a tile's MMAs take ~1.4 us.
+// (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic (16 KB of
+// 16-bit ones in the _dq16 kernels: 213 FLOP per byte). At the SM's dense bf16 rate (~4 KFLOP per clock) a tile's MMAs take
+// ~1.4 us.
+// The atomics' bytes are what a long sequence's launch waits for: a row's Q and dO are gathered and its dQ row
+// read-modified-written once per slot, at random over the chunk's rows (two heads of 512K queries: 1 GB of Q, dO and
+// fp32 dQ, against a 50 MB L2). Nsight Compute of one 512K launch (H100, 2026-12-06, 8.4 M pairs, as a 64K launch):
+// 5.12 ms against 3.35 at 64K, DRAM 71% of peak (8.0 GB read, 4.2 GB written) against 47%, L2 hit rate 35% against
+// 68%. With dQ accumulated in the input type (half the read-modify-write bytes, no fp32 dQ to zero and cast
+// afterwards) the 512K backward's main kernels took 53.3 against 80.5 ms, the whole 512K step 166.9 against 195.6 ms
+// (1.17x), 64K 1.05x, 8K 1.13x (H100, interleaved).
 // Registers per thread: dK and dV 128 floats, S^T and dP^T 64, then the packed P^T / dS^T fragments 32 and dQ 32
 // (253-255 registers, no spills, as two warpgroups alone); with the dQ warpgroup the launch gives 168 a thread
 // (384 threads, one CTA per SM) and setmaxnreg re-allocates them: 240 for each computing warpgroup, 24 for the dQ
@@ -107,6 +117,7 @@
 #endif
 #define MOBA_BWD_WG_DQ_READ 7        // named barriers 7, 8 (MOBA_BWD_WG_DQ_NEXT): warpgroup 0's / 1's dS^T free
 #define MOBA_BWD_WG_DQ_PITCH 288     // bytes per staged dQ row: 64 floats + 32 (conflict-free float2 stores)
+#define MOBA_BWD_WG_DQ_PITCH16 144   // the same for 16-bit dQ rows: 64 values + 16 (conflict-free 4-byte stores)
 
 namespace moba_bwd {
 
@@ -211,6 +222,7 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end), tile ti's in
 // buffer ti % 2 of two with MOBA_BWD_WG_DQ_NEXT.
+template <typename T, bool dq16>
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
                                                  int p) {
 #if MOBA_HAS_WGMMA
@@ -219,7 +231,9 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
                     MOBA_BWD_WG_THREADS * 168,
                 "setmaxnreg counts beyond the launch's 384 x 168 registers");
   const int g = p >> 6;
-  const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) + (p & 63) * MOBA_BWD_WG_DQ_PITCH;
+  const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) +
+                       (p & 63) * (dq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
+  T* const dq16_acc = reinterpret_cast<T*>(dq_acc);
   // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
   for (int ti = 0; ti < n_tiles; ++ti) {
     if (ti > 0) bulk_wait_group_read<0>();
@@ -228,14 +242,18 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
     bar_sync(MOBA_BWD_WG_DQ_FULL, 256);
     bar_sync(MOBA_BWD_WG_DQ_FULL + 1, 256);
     const long long off = s_off[(MOBA_BWD_WG_DQ_NEXT ? (ti & 1) * 2 * MOBA_BWD_ROWS : 0) + p];
-    if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
+    if constexpr (dq16) {
+      if (off >= 0) bulk_reduce_add_16(dq16_acc + off, src, 64 * 2);
+    } else {
+      if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
+    }
     bulk_commit_group();
   }
   bulk_wait_group<0>();
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kDq16 = false>
 __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
                                           const RowInfo* rows, const long long* pairs, const long long* seg_off,
                                           const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
@@ -277,7 +295,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   if (!w.ok) return;
   if (wg == 2) {
     setmaxnreg_dec<MOBA_BWD_WG_DQ_REGS>();
-    if (dq_mode == 0) wg_dq_reductions(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
+    if (dq_mode == 0) wg_dq_reductions<T, kDq16>(dq_acc, sDQ, s_dq_off, w.n_tiles, wt);
     return;
   }
   setmaxnreg_inc<MOBA_BWD_WG_CONSUMER_REGS>();
@@ -418,11 +436,22 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     const int r0 = 16 * w4 + g, r1 = r0 + 8;  // this thread's accumulator rows
     const unsigned sdq = sDQ + wg * DQ_BYTES;
     bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
+    // one address per row for both modes (two loops held the stack of two in some build options)
+    constexpr bool dq16 = kDq16;
+    const unsigned a0 = sdq + (dq16 ? r0 * MOBA_BWD_WG_DQ_PITCH16 + 4 * tq : r0 * MOBA_BWD_WG_DQ_PITCH + 8 * tq);
+    const unsigned a1 = a0 + 8 * (dq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
+    const unsigned step = dq16 ? 16 : 32;  // bytes per 8 columns
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      const unsigned c = (8 * n + 2 * tq) * 4;
-      st_shared_v2_f32(sdq + r0 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n] * scale, dq[4 * n + 1] * scale);
-      st_shared_v2_f32(sdq + r1 * MOBA_BWD_WG_DQ_PITCH + c, dq[4 * n + 2] * scale, dq[4 * n + 3] * scale);
+      const float x0 = dq[4 * n] * scale, x1 = dq[4 * n + 1] * scale;
+      const float y0 = dq[4 * n + 2] * scale, y1 = dq[4 * n + 3] * scale;
+      if (dq16) {
+        st_shared_b32(a0 + n * step, wgmma_pack2(wgmma_ab<T>{}, x0, x1));
+        st_shared_b32(a1 + n * step, wgmma_pack2(wgmma_ab<T>{}, y0, y1));
+      } else {
+        st_shared_v2_f32(a0 + n * step, x0, x1);
+        st_shared_v2_f32(a1 + n * step, y0, y1);
+      }
     }
     if (!MOBA_BWD_WG_DQ_NEXT && wt < ROWS) s_dq_off[wg * ROWS + wt] = dq_row_off(info, count);
     fence_proxy_async_shared();  // the staged rows -> the copy engine's reads
@@ -570,6 +599,21 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     }
   }
 #endif
+}
+
+// The atomic dQ mode into a dQ of the input type (dq_acc points to T values, dq_mode 0): its own kernels, so that
+// neither form carries the other's staging (a runtime test cost two measurement builds a stack frame).
+template <typename T, int D>
+__device__ __forceinline__ void bwd_wgmma_dq16(const void* q_, const void* k_, const void* v_, const void* dout_,
+                                               const RowInfo* rows, const long long* pairs, const long long* seg_off,
+                                               const int* seg_order, float* dq_acc, float* part_dq, void* dk_,
+                                               void* dv_, float* dk_acc, float* dv_acc, int seqlen, int heads,
+                                               int kv_heads, int block_size, int n_blocks, int batch_index, int h0,
+                                               int n_seg, int causal, float scale, float scale_log2, int sub0,
+                                               int n_sub_launch, int dq_mode, int dkv_mode) {
+  bwd_wgmma<T, D, true>(q_, k_, v_, dout_, rows, pairs, seg_off, seg_order, dq_acc, part_dq, dk_, dv_, dk_acc, dv_acc,
+                        seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg, causal, scale,
+                        scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);
 }
 
 }  // namespace moba_bwd

@@ -110,6 +110,17 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, un
                "r"(bytes)
                : "memory");
 }
+// The same into 16-bit values (`.noftz`: subnormal sums kept): bf16 or fp16 by the destination's type.
+__device__ __forceinline__ void bulk_reduce_add_16(__nv_bfloat16* dst, unsigned src, unsigned bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.noftz.bf16 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add_16(__half* dst, unsigned src, unsigned bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.noftz.f16 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void bulk_wait_group_read() {
