@@ -338,10 +338,12 @@ def test_backward_checked_runs_what_the_checked_entry_runs(monkeypatch):
 
 def test_forward_lists_are_kept_where_the_backward_can_read_or_gather_them():
     """The backward takes the forward's lists as they are where the plans are the same chunks (the benchmark's 8K
-    and 16K: one chunk per sequence), gathered where the forward splits the heads finer (32K, 64K) or a head's
-    queries (512K: two chunks per head, one head each), not where the forward splits a kv group's queries (grouped
-    heads at 512K) or the backward's chunks split queries the forward's do not (deterministic at 512K). The kept
-    lists' layout is 8 bytes per pair plus the segment offsets, each chunk 16-byte aligned."""
+    and 16K: one chunk per sequence; 512K: two whole heads a chunk, the forward's larger budget at long context;
+    grouped heads at 512K, a kv group's queries split alike), gathered where the forward splits the heads finer
+    (32K, 64K) or a head's queries (a forward budget below its default at 512K: two chunks per head, one head each),
+    not where the forward splits a kv group's queries otherwise than the backward or the backward's chunks split
+    queries the forward's do not (deterministic at 512K). The kept lists' layout is 8 bytes per pair plus the
+    segment offsets, each chunk 16-byte aligned."""
     for n in (8192, 16384):
         assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
         assert G.forward_plan(2, n, 16, 16, 128, 8) == G.bwd_plan(2, n, 16, 16, 128, 8, False)
@@ -350,10 +352,15 @@ def test_forward_lists_are_kept_where_the_backward_can_read_or_gather_them():
         assert len(G.forward_plan(2, n, 16, 16, 128, 8)) > len(G.bwd_plan(2, n, 16, 16, 128, 8, False))
     n = 524288
     fwd, bwd = G.forward_plan(2, n, 16, 16, 128, 8), G.bwd_plan(2, n, 16, 16, 128, 8, False)
-    assert {(c.n_heads, c.n_q) for c in fwd} == {(1, n // 2)} and {(c.n_heads, c.t0, c.n_q) for c in bwd} == {(2, 0, n)}
+    assert fwd == bwd and {(c.n_heads, c.t0, c.n_q) for c in bwd} == {(2, 0, n)}
     assert G.forward_lists_reusable(2, n, 16, 16, 128, 8, False)
-    assert G.lists_serve(fwd, bwd, n) and not G.lists_serve(fwd, fwd[:1] + bwd, n)  # a backward chunk not whole
-    assert not G.forward_lists_reusable(2, n, 32, 8, 128, 8, False)  # split chunks of a kv group of 4 heads
+    split = A.plan_chunks(2, n, 16, 16, 128, 8, A.default_scratch_budget(2, n, 16, 16, 128))
+    assert {(c.n_heads, c.n_q) for c in split} == {(1, n // 2)}
+    assert G.lists_serve(split, bwd, n) and not G.lists_serve(split, split[:1] + bwd, n)  # a backward chunk not whole
+    assert G.forward_plan(2, n, 32, 8, 128, 8) == G.bwd_plan(2, n, 32, 8, 128, 8, False)
+    assert G.forward_lists_reusable(2, n, 32, 8, 128, 8, False)
+    grouped_split = A.plan_chunks(2, n, 32, 8, 128, 8, 768 << 20)  # split chunks of a kv group of 4 heads
+    assert not G.lists_serve(grouped_split, G.bwd_plan(2, n, 32, 8, 128, 8, False), n)
     assert not G.forward_lists_reusable(2, n, 16, 16, 128, 8, True)
     chunks = G.bwd_plan(2, 8192, 16, 16, 128, 8, False)
     layout, total = A.kept_lists_layout(chunks, 8, 64, 1)

@@ -274,7 +274,7 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
                top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
                variant=A.variant_label(dim, block, variant, q.device),
-               scratch_budget_bytes=A.default_scratch_budget(batch, seqlen, heads, heads, dim))
+               scratch_budget_bytes=A.forward_scratch_budget(batch, seqlen, heads, heads, dim))
 
     route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731
     row["routing_ms"], _ = time_ms(route, budget_s=budget_s)

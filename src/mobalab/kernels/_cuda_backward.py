@@ -197,7 +197,7 @@ def bwd_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, deterministic, bud
 def forward_plan(batch, seqlen, heads, kv_heads, head_dim, top_k, elem_bytes: int = 2) -> list[A.Chunk]:
     """The forward's chunks with its default scratch budget and the partial format in force."""
     return A.plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k,
-                         A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
+                         A.forward_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
                          A.resolve_partial(None))
 
 
@@ -232,7 +232,7 @@ def kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k,
     (:func:`forward_lists_reusable`), else None. Both passes of a training step ask; the plans are kept per scratch
     budget and partial format, which are read at each call."""
     return _kept_lists_plan(batch, seqlen, heads, kv_heads, head_dim, block_size, top_k, deterministic,
-                            A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
+                            A.forward_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes),
                             A.default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim), A.resolve_partial(None))
 
 
