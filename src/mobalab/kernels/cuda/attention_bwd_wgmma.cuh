@@ -433,10 +433,10 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   // 8-byte atomics from the accumulators and 1.07-1.08x faster than a bulk reduction per row issued here, whose
   // per-thread addresses the compiler issues one thread at a time).
   auto stage_dq = [&](const float (&dq)[32], const RowInfo* info, int count) {
-    const int r0 = 16 * w4 + g, r1 = r0 + 8;  // this thread's accumulator rows
+    const int r0 = 16 * w4 + g;  // this thread's accumulator rows r0 and r0 + 8
     const unsigned sdq = sDQ + wg * DQ_BYTES;
     bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
-    // one address per row for both modes (two loops held the stack of two in some build options)
+    // rows r0 and r0 + 8 at a0 and a1, 8 columns a step (fp32 or 16-bit values: kDq16)
     constexpr bool dq16 = kDq16;
     const unsigned a0 = sdq + (dq16 ? r0 * MOBA_BWD_WG_DQ_PITCH16 + 4 * tq : r0 * MOBA_BWD_WG_DQ_PITCH + 8 * tq);
     const unsigned a1 = a0 + 8 * (dq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
