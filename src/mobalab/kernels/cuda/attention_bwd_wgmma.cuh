@@ -22,14 +22,14 @@
 //      warpgroup (wg_dq_reductions), which adds each 256-byte row by one bulk reduction, so the computing
 //      warpgroups issue no reduction instruction; the _dq16 kernels (bwd_wgmma_dq16) do the same into a dQ of the
 //      input type (rows staged as 16-bit values, 128-byte bulk reductions .add.noftz.bf16 / .f16, each sum
-//      rounded); the deterministic
-//      modes write the slot partials as the other variants do (the dQ warpgroup then returns at once).
+//      rounded); the deterministic modes write the slot partials as the other variants do (the dQ warpgroup then
+//      returns at once).
 // Against the mma.sync "block" variant: the same 5 products of 2 x 64 x 128 x 128 FLOP per tile (10.5 MFLOP), but
 // each warpgroup MMA reads its shared operands once per warpgroup instead of once per warp (ldmatrix), and P, dS
 // never go through shared memory for dV and dK. Bytes per tile: the Q and dO rows gathered, 2 x 64 x 256 = 32 KB
 // (K and V once per CTA), dQ 64 x 128 x 4 = 32 KB of fp32 atomics: 160 FLOP per byte of global traffic (16 KB of
-// 16-bit ones in the _dq16 kernels: 213 FLOP per byte). At the SM's dense bf16 rate (~4 KFLOP per clock) a tile's MMAs take
-// ~1.4 us.
+// 16-bit ones in the _dq16 kernels: 213 FLOP per byte). At the SM's dense bf16 rate (~4 KFLOP per clock) a tile's
+// MMAs take ~1.4 us.
 // The atomics' bytes are what a long sequence's launch waits for: a row's Q and dO are gathered and its dQ row
 // read-modified-written once per slot, at random over the chunk's rows (two heads of 512K queries: 1 GB of Q, dO and
 // fp32 dQ, against a 50 MB L2). Nsight Compute of one 512K launch (H100, 2026-12-06, 8.4 M pairs, as a 64K launch):
@@ -602,7 +602,8 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
 }
 
 // The atomic dQ mode into a dQ of the input type (dq_acc points to T values, dq_mode 0): its own kernels, so that
-// neither form carries the other's staging (a runtime test cost two measurement builds a stack frame).
+// neither form carries the other's staging (tested at run time, the staging cost two measurement builds 20 bytes of
+// spills beyond their allowance).
 template <typename T, int D>
 __device__ __forceinline__ void bwd_wgmma_dq16(const void* q_, const void* k_, const void* v_, const void* dout_,
                                                const RowInfo* rows, const long long* pairs, const long long* seg_off,
