@@ -391,6 +391,26 @@ def test_planner_uses_the_partial_bytes():
         assert budget / 2 < scratch <= budget
 
 
+def test_forward_budget_grows_at_long_context_only():
+    """The forward's budget is the backward's up to ~128K tokens (16 heads, d 128), then 18% of the q, k, v and out
+    bytes up to 3 GiB; never below the backward's, never above 3 GiB; at 512K the forward's chunks are two whole heads
+    (the backward's) where 768 MiB cut each head's queries in two."""
+    MiB = 1 << 20
+    for n in (4096, 8192, 16384, 65536):
+        assert A.forward_scratch_budget(2, n, 16, 16, 128) == A.default_scratch_budget(2, n, 16, 16, 128)
+    last = 0
+    for n in (65536, 131072, 262144, 524288, 1 << 20, 1 << 22):
+        b = A.forward_scratch_budget(2, n, 16, 16, 128)
+        assert A.default_scratch_budget(2, n, 16, 16, 128) <= b <= 3 << 30 and b >= last
+        last = b
+    assert A.forward_scratch_budget(2, 262144, 16, 16, 128) == int(0.18 * 2 * 262144 * 64 * 128 * 2)
+    assert A.forward_scratch_budget(2, 524288, 16, 16, 128) == int(0.18 * 2 * 524288 * 64 * 128 * 2)  # ~2.95 GB
+    assert A.forward_scratch_budget(1, 1 << 22, 16, 16, 128) == 3 << 30
+    fwd = A.plan_chunks(2, 524288, 16, 16, 128, 8, A.forward_scratch_budget(2, 524288, 16, 16, 128))
+    assert {(c.n_heads, c.t0, c.n_q) for c in fwd} == {(2, 0, 524288)}
+    assert {(c.n_heads, c.n_q) for c in A.plan_chunks(2, 524288, 16, 16, 128, 8, 768 * MiB)} == {(1, 262144)}
+
+
 @pytest.mark.parametrize("dim, deterministic", [(128, False), (128, True), (64, True), (256, False)])
 def test_backward_chunking_does_not_depend_on_the_forward_partials(dim, deterministic):
     """The backward plans with the forward's planner at its own bytes per pair: the same chunks as when the
