@@ -270,6 +270,7 @@ def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, e
     topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
     budget = seqlen * 2 * (heads // kv_heads) * top_k * A.bytes_per_pair(dim)  # forward chunks of 2 kv heads
     monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
+    monkeypatch.setattr(A, "forward_scratch_budget", lambda *a, **kw: budget)
     fwd_plan = CB.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k)
     assert [c.n_heads for c in fwd_plan] == [4, 2, 4, 2]
     assert fwd_plan != CB.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, det)
@@ -289,17 +290,18 @@ def test_emulated_backward_gathers_from_finer_forward_chunks(emulated_forward, e
 
 def test_emulated_backward_gathers_from_forward_chunks_over_query_parts(emulated_forward, emulated_backward,
                                                                        monkeypatch):
-    """Where the forward's budget splits each head's queries (512K at the benchmark's shapes; forced here: three
-    chunks per head, the last one shorter) and the backward's chunks cover whole sequences, each backward segment
-    is gathered from the forward's segments of its head in query order (pieces, each with its own pair-index
-    shift): no sort in the backward, gradients within the criterion, dK / dV bit-identical to lists built for the
-    chunk."""
+    """Where the forward's budget splits each head's queries (beyond ~1.3M tokens at the benchmark's shapes, or a
+    budget given; forced here: three chunks per head, the last one shorter) and the backward's chunks cover whole
+    sequences, each backward segment is gathered from the forward's segments of its head in query order (pieces, each
+    with its own pair-index shift): no sort in the backward, gradients within the criterion, dK / dV bit-identical to
+    lists built for the chunk."""
     dtype, dim, block, top_k, causal = torch.bfloat16, 64, 32, 3, True
     batch, seqlen, heads, kv_heads = 2, 150, 2, 2
     q, k, v, dout = _inputs(batch, seqlen, heads, kv_heads, dim, dtype, seed=31)
     topk = reference.moba_topk(q, k, block, top_k, causal=causal).to(torch.int32)
     budget = 60 * top_k * A.bytes_per_pair(dim)  # 60 queries of one head per forward chunk
     monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
+    monkeypatch.setattr(A, "forward_scratch_budget", lambda *a, **kw: budget)
     fwd_plan = CB.forward_plan(batch, seqlen, heads, kv_heads, dim, top_k)
     assert [(c.n_heads, c.t0, c.n_q) for c in fwd_plan[:3]] == [(1, 0, 50), (1, 50, 50), (1, 100, 50)]
     assert all(c.t0 == 0 and c.n_q == seqlen for c in CB.bwd_plan(batch, seqlen, heads, kv_heads, dim, top_k, False))

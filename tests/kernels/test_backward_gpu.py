@@ -201,6 +201,7 @@ def test_backward_over_the_forwards_kept_lists(case, gpu, poisoned_empty, monkey
 
         budget = int(seqlen * fwd_kv * (heads // kv_heads) * top_k * A.bytes_per_pair(dim))
         monkeypatch.setattr(A, "default_scratch_budget", lambda *a, **kw: budget)
+        monkeypatch.setattr(A, "forward_scratch_budget", lambda *a, **kw: budget)
         fwd_plan = G.forward_plan(2, seqlen, heads, kv_heads, dim, top_k)
         assert fwd_plan != G.bwd_plan(2, seqlen, heads, kv_heads, dim, top_k, det)
     assert G.forward_lists_reusable(2, seqlen, heads, kv_heads, dim, top_k, det)
