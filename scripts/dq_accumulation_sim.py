@@ -11,18 +11,35 @@ cast once, dQ takes one rounding to T; added by 16-bit reductions straight into 
 ``_dq16`` form), each contribution is rounded to T and each partial sum too, in whatever order the blocks land:
 :math:`a \\leftarrow \\mathrm{T}(a + \\mathrm{T}(c_{t,j}))` with the blocks in a random order here. For each shape this
 prints the largest error of both forms against the fp32 oracle's dQ (autograd through the reference in fp32) as a
-multiple of the largest error of the same computation in plain torch in T (the GPU tests' criterion allows 3x;
-``oracle_dq`` and ``lowp_dq`` compute it as tests/kernels/conftest.py's GpuOracle does).
+multiple of the largest error of the same computation in plain torch in T (the GPU tests' criterion, 3x, computed by
+tests/kernels/conftest.py's GpuOracle).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-from mobalab.kernels.reference import moba_attention_given_routing, moba_topk
+from mobalab.kernels.reference import moba_topk
+
+
+def _gpu_oracle():
+    """tests/kernels/conftest.py's GpuOracle: the criterion's oracle and low-precision computations (its methods take
+    CPU tensors too), loaded from its file under a name of its own."""
+    here = Path(__file__).resolve().parents[1] / "tests" / "kernels"
+    sys.path.insert(0, str(here))  # conftest imports its sibling _background
+    spec = importlib.util.spec_from_file_location("mobalab_kernel_tests_conftest", here / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GpuOracle
+
+
+G = _gpu_oracle()
 
 SHAPES = [  # seqlen, block, top_k, dtype
     (2048, 128, 8, torch.bfloat16), (1024, 64, 8, torch.bfloat16), (4096, 128, 8, torch.bfloat16),
@@ -34,42 +51,13 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).float()
 
 
-def routed_mask(topk: torch.Tensor, block: int) -> torch.Tensor:
-    """(batch, heads, N, N) bool: key s is attended by query t (the routing's blocks, token-causal)."""
-    batch, n, heads, _ = topk.shape
-    n_blocks = math.ceil(n / block)
-    chosen = torch.zeros(batch, n, heads, n_blocks + 1, dtype=torch.bool)
-    chosen.scatter_(-1, torch.where(topk >= 0, topk, n_blocks).long(), True)
-    keys = torch.arange(n)
-    mask = chosen[..., keys // block] & (keys.view(1, -1) <= keys.view(-1, 1)).view(1, n, 1, n)
-    return mask.permute(0, 2, 1, 3)
-
-
-def oracle_dq(q, k, v, dout, topk, block) -> torch.Tensor:
-    """dQ by autograd through the reference in fp32 from the same inputs."""
-    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    out, _ = moba_attention_given_routing(*leaves, topk, block, causal=True)
-    return torch.autograd.grad((out * dout.float()).sum(), leaves[0])[0]
-
-
-def lowp_dq(q, k, v, dout, topk, block) -> torch.Tensor:
-    """dQ of plain torch in the input type: a dense softmax masked to the routed tokens, scores and P @ V as matmuls
-    in that type, softmax in fp32, probabilities rounded."""
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    qh, kh, vh = (x.transpose(1, 2) for x in leaves)
-    s = (qh @ kh.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    s = s.masked_fill(~routed_mask(topk, block), float("-inf"))
-    o = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)).to(vh.dtype) @ vh
-    return torch.autograd.grad((o.transpose(1, 2).float() * dout.float()).sum(), leaves[0])[0].float()
-
-
 def dq_two_ways(q, k, v, dout, topk, block, gen):
     """(dQ from an fp32 accumulator cast once, dQ summed in the input type in a random block order), fp32."""
     dtype, (_, n, _, d) = q.dtype, q.shape
     scale = d ** -0.5
     qf, kf, vf, dof = (x.float() for x in (q, k, v, dout))
     s = torch.einsum("bthd,bshd->bhts", qf, kf) * scale
-    s = s.masked_fill(~routed_mask(topk, block), float("-inf"))
+    s = s.masked_fill(~G._routed_mask(topk, block, True), float("-inf"))
     p = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
     o = torch.einsum("bhts,bshd->bthd", p, vf)
     delta = (dof * o).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # D per (b, h, t)
@@ -96,7 +84,8 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(seed)
             q, k, v, dout = (torch.randn(1, n, 2, 128, generator=g).to(dtype) for _ in range(4))
             topk = moba_topk(q, k, block, top_k, causal=True)
-            ref, low = oracle_dq(q, k, v, dout, topk, block), lowp_dq(q, k, v, dout, topk, block)
+            ref = G.oracle_grads(q, k, v, dout, topk, block, True)[0]
+            low = G.lowp_grads(q, k, v, dout, topk, block, True)[0]
             cast, summed = dq_two_ways(q, k, v, dout, topk, block, g)
             e_low, e_cast, e_sum = ((x - ref).abs().max().item() for x in (low, cast, summed))
             print(f"| {n} | {block} | {top_k} | {str(dtype)[6:]} | {seed} | {e_low:.3e} | {e_cast:.3e} "

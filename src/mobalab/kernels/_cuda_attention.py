@@ -151,8 +151,13 @@ def bytes_per_pair(head_dim: int, partial: str = "16bit") -> int:
 def default_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
                            elem_bytes: int = 2) -> int:
     """Scratch budget: 4% of the q, k, v and out bytes, clamped to [640 MiB, 768 MiB]."""
-    io = batch * seqlen * (2 * heads + 2 * kv_heads) * head_dim * elem_bytes
+    io = _io_bytes(batch, seqlen, heads, kv_heads, head_dim, elem_bytes)
     return int(min(_MAX_BUDGET, max(_MIN_BUDGET, _BUDGET_FRACTION * io)))
+
+
+def _io_bytes(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+    """Bytes of q, k, v and out."""
+    return batch * seqlen * (2 * heads + 2 * kv_heads) * head_dim * elem_bytes
 
 
 def forward_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
@@ -163,7 +168,7 @@ def forward_scratch_budget(batch: int, seqlen: int, heads: int, kv_heads: int, h
     d 128, B 128, k 8; H100) chunks of two whole heads took the forward's tiles, merges and lists ~2 ms less than
     chunks of half a head's queries (768 MiB), and they are the backward's chunks, so it reads the kept lists as
     they are. The scratch is the forward's only and is freed before the backward's peak."""
-    io = batch * seqlen * (2 * heads + 2 * kv_heads) * head_dim * elem_bytes
+    io = _io_bytes(batch, seqlen, heads, kv_heads, head_dim, elem_bytes)
     base = default_scratch_budget(batch, seqlen, heads, kv_heads, head_dim, elem_bytes)
     return max(base, int(min(_FWD_MAX_BUDGET, _FWD_BUDGET_FRACTION * io)))
 

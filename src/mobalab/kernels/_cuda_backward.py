@@ -488,11 +488,12 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     n_blocks = math.ceil(seqlen / block_size)
     device = q.device
     variant = resolve_bwd_variant(variant, dim, block_size)  # the entry points resolved it on the device
-    dq16 = into is None and not deterministic and dq_accumulates_in_input_type(variant, q.dtype)
+    atomic = into is None and not deterministic  # this call adds dQ into a tensor of its own
+    dq16 = atomic and dq_accumulates_in_input_type(variant, q.dtype)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant, dq16)
-    # the atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
+    # the fp32 atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
     dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
-        if into is None and not deterministic and delta is None and not dq16 else None
+        if atomic and not dq16 and delta is None else None
     # the row records take D from the stats only
     if delta is None:
         _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
@@ -535,11 +536,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             dq = torch.empty_like(q)
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
-        elif dq16:
-            dq_acc = torch.zeros_like(q)
-            part_dq = dq_acc  # unused (dq_mode 0)
         else:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=device) if dq_zero is None else dq_zero
+            dq_acc = dq_zero if dq_zero is not None else torch.zeros(q.shape, device=device,
+                                                                    dtype=q.dtype if dq16 else torch.float32)
             part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)

@@ -222,7 +222,7 @@ __device__ __forceinline__ void wg_add_rows_product(float (&acc)[2][32], const f
 // arrives once its rows and their dQ offsets are staged) and handed back by the "empty" ones once the copy engine
 // has read them; s_off holds each staged row's element offset in dq_acc (-1: a row past the tile's end), tile ti's in
 // buffer ti % 2 of two with MOBA_BWD_WG_DQ_NEXT.
-template <typename T, bool dq16>
+template <typename T, bool kDq16>
 __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, const long long* s_off, int n_tiles,
                                                  int p) {
 #if MOBA_HAS_WGMMA
@@ -232,8 +232,7 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
                 "setmaxnreg counts beyond the launch's 384 x 168 registers");
   const int g = p >> 6;
   const unsigned src = sDQ + g * (MOBA_BWD_ROWS * MOBA_BWD_WG_DQ_PITCH) +
-                       (p & 63) * (dq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
-  T* const dq16_acc = reinterpret_cast<T*>(dq_acc);
+                       (p & 63) * (kDq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
   // one hand-back per tile (the first: the staging areas start empty), none left unmatched at the CTA's end
   for (int ti = 0; ti < n_tiles; ++ti) {
     if (ti > 0) bulk_wait_group_read<0>();
@@ -242,8 +241,8 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
     bar_sync(MOBA_BWD_WG_DQ_FULL, 256);
     bar_sync(MOBA_BWD_WG_DQ_FULL + 1, 256);
     const long long off = s_off[(MOBA_BWD_WG_DQ_NEXT ? (ti & 1) * 2 * MOBA_BWD_ROWS : 0) + p];
-    if constexpr (dq16) {
-      if (off >= 0) bulk_reduce_add_16(dq16_acc + off, src, 64 * 2);
+    if constexpr (kDq16) {
+      if (off >= 0) bulk_reduce_add_16(reinterpret_cast<T*>(dq_acc) + off, src, 64 * 2);
     } else {
       if (off >= 0) bulk_reduce_add_f32(dq_acc + off, src, 64 * 4);
     }
@@ -437,15 +436,14 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     const unsigned sdq = sDQ + wg * DQ_BYTES;
     bar_sync(MOBA_BWD_WG_DQ_EMPTY + wg, 256);  // the copy engine has read the previous tile's rows
     // rows r0 and r0 + 8 at a0 and a1, 8 columns a step (fp32 or 16-bit values: kDq16)
-    constexpr bool dq16 = kDq16;
-    const unsigned a0 = sdq + (dq16 ? r0 * MOBA_BWD_WG_DQ_PITCH16 + 4 * tq : r0 * MOBA_BWD_WG_DQ_PITCH + 8 * tq);
-    const unsigned a1 = a0 + 8 * (dq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH);
-    const unsigned step = dq16 ? 16 : 32;  // bytes per 8 columns
+    constexpr unsigned pitch = kDq16 ? MOBA_BWD_WG_DQ_PITCH16 : MOBA_BWD_WG_DQ_PITCH;
+    constexpr unsigned step = kDq16 ? 16 : 32;  // bytes per 8 columns
+    const unsigned a0 = sdq + r0 * pitch + tq * (step / 4), a1 = a0 + 8 * pitch;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
       const float x0 = dq[4 * n] * scale, x1 = dq[4 * n + 1] * scale;
       const float y0 = dq[4 * n + 2] * scale, y1 = dq[4 * n + 3] * scale;
-      if (dq16) {
+      if constexpr (kDq16) {
         st_shared_b32(a0 + n * step, wgmma_pack2(wgmma_ab<T>{}, x0, x1));
         st_shared_b32(a1 + n * step, wgmma_pack2(wgmma_ab<T>{}, y0, y1));
       } else {
