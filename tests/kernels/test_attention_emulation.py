@@ -19,6 +19,7 @@ kernels (variant "wgmma": test_attention_wgmma_emulation.py).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -177,24 +178,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,dim,batch,seqlen,heads,with_dlse", [
-    (torch.bfloat16, 128, 2, 37, 3, False),  # 222 rows: the last CTA part full, rows of three heads
-    (torch.float16, 64, 1, 50, 5, True),     # dlse subtracted in the kernel
-    (torch.bfloat16, 32, 3, 7, 2, True),     # idle lanes (D = 32)
+@pytest.mark.parametrize("dtype,dim,batch,seqlen,heads,with_dlse,zero,tokens", [
+    (torch.bfloat16, 128, 2, 37, 3, False, None, None),  # one position a CTA (few rows)
+    (torch.bfloat16, 128, 2, 37, 3, False, "input", 4),  # CTAs across the sequences' seam, the last one part full
+    (torch.float16, 64, 1, 50, 5, True, "fp32", 8),      # dlse subtracted in the kernel
+    (torch.bfloat16, 32, 3, 7, 2, True, "input", 2),     # idle lanes (D = 32)
+    (torch.float16, 96, 1, 9, 4, False, "input", 4),     # idle lanes (D = 96), 8-byte zero stores
+    (torch.bfloat16, 32, 1, 2, 2100, False, "fp32", 1),  # more rows than a CTA stages: stats written directly
 ])
 def test_emulated_delta_and_row_stats(emulate, monkeypatch, poisoned_empty, dtype, dim, batch, seqlen, heads,
-                                      with_dlse):
+                                      with_dlse, zero, tokens):
     """The delta kernel's D = dO.O - dlse, and the rows' head-major (lse log2(e), D) it writes beside it for the
     row records: the stats equal :func:`row_stats` of its own D bit for bit (the path of a D computed elsewhere),
-    D the fp64 sum within fp32 rounding; every element written (poisoned buffers)."""
+    D the fp64 sum within fp32 rounding; the dQ accumulator it zeroes on the way (fp32 or the inputs' type) all
+    zeros; every element written (poisoned buffers)."""
     g = torch.Generator().manual_seed(seqlen * heads + dim)
     out, dout = (torch.randn(batch, seqlen, heads, dim, generator=g).to(dtype) for _ in range(2))
     lse = torch.randn(batch, seqlen, heads, generator=g) * 4
     dlse = torch.randn(batch, seqlen, heads, generator=g) if with_dlse else None
+    zero_rows = None if zero is None else torch.full(out.shape, math.nan, dtype=dtype if zero == "input" else
+                                                      torch.float32)
     with monkeypatch.context() as m:
         m.setattr(CB, "launch", emulate)
         with poisoned_empty():
-            delta, stats = CB._delta(out, dout, dlse, 0, lse=lse)
+            delta, stats = CB._delta(out, dout, dlse, 0 if zero_rows is None else zero_rows, lse=lse, tokens=tokens)
     assert emulate.launched == [CB.bwd_kernel_names(dtype, dim)[0]]
     want = (out.double() * dout.double()).sum(-1) - (0 if dlse is None else dlse.double())
     torch.testing.assert_close(delta.view(batch, seqlen, heads).double(), want, rtol=1e-5, atol=1e-5)
@@ -202,6 +209,8 @@ def test_emulated_delta_and_row_stats(emulate, monkeypatch, poisoned_empty, dtyp
     assert torch.equal(stats, CB.row_stats(lse, delta))
     assert torch.equal(stats[..., 0], (lse * CB.LOG2E_F32).transpose(1, 2))
     assert torch.equal(stats[..., 1], delta.view(batch, seqlen, heads).transpose(1, 2))
+    if zero_rows is not None:
+        assert torch.equal(zero_rows, torch.zeros_like(zero_rows))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])

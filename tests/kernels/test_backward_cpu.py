@@ -48,6 +48,14 @@ def test_every_backward_kernel_is_in_the_source():
     text = source(G.SOURCE)
     assert f"#define MOBA_BWD_BLOCK_KEYS {G.BLOCK_KEYS}" in text
     assert f"#define MOBA_BWD_BLOCK_THREADS {G.BLOCK_THREADS}" in text
+    assert f"constexpr int kDeltaStagedRows = {G.DELTA_STAGED_ROWS};" in source("attention_bwd.cuh")
+
+
+@pytest.mark.parametrize("n_bt,heads,want", [(1 << 19, 32, 32), (1 << 19, 128, 16), (16384, 16, 16),
+                                             (1000, 16, 1), (4096, 3000, 1)])
+def test_delta_tokens(n_bt, heads, want):
+    """Positions per delta CTA: up to 32, every head's rows within the staged stats, at least 1024 CTAs."""
+    assert G.delta_tokens(n_bt, heads) == want
 
 
 def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_heads=2, top_k=3, variant="tile"):
@@ -60,7 +68,7 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
     i64 = torch.zeros(8, dtype=torch.int64)
     i32 = torch.zeros(8, dtype=torch.int32)
     delta_name, main_name, merge_name = G.bwd_kernel_names(dtype, dim, variant)
-    plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads),
+    plans = [G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads, seqlen=seqlen, heads=heads),
              G.rows_launch(i64, i64, f32, f32, n_pairs, n_seg, seqlen=seqlen, heads=heads, top_k=top_k,
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
@@ -77,7 +85,10 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
                                   n_sub_launch=G.n_key_subtiles(block, variant), dq_mode=0, **common))
     # the forward's index kernels, reused by the backward, with the backward's chunk
     plans += [A.keys_launch(i32, i32, seqlen, heads, top_k, n_blocks, chunk, 2),
-              A.bounds_launch(i32, n_pairs, n_seg, i64)]
+              A.bounds_launch(i32, n_pairs, n_seg, i64),
+              # the delta launch zeroing a 16-bit dQ and writing the row stats
+              G.delta_launch(delta_name, q, q, f32, batch * seqlen * heads, torch.empty_like(q), lse=f32, stats=f32,
+                             seqlen=seqlen, heads=heads)]
     return plans, n_seg
 
 
@@ -197,7 +208,8 @@ def test_check_args_catches_python_scalars():
             check_args(G.SOURCE, main.kernel, tuple(wrong))
     q = torch.zeros(1, 2, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="n_rows"):
-        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0], (q, q, torch.zeros(8), np.int32(3)))
+        check_args(G.SOURCE, G.bwd_kernel_names(torch.bfloat16, 64)[0],
+                   (q, q, torch.zeros(8), 0, np.int32(4), np.int32(3)))
 
 
 def test_sizes_and_plans():

@@ -57,6 +57,7 @@ WGMMA_SOURCE = "attention_bwd_wgmma.cu"  # the wgmma main kernels (delta, row re
 ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
+DELTA_STAGED_ROWS = 2048  # kDeltaStagedRows (attention_bwd.cuh): RowStats a delta CTA stages
 ROW_INFO_BYTES = 16
 LOG2E_F32 = float(np.float32(A.LOG2E))  # log2(e) as the kernels' fp32 literal
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
@@ -280,14 +281,27 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 # launch plans (pure: the CPU tests pass them through _launch.check_args)
 
 
-def delta_launch(name, out, dout, delta, n_rows, zero_rows=0, *, lse=0, dlse=0, stats=0, seqlen=0,
-                 heads=0) -> Launch:
-    """D = rowsum(dO * O) - dlse per (query, head), one warp per row; ``zero_rows`` (fp32, a row of d per (query,
-    head), or 0 for none) set to 0 on the way: the dQ accumulator, without a fill launch of its own; ``stats`` (fp32
-    (batch, heads, seqlen, 2), or 0 for none) gets each row's (lse log2(e), D) for the row records, from ``lse``
-    (batch, seqlen, heads)."""
-    return Launch(SOURCE, name, (math.ceil(n_rows / (ROW_THREADS // 32)),), (ROW_THREADS,),
-                  (out, dout, delta, zero_rows, i64(n_rows), lse, dlse, stats, i32(seqlen), i32(heads)))
+def delta_tokens(n_bt: int, heads: int) -> int:
+    """(batch, query) positions per delta CTA: a power of two up to 32 whose rows (every head's) fit the kernel's
+    staged stats, fewer where that leaves under 1024 CTAs (8 per SM of an H100 / H200) for the work."""
+    tokens = 32
+    while tokens > 1 and (tokens * heads > DELTA_STAGED_ROWS or math.ceil(n_bt / tokens) < 1024):
+        tokens //= 2
+    return tokens
+
+
+def delta_launch(name, out, dout, delta, n_rows, zero_rows=0, *, lse=0, dlse=0, stats=0, seqlen, heads,
+                 tokens=None) -> Launch:
+    """D = rowsum(dO * O) - dlse per (query, head), one warp per row, a CTA taking :func:`delta_tokens` positions of
+    every head; ``zero_rows`` (the dQ accumulator, fp32 or 16-bit, a row of d per (query, head), or 0 for none) set
+    to 0 on the way, without a fill launch of its own; ``stats`` (fp32 (batch, heads, seqlen, 2), or 0 for none)
+    gets each row's (lse log2(e), D) for the row records, from ``lse`` (batch, seqlen, heads). ``tokens``
+    overrides :func:`delta_tokens` (tests)."""
+    tokens = delta_tokens(n_rows // heads, heads) if tokens is None else tokens
+    zero_bytes = zero_rows.element_size() if isinstance(zero_rows, torch.Tensor) else 4
+    return Launch(SOURCE, name, (math.ceil(n_rows // heads / tokens),), (ROW_THREADS,),
+                  (out, dout, delta, zero_rows, i32(zero_bytes), i64(n_rows), lse, dlse, stats, i32(seqlen),
+                   i32(heads), i32(tokens)))
 
 
 def rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, *, seqlen, heads, top_k,
@@ -455,8 +469,9 @@ def backward_delta(out, dout, dlse=None):
         return _delta(out, dout, dlse)[0].view(out.shape[:3])
 
 
-def _delta(out, dout, dlse, zero_rows=0, lse=None):
-    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None)."""
+def _delta(out, dout, dlse, zero_rows=0, lse=None, tokens=None):
+    """(D, the rows' stats for the row records (:func:`row_stats`) where ``lse`` is given, else None); ``zero_rows``
+    and ``tokens``: :func:`delta_launch`'s."""
     out, dout = kernel_ready(out), kernel_ready(dout.to(out.dtype))
     batch, seqlen, heads = out.shape[:3]
     n_rows = batch * seqlen * heads
@@ -465,7 +480,7 @@ def _delta(out, dout, dlse, zero_rows=0, lse=None):
     dlse = 0 if dlse is None else dlse.float().contiguous()
     launch(delta_launch(bwd_kernel_names(out.dtype, out.shape[-1])[0], out, dout, delta, n_rows, zero_rows,
                         lse=0 if lse is None else lse, dlse=dlse, stats=0 if stats is None else stats, seqlen=seqlen,
-                        heads=heads))
+                        heads=heads, tokens=tokens))
     return delta, stats
 
 
@@ -491,9 +506,10 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     atomic = into is None and not deterministic  # this call adds dQ into a tensor of its own
     dq16 = atomic and dq_accumulates_in_input_type(variant, q.dtype)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant, dq16)
-    # the fp32 atomic dQ accumulator, zeroed by the delta launch where this call computes D (else by a fill)
-    dq_zero = torch.empty(q.shape, dtype=torch.float32, device=device) \
-        if atomic and not dq16 and delta is None else None
+    # the atomic dQ accumulator (fp32, or dQ itself in the inputs' type), zeroed by the delta launch where this call
+    # computes D (else by a fill)
+    dq_dtype = q.dtype if dq16 else torch.float32
+    dq_zero = torch.empty(q.shape, dtype=dq_dtype, device=device) if atomic and delta is None else None
     # the row records take D from the stats only
     if delta is None:
         _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
@@ -537,8 +553,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
         else:
-            dq_acc = dq_zero if dq_zero is not None else torch.zeros(q.shape, device=device,
-                                                                    dtype=q.dtype if dq16 else torch.float32)
+            dq_acc = dq_zero if dq_zero is not None else torch.zeros(q.shape, device=device, dtype=dq_dtype)
             part_dq = dq_acc  # unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)

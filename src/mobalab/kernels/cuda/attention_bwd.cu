@@ -3,8 +3,9 @@
 // Each kind of kernel is defined once, by a MOBA_BWD_*_KERNEL macro with a literal parameter list, and
 // exported under the names of the instantiation lines below it (mobalab.kernels._launch reads both to check
 // launch arguments). Variants, dtype in {bf16, f16}, D in {32, 64, 96, 128, 256}:
-//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O) - dlse, fp32 (and, when given, the dQ accumulator
-//                                    zeroed and the rows' (lse log2(e), D) head-major for the records)
+//   moba_bwd_delta_<dtype>_d<D>      D = rowsum(dO o O) - dlse, fp32 (and, when given, the dQ accumulator,
+//                                    fp32 or 16-bit, zeroed and the rows' (lse log2(e), D) head-major for the
+//                                    records)
 //   moba_bwd_<dtype>_d<D>            dK, dV (and dQ contributions) per 64-key sub-tile of a key block;
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
@@ -18,10 +19,11 @@
 
 #define MOBA_BWD_DELTA_KERNEL(NAME, T, D)                                                                             \
   extern "C" __global__ void __launch_bounds__(256) NAME(const void* out, const void* dout, float* delta,             \
-                                                         float* zero_rows, long long n_rows, const float* lse,         \
-                                                         const float* dlse, void* stats, int seqlen, int heads) {     \
-    moba_bwd::delta_rows<T, D>(out, dout, delta, zero_rows, n_rows, lse, dlse,                                        \
-                               static_cast<moba_bwd::RowStat*>(stats), seqlen, heads);                                \
+                                                         void* zero_rows, int zero_bytes, long long n_rows,            \
+                                                         const float* lse, const float* dlse, void* stats, int seqlen, \
+                                                         int heads, int tokens) {                                     \
+    moba_bwd::delta_rows<T, D>(out, dout, delta, zero_rows, zero_bytes, n_rows, lse, dlse,                            \
+                               static_cast<moba_bwd::RowStat*>(stats), seqlen, heads, tokens);                        \
   }
 
 #if MOBA_HAS_HEAD_DIM(32)

@@ -81,67 +81,98 @@ struct RowStat {
   float delta;
 };
 
-// D = rowsum(dO o O) - dlse in fp32: one warp per (batch, query, head) row; with `stats`, the row's RowStat too
-// (lse and dlse: (batch, seqlen, heads) fp32, dlse optional). The kernel runs at ~85% of DRAM peak without the
-// stats; their 8-byte writes, one per warp and 16 heads apart, add ~0.47 ms at 512K on an H200 (4.60 against 4.13).
-// Measured and not kept: the rows walked head-major, so that a CTA's stats are one run (5.34 ms: consecutive warps
+// D = rowsum(dO o O) - dlse in fp32, one warp per (batch, query, head) row; with `stats`, the row's RowStat too
+// (lse and dlse: (batch, seqlen, heads) fp32, dlse optional); with `zero_rows`, that row of the dQ accumulator
+// (fp32 or the inputs' 16-bit type: `zero_bytes` 4 or 2 per element) set to 0, which spares the step a fill launch.
+// A CTA takes `tokens` consecutive (batch, query) positions of every head (rows r0 .. r0 + tokens * heads, one
+// contiguous run of out and dO) and stages their stats in shared memory, so that each head's stats leave as one
+// run of tokens * 8 bytes: written by the warps one row at a time, 16 heads apart, the 8-byte stats had cost the
+// launch ~0.47 ms at 512K on an H200 (4.60 against 4.13 ms without them). Each warp loads its next row before it
+// reduces the current one. Measured and not kept before: the rows walked head-major (5.34 ms: consecutive warps
 // then read rows 4 KB apart), and four rows per warp with all their loads issued first (equal).
+constexpr int kDeltaStagedRows = 2048;  // stats staged per CTA (16 KB); more rows write theirs directly
+
 template <typename T, int D>
-__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, float* zero_rows,
-                                           long long n_rows, const float* lse, const float* dlse, RowStat* stats,
-                                           int seqlen, int heads) {
+__device__ __forceinline__ void delta_row_load(const T* o, const T* g, int lane, uint4& a, uint4& b) {
   constexpr int V = moba::kRowLaneElems<D>;
-  const int lane = threadIdx.x & 31;
-  const long long w = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (w >= n_rows) return;
-  const T* o = static_cast<const T*>(out_) + w * D + lane * V;
-  const T* g = static_cast<const T*>(dout_) + w * D + lane * V;
-  // zero_rows (the fp32 dQ accumulator the main kernel adds into, row for row like out): set to 0 here, which
-  // spares the step a fill launch of its own
-  if (zero_rows != nullptr && (moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>)) {
-    float* z = zero_rows + w * D + lane * V;
-    if constexpr (V == 2) {
-      *reinterpret_cast<float2*>(z) = make_float2(0.f, 0.f);
-    } else {
+  if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
+    a = b = make_uint4(0u, 0u, 0u, 0u);  // idle lane (D = 32, 96): adds 0 to the warp sum
+  } else if constexpr (V == 8) {
+    a = *reinterpret_cast<const uint4*>(o);
+    b = *reinterpret_cast<const uint4*>(g);
+  } else if constexpr (V == 4) {
+    const uint2 x = *reinterpret_cast<const uint2*>(o), y = *reinterpret_cast<const uint2*>(g);
+    a = make_uint4(x.x, x.y, 0u, 0u);
+    b = make_uint4(y.x, y.y, 0u, 0u);
+  } else {
+    a = make_uint4(*reinterpret_cast<const unsigned*>(o), 0u, 0u, 0u);
+    b = make_uint4(*reinterpret_cast<const unsigned*>(g), 0u, 0u, 0u);
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, void* zero_rows,
+                                           int zero_bytes, long long n_rows, const float* lse, const float* dlse,
+                                           RowStat* stats, int seqlen, int heads, int tokens) {
+  constexpr int V = moba::kRowLaneElems<D>;
+  __shared__ RowStat staged[kDeltaStagedRows];  // [head][token of the CTA]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const long long bt0 = static_cast<long long>(blockIdx.x) * tokens;
+  const long long n_bt = n_rows / heads;
+  if (bt0 >= n_bt) return;
+  const int n_tok = static_cast<int>(min(static_cast<long long>(tokens), n_bt - bt0));
+  const int rows = n_tok * heads;
+  const long long r0 = bt0 * heads;
+  const bool stage = stats != nullptr && tokens * heads <= kDeltaStagedRows;  // the same in every thread
+  const bool holds = moba::kRowLanes<D> == 32 || lane < moba::kRowLanes<D>;
+  const T* out = static_cast<const T*>(out_) + lane * V;
+  const T* dout = static_cast<const T*>(dout_) + lane * V;
+  uint4 a, b;
+  if (warp < rows) delta_row_load<T, D>(out + (r0 + warp) * D, dout + (r0 + warp) * D, lane, a, b);
+  for (int i = warp; i < rows; i += warps) {
+    const long long w = r0 + i;
+    const uint4 ca = a, cb = b;
+    if (i + warps < rows) delta_row_load<T, D>(out + (w + warps) * D, dout + (w + warps) * D, lane, a, b);
+    if (zero_rows != nullptr && holds) {
+      unsigned char* z = static_cast<unsigned char*>(zero_rows) + (w * D + lane * V) * zero_bytes;
+      const int nb = V * zero_bytes;  // 4 .. 32 bytes, aligned to their size
+      if (nb >= 16) {
+        for (int e = 0; e < nb; e += 16) *reinterpret_cast<uint4*>(z + e) = make_uint4(0u, 0u, 0u, 0u);
+      } else if (nb == 8) {
+        *reinterpret_cast<uint2*>(z) = make_uint2(0u, 0u);
+      } else {
+        *reinterpret_cast<unsigned*>(z) = 0u;
+      }
+    }
+    const T* ae = reinterpret_cast<const T*>(&ca);
+    const T* be = reinterpret_cast<const T*>(&cb);
+    float acc = 0.f;
 #pragma unroll
-      for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(z + e) = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int e = 0; e < V; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (lane == 0) {
+      if (dlse != nullptr) acc -= dlse[w];
+      delta[w] = acc;
+      if (stats != nullptr) {
+        const RowStat st{lse[w] * 1.4426950408889634f, acc};
+        const int tt = i / heads, h = i - tt * heads;
+        if (stage) {
+          staged[h * tokens + tt] = st;
+        } else {
+          const long long bt = bt0 + tt, bb = bt / seqlen, t = bt - bb * seqlen;
+          stats[(bb * heads + h) * seqlen + t] = st;
+        }
+      }
     }
   }
-  float acc = 0.f;
-  if (moba::kRowLanes<D> < 32 && lane >= moba::kRowLanes<D>) {
-    // idle lane (D = 32, 96): adds 0 to the warp sum
-  } else if constexpr (V == 8) {
-    const uint4 a = *reinterpret_cast<const uint4*>(o);
-    const uint4 b = *reinterpret_cast<const uint4*>(g);
-    const T* ae = reinterpret_cast<const T*>(&a);
-    const T* be = reinterpret_cast<const T*>(&b);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
-  } else if constexpr (V == 4) {
-    const uint2 a = *reinterpret_cast<const uint2*>(o);
-    const uint2 b = *reinterpret_cast<const uint2*>(g);
-    const T* ae = reinterpret_cast<const T*>(&a);
-    const T* be = reinterpret_cast<const T*>(&b);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
-  } else {
-    const unsigned a = *reinterpret_cast<const unsigned*>(o);
-    const unsigned b = *reinterpret_cast<const unsigned*>(g);
-    const T* ae = reinterpret_cast<const T*>(&a);
-    const T* be = reinterpret_cast<const T*>(&b);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) acc = fmaf(static_cast<float>(ae[e]), static_cast<float>(be[e]), acc);
-  }
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) {
-    if (dlse != nullptr) acc -= dlse[w];
-    delta[w] = acc;
-    if (stats != nullptr) {
-      const long long bt = w / heads;
-      const int h = static_cast<int>(w - bt * heads);
-      const long long b = bt / seqlen, t = bt - b * seqlen;
-      stats[(b * heads + h) * seqlen + t] = RowStat{lse[w] * 1.4426950408889634f, acc};
+  if (stage) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < tokens * heads; j += blockDim.x) {
+      const int h = j / tokens, tt = j - h * tokens;
+      if (tt >= n_tok) continue;
+      const long long bt = bt0 + tt, bb = bt / seqlen, t = bt - bb * seqlen;
+      stats[(bb * heads + h) * seqlen + t] = staged[j];
     }
   }
 }
