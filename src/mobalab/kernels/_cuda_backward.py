@@ -283,7 +283,7 @@ def dkv_mode(chunk: A.Chunk, seqlen: int) -> int:
 
 def delta_tokens(n_bt: int, heads: int) -> int:
     """(batch, query) positions per delta CTA: a power of two up to 32 whose rows (every head's) fit the kernel's
-    staged stats, fewer where that leaves under 1024 CTAs (8 per SM of an H100 / H200) for the work."""
+    staged stats, fewer where that would leave under 1024 CTAs for an H100's / H200's 132 SMs."""
     tokens = 32
     while tokens > 1 and (tokens * heads > DELTA_STAGED_ROWS or math.ceil(n_bt / tokens) < 1024):
         tokens //= 2
@@ -507,12 +507,14 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
     dq16 = atomic and dq_accumulates_in_input_type(variant, q.dtype)
     _, main_name, merge_name = bwd_kernel_names(q.dtype, dim, variant, dq16)
     # the atomic dQ accumulator (fp32, or dQ itself in the inputs' type), zeroed by the delta launch where this call
-    # computes D (else by a fill)
-    dq_dtype = q.dtype if dq16 else torch.float32
-    dq_zero = torch.empty(q.shape, dtype=dq_dtype, device=device) if atomic and delta is None else None
+    # computes D, else by torch
+    dq_atomic = None
+    if atomic:
+        dq_atomic = (torch.empty if delta is None else torch.zeros)(q.shape, dtype=q.dtype if dq16 else torch.float32,
+                                                                     device=device)
     # the row records take D from the stats only
     if delta is None:
-        _, stats = _delta(out, dout, dlse, 0 if dq_zero is None else dq_zero, lse=lse)
+        _, stats = _delta(out, dout, dlse, 0 if dq_atomic is None else dq_atomic, lse=lse)
     else:
         stats = row_stats(lse, delta.contiguous())
 
@@ -553,8 +555,7 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             part_dq = torch.empty(max_pairs * dim, dtype=torch.float32, device=device)
             dq_acc = part_dq  # unused (dq_mode 1/2)
         else:
-            dq_acc = dq_zero if dq_zero is not None else torch.zeros(q.shape, device=device, dtype=dq_dtype)
-            part_dq = dq_acc  # unused (dq_mode 0)
+            dq_acc = part_dq = dq_atomic  # part_dq unused (dq_mode 0)
 
     smem = bwd_smem_bytes(dim, variant)
     n_sub = n_key_subtiles(block_size, variant)
