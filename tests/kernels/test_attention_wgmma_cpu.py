@@ -103,23 +103,21 @@ def test_wgmma_plans_pass_check_args(dtype, block, causal, partial, variant):
     assert fwd in signatures(A.WGMMA_SOURCE) and merge in signatures(A.SOURCE)
     unit = A.rows_per_unit(dim, block, variant)
     # the block stays resident for up to 16 tiles (wgmma: two warpgroups) or 4 (wgmma-ws)
-    assert unit == A.ROWS * (A.wg_tiles_per_unit(A.wg_groups()) if variant == "wgmma" else A.TILES_PER_UNIT)
+    assert unit == A.ROWS * (A.WG_TILES_PER_UNIT if variant == "wgmma" else A.TILES_PER_UNIT)
     plan = A.fwd_launch(fwd, q, k, k, pairs, seg, seg, part_o, torch.zeros(2 * n_pairs), seqlen=seqlen, heads=heads,
                         kv_heads=kv_heads, top_k=top_k, block_size=block, n_blocks=n_blocks, chunk=chunk,
                         n_pairs=n_pairs, n_seg=n_seg, causal=causal, scale_log2=0.18, rows_per_unit=unit,
                         smem=A.fwd_smem_bytes(dim, block, variant), partial=partial,
                         source=A.fwd_source(dim, block, variant), threads=A.fwd_threads(dim, variant),
                         max_ctas=3 if variant == "wgmma-ws" else None)
-    groups = A.wg_groups()
-    assert plan.source == A.WGMMA_SOURCE and plan.block == ((128 * groups,) if variant == "wgmma" else (384,))
-    assert plan.defines == A.partial_defines(partial) + (A.wg_defines() if variant == "wgmma" else ())
+    assert plan.source == A.WGMMA_SOURCE and plan.block == ((256,) if variant == "wgmma" else (384,))
+    assert plan.defines == A.partial_defines(partial)
     assert len(check_args(plan.source, plan.kernel, plan.args)) == len(signatures(A.WGMMA_SOURCE)[fwd])
     grid = A.fwd_grid(n_pairs, n_seg, unit)
     if variant == "wgmma":
-        # K and V (B x 128 each), three 64 x 128 Q tiles and 64 staged partial rows of 256 bytes per warpgroup,
+        # K and V (B x 128 each), three 64 x 128 Q tiles and 64 staged partial rows of 272 bytes per warpgroup,
         # 1024 bytes to align the swizzle patterns
-        stages = 3 if groups == 2 else 2
-        assert plan.shared_mem == 2 * block * 256 + groups * (stages + 1) * 64 * 256 + 1024 and plan.grid == (grid,)
+        assert plan.shared_mem == 2 * block * 256 + 6 * 64 * 256 + 2 * 64 * 272 + 1024 and plan.grid == (grid,)
     else:
         # two K / V buffers, four Q slots, 1024 bytes of alignment; persistent: the grid is capped
         assert plan.shared_mem == 4 * block * 256 + 4 * 64 * 256 + 1024
@@ -170,8 +168,7 @@ def test_wgmma_module_ptx_holds_the_warpgroup_mmas():
                         body)
         rs = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.{kind}\.{kind} [^;]*?, p, 1, 1, 1;", body)
         assert len(ss) == (8 if name.startswith("moba_attn_wgws_") else 16), (name, len(ss))
-        # the wgmma kernel's last tile of a warpgroup is a copy of the loop body of its own
-        assert len(rs) == (1 if name.startswith("moba_attn_wgws_") else 2) * block // 16, (name, len(rs))
+        assert len(rs) == block // 16, (name, len(rs))
         assert "fence.proxy.async.shared::cta" in body and "wgmma.wait_group.sync.aligned 0" in body
         if name.startswith("moba_attn_wgws_"):
             # the producer / consumer pipeline: register re-allocation per warpgroup, cp.async completion tracked by

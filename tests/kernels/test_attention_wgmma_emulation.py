@@ -50,25 +50,15 @@ def _kernel_files() -> dict[str, str]:
 
 
 harness = harness_fixture("attention_wgmma_harness", _kernel_files, flags=head_dim_flags((DIM,)))
-# the kernel with the warpgroup count the default build does not have (a build option of its own)
-OTHER_GROUPS = 5 - A.WG_GROUPS_DEFAULT
-harness_other = harness_fixture("attention_wgmma_harness", _kernel_files, name="harness_other",
-                                flags=(*head_dim_flags((DIM,)), f"-DMOBA_WG_GROUPS={OTHER_GROUPS}"))
 
 
-@pytest.fixture(params=[A.WG_GROUPS_DEFAULT, OTHER_GROUPS], ids=lambda g: f"{g}wg")
-def emulated_forward(request, tmp_path, monkeypatch, poisoned_empty):
+@pytest.fixture
+def emulated_forward(harness, tmp_path, monkeypatch, poisoned_empty):
     """``run(q, k, v, topk, block, top_k, causal, scale=None)`` -> (out, lse, kernels run): the forward wrapper,
-    variant "wgmma" with two or three warpgroups, 16-bit partials, the routing given, every launch run by the
-    harness."""
+    variant "wgmma", 16-bit partials, the routing given, every launch run by the harness."""
     monkeypatch.setenv("MOBALAB_PAIR_SORT", "torch")
     monkeypatch.setenv("MOBALAB_ATTN_PARTIAL", "16bit")
-    monkeypatch.setenv(A.WG_GROUPS_ENV, str(request.param))
-    if request.param == A.WG_GROUPS_DEFAULT:
-        emulate = launcher(request.getfixturevalue("harness"), tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
-    else:
-        emulate = launcher(request.getfixturevalue("harness_other"), tmp_path, (A.SOURCE, A.WGMMA_SOURCE),
-                           defines=(f"MOBA_WG_GROUPS={request.param}",))
+    emulate = launcher(harness, tmp_path, (A.SOURCE, A.WGMMA_SOURCE))
 
     def run(q, k, v, topk, block, top_k, causal, scale=None):
         with monkeypatch.context() as m:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,9 +72,10 @@ SOURCE = "attention.cu"
 WGMMA_SOURCE = "attention_wgmma.cu"  # the wgmma tile kernels (the merge and index kernels stay in SOURCE)
 ROWS = 64  # rows per tile (MOBA_ROWS in attention.cuh)
 TILES_PER_UNIT = 4  # tiles per CTA of the resident and wgmma-ws kernels (MOBA_TPC in attention.cuh)
-WG_GROUPS_ENV = "MOBALAB_WG_GROUPS"  # warpgroups of the wgmma kernel: 2 or 3 (MOBA_WG_GROUPS in attention_wgmma.cuh)
-WG_GROUPS_DEFAULT = 2
-WG_STAGE_PITCH = 256  # wgmma: bytes per staged 16-bit partial row, 64 per warpgroup (WG_STAGE_PITCH there)
+WG_TILES_PER_UNIT = 16  # tiles per CTA of the wgmma kernel (MOBA_WG_TPC in attention_wgmma.cuh)
+WG_THREADS = 256  # wgmma: two warpgroups (WG_THREADS in attention_wgmma.cuh)
+WG_STAGES = 3  # wgmma: gathered Q tiles per warpgroup (WG_STAGES in attention_wgmma.cuh)
+WG_STAGE_PITCH = 272  # wgmma: bytes per staged 16-bit partial row, 64 per warpgroup (WG_STAGE_PITCH there)
 RESIDENT_SMEM_BYTES = 96 << 10  # per 128 threads: a resident CTA holds K + V of its block and two Q tiles
 MERGE_THREADS = 256
 INDEX_THREADS = 256  # moba_attn_keys / moba_attn_bounds
@@ -239,30 +239,6 @@ def key_tile(block_size: int) -> int:
     return min(block_size, 64)
 
 
-def wg_groups() -> int:
-    """Warpgroups of the wgmma tile kernel: ``$MOBALAB_WG_GROUPS`` (2 or 3), default 2."""
-    text = os.environ.get(WG_GROUPS_ENV, str(WG_GROUPS_DEFAULT))
-    if text not in ("2", "3"):
-        raise ValueError(f"${WG_GROUPS_ENV} is {text!r}; the wgmma kernel runs 2 or 3 warpgroups")
-    return int(text)
-
-
-def wg_stages(groups: int) -> int:
-    """Gathered Q tiles per warpgroup of the wgmma kernel (WG_STAGES in attention_wgmma.cuh)."""
-    return 3 if groups == 2 else 2
-
-
-def wg_tiles_per_unit(groups: int) -> int:
-    """Tiles per CTA of the wgmma kernel (MOBA_WG_TPC in attention_wgmma.cuh)."""
-    return 16 if groups == 2 else 12
-
-
-def wg_defines() -> tuple[str, ...]:
-    """The wgmma module's build options for :func:`wg_groups` (none for the default build)."""
-    groups = wg_groups()
-    return () if groups == WG_GROUPS_DEFAULT else (f"MOBA_WG_GROUPS={groups}",)
-
-
 def fwd_threads(head_dim: int, variant: str | None = None) -> int:
     """Threads of the tile kernels: head dim 256 splits the output columns over warp pairs (8 warps); the
     wgmma kernel (``variant`` "wgmma", given explicitly) runs two warpgroups, its warp-specialised form
@@ -270,7 +246,7 @@ def fwd_threads(head_dim: int, variant: str | None = None) -> int:
     if variant == "wgmma-ws":
         return WS_THREADS
     if variant == "wgmma":
-        return 128 * wg_groups()
+        return WG_THREADS
     return 256 if head_dim == 256 else 128
 
 
@@ -290,7 +266,7 @@ def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) ->
     and the wgmma-ws kernels) or WG_TILES_PER_UNIT (the wgmma kernel)."""
     variant = resolve_variant(variant, head_dim, block_size)
     if variant == "wgmma":
-        return ROWS * wg_tiles_per_unit(wg_groups())
+        return ROWS * WG_TILES_PER_UNIT
     if variant == "wgmma-ws":
         return ROWS * TILES_PER_UNIT
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
@@ -343,8 +319,7 @@ def fwd_smem_bytes(head_dim: int, block_size: int, variant: str | None = None) -
     """
     variant = resolve_variant(variant, head_dim, block_size)
     if variant == "wgmma":
-        g = wg_groups()
-        return (2 * block_size * head_dim * 2 + g * wg_stages(g) * ROWS * head_dim * 2 + g * ROWS * WG_STAGE_PITCH
+        return (2 * block_size * head_dim * 2 + 2 * WG_STAGES * ROWS * head_dim * 2 + 2 * ROWS * WG_STAGE_PITCH
                 + WGMMA_ALIGN_BYTES)
     if variant == "wgmma-ws":
         return 2 * 2 * block_size * head_dim * 2 + TILES_PER_UNIT * ROWS * head_dim * 2 + WGMMA_ALIGN_BYTES
@@ -473,8 +448,7 @@ def fwd_launch(name, q, k, v, pairs, seg_off, tile_cum, part_o, part_ml, *, seql
     if max_ctas is not None:
         grid = max(1, min(grid, max_ctas))
     threads = fwd_threads(q.shape[-1]) if threads is None else threads
-    defines = partial_defines(partial) + (wg_defines() if "_wg_" in name else ())  # not wgmma-ws ("_wgws_")
-    return Launch(source, name, (grid,), (threads,), args, shared_mem=smem, defines=defines)
+    return Launch(source, name, (grid,), (threads,), args, shared_mem=smem, defines=partial_defines(partial))
 
 
 #: merge output modes (attention.cuh, merge_rows): out in the input dtype; fp32 (out, lse) stored; folded in

@@ -80,42 +80,27 @@
 namespace moba {
 
 constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
-#ifndef MOBA_WG_GROUPS
-#define MOBA_WG_GROUPS 2  // warpgroups of attn_wgmma (the host's wg_groups)
-#endif
 #ifndef MOBA_WG_TPC
-#define MOBA_WG_TPC (MOBA_WG_GROUPS == 2 ? 16 : 12)  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
+#define MOBA_WG_TPC 16  // tiles per CTA of attn_wgmma (the host's WG_TILES_PER_UNIT)
 #endif
-constexpr int WG_GROUPS = MOBA_WG_GROUPS;
-static_assert(WG_GROUPS == 2 || WG_GROUPS == 3, "attn_wgmma runs two or three warpgroups");
-constexpr int WG_THREADS = 128 * WG_GROUPS;  // attn_wgmma
-// attn_wgmma: gathered Q tiles per warpgroup, three (two in flight ahead) for two warpgroups; three warpgroups' six
-// fit beside the block only as two each
-constexpr int WG_STAGES = WG_GROUPS == 2 ? 3 : 2;
-constexpr int WG_Q_BARRIER = 1;                   // attn_wgmma: named barriers 1 .., one per warpgroup
-constexpr int WG_STAGE_BARRIER = 1 + WG_GROUPS;  // attn_wgmma: the next ones: a warpgroup's staged partials
-constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2;  // bytes per staged 16-bit partial row (16-byte chunks swizzled)
+constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
+constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
+constexpr int WG_Q_BARRIER = 1;  // attn_wgmma: named barriers 1 and 2, one per warpgroup
+constexpr int WG_STAGE_BARRIER = 3;  // attn_wgmma: named barriers 3 and 4: a warpgroup's staged partials
+constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2 + 16;  // bytes per staged 16-bit partial row (conflict-free)
 constexpr unsigned WG_STAGE_BYTES = MOBA_ROWS * WG_STAGE_PITCH;  // one warpgroup's 64 staged rows
 
-// Where byte b of staged row `row` lies: its 16-byte chunk XOR the row's low three bits, so that the quads' 4-byte
-// stores of a warp (rows g = 0 .. 7 of one chunk) hit 32 banks and a row still takes 256 bytes.
-__device__ __forceinline__ unsigned stage_offset(int row, int b) {
-  return row * WG_STAGE_PITCH + ((((b >> 4) ^ row) & 7) << 4) + (b & ~0x70);
-}
-
 // write_partials for 16-bit partials through shared memory: the warpgroup's 64 rows of o (partial_scale, rounded to
-// T) are stored at `stage` (stage_offset: the quads' 4-byte stores of a warp hit 32 banks), then
+// T) are stored at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
 // each thread copies 16-byte chunks c = wt + 128 i (row c / 16) to their pairs' rows: 8 16-byte stores per
 // thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of the
 // stall samples of the direct stores). m and l as write_partials. `first_barrier`: meet at `bar` before the
 // stores too, when no barrier since the last read of the stage has ordered them (the last tile of a warpgroup).
-// after_stage() runs once o is in shared memory (its registers free), before the global stores.
-template <typename T, typename AfterStage>
+template <typename T>
 __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_DIM / 8][4], const float (&m_r)[2],
                                                       float (&l_r)[2], const long long* s_pair, int r0, int r1,
                                                       int count, T* part_o, float* part_ml, int lane, int wt,
-                                                      unsigned stage, int bar, bool first_barrier,
-                                                      const AfterStage& after_stage) {
+                                                      unsigned stage, int bar, bool first_barrier) {
   constexpr int D = WG_HEAD_DIM;
   const int tq = lane & 3;
   quad_sum_l(l_r);
@@ -126,17 +111,16 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
     const float inv = partial_scale<T>(l_r[r]);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      st_shared_b32(stage + stage_offset(row, (8 * dt + 2 * tq) * 2),
+      st_shared_b32(stage + row * WG_STAGE_PITCH + (8 * dt + 2 * tq) * 2,
                     Elem<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv));
     if (tq == 0 && row < count)
       *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
   }
-  after_stage();
   bar_sync(bar, 128);
   // thread wt: chunk wt % 16 of rows wt / 16 + 8 i. Loads and stores unconditional but for the store's
   // predicate (a row past count has an unused s_pair entry): branches around them cost ~5 instructions each.
   const int row0 = wt >> 4, ch = wt & 15;
-  const unsigned src = stage + stage_offset(row0, 16 * ch);  // rows 8 apart: the same swizzle
+  const unsigned src = stage + row0 * WG_STAGE_PITCH + 16 * ch;
   T* dst = part_o + 8 * ch;
 #pragma unroll
   for (int i = 0; i < MOBA_ROWS / 8; ++i) {
@@ -324,7 +308,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const unsigned sk = (smem_u32(smem) + SW128_PATTERN_BYTES - 1) & ~(SW128_PATTERN_BYTES - 1);
   const unsigned sv = sk + KV_BYTES;
   const unsigned sq = sv + KV_BYTES + wg * WG_STAGES * Q_BYTES;  // this warpgroup's Q buffers
-  const unsigned stage = sv + KV_BYTES + WG_GROUPS * WG_STAGES * Q_BYTES + wg * WG_STAGE_BYTES;  // staged partials
+  const unsigned stage = sv + KV_BYTES + 2 * WG_STAGES * Q_BYTES + wg * WG_STAGE_BYTES;  // its staged partials
   const long long kv_row_bytes = static_cast<long long>(kv_heads) * D * 2;
   const long long kv_base = ((static_cast<long long>(batch_index) * seqlen) * kv_heads + kvh) * D * 2;
   const char* kb = static_cast<const char*>(k_) + kv_base;
@@ -345,7 +329,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   // Warpgroup wg takes tiles wg, wg + 2, ...: its u-th is tile 2 u + wg, gathered into buffer u % WG_STAGES by
   // the warpgroup's own threads. One commit group per gather, empty ones included, so that the count a thread
   // waits for does not depend on the number of tiles.
-  const int n_mine = (n_tiles - wg + WG_GROUPS - 1) / WG_GROUPS;
+  const int n_mine = (n_tiles - wg + 1) / 2;
   const char* qb = static_cast<const char*>(q_);
   // Thread wt copies chunk wt % 16 of rows wt / 16 + 8 i (i < 8): rows 8 apart share the swizzle phase, so the
   // chunk's shared address moves by 8 rows' bytes per copy, and one source offset per copy is all that varies.
@@ -353,7 +337,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const unsigned g_dst = sq + sw128_offset(g_row, 8 * g_ch, MOBA_ROWS);
   const char* g_src = qb + 16 * g_ch;
   auto gather = [&](int u) {
-    const long long* qoff = s_qoff + (WG_GROUPS * u + wg) * MOBA_ROWS + g_row;
+    const long long* qoff = s_qoff + (2 * u + wg) * MOBA_ROWS + g_row;
     const unsigned dst = g_dst + (u % WG_STAGES) * Q_BYTES;
 #pragma unroll
     for (int i = 0; i < MOBA_ROWS / 8; ++i) {
@@ -376,25 +360,16 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const int g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
 
-  // after_stage(): once o's registers are free (see write_partials_staged)
-  auto partials = [&](float (&o)[WG_HEAD_DIM / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
-                      bool last, const auto& after_stage) {
+  auto partials = [&](float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
+                      bool last) {
     if constexpr (kSameType<PartialElem<T>, T>) {
       write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,
-                               wt, stage, WG_STAGE_BARRIER + wg, last, after_stage);
+                               wt, stage, WG_STAGE_BARRIER + wg, last);
     } else {  // the fp32 partial module: 512-byte rows, no room to stage them
       write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
                                           static_cast<PartialElem<T>*>(part_o), part_ml, lane);
-      after_stage();
     }
   };
-  // Three warpgroups have 168 registers a thread: at B 128 tile u + 1's S (64), tile u's P (32) and o (64) do not
-  // fit together, nor do S and o with the partials' addressing, so there tile u + 1's S is issued once tile u's o
-  // is staged in shared memory (under the partials' global stores)
-#ifndef MOBA_WG_S_AFTER_PV
-#define MOBA_WG_S_AFTER_PV (WG_GROUPS == 3)
-#endif
-  constexpr bool kSAfterPV = MOBA_WG_S_AFTER_PV && B == 128;
   float s[NS];
   wg_issue_s<T, B>(s, sq, sk);
   // Tile u's S was issued into s before step u. The step computes the softmax straight from s (the scale folded
@@ -403,12 +378,9 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   // tile u + 1's S runs under tile u's partial writes. The softmax runs without an MMA of its own warpgroup in
   // flight; issuing tile u + 1's S before it needs a copy of S (64 registers and multiplies; with two S arrays
   // swapping roles instead ptxas serialises the wgmma, C7515) and measured 1.5-5.6% slower.
-  // step(u, more): tile u; `more` (a constant at both calls, inlined) whether the warpgroup has a tile after it. The last
-  // tile runs as a copy of its own, so that s is redefined by an MMA on every path of the loop body: with its old
-  // values kept alive across P V (a `more` known only at run time) the three-warpgroup kernel spills, and defining
-  // s by ordinary instructions instead makes ptxas serialise every wgmma (C7515).
-  auto step = [&](int u, bool more) {
-    const int ti = WG_GROUPS * u + wg;
+#pragma unroll 1
+  for (int u = 0; u < n_mine; ++u) {
+    const int ti = 2 * u + wg;
     const int base = ti * MOBA_ROWS;
     const int count = min(MOBA_ROWS, n_rows - base);
     wgmma_wait_group<0>();  // tile u's S
@@ -424,40 +396,26 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     // a tile without a visible key (not seen with causal routing) comes out masked: m = -inf, l = 0, o = 0
     wg_softmax<T, B>(s, scale, key_begin, seqlen, causal, min(s_mm[4 * ti], s_mm[4 * ti + 2]), s_t[base + r0],
                      s_t[base + r1], tq, pa, m_r, l_r);
+    const bool more = u + 1 < n_mine;  // uniform per warpgroup
     if (more) {
       cp_async_wait<WG_STAGES - 2>();  // tile u + 1's rows (tile u + 2's may still be in flight)
       fence_proxy_async_shared();
       // every thread's rows of tile u + 1 landed, tile u's S complete, tile u - 1's staged partials read
       bar_sync(WG_Q_BARRIER + wg, 128);
     }
-    float o[WG_HEAD_DIM / 8][4];  // written by the first P V MMA (scale-d 0); not D: g++ 12 fails on it here
+    float o[D / 8][4];  // written by the first P V MMA (scale-d 0)
     wg_issue_pv<T, B>(pa, sv, o);
-    if constexpr (kSAfterPV) {
-      if (more) {
-        if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
-        cp_async_commit();
-      }
-      wgmma_wait_group<0>();  // tile u's P V
-      wgmma_fence_operand(wg_o_flat(o));
-      partials(o, m_r, l_r, base, count, !more, [&] {
-        if (more) wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
-      });
+    if (more) {
+      wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
+      if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
+      cp_async_commit();
+      wgmma_wait_group<1>();  // tile u's P V; tile u + 1's S stays in flight
     } else {
-      if (more) {
-        wg_issue_s<T, B>(s, sq + ((u + 1) % WG_STAGES) * Q_BYTES, sk);
-        if (u + WG_STAGES < n_mine) gather(u + WG_STAGES);
-        cp_async_commit();
-        wgmma_wait_group<1>();  // tile u's P V; tile u + 1's S stays in flight
-      } else {
-        wgmma_wait_group<0>();
-      }
-      wgmma_fence_operand(wg_o_flat(o));
-      partials(o, m_r, l_r, base, count, !more, [] {});
+      wgmma_wait_group<0>();
     }
-  };
-#pragma unroll 1
-  for (int u = 0; u + 1 < n_mine; ++u) step(u, true);
-  if (n_mine > 0) step(n_mine - 1, false);
+    wgmma_fence_operand(wg_o_flat(o));
+    partials(o, m_r, l_r, base, count, !more);
+  }
   wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
   cp_async_wait<0>();     // the empty groups after the last gather
 #else
