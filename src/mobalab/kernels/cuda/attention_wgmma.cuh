@@ -86,25 +86,25 @@ constexpr int WG_HEAD_DIM = 128;  // the only head dim of the wgmma kernel
 constexpr int WG_THREADS = 256;  // attn_wgmma: two warpgroups
 constexpr int WG_STAGES = 3;     // attn_wgmma: gathered Q tiles per warpgroup (two in flight ahead)
 constexpr int WG_Q_BARRIER = 1;  // attn_wgmma: named barriers 1 and 2, one per warpgroup
-constexpr int WG_STAGE_BARRIER = 3;  // attn_wgmma: named barriers 3 and 4: a warpgroup's staged partials
 constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2 + 16;  // bytes per staged 16-bit partial row (conflict-free)
 constexpr unsigned WG_STAGE_BYTES = MOBA_ROWS * WG_STAGE_PITCH;  // one warpgroup's 64 staged rows
 
-// write_partials for 16-bit partials through shared memory: the warpgroup's 64 rows of o (partial_scale, rounded to
-// T) are stored at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
-// each thread copies 16-byte chunks c = wt + 128 i (row c / 16) to their pairs' rows: 8 16-byte stores per
-// thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of the
-// stall samples of the direct stores). m and l as write_partials. `first_barrier`: meet at `bar` before the
-// stores too, when no barrier since the last read of the stage has ordered them (the last tile of a warpgroup).
+// write_partials for 16-bit partials through shared memory: each warp stores its 16 rows of o (partial_scale,
+// rounded to T) at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
+// copies them to their pairs' rows in 16-byte chunks (lane: chunk lane % 16 of rows lane / 16 + 2 i): 8 16-byte
+// stores per thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of
+// the stall samples of the direct stores). A warp reads back only the rows it wrote, so it meets only its own
+// lanes (__syncwarp) where a named barrier of the warpgroup made its four warps wait for one another. m and l as
+// write_partials.
 template <typename T>
 __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_DIM / 8][4], const float (&m_r)[2],
                                                       float (&l_r)[2], const long long* s_pair, int r0, int r1,
-                                                      int count, T* part_o, float* part_ml, int lane, int wt,
-                                                      unsigned stage, int bar, bool first_barrier) {
+                                                      int count, T* part_o, float* part_ml, int lane, int warp,
+                                                      unsigned stage) {
   constexpr int D = WG_HEAD_DIM;
   const int tq = lane & 3;
   quad_sum_l(l_r);
-  if (first_barrier) bar_sync(bar, 128);
+  __syncwarp();  // the warp's reads of its previous tile's rows are done
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = r ? r1 : r0;
@@ -116,16 +116,16 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
     if (tq == 0 && row < count)
       *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
   }
-  bar_sync(bar, 128);
-  // thread wt: chunk wt % 16 of rows wt / 16 + 8 i. Loads and stores unconditional but for the store's
-  // predicate (a row past count has an unused s_pair entry): branches around them cost ~5 instructions each.
-  const int row0 = wt >> 4, ch = wt & 15;
+  __syncwarp();
+  // Loads and stores unconditional but for the store's predicate (a row past count has an unused s_pair entry):
+  // branches around them cost ~5 instructions each.
+  const int row0 = 16 * warp + (lane >> 4), ch = lane & 15;
   const unsigned src = stage + row0 * WG_STAGE_PITCH + 16 * ch;
   T* dst = part_o + 8 * ch;
 #pragma unroll
-  for (int i = 0; i < MOBA_ROWS / 8; ++i) {
-    const float4 x = ld_shared_v4_f32(src + 8 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
-    st_global_v4_if(dst + s_pair[row0 + 8 * i] * D, x, row0 + 8 * i < count);
+  for (int i = 0; i < 8; ++i) {
+    const float4 x = ld_shared_v4_f32(src + 2 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
+    st_global_v4_if(dst + s_pair[row0 + 2 * i] * D, x, row0 + 2 * i < count);
   }
 }
 
@@ -360,11 +360,10 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
   const int g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's accumulator rows (wgmma_acc_row)
 
-  auto partials = [&](float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count,
-                      bool last) {
+  auto partials = [&](float (&o)[D / 8][4], const float (&m_r)[2], float (&l_r)[2], int base, int count) {
     if constexpr (kSameType<PartialElem<T>, T>) {
       write_partials_staged<T>(o, m_r, l_r, s_pair + base, r0, r1, count, static_cast<T*>(part_o), part_ml, lane,
-                               wt, stage, WG_STAGE_BARRIER + wg, last);
+                               warp, stage);
     } else {  // the fp32 partial module: 512-byte rows, no room to stage them
       write_partials<T, PartialElem<T>, D>(o, m_r, l_r, s_pair + base, r0, r1, count,
                                           static_cast<PartialElem<T>*>(part_o), part_ml, lane);
@@ -400,7 +399,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     if (more) {
       cp_async_wait<WG_STAGES - 2>();  // tile u + 1's rows (tile u + 2's may still be in flight)
       fence_proxy_async_shared();
-      // every thread's rows of tile u + 1 landed, tile u's S complete, tile u - 1's staged partials read
+      // every thread's rows of tile u + 1 landed, tile u's S complete
       bar_sync(WG_Q_BARRIER + wg, 128);
     }
     float o[D / 8][4];  // written by the first P V MMA (scale-d 0)
@@ -414,7 +413,7 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
       wgmma_wait_group<0>();
     }
     wgmma_fence_operand(wg_o_flat(o));
-    partials(o, m_r, l_r, base, count, !more);
+    partials(o, m_r, l_r, base, count);
   }
   wgmma_wait_group<0>();  // tile 0's S of a warpgroup without tiles
   cp_async_wait<0>();     // the empty groups after the last gather
