@@ -73,7 +73,7 @@ def _plans(dtype, dim, block, deterministic, batch=2, seqlen=100, heads=4, kv_he
                            chunk=chunk)]
     common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block, n_blocks=n_blocks, chunk=chunk,
                   n_seg=n_seg, causal=True, scale=0.125, dkv_mode=G.dkv_mode(chunk, seqlen),
-                  smem=G.bwd_smem_bytes(dim, variant), variant=variant)
+                  smem=G.bwd_smem_bytes(dim, variant), variant=variant, top_k=top_k)
     if deterministic:
         for sub in range(G.n_key_subtiles(block, variant)):
             plans.append(G.bwd_launch(main_name, q, k, v, q, f32, i64, i64, f32, f32, k, v, f32, f32, sub0=sub,
@@ -143,8 +143,9 @@ def test_wgmma_variant_geometry_and_choice(monkeypatch):
     their own module."""
     assert G.n_key_subtiles(128, "wgmma") == 1 and G.n_key_subtiles(384, "wgmma") == 3
     assert G.bwd_threads(128, "wgmma") == 384
+    # K, V, 3 x Q, 3 x dO, dS^T, the staged dQ rows, 5 x 64 row records and their pairs (the kernel builds them)
     assert G.bwd_smem_bytes(128, "wgmma") == 2 * 128 * 256 + 6 * 64 * 256 + 128 * 64 * 2 + 2 * 64 * 288 + 5 * 64 * 16 \
-        + 1024
+        + 5 * 64 * 8 + 1024
     assert G.bwd_smem_bytes(128, "wgmma") <= 227 * 1024
     assert G.bwd_kernel_names(torch.float16, 128, "wgmma")[1] == "moba_bwd_wg_f16_d128"
     assert G.bwd_kernel_names(torch.bfloat16, 128, "wgmma", dq16=True)[1] == "moba_bwd_wg_bf16_d128_dq16"

@@ -59,6 +59,7 @@ KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256
 DELTA_STAGED_ROWS = 2048  # kDeltaStagedRows (attention_bwd.cuh): RowStats a delta CTA stages
 ROW_INFO_BYTES = 16
+PAIR_BYTES = 8  # the wgmma kernel's ring of pairs, one per row record
 LOG2E_F32 = float(np.float32(A.LOG2E))  # log2(e) as the kernels' fp32 literal
 BLOCK_KEYS = 128  # keys per CTA of the "block" variant (MOBA_BWD_BLOCK_KEYS)
 BLOCK_THREADS = 256  # MOBA_BWD_BLOCK_THREADS
@@ -170,11 +171,12 @@ def bwd_threads(head_dim: int, variant: str = "tile") -> int:
 def bwd_smem_bytes(head_dim: int, variant: str = "tile") -> int:
     """Dynamic shared memory of the main kernel: K, V, 2 x Q, 2 x dO tiles, dS^T (64 x 64), 3 x 64 row records;
     "block": K, V of 128 keys, 2 x Q, 2 x dO tiles, P^T and dS^T (128 x 64 each), the row records; "wgmma": K, V,
-    3 x Q, 3 x dO tiles, dS^T, two warpgroups' staged dQ rows, 5 x 64 row records and 1024 bytes to align the
-    swizzled tiles."""
+    3 x Q, 3 x dO tiles, dS^T, two warpgroups' staged dQ rows, 5 x 64 row records, 5 x 64 pairs (the records are
+    built in the kernel) and 1024 bytes to align the swizzled tiles."""
     if variant == "wgmma":
         return (2 * BLOCK_KEYS * head_dim * 2 + 2 * WGMMA_STAGES * ROWS * head_dim * 2 + BLOCK_KEYS * ROWS * 2
-                + 2 * ROWS * WGMMA_DQ_PITCH + (2 * WGMMA_STAGES - 1) * ROWS * ROW_INFO_BYTES + WGMMA_ALIGN_BYTES)
+                + 2 * ROWS * WGMMA_DQ_PITCH + (2 * WGMMA_STAGES - 1) * ROWS * (ROW_INFO_BYTES + PAIR_BYTES)
+                + WGMMA_ALIGN_BYTES)
     if variant == "block":
         return (2 * BLOCK_KEYS * head_dim * 2 + 4 * ROWS * head_dim * 2 + 2 * BLOCK_KEYS * ROWS * 2
                 + 3 * ROWS * ROW_INFO_BYTES)
@@ -317,15 +319,21 @@ def rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, *, seqlen, heads, t
 
 def bwd_launch(name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, *, seqlen,
                heads, kv_heads, block_size, n_blocks, chunk: A.Chunk, n_seg, causal, scale, sub0, n_sub_launch,
-               dq_mode, dkv_mode, smem, variant="tile", seg_order=None) -> Launch:
+               dq_mode, dkv_mode, smem, variant="tile", seg_order=None, top_k=None) -> Launch:
     """The main kernel: one CTA per (segment, key sub-tile) for sub-tiles sub0 .. sub0 + n_sub_launch, the
-    segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order)."""
+    segments in ``seg_order`` (int32, :func:`longest_first`; None: their own order). ``rows``: the row records
+    (:func:`rows_launch`), or for the "wgmma" kernel, which builds its records itself from the pairs, the rows'
+    stats (:func:`row_stats`); that kernel also takes ``top_k`` and the chunk's queries."""
     order = 0 if seg_order is None else seg_order  # a null pointer: the segments' own order
     args = (q, k, v, dout, rows, pairs, seg_off, order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc, i32(seqlen),
             i32(heads), i32(kv_heads), i32(block_size), i32(n_blocks),
             i32(chunk.batch_index), i32(chunk.h0), i32(n_seg), i32(1 if causal else 0),
             np.float32(scale), np.float32(scale * A.LOG2E), i32(sub0), i32(n_sub_launch),
             i32(dq_mode), i32(dkv_mode))
+    if variant == "wgmma":
+        if top_k is None:
+            raise ValueError("bwd_launch: the wgmma kernel needs top_k (it decodes the pairs itself)")
+        args += (i32(top_k), i32(chunk.n_q), i32(chunk.t0))
     return Launch(WGMMA_SOURCE if variant == "wgmma" else SOURCE, name, (n_seg * n_sub_launch,),
                   (bwd_threads(q.shape[-1], variant),), args, shared_mem=smem)
 
@@ -532,7 +540,9 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
                              f"forward's lists of these shapes take {total}")
     max_pairs = max(c.n_heads * c.n_q for c in chunks) * top_k
     max_seg = max(c.n_heads // group for c in chunks) * n_blocks
-    rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device)
+    # the row records (the wgmma kernel builds its own from the pairs and the stats)
+    records = variant != "wgmma"
+    rows = torch.empty(max_pairs * ROW_INFO_BYTES // 4, dtype=torch.float32, device=device) if records else stats
     if fwd_lists is None:
         seg_off = torch.empty(max_seg + 1, dtype=torch.int64, device=device)
         scratch = A.pair_scratch(max_pairs, max_seg, device)
@@ -581,13 +591,15 @@ def _backward(dout, q, k, v, out, lse, topk, block_size, top_k, causal, scale, d
             pairs, _ = A.build_pair_lists(topk, None, scratch, c, seqlen=seqlen, heads=heads, top_k=top_k,
                                           n_blocks=n_blocks, group=group, seg_off=seg_off, tile_cum=None,
                                           rows_per_unit=ROWS, with_keys=False)
-        launch(rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
-                           top_k=top_k, chunk=c))
+        if records:
+            launch(rows_launch(pairs, seg_off, stats, rows, n_pairs, n_seg, seqlen=seqlen, heads=heads,
+                               top_k=top_k, chunk=c))
         common = dict(seqlen=seqlen, heads=heads, kv_heads=kv_heads, block_size=block_size, n_blocks=n_blocks,
                       chunk=c, n_seg=n_seg, causal=causal, scale=scale, smem=smem, variant=variant,
                       seg_order=longest_first(seg_off, n_seg) if orders_longest_first(variant, n_seg * n_sub, n_sms)
                       else None,
-                      dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2))
+                      dkv_mode=dkv_mode(c, seqlen) if into is None else (1 if kv_fresh and c.t0 == 0 else 2),
+                      top_k=top_k)
         if deterministic:
             for sub in range(n_sub):  # fixed order: sub-tile 0 stores the partial, later ones add
                 launch(bwd_launch(main_name, q, k, v, dout, rows, pairs, seg_off, dq_acc, part_dq, dk, dv, dk_acc,

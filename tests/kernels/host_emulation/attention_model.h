@@ -25,6 +25,12 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
     if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async source sizes other than 0 and 16 are not emulated");
     dec_cp_async16(smem_ptr(dst, 16), src_bytes ? src : zeros);
 }
+// 8-byte copies, with a source size of 0 or 8.
+inline void cp_async8(unsigned dst, const void* src, int src_bytes) {
+    static const unsigned char zeros[8] = {};
+    if (src_bytes != 0 && src_bytes != 8) emu::fail("cp.async source sizes other than 0 and 8 are not emulated");
+    dec_cp_async8(smem_ptr(dst, 8), src_bytes ? src : zeros);
+}
 // cp.async's ignore-src predicate: `zero` fills the 16 bytes without reading src.
 inline void cp_async16_zero_if(unsigned dst, const void* src, bool zero) { cp_async16(dst, src, zero ? 0 : 16); }
 inline void st_global_v4_if(void* p, float4 v, bool pred) {

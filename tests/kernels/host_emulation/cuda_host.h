@@ -185,6 +185,7 @@ __asm__(
 struct Copy {
     void* dst;
     const void* src;
+    size_t bytes = 16;
 };
 
 // A bulk reduction (cp.reduce.async.bulk .add of f32, bf16 or f16 values) in flight: its source as it was at the issue.
@@ -714,6 +715,10 @@ inline void dec_cp_async16(void* smem, const void* gmem) {
     std::memset(smem, 0xff, 16);  // NaN until the copy lands
     emu::me().open.push_back({smem, gmem});
 }
+inline void dec_cp_async8(void* smem, const void* gmem) {
+    std::memset(smem, 0xff, 8);
+    emu::me().open.push_back({smem, gmem, 8});
+}
 namespace emu {
 // A thread's asynchronous operations in commit groups (cp.async, bulk reductions): commit closes the open group;
 // wait lands every group but the newest n, oldest first.
@@ -735,7 +740,7 @@ inline void dec_cp_async_commit() {
     emu::commit_group(t.open, t.groups);
 }
 inline void dec_cp_async_wait_n(int n) {
-    emu::wait_groups(emu::me().groups, n, [](const emu::Copy& c) { std::memcpy(c.dst, c.src, 16); });
+    emu::wait_groups(emu::me().groups, n, [](const emu::Copy& c) { std::memcpy(c.dst, c.src, c.bytes); });
 }
 template <int N>
 inline void dec_cp_async_wait() {

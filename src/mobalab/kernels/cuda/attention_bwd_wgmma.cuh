@@ -146,36 +146,105 @@ constexpr int kWgStages = 3;
 constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
 constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
 
-// A CTA's start: the row records of tiles 0 .. kWgLead, then K and V, waited for (K and V may land later); then
-// the gathers of tiles 0 .. kWgLead - 1 and the records of tiles kWgLead + 1 .. 2 kWgLead - 1, one group per gather.
+// The row records from the pairs. The kernel builds each tile's records itself, from the chunk's sorted list and
+// the delta launch's head-major (lse2, D) (no row-record launch: at 512K that launch moved ~3.2 GB a step, 1.48 ms
+// on an H100): pair p = (hc n_q + tt) top_k + slot is query t0 + tt of head hc, and its RowStat follows from them.
+// Thread r < 64 of the first warpgroup builds row r of a tile three tiles before the tile is computed (one tile
+// before its gather, which reads t and hc after the next CTA barrier): t and hc stored, the RowStat copied (8 bytes,
+// landing with the gathers of that tile's commit group). Its pair was copied two tiles before that (a ring of
+// kWgInfos pairs per row), so no thread waits for a load it issued in the same tile.
+struct PairRows {
+  const long long* pairs;  // the chunk's sorted list (at w.first: the segment's)
+  const RowStat* stats;    // (batch, heads, seqlen) head-major
+  int top_k, n_q, t0, heads, h0, seqlen, batch_index;
+};
+
+// Row r (thread r < 64) of a tile's records from its pair p (ok: r < the tile's rows; else t = hc = 0 and the stats
+// zero-filled, as the row-record launch's zero-filled records were).
+__device__ __forceinline__ void wg_row_record(RowInfo* info, unsigned info_u, long long p, bool ok, const PairRows& pr,
+                                              int r) {
+  int t = 0, hc = 0;
+  const RowStat* src = pr.stats;  // a valid address: not read when the copy zero-fills
+  if (ok) {
+    // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
+    const unsigned rest = static_cast<unsigned>(p) / static_cast<unsigned>(pr.top_k);
+    hc = static_cast<int>(rest / static_cast<unsigned>(pr.n_q));
+    t = pr.t0 + static_cast<int>(rest - static_cast<unsigned>(hc) * static_cast<unsigned>(pr.n_q));
+    src += (static_cast<long long>(pr.batch_index) * pr.heads + (pr.h0 + hc)) * pr.seqlen + t;
+  }
+  info[r].t = t;
+  info[r].hc = hc;
+  moba::cp_async8(info_u + r * 16, src, ok ? 8 : 0);  // lse2, delta
+}
+
+// Row r's pair of a tile into the pair ring (zero-filled past the tile's rows).
+__device__ __forceinline__ void wg_load_pair(unsigned dst, const long long* pairs, long long first, int count, int r) {
+  const bool ok = r < count;
+  moba::cp_async8(dst + r * 8, pairs + (ok ? first + r : 0), ok ? 8 : 0);
+}
+
+// A CTA's start: the records of tiles 0 .. kWgLead from their pairs read here, the pairs of tiles kWgLead + 1 ..
+// 2 kWgLead copied into the ring, then K and V (may land later); after the barrier that publishes the records'
+// t and hc, the gathers of tiles 0 .. kWgLead - 1, one group per gather.
 template <int D, int KEYS, int NTHREADS>
 __device__ __forceinline__ void wg_start_segment(unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sInfoU,
-                                                 const RowInfo* sInfo, const void* k_, const void* v_, const char* qb,
-                                                 const char* gb, const RowInfo* rows, const CtaWork& w, int heads,
-                                                 int h0, int kv_heads, int tid) {
+                                                 RowInfo* sInfo, unsigned sPairU, const void* k_, const void* v_,
+                                                 const char* qb, const char* gb, const PairRows& pr, const CtaWork& w,
+                                                 int kv_heads, int tid) {
   constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
+  if (tid < MOBA_BWD_ROWS) {
+    long long p[kWgLead + 1];
 #pragma unroll
-  for (int t = 0; t <= kWgLead; ++t)
-    if (t < w.n_tiles)
-      load_info(sInfoU + t * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(t) * MOBA_BWD_ROWS,
-                tile_rows(w.n_rows, t), tid);
+    for (int t = 0; t <= kWgLead; ++t)  // the loads first, all in flight
+      p[t] = t < w.n_tiles && tid < tile_rows(w.n_rows, t)
+                 ? pr.pairs[w.first + static_cast<long long>(t) * MOBA_BWD_ROWS + tid] : 0;
+#pragma unroll
+    for (int t = 0; t <= kWgLead; ++t)
+      if (t < w.n_tiles)
+        wg_row_record(sInfo + t * MOBA_BWD_ROWS, sInfoU + t * MOBA_BWD_ROWS * 16, p[t], tid < tile_rows(w.n_rows, t),
+                      pr, tid);
+#pragma unroll
+    for (int t = kWgLead + 1; t <= 2 * kWgLead; ++t)
+      if (t < w.n_tiles)
+        wg_load_pair(sPairU + t * MOBA_BWD_ROWS * 8, pr.pairs, w.first + static_cast<long long>(t) * MOBA_BWD_ROWS,
+                     tile_rows(w.n_rows, t), tid);
+  }
   cp_async_commit();
   load_kv<D, KEYS, NTHREADS, Sw128Tile>(sK, sV, k_, v_, w, kv_heads, tid);
   cp_async_commit();
-  cp_async_wait<1>();  // the records' group: K and V may still be in flight
-  Sw128Tile::sync();
+  Sw128Tile::sync();  // the records' t and hc (the gathers' addresses)
 #pragma unroll
   for (int t = 0; t < kWgLead; ++t) {
     if (t < w.n_tiles)
       gather_tile<D, NTHREADS, Sw128Tile>(sQ + t * TILE_BYTES, sdO + t * TILE_BYTES, qb, gb,
-                                          sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, heads, h0,
-                                          tid);
-    const int r = kWgLead + 1 + t;
-    if (r < 2 * kWgLead && r < w.n_tiles)
-      load_info(sInfoU + r * MOBA_BWD_ROWS * 16, rows, w.first + static_cast<long long>(r) * MOBA_BWD_ROWS,
-                tile_rows(w.n_rows, r), tid);
+                                          sInfo + t * MOBA_BWD_ROWS, tile_rows(w.n_rows, t), w.row_base, pr.heads,
+                                          pr.h0, tid);
     cp_async_commit();
   }
+}
+
+// During tile ti (after its CTA barrier): the gather of tile ti + kWgLead, the records of tile ti + kWgLead + 1
+// (their pairs landed: copied two tiles ago or at the start) into the buffer of tile ti - 2 (read before the last
+// barrier), and the pairs of tile ti + 2 kWgLead + 1 into the ring slot of tile ti (built three tiles ago); one group.
+template <int D, int NTHREADS>
+__device__ __forceinline__ void wg_prefetch(unsigned sQ, unsigned sdO, unsigned sInfoU, RowInfo* sInfo,
+                                            unsigned sPairU, const long long* sPair, const char* qb, const char* gb,
+                                            const PairRows& pr, const CtaWork& w, int ti, int tid) {
+  constexpr unsigned TILE_BYTES = moba::sw128_tile_bytes(MOBA_BWD_ROWS, D);
+  const int tg = ti + kWgLead, tr = ti + kWgLead + 1, tp = ti + 2 * kWgLead + 1;
+  if (tg < w.n_tiles)
+    gather_tile<D, NTHREADS, Sw128Tile>(sQ + (tg % kWgStages) * TILE_BYTES, sdO + (tg % kWgStages) * TILE_BYTES, qb,
+                                        gb, sInfo + (tg % kWgInfos) * MOBA_BWD_ROWS, tile_rows(w.n_rows, tg),
+                                        w.row_base, pr.heads, pr.h0, tid);
+  if (tid < MOBA_BWD_ROWS) {
+    if (tr < w.n_tiles)
+      wg_row_record(sInfo + (tr % kWgInfos) * MOBA_BWD_ROWS, sInfoU + (tr % kWgInfos) * MOBA_BWD_ROWS * 16,
+                    sPair[(tr % kWgInfos) * MOBA_BWD_ROWS + tid], tid < tile_rows(w.n_rows, tr), pr, tid);
+    if (tp < w.n_tiles)
+      wg_load_pair(sPairU + (tp % kWgInfos) * MOBA_BWD_ROWS * 8, pr.pairs,
+                   w.first + static_cast<long long>(tp) * MOBA_BWD_ROWS, tile_rows(w.n_rows, tp), tid);
+  }
+  cp_async_commit();
 }
 
 // Descriptors of k-step ks of a K-major (wg_desc_k) or MN-major (wg_desc_mn) swizzled tile: built at each k-step, or
@@ -254,11 +323,12 @@ __device__ __forceinline__ void wg_dq_reductions(float* dq_acc, unsigned sDQ, co
 
 template <typename T, int D, bool kDq16 = false>
 __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const void* v_, const void* dout_,
-                                          const RowInfo* rows, const long long* pairs, const long long* seg_off,
+                                          const void* stats, const long long* pairs, const long long* seg_off,
                                           const int* seg_order, float* dq_acc, float* part_dq, void* dk_, void* dv_,
                                           float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size,
                                           int n_blocks, int batch_index, int h0, int n_seg, int causal, float scale,
-                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode) {
+                                          float scale_log2, int sub0, int n_sub_launch, int dq_mode, int dkv_mode,
+                                          int top_k, int n_q, int t0) {
   static_assert(D == 128, "the wgmma backward has head dim 128");
 #if MOBA_HAS_WGMMA
   using namespace moba;
@@ -278,8 +348,12 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
   const unsigned sdS = sdO + kWgStages * TILE_BYTES;  // dS^T [key][row]
   const unsigned sDQ = sdS + DS_BYTES;                // 2 x 64 staged dQ rows (atomic mode)
   unsigned char* info_base = smem + (sDQ + 2 * DQ_BYTES - raw);  // kWgInfos x 64 RowInfo
-  const RowInfo* sInfo = reinterpret_cast<const RowInfo*>(info_base);
+  RowInfo* sInfo = reinterpret_cast<RowInfo*>(info_base);
   const unsigned sInfoU = smem_u32(info_base);
+  unsigned char* pair_base = info_base + kWgInfos * ROWS * sizeof(RowInfo);  // kWgInfos x 64 pairs (the ring)
+  const long long* sPair = reinterpret_cast<const long long*>(pair_base);
+  const unsigned sPairU = smem_u32(pair_base);
+  const PairRows pr{pairs, static_cast<const RowStat*>(stats), top_k, n_q, t0, heads, h0, seqlen, batch_index};
   __shared__ long long s_pair[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * ROWS];  // deterministic modes: a tile's pair indices
   // the staged dQ rows' offsets in dq_acc, warpgroup by warpgroup (a tile's written at its end with DQ_NEXT: two)
   __shared__ long long s_dq_off[(MOBA_BWD_WG_DQ_NEXT ? 2 : 1) * 2 * ROWS];
@@ -303,8 +377,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
 
   const char* qb = static_cast<const char*>(q_);
   const char* gb = static_cast<const char*>(dout_);
-  wg_start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, k_, v_, qb, gb, rows, w, heads, h0, kv_heads,
-                                      tid);
+  wg_start_segment<D, KEYS, NTHREADS>(sK, sV, sQ, sdO, sInfoU, sInfo, sPairU, k_, v_, qb, gb, pr, w, kv_heads, tid);
 
   // dK, dV of keys 64 wg + 16 w4 + g (+ 8), columns 64 c + 8 n + 2 tq (+ 1) in float 4 n + e of dk[c] / dv[c]
   float dk[2][32], dv[2][32];
@@ -381,10 +454,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     wgmma_fence_operand(s);
     probs(s, info, count, lse2);
   };
-  // the gathers of tile ti + 2 and the records of tile ti + 4, where begin_tile leaves them to the loop
+  // the gather of tile ti + 2, the records of tile ti + 3 and the pairs of tile ti + 5 (wg_prefetch)
   auto prefetch = [&](int ti) {
-    prefetch_tiles<D, NTHREADS, Sw128Tile, kWgStages>(sQ, sdO, sInfoU, sInfo, qb, gb, rows, w.first, w.n_rows,
-                                                      w.n_tiles, ti, row_base, heads, h0, tid);
+    wg_prefetch<D, NTHREADS>(sQ, sdO, sInfoU, sInfo, sPairU, sPair, qb, gb, pr, w, ti, tid);
   };
 
   // ---- 3. dS = P o (dP - D) for the 8 rows 8 n ..; its dS^T to shared memory for dQ (pairs of adjacent rows: one
@@ -478,7 +550,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     int count_prev = 0;
     for (int ti = 0; ti < w.n_tiles; ++ti) {
       const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, false>(
-          sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair + (ti & 1) * ROWS, dq_mode, tid);
+          sQ, sdO, sInfoU, sInfo, qb, gb, nullptr, w, ti, heads, h0, pairs, s_pair + (ti & 1) * ROWS, dq_mode, tid);
       const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
       const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
       const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
@@ -496,7 +568,7 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
         if (ti > 0 && dq_mode == 0) stage_dq(dq, nullptr, 0);
         if (ti > 0 && dq_mode != 0) add_dq_rows(dq, nullptr, s_pair + ((ti - 1) & 1) * ROWS, count_prev);
       }
-      // the next tiles' gathers and records (the records of tile ti + 4 overwrite tile ti - 1's: read before)
+      // the next tiles' gathers, records and pairs (the records of tile ti + 3 overwrite tile ti - 2's)
       prefetch(ti);
       wgmma_fence();
       if (MOBA_BWD_WG_DQ_NEXT != 1) issue_s(s, sq);
@@ -536,8 +608,9 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
     }
   } else {
     for (int ti = 0; ti < w.n_tiles; ++ti) {
-      const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, !MOBA_BWD_WG_LATE_GATHER>(
-          sQ, sdO, sInfoU, sInfo, qb, gb, rows, w, ti, heads, h0, pairs, s_pair, dq_mode, tid);
+      const int count = begin_tile<D, NTHREADS, Sw128Tile, kWgStages, false>(
+          sQ, sdO, sInfoU, sInfo, qb, gb, nullptr, w, ti, heads, h0, pairs, s_pair, dq_mode, tid);
+      if (!MOBA_BWD_WG_LATE_GATHER) prefetch(ti);
       const RowInfo* info = sInfo + (ti % kWgInfos) * ROWS;
       const unsigned sq = sQ + (ti % kWgStages) * TILE_BYTES;
       const unsigned sdo = sdO + (ti % kWgStages) * TILE_BYTES;
@@ -604,16 +677,32 @@ __device__ __forceinline__ void bwd_wgmma(const void* q_, const void* k_, const 
 // spills beyond their allowance).
 template <typename T, int D>
 __device__ __forceinline__ void bwd_wgmma_dq16(const void* q_, const void* k_, const void* v_, const void* dout_,
-                                               const RowInfo* rows, const long long* pairs, const long long* seg_off,
+                                               const void* stats, const long long* pairs, const long long* seg_off,
                                                const int* seg_order, float* dq_acc, float* part_dq, void* dk_,
                                                void* dv_, float* dk_acc, float* dv_acc, int seqlen, int heads,
                                                int kv_heads, int block_size, int n_blocks, int batch_index, int h0,
                                                int n_seg, int causal, float scale, float scale_log2, int sub0,
-                                               int n_sub_launch, int dq_mode, int dkv_mode) {
-  bwd_wgmma<T, D, true>(q_, k_, v_, dout_, rows, pairs, seg_off, seg_order, dq_acc, part_dq, dk_, dv_, dk_acc, dv_acc,
-                        seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg, causal, scale,
-                        scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode);
+                                               int n_sub_launch, int dq_mode, int dkv_mode, int top_k, int n_q,
+                                               int t0) {
+  bwd_wgmma<T, D, true>(q_, k_, v_, dout_, stats, pairs, seg_off, seg_order, dq_acc, part_dq, dk_, dv_, dk_acc,
+                        dv_acc, seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg, causal, scale,
+                        scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode, top_k, n_q, t0);
 }
+
+// The wgmma main kernels' entry: the other main kernels' parameters (MOBA_BWD_KERNEL, attention_bwd.cuh) with the
+// rows' head-major (lse2, D) from the delta launch where those take the row records, and what a pair's query and
+// head follow from (the wgmma kernel builds its records itself: wg_row_record).
+#define MOBA_BWD_WG_KERNEL(NAME, BODY, BOUNDS, T, D)                                                                  \
+  extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                                           \
+      const void* q, const void* k, const void* v, const void* dout, const void* stats, const long long* pairs,       \
+      const long long* seg_off, const int* seg_order, float* dq_acc, float* part_dq, void* dk, void* dv,             \
+      float* dk_acc, float* dv_acc, int seqlen, int heads, int kv_heads, int block_size, int n_blocks,               \
+      int batch_index, int h0, int n_seg, int causal, float scale, float scale_log2, int sub0, int n_sub_launch,     \
+      int dq_mode, int dkv_mode, int top_k, int n_q, int t0) {                                                        \
+    moba_bwd::BODY<T, D>(q, k, v, dout, stats, pairs, seg_off, seg_order, dq_acc, part_dq, dk, dv, dk_acc, dv_acc,     \
+                         seqlen, heads, kv_heads, block_size, n_blocks, batch_index, h0, n_seg, causal, scale,         \
+                         scale_log2, sub0, n_sub_launch, dq_mode, dkv_mode, top_k, n_q, t0);                          \
+  }
 
 }  // namespace moba_bwd
 

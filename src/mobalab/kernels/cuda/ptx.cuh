@@ -56,6 +56,11 @@ __device__ __forceinline__ void cp_async16_zero_if(unsigned dst, const void* src
       "l"(src), "r"(static_cast<int>(zero))
       : "memory");
 }
+// 8-byte global -> shared copy (cp.async.ca: .cg takes 16 bytes only), bytes src_bytes .. 7 zero-filled (0: src not
+// read).
+__device__ __forceinline__ void cp_async8(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most N committed groups are still in flight.
 template <int N>
