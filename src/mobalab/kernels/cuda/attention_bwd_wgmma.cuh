@@ -42,8 +42,9 @@
 // (384 threads, one CTA per SM) and setmaxnreg re-allocates them: 240 for each computing warpgroup, 24 for the dQ
 // warpgroup (2 x 128 x 240 + 128 x 24 <= 65536); no spills.
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
-// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records, and 1 KB to align the swizzle
-// patterns: 218 KB (one CTA per SM), and 1.5 KB of static shared memory (pair indices, staged rows' offsets). Head
+// (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records and their pairs, and 1 KB to align
+// the swizzle patterns: 220.5 KB (one CTA per SM), and 3 KB of static shared memory (pair indices, staged rows'
+// offsets). Head
 // dim 128, block sizes that are multiples of 128 (the "block" variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
@@ -139,9 +140,9 @@ struct Sw128Tile {
 };
 
 // The gathered tiles run three deep (TilePipe, attention_bwd.cuh): while tile ti is computed, the Q and dO rows of
-// tiles ti + 1 and ti + 2 are in flight, their row records loaded two tiles before them. With two buffers the
-// gather's landing was 12% of the stall samples (Nsight Compute at 16K on an H200: the wait before the tile's
-// barrier); three made the backward op 1.01-1.03x faster (8K-64K, interleaved on an H200).
+// tiles ti + 1 and ti + 2 are in flight, their row records built one tile before them (wg_prefetch). With two
+// buffers the gather's landing was 12% of the stall samples (Nsight Compute at 16K on an H200: the wait before the
+// tile's barrier); three made the backward op 1.01-1.03x faster (8K-64K, interleaved on an H200).
 constexpr int kWgStages = 3;
 constexpr int kWgLead = TilePipe<kWgStages>::LEAD;    // tiles whose gathers are in flight ahead of the current one
 constexpr int kWgInfos = TilePipe<kWgStages>::INFOS;  // row-record buffers
