@@ -44,8 +44,7 @@
 // Shared memory: K, V 128 x 128 each, 3 x Q, 3 x dO 64 x 128 (the gather three deep, below), dS^T 128 x 64
 // (16-bit), two warpgroups' 64 staged dQ rows of 288 bytes, 5 x 64 row records and their pairs, and 1 KB to align
 // the swizzle patterns: 220.5 KB (one CTA per SM), and 3 KB of static shared memory (pair indices, staged rows'
-// offsets). Head
-// dim 128, block sizes that are multiples of 128 (the "block" variant's shapes).
+// offsets). Head dim 128, block sizes that are multiples of 128 (the "block" variant's shapes).
 // Measured on an H200 (batch 2, 16 heads, B 128, k 8, causal; RESULTS.md): the backward op 1.33x faster than
 // "block" at 16K. Nsight Compute at 16K, first form (one commit group for S^T and dP^T, two gathered tiles, 8-byte
 // atomics from registers): tensor pipe 30%, stalls on the gather's landing (long_scoreboard), the atomics' issue
