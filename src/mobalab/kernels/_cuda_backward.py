@@ -53,7 +53,7 @@ from ._launch import Launch, i32, i64, kernel_ready, launch
 __all__ = ["moba_attention_backward_cuda"]
 
 SOURCE = "attention_bwd.cu"
-WGMMA_SOURCE = "attention_bwd_wgmma.cu"  # the wgmma main kernels (delta, row records and dQ merge stay in SOURCE)
+WGMMA_SOURCE = "attention_bwd_wgmma.cu"  # the wgmma main kernels (delta and dQ merge stay in SOURCE)
 ROWS = 64  # gathered rows per tile (MOBA_BWD_ROWS)
 KEYS = 64  # keys per CTA (MOBA_BWD_KEYS)
 ROW_THREADS = 256

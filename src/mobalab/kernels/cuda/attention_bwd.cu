@@ -10,7 +10,8 @@
 //                                    kBwdThreads<D> threads: 128, or 256 at D = 256 (attention_bwd.cuh)
 //   moba_bwd_blk_<dtype>_d<D>        the same per 128 keys, 8 warps, D in {64, 128} (attention_bwd_block.cuh)
 //   moba_bwd_dq_merge_<dtype>_d<D>   deterministic dQ: per-slot partials summed in slot order
-//   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list, from the
+//   moba_bwd_rows                    per-row records (lse2, D, t, head) of a chunk's sorted list (the "tile" and
+//                                    "block" kernels'; the wgmma kernel builds its own), from the
 //                                    delta kernel's head-major (lse2, D)
 // The index building (keys, sort, segment bounds) is the forward's. Instantiation lines are grouped by head
 // dim under MOBA_HAS_HEAD_DIM (ptx.cuh): -DMOBA_HEAD_DIM=d builds head dim d only.
