@@ -111,10 +111,11 @@ def _inputs(batch, seqlen, heads, kv_heads, dtype, seed):
 
 def _check_launched(launched, dtype, deterministic):
     """The wgmma main kernel ran (no mma.sync one), in the segments' longest-first order (pairs.cu), with the slot
-    merge exactly in the deterministic mode."""
+    merge exactly in the deterministic mode, and with no row-record launch (it builds its records itself)."""
     tag = "bf16" if dtype == torch.bfloat16 else "f16"
     assert any(n.startswith(f"moba_bwd_wg_{tag}_d{DIM}") for n in launched), launched
     assert not any(n.startswith((f"moba_bwd_{tag}_d", f"moba_bwd_blk_{tag}_d")) for n in launched), launched
+    assert "moba_bwd_rows" not in launched, launched
     assert "moba_pairs_longest_first" in launched
     assert any(n.startswith("moba_bwd_dq_merge") for n in launched) == deterministic
 

@@ -108,6 +108,20 @@ def test_backward_launch_args_match_signatures(dtype, dim, block, deterministic)
         assert sum(p.grid[0] for p in mains) == n_seg * G.n_key_subtiles(block, variant)
         assert all(p.shared_mem == G.bwd_smem_bytes(dim, variant) and p.block == (G.bwd_threads(dim, variant),)
                    for p in mains)
+        if variant == "wgmma":  # it decodes the pairs itself: top_k and the chunk's queries close its arguments
+            chunk = G.bwd_plan(2, 100, 4, 2, dim, 3, deterministic, 1 << 20)[0]
+            assert all(tuple(int(a) for a in p.args[-3:]) == (3, chunk.n_q, chunk.t0) for p in mains)
+
+
+def test_wgmma_main_launch_needs_top_k():
+    """The wgmma main kernel builds its row records from the pairs, so its launch without top_k is refused."""
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    f32, i64 = torch.zeros(8), torch.zeros(8, dtype=torch.int64)
+    chunk = G.bwd_plan(1, 8, 2, 2, 128, 2, False, 1 << 20)[0]
+    with pytest.raises(ValueError, match="the wgmma kernel needs top_k"):
+        G.bwd_launch("moba_bwd_wg_bf16_d128", q, q, q, q, f32, i64, i64, f32, f32, q, q, f32, f32, seqlen=8, heads=2,
+                     kv_heads=2, block_size=128, n_blocks=1, chunk=chunk, n_seg=1, causal=True, scale=0.1, sub0=0,
+                     n_sub_launch=1, dq_mode=0, dkv_mode=0, smem=G.bwd_smem_bytes(128, "wgmma"), variant="wgmma")
 
 
 def test_block_variant_geometry_and_choice(monkeypatch):
