@@ -10,10 +10,14 @@ rounds, each process timing every point:
 * ``idle``: one step (``moba_attention`` forward, then ``torch.autograd.grad`` of q, k, v) from an idle GPU, CUDA
   events around it, the median of ``--reps``;
 * ``queued``: 10 steps issued back to back, the mean per step, the median of 3 such runs;
-* ``fwd``: the forward alone (no autograd) from an idle GPU, the median of ``--reps``.
+* ``fwd``: the forward alone (no autograd) from an idle GPU, the median of ``--reps``;
+* ``attn``: the attention forward with the routing given (``moba_attention_cuda(..., topk_indices=)``: index
+  building, tiles, merge; the routing computed once by this arm), from an idle GPU, the median of ``--reps``: what a
+  change to the tile or merge kernels moves, without the router's time.
 
-Inputs: batch 2 (or the point's), 16 heads, d 128, B 128, k 8, causal, bf16, random Gaussian q, k, v, dO of a fixed
-seed. Printed: per point and timing, each arm's median over the rounds and this tree's speedup.
+Inputs: batch 2 (or the point's), 16 heads, d 128, B 128 and k 8 (or the point's block size, with k 8 x 128 / B so
+that a query attends as many keys), causal, bf16, random Gaussian q, k, v, dO of a fixed seed. Printed: per point and
+timing, each arm's median over the rounds and this tree's speedup.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import statistics
 import sys
 
 K = 1024
-POINTS = {"8K": (8 * K, 2), "16K": (16 * K, 2), "64K": (64 * K, 2), "8x2K": (2 * K, 8), "4x4K": (4 * K, 4)}
-TIMINGS = ("idle", "queued", "fwd")
+# name: (seqlen, batch, block size)
+POINTS = {"8K": (8 * K, 2, 128), "16K": (16 * K, 2, 128), "64K": (64 * K, 2, 128), "8x2K": (2 * K, 8, 128),
+          "4x4K": (4 * K, 4, 128), "512K": (512 * K, 2, 128), "8K-B64": (8 * K, 2, 64), "64K-B64": (64 * K, 2, 64)}
+TIMINGS = ("idle", "queued", "fwd", "attn")
 HERE = pathlib.Path(__file__).resolve().parents[1] / "src"
 
 
@@ -36,8 +42,11 @@ def _time_point(name: str, reps: int) -> dict:
     from mobalab.bench._interleaved import idle_gpu_ms  # the arm's own tree's (both arms have them)
     from mobalab.bench.attention import time_queued_ms
     from mobalab.kernels import moba_attention
+    from mobalab.kernels._cuda_attention import moba_attention_cuda
+    from mobalab.kernels._cuda_routing import moba_topk_cuda
 
-    seqlen, batch = POINTS[name]
+    seqlen, batch, block = POINTS[name]
+    top_k = 8 * 128 // block
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (batch, seqlen, 16, 128)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -45,18 +54,27 @@ def _time_point(name: str, reps: int) -> dict:
     dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def step():
-        return torch.autograd.grad(moba_attention(q, k, v, 128, 8, causal=True), (q, k, v), dout)
+        return torch.autograd.grad(moba_attention(q, k, v, block, top_k, causal=True), (q, k, v), dout)
 
     def fwd():
         with torch.no_grad():
-            return moba_attention(q, k, v, 128, 8, causal=True)
+            return moba_attention(q, k, v, block, top_k, causal=True)
+
+    with torch.no_grad():
+        topk = moba_topk_cuda(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
+
+    def attn():
+        with torch.no_grad():
+            return moba_attention_cuda(q, k, v, block, top_k, True, topk_indices=topk)
 
     for _ in range(5):
         step()
         fwd()
+        attn()
     return {"point": name, "idle": statistics.median(idle_gpu_ms(step) for _ in range(reps)),
             "queued": time_queued_ms(step, steps=10, rounds=3, warmup=0),
-            "fwd": statistics.median(idle_gpu_ms(fwd) for _ in range(reps))}
+            "fwd": statistics.median(idle_gpu_ms(fwd) for _ in range(reps)),
+            "attn": statistics.median(idle_gpu_ms(attn) for _ in range(reps))}
 
 
 def _child(points, reps: int) -> None:

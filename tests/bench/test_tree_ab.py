@@ -19,13 +19,13 @@ def test_alternates_the_arms_and_tabulates_medians(script, tmp_path, monkeypatch
         arm = "this" if src == script.HERE else "base"
         order.append(arm)
         ms = {"base": 2.0, "this": 1.6}[arm] + 0.01 * len(order)
-        return {p: {"point": p, "idle": ms, "queued": ms / 2, "fwd": ms / 4} for p in points}
+        return {p: {"point": p, "idle": ms, "queued": ms / 2, "fwd": ms / 4, "attn": ms / 8} for p in points}
 
     monkeypatch.setattr(script, "_run_arm", run_arm)
     assert script.main([str(tmp_path), "--points", "8K", "--rounds", "3"]) == 0
     assert order == ["base", "this", "this", "base", "base", "this"]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8K")]
-    assert [line.split("|")[2].strip() for line in lines] == ["idle", "queued", "fwd"]
+    assert [line.split("|")[2].strip() for line in lines] == ["idle", "queued", "fwd", "attn"]
     base, this = (float(lines[0].split("|")[i]) for i in (3, 4))
     assert base == pytest.approx(2.04) and this == pytest.approx(1.63)  # medians of 2.01, 2.04, 2.05 / 1.62, 1.63, 1.66
     assert lines[0].split("|")[6].strip() == "2.010-2.050" and lines[0].split("|")[7].strip() == "1.620-1.660"
