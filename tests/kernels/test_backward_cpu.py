@@ -165,8 +165,14 @@ def test_wgmma_variant_geometry_and_choice(monkeypatch):
     assert G.bwd_kernel_names(torch.bfloat16, 128, "wgmma", dq16=True)[1] == "moba_bwd_wg_bf16_d128_dq16"
     assert set(signatures(G.WGMMA_SOURCE)) == {"moba_bwd_wg_bf16_d128", "moba_bwd_wg_f16_d128",
                                                "moba_bwd_wg_bf16_d128_dq16", "moba_bwd_wg_f16_d128_dq16"}
+    # the other main kernels' parameters, with the rows' stats where they take the row records (the wgmma kernel
+    # builds its records itself) and what a pair's query follows from
+    block = signatures(G.SOURCE)["moba_bwd_blk_bf16_d128"]
     for name in signatures(G.WGMMA_SOURCE):
-        assert signatures(G.WGMMA_SOURCE)[name] == signatures(G.SOURCE)["moba_bwd_blk_bf16_d128"]
+        sig = signatures(G.WGMMA_SOURCE)[name]
+        assert [p.name for p in sig] == [p.name for p in block[:4]] + ["stats"] + [p.name for p in block[5:]] + \
+            ["top_k", "n_q", "t0"]
+        assert [(p.ctype, p.pointer) for p in sig[:len(block)]] == [(p.ctype, p.pointer) for p in block]
     monkeypatch.delenv(G.BWD_VARIANT_ENV, raising=False)
     assert G.resolve_bwd_variant(None, 128, 128) == "block"
     monkeypatch.setenv(G.BWD_VARIANT_ENV, "wgmma")
