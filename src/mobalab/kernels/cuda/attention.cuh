@@ -351,6 +351,15 @@ __device__ __forceinline__ UnitRows unit_rows(const long long* tile_cum, const l
   return {first, static_cast<int>(min(static_cast<long long>(UNIT), seg_off[seg + 1] - first))};
 }
 
+// Query tt (of the chunk's) and head hc (of its first) of a pair id p = (hc * n_q + tt) * top_k + slot below 2^31 (every
+// pair id of a chunk that fits in memory): 32-bit division, a quarter of the instructions of the 64-bit one
+// (measured: setup_rows' divisions were ~10% of the wgmma tile's).
+__device__ __forceinline__ void pair_query_head(long long p, int top_k, int n_q, int& tt, int& hc) {
+  const unsigned rest = static_cast<unsigned>(p) / static_cast<unsigned>(top_k);
+  tt = static_cast<int>(rest % static_cast<unsigned>(n_q));
+  hc = static_cast<int>(rest / static_cast<unsigned>(n_q));
+}
+
 // Row bookkeeping shared by both tile kernels: rows [0, n_rows) of this CTA's list start at pairs[first].
 // Pair p = (hc * n_q + tt) * top_k + slot is its partial slot; its query is t = t0 + tt, head h0 + hc.
 // s_mm[2 * g], s_mm[2 * g + 1] get (min t, max t) of 32-row group g (padding rows ignored).
@@ -368,11 +377,8 @@ __device__ __forceinline__ void setup_rows(const long long* pairs, long long fir
       if (r < n_rows) {
         p = pairs[first + r];
         int tt, hc;
-        if (p <= 0x7fffffff) {  // every pair id of a chunk that fits in memory: 32-bit division, a quarter of the
-          // instructions of the 64-bit one (measured: setup_rows' divisions were ~10% of the wgmma tile's)
-          const unsigned rest = static_cast<unsigned>(p) / static_cast<unsigned>(top_k);
-          tt = static_cast<int>(rest % static_cast<unsigned>(n_q));
-          hc = static_cast<int>(rest / static_cast<unsigned>(n_q));
+        if (p <= 0x7fffffff) {
+          pair_query_head(p, top_k, n_q, tt, hc);
         } else {
           const long long rest = p / top_k;
           tt = static_cast<int>(rest % n_q);

@@ -88,8 +88,9 @@ struct RowStat {
 // contiguous run of out and dO) and stages their stats in shared memory, so that each head's stats leave as one
 // run of tokens * 8 bytes: written by the warps one row at a time, 16 heads apart, the 8-byte stats had cost the
 // launch ~0.47 ms at 512K on an H200 (4.60 against 4.13 ms without them); staged, the launch took 2.94 against
-// 3.67 ms at 512K on an H100 (without zeroing). Each warp loads its next row before it reduces the current one. Measured and not kept before: the rows walked head-major (5.34 ms: consecutive warps
-// then read rows 4 KB apart), and four rows per warp with all their loads issued first (equal).
+// 3.67 ms at 512K on an H100 (without zeroing). Each warp loads its next row before it reduces the current one.
+// Measured and not kept before: the rows walked head-major (5.34 ms: consecutive warps then read rows 4 KB apart),
+// and four rows per warp with all their loads issued first (equal).
 constexpr int kDeltaStagedRows = 2048;  // stats staged per CTA (16 KB); more rows write theirs directly
 
 template <typename T, int D>

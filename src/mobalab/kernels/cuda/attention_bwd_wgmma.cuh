@@ -166,10 +166,10 @@ __device__ __forceinline__ void wg_row_record(RowInfo* info, unsigned info_u, lo
   int t = 0, hc = 0;
   const RowStat* src = pr.stats;  // a valid address: not read when the copy zero-fills
   if (ok) {
-    // a chunk holds < 2^31 pairs (its scratch is bounded by the budget), so 32-bit division is exact
-    const unsigned rest = static_cast<unsigned>(p) / static_cast<unsigned>(pr.top_k);
-    hc = static_cast<int>(rest / static_cast<unsigned>(pr.n_q));
-    t = pr.t0 + static_cast<int>(rest - static_cast<unsigned>(hc) * static_cast<unsigned>(pr.n_q));
+    // a chunk holds < 2^31 pairs (its scratch is bounded by the budget)
+    int tt;
+    moba::pair_query_head(p, pr.top_k, pr.n_q, tt, hc);
+    t = pr.t0 + tt;
     src += (static_cast<long long>(pr.batch_index) * pr.heads + (pr.h0 + hc)) * pr.seqlen + t;
   }
   info[r].t = t;
