@@ -1,8 +1,8 @@
 // What the host harnesses model of cuda/ptx.cuh, whose text they skip (MOBALAB_PTX_CUH): in namespace moba,
 // shared addresses as the kernels see them (the byte offset into the launch's dynamic shared memory plus 16, so
 // that a kernel's own alignment of its tiles is exercised and an address outside the launch's shared memory
-// fails), ldmatrix.x4 (plain and transposed), stmatrix.x4 and mma.sync m16n8k16 / m16n8k8 through the warp-wide
-// models below, row_address, the float constants, and cp.async through cuda_host.h. Included before the kernel text.
+// fails), ldmatrix.x4 (plain and transposed) and mma.sync m16n8k16 / m16n8k8 through the warp-wide models
+// below, the float constants, and cp.async through cuda_host.h. Included before the kernel text.
 #pragma once
 
 #include <limits>
@@ -53,21 +53,6 @@ inline void ldsm_x4(unsigned addr, bool trans, unsigned& r0, unsigned& r1, unsig
         *r[i] = (unsigned)e[0] | ((unsigned)e[1] << 16);
     }
     __syncwarp();  // every lane has read the addresses before the next call overwrites them
-}
-// stmatrix.x4, ldsm_x4's inverse (not transposed): lane l holds elements 2 (l % 4), 2 (l % 4) + 1 of row l / 4 of
-// matrix i in ri, and lanes 8i .. 8i + 7 give the row addresses of matrix i; lane l writes row l % 8 of matrix l / 8.
-inline void stsm_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-    auto& slots = mma_slots();
-    const int me = cta().current, base = warp_base(), l = lane();
-    slots[me][0] = addr;
-    slots[me][1] = r0;
-    slots[me][2] = r1;
-    slots[me][3] = r2;
-    slots[me][4] = r3;
-    __syncwarp();
-    const int i = l / 8, row = l % 8;
-    for (int t = 0; t < 4; ++t) std::memcpy(smem_at(addr + 4 * t, 4), &slots[base + 4 * row + t][1 + i], 4);
-    __syncwarp();  // every lane has read the registers before the next call overwrites them
 }
 // c += A (16 x K) B (K x 8), K = 16 (a: 4 registers, b: 2) or 8 (a: a[0], a[1]; b: b0): lane l = 4 g + t holds A
 // rows g (a0, then a2 at k + 8) and g + 8 (a1, a3) at k 2t, 2t + 1; B column g at k 2t, 2t + 1 (b0) and 2t + 8,
@@ -157,14 +142,6 @@ inline void ldmatrix_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2,
 }
 inline void ldmatrix_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
     emu::ldsm_x4(addr, true, r0, r1, r2, r3);
-}
-
-template <typename P>
-inline P* row_address(P* base, unsigned row, unsigned bytes) {
-    return reinterpret_cast<P*>(reinterpret_cast<uintptr_t>(base) + static_cast<unsigned long long>(row) * bytes);
-}
-inline void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-    emu::stsm_x4(addr, r0, r1, r2, r3);
 }
 
 inline unsigned pack2(float lo, float hi, __nv_bfloat16) {

@@ -90,16 +90,12 @@ constexpr int WG_STAGE_PITCH = WG_HEAD_DIM * 2 + 16;  // bytes per staged 16-bit
 constexpr unsigned WG_STAGE_BYTES = MOBA_ROWS * WG_STAGE_PITCH;  // one warpgroup's 64 staged rows
 
 // write_partials for 16-bit partials through shared memory: each warp stores its 16 rows of o (partial_scale,
-// rounded to T) at `stage` (WG_STAGE_PITCH bytes per row, so the eight 16-byte rows of a matrix hit 32 banks) with
-// eight stmatrix.x4 per thread (the accumulator fragment is stmatrix's layout; 32 4-byte stores before), then
+// rounded to T) at `stage` (WG_STAGE_PITCH bytes per row: the quads' 4-byte stores of a warp hit 32 banks), then
 // copies them to their pairs' rows in 16-byte chunks (lane: chunk lane % 16 of rows lane / 16 + 2 i): 8 16-byte
 // stores per thread instead of 32 4-byte ones (their issue queue, lg_throttle, and the waits behind it were ~20% of
 // the stall samples of the direct stores). A warp reads back only the rows it wrote, so it meets only its own
 // lanes (__syncwarp) where a named barrier of the warpgroup made its four warps wait for one another. m and l as
-// write_partials. Row indices (a pair's partial row here, a query row in the gather) fit 32 bits wherever the rows
-// are held in memory (2^32 rows of 256 bytes would be 1 TB), so an address is one row_address, not 64-bit
-// arithmetic. (Each lane handing one row to the copy engine instead, cp.async.bulk, compiles to a loop over the
-// lanes: its addresses must be uniform.)
+// write_partials.
 template <typename T>
 __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_DIM / 8][4], const float (&m_r)[2],
                                                       float (&l_r)[2], const long long* s_pair, int r0, int r1,
@@ -109,21 +105,16 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
   const int tq = lane & 3;
   quad_sum_l(l_r);
   __syncwarp();  // the warp's reads of its previous tile's rows are done
-  const float inv0 = partial_scale<T>(l_r[0]), inv1 = partial_scale<T>(l_r[1]);
-  // Lane l addresses row l % 8 of matrix l / 8: matrices 0 and 1 are rows r0 and r1 (the warp's rows g and g + 8)
-  // of columns 8 dt .., matrices 2 and 3 the same rows of columns 8 (dt + 1) ..
-  const unsigned a = stage + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * WG_STAGE_PITCH + 16 * (lane >> 4);
-#pragma unroll
-  for (int dt = 0; dt < D / 8; dt += 2)
-    stmatrix_x4(a + 16 * dt, Elem<T>::pack(o[dt][0] * inv0, o[dt][1] * inv0),
-                Elem<T>::pack(o[dt][2] * inv1, o[dt][3] * inv1), Elem<T>::pack(o[dt + 1][0] * inv0, o[dt + 1][1] * inv0),
-                Elem<T>::pack(o[dt + 1][2] * inv1, o[dt + 1][3] * inv1));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = r ? r1 : r0;
+    const float inv = partial_scale<T>(l_r[r]);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      st_shared_b32(stage + row * WG_STAGE_PITCH + (8 * dt + 2 * tq) * 2,
+                    Elem<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv));
     if (tq == 0 && row < count)
-      *reinterpret_cast<float2*>(row_address(part_ml, static_cast<unsigned>(s_pair[row]), 8)) =
-          make_float2(m_r[r], l_r[r]);
+      *reinterpret_cast<float2*>(part_ml + 2 * s_pair[row]) = make_float2(m_r[r], l_r[r]);
   }
   __syncwarp();
   // Loads and stores unconditional but for the store's predicate (a row past count has an unused s_pair entry):
@@ -134,8 +125,7 @@ __device__ __forceinline__ void write_partials_staged(const float (&o)[WG_HEAD_D
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float4 x = ld_shared_v4_f32(src + 2 * i * WG_STAGE_PITCH);  // 8 packed elements, as bits
-    st_global_v4_if(row_address(dst, static_cast<unsigned>(s_pair[row0 + 2 * i]), D * sizeof(T)), x,
-                    row0 + 2 * i < count);
+    st_global_v4_if(dst + s_pair[row0 + 2 * i] * D, x, row0 + 2 * i < count);
   }
 }
 
@@ -351,10 +341,8 @@ __device__ __forceinline__ void attn_wgmma(const void* q_, const void* k_, const
     const unsigned dst = g_dst + (u % WG_STAGES) * Q_BYTES;
 #pragma unroll
     for (int i = 0; i < MOBA_ROWS / 8; ++i) {
-      // the query row (32 bits: see write_partials_staged); offset -1, a padding row, gives row 2^32 - 1, which
-      // is zero-filled (its address is not read)
-      const unsigned row = static_cast<unsigned>(static_cast<unsigned long long>(qoff[8 * i]) / D);
-      cp_async16_zero_if(dst + 8 * i * SW128_ROW_BYTES, row_address(g_src, row, D * 2), row == ~0u);
+      const long long off = qoff[8 * i];  // -1: a padding row, zero-filled (its address is not read)
+      cp_async16_zero_if(dst + 8 * i * SW128_ROW_BYTES, g_src + off * 2, off < 0);
     }
   };
   static_assert(MOBA_ROWS * WG_HEAD_DIM / 8 == 8 * 128, "a warpgroup copies 8 chunks per thread of a 64-row tile");

@@ -83,24 +83,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned& r0, u
                : "r"(addr));
 }
 
-// The inverse of ldmatrix_x4 (sm_90, stmatrix): lanes 8i .. 8i+7 give the row addresses of matrix i, which is
-// stored from ri (lane l holds elements 2 (l % 4), 2 (l % 4) + 1 of row l / 4): an accumulator fragment of mma.sync
-// or wgmma, packed to 16 bits, goes to shared memory as 16-byte rows, four matrices per instruction.
-__device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3)
-               : "memory");
-}
-
-// base + row * bytes with a 32-bit row and row size (mad.wide.u32: one instruction, where the compiler turns the
-// same sum of a truncated 64-bit row into shifts, masks and a 64-bit add).
-template <typename P>
-__device__ __forceinline__ P* row_address(P* base, unsigned row, unsigned bytes) {
-  unsigned long long a;
-  asm("mad.wide.u32 %0, %1, %2, %3;\n" : "=l"(a) : "r"(row), "r"(bytes), "l"(reinterpret_cast<unsigned long long>(base)));
-  return reinterpret_cast<P*>(a);
-}
-
 __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
