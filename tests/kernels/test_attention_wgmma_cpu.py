@@ -44,19 +44,25 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
     assert not A.resident(128, 128) and A.rows_per_unit(128, 128) == A.ROWS * A.TILES_PER_UNIT
 
 
-@pytest.mark.parametrize("cap, dim, block, variant, expected", [
-    ((9, 0), 128, 64, "auto", "wgmma"), ((9, 0), 128, 128, "auto", "wgmma"), ((9, 0), 128, 32, "auto", "auto"),
-    ((9, 0), 64, 64, "auto", "auto"), ((8, 0), 128, 64, "auto", "auto"), ((8, 9), 128, 64, "auto", "auto"),
-    ((9, 0), 128, 64, "resident", "resident"), ((9, 0), 128, 64, "wgmma-ws", "wgmma-ws")])
-def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, expected):
-    """On an sm_90 device "auto" runs the wgmma tile kernel at head dim 128, B 64 and 128 (measured faster there), the
-    mma.sync kernels elsewhere; an explicit variant and any other device keep what was asked for."""
+@pytest.mark.parametrize("cap, dim, block, variant, top_k, expected", [
+    ((9, 0), 128, 64, "auto", 8, "wgmma"), ((9, 0), 128, 128, "auto", 8, "wgmma"),
+    ((9, 0), 128, 128, "auto", None, "wgmma"), ((9, 0), 128, 32, "auto", 8, "auto"),
+    ((9, 0), 128, 32, "auto", 31, "auto"), ((9, 0), 128, 32, "auto", 32, "wgmma"),
+    ((9, 0), 128, 32, "auto", 64, "wgmma"), ((9, 0), 128, 32, "auto", None, "auto"),
+    ((9, 0), 64, 32, "auto", 64, "auto"), ((9, 0), 64, 64, "auto", 8, "auto"),
+    ((8, 0), 128, 64, "auto", 8, "auto"), ((8, 9), 128, 64, "auto", 8, "auto"),
+    ((8, 0), 128, 32, "auto", 32, "auto"), ((9, 0), 128, 64, "resident", 8, "resident"),
+    ((9, 0), 128, 32, "resident", 64, "resident"), ((9, 0), 128, 64, "wgmma-ws", 8, "wgmma-ws")])
+def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, top_k, expected):
+    """On an sm_90 device "auto" runs the wgmma tile kernel at head dim 128, B 64 and 128 (measured faster there) and
+    at B 32 from top_k 32 (k B >= 1024: long lists), the mma.sync kernels elsewhere; an explicit variant and any
+    other device keep what was asked for."""
     monkeypatch.setattr(A, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)
-    assert A.device_variant(variant, dim, block, cuda) == expected
-    assert A.device_variant(variant, dim, block, torch.device("cpu")) == variant
-    assert A.device_variant(variant, dim, block, None) == variant
-    label = A.variant_label(dim, block, variant, cuda)
+    assert A.device_variant(variant, dim, block, cuda, top_k) == expected
+    assert A.device_variant(variant, dim, block, torch.device("cpu"), top_k) == variant
+    assert A.device_variant(variant, dim, block, None, top_k) == variant
+    label = A.variant_label(dim, block, variant, cuda, top_k)
     assert label == ("wgmma" if expected == "wgmma" else A.variant_label(dim, block, variant))
 
 

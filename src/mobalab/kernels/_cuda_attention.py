@@ -29,9 +29,9 @@ it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, rea
 variant, *wgmma* (cuda/attention_wgmma.cu), keeps the block resident too, on Hopper warpgroup MMAs, for head dim
 128 and B in {32, 64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
 warpgroup, the next tile's S = Q K^T running under the current tile's partial writes): same partials and merge;
-``"auto"`` takes it on an sm_90 GPU at B 64 and 128. A fourth, *wgmma-ws*, is its warp-specialised form (a producer
-warpgroup loading with cp.async and mbarriers, two consumer warpgroups on the tiles of a unit, persistent CTAs: the
-grid is capped at the SM count), B in {64, 128}, opt-in.
+``"auto"`` takes it on an sm_90 GPU at B 64 and 128, and at B 32 from top_k 32. A fourth, *wgmma-ws*, is its
+warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer warpgroups on the
+tiles of a unit, persistent CTAs: the grid is capped at the SM count), B in {64, 128}, opt-in.
 
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order: the counting
 sort of cuda/pairs.cu, or ``torch.sort`` where ``$MOBALAB_PAIR_SORT`` is "torch" or a chunk has more segments
@@ -90,8 +90,13 @@ WGMMA_BLOCK_SIZES = (32, 64, 128)  # the wgmma kernel's
 WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
 # 1.20x faster than the mma.sync resident kernel at B 64 and 1.29-1.37x at B 128 (8K-64K), so both; at B 32 it was
-# 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel.
+# 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel at small k. A
+# key block's list holds about k B rows per head, and the wgmma kernel's 16-tile units fill only with long lists: at
+# B 32 (H100, the attention forward with the routing given) the resident kernel stays 1.02-1.04x faster at k 8 (16K,
+# 64K), the wgmma kernel is 1.21x faster at k 32 (64K), so B 32 takes it from k B = 1024 (k between 8 and 32 not
+# measured: those keep the resident kernel).
 WGMMA_AUTO = {(128, 64), (128, 128)}
+WGMMA_AUTO_MIN_KEYS = {(128, 32): 1024}  # (head dim, B): "auto" takes wgmma there from top_k * B = this
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
@@ -272,18 +277,22 @@ def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) ->
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
 
 
-def device_variant(variant: str, head_dim: int, block_size: int, device) -> str:
-    """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of WGMMA_AUTO."""
-    if variant == "auto" and (head_dim, block_size) in WGMMA_AUTO and device is not None \
-            and torch.device(device).type == "cuda" and _device_capability(device) == (9, 0):
-        return "wgmma"
-    return variant
+def device_variant(variant: str, head_dim: int, block_size: int, device, top_k: int | None = None) -> str:
+    """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of WGMMA_AUTO, and
+    at those of WGMMA_AUTO_MIN_KEYS where ``top_k * block_size`` reaches the bound (``top_k`` None: never)."""
+    if variant != "auto" or device is None or torch.device(device).type != "cuda":
+        return variant
+    min_keys = WGMMA_AUTO_MIN_KEYS.get((head_dim, block_size))
+    wanted = (head_dim, block_size) in WGMMA_AUTO or (
+        min_keys is not None and top_k is not None and top_k * block_size >= min_keys)
+    return "wgmma" if wanted and _device_capability(device) == (9, 0) else variant
 
 
-def variant_label(head_dim: int, block_size: int, variant: str | None = None, device=None) -> str:
-    """The tile kernel that runs (on ``device``, where given), in words: "wgmma", "wgmma-ws", "resident" or
-    "streaming"."""
-    variant = device_variant(resolve_variant(variant, head_dim, block_size), head_dim, block_size, device)
+def variant_label(head_dim: int, block_size: int, variant: str | None = None, device=None,
+                  top_k: int | None = None) -> str:
+    """The tile kernel that runs (on ``device`` and with ``top_k``, where given), in words: "wgmma", "wgmma-ws",
+    "resident" or "streaming"."""
+    variant = device_variant(resolve_variant(variant, head_dim, block_size), head_dim, block_size, device, top_k)
     if variant in WGMMA_VARIANTS:
         return variant
     return "resident" if resident(head_dim, block_size, variant) else "streaming"
@@ -485,8 +494,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64 (batch,
     seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel ("auto", "resident",
     "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
-    ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128, else the mma.sync
-    kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
+    ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128 (B 32 from top_k
+    32), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
     ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`forward_scratch_budget`). Returns ``out`` in
     q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
 
@@ -519,7 +528,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
     check_variant_device(fn, variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k)
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
@@ -538,7 +547,7 @@ def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: f
     forward of a training step, whose entry has checked the inputs."""
     variant = resolve_variant(None, q.shape[-1], block_size)
     check_variant_device("moba_attention_cuda", variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k)
     return _forward(q, k, v, block_size, top_k, causal, scale, True, topk, variant, None, resolve_partial(None), None,
                     False, keep_lists)
 
