@@ -1,7 +1,7 @@
 """Side-by-side timing of forward tile kernels and build options: ``python scripts/fwd_variants_ab.py [--points ...]``.
 
-Each point (N, block size; batch 2, 16 heads, d 128, k 8, causal, bf16, random Gaussian q, k, v) routes once
-(:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
+Each point (N, block size; batch 2, 16 heads, d 128, k ``--top-k`` (8), causal, bf16, random Gaussian q, k, v)
+routes once (:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
 (:func:`mobalab.kernels._cuda_attention.moba_attention_cuda` with ``topk_indices``: index building, tiles, merge)
 once per ``--variants`` entry. A variant is "base" (the default build and tile kernel), a tile kernel of
 ``moba_attention_cuda``'s ``variant`` ("resident", "wgmma", ...), or build options of cuda/attention.cu joined by
@@ -44,16 +44,16 @@ def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
     return (None if head == "base" else head), tuple(rest)
 
 
-def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0) -> list[dict]:
+def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0, top_k: int = 8) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, largest output difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(2, seqlen, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    topk = moba_topk_cuda(q, k, block, 8, causal=True).to(torch.int32).contiguous()
+    topk = moba_topk_cuda(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
 
     def call(variant):
         kernel, defines = parse_variant(variant)
         with extra_defines(CA, CA.fwd_source(128, block, kernel), defines):
-            return moba_attention_cuda(q, k, v, block, 8, True, topk_indices=topk, variant=kernel)
+            return moba_attention_cuda(q, k, v, block, top_k, True, topk_indices=topk, variant=kernel)
 
     outs, ms = time_arms(call, variants, rounds)
     first = variants[0]
@@ -73,11 +73,14 @@ def main(argv=None) -> int:
                    help='"base" or a tile kernel, then MOBA_NAME=INTEGER build options of cuda/attention.cu, joined '
                         'by "+"')
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--top-k", type=int, default=8, help="blocks per query (the forward's top_k: 1..64)")
     a = p.parse_args(argv)
     if a.rounds < 3:
         p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
+    if not 1 <= a.top_k <= 64:
+        p.error(f"--top-k must be in 1..64 (the forward's top_k), got {a.top_k}")
     return print_point_rows(
-        "fwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds),
+        "fwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds, top_k=a.top_k),
         "| point | variant | ms | speedup | max out diff |\n|---|---|---|---|---|",
         lambda name, r: f"| {name} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['max_diff']:.1e} |")
 

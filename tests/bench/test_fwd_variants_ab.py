@@ -13,7 +13,8 @@ def ab(script):
 def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
     for argv, says in ((["--points", "3M"], "invalid choice"), (["--variants", "fast"], "'fast' is not base or one of"),
                        (["--variants", "base+UNROLL=2"], "is not MOBA_NAME=INTEGER"),
-                       (["--rounds", "2"], "at least 3")):
+                       (["--rounds", "2"], "at least 3"), (["--top-k", "0"], "--top-k must be in 1..64"),
+                       (["--top-k", "65"], "got 65")):
         with pytest.raises(SystemExit):
             ab.main(argv)
         assert says in capsys.readouterr().err
