@@ -116,6 +116,10 @@ __device__ __forceinline__ long long stat_index(long long bt, int h, int seqlen,
   const long long b = bt / seqlen;
   return (b * heads + h) * seqlen + (bt - b * seqlen);
 }
+// The same for batch b and query t (the row records' builders).
+__device__ __forceinline__ long long stat_index(int b, int h, int t, int seqlen, int heads) {
+  return (static_cast<long long>(b) * heads + h) * seqlen + t;
+}
 
 template <typename T, int D>
 __device__ __forceinline__ void delta_rows(const void* out_, const void* dout_, float* delta, void* zero_rows,
@@ -198,7 +202,7 @@ __device__ __forceinline__ void build_rows(const long long* pairs, const long lo
     const int tt = rest % n_q;
     const int hc = rest / n_q;
     const int t = t0 + tt;
-    const RowStat st = stats[(static_cast<long long>(batch_index) * heads + (h0 + hc)) * seqlen + t];
+    const RowStat st = stats[stat_index(batch_index, h0 + hc, t, seqlen, heads)];
     *reinterpret_cast<float4*>(rows + i) = make_float4(st.lse2, st.delta, __int_as_float(t), __int_as_float(hc));
   }
 }

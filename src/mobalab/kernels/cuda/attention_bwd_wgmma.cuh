@@ -170,7 +170,7 @@ __device__ __forceinline__ void wg_row_record(RowInfo* info, unsigned info_u, lo
     int tt;
     moba::pair_query_head(p, pr.top_k, pr.n_q, tt, hc);
     t = pr.t0 + tt;
-    src += (static_cast<long long>(pr.batch_index) * pr.heads + (pr.h0 + hc)) * pr.seqlen + t;
+    src += stat_index(pr.batch_index, pr.h0 + hc, t, pr.seqlen, pr.heads);
   }
   info[r].t = t;
   info[r].hc = hc;
