@@ -47,15 +47,15 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
 @pytest.mark.parametrize("cap, dim, block, variant, top_k, expected", [
     ((9, 0), 128, 64, "auto", 8, "wgmma"), ((9, 0), 128, 128, "auto", 8, "wgmma"),
     ((9, 0), 128, 128, "auto", None, "wgmma"), ((9, 0), 128, 32, "auto", 8, "auto"),
-    ((9, 0), 128, 32, "auto", 31, "auto"), ((9, 0), 128, 32, "auto", 32, "wgmma"),
+    ((9, 0), 128, 32, "auto", 9, "wgmma"), ((9, 0), 128, 32, "auto", 32, "wgmma"),
     ((9, 0), 128, 32, "auto", 64, "wgmma"), ((9, 0), 128, 32, "auto", None, "auto"),
     ((9, 0), 64, 32, "auto", 64, "auto"), ((9, 0), 64, 64, "auto", 8, "auto"),
     ((8, 0), 128, 64, "auto", 8, "auto"), ((8, 9), 128, 64, "auto", 8, "auto"),
-    ((8, 0), 128, 32, "auto", 32, "auto"), ((9, 0), 128, 64, "resident", 8, "resident"),
+    ((8, 0), 128, 32, "auto", 9, "auto"), ((9, 0), 128, 64, "resident", 8, "resident"),
     ((9, 0), 128, 32, "resident", 64, "resident"), ((9, 0), 128, 64, "wgmma-ws", 8, "wgmma-ws")])
 def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, top_k, expected):
     """On an sm_90 device "auto" runs the wgmma tile kernel at head dim 128, B 64 and 128 (measured faster there) and
-    at B 32 from top_k 32 (k B >= 1024: long lists), the mma.sync kernels elsewhere; an explicit variant and any
+    at B 32 from top_k 9 (k B >= 288: long lists), the mma.sync kernels elsewhere; an explicit variant and any
     other device keep what was asked for."""
     monkeypatch.setattr(A, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)

@@ -92,11 +92,11 @@ WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # 1.20x faster than the mma.sync resident kernel at B 64 and 1.29-1.37x at B 128 (8K-64K), so both; at B 32 it was
 # 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel at small k. A
 # key block's list holds about k B rows per head, and the wgmma kernel's 16-tile units fill only with long lists: at
-# B 32 (H100, the attention forward with the routing given) the resident kernel stays 1.02-1.04x faster at k 8 (16K,
-# 64K), the wgmma kernel is 1.21x faster at k 32 (64K), so B 32 takes it from k B = 1024 (k between 8 and 32 not
-# measured: those keep the resident kernel).
+# B 32 (H100, the attention forward with the routing given, 16K and 64K) the resident kernel stays 1.02x faster at
+# k 8, the wgmma kernel is 1.01-1.03x faster at k 9, 1.03-1.04x at k 10, 1.07x at k 12, 1.13x at k 16, 1.17-1.19x at
+# k 24 and 1.21x at k 32, so B 32 takes it from k B = 288 (k 9).
 WGMMA_AUTO = {(128, 64), (128, 128)}
-WGMMA_AUTO_MIN_KEYS = {(128, 32): 1024}  # (head dim, B): "auto" takes wgmma there from top_k * B = this
+WGMMA_AUTO_MIN_KEYS = {(128, 32): 288}  # (head dim, B): "auto" takes wgmma there from top_k * B = this
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
