@@ -24,7 +24,8 @@ items columns) or ``both`` (the default: two rows per configuration, column
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
 its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
-of the measured device-to-device copy bandwidth of the same run (H200 datasheet: 4.8 TB/s); dense
+of the measured device-to-device copy bandwidth of the same run (the datasheet's figure is shown beside it:
+:func:`datasheet_tbps`); dense
 decode's bytes are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
 under ``--out``.
 """
@@ -45,11 +46,29 @@ import torch
 from ._ncu import NCU_METRICS, kernel_summaries
 
 __all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "ncu_command", "ncu_summary",
-           "profile_steps", "COLUMNS"]
+           "profile_steps", "COLUMNS", "datasheet_tbps"]
 
 K = 1024
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-DATASHEET_TBPS = 4.8
+#: HBM bandwidth by the datasheets (TB/s), by a substring of the device name; the first match counts
+DATASHEET_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H800", 3.35),
+                  ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555))
+
+
+def datasheet_tbps(device_name: str | None) -> float:
+    """The datasheet HBM bandwidth of ``device_name`` in TB/s, NaN for a device not in :data:`DATASHEET_TBPS`.
+
+    Examples
+    --------
+    >>> datasheet_tbps("NVIDIA H100 80GB HBM3"), datasheet_tbps("NVIDIA H200")
+    (3.35, 4.8)
+    >>> datasheet_tbps("NVIDIA GeForce RTX 4090")
+    nan
+    """
+    for key, tbps in DATASHEET_TBPS:
+        if key in (device_name or ""):
+            return tbps
+    return math.nan
 #: tokens x batch of one cache (K + V are 4 KB per token at 8 kv heads, d 128, bf16): 32 GB
 MAX_TOKENS = 8 * 1024 * K
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
@@ -402,7 +421,7 @@ def markdown(rows: list[dict], env: dict) -> str:
     copy = rows[0]["copy_tbps"] if rows else math.nan
     lines = [f"MoBA decode step vs dense decode, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16, q_len 1 -- "
              f"{env.get('cuda_device')}, {env.get('utc')}, commit {env.get('git_commit')}; measured copy bandwidth "
-             f"{_fmt(copy, 2)} TB/s (datasheet {DATASHEET_TBPS})", "",
+             f"{_fmt(copy, 2)} TB/s (datasheet {_fmt(datasheet_tbps(env.get('cuda_device')), 2)})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_tokens(r["seq_len"]), r["batch"], r["block_size"], r["top_k"],
@@ -608,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     flush = l2_flush_buffer()
     env["copy_tbps"] = copy_tbps = copy_bandwidth()
-    env["datasheet_tbps"] = DATASHEET_TBPS
+    env["datasheet_tbps"] = datasheet_tbps(env.get("cuda_device"))
     print(json.dumps(env, default=str), flush=True)
     kernels = KERNEL_CHOICES[args.kernel or "both"]
     groups: dict[tuple[int, int], list[DecodeConfig]] = {}
