@@ -69,6 +69,8 @@ def datasheet_tbps(device_name: str | None) -> float:
         if key in (device_name or ""):
             return tbps
     return math.nan
+
+
 #: tokens x batch of one cache (K + V are 4 KB per token at 8 kv heads, d 128, bf16): 32 GB
 MAX_TOKENS = 8 * 1024 * K
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
