@@ -94,9 +94,9 @@ WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # key block's list holds about k B rows per head, and the wgmma kernel's 16-tile units fill only with long lists: at
 # B 32 (H100, the attention forward with the routing given, 16K and 64K) the resident kernel stays 1.02x faster at
 # k 8, the wgmma kernel is 1.01-1.03x faster at k 9, 1.03-1.04x at k 10, 1.07x at k 12, 1.13x at k 16, 1.17-1.19x at
-# k 24 and 1.21x at k 32, so B 32 takes it from k B = 288 (k 9). (Below that a list of ~k B <= 256 rows fits one
-# resident unit of 4 64-row tiles.) Measured without GQA: with G query heads per kv head a key block's list holds
-# about k B G rows, which the rule does not count (the wgmma kernel may win below k 9 there: not measured).
+# k 24 and 1.21x at k 32, so B 32 takes it from k B = 288 (k 9). Measured without GQA: with G query heads per kv
+# head a key block's list holds about k B G rows, which the rule does not count (the wgmma kernel may win below k 9
+# there: not measured).
 WGMMA_AUTO = {(128, 64), (128, 128)}
 WGMMA_AUTO_MIN_KEYS = {(128, 32): 288}  # (head dim, B): "auto" takes wgmma there from top_k * B = this
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
