@@ -29,7 +29,7 @@ it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, rea
 variant, *wgmma* (cuda/attention_wgmma.cu), keeps the block resident too, on Hopper warpgroup MMAs, for head dim
 128 and B in {32, 64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
 warpgroup, the next tile's S = Q K^T running under the current tile's partial writes): same partials and merge;
-``"auto"`` takes it on an sm_90 GPU at B 64 and 128, and at B 32 from top_k 32. A fourth, *wgmma-ws*, is its
+``"auto"`` takes it on an sm_90 GPU at B 64 and 128, and at B 32 from top_k 9. A fourth, *wgmma-ws*, is its
 warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer warpgroups on the
 tiles of a unit, persistent CTAs: the grid is capped at the SM count), B in {64, 128}, opt-in.
 
@@ -97,8 +97,8 @@ WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # k 24 and 1.21x at k 32, so B 32 takes it from k B = 288 (k 9). Measured without GQA: with G query heads per kv
 # head a key block's list holds about k B G rows, which the rule does not count (the wgmma kernel may win below k 9
 # there: not measured).
-WGMMA_AUTO = {(128, 64), (128, 128)}
-WGMMA_AUTO_MIN_KEYS = {(128, 32): 288}  # (head dim, B): "auto" takes wgmma there from top_k * B = this
+# (head dim, B): "auto" takes wgmma there from top_k * B = this (0: at every top_k)
+WGMMA_AUTO_MIN_KEYS = {(128, 64): 0, (128, 128): 0, (128, 32): 288}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
 VARIANT_ENV = "MOBALAB_ATTN_VARIANT"
@@ -280,13 +280,12 @@ def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) ->
 
 
 def device_variant(variant: str, head_dim: int, block_size: int, device, top_k: int | None = None) -> str:
-    """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of WGMMA_AUTO, and
-    at those of WGMMA_AUTO_MIN_KEYS where ``top_k * block_size`` reaches the bound (``top_k`` None: never)."""
+    """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of
+    WGMMA_AUTO_MIN_KEYS where ``top_k * block_size`` reaches the shape's bound (``top_k`` None: only a bound of 0)."""
     if variant != "auto" or device is None or torch.device(device).type != "cuda":
         return variant
     min_keys = WGMMA_AUTO_MIN_KEYS.get((head_dim, block_size))
-    wanted = (head_dim, block_size) in WGMMA_AUTO or (
-        min_keys is not None and top_k is not None and top_k * block_size >= min_keys)
+    wanted = min_keys is not None and (top_k or 0) * block_size >= min_keys
     return "wgmma" if wanted and _device_capability(device) == (9, 0) else variant
 
 
@@ -497,7 +496,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel ("auto", "resident",
     "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128 (B 32 from top_k
-    32), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
+    9), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
     ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`forward_scratch_budget`). Returns ``out`` in
     q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
 
