@@ -1,6 +1,7 @@
 """Side-by-side timing of forward tile kernels and build options: ``python scripts/fwd_variants_ab.py [--points ...]``.
 
-Each point (N, block size; batch 2, 16 heads, d 128, k ``--top-k`` (8), causal, bf16, random Gaussian q, k, v)
+Each point (N, block size; batch 2, 16 query heads over ``--kv-heads`` (16) key/value heads, d 128, k ``--top-k`` (8),
+causal, bf16, random Gaussian q, k, v)
 routes once (:func:`mobalab.kernels._cuda_routing.moba_topk_cuda`), then runs the attention forward on that routing
 (:func:`mobalab.kernels._cuda_attention.moba_attention_cuda` with ``topk_indices``: index building, tiles, merge)
 once per ``--variants`` entry. A variant is "base" (the default build and tile kernel), a tile kernel of
@@ -44,10 +45,12 @@ def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
     return (None if head == "base" else head), tuple(rest)
 
 
-def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0, top_k: int = 8) -> list[dict]:
+def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0, top_k: int = 8,
+              kv_heads: int = 16) -> list[dict]:
     """One point's rows: variant, median ms, speedup against the first variant, largest output difference."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(2, seqlen, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q = torch.randn(2, seqlen, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, seqlen, kv_heads, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     topk = moba_topk_cuda(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
 
     def call(variant):
@@ -74,13 +77,17 @@ def main(argv=None) -> int:
                         'by "+"')
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--top-k", type=int, default=8, help="blocks per query (the forward's top_k: 1..64)")
+    p.add_argument("--kv-heads", type=int, default=16, help="key/value heads (a divisor of the 16 query heads: GQA)")
     a = p.parse_args(argv)
     if a.rounds < 3:
         p.error(f"--rounds must be at least 3 (the first two are dropped), got {a.rounds}")
     if not 1 <= a.top_k <= 64:
         p.error(f"--top-k must be in 1..64 (the forward's top_k), got {a.top_k}")
+    if a.kv_heads < 1 or 16 % a.kv_heads:
+        p.error(f"--kv-heads must divide the 16 query heads (1, 2, 4, 8 or 16), got {a.kv_heads}")
     return print_point_rows(
-        "fwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds, top_k=a.top_k),
+        "fwd_variants_ab", a.points, lambda name: run_point(*POINTS[name], a.variants, a.rounds, top_k=a.top_k,
+                                          kv_heads=a.kv_heads),
         "| point | variant | ms | speedup | max out diff |\n|---|---|---|---|---|",
         lambda name, r: f"| {name} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.3f} | {r['max_diff']:.1e} |")
 

@@ -73,7 +73,8 @@
 #                TILES_NCU_ARGS adds arguments of scripts/profile_tiles.py (e.g. "--block-size 32 --forward-only")
 #   fwd-ab       forward tile-kernel build options side by side (scripts/fwd_variants_ab.py; FWD_AB_VARIANTS, default
 #                "base MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0" (the small-block resident kernel as it was);
-#                FWD_AB_POINTS, default "8K 64K 64K-B32"; FWD_AB_TOPK, default 8; fwd_ab.md)
+#                FWD_AB_POINTS, default "8K 64K 64K-B32"; FWD_AB_TOPK, default 8; FWD_AB_KV_HEADS,
+#                default 16; fwd_ab.md)
 #   tiles-ncu-ws the same profile with the warp-specialised wgmma forward tile kernel (MOBALAB_ATTN_VARIANT=wgmma-ws)
 #   tiles-ncu-peer the same profile of FlashMoBA's step on the same inputs (built first when it does not import,
 #                ~100 s; the bundle must be carried in .peers/flash-moba/)
@@ -305,7 +306,7 @@ for step in "${STEPS[@]}"; do
     fwd-ab) # shellcheck disable=SC2086  # the variants and points are words
             timeout $(cap 240) python3 scripts/fwd_variants_ab.py --points ${FWD_AB_POINTS:-8K 64K 64K-B32} \
               --variants ${FWD_AB_VARIANTS:-base MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0} \
-              --top-k "${FWD_AB_TOPK:-8}" > "$W/fwd_ab.md" 2>&1 || status=1 ;;
+              --top-k "${FWD_AB_TOPK:-8}" --kv-heads "${FWD_AB_KV_HEADS:-16}" > "$W/fwd_ab.md" 2>&1 || status=1 ;;
     tiles-ncu-ws) MOBALAB_ATTN_VARIANT=wgmma-ws tiles_ncu tiles_ws || status=1 ;;
     tiles-ncu-peer) # FlashMoBA built when it does not import yet (needs .peers/flash-moba/fm_bundle.tgz carried)
       { python3 -c 'from mobalab.bench._flash_moba_peer import load; import sys; sys.exit(load()[0] is None)' \
