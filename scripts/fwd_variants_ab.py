@@ -8,7 +8,8 @@ once per ``--variants`` entry. A variant is "base" (the default build and tile k
 ``moba_attention_cuda``'s ``variant`` ("resident", "wgmma", ...), or build options of cuda/attention.cu joined by
 ``+`` after either (``base+MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0``; a leading option implies "base"):
 every launch of the variant's tile-kernel source (cuda/attention_wgmma.cu for the wgmma kernels) compiled with
-those defines, its own module. Every variant is warmed up, then timed
+those defines, its own module. A ``budget=MIB`` part (``wgmma+budget=2048``) gives the call that scratch budget in
+MiB (``scratch_budget_bytes``: fewer, larger chunks) instead of the default. Every variant is warmed up, then timed
 in alternating order over ``--rounds`` rounds (the first two dropped), each call timed by CUDA events from an idle
 GPU. Printed per point: each variant's median in ms, its speedup against the first variant, and the largest output
 difference from the first variant.
@@ -31,18 +32,28 @@ POINTS = {"8K": (8 * K, 128), "16K": (16 * K, 128), "64K": (64 * K, 128), "64K-B
           "64K-B64": (64 * K, 64), "16K-B32": (16 * K, 32), "16K-B64": (16 * K, 64), "8K-B64": (8 * K, 64)}
 
 
-def parse_variant(text: str) -> tuple[str | None, tuple[str, ...]]:
-    """``"base"`` -> (None, ()); ``"wgmma+MOBA_X=2"`` -> ("wgmma", ("MOBA_X=2",)); ``"MOBA_X=2+MOBA_Y=1"`` ->
-    (None, ("MOBA_X=2", "MOBA_Y=1")): the tile kernel (None: the default) and build options."""
+def parse_variant(text: str) -> tuple[str | None, tuple[str, ...], int | None]:
+    """``"base"`` -> (None, (), None); ``"wgmma+MOBA_X=2"`` -> ("wgmma", ("MOBA_X=2",), None);
+    ``"MOBA_X=2+budget=1024"`` -> (None, ("MOBA_X=2",), 1 << 30): the tile kernel (None: the default), build
+    options and the scratch budget in bytes (None: the default)."""
     head, *rest = text.split("+")
-    if head.startswith("MOBA_"):
+    if head.startswith(("MOBA_", "budget=")):
         head, rest = "base", [head, *rest]
     if head != "base" and head not in CA.VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {head!r} is not base or one of {', '.join(CA.VARIANTS)}")
+    budget = None
+    defines = []
     for d in rest:
-        if not is_build_define(d):
-            raise argparse.ArgumentTypeError(f"variant {text!r}: build option {d!r} is not MOBA_NAME=INTEGER")
-    return (None if head == "base" else head), tuple(rest)
+        if d.startswith("budget="):
+            mib = d.removeprefix("budget=")
+            if not mib.isdigit() or int(mib) < 1:
+                raise argparse.ArgumentTypeError(f"variant {text!r}: {d!r} is not budget=MIB (a positive integer)")
+            budget = int(mib) << 20
+        elif is_build_define(d):
+            defines.append(d)
+        else:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: {d!r} is neither MOBA_NAME=INTEGER nor budget=MIB")
+    return (None if head == "base" else head), tuple(defines), budget
 
 
 def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: int = 0, top_k: int = 8,
@@ -54,9 +65,10 @@ def run_point(seqlen: int, block: int, variants: list[str], rounds: int, seed: i
     topk = moba_topk_cuda(q, k, block, top_k, causal=True).to(torch.int32).contiguous()
 
     def call(variant):
-        kernel, defines = parse_variant(variant)
+        kernel, defines, budget = parse_variant(variant)
         with extra_defines(CA, CA.fwd_source(128, block, kernel), defines):
-            return moba_attention_cuda(q, k, v, block, top_k, True, topk_indices=topk, variant=kernel)
+            return moba_attention_cuda(q, k, v, block, top_k, True, topk_indices=topk, variant=kernel,
+                                       scratch_budget_bytes=budget)
 
     outs, ms = time_arms(call, variants, rounds)
     first = variants[0]

@@ -12,7 +12,9 @@ def ab(script):
 
 def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
     for argv, says in ((["--points", "3M"], "invalid choice"), (["--variants", "fast"], "'fast' is not base or one of"),
-                       (["--variants", "base+UNROLL=2"], "is not MOBA_NAME=INTEGER"),
+                       (["--variants", "base+UNROLL=2"], "neither MOBA_NAME=INTEGER nor budget=MIB"),
+                       (["--variants", "wgmma+budget=0"], "is not budget=MIB"),
+                       (["--kv-heads", "3"], "must divide the 16 query heads"),
                        (["--rounds", "2"], "at least 3"), (["--top-k", "0"], "--top-k must be in 1..64"),
                        (["--top-k", "65"], "got 65")):
         with pytest.raises(SystemExit):
@@ -20,12 +22,14 @@ def test_points_and_variants_are_checked_before_any_gpu_work(ab, capsys):
         assert says in capsys.readouterr().err
 
 
-def test_variants_name_a_tile_kernel_and_build_options(ab):
-    assert ab.parse_variant("base") == (None, ())
-    assert ab.parse_variant("wgmma") == ("wgmma", ())
-    assert ab.parse_variant("resident+MOBA_X=-1") == ("resident", ("MOBA_X=-1",))
+def test_variants_name_a_tile_kernel_build_options_and_a_budget(ab):
+    assert ab.parse_variant("base") == (None, (), None)
+    assert ab.parse_variant("wgmma") == ("wgmma", (), None)
+    assert ab.parse_variant("resident+MOBA_X=-1") == ("resident", ("MOBA_X=-1",), None)
     assert ab.parse_variant("MOBA_FWD_MINB_SMALL_KT=0+MOBA_FWD_ROLLED_GATHER=0") == (
-        None, ("MOBA_FWD_MINB_SMALL_KT=0", "MOBA_FWD_ROLLED_GATHER=0"))
+        None, ("MOBA_FWD_MINB_SMALL_KT=0", "MOBA_FWD_ROLLED_GATHER=0"), None)
+    assert ab.parse_variant("budget=1536") == (None, (), 1536 << 20)
+    assert ab.parse_variant("wgmma+MOBA_X=1+budget=64") == ("wgmma", ("MOBA_X=1",), 64 << 20)
 
 
 def test_points_are_shapes_the_forward_runs(ab):
