@@ -44,25 +44,31 @@ def test_wgmma_variant_is_opt_in(monkeypatch):
     assert not A.resident(128, 128) and A.rows_per_unit(128, 128) == A.ROWS * A.TILES_PER_UNIT
 
 
-@pytest.mark.parametrize("cap, dim, block, variant, top_k, expected", [
-    ((9, 0), 128, 64, "auto", 8, "wgmma"), ((9, 0), 128, 128, "auto", 8, "wgmma"),
-    ((9, 0), 128, 128, "auto", None, "wgmma"), ((9, 0), 128, 32, "auto", 8, "auto"),
-    ((9, 0), 128, 32, "auto", 9, "wgmma"), ((9, 0), 128, 32, "auto", 32, "wgmma"),
-    ((9, 0), 128, 32, "auto", 64, "wgmma"), ((9, 0), 128, 32, "auto", None, "auto"),
-    ((9, 0), 64, 32, "auto", 64, "auto"), ((9, 0), 64, 64, "auto", 8, "auto"),
-    ((8, 0), 128, 64, "auto", 8, "auto"), ((8, 9), 128, 64, "auto", 8, "auto"),
-    ((8, 0), 128, 32, "auto", 9, "auto"), ((9, 0), 128, 64, "resident", 8, "resident"),
-    ((9, 0), 128, 32, "resident", 64, "resident"), ((9, 0), 128, 64, "wgmma-ws", 8, "wgmma-ws")])
-def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, top_k, expected):
+@pytest.mark.parametrize("cap, dim, block, variant, top_k, group, expected", [
+    ((9, 0), 128, 64, "auto", 8, 1, "wgmma"), ((9, 0), 128, 128, "auto", 8, 1, "wgmma"),
+    ((9, 0), 128, 128, "auto", None, 1, "wgmma"), ((9, 0), 128, 32, "auto", 8, 1, "auto"),
+    ((9, 0), 128, 32, "auto", 9, 1, "wgmma"), ((9, 0), 128, 32, "auto", 32, 1, "wgmma"),
+    ((9, 0), 128, 32, "auto", 64, 1, "wgmma"), ((9, 0), 128, 32, "auto", None, 1, "auto"),
+    ((9, 0), 128, 32, "auto", 2, 4, "auto"), ((9, 0), 128, 32, "auto", 3, 4, "wgmma"),
+    ((9, 0), 128, 32, "auto", 4, 2, "auto"), ((9, 0), 128, 32, "auto", 5, 2, "wgmma"),
+    ((9, 0), 128, 32, "auto", 1, 8, "auto"), ((9, 0), 128, 32, "auto", 2, 8, "wgmma"),
+    ((9, 0), 128, 32, "resident", 8, 4, "resident"), ((8, 0), 128, 32, "auto", 8, 4, "auto"),
+    ((9, 0), 64, 32, "auto", 64, 1, "auto"), ((9, 0), 64, 64, "auto", 8, 1, "auto"),
+    ((8, 0), 128, 64, "auto", 8, 1, "auto"), ((8, 9), 128, 64, "auto", 8, 1, "auto"),
+    ((8, 0), 128, 32, "auto", 9, 1, "auto"), ((9, 0), 128, 64, "resident", 8, 1, "resident"),
+    ((9, 0), 128, 32, "resident", 64, 1, "resident"), ((9, 0), 128, 64, "wgmma-ws", 8, 1, "wgmma-ws")])
+def test_auto_takes_wgmma_on_hopper(monkeypatch, cap, dim, block, variant, top_k, group, expected):
     """On an sm_90 device "auto" runs the wgmma tile kernel at head dim 128, B 64 and 128 (measured faster there) and
-    at B 32 from top_k 9 (k B >= 288: long lists), the mma.sync kernels elsewhere; an explicit variant and any
-    other device keep what was asked for."""
+    at B 32 from top_k G = 9 (k B G >= 288 with G query heads per kv head: long lists), the mma.sync kernels
+    elsewhere; an explicit variant and any other device keep what was asked for."""
     monkeypatch.setattr(A, "_device_capability", lambda device: cap)
     cuda = torch.device("cuda", 0)
-    assert A.device_variant(variant, dim, block, cuda, top_k) == expected
-    assert A.device_variant(variant, dim, block, torch.device("cpu"), top_k) == variant
-    assert A.device_variant(variant, dim, block, None, top_k) == variant
-    label = A.variant_label(dim, block, variant, cuda, top_k)
+    assert A.device_variant(variant, dim, block, cuda, top_k, group) == expected
+    assert A.device_variant(variant, dim, block, torch.device("cpu"), top_k, group) == variant
+    assert A.device_variant(variant, dim, block, None, top_k, group) == variant
+    if group == 1:  # the default
+        assert A.device_variant(variant, dim, block, cuda, top_k) == expected
+    label = A.variant_label(dim, block, variant, cuda, top_k, group)
     assert label == ("wgmma" if expected == "wgmma" else A.variant_label(dim, block, variant))
 
 

@@ -161,17 +161,20 @@ def test_wgmma_agrees_with_the_mma_kernel(variant, gpu):
     torch.testing.assert_close(wg.float(), mma.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("top_k", [8, 9, 16])
-def test_auto_at_b32_follows_top_k(top_k, gpu, monkeypatch, poisoned_empty):
-    """At B 32 "auto" launches the resident mma.sync tile kernel below k 9 and the wgmma kernel from k 9
-    (WGMMA_AUTO_MIN_KEYS), and either meets the oracle; GQA, a length that is not a multiple of B."""
-    q, k, v = gpu.inputs(2, 3001, 8, 2, 128, torch.bfloat16, seed=top_k)
+@pytest.mark.parametrize("top_k, heads, kv_heads", [(8, 2, 2), (9, 2, 2), (16, 4, 4), (2, 8, 2), (3, 8, 2)])
+def test_auto_at_b32_follows_top_k(top_k, heads, kv_heads, gpu, monkeypatch, poisoned_empty):
+    """At B 32 "auto" launches the resident mma.sync tile kernel below top_k G = 9 (G query heads per kv head) and
+    the wgmma kernel from there (WGMMA_AUTO_MIN_KEYS), and either meets the oracle; a length that is not a multiple
+    of B."""
+    q, k, v = gpu.inputs(2, 3001, heads, kv_heads, 128, torch.bfloat16, seed=top_k)
     topk = gpu.routing(q, k, 32, top_k, True)
     plans, real = [], A.launch
     monkeypatch.setattr(A, "launch", lambda plan: (plans.append(plan), real(plan))[-1])
     with poisoned_empty():
         out, lse = _run(q, k, v, 32, top_k, True, topk, variant="auto")
-    expected = "wgmma" if top_k * 32 >= A.WGMMA_AUTO_MIN_KEYS[(128, 32)] else "resident"
+    group = heads // kv_heads
+    expected = "wgmma" if top_k * 32 * group >= A.WGMMA_AUTO_MIN_KEYS[(128, 32)] else "resident"
+    assert expected == ("wgmma" if top_k * group >= 9 else "resident")  # the rule as the docstrings state it
     tile = set(A.kernel_names(torch.bfloat16, 128, 32, expected))
-    assert tile <= {p.kernel for p in plans}, f"k {top_k}: launched {sorted({p.kernel for p in plans})}"
-    gpu.check_forward(q, k, v, topk, 32, True, out, lse, label=f"auto B32 k{top_k}")
+    assert tile <= {p.kernel for p in plans}, f"k {top_k} G {group}: launched {sorted({p.kernel for p in plans})}"
+    gpu.check_forward(q, k, v, topk, 32, True, out, lse, label=f"auto B32 k{top_k} G{group}")

@@ -273,7 +273,7 @@ def run_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, se
     in_gb = 3 * q.numel() * q.element_size() / 1e9
     row = dict(workload=workload, batch=batch, seqlen=seqlen, heads=heads, head_dim=dim, block=block,
                top_k=top_k, causal=causal, dtype="bf16", routing="cuda",
-               variant=A.variant_label(dim, block, variant, q.device, top_k),
+               variant=A.variant_label(dim, block, variant, q.device, top_k, q.shape[2] // k.shape[2]),
                scratch_budget_bytes=A.forward_scratch_budget(batch, seqlen, heads, heads, dim))
 
     route = lambda: moba_topk_cuda(q, k, block, top_k, causal=causal)  # noqa: E731

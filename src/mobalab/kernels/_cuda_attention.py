@@ -29,9 +29,10 @@ it fits; the environment variable ``MOBALAB_ATTN_VARIANT`` sets the default, rea
 variant, *wgmma* (cuda/attention_wgmma.cu), keeps the block resident too, on Hopper warpgroup MMAs, for head dim
 128 and B in {32, 64, 128} on sm_90 GPUs only (two warpgroups on units of 16 tiles, the gathered rows three deep per
 warpgroup, the next tile's S = Q K^T running under the current tile's partial writes): same partials and merge;
-``"auto"`` takes it on an sm_90 GPU at B 64 and 128, and at B 32 from top_k 9. A fourth, *wgmma-ws*, is its
-warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two consumer warpgroups on the
-tiles of a unit, persistent CTAs: the grid is capped at the SM count), B in {64, 128}, opt-in.
+``"auto"`` takes it on an sm_90 GPU at B 64 and 128, and at B 32 from top_k G = 9 (G query heads per kv head). A
+fourth, *wgmma-ws*, is its warp-specialised form (a producer warpgroup loading with cp.async and mbarriers, two
+consumer warpgroups on the tiles of a unit, persistent CTAs: the grid is capped at the SM count), B in {64, 128},
+opt-in.
 
 Determinism: the lists come from a stable sort (equal keys keep their (head, query, slot) order: the counting
 sort of cuda/pairs.cu, or ``torch.sort`` where ``$MOBALAB_PAIR_SORT`` is "torch" or a chunk has more segments
@@ -90,14 +91,14 @@ WGMMA_BLOCK_SIZES = (32, 64, 128)  # the wgmma kernel's
 WS_BLOCK_SIZES = (64, 128)  # the wgmma-ws kernel's
 # Where "auto" takes the wgmma kernel on an sm_90 GPU: measured on an H200 (d 128, k 8, causal; RESULTS.md) it was
 # 1.20x faster than the mma.sync resident kernel at B 64 and 1.29-1.37x at B 128 (8K-64K), so both; at B 32 it was
-# 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel at small k. A
-# key block's list holds about k B rows per head, and the wgmma kernel's 16-tile units fill only with long lists: at
-# B 32 (H100, the attention forward with the routing given, 16K and 64K) the resident kernel stays 1.02x faster at
-# k 8, the wgmma kernel is 1.01-1.03x faster at k 9, 1.03-1.04x at k 10, 1.07x at k 12, 1.13x at k 16, 1.17-1.19x at
-# k 24 and 1.21x at k 32, so B 32 takes it from k B = 288 (k 9). Measured without GQA: with G query heads per kv
-# head a key block's list holds about k B G rows, which the rule does not count (the wgmma kernel may win below k 9
-# there: not measured).
-# (head dim, B): "auto" takes wgmma there from top_k * B = this (0: at every top_k)
+# 0.90-0.92x (the resident kernel runs three CTAs per SM there), so B 32 keeps the resident kernel for short lists.
+# A key block's list holds about k B G rows (G query heads per kv head), and the wgmma kernel's 16-tile units fill
+# only with long lists: at B 32 (H100, the attention forward with the routing given, 16K and 64K) the crossing lies
+# between k B G = 256 and 288 whatever G is. Without GQA the resident kernel stays 1.02x faster at k 8, the wgmma
+# kernel is 1.01-1.03x faster at k 9, 1.07x at k 12, 1.13x at k 16, 1.17-1.19x at k 24 and 1.21x at k 32; with G 2
+# 0.96-0.97x at k 4 (256), 1.025x at k 5 (320), 1.10-1.11x at k 8; with G 4 0.96x at k 2 (256), 1.03-1.05x at k 3
+# (384), 1.07-1.09x at k 4, 1.15-1.17x at k 8. So B 32 takes it from k B G = 288.
+# (head dim, B): "auto" takes wgmma there from top_k * B * G = this (0: at every top_k)
 WGMMA_AUTO_MIN_KEYS = {(128, 64): 0, (128, 128): 0, (128, 32): 288}
 WGMMA_ALIGN_BYTES = 1024  # the wgmma kernel aligns its swizzled tiles to 1024 bytes inside dynamic smem
 WS_THREADS = 384  # wgmma-ws: a producer and two consumer warpgroups (WS_THREADS in attention_wgmma.cuh)
@@ -279,21 +280,24 @@ def rows_per_unit(head_dim: int, block_size: int, variant: str | None = None) ->
     return ROWS * (TILES_PER_UNIT if resident(head_dim, block_size, variant) else 1)
 
 
-def device_variant(variant: str, head_dim: int, block_size: int, device, top_k: int | None = None) -> str:
+def device_variant(variant: str, head_dim: int, block_size: int, device, top_k: int | None = None,
+                   group: int = 1) -> str:
     """``variant`` (resolved) on ``device``: "auto" becomes "wgmma" on an sm_90 GPU at the shapes of
-    WGMMA_AUTO_MIN_KEYS where ``top_k * block_size`` reaches the shape's bound (``top_k`` None: only a bound of 0)."""
+    WGMMA_AUTO_MIN_KEYS where ``top_k * block_size * group`` (the rows of a key block's list per kv head, ``group``
+    query heads per kv head) reaches the shape's bound (``top_k`` None: only a bound of 0)."""
     if variant != "auto" or device is None or torch.device(device).type != "cuda":
         return variant
     min_keys = WGMMA_AUTO_MIN_KEYS.get((head_dim, block_size))
-    wanted = min_keys is not None and (top_k or 0) * block_size >= min_keys
+    wanted = min_keys is not None and (top_k or 0) * block_size * group >= min_keys
     return "wgmma" if wanted and _device_capability(device) == (9, 0) else variant
 
 
 def variant_label(head_dim: int, block_size: int, variant: str | None = None, device=None,
-                  top_k: int | None = None) -> str:
-    """The tile kernel that runs (on ``device`` and with ``top_k``, where given), in words: "wgmma", "wgmma-ws",
-    "resident" or "streaming"."""
-    variant = device_variant(resolve_variant(variant, head_dim, block_size), head_dim, block_size, device, top_k)
+                  top_k: int | None = None, group: int = 1) -> str:
+    """The tile kernel that runs (on ``device``, with ``top_k`` and ``group`` query heads per kv head, where given),
+    in words: "wgmma", "wgmma-ws", "resident" or "streaming"."""
+    variant = device_variant(resolve_variant(variant, head_dim, block_size), head_dim, block_size, device, top_k,
+                             group)
     if variant in WGMMA_VARIANTS:
         return variant
     return "resident" if resident(head_dim, block_size, variant) else "streaming"
@@ -496,9 +500,10 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel ("auto", "resident",
     "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128 (B 32 from top_k
-    9), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL`` ("16bit", default, or "fp32");
-    ``scratch_budget_bytes`` bounds the per-chunk scratch (None: :func:`forward_scratch_budget`). Returns ``out`` in
-    q's dtype and, with ``return_lse``, the natural-log ``lse`` (batch, seqlen, heads) in fp32.
+    times query heads per kv head = 9), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL``
+    ("16bit", default, or "fp32"); ``scratch_budget_bytes`` bounds the per-chunk scratch (None:
+    :func:`forward_scratch_budget`). Returns ``out`` in q's dtype and, with ``return_lse``, the natural-log ``lse``
+    (batch, seqlen, heads) in fp32.
 
     ``into`` (out, lse), contiguous fp32 tensors of shapes (batch, seqlen, heads, d) and (batch, seqlen,
     heads): the result is stored there in fp32 instead, or with ``fold`` combined by log-sum-exp with the
@@ -529,7 +534,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
     check_variant_device(fn, variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k, q.shape[2] // k.shape[2])
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
@@ -548,7 +553,7 @@ def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: f
     forward of a training step, whose entry has checked the inputs."""
     variant = resolve_variant(None, q.shape[-1], block_size)
     check_variant_device("moba_attention_cuda", variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k)
+    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k, q.shape[2] // k.shape[2])
     return _forward(q, k, v, block_size, top_k, causal, scale, True, topk, variant, None, resolve_partial(None), None,
                     False, keep_lists)
 
