@@ -533,8 +533,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     if keep_lists and (into is not None or not return_lse):
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
     C.check_cuda_device(fn, q)
-    check_variant_device(fn, variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k, q.shape[2] // k.shape[2])
+    variant = tile_variant(fn, variant, q, k, block_size, top_k)
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
                         scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
@@ -547,13 +546,20 @@ def check_variant_device(fn: str, variant: str, device) -> None:
                          f"{_device_capability(device)}")
 
 
+def tile_variant(fn: str, variant: str, q, k, block_size: int, top_k: int) -> str:
+    """The tile kernel that runs for these inputs: ``variant`` (resolved) refused where q's device cannot run it
+    (:func:`check_variant_device`), "auto" made concrete there by :func:`device_variant` with q's query heads per kv
+    head."""
+    check_variant_device(fn, variant, q.device)
+    return device_variant(variant, q.shape[-1], block_size, q.device, top_k, q.shape[2] // k.shape[2])
+
+
 def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: float, topk, keep_lists: bool):
     """(out, lse[, lists]) of :func:`moba_attention_cuda` given the routing ``topk`` (int32) for inputs it would
     accept, on q's device (the current one), the variant and the partial format from the environment: the
     forward of a training step, whose entry has checked the inputs."""
-    variant = resolve_variant(None, q.shape[-1], block_size)
-    check_variant_device("moba_attention_cuda", variant, q.device)
-    variant = device_variant(variant, q.shape[-1], block_size, q.device, top_k, q.shape[2] // k.shape[2])
+    variant = tile_variant("moba_attention_cuda", resolve_variant(None, q.shape[-1], block_size), q, k, block_size,
+                           top_k)
     return _forward(q, k, v, block_size, top_k, causal, scale, True, topk, variant, None, resolve_partial(None), None,
                     False, keep_lists)
 
