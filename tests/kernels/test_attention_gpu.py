@@ -186,7 +186,7 @@ def test_fp32_partial_fallback(dtype, dim, block, top_k, causal, seqlen, ratio, 
     out16, lse16, out32, lse32, plans = _both_formats(monkeypatch, q, k, v, topk, block, top_k, causal, variant,
                                                       poisoned_empty)
     # the fp32 run launched the fallback module's tile and merge kernels (those "auto" takes on this device)
-    names = set(A.kernel_names(dtype, dim, block, A.device_variant(variant, dim, block, q.device, top_k)))
+    names = set(A.kernel_names(dtype, dim, block, A.tile_variant("test", variant, q, k, block, top_k)))
     assert {p.defines for p in plans if p.kernel in names} == {A.partial_defines("fp32")}
     assert {p.kernel for p in plans} >= names
     label = f"{dtype} d{dim} B{block} k{top_k}"
