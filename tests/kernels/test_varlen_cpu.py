@@ -14,6 +14,8 @@ from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk, mo
 
 # B = 4: 13 is not a multiple, 3 is shorter than B, 0 is empty, 9 with top_k 3 has k >= n = 3
 LENGTHS = (13, 3, 0, 9, 22)
+# runs of one length, attended as batches: two 9s, three 8s with an empty sequence among them
+RUNS = (13, 3, 0, 9, 9, 22, 8, 8, 0, 8)
 
 
 def _packed(lengths, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
@@ -31,11 +33,12 @@ def _pieces(cu):
     return [(s, e) for s, e in zip(c[:-1], c[1:], strict=True)]
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads):
-    q, k, v, cu = _packed(LENGTHS, heads, kv_heads, seed=heads * 10 + kv_heads + causal)
-    out, lse = moba_attention_varlen(q, k, v, cu, max(LENGTHS), 4, 3, causal=causal, softmax_scale=0.4,
+def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, lengths):
+    q, k, v, cu = _packed(lengths, heads, kv_heads, seed=heads * 10 + kv_heads + causal)
+    out, lse = moba_attention_varlen(q, k, v, cu, max(lengths), 4, 3, causal=causal, softmax_scale=0.4,
                                      return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2]
     for s, e in _pieces(cu):
@@ -47,10 +50,11 @@ def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads):
         torch.testing.assert_close(lse[s:e], lo[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
 @pytest.mark.parametrize("causal", [True, False])
-def test_routing_is_local_to_each_sequence(causal):
-    q, k, _, cu = _packed(LENGTHS, seed=3 + causal)
-    sel = moba_topk_varlen(q, k, cu, max(LENGTHS), 4, 3, causal=causal)
+def test_routing_is_local_to_each_sequence(causal, lengths):
+    q, k, _, cu = _packed(lengths, seed=3 + causal)
+    sel = moba_topk_varlen(q, k, cu, max(lengths), 4, 3, causal=causal)
     assert sel.dtype == torch.int32 and sel.shape == (q.shape[0], q.shape[1], 3)
     for s, e in _pieces(cu):
         if e > s:
@@ -68,14 +72,15 @@ def test_routing_differs_from_packing_into_one_sequence():
     assert int(sel[16:].max()) <= 3
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradients_equal_each_sequence_alone(causal):
-    q, k, v, cu = _packed(LENGTHS, 4, 2, seed=7 + causal)
+def test_gradients_equal_each_sequence_alone(causal, lengths):
+    q, k, v, cu = _packed(lengths, 4, 2, seed=7 + causal)
     g = torch.Generator().manual_seed(11)
     w = torch.randn(q.shape, generator=g, dtype=q.dtype)
     w_lse = torch.randn(q.shape[:2], generator=g, dtype=q.dtype)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = moba_attention_varlen(*leaves, cu, max(LENGTHS), 4, 3, causal=causal, return_lse=True)
+    out, lse = moba_attention_varlen(*leaves, cu, max(lengths), 4, 3, causal=causal, return_lse=True)
     got = torch.autograd.grad((out * w).sum() + (lse * w_lse).sum(), leaves)
     want = [torch.zeros_like(x) for x in (q, k, v)]
     for s, e in _pieces(cu):
@@ -90,8 +95,17 @@ def test_gradients_equal_each_sequence_alone(causal):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
 
 
+def test_runs_of_one_length():
+    from mobalab.kernels._varlen import _runs
+
+    bounds = list(zip([0, 13, 16, 16, 25, 34, 56, 64, 72, 72], [13, 16, 16, 25, 34, 56, 64, 72, 72, 80], strict=True))
+    assert _runs(bounds) == [(0, 13, 1), (13, 16, 1), (16, 34, 2), (34, 56, 1), (56, 80, 3)]
+    assert _runs([(0, 0), (0, 0)]) == []
+    assert _runs([(0, 4), (4, 8), (8, 10), (10, 12)]) == [(0, 8, 2), (8, 12, 2)]
+
+
 def test_gradcheck():
-    q, k, v, cu = _packed((5, 0, 7), heads=2, kv_heads=1, dim=4, seed=13)
+    q, k, v, cu = _packed((5, 0, 5, 7), heads=2, kv_heads=1, dim=4, seed=13)
     leaves = tuple(x.requires_grad_() for x in (q, k, v))
     fn = lambda q, k, v: moba_attention_varlen(q, k, v, cu, 7, 3, 2, return_lse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -137,6 +151,8 @@ def test_torch_compile_fullgraph_cpu():
     # other lengths, same shapes: the compiled graph reads the new cu_seqlens values
     cu2 = torch.tensor([0, 30, 47], dtype=torch.int32)
     torch.testing.assert_close(compiled(q, k, v, cu2), f(q, k, v, cu2), rtol=0, atol=1e-12)
+    cu3 = torch.tensor([0, 20, 40, 47], dtype=torch.int32)  # a run of two sequences of 20: one batched call
+    torch.testing.assert_close(compiled(q, k, v, cu3), f(q, k, v, cu3), rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Packed variable-length MoBA through the CUDA kernels (GPU machine).
 
-The varlen op runs the single-sequence CUDA path on each sequence, so its forward (output, LSE, routing)
-must be bit-identical to ``moba_attention`` / ``moba_topk`` of each sequence alone, and so must its
-deterministic gradients; the default (atomic dQ) gradients agree within a bf16 rounding. Outputs and
-gradients are allocated poisoned (NaN), so an unwritten row fails. The output is also held to the fp32
+The varlen op runs the batched CUDA path on each run of consecutive sequences of one length (a single
+sequence where the lengths differ), so its forward (output, LSE, routing) must be bit-identical to
+``moba_attention`` / ``moba_topk`` of each sequence alone, and so must its deterministic gradients; the
+default (atomic dQ) gradients agree within a bf16 rounding. Outputs and gradients are allocated poisoned (NaN),
+so an unwritten row fails. The output is also held to the fp32
 torch reference on the rows whose routing the reference reproduces (bf16/fp16 tolerance).
 """
 
@@ -24,6 +25,10 @@ CASES = [
     ((513, 0, 0, 17, 1500), 4, 4, 64, 16, 8, False, torch.float16),
     ((4000, 127, 128, 129), 8, 1, 128, 128, 3, True, torch.bfloat16),
     ((90, 2500), 2, 2, 64, 32, 64, True, torch.bfloat16),
+    # runs of one length, attended as batches: 2048 x 2 (a multiple of B: a batch folded into one sequence),
+    # 600 x 3 with an empty sequence among them, 129 x 2
+    ((600, 600, 0, 600, 129, 129, 2048, 2048), 8, 2, 128, 128, 8, True, torch.bfloat16),
+    ((300, 300, 300, 77), 4, 4, 64, 32, 4, False, torch.float16),
 ]
 
 

@@ -5,8 +5,9 @@ warm-up, side by side in one process:
 
 1. **Varlen efficiency.** 16 sequences of mixed lengths (1K to 64K, 262144 tokens in all, :data:`MIXED_LENGTHS`)
    through :func:`mobalab.kernels.moba_attention_varlen`, against the same token count as an equal-length
-   batch (16 x 16K) through :func:`mobalab.kernels.moba_attention`, and that equal-length batch packed
-   through the varlen path (separates the cost of packing from the cost of the length mix). 16 heads,
+   batch (16 x 16K) through :func:`mobalab.kernels.moba_attention`, that equal-length batch packed
+   through the varlen path (one run of one length: a batched call), and 16 packed sequences of distinct lengths
+   near 16K (16K +- 128 i, i = 1..8: a call per sequence, the cost of packing without the length mix). 16 heads,
    d 128, B 128, k 8, causal, bf16; forward + backward (``torch.autograd.grad``). Useful work counts the
    routing and the selected tokens only, from the routing actually taken:
 
@@ -142,8 +143,16 @@ def _cu(lengths, device):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
+def _near_equal(equal: int, n: int) -> tuple[int, ...]:
+    """n distinct block-aligned lengths around ``equal`` with the same sum: equal +- BLOCK i, i = 1..n/2."""
+    half = [BLOCK * i for i in range(1, n // 2 + 1)]
+    lengths = [equal + d for d in half] + [equal - d for d in half] + [equal] * (n % 2)
+    return tuple(lengths)
+
+
 def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
-    """Forward + backward of the mixed-length batch, the equal-length batch, and the equal one packed."""
+    """Forward + backward of the mixed-length batch, the equal-length batch, the equal one packed, and distinct
+    lengths near the equal one packed."""
     from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk_varlen
 
     total = sum(MIXED_LENGTHS)
@@ -158,6 +167,8 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
         "varlen, mixed lengths": (MIXED_LENGTHS, lambda q, k, v, cu, m: moba_attention_varlen(
             q, k, v, cu, m, BLOCK, TOP_K)),
         "varlen, equal lengths": ((equal,) * n, lambda q, k, v, cu, m: moba_attention_varlen(
+            q, k, v, cu, m, BLOCK, TOP_K)),
+        "varlen, distinct lengths near equal": (_near_equal(equal, n), lambda q, k, v, cu, m: moba_attention_varlen(
             q, k, v, cu, m, BLOCK, TOP_K)),
         "batch, equal lengths": ((equal,) * n, lambda q, k, v, cu, m: moba_attention(
             *(x.view(n, equal, HEADS, HEAD_DIM) for x in (q, k, v)), BLOCK, TOP_K).view(total, HEADS, HEAD_DIM)),

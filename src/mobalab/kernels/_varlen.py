@@ -11,11 +11,13 @@ with the routing, the attention and the LSE exactly those of :func:`mobalab.kern
 sequence alone (see docs/design.md, "MoBA semantics"). Zero-length sequences are allowed and produce nothing.
 
 The work runs in the custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and
-``mobalab::moba_topk_varlen``: each reads ``cu_seqlens`` to the host once and calls the single-sequence ops
-``mobalab::moba_attention_fwd`` / ``mobalab::moba_attention_bwd`` per sequence (the CUDA kernels for CUDA
-tensors, the torch reference for CPU tensors). The forward saves the routing it used, so the backward neither
-routes again nor recomputes the forward. ``torch.compile`` sees one opaque op whose fake implementation gives
-the shapes, so the data-dependent sequence loop causes no graph break.
+``mobalab::moba_topk_varlen``: each reads ``cu_seqlens`` to the host once and calls the batched ops
+``mobalab::moba_attention_fwd`` / ``mobalab::moba_attention_bwd`` once per run of consecutive sequences of one
+length (:func:`_runs`: ``m`` such sequences are the rows of an ``(m, L, heads, d)`` view of the packed tensors,
+a batch of ``m`` independent MoBA problems), so packed equal-length sequences cost what the same batch costs
+(the CUDA kernels for CUDA tensors, the torch reference for CPU tensors). The forward saves the routing it used,
+so the backward neither routes again nor recomputes the forward. ``torch.compile`` sees one opaque op whose
+fake implementation gives the shapes, so the data-dependent sequence loop causes no graph break.
 """
 
 from __future__ import annotations
@@ -131,6 +133,27 @@ def _bounds(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None, fn: st
     return list(zip(cu[:-1], cu[1:], strict=True))
 
 
+def _runs(bounds: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, m) per run of ``m`` consecutive non-empty sequences of one length ``(end - start) / m``:
+    the packed rows ``[start, end)`` viewed as ``(m, L, ...)`` are those sequences as a batch (empty sequences
+    hold no rows, so the ones around them stay adjacent)."""
+    runs: list[list[int]] = []
+    for s, e in bounds:
+        if e == s:
+            continue
+        if runs and runs[-1][1] == s and (runs[-1][1] - runs[-1][0]) == runs[-1][2] * (e - s):
+            runs[-1][1] = e
+            runs[-1][2] += 1
+        else:
+            runs.append([s, e, 1])
+    return [(s, e, m) for s, e, m in runs]
+
+
+def _batch(x: torch.Tensor, s: int, e: int, m: int) -> torch.Tensor:
+    """Rows ``[s, e)`` of a packed tensor as a batch of ``m`` equal-length sequences (a view)."""
+    return x[s:e].view(m, (e - s) // m, *x.shape[1:])
+
+
 def _short(values: list[int]) -> str:
     return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:10]))}, ...] ({len(values)} values)"
 
@@ -169,15 +192,14 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
     topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
-    for s, e in bounds:
-        if e == s:
-            continue
-        # the sequence's kept key-block lists are dropped: this op saves only the routing for its backward
-        o, l, t, _ = fwd(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), v[s:e].unsqueeze(0), block_size, top_k, causal,
+    for s, e, m in _runs(bounds):
+        # the run's kept key-block lists are dropped: this op saves only the routing for its backward (as the
+        # batched op returns it, which its backward over the same run reads as it is)
+        o, l, t, _ = fwd(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal,
                          scale, deterministic)
-        out[s:e] = o[0]
-        lse[s:e] = l[0]
-        topk[s:e] = t[0]
+        out[s:e] = o.view(e - s, *o.shape[2:])
+        lse[s:e] = l.view(e - s, *l.shape[2:])
+        topk[s:e] = t.view(e - s, *t.shape[2:])
     return out, lse, topk
 
 
@@ -197,13 +219,11 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     _, bwd = _sequence_ops()
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     no_lists = torch.empty(0, dtype=torch.int64, device=q.device)  # the backward builds each sequence's lists
-    for s, e in bounds:
-        if e == s:
-            continue
-        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else x[s:e].unsqueeze(0)
+    for s, e, m in _runs(bounds):
+        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
                                            for x in (dout, dlse, q, k, v, out, lse, topk))
         g = bwd(do, dl, qs, ks, vs, os_, ls, ts, no_lists, block_size, top_k, causal, scale, deterministic)
-        dq[s:e], dk[s:e], dv[s:e] = g[0][0], g[1][0], g[2][0]
+        dq[s:e], dk[s:e], dv[s:e] = (x.view(e - s, *x.shape[2:]) for x in g)
     return dq, dk, dv
 
 
@@ -240,9 +260,9 @@ def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     total, heads, _ = q.shape
     bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_topk_varlen")
     topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
-    for s, e in bounds:
-        if e > s:
-            topk[s:e] = moba_topk(q[s:e].unsqueeze(0), k[s:e].unsqueeze(0), block_size, top_k, causal=causal)[0]
+    for s, e, m in _runs(bounds):
+        t = moba_topk(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, causal=causal)
+        topk[s:e] = t.view(e - s, *t.shape[2:])
     return topk
 
 
