@@ -197,9 +197,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
         # batched op returns it, which its backward over the same run reads as it is)
         o, l, t, _ = fwd(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal,
                          scale, deterministic)
-        out[s:e] = o.view(e - s, *o.shape[2:])
-        lse[s:e] = l.view(e - s, *l.shape[2:])
-        topk[s:e] = t.view(e - s, *t.shape[2:])
+        out[s:e] = o.reshape(e - s, *o.shape[2:])
+        lse[s:e] = l.reshape(e - s, *l.shape[2:])
+        topk[s:e] = t.reshape(e - s, *t.shape[2:])
     return out, lse, topk
 
 
@@ -223,7 +223,7 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
         do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
                                            for x in (dout, dlse, q, k, v, out, lse, topk))
         g = bwd(do, dl, qs, ks, vs, os_, ls, ts, no_lists, block_size, top_k, causal, scale, deterministic)
-        dq[s:e], dk[s:e], dv[s:e] = (x.view(e - s, *x.shape[2:]) for x in g)
+        dq[s:e], dk[s:e], dv[s:e] = (x.reshape(e - s, *x.shape[2:]) for x in g)
     return dq, dk, dv
 
 
@@ -262,7 +262,7 @@ def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
     for s, e, m in _runs(bounds):
         t = moba_topk(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, causal=causal)
-        topk[s:e] = t.view(e - s, *t.shape[2:])
+        topk[s:e] = t.reshape(e - s, *t.shape[2:])
     return topk
 
 
