@@ -102,6 +102,8 @@ def test_runs_of_one_length():
     assert _runs(bounds) == [(0, 13, 1), (13, 16, 1), (16, 34, 2), (34, 56, 1), (56, 80, 3)]
     assert _runs([(0, 0), (0, 0)]) == []
     assert _runs([(0, 4), (4, 8), (8, 10), (10, 12)]) == [(0, 8, 2), (8, 12, 2)]
+    # at most max_batch sequences a run (the CUDA kernels' largest batch)
+    assert _runs([(i, i + 1) for i in range(5)], max_batch=2) == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
 
 
 def test_gradcheck():

@@ -133,15 +133,17 @@ def _bounds(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None, fn: st
     return list(zip(cu[:-1], cu[1:], strict=True))
 
 
-def _runs(bounds: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+def _runs(bounds: list[tuple[int, int]], max_batch: int = C.CUDA_MAX_GRID_YZ) -> list[tuple[int, int, int]]:
     """(start, end, m) per run of ``m`` consecutive non-empty sequences of one length ``(end - start) / m``:
     the packed rows ``[start, end)`` viewed as ``(m, L, ...)`` are those sequences as a batch (empty sequences
-    hold no rows, so the ones around them stay adjacent)."""
+    hold no rows, so the ones around them stay adjacent). A run holds at most ``max_batch`` sequences, the
+    largest batch the CUDA kernels launch."""
     runs: list[list[int]] = []
     for s, e in bounds:
         if e == s:
             continue
-        if runs and runs[-1][1] == s and (runs[-1][1] - runs[-1][0]) == runs[-1][2] * (e - s):
+        if runs and runs[-1][1] == s and runs[-1][2] < max_batch and \
+                (runs[-1][1] - runs[-1][0]) == runs[-1][2] * (e - s):
             runs[-1][1] = e
             runs[-1][2] += 1
         else:
