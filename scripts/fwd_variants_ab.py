@@ -97,6 +97,7 @@ def main(argv=None) -> int:
         p.error(f"--top-k must be in 1..64 (the forward's top_k), got {a.top_k}")
     if a.kv_heads < 1 or 16 % a.kv_heads:
         p.error(f"--kv-heads must divide the 16 query heads (1, 2, 4, 8 or 16), got {a.kv_heads}")
+
     def point(name):
         return run_point(*POINTS[name], a.variants, a.rounds, top_k=a.top_k, kv_heads=a.kv_heads)
 

@@ -29,8 +29,8 @@ import torch
 
 from . import _contract as C
 
-# Registers the single-sequence ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per sequence.
-from . import autograd as _single_sequence_ops  # noqa: F401
+# Registers the batched ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per run of one length.
+from . import autograd as _attention_ops  # noqa: F401
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
@@ -161,7 +161,7 @@ def _short(values: list[int]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the single-sequence ops, called per sequence (registered by mobalab.kernels.autograd)
+# the batched ops, called per run of sequences of one length (registered by mobalab.kernels.autograd)
 
 
 def _op(name: str):
@@ -171,7 +171,7 @@ def _op(name: str):
     return getattr(torch.ops.mobalab, name).default
 
 
-def _sequence_ops():
+def _batched_ops():
     return _op("moba_attention_fwd"), _op("moba_attention_bwd")
 
 
@@ -189,7 +189,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     total, heads, _ = q.shape
     bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_attention_varlen")
-    fwd, _ = _sequence_ops()
+    fwd, _ = _batched_ops()
     # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
@@ -218,9 +218,9 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
             top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bounds = _bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)")
-    _, bwd = _sequence_ops()
+    _, bwd = _batched_ops()
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    no_lists = torch.empty(0, dtype=torch.int64, device=q.device)  # the backward builds each sequence's lists
+    no_lists = torch.empty(0, dtype=torch.int64, device=q.device)  # the backward builds each run's lists
     for s, e, m in _runs(bounds):
         do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
                                            for x in (dout, dlse, q, k, v, out, lse, topk))
