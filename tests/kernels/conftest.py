@@ -58,6 +58,16 @@ def poisoned_empty(monkeypatch):
     return ctx
 
 
+@pytest.fixture(params=["eager", "ops"])
+def varlen_entry(request, monkeypatch):
+    """Both entries of a ``moba_attention_varlen`` call: the eager autograd Function and the custom ops (what
+    ``torch.compile`` traces)."""
+    from mobalab.kernels import _varlen
+
+    monkeypatch.setattr(_varlen, "EAGER_FUNCTION", request.param == "eager")
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------------
 # the GPU case grids: every head dim, block size, dtype; causal and not; GQA 1/4/8; awkward seqlens;
 # top_k 1..64 (forward and backward share the rotation; the backward adds deterministic)

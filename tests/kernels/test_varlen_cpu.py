@@ -16,6 +16,8 @@ from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk, mo
 LENGTHS = (13, 3, 0, 9, 22)
 # runs of one length, attended as batches: two 9s, three 8s with an empty sequence among them
 RUNS = (13, 3, 0, 9, 9, 22, 8, 8, 0, 8)
+# one run holds every row (empty sequences aside): its batched outputs are the packed ones, with no copy
+ONE_RUN = (0, 9, 9, 0, 9)
 
 
 def _packed(lengths, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
@@ -33,10 +35,10 @@ def _pieces(cu):
     return [(s, e) for s, e in zip(c[:-1], c[1:], strict=True)]
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, lengths):
+def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, lengths, varlen_entry):
     q, k, v, cu = _packed(lengths, heads, kv_heads, seed=heads * 10 + kv_heads + causal)
     out, lse = moba_attention_varlen(q, k, v, cu, max(lengths), 4, 3, causal=causal, softmax_scale=0.4,
                                      return_lse=True)
@@ -50,7 +52,7 @@ def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, leng
         torch.testing.assert_close(lse[s:e], lo[0], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
 def test_routing_is_local_to_each_sequence(causal, lengths):
     q, k, _, cu = _packed(lengths, seed=3 + causal)
@@ -72,9 +74,9 @@ def test_routing_differs_from_packing_into_one_sequence():
     assert int(sel[16:].max()) <= 3
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, RUNS])
+@pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradients_equal_each_sequence_alone(causal, lengths):
+def test_gradients_equal_each_sequence_alone(causal, lengths, varlen_entry):
     q, k, v, cu = _packed(lengths, 4, 2, seed=7 + causal)
     g = torch.Generator().manual_seed(11)
     w = torch.randn(q.shape, generator=g, dtype=q.dtype)
@@ -95,6 +97,19 @@ def test_gradients_equal_each_sequence_alone(causal, lengths):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
 
 
+def test_gradient_of_the_lse_alone(varlen_entry):
+    # the output unused: its gradient arrives as None (not materialised) and counts as zero
+    q, k, v, cu = _packed(RUNS, seed=41)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    _, lse = moba_attention_varlen(*leaves, cu, 22, 4, 3, return_lse=True)
+    got = torch.autograd.grad(lse.sum(), leaves, allow_unused=True)
+    one = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = moba_attention_varlen(*one, cu, 22, 4, 3, return_lse=True)
+    want = torch.autograd.grad(lse.sum() + 0 * out.sum(), one)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+
+
 def test_runs_of_one_length():
     from mobalab.kernels._varlen import _runs
 
@@ -106,14 +121,14 @@ def test_runs_of_one_length():
     assert _runs([(i, i + 1) for i in range(5)], max_batch=2) == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
 
 
-def test_gradcheck():
+def test_gradcheck(varlen_entry):
     q, k, v, cu = _packed((5, 0, 5, 7), heads=2, kv_heads=1, dim=4, seed=13)
     leaves = tuple(x.requires_grad_() for x in (q, k, v))
     fn = lambda q, k, v: moba_attention_varlen(q, k, v, cu, 7, 3, 2, return_lse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-def test_low_precision_dtypes_and_no_sequences():
+def test_low_precision_dtypes_and_no_sequences(varlen_entry):
     q, k, v, cu = _packed((6, 10), dtype=torch.bfloat16, seed=17)
     out = moba_attention_varlen(q, k, v, cu, 10, 4, 2)
     assert out.dtype == torch.bfloat16

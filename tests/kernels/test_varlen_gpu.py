@@ -1,11 +1,12 @@
 """Packed variable-length MoBA through the CUDA kernels (GPU machine).
 
-The varlen op runs the batched CUDA path on each run of consecutive sequences of one length (a single
-sequence where the lengths differ), so its forward (output, LSE, routing) must be bit-identical to
-``moba_attention`` / ``moba_topk`` of each sequence alone, and so must its deterministic gradients; the
-default (atomic dQ) gradients agree within a bf16 rounding. Outputs and gradients are allocated poisoned (NaN),
-so an unwritten row fails. The output is also held to the fp32
-torch reference on the rows whose routing the reference reproduces (bf16/fp16 tolerance).
+The varlen call runs the batched CUDA path on each run of consecutive sequences of one length (a single
+sequence where the lengths differ), through either entry (the eager autograd Function, which keeps each run's
+key-block lists for the backward, and the custom ops, which build them again), so its forward (output, LSE,
+routing) must be bit-identical to ``moba_attention`` / ``moba_topk`` of each sequence alone, and so must its
+deterministic gradients; the default (atomic dQ) gradients agree within a bf16 rounding. Outputs and gradients
+are allocated poisoned (NaN), so an unwritten row fails. The output is also held to the fp32 torch reference on
+the rows whose routing the reference reproduces (bf16/fp16 tolerance).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ CASES = [
     # 600 x 3 with an empty sequence among them, 129 x 2
     ((600, 600, 0, 600, 129, 129, 2048, 2048), 8, 2, 128, 128, 8, True, torch.bfloat16),
     ((300, 300, 300, 77), 4, 4, 64, 32, 4, False, torch.float16),
+    # one run holds every row: the batch's outputs and gradients are the packed ones, with no copy
+    ((0, 2048, 2048, 0, 2048), 8, 2, 128, 128, 8, True, torch.bfloat16),
+    ((1000, 1000), 4, 4, 64, 64, 4, False, torch.float16),
 ]
 
 
@@ -46,7 +50,7 @@ def _pieces(cu):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_equals_each_sequence_alone(case, poisoned_empty):
+def test_forward_equals_each_sequence_alone(case, poisoned_empty, varlen_entry):
     lengths, heads, kv_heads, dim, block, top_k, causal, dtype = CASES[case]
     q, k, v, _, cu = _packed(lengths, heads, kv_heads, dim, dtype, seed=case)
     with poisoned_empty():
@@ -70,7 +74,7 @@ def test_forward_equals_each_sequence_alone(case, poisoned_empty):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gradients_equal_each_sequence_alone(case, poisoned_empty):
+def test_gradients_equal_each_sequence_alone(case, poisoned_empty, varlen_entry):
     lengths, heads, kv_heads, dim, block, top_k, causal, dtype = CASES[case]
     q, k, v, dout, cu = _packed(lengths, heads, kv_heads, dim, dtype, seed=100 + case)
     for deterministic in (True, False):

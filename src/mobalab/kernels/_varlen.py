@@ -10,14 +10,17 @@ its own MoBA problem: its blocks start at its first token, and nothing is routed
 with the routing, the attention and the LSE exactly those of :func:`mobalab.kernels.moba_attention` on that
 sequence alone (see docs/design.md, "MoBA semantics"). Zero-length sequences are allowed and produce nothing.
 
-The work runs in the custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and
-``mobalab::moba_topk_varlen``: each reads ``cu_seqlens`` to the host once and calls the batched ops
-``mobalab::moba_attention_fwd`` / ``mobalab::moba_attention_bwd`` once per run of consecutive sequences of one
-length (:func:`_runs`: ``m`` such sequences are the rows of an ``(m, L, heads, d)`` view of the packed tensors,
-a batch of ``m`` independent MoBA problems), so packed equal-length sequences cost what the same batch costs
-(the CUDA kernels for CUDA tensors, the torch reference for CPU tensors). The forward saves the routing it used,
-so the backward neither routes again nor recomputes the forward. ``torch.compile`` sees one opaque op whose
-fake implementation gives the shapes, so the data-dependent sequence loop causes no graph break.
+Each call reads ``cu_seqlens`` to the host once and runs the batched forward and backward bodies of
+:func:`mobalab.kernels.moba_attention` once per run of consecutive sequences of one length (:func:`_runs`: ``m``
+such sequences are the rows of an ``(m, L, heads, d)`` view of the packed tensors, a batch of ``m`` independent
+MoBA problems), so packed equal-length sequences cost what the same batch costs (the CUDA kernels for CUDA
+tensors, the torch reference for CPU tensors). The forward saves the routing it used, so the backward neither
+routes again nor recomputes the forward. Eager calls go through an autograd Function (:class:`_EagerVarlen`) that
+also keeps the runs and each run's key-block lists for the backward, as a batched training step does. Under
+``torch.compile`` the work runs in the custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and
+``mobalab::moba_topk_varlen``: one opaque op whose fake implementation gives the shapes, so the data-dependent
+sequence loop causes no graph break (its backward reads ``cu_seqlens`` again and builds the lists again, their
+sizes depending on values the fake implementation cannot see).
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ import numbers
 import torch
 
 from . import _contract as C
-
-# Registers the batched ops mobalab::moba_attention_fwd / _bwd that the varlen ops call per run of one length.
-from . import autograd as _attention_ops  # noqa: F401
+from .autograd import _bwd_impl, _fwd_impl, _no_lists
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
@@ -161,7 +162,53 @@ def _short(values: list[int]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the batched ops, called per run of sequences of one length (registered by mobalab.kernels.autograd)
+# the runs: the batched forward and backward bodies (mobalab.kernels.autograd) called once per run of one length
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, keep_lists):
+    """out, lse, routing over the packed rows and the kept key-block lists of each run (``keep_lists`` False: none
+    kept). One run holds every row (the sequences are of one length, empty ones aside), so its outputs are the
+    packed ones as they are; else each run's are copied into place."""
+    total, heads, _ = q.shape
+    done = [_fwd_impl(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal, scale,
+                      deterministic, keep=keep_lists) for s, e, m in runs]
+    lists = [d[3] for d in done]
+    if len(runs) == 1:
+        o, lse, t, _ = done[0]
+        return o.view(q.shape), lse.view(total, heads), t.view(total, heads, top_k), lists
+    # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
+    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
+    for (s, e, _), (o, l, t, _) in zip(runs, done, strict=True):
+        out[s:e] = o.reshape(e - s, *o.shape[2:])
+        lse[s:e] = l.reshape(e - s, *l.shape[2:])
+        topk[s:e] = t.reshape(e - s, *t.shape[2:])
+    return out, lse, topk, lists
+
+
+def _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, lists, block_size, top_k, causal, scale,
+                   deterministic):
+    """dq, dk, dv over the packed rows, each run's from the routing its forward took and the lists it kept
+    (``lists`` None: each run builds its own)."""
+    if lists is None:
+        lists = [_no_lists(q)] * len(runs)
+    grads = []
+    for (s, e, m), kept in zip(runs, lists, strict=True):
+        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
+                                           for x in (dout, dlse, q, k, v, out, lse, topk))
+        grads.append(_bwd_impl(do, dl, qs, ks, vs, os_, ls, ts, kept, block_size, top_k, causal, scale,
+                               deterministic))
+    if len(runs) == 1:
+        return tuple(g.view(x.shape) for g, x in zip(grads[0], (q, k, v), strict=True))
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    for (s, e, _), g in zip(runs, grads, strict=True):
+        dq[s:e], dk[s:e], dv[s:e] = (x.reshape(e - s, *x.shape[2:]) for x in g)
+    return dq, dk, dv
 
 
 def _op(name: str):
@@ -171,37 +218,52 @@ def _op(name: str):
     return getattr(torch.ops.mobalab, name).default
 
 
-def _batched_ops():
-    return _op("moba_attention_fwd"), _op("moba_attention_bwd")
+# --------------------------------------------------------------------------------------------------
+# eager calls: an autograd Function that keeps each run's lists and the runs themselves for its backward
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+class _EagerVarlen(torch.autograd.Function):
+    """The varlen forward and backward without the custom ops, for eager calls: the backward reads the runs the
+    forward found (no second host read of ``cu_seqlens``, which would wait for the GPU) and each run's key-block
+    lists (not built again), as a batched :func:`mobalab.kernels.moba_attention` step does. ``torch.compile``
+    traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
+        runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
+        keep = any(ctx.needs_input_grad[:3])  # the lists serve a backward only
+        out, lse, topk, lists = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, keep)
+        ctx.save_for_backward(q, k, v, out, lse, topk, *lists)
+        ctx.runs, ctx.params = runs, (block_size, top_k, causal, scale, deterministic)
+        ctx.mark_non_differentiable(topk)
+        ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None
+        return out, lse, topk
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dtopk):
+        q, k, v, out, lse, topk, *lists = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward_runs(dout, dlse, q, k, v, out, lse, topk, ctx.runs, lists, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+#: Eager calls take :class:`_EagerVarlen` (True) or the custom ops (False); under ``torch.compile`` the ops always.
+EAGER_FUNCTION = True
 
 
 # --------------------------------------------------------------------------------------------------
-# the custom ops
+# the custom ops (what torch.compile sees)
 
 
 @torch.library.custom_op("mobalab::moba_attention_varlen_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
             block_size: int, top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    total, heads, _ = q.shape
-    bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_attention_varlen")
-    fwd, _ = _batched_ops()
-    # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
-    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
-    for s, e, m in _runs(bounds):
-        # the run's kept key-block lists are dropped: this op saves only the routing for its backward (as the
-        # batched op returns it, which its backward over the same run reads as it is)
-        o, l, t, _ = fwd(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal,
-                         scale, deterministic)
-        out[s:e] = o.reshape(e - s, *o.shape[2:])
-        lse[s:e] = l.reshape(e - s, *l.shape[2:])
-        topk[s:e] = t.reshape(e - s, *t.shape[2:])
+    runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
+    # the runs' lists are dropped: their number and lengths depend on cu_seqlens's values, which the op's
+    # fake implementation cannot give; the backward builds them again
+    out, lse, topk, _ = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, False)
     return out, lse, topk
 
 
@@ -217,16 +279,9 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
             out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
             top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bounds = _bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)")
-    _, bwd = _batched_ops()
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    no_lists = torch.empty(0, dtype=torch.int64, device=q.device)  # the backward builds each run's lists
-    for s, e, m in _runs(bounds):
-        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
-                                           for x in (dout, dlse, q, k, v, out, lse, topk))
-        g = bwd(do, dl, qs, ks, vs, os_, ls, ts, no_lists, block_size, top_k, causal, scale, deterministic)
-        dq[s:e], dk[s:e], dv[s:e] = (x.reshape(e - s, *x.shape[2:]) for x in g)
-    return dq, dk, dv
+    runs = _runs(_bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)"))
+    return _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, None, block_size, top_k, causal, scale,
+                          deterministic)
 
 
 @_bwd_op.register_fake
@@ -326,8 +381,12 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     scale = _check_scale(softmax_scale, q.shape[-1], fn)
     _check_bool("return_lse", return_lse, fn)
     _check_bool("deterministic", deterministic, fn)
-    out, lse, _ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal,
-                                                   scale, deterministic)
+    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+        out, lse, _ = _EagerVarlen.apply(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale,
+                                         deterministic)
+    else:
+        out, lse, _ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal,
+                                                       scale, deterministic)
     if return_lse:
         return out, lse
     return out

@@ -84,18 +84,18 @@ def _routing(q, k, block_size, top_k, causal, deterministic):
                                  fold=_folded(q, k, block_size, top_k, deterministic))
 
 
-def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=None):
+def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=None, keep=True):
     """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists.
 
     The routing is the one the attention read (:func:`_routing`; given as ``topk`` where the caller launched it
-    already), which the backward reads as it is."""
+    already), which the backward reads as it is. ``keep`` False: no lists kept (a caller with no backward)."""
     if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
         from ._cuda_attention import forward_checked
 
         with on_device(q.device):
             if topk is None:
                 topk = _routing(q, k, block_size, top_k, causal, deterministic)
-            keep = _lists_numel(q, k, block_size, top_k, deterministic) > 0
+            keep = keep and _lists_numel(q, k, block_size, top_k, deterministic) > 0
             # a folded batch's routing is numbered for it already
             view = _as_one if _folded(q, k, block_size, top_k, deterministic) else _as_is
             out, lse, *lists = forward_checked(view(q), view(k), view(v), block_size, top_k, causal, scale,
