@@ -133,9 +133,11 @@ def test_low_precision_dtypes_and_no_sequences(varlen_entry):
     out = moba_attention_varlen(q, k, v, cu, 10, 4, 2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out[6:], moba_attention(q[6:][None], k[6:][None], v[6:][None], 4, 2)[0])
-    empty = q[:0]
-    out = moba_attention_varlen(empty, k[:0], v[:0], torch.zeros(1, dtype=torch.int32), 0, 4, 2)
+    empty = [x[:0].clone().requires_grad_() for x in (q, k, v)]
+    out = moba_attention_varlen(*empty, torch.zeros(3, dtype=torch.int32), 0, 4, 2)  # two empty sequences
     assert out.shape == (0, *q.shape[1:])
+    grads = torch.autograd.grad(out.sum(), empty)
+    assert [g.shape for g in grads] == [x.shape for x in empty]
 
 
 def test_opcheck_of_the_ops():

@@ -14,13 +14,13 @@ Each call reads ``cu_seqlens`` to the host once and runs the batched forward and
 :func:`mobalab.kernels.moba_attention` once per run of consecutive sequences of one length (:func:`_runs`: ``m``
 such sequences are the rows of an ``(m, L, heads, d)`` view of the packed tensors, a batch of ``m`` independent
 MoBA problems), so packed equal-length sequences cost what the same batch costs (the CUDA kernels for CUDA
-tensors, the torch reference for CPU tensors). The forward saves the routing it used, so the backward neither
-routes again nor recomputes the forward. Eager calls go through an autograd Function (:class:`_EagerVarlen`) that
-also keeps the runs and each run's key-block lists for the backward, as a batched training step does. Under
-``torch.compile`` the work runs in the custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and
-``mobalab::moba_topk_varlen``: one opaque op whose fake implementation gives the shapes, so the data-dependent
-sequence loop causes no graph break (its backward reads ``cu_seqlens`` again and builds the lists again, their
-sizes depending on values the fake implementation cannot see).
+tensors, the torch reference for CPU tensors). As in a batched training step, the forward keeps for the backward
+the routing it used and each run's key-block lists, and the runs themselves, so the backward neither routes
+again, nor sorts again, nor waits for the GPU to read ``cu_seqlens`` a second time. Eager calls go through an
+autograd Function (:class:`_EagerVarlen`, no custom-op dispatch on the host's path); ``torch.compile`` sees the
+custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and ``mobalab::moba_topk_varlen``, opaque nodes
+whose fake implementations give the shapes (the lists' length and the number of runs as sizes that depend on
+data), so the data-dependent sequence loop causes no graph break.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numbers
 import torch
 
 from . import _contract as C
-from .autograd import _bwd_impl, _fwd_impl, _no_lists
+from .autograd import _bwd_impl, _fwd_impl, _lists_numel, _no_lists
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
@@ -193,10 +193,7 @@ def _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic
 
 def _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, lists, block_size, top_k, causal, scale,
                    deterministic):
-    """dq, dk, dv over the packed rows, each run's from the routing its forward took and the lists it kept
-    (``lists`` None: each run builds its own)."""
-    if lists is None:
-        lists = [_no_lists(q)] * len(runs)
+    """dq, dk, dv over the packed rows, each run's from the routing its forward took and the lists it kept."""
     grads = []
     for (s, e, m), kept in zip(runs, lists, strict=True):
         do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
@@ -219,14 +216,13 @@ def _op(name: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# eager calls: an autograd Function that keeps each run's lists and the runs themselves for its backward
+# eager calls
 
 
 class _EagerVarlen(torch.autograd.Function):
-    """The varlen forward and backward without the custom ops, for eager calls: the backward reads the runs the
-    forward found (no second host read of ``cu_seqlens``, which would wait for the GPU) and each run's key-block
-    lists (not built again), as a batched :func:`mobalab.kernels.moba_attention` step does. ``torch.compile``
-    traces the custom ops instead."""
+    """The varlen forward and backward without the custom ops, for eager calls (a custom op's dispatch costs the
+    host time before the first launch); each run's lists stay separate tensors, with no copy end to end.
+    ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
@@ -258,51 +254,61 @@ EAGER_FUNCTION = True
 
 @torch.library.custom_op("mobalab::moba_attention_varlen_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            block_size: int, top_k: int, causal: bool, scale: float,
-            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            block_size: int, top_k: int, causal: bool, scale: float, deterministic: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out, lse, routing, the runs' kept key-block lists end to end, and the runs as a host tensor (start, end,
+    m per run) for the backward, which so reads ``cu_seqlens`` no second time."""
     runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
-    # the runs' lists are dropped: their number and lengths depend on cu_seqlens's values, which the op's
-    # fake implementation cannot give; the backward builds them again
-    out, lse, topk, _ = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, False)
-    return out, lse, topk
+    out, lse, topk, lists = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, True)
+    joined = lists[0] if len(lists) == 1 else torch.cat(lists) if lists else _no_lists(q)
+    return out, lse, topk, joined, torch.tensor(runs, dtype=torch.int64).reshape(-1)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
     total, heads, _ = q.shape
+    ctx = torch.library.get_ctx()  # the lists' length and the number of runs follow cu_seqlens's values
     return (q.new_empty(q.shape), q.new_empty((total, heads), dtype=_lse_dtype(q)),
-            q.new_empty((total, heads, top_k), dtype=torch.int32))
+            q.new_empty((total, heads, top_k), dtype=torch.int32),
+            q.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64),
+            torch.empty((ctx.new_dynamic_size(),), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("mobalab::moba_attention_varlen_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
-            top_k: int, causal: bool, scale: float,
+            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, lists: torch.Tensor, runs: torch.Tensor,
+            block_size: int, top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    runs = _runs(_bounds(cu_seqlens, q.shape[0], None, "moba_attention_varlen (backward)"))
-    return _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, None, block_size, top_k, causal, scale,
-                          deterministic)
+    flat = runs.tolist()  # a host tensor: no wait for the GPU
+    spans = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+    # each run's lists have the length its shapes give (the forward kept them by the same rule)
+    sizes = [_lists_numel(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, deterministic)
+             for s, e, m in spans]
+    if sum(sizes) != lists.numel():
+        raise RuntimeError(f"moba_attention_varlen (backward): the forward kept {lists.numel()} list entries, "
+                           f"its runs' shapes give {sum(sizes)}")
+    return _backward_runs(dout, dlse, q, k, v, out, lse, topk, spans, list(torch.split(lists, sizes)), block_size,
+                          top_k, causal, scale, deterministic)
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size, top_k, causal, scale, deterministic):
+def _(dout, dlse, q, k, v, out, lse, topk, lists, runs, block_size, top_k, causal, scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, _, block_size, top_k, causal, scale, deterministic = inputs
-    out, lse, topk = output
-    ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, topk)
+    q, k, v, _, _, block_size, top_k, causal, scale, deterministic = inputs
+    out, lse, topk, lists, runs = output
+    ctx.save_for_backward(q, k, v, out, lse, topk, lists, runs)
     ctx.params = (block_size, top_k, causal, scale, deterministic)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse, dtopk):
-    q, k, v, cu_seqlens, out, lse, topk = ctx.saved_tensors
-    block_size, top_k, causal, scale, deterministic = ctx.params
+def _backward(ctx, dout, dlse, dtopk, dlists, druns):
+    q, k, v, out, lse, topk, lists, runs = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, cu_seqlens, block_size,
-                                                 top_k, causal, scale, deterministic)
+    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, lists, runs, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -385,8 +391,8 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
         out, lse, _ = _EagerVarlen.apply(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale,
                                          deterministic)
     else:
-        out, lse, _ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal,
-                                                       scale, deterministic)
+        out, lse, *_ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k,
+                                                        causal, scale, deterministic)
     if return_lse:
         return out, lse
     return out
