@@ -225,5 +225,5 @@ def test_bad_max_seqlen_and_arguments():
 
 def test_cu_seqlens_on_another_device():
     meta = torch.tensor([0, 47], dtype=torch.int32, device="meta")
-    with pytest.raises(ValueError, match="cu_seqlens is on meta but q is on cpu"):
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but q is on cpu; it must be on q's device or on"):
         _call(meta)

@@ -174,7 +174,7 @@ def _unpadding(mask: torch.Tensor):
         raise ValueError(f"moba attention: row {bad[0]} of the attention mask has padding between tokens; only "
                          "left or right padding (each row's tokens one contiguous run) can be unpadded into "
                          "sequences")
-    lengths = mask.sum(1)
+    lengths = mask.sum(1).cpu()  # cu_seqlens on the host: the attention reads it without waiting for the GPU
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     return mask.reshape(-1).nonzero().flatten(), cu_seqlens, int(lengths.max())
 
@@ -191,18 +191,17 @@ def _restarts(position_ids, batch: int, seqlen: int):
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     if not bool(starts[:, 1:].any()):
         return None
-    first = starts.reshape(-1).nonzero().flatten()
-    end = torch.tensor([batch * seqlen], dtype=first.dtype, device=first.device)
-    cu_seqlens = torch.cat([first, end]).to(torch.int32)
+    first = starts.reshape(-1).nonzero().flatten().cpu()  # on the host: read by the attention without a wait
+    cu_seqlens = torch.cat([first, torch.tensor([batch * seqlen], dtype=first.dtype)]).to(torch.int32)
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-def _given_cu_seqlens(kwargs, total: int, device):
+def _given_cu_seqlens(kwargs, total: int):
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_k is not None and (cu_k.shape != cu_q.shape or not bool(torch.equal(cu_k.to(cu_q.device), cu_q))):
         raise ValueError("moba attention: cu_seq_lens_k differs from cu_seq_lens_q; MoBA is self-attention over the "
                          "same packed tokens")
-    cu = cu_q.to(device=device, dtype=torch.int32)
+    cu = cu_q.to(device="cpu", dtype=torch.int32)  # on the host: read by the attention without a wait
     max_len = kwargs.get("max_length_q")
     max_len = int(cu.diff().max()) if max_len is None or cu.numel() < 2 else int(max_len)
     if int(cu[-1]) != total:
@@ -279,7 +278,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     if kwargs.get("cu_seq_lens_q") is not None:
         if q_len != kv_len:
             raise ValueError("moba attention: cu_seq_lens_q together with a KV cache is not supported")
-        cu, max_len = _given_cu_seqlens(kwargs, total, q.device)
+        cu, max_len = _given_cu_seqlens(kwargs, total)
         out = moba_attention_varlen(flat(q), flat(k), flat(v), cu, max_len, **common, deterministic=deterministic)
         out = out.view(batch, kv_len, heads, dim)
     elif mask is not None:

@@ -89,9 +89,9 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{fn}: cu_seqlens must be 1-D of shape (batch + 1,) starting at 0, "
                          f"got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
-                         "they must be on the same device")
+    if cu_seqlens.device != q.device and cu_seqlens.device.type != "cpu":
+        raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; it must be on q's "
+                         "device or on the CPU")
     max_seqlen = _check_int("max_seqlen", max_seqlen, fn, 0)
     block_size = _check_int("block_size", block_size, fn, 1)
     top_k = _check_int("top_k", top_k, fn, 1)
@@ -353,9 +353,10 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     ----------
     q : Tensor (total_tokens, heads, head_dim)
     k, v : Tensor (total_tokens, kv_heads, head_dim), ``heads % kv_heads == 0``
-    cu_seqlens : int32 Tensor (batch + 1,) on q's device
+    cu_seqlens : int32 Tensor (batch + 1,) on q's device or on the CPU
         Cumulative sequence lengths: 0, then non-decreasing, ending at ``total_tokens``. Zero-length
-        sequences are allowed.
+        sequences are allowed. The call reads them on the host once: a CPU tensor is read without waiting for
+        the GPU to finish the work queued before the call.
     max_seqlen : int
         At least the longest sequence (checked).
     block_size, top_k, causal, softmax_scale, return_lse, deterministic
