@@ -48,6 +48,14 @@ def test_markdown_report():
     text = varlen.markdown(kernels, model, {"cuda_device": "GPU", "git_commit": "abc1234"})
     assert "| run | useful_tflops | vs_equal_batch |" in text and "| varlen, mixed lengths | 1.5 | 0.95 |" in text
     assert "| moba | 32768 | 12.5 |" in text and "abc1234" in text
+    alone = varlen.markdown(kernels, [], {"cuda_device": "GPU"})  # --kernels-only: no empty model table
+    assert "| varlen, mixed lengths | 1.5 | 0.95 |" in alone and "Training step" not in alone
+
+
+def test_hf_only_and_kernels_only_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        varlen.main(["--hf-only", "--kernels-only"])
+    assert "--hf-only and --kernels-only exclude each other" in capsys.readouterr().err
 
 
 def test_main_without_a_gpu_says_so(capsys, monkeypatch):

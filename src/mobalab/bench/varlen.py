@@ -24,11 +24,12 @@ warm-up, side by side in one process:
 
 Writes ``varlen_kernels.csv``, ``varlen_model.csv``, ``varlen.md`` and ``varlen_env.json`` under ``--out``.
 ``--quick`` (a smoke run, under 2 minutes on an H200): fewer repetitions and the model at 32K only.
-``--hf-only`` runs the model step alone (no kernel table); ``--hf-lengths 32K,128K`` sets its context lengths
-(with or without ``--quick``). ``--hf-generate 32K,128K`` runs only the generation table (``generation.csv``,
-``generation.md``): the time per new token after a prompt of each length, MoBA through ``MobaCache`` (each step
-``moba_decode``) against MoBA through transformers' dynamic cache and SDPA. A training step that runs out of GPU
-memory is a row that says so (``step_ms`` NaN, ``note`` "out of memory"), and the other rows still run.
+``--hf-only`` runs the model step alone (no kernel table), ``--kernels-only`` the kernel table alone;
+``--hf-lengths 32K,128K`` sets the model's context lengths (with or without ``--quick``). ``--hf-generate
+32K,128K`` runs only the generation table (``generation.csv``, ``generation.md``): the time per new token after a
+prompt of each length, MoBA through ``MobaCache`` (each step ``moba_decode``) against MoBA through transformers'
+dynamic cache and SDPA. A training step that runs out of GPU memory is a row that says so (``step_ms`` NaN,
+``note`` "out of memory"), and the other rows still run.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def markdown(kernels: list[dict], model: list[dict], env: dict, generation: list[dict] | None = None) -> str:
-    """The report: environment line, the kernel table (left out when there are no kernel rows), the model table,
+    """The report: environment line, the kernel table and the model table (each left out when it has no rows),
     and the generation table when there is one."""
     title = "Packed variable-length MoBA" if kernels else "MoBA in a transformers model"
     head = (f"# {title}\n\n{env.get('cuda_device')} ({env.get('cuda_sms')} SMs), torch "
@@ -365,9 +366,11 @@ def markdown(kernels: list[dict], model: list[dict], env: dict, generation: list
     if kernels:
         head += (f"\n## Forward + backward, {sum(MIXED_LENGTHS)} tokens, {HEADS} heads, d {HEAD_DIM}, B {BLOCK}, "
                  f"k {TOP_K}, causal, bf16\n\n{_table(kernels)}\n")
-    text = (f"{head}\n## Training step, tiny Llama "
-            f"({MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads, d {MODEL['head_dim']})"
-            f"\n\n{_table(model)}\n")
+    text = head
+    if model:
+        text += (f"\n## Training step, tiny Llama "
+                 f"({MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} heads, d {MODEL['head_dim']})"
+                 f"\n\n{_table(model)}\n")
     if generation:
         text += (f"\n## Generation, tiny Llama, batch 1, B {BLOCK}, k {TOP_K}: ms per new token after the prompt\n\n"
                  f"{_table(generation)}\n")
@@ -388,12 +391,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, the model at 32K only")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--hf-only", action="store_true", help="only the transformers training step (no kernel table)")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernel table (no transformers model)")
     p.add_argument("--hf-lengths", type=_lengths_arg, default=None, metavar="N,N,...",
                    help="context lengths of the training step, e.g. 32K,128K (default: 32K and 128K; --quick: 32K)")
     p.add_argument("--hf-generate", type=_lengths_arg, default=None, metavar="N,N,...",
                    help="only the generation table: ms per new token after prompts of these lengths, MoBA with "
                         "MobaCache / with the dynamic cache / SDPA (e.g. 32K,128K)")
     args = p.parse_args(argv)
+    if args.hf_only and args.kernels_only:
+        p.error("--hf-only and --kernels-only exclude each other")
     from mobalab.kernels import gpu_available
 
     if not gpu_available():
@@ -430,7 +436,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "varlen.md"), "w") as f:
             f.write(markdown(kernels, model, env))
 
-    model = model_rows(args.quick, lengths=args.hf_lengths, on_row=save)
+    model = [] if args.kernels_only else model_rows(args.quick, lengths=args.hf_lengths, on_row=save)
+    if not model:
+        save(model)
     print(markdown(kernels, model, env))
     return 0
 
