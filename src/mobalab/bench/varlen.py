@@ -431,15 +431,18 @@ def main(argv=None) -> int:
     if kernels:
         _write_csv(os.path.join(args.out, "varlen_kernels.csv"), kernels)
 
+    def report(model) -> str:
+        text = markdown(kernels, model, env)
+        with open(os.path.join(args.out, "varlen.md"), "w") as f:
+            f.write(text)
+        return text
+
     def save(model):  # after every model row: a run cut short keeps what it measured
         _write_csv(os.path.join(args.out, "varlen_model.csv"), model)
-        with open(os.path.join(args.out, "varlen.md"), "w") as f:
-            f.write(markdown(kernels, model, env))
+        report(model)
 
     model = [] if args.kernels_only else model_rows(args.quick, lengths=args.hf_lengths, on_row=save)
-    if not model:
-        save(model)
-    print(markdown(kernels, model, env))
+    print(report(model))
     return 0
 
 

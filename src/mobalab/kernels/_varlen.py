@@ -31,7 +31,7 @@ import numbers
 import torch
 
 from . import _contract as C
-from .autograd import _bwd_impl, _fwd_impl, _lists_numel, _no_lists
+from .autograd import _bwd_impl, _fwd_impl, _no_lists
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
@@ -169,26 +169,28 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _packed(parts, runs, shape, dtype, device) -> torch.Tensor:
+    """The runs' batched results (each ``(m, L, ...)``) as one packed tensor of ``shape``: where one run holds every
+    row (sequences of one length, empty ones aside) its result as it is, else each copied into place."""
+    if len(runs) == 1:
+        return parts[0].view(shape)
+    # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for (s, e, _), part in zip(runs, parts, strict=True):
+        out[s:e] = part.reshape(e - s, *part.shape[2:])
+    return out
+
+
 def _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, keep_lists):
     """out, lse, routing over the packed rows and the kept key-block lists of each run (``keep_lists`` False: none
-    kept). One run holds every row (the sequences are of one length, empty ones aside), so its outputs are the
-    packed ones as they are; else each run's are copied into place."""
+    kept)."""
     total, heads, _ = q.shape
     done = [_fwd_impl(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal, scale,
                       deterministic, keep=keep_lists) for s, e, m in runs]
-    lists = [d[3] for d in done]
-    if len(runs) == 1:
-        o, lse, t, _ = done[0]
-        return o.view(q.shape), lse.view(total, heads), t.view(total, heads, top_k), lists
-    # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((total, heads), dtype=_lse_dtype(q), device=q.device)
-    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
-    for (s, e, _), (o, l, t, _) in zip(runs, done, strict=True):
-        out[s:e] = o.reshape(e - s, *o.shape[2:])
-        lse[s:e] = l.reshape(e - s, *l.shape[2:])
-        topk[s:e] = t.reshape(e - s, *t.shape[2:])
-    return out, lse, topk, lists
+    outs, lses, topks, lists = ([d[i] for d in done] for i in range(4))
+    return (_packed(outs, runs, q.shape, q.dtype, q.device),
+            _packed(lses, runs, (total, heads), _lse_dtype(q), q.device),
+            _packed(topks, runs, (total, heads, top_k), torch.int32, q.device), lists)
 
 
 def _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, lists, block_size, top_k, causal, scale,
@@ -200,12 +202,7 @@ def _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, lists, block_size,
                                            for x in (dout, dlse, q, k, v, out, lse, topk))
         grads.append(_bwd_impl(do, dl, qs, ks, vs, os_, ls, ts, kept, block_size, top_k, causal, scale,
                                deterministic))
-    if len(runs) == 1:
-        return tuple(g.view(x.shape) for g, x in zip(grads[0], (q, k, v), strict=True))
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    for (s, e, _), g in zip(runs, grads, strict=True):
-        dq[s:e], dk[s:e], dv[s:e] = (x.reshape(e - s, *x.shape[2:]) for x in g)
-    return dq, dk, dv
+    return tuple(_packed([g[i] for g in grads], runs, x.shape, x.dtype, x.device) for i, x in enumerate((q, k, v)))
 
 
 def _op(name: str):
@@ -257,11 +254,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
             block_size: int, top_k: int, causal: bool, scale: float, deterministic: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out, lse, routing, the runs' kept key-block lists end to end, and the runs as a host tensor (start, end,
-    m per run) for the backward, which so reads ``cu_seqlens`` no second time."""
+    m and the length of its lists per run) for the backward, which so reads ``cu_seqlens`` no second time."""
     runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
     out, lse, topk, lists = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, True)
     joined = lists[0] if len(lists) == 1 else torch.cat(lists) if lists else _no_lists(q)
-    return out, lse, topk, joined, torch.tensor(runs, dtype=torch.int64).reshape(-1)
+    record = [(*run, kept.numel()) for run, kept in zip(runs, lists, strict=True)]
+    return out, lse, topk, joined, torch.tensor(record, dtype=torch.int64).reshape(-1)
 
 
 @_fwd_op.register_fake
@@ -279,14 +277,8 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
             out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, lists: torch.Tensor, runs: torch.Tensor,
             block_size: int, top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flat = runs.tolist()  # a host tensor: no wait for the GPU
-    spans = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
-    # each run's lists have the length its shapes give (the forward kept them by the same rule)
-    sizes = [_lists_numel(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, deterministic)
-             for s, e, m in spans]
-    if sum(sizes) != lists.numel():
-        raise RuntimeError(f"moba_attention_varlen (backward): the forward kept {lists.numel()} list entries, "
-                           f"its runs' shapes give {sum(sizes)}")
+    record = runs.view(-1, 4).tolist()  # a host tensor: no wait for the GPU
+    spans, sizes = [tuple(r[:3]) for r in record], [r[3] for r in record]
     return _backward_runs(dout, dlse, q, k, v, out, lse, topk, spans, list(torch.split(lists, sizes)), block_size,
                           top_k, causal, scale, deterministic)
 
@@ -321,12 +313,9 @@ def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     from . import moba_topk
 
     total, heads, _ = q.shape
-    bounds = _bounds(cu_seqlens, total, max_seqlen, "moba_topk_varlen")
-    topk = torch.empty((total, heads, top_k), dtype=torch.int32, device=q.device)
-    for s, e, m in _runs(bounds):
-        t = moba_topk(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, causal=causal)
-        topk[s:e] = t.reshape(e - s, *t.shape[2:])
-    return topk
+    runs = _runs(_bounds(cu_seqlens, total, max_seqlen, "moba_topk_varlen"))
+    parts = [moba_topk(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, causal=causal) for s, e, m in runs]
+    return _packed(parts, runs, (total, heads, top_k), torch.int32, q.device)
 
 
 @_topk_op.register_fake
