@@ -16,6 +16,22 @@ def test_mixed_lengths_workload():
     assert any(n % varlen.BLOCK for n in lengths)  # some sequences end in a partial block
 
 
+def test_short_documents_workload():
+    docs = varlen.short_documents(262144, seed=0)
+    assert sum(docs) == 262144 and docs == varlen.short_documents(262144, seed=0)
+    assert all(64 <= n <= 4096 for n in docs[:-1]) and 1 <= docs[-1] <= 4096 and len(docs) > 100
+    assert docs != varlen.short_documents(262144, seed=1)
+
+
+def test_calls_per_run_switches_grouping_off_and_back():
+    from mobalab.kernels import _varlen
+
+    before = _varlen.RUN_COST
+    with varlen._calls_per_run():
+        assert _varlen.RUN_COST == 0
+    assert _varlen.RUN_COST == before > 0
+
+
 def _brute_force(topk, cu, block, dim, causal):
     routing = attention = 0
     c = cu.tolist()

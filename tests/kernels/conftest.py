@@ -282,3 +282,14 @@ class GpuOracle:
 @pytest.fixture
 def gpu() -> type[GpuOracle]:
     return GpuOracle
+
+
+@pytest.fixture(params=["default", "runs", "pad-all"])
+def varlen_grouping(request, monkeypatch):
+    """How a varlen call batches its sequences: the cost model's choice, every run of one length a call of its
+    own, or every causal sequence in one zero-padded batch."""
+    from mobalab.kernels import _varlen
+
+    cost = {"default": _varlen.RUN_COST, "runs": 0, "pad-all": 1 << 62}[request.param]
+    monkeypatch.setattr(_varlen, "RUN_COST", cost)
+    return request.param

@@ -38,7 +38,8 @@ def _pieces(cu):
 @pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, lengths, varlen_entry):
+def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, lengths, varlen_entry,
+                                                   varlen_grouping):
     q, k, v, cu = _packed(lengths, heads, kv_heads, seed=heads * 10 + kv_heads + causal)
     out, lse = moba_attention_varlen(q, k, v, cu, max(lengths), 4, 3, causal=causal, softmax_scale=0.4,
                                      return_lse=True)
@@ -54,7 +55,7 @@ def test_outputs_and_lse_equal_each_sequence_alone(causal, heads, kv_heads, leng
 
 @pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
-def test_routing_is_local_to_each_sequence(causal, lengths):
+def test_routing_is_local_to_each_sequence(causal, lengths, varlen_grouping):
     q, k, _, cu = _packed(lengths, seed=3 + causal)
     sel = moba_topk_varlen(q, k, cu, max(lengths), 4, 3, causal=causal)
     assert sel.dtype == torch.int32 and sel.shape == (q.shape[0], q.shape[1], 3)
@@ -76,7 +77,7 @@ def test_routing_differs_from_packing_into_one_sequence():
 
 @pytest.mark.parametrize("lengths", [LENGTHS, RUNS, ONE_RUN])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradients_equal_each_sequence_alone(causal, lengths, varlen_entry):
+def test_gradients_equal_each_sequence_alone(causal, lengths, varlen_entry, varlen_grouping):
     q, k, v, cu = _packed(lengths, 4, 2, seed=7 + causal)
     g = torch.Generator().manual_seed(11)
     w = torch.randn(q.shape, generator=g, dtype=q.dtype)
@@ -121,7 +122,49 @@ def test_runs_of_one_length():
     assert _runs([(i, i + 1) for i in range(5)], max_batch=2) == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
 
 
-def test_gradcheck(varlen_entry):
+def _spans(lengths):
+    c = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    return list(zip(c[:-1], c[1:], strict=True))
+
+
+def test_groups_pad_short_causal_sequences_into_one_batch():
+    from mobalab.kernels._varlen import RUN_COST, _groups
+
+    # heads x head_dim 1024: a run's cost is 4096 token units, copying a token 0.35 of one
+    groups = _groups(_spans((1000, 70, 0, 129, 2048, 31, 300)), True, 8, 128)
+    assert len(groups) == 1 and groups[0].m == 6 and groups[0].length == 2048
+    assert groups[0].spans == ((0, 1000), (1000, 1070), (1070, 1199), (1199, 3247), (3247, 3278), (3278, 3578))
+    # 4000 is too long to pad 129s to (3871 padded rows each); the three short ones share a batch
+    groups = _groups(_spans((4000, 127, 128, 129)), True, 8, 128)
+    assert [(g.start, g.end, g.m, g.length, g.spans) for g in groups] == [
+        (0, 4000, 1, 4000, ()), (-1, -1, 3, 129, ((4000, 4127), (4127, 4255), (4255, 4384)))]
+    # equal-length neighbours stay a view; long sequences (copies above a call's cost) stay calls of their own
+    groups = _groups(_spans((600, 600, 0, 600, 2048, 2048)), True, 8, 128)
+    assert [(g.start, g.end, g.m, g.length, g.spans) for g in groups] == [(0, 1800, 3, 600, ()),
+                                                                           (1800, 5896, 2, 2048, ())]
+    assert all(not g.spans for g in _groups(_spans((16000, 16128, 16256)), True, 16, 128))
+    # more heads: a token's copies cost more, so less is padded
+    assert len(_groups(_spans((1000, 900, 800)), True, 8, 128)) == 1
+    assert len(_groups(_spans((1000, 900, 800)), True, 64, 128)) == 3
+    assert RUN_COST > 0
+
+
+def test_groups_keep_runs_when_not_causal_or_switched_off(monkeypatch):
+    from mobalab.kernels import _varlen
+
+    spans = _spans((13, 3, 0, 9, 9, 22))
+    want = [(s, e, m) for s, e, m in _varlen._runs(spans)]
+    assert [(g.start, g.end, g.m) for g in _varlen._groups(spans, False, 4, 8)] == want
+    assert any(g.spans for g in _varlen._groups(spans, True, 4, 8))
+    monkeypatch.setattr(_varlen, "RUN_COST", 0)
+    assert [(g.start, g.end, g.m) for g in _varlen._groups(spans, True, 4, 8)] == want
+    # at most max_batch sequences a batch
+    monkeypatch.setattr(_varlen, "RUN_COST", 1 << 62)
+    groups = _varlen._groups(_spans((5, 4, 3, 2, 1)), True, 1, 1, max_batch=2)
+    assert [g.m for g in groups] == [2, 2, 1] and sum(len(g.spans) or g.m for g in groups) == 5
+
+
+def test_gradcheck(varlen_entry, varlen_grouping):
     q, k, v, cu = _packed((5, 0, 5, 7), heads=2, kv_heads=1, dim=4, seed=13)
     leaves = tuple(x.requires_grad_() for x in (q, k, v))
     fn = lambda q, k, v: moba_attention_varlen(q, k, v, cu, 7, 3, 2, return_lse=True)  # noqa: E731
@@ -151,7 +194,7 @@ def test_opcheck_of_the_ops():
                           test_utils=utils)
 
 
-def test_torch_compile_fullgraph_cpu():
+def test_torch_compile_fullgraph_cpu(varlen_grouping):
     q, k, v, cu = _packed(LENGTHS, seed=29)
 
     def f(q, k, v, cu):

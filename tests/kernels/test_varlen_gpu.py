@@ -49,8 +49,9 @@ def _pieces(cu):
     return [(s, e) for s, e in zip(c[:-1], c[1:], strict=True) if e > s]
 
 
+@pytest.mark.parametrize("varlen_grouping", ["default", "pad-all"], indirect=True)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_equals_each_sequence_alone(case, poisoned_empty, varlen_entry):
+def test_forward_equals_each_sequence_alone(case, poisoned_empty, varlen_entry, varlen_grouping):
     lengths, heads, kv_heads, dim, block, top_k, causal, dtype = CASES[case]
     q, k, v, _, cu = _packed(lengths, heads, kv_heads, dim, dtype, seed=case)
     with poisoned_empty():
@@ -73,8 +74,9 @@ def test_forward_equals_each_sequence_alone(case, poisoned_empty, varlen_entry):
         assert err < 2e-2, f"case {case}: error {err:.3e} against the fp32 reference"
 
 
+@pytest.mark.parametrize("varlen_grouping", ["default", "pad-all"], indirect=True)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gradients_equal_each_sequence_alone(case, poisoned_empty, varlen_entry):
+def test_gradients_equal_each_sequence_alone(case, poisoned_empty, varlen_entry, varlen_grouping):
     lengths, heads, kv_heads, dim, block, top_k, causal, dtype = CASES[case]
     q, k, v, dout, cu = _packed(lengths, heads, kv_heads, dim, dtype, seed=100 + case)
     for deterministic in (True, False):
@@ -108,7 +110,8 @@ def test_cu_seqlens_on_the_host(varlen_entry):
         assert torch.equal(a, b), f"{name} differs with cu_seqlens on the host"
 
 
-def test_torch_compile_fullgraph_cuda():
+@pytest.mark.parametrize("varlen_grouping", ["default", "pad-all"], indirect=True)
+def test_torch_compile_fullgraph_cuda(varlen_grouping):
     q, k, v, _, cu = _packed((700, 0, 333, 1200), 8, 2, 128, torch.bfloat16, seed=7)
 
     def f(q, k, v, cu):

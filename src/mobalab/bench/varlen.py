@@ -7,7 +7,9 @@ warm-up, side by side in one process:
    through :func:`mobalab.kernels.moba_attention_varlen`, against the same token count as an equal-length
    batch (16 x 16K) through :func:`mobalab.kernels.moba_attention`, that equal-length batch packed
    through the varlen path (one run of one length: a batched call), and 16 packed sequences of distinct lengths
-   near 16K (16K +- 128 i, i = 1..8: a call per sequence, the cost of packing without the length mix). 16 heads,
+   near 16K (16K +- 128 i, i = 1..8: a call per sequence, the cost of packing without the length mix), and
+   packed short documents (64 to 4096 tokens, :func:`short_documents`, ~130 of them) as the call batches them
+   (zero-padded batches of near lengths) and with a call per run of one length. 16 heads,
    d 128, B 128, k 8, causal, bf16; forward + backward (``torch.autograd.grad``). Useful work counts the
    routing and the selected tokens only, from the routing actually taken:
 
@@ -35,6 +37,7 @@ dynamic cache and SDPA. A training step that runs out of GPU memory is a row tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib.util
@@ -45,7 +48,7 @@ import sys
 
 import torch
 
-__all__ = ["main", "useful_flops", "parse_lengths", "MIXED_LENGTHS"]
+__all__ = ["main", "useful_flops", "parse_lengths", "short_documents", "MIXED_LENGTHS"]
 
 #: The mixed-length batch: 16 sequences, 1024 .. 65536 tokens, 262144 in all (some not multiples of 128).
 MIXED_LENGTHS = (5000, 65536, 1024, 12288, 43368, 2048, 20480, 7000, 32768, 3000, 16384, 8192, 24576, 4096, 10240,
@@ -151,9 +154,41 @@ def _near_equal(equal: int, n: int) -> tuple[int, ...]:
     return tuple(lengths)
 
 
+def short_documents(total: int, shortest: int = 64, longest: int = 4096, seed: int = 0) -> tuple[int, ...]:
+    """Document lengths drawn uniformly from ``[shortest, longest]`` (seeded) until they fill ``total`` tokens,
+    the last one cut to fit: packed pretraining data.
+
+    Examples
+    --------
+    >>> docs = short_documents(65536)
+    >>> sum(docs), min(docs) >= 1, max(docs) <= 4096
+    (65536, True, True)
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths, left = [], total
+    while left > 0:
+        n = min(left, int(torch.randint(shortest, longest + 1, (1,), generator=g)))
+        lengths.append(n)
+        left -= n
+    return tuple(lengths)
+
+
+@contextlib.contextmanager
+def _calls_per_run():
+    """Every run of one length a call of its own (no zero-padded batches): what the grouping saves."""
+    from mobalab.kernels import _varlen
+
+    saved, _varlen.RUN_COST = _varlen.RUN_COST, 0
+    try:
+        yield
+    finally:
+        _varlen.RUN_COST = saved
+
+
 def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
-    """Forward + backward of the mixed-length batch, the equal-length batch, the equal one packed, and distinct
-    lengths near the equal one packed."""
+    """Forward + backward of the mixed-length batch, the equal-length batch, the equal one packed, distinct
+    lengths near the equal one packed, and short documents packed (grouped into padded batches, and a call per
+    run)."""
     from mobalab.kernels import moba_attention, moba_attention_varlen, moba_topk_varlen
 
     total = sum(MIXED_LENGTHS)
@@ -164,6 +199,7 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
                      for _ in range(4))
     leaves = [x.requires_grad_() for x in (q, k, v)]
     warmup, reps = (1, 3) if quick else (2, 10)
+    docs = short_documents(total, seed=seed)
     runs = {
         "varlen, mixed lengths": (MIXED_LENGTHS, lambda q, k, v, cu, m: moba_attention_varlen(
             q, k, v, cu, m, BLOCK, TOP_K)),
@@ -171,6 +207,10 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
             q, k, v, cu, m, BLOCK, TOP_K)),
         "varlen, distinct lengths near equal": (_near_equal(equal, n), lambda q, k, v, cu, m: moba_attention_varlen(
             q, k, v, cu, m, BLOCK, TOP_K)),
+        "varlen, short documents": (docs, lambda q, k, v, cu, m: moba_attention_varlen(
+            q, k, v, cu, m, BLOCK, TOP_K)),
+        "varlen, short documents, a call per run": (docs, lambda q, k, v, cu, m: _per_run(
+            moba_attention_varlen, q, k, v, cu, m, BLOCK, TOP_K)),
         "batch, equal lengths": ((equal,) * n, lambda q, k, v, cu, m: moba_attention(
             *(x.view(n, equal, HEADS, HEAD_DIM) for x in (q, k, v)), BLOCK, TOP_K).view(total, HEADS, HEAD_DIM)),
     }
@@ -190,8 +230,8 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
         ms = _time_ms(step, warmup, reps)
         fwd_ms = _time_ms(forward, warmup, reps)
         useful = flops["routing"] + (1 + BWD_FACTOR) * flops["attention_fwd"]
-        rows.append(dict(run=name, sequences=n, tokens=total, shortest=min(lengths), longest=longest, heads=HEADS,
-                         head_dim=HEAD_DIM, block=BLOCK, top_k=TOP_K, fwd_ms=round(fwd_ms, 3),
+        rows.append(dict(run=name, sequences=len(lengths), tokens=total, shortest=min(lengths), longest=longest,
+                         heads=HEADS, head_dim=HEAD_DIM, block=BLOCK, top_k=TOP_K, fwd_ms=round(fwd_ms, 3),
                          fwd_bwd_ms=round(ms, 3), useful_tflop=round(useful / 1e12, 4),
                          useful_tflops=useful / ms / 1e9))
     base = rows[-1]["useful_tflops"]
@@ -199,6 +239,11 @@ def kernel_rows(quick: bool, seed: int = 0) -> list[dict]:
         row["vs_equal_batch"] = round(row["useful_tflops"] / base, 3)
         row["useful_tflops"] = round(row["useful_tflops"], 2)
     return rows
+
+
+def _per_run(fn, *args):
+    with _calls_per_run():
+        return fn(*args)
 
 
 def model_rows(quick: bool, seed: int = 0, lengths=None, on_row=None, device="cuda") -> list[dict]:

@@ -11,22 +11,25 @@ with the routing, the attention and the LSE exactly those of :func:`mobalab.kern
 sequence alone (see docs/design.md, "MoBA semantics"). Zero-length sequences are allowed and produce nothing.
 
 Each call reads ``cu_seqlens`` to the host once and runs the batched forward and backward bodies of
-:func:`mobalab.kernels.moba_attention` once per run of consecutive sequences of one length (:func:`_runs`: ``m``
-such sequences are the rows of an ``(m, L, heads, d)`` view of the packed tensors, a batch of ``m`` independent
-MoBA problems), so packed equal-length sequences cost what the same batch costs (the CUDA kernels for CUDA
-tensors, the torch reference for CPU tensors). As in a batched training step, the forward keeps for the backward
-the routing it used and each run's key-block lists, and the runs themselves, so the backward neither routes
-again, nor sorts again, nor waits for the GPU to read ``cu_seqlens`` a second time. Eager calls go through an
-autograd Function (:class:`_EagerVarlen`, no custom-op dispatch on the host's path); ``torch.compile`` sees the
-custom ops ``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and ``mobalab::moba_topk_varlen``, opaque nodes
-whose fake implementations give the shapes (the lists' length and the number of runs as sizes that depend on
-data), so the data-dependent sequence loop causes no graph break.
+:func:`mobalab.kernels.moba_attention` once per group of sequences (:func:`_groups`): a run of ``m`` consecutive
+sequences of one length is the rows of an ``(m, L, heads, d)`` view of the packed tensors, a batch of ``m``
+independent MoBA problems, so packed equal-length sequences cost what the same batch costs; and, when causal,
+sequences of near lengths too short to be worth a call each (short documents) are copied into one zero-padded
+batch, which causal MoBA attends exactly as each sequence alone (the CUDA kernels for CUDA tensors, the torch
+reference for CPU tensors). As in a batched training step, the forward keeps for the backward the routing it
+used, each group's key-block lists, and the groups themselves, so the backward neither routes again, nor sorts
+again, nor waits for the GPU to read ``cu_seqlens`` a second time. Eager calls go through an autograd Function
+(:class:`_EagerVarlen`, no custom-op dispatch on the host's path); ``torch.compile`` sees the custom ops
+``mobalab::moba_attention_varlen_fwd`` / ``_bwd`` and ``mobalab::moba_topk_varlen``, opaque nodes whose fake
+implementations give the shapes (the lists' length and the number of groups as sizes that depend on data),
+so the data-dependent sequence loop causes no graph break.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -152,6 +155,73 @@ def _runs(bounds: list[tuple[int, int]], max_batch: int = C.CUDA_MAX_GRID_YZ) ->
     return [(s, e, m) for s, e, m in runs]
 
 
+#: What one more batched call (its forward and backward launches and their host work, ~0.25 ms on an H100) costs,
+#: in attention work of (token x head x head-dim) units: 16 x 16K tokens x 16 heads at d 128, B 128, k 8 take
+#: 28.7 ms forward + backward, ~6.8 ns per (token, head), so 0.25 ms is ~37 K (token, head) pairs at d 128. 0: no
+#: padded batches (every run of one length a call of its own).
+RUN_COST = 1 << 22
+#: Copying a token's rows into a padded batch and back (q, k, v, out in the forward; q, k, v, out, dout, dq, dk, dv
+#: in the backward: ~6 KB per (token, head) at d 128, ~2.4 ns) as a fraction of the token's attention work.
+COPY_COST = 0.35
+
+
+class _Group(NamedTuple):
+    """A batched call: ``m`` sequences as an ``(m, length, ...)`` batch. ``spans`` empty: the packed rows
+    ``[start, end)`` themselves (a run of one length, a view); else the sequences' ``(start, end)`` rows copied
+    into a zero-padded batch of the longest one's ``length`` (causal only)."""
+
+    start: int
+    end: int
+    m: int
+    length: int
+    spans: tuple[tuple[int, int], ...] = ()
+
+
+def _groups(bounds: list[tuple[int, int]], causal: bool, heads: int, head_dim: int,
+            max_batch: int = C.CUDA_MAX_GRID_YZ) -> list[_Group]:
+    r"""The batched calls for the sequences in ``bounds``: the runs of one length (:func:`_runs`), and, when
+    causal, runs of different lengths joined into one zero-padded batch where the copies and the padding cost
+    less than a call of their own.
+
+    Padding is exact for causal MoBA: a query at :math:`t < L` attends keys at most :math:`t` and routes among
+    the complete blocks before its own, none of which holds a padded row; a padded query row (zero, with a zero
+    output gradient) adds exactly zero to every gradient. Greedy over the runs by decreasing length: a run of
+    ``m`` sequences of length :math:`L` joins the group of length :math:`L_0` when its copies and padding cost
+    less than a call, :math:`h d\, m\,(c L + L_0 - L) \le` :data:`RUN_COST` (:math:`c` = :data:`COPY_COST`), and
+    a group of :math:`r` runs stays one padded batch when all its copies and padding cost less than the
+    :math:`r - 1` calls it saves,
+
+    .. math::
+        h d \sum_{\text{runs}} m\,(c L + L_0 - L) \le (r - 1)\, \mathrm{RUN\_COST},
+
+    else its runs are called one by one. Non-causal calls keep the runs: a padded key would be attended."""
+    runs = sorted(_runs(bounds, max_batch), key=lambda r: -((r[1] - r[0]) // r[2]))  # stable: packed order
+    if not causal or RUN_COST <= 0:
+        return [_Group(s, e, m, (e - s) // m) for s, e, m in sorted(runs)]
+    hd = heads * head_dim
+    groups: list[_Group] = []
+    i = 0
+    while i < len(runs):
+        s, e, m = runs[i]
+        lead_len, lead_m, j, extra = (e - s) // m, m, i + 1, COPY_COST * (e - s)
+        while j < len(runs):
+            s, e, m = runs[j]
+            cost = m * (COPY_COST * ((e - s) // m) + lead_len - (e - s) // m)
+            if lead_m + m > max_batch or hd * cost > RUN_COST:
+                break
+            lead_m, j, extra = lead_m + m, j + 1, extra + cost
+        if j - i == 1 or hd * extra > (j - i - 1) * RUN_COST:  # the longest run alone; the others again
+            s, e, m = runs[i]
+            groups.append(_Group(s, e, m, lead_len))
+            i += 1
+            continue
+        spans = sorted((s + t * ((e - s) // m), s + (t + 1) * ((e - s) // m)) for s, e, m in runs[i:j]
+                       for t in range(m))
+        groups.append(_Group(-1, -1, len(spans), lead_len, tuple(spans)))
+        i = j
+    return sorted(groups, key=lambda g: g.spans[0][0] if g.spans else g.start)
+
+
 def _batch(x: torch.Tensor, s: int, e: int, m: int) -> torch.Tensor:
     """Rows ``[s, e)`` of a packed tensor as a batch of ``m`` equal-length sequences (a view)."""
     return x[s:e].view(m, (e - s) // m, *x.shape[1:])
@@ -162,47 +232,87 @@ def _short(values: list[int]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the runs: the batched forward and backward bodies (mobalab.kernels.autograd) called once per run of one length
+# the groups: the batched forward and backward bodies (mobalab.kernels.autograd) called once per group
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _packed(parts, runs, shape, dtype, device) -> torch.Tensor:
-    """The runs' batched results (each ``(m, L, ...)``) as one packed tensor of ``shape``: where one run holds every
-    row (sequences of one length, empty ones aside) its result as it is, else each copied into place."""
-    if len(runs) == 1:
+def _rows(group: _Group, device: torch.device) -> torch.Tensor | None:
+    """A padded group's row map, (2, tokens) int64 on ``device``: packed row (0) and batch row (1) of each of its
+    tokens; None for a view."""
+    if not group.spans:
+        return None
+    lengths = torch.tensor([e - s for s, e in group.spans])
+    starts = torch.tensor([s for s, _ in group.spans])
+    within = torch.arange(int(lengths.sum())) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+    rows = torch.stack((starts.repeat_interleave(lengths) + within,
+                        (torch.arange(group.m) * group.length).repeat_interleave(lengths) + within))
+    if device.type == "cuda":  # pinned: the copy does not wait for the work queued before it
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
+def _take(x: torch.Tensor | None, group: _Group, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """A packed tensor's rows of ``group`` as its ``(m, length, ...)`` batch: a view, or zero-padded rows."""
+    if x is None:
+        return None
+    if rows is None:
+        return _batch(x, group.start, group.end, group.m)
+    out = x.new_zeros((group.m * group.length, *x.shape[1:]))
+    out.index_copy_(0, rows[1], x.index_select(0, rows[0]))
+    return out.view(group.m, group.length, *x.shape[1:])
+
+
+def _packed(parts, groups, rows, shape, dtype, device) -> torch.Tensor:
+    """The groups' batched results (each ``(m, length, ...)``) as one packed tensor of ``shape``: where one view
+    group holds every row (sequences of one length, empty ones aside) its result as it is, else each copied into
+    place (a padded group's real rows only)."""
+    if len(groups) == 1 and rows[0] is None:
         return parts[0].view(shape)
     # torch.empty (not new_empty): the GPU tests poison it, so a row left unwritten shows up
     out = torch.empty(shape, dtype=dtype, device=device)
-    for (s, e, _), part in zip(runs, parts, strict=True):
-        out[s:e] = part.reshape(e - s, *part.shape[2:])
+    for g, r, part in zip(groups, rows, parts, strict=True):
+        flat = part.reshape(g.m * g.length, *part.shape[2:])
+        if r is None:
+            out[g.start:g.end] = flat
+        else:
+            out.index_copy_(0, r[0], flat.index_select(0, r[1]))
     return out
 
 
-def _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, keep_lists):
-    """out, lse, routing over the packed rows and the kept key-block lists of each run (``keep_lists`` False: none
-    kept)."""
+def _forward_groups(q, k, v, groups, rows, block_size, top_k, causal, scale, deterministic, keep_lists):
+    """out, lse, routing over the packed rows; each group's kept key-block lists (``keep_lists`` False: none
+    kept) and, for a padded group, its batch's lse and routing (the backward's, padded rows included; None for a
+    view)."""
     total, heads, _ = q.shape
-    done = [_fwd_impl(_batch(q, s, e, m), _batch(k, s, e, m), _batch(v, s, e, m), block_size, top_k, causal, scale,
-                      deterministic, keep=keep_lists) for s, e, m in runs]
+    done = [_fwd_impl(_take(q, g, r), _take(k, g, r), _take(v, g, r), block_size, top_k, causal, scale,
+                      deterministic, keep=keep_lists) for g, r in zip(groups, rows, strict=True)]
     outs, lses, topks, lists = ([d[i] for d in done] for i in range(4))
-    return (_packed(outs, runs, q.shape, q.dtype, q.device),
-            _packed(lses, runs, (total, heads), _lse_dtype(q), q.device),
-            _packed(topks, runs, (total, heads, top_k), torch.int32, q.device), lists)
+    pads = [None if r is None else (d[1], d[2]) for d, r in zip(done, rows, strict=True)]
+    return (_packed(outs, groups, rows, q.shape, q.dtype, q.device),
+            _packed(lses, groups, rows, (total, heads), _lse_dtype(q), q.device),
+            _packed(topks, groups, rows, (total, heads, top_k), torch.int32, q.device), lists, pads)
 
 
-def _backward_runs(dout, dlse, q, k, v, out, lse, topk, runs, lists, block_size, top_k, causal, scale,
-                   deterministic):
-    """dq, dk, dv over the packed rows, each run's from the routing its forward took and the lists it kept."""
+def _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, rows, lists, pads, block_size, top_k, causal,
+                     scale, deterministic):
+    """dq, dk, dv over the packed rows, each group's from the routing its forward took and the lists it kept (a
+    padded group's rows padded with zeros again: a zero output gradient adds nothing)."""
     grads = []
-    for (s, e, m), kept in zip(runs, lists, strict=True):
-        do, dl, qs, ks, vs, os_, ls, ts = (None if x is None else _batch(x, s, e, m)
-                                           for x in (dout, dlse, q, k, v, out, lse, topk))
+    for g, r, kept, pad in zip(groups, rows, lists, pads, strict=True):
+        do, dl, qs, ks, vs, os_ = (_take(x, g, r) for x in (dout, dlse, q, k, v, out))
+        ls, ts = (_batch(lse, g.start, g.end, g.m), _batch(topk, g.start, g.end, g.m)) if pad is None else pad
         grads.append(_bwd_impl(do, dl, qs, ks, vs, os_, ls, ts, kept, block_size, top_k, causal, scale,
                                deterministic))
-    return tuple(_packed([g[i] for g in grads], runs, x.shape, x.dtype, x.device) for i, x in enumerate((q, k, v)))
+    return tuple(_packed([gr[i] for gr in grads], groups, rows, x.shape, x.dtype, x.device)
+                 for i, x in enumerate((q, k, v)))
+
+
+def _plan(cu_seqlens, q, max_seqlen, causal, fn):
+    groups = _groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], q.shape[2])
+    return groups, [_rows(g, q.device) for g in groups]
 
 
 def _op(name: str):
@@ -218,16 +328,18 @@ def _op(name: str):
 
 class _EagerVarlen(torch.autograd.Function):
     """The varlen forward and backward without the custom ops, for eager calls (a custom op's dispatch costs the
-    host time before the first launch); each run's lists stay separate tensors, with no copy end to end.
+    host time before the first launch); each group's lists stay separate tensors, with no copy end to end.
     ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
-        runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
+        groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_attention_varlen")
         keep = any(ctx.needs_input_grad[:3])  # the lists serve a backward only
-        out, lse, topk, lists = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, keep)
+        out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, rows, block_size, top_k, causal, scale,
+                                                      deterministic, keep)
         ctx.save_for_backward(q, k, v, out, lse, topk, *lists)
-        ctx.runs, ctx.params = runs, (block_size, top_k, causal, scale, deterministic)
+        ctx.groups, ctx.rows, ctx.pads = groups, rows, pads
+        ctx.params = (block_size, top_k, causal, scale, deterministic)
         ctx.mark_non_differentiable(topk)
         ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None
         return out, lse, topk
@@ -237,7 +349,8 @@ class _EagerVarlen(torch.autograd.Function):
         q, k, v, out, lse, topk, *lists = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward_runs(dout, dlse, q, k, v, out, lse, topk, ctx.runs, lists, *ctx.params)
+        dq, dk, dv = _backward_groups(dout, dlse, q, k, v, out, lse, topk, ctx.groups, ctx.rows, lists, ctx.pads,
+                                      *ctx.params)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -249,58 +362,95 @@ EAGER_FUNCTION = True
 # the custom ops (what torch.compile sees)
 
 
+def _record(groups, lists) -> torch.Tensor:
+    """The groups as a host tensor for the backward (which so reads ``cu_seqlens`` no second time): per group
+    start, end, m, length, the length of its lists, the number of its padded spans, then those spans."""
+    record = []
+    for g, kept in zip(groups, lists, strict=True):
+        record += [g.start, g.end, g.m, g.length, kept.numel(), len(g.spans), *(x for span in g.spans for x in span)]
+    return torch.tensor(record, dtype=torch.int64)
+
+
+def _unrecord(record: torch.Tensor) -> tuple[list[_Group], list[int]]:
+    values, groups, sizes, i = record.tolist(), [], [], 0  # a host tensor: no wait for the GPU
+    while i < len(values):
+        start, end, m, length, size, n = values[i:i + 6]
+        spans = values[i + 6:i + 6 + 2 * n]
+        groups.append(_Group(start, end, m, length, tuple(zip(spans[::2], spans[1::2], strict=True))))
+        sizes.append(size)
+        i += 6 + 2 * n
+    return groups, sizes
+
+
 @torch.library.custom_op("mobalab::moba_attention_varlen_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
             block_size: int, top_k: int, causal: bool, scale: float, deterministic: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out, lse, routing, the runs' kept key-block lists end to end, and the runs as a host tensor (start, end,
-    m and the length of its lists per run) for the backward, which so reads ``cu_seqlens`` no second time."""
-    runs = _runs(_bounds(cu_seqlens, q.shape[0], max_seqlen, "moba_attention_varlen"))
-    out, lse, topk, lists = _forward_runs(q, k, v, runs, block_size, top_k, causal, scale, deterministic, True)
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """out, lse, routing, the groups' kept key-block lists end to end, the groups as a host tensor
+    (:func:`_record`), and the padded groups' batch lse and routing end to end (flat) for the backward."""
+    groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_attention_varlen")
+    out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, rows, block_size, top_k, causal, scale,
+                                                  deterministic, True)
     joined = lists[0] if len(lists) == 1 else torch.cat(lists) if lists else _no_lists(q)
-    record = [(*run, kept.numel()) for run, kept in zip(runs, lists, strict=True)]
-    return out, lse, topk, joined, torch.tensor(record, dtype=torch.int64).reshape(-1)
+    padded = [p for p in pads if p is not None]
+    pad_lse = torch.cat([p[0].reshape(-1) for p in padded]) if padded else lse.new_empty(0)
+    pad_topk = torch.cat([p[1].reshape(-1) for p in padded]) if padded else topk.new_empty(0)
+    return out, lse, topk, joined, _record(groups, lists), pad_lse, pad_topk
 
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
     total, heads, _ = q.shape
-    ctx = torch.library.get_ctx()  # the lists' length and the number of runs follow cu_seqlens's values
+    ctx = torch.library.get_ctx()  # the lists', the record's and the padding's lengths follow cu_seqlens's values
     return (q.new_empty(q.shape), q.new_empty((total, heads), dtype=_lse_dtype(q)),
             q.new_empty((total, heads, top_k), dtype=torch.int32),
             q.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64),
-            torch.empty((ctx.new_dynamic_size(),), dtype=torch.int64, device="cpu"))
+            torch.empty((ctx.new_dynamic_size(),), dtype=torch.int64, device="cpu"),
+            q.new_empty((ctx.new_dynamic_size(),), dtype=_lse_dtype(q)),
+            q.new_empty((ctx.new_dynamic_size(),), dtype=torch.int32))
 
 
 @torch.library.custom_op("mobalab::moba_attention_varlen_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, lists: torch.Tensor, runs: torch.Tensor,
-            block_size: int, top_k: int, causal: bool, scale: float,
+            out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, lists: torch.Tensor, record: torch.Tensor,
+            pad_lse: torch.Tensor, pad_topk: torch.Tensor, block_size: int, top_k: int, causal: bool, scale: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    record = runs.view(-1, 4).tolist()  # a host tensor: no wait for the GPU
-    spans, sizes = [tuple(r[:3]) for r in record], [r[3] for r in record]
-    return _backward_runs(dout, dlse, q, k, v, out, lse, topk, spans, list(torch.split(lists, sizes)), block_size,
-                          top_k, causal, scale, deterministic)
+    groups, sizes = _unrecord(record)
+    heads = q.shape[1]
+    padded = [g for g in groups if g.spans]
+    lse_parts = torch.split(pad_lse, [g.m * g.length * heads for g in padded])
+    topk_parts = torch.split(pad_topk, [g.m * g.length * heads * top_k for g in padded])
+    pads, i = [], 0
+    for g in groups:
+        pads.append((lse_parts[i].view(g.m, g.length, heads), topk_parts[i].view(g.m, g.length, heads, top_k))
+                    if g.spans else None)
+        i += bool(g.spans)
+    rows = [_rows(g, q.device) for g in groups]
+    return _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, rows, list(torch.split(lists, sizes)),
+                            pads, block_size, top_k, causal, scale, deterministic)
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, topk, lists, runs, block_size, top_k, causal, scale, deterministic):
+def _(dout, dlse, q, k, v, out, lse, topk, lists, record, pad_lse, pad_topk, block_size, top_k, causal, scale,
+      deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _, _, block_size, top_k, causal, scale, deterministic = inputs
-    out, lse, topk, lists, runs = output
-    ctx.save_for_backward(q, k, v, out, lse, topk, lists, runs)
+    out, lse, topk, lists, record, pad_lse, pad_topk = output
+    ctx.save_for_backward(q, k, v, out, lse, topk, lists, record, pad_lse, pad_topk)
     ctx.params = (block_size, top_k, causal, scale, deterministic)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse, dtopk, dlists, druns):
-    q, k, v, out, lse, topk, lists, runs = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dtopk, dlists, drecord, dpad_lse, dpad_topk):
+    q, k, v, out, lse, topk, lists, record, pad_lse, pad_topk = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, lists, runs, *ctx.params)
+    dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, lists, record, pad_lse,
+                                                  pad_topk, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -313,9 +463,10 @@ def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     from . import moba_topk
 
     total, heads, _ = q.shape
-    runs = _runs(_bounds(cu_seqlens, total, max_seqlen, "moba_topk_varlen"))
-    parts = [moba_topk(_batch(q, s, e, m), _batch(k, s, e, m), block_size, top_k, causal=causal) for s, e, m in runs]
-    return _packed(parts, runs, (total, heads, top_k), torch.int32, q.device)
+    groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_topk_varlen")
+    parts = [moba_topk(_take(q, g, r), _take(k, g, r), block_size, top_k, causal=causal)
+             for g, r in zip(groups, rows, strict=True)]
+    return _packed(parts, groups, rows, (total, heads, top_k), torch.int32, q.device)
 
 
 @_topk_op.register_fake
