@@ -1,12 +1,14 @@
 """Packed variable-length MoBA through the CUDA kernels (GPU machine).
 
-The varlen call runs the batched CUDA path on each run of consecutive sequences of one length (a single
-sequence where the lengths differ), through either entry (the eager autograd Function, which keeps each run's
-key-block lists for the backward, and the custom ops, which build them again), so its forward (output, LSE,
-routing) must be bit-identical to ``moba_attention`` / ``moba_topk`` of each sequence alone, and so must its
-deterministic gradients; the default (atomic dQ) gradients agree within a bf16 rounding. Outputs and gradients
-are allocated poisoned (NaN), so an unwritten row fails. The output is also held to the fp32 torch reference on
-the rows whose routing the reference reproduces (bf16/fp16 tolerance).
+The varlen call runs the batched CUDA path once per group of sequences: a run of consecutive sequences of one
+length (a view of the packed rows), or, when causal, sequences of near lengths copied into one zero-padded batch
+(as the cost model picks them, and with every causal sequence in one padded batch), through either entry (the
+eager autograd Function, which keeps each group's key-block lists for the backward, and the custom ops). Its
+forward (output, LSE, routing) must be bit-identical to ``moba_attention`` / ``moba_topk`` of each sequence alone,
+and so must its deterministic gradients (padded rows come after a sequence's own, and add exact zeros); the
+default (atomic dQ) gradients agree within a bf16 rounding. Outputs and gradients are allocated poisoned (NaN),
+so an unwritten row fails. The output is also held to the fp32 torch reference on the rows whose routing the
+reference reproduces (bf16/fp16 tolerance).
 """
 
 from __future__ import annotations
