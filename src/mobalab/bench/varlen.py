@@ -8,7 +8,7 @@ warm-up, side by side in one process:
    batch (16 x 16K) through :func:`mobalab.kernels.moba_attention`, that equal-length batch packed
    through the varlen path (one run of one length: a batched call), and 16 packed sequences of distinct lengths
    near 16K (16K +- 128 i, i = 1..8: a call per sequence, the cost of packing without the length mix), and
-   packed short documents (64 to 4096 tokens, :func:`short_documents`, ~130 of them) as the call batches them
+   packed short documents (64 to 4096 tokens, :func:`short_documents`, 122 of them) as the call batches them
    (zero-padded batches of near lengths) and with a call per run of one length. 16 heads,
    d 128, B 128, k 8, causal, bf16; forward + backward (``torch.autograd.grad``). Useful work counts the
    routing and the selected tokens only, from the routing actually taken:
