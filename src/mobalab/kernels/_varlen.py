@@ -194,29 +194,29 @@ def _groups(bounds: list[tuple[int, int]], causal: bool, heads: int, head_dim: i
     .. math::
         h d \sum_{\text{runs}} m\,(c L + L_0 - L) \le (r - 1)\, \mathrm{RUN\_COST},
 
-    else its runs are called one by one. Non-causal calls keep the runs: a padded key would be attended."""
-    runs = sorted(_runs(bounds, max_batch), key=lambda r: -((r[1] - r[0]) // r[2]))  # stable: packed order
+    else the longest run is a call of its own and the others are grouped again. Non-causal calls keep the runs:
+    a padded key would be attended."""
+    runs = [(s, e, m, (e - s) // m) for s, e, m in _runs(bounds, max_batch)]  # each with its length
     if not causal or RUN_COST <= 0:
-        return [_Group(s, e, m, (e - s) // m) for s, e, m in sorted(runs)]
+        return [_Group(*run) for run in runs]
+    runs.sort(key=lambda r: -r[3])  # stable: packed order among equal lengths
     hd = heads * head_dim
+
+    def cost(run, lead_len):  # a run's copies and padding in a batch of lead_len, in attention-work units
+        return run[2] * (COPY_COST * run[3] + lead_len - run[3])
+
     groups: list[_Group] = []
     i = 0
     while i < len(runs):
-        s, e, m = runs[i]
-        lead_len, lead_m, j, extra = (e - s) // m, m, i + 1, COPY_COST * (e - s)
-        while j < len(runs):
-            s, e, m = runs[j]
-            cost = m * (COPY_COST * ((e - s) // m) + lead_len - (e - s) // m)
-            if lead_m + m > max_batch or hd * cost > RUN_COST:
-                break
-            lead_m, j, extra = lead_m + m, j + 1, extra + cost
+        lead_len = runs[i][3]
+        j, batch, extra = i + 1, runs[i][2], cost(runs[i], lead_len)
+        while j < len(runs) and batch + runs[j][2] <= max_batch and hd * cost(runs[j], lead_len) <= RUN_COST:
+            j, batch, extra = j + 1, batch + runs[j][2], extra + cost(runs[j], lead_len)
         if j - i == 1 or hd * extra > (j - i - 1) * RUN_COST:  # the longest run alone; the others again
-            s, e, m = runs[i]
-            groups.append(_Group(s, e, m, lead_len))
+            groups.append(_Group(*runs[i]))
             i += 1
             continue
-        spans = sorted((s + t * ((e - s) // m), s + (t + 1) * ((e - s) // m)) for s, e, m in runs[i:j]
-                       for t in range(m))
+        spans = sorted((s + t * n, s + (t + 1) * n) for s, _, m, n in runs[i:j] for t in range(m))
         groups.append(_Group(-1, -1, len(spans), lead_len, tuple(spans)))
         i = j
     return sorted(groups, key=lambda g: g.spans[0][0] if g.spans else g.start)
@@ -421,11 +421,10 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     padded = [g for g in groups if g.spans]
     lse_parts = torch.split(pad_lse, [g.m * g.length * heads for g in padded])
     topk_parts = torch.split(pad_topk, [g.m * g.length * heads * top_k for g in padded])
-    pads, i = [], 0
+    parts, pads = iter(zip(lse_parts, topk_parts, strict=True)), []
     for g in groups:
-        pads.append((lse_parts[i].view(g.m, g.length, heads), topk_parts[i].view(g.m, g.length, heads, top_k))
-                    if g.spans else None)
-        i += bool(g.spans)
+        ls, ts = next(parts) if g.spans else (None, None)
+        pads.append(None if ls is None else (ls.view(g.m, g.length, heads), ts.view(g.m, g.length, heads, top_k)))
     rows = [_rows(g, q.device) for g in groups]
     return _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, rows, list(torch.split(lists, sizes)),
                             pads, block_size, top_k, causal, scale, deterministic)
