@@ -355,7 +355,8 @@ def test_public_api_autograd_and_lse_gradient(gpu):
 @pytest.mark.gpu
 @pytest.mark.parametrize(("shape", "deterministic"), [((2, 1024, 8, 2, 128, 128, 4), True),
                                                       ((3, 512, 4, 4, 64, 64, 3), False),
-                                                      ((2, 8192, 16, 16, 128, 128, 8), False)])
+                                                      ((2, 8192, 16, 16, 128, 128, 8), False),
+                                                      ((8, 4096, 16, 16, 128, 128, 8), True)])
 def test_folded_batch_is_bit_identical(gpu, monkeypatch, shape, deterministic):
     """A training step that attends the batch as one sequence (mobalab.kernels._batch_fold: N a multiple of B,
     fewer chunks) gives the per-sequence step's out, LSE, dK, dV (and deterministic dQ) bit for bit, with the LSE's

@@ -501,6 +501,8 @@ def test_folded_topk_renumbers_the_batch():
     ((2, 8192, 16, 16, 128, 128, 8, False), True),    # two chunks per pass -> one
     ((4, 4096, 16, 4, 64, 64, 8, False), True),
     ((2, 16384, 16, 16, 128, 128, 8, False), False),  # the forward needs two chunks either way
+    ((8, 4096, 16, 16, 128, 128, 8, False), True),    # 16 chunks -> 3, the backward on gathered lists
+    ((8, 8192, 16, 16, 128, 128, 8, False), False),   # more segment keys than the counting sort takes
     ((2, 8000, 16, 16, 128, 128, 8, False), False),   # N not a multiple of B
     ((1, 8192, 16, 16, 128, 128, 8, False), False),   # nothing to fold
 ])

@@ -147,6 +147,9 @@ def test_groups_pad_short_causal_sequences_into_one_batch():
     assert len(_groups(_spans((1000, 900, 800)), True, 8, 128)) == 1
     assert len(_groups(_spans((1000, 900, 800)), True, 64, 128)) == 3
     assert RUN_COST > 0
+    # the padded length rounded up to a multiple of the block (the CUDA passes attend the batch as one sequence)
+    groups = _groups(_spans((100, 90, 70)), True, 8, 128, block_size=64)
+    assert len(groups) == 1 and groups[0].length == 128
 
 
 def test_groups_keep_runs_when_not_causal_or_switched_off(monkeypatch):

@@ -38,8 +38,10 @@ def folds(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, blo
           deterministic: bool, elem_bytes: int = 2) -> bool:
     """Whether the training step attends the batch as one sequence of ``batch * seqlen`` tokens: the length is a
     multiple of the block size, and the folded plans of both passes have fewer chunks in one pass and no more in
-    the other, keep the backward on the forward's lists exactly where the per-sequence plans did, and stay on the
-    counting sort (at most ``_pairs.MAX_KEYS`` segment keys per chunk, the bound that holds on every device)."""
+    the other, keep the backward on the forward's lists exactly where the per-sequence plans did (or, where
+    folding halves the chunks of both passes together, on lists gathered from the forward's: a chunk of launches
+    costs ~0.25 ms of host time, more than the gather), and stay on the counting sort (at most
+    ``_pairs.MAX_KEYS`` segment keys per chunk, the bound that holds on every device)."""
     from . import _cuda_backward as CB
     from ._pairs import MAX_KEYS
 
@@ -56,7 +58,8 @@ def folds(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, blo
     max_keys = max(c.n_heads // group for c in (*fwd[1], *bwd[1])) * n_blocks + 1
     fewer = len(fwd[1]) < len(fwd[0]) or len(bwd[1]) < len(bwd[0])
     no_more = len(fwd[1]) <= len(fwd[0]) and len(bwd[1]) <= len(bwd[0])
-    return (fewer and no_more and reuse[1] >= reuse[0] and same[1] >= same[0]
+    halves = 2 * (len(fwd[1]) + len(bwd[1])) <= len(fwd[0]) + len(bwd[0])
+    return (fewer and no_more and reuse[1] >= reuse[0] and (same[1] >= same[0] or halves)
             and max_keys <= MAX_KEYS)
 
 

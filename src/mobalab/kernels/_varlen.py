@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import _contract as C
+from ._pairs import MAX_KEYS
 from .autograd import _bwd_impl, _fwd_impl, _no_lists
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
@@ -177,22 +178,25 @@ class _Group(NamedTuple):
     spans: tuple[tuple[int, int], ...] = ()
 
 
-def _groups(bounds: list[tuple[int, int]], causal: bool, heads: int, head_dim: int,
-            max_batch: int = C.CUDA_MAX_GRID_YZ) -> list[_Group]:
+def _groups(bounds: list[tuple[int, int]], causal: bool, heads: int, head_dim: int, block_size: int = 1,
+            max_batch: int = C.CUDA_MAX_GRID_YZ, max_tokens: int | None = None) -> list[_Group]:
     r"""The batched calls for the sequences in ``bounds``: the runs of one length (:func:`_runs`), and, when
     causal, runs of different lengths joined into one zero-padded batch where the copies and the padding cost
     less than a call of their own.
 
     Padding is exact for causal MoBA: a query at :math:`t < L` attends keys at most :math:`t` and routes among
     the complete blocks before its own, none of which holds a padded row; a padded query row (zero, with a zero
-    output gradient) adds exactly zero to every gradient. Greedy over the runs by decreasing length: a run of
-    ``m`` sequences of length :math:`L` joins the group of length :math:`L_0` when its copies and padding cost
-    less than a call, :math:`h d\, m\,(c L + L_0 - L) \le` :data:`RUN_COST` (:math:`c` = :data:`COPY_COST`), and
-    a group of :math:`r` runs stays one padded batch when all its copies and padding cost less than the
-    :math:`r - 1` calls it saves,
+    output gradient) adds exactly zero to every gradient. A padded batch's length :math:`P` is its longest
+    member's rounded up to a multiple of ``block_size``, and a batch holds at most ``max_tokens`` rows, so the
+    CUDA passes can attend it as one sequence (:mod:`mobalab.kernels._batch_fold`) rather than a chunk of
+    launches per member. Greedy over the runs by decreasing length: a run of ``m`` sequences of length :math:`L`
+    joins the group led by length :math:`L_0` when its copies and padding cost less than a call,
+    :math:`h d\, m\,(c L + P - L) \le` :data:`RUN_COST` (:math:`c` = :data:`COPY_COST`), and a group of
+    :math:`r` runs stays one padded batch when all its copies and padding cost less than the :math:`r - 1` calls
+    it saves,
 
     .. math::
-        h d \sum_{\text{runs}} m\,(c L + L_0 - L) \le (r - 1)\, \mathrm{RUN\_COST},
+        h d \sum_{\text{runs}} m\,(c L + P - L) \le (r - 1)\, \mathrm{RUN\_COST},
 
     else the longest run is a call of its own and the others are grouped again. Non-causal calls keep the runs:
     a padded key would be attended."""
@@ -202,22 +206,26 @@ def _groups(bounds: list[tuple[int, int]], causal: bool, heads: int, head_dim: i
     runs.sort(key=lambda r: -r[3])  # stable: packed order among equal lengths
     hd = heads * head_dim
 
-    def cost(run, lead_len):  # a run's copies and padding in a batch of lead_len, in attention-work units
-        return run[2] * (COPY_COST * run[3] + lead_len - run[3])
+    def cost(run, padded):  # a run's copies and padding in a batch of length padded, in attention-work units
+        return run[2] * (COPY_COST * run[3] + padded - run[3])
+
+    def fits(batch, run, padded):
+        return (batch + run[2] <= max_batch and hd * cost(run, padded) <= RUN_COST
+                and (max_tokens is None or (batch + run[2]) * padded <= max_tokens))
 
     groups: list[_Group] = []
     i = 0
     while i < len(runs):
-        lead_len = runs[i][3]
-        j, batch, extra = i + 1, runs[i][2], cost(runs[i], lead_len)
-        while j < len(runs) and batch + runs[j][2] <= max_batch and hd * cost(runs[j], lead_len) <= RUN_COST:
-            j, batch, extra = j + 1, batch + runs[j][2], extra + cost(runs[j], lead_len)
+        padded = -(-runs[i][3] // block_size) * block_size
+        j, batch, extra = i + 1, runs[i][2], cost(runs[i], padded)
+        while j < len(runs) and fits(batch, runs[j], padded):
+            j, batch, extra = j + 1, batch + runs[j][2], extra + cost(runs[j], padded)
         if j - i == 1 or hd * extra > (j - i - 1) * RUN_COST:  # the longest run alone; the others again
             groups.append(_Group(*runs[i]))
             i += 1
             continue
         spans = sorted((s + t * n, s + (t + 1) * n) for s, _, m, n in runs[i:j] for t in range(m))
-        groups.append(_Group(-1, -1, len(spans), lead_len, tuple(spans)))
+        groups.append(_Group(-1, -1, len(spans), padded, tuple(spans)))
         i = j
     return sorted(groups, key=lambda g: g.spans[0][0] if g.spans else g.start)
 
@@ -310,8 +318,12 @@ def _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, rows, lists, p
                  for i, x in enumerate((q, k, v)))
 
 
-def _plan(cu_seqlens, q, max_seqlen, causal, fn):
-    groups = _groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], q.shape[2])
+def _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, fn):
+    # a padded batch short enough to be attended as one sequence: the counting sort's segment keys (kv heads x
+    # blocks) bound the folded batch's length
+    max_tokens = (MAX_KEYS - 1) // k.shape[1] * block_size
+    groups = _groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], q.shape[2], block_size,
+                     max_tokens=max_tokens)
     return groups, [_rows(g, q.device) for g in groups]
 
 
@@ -333,7 +345,7 @@ class _EagerVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
-        groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_attention_varlen")
+        groups, rows = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_attention_varlen")
         keep = any(ctx.needs_input_grad[:3])  # the lists serve a backward only
         out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, rows, block_size, top_k, causal, scale,
                                                       deterministic, keep)
@@ -389,7 +401,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
                        torch.Tensor]:
     """out, lse, routing, the groups' kept key-block lists end to end, the groups as a host tensor
     (:func:`_record`), and the padded groups' batch lse and routing end to end (flat) for the backward."""
-    groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_attention_varlen")
+    groups, rows = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_attention_varlen")
     out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, rows, block_size, top_k, causal, scale,
                                                   deterministic, True)
     joined = lists[0] if len(lists) == 1 else torch.cat(lists) if lists else _no_lists(q)
@@ -462,7 +474,7 @@ def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     from . import moba_topk
 
     total, heads, _ = q.shape
-    groups, rows = _plan(cu_seqlens, q, max_seqlen, causal, "moba_topk_varlen")
+    groups, rows = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_topk_varlen")
     parts = [moba_topk(_take(q, g, r), _take(k, g, r), block_size, top_k, causal=causal)
              for g, r in zip(groups, rows, strict=True)]
     return _packed(parts, groups, rows, (total, heads, top_k), torch.int32, q.device)
