@@ -318,12 +318,15 @@ def _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, rows, lists, p
                  for i, x in enumerate((q, k, v)))
 
 
+def _plan_groups(bounds, causal, heads, kv_heads, head_dim, block_size):
+    """The groups of a call: padded batches short enough to be attended as one sequence (the counting sort's
+    segment keys, kv heads x blocks, bound a folded batch's length)."""
+    return _groups(bounds, causal, heads, head_dim, block_size, max_tokens=(MAX_KEYS - 1) // kv_heads * block_size)
+
+
 def _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, fn):
-    # a padded batch short enough to be attended as one sequence: the counting sort's segment keys (kv heads x
-    # blocks) bound the folded batch's length
-    max_tokens = (MAX_KEYS - 1) // k.shape[1] * block_size
-    groups = _groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], q.shape[2], block_size,
-                     max_tokens=max_tokens)
+    groups = _plan_groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], k.shape[1],
+                          q.shape[2], block_size)
     return groups, [_rows(g, q.device) for g in groups]
 
 
