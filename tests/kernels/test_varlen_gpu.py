@@ -84,7 +84,7 @@ def test_gradients_equal_each_sequence_alone(case, poisoned_empty, varlen_entry,
 
     lengths, heads, kv_heads, dim, block, top_k, causal, dtype = CASES[case]
     q, k, v, dout, cu = _packed(lengths, heads, kv_heads, dim, dtype, seed=100 + case)
-    groups, _ = _varlen._plan(cu, q, k, max(lengths), block, causal, "moba_attention_varlen")  # the call's own grouping
+    groups = _varlen._plan(cu, q, k, max(lengths), block, causal, "moba_attention_varlen")  # the call's own grouping
     padded = {span for g in groups for span in g.spans}
     for deterministic in (True, False):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
