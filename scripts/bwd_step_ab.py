@@ -17,8 +17,8 @@ issued back to back per timing, their mean). ``--compare``:
   segment sizes;
 * ``eager``: eager calls through the autograd.Function (``mobalab.kernels.autograd.EAGER_FUNCTION``) against the
   custom ops;
-* ``fold``: the batch attended as one sequence where that takes fewer chunks (``mobalab.kernels.autograd.FOLD_BATCH``,
-  8K at these shapes) against one chunk plan per sequence.
+* ``fold``: the batch attended as one sequence where that takes fewer chunks (``mobalab.kernels.autograd.FOLD_BATCH``;
+  8K, 4x4K, 8x2K and the larger batches at these shapes) against one chunk plan per sequence.
 
 Printed per point: each arm's median in ms, the speedup of "on" over "off", and whether dK and dV are
 bit-identical between the arms (both settings leave every dK / dV sum in the same order; dQ's float atomics
@@ -42,7 +42,9 @@ from mobalab.kernels import moba_attention
 K = 1024
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64),
-          "4x4K": (4 * K, 128, 128, 4), "8x2K": (2 * K, 128, 128, 8)}  # (N, d, B[, batch: 2])
+          "4x4K": (4 * K, 128, 128, 4), "8x2K": (2 * K, 128, 128, 8), "8x4K": (4 * K, 128, 128, 8),
+          "4x8K": (8 * K, 128, 128, 4), "16x2K": (2 * K, 128, 128, 16), "32x1K": (K, 128, 128, 32)}
+# (N, d, B[, batch: 2])
 COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager", "fold")
 
 
