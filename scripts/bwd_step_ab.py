@@ -40,11 +40,11 @@ from mobalab.bench._interleaved import print_point_rows, time_arms
 from mobalab.kernels import moba_attention
 
 K = 1024
+# (N, d, B[, batch: 2])
 POINTS = {"8K": (8 * K, 128, 128), "16K": (16 * K, 128, 128), "64K": (64 * K, 128, 128),
           "16K-d64-B64": (16 * K, 64, 64), "8K-d64-B64": (8 * K, 64, 64),
           "4x4K": (4 * K, 128, 128, 4), "8x2K": (2 * K, 128, 128, 8), "8x4K": (4 * K, 128, 128, 8),
           "4x8K": (8 * K, 128, 128, 4), "16x2K": (2 * K, 128, 128, 16), "32x1K": (K, 128, 128, 32)}
-# (N, d, B[, batch: 2])
 COMPARES = ("lists", "order", "plan", "tpc", "sort", "eager", "fold")
 
 

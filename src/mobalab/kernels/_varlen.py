@@ -315,15 +315,11 @@ def _backward_groups(dout, dlse, q, k, v, out, lse, topk, groups, lists, pads, b
                  for i, x in enumerate((q, k, v)))
 
 
-def _plan_groups(bounds, causal, heads, kv_heads, head_dim, block_size):
+def _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, fn) -> list[_Group]:
     """The groups of a call: padded batches short enough to be attended as one sequence (the counting sort's
     segment keys, kv heads x blocks, bound a folded batch's length)."""
-    return _groups(bounds, causal, heads, head_dim, block_size, max_tokens=(MAX_KEYS - 1) // kv_heads * block_size)
-
-
-def _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, fn):
-    return _plan_groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], k.shape[1],
-                        q.shape[2], block_size)
+    return _groups(_bounds(cu_seqlens, q.shape[0], max_seqlen, fn), causal, q.shape[1], q.shape[2], block_size,
+                   max_tokens=(MAX_KEYS - 1) // k.shape[1] * block_size)
 
 
 def _op(name: str):
