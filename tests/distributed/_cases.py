@@ -268,3 +268,32 @@ def gpu_case(rank: int, world: int, payload: dict) -> dict:
 
     return {"routing_agreement": float(agreement), "out": rel(got, out[:, pos]),
             **{name: rel(g, w[:, pos]) for name, g, w in zip(("dq", "dk", "dv"), got_grads, grads, strict=True)}}
+
+
+def input_precision_case(rank: int, world: int, payload: dict) -> dict:
+    """bf16 keys near 1 (block means that mostly round to equal bf16 values) sharded over the ranks, routed with
+    centroid_precision "input": the routing of single-process ``moba_topk`` in that precision (not the "fp32" one),
+    and the output of single-process attention given that routing; then rank 1 asking for "fp32" while the others
+    ask for "input": every rank raises."""
+    g = torch.Generator().manual_seed(31)
+    lengths, block, top_k = (37, 27), 4, 3
+    n = sum(lengths)
+    q = torch.randn(1, n, 2, 8, generator=g).to(torch.bfloat16)
+    k = (1 + 2.0**-9 * torch.randn(1, n, 1, 8, generator=g)).to(torch.bfloat16)
+    v = torch.randn(1, n, 1, 8, generator=g).to(torch.bfloat16)
+    pos = shard_positions(lengths, rank, "contiguous")
+    want = R.moba_topk(q, k, block, top_k, centroid_precision="input")
+    got_topk = route(q[:, pos], k[:, pos], Layout(lengths, "contiguous"), ring_of(None), block, top_k, True,
+                     centroid_precision="input")
+    out = context_parallel_moba_attention(q[:, pos], k[:, pos], v[:, pos], block, top_k,
+                                          centroid_precision="input")
+    ref, _ = R.moba_attention_given_routing(q, k, v, want, block)
+    try:
+        context_parallel_moba_attention(q[:, pos], k[:, pos], v[:, pos], block, top_k,
+                                        centroid_precision="fp32" if rank == 1 else "input")
+        disagree = "no error"
+    except ValueError as exc:
+        disagree = str(exc)
+    return {"routing_equal": bool(torch.equal(got_topk, want[:, pos])),
+            "differs_from_fp32": bool(not torch.equal(want, R.moba_topk(q, k, block, top_k))),
+            "out": float((out.float() - ref[:, pos].float()).abs().max()), "disagree": disagree}

@@ -79,3 +79,12 @@ def test_benchmark_single_device_path(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(int(r["seq_len"]), r["mode"]) for r in rows] == [(256, "fwd+bwd")] and float(rows[0]["fwdbwd_ms"]) > 0
     assert json.loads((out / "cp_bench_env.json").read_text())["path"] == "single-device"
+
+
+def test_input_centroid_precision_routes_the_whole_sequence():
+    """centroid_precision "input" over two ranks (gloo): single-process routing in that precision, attention given
+    it (bf16 outputs within a rounding), and a rank that asks for another precision makes every rank raise."""
+    for r in _world.run_world(2, "_cases", "input_precision_case", timeout=120):
+        assert r["routing_equal"] and r["differs_from_fp32"]
+        assert r["out"] <= 2.0**-7
+        assert "centroid_precision" in r["disagree"], r["disagree"]

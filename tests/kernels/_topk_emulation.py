@@ -38,15 +38,19 @@ def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def run_topk(exe: Path, tmp: Path, q, cent, block_size, top_k, causal, variant, seed=0,
-             query_offset=0, fold_blocks=0) -> torch.Tensor:
+             query_offset=0, fold_blocks=0, centroid_precision="fp32") -> torch.Tensor:
     """The selections of the top-k kernel of ``variant`` as ``topk_launch`` plans it, run by ``exe`` with seed
     ``seed``; q gets a buffer of its own (an access outside it fails) and the output starts as -7 everywhere, so
-    unwritten slots show."""
+    unwritten slots show. ``centroid_precision`` "input": ``exe`` must be built with the plan's define
+    (``routing.INPUT_CENTROIDS_DEFINE``); the lo halves are then NaN, so a read of them would show."""
     q = q.clone(memory_format=torch.contiguous_format)
     hi, lo = split_centroids(cent, q.dtype)
+    if centroid_precision == "input":
+        lo = torch.full_like(lo, float("nan"))
     out = torch.full((*q.shape[:3], top_k), -7, dtype=torch.int32)
     plan = routing.topk_launch(q, hi, lo, out, block_size, top_k, causal, query_offset, variant=variant,
-                               fold_blocks=fold_blocks)
+                               fold_blocks=fold_blocks, centroid_precision=centroid_precision)
+    assert (routing.INPUT_CENTROIDS_DEFINE in plan.defines) == (centroid_precision == "input")
     assert plan.source == (routing.WGMMA_SOURCE if variant == "wgmma" else "topk.cu")
     assert plan.kernel.endswith("_split") == (variant == "split")
     run_emulated(exe, tmp, [plan], seed)
@@ -77,7 +81,7 @@ def case_id(case) -> str:
     return f"{str(case[0])[6:]}-d{case[1]}-B{case[2]}-{'c' if case[3] else 'nc'}-N{case[4]}-k{case[5]}"
 
 
-def run_random_case(exe: Path, tmp: Path, case, variant):
+def run_random_case(exe: Path, tmp: Path, case, variant, centroid_precision="fp32"):
     """(selections, q, k, centroids) of a random case (dtype, dim, block, causal, seqlen, top_k, heads, kv_heads,
     batch): inputs seeded by seqlen + dim, the launch by seqlen."""
     dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads, batch = case
@@ -85,15 +89,18 @@ def run_random_case(exe: Path, tmp: Path, case, variant):
     q = torch.randn((batch, seqlen, heads, dim), generator=gen).to(dtype)
     k = torch.randn((batch, seqlen, kv_heads, dim), generator=gen).to(dtype)
     cent = reference.moba_centroids(k, block_size)
-    return run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen), q, k, cent
+    out = run_topk(exe, tmp, q, cent, block_size, top_k, causal, variant, seed=seqlen,
+                   centroid_precision=centroid_precision)
+    return out, q, k, cent
 
 
-def check_random_case(exe: Path, tmp: Path, case, variant) -> torch.Tensor:
-    """:func:`run_random_case` against ``reference.moba_topk`` (:func:`check_near_ties`); the selections."""
-    _, _, block_size, causal, _, top_k, *_ = case
-    out, q, k, cent = run_random_case(exe, tmp, case, variant)
-    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal)
-    check_near_ties(out, ref, q, cent, causal)
+def check_random_case(exe: Path, tmp: Path, case, variant, centroid_precision="fp32") -> torch.Tensor:
+    """:func:`run_random_case` against ``reference.moba_topk`` with the same ``centroid_precision``
+    (:func:`check_near_ties`, on the centroids that precision scores); the selections."""
+    dtype, _, block_size, causal, _, top_k, *_ = case
+    out, q, k, cent = run_random_case(exe, tmp, case, variant, centroid_precision)
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision=centroid_precision)
+    check_near_ties(out, ref, q, cent.to(dtype).float() if centroid_precision == "input" else cent, causal)
     return out
 
 
@@ -177,3 +184,29 @@ def check_planted_ties(exe: Path, tmp: Path, causal: bool, variant: str, top_ks,
         ref = reference.moba_topk_from_centroids(q, cent, block_size, top_k, causal)[:, first:]
         assert torch.equal(out, ref), f"top_k={top_k}: {(out != ref).sum().item()} slots differ"
     assert -(-seqlen // block_size) == n
+
+
+def check_input_is_rounded_fp32(exe_input: Path, exe: Path, tmp: Path, case, variant: str) -> None:
+    """The "input" build (lo poisoned) selects exactly what the default build selects from centroids equal to their
+    rounding to q's dtype (lo = 0: the same sums), and what the reference selects in that precision up to near-ties."""
+    dtype, dim, block_size, causal, seqlen, top_k, *_ = case
+    got = check_random_case(exe_input, tmp, case, variant, "input")
+    _, q, _, cent = run_random_case(exe_input, tmp, case, variant, "input")
+    rounded = run_topk(exe, tmp, q, cent.to(dtype).float(), block_size, top_k, causal, variant, seed=seqlen)
+    assert torch.equal(got, rounded)
+
+
+def check_input_ignores_lo(exe_input: Path, exe: Path, tmp: Path, variant: str, causal: bool) -> None:
+    """Centroids u + e_j whose roundings to bf16 are all u (|e_j| below half a bf16 step of u's entries): "input"
+    sees one score for every block and takes the highest blocks (the tie order), where "fp32" ranks by q.e_j."""
+    n, block_size, dim, top_k = 150, 16, 64, 8
+    gen = torch.Generator().manual_seed(5)
+    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    cent = (u + (torch.rand((1, n, 1, dim), generator=gen) * 2 - 1) * 2.0**-11).float()
+    assert torch.equal(cent.to(torch.bfloat16).float(), u.expand_as(cent))
+    q = torch.randn((1, n * block_size, 2, dim), generator=gen).to(torch.bfloat16)
+    args = (block_size, top_k, causal, variant)
+    got = run_topk(exe_input, tmp, q, cent, *args, centroid_precision="input")
+    ties = run_topk(exe, tmp, q, u.expand_as(cent).contiguous(), *args)
+    assert torch.equal(got, ties)
+    assert not torch.equal(run_topk(exe, tmp, q, cent, *args), ties)

@@ -318,10 +318,27 @@ def test_gradcheck_of_the_op(monkeypatch, eager_function):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-def test_opcheck_forward_op():
+@pytest.mark.parametrize("extra", [(), ("input",)])
+def test_opcheck_forward_op(extra):
     q, k, v = _qkv(seed=8)
     torch.library.opcheck(torch.ops.mobalab.moba_attention_fwd.default,
-                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True, 0.3, False))
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4, 2, True, 0.3, False,
+                           *extra))
+
+
+@pytest.mark.parametrize("eager_function", [True, False])
+def test_input_centroids_reach_the_routing(monkeypatch, eager_function):
+    """centroid_precision "input" through both entries: the routing of the reference in that precision (bf16 keys
+    whose fp32 block means round to different bf16 values), and a clear error for an unknown precision."""
+    monkeypatch.setattr(AG, "EAGER_FUNCTION", eager_function)
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(batch=1, seqlen=64, heads=2, kv_heads=1, dim=8, seed=12))
+    out, lse = moba_attention_autograd(q, k, v, 4, 3, return_lse=True, centroid_precision="input")
+    topk = R.moba_topk(q, k, 4, 3, centroid_precision="input")
+    ref_out, ref_lse = R.moba_attention_given_routing(q, k, v, topk, 4)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="centroid_precision must be one of"):
+        moba_attention_autograd(q, k, v, 4, 3, centroid_precision="fp16")
 
 
 def test_torch_compile_fullgraph_cpu(monkeypatch):

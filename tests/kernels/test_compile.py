@@ -70,9 +70,10 @@ FALLBACK_BUILDS += [(_cuda_attention.SOURCE, ("MOBA_TPC=8", f"MOBA_HEAD_DIM={FAL
 SPILL_ALLOWANCE = {(_cuda_backward.WGMMA_SOURCE, (*options, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}")):
                    BWD_SPILL_ALLOWANCE[key] for key, options in BWD_OPTION_SETS.items()}
 FALLBACK_BUILDS += list(SPILL_ALLOWANCE)
-# and the wgmma router's build options and timing probe
+# and the wgmma router's build options, and both routers' build for centroid_precision "input"
 FALLBACK_BUILDS += [(_cuda_routing.WGMMA_SOURCE, (option, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))
-                    for option in (*_cuda_routing.WGMMA_BUILD_OPTIONS, *_cuda_routing.WGMMA_PROBE_OPTIONS)]
+                    for option in (*_cuda_routing.WGMMA_BUILD_OPTIONS, _cuda_routing.INPUT_CENTROIDS_DEFINE)]
+FALLBACK_BUILDS += [("topk.cu", (_cuda_routing.INPUT_CENTROIDS_DEFINE, f"MOBA_HEAD_DIM={FALLBACK_HEAD_DIM}"))]
 BUILDS = [(name, ()) for name in COMPILED_HERE] + FALLBACK_BUILDS
 
 _HEAD_DIM = re.compile(r"_d(\d+)(?=_|$)")

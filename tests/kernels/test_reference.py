@@ -37,11 +37,14 @@ def naive_centroids(k, block_size):
     return out
 
 
-def naive_topk(q, k, block_size, top_k, causal):
-    """Per query: candidates sorted by (score desc, block index desc), Python lists throughout."""
+def naive_topk(q, k, block_size, top_k, causal, centroid_precision="fp32"):
+    """Per query: candidates sorted by (score desc, block index desc), Python lists throughout; "input": each
+    centroid rounded to k's dtype (from fp32, as the means are kept)."""
     batch, seqlen, heads, _ = q.shape
     group = heads // k.shape[2]
     centroids = naive_centroids(k, block_size)
+    if centroid_precision == "input":
+        centroids = centroids.float().to(k.dtype).double()
     n_blocks = centroids.shape[1]
     out = torch.full((batch, seqlen, heads, top_k), -1, dtype=torch.int32)
     for b in range(batch):
@@ -159,6 +162,39 @@ def test_topk_low_precision_matches_naive(dtype):
     q, k = q.to(dtype), k.to(dtype)
     for causal in (True, False):
         assert torch.equal(moba_topk(q, k, 4, 3, causal=causal), naive_topk(q, k, 4, 3, causal))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_input_centroid_precision_scores_the_rounded_means(dtype):
+    """centroid_precision "input": the naive routing over centroids rounded to the keys' dtype; float32 keys: the
+    same as "fp32"."""
+    q, k, _ = randn(2, 301, 4, 2, 8, dtype=torch.float32, seed=13)
+    for causal in (True, False):
+        got = moba_topk(q.to(dtype), k.to(dtype), 4, 3, causal=causal, centroid_precision="input")
+        assert torch.equal(got, naive_topk(q.to(dtype), k.to(dtype), 4, 3, causal, "input"))
+        assert torch.equal(moba_topk(q, k, 4, 3, causal=causal, centroid_precision="input"),
+                           moba_topk(q, k, 4, 3, causal=causal))
+
+
+def test_topk_input_centroid_precision_is_not_fp32():
+    """bf16 keys 1 + small offsets: block means distinct in fp32 and mostly equal once rounded to bf16, so the two
+    precisions select differently (and "input" breaks its many exact ties toward the higher block)."""
+    q, k, _ = randn(1, 64, 2, 1, 8, dtype=torch.float32, seed=15)
+    q, k = q.to(torch.bfloat16), (1 + 2.0**-9 * k).to(torch.bfloat16)
+    got = moba_topk(q, k, 4, 3, centroid_precision="input")
+    assert torch.equal(got, naive_topk(q, k, 4, 3, True, "input"))
+    assert not torch.equal(got, moba_topk(q, k, 4, 3))
+
+
+def test_attention_routes_with_the_centroid_precision_given():
+    q, k, v = randn(1, 40, 2, 1, 8, dtype=torch.float32, seed=14)
+    q, k, v = q.to(torch.bfloat16), (1 + 2.0**-9 * k).to(torch.bfloat16), v.to(torch.bfloat16)
+    topk = moba_topk(q, k, 4, 3, centroid_precision="input")
+    out, lse = moba_attention(q, k, v, 4, 3, return_lse=True, centroid_precision="input")
+    ref_out, ref_lse = moba_attention_given_routing(q, k, v, topk, 4)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match=r"moba_topk: centroid_precision must be one of \('fp32', 'input'\)"):
+        moba_topk(q, k, 4, 3, centroid_precision="float32")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

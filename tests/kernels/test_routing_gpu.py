@@ -60,7 +60,7 @@ def _rand(shape, dtype, gen):
     return torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
 
 
-def _poisoned_topk(q, k, block_size, top_k, causal, centroids=None):
+def _poisoned_topk(q, k, block_size, top_k, causal, centroids=None, centroid_precision="fp32"):
     """Run the routing launches into poisoned buffers; returns (indices, fp32 centroids used)."""
     routing = _routing()
     batch, seqlen, heads, dim = q.shape
@@ -73,7 +73,8 @@ def _poisoned_topk(q, k, block_size, top_k, causal, centroids=None):
         cent = torch.full((batch, n, kv_heads, dim), float("nan"), device="cuda")
     else:
         cent = centroids
-    routing.topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out)
+    routing.topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out,
+                      centroid_precision=centroid_precision)
     return out, cent
 
 
@@ -404,3 +405,51 @@ def test_mismatch_rate_below_0p1_percent():
         with open(path, "a") as fh:
             fh.write(line + "\n")
     assert rate < 1e-3
+
+
+INPUT_CASES = [
+    # dtype, dim, block, causal, seqlen, top_k, heads, kv_heads
+    (torch.bfloat16, 128, 128, True, 8192, 8, 4, 2),
+    (torch.float16, 64, 16, False, 3001, 16, 2, 1),
+    (torch.bfloat16, 128, 32, True, 70000, 8, 2, 2),  # 2188 blocks: "auto" would take wgmma here on an H100
+    (torch.bfloat16, 96, 64, True, 1000, 40, 2, 1),  # the heap tier (mma)
+]
+
+
+@pytest.mark.parametrize("case", INPUT_CASES, ids=[f"{c[0]}-d{c[1]}-B{c[2]}-N{c[4]}-k{c[5]}" for c in INPUT_CASES])
+def test_input_centroids_select_what_the_reference_selects_in_that_precision(case, router):
+    """centroid_precision "input" (the kernels' build scoring q.hi alone) into poisoned buffers against
+    ``reference.moba_topk(..., centroid_precision="input")``, near-ties judged on the rounded centroids; the same
+    kernels with the fp32 centroids replaced by their rounding select exactly the same blocks."""
+    dtype, dim, block_size, causal, seqlen, top_k, heads, kv_heads = case
+    if _falls_back(dim, top_k, causal):
+        return
+    gen = torch.Generator(device="cuda").manual_seed(seqlen + top_k)
+    q = _rand((1, seqlen, heads, dim), dtype, gen)
+    k = _rand((1, seqlen, kv_heads, dim), dtype, gen)
+    out, cent = _poisoned_topk(q, k, block_size, top_k, causal, centroid_precision="input")
+    rounded = cent.to(dtype).float()
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision="input")
+    _compare(out, ref, q, rounded, causal, block_size)
+    again, _ = _poisoned_topk(q, k, block_size, top_k, causal, centroids=rounded.contiguous())
+    assert torch.equal(out, again)
+
+
+def test_input_centroids_through_the_public_functions(router):
+    """moba_topk and moba_attention (forward and backward) with centroid_precision "input": the attention is the
+    kernels' attention over the routing moba_topk gives in that precision, bit for bit."""
+    from mobalab.kernels import _cuda_attention, moba_attention, moba_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (_rand((1, 8192, 4, 128), torch.bfloat16, gen) for _ in range(3))
+    topk = moba_topk(q, k, 64, 8, centroid_precision="input")
+    ref = reference.moba_topk(q, k, 64, 8, centroid_precision="input")
+    _compare(topk, ref, q, reference.moba_centroids(k, 64).to(torch.bfloat16).float(), True, 64)
+    given = _cuda_attention.moba_attention_cuda(q, k, v, 64, 8, topk_indices=topk)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = moba_attention(*leaves, 64, 8, centroid_precision="input")
+    assert torch.equal(out, given)
+    out.float().square().sum().backward()
+    assert all(bool(x.grad.isfinite().all()) for x in leaves)
+    with pytest.raises(ValueError, match="centroid_precision must be one of"):
+        moba_attention(q, k, v, 64, 8, centroid_precision="bf16")

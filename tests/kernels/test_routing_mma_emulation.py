@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobalab.kernels import _cuda_routing as routing
 from mobalab.kernels import reference
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
@@ -28,6 +29,8 @@ from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
     check_fold,
+    check_input_ignores_lo,
+    check_input_is_rounded_fp32,
     check_near_ties,
     check_planted_monotone,
     check_planted_ties,
@@ -49,6 +52,9 @@ def _kernel_files() -> dict[str, str]:
 
 
 harness = harness_fixture("topk_mma_harness", _kernel_files, flags=("-Wno-unknown-pragmas",))
+# the build for centroid_precision "input": the scores q.hi alone, no lo tiles copied
+harness_input = harness_fixture("topk_mma_harness", _kernel_files, name="harness_input",
+                                flags=("-Wno-unknown-pragmas", f"-D{routing.INPUT_CENTROIDS_DEFINE}"))
 
 
 CASES = [
@@ -125,3 +131,28 @@ def test_emulated_topk_numbers_a_folded_batch(harness, tmp_path, router, top_k, 
     """fold_blocks = n writes block j of sequence b as b n + j (-1 kept), in the register lists of both kernels and
     the heap tier, exactly what renumbering the plain selections gives."""
     check_fold(harness, tmp_path, router, top_k, causal)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_emulated_input_centroids_score_the_rounded_centroids(harness, harness_input, tmp_path, case, router):
+    """centroid_precision "input": the reference's selections in that precision (up to near-ties), and exactly the
+    default build's from centroids rounded to q's dtype; the lo halves (poisoned) are never read."""
+    check_input_is_rounded_fp32(harness_input, harness, tmp_path, case, router)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_emulated_input_centroids_ignore_lo(harness, harness_input, tmp_path, causal, router):
+    check_input_ignores_lo(harness_input, harness, tmp_path, router, causal)
+
+
+def test_emulated_heap_tier_input_centroids(harness_input, tmp_path):
+    """The heap tier (top_k 40) with centroid_precision "input"."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn((1, 600, 2, 64), generator=gen).to(torch.float16)
+    k = torch.randn((1, 600, 1, 64), generator=gen).to(torch.float16)
+    cent = reference.moba_centroids(k, 16)
+    out = run_topk(harness_input, tmp_path, q, cent, 16, 40, True, "mma", seed=5, centroid_precision="input")
+    ref = reference.moba_topk(q, k, 16, 40, causal=True, centroid_precision="input")
+    check_near_ties(out, ref, q, cent.to(torch.float16).float(), True)

@@ -26,13 +26,14 @@ from _emulation import NEEDS_CXX, harness_fixture  # noqa: E402
 from _topk_emulation import (  # noqa: E402
     case_id,
     check_fold,
+    check_input_ignores_lo,
+    check_input_is_rounded_fp32,
     check_planted_monotone,
     check_planted_ties,
     check_query_offset,
     check_random_case,
     host_files,
     run_random_case,
-    run_topk,
 )
 
 pytestmark = NEEDS_CXX
@@ -50,9 +51,9 @@ harness = harness_fixture("topk_wgmma_harness", _kernel_files, flags=("-Wno-unkn
 # the kernel with its build options (routing.WGMMA_BUILD_OPTIONS: each descriptor built from its address)
 harness_unstepped = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_unstepped",
                                     flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_BUILD_OPTIONS)))
-# the timing probe scoring with the hi halves alone (routing.WGMMA_PROBE_OPTIONS: no lo copies, one m64n64k16 a step)
-harness_hi_only = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_hi_only",
-                                  flags=("-Wno-unknown-pragmas", *(f"-D{o}" for o in routing.WGMMA_PROBE_OPTIONS)))
+# the build for centroid_precision "input", scoring with the hi halves alone (no lo copies, one m64n64k16 a step)
+harness_input = harness_fixture("topk_wgmma_harness", _kernel_files, name="harness_input",
+                                flags=("-Wno-unknown-pragmas", f"-D{routing.INPUT_CENTROIDS_DEFINE}"))
 
 
 CASES = [
@@ -105,28 +106,13 @@ def test_emulated_wgmma_topk_numbers_a_folded_batch(harness, tmp_path, causal):
     check_fold(harness, tmp_path, "wgmma", 16 if not causal else 8, causal)
 
 
-@pytest.mark.parametrize("case", CASES[:2], ids=[case_id(c) for c in CASES[:2]])
-def test_emulated_wgmma_hi_only_probe_selects_by_q_dot_hi(harness, harness_hi_only, tmp_path, case):
-    """The hi-only timing probe selects exactly what the default build selects from centroids equal to their hi
-    halves (lo = 0: the same sums)."""
-    dtype, dim, block_size, causal, seqlen, top_k, *_ = case
-    probe, q, _, cent = run_random_case(harness_hi_only, tmp_path, case, "wgmma")
-    hi_only = run_topk(harness, tmp_path, q, cent.to(dtype).float(), block_size, top_k, causal, "wgmma", seed=seqlen)
-    assert torch.equal(probe, hi_only)
+@pytest.mark.parametrize("case", CASES[:3], ids=[case_id(c) for c in CASES[:3]])
+def test_emulated_wgmma_input_centroids_score_the_rounded_centroids(harness, harness_input, tmp_path, case):
+    """centroid_precision "input": the reference's selections in that precision (up to near-ties), and exactly the
+    default build's from centroids rounded to q's dtype; the lo halves (poisoned) are never read."""
+    check_input_is_rounded_fp32(harness_input, harness, tmp_path, case, "wgmma")
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_emulated_wgmma_hi_only_probe_ignores_lo(harness, harness_hi_only, tmp_path, causal):
-    """Centroids u + e_j whose hi halves are all u (|e_j| below half a bf16 step of u's entries): the probe sees one
-    score for every block and takes the highest blocks (the tie order), where the default build ranks by q.e_j."""
-    n, block_size, dim, top_k = 150, 16, 64, 8
-    gen = torch.Generator().manual_seed(5)
-    u = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
-    cent = (u + (torch.rand((1, n, 1, dim), generator=gen) * 2 - 1) * 2.0**-11).float()
-    assert torch.equal(cent.to(torch.bfloat16).float(), u.expand_as(cent))
-    q = torch.randn((1, n * block_size, 2, dim), generator=gen).to(torch.bfloat16)
-    args = (block_size, top_k, causal, "wgmma")
-    probe = run_topk(harness_hi_only, tmp_path, q, cent, *args)
-    ties = run_topk(harness, tmp_path, q, u.expand_as(cent).contiguous(), *args)
-    assert torch.equal(probe, ties)
-    assert not torch.equal(run_topk(harness, tmp_path, q, cent, *args), ties)
+def test_emulated_wgmma_input_centroids_ignore_lo(harness, harness_input, tmp_path, causal):
+    check_input_ignores_lo(harness_input, harness, tmp_path, "wgmma", causal)

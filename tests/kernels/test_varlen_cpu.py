@@ -186,6 +186,24 @@ def test_low_precision_dtypes_and_no_sequences(varlen_entry):
     assert [g.shape for g in grads] == [x.shape for x in empty]
 
 
+def test_input_centroid_precision_per_sequence(varlen_entry):
+    """centroid_precision "input" reaches every sequence's routing: the outputs and routing of each sequence alone
+    in that precision (bf16 keys near 1, whose block means mostly round to equal values: not the "fp32" routing)."""
+    q, k, v, cu = _packed(LENGTHS, seed=23)
+    q, k, v = q.to(torch.bfloat16), (1 + 2.0**-9 * k).to(torch.bfloat16), v.to(torch.bfloat16)
+    out = moba_attention_varlen(q, k, v, cu, max(LENGTHS), 4, 3, centroid_precision="input")
+    sel = moba_topk_varlen(q, k, cu, max(LENGTHS), 4, 3, centroid_precision="input")
+    assert not torch.equal(sel, moba_topk_varlen(q, k, cu, max(LENGTHS), 4, 3))
+    for s, e in _pieces(cu):
+        if e == s:
+            continue
+        one = (q[s:e][None], k[s:e][None], v[s:e][None])
+        assert torch.equal(out[s:e], moba_attention(*one, 4, 3, centroid_precision="input")[0])
+        assert torch.equal(sel[s:e], moba_topk(*one[:2], 4, 3, centroid_precision="input")[0])
+    with pytest.raises(ValueError, match="moba_attention_varlen: centroid_precision must be one of"):
+        moba_attention_varlen(q, k, v, cu, max(LENGTHS), 4, 3, centroid_precision="half")
+
+
 def test_opcheck_of_the_ops():
     # schema, fake implementation, autograd registration (compilation: test_torch_compile_fullgraph_cpu);
     # through torch.ops, the live registration
@@ -195,6 +213,10 @@ def test_opcheck_of_the_ops():
     torch.library.opcheck(torch.ops.mobalab.moba_attention_varlen_fwd.default,
                           (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, 9, 4, 2, True, 0.3, False),
                           test_utils=utils)
+    torch.library.opcheck(torch.ops.mobalab.moba_topk_varlen.default, (q, k, cu, 9, 4, 2, True, "input"),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.mobalab.moba_attention_varlen_fwd.default,
+                          (q, k, v, cu, 9, 4, 2, True, 0.3, False, "input"), test_utils=utils)
 
 
 def test_torch_compile_fullgraph_cpu(varlen_grouping):

@@ -52,7 +52,7 @@ import statistics
 import torch
 
 from mobalab.kernels import _cuda_attention as A
-from mobalab.kernels._contract import CUDA_HEAD_DIMS
+from mobalab.kernels._contract import CENTROID_PRECISIONS, CUDA_HEAD_DIMS
 from mobalab.kernels._cuda_routing import (
     DEFAULT_ROUTER_VARIANT,
     ROUTER_CHOICES,
@@ -793,8 +793,10 @@ def _step_timers(graph: bool, queued: bool, budget_s: float) -> dict:
 
 
 def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense=True, seed=0,
-                        deterministic=True, peers=(), budget_s=1.5, graph=False, queued=False):
+                        deterministic=True, peers=(), budget_s=1.5, graph=False, queued=False,
+                        centroid_precision="fp32"):
     causal = True
+    cp = centroid_precision
     q, k, v = make_inputs(workload, batch, seqlen, heads, dim, torch.bfloat16, seed, block)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
@@ -803,13 +805,14 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
                top_k=top_k, causal=causal, dtype="bf16")
     leaves = [x.requires_grad_() for x in (q, k, v)]
     timers = _step_timers(graph, queued, budget_s)
-    fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal)  # noqa: E731
+    fwd = lambda: A.moba_attention_cuda(q.detach(), k.detach(), v.detach(), block, top_k, causal=causal,  # noqa: E731
+                                        centroid_precision=cp)
     row["fwd_ms"], _ = time_ms(fwd, budget_s=budget_s)
     for name, det in (("fwdbwd", False), ("fwdbwd_det", True)):
         if det and not deterministic:
             continue
         f = lambda q, k, v, det=det: moba_attention_autograd(q, k, v, block, top_k, causal=causal,  # noqa: E731
-                                                             deterministic=det)
+                                                             deterministic=det, centroid_precision=cp)
         fn = _grad_fn(f, leaves, dout)
         row[f"{name}_ms"], _ = time_ms(fn, budget_s=budget_s)
         row[f"{name}_peak_gb"] = peak_gb(fn) + in_gb
@@ -830,7 +833,7 @@ def run_backward_config(workload, batch, seqlen, heads, dim, block, top_k, dense
     row["bwd_over_fwd_rate"] = row["bwd_useful_tflops"] / row["fwd_useful_tflops"]
     if peers:
         qd, kd, vd = (x.detach() for x in (q, k, v))
-        topk = moba_topk_cuda(qd, kd, block, top_k, causal=causal) if "flex" in peers else None
+        topk = moba_topk_cuda(qd, kd, block, top_k, causal=causal, centroid_precision=cp) if "flex" in peers else None
         row.update(run_peers(peers, qd, kd, vd, block, top_k, causal, topk=topk, dout=dout, budget_s=budget_s))
         for name, flops in (("flex", 3.5 * f_attn), ("flashmoba", f_route + 3.5 * f_attn)):
             _peer_ratios(row, name, "fwdbwd_ms", flops)
@@ -902,6 +905,8 @@ def backward_configs(quick: bool, head_dims=None):
 def _run_label(env) -> str:
     """A table's device and time, and the build options of a run that had any (``--build-option``)."""
     label = f"{env['cuda_device']}, {env['utc']}"
+    if env.get("centroid_precision", "fp32") != "fp32":
+        label += f", routing on centroids rounded to the input dtype (centroid_precision {env['centroid_precision']!r})"
     return label + (f", build options {' '.join(env['build_options'])}" if env.get("build_options") else "")
 
 
@@ -954,7 +959,8 @@ def main_backward(args, env) -> int:
         try:
             row = run_backward_config(workload, batch, n, heads, dim, block, top_k, seed=n + dim + block,
                                       deterministic=n <= 128 * 1024 or args.select is not None, peers=args.peers,
-                                      graph=args.graph, queued=args.queued)
+                                      graph=args.graph, queued=args.queued,
+                                      centroid_precision=args.centroid_precision)
         except Exception as exc:  # keep the sweep going
             print(f"FAILED fwd+bwd {workload} N={n} d={dim} B={block}: {exc!r}", flush=True)
             failed += 1
@@ -986,6 +992,9 @@ def main(argv=None) -> int:
     p.add_argument("--router-variant", choices=ROUTER_CHOICES, default=None,
                    help="top-k kernel of the routing in every run (sets $MOBALAB_ROUTER_VARIANT; default: that "
                         "variable, else auto)")
+    p.add_argument("--centroid-precision", choices=CENTROID_PRECISIONS, default="fp32",
+                   help="with --backward: the routing's centroids, fp32 means (default) or rounded to the input "
+                        "dtype as MoBA and FlashMoBA store them (one tensor-core product per score)")
     p.add_argument("--backward", action="store_true", help="forward + backward (mobalab, FA2, cuDNN)")
     p.add_argument("--select", default=None, help="with --backward: comma-separated indices of the configs to run")
     p.add_argument("--graph", action="store_true",
@@ -1021,6 +1030,8 @@ def main(argv=None) -> int:
     for flag in ("graph", "queued"):
         if getattr(args, flag) and not (args.backward or args.peers_quick):
             p.error(f"--{flag} applies to --backward and --peers-quick")
+    if args.centroid_precision != "fp32" and not args.backward:
+        p.error("--centroid-precision applies to --backward")
     if args.variant and (args.backward or args.dims or args.peers_quick):
         p.error("--variant applies to the forward sweep: drop --backward, --dims, --peers-quick")
     from mobalab.kernels import gpu_available
@@ -1036,6 +1047,7 @@ def main(argv=None) -> int:
         env["attn_variant"] = args.variant
     if args.build_option:
         env["build_options"] = list(args.build_option)
+    env["centroid_precision"] = args.centroid_precision
     print(json.dumps(env))
     with build_options(args.build_option):
         return _run(args, env)

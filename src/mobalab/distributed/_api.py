@@ -19,10 +19,11 @@ KERNEL_MODES = ("auto", "reference")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # what every rank must agree on, in the order of the agreement row
 _AGREED = ("batch", "heads", "kv_heads", "head_dim", "dtype", "block_size", "top_k", "causal", "softmax_scale",
-           "layout", "kernels")
+           "layout", "kernels", "centroid_precision")
 
 
-def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse, layout, kernels):
+def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse, layout, kernels,
+                 centroid_precision="fp32"):
     """Checks that need no communication; returns (block_size, top_k, scale)."""
     C.check_inputs(fn, q, k, v, path="reference")
     block_size = C.check_block_size(fn, block_size, "reference")
@@ -34,6 +35,7 @@ def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_l
         raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
     if kernels not in KERNEL_MODES:
         raise ValueError(f"{fn}: kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    C.check_centroid_precision(fn, centroid_precision)
     return block_size, top_k, scale
 
 
@@ -53,11 +55,12 @@ def _check_group(fn, q, group):
                          "(use NCCL for CUDA tensors)")
 
 
-def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels) -> list[int]:
+def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision="fp32") -> list[int]:
     batch, length, heads, dim = q.shape
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     return [batch, heads, k.shape[2], dim, _DTYPES.index(q.dtype), block_size, top_k, int(causal), scale_bits,
-            LAYOUTS.index(layout), KERNEL_MODES.index(kernels), length]
+            LAYOUTS.index(layout), KERNEL_MODES.index(kernels), C.CENTROID_PRECISIONS.index(centroid_precision),
+            length]
 
 
 def _readable(name: str, value: int):
@@ -72,12 +75,15 @@ def _readable(name: str, value: int):
         return LAYOUTS[value]
     if name == "kernels":
         return KERNEL_MODES[value]
+    if name == "centroid_precision":
+        return C.CENTROID_PRECISIONS[value]
     return value
 
 
 def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, group=None,
                                     softmax_scale: float | None = None, return_lse: bool = False, *,
-                                    layout: str = "contiguous", kernels: str = "auto"):
+                                    layout: str = "contiguous", kernels: str = "auto",
+                                    centroid_precision: str = "fp32"):
     r"""MoBA attention of one long sequence sharded over the ranks of ``group``: each rank passes its shard.
 
     Rank r holds the tokens of its shard: ``q`` (batch, L_r, heads, d), ``k`` and ``v`` (batch, L_r, kv_heads,
@@ -102,7 +108,8 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
     float32 (float64 for float64 inputs; its gradient is honoured). ``group``: the process group (None: the
     default group), NCCL with CUDA tensors or gloo with CPU tensors. ``kernels``: "auto" runs the CUDA kernels
     where they can do a step's work (CUDA tensors of a dtype, head dim, block size and top-k the CUDA path
-    supports) and the torch reference elsewhere; "reference" always runs the reference.
+    supports) and the torch reference elsewhere; "reference" always runs the reference. ``centroid_precision``:
+    the routing's centroids, "fp32" or "input" (rounded to k's dtype), as in :func:`mobalab.kernels.moba_topk`.
 
     Examples
     --------
@@ -121,11 +128,11 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
     """
     fn = "context_parallel_moba_attention"
     block_size, top_k, scale = _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse,
-                                            layout, kernels)
+                                            layout, kernels, centroid_precision)
     _check_group(fn, q, group)
     ring = ring_of(group)
-    row = torch.tensor(_agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels), dtype=torch.int64,
-                       device=q.device)
+    row = torch.tensor(_agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision),
+                       dtype=torch.int64, device=q.device)
     rows = all_gather_rows(row, ring).tolist()
     differing = {name: [_readable(name, r[i]) for r in rows] for i, name in enumerate(_AGREED)
                  if len({r[i] for r in rows}) > 1}
@@ -133,6 +140,6 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
         raise ValueError(f"{fn}: the ranks disagree on {', '.join(differing)}; every rank must pass the same "
                          f"settings and shapes except the shard length (per rank: {differing})")
     lengths = tuple(r[-1] for r in rows)
-    plan = Plan(Layout(lengths, layout), ring, Params(block_size, top_k, causal, scale), kernels)
+    plan = Plan(Layout(lengths, layout), ring, Params(block_size, top_k, causal, scale, centroid_precision), kernels)
     out, lse = RingMoBA.apply(q, k, v, plan)
     return (out, lse) if return_lse else out

@@ -48,6 +48,7 @@ class Params:
     top_k: int
     causal: bool
     scale: float
+    centroid_precision: str = "fp32"  # the routing's centroids (mobalab.kernels.reference.moba_topk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,7 +74,8 @@ class CudaKernels:
         from ._routing import kernel_lists
 
         with on_device(q):
-            return kernel_lists(q, centroids, block_size, top_k, causal, query_offset)
+            return kernel_lists(q, centroids, block_size, top_k, causal, query_offset,
+                                centroid_precision=self.params.centroid_precision)
 
     def forward(self, q, k, v, topk, causal, into=None, fold=False):
         from ..kernels._cuda_attention import moba_attention_cuda

@@ -321,7 +321,7 @@ class RingMoBA(torch.autograd.Function):
         p = plan.params
         kernels = cuda_kernels(q, p, plan.kernels)
         topk = route(q, k, plan.layout, plan.ring, p.block_size, p.top_k, p.causal,
-                     lists=None if kernels is None else kernels.lists)
+                     lists=None if kernels is None else kernels.lists, centroid_precision=p.centroid_precision)
         group = q.shape[2] // k.shape[2]
         ranges = _passes(q, k, plan, forward=True)
         if len(ranges) == 1:

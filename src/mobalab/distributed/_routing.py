@@ -68,8 +68,9 @@ def global_centroids(k: torch.Tensor, layout: Layout, ring: Ring, block_size: in
 
 
 def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_k: int, causal: bool,
-                 query_offset: int = 0) -> torch.Tensor:
-    """The fused CUDA top-k over given centroids, row i of ``q`` at position ``query_offset + i``."""
+                 query_offset: int = 0, centroid_precision: str = "fp32") -> torch.Tensor:
+    """The fused CUDA top-k over given centroids, row i of ``q`` at position ``query_offset + i``
+    (``centroid_precision`` "input": centroids already rounded to q's dtype, scored by one product each)."""
     from ..kernels._cuda_routing import split_launch, topk_launch
     from ..kernels._launch import kernel_ready, launch
 
@@ -80,7 +81,8 @@ def kernel_lists(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_
         lo = torch.empty_like(hi)
         out = torch.empty((batch, n_q, heads, top_k), dtype=torch.int32, device=q.device)
         launch(split_launch(centroids.float().contiguous(), hi, lo))
-        launch(topk_launch(kernel_ready(q), hi, lo, out, block_size, top_k, causal, query_offset))
+        launch(topk_launch(kernel_ready(q), hi, lo, out, block_size, top_k, causal, query_offset,
+                           centroid_precision=centroid_precision))
     return out
 
 
@@ -95,12 +97,15 @@ def route_segment(q, start: int, centroids, block_size: int, top_k: int, causal:
 
 
 def route(q: torch.Tensor, k: torch.Tensor, layout: Layout, ring: Ring, block_size: int, top_k: int,
-          causal: bool, lists=None) -> torch.Tensor:
+          causal: bool, lists=None, centroid_precision: str = "fp32") -> torch.Tensor:
     """Selected blocks (global indices) of this rank's queries: int32 (batch, shard_len, heads, top_k).
 
     ``lists``: a top-k with a query offset (:func:`kernel_lists`) to route with, or None for the reference.
+    ``centroid_precision`` "input": the whole sequence's centroids rounded to k's dtype before scoring.
     """
     centroids = global_centroids(k, layout, ring, block_size)
+    if centroid_precision == "input":
+        centroids = centroids.to(k.dtype).to(centroids.dtype)
     parts = []
     for s in layout.segments(ring.rank):
         q_seg = q[:, s.local:s.local + s.length]

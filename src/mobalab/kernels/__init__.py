@@ -85,8 +85,12 @@ def moba_centroids(k, block_size: int):
     return moba_centroids_reference(k, block_size)
 
 
-def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True):
+def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True, *, centroid_precision: str = "fp32"):
     """Selected key blocks per query, int32 (batch, seqlen, heads, top_k); see :func:`reference.moba_topk`.
+
+    ``centroid_precision``: "fp32" (the default) scores each block's fp32 mean key; "input" scores that mean
+    rounded to the keys' dtype, as MoBA and FlashMoBA store their centroids (on a GPU one tensor-core product per
+    score instead of two).
 
     Examples
     --------
@@ -99,12 +103,12 @@ def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True):
     if _at_the_door("moba_topk", [("q", q), ("k", k)]):
         from ._cuda_routing import moba_topk_cuda
 
-        return moba_topk_cuda(q, k, block_size, top_k, causal=causal)
-    return moba_topk_reference(q, k, block_size, top_k, causal=causal)
+        return moba_topk_cuda(q, k, block_size, top_k, causal=causal, centroid_precision=centroid_precision)
+    return moba_topk_reference(q, k, block_size, top_k, causal=causal, centroid_precision=centroid_precision)
 
 
 def moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
-                   return_lse: bool = False, *, deterministic: bool = False):
+                   return_lse: bool = False, *, deterministic: bool = False, centroid_precision: str = "fp32"):
     """MoBA attention, (batch, seqlen, heads, d) in and out; see :func:`reference.moba_attention`.
 
     CUDA tensors run the CUDA forward and, under autograd, the CUDA backward (custom op
@@ -112,6 +116,7 @@ def moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, so
     through the routing. ``deterministic=False`` accumulates dQ with float atomics (last bits may differ
     run to run); ``deterministic=True`` gives bit-identical gradients at some extra time and scratch.
     CPU tensors run the torch reference (always deterministic; the flag is checked and ignored).
+    ``centroid_precision``: the routing's centroids, as :func:`moba_topk`.
 
     Examples
     --------
@@ -127,6 +132,7 @@ def moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, so
         from .autograd import moba_attention_autograd
 
         return moba_attention_autograd(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
-                                       return_lse=return_lse, deterministic=deterministic)
+                                       return_lse=return_lse, deterministic=deterministic,
+                                       centroid_precision=centroid_precision)
     return moba_attention_reference(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
-                                    return_lse=return_lse)
+                                    return_lse=return_lse, centroid_precision=centroid_precision)

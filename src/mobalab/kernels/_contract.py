@@ -268,6 +268,18 @@ def check_softmax_scale(fn: str, softmax_scale, head_dim: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 # routing indices and centroids
 
+#: What the router's centroids are rounded to before scoring: "fp32", the fp32 mean itself (the default), or
+#: "input", the fp32 mean rounded to the keys' dtype, as MoBA and FlashMoBA store it (for float32 and float64 keys
+#: the two are the same).
+CENTROID_PRECISIONS = ("fp32", "input")
+
+
+def check_centroid_precision(fn: str, value) -> str:
+    if not isinstance(value, str) or value not in CENTROID_PRECISIONS:
+        raise ValueError(f"{fn}: centroid_precision must be one of {CENTROID_PRECISIONS}, got {value!r}")
+    return value
+
+
 
 def check_topk_indices(fn: str, topk, q, top_k: int, name: str = "topk_indices") -> None:
     """Routing indices: integer (batch, seqlen, heads, top_k) on q's device, -1 for an unused slot."""

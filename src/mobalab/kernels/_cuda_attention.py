@@ -492,7 +492,7 @@ def merge_launch(name, part_o, part_ml, topk, out, lse, *, seqlen, heads, top_k,
 def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
                         return_lse: bool = False, topk_indices=None, *, variant: str | None = None,
                         scratch_budget_bytes: int | None = None, into=None, fold: bool = False,
-                        keep_lists: bool = False):
+                        keep_lists: bool = False, centroid_precision: str = "fp32"):
     """MoBA attention forward on CUDA tensors; contract of :func:`mobalab.kernels.reference.moba_attention`.
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
@@ -513,6 +513,9 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     ``keep_lists`` (with ``return_lse``, not with ``into``): also return the key-block lists the forward built,
     as one int64 tensor laid out by :func:`kept_lists_layout` over the forward's chunks, for a backward that
     runs over the same chunks (:mod:`mobalab.kernels._cuda_backward` then skips building them again).
+
+    ``centroid_precision``: the routing's centroids when ``topk_indices`` is None, "fp32" or "input"
+    (:func:`mobalab.kernels.reference.moba_topk`).
     """
     fn = "moba_attention_cuda"
     C.check_inputs(fn, q, k, v, path="cuda")
@@ -521,6 +524,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     causal = C.check_flag(fn, "causal", causal)
     return_lse = C.check_flag(fn, "return_lse", return_lse)
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if topk_indices is not None:
         C.check_topk_indices(fn, topk_indices, q, top_k)
     variant = resolve_variant(variant, q.shape[-1], block_size)
@@ -536,7 +540,8 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     variant = tile_variant(fn, variant, q, k, block_size, top_k)
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists)
+                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists,
+                        centroid_precision)
 
 
 def check_variant_device(fn: str, variant: str, device) -> None:
@@ -565,14 +570,14 @@ def forward_checked(q, k, v, block_size: int, top_k: int, causal: bool, scale: f
 
 
 def _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant, budget, partial,
-             into, fold, keep_lists=False):
+             into, fold, keep_lists=False, centroid_precision="fp32"):
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     batch, seqlen, heads, dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
     n_blocks = math.ceil(seqlen / block_size)
     if topk_indices is None:
-        topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal)
+        topk = moba_topk_cuda(q, k, block_size, top_k, causal=causal, centroid_precision=centroid_precision)
     else:
         topk = topk_indices
     topk = topk.to(torch.int32).contiguous()

@@ -11,7 +11,10 @@ descending, ``-1`` in unused slots (see docs/design.md, "Routing").
 
 The score is computed on tensor cores as :math:`q\cdot c_{hi} + q\cdot c_{lo}` with the fp32 centroid split
 into two values of the input dtype (:math:`c_{hi} = T(c)`, :math:`c_{lo} = T(c - c_{hi})`), which is the fp32
-score to about :math:`2^{-16}` relative error: indices can differ from the reference only at near-ties.
+score to about :math:`2^{-16}` relative error: indices can differ from the reference only at near-ties. With
+``centroid_precision="input"`` (the centroid rounded to T, as MoBA and FlashMoBA store it) the score is
+:math:`q\cdot c_{hi}` alone: the kernels' module built with :data:`INPUT_CENTROIDS_DEFINE`, one product per score,
+no lo tiles copied.
 
 Three top-k kernels (the router ``variant``): *split* (cuda/topk.cu, ``topk_split_body``: mma.sync m16n8k16 in
 CTAs of 8 warps whose rows are scanned by two threads each, one per 32-centroid half of a tile; list tiers 8 and
@@ -61,8 +64,8 @@ WGMMA_SOURCE = "topk_wgmma.cu"
 # (scripts/bench_router.py, variant "wgmma+NAME=VALUE"): each descriptor built from its address (the default steps
 # them from one per chunk).
 WGMMA_BUILD_OPTIONS = ("MOBA_TOPK_WG_STEP_DESC=0",)
-# a timing probe, never a selection to use: the scores q.hi alone (topk_wgmma.cu, MOBA_TOPK_WG_HI_ONLY)
-WGMMA_PROBE_OPTIONS = ("MOBA_TOPK_WG_HI_ONLY=1",)
+# the build of every top-k kernel for centroid_precision "input": the scores q.hi alone (topk.cuh)
+INPUT_CENTROIDS_DEFINE = "MOBA_TOPK_CENTROIDS_INPUT=1"
 WG_BM = 256  # query rows per CTA (two warpgroups of 128 rows)
 WG_BN = 64  # centroids per streamed chunk (hi and lo stacked: a B tile of 2 * WG_BN rows)
 WG_THREADS = WG_BM  # one thread per row
@@ -231,13 +234,16 @@ def resolve_router_variant(variant: str | None, head_dim: int | None = None, top
 
 def topk_launch(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor, block_size: int,
                 top_k: int, causal: bool, query_offset: int = 0, variant: str | None = None,
-                fold_blocks: int = 0, defines: tuple[str, ...] = ()) -> Launch:
+                fold_blocks: int = 0, defines: tuple[str, ...] = (), centroid_precision: str = "fp32") -> Launch:
     """Fused top-k kernel: q (b, N, h, d), hi/lo (b, g, n, d) -> out int32 (b, N, h, top_k); row i of q sits at
     position ``query_offset + i`` of the centroids' sequence (causal: own block, candidates before it);
     ``variant`` as :func:`resolve_router_variant` (None: the environment, else the default). ``fold_blocks``:
     block j selected in sequence β is written as β · fold_blocks + j (-1 stays), the numbering of
     :func:`mobalab.kernels._batch_fold.folded_topk` when it is n; 0: as selected. ``defines``: build options of
-    the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu)."""
+    the kernel's module (``"NAME=value"``), planned with the shared memory they need (MOBA_TOPK_BN of topk.cu).
+    ``centroid_precision`` "input": scores from ``hi`` alone (``lo`` is passed but never read)."""
+    if centroid_precision == "input":
+        defines = (*defines, INPUT_CENTROIDS_DEFINE)
     batch, seqlen, heads, dim = q.shape
     kv_heads, n_blocks = hi.shape[1], hi.shape[2]
     tier = topk_list_tier(top_k, causal)
@@ -281,28 +287,32 @@ def moba_centroids_cuda(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True,
-                   centroids: torch.Tensor | None = None, *, variant: str | None = None) -> torch.Tensor:
+                   centroids: torch.Tensor | None = None, *, variant: str | None = None,
+                   centroid_precision: str = "fp32") -> torch.Tensor:
     """Selected key blocks per query, int32 (batch, seqlen, heads, top_k); the reference's contract.
 
     ``centroids`` (fp32, (batch, n_blocks, kv_heads, head_dim), e.g. from :func:`moba_centroids_cuda`)
     skips the centroid pass; they are then split into hi/lo halves of q's dtype. ``variant``: the top-k
     kernel, "split", "mma" or "wgmma" (None: ``$MOBALAB_ROUTER_VARIANT``, else the default; see
-    :func:`resolve_router_variant`).
+    :func:`resolve_router_variant`). ``centroid_precision``: "fp32" or "input" (the centroids rounded to q's
+    dtype before scoring), as :func:`mobalab.kernels.reference.moba_topk`.
     """
     fn = "moba_topk_cuda"
     C.check_inputs(fn, q, k, path="cuda")
     block_size = C.check_block_size(fn, block_size, "cuda")
     top_k = C.check_top_k(fn, top_k, "cuda")
     causal = C.check_flag(fn, "causal", causal)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if centroids is not None:
         C.check_centroids(fn, centroids, k, block_size)
     C.check_cuda_device(fn, q)
     with on_device(q.device):
-        return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant, fn=fn)
+        return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant, fn=fn,
+                                 centroid_precision=centroid_precision)
 
 
 def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids=None, variant: str | None = None,
-                      *, fn: str = "moba_topk_cuda", fold: bool = False):
+                      *, fn: str = "moba_topk_cuda", fold: bool = False, centroid_precision: str = "fp32"):
     """:func:`moba_topk_cuda` for inputs it would accept, on q's device (the current one): the routing of a training
     step, whose entry has checked the inputs. ``variant`` as :func:`resolve_router_variant`, whose refusal is
     raised in the name of ``fn``. ``fold``: the blocks numbered for the batch's sequences end to end
@@ -324,19 +334,21 @@ def topk_cuda_checked(q, k, block_size: int, top_k: int, causal: bool, centroids
     else:
         cent = centroids.contiguous()
     topk_into(q, k, block_size, top_k, causal, centroids is not None, cent, hi, lo, out, variant=variant,
-              fold_blocks=n_blocks if fold else 0)
+              fold_blocks=n_blocks if fold else 0, centroid_precision=centroid_precision)
     return out
 
 
 def topk_into(q, k, block_size: int, top_k: int, causal: bool, have_centroids: bool, cent, hi, lo, out,
-              variant: str | None = None, fold_blocks: int = 0):
+              variant: str | None = None, fold_blocks: int = 0, centroid_precision: str = "fp32"):
     """The launches of :func:`moba_topk_cuda` into given buffers (validated inputs; tests poison them).
 
     With ``have_centroids`` the fp32 ``cent`` is read and split; otherwise it is written from ``k``.
-    ``variant``: the top-k kernel (:func:`resolve_router_variant`); ``fold_blocks`` as :func:`topk_launch`.
+    ``variant``: the top-k kernel (:func:`resolve_router_variant`); ``fold_blocks`` and ``centroid_precision`` as
+    :func:`topk_launch` (the hi halves are the centroids rounded to q's dtype either way).
     """
     if have_centroids:
         launch(split_launch(cent, hi, lo))
     else:
         launch(centroid_launch(kernel_ready(k), cent, hi, lo, block_size))
-    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks))
+    launch(topk_launch(q, hi, lo, out, block_size, top_k, causal, variant=variant, fold_blocks=fold_blocks,
+                       centroid_precision=centroid_precision))

@@ -287,13 +287,14 @@ def _packed(parts, groups, shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def _forward_groups(q, k, v, groups, block_size, top_k, causal, scale, deterministic, keep_lists):
+def _forward_groups(q, k, v, groups, block_size, top_k, causal, scale, deterministic, keep_lists,
+                    centroid_precision="fp32"):
     """out, lse, routing over the packed rows; each group's kept key-block lists (``keep_lists`` False: none
     kept) and, for a padded group, its batch's lse and routing (the backward's, padded rows included; None for a
     view)."""
     total, heads, _ = q.shape
     done = [_fwd_impl(_take(q, g), _take(k, g), _take(v, g), block_size, top_k, causal, scale, deterministic,
-                      keep=keep_lists) for g in groups]
+                      keep=keep_lists, centroid_precision=centroid_precision) for g in groups]
     outs, lses, topks, lists = ([d[i] for d in done] for i in range(4))
     pads = [(d[1], d[2]) if g.spans else None for d, g in zip(done, groups, strict=True)]
     return (_packed(outs, groups, q.shape, q.dtype, q.device),
@@ -339,11 +340,12 @@ class _EagerVarlen(torch.autograd.Function):
     ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic,
+                centroid_precision):
         groups = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_attention_varlen")
         keep = any(ctx.needs_input_grad[:3])  # the lists serve a backward only
         out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, block_size, top_k, causal, scale,
-                                                      deterministic, keep)
+                                                      deterministic, keep, centroid_precision)
         ctx.save_for_backward(q, k, v, out, lse, topk, *lists)
         ctx.groups, ctx.pads = groups, pads
         ctx.params = (block_size, top_k, causal, scale, deterministic)
@@ -358,7 +360,7 @@ class _EagerVarlen(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward_groups(dout, dlse, q, k, v, out, lse, topk, ctx.groups, lists, ctx.pads,
                                       *ctx.params)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 #: Eager calls take :class:`_EagerVarlen` (True) or the custom ops (False); under ``torch.compile`` the ops always.
@@ -391,14 +393,15 @@ def _unrecord(record: torch.Tensor) -> tuple[list[_Group], list[int]]:
 
 @torch.library.custom_op("mobalab::moba_attention_varlen_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            block_size: int, top_k: int, causal: bool, scale: float, deterministic: bool
+            block_size: int, top_k: int, causal: bool, scale: float, deterministic: bool,
+            centroid_precision: str = "fp32"
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
     """out, lse, routing, the groups' kept key-block lists end to end, the groups as a host tensor
     (:func:`_record`), and the padded groups' batch lse and routing end to end (flat) for the backward."""
     groups = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_attention_varlen")
     out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, block_size, top_k, causal, scale,
-                                                  deterministic, True)
+                                                  deterministic, True, centroid_precision)
     joined = lists[0] if len(lists) == 1 else torch.cat(lists) if lists else _no_lists(q)
     padded = [p for p in pads if p is not None]
     pad_lse = torch.cat([p[0].reshape(-1) for p in padded]) if padded else lse.new_empty(0)
@@ -407,7 +410,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic):
+def _(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic, centroid_precision="fp32"):
     total, heads, _ = q.shape
     ctx = torch.library.get_ctx()  # the lists', the record's and the padding's lengths follow cu_seqlens's values
     return (q.new_empty(q.shape), q.new_empty((total, heads), dtype=_lse_dtype(q)),
@@ -443,7 +446,7 @@ def _(dout, dlse, q, k, v, out, lse, topk, lists, record, pad_lse, pad_topk, blo
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _, _, block_size, top_k, causal, scale, deterministic = inputs
+    q, k, v, _, _, block_size, top_k, causal, scale, deterministic, *_ = inputs  # the routing's precision: not needed
     out, lse, topk, lists, record, pad_lse, pad_topk = output
     ctx.save_for_backward(q, k, v, out, lse, topk, lists, record, pad_lse, pad_topk)
     ctx.params = (block_size, top_k, causal, scale, deterministic)
@@ -456,7 +459,7 @@ def _backward(ctx, dout, dlse, dtopk, dlists, drecord, dpad_lse, dpad_topk):
         dout = torch.zeros_like(out)
     dq, dk, dv = _op("moba_attention_varlen_bwd")(dout, dlse, q, k, v, out, lse, topk, lists, record, pad_lse,
                                                   pad_topk, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -464,17 +467,18 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("mobalab::moba_topk_varlen", mutates_args=())
 def _topk_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int,
-             top_k: int, causal: bool) -> torch.Tensor:
+             top_k: int, causal: bool, centroid_precision: str = "fp32") -> torch.Tensor:
     from . import moba_topk
 
     total, heads, _ = q.shape
     groups = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_topk_varlen")
-    parts = [moba_topk(_take(q, g), _take(k, g), block_size, top_k, causal=causal) for g in groups]
+    parts = [moba_topk(_take(q, g), _take(k, g), block_size, top_k, causal=causal,
+                       centroid_precision=centroid_precision) for g in groups]
     return _packed(parts, groups, (total, heads, top_k), torch.int32, q.device)
 
 
 @_topk_op.register_fake
-def _(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal):
+def _(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal, centroid_precision="fp32"):
     return q.new_empty((q.shape[0], q.shape[1], top_k), dtype=torch.int32)
 
 
@@ -483,7 +487,8 @@ def _(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal):
 
 
 def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, causal: bool = True,
-                          softmax_scale=None, return_lse: bool = False, *, deterministic: bool = False):
+                          softmax_scale=None, return_lse: bool = False, *, deterministic: bool = False,
+                          centroid_precision: str = "fp32"):
     r"""MoBA attention over packed variable-length sequences (flash-attn ``cu_seqlens`` layout).
 
     .. math::
@@ -503,7 +508,7 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
         the GPU to finish the work queued before the call.
     max_seqlen : int
         At least the longest sequence (checked).
-    block_size, top_k, causal, softmax_scale, return_lse, deterministic
+    block_size, top_k, causal, softmax_scale, return_lse, deterministic, centroid_precision
         As in :func:`mobalab.kernels.moba_attention`. CUDA tensors need what the CUDA kernels support
         (bf16/fp16, head_dim 64/128, ...); CPU tensors run the torch reference (any float dtype).
 
@@ -532,23 +537,25 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     scale = _check_scale(softmax_scale, q.shape[-1], fn)
     _check_bool("return_lse", return_lse, fn)
     _check_bool("deterministic", deterministic, fn)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if EAGER_FUNCTION and not torch.compiler.is_compiling():
         out, lse, _ = _EagerVarlen.apply(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale,
-                                         deterministic)
+                                         deterministic, centroid_precision)
     else:
         out, lse, *_ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k,
-                                                        causal, scale, deterministic)
+                                                        causal, scale, deterministic, centroid_precision)
     if return_lse:
         return out, lse
     return out
 
 
-def moba_topk_varlen(q, k, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, causal: bool = True):
+def moba_topk_varlen(q, k, cu_seqlens, max_seqlen: int, block_size: int, top_k: int, causal: bool = True, *,
+                     centroid_precision: str = "fp32"):
     """MoBA routing of packed variable-length sequences: int32 (total_tokens, heads, top_k).
 
-    Row ``c_i + t`` holds :func:`mobalab.kernels.moba_topk` of sequence ``i`` alone at its query ``t``:
-    block indices local to the sequence (block ``j`` = its tokens ``[jB, (j+1)B)``), ``-1`` for unused slots.
-    Shapes and ``cu_seqlens`` as in :func:`moba_attention_varlen`.
+    Row ``c_i + t`` holds :func:`mobalab.kernels.moba_topk` of sequence ``i`` alone at its query ``t``
+    (with the same ``centroid_precision``): block indices local to the sequence (block ``j`` = its tokens
+    ``[jB, (j+1)B)``), ``-1`` for unused slots. Shapes and ``cu_seqlens`` as in :func:`moba_attention_varlen`.
 
     Examples
     --------
@@ -562,4 +569,5 @@ def moba_topk_varlen(q, k, cu_seqlens, max_seqlen: int, block_size: int, top_k: 
     """
     fn = "moba_topk_varlen"
     max_seqlen, block_size, top_k = _check_inputs(q, k, None, cu_seqlens, max_seqlen, block_size, top_k, causal, fn)
-    return _op("moba_topk_varlen")(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
+    return _op("moba_topk_varlen")(q, k, cu_seqlens, max_seqlen, block_size, top_k, causal, centroid_precision)

@@ -73,7 +73,7 @@ def _as_is(x):
     return x
 
 
-def _routing(q, k, block_size, top_k, causal, deterministic):
+def _routing(q, k, block_size, top_k, causal, deterministic, centroid_precision="fp32"):
     """The CUDA routing of a training step, launched: where the batch is folded into one sequence
     (:func:`_folded`), the top-k kernel numbers the blocks for the sequences end to end (as
     :func:`._batch_fold.folded_topk` renumbers them)."""
@@ -81,27 +81,30 @@ def _routing(q, k, block_size, top_k, causal, deterministic):
 
     with on_device(q.device):
         return topk_cuda_checked(q, k, block_size, top_k, causal, fn="moba_attention",
-                                 fold=_folded(q, k, block_size, top_k, deterministic))
+                                 fold=_folded(q, k, block_size, top_k, deterministic),
+                                 centroid_precision=centroid_precision)
 
 
-def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=None, keep=True):
+def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=None, keep=True,
+              centroid_precision="fp32"):
     """The forward op's body (both entries, :func:`_fwd_op` and :class:`_EagerMoba`): out, lse, routing, lists.
 
-    The routing is the one the attention read (:func:`_routing`; given as ``topk`` where the caller launched it
-    already), which the backward reads as it is. ``keep`` False: no lists kept (a caller with no backward)."""
+    The routing is the one the attention read (:func:`_routing` with ``centroid_precision``; given as ``topk``
+    where the caller launched it already), which the backward reads as it is. ``keep`` False: no lists kept (a
+    caller with no backward)."""
     if q.is_cuda:  # inputs checked at the entry (moba_attention_autograd): the kernels' checked paths
         from ._cuda_attention import forward_checked
 
         with on_device(q.device):
             if topk is None:
-                topk = _routing(q, k, block_size, top_k, causal, deterministic)
+                topk = _routing(q, k, block_size, top_k, causal, deterministic, centroid_precision)
             keep = keep and _lists_numel(q, k, block_size, top_k, deterministic) > 0
             # a folded batch's routing is numbered for it already
             view = _as_one if _folded(q, k, block_size, top_k, deterministic) else _as_is
             out, lse, *lists = forward_checked(view(q), view(k), view(v), block_size, top_k, causal, scale,
                                                view(topk), keep)
         return out.view(q.shape), lse.view(q.shape[:3]), topk, lists[0] if keep else _no_lists(q)
-    topk = R.moba_topk(q, k, block_size, top_k, causal=causal)
+    topk = R.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision=centroid_precision)
     with torch.no_grad():
         out, lse = R.moba_attention_given_routing(q, k, v, topk, block_size, causal=causal, softmax_scale=scale)
     return out.contiguous(), lse.contiguous(), topk, _no_lists(q)
@@ -109,8 +112,10 @@ def _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=Non
 
 @torch.library.custom_op("mobalab::moba_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, causal: bool,
-            scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic)
+            scale: float, deterministic: bool, centroid_precision: str = "fp32"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic,
+                     centroid_precision=centroid_precision)
 
 
 def _no_lists(q):
@@ -125,7 +130,7 @@ def _lists_numel(q, k, block_size, top_k, deterministic) -> int:
 
 
 @_fwd_op.register_fake
-def _(q, k, v, block_size, top_k, causal, scale, deterministic):
+def _(q, k, v, block_size, top_k, causal, scale, deterministic, centroid_precision="fp32"):
     batch, seqlen, heads, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((batch, seqlen, heads), dtype=C.compute_dtype(q.dtype)),
             q.new_empty((batch, seqlen, heads, top_k), dtype=torch.int32),
@@ -165,7 +170,7 @@ def _(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_size, top_k, causal, scale, deterministic = inputs
+    q, k, v, block_size, top_k, causal, scale, deterministic, *_ = inputs  # the routing's precision: not needed
     out, lse, topk, lists = output
     ctx.save_for_backward(q, k, v, out, lse, topk, lists)
     ctx.params = (block_size, top_k, causal, scale, deterministic)
@@ -179,7 +184,7 @@ def _grads(ctx, dout, dlse, bwd):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale, deterministic)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _backward(ctx, dout, dlse, dtopk, dlists):
@@ -196,9 +201,9 @@ class _EagerMoba(torch.autograd.Function):
     (:func:`moba_attention_autograd`), which it sees as opaque nodes with fake implementations."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic, topk):
+    def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic, centroid_precision, topk):
         inputs = (q, k, v, block_size, top_k, causal, scale, deterministic)
-        output = _fwd_impl(*inputs, topk=topk)
+        output = _fwd_impl(*inputs, topk=topk, centroid_precision=centroid_precision)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2], output[3])  # the routing and the lists
         return output
@@ -217,14 +222,16 @@ EAGER_FUNCTION = True
 
 
 def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool = True, softmax_scale=None,
-                            return_lse: bool = False, *, deterministic: bool = False):
+                            return_lse: bool = False, *, deterministic: bool = False,
+                            centroid_precision: str = "fp32"):
     """Differentiable MoBA attention through the ``mobalab::moba_attention_fwd`` custom op.
 
     CUDA tensors: bf16/fp16, head dim 64/128, every block size and top-k of the CUDA forward; gradients
     dq, dk, dv from the CUDA backward (``deterministic=True``: bit-identical dq run to run, at some extra time
     and scratch; dk, dv are always reproducible). CPU tensors: the torch reference behind the same op (any
     float dtype). Returns ``out`` and, with ``return_lse``, the natural-log ``lse`` (float32, float64 for
-    float64 inputs; the gradient w.r.t. it is honoured as well).
+    float64 inputs; the gradient w.r.t. it is honoured as well). ``centroid_precision``: the routing's
+    centroids, "fp32" or "input" (:func:`mobalab.kernels.reference.moba_topk`).
 
     Examples
     --------
@@ -245,14 +252,16 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     causal = C.check_flag(fn, "causal", causal)
     return_lse = C.check_flag(fn, "return_lse", return_lse)
     deterministic = C.check_flag(fn, "deterministic", deterministic)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
     if EAGER_FUNCTION and not torch.compiler.is_compiling():
         # CUDA: the routing launched first, so that the GPU starts while autograd sets up the node (~50 us of host
         # time before the first launch otherwise)
-        topk = _routing(q, k, block_size, top_k, causal, deterministic) if q.is_cuda else None
-        out, lse, _, _ = _EagerMoba.apply(q, k, v, block_size, top_k, causal, scale, deterministic, topk)
+        topk = _routing(q, k, block_size, top_k, causal, deterministic, centroid_precision) if q.is_cuda else None
+        out, lse, _, _ = _EagerMoba.apply(q, k, v, block_size, top_k, causal, scale, deterministic,
+                                          centroid_precision, topk)
     else:
-        out, lse, _, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic)
+        out, lse, _, _ = _fwd_op(q, k, v, block_size, top_k, causal, scale, deterministic, centroid_precision)
     if return_lse:
         return out, lse
     return out

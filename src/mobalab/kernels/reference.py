@@ -204,9 +204,13 @@ def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, t
     return picked.to(torch.int32)
 
 
-def _prepared_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Centroids in the compute dtype, NaN wherever a centroid is not finite (it then scores NaN)."""
-    cent = _centroids(k.detach().to(C.compute_dtype(k.dtype)), block_size)
+def _prepared_centroids(k: torch.Tensor, block_size: int, precision: str = "fp32") -> torch.Tensor:
+    """Centroids in the compute dtype, NaN wherever a centroid is not finite (it then scores NaN); ``precision``
+    "input": each rounded to k's dtype first (the compute dtype holds it exactly)."""
+    compute = C.compute_dtype(k.dtype)
+    cent = _centroids(k.detach().to(compute), block_size)
+    if precision == "input":
+        cent = cent.to(k.dtype).to(compute)
     finite = torch.isfinite(cent).all(dim=-1, keepdim=True)
     return cent.masked_fill(~finite, math.nan)
 
@@ -218,13 +222,18 @@ def _chunk_size(query_chunk: int | None, per_query_bytes: int, seqlen: int) -> i
 
 
 def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True, *,
-              query_chunk: int | None = None) -> torch.Tensor:
+              query_chunk: int | None = None, centroid_precision: str = "fp32") -> torch.Tensor:
     r"""MoBA routing: the key blocks each query attends, int32 (batch, seqlen, heads, top_k).
 
     Scores :math:`s_{t,j} = \langle q_t, \bar k_j \rangle` in float32 (float64 for float64 inputs), no
     :math:`1/\sqrt d`, with :math:`\bar k_j` from :func:`moba_centroids` on kv head
     ``h // (heads // kv_heads)``. Exact ties rank the higher block index first. Scores of NaN or -inf
     (a non-finite centroid scores NaN) are never selected; see the module docstring.
+
+    ``centroid_precision``: "fp32" (the default) scores the fp32 mean itself; "input" scores
+    :math:`T(\bar k_j)`, the mean rounded to the keys' dtype T, as MoBA and FlashMoBA store their centroids
+    (the same for float32 and float64 keys). The CUDA router then needs one tensor-core product per score
+    instead of two; selections of the two differ only where a row's scores lie within T's rounding of each other.
 
     Slot order:
 
@@ -250,6 +259,7 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     block_size = C.check_block_size(fn, block_size, "reference")
     top_k = C.check_top_k(fn, top_k, "reference")
     causal = C.check_flag(fn, "causal", causal)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if query_chunk is not None:
         query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
 
@@ -258,7 +268,7 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
     compute = C.compute_dtype(q.dtype)
     with torch.no_grad():
-        centroids = _prepared_centroids(k, block_size)
+        centroids = _prepared_centroids(k, block_size, centroid_precision)
         parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), centroids, t0, block_size, top_k, causal)
                  for t0 in range(0, seqlen, chunk)]
     return torch.cat(parts, dim=1)
@@ -577,7 +587,7 @@ def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
                    causal: bool = True, softmax_scale: float | None = None, return_lse: bool = False, *,
-                   query_chunk: int | None = None):
+                   query_chunk: int | None = None, centroid_precision: str = "fp32"):
     r"""MoBA attention: softmax attention of each query over the tokens of its routed key blocks.
 
     .. math::
@@ -595,7 +605,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     Routing is hard: it runs under ``no_grad``, so no gradient flows through centroids or scores; the
     attention is differentiable w.r.t. q, k and v by autograd (each query chunk is checkpointed so the
     backward pass stays within the same memory bound). ``query_chunk`` sets the number of queries per
-    chunk (default: sized from a 1 GiB budget); the result does not depend on it.
+    chunk (default: sized from a 1 GiB budget); the result does not depend on it. ``centroid_precision``:
+    the routing's centroids, as :func:`moba_topk`.
 
     Examples
     --------
@@ -616,6 +627,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     return_lse = C.check_flag(fn, "return_lse", return_lse)
     if query_chunk is not None:
         query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
+    centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
 
@@ -623,7 +635,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     chunk = _chunk_size(query_chunk, _attention_chunk_bytes(batch, heads, top_k, block_size, dim), seqlen)
     route_chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
     with torch.no_grad():
-        centroids = _prepared_centroids(k, block_size)
+        centroids = _prepared_centroids(k, block_size, centroid_precision)
 
     def routing(lo, hi, q_chunk):
         q_chunk = q_chunk.detach()

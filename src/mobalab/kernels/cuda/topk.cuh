@@ -7,7 +7,9 @@
 // the output is O(N * top_k) indices.
 //
 // Precision: each fp32 centroid c arrives split as hi = T(c), lo = T(c - hi) (centroids.cu), and the score
-// is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error.
+// is q.hi + q.lo accumulated in fp32 (two MMAs), i.e. the fp32-centroid score to ~2^-16 relative error. The build
+// option MOBA_TOPK_CENTROIDS_INPUT=1 (the router's centroid precision "input") scores q.hi alone: the centroid
+// rounded to the input type T, as MoBA and FlashMoBA store it, one MMA per product and no lo tiles copied.
 //
 // Ordering: (score descending, block index descending): exact ties keep the higher block index, as the
 // reference does. Non-candidates: the register-list tiers store the raw sums and cut every 32-block word of a
@@ -46,6 +48,10 @@ using moba::cp_async_wait;
 using moba::Elem;
 using moba::ldmatrix_x4;
 using moba::smem_u32;
+
+#ifndef MOBA_TOPK_CENTROIDS_INPUT
+#define MOBA_TOPK_CENTROIDS_INPUT 0
+#endif
 
 #define TK_BM 128
 #define TK_BN 64  // centroids per tile of the split kernel (two 32-column words, one per thread of a row)
@@ -89,7 +95,7 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
         for (int k = 0; k < BN / P::R; ++k) {
             const long long src = (long long)min(j0 + k * P::R, n_blocks - 1) * D + c * 8;
             cp_async16(sH + off0 + k * P::R * D, hi + src);
-            cp_async16(sL + off0 + k * P::R * D, lo + src);
+            if constexpr (!MOBA_TOPK_CENTROIDS_INPUT) cp_async16(sL + off0 + k * P::R * D, lo + src);
         }
     } else {
         for (int i = ptid; i < BN * CH; i += NTHREADS) {
@@ -97,14 +103,15 @@ __device__ __forceinline__ void topk_load_centroids(T* sH, T* sL, const T* __res
             const int j = min(tile * BN + r, n_blocks - 1);
             const int off = r * D + MOBA_SWZ_COL(D, r, c);
             cp_async16(sH + off, hi + (long long)j * D + c * 8);
-            cp_async16(sL + off, lo + (long long)j * D + c * 8);
+            if constexpr (!MOBA_TOPK_CENTROIDS_INPUT) cp_async16(sL + off, lo + (long long)j * D + c * 8);
         }
     }
     cp_async_commit();
 }
 
 // One warp's (16 MT) x (8 NT) block of the score tile: rows row0.., centroid columns col0.. of the tiles
-// sQ [.][D], sH / sL [.][D] (XOR-swizzled 16-byte chunks); acc = q.hi + q.lo in fp32. KU: how many of the
+// sQ [.][D], sH / sL [.][D] (XOR-swizzled 16-byte chunks); acc = q.hi + q.lo in fp32 (q.hi alone with
+// MOBA_TOPK_CENTROIDS_INPUT). KU: how many of the
 // D/16 k-steps are unrolled.
 template <typename T, int D, int MT, int NT, int KU>
 __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T* sQ, const T* sH,
@@ -133,14 +140,15 @@ __device__ __forceinline__ void topk_score_tile(float (&acc)[MT][NT][4], const T
             const int c = ks * 2 + ((lane >> 3) & 1);
             const int off = r * D + MOBA_SWZ_COL(D, r, c);
             ldmatrix_x4(smem_u32(sH + off), bh[2 * np][0], bh[2 * np][1], bh[2 * np + 1][0], bh[2 * np + 1][1]);
-            ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
+            if constexpr (!MOBA_TOPK_CENTROIDS_INPUT)
+                ldmatrix_x4(smem_u32(sL + off), bl[2 * np][0], bl[2 * np][1], bl[2 * np + 1][0], bl[2 * np + 1][1]);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 Elem<T>::mma(acc[mt][nt], a[mt], bh[nt][0], bh[nt][1]);
-                Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
+                if constexpr (!MOBA_TOPK_CENTROIDS_INPUT) Elem<T>::mma(acc[mt][nt], a[mt], bl[nt][0], bl[nt][1]);
             }
     }
 }

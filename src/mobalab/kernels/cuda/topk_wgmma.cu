@@ -67,15 +67,11 @@
 #define TKW_THREADS 256  // two warpgroups
 #define TKW_ROWS 64      // rows of one wgmma (m64)
 
-// MOBA_TOPK_WG_HI_ONLY (0 by default; 1 is a timing probe whose selections are not the router's): the scores q.hi
-// alone, one m64n64k16 per m64 half and k-step from a B tile of the chunk's TKW_BN hi rows, the lo halves neither
-// copied nor multiplied: the time a single-MMA router takes before any certificate's work (docs/design.md, "Routing":
-// such a router with an fp16 centroid copy and a certificate was built and measured slower than this kernel); its
-// selections are those of q.hi.
-#ifndef MOBA_TOPK_WG_HI_ONLY
-#define MOBA_TOPK_WG_HI_ONLY 0
-#endif
-constexpr int TKW_B_ROWS = MOBA_TOPK_WG_HI_ONLY ? TKW_BN : 2 * TKW_BN;  // rows of a chunk's B tile
+// MOBA_TOPK_CENTROIDS_INPUT (topk.cuh; 1: the router's centroid precision "input"): the scores q.hi alone, the
+// centroid rounded to the input type, one m64n64k16 per m64 half and k-step from a B tile of the chunk's TKW_BN hi
+// rows, the lo halves neither copied nor multiplied (H100, top-k launch alone: 512K 33.8-34.0 against 40.2 ms,
+// 1.19x; docs/design.md, "Routing").
+constexpr int TKW_B_ROWS = MOBA_TOPK_CENTROIDS_INPUT ? TKW_BN : 2 * TKW_BN;  // rows of a chunk's B tile
 constexpr int TKW_ACC = TKW_B_ROWS / 2;  // accumulator floats per thread and m64 half (m64 x TKW_B_ROWS)
 
 // The dynamic shared-memory declaration; the host emulation of the tests (tests/kernels/host_emulation) puts
@@ -108,7 +104,8 @@ __device__ __forceinline__ void topk_wg_load_centroids(unsigned buf, const T* __
     for (int k = 0; k < TKW_BN / C::R; ++k) {
         const long long src = (long long)min(j0 + k * C::R, n_blocks - 1) * D + c * 8;
         cp_async16(dst + k * C::R * moba::SW128_ROW_BYTES, hi + src);
-        if constexpr (!MOBA_TOPK_WG_HI_ONLY) cp_async16(dst + (TKW_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
+        if constexpr (!MOBA_TOPK_CENTROIDS_INPUT)
+            cp_async16(dst + (TKW_BN + k * C::R) * moba::SW128_ROW_BYTES, lo + src);
     }
     cp_async_commit();
 }
@@ -200,7 +197,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
 
     typename TopkListFor<LCAP>::type list;
     list.init(list_cap);
-    float acc[2][TKW_ACC];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. (the probe: none)
+    float acc[2][TKW_ACC];  // per m64 half: q.hi in columns 0 .. TKW_BN - 1, q.lo in TKW_BN .. (input centroids: none)
 
     if (n_tiles > 0) {
         topk_wg_load_q<T, D>(sq, q, b, h, t0, seqlen, heads, tid);
@@ -249,7 +246,7 @@ __device__ __forceinline__ void topk_wg_body(const T* __restrict__ q, const T* _
                     // q.hi in column c, q.lo in column c + TKW_BN: float i + TKW_BN / 2 (wgmma_acc_col)
                     const int i = nt * 4 + e * 2;
                     float2 sum;
-                    if constexpr (MOBA_TOPK_WG_HI_ONLY) {
+                    if constexpr (MOBA_TOPK_CENTROIDS_INPUT) {
                         sum = make_float2(acc[half][i], acc[half][i + 1]);
                     } else {
                         sum = make_float2(acc[half][i] + acc[half][i + TKW_BN / 2],
