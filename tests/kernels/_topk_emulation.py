@@ -190,10 +190,11 @@ def check_input_is_rounded_fp32(exe_input: Path, exe: Path, tmp: Path, case, var
     """The "input" build (lo poisoned) selects exactly what the default build selects from centroids equal to their
     rounding to q's dtype (lo = 0: the same sums), and what the reference selects in that precision up to near-ties."""
     dtype, dim, block_size, causal, seqlen, top_k, *_ = case
-    got = check_random_case(exe_input, tmp, case, variant, "input")
-    _, q, _, cent = run_random_case(exe_input, tmp, case, variant, "input")
-    rounded = run_topk(exe, tmp, q, cent.to(dtype).float(), block_size, top_k, causal, variant, seed=seqlen)
-    assert torch.equal(got, rounded)
+    got, q, k, cent = run_random_case(exe_input, tmp, case, variant, "input")
+    rounded = cent.to(dtype).float()
+    check_near_ties(got, reference.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision="input"), q,
+                    rounded, causal)
+    assert torch.equal(got, run_topk(exe, tmp, q, rounded, block_size, top_k, causal, variant, seed=seqlen))
 
 
 def check_input_ignores_lo(exe_input: Path, exe: Path, tmp: Path, variant: str, causal: bool) -> None:
