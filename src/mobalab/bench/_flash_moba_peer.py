@@ -105,6 +105,13 @@ def _fp64_selection(q_rows, cent_rows, t, block_size, top_k, causal):
     return out.sort(-1).values
 
 
+def block_sets_differ(sel_a, sel_b):
+    """Per (batch, query, head) row of two routings (b, N, h, top_k): whether their block sets differ (slot order
+    aside)."""
+    a, b = (s.long().sort(-1).values for s in (sel_a, sel_b))
+    return (a != b).any(-1)
+
+
 def selection_agreement(sel_a, sel_b, q, k, block_size, top_k, causal=True, *, max_rows=16384):
     """Compare two routings (b, N, h, top_k) of the same q, k as block sets per (batch, query, head) row.
 
@@ -114,7 +121,7 @@ def selection_agreement(sel_a, sel_b, q, k, block_size, top_k, causal=True, *, m
     each block (kv head ``h // (heads / kv_heads)``).
     """
     a, b = (s.long().sort(-1).values for s in (sel_a, sel_b))
-    differ = (a != b).any(-1)  # (b, N, h)
+    differ = (a != b).any(-1)  # (b, N, h); the sorted sets are compared with the fp64 ones below too
     out = dict(rows_differ=differ.float().mean().item(), checked=0, a_is_fp64=math.nan, b_is_fp64=math.nan)
     idx = differ.nonzero()
     if idx.shape[0] == 0:

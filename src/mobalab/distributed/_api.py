@@ -23,7 +23,7 @@ _AGREED = ("batch", "heads", "kv_heads", "head_dim", "dtype", "block_size", "top
 
 
 def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse, layout, kernels,
-                 centroid_precision="fp32"):
+                 centroid_precision):
     """Checks that need no communication; returns (block_size, top_k, scale)."""
     C.check_inputs(fn, q, k, v, path="reference")
     block_size = C.check_block_size(fn, block_size, "reference")
@@ -55,7 +55,7 @@ def _check_group(fn, q, group):
                          "(use NCCL for CUDA tensors)")
 
 
-def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision="fp32") -> list[int]:
+def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision) -> list[int]:
     batch, length, heads, dim = q.shape
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     return [batch, heads, k.shape[2], dim, _DTYPES.index(q.dtype), block_size, top_k, int(causal), scale_bits,
