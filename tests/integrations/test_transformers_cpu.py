@@ -177,6 +177,40 @@ def test_missing_settings_and_unsupported_options_are_refused():
         hf.register("")
 
 
+def test_centroid_precision_setting_reaches_every_path(monkeypatch):
+    """config.moba_centroid_precision is the router's centroid_precision in a plain batch, packed sequences and
+    MobaCache decoding (default "fp32"); a value that is not a precision is refused by name."""
+    import mobalab.kernels as K
+
+    seen = []
+
+    def spying(name, real):
+        def spy(*args, **kwargs):
+            seen.append((name, kwargs.get("centroid_precision")))
+            return real(*args, **kwargs)
+        return spy
+
+    for name in ("moba_attention", "moba_attention_varlen", "moba_decode"):
+        monkeypatch.setattr(K, name, spying(name, getattr(K, name)))
+    model = _model(top_k=2)
+    model(_ids(1, 12))
+    assert set(seen) == {("moba_attention", "fp32")}
+    model.config.moba_centroid_precision = "input"
+    seen.clear()
+    ids = _ids(1, 21, seed=41)
+    model(ids)
+    model(ids, position_ids=torch.cat([torch.arange(9), torch.arange(12)])[None])
+    cache = hf.MobaCache(model.config, max_cache_len=24)
+    with torch.no_grad():
+        model(ids[:, :20], use_cache=True, **{hf.cache_argument(): cache})
+        model(ids[:, 20:], use_cache=True, **{hf.cache_argument(): cache})
+    assert set(seen) == {("moba_attention", "input"), ("moba_attention_varlen", "input"), ("moba_decode", "input")}
+    model.config.moba_centroid_precision = "bf16"
+    with pytest.raises(ValueError, match=r"config.moba_centroid_precision must be one of \('fp32', 'input'\), got "
+                                         "'bf16'"):
+        model(_ids(1, 8))
+
+
 def test_settings_survive_save_and_load(tmp_path):
     model = _model(top_k=2)
     model.save_pretrained(tmp_path)

@@ -7,6 +7,8 @@ Test modules are imported with ``--import-mode=importlib``: they put this folder
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mobalab.kernels import MobaKVCache
@@ -20,18 +22,23 @@ def shuffle_pages(cache: MobaKVCache, gen: torch.Generator) -> None:
 
 
 def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False,
-                page_size=None):
+                page_size=None, key_mean=None):
     """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
 
     ``ties``: every third block repeats block 1, so their sums and scores tie exactly, and the queries make the
     repeated blocks the best (their exact ties decide the selection); ``shared``: the query heads of a kv head are
     equal, so they select the same blocks (a small union: each block read once for several rows); ``page_size``:
-    a paged cache, its pages shuffled over the pool after the prefill and after the appends."""
+    a paged cache, its pages shuffled over the pool after the prefill and after the appends; ``key_mean``: keys of
+    that mean and a spread of a few of the dtype's ulps there, so that rounding the block means to the dtype
+    (``centroid_precision="input"``) changes many selections."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
     cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype, page_size=page_size)
-    k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
+    k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g)
+    if key_mean is not None:
+        k = key_mean + 16 * _ulp(key_mean, dtype) * k
+    k = k.to(dtype)
     if ties:
         for j in range(4, max(prompt_lengths) // block, 3):
             k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
@@ -54,11 +61,17 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     return cache, q
 
 
-def assert_step_matches_reference(q, cache, top_k, scale, bufs, *, block, lengths, ties=False):
-    """The step's selection ``bufs["sel"]`` is the reference routing exactly (with ``ties``: the highest-index tied
-    copies win), ``out`` is one rounding to the 16-bit type from the reference attention, ``lse`` within 1e-5,
-    nothing NaN, and every completion counter is back to zero for the next step."""
-    ref_sel = D._route(q, cache, top_k)
+def _ulp(x: float, dtype) -> float:
+    """The spacing of the 16-bit ``dtype``'s values at x > 0 (bf16: 8 significant bits, fp16: 11)."""
+    return 2.0 ** (math.frexp(x)[1] - {torch.bfloat16: 8, torch.float16: 11}[dtype])
+
+
+def assert_step_matches_reference(q, cache, top_k, scale, bufs, *, block, lengths, ties=False,
+                                  centroid_precision="fp32"):
+    """The step's selection ``bufs["sel"]`` is the reference routing of ``centroid_precision`` exactly (with
+    ``ties``: the highest-index tied copies win), ``out`` is one rounding to the 16-bit type from the reference
+    attention, ``lse`` within 1e-5, nothing NaN, and every completion counter is back to zero for the next step."""
+    ref_sel = D._route(q, cache, top_k, centroid_precision)
     assert torch.equal(bufs["sel"], ref_sel), (bufs["sel"] != ref_sel).nonzero()[:8]
     if ties:  # the tied copies outscore the rest; the highest-index ones win
         copies = [1] + list(range(4, lengths[0] // block, 3))

@@ -29,6 +29,9 @@ ENTRY_POINTS = [f"moba_decode_step_{t}_d{d}" for t in ("bf16", "fp16") for d in 
 # made in the background once the tests are collected (_background)
 report = background_fixture(
     "report", lambda: entry_report("decode.cu", scratch_dir("decode_nvcc")))
+# the build for centroid_precision "input" (the routing scores the block means rounded to the cache's dtype)
+report_input = background_fixture(
+    "report_input", lambda: entry_report("decode.cu", scratch_dir("decode_nvcc_input"), (C.INPUT_CENTROIDS_DEFINE,)))
 
 
 def test_entry_points_match_the_wrapper():
@@ -43,7 +46,9 @@ def test_entry_points_match_the_wrapper():
 
 
 @pytest.mark.nvcc
-def test_decode_compiles_without_spills(report):
+@pytest.mark.parametrize("build", ["report", "report_input"])
+def test_decode_compiles_without_spills(request, build):
+    report = request.getfixturevalue(build)
     assert sorted(report) == sorted(ENTRY_POINTS)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)

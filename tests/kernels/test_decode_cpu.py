@@ -40,11 +40,11 @@ def _stream(seed, batch, total, heads, kv_heads, dim, dtype):
     return q, k, v
 
 
-def _full_reference(q, k, v, b, end, block, top_k, q_len=1, scale=None):
+def _full_reference(q, k, v, b, end, block, top_k, q_len=1, scale=None, centroid_precision="fp32"):
     """moba_attention of sequence b over its first ``end`` tokens, at the last ``q_len`` positions."""
     out, lse = moba_attention(q[b:b + 1, :end], k[b:b + 1, :end], v[b:b + 1, :end], block, top_k,
-                              softmax_scale=scale, return_lse=True)
-    sel = moba_topk(q[b:b + 1, :end], k[b:b + 1, :end], block, top_k)
+                              softmax_scale=scale, return_lse=True, centroid_precision=centroid_precision)
+    sel = moba_topk(q[b:b + 1, :end], k[b:b + 1, :end], block, top_k, centroid_precision=centroid_precision)
     return out[0, end - q_len:], lse[0, end - q_len:], sel[0, end - q_len:]
 
 
@@ -80,6 +80,33 @@ def test_token_by_token_decode_equals_moba_attention(dtype, batch, kv_heads, hea
             torch.testing.assert_close(out[b].float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
             torch.testing.assert_close(lse[b], ref_lse, atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [n + steps for n in lengths]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_centroid_decode_equals_moba_attention_of_that_precision(dtype):
+    """``centroid_precision="input"``: token by token, the selections are moba_topk's of that precision (block means
+    rounded to the cache's dtype) at every position, and the outputs moba_attention's; the fp32 routing of the
+    same steps selects other blocks at a quarter of the steps at least (keys of a large mean and a small spread:
+    rounding the means moves the ranking), so the test tells the two precisions apart."""
+    batch, kv_heads, heads, dim, block, top_k, prompt, steps = 2, 1, 4, 16, 4, 3, 40, 24
+    q, k, v = _stream(11, batch, prompt + steps, heads, kv_heads, dim, torch.float32)
+    # means ~2, spread ~3 ulps of the dtype at 2 (bf16 2^-6, fp16 2^-9): rounding them moves the ranking
+    k = (2.0 + (0.1 if dtype == torch.bfloat16 else 0.0125) * k).to(dtype)
+    q, v = q.to(dtype), v.to(dtype)
+    cache = MobaKVCache(batch, kv_heads, dim, block, prompt + steps, dtype=dtype)
+    cache.prefill(k[:, :prompt], v[:, :prompt])
+    differ = 0
+    for t in range(prompt, prompt + steps):
+        cache.append(k[:, t:t + 1], v[:, t:t + 1])
+        out, lse = moba_decode(q[:, t:t + 1], cache, top_k, return_lse=True, centroid_precision="input")
+        sel = D._route(q[:, t:t + 1], cache, top_k, "input")
+        differ += int((sel != D._route(q[:, t:t + 1], cache, top_k)).any())
+        for b in range(batch):
+            ref_out, ref_lse, ref_sel = _full_reference(q, k, v, b, t + 1, block, top_k, centroid_precision="input")
+            assert torch.equal(sel[b], ref_sel), (t, b)
+            torch.testing.assert_close(out[b].float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+            torch.testing.assert_close(lse[b], ref_lse, atol=1e-5, rtol=1e-5)
+    assert differ >= steps // 4, differ
 
 
 @pytest.mark.parametrize(("q_len", "prompt", "block"), [(4, 21, 8), (5, 30, 8), (16, 40, 16), (3, 3, 4)])
@@ -324,6 +351,10 @@ def test_bad_arguments_are_named(filled):
         moba_decode(q, cache, 2, softmax_scale=float("inf"))
     with pytest.raises(ValueError, match="return_lse must be True or False"):
         moba_decode(q, cache, 2, return_lse=1)
+    with pytest.raises(ValueError, match=r"centroid_precision must be one of \('fp32', 'input'\), got 'bf16'"):
+        moba_decode(q, cache, 2, centroid_precision="bf16")
+    with pytest.raises(ValueError, match="centroid_precision must be one of"):
+        moba_decode_reference(q, cache, 2, centroid_precision=None)
     with pytest.raises(TypeError, match="cache must be a MobaKVCache, got dict"):
         moba_decode(q, {}, 2)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):

@@ -60,12 +60,13 @@ _ARGS = ("dtype", "dim", "block", "kv_heads", "heads", "q_len", "lengths", "step
 
 
 def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, win, opts,
-              seed=7, route_only=False):
+              seed=7, route_only=False, centroid_precision="fp32"):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, steps,
                            **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
     plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms, win_words=win,
-                                           route_only=route_only)
+                                           route_only=route_only, centroid_precision=centroid_precision)
+    assert all(x.defines == ((C.INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()) for x in launches)
     poison(bufs)
     run_emulated(harness, tmp_path, launches, seed=seed)
     return cache, q, top_k, scale, plan, bufs
@@ -78,6 +79,26 @@ def test_emulated_kernel_matches_reference(harness, tmp_path, dtype, dim, block,
                                                    lengths, steps, top_k, sms, win, opts)
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
                                   ties=opts.get("ties", False))
+
+
+# centroid_precision "input": the kernel built with MOBA_DECODE_CENTROIDS_INPUT=1 ranks the candidates by
+# q . T(S_j / B); keys of a mean of 2 and a spread of a few ulps there, so that the rounding changes many selections
+harness_input = harness_fixture("decode_harness", lambda: {"decode_kernels.cu": source("decode.cu")},
+                                flags=("-DMOBA_DECODE_CENTROIDS_INPUT=1",), name="harness_input")
+
+
+@pytest.mark.parametrize(_ARGS, [
+    pytest.param(BF, 128, 32, 2, 8, 1, [8500, 3000], 1, 16, 4, 2, dict(key_mean=2.0), id="bf16-B32-splits-windows"),
+    pytest.param(FP, 64, 16, 1, 2, 2, [2100, 1500], 1, 8, 132, 1024, dict(key_mean=2.0), id="fp16-d64-qlen2"),
+])
+def test_emulated_input_centroid_routing_matches_reference(harness_input, tmp_path, dtype, dim, block, kv_heads,
+                                                           heads, q_len, lengths, steps, top_k, sms, win, opts):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_input, tmp_path, dtype, dim, block, kv_heads, heads,
+                                                   q_len, lengths, steps, top_k, sms, win, opts,
+                                                   centroid_precision="input")
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  centroid_precision="input")
+    assert not torch.equal(bufs["sel"], D._route(q, cache, top_k))  # the fp32 routing selects otherwise
 
 
 def test_any_ticket_order_gives_the_same_step(harness, tmp_path):

@@ -438,3 +438,53 @@ def test_paged_cache_decodes_bit_identically(poisoned_empty, block, page_size, d
     assert int(paged._counters.abs().sum()) == 0
     with pytest.raises(ValueError, match="reads contiguous caches only; this cache is paged"):
         _kernel_decode(q[rows, pos], paged, 8, "fused")
+
+
+@pytest.mark.parametrize(("dtype", "block", "dim", "page_size"), [
+    (torch.bfloat16, 64, 128, None), (torch.float16, 16, 64, None), (torch.bfloat16, 128, 128, 256)])
+def test_input_centroid_decode_follows_moba_attention_of_that_precision(poisoned_empty, kernel, dtype, block, dim,
+                                                                        page_size):
+    """``centroid_precision="input"`` token by token: the selections are the CUDA router's of that precision over
+    the whole sequence (``moba_topk``) on all but near-tied rows, and where they agree the outputs are
+    ``moba_attention``'s of that precision within the 16-bit rounding; the fp32 routing of the same steps selects
+    otherwise on many rows (keys of mean 2 and a spread of a few ulps there, so that rounding the means moves the
+    ranking). The fused kernel refuses a paged cache (tested above), so it runs the contiguous cases only."""
+    from mobalab.kernels import moba_attention, moba_topk
+    from mobalab.kernels._cuda_decode import decode_cuda
+
+    if kernel == "fused" and page_size is not None:
+        pytest.skip("the fused kernel reads contiguous caches only")
+    gen = torch.Generator(device=DEVICE).manual_seed(block + dim)
+    lengths, steps, kv_heads, heads, top_k = [6000, 2500], 4, 2, 8, 8
+    batch, total = len(lengths), max(lengths) + steps
+    ulp = 2.0 ** (2 - (8 if dtype == torch.bfloat16 else 11))
+    q = _rand((batch, total, heads, dim), dtype, gen)
+    k = (2.0 + 16 * ulp * torch.randn((batch, total, kv_heads, dim), generator=gen, device=DEVICE)).to(dtype)
+    v = _rand((batch, total, kv_heads, dim), dtype, gen)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, device=DEVICE, page_size=page_size)
+    cache.prefill(k, v, lengths=lengths)
+    rows = torch.arange(batch, device=DEVICE).view(batch, 1)
+    rows_seen = rows_equal = rows_fp32_differ = 0
+    for step in range(steps):
+        pos = (torch.tensor(lengths, device=DEVICE) + step).view(batch, 1)
+        cache.append(k[rows, pos], v[rows, pos])
+        qt = q[rows, pos]
+        t_k, scale = D.check_decode(qt, cache, top_k)
+        with poisoned_empty():
+            out, _, sel = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel=kernel,
+                                      centroid_precision="input")
+            _, _, sel32 = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel=kernel)
+        assert not torch.isnan(out.float()).any() and not (sel == 2**30).any()
+        for b in range(batch):
+            end = int(pos[b, 0]) + 1
+            full = moba_attention(q[b:b + 1, :end], k[b:b + 1, :end], v[b:b + 1, :end], block, top_k,
+                                  centroid_precision="input")[0, -1]
+            want = moba_topk(q[b:b + 1, :end], k[b:b + 1, :end], block, top_k, centroid_precision="input")[0, -1]
+            same = (sel[b, 0].sort(-1).values == want.sort(-1).values).all(-1)  # (heads,)
+            rows_seen += heads
+            rows_equal += int(same.sum())
+            rows_fp32_differ += int((sel32[b, 0].sort(-1).values != sel[b, 0].sort(-1).values).any(-1).sum())
+            eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+            torch.testing.assert_close(out[b, 0][same].float(), full[same].float(), atol=4 * eps, rtol=4 * eps)
+    assert rows_equal >= 0.97 * rows_seen, (rows_equal, rows_seen)
+    assert rows_fp32_differ >= 0.2 * rows_seen, (rows_fp32_differ, rows_seen)

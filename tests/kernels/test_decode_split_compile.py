@@ -35,6 +35,10 @@ report = background_fixture(
     "report", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc")))
 report_cp = background_fixture(
     "report_cp", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_cp"), ("DSP_ATTN_TMA=0",)))
+# the score pass's build for centroid_precision "input" (the block means rounded to the cache's dtype)
+report_input = background_fixture(
+    "report_input", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_input"),
+                                         (S.INPUT_CENTROIDS_DEFINE,)))
 
 
 def test_entry_points_and_constants_match_the_wrapper():
@@ -51,7 +55,7 @@ def test_entry_points_and_constants_match_the_wrapper():
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("build", ["report", "report_cp"])
+@pytest.mark.parametrize("build", ["report", "report_cp", "report_input"])
 def test_decode_split_compiles_without_spills(request, build):
     report = request.getfixturevalue(build)
     assert sorted(report) == sorted(SCORE + SELECT + ATTEND)

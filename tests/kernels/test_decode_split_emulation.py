@@ -118,6 +118,33 @@ def test_emulated_fused_selection_matches_reference(request, tmp_path, build, dt
     assert not cache._counters.any()
 
 
+# centroid_precision "input": the score pass built with MOBA_DECODE_CENTROIDS_INPUT=1 ranks the candidates by
+# q . T(S_j / B), the block mean rounded to the cache's dtype; keys of a mean of 2 and a spread of a few ulps there,
+# so that the rounding changes many selections (the fp32 routing must differ for the test to tell them apart)
+harness_input = harness_fixture("decode_split_harness", _kernel_files, flags=("-DMOBA_DECODE_CENTROIDS_INPUT=1",),
+                                name="harness_input")
+INPUT_CASES = [
+    pytest.param(BF, 128, 16, 2, 8, 1, [1500, 333], 8, 48, dict(key_mean=2.0), id="bf16-d128-B16-gqa4-ranges"),
+    pytest.param(FP, 64, 64, 1, 4, 2, [3000, 700], 4, None, dict(key_mean=2.0, page_size=128), id="fp16-d64-paged"),
+]
+
+
+@pytest.mark.parametrize("fused_select", [False, True], ids=["select-launch", "selecting-attention"])
+@pytest.mark.parametrize(_ARGS, INPUT_CASES)
+def test_emulated_input_centroid_routing_matches_reference(harness_input, tmp_path, fused_select, dtype, dim, block,
+                                                           kv_heads, heads, q_len, lengths, top_k, range_blocks,
+                                                           opts):
+    cache, q, top_k, scale, plan, bufs = _run_case(harness_input, tmp_path, dtype, dim, block, kv_heads, heads,
+                                                   q_len, lengths, top_k, range_blocks, opts,
+                                                   fused_select=fused_select, centroid_precision="input")
+    assert plan.fused_select == fused_select
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
+                                  centroid_precision="input")
+    assert not torch.equal(bufs["sel"], D._route(q, cache, top_k))  # the fp32 routing selects otherwise
+    _, _, launches = S.split_launches(q, cache, top_k, scale, fused_select=fused_select, centroid_precision="input")
+    assert [x.defines for x in launches] == [("MOBA_DECODE_CENTROIDS_INPUT=1",)] + [()] * (len(launches) - 1)
+
+
 ATTN_CASES = [
     # (case, attention CTAs per kv head): several items per CTA (the next chunk in flight while one is computed),
     # strides that are and are not multiples of the chunks per block

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,7 @@ class DecodeConfig:
     heads: int = HEADS
     kv_heads: int = KV_HEADS
     head_dim: int = HEAD_DIM
+    centroid_precision: str = "fp32"  # moba_decode's routing precision (the fp32 sums are read either way)
 
 
 def configs(quick: bool) -> list[DecodeConfig]:
@@ -319,13 +321,14 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
 
     def step():  # what moba_decode does, with the kernel named instead of read from the environment
         top_k, sc = D.check_decode(q, cache, cfg.top_k)
-        return decode_cuda(q, cache, top_k, sc, False, kernel=kernel)
+        return decode_cuda(q, cache, top_k, sc, False, kernel=kernel, centroid_precision=cfg.centroid_precision)
 
     row["mobalab_ms"], row["timing"] = time_step(step, reps, flush)
     row["mobalab_eager_ms"] = _events(max(10, reps // 4), step, flush)
     dev = torch.cuda.current_device()
     plans = step_launches if kernel == "fused" else split_launches
-    _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), route_only=True)
+    _, _, launches = plans(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), route_only=True,
+                           centroid_precision=cfg.centroid_precision)
 
     def route():
         for launch in launches:  # the fused step's routing items; or the scores, then the selection
@@ -336,9 +339,11 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         if kernel != "fused":
             row[f"mobalab_ms_items{items}"] = math.nan
             continue
-        _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), items_per_slot=items)
+        _, _, other = step_launches(q, cache, cfg.top_k, scale, sm_count=sm_count(dev), items_per_slot=items,
+                                    centroid_precision=cfg.centroid_precision)
         row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
-    _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel)
+    _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel,
+                            centroid_precision=cfg.centroid_precision)
     row.update(selection_bytes(sel, n, block, kvh, d))
     row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
     row["useful_gflop"] = decode_flops(n, block, cfg.top_k, batch=batch, heads=heads, kv_heads=kvh,
@@ -374,7 +379,8 @@ def _derive(row: dict, copy_tbps: float) -> None:
 # report
 
 
-COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "kernel", "mobalab_ms",
+COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "kernel", "centroid_precision",
+           "mobalab_ms",
            "routing_ms",
            "attention_ms", "mobalab_ms_items1", "mobalab_ms_items3", "mobalab_eager_ms", "timing", "sdpa_flash_ms",
            "sdpa_cudnn_ms", "sdpa_efficient_ms", "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense",
@@ -421,7 +427,9 @@ def markdown(rows: list[dict], env: dict) -> str:
             "flex ms", "x dense", "MB needed (sums + K/V)", "blocks/kv head", "TB/s", "roofline", "dense TB/s",
             "kernel"]
     copy = rows[0]["copy_tbps"] if rows else math.nan
-    lines = [f"MoBA decode step vs dense decode, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16, q_len 1 -- "
+    precision = {r.get("centroid_precision", "fp32") for r in rows}
+    routed = "" if precision <= {"fp32"} else f", routing on {'/'.join(sorted(precision))} centroids"
+    lines = [f"MoBA decode step vs dense decode, {HEADS} / {KV_HEADS} heads, d {HEAD_DIM}, bf16, q_len 1{routed} -- "
              f"{env.get('cuda_device')}, {env.get('utc')}, commit {env.get('git_commit')}; measured copy bandwidth "
              f"{_fmt(copy, 2)} TB/s (datasheet {_fmt(datasheet_tbps(env.get('cuda_device')), 2)})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -590,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches) "
                         "or both (two rows per configuration); default: both for the benchmark, fused for --profile "
                         "and --ncu (which take fused or split)")
+    p.add_argument("--centroid-precision", choices=("fp32", "input"), default="fp32",
+                   help="moba_decode's routing: the fp32 block means (default) or the means rounded to the cache's "
+                        "dtype (centroid_precision='input')")
     p.add_argument("--profile", action="store_true",
                    help=f"no benchmark: build one cache (--seq-len, --batch, --block-size, --top-k) and run "
                         f"{PROFILE_STEPS} steps, for a profiler")
@@ -634,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = KERNEL_CHOICES[args.kernel or "both"]
     groups: dict[tuple[int, int], list[DecodeConfig]] = {}
     for cfg in configs(args.quick):
+        cfg = dataclasses.replace(cfg, centroid_precision=args.centroid_precision)
         groups.setdefault((cfg.seq_len, cfg.batch), []).append(cfg)
     rows, failed = [], 0
     for (n, batch), cfgs in groups.items():

@@ -14,7 +14,9 @@ tensors the torch reference.
 
 Settings come from the model config, read at every call: ``moba_block_size`` (B) and ``moba_top_k`` (k) are
 required (there is no block size that suits every head dimension and context, so a missing one is an error
-that says how to set it); ``moba_deterministic`` (default False) selects the bit-reproducible CUDA backward.
+that says how to set it); ``moba_deterministic`` (default False) selects the bit-reproducible CUDA backward;
+``moba_centroid_precision`` (default ``"fp32"``) is the router's ``centroid_precision`` (``"input"``: block means
+rounded to the model's dtype, as MoBA and FlashMoBA store them), in training, prefill and decode alike.
 Set them on the loaded model (``model.config.moba_block_size = 128``): ``from_pretrained`` ignores keyword
 arguments that are not config fields. Causality is the
 layer's (``is_causal``); ``scaling`` is the layer's softmax scale. MoBA has no attention dropout (a non-zero
@@ -49,6 +51,7 @@ import sys
 
 import torch
 
+from mobalab.kernels._contract import CENTROID_PRECISIONS
 from mobalab.kernels._decode import MAX_Q_LEN
 
 __all__ = ["register", "moba_attention_forward", "MobaCache", "cache_argument"]  # noqa: F822 (module __getattr__)
@@ -125,7 +128,7 @@ def register(name: str = NAME) -> str:
 # settings and masks
 
 
-def _settings(module) -> tuple[int, int, bool]:
+def _settings(module) -> tuple[int, int, bool, str]:
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(f"moba attention: the attention module {type(module).__name__} has no `config`; "
@@ -144,7 +147,11 @@ def _settings(module) -> tuple[int, int, bool]:
     deterministic = getattr(config, "moba_deterministic", False)
     if not isinstance(deterministic, bool):
         raise ValueError(f"moba attention: config.moba_deterministic must be True or False, got {deterministic!r}")
-    return values["moba_block_size"], values["moba_top_k"], deterministic
+    precision = getattr(config, "moba_centroid_precision", "fp32")
+    if precision not in CENTROID_PRECISIONS:
+        raise ValueError(f"moba attention: config.moba_centroid_precision must be one of {CENTROID_PRECISIONS}, got "
+                         f"{precision!r}")
+    return values["moba_block_size"], values["moba_top_k"], deterministic, precision
 
 
 def _padding_mask(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -236,7 +243,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     """
     from mobalab.kernels import moba_attention, moba_attention_varlen
 
-    block_size, top_k, deterministic = _settings(module)
+    block_size, top_k, deterministic, precision = _settings(module)
     if dropout:
         raise ValueError(f"moba attention: attention dropout {dropout} is not supported (MoBA has none); set the "
                          "config's attention_dropout to 0")
@@ -264,7 +271,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
         if q_len < kv_len and q_len <= MAX_Q_LEN and causal:
             from mobalab.kernels import moba_decode
 
-            return moba_decode(q, cache, top_k, softmax_scale=scaling), None
+            return moba_decode(q, cache, top_k, softmax_scale=scaling, centroid_precision=precision), None
     if q_len < kv_len:
         # Decoding with a cache: the new queries are the last positions of the key sequence.
         if mask is not None and not bool(mask[:, kv_len - q_len:].all()):
@@ -272,7 +279,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
                              "a dynamic cache is supported, static caches and right padding are not")
         q = torch.cat([q.new_zeros(batch, kv_len - q_len, heads, dim), q], dim=1)
 
-    common = dict(block_size=block_size, top_k=top_k, causal=causal, softmax_scale=scaling)
+    common = dict(block_size=block_size, top_k=top_k, causal=causal, softmax_scale=scaling,
+                  centroid_precision=precision)
     total = batch * kv_len
     flat = lambda x: x.reshape(total, *x.shape[2:])  # noqa: E731
     if kwargs.get("cu_seq_lens_q") is not None:

@@ -11,6 +11,10 @@ persistent CTAs (two of 256 threads per SM) take work items from one ticket coun
    their K and V through a pipeline and write partial softmax results for every row that selected the
    block; the last unit of the kv head merges the partials into ``out`` and ``lse``.
 
+``centroid_precision="input"`` builds the module with :data:`INPUT_CENTROIDS_DEFINE`: the routing ranks the
+candidates by :math:`q\cdot T(S_j/B)`, the block mean rounded to the cache's type as the prefill's router of that
+precision scores it, instead of :math:`q\cdot S_j` (both kernels; cuda/decode_common.cuh).
+
 Everything that decides what the kernel receives (:func:`plan_decode`, :func:`decode_launch`) is plain
 Python, so CI checks it against the CUDA signature and runs it through the host emulation of the kernel
 without a GPU. Memory comes from torch's caching allocator, the kernel runs on torch's current stream, and
@@ -33,6 +37,8 @@ __all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffe
            "SOURCE"]
 
 SOURCE = "decode.cu"
+# the build of both decode kernels (this file's and cuda/decode_split.cu's score pass) for centroid_precision "input"
+INPUT_CENTROIDS_DEFINE = "MOBA_DECODE_CENTROIDS_INPUT=1"
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Must match the #defines in cuda/decode.cu.
@@ -210,10 +216,11 @@ def decode_buffers(plan: DecodePlan, device, dtype) -> dict[str, torch.Tensor]:
 
 def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sums: torch.Tensor,
                   lengths: torch.Tensor, bufs: dict, counters: torch.Tensor, scale: float,
-                  route_only: bool = False) -> Launch:
+                  route_only: bool = False, centroid_precision: str = "fp32") -> Launch:
     """The step kernel: q (b, q_len, h, d), the cache's k / v (b, kv_heads, capacity, d) and fp32 block sums
     (b, kv_heads, n_blocks_cap, d), lengths int32 -> sel, out, lse. ``route_only`` launches the routing
-    items alone (``sel`` only; for measuring them)."""
+    items alone (``sel`` only; for measuring them); ``centroid_precision`` "input": the module built with
+    :data:`INPUT_CENTROIDS_DEFINE`."""
     p = plan
     name = f"moba_decode_step_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     n_x = 0 if route_only else p.n_x
@@ -224,11 +231,13 @@ def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.T
             i32(p.n_blocks_cap), i32(p.capacity), i32(p.block_size), i32(p.top_k), i32(p.n_rg),
             i32(p.rows_per_group), i32(p.n_split), i32(p.blocks_per_split), i32(n_x), i32(p.n_chunks),
             i32(p.chunk), i32(p.win_words), i32(p.nb_max), np.float32(scale * math.log2(math.e)))
-    return Launch(SOURCE, name, (ctas, 1, 1), (THREADS, 1, 1), args, p.smem)
+    defines = (INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()
+    return Launch(SOURCE, name, (ctas, 1, 1), (THREADS, 1, 1), args, p.smem, defines=defines)
 
 
 def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,
-                  route_only: bool = False, win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT):
+                  route_only: bool = False, win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT,
+                  centroid_precision: str = "fp32"):
     """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs)."""
     if cache.paged:
         raise ValueError("moba_decode: the fused decode kernel (MOBALAB_DECODE_KERNEL=fused) reads contiguous caches "
@@ -241,7 +250,7 @@ def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, 
         bufs = decode_buffers(plan, q.device, q.dtype)
     counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]
     launch = decode_launch(plan, q, cache.k, cache.v, cache.block_sums, cache._len_dev, bufs, counters, scale,
-                           route_only)
+                           route_only, centroid_precision)
     return plan, bufs, [launch]
 
 
@@ -256,27 +265,26 @@ def max_smem_bytes() -> int:
 
 
 @functools.cache
-def _function(source: str, kernel: str, device_index: int, smem: int):
-    """The compiled kernel with its dynamic shared-memory limit raised for ``smem`` bytes, once per process,
-    device and size (a decode step is ~0.1 ms: no per-launch device queries)."""
+def _function(source: str, kernel: str, device_index: int, smem: int, defines: tuple[str, ...] = ()):
+    """The compiled kernel (its module built with ``defines``) with its dynamic shared-memory limit raised for
+    ``smem`` bytes, once per process, device, size and build (a decode step is ~0.1 ms: no per-launch device
+    queries)."""
     from ._build import get_kernel
 
-    return get_kernel(source, kernel, max_dynamic_smem=smem)
+    return get_kernel(source, kernel, defines=defines, max_dynamic_smem=smem)
 
 
 def run(launch: Launch, device_index: int) -> None:
     """Check the arguments against the .cu signature and launch on torch's current stream (the fused step of
-    this file and the split kernels of cuda/decode_split.cu alike)."""
+    this file and the split kernels of cuda/decode_split.cu alike), the module built with the launch's defines."""
     from ._launch import check_args, start
 
-    if launch.defines:  # _function compiles the module without them
-        raise ValueError(f"run: {launch.kernel} has build options {launch.defines}; launch it with _launch.launch")
     cargs = check_args(launch.source, launch.kernel, launch.args)
-    start(_function(launch.source, launch.kernel, device_index, launch.shared_mem), launch, cargs)
+    start(_function(launch.source, launch.kernel, device_index, launch.shared_mem, launch.defines), launch, cargs)
 
 
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
-                return_selection: bool = False, kernel: str | None = None):
+                return_selection: bool = False, kernel: str | None = None, centroid_precision: str = "fp32"):
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
 
     ``return_selection`` also returns the int32 (batch, q_len, heads, top_k) selection (benchmarks and tests).
@@ -290,7 +298,8 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
         q = q.contiguous()
-        _, bufs, launches = plans(q, cache, top_k, scale, sm_count=sm_count(device_index))
+        _, bufs, launches = plans(q, cache, top_k, scale, sm_count=sm_count(device_index),
+                                  centroid_precision=centroid_precision)
         for launch in launches:
             run(launch, device_index)
     result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)

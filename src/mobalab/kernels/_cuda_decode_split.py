@@ -47,7 +47,7 @@ import torch
 
 from ._build import device_capability, smem_per_sm
 from ._contract import getenv
-from ._cuda_decode import _TYPE_NAMES, StepShape, step_outputs
+from ._cuda_decode import _TYPE_NAMES, INPUT_CENTROIDS_DEFINE, StepShape, step_outputs
 from ._launch import Launch
 from ._tensor_map import TensorMap2D, tensor_map_2d
 
@@ -313,12 +313,13 @@ def released_counters(plan: SplitPlan, counters: torch.Tensor) -> torch.Tensor:
     return counters[plan.batch * plan.kv_heads:]
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, centroid_precision: str = "fp32") -> Launch:
     """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
     -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
     kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
     to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
-    null pointer: no counting, for the routing alone)."""
+    null pointer: no counting, for the routing alone). ``centroid_precision`` "input": the module built with
+    ``_cuda_decode.INPUT_CENTROIDS_DEFINE`` (scores q . T(S_j / B))."""
     p, i32 = plan, np.int32
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
@@ -328,7 +329,8 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0) -> L
         args = (*args, bufs["tops"], i32(p.n_bat), released)
     else:
         name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem)
+    defines = (INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()
+    return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem, defines=defines)
 
 
 def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
@@ -390,7 +392,7 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None, dependent: bool | None = None):
+                   fused_select: bool | None = None, dependent: bool | None = None, centroid_precision: str = "fp32"):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -402,7 +404,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     shape fits (build options: a launch with defines, run by ``_launch.launch``; for side-by-side timing);
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
     later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for their kv head's
-    scores; None, the default: so wherever the plan selects in the attention launch).
+    scores; None, the default: so wherever the plan selects in the attention launch); ``centroid_precision``: the
+    score pass's build (:func:`score_launch`).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -420,7 +423,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         work = cache._workspace_counters(plan.n_counters + plan.n_table)
         counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
         released = released_counters(plan, counters) if plan.fused_select else 0
-    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, released)] if plan.n_range else []
+    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, released, centroid_precision)] \
+        if plan.n_range else []
     if route_only:
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     if not plan.fused_select:

@@ -7,7 +7,9 @@ their queries ``q`` (batch, q_len, heads, d). Query i of sequence b sits at posi
 
 * own block :math:`c = \lfloor t/B \rfloor` in slot 0, then the best :math:`k-1` complete past blocks
   :math:`j < c` by :math:`s_j = \langle q_t, \bar k_j\rangle` (fp32, :math:`\bar k_j = S_j / B` from the
-  cache's running sums), ties to the higher block index, ``-1`` for slots beyond the past blocks;
+  cache's running sums; with ``centroid_precision="input"`` :math:`T(S_j / B)`, the mean rounded to the cache's
+  dtype T, as the prefill's router of that precision scores it), ties to the higher block index, ``-1`` for
+  slots beyond the past blocks;
 * :math:`o_t = \mathrm{softmax}(\sigma\, q_t K_{S_t}^\top) V_{S_t}` over the selected tokens, token-causal
   (keys :math:`\le t`) inside the own block, :math:`\sigma = 1/\sqrt d` by default,
   :math:`\mathrm{lse}_t = \log \sum_{i\in S_t} e^{\sigma q_t\cdot k_i}`.
@@ -25,6 +27,7 @@ import numbers
 
 import torch
 
+from . import _contract as C
 from ._kv_cache import MobaKVCache
 
 __all__ = ["moba_decode", "moba_decode_reference", "check_decode", "MAX_Q_LEN", "GPU_DTYPES", "GPU_HEAD_DIMS",
@@ -122,7 +125,7 @@ def _compute_dtype(cache: MobaKVCache) -> torch.dtype:
     return torch.float64 if cache.dtype == torch.float64 else torch.float32
 
 
-def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int) -> torch.Tensor:
+def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int, centroid_precision: str = "fp32") -> torch.Tensor:
     """Selected blocks, int32 (batch, q_len, heads, top_k), slot 0 the own block, -1 where unused."""
     batch, q_len, heads, dim = q.shape
     kv_heads, bsz = cache.kv_heads, cache.block_size
@@ -139,6 +142,8 @@ def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int) -> torch.Tensor:
                 continue
             # Candidates are complete blocks, |j| = B: the centroid is the running sum over B.
             cent = cache.block_sums[b, :, :own].to(compute) / bsz  # (kv_heads, own, d)
+            if centroid_precision == "input":
+                cent = cent.to(cache.dtype).to(compute)
             qi = q[b, i].to(compute).view(kv_heads, group, dim)
             scores = torch.einsum("kgd,kjd->kgj", qi, cent).reshape(heads, own)
             # Stable sort of the reversed block axis: equal scores keep the higher block index first.
@@ -176,14 +181,14 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
     return out, lse
 
 
-def _reference(q, cache, top_k: int, scale: float, return_lse: bool):
+def _reference(q, cache, top_k: int, scale: float, return_lse: bool, centroid_precision: str = "fp32"):
     with torch.no_grad():
-        out, lse = _attend(q, cache, _route(q, cache, top_k), scale)
+        out, lse = _attend(q, cache, _route(q, cache, top_k, centroid_precision), scale)
     return (out, lse) if return_lse else out
 
 
 def moba_decode_reference(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: float | None = None,
-                          return_lse: bool = False):
+                          return_lse: bool = False, *, centroid_precision: str = "fp32"):
     r"""Readable torch MoBA decode (any device): routes over the cache's block sums and attends only the
     tokens of the selected blocks, in fp32 (fp64 for an fp64 cache). Same contract as :func:`moba_decode`.
 
@@ -201,18 +206,21 @@ def moba_decode_reference(q: torch.Tensor, cache: MobaKVCache, top_k: int, softm
     (torch.Size([1, 1, 2, 8]), [3.09, 3.812])
     """
     top_k, scale = check_decode(q, cache, top_k, softmax_scale, return_lse, kernel_limits=False)
-    return _reference(q, cache, top_k, scale, return_lse)
+    centroid_precision = C.check_centroid_precision("moba_decode", centroid_precision)
+    return _reference(q, cache, top_k, scale, return_lse, centroid_precision)
 
 
 def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: float | None = None,
-                return_lse: bool = False):
+                return_lse: bool = False, *, centroid_precision: str = "fp32"):
     r"""MoBA attention of the newest ``q_len`` tokens of every sequence over a :class:`MobaKVCache`.
 
     ``q`` (batch, q_len, heads, head_dim), q_len 1..16, heads a multiple of the cache's kv_heads, same dtype
     and device as the cache; the queries' keys and values must already be appended (module docstring:
     positions and semantics). Returns ``out`` (batch, q_len, heads, head_dim) in q's dtype, and with
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
-    :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal).
+    :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal), with the same
+    ``centroid_precision``: "fp32" (the default) ranks the blocks by the fp32 means, "input" by the means rounded
+    to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes with it).
 
     CUDA tensors run one of two kernels (no gradient): by default two or three plain launches
     (cuda/decode_split.cu: scores of every candidate block from the cached block sums, the selection (inside the
@@ -238,8 +246,9 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     True
     """
     top_k, scale = check_decode(q, cache, top_k, softmax_scale, return_lse)
+    centroid_precision = C.check_centroid_precision("moba_decode", centroid_precision)
     if q.is_cuda:
         from ._cuda_decode import decode_cuda
 
-        return decode_cuda(q, cache, top_k, scale, return_lse)
-    return _reference(q, cache, top_k, scale, return_lse)
+        return decode_cuda(q, cache, top_k, scale, return_lse, centroid_precision=centroid_precision)
+    return _reference(q, cache, top_k, scale, return_lse, centroid_precision)

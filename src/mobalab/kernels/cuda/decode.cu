@@ -351,6 +351,10 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
             float4 sv[NV];
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[m] = *reinterpret_cast<const float4*>(stage + col * D + (m * 8 + part) * 4);
+#if MOBA_DECODE_CENTROIDS_INPUT  // the mean rounded to T (decode_common.cuh)
+#pragma unroll
+            for (int m = 0; m < NV; ++m) sv[m] = dec_input_centroid<T>(sv[m], dec_inv_pow2(p.block_size));
+#endif
             // DEC_ROUTE_ILP rows at a time: independent FMA and shuffle chains, so a tile's scoring costs one
             // chain's latency per DEC_ROUTE_ILP rows instead of one per row.
             auto score_rows = [&](int rr0, auto n_const) {

@@ -237,6 +237,28 @@ __device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff80000
 __device__ __forceinline__ bool dec_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
 __host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~15; }
 
+// ---- the centroid a router of centroid_precision "input" scores ----
+// Built with MOBA_DECODE_CENTROIDS_INPUT=1, the score passes rank the candidates by q . T(S_j / B), the block mean
+// rounded to the cache's type T, as the prefill's router of that precision does (its centroid pass rounds the fp32
+// mean), instead of q . S_j. B is a power of two (the kernels' block sizes), so S_j * 2^-log2(B) is the IEEE
+// quotient S_j / B exactly: no division per element.
+#ifndef MOBA_DECODE_CENTROIDS_INPUT
+#define MOBA_DECODE_CENTROIDS_INPUT 0
+#endif
+
+// 1 / b for a power of two b, exact: the float whose exponent field is 127 - log2(b).
+__device__ __forceinline__ float dec_inv_pow2(int b) { return __int_as_float((127 - (__ffs(b) - 1)) << 23); }
+__device__ __forceinline__ float dec_round_to(float x, __nv_bfloat16) {
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ float dec_round_to(float x, __half) { return __half2float(__float2half_rn(x)); }
+// T(S / B) of the four elements of a block-sum vector, back in fp32 (T holds them exactly).
+template <typename T>
+__device__ __forceinline__ float4 dec_input_centroid(float4 s, float inv_b) {
+    return make_float4(dec_round_to(s.x * inv_b, T()), dec_round_to(s.y * inv_b, T()),
+                       dec_round_to(s.z * inv_b, T()), dec_round_to(s.w * inv_b, T()));
+}
+
 // ---- one attention chunk ----
 
 // Tokens 0 .. chunk - 1 of K and V from element offset src into ks / vs ([chunk][D] each) as 16-byte

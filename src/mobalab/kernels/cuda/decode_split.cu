@@ -529,9 +529,19 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     __syncthreads();  // the only barrier: from here every warp streams its batches on its own
 
     float* srow = scores + ((long long)bk * rows + r0) * n_cols;
+#if MOBA_DECODE_CENTROIDS_INPUT
+    const float inv_b = dec_inv_pow2(block_size);
+#endif
     for (; base < j_hi; base += DSP_WARPS * BW) {
         const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
         const bool store = part < NP && j < j_hi;
+#if MOBA_DECODE_CENTROIDS_INPUT  // once per batch, after its loads have landed (decode_common.cuh)
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+#pragma unroll
+            for (int m = 0; m < NV; ++m) sv[p][m] = dec_input_centroid<T>(sv[p][m], inv_b);
+        }
+#endif
         for (int rr = 0; rr < nr; ++rr) {
             float4 qv[NV];
 #pragma unroll
