@@ -37,7 +37,7 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype, page_size=page_size)
     k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g)
     if key_mean is not None:
-        k = key_mean + 16 * _ulp(key_mean, dtype) * k
+        k = key_mean + 16 * ulp_at(key_mean, dtype) * k
     k = k.to(dtype)
     if ties:
         for j in range(4, max(prompt_lengths) // block, 3):
@@ -61,7 +61,7 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     return cache, q
 
 
-def _ulp(x: float, dtype) -> float:
+def ulp_at(x: float, dtype) -> float:
     """The spacing of the 16-bit ``dtype``'s values at x > 0 (bf16: 8 significant bits, fp16: 11)."""
     return 2.0 ** (math.frexp(x)[1] - {torch.bfloat16: 8, torch.float16: 11}[dtype])
 

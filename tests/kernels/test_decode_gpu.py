@@ -449,17 +449,23 @@ def test_input_centroid_decode_follows_moba_attention_of_that_precision(poisoned
     ``moba_attention``'s of that precision within the 16-bit rounding; the fp32 routing of the same steps selects
     otherwise on many rows (keys of mean 2 and a spread of a few ulps there, so that rounding the means moves the
     ranking). The fused kernel refuses a paged cache (tested above), so it runs the contiguous cases only."""
+    import sys
+    from pathlib import Path
+
     from mobalab.kernels import moba_attention, moba_topk
     from mobalab.kernels._cuda_decode import decode_cuda
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _decode_cases import ulp_at
 
     if kernel == "fused" and page_size is not None:
         pytest.skip("the fused kernel reads contiguous caches only")
     gen = torch.Generator(device=DEVICE).manual_seed(block + dim)
     lengths, steps, kv_heads, heads, top_k = [6000, 2500], 4, 2, 8, 8
     batch, total = len(lengths), max(lengths) + steps
-    ulp = 2.0 ** (2 - (8 if dtype == torch.bfloat16 else 11))
     q = _rand((batch, total, heads, dim), dtype, gen)
-    k = (2.0 + 16 * ulp * torch.randn((batch, total, kv_heads, dim), generator=gen, device=DEVICE)).to(dtype)
+    k = (2.0 + 16 * ulp_at(2.0, dtype) * torch.randn((batch, total, kv_heads, dim), generator=gen,
+                                                   device=DEVICE)).to(dtype)
     v = _rand((batch, total, kv_heads, dim), dtype, gen)
     cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, device=DEVICE, page_size=page_size)
     cache.prefill(k, v, lengths=lengths)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mobalab.kernels import _cuda_decode as D
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels._build import source
 from mobalab.kernels._launch import signatures
@@ -38,7 +39,7 @@ report_cp = background_fixture(
 # the score pass's build for centroid_precision "input" (the block means rounded to the cache's dtype)
 report_input = background_fixture(
     "report_input", lambda: entry_report("decode_split.cu", scratch_dir("decode_split_nvcc_input"),
-                                         (S.INPUT_CENTROIDS_DEFINE,)))
+                                         (D.INPUT_CENTROIDS_DEFINE,)))
 
 
 def test_entry_points_and_constants_match_the_wrapper():

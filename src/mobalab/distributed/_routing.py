@@ -27,6 +27,7 @@ import contextlib
 
 import torch
 
+from ..kernels import _contract as C
 from ..kernels import reference as R
 from ._group import Ring, all_gather_rows
 from ._layout import Layout
@@ -103,9 +104,7 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: Layout, ring: Ring, block_si
     ``lists``: a top-k with a query offset (:func:`kernel_lists`) to route with, or None for the reference.
     ``centroid_precision`` "input": the whole sequence's centroids rounded to k's dtype before scoring.
     """
-    centroids = global_centroids(k, layout, ring, block_size)
-    if centroid_precision == "input":
-        centroids = centroids.to(k.dtype).to(centroids.dtype)
+    centroids = C.routed_centroids(global_centroids(k, layout, ring, block_size), k.dtype, centroid_precision)
     parts = []
     for s in layout.segments(ring.rank):
         q_seg = q[:, s.local:s.local + s.length]

@@ -280,6 +280,12 @@ def check_centroid_precision(fn: str, value) -> str:
     return value
 
 
+def routed_centroids(centroids: torch.Tensor, key_dtype: torch.dtype, precision: str) -> torch.Tensor:
+    """The centroids a router of ``precision`` scores, in ``centroids``' (compute) dtype: as given for "fp32",
+    rounded to the keys' dtype for "input" (the compute dtype holds the rounded values exactly)."""
+    return centroids.to(key_dtype).to(centroids.dtype) if precision == "input" else centroids
+
+
 
 def check_topk_indices(fn: str, topk, q, top_k: int, name: str = "topk_indices") -> None:
     """Routing indices: integer (batch, seqlen, heads, top_k) on q's device, -1 for an unused slot."""

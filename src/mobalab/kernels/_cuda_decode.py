@@ -39,6 +39,12 @@ __all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffe
 SOURCE = "decode.cu"
 # the build of both decode kernels (this file's and cuda/decode_split.cu's score pass) for centroid_precision "input"
 INPUT_CENTROIDS_DEFINE = "MOBA_DECODE_CENTROIDS_INPUT=1"
+
+
+def precision_defines(centroid_precision: str) -> tuple[str, ...]:
+    """The defines of a decode score pass's module for ``centroid_precision``."""
+    return (INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()
+
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Must match the #defines in cuda/decode.cu.
@@ -231,8 +237,8 @@ def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.T
             i32(p.n_blocks_cap), i32(p.capacity), i32(p.block_size), i32(p.top_k), i32(p.n_rg),
             i32(p.rows_per_group), i32(p.n_split), i32(p.blocks_per_split), i32(n_x), i32(p.n_chunks),
             i32(p.chunk), i32(p.win_words), i32(p.nb_max), np.float32(scale * math.log2(math.e)))
-    defines = (INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()
-    return Launch(SOURCE, name, (ctas, 1, 1), (THREADS, 1, 1), args, p.smem, defines=defines)
+    return Launch(SOURCE, name, (ctas, 1, 1), (THREADS, 1, 1), args, p.smem,
+                  defines=precision_defines(centroid_precision))
 
 
 def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,

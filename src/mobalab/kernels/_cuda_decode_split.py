@@ -47,7 +47,7 @@ import torch
 
 from ._build import device_capability, smem_per_sm
 from ._contract import getenv
-from ._cuda_decode import _TYPE_NAMES, INPUT_CENTROIDS_DEFINE, StepShape, step_outputs
+from ._cuda_decode import _TYPE_NAMES, StepShape, precision_defines, step_outputs
 from ._launch import Launch
 from ._tensor_map import TensorMap2D, tensor_map_2d
 
@@ -319,7 +319,7 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, cent
     kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
     to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
     null pointer: no counting, for the routing alone). ``centroid_precision`` "input": the module built with
-    ``_cuda_decode.INPUT_CENTROIDS_DEFINE`` (scores q . T(S_j / B))."""
+    ``_cuda_decode.precision_defines`` (scores q . T(S_j / B))."""
     p, i32 = plan, np.int32
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
@@ -329,8 +329,8 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, cent
         args = (*args, bufs["tops"], i32(p.n_bat), released)
     else:
         name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-    defines = (INPUT_CENTROIDS_DEFINE,) if centroid_precision == "input" else ()
-    return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem, defines=defines)
+    return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem,
+                  defines=precision_defines(centroid_precision))
 
 
 def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:

@@ -207,10 +207,7 @@ def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, t
 def _prepared_centroids(k: torch.Tensor, block_size: int, precision: str = "fp32") -> torch.Tensor:
     """Centroids in the compute dtype, NaN wherever a centroid is not finite (it then scores NaN); ``precision``
     "input": each rounded to k's dtype first (the compute dtype holds it exactly)."""
-    compute = C.compute_dtype(k.dtype)
-    cent = _centroids(k.detach().to(compute), block_size)
-    if precision == "input":
-        cent = cent.to(k.dtype).to(compute)
+    cent = C.routed_centroids(_centroids(k.detach().to(C.compute_dtype(k.dtype)), block_size), k.dtype, precision)
     finite = torch.isfinite(cent).all(dim=-1, keepdim=True)
     return cent.masked_fill(~finite, math.nan)
 

@@ -338,6 +338,9 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
     // Lane (sub, part) of warp w scores block step * 32 + w * 4 + sub of a tile, holding the float4 vectors
     // m * 8 + part of its sum (each 8-lane read is 128 contiguous bytes of shared memory).
     const int sub = lane >> 3, part = lane & 7;
+#if MOBA_DECODE_CENTROIDS_INPUT
+    const float inv_b = dec_inv_pow2(p.block_size);
+#endif
     for (int it = 0; it < n_tiles; ++it) {
         dec_cp_async_wait<RS - 2>();
         __syncthreads();  // tile it has landed for every thread; the last merge is done with st
@@ -353,7 +356,7 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
             for (int m = 0; m < NV; ++m) sv[m] = *reinterpret_cast<const float4*>(stage + col * D + (m * 8 + part) * 4);
 #if MOBA_DECODE_CENTROIDS_INPUT  // the mean rounded to T (decode_common.cuh)
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[m] = dec_input_centroid<T>(sv[m], dec_inv_pow2(p.block_size));
+            for (int m = 0; m < NV; ++m) sv[m] = dec_input_centroid<T>(sv[m], inv_b);
 #endif
             // DEC_ROUTE_ILP rows at a time: independent FMA and shuffle chains, so a tile's scoring costs one
             // chain's latency per DEC_ROUTE_ILP rows instead of one per row.
