@@ -24,6 +24,7 @@ from mobalab.kernels import (
     moba_decode_reference,
     moba_topk,
 )
+from mobalab.kernels import _contract as C_
 from mobalab.kernels import _cuda_decode as C
 from mobalab.kernels import _decode as D
 from mobalab.kernels._launch import check_args
@@ -184,6 +185,50 @@ def test_cache_sums_match_recomputed_centroids(dtype):
             assert torch.equal(cache.k[b, :, :end].transpose(0, 1), k[b, :end])
             assert torch.equal(cache.v[b, :, :end].transpose(0, 1), v[b, :end])
     assert cache.lengths.tolist() == ends and cache.appended.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("page_size", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_means_follow_the_sums(dtype, page_size):
+    """The 16-bit block means that the CUDA score pass of centroid_precision "input" streams: made from the sums on
+    first use, then kept in step by appends (1 and 3 tokens, across block ends) and a new prefill; every complete
+    block's mean is T(S_j / B) of its keys, the centroid the reference router of that precision scores."""
+    lengths, block = [17, 5, 24], 4
+    _, k, v = _stream(2, 3, 40, 2, 2, 8, dtype)
+    k = k + 3.0  # means far from zero: their last bits differ between T(S / B) and a rounding of anything else
+    cache = MobaKVCache(3, 2, 8, block, 40, dtype=dtype, page_size=page_size)
+    cache.prefill(k[:, :24], v[:, :24], lengths=torch.tensor(lengths))
+    means = cache._input_means()
+    assert means.dtype == dtype and means.shape == (3, 2, cache.n_blocks, 8)
+    assert cache._input_means() is means  # made once
+
+    def check(ends):
+        cent = cache.centroids()
+        for b, end in enumerate(ends):
+            full = end // block  # complete blocks: the only ones a router scores
+            want = C_.routed_centroids(moba_centroids(k[b:b + 1, :end], block)[0][:full], dtype, "input")
+            got = means[b, :, :full].transpose(0, 1).float()
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert torch.equal(got, C_.routed_centroids(cent[b, :full], dtype, "input"))
+
+    check(lengths)
+    ends, rows = list(lengths), torch.arange(3)
+    for n_new in (1, 3, 1, 2, 4):
+        pos = torch.tensor(ends).view(3, 1) + torch.arange(n_new)
+        cache.append(k[rows.view(3, 1), pos], v[rows.view(3, 1), pos])
+        ends = [e + n_new for e in ends]
+        check(ends)
+    cache.prefill(k[:, 5:35], v[:, 5:35], lengths=[30, 9, 13])  # a new prompt: the means follow it
+    k = k[:, 5:35]
+    check([30, 9, 13])
+    assert cache._input_means() is means
+
+
+def test_input_means_need_a_16_bit_cache():
+    cache = MobaKVCache(1, 1, 8, 4, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="16-bit block means need a float16 or bfloat16 cache, this one holds "
+                                         "torch.float32"):
+        cache._input_means()
 
 
 def test_prefill_replaces_and_chunks(monkeypatch):

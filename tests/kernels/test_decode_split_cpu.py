@@ -172,6 +172,27 @@ def test_step_launches_and_buffers():
     assert [launch.kernel for launch in top1] == ["moba_decode_route_select", "moba_decode_attend_bf16_d64"]
 
 
+def test_input_precision_score_pass_streams_the_16_bit_means():
+    """centroid_precision "input": the score launch streams the cache's bf16 block means (half the sums' bytes),
+    built with the input define; "fp32" streams the sums; a score launch given rows of the wrong type is refused."""
+    g = torch.Generator().manual_seed(1)
+    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
+    cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16(),
+                  lengths=[70, 40])
+    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
+    assert launches[0].args[1] is cache.block_sums and launches[0].defines == ()
+    _, _, launches = S.split_launches(q, cache, 4, 0.125, centroid_precision="input")
+    assert launches[0].args[1] is cache._means and cache._means.dtype == torch.bfloat16
+    assert launches[0].defines == ("MOBA_DECODE_CENTROIDS_INPUT=1",)
+    with pytest.raises(ValueError, match=r"centroid_precision='input' streams torch.bfloat16 block rows, got "
+                                         r"torch.float32"):
+        S.score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, centroid_precision="input")
+    with pytest.raises(ValueError, match=r"centroid_precision='fp32' streams torch.float32 block rows, got "
+                                         r"torch.bfloat16"):
+        S.score_launch(plan, q, cache._means, cache._len_dev, bufs)
+
+
 def test_kernel_choice(monkeypatch):
     monkeypatch.delenv(S.ENV_VAR, raising=False)
     # auto (the default): the split kernel at every length

@@ -88,7 +88,7 @@ class DecodeConfig:
     heads: int = HEADS
     kv_heads: int = KV_HEADS
     head_dim: int = HEAD_DIM
-    centroid_precision: str = "fp32"  # moba_decode's routing precision (the fp32 sums are read either way)
+    centroid_precision: str = "fp32"  # moba_decode's routing precision ("input": the split kernel reads 16-bit means)
 
 
 def configs(quick: bool) -> list[DecodeConfig]:
@@ -120,12 +120,13 @@ def configs(quick: bool) -> list[DecodeConfig]:
 
 
 def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: int, head_dim: int,
-                    itemsize: int = 2) -> dict:
+                    itemsize: int = 2, centroid_itemsize: int = 4) -> dict:
     """Bytes a step needs given the selection ``sel`` (batch, q_len, heads, top_k), all sequences of length N.
 
-    Block sums: :math:`\\lceil R/64\\rceil n_p d\\cdot 4` per (sequence, kv head), :math:`n_p = \\lfloor(N-1)/B
-    \\rfloor`; K and V: the union of the blocks the heads of a kv head selected (the own block with its real
-    tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
+    Block rows the score pass streams: :math:`\\lceil R/64\\rceil n_p d` elements of ``centroid_itemsize`` bytes
+    per (sequence, kv head) (4: the fp32 sums; the split kernel of ``centroid_precision="input"`` streams the
+    16-bit means), :math:`n_p = \\lfloor(N-1)/B\\rfloor`; K and V: the union of the blocks the heads of a kv head
+    selected (the own block with its real tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
     """
     batch, q_len, heads, top_k = sel.shape
     group = heads // kv_heads
@@ -139,7 +140,7 @@ def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: 
     tokens = torch.full((n_blocks,), block_size, dtype=torch.int64, device=sel.device)
     tokens[-1] = seq_len - (n_blocks - 1) * block_size
     kv_tokens = int((hit.to(torch.int64) * tokens).sum())
-    centroid = batch * kv_heads * math.ceil(rows / 64) * n_past * head_dim * 4
+    centroid = batch * kv_heads * math.ceil(rows / 64) * n_past * head_dim * centroid_itemsize
     kv = 2 * kv_tokens * head_dim * itemsize
     q_out = 2 * batch * q_len * heads * head_dim * itemsize + batch * q_len * heads * 4
     return dict(centroid_bytes=centroid, kv_bytes=kv, q_out_bytes=q_out, bytes_needed=centroid + kv + q_out,
@@ -344,7 +345,9 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
     _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel,
                             centroid_precision=cfg.centroid_precision)
-    row.update(selection_bytes(sel, n, block, kvh, d))
+    # the split kernel's input-precision score pass streams the cache's 16-bit means; the fused kernel the fp32 sums
+    means = cfg.centroid_precision == "input" and kernel != "fused"
+    row.update(selection_bytes(sel, n, block, kvh, d, centroid_itemsize=q.element_size() if means else 4))
     row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
     row["useful_gflop"] = decode_flops(n, block, cfg.top_k, batch=batch, heads=heads, kv_heads=kvh,
                                        head_dim=d)["total_flops"] / 1e9

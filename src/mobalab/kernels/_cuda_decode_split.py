@@ -314,12 +314,17 @@ def released_counters(plan: SplitPlan, counters: torch.Tensor) -> torch.Tensor:
 
 
 def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, centroid_precision: str = "fp32") -> Launch:
-    """The score kernel: q (b, q_len, h, d), fp32 block sums (b, kv_heads, n_blocks_cap, d), lengths int32
-    -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
+    """The score kernel: q (b, q_len, h, d), the block rows it streams (b, kv_heads, n_blocks_cap, d), lengths
+    int32 -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
     kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
     to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
-    null pointer: no counting, for the routing alone). ``centroid_precision`` "input": the module built with
-    ``_cuda_decode.precision_defines`` (scores q . T(S_j / B))."""
+    null pointer: no counting, for the routing alone). The rows: fp32 block sums S_j (``centroid_precision``
+    "fp32"), or for "input" the cache's block means T(S_j / B) in q's dtype (``MobaKVCache._input_means``), read by
+    the module built with ``_cuda_decode.precision_defines`` (scores q . T(S_j / B))."""
+    want = q.dtype if centroid_precision == "input" else torch.float32
+    if sums.dtype != want:  # the kernel reads the rows by this type: any other would be read as garbage
+        raise ValueError(f"score_launch: centroid_precision={centroid_precision!r} streams {want} block rows, "
+                         f"got {sums.dtype}")
     p, i32 = plan, np.int32
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
@@ -423,8 +428,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         work = cache._workspace_counters(plan.n_counters + plan.n_table)
         counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
         released = released_counters(plan, counters) if plan.fused_select else 0
-    route = [score_launch(plan, q, cache.block_sums, cache._len_dev, bufs, released, centroid_precision)] \
-        if plan.n_range else []
+    rows = cache._input_means() if centroid_precision == "input" else cache.block_sums
+    route = [score_launch(plan, q, rows, cache._len_dev, bufs, released, centroid_precision)] if plan.n_range else []
     if route_only:
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     if not plan.fused_select:

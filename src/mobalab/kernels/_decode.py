@@ -219,7 +219,9 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
     :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal), with the same
     ``centroid_precision``: "fp32" (the default) ranks the blocks by the fp32 means, "input" by the means rounded
-    to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes with it).
+    to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes with it;
+    on the GPU the default kernel then reads those means from a 16-bit copy the cache keeps from its first such
+    call on, half the bytes of the fp32 sums).
 
     CUDA tensors run one of two kernels (no gradient): by default two or three plain launches
     (cuda/decode_split.cu: scores of every candidate block from the cached block sums, the selection (inside the

@@ -6,7 +6,8 @@ R = G·q_len query rows, the kernels need
 
 * routing: the fp32 key sums of the complete past blocks of the last query, :math:`n_p = \lfloor (N-1)/B
   \rfloor` blocks of d floats, read once per group of up to 64 rows (every row of a group is scored in one
-  pass);
+  pass); routing on centroids of the input precision (``centroid_precision="input"``), the cache's block means
+  rounded to the cache's dtype, d elements of ``itemsize`` bytes per block;
 * attention: the keys and values of the union of the selected blocks. Every row attends its own (partial)
   block; its k - 1 past blocks are chosen by score. How much the rows of one kv head overlap decides the
   bytes: ``overlap="shared"`` (all rows pick the same blocks: k - 1 past blocks per kv head) or
@@ -81,10 +82,12 @@ def _own_tokens(seq_len: int, block_size: int, q_len: int) -> int:
 
 
 def decode_bytes(seq_len: int, block_size: int, top_k: int, *, batch: int = 1, heads: int = 32, kv_heads: int = 8,
-                 head_dim: int = 128, q_len: int = 1, itemsize: int = 2, overlap: str = "independent") -> dict:
+                 head_dim: int = 128, q_len: int = 1, itemsize: int = 2, overlap: str = "independent",
+                 centroid_precision: str = "fp32") -> dict:
     r"""HBM bytes one MoBA decode step needs, by part, and what dense decode reads (module docstring).
 
-    Returns a dict: ``centroid_bytes`` (fp32 block sums, :math:`b\,h_{kv}\lceil R/64\rceil n_p d\cdot 4`),
+    Returns a dict: ``centroid_bytes`` (fp32 block sums, :math:`b\,h_{kv}\lceil R/64\rceil n_p d\cdot 4`; for
+    ``centroid_precision="input"`` the 16-bit block means, ``itemsize`` bytes an element instead of 4),
     ``kv_bytes`` (:math:`2\,b\,h_{kv}(T_{own} + E[U]B)\,d\cdot` itemsize), ``q_out_bytes``, ``total_bytes``,
     ``dense_bytes`` (whole cache + q/out), ``byte_ratio`` (dense / MoBA), ``unique_blocks`` (E[U] per kv
     head, past blocks only) and ``n_past`` (complete past blocks of the last query).
@@ -95,8 +98,13 @@ def decode_bytes(seq_len: int, block_size: int, top_k: int, *, batch: int = 1, h
     >>> c = decode_bytes(512 * 1024, 128, 8, batch=8, heads=32, kv_heads=8, head_dim=128, overlap="shared")
     >>> round(c["total_bytes"] / 2**20, 1), round(c["byte_ratio"], 1)
     (160.1, 102.3)
+    >>> c = decode_bytes(512 * 1024, 128, 8, batch=8, overlap="shared", centroid_precision="input")
+    >>> round(c["centroid_bytes"] / 2**20, 1), round(c["byte_ratio"], 1)
+    (64.0, 170.5)
     """
     v = _check(seq_len, block_size, top_k, batch, heads, kv_heads, head_dim, q_len, itemsize)
+    if centroid_precision not in ("fp32", "input"):
+        raise ValueError(f"centroid_precision must be one of ('fp32', 'input'), got {centroid_precision!r}")
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
     n, bsz, k, b, h, hk, d, ql, it = (v[x] for x in ("seq_len", "block_size", "top_k", "batch", "heads", "kv_heads",
@@ -104,7 +112,7 @@ def decode_bytes(seq_len: int, block_size: int, top_k: int, *, batch: int = 1, h
     rows = (h // hk) * ql
     n_past = (n - 1) // bsz
     passes = math.ceil(rows / ROUTING_ROWS_PER_PASS)
-    centroid = b * hk * passes * n_past * d * 4
+    centroid = b * hk * passes * n_past * d * (it if centroid_precision == "input" else 4)
     unique = expected_unique_blocks(n_past, k, rows, overlap)
     own = _own_tokens(n, bsz, ql)
     # When the query positions span two blocks, the earlier one is also a past block of the last query and

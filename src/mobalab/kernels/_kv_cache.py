@@ -37,7 +37,12 @@ class MobaKVCache:
       :math:`S_{b,h,j} = \sum_{i \in j,\, i < L_b} k_{b,i,h}`, so the centroid is :math:`S_j / |j|`,
       :math:`|j| = \min(B, L_b - jB)`;
     * ``lengths``: tokens held per sequence :math:`L_b` (a CPU int64 tensor, also kept on the device for
-      the kernels; reading it never synchronises).
+      the kernels; reading it never synchronises);
+    * for 16-bit caches, once a CUDA decode has routed on centroids of ``centroid_precision="input"``: the
+      block means rounded to ``dtype``, :math:`T(S_j / B)`, (batch, kv_heads, n_blocks, head_dim), which that
+      router's score pass streams instead of the fp32 sums (half the bytes). :meth:`prefill` and :meth:`append`
+      keep them in step with the sums from then on (a block's mean is exact once the block is complete, the
+      only blocks a router scores).
 
     :meth:`prefill` starts new sequences from a prompt (ragged lengths allowed); :meth:`append` adds tokens
     at each sequence's end and updates :math:`S` token by token in order. Positions beyond a sequence's
@@ -125,6 +130,7 @@ class MobaKVCache:
         self._len = torch.zeros(self.batch, dtype=torch.int64)
         self._appended = torch.zeros(self.batch, dtype=torch.int64)
         self._len_dev = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        self._means = None  # the 16-bit block means T(S_j / B), made by the first decode that routes on them
         self._counters = None
         self._tensor_maps = {}  # the split decode kernel's tensor maps of K and V, per attention chunk
 
@@ -279,6 +285,8 @@ class MobaKVCache:
         self._len = lens.clone()
         self._appended = lens.clone()
         self._len_dev.copy_(lens.to(torch.int32))
+        if self._means is not None:
+            self._means.copy_(self._round_means(self.block_sums))
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         r"""Add ``q_len`` tokens at the end of every sequence: ``k_new``, ``v_new`` (batch, q_len, kv_heads, d).
@@ -318,6 +326,9 @@ class MobaKVCache:
         blocks = torch.div(pos, self.block_size, rounding_mode="floor")
         for i in range(n):  # in token order: the same fp32 rounding as adding tokens one step at a time
             self.block_sums[rows, :, blocks[:, i]] += keys[:, i]
+        if self._means is not None:  # the blocks the tokens touched (a block's last token makes its mean exact)
+            at = (rows.view(-1, 1), slice(None), blocks)
+            self._means[at] = self._round_means(self.block_sums[at])
         self._len_dev += n
         self._len += n
         self._appended = torch.full((self.batch,), n, dtype=torch.int64)
@@ -375,6 +386,27 @@ class MobaKVCache:
         page = self._pages_dev[b].to(torch.int64)[torch.div(tokens, self.page_size, rounding_mode="floor")]
         off = tokens % self.page_size
         return self.k[page, kv_index, off], self.v[page, kv_index, off]
+
+    # -----------------------------------------------------------------------------------------------
+    # routing on centroids of the input precision
+
+    def _round_means(self, sums: torch.Tensor) -> torch.Tensor:
+        """:math:`T(S / B)`: block sums to the means of complete blocks, rounded to the cache's dtype (as
+        :func:`mobalab.kernels.moba_decode_reference` rounds them for ``centroid_precision="input"``)."""
+        return (sums / self.block_size).to(self.dtype)
+
+    def _input_means(self) -> torch.Tensor:
+        r"""The block means :math:`T(S_j / B)` (batch, kv_heads, n_blocks, head_dim) in the cache's dtype, the
+        rows that the CUDA score pass of ``centroid_precision="input"`` streams (2 bytes per element against the
+        sums' 4). Made from the sums on the first call (one pass over them), then kept in step by
+        :meth:`prefill` and :meth:`append`. Rows of blocks that are not complete hold the running sum over B,
+        which no router reads (a query's candidates are the complete blocks before its own)."""
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"MobaKVCache: 16-bit block means need a float16 or bfloat16 cache, this one holds "
+                             f"{self.dtype}")
+        if self._means is None:
+            self._means = self._round_means(self.block_sums)
+        return self._means
 
     # -----------------------------------------------------------------------------------------------
     # kernel workspace

@@ -128,6 +128,11 @@ __device__ __forceinline__ float4 dec_ld_stream(const float4* p) {
                  : "l"(p));
     return v;
 }
+__device__ __forceinline__ uint2 dec_ld_stream(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
 
 // ---- tensor-map bulk copies on mbarriers (sm_90; PTX ISA "cp.async.bulk.tensor", "mbarrier") ----
 // A tensor map (the driver's cuTensorMapEncodeTiled, passed by value as a __grid_constant__ kernel parameter)
@@ -164,6 +169,7 @@ __device__ __forceinline__ void dec_mbar_wait(unsigned long long* bar, unsigned 
 __device__ __forceinline__ void dec_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #else
 inline float4 dec_ld_stream(const float4* p) { return *p; }
+inline uint2 dec_ld_stream(const uint2* p) { return *p; }
 #endif
 
 // ---- programmatic dependent launch ----

@@ -9,7 +9,9 @@
 //   k, v     (b, kv_heads, capacity, D) T     the cache, head-major: one block of one kv head is one slab
 //            (paged caches, the attend_paged kernels: (n_pages, kv_heads, page_size, D), a page table per
 //            sequence; page_size a multiple of B, so a block is still one slab)
-//   sums     (b, kv_heads, n_blocks_cap, D)   fp32 running key sums S_j of every block
+//   sums     (b, kv_heads, n_blocks_cap, D)   fp32 running key sums S_j of every block; built with
+//                                             MOBA_DECODE_CENTROIDS_INPUT=1 (centroid_precision "input") T block
+//                                             means T(S_j / B) instead (MobaKVCache's 16-bit copy: half the bytes)
 //   lengths  (b,) int32                       L_b, tokens held per sequence
 //   scores   (b, kv_heads, R, n_cols) fp32    scratch: s_j of every row, n_cols = the longest sequence's
 //                                             candidate blocks (a row of one kv head is one contiguous run)
@@ -26,7 +28,9 @@
 //    16 block sums at d 128, 32 at d 64; 8 lanes per block sum), then for every row s_j = q . S_j in fp32
 //    (candidates are complete blocks of B = power-of-two tokens, so this ranks exactly like q . S_j / B;
 //    8-lane butterfly), NaN where j is not a candidate of the row (j >= the row's own block), stored to the
-//    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row); with 2b, also
+//    scratch by the lane whose part index names the batch slot (16 or 32 consecutive floats per row). Built for
+//    centroid_precision "input" (MOBA_DECODE_CENTROIDS_INPUT=1) it streams the cache's T means T(S_j / B) instead,
+//    8-byte loads in the same lane layout (4 KB per warp and batch), s_j = q . T(S_j / B); with 2b, also
 //    the batch's top per row (the largest candidate score of its bw = 16 / 32 blocks, NaN for none: 4 fmaxf and two
 //    shuffles a row, one store). No merging, no barrier and no shared-memory write in the streaming loop.
 // 2. moba_decode_route_select: wpr warps per (sequence, kv head, row), 8 / wpr rows per CTA (the plan: wpr 1
@@ -467,13 +471,42 @@ __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
 __device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
 #endif
 
+// What the score pass streams per block: fp32 sums S_j (float4 loads), or with MOBA_DECODE_CENTROIDS_INPUT=1 the
+// cache's block means T(S_j / B): 8-byte loads of four elements, their bits held in x and y of the float4 that the
+// fp32 path loads into and widened to fp32 in place once they have landed (exact), so both builds keep one register
+// array; the scores are those of the fp32 sums rounded in the kernel, from half the bytes.
+#if MOBA_DECODE_CENTROIDS_INPUT
+#if DSP_SCORE_L2_PREFETCH
+#error "DSP_SCORE_L2_PREFETCH is a build option of the fp32 score pass"
+#endif
+template <typename T>
+using dsp_row_t = T;
+using dsp_src_t = uint2;
+__device__ __forceinline__ float4 dsp_ld_row(const uint2* p) {
+    const uint2 u = dec_ld_stream(p);
+    return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), 0.f, 0.f);
+}
+template <typename T>
+__device__ __forceinline__ float4 dsp_widen(float4 raw) {
+    float4 f;
+    dec_unpack2(__float_as_uint(raw.x), f.x, f.y, T());
+    dec_unpack2(__float_as_uint(raw.y), f.z, f.w, T());
+    return f;
+}
+#else
+template <typename T>
+using dsp_row_t = float;
+using dsp_src_t = float4;
+__device__ __forceinline__ float4 dsp_ld_row(const float4* p) { return dsp_ld_sums(p); }
+#endif
+
 // Block sums of one score batch of a warp (DSP_SCORE_LOADS float4 loads per lane, 8 lanes per block sum): 16 at
 // d 128, 32 at d 64; a batch top covers that many blocks of a row.
 __host__ __device__ constexpr int dsp_score_batch(int d) { return 4 * (DSP_SCORE_LOADS / (d / 32)); }
 
 // Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
 template <typename T, int D, bool TOPS>
-__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* __restrict__ sums,
+__device__ __forceinline__ void dsp_score(const T* __restrict__ q, const dsp_row_t<T>* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols,
@@ -504,18 +537,18 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
 
     int* own = reinterpret_cast<int*>(smem + DSP_FLAGS);
     float* qs = reinterpret_cast<float*>(smem + dec_align16(DSP_FLAGS + 4 * rpg));
-    const float* bsum = sums + (long long)bk * n_blocks_cap * D;
+    const dsp_row_t<T>* bsum = sums + (long long)bk * n_blocks_cap * D;
     const int sub = lane >> 3, part = lane & 7;
-    // Lane (sub, part) holds the float4 vectors m * 8 + part of block sums base + p * 4 + sub (clamped into the
+    // Lane (sub, part) holds the 4-element vectors m * 8 + part of block rows base + p * 4 + sub (clamped into the
     // range: the loads stay unconditional, the stores are guarded).
     float4 sv[NP][NV];
     auto load = [&](int base) {
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
             const int jb = min(base + p * 4 + sub, j_hi - 1);
-            const float4* src = reinterpret_cast<const float4*>(bsum + (long long)jb * D);
+            const dsp_src_t* src = reinterpret_cast<const dsp_src_t*>(bsum + (long long)jb * D);
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_sums(src + m * 8 + part);
+            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_ld_row(src + m * 8 + part);
         }
     };
     int base = j_lo + warp * BW;
@@ -529,17 +562,14 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const float* 
     __syncthreads();  // the only barrier: from here every warp streams its batches on its own
 
     float* srow = scores + ((long long)bk * rows + r0) * n_cols;
-#if MOBA_DECODE_CENTROIDS_INPUT
-    const float inv_b = dec_inv_pow2(block_size);
-#endif
     for (; base < j_hi; base += DSP_WARPS * BW) {
         const int j = base + part * 4 + sub;  // the block whose score this lane stores (part < NP)
         const bool store = part < NP && j < j_hi;
-#if MOBA_DECODE_CENTROIDS_INPUT  // once per batch, after its loads have landed (decode_common.cuh)
+#if MOBA_DECODE_CENTROIDS_INPUT  // once per batch, after its loads have landed
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
 #pragma unroll
-            for (int m = 0; m < NV; ++m) sv[p][m] = dec_input_centroid<T>(sv[p][m], inv_b);
+            for (int m = 0; m < NV; ++m) sv[p][m] = dsp_widen<T>(sv[p][m]);
         }
 #endif
         for (int rr = 0; rr < nr; ++rr) {
@@ -1526,22 +1556,22 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 
 #define MOBA_DECODE_SCORE_KERNEL(NAME, T, D)                                                                      \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
+      const T* __restrict__ q, const void* __restrict__ sums, const int* __restrict__ lengths,                    \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dsp_score<T, D, false>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,      \
+    dsp_score<T, D, false>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,      \
                            rows_per_group, n_range, range_blocks, n_cols, nullptr, 0, nullptr);                   \
   }
 
 // The score kernel that also writes the batch tops (2b: the attention launch selects from them).
 #define MOBA_DECODE_SCORE_TOPS_KERNEL(NAME, T, D)                                                                 \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
+      const T* __restrict__ q, const void* __restrict__ sums, const int* __restrict__ lengths,                    \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,         \
       unsigned* __restrict__ released) {                                                                          \
     dec_grid_launch_dependents(); /* a dependent attention launch may place its CTAs as these leave */          \
-    dsp_score<T, D, true>(q, sums, lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
+    dsp_score<T, D, true>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
                           rows_per_group, n_range, range_blocks, n_cols, tops, n_bat, released);                  \
   }
 
