@@ -138,12 +138,17 @@ def test_scores_scratch_stays_small_at_the_targets():
     assert S.split_buffers(one, "cpu", torch.bfloat16)["scores"].numel() == 1
 
 
-def test_step_launches_and_buffers():
-    g = torch.Generator().manual_seed(0)
+def _bf16_step(seed: int):
+    """A bf16 cache of 2 sequences (70 and 40 tokens, 2 kv heads, d 64, B 16) and one step's queries (8 heads)."""
+    g = torch.Generator().manual_seed(seed)
     cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
     cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16(),
                   lengths=[70, 40])
-    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+    return cache, torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+
+
+def test_step_launches_and_buffers():
+    cache, q = _bf16_step(0)
     fused, _, two_launches = S.split_launches(q, cache, 4, 0.125)
     assert fused.fused_select and [launch.kernel for launch in two_launches] == [
         "moba_decode_route_score_tops_bf16_d64", "moba_decode_attend_select_bf16_d64"]
@@ -175,11 +180,7 @@ def test_step_launches_and_buffers():
 def test_input_precision_score_pass_streams_the_16_bit_means():
     """centroid_precision "input": the score launch streams the cache's bf16 block means (half the sums' bytes),
     built with the input define; "fp32" streams the sums; a score launch given rows of the wrong type is refused."""
-    g = torch.Generator().manual_seed(1)
-    cache = MobaKVCache(2, 2, 64, 16, 80, dtype=torch.bfloat16)
-    cache.prefill(torch.randn(2, 70, 2, 64, generator=g).bfloat16(), torch.randn(2, 70, 2, 64, generator=g).bfloat16(),
-                  lengths=[70, 40])
-    q = torch.randn(2, 1, 8, 64, generator=g).bfloat16()
+    cache, q = _bf16_step(1)
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
     assert launches[0].args[1] is cache.block_sums and launches[0].defines == ()
     _, _, launches = S.split_launches(q, cache, 4, 0.125, centroid_precision="input")
