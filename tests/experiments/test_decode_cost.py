@@ -77,6 +77,30 @@ def test_measured_times_from_a_benchmark_csv(tmp_path, monkeypatch):
     assert {"measured_block_size", "measured_ms", "measured_speedup"} <= set(s.columns)
 
 
+def test_input_precision_counts_16_bit_means_and_its_own_timings(tmp_path, monkeypatch):
+    """centroid_precision "input": the byte model reads the block means at the cache's itemsize (half the fp32
+    sums' bytes, K / V unchanged), and only the benchmark's rows of that routing precision are its timings (a CSV
+    without the column holds fp32 rows)."""
+    monkeypatch.delenv("MOBALAB_DECODE_KERNEL", raising=False)
+    grid = dict(seq_lens=(128 * K,), block_sizes=(64,), top_ks=(8,), bench_csv=None)
+    fp32 = exp.run(exp.Config.quick(**grid)).iloc[0]
+    half = exp.run(exp.Config.quick(centroid_precision="input", **grid)).iloc[0]
+    assert half["centroid_bytes"] * 2 == fp32["centroid_bytes"] and half["kv_bytes"] == fp32["kv_bytes"]
+    assert half["centroid_precision"] == "input" and fp32["centroid_precision"] == "fp32"
+    row = dict(seq_len=128 * K, batch=8, heads=32, kv_heads=8, head_dim=128, block_size=64, top_k=8,
+               dense_best_ms=0.5)
+    both = tmp_path / "both.csv"
+    pd.DataFrame([dict(row, mobalab_ms=0.08, centroid_precision="fp32"),
+                  dict(row, mobalab_ms=0.05, centroid_precision="input")]).to_csv(both, index=False)
+    for precision, ms in (("fp32", 0.08), ("input", 0.05)):
+        got = exp.run(exp.Config.quick(centroid_precision=precision, **dict(grid, bench_csv=str(both))))
+        assert got["measured_ms"].iloc[0] == pytest.approx(ms)
+    pd.DataFrame([dict(row, mobalab_ms=0.08)]).to_csv(tmp_path / "old.csv", index=False)  # no column: fp32 rows
+    assert exp.run(exp.Config.quick(**dict(grid, bench_csv=str(tmp_path / "old.csv"))))["measured_ms"].iloc[0] == 0.08
+    old_input = exp.run(exp.Config.quick(centroid_precision="input", **dict(grid, bench_csv=str(tmp_path / "old.csv"))))
+    assert math.isnan(old_input["measured_ms"].iloc[0])
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="target must be a probability"):
         exp.decode_cost_table(1024, 1.5)

@@ -6,9 +6,9 @@ For every context N, block size B and top-k k, at the decode position t = N - 1 
   k - 1 slots among the complete past blocks), :func:`mobalab.snr.causal_hit_probability` at
   SNR = Δμ_eff·sqrt(d / 2B), Δμ_eff = Δμ + (m - 1)(μ_cluster - μ_noise) (:func:`mobalab.snr.snr`);
 * cost: HBM bytes of one decode step from the byte model :func:`mobalab.kernels.decode_bytes` (fp32 block
-  sums of the past blocks, K and V of the union of the blocks the query heads of a kv head select, q and
-  out) and, when a decode benchmark CSV is given (``python -m mobalab.bench.decode``), the measured step
-  time at the same (N, B, k);
+  sums of the past blocks, or their 16-bit means for ``centroid_precision="input"``, K and V of the union of
+  the blocks the query heads of a kv head select, q and out) and, when a decode benchmark CSV is given
+  (``python -m mobalab.bench.decode``), the measured step time at the same (N, B, k) and routing precision;
 * the cheapest (B, k) that meets the target, by bytes (``cheapest``) and by measured time
   (``cheapest_measured``).
 
@@ -50,7 +50,8 @@ class Config:
     ``block_sizes`` x ``top_ks``), the accuracy ``target`` and the signal: needle cosine ``delta_mu`` above
     noise ``mu_noise``, plus ``m - 1`` keys of cosine ``mu_cluster`` (default ``mu_noise + delta_mu``) in its
     block. ``overlap``: how the byte model counts the query heads' blocks ("independent" as on random data,
-    "shared" when the heads of a kv head agree)."""
+    "shared" when the heads of a kv head agree). ``centroid_precision``: the decode router's centroids ("fp32" sums,
+    or "input": the block means rounded to the cache's dtype, which the kernel reads at ``itemsize`` bytes)."""
 
     head_dim: int = 128
     heads: int = 32
@@ -67,6 +68,7 @@ class Config:
     mu_noise: float = 0.0
     overlap: str = "independent"
     itemsize: int = 2
+    centroid_precision: str = "fp32"
     bench_csv: str | None = field(default_factory=_bench_from_env)
     seed: int = 0  # unused (no sampling); kept for the common CLI
 
@@ -92,8 +94,10 @@ def read_decode_bench(path) -> pd.DataFrame:
     return bench
 
 
-def _measured(bench: pd.DataFrame | None, seq_len, block_size, top_k, shape: dict) -> tuple[float, float]:
-    """(median mobalab ms, median dense ms) of the benchmark rows at this point; NaN when there are none.
+def _measured(bench: pd.DataFrame | None, seq_len, block_size, top_k, shape: dict,
+              centroid_precision: str = "fp32") -> tuple[float, float]:
+    """(median mobalab ms, median dense ms) of the benchmark rows at this point and routing precision (a CSV
+    without the column holds fp32 rows); NaN when there are none.
 
     A benchmark that timed both decode kernels (column ``kernel``) counts the rows of the kernel ``moba_decode``
     runs by default (``auto``, or ``$MOBALAB_DECODE_KERNEL``), not a median over both."""
@@ -103,6 +107,10 @@ def _measured(bench: pd.DataFrame | None, seq_len, block_size, top_k, shape: dic
     for col, value in shape.items():  # rows of another model shape do not count
         if col in sel.columns:
             sel = sel[sel[col] == value]
+    if "centroid_precision" in sel.columns:
+        sel = sel[sel["centroid_precision"] == centroid_precision]
+    elif centroid_precision != "fp32":
+        sel = sel.iloc[:0]
     if "kernel" in sel.columns and sel["kernel"].nunique() > 1:
         from mobalab.kernels._cuda_decode_split import decode_kernel
 
@@ -115,8 +123,8 @@ def _measured(bench: pd.DataFrame | None, seq_len, block_size, top_k, shape: dic
 def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads: int = 32, kv_heads: int = 8,
                       batch: int = 8, q_len: int = 1, block_sizes=(16, 32, 64, 128, 256, 512), top_ks=(2, 4, 8, 16, 32),
                       delta_mu: float = 0.5, m: float = 6, mu_cluster: float | None = None, mu_noise: float = 0.0,
-                      overlap: str = "independent", itemsize: int = 2, bench: pd.DataFrame | None = None
-                      ) -> pd.DataFrame:
+                      overlap: str = "independent", itemsize: int = 2, bench: pd.DataFrame | None = None,
+                      centroid_precision: str = "fp32") -> pd.DataFrame:
     """Accuracy and decode cost of every (B, k) at context ``seq_len``, one row each (module docstring).
 
     Columns: seq_len, block_size, top_k, n_blocks, snr, hit_probability, target, meets_target, the byte model
@@ -144,10 +152,11 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
         for top_k in top_ks:
             p = float(snr.causal_hit_probability(s, seq_len, block, top_k, query_pos=seq_len - 1))
             cost = decode_bytes(seq_len, block, top_k, batch=batch, heads=heads, kv_heads=kv_heads,
-                                head_dim=head_dim, q_len=q_len, itemsize=itemsize, overlap=overlap)
+                                head_dim=head_dim, q_len=q_len, itemsize=itemsize, overlap=overlap,
+                                centroid_precision=centroid_precision)
             flops = decode_flops(seq_len, block, top_k, batch=batch, heads=heads, kv_heads=kv_heads,
                                  head_dim=head_dim, q_len=q_len)
-            ms, dense_ms = _measured(bench, seq_len, block, top_k, shape)
+            ms, dense_ms = _measured(bench, seq_len, block, top_k, shape, centroid_precision)
             rows.append(dict(seq_len=seq_len, block_size=block, top_k=top_k, n_blocks=math.ceil(seq_len / block),
                              snr=s, hit_probability=p, target=float(target), meets_target=p >= target,
                              centroid_bytes=cost["centroid_bytes"], kv_bytes=cost["kv_bytes"],
@@ -165,7 +174,8 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
         if not timed.empty:
             df.loc[timed.idxmin(), "cheapest_measured"] = True
     for key, value in dict(shape, q_len=q_len, delta_mu_eff=dmu_eff, delta_mu=float(delta_mu), m=m,
-                           mu_cluster=float(mu_cluster), mu_noise=float(mu_noise), overlap=overlap).items():
+                           mu_cluster=float(mu_cluster), mu_noise=float(mu_noise), overlap=overlap,
+                           centroid_precision=centroid_precision).items():
         df[key] = value
     return df
 
@@ -180,7 +190,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                                        block_sizes=config.block_sizes, top_ks=config.top_ks,
                                        delta_mu=config.delta_mu, m=config.m, mu_cluster=config.mu_cluster,
                                        mu_noise=config.mu_noise, overlap=config.overlap, itemsize=config.itemsize,
-                                       bench=bench))
+                                       bench=bench, centroid_precision=config.centroid_precision))
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "experiment", NAME)
     df["bench_csv"] = config.bench_csv or ""
