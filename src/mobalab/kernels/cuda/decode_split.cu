@@ -1559,8 +1559,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       const T* __restrict__ q, const void* __restrict__ sums, const int* __restrict__ lengths,                    \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dsp_score<T, D, false>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,      \
-                           rows_per_group, n_range, range_blocks, n_cols, nullptr, 0, nullptr);                   \
+    dsp_score<T, D, false>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads,  \
+                           n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks, n_cols, nullptr, \
+                           0, nullptr);                                                                           \
   }
 
 // The score kernel that also writes the batch tops (2b: the attention launch selects from them).
@@ -1571,8 +1572,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
       int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,         \
       unsigned* __restrict__ released) {                                                                          \
     dec_grid_launch_dependents(); /* a dependent attention launch may place its CTAs as these leave */          \
-    dsp_score<T, D, true>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads, n_blocks_cap, block_size, n_rg,       \
-                          rows_per_group, n_range, range_blocks, n_cols, tops, n_bat, released);                  \
+    dsp_score<T, D, true>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads,   \
+                          n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks, n_cols, tops,     \
+                          n_bat, released);                                                                       \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
