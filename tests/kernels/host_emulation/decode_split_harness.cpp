@@ -17,12 +17,12 @@ using harness::P;
 
 #define SCORE(NAME, T)                                                                                          \
     {#NAME, {14, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const void>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),      \
+         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]));                      \
      }}}
 #define SCORE_TOPS(NAME, T)                                                                                     \
     {#NAME, {17, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const void>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),      \
+         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
               I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), P<float>(a[14]),      \
               I(a[15]), P<unsigned>(a[16]));                                                                     \
      }}}

@@ -1554,27 +1554,30 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 // ---- entry points: one macro per kernel with a literal parameter list, one line per dtype x head dim
 // (_launch.check_args expands the macros to read the signatures) ----
 
+// The score kernels' `sums` are the fp32 block sums, or in the input build the T block means (dsp_row_t): one
+// parameter type for both builds, so the fp32 build's machine code stays that of a float pointer.
+
 #define MOBA_DECODE_SCORE_KERNEL(NAME, T, D)                                                                      \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const void* __restrict__ sums, const int* __restrict__ lengths,                    \
+      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols) {                                            \
-    dsp_score<T, D, false>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads,  \
-                           n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks, n_cols, nullptr, \
-                           0, nullptr);                                                                           \
+    dsp_score<T, D, false>(q, reinterpret_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads,       \
+                           kv_heads, n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks,       \
+                           n_cols, nullptr, 0, nullptr);                                                          \
   }
 
 // The score kernel that also writes the batch tops (2b: the attention launch selects from them).
 #define MOBA_DECODE_SCORE_TOPS_KERNEL(NAME, T, D)                                                                 \
   extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const void* __restrict__ sums, const int* __restrict__ lengths,                    \
+      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
       float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
       int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,         \
       unsigned* __restrict__ released) {                                                                          \
     dec_grid_launch_dependents(); /* a dependent attention launch may place its CTAs as these leave */          \
-    dsp_score<T, D, true>(q, static_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads, kv_heads,   \
-                          n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks, n_cols, tops,     \
-                          n_bat, released);                                                                       \
+    dsp_score<T, D, true>(q, reinterpret_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads,        \
+                          kv_heads, n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks,        \
+                          n_cols, tops, n_bat, released);                                                         \
   }
 
 #define MOBA_DECODE_ATTEND_KERNEL(NAME, T, D)                                                                     \
