@@ -22,11 +22,11 @@ launch; its ``routing_ms`` is the score and select launches alone, as a step wit
 items columns) or ``both`` (the default: two rows per configuration, column
 ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
-blocks, the K and V of the union of the blocks the query heads of each kv head selected (the own block with
-its real tokens), q and out. Achieved bandwidth = bytes / time, shown as a fraction
-of the measured device-to-device copy bandwidth of the same run (the datasheet's figure is shown beside it:
-:func:`datasheet_tbps`); dense
-decode's bytes are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
+blocks (with ``--centroid-precision input`` and the split kernel, their 16-bit means), the K and V of the
+union of the blocks the query heads of each kv head selected (the own block with its real tokens), q and
+out. Achieved bandwidth = bytes / time, shown as a fraction of the measured device-to-device copy bandwidth
+of the same run (the datasheet's figure is shown beside it: :func:`datasheet_tbps`); dense decode's bytes
+are the whole cache. Writes ``decode.csv``, ``decode_table.md`` and ``decode_env.json``
 under ``--out``.
 """
 

@@ -400,7 +400,9 @@ class MobaKVCache:
         rows that the CUDA score pass of ``centroid_precision="input"`` streams (2 bytes per element against the
         sums' 4). Made from the sums on the first call (one pass over them), then kept in step by
         :meth:`prefill` and :meth:`append`. Rows of blocks that are not complete hold the running sum over B,
-        which no router reads (a query's candidates are the complete blocks before its own)."""
+        which no router reads (a query's candidates are the complete blocks before its own). Made during a CUDA
+        graph capture, that first pass becomes part of the graph and runs at every replay: a decode step before
+        the capture (as warm-ups are) keeps it out."""
         if self.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"MobaKVCache: 16-bit block means need a float16 or bfloat16 cache, this one holds "
                              f"{self.dtype}")
