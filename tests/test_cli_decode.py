@@ -86,6 +86,24 @@ def test_design_decode_cost_reads_a_decode_benchmark_csv(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_design_decode_cost_of_input_precision_routing(capsys, tmp_path):
+    """--decode-centroid-precision input: the 16-bit block means (half the fp32 sums' bytes) and the benchmark's
+    rows of that precision."""
+    assert cli.main([*DESIGN, "--decode-context", "524288", "--decode-centroid-precision", "input"]) == 0
+    out = capsys.readouterr().out
+    ref = decode_cost_table(524288, 0.5, block_sizes=(128,), top_ks=(8,), delta_mu=0.5, m=4,
+                            centroid_precision="input").iloc[0]
+    assert f"{ref['centroid_bytes'] / 1e6:.1f} MB 16-bit block means" in out and "fp32 block sums" not in out
+    assert f"{ref['bytes_per_step'] / 1e6:.1f} MB of HBM per step" in out
+    csv = tmp_path / "decode.csv"
+    pd.DataFrame(dict(seq_len=[524288] * 2, batch=[8] * 2, heads=[32] * 2, kv_heads=[8] * 2, head_dim=[128] * 2,
+                      block_size=[128] * 2, top_k=[8] * 2, centroid_precision=["fp32", "input"],
+                      mobalab_ms=[0.125, 0.1], dense_best_ms=[4.0, 4.0])).to_csv(csv, index=False)
+    assert cli.main([*DESIGN, "--decode-context", "524288", "--decode-bench-csv", str(csv),
+                     "--decode-centroid-precision", "input"]) == 0
+    assert "measured step time: 0.100 ms, dense decode 4.000 ms (40.0x)" in capsys.readouterr().out
+
+
 def test_design_without_a_feasible_block_says_so(capsys):
     argv = list(DESIGN)
     argv[argv.index("--target") + 1] = "0.99999"

@@ -235,13 +235,14 @@ def format_design(df: pd.DataFrame) -> str:
 
 
 def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32, kv_heads: int = 8,
-                bench_csv=None) -> pd.DataFrame | None:
+                bench_csv=None, centroid_precision: str = "fp32") -> pd.DataFrame | None:
     """Cost of one decode step at ``context`` tokens for the design's recommended (B, k): the largest feasible
     block size of ``df`` (a :func:`design` table) and its top-k; None when no block size is feasible.
 
     One row of :func:`mobalab.experiments.decode_cost.decode_cost_table` (HBM bytes of a step from the byte
-    model: fp32 block sums + K/V of the union of the selected blocks + q/out, against dense decode's whole
-    cache; P(hit) of the newest token; ``measured_ms`` from a decode benchmark CSV when given).
+    model: fp32 block sums, or the 16-bit block means for ``centroid_precision="input"``, + K/V of the union of
+    the selected blocks + q/out, against dense decode's whole cache; P(hit) of the newest token; ``measured_ms``
+    from a decode benchmark CSV's rows of that precision when given).
 
     Examples
     --------
@@ -265,7 +266,7 @@ def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32,
     table = decode_cost_table(context, float(r["target"]), head_dim=int(r["head_dim"]), heads=heads,
                               kv_heads=kv_heads, batch=batch, block_sizes=(block,), top_ks=(int(r["top_k"]),),
                               delta_mu=float(r["delta_mu"]), m=float(r["m"]), mu_cluster=float(r["mu_cluster"]),
-                              mu_noise=float(r["mu_noise"]), bench=bench)
+                              mu_noise=float(r["mu_noise"]), bench=bench, centroid_precision=centroid_precision)
     return table.drop(columns=["cheapest", "cheapest_measured"])
 
 
@@ -282,10 +283,11 @@ def format_decode_cost(cost: pd.DataFrame | None) -> str:
     if cost is None:
         return "decode cost: no feasible block size to cost"
     c = cost.iloc[0]
+    rows = "16-bit block means" if c.get("centroid_precision", "fp32") == "input" else "fp32 block sums"
     lines = [f"decode cost of B = {c['block_size']}, k = {c['top_k']} at N = {c['seq_len']} (batch {c['batch']}, "
              f"{c['heads']} / {c['kv_heads']} heads, d {c['head_dim']}, bf16, one token per step):",
-             f"  {c['bytes_per_step'] / 1e6:.1f} MB of HBM per step ({c['centroid_bytes'] / 1e6:.1f} MB fp32 block "
-             f"sums + {c['kv_bytes'] / 1e6:.1f} MB K/V of {c['unique_blocks']:.1f} blocks per kv head); dense "
+             f"  {c['bytes_per_step'] / 1e6:.1f} MB of HBM per step ({c['centroid_bytes'] / 1e6:.1f} MB {rows} + "
+             f"{c['kv_bytes'] / 1e6:.1f} MB K/V of {c['unique_blocks']:.1f} blocks per kv head); dense "
              f"decode reads {c['dense_bytes'] / 1e6:.1f} MB ({c['byte_ratio']:.1f}x more)",
              f"  P(hit) of the newest token at N = {c['seq_len']}: {c['hit_probability']:.4f}"]
     if math.isnan(c["measured_ms"]):

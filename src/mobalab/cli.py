@@ -286,7 +286,7 @@ def _cmd_design(args) -> int:
     print(format_design(df))
     try:
         cost = decode_cost(df, args.decode_context or args.seq_len, batch=args.decode_batch,
-                           bench_csv=args.decode_bench_csv)
+                           bench_csv=args.decode_bench_csv, centroid_precision=args.decode_centroid_precision)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mobalab design: {exc}", file=sys.stderr)
         return 2
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
     ds.add_argument("--decode-bench-csv", default=None, metavar="CSV",
                     help="measured decode step times: decode.csv of `mobalab bench --decode`")
+    ds.add_argument("--decode-centroid-precision", choices=("fp32", "input"), default="fp32",
+                    help="the decode router's centroids: fp32 block sums (default) or the means rounded to the "
+                         "cache's dtype (centroid_precision='input': half the routing bytes)")
     sub.add_parser("bench", help="GPU kernel benchmark against FlashAttention-2 and cuDNN (arguments passed on; "
                                  "see `mobalab bench --help`); `mobalab bench --decode` times decode steps "
                                  "against dense decode (see `mobalab bench --decode --help`)", add_help=False)
