@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mobalab.kernels._contract import CENTROID_PRECISIONS
+
 from ._ncu import NCU_METRICS, kernel_summaries
 
 __all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "targets", "ncu_command", "ncu_summary",
@@ -601,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches) "
                         "or both (two rows per configuration); default: both for the benchmark, fused for --profile "
                         "and --ncu (which take fused or split)")
-    p.add_argument("--centroid-precision", choices=("fp32", "input"), default="fp32",
+    p.add_argument("--centroid-precision", choices=CENTROID_PRECISIONS, default="fp32",
                    help="moba_decode's routing: the fp32 block means (default) or the means rounded to the cache's "
                         "dtype (centroid_precision='input')")
     p.add_argument("--profile", action="store_true",

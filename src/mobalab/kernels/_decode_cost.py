@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._contract import check_centroid_precision
+
 __all__ = ["decode_bytes", "decode_flops", "expected_unique_blocks", "OVERLAPS", "ROUTING_ROWS_PER_PASS"]
 
 OVERLAPS = ("independent", "shared")
@@ -103,8 +105,7 @@ def decode_bytes(seq_len: int, block_size: int, top_k: int, *, batch: int = 1, h
     (64.0, 170.5)
     """
     v = _check(seq_len, block_size, top_k, batch, heads, kv_heads, head_dim, q_len, itemsize)
-    if centroid_precision not in ("fp32", "input"):
-        raise ValueError(f"centroid_precision must be one of ('fp32', 'input'), got {centroid_precision!r}")
+    check_centroid_precision("decode_bytes", centroid_precision)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
     n, bsz, k, b, h, hk, d, ql, it = (v[x] for x in ("seq_len", "block_size", "top_k", "batch", "heads", "kv_heads",

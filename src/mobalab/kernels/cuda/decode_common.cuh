@@ -246,7 +246,8 @@ __host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~
 // ---- the centroid a router of centroid_precision "input" scores ----
 // Built with MOBA_DECODE_CENTROIDS_INPUT=1, the score passes rank the candidates by q . T(S_j / B), the block mean
 // rounded to the cache's type T, as the prefill's router of that precision does (its centroid pass rounds the fp32
-// mean), instead of q . S_j. B is a power of two (the kernels' block sizes), so S_j * 2^-log2(B) is the IEEE
+// mean), instead of q . S_j. decode_split.cu reads those means from the cache's 16-bit copy; decode.cu rounds the
+// fp32 sums with the helpers below. B is a power of two (the kernels' block sizes), so S_j * 2^-log2(B) is the IEEE
 // quotient S_j / B exactly: no division per element.
 #ifndef MOBA_DECODE_CENTROIDS_INPUT
 #define MOBA_DECODE_CENTROIDS_INPUT 0

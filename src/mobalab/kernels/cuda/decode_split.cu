@@ -458,23 +458,11 @@ __device__ __forceinline__ void dsp_offer(dsp_key& lk, dsp_key c, int lcap, int 
 
 // ---- routing, 1: scores ----
 
-// A block-sum load: dec_ld_stream, or the same load with an L2 prefetch size hint (build option).
-#if DSP_SCORE_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
-__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::" DSP_STR(DSP_SCORE_L2_PREFETCH) "B.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-#else
-__device__ __forceinline__ float4 dsp_ld_sums(const float4* p) { return dec_ld_stream(p); }
-#endif
-
-// What the score pass streams per block: fp32 sums S_j (float4 loads), or with MOBA_DECODE_CENTROIDS_INPUT=1 the
-// cache's block means T(S_j / B): 8-byte loads of four elements, their bits held in x and y of the float4 that the
-// fp32 path loads into and widened to fp32 in place once they have landed (exact), so both builds keep one register
-// array; the scores are those of the fp32 sums rounded in the kernel, from half the bytes.
+// What the score pass streams per block (dsp_ld_row): fp32 sums S_j by float4 loads (dec_ld_stream, or the same
+// load with an L2 prefetch size hint: build option), or with MOBA_DECODE_CENTROIDS_INPUT=1 the cache's block means
+// T(S_j / B): 8-byte loads of four elements, their bits held in x and y of the float4 that the fp32 path loads into
+// and widened to fp32 in place once they have landed (exact), so both builds keep one register array; the scores are
+// those of the fp32 sums rounded in the kernel, from half the bytes.
 #if MOBA_DECODE_CENTROIDS_INPUT
 #if DSP_SCORE_L2_PREFETCH
 #error "DSP_SCORE_L2_PREFETCH is a build option of the fp32 score pass"
@@ -497,7 +485,17 @@ __device__ __forceinline__ float4 dsp_widen(float4 raw) {
 template <typename T>
 using dsp_row_t = float;
 using dsp_src_t = float4;
-__device__ __forceinline__ float4 dsp_ld_row(const float4* p) { return dsp_ld_sums(p); }
+#if DSP_SCORE_L2_PREFETCH && !defined(DEC_HOST_EMULATION)
+__device__ __forceinline__ float4 dsp_ld_row(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::" DSP_STR(DSP_SCORE_L2_PREFETCH) "B.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+#else
+__device__ __forceinline__ float4 dsp_ld_row(const float4* p) { return dec_ld_stream(p); }
+#endif
 #endif
 
 // Block sums of one score batch of a warp (DSP_SCORE_LOADS float4 loads per lane, 8 lanes per block sum): 16 at
