@@ -494,3 +494,66 @@ def test_input_centroid_decode_follows_moba_attention_of_that_precision(poisoned
             torch.testing.assert_close(out[b, 0][same].float(), full[same].float(), atol=4 * eps, rtol=4 * eps)
     assert rows_equal >= 0.97 * rows_seen, (rows_equal, rows_seen)
     assert rows_fp32_differ >= 0.2 * rows_seen, (rows_fp32_differ, rows_seen)
+
+
+@pytest.mark.parametrize(("dtype", "block", "dim", "page_size", "key_mean"), [
+    (torch.bfloat16, 64, 128, None, 2.0), (torch.float16, 16, 64, None, 2.0), (torch.bfloat16, 128, 128, 256, 2.0),
+    (torch.bfloat16, 128, 128, None, None), (torch.float16, 32, 128, 128, None)])
+def test_certified_fp32_routing_is_the_fp32_routing(poisoned_empty, monkeypatch, dtype, block, dim, page_size,
+                                                    key_mean):
+    """The split kernel's certified fp32 routing (the default: the score pass streams the 16-bit means, the selecting
+    warps rescore from the fp32 sums the candidates those cannot decide) token by token against the fp32 sums' score
+    pass ($MOBALAB_DECODE_CERTIFIED=0) and against ``moba_topk`` over the whole sequence: the same selections on all
+    but near-tied rows, and the same outputs where they agree. With keys of mean 2 and a spread of a few ulps the
+    16-bit means alone select otherwise on many rows, so most rows are decided by the rescoring there."""
+    import sys
+    from pathlib import Path
+
+    from mobalab.kernels import _cuda_decode_split as S
+    from mobalab.kernels import moba_topk
+    from mobalab.kernels._cuda_decode import decode_cuda
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _decode_cases import ulp_at
+
+    gen = torch.Generator(device=DEVICE).manual_seed(block + dim + 1)
+    lengths, steps, kv_heads, heads, top_k = [6000, 2500], 4, 2, 8, 8
+    batch, total = len(lengths), max(lengths) + steps
+    q = _rand((batch, total, heads, dim), dtype, gen)
+    k = _rand((batch, total, kv_heads, dim), dtype, gen)
+    if key_mean is not None:
+        k = (key_mean + 16 * ulp_at(key_mean, dtype) * k.float()).to(dtype)
+    v = _rand((batch, total, kv_heads, dim), dtype, gen)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, device=DEVICE, page_size=page_size)
+    cache.prefill(k, v, lengths=lengths)
+    rows = torch.arange(batch, device=DEVICE).view(batch, 1)
+    seen = equal_plain = equal_topk = differ_input = 0
+    for step in range(steps):
+        pos = (torch.tensor(lengths, device=DEVICE) + step).view(batch, 1)
+        cache.append(k[rows, pos], v[rows, pos])
+        qt = q[rows, pos]
+        t_k, scale = D.check_decode(qt, cache, top_k)
+        plan, _, launches = S.split_launches(qt, cache, t_k, scale)
+        assert plan.fused_select and launches[0].kernel.startswith("moba_decode_route_score_cert_")
+        with poisoned_empty():
+            monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "1")
+            out, lse, sel = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel="split")
+            monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "0")
+            out0, lse0, sel0 = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel="split")
+            _, _, sel_in = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel="split",
+                                       centroid_precision="input")
+        assert not torch.isnan(out.float()).any() and int(cache._counters.abs().sum()) == 0
+        equal_plain += int((sel.sort(-1).values == sel0.sort(-1).values).all(-1).sum())
+        same = (sel == sel0).all(-1)  # the same blocks in the same slots: the same sums, bit for bit
+        torch.testing.assert_close(out[same].float(), out0[same].float(), atol=0, rtol=0)
+        torch.testing.assert_close(lse[same], lse0[same], atol=0, rtol=0)
+        differ_input += int((sel.sort(-1).values != sel_in.sort(-1).values).any(-1).sum())
+        for b in range(batch):
+            end = int(pos[b, 0]) + 1
+            want = moba_topk(q[b:b + 1, :end], k[b:b + 1, :end], block, top_k)[0, -1]
+            equal_topk += int((sel[b, 0].sort(-1).values == want.sort(-1).values).all(-1).sum())
+        seen += batch * heads
+    assert equal_plain >= 0.99 * seen, (equal_plain, seen)
+    assert equal_topk >= 0.97 * seen, (equal_topk, seen)
+    if key_mean is not None:
+        assert differ_input >= 0.2 * seen, (differ_input, seen)
