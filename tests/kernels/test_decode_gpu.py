@@ -533,10 +533,10 @@ def test_certified_fp32_routing_is_the_fp32_routing(poisoned_empty, monkeypatch,
         cache.append(k[rows, pos], v[rows, pos])
         qt = q[rows, pos]
         t_k, scale = D.check_decode(qt, cache, top_k)
+        monkeypatch.delenv(S.CERTIFIED_ENV_VAR, raising=False)  # the default
         plan, _, launches = S.split_launches(qt, cache, t_k, scale)
         assert plan.fused_select and launches[0].kernel.startswith("moba_decode_route_score_cert_")
         with poisoned_empty():
-            monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "1")
             out, lse, sel = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel="split")
             monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "0")
             out0, lse0, sel0 = decode_cuda(qt, cache, t_k, scale, True, return_selection=True, kernel="split")

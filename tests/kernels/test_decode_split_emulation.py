@@ -148,7 +148,7 @@ def test_emulated_input_centroid_routing_matches_reference(harness_input, tmp_pa
 
 
 # Certified fp32 routing (the default for fp32 routing of a selecting plan): the score pass streams the 16-bit means
-# and bounds its batches' mean norms; each selecting warp takes the best k-1 + 8 candidates by those scores, rescores
+# and bounds its batches' mean norms; each selecting warp takes the best k-1 + 24 candidates (at most 32) by those scores, rescores
 # from the fp32 sums those within twice the error bound of the (k-1)-th (every candidate where more lie there) and
 # keeps the best k-1: the fp32 router's selection. On ordinary keys most rows rescore a few candidates; on keys of
 # mean 2 and a spread of a few ulps (where the 16-bit means select otherwise at most steps) and on exactly tied

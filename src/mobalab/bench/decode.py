@@ -24,7 +24,7 @@ has a routing of its own) or ``both`` (the default: two rows per configuration, 
 ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
 blocks (with ``--centroid-precision input`` and the split kernel, their 16-bit means; for the split kernel's
-certified fp32 routing the 16-bit means and k - 1 + 8 fp32 sums per query row), the K and V of the
+certified fp32 routing the 16-bit means and about k - 1 + 8 fp32 sums per query row, the candidates it rescores), the K and V of the
 union of the blocks the query heads of each kv head selected (the own block with its real tokens), q and
 out. Achieved bandwidth = bytes / time, shown as a fraction of the measured device-to-device copy bandwidth
 of the same run (the datasheet's figure is shown beside it: :func:`datasheet_tbps`); dense decode's bytes
@@ -132,7 +132,7 @@ def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: 
     16-bit means), :math:`n_p = \\lfloor(N-1)/B\\rfloor`; K and V: the union of the blocks the heads of a kv head
     selected (the own block with its real tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
     ``rescored_rows``: fp32 block sums the certified fp32 routing reads per query row besides the 16-bit means (at
-    most its list of k - 1 + 8), counted with the centroid bytes.
+    typical count on random data: k - 1 + 8, of a list of k - 1 + 24), counted with the centroid bytes.
     """
     batch, q_len, heads, top_k = sel.shape
     group = heads // kv_heads

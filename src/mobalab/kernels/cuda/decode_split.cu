@@ -82,7 +82,7 @@
 //    four waves: 12 us longer).
 //    Certified fp32 routing (the default for fp32 routing of these plans; the input build's *_cert_* kernels, see
 //    "certified fp32 routing" below): the score pass streams the 16-bit means and bounds each batch's mean norms,
-//    and each selecting warp takes its row's best k-1 + 8 by those scores, then rescores from the fp32 sums the
+//    and each selecting warp takes its row's best k-1 + 24 (at most 32) by those scores, then rescores from the fp32 sums the
 //    candidates the error bound cannot rank: the fp32 selection from half the score pass's bytes.
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of three per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
@@ -910,11 +910,15 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
 // with c and c_abs those constants times 1.01. Let v be the (k-1)-th best s~ of the row. Each of the k-1 best has
 // t / B >= v - E, and a candidate with s~_j < v - 2E has t_j / B < v - E: it is not among the best k-1 by t, nor
 // tied with them. So the best k-1 by t lie in P = {j : s~_j >= v - 2E}: the row's best lcap2 = k-1 + DSP_CERT_EXTRA
-// candidates by s~ (dsp_select_row_tops, exact), of which P is a prefix unless the list's last entry is still in P
-// (then every candidate is rescored). P is rescored from the fp32 sums (dsp_exact_keys) and its best k-1 by
+// candidates by s~ (dsp_select_row_tops, exact; at most 32), of which P is a prefix unless the list's last entry is
+// still in P (then P is found from the batch tops: each batch whose top reaches v - 2E, its candidates that do). P is
+// rescored from the fp32 sums (dsp_exact_keys) and its best k-1 by
 // (t desc, block desc) are the selection: the fp32 router's, ranked by scores of one fp32 order of sums (the fp32
 // score pass sums in another order: the two differ only where scores tie to within fp32 rounding, as the
-// reference's do). Rows with ||q|| M >= 2^126 (overflow, inf, NaN in q) are rescored whole as well.
+// reference's do). Rows with ||q|| M >= 2^126 (overflow, inf, NaN in q) are rescored whole. On random keys a row
+// rescores about k-1 + 3 candidates (one round of loads), and the list of k-1 + 24 keeps the batch-top scan for
+// rows whose 16-bit means tie (measured on an H100: with a list of k-1 + 8, about one row a step at batch 8 found
+// more candidates within 2E than it held, and rescoring that row whole, 4095 candidates at 512K, took 0.5 ms).
 // u and eta of T (bf16's eta, 2^-134, lies within the 2 sqrt(d) ||q|| 2^-126 term: 0 here, it would flush anyway)
 template <typename T>
 struct dsp_cert_unit;
@@ -927,7 +931,7 @@ struct dsp_cert_unit<__half> {
     static constexpr float u = 0x1p-11f, eta = 0x1p-25f;
 };
 #ifndef DSP_CERT_EXTRA
-#define DSP_CERT_EXTRA 8  // list entries beyond k-1 that the 16-bit scores rank for the rescoring
+#define DSP_CERT_EXTRA 24  // list entries beyond k-1 (at most 32 in all) that the 16-bit scores rank
 #endif
 #ifndef DSP_CERT_SLOTS
 #define DSP_CERT_SLOTS 12  // candidates rescored per round of loads at d 128 (24 at d 64): one round on most rows
@@ -971,11 +975,14 @@ __device__ __forceinline__ dsp_key dsp_exact_keys(const float* __restrict__ bsum
 }
 
 // One row's selection by the fp32 scores from its 16-bit means (see above): lk2, the best lcap2 candidates by s~
-// (one per lane), -> the best lcap by t (one per lane, lanes >= lcap 0). qv: float4 lane % (D / 4) of the row's
-// query in fp32; qn its norm bound, mb the row's batch-norm bound M; n candidate blocks 0 .. n - 1.
+// (one per lane), -> the best lcap by t (one per lane, lanes >= lcap 0). src / tsrc: the row's scores s~ and batch
+// tops (batches of bw blocks); qv: float4 lane % (D / 4) of the row's query in fp32; qn its norm bound, mb the row's
+// batch-norm bound M; n candidate blocks 0 .. n - 1.
 template <typename T, int D>
-__device__ __forceinline__ dsp_key dsp_certify_row(dsp_key lk2, const float* __restrict__ bsum, const float4& qv,
-                                                   float qn, float mb, int n, int lcap, int lcap2, int lane) {
+__device__ __forceinline__ dsp_key dsp_certify_row(dsp_key lk2, const float* __restrict__ src,
+                                                   const float* __restrict__ tsrc, int bw,
+                                                   const float* __restrict__ bsum, const float4& qv, float qn,
+                                                   float mb, int n, int lcap, int lcap2, int lane) {
     constexpr float u = dsp_cert_unit<T>::u, eta = dsp_cert_unit<T>::eta;
     constexpr float up = u / (1.f - u);
     constexpr float gam = D * 0x1p-24f / (1.f - D * 0x1p-24f);
@@ -986,16 +993,18 @@ __device__ __forceinline__ dsp_key dsp_certify_row(dsp_key lk2, const float* __r
     // precisions alike, so the 16-bit scores' list is the selection (and no tie needs a row's every sum)
     if (!__any_sync(DEC_FULL, qv.x != 0.f || qv.y != 0.f || qv.z != 0.f || qv.w != 0.f))
         return lane < lcap ? lk2 : 0ull;
-    const bool whole = !(qn * mb < 0x1p126f);  // overflow, inf or NaN: every candidate rescored
+    bool whole = !(qn * mb < 0x1p126f);  // overflow, inf or NaN: every candidate rescored
+    float theta = dec_neg_inf();
     if (!whole) {
         const float e = c * qn * mb + 1.01f * ((2.f * sqd * qn + 2.f * D) * 0x1p-126f + eta * sqd * qn);
         const dsp_key kv = dsp_shfl(lk2, lcap - 1);
         // theta = v - 2E, rounded down (an empty entry lcap - 1: fewer candidates than k - 1, all selected)
         const float v = kv ? dsp_key_score(kv) : dec_neg_inf();
         const bool inf = (__float_as_uint(v) & 0x7fffffffu) == 0x7f800000u;
-        const float theta = inf ? v : v - 2.002f * e - fabsf(v) * 0x1p-20f;
+        theta = inf ? v : v - 2.002f * e - fabsf(v) * 0x1p-20f;
+        whole = dec_isnan(theta);
         const dsp_key tk = dsp_make_key(theta, 0);
-        const bool in = lk2 != 0ull && (kv == 0ull || dec_isnan(theta) || lk2 >= tk);
+        const bool in = lk2 != 0ull && (kv == 0ull || whole || lk2 >= tk);
         const bool overflow = __shfl_sync(DEC_FULL, in ? 1 : 0, lcap2 - 1) != 0 && lcap2 < n;
         if (!overflow) {
             dsp_key key = dsp_exact_keys<D>(bsum, qv, in ? dsp_key_block(lk2) : -1, lane);
@@ -1003,17 +1012,48 @@ __device__ __forceinline__ dsp_key dsp_certify_row(dsp_key lk2, const float* __r
             return lane < lcap ? key : 0ull;
         }
     }
-    // Every candidate rescored, 32 at a time.
+    // The band's candidates found from the batch tops (every candidate where `whole`), rescored 32 at a time: only
+    // where more candidates lie within 2E than the list holds (blocks whose 16-bit means tie) or the bound is
+    // not finite.
     dsp_key lk = 0ull;
-    for (int j0 = 0; j0 < n; j0 += 32) {
-        dsp_key key = dsp_exact_keys<D>(bsum, qv, j0 + lane < n ? j0 + lane : -1, lane);
-        if (j0 == 0) {
+    bool fresh = true;
+    int pend = -1, npend = 0;
+    auto flush = [&] {
+        dsp_key key = dsp_exact_keys<D>(bsum, qv, lane < npend ? pend : -1, lane);
+        if (fresh) {
             dsp_warp_sort(key, lane);
             lk = lane < lcap ? key : 0ull;
+            fresh = false;
         } else {
             dsp_offer(lk, key, lcap, lane);
         }
+        npend = 0;
+        pend = -1;
+    };
+    const int nb = (n + bw - 1) / bw;
+    for (int c0 = 0; c0 < nb; c0 += 32) {
+        const int t = c0 + lane;
+        const float tp = t < nb ? dsp_ld_score(tsrc + t) : dec_nan();
+        unsigned bm = __ballot_sync(DEC_FULL, t < nb && (whole || (!dec_isnan(tp) && !(tp < theta))));
+        while (bm) {
+            const int tb = c0 + __ffs(bm) - 1;
+            bm &= bm - 1u;
+            for (int i0 = 0; i0 < bw; i0 += 32) {  // the batch's candidates (bw <= 32 at d 64 / 128)
+                const int j = tb * bw + i0 + lane;
+                const bool cand = i0 + lane < bw && j < n;
+                const float sc = cand ? dsp_ld_score(src + j) : dec_nan();
+                unsigned m = __ballot_sync(DEC_FULL, cand && (whole || (!dec_isnan(sc) && !(sc < theta))));
+                while (m) {
+                    const int from = __ffs(m) - 1;
+                    m &= m - 1u;
+                    const int jj = __shfl_sync(DEC_FULL, j, from);
+                    if (lane == npend) pend = jj;
+                    if (++npend == 32) flush();
+                }
+            }
+        }
     }
+    if (npend > 0) flush();
     return lk;
 }
 
@@ -1245,6 +1285,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                 const int lcap2 = min(32, lcap + DSP_CERT_EXTRA);
                 lk = dsp_certify_row<T, D>(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0, n,
                                                                dsp_score_batch(D), lcap2, lane, tr_sel),
+                                           scores + row * n_cols, tops + row * n_bat, dsp_score_batch(D),
                                            csums + (long long)g * n_blocks_cap * D, qv, qn, mb, n, lcap, lcap2,
                                            lane);
             } else {
