@@ -28,10 +28,6 @@ SCORE = [f"moba_decode_route_score_{x}{t}_d{d}" for x in ("", "tops_") for t in 
 SELECT = ["moba_decode_route_select"]
 ATTEND = [f"moba_decode_attend_{p}{x}{t}_d{d}" for p in ("", "paged_") for x in ("", "select_")
           for t in ("bf16", "fp16") for d in (64, 128)]
-# the certified fp32 routing's kernels, in the input build only
-CERT_SCORE = [f"moba_decode_route_score_cert_{t}_d{d}" for t in ("bf16", "fp16") for d in (64, 128)]
-CERT_ATTEND = [f"moba_decode_attend_{p}select_cert_{t}_d{d}" for p in ("", "paged_") for t in ("bf16", "fp16")
-               for d in (64, 128)]
 
 
 # made in the background once the tests are collected (_background); the second: the attention kernel's cp.async
@@ -47,7 +43,7 @@ report_input = background_fixture(
 
 
 def test_entry_points_and_constants_match_the_wrapper():
-    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND + CERT_SCORE + CERT_ATTEND)
+    assert sorted(signatures("decode_split.cu")) == sorted(SCORE + SELECT + ATTEND)
     text = source("decode_split.cu")
     for name, value in (("DSP_THREADS", S.THREADS), ("DSP_FLAGS", S.FLAGS), ("DSP_SCORE_LOADS", S.SCORE_LOADS),
                         ("DSP_ROUTE_MAX_ROWS", S.ROUTE_MAX_ROWS), ("DSP_SELECT_LOADS", S.SELECT_LOADS),
@@ -63,12 +59,11 @@ def test_entry_points_and_constants_match_the_wrapper():
 @pytest.mark.parametrize("build", ["report", "report_cp", "report_input"])
 def test_decode_split_compiles_without_spills(request, build):
     report = request.getfixturevalue(build)
-    cert = CERT_SCORE + CERT_ATTEND if build == "report_input" else []
-    assert sorted(report) == sorted(SCORE + SELECT + ATTEND + cert)
+    assert sorted(report) == sorted(SCORE + SELECT + ATTEND)
     for name, r in report.items():
         assert r.get("stack", 0) == 0 and r.get("spills", 0) == 0, (name, r)
-        min_ctas = {**dict.fromkeys(SCORE + CERT_SCORE, S.SCORE_MIN_CTAS),
-                    **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(name, S.ATTN_MIN_CTAS)
-        threads = S.ATTN_THREADS if name in ATTEND + CERT_ATTEND else S.THREADS
+        min_ctas = {**dict.fromkeys(SCORE, S.SCORE_MIN_CTAS), **dict.fromkeys(SELECT, S.SELECT_MIN_CTAS)}.get(
+            name, S.ATTN_MIN_CTAS)
+        threads = S.ATTN_THREADS if name in ATTEND else S.THREADS
         assert r["registers"] <= 65536 // (threads * min_ctas), (name, r)
         assert r.get("smem", 0) == 0, (name, r)  # all shared memory is dynamic, sized by the plan

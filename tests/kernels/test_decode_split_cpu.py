@@ -149,7 +149,7 @@ def _bf16_step(seed: int):
 
 def test_step_launches_and_buffers():
     cache, q = _bf16_step(0)
-    fused, _, two_launches = S.split_launches(q, cache, 4, 0.125, certified=False)
+    fused, _, two_launches = S.split_launches(q, cache, 4, 0.125)
     assert fused.fused_select and [launch.kernel for launch in two_launches] == [
         "moba_decode_route_score_tops_bf16_d64", "moba_decode_attend_select_bf16_d64"]
     plan, bufs, launches = S.split_launches(q, cache, 4, 0.125, fused_select=False)
@@ -181,7 +181,7 @@ def test_input_precision_score_pass_streams_the_16_bit_means():
     """centroid_precision "input": the score launch streams the cache's bf16 block means (half the sums' bytes),
     built with the input define; "fp32" streams the sums; a score launch given rows of the wrong type is refused."""
     cache, q = _bf16_step(1)
-    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125, certified=False)
+    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
     assert launches[0].args[1] is cache.block_sums and launches[0].defines == ()
     _, _, launches = S.split_launches(q, cache, 4, 0.125, centroid_precision="input")
     assert launches[0].args[1] is cache._means and cache._means.dtype == torch.bfloat16
@@ -192,38 +192,6 @@ def test_input_precision_score_pass_streams_the_16_bit_means():
     with pytest.raises(ValueError, match=r"centroid_precision='fp32' streams torch.float32 block rows, got "
                                          r"torch.bfloat16"):
         S.score_launch(plan, q, cache._means, cache._len_dev, bufs)
-
-
-def test_certified_fp32_routing_streams_the_means_and_ranks_by_the_sums(monkeypatch):
-    """fp32 routing of a selecting plan (the default): the certified score kernel streams the cache's 16-bit means
-    and writes the batches' norm bounds, the certified selecting attention kernel reads those and the fp32 sums; both
-    of the input build. $MOBALAB_DECODE_CERTIFIED=0 (or certified=False) keeps the fp32 sums' score pass; input
-    routing, a select launch and the routing alone are never certified."""
-    monkeypatch.delenv(S.CERTIFIED_ENV_VAR, raising=False)
-    cache, q = _bf16_step(2)
-    plan, bufs, launches = S.split_launches(q, cache, 4, 0.125)
-    assert [launch.kernel for launch in launches] == ["moba_decode_route_score_cert_bf16_d64",
-                                                      "moba_decode_attend_select_cert_bf16_d64"]
-    assert [launch.defines for launch in launches] == [("MOBA_DECODE_CENTROIDS_INPUT=1",)] * 2
-    assert launches[0].args[1] is cache._means and launches[0].args[-1] is bufs["bnorm"]
-    assert launches[1].args[-3] is cache.block_sums and launches[1].args[-2] is bufs["bnorm"]
-    assert int(launches[1].args[-1]) == plan.n_blocks_cap == cache.n_blocks
-    assert bufs["bnorm"].numel() == 2 * 2 * plan.n_bat
-    assert S.certified_routing() and not S.certified_routing(False)
-    for kwargs in (dict(centroid_precision="input"), dict(fused_select=False), dict(route_only=True)):
-        _, _, other = S.split_launches(q, cache, 4, 0.125, **kwargs)
-        assert not any("_cert_" in launch.kernel for launch in other), kwargs
-    monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "0")
-    _, _, launches = S.split_launches(q, cache, 4, 0.125)
-    assert launches[0].kernel == "moba_decode_route_score_tops_bf16_d64" and launches[0].args[1] is cache.block_sums
-    monkeypatch.setenv(S.CERTIFIED_ENV_VAR, "yes")
-    with pytest.raises(ValueError, match=r"MOBALAB_DECODE_CERTIFIED = 'yes'; supported: 0, 1"):
-        S.split_launches(q, cache, 4, 0.125)
-    unfused, ubufs, _ = S.split_launches(q, cache, 4, 0.125, fused_select=False, certified=False)
-    with pytest.raises(ValueError, match="certified score pass serves fp32 routing of a selecting plan"):
-        S.score_launch(unfused, q, cache._means, cache._len_dev, ubufs, certified=True)
-    with pytest.raises(ValueError, match="certified selection is the selecting kernels'"):
-        S.attend_launch(unfused, q, cache.k, cache.v, cache._len_dev, ubufs, 0, 0, 0.125, sums=cache.block_sums)
 
 
 def test_kernel_choice(monkeypatch):

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _decode_cases import assert_step_matches_reference, decode_case, ulp_at  # noqa: E402
+from _decode_cases import assert_step_matches_reference, decode_case  # noqa: E402
 from _emulation import NEEDS_CXX, harness_fixture, poison, run_emulated  # noqa: E402
 
 pytestmark = NEEDS_CXX
@@ -66,7 +65,6 @@ def _run_case(harness, tmp_path, dtype, dim, block, kv_heads, heads, q_len, leng
               seed=7, route_only=False, attn_ctas=None, **built):
     cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, **opts)
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    built.setdefault("certified", False)  # the certified kernels live in the input build only
     plan, bufs, launches = S.split_launches(q, cache, top_k, scale, route_only=route_only, range_blocks=range_blocks,
                                             attn_ctas=attn_ctas, **built)
     if not route_only:
@@ -145,31 +143,6 @@ def test_emulated_input_centroid_routing_matches_reference(harness_input, tmp_pa
     assert not torch.equal(bufs["sel"], D._route(q, cache, top_k))  # the fp32 routing selects otherwise
     _, _, launches = S.split_launches(q, cache, top_k, scale, fused_select=fused_select, centroid_precision="input")
     assert [x.defines for x in launches] == [("MOBA_DECODE_CENTROIDS_INPUT=1",)] + [()] * (len(launches) - 1)
-
-
-# Certified fp32 routing (the default for fp32 routing of a selecting plan): the score pass streams the 16-bit means
-# and bounds its batches' mean norms; each selecting warp takes the best k-1 + 24 candidates (at most 32) by those scores, rescores
-# from the fp32 sums those within twice the error bound of the (k-1)-th (every candidate where more lie there) and
-# keeps the best k-1: the fp32 router's selection. On ordinary keys most rows rescore a few candidates; on keys of
-# mean 2 and a spread of a few ulps (where the 16-bit means select otherwise at most steps) and on exactly tied
-# blocks, whole rows are rescored.
-CERT_CASES = [*(c for c in FUSED_CASES), *INPUT_CASES]
-
-
-@pytest.mark.parametrize(_ARGS, CERT_CASES)
-def test_emulated_certified_routing_is_the_fp32_routing(harness_input, tmp_path, dtype, dim, block, kv_heads,
-                                                        heads, q_len, lengths, top_k, range_blocks, opts):
-    cache, q, top_k, scale, plan, bufs = _run_case(harness_input, tmp_path, dtype, dim, block, kv_heads, heads,
-                                                   q_len, lengths, top_k, range_blocks, opts, certified=True)
-    assert plan.fused_select
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths,
-                                  ties=opts.get("ties", False))
-    if "key_mean" in opts:  # the 16-bit means alone would have selected otherwise
-        assert not torch.equal(bufs["sel"], D._route(q, cache, top_k, "input"))
-    _, _, launches = S.split_launches(q, cache, top_k, scale, range_blocks=range_blocks, certified=True)
-    attend = "moba_decode_attend_paged_select_cert" if cache.paged else "moba_decode_attend_select_cert"
-    assert [x.kernel.rsplit("_", 2)[0] for x in launches] == ["moba_decode_route_score_cert", attend]
-    assert [x.defines for x in launches] == [("MOBA_DECODE_CENTROIDS_INPUT=1",)] * 2
 
 
 ATTN_CASES = [
@@ -281,7 +254,7 @@ def test_rows_beyond_the_length_never_reach_the_output(request, tmp_path, build)
         cache.k[b, :, length:] = float("nan")
         cache.v[b, :, length:] = float("nan")
     top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, range_blocks=range_blocks, certified=False)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, range_blocks=range_blocks)
     poison(bufs)
     run_emulated(request.getfixturevalue(build), tmp_path, launches, seed=5)
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths)
@@ -393,7 +366,7 @@ def _select_on_crafted(harness, tmp_path, kind, lengths, block, q_len, heads, kv
         cache, q = decode_case(seed, torch.bfloat16, dim, block, kv_heads, heads, q_len, [n - q_len for n in lengths])
         assert cache.lengths.tolist() == list(lengths)
         _, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-        plan, bufs, launches = S.split_launches(q, cache, top_k, scale, fused_select=True, certified=False)
+        plan, bufs, launches = S.split_launches(q, cache, top_k, scale, fused_select=True)
         poison(bufs)
     else:
         plan = S.plan_split(batch, q_len, heads, kv_heads, 64, block, top_k, max(lengths), n_blocks,
@@ -501,33 +474,3 @@ def test_cases_cover_the_kernel_paths():
     assert seen == {"ranges", "passes", "select rounds", "row groups", "chunks", "own only", "short", "shared",
                     "non-candidates", "pages of one block", "pages of several blocks", "paged chunks"}
 
-
-
-@pytest.mark.parametrize("dtype", [BF, FP], ids=["bf16", "fp16"])
-def test_emulated_certified_routing_rescores_rows_whose_ties_outnumber_its_list(harness_input, tmp_path, dtype):
-    """Every block's 16-bit mean is the same (its keys lie within half an ulp of 2 on average), so the 16-bit scores
-    tie and rank the newest blocks first; the fp32 sums differ, and the oldest blocks hold the largest ones. More
-    candidates tie than the list of k-1 + 8 holds, so the selecting warps must rescore their rows whole to find the
-    fp32 routing's best (blocks 0-2, below every block the list kept). A zero query (the second head) scores every
-    block 0 in both precisions: its list is its selection, no rescoring."""
-    block, dim, n_full, top_k = 16, 64, 40, 4
-    length = n_full * block + 5
-    k = torch.full((1, length, 1, dim), 2.0)
-    up = torch.tensor([min(j % 6, 5) if j > 2 else 7 for j in range(n_full + 1)])  # keys one ulp up per block
-    k[0, :n_full * block, 0, 0] += ulp_at(2.0, dtype) * (torch.arange(block).view(1, -1) < up[:n_full].view(-1, 1)) \
-        .flatten().float()
-    v = torch.randn(1, length, 1, dim, generator=torch.Generator().manual_seed(3))
-    cache = MobaKVCache(1, 1, dim, block, length + 8, dtype=dtype)
-    cache.prefill(k.to(dtype), v.to(dtype))
-    q = torch.zeros(1, 1, 2, dim, dtype=dtype)
-    q[:, :, 0, 0] = 1.0  # head 1 stays zero: every score 0 in both precisions, the newest blocks selected
-    top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
-    assert torch.unique(cache._input_means()[0, 0, :n_full], dim=0).shape[0] == 1  # the 16-bit means all tie
-    ref = D._route(q, cache, top_k)
-    assert sorted(ref[0, 0, 0, 1:].tolist()) == [0, 1, 2] and ref[0, 0, 1, 1:].tolist() == [39, 38, 37]
-    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, certified=True)
-    assert plan.fused_select and launches[-1].kernel.startswith("moba_decode_attend_select_cert_")
-    poison(bufs)
-    run_emulated(harness_input, tmp_path, launches, seed=11)
-    assert torch.equal(bufs["sel"], ref)
-    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=[length])

@@ -19,12 +19,10 @@ the step with one or three routing items and attention units per CTA slot instea
 ``--kernel`` picks the decode kernel: ``fused`` (cuda/decode.cu, one persistent launch), ``split``
 (cuda/decode_split.cu: a score launch, a select launch unless the attention CTAs select, then an attention
 launch; its ``routing_ms`` is the score and select launches alone, as a step without attention runs them, no
-items columns; for its certified fp32 routing, column ``certified``, those of the uncertified fp32 routing, which
-has a routing of its own) or ``both`` (the default: two rows per configuration, column
+items columns) or ``both`` (the default: two rows per configuration, column
 ``kernel``).
 Bytes needed per step are counted from the actual selection: the fp32 block sums of the complete past
-blocks (with ``--centroid-precision input`` and the split kernel, their 16-bit means; for the split kernel's
-certified fp32 routing the 16-bit means and about k - 1 + 8 fp32 sums per query row, the candidates it rescores), the K and V of the
+blocks (with ``--centroid-precision input`` and the split kernel, their 16-bit means), the K and V of the
 union of the blocks the query heads of each kv head selected (the own block with its real tokens), q and
 out. Achieved bandwidth = bytes / time, shown as a fraction of the measured device-to-device copy bandwidth
 of the same run (the datasheet's figure is shown beside it: :func:`datasheet_tbps`); dense decode's bytes
@@ -124,15 +122,13 @@ def configs(quick: bool) -> list[DecodeConfig]:
 
 
 def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: int, head_dim: int,
-                    itemsize: int = 2, centroid_itemsize: int = 4, rescored_rows: int = 0) -> dict:
+                    itemsize: int = 2, centroid_itemsize: int = 4) -> dict:
     """Bytes a step needs given the selection ``sel`` (batch, q_len, heads, top_k), all sequences of length N.
 
     Block rows the score pass streams: :math:`\\lceil R/64\\rceil n_p d` elements of ``centroid_itemsize`` bytes
     per (sequence, kv head) (4: the fp32 sums; the split kernel of ``centroid_precision="input"`` streams the
     16-bit means), :math:`n_p = \\lfloor(N-1)/B\\rfloor`; K and V: the union of the blocks the heads of a kv head
     selected (the own block with its real tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
-    ``rescored_rows``: fp32 block sums the certified fp32 routing reads per query row besides the 16-bit means (at
-    typical count on random data: k - 1 + 8, of a list of k - 1 + 24), counted with the centroid bytes.
     """
     batch, q_len, heads, top_k = sel.shape
     group = heads // kv_heads
@@ -147,7 +143,6 @@ def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: 
     tokens[-1] = seq_len - (n_blocks - 1) * block_size
     kv_tokens = int((hit.to(torch.int64) * tokens).sum())
     centroid = batch * kv_heads * math.ceil(rows / 64) * n_past * head_dim * centroid_itemsize
-    centroid += batch * heads * q_len * min(rescored_rows, n_past) * head_dim * 4
     kv = 2 * kv_tokens * head_dim * itemsize
     q_out = 2 * batch * q_len * heads * head_dim * itemsize + batch * q_len * heads * 4
     return dict(centroid_bytes=centroid, kv_bytes=kv, q_out_bytes=q_out, bytes_needed=centroid + kv + q_out,
@@ -320,7 +315,7 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
     from mobalab.kernels import decode_flops
     from mobalab.kernels._build import sm_count
     from mobalab.kernels._cuda_decode import decode_cuda, run, step_launches
-    from mobalab.kernels._cuda_decode_split import certified_routing, split_launches
+    from mobalab.kernels._cuda_decode_split import split_launches
 
     n, batch, heads, kvh, d, block = cfg.seq_len, cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
     scale = 1.0 / math.sqrt(d)
@@ -352,16 +347,9 @@ def _measure(cfg: DecodeConfig, q, cache, dense: dict, reps: int, flush, use_fle
         row[f"mobalab_ms_items{items}"], _ = time_step(lambda launch=other[0]: run(launch, dev), reps, flush)
     _, _, sel = decode_cuda(q, cache, cfg.top_k, scale, True, return_selection=True, kernel=kernel,
                             centroid_precision=cfg.centroid_precision)
-    # the split kernel's input-precision score pass streams the cache's 16-bit means, and so does its certified fp32
-    # routing (plus the fp32 sums of each row's rescored candidates); the fused kernel the fp32 sums
-    cert = False
-    if kernel != "fused" and cfg.centroid_precision == "fp32" and certified_routing():
-        plan, _, _ = split_launches(q, cache, cfg.top_k, scale, sm_count=sm_count(dev))
-        cert = plan.fused_select and plan.n_range > 0
-    row["certified"] = cert
-    means = (cfg.centroid_precision == "input" and kernel != "fused") or cert
-    row.update(selection_bytes(sel, n, block, kvh, d, centroid_itemsize=q.element_size() if means else 4,
-                               rescored_rows=min(32, cfg.top_k + 7) if cert else 0))
+    # the split kernel's input-precision score pass streams the cache's 16-bit means; the fused kernel the fp32 sums
+    means = cfg.centroid_precision == "input" and kernel != "fused"
+    row.update(selection_bytes(sel, n, block, kvh, d, centroid_itemsize=q.element_size() if means else 4))
     row["dense_bytes"] = dense_bytes(batch, n, heads, kvh, d)
     row["useful_gflop"] = decode_flops(n, block, cfg.top_k, batch=batch, heads=heads, kv_heads=kvh,
                                        head_dim=d)["total_flops"] / 1e9
@@ -397,7 +385,7 @@ def _derive(row: dict, copy_tbps: float) -> None:
 
 
 COLUMNS = ["seq_len", "batch", "heads", "kv_heads", "head_dim", "block_size", "top_k", "kernel", "centroid_precision",
-           "certified", "mobalab_ms",
+           "mobalab_ms",
            "routing_ms",
            "attention_ms", "mobalab_ms_items1", "mobalab_ms_items3", "mobalab_eager_ms", "timing", "sdpa_flash_ms",
            "sdpa_cudnn_ms", "sdpa_efficient_ms", "dense_best", "dense_best_ms", "flex_ms", "speedup_vs_dense",

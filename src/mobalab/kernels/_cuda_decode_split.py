@@ -51,12 +51,11 @@ from ._cuda_decode import _TYPE_NAMES, StepShape, precision_defines, step_output
 from ._launch import Launch
 from ._tensor_map import TensorMap2D, tensor_map_2d
 
-__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode_kernel", "certified_routing",
-           "KERNELS", "ENV_VAR", "CERTIFIED_ENV_VAR", "SOURCE"]
+__all__ = ["SplitPlan", "plan_split", "split_buffers", "split_launches", "decode_kernel",
+           "KERNELS", "ENV_VAR", "SOURCE"]
 
 SOURCE = "decode_split.cu"
 ENV_VAR = "MOBALAB_DECODE_KERNEL"
-CERTIFIED_ENV_VAR = "MOBALAB_DECODE_CERTIFIED"
 KERNELS = ("fused", "split")
 CHOICES = (*KERNELS, "auto")  # "auto": split
 
@@ -93,19 +92,6 @@ def decode_kernel(kernel: str | None = None) -> str:
         where = "kernel" if kernel is not None else ENV_VAR
         raise ValueError(f"moba_decode: {where} = {name!r} is not a decode kernel; supported: {', '.join(CHOICES)}")
     return "split" if name == "auto" else name
-
-
-def certified_routing(certified: bool | None = None) -> bool:
-    """Whether fp32 routing of a selecting plan streams the cache's 16-bit block means and ranks by the fp32 sums
-    only where those cannot decide (the certified kernels of cuda/decode_split.cu: the same selection from about
-    half the score pass's bytes): ``certified`` if given, else ``$MOBALAB_DECODE_CERTIFIED`` ("0" or "1"), else
-    on."""
-    if certified is not None:
-        return bool(certified)
-    value = getenv(CERTIFIED_ENV_VAR) or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"moba_decode: {CERTIFIED_ENV_VAR} = {value!r}; supported: 0, 1")
-    return value == "1"
 
 
 def score_batch(head_dim: int) -> int:
@@ -316,11 +302,9 @@ def split_buffers(plan: SplitPlan, device, dtype) -> dict[str, torch.Tensor]:
     partials = p.batch * p.kv_heads * p.rows * p.top_k * p.n_chunks
     scores = p.batch * p.kv_heads * p.rows * p.n_cols if p.n_range else 1
     tops = p.batch * p.kv_heads * p.rows * p.n_bat if p.fused_select else 1
-    bnorm = p.batch * p.kv_heads * p.n_bat if p.fused_select else 1
     return dict(step_outputs(p, partials, device, dtype),
                 scores=torch.empty(scores, dtype=torch.float32, device=device),
-                tops=torch.empty(tops, dtype=torch.float32, device=device),
-                bnorm=torch.empty(bnorm, dtype=torch.float32, device=device))
+                tops=torch.empty(tops, dtype=torch.float32, device=device))
 
 
 def released_counters(plan: SplitPlan, counters: torch.Tensor) -> torch.Tensor:
@@ -329,21 +313,15 @@ def released_counters(plan: SplitPlan, counters: torch.Tensor) -> torch.Tensor:
     return counters[plan.batch * plan.kv_heads:]
 
 
-def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, centroid_precision: str = "fp32",
-                 certified: bool = False) -> Launch:
+def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, centroid_precision: str = "fp32") -> Launch:
     """The score kernel: q (b, q_len, h, d), the block rows it streams (b, kv_heads, n_blocks_cap, d), lengths
     int32 -> the scores scratch (b, kv_heads, R, n_cols); with the plan's ``fused_select`` the ``route_score_tops``
     kernel, which also writes every row's batch tops (b, kv_heads, R, n_bat) and, built with DSP_OWN_WAIT, adds one
     to its kv head's counter of ``released`` (b * kv_heads zeros, which the attention launch empties again; 0, a
     null pointer: no counting, for the routing alone). The rows: fp32 block sums S_j (``centroid_precision``
     "fp32"), or for "input" the cache's block means T(S_j / B) in q's dtype (``MobaKVCache._input_means``), read by
-    the module built with ``_cuda_decode.precision_defines`` (scores q . T(S_j / B)). ``certified`` (fp32
-    routing of a ``fused_select`` plan): the ``route_score_cert`` kernel of that module, which streams the means
-    and also bounds every batch's mean norms (``bufs["bnorm"]``, (b, kv_heads, n_bat)) for the attention launch's
-    certified selection."""
-    if certified and (centroid_precision != "fp32" or not plan.fused_select):
-        raise ValueError("score_launch: the certified score pass serves fp32 routing of a selecting plan")
-    want = q.dtype if centroid_precision == "input" or certified else torch.float32
+    the module built with ``_cuda_decode.precision_defines`` (scores q . T(S_j / B))."""
+    want = q.dtype if centroid_precision == "input" else torch.float32
     if sums.dtype != want:  # the kernel reads the rows by this type: any other would be read as garbage
         raise ValueError(f"score_launch: centroid_precision={centroid_precision!r} streams {want} block rows, "
                          f"got {sums.dtype}")
@@ -351,16 +329,13 @@ def score_launch(plan: SplitPlan, q, sums, lengths, bufs: dict, released=0, cent
     args = (q, sums, lengths, bufs["scores"], i32(p.q_len), i32(p.heads), i32(p.kv_heads), i32(p.n_blocks_cap),
             i32(p.block_size), i32(p.n_rg), i32(p.rows_per_group), i32(p.n_range), i32(p.range_blocks),
             i32(p.n_cols))
-    if certified:
-        name = f"moba_decode_route_score_cert_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
-        args = (*args, bufs["tops"], i32(p.n_bat), released, bufs["bnorm"])
-    elif p.fused_select:
+    if p.fused_select:
         name = f"moba_decode_route_score_tops_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
         args = (*args, bufs["tops"], i32(p.n_bat), released)
     else:
         name = f"moba_decode_route_score_{_TYPE_NAMES[q.dtype]}_d{p.head_dim}"
     return Launch(SOURCE, name, (p.n_score_ctas, 1, 1), (THREADS, 1, 1), args, p.score_smem,
-                  defines=precision_defines("input" if certified else centroid_precision))
+                  defines=precision_defines(centroid_precision))
 
 
 def select_launch(plan: SplitPlan, lengths, bufs: dict, table=None) -> Launch:
@@ -386,8 +361,7 @@ def kv_tensor_maps(cache, chunk: int) -> tuple[TensorMap2D, TensorMap2D]:
 
 
 def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table, scale: float,
-                  pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None, dependent: bool = False,
-                  sums=None) -> Launch:
+                  pages=None, maps: tuple[TensorMap2D, TensorMap2D] | None = None, dependent: bool = False) -> Launch:
     """The attention kernel: the cache's k / v (b, kv_heads, capacity, d), ``sel`` and the sets of selected
     blocks ``table`` (emptied again) -> out, lse (with the plan's ``fused_select``: the ``attend_select`` kernel,
     the scores scratch and batch tops -> sel, out, lse, the attention CTAs filling ``table`` themselves);
@@ -395,12 +369,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     page_size), k / v then (n_pages, kv_heads, page_size, d): the ``attend_paged`` kernels, which differ only in
     where they read a block. ``maps``:
     tensor maps of k and v (:func:`kv_tensor_maps`; made here when None), which the kernel's tensor-map build
-    copies with. ``dependent``: a programmatic dependent launch (:class:`._launch.Launch`). ``sums``: the cache's
-    fp32 block sums, for the certified selection (the ``select_cert`` kernels of the input build, after
-    :func:`score_launch` with ``certified``)."""
+    copies with. ``dependent``: a programmatic dependent launch (:class:`._launch.Launch`)."""
     p, i32 = plan, np.int32
-    if sums is not None and not p.fused_select:
-        raise ValueError("attend_launch: the certified selection is the selecting kernels'")
     if maps is None:
         maps = (tensor_map_2d(k, k.shape[-1], p.chunk), tensor_map_2d(v, v.shape[-1], p.chunk))
     head = (q, k, v, lengths, bufs["sel"], table, bufs["part_o"], bufs["part_ml"], counters, bufs["out"],
@@ -413,27 +383,21 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
     else:
         tail = (*tail, i32(p.cached), scale_log2)
     t, d = _TYPE_NAMES[q.dtype], p.head_dim
-    kind = ("_select_cert" if sums is not None else "_select") if p.fused_select else ""
     if pages is None:
-        name = f"moba_decode_attend{kind}_{t}_d{d}"
+        name = f"moba_decode_attend_select_{t}_d{d}" if p.fused_select else f"moba_decode_attend_{t}_d{d}"
         args = (*head, i32(p.capacity), *tail, *maps)
     else:
         page_table, page_size = pages
-        name = f"moba_decode_attend_paged{kind}_{t}_d{d}"
+        name = f"moba_decode_attend_paged_select_{t}_d{d}" if p.fused_select else f"moba_decode_attend_paged_{t}_d{d}"
         args = (*head, *tail, page_table, i32(page_size), i32(page_table.shape[1]), *maps)
-    if sums is None:
-        return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem,
-                      dependent=dependent)
-    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1),
-                  (*args, sums, bufs["bnorm"], i32(p.n_blocks_cap)), p.attn_smem, dependent=dependent,
-                  defines=precision_defines("input"))
+    return Launch(SOURCE, name, (p.n_attn_ctas, 1, 1), (ATTN_THREADS, 1, 1), args, p.attn_smem,
+                  dependent=dependent)
 
 
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None, dependent: bool | None = None, centroid_precision: str = "fp32",
-                   certified: bool | None = None):
+                   fused_select: bool | None = None, dependent: bool | None = None, centroid_precision: str = "fp32"):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -446,9 +410,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
     later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for their kv head's
     scores; None, the default: so wherever the plan selects in the attention launch); ``centroid_precision``: the
-    score pass's build (:func:`score_launch`); ``certified``: fp32 routing of a selecting plan by the certified
-    kernels (:func:`certified_routing`: None, the default, unless ``$MOBALAB_DECODE_CERTIFIED`` is "0"; not for
-    ``route_only``).
+    score pass's build (:func:`score_launch`).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -466,11 +428,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
         work = cache._workspace_counters(plan.n_counters + plan.n_table)
         counters, table = work[:plan.n_counters], work[plan.n_counters:plan.n_counters + plan.n_table]
         released = released_counters(plan, counters) if plan.fused_select else 0
-    cert = certified_routing(certified) and centroid_precision == "fp32" and plan.fused_select and not route_only \
-        and plan.n_range > 0
-    rows = cache._input_means() if centroid_precision == "input" or cert else cache.block_sums
-    route = [score_launch(plan, q, rows, cache._len_dev, bufs, released, centroid_precision, cert)] \
-        if plan.n_range else []
+    rows = cache._input_means() if centroid_precision == "input" else cache.block_sums
+    route = [score_launch(plan, q, rows, cache._len_dev, bufs, released, centroid_precision)] if plan.n_range else []
     if route_only:
         return plan, bufs, [*route, select_launch(plan, cache._len_dev, bufs)]
     if not plan.fused_select:
@@ -479,7 +438,7 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     dependent = (dependent is None or bool(dependent)) and plan.fused_select and q.device.type == "cuda" and \
         device_capability(q.device)[0] >= 9
     attend = attend_launch(plan, q, cache.k, cache.v, cache._len_dev, bufs, counters, table, scale, pages,
-                           kv_tensor_maps(cache, plan.chunk), dependent, cache.block_sums if cert else None)
+                           kv_tensor_maps(cache, plan.chunk), dependent)
     if defines:
-        attend = dataclasses.replace(attend, defines=(*attend.defines, *defines))
+        attend = dataclasses.replace(attend, defines=defines)
     return plan, bufs, [*route, attend]

@@ -221,9 +221,7 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``centroid_precision``: "fp32" (the default) ranks the blocks by the fp32 means, "input" by the means rounded
     to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes with it;
     on the GPU the default kernel then reads those means from a 16-bit copy the cache keeps from its first such
-    call on, half the bytes of the fp32 sums). The default kernel's fp32 routing reads that copy too where it can
-    (certified routing: it rescores from the fp32 sums the candidates the 16-bit scores cannot rank within their
-    error bound, so the selection stays the fp32 one; ``MOBALAB_DECODE_CERTIFIED=0`` turns it off).
+    call on, half the bytes of the fp32 sums).
 
     CUDA tensors run one of two kernels (no gradient): by default two or three plain launches
     (cuda/decode_split.cu: scores of every candidate block from the cached block sums, the selection (inside the

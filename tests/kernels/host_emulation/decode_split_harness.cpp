@@ -56,31 +56,6 @@ using harness::P;
               P<const float>(a[21]), P<const float>(a[22]), I(a[23]), I(a[24]), P<unsigned>(a[25]), I(a[26]),   \
               P<const int>(a[27]), I(a[28]), I(a[29]), a[30].tm, a[31].tm);                                      \
      }}}
-// The certified fp32 routing's kernels (the input build only): the arguments above plus bnorm, or csums, bnorm and
-// n_blocks_cap.
-#define SCORE_CERT(NAME, T)                                                                                     \
-    {#NAME, {18, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const float>(a[1]), P<const int>(a[2]), P<float>(a[3]), I(a[4]), I(a[5]),     \
-              I(a[6]), I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), I(a[12]), I(a[13]), P<float>(a[14]),      \
-              I(a[15]), P<unsigned>(a[16]), P<float>(a[17]));                                                    \
-     }}}
-#define ATTEND_SELECT_CERT(NAME, T)                                                                             \
-    {#NAME, {33, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<int>(a[4]),            \
-              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
-              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), I(a[20]), \
-              a[21].f, P<const float>(a[22]), P<const float>(a[23]), I(a[24]), I(a[25]), P<unsigned>(a[26]),     \
-              I(a[27]), a[28].tm, a[29].tm, P<const float>(a[30]), P<const float>(a[31]), I(a[32]));           \
-     }}}
-#define ATTEND_PAGED_SELECT_CERT(NAME, T)                                                                       \
-    {#NAME, {35, [](const std::vector<Arg>& a) {                                                                \
-         NAME(P<const T>(a[0]), P<const T>(a[1]), P<const T>(a[2]), P<const int>(a[3]), P<int>(a[4]),            \
-              P<int>(a[5]), P<float>(a[6]), P<float>(a[7]), P<unsigned>(a[8]), P<T>(a[9]), P<float>(a[10]),     \
-              I(a[11]), I(a[12]), I(a[13]), I(a[14]), I(a[15]), I(a[16]), I(a[17]), I(a[18]), I(a[19]), a[20].f, \
-              P<const float>(a[21]), P<const float>(a[22]), I(a[23]), I(a[24]), P<unsigned>(a[25]), I(a[26]),   \
-              P<const int>(a[27]), I(a[28]), I(a[29]), a[30].tm, a[31].tm, P<const float>(a[32]),               \
-              P<const float>(a[33]), I(a[34]));                                                                  \
-     }}}
 #define EACH_TYPE(KIND, NAME)                                                                                   \
     KIND(NAME##_bf16_d64, __nv_bfloat16), KIND(NAME##_bf16_d128, __nv_bfloat16), KIND(NAME##_fp16_d64, __half), \
         KIND(NAME##_fp16_d128, __half)
@@ -96,11 +71,6 @@ const harness::Kernels kKernels = {
     EACH_TYPE(ATTEND_SELECT, moba_decode_attend_select),
     EACH_TYPE(ATTEND_PAGED, moba_decode_attend_paged),
     EACH_TYPE(ATTEND_PAGED_SELECT, moba_decode_attend_paged_select),
-#if MOBA_DECODE_CENTROIDS_INPUT
-    EACH_TYPE(SCORE_CERT, moba_decode_route_score_cert),
-    EACH_TYPE(ATTEND_SELECT_CERT, moba_decode_attend_select_cert),
-    EACH_TYPE(ATTEND_PAGED_SELECT_CERT, moba_decode_attend_paged_select_cert),
-#endif
 };
 
 }  // namespace

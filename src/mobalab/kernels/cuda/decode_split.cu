@@ -80,10 +80,6 @@
 //    against 63.0-66.0, B 64 k 4 44.5 / 45.9, 32K 51.6 / 52.8, 128K batch 1 27.5 / 29.0). Each CTA repeats the
 //    selection, so a plan whose attention CTAs run in several waves keeps the select launch (at 32K, batch 64, in
 //    four waves: 12 us longer).
-//    Certified fp32 routing (the default for fp32 routing of these plans; the input build's *_cert_* kernels, see
-//    "certified fp32 routing" below): the score pass streams the 16-bit means and bounds each batch's mean norms,
-//    and each selecting warp takes its row's best k-1 + 24 (at most 32) by those scores, then rescores from the fp32 sums the
-//    candidates the error bound cannot rank: the fp32 selection from half the score pass's bytes.
 // 3. moba_decode_attend_*: cpg CTAs of 4 warps per (sequence, kv head) (about one wave of three per SM; every
 //    CTA of a kv head reads its set, in windows of 128 words, and numbers the selected blocks in ascending
 //    order, batches of at most 128). Item u * n_chunks + c is chunk c (<= 64 tokens) of the u-th selected block
@@ -502,48 +498,22 @@ __device__ __forceinline__ float4 dsp_ld_row(const float4* p) { return dec_ld_st
 #endif
 #endif
 
-// Certified fp32 routing (the score pass built with MOBA_DECODE_CENTROIDS_INPUT=1, its CERT kernels): a bound on
-// the Euclidean norms of a batch's 16-bit means, M_t >= max_j ||T(S_j / B)|| over its blocks j, from the widened
-// rows a warp holds: each lane's largest partial sum of squares over its blocks, summed over the 8 lanes of a block
-// (>= the largest block's sum) and the largest over the 4 block groups, then 2^-58 for the squares that flush to
-// zero. Lane 0 stores it (out: the batch's slot, or null for a row group after the first: the same value).
-template <int NP, int NV>
-__device__ __forceinline__ void dsp_batch_norm(const float4 (&sv)[NP][NV], int lane, float* out) {
-    float mx = 0.f;
-#pragma unroll
-    for (int p = 0; p < NP; ++p) {
-        float ss = 0.f;
-#pragma unroll
-        for (int m = 0; m < NV; ++m)
-            ss += sv[p][m].x * sv[p][m].x + sv[p][m].y * sv[p][m].y + sv[p][m].z * sv[p][m].z + sv[p][m].w * sv[p][m].w;
-        mx = fmaxf(mx, ss);
-    }
-    mx += __shfl_xor_sync(DEC_FULL, mx, 1);
-    mx += __shfl_xor_sync(DEC_FULL, mx, 2);
-    mx += __shfl_xor_sync(DEC_FULL, mx, 4);
-    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 8));
-    mx = fmaxf(mx, __shfl_xor_sync(DEC_FULL, mx, 16));
-    if (lane == 0 && out != nullptr) *out = sqrtf(mx) * 1.0001f + 0x1p-58f;
-}
-
 // Block sums of one score batch of a warp (DSP_SCORE_LOADS float4 loads per lane, 8 lanes per block sum): 16 at
 // d 128, 32 at d 64; a batch top covers that many blocks of a row.
 __host__ __device__ constexpr int dsp_score_batch(int d) { return 4 * (DSP_SCORE_LOADS / (d / 32)); }
 
 // Shared memory: [flags] own [rpg] | (16-byte aligned) qs [rpg][D] fp32.
-template <typename T, int D, bool TOPS, bool CERT = false>
+template <typename T, int D, bool TOPS>
 __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const dsp_row_t<T>* __restrict__ sums,
                                           const int* __restrict__ lengths, float* __restrict__ scores, int q_len,
                                           int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg,
                                           int rpg, int n_range, int range_blocks, int n_cols,
-                                          float* __restrict__ tops, int n_bat, unsigned* __restrict__ released,
-                                          float* __restrict__ bnorm = nullptr) {
+                                          float* __restrict__ tops, int n_bat, unsigned* __restrict__ released) {
     constexpr int NV = D / 32;                  // float4 vectors of one lane's slice of a block sum
     constexpr int NP = DSP_SCORE_LOADS / NV;    // block sums per lane and batch
     constexpr int BW = 4 * NP;                  // block sums per warp batch (4 per pass of 8 lanes each)
     static_assert(BW == dsp_score_batch(D), "one batch size for the score pass and the selection from its tops");
     static_assert(NP <= 8 && NP * NV == DSP_SCORE_LOADS, "a batch slot per lane part");
-    static_assert(!CERT || MOBA_DECODE_CENTROIDS_INPUT, "the certified score pass streams the 16-bit means");
     DEC_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int item = blockIdx.x;
@@ -600,8 +570,6 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const dsp_row
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_widen<T>(sv[p][m]);
         }
 #endif
-        if constexpr (CERT)
-            dsp_batch_norm<NP, NV>(sv, lane, rg == 0 ? bnorm + (long long)bk * n_bat + base / BW : nullptr);
         for (int rr = 0; rr < nr; ++rr) {
             float4 qv[NV];
 #pragma unroll
@@ -897,166 +865,6 @@ __device__ __forceinline__ dsp_key dsp_select_row_tops(const float* __restrict__
     return lk;
 }
 
-// ---- certified fp32 routing from 16-bit means (the CERT kernels of the input build) ----
-//
-// centroid_precision "fp32" ranks a row's candidates by t_j = fl(q . S_j) (fp32 sums S_j); the certified kernels
-// stream the cache's 16-bit means T(S_j / B) instead (half the bytes) and recover the fp32 ranking exactly:
-//   s~_j = fl(q . m~_j), m~_j = T(x_j), x_j = S_j / B (B a power of two: t_j / B = fl(q . x_j) in any order of sums);
-//   |x_ji - m~_ji| <= u' |m~_ji| + eta (u' = u / (1 - u), u the unit roundoff of T, eta half its subnormal spacing),
-//   |fl(q . y) - q . y| <= gamma_d sum_i |q_i| |y_i| + d 2^-126 (gamma_d = d 2^-24 / (1 - d 2^-24); flushed
-//   subnormals), so by Cauchy-Schwarz
-//   |t_j / B - s~_j| <= (u' + gamma_d (2 + u')) ||q|| ||m~_j|| + (2 sqrt(d) ||q|| + 2 d) 2^-126 + eta sqrt(d) ||q||
-//                     <= E = c ||q|| M + c_abs,   M >= max_j ||m~_j|| over the row's batches (dsp_batch_norm),
-// with c and c_abs those constants times 1.01. Let v be the (k-1)-th best s~ of the row. Each of the k-1 best has
-// t / B >= v - E, and a candidate with s~_j < v - 2E has t_j / B < v - E: it is not among the best k-1 by t, nor
-// tied with them. So the best k-1 by t lie in P = {j : s~_j >= v - 2E}: the row's best lcap2 = k-1 + DSP_CERT_EXTRA
-// candidates by s~ (dsp_select_row_tops, exact; at most 32), of which P is a prefix unless the list's last entry is
-// still in P (then P is found from the batch tops: each batch whose top reaches v - 2E, its candidates that do). P is
-// rescored from the fp32 sums (dsp_exact_keys) and its best k-1 by
-// (t desc, block desc) are the selection: the fp32 router's, ranked by scores of one fp32 order of sums (the fp32
-// score pass sums in another order: the two differ only where scores tie to within fp32 rounding, as the
-// reference's do). Rows with ||q|| M >= 2^126 (overflow, inf, NaN in q) are rescored whole. On random keys a row
-// rescores about k-1 + 3 candidates (one round of loads), and the list of k-1 + 24 keeps the batch-top scan for
-// rows whose 16-bit means tie (measured on an H100: with a list of k-1 + 8, about one row a step at batch 8 found
-// more candidates within 2E than it held, and rescoring that row whole, 4095 candidates at 512K, took 0.5 ms).
-// u and eta of T (bf16's eta, 2^-134, lies within the 2 sqrt(d) ||q|| 2^-126 term: 0 here, it would flush anyway)
-template <typename T>
-struct dsp_cert_unit;
-template <>
-struct dsp_cert_unit<__nv_bfloat16> {
-    static constexpr float u = 0x1p-8f, eta = 0.f;
-};
-template <>
-struct dsp_cert_unit<__half> {
-    static constexpr float u = 0x1p-11f, eta = 0x1p-25f;
-};
-#ifndef DSP_CERT_EXTRA
-#define DSP_CERT_EXTRA 24  // list entries beyond k-1 (at most 32 in all) that the 16-bit scores rank
-#endif
-#ifndef DSP_CERT_SLOTS
-#define DSP_CERT_SLOTS 12  // candidates rescored per round of loads at d 128 (24 at d 64): one round on most rows
-#endif
-
-__device__ __forceinline__ float dsp_key_score(dsp_key k) {  // the score of a key (k != 0)
-    const unsigned u = (unsigned)(k >> 32);
-    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
-}
-
-// Keys (t_j, j) of the lanes' candidates cj (-1: none; candidates in the low lanes), t_j = q . S_j in fp32 from the
-// kv head's sums bsum: D / 4 lanes per candidate (lane l holds float4 l % (D / 4) of it, qv the same of q), up to
-// DSP_CERT_SLOTS candidate slots' loads in flight, a butterfly per slot; lane c returns candidate c's key (0 for
-// none).
-template <int D>
-__device__ __forceinline__ dsp_key dsp_exact_keys(const float* __restrict__ bsum, const float4& qv, int cj, int lane) {
-    constexpr int LPC = D / 4, CPS = 32 / LPC;  // lanes per candidate, candidates per slot
-    static_assert(LPC <= 32 && 32 % LPC == 0, "a candidate's float4s in one warp");
-    constexpr int NS = DSP_CERT_SLOTS;          // candidate slots whose loads are in flight together
-    const int nc = __popc(__ballot_sync(DEC_FULL, cj >= 0));
-    float t = 0.f;
-    for (int s0 = 0; s0 * CPS < nc; s0 += NS) {
-        float4 sv[NS];
-#pragma unroll
-        for (int u = 0; u < NS; ++u) {
-            const int j = __shfl_sync(DEC_FULL, cj, ((s0 + u) * CPS + lane / LPC) & 31);
-            sv[u] = (s0 + u) * CPS < 32 && j >= 0
-                        ? dec_ld_stream(reinterpret_cast<const float4*>(bsum + (long long)j * D) + lane % LPC)
-                        : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < NS; ++u) {
-            float a = qv.x * sv[u].x + qv.y * sv[u].y + qv.z * sv[u].z + qv.w * sv[u].w;
-#pragma unroll
-            for (int o = 1; o < LPC; o <<= 1) a += __shfl_xor_sync(DEC_FULL, a, o);
-            const float got = __shfl_sync(DEC_FULL, a, (lane % CPS) * LPC);  // candidate (s0 + u) * CPS + lane % CPS
-            if (lane / CPS == s0 + u) t = got;
-        }
-    }
-    return dsp_make_key(t, cj);
-}
-
-// One row's selection by the fp32 scores from its 16-bit means (see above): lk2, the best lcap2 candidates by s~
-// (one per lane), -> the best lcap by t (one per lane, lanes >= lcap 0). src / tsrc: the row's scores s~ and batch
-// tops (batches of bw blocks); qv: float4 lane % (D / 4) of the row's query in fp32; qn its norm bound, mb the row's
-// batch-norm bound M; n candidate blocks 0 .. n - 1.
-template <typename T, int D>
-__device__ __forceinline__ dsp_key dsp_certify_row(dsp_key lk2, const float* __restrict__ src,
-                                                   const float* __restrict__ tsrc, int bw,
-                                                   const float* __restrict__ bsum, const float4& qv, float qn,
-                                                   float mb, int n, int lcap, int lcap2, int lane) {
-    constexpr float u = dsp_cert_unit<T>::u, eta = dsp_cert_unit<T>::eta;
-    constexpr float up = u / (1.f - u);
-    constexpr float gam = D * 0x1p-24f / (1.f - D * 0x1p-24f);
-    constexpr float c = 1.01f * (up + gam * (2.f + up));
-    constexpr float sqd = D == 128 ? 11.3137085f : 8.f;
-    if (lcap == 0) return 0ull;
-    // q = 0 (e.g. an idle sequence's query): every score is +-0 (NaN for a block holding NaN or inf) in both
-    // precisions alike, so the 16-bit scores' list is the selection (and no tie needs a row's every sum)
-    if (!__any_sync(DEC_FULL, qv.x != 0.f || qv.y != 0.f || qv.z != 0.f || qv.w != 0.f))
-        return lane < lcap ? lk2 : 0ull;
-    bool whole = !(qn * mb < 0x1p126f);  // overflow, inf or NaN: every candidate rescored
-    float theta = dec_neg_inf();
-    if (!whole) {
-        const float e = c * qn * mb + 1.01f * ((2.f * sqd * qn + 2.f * D) * 0x1p-126f + eta * sqd * qn);
-        const dsp_key kv = dsp_shfl(lk2, lcap - 1);
-        // theta = v - 2E, rounded down (an empty entry lcap - 1: fewer candidates than k - 1, all selected)
-        const float v = kv ? dsp_key_score(kv) : dec_neg_inf();
-        const bool inf = (__float_as_uint(v) & 0x7fffffffu) == 0x7f800000u;
-        theta = inf ? v : v - 2.002f * e - fabsf(v) * 0x1p-20f;
-        whole = dec_isnan(theta);
-        const dsp_key tk = dsp_make_key(theta, 0);
-        const bool in = lk2 != 0ull && (kv == 0ull || whole || lk2 >= tk);
-        const bool overflow = __shfl_sync(DEC_FULL, in ? 1 : 0, lcap2 - 1) != 0 && lcap2 < n;
-        if (!overflow) {
-            dsp_key key = dsp_exact_keys<D>(bsum, qv, in ? dsp_key_block(lk2) : -1, lane);
-            dsp_warp_sort(key, lane);
-            return lane < lcap ? key : 0ull;
-        }
-    }
-    // The band's candidates found from the batch tops (every candidate where `whole`), rescored 32 at a time: only
-    // where more candidates lie within 2E than the list holds (blocks whose 16-bit means tie) or the bound is
-    // not finite.
-    dsp_key lk = 0ull;
-    bool fresh = true;
-    int pend = -1, npend = 0;
-    auto flush = [&] {
-        dsp_key key = dsp_exact_keys<D>(bsum, qv, lane < npend ? pend : -1, lane);
-        if (fresh) {
-            dsp_warp_sort(key, lane);
-            lk = lane < lcap ? key : 0ull;
-            fresh = false;
-        } else {
-            dsp_offer(lk, key, lcap, lane);
-        }
-        npend = 0;
-        pend = -1;
-    };
-    const int nb = (n + bw - 1) / bw;
-    for (int c0 = 0; c0 < nb; c0 += 32) {
-        const int t = c0 + lane;
-        const float tp = t < nb ? dsp_ld_score(tsrc + t) : dec_nan();
-        unsigned bm = __ballot_sync(DEC_FULL, t < nb && (whole || (!dec_isnan(tp) && !(tp < theta))));
-        while (bm) {
-            const int tb = c0 + __ffs(bm) - 1;
-            bm &= bm - 1u;
-            for (int i0 = 0; i0 < bw; i0 += 32) {  // the batch's candidates (bw <= 32 at d 64 / 128)
-                const int j = tb * bw + i0 + lane;
-                const bool cand = i0 + lane < bw && j < n;
-                const float sc = cand ? dsp_ld_score(src + j) : dec_nan();
-                unsigned m = __ballot_sync(DEC_FULL, cand && (whole || (!dec_isnan(sc) && !(sc < theta))));
-                while (m) {
-                    const int from = __ffs(m) - 1;
-                    m &= m - 1u;
-                    const int jj = __shfl_sync(DEC_FULL, j, from);
-                    if (lane == npend) pend = jj;
-                    if (++npend == 32) flush();
-                }
-            }
-        }
-    }
-    if (npend > 0) flush();
-    return lk;
-}
-
 // ---- attention ----
 
 // The K / V copies: dec_cp_async16, or the same copy with an L2 prefetch size hint (build option).
@@ -1135,7 +943,7 @@ __device__ __forceinline__ int dsp_stage_at(int r, int rsw, int ch, int chunk) {
 // Tensor maps (DSP_ATTN_TMA): the stages come first (the copy engine's swizzle needs them 1 KB-aligned, and the
 // dynamic shared memory starts so), each K or V stage D / 64 boxes of [chunk][64]; the stages' mbarriers sit in
 // the flags from byte DSP_ATTN_BARS; the merge reuses the stages alone.
-template <typename T, int D, bool PAGED, bool SELECT, typename SelPtr, bool CERT = false>
+template <typename T, int D, bool PAGED, bool SELECT, typename SelPtr>
 __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const int* __restrict__ lengths,
                                            SelPtr __restrict__ sel, int* __restrict__ table,
@@ -1147,10 +955,7 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                            const float* __restrict__ scores, const float* __restrict__ tops,
                                            int n_cols, int n_bat, unsigned* __restrict__ released, int n_score,
                                            const int* __restrict__ page_table, int page_size, int pages_per_seq,
-                                           const moba_tensor_map* kmap, const moba_tensor_map* vmap,
-                                           const float* __restrict__ csums = nullptr,
-                                           const float* __restrict__ bnorm = nullptr, int n_blocks_cap = 0) {
-    static_assert(!CERT || SELECT, "the certified selection is the selecting kernels'");
+                                           const moba_tensor_map* kmap, const moba_tensor_map* vmap) {
     constexpr int CPL = D / 32;  // columns per lane in P.V and the merge
     constexpr int ROWS = DSP_ATTN_ROWS;
     constexpr int NW = DSP_ATTN_WARPS;
@@ -1264,35 +1069,9 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
 #else
             unsigned long long* const tr_sel = nullptr;
 #endif
-            dsp_key lk;
-            if constexpr (CERT) {
-                // the row's query in fp32 (float4 lane % (D / 4)) and bounds on its norm and its batches' norms
-                constexpr int LPC = D / 4;
-                const int n = lcap > 0 ? own : 0, nb = (n + dsp_score_batch(D) - 1) / dsp_score_batch(D);
-                float mb = 0.f;
-#pragma unroll 8
-                for (int t = lane; t < nb; t += 32) mb = fmaxf(mb, dsp_ld_score(bnorm + (long long)g * n_bat + t));
-                float qf[4];
-                dec_load_cols<T, 4>(qc + r * D + (lane % LPC) * 4, qf);
-                const float4 qv = make_float4(qf[0], qf[1], qf[2], qf[3]);
-                float qn = lane < LPC ? qv.x * qv.x + qv.y * qv.y + qv.z * qv.z + qv.w * qv.w : 0.f;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    qn += __shfl_xor_sync(DEC_FULL, qn, o);
-                    mb = fmaxf(mb, __shfl_xor_sync(DEC_FULL, mb, o));
-                }
-                qn = sqrtf(qn) * 1.0001f + 0x1p-58f;
-                const int lcap2 = min(32, lcap + DSP_CERT_EXTRA);
-                lk = dsp_certify_row<T, D>(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0, n,
-                                                               dsp_score_batch(D), lcap2, lane, tr_sel),
-                                           scores + row * n_cols, tops + row * n_bat, dsp_score_batch(D),
-                                           csums + (long long)g * n_blocks_cap * D, qv, qn, mb, n, lcap, lcap2,
-                                           lane);
-            } else {
-                lk = dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0, lcap > 0 ? own : 0,
-                                         dsp_score_batch(D), lcap, lane, tr_sel);
-            }
-            const int lj = dsp_key_block(lk);
+            const int lj = dsp_key_block(dsp_select_row_tops(scores + row * n_cols, tops + row * n_bat, t0,
+                                                             lcap > 0 ? own : 0, dsp_score_batch(D), lcap,
+                                                             lane, tr_sel));
             if (r == warp) {  // the first row: slot 18, and its split into slots 20 .. 23
 #if DSP_ATTN_TRACE
                 for (int x = 0; x < 4; ++x) tr_acc[12 + x] += tr_sel[1 + x];
@@ -1862,56 +1641,6 @@ __device__ __forceinline__ void dsp_attend(const T* __restrict__ q, const T* __r
                                  pages_per_seq, &kmap, &vmap);                                                    \
   }
 
-// The certified fp32 routing (the input build only: it streams the 16-bit means): the score pass of the selecting
-// kernels that also bounds every batch's mean norms (bnorm (b, kv_heads, n_bat)), and the selecting attention
-// kernels that rank by the fp32 sums csums (b, kv_heads, n_blocks_cap, D) where the 16-bit scores cannot decide.
-#define MOBA_DECODE_SCORE_CERT_KERNEL(NAME, T, D)                                                                 \
-  extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SCORE_MIN_CTAS) NAME(                             \
-      const T* __restrict__ q, const float* __restrict__ sums, const int* __restrict__ lengths,                   \
-      float* __restrict__ scores, int q_len, int heads, int kv_heads, int n_blocks_cap, int block_size, int n_rg, \
-      int rows_per_group, int n_range, int range_blocks, int n_cols, float* __restrict__ tops, int n_bat,         \
-      unsigned* __restrict__ released, float* __restrict__ bnorm) {                                               \
-    dec_grid_launch_dependents();                                                                                 \
-    dsp_score<T, D, true, true>(q, reinterpret_cast<const dsp_row_t<T>*>(sums), lengths, scores, q_len, heads,  \
-                                kv_heads, n_blocks_cap, block_size, n_rg, rows_per_group, n_range, range_blocks,  \
-                                n_cols, tops, n_bat, released, bnorm);                                            \
-  }
-
-#define MOBA_DECODE_ATTEND_SELECT_CERT_KERNEL(NAME, T, D)                                                         \
-  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
-      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
-      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
-      int q_len, int heads, int kv_heads, int capacity, int block_size, int top_k, int n_chunks, int chunk,       \
-      int n_words, int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops,    \
-      int n_cols, int n_bat, unsigned* __restrict__ released, int n_score,                                        \
-      const __grid_constant__ moba_tensor_map kmap, const __grid_constant__ moba_tensor_map vmap,                 \
-      const float* __restrict__ csums, const float* __restrict__ bnorm, int n_blocks_cap) {                       \
-    dsp_attend<T, D, false, true, int*, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse,  \
-                                              q_len, heads, kv_heads, capacity, block_size, top_k, n_chunks,      \
-                                              chunk, n_words, cpg, 1, scale_log2, scores, tops, n_cols, n_bat,    \
-                                              released, n_score, nullptr, 0, 0, &kmap, &vmap, csums, bnorm,       \
-                                              n_blocks_cap);                                                      \
-  }
-
-#define MOBA_DECODE_ATTEND_PAGED_SELECT_CERT_KERNEL(NAME, T, D)                                                   \
-  extern "C" __global__ void __launch_bounds__(DSP_ATTN_THREADS, DSP_ATTN_MIN_CTAS) NAME(                        \
-      const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ lengths, \
-      int* __restrict__ sel, int* __restrict__ table, float* __restrict__ part_o,                                 \
-      float* __restrict__ part_ml, unsigned* __restrict__ counters, T* __restrict__ out, float* __restrict__ lse, \
-      int q_len, int heads, int kv_heads, int block_size, int top_k, int n_chunks, int chunk, int n_words,        \
-      int cpg, float scale_log2, const float* __restrict__ scores, const float* __restrict__ tops, int n_cols,     \
-      int n_bat, unsigned* __restrict__ released, int n_score, const int* __restrict__ page_table, int page_size, \
-      int pages_per_seq, const __grid_constant__ moba_tensor_map kmap,                                            \
-      const __grid_constant__ moba_tensor_map vmap, const float* __restrict__ csums,                              \
-      const float* __restrict__ bnorm, int n_blocks_cap) {                                                        \
-    dsp_attend<T, D, true, true, int*, true>(q, k, v, lengths, sel, table, part_o, part_ml, counters, out, lse,   \
-                                             q_len, heads, kv_heads, 0, block_size, top_k, n_chunks, chunk,       \
-                                             n_words, cpg, 1, scale_log2, scores, tops, n_cols, n_bat, released,  \
-                                             n_score, page_table, page_size, pages_per_seq, &kmap, &vmap, csums,  \
-                                             bnorm, n_blocks_cap);                                                \
-  }
-
 extern "C" __global__ void __launch_bounds__(DSP_THREADS, DSP_SELECT_MIN_CTAS) moba_decode_route_select(
     const float* __restrict__ scores, const int* __restrict__ lengths, int* __restrict__ sel, int* __restrict__ table,
     int q_len, int heads, int kv_heads, int block_size, int top_k, int n_cols, int n_words, int wpr) {
@@ -1942,17 +1671,3 @@ MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_bf16_d64,
 MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_bf16_d128,  __nv_bfloat16,  128)
 MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_fp16_d64,   __half,          64)
 MOBA_DECODE_ATTEND_PAGED_SELECT_KERNEL(moba_decode_attend_paged_select_fp16_d128,  __half,         128)
-#if MOBA_DECODE_CENTROIDS_INPUT
-MOBA_DECODE_SCORE_CERT_KERNEL(moba_decode_route_score_cert_bf16_d64,               __nv_bfloat16,   64)
-MOBA_DECODE_SCORE_CERT_KERNEL(moba_decode_route_score_cert_bf16_d128,              __nv_bfloat16,  128)
-MOBA_DECODE_SCORE_CERT_KERNEL(moba_decode_route_score_cert_fp16_d64,               __half,          64)
-MOBA_DECODE_SCORE_CERT_KERNEL(moba_decode_route_score_cert_fp16_d128,              __half,         128)
-MOBA_DECODE_ATTEND_SELECT_CERT_KERNEL(moba_decode_attend_select_cert_bf16_d64,     __nv_bfloat16,   64)
-MOBA_DECODE_ATTEND_SELECT_CERT_KERNEL(moba_decode_attend_select_cert_bf16_d128,    __nv_bfloat16,  128)
-MOBA_DECODE_ATTEND_SELECT_CERT_KERNEL(moba_decode_attend_select_cert_fp16_d64,     __half,          64)
-MOBA_DECODE_ATTEND_SELECT_CERT_KERNEL(moba_decode_attend_select_cert_fp16_d128,    __half,         128)
-MOBA_DECODE_ATTEND_PAGED_SELECT_CERT_KERNEL(moba_decode_attend_paged_select_cert_bf16_d64,  __nv_bfloat16,  64)
-MOBA_DECODE_ATTEND_PAGED_SELECT_CERT_KERNEL(moba_decode_attend_paged_select_cert_bf16_d128, __nv_bfloat16, 128)
-MOBA_DECODE_ATTEND_PAGED_SELECT_CERT_KERNEL(moba_decode_attend_paged_select_cert_fp16_d64,  __half,         64)
-MOBA_DECODE_ATTEND_PAGED_SELECT_CERT_KERNEL(moba_decode_attend_paged_select_cert_fp16_d128, __half,        128)
-#endif
