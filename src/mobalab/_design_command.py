@@ -283,7 +283,7 @@ def format_decode_cost(cost: pd.DataFrame | None) -> str:
     if cost is None:
         return "decode cost: no feasible block size to cost"
     c = cost.iloc[0]
-    rows = "16-bit block means" if c.get("centroid_precision", "fp32") == "input" else "fp32 block sums"
+    rows = "16-bit block means" if c["centroid_precision"] == "input" else "fp32 block sums"
     lines = [f"decode cost of B = {c['block_size']}, k = {c['top_k']} at N = {c['seq_len']} (batch {c['batch']}, "
              f"{c['heads']} / {c['kv_heads']} heads, d {c['head_dim']}, bf16, one token per step):",
              f"  {c['bytes_per_step'] / 1e6:.1f} MB of HBM per step ({c['centroid_bytes'] / 1e6:.1f} MB {rows} + "

@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
     ds.add_argument("--decode-bench-csv", default=None, metavar="CSV",
                     help="measured decode step times: decode.csv of `mobalab bench --decode`")
+    # kernels._contract.CENTROID_PRECISIONS, spelled out: importing the contract would load torch for every command
     ds.add_argument("--decode-centroid-precision", choices=("fp32", "input"), default="fp32",
                     help="the decode router's centroids: fp32 block sums (default) or the means rounded to the "
                          "cache's dtype (centroid_precision='input': half the routing bytes)")
