@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import mobalab.kernels
 from mobalab.kernels.reference import (
     dense_attention,
     moba_attention,
@@ -401,6 +402,39 @@ def test_results_do_not_depend_on_query_chunk(causal):
 
 
 # ---------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("entry", ["reference", "public"])
+def test_torch_compile_fullgraph_equals_eager(entry, causal):
+    # compiled, the call is one custom op whose body is this reference; fullgraph=True raises on a graph break
+    fn = moba_attention if entry == "reference" else mobalab.kernels.moba_attention
+
+    def f(q, k, v):
+        return fn(q, k, v, 2, 2, causal=causal, return_lse=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = randn(1, 11, 2, 2, 8, seed=31)
+    a = [x.clone().requires_grad_() for x in (q, k, v)]
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    got, want = compiled(*a), f(*b)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    w = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(32))
+    for x, y in zip(torch.autograd.grad((got[0] * w).sum() + got[1].sum(), a),
+                    torch.autograd.grad((want[0] * w).sum() + want[1].sum(), b), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    # non-finite inputs keep their eager results: a NaN key unroutes its block, a NaN value reaches its readers
+    k[0, 4, 1, 0] = v[0, 9, 0, 2] = float("nan")
+    with torch.no_grad():
+        got, want = compiled(q, k, v), f(q, k, v)
+    assert torch.isnan(got[0]).any()
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------
 # validation
 
 
@@ -681,3 +715,32 @@ def test_work_and_memory_follow_the_selected_blocks(causal):
     assert flops.get_total_flops() < dense / 4  # the masked dense computation did > 2x dense
     assert size.largest <= max(heads * seqlen * n_blocks, 2 * heads * seqlen * top_k * block)
     assert size.largest < seqlen * seqlen / 8
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_a_block_longer_than_the_sequence_costs_what_its_keys_cost(causal):
+    # Any B >= N is one block holding all N keys (docs/design.md, "MoBA semantics"), so every result equals that
+    # of B = N, and so does the work: padding to B keys would take 2**40 rows, more than can be allocated.
+    seqlen, top_k = 16, 2
+    q, k, v = randn(1, seqlen, 4, 2, 8, dtype=torch.float32, seed=24)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(25))
+
+    def everything(block):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with _LargestTensor() as size:
+            topk = moba_topk(q, k, block, top_k, causal=causal)
+            out, lse = moba_attention(*leaves, block, top_k, causal=causal, return_lse=True)
+            grads = torch.autograd.grad((out * dout).sum() + lse.sum(), leaves)
+            given = moba_attention_given_routing(q, k, v, topk, block, causal)
+            parts = [moba_attention_given_routing(q, k[:, a:b], v[:, a:b], topk, block, causal, key_offset=a)
+                     for a, b in ((0, 7), (7, seqlen))]
+            back = moba_attention_backward(dout, q, k[:, 7:], v[:, 7:], *given, topk, block, causal, key_offset=7)
+            results = (moba_centroids(k, block), topk, out, lse, *grads, *given, *parts[0], *parts[1], *back)
+        return [x.detach() for x in results], size.largest
+
+    want, want_size = everything(seqlen)
+    for block in (seqlen + 1, 2**40):
+        got, size = everything(block)
+        assert size <= want_size
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y), block

@@ -154,3 +154,19 @@ def test_rope_factor_measures_the_run_against_its_keys_at_the_anchor():
     # no RoPE (or a lone needle): no factor
     plain = routing_statistics(q_post, k_pre, qpos, npos, bsz, 3, span=r).iloc[0]
     assert np.isnan(plain["rope_factor"]) and np.isnan(plain["rope_factor_theory"])
+
+
+def test_a_block_longer_than_the_sequence_measures_as_one_block_of_it():
+    # Any B >= N is one block holding the whole sequence, so every measurement equals that of B = N, computed on
+    # the N scores alone: padding them to B = 2**40 could not even be allocated.
+    from mobalab.training._routing_statistics import measure_queries
+
+    q, k, qpos, npos = _planted(batch=2, n_q=2, seed=5)
+    want = measure_queries(q, k, qpos, npos, N, TOP_K)
+    got = measure_queries(q, k, qpos, npos, 2**40, TOP_K)
+    assert set(got) == set(want)
+    for key in set(want) - {"meta"}:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert got["raw_profile"].shape[-1] == 2 * N - 1
+    row = routing_statistics(q, k, qpos, npos, 2**40, TOP_K).iloc[0]
+    assert row["recall"] == 1.0 and row["valid_queries"] == 0  # every needle in the queries' own block

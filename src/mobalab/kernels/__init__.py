@@ -70,7 +70,8 @@ def _at_the_door(fn: str, named) -> bool:
 
 
 def moba_centroids(k, block_size: int):
-    """Per-block mean of the keys, fp32: (batch, n_blocks, kv_heads, d); see :func:`reference.moba_centroids`.
+    """Per-block mean of the keys, float32 (float64 for float64 keys): (batch, n_blocks, kv_heads, d); see
+    :func:`reference.moba_centroids`.
 
     Examples
     --------
@@ -115,7 +116,8 @@ def moba_attention(q, k, v, block_size: int, top_k: int, causal: bool = True, so
     ``mobalab::moba_attention_fwd``, :mod:`mobalab.kernels.autograd`): gradients w.r.t. q, k, v, none
     through the routing. ``deterministic=False`` accumulates dQ with float atomics (last bits may differ
     run to run); ``deterministic=True`` gives bit-identical gradients at some extra time and scratch.
-    CPU tensors run the torch reference (always deterministic; the flag is checked and ignored).
+    CPU tensors run the torch reference (always deterministic; the flag is checked and ignored), under
+    ``torch.compile`` as the same custom op.
     ``centroid_precision``: the routing's centroids, as :func:`moba_topk`.
 
     Examples

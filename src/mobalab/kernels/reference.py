@@ -35,15 +35,16 @@ over one block's keys, giving a partial :math:`(o_{t,s}, \mathrm{lse}_{t,s})`; a
     o_t = \sum_s e^{\mathrm{lse}_{t,s} - \mathrm{lse}_t}\, o_{t,s}.
 
 Rows that read the same (batch, kv head, block) share its keys and form one matrix product; segments of
-similar length are padded to a common length and batched. Work is :math:`O(N k B d)` per head (plus routing,
-:math:`O(N n d)`), and memory is bounded: queries are processed in chunks sized from a byte budget (or
-``query_chunk``), and under autograd each chunk is checkpointed (recomputed in backward). This makes the
-reference usable as the GPU oracle at long context; keep ``torch.backends.cuda.matmul.allow_tf32`` off
-(torch's default) there, or the fp32 matmuls lose precision.
+similar length are padded to a common length and batched. Work is :math:`O(N k \min(B, N) d)` per head (plus
+routing, :math:`O(N n d)`; a block longer than the sequence costs what its keys cost), and memory is bounded:
+queries are processed in chunks sized from a byte budget (or ``query_chunk``), and under autograd each chunk
+is checkpointed (recomputed in backward). This makes the reference usable as the GPU oracle at long context;
+keep ``torch.backends.cuda.matmul.allow_tf32`` off (torch's default) there, or the fp32 matmuls lose precision.
 
 Non-finite inputs. A query reads only its selected blocks, so a NaN or Inf in ``q``, ``k`` or ``v`` of token
 :math:`i` changes only the outputs of queries that attend :math:`i` (those become non-finite: an output
-element whose attended values include a non-finite one is NaN). A non-finite key also makes its block's
+element whose attended values include a non-finite one is NaN, or infinite where an infinite value meets only
+finite weights). A non-finite key also makes its block's
 centroid non-finite, and a block whose centroid is not finite scores NaN for every query (the CUDA router,
 which scores :math:`q\cdot c_{hi} + q\cdot c_{lo}` with :math:`c_{lo} = c - c_{hi}`, gets NaN there too). A
 score of NaN or :math:`-\infty` is never selected: such a block cannot take a slot (the slot stays -1), so
@@ -112,6 +113,9 @@ def moba_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def _centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
     batch, seqlen, kv_heads, dim = k.shape
+    # A block longer than the sequence is one block of all the keys, as a block of exactly seqlen is: summed as
+    # that, so that the zero padding (below) never outgrows the keys.
+    block_size = min(block_size, seqlen)
     n_blocks = math.ceil(seqlen / block_size)
     pad = n_blocks * block_size - seqlen
     # Zero rows added to the last block change its sum but not its count, which comes from the real length.
@@ -190,8 +194,9 @@ def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, t
     grouped = q.view(batch, chunk, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(
         batch, kv_heads, group * chunk, dim)
     scores = (grouped @ centroids[:, :n_scored].permute(0, 2, 3, 1)).view(batch, kv_heads, group, chunk, n_scored)
-    if bool(torch.isnan(scores.sum())):  # a NaN makes the sum NaN (so may opposite infinities: harmless)
-        scores = torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    # NaN ranks below every score (never selected). Replaced on every chunk rather than after a test for NaN: the
+    # test would read the scores back to the host, a synchronisation per chunk on a GPU.
+    scores.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if causal:
         past = torch.arange(n_scored, device=device).view(1, n_scored) < own.view(chunk, 1)
         scores.masked_fill_(~past, -math.inf)
@@ -415,12 +420,20 @@ def _segments(seg: torch.Tensor):
 
 def _block_rows(ids: torch.Tensor, block_size: int, seqlen: int, kv_heads: int,
                 key_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys of segments ``ids`` = ``(batch * kv_heads + kv head) * n_blocks + block``: their positions (S, B) and
-    their rows (S, B) in (batch, seqlen, kv_heads, d) flattened to rows, the keys being those of positions
+    """Keys of segments ``ids`` = ``(batch * kv_heads + kv head) * n_blocks + block``: their positions (S, W) and
+    their rows (S, W) in (batch, seqlen, kv_heads, d) flattened to rows, the keys being those of positions
     ``key_offset ..`` (n_blocks = ceil((key_offset + seqlen) / B)); positions not held read the nearest held
-    key (they are masked, :func:`_not_held`)."""
+    key (they are masked, :func:`_not_held`).
+
+    ``W = min(B, seqlen)``: a block holds at most that many of the keys, all of them inside the window of W
+    positions that starts at its first key held, moved back where needed to end inside the block. So a block
+    far longer than the keys costs what the keys cost; with ``B <= seqlen`` the window is the whole block.
+    """
     n_blocks = math.ceil((key_offset + seqlen) / block_size)
-    positions = ((ids % n_blocks) * block_size).unsqueeze(1) + torch.arange(block_size, device=ids.device)
+    width = min(block_size, seqlen)
+    first = (ids % n_blocks) * block_size
+    start = torch.minimum(first.clamp(min=key_offset), first + (block_size - width))
+    positions = start.unsqueeze(1) + torch.arange(width, device=ids.device)
     batch_kv = (ids // n_blocks).unsqueeze(1)
     held = (positions - key_offset).clamp(min=0, max=seqlen - 1)
     rows = ((batch_kv // kv_heads) * seqlen + held) * kv_heads + batch_kv % kv_heads
@@ -461,7 +474,7 @@ def _row_layout(topk: torch.Tensor, positions: torch.Tensor, block_size: int, kv
     """
     batch, chunk, heads, slots = topk.shape
     selected = topk >= 0
-    first_key = topk * block_size
+    first_key = topk.long() * block_size  # int64: an int32 product would wrap for blocks of 2**31 keys and more
     if key_range is not None:
         selected &= (first_key + block_size > key_range[0]) & (first_key < key_range[1])
         first_key = first_key.clamp(min=key_range[0])  # the block's first key held
@@ -539,9 +552,10 @@ def _attend(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.
     return out.view(batch, chunk, heads, dim), lse.view(batch, chunk, heads)
 
 
-def _attention_chunk_bytes(batch: int, heads: int, slots: int, block_size: int, dim: int) -> int:
+def _attention_chunk_bytes(batch: int, heads: int, slots: int, block_size: int, dim: int, n_keys: int) -> int:
+    """Scratch per query of a chunk's attention; a row reads at most ``min(B, n_keys)`` keys (:func:`_block_rows`)."""
     rows = batch * heads * slots
-    return rows * (block_size * _BYTES_PER_ROW_KEY + dim * _BYTES_PER_ROW_FEATURE)
+    return rows * (min(block_size, n_keys) * _BYTES_PER_ROW_KEY + dim * _BYTES_PER_ROW_FEATURE)
 
 
 def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk, query_offset=0, key_offset=None):
@@ -605,6 +619,12 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     chunk (default: sized from a 1 GiB budget); the result does not depend on it. ``centroid_precision``:
     the routing's centroids, as :func:`moba_topk`.
 
+    Under ``torch.compile`` (``fullgraph=True`` included), tensors not on a CUDA device run as the custom op
+    ``mobalab::moba_attention_fwd`` (:mod:`mobalab.kernels.autograd`), whose body is this module's
+    :func:`moba_topk` and :func:`moba_attention_given_routing`: the same ``out`` and ``lse``, bit for bit, and
+    gradients by :func:`moba_attention_backward` (equal up to rounding to those of the eager chunks; the op sizes
+    its chunks from the budget, ``query_chunk`` aside).
+
     Examples
     --------
     >>> import torch
@@ -627,9 +647,16 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    if torch.compiler.is_compiling() and not q.is_cuda:
+        # The routing and the segment loop below branch on tensor values, which a graph cannot hold; the compiler
+        # sees one opaque op instead (as the CUDA path and moba_attention_varlen do).
+        from .autograd import moba_attention_autograd
+
+        return moba_attention_autograd(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
+                                       return_lse=return_lse, centroid_precision=centroid_precision)
 
     n_blocks = math.ceil(seqlen / block_size)
-    chunk = _chunk_size(query_chunk, _attention_chunk_bytes(batch, heads, top_k, block_size, dim), seqlen)
+    chunk = _chunk_size(query_chunk, _attention_chunk_bytes(batch, heads, top_k, block_size, dim, seqlen), seqlen)
     route_chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
     with torch.no_grad():
         centroids = _prepared_centroids(k, block_size, centroid_precision)
@@ -689,7 +716,7 @@ def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
     slots = _check_routing(fn, topk, q, block_size, whole=not parts)
-    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
+    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, slots, block_size, dim, k.shape[1]), seqlen)
 
     def routing(lo, hi, q_chunk):
         return topk[:, lo:hi]
@@ -757,7 +784,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     block_size = min(_DENSE_BLOCK, seqlen)
     n_blocks = math.ceil(seqlen / block_size)
     blocks = torch.arange(n_blocks, device=q.device)
-    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, n_blocks, block_size, dim), positions.numel())
+    chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, n_blocks, block_size, dim, seqlen),
+                        positions.numel())
 
     def routing(lo, hi, q_chunk):
         pos = positions[lo:hi]
@@ -859,7 +887,7 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         dq = torch.zeros_like(q_rows)
         dk, dv = torch.zeros_like(k_rows), torch.zeros_like(v_rows)
         positions = torch.arange(query_offset, query_offset + seqlen, device=q.device)
-        chunk = _chunk_size(None, 2 * _attention_chunk_bytes(batch, heads, slots, block_size, dim), seqlen)
+        chunk = _chunk_size(None, 2 * _attention_chunk_bytes(batch, heads, slots, block_size, dim, n_keys), seqlen)
         for t0 in range(0, seqlen, chunk):
             t1 = min(seqlen, t0 + chunk)
             slot_index, pos, seg, _ = _row_layout(topk[:, t0:t1], positions[t0:t1], block_size, kv_heads,

@@ -104,7 +104,18 @@ def _check_inputs(q, k, query_pos, needle_pos, block_size, top_k):
             raise ValueError(f"{fn}: {name} must be an integer >= 1, got {v!r}")
 
 
-def _score_stats(s, t_blk, c_star, p, block_size, n_blocks):
+def _block_sums(s, block_size):
+    """Sums of the last axis over consecutive blocks of ``block_size`` (the last one partial):
+    (..., N) -> (..., ceil(N / B))."""
+    n = s.shape[-1]
+    # A block longer than the axis holds all of it and is summed as a block of N, so that the zero padding never
+    # outgrows the scores.
+    width = min(block_size, n)
+    n_blocks = math.ceil(n / width)
+    return torch.nn.functional.pad(s, (0, n_blocks * width - n)).view(*s.shape[:-1], n_blocks, width).sum(-1)
+
+
+def _score_stats(s, t_blk, c_star, p, block_size):
     """Per-query statistics of one score tensor s (b, Q, H, N) (module docstring)."""
     b, nq, h, n = s.shape
     dev = s.device
@@ -115,11 +126,12 @@ def _score_stats(s, t_blk, c_star, p, block_size, n_blocks):
     mu_n = (s * mask).sum(-1) / cnt
     var_n = (((s - mu_n[..., None]) ** 2) * mask).sum(-1) / (cnt - 1)
     s_p = s.gather(-1, p.view(b, nq, 1, 1).expand(b, nq, h, 1)).squeeze(-1)
-    pad = n_blocks * block_size - n
-    blocks = torch.nn.functional.pad(s, (0, pad)).view(b, nq, h, n_blocks, block_size).sum(-1)
+    blocks = _block_sums(s, block_size)
     blk_sum_star = blocks.gather(-1, c_star.view(b, nq, 1, 1).expand(b, nq, h, 1)).squeeze(-1)
-    offsets = torch.arange(-(block_size - 1), block_size, device=dev)
-    pos = p[..., None] + offsets  # (b, Q, 2B-1)
+    # offsets δ that can lie in the needle's block: |δ| <= R = min(B, N) - 1 (beyond N - 1 none is in the sequence)
+    reach = min(block_size, n) - 1
+    offsets = torch.arange(-reach, reach + 1, device=dev)
+    pos = p[..., None] + offsets  # (b, Q, 2R+1)
     inside = (pos >= 0) & (pos < n) & (torch.div(pos, block_size, rounding_mode="floor") == c_star[..., None])
     prof = s.gather(-1, pos.clamp(0, n - 1).unsqueeze(2).expand(b, nq, h, offsets.numel())) - mu_n[..., None]
     prof = torch.where(inside.unsqueeze(2), prof, torch.full_like(prof, float("nan")))
@@ -170,16 +182,15 @@ def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, so
     t_blk = torch.div(query_pos, block_size, rounding_mode="floor")
     c_star = torch.div(needle_pos, block_size, rounding_mode="floor")
 
-    raw = _score_stats(s, t_blk, c_star, needle_pos, block_size, n_blocks)
+    raw = _score_stats(s, t_blk, c_star, needle_pos, block_size)
     qn = qv.norm(dim=-1).clamp_min(1e-30)  # (b, Q, H)
     kn = kf.norm(dim=-1).clamp_min(1e-30).permute(0, 2, 1)  # (b, H, N)
     cos = s / (qn[..., None] * kn[:, None])
-    cosine = _score_stats(cos, t_blk, c_star, needle_pos, block_size, n_blocks)
+    cosine = _score_stats(cos, t_blk, c_star, needle_pos, block_size)
 
     # block-level: centroid score = mean of the block's token scores (the centroid is linear in the keys)
-    pad = n_blocks * block_size - n
     counts = torch.clamp(n - torch.arange(n_blocks, device=dev) * block_size, max=block_size).to(s.dtype)
-    blk = torch.nn.functional.pad(s, (0, pad)).view(b, -1, h, n_blocks, block_size).sum(-1) / counts
+    blk = _block_sums(s, block_size) / counts
     bid = torch.arange(n_blocks, device=dev)
     nb_mask = ((bid.view(1, 1, -1) < t_blk[..., None]) & (bid.view(1, 1, -1) != c_star[..., None]))
     nb_cnt = nb_mask.sum(-1)
@@ -231,7 +242,8 @@ def concat_measurements(parts: list[dict]) -> dict:
 
 
 def _profile_cluster(profile: np.ndarray, block_size: int, delta_mu: float, delta_mu_eff: float):
-    """(m, mu_cluster - mu_noise) from per-query excess profiles (queries, 2B-1) (module docstring)."""
+    """(m, mu_cluster - mu_noise) from per-query excess profiles (queries, 2R+1) of the offsets |δ| <= R,
+    R = min(B, N) - 1 (module docstring)."""
     from mobalab.snr import cluster_stats
 
     cnt = np.sum(np.isfinite(profile), axis=0)
@@ -240,11 +252,12 @@ def _profile_cluster(profile: np.ndarray, block_size: int, delta_mu: float, delt
         sq = np.where(cnt > 1, np.nansum((profile - mean) ** 2, axis=0) / np.maximum(cnt - 1, 1), np.inf)
         se = np.sqrt(sq / np.maximum(cnt, 1))
     mean = np.where(np.abs(mean) > 3.0 * se, mean, 0.0)
-    offsets = np.arange(-(block_size - 1), block_size)
+    reach = (profile.shape[1] - 1) // 2
+    offsets = np.arange(-reach, reach + 1)
     weighted = mean * (block_size - np.abs(offsets)) / block_size
     if not np.any(weighted > 0):
         return 1.0, math.nan
-    _, m, _ = cluster_stats(weighted, block_size - 1)
+    _, m, _ = cluster_stats(weighted, reach)
     cluster = (delta_mu_eff - delta_mu) / (m - 1.0) if m > 1.0 + 1e-9 else math.nan
     return float(m), float(cluster)
 
