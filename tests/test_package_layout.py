@@ -1,5 +1,6 @@
 """Layout of the theory and Monte Carlo packages: one public face per package, unambiguous module names."""
 
+import importlib
 import pkgutil
 import re
 from pathlib import Path
@@ -81,6 +82,33 @@ def test_theory_files_name_no_outside_documents(path):
     assert not re.search(r"\bissues?\b|#\d{2,}", text, re.IGNORECASE), f"{path.name} names an issue"
     for name in re.findall(r"[\w.-]+\.md\b", text):
         assert name in ("design.md", "README.md", "RESULTS.md"), f"{path.name} names {name}"
+
+
+# mobalab's API as docs/design.md quotes it: `mobalab.snr.snr`, or `snr.snr` (mobalab understood)
+API_NAME = re.compile(r"`(?:mobalab\.)?((?:snr|simulate|stats|kernels|training|bench|distributed|integrations)"
+                      r"(?:\.\w+)+)")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``mobalab.<dotted>`` is a module or an attribute of one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("mobalab." + ".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_design_names_only_api_that_exists():
+    names = set(API_NAME.findall(DESIGN.read_text(encoding="utf-8")))
+    assert "snr.hit_probability" in names  # the pattern finds the names the document quotes
+    assert sorted(n for n in names if not _resolves(n)) == []
 
 
 PUBLIC = [(pkg, name) for pkg in (mobalab.snr, mobalab.simulate, mobalab.stats) for name in pkg.__all__]

@@ -3,6 +3,8 @@ turned away at the door with a message naming the argument, before any dispatch 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,30 @@ def test_cpu_dispatch_runs_the_reference():
                                rtol=0, atol=0)
     assert torch.equal(K.moba_topk(q, k, 4, 2), K.moba_topk_reference(q, k, 4, 2))
     assert torch.equal(K.moba_centroids(k, 4), K.moba_centroids_reference(k, 4))
+
+
+def _public_docstrings() -> dict[str, str]:
+    from mobalab.kernels import reference
+    from mobalab.kernels.autograd import moba_attention_autograd
+
+    funcs = {name: getattr(K, name) for name in K.__all__}
+    funcs |= {f"reference.{name}": getattr(reference, name) for name in reference.__all__}
+    funcs["moba_attention_autograd"] = moba_attention_autograd
+    return {name: f.__doc__ or "" for name, f in funcs.items()}
+
+
+def test_docstrings_list_the_head_dims_of_the_contract():
+    # a list of head dims copied into a docstring goes stale when the kernels gain one
+    from mobalab.kernels._contract import CUDA_HEAD_DIMS
+
+    for name, doc in _public_docstrings().items():
+        for listed in re.findall(r"head[ _]dims?\s+(\d+(?:\s*(?:/|,|and|or)\s*\d+)*)", doc):
+            assert {int(x) for x in re.findall(r"\d+", listed)} == set(CUDA_HEAD_DIMS), (name, listed)
+
+
+def test_docstrings_give_the_lse_dtype_of_float64_inputs():
+    # every entry returns lse in float32, float64 for float64 inputs (the reference's compute dtype)
+    for name, doc in _public_docstrings().items():
+        for sentence in re.split(r"\.\s", " ".join(doc.split())):
+            if "lse" in sentence and re.search(r"\b(fp32|float32)\b", sentence):
+                assert "float64" in sentence or "fp64" in sentence, (name, sentence)

@@ -216,12 +216,12 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     ``q`` (batch, q_len, heads, head_dim), q_len 1..16, heads a multiple of the cache's kv_heads, same dtype
     and device as the cache; the queries' keys and values must already be appended (module docstring:
     positions and semantics). Returns ``out`` (batch, q_len, heads, head_dim) in q's dtype, and with
-    ``return_lse`` also ``lse`` (batch, q_len, heads) in fp32 (natural log). Equal to
-    :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal), with the same
-    ``centroid_precision``: "fp32" (the default) ranks the blocks by the fp32 means, "input" by the means rounded
-    to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes with it;
-    on the GPU the default kernel then reads those means from a 16-bit copy the cache keeps from its first such
-    call on, half the bytes of the fp32 sums).
+    ``return_lse`` also ``lse`` (batch, q_len, heads), the natural log, in float32 (float64 for a float64 cache).
+    Equal to :func:`mobalab.kernels.moba_attention` over the whole sequences at those positions (causal), with the
+    same ``centroid_precision``: "fp32" (the default) ranks the blocks by the fp32 means, "input" by the means
+    rounded to the cache's dtype (as MoBA and FlashMoBA store centroids; a model trained with that routing decodes
+    with it; on the GPU the default kernel then reads those means from a 16-bit copy the cache keeps from its first
+    such call on, half the bytes of the fp32 sums).
 
     CUDA tensors run one of two kernels (no gradient): by default two or three plain launches
     (cuda/decode_split.cu: scores of every candidate block from the cached block sums, the selection (inside the

@@ -509,8 +509,10 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     max_seqlen : int
         At least the longest sequence (checked).
     block_size, top_k, causal, softmax_scale, return_lse, deterministic, centroid_precision
-        As in :func:`mobalab.kernels.moba_attention`. CUDA tensors need what the CUDA kernels support
-        (bf16/fp16, head_dim 64/128, ...); CPU tensors run the torch reference (any float dtype).
+        As in :func:`mobalab.kernels.moba_attention`. CUDA tensors need what the CUDA kernels support, the
+        "cuda" path of the input contract (``mobalab.kernels._contract``: bf16/fp16, head_dim in
+        ``CUDA_HEAD_DIMS``, block_size in ``CUDA_BLOCK_SIZES``, top_k up to ``MAX_TOP_K``); CPU tensors run the
+        torch reference (any float dtype).
 
     Returns
     -------

@@ -226,12 +226,13 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
                             centroid_precision: str = "fp32"):
     """Differentiable MoBA attention through the ``mobalab::moba_attention_fwd`` custom op.
 
-    CUDA tensors: bf16/fp16, head dim 64/128, every block size and top-k of the CUDA forward; gradients
-    dq, dk, dv from the CUDA backward (``deterministic=True``: bit-identical dq run to run, at some extra time
-    and scratch; dk, dv are always reproducible). CPU tensors: the torch reference behind the same op (any
-    float dtype). Returns ``out`` and, with ``return_lse``, the natural-log ``lse`` (float32, float64 for
-    float64 inputs; the gradient w.r.t. it is honoured as well). ``centroid_precision``: the routing's
-    centroids, "fp32" or "input" (:func:`mobalab.kernels.reference.moba_topk`).
+    CUDA tensors: what the CUDA kernels support, the "cuda" path of the input contract
+    (``mobalab.kernels._contract``: bf16/fp16, head_dim in ``CUDA_HEAD_DIMS``, block_size in ``CUDA_BLOCK_SIZES``,
+    top_k up to ``MAX_TOP_K``); gradients dq, dk, dv from the CUDA backward (``deterministic=True``:
+    bit-identical dq run to run, at some extra time and scratch; dk, dv are always reproducible). CPU tensors: the
+    torch reference behind the same op (any float dtype). Returns ``out`` and, with ``return_lse``, the
+    natural-log ``lse`` (float32, float64 for float64 inputs; the gradient w.r.t. it is honoured as well).
+    ``centroid_precision``: the routing's centroids, "fp32" or "input" (:func:`mobalab.kernels.reference.moba_topk`).
 
     Examples
     --------
