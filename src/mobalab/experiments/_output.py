@@ -117,6 +117,20 @@ def _digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process's umask.
+
+    The staged files come from :func:`tempfile.mkstemp`, which creates them 0o600 whatever the umask, and a
+    rename keeps that mode; without this a result would be readable by its owner only. The umask can only be
+    read by setting it, so it is set and put back at once. That is process-wide: a file another thread
+    creates in that instant gets the interim 0o077 (private: never more open than the real umask makes
+    it), acceptable for the command line's single writer, and kept to this one function.
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_file(tmp: Path, write) -> None:
     """Write one staged file completely (``write(path)``) and flush it to disk."""
     write(tmp)
@@ -178,11 +192,13 @@ def write_run(out_dir, name: str, config, data: pd.DataFrame, figures: dict, ext
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path, Path]] = []  # (key, temporary, final)
+    mode = _file_mode()
 
     def stage(key: str, final: Path, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{final.name}.", suffix=".tmp")
         os.close(fd)
         staged.append((key, Path(tmp), final))
+        os.chmod(tmp, mode)
         _write_file(Path(tmp), write)
 
     committed = False
