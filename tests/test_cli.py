@@ -132,12 +132,11 @@ def test_bad_seed_is_refused_by_the_cli(experiment, seed, tmp_path, capsys):
     assert "numpy" not in err and not (tmp_path / "o").exists()
 
 
-def test_experiments_check_the_seed_themselves():
-    from mobalab.experiments import block_size, key_conv, needle_retrieval, snr_vs_accuracy
-
-    for mod in (block_size, key_conv, needle_retrieval, snr_vs_accuracy):
-        with pytest.raises(ValueError, match="seed must be an integer from 0"):
-            mod.run(mod.Config.quick(seed=-1))
+@pytest.mark.parametrize("experiment", experiments.names())
+def test_experiments_check_the_seed_themselves(experiment):
+    mod = experiments.get(experiment)
+    with pytest.raises(ValueError, match="seed must be an integer from 0"):
+        mod.run(mod.Config.quick(seed=-1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,8 +372,62 @@ def test_kernel_speed_bench_csv_flag(tmp_path, capsys):
     assert cli.main(["run", "kernel-speed", "--bench-csv", str(tmp_path / "nope.csv")]) == 2
     assert "argument --bench-csv" in capsys.readouterr().err
     assert cli.main(["run", "key-conv", "--bench-csv", "recorded", "--out", str(tmp_path / "kc")]) == 2
-    assert "--bench-csv applies to kernel-speed only" in capsys.readouterr().err
+    assert "--bench-csv applies to decode-cost and kernel-speed only, not to key-conv" in capsys.readouterr().err
     assert not (tmp_path / "kc").exists()
+
+
+def test_bench_csv_recorded_means_each_experiments_own_recorded_benchmark(tmp_path, capsys):
+    from mobalab.experiments import decode_cost
+
+    out = tmp_path / "dc"
+    assert cli.main(["run", "decode-cost", "--quick", "--bench-csv", "recorded", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert f"recorded decode benchmark {decode_cost.RECORDED_BENCH}" in capsys.readouterr().out.splitlines()[0]
+    df, meta = read_run(out, "decode-cost")
+    assert meta["config"]["bench_csv"].endswith(decode_cost.RECORDED_BENCH)
+    assert df["measured_ms"].notna().any()  # the recorded step times reached the table
+    # a recorded decode CSV by name; the forward CSV is refused by decode-cost before any work
+    assert cli.main(["run", "decode-cost", "--quick", "--bench-csv", "2026-12-01-h200-decode-7e51062.csv",
+                     "--out", str(tmp_path / "by-name"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "decode-cost", "--quick", "--bench-csv", "2026-11-22-h200-moba-forward-43ade7f.csv",
+                     "--out", str(tmp_path / "fwd")]) == 2
+    assert "lacks the columns" in capsys.readouterr().err and not (tmp_path / "fwd").exists()
+    assert cli.main(["run", "decode-cost", "--quick", "--bench-csv", "nope.csv", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "argument --bench-csv: decode benchmark CSV 'nope.csv' does not exist" in err
+    assert decode_cost.RECORDED_BENCH in err and "moba-forward" not in err  # lists the decode CSVs only
+
+
+def test_bench_csv_experiments_are_those_whose_config_takes_one():
+    import dataclasses
+
+    takes = sorted(n for n in experiments.names()
+                   if "bench_csv" in {f.name for f in dataclasses.fields(experiments.get(n).Config)})
+    assert list(cli._BENCH_CSV_EXPERIMENTS) == takes
+    assert all(hasattr(experiments.get(n), "find_bench_csv") for n in takes)
+
+
+def test_run_help_says_bench_csv_serves_both_experiments(capsys):
+    assert cli.main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "kernel-speed: a `mobalab bench` CSV" in text and "decode-cost: a `mobalab bench --decode` CSV" in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_result_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """0o666 less the umask, as open() would create them, not the 0o600 of the temporary files they start as."""
+    old = os.umask(umask)
+    try:
+        paths = _output.write_run(tmp_path, "demo", {"seed": 0}, pd.DataFrame({"x": [1]}), {})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for p in paths.values():
+        assert p.stat().st_mode & 0o777 == want, (p.name, oct(p.stat().st_mode))
 
 
 def test_bench_says_when_the_benchmark_cannot_be_imported(capsys, monkeypatch):
@@ -384,3 +437,55 @@ def test_bench_says_when_the_benchmark_cannot_be_imported(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "mobalab.bench.attention", None)  # import fails
     assert cli.main(["bench", "--quick"]) == 2
     assert "the attention benchmark cannot be imported here" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# stdout closed early (`mobalab list | head -1`): a quiet exit, no traceback
+
+
+def _with_stdout_closed(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m mobalab.cli ARGS`` with stdout a pipe whose reader is already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "mobalab.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                              cwd=cwd, timeout=300, text=True)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("args", [
+    ["list"],
+    ["design", "--head-dim", "128", "--seq-len", "32768", "--top-k", "8", "--target", "0.5", "--delta-mu", "0.5",
+     "--m", "4", "--block-sizes", "64,128"],
+    ["run", "decode-cost", "--quick", "--out", "bp", "--no-progress"],
+], ids=["list", "design", "run"])
+def test_a_closed_stdout_ends_quietly_with_the_sigpipe_status(args, tmp_path):
+    done = _with_stdout_closed(args, tmp_path)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert not (tmp_path / "bp").exists()  # a run that cannot say what it does stops before any work
+
+
+class _ClosesAfterFirstLine:
+    """A stdout whose reader goes away after the first line, as `| head -1` does."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        if "\n" in self.text:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.text += text
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_reader_that_leaves_after_the_first_line_keeps_the_finished_result(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _ClosesAfterFirstLine())
+    assert cli.main(["run", "fake", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 141
+    assert sys.stdout.text.startswith("fake (quick): 5 rows on the CPU")
+    df, _ = read_run(tmp_path / "o", "fake")  # written before the summary that found the pipe closed
+    assert len(df) == 5

@@ -83,7 +83,24 @@ def test_design_decode_cost_reads_a_decode_benchmark_csv(capsys, tmp_path):
     assert cli.main([*DESIGN, "--decode-context", "524288", "--decode-bench-csv", str(csv)]) == 0
     assert "measured step time: 0.125 ms, dense decode 4.000 ms (32.0x)" in capsys.readouterr().out
     assert cli.main([*DESIGN, "--decode-bench-csv", str(tmp_path / "missing.csv")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "argument --decode-bench-csv: decode benchmark CSV" in captured.err and "does not exist" in captured.err
+    assert captured.out == ""  # refused before the design table is printed
+
+
+@pytest.mark.parametrize("value", ["recorded", "2026-12-03-h200-decode-bb72941.csv", "2026-12-01-h200-decode-7e51062"])
+def test_design_takes_the_recorded_decode_benchmarks_as_run_does(value, capsys):
+    """The forms of `mobalab run decode-cost --bench-csv`: `recorded` and a recorded CSV's name, same resolution."""
+    from mobalab.experiments.decode_cost import RECORDED_BENCH, find_bench_csv
+
+    path = find_bench_csv(value)
+    assert path.name == (RECORDED_BENCH if value == "recorded" else value.removesuffix(".csv") + ".csv")
+    argv = [*DESIGN, "--decode-context", "524288"]  # B = 128, k = 8: a point every recorded benchmark timed
+    assert cli.main([*argv, "--decode-bench-csv", value]) == 0
+    out = capsys.readouterr().out
+    assert "measured step time: 0." in out and "no decode benchmark row" not in out
+    assert cli.main([*argv, "--decode-bench-csv", str(path)]) == 0
+    assert capsys.readouterr().out == out  # the same as the file's full path
 
 
 def test_design_decode_cost_of_input_precision_routing(capsys, tmp_path):

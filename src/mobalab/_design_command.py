@@ -242,7 +242,9 @@ def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32,
     One row of :func:`mobalab.experiments.decode_cost.decode_cost_table` (HBM bytes of a step from the byte
     model: fp32 block sums, or the 16-bit block means for ``centroid_precision="input"``, + K/V of the union of
     the selected blocks + q/out, against dense decode's whole cache; P(hit) of the newest token; ``measured_ms``
-    from a decode benchmark CSV's rows of that precision when given).
+    from a decode benchmark CSV's rows of that precision when given). ``bench_csv``: a path, ``"recorded"`` or
+    a recorded CSV's name, as ``mobalab run decode-cost --bench-csv`` takes it
+    (:func:`mobalab.experiments.decode_cost.find_bench_csv`).
 
     Examples
     --------

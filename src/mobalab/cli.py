@@ -10,7 +10,8 @@
 ``run`` checks the output folder before it computes anything (it must be creatable and writable, and hold
 no earlier result of the experiment unless ``--overwrite``), says what it will run and on which device,
 and writes the result so that an interrupt never leaves a mixed set of files
-(:mod:`mobalab.experiments._output`). Exit status: 0 done, 2 bad input, 130 interrupted.
+(:mod:`mobalab.experiments._output`). Exit status: 0 done, 2 bad input, 130 interrupted, 141 stdout closed
+(``mobalab list | head -1``; quietly, as a tool ended by SIGPIPE).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import sys
 import tempfile
@@ -120,8 +122,22 @@ def _bench_csv(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("kernel-speed: ")) from None
 
 
+def _decode_bench_csv(text: str) -> str:
+    from mobalab.experiments.decode_cost import find_bench_csv
+
+    try:
+        return str(find_bench_csv(text))
+    except (FileNotFoundError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("decode-cost: ")) from None
+
+
 # --------------------------------------------------------------------------------------------------
 # run
+
+
+#: the experiments whose Config takes ``bench_csv`` (each module has ``find_bench_csv``); spelled out here so
+#: that the help and the refusal need not import every experiment (tests check it against the registry)
+_BENCH_CSV_EXPERIMENTS = ("decode-cost", "kernel-speed")
 
 
 def _config(mod, args):
@@ -131,8 +147,12 @@ def _config(mod, args):
         overrides["seed"] = args.seed
     if args.bench_csv is not None:
         if "bench_csv" not in fields:
-            raise ValueError(f"--bench-csv applies to kernel-speed only, not to {args.experiment}")
-        overrides["bench_csv"] = args.bench_csv
+            raise ValueError(f"--bench-csv applies to {' and '.join(_BENCH_CSV_EXPERIMENTS)} only, not to "
+                             f"{args.experiment}")
+        try:  # each experiment resolves `recorded` to its own kind of benchmark
+            overrides["bench_csv"] = str(mod.find_bench_csv(args.bench_csv))
+        except (FileNotFoundError, TypeError) as exc:
+            raise ValueError(f"argument --bench-csv: {str(exc).removeprefix(args.experiment + ': ')}") from None
     return mod.Config.quick(**overrides) if args.quick else dataclasses.replace(mod.Config(), **overrides)
 
 
@@ -164,7 +184,12 @@ def _cmd_run(args) -> int:
         _output.remove_if_empty(out, created)
         print(f"mobalab run: {exc}", file=sys.stderr)
         return 2
-    print(f"{name}{' (quick)' if args.quick else ''}: {plan + '; ' if plan else ''}results go to {out}/", flush=True)
+    try:
+        print(f"{name}{' (quick)' if args.quick else ''}: {plan + '; ' if plan else ''}results go to {out}/",
+              flush=True)
+    except BrokenPipeError:  # nobody reads what the run says: stop before any work, leave no empty folder
+        _output.remove_if_empty(out, created)
+        raise
 
     t0 = time.perf_counter()
     try:
@@ -260,7 +285,8 @@ def _cmd_bench(rest: list[str]) -> int:
             [a for a in rest if a != "--decode"],
             "the decode benchmark times a MoBA decode step on a GPU and needs an NVIDIA GPU with CUDA and CuPy "
             "(pip install 'mobalab[gpu]'); none is usable here. Without a GPU, `mobalab run decode-cost` gives "
-            "the byte model of a decode step")
+            "the byte model of a decode step (with --bench-csv recorded, next to the step times recorded on an "
+            "H200)")
     from mobalab.bench import recorded_dir
 
     return _run_benchmark(
@@ -310,11 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     r.add_argument("--quick", action="store_true", help="small, fast configuration (CPU, well under a minute)")
     r.add_argument("--seed", type=_seed, default=None, help="random seed, 0 .. 2**63-1 (default: the config's, 0)")
-    r.add_argument("--bench-csv", type=_bench_csv, default=None, metavar="CSV",
-                   help="kernel-speed: a `mobalab bench` CSV (bench.csv or bench_bwd.csv), `recorded` (the "
-                        "recorded H200 forward CSV) or a recorded CSV's name (see mobalab.bench.recorded_files); "
-                        "default: $MOBALAB_BENCH_CSV, the newest runs/bench/ CSV, a quick benchmark on a GPU, "
-                        "else `recorded`")
+    r.add_argument("--bench-csv", default=None, metavar="CSV",
+                   help="the benchmark CSV of kernel-speed or decode-cost: a path, `recorded` or a recorded CSV's "
+                        "name (see mobalab.bench.recorded_files). kernel-speed: a `mobalab bench` CSV (bench.csv "
+                        "or bench_bwd.csv); `recorded` is the recorded H200 forward CSV; default: "
+                        "$MOBALAB_BENCH_CSV, the newest runs/bench/ CSV, a quick benchmark on a GPU, else "
+                        "`recorded`. decode-cost: a `mobalab bench --decode` CSV (decode.csv) of measured step "
+                        "times; `recorded` is the newest recorded H200 decode CSV; default: "
+                        "$MOBALAB_DECODE_BENCH_CSV, else none (bytes only)")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from mobalab._design_command import DEFAULT_BLOCK_SIZES
 
@@ -345,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context (tokens) at which to cost one decode step of the recommended (B, top-k): the "
                          "largest feasible B (default: --seq-len)")
     ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
-    ds.add_argument("--decode-bench-csv", default=None, metavar="CSV",
-                    help="measured decode step times: decode.csv of `mobalab bench --decode`")
+    ds.add_argument("--decode-bench-csv", type=_decode_bench_csv, default=None, metavar="CSV",
+                    help="measured decode step times: decode.csv of `mobalab bench --decode`, `recorded` (the "
+                         "newest recorded H200 decode CSV) or a recorded CSV's name")
     # kernels._contract.CENTROID_PRECISIONS, spelled out: importing the contract would load torch for every command
     ds.add_argument("--decode-centroid-precision", choices=("fp32", "input"), default="fp32",
                     help="the decode router's centroids: fp32 block sums (default) or the means rounded to the "
@@ -366,7 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["design", "--head-dim", "64", "--seq-len", "8192", "--top-k", "8", "--target", "0.9", "--m", "2.5"])
     2
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader that has gone shows up here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        return _stdout_gone()
+    return rc
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return _cmd_bench(argv[1:])
     try:
@@ -378,6 +416,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "design":
         return _cmd_design(args)
     return _cmd_run(args)
+
+
+def _stdout_gone() -> int:
+    """Stop quietly when the reader of stdout has gone (``mobalab list | head -1``).
+
+    Python ignores SIGPIPE, so writing to a closed pipe raises BrokenPipeError where a C program would simply
+    be ended by the signal. Pointing stdout at devnull keeps the interpreter's final flush of what is still
+    buffered from raising it again. The status is 141 (128 + SIGPIPE), what the shell reports for a tool the
+    signal ended, so ``set -o pipefail`` scripts see mobalab as they see ``cat`` or ``grep``.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no file behind sys.stdout (output captured or replaced)
+        return 141
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -128,3 +128,39 @@ def test_cli_quick_writes_outputs(tmp_path, capsys, monkeypatch):
     df = pd.read_csv(out / "decode-cost.csv")
     assert len(df) == 36 and json.loads((out / "decode-cost.json").read_text())["rows"] == len(df)
     assert (out / "decode-cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recorded_means_the_newest_recorded_decode_benchmark():
+    """`recorded` names a file of the latest date among the recorded decode benchmarks (file names start with
+    the date; a benchmark recorded later must move RECORDED_BENCH along)."""
+    from mobalab.bench import recorded_files
+
+    decode = recorded_files("*-decode-*.csv")
+    newest_date = max(p.name[:10] for p in decode)
+    path = exp.find_bench_csv("recorded")
+    assert path.name == exp.RECORDED_BENCH and path in decode
+    assert exp.RECORDED_BENCH.startswith(newest_date)
+    assert not exp.read_decode_bench(path).empty
+    assert exp.find_bench_csv("2026-11-30-h200-decode-bc7caa8").name == "2026-11-30-h200-decode-bc7caa8.csv"
+    with pytest.raises(FileNotFoundError, match=r"recorded CSVs: 2026-11-30-h200-decode-.*bench --decode"):
+        exp.find_bench_csv("no-such.csv")
+    with pytest.raises(TypeError, match="must be a path, 'recorded' or a recorded CSV's name"):
+        exp.find_bench_csv(3)
+
+
+def test_the_environment_variable_takes_the_same_forms(monkeypatch):
+    monkeypatch.setenv(exp.ENV_VAR, "recorded")
+    df = exp.run(exp.Config.quick())
+    assert set(df["bench_csv"]) == {str(exp.find_bench_csv("recorded"))} and df["measured_ms"].notna().any()
+
+
+def test_plan_names_the_work_and_the_benchmark(tmp_path):
+    cfg = exp.Config.quick(bench_csv=None)
+    assert exp.plan(cfg).startswith("byte model on the CPU: 3 contexts x 4 block sizes x 3 top-k = 36 points")
+    assert "no decode benchmark CSV" in exp.plan(cfg)
+    assert exp.plan(exp.Config.quick(bench_csv="recorded")).endswith(
+        f"step times from the recorded decode benchmark {exp.RECORDED_BENCH}")
+    wrong = tmp_path / "wrong.csv"
+    pd.DataFrame({"seq_len": [1]}).to_csv(wrong, index=False)
+    with pytest.raises(ValueError, match="lacks the columns"):  # refused before the run, not after
+        exp.plan(exp.Config.quick(bench_csv=str(wrong)))

@@ -84,3 +84,17 @@ def test_kernel_leg_on_the_gpu():
     assert set(ker["backend"]) == {"cuda-kernel"} and len(ker.drop_duplicates("point")) == df["point"].nunique()
     assert ker["rope_units"].abs().max() < 3, ker[["sweep", "value", "estimate", "rope_prediction"]]
     assert set(df.loc[df["method"] == "vector-level-rope", "backend"]) == {"torch-cuda"}
+
+
+def test_plan_says_the_points_devices_and_trials(quick_run):
+    df = pd.read_csv(quick_run / "rope.csv")
+    quick = exp.Config.quick()
+    text = exp.plan(quick)
+    along = len(df.drop_duplicates(["sweep", "value"]))
+    assert text.startswith(f"{df['point'].nunique()} distinct points ({along} along the sweeps)")
+    device = df.loc[df["method"] == "vector-level-rope", "device"].iloc[0]
+    assert f"vector-level Monte Carlo on {device}: {quick.trials} trials per point" in text
+    kernel = df[df["method"] == "kernel"]
+    if (kernel["backend"] == "torch-reference").all():
+        assert f"torch-reference on {kernel['device'].iloc[0]}, float32, {quick.kernel_cpu_trials} trials" in text
+    assert exp.plan(exp.Config.quick(kernel=False)).endswith("; kernel leg off")

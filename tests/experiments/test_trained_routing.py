@@ -153,3 +153,17 @@ def test_a_dense_only_run_takes_the_routes_it_is_given(quick_run):
     full = df[(df["variant"] == "dense") & (df["replicate"] == 1)].reset_index(drop=True)
     assert later[["block_size", "top_k"]].values.tolist() == full[["block_size", "top_k"]].values.tolist()
     np.testing.assert_allclose(later["recall"], full["recall"])
+
+
+def test_plan_says_where_the_models_train_and_what_a_cpu_run_costs():
+    quick = exp.plan(exp.Config.quick())
+    assert quick.startswith("6 variants x 2 seeds = 12 models trained on cpu (N = 128, 20 steps each")
+    assert "sized for a GPU" not in quick
+    full = exp.plan(exp.Config(device="cpu"))
+    assert full.startswith("8 variants x 3 seeds = 24 models trained on cpu (N = 4096, 600 steps each")
+    minutes = round((exp.gpu_estimate(exp.Config())["seconds"].iloc[-1]) / 60)
+    assert f"sized for a GPU: about {minutes} min on an H200" in full and "days on a CPU" in full
+    assert "`--quick`" in full
+    later = exp.plan(exp.Config(device="cpu", first_replicate=2))  # one seed of three left to train
+    assert later.startswith("8 variants x 1 seed = 8 models")
+

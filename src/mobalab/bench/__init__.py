@@ -8,7 +8,7 @@ Run a benchmark as a module: ``python -m mobalab.bench.monte_carlo`` (Monte Carl
 
 from __future__ import annotations
 
-from ._recorded import recorded_dir, recorded_file, recorded_files
+from ._recorded import find_csv, recorded_dir, recorded_file, recorded_files
 from .environment import environment, git_commit
 
-__all__ = ["environment", "git_commit", "recorded_dir", "recorded_file", "recorded_files"]
+__all__ = ["environment", "find_csv", "git_commit", "recorded_dir", "recorded_file", "recorded_files"]

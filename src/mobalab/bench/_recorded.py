@@ -6,9 +6,11 @@ a benchmark CSV has a JSON beside it (same stem) that names the device, the date
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["recorded_dir", "recorded_files", "recorded_file"]
+__all__ = ["recorded_dir", "recorded_files", "recorded_file", "find_csv"]
 
 
 def recorded_dir() -> Path:
@@ -69,3 +71,57 @@ def recorded_file(name: str) -> Path:
             return candidate
     names = ", ".join(p.name for p in recorded_files())
     raise ValueError(f"no recorded file {name!r} in {base}; recorded CSVs: {names}")
+
+
+def find_csv(value, recorded: Callable[[], Path], what: str, how: str, pattern: str = "*.csv") -> Path:
+    """The CSV that ``value`` names: an existing file, ``"recorded"`` (``recorded()``, the caller's own
+    recorded CSV) or the name of a recorded file (:func:`recorded_file`).
+
+    One resolution for every option that takes a benchmark CSV (``mobalab run --bench-csv``,
+    ``mobalab design --bench-csv`` / ``--decode-bench-csv``), so that they all accept the same three forms.
+
+    Parameters
+    ----------
+    value : str or os.PathLike
+        What the user gave.
+    recorded : callable
+        Returns the recorded CSV that ``"recorded"`` stands for.
+    what, how : str
+        The error message's subject ("kernel-speed: benchmark CSV") and how to obtain such a CSV.
+    pattern : str
+        The recorded files the error message lists (a glob, :func:`recorded_files`).
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is neither a string nor a path.
+    FileNotFoundError
+        When ``value`` is neither an existing file nor a recorded one; the message lists the recorded CSVs
+        of ``pattern`` and says ``how`` to get one.
+
+    Examples
+    --------
+    >>> from mobalab.bench import find_csv, recorded_file
+    >>> newest = lambda: recorded_file("2026-11-22-h200-moba-fwdbwd-sweep.csv")
+    >>> find_csv("recorded", newest, "benchmark CSV", "").name
+    '2026-11-22-h200-moba-fwdbwd-sweep.csv'
+    >>> find_csv("2026-11-22-h200-moba-forward-43ade7f", newest, "benchmark CSV", "").parent.name
+    'recorded'
+    >>> find_csv("no-such.csv", newest, "CSV", "measure one", "*forward*.csv")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: CSV 'no-such.csv' does not exist (recorded CSVs: 2026-11-22-h200-moba-forward-...); measure one
+    """
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise TypeError(f"{what} must be a path, 'recorded' or a recorded CSV's name, got {value!r}")
+    path = Path(value)
+    if path.is_file():
+        return path
+    if str(value) == "recorded":
+        return recorded()
+    try:
+        return recorded_file(str(value))
+    except ValueError:
+        pass
+    names = ", ".join(p.name for p in recorded_files(pattern)) or "none"
+    raise FileNotFoundError(f"{what} {str(value)!r} does not exist (recorded CSVs: {names}); {how}")

@@ -35,7 +35,7 @@ def names() -> list[str]:
     Examples
     --------
     >>> from mobalab import experiments
-    >>> experiments.names()
+    >>> experiments.names()  # doctest: +NORMALIZE_WHITESPACE
     ['block-size', 'decode-cost', 'kernel-speed', 'key-conv', 'needle-retrieval', 'rope', 'snr-vs-accuracy',
      'trained-routing']
     """

@@ -14,7 +14,10 @@ For every context N, block size B and top-k k, at the decode position t = N - 1 
 
 Small B sharpens routing (SNR grows as 1/sqrt(B)) but costs more block sums (N / B of them, each d fp32),
 large B makes every selected block dearer; k trades slots for bytes. CPU only; the benchmark CSV is read,
-never run: set ``Config.bench_csv`` or the environment variable ``MOBALAB_DECODE_BENCH_CSV``.
+never run: set ``Config.bench_csv`` (``mobalab run decode-cost --bench-csv CSV``) or the environment variable
+``MOBALAB_DECODE_BENCH_CSV`` to a path, ``recorded`` (the newest decode benchmark recorded on an H200,
+:data:`RECORDED_BENCH`) or a recorded CSV's name (:func:`find_bench_csv`). Nothing is drawn at random:
+``run_seed`` is the run's seed, carried so that every experiment's CSV has it.
 """
 
 from __future__ import annotations
@@ -31,13 +34,21 @@ from tqdm.auto import tqdm
 from mobalab import snr
 from mobalab.kernels import decode_bytes, decode_flops
 
-__all__ = ["Config", "run", "plot", "summary", "decode_cost_table", "read_decode_bench", "ENV_VAR"]
+from ._checks import check_seed
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "decode_cost_table", "find_bench_csv", "read_decode_bench",
+           "ENV_VAR", "RECORDED_BENCH"]
 
 NAME = "decode-cost"
 ENV_VAR = "MOBALAB_DECODE_BENCH_CSV"
 K = 1024
 #: Columns of the decode benchmark CSV this experiment reads (``mobalab.bench.decode``).
 BENCH_COLUMNS = ("seq_len", "block_size", "top_k", "mobalab_ms", "dense_best_ms")
+#: The recorded decode benchmark that ``recorded`` stands for: the newest one. Named here because the file
+#: names (date, device, commit) cannot order the benchmarks recorded on one day.
+RECORDED_BENCH = "2026-12-03-h200-decode-36727b2.csv"
+_HOW = ("produce one on a GPU with `mobalab bench --decode --out DIR` (DIR/decode.csv), or pass `recorded` for "
+        "the recorded H200 decode benchmark")
 
 
 def _bench_from_env() -> str | None:
@@ -70,7 +81,7 @@ class Config:
     itemsize: int = 2
     centroid_precision: str = "fp32"
     bench_csv: str | None = field(default_factory=_bench_from_env)
-    seed: int = 0  # unused (no sampling); kept for the common CLI
+    seed: int = 0  # nothing is sampled; written as ``run_seed`` like every experiment's seed
 
     @classmethod
     def quick(cls, **overrides) -> Config:
@@ -80,12 +91,33 @@ class Config:
         return cls(**base)
 
 
+def find_bench_csv(value) -> Path:
+    """The decode benchmark CSV ``value`` names: a path, ``"recorded"`` (:data:`RECORDED_BENCH`, the newest
+    decode benchmark recorded on an H200) or the name of a recorded CSV (:func:`mobalab.bench.find_csv`).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``value`` is neither an existing file nor a recorded one; the message lists the recorded decode
+        benchmarks and says how to measure one.
+
+    Examples
+    --------
+    >>> from mobalab.experiments.decode_cost import find_bench_csv
+    >>> find_bench_csv("recorded").name
+    '2026-12-03-h200-decode-36727b2.csv'
+    >>> find_bench_csv("2026-12-01-h200-decode-7e51062").parent.name
+    'recorded'
+    """
+    from mobalab.bench import find_csv, recorded_file
+
+    return find_csv(value, lambda: recorded_file(RECORDED_BENCH), f"{NAME}: decode benchmark CSV", _HOW,
+                    pattern="*-decode-*.csv")
+
+
 def read_decode_bench(path) -> pd.DataFrame:
-    """The decode benchmark CSV, checked for :data:`BENCH_COLUMNS`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{NAME}: decode benchmark CSV {str(path)!r} does not exist; produce one on a GPU "
-                                "with `python -m mobalab.bench.decode --out DIR` (DIR/decode.csv)")
+    """The decode benchmark CSV ``path`` names (:func:`find_bench_csv`), checked for :data:`BENCH_COLUMNS`."""
+    path = find_bench_csv(path)
     bench = pd.read_csv(path)
     missing = [c for c in BENCH_COLUMNS if c not in bench.columns]
     if missing:
@@ -180,9 +212,39 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
     return df
 
 
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it); reads the benchmark CSV, so that a
+    wrong one is refused before any work.
+
+    Examples
+    --------
+    >>> from mobalab.experiments.decode_cost import Config, plan
+    >>> print(plan(Config.quick(bench_csv=None)))  # doctest: +ELLIPSIS
+    byte model on the CPU: 3 contexts x 4 block sizes x 3 top-k = 36 points; no decode benchmark CSV (bytes ...
+    >>> print(plan(Config.quick(bench_csv="recorded")))  # doctest: +ELLIPSIS
+    byte model on the CPU: ... = 36 points; step times from the recorded decode benchmark 2026-12-03-h200-...
+    """
+    points = len(config.seq_lens) * len(config.block_sizes) * len(config.top_ks)
+    text = (f"byte model on the CPU: {len(config.seq_lens)} contexts x {len(config.block_sizes)} block sizes x "
+            f"{len(config.top_ks)} top-k = {points} points; ")
+    if not config.bench_csv:
+        return text + ("no decode benchmark CSV (bytes only; --bench-csv recorded adds the step times recorded on "
+                       "an H200)")
+    path = find_bench_csv(config.bench_csv)
+    read_decode_bench(path)
+    from mobalab.bench import recorded_dir
+
+    if path.resolve().parent == recorded_dir().resolve():
+        return text + f"step times from the recorded decode benchmark {path.name}"
+    return text + f"step times from {path}"
+
+
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """The cost table at every context of the config (one row per (N, B, k))."""
-    bench = read_decode_bench(config.bench_csv) if config.bench_csv else None
+    """The cost table at every context of the config (one row per (N, B, k)); ``run_seed`` is the config's
+    seed (nothing here is random)."""
+    check_seed(config.seed)
+    path = find_bench_csv(config.bench_csv) if config.bench_csv else None
+    bench = read_decode_bench(path) if path is not None else None
     parts = []
     for n in tqdm(config.seq_lens, desc=NAME, disable=not progress):
         parts.append(decode_cost_table(n, config.target, head_dim=config.head_dim, heads=config.heads,
@@ -193,7 +255,8 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
                                        bench=bench, centroid_precision=config.centroid_precision))
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "experiment", NAME)
-    df["bench_csv"] = config.bench_csv or ""
+    df.insert(1, "run_seed", config.seed)
+    df["bench_csv"] = str(path) if path is not None else ""
     return df
 
 

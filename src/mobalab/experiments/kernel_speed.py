@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._checks import check_seed
+
 __all__ = ["Config", "run", "plot", "summary", "plan", "caption", "default_bench_csv", "find_bench_csv",
            "read_bench_csv", "REQUIRED_COLUMNS", "BACKWARD_COLUMNS", "ENV_VAR"]
 
@@ -109,22 +111,9 @@ def find_bench_csv(value) -> Path:
     >>> find_bench_csv("2026-11-22-h200-moba-fwdbwd-e4ca8e1.csv").parent.name
     'recorded'
     """
-    from mobalab.bench import recorded_file, recorded_files
+    from mobalab.bench import find_csv
 
-    if not isinstance(value, str | os.PathLike) or not str(value):
-        raise TypeError(f"bench_csv must be a path or a recorded CSV's name, got {value!r}")
-    path = Path(value)
-    if path.is_file():
-        return path
-    if str(value) == "recorded":
-        return _recorded_forward()
-    try:
-        return recorded_file(str(value))
-    except ValueError:
-        pass
-    names = ", ".join(p.name for p in recorded_files())
-    raise FileNotFoundError(f"kernel-speed: benchmark CSV {str(value)!r} does not exist (recorded CSVs: {names}); "
-                            f"{_HOW}")
+    return find_csv(value, _recorded_forward, f"{NAME}: benchmark CSV", _HOW)
 
 
 @dataclass(frozen=True)
@@ -136,7 +125,7 @@ class Config:
     bench_csv: str | None = field(default_factory=default_bench_csv)
     run_bench: bool = True
     bench_out: str = os.path.join("runs", "bench")
-    seed: int = 0  # unused (the CSV is measured data); kept for the common CLI
+    seed: int = 0  # nothing is drawn (the CSV is measured data); written as ``run_seed`` like every experiment's
 
     @classmethod
     def quick(cls, **overrides) -> Config:
@@ -270,11 +259,12 @@ def _dense_fwdbwd_flops(raw: pd.DataFrame) -> pd.Series:
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """Tidy rows: one per (benchmark configuration, method in mobalab / fa2 / cudnn).
 
-    Columns: experiment, source, recorded, device, date, commit, pass, the configuration (workload, seqlen,
-    head_dim, block, top_k, variant, batch, heads, causal, dtype, routing), method, backend, latency_ms,
-    tflops, peak_gb, speedup_vs_fa2, speedup_vs_cudnn, and mobalab's breakdown: routing_ms, attention_ms,
-    routing_share, attention_tflops, routing_tflops (forward); fwd_ms, bwd_ms, backward_share,
-    deterministic_ms (forward+backward). Missing numbers stay NaN.
+    Columns: experiment, run_seed (the config's seed: nothing is drawn from it, the rows are measured data, but
+    every experiment's CSV carries its run's seed), source, recorded, device, date, commit, pass, the
+    configuration (workload, seqlen, head_dim, block, top_k, variant, batch, heads, causal, dtype, routing),
+    method, backend, latency_ms, tflops, peak_gb, speedup_vs_fa2, speedup_vs_cudnn, and mobalab's breakdown:
+    routing_ms, attention_ms, routing_share, attention_tflops, routing_tflops (forward); fwd_ms, bwd_ms,
+    backward_share, deterministic_ms (forward+backward). Missing numbers stay NaN.
 
     Examples
     --------
@@ -283,6 +273,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     >>> bool(df["recorded"].all()), sorted(set(df["method"])), df["pass"].iloc[0]
     (True, ['cudnn', 'fa2', 'mobalab'], 'forward')
     """
+    check_seed(config.seed)
     path = _resolve_csv(config)
     raw, info = read_bench_csv(path)
     raw = raw.copy()
@@ -327,6 +318,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     df.insert(0, "pass", info["pass"])
     for i, key in enumerate(("source", "recorded", "device", "date", "commit")):
         df.insert(i, key, info[key])
+    df.insert(0, "run_seed", config.seed)
     df.insert(0, "experiment", NAME)
     return df
 

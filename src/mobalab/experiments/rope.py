@@ -46,9 +46,11 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
+from ._checks import check_seed
+from ._columns import integer_columns
 from ._devices import kernel_backend, resolve_device
 
-__all__ = ["Config", "run", "plot", "summary", "verdict", "design_point", "kernel_hits"]
+__all__ = ["Config", "run", "plot", "summary", "plan", "verdict", "design_point", "kernel_hits"]
 
 NAME = "rope"
 SWEEPS = ("span m", "block size B", "head dim d", "RoPE base")
@@ -92,6 +94,7 @@ class Config:
 
 
 def _check(c: Config) -> None:
+    check_seed(c.seed)
     if c.needle_at not in NEEDLE_AT:
         raise ValueError(f"needle_at must be one of {NEEDLE_AT}, got {c.needle_at!r}")
     if not 0.0 < c.design_target < 1.0:
@@ -187,14 +190,47 @@ def kernel_hits(head_dim: int, block_size: int, m: int, base: float, n_blocks: i
     return hits, done
 
 
+def _distinct(c: Config) -> list[tuple[int, int, int, float]]:
+    """The distinct (d, B, m, base) of the sweeps: each is simulated once, however many sweeps it lies on."""
+    return list(dict.fromkeys(p for _, _, p in _points(c)))
+
+
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): points, device and trials of each leg.
+
+    Examples
+    --------
+    >>> from mobalab.experiments.rope import Config, plan
+    >>> print(plan(Config.quick(device="cpu", kernel_device="cpu")))  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    6 distinct points (9 along the sweeps); vector-level Monte Carlo on cpu: 600 trials per point; kernel leg:
+    torch-reference on cpu (...), float32, 96 trials per point at the 6 points with N <= 2048
+    """
+    c = config
+    _check(c)
+    unique = _distinct(c)
+    text = (f"{len(unique)} distinct points ({len(_points(c))} along the sweeps); vector-level Monte Carlo on "
+            f"{resolve_device(c.device)}: {c.trials} trials per point")
+    if not c.kernel:
+        return text + "; kernel leg off"
+    _, name, device_name, dtype = kernel_backend(c.kernel_device)
+    dtype = str(dtype).removeprefix("torch.")
+    if name == "cuda-kernel":
+        return text + (f"; kernel leg: {name} on {device_name}, {dtype}, {c.kernel_trials} trials per point whose "
+                       "head dim the kernel takes (32 to 256)")
+    cpu = sum(n * c.n_blocks <= c.kernel_cpu_max_seq_len for _, n, _, _ in unique)
+    return text + (f"; kernel leg: {name} on {device_name}, {dtype}, {c.kernel_cpu_trials} trials per point at the "
+                   f"{cpu} points with N <= {c.kernel_cpu_max_seq_len}")
+
+
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """One row per (sweep point, Monte Carlo leg) with both predictions and their interval units."""
+    """One row per (sweep point, Monte Carlo leg) with both predictions and their interval units; ``run_seed``
+    is the config's seed, from which every leg's stream is spawned."""
     c = config
     _check(c)
     device = resolve_device(c.device)
     backend = kernel_backend(c.kernel_device) if c.kernel else None
     points = _points(c)
-    unique = list(dict.fromkeys(p for _, _, p in points))
+    unique = _distinct(c)
     seeds = np.random.SeedSequence(c.seed).spawn(2 * len(unique))
     bar = tqdm(total=len(unique), desc=NAME, disable=not progress, unit="point")
     legs: dict[tuple, list[dict]] = {}
@@ -242,9 +278,10 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     for kind in ("rope", "blind"):
         df[f"{kind}_units"] = interval_units(df[f"{kind}_prediction"], df["hits"], df["trials"])
     df.insert(0, "experiment", NAME)
-    first = ["experiment", "sweep", "value", "method", "backend", "device", "estimate", "ci_low", "ci_high",
+    df.insert(1, "run_seed", c.seed)
+    first = ["experiment", "run_seed", "sweep", "value", "method", "backend", "device", "estimate", "ci_low", "ci_high",
              "rope_prediction", "blind_prediction", "rope_units", "blind_units"]
-    return df[first + [col for col in df.columns if col not in first]]
+    return integer_columns(df[first + [col for col in df.columns if col not in first]], ("run_seed",))
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:

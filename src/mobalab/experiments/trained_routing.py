@@ -57,9 +57,15 @@ from scipy import stats as sps
 
 from mobalab.stats import wilson_interval
 
-__all__ = ["Config", "run", "plot", "summary", "claims", "retrieval_heads", "model_config", "gpu_estimate"]
+from ._checks import check_seed
+from ._columns import integer_columns
+
+__all__ = ["Config", "run", "plot", "summary", "plan", "claims", "retrieval_heads", "model_config", "gpu_estimate"]
 
 NAME = "trained-routing"
+#: Training rate (FLOP/s) assumed for sizing a run on a CPU: about what two cores reach on the full-size dense
+#: model at 4K tokens (the MoBA reference runs slower still), so the estimate errs short.
+CPU_FLOPS_PER_S = 20e9
 _VARIANT = re.compile(r"^(dense|moba-(\d+))(?:-kconv(\d+))?(-nope)?$")
 
 
@@ -164,6 +170,7 @@ def _routes(config: Config) -> list[tuple[int, int]]:
 
 
 def _check(config: Config) -> None:
+    check_seed(config.seed)
     if not config.variants:
         raise ValueError("variants must name at least one model ('dense', 'moba-<B>', ...)")
     for v in config.variants:
@@ -224,8 +231,51 @@ def gpu_estimate(config: Config = Config()) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
 
+def plan(config: Config = Config()) -> str:
+    """What :func:`run` will do, said before it starts (the CLI prints it): the models, where they train and,
+    on a CPU, whether the run is sized for a GPU (the full study is: about 14 minutes on an H200, days on a
+    CPU; ``--quick`` trains the same study small, in well under a minute on a CPU).
+
+    Examples
+    --------
+    >>> from mobalab.experiments.trained_routing import Config, plan
+    >>> print(plan(Config.quick()))
+    6 variants x 2 seeds = 12 models trained on cpu (N = 128, 20 steps each, 0.021 TFLOP in all)
+    >>> print(plan(Config(device="cpu")))  # doctest: +NORMALIZE_WHITESPACE
+    8 variants x 3 seeds = 24 models trained on cpu (N = 4096, 600 steps each, 12.3 PFLOP in all); sized for
+    a GPU: about 14 min on an H200 (gpu_estimate), about 7.1 days on a CPU at 20 GFLOP/s; `--quick` trains the
+    study small on a CPU in under a minute
+    """
+    from mobalab.training import resolve_device
+
+    _check(config)
+    seeds = config.n_seeds - config.first_replicate
+    models = len(config.variants) * seeds
+    any_moba = any(model_config(config, v).attention == "moba" for v in config.variants)
+    device = resolve_device(config.device, "moba" if any_moba else "dense")
+    est = gpu_estimate(config).iloc[:-1]  # per variant, over all n_seeds; the last row is the total
+    share = seeds / config.n_seeds  # first_replicate > 0 trains only the later seeds
+    tflop = float((est["tflop_per_model"] * seeds).sum())
+    gpu_s = float(est["seconds"].sum()) * share + 60.0  # + start-up and compilation, as gpu_estimate
+    work = (f"{tflop / 1e3:.1f} PFLOP" if tflop >= 1e3 else f"{tflop:.0f} TFLOP" if tflop >= 10
+            else f"{tflop:.2g} TFLOP")
+    text = (f"{len(config.variants)} variants x {seeds} seed{'s' if seeds > 1 else ''} = {models} models trained "
+            f"on {device} (N = {config.seq_len}, {config.steps} steps each, {work} in all)")
+    if device.type == "cuda":
+        return text + f"; about {gpu_s / 60:.0f} min on an H200 (gpu_estimate)"
+    cpu_s = tflop * 1e12 / CPU_FLOPS_PER_S
+    if cpu_s < 600:
+        return text
+    amount, unit = (cpu_s / 86400, "days") if cpu_s >= 86400 else (cpu_s / 3600, "hours")
+    cpu = f"{amount:.1f} {unit}" if amount < 10 else f"{amount:.0f} {unit}"
+    return text + (f"; sized for a GPU: about {gpu_s / 60:.0f} min on an H200 (gpu_estimate), about {cpu} on a "
+                   f"CPU at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s; `--quick` trains the study small on a CPU in "
+                   "under a minute")
+
+
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
-    """Train every variant × seed, evaluate each, and return one row per (model, layer, head, route)."""
+    """Train every variant × seed, evaluate each, and return one row per (model, layer, head, route);
+    ``run_seed`` is the config's seed, from which every model's seed derives."""
     import torch
 
     _check(config)
@@ -263,7 +313,7 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
         for v in config.variants:
             mc = model_config(config, v)
             tc = _train_config(config_dev, mseed)
-            trained = train(mc, t, tc)
+            trained = train(mc, t, tc, progress=progress)  # a model's steps: minutes each at full size
             ev = evaluate(trained, sequences=config.eval_sequences, batch_size=config.eval_batch_size,
                           seed=eval_seed, routes=None if mc.attention == "moba" else routes)
             hist = trained.history
@@ -303,7 +353,9 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
             del trained
             bar.update(1)
     bar.close()
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    df.insert(1, "run_seed", config.seed)
+    return integer_columns(df, ("run_seed",))
 
 
 def _compile_kernels(config: Config, device) -> None:
