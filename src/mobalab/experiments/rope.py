@@ -24,7 +24,7 @@ Sweeps (``sweep`` column), one parameter at a time around the centre (``head_dim
 * ``kernel`` rows: :func:`mobalab.kernels.moba_topk`, non-causal, on RoPE'd inputs laid out as (batch, N,
   heads, d): the pre-RoPE query in every row of its sequence, every row and key rotated by its position
   (:func:`mobalab.simulate.apply_rope`) before routing, as models do; row N-1 is read. With a usable GPU
-  the CUDA kernel in fp16 (``backend`` "cuda-kernel"; it supports head dims 32 to 256, so the d = 16 point
+  the CUDA kernel in fp16 (``backend`` "cuda-kernel"; it supports head dims 32, 64, 96, 128 and 256, so the d = 16 point
   gets no kernel row), otherwise the torch reference in fp32 (``backend`` "torch-reference") for N <=
   ``kernel_cpu_max_seq_len``.
 
@@ -216,7 +216,7 @@ def plan(config: Config = Config()) -> str:
     dtype = str(dtype).removeprefix("torch.")
     if name == "cuda-kernel":
         return text + (f"; kernel leg: {name} on {device_name}, {dtype}, {c.kernel_trials} trials per point whose "
-                       "head dim the kernel takes (32 to 256)")
+                       "head dim the kernel takes (32, 64, 96, 128, 256)")
     cpu = sum(n * c.n_blocks <= c.kernel_cpu_max_seq_len for _, n, _, _ in unique)
     return text + (f"; kernel leg: {name} on {device_name}, {dtype}, {c.kernel_cpu_trials} trials per point at the "
                    f"{cpu} points with N <= {c.kernel_cpu_max_seq_len}")
