@@ -113,22 +113,27 @@ def _block_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _bench_csv(text: str) -> str:
-    from mobalab.experiments.kernel_speed import find_bench_csv
+def _bench_csv_of(experiment: str, text) -> str:
+    """The benchmark CSV ``text`` names for ``experiment`` (its module's ``find_bench_csv``: a path, ``recorded``
+    or a recorded CSV's name); ValueError with the message less the experiment's prefix."""
+    from mobalab import experiments
 
+    find = experiments.get(experiment).find_bench_csv
     try:
-        return str(find_bench_csv(text))
+        return str(find(text))
     except (FileNotFoundError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("kernel-speed: ")) from None
+        raise ValueError(str(exc).removeprefix(f"{experiment}: ")) from None
 
 
-def _decode_bench_csv(text: str) -> str:
-    from mobalab.experiments.decode_cost import find_bench_csv
+def _bench_csv_type(experiment: str):
+    """An argparse type: :func:`_bench_csv_of` for ``experiment``, its refusal as argparse reports it."""
+    def parse(text: str) -> str:
+        try:
+            return _bench_csv_of(experiment, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-    try:
-        return str(find_bench_csv(text))
-    except (FileNotFoundError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("decode-cost: ")) from None
+    return parse
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,9 +155,9 @@ def _config(mod, args):
             raise ValueError(f"--bench-csv applies to {' and '.join(_BENCH_CSV_EXPERIMENTS)} only, not to "
                              f"{args.experiment}")
         try:  # each experiment resolves `recorded` to its own kind of benchmark
-            overrides["bench_csv"] = str(mod.find_bench_csv(args.bench_csv))
-        except (FileNotFoundError, TypeError) as exc:
-            raise ValueError(f"argument --bench-csv: {str(exc).removeprefix(args.experiment + ': ')}") from None
+            overrides["bench_csv"] = _bench_csv_of(args.experiment, args.bench_csv)
+        except ValueError as exc:
+            raise ValueError(f"argument --bench-csv: {exc}") from None
     return mod.Config.quick(**overrides) if args.quick else dataclasses.replace(mod.Config(), **overrides)
 
 
@@ -365,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--non-causal", dest="causal", action="store_false", help="plain top-k over all blocks")
     ds.add_argument("--block-sizes", type=_block_sizes, default=DEFAULT_BLOCK_SIZES,
                     help="candidate block sizes, comma separated (default 16,32,64,128,256,512)")
-    ds.add_argument("--bench-csv", type=_bench_csv, default=None, metavar="CSV",
+    ds.add_argument("--bench-csv", type=_bench_csv_type("kernel-speed"), default=None, metavar="CSV",
                     help="kernel cost from a `mobalab bench` CSV: bench.csv (forward; columns seqlen, head_dim, "
                          "block, top_k, workload, variant, mobalab_ms) or bench_bwd.csv (fwdbwd_ms); `recorded` "
                          "for the recorded H200 forward CSV. Takes the random workload and the tile kernel "
@@ -374,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context (tokens) at which to cost one decode step of the recommended (B, top-k): the "
                          "largest feasible B (default: --seq-len)")
     ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
-    ds.add_argument("--decode-bench-csv", type=_decode_bench_csv, default=None, metavar="CSV",
+    ds.add_argument("--decode-bench-csv", type=_bench_csv_type("decode-cost"), default=None, metavar="CSV",
                     help="measured decode step times: decode.csv of `mobalab bench --decode`, `recorded` (the "
                          "newest recorded H200 decode CSV) or a recorded CSV's name")
     # kernels._contract.CENTROID_PRECISIONS, spelled out: importing the contract would load torch for every command
