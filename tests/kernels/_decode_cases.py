@@ -22,7 +22,7 @@ def shuffle_pages(cache: MobaKVCache, gen: torch.Generator) -> None:
 
 
 def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False,
-                page_size=None, key_mean=None):
+                page_size=None, key_mean=None, poison_key=None):
     """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
 
     ``ties``: every third block repeats block 1, so their sums and scores tie exactly, and the queries make the
@@ -30,7 +30,9 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     equal, so they select the same blocks (a small union: each block read once for several rows); ``page_size``:
     a paged cache, its pages shuffled over the pool after the prefill and after the appends; ``key_mean``: keys of
     that mean and a spread of a few of the dtype's ulps there, so that rounding the block means to the dtype
-    (``centroid_precision="input"``) changes many selections."""
+    (``centroid_precision="input"``) changes many selections; ``poison_key``: that value (inf, -inf or NaN) in one
+    element of a key of block 2 of the first sequence (kv head 0), so that block's sum is not finite and its
+    score NaN: a block that no query may select."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
@@ -42,6 +44,8 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     if ties:
         for j in range(4, max(prompt_lengths) // block, 3):
             k[:, j * block:(j + 1) * block] = k[:, block:2 * block]
+    if poison_key is not None:
+        k[0, 2 * block + 1, 0, 3] = poison_key
     v = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g).to(dtype)
     cache.prefill(k, v, lengths=prompt_lengths)
     if page_size is not None:

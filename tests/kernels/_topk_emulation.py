@@ -27,9 +27,12 @@ def host_files() -> dict[str, str]:
 
 
 def split_hi_lo(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T."""
+    """hi = T(c), lo = T(c - hi): fp32 values as two of the kernels' 16-bit type T; both NaN where hi is not
+    finite (so that such a block scores NaN in either precision)."""
     hi = c.to(dtype)
-    return hi, (c - hi.float()).to(dtype)
+    lo = (c - hi.float()).to(dtype)
+    bad = ~torch.isfinite(hi)
+    return hi.masked_fill(bad, float("nan")), lo.masked_fill(bad, float("nan"))
 
 
 def split_centroids(cent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,6 +158,26 @@ def test_reference_function_matches_dispatch():
     assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+@pytest.mark.parametrize("poison", ["nan-value", "inf-value", "nan-key", "inf-key"])
+def test_non_finite_token_reaches_only_the_queries_that_attend_it(poison):
+    """Locality (docs/design.md, "MoBA semantics"): a non-finite key or value of token 0 changes only the queries
+    that attend block 0, and a block whose centroid is not finite is never routed to, exactly as moba_attention
+    over the whole sequence. The own block's future slots and unused slots read no row of token 0."""
+    q, k, v = _stream(12, 1, 40, 2, 1, 8, torch.float32)
+    value, what = poison.split("-")
+    (v if what == "value" else k)[0, 0, 0, 0] = float(value)
+    cache = MobaKVCache(1, 1, 8, 4, 40)
+    cache.prefill(k[:, :30], v[:, :30])
+    full, full_lse = moba_attention(q, k, v, 4, 2, return_lse=True)
+    for t in range(30, 40):
+        cache.append(k[:, t:t + 1], v[:, t:t + 1])
+        out, lse = moba_decode(q[:, t:t + 1], cache, 2, return_lse=True)
+        assert torch.equal(torch.isfinite(out), torch.isfinite(full[:, t:t + 1])), t
+        finite = torch.isfinite(full[:, t:t + 1])
+        torch.testing.assert_close(out[finite], full[:, t:t + 1][finite], atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lse, full_lse[:, t:t + 1], atol=2e-6, rtol=2e-6, equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the cache
 
@@ -409,7 +429,7 @@ def test_bad_arguments_are_named(filled):
 def test_cache_errors_are_named(filled):
     _, cache = filled
     kv = torch.zeros(2, 1, 2, 8)
-    with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache is full"):
+    with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache has room for 1 more token"):
         cache.append(torch.zeros(2, 2, 2, 8), torch.zeros(2, 2, 2, 8))
     with pytest.raises(ValueError, match="k has dtype torch.bfloat16; this cache holds torch.float32"):
         cache.append(kv.bfloat16(), kv.bfloat16())

@@ -101,6 +101,20 @@ def test_emulated_input_centroid_routing_matches_reference(harness_input, tmp_pa
     assert not torch.equal(bufs["sel"], D._route(q, cache, top_k))  # the fp32 routing selects otherwise
 
 
+# One key element of block 2 infinite or NaN: the block's sum is not finite, so it scores NaN in either precision and
+# no query selects it (as moba_topk and the reference do), whichever sign the queries give an infinite product.
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_block_with_a_non_finite_key_is_never_selected(request, tmp_path, value, precision):
+    build = "harness" if precision == "fp32" else "harness_input"
+    case = (BF, 64, 16, 1, 8, 1, [400, 250], 1, 4, 132, 1024, dict(poison_key=value))
+    cache, q, top_k, scale, plan, bufs = _run_case(request.getfixturevalue(build), tmp_path, *case,
+                                                   centroid_precision=precision)
+    assert not (bufs["sel"][0] == 2).any(), "the block with a non-finite key was selected"
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=16, lengths=[400, 250],
+                                  centroid_precision=precision)
+
+
 def test_any_ticket_order_gives_the_same_step(harness, tmp_path):
     """Other random orders of the work items (and of the threads): bit-identical outputs, the reference's."""
     runs = [_run_case(harness, tmp_path, *ORDER_CASE, seed=s) for s in (1, 2, 3)]

@@ -258,9 +258,10 @@ def test_cuda_rejects_what_the_kernels_do_not_support():
     assert D.moba_decode_reference(torch.zeros(1, 1, 1, 64, device=DEVICE), cache, 2).is_cuda
 
 
-def _check_routing_on_sums(q, cache, sel, top_k):
+def _check_routing_on_sums(q, cache, sel, top_k, dropped=()):
     """Selections of the last query (q_len 1) vs fp64 scores on the cache's block sums: every slot equal,
-    or both blocks within a near-tie of each other. Returns the number of mismatched slots."""
+    or both blocks within a near-tie of each other. Returns the number of mismatched slots. ``dropped``: blocks
+    that no query may select (their sums not finite), ranked last."""
     batch, _, heads, _ = q.shape
     group, block = heads // cache.kv_heads, cache.block_size
     kv_of_head = torch.arange(heads, device=q.device) // group
@@ -273,8 +274,11 @@ def _check_routing_on_sums(q, cache, sel, top_k):
         if take == 0:
             continue
         sums = cache.block_sums[b, :, :own].double() / block  # (kv_heads, own, d)
+        gone = [j for j in dropped if j < own]
+        sums[:, gone] = 0.0
         qv = q[b, 0].double()  # (heads, d)
         scores = torch.einsum("hd,hjd->hj", qv, sums[kv_of_head])
+        scores[:, gone] = -math.inf
         # fp64 ranking, ties to the higher block index (stable sort of the reversed block axis)
         want = (own - 1) - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[:, :take]
         mine = sel[b, 0, :, 1:1 + take].long()
@@ -494,3 +498,32 @@ def test_input_centroid_decode_follows_moba_attention_of_that_precision(poisoned
             torch.testing.assert_close(out[b, 0][same].float(), full[same].float(), atol=4 * eps, rtol=4 * eps)
     assert rows_equal >= 0.97 * rows_seen, (rows_equal, rows_seen)
     assert rows_fp32_differ >= 0.2 * rows_seen, (rows_fp32_differ, rows_seen)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_block_with_a_non_finite_key_is_never_selected(poisoned_empty, kernel, value, precision):
+    """One key element of block 2 infinite or NaN: the block's sum is not finite, so no query selects it (it
+    scores NaN, as in ``moba_topk``, whatever sign a query gives an infinite product), the selections are the
+    fp64 ranking's (near-ties aside), and the outputs stay finite."""
+    from mobalab.kernels._cuda_decode import decode_cuda
+
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    batch, kv_heads, heads, dim, block, top_k, n = 2, 2, 8, 128, 64, 8, 4000
+    q = _rand((batch, 1, heads, dim), torch.bfloat16, gen)
+    k = _rand((batch, n, kv_heads, dim), torch.bfloat16, gen)
+    v = _rand((batch, n, kv_heads, dim), torch.bfloat16, gen)
+    k[:, 2 * block + 1, :, 3] = value
+    q[..., 3] = torch.where(torch.arange(heads, device=DEVICE) % 2 == 0, 1.0, -1.0).to(q.dtype)  # both signs
+    cache = MobaKVCache(batch, kv_heads, dim, block, n, dtype=torch.bfloat16, device=DEVICE)
+    cache.prefill(k[:, :n - 1], v[:, :n - 1])
+    cache.append(k[:, n - 1:], v[:, n - 1:])
+    t_k, scale = D.check_decode(q, cache, top_k)
+    with poisoned_empty():
+        out, lse, sel = decode_cuda(q, cache, t_k, scale, True, return_selection=True, kernel=kernel,
+                                    centroid_precision=precision)
+    torch.cuda.synchronize()
+    assert not (sel == 2).any(), "the block with a non-finite key was selected"
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    if precision == "fp32":  # the other slots as ranked in fp64 on the sums
+        assert _check_routing_on_sums(q, cache, sel, t_k, dropped=(2,)) <= 2

@@ -474,3 +474,19 @@ def test_cases_cover_the_kernel_paths():
     assert seen == {"ranges", "passes", "select rounds", "row groups", "chunks", "own only", "short", "shared",
                     "non-candidates", "pages of one block", "pages of several blocks", "paged chunks"}
 
+
+
+# One key element of block 2 infinite or NaN: the block's sum is not finite, so it scores NaN in every precision and
+# no query selects it (as moba_topk and the reference do), whichever sign the queries give an infinite product.
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+@pytest.mark.parametrize("fused_select", [False, True], ids=["select-launch", "selecting-attention"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_block_with_a_non_finite_key_is_never_selected(request, tmp_path, value, fused_select, precision):
+    build = "harness" if precision == "fp32" else "harness_input"
+    case = (BF, 64, 16, 1, 8, 1, [400, 250], 4, None, dict(poison_key=value))
+    cache, q, top_k, scale, plan, bufs = _run_case(request.getfixturevalue(build), tmp_path, *case,
+                                                   fused_select=fused_select, centroid_precision=precision)
+    assert plan.fused_select == fused_select
+    assert not (bufs["sel"][0] == 2).any(), "the block with a non-finite key was selected"
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=16, lengths=[400, 250],
+                                  centroid_precision=precision)

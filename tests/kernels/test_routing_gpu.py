@@ -453,3 +453,26 @@ def test_input_centroids_through_the_public_functions(router):
     assert all(bool(x.grad.isfinite().all()) for x in leaves)
     with pytest.raises(ValueError, match="centroid_precision must be one of"):
         moba_attention(q, k, v, 64, 8, centroid_precision="bf16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_block_with_a_non_finite_key_is_never_selected(value, causal, precision, router):
+    """One key element of block 2 infinite or NaN: its centroid is not finite, so the block scores NaN in either
+    precision (the centroid pass makes both halves NaN: q . hi alone would be +-inf) and no query selects it but
+    as its own block; every other slot is the reference's up to near-ties."""
+    dtype, dim, block_size, top_k, seqlen = torch.bfloat16, 128, 64, 8, 2000
+    if _falls_back(dim, top_k, causal):
+        return
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    q = _rand((2, seqlen, 4, dim), dtype, gen)
+    k = _rand((2, seqlen, 2, dim), dtype, gen)
+    k[:, 2 * block_size + 1, :, 3] = value
+    q[..., 3] = torch.where(torch.arange(4, device="cuda") % 2 == 0, 1.0, -1.0).to(dtype)  # both signs of q . inf
+    out, cent = _poisoned_topk(q, k, block_size, top_k, causal, centroid_precision=precision)
+    scored = out[..., 1:] if causal else out
+    assert not (scored == 2).any(), "the block with a non-finite key was selected"
+    ref = reference.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision=precision)
+    assert not (ref[..., int(causal):] == 2).any()
+    _compare(out, ref, q, cent.to(dtype).float() if precision == "input" else cent, causal, block_size)

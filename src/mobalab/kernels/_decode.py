@@ -9,7 +9,7 @@ their queries ``q`` (batch, q_len, heads, d). Query i of sequence b sits at posi
   :math:`j < c` by :math:`s_j = \langle q_t, \bar k_j\rangle` (fp32, :math:`\bar k_j = S_j / B` from the
   cache's running sums; with ``centroid_precision="input"`` :math:`T(S_j / B)`, the mean rounded to the cache's
   dtype T, as the prefill's router of that precision scores it), ties to the higher block index, ``-1`` for
-  slots beyond the past blocks;
+  slots beyond the past blocks; a block whose centroid is not finite scores NaN and is never selected;
 * :math:`o_t = \mathrm{softmax}(\sigma\, q_t K_{S_t}^\top) V_{S_t}` over the selected tokens, token-causal
   (keys :math:`\le t`) inside the own block, :math:`\sigma = 1/\sqrt d` by default,
   :math:`\mathrm{lse}_t = \log \sum_{i\in S_t} e^{\sigma q_t\cdot k_i}`.
@@ -143,10 +143,18 @@ def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int, centroid_precision: 
             # Candidates are complete blocks, |j| = B: the centroid is the running sum over B.
             cent = C.routed_centroids(cache.block_sums[b, :, :own].to(compute) / bsz, cache.dtype,
                                       centroid_precision)  # (kv_heads, own, d)
+            # a centroid that is not finite scores NaN (never selected), as in moba_topk
+            cent = cent.masked_fill(~torch.isfinite(cent).all(dim=-1, keepdim=True), math.nan)
             qi = q[b, i].to(compute).view(kv_heads, group, dim)
             scores = torch.einsum("kgd,kjd->kgj", qi, cent).reshape(heads, own)
             # Stable sort of the reversed block axis: equal scores keep the higher block index first.
-            ranked = (own - 1) - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+            order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+            ranked = (own - 1) - order
+            # A NaN score is never selected, as in moba_topk; the descending sort ranks NaN first, so those
+            # blocks move to the end as unused slots.
+            nan = torch.isnan(scores).flip(-1).gather(-1, order)
+            last = torch.sort(nan.to(torch.uint8), dim=-1, stable=True).indices
+            ranked = ranked.masked_fill(nan, -1).gather(-1, last)
             sel[b, i, :, 1:1 + take] = ranked[:, :take].to(torch.int32)
     return sel
 
@@ -170,7 +178,9 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
             valid = ((blocks.unsqueeze(-1) >= 0) & (tokens <= t)).view(heads, top_k * bsz)
             tokens = torch.where(valid, tokens.view(heads, top_k * bsz), 0)
             keys, values = cache.token_rows(b, kv_of_head, tokens)  # (heads, top_k * B, d)
-            keys, values = keys.to(compute), values.to(compute)
+            # the rows read for unattended slots (token 0) must add nothing, even where token 0 is not finite
+            keys = torch.where(valid.unsqueeze(-1), keys.to(compute), 0.0)
+            values = torch.where(valid.unsqueeze(-1), values.to(compute), 0.0)
             logits = torch.einsum("hd,hnd->hn", q[b, i].to(compute), keys) * scale
             logits = logits.masked_fill(~valid, float("-inf"))
             row_lse = torch.logsumexp(logits, dim=-1)  # finite: token t itself is always attended

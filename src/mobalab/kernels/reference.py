@@ -46,7 +46,9 @@ Non-finite inputs. A query reads only its selected blocks, so a NaN or Inf in ``
 element whose attended values include a non-finite one is NaN, or infinite where an infinite value meets only
 finite weights). A non-finite key also makes its block's
 centroid non-finite, and a block whose centroid is not finite scores NaN for every query (the CUDA router,
-which scores :math:`q\cdot c_{hi} + q\cdot c_{lo}` with :math:`c_{lo} = c - c_{hi}`, gets NaN there too). A
+which scores :math:`q\cdot c_{hi} + q\cdot c_{lo}` with :math:`c_{lo} = c - c_{hi}`, or :math:`q\cdot c_{hi}`
+alone for ``centroid_precision="input"``, gets NaN there too: its centroid pass writes both halves NaN where
+:math:`c_{hi}` is not finite; the decode kernels likewise score NaN for a block whose sum is not finite). A
 score of NaN or :math:`-\infty` is never selected: such a block cannot take a slot (the slot stays -1), so
 a non-causal query reads nothing of it and a causal query reads it only as its own block. A query with no
 selected block (possible only when every block scores NaN, non-causal) has ``out = 0`` and ``lse = -inf``.

@@ -18,11 +18,17 @@ using moba::Elem;
 
 #define CENTROID_THREADS 128
 
+// An element whose hi is not finite makes both halves NaN: the block then scores NaN in either precision (q . hi
+// alone, the "input" precision's score, would be +-inf, and +inf is selected first), so it is never selected, as
+// the reference drops a block whose centroid is not finite.
 template <typename T>
 __device__ __forceinline__ void centroid_write_split(float c, T* hi, T* lo, long long idx) {
     const T h = Elem<T>::from_float(c);
-    hi[idx] = h;
-    lo[idx] = Elem<T>::from_float(c - Elem<T>::to_float(h));
+    const float hf = Elem<T>::to_float(h);
+    const bool finite = (__float_as_uint(hf) & 0x7f800000u) != 0x7f800000u;
+    const T nan = Elem<T>::from_float(moba::quiet_nan());
+    hi[idx] = finite ? h : nan;
+    lo[idx] = finite ? Elem<T>::from_float(c - hf) : nan;
 }
 
 template <typename T, int D>

@@ -358,6 +358,9 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 #pragma unroll
             for (int m = 0; m < NV; ++m) sv[m] = dec_input_centroid<T>(sv[m], inv_b);
 #endif
+            float poison = 0.f;  // NaN where this lane's part of the sum is not finite
+#pragma unroll
+            for (int m = 0; m < NV; ++m) poison = dec_poison_nonfinite(sv[m], poison);
             // DEC_ROUTE_ILP rows at a time: independent FMA and shuffle chains, so a tile's scoring costs one
             // chain's latency per DEC_ROUTE_ILP rows instead of one per row.
             auto score_rows = [&](int rr0, auto n_const) {
@@ -366,7 +369,7 @@ __device__ __forceinline__ void dec_route_item(const DecParams<T>& p, int item, 
 #pragma unroll
                 for (int a = 0; a < NR; ++a) {
                     const float* qrow = qs + (rr0 + a) * D;
-                    acc[a] = 0.f;
+                    acc[a] = poison;  // carried to the whole score by the butterfly below
 #pragma unroll
                     for (int m = 0; m < NV; ++m) {
                         const float4 qv = *reinterpret_cast<const float4*>(qrow + (m * 8 + part) * 4);

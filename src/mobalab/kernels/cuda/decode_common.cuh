@@ -241,6 +241,12 @@ struct dec_int {
 __device__ __forceinline__ float dec_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float dec_neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ bool dec_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+// z where the four values are finite, NaN where one is not (x * 0 is NaN exactly for an infinite or NaN x; fast
+// math keeps it): added into a block's score, it makes the score of a block whose sum is not finite NaN, which no
+// selection takes, as the prefill's router does with such a block's centroid (whatever sign q gives the product).
+__device__ __forceinline__ float dec_poison_nonfinite(const float4& v, float z) {
+    return fmaf(v.x, 0.f, fmaf(v.y, 0.f, fmaf(v.z, 0.f, fmaf(v.w, 0.f, z))));
+}
 __host__ __device__ __forceinline__ int dec_align16(int x) { return (x + 15) & ~15; }
 
 // ---- the centroid a router of centroid_precision "input" scores ----

@@ -570,6 +570,13 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const dsp_row
             for (int m = 0; m < NV; ++m) sv[p][m] = dsp_widen<T>(sv[p][m]);
         }
 #endif
+        float poison[NP];  // NaN where this lane's part of block row p's sum is not finite
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+            poison[p] = 0.f;
+#pragma unroll
+            for (int m = 0; m < NV; ++m) poison[p] = dec_poison_nonfinite(sv[p][m], poison[p]);
+        }
         for (int rr = 0; rr < nr; ++rr) {
             float4 qv[NV];
 #pragma unroll
@@ -577,7 +584,7 @@ __device__ __forceinline__ void dsp_score(const T* __restrict__ q, const dsp_row
             float acc[NP];
 #pragma unroll
             for (int p = 0; p < NP; ++p) {
-                acc[p] = 0.f;
+                acc[p] = poison[p];  // carried to the whole score by the butterfly below
 #pragma unroll
                 for (int m = 0; m < NV; ++m)
                     acc[p] += qv[m].x * sv[p][m].x + qv[m].y * sv[p][m].y + qv[m].z * sv[p][m].z + qv[m].w * sv[p][m].w;
