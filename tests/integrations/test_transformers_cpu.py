@@ -171,6 +171,8 @@ def test_missing_settings_and_unsupported_options_are_refused():
     kv = torch.zeros(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"attention mask of shape \(1, 1, 8, 8\).*2-D padding mask"):
         hf.moba_attention_forward(layer, q, kv, kv, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sliding_window = 4096 is not supported.*sliding_window to None"):
+        hf.moba_attention_forward(layer, q, kv, kv, None, sliding_window=4096)
     with pytest.raises(ValueError, match="softcap = 30.0 is not supported"):
         hf.moba_attention_forward(layer, q, kv, kv, None, softcap=30.0)
     with pytest.raises(ValueError, match="name must be a non-empty string"):
@@ -279,7 +281,7 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     cache = hf.MobaCache(model.config, max_cache_len=12)
     with torch.no_grad():
         model(ids, use_cache=True, **{hf.cache_argument(): cache})
-        with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache is full"):
+        with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache has room for 2 more token"):
             model(_ids(2, 3, seed=35), use_cache=True, **{hf.cache_argument(): cache})
     with pytest.raises(NotImplementedError, match="MobaCache: crop is not supported"):
         cache.crop(5)

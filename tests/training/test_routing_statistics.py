@@ -112,6 +112,8 @@ def test_matches_kernels_topk_and_validates():
         routing_statistics(q, k, qpos, npos, 0, TOP_K)
     with pytest.raises(ValueError, match="4-D"):
         routing_statistics(q[0], k, qpos, npos, B, TOP_K)
+    with pytest.raises(ValueError, match="query_pos must be an integer tensor.*torch.float32"):
+        routing_statistics(q, k, qpos.float(), npos, B, TOP_K)
 
 
 def test_rope_factor_measures_the_run_against_its_keys_at_the_anchor():

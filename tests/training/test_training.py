@@ -59,6 +59,9 @@ def test_evaluate_dense_needs_routes():
     run = train(dataclasses.replace(CFG, attention="dense"), TASK, TC)
     with pytest.raises(ValueError, match="routes"):
         evaluate(run, sequences=2)
+    for bad in [(16, 2), [], [(16.5, 2)], [(16, 0)], [(16, 2, 1)]]:  # a lone pair, nothing, not integers >= 1
+        with pytest.raises(ValueError, match=r"routes must be a non-empty sequence of \(block_size, top_k\)"):
+            evaluate(run, sequences=2, routes=bad)
     df = evaluate(run, sequences=2, routes=[(16, 2), (32, 1)])
     assert set(zip(df["block_size"], df["top_k"], strict=True)) == {(16, 2), (32, 1)}
     assert not df["routed"].any()
@@ -77,6 +80,8 @@ def test_curriculum_stages_keep_tokens_per_step():
     assert cost["flops_total"] < full["flops_total"]  # shorter sequences: less attention
     with pytest.raises(ValueError, match="<= the task's seq_len"):
         train(CFG, task, dataclasses.replace(tc, curriculum=[(256, 2)]))
+    with pytest.raises(ValueError, match="<= the task's seq_len"):  # not a stage of zero sequences, costing nothing
+        training_cost(CFG, task, dataclasses.replace(tc, curriculum=[(256, 2)]))
     with pytest.raises(ValueError, match="too short"):
         train(CFG, task, dataclasses.replace(tc, curriculum=[(6, 2)]))
 
@@ -90,6 +95,11 @@ def test_train_config_validation():
         TrainConfig(steps=10, curriculum=[(64, 10)])
     with pytest.raises(ValueError, match="pairs"):
         TrainConfig(curriculum=[64])
+    # no silent truncation of a stage, no bool as a rate
+    with pytest.raises(ValueError, match="pairs of integers"):
+        TrainConfig(steps=10, curriculum=[(32.7, 2)])
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=True)
     with pytest.raises(ValueError, match="device"):
         train(CFG, TASK, dataclasses.replace(TC, device="tpu"))
 

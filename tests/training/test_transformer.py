@@ -120,3 +120,16 @@ def test_config_validation_and_labels():
     model = _model(SMALL)
     with pytest.raises(ValueError, match="tokens must lie"):
         model(torch.full((1, 96), TASK.vocab_size), torch.tensor([[95]]))
+
+
+def test_query_positions_and_token_dtypes_are_checked():
+    model = _model(SMALL)
+    tokens = torch.zeros(1, 96, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"query_pos must lie in \[0, seqlen = 96\), got \[90, 96\]"):
+        model(tokens, torch.tensor([[90, 96]]))
+    with pytest.raises(ValueError, match="query_pos must lie"):
+        model(tokens, torch.tensor([[-1]]))
+    with pytest.raises(ValueError, match="tokens must be an integer tensor, got torch.float32"):
+        model(tokens.float(), torch.tensor([[95]]))
+    with pytest.raises(ValueError, match="query_pos must be an integer tensor, got torch.float32"):
+        model(tokens, torch.tensor([[95.0]]))

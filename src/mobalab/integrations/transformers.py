@@ -247,7 +247,11 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     if dropout:
         raise ValueError(f"moba attention: attention dropout {dropout} is not supported (MoBA has none); set the "
                          "config's attention_dropout to 0")
-    for name in ("sliding_window", "softcap", "s_aux"):
+    if kwargs.get("sliding_window") is not None:  # e.g. Mistral's config sets 4096 by default
+        raise ValueError(f"moba attention: sliding_window = {kwargs['sliding_window']!r} is not supported (MoBA "
+                         "routes over the whole past, whatever the window's length); set the config's "
+                         "sliding_window to None")
+    for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"moba attention: {name} = {kwargs[name]!r} is not supported")
     causal = kwargs.get("is_causal")

@@ -300,8 +300,9 @@ class MobaKVCache:
         self._check_kv(fn, k_new, v_new)
         n = k_new.shape[1]
         if int(self._len.max()) + n > self.max_seqlen:
+            room = self.max_seqlen - int(self._len.max())
             raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} exceeds "
-                             f"max_seqlen={self.max_seqlen}; the cache is full")
+                             f"max_seqlen={self.max_seqlen}; the cache has room for {room} more token(s) per sequence")
         if self.paged:  # pages for the tokens that cross into a sequence's next page, all or none
             grow = [(b, math.ceil(length / self.page_size), math.ceil((length + n) / self.page_size))
                     for b, length in enumerate(self._len.tolist())]

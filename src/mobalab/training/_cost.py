@@ -77,6 +77,10 @@ def training_cost(model_config: ModelConfig, task: RecallTask, train_config: Tra
     """
     a = dict(H200_ASSUMPTIONS if assumptions is None else assumptions)
     tc = train_config
+    for seq_len, _ in tc.curriculum:
+        if seq_len > task.seq_len:  # as train() refuses it: the stage's batch factor would be 0, its cost 0
+            raise ValueError(f"training_cost: curriculum stage seq_len {seq_len} must be <= the task's seq_len "
+                             f"({task.seq_len})")
     phases = [(task.seq_len, tc.batch_size, tc.steps - sum(k for _, k in tc.curriculum))]
     phases += [(n, tc.batch_size * (task.seq_len // n), k) for n, k in tc.curriculum]
     out = {"flops_total": 0.0, "seconds": 0.0}

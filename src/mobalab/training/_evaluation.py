@@ -23,6 +23,20 @@ from ._training import TrainedModel
 __all__ = ["evaluate"]
 
 
+def _check_routes(routes) -> list[tuple[int, int]]:
+    """``routes`` as a non-empty list of (block_size, top_k) pairs of integers >= 1."""
+    try:
+        pairs = [tuple(route) for route in routes]
+    except TypeError:
+        pairs = None
+    ok = bool(pairs) and all(len(p) == 2 and all(not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= 1
+                                                 for x in p) for p in pairs)
+    if not ok:
+        raise ValueError(f"evaluate: routes must be a non-empty sequence of (block_size, top_k) pairs of integers "
+                         f">= 1, e.g. [(32, 4)]; got {routes!r}")
+    return [(int(b), int(k)) for b, k in pairs]
+
+
 def evaluate(trained: TrainedModel, *, sequences: int = 64, batch_size: int = 16, seed: int = 0,
              routes=None) -> pd.DataFrame:
     """Accuracy and routing statistics of ``trained`` on ``sequences`` evaluation sequences.
@@ -53,7 +67,7 @@ def evaluate(trained: TrainedModel, *, sequences: int = 64, batch_size: int = 16
         if own is None:
             raise ValueError("evaluate: a dense model has no router; give routes=[(block_size, top_k), ...]")
         routes = [own]
-    routes = list(dict.fromkeys((int(b), int(k)) for b, k in routes))
+    routes = list(dict.fromkeys(_check_routes(routes)))
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[tuple[int, int, int], list] = {}
     correct = answers = 0

@@ -90,9 +90,11 @@ def _check_inputs(q, k, query_pos, needle_pos, block_size, top_k):
         raise ValueError(f"{fn}: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seqlen and head_dim, "
                          "with q heads a multiple of k heads")
     for name, x in (("query_pos", query_pos), ("needle_pos", needle_pos)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != q.shape[0]:
-            raise ValueError(f"{fn}: {name} must be an integer tensor (batch, queries), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != q.shape[0] or (
+                x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+            raise ValueError(f"{fn}: {name} must be an integer tensor (batch, queries) with batch {q.shape[0]}, got "
+                             + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                                else type(x).__name__))
     if query_pos.shape != needle_pos.shape:
         raise ValueError(f"{fn}: query_pos {tuple(query_pos.shape)} and needle_pos {tuple(needle_pos.shape)} "
                          "must have one shape")

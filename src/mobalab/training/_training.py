@@ -57,10 +57,14 @@ class TrainConfig:
 
     def __post_init__(self):
         try:
-            stages = tuple((int(n), int(k)) for n, k in self.curriculum)
+            stages = tuple((n, k) for n, k in self.curriculum)
         except (TypeError, ValueError):
-            raise ValueError(f"TrainConfig: curriculum must be a sequence of (seq_len, steps) pairs, got "
-                             f"{self.curriculum!r}") from None
+            stages = None
+        # integers only: int() would truncate a stage of 1.5 steps or 511.9 tokens without a word
+        if stages is None or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for s in stages for x in s):
+            raise ValueError(f"TrainConfig: curriculum must be a sequence of (seq_len, steps) pairs of integers, got "
+                             f"{self.curriculum!r}")
+        stages = tuple((int(n), int(k)) for n, k in stages)
         if any(n < 1 or k < 1 for n, k in stages):
             raise ValueError(f"TrainConfig: curriculum stages need seq_len >= 1 and steps >= 1, got {stages}")
         object.__setattr__(self, "curriculum", stages)
@@ -75,7 +79,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: warmup must be an integer >= 0, got {self.warmup!r}")
         for name in ("lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (
+                    name == "lr" and v == 0):
                 raise ValueError(f"TrainConfig: {name} must be a finite number >= 0 (lr > 0), got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ValueError(f"TrainConfig: seed must be an integer >= 0, got {self.seed!r}")

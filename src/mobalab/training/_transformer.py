@@ -223,10 +223,17 @@ class RecallTransformer(nn.Module):
         if tokens.dim() != 2 or query_pos.dim() != 2 or query_pos.shape[0] != tokens.shape[0]:
             raise ValueError(f"tokens must be (batch, seqlen) and query_pos (batch, queries), got "
                              f"{tuple(tokens.shape)} and {tuple(query_pos.shape)}")
-        # on the GPU the range check would cost a host synchronisation per step; the batches come from make_batch
+        for name, x in (("tokens", tokens), ("query_pos", query_pos)):
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
+        # on the GPU the range checks would cost a host synchronisation per step; the batches come from make_batch
         if not tokens.is_cuda and (int(tokens.min()) < 0 or int(tokens.max()) >= self.task.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.task.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if not query_pos.is_cuda and query_pos.numel() and (
+                int(query_pos.min()) < 0 or int(query_pos.max()) >= tokens.shape[1]):
+            raise ValueError(f"query_pos must lie in [0, seqlen = {tokens.shape[1]}), got "
+                             f"[{int(query_pos.min())}, {int(query_pos.max())}]")
         qk: list | None = [] if capture else None
         x = self.embed(tokens)
         for layer in self.layers:
