@@ -195,6 +195,18 @@ def _disagreeing_settings(rank: int) -> str:
     return "no error"
 
 
+def _one_rank_rejects_its_arguments(rank: int) -> str:
+    """Rank 2 passes keys of another length than its queries, which only its own checks see: it raises its
+    error, every other rank raises too (instead of waiting in the agreement's all-gather)."""
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    k = q[:, :5] if rank == 2 else q
+    try:
+        context_parallel_moba_attention(q, k, k, 4, 2)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
 def run_world_tests(rank: int, world: int, payload: dict) -> dict:
     """In a world of four: the two-rank cases on the group of ranks 0 and 1 and the three-rank cases on ranks
     0-2 (groups other than the default, so P2P addresses global ranks), the four-rank cases on the default
@@ -215,7 +227,7 @@ def run_world_tests(rank: int, world: int, payload: dict) -> dict:
                          "1", "--out", payload["bench_out"]])
     refused = bench.main(["--backend", "gloo", "--quick", "--path", "single-device", "--out", payload["bench_out"]])
     return {"cases": cases, "bench_status": status, "single_device_in_four": refused,
-            "disagree": _disagreeing_settings(rank)}
+            "disagree": _disagreeing_settings(rank), "one_rejects": _one_rank_rejects_its_arguments(rank)}
 
 
 def single_device_bench(rank: int, world: int, payload: dict) -> dict:

@@ -51,6 +51,15 @@ def test_ranks_that_disagree_all_raise(results):
         assert "ranks disagree on top_k" in message and "[2, 3, 2, 2]" in message, message
 
 
+def test_a_rank_that_rejects_its_arguments_makes_every_rank_raise(results):
+    for rank, per_rank in enumerate(results):
+        message = per_rank["one_rejects"]
+        if rank == 2:
+            assert "seqlen differs, q has 8 and k has 5" in message, message
+        else:
+            assert "rank 2 of the group (of 4) rejected its arguments" in message, message
+
+
 def test_benchmark_checks_times_and_writes(results, bench_out):
     assert [r["bench_status"] for r in results] == [0, 0, 0, 0]
     assert [r["single_device_in_four"] for r in results] == [2, 2, 2, 2]  # the one-device path refuses 4 ranks

@@ -87,12 +87,26 @@ def test_model_validation():
         ring_step_model([1024], [2], kv_heads=3)
     with pytest.raises(ValueError, match="each GPU count must be an integer > 0"):
         ring_step_model([1024], [0])
-    with pytest.raises(ValueError, match="forward_tflops must be a number > 0"):
+    with pytest.raises(ValueError, match="forward_tflops must be a finite number > 0"):
         ring_step_model([1024], [2], forward_tflops=-1)
     with pytest.raises(ValueError, match="4 GPUs need at least 4 tokens"):
         ring_step_model([3], [4])
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_step_model([1024], [2], layout="x")
+
+
+def test_model_refuses_infinite_rates_and_empty_lists_and_takes_single_values():
+    # an infinite bandwidth made the compute / comm ratio a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"links\['x'\] must be a finite number > 0, got inf"):
+        ring_step_model([1024], [2], links={"x": math.inf})
+    with pytest.raises(ValueError, match="routing_tflops must be a finite number > 0, got inf"):
+        ring_step_model([1024], [2], routing_tflops=math.inf)
+    with pytest.raises(ValueError, match="seq_lens must list at least one value"):
+        ring_step_model([], [2])
+    with pytest.raises(ValueError, match="n_gpus must be an integer or a sequence of integers, got None"):
+        ring_step_model([1024], None)
+    one = ring_step_model(1 << 20, 2, links={"nv": 450.0})
+    assert one.equals(ring_step_model([1 << 20], [2], links={"nv": 450.0}))
 
 
 def test_head_groups_take_whole_kv_groups_and_fit_the_budget():

@@ -67,3 +67,22 @@ def test_hit_probability_limits_and_validation():
         snr.linear_conv_block_model(64, 32, [[1.0]], [3], 0.5)
     with pytest.raises(ValueError, match="cosine"):
         snr.linear_conv_block_model(64, 32, [1.0], [3], 1.5)
+
+
+def test_all_zero_weights_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"weights must not all be zero .*got \[0.0, 0.0\]"):
+        snr.linear_conv_block_model(64, 32, [0.0, 0.0], [3], 0.5)
+
+
+@pytest.mark.filterwarnings("error")
+def test_blocks_without_variance_are_constants_and_ties_go_to_the_later_block():
+    # μ = 1 on every source of the needle's block and the next: both scores are exactly 1 (no variance)
+    both = snr.linear_conv_block_model(16, 4, [1.0], list(range(8)), 1.0)
+    assert both.var_signal == 0.0 and both.var_next == 0.0 and both.mean_next == both.mean_signal == 1.0
+    # the next block wins the tie (higher index): top 1 never holds the needle's block, top 2 always does
+    assert snr.linear_conv_hit_probability(both, 8, 1) == 0.0
+    assert snr.linear_conv_hit_probability(both, 8, 2) == pytest.approx(1.0, abs=1e-12)
+    # a constant next block at 1 against a needle block at 0.25 with sd 0.108: beaten unless 6.9 sd above
+    high = snr.linear_conv_block_model(16, 4, [1.0], [0, 4, 5, 6, 7], 1.0)
+    assert high.var_next == 0.0 and high.mean_next == 1.0 and high.mean_signal == 0.25
+    assert snr.linear_conv_hit_probability(high, 2, 1) == pytest.approx(0.0, abs=1e-10)

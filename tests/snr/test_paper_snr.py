@@ -71,3 +71,12 @@ def test_paper_threshold_values_and_saturation():
 def test_validation_messages(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_hit_probability_at_the_paper_threshold_is_well_above_a_coin_toss():
+    from mobalab.snr import hit_probability
+
+    cases = [(8, 1), (16, 2), (64, 8), (512, 8), (2048, 8), (1024, 1), (131072, 8)]
+    at = [float(hit_probability(paper_threshold(n, k), n, k)) for n, k in cases]
+    assert all(0.55 < p < 0.95 for p in at), at
+    assert at[cases.index((2048, 8))] == pytest.approx(0.859, abs=5e-4)

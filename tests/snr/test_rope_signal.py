@@ -186,3 +186,13 @@ def test_block_model_validation(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         rope_block_model(**args)
+
+
+def test_delta_mu_eff_takes_cosines_as_cosines():
+    # the RoPE-blind delta_mu_eff refuses these; the RoPE one returned 5.8 for mu_cluster = 2
+    for kw, name in ((dict(mu_cluster=2.0), "mu_cluster"), (dict(mu_noise=-1.5), "mu_noise")):
+        with pytest.raises(ValueError, match=f"{name} is a cosine and must lie in \\[-1, 1\\]"):
+            rope_delta_mu_eff(0.5, 64, 4, **kw)
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        rope_delta_mu_eff([0.5, 0.2], 64, 4, mu_cluster=[0.1, 0.2, 0.3])
+    assert rope_delta_mu_eff(0.5, 64, 1) == pytest.approx(0.5, rel=1e-12)

@@ -127,13 +127,30 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
     >>> dist.destroy_process_group()
     """
     fn = "context_parallel_moba_attention"
-    block_size, top_k, scale = _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse,
-                                            layout, kernels, centroid_precision)
+    local_error = None
+    try:
+        block_size, top_k, scale = _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse,
+                                                layout, kernels, centroid_precision)
+    except (TypeError, ValueError) as exc:
+        if not isinstance(q, torch.Tensor) or not dist.is_available() or not dist.is_initialized():
+            raise  # nobody to tell: no row can be sent
+        local_error = exc
     _check_group(fn, q, group)
     ring = ring_of(group)
-    row = torch.tensor(_agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision),
-                       dtype=torch.int64, device=q.device)
-    rows = all_gather_rows(row, ring).tolist()
+    # A rank whose own arguments fail still takes part in the all-gather, flagged, so that the other ranks
+    # raise too instead of waiting in the collective until the group's timeout.
+    agreed = [0] * (len(_AGREED) + 1) if local_error is not None else _agreement_row(
+        q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision)
+    row = torch.tensor([int(local_error is not None), *agreed], dtype=torch.int64, device=q.device)
+    flagged = all_gather_rows(row, ring).tolist()
+    if local_error is not None:
+        raise local_error
+    failed = [rank for rank, r in enumerate(flagged) if r[0]]
+    if failed:
+        raise ValueError(f"{fn}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of the group "
+                         f"(of {ring.world}) rejected its arguments and raised; see that rank's error. Every rank "
+                         "stops here, so that none is left waiting for the others")
+    rows = [r[1:] for r in flagged]
     differing = {name: [_readable(name, r[i]) for r in rows] for i, name in enumerate(_AGREED)
                  if len({r[i] for r in rows}) > 1}
     if differing:  # every rank sees the same rows, so every rank raises: nobody is left waiting

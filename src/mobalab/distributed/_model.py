@@ -68,9 +68,22 @@ def _routing_pairs(layout: Layout, rank: int, block_size: int, causal: bool) -> 
 
 def _positive(fn: str, name: str, value, integer: bool = True):
     ok = not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
-    if not ok or not value > 0:
-        raise ValueError(f"{fn}: {name} must be {'an integer' if integer else 'a number'} > 0, got {value!r}")
+    if not ok or not 0 < value < math.inf:
+        raise ValueError(f"{fn}: {name} must be {'an integer' if integer else 'a finite number'} > 0, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _listed(fn: str, name: str, values) -> list:
+    """A sequence of values, or one value standing for a list of one; never empty."""
+    if isinstance(values, numbers.Number):
+        return [values]
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"{fn}: {name} must be an integer or a sequence of integers, got {values!r}") from None
+    if not values:
+        raise ValueError(f"{fn}: {name} must list at least one value, got an empty sequence")
+    return values
 
 
 @dataclass(frozen=True)
@@ -121,7 +134,8 @@ def ring_step_model(seq_lens=(1 << 20, 1 << 21, 1 << 22), n_gpus=(2, 4, 8, 16, 3
                     routing_tflops: float = 72.0) -> pd.DataFrame:
     r"""Predicted bytes, FLOPs and time per ring step and per rank for MoBA context parallelism.
 
-    One row per (sequence length, GPU count, link). Shards are as even as possible; the row describes the
+    One row per (sequence length, GPU count, link); ``seq_lens`` and ``n_gpus`` are integers or sequences of
+    them. Shards are as even as possible; the row describes the
     busiest rank (the most routing work: the last shard when causal and contiguous). Columns:
 
     * ``fwd_bytes_step`` / ``bwd_bytes_step``: bytes one ring step sends per GPU (K/V; K/V + dK/dV);
@@ -145,8 +159,8 @@ def ring_step_model(seq_lens=(1 << 20, 1 << 21, 1 << 22), n_gpus=(2, 4, 8, 16, 3
         8       0.49       0.51        True
     """
     fn = "ring_step_model"
-    seq_lens = [_positive(fn, "each seq_len", n) for n in seq_lens]
-    n_gpus = [_positive(fn, "each GPU count", r) for r in n_gpus]
+    seq_lens = [_positive(fn, "each seq_len", n) for n in _listed(fn, "seq_lens", seq_lens)]
+    n_gpus = [_positive(fn, "each GPU count", r) for r in _listed(fn, "n_gpus", n_gpus)]
     batch, heads, head_dim, block_size, top_k, elem_bytes = (
         _positive(fn, name, value) for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim),
                                                        ("block_size", block_size), ("top_k", top_k),

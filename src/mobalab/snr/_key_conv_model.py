@@ -235,6 +235,9 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
     needle = int(offs.min()) if needle_offset is None else scalar_count("needle_offset", needle_offset, 0)
     if needle >= bsz or needle not in offs:
         raise ValueError(f"needle_offset must be one of the offsets inside block 0 [0, {bsz}), got {needle}")
+    if not np.any(w):
+        raise ValueError(f"weights must not all be zero (every convolved key would be 0, no block could be told "
+                         f"from another), got {w.tolist()}")
     _check_size(bsz, w.size)
     m0, v0 = _block_moments(w, bsz, d, offs, mu, 0)
     m1, v1 = _block_moments(w, bsz, d, offs, mu, 1)
@@ -257,6 +260,14 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
 
 _Z = np.linspace(-9.0, 9.0, 3601)
 _PHI = np.exp(-0.5 * _Z**2) / np.sqrt(2.0 * np.pi)
+
+
+def _above(s: np.ndarray, mean: float, var: float) -> np.ndarray:
+    """P(a block score N(mean, var) lies above s); a score without variance (|μ| = 1 on every source it
+    covers) is the constant ``mean``, which wins a tie, as the later block does (ties go to the higher index)."""
+    if var > 0.0:
+        return ndtr((mean - s) / np.sqrt(var))
+    return (mean >= s).astype(np.float64)
 
 
 def linear_conv_hit_probability(model: LinearConvBlockModel, n_blocks: int, top_k: int) -> float:
@@ -284,8 +295,8 @@ def linear_conv_hit_probability(model: LinearConvBlockModel, n_blocks: int, top_
     if k >= n:
         return 1.0
     s = model.mean_signal + np.sqrt(model.var_signal) * _Z
-    qbar = ndtr(-s / np.sqrt(model.var_noise))
-    pi = ndtr(-(s - model.mean_next) / np.sqrt(model.var_next))
+    qbar = _above(s, 0.0, model.var_noise)
+    pi = _above(s, model.mean_next, model.var_next)
     f1 = binom.cdf(k - 1, n - 2, qbar)
     f2 = binom.cdf(k - 2, n - 2, qbar) if k >= 2 else np.zeros_like(qbar)
     return float(np.clip(np.trapezoid(_PHI * ((1.0 - pi) * f1 + pi * f2), _Z), 0.0, 1.0))

@@ -103,8 +103,9 @@ def paper_threshold(n_blocks, top_k):
 
     .. math:: \mathrm{SNR} > \Phi^{-1}(1 - k/n) = -\Phi^{-1}(k/n)
 
-    It is the expected-count condition p < k/n, not a probability of success (at the threshold the
-    exact hit probability is typically only 30-70 %; see :func:`hit_probability`). Computed as
+    It is the expected-count condition p < k/n, not a probability of success: at the threshold the
+    exact hit probability (:func:`hit_probability`) is about 0.6 to 0.95, growing with n (0.64 for the
+    top 2 of 16 blocks, 0.86 for the top 8 of 2048, 0.94 for the top 8 of 131072). Computed as
     :math:`-\Phi^{-1}(k/n)` so small k/n keeps full precision. For ``top_k >= n_blocks`` every block is
     selected and any SNR suffices: the threshold is ``-inf``. ``n_blocks >= 1`` and ``top_k >= 1``,
     integer-valued; broadcasts.
@@ -116,6 +117,8 @@ def paper_threshold(n_blocks, top_k):
     >>> from mobalab import snr
     >>> print(f"{snr.paper_threshold(2048, 8):.3f}")
     2.660
+    >>> print(f"{snr.hit_probability(snr.paper_threshold(2048, 8), 2048, 8):.3f}")
+    0.859
     """
     n, k = broadcast(n_blocks=count("n_blocks", n_blocks), top_k=count("top_k", top_k))
     ratio = np.minimum(k / n, 1.0)

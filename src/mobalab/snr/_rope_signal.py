@@ -260,7 +260,8 @@ def rope_delta_mu_eff(delta_mu, head_dim, m=1, mu_cluster=0.0, mu_noise=0.0, *, 
 
     (the excess affinities are what the shared content carries, so they rotate; μ_noise is a
     position-independent offset). Without RoPE every g is 1 and this is
-    :func:`mobalab.snr.delta_mu_eff`. ``delta_mu``, ``mu_cluster``, ``mu_noise`` broadcast.
+    :func:`mobalab.snr.delta_mu_eff`. ``delta_mu`` (real), ``mu_cluster`` and ``mu_noise`` (cosines in
+    [-1, 1]) broadcast.
 
     Examples
     --------
@@ -268,8 +269,9 @@ def rope_delta_mu_eff(delta_mu, head_dim, m=1, mu_cluster=0.0, mu_noise=0.0, *, 
     >>> round(delta_mu_eff(0.2, 16, 0.2), 3), round(rope_delta_mu_eff(0.2, 64, 16, 0.2, needle_index=7), 3)
     (3.2, 2.578)
     """
-    dmu = _finite_array("delta_mu", delta_mu)
-    excess = _finite_array("mu_cluster", mu_cluster) - _finite_array("mu_noise", mu_noise)
+    dmu, mu_c, mu_n = V.broadcast(delta_mu=V.real("delta_mu", delta_mu), mu_cluster=V.cosine("mu_cluster", mu_cluster),
+                                  mu_noise=V.cosine("mu_noise", mu_noise))
+    excess = mu_c - mu_n
     d = _head_dim(head_dim)
     m, a, lag = _span(m, needle_index, needle_lag)
     g = _coherence(_span_offsets(m, a, lag), rope_frequencies(d, base))
