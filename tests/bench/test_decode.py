@@ -108,3 +108,16 @@ def test_flex_block_mask_attends_the_selection(monkeypatch):
         warnings.simplefilter("ignore", UserWarning)
         out = bench._flex_fn(q, cache.k, cache.v, sel, block, n)().transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_table_bytes_parts_add_up_to_the_total():
+    """The MB cell's parts (block sums, K/V, q/out) sum to the total it shows, at a batch where q/out is over 1 MB."""
+    sel = torch.tensor([255, 3, 7, 11, 13, 17, 19, 23], dtype=torch.int32).expand(64, 1, 32, 8).contiguous()
+    row = _row(32 * K, 64, 128, 8, 0.1, 1.0, 0.5)
+    row.update(bench.selection_bytes(sel, 32 * K, 128, kv_heads=8, head_dim=128))
+    assert row["q_out_bytes"] > 1e6
+    table = bench.markdown([row], {"cuda_device": "GPU", "utc": "now", "git_commit": "abc"})
+    assert "MB needed (sums + K/V + q/out)" in table
+    cell = table.split("\n")[4].split(" | ")[9]
+    total, parts = cell.split(" (")
+    assert abs(float(total) - sum(float(x) for x in parts.rstrip(")").split(" + "))) <= 0.15

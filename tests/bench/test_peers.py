@@ -44,7 +44,7 @@ def test_flex_with_moba_mask_equals_reference(causal, kv_heads, kv_tile):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("block, kv_tile", [(32, 128), (32, 32), (48, 128), (256, 256)])
+@pytest.mark.parametrize("block, kv_tile", [(32, 128), (32, 32), (48, 128), (256, 256), (256, 64), (48, 16)])
 def test_tile_union_is_the_smallest_cover_of_the_selection(causal, block, kv_tile):
     seqlen, top_k = 512, 3
     q, k, _ = _inputs(seqlen, 2, 2, 16, seed=1)

@@ -20,7 +20,7 @@ def test_main_without_a_gpu_says_what_it_needs(capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("usage: mobalab bench")
 
 
-@pytest.mark.parametrize("seqlen, block, top_k", [(37, 4, 3), (64, 8, 8), (5, 8, 2)])
+@pytest.mark.parametrize("seqlen, block, top_k", [(37, 4, 3), (64, 8, 8), (5, 8, 2), (17, 16, 2), (13, 4, 9)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flop_counts_match_brute_force(seqlen, block, top_k, causal):
     n_blocks = math.ceil(seqlen / block)
@@ -29,8 +29,15 @@ def test_flop_counts_match_brute_force(seqlen, block, top_k, causal):
     assert bench.routing_flops(2, seqlen, 3, 16, block, causal) == 2 * 2 * 3 * scored * 16
     if causal:  # own block up to t, plus min(own, top_k - 1) full past blocks
         keys = ((t % block) + 1 + torch.clamp(t // block, max=top_k - 1) * block).sum().item()
-    else:
-        keys = seqlen * min(top_k, n_blocks) * block
+    else:  # the keys of the blocks the reference selects: all of them at k >= n, at most k full blocks below
+        from mobalab.kernels import reference
+
+        q, k = torch.randn(2, 1, seqlen, 1, 8).unbind(0)
+        sel = reference.moba_topk(q, k, block, top_k, causal=False)[0, :, 0]
+        sizes = torch.tensor([min(block, seqlen - j * block) for j in range(n_blocks)])
+        actual = sizes[sel.clamp(min=0).long()].masked_fill(sel < 0, 0).sum().item()
+        keys = seqlen * min(top_k * block, seqlen)
+        assert actual == keys if top_k >= n_blocks else actual <= keys == seqlen * top_k * block
     assert bench.attended_keys(seqlen, block, top_k, causal) == keys
     assert bench.attention_flops(2, seqlen, 3, 16, block, top_k, causal) == 4 * 2 * 3 * keys * 16
     assert bench.dense_flops(1, seqlen, 1, 1, causal) == 4 * seqlen * seqlen // (2 if causal else 1)

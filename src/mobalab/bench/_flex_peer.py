@@ -48,7 +48,8 @@ def flex_unavailable(seqlen: int, block_size: int) -> str | None:
 def tile_union(topk: torch.Tensor, block_size: int, seqlen: int, *, q_tile: int = Q_TILE,
                kv_tile: int | None = None) -> torch.Tensor:
     """bool (batch, heads, ceil(N/q_tile), ceil(N/kv_tile)): KV tile T listed for query tile Q iff a query of Q
-    selects a block that overlaps T (a block of B keys covers tiles first..last, at most two when B <= tile)."""
+    selects a block that overlaps T (a block of B keys covers tiles first..last: at most two when B <= tile,
+    up to ceil(B / tile) + 1 when a tile narrower than B is asked for)."""
     kv_tile = kv_tile_for(block_size) if kv_tile is None else kv_tile
     b, n, h, k = topk.shape
     n_q, n_kv = math.ceil(seqlen / q_tile), math.ceil(seqlen / kv_tile)
@@ -61,8 +62,9 @@ def tile_union(topk: torch.Tensor, block_size: int, seqlen: int, *, q_tile: int 
            + torch.arange(h, device=topk.device).view(1, h, 1, 1)) * n_q \
         + (torch.arange(n, device=topk.device) // q_tile).view(1, 1, n, 1)
     union = torch.zeros(b * h * n_q * n_kv, dtype=torch.bool, device=topk.device)
-    for tile in (first, last):
-        union[(row * n_kv + tile)[valid]] = True
+    for step in range(-(-block_size // kv_tile) + 1):  # every tile first..last, the middle ones too
+        tile = first + step
+        union[(row * n_kv + tile)[valid & (tile <= last)]] = True
     return union.view(b, h, n_q, n_kv)
 
 

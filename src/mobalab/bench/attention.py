@@ -104,8 +104,8 @@ def attended_keys(seqlen, block, top_k, causal):
     >>> attended_keys(8, 2, 2, causal=True)  # 1, 2, then 3, 4 (one past block + own) for every later block
     24
     """
-    if not causal:  # full blocks (a partial last block counts as full: an upper bound)
-        return seqlen * min(top_k, math.ceil(seqlen / block)) * block
+    if not causal:  # k full blocks, an upper bound where the partial last block may be among them; every key at k >= n
+        return seqlen * min(top_k * block, seqlen)
     t = torch.arange(seqlen, dtype=torch.float64)
     own = t // block
     return int(((t - own * block + 1) + torch.clamp(own, max=top_k - 1) * block).sum().item())
@@ -692,6 +692,11 @@ def _fmt(x, nd=2):
     return str(x)
 
 
+def _fmt_x(x):
+    """A speedup: two decimals below 10x, so that 0.96x does not print as a tie ("1.0")."""
+    return _fmt(x, 2 if isinstance(x, float) and abs(x) < 10 else 1)
+
+
 def markdown(rows, env) -> str:
     head = ["workload", "N", "d", "B", "kernel", "mobalab ms", "routing ms (share)", "attn ms", "FA2 ms",
             "cuDNN ms", "x FA2", "x cuDNN", "useful TFLOP/s", "attn TFLOP/s", "peak GB (mobalab / FA2)"]
@@ -703,8 +708,8 @@ def markdown(rows, env) -> str:
         cells = [r["workload"], ns, r["head_dim"], r["block"], r["variant"], _fmt(r["mobalab_ms"]),
                  f"{_fmt(r['routing_ms'])} ({_fmt(100 * r['routing_share'], 0)}%)", _fmt(r["attention_ms"]),
                  _fmt(r.get("fa2_ms", float("nan")), 1), _fmt(r.get("cudnn_ms", float("nan")), 1),
-                 _fmt(r.get("speedup_vs_fa2", float("nan")), 1),
-                 _fmt(r.get("speedup_vs_cudnn", float("nan")), 1),
+                 _fmt_x(r.get("speedup_vs_fa2", float("nan"))),
+                 _fmt_x(r.get("speedup_vs_cudnn", float("nan"))),
                  _fmt(r["useful_tflops"], 0), _fmt(r["attention_tflops"], 0),
                  f"{_fmt(r['mobalab_peak_gb'])} / {_fmt(r.get('fa2_peak_gb', float('nan')))}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -922,8 +927,8 @@ def markdown_backward(rows, env) -> str:
         nan = float("nan")
         cells = [r["workload"], ns, r["head_dim"], r["block"], _fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"]),
                  _fmt(r["bwd_ms"]), _fmt(r.get("fwdbwd_det_ms", nan)), _fmt(r.get("fa2_fwdbwd_ms", nan), 1),
-                 _fmt(r.get("cudnn_fwdbwd_ms", nan), 1), _fmt(r.get("speedup_vs_fa2", nan), 1),
-                 _fmt(r.get("speedup_vs_cudnn", nan), 1),
+                 _fmt(r.get("cudnn_fwdbwd_ms", nan), 1), _fmt_x(r.get("speedup_vs_fa2", nan)),
+                 _fmt_x(r.get("speedup_vs_cudnn", nan)),
                  f"{_fmt(r['fwd_useful_tflops'], 0)} / {_fmt(r['bwd_useful_tflops'], 0)}",
                  _fmt(r["bwd_over_fwd_rate"]),
                  " / ".join(_fmt(r.get(c, nan)) for c in ("fwdbwd_peak_gb", "fwdbwd_det_peak_gb",

@@ -403,6 +403,13 @@ def _tokens(n: int) -> str:
     return f"{n // (1024 * K)}M" if n % (1024 * K) == 0 else f"{n // K}K" if n % K == 0 else str(n)
 
 
+def _bytes_cell(row: dict) -> str:
+    """Total MB and its parts, block sums + K/V + the rest (q, out, lse: over 1 MB at batch 64), so that the parts
+    shown add up to the total."""
+    total, sums, kv = row["bytes_needed"], row["centroid_bytes"], row["kv_bytes"]
+    return f"{total / 1e6:.1f} ({sums / 1e6:.1f} + {kv / 1e6:.1f} + {(total - sums - kv) / 1e6:.1f})"
+
+
 def _kernel(row: dict) -> str:
     return row.get("kernel", "fused")
 
@@ -429,7 +436,7 @@ def targets(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
 
 def markdown(rows: list[dict], env: dict) -> str:
     head = ["N", "batch", "B", "k", "mobalab ms (routing)", "eager ms", "SDPA flash / cuDNN / efficient ms",
-            "flex ms", "x dense", "MB needed (sums + K/V)", "blocks/kv head", "TB/s", "roofline", "dense TB/s",
+            "flex ms", "x dense", "MB needed (sums + K/V + q/out)", "blocks/kv head", "TB/s", "roofline", "dense TB/s",
             "kernel"]
     copy = rows[0]["copy_tbps"] if rows else math.nan
     precision = {r.get("centroid_precision", "fp32") for r in rows}
@@ -443,7 +450,7 @@ def markdown(rows: list[dict], env: dict) -> str:
                  f"{_fmt(r['mobalab_ms'])} ({_fmt(r['routing_ms'])})", _fmt(r["mobalab_eager_ms"]),
                  " / ".join(_fmt(r[f"sdpa_{n}_ms"]) for n in SDPA_BACKENDS), _fmt(r["flex_ms"]),
                  _fmt(r["speedup_vs_dense"], 1),
-                 f"{r['bytes_needed'] / 1e6:.1f} ({r['centroid_bytes'] / 1e6:.1f} + {r['kv_bytes'] / 1e6:.1f})",
+                 _bytes_cell(r),
                  _fmt(r["unique_blocks"], 1), _fmt(r["mobalab_tbps"], 2), f"{100 * r['roofline_fraction']:.0f}%",
                  _fmt(r["dense_tbps"], 2), _kernel(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

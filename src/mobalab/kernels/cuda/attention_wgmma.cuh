@@ -26,7 +26,7 @@
 // FLOP / byte, per 64-row tile (B keys, D = 128): 2 * 64 * B * 128 FLOP for S and as many for P V, 4.2 MFLOP at
 // B = 128: ~1 K clocks of the SM's dense bf16 rate (~4 KFLOP / clock). Global traffic per tile: the Q gather 16 KB
 // and the partials 16.5 KB (16-bit o, fp32 m and l; read again by the merge), K and V 64 KB once per unit: 127 FLOP
-// per byte, so at 4.3 TB/s the tile kernel's floor at the 64K forward (262 K tiles, 8.6 GB) is ~2 ms, against ~1.2
+// per byte, so at 4.3 TB/s the tile kernel's floor at the 64K forward (262 K tiles, 8.7 GB) is ~2 ms, against ~1.2
 // ms of MMAs at the dense rate. Shared operands are read once per warpgroup MMA (52 FLOP per shared byte), so
 // shared-memory bandwidth does not bound the tile.
 // Registers per thread (B = 128): S 64 floats, O 64, P 32 packed, plus addressing: 233 (153 at B = 64, 115 at

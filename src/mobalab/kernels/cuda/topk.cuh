@@ -602,9 +602,9 @@ constexpr int kTopkMinCtas = LCAP == 0 ? 1 : MOBA_TOPK_MIN_CTAS(D);
 // Tile shape by head dim (per warp and k-step of 16, hi and lo: a warp tile of MW rows x 32 centroids costs
 // MW/16 A + 4 B ldmatrix.x4 of 512 bytes for (MW/16) x 4 x 2 MMAs of 4096 FLOP):
 //   BN = 32 (default):  4 x 1 warps of 32 x 32: 3 KB for 64 KFLOP, 21 FLOP/B (at 128 B/clk of ldmatrix about
-//                       what mma.sync sustains per SM); shared memory 256 D + 16 KB = 24 / 32 / 40 / 48 / 80 KB of
-//                       tiles at D = 32 / 64 / 96 / 128 / 256 + 16 KB of scores: four / four / three / three / two
-//                       CTAs per SM.
+//                       what mma.sync sustains per SM); shared memory 384 D + 16 KB (Q 256 D, hi and lo 128 D, 16 KB
+//                       of scores) = 28 / 40 / 52 / 64 / 112 KB at D = 32 / 64 / 96 / 128 / 256: four / four / three /
+//                       three / two CTAs per SM.
 //   BN = 64 (MOBA_TOPK_BN=64, D <= 128): 2 x 2 warps of 64 x 32: 4 KB for 128 KFLOP, 32 FLOP/B; shared memory
 //                       512 D + 32 KB = 48 / 64 / 80 / 96 KB: fewer CTAs per SM, fewer barriers per block.
 // The MMA work per (row, centroid) is 4 D FLOP against a scan cost that does not depend on D: at D = 256 the
