@@ -106,6 +106,9 @@ def test_bad_inputs():
         exp.decode_cost_table(1024, 1.5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         exp.run(exp.Config.quick(bench_csv="/nonexistent/decode.csv"))
+    for grid in ("seq_lens", "block_sizes", "top_ks"):
+        with pytest.raises(ValueError, match=f"{grid} must name at least one"):
+            exp.run(exp.Config.quick(bench_csv=None, **{grid: ()}))
 
 
 def test_summary_and_plot(df):

@@ -66,6 +66,18 @@ def test_schema_rows_and_speedups(bench):
     assert len(s) == len(rows) and {"mobalab_ms", "fa2_ms", "cudnn_ms", "x_fa2", "useful_tflops"} <= set(s.columns)
 
 
+def test_summary_keeps_configurations_that_differ_only_in_top_k(tmp_path):
+    raw = pd.read_csv(exp.find_bench_csv("recorded")).head(2)
+    other = raw.iloc[[0]].assign(top_k=raw["top_k"].iloc[0] * 2, mobalab_ms=raw["mobalab_ms"].iloc[0] * 2)
+    path = tmp_path / "bench.csv"
+    pd.concat([raw, other]).to_csv(path, index=False)
+    s = exp.summary(exp.run(exp.Config(bench_csv=str(path))))
+    same = s[(s["seqlen"] == raw["seqlen"].iloc[0]) & (s["block"] == raw["block"].iloc[0])]
+    assert len(s) == 3 and sorted(same["top_k"]) == sorted([raw["top_k"].iloc[0], 2 * raw["top_k"].iloc[0]])
+    by_k = same.set_index("top_k")["mobalab_ms"]
+    assert by_k[2 * raw["top_k"].iloc[0]] == pytest.approx(2 * by_k[raw["top_k"].iloc[0]])
+
+
 def test_plot_labelled(bench):
     df = exp.run(exp.Config(bench_csv=str(bench[0])))
     fig = exp.plot(df)

@@ -79,6 +79,24 @@ def test_bad_config():
         exp.run(exp.Config(seq_len=500))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(top_k=8), r"top_k must be an integer from 1 to n_blocks - 1 = 7, got 8"),
+    (dict(trials=0), "trials must be an integer >= 1, got 0"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(span_lengths=()), "span_lengths must not be empty"),
+    (dict(span_lengths=(0, 2)), r"span_lengths must hold integers >= 1, got \(0, 2\)"),
+    (dict(patterns=()), "patterns must not be empty"),
+    (dict(widths=()), "widths must not be empty"),
+    (dict(widths=(0, 3)), "widths must hold integers >= 1"),
+])
+def test_bad_settings_are_named_before_any_work(overrides, message):
+    cfg = exp.Config(**{"seq_len": 256, "block_size": 32, "top_k": 2, "trials": 8, **overrides})
+    with pytest.raises(ValueError, match=message):
+        exp.plan(cfg)
+    with pytest.raises(ValueError, match=message):
+        exp.run(cfg)
+
+
 def test_cli_quick_writes_outputs(tmp_path, capsys):
     out = tmp_path / "kc"
     assert cli.main(["run", "key-conv", "--quick", "--out", str(out), "--no-progress", "--seed", "2"]) == 0

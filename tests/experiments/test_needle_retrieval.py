@@ -92,6 +92,21 @@ def test_config_validation():
         exp.run(exp.Config.quick(tasks=("haystack",)))
     with pytest.raises(ValueError, match="exceeds seqlen"):
         exp.run(exp.Config.quick(seqlens=(32,)))
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or a CUDA device, got 'tpu'"):
+        exp.plan(exp.Config.quick(device="tpu"))
+
+
+def test_plot_refuses_tasks_and_metrics_it_cannot_draw(df):
+    with pytest.raises(ValueError, match=r"tasks must name tasks of this result.*'multikey'"):
+        exp.plot(df, tasks=("single", "multikey"))  # a misspelt task is not silently left out
+    with pytest.raises(ValueError, match=r"metrics must be drawn from .*'recall'"):
+        exp.plot(df, metrics=("recall",))
+    import matplotlib.pyplot as plt
+
+    fig = exp.plot(df, tasks=("single",), metrics=("dense retrieval accuracy",))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 and "dense" in axes[0].get_ylabel()
+    plt.close(fig)
 
 
 def test_summary_and_plot(df):

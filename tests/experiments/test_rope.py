@@ -73,6 +73,12 @@ def test_config_validation():
         exp.run(exp.Config.quick(needle_at="middle"))
     with pytest.raises(ValueError, match="span_lengths"):
         exp.run(exp.Config.quick(span_lengths=(1, 128)))
+    # at or below chance (k/n = 2/16) no cosine is the design point; named before any work, not by the solver
+    for target in (0.1, 0.125):
+        with pytest.raises(ValueError, match=r"design_target must exceed chance, top_k / n_blocks = 2/16 = 0.125"):
+            exp.plan(exp.Config.quick(design_target=target))
+    with pytest.raises(ValueError, match="kernel_device must be 'auto', 'cpu' or a CUDA device, got 'tpu'"):
+        exp.plan(exp.Config.quick(kernel_device="tpu"))
 
 
 @pytest.mark.gpu

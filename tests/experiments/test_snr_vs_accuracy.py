@@ -70,6 +70,38 @@ def test_summary_and_plot(df):
         assert len(ax.lines) >= 2  # analytic curve + threshold line (+ error bars)
 
 
+def test_plot_names_the_legs_a_panel_skipped():
+    cfg = exp.Config(panels=((16, 2), (64, 8)), mc_snr=(1.0,), score_trials=500, vector_trials=20, curve_points=3,
+                     vector_max_seq_len=512, device="cpu", kernel_device="cpu", kernel_cpu_trials=8,
+                     kernel_cpu_max_seq_len=256, seed=0)
+    df = exp.run(cfg)  # n·B = 256 runs every leg; 1024 is above both the vector and the kernel limit
+    fig = exp.plot(df)
+    notes = [[t.get_text() for t in ax.texts] for ax in fig.axes if ax.get_visible()]
+    assert notes[0] == []
+    assert len(notes[1]) == 1 and "vector-level" in notes[1][0] and "kernel" in notes[1][0]
+
+
+TINY_BAD = dict(mc_snr=(1.0,), score_trials=100, vector_trials=10, curve_points=3, device="cpu", kernel=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(panels=((16, 32),)), "1 <= top_k <= n_blocks"),
+    (dict(panels=()), "panels must be a non-empty"),
+    (dict(mc_snr=(-1.0,)), "mc_snr must be .* >= 0"),
+    (dict(mc_snr=()), "mc_snr must be a non-empty"),
+    (dict(curve_points=0), "curve_points must be an integer >= 2"),
+    (dict(snr_max=-1.0), "snr_max must be a finite number > 0"),
+    (dict(kernel=True, kernel_device="tpu"), "kernel_device must be 'auto', 'cpu' or a CUDA device, got 'tpu'"),
+    (dict(mc_snr=(1.0, 4.0), vector_max_mu=0.05), "SNR 4.0 is out of reach for d=64, B=16 with cosines <= 0.05"),
+])
+def test_bad_config_is_refused_by_name(overrides, message):
+    cfg = exp.Config(**{"panels": ((16, 2),), **TINY_BAD, **overrides})
+    with pytest.raises(ValueError, match=message):
+        exp.plan(cfg)
+    with pytest.raises(ValueError, match=message):
+        exp.run(cfg)
+
+
 def test_reproducible():
     cfg = exp.Config(panels=((32, 4),), mc_snr=(1.0,), score_trials=2000, vector_trials=50, curve_points=5,
                      device="cpu", kernel_device="cpu", kernel_cpu_trials=32, seed=11)

@@ -86,6 +86,32 @@ def test_claims_verdicts_follow_the_numbers(quick_run):
     assert c.loc[("moba-8 vs moba-16", "recall"), "verdict"] == "opposite"
 
 
+@pytest.mark.parametrize("name", ["eval_sequences", "eval_batch_size"])
+def test_evaluation_settings_are_checked_before_any_model_trains(name, monkeypatch):
+    import mobalab.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the evaluation settings were checked")
+
+    monkeypatch.setattr(mobalab.training, "train", no_training)
+    cfg = exp.Config.quick(**{name: 0})
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0"):
+        exp.plan(cfg)
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0"):
+        exp.run(cfg)
+
+
+def test_accuracy_panel_shows_what_its_chance_line_is(quick_run):
+    import matplotlib.pyplot as plt
+
+    _, df = quick_run
+    fig = exp.plot(df)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [f"chance (1 / {df['n_values'].iloc[0]} values)"]
+    plt.close(fig)
+
+
 def test_variants_parse_and_validate():
     mc = exp.model_config(exp.Config(), "moba-128-kconv5")
     assert (mc.attention, mc.block_size, mc.top_k, mc.key_conv) == ("moba", 128, 4, 5)

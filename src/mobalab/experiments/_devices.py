@@ -31,7 +31,10 @@ def kernel_backend(kernel_device: str):
     from mobalab.kernels import gpu_available
 
     dev = ("cuda" if gpu_available() else "cpu") if kernel_device == "auto" else kernel_device
-    device = torch.device(dev)
+    try:
+        device = torch.device(dev)
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows, not the ones we take
+        raise ValueError(f"kernel_device must be 'auto', 'cpu' or a CUDA device, got {kernel_device!r}") from None
     if device.type == "cuda":
         if not gpu_available():
             raise ValueError(f"kernel_device {kernel_device!r} asks for the CUDA kernel, but no usable GPU/CuPy here")

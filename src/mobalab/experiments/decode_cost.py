@@ -174,6 +174,9 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be a probability in (0, 1), got {target!r}")
+    for name, values in (("block_sizes", block_sizes), ("top_ks", top_ks)):
+        if len(values) == 0:
+            raise ValueError(f"{name} must name at least one value, got {tuple(values)!r}")
     if mu_cluster is None:
         mu_cluster = mu_noise + delta_mu
     dmu_eff = float(snr.delta_mu_eff(delta_mu, m, mu_cluster, mu_noise))
@@ -243,6 +246,8 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """The cost table at every context of the config (one row per (N, B, k)); ``run_seed`` is the config's
     seed (nothing here is random)."""
     check_seed(config.seed)
+    if len(config.seq_lens) == 0:
+        raise ValueError(f"seq_lens must name at least one context, got {tuple(config.seq_lens)!r}")
     path = find_bench_csv(config.bench_csv) if config.bench_csv else None
     bench = read_decode_bench(path) if path is not None else None
     parts = []

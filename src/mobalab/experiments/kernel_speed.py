@@ -344,7 +344,8 @@ def caption(df: pd.DataFrame) -> str:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One line per benchmark configuration: ms of each method, speedups, useful TFLOP/s, peak GB."""
-    keys = ["workload", "seqlen", "head_dim", "block", "variant"]
+    # top_k too: a benchmark that varies it at one (N, d, B) would otherwise print look-alike lines
+    keys = ["workload", "seqlen", "head_dim", "block", "top_k", "variant"]
     mob = df[df["method"] == "mobalab"].set_index(keys)
     out = pd.DataFrame(index=mob.index)
     for m in METHODS:

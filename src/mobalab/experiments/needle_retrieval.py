@@ -185,7 +185,10 @@ def _resolve(config: Config):
     dev = config.device
     if dev == "auto":
         dev = "cuda" if gpu_available() else "cpu"
-    device = torch.device(dev)
+    try:
+        device = torch.device(dev)
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows, not the ones we take
+        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device, got {config.device!r}") from None
     if device.type == "cuda":
         if not gpu_available():
             raise ValueError(f"device {config.device!r} asks for the CUDA kernels, but no usable GPU/CuPy here")
@@ -388,6 +391,7 @@ def _tokens(x, _pos=None) -> str:
 
 _LABELS = {"routing recall": "routing recall\n(needle block selected)",
            "retrieval accuracy": "retrieval accuracy\n(decodes to needle)",
+           "dense retrieval accuracy": "dense attention's\nretrieval accuracy",
            "mass kept": "dense softmax\nmass kept"}
 
 
@@ -396,12 +400,26 @@ def plot(df: pd.DataFrame, tasks=None, metrics=("routing recall", "retrieval acc
 
     Measured points carry 95% Wilson intervals; the dashed line of each colour is the analytic causal
     routing prediction at the generator's exact SNR; the grey dotted line is dense attention's accuracy.
+    ``tasks`` (default: every task of ``df``) and ``metrics`` (drawn from :data:`METRICS`) choose the rows;
+    a task that ``df`` does not hold or an unknown metric is a ValueError.
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, NullLocator
 
-    tasks = [t for t in (tasks or TASKS) if t in set(df["task"])]
+    present = list(dict.fromkeys(df["task"]))
+    if tasks is None:
+        tasks = [t for t in TASKS if t in present]
+    else:
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        # a task asked for by name and absent would otherwise vanish from the figure without a word
+        missing = [t for t in tasks if t not in present]
+        if not tasks or missing:
+            raise ValueError(f"tasks must name tasks of this result, {present}, got {tasks!r}")
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if not metrics or unknown:
+        raise ValueError(f"metrics must be drawn from {METRICS}, got {tuple(metrics)!r}")
     blocks = sorted(df["block_size"].unique())
     ks = sorted(df["top_k"].unique())
     seqlens = sorted(df["seqlen"].unique())

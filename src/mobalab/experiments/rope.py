@@ -104,6 +104,10 @@ def _check(c: Config) -> None:
     if c.n_blocks < 2 or not 1 <= c.top_k < c.n_blocks:
         raise ValueError(f"need n_blocks >= 2 and 1 <= top_k < n_blocks, got n_blocks={c.n_blocks}, "
                          f"top_k={c.top_k}")
+    if c.design_target <= c.top_k / c.n_blocks:
+        # with no signal the needle's block is still picked with probability k/n: no cosine designs for less
+        raise ValueError(f"design_target must exceed chance, top_k / n_blocks = {c.top_k}/{c.n_blocks} = "
+                         f"{c.top_k / c.n_blocks:g}, got {c.design_target}")
     if c.m > c.block_size:
         raise ValueError(f"the centre span m = {c.m} does not fit in the centre block_size = {c.block_size}")
     if any(m > c.block_size for m in c.span_lengths):

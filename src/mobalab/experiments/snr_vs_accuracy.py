@@ -22,13 +22,15 @@ For each (n blocks, top-k) panel the figure shows
 
 Every Monte Carlo row carries ``interval_units``: how far the exact prediction lies from the estimate in
 units of the 95% interval's half-width (|u| <= 1: inside). ``summary`` reports the largest per panel.
-``run_seed`` is the run's seed (``Config.seed``); ``seed`` the stream each Monte Carlo row was drawn from.
+``run_seed`` is the run's seed (``Config.seed``); ``seed`` the stream each score- and vector-level row was
+drawn from (kernel rows draw from streams spawned from ``(run_seed, 1)`` and leave it empty).
 :func:`plan` says before a run which device each leg uses and how many trials it draws.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +142,7 @@ def plan(config: Config = Config()) -> str:
     for n = 64, 512, 4096, 128 (CPU: fewer trials for long panels, wider intervals; 2.1e+08 keys to draw);
     kernel leg off
     """
+    _check(config)
     device = resolve_device(config.device)
     panels = [(n, n * config.vector_block_size) for n, _ in config.panels]
     vec = [(n, vector_trials(config, seq, device)) for n, seq in panels if seq <= config.vector_max_seq_len]
@@ -235,6 +238,40 @@ def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, ba
     return [pd.DataFrame(rows)] if rows else []
 
 
+def _is_count(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 1
+
+
+def _check(config: Config) -> None:
+    """ValueError naming the first setting that no run can honour."""
+    check_seed(config.seed)
+    for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
+        v = getattr(config, name)
+        if not _is_count(v):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    panels = config.panels
+    if not panels or any(len(p) != 2 for p in panels):
+        raise ValueError(f"panels must be a non-empty tuple of (n_blocks, top_k) pairs, got {panels!r}")
+    for n, k in panels:
+        # k > n would select blocks that do not exist: the panel would show P(hit) = 1 and a chance above 1
+        if not (_is_count(n) and _is_count(k) and k <= n):
+            raise ValueError(f"each panel (n_blocks, top_k) needs integers 1 <= top_k <= n_blocks, got ({n!r}, {k!r})")
+    snr_max = config.snr_max
+    if isinstance(snr_max, bool) or not isinstance(snr_max, numbers.Real) or not (math.isfinite(snr_max)
+                                                                                   and snr_max > 0):
+        raise ValueError(f"snr_max must be a finite number > 0, got {snr_max!r}")
+    if not _is_count(config.curve_points) or config.curve_points < 2:
+        raise ValueError(f"curve_points must be an integer >= 2, got {config.curve_points!r}")
+    mc = np.asarray(config.mc_snr, dtype=float)
+    # the vector and kernel legs plant cosines >= 0, which reach no SNR below 0
+    if mc.ndim != 1 or not mc.size or not np.all(np.isfinite(mc)) or np.any(mc < 0):
+        raise ValueError(f"mc_snr must be a non-empty tuple of finite SNRs >= 0, got {config.mc_snr!r}")
+    if config.kernel or any(n * config.vector_block_size <= config.vector_max_seq_len for n, _ in panels):
+        for s in mc:  # an SNR beyond the cosine cap: said now, not after the panels before it have run
+            vector_point(float(s), config.vector_head_dim, config.vector_block_size, config.vector_max_mu,
+                         config.planted)
+
+
 def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     """Analytic curves plus score- and vector-level Monte Carlo points (and the kernel leg); one tidy row per
     point. See the module docstring for the legs and :func:`plan` for what a configuration will draw.
@@ -250,11 +287,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
     >>> exp.summary(df)[["method", "points", "trials"]].values.tolist()
     [['score-level', 1, 2000], ['vector-level', 1, 100]]
     """
-    check_seed(config.seed)
-    for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    _check(config)
     seeds = iter(np.random.SeedSequence(config.seed).generate_state(4 * len(config.panels) * (len(config.mc_snr) + 1)))
     device = resolve_device(config.device)
     curve = np.linspace(0.0, config.snr_max, config.curve_points)
@@ -327,7 +360,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame):
-    """One panel per (n, k): analytic curve, paper threshold, Monte Carlo points with 95% intervals."""
+    """One panel per (n, k): analytic curve, paper threshold, Monte Carlo points with 95% intervals; a panel
+    that a leg of the run skipped (n·B above the leg's limit) names that leg."""
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(df["panel"]))
@@ -337,8 +371,15 @@ def plot(df: pd.DataFrame):
     styles = {"score-level": dict(marker="o", color="tab:orange", ms=5),
               "vector-level": dict(marker="s", color="tab:green", ms=5, mfc="none"),
               "kernel": dict(marker="^", color="tab:red", ms=6)}
+    run_legs = [m for m in styles if (df["method"] == m).any()]
     for ax, panel in zip(axes.flat, panels, strict=False):
         d = df[df["panel"] == panel]
+        # a leg skips panels above its length limit (vector_max_seq_len, the kernel's n·B limit): say so on
+        # the panel rather than leave a reader to assume its points agree there too
+        skipped = [m for m in run_legs if not (d["method"] == m).any()]
+        if skipped:
+            ax.text(0.98, 0.04, f"not run for this panel (n·B above its limit): {', '.join(skipped)}",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.35")
         a = d[d["method"] == "analytic"].sort_values("snr")
         ax.plot(a["snr"], a["estimate"], color="tab:blue", lw=2, label="exact analytic $P_{hit}$")
         thr = d["paper_threshold"].iloc[0]

@@ -182,6 +182,11 @@ def _check(config: Config) -> None:
     if not 0 <= config.first_replicate < config.n_seeds:
         raise ValueError(f"first_replicate must be in [0, n_seeds) = [0, {config.n_seeds}), "
                          f"got {config.first_replicate}")
+    # evaluate() checks these too, but only after the first model has trained (minutes at full size)
+    for name in ("eval_sequences", "eval_batch_size"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if config.cpu_threads is not None and (isinstance(config.cpu_threads, bool) or config.cpu_threads < 1):
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {config.cpu_threads!r}")
     if not _routes(config):
@@ -566,12 +571,14 @@ def plot(df: pd.DataFrame):
                     color="k", capsize=4)
         per = models[models["variant"] == v]["accuracy"].to_numpy()
         ax.plot(np.full(per.size, i) + np.linspace(-0.15, 0.15, per.size), per, "o", color="k", ms=4)
-    ax.axhline(1.0 / df["n_values"].iloc[0], color="0.5", ls=":", lw=1, label="chance")
+    ax.axhline(1.0 / df["n_values"].iloc[0], color="0.5", ls=":", lw=1,
+               label=f"chance (1 / {df['n_values'].iloc[0]} values)")
     ax.set_xticks(range(len(variants)))
     ax.set_xticklabels(variants, rotation=20)
     ax.set_ylabel("retrieval accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title("(a) accuracy: pooled over seeds (95% Wilson), dots = seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3, axis="y")
 
     ax = axes[0, 1]
