@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_seed"]
+__all__ = ["check_seed", "is_count"]
 
 SEED_MAX = 2**63 - 1  # the seed is written to the CSV as a 64-bit integer column
 
@@ -25,3 +25,15 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     return int(seed)
+
+
+def is_count(value) -> bool:
+    """Whether ``value`` is an integer >= 1 (numpy integers included, bool not).
+
+    Examples
+    --------
+    >>> from mobalab.experiments._checks import is_count
+    >>> is_count(3), is_count(0), is_count(True), is_count(2.0)
+    (True, False, False, False)
+    """
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1

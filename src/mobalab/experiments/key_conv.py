@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
-from ._checks import check_seed
+from ._checks import check_seed, is_count
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "relevant_offsets", "conv_variants"]
 
@@ -131,15 +131,11 @@ def plan(config: Config = Config()) -> str:
             f"{len(conv_variants(config))} convolutions each, N = {config.seq_len}, B = {config.block_size}")
 
 
-def _is_count(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 1
-
-
 def _check(config: Config) -> None:
     check_seed(config.seed)
     for name in ("block_size", "seq_len", "trials", "batch_size"):
         v = getattr(config, name)
-        if not _is_count(v):
+        if not is_count(v):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if config.seq_len % config.block_size:
         raise ValueError(f"seq_len {config.seq_len} must be a multiple of block_size {config.block_size}")
@@ -147,7 +143,7 @@ def _check(config: Config) -> None:
     if n < 4:
         raise ValueError("need at least 4 blocks (the needle's block, both neighbours and a far noise block)")
     # top-k of all n blocks (or more) selects the needle's block whatever the convolution does
-    if not _is_count(config.top_k) or config.top_k >= n:
+    if not is_count(config.top_k) or config.top_k >= n:
         raise ValueError(f"top_k must be an integer from 1 to n_blocks - 1 = {n - 1}, got {config.top_k!r}")
     for name, values in (("patterns", config.patterns), ("span_lengths", config.span_lengths),
                          ("widths", config.widths)):
@@ -157,7 +153,7 @@ def _check(config: Config) -> None:
         if p not in PATTERNS:
             raise ValueError(f"patterns must be drawn from {PATTERNS}, got {p!r}")
     for name, values in (("span_lengths", config.span_lengths), ("widths", config.widths)):
-        if not all(_is_count(v) for v in values):
+        if not all(is_count(v) for v in values):
             raise ValueError(f"{name} must hold integers >= 1, got {values!r}")
     if not 0.0 < config.mu <= 1.0:
         raise ValueError(f"mu (cosine of the relevant tokens) must lie in (0, 1], got {config.mu}")

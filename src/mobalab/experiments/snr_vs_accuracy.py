@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
-from ._checks import check_seed
+from ._checks import check_seed, is_count
 from ._columns import integer_columns
 from ._devices import kernel_backend, resolve_device
 
@@ -238,29 +238,25 @@ def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, ba
     return [pd.DataFrame(rows)] if rows else []
 
 
-def _is_count(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 1
-
-
 def _check(config: Config) -> None:
     """ValueError naming the first setting that no run can honour."""
     check_seed(config.seed)
     for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
         v = getattr(config, name)
-        if not _is_count(v):
+        if not is_count(v):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     panels = config.panels
     if not panels or any(len(p) != 2 for p in panels):
         raise ValueError(f"panels must be a non-empty tuple of (n_blocks, top_k) pairs, got {panels!r}")
     for n, k in panels:
         # k > n would select blocks that do not exist: the panel would show P(hit) = 1 and a chance above 1
-        if not (_is_count(n) and _is_count(k) and k <= n):
+        if not (is_count(n) and is_count(k) and k <= n):
             raise ValueError(f"each panel (n_blocks, top_k) needs integers 1 <= top_k <= n_blocks, got ({n!r}, {k!r})")
     snr_max = config.snr_max
     if isinstance(snr_max, bool) or not isinstance(snr_max, numbers.Real) or not (math.isfinite(snr_max)
                                                                                    and snr_max > 0):
         raise ValueError(f"snr_max must be a finite number > 0, got {snr_max!r}")
-    if not _is_count(config.curve_points) or config.curve_points < 2:
+    if not is_count(config.curve_points) or config.curve_points < 2:
         raise ValueError(f"curve_points must be an integer >= 2, got {config.curve_points!r}")
     mc = np.asarray(config.mc_snr, dtype=float)
     # the vector and kernel legs plant cosines >= 0, which reach no SNR below 0
