@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy.special import ndtri
 
 from mobalab.stats import interval_units, wilson_interval
 
@@ -71,3 +72,28 @@ def test_fractional_hits_are_a_sum_of_soft_outcomes():
     lo, hi = wilson_interval(7.5, 10)
     assert lo < 0.75 < hi
     np.testing.assert_allclose(wilson_interval(np.array([7.0, 8.0]), 10), wilson_interval([7, 8], 10))
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.999])
+def test_wilson_matches_scipy_at_the_ends_and_at_huge_counts(confidence):
+    from scipy.stats import binomtest
+
+    for n in (1, 2, 7, 10**6, 10**12):
+        for h in sorted({0, 1, n // 3, n - 1, n}):
+            ci = binomtest(h, n).proportion_ci(confidence, method="wilson")
+            lo, hi = wilson_interval(h, n, confidence)
+            assert lo == pytest.approx(ci.low, abs=1e-15) and hi == pytest.approx(ci.high, abs=1e-15), (h, n)
+    # closed ends: 0 successes in n gives [0, z^2/(n + z^2)], n in n its mirror
+    z2 = ndtri(0.5 + confidence / 2) ** 2
+    np.testing.assert_allclose(wilson_interval(0, 1, confidence), (0.0, z2 / (1 + z2)), rtol=1e-14)
+    np.testing.assert_allclose(wilson_interval(1, 1, confidence), (1 / (1 + z2), 1.0), rtol=1e-14)
+
+
+def test_interval_units_sign_and_scale_follow_the_confidence():
+    lo, hi = wilson_interval(17, 100, 0.99)
+    assert interval_units(hi, 17, 100, confidence=0.99) == pytest.approx(1.0)
+    assert interval_units(lo, 17, 100, confidence=0.99) == pytest.approx(-1.0)
+    # the same prediction is fewer units away from a wider interval; the sign says on which side it lies
+    u = np.array([interval_units([0.1, 0.25], 17, 100, confidence=c) for c in (0.5, 0.9, 0.999)])
+    assert np.all(u[:, 0] < 0) and np.all(u[:, 1] > 0)
+    assert np.all(np.diff(np.abs(u), axis=0) < 0)

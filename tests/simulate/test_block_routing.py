@@ -59,9 +59,7 @@ def test_select_blocks_and_block_hit_match_brute_force(seq_len, block_size, top_
             q, keys = rng.standard_normal(d), rng.standard_normal((seq_len, d))
         n = -(-seq_len // block_size)
         # Routing depends on t only through c = t // B: test the first and last position of every block.
-        ts = sorted(
-            {min(t, seq_len - 1) for c in range(n) for t in (c * block_size, c * block_size + block_size - 1)}
-        )
+        ts = sorted({min(t, seq_len - 1) for c in range(n) for t in (c * block_size, c * block_size + block_size - 1)})
         ts = ts if causal else [None]
         bf_scores = brute_force_scores(q, keys, block_size)
         scores_np = block_scores(q, keys, block_size)
@@ -87,9 +85,7 @@ def test_batched_routing_matches_per_row():
     for xp_scores in (scores, torch.from_numpy(scores)):
         mask = np.asarray(select_blocks(xp_scores, 4, c))
         hit = np.asarray(
-            block_hit(
-                xp_scores, target if isinstance(xp_scores, np.ndarray) else torch.from_numpy(target), 4, c
-            )
+            block_hit(xp_scores, target if isinstance(xp_scores, np.ndarray) else torch.from_numpy(target), 4, c)
         )
         for i in range(50):
             ref = select_blocks(scores[i], 4, int(c[i]))
@@ -136,8 +132,9 @@ def test_agrees_with_kernel_reference(causal, seq_len, block_size, top_k, inputs
         keys = rng.integers(-1, 2, (seq_len, 3)).astype(np.float64)
     else:
         qs, keys = rng.standard_normal((seq_len, 16)), rng.standard_normal((seq_len, 16))
-    idx = moba_topk(torch.from_numpy(qs)[None, :, None], torch.from_numpy(keys)[None, :, None], block_size, top_k,
-                    causal)[0, :, 0].numpy()
+    idx = moba_topk(
+        torch.from_numpy(qs)[None, :, None], torch.from_numpy(keys)[None, :, None], block_size, top_k, causal
+    )[0, :, 0].numpy()
     n = -(-seq_len // block_size)
     scores = block_scores(qs, np.broadcast_to(keys, (seq_len, *keys.shape)), block_size)
     c = np.arange(seq_len) // block_size if causal else None
@@ -153,3 +150,44 @@ def test_agrees_with_kernel_reference(causal, seq_len, block_size, top_k, inputs
         assert ranked == sorted(ranked, key=lambda j: (scores[t, j], j), reverse=True), t
         for j in range(n):
             assert bool(block_hit(scores[t], j, top_k, None if c is None else int(c[t]))) == (j in chosen)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_keys_route_like_the_kernel_reference(causal):
+    """A block with a NaN or infinite key scores NaN and is never selected (causal: unless it is the own
+    block), in numpy and torch alike, as the kernels' reference routes it."""
+    rng = np.random.default_rng(5 + causal)
+    seq_len, block_size, d = 61, 8, 4
+    n = -(-seq_len // block_size)
+    for top_k in (1, 3, 8):
+        qs, keys = rng.standard_normal((seq_len, d)), rng.standard_normal((seq_len, d))
+        keys[[3, 20, 60], [0, 1, 2]] = [np.nan, np.inf, -np.inf]  # blocks 0, 2 and the partial last one
+        idx = moba_topk(
+            torch.from_numpy(qs)[None, :, None], torch.from_numpy(keys)[None, :, None], block_size, top_k, causal
+        )[0, :, 0].numpy()
+        all_keys = np.broadcast_to(keys, (seq_len, *keys.shape))
+        c = np.arange(seq_len) // block_size if causal else None
+        for scores in (
+            block_scores(qs, all_keys, block_size),
+            block_scores(torch.from_numpy(qs), torch.from_numpy(all_keys.copy()), block_size),
+        ):
+            assert np.isnan(np.asarray(scores)[:, [0, 2, n - 1]]).all()
+            mask = np.asarray(select_blocks(scores, top_k, c))
+            for t in range(seq_len):
+                chosen = {int(j) for j in idx[t] if j >= 0}
+                assert set(np.flatnonzero(mask[t]).tolist()) == chosen, (top_k, t)
+                ct = None if c is None else int(c[t])
+                assert [bool(block_hit(scores[t], j, top_k, ct)) for j in range(n)] == [j in chosen for j in range(n)]
+
+
+@pytest.mark.parametrize("to", [np.asarray, torch.from_numpy])
+def test_nan_and_minus_inf_scores_take_no_slot(to):
+    scores = to(np.array([0.3, np.nan, -np.inf, 0.2]))
+    # k = n: only the two selectable blocks; a NaN target is never a hit, and outranks nothing.
+    np.testing.assert_array_equal(np.asarray(select_blocks(scores, 4)), [True, False, False, True])
+    assert [bool(block_hit(scores, j, 4)) for j in range(4)] == [True, False, False, True]
+    assert [bool(block_hit(scores, j, 1)) for j in range(4)] == [True, False, False, False]
+    assert not np.asarray(select_blocks(to(np.full(3, np.nan)), 2)).any()
+    # Causal: the own block is taken whatever it scores; NaN past blocks stay out.
+    np.testing.assert_array_equal(np.asarray(select_blocks(scores, 3, 2)), [True, False, True, False])
+    assert bool(block_hit(scores, 1, 3, 1)) and not bool(block_hit(scores, 1, 4, 3))

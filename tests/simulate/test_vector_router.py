@@ -28,9 +28,7 @@ def test_outcomes_fixed_by_the_rules(device):
     assert vector_level_router(top_k=31, **anti, **run).hits[0] == 0
     # Causal k = 1 with the needle in a past block: never found; in the own block: always.
     assert vector_level_router(top_k=1, causal=True, query_pos=100, needle_pos=3, **full, **run).hits[0] == 0
-    assert (
-        vector_level_router(top_k=1, causal=True, query_pos=102, needle_pos=100, **anti, **run).hits[0] == 300
-    )
+    assert vector_level_router(top_k=1, causal=True, query_pos=102, needle_pos=100, **anti, **run).hits[0] == 300
     # Causal, k - 1 >= past blocks / query in block 0 / N <= k * B: everything is found.
     assert vector_level_router(top_k=5, causal=True, query_pos=15, **anti, **run).hits[0] == 300
     assert vector_level_router(top_k=2, causal=True, query_pos=3, **anti, **run).hits[0] == 300
@@ -67,9 +65,7 @@ def test_batches_route_like_brute_force(monkeypatch, causal, device):
 
     def spy_hit(scores, target, top_k, c):
         hit = block_hit(scores, target, top_k, c)
-        seen[-1].update(
-            target=np.asarray(target), c=None if c is None else np.asarray(c), hit=np.asarray(hit)
-        )
+        seen[-1].update(target=np.asarray(target), c=None if c is None else np.asarray(c), hit=np.asarray(hit))
         return hit
 
     from mobalab.simulate._block_routing import block_hit, block_scores
@@ -264,3 +260,56 @@ def test_cuda_agrees_with_numpy_and_reproduces(causal):
     assert b.backend[0] == "torch-cuda"
     pd.testing.assert_frame_equal(b, c)
     assert abs(two_proportion_z(a, b)) < 4.0
+
+
+def test_model_columns_follow_the_partial_last_block():
+    """N % B != 0, non-causal: a needle in the last block of L keys is scored against a mean of L keys."""
+    from mobalab.snr import generator_block_model, hit_probability
+    from mobalab.stats import interval_units
+
+    d, n_tok, B, k, mu = 16, 200, 16, 3, 0.3  # 13 blocks, the last one of L = 8 keys
+    L = n_tok - 12 * B
+    run = dict(head_dim=d, seq_len=n_tok, block_size=B, top_k=k, mu_signal=mu, seed=1)
+    last = vector_level_router(**run, trials=4000, needle_pos=195).iloc[0]
+    # Needle block of L keys (planted variance (1 - mu^2)/d, L - 1 noise keys), 12 noise blocks of B keys.
+    var_s, var_n = ((1 - mu * mu) / d + (L - 1) / d) / L**2, 1 / (d * B)
+    assert last.snr == pytest.approx(mu / L / np.sqrt(var_s + var_n), rel=1e-12)
+    assert last.sd_ratio == pytest.approx(np.sqrt(var_s / var_n), rel=1e-12)
+    theory = hit_probability(last.snr, last.n_blocks, k, sd_ratio=last.sd_ratio)
+    assert abs(interval_units(theory, last.hits, last.trials, confidence=0.999)) <= 1, (last.estimate, theory)
+    # A partial noise block (variance 1/(dL)) is no model of equal noise blocks: no columns to mislead.
+    for needle_pos in (None, 5):
+        row = vector_level_router(**run, trials=10, needle_pos=needle_pos).iloc[0]
+        assert np.isnan(row.snr) and np.isnan(row.sd_ratio)
+    # Causal routing never scores the partial block; whole blocks keep the generator's model.
+    model = generator_block_model(d, B, mu)
+    for extra in (dict(seq_len=n_tok, causal=True), dict(seq_len=12 * B)):
+        row = vector_level_router(**dict(run, **extra), trials=10).iloc[0]
+        assert (row.snr, row.sd_ratio) == (float(model.snr), float(model.sd_ratio))
+
+
+def test_replays_the_documented_draws_through_the_moba_rules():
+    """Redraw each trial from the seed (streams of spawn_generators, draws in the planted_needle order) and
+    route it with Python sorting: the router's hit count is exact, partial last block included."""
+    from mobalab.simulate import random_cluster_positions, spawn_generators
+
+    d, n_tok, B, k, mu_s, m, mu_c, trials, batch = 8, 45, 8, 2, 0.5, 2, 0.4, 60, 16
+    df = vector_level_router(d, n_tok, B, k, mu_s, m=m, mu_cluster=mu_c, trials=trials, seed=3, batch_size=batch)
+
+    def unit(rng, shape):
+        g = rng.standard_normal((*shape, d), dtype=np.float32)
+        return g / np.sqrt(np.einsum("...i,...i->...", g, g))[..., None]
+
+    pos_rng, vec_rng = spawn_generators(3, 2)
+    needles = pos_rng.integers(0, n_tok, size=trials, dtype=np.int64)
+    hits = 0
+    for start in range(0, trials, batch):
+        p = needles[start : start + batch]
+        cpos = random_cluster_positions(pos_rng, p, B, n_tok, m - 1)
+        q, keys = unit(vec_rng, (len(p),)), unit(vec_rng, (len(p), n_tok))
+        keys[np.arange(len(p)), p] = mu_s * q + np.float32(np.sqrt(1 - mu_s**2)) * unit(vec_rng, (len(p),))
+        keys[np.arange(len(p))[:, None], cpos] = mu_c * q[:, None] + np.float32(np.sqrt(1 - mu_c**2)) * unit(
+            vec_rng, (len(p), m - 1)
+        )
+        hits += sum(_brute_force_hit(q[i], keys[i], B, k, int(p[i]) // B, None) for i in range(len(p)))
+    assert df.hits[0] == hits

@@ -7,7 +7,9 @@ Per query, with block size B and n = ceil(N/B) blocks (docs/design.md, "MoBA sem
 * non-causal: plain top-k over all n blocks;
 * causal, query in block c = floor(t/B): block c is forced and counts toward k; the candidates are the
   complete past blocks j < c, and the top k-1 of them are added (all of them if fewer);
-* ties break toward the higher block index.
+* ties break toward the higher block index;
+* a block whose centroid is not finite scores NaN, and a score of NaN or -inf is never selected (a causal
+  query still takes such a block as its own block), as in the kernels' reference (docs/design.md, "MoBA semantics").
 
 :func:`block_hit` answers "is block ``target`` selected?" in O(n) per query by counting the eligible blocks
 that outrank it (score higher, or equal with a higher index); :func:`select_blocks` returns the whole
@@ -92,6 +94,10 @@ def _keepdim(x) -> dict:
 def block_scores(q, keys, block_size: int):
     r"""Router scores :math:`s_j = \langle q, \bar k_j\rangle`: q (..., d), keys (..., N, d) -> (..., n).
 
+    A block whose centroid is not finite (a NaN or infinite key in it) scores NaN for every query, as in the
+    kernels' reference, whatever the product with q would give (an infinite centroid can score +inf):
+    :func:`select_blocks` and :func:`block_hit` never select it.
+
     Examples
     --------
     >>> import numpy as np
@@ -102,8 +108,10 @@ def block_scores(q, keys, block_size: int):
     """
     q = _real_array("q", q)
     if is_torch_tensor(q) != is_torch_tensor(keys):
-        raise TypeError(f"q and keys must both be numpy arrays or both torch tensors, got {type(q).__name__} "
-                        f"and {type(keys).__name__}")
+        raise TypeError(
+            f"q and keys must both be numpy arrays or both torch tensors, got {type(q).__name__} "
+            f"and {type(keys).__name__}"
+        )
     cent = block_centroids(keys, block_size)
     if q.ndim < 1 or q.shape[-1] != cent.shape[-1]:
         raise ValueError(f"q has head dim {q.shape[-1] if q.ndim else None} but keys have {cent.shape[-1]}")
@@ -115,7 +123,11 @@ def block_scores(q, keys, block_size: int):
             f"{tuple(q.shape)} and keys {tuple(keys.shape)}"
         ) from None
     q = q.to(cent.dtype) if is_torch_tensor(q) else np.asarray(q, dtype=cent.dtype)
-    return (cent @ q[..., :, None])[..., 0]
+    if is_torch_tensor(cent):
+        return (cent @ q[..., :, None])[..., 0].masked_fill(~cent.isfinite().all(-1), float("nan"))
+    with np.errstate(invalid="ignore"):  # non-finite inputs score NaN by contract, not by accident
+        scores = (cent @ q[..., :, None])[..., 0]
+    return np.where(np.isfinite(cent).all(-1), scores, np.nan)
 
 
 def _block_indices(name: str, x, ref):
@@ -145,15 +157,20 @@ def _arange_like(n, ref):
 
 
 def _eligibility(scores, top_k: int, query_block):
-    """(eligible mask broadcastable to scores, forced mask or None, slots, query_block array or None)."""
+    """(eligible mask of scores' shape, forced mask or None, slots, query_block array or None).
+
+    A score of NaN or -inf is never eligible (the kernels' reference turns NaN into -inf and leaves such a
+    slot empty); only the forced own block of a causal query is taken whatever its score.
+    """
     top_k = scalar_count("top_k", top_k)
     if scores.ndim < 1 or scores.shape[-1] < 1:
         raise ValueError(f"scores must have shape (..., n) with n >= 1 blocks, got {tuple(scores.shape)}")
-    j = _arange_like(scores.shape[-1], scores)
+    selectable = scores > -np.inf  # False for NaN too
     if query_block is None:
-        return None, None, top_k, None
+        return selectable, None, top_k, None
+    j = _arange_like(scores.shape[-1], scores)
     c = _block_indices("query_block", query_block, scores)[..., None]
-    return j < c, j == c, top_k - 1, c
+    return selectable & (j < c), j == c, top_k - 1, c
 
 
 def select_blocks(scores, top_k: int, query_block=None):
@@ -162,7 +179,9 @@ def select_blocks(scores, top_k: int, query_block=None):
     .. math:: S = \operatorname{top}_k\{0..n-1\}\ \text{(non-causal)},\qquad
               S = \{c\} \cup \operatorname{top}_{k-1}\{j < c\}\ \text{(causal)},
 
-    ranking by score, ties to the higher block index (docs/design.md, "MoBA semantics").
+    ranking by score, ties to the higher block index (docs/design.md, "MoBA semantics"). A score of NaN
+    or -inf is never selected, so fewer than k blocks may be (none when every score is NaN, non-causal);
+    the causal own block is selected whatever its score (docs/design.md, "MoBA semantics").
 
     ``query_block``: None for non-causal routing, else the query's block c (an int or an array
     broadcastable to ``scores.shape[:-1]``); blocks j > c are never selected, and block c is selected only
@@ -185,9 +204,7 @@ def select_blocks(scores, top_k: int, query_block=None):
     if is_torch_tensor(scores):
         import torch
 
-        elig = (
-            torch.ones_like(scores, dtype=torch.bool) if eligible is None else eligible.expand(scores.shape)
-        )
+        elig = eligible.expand(scores.shape)
         # Stable sorts applied from the least to the most significant key: index descending (ties toward
         # the higher index), then score descending, then eligible first.
         perm = torch.arange(n - 1, -1, -1, device=scores.device).expand(scores.shape).contiguous()
@@ -195,15 +212,11 @@ def select_blocks(scores, top_k: int, query_block=None):
         perm = perm.gather(-1, order)
         order = torch.sort(elig.gather(-1, perm).to(torch.int8), dim=-1, descending=True, stable=True).indices
         perm = perm.gather(-1, order)
-        rank = torch.empty_like(perm).scatter_(
-            -1, perm, _arange_like(n, scores).expand(scores.shape).contiguous()
-        )
+        rank = torch.empty_like(perm).scatter_(-1, perm, _arange_like(n, scores).expand(scores.shape).contiguous())
         chosen = elig & (rank < slots)
     else:
         scores = np.asarray(scores)
-        elig = (
-            np.ones(scores.shape, dtype=bool) if eligible is None else np.broadcast_to(eligible, scores.shape)
-        )
+        elig = np.broadcast_to(eligible, scores.shape)
         idx = np.broadcast_to(np.arange(n), scores.shape)
         # np.lexsort: the last key is the primary one.
         perm = np.lexsort((-idx, -scores, ~elig), axis=-1)
@@ -222,7 +235,8 @@ def block_hit(scores, target_block, top_k: int, query_block=None):
               (s_j = s_{\rm target},\ j > \text{target})\} < \text{slots},
 
     with all n blocks eligible and k slots (non-causal), or the past blocks j < c and k - 1 slots
-    (causal, where target = c is always a hit and target > c never).
+    (causal, where target = c is always a hit and target > c never). A target that scores NaN or -inf is
+    never a hit (unless it is the causal own block), and such blocks outrank nothing.
 
     Non-causal: hit iff fewer than k blocks outrank the target (higher score, or an equal score and a
     higher index). Causal (``query_block`` = c given): hit if target == c; miss if target > c; otherwise hit
@@ -255,10 +269,8 @@ def block_hit(scores, target_block, top_k: int, query_block=None):
         safe = np.minimum(target, n - 1)[..., None]
         s_t = np.take_along_axis(scores, safe, axis=-1)
     j = _arange_like(n, scores)
-    beats = (scores > s_t) | ((scores == s_t) & (j > safe))
-    if eligible is not None:
-        beats = beats & eligible
-    hit = beats.sum(-1) < slots
+    beats = ((scores > s_t) | ((scores == s_t) & (j > safe))) & eligible
+    hit = (beats.sum(-1) < slots) & (s_t[..., 0] > -np.inf)
     if c is not None:
         c0 = c[..., 0]
         hit = (hit & (target < c0)) | (target == c0)

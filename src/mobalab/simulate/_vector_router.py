@@ -139,14 +139,32 @@ def _batch_hits(
     return int(hit.sum())
 
 
-def _model_columns(d, block_size, mu_signal, m, mu_cluster, planted, kconv) -> dict:
-    """snr and sd_ratio of the block-score model this generator implies (NaN with a key convolution)."""
+def _model_columns(d, n_tok, block_size, mu_signal, m, mu_cluster, planted, kconv, causal, needle_pos) -> dict:
+    """snr and sd_ratio of the block-score model of the trials, NaN where no single model describes them.
+
+    The router's candidates are blocks of B keys except, non-causally, a partial last block of L < B keys:
+    a needle there is scored against a mean of L keys (mean difference and variance of an L-key block,
+    against B-key noise blocks), and as a noise block it has variance 1/(dL) instead of 1/(dB), which no
+    (snr, sd_ratio) of equal noise blocks describes. A key convolution has no model here either.
+    """
+    nan = {"snr": math.nan, "sd_ratio": math.nan}
     if kconv is not None:
-        return {"snr": math.nan, "sd_ratio": math.nan}
+        return nan
     from mobalab.snr import generator_block_model
 
-    model = generator_block_model(d, block_size, mu_signal, m=m, mu_cluster=mu_cluster, planted=planted)
-    return {"snr": float(model.snr), "sd_ratio": float(model.sd_ratio)}
+    last = (n_tok - 1) // block_size
+    last_len = n_tok - last * block_size
+    if causal or last_len == block_size:
+        model = generator_block_model(d, block_size, mu_signal, m=m, mu_cluster=mu_cluster, planted=planted)
+        return {"snr": float(model.snr), "sd_ratio": float(model.sd_ratio)}
+    if last > 0 and (needle_pos is None or needle_pos // block_size != last):
+        return nan
+    signal = generator_block_model(d, last_len, mu_signal, m=m, mu_cluster=mu_cluster, planted=planted)
+    var_noise = 1.0 / (d * block_size)
+    return {
+        "snr": float(signal.mean_diff / math.sqrt(signal.var_signal + var_noise)),
+        "sd_ratio": float(math.sqrt(signal.var_signal / var_noise)),
+    }
 
 
 def vector_level_router(
@@ -184,9 +202,19 @@ def vector_level_router(
     budget per backend). ``seed``: an int or a numpy Generator.
 
     Columns: method="vector-level", backend ("numpy", "torch-cpu", "torch-cuda"), causal, snr and
-    sd_ratio (of ``mobalab.snr.generator_block_model``; NaN with a key convolution), n_blocks, top_k,
+    sd_ratio (the block-score model of the trials, see below), n_blocks, top_k,
     head_dim, seq_len, block_size, mu_signal, m, mu_cluster, planted, key_conv ("none" or its label),
     query_pos, needle_pos, batch_size, hits, trials, estimate, ci_low, ci_high (95% Wilson), seed.
+
+    ``snr`` and ``sd_ratio`` are those of ``mobalab.snr.generator_block_model(head_dim, block_size, ...)``
+    (for ``snr.hit_probability`` or ``snr.causal_hit_probability``) when every candidate block holds B
+    keys: causal routing (only complete past blocks compete), or seq_len a multiple of block_size.
+    Non-causal with a partial last block of L = seq_len - (n - 1)·B < B keys, no such model describes the
+    trials: a needle there is scored against a mean of L keys, and as a noise block it varies sqrt(B/L)
+    times more than the others, so it takes slots a complete block would not. The columns then describe the
+    trials only when the needle is sure to lie in that block (``needle_pos`` there, or n = 1): a needle
+    block of L keys (mean_diff and var_signal of ``generator_block_model(head_dim, L, ...)``) against
+    n - 1 noise blocks of B keys (var_noise 1/(dB)); otherwise they are NaN, as with a key convolution.
 
     Examples
     --------
@@ -243,7 +271,7 @@ def vector_level_router(
     backend, dev = resolve_backend(device)
     n_blocks = -(-n_tok // bs)
     _check_trial_memory(d, n_tok, bs, top_k, causal, kconv, dev)
-    model_cols = _model_columns(d, bs, mu_signal, m, mu_cluster, planted, kconv)
+    model_cols = _model_columns(d, n_tok, bs, mu_signal, m, mu_cluster, planted, kconv, causal, needle_pos)
 
     pos_rng, vec_np_rng = spawn_generators(seed, 2)
     vec_rng = vec_np_rng if backend == "numpy" else torch_generator(vec_np_rng, dev)
