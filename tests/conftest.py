@@ -31,6 +31,7 @@ _SLOW_FIRST = (
     "tests/kernels/test_reference.py", "tests/distributed/test_context_parallel.py",
     "tests/kernels/test_decode_emulation.py", "tests/experiments/test_trained_routing.py",
     "tests/kernels/test_routing_mma_emulation.py", "tests/kernels/test_decode_compile.py",
+    "tests/kernels/test_compile_portable.py",
 )
 
 

@@ -5,7 +5,9 @@ Why this file exists (see docs/design.md, "Building and launching kernels"):
 * CuPy's kernel cache hashes the source string but not headers pulled in with ``#include``, so local
   ``#include "x.cuh"`` lines are inlined textually here before compiling (each header once per source, at
   its first include): editing a header then always recompiles.
-* ``wgmma``/``setmaxnreg`` need ``-arch=sm_90a``; NVRTC keeps it even though CuPy appends ``-arch=sm_90``.
+* ``wgmma``/``setmaxnreg`` need ``-arch=sm_90a``; NVRTC keeps it even though CuPy appends ``-arch=sm_90``. On any
+  other GPU no ``-arch`` is passed: CuPy's own ``-arch=sm_<cc>`` targets it (NVRTC given two different targets takes
+  CuPy's or fails), and the sources compile for sm_80 / 86 / 89 with the older forms of sm_90's instructions.
 * Shared memory above 48 KB must be opted into per kernel object, before its first launch.
 * CuPy is imported lazily: ``import mobalab`` must work with no GPU and no CuPy.
 
@@ -20,13 +22,25 @@ import functools
 import re
 from importlib import resources
 
-__all__ = ["source", "get_kernel", "cupy", "current_stream", "torch_stream", "sm_count", "on_device"]
+__all__ = ["source", "arch_options", "get_kernel", "cupy", "current_stream", "torch_stream", "sm_count", "on_device"]
 
 CUDA_DIR = resources.files("mobalab.kernels") / "cuda"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
-# Options shared by NVRTC (run time) and the nvcc compile check (CI).
-NVRTC_OPTIONS = ("-std=c++17", "-arch=sm_90a", "--use_fast_math", "-lineinfo")
+# Options shared by NVRTC (run time) and the nvcc compile check (CI); the target comes from arch_options.
+NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-lineinfo")
+
+
+def arch_options(capability: tuple[int, int]) -> tuple[str, ...]:
+    """The ``-arch`` option for a GPU of compute ``capability``: sm_90a on sm_90 (the Hopper-only instructions),
+    none elsewhere (CuPy appends the device's own target).
+
+    Examples
+    --------
+    >>> arch_options((9, 0)), arch_options((8, 0))
+    (('-arch=sm_90a',), ())
+    """
+    return ("-arch=sm_90a",) if tuple(capability) == (9, 0) else ()
 
 
 def source(name: str) -> str:
@@ -61,7 +75,9 @@ def cupy():
 @functools.cache
 def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
     cp = cupy()
-    opts = NVRTC_OPTIONS + tuple(f"-D{d}" for d in defines)
+    # the target of the device current at the first compile (CuPy's RawModule compiles for it too)
+    capability = device_capability(cp.cuda.runtime.getDevice())
+    opts = NVRTC_OPTIONS + arch_options(capability) + tuple(f"-D{d}" for d in defines)
     mod = cp.RawModule(code=source(filename), options=opts, name_expressions=name_expressions or None)
     mod.compile()
     return mod

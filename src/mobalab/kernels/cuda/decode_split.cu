@@ -316,7 +316,11 @@
 #define DSP_ATTN_L2_PREFETCH 128
 #endif
 #ifndef DSP_ATTN_TMA                   // K and V by tensor-map bulk copies on mbarriers, issued by one thread (0: 16-byte
-#define DSP_ATTN_TMA 1                 // cp.async copies by every thread; the tensor-map build holds two stages)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || MOBA_PORTABLE)  // cp.async copies by every thread; the
+#define DSP_ATTN_TMA 0                 // tensor-map build holds two stages); before sm_90 (and built MOBA_PORTABLE)
+#else                                  // the cp.async copies: tensor maps and mbarrier byte counts are sm_90's
+#define DSP_ATTN_TMA 1
+#endif
 #endif
 #define DSP_ATTN_BARS 48               // byte offset of the stages' mbarriers in the attention CTA's flags (tensor maps)
 #ifndef DSP_OWN_WAIT                   // selecting attention CTAs wait for their own kv head's score CTAs (a release

@@ -19,6 +19,17 @@
 #endif
 #define MOBA_HAS_HEAD_DIM(d) (MOBA_HEAD_DIM == 0 || MOBA_HEAD_DIM == (d))
 
+// sm_90 instructions with an older form (the vector RED below): used where the target has them; built with
+// -DMOBA_PORTABLE=1 the older form on any target, so that a Hopper's GPU tests run what an sm_80 / 86 / 89 GPU runs.
+#ifndef MOBA_PORTABLE
+#define MOBA_PORTABLE 0
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !MOBA_PORTABLE
+#define MOBA_SM90 1
+#else
+#define MOBA_SM90 0
+#endif
+
 // The dynamic shared memory of the attention kernels (the host emulation of the tests puts its own in place).
 #ifndef MOBA_DYNAMIC_SMEM
 #define MOBA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
@@ -136,13 +147,26 @@ __device__ __forceinline__ void bulk_wait_group() {
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Vector fp32 atomic add (sm_90), result unused: one RED instruction for two floats.
+// Vector fp32 atomic add, result unused: one RED instruction for two (four) floats on sm_90, one atomicAdd per
+// float before it (the same sums: each element is added atomically either way).
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#if MOBA_SM90
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
 }
 __device__ __forceinline__ void red_add4(float* p, float4 v) {
+#if MOBA_SM90
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
 }
 // 16-byte global store if `pred` (a predicated STG: no branch around it).
 __device__ __forceinline__ void st_global_v4_if(void* p, float4 v, bool pred) {
