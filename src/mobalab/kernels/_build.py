@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from importlib import resources
 
@@ -29,6 +30,9 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 # Options shared by NVRTC (run time) and the nvcc compile check (CI); the target comes from arch_options.
 NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math", "-lineinfo")
+# MOBALAB_CUDA_PORTABLE=1 (read once, at import): every module built with -DMOBA_PORTABLE=1, the older forms of
+# sm_90's instructions that sm_80 / 86 / 89 GPUs run (cuda/ptx.cuh), so that a Hopper's GPU tests can run them.
+PORTABLE_DEFINES = ("MOBA_PORTABLE=1",) if os.environ.get("MOBALAB_CUDA_PORTABLE", "") == "1" else ()
 
 
 def arch_options(capability: tuple[int, int]) -> tuple[str, ...]:
@@ -77,7 +81,7 @@ def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str
     cp = cupy()
     # the target of the device current at the first compile (CuPy's RawModule compiles for it too)
     capability = device_capability(cp.cuda.runtime.getDevice())
-    opts = NVRTC_OPTIONS + arch_options(capability) + tuple(f"-D{d}" for d in defines)
+    opts = NVRTC_OPTIONS + arch_options(capability) + tuple(f"-D{d}" for d in (*PORTABLE_DEFINES, *defines))
     mod = cp.RawModule(code=source(filename), options=opts, name_expressions=name_expressions or None)
     mod.compile()
     return mod
