@@ -255,7 +255,6 @@ def _call(cu, max_seqlen=22, q=None, **kw):
     (torch.tensor([0, 13, 16, 16, 25, 47], dtype=torch.int64), "cu_seqlens must be int32.*torch.int64"),
     (torch.tensor([[0, 47]], dtype=torch.int32), r"cu_seqlens must be 1-D.*\(1, 2\)"),
     (torch.zeros(0, dtype=torch.int32), r"cu_seqlens must be 1-D.*\(0,\)"),
-    ([0, 47], "cu_seqlens must be a torch.Tensor.*list"),
     (torch.tensor([1, 13, 47], dtype=torch.int32), "cu_seqlens must start at 0, got 1"),
     (torch.tensor([0, 13, 10, 47], dtype=torch.int32), r"non-decreasing.*cu_seqlens\[1\] = 13 > cu_seqlens\[2\] = 10"),
     (torch.tensor([0, 13, 40], dtype=torch.int32), r"q.shape\[0\] = 47, got cu_seqlens\[-1\] = 40"),
@@ -264,6 +263,13 @@ def _call(cu, max_seqlen=22, q=None, **kw):
 def test_bad_cu_seqlens(cu, match):
     with pytest.raises(ValueError, match=match):
         _call(cu)
+
+
+def test_non_tensors_raise_type_errors():  # as every other entry point does (_contract)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor.*list"):
+        _call([0, 47])
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        _call(torch.tensor([0, 47], dtype=torch.int32), q=[[0.0]])
 
 
 def test_bad_max_seqlen_and_arguments():

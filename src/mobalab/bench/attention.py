@@ -9,7 +9,9 @@ the published benchmark's data) and a clustered / planted one (query groups shar
 key blocks are aligned with, so routing concentrates).
 
 Reported: median ms over CUDA-event-timed repetitions (warm-up first; repetitions sized to ~1.5 s, a
-single one for the dense baselines beyond 128K), speedups, routing share of the forward, useful TFLOP/s
+single one for the dense baselines beyond 128K, where the forward warms up cuDNN and the backward times its
+dense steps without a warm-up: a dense 512K step takes seconds, and their times scale by 4.0x per doubling),
+speedups, routing share of the forward, useful TFLOP/s
 
 .. math::
     F = \underbrace{2\,b\,h\,\textstyle\sum_t n_{\mathrm{scored}}(t)\, d}_{\text{routing}}

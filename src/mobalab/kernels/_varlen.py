@@ -64,7 +64,7 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, x in named:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")  # as _contract's
         if x.dim() != 3:
             raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -86,7 +86,7 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn
     if hq % hk != 0:
         raise ValueError(f"{fn}: q heads ({hq}) must be a multiple of kv heads ({hk}) (MHA, GQA or MQA)")
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"{fn}: cu_seqlens must be a torch.Tensor (int32, shape (batch + 1,)), "
+        raise TypeError(f"{fn}: cu_seqlens must be a torch.Tensor (int32, shape (batch + 1,)), "
                         f"got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{fn}: cu_seqlens must be int32 (the flash-attn convention), got {cu_seqlens.dtype}")
