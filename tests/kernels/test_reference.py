@@ -405,6 +405,22 @@ def test_results_do_not_depend_on_query_chunk(causal):
 # torch.compile
 
 
+@pytest.mark.parametrize("entry", ["reference", "public"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_moba_topk_compiles_fullgraph(entry, causal):
+    # compiled, the routing is one custom op running the eager code; fullgraph=True raises on a graph break
+    fn = moba_topk if entry == "reference" else mobalab.kernels.moba_topk
+
+    def f(q, k):
+        return fn(q, k, 3, 2, causal=causal)
+
+    q, k, _ = randn(2, 13, 2, 1, 8, seed=41)
+    k[0, 4, 0, 1] = float("nan")  # a block no query may select, compiled or not
+    got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k), f(q, k)
+    assert got.dtype == torch.int32 and got.shape == (2, 13, 2, 2)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("entry", ["reference", "public"])
 def test_torch_compile_fullgraph_equals_eager(entry, causal):

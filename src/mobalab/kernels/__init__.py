@@ -13,6 +13,8 @@ Nothing here imports CuPy until a CUDA tensor arrives. Modules:
 
 from __future__ import annotations
 
+import torch
+
 from . import _contract as _C
 from . import reference  # noqa: F401  (mobalab.kernels.reference, the ground truth, is a public module)
 from ._decode import moba_decode, moba_decode_reference
@@ -101,6 +103,10 @@ def moba_topk(q, k, block_size: int, top_k: int, causal: bool = True, *, centroi
     >>> moba_topk(q, k, 2, 2)[0, -1, 0].tolist()  # own block 3, then the best past block
     [3, 1]
     """
+    if torch.compiler.is_compiling():  # one opaque op (the routing cannot be traced), run eagerly
+        from .autograd import moba_topk_op
+
+        return moba_topk_op(q, k, block_size, top_k, causal, centroid_precision)
     if _at_the_door("moba_topk", [("q", q), ("k", k)]):
         from ._cuda_routing import moba_topk_cuda
 

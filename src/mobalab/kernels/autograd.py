@@ -10,6 +10,7 @@
 * ``mobalab::moba_attention_bwd``: dq, dk, dv from the saved tensors, by
   :mod:`mobalab.kernels._cuda_backward` (CUDA) or :func:`~mobalab.kernels.reference.moba_attention_backward`
   (CPU), honouring the gradient w.r.t. the LSE.
+* ``mobalab::moba_topk``: the routing alone (:func:`mobalab.kernels.moba_topk`), for ``torch.compile``.
 
 ``torch.compile`` sees both ops as opaque custom ops (the fake implementations give the shapes), so there is
 no graph break. :func:`moba_attention_autograd` validates its inputs and calls the forward op under
@@ -163,6 +164,22 @@ def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
 @_bwd_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, topk, lists, block_size, top_k, causal, scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("mobalab::moba_topk", mutates_args=())
+def moba_topk_op(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool,
+                 centroid_precision: str) -> torch.Tensor:
+    """:func:`mobalab.kernels.moba_topk` as one opaque op, what ``torch.compile`` sees of it (the routing branches
+    on tensor values, and the CUDA router launches through CuPy: neither can be traced)."""
+    from . import moba_topk
+
+    return moba_topk(q, k, block_size, top_k, causal, centroid_precision=centroid_precision).contiguous()
+
+
+@moba_topk_op.register_fake
+def _(q, k, block_size, top_k, causal, centroid_precision):
+    batch, seqlen, heads, _ = q.shape
+    return q.new_empty((batch, seqlen, heads, top_k), dtype=torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------

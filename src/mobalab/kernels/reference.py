@@ -266,6 +266,12 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if query_chunk is not None:
         query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
+    if torch.compiler.is_compiling() and not q.is_cuda:
+        # The selection branches on tensor values, which a graph cannot hold: the compiler sees one opaque op (the
+        # result does not depend on query_chunk, which only bounds memory).
+        from .autograd import moba_topk_op
+
+        return moba_topk_op(q, k, block_size, top_k, causal, centroid_precision)
 
     batch, seqlen, heads, _ = q.shape
     n_blocks = math.ceil(seqlen / block_size)
