@@ -476,3 +476,15 @@ def test_a_block_with_a_non_finite_key_is_never_selected(value, causal, precisio
     ref = reference.moba_topk(q, k, block_size, top_k, causal=causal, centroid_precision=precision)
     assert not (ref[..., int(causal):] == 2).any()
     _compare(out, ref, q, cent.to(dtype).float() if precision == "input" else cent, causal, block_size)
+
+
+def test_moba_topk_compiles_fullgraph_on_cuda(router):
+    """Under torch.compile the CUDA routing is one custom op (mobalab::moba_topk): no graph break, the eager
+    selections bit for bit."""
+    from mobalab.kernels import moba_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    q = _rand((1, 4096, 4, 128), torch.bfloat16, gen)
+    k = _rand((1, 4096, 2, 128), torch.bfloat16, gen)
+    compiled = torch.compile(lambda q, k: moba_topk(q, k, 64, 8), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k), moba_topk(q, k, 64, 8))
