@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_seed", "is_count"]
+__all__ = ["check_seed", "is_count", "check_counts"]
 
 SEED_MAX = 2**63 - 1  # the seed is written to the CSV as a 64-bit integer column
 
@@ -37,3 +37,21 @@ def is_count(value) -> bool:
     (True, False, False, False)
     """
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
+def check_counts(config, *names: str) -> None:
+    """ValueError naming the first of the fields ``names`` of ``config`` that is not an integer >= 1.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from mobalab.experiments._checks import check_counts
+    >>> check_counts(SimpleNamespace(trials=10, batch_size=0), "trials", "batch_size")
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be an integer >= 1, got 0
+    """
+    for name in names:
+        value = getattr(config, name)
+        if not is_count(value):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
-from ._checks import check_seed, is_count
+from ._checks import check_counts, check_seed, is_count
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "relevant_offsets", "conv_variants"]
 
@@ -133,10 +133,7 @@ def plan(config: Config = Config()) -> str:
 
 def _check(config: Config) -> None:
     check_seed(config.seed)
-    for name in ("block_size", "seq_len", "trials", "batch_size"):
-        v = getattr(config, name)
-        if not is_count(v):
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    check_counts(config, "block_size", "seq_len", "trials", "batch_size")
     if config.seq_len % config.block_size:
         raise ValueError(f"seq_len {config.seq_len} must be a multiple of block_size {config.block_size}")
     n = config.seq_len // config.block_size

@@ -60,6 +60,7 @@ from mobalab import snr
 from mobalab.stats import interval_units, wilson_interval
 
 from ._checks import check_seed
+from ._devices import kernel_backend
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch"]
 
@@ -180,26 +181,8 @@ def _needles(task: str, config: Config) -> int:
 def _resolve(config: Config):
     import torch
 
-    from mobalab.kernels import gpu_available
-
-    dev = config.device
-    if dev == "auto":
-        dev = "cuda" if gpu_available() else "cpu"
-    try:
-        device = torch.device(dev)
-    except (RuntimeError, TypeError):  # torch's message lists every device type it knows, not the ones we take
-        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device, got {config.device!r}") from None
-    if device.type == "cuda":
-        if not gpu_available():
-            raise ValueError(f"device {config.device!r} asks for the CUDA kernels, but no usable GPU/CuPy here")
-        backend, name = "cuda-kernel", torch.cuda.get_device_name(device)
-    elif device.type == "cpu":
-        import platform
-
-        backend, name = "torch-reference", f"cpu ({platform.processor() or platform.machine()})"
-    else:
-        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device, got {config.device!r}")
-    dtype_name = config.dtype if config.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    device, backend, name, default_dtype = kernel_backend(config.device, setting="device")
+    dtype_name = config.dtype if config.dtype != "auto" else str(default_dtype).removeprefix("torch.")
     return device, getattr(torch, dtype_name), backend, name, dtype_name
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
-from ._checks import check_seed, is_count
+from ._checks import check_counts, check_seed, is_count
 from ._columns import integer_columns
 from ._devices import kernel_backend, resolve_device
 
@@ -241,10 +241,7 @@ def _kernel_rows(config: Config, common: dict, n: int, k: int, mc_snr, seeds, ba
 def _check(config: Config) -> None:
     """ValueError naming the first setting that no run can honour."""
     check_seed(config.seed)
-    for name in ("vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials"):
-        v = getattr(config, name)
-        if not is_count(v):
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    check_counts(config, "vector_trials", "vector_cpu_tokens", "vector_cpu_min_trials", "score_trials")
     panels = config.panels
     if not panels or any(len(p) != 2 for p in panels):
         raise ValueError(f"panels must be a non-empty tuple of (n_blocks, top_k) pairs, got {panels!r}")

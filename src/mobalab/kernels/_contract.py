@@ -286,6 +286,12 @@ def routed_centroids(centroids: torch.Tensor, key_dtype: torch.dtype, precision:
     return centroids.to(key_dtype).to(centroids.dtype) if precision == "input" else centroids
 
 
+def unroutable_as_nan(centroids: torch.Tensor) -> torch.Tensor:
+    """``centroids`` (..., d) with every centroid that has a non-finite element set to NaN whole: such a block
+    scores NaN for every query, which no router selects (the contract's locality of non-finite keys)."""
+    return centroids.masked_fill(~torch.isfinite(centroids).all(dim=-1, keepdim=True), math.nan)
+
+
 
 def check_topk_indices(fn: str, topk, q, top_k: int, name: str = "topk_indices") -> None:
     """Routing indices: integer (batch, seqlen, heads, top_k) on q's device, -1 for an unused slot."""

@@ -141,10 +141,8 @@ def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int, centroid_precision: 
             if take == 0:
                 continue
             # Candidates are complete blocks, |j| = B: the centroid is the running sum over B.
-            cent = C.routed_centroids(cache.block_sums[b, :, :own].to(compute) / bsz, cache.dtype,
-                                      centroid_precision)  # (kv_heads, own, d)
-            # a centroid that is not finite scores NaN (never selected), as in moba_topk
-            cent = cent.masked_fill(~torch.isfinite(cent).all(dim=-1, keepdim=True), math.nan)
+            cent = C.unroutable_as_nan(C.routed_centroids(cache.block_sums[b, :, :own].to(compute) / bsz,
+                                                          cache.dtype, centroid_precision))  # (kv_heads, own, d)
             qi = q[b, i].to(compute).view(kv_heads, group, dim)
             scores = torch.einsum("kgd,kjd->kgj", qi, cent).reshape(heads, own)
             # Stable sort of the reversed block axis: equal scores keep the higher block index first.

@@ -215,8 +215,7 @@ def _prepared_centroids(k: torch.Tensor, block_size: int, precision: str = "fp32
     """Centroids in the compute dtype, NaN wherever a centroid is not finite (it then scores NaN); ``precision``
     "input": each rounded to k's dtype first (the compute dtype holds it exactly)."""
     cent = C.routed_centroids(_centroids(k.detach().to(C.compute_dtype(k.dtype)), block_size), k.dtype, precision)
-    finite = torch.isfinite(cent).all(dim=-1, keepdim=True)
-    return cent.masked_fill(~finite, math.nan)
+    return C.unroutable_as_nan(cent)
 
 
 def _chunk_size(query_chunk: int | None, per_query_bytes: int, seqlen: int) -> int:
@@ -394,8 +393,7 @@ def moba_topk_from_centroids(q: torch.Tensor, centroids: torch.Tensor, block_siz
     compute = C.compute_dtype(q.dtype)
     chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, n_q)
     with torch.no_grad():
-        cent = centroids.detach().to(compute)
-        cent = cent.masked_fill(~torch.isfinite(cent).all(dim=-1, keepdim=True), math.nan)  # as moba_topk's
+        cent = C.unroutable_as_nan(centroids.detach().to(compute))  # as moba_topk's
         parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), cent, query_offset + t0, block_size, top_k,
                         causal) for t0 in range(0, n_q, chunk)]
     return torch.cat(parts, dim=1)
