@@ -222,6 +222,30 @@ def test_topk_exact_ties_go_to_higher_block(causal, seqlen):
         assert sel[0, 0, 0].tolist() == [5, 4, 3]
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("dtype,seqlen,heads,kv_heads,dim", [(torch.float64, 128, 4, 2, 32),
+                                                             (torch.float32, 64, 2, 1, 16)], ids=["fp64", "fp32"])
+def test_topk_ties_of_equal_centroids_go_to_higher_block_in_any_shape(dtype, seqlen, heads, kv_heads, dim, causal):
+    """Random (not small-integer) keys, every block a copy of one: equal centroids, whose scores a matrix product
+    may round differently by column (in a way that follows the product's shape); the ties still go to the higher
+    block, whatever the query chunk, and moba_attention attends that routing."""
+    g = torch.Generator().manual_seed(8)
+    block_size, top_k = 8, 4
+    k = torch.randn(1, block_size, kv_heads, dim, generator=g, dtype=dtype).repeat(1, seqlen // block_size, 1, 1)
+    q = torch.randn(1, seqlen, heads, dim, generator=g, dtype=dtype)
+    got = moba_topk(q, k, block_size, top_k, causal=causal)
+    if causal:
+        own = torch.arange(seqlen) // block_size
+        want = torch.stack([own - i for i in range(top_k)], -1).clamp(min=-1).view(1, seqlen, 1, top_k)
+    else:
+        want = (seqlen // block_size - 1 - torch.arange(top_k)).view(1, 1, 1, top_k)
+    assert torch.equal(got.long(), want.expand(got.shape))
+    assert torch.equal(moba_topk(q, k, block_size, top_k, causal=causal, query_chunk=24), got)
+    out = moba_attention(q, k, k, block_size, top_k, causal=causal, query_chunk=48)
+    want_out = moba_attention_given_routing(q, k, k, got, block_size, causal=causal)[0]
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_topk_slot_layout():
     q, k, _ = randn(1, 14, 2, 2, 4)
     sel = moba_topk(q, k, 4, 3, causal=True)  # blocks 0..3, last one of 2 keys
@@ -760,3 +784,15 @@ def test_a_block_longer_than_the_sequence_costs_what_its_keys_cost(causal):
         assert size <= want_size
         for x, y in zip(got, want, strict=True):
             assert torch.equal(x, y), block
+
+
+def test_top_k_far_above_the_blocks_costs_what_top_k_n_costs():
+    # slots beyond the n blocks are unused: a dense request by a large k must not gather k * B rows per query
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 40, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    for causal in (True, False):
+        expected = moba_attention(q, k, v, block_size=8, top_k=5, causal=causal)
+        with _LargestTensor() as size:
+            got = moba_attention(q, k, v, block_size=8, top_k=4096, causal=causal)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert size.largest <= 2 * 40 * 5 * 8 * 8  # (queries x heads) x (n blocks x B) x d at most, not x 4096 / 5

@@ -7,6 +7,8 @@ LSE, routing and gradients against the per-sequence reference; GQA; causal and n
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -204,6 +206,78 @@ def test_input_centroid_precision_per_sequence(varlen_entry):
         moba_attention_varlen(q, k, v, cu, max(LENGTHS), 4, 3, centroid_precision="half")
 
 
+def _masked_softmax_moba(q, k, v, block_size, top_k, causal, scale):
+    """One sequence (N, heads, d), float64, as a dense masked softmax: each query's selected token set built from
+    the contract's rules in plain Python (block means, scores ranked by (score, index) descending), then one
+    N x N softmax per head (differentiable w.r.t. q, k, v; the mask is not)."""
+    n_tokens, heads, _ = q.shape
+    group = heads // k.shape[1]
+    n_blocks = -(-n_tokens // block_size)
+    with torch.no_grad():
+        means = torch.stack([k[j * block_size:(j + 1) * block_size].mean(0) for j in range(n_blocks)])
+        mask = torch.zeros(heads, n_tokens, n_tokens, dtype=torch.bool)
+        for h in range(heads):
+            scores = (q[:, h] @ means[:, h // group].T).tolist()
+            for t in range(n_tokens):
+                own = t // block_size
+                rank = sorted(range(own) if causal else range(n_blocks), key=lambda j: (-scores[t][j], -j))
+                for j in [own] + rank[:top_k - 1] if causal else rank[:top_k]:
+                    mask[h, t, j * block_size:min((j + 1) * block_size, t + 1 if causal else n_tokens)] = True
+    logits = torch.einsum("thd,shd->hts", q, k.repeat_interleave(group, 1)) * scale
+    lse = logits.masked_fill(~mask, -math.inf).logsumexp(-1)
+    p = (logits - lse.unsqueeze(-1)).exp() * mask
+    return torch.einsum("hts,shd->thd", p, v.repeat_interleave(group, 1)), lse.T
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_outputs_lse_and_gradients_against_a_masked_softmax(causal, varlen_entry, varlen_grouping):
+    """Not against moba_attention (which the varlen entry runs): a dense masked softmax per sequence. Lengths 1,
+    shorter than B, not a multiple of B, k >= n, empty ones; GQA; a negative scale; gradients of out and lse."""
+    lengths = (1, 0, 3, 13, 0, 7, 7, 22)
+    q, k, v, cu = _packed(lengths, heads=4, kv_heads=2, seed=41)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = moba_attention_varlen(*leaves, cu, 22, 4, 3, causal=causal, softmax_scale=-0.6, return_lse=True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
+    for s, e in _pieces(cu):
+        if e == s:
+            continue
+        one = [x[s:e].clone().requires_grad_() for x in (q, k, v)]
+        o, lo = _masked_softmax_moba(*one, 4, 3, causal, -0.6)
+        want = torch.autograd.grad((o * dout[s:e]).sum() + (lo * dlse[s:e]).sum(), one, allow_unused=True)
+        torch.testing.assert_close(out[s:e], o, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse[s:e], lo, rtol=0, atol=1e-12)
+        for got, ref in zip(grads, want, strict=True):
+            torch.testing.assert_close(got[s:e], torch.zeros_like(got[s:e]) if ref is None else ref, rtol=0,
+                                       atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_exact_ties_route_as_the_sequence_alone(causal, varlen_grouping):
+    """Blocks that repeat one block's keys have equal means: ties, which go to the higher block in every batch the
+    call forms (a zero-padded batch scores more blocks per query than the sequence alone; a matrix product need
+    not round equal columns alike, so a tie once went by the column's place)."""
+    lengths = (13, 3, 0, 9, 9, 22, 1, 4)
+    q, _, v, cu = _packed(lengths, seed=43)
+    k = torch.randn(4, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(44)).repeat(6, 1, 1)
+    k = torch.cat([k[:e - s] for s, e in _pieces(cu)])  # each sequence: the 4 keys again in every block
+    sel = moba_topk_varlen(q, k, cu, 22, 4, 3, causal=causal)
+    out = moba_attention_varlen(q, k, v, cu, 22, 4, 3, causal=causal)
+    for s, e in _pieces(cu):
+        if e == s:
+            continue
+        n_blocks, own = -(-(e - s) // 4), torch.arange(e - s) // 4
+        if causal:  # the own block, then the past ones from the latest
+            want = torch.stack([own - i for i in range(3)], -1).clamp(min=-1)
+        else:  # the highest blocks (where every block is whole: a partial block's mean differs)
+            want = (n_blocks - 1 - torch.arange(3)).clamp(min=-1).expand(e - s, 3)
+        if causal or (e - s) % 4 == 0:
+            assert torch.equal(sel[s:e].long(), want.view(e - s, 1, 3).expand(e - s, 4, 3)), (s, e)
+        one = (q[s:e][None], k[s:e][None], v[s:e][None])
+        assert torch.equal(sel[s:e], moba_topk(*one[:2], 4, 3, causal=causal)[0])
+        torch.testing.assert_close(out[s:e], moba_attention(*one, 4, 3, causal=causal)[0], rtol=0, atol=1e-12)
+
+
 def test_opcheck_of_the_ops():
     # schema, fake implementation, autograd registration (compilation: test_torch_compile_fullgraph_cpu);
     # through torch.ops, the live registration
@@ -276,7 +350,7 @@ def test_bad_max_seqlen_and_arguments():
     cu = torch.tensor([0, 13, 16, 16, 25, 47], dtype=torch.int32)
     with pytest.raises(ValueError, match="max_seqlen = 21 is smaller than the longest sequence.*22 tokens"):
         _call(cu, max_seqlen=21)
-    with pytest.raises(ValueError, match="max_seqlen must be a Python int"):
+    with pytest.raises(ValueError, match=r"max_seqlen must be an integer >= 0, got 22.0 \(float\)"):
         _call(cu, max_seqlen=22.0)
     with pytest.raises(ValueError, match=r"q must be 3-D.*\(1, 47, 4, 8\)"):
         _call(cu, q=torch.zeros(1, 47, 4, 8, dtype=torch.float64))
@@ -301,3 +375,11 @@ def test_cu_seqlens_on_another_device():
     meta = torch.tensor([0, 47], dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="cu_seqlens is on meta but q is on cpu; it must be on q's device or on"):
         _call(meta)
+
+
+def test_meta_tensors_are_refused_in_the_entry_points_name():
+    q, k, v, cu = _packed((5, 9), seed=47)
+    with pytest.raises(ValueError, match="moba_attention_varlen: q is a meta tensor"):
+        moba_attention_varlen(q.to("meta"), k.to("meta"), v.to("meta"), cu, 9, 4, 2)
+    with pytest.raises(ValueError, match="moba_topk_varlen: k is a meta tensor"):
+        moba_topk_varlen(q, k.to("meta"), cu, 9, 4, 2)

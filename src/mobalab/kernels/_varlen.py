@@ -35,7 +35,7 @@ import torch
 
 from . import _contract as C
 from ._pairs import MAX_KEYS
-from .autograd import _bwd_impl, _fwd_impl, _no_lists
+from .autograd import _bwd_impl, _first_order, _fwd_impl, _no_lists
 
 __all__ = ["moba_attention_varlen", "moba_topk_varlen"]
 
@@ -48,7 +48,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_int(name: str, value, fn: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{fn}: {name} must be a Python int >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value}")
     return int(value)
@@ -63,8 +63,7 @@ def _check_bool(name: str, value, fn: str) -> bool:
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, fn):
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, x in named:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")  # as _contract's
+        C.check_tensor(fn, name, x)  # a tensor with data: a meta tensor would fail later, in another function's name
         if x.dim() != 3:
             raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -360,6 +359,7 @@ class _EagerVarlen(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward_groups(dout, dlse, q, k, v, out, lse, topk, ctx.groups, lists, ctx.pads,
                                       *ctx.params)
+        dq, dk, dv = _first_order("moba_attention_varlen", (dq, dk, dv), dout, dlse, q, k, v)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -518,7 +518,8 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     -------
     out : Tensor (total_tokens, heads, head_dim) in q's dtype, and with ``return_lse`` the natural-log
     ``lse`` (total_tokens, heads) in float32 (float64 for float64 inputs). Differentiable w.r.t. q, k, v
-    (CUDA backward on CUDA tensors); works under ``torch.compile(fullgraph=True)``.
+    (CUDA backward on CUDA tensors), once: a second derivative through the gradients raises; works under
+    ``torch.compile(fullgraph=True)``.
 
     Examples
     --------

@@ -211,6 +211,31 @@ def _backward(ctx, dout, dlse, dtopk, dlists):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """A backward's gradients under ``create_graph``: the same tensors, tied to what they depend on (the output
+    gradients, q, k and v) by a node whose own backward raises. The backward bodies have no backward of their own;
+    left as constants, a second derivative through them (a gradient penalty, say) would lack MoBA's terms without a
+    word, where the custom ops that ``torch.compile`` traces raise."""
+
+    @staticmethod
+    def forward(ctx, fn, n, *tensors):
+        ctx.fn = fn
+        return tuple(x.view_as(x) for x in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.fn}: MoBA attention is differentiable once; its gradients have no gradient "
+                           "(double backward, e.g. a gradient penalty through the attention, is not supported)")
+
+
+def _first_order(fn: str, grads: tuple, *depends) -> tuple:
+    """``grads`` as they are, or through :class:`_FirstOrderOnly` where autograd records the backward itself
+    (``create_graph``: grad mode on inside it); ``depends``: the tensors they are functions of (None skipped)."""
+    if not torch.is_grad_enabled():
+        return grads
+    return _FirstOrderOnly.apply(fn, len(grads), *grads, *(x for x in depends if x is not None))
+
+
 class _EagerMoba(torch.autograd.Function):
     """The same forward and backward bodies without the custom ops, for eager calls: a custom op's dispatch
     (schema handling, the aliasing checks of its outputs, its autograd wrapper) costs the host some 0.3 ms per
@@ -227,7 +252,9 @@ class _EagerMoba(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, dtopk, dlists):
-        return *_grads(ctx, dout, dlse, _bwd_impl), None  # none for the routing passed in
+        dq, dk, dv, *rest = _grads(ctx, dout, dlse, _bwd_impl)
+        dq, dk, dv = _first_order("moba_attention", (dq, dk, dv), dout, dlse, *ctx.saved_tensors[:3])
+        return dq, dk, dv, *rest, None  # none for the routing passed in
 
 
 #: Eager calls take :class:`_EagerMoba` (True) or the custom ops (False); under ``torch.compile`` the ops always.
@@ -249,6 +276,7 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     bit-identical dq run to run, at some extra time and scratch; dk, dv are always reproducible). CPU tensors: the
     torch reference behind the same op (any float dtype). Returns ``out`` and, with ``return_lse``, the
     natural-log ``lse`` (float32, float64 for float64 inputs; the gradient w.r.t. it is honoured as well).
+    Differentiable once: a second derivative through the gradients (double backward) raises.
     ``centroid_precision``: the routing's centroids, "fp32" or "input" (:func:`mobalab.kernels.reference.moba_topk`).
 
     Examples

@@ -176,12 +176,36 @@ def _best_blocks(scores: torch.Tensor, take: int) -> torch.Tensor:
     return idx
 
 
+def _equal_centroids(centroids: torch.Tensor) -> torch.Tensor | None:
+    """Per (batch, kv head, block) the lowest block whose centroid equals this block's, int64 (batch, kv_heads, n);
+    None when no two centroids of one (batch, kv head) are equal.
+
+    Equal centroids score equally in exact arithmetic, but a matrix product need not round its columns alike (the
+    summation order can follow a column's place in the kernel's tiles, and so the matrix's shape), which would
+    rank such a tie by that place instead of by block index, and differently for another query chunk or batch.
+    :func:`_route` gives every block its first equal's score instead.
+    """
+    batch, n_blocks, kv_heads, dim = centroids.shape
+    if n_blocks < 2:
+        return None
+    rows = centroids.permute(0, 2, 1, 3).reshape(-1, dim)
+    # the (batch, kv head) as a leading column, so that only centroids of one head are compared (exact in float32)
+    owner = torch.arange(batch * kv_heads, device=rows.device, dtype=rows.dtype).repeat_interleave(n_blocks)
+    distinct, inverse = torch.unique(torch.cat([owner.unsqueeze(1), rows], dim=1), dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return None
+    index = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((distinct.shape[0],), rows.shape[0], device=rows.device).scatter_reduce_(0, inverse, index,
+                                                                                                  "amin")
+    return (first[inverse] % n_blocks).view(batch, kv_heads, n_blocks)
+
+
 def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, top_k: int,
-           causal: bool) -> torch.Tensor:
+           causal: bool, equal: torch.Tensor | None = None) -> torch.Tensor:
     """Selected blocks, int32 (batch, chunk, heads, top_k), for queries at positions t0, t0+1, ...
 
     ``q`` is the query chunk in the compute dtype; ``centroids`` (batch, n, kv_heads, d) likewise, with
-    non-finite centroids already replaced by NaN.
+    non-finite centroids already replaced by NaN; ``equal``: :func:`_equal_centroids` of them.
     """
     batch, chunk, heads, dim = q.shape
     n_blocks, kv_heads = centroids.shape[1], centroids.shape[2]
@@ -196,6 +220,8 @@ def _route(q: torch.Tensor, centroids: torch.Tensor, t0: int, block_size: int, t
     grouped = q.view(batch, chunk, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(
         batch, kv_heads, group * chunk, dim)
     scores = (grouped @ centroids[:, :n_scored].permute(0, 2, 3, 1)).view(batch, kv_heads, group, chunk, n_scored)
+    if equal is not None and n_scored > 0:  # equal centroids score bitwise equally (their first one's score)
+        scores = scores.gather(-1, equal[:, :, None, None, :n_scored].expand(scores.shape))
     # NaN ranks below every score (never selected). Replaced on every chunk rather than after a test for NaN: the
     # test would read the scores back to the host, a synchronisation per chunk on a GPU.
     scores.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
@@ -230,7 +256,8 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
 
     Scores :math:`s_{t,j} = \langle q_t, \bar k_j \rangle` in float32 (float64 for float64 inputs), no
     :math:`1/\sqrt d`, with :math:`\bar k_j` from :func:`moba_centroids` on kv head
-    ``h // (heads // kv_heads)``. Exact ties rank the higher block index first. Scores of NaN or -inf
+    ``h // (heads // kv_heads)``. Exact ties rank the higher block index first (blocks of equal centroids tie
+    whatever the rounding of the product that scores them: each takes its first equal's score). Scores of NaN or -inf
     (a non-finite centroid scores NaN) are never selected; see the module docstring.
 
     ``centroid_precision``: "fp32" (the default) scores the fp32 mean itself; "input" scores
@@ -278,7 +305,8 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     compute = C.compute_dtype(q.dtype)
     with torch.no_grad():
         centroids = _prepared_centroids(k, block_size, centroid_precision)
-        parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), centroids, t0, block_size, top_k, causal)
+        equal = _equal_centroids(centroids)
+        parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), centroids, t0, block_size, top_k, causal, equal)
                  for t0 in range(0, seqlen, chunk)]
     return torch.cat(parts, dim=1)
 
@@ -394,8 +422,9 @@ def moba_topk_from_centroids(q: torch.Tensor, centroids: torch.Tensor, block_siz
     chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, n_q)
     with torch.no_grad():
         cent = C.unroutable_as_nan(centroids.detach().to(compute))  # as moba_topk's
+        equal = _equal_centroids(cent)
         parts = [_route(q[:, t0:t0 + chunk].detach().to(compute), cent, query_offset + t0, block_size, top_k,
-                        causal) for t0 in range(0, n_q, chunk)]
+                        causal, equal) for t0 in range(0, n_q, chunk)]
     return torch.cat(parts, dim=1)
 
 
@@ -662,14 +691,18 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
                                        return_lse=return_lse, centroid_precision=centroid_precision)
 
     n_blocks = math.ceil(seqlen / block_size)
+    # slots beyond the n blocks there are stay unused (-1): a top_k far above n (dense attention asked for by a
+    # large k) then gathers and routes no more than k = n
+    top_k = min(top_k, n_blocks)
     chunk = _chunk_size(query_chunk, _attention_chunk_bytes(batch, heads, top_k, block_size, dim, seqlen), seqlen)
     route_chunk = _chunk_size(query_chunk, batch * heads * n_blocks * _BYTES_PER_SCORE, seqlen)
     with torch.no_grad():
         centroids = _prepared_centroids(k, block_size, centroid_precision)
+        equal = _equal_centroids(centroids)
 
     def routing(lo, hi, q_chunk):
         q_chunk = q_chunk.detach()
-        return torch.cat([_route(q_chunk[:, a:a + route_chunk], centroids, lo + a, block_size, top_k, causal)
+        return torch.cat([_route(q_chunk[:, a:a + route_chunk], centroids, lo + a, block_size, top_k, causal, equal)
                           for a in range(0, hi - lo, route_chunk)], dim=1)
 
     out, lse = _attend_chunks(q, k, v, None, routing, block_size, causal, scale, chunk)
