@@ -281,8 +281,11 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     cache = hf.MobaCache(model.config, max_cache_len=12)
     with torch.no_grad():
         model(ids, use_cache=True, **{hf.cache_argument(): cache})
-        with pytest.raises(ValueError, match="exceeds max_seqlen=12; the cache has room for 2 more token"):
+        with pytest.raises(ValueError, match=r"MobaCache: 3 new token\(s\) after the 10 held exceed max_cache_len=12"):
             model(_ids(2, 3, seed=35), use_cache=True, **{hf.cache_argument(): cache})
+    assert cache.get_seq_length() == 10 and all(layer.cache.lengths.tolist() == [10, 10] for layer in cache.layers)
+    with pytest.raises(ValueError, match=r"MobaCache: 13 new token\(s\) after the 0 held exceed max_cache_len=12"):
+        model(_ids(2, 13, seed=36), use_cache=True, **{hf.cache_argument(): hf.MobaCache(model.config, 12)})
     with pytest.raises(NotImplementedError, match="MobaCache: crop is not supported"):
         cache.crop(5)
     with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1, got 0"):
@@ -294,3 +297,13 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="the MobaCache has blocks of 8 tokens, the config asks for moba_block_size=4"):
         cache = hf.MobaCache(other.config, max_cache_len=12)
         model(ids, use_cache=True, **{hf.cache_argument(): cache})
+
+
+def test_static_cache_is_refused():
+    """A static cache hands the attention all its max_cache_len keys, the rows past the queries zeros, and no mask:
+    MoBA over them would route to and attend those zeros, so it is refused, at the prompt already."""
+    model = _model(top_k=2)
+    with pytest.raises(ValueError, match="the last query sits at position 6 but .* keys beyond the queries "
+                                         r"\(a static cache\) are not supported"):
+        model.generate(_ids(1, 7, seed=37), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")

@@ -158,6 +158,76 @@ def test_reference_function_matches_dispatch():
     assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def _masked_softmax_moba(q, k, v, block, top_k, positions):
+    """Causal MoBA of one sequence at ``positions``, in float64 from the definition (docs/design.md, "MoBA
+    semantics"): each block's mean key, the own block plus the best top_k - 1 complete past blocks by q . mean
+    (ties to the higher index), a softmax over their keys masked to <= t. q (n, heads, d), k and v (n, kv_heads, d);
+    returns out (len(positions), heads, d) and lse (len(positions), heads)."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    out = torch.empty(len(positions), heads, dim, dtype=torch.float64)
+    lse = torch.empty(len(positions), heads, dtype=torch.float64)
+    for r, t in enumerate(positions):
+        own = t // block
+        for h in range(heads):
+            keys, values = k[:t + 1, h * kv_heads // heads], v[:t + 1, h * kv_heads // heads]
+            scores = [(float(q[t, h] @ keys[j * block:(j + 1) * block].mean(0)), j) for j in range(own)]
+            chosen = [own] + [j for _, j in sorted(scores, reverse=True)[:top_k - 1]]
+            keep = torch.zeros(t + 1, dtype=torch.bool)
+            for j in chosen:
+                keep[j * block:(j + 1) * block] = True
+            logits = (keys @ q[t, h] / math.sqrt(dim)).masked_fill(~keep, -math.inf)
+            lse[r, h] = torch.logsumexp(logits, 0)
+            out[r, h] = torch.softmax(logits, 0) @ values
+    return out, lse
+
+
+@pytest.mark.parametrize(("dtype", "block", "top_k", "lengths", "q_len", "page_size"), [
+    pytest.param(torch.float32, 4, 3, [6, 11], 1, None, id="fp32-ragged-partial-blocks"),
+    pytest.param(torch.float32, 3, 2, [1, 5], 4, 6, id="fp32-paged-q_len-4-across-block-ends"),
+    pytest.param(torch.float32, 4, 9, [7, 2], 2, None, id="fp32-top_k-beyond-the-blocks"),
+    pytest.param(torch.float32, 32, 2, [9, 3], 3, None, id="fp32-block-longer-than-the-sequences"),
+    pytest.param(torch.bfloat16, 4, 2, [10, 5], 2, 8, id="bf16-paged"),
+    pytest.param(torch.float16, 5, 3, [12, 4], 1, None, id="fp16-odd-block"),
+    pytest.param(torch.float64, 4, 2, [9, 14], 3, None, id="fp64"),
+])
+def test_decode_equals_a_float64_masked_softmax(dtype, block, top_k, lengths, q_len, page_size):
+    """Steps of q_len tokens from a ragged prompt against MoBA written out from its definition in float64 (GQA, 6
+    query heads over 3 kv heads): the outputs within one rounding to the dtype, the LSEs within fp32 rounding."""
+    steps, heads, kv_heads, dim = 3, 6, 3, 8
+    total = max(lengths) + steps * q_len
+    q, k, v = _stream(block + q_len, 2, total, heads, kv_heads, dim, dtype)
+    cache = MobaKVCache(2, kv_heads, dim, block, total, dtype=dtype, page_size=page_size)
+    cache.prefill(k, v, lengths=lengths)
+    rows = torch.arange(2).view(2, 1)
+    for step in range(steps):
+        pos = torch.tensor(lengths).view(2, 1) + step * q_len + torch.arange(q_len)
+        cache.append(k[rows, pos], v[rows, pos])
+        out, lse = moba_decode(q[rows, pos], cache, top_k, return_lse=True)
+        for b in range(2):
+            want, want_lse = _masked_softmax_moba(q[b], k[b], v[b], block, top_k, pos[b].tolist())
+            tol = max(TOL[dtype], 1e-6)
+            torch.testing.assert_close(out[b].double(), want, atol=4 * tol, rtol=4 * tol)
+            torch.testing.assert_close(lse[b].double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_beyond_the_blocks_gathers_only_the_blocks_there_are(monkeypatch):
+    """A top_k far above the number of blocks (dense attention asked for by a large k) equals k = the number of
+    blocks the longest sequence reaches, and the reference gathers no more slots than that per query."""
+    q, k, v = _stream(7, 2, 22, 4, 2, 8, torch.float32)
+    cache = MobaKVCache(2, 2, 8, 4, 22)
+    cache.prefill(k, v, lengths=[22, 13])
+    slots, attend = [], D._attend
+    monkeypatch.setattr(D, "_attend", lambda *a: (slots.append(a[2].shape[-1]), attend(*a))[1])
+    out, lse = moba_decode(q[:, :1], cache, 1000, return_lse=True)
+    assert slots == [6]  # ceil(22 / 4)
+    ref_out, ref_lse = moba_decode(q[:, :1], cache, 6, return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[:1, 21:22].transpose(1, 2), k[:1].transpose(1, 2),
+                                                             v[:1].transpose(1, 2), enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(moba_decode(q[:, 21:22], cache, 1000)[0], dense[0], atol=2e-6, rtol=2e-6)
+
+
 @pytest.mark.parametrize("poison", ["nan-value", "inf-value", "nan-key", "inf-key"])
 def test_non_finite_token_reaches_only_the_queries_that_attend_it(poison):
     """Locality (docs/design.md, "MoBA semantics"): a non-finite key or value of token 0 changes only the queries
@@ -265,6 +335,31 @@ def test_prefill_replaces_and_chunks(monkeypatch):
         ref = moba_centroids(k[b:b + 1, :end], 4)[0]
         torch.testing.assert_close(cache.centroids()[b, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
     assert not cache.block_sums[:, :, 8:].any() and not cache.block_sums[1, :, 3:].any()
+
+
+def test_padded_prompt_longer_than_max_seqlen_holds_its_lengths():
+    """A ragged batch padded past max_seqlen (to a bucket size): the padding is not held, so only the longest
+    sequence has to fit; the cache equals one prefilled from the prompt cut to that sequence."""
+    q, k, v = _stream(6, 2, 16, 2, 1, 8, torch.float32)
+    cache, cut = MobaKVCache(2, 1, 8, 4, 10), MobaKVCache(2, 1, 8, 4, 10)
+    cache.prefill(k, v, lengths=[9, 4])
+    cut.prefill(k[:, :9], v[:, :9], lengths=[9, 4])
+    assert cache.lengths.tolist() == [9, 4]
+    assert torch.equal(cache.k, cut.k) and torch.equal(cache.block_sums, cut.block_sums)
+    assert torch.equal(moba_decode(q[:, :1], cache, 2), moba_decode(q[:, :1], cut, 2))
+    with pytest.raises(ValueError, match="the prompt has 11 tokens; this cache holds at most max_seqlen=10"):
+        cache.prefill(k, v, lengths=[11, 4])
+    assert cache.lengths.tolist() == [9, 4]
+
+
+def test_cpu_device_with_an_index_takes_cpu_tensors():
+    """device="cpu:0" names the CPU: the cache takes CPU tensors (which report "cpu") and decodes as a "cpu" one."""
+    q, k, v = _stream(8, 1, 9, 2, 1, 8, torch.float32)
+    cache, plain = MobaKVCache(1, 1, 8, 4, 9, device="cpu:0"), MobaKVCache(1, 1, 8, 4, 9)
+    assert cache.device == torch.device("cpu")
+    for c in (cache, plain):
+        c.prefill(k, v)
+    assert torch.equal(moba_decode(q[:, -1:], cache, 2), moba_decode(q[:, -1:], plain, 2))
 
 
 def test_cache_layout_and_repr():

@@ -61,6 +61,11 @@ class MobaCacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens' keys and values, (batch, kv_heads, n, head_dim), after the cached ones; returns
         the cache's keys and values of all L tokens held, (batch, kv_heads, L, head_dim) views."""
+        held, new = self.get_seq_length(), key_states.shape[2]
+        if held + new > self.max_cache_len:
+            raise ValueError(f"MobaCache: {new} new token(s) after the {held} held exceed max_cache_len="
+                             f"{self.max_cache_len} (prompt + generated tokens); create the MobaCache with a larger "
+                             "max_cache_len")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # (batch, n, kv_heads, head_dim)

@@ -278,6 +278,15 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
             return moba_decode(q, cache, top_k, softmax_scale=scaling, centroid_precision=precision), None
     if q_len < kv_len:
         # Decoding with a cache: the new queries are the last positions of the key sequence.
+        position_ids = kwargs.get("position_ids")
+        if mask is None and position_ids is not None and position_ids.dim() == 2 and position_ids.numel():
+            # a static cache hands over all its max_cache_len keys, the rows past the queries unwritten zeros, and
+            # (nothing padded) no mask: only the queries' positions tell that keys lie beyond them
+            last = int(position_ids[:, -1].max())
+            if last < kv_len - 1:
+                raise ValueError(f"moba attention: the last query sits at position {last} but {kv_len} keys were "
+                                 f"given: keys beyond the queries (a static cache) are not supported; generate "
+                                 "with a MobaCache or transformers' dynamic cache")
         if mask is not None and not bool(mask[:, kv_len - q_len:].all()):
             raise ValueError("moba attention: some new queries are masked as padding; left-padded decoding with "
                              "a dynamic cache is supported, static caches and right padding are not")

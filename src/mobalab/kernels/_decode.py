@@ -189,6 +189,9 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
 
 
 def _reference(q, cache, top_k: int, scale: float, return_lse: bool, centroid_precision: str = "fp32"):
+    # Slots beyond the blocks the longest sequence reaches stay unused: without them a top_k far above the number
+    # of blocks (dense attention asked for by a large k) costs no more than k = that number.
+    top_k = min(top_k, max(1, math.ceil(int(cache._len.max()) / cache.block_size)))
     with torch.no_grad():
         out, lse = _attend(q, cache, _route(q, cache, top_k, centroid_precision), scale)
     return (out, lse) if return_lse else out

@@ -106,6 +106,8 @@ class MobaKVCache:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type == "cpu":  # CPU tensors report "cpu" whatever index was asked for ("cpu:0")
+            self.device = torch.device("cpu")
         self.n_blocks = math.ceil(self.max_seqlen / self.block_size)
         self.capacity = self.n_blocks * self.block_size
         #: tokens per page (None: one contiguous slab per sequence), pages per sequence's table, pages in the pool
@@ -237,11 +239,14 @@ class MobaKVCache:
         r"""Start new sequences from a prompt: ``k``, ``v`` (batch, seqlen, kv_heads, head_dim).
 
         ``lengths`` (optional, ``batch`` integers in [1, seqlen]) gives each sequence's real length in a
-        right-padded ragged batch; the padding is neither stored nor summed. Replaces whatever the cache
-        held. Block sums :math:`S_j` are computed here once, in fp32, from the prompt's keys.
+        right-padded ragged batch; the padding is neither stored nor summed, and only the longest sequence has to
+        fit in ``max_seqlen``. Replaces whatever the cache held. Block sums :math:`S_j` are computed here once, in
+        fp32, from the prompt's keys.
         """
         fn = "MobaKVCache.prefill"
         lens = self._check_kv(fn, k, v, lengths)
+        if lengths is not None:  # padding past the longest sequence (a batch padded to a bucket size) is not held
+            k, v = k[:, :int(lens.max())], v[:, :int(lens.max())]
         seqlen = k.shape[1]
         if seqlen > self.max_seqlen:
             raise ValueError(f"{fn}: the prompt has {seqlen} tokens; this cache holds at most max_seqlen="
