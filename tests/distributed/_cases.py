@@ -207,6 +207,53 @@ def _one_rank_rejects_its_arguments(rank: int) -> str:
     return "no error"
 
 
+def _one_rank_cannot_flag_on_its_tensors(rank: int) -> list[str]:
+    """Rank 3 passes a numpy array as q, then tensors with no data (meta): no tensor of its own can carry its
+    flag through the backend, yet every other rank must raise instead of waiting in the all-gather."""
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    messages = []
+    for bad in (q.numpy(), q.to("meta")):
+        try:
+            context_parallel_moba_attention(bad if rank == 3 else q, q, q, 4, 2)
+            messages.append("no error")
+        except (TypeError, ValueError) as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def _one_rank_records_no_graph(rank: int) -> str:
+    """Rank 1 calls under no_grad while the others' inputs require grad: the others' backward would wait for
+    rank 1 in the ring, so every rank raises at the call."""
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+    try:
+        with torch.set_grad_enabled(rank != 1):
+            context_parallel_moba_attention(q, q, q, 4, 2)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _second_derivative(rank: int) -> dict:
+    """A gradient penalty through the attention raises on every rank (the ring's backward has no backward); the
+    first derivatives under create_graph are the plain ones, and what does not pass through them is exact."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 12, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    shard = [x[:, 3 * rank:3 * rank + 3].clone().requires_grad_() for x in (q, k, v)]
+    plain = torch.autograd.grad(context_parallel_moba_attention(*shard, 2, 2).square().sum(), shard)
+    graph = torch.autograd.grad(context_parallel_moba_attention(*shard, 2, 2).square().sum(), shard,
+                                create_graph=True)
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (gw,) = torch.autograd.grad((graph[0] * w).sum(), (w,), retain_graph=True)
+    try:
+        torch.autograd.grad(graph[0].square().sum() + (shard[0] * w).sum(), (shard[0], w))
+        error = "no error"
+    except RuntimeError as exc:
+        error = str(exc)
+    return {"same_first": all(torch.equal(a, b.detach()) for a, b in zip(plain, graph, strict=True)),
+            "graph": all(b.requires_grad for b in graph), "gw": bool(torch.equal(gw, graph[0].detach().sum())),
+            "error": error}
+
+
 def run_world_tests(rank: int, world: int, payload: dict) -> dict:
     """In a world of four: the two-rank cases on the group of ranks 0 and 1 and the three-rank cases on ranks
     0-2 (groups other than the default, so P2P addresses global ranks), the four-rank cases on the default
@@ -226,8 +273,12 @@ def run_world_tests(rank: int, world: int, payload: dict) -> dict:
     status = bench.main(["--backend", "gloo", "--quick", "--check-len", "300", "--lengths", "256,512", "--reps",
                          "1", "--out", payload["bench_out"]])
     refused = bench.main(["--backend", "gloo", "--quick", "--path", "single-device", "--out", payload["bench_out"]])
-    return {"cases": cases, "bench_status": status, "single_device_in_four": refused,
-            "disagree": _disagreeing_settings(rank), "one_rejects": _one_rank_rejects_its_arguments(rank)}
+    too_short = bench.main(["--backend", "gloo", "--quick", "--check-len", "0", "--lengths", "3", "--out",
+                            payload["bench_out"]])
+    return {"cases": cases, "bench_status": status, "single_device_in_four": refused, "three_tokens_in_four": too_short,
+            "disagree": _disagreeing_settings(rank), "one_rejects": _one_rank_rejects_its_arguments(rank),
+            "no_tensor": _one_rank_cannot_flag_on_its_tensors(rank), "no_graph": _one_rank_records_no_graph(rank),
+            "second_derivative": _second_derivative(rank)}
 
 
 def single_device_bench(rank: int, world: int, payload: dict) -> dict:

@@ -60,9 +60,36 @@ def test_a_rank_that_rejects_its_arguments_makes_every_rank_raise(results):
             assert "rank 2 of the group (of 4) rejected its arguments" in message, message
 
 
+def test_a_rank_whose_tensors_cannot_carry_its_flag_still_makes_every_rank_raise(results):
+    """A non-tensor q, or tensors with no data, on one rank: its flag travels on a device the backend serves."""
+    for rank, per_rank in enumerate(results):
+        not_a_tensor, meta = per_rank["no_tensor"]
+        if rank == 3:
+            assert "q must be a torch.Tensor, got numpy.ndarray" in not_a_tensor, not_a_tensor
+            assert "q is a meta tensor" in meta, meta
+        else:
+            for message in (not_a_tensor, meta):
+                assert "rank 3 of the group (of 4) rejected its arguments" in message, message
+
+
+def test_ranks_that_disagree_on_recording_a_graph_all_raise(results):
+    for per_rank in results:
+        message = per_rank["no_graph"]
+        assert "ranks disagree on requires_grad" in message and "[True, False, True, True]" in message, message
+        assert "record a graph for backward" in message, message
+
+
+def test_a_second_derivative_raises_and_first_derivatives_stay(results):
+    for per_rank in results:
+        got = per_rank["second_derivative"]
+        assert got["same_first"] and got["graph"] and got["gw"], got
+        assert "context_parallel_moba_attention: MoBA attention is differentiable once" in got["error"], got
+
+
 def test_benchmark_checks_times_and_writes(results, bench_out):
     assert [r["bench_status"] for r in results] == [0, 0, 0, 0]
     assert [r["single_device_in_four"] for r in results] == [2, 2, 2, 2]  # the one-device path refuses 4 ranks
+    assert [r["three_tokens_in_four"] for r in results] == [2, 2, 2, 2]  # a length shorter than the world
     with open(bench_out / "cp_check.csv") as f:
         check = list(csv.DictReader(f))
     assert [row["passed"] for row in check] == ["True"] * 4

@@ -40,6 +40,18 @@ def test_layout_validation():
         shard_positions(None, 0)
 
 
+def test_shard_lengths_must_be_integers_and_listed():
+    # int() made a length of 2.7 two tokens, and "33" two shards of 3
+    for lengths in ([2.7, 3], "33", [True, 2], torch.tensor([2.0, 3.0])):
+        with pytest.raises(TypeError, match="lengths must be a sequence of integers"):
+            shard_positions(lengths, 0)
+    with pytest.raises(ValueError, match="lengths must list the shard length of every rank, got an empty"):
+        shard_positions([], 0)
+    assert shard_positions(np.array([3, 3]), np.int64(1)).tolist() == [3, 4, 5]
+    assert shard_positions(torch.tensor([3, 3]), 1, "zigzag").tolist() == [2, 3, 4]
+    assert shard_positions((n for n in (3, 3)), 0).tolist() == [0, 1, 2]
+
+
 def test_counting_helpers_against_brute_force():
     for n, block, top_k in [(37, 8, 3), (64, 16, 8), (5, 8, 2), (100, 7, 1)]:
         t = np.arange(n)
@@ -140,6 +152,29 @@ def test_forward_takes_one_pass_when_it_fits_else_groups_by_its_own_bytes():
                                                    per_token=forward_bytes_per_token)
     width = split[0][1] - split[0][0]
     assert (1 << 20) * forward_bytes_per_token(16, 16, 128, 2) * width / 16 <= (1 << 20) * whole - 1
+
+
+def test_bench_refuses_settings_it_cannot_run_before_running():
+    """Settings that used to fail deep inside a run (a traceback on every rank) are refused with what was given."""
+    from mobalab.distributed import bench
+
+    for argv in (["--reps", "0"], ["--warmup", "-1"], ["--heads", "0"], ["--lengths", "-5"], ["--lengths", "1.5M"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    assert bench.parse_args(["--lengths", "2k, 1M,0", "--warmup", "0"]).lengths == [2048, 1 << 20, 0]
+
+    def refusal(argv, world):
+        return bench._refusal(bench._defaults(bench.parse_args(argv), gpu=False), world)
+
+    # the CPU default halves the heads for GQA: one head made zero kv heads, five heads two
+    for heads in (1, 5, 6):
+        args = bench._defaults(bench.parse_args(["--heads", str(heads)]), gpu=False)
+        assert heads % args.kv_heads == 0 and args.kv_heads == (heads // 2 if heads % 2 == 0 else heads)
+    assert refusal(["--heads", "6", "--kv-heads", "4"], 2) == "--heads (6) must be a multiple of --kv-heads (4)"
+    assert refusal(["--check-len", "3", "--lengths", "8,2"], 4) == (
+        "every length needs at least one token per process (4), got 3, 2")
+    assert refusal(["--check-len", "0", "--lengths", "4"], 4) is None
+    assert refusal(["--path", "single-device"], 2) == "--path single-device runs in one process, not 2"
 
 
 def test_bench_predicts_that_4m_tokens_fit_two_h200s_but_not_one():

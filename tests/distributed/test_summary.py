@@ -52,3 +52,12 @@ def test_baseline_is_the_fastest_one_gpu_run_at_the_longest_length_and_the_least
     assert "One-GPU baseline: N 2000, 160.0 ms, 125.0 useful TFLOP/s (single-device path)" in text
     # 20 TFLOP / (2 x 100 ms) = 100 TFLOP/s per GPU = 0.80 of 125; memory: 1.8 MB/token (the plain run's) x 2000
     assert "| zigzag | 2000 | 2 | fwd+bwd | 100.0 | 1.0 | 100.0 | 0.80 | 1.0 | 3.6 | 0.28 |" in text
+
+
+def test_folders_without_results_are_named_not_dropped_silently(tmp_path):
+    one = dict(gpus=1, rank=0, mode="fwd+bwd", routing_ms=1, seq_len=1000, fwdbwd_ms=100, useful_tflop=5)
+    _run(tmp_path / "single", "contiguous", [one])
+    (tmp_path / "cut-short").mkdir()  # a run stopped before its first length wrote no cp_bench.csv
+    text = summary.summarize([str(tmp_path / "cut-short"), str(tmp_path / "typo")], str(tmp_path / "single"))
+    assert f"No cp_bench.csv, left out: {tmp_path / 'cut-short'}, {tmp_path / 'typo'}" in text
+    assert "left out" not in summary.summarize([str(tmp_path / "single")], None)

@@ -19,7 +19,7 @@ KERNEL_MODES = ("auto", "reference")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # what every rank must agree on, in the order of the agreement row
 _AGREED = ("batch", "heads", "kv_heads", "head_dim", "dtype", "block_size", "top_k", "causal", "softmax_scale",
-           "layout", "kernels", "centroid_precision")
+           "layout", "kernels", "centroid_precision", "requires_grad")
 
 
 def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse, layout, kernels,
@@ -39,7 +39,8 @@ def _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_l
     return block_size, top_k, scale
 
 
-def _check_group(fn, q, group):
+def _check_group(fn, group) -> str:
+    """Checks of the group itself, which a rank must pass to talk to the others at all; returns its backend."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{fn}: torch.distributed is not initialized; call torch.distributed.init_process_group "
                          "first (torchrun sets up the environment)")
@@ -47,7 +48,10 @@ def _check_group(fn, q, group):
         raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"{fn}: this process is not a member of the group it was given")
-    backend = str(dist.get_backend(group)).lower()
+    return str(dist.get_backend(group)).lower()
+
+
+def _check_device(fn, q, backend: str) -> None:
     if backend == "nccl" and not q.is_cuda:
         raise ValueError(f"{fn}: the group's backend is NCCL, which needs CUDA tensors; q is on {q.device}")
     if backend == "gloo" and q.device.type != "cpu":
@@ -55,12 +59,25 @@ def _check_group(fn, q, group):
                          "(use NCCL for CUDA tensors)")
 
 
-def _agreement_row(q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision) -> list[int]:
+def _row_device(q, backend: str) -> torch.device:
+    """Where this rank's agreement row goes: a device the backend serves even when q is not a tensor there
+    (a rank with a CPU q under NCCL must still flag its error to the others, not leave them waiting)."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl":
+        return q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device(
+            "cuda", torch.cuda.current_device())
+    return q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+
+
+def _agreement_row(q, k, v, block_size, top_k, causal, scale, layout, kernels, centroid_precision) -> list[int]:
     batch, length, heads, dim = q.shape
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    # a rank whose call records no graph would never join the others' backward ring
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     return [batch, heads, k.shape[2], dim, _DTYPES.index(q.dtype), block_size, top_k, int(causal), scale_bits,
             LAYOUTS.index(layout), KERNEL_MODES.index(kernels), C.CENTROID_PRECISIONS.index(centroid_precision),
-            length]
+            int(grad), length]
 
 
 def _readable(name: str, value: int):
@@ -69,7 +86,7 @@ def _readable(name: str, value: int):
         return str(_DTYPES[value])
     if name == "softmax_scale":
         return struct.unpack("<d", struct.pack("<q", value))[0]
-    if name == "causal":
+    if name in ("causal", "requires_grad"):
         return bool(value)
     if name == "layout":
         return LAYOUTS[value]
@@ -100,9 +117,14 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
     with :math:`S_t` the keys of the blocks routed for (t, head) at t's global position (docs/design.md,
     "MoBA semantics"). Routing: all-gather of per-block key sums, then the top-k rule on every rank for its
     queries. Attention: K/V shards travel around the ring (``torch.distributed`` P2P, overlapped with the
-    computation), partial results combine by log-sum-exp. Differentiable w.r.t. q, k and v (routing is
-    hard); in backward the gradients of K/V travel the ring back to their owners. Every rank must make the
-    same calls, forward and backward.
+    computation), partial results combine by log-sum-exp. Differentiable once w.r.t. q, k and v (routing is
+    hard; a second derivative through the attention raises); in backward the gradients of K/V travel the ring
+    back to their owners. Every rank must make the same calls, forward and backward. Every rank checks its
+    arguments, then meets the others in one small all-gather: where a rank's arguments are invalid (not
+    tensors, the wrong device for the group's backend, ...) or the ranks disagree on a setting, a shape other
+    than the shard length, or whether the call records a graph for backward (grad mode and ``requires_grad``
+    of q, k, v), every rank raises (a ``group`` that is not a process group holding the rank raises on that
+    rank alone: it cannot reach the others).
 
     Returns ``out`` (batch, L_r, heads, d) in q's dtype and, with ``return_lse``, ``lse`` (batch, L_r, heads) in
     float32 (float64 for float64 inputs; its gradient is honoured). ``group``: the process group (None: the
@@ -132,16 +154,22 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
         block_size, top_k, scale = _check_local(fn, q, k, v, block_size, top_k, causal, softmax_scale, return_lse,
                                                 layout, kernels, centroid_precision)
     except (TypeError, ValueError) as exc:
-        if not isinstance(q, torch.Tensor) or not dist.is_available() or not dist.is_initialized():
+        if not dist.is_available() or not dist.is_initialized():
             raise  # nobody to tell: no row can be sent
         local_error = exc
-    _check_group(fn, q, group)
+    backend = _check_group(fn, group)
+    if local_error is None:
+        try:
+            _check_device(fn, q, backend)
+        except ValueError as exc:
+            local_error = exc
     ring = ring_of(group)
     # A rank whose own arguments fail still takes part in the all-gather, flagged, so that the other ranks
     # raise too instead of waiting in the collective until the group's timeout.
     agreed = [0] * (len(_AGREED) + 1) if local_error is not None else _agreement_row(
-        q, k, block_size, top_k, causal, scale, layout, kernels, centroid_precision)
-    row = torch.tensor([int(local_error is not None), *agreed], dtype=torch.int64, device=q.device)
+        q, k, v, block_size, top_k, causal, scale, layout, kernels, centroid_precision)
+    row = torch.tensor([int(local_error is not None), *agreed], dtype=torch.int64,
+                       device=_row_device(q, backend))
     flagged = all_gather_rows(row, ring).tolist()
     if local_error is not None:
         raise local_error
@@ -154,8 +182,10 @@ def context_parallel_moba_attention(q, k, v, block_size: int, top_k: int, causal
     differing = {name: [_readable(name, r[i]) for r in rows] for i, name in enumerate(_AGREED)
                  if len({r[i] for r in rows}) > 1}
     if differing:  # every rank sees the same rows, so every rank raises: nobody is left waiting
+        grad = ("; and every rank or none must record a graph for backward (grad mode on and q, k or v "
+                "requiring grad), since backward runs the ring on every rank") if "requires_grad" in differing else ""
         raise ValueError(f"{fn}: the ranks disagree on {', '.join(differing)}; every rank must pass the same "
-                         f"settings and shapes except the shard length (per rank: {differing})")
+                         f"settings and shapes except the shard length{grad} (per rank: {differing})")
     lengths = tuple(r[-1] for r in rows)
     plan = Plan(Layout(lengths, layout), ring, Params(block_size, top_k, causal, scale, centroid_precision), kernels)
     out, lse = RingMoBA.apply(q, k, v, plan)

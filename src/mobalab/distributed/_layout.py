@@ -17,6 +17,7 @@ same for every query (k blocks of B keys), so the attention is balanced in both 
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -98,15 +99,21 @@ def shard_positions(lengths, rank: int, layout: str = "contiguous") -> torch.Ten
     [2, 3, 4]
     """
     fn = "shard_positions"
-    try:
-        lengths = [int(n) for n in lengths]
-    except (TypeError, ValueError) as exc:
+    try:  # operator.index, not int(): a length of 2.7 must not become 2 tokens
+        values = list(lengths) if not isinstance(lengths, str) else None
+        if values is None or any(isinstance(n, bool) for n in values):
+            raise TypeError
+        values = [operator.index(n) for n in values]
+    except TypeError as exc:
         raise TypeError(f"{fn}: lengths must be a sequence of integers, got {lengths!r}") from exc
+    lengths = values
+    if not lengths:
+        raise ValueError(f"{fn}: lengths must list the shard length of every rank, got an empty sequence")
+    if min(lengths) < 1:
+        raise ValueError(f"{fn}: every shard needs at least one token, got lengths {lengths}")
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < len(lengths):
         raise ValueError(f"{fn}: rank must be an integer in 0..{len(lengths) - 1}, got {rank!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"{fn}: every shard needs at least one token, got lengths {lengths}")
     segments = Layout(tuple(lengths), layout).segments(int(rank))
     return torch.cat([torch.arange(s.start, s.end) for s in segments])

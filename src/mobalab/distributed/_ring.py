@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import _contract as C
+from ..kernels.autograd import _first_order as first_order
 from ._group import Ring, exchange
 from ._layout import Layout
 from ._local import KeySums, Params, Sink, backward_pair, cuda_kernels, forward_pair
@@ -342,14 +343,22 @@ class RingMoBA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        recorded = torch.is_grad_enabled()  # create_graph: autograd would record the ring's work
+        with torch.no_grad():
+            grads = RingMoBA._gradients(ctx, dout, dlse)
+        if recorded:  # the ring's P2P work has no backward: a second derivative must raise, not drop MoBA's terms
+            grads = first_order("context_parallel_moba_attention", grads, dout, dlse, *ctx.saved_tensors[:3])
+        return *grads, None
+
+    @staticmethod
+    def _gradients(ctx, dout, dlse):
         q, k, v, out, lse, topk = ctx.saved_tensors
         plan = ctx.plan
         if dout is None:
             dout = torch.zeros_like(out)
         ranges = _passes(q, k, plan)
         if len(ranges) == 1:
-            dq, dk, dv = ring_backward(dout, dlse, q, k, v, out, lse, topk, plan)
-            return dq, dk, dv, None
+            return ring_backward(dout, dlse, q, k, v, out, lse, topk, plan)
         group = q.shape[2] // k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         pending = None  # the previous pass's last hop, completed once this pass's work is queued
@@ -369,7 +378,7 @@ class RingMoBA(torch.autograd.Function):
                 land(*pending)
             pending = (h0, h1, hop)
         land(*pending)
-        return dq, dk, dv, None
+        return dq, dk, dv
 
 
 def _passes(q, k, plan: Plan, forward: bool = False) -> list[tuple[int, int]]:

@@ -376,8 +376,26 @@ def _parse_lengths(text: str) -> list[int]:
     for part in text.split(","):
         part = part.strip().upper()
         scale = {"K": 1 << 10, "M": 1 << 20}.get(part[-1:], 1)
-        out.append(int(part[:-1] if scale > 1 else part) * scale)
+        try:
+            n = int(part[:-1] if scale > 1 else part) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"lengths are integers >= 0 with an optional K or M, separated by "
+                                             f"commas (e.g. 1M,2M), got {text!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"a length must be >= 0, got {part}")
+        out.append(n)
     return out
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its error
+    return parse
 
 
 def parse_args(argv=None):
@@ -387,12 +405,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     p.add_argument("--check-len", type=_parse_lengths, default=None, help="total length of the check (0: none)")
     p.add_argument("--lengths", type=_parse_lengths, default=None, help="total lengths to time, e.g. 1M,2M,4M")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--batch", type=_at_least(1), default=1)
+    p.add_argument("--heads", type=_at_least(1), default=None)
+    p.add_argument("--kv-heads", type=_at_least(1), default=None)
+    p.add_argument("--head-dim", type=_at_least(1), default=None)
+    p.add_argument("--block-size", type=_at_least(1), default=None)
+    p.add_argument("--top-k", type=_at_least(1), default=None)
     p.add_argument("--non-causal", dest="causal", action="store_false")
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     p.add_argument("--kernels", choices=("auto", "reference"), default="auto")
@@ -400,8 +418,8 @@ def parse_args(argv=None):
                    help="cp: context_parallel_moba_attention; single-device (one process only): "
                         "mobalab.kernels.moba_attention on the whole sequence, the one-GPU baseline without the ring")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPUs, fp32 on CPUs")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=_at_least(1), default=3)
+    p.add_argument("--warmup", type=_at_least(0), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
     p.add_argument("--out", default="bench_out", help="output folder (rank 0 writes)")
@@ -416,8 +434,8 @@ def _defaults(args, gpu: bool):
     for name, value in fill.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.kv_heads is None:
-        args.kv_heads = args.heads if gpu else args.heads // 2
+    if args.kv_heads is None:  # GQA on CPUs where the heads allow it
+        args.kv_heads = args.heads if gpu or args.heads % 2 else args.heads // 2
     if args.check_len is None:
         args.check_len = [(256 << 10) if big else (64 << 10) if gpu else 1500]
     if args.lengths is None:
@@ -426,6 +444,18 @@ def _defaults(args, gpu: bool):
     if args.quick:
         args.reps, args.warmup = min(args.reps, 2), min(args.warmup, 1)
     return args
+
+
+def _refusal(args, world: int) -> str | None:
+    """Why these settings cannot run on ``world`` processes, or None."""
+    if args.path == "single-device" and world != 1:
+        return f"--path single-device runs in one process, not {world}"
+    if args.heads % args.kv_heads:
+        return f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})"
+    short = [n for n in [args.check_len or world, *args.lengths] if n < world]
+    if short:
+        return f"every length needs at least one token per process ({world}), got {', '.join(map(str, short))}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -456,8 +486,9 @@ def main(argv=None) -> int:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout),
                                 device_id=device if gpu else None)
     ring = ring_of(None)
-    if args.path == "single-device" and ring.world != 1:
-        print(f"mobalab.distributed.bench: --path single-device runs in one process, not {ring.world}")
+    refusal = _refusal(args, ring.world)
+    if refusal:
+        print(f"mobalab.distributed.bench: {refusal}")
         if owned:
             dist.destroy_process_group()
         return 2

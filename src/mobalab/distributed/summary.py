@@ -84,7 +84,8 @@ def _baseline(singles: list[str]) -> dict | None:
 
 def summarize(runs: list[str], single: str | list[str] | None) -> str:
     """The markdown table and the target lines."""
-    base = _baseline([single] if isinstance(single, str) else list(single or []))
+    singles = [single] if isinstance(single, str) else list(single or [])
+    base = _baseline(singles)
     lines = []
     if base:
         per_token = "-" if base["gb_per_token"] is None else f"{1e6 * base['gb_per_token']:.1f}"
@@ -114,6 +115,9 @@ def summarize(runs: list[str], single: str | list[str] | None) -> str:
                      f"{_fmt(r.get('routing_ms'))} | {_fmt(r.get('tflops_per_gpu'))} | {_fmt(rate, '.2f')} | "
                      f"{_fmt(r.get('peak_gb'))} | {_fmt(need)} | {_fmt(mem, '.2f')} | {_fmt(r.get('model_ms'), '.0f')} "
                      f"| {_fmt(measured_model, '.2f')} | {r['note']} |")
+    missing = [folder for folder in [*runs, *singles] if not os.path.exists(os.path.join(folder, "cp_bench.csv"))]
+    if missing:  # a run cut short before its first length, or a mistyped folder: say so, not a silent gap
+        verdicts.append(f"No cp_bench.csv, left out: {', '.join(missing)}")
     multi = [r for r in items if r["gpus"] > 1]
     if multi and base and base["gb_per_token"]:
         longest = max(r["seq_len"] for r in multi)
