@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from mobalab import simulate, snr
-from mobalab._design_command import design, format_design
+from mobalab import experiments
+from mobalab._design_command import decode_cost, design, format_decode_cost, format_design
 
 pd.set_option("display.width", 140)
 
@@ -73,6 +76,8 @@ for d in (32, 64, 128, 256):
                      "causal P(hit) N=64K": snr.causal_hit_probability(s, 65536, 128, 8)})
 table = pd.DataFrame(rows)
 print(table.pivot(index="m", columns="d", values="P(hit) N=64K").round(3))
+print("causal (a needle uniform before the newest token):")
+print(table.pivot(index="m", columns="d", values="causal P(hit) N=64K").round(3))
 
 # %% [markdown]
 # ## One point checked by Monte Carlo
@@ -94,3 +99,24 @@ print(f"predicted P(hit) = {pred:.3f}; vector-level MC = {est:.3f} [{lo:.3f}, {h
 
 # %%
 print(format_design(design(64, 131072, 8, 0.99, delta_mu=0.3, m=8)))
+
+# %% [markdown]
+# ## Inference cost next to routing accuracy
+# A decode step reads the block sums (N / B of them, d fp32 each) and the K/V of the selected blocks instead of
+# the whole cache: small B sharpens routing but costs more sums, large B makes every selected block dearer.
+# For a target P(hit) of the newest token, which (B, k) reads the fewest bytes? (`mobalab run decode-cost`
+# sweeps the same grid and, given a decode benchmark CSV, adds measured step times.)
+
+# %%
+decode = experiments.get("decode-cost")
+cost = decode.run(decode.Config.quick() if QUICK else decode.Config())
+print(decode.summary(cost).round(3).to_string(index=False))
+decode.plot(cost)
+plt.show()
+
+# %% [markdown]
+# The same needle at a 90% target: the design's recommended (B, k), costed at a 128K-token decode step
+# (batch 8, 32 query / 8 kv heads, the recommended top-k):
+
+# %%
+print(format_decode_cost(decode_cost(design(64, 131072, 8, 0.9, delta_mu=0.3, m=8), 131072)))

@@ -126,3 +126,77 @@ def test_design_without_a_feasible_block_says_so(capsys):
     argv[argv.index("--target") + 1] = "0.99999"
     assert cli.main(argv) == 0
     assert "decode cost: no feasible block size to cost" in capsys.readouterr().out
+
+
+def test_design_decode_cost_names_the_own_block_beside_the_past_blocks(capsys):
+    """The K/V bytes hold the own block's tokens too; the block count printed beside them is of past blocks."""
+    assert cli.main(["design", "--head-dim", "64", "--seq-len", "100", "--top-k", "8", "--target", "0.9",
+                     "--block-sizes", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "K/V of the own block and 0.0 selected past blocks per kv head" in out
+
+
+def test_design_decode_cost_when_moba_reads_more_than_dense(capsys):
+    """Top-k covering every past block reads the whole cache plus the block sums: the ratio is below 1, and said
+    as a ratio, not as "x more"."""
+    argv = [*DESIGN, "--decode-context", "1024", "--block-sizes", "128"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    ref = decode_cost_table(1024, 0.5, block_sizes=(128,), top_ks=(8,), delta_mu=0.5, m=4).iloc[0]
+    assert ref["byte_ratio"] < 1
+    assert f"({ref['byte_ratio']:.2f}x MoBA's bytes)" in out and "x more" not in out
+
+
+def test_design_decode_cost_says_whether_the_newest_token_meets_the_target(capsys):
+    assert cli.main([*DESIGN, "--decode-context", "1073741824"]) == 0
+    out = capsys.readouterr().out
+    assert "P(hit) of the newest token at N = 1073741824: 0.0" in out and "(below the target 0.5)" in out
+    assert cli.main(DESIGN) == 0
+    assert "(meets the target 0.5)" in capsys.readouterr().out
+
+
+def test_design_decode_cost_without_a_matching_benchmark_row_names_the_csv(capsys):
+    """A benchmark was given: the report says it has no row at this point, not to pass one."""
+    argv = [*DESIGN, "--decode-context", "524288", "--decode-batch", "3", "--decode-bench-csv", "recorded"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no decode benchmark row in 2026-12-03-h200-decode-36727b2.csv at this point" in out
+    assert "pass --decode-bench-csv" not in out
+
+
+def test_design_decode_cost_of_another_head_layout(capsys, tmp_path):
+    argv = [*DESIGN, "--decode-context", "524288", "--decode-heads", "16", "--decode-kv-heads", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    ref = decode_cost_table(524288, 0.5, heads=16, kv_heads=2, block_sizes=(128,), top_ks=(8,), delta_mu=0.5,
+                            m=4).iloc[0]
+    assert "(batch 8, 16 / 2 heads, d 128" in out and f"{ref['bytes_per_step'] / 1e6:.1f} MB of HBM per step" in out
+    csv = tmp_path / "decode.csv"
+    pd.DataFrame(dict(seq_len=[524288] * 2, batch=[8] * 2, heads=[32, 16], kv_heads=[8, 2], head_dim=[128] * 2,
+                      block_size=[128] * 2, top_k=[8] * 2, mobalab_ms=[0.125, 0.25],
+                      dense_best_ms=[4.0, 5.0])).to_csv(csv, index=False)
+    assert cli.main([*argv, "--decode-bench-csv", str(csv)]) == 0
+    assert "measured step time: 0.250 ms, dense decode 5.000 ms (20.0x)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--decode-context", "1"], "argument --decode-context: a decode context is an integer >= 2 tokens, got '1'"),
+    (["--decode-heads", "32", "--decode-kv-heads", "6"],
+     "--decode-heads (32) must be a multiple of --decode-kv-heads (6)"),
+    (["--decode-kv-heads", "0"], "argument --decode-kv-heads: must be an integer >= 1, got '0'"),
+    (["--seq-len", "1"], "pass --decode-context N"),
+])
+def test_design_refuses_a_bad_decode_setting_before_any_output(extra, message, capsys):
+    assert cli.main([*DESIGN, *extra]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_design_refuses_a_decode_csv_of_another_kind_before_any_output(capsys, tmp_path):
+    csv = tmp_path / "bench.csv"
+    pd.DataFrame(dict(seqlen=[8192], block=[64], mobalab_ms=[1.0])).to_csv(csv, index=False)
+    assert cli.main([*DESIGN, "--decode-bench-csv", str(csv)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "argument --decode-bench-csv:" in captured.err and "lacks the columns" in captured.err
+    assert "mobalab bench --decode" in captured.err

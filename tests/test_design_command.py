@@ -124,3 +124,43 @@ def test_cli_design_help_names_the_real_columns(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "seqlen, head_dim, block, top_k, workload, variant, mobalab_ms" in text
     assert "impl" not in text and "seq_len," not in text
+
+
+def test_design_takes_block_sizes_as_a_numpy_array():
+    import numpy as np
+
+    df = design(64, 8192, 8, 0.8, delta_mu=0.5, m=4, causal=False, block_sizes=np.array([32, 128]))
+    assert list(df["block_size"]) == [128, 32]
+    with pytest.raises(ValueError, match=r"block_sizes must name at least one block size, got array\(\[\]"):
+        design(64, 8192, 8, 0.8, block_sizes=np.array([], dtype=int))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(mu_noise=2.0), "mu_noise is a cosine and must lie in [-1, 1], got 2.0"),
+    (dict(mu_noise=0.9, delta_mu=0.3), "mu_cluster defaults to mu_noise + delta_mu = 0.9 + 0.3 = 1.2, outside"),
+])
+def test_design_names_the_signal_input_that_is_out_of_range(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        design(64, 8192, 8, 0.8, **kwargs)
+    assert message in str(info.value)
+
+
+def test_design_decode_cost_takes_a_numpy_integer_context():
+    import numpy as np
+
+    from mobalab._design_command import decode_cost
+
+    df = design(128, 32768, 8, 0.5, delta_mu=0.5, m=4, block_sizes=(64, 128))
+    cost = decode_cost(df, np.int64(32768))
+    assert int(cost["seq_len"].iloc[0]) == 32768 and cost.attrs["bench_csv"] is None
+    with pytest.raises(ValueError, match="decode context must be an integer >= 2 tokens, got True"):
+        decode_cost(df, True)
+
+
+def test_cli_design_names_a_bench_csv_of_another_kind(tmp_path, capsys):
+    csv = tmp_path / "decode.csv"
+    pd.DataFrame(dict(seq_len=[8192], block_size=[64], top_k=[8], mobalab_ms=[0.1])).to_csv(csv, index=False)
+    assert cli.main([*DESIGN, "--bench-csv", str(csv)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"mobalab design: {csv}: benchmark CSV lacks column(s)" in captured.err

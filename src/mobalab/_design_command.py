@@ -12,13 +12,15 @@ kernel at that (N, d, B, k) (:func:`kernel_cost`). See docs/design.md, "Inverse 
 from __future__ import annotations
 
 import math
+import numbers
 
 import pandas as pd
 
 from mobalab import snr
+from mobalab._validate import scalar_cosine
 
-__all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", "format_design", "decode_cost",
-           "format_decode_cost"]
+__all__ = ["DEFAULT_BLOCK_SIZES", "design", "default_mu_cluster", "kernel_cost", "automatic_variant", "format_design",
+           "decode_cost", "format_decode_cost"]
 
 DEFAULT_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
 MAX_TOP_K = 1024  # the search for the smallest top-k stops here (FlashMoBA itself allows <= 64)
@@ -98,6 +100,18 @@ def kernel_cost(bench: pd.DataFrame, block_size: int, seq_len: int, head_dim: in
     return {"ms": float(ms.median()), "kernel": kernel, "workload": workload, "rows": int(len(ms))}
 
 
+def default_mu_cluster(delta_mu: float, mu_noise: float) -> float:
+    """The clustered keys' cosine when none is given: ``mu_noise + delta_mu`` (as similar as the needle);
+    ValueError naming both inputs when ``mu_noise`` is no cosine or the sum lies outside [-1, 1]."""
+    mu_noise = scalar_cosine("mu_noise", mu_noise)
+    mu_cluster = mu_noise + float(delta_mu)
+    if not -1.0 <= mu_cluster <= 1.0:
+        raise ValueError(f"mu_cluster defaults to mu_noise + delta_mu = {mu_noise:g} + {float(delta_mu):g} = "
+                         f"{mu_cluster:g}, outside [-1, 1]: give mu_cluster, or a needle cosine "
+                         "mu_noise + delta_mu in [-1, 1]")
+    return mu_cluster
+
+
 def design(head_dim: int, seq_len: int, top_k: int, target: float, delta_mu: float = 0.3, m: int = 1,
            mu_cluster: float | None = None, mu_noise: float = 0.0, causal: bool = True,
            block_sizes=DEFAULT_BLOCK_SIZES, bench_csv=None) -> pd.DataFrame:
@@ -136,11 +150,12 @@ def design(head_dim: int, seq_len: int, top_k: int, target: float, delta_mu: flo
     [[128, 1.0, 0.593, False], [32, 2.0, 0.824, True]]
     """
     if mu_cluster is None:
-        mu_cluster = mu_noise + delta_mu
+        mu_cluster = default_mu_cluster(delta_mu, mu_noise)
     dmu_eff = float(snr.delta_mu_eff(delta_mu, m, mu_cluster, mu_noise))
-    if not block_sizes:
-        raise ValueError("block_sizes must name at least one block size")
-    df = snr.design_table(head_dim, seq_len, top_k, dmu_eff, tuple(sorted(set(block_sizes), reverse=True)),
+    sizes = tuple(block_sizes) if hasattr(block_sizes, "__len__") else (block_sizes,)  # numpy arrays too
+    if len(sizes) == 0:
+        raise ValueError(f"block_sizes must name at least one block size, got {block_sizes!r}")
+    df = snr.design_table(head_dim, seq_len, top_k, dmu_eff, tuple(sorted(set(sizes), reverse=True)),
                           causal=causal, target=target)
     df["delta_mu"] = float(delta_mu)
     df["m"] = m
@@ -158,7 +173,10 @@ def design(head_dim: int, seq_len: int, top_k: int, target: float, delta_mu: flo
             raw, info = read_bench_csv(find_bench_csv(bench_csv), check=False)
         except FileNotFoundError as exc:
             raise ValueError(str(exc)) from None
-        costs = [kernel_cost(raw, int(b), seq_len, head_dim, top_k) for b in df["block_size"]]
+        try:
+            costs = [kernel_cost(raw, int(b), seq_len, head_dim, top_k) for b in df["block_size"]]
+        except ValueError as exc:  # a CSV of another kind: say which file
+            raise ValueError(f"{info['source']}: {exc}") from None
         df.attrs["bench"] = info
     df["kernel_ms"] = [c["ms"] for c in costs]
     df["kernel"] = [c["kernel"] for c in costs]
@@ -240,11 +258,13 @@ def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32,
     block size of ``df`` (a :func:`design` table) and its top-k; None when no block size is feasible.
 
     One row of :func:`mobalab.experiments.decode_cost.decode_cost_table` (HBM bytes of a step from the byte
-    model: fp32 block sums, or the 16-bit block means for ``centroid_precision="input"``, + K/V of the union of
-    the selected blocks + q/out, against dense decode's whole cache; P(hit) of the newest token; ``measured_ms``
-    from a decode benchmark CSV's rows of that precision when given). ``bench_csv``: a path, ``"recorded"`` or
-    a recorded CSV's name, as ``mobalab run decode-cost --bench-csv`` takes it
-    (:func:`mobalab.experiments.decode_cost.find_bench_csv`).
+    model: fp32 block sums, or the 16-bit block means for ``centroid_precision="input"``, + K/V of the own block
+    and of the union of the selected past blocks + q/out, against dense decode's whole cache, for ``batch``
+    sequences of ``heads`` query heads over ``kv_heads`` kv heads; P(hit) of the newest token and whether it
+    meets the design's target; ``measured_ms`` from a decode benchmark CSV's rows of that shape and precision
+    when given). ``bench_csv``: a path, ``"recorded"`` or a recorded CSV's name, as ``mobalab run decode-cost
+    --bench-csv`` takes it (:func:`mobalab.experiments.decode_cost.find_bench_csv`); ``attrs["bench_csv"]``
+    names the file read (None without one).
 
     Examples
     --------
@@ -255,21 +275,24 @@ def decode_cost(df: pd.DataFrame, context: int, batch: int = 8, heads: int = 32,
     >>> int(c["block_size"]), int(c["top_k"]), round(mb, 1), round(ratio, 1)
     (128, 8, 255.7, 67.2)
     """
-    from mobalab.experiments.decode_cost import decode_cost_table, read_decode_bench
+    from mobalab.experiments.decode_cost import decode_cost_table, find_bench_csv, read_decode_bench
 
-    if not isinstance(context, int) or context < 2:
+    if isinstance(context, bool) or not isinstance(context, numbers.Integral) or context < 2:
         raise ValueError(f"decode context must be an integer >= 2 tokens, got {context!r}")
-    bench = read_decode_bench(bench_csv) if bench_csv is not None else None
+    path = find_bench_csv(bench_csv) if bench_csv is not None else None
+    bench = read_decode_bench(path) if path is not None else None
     ok = df[df["meets_target"].astype(bool)]
     if ok.empty:
         return None
     r = df.iloc[0]
     block = int(ok["block_size"].max())
-    table = decode_cost_table(context, float(r["target"]), head_dim=int(r["head_dim"]), heads=heads,
+    table = decode_cost_table(int(context), float(r["target"]), head_dim=int(r["head_dim"]), heads=heads,
                               kv_heads=kv_heads, batch=batch, block_sizes=(block,), top_ks=(int(r["top_k"]),),
                               delta_mu=float(r["delta_mu"]), m=float(r["m"]), mu_cluster=float(r["mu_cluster"]),
                               mu_noise=float(r["mu_noise"]), bench=bench, centroid_precision=centroid_precision)
-    return table.drop(columns=["cheapest", "cheapest_measured"])
+    table = table.drop(columns=["cheapest", "cheapest_measured"])
+    table.attrs["bench_csv"] = None if path is None else str(path)
+    return table
 
 
 def format_decode_cost(cost: pd.DataFrame | None) -> str:
@@ -286,16 +309,26 @@ def format_decode_cost(cost: pd.DataFrame | None) -> str:
         return "decode cost: no feasible block size to cost"
     c = cost.iloc[0]
     rows = "16-bit block means" if c["centroid_precision"] == "input" else "fp32 block sums"
+    verdict = "meets" if c["meets_target"] else "below"
     lines = [f"decode cost of B = {c['block_size']}, k = {c['top_k']} at N = {c['seq_len']} (batch {c['batch']}, "
              f"{c['heads']} / {c['kv_heads']} heads, d {c['head_dim']}, bf16, one token per step):",
+             # unique_blocks counts past blocks only; the own block's tokens are in kv_bytes too
              f"  {c['bytes_per_step'] / 1e6:.1f} MB of HBM per step ({c['centroid_bytes'] / 1e6:.1f} MB {rows} + "
-             f"{c['kv_bytes'] / 1e6:.1f} MB K/V of {c['unique_blocks']:.1f} blocks per kv head); dense "
-             f"decode reads {c['dense_bytes'] / 1e6:.1f} MB ({c['byte_ratio']:.1f}x more)",
-             f"  P(hit) of the newest token at N = {c['seq_len']}: {c['hit_probability']:.4f}"]
-    if math.isnan(c["measured_ms"]):
-        lines.append("  measured step time: no decode benchmark row (pass --decode-bench-csv DIR/decode.csv from "
-                     "`mobalab bench --decode`)")
-    else:
+             f"{c['kv_bytes'] / 1e6:.1f} MB K/V of the own block and {c['unique_blocks']:.1f} selected past blocks "
+             f"per kv head); dense decode reads {c['dense_bytes'] / 1e6:.1f} MB ({c['byte_ratio']:.2f}x MoBA's "
+             "bytes)",
+             f"  P(hit) of the newest token at N = {c['seq_len']}: {c['hit_probability']:.4f} ({verdict} the target "
+             f"{c['target']:g})"]
+    source = cost.attrs.get("bench_csv")
+    if not math.isnan(c["measured_ms"]):
         lines.append(f"  measured step time: {c['measured_ms']:.3f} ms, dense decode {c['dense_ms']:.3f} ms "
                      f"({c['measured_speedup']:.1f}x)")
+    elif source is None:
+        lines.append("  measured step time: no decode benchmark row (pass --decode-bench-csv DIR/decode.csv from "
+                     "`mobalab bench --decode`, or --decode-bench-csv recorded)")
+    else:
+        from pathlib import Path
+
+        lines.append(f"  measured step time: no decode benchmark row in {Path(source).name} at this point (N, B, k, "
+                     f"batch, heads, kv heads, d, {c['centroid_precision']} centroids)")
     return "\n".join(lines)

@@ -72,6 +72,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _context(text: str) -> int:
+    value = _count(text)
+    if value < 2:  # a decode step needs a cached token before the new one
+        raise argparse.ArgumentTypeError(f"a decode context is an integer >= 2 tokens, got {text!r}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -307,6 +314,23 @@ def _cmd_design(args) -> int:
         print(f"mobalab design: the needle's cosine --mu-noise + --delta-mu = {args.mu_noise + args.delta_mu:g} "
               "lies outside [-1, 1]", file=sys.stderr)
         return 2
+    if args.decode_context is None and args.seq_len < 2:
+        print(f"mobalab design: the decode step is costed at --seq-len = {args.seq_len} unless --decode-context "
+              "is given, and a decode context is >= 2 tokens: pass --decode-context N", file=sys.stderr)
+        return 2
+    if args.decode_heads % args.decode_kv_heads:
+        print(f"mobalab design: --decode-heads ({args.decode_heads}) must be a multiple of --decode-kv-heads "
+              f"({args.decode_kv_heads}): each kv head serves the same number of query heads", file=sys.stderr)
+        return 2
+    if args.decode_bench_csv is not None:  # a CSV of another kind is refused before any output
+        from mobalab.experiments.decode_cost import read_decode_bench
+
+        try:
+            read_decode_bench(args.decode_bench_csv)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"mobalab design: argument --decode-bench-csv: {str(exc).removeprefix('decode-cost: ')}",
+                  file=sys.stderr)
+            return 2
     try:
         df = design(args.head_dim, args.seq_len, args.top_k, args.target, delta_mu=args.delta_mu, m=args.m,
                     mu_cluster=args.mu_cluster, mu_noise=args.mu_noise, causal=args.causal,
@@ -317,7 +341,8 @@ def _cmd_design(args) -> int:
     print(format_design(df))
     try:
         cost = decode_cost(df, args.decode_context or args.seq_len, batch=args.decode_batch,
-                           bench_csv=args.decode_bench_csv, centroid_precision=args.decode_centroid_precision)
+                           heads=args.decode_heads, kv_heads=args.decode_kv_heads, bench_csv=args.decode_bench_csv,
+                           centroid_precision=args.decode_centroid_precision)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mobalab design: {exc}", file=sys.stderr)
         return 2
@@ -375,10 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "block, top_k, workload, variant, mobalab_ms) or bench_bwd.csv (fwdbwd_ms); `recorded` "
                          "for the recorded H200 forward CSV. Takes the random workload and the tile kernel "
                          "the automatic choice runs, and says which")
-    ds.add_argument("--decode-context", type=_count, default=None, metavar="N",
-                    help="context (tokens) at which to cost one decode step of the recommended (B, top-k): the "
-                         "largest feasible B (default: --seq-len)")
+    ds.add_argument("--decode-context", type=_context, default=None, metavar="N",
+                    help="context (tokens, >= 2) at which to cost one decode step of the recommended (B, top-k): "
+                         "the largest feasible B (default: --seq-len)")
     ds.add_argument("--decode-batch", type=_count, default=8, help="sequences per decode step (default 8)")
+    ds.add_argument("--decode-heads", type=_count, default=32, metavar="H",
+                    help="query heads of the decoding model (default 32)")
+    ds.add_argument("--decode-kv-heads", type=_count, default=8, metavar="H",
+                    help="kv heads (GQA), a divisor of --decode-heads (default 8)")
     ds.add_argument("--decode-bench-csv", type=_bench_csv_type("decode-cost"), default=None, metavar="CSV",
                     help="measured decode step times: decode.csv of `mobalab bench --decode`, `recorded` (the "
                          "newest recorded H200 decode CSV) or a recorded CSV's name")

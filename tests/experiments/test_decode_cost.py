@@ -167,3 +167,28 @@ def test_plan_names_the_work_and_the_benchmark(tmp_path):
     pd.DataFrame({"seq_len": [1]}).to_csv(wrong, index=False)
     with pytest.raises(ValueError, match="lacks the columns"):  # refused before the run, not after
         exp.plan(exp.Config.quick(bench_csv=str(wrong)))
+
+
+def test_bytes_and_flops_against_a_hand_count():
+    """GQA 16 / 4 heads, d 64, B 64, k 4, batch 2 at 8K, heads of a kv head agreeing (shared): per (sequence, kv
+    head) the fp32 sums of 127 past blocks, K and V of the own block and 3 past blocks; q and out (bf16) and the
+    fp32 lse per query head."""
+    r = exp.decode_cost_table(8192, 0.5, head_dim=64, heads=16, kv_heads=4, batch=2, block_sizes=(64,),
+                              top_ks=(4,), overlap="shared").iloc[0]
+    assert r["centroid_bytes"] == 2 * 4 * 127 * 64 * 4
+    assert r["kv_bytes"] == 2 * 4 * 2 * (1 + 3) * 64 * 64 * 2
+    assert r["q_out_bytes"] == 2 * 16 * (2 * 64 * 2 + 4)
+    assert r["bytes_per_step"] == r["centroid_bytes"] + r["kv_bytes"] + r["q_out_bytes"]
+    assert r["dense_bytes"] == 2 * 4 * 2 * 8192 * 64 * 2 + r["q_out_bytes"]
+    assert r["useful_flops"] == 2 * 16 * (2 * 127 * 64 + 4 * 4 * 64 * 64)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(head_dim=0), "head_dim must be an integer >= 1, got 0"),
+    (dict(mu_noise=2.0), "mu_noise is a cosine and must lie in [-1, 1], got 2.0"),
+    (dict(mu_noise=0.8, delta_mu=0.5), "mu_cluster defaults to mu_noise + delta_mu = 1.3, outside [-1, 1]"),
+])
+def test_table_names_the_input_that_is_out_of_range(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        exp.decode_cost_table(8192, 0.9, **kwargs)
+    assert message in str(info.value)

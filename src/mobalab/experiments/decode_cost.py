@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mobalab import snr
+from mobalab._validate import scalar_cosine, scalar_count
 from mobalab.kernels import decode_bytes, decode_flops
 
 from ._checks import check_seed
@@ -122,7 +123,7 @@ def read_decode_bench(path) -> pd.DataFrame:
     missing = [c for c in BENCH_COLUMNS if c not in bench.columns]
     if missing:
         raise ValueError(f"{NAME}: {path} lacks the columns {missing}; it has {list(bench.columns)} "
-                         "(is it a `python -m mobalab.bench.decode` CSV?)")
+                         "(is it a `mobalab bench --decode` CSV?)")
     return bench
 
 
@@ -177,8 +178,12 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
     for name, values in (("block_sizes", block_sizes), ("top_ks", top_ks)):
         if len(values) == 0:
             raise ValueError(f"{name} must name at least one value, got {tuple(values)!r}")
+    head_dim = scalar_count("head_dim", head_dim)  # checked here: snr.snr would call it d
     if mu_cluster is None:
-        mu_cluster = mu_noise + delta_mu
+        mu_cluster = scalar_cosine("mu_noise", mu_noise) + delta_mu
+        if not -1.0 <= mu_cluster <= 1.0:
+            raise ValueError(f"mu_cluster defaults to mu_noise + delta_mu = {mu_cluster:g}, outside [-1, 1]: give "
+                             "mu_cluster, or a needle cosine mu_noise + delta_mu in [-1, 1]")
     dmu_eff = float(snr.delta_mu_eff(delta_mu, m, mu_cluster, mu_noise))
     shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     rows = []
