@@ -193,3 +193,56 @@ def test_plan_says_where_the_models_train_and_what_a_cpu_run_costs():
     later = exp.plan(exp.Config(device="cpu", first_replicate=2))  # one seed of three left to train
     assert later.startswith("8 variants x 1 seed = 8 models")
 
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(variants=("dense",), routes=((0, 4),)), "routes must be a non-empty sequence"),
+    (dict(variants=("dense",), routes=((8.5, 4),)), r"routes must be .*got \(\(8.5, 4\),\)"),  # not read as 8
+    (dict(n_seeds=1.5), "n_seeds must be an integer >= 1, got 1.5"),
+    (dict(first_replicate=1.0), "first_replicate must be an integer in"),
+    (dict(budget=0), "budget must be an integer >= 1, got 0"),
+    (dict(cpu_threads=1.5), "cpu_threads must be None or an integer >= 1, got 1.5"),
+    (dict(checkpoint_dir=3), "checkpoint_dir must be None or a folder's path, got 3"),
+    (dict(variants="dense"), "variants must be a sequence"),
+    (dict(variants=("dense", "moba-016")), "variant 'moba-016' names the model 'moba-16': write it that way"),
+    (dict(variants=("moba-8-kconv0",)), "variant 'moba-8-kconv0' names the model 'moba-8'"),
+])
+def test_settings_are_checked_before_any_model_trains(overrides, match, monkeypatch):
+    import mobalab.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the settings were checked")
+
+    monkeypatch.setattr(mobalab.training, "train", no_training)
+    with pytest.raises(ValueError, match=match):
+        exp.run(exp.Config.quick(**overrides))
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_fails_before_training(tmp_path, monkeypatch):
+    import mobalab.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the checkpoint folder was made")
+
+    monkeypatch.setattr(mobalab.training, "train", no_training)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        exp.run(exp.Config.quick(checkpoint_dir=str(blocker / "ckpt")))
+
+
+def test_first_stage_accuracy_is_read_from_the_first_stage_steps(monkeypatch):
+    # a stage at the full length shares its seq_len with the steps after it: the first stage is its steps
+    import mobalab.training
+
+    real_train = mobalab.training.train
+
+    def marked(*args, **kwargs):
+        trained = real_train(*args, **kwargs)
+        trained.history["accuracy"] = trained.history["step"] / 100.0
+        return trained
+
+    monkeypatch.setattr(mobalab.training, "train", marked)
+    df = exp.run(exp.Config.quick(variants=("moba-16",), n_seeds=1, steps=6, curriculum=((128, 2),),
+                                  eval_sequences=2, eval_batch_size=2))
+    assert df["first_stage_train_accuracy"].iloc[0] == pytest.approx(0.01)  # step 1, the stage's last

@@ -172,3 +172,73 @@ def test_a_block_longer_than_the_sequence_measures_as_one_block_of_it():
     assert got["raw_profile"].shape[-1] == 2 * N - 1
     row = routing_statistics(q, k, qpos, npos, 2**40, TOP_K).iloc[0]
     assert row["recall"] == 1.0 and row["valid_queries"] == 0  # every needle in the queries' own block
+
+
+def test_span_scale_and_base_are_checked():
+    q, k, qpos, npos = _planted(batch=2, n_q=2, seed=6)
+    for kwargs, match in ((dict(span=0), "span must be an integer >= 1, got 0"),
+                          (dict(span=2.5), "span must be an integer >= 1, got 2.5"),
+                          (dict(span=2, rope_base=0.0), "rope_base must be None or a finite number > 1, got 0.0"),
+                          (dict(softmax_scale=float("nan")), "softmax_scale must be None or a finite number > 0"),
+                          (dict(softmax_scale="a"), "softmax_scale must be None or a finite number > 0, got 'a'")):
+        with pytest.raises(ValueError, match=match):
+            routing_statistics(q, k, qpos, npos, B, TOP_K, **kwargs)
+    # a run past the last position would be read as copies of the last key
+    end = torch.full_like(npos, N - 3)
+    with pytest.raises(ValueError, match=f"span 4 from needle_pos {N - 3} passes the end"):
+        routing_statistics(q, k, torch.full_like(qpos, N - 1), end, B, TOP_K, span=4, rope_base=10000.0)
+    with pytest.raises(ValueError, match="at least one query"):
+        routing_statistics(q, k, qpos[:, :0], npos[:, :0], B, TOP_K)
+
+
+def test_a_model_s_router_statistics_recomputed_by_hand():
+    """Δμ, σ, Δμ_eff, the token-model prediction and the recall of a RecallTransformer's own q / k, recomputed
+    from the definitions: block centroids, own block forced, top k - 1 of the complete past blocks."""
+    from scipy import integrate
+    from scipy import stats as sps
+
+    from mobalab.training import ModelConfig, RecallTask, RecallTransformer, make_batch
+
+    task = RecallTask(seq_len=96, n_pairs=4, n_queries=4, n_keys=8, n_values=4, n_filler=8, needle_len=2)
+    bsz, top_k = 8, 3
+    torch.manual_seed(0)
+    model = RecallTransformer(ModelConfig(d_model=16, n_layers=1, n_heads=1, head_dim=8, attention="moba",
+                                          block_size=bsz, top_k=top_k), task).eval()
+    batch = make_batch(task, 4, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, [(q, k)] = model(batch.tokens, batch.query_pos, capture=True)
+    row = routing_statistics(q, k, batch.query_pos, batch.needle_pos, bsz, top_k).iloc[0]
+
+    def hit_probability(snr_value, n, slots):  # the paper's Gaussian model, equal variances
+        if slots >= n:
+            return 1.0
+        return integrate.quad(lambda z: sps.norm.pdf(z) * sps.binom.cdf(slots - 1, n - 1, sps.norm.sf(
+            z + math.sqrt(2) * snr_value)), -12, 12)[0]
+
+    dmu, var, eff, hits, tp = [], [], [], [], []
+    qd, kd = q.double().numpy(), k.double().numpy()
+    for i in range(4):
+        for j in range(4):
+            t, p = int(batch.query_pos[i, j]), int(batch.needle_pos[i, j])
+            c, cs = t // bsz, p // bsz
+            qv = qd[i, t, 0]
+            s = kd[i, :, 0] @ qv
+            centroids = kd[i, :c * bsz, 0].reshape(c, bsz, -1).mean(1) @ qv
+            hits.append(cs == c or cs in np.argsort(-centroids)[:top_k - 1])
+            tp.append((t, p))
+            if cs < c and c - 1 >= 2:
+                noise = np.concatenate([s[b * bsz:(b + 1) * bsz] for b in range(c) if b != cs])
+                dmu.append(s[p] - noise.mean())
+                var.append(noise.var(ddof=1))
+                eff.append((s[cs * bsz:(cs + 1) * bsz] - noise.mean()).sum())
+    sigma = math.sqrt(np.mean(var))
+    snr_value = np.mean(eff) / (sigma * math.sqrt(2 * bsz))
+    h = {c: hit_probability(snr_value, c, top_k - 1) for c in {t // bsz for t, _ in tp}}
+    pred = np.mean([1.0 if p // bsz == t // bsz else h[t // bsz] for t, p in tp])
+    assert row["valid_queries"] == len(dmu) >= 12
+    assert row["delta_mu"] == pytest.approx(np.mean(dmu), rel=1e-5)
+    assert row["sigma"] == pytest.approx(sigma, rel=1e-5)
+    assert row["delta_mu_eff"] == pytest.approx(np.mean(eff), rel=1e-5)
+    assert row["snr_paper"] == pytest.approx(snr_value, rel=1e-5)
+    assert row["pred_paper"] == pytest.approx(pred, abs=1e-6)
+    assert row["recall_hits"] == sum(hits)

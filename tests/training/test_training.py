@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mobalab.training import (
+    H200_ASSUMPTIONS,
     ModelConfig,
     RecallTask,
     TrainConfig,
@@ -125,3 +126,26 @@ def test_cost_of_a_stage_whose_top_k_covers_every_block_is_dense():
     assert training_cost(mc, short, tc)["flops_routing"] == 0
     assert training_cost(mc, short, tc)["seconds"] == training_cost(ModelConfig(), short, tc)["seconds"]
     assert training_cost(mc, task, tc)["flops_routing"] > 0
+
+
+def test_cost_checks_its_inputs():
+    tc = TrainConfig(steps=2, batch_size=1)
+    with pytest.raises(TypeError, match="model_config must be a ModelConfig, got str"):
+        training_cost("moba", TASK, tc)
+    with pytest.raises(TypeError, match="train_config must be a TrainConfig, got NoneType"):
+        training_cost(CFG, TASK, None)
+    with pytest.raises(ValueError, match=r"assumptions lack \['step_overhead_s'\]"):
+        training_cost(CFG, TASK, tc, {k: v for k, v in H200_ASSUMPTIONS.items() if k != "step_overhead_s"})
+    with pytest.raises(ValueError, match=r"assumptions\['linear_flops_per_s'\] must be a finite number > 0, got 0"):
+        training_cost(CFG, TASK, tc, {**H200_ASSUMPTIONS, "linear_flops_per_s": 0})
+    # a stage train() refuses is not costed either
+    with pytest.raises(ValueError, match="curriculum stage seq_len 6 is too short"):
+        training_cost(CFG, TASK, dataclasses.replace(tc, curriculum=[(6, 1)]))
+
+
+def test_evaluation_seed_is_checked():
+    run = train(CFG, TASK, dataclasses.replace(TC, steps=1))
+    # -1 would be drawn as 2**64 - 1 and 1.5 as 1: another seed's sequences
+    for seed in (-1, 1.5, "0", 2**64):
+        with pytest.raises(ValueError, match=f"seed must be an integer from 0 to 2\\*\\*63 - 1, got {seed!r}"):
+            evaluate(run, sequences=2, seed=seed)

@@ -115,6 +115,8 @@ def test_config_validation_and_labels():
         ModelConfig(head_dim=15)
     with pytest.raises(ValueError, match="key_conv"):
         ModelConfig(key_conv=-1)
+    with pytest.raises(ValueError, match="rope_base must be a finite number > 1, got inf"):
+        ModelConfig(rope_base=float("inf"))
     with pytest.raises(TypeError, match="task"):
         RecallTransformer(SMALL, "task")
     model = _model(SMALL)

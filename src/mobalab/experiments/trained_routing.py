@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +59,7 @@ from scipy import stats as sps
 
 from mobalab.stats import wilson_interval
 
-from ._checks import check_seed
+from ._checks import check_counts, check_seed, is_count
 from ._columns import integer_columns
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "claims", "retrieval_heads", "model_config", "gpu_estimate"]
@@ -151,16 +153,26 @@ def model_config(config: Config, variant: str):
     common = dict(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
                   head_dim=config.head_dim, key_conv=width, rope=match.group(4) is None)
     if match.group(1) == "dense":
-        return ModelConfig(attention="dense", **common)
-    bsz = int(match.group(2))
-    if bsz < 1 or config.budget % bsz:
-        raise ValueError(f"variant {variant!r}: block size {bsz} must divide budget = {config.budget} (k = budget/B)")
-    return ModelConfig(attention="moba", block_size=bsz, top_k=config.budget // bsz, **common)
+        mc = ModelConfig(attention="dense", **common)
+    else:
+        bsz = int(match.group(2))
+        if bsz < 1 or config.budget % bsz:
+            raise ValueError(f"variant {variant!r}: block size {bsz} must divide budget = {config.budget} "
+                             "(k = budget/B)")
+        mc = ModelConfig(attention="moba", block_size=bsz, top_k=config.budget // bsz, **common)
+    # claims() pairs variants by these names ('moba-16' with 'moba-16-kconv3'): 'moba-016' or '-kconv0' would
+    # train a model that no comparison finds, or a second copy of one under another name
+    if mc.label != variant:
+        raise ValueError(f"variant {variant!r} names the model {mc.label!r}: write it that way")
+    return mc
 
 
 def _routes(config: Config) -> list[tuple[int, int]]:
     if config.routes is not None:
-        return [(int(b), int(k)) for b, k in config.routes]
+        from mobalab.training._evaluation import check_routes
+
+        # checked here, not only by evaluate(): that runs after the first model has trained
+        return list(dict.fromkeys(check_routes(config.routes, prefix="")))
     out = []
     for v in config.variants:
         mc = model_config(config, v)
@@ -171,24 +183,27 @@ def _routes(config: Config) -> list[tuple[int, int]]:
 
 def _check(config: Config) -> None:
     check_seed(config.seed)
-    if not config.variants:
-        raise ValueError("variants must name at least one model ('dense', 'moba-<B>', ...)")
+    if isinstance(config.variants, str) or not config.variants:
+        raise ValueError(f"variants must be a sequence naming at least one model ('dense', 'moba-<B>', ...), got "
+                         f"{config.variants!r}")
+    check_counts(config, "budget", "n_seeds")
     for v in config.variants:
         model_config(config, v)
     if len(set(config.variants)) != len(config.variants):
         raise ValueError(f"variants must be distinct, got {config.variants}")
-    if config.n_seeds < 1:
-        raise ValueError(f"n_seeds must be >= 1, got {config.n_seeds}")
-    if not 0 <= config.first_replicate < config.n_seeds:
-        raise ValueError(f"first_replicate must be in [0, n_seeds) = [0, {config.n_seeds}), "
-                         f"got {config.first_replicate}")
+    if (isinstance(config.first_replicate, bool) or not isinstance(config.first_replicate, numbers.Integral)
+            or not 0 <= config.first_replicate < config.n_seeds):
+        raise ValueError(f"first_replicate must be an integer in [0, n_seeds) = [0, {config.n_seeds}), "
+                         f"got {config.first_replicate!r}")
     # evaluate() checks these too, but only after the first model has trained (minutes at full size)
     for name in ("eval_sequences", "eval_batch_size"):
         v = getattr(config, name)
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if config.cpu_threads is not None and (isinstance(config.cpu_threads, bool) or config.cpu_threads < 1):
+    if config.cpu_threads is not None and not is_count(config.cpu_threads):
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {config.cpu_threads!r}")
+    if config.checkpoint_dir is not None and not isinstance(config.checkpoint_dir, str | os.PathLike):
+        raise ValueError(f"checkpoint_dir must be None or a folder's path, got {config.checkpoint_dir!r}")
     if not _routes(config):
         raise ValueError("variants need at least one MoBA model, or routes=((B, k), ...): the routing statistics "
                          "are taken at those (B, k)")
@@ -307,6 +322,8 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
     seeds = _model_seeds(config)
     eval_seed, model_seeds = seeds[0], seeds[1:]
     routes = _routes(config)
+    if config.checkpoint_dir:  # a path that cannot be a folder fails here, not after the first model has trained
+        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         _compile_kernels(config, device)
     frames = []
@@ -334,7 +351,8 @@ def _run(config: Config, progress: bool) -> pd.DataFrame:
             ev.insert(8, "model_seed", mseed)
             ev["final_train_loss"] = float(tail["loss"].mean())
             ev["final_train_accuracy"] = float(tail["accuracy"].mean())
-            first = hist[hist["seq_len"] == config.curriculum[0][0]] if config.curriculum else hist.iloc[:0]
+            # by step: a stage's length may recur later (a stage at the full seq_len, or two at one length)
+            first = hist[hist["step"] < config.curriculum[0][1]] if config.curriculum else hist.iloc[:0]
             # did attention learn the lookup in the first, short stage? (NaN without a curriculum)
             ev["first_stage_train_accuracy"] = (float(first["accuracy"].iloc[-max(1, len(first) // 5):].mean())
                                                 if len(first) else math.nan)

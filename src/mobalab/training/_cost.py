@@ -23,7 +23,10 @@ dense attention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from collections.abc import Mapping
 
 from ._recall_task import RecallTask
 from ._training import TrainConfig
@@ -66,7 +69,8 @@ def training_cost(model_config: ModelConfig, task: RecallTask, train_config: Tra
 
     Returns a dict: ``flops_linear``, ``flops_attention``, ``flops_routing`` and ``seconds_per_step`` (one
     step at the full length), ``flops_total`` and ``seconds`` (the whole run, curriculum steps included,
-    training only).
+    training only). ``assumptions``: the rates and fixed costs, a dict with the keys of
+    :data:`H200_ASSUMPTIONS` (None: those).
 
     Examples
     --------
@@ -75,12 +79,21 @@ def training_cost(model_config: ModelConfig, task: RecallTask, train_config: Tra
     >>> round(c["flops_total"] / 1e15, 2), round(c["seconds"], 1)
     (0.33, 22.9)
     """
-    a = dict(H200_ASSUMPTIONS if assumptions is None else assumptions)
+    for name, value, cls in (("model_config", model_config, ModelConfig), ("task", task, RecallTask),
+                             ("train_config", train_config, TrainConfig)):
+        if not isinstance(value, cls):
+            raise TypeError(f"training_cost: {name} must be a {cls.__name__}, got {type(value).__name__}")
+    a = _check_assumptions(assumptions)
     tc = train_config
     for seq_len, _ in tc.curriculum:
         if seq_len > task.seq_len:  # as train() refuses it: the stage's batch factor would be 0, its cost 0
             raise ValueError(f"training_cost: curriculum stage seq_len {seq_len} must be <= the task's seq_len "
                              f"({task.seq_len})")
+        try:  # as train() refuses it: the stage's task cannot be drawn
+            dataclasses.replace(task, seq_len=seq_len)
+        except ValueError as exc:
+            raise ValueError(f"training_cost: curriculum stage seq_len {seq_len} is too short for the task: "
+                             f"{exc}") from None
     phases = [(task.seq_len, tc.batch_size, tc.steps - sum(k for _, k in tc.curriculum))]
     phases += [(n, tc.batch_size * (task.seq_len // n), k) for n, k in tc.curriculum]
     out = {"flops_total": 0.0, "seconds": 0.0}
@@ -91,6 +104,28 @@ def training_cost(model_config: ModelConfig, task: RecallTask, train_config: Tra
         out["flops_total"] += step["flops_step"] * steps
         out["seconds"] += step["seconds_per_step"] * steps
     return out
+
+
+def _check_assumptions(assumptions) -> dict:
+    """``assumptions`` (None: :data:`H200_ASSUMPTIONS`) as a dict with every key of :data:`H200_ASSUMPTIONS`:
+    finite rates > 0 and fixed costs >= 0."""
+    if assumptions is None:
+        return dict(H200_ASSUMPTIONS)
+    if not isinstance(assumptions, Mapping):
+        raise TypeError(f"training_cost: assumptions must be a dict like H200_ASSUMPTIONS, got "
+                        f"{type(assumptions).__name__}")
+    missing = [key for key in H200_ASSUMPTIONS if key not in assumptions]
+    if missing:
+        raise ValueError(f"training_cost: assumptions lack {missing}; give every key of H200_ASSUMPTIONS "
+                         f"({sorted(H200_ASSUMPTIONS)})")
+    for key in H200_ASSUMPTIONS:
+        v = assumptions[key]
+        rate = key.endswith("_per_s")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (
+                rate and v == 0):
+            raise ValueError(f"training_cost: assumptions[{key!r}] must be a finite number "
+                             f"{'> 0' if rate else '>= 0'}, got {v!r}")
+    return dict(assumptions)
 
 
 def _step_cost(mc: ModelConfig, n: int, bsz: int, a: dict) -> dict:

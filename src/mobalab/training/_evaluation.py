@@ -23,8 +23,8 @@ from ._training import TrainedModel
 __all__ = ["evaluate"]
 
 
-def _check_routes(routes) -> list[tuple[int, int]]:
-    """``routes`` as a non-empty list of (block_size, top_k) pairs of integers >= 1."""
+def check_routes(routes, prefix: str = "evaluate: ") -> list[tuple[int, int]]:
+    """``routes`` as a non-empty list of (block_size, top_k) pairs of integers >= 1; ``prefix`` opens the error."""
     try:
         pairs = [tuple(route) for route in routes]
     except TypeError:
@@ -32,7 +32,7 @@ def _check_routes(routes) -> list[tuple[int, int]]:
     ok = bool(pairs) and all(len(p) == 2 and all(not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= 1
                                                  for x in p) for p in pairs)
     if not ok:
-        raise ValueError(f"evaluate: routes must be a non-empty sequence of (block_size, top_k) pairs of integers "
+        raise ValueError(f"{prefix}routes must be a non-empty sequence of (block_size, top_k) pairs of integers "
                          f">= 1, e.g. [(32, 4)]; got {routes!r}")
     return [(int(b), int(k)) for b, k in pairs]
 
@@ -42,8 +42,9 @@ def evaluate(trained: TrainedModel, *, sequences: int = 64, batch_size: int = 16
     """Accuracy and routing statistics of ``trained`` on ``sequences`` evaluation sequences.
 
     ``routes``: (block_size, top_k) pairs to measure; default: the model's own for a MoBA model (required
-    for a dense one). Returns one row per (layer, head, route) with columns ``layer``, ``routed``, the
-    :data:`STAT_COLUMNS` and the model-level ``correct``, ``answers``, ``accuracy``, ``eval_loss``.
+    for a dense one). ``seed`` (an integer in [0, 2**63)) draws the evaluation sequences. Returns one row per
+    (layer, head, route) with columns ``layer``, ``routed``, the :data:`STAT_COLUMNS` and the model-level
+    ``correct``, ``answers``, ``accuracy``, ``eval_loss``.
 
     Examples
     --------
@@ -61,13 +62,16 @@ def evaluate(trained: TrainedModel, *, sequences: int = 64, batch_size: int = 16
     for name, v in (("sequences", sequences), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"evaluate: {name} must be an integer >= 1, got {v!r}")
+    # int() would truncate 1.5 to 1 and torch wraps -1 to 2**64 - 1: each silently another seed's sequences
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"evaluate: seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     mc, task, model, device = trained.model_config, trained.task, trained.model, trained.device
     own = (mc.block_size, mc.top_k) if mc.attention == "moba" else None
     if routes is None:
         if own is None:
             raise ValueError("evaluate: a dense model has no router; give routes=[(block_size, top_k), ...]")
         routes = [own]
-    routes = list(dict.fromkeys(_check_routes(routes)))
+    routes = list(dict.fromkeys(check_routes(routes)))
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[tuple[int, int, int], list] = {}
     correct = answers = 0

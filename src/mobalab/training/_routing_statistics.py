@@ -48,7 +48,9 @@ position (:math:`R_{a-i}\tilde k_{p+i} = R_{p+a} k_{p+i}`: the pre-RoPE key rota
 model's prediction for a query with its energy spread evenly over the d/2 frequency pairs
 (:mod:`mobalab.snr`, RoPE: :math:`g(o) = \frac2d\sum_i\cos(o\theta_i)`) is
 ``rope_factor_theory`` = :math:`\mathrm{mean}_j \frac1r\sum_{i<r} g(i - a_j)`; a trained query that puts its
-energy in the slow pairs keeps more of the run (factor above the prediction). NaN without RoPE or for r = 1.
+energy in the slow pairs keeps more of the run (factor above the prediction). NaN without RoPE or for r = 1,
+and ``rope_factor`` also where the coherent sum (the denominator) is not positive: a run the query does not
+single out has no signal for RoPE to spread.
 
 Observed: ``recall``, the fraction of queries whose needle block the router selects
 (:func:`mobalab.kernels.moba_topk` on the same q and k), with its 95% Wilson interval; ``*_units`` place each
@@ -80,7 +82,7 @@ STAT_COLUMNS = (
 )
 
 
-def _check_inputs(q, k, query_pos, needle_pos, block_size, top_k):
+def _check_inputs(q, k, query_pos, needle_pos, block_size, top_k, softmax_scale=None, span=1, rope_base=None):
     fn = "routing_statistics"
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -98,12 +100,23 @@ def _check_inputs(q, k, query_pos, needle_pos, block_size, top_k):
     if query_pos.shape != needle_pos.shape:
         raise ValueError(f"{fn}: query_pos {tuple(query_pos.shape)} and needle_pos {tuple(needle_pos.shape)} "
                          "must have one shape")
+    if query_pos.shape[1] == 0:
+        raise ValueError(f"{fn}: query_pos and needle_pos must hold at least one query, got shape "
+                         f"{tuple(query_pos.shape)}")
     n = q.shape[1]
     if bool((needle_pos > query_pos).any()) or bool((needle_pos < 0).any()) or bool((query_pos >= n).any()):
         raise ValueError(f"{fn}: positions must satisfy 0 <= needle_pos <= query_pos < seqlen = {n} (causal)")
-    for name, v in (("block_size", block_size), ("top_k", top_k)):
+    for name, v in (("block_size", block_size), ("top_k", top_k), ("span", span)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{fn}: {name} must be an integer >= 1, got {v!r}")
+    # a run past the end would be read as copies of the last key (the positions are clamped to the sequence)
+    if bool((needle_pos + (int(span) - 1) >= n).any()):
+        raise ValueError(f"{fn}: a needle run of span {span} from needle_pos {int(needle_pos.max())} passes the end "
+                         f"of the sequence (seqlen = {n})")
+    for name, v, low in (("softmax_scale", softmax_scale, 0.0), ("rope_base", rope_base, 1.0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                              or v <= low):
+            raise ValueError(f"{fn}: {name} must be None or a finite number > {low:g}, got {v!r}")
 
 
 def _block_sums(s, block_size):
@@ -171,7 +184,7 @@ def measure_queries(q, k, query_pos, needle_pos, block_size: int, top_k: int, so
     """
     from mobalab.kernels import moba_topk
 
-    _check_inputs(q, k, query_pos, needle_pos, block_size, top_k)
+    _check_inputs(q, k, query_pos, needle_pos, block_size, top_k, softmax_scale, span, rope_base)
     b, n, h, d = q.shape
     group = h // k.shape[2]
     dev = q.device
@@ -359,7 +372,8 @@ def routing_statistics(q, k, query_pos, needle_pos, block_size: int, top_k: int,
     ``q`` (batch, seqlen, heads, d) and ``k`` (batch, seqlen, kv_heads, d) are the router's inputs (post key
     convolution, post-RoPE); ``query_pos`` and ``needle_pos`` (batch, queries) integer tensors with
     ``needle_pos <= query_pos``; ``block_size`` and ``top_k`` the causal MoBA router's; ``span`` (needle run
-    length) and ``rope_base`` (the RoPE the keys carry, None: none) for the RoPE factor. Columns
+    length; the run must end inside the sequence) and ``rope_base`` (the RoPE the keys carry, None: none) for
+    the RoPE factor; ``softmax_scale`` the dense attention's scale for ``needle_mass`` (None: 1/√d). Columns
     :data:`STAT_COLUMNS`; definitions and equations in the module docstring.
 
     Examples

@@ -77,8 +77,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: key_conv must be an integer >= 0 (0: none), got {self.key_conv!r}")
         if not isinstance(self.rope, bool):
             raise ValueError(f"ModelConfig: rope must be True or False, got {self.rope!r}")
-        if not (isinstance(self.rope_base, numbers.Real) and self.rope_base > 1):
-            raise ValueError(f"ModelConfig: rope_base must be a number > 1, got {self.rope_base!r}")
+        # inf would pass ``> 1`` and turn every pair but the first into the identity
+        if isinstance(self.rope_base, bool) or not (isinstance(self.rope_base, numbers.Real)
+                                                    and math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"ModelConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
 
     @property
     def label(self) -> str:
