@@ -140,6 +140,48 @@ def test_cluster_positions_too_many_for_partial_block():
     assert random_cluster_positions(rng, np.array([25]), 8, 27, 2).shape == (1, 2)
 
 
+def test_cluster_positions_of_no_needle():
+    rng = np.random.default_rng(0)
+    assert random_cluster_positions(rng, np.zeros(0, dtype=np.int64), 8, 27, 2).shape == (0, 2)
+
+
+def test_planted_needle_refuses_a_cluster_that_may_not_fit_whatever_the_seed():
+    # seq_len 10 in blocks of 4: the last block holds 2 positions. A random needle lands there one time in
+    # five, and m = 3 then failed for that seed only; it is refused up front, before any draw.
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        state = rng.bit_generator.state
+        with pytest.raises(
+            ValueError,
+            match=r"m = 3 planted keys \(needle included\) do not fit in the partial "
+            r"last block of 2 positions \(seq_len = 10, block_size = 4\)",
+        ):
+            planted_needle(rng, 8, 10, 4, 0.5, m=3)
+        assert rng.bit_generator.state == state
+    with pytest.raises(ValueError, match="do not fit in the partial last block of 2 positions.*needle_pos = 9"):
+        planted_needle(np.random.default_rng(0), 8, 10, 4, 0.5, m=3, needle_pos=9)
+    s = planted_needle(np.random.default_rng(0), 8, 10, 4, 0.5, m=3, needle_pos=1)  # a full block: fits
+    assert np.all(s.cluster_pos // 4 == 0)
+    s = planted_needle(np.random.default_rng(0), 8, 10, 4, 0.5, m=3, cluster_positions=[0, 1])
+    assert s.m == 3
+    for seed in range(40):  # m = 2 fits every block
+        assert planted_needle(np.random.default_rng(seed), 8, 10, 4, 0.5, m=2).m == 2
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16, "float64x", torch.float32])
+def test_unit_vectors_refuse_dtypes_a_numpy_generator_cannot_draw(dtype):
+    with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64 for a numpy Generator"):
+        random_unit_vectors(np.random.default_rng(0), 3, 4, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64"):
+        planted_needle(np.random.default_rng(0), 4, 8, 4, 0.5, dtype=dtype)
+
+
+def test_unit_vectors_refuse_non_float_torch_dtypes():
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype for a torch.Generator"):
+        random_unit_vectors(torch.Generator().manual_seed(0), 3, 4, dtype=torch.int32)
+    assert random_unit_vectors(torch.Generator().manual_seed(0), 3, 4, dtype=torch.float64).dtype == torch.float64
+
+
 def test_planted_needle_defaults_and_dot_products():
     rng = np.random.default_rng(21)
     s = planted_needle(rng, 32, 200, 16, 0.8, m=4, mu_cluster=0.5, planted="exact")

@@ -71,12 +71,20 @@ def test_torch_matches_numpy_and_keeps_device_and_dtype():
 @pytest.mark.parametrize("x, pos, match", [
     (np.zeros((4, 7)), 0, "d even"),
     (np.zeros((4, 8), dtype=np.int64), 0, "floating"),
-    (np.zeros((4, 8)), 0.5, "integers"),
+    (np.zeros((4, 8)), 0.5, "positions must be an integer, got 0.5"),
+    (np.zeros((4, 8)), np.inf, "positions must be an integer, got inf"),  # was accepted and rotated to NaN
+    (np.zeros((4, 8)), np.array([0.0, np.nan, 2.0, 3.0]), "positions must be an integer, got nan"),
     (np.zeros((4, 8)), np.arange(3), "broadcast"),
 ])
 def test_rotation_validation(x, pos, match):
     with pytest.raises(ValueError, match=match):
         apply_rope(x, pos)
+
+
+@pytest.mark.parametrize("pos", ["3", True, None])
+def test_rotation_refuses_positions_of_the_wrong_kind(pos):
+    with pytest.raises(TypeError, match="positions must be an integer"):
+        apply_rope(np.zeros((4, 8)), pos)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +121,23 @@ def test_planted_span_is_the_rotated_query(match):
             np.testing.assert_allclose(k_rot[b, s], apply_rope(q_rot[b], s - ref[b], base), atol=1e-12)
     if match == "needle":
         np.testing.assert_allclose(np.einsum("bd,bd->b", q_rot, k_rot[np.arange(3), p]), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("t, p, match", [
+    ([63, 63], [10.7, 20.2], "needle_pos must be an integer >= 0, got 10.7"),  # was truncated to 10
+    ([63.5, 63], [10, 20], "query_pos must be an integer >= 0, got 63.5"),
+    ([63, 63, 63], [10, 20, 30], r"query_pos, needle_pos \(b,\) arrays, got q \(2, 16\), query_pos \(3,\)"),
+    (63, 10, r"query_pos, needle_pos \(b,\) arrays, got q \(2, 16\), query_pos \(\)"),
+])
+def test_planted_span_positions_are_checked(t, p, match):
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 16))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    keys = rng.standard_normal((2, 64, 16))
+    before = keys.copy()
+    with pytest.raises(ValueError, match=match):
+        plant_rope_span(rng, q, keys, t, p, 2, 0.5, 0.5)
+    np.testing.assert_array_equal(keys, before)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,3 +224,13 @@ def test_router_validation(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         rope_vector_router(**args)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(match=np.array(["needle"])), ValueError, "match must be one of"),  # was accepted
+    (dict(causal=1), TypeError, "causal must be True or False"),
+    (dict(progress="yes"), TypeError, "progress must be True or False"),
+])
+def test_router_refuses_arguments_of_the_wrong_kind(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rope_vector_router(32, 256, 32, 2, 0.3, trials=5, seed=0, **kwargs)

@@ -61,6 +61,17 @@ def test_outcomes_fixed_by_the_rules():
         assert score_level_router_causal(-40.0, 4096, 64, 4, query_pos=200, **causal).hits[0] == 2000
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("method", ["binomial", "explicit"])
+def test_huge_sd_ratio_samples_the_noise_free_limit(method):
+    # σ_s >> σ_n: hit iff the signal score is above 0, probability Φ(SNR) = 1/2 at SNR 0; sqrt(1 + r²)
+    # overflowed and numpy refused the binomial draw with "p < 0, p > 1 or p contains NaNs"
+    for row in (score_level_router(0.0, 16, 2, trials=2000, seed=3, sd_ratio=1e200, method=method),
+                score_level_router_causal(0.0, 4096, 32, 4, query_pos=4000, needle_pos=10, trials=2000, seed=3,
+                                          sd_ratio=1e200, method=method)):
+        assert abs(interval_units(0.5, row.hits[0], row.trials[0], confidence=0.999)) <= 1
+
+
 def test_causal_k1_rate_is_own_block_fraction():
     """With k = 1 only needles in the own block are found: P = E[(t mod B + 1) / (t + 1)] exactly."""
     n_tok, bs = 1024, 32

@@ -50,6 +50,9 @@ def test_paper_threshold_values_and_saturation():
     assert paper_threshold(8, 8) == -math.inf
     assert paper_threshold(4, 9) == -math.inf
     np.testing.assert_allclose(paper_threshold(np.array([64, 512]), 8), norm.ppf(1 - 8 / np.array([64, 512])))
+    # k/n = 1/2: the threshold is 0, printed as 0.0 (not -0.0) in tables
+    assert paper_threshold(2, 1) == 0.0 and not math.copysign(1.0, paper_threshold(2, 1)) < 0
+    assert not np.any(np.signbit(paper_threshold(np.array([2, 16]), np.array([1, 8]))))
 
 
 @pytest.mark.parametrize(

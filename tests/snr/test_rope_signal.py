@@ -55,11 +55,28 @@ def test_zeros_broadcasting_and_bounds():
     np.testing.assert_allclose(grid[1], [_direct(4, p) for p in phi], atol=1e-12)
 
 
-@pytest.mark.parametrize("m, phi, match", [(0, 0.1, "m must be >= 1"), (2.5, 0.1, "integer"),
-                                           (True, 0.1, "integer"), (3, np.nan, "finite"), (3, "x", "phi")])
-def test_dirichlet_validation(m, phi, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("m, phi, error, match", [
+    (0, 0.1, ValueError, "m must be an integer >= 1, got 0"),
+    (2.5, 0.1, ValueError, "m must be an integer >= 1, got 2.5"),
+    (np.inf, 0.1, ValueError, "m must be an integer >= 1, got inf"),  # was accepted and gave NaN
+    (3, np.nan, ValueError, "phi must be finite"),
+    ([1, 2, 3], [0.1, 0.2], ValueError, r"incompatible shapes: m \(3,\), phi \(2,\)"),
+    (True, 0.1, TypeError, "m must be an integer"),
+    ("8", 0.1, TypeError, "m must be an integer"),
+    (3, "x", TypeError, "phi must be a real number"),
+    (3, "0.1", TypeError, "phi must be a real number"),  # was parsed as 0.1
+    (3, True, TypeError, "phi must be a real number"),  # was taken as 1 radian
+    (3, None, TypeError, "phi must be a real number"),
+])
+def test_dirichlet_validation(m, phi, error, match):
+    with pytest.raises(error, match=match):
         dirichlet_factor(m, phi)
+
+
+@pytest.mark.parametrize("rho", ["1.0", True, None])
+def test_rope_clustering_multiplier_refuses_rho_of_the_wrong_kind(rho):
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        rope_clustering_multiplier(4, rho, head_dim=64)
 
 
 # ---------------------------------------------------------------------------------------------------

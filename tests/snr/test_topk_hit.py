@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.special import betaincinv, ndtri
 from scipy.stats import binom, norm
 
-from mobalab.snr import hit_probability, pairwise_failure, paper_threshold
+from mobalab.snr import causal_hit_probability, hit_probability, pairwise_failure, paper_threshold
 
 
 def reference_hit(snr, n, k, r=1.0, dps=20):
@@ -141,6 +141,18 @@ def test_deterministic_signal_limit():
         exact = binom.cdf(k - 1, n - 1, norm.sf(s))
         assert hit_probability(s, n, k, 0.0) == pytest.approx(exact, abs=1e-12)
         assert hit_probability(s, n, k, 1e-4) == pytest.approx(exact, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("error")
+def test_noise_free_limit_for_huge_sd_ratio():
+    # σ_s >> σ_n: the noise scores sit at 0 next to the signal's N(SNR·σ_s, σ_s²), so P_hit -> Φ(SNR) for any
+    # k < n; sqrt(1 + r²) overflowed past r ~ 1.3e154 and turned SNR = 0 into 0 · inf = NaN
+    for r in (1e6, 1e100, 1e200, 1e300):
+        got = hit_probability(np.array([0.0, 1.0, -0.5]), 16, 2, r)
+        np.testing.assert_allclose(got, norm.cdf([0.0, 1.0, -0.5]), atol=1e-5)
+    assert causal_hit_probability(0.0, 4096, 32, 4, query_pos=4000, needle_pos=10, sd_ratio=1e200) == pytest.approx(
+        0.5, abs=1e-9
+    )
 
 
 def test_broadcasting_and_scalar_output():

@@ -82,6 +82,25 @@ def _default_dtype(rng):
     return np.float32
 
 
+def _float_dtype(rng, dtype):
+    """``dtype`` (default: float32) checked against what the stream can draw normals in."""
+    if dtype is None:
+        return _default_dtype(rng)
+    if is_torch_generator(rng):
+        import torch
+
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype for a torch.Generator, got {dtype!r}")
+        return dtype
+    try:
+        ok = np.dtype(dtype) in (np.float32, np.float64)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"dtype must be numpy.float32 or numpy.float64 for a numpy Generator, got {dtype!r}")
+    return dtype
+
+
 def _normal(rng, shape, dtype):
     if is_torch_generator(rng):
         import torch
@@ -160,7 +179,7 @@ def random_unit_vectors(rng, shape, d: int, dtype=None):
     _check_rng(rng)
     d = scalar_count("d", d)
     shape = _shape_tuple(shape)
-    dtype = dtype or _default_dtype(rng)
+    dtype = _float_dtype(rng, dtype)
     itemsize = dtype.itemsize if is_torch_generator(rng) else np.dtype(dtype).itemsize
     check_memory(
         f"random_unit_vectors of shape {(*shape, d)}",
@@ -341,8 +360,8 @@ def random_cluster_positions(rng, needle_pos, block_size: int, seq_len: int, cou
         raise ValueError(f"needle_pos must lie in [0, seq_len = {seq_len}), got {needle_pos.max()}")
     start = (needle_pos // block_size) * block_size
     length = np.minimum(block_size, seq_len - start)
-    if count == 0:
-        return np.zeros((needle_pos.shape[0], 0), dtype=np.int64)
+    if count == 0 or needle_pos.size == 0:
+        return np.zeros((needle_pos.shape[0], count), dtype=np.int64)
     if needle_pos.size and np.min(length) - 1 < count:
         raise ValueError(
             f"m - 1 = {count} clustered keys do not fit in a block of {int(np.min(length))} positions beside "
@@ -426,8 +445,9 @@ def planted_needle(
       ``planted_keys(q, mu_signal, planted)``;
     * ``m - 1`` clustered keys ``planted_keys(q, mu_cluster, planted)``, each with its own :math:`\xi`, at
       ``cluster_positions``: None or ``"block"`` for distinct random positions inside the needle's block
-      (other than the needle), or an explicit sequence of ``m - 1`` distinct positions (not the needle's;
-      they may lie in other blocks, e.g. a span that crosses a block boundary).
+      (other than the needle; the m keys must fit in that block, and, with a random needle, in every
+      block, the partial last one included), or an explicit sequence of ``m - 1`` distinct positions
+      (not the needle's; they may lie in other blocks, e.g. a span that crosses a block boundary).
 
     Random draws, in order: positions, q, keys, needle, clustered keys. float32 unless ``dtype`` is given.
 
@@ -452,17 +472,31 @@ def planted_needle(
     mu_cluster = scalar_cosine("mu_cluster", mu_cluster)
     m = scalar_count("m", m)
     choice("planted", planted, PLANTED_KINDS)
+    dtype = _float_dtype(rng, dtype)
     if planted == "exact" and head_dim < 2:
         raise ValueError("planted='exact' needs head_dim >= 2 (a direction orthogonal to q), got 1")
     if m > seq_len:
         raise ValueError(f"m = {m} planted keys do not fit in seq_len = {seq_len}")
-    if needle_pos is None:
-        needle_pos = _integer(rng, 0, seq_len)
-    else:
+    if needle_pos is not None:
         needle_pos = scalar_count("needle_pos", needle_pos, 0)
         if needle_pos >= seq_len:
             raise ValueError(f"needle_pos must be in [0, seq_len = {seq_len}), got {needle_pos}")
-    if cluster_positions is None or (isinstance(cluster_positions, str) and cluster_positions == "block"):
+    in_block = cluster_positions is None or (isinstance(cluster_positions, str) and cluster_positions == "block")
+    if in_block:
+        # Checked before any draw: a random needle may land in the partial last block, the shortest one.
+        block = (seq_len - 1) // block_size if needle_pos is None else needle_pos // block_size
+        length = min(block_size, seq_len - block * block_size)
+        if m > length:
+            where = "the partial last block" if length < block_size else "a block"
+            raise ValueError(
+                f"m = {m} planted keys (needle included) do not fit in {where} of {length} positions (seq_len = "
+                f"{seq_len}, block_size = {block_size}"
+                + ("" if needle_pos is None else f", needle_pos = {needle_pos}")
+                + "); use a smaller m, fix needle_pos elsewhere, or give cluster_positions"
+            )
+    if needle_pos is None:
+        needle_pos = _integer(rng, 0, seq_len)
+    if in_block:
         cluster_pos = random_cluster_positions(rng, np.array([needle_pos]), block_size, seq_len, m - 1)[0]
     elif isinstance(cluster_positions, str):
         raise ValueError(
@@ -481,7 +515,6 @@ def planted_needle(
                 f"cluster_positions must be distinct and differ from needle_pos = {needle_pos}, "
                 f"got {cluster_pos.tolist()}"
             )
-    dtype = dtype or _default_dtype(rng)
     q = random_unit_vectors(rng, (1,), head_dim, dtype)
     keys = random_unit_vectors(rng, (1, seq_len), head_dim, dtype)
     if is_torch_generator(rng):

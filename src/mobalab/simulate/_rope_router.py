@@ -124,9 +124,7 @@ def apply_rope(x, positions, base=10000.0):
             raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[-1] < 2 or x.shape[-1] % 2:
         raise ValueError(f"x must have shape (..., d) with d even (pairs of coordinates), got {tuple(x.shape)}")
-    pos = np.asarray(positions.cpu() if _is_torch(positions) else positions)
-    if pos.dtype == bool or not np.issubdtype(pos.dtype, np.number) or not np.all(pos == np.round(pos)):
-        raise ValueError(f"positions must be integers, got {positions!r}")
+    pos = V.count("positions", positions.cpu().numpy() if _is_torch(positions) else positions, None)
     try:
         np.broadcast_shapes(pos.shape, tuple(x.shape[:-1]))
     except ValueError:
@@ -134,7 +132,7 @@ def apply_rope(x, positions, base=10000.0):
             f"positions of shape {pos.shape} do not broadcast to x.shape[:-1] = {tuple(x.shape[:-1])}"
         ) from None
     theta = rope_frequencies(int(x.shape[-1]), V.rope_base(base))
-    return _rotate(x, positions, theta)
+    return _rotate(x, pos, theta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,13 +199,18 @@ def plant_rope_span(rng, q, keys, query_pos, needle_pos, m: int, mu_signal: floa
     """
     from mobalab.simulate import plant_into
 
-    if match not in MATCH_KINDS:
-        raise ValueError(f"match must be one of {MATCH_KINDS}, got {match!r}")
+    V.choice("match", match, MATCH_KINDS)
     m, a = V.scalar_count("m", m, 1), V.scalar_count("needle_index", needle_index, 0)
     if a >= m:
         raise ValueError(f"needle_index must lie in [0, m = {m}), got {a}")
-    t = np.asarray(query_pos, dtype=np.int64)
-    p = np.asarray(needle_pos, dtype=np.int64)
+    t = V.count("query_pos", query_pos, 0)
+    p = V.count("needle_pos", needle_pos, 0)
+    q_shape = tuple(q.shape) if hasattr(q, "shape") else np.shape(q)
+    if len(q_shape) != 2 or t.shape != q_shape[:1] or p.shape != q_shape[:1]:
+        raise ValueError(
+            f"q must be (b, d) and query_pos, needle_pos (b,) arrays, got q {q_shape}, query_pos {t.shape}, "
+            f"needle_pos {p.shape}"
+        )
     span = p[:, None] - a + np.arange(m)[None, :]
     if span.size and (span.min() < 0 or span.max() >= keys.shape[-2]):
         raise ValueError(f"the span {span.min()}..{span.max()} does not fit in the {keys.shape[-2]} keys")
@@ -300,12 +303,8 @@ def rope_vector_router(head_dim: int, seq_len: int, block_size: int, top_k: int,
     mu_signal = V.scalar_cosine("mu_signal", mu_signal)
     mu_cluster = V.scalar_cosine("mu_cluster", mu_cluster)
     base = V.rope_base(base)
-    if match not in MATCH_KINDS:
-        raise ValueError(f"match must be one of {MATCH_KINDS}, got {match!r}")
-    for name, flag in (("causal", causal), ("progress", progress)):
-        if not isinstance(flag, bool | np.bool_):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    causal = bool(causal)
+    V.choice("match", match, MATCH_KINDS)
+    causal, progress = V.flag("causal", causal), V.flag("progress", progress)
     if batch_size is not None:
         batch_size = V.scalar_count("batch_size", batch_size, 1)
     if n_tok % bs:

@@ -30,6 +30,7 @@ from scipy.special import ndtr
 from tqdm.auto import tqdm
 
 from .._validate import broadcast, check_memory, choice, count, flag, real, scalar_count
+from ..snr._topk_hit import _signal_scale
 from ._outcome_columns import outcome_columns
 from ._seeding import seed_record, spawn_generators
 
@@ -67,7 +68,7 @@ def _check_explicit_memory(method: str, n_noise_max: int) -> None:
 
 
 def _signal_scores(rng, snr: float, r: float, size: int) -> np.ndarray:
-    delta = snr * np.sqrt(1.0 + r * r)
+    delta = snr * _signal_scale(r)
     return delta + r * rng.standard_normal(size)
 
 

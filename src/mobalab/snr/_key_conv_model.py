@@ -35,9 +35,10 @@ order in 1/d (ratio of means; isotropic planting gives E[k_a·k_b] = μ_a μ_b, 
                {\sqrt{\sum_\ell w_\ell^2 (1-\mu_{t-\ell}^2) + (\sum_\ell w_\ell \mu_{t-\ell})^2}},
 
 with μ_s = μ for relevant sources and 0 otherwise. From the excess cosines e_t of the B positions of
-the needle's block (:func:`cluster_stats`): Δμ_eff = Σ_t e_t, m = (Σ e_t)² / Σ e_t² (the participation
-ratio: L equal excesses give m = L), and μ_cluster - μ_noise = (Δμ_eff - e_needle)/(m - 1), so that
-Δμ_eff = Δμ + (m-1)(μ_cluster - μ_noise) with Δμ = e_needle. The paper's formula then predicts
+the needle's block (:func:`cluster_stats`): Δμ_eff = Σ_t e_t, m = (Σ e⁺_t)² / Σ (e⁺_t)² with
+e⁺ = max(e, 0) (the participation ratio: L equal excesses give m = L), and
+μ_cluster - μ_noise = (Δμ_eff - e_needle)/(m - 1), so that Δμ_eff = Δμ + (m-1)(μ_cluster - μ_noise) with
+Δμ = e_needle. The paper's formula then predicts
 SNR = Δμ_eff·sqrt(d/2B), treating the convolved keys as independent with variance 1/d; for the averaging
 filter a single needle gives W keys of cosine ≈ μ/sqrt(W), i.e. Δμ_eff ≈ μ·sqrt(W), a gain the router
 never sees (the exact model above: the block sum, and so the SNR, is unchanged).
@@ -51,7 +52,8 @@ holds the spilled and any cut-off relevant tokens) and n - 2 far noise blocks, a
     \pi(z) = \bar\Phi\Big(\frac{s(z)-m_1}{\sigma_1}\Big),
 
 s(z) = m_0 + σ_0 z. The covariance between adjacent blocks through the W - 1 boundary sources they share
-is neglected (it is exactly 0 without convolution).
+is neglected (it is exactly 0 without convolution; for the averaging filter the noise correlation of
+neighbouring blocks is about W/(6B), so the model is meant for filters short against the block).
 """
 
 from __future__ import annotations
@@ -208,8 +210,9 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
 
     ``weights``: (W,) shared by all channels (W = 1, w = [1] is no convolution); ``offsets``: distinct
     integer positions of the relevant tokens relative to the needle block's start, each in [0, 2B) (the
-    needle's block and the next); ``mu``: their cosine with q (|μ| <= 1); ``needle_offset``: the needle
-    (default: the smallest offset), which must lie in [0, B). Equations: module docstring.
+    needle's block and the next) and with offset + W - 1 < 2B (no convolved copy in a third block);
+    ``mu``: their cosine with q (|μ| <= 1); ``needle_offset``: the needle (default: the smallest offset),
+    which must lie in [0, B). Equations: module docstring.
 
     Examples
     --------
@@ -238,6 +241,13 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
     if not np.any(w):
         raise ValueError(f"weights must not all be zero (every convolved key would be 0, no block could be told "
                          f"from another), got {w.tolist()}")
+    reach = int(offs.max()) + w.size - 1
+    if reach >= 2 * bsz:
+        raise ValueError(
+            f"the relevant token at offset {int(offs.max())} is convolved into position {reach}, in the block after "
+            f"the next (positions >= 2B = {2 * bsz}); the model scores only the needle's block and the next against "
+            f"noise blocks: keep every offset + W - 1 < 2B (W = {w.size})"
+        )
     _check_size(bsz, w.size)
     m0, v0 = _block_moments(w, bsz, d, offs, mu, 0)
     m1, v1 = _block_moments(w, bsz, d, offs, mu, 1)
@@ -253,8 +263,8 @@ def linear_conv_block_model(head_dim: int, block_size: int, weights, offsets, mu
     dmu, m, cluster = cluster_stats(excess, needle)
     return LinearConvBlockModel(
         mean_signal=m0, var_signal=v0, mean_next=m1, var_next=v1, var_noise=vn,
-        snr=m0 / np.sqrt(v0 + vn), sd_ratio=float(np.sqrt(v0 / vn)), excess_cosines=excess,
-        delta_mu_eff=dmu, m=m, mu_cluster=cluster, paper_snr=dmu * float(np.sqrt(d / (2.0 * bsz))),
+        snr=float(m0 / np.sqrt(v0 + vn)), sd_ratio=float(np.sqrt(v0 / vn)), excess_cosines=excess,
+        delta_mu_eff=dmu, m=m, mu_cluster=cluster, paper_snr=float(dmu * np.sqrt(d / (2.0 * bsz))),
     )
 
 

@@ -104,8 +104,9 @@ def paper_threshold(n_blocks, top_k):
     .. math:: \mathrm{SNR} > \Phi^{-1}(1 - k/n) = -\Phi^{-1}(k/n)
 
     It is the expected-count condition p < k/n, not a probability of success: at the threshold the
-    exact hit probability (:func:`hit_probability`) is about 0.6 to 0.95, growing with n (0.64 for the
-    top 2 of 16 blocks, 0.86 for the top 8 of 2048, 0.94 for the top 8 of 131072). Computed as
+    exact hit probability (:func:`hit_probability`) grows with n, from 0.5 for the top 1 of 2 blocks
+    through 0.64 for the top 2 of 16, 0.86 for the top 8 of 2048 and 0.94 for the top 8 of 131072 to
+    0.96 for the top 1 of 10^6. Computed as
     :math:`-\Phi^{-1}(k/n)` so small k/n keeps full precision. For ``top_k >= n_blocks`` every block is
     selected and any SNR suffices: the threshold is ``-inf``. ``n_blocks >= 1`` and ``top_k >= 1``,
     integer-valued; broadcasts.
@@ -122,4 +123,4 @@ def paper_threshold(n_blocks, top_k):
     """
     n, k = broadcast(n_blocks=count("n_blocks", n_blocks), top_k=count("top_k", top_k))
     ratio = np.minimum(k / n, 1.0)
-    return scalar_or_array(-ndtri(ratio))
+    return scalar_or_array(0.0 - ndtri(ratio))  # 0 - x, not -x: k/n = 1/2 gives 0.0, not -0.0

@@ -163,17 +163,7 @@ def dirichlet_factor(m, phi):
     >>> round(dirichlet_factor(16, 0.1), 4)
     0.8971
     """
-    m_arr = np.asarray(m)
-    if m_arr.dtype == bool or not np.issubdtype(m_arr.dtype, np.number) or np.any(m_arr != np.round(m_arr)):
-        raise ValueError(f"m must be an integer (or array of integers) >= 1, got {m!r}")
-    if np.any(m_arr < 1):
-        raise ValueError(f"m must be >= 1 (the number of tokens in the span), got {m!r}")
-    try:
-        phi_arr = np.asarray(phi, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"phi must be a real angle or array of them, got {phi!r}") from exc
-    if not np.all(np.isfinite(phi_arr)):
-        raise ValueError(f"phi must be finite, got {phi!r}")
+    m_arr, phi_arr = V.broadcast(m=V.count("m", m, 1), phi=V.real("phi", phi))
     out = np.minimum(np.abs(_dirichlet_signed(m_arr, phi_arr)), 1.0)
     return float(out) if out.ndim == 0 else out
 
@@ -234,20 +224,10 @@ def rope_clustering_multiplier(m, rho, head_dim, base=10000.0, needle_index=0, n
     """
     d = _head_dim(head_dim)
     m, a, lag = _span(m, needle_index, needle_lag)
-    rho_arr = _finite_array("rho", rho)
+    rho_arr = V.real("rho", rho)
     g = _coherence(_span_offsets(m, a, lag), rope_frequencies(d, base))
     out = g[a] + rho_arr * (g.sum() - g[a])
     return float(out) if out.ndim == 0 else out
-
-
-def _finite_array(name: str, value) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real number or array of them, got {value!r}") from exc
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return arr
 
 
 def rope_delta_mu_eff(delta_mu, head_dim, m=1, mu_cluster=0.0, mu_noise=0.0, *, base=10000.0, needle_index=0,

@@ -49,6 +49,15 @@ _Z_MAX = 9.0
 _Z_GRID = np.linspace(-_Z_MAX, _Z_MAX, 13)
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(10)
 _CHUNK = 2048  # rows per batch: bounds memory at ~CHUNK * 300 nodes
+# Above this sd_ratio, 1 + r² rounds to r² (and r² overflows past ~1.3e154): sqrt(1 + r²) is r itself.
+_R_HUGE = 1e150
+
+
+def _signal_scale(r):
+    """sqrt(1 + r²), without overflow for huge r (where it would turn SNR = 0 into 0 · inf = NaN)."""
+    r = np.asarray(r, dtype=np.float64)
+    capped = np.minimum(r, _R_HUGE)
+    return np.where(r > _R_HUGE, r, np.sqrt(1.0 + capped * capped))
 
 
 def _x_breakpoints(n: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -65,7 +74,7 @@ def _x_breakpoints(n: np.ndarray, k: np.ndarray) -> np.ndarray:
 def _hit_core(snr: np.ndarray, n: np.ndarray, k: np.ndarray, r: np.ndarray) -> np.ndarray:
     """P_hit on 1-d float arrays of equal length with 1 <= k < n and r >= 0 (n, k may be non-integer)."""
     out = np.empty(snr.shape, dtype=np.float64)
-    a = snr * np.sqrt(1.0 + r * r)
+    a = snr * _signal_scale(r)
     det = r == 0.0
     if np.any(det):
         # sigma_s = 0: the signal score is the constant a, so the count above it is Binomial(n-1, Φ̄(a)).
