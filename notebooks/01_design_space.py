@@ -32,8 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from mobalab import simulate, snr
-from mobalab import experiments
+from mobalab import experiments, simulate, snr
 from mobalab._design_command import decode_cost, design, format_decode_cost, format_design
 
 pd.set_option("display.width", 140)
