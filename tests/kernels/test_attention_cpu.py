@@ -80,6 +80,16 @@ def test_validation_shapes_and_indices():
         A.moba_attention_cuda(q, k, v, 16, 3, topk_indices=idx.float())
 
 
+def test_validation_of_fold_and_of_a_variant_without_a_kernel():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="moba_attention_cuda: fold must be True or False"):
+        A.moba_attention_cuda(q, k, v, 16, 2, fold=1)
+    with pytest.raises(ValueError, match="moba_attention_cuda: fold=True .* needs into="):
+        A.moba_attention_cuda(q, k, v, 16, 2, fold=True)
+    with pytest.raises(ValueError, match="moba_attention_cuda: variant 'wgmma' supports head_dim"):
+        A.moba_attention_cuda(q, k, v, 16, 2, variant="wgmma")
+
+
 # ---------------------------------------------------------------------------------------------------
 # launch ABI: every variant's plans match their CUDA signatures
 

@@ -271,6 +271,23 @@ def test_backward_wrapper_validates_before_the_device():
             G.moba_attention_backward_cuda(**args, into=into)
 
 
+def test_backward_wrapper_refuses_integer_gradients_and_a_16bit_lse():
+    q, k, v = _qkv(1, 40, 2, 1, 64, torch.bfloat16)
+    topk = torch.zeros(1, 40, 2, 2, dtype=torch.int32)
+    lse = torch.zeros(1, 40, 2)
+    args = dict(dout=q, q=q, k=k, v=v, out=q, lse=lse, topk=topk, block_size=16, top_k=2, causal=True, scale=0.125)
+    for change, match in [(dict(dout=q.long()), "dout has dtype torch.int64"),
+                          (dict(lse=lse.bfloat16()), "lse has dtype torch.bfloat16; supported: torch.float32"),
+                          (dict(lse=lse.long()), "lse has dtype torch.int64"),
+                          (dict(dlse=lse.int()), "dlse has dtype torch.int32"),
+                          (dict(kv_fresh=1), "kv_fresh must be True or False")]:
+        with pytest.raises(ValueError, match=match):
+            G.moba_attention_backward_cuda(**(args | change))
+    for change in (dict(dout=q.float()), dict(dlse=lse.bfloat16())):  # float gradients are rounded as before
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            G.moba_attention_backward_cuda(**(args | change))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the op on CPU (reference inside), autograd wiring, compile
 

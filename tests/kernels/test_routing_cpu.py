@@ -262,6 +262,20 @@ def test_hi_lo_split_recovers_fp32_centroids(dtype, block_size):
 # the router variant: mma.sync (topk.cu) or wgmma (topk_wgmma.cu)
 
 
+def test_router_variant_refused_before_the_device(no_router_env):
+    q, k = torch.zeros(1, 200, 2, 128, dtype=torch.bfloat16), torch.zeros(1, 200, 1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="moba_topk_cuda: router variant must be one of"):
+        routing.moba_topk_cuda(q, k, 64, 8, variant="fast")
+    with pytest.raises(ValueError, match="moba_topk_cuda: router variant 'split' needs top_k <= 17"):
+        routing.moba_topk_cuda(q, k, 64, 20, variant="split")
+    no_router_env.setenv(routing.ROUTER_VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match="moba_topk_cuda: router variant must be one of"):
+        routing.moba_topk_cuda(q, k, 64, 8)
+    no_router_env.delenv(routing.ROUTER_VARIANT_ENV)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        routing.moba_topk_cuda(q, k, 64, 8, variant="wgmma")  # the device decides whether wgmma runs
+
+
 @pytest.fixture
 def no_router_env(monkeypatch):
     monkeypatch.delenv(routing.ROUTER_VARIANT_ENV, raising=False)

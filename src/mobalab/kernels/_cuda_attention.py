@@ -497,7 +497,10 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
 
     ``q`` (batch, seqlen, heads, d), ``k``/``v`` (batch, seqlen, kv_heads, d), bf16 or fp16, d in CUDA_HEAD_DIMS;
     ``block_size`` in {16, 32, 64, 128, 256, 512}; ``top_k`` in 1..64. ``topk_indices`` (int32 or int64 (batch,
-    seqlen, heads, top_k), -1 = unused slot) skips routing. ``variant`` picks the tile kernel ("auto", "resident",
+    seqlen, heads, top_k), -1 = unused slot) skips routing; its values are not checked (that would wait for the
+    GPU): any index outside 0 .. n_blocks - 1 counts as an unused slot, where the reference
+    (:func:`mobalab.kernels.reference.moba_attention_given_routing`) refuses it.
+    ``variant`` picks the tile kernel ("auto", "resident",
     "streaming", or "wgmma" (head dim 128, B 32, 64 or 128) / "wgmma-ws" (B 64 or 128): sm_90 GPUs; None:
     ``$MOBALAB_ATTN_VARIANT``, default "auto": wgmma on sm_90 GPUs at head dim 128, B 64 or 128 (B 32 from top_k
     times query heads per kv head = 9), else the mma.sync kernels); the partial format is ``$MOBALAB_ATTN_PARTIAL``
@@ -527,12 +530,18 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if topk_indices is not None:
         C.check_topk_indices(fn, topk_indices, q, top_k)
-    variant = resolve_variant(variant, q.shape[-1], block_size)
+    try:
+        variant = resolve_variant(variant, q.shape[-1], block_size)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
     partial = resolve_partial(None)
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:
         C.check_into(fn, into, ("out", "lse"), (q.shape, q.shape[:3]), q.device)
+    fold = C.check_flag(fn, "fold", fold)
+    if fold and into is None:
+        raise ValueError(f"{fn}: fold=True combines the result with the (out, lse) that into holds: it needs into=")
     keep_lists = C.check_flag(fn, "keep_lists", keep_lists)
     if keep_lists and (into is not None or not return_lse):
         raise ValueError(f"{fn}: keep_lists=True returns (out, lse, lists): it needs return_lse=True and no into=")
@@ -540,8 +549,7 @@ def moba_attention_cuda(q, k, v, block_size: int, top_k: int, causal: bool = Tru
     variant = tile_variant(fn, variant, q, k, block_size, top_k)
     with on_device(q.device):
         return _forward(q, k, v, block_size, top_k, causal, scale, return_lse, topk_indices, variant,
-                        scratch_budget_bytes, partial, into, C.check_flag(fn, "fold", fold), keep_lists,
-                        centroid_precision)
+                        scratch_budget_bytes, partial, into, fold, keep_lists, centroid_precision)
 
 
 def check_variant_device(fn: str, variant: str, device) -> None:

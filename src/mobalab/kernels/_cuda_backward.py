@@ -385,9 +385,10 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
                                  delta=None, variant: str | None = None, fwd_lists=None):
     r"""dq, dk, dv of MoBA attention given the forward's ``out``, natural-log ``lse`` and routing ``topk``.
 
-    Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``dlse`` (batch, seqlen, heads)
-    is the gradient w.r.t. the returned LSE, or None. ``scratch_budget_bytes`` bounds the per-chunk scratch
-    (None: the forward's default budget). Gradients come back in the input dtype.
+    Shapes as in :func:`mobalab.kernels._cuda_attention.moba_attention_cuda`; ``lse`` is float32, ``topk`` read as
+    that function's ``topk_indices`` (an index outside 0 .. n_blocks - 1 counts as an unused slot); ``dlse``
+    (batch, seqlen, heads) is the gradient w.r.t. the returned LSE, or None. ``scratch_budget_bytes`` bounds the
+    per-chunk scratch (None: the forward's default budget). Gradients come back in the input dtype.
 
     ``into`` (dq, dk, dv), contiguous fp32 tensors shaped like q, k, v: the gradients are added into them
     instead (dQ by the kernel's atomics, so its rows must hold a value already; dK, dV stored over whatever
@@ -413,12 +414,15 @@ def moba_attention_backward_cuda(dout, q, k, v, out, lse, topk, block_size: int,
     causal = C.check_flag(fn, "causal", causal)
     deterministic = C.check_flag(fn, "deterministic", deterministic)
     scale = C.check_softmax_scale(fn, scale, q.shape[-1])
-    C.check_like(fn, "dout", dout, q.shape, device=q.device)
+    # gradients of any float dtype are rounded to the kernels' types; an integer one would be converted silently,
+    # and a 16-bit lse has lost the bits the probabilities exp(x - lse) are recomputed from
+    C.check_like(fn, "dout", dout, q.shape, dtypes=C.REFERENCE_DTYPES, device=q.device)
     C.check_like(fn, "out", out, q.shape, dtypes=(q.dtype,), device=q.device)
-    C.check_like(fn, "lse", lse, q.shape[:3], device=q.device)
+    C.check_like(fn, "lse", lse, q.shape[:3], dtypes=(torch.float32,), device=q.device)
     if dlse is not None:
-        C.check_like(fn, "dlse", dlse, q.shape[:3], device=q.device)
+        C.check_like(fn, "dlse", dlse, q.shape[:3], dtypes=C.REFERENCE_DTYPES, device=q.device)
     C.check_topk_indices(fn, topk, q, top_k, name="topk")
+    kv_fresh = C.check_flag(fn, "kv_fresh", kv_fresh)
     if scratch_budget_bytes is not None:
         scratch_budget_bytes = C.check_positive_int(fn, "scratch_budget_bytes", scratch_budget_bytes)
     if into is not None:

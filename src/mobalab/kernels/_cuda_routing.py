@@ -305,6 +305,10 @@ def moba_topk_cuda(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if centroids is not None:
         C.check_centroids(fn, centroids, k, block_size)
+    try:  # the name and the shape here, so CPU tensors reach the message; the device in topk_cuda_checked
+        resolve_router_variant(variant, q.shape[-1], top_k, causal, None, math.ceil(q.shape[1] / block_size))
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
     C.check_cuda_device(fn, q)
     with on_device(q.device):
         return topk_cuda_checked(q, k, block_size, top_k, causal, centroids, variant, fn=fn,
