@@ -208,3 +208,42 @@ def test_device_capability_is_asked_once_per_device(monkeypatch):
         assert asked == [3, 5]
     finally:
         _build._capability.cache_clear()
+
+
+def test_a_module_is_built_once_per_compute_capability(monkeypatch):
+    """CuPy loads a built module on every device it runs on; an sm_90a build does not load on another
+    architecture, so a process with GPUs of two architectures needs a build for each (and one for two GPUs of one)."""
+    from types import SimpleNamespace
+
+    from mobalab.kernels import _build
+
+    built = []
+
+    class Module:
+        def __init__(self, code, options, name_expressions):
+            built.append(options)
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            return SimpleNamespace(name=name, options=built[-1])
+
+    current = [0]
+    runtime = SimpleNamespace(getDevice=lambda: current[0])
+    fake = SimpleNamespace(RawModule=Module, cuda=SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(_build, "cupy", lambda: fake)
+    monkeypatch.setattr(_build, "device_capability", lambda d: {0: (9, 0), 1: (8, 0), 2: (9, 0)}[d])
+    _build._module.cache_clear()
+    _build._kernel.cache_clear()
+    try:
+        fns = []
+        for device in (0, 1, 2, 0):
+            current[0] = device
+            fns.append(_build.get_kernel("topk.cu", "moba_topk_kernel"))
+        assert len(built) == 2
+        assert "-arch=sm_90a" in fns[0].options and "-arch=sm_90a" not in fns[1].options
+        assert fns[0] is fns[2] is fns[3] and fns[1] is not fns[0]
+    finally:
+        _build._module.cache_clear()
+        _build._kernel.cache_clear()

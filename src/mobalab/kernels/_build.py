@@ -77,10 +77,10 @@ def cupy():
 
 
 @functools.cache
-def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
+def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str, ...], capability: tuple[int, int]):
+    # one build per compute capability: CuPy loads a module on every device it runs on, and an sm_90a cubin does not
+    # load on another architecture (a process with an H100 and an A100)
     cp = cupy()
-    # the target of the device current at the first compile (CuPy's RawModule compiles for it too)
-    capability = device_capability(cp.cuda.runtime.getDevice())
     opts = NVRTC_OPTIONS + arch_options(capability) + tuple(f"-D{d}" for d in (*PORTABLE_DEFINES, *defines))
     mod = cp.RawModule(code=source(filename), options=opts, name_expressions=name_expressions or None)
     mod.compile()
@@ -88,8 +88,9 @@ def _module(filename: str, defines: tuple[str, ...], name_expressions: tuple[str
 
 
 @functools.cache
-def _kernel(filename: str, kernel: str, defines: tuple[str, ...], name_expressions: tuple[str, ...]):
-    return _module(filename, defines, name_expressions).get_function(kernel)
+def _kernel(filename: str, kernel: str, defines: tuple[str, ...], name_expressions: tuple[str, ...],
+            capability: tuple[int, int]):
+    return _module(filename, defines, name_expressions, capability).get_function(kernel)
 
 
 def get_kernel(filename: str, kernel: str, *, defines: tuple[str, ...] = (),
@@ -102,9 +103,10 @@ def get_kernel(filename: str, kernel: str, *, defines: tuple[str, ...] = (),
     device's opt-in maximum (never to the request): a smaller request can then not lower the limit under
     a larger launch of the same function.
     """
-    fn = _kernel(filename, kernel, tuple(defines), tuple(name_expressions))
+    device = cupy().cuda.runtime.getDevice()
+    fn = _kernel(filename, kernel, tuple(defines), tuple(name_expressions), device_capability(device))
     if max_dynamic_smem > 0:
-        limit = _dynamic_smem_limit(fn, cupy().cuda.runtime.getDevice())
+        limit = _dynamic_smem_limit(fn, device)
         if max_dynamic_smem > limit:
             raise ValueError(f"{kernel} needs {max_dynamic_smem} B of dynamic shared memory; this GPU allows {limit} B")
     return fn
