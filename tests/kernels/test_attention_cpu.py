@@ -500,3 +500,12 @@ def test_plan_keeps_tiles_full_at_512k():
     # and the scratch stays a small fraction of FlashAttention-2's footprint (q, k, v, out)
     fa2_bytes = 4 * 2 * seqlen * 16 * 128 * 2
     assert budget <= 0.05 * fa2_bytes
+
+
+@pytest.mark.parametrize("batch,seqlen,heads,kv_heads,top_k", [(1, 1 << 22, 64, 8, 64), (2, 1 << 21, 32, 32, 40)])
+def test_chunks_keep_their_pair_ids_below_2_to_the_31(batch, seqlen, heads, kv_heads, top_k):
+    # the kernels decode pair ids in 32-bit arithmetic; a budget of a terabyte must not make a chunk of 2^31 pairs
+    chunks = A.plan_chunks(batch, seqlen, heads, kv_heads, 128, top_k, 1 << 40)
+    assert max(c.n_heads * c.n_q * top_k for c in chunks) < 2**31
+    covered = sum(c.n_heads * c.n_q for c in chunks)
+    assert covered == batch * heads * seqlen

@@ -197,6 +197,9 @@ def _plan_chunks(batch, seqlen, heads, kv_heads, head_dim, top_k, budget_bytes, 
     group = heads // kv_heads
     per_query = group * top_k * bytes_per_pair(head_dim, partial)  # one query position of one kv group
     max_q = max(1, budget_bytes // per_query)
+    # the kernels decode a chunk's pair ids p = (hc * n_q + tt) * top_k + slot in 32-bit arithmetic (pair_query_head):
+    # a budget large enough for 2^31 pairs (hundreds of GB of scratch) still gets chunks below it
+    max_q = min(max_q, (2**31 - 1) // (group * top_k))
     chunks = []
     if max_q >= seqlen:
         # as few chunks as fit, of even sizes (16 groups at 3 per chunk: 3, 3, 3, 3, 2, 2 rather than ..., 3, 1):
