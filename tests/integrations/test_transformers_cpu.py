@@ -123,6 +123,44 @@ def test_padded_batch_equals_each_sequence_alone(side):
         torch.testing.assert_close(logits[row][mask[row].bool()], _alone(model, seq), rtol=1e-10, atol=1e-10)
 
 
+def test_packed_rows_beside_padded_rows_equal_each_sequence_alone():
+    """Restarting position_ids cut a row into sequences in a padded batch too, so a packed row's logits do not
+    depend on whether another row of the batch is padded."""
+    model = _model(top_k=2)
+    docs = [(9, 11), (4, 7)]  # row 0 fills the width, row 1 is right-padded by 9
+    seqs = [[_ids(n, seed=50 + n) for n in row] for row in docs]
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    position_ids = torch.zeros(2, 20, dtype=torch.long)
+    for row, parts in enumerate(seqs):
+        width = sum(len(seq) for seq in parts)
+        ids[row, :width], mask[row, :width] = torch.cat(parts), 1
+        position_ids[row, :width] = torch.cat([torch.arange(len(seq)) for seq in parts])
+    logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for row, parts in enumerate(seqs):
+        start = 0
+        for seq in parts:
+            torch.testing.assert_close(logits[row, start:start + len(seq)], _alone(model, seq), rtol=1e-10,
+                                       atol=1e-10)
+            start += len(seq)
+
+
+def test_output_attentions_is_refused():
+    model = _model(top_k=2)
+    with pytest.raises(ValueError, match=r"output_attentions=True is not supported.*set_attn_implementation"):
+        model(_ids(1, 8), output_attentions=True)
+
+
+def test_sliding_window_layers_are_refused_with_the_config_field_to_change():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="moba", moba_block_size=B,
+                         moba_top_k=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding_window = 8 is not supported.*use_sliding_window=False"):
+        Qwen2ForCausalLM(config)(_ids(1, 8))
+
+
 def test_mask_with_holes_is_refused():
     model = _model(top_k=2)
     mask = torch.ones(2, 12, dtype=torch.long)

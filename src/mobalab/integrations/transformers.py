@@ -20,7 +20,8 @@ rounded to the model's dtype, as MoBA and FlashMoBA store them), in training, pr
 Set them on the loaded model (``model.config.moba_block_size = 128``): ``from_pretrained`` ignores keyword
 arguments that are not config fields. Causality is the
 layer's (``is_causal``); ``scaling`` is the layer's softmax scale. MoBA has no attention dropout (a non-zero
-``attention_dropout`` while training is refused), no sliding window, soft-capping or attention sinks.
+``attention_dropout`` while training is refused), no sliding window, soft-capping or attention sinks, and returns
+no attention weights (``output_attentions=True`` is refused).
 
 What the attention accepts:
 
@@ -30,7 +31,8 @@ What the attention accepts:
   does not continue the previous one): :func:`mobalab.kernels.moba_attention_varlen`, blocks restart at every
   sequence, nothing crosses sequences;
 * a padded batch (2-D attention mask, left or right padding: each row's tokens one contiguous run) is
-  unpadded to the varlen path; padded positions get zero output. A mask with holes inside a row, or a custom
+  unpadded to the varlen path, a row's tokens cut further where ``position_ids`` restart (packed and padded
+  rows); padded positions get zero output and reach no other token. A mask with holes inside a row, or a custom
   4-D mask, is refused (neither is MoBA routing);
 * decoding with a KV cache (fewer queries than keys, the queries being the last positions): with
   :class:`MobaCache` (``model.generate(..., **{cache_argument(model): MobaCache(model.config, max_cache_len)})``)
@@ -172,8 +174,13 @@ def _padding_mask(attention_mask, batch: int, kv_len: int) -> torch.Tensor | Non
     return None if bool(mask.all()) else mask
 
 
-def _unpadding(mask: torch.Tensor):
-    """Indices of the kept tokens in the flattened batch, cu_seqlens and the longest row of a padded batch."""
+def _unpadding(mask: torch.Tensor, position_ids=None):
+    """Indices of the kept tokens in the flattened batch, cu_seqlens and the longest sequence of a padded batch.
+
+    Each row's kept run is one sequence, split further wherever ``position_ids`` (when they cover the row) restart
+    between two kept tokens: a packed row is then cut the same whether or not another row of the batch is padded.
+    """
+    batch, seqlen = mask.shape
     inner = mask[:, 1:] & ~mask[:, :-1]
     runs = mask[:, 0].int() + inner.sum(1)  # number of contiguous kept runs per row
     bad = (runs > 1).nonzero().flatten().tolist()
@@ -181,9 +188,17 @@ def _unpadding(mask: torch.Tensor):
         raise ValueError(f"moba attention: row {bad[0]} of the attention mask has padding between tokens; only "
                          "left or right padding (each row's tokens one contiguous run) can be unpadded into "
                          "sequences")
-    lengths = mask.sum(1).cpu()  # cu_seqlens on the host: the attention reads it without waiting for the GPU
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return mask.reshape(-1).nonzero().flatten(), cu_seqlens, int(lengths.max())
+    starts = mask.clone()
+    starts[:, 1:] = inner
+    if (position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == seqlen
+            and position_ids.shape[0] in (1, batch)):
+        pos = position_ids.to(mask.device).expand(batch, seqlen)
+        starts[:, 1:] |= mask[:, 1:] & mask[:, :-1] & (pos[:, 1:] != pos[:, :-1] + 1)
+    index = mask.reshape(-1).nonzero().flatten()
+    # cu_seqlens on the host: the attention reads it without waiting for the GPU
+    first = starts.reshape(-1)[index].nonzero().flatten().cpu()
+    cu_seqlens = torch.cat([first, torch.tensor([index.numel()], dtype=first.dtype)]).to(torch.int32)
+    return index, cu_seqlens, int(cu_seqlens.diff().max()) if first.numel() else 0
 
 
 def _restarts(position_ids, batch: int, seqlen: int):
@@ -250,7 +265,13 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     if kwargs.get("sliding_window") is not None:  # e.g. Mistral's config sets 4096 by default
         raise ValueError(f"moba attention: sliding_window = {kwargs['sliding_window']!r} is not supported (MoBA "
                          "routes over the whole past, whatever the window's length); set the config's "
-                         "sliding_window to None")
+                         "sliding_window to None (Mistral), or build the model from a config whose layers all use "
+                         "full attention (Qwen2: use_sliding_window=False; configs with layer_types: every entry "
+                         "'full_attention')")
+    if kwargs.get("output_attentions"):
+        raise ValueError("moba attention: output_attentions=True is not supported (MoBA never forms the attention "
+                         "weights); call without it, or switch to dense attention for that call with "
+                         "model.set_attn_implementation('eager') (its weights are dense attention's, not MoBA's)")
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"moba attention: {name} = {kwargs[name]!r} is not supported")
@@ -303,7 +324,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
         out = moba_attention_varlen(flat(q), flat(k), flat(v), cu, max_len, **common, deterministic=deterministic)
         out = out.view(batch, kv_len, heads, dim)
     elif mask is not None:
-        index, cu, max_len = _unpadding(mask)
+        position_ids = kwargs.get("position_ids") if q_len == kv_len else None
+        index, cu, max_len = _unpadding(mask, position_ids)
         packed = moba_attention_varlen(*(flat(x).index_select(0, index) for x in (q, k, v)), cu, max_len, **common,
                                        deterministic=deterministic)
         out = packed.new_zeros(total, heads, dim).index_copy(0, index, packed).view(batch, kv_len, heads, dim)
