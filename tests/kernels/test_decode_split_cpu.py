@@ -294,3 +294,55 @@ def test_only_the_selecting_kernels_wait_for_their_launch():
     assert score.count("dec_release_add(released + bk)") == 2
     assert score.rindex("__syncthreads();\n        if (tid == 0) dec_release_add(released + bk);") > \
         score.rindex("tops[")
+
+
+def test_a_plan_beyond_one_grid_names_the_launch_that_overflows():
+    """2^20 sequences of 8 kv heads with 512 query rows each: one select CTA per row is 2^32 CTAs, while the
+    attention launch (63 CTAs per kv head) and the score launch fit; the error names the select launch and the shape
+    that made it."""
+    length = 16 * 1001 + 1
+    with pytest.raises(ValueError, match=r"batch 1048576, kv_heads 8, 512 query rows per kv head and 1001 candidate "
+                                         r"blocks take 4294967296 select CTAs; one grid holds at most 2147483647"):
+        S.plan_split(1 << 20, 16, 256, 8, 64, 16, 2, length, 1002, 1002 * 16)
+
+
+def test_queries_reach_the_kernels_contiguous_and_16_byte_aligned():
+    """The attention kernel loads query rows as 16-byte vectors: a contiguous q that starts 6 bytes past such an
+    address (a view into a flat buffer) is copied, as a non-contiguous one is; an aligned contiguous q is passed on."""
+    from mobalab.kernels._cuda_decode import kernel_queries
+
+    flat = torch.randn(3 + 2 * 4 * 64).bfloat16()
+    shifted = flat[3:].view(2, 1, 4, 64)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 == 6
+    for q in (shifted, torch.randn(2, 4, 1, 64).bfloat16().transpose(1, 2)):
+        got = kernel_queries(q)
+        assert got.is_contiguous() and got.data_ptr() % 16 == 0 and torch.equal(got, q)
+    aligned = torch.randn(2, 1, 4, 64).bfloat16()
+    assert kernel_queries(aligned) is aligned
+
+
+def test_a_step_starts_no_launch_before_every_launch_is_ready(monkeypatch):
+    """A step whose attention kernel cannot be built (or whose arguments are refused) starts none of its launches:
+    a score launch that ran alone would leave its release counters raised in the cache's workspace for the next
+    step. A step whose launches are all ready starts them in order."""
+    from mobalab.kernels import _cuda_decode as F
+    from mobalab.kernels import _launch
+
+    cache, q = _bf16_step(2)
+    _, _, launches = S.split_launches(q, cache, 4, 0.125)
+    assert len(launches) == 2
+    started = []
+    monkeypatch.setattr(_launch, "start", lambda fn, launch, cargs: started.append((fn, launch.kernel)))
+
+    def build(source, kernel, device_index, smem, defines=()):
+        if "attend" in kernel:
+            raise RuntimeError(f"{kernel} failed to build")
+        return kernel
+
+    monkeypatch.setattr(F, "_function", build)
+    with pytest.raises(RuntimeError, match="attend_select_bf16_d64 failed to build"):
+        F.run_all(launches, 0)
+    assert started == []
+    monkeypatch.setattr(F, "_function", lambda source, kernel, *rest: kernel)
+    F.run_all(launches, 0)
+    assert started == [(x.kernel, x.kernel) for x in launches]

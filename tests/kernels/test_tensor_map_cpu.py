@@ -65,3 +65,12 @@ def test_a_map_parameter_refuses_anything_else():
     with pytest.raises(TypeError, match="vmap is C 'moba_tensor_map' and needs TensorMap2D"):
         _launch.check_args(good.source, good.kernel, args)
     assert isinstance(good.args[-1], TensorMap2D)
+
+
+def test_refusals_name_the_layout_and_address_given():
+    with pytest.raises(ValueError, match=r"shape \(128, 64\) and strides \(1, 128\); supported: contiguous"):
+        tensor_map_2d(torch.zeros(64, 128, dtype=torch.float16).t(), 64, 64)
+    shifted = torch.zeros(8 * 128 + 1, dtype=torch.bfloat16)[1:]  # 2 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match=rf"address {shifted.data_ptr():#x} and rows of 256 bytes; supported: both "
+                                         "multiples of 16 bytes"):
+        tensor_map_2d(shifted, 128, 64)

@@ -1,7 +1,8 @@
 r"""MoBA decode on the GPU (cuda/decode.cu): the launch plan and the runner behind :func:`moba_decode`.
 
 One launch per step (the kernel file's header has the design, the byte budget, the decomposition and the predictions):
-persistent CTAs (two of 256 threads per SM) take work items from one ticket counter,
+persistent CTAs (two of 256 threads per SM, one where a plan needs more than half the shared memory) take work
+items from one ticket counter,
 
 1. routing items (sequence, kv head, row group of <= 64 query rows, split of the candidate blocks): stream
    the cached block sums through a cp.async pipeline and keep each row's best k - 1 past blocks; the last
@@ -18,7 +19,8 @@ precision scores it, instead of :math:`q\cdot S_j` (both kernels; cuda/decode_co
 Everything that decides what the kernel receives (:func:`plan_decode`, :func:`decode_launch`) is plain
 Python, so CI checks it against the CUDA signature and runs it through the host emulation of the kernel
 without a GPU. Memory comes from torch's caching allocator, the kernel runs on torch's current stream, and
-nothing synchronises with the host (a step can be captured in a CUDA graph).
+nothing synchronises with the host (a step can be captured in a CUDA graph, but its plan and scratch are sized for
+the cache's lengths at the capture, read on the host: a graph is only replayed on the lengths it was captured at).
 """
 
 from __future__ import annotations
@@ -289,6 +291,28 @@ def run(launch: Launch, device_index: int) -> None:
     start(_function(launch.source, launch.kernel, device_index, launch.shared_mem, launch.defines), launch, cargs)
 
 
+def run_all(launches, device_index: int) -> None:
+    """Run one step's launches in order (:func:`run` each), every kernel built and every argument checked (tensor
+    maps encoded) before the first starts: a step stopped after its score launch would leave its kv heads' release
+    counters raised in the cache's workspace, which the next step's attention CTAs would take for their own score
+    CTAs' releases (and read scores not yet written)."""
+    from ._launch import check_args, start
+
+    ready = [(check_args(x.source, x.kernel, x.args), _function(x.source, x.kernel, device_index, x.shared_mem,
+                                                                x.defines)) for x in launches]
+    for launch, (cargs, fn) in zip(launches, ready, strict=True):
+        start(fn, launch, cargs)
+
+
+def kernel_queries(q: torch.Tensor) -> torch.Tensor:
+    """``q`` as the decode kernels read it: contiguous at an address that is a multiple of 16 bytes (a copy where it
+    is not). The split attention kernel loads query rows as 16-byte vectors, so a contiguous view that starts
+    between two such addresses (a slice of a flat buffer) would stop the kernel with a misaligned access."""
+    if q.is_contiguous() and q.data_ptr() % 16 == 0:
+        return q
+    return q.clone(memory_format=torch.contiguous_format)
+
+
 def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bool, *,
                 return_selection: bool = False, kernel: str | None = None, centroid_precision: str = "fp32"):
     """The CUDA path of :func:`moba_decode` (arguments already validated by ``check_decode``).
@@ -303,11 +327,10 @@ def decode_cuda(q: torch.Tensor, cache, top_k: int, scale: float, return_lse: bo
     plans = split_launches if decode_kernel(kernel) == "split" else step_launches
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device_index):
-        q = q.contiguous()
+        q = kernel_queries(q)
         _, bufs, launches = plans(q, cache, top_k, scale, sm_count=sm_count(device_index),
                                   centroid_precision=centroid_precision)
-        for launch in launches:
-            run(launch, device_index)
+        run_all(launches, device_index)
     result = (bufs["out"], bufs["lse"]) if return_lse else (bufs["out"],)
     if return_selection:
         result = result + (bufs["sel"],)

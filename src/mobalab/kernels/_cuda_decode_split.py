@@ -7,12 +7,12 @@ layouts and outputs; the kernel file's header has the design, the byte counts an
    ``range_blocks`` candidate blocks); its warps stream the block sums (16 float4 loads per lane in flight)
    and write :math:`s_j = q\cdot S_j` of every row to an fp32 scratch (b, kv_heads, R, n_cols), NaN where
    block j is not a candidate of the row;
-2. ``moba_decode_route_select``: one CTA per (sequence, kv head, row); its warps keep sorted lists of the
-   best k - 1 (score desc, block desc) one entry per lane, merged in a tree of bitonic merges, and warp 0
-   writes ``sel``; it also enters the row's blocks into its kv head's set of selected blocks (a bitmap in
-   the cache's zeroed workspace: the same set, and so the same outputs bit for bit, whatever the order in
-   which the rows enter their blocks);
-3. ``moba_decode_attend_*``: ``cpg`` CTAs of 4 warps per (sequence, kv head) share the items (chunk of <= 32
+2. ``moba_decode_route_select``: ``select_wpr`` warps per (sequence, kv head, row), 8 // select_wpr rows per
+   CTA; a row's warps keep sorted lists of the best k - 1 (score desc, block desc) one entry per lane, merged in a
+   tree of bitonic merges, and the row's first warp writes ``sel``; it also enters the row's blocks into its kv
+   head's set of selected blocks (a bitmap in the cache's zeroed workspace: the same set, and so the same outputs
+   bit for bit, whatever the order in which the rows enter their blocks);
+3. ``moba_decode_attend_*``: ``cpg`` CTAs of 4 warps per (sequence, kv head) share the items (chunk of <= 64
    tokens of a block in the set) in contiguous runs; a CTA copies the K and V of its next item while it
    computes the current one on the tensor cores, for every row that selected the block (so a block is read
    once per kv head), folds a run of chunks of one block into one partial softmax result per row; the last
@@ -33,7 +33,8 @@ Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable 
 call (:func:`decode_kernel`). Everything that decides what the kernels receive is plain Python (CI checks it
 against the CUDA signatures and runs it through the host emulation). Memory comes from torch's caching
 allocator, the kernels run on torch's current stream, and nothing synchronises with the host (a step can be
-captured in a CUDA graph).
+captured in a CUDA graph, but its plan, scratch and sets are sized for the cache's lengths at the capture: a replay
+on longer sequences writes past them, so a graph is only replayed on the lengths it was captured at).
 """
 
 from __future__ import annotations
@@ -290,9 +291,12 @@ def plan_split(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int,
                      select_wpr=select_wpr, n_words=n_words, cpg=attn_ctas, cached=cached,
                      score_smem=score_smem_bytes(head_dim, rows_per_group), select_smem=select_smem_bytes(),
                      attn_smem=attn_smem, fused_select=bool(fused_select), n_bat=max(1, math.ceil(n_cand / bw)))
-    if max(plan.n_attn_ctas, plan.n_score_ctas, plan.n_select_ctas) > MAX_GRID:
-        raise ValueError(f"moba_decode (split kernel): {plan.n_attn_ctas} attention CTAs exceed one grid "
-                         f"({MAX_GRID}); use MOBALAB_DECODE_KERNEL=fused")
+    over = [f"{n} {what}" for n, what in ((plan.n_score_ctas, "score"), (plan.n_select_ctas, "select"),
+                                          (plan.n_attn_ctas, "attention")) if n > MAX_GRID]
+    if over:
+        raise ValueError(f"moba_decode (split kernel): batch {batch}, kv_heads {kv_heads}, {rows} query rows per kv "
+                         f"head and {n_cand} candidate blocks take {' and '.join(over)} CTAs; one grid holds at most "
+                         f"{MAX_GRID}: use MOBALAB_DECODE_KERNEL=fused (contiguous caches) or a smaller batch")
     return plan
 
 

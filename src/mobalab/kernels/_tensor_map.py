@@ -65,7 +65,8 @@ def tensor_map_2d(tensor: torch.Tensor, cols: int, box_rows: int, box_cols: int 
         raise ValueError(f"tensor_map_2d: elements of {tensor.element_size()} bytes ({tensor.dtype}); "
                          "supported: 2-byte elements (bf16, fp16)")
     if not tensor.is_contiguous():
-        raise ValueError("tensor_map_2d: the tensor must be contiguous")
+        raise ValueError(f"tensor_map_2d: a tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()}; "
+                         "supported: contiguous tensors")
     if cols <= 0 or tensor.numel() % cols:
         raise ValueError(f"tensor_map_2d: {tensor.numel()} elements do not make rows of {cols}")
     rows = tensor.numel() // cols
@@ -77,7 +78,8 @@ def tensor_map_2d(tensor: torch.Tensor, cols: int, box_rows: int, box_cols: int 
     if rows > _MAX_COORD or rows >= _MAX_DIM:
         raise ValueError(f"tensor_map_2d: {rows} rows; supported: fewer than 2^31")
     if tensor.data_ptr() % 16 or (cols * 2) % 16:
-        raise ValueError("tensor_map_2d: the address and the row stride must be multiples of 16 bytes")
+        raise ValueError(f"tensor_map_2d: address {tensor.data_ptr():#x} and rows of {cols * 2} bytes; supported: "
+                         "both multiples of 16 bytes")
     return TensorMap2D(tensor, rows, cols, box_rows, box_cols)
 
 
