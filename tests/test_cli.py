@@ -358,8 +358,10 @@ def test_kernel_speed_from_any_folder_reads_the_recorded_csv_and_says_so(tmp_pat
     assert "reads the recorded benchmark 2026-11-22-h200-moba-forward-43ade7f.csv" in lines[0]
     assert lines[1].startswith("RECORDED forward benchmark, not measured on this machine: NVIDIA H200, "
                                "2026-11-22 00:02 UTC, commit 43ade7f")
-    df, _ = read_run(tmp_path / "runs" / "kernel-speed", "kernel-speed")
+    df, meta = read_run(tmp_path / "runs" / "kernel-speed", "kernel-speed")
     assert df["recorded"].all()
+    # found at run time, so the record names the CSV: elsewhere the search could find another
+    assert meta["command"].endswith("--seed 0 --bench-csv " + df["source"].iloc[0])
 
 
 def test_kernel_speed_bench_csv_flag(tmp_path, capsys):
@@ -489,3 +491,31 @@ def test_a_reader_that_leaves_after_the_first_line_keeps_the_finished_result(fak
     assert sys.stdout.text.startswith("fake (quick): 5 rows on the CPU")
     df, _ = read_run(tmp_path / "o", "fake")  # written before the summary that found the pipe closed
     assert len(df) == 5
+
+
+def test_the_record_says_how_to_rerun_the_result(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(_output, "git_modified", lambda: True)
+    out = tmp_path / "r"
+    assert cli.main(["run", "fake", "--out", str(out), "--quick", "--seed", "5", "--no-progress"]) == 0
+    _, meta = read_run(out, "fake")
+    assert meta["command"] == "mobalab run fake --quick --seed 5"
+    if meta["environment"]["git_commit"]:  # a commit is only a citation when the tree held no edits
+        assert meta["environment"]["git_modified"] is True
+
+
+@pytest.mark.parametrize("entry", ["../elsewhere.csv", "/etc/hostname"])
+def test_read_run_refuses_a_manifest_that_points_outside_its_folder(fake, tmp_path, entry):
+    out = tmp_path / "r"
+    assert cli.main(["run", "fake", "--out", str(out), "--no-progress"]) == 0
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("x\n")
+    meta = json.loads((out / "fake.json").read_text())
+    meta["files"][entry] = {"bytes": 2, "sha256": _output._digest(outside)["sha256"]}
+    (out / "fake.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="malformed manifest"):
+        read_run(out, "fake")
+
+
+def test_read_run_of_a_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match=r"is not a folder \(expected the --out folder of `mobalab run rope`\)"):
+        read_run(tmp_path / "missing", "rope")

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -168,6 +169,22 @@ def _config(mod, args):
     return mod.Config.quick(**overrides) if args.quick else dataclasses.replace(mod.Config(), **overrides)
 
 
+def _command(args, config, df) -> str:
+    """The command line that reruns this configuration, for the JSON record: the seed is spelled out (a
+    later default could differ) and ``--bench-csv`` is the CSV the run read (by default found at run time:
+    the table's ``source``), not what finding it would give elsewhere; ``--out`` is left to the reader."""
+    parts = ["mobalab", "run", args.experiment] + (["--quick"] if args.quick else [])
+    if getattr(config, "seed", None) is not None:
+        parts += ["--seed", str(config.seed)]
+    bench = getattr(config, "bench_csv", None)
+    if bench is None and hasattr(config, "bench_csv") and "source" in df.columns:
+        sources = df["source"].dropna().unique()
+        bench = sources[0] if len(sources) == 1 else None
+    if bench:
+        parts += ["--bench-csv", str(bench)]
+    return shlex.join(parts)
+
+
 def _fallback_dir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"mobalab-{name}-"))
 
@@ -215,14 +232,15 @@ def _cmd_run(args) -> int:
         print(f"\nmobalab run: interrupted while computing; nothing was written ({out} is as it was)",
               file=sys.stderr)
         return 130
+    extra = {"command": _command(args, config, df)}
     try:
         try:
-            paths = _output.write_run(out, name, config, df, {"": mod.plot(df)})
+            paths = _output.write_run(out, name, config, df, {"": mod.plot(df)}, extra)
         except OSError as exc:  # e.g. the disk filled up: keep the computed result somewhere else
             fallback = _fallback_dir(name)
             print(f"mobalab run: could not write to {out} ({exc}); writing to {fallback} instead", file=sys.stderr)
             try:
-                paths = _output.write_run(fallback, name, config, df, {"": mod.plot(df)})
+                paths = _output.write_run(fallback, name, config, df, {"": mod.plot(df)}, extra)
             except OSError as again:
                 print(f"mobalab run: could not write to {fallback} either ({again})", file=sys.stderr)
                 return 1

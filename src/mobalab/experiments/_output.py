@@ -20,6 +20,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ import pandas as pd
 
 from mobalab.bench.environment import environment, git_commit
 
-__all__ = ["environment", "git_commit", "prepare_out_dir", "result_files", "write_run", "read_run",
+__all__ = ["environment", "git_commit", "git_modified", "prepare_out_dir", "result_files", "write_run", "read_run",
            "InterruptedAfterWrite"]
 
 
@@ -107,6 +108,22 @@ def _manifest_names(json_path: Path) -> list[str]:
         return []
     # only plain names in the same folder: a manifest never points elsewhere
     return [f for f in files if isinstance(f, str) and f == Path(f).name]
+
+
+def git_modified() -> bool | None:
+    """Whether the checkout mobalab is imported from has uncommitted changes to tracked files; None when that
+    cannot be told (not a git checkout, no git, or ``MOBALAB_COMMIT`` naming the commit from outside).
+
+    The commit alone does not reproduce a result computed from an edited working tree, so the record says so.
+    """
+    if os.environ.get("MOBALAB_COMMIT"):
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def _digest(path: Path) -> dict:
@@ -208,7 +225,10 @@ def write_run(out_dir, name: str, config, data: pd.DataFrame, figures: dict, ext
             stage(f"png:{key}" if key else "png", out / (f"{name}-{key}.png" if key else f"{name}.png"),
                   lambda p, fig=fig: fig.savefig(p, format="png", dpi=130, bbox_inches="tight"))
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        meta = {"experiment": name, "config": cfg, "environment": environment(), "rows": len(data),
+        env = environment()
+        if env.get("git_commit"):
+            env["git_modified"] = git_modified()
+        meta = {"experiment": name, "config": cfg, "environment": env, "rows": len(data),
                 "columns": list(data.columns), **(extra or {}),
                 "files": {final.name: _digest(tmp) for _, tmp, final in staged}}
         json_final = out / f"{name}.json"
@@ -274,6 +294,8 @@ def read_run(out_dir, name: str) -> tuple[pd.DataFrame, dict]:
     ([1, 2], ['demo.csv'])
     """
     out = Path(out_dir)
+    if not out.is_dir():
+        raise ValueError(f"{str(out)!r} is not a folder (expected the --out folder of `mobalab run {name}`)")
     json_path = out / f"{name}.json"
     try:
         meta = json.loads(json_path.read_text())
@@ -284,6 +306,11 @@ def read_run(out_dir, name: str) -> tuple[pd.DataFrame, dict]:
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or f"{name}.csv" not in files:
         raise ValueError(f"{json_path} has no manifest of the result's files (written by an older mobalab?)")
+    # a manifest lists plain names in its own folder: "../x" or "/x" would vouch for files of other folders
+    odd = [f for f, want in files.items() if f != Path(f).name or f in ("", ".", "..") or not isinstance(want, dict)]
+    if odd:
+        raise ValueError(f"{json_path} has a malformed manifest: {', '.join(map(repr, odd))} (each entry must be a "
+                         "file name in the same folder with its bytes and sha256)")
     contents, bad = {}, []
     for fname, want in files.items():
         path = out / fname

@@ -44,13 +44,20 @@ from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
 from ._checks import check_seed
-from ._columns import integer_columns
+from ._columns import check_table, integer_columns
 from ._devices import resolve_device
 from .snr_vs_accuracy import vector_point
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "measured_snr"]
 
 NAME = "block-size"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("block_size", "ci_high", "ci_low", "delta_mu_eff", "estimate", "head_dim", "interval_units", "m",
+                 "method", "mu_signal", "n_blocks", "paper_snr", "sd_ratio", "seq_len", "snr", "snr_measured",
+                 "snr_measured_high", "snr_measured_low", "sweep", "top_k")
+_SUMMARY_COLUMNS = ("block_size", "head_dim", "interval_units", "method", "paper_interval_units", "paper_prediction",
+                    "paper_snr", "prediction", "snr_measured", "sweep", "trials")
 SWEEPS = ("fixed k/n", "fixed k", "head dim", "clt")
 
 
@@ -207,6 +214,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per sweep (and d for ``clt``): points, worst |interval units| of the Monte Carlo legs against the
     generator and the paper predictions, and the log-log slope of SNR against the swept variable
     (paper: -1/2 in B, +1/2 in d) for the paper's SNR and for the SNR measured from the vector leg."""
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     out = []
     clt_dim = df["head_dim"].where(df["sweep"] == "clt", 0).rename("clt_dim")  # split only the clt sweep by d
     for (sweep, d), g in df.groupby([df["sweep"], clt_dim], sort=False):
@@ -253,6 +261,7 @@ def _log2_axis(ax, values, label):
 
 def plot(df: pd.DataFrame):
     """3 x 3 figure: P(hit) and SNR along the three design sweeps; the CLT sweep and its interval units."""
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
     import matplotlib.ticker as mticker
 

@@ -36,11 +36,16 @@ from mobalab._validate import scalar_cosine, scalar_count
 from mobalab.kernels import decode_bytes, decode_flops
 
 from ._checks import check_seed
+from ._columns import check_table
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "decode_cost_table", "find_bench_csv", "read_decode_bench",
            "ENV_VAR", "RECORDED_BENCH"]
 
 NAME = "decode-cost"
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_TABLE_COLUMNS = ("seq_len", "block_size", "top_k", "target", "hit_probability", "meets_target", "bytes_per_step",
+                  "byte_ratio", "dense_bytes", "cheapest", "cheapest_measured")
+_PLOT_COLUMNS = _SUMMARY_COLUMNS = _TABLE_COLUMNS
 ENV_VAR = "MOBALAB_DECODE_BENCH_CSV"
 K = 1024
 #: Columns of the decode benchmark CSV this experiment reads (``mobalab.bench.decode``).
@@ -273,6 +278,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per context: the cheapest feasible (B, k) by bytes (and by measured time when there is any), its
     P(hit), MB per step and bytes saved against dense decode."""
+    check_table(df, NAME, "summary", _TABLE_COLUMNS)
     out = []
     for n, g in df.groupby("seq_len", sort=True):
         line = dict(seq_len=int(n), target=float(g["target"].iloc[0]), feasible=int(g["meets_target"].sum()),
@@ -304,6 +310,7 @@ def _tokens(n) -> str:
 def plot(df: pd.DataFrame):
     """One panel per context: P(hit) against MB per step for every (B, k), the target and the cheapest
     feasible point; a last panel: the cheapest feasible bytes (and measured time) against the context."""
+    check_table(df, NAME, "plot", _TABLE_COLUMNS)
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 

@@ -36,11 +36,19 @@ import numpy as np
 import pandas as pd
 
 from ._checks import check_seed
+from ._columns import check_table
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "caption", "default_bench_csv", "find_bench_csv",
            "read_bench_csv", "REQUIRED_COLUMNS", "BACKWARD_COLUMNS", "ENV_VAR"]
 
 NAME = "kernel-speed"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("attention_tflops", "batch", "block", "commit", "date", "device", "dtype", "head_dim", "heads",
+                 "latency_ms", "method", "pass", "peak_gb", "recorded", "routing_share", "seqlen", "speedup_vs_cudnn",
+                 "speedup_vs_fa2", "tflops", "top_k", "variant", "workload")
+_SUMMARY_COLUMNS = ("block", "head_dim", "latency_ms", "method", "peak_gb", "seqlen", "speedup_vs_cudnn",
+                    "speedup_vs_fa2", "tflops", "top_k", "variant", "workload")
 ENV_VAR = "MOBALAB_BENCH_CSV"
 #: Columns of the forward benchmark CSV (``bench.csv``) this experiment needs.
 REQUIRED_COLUMNS = ("workload", "seqlen", "head_dim", "block", "top_k", "mobalab_ms", "fa2_ms", "cudnn_ms",
@@ -344,6 +352,7 @@ def caption(df: pd.DataFrame) -> str:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One line per benchmark configuration: ms of each method, speedups, useful TFLOP/s, peak GB."""
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     # top_k too: a benchmark that varies it at one (N, d, B) would otherwise print look-alike lines
     keys = ["workload", "seqlen", "head_dim", "block", "top_k", "variant"]
     mob = df[df["method"] == "mobalab"].set_index(keys)
@@ -387,6 +396,7 @@ def plot(df: pd.DataFrame):
     >>> import matplotlib.pyplot as plt
     >>> plt.close(fig)
     """
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 

@@ -49,10 +49,18 @@ from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
 from ._checks import check_counts, check_seed, is_count
+from ._columns import check_table
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "relevant_offsets", "conv_variants"]
 
 NAME = "key-conv"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("block_size", "ci_high", "ci_low", "conv", "estimate", "exact_prediction", "head_dim",
+                 "moments_prediction", "moments_snr", "mu", "multiplier", "n_blocks", "paper_prediction", "pattern",
+                 "span", "top_k", "trials")
+_SUMMARY_COLUMNS = ("change_vs_none", "ci_high", "ci_low", "conv", "exact_units", "form", "moments_units", "multiplier",
+                    "paper_units", "pattern", "span")
 PATTERNS = ("inside", "cut", "scattered")
 
 
@@ -286,6 +294,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per convolution: mean measured multiplier, worst |interval units| of each prediction, and where the
     convolution hurts (P(hit) below the unconvolved estimate by more than the two intervals allow)."""
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     out = []
     base = df[df["form"] == "none"].set_index(["pattern", "span"])
     for label, g in df.groupby("conv", sort=False):
@@ -309,6 +318,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def plot(df: pd.DataFrame):
     """Row 1: P(hit) against L per pattern, MC with intervals and the three predictions (for the
     unconvolved and the widest convolutions). Row 2: measured multiplier Δμ_eff/μ and m against L."""
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
     import matplotlib.ticker as mticker
     from matplotlib.lines import Line2D

@@ -60,11 +60,18 @@ from mobalab import snr
 from mobalab.stats import interval_units, wilson_interval
 
 from ._checks import check_seed
+from ._columns import check_table
 from ._devices import kernel_backend
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "TASKS", "METRICS", "needle_batch"]
 
 NAME = "needle-retrieval"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("backend", "block_size", "ci_high", "ci_low", "device", "estimate", "head_dim", "logit_scale",
+                 "metric", "needle_cosine", "needle_tokens", "prediction", "seqlen", "snr", "task", "top_k")
+_SUMMARY_COLUMNS = ("backend", "block_size", "estimate", "interval_units", "metric", "prediction", "seqlen", "task",
+                    "top_k", "trials")
 TASKS = ("single", "multi-key", "multi-query")
 METRICS = ("routing recall", "retrieval accuracy", "dense retrieval accuracy", "mass kept")
 
@@ -350,6 +357,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One line per (task, N, B, k): recall vs prediction (in interval units), accuracy, dense, mass kept."""
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     keys = ["task", "seqlen", "block_size", "top_k"]
     wide = df.pivot_table(index=keys, columns="metric", values="estimate", sort=False).reset_index()
     rec = df[df["metric"] == "routing recall"].set_index(keys)
@@ -386,6 +394,7 @@ def plot(df: pd.DataFrame, tasks=None, metrics=("routing recall", "retrieval acc
     ``tasks`` (default: every task of ``df``) and ``metrics`` (drawn from :data:`METRICS`) choose the rows;
     a task that ``df`` does not hold or an unknown metric is a ValueError.
     """
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, NullLocator

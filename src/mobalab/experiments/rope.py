@@ -47,12 +47,20 @@ from mobalab import simulate, snr
 from mobalab.stats import interval_units, wilson_interval
 
 from ._checks import check_seed
-from ._columns import integer_columns
+from ._columns import check_table, integer_columns
 from ._devices import kernel_backend, resolve_device
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "verdict", "design_point", "kernel_hits"]
 
 NAME = "rope"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("backend", "blind_prediction", "blind_units", "block_size", "ci_high", "ci_low", "estimate",
+                 "head_dim", "m", "method", "n_blocks", "needle_index", "point", "rope_base", "rope_prediction",
+                 "rope_units", "sweep", "top_k", "value")
+_SUMMARY_COLUMNS = ("blind_multiplier", "blind_prediction", "blind_units", "block_size", "estimate", "head_dim", "m",
+                    "method", "mu", "point", "rope_base", "rope_multiplier", "rope_prediction", "rope_units", "sweep",
+                    "value")
 SWEEPS = ("span m", "block size B", "head dim d", "RoPE base")
 NEEDLE_AT = ("centre", "start")
 
@@ -293,6 +301,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
     ``attrs["verdict"]`` holds :func:`verdict`.
     """
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     keys = ["sweep", "value"]
     base = (df.groupby(keys, sort=False)
               .agg(m=("m", "first"), B=("block_size", "first"), d=("head_dim", "first"), base=("rope_base", "first"),
@@ -337,6 +346,7 @@ def plot(df: pd.DataFrame):
     """Top: P(hit) along each sweep (blind and RoPE-aware theory, Monte Carlo and kernel with 95% intervals).
     Bottom: the per-pair factors F_i of the sweep's points against the pair index i/(d/2), with the
     Dirichlet envelope D_m(θ_i)."""
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
 
     sweeps = [s for s in SWEEPS if (df["sweep"] == s).any()]

@@ -25,6 +25,24 @@ units of the 95% interval's half-width (|u| <= 1: inside). ``summary`` reports t
 ``run_seed`` is the run's seed (``Config.seed``); ``seed`` the stream each score- and vector-level row was
 drawn from (kernel rows draw from streams spawned from ``(run_seed, 1)`` and leave it empty).
 :func:`plan` says before a run which device each leg uses and how many trials it draws.
+
+Columns of the CSV (one row per analytic curve point or Monte Carlo point; a column a leg has no value for is
+empty). Probabilities are fractions in [0, 1]; SNR, ``sd_ratio`` and the interval units are dimensionless:
+
+* ``experiment``, ``run_seed``; ``panel`` ("n=64, k=8"), ``n_blocks``, ``top_k``, ``paper_threshold`` (the
+  rule-of-thumb SNR Φ⁻¹(1 - k/n));
+* ``method`` ("analytic", "score-level", "vector-level", "kernel"), ``backend`` (what computed it: "numpy",
+  "torch-cpu", "torch-cuda", "torch-reference", "cuda-kernel"), ``device`` (kernel rows: the hardware);
+* ``snr`` (the x axis of the figure), ``sd_ratio`` (signal / noise standard deviation of the block score),
+  ``target_snr`` (the ``mc_snr`` value the vector and kernel points were built for);
+* ``estimate`` (the y axis: P(hit), the analytic value or hits / trials), ``prediction`` (the exact
+  analytic P(hit) at the row's ``snr`` and ``sd_ratio``), ``hits``, ``trials``, ``ci_low``, ``ci_high``
+  (95% Wilson interval, the figure's error bars), ``interval_units``, ``seed``;
+* the generator of the vector and kernel legs: ``head_dim`` (d), ``block_size`` (B, tokens), ``seq_len``
+  (n·B tokens), ``m`` (planted tokens, needle included), ``mu_signal`` and ``mu_cluster`` (their cosine with
+  the query), ``planted``, ``key_conv``, ``causal``, ``query_pos``, ``needle_pos``, ``batch_size`` and the
+  score leg's ``sampler`` (:func:`mobalab.simulate.vector_level_router`,
+  :func:`mobalab.simulate.score_level_router`).
 """
 
 from __future__ import annotations
@@ -41,12 +59,17 @@ from mobalab import simulate, snr
 from mobalab.stats import interval_units
 
 from ._checks import check_counts, check_seed, is_count
-from ._columns import integer_columns
+from ._columns import check_table, integer_columns
 from ._devices import kernel_backend, resolve_device
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "vector_point", "kernel_point", "vector_trials"]
 
 NAME = "snr-vs-accuracy"
+
+#: columns of the tidy table that plot and summary read (check_table names the missing ones)
+_PLOT_COLUMNS = ("backend", "ci_high", "ci_low", "estimate", "method", "n_blocks", "panel", "paper_threshold", "snr",
+                 "top_k")
+_SUMMARY_COLUMNS = ("ci_high", "ci_low", "estimate", "interval_units", "method", "panel", "paper_threshold", "trials")
 
 
 @dataclass(frozen=True)
@@ -340,6 +363,7 @@ def run(config: Config = Config(), progress: bool = False) -> pd.DataFrame:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per panel and Monte Carlo method: points, trials per point (the fewest), the widest 95% interval's
     half-width, the largest |disagreement| in interval units and how many points lie inside their interval."""
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     mc = df[df["method"] != "analytic"].copy()
     mc["abs_units"] = mc["interval_units"].abs()
     mc["half_width"] = (mc["ci_high"] - mc["ci_low"]) / 2
@@ -355,6 +379,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def plot(df: pd.DataFrame):
     """One panel per (n, k): analytic curve, paper threshold, Monte Carlo points with 95% intervals; a panel
     that a leg of the run skipped (n·B above the leg's limit) names that leg."""
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(df["panel"]))

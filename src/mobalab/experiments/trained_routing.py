@@ -60,11 +60,15 @@ from scipy import stats as sps
 from mobalab.stats import wilson_interval
 
 from ._checks import check_counts, check_seed, is_count
-from ._columns import integer_columns
+from ._columns import check_table, integer_columns
 
 __all__ = ["Config", "run", "plot", "summary", "plan", "claims", "retrieval_heads", "model_config", "gpu_estimate"]
 
 NAME = "trained-routing"
+#: columns of the tidy table that summary and plot read first (check_table names the missing ones)
+_SUMMARY_COLUMNS = ("variant", "replicate", "layer", "head", "block_size", "top_k", "needle_mass", "correct", "answers",
+                    "recall_hits", "recall_trials")
+_PLOT_COLUMNS = (*_SUMMARY_COLUMNS, "n_values")
 #: Training rate (FLOP/s) assumed for sizing a run on a CPU: about what two cores reach on the full-size dense
 #: model at 4K tokens (the MoBA reference runs slower still), so the estimate errs short.
 CPU_FLOPS_PER_S = 20e9
@@ -456,6 +460,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     which the pooled interval does not."""
     from mobalab.stats import interval_units
 
+    check_table(df, NAME, "summary", _SUMMARY_COLUMNS)
     rh = retrieval_heads(df)
     models = _models(df)
     rows = []
@@ -572,6 +577,7 @@ def _seed_range(df: pd.DataFrame) -> str:
 def plot(df: pd.DataFrame):
     """(a) accuracy per variant, (b) recall at the retrieval head with the three predictions, (c) predicted
     against observed recall for every layer / head, (d) Δμ/σ and Δμ_eff/σ at the retrieval heads."""
+    check_table(df, NAME, "plot", _PLOT_COLUMNS)
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
