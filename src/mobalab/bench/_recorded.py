@@ -1,7 +1,9 @@
 """Results recorded on reference machines, shipped with mobalab as package data in ``mobalab/bench/recorded/``.
 
-File names start with the date, then the device and what was measured (``2026-11-22-h200-moba-forward-43ade7f.csv``);
-a benchmark CSV has a JSON beside it (same stem) that names the device, the date and the git commit.
+File names start with the date, then the device and what was measured, and most end with the git commit
+(``2026-11-22-h200-moba-forward-43ade7f.csv``). The forward and forward + backward benchmark CSVs (``*moba-*.csv``)
+have a JSON beside them (same stem) that names the device, the date and the git commit; the other files carry
+only what their name says.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def recorded_dir() -> Path:
 
 
 def recorded_files(pattern: str = "*.csv") -> list[Path]:
-    """Recorded files whose name matches the glob ``pattern``, oldest first (names start with the date).
+    """Recorded files whose name matches the glob ``pattern``, sorted by name: by date, and files of one day by
+    the rest of their name (for one device and measurement, the commit): not the order they were measured in.
 
     Parameters
     ----------
@@ -36,7 +39,8 @@ def recorded_files(pattern: str = "*.csv") -> list[Path]:
     Returns
     -------
     list of pathlib.Path
-        Sorted by name; empty when nothing matches.
+        Sorted by name; empty when nothing matches. The last is from the latest day, not necessarily the
+        latest run of that day.
 
     Examples
     --------

@@ -53,6 +53,7 @@ import statistics
 
 import torch
 
+from mobalab import _validate as V
 from mobalab.kernels import _cuda_attention as A
 from mobalab.kernels._contract import CENTROID_PRECISIONS, CUDA_HEAD_DIMS
 from mobalab.kernels._cuda_routing import (
@@ -80,6 +81,12 @@ DIMS_REFERENCE = 128
 # counting
 
 
+def _counts(**values) -> list[int]:
+    """Shape arguments of the counts as Python ints: a count >= 1, ``seqlen`` >= 0 (a float or a negative
+    would make a count that is no count of anything)."""
+    return [V.scalar_count(name, value, 0 if name == "seqlen" else 1) for name, value in values.items()]
+
+
 def routing_flops(batch, seqlen, heads, dim, block, causal):
     r"""Useful routing FLOPs, :math:`2\,b\,h\,d\sum_t n_{\mathrm{scored}}(t)`: one :math:`q\cdot\bar k` per scored
     block (causal: the complete past blocks, :math:`\lfloor t/B \rfloor`; otherwise all :math:`\lceil N/B \rceil`).
@@ -89,6 +96,8 @@ def routing_flops(batch, seqlen, heads, dim, block, causal):
     >>> routing_flops(1, 8, 1, 4, 2, causal=True)  # queries score 0, 0, 1, 1, 2, 2, 3, 3 blocks
     96
     """
+    batch, seqlen, heads, dim = _counts(batch=batch, seqlen=seqlen, heads=heads, dim=dim)
+    block, causal = V.scalar_count("block", block), V.flag("causal", causal)
     n_blocks = math.ceil(seqlen / block)
     if causal:  # sum_t floor(t / B): complete past blocks scored by query t
         full, rest = divmod(seqlen, block)
@@ -106,6 +115,8 @@ def attended_keys(seqlen, block, top_k, causal):
     >>> attended_keys(8, 2, 2, causal=True)  # 1, 2, then 3, 4 (one past block + own) for every later block
     24
     """
+    seqlen = V.scalar_count("seqlen", seqlen, 0)
+    block, top_k, causal = V.scalar_count("block", block), V.scalar_count("top_k", top_k), V.flag("causal", causal)
     if not causal:  # k full blocks, an upper bound where the partial last block may be among them; every key at k >= n
         return seqlen * min(top_k * block, seqlen)
     t = torch.arange(seqlen, dtype=torch.float64)
@@ -121,6 +132,7 @@ def attention_flops(batch, seqlen, heads, dim, block, top_k, causal):
     >>> attention_flops(1, 8, 1, 4, 2, 2, causal=True)
     384
     """
+    batch, heads, dim = _counts(batch=batch, heads=heads, dim=dim)
     return 4 * batch * heads * attended_keys(seqlen, block, top_k, causal) * dim
 
 
@@ -132,6 +144,8 @@ def dense_flops(batch, seqlen, heads, dim, causal):
     >>> dense_flops(1, 8, 1, 4, causal=True)
     512
     """
+    batch, seqlen, heads, dim = _counts(batch=batch, seqlen=seqlen, heads=heads, dim=dim)
+    causal = V.flag("causal", causal)
     return 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
 
 
@@ -694,6 +708,12 @@ def _fmt(x, nd=2):
     return str(x)
 
 
+def _fmt_dense_ms(x):
+    """A dense baseline's ms: one decimal from 10 ms (seconds at 512K), two below, where one decimal of a 1.04 ms
+    FA2 step would not match the speedup beside it."""
+    return _fmt(x, 1 if isinstance(x, float) and abs(x) >= 10 else 2)
+
+
 def _fmt_x(x):
     """A speedup: two decimals below 10x, so that 0.96x does not print as a tie ("1.0")."""
     return _fmt(x, 2 if isinstance(x, float) and abs(x) < 10 else 1)
@@ -709,7 +729,7 @@ def markdown(rows, env) -> str:
         ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
         cells = [r["workload"], ns, r["head_dim"], r["block"], r["variant"], _fmt(r["mobalab_ms"]),
                  f"{_fmt(r['routing_ms'])} ({_fmt(100 * r['routing_share'], 0)}%)", _fmt(r["attention_ms"]),
-                 _fmt(r.get("fa2_ms", float("nan")), 1), _fmt(r.get("cudnn_ms", float("nan")), 1),
+                 _fmt_dense_ms(r.get("fa2_ms", float("nan"))), _fmt_dense_ms(r.get("cudnn_ms", float("nan"))),
                  _fmt_x(r.get("speedup_vs_fa2", float("nan"))),
                  _fmt_x(r.get("speedup_vs_cudnn", float("nan"))),
                  _fmt(r["useful_tflops"], 0), _fmt(r["attention_tflops"], 0),
@@ -928,8 +948,8 @@ def markdown_backward(rows, env) -> str:
         ns = f"{n // 1024}K" if n % 1024 == 0 else str(n)
         nan = float("nan")
         cells = [r["workload"], ns, r["head_dim"], r["block"], _fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"]),
-                 _fmt(r["bwd_ms"]), _fmt(r.get("fwdbwd_det_ms", nan)), _fmt(r.get("fa2_fwdbwd_ms", nan), 1),
-                 _fmt(r.get("cudnn_fwdbwd_ms", nan), 1), _fmt_x(r.get("speedup_vs_fa2", nan)),
+                 _fmt(r["bwd_ms"]), _fmt(r.get("fwdbwd_det_ms", nan)), _fmt_dense_ms(r.get("fa2_fwdbwd_ms", nan)),
+                 _fmt_dense_ms(r.get("cudnn_fwdbwd_ms", nan)), _fmt_x(r.get("speedup_vs_fa2", nan)),
                  _fmt_x(r.get("speedup_vs_cudnn", nan)),
                  f"{_fmt(r['fwd_useful_tflops'], 0)} / {_fmt(r['bwd_useful_tflops'], 0)}",
                  _fmt(r["bwd_over_fwd_rate"]),

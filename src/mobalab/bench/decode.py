@@ -54,8 +54,8 @@ __all__ = ["main", "configs", "DecodeConfig", "selection_bytes", "markdown", "ta
 K = 1024
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 #: HBM bandwidth by the datasheets (TB/s), by a substring of the device name; the first match counts
-DATASHEET_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H800", 3.35),
-                  ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555))
+DATASHEET_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H800 PCIe", 2.0),
+                  ("H800", 3.35), ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555))
 
 
 def datasheet_tbps(device_name: str | None) -> float:
@@ -127,10 +127,16 @@ def selection_bytes(sel: torch.Tensor, seq_len: int, block_size: int, kv_heads: 
 
     Block rows the score pass streams: :math:`\\lceil R/64\\rceil n_p d` elements of ``centroid_itemsize`` bytes
     per (sequence, kv head) (4: the fp32 sums; the split kernel of ``centroid_precision="input"`` streams the
-    16-bit means), :math:`n_p = \\lfloor(N-1)/B\\rfloor`; K and V: the union of the blocks the heads of a kv head
+    16-bit means), :math:`R` = heads / kv_heads x q_len (the query rows of a kv head),
+    :math:`n_p = \\lfloor(N-1)/B\\rfloor`; K and V: the union of the blocks the heads of a kv head
     selected (the own block with its real tokens); q and out; ``unique_blocks`` is the mean union size per kv head.
     """
+    if not isinstance(sel, torch.Tensor) or sel.dim() != 4:
+        raise ValueError(f"selection_bytes: sel must be a (batch, q_len, heads, top_k) tensor, got "
+                         f"{tuple(sel.shape) if isinstance(sel, torch.Tensor) else type(sel).__name__}")
     batch, q_len, heads, top_k = sel.shape
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"selection_bytes: sel's {heads} heads are not a multiple of kv_heads {kv_heads}")
     group = heads // kv_heads
     rows = group * q_len
     n_blocks = math.ceil(seq_len / block_size)
@@ -399,6 +405,11 @@ def _fmt(x, nd=3) -> str:
     return str(x)
 
 
+def _fmt_x(x) -> str:
+    """A speedup: two decimals below 10x, so that 0.96x does not print as a tie ("1.0")."""
+    return _fmt(x, 2 if isinstance(x, float) and abs(x) < 10 else 1)
+
+
 def _tokens(n: int) -> str:
     return f"{n // (1024 * K)}M" if n % (1024 * K) == 0 else f"{n // K}K" if n % K == 0 else str(n)
 
@@ -449,7 +460,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         cells = [_tokens(r["seq_len"]), r["batch"], r["block_size"], r["top_k"],
                  f"{_fmt(r['mobalab_ms'])} ({_fmt(r['routing_ms'])})", _fmt(r["mobalab_eager_ms"]),
                  " / ".join(_fmt(r[f"sdpa_{n}_ms"]) for n in SDPA_BACKENDS), _fmt(r["flex_ms"]),
-                 _fmt(r["speedup_vs_dense"], 1),
+                 _fmt_x(r["speedup_vs_dense"]),
                  _bytes_cell(r),
                  _fmt(r["unique_blocks"], 1), _fmt(r["mobalab_tbps"], 2), f"{100 * r['roofline_fraction']:.0f}%",
                  _fmt(r["dense_tbps"], 2), _kernel(r)]
@@ -599,12 +610,27 @@ def run_ncu(out_dir: str, ncu: str = "ncu", kernel: str = "fused") -> int:
     return status
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a zero or negative size fails at parsing, on any machine)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobalab bench --decode", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="the targets and a few more points, no FlexAttention (under a minute)")
     p.add_argument("--out", default=os.path.join("runs", "bench-decode"), help="output folder")
-    p.add_argument("--reps", type=int, default=100, help="timed replays per method (default 100)")
+    p.add_argument("--reps", type=_at_least(3), default=100, help="timed replays per method, at least 3 (default 100)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per shape)")
     p.add_argument("--kernel", choices=sorted(KERNEL_CHOICES), default=None,
                    help="decode kernel(s): fused (one persistent launch), split (score + select + attention launches) "
@@ -619,10 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ncu", metavar="DIR", default=None,
                    help="profile the step kernel under Nsight Compute at 512K and 32K, batch 8, B 128, k 8; reports "
                         "and a summary table under DIR")
-    p.add_argument("--seq-len", type=int, default=512 * K, help="--profile: tokens per sequence (default 512K)")
-    p.add_argument("--batch", type=int, default=8, help="--profile: sequences (default 8)")
-    p.add_argument("--block-size", type=int, default=128, help="--profile: block size (default 128)")
-    p.add_argument("--top-k", type=int, default=8, help="--profile: top-k (default 8)")
+    p.add_argument("--seq-len", type=_at_least(1), default=512 * K,
+                   help="--profile: tokens per sequence (default 512K)")
+    p.add_argument("--batch", type=_at_least(1), default=8, help="--profile: sequences (default 8)")
+    p.add_argument("--block-size", type=_at_least(1), default=128, help="--profile: block size (default 128)")
+    p.add_argument("--top-k", type=_at_least(1), default=8, help="--profile: top-k (default 8)")
     return p
 
 
@@ -643,9 +670,6 @@ def main(argv: list[str] | None = None) -> int:
             profile_steps(args.seq_len, args.batch, args.block_size, args.top_k, kernel=kernel)
             return 0
         return run_ncu(args.ncu, kernel=kernel)
-    if args.reps < 3:
-        print(f"mobalab bench --decode: --reps must be >= 3, got {args.reps}", file=sys.stderr)
-        return 2
     from mobalab.bench.environment import environment
 
     os.makedirs(args.out, exist_ok=True)

@@ -41,7 +41,7 @@ def _sync():
 
 def _timed(run, start_trials: int, min_seconds: float, max_trials: int):
     """Call ``run(trials, seed)`` with growing trial counts until one call lasts ``min_seconds``."""
-    run(max(1, start_trials // 8), 0)  # warm-up: imports, allocator, CUDA context
+    run(max(1, min(start_trials // 8, max_trials)), 0)  # warm-up: imports, allocator, CUDA context
     trials, seed = min(start_trials, max_trials), 1
     while True:
         t0 = time.perf_counter()

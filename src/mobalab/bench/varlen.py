@@ -82,11 +82,27 @@ def useful_flops(topk, cu_seqlens, block_size: int, head_dim: int, causal: bool 
     >>> useful_flops(moba_topk_varlen(q, k, cu, 6, 2, 8), cu, 2, 2)  # dense: 21 attended keys, 6 scored blocks
     {'routing': 24, 'attention_fwd': 168}
     """
+    from mobalab import _validate as V
+
+    block_size, head_dim = V.scalar_count("block_size", block_size), V.scalar_count("head_dim", head_dim)
+    causal = V.flag("causal", causal)
+    for name, x in (("topk", topk), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"useful_flops: {name} must be a tensor, got {type(x).__name__}")
+    if topk.dim() != 3:
+        raise ValueError(f"useful_flops: topk must be (total, heads, top_k), got shape {tuple(topk.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"useful_flops: cu_seqlens must be 1-D with at least two offsets, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
     topk = topk.long()
     total, heads, _ = topk.shape
     device = topk.device
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     lengths = cu.diff()
+    # the counts index topk by these offsets: any other cut would count some other query's keys, or none
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"useful_flops: cu_seqlens must rise from 0 to topk's {total} rows, got "
+                         f"{cu_seqlens.tolist()}")
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
     t = torch.arange(total, device=device) - cu[seq]  # position inside the sequence
     n_seq = lengths[seq]
