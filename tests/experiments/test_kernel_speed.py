@@ -204,3 +204,16 @@ def test_cli_reads_env_csv(bench, tmp_path, monkeypatch):
         assert (out / f"kernel-speed.{suffix}").stat().st_size > 0
     meta = json.loads((out / "kernel-speed.json").read_text())
     assert meta["config"]["bench_csv"] == str(bench[0])
+
+
+def test_a_peers_csv_is_refused_and_its_provenance_read_from_its_name():
+    # the --peers CSV times mobalab beside FlexAttention / FlashMoBA per pass: read as a forward+backward sweep, its
+    # forward rows came out all NaN
+    from mobalab.experiments.kernel_speed import _bench_info, find_bench_csv, read_bench_csv
+
+    path = find_bench_csv("2026-11-30-h200-peers-ce1fd61.csv")
+    with pytest.raises(ValueError, match=r"timed per pass \(forward, forward\+backward\).*--peers"):
+        read_bench_csv(path)
+    info = _bench_info(path)  # no JSON beside it: the name says where and when
+    assert (info["date"], info["commit"]) == ("2026-11-30", "ce1fd61")
+    assert info["device"] == "NVIDIA H200 (from the file name)"

@@ -13,8 +13,8 @@ from mobalab.bench import attention as bench
 
 def test_main_without_a_gpu_says_what_it_needs(capsys, monkeypatch):
     monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
-    assert bench.main(["--quick", "--out", "unused"]) == 1
-    assert "needs an NVIDIA GPU" in capsys.readouterr().out
+    assert bench.main(["--quick", "--out", "unused"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: mobalab bench")
@@ -64,7 +64,7 @@ def test_head_dims_option_on_the_command_line(capsys, monkeypatch):
             bench.main(argv)
         assert "error:" in capsys.readouterr().err
     monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
-    assert bench.main(["--head-dims", "32,256", "--out", "unused"]) == 1  # parsed, then stopped for want of a GPU
+    assert bench.main(["--head-dims", "32,256", "--out", "unused"]) == 2  # parsed, then stopped for want of a GPU
 
 
 def test_head_dims_sweep_the_head_dim_128_configurations():

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import statistics
+import sys
 
 import torch
 
@@ -1064,8 +1065,9 @@ def main(argv=None) -> int:
     from mobalab.kernels import gpu_available
 
     if not gpu_available():
-        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]')")
-        return 1
+        print("mobalab bench: needs an NVIDIA GPU with CUDA and CuPy (pip install 'mobalab[gpu]'); none is usable here",
+              file=sys.stderr)
+        return 2  # as the decode and varlen benchmarks: a usage error, where 1 means a configuration failed
     os.makedirs(args.out, exist_ok=True)
     if args.router_variant:
         os.environ[ROUTER_VARIANT_ENV] = args.router_variant

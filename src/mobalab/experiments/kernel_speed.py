@@ -29,6 +29,7 @@ import glob
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,12 @@ def _bench_info(path: Path) -> dict:
             info["date"] = raw.get("date") or raw.get("utc")
             info["commit"] = raw.get("git_commit") or raw.get("commit")
             break
+    else:
+        # a recorded CSV without its JSON still names its date, device and commit: 2026-11-30-h200-peers-ce1fd61.csv
+        named = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-.+-([0-9a-f]{7,40})", path.stem)
+        if info["recorded"] and named:
+            info.update(date=named.group(1), device=f"NVIDIA {named.group(2).upper()} (from the file name)",
+                        commit=named.group(3))
     return info
 
 
@@ -245,6 +252,10 @@ def read_bench_csv(path, check: bool = True) -> tuple[pd.DataFrame, dict]:
     """
     path = Path(path)
     raw = pd.read_csv(path)
+    if check and "timed" in raw.columns:  # the peers (--peers) and head-dim (--dims) benchmarks' CSVs
+        raise ValueError(f"kernel-speed: {path} holds rows timed per pass ({', '.join(map(str, raw['timed'].unique()))}"
+                         "): a `mobalab bench --peers` or `--dims` CSV, which this experiment does not draw; pass "
+                         "a bench.csv (forward) or bench_bwd.csv (forward + backward) of `mobalab bench`")
     if "fwdbwd_ms" in raw.columns:
         kind, need = "forward+backward", BACKWARD_COLUMNS
     else:
