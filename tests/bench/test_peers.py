@@ -137,8 +137,8 @@ def test_parse_peers_and_the_cli_flags(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             bench.main(argv)
     monkeypatch.setattr("mobalab.kernels.gpu_available", lambda: False)
-    assert bench.main(["--peers-quick", "--out", "unused"]) == 1
-    assert "needs an NVIDIA GPU" in capsys.readouterr().out
+    assert bench.main(["--peers-quick", "--out", "unused"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
 def test_peers_table_shows_times_ratios_and_reasons(tmp_path):
