@@ -8,7 +8,20 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["environment", "git_commit"]
+__all__ = ["environment", "git_commit", "git_modified"]
+
+
+def _git(*args: str, timeout: float) -> str | None:
+    """Standard output of ``git args`` in the checkout mobalab is imported from; None where git cannot tell (no git,
+    not a checkout) or ``MOBALAB_COMMIT`` names the commit from outside (the copy's git metadata may be stale)."""
+    if os.environ.get("MOBALAB_COMMIT"):
+        return None
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=timeout,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
 def git_commit() -> str | None:
@@ -19,12 +32,17 @@ def git_commit() -> str | None:
     """
     if os.environ.get("MOBALAB_COMMIT"):
         return os.environ["MOBALAB_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (_git("rev-parse", "--short", "HEAD", timeout=5) or "").strip() or None
+
+
+def git_modified() -> bool | None:
+    """Whether the checkout mobalab is imported from has uncommitted changes to tracked files; None when that
+    cannot be told (not a git checkout, no git, or ``MOBALAB_COMMIT`` naming the commit from outside).
+
+    The commit alone does not reproduce a result computed from an edited working tree, so the record says so.
+    """
+    status = _git("status", "--porcelain", "--untracked-files=no", timeout=10)
+    return None if status is None else bool(status.strip())
 
 
 def _cpu_model() -> str:

@@ -20,14 +20,13 @@ import io
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import pandas as pd
 
-from mobalab.bench.environment import environment, git_commit
+from mobalab.bench.environment import environment, git_commit, git_modified
 
 __all__ = ["environment", "git_commit", "git_modified", "prepare_out_dir", "result_files", "write_run", "read_run",
            "InterruptedAfterWrite"]
@@ -108,22 +107,6 @@ def _manifest_names(json_path: Path) -> list[str]:
         return []
     # only plain names in the same folder: a manifest never points elsewhere
     return [f for f in files if isinstance(f, str) and f == Path(f).name]
-
-
-def git_modified() -> bool | None:
-    """Whether the checkout mobalab is imported from has uncommitted changes to tracked files; None when that
-    cannot be told (not a git checkout, no git, or ``MOBALAB_COMMIT`` naming the commit from outside).
-
-    The commit alone does not reproduce a result computed from an edited working tree, so the record says so.
-    """
-    if os.environ.get("MOBALAB_COMMIT"):
-        return None
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def _digest(path: Path) -> dict:

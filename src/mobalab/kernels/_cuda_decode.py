@@ -285,10 +285,7 @@ def _function(source: str, kernel: str, device_index: int, smem: int, defines: t
 def run(launch: Launch, device_index: int) -> None:
     """Check the arguments against the .cu signature and launch on torch's current stream (the fused step of
     this file and the split kernels of cuda/decode_split.cu alike), the module built with the launch's defines."""
-    from ._launch import check_args, start
-
-    cargs = check_args(launch.source, launch.kernel, launch.args)
-    start(_function(launch.source, launch.kernel, device_index, launch.shared_mem, launch.defines), launch, cargs)
+    run_all((launch,), device_index)
 
 
 def run_all(launches, device_index: int) -> None:

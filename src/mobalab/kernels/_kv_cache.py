@@ -246,7 +246,8 @@ class MobaKVCache:
         fn = "MobaKVCache.prefill"
         lens = self._check_kv(fn, k, v, lengths)
         if lengths is not None:  # padding past the longest sequence (a batch padded to a bucket size) is not held
-            k, v = k[:, :int(lens.max())], v[:, :int(lens.max())]
+            longest = int(lens.max())
+            k, v = k[:, :longest], v[:, :longest]
         seqlen = k.shape[1]
         if seqlen > self.max_seqlen:
             raise ValueError(f"{fn}: the prompt has {seqlen} tokens; this cache holds at most max_seqlen="
