@@ -22,7 +22,7 @@ def shuffle_pages(cache: MobaKVCache, gen: torch.Generator) -> None:
 
 
 def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths, steps=1, ties=False, shared=False,
-                page_size=None, key_mean=None, poison_key=None):
+                page_size=None, key_mean=None, poison_key=None, spare=3):
     """A CPU cache filled by a ragged prefill and ``steps`` appends of q_len tokens, and the last queries.
 
     ``ties``: every third block repeats block 1, so their sums and scores tie exactly, and the queries make the
@@ -32,11 +32,12 @@ def decode_case(seed, dtype, dim, block, kv_heads, heads, q_len, prompt_lengths,
     that mean and a spread of a few of the dtype's ulps there, so that rounding the block means to the dtype
     (``centroid_precision="input"``) changes many selections; ``poison_key``: that value (inf, -inf or NaN) in one
     element of a key of block 2 of the first sequence (kv head 0), so that block's sum is not finite and its
-    score NaN: a block that no query may select."""
+    score NaN: a block that no query may select; ``spare``: tokens the cache holds room for beyond the appends
+    (its ``max_seqlen`` is the longest sequence plus ``spare``)."""
     g = torch.Generator().manual_seed(seed)
     batch = len(prompt_lengths)
     total = max(prompt_lengths) + steps * q_len
-    cache = MobaKVCache(batch, kv_heads, dim, block, total + 3, dtype=dtype, page_size=page_size)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total + spare, dtype=dtype, page_size=page_size)
     k = torch.randn(batch, max(prompt_lengths), kv_heads, dim, generator=g)
     if key_mean is not None:
         k = key_mean + 16 * ulp_at(key_mean, dtype) * k

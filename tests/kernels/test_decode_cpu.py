@@ -370,6 +370,36 @@ def test_cache_layout_and_repr():
     assert "lengths=[0, 0]" in repr(cache)
 
 
+def test_lengths_follow_the_device_once_an_append_is_captured(monkeypatch):
+    """A CUDA graph's replays of a captured append lengthen the sequences on the device alone, so from the capture
+    on the host reads the device's lengths, and a step captured in the graph is planned for max_seqlen (a CPU cache
+    here: the capture and two replays played by hand)."""
+    cache = MobaKVCache(2, 1, 8, 4, 12)
+    k = torch.randn(2, 5, 1, 8, generator=torch.Generator().manual_seed(0))
+    cache.prefill(k, k, lengths=[5, 3])
+    assert C.plan_length(cache) == 5
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: True)
+    cache.append(k[:, :1], k[:, :1])
+    assert C.plan_length(cache) == 12
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: False)
+    cache._len_dev += 2  # what two replays of the captured append do
+    assert cache.lengths.tolist() == [8, 6] and "lengths=[8, 6]" in repr(cache)
+    assert C.plan_length(cache) == 8 and cache.centroids().shape[1] == 2
+    with pytest.raises(ValueError, match=r"appending 5 token\(s\) to lengths \[8, 6\] exceeds max_seqlen=12; "
+                                         r"the cache has room for 4"):
+        cache.append(k, k)
+
+
+def test_a_paged_append_is_not_captured(monkeypatch):
+    cache = MobaKVCache(1, 1, 8, 4, 16, page_size=4)
+    k = torch.randn(1, 3, 1, 8, generator=torch.Generator().manual_seed(1))
+    cache.prefill(k, k)
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: True)
+    with pytest.raises(ValueError, match=r"a paged cache \(page_size=4\) takes its pages on the host"):
+        cache.append(k[:, :1], k[:, :1])
+    assert cache.lengths.tolist() == [3] and cache.free_pages == 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # paged layout
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode as C
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
@@ -177,3 +178,24 @@ def test_second_step_reuses_counters(harness, tmp_path):
         ref_out, _ = D._attend(q, cache, D._route(q, cache, top_k), scale)
         torch.testing.assert_close(bufs["out"].float(), ref_out.float(), atol=2**-7, rtol=2**-7)
     assert math.isfinite(float(bufs["lse"].sum()))
+
+
+# A step captured in a CUDA graph is planned for the cache's max_seqlen (its replays run at whatever lengths the cache
+# has reached): such a plan, for sequences several times longer than those held, gives the step of the lengths held
+# (routing splits and union windows beyond every sequence).
+@pytest.mark.parametrize("case", [CASES[0].values, CASES[7].values, CASES[11].values],
+                         ids=["gqa4-ragged-units", "B32-k16-splits-windows", "gqa3-qlen7-tiny-seq"])
+def test_a_graph_plan_for_max_seqlen_serves_the_lengths_held(harness, tmp_path, monkeypatch, case):
+    dtype, dim, block, kv_heads, heads, q_len, lengths, steps, top_k, sms, win, opts = case
+    cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths, steps,
+                           spare=3 * max(lengths), **opts)
+    top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
+    held = C.plan_decode(len(lengths), q_len, heads, kv_heads, dim, block, top_k, int(cache.lengths.max()),
+                         cache.n_blocks, cache.capacity, sms, win)
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: True)
+    plan, bufs, launches = C.step_launches(q, cache, top_k, scale, sm_count=sms, win_words=win)
+    assert plan == C.plan_decode(len(lengths), q_len, heads, kv_heads, dim, block, top_k, cache.max_seqlen,
+                                 cache.n_blocks, cache.capacity, sms, win) != held
+    poison(bufs)
+    run_emulated(harness, tmp_path, launches, seed=3)
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths)

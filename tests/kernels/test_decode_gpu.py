@@ -11,8 +11,8 @@ Every case decodes from a prompt through a CUDA MobaKVCache with every ``torch.e
   the same computation done in torch in the input dtype (bf16 / fp16 matmuls and softmax);
 * the token-by-token outputs equal ``moba_attention`` (reference, fp32) over the whole sequences at every
   decoded position wherever the selections agree;
-* repeat calls are bit-identical (the completion counters reset themselves) and a step replays from a CUDA
-  graph.
+* repeat calls are bit-identical (the completion counters reset themselves), a step replays from a CUDA
+  graph, and an append and a step captured together replay token by token.
 """
 
 from __future__ import annotations
@@ -225,6 +225,53 @@ def test_repeat_calls_are_identical_and_graph_replay_works(kernel, monkeypatch):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, first)
+
+
+def test_a_captured_step_replays_token_by_token(kernel, monkeypatch):
+    """An append and a decode captured once in a CUDA graph, then replayed token by token across block boundaries and
+    far past the lengths at the capture (a ragged batch, one sequence shorter than a block): every replay selects
+    what the same step run eagerly on a twin cache selects, its output within one bf16 rounding and its LSE within
+    1e-5 of the twin's (the captured step is planned for max_seqlen, the eager one for the lengths held), the caches
+    end equal, and the host then reads the lengths that the replays reached."""
+    from mobalab.kernels._cuda_decode_split import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, kernel)
+    gen = torch.Generator(device=DEVICE).manual_seed(21)
+    batch, kv_heads, heads, dim, block, top_k, steps, lengths = 3, 2, 8, 128, 32, 4, 40, [1000, 95, 30]
+    k, v = _rand((batch, 1000, kv_heads, dim), torch.bfloat16, gen), _rand((batch, 1000, kv_heads, dim),
+                                                                           torch.bfloat16, gen)
+    graph_cache, eager, scratch = (MobaKVCache(batch, kv_heads, dim, block, 1200, dtype=torch.bfloat16,
+                                               device=DEVICE) for _ in range(3))
+    for cache in (graph_cache, eager, scratch):
+        cache.prefill(k, v, lengths=lengths)
+    ks, vs = (_rand((steps, batch, 1, kv_heads, dim), torch.bfloat16, gen) for _ in range(2))
+    qs = _rand((steps, batch, 1, heads, dim), torch.bfloat16, gen)
+    static_k, static_v, static_q = ks[0].clone(), vs[0].clone(), qs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MobaKVCache, "_capturing", lambda self: True)  # the captured plan's kernels, loaded beforehand
+        scratch.append(static_k, static_v)
+        _kernel_decode(static_q, scratch, top_k, kernel)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_cache.append(static_k, static_v)
+        out, lse, sel = _kernel_decode(static_q, graph_cache, top_k, kernel)
+    for t in range(steps):
+        static_k.copy_(ks[t])
+        static_v.copy_(vs[t])
+        static_q.copy_(qs[t])
+        graph.replay()
+        eager.append(ks[t], vs[t])
+        e_out, e_lse, e_sel = _kernel_decode(qs[t], eager, top_k, kernel)
+        assert torch.equal(sel, e_sel), (t, (sel != e_sel).nonzero()[:4])
+        torch.testing.assert_close(out.float(), e_out.float(), atol=2**-7, rtol=2**-7)
+        torch.testing.assert_close(lse, e_lse, atol=1e-5, rtol=1e-5)
+    torch.cuda.synchronize()
+    assert graph_cache.lengths.tolist() == [n + steps for n in lengths] == eager.lengths.tolist()
+    assert torch.equal(graph_cache.k, eager.k) and torch.equal(graph_cache.block_sums, eager.block_sums)
+    assert int(graph_cache._counters.abs().sum()) == 0
 
 
 def test_split_decode_is_bit_identical_run_to_run():

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobalab.kernels import MobaKVCache
 from mobalab.kernels import _cuda_decode_split as S
 from mobalab.kernels import _decode as D
 from mobalab.kernels._build import source
@@ -490,3 +491,25 @@ def test_a_block_with_a_non_finite_key_is_never_selected(request, tmp_path, valu
     assert not (bufs["sel"][0] == 2).any(), "the block with a non-finite key was selected"
     assert_step_matches_reference(q, cache, top_k, scale, bufs, block=16, lengths=[400, 250],
                                   centroid_precision=precision)
+
+
+# A step captured in a CUDA graph is planned for the cache's max_seqlen, since its replays run at whatever lengths the
+# cache has reached (the kernels read them from the device): such a plan, for sequences several times longer than
+# those held, must give the step of the lengths held (ranges, selection columns and sets beyond every sequence).
+@pytest.mark.parametrize(("case", "fused_select"), [
+    (CASES[0].values, False), (CASES[0].values, True), (CASES[2].values, None), (CASES[10].values, None),
+], ids=["gqa4-ragged-select-launch", "gqa4-ragged-fused-selection", "B128-qlen3-chunks", "paged"])
+def test_a_graph_plan_for_max_seqlen_serves_the_lengths_held(harness, tmp_path, monkeypatch, case, fused_select):
+    dtype, dim, block, kv_heads, heads, q_len, lengths, top_k, _, opts = case
+    cache, q = decode_case(dim + block + heads + q_len, dtype, dim, block, kv_heads, heads, q_len, lengths,
+                           spare=5000, **opts)
+    top_k, scale = D.check_decode(q, cache, top_k, kernel_limits=True)
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: True)
+    plan, bufs, launches = S.split_launches(q, cache, top_k, scale, fused_select=fused_select)
+    assert plan.n_cols == (cache.max_seqlen - 1) // block >= 2 * (max(lengths) + q_len) // block
+    if fused_select is not None:
+        assert plan.fused_select == fused_select
+    poison(bufs)
+    run_emulated(harness, tmp_path, launches, seed=3)
+    assert_step_matches_reference(q, cache, top_k, scale, bufs, block=block, lengths=lengths)
+    assert not cache._counters.any()

@@ -79,7 +79,7 @@ class MobaCacheLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         """Tokens held (every sequence of the batch holds as many)."""
-        return int(self.cache._len[0]) if self.is_initialized else 0
+        return int(self.cache._host_lengths()[0]) if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

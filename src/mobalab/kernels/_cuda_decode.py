@@ -19,8 +19,9 @@ precision scores it, instead of :math:`q\cdot S_j` (both kernels; cuda/decode_co
 Everything that decides what the kernel receives (:func:`plan_decode`, :func:`decode_launch`) is plain
 Python, so CI checks it against the CUDA signature and runs it through the host emulation of the kernel
 without a GPU. Memory comes from torch's caching allocator, the kernel runs on torch's current stream, and
-nothing synchronises with the host (a step can be captured in a CUDA graph, but its plan and scratch are sized for
-the cache's lengths at the capture, read on the host: a graph is only replayed on the lengths it was captured at).
+nothing synchronises with the host. A step captured in a CUDA graph is planned for sequences of the cache's
+``max_seqlen`` (:func:`plan_length`), since its replays run at whatever lengths the cache has reached by then
+(read from the device by the kernels); outside a capture a step is planned for the longest sequence it holds.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 from ._build import sm_count
 from ._launch import Launch
 
-__all__ = ["DecodePlan", "Launch", "plan_decode", "decode_launch", "decode_buffers", "step_launches", "decode_cuda",
-           "SOURCE"]
+__all__ = ["DecodePlan", "Launch", "plan_decode", "plan_length", "decode_launch", "decode_buffers", "step_launches",
+           "decode_cuda", "SOURCE"]
 
 SOURCE = "decode.cu"
 # the build of both decode kernels (this file's and cuda/decode_split.cu's score pass) for centroid_precision "input"
@@ -243,17 +244,26 @@ def decode_launch(plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   defines=precision_defines(centroid_precision))
 
 
+def plan_length(cache) -> int:
+    """The longest sequence a step's plan covers: the longest the cache holds, or during a CUDA graph capture its
+    ``max_seqlen`` (every replay runs the captured plan, at lengths that later appends have reached; a plan covers
+    any sequence shorter than its length, as in a ragged batch)."""
+    return cache.max_seqlen if cache._capturing() else int(cache._host_lengths().max())
+
+
 def step_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, sm_count: int = 132,
                   route_only: bool = False, win_words: int = UNION_WINDOW_WORDS, items_per_slot: int = ITEMS_PER_SLOT,
-                  centroid_precision: str = "fp32"):
-    """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs)."""
+                  centroid_precision: str = "fp32", max_length: int | None = None):
+    """(plan, buffers, [the step's launch]) for one step on ``cache`` (no kernel runs), planned for sequences of up
+    to ``max_length`` tokens (None: :func:`plan_length`)."""
     if cache.paged:
         raise ValueError("moba_decode: the fused decode kernel (MOBALAB_DECODE_KERNEL=fused) reads contiguous caches "
                          f"only; this cache is paged (page_size={cache.page_size}): use the split kernel (the "
                          "default, MOBALAB_DECODE_KERNEL=split or auto)")
     batch, q_len, heads, dim = q.shape
-    plan = plan_decode(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                       cache.n_blocks, cache.capacity, sm_count, win_words, items_per_slot)
+    longest = plan_length(cache) if max_length is None else max_length
+    plan = plan_decode(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, longest, cache.n_blocks,
+                       cache.capacity, sm_count, win_words, items_per_slot)
     if bufs is None:
         bufs = decode_buffers(plan, q.device, q.dtype)
     counters = cache._workspace_counters(plan.n_counters)[:plan.n_counters]

@@ -32,9 +32,9 @@ Which kernel :func:`mobalab.kernels.moba_decode` runs: the environment variable 
 (``auto``, the default, is this split path at every length; ``fused`` / ``split`` force one), read at every
 call (:func:`decode_kernel`). Everything that decides what the kernels receive is plain Python (CI checks it
 against the CUDA signatures and runs it through the host emulation). Memory comes from torch's caching
-allocator, the kernels run on torch's current stream, and nothing synchronises with the host (a step can be
-captured in a CUDA graph, but its plan, scratch and sets are sized for the cache's lengths at the capture: a replay
-on longer sequences writes past them, so a graph is only replayed on the lengths it was captured at).
+allocator, the kernels run on torch's current stream, and nothing synchronises with the host. A step captured in
+a CUDA graph is planned for sequences of the cache's ``max_seqlen`` (``_cuda_decode.plan_length``), so that its
+plan, scratch and sets serve every replay, whatever lengths the cache has reached by then.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 
 from ._build import device_capability, smem_per_sm
 from ._contract import getenv
-from ._cuda_decode import _TYPE_NAMES, StepShape, precision_defines, step_outputs
+from ._cuda_decode import _TYPE_NAMES, StepShape, plan_length, precision_defines, step_outputs
 from ._launch import Launch
 from ._tensor_map import TensorMap2D, tensor_map_2d
 
@@ -401,7 +401,8 @@ def attend_launch(plan: SplitPlan, q, k, v, lengths, bufs: dict, counters, table
 def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None, route_only: bool = False,
                    range_blocks: int | None = None, sm_count: int = 132, attn_ctas: int | None = None,
                    select_wpr: int | None = None, attn_chunk: int = ATTN_CHUNK, attn_stages: int = ATTN_STAGES,
-                   fused_select: bool | None = None, dependent: bool | None = None, centroid_precision: str = "fp32"):
+                   fused_select: bool | None = None, dependent: bool | None = None, centroid_precision: str = "fp32",
+                   max_length: int | None = None):
     """(plan, buffers, launches) for one step on ``cache`` (no kernel runs): [score (when there is something to
     rank), select (unless the plan's ``fused_select``: the attention CTAs select), attention]; ``route_only``: the
     routing launches alone, score and select (``sel`` only; for measuring them);
@@ -414,7 +415,8 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     ``dependent``: with the plan's ``fused_select``, the attention launch a programmatic dependent launch (sm_90 and
     later: its CTAs take the SMs as the score CTAs leave them, stage their query rows and wait for their kv head's
     scores; None, the default: so wherever the plan selects in the attention launch); ``centroid_precision``: the
-    score pass's build (:func:`score_launch`).
+    score pass's build (:func:`score_launch`); ``max_length``: the plan covers sequences of up to that many tokens
+    (None: ``_cuda_decode.plan_length``).
 
     The completion counters and the sets of selected blocks live in the cache's zeroed workspace (the
     attention launch leaves both zero again); the routing alone fills no set."""
@@ -422,9 +424,10 @@ def split_launches(q, cache, top_k: int, scale: float, bufs: dict | None = None,
     most, defines = attn_build(attn_chunk, attn_stages)
     smem = smem_per_sm(q.device.index, SMEM_PER_SM) if q.device.type == "cuda" and q.device.index is not None \
         else SMEM_PER_SM
-    plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, int(cache._len.max()),
-                      cache.n_blocks, cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas,
-                      select_wpr, attn_chunk, attn_stages, smem, most, fused_select)
+    longest = plan_length(cache) if max_length is None else max_length
+    plan = plan_split(batch, q_len, heads, cache.kv_heads, dim, cache.block_size, top_k, longest, cache.n_blocks,
+                      cache.capacity, q.element_size(), sm_count, range_blocks, attn_ctas, select_wpr, attn_chunk,
+                      attn_stages, smem, most, fused_select)
     if bufs is None:
         bufs = split_buffers(plan, q.device, q.dtype)
     released = 0  # the routing alone releases nothing (no attention launch would empty the counters)

@@ -132,7 +132,7 @@ def _route(q: torch.Tensor, cache: MobaKVCache, top_k: int, centroid_precision: 
     group = heads // kv_heads
     compute = _compute_dtype(cache)
     sel = torch.full((batch, q_len, heads, top_k), -1, dtype=torch.int32, device=q.device)
-    for b, length in enumerate(cache._len.tolist()):
+    for b, length in enumerate(cache._host_lengths().tolist()):
         for i in range(q_len):
             t = length - q_len + i
             own = t // bsz
@@ -168,7 +168,7 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
     lse = torch.empty((batch, q_len, heads), dtype=compute, device=q.device)
     kv_of_head = (torch.arange(heads, device=q.device) // group).view(heads, 1)
     offsets = torch.arange(bsz, device=q.device)
-    for b, length in enumerate(cache._len.tolist()):
+    for b, length in enumerate(cache._host_lengths().tolist()):
         for i in range(q_len):
             t = length - q_len + i
             blocks = sel[b, i].long()  # (heads, top_k)
@@ -191,7 +191,7 @@ def _attend(q: torch.Tensor, cache: MobaKVCache, sel: torch.Tensor, scale: float
 def _reference(q, cache, top_k: int, scale: float, return_lse: bool, centroid_precision: str = "fp32"):
     # Slots beyond the blocks the longest sequence reaches stay unused: without them a top_k far above the number
     # of blocks (dense attention asked for by a large k) costs no more than k = that number.
-    top_k = min(top_k, max(1, math.ceil(int(cache._len.max()) / cache.block_size)))
+    top_k = min(top_k, max(1, math.ceil(int(cache._host_lengths().max()) / cache.block_size)))
     with torch.no_grad():
         out, lse = _attend(q, cache, _route(q, cache, top_k, centroid_precision), scale)
     return (out, lse) if return_lse else out
@@ -240,7 +240,9 @@ def moba_decode(q: torch.Tensor, cache: MobaKVCache, top_k: int, softmax_scale: 
     once per kv head; paged caches too); ``MOBALAB_DECODE_KERNEL=fused`` runs one
     persistent launch instead (contiguous caches only; cuda/decode.cu: routing reading each sum once per kv head
     for all query rows of the group, then split-KV attention over the union of the selected blocks with a merge of
-    the partial softmax results), and ``split`` forces the default. CPU tensors run :func:`moba_decode_reference`.
+    the partial softmax results), and ``split`` forces the default. A step (with its appends) captured in a CUDA
+    graph replays at the lengths the cache has reached by then, up to its ``max_seqlen`` (:class:`MobaKVCache`,
+    "CUDA graphs"). CPU tensors run :func:`moba_decode_reference`.
 
     Examples
     --------

@@ -58,6 +58,15 @@ class MobaKVCache:
     page; a pool too small for a request is an error before anything changes. The block sums stay per sequence
     (1/B of the bytes of the keys they summarise). Read the mapping with :attr:`page_table`.
 
+    **CUDA graphs**: a decode step (:meth:`append`, then :func:`~mobalab.kernels.moba_decode`) on a contiguous
+    cache can be captured in a CUDA graph and replayed, each replay one step further: the captured append adds
+    its tokens at the lengths the device holds at the replay, and a decode captured in the graph is planned for
+    sequences of up to ``max_seqlen`` tokens, so it serves every replay. The host cannot count replays: once an
+    append has been captured, whatever reads the lengths on the host (:attr:`lengths`, :meth:`append`'s check,
+    a decode outside the graph) reads them back from the device first (a synchronisation), and no check stops a
+    replay that would pass ``max_seqlen`` (stop replaying before the sequences are full). A paged cache takes
+    its pages on the host, so its appends cannot be captured (its decodes can).
+
     Not supported: evicting or rewinding tokens, returning one sequence's pages while others decode, pages
     shared between sequences, and concurrent decodes on one cache from several CUDA streams (the CUDA kernels
     keep completion counters in the cache).
@@ -132,6 +141,8 @@ class MobaKVCache:
         self._len = torch.zeros(self.batch, dtype=torch.int64)
         self._appended = torch.zeros(self.batch, dtype=torch.int64)
         self._len_dev = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        # set once an append is captured in a CUDA graph: its replays lengthen the sequences on the device alone
+        self._device_lengths_lead = False
         self._means = None  # the 16-bit block means T(S_j / B), made by the first decode that routes on them
         self._counters = None
         self._tensor_maps = {}  # the split decode kernel's tensor maps of K and V, per attention chunk
@@ -142,7 +153,19 @@ class MobaKVCache:
     @property
     def lengths(self) -> torch.Tensor:
         """Tokens held per sequence, (batch,) int64 on the CPU (a copy)."""
-        return self._len.clone()
+        return self._host_lengths().clone()
+
+    def _capturing(self) -> bool:
+        """Whether work on this cache's device is being captured in a CUDA graph now (nothing runs)."""
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _host_lengths(self) -> torch.Tensor:
+        """The lengths as the host knows them (int64, CPU; the cache's own tensor). Once an append has been captured
+        in a CUDA graph, the device's lengths lead (each replay adds its tokens there): they are read back first,
+        which waits for the queued work, except during a capture, which cannot wait."""
+        if self._device_lengths_lead and not self._capturing():
+            self._len = self._len_dev.to("cpu", torch.int64)
+        return self._len
 
     @property
     def paged(self) -> bool:
@@ -177,7 +200,7 @@ class MobaKVCache:
                 f"device={self.device}, "
                 + (f"page_size={self.page_size}, num_pages={self.num_pages}, free_pages={len(self._free)}, "
                    if self.paged else "")
-                + f"lengths={self._len.tolist()})")
+                + f"lengths={self._host_lengths().tolist()})")
 
     def centroids(self) -> torch.Tensor:
         r"""Block centroids :math:`S_j / |j|`, (batch, n, kv_heads, head_dim) with n = ceil(max length / B).
@@ -185,9 +208,10 @@ class MobaKVCache:
         Blocks a sequence does not reach are zero. Same layout and precision as
         :func:`mobalab.kernels.moba_centroids`.
         """
-        n = max(1, math.ceil(int(self._len.max()) / self.block_size))
+        lengths = self._host_lengths()
+        n = max(1, math.ceil(int(lengths.max()) / self.block_size))
         starts = torch.arange(n, dtype=torch.int64) * self.block_size
-        counts = torch.clamp(self._len.view(-1, 1) - starts.view(1, -1), 0, self.block_size)
+        counts = torch.clamp(lengths.view(-1, 1) - starts.view(1, -1), 0, self.block_size)
         counts = counts.clamp(min=1).to(device=self.device, dtype=self.sum_dtype)
         return (self.block_sums[:, :, :n] / counts.view(self.batch, 1, n, 1)).transpose(1, 2)
 
@@ -300,21 +324,27 @@ class MobaKVCache:
         Token i of sequence b lands at position :math:`L_b + i`; its key is added to the fp32 sum of block
         :math:`\lfloor (L_b + i)/B \rfloor`, tokens in order (an :math:`O(d)` update per token and kv head).
         Meant for decode steps (a few tokens); start sequences with :meth:`prefill`. Runs on the cache's
-        device without synchronising with the host.
+        device without synchronising with the host (see the class docstring for appends captured in a CUDA graph).
         """
         fn = "MobaKVCache.append"
         self._check_kv(fn, k_new, v_new)
         n = k_new.shape[1]
-        if int(self._len.max()) + n > self.max_seqlen:
-            room = self.max_seqlen - int(self._len.max())
-            raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} exceeds "
+        capturing = self._capturing()
+        if capturing and self.paged:
+            raise ValueError(f"{fn}: a paged cache (page_size={self.page_size}) takes its pages on the host, which a "
+                             "CUDA graph's replays would not do: append outside the graph (a decode inside it is "
+                             "fine), or capture the steps of a contiguous cache (page_size=None)")
+        lengths = self._host_lengths()
+        if int(lengths.max()) + n > self.max_seqlen:
+            room = self.max_seqlen - int(lengths.max())
+            raise ValueError(f"{fn}: appending {n} token(s) to lengths {lengths.tolist()} exceeds "
                              f"max_seqlen={self.max_seqlen}; the cache has room for {room} more token(s) per sequence")
         if self.paged:  # pages for the tokens that cross into a sequence's next page, all or none
             grow = [(b, math.ceil(length / self.page_size), math.ceil((length + n) / self.page_size))
-                    for b, length in enumerate(self._len.tolist())]
+                    for b, length in enumerate(lengths.tolist())]
             need = sum(hi - lo for _, lo, hi in grow)
             if need > len(self._free):
-                raise ValueError(f"{fn}: appending {n} token(s) to lengths {self._len.tolist()} needs {need} new "
+                raise ValueError(f"{fn}: appending {n} token(s) to lengths {lengths.tolist()} needs {need} new "
                                  f"page(s) of {self.page_size} tokens; {len(self._free)} of num_pages="
                                  f"{self.num_pages} are free")
             self._take_pages(grow)
@@ -339,6 +369,7 @@ class MobaKVCache:
         self._len_dev += n
         self._len += n
         self._appended = torch.full((self.batch,), n, dtype=torch.int64)
+        self._device_lengths_lead |= capturing
 
     # -----------------------------------------------------------------------------------------------
     # pages
