@@ -370,6 +370,108 @@ def test_cache_layout_and_repr():
     assert "lengths=[0, 0]" in repr(cache)
 
 
+@pytest.mark.parametrize(("dtype", "block", "page_size", "lengths", "accepted"), [
+    pytest.param(torch.float32, 4, None, [9, 14], [[2, 0], [4, 1], [0, 3], [1, 4], [3, 2]], id="fp32-contiguous"),
+    pytest.param(torch.bfloat16, 4, 8, [6, 13, 1], [[0, 4, 2], [3, 1, 4], [4, 0, 1], [1, 2, 0]], id="bf16-paged"),
+])
+def test_speculative_steps_crop_the_rejected_drafts(dtype, block, page_size, lengths, accepted):
+    """Speculative decoding: each step appends four draft tokens to every sequence, of which the first a_b are the
+    sequence's true next tokens and the rest random (rejected), decodes their queries, then crops every sequence to
+    its accepted tokens. At every accepted position the output equals moba_attention over the true sequence (same
+    selections), and in the end the cache holds what a prefill of the true sequences gives: the same K and V rows,
+    zeros past them, the same block sums up to fp32 rounding, the pages the tokens need."""
+    batch, heads, kv_heads, dim, top_k, draft = len(lengths), 4, 2, 8, 3, 4
+    total = max(lengths) + draft * len(accepted)
+    q, k, v = _stream(7, batch, total, heads, kv_heads, dim, dtype)
+    g = torch.Generator().manual_seed(8)
+    cache = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, page_size=page_size)
+    cache.prefill(k, v, lengths=lengths)
+    held = list(lengths)
+    rows = torch.arange(batch).view(-1, 1)
+    for step, took in enumerate(accepted):
+        pos = torch.tensor(held).view(-1, 1) + torch.arange(draft)  # (batch, draft)
+        true = pos.clamp(max=total - 1)
+        real = torch.arange(draft).view(1, -1) < torch.tensor(took).view(-1, 1)
+        noise = torch.randn(batch, draft, kv_heads, dim, generator=g).to(dtype)
+        k_new = torch.where(real.view(batch, draft, 1, 1), k[rows, true], noise)
+        v_new = torch.where(real.view(batch, draft, 1, 1), v[rows, true], noise)
+        cache.append(k_new, v_new)
+        out = moba_decode(q[rows, true], cache, top_k)
+        sel = D._route(q[rows, true], cache, top_k)
+        for b, a in enumerate(took):
+            if a:
+                end = held[b] + a
+                ref_out, _, ref_sel = _full_reference(q, k, v, b, end, block, top_k, q_len=a)
+                assert torch.equal(sel[b, :a], ref_sel), (step, b)
+                torch.testing.assert_close(out[b, :a].float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        held = [n + a for n, a in zip(held, took, strict=True)]
+        cache.crop(held)
+        assert cache.lengths.tolist() == held and cache.appended.tolist() == [0] * batch
+    fresh = MobaKVCache(batch, kv_heads, dim, block, total, dtype=dtype, page_size=page_size)
+    fresh.prefill(k[:, :max(held)], v[:, :max(held)], lengths=held)
+    torch.testing.assert_close(cache.block_sums, fresh.block_sums, atol=1e-5, rtol=1e-5)
+    for b, n in enumerate(held):
+        every = torch.arange(cache.capacity if page_size is None else cache.pages_per_seq * page_size)
+        tokens = every[every < math.ceil(n / block) * block]  # the blocks a sequence reaches: its rows, then zeros
+        if page_size is None:
+            got_k, got_v = cache.k[b][:, tokens], cache.v[b][:, tokens]
+        else:
+            got_k, got_v = cache.token_rows(b, torch.arange(kv_heads).view(-1, 1), tokens.view(1, -1))
+        want = (tokens < n).view(1, -1, 1)
+        assert torch.equal(got_k, torch.where(want, k[b, tokens].transpose(0, 1), 0)), b
+        assert torch.equal(got_v, torch.where(want, v[b, tokens].transpose(0, 1), 0)), b
+    if page_size is not None:
+        assert cache.free_pages == cache.num_pages - sum(math.ceil(n / page_size) for n in held)
+        assert (cache.page_table >= 0).sum(dim=1).tolist() == [math.ceil(n / page_size) for n in held]
+
+
+def test_crop_to_nothing_then_decode_again():
+    """A sequence cropped to no token starts over at position 0; a decode straight after a crop asks for an append
+    first; crop(n) with one integer means every sequence."""
+    q, k, v = _stream(3, 2, 10, 2, 1, 8, torch.float32)
+    cache = MobaKVCache(2, 1, 8, 4, 10)
+    cache.prefill(k, v, lengths=[7, 10])
+    cache.crop([0, 6])
+    assert cache.lengths.tolist() == [0, 6] and not cache.block_sums[0].any() and not cache.k[0].any()
+    assert not cache.k[1, :, 6:].any() and torch.equal(cache.k[1, :, :6], k[1, :6].transpose(0, 1))
+    with pytest.raises(ValueError, match="append their keys and values first"):
+        moba_decode(q[:, :1], cache, 2)
+    with pytest.raises(ValueError, match=r"lengths \[3, 3\] must lie between 0 and the lengths held, \[0, 6\]"):
+        cache.crop(3)
+    cache.append(torch.stack([k[0, :1], k[1, 6:7]]), torch.stack([v[0, :1], v[1, 6:7]]))
+    out = moba_decode(torch.stack([q[0, :1], q[1, 6:7]]), cache, 2)
+    for b, end in ((0, 1), (1, 7)):
+        ref_out, _, _ = _full_reference(q, k, v, b, end, 4, 2)
+        torch.testing.assert_close(out[b], ref_out, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    cache.crop(1)
+    assert cache.lengths.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(("lengths", "match"), [
+    ([1], r"lengths has 1 entries; the cache has batch 2"),
+    ([1, True], r"lengths must hold integers, got \[1, True\]"),
+    ([1.0, 2], r"lengths must hold integers"),
+    (-1, r"lengths \[-1, -1\] must lie between 0 and the lengths held, \[5, 3\]"),
+    ([5, 4], r"lengths \[5, 4\] must lie between 0 and the lengths held, \[5, 3\] \(a crop only drops tokens\)"),
+    ("ab", r"lengths must hold integers"),
+    (None, r"lengths must be an integer or a sequence of 2 integers, got None"),
+])
+def test_crop_errors_are_named(lengths, match):
+    cache = MobaKVCache(2, 1, 4, 2, 8)
+    cache.prefill(torch.ones(2, 5, 1, 4), torch.ones(2, 5, 1, 4), lengths=[5, 3])
+    with pytest.raises(ValueError, match=match):
+        cache.crop(lengths)
+    assert cache.lengths.tolist() == [5, 3] and cache.block_sums[0, 0, 2, 0] == 1.0
+
+
+def test_a_crop_is_not_captured(monkeypatch):
+    cache = MobaKVCache(1, 1, 4, 2, 8)
+    cache.prefill(torch.ones(1, 5, 1, 4), torch.ones(1, 5, 1, 4))
+    monkeypatch.setattr(MobaKVCache, "_capturing", lambda self: True)
+    with pytest.raises(ValueError, match="a crop reads the lengths on the host"):
+        cache.crop(2)
+
+
 def test_lengths_follow_the_device_once_an_append_is_captured(monkeypatch):
     """A CUDA graph's replays of a captured append lengthen the sequences on the device alone, so from the capture
     on the host reads the device's lengths, and a step captured in the graph is planned for max_seqlen (a CPU cache

@@ -274,6 +274,44 @@ def test_a_captured_step_replays_token_by_token(kernel, monkeypatch):
     assert int(graph_cache._counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("page_size", [None, 256], ids=["contiguous", "paged"])
+def test_speculative_steps_with_crops_follow_the_cpu_cache(kernel, page_size):
+    """Draft steps of 5 tokens, the rejected ones cropped per sequence, on a CUDA cache and on a CPU twin: every
+    step's selection is the twin's reference selection and the output within one bf16 rounding of it; the caches end
+    equal (K, V, block sums, lengths, pages)."""
+    if kernel == "fused" and page_size is not None:
+        pytest.skip("the fused kernel reads contiguous caches only")
+    gen = torch.Generator().manual_seed(31)
+    batch, kv_heads, heads, dim, block, top_k, draft = 3, 2, 8, 128, 64, 4, 5
+    lengths, accepted = [700, 64, 190], [[5, 0, 2], [1, 4, 0], [3, 3, 5], [0, 1, 1]]
+    caches = [MobaKVCache(batch, kv_heads, dim, block, 800, dtype=torch.bfloat16, device=dev, page_size=page_size)
+              for dev in (DEVICE, "cpu")]
+    k, v = (torch.randn(batch, 700, kv_heads, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    for cache in caches:
+        cache.prefill(k.to(cache.device), v.to(cache.device), lengths=lengths)
+    held = list(lengths)
+    for took in accepted:
+        k_new, v_new = (torch.randn(batch, draft, kv_heads, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+        q = torch.randn(batch, draft, heads, dim, generator=gen).to(torch.bfloat16)
+        for cache in caches:
+            cache.append(k_new.to(cache.device), v_new.to(cache.device))
+        out, lse, sel = _kernel_decode(q.to(DEVICE), caches[0], top_k, kernel)
+        ref_sel = D._route(q, caches[1], top_k)
+        ref_out, ref_lse = D._attend(q, caches[1], ref_sel, 1.0 / math.sqrt(dim))
+        assert torch.equal(sel.cpu(), ref_sel)
+        torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=2**-7, rtol=2**-7)
+        torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+        held = [n + a for n, a in zip(held, took, strict=True)]
+        for cache in caches:
+            cache.crop(held)
+    gpu, cpu = caches
+    assert gpu.lengths.tolist() == cpu.lengths.tolist() == held
+    assert torch.equal(gpu.k.cpu(), cpu.k) and torch.equal(gpu.v.cpu(), cpu.v)
+    torch.testing.assert_close(gpu.block_sums.cpu(), cpu.block_sums, atol=1e-5, rtol=1e-5)
+    if page_size is not None:
+        assert torch.equal(gpu.page_table, cpu.page_table) and torch.equal(gpu._pages_dev.cpu(), cpu.page_table)
+
+
 def test_split_decode_is_bit_identical_run_to_run():
     """Sixteen query tokens per sequence with k 16: some 2000 entries per kv head over ~500 blocks of 4 chunks,
     entered into the kv head's set by hundreds of rows at once. Five calls: selections, outputs and LSEs

@@ -67,9 +67,9 @@ class MobaKVCache:
     replay that would pass ``max_seqlen`` (stop replaying before the sequences are full). A paged cache takes
     its pages on the host, so its appends cannot be captured (its decodes can).
 
-    Not supported: evicting or rewinding tokens, returning one sequence's pages while others decode, pages
-    shared between sequences, and concurrent decodes on one cache from several CUDA streams (the CUDA kernels
-    keep completion counters in the cache).
+    :meth:`crop` drops tokens at the ends of the sequences (speculative decoding's rejected draft tokens).
+    Not supported: evicting tokens from the start or the middle, pages shared between sequences, and concurrent
+    decodes on one cache from several CUDA streams (the CUDA kernels keep completion counters in the cache).
 
     Examples
     --------
@@ -371,8 +371,95 @@ class MobaKVCache:
         self._appended = torch.full((self.batch,), n, dtype=torch.int64)
         self._device_lengths_lead |= capturing
 
+    def crop(self, lengths) -> None:
+        r"""Keep the first ``lengths`` tokens of every sequence and drop the rest: an integer for every sequence or
+        ``batch`` integers, each between 0 and the sequence's length (speculative decoding drops the draft tokens
+        the model rejected this way).
+
+        The dropped rows of K and V become zeros, the sums of the blocks past a sequence's new end :math:`L'` are
+        emptied, and the block the cut falls in, :math:`c = \lfloor L'/B \rfloor`, is summed again from the tokens
+        it keeps, :math:`S_c = \sum_{cB \le i < L'} k_i` in fp32: the sums of a cache that never held the dropped
+        tokens, up to the order of the fp32 additions. Pages no longer reached go back to the pool. The next
+        :func:`~mobalab.kernels.moba_decode` needs an :meth:`append` first (its queries are the newest tokens').
+        The lengths are read on the host, so a crop cannot be captured in a CUDA graph.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mobalab.kernels import MobaKVCache
+        >>> cache = MobaKVCache(1, 1, 2, block_size=2, max_seqlen=8, dtype=torch.float32)
+        >>> k = torch.arange(10, dtype=torch.float32).view(1, 5, 1, 2)
+        >>> cache.prefill(k, k)
+        >>> cache.crop(3)  # tokens 3 and 4 dropped: block 1 keeps token 2 alone
+        >>> cache.lengths.tolist(), cache.block_sums[0, 0, :3].tolist()
+        ([3], [[2.0, 4.0], [4.0, 5.0], [0.0, 0.0]])
+        """
+        fn = "MobaKVCache.crop"
+        if self._capturing():
+            raise ValueError(f"{fn}: a crop reads the lengths on the host, which a CUDA graph's replays would not "
+                             "do: crop outside the graph")
+        old = self._host_lengths()
+        if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
+            new = torch.full((self.batch,), int(lengths), dtype=torch.int64)
+        else:
+            try:
+                items = list(lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)
+            except TypeError:
+                raise ValueError(f"{fn}: lengths must be an integer or a sequence of {self.batch} integers, got "
+                                 f"{lengths!r}") from None
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
+                raise ValueError(f"{fn}: lengths must hold integers, got {items!r}")
+            if len(items) != self.batch:
+                raise ValueError(f"{fn}: lengths has {len(items)} entries; the cache has batch {self.batch}")
+            new = torch.tensor([int(x) for x in items], dtype=torch.int64)
+        if bool(((new < 0) | (new > old)).any()):
+            raise ValueError(f"{fn}: lengths {new.tolist()} must lie between 0 and the lengths held, "
+                             f"{old.tolist()} (a crop only drops tokens)")
+        cut = [(b, lo, hi) for b, (lo, hi) in enumerate(zip(new.tolist(), old.tolist(), strict=True)) if lo < hi]
+        bsz, heads = self.block_size, torch.arange(self.kv_heads, device=self.device).view(-1, 1)
+        for b, lo, hi in cut:
+            dropped = torch.arange(lo, hi, device=self.device)
+            if self.paged:
+                page = self._pages_dev[b].to(torch.int64)[torch.div(dropped, self.page_size, rounding_mode="floor")]
+                self.k[page, :, dropped % self.page_size] = 0
+                self.v[page, :, dropped % self.page_size] = 0
+            else:
+                self.k[b, :, lo:hi] = 0
+                self.v[b, :, lo:hi] = 0
+            first = lo // bsz  # the block the cut falls in: summed again from the tokens it keeps, or emptied
+            self.block_sums[b, :, first:math.ceil(hi / bsz)] = 0
+            if lo % bsz:
+                kept, _ = self.token_rows(b, heads, torch.arange(first * bsz, lo, device=self.device).view(1, -1))
+                self.block_sums[b, :, first] = kept.to(self.sum_dtype).sum(dim=1)
+            if self._means is not None:
+                self._means[b] = self._round_means(self.block_sums[b])
+        if self.paged:  # pages past a sequence's new end go back to the pool
+            held = [(b, i) for b, lo, hi in cut
+                    for i in range(math.ceil(lo / self.page_size), math.ceil(hi / self.page_size))]
+            for b, i in held:
+                heapq.heappush(self._free, int(self._pages[b, i]))
+                self._pages[b, i] = -1
+            self._set_page_entries([(b, i, -1) for b, i in held])
+        self._len = new
+        self._appended = torch.zeros(self.batch, dtype=torch.int64)
+        self._len_dev.copy_(self._to_device(new.to(torch.int32)))
+
     # -----------------------------------------------------------------------------------------------
     # pages
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small CPU tensor on the cache's device, from pinned memory without a wait where that is a GPU: a plain
+        copy from host memory would wait for every kernel queued on the stream (a decode loop's steps must not);
+        torch's pinned-memory cache keeps the buffer until the copy has run."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _set_page_entries(self, entries) -> None:
+        """Entries (b, i, page) of the page table into the device's copy (the host's already hold them)."""
+        if entries:
+            new = self._to_device(torch.tensor(entries, dtype=torch.int64))
+            self._pages_dev[new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
 
     def _take_pages(self, spans) -> None:
         """Give sequence b pages i in [lo, hi) for each (b, lo, hi) of ``spans``, from the pool's lowest-numbered
@@ -383,15 +470,7 @@ class MobaKVCache:
                 page = heapq.heappop(self._free)
                 self._pages[b, i] = page
                 entries.append((b, i, page))
-        if not entries:
-            return
-        new = torch.tensor(entries, dtype=torch.int64)
-        if self.device.type == "cuda":
-            # only the new entries, from pinned memory without a wait: a plain copy from host memory would wait for
-            # every kernel queued on the stream (a decode step's appends must not); torch's pinned-memory cache keeps
-            # the buffer until the copy has run
-            new = new.pin_memory().to(self.device, non_blocking=True)
-        self._pages_dev[new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
+        self._set_page_entries(entries)  # only the new entries
 
     def _move_pages(self, perm: torch.Tensor) -> None:
         """Move page p of the pool to page ``perm[p]`` (a permutation of the pool), contents and table together:
