@@ -308,6 +308,44 @@ def test_moba_cache_steps_of_several_tokens(decode_calls):
     assert cache.get_seq_length() == 41 and cache.layers[0].cache.lengths.tolist() == [41]
 
 
+def test_assisted_generation_crops_the_rejected_drafts(decode_calls, monkeypatch):
+    """Assisted generation: a draft model (the same weights with dense attention, so it is right often but not
+    always) proposes tokens, the model verifies them in one step through moba_decode, and the cache drops the
+    rejected ones (MobaKVCache.crop). The tokens equal greedy decoding without a cache."""
+    from mobalab.kernels import MobaKVCache
+
+    crops, real = [], MobaKVCache.crop
+
+    def counting(self, lengths):
+        crops.append(self.lengths.tolist())
+        real(self, lengths)
+        crops[-1] = (crops[-1], self.lengths.tolist())
+
+    monkeypatch.setattr(MobaKVCache, "crop", counting)
+    model, draft = _model(top_k=2), _model(attn="sdpa")
+    ids = _ids(1, 13, seed=32)
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assisted = model.generate(ids, assistant_model=draft, **kw,
+                              **{hf.cache_argument(): hf.MobaCache(model.config, max_cache_len=64)})
+    assert torch.equal(assisted, model.generate(ids, use_cache=False, **kw))
+    assert any(before[0] > after[0] for before, after in crops), crops
+    assert any(q_len > 1 for _, q_len, _, _ in decode_calls), decode_calls  # drafts verified in one step
+
+
+def test_crop_conventions_of_transformers_releases():
+    """crop(-n) removes n tokens (transformers 5), crop(n > 0) keeps n (earlier releases), crop(0) removes none."""
+    model = _model(top_k=2)
+    cache = hf.MobaCache(model.config, max_cache_len=24)
+    with torch.no_grad():
+        model(_ids(1, 15, seed=37), use_cache=True, **{hf.cache_argument(): cache})
+    for length, held in ((0, 15), (-2, 13), (20, 13), (9, 9)):
+        cache.crop(length)
+        assert cache.get_seq_length() == held and all(x.cache.lengths.tolist() == [held] for x in cache.layers)
+        assert all(x.keys.shape[2] == held for x in cache.layers)
+    with pytest.raises(ValueError, match="MobaCache.crop: length must be an integer, got 2.5"):
+        cache.crop(2.5)
+
+
 def test_moba_cache_refuses_what_it_cannot_hold():
     model = _model(top_k=2)
     ids = _ids(2, 10, seed=34)
@@ -324,8 +362,10 @@ def test_moba_cache_refuses_what_it_cannot_hold():
     assert cache.get_seq_length() == 10 and all(layer.cache.lengths.tolist() == [10, 10] for layer in cache.layers)
     with pytest.raises(ValueError, match=r"MobaCache: 13 new token\(s\) after the 0 held exceed max_cache_len=12"):
         model(_ids(2, 13, seed=36), use_cache=True, **{hf.cache_argument(): hf.MobaCache(model.config, 12)})
-    with pytest.raises(NotImplementedError, match="MobaCache: crop is not supported"):
-        cache.crop(5)
+    with pytest.raises(NotImplementedError, match="MobaCache: batch_select_indices is not supported"):
+        cache.batch_select_indices(torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"MobaCache.crop: removing 11 token\(s\) from the 10 held"):
+        cache.crop(-11)
     with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1, got 0"):
         hf.MobaCache(model.config, 0)
     with pytest.raises(ValueError, match="moba_block_size must be an integer >= 1, got None"):

@@ -42,7 +42,7 @@ class MobaCacheLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, block_size: int, max_cache_len: int):
         super().__init__()
@@ -93,11 +93,23 @@ class MobaCacheLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def _unsupported(self, what: str):
-        raise NotImplementedError(f"MobaCache: {what} is not supported (a MoBA KV cache keeps running block sums; "
-                                  "beam search, cropping and reordering would have to rebuild them)")
+        raise NotImplementedError(f"MobaCache: {what} is not supported (a MoBA KV cache keeps running block sums "
+                                  "per sequence; beam search and reordering would have to rebuild them)")
 
-    def crop(self, *args, **kwargs):
-        self._unsupported("crop")
+    def crop(self, length: int) -> None:
+        """Drop the newest tokens (assisted generation's rejected draft tokens; :meth:`MobaKVCache.crop`):
+        ``length`` < 0 removes that many, ``length`` > 0 keeps that many (transformers' two conventions; 0 removes
+        none)."""
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+            raise ValueError(f"MobaCache.crop: length must be an integer, got {length!r}")
+        held = self.get_seq_length()
+        keep = held + int(length) if length <= 0 else min(int(length), held)
+        if not self.is_initialized or keep == held:
+            return
+        if keep < 0:
+            raise ValueError(f"MobaCache.crop: removing {-int(length)} token(s) from the {held} held")
+        self.cache.crop(keep)
+        self.keys, self.values = self.cache.k[:, :, :keep], self.cache.v[:, :, :keep]
 
     def batch_repeat_interleave(self, *args, **kwargs):
         self._unsupported("batch_repeat_interleave")
@@ -131,8 +143,9 @@ class MobaCache(Cache):
 
     ``config``: the model's config (``num_hidden_layers`` and ``moba_block_size`` are read);
     ``max_cache_len``: the most tokens a sequence may reach (prompt + generated), as for transformers'
-    ``StaticCache``. Batches must be unpadded (every sequence equally long: the cache holds whole rows); beam
-    search, cropping and offloading are not supported. A step of more than 16 new tokens (a chunked prefill) is
+    ``StaticCache``. Batches must be unpadded (every sequence equally long: the cache holds whole rows); assisted
+    generation crops the rejected draft tokens (:meth:`MobaCacheLayer.crop`); beam search and offloading are not
+    supported. A step of more than 16 new tokens (a chunked prefill) is
     computed over the cached keys the usual way.
 
     Examples
