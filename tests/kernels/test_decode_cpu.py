@@ -443,7 +443,8 @@ def test_crop_to_nothing_then_decode_again():
     for b, end in ((0, 1), (1, 7)):
         ref_out, _, _ = _full_reference(q, k, v, b, end, 4, 2)
         torch.testing.assert_close(out[b], ref_out, atol=TOL[torch.float32], rtol=TOL[torch.float32])
-    cache.crop(1)
+    cache.crop(torch.tensor([1, 7]))
+    cache.crop(torch.tensor(1))
     assert cache.lengths.tolist() == [1, 1]
 
 

@@ -399,11 +399,13 @@ class MobaKVCache:
             raise ValueError(f"{fn}: a crop reads the lengths on the host, which a CUDA graph's replays would not "
                              "do: crop outside the graph")
         old = self._host_lengths()
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
         if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
             new = torch.full((self.batch,), int(lengths), dtype=torch.int64)
         else:
             try:
-                items = list(lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)
+                items = list(lengths)
             except TypeError:
                 raise ValueError(f"{fn}: lengths must be an integer or a sequence of {self.batch} integers, got "
                                  f"{lengths!r}") from None
