@@ -17,9 +17,9 @@ import numbers
 import pandas as pd
 
 from mobalab import snr
-from mobalab._validate import scalar_cosine
+from mobalab._validate import default_mu_cluster
 
-__all__ = ["DEFAULT_BLOCK_SIZES", "design", "default_mu_cluster", "kernel_cost", "automatic_variant", "format_design",
+__all__ = ["DEFAULT_BLOCK_SIZES", "design", "kernel_cost", "automatic_variant", "format_design",
            "decode_cost", "format_decode_cost"]
 
 DEFAULT_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
@@ -98,18 +98,6 @@ def kernel_cost(bench: pd.DataFrame, block_size: int, seq_len: int, head_dim: in
     if ms.empty:
         return none
     return {"ms": float(ms.median()), "kernel": kernel, "workload": workload, "rows": int(len(ms))}
-
-
-def default_mu_cluster(delta_mu: float, mu_noise: float) -> float:
-    """The clustered keys' cosine when none is given: ``mu_noise + delta_mu`` (as similar as the needle);
-    ValueError naming both inputs when ``mu_noise`` is no cosine or the sum lies outside [-1, 1]."""
-    mu_noise = scalar_cosine("mu_noise", mu_noise)
-    mu_cluster = mu_noise + float(delta_mu)
-    if not -1.0 <= mu_cluster <= 1.0:
-        raise ValueError(f"mu_cluster defaults to mu_noise + delta_mu = {mu_noise:g} + {float(delta_mu):g} = "
-                         f"{mu_cluster:g}, outside [-1, 1]: give mu_cluster, or a needle cosine "
-                         "mu_noise + delta_mu in [-1, 1]")
-    return mu_cluster
 
 
 def design(head_dim: int, seq_len: int, top_k: int, target: float, delta_mu: float = 0.3, m: int = 1,

@@ -164,6 +164,18 @@ def scalar_cosine(name: str, value) -> float:
     return float(arr)
 
 
+def default_mu_cluster(delta_mu: float, mu_noise: float) -> float:
+    """The clustered keys' cosine when none is given: ``mu_noise + delta_mu`` (as similar as the needle);
+    ValueError naming both inputs when ``mu_noise`` is no cosine or the sum lies outside [-1, 1]."""
+    mu_noise = scalar_cosine("mu_noise", mu_noise)
+    mu_cluster = mu_noise + float(delta_mu)
+    if not -1.0 <= mu_cluster <= 1.0:
+        raise ValueError(f"mu_cluster defaults to mu_noise + delta_mu = {mu_noise:g} + {float(delta_mu):g} = "
+                         f"{mu_cluster:g}, outside [-1, 1]: give mu_cluster, or a needle cosine "
+                         "mu_noise + delta_mu in [-1, 1]")
+    return mu_cluster
+
+
 def probability(name: str, value) -> np.ndarray:
     """A target probability strictly inside (0, 1) (or an array of them)."""
     return real(name, value, low=0.0, high=1.0, low_open=True, high_open=True)

@@ -186,7 +186,7 @@ def test_bytes_and_flops_against_a_hand_count():
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(head_dim=0), "head_dim must be an integer >= 1, got 0"),
     (dict(mu_noise=2.0), "mu_noise is a cosine and must lie in [-1, 1], got 2.0"),
-    (dict(mu_noise=0.8, delta_mu=0.5), "mu_cluster defaults to mu_noise + delta_mu = 1.3, outside [-1, 1]"),
+    (dict(mu_noise=0.8, delta_mu=0.5), "mu_cluster defaults to mu_noise + delta_mu = 0.8 + 0.5 = 1.3, outside [-1, 1]"),
 ])
 def test_table_names_the_input_that_is_out_of_range(kwargs, message):
     with pytest.raises(ValueError) as info:

@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mobalab import snr
-from mobalab._validate import scalar_cosine, scalar_count
+from mobalab._validate import default_mu_cluster, scalar_count
 from mobalab.kernels import decode_bytes, decode_flops
 
 from ._checks import check_seed
@@ -185,10 +185,7 @@ def decode_cost_table(seq_len: int, target: float, *, head_dim: int = 128, heads
             raise ValueError(f"{name} must name at least one value, got {tuple(values)!r}")
     head_dim = scalar_count("head_dim", head_dim)  # checked here: snr.snr would call it d
     if mu_cluster is None:
-        mu_cluster = scalar_cosine("mu_noise", mu_noise) + delta_mu
-        if not -1.0 <= mu_cluster <= 1.0:
-            raise ValueError(f"mu_cluster defaults to mu_noise + delta_mu = {mu_cluster:g}, outside [-1, 1]: give "
-                             "mu_cluster, or a needle cosine mu_noise + delta_mu in [-1, 1]")
+        mu_cluster = default_mu_cluster(delta_mu, mu_noise)
     dmu_eff = float(snr.delta_mu_eff(delta_mu, m, mu_cluster, mu_noise))
     shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     rows = []
