@@ -79,6 +79,23 @@ def test_dense_when_top_k_covers_every_block_forward_and_backward():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
+def test_the_models_softmax_scale_is_applied():
+    # Llama's scaling is 1/sqrt(d), MoBA's default; models that scale otherwise (e.g. query_pre_attn_scalar)
+    # rely on the scale passed through
+    from types import SimpleNamespace
+
+    layer = SimpleNamespace(config=SimpleNamespace(moba_block_size=B, moba_top_k=64), is_causal=True)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 11, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for scale in (0.05, 1.0):
+        out, _ = hf.moba_attention_forward(layer, q, k, v, None, scaling=scale)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=scale
+        )
+        torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-10, atol=1e-10)
+
+
 def test_sparse_routing_changes_the_output_and_trains():
     moba, sdpa = _model("moba", top_k=2), _model("sdpa")
     ids = _ids(2, 30, seed=2)

@@ -61,6 +61,17 @@ def test_outcomes_fixed_by_the_rules():
         assert score_level_router_causal(-40.0, 4096, 64, 4, query_pos=200, **causal).hits[0] == 2000
 
 
+@pytest.mark.parametrize("method", ["binomial", "explicit"])
+def test_fixed_needle_averages_the_model_over_queries_at_or_after_it(method):
+    # only needle_pos given: t uniform on {p..N-1}; a query before the needle would be a free (wrong) hit
+    from mobalab.snr import causal_hit_probability
+
+    n_tok, bs, k, p = 512, 16, 4, 40
+    expected = np.mean(causal_hit_probability(1.0, n_tok, bs, k, query_pos=np.arange(p, n_tok), needle_pos=p))
+    row = score_level_router_causal(1.0, n_tok, bs, k, needle_pos=p, trials=20_000, seed=6, method=method)
+    assert abs(interval_units(expected, row.hits[0], row.trials[0], confidence=0.999)) <= 1, row.estimate[0]
+
+
 @pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("method", ["binomial", "explicit"])
 def test_huge_sd_ratio_samples_the_noise_free_limit(method):

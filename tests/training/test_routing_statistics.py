@@ -104,7 +104,7 @@ def test_needle_in_own_block_counts_as_hit_and_is_excluded_from_statistics():
     assert int(df["recall_trials"].iloc[0]) == 8
 
 
-def test_matches_kernels_topk_and_validates():
+def test_inputs_are_checked():
     q, k, qpos, npos = _planted(batch=2, n_q=2, seed=4)
     with pytest.raises(ValueError, match="needle_pos <= query_pos"):
         routing_statistics(q, k, npos, qpos, B, TOP_K)
@@ -215,7 +215,7 @@ def test_a_model_s_router_statistics_recomputed_by_hand():
         return integrate.quad(lambda z: sps.norm.pdf(z) * sps.binom.cdf(slots - 1, n - 1, sps.norm.sf(
             z + math.sqrt(2) * snr_value)), -12, 12)[0]
 
-    dmu, var, eff, hits, tp = [], [], [], [], []
+    dmu, var, eff, hits, tp, mass, blk_d, blk_var = [], [], [], [], [], [], [], []
     qd, kd = q.double().numpy(), k.double().numpy()
     for i in range(4):
         for j in range(4):
@@ -226,11 +226,16 @@ def test_a_model_s_router_statistics_recomputed_by_hand():
             centroids = kd[i, :c * bsz, 0].reshape(c, bsz, -1).mean(1) @ qv
             hits.append(cs == c or cs in np.argsort(-centroids)[:top_k - 1])
             tp.append((t, p))
+            w = np.exp((s[:t + 1] - s[:t + 1].max()) / math.sqrt(8))  # dense causal softmax, scale 1/sqrt(d)
+            mass.append(w[p] / w.sum())
             if cs < c and c - 1 >= 2:
                 noise = np.concatenate([s[b * bsz:(b + 1) * bsz] for b in range(c) if b != cs])
                 dmu.append(s[p] - noise.mean())
                 var.append(noise.var(ddof=1))
                 eff.append((s[cs * bsz:(cs + 1) * bsz] - noise.mean()).sum())
+                others = np.delete(centroids, cs)
+                blk_d.append(centroids[cs] - others.mean())
+                blk_var.append(others.var(ddof=1))
     sigma = math.sqrt(np.mean(var))
     snr_value = np.mean(eff) / (sigma * math.sqrt(2 * bsz))
     h = {c: hit_probability(snr_value, c, top_k - 1) for c in {t // bsz for t, _ in tp}}
@@ -242,3 +247,8 @@ def test_a_model_s_router_statistics_recomputed_by_hand():
     assert row["snr_paper"] == pytest.approx(snr_value, rel=1e-5)
     assert row["pred_paper"] == pytest.approx(pred, abs=1e-6)
     assert row["recall_hits"] == sum(hits)
+    assert row["needle_mass"] == pytest.approx(np.mean(mass), rel=1e-5)
+    var_d, v_n = np.var(blk_d, ddof=1), np.mean(blk_var)
+    assert row["block_snr"] == pytest.approx(np.mean(blk_d) / math.sqrt(var_d + v_n), rel=1e-5)
+    assert row["block_sd_ratio"] == pytest.approx(math.sqrt(var_d / v_n), rel=1e-5)
+    assert row["block_var_ratio"] == pytest.approx(v_n / (sigma**2 / bsz), rel=1e-5)

@@ -117,6 +117,36 @@ def test_cost_counts_flops():
     assert dense["flops_linear"] == moba["flops_linear"] == pytest.approx(3 * 2 * 4096 * 2 * 786432)
 
 
+def _step_flops(mc, n, batch, moba):
+    """The module's per-step FLOPs with a_t counted key by key from MoBA's causal rule (own block up to t,
+    k - 1 of the complete past blocks) rather than summed per block."""
+    width, n_blocks = mc.n_heads * mc.head_dim, -(-n // mc.block_size)
+    keys = 0
+    for t in range(n):
+        own = t // mc.block_size
+        past = set(range(own)[-(mc.top_k - 1):]) if moba and mc.top_k > 1 else set()
+        keys += sum(1 for s in range(t + 1) if not moba or s // mc.block_size == own or s // mc.block_size in past)
+    per_token = 4 * width * mc.d_model + 2 * mc.mlp_ratio * mc.d_model**2
+    routing = 3 * 2 * width * mc.n_layers * batch * n * n_blocks / 2 if moba else 0.0
+    return 3 * 2 * batch * n * mc.n_layers * per_token, 3.5 * 4 * width * mc.n_layers * batch * keys, routing
+
+
+def test_cost_counts_every_attended_key_and_every_stage():
+    # a partial last block (200 = 12·16 + 8) and a stage at a quarter of the length with 4x the sequences
+    mc = ModelConfig(d_model=16, n_layers=2, n_heads=2, head_dim=8, attention="moba", block_size=16, top_k=3)
+    task = RecallTask(seq_len=200, n_pairs=4, n_queries=4, n_keys=8, n_values=4, n_filler=8)
+    tc = TrainConfig(steps=5, batch_size=3, curriculum=[(50, 2)])
+    cost = training_cost(mc, task, tc)
+    lin, attn, routing = _step_flops(mc, 200, 3, moba=True)
+    assert (cost["flops_linear"], cost["flops_attention"], cost["flops_routing"]) == pytest.approx(
+        (lin, attn, routing), rel=1e-12
+    )
+    stage = _step_flops(mc, 50, 3 * 4, moba=True)
+    assert cost["flops_total"] == pytest.approx(3 * (lin + attn + routing) + 2 * sum(stage), rel=1e-12)
+    dense = training_cost(dataclasses.replace(mc, attention="dense"), task, dataclasses.replace(tc, curriculum=()))
+    assert dense["flops_attention"] == pytest.approx(_step_flops(mc, 200, 3, moba=False)[1], rel=1e-12)
+
+
 def test_cost_of_a_stage_whose_top_k_covers_every_block_is_dense():
     # the model runs such a stage as dense attention (SDPA), and the estimate costs it so
     task = RecallTask(seq_len=4096)
