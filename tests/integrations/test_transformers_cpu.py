@@ -96,6 +96,28 @@ def test_the_models_softmax_scale_is_applied():
         torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-10, atol=1e-10)
 
 
+def test_the_models_softmax_scale_reaches_the_cached_decode(decode_calls):
+    """The same through a MobaCache: a step of new queries over the cache's view runs moba_decode with the
+    model's scale (dense here: top_k covers every block)."""
+    from types import SimpleNamespace
+
+    layer = SimpleNamespace(config=SimpleNamespace(moba_block_size=B, moba_top_k=64), is_causal=True)
+    from mobalab.integrations._transformers_cache import MobaCacheLayer
+
+    cache = MobaCacheLayer(B, 16)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 11, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    cache.update(k[:, :, :9], v[:, :, :9])
+    keys, values = cache.update(k[:, :, 9:], v[:, :, 9:])
+    for scale in (0.05, 1.0):
+        out, _ = hf.moba_attention_forward(layer, q[:, :, 9:], keys, values, None, scaling=scale)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=scale)
+        torch.testing.assert_close(out, want.transpose(1, 2)[:, 9:], rtol=1e-10, atol=1e-10)
+    assert decode_calls == [(2, 2, 4, 8)] * 2
+
+
 def test_sparse_routing_changes_the_output_and_trains():
     moba, sdpa = _model("moba", top_k=2), _model("sdpa")
     ids = _ids(2, 30, seed=2)
