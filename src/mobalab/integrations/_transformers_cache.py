@@ -66,6 +66,12 @@ class MobaCacheLayer(CacheLayerMixin):
             raise ValueError(f"MobaCache: {new} new token(s) after the {held} held exceed max_cache_len="
                              f"{self.max_cache_len} (prompt + generated tokens); create the MobaCache with a larger "
                              "max_cache_len")
+        device = key_states.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            # the attention reads them in the autocast dtype (moba_attention_forward), and a MobaKVCache holds one
+            # dtype, where the layer may hand over keys after RoPE in fp32 and values from a bf16 projection
+            dtype = torch.get_autocast_dtype(device)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # (batch, n, kv_heads, head_dim)

@@ -19,7 +19,8 @@ that says how to set it); ``moba_deterministic`` (default False) selects the bit
 rounded to the model's dtype, as MoBA and FlashMoBA store them), in training, prefill and decode alike.
 Set them on the loaded model (``model.config.moba_block_size = 128``): ``from_pretrained`` ignores keyword
 arguments that are not config fields. Causality is the
-layer's (``is_causal``); ``scaling`` is the layer's softmax scale. MoBA has no attention dropout (a non-zero
+layer's (``is_causal``); ``scaling`` is the layer's softmax scale. Under ``torch.autocast`` q, k and v are cast to
+the autocast dtype first, as transformers' sdpa attention does. MoBA has no attention dropout (a non-zero
 ``attention_dropout`` while training is refused), no sliding window, soft-capping or attention sinks, and returns
 no attention weights (``output_attentions=True`` is refused).
 
@@ -285,6 +286,13 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     mask = _padding_mask(attention_mask, batch, kv_len)
     held = sys.modules.get(f"{__package__}._transformers_cache")  # loaded once a MobaCache exists
     cache = held.cache_of(key) if held is not None else None
+    device = query.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        # transformers' sdpa attention runs in the autocast dtype (SDPA is on autocast's lower-precision list), and
+        # the layer may hand over q, k and v in different dtypes (RoPE in fp32, v from a bf16 projection); a
+        # MobaCache holds them in that dtype (MobaCacheLayer.update)
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (x.to(dtype) for x in (q, k, v))
     if cache is not None:
         if mask is not None:
             raise ValueError("moba attention: MobaCache holds unpadded batches only (every row's tokens from "

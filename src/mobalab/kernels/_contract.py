@@ -23,6 +23,7 @@ import numbers
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 __all__ = [
     "check_tensor",
@@ -94,7 +95,26 @@ def check_tensor(fn: str, name: str, x) -> None:
         hint = " (convert with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}{hint}")
     if x.is_meta:
-        raise ValueError(f"{fn}: {name} is a meta tensor (a shape without data); supported: CPU or CUDA tensors")
+        raise ValueError(f"{fn}: {name} is a meta tensor (a shape without data); supported: CPU or CUDA tensors "
+                         "(for shapes alone, fake tensors: torch._subclasses.fake_tensor.FakeTensorMode)")
+
+
+def is_fake(x) -> bool:
+    """Whether ``x`` is a FakeTensor (``FakeTensorMode``, ``torch.export``): a shape whose values cannot be read, so the
+    entry points answer with their custom ops' fake implementations instead of computing."""
+    # a plain tensor that wraps nothing is not fake: answered without the walk over wrappers (host time per call)
+    return (type(x) is not torch.Tensor or torch._is_functional_tensor(x)) and _is_fake(x)
+
+
+def check_not_vmapped(fn: str, named) -> None:
+    """Refuse ``torch.func.vmap``: the routing picks blocks by value and the attention gathers what it picked, in
+    shapes that follow the data, which vmap cannot batch."""
+    for name, x in named:
+        if x is not None and torch._C._functorch.is_batchedtensor(x):
+            raise ValueError(f"{fn}: {name} is batched by torch.func.vmap, which is not supported (the routing "
+                             "selects key blocks by value, in shapes that depend on the data); put the mapped "
+                             "dimension into the batch dimension instead, e.g. q.flatten(0, 1) for a vmap over "
+                             "dim 0 of (n, batch, seqlen, heads, d)")
 
 
 def check_same_device(fn: str, named) -> None:

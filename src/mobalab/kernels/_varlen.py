@@ -333,24 +333,39 @@ def _op(name: str):
 # eager calls
 
 
+class _Held:
+    """What :meth:`_EagerVarlen.forward` hands to its ``setup_context``: not a dict or list, which torch.func would
+    take apart and rebuild (pytree containers) between the two."""
+
+    groups = lists = pads = None
+
+
 class _EagerVarlen(torch.autograd.Function):
     """The varlen forward and backward without the custom ops, for eager calls (a custom op's dispatch costs the
     host time before the first launch); each group's lists stay separate tensors, with no copy end to end.
     ``torch.compile`` traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic,
-                centroid_precision):
+    def forward(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale, deterministic,
+                centroid_precision, keep, held):
+        """``keep``: whether a backward will run (the lists serve it only); ``held``: a :class:`_Held` that takes
+        the groups, their lists and padded batches for :meth:`setup_context` (forward takes no ctx, for
+        torch.func)."""
         groups = _plan(cu_seqlens, q, k, max_seqlen, block_size, causal, "moba_attention_varlen")
-        keep = any(ctx.needs_input_grad[:3])  # the lists serve a backward only
         out, lse, topk, lists, pads = _forward_groups(q, k, v, groups, block_size, top_k, causal, scale,
                                                       deterministic, keep, centroid_precision)
-        ctx.save_for_backward(q, k, v, out, lse, topk, *lists)
-        ctx.groups, ctx.pads = groups, pads
+        held.groups, held.lists, held.pads = groups, lists, pads
+        return out, lse, topk
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form (not ctx in forward) is what torch.func transforms take
+        q, k, v, _, _, block_size, top_k, causal, scale, deterministic, _, _, held = inputs
+        out, lse, topk = output
+        ctx.save_for_backward(q, k, v, out, lse, topk, *held.lists)
+        ctx.groups, ctx.pads = held.groups, held.pads
         ctx.params = (block_size, top_k, causal, scale, deterministic)
         ctx.mark_non_differentiable(topk)
         ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None
-        return out, lse, topk
 
     @staticmethod
     def backward(ctx, dout, dlse, dtopk):
@@ -360,7 +375,7 @@ class _EagerVarlen(torch.autograd.Function):
         dq, dk, dv = _backward_groups(dout, dlse, q, k, v, out, lse, topk, ctx.groups, lists, ctx.pads,
                                       *ctx.params)
         dq, dk, dv = _first_order("moba_attention_varlen", (dq, dk, dv), dout, dlse, q, k, v)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 #: Eager calls take :class:`_EagerVarlen` (True) or the custom ops (False); under ``torch.compile`` the ops always.
@@ -519,7 +534,9 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     out : Tensor (total_tokens, heads, head_dim) in q's dtype, and with ``return_lse`` the natural-log
     ``lse`` (total_tokens, heads) in float32 (float64 for float64 inputs). Differentiable w.r.t. q, k, v
     (CUDA backward on CUDA tensors), once: a second derivative through the gradients raises; works under
-    ``torch.compile(fullgraph=True)``.
+    ``torch.compile(fullgraph=True)`` and ``torch.func.grad``, not ``torch.func.vmap`` (refused). Fake tensors
+    get their shapes from the custom op's fake implementation, whose kept lists have sizes that depend on data:
+    ``FakeTensorMode(shape_env=ShapeEnv())``.
 
     Examples
     --------
@@ -541,9 +558,12 @@ def moba_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, block_size: int,
     _check_bool("return_lse", return_lse, fn)
     _check_bool("deterministic", deterministic, fn)
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
-    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+    C.check_not_vmapped(fn, [("q", q), ("k", k), ("v", v)])
+    # fake tensors (FakeTensorMode) hold no cu_seqlens values to plan by: the op's fake implementation gives shapes
+    if EAGER_FUNCTION and not torch.compiler.is_compiling() and not C.is_fake(q):
+        keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         out, lse, _ = _EagerVarlen.apply(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, causal, scale,
-                                         deterministic, centroid_precision)
+                                         deterministic, centroid_precision, keep, _Held())
     else:
         out, lse, *_ = _op("moba_attention_varlen_fwd")(q, k, v, cu_seqlens, max_seqlen, block_size, top_k,
                                                         causal, scale, deterministic, centroid_precision)

@@ -218,9 +218,12 @@ class _FirstOrderOnly(torch.autograd.Function):
     word, where the custom ops that ``torch.compile`` traces raise."""
 
     @staticmethod
-    def forward(ctx, fn, n, *tensors):
-        ctx.fn = fn
+    def forward(fn, n, *tensors):
         return tuple(x.view_as(x) for x in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form (not ctx in forward) is what torch.func transforms take
+        ctx.fn = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -243,12 +246,14 @@ class _EagerMoba(torch.autograd.Function):
     (:func:`moba_attention_autograd`), which it sees as opaque nodes with fake implementations."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_size, top_k, causal, scale, deterministic, centroid_precision, topk):
-        inputs = (q, k, v, block_size, top_k, causal, scale, deterministic)
-        output = _fwd_impl(*inputs, topk=topk, centroid_precision=centroid_precision)
+    def forward(q, k, v, block_size, top_k, causal, scale, deterministic, centroid_precision, topk):
+        return _fwd_impl(q, k, v, block_size, top_k, causal, scale, deterministic, topk=topk,
+                         centroid_precision=centroid_precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form (not ctx in forward) is what torch.func transforms take
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2], output[3])  # the routing and the lists
-        return output
 
     @staticmethod
     def backward(ctx, dout, dlse, dtopk, dlists):
@@ -276,7 +281,8 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     bit-identical dq run to run, at some extra time and scratch; dk, dv are always reproducible). CPU tensors: the
     torch reference behind the same op (any float dtype). Returns ``out`` and, with ``return_lse``, the
     natural-log ``lse`` (float32, float64 for float64 inputs; the gradient w.r.t. it is honoured as well).
-    Differentiable once: a second derivative through the gradients (double backward) raises.
+    Differentiable once: a second derivative through the gradients (double backward) raises. Works under
+    ``torch.func.grad`` / ``vjp`` (``vmap`` is refused); fake tensors get the op's fake implementation.
     ``centroid_precision``: the routing's centroids, "fp32" or "input" (:func:`mobalab.kernels.reference.moba_topk`).
 
     Examples
@@ -300,7 +306,9 @@ def moba_attention_autograd(q, k, v, block_size: int, top_k: int, causal: bool =
     deterministic = C.check_flag(fn, "deterministic", deterministic)
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     scale = C.check_softmax_scale(fn, softmax_scale, q.shape[-1])
-    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+    C.check_not_vmapped(fn, [("q", q), ("k", k), ("v", v)])
+    # fake tensors (FakeTensorMode) hold no values to route by: the op's fake implementation gives the shapes
+    if EAGER_FUNCTION and not torch.compiler.is_compiling() and not C.is_fake(q):
         # CUDA: the routing launched first, so that the GPU starts while autograd sets up the node (~50 us of host
         # time before the first launch otherwise)
         topk = _routing(q, k, block_size, top_k, causal, deterministic, centroid_precision) if q.is_cuda else None

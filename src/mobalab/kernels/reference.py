@@ -58,6 +58,7 @@ does select a :math:`-\infty` score; such scores need infinite inputs or a produ
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -87,6 +88,31 @@ _BYTES_PER_ROW_FEATURE = 20
 _BYTES_PER_SCORE = 8
 # Key block that dense attention is cut into (any size gives the same result).
 _DENSE_BLOCK = 128
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _exact(fn):
+    """``fn`` with autocast off for its tensors' device type: under ``torch.autocast`` a matrix product runs in
+    the autocast dtype, which would score the routing in bf16 and hand partials of another dtype to the merge,
+    where the contract scores and attends in the compute dtype (float32, float64 for float64 inputs)."""
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        device = args[0].device.type if args and isinstance(args[0], torch.Tensor) else None
+        if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return entry
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, ...) is active: it refuses saved-tensor hooks, and so
+    the checkpoints that bound the attention's memory under autograd."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +276,7 @@ def _chunk_size(query_chunk: int | None, per_query_bytes: int, seqlen: int) -> i
     return max(1, min(seqlen, _MEMORY_BUDGET_BYTES // max(1, per_query_bytes)))
 
 
+@_exact
 def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True, *,
               query_chunk: int | None = None, centroid_precision: str = "fp32") -> torch.Tensor:
     r"""MoBA routing: the key blocks each query attends, int32 (batch, seqlen, heads, top_k).
@@ -292,9 +319,10 @@ def moba_topk(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, cau
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     if query_chunk is not None:
         query_chunk = C.check_positive_int(fn, "query_chunk", query_chunk)
-    if torch.compiler.is_compiling() and not q.is_cuda:
-        # The selection branches on tensor values, which a graph cannot hold: the compiler sees one opaque op (the
-        # result does not depend on query_chunk, which only bounds memory).
+    C.check_not_vmapped(fn, [("q", q), ("k", k)])
+    if (torch.compiler.is_compiling() or C.is_fake(q)) and not q.is_cuda:
+        # The selection branches on tensor values, which a graph (or fake tensors) cannot hold: the compiler sees
+        # one opaque op (the result does not depend on query_chunk, which only bounds memory).
         from .autograd import moba_topk_op
 
         return moba_topk_op(q, k, block_size, top_k, causal, centroid_precision)
@@ -375,6 +403,7 @@ def moba_block_sums(k: torch.Tensor, block_size: int, *, key_offset: int = 0) ->
     return sums, counts
 
 
+@_exact
 def moba_topk_from_centroids(q: torch.Tensor, centroids: torch.Tensor, block_size: int, top_k: int,
                              causal: bool = True, *, query_offset: int = 0,
                              query_chunk: int | None = None) -> torch.Tensor:
@@ -602,6 +631,7 @@ def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk
     """
     compute = C.compute_dtype(q.dtype)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    transformed = needs_grad and _transformed()  # no checkpoints: autograd keeps each chunk's tensors instead
     seqlen, kv_heads, dim = k.shape[1], k.shape[2], k.shape[3]
     if needs_grad:  # one conversion, so that gradients accumulate in the compute dtype
         k, v = k.to(compute), v.to(compute)
@@ -622,7 +652,7 @@ def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk
             selected = routing(lo, hi, q_chunk)
         args = (q_chunk, pos, k_rows, v_rows, selected, seqlen, kv_heads, block_size, causal, scale, v_finite,
                 key_offset)
-        if needs_grad:
+        if needs_grad and not transformed:
             o, l_ = checkpoint(_attend, *args, use_reentrant=False)
         else:
             o, l_ = _attend(*args)
@@ -631,6 +661,7 @@ def _attend_chunks(q, k, v, positions, routing, block_size, causal, scale, chunk
     return out, lse
 
 
+@_exact
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
                    causal: bool = True, softmax_scale: float | None = None, return_lse: bool = False, *,
                    query_chunk: int | None = None, centroid_precision: str = "fp32"):
@@ -653,6 +684,13 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     backward pass stays within the same memory bound). ``query_chunk`` sets the number of queries per
     chunk (default: sized from a 1 GiB budget); the result does not depend on it. ``centroid_precision``:
     the routing's centroids, as :func:`moba_topk`.
+
+    Under ``torch.autocast`` it computes in these dtypes all the same (autocast is off inside: the routing
+    scores and the partials keep the compute dtype), so ``out`` has q's dtype. Under ``torch.func`` transforms
+    (``grad``, ``vjp``, ``jacrev``), which refuse the checkpoints' saved-tensor hooks, the chunks are not
+    checkpointed; ``torch.func.vmap`` is refused (the selected blocks' shapes depend on the data: fold the
+    mapped dimension into the batch). Fake tensors (``FakeTensorMode``) get their shapes from the custom op's
+    fake implementation.
 
     Under ``torch.compile`` (``fullgraph=True`` included), tensors not on a CUDA device run as the custom op
     ``mobalab::moba_attention_fwd`` (:mod:`mobalab.kernels.autograd`), whose body is this module's
@@ -682,9 +720,10 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     centroid_precision = C.check_centroid_precision(fn, centroid_precision)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
-    if torch.compiler.is_compiling() and not q.is_cuda:
-        # The routing and the segment loop below branch on tensor values, which a graph cannot hold; the compiler
-        # sees one opaque op instead (as the CUDA path and moba_attention_varlen do).
+    C.check_not_vmapped(fn, [("q", q), ("k", k), ("v", v)])
+    if (torch.compiler.is_compiling() or C.is_fake(q)) and not q.is_cuda:
+        # The routing and the segment loop below branch on tensor values, which a graph (or fake tensors) cannot
+        # hold; the compiler sees one opaque op instead (as the CUDA path and moba_attention_varlen do).
         from .autograd import moba_attention_autograd
 
         return moba_attention_autograd(q, k, v, block_size, top_k, causal=causal, softmax_scale=softmax_scale,
@@ -709,6 +748,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     return (out, lse) if return_lse else out
 
 
+@_exact
 def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                                  block_size: int, causal: bool = True, softmax_scale: float | None = None, *,
                                  query_offset: int | None = None, key_offset: int | None = None):
@@ -754,6 +794,7 @@ def moba_attention_given_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     causal = C.check_flag(fn, "causal", causal)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    C.check_not_vmapped(fn, [("q", q), ("k", k), ("v", v), ("topk", topk)])
     slots = _check_routing(fn, topk, q, block_size, whole=not parts)
     chunk = _chunk_size(None, _attention_chunk_bytes(batch, heads, slots, block_size, dim, k.shape[1]), seqlen)
 
@@ -792,6 +833,7 @@ def _check_offsets(fn: str, query_offset, key_offset) -> tuple[int, int, bool]:
     return int(query_offset or 0), int(key_offset or 0), query_offset is not None or key_offset is not None
 
 
+@_exact
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, query_positions=None):
     r"""Dense softmax attention, :math:`o_t = \sum_{i \in S_t} \mathrm{softmax}_i(\sigma q_t\cdot k_i)\, v_i` with
@@ -819,6 +861,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     causal = C.check_flag(fn, "causal", causal)
     batch, seqlen, heads, dim = q.shape
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    C.check_not_vmapped(fn, [("q", q), ("k", k), ("v", v)])
     positions = _check_positions(fn, query_positions, seqlen, q.device)
     block_size = min(_DENSE_BLOCK, seqlen)
     n_blocks = math.ceil(seqlen / block_size)
@@ -858,6 +901,7 @@ def _check_positions(fn: str, query_positions, seqlen: int, device) -> torch.Ten
 # backward
 
 
+@_exact
 def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, topk: torch.Tensor, block_size: int,
                             causal: bool = True, softmax_scale: float | None = None, dlse=None, *,
@@ -905,6 +949,7 @@ def moba_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     batch, seqlen, heads, dim = q.shape
     n_keys = k.shape[1]
     scale = C.check_softmax_scale(fn, softmax_scale, dim)
+    C.check_not_vmapped(fn, [("dout", dout), ("q", q), ("k", k), ("v", v), ("topk", topk)])
     slots = _check_routing(fn, topk, q, block_size, whole=not parts)
     C.check_like(fn, "dout", dout, q.shape, device=q.device)
     C.check_like(fn, "out", out, q.shape, device=q.device)

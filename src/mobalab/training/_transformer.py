@@ -228,11 +228,13 @@ class RecallTransformer(nn.Module):
         for name, x in (("tokens", tokens), ("query_pos", query_pos)):
             if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
                 raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
-        # on the GPU the range checks would cost a host synchronisation per step; the batches come from make_batch
-        if not tokens.is_cuda and (int(tokens.min()) < 0 or int(tokens.max()) >= self.task.vocab_size):
+        # on the GPU the range checks would cost a host synchronisation per step; the batches come from make_batch.
+        # Under torch.compile they would read values a graph cannot hold (the CPU's indexing still refuses them)
+        checked = not tokens.is_cuda and not torch.compiler.is_compiling()
+        if checked and (int(tokens.min()) < 0 or int(tokens.max()) >= self.task.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.task.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
-        if not query_pos.is_cuda and query_pos.numel() and (
+        if checked and not query_pos.is_cuda and query_pos.numel() and (
                 int(query_pos.min()) < 0 or int(query_pos.max()) >= tokens.shape[1]):
             raise ValueError(f"query_pos must lie in [0, seqlen = {tokens.shape[1]}), got "
                              f"[{int(query_pos.min())}, {int(query_pos.max())}]")
