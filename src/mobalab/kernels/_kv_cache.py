@@ -239,6 +239,14 @@ class MobaKVCache:
                              f"kv_heads={self.kv_heads}, head_dim={self.head_dim})")
         if lengths is None:
             return torch.full((self.batch,), n, dtype=torch.int64)
+        lens = self._per_sequence(fn, lengths, f"a sequence of {self.batch} integers")
+        if int(lens.min()) < 1 or int(lens.max()) > n:
+            raise ValueError(f"{fn}: lengths must lie in [1, {n}] (the prompt's seqlen), got {lens.tolist()}")
+        return lens
+
+    def _per_sequence(self, fn: str, lengths, what: str) -> torch.Tensor:
+        """One integer per sequence, from a sequence of integers or an integer tensor, as (batch,) int64 on the CPU;
+        ``what``: what the error names as accepted."""
         if isinstance(lengths, torch.Tensor):
             lens = lengths.detach().to("cpu")
             if lens.dtype.is_floating_point or lens.dtype == torch.bool:
@@ -248,15 +256,12 @@ class MobaKVCache:
             try:
                 items = list(lengths)
             except TypeError:
-                raise ValueError(f"{fn}: lengths must be a sequence of {self.batch} integers, "
-                                 f"got {lengths!r}") from None
+                raise ValueError(f"{fn}: lengths must be {what}, got {lengths!r}") from None
             if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
                 raise ValueError(f"{fn}: lengths must hold integers, got {items!r}")
             lens = torch.tensor([int(x) for x in items], dtype=torch.int64)
         if lens.numel() != self.batch:
             raise ValueError(f"{fn}: lengths has {lens.numel()} entries; the cache has batch {self.batch}")
-        if int(lens.min()) < 1 or int(lens.max()) > n:
-            raise ValueError(f"{fn}: lengths must lie in [1, {n}] (the prompt's seqlen), got {lens.tolist()}")
         return lens
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
@@ -399,21 +404,12 @@ class MobaKVCache:
             raise ValueError(f"{fn}: a crop reads the lengths on the host, which a CUDA graph's replays would not "
                              "do: crop outside the graph")
         old = self._host_lengths()
-        if isinstance(lengths, torch.Tensor):
-            lengths = lengths.tolist()
+        if isinstance(lengths, torch.Tensor) and lengths.dim() == 0 and not lengths.dtype.is_floating_point:
+            lengths = int(lengths)
         if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
             new = torch.full((self.batch,), int(lengths), dtype=torch.int64)
         else:
-            try:
-                items = list(lengths)
-            except TypeError:
-                raise ValueError(f"{fn}: lengths must be an integer or a sequence of {self.batch} integers, got "
-                                 f"{lengths!r}") from None
-            if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
-                raise ValueError(f"{fn}: lengths must hold integers, got {items!r}")
-            if len(items) != self.batch:
-                raise ValueError(f"{fn}: lengths has {len(items)} entries; the cache has batch {self.batch}")
-            new = torch.tensor([int(x) for x in items], dtype=torch.int64)
+            new = self._per_sequence(fn, lengths, f"an integer or a sequence of {self.batch} integers")
         if bool(((new < 0) | (new > old)).any()):
             raise ValueError(f"{fn}: lengths {new.tolist()} must lie between 0 and the lengths held, "
                              f"{old.tolist()} (a crop only drops tokens)")
