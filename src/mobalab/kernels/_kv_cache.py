@@ -37,7 +37,7 @@ class MobaKVCache:
       :math:`S_{b,h,j} = \sum_{i \in j,\, i < L_b} k_{b,i,h}`, so the centroid is :math:`S_j / |j|`,
       :math:`|j| = \min(B, L_b - jB)`;
     * ``lengths``: tokens held per sequence :math:`L_b` (a CPU int64 tensor, also kept on the device for
-      the kernels; reading it never synchronises);
+      the kernels; reading it does not synchronise, unless an append was captured in a CUDA graph, below);
     * for 16-bit caches, once a CUDA decode has routed on centroids of ``centroid_precision="input"``: the
       block means rounded to ``dtype``, :math:`T(S_j / B)`, (batch, kv_heads, n_blocks, head_dim), which that
       router's score pass streams instead of the fp32 sums (half the bytes). :meth:`prefill` and :meth:`append`
