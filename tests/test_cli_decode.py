@@ -69,6 +69,10 @@ def test_design_reports_the_decode_cost_of_its_recommendation(capsys):
     assert "decode cost of B = 128, k = 8 at N = 524288 (batch 4, 32 / 8 heads, d 128" in out
     assert f"{ref['bytes_per_step'] / 1e6:.1f} MB of HBM per step" in out
     assert f"{ref['centroid_bytes'] / 1e6:.1f} MB fp32 block sums" in out
+    # by hand: batch 4 x 8 kv heads x 4095 past blocks x d 128 fp32 sums (one score pass of 4 rows); dense decode
+    # reads K and V of every token (bf16) plus q and out of the 32 heads
+    assert f"{4 * 8 * 4095 * 128 * 4 / 1e6:.1f} MB fp32 block sums" in out
+    assert f"dense decode reads {(2 * 4 * 8 * 524288 * 128 * 2 + 2 * 4 * 32 * 128 * 2) / 1e6:.1f} MB" in out
     assert "no decode benchmark row" in out
     # the default context is --seq-len
     assert cli.main(DESIGN) == 0
@@ -111,6 +115,7 @@ def test_design_decode_cost_of_input_precision_routing(capsys, tmp_path):
     ref = decode_cost_table(524288, 0.5, block_sizes=(128,), top_ks=(8,), delta_mu=0.5, m=4,
                             centroid_precision="input").iloc[0]
     assert f"{ref['centroid_bytes'] / 1e6:.1f} MB 16-bit block means" in out and "fp32 block sums" not in out
+    assert f"{8 * 8 * 4095 * 128 * 2 / 1e6:.1f} MB 16-bit block means" in out  # batch 8, 2 bytes an element
     assert f"{ref['bytes_per_step'] / 1e6:.1f} MB of HBM per step" in out
     csv = tmp_path / "decode.csv"
     pd.DataFrame(dict(seq_len=[524288] * 2, batch=[8] * 2, heads=[32] * 2, kv_heads=[8] * 2, head_dim=[128] * 2,

@@ -54,6 +54,12 @@ def test_selection_bytes_counts_the_union_per_kv_head():
     assert got["q_out_bytes"] == 2 * 2 * 4 * 8 * 2 + 2 * 4 * 4
     assert got["unique_blocks"] == pytest.approx((4 + 3 + 3 + 3) / 4)
     assert got["bytes_needed"] == got["kv_bytes"] + got["centroid_bytes"] + got["q_out_bytes"]
+    # the 16-bit block means of centroid_precision="input": 2 bytes an element
+    assert bench.selection_bytes(sel, 100, 16, kv_heads=2, head_dim=8, centroid_itemsize=2)["centroid_bytes"] == (
+        2 * 2 * 1 * 6 * 8 * 2)
+    # 65 query rows on one kv head: two score passes of 64 rows over the block sums
+    wide = torch.zeros(1, 1, 65, 1, dtype=torch.int32)
+    assert bench.selection_bytes(wide, 100, 16, kv_heads=1, head_dim=8)["centroid_bytes"] == 1 * 1 * 2 * 6 * 8 * 4
 
 
 def test_selection_bytes_agree_with_the_shared_model():
@@ -85,7 +91,27 @@ def test_targets_and_table():
     assert len(roof) == 1 and roof[0][1] == 0.8 and roof[0][3]  # batch 1 is not a roofline point
     table = bench.markdown(rows, {"cuda_device": "GPU", "utc": "now", "git_commit": "abc"})
     assert table.count("\n| ") == 4 and "NOT met" in table and "n/a" in table
-    assert "| 512K | 8 | 128 | 8 | 0.100 (0.050)" in table
+    # every cell from the row's numbers: eager, SDPA backends, MB parts, roofline in %, dense TB/s
+    assert ("| 512K | 8 | 128 | 8 | 0.100 (0.050) | 0.300 | 4.000 / n/a / 8.000 | n/a | 40.0 | 200.0 (130.0 + 70.0 + "
+            "0.0) | 28.0 | 3.40 | 80% | 4.00 | fused |") in table.splitlines()
+    assert "| 32K | 8 | 128 | 8 | 0.100 (0.050) | 0.300 | 0.250 / n/a / 0.500 | n/a | 2.50 | " in table  # 2 decimals
+
+
+def test_targets_are_met_at_their_goals_and_the_roofline_is_the_worst_row():
+    at_goal = _row(512 * K, 8, 128, 8, 0.1, 3.0, 0.95)
+    at_goal["speedup_vs_dense"] = 30.0
+    rows = [at_goal, _row(128 * K, 8, 64, 4, 0.1, 1.0, 0.7), _row(1024 * K, 8, 128, 16, 0.1, 1.0, 0.9),
+            _row(1024 * K, 1, 128, 8, 0.1, 1.0, 0.1)]  # batch 1: not a roofline point
+    got = bench.targets(rows)
+    assert got[0][1:] == (30.0, ">= 30x", True)
+    assert [t[1:] for t in got[1:]] == [(0.7, ">= 0.70", True)] and "(worst: 128K b8 B64 k4)" in got[1][0]
+    rows[1]["roofline_fraction"] = 0.69
+    assert bench.targets(rows)[1][1:] == (0.69, ">= 0.70", False)
+
+
+def test_dense_bytes_read_the_whole_cache_and_q_out():
+    # batch 2, N 100, 4 heads on 2 kv heads, d 8, bf16: K and V of every token, q and out of every head
+    assert bench.dense_bytes(2, 100, 4, 2, 8) == 2 * (2 * 2 * 100 * 8) * 2 + 2 * (2 * 4 * 8) * 2 == 13056
 
 
 def test_flex_block_mask_attends_the_selection(monkeypatch):

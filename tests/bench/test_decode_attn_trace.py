@@ -17,7 +17,7 @@ def test_timeline_counts_from_the_first_score_cta(trace):
     us = 1000
     score = torch.zeros(3, 8, dtype=torch.int64)
     score[:, 0] = torch.tensor([5, 0, 2]) * us + 10_000  # starts
-    score[:, 1] = score[:, 0] + us // 2  # lengths
+    score[:, 1] = score[:, 0] + us // 2  # when the length arrived
     score[:, 2] = score[:, 0] + 6 * us  # first batches
     score[:, 3] = torch.tensor([30, 26, 33]) * us + 10_000  # ends
     select = torch.tensor([[36, 42], [36, 43]], dtype=torch.int64) * us + 10_000

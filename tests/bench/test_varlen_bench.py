@@ -156,6 +156,8 @@ def test_generation_rows_on_the_cpu(monkeypatch):
     assert calls == [1] * (4 * 2)  # four steps, two layers
     assert rows[0]["first_step_rel_diff"] == 0.0 and rows[1]["first_step_rel_diff"] < 1e-2
     assert rows[2]["speedup_vs_sdpa"] == 1.0 and all(r["token_ms"] > 0 for r in rows)
+    for r in rows[:2]:  # SDPA's time per token over the row's
+        assert r["speedup_vs_sdpa"] == round(rows[2]["token_ms"] / r["token_ms"], 2)
     assert saved[-1] == 3
     text = varlen.markdown([], [], {"cuda_device": "CPU"}, rows)
     assert "## Generation, tiny Llama, batch 1, B 8, k 2" in text and "| moba | MobaCache | 40 |" in text
