@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mobalab.kernels import MobaKVCache
+from mobalab.kernels._contract import autocast_dtype
 
 __all__ = ["MobaCache", "MobaCacheLayer", "cache_of"]
 
@@ -66,11 +67,10 @@ class MobaCacheLayer(CacheLayerMixin):
             raise ValueError(f"MobaCache: {new} new token(s) after the {held} held exceed max_cache_len="
                              f"{self.max_cache_len} (prompt + generated tokens); create the MobaCache with a larger "
                              "max_cache_len")
-        device = key_states.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = autocast_dtype(key_states)
+        if dtype is not None:
             # the attention reads them in the autocast dtype (moba_attention_forward), and a MobaKVCache holds one
             # dtype, where the layer may hand over keys after RoPE in fp32 and values from a bf16 projection
-            dtype = torch.get_autocast_dtype(device)
             key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

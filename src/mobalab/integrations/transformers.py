@@ -54,7 +54,7 @@ import sys
 
 import torch
 
-from mobalab.kernels._contract import CENTROID_PRECISIONS
+from mobalab.kernels._contract import CENTROID_PRECISIONS, autocast_dtype
 from mobalab.kernels._decode import MAX_Q_LEN
 
 __all__ = ["register", "moba_attention_forward", "MobaCache", "cache_argument"]  # noqa: F822 (module __getattr__)
@@ -286,12 +286,11 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
     mask = _padding_mask(attention_mask, batch, kv_len)
     held = sys.modules.get(f"{__package__}._transformers_cache")  # loaded once a MobaCache exists
     cache = held.cache_of(key) if held is not None else None
-    device = query.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(query)
+    if dtype is not None:
         # transformers' sdpa attention runs in the autocast dtype (SDPA is on autocast's lower-precision list), and
         # the layer may hand over q, k and v in different dtypes (RoPE in fp32, v from a bf16 projection); a
         # MobaCache holds them in that dtype (MobaCacheLayer.update)
-        dtype = torch.get_autocast_dtype(device)
         q, k, v = (x.to(dtype) for x in (q, k, v))
     if cache is not None:
         if mask is not None:

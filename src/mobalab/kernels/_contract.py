@@ -106,6 +106,15 @@ def is_fake(x) -> bool:
     return (type(x) is not torch.Tensor or torch._is_functional_tensor(x)) and _is_fake(x)
 
 
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matrix products in on ``x``'s device type (CPU or CUDA), None where it is
+    off (or ``x`` is no tensor)."""
+    device = x.device.type if isinstance(x, torch.Tensor) else None
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def check_not_vmapped(fn: str, named) -> None:
     """Refuse ``torch.func.vmap``: the routing picks blocks by value and the attention gathers what it picked, in
     shapes that follow the data, which vmap cannot batch."""

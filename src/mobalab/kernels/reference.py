@@ -90,9 +90,6 @@ _BYTES_PER_SCORE = 8
 _DENSE_BLOCK = 128
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
 def _exact(fn):
     """``fn`` with autocast off for its tensors' device type: under ``torch.autocast`` a matrix product runs in
     the autocast dtype, which would score the routing in bf16 and hand partials of another dtype to the merge,
@@ -100,10 +97,9 @@ def _exact(fn):
 
     @functools.wraps(fn)
     def entry(*args, **kwargs):
-        device = args[0].device.type if args and isinstance(args[0], torch.Tensor) else None
-        if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+        if not args or C.autocast_dtype(args[0]) is None:
             return fn(*args, **kwargs)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(args[0].device.type, enabled=False):
             return fn(*args, **kwargs)
 
     return entry
